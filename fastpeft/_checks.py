@@ -1,0 +1,82 @@
+"""Argument checks shared by the ops, layers and model surgery.
+
+Every message names the argument, what was expected and what was given, so that a user can fix the
+call without reading fastpeft's source.
+"""
+from __future__ import annotations
+
+import math
+
+import torch
+
+FLOAT_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
+
+
+def check_rank(r, name: str = "r") -> int:
+    if isinstance(r, bool) or not isinstance(r, int) or r <= 0:
+        raise ValueError(f"{name} must be a positive int, got {r!r}")
+    return r
+
+
+def check_dropout(p, name: str = "lora_dropout") -> float:
+    if isinstance(p, bool) or not isinstance(p, (int, float)) or not 0.0 <= float(p) < 1.0:
+        raise ValueError(f"{name} must be a float in [0, 1), got {p!r}")
+    return float(p)
+
+
+def check_finite_number(v, name: str) -> float:
+    if isinstance(v, bool) or not isinstance(v, (int, float)) or not math.isfinite(float(v)):
+        raise ValueError(f"{name} must be a finite number, got {v!r}")
+    return float(v)
+
+
+def check_shape(t: torch.Tensor, expected: tuple, name: str) -> None:
+    if tuple(t.shape) != tuple(expected):
+        raise ValueError(f"{name} must have shape {tuple(expected)}, got {tuple(t.shape)}")
+
+
+def check_tensor(t, name: str, ndim: int | None = None) -> None:
+    if not isinstance(t, torch.Tensor):
+        raise TypeError(f"{name} must be a torch.Tensor, got {type(t).__name__}")
+    if ndim is not None and t.dim() != ndim:
+        raise ValueError(f"{name} must be {ndim}-D, got {t.dim()}-D with shape {tuple(t.shape)}")
+
+
+def check_same_device_dtype(ref_name: str, ref: torch.Tensor, check_dtype: bool = True, **others) -> None:
+    """Every tensor in ``others`` (None allowed) is on ``ref``'s device and, if asked, of its dtype."""
+    for name, t in others.items():
+        if t is None:
+            continue
+        if t.device != ref.device:
+            raise ValueError(f"{name} must be on {ref_name}'s device {ref.device}, got {t.device}")
+        if check_dtype and t.dtype != ref.dtype:
+            raise ValueError(f"{name} must have {ref_name}'s dtype {ref.dtype}, got {t.dtype}")
+
+
+def check_lora_linear_args(x, weight, bias, lora_A, lora_B, scaling, dropout_p) -> None:
+    """Shapes, dtypes and devices of a ``lora_linear`` call (see API.md for the conventions)."""
+    check_tensor(x, "x")
+    check_tensor(weight, "weight", ndim=2)
+    check_tensor(lora_A, "lora_A", ndim=2)
+    check_tensor(lora_B, "lora_B", ndim=2)
+    if bias is not None:
+        check_tensor(bias, "bias", ndim=1)
+    out_f, in_f = weight.shape
+    if x.dim() == 0 or x.shape[-1] != in_f:
+        got = x.shape[-1] if x.dim() else "a 0-d tensor"
+        raise ValueError(f"x's last dim must be in_features={in_f}, got {got} (x shape {tuple(x.shape)})")
+    r = lora_A.shape[0]
+    check_shape(lora_A, (r, in_f), "lora_A")
+    check_shape(lora_B, (out_f, r), "lora_B")
+    if bias is not None:
+        check_shape(bias, (out_f,), "bias")
+    if x.dtype not in FLOAT_DTYPES:
+        raise ValueError(f"x must be float32, float16 or bfloat16, got {x.dtype}")
+    # Under autocast the parameters may legitimately be of another dtype than x (fp32 master weights,
+    # bf16 activations): the matmuls cast them, as nn.Linear's would.
+    autocast = torch.is_autocast_enabled(x.device.type)
+    check_same_device_dtype("x", x, not autocast, weight=weight, bias=bias, lora_A=lora_A, lora_B=lora_B)
+    if isinstance(scaling, torch.Tensor):
+        raise TypeError(f"scaling must be a Python number, got a tensor of shape {tuple(scaling.shape)}")
+    check_finite_number(scaling, "scaling")
+    check_dropout(dropout_p, "dropout_p")

@@ -1,0 +1,321 @@
+"""Model surgery: configs, module matching (Hugging Face PEFT's rules), injection, merging.
+
+Matching, as PEFT does it:
+- ``target_modules`` a string: ``re.fullmatch`` against the full module name;
+- a list: a module matches an entry equal to its full name or to a ``.``-separated suffix of it;
+- ``"all-linear"``: every ``nn.Linear`` except the output head (``model.get_output_embeddings()``);
+- ``exclude_modules`` (same rules) and the ``modules_to_save`` modules are never targets;
+- ``rank_pattern`` / ``alpha_pattern`` keys are regexes matched as ``(.*\\.)?(key)$`` against the name;
+- ``modules_to_save`` entries match module names that end with them.
+"""
+from __future__ import annotations
+
+import copy
+import re
+from dataclasses import asdict, dataclass, field
+from typing import Optional, Union
+
+import torch.nn as nn
+
+from ._checks import check_dropout, check_finite_number, check_rank
+from .layers import FastLoRALinear, _check_init
+
+ALL_LINEAR = "all-linear"
+BIAS_CHOICES = ("none", "all", "lora_only")
+# Used when target_modules is None, by ``model.config.model_type`` (PEFT's defaults for these).
+DEFAULT_TARGETS = {
+    "llama": ["q_proj", "v_proj"], "mistral": ["q_proj", "v_proj"], "qwen2": ["q_proj", "v_proj"],
+    "qwen3": ["q_proj", "v_proj"], "gemma": ["q_proj", "v_proj"], "gemma2": ["q_proj", "v_proj"],
+    "opt": ["q_proj", "v_proj"], "phi": ["q_proj", "v_proj"], "bert": ["query", "value"],
+    "roberta": ["query", "value"], "xlm-roberta": ["query", "value"], "distilbert": ["q_lin", "v_lin"],
+    "t5": ["q", "v"], "mt5": ["q", "v"], "bart": ["q_proj", "v_proj"], "gpt_neox": ["query_key_value"],
+    "falcon": ["query_key_value"], "bloom": ["query_key_value"],
+}
+
+
+@dataclass
+class LoraConfig:
+    """What ``inject`` adds to a model; field names and meanings are PEFT's ``LoraConfig``'s."""
+
+    r: int = 8
+    lora_alpha: float = 8
+    lora_dropout: float = 0.0
+    target_modules: Optional[Union[str, list]] = None
+    exclude_modules: Optional[Union[str, list]] = None
+    bias: str = "none"
+    use_rslora: bool = False
+    init_lora_weights: Union[bool, str] = True
+    modules_to_save: Optional[list] = None
+    rank_pattern: dict = field(default_factory=dict)
+    alpha_pattern: dict = field(default_factory=dict)
+
+    def __post_init__(self):
+        check_rank(self.r)
+        check_finite_number(self.lora_alpha, "lora_alpha")
+        check_dropout(self.lora_dropout)
+        self.target_modules = _name_list(self.target_modules, "target_modules")
+        self.exclude_modules = _name_list(self.exclude_modules, "exclude_modules")
+        if self.bias not in BIAS_CHOICES:
+            raise ValueError(f"bias must be one of {BIAS_CHOICES}, got {self.bias!r}")
+        if not isinstance(self.use_rslora, bool):
+            raise TypeError(f"use_rslora must be a bool, got {type(self.use_rslora).__name__}")
+        _check_init(self.init_lora_weights)
+        if self.modules_to_save is not None:
+            self.modules_to_save = _name_list(list(self.modules_to_save) if not isinstance(
+                self.modules_to_save, str) else [self.modules_to_save], "modules_to_save")
+        for pname, pat in (("rank_pattern", self.rank_pattern), ("alpha_pattern", self.alpha_pattern)):
+            if not isinstance(pat, dict):
+                raise TypeError(f"{pname} must be a dict of module-name regex -> value, got {type(pat).__name__}")
+            for k, v in pat.items():
+                _compile(k, f"{pname} key")
+                (check_rank if pname == "rank_pattern" else check_finite_number)(v, f"{pname}[{k!r}]")
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+
+def _compile(pattern: str, what: str):
+    if not isinstance(pattern, str):
+        raise TypeError(f"{what} must be a str, got {type(pattern).__name__}")
+    try:
+        return re.compile(pattern)
+    except re.error as e:
+        raise ValueError(f"{what} {pattern!r} is not a valid regex: {e}") from None
+
+
+def _name_list(v, name):
+    """None, a regex string, or a list of names (sets and tuples are sorted into lists)."""
+    if v is None:
+        return None
+    if isinstance(v, str):
+        if v.lower() != ALL_LINEAR or name != "target_modules":
+            _compile(v, name)
+        return v
+    if isinstance(v, (list, tuple, set, frozenset)):
+        items = sorted(v) if isinstance(v, (set, frozenset)) else list(v)
+        if not items or not all(isinstance(s, str) and s for s in items):
+            raise ValueError(f"{name} must be a regex string or a non-empty list of module names, got {v!r}")
+        return items
+    raise TypeError(f"{name} must be a str, a list of str or None, got {type(v).__name__}")
+
+
+def _matches(spec, name: str) -> bool:
+    """PEFT's rule: a string is fullmatched; a list matches an exact name or a ``.name`` suffix."""
+    if spec is None:
+        return False
+    if isinstance(spec, str):
+        return re.fullmatch(spec, name) is not None
+    return name in spec or any(name.endswith("." + s) for s in spec)
+
+
+def pattern_value(patterns: dict, name: str, default):
+    """The value of the first ``patterns`` key matching ``name`` as ``(.*\\.)?(key)$``, else ``default``."""
+    for key, value in patterns.items():
+        if re.match(rf"(.*\.)?({key})$", name):
+            return value
+    return default
+
+
+def _output_head(model: nn.Module):
+    get = getattr(model, "get_output_embeddings", None)
+    try:
+        return get() if callable(get) else None
+    except (NotImplementedError, AttributeError):
+        return None
+
+
+def _default_targets(model: nn.Module) -> list:
+    model_type = getattr(getattr(model, "config", None), "model_type", None)
+    if model_type in DEFAULT_TARGETS:
+        return DEFAULT_TARGETS[model_type]
+    raise ValueError("target_modules is None and fastpeft knows no default targets for model type "
+                     f"{model_type!r}: pass target_modules (a list of names, a regex, or 'all-linear')")
+
+
+def _saved_module_names(model: nn.Module, modules_to_save) -> list:
+    """Modules that ``modules_to_save`` entries name (suffix match, as PEFT), outermost only."""
+    if not modules_to_save:
+        return []
+    found = []
+    for name, _ in model.named_modules():
+        if name and any(name.endswith(m) for m in modules_to_save) \
+                and not any(name.startswith(f + ".") for f in found):
+            found.append(name)
+    if not found:
+        raise ValueError(f"modules_to_save {modules_to_save} matched no module of the model")
+    return found
+
+
+@dataclass
+class LoraPlan:
+    """What ``inject`` will do, computed without touching the model (so loads can validate first)."""
+
+    targets: dict  # full module name -> (r, lora_alpha)
+    saved: list    # full names of the modules_to_save modules
+
+
+def plan_lora(model: nn.Module, config: LoraConfig) -> LoraPlan:
+    """Resolve ``config`` against ``model``'s module names; raises ValueError on no or bad matches."""
+    saved = _saved_module_names(model, config.modules_to_save)
+    spec = config.target_modules if config.target_modules is not None else _default_targets(model)
+    all_linear = isinstance(spec, str) and spec.lower() == ALL_LINEAR
+    head = _output_head(model) if all_linear else None
+    targets = {}
+    for name, module in model.named_modules():
+        if not name or _matches(config.exclude_modules, name):
+            continue
+        if any(name == s or name.startswith(s + ".") for s in saved):
+            continue
+        if all_linear:
+            hit = isinstance(module, nn.Linear) and module is not head
+        else:
+            hit = _matches(spec, name)
+        if not hit:
+            continue
+        if isinstance(module, FastLoRALinear):
+            raise ValueError(f"module {name!r} already has LoRA; several adapters per layer are not "
+                             "supported yet")
+        if not isinstance(module, nn.Linear):
+            raise ValueError(f"target_modules matched {name!r}, a {type(module).__name__}; fastpeft "
+                             "adapts nn.Linear modules only: narrow target_modules or exclude it")
+        r = pattern_value(config.rank_pattern, name, config.r)
+        alpha = pattern_value(config.alpha_pattern, name, config.lora_alpha)
+        targets[name] = (r, alpha)
+    if not targets:
+        linear = [n for n, m in model.named_modules() if isinstance(m, nn.Linear)][:8]
+        raise ValueError(f"target_modules {spec!r} matched no nn.Linear of the model (after exclude_modules "
+                         f"{config.exclude_modules!r}); its linear layers are named like {linear}")
+    return LoraPlan(targets=targets, saved=saved)
+
+
+class ModulesToSaveWrapper(nn.Module):
+    """A frozen original module and a trainable copy per adapter; forward runs the active copy.
+
+    The parameters of the copy are saved with the adapter, under the original module's names.
+    """
+
+    def __init__(self, module: nn.Module, adapter_name: str):
+        super().__init__()
+        self.original_module = module
+        self.modules_to_save = nn.ModuleDict({adapter_name: copy.deepcopy(module)})
+        self.active_adapter = adapter_name
+        for p in self.original_module.parameters():
+            p.requires_grad_(False)
+        for p in self.modules_to_save[adapter_name].parameters():
+            p.requires_grad_(True)
+
+    @property
+    def active_module(self) -> nn.Module:
+        return self.modules_to_save[self.active_adapter]
+
+    def forward(self, *args, **kwargs):
+        return self.active_module(*args, **kwargs)
+
+    def __getattr__(self, name):
+        try:
+            return super().__getattr__(name)
+        except AttributeError:
+            if name in ("modules_to_save", "original_module"):
+                raise
+            return getattr(self.active_module, name)
+
+
+def _set_submodule(model: nn.Module, name: str, new: nn.Module) -> None:
+    parent_name, _, child = name.rpartition(".")
+    setattr(model.get_submodule(parent_name) if parent_name else model, child, new)
+
+
+def lora_layers(model: nn.Module) -> dict:
+    """Full module name -> ``FastLoRALinear``, for every LoRA layer of ``model``."""
+    return {n: m for n, m in model.named_modules() if isinstance(m, FastLoRALinear)}
+
+
+def adapter_configs(model: nn.Module) -> dict:
+    """Adapter name -> the ``LoraConfig`` it was injected with (empty when none)."""
+    return getattr(model, "_fastpeft_adapters", {})
+
+
+def _apply_bias(model: nn.Module, bias: str, lora: dict) -> None:
+    if bias == "all":
+        for n, p in model.named_parameters():
+            if "bias" in n:  # PEFT's rule, a substring of the parameter's name
+                p.requires_grad_(True)
+    elif bias == "lora_only":
+        for layer in lora.values():
+            if layer.bias is not None:
+                layer.bias.requires_grad_(True)
+
+
+def inject(model: nn.Module, config, adapter_name: str = "default", plan: LoraPlan | None = None) -> nn.Module:
+    """Add the adapter ``config`` describes to ``model`` in place and freeze all it does not train.
+
+    LoRA: each target ``nn.Linear`` becomes a ``FastLoRALinear`` sharing its weight and bias. Checks the
+    whole config against the model before changing anything. Returns ``model``.
+    """
+    if not isinstance(config, LoraConfig):
+        raise TypeError(f"config must be a fastpeft.LoraConfig, got {type(config).__name__}")
+    if not isinstance(adapter_name, str) or not adapter_name:
+        raise ValueError(f"adapter_name must be a non-empty str, got {adapter_name!r}")
+    if adapter_configs(model):
+        raise ValueError(f"model already has adapter(s) {list(adapter_configs(model))}; several adapters "
+                         "per model are not supported yet (merge_and_unload first)")
+    plan = plan if plan is not None else plan_lora(model, config)
+    # Everything below only mutates: all checks are done.
+    for p in model.parameters():
+        p.requires_grad_(False)
+    new_layers = {}
+    for name, (r, alpha) in plan.targets.items():
+        layer = FastLoRALinear.from_linear(model.get_submodule(name), r=r, lora_alpha=alpha,
+                                           lora_dropout=config.lora_dropout, use_rslora=config.use_rslora,
+                                           init_lora_weights=config.init_lora_weights)
+        layer.adapter_names = [adapter_name]
+        _set_submodule(model, name, layer)
+        new_layers[name] = layer
+    # Biases first: the wrappers below then freeze their originals again and train their copies.
+    _apply_bias(model, config.bias, new_layers)
+    for name in plan.saved:
+        _set_submodule(model, name, ModulesToSaveWrapper(model.get_submodule(name), adapter_name))
+    model._fastpeft_adapters = {adapter_name: config}
+    return model
+
+
+def trainable_parameters(model: nn.Module) -> tuple:
+    """``(trainable, total)`` parameter counts; shared parameters count once."""
+    trainable = total = 0
+    for p in model.parameters():
+        total += p.numel()
+        if p.requires_grad:
+            trainable += p.numel()
+    return trainable, total
+
+
+def format_trainable_parameters(model: nn.Module) -> str:
+    """PEFT's summary line: ``trainable params: … || all params: … || trainable%: …``."""
+    trainable, total = trainable_parameters(model)
+    pct = 100.0 * trainable / total if total else 0.0
+    return f"trainable params: {trainable:,d} || all params: {total:,d} || trainable%: {pct:.4f}"
+
+
+def print_trainable_parameters(model: nn.Module) -> None:
+    print(format_trainable_parameters(model))
+
+
+def merge_and_unload(model: nn.Module) -> nn.Module:
+    """Fold every adapter into its base weight and put plain modules back; returns ``model``.
+
+    Each ``FastLoRALinear`` becomes an ``nn.Linear`` sharing its (merged) weight and bias, without a copy;
+    each modules_to_save wrapper becomes its trained copy.
+    """
+    for name, layer in lora_layers(model).items():
+        if not layer.merged:
+            layer.merge()
+        lin = nn.Linear(layer.in_features, layer.out_features, bias=layer.bias is not None, device="meta")
+        lin.weight = layer.weight
+        lin.bias = layer.bias
+        _set_submodule(model, name, lin)
+    for name, module in list(model.named_modules()):
+        if isinstance(module, ModulesToSaveWrapper):
+            _set_submodule(model, name, module.active_module)
+    if hasattr(model, "_fastpeft_adapters"):
+        del model._fastpeft_adapters
+    return model

@@ -1,0 +1,112 @@
+"""Every fastpeft op in plain PyTorch: the CPU path and the oracle that the kernels are tested against.
+
+Nothing here is clever: each function is the formula written out with torch ops, so that a reader can
+check it against the paper and a kernel can be checked against it.
+
+Dropout masks are a pure function of ``(seed, position)``: element ``(m, k)`` of the input viewed as
+``(M, K)`` is kept when ``philox_randint(seed, m * K + k) >= round(p * 2**32)``. This is the counter-based
+Philox4x32-10 generator that ``triton.language.randint`` implements, so a fused kernel can redraw the
+very same mask inside its loads (forward and backward) without storing it, and a test can compare the
+kernel to this reference bit for bit.
+"""
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+_MASK32 = 0xFFFFFFFF
+# Philox4x32 constants (Salmon et al., SC'11), as in triton.language.random.
+_PHILOX_KEY_A = 0x9E3779B9
+_PHILOX_KEY_B = 0xBB67AE85
+_PHILOX_ROUND_A = 0xD2511F53
+_PHILOX_ROUND_B = 0xCD9E8D57
+_PHILOX_ROUNDS = 10
+
+
+def _mul32(a: int, b: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """(hi, lo) 32-bit words of ``a * b`` for a uint32 constant ``a`` and uint32 values ``b`` in int64.
+
+    The full product needs 64 unsigned bits, which int64 cannot hold, so ``a`` is split in 16-bit halves:
+    each partial product stays below 2**48.
+    """
+    a_hi, a_lo = a >> 16, a & 0xFFFF
+    p_lo = b * a_lo  # < 2**48
+    p_hi = b * a_hi  # < 2**48
+    hi = (p_hi + (p_lo >> 16)) >> 16
+    lo = (((p_hi & 0xFFFF) << 16) + p_lo) & _MASK32
+    return hi, lo
+
+
+def philox_randint(seed: int, offsets: torch.Tensor) -> torch.Tensor:
+    """First 32-bit word of Philox4x32-10 at counter ``(offset_lo, offset_hi, 0, 0)``, key ``seed``.
+
+    offsets: int64 tensor of any shape, values >= 0. Returns an int64 tensor of the same shape with
+    values in [0, 2**32), equal to ``triton.language.randint(seed, offsets)`` read as unsigned.
+    """
+    if not 0 <= int(seed) < 2**63:
+        raise ValueError(f"seed must be in [0, 2**63), got {seed}")
+    seed = int(seed)
+    offsets = offsets.to(torch.int64)
+    c0 = offsets & _MASK32
+    c1 = offsets >> 32
+    c2 = torch.zeros_like(c0)
+    c3 = torch.zeros_like(c0)
+    k0, k1 = seed & _MASK32, (seed >> 32) & _MASK32
+    for _ in range(_PHILOX_ROUNDS):
+        hi_b, lo_b = _mul32(_PHILOX_ROUND_B, c2)
+        hi_a, lo_a = _mul32(_PHILOX_ROUND_A, c0)
+        c0, c1, c2, c3 = hi_b ^ c1 ^ k0, lo_b, hi_a ^ c3 ^ k1, lo_a
+        k0 = (k0 + _PHILOX_KEY_A) & _MASK32
+        k1 = (k1 + _PHILOX_KEY_B) & _MASK32
+    return c0
+
+
+def dropout_threshold(p: float) -> int:
+    """The uint32 threshold under which a Philox draw drops its element: ``round(p * 2**32)``."""
+    return min(int(round(float(p) * 2.0**32)), 2**32)
+
+
+def dropout_mask(seed: int, rows: int, cols: int, p: float, device=None) -> torch.Tensor:
+    """Keep-mask (rows, cols) bool of dropout rate ``p`` for seed ``seed``: True where kept.
+
+    Element (m, k) uses Philox counter ``m * cols + k``; the keep rate is 1 - p (to 2**-32).
+    """
+    offsets = torch.arange(rows * cols, device=device, dtype=torch.int64).view(rows, cols)
+    return philox_randint(seed, offsets) >= dropout_threshold(p)
+
+
+def lora_dropout_ref(x: torch.Tensor, p: float, seed: int) -> torch.Tensor:
+    """``drop(x)``: x (..., K) with the Philox mask of ``seed`` applied and kept values scaled by 1/(1-p)."""
+    if p == 0.0:
+        return x
+    k = x.shape[-1]
+    m = x.numel() // k if k else 0
+    keep = dropout_mask(seed, m, k, p, device=x.device).view(x.shape)
+    return x * keep.to(x.dtype) * (1.0 / (1.0 - p))
+
+
+def lora_linear_ref(
+    x: torch.Tensor,
+    weight: torch.Tensor,
+    bias: torch.Tensor | None,
+    lora_A: torch.Tensor,
+    lora_B: torch.Tensor,
+    scaling: float,
+    dropout_p: float = 0.0,
+    training: bool = True,
+    seed: int | None = None,
+) -> torch.Tensor:
+    """``y = x W^T + b + scaling * (drop(x) A^T) B^T``, the LoRA linear layer in plain PyTorch.
+
+    x: (..., in); weight: (out, in); bias: (out,) or None; lora_A: (r, in); lora_B: (out, r).
+    Returns (..., out). Dropout (rate ``dropout_p``, mask from ``seed``) touches the LoRA branch only
+    and only when ``training``; ``seed`` is required then. Differentiable through torch autograd, which
+    stores the dropped copy of x: this is the oracle, not the memory-lean path.
+    """
+    base = F.linear(x, weight, bias)
+    if training and dropout_p > 0.0:
+        if seed is None:
+            raise ValueError("seed is required when training with dropout_p > 0, got None")
+        x = lora_dropout_ref(x, dropout_p, seed)
+    lora = F.linear(F.linear(x, lora_A), lora_B)
+    return base + scaling * lora
