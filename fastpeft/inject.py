@@ -154,8 +154,11 @@ class LoraPlan:
     saved: list    # full names of the modules_to_save modules
 
 
-def plan_lora(model: nn.Module, config: LoraConfig) -> LoraPlan:
-    """Resolve ``config`` against ``model``'s module names; raises ValueError on no or bad matches."""
+def plan_lora(model: nn.Module, config: LoraConfig, existing: bool = False) -> LoraPlan:
+    """Resolve ``config`` against ``model``'s module names; raises ValueError on no or bad matches.
+
+    ``existing=True`` resolves it against LoRA layers already in the model (to check that a file's
+    config describes the adapter the model has) instead of refusing them."""
     saved = _saved_module_names(model, config.modules_to_save)
     spec = config.target_modules if config.target_modules is not None else _default_targets(model)
     all_linear = isinstance(spec, str) and spec.lower() == ALL_LINEAR
@@ -167,15 +170,15 @@ def plan_lora(model: nn.Module, config: LoraConfig) -> LoraPlan:
         if any(name == s or name.startswith(s + ".") for s in saved):
             continue
         if all_linear:
-            hit = isinstance(module, nn.Linear) and module is not head
+            hit = isinstance(module, (nn.Linear, FastLoRALinear) if existing else nn.Linear) and module is not head
         else:
             hit = _matches(spec, name)
         if not hit:
             continue
-        if isinstance(module, FastLoRALinear):
+        if isinstance(module, FastLoRALinear) and not existing:
             raise ValueError(f"module {name!r} already has LoRA; several adapters per layer are not "
                              "supported yet")
-        if not isinstance(module, nn.Linear):
+        if not isinstance(module, (nn.Linear, FastLoRALinear)):
             raise ValueError(f"target_modules matched {name!r}, a {type(module).__name__}; fastpeft "
                              "adapts nn.Linear modules only: narrow target_modules or exclude it")
         r = pattern_value(config.rank_pattern, name, config.r)

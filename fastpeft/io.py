@@ -259,13 +259,16 @@ def load_adapter(model: nn.Module, directory, adapter_name: str = "default", tra
         inject(model, config, adapter_name, plan=plan)
     else:
         layers = {n: m for n, m in lora_layers(model).items() if adapter_name in m.adapter_names}
-        targets = {n: pattern_value(config.rank_pattern, n, config.r) for n in layers}
         keys = _adapter_keys(model, adapter_name, config, layers, _saved_modules(model))
         weights = _resolve_aliases(keys, weights)
         _check_against({k: tuple(p.shape) for k, p in keys.items()}, weights, directory)
+        targets = plan_lora(model, config, existing=True).targets
+        if set(targets) != set(layers):
+            raise ValueError(f"adapter config in {os.fspath(directory)!r} targets {sorted(targets)}, but adapter "
+                             f"{adapter_name!r} of the model is on {sorted(layers)}")
         for n, layer in layers.items():
-            if targets[n] != layer.r:
-                raise ValueError(f"adapter config gives {n!r} rank {targets[n]}, the model's layer has {layer.r}")
+            if targets[n][0] != layer.r:
+                raise ValueError(f"adapter config gives {n!r} rank {targets[n][0]}, the model's layer has {layer.r}")
         for n, layer in layers.items():  # checks done: now update
             layer.lora_alpha = pattern_value(config.alpha_pattern, n, config.lora_alpha)
             layer.use_rslora = config.use_rslora

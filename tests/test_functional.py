@@ -1,0 +1,146 @@
+"""``fastpeft.lora_linear``: the backend switch, argument checks, seeds, dtypes and autocast."""
+import pytest
+import torch
+
+import fastpeft
+from fastpeft import kernels
+from fastpeft.functional import current_backend, resolve_backend
+from fastpeft.reference import lora_linear_ref
+
+
+def _args(m=7, k=48, n=80, r=8, dtype=torch.float32, bias=True):
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(m, k, generator=g).to(dtype)
+    w = (torch.randn(n, k, generator=g) / k ** 0.5).to(dtype)
+    b = torch.randn(n, generator=g).to(dtype) if bias else None
+    a = (torch.randn(r, k, generator=g) / k ** 0.5).to(dtype)
+    bb = (torch.randn(n, r, generator=g) / r ** 0.5).to(dtype)
+    return x, w, b, a, bb
+
+
+def test_matches_reference_and_backprops():
+    x, w, b, a, bb = _args()
+    a.requires_grad_()
+    bb.requires_grad_()
+    y = fastpeft.lora_linear(x, w, b, a, bb, 0.5, dropout_p=0.1, seed=4)
+    torch.testing.assert_close(y, lora_linear_ref(x, w, b, a, bb, 0.5, 0.1, True, 4))
+    y.sum().backward()
+    assert a.grad is not None and bb.grad is not None
+
+
+def test_backend_precedence(monkeypatch):
+    monkeypatch.delenv("FASTPEFT_BACKEND", raising=False)
+    assert current_backend() == "auto"
+    monkeypatch.setenv("FASTPEFT_BACKEND", "reference")
+    assert current_backend() == "reference"
+    with fastpeft.use_backend("auto"):
+        assert current_backend() == "auto"  # the block beats the environment
+        with fastpeft.use_backend("triton"):
+            assert current_backend() == "triton"
+            assert current_backend("reference") == "reference"  # the call beats the block
+        assert current_backend() == "auto"
+    assert current_backend() == "reference"
+
+
+def test_auto_runs_reference_on_cpu_tensors():
+    x, w, b, a, bb = _args()
+    assert resolve_backend("lora_linear", "auto", x, w, a, bb) == "reference"
+
+
+def test_triton_backend_raises_clearly_instead_of_falling_back(monkeypatch):
+    x, w, b, a, bb = _args()
+    with pytest.raises(RuntimeError, match="backend 'triton' is not available"):
+        fastpeft.lora_linear(x, w, b, a, bb, 1.0, backend="triton")
+    with fastpeft.use_backend("triton"), pytest.raises(RuntimeError, match="not available"):
+        fastpeft.lora_linear(x, w, b, a, bb, 1.0)
+    monkeypatch.setenv("FASTPEFT_BACKEND", "triton")
+    with pytest.raises(RuntimeError, match="not available"):
+        fastpeft.lora_linear(x, w, b, a, bb, 1.0)
+    monkeypatch.setattr(kernels, "HAS_TRITON", False)
+    monkeypatch.setattr(kernels, "TRITON_IMPORT_ERROR", "ImportError: no triton")
+    with pytest.raises(RuntimeError, match="no triton"):
+        fastpeft.lora_linear(x, w, b, a, bb, 1.0)
+
+
+def test_bad_backend_names(monkeypatch):
+    x, w, b, a, bb = _args()
+    with pytest.raises(ValueError, match="backend must be one of"):
+        fastpeft.lora_linear(x, w, b, a, bb, 1.0, backend="cuda")
+    with pytest.raises(ValueError, match="use_backend"):
+        with fastpeft.use_backend("fast"):
+            pass
+    monkeypatch.setenv("FASTPEFT_BACKEND", "nope")
+    with pytest.raises(ValueError, match="FASTPEFT_BACKEND"):
+        fastpeft.lora_linear(x, w, b, a, bb, 1.0)
+
+
+def _bad_cases():
+    x, w, b, a, bb = _args()
+    return {
+        "x-last-dim": ((torch.randn(7, 47), w, b, a, bb, 1.0), ValueError, r"in_features=48, got 47"),
+        "x-0d": ((torch.tensor(1.0), w, b, a, bb, 1.0), ValueError, "x's last dim"),
+        "x-int": ((x.long(), w, b, a, bb, 1.0), ValueError, "x must be float32"),
+        "weight-1d": ((x, w[0], b, a, bb, 1.0), ValueError, "weight must be 2-D"),
+        "lora_A-in": ((x, w, b, a[:, :40], bb, 1.0), ValueError, r"lora_A must have shape \(8, 48\)"),
+        "lora_B-out": ((x, w, b, a, bb[:70], 1.0), ValueError, r"lora_B must have shape \(80, 8\)"),
+        "lora_B-rank": ((x, w, b, a, bb[:, :4], 1.0), ValueError, r"lora_B must have shape \(80, 8\)"),
+        "bias-shape": ((x, w, b[:5], a, bb, 1.0), ValueError, r"bias must have shape \(80,\)"),
+        "dtype": ((x, w, b, a.double(), bb, 1.0), ValueError, "lora_A must have x's dtype torch.float32"),
+        "device": ((x, w.to("meta"), b, a, bb, 1.0), ValueError, "weight must be on x's device"),
+        "scaling-nan": ((x, w, b, a, bb, float("nan")), ValueError, "scaling must be a finite number"),
+        "scaling-tensor": ((x, w, b, a, bb, torch.tensor(1.0)), TypeError, "scaling must be a Python number"),
+        "x-not-tensor": ((x.tolist(), w, b, a, bb, 1.0), TypeError, "x must be a torch.Tensor"),
+    }
+
+
+@pytest.mark.parametrize("case", list(_bad_cases()))
+def test_bad_inputs_name_the_argument(case):
+    args, exc, msg = _bad_cases()[case]
+    with pytest.raises(exc, match=msg):
+        fastpeft.lora_linear(*args)
+
+
+@pytest.mark.parametrize("kw,msg", [({"dropout_p": 1.0}, "dropout_p must be a float in"),
+                                    ({"dropout_p": -0.1}, "dropout_p"),
+                                    ({"seed": -3}, "seed must be None or an int"),
+                                    ({"training": 1}, "training must be a bool")])
+def test_bad_keyword_arguments(kw, msg):
+    x, w, b, a, bb = _args()
+    with pytest.raises((ValueError, TypeError), match=msg):
+        fastpeft.lora_linear(x, w, b, a, bb, 1.0, **kw)
+
+
+def test_seed_none_draws_from_torch_generator():
+    x, w, b, a, bb = _args()
+    torch.manual_seed(0)
+    y1 = fastpeft.lora_linear(x, w, b, a, bb, 1.0, dropout_p=0.5)
+    y2 = fastpeft.lora_linear(x, w, b, a, bb, 1.0, dropout_p=0.5)
+    torch.manual_seed(0)
+    y3 = fastpeft.lora_linear(x, w, b, a, bb, 1.0, dropout_p=0.5)
+    assert not torch.equal(y1, y2)
+    torch.testing.assert_close(y1, y3, rtol=0, atol=0)
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16], ids=["fp16", "bf16"])
+def test_low_precision_error_within_twice_pytorch(dtype):
+    """The op in a low dtype is as accurate as PyTorch's own F.linear chain in that dtype."""
+    x, w, b, a, bb = _args(33, 80, 48, 16)
+    exact = lora_linear_ref(*(t.double() for t in (x, w, b, a, bb)), 0.5)
+    low = fastpeft.lora_linear(*(t.to(dtype) for t in (x, w, b, a, bb)), 0.5)
+    torch_low = (torch.nn.functional.linear(x.to(dtype), w.to(dtype), b.to(dtype))
+                 + 0.5 * ((x.to(dtype) @ a.to(dtype).T) @ bb.to(dtype).T))
+    assert low.dtype == dtype
+    err = (low.double() - exact).abs().max().item()
+    torch_err = (torch_low.double() - exact).abs().max().item()
+    assert err <= 2 * torch_err + 1e-6, (err, torch_err)
+
+
+def test_autocast_cpu_bf16_behaves_like_linear():
+    x, w, b, a, bb = _args()
+    lin = torch.nn.Linear(48, 80)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        y = fastpeft.lora_linear(x, w, b, a, bb, 1.0)
+        ref = lin(x)
+    assert y.dtype == ref.dtype == torch.bfloat16
+    exact = lora_linear_ref(x, w, b, a, bb, 1.0)
+    torch.testing.assert_close(y.float(), exact, rtol=2e-2, atol=5e-2)

@@ -1,0 +1,223 @@
+"""Model surgery: PEFT's matching rules, freezing, bias modes, patterns, summaries, merge_and_unload."""
+import pytest
+import torch
+import torch.nn as nn
+
+import fastpeft
+from fastpeft import FastLoRALinear, LoraConfig, ModulesToSaveWrapper
+
+
+class Attn(nn.Module):
+    def __init__(self, d):
+        super().__init__()
+        self.q_proj, self.k_proj, self.v_proj, self.o_proj = (nn.Linear(d, d) for _ in range(4))
+
+    def forward(self, x):
+        return self.o_proj(self.q_proj(x) * torch.sigmoid(self.k_proj(x)) + self.v_proj(x))
+
+
+class Toy(nn.Module):
+    """layers.{0,1}.attn.{q,k,v,o}_proj, layers.{i}.mlp (Sequential of Linear, GELU, Linear), norm, lm_head."""
+
+    def __init__(self, d=16, vocab=24):
+        super().__init__()
+        self.layers = nn.ModuleList()
+        for _ in range(2):
+            blk = nn.Module()
+            blk.attn = Attn(d)
+            blk.mlp = nn.Sequential(nn.Linear(d, 2 * d), nn.GELU(), nn.Linear(2 * d, d))
+            self.layers.append(blk)
+        self.norm = nn.LayerNorm(d)
+        self.lm_head = nn.Linear(d, vocab, bias=False)
+
+    def get_output_embeddings(self):
+        return self.lm_head
+
+    def forward(self, x):
+        for blk in self.layers:
+            x = x + blk.attn(x)
+            x = x + blk.mlp(x)
+        return self.lm_head(self.norm(x))
+
+
+def _toy():
+    torch.manual_seed(0)
+    return Toy()
+
+
+def _adapted(model):
+    return sorted(fastpeft.lora_layers(model))
+
+
+def test_list_matches_exact_names_and_dotted_suffixes():
+    m = fastpeft.inject(_toy(), LoraConfig(target_modules=["q_proj", "layers.1.attn.v_proj"]))
+    assert _adapted(m) == ["layers.0.attn.q_proj", "layers.1.attn.q_proj", "layers.1.attn.v_proj"]
+    # "proj" is a substring of "q_proj" but not a dotted suffix: no match.
+    with pytest.raises(ValueError, match="matched no nn.Linear"):
+        fastpeft.inject(_toy(), LoraConfig(target_modules=["proj"]))
+    m = fastpeft.inject(_toy(), LoraConfig(target_modules=["lm_head"]))
+    assert _adapted(m) == ["lm_head"]
+
+
+def test_string_is_fullmatched():
+    m = fastpeft.inject(_toy(), LoraConfig(target_modules=r"layers\.\d+\.attn\.(q|v)_proj"))
+    assert _adapted(m) == [f"layers.{i}.attn.{p}_proj" for i in (0, 1) for p in "qv"]
+    with pytest.raises(ValueError, match="matched no"):  # search would match; fullmatch does not
+        fastpeft.inject(_toy(), LoraConfig(target_modules=r"q_proj"))
+
+
+def test_all_linear_skips_output_head():
+    m = fastpeft.inject(_toy(), LoraConfig(target_modules="all-linear"))
+    names = _adapted(m)
+    assert len(names) == 12 and "lm_head" not in names
+    assert "layers.0.mlp.0" in names and "layers.1.mlp.2" in names
+
+
+def test_exclude_modules_list_and_regex():
+    m = fastpeft.inject(_toy(), LoraConfig(target_modules="all-linear", exclude_modules=["mlp.0", "o_proj"]))
+    names = _adapted(m)
+    assert not any(n.endswith("o_proj") or n.endswith("mlp.0") for n in names) and len(names) == 8
+    m = fastpeft.inject(_toy(), LoraConfig(target_modules=["q_proj", "v_proj"], exclude_modules=r"layers\.0\..*"))
+    assert _adapted(m) == ["layers.1.attn.q_proj", "layers.1.attn.v_proj"]
+
+
+def test_non_linear_target_is_refused():
+    with pytest.raises(ValueError, match=r"matched 'layers.0.attn', a Attn; fastpeft adapts nn.Linear"):
+        fastpeft.inject(_toy(), LoraConfig(target_modules=["attn"]))
+    with pytest.raises(ValueError, match="LayerNorm"):
+        fastpeft.inject(_toy(), LoraConfig(target_modules=["norm"]))
+
+
+def test_model_is_unchanged_when_injection_fails():
+    m = _toy()
+    before = {k: v.clone() for k, v in m.state_dict().items()}
+    flags = [p.requires_grad for p in m.parameters()]
+    with pytest.raises(ValueError):
+        fastpeft.inject(m, LoraConfig(target_modules=["q_proj", "norm"]))  # q_proj ok, norm not
+    assert not fastpeft.lora_layers(m)
+    assert [p.requires_grad for p in m.parameters()] == flags
+    assert all(torch.equal(before[k], v) for k, v in m.state_dict().items())
+
+
+def test_default_targets_by_model_type_and_unknown_type():
+    m = _toy()
+    m.config = type("Cfg", (), {"model_type": "llama"})()
+    assert _adapted(fastpeft.inject(m, LoraConfig())) == [f"layers.{i}.attn.{p}_proj" for i in (0, 1) for p in "qv"]
+    with pytest.raises(ValueError, match="target_modules is None"):
+        fastpeft.inject(_toy(), LoraConfig())
+
+
+def test_only_lora_parameters_train_and_output_is_unchanged():
+    m = _toy()
+    x = torch.randn(3, 16)
+    y0 = m(x)
+    fastpeft.inject(m, LoraConfig(r=4, target_modules=["q_proj", "v_proj"]))
+    torch.testing.assert_close(m(x), y0)  # B = 0 at init
+    trainable = {n for n, p in m.named_parameters() if p.requires_grad}
+    assert trainable == {f"layers.{i}.attn.{p}_proj.lora_{ab}" for i in (0, 1) for p in "qv" for ab in "AB"}
+
+
+def test_bias_modes():
+    m = fastpeft.inject(_toy(), LoraConfig(target_modules=["q_proj"], bias="lora_only"))
+    assert {n for n, p in m.named_parameters() if p.requires_grad and "bias" in n} == \
+        {"layers.0.attn.q_proj.bias", "layers.1.attn.q_proj.bias"}
+    m = fastpeft.inject(_toy(), LoraConfig(target_modules=["q_proj"], bias="all"))
+    biases = {n for n, p in m.named_parameters() if "bias" in n}
+    assert {n for n, p in m.named_parameters() if p.requires_grad and "bias" in n} == biases
+    assert "norm.bias" in biases
+
+
+def test_rank_and_alpha_patterns():
+    cfg = LoraConfig(r=8, lora_alpha=16, target_modules=["q_proj", "v_proj"],
+                     rank_pattern={"layers.0.attn.q_proj": 2, r"v_proj": 4}, alpha_pattern={"q_proj": 4})
+    layers = fastpeft.lora_layers(fastpeft.inject(_toy(), cfg))
+    assert layers["layers.0.attn.q_proj"].r == 2 and layers["layers.0.attn.q_proj"].lora_alpha == 4
+    assert layers["layers.1.attn.q_proj"].r == 8 and layers["layers.1.attn.q_proj"].scaling == 0.5
+    assert layers["layers.1.attn.v_proj"].r == 4 and layers["layers.1.attn.v_proj"].scaling == 4.0
+
+
+def test_use_rslora_and_dropout_reach_layers():
+    layers = fastpeft.lora_layers(fastpeft.inject(_toy(), LoraConfig(r=16, lora_alpha=8, lora_dropout=0.1,
+                                                                      use_rslora=True, target_modules=["q_proj"])))
+    assert all(lay.scaling == 2.0 and lay.lora_dropout == 0.1 for lay in layers.values())
+
+
+def test_modules_to_save_wraps_a_trainable_copy():
+    m = _toy()
+    head_w = m.lm_head.weight.detach().clone()
+    fastpeft.inject(m, LoraConfig(target_modules=["q_proj"], modules_to_save=["lm_head"]))
+    assert isinstance(m.lm_head, ModulesToSaveWrapper)
+    assert not m.lm_head.original_module.weight.requires_grad
+    assert m.lm_head.modules_to_save["default"].weight.requires_grad
+    assert m.lm_head.weight.data_ptr() == m.lm_head.modules_to_save["default"].weight.data_ptr()
+    with torch.no_grad():
+        m.lm_head.modules_to_save["default"].weight.add_(1.0)
+    assert torch.equal(m.lm_head.original_module.weight, head_w)
+    # A module kept whole is never a LoRA target, even under "all-linear".
+    m2 = fastpeft.inject(_toy(), LoraConfig(target_modules="all-linear", modules_to_save=["mlp"]))
+    assert not any(".mlp." in n for n in fastpeft.lora_layers(m2))
+    with pytest.raises(ValueError, match="modules_to_save"):
+        fastpeft.inject(_toy(), LoraConfig(target_modules=["q_proj"], modules_to_save=["classifier"]))
+
+
+def test_trainable_parameters_and_peft_style_summary(capsys):
+    m = fastpeft.inject(_toy(), LoraConfig(r=4, target_modules=["q_proj"]))
+    trainable, total = fastpeft.trainable_parameters(m)
+    assert trainable == 2 * (4 * 16 + 16 * 4)
+    assert total == sum(p.numel() for p in _toy().parameters()) + trainable
+    fastpeft.print_trainable_parameters(m)
+    out = capsys.readouterr().out.strip()
+    assert out == f"trainable params: {trainable:,d} || all params: {total:,d} || trainable%: {100 * trainable / total:.4f}"
+
+
+def test_inject_twice_and_bad_config_type():
+    m = fastpeft.inject(_toy(), LoraConfig(target_modules=["q_proj"]))
+    with pytest.raises(ValueError, match="already has adapter"):
+        fastpeft.inject(m, LoraConfig(target_modules=["k_proj"]))
+    with pytest.raises(TypeError, match="config must be a fastpeft.LoraConfig"):
+        fastpeft.inject(_toy(), {"r": 8})
+
+
+@pytest.mark.parametrize("kw,exc,msg", [
+    ({"r": -1}, ValueError, "r must be a positive int"),
+    ({"lora_dropout": 2.0}, ValueError, "lora_dropout"),
+    ({"bias": "some"}, ValueError, "bias must be one of"),
+    ({"target_modules": 3}, TypeError, "target_modules must be a str"),
+    ({"target_modules": []}, ValueError, "target_modules must be a regex string or a non-empty list"),
+    ({"target_modules": "(unclosed"}, ValueError, "not a valid regex"),
+    ({"rank_pattern": {"q_proj": 0}}, ValueError, r"rank_pattern\['q_proj'\] must be a positive int"),
+    ({"alpha_pattern": []}, TypeError, "alpha_pattern must be a dict"),
+    ({"init_lora_weights": "olora"}, ValueError, "init_lora_weights"),
+], ids=["r", "dropout", "bias", "targets-int", "targets-empty", "targets-regex", "rank-pattern", "alpha-pattern",
+        "init"])
+def test_bad_configs(kw, exc, msg):
+    with pytest.raises(exc, match=msg):
+        LoraConfig(**kw)
+
+
+def test_sets_of_targets_are_accepted():
+    assert LoraConfig(target_modules={"v_proj", "q_proj"}).target_modules == ["q_proj", "v_proj"]
+
+
+def test_merge_and_unload_restores_plain_modules():
+    m = fastpeft.inject(_toy(), LoraConfig(target_modules="all-linear", modules_to_save=["lm_head"],
+                                           init_lora_weights=False))
+    with torch.no_grad():
+        m.lm_head.modules_to_save["default"].weight.mul_(2)
+    x = torch.randn(4, 16)
+    y = m(x)
+    fastpeft.merge_and_unload(m)
+    assert not fastpeft.lora_layers(m)
+    assert not any(isinstance(mod, (FastLoRALinear, ModulesToSaveWrapper)) for mod in m.modules())
+    assert type(m.layers[0].attn.q_proj) is nn.Linear
+    torch.testing.assert_close(m(x), y, rtol=1e-5, atol=1e-5)
+    # And the model can take a new adapter.
+    fastpeft.inject(m, LoraConfig(target_modules=["q_proj"]))
+
+
+def test_gradients_flow_through_injected_model():
+    m = fastpeft.inject(_toy(), LoraConfig(r=4, target_modules="all-linear", lora_dropout=0.1,
+                                           init_lora_weights=False))
+    m(torch.randn(5, 16)).sum().backward()
+    for n, p in m.named_parameters():
+        assert (p.grad is not None) == p.requires_grad, n

@@ -1,0 +1,206 @@
+"""Adapter files: round trips, the on-disk format, atomic saves, and loads that check before they touch."""
+import json
+import os
+import pickle
+
+import pytest
+import torch
+from safetensors.torch import load_file, save_file
+
+import fastpeft
+from fastpeft import LoraConfig
+from fastpeft.io import CONFIG_NAME, WEIGHTS_NAME
+from test_inject import Toy
+
+
+def _toy():
+    torch.manual_seed(0)
+    return Toy()
+
+
+def _trained(config=None, seed=1):
+    m = fastpeft.inject(_toy(), config or LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj", "v_proj"]))
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for p in m.parameters():
+            if p.requires_grad:
+                p.add_(torch.randn(p.shape, generator=g) * 0.1)
+    return m.eval()
+
+
+def _snapshot(model):
+    return ({k: v.clone() for k, v in model.state_dict().items()},
+            [(n, type(mod).__name__) for n, mod in model.named_modules()],
+            [p.requires_grad for p in model.parameters()])
+
+
+def _assert_unchanged(model, snap):
+    state, modules, flags = snap
+    assert [(n, type(mod).__name__) for n, mod in model.named_modules()] == modules
+    assert [p.requires_grad for p in model.parameters()] == flags
+    now = model.state_dict()
+    assert set(now) == set(state) and all(torch.equal(now[k], v) for k, v in state.items())
+
+
+CONFIGS = {
+    "plain": LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj", "v_proj"]),
+    "patterns-rslora": LoraConfig(r=8, lora_alpha=4, use_rslora=True, target_modules="all-linear",
+                                  rank_pattern={"mlp.0": 2}, alpha_pattern={r"layers\.1\..*": 32}),
+    "bias-all-saved-head": LoraConfig(r=2, target_modules=["o_proj"], bias="all", modules_to_save=["lm_head"]),
+    "bias-lora-only": LoraConfig(r=2, target_modules=["k_proj", "mlp.2"], bias="lora_only"),
+}
+
+
+@pytest.mark.parametrize("name", list(CONFIGS))
+def test_round_trip_gives_same_outputs(tmp_path, name):
+    m = _trained(CONFIGS[name])
+    x = torch.randn(3, 16)
+    fastpeft.save_adapter(m, tmp_path / "a")
+    fresh = fastpeft.load_adapter(_toy(), tmp_path / "a").eval()
+    torch.testing.assert_close(fresh(x), m(x), rtol=0, atol=0)
+    assert fastpeft.trainable_parameters(fresh) == fastpeft.trainable_parameters(m)
+    # Loading again over the adapter now present replaces its weights in place.
+    other = _trained(CONFIGS[name], seed=5)
+    fastpeft.save_adapter(other, tmp_path / "b")
+    fastpeft.load_adapter(fresh, tmp_path / "b")
+    torch.testing.assert_close(fresh(x), other(x), rtol=0, atol=0)
+
+
+def test_files_are_in_peft_format(tmp_path):
+    m = _trained(LoraConfig(r=4, lora_alpha=8, target_modules="all-linear", exclude_modules=["k_proj"],
+                            bias="lora_only", modules_to_save=["lm_head"]))
+    fastpeft.save_adapter(m, tmp_path)
+    cfg = json.loads((tmp_path / CONFIG_NAME).read_text())
+    assert cfg["peft_type"] == "LORA" and cfg["r"] == 4 and cfg["lora_alpha"] == 8 and cfg["bias"] == "lora_only"
+    assert cfg["target_modules"] == sorted(fastpeft.lora_layers(m)) and cfg["exclude_modules"] is None
+    assert cfg["modules_to_save"] == ["lm_head"] and cfg["use_dora"] is False
+    t = load_file(tmp_path / WEIGHTS_NAME)
+    assert t["base_model.model.layers.0.attn.q_proj.lora_A.weight"].shape == (4, 16)
+    assert t["base_model.model.layers.0.mlp.0.lora_B.weight"].shape == (32, 4)
+    assert "base_model.model.layers.0.attn.q_proj.base_layer.bias" in t
+    assert "base_model.model.lm_head.weight" in t
+    assert all(k.startswith("base_model.model.") for k in t)
+    assert not any("k_proj" in k for k in t)
+    assert sorted(os.listdir(tmp_path)) == [CONFIG_NAME, WEIGHTS_NAME]
+
+
+def test_save_keeps_other_files_and_replaces_adapter(tmp_path):
+    d = tmp_path / "adapter"
+    d.mkdir()
+    (d / "README.md").write_text("model card")
+    (d / CONFIG_NAME).write_text("{}")
+    fastpeft.save_adapter(_trained(), d)
+    assert (d / "README.md").read_text() == "model card"
+    assert json.loads((d / CONFIG_NAME).read_text())["peft_type"] == "LORA"
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["adapter"]  # no temporary folders left
+
+
+def test_failed_save_leaves_directory_as_it_was(tmp_path, monkeypatch):
+    d = tmp_path / "adapter"
+    fastpeft.save_adapter(_trained(seed=1), d)
+    before = {p.name: p.read_bytes() for p in d.iterdir()}
+
+    def boom(*a, **k):
+        raise OSError("disk full")
+
+    monkeypatch.setattr("safetensors.torch.save_file", boom)
+    with pytest.raises(OSError, match="disk full"):
+        fastpeft.save_adapter(_trained(seed=2), d)
+    assert {p.name: p.read_bytes() for p in d.iterdir()} == before
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["adapter"]
+
+
+def test_save_unknown_adapter_name(tmp_path):
+    with pytest.raises(ValueError, match=r"adapter_name 'other' is not an adapter of this model; it has \['default'\]"):
+        fastpeft.save_adapter(_trained(), tmp_path, adapter_name="other")
+
+
+def test_adapter_name_and_trainable_flag(tmp_path):
+    fastpeft.save_adapter(_trained(), tmp_path)
+    m = fastpeft.load_adapter(_toy(), tmp_path, adapter_name="sql", trainable=False)
+    assert all(lay.adapter_names == ["sql"] for lay in fastpeft.lora_layers(m).values())
+    assert fastpeft.trainable_parameters(m)[0] == 0
+    fastpeft.save_adapter(m, tmp_path / "again", adapter_name="sql")
+
+
+def test_load_casts_to_the_model_dtype(tmp_path):
+    fastpeft.save_adapter(_trained(), tmp_path)
+    m = fastpeft.load_adapter(_toy().to(torch.bfloat16), tmp_path)
+    assert all(lay.lora_A.dtype == torch.bfloat16 for lay in fastpeft.lora_layers(m).values())
+
+
+# ---- loads that must fail, leaving the model exactly as it was -------------------------------------
+
+def _saved(tmp_path):
+    fastpeft.save_adapter(_trained(), tmp_path)
+    return tmp_path
+
+
+def _edit_config(d, **changes):
+    cfg = json.loads((d / CONFIG_NAME).read_text())
+    cfg.update(changes)
+    (d / CONFIG_NAME).write_text(json.dumps(cfg))
+
+
+def _edit_weights(d, fn):
+    t = load_file(d / WEIGHTS_NAME)
+    fn(t)
+    save_file(t, d / WEIGHTS_NAME)
+
+
+def _bad_adapters():
+    key = "base_model.model.layers.0.attn.q_proj.lora_A.weight"
+    return {
+        "missing-dir": (lambda d: d / "nope", FileNotFoundError, "no adapter_config.json"),
+        "missing-weights": (lambda d: (d / WEIGHTS_NAME).unlink() or d, FileNotFoundError, WEIGHTS_NAME),
+        "pickle-only": (lambda d: ((d / WEIGHTS_NAME).unlink(), (d / "adapter_model.bin").write_bytes(
+            pickle.dumps({"x": 1})))[0] or d, ValueError, "pickle"),
+        "truncated": (lambda d: (d / WEIGHTS_NAME).write_bytes((d / WEIGHTS_NAME).read_bytes()[:100]) and d,
+                      ValueError, "not a readable safetensors file"),
+        "bad-json": (lambda d: (d / CONFIG_NAME).write_text("{r: 8") and d, ValueError, "not valid JSON"),
+        "wrong-peft-type": (lambda d: _edit_config(d, peft_type="PREFIX_TUNING") or d, ValueError, "peft_type"),
+        "dora": (lambda d: _edit_config(d, use_dora=True) or d, ValueError, "use_dora"),
+        "pissa": (lambda d: _edit_config(d, init_lora_weights="pissa") or d, ValueError, "init_lora_weights"),
+        "bad-rank-in-config": (lambda d: _edit_config(d, r=0) or d, ValueError, "r must be a positive int"),
+        "targets-not-in-model": (lambda d: _edit_config(d, target_modules=["c_attn"]) or d, ValueError, "matched no"),
+        "missing-key": (lambda d: _edit_weights(d, lambda t: t.pop(key)) or d, ValueError, "missing keys"),
+        "unexpected-key": (lambda d: _edit_weights(d, lambda t: t.update(
+            {"base_model.model.extra.lora_A.weight": torch.zeros(1)})) or d, ValueError, "unexpected keys"),
+        "wrong-shape": (lambda d: _edit_weights(d, lambda t: t.update({key: torch.zeros(4, 15)})) or d,
+                        ValueError, r"must have shape \(4, 16\)"),
+        "int-tensor": (lambda d: _edit_weights(d, lambda t: t.update({key: torch.zeros(4, 16, dtype=torch.int32)}))
+                       or d, ValueError, "floating point"),
+        "rank-mismatch": (lambda d: _edit_config(d, rank_pattern={"q_proj": 2}) or d, ValueError, r"shape \(2, 16\)"),
+    }
+
+
+@pytest.mark.parametrize("case", list(_bad_adapters()))
+@pytest.mark.parametrize("into", ["fresh", "injected"])
+def test_bad_adapter_raises_and_leaves_model_unchanged(tmp_path, case, into):
+    make, exc, msg = _bad_adapters()[case]
+    d = make(_saved(tmp_path))
+    model = _toy() if into == "fresh" else _trained(seed=9)
+    snap = _snapshot(model)
+    if into == "injected" and case == "rank-mismatch":
+        msg = "rank 2, the model's layer has 4"  # the file's tensors fit; its config does not
+    with pytest.raises(exc, match=msg):
+        fastpeft.load_adapter(model, d)
+    _assert_unchanged(model, snap)
+
+
+def test_loading_over_same_name_with_other_shapes_leaves_model(tmp_path):
+    fastpeft.save_adapter(_trained(LoraConfig(r=2, target_modules=["q_proj", "v_proj"])), tmp_path)
+    model = _trained()  # r=4 on the same modules
+    snap = _snapshot(model)
+    with pytest.raises(ValueError, match=r"must have shape \(4, 16\) for this model, got \(2, 16\)"):
+        fastpeft.load_adapter(model, tmp_path)
+    _assert_unchanged(model, snap)
+
+
+def test_second_adapter_name_is_refused_clearly(tmp_path):
+    fastpeft.save_adapter(_trained(), tmp_path)
+    model = _trained()
+    snap = _snapshot(model)
+    with pytest.raises(ValueError, match="already has adapter"):
+        fastpeft.load_adapter(model, tmp_path, adapter_name="second")
+    _assert_unchanged(model, snap)
