@@ -23,20 +23,6 @@ _PHILOX_ROUND_B = 0xCD9E8D57
 _PHILOX_ROUNDS = 10
 
 
-def _mul32(a: int, b: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """(hi, lo) 32-bit words of ``a * b`` for a uint32 constant ``a`` and uint32 values ``b`` in int64.
-
-    The full product needs 64 unsigned bits, which int64 cannot hold, so ``a`` is split in 16-bit halves:
-    each partial product stays below 2**48.
-    """
-    a_hi, a_lo = a >> 16, a & 0xFFFF
-    p_lo = b * a_lo  # < 2**48
-    p_hi = b * a_hi  # < 2**48
-    hi = (p_hi + (p_lo >> 16)) >> 16
-    lo = (((p_hi & 0xFFFF) << 16) + p_lo) & _MASK32
-    return hi, lo
-
-
 def philox_randint(seed: int, offsets: torch.Tensor) -> torch.Tensor:
     """First 32-bit word of Philox4x32-10 at counter ``(offset_lo, offset_hi, 0, 0)``, key ``seed``.
 
@@ -53,9 +39,15 @@ def philox_randint(seed: int, offsets: torch.Tensor) -> torch.Tensor:
     c3 = torch.zeros_like(c0)
     k0, k1 = seed & _MASK32, (seed >> 32) & _MASK32
     for _ in range(_PHILOX_ROUNDS):
-        hi_b, lo_b = _mul32(_PHILOX_ROUND_B, c2)
-        hi_a, lo_a = _mul32(_PHILOX_ROUND_A, c0)
-        c0, c1, c2, c3 = hi_b ^ c1 ^ k0, lo_b, hi_a ^ c3 ^ k1, lo_a
+        # Both factors are < 2**32, so each product fits 64 bits; int64 multiplication wraps, and the
+        # wrapped value has the product's bit pattern. An arithmetic shift then a mask reads its high
+        # word whatever the sign bit says.
+        p_b = c2 * _PHILOX_ROUND_B
+        p_a = c0 * _PHILOX_ROUND_A
+        c0 = ((p_b >> 32) & _MASK32) ^ c1 ^ k0
+        c2 = ((p_a >> 32) & _MASK32) ^ c3 ^ k1
+        c1 = p_b & _MASK32
+        c3 = p_a & _MASK32
         k0 = (k0 + _PHILOX_KEY_A) & _MASK32
         k1 = (k1 + _PHILOX_KEY_B) & _MASK32
     return c0

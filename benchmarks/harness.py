@@ -1,0 +1,86 @@
+"""One timing harness for every fastpeft benchmark.
+
+CUDA: ``triton.testing.do_bench`` (warm-up, then the median and 20/80% quantiles of CUDA-event timings,
+with the L2 cache flushed between runs) and peak memory from ``torch.cuda.max_memory_allocated``.
+CPU: the same statistics from ``time.perf_counter`` over repeated calls after warm-up.
+Inputs are fresh random tensors (never zeros). Ratios are only ever taken within one run.
+"""
+from __future__ import annotations
+
+import json
+import platform
+import statistics
+import time
+from dataclasses import asdict, dataclass
+
+import torch
+
+
+@dataclass
+class Timing:
+    median_ms: float
+    p20_ms: float
+    p80_ms: float
+    peak_mib: float | None = None
+
+
+def device_name(device: str) -> str:
+    if device == "cuda":
+        return torch.cuda.get_device_name()
+    return f"CPU ({platform.processor() or platform.machine()}, {torch.get_num_threads()} threads)"
+
+
+def environment(device: str) -> dict:
+    try:
+        import triton
+        triton_version = triton.__version__
+    except Exception:  # triton is optional on CPU
+        triton_version = None
+    return {"device": device_name(device), "torch": torch.__version__, "triton": triton_version,
+            "date": time.strftime("%Y-%m-%d")}
+
+
+def bench(fn, device: str, warmup_ms: float = 25, rep_ms: float = 100) -> Timing:
+    """Median and 20/80% quantiles of ``fn()`` in milliseconds (and CUDA peak memory)."""
+    if device == "cuda":
+        import triton.testing
+
+        fn()
+        torch.cuda.synchronize()
+        torch.cuda.reset_peak_memory_stats()
+        base = torch.cuda.memory_allocated()
+        fn()
+        torch.cuda.synchronize()
+        peak = (torch.cuda.max_memory_allocated() - base) / 2**20
+        med, p20, p80 = triton.testing.do_bench(fn, warmup=warmup_ms, rep=rep_ms, quantiles=[0.5, 0.2, 0.8])
+        return Timing(med, p20, p80, peak)
+    t0 = time.perf_counter()
+    fn()
+    once = max(time.perf_counter() - t0, 1e-6)
+    for _ in range(max(1, int(warmup_ms / 1e3 / once))):
+        fn()
+    times = []
+    for _ in range(max(5, int(rep_ms / 1e3 / once))):
+        t0 = time.perf_counter()
+        fn()
+        times.append((time.perf_counter() - t0) * 1e3)
+    q = statistics.quantiles(times, n=10)
+    return Timing(statistics.median(times), q[1], q[7])
+
+
+def print_table(title: str, env: dict, rows: list, columns: list) -> str:
+    """Rows are dicts; ``columns`` are (key, header, format). Returns the text it printed."""
+    head = f"{title}\n{env['device']} | torch {env['torch']} | triton {env['triton']} | {env['date']}"
+    cells = [[h for _, h, _ in columns]] + [[fmt.format(r[k]) if r.get(k) is not None else "-"
+                                               for k, _, fmt in columns] for r in rows]
+    widths = [max(len(c[i]) for c in cells) for i in range(len(columns))]
+    lines = [head, ""] + ["  ".join(c.rjust(w) for c, w in zip(row, widths)) for row in cells]
+    lines.insert(3, "  ".join("-" * w for w in widths))
+    text = "\n".join(lines)
+    print(text)
+    return text
+
+
+def write_json(path: str, env: dict, rows: list) -> None:
+    with open(path, "w") as f:
+        json.dump({"environment": env, "rows": [r if isinstance(r, dict) else asdict(r) for r in rows]}, f, indent=2)
