@@ -238,10 +238,16 @@ def adapter_configs(model: nn.Module) -> dict:
     return getattr(model, "_fastpeft_adapters", {})
 
 
+def is_bias(param_name: str) -> bool:
+    """Whether ``bias="all"`` trains this parameter: PEFT's rule, a parameter named ``bias``. A name that only
+    contains the word (T5's ``relative_attention_bias.weight``) is no bias term."""
+    return param_name == "bias" or param_name.endswith(".bias")
+
+
 def _apply_bias(model: nn.Module, bias: str, lora: dict) -> None:
     if bias == "all":
         for n, p in model.named_parameters():
-            if "bias" in n:  # PEFT's rule, a substring of the parameter's name
+            if is_bias(n):
                 p.requires_grad_(True)
     elif bias == "lora_only":
         for layer in lora.values():

@@ -20,8 +20,8 @@ import uuid
 import torch
 import torch.nn as nn
 
-from .inject import (LoraConfig, ModulesToSaveWrapper, adapter_configs, inject, lora_layers, pattern_value,
-                     plan_lora)
+from .inject import (LoraConfig, ModulesToSaveWrapper, adapter_configs, inject, is_bias, lora_layers,
+                     pattern_value, plan_lora)
 from .layers import lora_scaling
 
 CONFIG_NAME = "adapter_config.json"
@@ -61,7 +61,7 @@ def _adapter_keys(model: nn.Module, adapter_name: str, config: LoraConfig, layer
                 continue
             for pname, p in module.named_parameters(recurse=False):
                 full = f"{mname}.{pname}" if mname else pname
-                if "bias" in full:
+                if is_bias(full):
                     keys[f"{mname}.base_layer.{pname}" if mname in layers else full] = p
     return keys
 
@@ -207,6 +207,14 @@ def _resolve_aliases(expected: dict, weights: dict) -> dict:
     return out
 
 
+def _drop_wrapper_duplicates(weights: dict, saved: list) -> dict:
+    """PEFT's ``bias="all"`` also writes the biases inside its modules_to_save wrappers,
+    ``<module>.original_module.bias`` (the frozen base bias) and ``<module>.modules_to_save.bias`` (the
+    trained copy's, saved again as ``<module>.bias``, which is the one that loads): drop these duplicates."""
+    inner = tuple(f"{s}.{part}." for s in saved for part in ("original_module", "modules_to_save"))
+    return {k: v for k, v in weights.items() if not k.startswith(inner)} if inner else weights
+
+
 def _check_against(expected_shapes: dict, weights: dict, directory) -> None:
     missing = sorted(set(expected_shapes) - set(weights))
     unexpected = sorted(set(weights) - set(expected_shapes))
@@ -251,16 +259,17 @@ def load_adapter(model: nn.Module, directory, adapter_name: str = "default", tra
                 expected[f"{name}.{pname}"] = tuple(p.shape)
         if config.bias == "all":
             for pname, p in model.named_parameters():
-                if "bias" in pname and not any(pname.startswith(s + ".") for s in plan.saved):
+                if is_bias(pname) and not any(pname.startswith(s + ".") for s in plan.saved):
                     mod, _, leaf = pname.rpartition(".")
                     expected[f"{mod}.base_layer.{leaf}" if mod in plan.targets else pname] = tuple(p.shape)
-        weights = _resolve_aliases(expected, weights)
+        weights = _resolve_aliases(expected, _drop_wrapper_duplicates(weights, plan.saved))
         _check_against(expected, weights, directory)
         inject(model, config, adapter_name, plan=plan)
     else:
         layers = {n: m for n, m in lora_layers(model).items() if adapter_name in m.adapter_names}
-        keys = _adapter_keys(model, adapter_name, config, layers, _saved_modules(model))
-        weights = _resolve_aliases(keys, weights)
+        saved = _saved_modules(model)
+        keys = _adapter_keys(model, adapter_name, config, layers, saved)
+        weights = _resolve_aliases(keys, _drop_wrapper_duplicates(weights, saved))
         _check_against({k: tuple(p.shape) for k, p in keys.items()}, weights, directory)
         targets = plan_lora(model, config, existing=True).targets
         if set(targets) != set(layers):

@@ -1,0 +1,361 @@
+"""Interop with Hugging Face PEFT, both ways: an adapter PEFT saves loads here and gives PEFT's outputs, an
+adapter saved here loads in PEFT and gives ours; and the two write the same tensor keys and shapes.
+
+Every adapter is built with ``init_lora_weights=False`` (non-zero B) and every trainable parameter is then
+perturbed (biases, modules_to_save copies), so a dropped or misnamed tensor changes the outputs. The
+trainable parameter counts of the two libraries are compared too: perturbing "what is trainable" only
+tests the files if both agree on what that is.
+"""
+import copy
+
+import pytest
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+peft = pytest.importorskip("peft")
+transformers = pytest.importorskip("transformers")
+safetensors_torch = pytest.importorskip("safetensors.torch")
+
+import fastpeft  # noqa: E402
+
+# PEFT calls a transformers API that transformers deprecates; nothing fastpeft can act on.
+pytestmark = pytest.mark.filterwarnings("ignore:`is_gradient_checkpointing` is deprecated:FutureWarning")
+
+RTOL, ATOL = 1e-5, 1e-5  # fp32, same math in a different order: a dropped tensor is off by ~1e-1
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Models
+# ---------------------------------------------------------------------------------------------------------
+class Block(nn.Module):
+    def __init__(self, d=20, hidden=24):
+        super().__init__()
+        self.q_proj = nn.Linear(d, d)
+        self.v_proj = nn.Linear(d, d, bias=False)
+        self.out = nn.Linear(d, d)
+        self.norm = nn.LayerNorm(d)  # its bias is a non-Linear bias that bias="all" trains
+        self.mlp = nn.Sequential(nn.Linear(d, hidden), nn.GELU(), nn.Linear(hidden, d))  # mlp.0, mlp.2
+
+    def forward(self, h):
+        h = h + self.out(torch.tanh(self.q_proj(h)) * self.v_proj(h))
+        return h + self.mlp(self.norm(h))
+
+
+class Toy(nn.Module):
+    """Named linears at several depths, one nested in an nn.Sequential, a head, and (as T5 has) an
+    embedding whose name contains "bias" but which is no bias term."""
+
+    def __init__(self, d_in=12, d=20, n_out=5, seq=7):
+        super().__init__()
+        self.inp = nn.Linear(d_in, d)
+        self.relative_attention_bias = nn.Embedding(seq, 1)
+        self.blocks = nn.ModuleList([Block(d), Block(d)])
+        self.head = nn.Linear(d, n_out)
+
+    def forward(self, x):
+        pos = torch.arange(x.shape[-2], device=x.device)
+        h = self.inp(x) + self.relative_attention_bias(pos)
+        for block in self.blocks:
+            h = block(h)
+        return self.head(F.gelu(h))
+
+
+def toy_base():
+    torch.manual_seed(0)
+    return Toy().eval()
+
+
+def toy_input():
+    g = torch.Generator().manual_seed(1)
+    return torch.randn(3, 7, 12, generator=g)
+
+
+# (id, kwargs shared verbatim by peft.LoraConfig and fastpeft.LoraConfig)
+TOY_CASES = [
+    ("list-r4-a8", dict(r=4, lora_alpha=8, target_modules=["q_proj", "v_proj", "mlp.0"])),
+    ("list-r5-a12.5-dropout0.1", dict(r=5, lora_alpha=12.5, lora_dropout=0.1,
+                                      target_modules=["q_proj", "blocks.1.out", "inp"])),
+    ("rslora-r8-a16", dict(r=8, lora_alpha=16, use_rslora=True, target_modules=["q_proj", "v_proj", "mlp.2"])),
+    ("rank_pattern-alpha_pattern", dict(
+        r=4, lora_alpha=8, target_modules=["q_proj", "v_proj", "out", "mlp.0", "mlp.2"],
+        rank_pattern={"v_proj": 2, r"blocks\.1\.mlp\.0": 7}, alpha_pattern={"q_proj": 3, "out": 32})),
+    ("rslora-rank_pattern-alpha_pattern", dict(
+        r=4, lora_alpha=8, use_rslora=True, target_modules=["q_proj", "mlp.0"],
+        rank_pattern={r"blocks\.0\.q_proj": 6}, alpha_pattern={"mlp.0": 5})),
+    ("bias-lora_only", dict(r=4, lora_alpha=8, bias="lora_only", target_modules=["q_proj", "v_proj", "mlp.2"])),
+    ("bias-all", dict(r=4, lora_alpha=8, bias="all", target_modules=["q_proj", "mlp.0"])),
+    ("modules_to_save-head", dict(r=4, lora_alpha=8, target_modules=["q_proj", "v_proj"],
+                                  modules_to_save=["head"])),
+    ("modules_to_save-head-bias-lora_only", dict(r=4, lora_alpha=8, bias="lora_only", target_modules=["out"],
+                                                 modules_to_save=["head"])),
+    ("modules_to_save-head-bias-all", dict(r=4, lora_alpha=8, bias="all", target_modules=["q_proj"],
+                                           modules_to_save=["head"])),
+    ("regex", dict(r=4, lora_alpha=8, target_modules=r"blocks\.\d\.(q_proj|mlp\.2)")),
+    ("regex-one-block", dict(r=3, lora_alpha=6, target_modules=r".*1\.(out|v_proj)")),
+    # A plain nn.Module has no get_output_embeddings: PEFT and fastpeft both adapt its head too.
+    ("all-linear", dict(r=4, lora_alpha=8, target_modules="all-linear")),
+    ("exclude-list", dict(r=4, lora_alpha=8, target_modules=["q_proj", "v_proj", "out"],
+                          exclude_modules=["blocks.1.v_proj"])),
+    ("exclude-regex-all-linear", dict(r=4, lora_alpha=8, target_modules="all-linear",
+                                      exclude_modules=r"blocks\.0\..*")),
+]
+TOY_IDS = [c[0] for c in TOY_CASES]
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Helpers
+# ---------------------------------------------------------------------------------------------------------
+def peft_model(base, kwargs, seed=2):
+    torch.manual_seed(seed)
+    model = peft.get_peft_model(copy.deepcopy(base), peft.LoraConfig(**kwargs, init_lora_weights=False))
+    perturb_trainable(model, seed)
+    return model.eval()
+
+
+def fast_model(base, kwargs, seed=3):
+    torch.manual_seed(seed)
+    model = fastpeft.inject(copy.deepcopy(base), fastpeft.LoraConfig(**kwargs, init_lora_weights=False))
+    perturb_trainable(model, seed)
+    return model.eval()
+
+
+@torch.no_grad()
+def perturb_trainable(model, seed):
+    """Move every trainable parameter (LoRA, trained biases, modules_to_save copies) off its initial value."""
+    g = torch.Generator().manual_seed(seed + 100)
+    trainable = [p for p in model.parameters() if p.requires_grad]
+    assert trainable, "nothing is trainable"
+    for p in trainable:
+        p.add_(0.2 * torch.randn(p.shape, generator=g))
+
+
+def peft_trainable(model):
+    return sum(p.numel() for p in model.parameters() if p.requires_grad)
+
+
+def saved_shapes(directory):
+    tensors = safetensors_torch.load_file(str(directory / "adapter_model.safetensors"))
+    return {k: tuple(v.shape) for k, v in tensors.items()}
+
+
+def peft_saved_shapes(directory):
+    """PEFT's file, less the duplicates its ``bias="all"`` writes from inside a modules_to_save wrapper:
+    ``<m>.original_module.bias`` (the frozen base bias) and ``<m>.modules_to_save.bias`` (the trained copy's,
+    which it writes again as ``<m>.bias``, the key that loads). fastpeft writes the latter only."""
+    shapes = saved_shapes(directory)
+    dup = {k for k in shapes if ".original_module." in k or ".modules_to_save." in k}
+    assert all(k.endswith(".bias") for k in dup), f"PEFT wrote unexpected wrapper keys {sorted(dup)}"
+    return {k: v for k, v in shapes.items() if k not in dup}
+
+
+def assert_same_keys(ours, theirs):
+    assert sorted(ours) == sorted(theirs), (
+        f"only fastpeft: {sorted(set(ours) - set(theirs))}, only PEFT: {sorted(set(theirs) - set(ours))}")
+    assert ours == theirs, {k: (ours[k], theirs[k]) for k in ours if ours[k] != theirs[k]}
+
+
+def assert_outputs_match(actual, expected, base_out):
+    torch.testing.assert_close(actual, expected, rtol=RTOL, atol=ATOL)
+    # The adapter must matter, or the comparison above proves nothing.
+    assert (expected - base_out).abs().max() > 1e-2
+
+
+def is_lora(module):
+    return isinstance(module, (fastpeft.FastLoRALinear, peft.tuners.lora.LoraLayer))
+
+
+def peft_targets(pm):
+    """Names (relative to the base model) of the layers PEFT adapted."""
+    return {n.removeprefix("base_model.model.") for n, m in pm.named_modules()
+            if isinstance(m, peft.tuners.lora.LoraLayer)}
+
+
+# ---------------------------------------------------------------------------------------------------------
+# 1. Toy model
+# ---------------------------------------------------------------------------------------------------------
+@pytest.mark.parametrize("kwargs", [c[1] for c in TOY_CASES], ids=TOY_IDS)
+def test_toy_peft_to_fastpeft(tmp_path, kwargs):
+    base, x = toy_base(), toy_input()
+    pm = peft_model(base, kwargs)
+    pm.save_pretrained(tmp_path)
+
+    fm = fastpeft.load_adapter(copy.deepcopy(base), tmp_path).eval()
+
+    assert fastpeft.trainable_parameters(fm)[0] == peft_trainable(pm)
+    assert set(fastpeft.lora_layers(fm)) == peft_targets(pm)
+    with torch.no_grad():
+        assert_outputs_match(fm(x), pm(x), base(x))
+
+
+@pytest.mark.parametrize("kwargs", [c[1] for c in TOY_CASES], ids=TOY_IDS)
+def test_toy_peft_to_fastpeft_over_existing_adapter(tmp_path, kwargs):
+    """Loading onto a model that already has the adapter (same config, other weights) replaces its weights."""
+    base, x = toy_base(), toy_input()
+    pm = peft_model(base, kwargs)
+    pm.save_pretrained(tmp_path)
+    fm = fast_model(base, kwargs)
+
+    fastpeft.load_adapter(fm, tmp_path)
+
+    with torch.no_grad():
+        assert_outputs_match(fm.eval()(x), pm(x), base(x))
+
+
+@pytest.mark.parametrize("kwargs", [c[1] for c in TOY_CASES], ids=TOY_IDS)
+def test_toy_fastpeft_to_peft(tmp_path, kwargs):
+    base, x = toy_base(), toy_input()
+    fm = fast_model(base, kwargs)
+    fastpeft.save_adapter(fm, tmp_path)
+
+    pm = peft.PeftModel.from_pretrained(copy.deepcopy(base), tmp_path).eval()
+
+    assert peft_targets(pm) == set(fastpeft.lora_layers(fm))
+    with torch.no_grad():
+        assert_outputs_match(pm(x), fm(x), base(x))
+
+
+@pytest.mark.parametrize("kwargs", [c[1] for c in TOY_CASES], ids=TOY_IDS)
+def test_toy_same_trainable_parameters(kwargs):
+    base = toy_base()
+    pm = peft.get_peft_model(copy.deepcopy(base), peft.LoraConfig(**kwargs))
+    fm = fastpeft.inject(copy.deepcopy(base), fastpeft.LoraConfig(**kwargs))
+    assert fastpeft.trainable_parameters(fm)[0] == peft_trainable(pm)
+
+
+# ---------------------------------------------------------------------------------------------------------
+# 3. The files themselves
+# ---------------------------------------------------------------------------------------------------------
+@pytest.mark.parametrize("kwargs", [c[1] for c in TOY_CASES], ids=TOY_IDS)
+def test_toy_saved_keys_match_peft(tmp_path, kwargs):
+    base = toy_base()
+    peft_model(base, kwargs).save_pretrained(tmp_path / "peft")
+    fastpeft.save_adapter(fast_model(base, kwargs), tmp_path / "fastpeft")
+    ours, theirs = saved_shapes(tmp_path / "fastpeft"), peft_saved_shapes(tmp_path / "peft")
+    assert_same_keys(ours, theirs)
+
+
+def test_fastpeft_file_names_resolved_targets(tmp_path):
+    """The config written here names the adapted layers in full, so PEFT adapts exactly those."""
+    base = toy_base()
+    fm = fast_model(base, dict(r=4, lora_alpha=8, target_modules=r".*\.(q_proj|mlp\.0)",
+                               exclude_modules=["blocks.0.mlp.0"]))
+    fastpeft.save_adapter(fm, tmp_path)
+    config = peft.PeftConfig.from_pretrained(tmp_path)
+    assert config.peft_type == peft.PeftType.LORA
+    assert set(config.target_modules) == {"blocks.0.q_proj", "blocks.1.q_proj", "blocks.1.mlp.0"}
+
+
+# ---------------------------------------------------------------------------------------------------------
+# 2. Small transformers models built from configs (no downloads)
+# ---------------------------------------------------------------------------------------------------------
+def llama_base():
+    torch.manual_seed(0)
+    config = transformers.LlamaConfig(vocab_size=64, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                                      num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=64)
+    return transformers.LlamaForCausalLM(config).eval()
+
+
+def bert_cls_base():
+    torch.manual_seed(0)
+    config = transformers.BertConfig(vocab_size=64, hidden_size=32, num_hidden_layers=2, num_attention_heads=4,
+                                     intermediate_size=48, max_position_embeddings=32, num_labels=3)
+    return transformers.BertForSequenceClassification(config).eval()
+
+
+def bert_base():
+    torch.manual_seed(0)
+    config = transformers.BertConfig(vocab_size=64, hidden_size=32, num_hidden_layers=2, num_attention_heads=4,
+                                     intermediate_size=48, max_position_embeddings=32)
+    return transformers.BertModel(config).eval()
+
+
+def hf_inputs():
+    g = torch.Generator().manual_seed(1)
+    ids = torch.randint(0, 64, (2, 9), generator=g)
+    mask = torch.ones_like(ids)
+    mask[1, 6:] = 0  # a padded row: the attention mask is passed through unchanged
+    return dict(input_ids=ids, attention_mask=mask)
+
+
+def llama_out(model):
+    return model(**hf_inputs()).logits
+
+
+def bert_cls_out(model):
+    return model(**hf_inputs()).logits
+
+
+def bert_out(model):
+    return model(**hf_inputs()).last_hidden_state
+
+
+# (id, base builder, output getter, shared LoraConfig kwargs, a module that must not be adapted or None)
+HF_CASES = [
+    ("llama-q_proj-v_proj", llama_base, llama_out, dict(r=4, lora_alpha=8, target_modules=["q_proj", "v_proj"]),
+     None),
+    ("llama-all-linear-rslora", llama_base, llama_out, dict(r=4, lora_alpha=16, use_rslora=True,
+                                                            target_modules="all-linear"), "lm_head"),
+    ("llama-all-linear-rank_pattern", llama_base, llama_out,
+     dict(r=4, lora_alpha=8, target_modules="all-linear", rank_pattern={"down_proj": 2},
+          alpha_pattern={r"layers\.1\.self_attn\.o_proj": 3}), "lm_head"),
+    ("bert-cls-query-value-modules_to_save-classifier", bert_cls_base, bert_cls_out,
+     dict(r=4, lora_alpha=8, target_modules=["query", "value"], modules_to_save=["classifier"]), None),
+    ("bert-all-linear-bias-all", bert_base, bert_out, dict(r=4, lora_alpha=8, target_modules="all-linear",
+                                                          bias="all"), None),
+    ("bert-regex-bias-lora_only", bert_base, bert_out,
+     dict(r=2, lora_alpha=4, target_modules=r".*layer\.\d\.attention\.self\.(key|value)", bias="lora_only"),
+     None),
+]
+HF_IDS = [c[0] for c in HF_CASES]
+
+
+def check_not_adapted(model, name):
+    """Module ``name`` (e.g. the LM head, which "all-linear" leaves out) exists and has no LoRA."""
+    if name is None:
+        return
+    found = [(n, m) for n, m in model.named_modules() if n == name or n.endswith("." + name)]
+    assert found, f"no module {name!r}"
+    for n, m in found:
+        assert not is_lora(m), f"{n} must not be adapted"
+
+
+@pytest.mark.parametrize("build, output, kwargs, not_adapted", [c[1:] for c in HF_CASES], ids=HF_IDS)
+def test_transformers_peft_to_fastpeft(tmp_path, build, output, kwargs, not_adapted):
+    base = build()
+    pm = peft_model(base, kwargs)
+    pm.save_pretrained(tmp_path)
+
+    fm = fastpeft.load_adapter(copy.deepcopy(base), tmp_path).eval()
+
+    check_not_adapted(fm, not_adapted)
+    assert set(fastpeft.lora_layers(fm)) == peft_targets(pm)
+    assert fastpeft.trainable_parameters(fm)[0] == peft_trainable(pm)
+    with torch.no_grad():
+        assert_outputs_match(output(fm), output(pm), output(base))
+
+
+@pytest.mark.parametrize("build, output, kwargs, not_adapted", [c[1:] for c in HF_CASES], ids=HF_IDS)
+def test_transformers_fastpeft_to_peft(tmp_path, build, output, kwargs, not_adapted):
+    base = build()
+    fm = fast_model(base, kwargs)
+    check_not_adapted(fm, not_adapted)
+    fastpeft.save_adapter(fm, tmp_path)
+
+    pm = peft.PeftModel.from_pretrained(copy.deepcopy(base), tmp_path).eval()
+
+    check_not_adapted(pm, not_adapted)
+    assert peft_targets(pm) == set(fastpeft.lora_layers(fm))
+    with torch.no_grad():
+        assert_outputs_match(output(pm), output(fm), output(base))
+
+
+@pytest.mark.parametrize("build, output, kwargs, not_adapted", [c[1:] for c in HF_CASES], ids=HF_IDS)
+def test_transformers_saved_keys_match_peft(tmp_path, build, output, kwargs, not_adapted):
+    base = build()
+    peft_model(base, kwargs).save_pretrained(tmp_path / "peft")
+    fastpeft.save_adapter(fast_model(base, kwargs), tmp_path / "fastpeft")
+    ours, theirs = saved_shapes(tmp_path / "fastpeft"), peft_saved_shapes(tmp_path / "peft")
+    assert_same_keys(ours, theirs)
+    if not_adapted is not None:
+        assert not any(f"{not_adapted}.lora_" in k for k in ours)
