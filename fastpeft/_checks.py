@@ -9,7 +9,8 @@ import math
 
 import torch
 
-FLOAT_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
+# float64 runs on the reference path only (the kernels take the three training dtypes).
+FLOAT_DTYPES = (torch.float32, torch.float16, torch.bfloat16, torch.float64)
 
 
 def check_rank(r, name: str = "r") -> int:
@@ -71,7 +72,7 @@ def check_lora_linear_args(x, weight, bias, lora_A, lora_B, scaling, dropout_p) 
     if bias is not None:
         check_shape(bias, (out_f,), "bias")
     if x.dtype not in FLOAT_DTYPES:
-        raise ValueError(f"x must be float32, float16 or bfloat16, got {x.dtype}")
+        raise ValueError(f"x must be float32, float16, bfloat16 (or float64 on the reference backend), got {x.dtype}")
     # Under autocast the parameters may legitimately be of another dtype than x (fp32 master weights,
     # bf16 activations): the matmuls cast them, as nn.Linear's would.
     autocast = torch.is_autocast_enabled(x.device.type)

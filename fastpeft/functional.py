@@ -19,9 +19,10 @@ import torch
 
 from . import kernels
 from ._checks import check_lora_linear_args
-from .reference import lora_linear_ref
+from .reference import dropout_threshold, lora_linear_ref
 
 BACKENDS = ("auto", "triton", "reference")
+_KERNEL_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 _ENV = "FASTPEFT_BACKEND"
 _backend_var: contextvars.ContextVar[str | None] = contextvars.ContextVar("fastpeft_backend", default=None)
 
@@ -71,6 +72,8 @@ def triton_unavailable_reason(op: str, *tensors: torch.Tensor) -> str | None:
             return "the tensors are on the CPU; set TRITON_INTERPRET=1 before importing triton to run kernels there"
         if t.device.type not in ("cpu", "cuda"):
             return f"triton kernels run on CUDA (or CPU under TRITON_INTERPRET=1), got device {t.device}"
+        if t.dtype not in _KERNEL_DTYPES:
+            return f"the kernels take float32, float16 or bfloat16 tensors, got {t.dtype}"
     return None
 
 
@@ -96,6 +99,104 @@ def draw_seed() -> int:
     return int(torch.randint(0, 2**62, (1,), dtype=torch.int64).item())
 
 
+class LoRALinearFunction(torch.autograd.Function):
+    r"""Fused LoRA linear on the triton kernels; x is 2-D here, (M, K).
+
+    Forward, with s the scaling, p the dropout rate, D = diag-free keep-mask of x (M, K) and
+    drop(x) = D * x / (1 - p):
+
+        u = drop(x) A^T                      (M, r) fp32, one pass over x (mask redrawn in the load)
+        y = x W^T + s u B^T + b              one GEMM, s u B^T + b in its epilogue
+
+    Backward, from dY (M, N). y depends on x through x W^T and through u:
+
+        dL/du = s dY B = s v,    with v = dY B                                (M, r)
+        dX    = dY W + (dL/du) A * D / (1 - p) = dY W + s D * (v A) / (1 - p)  (mask applied to v A)
+        dA    = (dL/du)^T drop(x) = s v^T drop(x)                              (r, K)
+        dB    = s dY^T u                                                       (N, r)
+        dW    = dY^T x,   db = sum_m dY                                        (only when required)
+
+    Saved for backward: x (not a dropped copy: the mask is a pure function of the seed and is redrawn),
+    u (M, r) fp32 and the parameters. v is recomputed from dY. No atomics anywhere: partial sums are
+    added in a fixed order, so the same inputs give the same bits on every run.
+    """
+
+    @staticmethod
+    def forward(ctx, x, weight, bias, lora_A, lora_B, scaling, dropout_p, seed):
+        from .kernels import lora as K
+
+        thr = dropout_threshold(dropout_p) if dropout_p > 0.0 else 0
+        drop_scale = 1.0 / (1.0 - dropout_p) if dropout_p > 0.0 else 1.0
+        k = x.shape[1]
+        u = K.shrink_op(x, lora_A.t(), drop_scale, seed, thr, k, 1)
+
+        def fused():
+            return K.gemm_op(x, weight.t(), u, lora_B.t(), bias, scaling, 0, 0)
+
+        def cublas():
+            y = torch.addmm(bias, x, weight.t()) if bias is not None else x @ weight.t()
+            return y.addmm_(u.to(y.dtype), lora_B.t(), alpha=scaling)
+
+        key = ("fwd", _bucket(x.shape[0]), k, weight.shape[0], lora_A.shape[0], x.dtype, bias is not None)
+        y = fused() if K.choose_gemm(key, fused, cublas, x.device) == "fused" else cublas()
+        ctx.save_for_backward(x, u, weight, lora_A, lora_B)
+        ctx.scaling, ctx.seed, ctx.thr, ctx.drop_scale = scaling, seed, thr, drop_scale
+        ctx.has_bias = bias is not None
+        return y
+
+    @staticmethod
+    def backward(ctx, dy):
+        from .kernels import lora as K
+
+        x, u, weight, lora_A, lora_B = ctx.saved_tensors
+        need_x, need_w, need_b, need_a, need_bb = ctx.needs_input_grad[:5]
+        s, seed, thr, ds = ctx.scaling, ctx.seed, ctx.thr, ctx.drop_scale
+        k = x.shape[1]
+        dx = dw = db = da = dbb = None
+        v = K.shrink_op(dy, lora_B, 1.0, 0, 0, 0, 0) if (need_x or need_a) else None
+        if need_a:
+            da = K.shrink_op(x.t(), v, s * ds, seed, thr, 1, k).t().to(lora_A.dtype)
+        if need_bb:
+            dbb = K.shrink_op(dy.t(), u, s, 0, 0, 0, 0).to(lora_B.dtype)
+        if need_x:
+            def fused():
+                return K.gemm_op(dy, weight, v, lora_A, None, s * ds, seed, thr)
+
+            def cublas():
+                out = dy @ weight
+                if thr == 0:
+                    return out.addmm_(v.to(out.dtype), lora_A, alpha=s * ds)
+                return K.lowrank_add_op(out, v, lora_A, s * ds, seed, thr)
+
+            key = ("dx", _bucket(x.shape[0]), weight.shape[0], k, lora_A.shape[0], x.dtype, thr > 0)
+            dx = fused() if K.choose_gemm(key, fused, cublas, x.device) == "fused" else cublas()
+        if need_w:
+            dw = (dy.t() @ x).to(weight.dtype)
+        if need_b and ctx.has_bias:
+            db = dy.sum(0)
+        return dx, dw, db, da, dbb, None, None, None
+
+
+def _bucket(m: int) -> int:
+    """Token counts within a power of two share a measured GEMM choice."""
+    return 1 << max(0, int(m) - 1).bit_length()
+
+
+def _lora_linear_triton(x, weight, bias, lora_A, lora_B, scaling, dropout_p, seed):
+    """Reshape to 2-D, follow autocast as nn.Linear does, and run the fused Function."""
+    dev = x.device.type
+    if torch.is_autocast_enabled(dev):
+        dtype = torch.get_autocast_dtype(dev)
+        x, weight, lora_A, lora_B = (t.to(dtype) for t in (x, weight, lora_A, lora_B))
+        bias = bias.to(dtype) if bias is not None else None
+    lead = x.shape[:-1]
+    x2 = x.reshape(-1, x.shape[-1])
+    with torch.autocast(dev, enabled=False):
+        y = LoRALinearFunction.apply(x2, weight, bias, lora_A, lora_B, float(scaling), float(dropout_p),
+                                     int(seed) if seed is not None else 0)
+    return y.view(*lead, weight.shape[0])
+
+
 def lora_linear(x, weight, bias, lora_A, lora_B, scaling, dropout_p=0.0, training=True, seed=None,
                 backend=None) -> torch.Tensor:
     """LoRA linear: ``y = x W^T + b + scaling * (drop(x) A^T) B^T``.
@@ -110,10 +211,9 @@ def lora_linear(x, weight, bias, lora_A, lora_B, scaling, dropout_p=0.0, trainin
         raise TypeError(f"training must be a bool, got {type(training).__name__}")
     if seed is not None and (isinstance(seed, bool) or not isinstance(seed, int) or not 0 <= seed < 2**63):
         raise ValueError(f"seed must be None or an int in [0, 2**63), got {seed!r}")
-    use_dropout = training and dropout_p > 0.0
-    if use_dropout and seed is None:
+    p = float(dropout_p) if training else 0.0
+    if p > 0.0 and seed is None:
         seed = draw_seed()
-    name = resolve_backend("lora_linear", backend, x, weight, lora_A, lora_B)
-    if name == "triton":  # pragma: no cover - no fused LoRA kernel is registered in kernels.OPS yet
-        raise AssertionError("unreachable: resolve_backend only returns 'triton' for registered ops")
-    return lora_linear_ref(x, weight, bias, lora_A, lora_B, float(scaling), float(dropout_p), training, seed)
+    if resolve_backend("lora_linear", backend, x, weight, lora_A, lora_B) == "triton":
+        return _lora_linear_triton(x, weight, bias, lora_A, lora_B, scaling, p, seed)
+    return lora_linear_ref(x, weight, bias, lora_A, lora_B, float(scaling), p, training, seed)

@@ -22,8 +22,8 @@ except Exception as exc:  # ImportError, or a triton wheel that fails while load
 # Read once: triton itself reads it at import time, so changing it later has no effect either.
 INTERPRET = os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
 
-# Fused ops provided by this package; empty until the LoRA kernels land. fastpeft.functional reads
-# it to decide whether the triton backend can run an op at all.
-OPS: frozenset = frozenset()
+# Fused ops provided by this package. fastpeft.functional reads it to decide whether the triton
+# backend can run an op at all.
+OPS: frozenset = frozenset({"lora_linear"}) if HAS_TRITON else frozenset()
 
 __all__ = ["HAS_TRITON", "TRITON_IMPORT_ERROR", "TRITON_VERSION", "INTERPRET", "OPS"]

@@ -49,7 +49,8 @@ def test_auto_runs_reference_on_cpu_tensors():
 
 def test_triton_backend_raises_clearly_instead_of_falling_back(monkeypatch):
     x, w, b, a, bb = _args()
-    with pytest.raises(RuntimeError, match="backend 'triton' is not available"):
+    monkeypatch.setattr(kernels, "INTERPRET", False)  # CPU tensors, no interpreter: triton cannot run
+    with pytest.raises(RuntimeError, match="backend 'triton' is not available.*TRITON_INTERPRET=1"):
         fastpeft.lora_linear(x, w, b, a, bb, 1.0, backend="triton")
     with fastpeft.use_backend("triton"), pytest.raises(RuntimeError, match="not available"):
         fastpeft.lora_linear(x, w, b, a, bb, 1.0)
@@ -60,6 +61,7 @@ def test_triton_backend_raises_clearly_instead_of_falling_back(monkeypatch):
     monkeypatch.setattr(kernels, "TRITON_IMPORT_ERROR", "ImportError: no triton")
     with pytest.raises(RuntimeError, match="no triton"):
         fastpeft.lora_linear(x, w, b, a, bb, 1.0)
+    assert resolve_backend("lora_linear", "auto", x, w) == "reference"  # auto never raises
 
 
 def test_bad_backend_names(monkeypatch):
@@ -80,6 +82,8 @@ def _bad_cases():
         "x-last-dim": ((torch.randn(7, 47), w, b, a, bb, 1.0), ValueError, r"in_features=48, got 47"),
         "x-0d": ((torch.tensor(1.0), w, b, a, bb, 1.0), ValueError, "x's last dim"),
         "x-int": ((x.long(), w, b, a, bb, 1.0), ValueError, "x must be float32"),
+        "triton-fp64": ((x.double(), w.double(), b.double(), a.double(), bb.double(), 1.0, 0.0, True, None, "triton"),
+                        RuntimeError, "kernels take float32, float16 or bfloat16 tensors, got torch.float64"),
         "weight-1d": ((x, w[0], b, a, bb, 1.0), ValueError, "weight must be 2-D"),
         "lora_A-in": ((x, w, b, a[:, :40], bb, 1.0), ValueError, r"lora_A must have shape \(8, 48\)"),
         "lora_B-out": ((x, w, b, a, bb[:70], 1.0), ValueError, r"lora_B must have shape \(80, 8\)"),

@@ -199,7 +199,16 @@ def test_state_dict_and_repr():
     assert "r=2" in repr(layer) and "scaling" in repr(layer)
 
 
-def test_uses_backend_switch():
-    layer = _layer()
+def test_uses_backend_switch(monkeypatch):
+    from fastpeft import kernels
+
+    layer = _layer(lora_dropout=0.1)
+    x = torch.randn(2, 3, 48)
+    torch.manual_seed(1)
+    ref = layer(x)
+    with fastpeft.use_backend("triton"):
+        torch.manual_seed(1)
+        torch.testing.assert_close(layer(x), ref, rtol=1e-5, atol=1e-5)  # same seed, same mask
+    monkeypatch.setattr(kernels, "INTERPRET", False)
     with fastpeft.use_backend("triton"), pytest.raises(RuntimeError, match="triton"):
-        layer(torch.randn(2, 48))
+        layer(x)

@@ -1,0 +1,437 @@
+"""Fused LoRA kernels and their launchers, registered as ``torch.library`` ops (``fastpeft::...``).
+
+Two kernels cover the forward and the backward of ``y = x W^T + b + s * (drop(x) A^T) B^T``:
+
+- ``_lora_shrink_kernel``: a narrow GEMM ``out (P, R) = scale * drop(a) (P, Q) @ b (Q, R)`` in fp32, with
+  the dropout mask redrawn inside the load of ``a`` from a Philox seed (never read from memory) and an
+  optional split of the reduction over Q into partial sums that are added in a fixed order afterwards
+  (no atomics: the same bits every run). Forward ``u = drop(x) A^T``; backward ``v = dY B``,
+  ``dB = s dY^T u`` and ``dA^T = s drop(x)^T v`` are all this kernel on strided views.
+- ``_lora_gemm_kernel``: ``out (M, N) = a (M, K) @ b (K, N) + scale * mask * (lu (M, R) @ lv (R, N)) + bias``,
+  a tiled GEMM whose epilogue adds the rank-R update, so the M x N LoRA product never reaches memory.
+  Forward ``y = x W^T + s u B^T + b``; backward ``dX = dY W + s mask * (v A) / (1 - p)``.
+
+The cuBLAS alternative (``gemm="cublas"``) computes the base GEMM with ``torch.addmm`` / ``torch.mm`` and
+adds the rank-R update in place: ``addmm_`` without dropout, ``_lora_lowrank_add_kernel`` with it (one
+read and one write of the output, the mask redrawn). The dropout mask of element (m, k) of x (as M x K)
+is ``philox(seed, m * K + k) >= threshold``, bit-identical to ``fastpeft.reference.dropout_mask``.
+
+This module imports only torch and triton.
+"""
+from __future__ import annotations
+
+import functools
+import os
+
+import torch
+import triton
+import triton.language as tl
+
+from . import INTERPRET
+
+# ----------------------------------------------------------------------------------------------------
+# kernels
+# ----------------------------------------------------------------------------------------------------
+
+
+@triton.jit
+def _keep_mask(seed, offsets, threshold):
+    """True where the Philox draw at ``offsets`` (int64) keeps its element (see the module docstring)."""
+    rnd = tl.randint(seed, offsets).to(tl.int64) & 0xFFFFFFFF
+    return rnd >= threshold
+
+
+# UPCAST is set for bf16 under the interpreter only, where triton 3.9 mishandles bf16: tl.dot returns
+# garbage and fp32 -> bf16 casts truncate instead of rounding to nearest even as GPUs do. With it, the
+# two helpers below give the GPU's results on the CPU.
+
+
+@triton.jit
+def _mma(a, b, acc, DOT_PRECISION: tl.constexpr, UPCAST: tl.constexpr):
+    """acc + a @ b, accumulated in fp32. bf16 products are exact in fp32, so UPCAST changes nothing else."""
+    if UPCAST:
+        return tl.dot(a.to(tl.float32), b.to(tl.float32), acc)
+    return tl.dot(a, b, acc, input_precision=DOT_PRECISION)
+
+
+@triton.jit
+def _cast(x, dtype: tl.constexpr, UPCAST: tl.constexpr):
+    """x.to(dtype), rounding to nearest even also where the interpreter would truncate to bf16."""
+    if UPCAST:
+        if dtype == tl.bfloat16:
+            bits = x.to(tl.float32).to(tl.int32, bitcast=True)
+            bits = (bits + 0x7FFF + ((bits >> 16) & 1)) & -65536  # keep the high 16 bits, rounded
+            x = bits.to(tl.float32, bitcast=True)
+    return x.to(dtype)
+
+
+@triton.jit(do_not_specialize=["seed", "threshold"])
+def _lora_shrink_kernel(
+    # pointers
+    a_ptr, b_ptr, out_ptr,
+    # sizes
+    P, Q, R, q_per_split,
+    # strides
+    stride_ap, stride_aq, stride_bq, stride_br, stride_os, stride_op, stride_or,
+    # dropout: element (p, q) of a is masked by philox(seed, p * mask_sp + q * mask_sq) >= threshold
+    seed, threshold, mask_sp, mask_sq, scale,
+    # meta-parameters
+    HAS_MASK: tl.constexpr, BLOCK_P: tl.constexpr, BLOCK_Q: tl.constexpr, R_PAD: tl.constexpr,
+    DOT_PRECISION: tl.constexpr, UPCAST: tl.constexpr,
+):
+    pid_p = tl.program_id(0)
+    pid_s = tl.program_id(1)
+    rp = pid_p * BLOCK_P + tl.arange(0, BLOCK_P)
+    rr = tl.arange(0, R_PAD)
+    p_ok = rp < P
+    r_ok = rr < R
+    q_start = pid_s * q_per_split
+    q_end = tl.minimum(q_start + q_per_split, Q)
+    acc = tl.zeros((BLOCK_P, R_PAD), dtype=tl.float32)
+    for q0 in range(q_start, q_end, BLOCK_Q):
+        rq = q0 + tl.arange(0, BLOCK_Q)
+        q_ok = rq < q_end
+        a = tl.load(a_ptr + rp[:, None].to(tl.int64) * stride_ap + rq[None, :].to(tl.int64) * stride_aq,
+                    mask=p_ok[:, None] & q_ok[None, :], other=0.0)
+        if HAS_MASK:
+            offs = rp[:, None].to(tl.int64) * mask_sp + rq[None, :].to(tl.int64) * mask_sq
+            a = tl.where(_keep_mask(seed, offs, threshold), a, 0.0)
+        b = tl.load(b_ptr + rq[:, None].to(tl.int64) * stride_bq + rr[None, :] * stride_br,
+                    mask=q_ok[:, None] & r_ok[None, :], other=0.0)
+        # b may be fp32 (u, v) beside a low-precision a: the tensor cores take one dtype.
+        acc = _mma(a, _cast(b, a.dtype, UPCAST), acc, DOT_PRECISION, UPCAST)
+    acc = acc * scale
+    out = out_ptr + pid_s.to(tl.int64) * stride_os + rp[:, None].to(tl.int64) * stride_op + rr[None, :] * stride_or
+    tl.store(out, acc, mask=p_ok[:, None] & r_ok[None, :])
+
+
+@triton.jit(do_not_specialize=["seed", "threshold"])
+def _lora_gemm_kernel(
+    # pointers
+    a_ptr, b_ptr, lu_ptr, lv_ptr, bias_ptr, out_ptr,
+    # sizes (M_KEY: M rounded up to a power of two, only an autotuning key)
+    M, N, K, R, M_KEY,
+    # strides
+    stride_am, stride_ak, stride_bk, stride_bn, stride_lum, stride_lur, stride_lvr, stride_lvn,
+    stride_om, stride_on,
+    # low-rank term: scale * mask * (lu @ lv), mask of (m, n) from philox(seed, m * N + n) >= threshold
+    scale, seed, threshold,
+    # meta-parameters
+    HAS_BIAS: tl.constexpr, HAS_MASK: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+    BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr, R_PAD: tl.constexpr, DOT_PRECISION: tl.constexpr,
+    UPCAST: tl.constexpr,
+):
+    # Grouped tile order (as in Triton's matmul tutorial): GROUP_M row-blocks share their B tiles in L2.
+    pid = tl.program_id(0)
+    num_m = tl.cdiv(M, BLOCK_M)
+    num_n = tl.cdiv(N, BLOCK_N)
+    group = GROUP_M * num_n
+    first_m = (pid // group) * GROUP_M
+    size_m = tl.minimum(num_m - first_m, GROUP_M)
+    pid_m = first_m + (pid % group) % size_m
+    pid_n = (pid % group) // size_m
+
+    rm = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    rn = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    rk = tl.arange(0, BLOCK_K)
+    m_ok = rm < M
+    n_ok = rn < N
+    a_ptrs = a_ptr + rm[:, None].to(tl.int64) * stride_am + rk[None, :].to(tl.int64) * stride_ak
+    b_ptrs = b_ptr + rk[:, None].to(tl.int64) * stride_bk + rn[None, :].to(tl.int64) * stride_bn
+    acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+    for k0 in range(0, K, BLOCK_K):
+        k_ok = rk < K - k0
+        a = tl.load(a_ptrs, mask=m_ok[:, None] & k_ok[None, :], other=0.0)
+        b = tl.load(b_ptrs, mask=k_ok[:, None] & n_ok[None, :], other=0.0)
+        acc = _mma(a, b, acc, DOT_PRECISION, UPCAST)
+        a_ptrs += BLOCK_K * stride_ak
+        b_ptrs += BLOCK_K * stride_bk
+
+    # Epilogue: the rank-R update, computed on the tile and added before the single store.
+    rr = tl.arange(0, R_PAD)
+    r_ok = rr < R
+    lu = tl.load(lu_ptr + rm[:, None].to(tl.int64) * stride_lum + rr[None, :] * stride_lur,
+                 mask=m_ok[:, None] & r_ok[None, :], other=0.0)
+    lv = tl.load(lv_ptr + rr[:, None] * stride_lvr + rn[None, :].to(tl.int64) * stride_lvn,
+                 mask=r_ok[:, None] & n_ok[None, :], other=0.0)
+    low = _mma(_cast(lu, lv.dtype, UPCAST), lv, tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32), DOT_PRECISION,
+               UPCAST)
+    if HAS_MASK:
+        offs = rm[:, None].to(tl.int64) * N + rn[None, :].to(tl.int64)
+        low = tl.where(_keep_mask(seed, offs, threshold), low, 0.0)
+    acc += low * scale
+    if HAS_BIAS:
+        acc += tl.load(bias_ptr + rn, mask=n_ok, other=0.0).to(tl.float32)[None, :]
+    out = out_ptr + rm[:, None].to(tl.int64) * stride_om + rn[None, :].to(tl.int64) * stride_on
+    tl.store(out, _cast(acc, out_ptr.dtype.element_ty, UPCAST), mask=m_ok[:, None] & n_ok[None, :])
+
+
+@triton.jit(do_not_specialize=["seed", "threshold"])
+def _lora_lowrank_add_kernel(
+    # pointers
+    out_ptr, lu_ptr, lv_ptr,
+    # sizes
+    M, N, R,
+    # strides
+    stride_om, stride_on, stride_lum, stride_lur, stride_lvr, stride_lvn,
+    # out += scale * mask * (lu @ lv), mask of (m, n) from philox(seed, m * N + n) >= threshold
+    scale, seed, threshold,
+    # meta-parameters
+    HAS_MASK: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, R_PAD: tl.constexpr,
+    DOT_PRECISION: tl.constexpr, UPCAST: tl.constexpr,
+):
+    rm = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
+    rn = tl.program_id(1) * BLOCK_N + tl.arange(0, BLOCK_N)
+    rr = tl.arange(0, R_PAD)
+    m_ok = rm < M
+    n_ok = rn < N
+    r_ok = rr < R
+    lu = tl.load(lu_ptr + rm[:, None].to(tl.int64) * stride_lum + rr[None, :] * stride_lur,
+                 mask=m_ok[:, None] & r_ok[None, :], other=0.0)
+    lv = tl.load(lv_ptr + rr[:, None] * stride_lvr + rn[None, :].to(tl.int64) * stride_lvn,
+                 mask=r_ok[:, None] & n_ok[None, :], other=0.0)
+    low = _mma(_cast(lu, lv.dtype, UPCAST), lv, tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32), DOT_PRECISION,
+               UPCAST)
+    if HAS_MASK:
+        offs = rm[:, None].to(tl.int64) * N + rn[None, :].to(tl.int64)
+        low = tl.where(_keep_mask(seed, offs, threshold), low, 0.0)
+    ptrs = out_ptr + rm[:, None].to(tl.int64) * stride_om + rn[None, :].to(tl.int64) * stride_on
+    ok = m_ok[:, None] & n_ok[None, :]
+    cur = tl.load(ptrs, mask=ok, other=0.0).to(tl.float32)
+    tl.store(ptrs, _cast(cur + low * scale, out_ptr.dtype.element_ty, UPCAST), mask=ok)
+
+
+# Autotuned GEMM for GPUs. Configs are Triton's matmul-tutorial set for tensor-core GPUs (bf16/fp16);
+# not yet tuned on a card of ours: device_check.sh times them against cuBLAS.
+_GEMM_CONFIGS = [
+    triton.Config({"BLOCK_M": bm, "BLOCK_N": bn, "BLOCK_K": bk, "GROUP_M": 8}, num_warps=w, num_stages=s)
+    for bm, bn, bk, w, s in [
+        (128, 256, 64, 8, 3), (256, 128, 64, 8, 3), (128, 128, 64, 8, 4), (128, 128, 64, 4, 4),
+        (128, 64, 64, 4, 4), (64, 128, 64, 4, 4), (64, 64, 64, 4, 4), (128, 128, 32, 4, 4),
+    ]
+]
+_lora_gemm_tuned = triton.autotune(configs=_GEMM_CONFIGS, key=["M_KEY", "N", "K", "R_PAD", "HAS_MASK"])(
+    _lora_gemm_kernel)
+
+# Explicit blocks for the interpreter and tests (overridable with set_test_blocks): small, so that odd
+# sizes cross block edges in both dimensions.
+_TEST_BLOCKS = {"BLOCK_M": 32, "BLOCK_N": 32, "BLOCK_K": 32, "GROUP_M": 2, "BLOCK_P": 32, "BLOCK_Q": 32}
+
+
+def set_test_blocks(**blocks) -> dict:
+    """Override the explicit (non-autotuned) block sizes; returns the previous values."""
+    old = dict(_TEST_BLOCKS)
+    unknown = set(blocks) - set(_TEST_BLOCKS)
+    if unknown:
+        raise ValueError(f"unknown block names {sorted(unknown)}; known: {sorted(_TEST_BLOCKS)}")
+    _TEST_BLOCKS.update(blocks)
+    return old
+
+
+# ----------------------------------------------------------------------------------------------------
+# launchers
+# ----------------------------------------------------------------------------------------------------
+
+
+def r_pad(r: int) -> int:
+    """Rank padded to a power of two of at least 16 (tl.dot's smallest dimension on GPUs)."""
+    return max(16, triton.next_power_of_2(int(r)))
+
+
+def _dot_precision(dtype: torch.dtype) -> str:
+    # fp32 follows torch's matmul policy, as nn.Linear does: full fp32 unless the user allows TF32.
+    if dtype == torch.float32 and torch.get_float32_matmul_precision() == "highest":
+        return "ieee"
+    return "tf32"
+
+
+def _upcast(dtype: torch.dtype) -> bool:
+    return INTERPRET and dtype == torch.bfloat16
+
+
+def _use_explicit_blocks(t: torch.Tensor) -> bool:
+    return INTERPRET or t.device.type != "cuda"
+
+
+@functools.lru_cache(maxsize=None)
+def _sm_count(device_index: int) -> int:
+    return torch.cuda.get_device_properties(device_index).multi_processor_count
+
+
+def _split_for(t: torch.Tensor, P: int, Q: int, block_p: int, block_q: int) -> int:
+    """How many partial sums the reduction over Q is split into: enough programs to fill the GPU
+    (two per SM), each still looping over at least 4 blocks of Q."""
+    if _use_explicit_blocks(t):
+        return 1 if Q <= 2 * block_q else 2  # the interpreter still exercises the split path
+    programs = triton.cdiv(P, block_p)
+    want = triton.cdiv(2 * _sm_count(t.device.index or 0), programs)
+    return max(1, min(want, triton.cdiv(Q, 4 * block_q), 64))
+
+
+def lora_shrink(a: torch.Tensor, b: torch.Tensor, scale: float, seed: int, threshold: int, mask_sp: int,
+                mask_sq: int) -> torch.Tensor:
+    """fp32 ``scale * drop(a) @ b``: a (P, Q) any strides, b (Q, R) any strides -> (P, R) fp32.
+
+    Element (p, q) of ``a`` is dropped when ``threshold > 0`` and
+    ``philox(seed, p * mask_sp + q * mask_sq) < threshold``.
+    """
+    P, Q = a.shape
+    R = b.shape[1]
+    if _use_explicit_blocks(a):
+        block_p, block_q, warps, stages = _TEST_BLOCKS["BLOCK_P"], _TEST_BLOCKS["BLOCK_Q"], 4, 1
+    else:
+        # BLOCK_P=64/BLOCK_Q=64: a narrow-output GEMM is bound by reading a; not yet tuned on a card.
+        block_p, block_q, warps, stages = 64, 64, 4, 3
+    split = _split_for(a, P, Q, block_p, block_q)
+    q_per_split = triton.cdiv(triton.cdiv(Q, split), block_q) * block_q if Q else 0
+    split = max(1, triton.cdiv(Q, q_per_split)) if Q else 1
+    out = torch.empty((split, P, R), device=a.device, dtype=torch.float32)
+    if P == 0 or R == 0:
+        return out.sum(0)
+    if Q == 0:
+        return out.zero_().sum(0)
+    grid = (triton.cdiv(P, block_p), split)
+    _wrap(_lora_shrink_kernel)[grid](
+        a, b, out, P, Q, R, q_per_split,
+        a.stride(0), a.stride(1), b.stride(0), b.stride(1), out.stride(0), out.stride(1), out.stride(2),
+        seed, threshold, mask_sp, mask_sq, scale,
+        HAS_MASK=threshold > 0, BLOCK_P=block_p, BLOCK_Q=block_q, R_PAD=r_pad(R),
+        DOT_PRECISION=_dot_precision(a.dtype), UPCAST=_upcast(a.dtype), num_warps=warps, num_stages=stages,
+    )
+    # Partials are added in a fixed order: deterministic, no atomics.
+    return out[0] if split == 1 else out.sum(0)
+
+
+def lora_gemm(a: torch.Tensor, b: torch.Tensor, lu: torch.Tensor, lv: torch.Tensor, bias: torch.Tensor | None,
+              scale: float, seed: int, threshold: int) -> torch.Tensor:
+    """``a @ b + scale * mask * (lu @ lv) + bias`` in a's dtype, one kernel.
+
+    a (M, K), b (K, N), lu (M, R) (fp32 or a's dtype), lv (R, N), bias (N,) or None; any strides.
+    The mask of (m, n) is ``philox(seed, m * N + n) >= threshold`` (none when threshold == 0).
+    """
+    M, K = a.shape
+    N = b.shape[1]
+    R = lu.shape[1]
+    out = torch.empty((M, N), device=a.device, dtype=a.dtype)
+    if M == 0 or N == 0:
+        return out
+    args = (a, b, lu, lv, bias if bias is not None else out, out, M, N, K, R, triton.next_power_of_2(M),
+            a.stride(0), a.stride(1), b.stride(0), b.stride(1), lu.stride(0), lu.stride(1),
+            lv.stride(0), lv.stride(1), out.stride(0), out.stride(1), scale, seed, threshold)
+    meta = dict(HAS_BIAS=bias is not None, HAS_MASK=threshold > 0, R_PAD=r_pad(R),
+                DOT_PRECISION=_dot_precision(a.dtype), UPCAST=_upcast(a.dtype))
+    if _use_explicit_blocks(a):
+        blocks = {k: _TEST_BLOCKS[k] for k in ("BLOCK_M", "BLOCK_N", "BLOCK_K", "GROUP_M")}
+        grid = (triton.cdiv(M, blocks["BLOCK_M"]) * triton.cdiv(N, blocks["BLOCK_N"]),)
+        _wrap(_lora_gemm_kernel)[grid](*args, **meta, **blocks, num_warps=4, num_stages=1)
+    else:
+        def grid(m):
+            return (triton.cdiv(M, m["BLOCK_M"]) * triton.cdiv(N, m["BLOCK_N"]),)
+        _wrap(_lora_gemm_tuned)[grid](*args, **meta)
+    return out
+
+
+def lora_lowrank_add_(out: torch.Tensor, lu: torch.Tensor, lv: torch.Tensor, scale: float, seed: int,
+                      threshold: int) -> torch.Tensor:
+    """In place ``out += scale * mask * (lu @ lv)``: out (M, N), lu (M, R), lv (R, N); returns out."""
+    M, N = out.shape
+    R = lu.shape[1]
+    if M == 0 or N == 0:
+        return out
+    bm, bn = (_TEST_BLOCKS["BLOCK_M"], _TEST_BLOCKS["BLOCK_N"]) if _use_explicit_blocks(out) else (64, 128)
+    grid = (triton.cdiv(M, bm), triton.cdiv(N, bn))
+    _wrap(_lora_lowrank_add_kernel)[grid](
+        out, lu, lv, M, N, R, out.stride(0), out.stride(1), lu.stride(0), lu.stride(1), lv.stride(0),
+        lv.stride(1), scale, seed, threshold,
+        HAS_MASK=threshold > 0, BLOCK_M=bm, BLOCK_N=bn, R_PAD=r_pad(R), DOT_PRECISION=_dot_precision(out.dtype),
+        UPCAST=_upcast(out.dtype), num_warps=4, num_stages=1,
+    )
+    return out
+
+
+# ----------------------------------------------------------------------------------------------------
+# torch.library registration: torch.compile(fullgraph=True) traces these ops and the kernels inside.
+# ----------------------------------------------------------------------------------------------------
+
+_HAS_TRITON_OP = hasattr(torch.library, "triton_op") and hasattr(torch.library, "wrap_triton")
+
+
+def _wrap(kernel):
+    return torch.library.wrap_triton(kernel) if _HAS_TRITON_OP else kernel
+
+
+if _HAS_TRITON_OP:
+    @torch.library.triton_op("fastpeft::lora_shrink", mutates_args=())
+    def _lora_shrink_op(a: torch.Tensor, b: torch.Tensor, scale: float, seed: int, threshold: int, mask_sp: int,
+                        mask_sq: int) -> torch.Tensor:
+        return lora_shrink(a, b, scale, seed, threshold, mask_sp, mask_sq)
+
+    @torch.library.triton_op("fastpeft::lora_gemm", mutates_args=())
+    def _lora_gemm_op(a: torch.Tensor, b: torch.Tensor, lu: torch.Tensor, lv: torch.Tensor,
+                      bias: torch.Tensor | None, scale: float, seed: int, threshold: int) -> torch.Tensor:
+        return lora_gemm(a, b, lu, lv, bias, scale, seed, threshold)
+
+    @torch.library.triton_op("fastpeft::lora_lowrank_add_", mutates_args=("out",))
+    def _lora_lowrank_add_op(out: torch.Tensor, lu: torch.Tensor, lv: torch.Tensor, scale: float, seed: int,
+                             threshold: int) -> None:
+        lora_lowrank_add_(out, lu, lv, scale, seed, threshold)
+
+    # On GPUs triton_op derives the fake (meta) implementations by tracing the launchers, whose kernel
+    # launches become no-ops on fake tensors. Under TRITON_INTERPRET the kernels are plain Python
+    # functions that would run on them, so there the fakes are given explicitly (shapes only).
+    if INTERPRET:
+        @_lora_shrink_op.register_fake
+        def _(a, b, scale, seed, threshold, mask_sp, mask_sq):
+            return a.new_empty((a.shape[0], b.shape[1]), dtype=torch.float32)
+
+        @_lora_gemm_op.register_fake
+        def _(a, b, lu, lv, bias, scale, seed, threshold):
+            return a.new_empty((a.shape[0], b.shape[1]))
+
+        @_lora_lowrank_add_op.register_fake
+        def _(out, lu, lv, scale, seed, threshold):
+            return None
+
+    shrink_op = torch.ops.fastpeft.lora_shrink
+    gemm_op = torch.ops.fastpeft.lora_gemm
+
+    def lowrank_add_op(out, lu, lv, scale, seed, threshold):
+        torch.ops.fastpeft.lora_lowrank_add_(out, lu, lv, scale, seed, threshold)
+        return out
+else:  # torch < 2.6: plain launchers (eager only)
+    shrink_op, gemm_op, lowrank_add_op = lora_shrink, lora_gemm, lora_lowrank_add_
+
+
+# ----------------------------------------------------------------------------------------------------
+# fused epilogue vs cuBLAS + in-place update: picked per shape by measuring both once
+# ----------------------------------------------------------------------------------------------------
+
+GEMM_CHOICES = ("auto", "fused", "cublas")
+_choice_cache: dict = {}
+
+
+def gemm_mode() -> str:
+    mode = os.environ.get("FASTPEFT_LORA_GEMM", "auto").lower()
+    if mode not in GEMM_CHOICES:
+        raise ValueError(f"FASTPEFT_LORA_GEMM must be one of {GEMM_CHOICES}, got {mode!r}")
+    return mode
+
+
+def choose_gemm(key: tuple, run_fused, run_cublas, device: torch.device) -> str:
+    """``"fused"`` or ``"cublas"`` for this shape key. With ``FASTPEFT_LORA_GEMM=auto`` on CUDA both are
+    timed once (``triton.testing.do_bench`` median) and the faster is cached; the interpreter runs fused."""
+    mode = gemm_mode()
+    if mode != "auto":
+        return mode
+    if device.type != "cuda" or INTERPRET:
+        return "fused"
+    if key in _choice_cache:
+        return _choice_cache[key]
+    if torch.compiler.is_compiling():
+        return "cublas"  # no timing while tracing; cuBLAS is never far from the best base GEMM
+    from triton.testing import do_bench
+
+    fused = do_bench(run_fused, warmup=5, rep=20)
+    cublas = do_bench(run_cublas, warmup=5, rep=20)
+    _choice_cache[key] = "fused" if fused < cublas else "cublas"
+    return _choice_cache[key]

@@ -1,0 +1,256 @@
+"""Fused LoRA kernels (triton backend) against the float64 reference: forward, every gradient, dropout,
+saved tensors, op registration. Runs under TRITON_INTERPRET=1 on CPU tensors (small odd shapes) and on
+CUDA where present; tests marked ``gpu`` need a GPU."""
+import pytest
+import torch
+
+pytest.importorskip("triton")
+
+import fastpeft  # noqa: E402
+from conftest import assert_close_report  # noqa: E402
+from fastpeft import kernels  # noqa: E402
+from fastpeft.reference import dropout_mask, lora_linear_ref  # noqa: E402
+
+if not kernels.INTERPRET and not torch.cuda.is_available():
+    pytest.skip("the triton backend needs a GPU or TRITON_INTERPRET=1", allow_module_level=True)
+
+from fastpeft.kernels import lora as K  # noqa: E402
+
+DEV = "cuda" if torch.cuda.is_available() and not kernels.INTERPRET else "cpu"
+DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
+SHAPES = [(1, 48, 80, 1), (7, 80, 48, 8), (33, 130, 48, 16), (100, 48, 130, 24), (7, 48, 33, 128), (17, 64, 40, 17)]
+
+
+def _make(m, k, n, r, dtype, bias=True, seed=0, lead=()):
+    g = torch.Generator().manual_seed(seed)
+    x = torch.randn(*lead, m, k, generator=g, dtype=torch.float64)
+    w = torch.randn(n, k, generator=g, dtype=torch.float64) / k ** 0.5
+    b = torch.randn(n, generator=g, dtype=torch.float64) if bias else None
+    a = torch.randn(r, k, generator=g, dtype=torch.float64) / k ** 0.5
+    bb = torch.randn(n, r, generator=g, dtype=torch.float64) / r ** 0.5
+    return [t.to(DEV, dtype) if t is not None else None for t in (x, w, b, a, bb)]
+
+
+def _run(backend, x, w, b, a, bb, s, p, seed, dy, grads_wb=False):
+    """Output and gradients (x, A, B[, W, b]) of one call, on copies that require grad."""
+    x, a, bb = (t.detach().clone().requires_grad_() for t in (x, a, bb))
+    w = w.detach().clone().requires_grad_(grads_wb)
+    b = b.detach().clone().requires_grad_(grads_wb) if b is not None else None
+    y = fastpeft.lora_linear(x, w, b, a, bb, s, dropout_p=p, training=True, seed=seed, backend=backend)
+    inputs = [x, a, bb] + ([w] + ([b] if b is not None else []) if grads_wb else [])
+    return [y] + list(torch.autograd.grad(y, inputs, dy))
+
+
+def _check_against_reference(case, x, w, b, a, bb, s, p, seed, grads_wb=False):
+    """fp32: close to fp64 (rtol 1e-5). fp16/bf16: error vs fp64 at most 2x PyTorch's own in that dtype."""
+    dy = torch.randn(*x.shape[:-1], w.shape[0], generator=torch.Generator().manual_seed(9),
+                     dtype=torch.float64).to(x.device, x.dtype)
+    got = _run("triton", x, w, b, a, bb, s, p, seed, dy, grads_wb)
+    exact = _run("reference", *(t.double() if t is not None else None for t in (x, w, b, a, bb)), s, p, seed,
+                 dy.double(), grads_wb)
+    names = ["y", "dx", "dA", "dB", "dW", "db"]
+    if x.dtype == torch.float32:
+        for name, g, e in zip(names, got, exact):
+            assert g.dtype == torch.float32
+            assert_close_report(g, e, rtol=1e-5, atol=1e-5 * max(1.0, e.abs().max().item()), what=f"{case} {name}")
+        return
+    torch_low = _run("reference", x, w, b, a, bb, s, p, seed, dy, grads_wb)
+    for name, g, e, t in zip(names, got, exact, torch_low):
+        assert g.dtype == x.dtype, name
+        err = (g.double() - e).abs().max().item()
+        torch_err = (t.double() - e).abs().max().item()
+        tiny = 1e-3 * e.abs().max().item()
+        assert err <= 2 * torch_err + tiny, f"{case} {name}: kernel error {err:.3g} > 2 x PyTorch's {torch_err:.3g}"
+
+
+@pytest.mark.parametrize("bias", [True, False], ids=["bias", "nobias"])
+@pytest.mark.parametrize("p", [0.0, 0.1], ids=["p0", "p0.1"])
+@pytest.mark.parametrize("dt", list(DTYPES))
+@pytest.mark.parametrize("m,k,n,r", SHAPES, ids=[f"M{m}-K{k}-N{n}-r{r}" for m, k, n, r in SHAPES])
+def test_forward_and_every_gradient(m, k, n, r, dt, p, bias):
+    x, w, b, a, bb = _make(m, k, n, r, DTYPES[dt], bias)
+    _check_against_reference(f"M{m}-K{k}-N{n}-r{r}-{dt}-p{p}", x, w, b, a, bb, 0.75, p, seed=1234)
+
+
+@pytest.mark.parametrize("gemm", ["fused", "cublas"])
+@pytest.mark.parametrize("dt", list(DTYPES))
+def test_both_gemm_variants(monkeypatch, gemm, dt):
+    """The fused-epilogue GEMM and the cuBLAS + in-place low-rank update compute the same thing."""
+    monkeypatch.setenv("FASTPEFT_LORA_GEMM", gemm)
+    for p in (0.0, 0.2):
+        x, w, b, a, bb = _make(33, 80, 48, 8, DTYPES[dt])
+        _check_against_reference(f"{gemm}-{dt}-p{p}", x, w, b, a, bb, 2.0, p, seed=77)
+
+
+def test_bad_gemm_choice(monkeypatch):
+    monkeypatch.setenv("FASTPEFT_LORA_GEMM", "fastest")
+    x, w, b, a, bb = _make(3, 48, 48, 4, torch.float32)
+    with pytest.raises(ValueError, match="FASTPEFT_LORA_GEMM must be one of"):
+        fastpeft.lora_linear(x, w, b, a, bb, 1.0, backend="triton")
+
+
+def test_weight_and_bias_gradients_when_required():
+    x, w, b, a, bb = _make(33, 48, 80, 8, torch.float32)
+    _check_against_reference("dW-db", x, w, b, a, bb, 0.5, 0.1, seed=3, grads_wb=True)
+
+
+def test_leading_dims_and_noncontiguous_input():
+    x, w, b, a, bb = _make(5, 48, 40, 8, torch.float32, lead=(2, 3))
+    _check_against_reference("lead", x, w, b, a, bb, 1.0, 0.1, seed=5)
+    xt = x.transpose(0, 1)  # (3, 2, 5, 48), not contiguous
+    assert not xt.is_contiguous()
+    _check_against_reference("transposed", xt, w, b, a, bb, 1.0, 0.1, seed=5)
+    xs = torch.randn(9, 96, device=DEV)[:, ::2]  # strided last dim
+    _check_against_reference("strided", xs, w, b, a, bb, 1.0, 0.0, seed=5)
+
+
+def test_empty_batch():
+    x, w, b, a, bb = _make(0, 48, 40, 8, torch.float32)
+    x.requires_grad_()
+    y = fastpeft.lora_linear(x, w, b, a, bb, 1.0, backend="triton")
+    assert y.shape == (0, 40)
+    y.sum().backward()
+    assert x.grad.shape == (0, 48)
+
+
+@pytest.mark.parametrize("p", [0.1, 0.5])
+def test_dropout_mask_is_the_reference_mask(p):
+    """The shrink kernel's in-load mask is exactly dropout_mask(seed): keep-rate 1 - p, scale 1/(1-p)."""
+    m, k = 100, 130
+    x = torch.ones(m, k, device=DEV)
+    eye = torch.eye(k, device=DEV)  # u = drop(x) @ I = drop(x)
+    u = K.lora_shrink(x, eye, 1.0 / (1 - p), 42, fastpeft.reference.dropout_threshold(p), k, 1)
+    keep = dropout_mask(42, m, k, p, device=DEV)
+    torch.testing.assert_close(u, keep.float() / (1 - p), rtol=0, atol=1e-6)
+    assert abs(keep.float().mean().item() - (1 - p)) < 0.03
+
+
+def test_backward_applies_the_forwards_mask():
+    """dX's low-rank part is masked exactly where the forward dropped x (W = 0 isolates it)."""
+    m, k, n, r, p = 33, 80, 48, 8, 0.5
+    x, w, b, a, bb = _make(m, k, n, r, torch.float32)
+    w = torch.zeros_like(w)
+    x.requires_grad_()
+    y = fastpeft.lora_linear(x, w, None, a, bb, 1.0, dropout_p=p, seed=11, backend="triton")
+    y.backward(torch.randn_like(y))
+    keep = dropout_mask(11, m, k, p, device=DEV)
+    assert bool((x.grad[~keep] == 0).all()) and bool((x.grad[keep] != 0).all())
+
+
+def test_same_seed_same_bits_other_seed_differs():
+    x, w, b, a, bb = _make(33, 80, 48, 8, torch.float32)
+    dy = torch.randn(33, 48, device=DEV)
+    r1 = _run("triton", x, w, b, a, bb, 1.0, 0.3, 5, dy)
+    r2 = _run("triton", x, w, b, a, bb, 1.0, 0.3, 5, dy)
+    r3 = _run("triton", x, w, b, a, bb, 1.0, 0.3, 6, dy)
+    assert all(torch.equal(u, v) for u, v in zip(r1, r2))  # deterministic: no atomics
+    assert not torch.equal(r1[0], r3[0])
+
+
+def test_no_dropped_copy_of_x_is_saved():
+    """Saved for backward: x itself, u (M, r) fp32 and the parameters; nothing else of x's size."""
+    m, k, n, r = 64, 80, 48, 8
+    x, w, b, a, bb = _make(m, k, n, r, torch.float32)
+    x.requires_grad_()
+    a.requires_grad_()
+    bb.requires_grad_()
+    saved = []
+
+    def pack(t):
+        saved.append(t)
+        return t
+
+    for backend, expect_copy in (("triton", False), ("reference", True)):
+        saved.clear()
+        with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+            fastpeft.lora_linear(x, w, b, a, bb, 1.0, dropout_p=0.1, seed=1, backend=backend)
+        big = [t for t in saved if t.numel() >= m * k and t.data_ptr() != x.data_ptr()
+               and t.data_ptr() != w.data_ptr()]
+        assert bool(big) == expect_copy, (backend, [tuple(t.shape) for t in big])
+        if backend == "triton":
+            extra = sum(t.numel() * t.element_size() for t in saved
+                        if t.data_ptr() not in (x.data_ptr(), w.data_ptr(), a.data_ptr(), bb.data_ptr()))
+            assert extra <= m * r * 4, extra  # only u, M x r fp32
+
+
+def test_layer_and_injected_model_on_triton_backend():
+    torch.manual_seed(0)
+    layer = fastpeft.FastLoRALinear(48, 40, r=8, lora_dropout=0.1, init_lora_weights=False).to(DEV)
+    x = torch.randn(3, 7, 48, device=DEV)
+    for train in (True, False):
+        layer.train(train)
+        torch.manual_seed(2)
+        ref = layer(x)
+        with fastpeft.use_backend("triton"):
+            torch.manual_seed(2)
+            out = layer(x)
+        torch.testing.assert_close(out, ref, rtol=1e-5, atol=1e-5)
+
+
+def test_autocast_cpu_bf16_like_linear():
+    if DEV != "cpu":
+        pytest.skip("CPU autocast")
+    x, w, b, a, bb = _make(7, 48, 40, 8, torch.float32)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        y = fastpeft.lora_linear(x, w, b, a, bb, 1.0, backend="triton")
+        ref = fastpeft.lora_linear(x, w, b, a, bb, 1.0, backend="reference")
+    assert y.dtype == ref.dtype == torch.bfloat16
+    exact = lora_linear_ref(*(t.double() for t in (x, w, b, a, bb)), 1.0)
+    assert (y.double() - exact).abs().max() <= 2 * (ref.double() - exact).abs().max() + 1e-3
+
+
+def test_fp32_follows_matmul_precision_policy():
+    assert K._dot_precision(torch.float32) == ("ieee" if torch.get_float32_matmul_precision() == "highest"
+                                               else "tf32")
+    old = torch.get_float32_matmul_precision()
+    try:
+        torch.set_float32_matmul_precision("high")
+        assert K._dot_precision(torch.float32) == "tf32"
+    finally:
+        torch.set_float32_matmul_precision(old)
+    assert K.r_pad(1) == 16 and K.r_pad(17) == 32 and K.r_pad(128) == 128
+
+
+@pytest.mark.skipif(not K._HAS_TRITON_OP, reason="torch.library.triton_op needs torch >= 2.6")
+def test_opcheck_registered_ops():
+    x, w, b, a, bb = _make(33, 48, 40, 8, torch.float32)
+    u = torch.randn(33, 8, device=DEV)
+    tests = ("test_schema", "test_autograd_registration", "test_faketensor")
+    torch.library.opcheck(torch.ops.fastpeft.lora_shrink.default, (x, a.t(), 1.25, 7, 2**30, 48, 1), test_utils=tests)
+    torch.library.opcheck(torch.ops.fastpeft.lora_gemm.default, (x, w.t(), u, bb.t(), b, 0.5, 0, 0), test_utils=tests)
+    torch.library.opcheck(torch.ops.fastpeft.lora_lowrank_add_.default,
+                          (torch.randn(33, 40, device=DEV), u, bb.t(), 0.5, 3, 2**31), test_utils=tests)
+
+
+# ---- GPU only --------------------------------------------------------------------------------------
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("dt", ["bf16", "fp16"])
+def test_gpu_llm_shape_matches_reference(dt):
+    x, w, b, a, bb = _make(2048, 4096, 4096, 16, DTYPES[dt])
+    _check_against_reference(f"gpu-{dt}", x, w, b, a, bb, 2.0, 0.1, seed=1)
+
+
+@pytest.mark.gpu
+def test_gpu_auto_backend_picks_triton():
+    from fastpeft.functional import resolve_backend
+
+    x = torch.randn(4, 8, device="cuda")
+    assert resolve_backend("lora_linear", "auto", x) == "triton"
+
+
+@pytest.mark.gpu
+def test_gpu_torch_compile_fullgraph():
+    torch._dynamo.reset()
+    x, w, b, a, bb = _make(256, 512, 384, 16, torch.bfloat16)
+    a.requires_grad_()
+    bb.requires_grad_()
+
+    def f(x, a, bb):
+        return fastpeft.lora_linear(x, w, b, a, bb, 2.0, dropout_p=0.1, seed=3, backend="triton")
+
+    compiled = torch.compile(f, fullgraph=True)
+    y = compiled(x, a, bb)
+    torch.testing.assert_close(y, f(x, a, bb))
+    y.sum().backward()
+    assert a.grad is not None and bb.grad is not None
