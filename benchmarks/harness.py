@@ -84,3 +84,38 @@ def print_table(title: str, env: dict, rows: list, columns: list) -> str:
 def write_json(path: str, env: dict, rows: list) -> None:
     with open(path, "w") as f:
         json.dump({"environment": env, "rows": [r if isinstance(r, dict) else asdict(r) for r in rows]}, f, indent=2)
+
+
+def plot_ratios(rows: list, path: str, title: str) -> None:
+    """One bar group per case, one bar per provider: median time / nn.Linear's (lower is better)."""
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        raise SystemExit("--plot needs matplotlib: pip install matplotlib") from None
+    cases = []
+    for r in rows:
+        key = (r["M"], r["K"], r["N"], r["r"], r["p"], r["mode"])
+        if key not in cases:
+            cases.append(key)
+    provs = [p for p in dict.fromkeys(r["provider"] for r in rows) if p != "linear"]
+    width = 0.8 / max(1, len(provs))
+    fig, ax = plt.subplots(figsize=(max(8, 0.6 * len(cases) * max(1, len(provs)) / 2), 5))
+    for i, prov in enumerate(provs):
+        vals = []
+        for c in cases:
+            hit = [r["vs_linear"] for r in rows if r["provider"] == prov and
+                   (r["M"], r["K"], r["N"], r["r"], r["p"], r["mode"]) == c]
+            vals.append(hit[0] if hit else float("nan"))
+        ax.bar([j + i * width for j in range(len(cases))], vals, width, label=prov)
+    ax.axhline(1.0, color="k", lw=0.8, ls="--")
+    ax.set_xticks([j + 0.4 - width / 2 for j in range(len(cases))])
+    ax.set_xticklabels([f"M{m} {k}x{n}\nr{r} p{p} {mode}" for m, k, n, r, p, mode in cases], fontsize=7, rotation=60)
+    ax.set_ylabel("time / frozen nn.Linear (same run)")
+    ax.set_title(title)
+    ax.legend()
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)

@@ -3,6 +3,8 @@
 ``fastpeft`` / ``fastpeft train``: inject LoRA into a small built-in transformer, train it for a few
 seconds on the CPU to match a "fine-tuned" teacher, and show the trainable-parameter summary and the
 falling loss. It runs everywhere torch runs, offline, and ends with a save / load round trip.
+
+``fastpeft bench``: the LoRA microbenchmark table (``benchmarks/bench_lora.py``; ``--help`` there).
 """
 from __future__ import annotations
 
@@ -175,6 +177,8 @@ def _positive_int(s):
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="fastpeft", description="Parameter-efficient fine-tuning with fused kernels.")
     sub = p.add_subparsers(dest="command")
+    sub.add_parser("bench", help="microbenchmark table: fastpeft vs eager reference vs PEFT vs nn.Linear",
+                   add_help=False)
     t = sub.add_parser("train", help="LoRA on a small built-in transformer, a few seconds on CPU (default)")
     t.add_argument("--steps", type=_positive_int, default=500, help="at most this many steps (default 500)")
     t.add_argument("--max-seconds", type=float, default=20.0, help="stop after this long (default 20)")
@@ -192,11 +196,30 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 
+def _bench_module():
+    """``bench_lora`` from the benchmarks folder: installed as fastpeft/benchmarks by ``pip install .``,
+    or beside the package in a checkout (editable installs)."""
+    import importlib
+    from pathlib import Path
+
+    here = Path(__file__).resolve().parent
+    for folder in (here / "benchmarks", here.parent / "benchmarks"):
+        if (folder / "bench_lora.py").is_file():
+            if str(folder) not in sys.path:
+                sys.path.insert(0, str(folder))
+            return importlib.import_module("bench_lora")
+    raise SystemExit("fastpeft bench: the benchmarks folder is missing from this install; reinstall fastpeft "
+                     "(pip install .) or run it from a checkout")
+
+
 def main(argv=None) -> int:
     parser = build_parser()
     argv = list(sys.argv[1:] if argv is None else argv)
     if not argv or argv[0].startswith("-") and argv[0] not in ("-h", "--help"):
         argv = ["train"] + argv
+    if argv and argv[0] == "bench":
+        _bench_module().main(argv[1:])
+        return 0
     args = parser.parse_args(argv)
     if args.command == "train":
         result = train(args)

@@ -33,3 +33,21 @@ def test_bad_arguments_exit_2(capsys):
         main(["train", "--rank", "0"])
     assert e.value.code == 2
     assert "must be a positive int" in capsys.readouterr().err
+
+
+def test_bench_table_json_markdown_plot(tmp_path, capsys):
+    js, md, png = tmp_path / "b.json", tmp_path / "b.md", tmp_path / "b.png"
+    rc = main(["bench", "--tokens", "64", "--shapes", "96x80", "--ranks", "8", "--dropout", "0", "0.1",
+               "--warmup-ms", "1", "--rep-ms", "5", "--quiet", "--json", str(js), "--markdown", str(md),
+               "--plot", str(png)])
+    assert rc == 0
+    out = capsys.readouterr().out
+    assert "No GPU here" in out and "x nn.Linear" in out and "torch " in out
+    data = json.loads(js.read_text())
+    assert {"device", "torch", "triton", "date"} <= set(data["environment"])
+    rows = data["rows"]
+    assert {r["provider"] for r in rows} >= {"linear", "reference"}
+    assert {(r["p"], r["mode"]) for r in rows} == {(p, m) for p in (0.0, 0.1) for m in ("fwd", "fwd+bwd")}
+    assert all(r["vs_linear"] == 1.0 for r in rows if r["provider"] == "linear")
+    assert all(r["ms"] > 0 for r in rows)
+    assert md.read_text().startswith("# LoRA linear") and png.stat().st_size > 1000

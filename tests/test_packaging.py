@@ -1,4 +1,5 @@
-"""``pip install .`` (non-editable) puts the top-level kernels/ folder at fastpeft.kernels."""
+"""``pip install .`` (non-editable) puts the top-level kernels/ and benchmarks/ folders at
+fastpeft.kernels and fastpeft/benchmarks."""
 import os
 import subprocess
 import sys
@@ -16,6 +17,8 @@ def test_non_editable_install_provides_fastpeft_kernels(tmp_path):
                         "--target", str(target), str(ROOT)], capture_output=True, text=True, timeout=300)
     assert r.returncode == 0, r.stdout[-2000:] + r.stderr[-2000:]
     assert (target / "fastpeft" / "kernels" / "__init__.py").is_file()
+    assert (target / "fastpeft" / "kernels" / "lora.py").is_file()
+    assert (target / "fastpeft" / "benchmarks" / "bench_lora.py").is_file()  # fastpeft bench's harness
     assert not (target / "kernels").exists()  # installed under fastpeft/, not as a top-level package
     env = dict(os.environ, PYTHONPATH=str(target))
     code = ("import fastpeft, fastpeft.kernels as k; from pathlib import Path; "
