@@ -3,11 +3,12 @@
 Nothing here is clever: each function is the formula written out with torch ops, so that a reader can
 check it against the paper and a kernel can be checked against it.
 
-Dropout masks are a pure function of ``(seed, position)``: element ``(m, k)`` of the input viewed as
-``(M, K)`` is kept when ``philox_randint(seed, m * K + k) >= round(p * 2**32)``. This is the counter-based
-Philox4x32-10 generator that ``triton.language.randint`` implements, so a fused kernel can redraw the
-very same mask inside its loads (forward and backward) without storing it, and a test can compare the
-kernel to this reference bit for bit.
+Dropout masks are a pure function of ``(seed, position)``. Element ``(m, k)`` of the input viewed as
+``(M, K)`` has flat index ``e = m * K + k`` and is kept when word ``e % 4`` of the Philox4x32-10 block at
+counter ``e // 4`` (key ``seed``) is at least ``round(p * 2**32)``. That block is exactly what
+``triton.language.randint4x(seed, e // 4)`` returns, so a fused kernel redraws the very same mask inside
+its loads (forward and backward) without storing it, and a test can compare the kernel to this
+reference bit for bit. Using all four words makes the mask four times cheaper to draw here.
 """
 from __future__ import annotations
 
@@ -23,18 +24,18 @@ _PHILOX_ROUND_B = 0xCD9E8D57
 _PHILOX_ROUNDS = 10
 
 
-def philox_randint(seed: int, offsets: torch.Tensor) -> torch.Tensor:
-    """First 32-bit word of Philox4x32-10 at counter ``(offset_lo, offset_hi, 0, 0)``, key ``seed``.
+def philox4x(seed: int, counters: torch.Tensor) -> tuple:
+    """The four 32-bit words of Philox4x32-10 at counter ``(c_lo, c_hi, 0, 0)``, key ``seed``.
 
-    offsets: int64 tensor of any shape, values >= 0. Returns an int64 tensor of the same shape with
-    values in [0, 2**32), equal to ``triton.language.randint(seed, offsets)`` read as unsigned.
+    counters: int64 tensor of any shape, values >= 0. Returns four int64 tensors of its shape with values
+    in [0, 2**32), equal to ``triton.language.randint4x(seed, counters)`` read as unsigned.
     """
     if not 0 <= int(seed) < 2**63:
         raise ValueError(f"seed must be in [0, 2**63), got {seed}")
     seed = int(seed)
-    offsets = offsets.to(torch.int64)
-    c0 = offsets & _MASK32
-    c1 = offsets >> 32
+    counters = counters.to(torch.int64)
+    c0 = counters & _MASK32
+    c1 = counters >> 32
     c2 = torch.zeros_like(c0)
     c3 = torch.zeros_like(c0)
     k0, k1 = seed & _MASK32, (seed >> 32) & _MASK32
@@ -50,7 +51,18 @@ def philox_randint(seed: int, offsets: torch.Tensor) -> torch.Tensor:
         c3 = p_a & _MASK32
         k0 = (k0 + _PHILOX_KEY_A) & _MASK32
         k1 = (k1 + _PHILOX_KEY_B) & _MASK32
-    return c0
+    return c0, c1, c2, c3
+
+
+def philox_randint(seed: int, offsets: torch.Tensor) -> torch.Tensor:
+    """The first Philox word at each offset: ``triton.language.randint(seed, offsets)`` read as unsigned."""
+    return philox4x(seed, offsets)[0]
+
+
+def philox_stream(seed: int, n: int, device=None) -> torch.Tensor:
+    """``n`` uint32 draws (int64) for flat indices 0..n-1: index e is word e % 4 of the block at e // 4."""
+    words = philox4x(seed, torch.arange((n + 3) // 4, device=device, dtype=torch.int64))
+    return torch.stack(words, dim=-1).reshape(-1)[:n]
 
 
 def dropout_threshold(p: float) -> int:
@@ -61,10 +73,9 @@ def dropout_threshold(p: float) -> int:
 def dropout_mask(seed: int, rows: int, cols: int, p: float, device=None) -> torch.Tensor:
     """Keep-mask (rows, cols) bool of dropout rate ``p`` for seed ``seed``: True where kept.
 
-    Element (m, k) uses Philox counter ``m * cols + k``; the keep rate is 1 - p (to 2**-32).
+    Element (m, k) uses draw ``m * cols + k`` of ``philox_stream``; the keep rate is 1 - p (to 2**-32).
     """
-    offsets = torch.arange(rows * cols, device=device, dtype=torch.int64).view(rows, cols)
-    return philox_randint(seed, offsets) >= dropout_threshold(p)
+    return (philox_stream(seed, rows * cols, device) >= dropout_threshold(p)).view(rows, cols)
 
 
 def lora_dropout_ref(x: torch.Tensor, p: float, seed: int) -> torch.Tensor:

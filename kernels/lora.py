@@ -14,7 +14,9 @@ Two kernels cover the forward and the backward of ``y = x W^T + b + s * (drop(x)
 The cuBLAS alternative (``gemm="cublas"``) computes the base GEMM with ``torch.addmm`` / ``torch.mm`` and
 adds the rank-R update in place: ``addmm_`` without dropout, ``_lora_lowrank_add_kernel`` with it (one
 read and one write of the output, the mask redrawn). The dropout mask of element (m, k) of x (as M x K)
-is ``philox(seed, m * K + k) >= threshold``, bit-identical to ``fastpeft.reference.dropout_mask``.
+is kept when ``draw(seed, m * K + k) >= threshold``, where ``draw(seed, e)`` is word ``e % 4`` of the
+Philox4x32-10 block at counter ``e // 4`` (``_keep_mask``), bit-identical to
+``fastpeft.reference.dropout_mask``.
 
 This module imports only torch and triton.
 """
@@ -36,9 +38,12 @@ from . import INTERPRET
 
 @triton.jit
 def _keep_mask(seed, offsets, threshold):
-    """True where the Philox draw at ``offsets`` (int64) keeps its element (see the module docstring)."""
-    rnd = tl.randint(seed, offsets).to(tl.int64) & 0xFFFFFFFF
-    return rnd >= threshold
+    """True where the draw for flat index ``offsets`` (int64) keeps its element: word ``offsets % 4`` of
+    the Philox block at ``offsets // 4`` (see fastpeft.reference.dropout_mask)."""
+    c0, c1, c2, c3 = tl.randint4x(seed, offsets // 4)
+    word = offsets % 4
+    rnd = tl.where(word == 0, c0, tl.where(word == 1, c1, tl.where(word == 2, c2, c3)))
+    return (rnd.to(tl.int64) & 0xFFFFFFFF) >= threshold
 
 
 # UPCAST is set for bf16 under the interpreter only, where triton 3.9 mishandles bf16: tl.dot returns
@@ -73,7 +78,7 @@ def _lora_shrink_kernel(
     P, Q, R, q_per_split,
     # strides
     stride_ap, stride_aq, stride_bq, stride_br, stride_os, stride_op, stride_or,
-    # dropout: element (p, q) of a is masked by philox(seed, p * mask_sp + q * mask_sq) >= threshold
+    # dropout: element (p, q) of a is masked by draw(seed, p * mask_sp + q * mask_sq) >= threshold
     seed, threshold, mask_sp, mask_sq, scale,
     # meta-parameters
     HAS_MASK: tl.constexpr, BLOCK_P: tl.constexpr, BLOCK_Q: tl.constexpr, R_PAD: tl.constexpr,
@@ -114,7 +119,7 @@ def _lora_gemm_kernel(
     # strides
     stride_am, stride_ak, stride_bk, stride_bn, stride_lum, stride_lur, stride_lvr, stride_lvn,
     stride_om, stride_on,
-    # low-rank term: scale * mask * (lu @ lv), mask of (m, n) from philox(seed, m * N + n) >= threshold
+    # low-rank term: scale * mask * (lu @ lv), mask of (m, n) from draw(seed, m * N + n) >= threshold
     scale, seed, threshold,
     # meta-parameters
     HAS_BIAS: tl.constexpr, HAS_MASK: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
@@ -174,7 +179,7 @@ def _lora_lowrank_add_kernel(
     M, N, R,
     # strides
     stride_om, stride_on, stride_lum, stride_lur, stride_lvr, stride_lvn,
-    # out += scale * mask * (lu @ lv), mask of (m, n) from philox(seed, m * N + n) >= threshold
+    # out += scale * mask * (lu @ lv), mask of (m, n) from draw(seed, m * N + n) >= threshold
     scale, seed, threshold,
     # meta-parameters
     HAS_MASK: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, R_PAD: tl.constexpr,
@@ -275,7 +280,7 @@ def lora_shrink(a: torch.Tensor, b: torch.Tensor, scale: float, seed: int, thres
     """fp32 ``scale * drop(a) @ b``: a (P, Q) any strides, b (Q, R) any strides -> (P, R) fp32.
 
     Element (p, q) of ``a`` is dropped when ``threshold > 0`` and
-    ``philox(seed, p * mask_sp + q * mask_sq) < threshold``.
+    ``draw(seed, p * mask_sp + q * mask_sq) < threshold``.
     """
     P, Q = a.shape
     R = b.shape[1]
@@ -309,7 +314,7 @@ def lora_gemm(a: torch.Tensor, b: torch.Tensor, lu: torch.Tensor, lv: torch.Tens
     """``a @ b + scale * mask * (lu @ lv) + bias`` in a's dtype, one kernel.
 
     a (M, K), b (K, N), lu (M, R) (fp32 or a's dtype), lv (R, N), bias (N,) or None; any strides.
-    The mask of (m, n) is ``philox(seed, m * N + n) >= threshold`` (none when threshold == 0).
+    The mask of (m, n) is ``draw(seed, m * N + n) >= threshold`` (none when threshold == 0).
     """
     M, K = a.shape
     N = b.shape[1]
@@ -421,12 +426,16 @@ def gemm_mode() -> str:
 
 def choose_gemm(key: tuple, run_fused, run_cublas, device: torch.device) -> str:
     """``"fused"`` or ``"cublas"`` for this shape key. With ``FASTPEFT_LORA_GEMM=auto`` on CUDA both are
-    timed once (``triton.testing.do_bench`` median) and the faster is cached; the interpreter runs fused."""
+    timed once (``triton.testing.do_bench`` median) and the faster is cached, except under
+    ``torch.use_deterministic_algorithms(True)``, which pins cuBLAS; the interpreter runs fused."""
     mode = gemm_mode()
     if mode != "auto":
         return mode
     if device.type != "cuda" or INTERPRET:
         return "fused"
+    if torch.are_deterministic_algorithms_enabled():
+        # Deterministic mode: a timing-dependent choice could differ between runs, so it is fixed.
+        return "cublas"
     if key in _choice_cache:
         return _choice_cache[key]
     if torch.compiler.is_compiling():

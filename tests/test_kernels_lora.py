@@ -254,3 +254,20 @@ def test_gpu_torch_compile_fullgraph():
     torch.testing.assert_close(y, f(x, a, bb))
     y.sum().backward()
     assert a.grad is not None and bb.grad is not None
+
+
+def test_gemm_choice_rules(monkeypatch):
+    monkeypatch.setenv("FASTPEFT_LORA_GEMM", "auto")
+    calls = []
+    pick = K.choose_gemm(("k",), lambda: calls.append("f"), lambda: calls.append("c"), torch.device("cpu"))
+    assert pick == "fused" and not calls  # off CUDA: no timing
+    monkeypatch.setenv("FASTPEFT_LORA_GEMM", "cublas")
+    assert K.choose_gemm(("k",), None, None, torch.device("cuda")) == "cublas"
+    monkeypatch.setenv("FASTPEFT_LORA_GEMM", "auto")
+    monkeypatch.setattr(K, "INTERPRET", False)
+    old = torch.are_deterministic_algorithms_enabled()
+    try:
+        torch.use_deterministic_algorithms(True)
+        assert K.choose_gemm(("k",), None, None, torch.device("cuda")) == "cublas"  # pinned, not timed
+    finally:
+        torch.use_deterministic_algorithms(old)

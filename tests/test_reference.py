@@ -3,7 +3,8 @@ import pytest
 import torch
 
 from conftest import assert_close_report
-from fastpeft.reference import dropout_mask, dropout_threshold, lora_dropout_ref, lora_linear_ref, philox_randint
+from fastpeft.reference import (dropout_mask, dropout_threshold, lora_dropout_ref, lora_linear_ref, philox4x,
+                                philox_randint, philox_stream)
 
 SHAPES = [(1, 48, 80, 1), (7, 80, 48, 8), (33, 130, 48, 16), (100, 48, 130, 24)]
 
@@ -140,6 +141,14 @@ def test_dropout_mask_is_a_pure_function_of_seed():
         philox_randint(-1, torch.arange(4))
 
 
+def test_mask_stream_uses_all_four_words_of_each_block():
+    words = philox4x(31, torch.arange(3))
+    stream = philox_stream(31, 10)
+    assert stream.tolist() == [int(words[e % 4][e // 4]) for e in range(10)]
+    keep = dropout_mask(31, 2, 5, 0.5)
+    assert keep.flatten().tolist() == [v >= 2**31 for v in stream.tolist()]
+
+
 def test_philox_matches_known_values():
     # Philox4x32-10, key (seed) 0 and 12345, counters 0..2; the values triton.language.randint returns.
     assert philox_randint(0, torch.arange(3)).tolist() == [1713891541, 4175744164, 83534633]
@@ -162,9 +171,21 @@ def test_philox_matches_triton_randint_bit_for_bit():
         r = tl.randint(seed, base + offs.to(tl.int64))
         tl.store(out_ptr + offs, r.to(tl.int64) & 0xFFFFFFFF)
 
+    @triton.jit
+    def _randint4x_kernel(out_ptr, seed, base, BLOCK: tl.constexpr):
+        offs = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
+        c0, c1, c2, c3 = tl.randint4x(seed, base + offs.to(tl.int64))
+        tl.store(out_ptr + offs, c0.to(tl.int64) & 0xFFFFFFFF)
+        tl.store(out_ptr + 256 + offs, c1.to(tl.int64) & 0xFFFFFFFF)
+        tl.store(out_ptr + 512 + offs, c2.to(tl.int64) & 0xFFFFFFFF)
+        tl.store(out_ptr + 768 + offs, c3.to(tl.int64) & 0xFFFFFFFF)
+
     for seed in (0, 7, 2**40 + 3, 2**62 + 1):
         for base in (0, 2**32 - 64):  # crossing into the counter's high word
             out = torch.empty(256, dtype=torch.int64, device=dev)
             _randint_kernel[(2,)](out, seed, base, BLOCK=128)
-            expected = philox_randint(seed, torch.arange(base, base + 256, device=dev))
-            assert torch.equal(out, expected), (seed, base)
+            counters = torch.arange(base, base + 256, device=dev)
+            assert torch.equal(out, philox_randint(seed, counters)), (seed, base)
+            out4 = torch.empty(1024, dtype=torch.int64, device=dev)
+            _randint4x_kernel[(2,)](out4, seed, base, BLOCK=128)
+            assert torch.equal(out4, torch.cat(philox4x(seed, counters))), (seed, base)
