@@ -70,6 +70,25 @@ def _cast(x, dtype: tl.constexpr, UPCAST: tl.constexpr):
     return x.to(dtype)
 
 
+@triton.jit
+def _lowrank_tile(lu_ptr, lv_ptr, rm, rn, m_ok, n_ok, N, R, stride_lum, stride_lur, stride_lvr, stride_lvn,
+                  seed, threshold, HAS_MASK: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+                  R_PAD: tl.constexpr, DOT_PRECISION: tl.constexpr, UPCAST: tl.constexpr):
+    """fp32 tile (BLOCK_M, BLOCK_N) of mask * (lu @ lv) at rows rm, columns rn of an (M, N) output."""
+    rr = tl.arange(0, R_PAD)
+    r_ok = rr < R
+    lu = tl.load(lu_ptr + rm[:, None].to(tl.int64) * stride_lum + rr[None, :] * stride_lur,
+                 mask=m_ok[:, None] & r_ok[None, :], other=0.0)
+    lv = tl.load(lv_ptr + rr[:, None] * stride_lvr + rn[None, :].to(tl.int64) * stride_lvn,
+                 mask=r_ok[:, None] & n_ok[None, :], other=0.0)
+    low = _mma(_cast(lu, lv.dtype, UPCAST), lv, tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32), DOT_PRECISION,
+               UPCAST)
+    if HAS_MASK:
+        offs = rm[:, None].to(tl.int64) * N + rn[None, :].to(tl.int64)
+        low = tl.where(_keep_mask(seed, offs, threshold), low, 0.0)
+    return low
+
+
 @triton.jit(do_not_specialize=["seed", "threshold"])
 def _lora_shrink_kernel(
     # pointers
@@ -153,17 +172,8 @@ def _lora_gemm_kernel(
         b_ptrs += BLOCK_K * stride_bk
 
     # Epilogue: the rank-R update, computed on the tile and added before the single store.
-    rr = tl.arange(0, R_PAD)
-    r_ok = rr < R
-    lu = tl.load(lu_ptr + rm[:, None].to(tl.int64) * stride_lum + rr[None, :] * stride_lur,
-                 mask=m_ok[:, None] & r_ok[None, :], other=0.0)
-    lv = tl.load(lv_ptr + rr[:, None] * stride_lvr + rn[None, :].to(tl.int64) * stride_lvn,
-                 mask=r_ok[:, None] & n_ok[None, :], other=0.0)
-    low = _mma(_cast(lu, lv.dtype, UPCAST), lv, tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32), DOT_PRECISION,
-               UPCAST)
-    if HAS_MASK:
-        offs = rm[:, None].to(tl.int64) * N + rn[None, :].to(tl.int64)
-        low = tl.where(_keep_mask(seed, offs, threshold), low, 0.0)
+    low = _lowrank_tile(lu_ptr, lv_ptr, rm, rn, m_ok, n_ok, N, R, stride_lum, stride_lur, stride_lvr, stride_lvn,
+                        seed, threshold, HAS_MASK, BLOCK_M, BLOCK_N, R_PAD, DOT_PRECISION, UPCAST)
     acc += low * scale
     if HAS_BIAS:
         acc += tl.load(bias_ptr + rn, mask=n_ok, other=0.0).to(tl.float32)[None, :]
@@ -187,19 +197,10 @@ def _lora_lowrank_add_kernel(
 ):
     rm = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
     rn = tl.program_id(1) * BLOCK_N + tl.arange(0, BLOCK_N)
-    rr = tl.arange(0, R_PAD)
     m_ok = rm < M
     n_ok = rn < N
-    r_ok = rr < R
-    lu = tl.load(lu_ptr + rm[:, None].to(tl.int64) * stride_lum + rr[None, :] * stride_lur,
-                 mask=m_ok[:, None] & r_ok[None, :], other=0.0)
-    lv = tl.load(lv_ptr + rr[:, None] * stride_lvr + rn[None, :].to(tl.int64) * stride_lvn,
-                 mask=r_ok[:, None] & n_ok[None, :], other=0.0)
-    low = _mma(_cast(lu, lv.dtype, UPCAST), lv, tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32), DOT_PRECISION,
-               UPCAST)
-    if HAS_MASK:
-        offs = rm[:, None].to(tl.int64) * N + rn[None, :].to(tl.int64)
-        low = tl.where(_keep_mask(seed, offs, threshold), low, 0.0)
+    low = _lowrank_tile(lu_ptr, lv_ptr, rm, rn, m_ok, n_ok, N, R, stride_lum, stride_lur, stride_lvr, stride_lvn,
+                        seed, threshold, HAS_MASK, BLOCK_M, BLOCK_N, R_PAD, DOT_PRECISION, UPCAST)
     ptrs = out_ptr + rm[:, None].to(tl.int64) * stride_om + rn[None, :].to(tl.int64) * stride_on
     ok = m_ok[:, None] & n_ok[None, :]
     cur = tl.load(ptrs, mask=ok, other=0.0).to(tl.float32)
