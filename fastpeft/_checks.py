@@ -81,3 +81,59 @@ def check_lora_linear_args(x, weight, bias, lora_A, lora_B, scaling, dropout_p) 
         raise TypeError(f"scaling must be a Python number, got a tensor of shape {tuple(scaling.shape)}")
     check_finite_number(scaling, "scaling")
     check_dropout(dropout_p, "dropout_p")
+
+
+def expand_adapter_ids(adapter_ids, x: torch.Tensor, n: int, check_range: bool = True) -> torch.Tensor:
+    """Per-row ids (x.shape[:-1]) from per-row or per-sequence ((x.shape[0],)) ids, checked.
+
+    The range check reads the ids' min and max (a host sync on GPUs); callers that built the ids
+    themselves (``mixed_batch``) skip it with ``check_range=False``.
+    """
+    if not isinstance(adapter_ids, torch.Tensor) or adapter_ids.dtype not in (torch.int64, torch.int32):
+        raise TypeError(f"adapter_ids must be an int64/int32 tensor, got "
+                        f"{getattr(adapter_ids, 'dtype', type(adapter_ids).__name__)}")
+    if adapter_ids.device != x.device:
+        raise ValueError(f"adapter_ids must be on x's device {x.device}, got {adapter_ids.device}")
+    rows = tuple(x.shape[:-1])
+    if tuple(adapter_ids.shape) == rows:
+        ids = adapter_ids
+    elif x.dim() >= 2 and tuple(adapter_ids.shape) == (x.shape[0],):
+        ids = adapter_ids.view((-1,) + (1,) * (x.dim() - 2)).expand(rows)
+    else:
+        raise ValueError(f"adapter_ids must have shape {rows} (per row) or ({x.shape[0]},) "
+                         f"(per sequence), got {tuple(adapter_ids.shape)}")
+    if check_range and ids.numel():
+        lo, hi = (int(v) for v in torch.aminmax(ids))
+        if lo < -1 or hi >= n:
+            raise ValueError(f"adapter_ids must be in [-1, {n - 1}] (-1 = base only, {n} adapters), "
+                             f"got values in [{lo}, {hi}]")
+    return ids.to(torch.int64)
+
+
+def check_lora_multi_args(x, weight, bias, lora_A_stack, lora_B_stack, scalings, ranks, dropout_p) -> int:
+    """Shapes, dtypes and devices of a ``lora_linear_multi`` call; returns the number of adapters."""
+    check_tensor(lora_A_stack, "lora_A_stack", ndim=3)
+    check_tensor(lora_B_stack, "lora_B_stack", ndim=3)
+    n, r_max, _ = lora_A_stack.shape
+    out_f, in_f = weight.shape
+    # The single-adapter checks cover x, weight, bias and the dtypes / devices of adapter 0's shapes.
+    check_lora_linear_args(x, weight, bias, lora_A_stack[0] if n else weight.new_empty(0, in_f),
+                           lora_B_stack[0] if n else weight.new_empty(out_f, 0), 1.0, 0.0)
+    check_shape(lora_A_stack, (n, r_max, in_f), "lora_A_stack")
+    check_shape(lora_B_stack, (n, out_f, r_max), "lora_B_stack")
+    for name, t in (("scalings", scalings), ("ranks", ranks), ("dropout_p", dropout_p)):
+        if t is None:
+            continue
+        check_tensor(t, name, ndim=1)
+        check_shape(t, (n,), name)
+        check_same_device_dtype("lora_A_stack", lora_A_stack, False, **{name: t})
+    if ranks is not None:
+        if ranks.dtype not in (torch.int64, torch.int32):
+            raise TypeError(f"ranks must be an int64/int32 tensor, got {ranks.dtype}")
+        if n and (int(ranks.min()) < 1 or int(ranks.max()) > r_max):
+            raise ValueError(f"ranks must be in [1, r_max={r_max}], got values in [{int(ranks.min())}, "
+                             f"{int(ranks.max())}]")
+    if dropout_p is not None and n and (float(dropout_p.min()) < 0.0 or float(dropout_p.max()) >= 1.0):
+        raise ValueError(f"dropout_p must be in [0, 1), got values in [{float(dropout_p.min())}, "
+                         f"{float(dropout_p.max())}]")
+    return n

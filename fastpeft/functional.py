@@ -18,8 +18,8 @@ import os
 import torch
 
 from . import kernels
-from ._checks import check_lora_linear_args
-from .reference import dropout_threshold, lora_linear_ref
+from ._checks import check_lora_linear_args, check_lora_multi_args, expand_adapter_ids
+from .reference import dropout_threshold, lora_linear_multi_ref, lora_linear_ref
 
 BACKENDS = ("auto", "triton", "reference")
 _KERNEL_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
@@ -217,3 +217,31 @@ def lora_linear(x, weight, bias, lora_A, lora_B, scaling, dropout_p=0.0, trainin
     if resolve_backend("lora_linear", backend, x, weight, lora_A, lora_B) == "triton":
         return _lora_linear_triton(x, weight, bias, lora_A, lora_B, scaling, p, seed)
     return lora_linear_ref(x, weight, bias, lora_A, lora_B, float(scaling), p, training, seed)
+
+
+def lora_linear_multi(x, weight, bias, lora_A_stack, lora_B_stack, scalings, adapter_ids, ranks=None,
+                      backend=None, dropout_p=None, training=True, seed=None, check_ids=True) -> torch.Tensor:
+    """Many LoRA adapters in one batch: each row of x gets its own adapter (or none).
+
+    x: (..., in); weight (out, in); bias (out,) or None; lora_A_stack (n, r_max, in);
+    lora_B_stack (n, out, r_max); scalings (n,); adapter_ids: int tensor of shape x.shape[:-1] (per
+    row) or (x.shape[0],) (per sequence), -1 = base only; ranks (n,) or None (all r_max): adapter i
+    uses A_i[:ranks[i]] and B_i[:, :ranks[i]]; dropout_p (n,) per-adapter rates or None.
+    Returns (..., out). Differentiable: each row's gradient reaches only its own adapter (and x).
+    ``check_ids=False`` skips the ids' range check (a host sync) for ids known to be valid.
+    """
+    n = check_lora_multi_args(x, weight, bias, lora_A_stack, lora_B_stack, scalings, ranks, dropout_p)
+    ids = expand_adapter_ids(adapter_ids, x, n, check_range=check_ids)
+    if not isinstance(scalings, torch.Tensor):
+        raise TypeError(f"scalings must be a tensor of shape ({n},), got {type(scalings).__name__}")
+    use_dropout = training and dropout_p is not None and n > 0 and bool((dropout_p > 0).any())
+    if use_dropout and seed is None:
+        seed = draw_seed()
+    name = resolve_backend("lora_linear_multi", backend, x, weight, lora_A_stack, lora_B_stack)
+    if name == "triton":
+        from .multi import lora_linear_multi_triton
+
+        return lora_linear_multi_triton(x, weight, bias, lora_A_stack, lora_B_stack, scalings, ids, ranks,
+                                        dropout_p if use_dropout else None, seed)
+    return lora_linear_multi_ref(x, weight, bias, lora_A_stack, lora_B_stack, scalings, ids, ranks,
+                                 dropout_p if use_dropout else None, training, seed)

@@ -10,15 +10,17 @@ Matching, as PEFT does it:
 """
 from __future__ import annotations
 
+import contextlib
 import copy
 import re
 from dataclasses import asdict, dataclass, field
 from typing import Optional, Union
 
+import torch
 import torch.nn as nn
 
 from ._checks import check_dropout, check_finite_number, check_rank
-from .layers import FastLoRALinear, _check_init
+from .layers import FastLoRALinear, _check_init, check_adapter_name
 
 ALL_LINEAR = "all-linear"
 BIAS_CHOICES = ("none", "all", "lora_only")
@@ -154,30 +156,30 @@ class LoraPlan:
     saved: list    # full names of the modules_to_save modules
 
 
-def plan_lora(model: nn.Module, config: LoraConfig, existing: bool = False) -> LoraPlan:
+def plan_lora(model: nn.Module, config: LoraConfig) -> LoraPlan:
     """Resolve ``config`` against ``model``'s module names; raises ValueError on no or bad matches.
 
-    ``existing=True`` resolves it against LoRA layers already in the model (to check that a file's
-    config describes the adapter the model has) instead of refusing them."""
+    Targets are ``nn.Linear`` modules, or ``FastLoRALinear`` layers that already hold other adapters
+    (the new adapter goes beside them)."""
     saved = _saved_module_names(model, config.modules_to_save)
     spec = config.target_modules if config.target_modules is not None else _default_targets(model)
     all_linear = isinstance(spec, str) and spec.lower() == ALL_LINEAR
     head = _output_head(model) if all_linear else None
     targets = {}
+    inner = []  # prefixes of LoRA layers and wrappers: their internals are never targets
     for name, module in model.named_modules():
-        if not name or _matches(config.exclude_modules, name):
+        if not name or any(name.startswith(p) for p in inner):
             continue
-        if any(name == s or name.startswith(s + ".") for s in saved):
+        if isinstance(module, (FastLoRALinear, ModulesToSaveWrapper)):
+            inner.append(name + ".")
+        if _matches(config.exclude_modules, name) or any(name == s or name.startswith(s + ".") for s in saved):
             continue
         if all_linear:
-            hit = isinstance(module, (nn.Linear, FastLoRALinear) if existing else nn.Linear) and module is not head
+            hit = isinstance(module, (nn.Linear, FastLoRALinear)) and module is not head
         else:
             hit = _matches(spec, name)
         if not hit:
             continue
-        if isinstance(module, FastLoRALinear) and not existing:
-            raise ValueError(f"module {name!r} already has LoRA; several adapters per layer are not "
-                             "supported yet")
         if not isinstance(module, (nn.Linear, FastLoRALinear)):
             raise ValueError(f"target_modules matched {name!r}, a {type(module).__name__}; fastpeft "
                              "adapts nn.Linear modules only: narrow target_modules or exclude it")
@@ -185,34 +187,72 @@ def plan_lora(model: nn.Module, config: LoraConfig, existing: bool = False) -> L
         alpha = pattern_value(config.alpha_pattern, name, config.lora_alpha)
         targets[name] = (r, alpha)
     if not targets:
-        linear = [n for n, m in model.named_modules() if isinstance(m, nn.Linear)][:8]
+        linear = [n for n, m in model.named_modules() if isinstance(m, (nn.Linear, FastLoRALinear))][:8]
         raise ValueError(f"target_modules {spec!r} matched no nn.Linear of the model (after exclude_modules "
                          f"{config.exclude_modules!r}); its linear layers are named like {linear}")
     return LoraPlan(targets=targets, saved=saved)
 
 
 class ModulesToSaveWrapper(nn.Module):
-    """A frozen original module and a trainable copy per adapter; forward runs the active copy.
+    """A frozen original module and a trainable copy per adapter; forward runs the active adapter's copy
+    (the original when the active adapter has none). Inside ``fastpeft.mixed_batch`` each sequence
+    (dim 0 of the first argument) runs its own adapter's copy.
 
-    The parameters of the copy are saved with the adapter, under the original module's names.
+    The parameters of a copy are saved with its adapter, under the original module's names.
     """
 
     def __init__(self, module: nn.Module, adapter_name: str):
         super().__init__()
         self.original_module = module
-        self.modules_to_save = nn.ModuleDict({adapter_name: copy.deepcopy(module)})
-        self.active_adapter = adapter_name
+        self.modules_to_save = nn.ModuleDict()
+        self.active_adapter = None
+        self._routing = None
         for p in self.original_module.parameters():
             p.requires_grad_(False)
-        for p in self.modules_to_save[adapter_name].parameters():
-            p.requires_grad_(True)
+        self.add_adapter(adapter_name)
+        self.set_adapter(adapter_name)
+
+    def add_adapter(self, name: str) -> None:
+        self.modules_to_save[name] = copy.deepcopy(self.original_module)
+
+    def set_adapter(self, name) -> None:
+        self.active_adapter = name
+        for n, m in self.modules_to_save.items():
+            for p in m.parameters():
+                p.requires_grad_(n == name)
+
+    def delete_adapter(self, name: str) -> None:
+        if name in self.modules_to_save:
+            del self.modules_to_save[name]
+        if self.active_adapter == name:
+            self.active_adapter = None
+
+    def module_for(self, name) -> nn.Module:
+        return self.modules_to_save[name] if name in self.modules_to_save else self.original_module
 
     @property
     def active_module(self) -> nn.Module:
-        return self.modules_to_save[self.active_adapter]
+        return self.module_for(self.active_adapter)
 
     def forward(self, *args, **kwargs):
-        return self.active_module(*args, **kwargs)
+        if self._routing is None:
+            return self.active_module(*args, **kwargs)
+        x, rest = args[0], args[1:]
+        if any(isinstance(a, torch.Tensor) for a in rest) or any(isinstance(v, torch.Tensor) for v in kwargs.values()):
+            raise RuntimeError("mixed_batch routes a modules_to_save module by the first argument's batch dim "
+                               "only; this call passes more tensors")
+        if x.shape[0] != len(self._routing):
+            raise ValueError(f"mixed_batch was given {len(self._routing)} adapter names, but this module's "
+                             f"input has batch size {x.shape[0]}")
+        outs, order = [], []
+        for name in dict.fromkeys(self._routing):
+            rows = [i for i, n in enumerate(self._routing) if n == name]
+            order += rows
+            outs.append(self.module_for(name)(x[rows], *rest, **kwargs))
+        out = torch.cat(outs)
+        inverse = torch.empty(len(order), dtype=torch.long)
+        inverse[torch.tensor(order)] = torch.arange(len(order))
+        return out[inverse.to(out.device)]
 
     def __getattr__(self, name):
         try:
@@ -233,9 +273,19 @@ def lora_layers(model: nn.Module) -> dict:
     return {n: m for n, m in model.named_modules() if isinstance(m, FastLoRALinear)}
 
 
+def saved_module_wrappers(model: nn.Module) -> dict:
+    """Full module name -> ``ModulesToSaveWrapper``."""
+    return {n: m for n, m in model.named_modules() if isinstance(m, ModulesToSaveWrapper)}
+
+
 def adapter_configs(model: nn.Module) -> dict:
     """Adapter name -> the ``LoraConfig`` it was injected with (empty when none)."""
     return getattr(model, "_fastpeft_adapters", {})
+
+
+def active_adapter(model: nn.Module):
+    """The model-wide active adapter's name (None: the base model)."""
+    return getattr(model, "_fastpeft_active", None)
 
 
 def is_bias(param_name: str) -> bool:
@@ -255,37 +305,118 @@ def _apply_bias(model: nn.Module, bias: str, lora: dict) -> None:
                 layer.bias.requires_grad_(True)
 
 
-def inject(model: nn.Module, config, adapter_name: str = "default", plan: LoraPlan | None = None) -> nn.Module:
+def inject(model: nn.Module, config, adapter_name: str = "default", plan: LoraPlan | None = None,
+           activate: bool = True) -> nn.Module:
     """Add the adapter ``config`` describes to ``model`` in place and freeze all it does not train.
 
-    LoRA: each target ``nn.Linear`` becomes a ``FastLoRALinear`` sharing its weight and bias. Checks the
-    whole config against the model before changing anything. Returns ``model``.
+    LoRA: each target ``nn.Linear`` becomes a ``FastLoRALinear`` sharing its weight and bias; a target
+    that already is one gets ``adapter_name`` beside its adapters. With ``activate`` (default) the new
+    adapter becomes the model's active one and the only one that trains. Checks the whole config
+    against the model before changing anything. Returns ``model``.
     """
     if not isinstance(config, LoraConfig):
         raise TypeError(f"config must be a fastpeft.LoraConfig, got {type(config).__name__}")
-    if not isinstance(adapter_name, str) or not adapter_name:
-        raise ValueError(f"adapter_name must be a non-empty str, got {adapter_name!r}")
-    if adapter_configs(model):
-        raise ValueError(f"model already has adapter(s) {list(adapter_configs(model))}; several adapters "
-                         "per model are not supported yet (merge_and_unload first)")
+    check_adapter_name(adapter_name)
+    configs = adapter_configs(model)
+    if adapter_name in configs:
+        raise ValueError(f"adapter {adapter_name!r} already exists in the model (adapters {list(configs)}); "
+                         "pick another adapter_name or delete_adapter it first")
+    merged = [n for n, m in lora_layers(model).items() if m.merged]
+    if merged:
+        raise RuntimeError(f"layers {merged[:4]} have a merged adapter: unmerge them before adding another")
     plan = plan if plan is not None else plan_lora(model, config)
     # Everything below only mutates: all checks are done.
-    for p in model.parameters():
-        p.requires_grad_(False)
+    if not configs:
+        for p in model.parameters():
+            p.requires_grad_(False)
     new_layers = {}
     for name, (r, alpha) in plan.targets.items():
-        layer = FastLoRALinear.from_linear(model.get_submodule(name), r=r, lora_alpha=alpha,
-                                           lora_dropout=config.lora_dropout, use_rslora=config.use_rslora,
-                                           init_lora_weights=config.init_lora_weights)
-        layer.adapter_names = [adapter_name]
-        _set_submodule(model, name, layer)
+        module = model.get_submodule(name)
+        kw = dict(lora_dropout=config.lora_dropout, use_rslora=config.use_rslora,
+                  init_lora_weights=config.init_lora_weights)
+        if isinstance(module, FastLoRALinear):
+            module.add_adapter(adapter_name, r, alpha, **kw)
+            layer = module
+        else:
+            layer = FastLoRALinear.from_linear(module, r=r, lora_alpha=alpha, adapter_name=adapter_name, **kw)
+            layer.set_adapter(None)
+            _set_submodule(model, name, layer)
         new_layers[name] = layer
     # Biases first: the wrappers below then freeze their originals again and train their copies.
     _apply_bias(model, config.bias, new_layers)
     for name in plan.saved:
-        _set_submodule(model, name, ModulesToSaveWrapper(model.get_submodule(name), adapter_name))
-    model._fastpeft_adapters = {adapter_name: config}
+        module = model.get_submodule(name)
+        if isinstance(module, ModulesToSaveWrapper):
+            module.add_adapter(adapter_name)
+        else:
+            wrapper = ModulesToSaveWrapper(module, adapter_name)
+            wrapper.set_adapter(None)
+            _set_submodule(model, name, wrapper)
+    model._fastpeft_adapters = {**configs, adapter_name: config}
+    if activate or not configs:
+        set_adapter(model, adapter_name)
+    else:
+        set_adapter(model, active_adapter(model))
     return model
+
+
+def set_adapter(model: nn.Module, adapter_name) -> None:
+    """Make ``adapter_name`` the active adapter of every layer that has it (layers without it run their
+    base) and the only one that trains; None runs the base model."""
+    configs = adapter_configs(model)
+    if adapter_name is not None and adapter_name not in configs:
+        raise ValueError(f"adapter_name {adapter_name!r} is not an adapter of this model; it has {list(configs)}")
+    for layer in lora_layers(model).values():
+        layer.set_adapter(adapter_name if adapter_name in layer.adapter_names else None)
+    for wrapper in saved_module_wrappers(model).values():
+        wrapper.set_adapter(adapter_name)
+    model._fastpeft_active = adapter_name
+
+
+def delete_adapter(model: nn.Module, adapter_name: str) -> None:
+    """Remove adapter ``adapter_name`` from the model; if it was active, none is active afterwards.
+    Layers left without adapters stay ``FastLoRALinear`` and run their base."""
+    configs = adapter_configs(model)
+    if adapter_name not in configs:
+        raise ValueError(f"adapter_name {adapter_name!r} is not an adapter of this model; it has {list(configs)}")
+    for layer in lora_layers(model).values():
+        if adapter_name in layer.adapter_names:
+            layer.delete_adapter(adapter_name)
+    for wrapper in saved_module_wrappers(model).values():
+        wrapper.delete_adapter(adapter_name)
+    model._fastpeft_adapters = {k: v for k, v in configs.items() if k != adapter_name}
+    if active_adapter(model) == adapter_name:
+        set_adapter(model, None)
+
+
+@contextlib.contextmanager
+def mixed_batch(model: nn.Module, adapter_names):
+    """Route one adapter (or None = base) per sequence of the batch through every LoRA layer.
+
+    ``adapter_names``: a list with one name or None per sequence (dim 0 of each layer's input). Inside
+    the block each LoRA layer applies row i's adapter to every token of sequence i, also to the new
+    tokens of a generation loop; layers that lack an adapter run their base for its sequences.
+    """
+    configs = adapter_configs(model)
+    if not isinstance(adapter_names, (list, tuple)) or not adapter_names:
+        raise TypeError(f"adapter_names must be a non-empty list of adapter names or None, got {adapter_names!r}")
+    unknown = sorted({n for n in adapter_names if n is not None and n not in configs}, key=str)
+    if unknown:
+        raise ValueError(f"adapter_names {unknown} are not adapters of this model; it has {list(configs)}")
+    layers = lora_layers(model)
+    wrappers = saved_module_wrappers(model)
+    previous = {id(m): m._routing for m in (*layers.values(), *wrappers.values())}
+    try:
+        for layer in layers.values():
+            local = {n: i for i, n in enumerate(layer.adapter_names)}
+            layer._routing = torch.tensor([local.get(n, -1) for n in adapter_names], dtype=torch.int64,
+                                          device=layer.weight.device)
+        for wrapper in wrappers.values():
+            wrapper._routing = list(adapter_names)
+        yield model
+    finally:
+        for m in (*layers.values(), *wrappers.values()):
+            m._routing = previous[id(m)]
 
 
 def trainable_parameters(model: nn.Module) -> tuple:
@@ -310,13 +441,14 @@ def print_trainable_parameters(model: nn.Module) -> None:
 
 
 def merge_and_unload(model: nn.Module) -> nn.Module:
-    """Fold every adapter into its base weight and put plain modules back; returns ``model``.
+    """Fold each layer's active adapter into its base weight and put plain modules back (other adapters
+    are dropped); returns ``model``.
 
     Each ``FastLoRALinear`` becomes an ``nn.Linear`` sharing its (merged) weight and bias, without a copy;
     each modules_to_save wrapper becomes its trained copy.
     """
     for name, layer in lora_layers(model).items():
-        if not layer.merged:
+        if not layer.merged and layer.active_adapter is not None:
             layer.merge()
         lin = nn.Linear(layer.in_features, layer.out_features, bias=layer.bias is not None, device="meta")
         lin.weight = layer.weight
@@ -325,6 +457,7 @@ def merge_and_unload(model: nn.Module) -> nn.Module:
     for name, module in list(model.named_modules()):
         if isinstance(module, ModulesToSaveWrapper):
             _set_submodule(model, name, module.active_module)
-    if hasattr(model, "_fastpeft_adapters"):
-        del model._fastpeft_adapters
+    for attr in ("_fastpeft_adapters", "_fastpeft_active"):
+        if hasattr(model, attr):
+            delattr(model, attr)
     return model

@@ -20,9 +20,8 @@ import uuid
 import torch
 import torch.nn as nn
 
-from .inject import (LoraConfig, ModulesToSaveWrapper, adapter_configs, inject, is_bias, lora_layers,
-                     pattern_value, plan_lora)
-from .layers import lora_scaling
+from .inject import (LoraConfig, ModulesToSaveWrapper, active_adapter, adapter_configs, inject, is_bias,
+                     lora_layers, plan_lora, saved_module_wrappers)
 
 CONFIG_NAME = "adapter_config.json"
 WEIGHTS_NAME = "adapter_model.safetensors"
@@ -37,17 +36,20 @@ _CONFIG_FIELDS = ("r", "lora_alpha", "lora_dropout", "target_modules", "exclude_
 
 
 def _adapter_keys(model: nn.Module, adapter_name: str, config: LoraConfig, layers: dict, saved: list) -> dict:
-    """File key -> the model's parameter that it holds, for adapter ``adapter_name``."""
+    """File key -> the model's parameter that it holds, for adapter ``adapter_name``.
+
+    layers: the LoRA layers holding the adapter; saved: the names of every modules_to_save wrapper."""
     keys = {}
     for name, layer in layers.items():
-        keys[f"{name}.lora_A.weight"] = layer.lora_A
-        keys[f"{name}.lora_B.weight"] = layer.lora_B
-    wrapped = {}
+        a, b = layer.adapter_parameters(adapter_name)
+        keys[f"{name}.lora_A.weight"] = a
+        keys[f"{name}.lora_B.weight"] = b
     for name in saved:
         module = model.get_submodule(name)
         if isinstance(module, ModulesToSaveWrapper):
+            if adapter_name not in module.modules_to_save:
+                continue
             module = module.modules_to_save[adapter_name]
-        wrapped[name] = module
         for pname, p in module.named_parameters():
             keys[f"{name}.{pname}"] = p
     if config.bias == "lora_only":
@@ -55,19 +57,41 @@ def _adapter_keys(model: nn.Module, adapter_name: str, config: LoraConfig, layer
             if layer.bias is not None:
                 keys[f"{name}.base_layer.bias"] = layer.bias
     elif config.bias == "all":
-        for mname, module in model.named_modules():
-            if isinstance(module, ModulesToSaveWrapper) or any(
-                    mname == s or mname.startswith(s + ".") for s in saved):
-                continue
-            for pname, p in module.named_parameters(recurse=False):
-                full = f"{mname}.{pname}" if mname else pname
-                if is_bias(full):
-                    keys[f"{mname}.base_layer.{pname}" if mname in layers else full] = p
+        for pname, p in _bias_parameters(model, saved):
+            mod, _, leaf = pname.rpartition(".")
+            keys[f"{mod}.base_layer.{leaf}" if mod in layers else pname] = p
     return keys
 
 
+def _bias_parameters(model: nn.Module, saved: list) -> list:
+    """``(name, parameter)`` of the biases ``bias="all"`` trains, outside modules_to_save modules."""
+    return [(n, p) for n, p in model.named_parameters() if is_bias(n) and not any(n.startswith(s + ".") for s in saved)]
+
+
 def _saved_modules(model: nn.Module) -> list:
-    return [n for n, m in model.named_modules() if isinstance(m, ModulesToSaveWrapper)]
+    return list(saved_module_wrappers(model))
+
+
+def _expected_shapes(model: nn.Module, config: LoraConfig, plan) -> dict:
+    """File key -> shape, for the adapter ``plan`` would create on ``model`` (before it exists)."""
+    expected = {}
+    for name, (r, _) in plan.targets.items():
+        lin = model.get_submodule(name)
+        expected[f"{name}.lora_A.weight"] = (r, lin.in_features)
+        expected[f"{name}.lora_B.weight"] = (lin.out_features, r)
+        if config.bias == "lora_only" and lin.bias is not None:
+            expected[f"{name}.base_layer.bias"] = tuple(lin.bias.shape)
+    for name in plan.saved:
+        module = model.get_submodule(name)
+        if isinstance(module, ModulesToSaveWrapper):
+            module = module.original_module
+        for pname, p in module.named_parameters():
+            expected[f"{name}.{pname}"] = tuple(p.shape)
+    if config.bias == "all":
+        for pname, p in _bias_parameters(model, plan.saved + _saved_modules(model)):
+            mod, _, leaf = pname.rpartition(".")
+            expected[f"{mod}.base_layer.{leaf}" if mod in plan.targets else pname] = tuple(p.shape)
+    return expected
 
 
 def _config_json(model: nn.Module, config: LoraConfig, layers: dict) -> dict:
@@ -231,65 +255,45 @@ def _check_against(expected_shapes: dict, weights: dict, directory) -> None:
 
 
 def load_adapter(model: nn.Module, directory, adapter_name: str = "default", trainable: bool = True) -> nn.Module:
-    """Load a PEFT-format LoRA adapter from ``directory`` into ``model``; returns ``model``.
+    """Load a PEFT-format LoRA adapter from ``directory`` into ``model`` as ``adapter_name``; returns ``model``.
 
-    A model without LoRA layers gets them injected from the saved config first, as adapter
-    ``adapter_name``. A model that already has adapter ``adapter_name`` has its weights replaced, and the
-    saved config's alphas applied. Every key, shape and the config are checked before the model changes.
-    ``trainable=False`` freezes the loaded adapter (inference).
+    - a model without adapters gets the LoRA layers injected from the saved config; the adapter is
+      active, and trains unless ``trainable=False``;
+    - a model with other adapters gets this one beside them (ranks may differ), inactive and frozen
+      (``fastpeft.set_adapter`` activates it; ``fastpeft.mixed_batch`` routes it per sequence);
+    - a model that already has ``adapter_name`` gets its weights replaced and the saved alphas applied.
+    The config, every key and every shape are checked before the model changes.
     """
     config = read_adapter_config(directory)
     weights = read_adapter_weights(directory)
     configs = adapter_configs(model)
-    if configs and adapter_name not in configs:
-        raise ValueError(f"model already has adapter(s) {list(configs)}; loading a second one "
-                         f"({adapter_name!r}) beside them is not supported yet")
+    plan = plan_lora(model, config)
+    expected = _expected_shapes(model, config, plan)
+    weights = _resolve_aliases(expected, _drop_wrapper_duplicates(weights, plan.saved + _saved_modules(model)))
+    _check_against(expected, weights, directory)
 
-    if not configs:
-        plan = plan_lora(model, config)
-        expected = {}
-        for name, (r, _) in plan.targets.items():
-            lin = model.get_submodule(name)
-            expected[f"{name}.lora_A.weight"] = (r, lin.in_features)
-            expected[f"{name}.lora_B.weight"] = (lin.out_features, r)
-            if config.bias == "lora_only" and lin.bias is not None:
-                expected[f"{name}.base_layer.bias"] = tuple(lin.bias.shape)
-        for name in plan.saved:
-            for pname, p in model.get_submodule(name).named_parameters():
-                expected[f"{name}.{pname}"] = tuple(p.shape)
-        if config.bias == "all":
-            for pname, p in model.named_parameters():
-                if is_bias(pname) and not any(pname.startswith(s + ".") for s in plan.saved):
-                    mod, _, leaf = pname.rpartition(".")
-                    expected[f"{mod}.base_layer.{leaf}" if mod in plan.targets else pname] = tuple(p.shape)
-        weights = _resolve_aliases(expected, _drop_wrapper_duplicates(weights, plan.saved))
-        _check_against(expected, weights, directory)
-        inject(model, config, adapter_name, plan=plan)
-    else:
+    if adapter_name in configs:
         layers = {n: m for n, m in lora_layers(model).items() if adapter_name in m.adapter_names}
-        saved = _saved_modules(model)
-        keys = _adapter_keys(model, adapter_name, config, layers, saved)
-        weights = _resolve_aliases(keys, _drop_wrapper_duplicates(weights, saved))
-        _check_against({k: tuple(p.shape) for k, p in keys.items()}, weights, directory)
-        targets = plan_lora(model, config, existing=True).targets
-        if set(targets) != set(layers):
-            raise ValueError(f"adapter config in {os.fspath(directory)!r} targets {sorted(targets)}, but adapter "
-                             f"{adapter_name!r} of the model is on {sorted(layers)}")
+        if set(plan.targets) != set(layers):
+            raise ValueError(f"adapter config in {os.fspath(directory)!r} targets {sorted(plan.targets)}, but "
+                             f"adapter {adapter_name!r} of the model is on {sorted(layers)}")
         for n, layer in layers.items():
-            if targets[n][0] != layer.r:
-                raise ValueError(f"adapter config gives {n!r} rank {targets[n][0]}, the model's layer has {layer.r}")
+            if plan.targets[n][0] != layer.adapter_spec(adapter_name).r:
+                raise ValueError(f"adapter config gives {n!r} rank {plan.targets[n][0]}, the model's adapter "
+                                 f"{adapter_name!r} has rank {layer.adapter_spec(adapter_name).r} there")
         for n, layer in layers.items():  # checks done: now update
-            layer.lora_alpha = pattern_value(config.alpha_pattern, n, config.lora_alpha)
-            layer.use_rslora = config.use_rslora
-            layer.lora_dropout = config.lora_dropout
-            layer.scaling = lora_scaling(layer.r, layer.lora_alpha, layer.use_rslora)
-        model._fastpeft_adapters = {adapter_name: config}
+            layer.update_adapter(adapter_name, lora_alpha=plan.targets[n][1], lora_dropout=config.lora_dropout,
+                                 use_rslora=config.use_rslora)
+        model._fastpeft_adapters = {**configs, adapter_name: config}
+    else:
+        inject(model, config, adapter_name, plan=plan, activate=not configs)
 
-    keys = _adapter_keys(model, adapter_name, config,
-                         {n: m for n, m in lora_layers(model).items() if adapter_name in m.adapter_names},
-                         _saved_modules(model))
+    layers = {n: m for n, m in lora_layers(model).items() if adapter_name in m.adapter_names}
+    keys = _adapter_keys(model, adapter_name, config, layers, _saved_modules(model))
     with torch.no_grad():
         for k, p in keys.items():
             p.copy_(weights[k])
+    if active_adapter(model) == adapter_name:  # an adapter loaded beside others stays frozen
+        for p in keys.values():
             p.requires_grad_(trainable)
     return model

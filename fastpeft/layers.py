@@ -1,15 +1,23 @@
-"""``FastLoRALinear``: an ``nn.Linear`` with a trainable low-rank update, computed by ``lora_linear``."""
+"""``FastLoRALinear``: an ``nn.Linear`` with trainable low-rank updates, one or many adapters.
+
+Storage: all adapters of a layer live in two stacked tensors, A (n, r_max, in) and B (n, out, r_max),
+zero beyond each adapter's rank. Each adapter's ``lora_A`` (r, in) / ``lora_B`` (out, r) Parameter is a
+view into them, so an optimizer step on an adapter updates the stack in place and a mixed batch reads
+the stack without copying. Adding or deleting adapters re-packs the stack and re-points the views (the
+Parameter objects, and so optimizer state, stay the same); a stack that no longer backs the Parameters
+(after ``.to()``, a deepcopy, or a user's ``p.data = ...``) is re-packed on next use.
+"""
 from __future__ import annotations
 
 import math
+from dataclasses import dataclass
 
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from ._checks import check_dropout, check_finite_number, check_rank
-from .functional import draw_seed, lora_linear
-from .reference import lora_dropout_ref
+from ._checks import check_dropout, check_finite_number, check_rank, expand_adapter_ids
+from .functional import lora_linear, lora_linear_multi
 
 INIT_CHOICES = (True, False, "gaussian")
 
@@ -26,130 +34,327 @@ def _check_init(init_lora_weights):
     return init_lora_weights
 
 
+def check_adapter_name(name) -> str:
+    if not isinstance(name, str) or not name or "." in name:
+        raise ValueError(f"adapter name must be a non-empty str without '.', got {name!r}")
+    return name
+
+
+@dataclass
+class AdapterSpec:
+    """Hyper-parameters of one adapter of a layer."""
+
+    r: int
+    lora_alpha: float
+    lora_dropout: float
+    use_rslora: bool
+
+    @property
+    def scaling(self) -> float:
+        return lora_scaling(self.r, self.lora_alpha, self.use_rslora)
+
+
+def _spec(r, lora_alpha, lora_dropout, use_rslora) -> AdapterSpec:
+    check_rank(r)
+    alpha = check_finite_number(lora_alpha, "lora_alpha")
+    if alpha == int(alpha):
+        alpha = int(alpha)  # keep PEFT's JSON ints as ints
+    if not isinstance(use_rslora, bool):
+        raise TypeError(f"use_rslora must be a bool, got {type(use_rslora).__name__}")
+    return AdapterSpec(r, alpha, check_dropout(lora_dropout), use_rslora)
+
+
 class FastLoRALinear(nn.Module):
     """``y = x W^T + b + scaling * (dropout(x) A^T) B^T`` with W (and b) frozen.
 
     Shapes: weight (out, in), bias (out,), lora_A (r, in), lora_B (out, r); x (..., in) -> (..., out).
     ``scaling = lora_alpha / r`` (or ``/ sqrt(r)`` with ``use_rslora``). The adapter built with the
-    layer is named ``"default"`` (``adapter_names``). Only ``lora_A`` and ``lora_B`` require grad.
+    layer is named ``"default"``; ``add_adapter`` adds more (other ranks too), ``set_adapter`` picks the
+    one ``forward(x)`` uses and trains, and ``forward(x, adapter_ids)`` gives each row its own.
+    ``r``, ``lora_alpha``, ``lora_dropout``, ``scaling``, ``lora_A`` and ``lora_B`` are the active
+    adapter's.
     """
 
     def __init__(self, in_features, out_features, r=8, lora_alpha=8, lora_dropout=0.0, bias=True,
-                 use_rslora=False, init_lora_weights=True, device=None, dtype=None):
+                 use_rslora=False, init_lora_weights=True, device=None, dtype=None, adapter_name="default"):
         super().__init__()
         for name, v in (("in_features", in_features), ("out_features", out_features)):
             check_rank(v, name)
         base = nn.Linear(in_features, out_features, bias=bias, device=device, dtype=dtype)
-        self._setup(base.weight, base.bias, r, lora_alpha, lora_dropout, use_rslora, init_lora_weights)
+        self._setup(base.weight, base.bias, adapter_name, r, lora_alpha, lora_dropout, use_rslora,
+                    init_lora_weights)
 
     @classmethod
     def from_linear(cls, linear: nn.Linear, r=8, lora_alpha=8, lora_dropout=0.0, use_rslora=False,
-                    init_lora_weights=True) -> "FastLoRALinear":
+                    init_lora_weights=True, adapter_name="default") -> "FastLoRALinear":
         """Wrap ``linear``: the new layer shares (not copies) its weight and bias, and freezes them."""
         if not isinstance(linear, nn.Linear):
             raise TypeError(f"linear must be an nn.Linear, got {type(linear).__name__}")
         self = cls.__new__(cls)
         nn.Module.__init__(self)
-        self._setup(linear.weight, linear.bias, r, lora_alpha, lora_dropout, use_rslora, init_lora_weights)
+        self._setup(linear.weight, linear.bias, adapter_name, r, lora_alpha, lora_dropout, use_rslora,
+                    init_lora_weights)
         return self
 
-    def _setup(self, weight, bias, r, lora_alpha, lora_dropout, use_rslora, init_lora_weights):
-        self.r = check_rank(r)
-        self.lora_alpha = check_finite_number(lora_alpha, "lora_alpha")
-        if self.lora_alpha == int(self.lora_alpha):
-            self.lora_alpha = int(self.lora_alpha)  # keep PEFT's JSON ints as ints
-        self.lora_dropout = check_dropout(lora_dropout)
-        if not isinstance(use_rslora, bool):
-            raise TypeError(f"use_rslora must be a bool, got {type(use_rslora).__name__}")
-        self.use_rslora = use_rslora
-        self.scaling = lora_scaling(self.r, self.lora_alpha, use_rslora)
+    def _setup(self, weight, bias, adapter_name, r, lora_alpha, lora_dropout, use_rslora, init_lora_weights):
+        spec = _spec(r, lora_alpha, lora_dropout, use_rslora)
+        _check_init(init_lora_weights)
+        check_adapter_name(adapter_name)
         self.out_features, self.in_features = weight.shape
         weight.requires_grad_(False)
         self.weight = weight
         if bias is not None:
             bias.requires_grad_(False)
         self.bias = bias
-        kw = dict(device=weight.device, dtype=weight.dtype)
-        self.lora_A = nn.Parameter(torch.empty(self.r, self.in_features, **kw))
-        self.lora_B = nn.Parameter(torch.empty(self.out_features, self.r, **kw))
+        self.lora_A_adapters = nn.ParameterDict()
+        self.lora_B_adapters = nn.ParameterDict()
+        self._specs: dict = {}
+        self._active: str | None = None
+        self._stack = None      # (A (n, r_max, in), B (n, out, r_max)) backing the adapter Parameters
+        self._meta = None       # device tensors (scalings, ranks, dropout) for mixed batches
+        self._routing = None    # per-sequence ids set by fastpeft.mixed_batch
         self.merged = False
-        self.adapter_names = ["default"]
-        self.reset_lora_parameters(init_lora_weights)
+        self.add_adapter(adapter_name, spec.r, spec.lora_alpha, spec.lora_dropout, spec.use_rslora,
+                         init_lora_weights)
+        self.set_adapter(adapter_name)
+
+    # ---- the adapter registry ------------------------------------------------------------------
+
+    @property
+    def adapter_names(self) -> list:
+        """Names of the layer's adapters; a name's index is its adapter id in ``forward(x, adapter_ids)``."""
+        return list(self._specs)
+
+    @property
+    def active_adapter(self) -> str | None:
+        return self._active
+
+    def add_adapter(self, name, r, lora_alpha, lora_dropout=0.0, use_rslora=False, init_lora_weights=True):
+        """Add adapter ``name`` (its own rank, alpha, dropout); the active adapter does not change and the
+        new one starts frozen unless it is the first (``set_adapter`` trains the active one)."""
+        check_adapter_name(name)
+        if name in self._specs:
+            raise ValueError(f"adapter {name!r} already exists in this layer (adapters {self.adapter_names})")
+        spec = _spec(r, lora_alpha, lora_dropout, use_rslora)
+        _check_init(init_lora_weights)
+        kw = dict(device=self.weight.device, dtype=self.weight.dtype)
+        self.lora_A_adapters[name] = nn.Parameter(torch.empty(spec.r, self.in_features, **kw),
+                                                  requires_grad=self._active is None)
+        self.lora_B_adapters[name] = nn.Parameter(torch.empty(self.out_features, spec.r, **kw),
+                                                  requires_grad=self._active is None)
+        self._specs[name] = spec
+        self.reset_lora_parameters(init_lora_weights, adapter_name=name)
+        self._repack()
+
+    def set_adapter(self, name: str | None) -> None:
+        """Make ``name`` the adapter ``forward(x)`` applies and the only one that trains (None: none)."""
+        if name is not None and name not in self._specs:
+            raise ValueError(f"adapter {name!r} is not in this layer; it has {self.adapter_names}")
+        if self.merged and name != self._active:
+            raise RuntimeError(f"set_adapter({name!r}) on a layer with {self._active!r} merged: unmerge() first")
+        self._active = name
+        for n in self._specs:
+            self.lora_A_adapters[n].requires_grad_(n == name)
+            self.lora_B_adapters[n].requires_grad_(n == name)
+
+    def delete_adapter(self, name: str) -> None:
+        """Remove adapter ``name``; later adapters' ids shift down by one. Deleting the active adapter
+        leaves none active (forward is then the base layer) until ``set_adapter``."""
+        if name not in self._specs:
+            raise ValueError(f"adapter {name!r} is not in this layer; it has {self.adapter_names}")
+        if self.merged and name == self._active:
+            raise RuntimeError(f"delete_adapter({name!r}): it is merged; unmerge() first")
+        del self._specs[name]
+        del self.lora_A_adapters[name]
+        del self.lora_B_adapters[name]
+        if self._active == name:
+            self._active = None
+        self._repack()
+
+    def _spec_of(self, name: str | None) -> AdapterSpec:
+        name = self._active if name is None else name
+        if name is None:
+            raise AttributeError("this layer has no active adapter (set_adapter(name) picks one)")
+        if name not in self._specs:
+            raise ValueError(f"adapter {name!r} is not in this layer; it has {self.adapter_names}")
+        return self._specs[name]
+
+    def adapter_spec(self, name: str | None = None) -> AdapterSpec:
+        """Rank, alpha, dropout and rsLoRA flag of adapter ``name`` (default: the active one)."""
+        return self._spec_of(name)
+
+    def adapter_parameters(self, name: str | None = None) -> tuple:
+        """``(lora_A, lora_B)`` Parameters of adapter ``name`` (default: the active one)."""
+        name = self._active if name is None else name
+        self._spec_of(name)
+        return self.lora_A_adapters[name], self.lora_B_adapters[name]
+
+    def update_adapter(self, name: str, lora_alpha=None, lora_dropout=None, use_rslora=None) -> None:
+        """Change an adapter's alpha / dropout / rsLoRA flag (its rank is fixed by its tensors)."""
+        s = self._spec_of(name)
+        new = _spec(s.r, s.lora_alpha if lora_alpha is None else lora_alpha,
+                    s.lora_dropout if lora_dropout is None else lora_dropout,
+                    s.use_rslora if use_rslora is None else use_rslora)
+        if self.merged and name == self._active and new.scaling != s.scaling:
+            raise RuntimeError("update_adapter would change the scaling of the merged adapter: unmerge() first")
+        self._specs[name] = new
+        self._meta = None
+
+    # The active adapter's attributes, as in the single-adapter API.
+    lora_A = property(lambda self: self.adapter_parameters()[0], doc="Active adapter's A (r, in).")
+    lora_B = property(lambda self: self.adapter_parameters()[1], doc="Active adapter's B (out, r).")
+    r = property(lambda self: self._spec_of(None).r)
+    scaling = property(lambda self: self._spec_of(None).scaling)
+    lora_alpha = property(lambda self: self._spec_of(None).lora_alpha,
+                          lambda self, v: self.update_adapter(self._active, lora_alpha=v))
+    lora_dropout = property(lambda self: self._spec_of(None).lora_dropout,
+                            lambda self, v: self.update_adapter(self._active, lora_dropout=v))
+    use_rslora = property(lambda self: self._spec_of(None).use_rslora,
+                          lambda self, v: self.update_adapter(self._active, use_rslora=v))
+
+    # ---- stacked storage -----------------------------------------------------------------------
+
+    def _repack(self) -> None:
+        """Copy every adapter into fresh stacks (n, r_max, in) / (n, out, r_max), zero-padded, and make
+        each adapter's Parameters views into them."""
+        names = self.adapter_names
+        self._meta = None
+        if not names:
+            self._stack = None
+            return
+        a0 = self.lora_A_adapters[names[0]]
+        r_max = max(s.r for s in self._specs.values())
+        kw = dict(device=a0.device, dtype=a0.dtype)
+        stack_a = torch.zeros(len(names), r_max, self.in_features, **kw)
+        stack_b = torch.zeros(len(names), self.out_features, r_max, **kw)
+        with torch.no_grad():
+            for i, n in enumerate(names):
+                r = self._specs[n].r
+                pa, pb = self.lora_A_adapters[n], self.lora_B_adapters[n]
+                stack_a[i, :r].copy_(pa)
+                stack_b[i, :, :r].copy_(pb)
+                pa.data = stack_a[i, :r]
+                pb.data = stack_b[i, :, :r]
+        self._stack = (stack_a, stack_b)
+
+    def stacked(self) -> tuple:
+        """``(A (n, r_max, in), B (n, out, r_max))`` backing the adapters (re-packed if it no longer does)."""
+        if self._stack is None or not self._stack_backs_parameters():
+            self._repack()
+        return self._stack
+
+    def _stack_backs_parameters(self) -> bool:
+        stack_a, stack_b = self._stack
+        names = self.adapter_names
+        if stack_a.shape[0] != len(names):
+            return False
+        for i, n in enumerate(names):
+            pa, pb = self.lora_A_adapters[n], self.lora_B_adapters[n]
+            if pa.data_ptr() != stack_a[i].data_ptr() or pb.data_ptr() != stack_b[i].data_ptr() \
+                    or pa.dtype != stack_a.dtype or pa.device != stack_a.device:
+                return False
+        return True
+
+    def _adapter_meta(self, device) -> tuple:
+        """(scalings fp32, ranks int64, dropout fp32) tensors (n,) on ``device``, cached."""
+        if self._meta is None or self._meta[0].device != device:
+            specs = list(self._specs.values())
+            self._meta = (torch.tensor([s.scaling for s in specs], dtype=torch.float32, device=device),
+                          torch.tensor([s.r for s in specs], dtype=torch.int64, device=device),
+                          torch.tensor([s.lora_dropout for s in specs], dtype=torch.float32, device=device))
+        return self._meta
+
+    def _apply(self, fn, *args, **kwargs):
+        out = super()._apply(fn, *args, **kwargs)
+        self._stack = None  # .to() / .cuda() / .half() moved each Parameter on its own: re-pack lazily
+        self._meta = None
+        return out
+
+    # ---- init, forward ---------------------------------------------------------------------------
 
     @torch.no_grad()
-    def reset_lora_parameters(self, init_lora_weights=True) -> None:
+    def reset_lora_parameters(self, init_lora_weights=True, adapter_name: str | None = None) -> None:
         """PEFT's inits: ``True`` A kaiming-uniform(a=sqrt(5)), B zeros, so the layer starts as its base;
         ``"gaussian"`` A ~ N(0, std=1/r), B zeros; ``False`` both kaiming-uniform (non-zero B, for tests)."""
         _check_init(init_lora_weights)
-        if self.merged:
-            raise RuntimeError("reset_lora_parameters on a merged layer: call unmerge() first")
+        name = self._active if adapter_name is None else adapter_name
+        spec = self._spec_of(name)
+        if self.merged and name == self._active:
+            raise RuntimeError("reset_lora_parameters on a merged adapter: call unmerge() first")
+        a, b = self.lora_A_adapters[name], self.lora_B_adapters[name]
         if init_lora_weights == "gaussian":
-            nn.init.normal_(self.lora_A, std=1.0 / self.r)
+            nn.init.normal_(a, std=1.0 / spec.r)
         else:
-            nn.init.kaiming_uniform_(self.lora_A, a=math.sqrt(5))
+            nn.init.kaiming_uniform_(a, a=math.sqrt(5))
         if init_lora_weights is False:
-            nn.init.kaiming_uniform_(self.lora_B, a=math.sqrt(5))
+            nn.init.kaiming_uniform_(b, a=math.sqrt(5))
         else:
-            nn.init.zeros_(self.lora_B)
+            nn.init.zeros_(b)
 
     def extra_repr(self) -> str:
-        return (f"in_features={self.in_features}, out_features={self.out_features}, "
-                f"bias={self.bias is not None}, r={self.r}, lora_alpha={self.lora_alpha}, "
-                f"lora_dropout={self.lora_dropout}, scaling={self.scaling:g}, merged={self.merged}")
+        adapters = ", ".join(f"{n}(r={s.r}, alpha={s.lora_alpha}, dropout={s.lora_dropout}, scaling={s.scaling:g})"
+                             for n, s in self._specs.items())
+        return (f"in_features={self.in_features}, out_features={self.out_features}, bias={self.bias is not None}, "
+                f"active={self._active!r}, merged={self.merged}, adapters=[{adapters}]")
 
     def forward(self, x: torch.Tensor, adapter_ids: torch.Tensor | None = None) -> torch.Tensor:
-        """x: (..., in) -> (..., out). ``adapter_ids`` (LongTensor of shape ``x.shape[:-1]`` per row, or
-        ``(x.shape[0],)`` per sequence) picks each row's adapter: 0 = ``"default"``, -1 = base only."""
+        """x: (..., in) -> (..., out). ``adapter_ids`` (int tensor of shape ``x.shape[:-1]`` per row, or
+        ``(x.shape[0],)`` per sequence) gives each row the adapter of that index in ``adapter_names``
+        (-1 = base only); inside ``fastpeft.mixed_batch`` the per-sequence routing applies."""
         if x.dim() == 0 or x.shape[-1] != self.in_features:
             got = x.shape[-1] if x.dim() else "a 0-d tensor"
             raise ValueError(f"input's last dim must be in_features={self.in_features}, got {got}")
+        check_ids = True
+        if adapter_ids is None and self._routing is not None:
+            adapter_ids, check_ids = self._routing, False
         if self.merged:
             if adapter_ids is not None:
                 raise RuntimeError("adapter_ids cannot route rows on a merged layer: call unmerge() first")
             return F.linear(x, self.weight, self.bias)
         if adapter_ids is None:
-            return lora_linear(x, self.weight, self.bias, self.lora_A, self.lora_B, self.scaling,
-                               self.lora_dropout, self.training)
-        # One adapter per layer for now: rows with id 0 get it, rows with -1 the base only. The LoRA
-        # branch is linear in its input, so zeroing the shrunk rows u = drop(x) A^T routes it.
-        keep = self._rows_with_adapter(x, adapter_ids)
-        p = self.lora_dropout if self.training else 0.0
-        xd = lora_dropout_ref(x, p, draw_seed()) if p > 0.0 else x
-        u = F.linear(xd, self.lora_A) * keep.to(x.dtype).unsqueeze(-1)
-        return F.linear(x, self.weight, self.bias) + self.scaling * F.linear(u, self.lora_B)
+            if self._active is None:
+                return F.linear(x, self.weight, self.bias)
+            s = self._specs[self._active]
+            a, b = self.adapter_parameters()
+            return lora_linear(x, self.weight, self.bias, a, b, s.scaling, s.lora_dropout, self.training)
+        ids = expand_adapter_ids(adapter_ids, x, len(self._specs), check_range=check_ids)
+        if not self._specs:
+            return F.linear(x, self.weight, self.bias)
+        scalings, ranks, dropout = self._adapter_meta(x.device)
+        stack_a, stack_b = self._differentiable_stacks()
+        return lora_linear_multi(x, self.weight, self.bias, stack_a, stack_b, scalings, ids, ranks,
+                                 dropout_p=dropout, training=self.training, check_ids=False)
 
-    def _rows_with_adapter(self, x: torch.Tensor, adapter_ids: torch.Tensor) -> torch.Tensor:
-        """Bool mask of x.shape[:-1]: rows whose id is 0; checks ids' dtype, shape and range."""
-        if not isinstance(adapter_ids, torch.Tensor) or adapter_ids.dtype not in (torch.int64, torch.int32):
-            raise TypeError(f"adapter_ids must be an int64/int32 tensor, got "
-                            f"{getattr(adapter_ids, 'dtype', type(adapter_ids).__name__)}")
-        if adapter_ids.device != x.device:
-            raise ValueError(f"adapter_ids must be on x's device {x.device}, got {adapter_ids.device}")
-        rows = x.shape[:-1]
-        if tuple(adapter_ids.shape) == tuple(rows):
-            ids = adapter_ids
-        elif x.dim() >= 2 and tuple(adapter_ids.shape) == (x.shape[0],):
-            ids = adapter_ids.view((-1,) + (1,) * (x.dim() - 2)).expand(rows)
-        else:
-            raise ValueError(f"adapter_ids must have shape {tuple(rows)} (per row) or ({x.shape[0]},) "
-                             f"(per sequence), got {tuple(adapter_ids.shape)}")
-        n = len(self.adapter_names)
-        if ids.numel() and (int(ids.min()) < -1 or int(ids.max()) >= n):
-            raise ValueError(f"adapter_ids must be in [-1, {n - 1}] (-1 = base only; adapters "
-                             f"{self.adapter_names}), got values in [{int(ids.min())}, {int(ids.max())}]")
-        return ids >= 0
+    def _differentiable_stacks(self) -> tuple:
+        """The stacks, read in place; when an adapter trains, built from its Parameters instead so that
+        gradients reach them (zero-padded to r_max)."""
+        stack_a, stack_b = self.stacked()
+        if not torch.is_grad_enabled() or not any(p.requires_grad for p in self.lora_A_adapters.values()) \
+                and not any(p.requires_grad for p in self.lora_B_adapters.values()):
+            return stack_a, stack_b
+        r_max = stack_a.shape[1]
+        pa = [F.pad(self.lora_A_adapters[n], (0, 0, 0, r_max - s.r)) for n, s in self._specs.items()]
+        pb = [F.pad(self.lora_B_adapters[n], (0, r_max - s.r)) for n, s in self._specs.items()]
+        return torch.stack(pa), torch.stack(pb)
+
+    # ---- merging ---------------------------------------------------------------------------------
 
     @torch.no_grad()
-    def delta_weight(self) -> torch.Tensor:
-        """``scaling * B A`` (out, in) in the weight's dtype, computed in fp32."""
-        return (self.scaling * (self.lora_B.float() @ self.lora_A.float())).to(self.weight.dtype)
+    def delta_weight(self, adapter_name: str | None = None) -> torch.Tensor:
+        """``scaling * B A`` (out, in) of an adapter (default: the active one), in the weight's dtype,
+        computed in fp32."""
+        name = self._active if adapter_name is None else adapter_name
+        s = self._spec_of(name)
+        a, b = self.lora_A_adapters[name], self.lora_B_adapters[name]
+        return (s.scaling * (b.float() @ a.float())).to(self.weight.dtype)
 
     @torch.no_grad()
     def merge(self) -> None:
-        """Fold the adapter into the weight in place (W += scaling B A); forward is then a plain linear.
-        The weight's storage is shared with the wrapped ``nn.Linear``, which sees the change too."""
+        """Fold the active adapter into the weight in place (W += scaling B A); forward is then a plain
+        linear. The weight's storage is shared with the wrapped ``nn.Linear``, which sees the change too."""
         if self.merged:
             raise RuntimeError("merge: the adapter is already merged")
+        self._spec_of(None)
         self.weight.add_(self.delta_weight())
         self.merged = True
 
@@ -163,9 +368,10 @@ class FastLoRALinear(nn.Module):
 
     @torch.no_grad()
     def to_linear(self) -> nn.Linear:
-        """A new ``nn.Linear`` holding W + scaling B A (and a copy of b); this layer is left untouched."""
+        """A new ``nn.Linear`` holding W + scaling B A of the active adapter (and a copy of b); this
+        layer is left untouched."""
         w = self.weight.detach().clone()
-        if not self.merged:
+        if not self.merged and self._active is not None:
             w += self.delta_weight()
         lin = nn.Linear(self.in_features, self.out_features, bias=self.bias is not None,
                         device=w.device, dtype=w.dtype)

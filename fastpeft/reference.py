@@ -113,3 +113,47 @@ def lora_linear_ref(
         x = lora_dropout_ref(x, dropout_p, seed)
     lora = F.linear(F.linear(x, lora_A), lora_B)
     return base + scaling * lora
+
+
+def lora_linear_multi_ref(
+    x: torch.Tensor,
+    weight: torch.Tensor,
+    bias: torch.Tensor | None,
+    lora_A_stack: torch.Tensor,
+    lora_B_stack: torch.Tensor,
+    scalings: torch.Tensor,
+    adapter_ids: torch.Tensor,
+    ranks: torch.Tensor | None = None,
+    dropout_p: torch.Tensor | None = None,
+    training: bool = True,
+    seed: int | None = None,
+) -> torch.Tensor:
+    """Many adapters in one batch: row m gets ``s_i (drop_i(x_m) A_i^T) B_i^T`` with i = adapter_ids[m].
+
+    x: (..., in); adapter_ids: int tensor of shape x.shape[:-1], values in [-1, n) (-1 = base only);
+    lora_A_stack: (n, r_max, in); lora_B_stack: (n, out, r_max); scalings: (n,); ranks: (n,) or None
+    (adapter i uses its first ranks[i] rows of A and columns of B); dropout_p: (n,) rates or None.
+    Returns (..., out). A loop over adapters, differentiable through torch autograd. Dropout masks are
+    those of ``lora_dropout_ref`` for the whole x (position (m, k) of x as (M, K)), at each row's own rate.
+    """
+    k = x.shape[-1]
+    x2 = x.reshape(-1, k)
+    ids = adapter_ids.reshape(-1)
+    y = F.linear(x2, weight, bias)
+    n, r_max = lora_A_stack.shape[0], lora_A_stack.shape[1]
+    rank_list = ranks.tolist() if ranks is not None else [r_max] * n
+    p_list = dropout_p.tolist() if dropout_p is not None else [0.0] * n
+    scale_list = scalings.tolist()
+    for i in range(n):
+        rows = (ids == i).nonzero().squeeze(1)
+        if rows.numel() == 0:
+            continue
+        xi = x2
+        if training and p_list[i] > 0.0:
+            if seed is None:
+                raise ValueError("seed is required when training with dropout > 0, got None")
+            xi = lora_dropout_ref(x2, p_list[i], seed)
+        r = int(rank_list[i])
+        u = F.linear(xi.index_select(0, rows), lora_A_stack[i, :r])
+        y = y.index_add(0, rows, scale_list[i] * F.linear(u, lora_B_stack[i, :, :r]))
+    return y.view(*x.shape[:-1], weight.shape[0])

@@ -114,7 +114,8 @@ def test_only_lora_parameters_train_and_output_is_unchanged():
     fastpeft.inject(m, LoraConfig(r=4, target_modules=["q_proj", "v_proj"]))
     torch.testing.assert_close(m(x), y0)  # B = 0 at init
     trainable = {n for n, p in m.named_parameters() if p.requires_grad}
-    assert trainable == {f"layers.{i}.attn.{p}_proj.lora_{ab}" for i in (0, 1) for p in "qv" for ab in "AB"}
+    assert trainable == {f"layers.{i}.attn.{p}_proj.lora_{ab}_adapters.default" for i in (0, 1) for p in "qv"
+                         for ab in "AB"}
 
 
 def test_bias_modes():
@@ -172,10 +173,36 @@ def test_trainable_parameters_and_peft_style_summary(capsys):
 
 def test_inject_twice_and_bad_config_type():
     m = fastpeft.inject(_toy(), LoraConfig(target_modules=["q_proj"]))
-    with pytest.raises(ValueError, match="already has adapter"):
+    with pytest.raises(ValueError, match="adapter 'default' already exists"):
         fastpeft.inject(m, LoraConfig(target_modules=["k_proj"]))
     with pytest.raises(TypeError, match="config must be a fastpeft.LoraConfig"):
         fastpeft.inject(_toy(), {"r": 8})
+    with pytest.raises(ValueError, match="adapter name must be a non-empty str without '.'"):
+        fastpeft.inject(_toy(), LoraConfig(target_modules=["q_proj"]), adapter_name="a.b")
+
+
+def test_second_adapter_goes_beside_the_first():
+    m = fastpeft.inject(_toy(), LoraConfig(r=4, target_modules=["q_proj"], init_lora_weights=False))
+    x = torch.randn(3, 16)
+    y_first = m(x)
+    fastpeft.inject(m, LoraConfig(r=2, target_modules=["q_proj", "v_proj"], init_lora_weights=False), "second")
+    q = m.layers[0].attn.q_proj
+    assert q.adapter_names == ["default", "second"] and q.active_adapter == "second" and q.r == 2
+    assert m.layers[0].attn.v_proj.adapter_names == ["second"]
+    trainable = {n for n, p in m.named_parameters() if p.requires_grad}
+    assert trainable and all(n.endswith(".second") for n in trainable)
+    fastpeft.set_adapter(m, "default")
+    torch.testing.assert_close(m(x), y_first)  # v_proj has no "default": it runs its base
+    assert m.layers[0].attn.v_proj.active_adapter is None
+    assert all(n.endswith(".default") for n, p in m.named_parameters() if p.requires_grad)
+    fastpeft.set_adapter(m, None)
+    torch.testing.assert_close(m(x), _toy()(x))
+    with pytest.raises(ValueError, match="'third' is not an adapter of this model"):
+        fastpeft.set_adapter(m, "third")
+    fastpeft.delete_adapter(m, "default")
+    assert q.adapter_names == ["second"] and fastpeft.active_adapter(m) is None
+    with pytest.raises(ValueError, match="not an adapter"):
+        fastpeft.delete_adapter(m, "default")
 
 
 @pytest.mark.parametrize("kw,exc,msg", [

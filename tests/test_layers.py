@@ -23,7 +23,8 @@ def test_attributes_shapes_and_frozen_base():
     assert layer.weight.shape == (80, 48) and layer.bias.shape == (80,)
     assert layer.lora_A.shape == (4, 48) and layer.lora_B.shape == (80, 4)
     trainable = {n for n, p in layer.named_parameters() if p.requires_grad}
-    assert trainable == {"lora_A", "lora_B"}
+    assert trainable == {"lora_A_adapters.default", "lora_B_adapters.default"}
+    assert layer.lora_A is layer.lora_A_adapters["default"] and isinstance(layer.lora_A, nn.Parameter)
     assert FastLoRALinear(48, 80, bias=False).bias is None
 
 
@@ -195,7 +196,7 @@ def test_bad_adapter_ids(ids, exc, msg):
 
 def test_state_dict_and_repr():
     layer = FastLoRALinear(8, 4, r=2)
-    assert set(layer.state_dict()) == {"weight", "bias", "lora_A", "lora_B"}
+    assert set(layer.state_dict()) == {"weight", "bias", "lora_A_adapters.default", "lora_B_adapters.default"}
     assert "r=2" in repr(layer) and "scaling" in repr(layer)
 
 
