@@ -158,12 +158,13 @@ def main(argv=None) -> list:
     return rows
 
 
-def to_markdown(text: str, rows: list) -> str:
+def to_markdown(text: str, rows: list, columns=None) -> str:
+    columns = columns or COLUMNS
     head, _, _ = text.partition("\n\n")
     lines = ["# " + head.splitlines()[0], "", head.splitlines()[1], "",
-             "| " + " | ".join(h for _, h, _ in COLUMNS) + " |", "|" + "---|" * len(COLUMNS)]
+             "| " + " | ".join(h for _, h, _ in columns) + " |", "|" + "---|" * len(columns)]
     for r in rows:
-        lines.append("| " + " | ".join(fmt.format(r[k]) if r.get(k) is not None else "-" for k, _, fmt in COLUMNS) + " |")
+        lines.append("| " + " | ".join(fmt.format(r[k]) if r.get(k) is not None else "-" for k, _, fmt in columns) + " |")
     return "\n".join(lines) + "\n"
 
 

@@ -1,9 +1,10 @@
 #!/usr/bin/env bash
-# One prepared GPU check: the GPU tests, then the LoRA benchmark table. Writes its log, JSON and a
+# One prepared GPU check: the GPU tests, then the LoRA and many-adapter benchmark tables. Writes its log, JSON and a
 # markdown table to $OUT (when set) and the markdown table under benchmarks/results/ (card, date,
 # versions in its header). Needs no network: installs the checkout with --no-deps.
 #   bash benchmarks/device_check.sh                # full grid (about 5 minutes on an H100)
-#   BENCH_ARGS="--tokens 8192 --shapes 4096x4096 --ranks 16" bash benchmarks/device_check.sh
+#   BENCH_ARGS="--tokens 8192 --shapes 4096x4096 --ranks 16" BENCH_MULTI_ARGS="--adapters 64" \
+#       bash benchmarks/device_check.sh
 set -uo pipefail
 cd "$(dirname "$0")/.."
 OUT="${OUT:-benchmarks/results}"
@@ -18,19 +19,23 @@ python -m pip install -q --no-deps --no-build-isolation -e . || { echo "install 
 python -c "import torch, triton; print('torch', torch.__version__, '| triton', triton.__version__, '| cuda', torch.version.cuda, '|', torch.cuda.get_device_name())"
 
 echo "== GPU tests: kernels on CUDA with explicit blocks, then the gpu-marked tests (autotuned, compile)"
-FASTPEFT_AUTOTUNE=0 timeout 240 pytest -q -x tests/test_kernels_lora.py -m "not gpu" -p no:cacheprovider
+FASTPEFT_AUTOTUNE=0 timeout 200 pytest -q -x tests/test_kernels_lora.py tests/test_kernels_multi.py -m "not gpu" \
+    -p no:cacheprovider
 rc_small=$?
-timeout 180 pytest -q tests/ -m gpu -p no:cacheprovider
+timeout 150 pytest -q tests/ -m gpu -p no:cacheprovider
 rc_gpu=$?
 
 echo "== benchmark"
 card=$(python -c "import torch; print(torch.cuda.get_device_name().replace(' ', '-'))")
 stamp=$(date -u +%Y-%m-%d)
-timeout 330 fastpeft bench --quiet --warmup-ms 10 --rep-ms 40 ${BENCH_ARGS:-} \
+timeout 240 fastpeft bench lora --quiet --warmup-ms 10 --rep-ms 30 ${BENCH_ARGS:-} \
     --json "$OUT/bench_lora.json" --markdown "$OUT/bench_lora.md" --plot "$OUT/bench_lora.png"
 rc_bench=$?
-if [ -f "$OUT/bench_lora.md" ]; then
-    cp "$OUT/bench_lora.md" "benchmarks/results/lora-${card}-${stamp}.md"
-fi
-echo "== done: small-shape tests rc=$rc_small, gpu tests rc=$rc_gpu, bench rc=$rc_bench"
-[ "$rc_small" -eq 0 ] && [ "$rc_gpu" -eq 0 ] && [ "$rc_bench" -eq 0 ]
+timeout 120 fastpeft bench multi --quiet --warmup-ms 10 --rep-ms 30 ${BENCH_MULTI_ARGS:-} \
+    --json "$OUT/bench_multi.json" --markdown "$OUT/bench_multi.md"
+rc_multi=$?
+for t in lora multi; do
+    if [ -f "$OUT/bench_$t.md" ]; then cp "$OUT/bench_$t.md" "benchmarks/results/$t-${card}-${stamp}.md"; fi
+done
+echo "== done: small-shape tests rc=$rc_small, gpu tests rc=$rc_gpu, bench lora rc=$rc_bench, multi rc=$rc_multi"
+[ "$rc_small" -eq 0 ] && [ "$rc_gpu" -eq 0 ] && [ "$rc_bench" -eq 0 ] && [ "$rc_multi" -eq 0 ]

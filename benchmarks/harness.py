@@ -86,8 +86,9 @@ def write_json(path: str, env: dict, rows: list) -> None:
         json.dump({"environment": env, "rows": [r if isinstance(r, dict) else asdict(r) for r in rows]}, f, indent=2)
 
 
-def plot_ratios(rows: list, path: str, title: str) -> None:
-    """One bar group per case, one bar per provider: median time / nn.Linear's (lower is better)."""
+def plot_ratios(rows: list, path: str, title: str, baseline: str = "linear") -> None:
+    """One bar group per case, one bar per provider: median time / the baseline's (lower is better).
+    Rows carry M, K, N, r, p, mode, provider and vs_linear (the ratio to the baseline)."""
     try:
         import matplotlib
 
@@ -100,7 +101,7 @@ def plot_ratios(rows: list, path: str, title: str) -> None:
         key = (r["M"], r["K"], r["N"], r["r"], r["p"], r["mode"])
         if key not in cases:
             cases.append(key)
-    provs = [p for p in dict.fromkeys(r["provider"] for r in rows) if p != "linear"]
+    provs = [p for p in dict.fromkeys(r["provider"] for r in rows) if p != baseline]
     width = 0.8 / max(1, len(provs))
     fig, ax = plt.subplots(figsize=(max(8, 0.6 * len(cases) * max(1, len(provs)) / 2), 5))
     for i, prov in enumerate(provs):
@@ -113,7 +114,7 @@ def plot_ratios(rows: list, path: str, title: str) -> None:
     ax.axhline(1.0, color="k", lw=0.8, ls="--")
     ax.set_xticks([j + 0.4 - width / 2 for j in range(len(cases))])
     ax.set_xticklabels([f"M{m} {k}x{n}\nr{r} p{p} {mode}" for m, k, n, r, p, mode in cases], fontsize=7, rotation=60)
-    ax.set_ylabel("time / frozen nn.Linear (same run)")
+    ax.set_ylabel(f"time / {baseline} (same run)")
     ax.set_title(title)
     ax.legend()
     fig.tight_layout()

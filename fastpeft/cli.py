@@ -4,7 +4,8 @@
 seconds on the CPU to match a "fine-tuned" teacher, and show the trainable-parameter summary and the
 falling loss. It runs everywhere torch runs, offline, and ends with a save / load round trip.
 
-``fastpeft bench``: the LoRA microbenchmark table (``benchmarks/bench_lora.py``; ``--help`` there).
+``fastpeft bench [lora]``: the LoRA microbenchmark table (``benchmarks/bench_lora.py``);
+``fastpeft bench multi``: many adapters per batch (``benchmarks/bench_multi.py``); ``--help`` on each.
 """
 from __future__ import annotations
 
@@ -167,6 +168,9 @@ def _base_state(model: nn.Module) -> dict:
     return {k: v for k, v in model.state_dict().items() if "lora_" not in k}
 
 
+BENCHES = {"lora": "bench_lora", "multi": "bench_multi"}
+
+
 def _positive_int(s):
     v = int(s)
     if v <= 0:
@@ -177,8 +181,8 @@ def _positive_int(s):
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="fastpeft", description="Parameter-efficient fine-tuning with fused kernels.")
     sub = p.add_subparsers(dest="command")
-    sub.add_parser("bench", help="microbenchmark table: fastpeft vs eager reference vs PEFT vs nn.Linear",
-                   add_help=False)
+    sub.add_parser("bench", help="microbenchmark tables: 'fastpeft bench [lora]' (one adapter vs nn.Linear, "
+                   "the reference and PEFT), 'fastpeft bench multi' (many adapters per batch)", add_help=False)
     t = sub.add_parser("train", help="LoRA on a small built-in transformer, a few seconds on CPU (default)")
     t.add_argument("--steps", type=_positive_int, default=500, help="at most this many steps (default 500)")
     t.add_argument("--max-seconds", type=float, default=20.0, help="stop after this long (default 20)")
@@ -196,9 +200,9 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 
-def _bench_module():
-    """``bench_lora`` from the benchmarks folder: installed as fastpeft/benchmarks by ``pip install .``,
-    or beside the package in a checkout (editable installs)."""
+def _bench_module(name: str = "bench_lora"):
+    """A benchmark script (``bench_lora``, ``bench_multi``) from the benchmarks folder: installed as
+    fastpeft/benchmarks by ``pip install .``, or beside the package in a checkout (editable installs)."""
     import importlib
     from pathlib import Path
 
@@ -207,7 +211,7 @@ def _bench_module():
         if (folder / "bench_lora.py").is_file():
             if str(folder) not in sys.path:
                 sys.path.insert(0, str(folder))
-            return importlib.import_module("bench_lora")
+            return importlib.import_module(name)
     raise SystemExit("fastpeft bench: the benchmarks folder is missing from this install; reinstall fastpeft "
                      "(pip install .) or run it from a checkout")
 
@@ -218,7 +222,9 @@ def main(argv=None) -> int:
     if not argv or argv[0].startswith("-") and argv[0] not in ("-h", "--help"):
         argv = ["train"] + argv
     if argv and argv[0] == "bench":
-        _bench_module().main(argv[1:])
+        which = argv[1] if len(argv) > 1 and argv[1] in BENCHES else "lora"
+        rest = argv[2:] if len(argv) > 1 and argv[1] in BENCHES else argv[1:]
+        _bench_module(BENCHES[which]).main(rest)
         return 0
     args = parser.parse_args(argv)
     if args.command == "train":

@@ -51,3 +51,17 @@ def test_bench_table_json_markdown_plot(tmp_path, capsys):
     assert all(r["vs_linear"] == 1.0 for r in rows if r["provider"] == "linear")
     assert all(r["ms"] > 0 for r in rows)
     assert md.read_text().startswith("# LoRA linear") and png.stat().st_size > 1000
+
+
+def test_bench_multi_table(tmp_path, capsys):
+    js = tmp_path / "m.json"
+    rc = main(["bench", "multi", "--decode", "4", "--prefill", "1024", "--adapters", "1", "3", "--ranks", "mixed",
+               "--shape", "64x48", "--warmup-ms", "1", "--rep-ms", "5", "--quiet", "--json", str(js),
+               "--markdown", str(tmp_path / "m.md")])
+    assert rc == 0
+    assert "ratios to one adapter on the same rows" in capsys.readouterr().out
+    rows = json.loads(js.read_text())["rows"]
+    assert {(r["phase"], r["M"], r["adapters"]) for r in rows} == {(ph, m, n) for ph, m in (("decode", 4),
+                                                                    ("prefill", 1024)) for n in (1, 3)}
+    assert {r["provider"] for r in rows} >= {"single", "reference"}
+    assert all(r["vs_single"] == 1.0 for r in rows if r["provider"] == "single")
