@@ -22,7 +22,8 @@ import torch
 import torch.nn as nn
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from harness import bench, environment, plot_ratios, print_table, write_json  # noqa: E402
+from harness import (bench, environment, parse_kxn, plot_ratios, print_table, to_markdown,  # noqa: E402
+                     write_json)
 
 import fastpeft  # noqa: E402
 from fastpeft import kernels  # noqa: E402
@@ -107,17 +108,12 @@ def run(tokens, shapes, ranks, dropouts, device, dtype, modes, warmup_ms=25, rep
     return rows
 
 
-def _kn(s):
-    k, n = s.lower().split("x")
-    return int(k), int(n)
-
-
 def build_parser():
     cuda = torch.cuda.is_available()
     ap = argparse.ArgumentParser(prog="fastpeft bench", description=__doc__,
                                  formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--tokens", nargs="+", type=int, default=GPU_TOKENS if cuda else CPU_TOKENS, help="M values")
-    ap.add_argument("--shapes", nargs="+", type=_kn, default=GPU_SHAPES if cuda else CPU_SHAPES,
+    ap.add_argument("--shapes", nargs="+", type=parse_kxn, default=GPU_SHAPES if cuda else CPU_SHAPES,
                     help="KxN (in x out) pairs")
     ap.add_argument("--ranks", nargs="+", type=int, default=GPU_RANKS if cuda else CPU_RANKS)
     ap.add_argument("--dropout", nargs="+", type=float, default=[0.0, 0.1])
@@ -152,20 +148,10 @@ def main(argv=None) -> list:
         write_json(args.json, env, rows)
     if args.markdown:
         with open(args.markdown, "w") as f:
-            f.write(to_markdown(text, rows))
+            f.write(to_markdown(text, rows, COLUMNS))
     if args.plot:
         plot_ratios(rows, args.plot, f"LoRA linear ({args.dtype}) on {env['device']}")
     return rows
-
-
-def to_markdown(text: str, rows: list, columns=None) -> str:
-    columns = columns or COLUMNS
-    head, _, _ = text.partition("\n\n")
-    lines = ["# " + head.splitlines()[0], "", head.splitlines()[1], "",
-             "| " + " | ".join(h for _, h, _ in columns) + " |", "|" + "---|" * len(columns)]
-    for r in rows:
-        lines.append("| " + " | ".join(fmt.format(r[k]) if r.get(k) is not None else "-" for k, _, fmt in columns) + " |")
-    return "\n".join(lines) + "\n"
 
 
 if __name__ == "__main__":

@@ -22,7 +22,8 @@ import torch
 import torch.nn as nn
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from harness import bench, environment, plot_ratios, print_table, write_json  # noqa: E402
+from harness import (bench, environment, parse_kxn, plot_ratios, print_table, to_markdown,  # noqa: E402
+                     write_json)
 
 import fastpeft  # noqa: E402
 from fastpeft import kernels  # noqa: E402
@@ -102,11 +103,6 @@ def run(decode, prefill, adapters, rank_sets, k, n, device, dtype, warmup_ms=25,
     return rows
 
 
-def _kn(s):
-    k, n = s.lower().split("x")
-    return int(k), int(n)
-
-
 def build_parser():
     cuda = torch.cuda.is_available()
     ap = argparse.ArgumentParser(prog="fastpeft bench multi", description=__doc__,
@@ -116,7 +112,7 @@ def build_parser():
     ap.add_argument("--prefill", nargs="*", type=int, default=[8192] if cuda else [1024], help="prefill tokens")
     ap.add_argument("--adapters", nargs="+", type=int, default=[1, 8, 64] if cuda else [1, 8])
     ap.add_argument("--ranks", nargs="+", choices=list(RANK_SETS), default=list(RANK_SETS))
-    ap.add_argument("--shape", type=_kn, default=(4096, 4096) if cuda else (512, 512), help="KxN")
+    ap.add_argument("--shape", type=parse_kxn, default=(4096, 4096) if cuda else (512, 512), help="KxN")
     ap.add_argument("--dtype", choices=["bfloat16", "float16", "float32"], default="bfloat16" if cuda else "float32")
     ap.add_argument("--warmup-ms", type=float, default=25)
     ap.add_argument("--rep-ms", type=float, default=100)
@@ -134,8 +130,6 @@ COLUMNS = [("phase", "phase", "{}"), ("M", "M", "{}"), ("K", "K", "{}"), ("N", "
 
 
 def main(argv=None) -> list:
-    from bench_lora import to_markdown
-
     args = build_parser().parse_args(argv)
     device = "cuda" if torch.cuda.is_available() else "cpu"
     env = environment(device)

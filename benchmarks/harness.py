@@ -68,6 +68,23 @@ def bench(fn, device: str, warmup_ms: float = 25, rep_ms: float = 100) -> Timing
     return Timing(statistics.median(times), q[1], q[7])
 
 
+def parse_kxn(s: str) -> tuple:
+    """``"4096x11008"`` -> (4096, 11008): a (K, N) = (in, out) pair on the command line."""
+    k, n = s.lower().split("x")
+    return int(k), int(n)
+
+
+def to_markdown(text: str, rows: list, columns: list) -> str:
+    """The table ``print_table`` printed (its title and environment line) as markdown."""
+    head, _, _ = text.partition("\n\n")
+    lines = ["# " + head.splitlines()[0], "", head.splitlines()[1], "",
+             "| " + " | ".join(h for _, h, _ in columns) + " |", "|" + "---|" * len(columns)]
+    for r in rows:
+        lines.append("| " + " | ".join(fmt.format(r[k]) if r.get(k) is not None else "-" for k, _, fmt in columns)
+                     + " |")
+    return "\n".join(lines) + "\n"
+
+
 def print_table(title: str, env: dict, rows: list, columns: list) -> str:
     """Rows are dicts; ``columns`` are (key, header, format). Returns the text it printed."""
     head = f"{title}\n{env['device']} | torch {env['torch']} | triton {env['triton']} | {env['date']}"
