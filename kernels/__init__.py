@@ -24,6 +24,6 @@ INTERPRET = os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
 
 # Fused ops provided by this package. fastpeft.functional reads it to decide whether the triton
 # backend can run an op at all.
-OPS: frozenset = frozenset({"lora_linear"}) if HAS_TRITON else frozenset()
+OPS: frozenset = frozenset({"lora_linear", "lora_linear_multi"}) if HAS_TRITON else frozenset()
 
 __all__ = ["HAS_TRITON", "TRITON_IMPORT_ERROR", "TRITON_VERSION", "INTERPRET", "OPS"]

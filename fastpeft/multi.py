@@ -1,0 +1,122 @@
+"""Triton backend of :func:`fastpeft.lora_linear_multi`: many LoRA adapters in one batch.
+
+``lora_linear_multi_triton`` (called by ``fastpeft.functional.lora_linear_multi``) reshapes, follows
+autocast and runs :class:`LoRAMultiFunction` on the grouped kernels of ``kernels/multi_lora.py``: a fixed
+number of launches whatever the number of adapters, their ranks and the mix of rows.
+"""
+from __future__ import annotations
+
+import torch
+
+from .kernels import multi_lora as MK
+
+
+class LoRAMultiFunction(torch.autograd.Function):
+    r"""Many adapters in one batch on the triton kernels; x is 2-D here, (M, K), and ids (M,) int64.
+
+    Row m uses adapter a = ids[m] (none when a = -1) of rank r_a <= r_max, scaling s_a and dropout rate
+    p_a; A_a = lora_A_stack[a, :r_a] (r_a, K), B_a = lora_B_stack[a, :, :r_a] (N, r_a). D (M, K) is the
+    keep-mask, D[m, k] = draw(seed, m K + k) >= threshold(p_{ids[m]}) (fastpeft.reference.dropout_mask at
+    row m's own rate), and drop(x)_m = D_m * x_m / (1 - p_a). Forward:
+
+        u_m = drop(x)_m A_a^T                 (r_a,) fp32, zero-padded to r_max: the grouped shrink
+        y_m = x_m W^T + b + s_a u_m B_a^T     cuBLAS for the base, then the grouped expand in place
+
+    Backward, from dY (M, N). y_m depends on x_m through x_m W^T and through u_m, and on A_a, B_a only
+    for the rows of adapter a. With v_m = dY_m B_a (r_a,) (the grouped shrink on dY against B):
+
+        dL/du_m = s_a v_m
+        dX_m    = dY_m W + (dL/du_m) A_a * D_m / (1 - p_a)
+                = dY_m W + s_a D_m * (v_m A_a) / (1 - p_a)        cuBLAS, then the grouped expand (mask redrawn)
+        dA_a    = sum_{m: ids[m] = a} (dL/du_m)^T drop(x)_m
+                = s_a / (1 - p_a) * sum_m v_m^T (D_m * x_m)       (r_a, K): segment reduction
+        dB_a    = sum_{m: ids[m] = a} s_a dY_m^T u_m              (N, r_a): segment reduction
+        dA[a, r_a:] = 0, dB[a, :, r_a:] = 0                       (they never reach y); all of an
+                                                                  adapter without rows is 0 too
+        dW      = dY^T x,   db = sum_m dY_m                       (only when required)
+
+    No gradient flows to scalings, ranks, ids or dropout_p (as in the reference).
+
+    Saved for backward: x (not a dropped copy: the mask is a pure function of the seed and is redrawn),
+    u (M, r_max) fp32 in sorted order, the grouping (order (M,), bounds (n+1,), blocks (3, T)), the
+    per-adapter ranks / scales / thresholds (n,) and the parameters. v is recomputed from dY. No atomics:
+    split reductions are added in a fixed order, so the same inputs give the same bits on every run.
+    """
+
+    @staticmethod
+    def forward(ctx, x, weight, bias, lora_A_stack, lora_B_stack, scalings, ids, ranks, dropout_p, seed):
+        m, k = x.shape
+        n, r_max, _ = lora_A_stack.shape
+        dev = x.device
+        block_m = MK.block_m_for(x, m, n)
+        order, bounds, blocks = MK.group_rows(ids, n, block_m)
+        ranks = (ranks.to(torch.int32) if ranks is not None
+                 else torch.full((n,), r_max, device=dev, dtype=torch.int32))
+        # Per-adapter constants, on the device (no host sync), rounded to fp32 last.
+        s_fwd = scalings.to(torch.float32)         # y += s_a u B_a^T, and dB
+        has_mask = dropout_p is not None
+        if has_mask:
+            p = dropout_p.to(torch.float64)
+            # fastpeft.reference.dropout_threshold on the device: round(p * 2**32) (p * 2**32 is exact).
+            thr = torch.round(p * 2.0**32).clamp_(max=2.0**32).to(torch.int64)
+            keep_scale = 1.0 / (1.0 - p)
+            s_drop = keep_scale.to(torch.float32)  # u = drop(x) A_a^T
+            s_dx = (scalings.to(torch.float64) * keep_scale).to(torch.float32)  # dX += s_a mask (v A_a)/(1-p_a), dA
+        else:
+            thr = torch.zeros(n, device=dev, dtype=torch.int64)
+            s_drop = torch.ones(n, device=dev, dtype=torch.float32)
+            s_dx = s_fwd
+
+        u = MK.shrink_op(x, lora_A_stack.transpose(1, 2), order, blocks, ranks, s_drop, thr, block_m, seed,
+                         has_mask, k, 1)
+        y = torch.addmm(bias, x, weight.t()) if bias is not None else x @ weight.t()
+        MK.expand_op(y, u, lora_B_stack.transpose(1, 2), order, blocks, ranks, s_fwd, thr, block_m, 0, False, 0, 0)
+
+        ctx.save_for_backward(x, u, weight, lora_A_stack, lora_B_stack, order, bounds, blocks, ranks, s_fwd, s_dx,
+                              thr)
+        ctx.seed, ctx.has_mask, ctx.block_m, ctx.has_bias = seed, has_mask, block_m, bias is not None
+        return y
+
+    @staticmethod
+    def backward(ctx, dy):
+        x, u, weight, lora_A_stack, lora_B_stack, order, bounds, blocks, ranks, s_fwd, s_dx, thr = ctx.saved_tensors
+        need_x, need_w, need_b, need_a, need_bb = ctx.needs_input_grad[:5]
+        seed, has_mask, block_m = ctx.seed, ctx.has_mask, ctx.block_m
+        k = x.shape[1]
+        dx = dw = db = da = dbb = None
+        if need_x or need_a:
+            ones = torch.ones_like(s_fwd)
+            v = MK.shrink_op(dy, lora_B_stack, order, blocks, ranks, ones, thr, block_m, 0, False, 0, 0)
+        if need_a:
+            da = MK.segment_grad_op(x, v, order, bounds, ranks, s_dx, thr, seed, has_mask, k, 1, True)
+        if need_bb:
+            dbb = MK.segment_grad_op(dy, u, order, bounds, ranks, s_fwd, thr, 0, False, 0, 0, False)
+        if need_x:
+            dx = dy @ weight
+            MK.expand_op(dx, v, lora_A_stack, order, blocks, ranks, s_dx, thr, block_m, seed, has_mask, k, 1)
+        if need_w:
+            dw = (dy.t() @ x).to(weight.dtype)
+        if need_b and ctx.has_bias:
+            db = dy.sum(0)
+        return dx, dw, db, da, dbb, None, None, None, None, None
+
+
+def lora_linear_multi_triton(x, weight, bias, lora_A_stack, lora_B_stack, scalings, ids, ranks, dropout_p, seed):
+    """Triton path of ``lora_linear_multi``: x (..., in) any strides -> (..., out).
+
+    ids: int64 of shape x.shape[:-1], already range-checked; ranks (n,) or None (all r_max); dropout_p
+    (n,) or None (not training, or all rates zero); seed: int (used only with dropout_p). Under autocast
+    the inputs are cast to the autocast dtype first, as nn.Linear's would be.
+    """
+    dev = x.device.type
+    if torch.is_autocast_enabled(dev):
+        dtype = torch.get_autocast_dtype(dev)
+        x, weight, lora_A_stack, lora_B_stack = (t.to(dtype) for t in (x, weight, lora_A_stack, lora_B_stack))
+        bias = bias.to(dtype) if bias is not None else None
+    lead = x.shape[:-1]
+    x2 = x.reshape(-1, x.shape[-1])
+    ids2 = ids.reshape(-1).to(torch.int64)
+    with torch.autocast(dev, enabled=False):
+        y = LoRAMultiFunction.apply(x2, weight, bias, lora_A_stack, lora_B_stack, scalings, ids2, ranks, dropout_p,
+                                    int(seed) if seed is not None and dropout_p is not None else 0)
+    return y.view(*lead, weight.shape[0])

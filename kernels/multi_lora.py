@@ -1,0 +1,443 @@
+"""Many LoRA adapters in one batch: grouped shrink / expand kernels over per-row adapter ids.
+
+Row m of x (M, K) uses adapter ``ids[m]`` (-1: none) with its own rank r_a <= r_max, scaling s_a and
+dropout rate p_a; the adapters' weights are stacks A (n, r_max, K) and B (n, N, r_max). A fixed number of
+launches covers any mix of adapters, with no Python loop over them and no host sync:
+
+- ``group_rows``: torch ops on the device sort the rows by adapter (stable) and cut each adapter's
+  segment into blocks of BLOCK_M rows. The block table has the static length ``cdiv(M, BLOCK_M) + n``
+  (every adapter wastes at most one partly filled block); the blocks left over are empty (start == end)
+  and their programs do nothing.
+- ``_multi_shrink_kernel``: ``out[pos] = scale_a * drop_a(src[order[pos]]) @ W_a[:, :r_a]`` for the rows
+  of one block of one adapter: the source rows are gathered through the sorted order, the reduction may
+  be split into partial sums that are added in a fixed order (no atomics), and rows of W past r_a are
+  masked out of the loads. Forward ``u = drop(x) A_a^T``, backward ``v = dY B_a``.
+- ``_multi_expand_kernel``: in place ``out[order[pos]] += scale_a * mask * (u[pos] @ W_a[:r_a])``.
+  Forward ``y += s_a u B_a^T`` after the base GEMM (cuBLAS), backward ``dX += s_a mask * (v A_a) / (1-p_a)``
+  after ``dY W``.
+- ``_multi_segment_grad_kernel``: the weight gradients, one program per (adapter, tile of features),
+  looping over that adapter's rows between bounds read from the device:
+  ``dB_a = s_a dY_a^T u_a`` and ``dA_a^T = s_a drop(x_a)^T v_a / (1-p_a)``; columns r >= r_a are zero.
+
+Layout: ``u`` and ``v`` are (M, r_max) fp32 in *sorted* order (row ``pos`` belongs to original row
+``order[pos]``), so that each block reads and writes them contiguously and the segment reduction reads an
+adapter's rows as one contiguous range. The dropout mask of element (m, k) of x is that of the
+single-adapter kernels, ``_keep_mask(seed, m * K + k, threshold_a)`` (fastpeft.reference.dropout_mask at
+rate p_a), redrawn wherever it is needed and never stored.
+
+This module imports only torch, triton and its sibling ``lora``.
+"""
+from __future__ import annotations
+
+import torch
+import triton
+import triton.language as tl
+
+from .lora import (INTERPRET, _HAS_TRITON_OP, _cast, _dot_precision, _keep_mask, _mma, _sm_count, _upcast,
+                   _use_explicit_blocks, _wrap, r_pad)
+
+# ----------------------------------------------------------------------------------------------------
+# grouping: rows sorted by adapter, cut into blocks, all on the device
+# ----------------------------------------------------------------------------------------------------
+
+
+def num_blocks(m: int, n: int, block_m: int) -> int:
+    """Static length of the block table: enough for any split of m rows among n adapters."""
+    return triton.cdiv(int(m), int(block_m)) + int(n)
+
+
+def group_rows(ids: torch.Tensor, n: int, block_m: int) -> tuple:
+    """Sort rows by adapter and cut the segments into blocks, with torch ops only (no host sync).
+
+    ids: (M,) int64 in [-1, n). Returns
+      order  (M,) int64: sorted position -> original row (stable: rows of one adapter keep their order,
+             the -1 rows come first);
+      bounds (n + 1,) int32: adapter a owns sorted positions [bounds[a], bounds[a + 1]); bounds[n] = M;
+      blocks (3, T) int32, T = cdiv(M, block_m) + n: per block its adapter, first sorted position and
+             the end of its adapter's segment. Blocks are in adapter order; the T - sum_a cdiv(count_a,
+             block_m) left over belong to a dummy "skip" adapter and are stored as adapter 0 with
+             start == end == M (no rows).
+    Every shape depends on M, n and block_m only.
+
+    Counts come from ``searchsorted`` on the sorted ids rather than ``bincount``, whose output length
+    reads max(ids) on the host (a sync on CUDA); the block map is a ``repeat_interleave`` with a static
+    ``output_size``, which needs no sync either.
+    """
+    m = ids.shape[0]
+    t = num_blocks(m, n, block_m)
+    dev = ids.device
+    # Every op is a launch (cudaLaunchKernel took ~14 us of host time on the H200 machine we measured),
+    # and eager decode steps are bound by them: keep the ops few.
+    sorted_ids, order = torch.sort(ids, stable=True)
+    # bounds[a] = first sorted position of adapter a for a = 0..n+1; with every id < n, bounds[n] =
+    # bounds[n + 1] = M, so the dummy adapter n has the empty segment [M, M). The -1 rows come first.
+    bounds = torch.searchsorted(sorted_ids, torch.arange(n + 2, device=dev, dtype=sorted_ids.dtype))
+    nblk = torch.div(bounds.diff() + (block_m - 1), block_m, rounding_mode="floor")  # blocks per adapter
+    # first_blk[a] = index of adapter a's first block (exclusive prefix sum); the dummy takes the rest.
+    first_blk = torch.cumsum(torch.nn.functional.pad(nblk[:n], (1, 0)), 0)           # (n + 1,)
+    reps = torch.cat([nblk[:n], (t - first_blk[n]).reshape(1)])
+    adapter = torch.repeat_interleave(torch.arange(n + 1, device=dev), reps, output_size=t)
+    j = torch.arange(t, device=dev) - first_blk[adapter]                              # block index in its segment
+    end = bounds[adapter + 1]
+    start = torch.minimum(bounds[adapter] + j * block_m, end)
+    # The dummy's blocks (start == end == M) are stored as adapter 0, so kernels index valid adapters.
+    blocks = torch.stack([adapter.masked_fill(adapter == n, 0), start, end]).to(torch.int32)
+    return order, bounds[: n + 1].to(torch.int32), blocks
+
+
+# ----------------------------------------------------------------------------------------------------
+# kernels
+# ----------------------------------------------------------------------------------------------------
+
+
+@triton.jit(do_not_specialize=["seed"])
+def _multi_shrink_kernel(
+    # pointers: src (M, Q); w (n, Q, R) stack; out (S, M, R) fp32; order (M,); blocks (3, T);
+    # per-adapter ranks, scales (fp32) and dropout thresholds (int64)
+    src_ptr, w_ptr, out_ptr, order_ptr, blocks_ptr, ranks_ptr, scales_ptr, thr_ptr,
+    # sizes
+    Q, R, q_per_split, T,
+    # strides
+    stride_sm, stride_sq, stride_wa, stride_wq, stride_wr, stride_os, stride_op, stride_or,
+    # dropout: element (m, q) of src is masked by draw(seed, m * mask_sm + q * mask_sq) >= thr[a]
+    seed, mask_sm, mask_sq,
+    # meta-parameters
+    HAS_MASK: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_Q: tl.constexpr, R_PAD: tl.constexpr,
+    DOT_PRECISION: tl.constexpr, UPCAST: tl.constexpr,
+):
+    pid = tl.program_id(0)
+    pid_s = tl.program_id(1)
+    adapter = tl.load(blocks_ptr + pid)
+    start = tl.load(blocks_ptr + T + pid)
+    end = tl.load(blocks_ptr + 2 * T + pid)
+    pos = start + tl.arange(0, BLOCK_M)
+    m_ok = pos < end
+    rows = tl.load(order_ptr + pos, mask=m_ok, other=0).to(tl.int64)  # original row of each position
+    # Rank masking in the loads: a rank-r_a adapter reads r_a columns of its W, whatever r_max is.
+    rank = tl.load(ranks_ptr + adapter)
+    rr = tl.arange(0, R_PAD)
+    r_ok = rr < rank
+    q_start = pid_s * q_per_split
+    q_end = tl.minimum(q_start + q_per_split, Q)
+    q_end = tl.where(end > start, q_end, q_start)  # empty (skip) block: no iterations
+    w_base = w_ptr + adapter.to(tl.int64) * stride_wa
+    acc = tl.zeros((BLOCK_M, R_PAD), dtype=tl.float32)
+    for q0 in range(q_start, q_end, BLOCK_Q):
+        rq = q0 + tl.arange(0, BLOCK_Q)
+        q_ok = rq < q_end
+        a = tl.load(src_ptr + rows[:, None] * stride_sm + rq[None, :].to(tl.int64) * stride_sq,
+                    mask=m_ok[:, None] & q_ok[None, :], other=0.0)
+        if HAS_MASK:
+            offs = rows[:, None] * mask_sm + rq[None, :].to(tl.int64) * mask_sq
+            a = tl.where(_keep_mask(seed, offs, tl.load(thr_ptr + adapter)), a, 0.0)
+        b = tl.load(w_base + rq[:, None].to(tl.int64) * stride_wq + rr[None, :] * stride_wr,
+                    mask=q_ok[:, None] & r_ok[None, :], other=0.0)
+        acc = _mma(a, _cast(b, a.dtype, UPCAST), acc, DOT_PRECISION, UPCAST)
+    acc = acc * tl.load(scales_ptr + adapter)
+    out = out_ptr + pid_s.to(tl.int64) * stride_os + pos[:, None].to(tl.int64) * stride_op + rr[None, :] * stride_or
+    tl.store(out, acc, mask=m_ok[:, None] & (rr < R)[None, :])
+
+
+@triton.jit(do_not_specialize=["seed"])
+def _multi_expand_kernel(
+    # pointers: out (M, N) updated in place; u (M, R) fp32 in sorted order; w (n, R, N) stack; order;
+    # blocks; per-adapter ranks, scales (fp32) and dropout thresholds (int64)
+    out_ptr, u_ptr, w_ptr, order_ptr, blocks_ptr, ranks_ptr, scales_ptr, thr_ptr,
+    # sizes
+    N, T,
+    # strides
+    stride_om, stride_on, stride_um, stride_ur, stride_wa, stride_wr, stride_wn,
+    # out[m] += scale[a] * mask * (u @ w_a), mask of (m, n) from draw(seed, m * mask_sm + n * mask_sn) >= thr[a]
+    seed, mask_sm, mask_sn,
+    # meta-parameters
+    HAS_MASK: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, R_PAD: tl.constexpr,
+    DOT_PRECISION: tl.constexpr, UPCAST: tl.constexpr,
+):
+    pid = tl.program_id(0)
+    adapter = tl.load(blocks_ptr + pid)
+    start = tl.load(blocks_ptr + T + pid)
+    end = tl.load(blocks_ptr + 2 * T + pid)
+    pos = start + tl.arange(0, BLOCK_M)
+    m_ok = pos < end
+    rows = tl.load(order_ptr + pos, mask=m_ok, other=0).to(tl.int64)
+    rn = tl.program_id(1) * BLOCK_N + tl.arange(0, BLOCK_N)
+    n_ok = rn < N
+    rank = tl.where(end > start, tl.load(ranks_ptr + adapter), 0)  # empty block: no loads of w
+    rr = tl.arange(0, R_PAD)
+    r_ok = rr < rank
+    lu = tl.load(u_ptr + pos[:, None].to(tl.int64) * stride_um + rr[None, :] * stride_ur,
+                 mask=m_ok[:, None] & r_ok[None, :], other=0.0)
+    w_base = w_ptr + adapter.to(tl.int64) * stride_wa
+    lv = tl.load(w_base + rr[:, None] * stride_wr + rn[None, :].to(tl.int64) * stride_wn,
+                 mask=r_ok[:, None] & n_ok[None, :], other=0.0)
+    low = _mma(_cast(lu, lv.dtype, UPCAST), lv, tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32), DOT_PRECISION,
+               UPCAST)
+    if HAS_MASK:
+        offs = rows[:, None] * mask_sm + rn[None, :].to(tl.int64) * mask_sn
+        low = tl.where(_keep_mask(seed, offs, tl.load(thr_ptr + adapter)), low, 0.0)
+    ptrs = out_ptr + rows[:, None] * stride_om + rn[None, :].to(tl.int64) * stride_on
+    ok = m_ok[:, None] & n_ok[None, :]
+    cur = tl.load(ptrs, mask=ok, other=0.0).to(tl.float32)
+    tl.store(ptrs, _cast(cur + low * tl.load(scales_ptr + adapter), out_ptr.dtype.element_ty, UPCAST), mask=ok)
+
+
+@triton.jit(do_not_specialize=["seed"])
+def _multi_segment_grad_kernel(
+    # pointers: src (M, P) original order; g (M, R) fp32 sorted order; out (S, n, P, R) by strides;
+    # order; bounds (n + 1,); per-adapter ranks, scales (fp32) and dropout thresholds (int64)
+    src_ptr, g_ptr, out_ptr, order_ptr, bounds_ptr, ranks_ptr, scales_ptr, thr_ptr,
+    # sizes (SPLIT: how many partial sums each adapter's rows are cut into)
+    P, R, SPLIT,
+    # strides
+    stride_sm, stride_sp, stride_gm, stride_gr, stride_os, stride_oa, stride_op, stride_or,
+    # dropout: element (m, p) of src is masked by draw(seed, m * mask_sm + p * mask_sp) >= thr[a]
+    seed, mask_sm, mask_sp,
+    # meta-parameters
+    HAS_MASK: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_P: tl.constexpr, R_PAD: tl.constexpr,
+    DOT_PRECISION: tl.constexpr, UPCAST: tl.constexpr,
+):
+    # out[s, a, p, r] = scale[a] * sum over this split's rows of adapter a of drop(src)[m, p] * g[pos, r]
+    adapter = tl.program_id(0)
+    pid_p = tl.program_id(1)
+    pid_s = tl.program_id(2)
+    seg_lo = tl.load(bounds_ptr + adapter)
+    seg_hi = tl.load(bounds_ptr + adapter + 1)
+    chunk = tl.cdiv(tl.cdiv(seg_hi - seg_lo, SPLIT), BLOCK_M) * BLOCK_M
+    lo = seg_lo + pid_s * chunk
+    hi = tl.minimum(lo + chunk, seg_hi)
+    rank = tl.load(ranks_ptr + adapter)
+    rr = tl.arange(0, R_PAD)
+    r_ok = rr < rank
+    rp = pid_p * BLOCK_P + tl.arange(0, BLOCK_P)
+    p_ok = rp < P
+    acc = tl.zeros((BLOCK_P, R_PAD), dtype=tl.float32)
+    for m0 in range(lo, hi, BLOCK_M):
+        pos = m0 + tl.arange(0, BLOCK_M)
+        m_ok = pos < hi
+        rows = tl.load(order_ptr + pos, mask=m_ok, other=0).to(tl.int64)
+        s = tl.load(src_ptr + rows[None, :] * stride_sm + rp[:, None].to(tl.int64) * stride_sp,
+                    mask=p_ok[:, None] & m_ok[None, :], other=0.0)  # (BLOCK_P, BLOCK_M): src^T
+        if HAS_MASK:
+            offs = rows[None, :] * mask_sm + rp[:, None].to(tl.int64) * mask_sp
+            s = tl.where(_keep_mask(seed, offs, tl.load(thr_ptr + adapter)), s, 0.0)
+        g = tl.load(g_ptr + pos[:, None].to(tl.int64) * stride_gm + rr[None, :] * stride_gr,
+                    mask=m_ok[:, None] & r_ok[None, :], other=0.0)
+        acc = _mma(s, _cast(g, s.dtype, UPCAST), acc, DOT_PRECISION, UPCAST)
+    # Padded ranks get exact zeros (also where src holds inf/nan, which 0 * inf would turn into nan).
+    acc = tl.where(r_ok[None, :], acc * tl.load(scales_ptr + adapter), 0.0)
+    out = (out_ptr + pid_s.to(tl.int64) * stride_os + adapter.to(tl.int64) * stride_oa
+           + rp[:, None].to(tl.int64) * stride_op + rr[None, :] * stride_or)
+    tl.store(out, _cast(acc, out_ptr.dtype.element_ty, UPCAST), mask=p_ok[:, None] & (rr < R)[None, :])
+
+
+# ----------------------------------------------------------------------------------------------------
+# block sizes
+# ----------------------------------------------------------------------------------------------------
+
+# Explicit blocks for the interpreter and for FASTPEFT_AUTOTUNE=0 (overridable with set_test_blocks):
+# the smallest tl.dot sizes, so that the small odd test shapes put several blocks in every adapter's
+# segment and cross block edges in every dimension.
+_TEST_BLOCKS = {"BLOCK_M": 16, "BLOCK_N": 32, "BLOCK_Q": 32, "BLOCK_P": 32, "BLOCK_MR": 16}
+
+
+def set_test_blocks(**blocks) -> dict:
+    """Override the explicit block sizes (BLOCK_M of the grouping, BLOCK_N of the expand, BLOCK_Q of the
+    shrink, BLOCK_P / BLOCK_MR of the segment reduction); returns the previous values."""
+    old = dict(_TEST_BLOCKS)
+    unknown = set(blocks) - set(_TEST_BLOCKS)
+    if unknown:
+        raise ValueError(f"unknown block names {sorted(unknown)}; known: {sorted(_TEST_BLOCKS)}")
+    _TEST_BLOCKS.update(blocks)
+    return old
+
+
+def block_m_for(x: torch.Tensor, m: int, n: int) -> int:
+    """Rows per block of the grouping (the shrink's and the expand's BLOCK_M).
+
+    Each adapter's last block is partly filled, so blocks should not outgrow the average segment: the
+    average rows per adapter rounded up to a power of two, between 16 (tl.dot's smallest M) and 64
+    (the (BLOCK_M, R_PAD) fp32 accumulator stays in registers up to R_PAD=128). Heuristic, not measured
+    on a GPU.
+    """
+    if _use_explicit_blocks(x):
+        return _TEST_BLOCKS["BLOCK_M"]
+    return max(16, min(64, triton.next_power_of_2(triton.cdiv(max(int(m), 1), max(int(n), 1)))))
+
+
+def _split(t: torch.Tensor, programs: int, length: int, block: int, explicit_cut: int) -> int:
+    """How many partial sums a reduction of ``length`` is cut into: enough programs to fill the GPU (two
+    per SM), each still looping over at least 4 blocks. Under explicit blocks, 2 once the reduction
+    spans more than ``explicit_cut`` elements, so the interpreter exercises the split path."""
+    if _use_explicit_blocks(t):
+        return 1 if length <= explicit_cut else 2
+    want = triton.cdiv(2 * _sm_count(t.device.index or 0), max(programs, 1))
+    return max(1, min(want, triton.cdiv(length, 4 * block), 64))
+
+
+# ----------------------------------------------------------------------------------------------------
+# launchers
+# ----------------------------------------------------------------------------------------------------
+
+
+def multi_lora_shrink(src: torch.Tensor, w: torch.Tensor, order: torch.Tensor, blocks: torch.Tensor,
+                      ranks: torch.Tensor, scales: torch.Tensor, thresholds: torch.Tensor, block_m: int, seed: int,
+                      has_mask: bool, mask_sm: int, mask_sq: int) -> torch.Tensor:
+    """(M, R) fp32 in sorted order: row pos = ``scales[a] * drop_a(src[order[pos]]) @ w[a][:, :ranks[a]]``.
+
+    src (M, Q) any strides; w (n, Q, R) any strides; order / blocks from ``group_rows(ids, n, block_m)``;
+    ranks (n,) int32, scales (n,) fp32, thresholds (n,) int64. Columns >= ranks[a] are 0, and so are the
+    rows of the -1 positions. With ``has_mask``, element (m, q) of src is kept when
+    ``draw(seed, m * mask_sm + q * mask_sq) >= thresholds[a]``.
+    """
+    M, Q = src.shape
+    n, _, R = w.shape
+    T = blocks.shape[1]
+    if _use_explicit_blocks(src):
+        block_q, warps, stages = _TEST_BLOCKS["BLOCK_Q"], 4, 1
+    else:
+        # BLOCK_Q=64, 3 stages: as the single-adapter shrink, a narrow GEMM bound by reading src; not
+        # measured on a GPU.
+        block_q, warps, stages = 64, 4, 3
+    split = _split(src, T, Q, block_q, 2 * block_q)
+    q_per_split = triton.cdiv(triton.cdiv(Q, split), block_q) * block_q if Q else 0
+    split = max(1, triton.cdiv(Q, q_per_split)) if Q else 1
+    # Zeros: the -1 rows have no block, and u is saved for backward (no uninitialised memory in it).
+    out = torch.zeros((split, M, R), device=src.device, dtype=torch.float32)
+    if M == 0 or R == 0 or Q == 0 or n == 0:
+        return out.sum(0)
+    _wrap(_multi_shrink_kernel)[(T, split)](
+        src, w, out, order, blocks, ranks, scales, thresholds,
+        Q, R, q_per_split, T,
+        src.stride(0), src.stride(1), w.stride(0), w.stride(1), w.stride(2), out.stride(0), out.stride(1),
+        out.stride(2),
+        seed, mask_sm, mask_sq,
+        HAS_MASK=has_mask, BLOCK_M=block_m, BLOCK_Q=block_q, R_PAD=r_pad(R),
+        DOT_PRECISION=_dot_precision(src.dtype), UPCAST=_upcast(src.dtype), num_warps=warps, num_stages=stages,
+    )
+    # Partials are added in a fixed order: deterministic, no atomics.
+    return out[0] if split == 1 else out.sum(0)
+
+
+def multi_lora_expand_(out: torch.Tensor, u: torch.Tensor, w: torch.Tensor, order: torch.Tensor,
+                       blocks: torch.Tensor, ranks: torch.Tensor, scales: torch.Tensor, thresholds: torch.Tensor,
+                       block_m: int, seed: int, has_mask: bool, mask_sm: int, mask_sn: int) -> torch.Tensor:
+    """In place ``out[order[pos]] += scales[a] * mask * (u[pos, :r_a] @ w[a][:r_a])``; returns out.
+
+    out (M, N); u (M, R) sorted order (fp32 or out's dtype); w (n, R, N) any strides. With ``has_mask``,
+    element (m, n) of the update is kept when ``draw(seed, m * mask_sm + n * mask_sn) >= thresholds[a]``.
+    Rows of adapter -1 are left as they are.
+    """
+    M, N = out.shape
+    n, R, _ = w.shape
+    T = blocks.shape[1]
+    if M == 0 or N == 0 or R == 0 or n == 0:
+        return out
+    if _use_explicit_blocks(out):
+        block_n = _TEST_BLOCKS["BLOCK_N"]
+    else:
+        # The (R_PAD, BLOCK_N) tile of w is loaded whole: 128 columns up to R_PAD=64, fewer beyond, to
+        # bound shared memory. Not measured on a GPU.
+        block_n = 128 if r_pad(R) <= 64 else 64
+    _wrap(_multi_expand_kernel)[(T, triton.cdiv(N, block_n))](
+        out, u, w, order, blocks, ranks, scales, thresholds,
+        N, T,
+        out.stride(0), out.stride(1), u.stride(0), u.stride(1), w.stride(0), w.stride(1), w.stride(2),
+        seed, mask_sm, mask_sn,
+        HAS_MASK=has_mask, BLOCK_M=block_m, BLOCK_N=block_n, R_PAD=r_pad(R),
+        DOT_PRECISION=_dot_precision(out.dtype), UPCAST=_upcast(out.dtype), num_warps=4, num_stages=1,
+    )
+    return out
+
+
+def multi_lora_segment_grad(src: torch.Tensor, g: torch.Tensor, order: torch.Tensor, bounds: torch.Tensor,
+                            ranks: torch.Tensor, scales: torch.Tensor, thresholds: torch.Tensor, seed: int,
+                            has_mask: bool, mask_sm: int, mask_sp: int, r_major: bool) -> torch.Tensor:
+    """Per-adapter ``scales[a] * drop_a(src[rows of a])^T @ g[rows of a][:, :r_a]`` in src's dtype.
+
+    src (M, P) original order, any strides; g (M, R) fp32 sorted order; bounds (n + 1,) from
+    ``group_rows``. Returns (n, P, R), or (n, R, P) (the same numbers transposed) when ``r_major``;
+    entries r >= ranks[a] are exactly 0, and so is every entry of an adapter without rows.
+    """
+    M, P = src.shape
+    R = g.shape[1]
+    n = bounds.shape[0] - 1
+    shape = (n, R, P) if r_major else (n, P, R)
+    if n == 0 or P == 0 or R == 0 or M == 0:
+        return src.new_zeros(shape)
+    if _use_explicit_blocks(src):
+        block_p, block_mr, warps, stages = _TEST_BLOCKS["BLOCK_P"], _TEST_BLOCKS["BLOCK_MR"], 4, 1
+    else:
+        # BLOCK_P=64 with 32 rows a step: the (BLOCK_P, R_PAD) fp32 accumulator and a (64, 32) tile of
+        # src per stage; not measured on a GPU.
+        block_p, block_mr, warps, stages = 64, 32, 4, 3
+    programs = n * triton.cdiv(P, block_p)
+    # Split over each adapter's rows where there are too few (adapter, feature-tile) programs, e.g. one
+    # adapter over many tokens. The partial buffer stays small: split is about 2 * SMs / programs.
+    split = _split(src, programs, M, block_mr, 2 * block_mr)
+    part = torch.empty((split,) + shape, device=src.device, dtype=src.dtype if split == 1 else torch.float32)
+    so, sa = part.stride(0), part.stride(1)
+    sp, sr = (part.stride(3), part.stride(2)) if r_major else (part.stride(2), part.stride(3))
+    _wrap(_multi_segment_grad_kernel)[(n, triton.cdiv(P, block_p), split)](
+        src, g, part, order, bounds, ranks, scales, thresholds,
+        P, R, split,
+        src.stride(0), src.stride(1), g.stride(0), g.stride(1), so, sa, sp, sr,
+        seed, mask_sm, mask_sp,
+        HAS_MASK=has_mask, BLOCK_M=block_mr, BLOCK_P=block_p, R_PAD=r_pad(R),
+        DOT_PRECISION=_dot_precision(src.dtype), UPCAST=_upcast(src.dtype), num_warps=warps, num_stages=stages,
+    )
+    # Partials are added in a fixed order: deterministic, no atomics.
+    return part[0] if split == 1 else part.sum(0).to(src.dtype)
+
+
+# ----------------------------------------------------------------------------------------------------
+# torch.library registration: torch.compile(fullgraph=True) traces these ops and the kernels inside.
+# ----------------------------------------------------------------------------------------------------
+
+if _HAS_TRITON_OP:
+    @torch.library.triton_op("fastpeft::multi_lora_shrink", mutates_args=())
+    def _multi_lora_shrink_op(src: torch.Tensor, w: torch.Tensor, order: torch.Tensor, blocks: torch.Tensor,
+                              ranks: torch.Tensor, scales: torch.Tensor, thresholds: torch.Tensor, block_m: int,
+                              seed: int, has_mask: bool, mask_sm: int, mask_sq: int) -> torch.Tensor:
+        return multi_lora_shrink(src, w, order, blocks, ranks, scales, thresholds, block_m, seed, has_mask,
+                                 mask_sm, mask_sq)
+
+    @torch.library.triton_op("fastpeft::multi_lora_expand_", mutates_args=("out",))
+    def _multi_lora_expand_op(out: torch.Tensor, u: torch.Tensor, w: torch.Tensor, order: torch.Tensor,
+                              blocks: torch.Tensor, ranks: torch.Tensor, scales: torch.Tensor,
+                              thresholds: torch.Tensor, block_m: int, seed: int, has_mask: bool, mask_sm: int,
+                              mask_sn: int) -> None:
+        multi_lora_expand_(out, u, w, order, blocks, ranks, scales, thresholds, block_m, seed, has_mask, mask_sm,
+                           mask_sn)
+
+    @torch.library.triton_op("fastpeft::multi_lora_segment_grad", mutates_args=())
+    def _multi_lora_segment_grad_op(src: torch.Tensor, g: torch.Tensor, order: torch.Tensor, bounds: torch.Tensor,
+                                    ranks: torch.Tensor, scales: torch.Tensor, thresholds: torch.Tensor, seed: int,
+                                    has_mask: bool, mask_sm: int, mask_sp: int, r_major: bool) -> torch.Tensor:
+        return multi_lora_segment_grad(src, g, order, bounds, ranks, scales, thresholds, seed, has_mask, mask_sm,
+                                       mask_sp, r_major)
+
+    # As in lora.py: under TRITON_INTERPRET the kernels would run on fake tensors, so the fakes are
+    # given explicitly (shapes only); on GPUs triton_op derives them by tracing the launchers.
+    if INTERPRET:
+        @_multi_lora_shrink_op.register_fake
+        def _(src, w, order, blocks, ranks, scales, thresholds, block_m, seed, has_mask, mask_sm, mask_sq):
+            return src.new_empty((src.shape[0], w.shape[2]), dtype=torch.float32)
+
+        @_multi_lora_expand_op.register_fake
+        def _(out, u, w, order, blocks, ranks, scales, thresholds, block_m, seed, has_mask, mask_sm, mask_sn):
+            return None
+
+        @_multi_lora_segment_grad_op.register_fake
+        def _(src, g, order, bounds, ranks, scales, thresholds, seed, has_mask, mask_sm, mask_sp, r_major):
+            n, p, r = bounds.shape[0] - 1, src.shape[1], g.shape[1]
+            return src.new_empty((n, r, p) if r_major else (n, p, r))
+
+    shrink_op = torch.ops.fastpeft.multi_lora_shrink
+    segment_grad_op = torch.ops.fastpeft.multi_lora_segment_grad
+
+    def expand_op(out, u, w, order, blocks, ranks, scales, thresholds, block_m, seed, has_mask, mask_sm, mask_sn):
+        torch.ops.fastpeft.multi_lora_expand_(out, u, w, order, blocks, ranks, scales, thresholds, block_m, seed,
+                                              has_mask, mask_sm, mask_sn)
+        return out
+else:  # torch < 2.6: plain launchers (eager only)
+    shrink_op, expand_op, segment_grad_op = multi_lora_shrink, multi_lora_expand_, multi_lora_segment_grad
