@@ -22,8 +22,10 @@ This module imports only torch and triton.
 """
 from __future__ import annotations
 
+import contextlib
 import functools
 import os
+import threading
 
 import torch
 import triton
@@ -362,27 +364,58 @@ def lora_lowrank_add_(out: torch.Tensor, lu: torch.Tensor, lv: torch.Tensor, sca
 # ----------------------------------------------------------------------------------------------------
 
 _HAS_TRITON_OP = hasattr(torch.library, "triton_op") and hasattr(torch.library, "wrap_triton")
+_state = threading.local()
 
 
 def _wrap(kernel):
-    return torch.library.wrap_triton(kernel) if _HAS_TRITON_OP else kernel
+    """The kernel as launched from a launcher: through ``wrap_triton`` inside a registered op's body (so
+    torch.compile and fake tensors see it), directly otherwise. Eager calls skip the ops: going through
+    the op dispatcher and ``wrap_triton`` costs host time per launch that small LoRA kernels cannot hide."""
+    return torch.library.wrap_triton(kernel) if getattr(_state, "in_op", False) else kernel
+
+
+@contextlib.contextmanager
+def _op_body():
+    prev = getattr(_state, "in_op", False)
+    _state.in_op = True
+    try:
+        yield
+    finally:
+        _state.in_op = prev
+
+
+def eager_or_op(launcher, op):
+    """A callable running ``launcher`` directly in eager mode and the registered ``op`` while
+    torch.compile traces (where the op and its wrapped kernels are visible to the compiler)."""
+    if op is None:
+        return launcher
+
+    @functools.wraps(launcher)
+    def call(*args):
+        if torch.compiler.is_compiling():
+            return op(*args)
+        return launcher(*args)
+    return call
 
 
 if _HAS_TRITON_OP:
     @torch.library.triton_op("fastpeft::lora_shrink", mutates_args=())
     def _lora_shrink_op(a: torch.Tensor, b: torch.Tensor, scale: float, seed: int, threshold: int, mask_sp: int,
                         mask_sq: int) -> torch.Tensor:
-        return lora_shrink(a, b, scale, seed, threshold, mask_sp, mask_sq)
+        with _op_body():
+            return lora_shrink(a, b, scale, seed, threshold, mask_sp, mask_sq)
 
     @torch.library.triton_op("fastpeft::lora_gemm", mutates_args=())
     def _lora_gemm_op(a: torch.Tensor, b: torch.Tensor, lu: torch.Tensor, lv: torch.Tensor,
                       bias: torch.Tensor | None, scale: float, seed: int, threshold: int) -> torch.Tensor:
-        return lora_gemm(a, b, lu, lv, bias, scale, seed, threshold)
+        with _op_body():
+            return lora_gemm(a, b, lu, lv, bias, scale, seed, threshold)
 
     @torch.library.triton_op("fastpeft::lora_lowrank_add_", mutates_args=("out",))
     def _lora_lowrank_add_op(out: torch.Tensor, lu: torch.Tensor, lv: torch.Tensor, scale: float, seed: int,
                              threshold: int) -> None:
-        lora_lowrank_add_(out, lu, lv, scale, seed, threshold)
+        with _op_body():
+            lora_lowrank_add_(out, lu, lv, scale, seed, threshold)
 
     # On GPUs triton_op derives the fake (meta) implementations by tracing the launchers, whose kernel
     # launches become no-ops on fake tensors. Under TRITON_INTERPRET the kernels are plain Python
@@ -400,12 +433,13 @@ if _HAS_TRITON_OP:
         def _(out, lu, lv, scale, seed, threshold):
             return None
 
-    shrink_op = torch.ops.fastpeft.lora_shrink
-    gemm_op = torch.ops.fastpeft.lora_gemm
-
-    def lowrank_add_op(out, lu, lv, scale, seed, threshold):
+    def _lowrank_add_registered(out, lu, lv, scale, seed, threshold):
         torch.ops.fastpeft.lora_lowrank_add_(out, lu, lv, scale, seed, threshold)
         return out
+
+    shrink_op = eager_or_op(lora_shrink, torch.ops.fastpeft.lora_shrink)
+    gemm_op = eager_or_op(lora_gemm, torch.ops.fastpeft.lora_gemm)
+    lowrank_add_op = eager_or_op(lora_lowrank_add_, _lowrank_add_registered)
 else:  # torch < 2.6: plain launchers (eager only)
     shrink_op, gemm_op, lowrank_add_op = lora_shrink, lora_gemm, lora_lowrank_add_
 
@@ -443,7 +477,9 @@ def choose_gemm(key: tuple, run_fused, run_cublas, device: torch.device) -> str:
         return "cublas"  # no timing while tracing; cuBLAS is never far from the best base GEMM
     from triton.testing import do_bench
 
-    fused = do_bench(run_fused, warmup=5, rep=20)
-    cublas = do_bench(run_cublas, warmup=5, rep=20)
+    run_fused()  # autotunes the fused GEMM for this key: its tuning must not be timed as its run
+    run_cublas()
+    fused = do_bench(run_fused, warmup=10, rep=40)
+    cublas = do_bench(run_cublas, warmup=10, rep=40)
     _choice_cache[key] = "fused" if fused < cublas else "cublas"
     return _choice_cache[key]

@@ -34,7 +34,7 @@ import triton
 import triton.language as tl
 
 from .lora import (INTERPRET, _HAS_TRITON_OP, _cast, _dot_precision, _keep_mask, _mma, _sm_count, _upcast,
-                   _use_explicit_blocks, _wrap, r_pad)
+                   _op_body, _use_explicit_blocks, _wrap, eager_or_op, r_pad)
 
 # ----------------------------------------------------------------------------------------------------
 # grouping: rows sorted by adapter, cut into blocks, all on the device
@@ -398,23 +398,26 @@ if _HAS_TRITON_OP:
     def _multi_lora_shrink_op(src: torch.Tensor, w: torch.Tensor, order: torch.Tensor, blocks: torch.Tensor,
                               ranks: torch.Tensor, scales: torch.Tensor, thresholds: torch.Tensor, block_m: int,
                               seed: int, has_mask: bool, mask_sm: int, mask_sq: int) -> torch.Tensor:
-        return multi_lora_shrink(src, w, order, blocks, ranks, scales, thresholds, block_m, seed, has_mask,
-                                 mask_sm, mask_sq)
+        with _op_body():
+            return multi_lora_shrink(src, w, order, blocks, ranks, scales, thresholds, block_m, seed, has_mask,
+                                     mask_sm, mask_sq)
 
     @torch.library.triton_op("fastpeft::multi_lora_expand_", mutates_args=("out",))
     def _multi_lora_expand_op(out: torch.Tensor, u: torch.Tensor, w: torch.Tensor, order: torch.Tensor,
                               blocks: torch.Tensor, ranks: torch.Tensor, scales: torch.Tensor,
                               thresholds: torch.Tensor, block_m: int, seed: int, has_mask: bool, mask_sm: int,
                               mask_sn: int) -> None:
-        multi_lora_expand_(out, u, w, order, blocks, ranks, scales, thresholds, block_m, seed, has_mask, mask_sm,
-                           mask_sn)
+        with _op_body():
+            multi_lora_expand_(out, u, w, order, blocks, ranks, scales, thresholds, block_m, seed, has_mask,
+                               mask_sm, mask_sn)
 
     @torch.library.triton_op("fastpeft::multi_lora_segment_grad", mutates_args=())
     def _multi_lora_segment_grad_op(src: torch.Tensor, g: torch.Tensor, order: torch.Tensor, bounds: torch.Tensor,
                                     ranks: torch.Tensor, scales: torch.Tensor, thresholds: torch.Tensor, seed: int,
                                     has_mask: bool, mask_sm: int, mask_sp: int, r_major: bool) -> torch.Tensor:
-        return multi_lora_segment_grad(src, g, order, bounds, ranks, scales, thresholds, seed, has_mask, mask_sm,
-                                       mask_sp, r_major)
+        with _op_body():
+            return multi_lora_segment_grad(src, g, order, bounds, ranks, scales, thresholds, seed, has_mask,
+                                           mask_sm, mask_sp, r_major)
 
     # As in lora.py: under TRITON_INTERPRET the kernels would run on fake tensors, so the fakes are
     # given explicitly (shapes only); on GPUs triton_op derives them by tracing the launchers.
@@ -432,12 +435,15 @@ if _HAS_TRITON_OP:
             n, p, r = bounds.shape[0] - 1, src.shape[1], g.shape[1]
             return src.new_empty((n, r, p) if r_major else (n, p, r))
 
-    shrink_op = torch.ops.fastpeft.multi_lora_shrink
-    segment_grad_op = torch.ops.fastpeft.multi_lora_segment_grad
-
-    def expand_op(out, u, w, order, blocks, ranks, scales, thresholds, block_m, seed, has_mask, mask_sm, mask_sn):
+    def _expand_registered(out, u, w, order, blocks, ranks, scales, thresholds, block_m, seed, has_mask, mask_sm,
+                           mask_sn):
         torch.ops.fastpeft.multi_lora_expand_(out, u, w, order, blocks, ranks, scales, thresholds, block_m, seed,
                                               has_mask, mask_sm, mask_sn)
         return out
+
+    # Eager calls launch directly (see lora.eager_or_op); torch.compile traces the registered ops.
+    shrink_op = eager_or_op(multi_lora_shrink, torch.ops.fastpeft.multi_lora_shrink)
+    segment_grad_op = eager_or_op(multi_lora_segment_grad, torch.ops.fastpeft.multi_lora_segment_grad)
+    expand_op = eager_or_op(multi_lora_expand_, _expand_registered)
 else:  # torch < 2.6: plain launchers (eager only)
     shrink_op, expand_op, segment_grad_op = multi_lora_shrink, multi_lora_expand_, multi_lora_segment_grad

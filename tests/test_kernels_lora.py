@@ -271,3 +271,17 @@ def test_gemm_choice_rules(monkeypatch):
         assert K.choose_gemm(("k",), None, None, torch.device("cuda")) == "cublas"  # pinned, not timed
     finally:
         torch.use_deterministic_algorithms(old)
+
+
+def test_eager_calls_launch_directly_and_compile_sees_the_ops(monkeypatch):
+    kernel = K._lora_shrink_kernel
+    assert K._wrap(kernel) is kernel  # eager: no dispatcher / wrap_triton on the launch path
+    if K._HAS_TRITON_OP:
+        with K._op_body():
+            assert K._wrap(kernel) is not kernel
+        calls = []
+        monkeypatch.setattr(torch.ops.fastpeft, "lora_shrink", lambda *a: calls.append(a) or "op")
+        call = K.eager_or_op(lambda *a: "launcher", lambda *a: torch.ops.fastpeft.lora_shrink(*a))
+        assert call(1) == "launcher" and not calls
+        monkeypatch.setattr(torch.compiler, "is_compiling", lambda: True)
+        assert call(1) == "op" and calls == [(1,)]
