@@ -4,13 +4,16 @@ The public API (see API.md): ``lora_linear``, ``lora_linear_multi``, ``FastLoRAL
 ``inject``, ``set_adapter``, ``delete_adapter``, ``mixed_batch``, ``trainable_parameters``,
 ``save_adapter``, ``load_adapter``, ``merge_and_unload``, ``use_backend``.
 """
-from .functional import BACKENDS, current_backend, lora_linear, lora_linear_multi, use_backend
-from .inject import (LoraConfig, ModulesToSaveWrapper, active_adapter, delete_adapter, format_trainable_parameters,
-                     inject, lora_layers, merge_and_unload, mixed_batch, print_trainable_parameters, set_adapter,
-                     trainable_parameters)
+from .functional import (BACKENDS, current_backend, lora_linear, lora_linear_multi, lora_sparse_linear,
+                         sparse_delta_linear, use_backend)
+from .inject import (LoraConfig, ModulesToSaveWrapper, SparseDeltaConfig, active_adapter, delete_adapter,
+                     format_trainable_parameters, inject, lora_layers, merge_and_unload, mixed_batch,
+                     print_trainable_parameters, select_by_gradients, set_adapter, sparse_layers, trainable_parameters)
 from .io import load_adapter, read_adapter_config, save_adapter
-from .layers import FastLoRALinear
-from .reference import lora_linear_multi_ref, lora_linear_ref
+from .layers import FastLoRALinear, SparseDeltaLinear
+from .reference import (dense_delta_ref, lora_linear_multi_ref, lora_linear_ref, lora_sparse_linear_ref,
+                        sparse_delta_linear_ref)
+from .selection import select_indices
 
 __version__ = "0.1.0"
 
@@ -19,5 +22,7 @@ __all__ = [
     "delete_adapter", "format_trainable_parameters", "inject", "load_adapter", "lora_layers", "lora_linear",
     "lora_linear_multi", "lora_linear_multi_ref", "lora_linear_ref", "merge_and_unload", "mixed_batch",
     "print_trainable_parameters", "read_adapter_config", "save_adapter", "set_adapter", "trainable_parameters",
-    "use_backend",
+    "use_backend", "SparseDeltaConfig", "SparseDeltaLinear", "dense_delta_ref", "lora_sparse_linear",
+    "lora_sparse_linear_ref", "select_by_gradients", "select_indices", "sparse_delta_linear",
+    "sparse_delta_linear_ref", "sparse_layers",
 ]

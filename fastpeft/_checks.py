@@ -137,3 +137,51 @@ def check_lora_multi_args(x, weight, bias, lora_A_stack, lora_B_stack, scalings,
         raise ValueError(f"dropout_p must be in [0, 1), got values in [{float(dropout_p.min())}, "
                          f"{float(dropout_p.max())}]")
     return n
+
+
+def check_sparse_delta(delta_indices, delta_values, out_features: int, in_features: int, block_size: int,
+                       check_order: bool = True) -> None:
+    """Shapes, dtypes and (with ``check_order``, a host sync) range / order / uniqueness of a sparse delta.
+
+    block_size 1: indices (nnz,) flat row-major into (out, in), sorted and unique; values (nnz,).
+    block_size b: indices (nblocks, 2) block (row, col), sorted row-major and unique; values (nblocks, b, b).
+    """
+    if isinstance(block_size, bool) or not isinstance(block_size, int) or block_size < 1:
+        raise ValueError(f"block_size must be a positive int, got {block_size!r}")
+    check_tensor(delta_indices, "delta_indices")
+    check_tensor(delta_values, "delta_values")
+    if delta_indices.dtype not in (torch.int32, torch.int64):
+        raise TypeError(f"delta_indices must be int32 or int64, got {delta_indices.dtype}")
+    if delta_values.device != delta_indices.device:
+        raise ValueError(f"delta_values must be on delta_indices' device {delta_indices.device}, got {delta_values.device}")
+    b = block_size
+    if b == 1:
+        if delta_indices.dim() != 1:
+            raise ValueError(f"delta_indices must be 1-D (nnz,) flat indices for block_size=1, got shape "
+                             f"{tuple(delta_indices.shape)}")
+        check_shape(delta_values, (delta_indices.shape[0],), "delta_values")
+        keys, limit = delta_indices.long(), out_features * in_features
+        if check_order and keys.numel():
+            lo, hi = int(keys.min()), int(keys.max())
+            if lo < 0 or hi >= limit:
+                raise ValueError(f"delta_indices must be in [0, {limit}) for a ({out_features}, {in_features}) "
+                                 f"weight, got values in [{lo}, {hi}]")
+    else:
+        if delta_indices.dim() != 2 or delta_indices.shape[1] != 2:
+            raise ValueError(f"delta_indices must have shape (nblocks, 2) of block (row, col) for block_size={b}, "
+                             f"got {tuple(delta_indices.shape)}")
+        check_shape(delta_values, (delta_indices.shape[0], b, b), "delta_values")
+        rb, cb = -(-out_features // b), -(-in_features // b)
+        if check_order and delta_indices.numel():
+            for col, lim, what in ((0, rb, "block rows"), (1, cb, "block columns")):
+                lo, hi = int(delta_indices[:, col].min()), int(delta_indices[:, col].max())
+                if lo < 0 or hi >= lim:
+                    raise ValueError(f"delta_indices' {what} must be in [0, {lim}) for a ({out_features}, "
+                                     f"{in_features}) weight in blocks of {b}, got values in [{lo}, {hi}]")
+        keys = delta_indices[:, 0].long() * cb + delta_indices[:, 1].long()
+    if check_order and keys.numel() > 1:
+        step = keys[1:] - keys[:-1]
+        if bool((step == 0).any()):
+            raise ValueError("delta_indices must be unique, got duplicated entries")
+        if bool((step < 0).any()):
+            raise ValueError("delta_indices must be sorted (row-major), got them out of order")

@@ -18,8 +18,9 @@ import os
 import torch
 
 from . import kernels
-from ._checks import check_lora_linear_args, check_lora_multi_args, expand_adapter_ids
-from .reference import dropout_threshold, lora_linear_multi_ref, lora_linear_ref
+from ._checks import check_lora_linear_args, check_lora_multi_args, check_sparse_delta, expand_adapter_ids
+from .reference import (dropout_threshold, lora_linear_multi_ref, lora_linear_ref, lora_sparse_linear_ref,
+                        sparse_delta_linear_ref)
 
 BACKENDS = ("auto", "triton", "reference")
 _KERNEL_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
@@ -245,3 +246,48 @@ def lora_linear_multi(x, weight, bias, lora_A_stack, lora_B_stack, scalings, ada
                                         dropout_p if use_dropout else None, seed)
     return lora_linear_multi_ref(x, weight, bias, lora_A_stack, lora_B_stack, scalings, ids, ranks,
                                  dropout_p if use_dropout else None, training, seed)
+
+
+def sparse_delta_linear(x, weight, bias, delta_indices, delta_values, block_size=1, backend=None,
+                        check=True, plan=None) -> torch.Tensor:
+    """Sparse-delta linear: ``y = x (W + Δ)^T + b`` with Δ a few entries (or blocks) of W's shape.
+
+    x: (..., in); weight (out, in); bias (out,) or None. block_size 1: delta_indices (nnz,) int32/int64
+    flat row-major indices into W, sorted and unique; delta_values (nnz,). block_size b > 1:
+    delta_indices (nblocks, 2) block (row, col) coordinates in units of b, sorted and unique;
+    delta_values (nblocks, b, b). Differentiable in x and delta_values (and bias / weight where they
+    require grad); the triton path never forms an (out, in) gradient. ``check=False`` skips the
+    indices' range / order checks (a host sync) for indices known to be valid; ``plan`` is the cached
+    tile bucketing of the indices (``fastpeft.sparse.SparsePlan``), built when None.
+    """
+    check_lora_linear_args(x, weight, bias, weight.new_empty(0, weight.shape[1]), weight.new_empty(weight.shape[0], 0),
+                           1.0, 0.0)
+    check_sparse_delta(delta_indices, delta_values, weight.shape[0], weight.shape[1], block_size, check_order=check)
+    if delta_values.device != x.device:
+        raise ValueError(f"delta_values must be on x's device {x.device}, got {delta_values.device}")
+    if resolve_backend("sparse_delta_linear", backend, x, weight, delta_values) == "triton":
+        from .sparse import sparse_delta_linear_triton
+
+        return sparse_delta_linear_triton(x, weight, bias, delta_indices, delta_values, block_size, plan)
+    return sparse_delta_linear_ref(x, weight, bias, delta_indices, delta_values, block_size)
+
+
+def lora_sparse_linear(x, weight, bias, lora_A, lora_B, scaling, delta_indices, delta_values, block_size=1,
+                       dropout_p=0.0, training=True, seed=None, backend=None, check=True, plan=None) -> torch.Tensor:
+    """LoRA beside a sparse delta (RoSA): ``y = x (W + Δ)^T + b + scaling (drop(x) A^T) B^T``, one op.
+
+    Arguments as ``lora_linear`` and ``sparse_delta_linear``; gradients for x, lora_A, lora_B,
+    delta_values (and bias / weight where they require grad).
+    """
+    check_lora_linear_args(x, weight, bias, lora_A, lora_B, scaling, dropout_p)
+    check_sparse_delta(delta_indices, delta_values, weight.shape[0], weight.shape[1], block_size, check_order=check)
+    p = float(dropout_p) if training else 0.0
+    if p > 0.0 and seed is None:
+        seed = draw_seed()
+    if resolve_backend("lora_sparse_linear", backend, x, weight, lora_A, lora_B, delta_values) == "triton":
+        from .sparse import lora_sparse_linear_triton
+
+        return lora_sparse_linear_triton(x, weight, bias, lora_A, lora_B, float(scaling), delta_indices, delta_values,
+                                         block_size, p, seed, plan)
+    return lora_sparse_linear_ref(x, weight, bias, lora_A, lora_B, float(scaling), delta_indices, delta_values,
+                                  block_size, p, training, seed)

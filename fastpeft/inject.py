@@ -20,7 +20,7 @@ import torch
 import torch.nn as nn
 
 from ._checks import check_dropout, check_finite_number, check_rank
-from .layers import FastLoRALinear, _check_init, check_adapter_name
+from .layers import FastLoRALinear, SparseDeltaLinear, _check_init, check_adapter_name, check_sparse_options
 
 ALL_LINEAR = "all-linear"
 BIAS_CHOICES = ("none", "all", "lora_only")
@@ -50,8 +50,13 @@ class LoraConfig:
     modules_to_save: Optional[list] = None
     rank_pattern: dict = field(default_factory=dict)
     alpha_pattern: dict = field(default_factory=dict)
+    sparse_density: float = 0.0      # > 0: a sparse delta beside each LoRA update (RoSA)
+    sparse_block_size: int = 1
+    sparse_selection: str = "random"
 
     def __post_init__(self):
+        check_sparse_options(self.sparse_density, self.sparse_block_size, self.sparse_selection, "sparse_density",
+                             allow_zero=True)
         check_rank(self.r)
         check_finite_number(self.lora_alpha, "lora_alpha")
         check_dropout(self.lora_dropout)
@@ -71,6 +76,26 @@ class LoraConfig:
             for k, v in pat.items():
                 _compile(k, f"{pname} key")
                 (check_rank if pname == "rank_pattern" else check_finite_number)(v, f"{pname}[{k!r}]")
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+
+@dataclass
+class SparseDeltaConfig:
+    """A trainable sparse delta on each target nn.Linear (``SparseDeltaLinear``): ``density`` of its
+    entries (or blocks of ``block_size``), picked by ``selection`` ("random", "magnitude", "scores")."""
+
+    density: float = 0.01
+    block_size: int = 1
+    selection: str = "random"
+    target_modules: Optional[Union[str, list]] = None
+    exclude_modules: Optional[Union[str, list]] = None
+
+    def __post_init__(self):
+        check_sparse_options(self.density, self.block_size, self.selection)
+        self.target_modules = _name_list(self.target_modules, "target_modules")
+        self.exclude_modules = _name_list(self.exclude_modules, "exclude_modules")
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -161,7 +186,7 @@ def plan_lora(model: nn.Module, config: LoraConfig) -> LoraPlan:
 
     Targets are ``nn.Linear`` modules, or ``FastLoRALinear`` layers that already hold other adapters
     (the new adapter goes beside them)."""
-    saved = _saved_module_names(model, config.modules_to_save)
+    saved = _saved_module_names(model, getattr(config, "modules_to_save", None))
     spec = config.target_modules if config.target_modules is not None else _default_targets(model)
     all_linear = isinstance(spec, str) and spec.lower() == ALL_LINEAR
     head = _output_head(model) if all_linear else None
@@ -170,7 +195,7 @@ def plan_lora(model: nn.Module, config: LoraConfig) -> LoraPlan:
     for name, module in model.named_modules():
         if not name or any(name.startswith(p) for p in inner):
             continue
-        if isinstance(module, (FastLoRALinear, ModulesToSaveWrapper)):
+        if isinstance(module, (FastLoRALinear, SparseDeltaLinear, ModulesToSaveWrapper)):
             inner.append(name + ".")
         if _matches(config.exclude_modules, name) or any(name == s or name.startswith(s + ".") for s in saved):
             continue
@@ -183,6 +208,12 @@ def plan_lora(model: nn.Module, config: LoraConfig) -> LoraPlan:
         if not isinstance(module, (nn.Linear, FastLoRALinear)):
             raise ValueError(f"target_modules matched {name!r}, a {type(module).__name__}; fastpeft "
                              "adapts nn.Linear modules only: narrow target_modules or exclude it")
+        if isinstance(config, SparseDeltaConfig):
+            if not isinstance(module, nn.Linear):
+                raise ValueError(f"target_modules matched {name!r}, a {type(module).__name__}; a sparse delta goes on "
+                                 "a plain nn.Linear (one adapter kind per layer)")
+            targets[name] = None
+            continue
         r = pattern_value(config.rank_pattern, name, config.r)
         alpha = pattern_value(config.alpha_pattern, name, config.lora_alpha)
         targets[name] = (r, alpha)
@@ -273,6 +304,19 @@ def lora_layers(model: nn.Module) -> dict:
     return {n: m for n, m in model.named_modules() if isinstance(m, FastLoRALinear)}
 
 
+def sparse_layers(model: nn.Module) -> dict:
+    """Full module name -> ``SparseDeltaLinear``."""
+    return {n: m for n, m in model.named_modules() if isinstance(m, SparseDeltaLinear)}
+
+
+def _plain_linear(layer) -> nn.Linear:
+    """An nn.Linear sharing ``layer``'s weight and bias (no copy)."""
+    lin = nn.Linear(layer.in_features, layer.out_features, bias=layer.bias is not None, device="meta")
+    lin.weight = layer.weight
+    lin.bias = layer.bias
+    return lin
+
+
 def saved_module_wrappers(model: nn.Module) -> dict:
     """Full module name -> ``ModulesToSaveWrapper``."""
     return {n: m for n, m in model.named_modules() if isinstance(m, ModulesToSaveWrapper)}
@@ -314,10 +358,14 @@ def inject(model: nn.Module, config, adapter_name: str = "default", plan: LoraPl
     adapter becomes the model's active one and the only one that trains. Checks the whole config
     against the model before changing anything. Returns ``model``.
     """
-    if not isinstance(config, LoraConfig):
-        raise TypeError(f"config must be a fastpeft.LoraConfig, got {type(config).__name__}")
+    if not isinstance(config, (LoraConfig, SparseDeltaConfig)):
+        raise TypeError(f"config must be a fastpeft.LoraConfig or SparseDeltaConfig, got {type(config).__name__}")
     check_adapter_name(adapter_name)
     configs = adapter_configs(model)
+    if configs and (isinstance(config, SparseDeltaConfig) or any(isinstance(c, SparseDeltaConfig)
+                                                                 for c in configs.values())):
+        raise ValueError(f"model already has adapter(s) {list(configs)}; a SparseDeltaConfig adapter is the "
+                         "model's only adapter (LoraConfig(sparse_density=...) puts sparse deltas beside LoRA)")
     if adapter_name in configs:
         raise ValueError(f"adapter {adapter_name!r} already exists in the model (adapters {list(configs)}); "
                          "pick another adapter_name or delete_adapter it first")
@@ -329,11 +377,19 @@ def inject(model: nn.Module, config, adapter_name: str = "default", plan: LoraPl
     if not configs:
         for p in model.parameters():
             p.requires_grad_(False)
+    if isinstance(config, SparseDeltaConfig):
+        for name in plan.targets:
+            _set_submodule(model, name, SparseDeltaLinear.from_linear(model.get_submodule(name), config.density,
+                                                                      config.block_size, config.selection))
+        model._fastpeft_adapters = {adapter_name: config}
+        model._fastpeft_active = adapter_name
+        return model
     new_layers = {}
     for name, (r, alpha) in plan.targets.items():
         module = model.get_submodule(name)
         kw = dict(lora_dropout=config.lora_dropout, use_rslora=config.use_rslora,
-                  init_lora_weights=config.init_lora_weights)
+                  init_lora_weights=config.init_lora_weights, sparse_density=config.sparse_density,
+                  sparse_block_size=config.sparse_block_size, sparse_selection=config.sparse_selection)
         if isinstance(module, FastLoRALinear):
             module.add_adapter(adapter_name, r, alpha, **kw)
             layer = module
@@ -450,10 +506,11 @@ def merge_and_unload(model: nn.Module) -> nn.Module:
     for name, layer in lora_layers(model).items():
         if not layer.merged and layer.active_adapter is not None:
             layer.merge()
-        lin = nn.Linear(layer.in_features, layer.out_features, bias=layer.bias is not None, device="meta")
-        lin.weight = layer.weight
-        lin.bias = layer.bias
-        _set_submodule(model, name, lin)
+        _set_submodule(model, name, _plain_linear(layer))
+    for name, layer in sparse_layers(model).items():
+        if not layer.merged:
+            layer.merge()
+        _set_submodule(model, name, _plain_linear(layer))
     for name, module in list(model.named_modules()):
         if isinstance(module, ModulesToSaveWrapper):
             _set_submodule(model, name, module.active_module)
@@ -461,3 +518,50 @@ def merge_and_unload(model: nn.Module) -> nn.Module:
         if hasattr(model, attr):
             delattr(model, attr)
     return model
+
+
+def select_by_gradients(model: nn.Module, batches, loss_fn, progress: bool = True) -> dict:
+    """RoSA's one-shot mask: accumulate |dL/dW| of each sparse delta's weight over ``batches``, then
+    re-pick every delta's positions from those scores (values reset to zero); returns the scores.
+
+    ``loss_fn(model, batch)`` returns a scalar loss. Covers ``SparseDeltaLinear`` layers and the active
+    adapter of ``FastLoRALinear`` layers with a sparse delta. W's gradient is dense here (a few batches,
+    once, before training), as in RoSA; the weights are frozen again afterwards.
+    """
+    from tqdm.auto import tqdm
+
+    from .selection import select_indices
+
+    targets = {n: m for n, m in sparse_layers(model).items()}
+    targets.update({n: m for n, m in lora_layers(model).items() if m.active_adapter is not None
+                    and m.adapter_sparse_delta() is not None})
+    if not targets:
+        raise ValueError("select_by_gradients: the model has no sparse deltas (SparseDeltaConfig, or LoraConfig "
+                         "with sparse_density > 0)")
+    scores = {n: torch.zeros_like(m.weight, dtype=torch.float32) for n, m in targets.items()}
+    for m in targets.values():
+        m.weight.requires_grad_(True)
+    steps = 0
+    try:
+        for batch in tqdm(batches, desc="gradient scores", unit="batch", disable=not progress):
+            loss_fn(model, batch).backward()
+            for n, m in targets.items():
+                scores[n] += m.weight.grad.float().abs()
+                m.weight.grad = None
+            steps += 1
+    finally:
+        for m in targets.values():
+            m.weight.requires_grad_(False)
+            m.weight.grad = None
+    if steps == 0:
+        raise ValueError("select_by_gradients: batches was empty")
+    for p in model.parameters():
+        p.grad = None  # the scoring passes are not a training step
+    for n, m in targets.items():
+        if isinstance(m, SparseDeltaLinear):
+            m.reselect("scores", scores[n])
+        else:
+            spec = m.adapter_spec()
+            m.set_sparse_delta(m.active_adapter, select_indices(m.weight, spec.sparse_density, spec.sparse_block_size,
+                                                                "scores", scores[n]))
+    return scores

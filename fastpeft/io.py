@@ -20,8 +20,10 @@ import uuid
 import torch
 import torch.nn as nn
 
-from .inject import (LoraConfig, ModulesToSaveWrapper, active_adapter, adapter_configs, inject, is_bias,
-                     lora_layers, plan_lora, saved_module_wrappers)
+from ._checks import check_sparse_delta
+from .layers import FastLoRALinear
+from .inject import (LoraConfig, ModulesToSaveWrapper, SparseDeltaConfig, active_adapter, adapter_configs, inject,
+                     is_bias, lora_layers, plan_lora, saved_module_wrappers, sparse_layers)
 
 CONFIG_NAME = "adapter_config.json"
 WEIGHTS_NAME = "adapter_model.safetensors"
@@ -33,6 +35,11 @@ _UNSUPPORTED = ("use_dora", "fan_in_fan_out", "layers_to_transform", "lora_bias"
                 "use_bdlora", "megatron_config")
 _CONFIG_FIELDS = ("r", "lora_alpha", "lora_dropout", "target_modules", "exclude_modules", "bias",
                   "use_rslora", "init_lora_weights", "modules_to_save", "rank_pattern", "alpha_pattern")
+_SPARSE_LORA_FIELDS = ("sparse_density", "sparse_block_size", "sparse_selection")  # RoSA: fastpeft's own keys
+_SPARSE_FIELDS = ("density", "block_size", "selection", "target_modules", "exclude_modules")
+SPARSE_PEFT_TYPE = "SPARSE_DELTA"  # fastpeft's own type: a sparse delta alone (PEFT has no equivalent)
+# A sparse delta's tensors: <module>.sparse_delta.indices (int64) and <module>.sparse_delta.values.
+_SPARSE_SUFFIXES = (".sparse_delta.indices", ".sparse_delta.values")
 
 
 def _adapter_keys(model: nn.Module, adapter_name: str, config: LoraConfig, layers: dict, saved: list) -> dict:
@@ -72,6 +79,64 @@ def _saved_modules(model: nn.Module) -> list:
     return list(saved_module_wrappers(model))
 
 
+def _take_sparse(model: nn.Module, config, plan, weights: dict, directory) -> dict:
+    """Pop and check the sparse-delta tensors of the file: target name -> (indices, values).
+
+    Every target must have them when the config has a sparse delta, and no other key may carry them."""
+    if isinstance(config, SparseDeltaConfig):
+        block = config.block_size
+    elif config.sparse_density > 0.0:
+        block = config.sparse_block_size
+    else:
+        block = None
+    found = {}
+    for key in [k for k in weights if k.endswith(_SPARSE_SUFFIXES)]:
+        name = key[: key.rindex(".sparse_delta.")]
+        if block is None or name not in plan.targets:
+            raise ValueError(f"adapter {os.fspath(directory)!r} does not fit the model: unexpected keys [{key!r}]")
+        found.setdefault(name, {})[key[len(name):]] = weights.pop(key)
+    if block is None:
+        return {}
+    out = {}
+    for name in plan.targets:
+        parts = found.get(name, {})
+        missing = [name + s for s in _SPARSE_SUFFIXES if s not in parts]
+        if missing:
+            raise ValueError(f"adapter {os.fspath(directory)!r} does not fit the model: missing keys {missing}")
+        idx, vals = parts[_SPARSE_SUFFIXES[0]], parts[_SPARSE_SUFFIXES[1]]
+        module = model.get_submodule(name)
+        if not vals.is_floating_point():
+            raise ValueError(f"adapter tensor {name + _SPARSE_SUFFIXES[1]!r} must be floating point, got {vals.dtype}")
+        try:
+            check_sparse_delta(idx, vals, module.out_features, module.in_features, block)
+        except (TypeError, ValueError) as e:
+            raise ValueError(f"sparse delta of {name!r} in {os.fspath(directory)!r}: {e}") from None
+        out[name] = (idx, vals)
+    return out
+
+
+def _load_sparse_adapter(model, config, adapter_name, plan, sparse, weights, directory, trainable):
+    """load_adapter for a SparseDeltaConfig file: checks done by the caller except the leftover keys."""
+    if weights:
+        raise ValueError(f"adapter {os.fspath(directory)!r} does not fit the model: unexpected keys {sorted(weights)[:6]}")
+    configs = adapter_configs(model)
+    if adapter_name in configs:
+        layers = sparse_layers(model)
+        if set(layers) != set(plan.targets) or not isinstance(configs[adapter_name], SparseDeltaConfig):
+            raise ValueError(f"adapter config in {os.fspath(directory)!r} targets {sorted(plan.targets)}, but "
+                             f"adapter {adapter_name!r} of the model is on {sorted(layers)}")
+        if any(layers[n].block_size != config.block_size for n in layers):
+            raise ValueError(f"adapter config in {os.fspath(directory)!r} has block_size {config.block_size}, the "
+                             f"model's adapter {adapter_name!r} another")
+        model._fastpeft_adapters = {adapter_name: config}
+    else:
+        inject(model, config, adapter_name, plan=plan)
+    for name, layer in sparse_layers(model).items():
+        layer.set_delta(*sparse[name])
+        layer.delta_values.requires_grad_(trainable)
+    return model
+
+
 def _expected_shapes(model: nn.Module, config: LoraConfig, plan) -> dict:
     """File key -> shape, for the adapter ``plan`` would create on ``model`` (before it exists)."""
     expected = {}
@@ -94,8 +159,22 @@ def _expected_shapes(model: nn.Module, config: LoraConfig, plan) -> dict:
     return expected
 
 
+def _sparse_keys(layers: dict, adapter_name: str) -> dict:
+    """File key -> tensor for each layer's sparse delta (SparseDeltaLinear, or a RoSA adapter's)."""
+    keys = {}
+    for name, layer in layers.items():
+        delta = (layer.adapter_sparse_delta(adapter_name) if isinstance(layer, FastLoRALinear)
+                 else (layer.delta_indices, layer.delta_values))
+        if delta is not None:
+            keys[name + _SPARSE_SUFFIXES[0]] = delta[0].to(torch.int64)
+            keys[name + _SPARSE_SUFFIXES[1]] = delta[1]
+    return keys
+
+
 def _config_json(model: nn.Module, config: LoraConfig, layers: dict) -> dict:
     d = {k: getattr(config, k) for k in _CONFIG_FIELDS}
+    if config.sparse_density > 0.0:
+        d.update({k: getattr(config, k) for k in _SPARSE_LORA_FIELDS})
     # The resolved full names, which PEFT matches exactly: "all-linear", regexes and exclusions are
     # already applied, so PEFT adapts exactly the layers that were trained here.
     d["target_modules"] = sorted(layers)
@@ -131,8 +210,16 @@ def save_adapter(model: nn.Module, directory, adapter_name: str = "default") -> 
     if adapter_name not in configs:
         raise ValueError(f"adapter_name {adapter_name!r} is not an adapter of this model; it has {list(configs)}")
     config = configs[adapter_name]
-    layers = {n: m for n, m in lora_layers(model).items() if adapter_name in m.adapter_names}
-    keys = _adapter_keys(model, adapter_name, config, layers, _saved_modules(model))
+    if isinstance(config, SparseDeltaConfig):
+        layers = sparse_layers(model)
+        keys = {}
+        config_json = {k: getattr(config, k) for k in _SPARSE_FIELDS}
+        config_json.update(peft_type=SPARSE_PEFT_TYPE, target_modules=sorted(layers), exclude_modules=None)
+    else:
+        layers = {n: m for n, m in lora_layers(model).items() if adapter_name in m.adapter_names}
+        keys = _adapter_keys(model, adapter_name, config, layers, _saved_modules(model))
+        config_json = _config_json(model, config, layers)
+    keys.update(_sparse_keys(layers, adapter_name))
     tensors = {PREFIX + k: p.detach().to("cpu").contiguous().clone() for k, p in keys.items()}
 
     directory = os.path.abspath(os.fspath(directory))
@@ -144,7 +231,7 @@ def save_adapter(model: nn.Module, directory, adapter_name: str = "default") -> 
     try:
         save_file(tensors, os.path.join(tmp, WEIGHTS_NAME), metadata={"format": "pt"})
         with open(os.path.join(tmp, CONFIG_NAME), "w") as f:
-            json.dump(_config_json(model, config, layers), f, indent=2, sort_keys=True)
+            json.dump(config_json, f, indent=2, sort_keys=True)
             f.flush()
             os.fsync(f.fileno())
         with open(os.path.join(tmp, WEIGHTS_NAME), "rb+") as f:
@@ -166,9 +253,9 @@ def save_adapter(model: nn.Module, directory, adapter_name: str = "default") -> 
         raise
 
 
-def read_adapter_config(directory) -> LoraConfig:
-    """The ``LoraConfig`` in ``directory/adapter_config.json``; raises for other PEFT types and for LoRA
-    variants fastpeft cannot compute (DoRA, layer replication, ...)."""
+def read_adapter_config(directory):
+    """The ``LoraConfig`` (or fastpeft's ``SparseDeltaConfig``) in ``directory/adapter_config.json``; raises
+    for other PEFT types and for LoRA variants fastpeft cannot compute (DoRA, layer replication, ...)."""
     path = os.path.join(os.fspath(directory), CONFIG_NAME)
     if not os.path.isfile(path):
         raise FileNotFoundError(f"no {CONFIG_NAME} in adapter directory {os.fspath(directory)!r}")
@@ -179,8 +266,13 @@ def read_adapter_config(directory) -> LoraConfig:
         raise ValueError(f"{path} is not valid JSON: {e}") from None
     if not isinstance(d, dict):
         raise ValueError(f"{path} must hold a JSON object, got {type(d).__name__}")
+    if d.get("peft_type") == SPARSE_PEFT_TYPE:
+        try:
+            return SparseDeltaConfig(**{k: d[k] for k in _SPARSE_FIELDS if k in d and d[k] is not None})
+        except (TypeError, ValueError) as e:
+            raise ValueError(f"invalid adapter config {path}: {e}") from None
     if d.get("peft_type") != "LORA":
-        raise ValueError(f"peft_type in {path} must be 'LORA', got {d.get('peft_type')!r}")
+        raise ValueError(f"peft_type in {path} must be 'LORA' or '{SPARSE_PEFT_TYPE}', got {d.get('peft_type')!r}")
     bad = {k: d[k] for k in _UNSUPPORTED if d.get(k) not in (None, False, [], {}, 0)}
     if bad:
         raise ValueError(f"adapter config {path} uses LoRA variants fastpeft does not compute: {bad}")
@@ -189,7 +281,7 @@ def read_adapter_config(directory) -> LoraConfig:
         # PiSSA, OLoRA, LoftQ, ... change the base weights at init: the adapter alone does not carry them.
         raise ValueError(f"init_lora_weights={init!r} in {path}: adapters initialised this way modify the "
                          "base weights and cannot be loaded onto the original model")
-    kwargs = {k: d[k] for k in _CONFIG_FIELDS if k in d and d[k] is not None}
+    kwargs = {k: d[k] for k in _CONFIG_FIELDS + _SPARSE_LORA_FIELDS if k in d and d[k] is not None}
     kwargs.pop("init_lora_weights", None)
     try:
         return LoraConfig(**kwargs)
@@ -268,6 +360,9 @@ def load_adapter(model: nn.Module, directory, adapter_name: str = "default", tra
     weights = read_adapter_weights(directory)
     configs = adapter_configs(model)
     plan = plan_lora(model, config)
+    sparse = _take_sparse(model, config, plan, weights, directory)
+    if isinstance(config, SparseDeltaConfig):
+        return _load_sparse_adapter(model, config, adapter_name, plan, sparse, weights, directory, trainable)
     expected = _expected_shapes(model, config, plan)
     weights = _resolve_aliases(expected, _drop_wrapper_duplicates(weights, plan.saved + _saved_modules(model)))
     _check_against(expected, weights, directory)
@@ -290,8 +385,13 @@ def load_adapter(model: nn.Module, directory, adapter_name: str = "default", tra
 
     layers = {n: m for n, m in lora_layers(model).items() if adapter_name in m.adapter_names}
     keys = _adapter_keys(model, adapter_name, config, layers, _saved_modules(model))
+    for name, (idx, vals) in sparse.items():  # the file's positions, never a new draw
+        layers[name].set_sparse_delta(adapter_name, idx, vals)
+        keys[name + _SPARSE_SUFFIXES[1]] = layers[name].sparse_values[adapter_name]
     with torch.no_grad():
         for k, p in keys.items():
+            if k.endswith(_SPARSE_SUFFIXES[1]):
+                continue
             p.copy_(weights[k])
     if active_adapter(model) == adapter_name:  # an adapter loaded beside others stays frozen
         for p in keys.values():

@@ -16,8 +16,10 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from ._checks import check_dropout, check_finite_number, check_rank, expand_adapter_ids
-from .functional import lora_linear, lora_linear_multi
+from ._checks import check_dropout, check_finite_number, check_rank, check_sparse_delta, expand_adapter_ids
+from .functional import lora_linear, lora_linear_multi, lora_sparse_linear, resolve_backend, sparse_delta_linear
+from .reference import dense_delta_ref
+from .selection import SELECTIONS, select_indices
 
 INIT_CHOICES = (True, False, "gaussian")
 
@@ -48,20 +50,59 @@ class AdapterSpec:
     lora_alpha: float
     lora_dropout: float
     use_rslora: bool
+    sparse_density: float = 0.0  # > 0: a sparse delta beside the low-rank update (RoSA)
+    sparse_block_size: int = 1
+    sparse_selection: str = "random"
 
     @property
     def scaling(self) -> float:
         return lora_scaling(self.r, self.lora_alpha, self.use_rslora)
 
 
-def _spec(r, lora_alpha, lora_dropout, use_rslora) -> AdapterSpec:
+def check_sparse_options(density, block_size, selection, density_name="density", allow_zero=False) -> None:
+    ok_density = isinstance(density, (int, float)) and not isinstance(density, bool) and \
+        (0.0 <= float(density) <= 1.0 if allow_zero else 0.0 < float(density) <= 1.0)
+    if not ok_density:
+        raise ValueError(f"{density_name} must be a float in {'[0, 1]' if allow_zero else '(0, 1]'}, got {density!r}")
+    if isinstance(block_size, bool) or not isinstance(block_size, int) or block_size < 1:
+        raise ValueError(f"block_size must be a positive int, got {block_size!r}")
+    if selection not in SELECTIONS:
+        raise ValueError(f"selection must be one of {SELECTIONS}, got {selection!r}")
+
+
+def _spec(r, lora_alpha, lora_dropout, use_rslora, sparse_density=0.0, sparse_block_size=1,
+          sparse_selection="random") -> AdapterSpec:
     check_rank(r)
     alpha = check_finite_number(lora_alpha, "lora_alpha")
     if alpha == int(alpha):
         alpha = int(alpha)  # keep PEFT's JSON ints as ints
     if not isinstance(use_rslora, bool):
         raise TypeError(f"use_rslora must be a bool, got {type(use_rslora).__name__}")
-    return AdapterSpec(r, alpha, check_dropout(lora_dropout), use_rslora)
+    check_sparse_options(sparse_density, sparse_block_size, sparse_selection, "sparse_density", allow_zero=True)
+    return AdapterSpec(r, alpha, check_dropout(lora_dropout), use_rslora, float(sparse_density), sparse_block_size,
+                       sparse_selection)
+
+
+class _SparsePlanCache:
+    """The tile bucketing of a delta's indices for the triton path, rebuilt when the indices change."""
+
+    def __init__(self):
+        self.key, self.plan = None, None
+
+    def get(self, op: str, x: torch.Tensor, weight: torch.Tensor, indices: torch.Tensor, block_size: int):
+        if resolve_backend(op, None, x, weight) != "triton":
+            return None
+        key = (indices.data_ptr(), indices._version, tuple(indices.shape), x.device, tuple(weight.shape), block_size)
+        if key != self.key:
+            from .sparse import build_sparse_plan
+
+            self.plan = build_sparse_plan(indices, weight.shape[0], weight.shape[1], block_size, x.device)
+            self.key = key
+        return self.plan
+
+
+def _values_shape(indices: torch.Tensor, block_size: int) -> tuple:
+    return (indices.shape[0],) if block_size == 1 else (indices.shape[0], block_size, block_size)
 
 
 class FastLoRALinear(nn.Module):
@@ -76,28 +117,31 @@ class FastLoRALinear(nn.Module):
     """
 
     def __init__(self, in_features, out_features, r=8, lora_alpha=8, lora_dropout=0.0, bias=True,
-                 use_rslora=False, init_lora_weights=True, device=None, dtype=None, adapter_name="default"):
+                 use_rslora=False, init_lora_weights=True, device=None, dtype=None, adapter_name="default",
+                 sparse_density=0.0, sparse_block_size=1, sparse_selection="random"):
         super().__init__()
         for name, v in (("in_features", in_features), ("out_features", out_features)):
             check_rank(v, name)
         base = nn.Linear(in_features, out_features, bias=bias, device=device, dtype=dtype)
         self._setup(base.weight, base.bias, adapter_name, r, lora_alpha, lora_dropout, use_rslora,
-                    init_lora_weights)
+                    init_lora_weights, sparse_density, sparse_block_size, sparse_selection)
 
     @classmethod
     def from_linear(cls, linear: nn.Linear, r=8, lora_alpha=8, lora_dropout=0.0, use_rslora=False,
-                    init_lora_weights=True, adapter_name="default") -> "FastLoRALinear":
+                    init_lora_weights=True, adapter_name="default", sparse_density=0.0, sparse_block_size=1,
+                    sparse_selection="random") -> "FastLoRALinear":
         """Wrap ``linear``: the new layer shares (not copies) its weight and bias, and freezes them."""
         if not isinstance(linear, nn.Linear):
             raise TypeError(f"linear must be an nn.Linear, got {type(linear).__name__}")
         self = cls.__new__(cls)
         nn.Module.__init__(self)
         self._setup(linear.weight, linear.bias, adapter_name, r, lora_alpha, lora_dropout, use_rslora,
-                    init_lora_weights)
+                    init_lora_weights, sparse_density, sparse_block_size, sparse_selection)
         return self
 
-    def _setup(self, weight, bias, adapter_name, r, lora_alpha, lora_dropout, use_rslora, init_lora_weights):
-        spec = _spec(r, lora_alpha, lora_dropout, use_rslora)
+    def _setup(self, weight, bias, adapter_name, r, lora_alpha, lora_dropout, use_rslora, init_lora_weights,
+               sparse_density=0.0, sparse_block_size=1, sparse_selection="random"):
+        spec = _spec(r, lora_alpha, lora_dropout, use_rslora, sparse_density, sparse_block_size, sparse_selection)
         _check_init(init_lora_weights)
         check_adapter_name(adapter_name)
         self.out_features, self.in_features = weight.shape
@@ -108,6 +152,8 @@ class FastLoRALinear(nn.Module):
         self.bias = bias
         self.lora_A_adapters = nn.ParameterDict()
         self.lora_B_adapters = nn.ParameterDict()
+        self.sparse_values = nn.ParameterDict()  # adapter -> delta values (RoSA adapters only)
+        self._sparse_plans: dict = {}            # adapter -> _SparsePlanCache
         self._specs: dict = {}
         self._active: str | None = None
         self._stack = None      # (A (n, r_max, in), B (n, out, r_max)) backing the adapter Parameters
@@ -115,7 +161,7 @@ class FastLoRALinear(nn.Module):
         self._routing = None    # per-sequence ids set by fastpeft.mixed_batch
         self.merged = False
         self.add_adapter(adapter_name, spec.r, spec.lora_alpha, spec.lora_dropout, spec.use_rslora,
-                         init_lora_weights)
+                         init_lora_weights, spec.sparse_density, spec.sparse_block_size, spec.sparse_selection)
         self.set_adapter(adapter_name)
 
     # ---- the adapter registry ------------------------------------------------------------------
@@ -129,13 +175,16 @@ class FastLoRALinear(nn.Module):
     def active_adapter(self) -> str | None:
         return self._active
 
-    def add_adapter(self, name, r, lora_alpha, lora_dropout=0.0, use_rslora=False, init_lora_weights=True):
+    def add_adapter(self, name, r, lora_alpha, lora_dropout=0.0, use_rslora=False, init_lora_weights=True,
+                    sparse_density=0.0, sparse_block_size=1, sparse_selection="random", sparse_scores=None):
         """Add adapter ``name`` (its own rank, alpha, dropout); the active adapter does not change and the
-        new one starts frozen unless it is the first (``set_adapter`` trains the active one)."""
+        new one starts frozen unless it is the first (``set_adapter`` trains the active one).
+        ``sparse_density > 0`` adds a sparse delta beside the low-rank update (RoSA): that share of W's
+        entries (or blocks of ``sparse_block_size``), picked by ``sparse_selection``, zero at first."""
         check_adapter_name(name)
         if name in self._specs:
             raise ValueError(f"adapter {name!r} already exists in this layer (adapters {self.adapter_names})")
-        spec = _spec(r, lora_alpha, lora_dropout, use_rslora)
+        spec = _spec(r, lora_alpha, lora_dropout, use_rslora, sparse_density, sparse_block_size, sparse_selection)
         _check_init(init_lora_weights)
         kw = dict(device=self.weight.device, dtype=self.weight.dtype)
         self.lora_A_adapters[name] = nn.Parameter(torch.empty(spec.r, self.in_features, **kw),
@@ -143,6 +192,13 @@ class FastLoRALinear(nn.Module):
         self.lora_B_adapters[name] = nn.Parameter(torch.empty(self.out_features, spec.r, **kw),
                                                   requires_grad=self._active is None)
         self._specs[name] = spec
+        if spec.sparse_density > 0.0:
+            idx = select_indices(self.weight, spec.sparse_density, spec.sparse_block_size, spec.sparse_selection,
+                                 sparse_scores)
+            self.register_buffer(f"sparse_indices_{name}", idx)
+            self.sparse_values[name] = nn.Parameter(
+                torch.zeros(_values_shape(idx, spec.sparse_block_size), **kw), requires_grad=self._active is None)
+            self._sparse_plans[name] = _SparsePlanCache()
         self.reset_lora_parameters(init_lora_weights, adapter_name=name)
         self._repack()
 
@@ -156,6 +212,8 @@ class FastLoRALinear(nn.Module):
         for n in self._specs:
             self.lora_A_adapters[n].requires_grad_(n == name)
             self.lora_B_adapters[n].requires_grad_(n == name)
+            if n in self.sparse_values:
+                self.sparse_values[n].requires_grad_(n == name)
 
     def delete_adapter(self, name: str) -> None:
         """Remove adapter ``name``; later adapters' ids shift down by one. Deleting the active adapter
@@ -167,6 +225,10 @@ class FastLoRALinear(nn.Module):
         del self._specs[name]
         del self.lora_A_adapters[name]
         del self.lora_B_adapters[name]
+        if name in self.sparse_values:
+            del self.sparse_values[name]
+            delattr(self, f"sparse_indices_{name}")
+            del self._sparse_plans[name]
         if self._active == name:
             self._active = None
         self._repack()
@@ -189,12 +251,30 @@ class FastLoRALinear(nn.Module):
         self._spec_of(name)
         return self.lora_A_adapters[name], self.lora_B_adapters[name]
 
+    def adapter_sparse_delta(self, name: str | None = None):
+        """``(indices, values)`` of adapter ``name``'s sparse delta (RoSA), or None when it has none."""
+        name = self._active if name is None else name
+        self._spec_of(name)
+        if name not in self.sparse_values:
+            return None
+        return getattr(self, f"sparse_indices_{name}"), self.sparse_values[name]
+
+    @torch.no_grad()
+    def set_sparse_delta(self, name: str, indices: torch.Tensor, values: torch.Tensor | None = None) -> None:
+        """Replace adapter ``name``'s sparse-delta positions (values: given, or zeros). Checked first."""
+        spec = self._spec_of(name)
+        if name not in self.sparse_values:
+            raise ValueError(f"adapter {name!r} has no sparse delta (it was made with sparse_density=0)")
+        _set_delta(self, self.sparse_values[name], f"sparse_indices_{name}", indices, values,
+                   spec.sparse_block_size)
+
     def update_adapter(self, name: str, lora_alpha=None, lora_dropout=None, use_rslora=None) -> None:
         """Change an adapter's alpha / dropout / rsLoRA flag (its rank is fixed by its tensors)."""
         s = self._spec_of(name)
         new = _spec(s.r, s.lora_alpha if lora_alpha is None else lora_alpha,
                     s.lora_dropout if lora_dropout is None else lora_dropout,
-                    s.use_rslora if use_rslora is None else use_rslora)
+                    s.use_rslora if use_rslora is None else use_rslora,
+                    s.sparse_density, s.sparse_block_size, s.sparse_selection)
         if self.merged and name == self._active and new.scaling != s.scaling:
             raise RuntimeError("update_adapter would change the scaling of the merged adapter: unmerge() first")
         self._specs[name] = new
@@ -316,7 +396,16 @@ class FastLoRALinear(nn.Module):
                 return F.linear(x, self.weight, self.bias)
             s = self._specs[self._active]
             a, b = self.adapter_parameters()
-            return lora_linear(x, self.weight, self.bias, a, b, s.scaling, s.lora_dropout, self.training)
+            sparse = self.adapter_sparse_delta()
+            if sparse is None:
+                return lora_linear(x, self.weight, self.bias, a, b, s.scaling, s.lora_dropout, self.training)
+            plan = self._sparse_plans[self._active].get("lora_sparse_linear", x, self.weight, sparse[0],
+                                                        s.sparse_block_size)
+            return lora_sparse_linear(x, self.weight, self.bias, a, b, s.scaling, sparse[0], sparse[1],
+                                      s.sparse_block_size, s.lora_dropout, self.training, check=False, plan=plan)
+        if len(self.sparse_values):
+            raise RuntimeError("adapters with a sparse delta (RoSA) cannot be routed per row (adapter_ids / "
+                               "mixed_batch); use set_adapter")
         ids = expand_adapter_ids(adapter_ids, x, len(self._specs), check_range=check_ids)
         if not self._specs:
             return F.linear(x, self.weight, self.bias)
@@ -341,12 +430,17 @@ class FastLoRALinear(nn.Module):
 
     @torch.no_grad()
     def delta_weight(self, adapter_name: str | None = None) -> torch.Tensor:
-        """``scaling * B A`` (out, in) of an adapter (default: the active one), in the weight's dtype,
-        computed in fp32."""
+        """``scaling * B A`` (+ the sparse delta, RoSA) (out, in) of an adapter (default: the active one), in
+        the weight's dtype, computed in fp32."""
         name = self._active if adapter_name is None else adapter_name
         s = self._spec_of(name)
         a, b = self.lora_A_adapters[name], self.lora_B_adapters[name]
-        return (s.scaling * (b.float() @ a.float())).to(self.weight.dtype)
+        delta = s.scaling * (b.float() @ a.float())
+        sparse = self.adapter_sparse_delta(name)
+        if sparse is not None:
+            delta += dense_delta_ref(sparse[0], sparse[1].float(), self.out_features, self.in_features,
+                                     s.sparse_block_size)
+        return delta.to(self.weight.dtype)
 
     @torch.no_grad()
     def merge(self) -> None:
@@ -375,6 +469,130 @@ class FastLoRALinear(nn.Module):
             w += self.delta_weight()
         lin = nn.Linear(self.in_features, self.out_features, bias=self.bias is not None,
                         device=w.device, dtype=w.dtype)
+        lin.weight.copy_(w)
+        if self.bias is not None:
+            lin.bias.copy_(self.bias)
+        return lin
+
+
+@torch.no_grad()
+def _set_delta(module: nn.Module, values_param: nn.Parameter, buffer_name: str, indices: torch.Tensor,
+               values: torch.Tensor | None, block_size: int) -> None:
+    """Check then install new delta positions (and values, else zeros) in place of the old ones."""
+    weight = module.weight
+    check_sparse_delta(indices, values if values is not None else
+                       weight.new_zeros(_values_shape(indices, block_size)), weight.shape[0], weight.shape[1],
+                       block_size)
+    idx = indices.to(device=weight.device, dtype=torch.int64)
+    new_values = (values.to(device=weight.device, dtype=values_param.dtype).clone() if values is not None
+                  else torch.zeros(_values_shape(idx, block_size), device=weight.device, dtype=values_param.dtype))
+    setattr(module, buffer_name, idx)
+    values_param.data = new_values
+
+
+class SparseDeltaLinear(nn.Module):
+    """``y = x (W + Δ)^T + b``: W (and b) frozen, Δ a trainable sparse delta on a few of W's entries.
+
+    Shapes: weight (out, in); block_size 1: delta_indices (nnz,) flat row-major indices into W (a
+    buffer) and delta_values (nnz,); block_size b: delta_indices (nblocks, 2) block (row, col) and
+    delta_values (nblocks, b, b). nnz (or nblocks) = round(density x entries (or blocks)). Δ starts at
+    zero, so the layer starts as its base. ``selection``: "random", "magnitude" (largest |W|) or
+    "scores" (largest |scores|, e.g. gradient magnitudes from ``fastpeft.select_by_gradients``).
+    """
+
+    def __init__(self, in_features, out_features, density=0.01, block_size=1, selection="random", bias=True,
+                 device=None, dtype=None):
+        super().__init__()
+        for name, v in (("in_features", in_features), ("out_features", out_features)):
+            check_rank(v, name)
+        base = nn.Linear(in_features, out_features, bias=bias, device=device, dtype=dtype)
+        self._setup(base.weight, base.bias, density, block_size, selection, None)
+
+    @classmethod
+    def from_linear(cls, linear: nn.Linear, density=0.01, block_size=1, selection="random", scores=None):
+        """Wrap ``linear``: shares (not copies) its weight and bias, and freezes them."""
+        if not isinstance(linear, nn.Linear):
+            raise TypeError(f"linear must be an nn.Linear, got {type(linear).__name__}")
+        self = cls.__new__(cls)
+        nn.Module.__init__(self)
+        self._setup(linear.weight, linear.bias, density, block_size, selection, scores)
+        return self
+
+    def _setup(self, weight, bias, density, block_size, selection, scores):
+        check_sparse_options(density, block_size, selection)
+        self.out_features, self.in_features = weight.shape
+        self.density, self.block_size, self.selection = float(density), block_size, selection
+        weight.requires_grad_(False)
+        self.weight = weight
+        if bias is not None:
+            bias.requires_grad_(False)
+        self.bias = bias
+        idx = select_indices(weight, density, block_size, selection, scores)
+        self.register_buffer("delta_indices", idx)
+        self.delta_values = nn.Parameter(torch.zeros(_values_shape(idx, block_size), device=weight.device,
+                                                     dtype=weight.dtype))
+        self.merged = False
+        self._plan = _SparsePlanCache()
+
+    def extra_repr(self) -> str:
+        return (f"in_features={self.in_features}, out_features={self.out_features}, bias={self.bias is not None}, "
+                f"density={self.density}, block_size={self.block_size}, selection={self.selection!r}, "
+                f"entries={self.delta_values.numel()}, merged={self.merged}")
+
+    @torch.no_grad()
+    def set_delta(self, indices: torch.Tensor, values: torch.Tensor | None = None) -> None:
+        """Replace the delta's positions (and values: given, or zeros), checked first. The values
+        Parameter stays the same object (its optimizer state must be reset if its size changed)."""
+        if self.merged:
+            raise RuntimeError("set_delta on a merged layer: call unmerge() first")
+        _set_delta(self, self.delta_values, "delta_indices", indices, values, self.block_size)
+
+    def reselect(self, selection: str | None = None, scores: torch.Tensor | None = None) -> None:
+        """Pick new positions (``selection``, default the layer's) and reset the values to zero."""
+        selection = selection or self.selection
+        check_sparse_options(self.density, self.block_size, selection)
+        self.selection = selection
+        self.set_delta(select_indices(self.weight, self.density, self.block_size, selection, scores))
+
+    def dense_delta(self) -> torch.Tensor:
+        """Δ as a dense (out, in) tensor (differentiable in delta_values)."""
+        return dense_delta_ref(self.delta_indices, self.delta_values, self.out_features, self.in_features,
+                               self.block_size)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """x: (..., in) -> (..., out)."""
+        if x.dim() == 0 or x.shape[-1] != self.in_features:
+            got = x.shape[-1] if x.dim() else "a 0-d tensor"
+            raise ValueError(f"input's last dim must be in_features={self.in_features}, got {got}")
+        if self.merged:
+            return F.linear(x, self.weight, self.bias)
+        plan = self._plan.get("sparse_delta_linear", x, self.weight, self.delta_indices, self.block_size)
+        return sparse_delta_linear(x, self.weight, self.bias, self.delta_indices, self.delta_values, self.block_size,
+                                   check=False, plan=plan)
+
+    @torch.no_grad()
+    def merge(self) -> None:
+        """W += Δ in place (the weight's storage is shared with the wrapped nn.Linear)."""
+        if self.merged:
+            raise RuntimeError("merge: the delta is already merged")
+        self.weight.add_(self.dense_delta().to(self.weight.dtype))
+        self.merged = True
+
+    @torch.no_grad()
+    def unmerge(self) -> None:
+        """Undo ``merge`` (W -= Δ)."""
+        if not self.merged:
+            raise RuntimeError("unmerge: the delta is not merged")
+        self.weight.sub_(self.dense_delta().to(self.weight.dtype))
+        self.merged = False
+
+    @torch.no_grad()
+    def to_linear(self) -> nn.Linear:
+        """A new nn.Linear holding W + Δ (and a copy of b); this layer is left untouched."""
+        w = self.weight.detach().clone()
+        if not self.merged:
+            w += self.dense_delta().to(w.dtype)
+        lin = nn.Linear(self.in_features, self.out_features, bias=self.bias is not None, device=w.device, dtype=w.dtype)
         lin.weight.copy_(w)
         if self.bias is not None:
             lin.bias.copy_(self.bias)

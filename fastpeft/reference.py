@@ -157,3 +157,42 @@ def lora_linear_multi_ref(
         u = F.linear(xi.index_select(0, rows), lora_A_stack[i, :r])
         y = y.index_add(0, rows, scale_list[i] * F.linear(u, lora_B_stack[i, :, :r]))
     return y.view(*x.shape[:-1], weight.shape[0])
+
+
+def dense_delta_ref(delta_indices: torch.Tensor, delta_values: torch.Tensor, out_features: int, in_features: int,
+                    block_size: int = 1) -> torch.Tensor:
+    """The sparse delta as a dense (out, in) tensor of ``delta_values``' dtype (differentiable in values).
+
+    block_size 1: delta_indices (nnz,) flat row-major indices into (out, in), delta_values (nnz,).
+    block_size b > 1: delta_indices (nblocks, 2) block (row, col) in units of b, delta_values (nblocks, b, b);
+    blocks on the bottom / right edge are clipped to the matrix (their outside values are unused).
+    """
+    b = block_size
+    if b == 1:
+        flat = delta_values.new_zeros(out_features * in_features)
+        flat = flat.index_put((delta_indices.long(),), delta_values)
+        return flat.view(out_features, in_features)
+    rb, cb = -(-out_features // b), -(-in_features // b)
+    grid = delta_values.new_zeros(rb, cb, b, b)
+    grid = grid.index_put((delta_indices[:, 0].long(), delta_indices[:, 1].long()), delta_values)
+    return grid.permute(0, 2, 1, 3).reshape(rb * b, cb * b)[:out_features, :in_features]
+
+
+def sparse_delta_linear_ref(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None,
+                            delta_indices: torch.Tensor, delta_values: torch.Tensor, block_size: int = 1) -> torch.Tensor:
+    """``y = x (W + Δ)^T + b`` with Δ sparse (see ``dense_delta_ref``); x (..., in) -> (..., out).
+
+    Clones W and scatters Δ into it (the PEFT-SHiRA / RoSA way): the oracle, not the lean path.
+    """
+    out_f, in_f = weight.shape
+    delta = dense_delta_ref(delta_indices, delta_values, out_f, in_f, block_size)
+    return F.linear(x, weight + delta.to(weight.dtype), bias)
+
+
+def lora_sparse_linear_ref(x, weight, bias, lora_A, lora_B, scaling, delta_indices, delta_values, block_size=1,
+                           dropout_p=0.0, training=True, seed=None) -> torch.Tensor:
+    """LoRA and a sparse delta together (RoSA): ``y = x (W + Δ)^T + b + s (drop(x) A^T) B^T``."""
+    out_f, in_f = weight.shape
+    delta = dense_delta_ref(delta_indices, delta_values, out_f, in_f, block_size)
+    return lora_linear_ref(x, weight + delta.to(weight.dtype), bias, lora_A, lora_B, scaling, dropout_p, training,
+                           seed)
