@@ -183,16 +183,22 @@ def _bucket(m: int) -> int:
     return 1 << max(0, int(m) - 1).bit_length()
 
 
+def autocast_inputs(x: torch.Tensor, *tensors):
+    """``(x, *tensors)`` cast to the autocast dtype when autocast is on for x's device (None kept), as
+    nn.Linear's matmul would cast them; the kernels then run with autocast off."""
+    dev = x.device.type
+    if not torch.is_autocast_enabled(dev):
+        return (x, *tensors)
+    dtype = torch.get_autocast_dtype(dev)
+    return tuple(t.to(dtype) if t is not None else None for t in (x, *tensors))
+
+
 def _lora_linear_triton(x, weight, bias, lora_A, lora_B, scaling, dropout_p, seed):
     """Reshape to 2-D, follow autocast as nn.Linear does, and run the fused Function."""
-    dev = x.device.type
-    if torch.is_autocast_enabled(dev):
-        dtype = torch.get_autocast_dtype(dev)
-        x, weight, lora_A, lora_B = (t.to(dtype) for t in (x, weight, lora_A, lora_B))
-        bias = bias.to(dtype) if bias is not None else None
+    x, weight, bias, lora_A, lora_B = autocast_inputs(x, weight, bias, lora_A, lora_B)
     lead = x.shape[:-1]
     x2 = x.reshape(-1, x.shape[-1])
-    with torch.autocast(dev, enabled=False):
+    with torch.autocast(x.device.type, enabled=False):
         y = LoRALinearFunction.apply(x2, weight, bias, lora_A, lora_B, float(scaling), float(dropout_p),
                                      int(seed) if seed is not None else 0)
     return y.view(*lead, weight.shape[0])

@@ -108,15 +108,13 @@ def lora_linear_multi_triton(x, weight, bias, lora_A_stack, lora_B_stack, scalin
     (n,) or None (not training, or all rates zero); seed: int (used only with dropout_p). Under autocast
     the inputs are cast to the autocast dtype first, as nn.Linear's would be.
     """
-    dev = x.device.type
-    if torch.is_autocast_enabled(dev):
-        dtype = torch.get_autocast_dtype(dev)
-        x, weight, lora_A_stack, lora_B_stack = (t.to(dtype) for t in (x, weight, lora_A_stack, lora_B_stack))
-        bias = bias.to(dtype) if bias is not None else None
+    from .functional import autocast_inputs
+
+    x, weight, bias, lora_A_stack, lora_B_stack = autocast_inputs(x, weight, bias, lora_A_stack, lora_B_stack)
     lead = x.shape[:-1]
     x2 = x.reshape(-1, x.shape[-1])
     ids2 = ids.reshape(-1).to(torch.int64)
-    with torch.autocast(dev, enabled=False):
+    with torch.autocast(x.device.type, enabled=False):
         y = LoRAMultiFunction.apply(x2, weight, bias, lora_A_stack, lora_B_stack, scalings, ids2, ranks, dropout_p,
                                     int(seed) if seed is not None and dropout_p is not None else 0)
     return y.view(*lead, weight.shape[0])
