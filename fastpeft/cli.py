@@ -5,7 +5,8 @@ seconds on the CPU to match a "fine-tuned" teacher, and show the trainable-param
 falling loss. It runs everywhere torch runs, offline, and ends with a save / load round trip.
 
 ``fastpeft bench [lora]``: the LoRA microbenchmark table (``benchmarks/bench_lora.py``);
-``fastpeft bench multi``: many adapters per batch (``benchmarks/bench_multi.py``); ``--help`` on each.
+``fastpeft bench multi``: many adapters per batch (``benchmarks/bench_multi.py``);
+``fastpeft bench sparse``: sparse deltas (``benchmarks/bench_sparse.py``); ``--help`` on each.
 """
 from __future__ import annotations
 
@@ -168,7 +169,7 @@ def _base_state(model: nn.Module) -> dict:
     return {k: v for k, v in model.state_dict().items() if "lora_" not in k}
 
 
-BENCHES = {"lora": "bench_lora", "multi": "bench_multi"}
+BENCHES = {"lora": "bench_lora", "multi": "bench_multi", "sparse": "bench_sparse"}
 
 
 def _positive_int(s):
@@ -182,7 +183,8 @@ def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="fastpeft", description="Parameter-efficient fine-tuning with fused kernels.")
     sub = p.add_subparsers(dest="command")
     sub.add_parser("bench", help="microbenchmark tables: 'fastpeft bench [lora]' (one adapter vs nn.Linear, "
-                   "the reference and PEFT), 'fastpeft bench multi' (many adapters per batch)", add_help=False)
+                   "the reference and PEFT), 'fastpeft bench multi' (many adapters per batch), "
+                   "'fastpeft bench sparse' (sparse deltas)", add_help=False)
     t = sub.add_parser("train", help="LoRA on a small built-in transformer, a few seconds on CPU (default)")
     t.add_argument("--steps", type=_positive_int, default=500, help="at most this many steps (default 500)")
     t.add_argument("--max-seconds", type=float, default=20.0, help="stop after this long (default 20)")

@@ -80,7 +80,8 @@ def triton_unavailable_reason(op: str, *tensors: torch.Tensor) -> str | None:
 
 def resolve_backend(op: str, backend: str | None, *tensors: torch.Tensor) -> str:
     """``"triton"`` or ``"reference"`` for a call of ``op`` on ``tensors``; raises if triton is asked
-    for and cannot run. ``"auto"`` takes triton only for CUDA tensors."""
+    for and cannot run. ``"auto"`` takes triton only for CUDA tensors, and only for the ops whose
+    kernels have passed a GPU check (``fastpeft.kernels.AUTO_OPS``)."""
     name = current_backend(backend)
     if name == "reference":
         return name
@@ -91,7 +92,7 @@ def resolve_backend(op: str, backend: str | None, *tensors: torch.Tensor) -> str
                                "Use backend='reference' (or 'auto') to run the PyTorch path.")
         return name
     on_cuda = all(t is None or t.device.type == "cuda" for t in tensors)
-    return "triton" if reason is None and on_cuda else "reference"
+    return "triton" if reason is None and on_cuda and op in kernels.AUTO_OPS else "reference"
 
 
 def draw_seed() -> int:
@@ -287,6 +288,8 @@ def lora_sparse_linear(x, weight, bias, lora_A, lora_B, scaling, delta_indices, 
     """
     check_lora_linear_args(x, weight, bias, lora_A, lora_B, scaling, dropout_p)
     check_sparse_delta(delta_indices, delta_values, weight.shape[0], weight.shape[1], block_size, check_order=check)
+    if delta_values.device != x.device:
+        raise ValueError(f"delta_values must be on x's device {x.device}, got {delta_values.device}")
     p = float(dropout_p) if training else 0.0
     if p > 0.0 and seed is None:
         seed = draw_seed()

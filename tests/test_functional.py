@@ -148,3 +148,13 @@ def test_autocast_cpu_bf16_behaves_like_linear():
     assert y.dtype == ref.dtype == torch.bfloat16
     exact = lora_linear_ref(x, w, b, a, bb, 1.0)
     torch.testing.assert_close(y.float(), exact, rtol=2e-2, atol=5e-2)
+
+
+def test_auto_runs_only_gpu_checked_ops_on_kernels(monkeypatch):
+    x = torch.randn(2, 4)
+    monkeypatch.setattr(kernels, "INTERPRET", True)
+    cuda_like = type("T", (), {"device": torch.device("cuda"), "dtype": torch.float32})()
+    monkeypatch.setattr("fastpeft.functional.triton_unavailable_reason", lambda op, *t: None)
+    assert resolve_backend("lora_linear", "auto", cuda_like) == "triton"
+    assert resolve_backend("sparse_delta_linear", "auto", cuda_like) == "reference"  # not GPU-checked yet
+    assert resolve_backend("sparse_delta_linear", "triton", x) == "triton"

@@ -1,0 +1,371 @@
+"""Triton backend of :func:`fastpeft.sparse_delta_linear` and :func:`fastpeft.lora_sparse_linear`.
+
+``y = x (W + Δ)^T + b`` (and RoSA: ``+ s (drop(x) A^T) B^T``) with Δ sparse: ``nnz`` flat entries
+(block_size 1) or ``nblocks`` b x b blocks of W (out, in). The kernels are in ``kernels/sparse_delta.py``
+(W + Δ densified into a transient buffer for cuBLAS, or added inside a block-sparse-aware GEMM; the
+values' gradient by SDDMM) and ``kernels/lora.py`` (the LoRA branch). Neither Function saves a W-sized
+tensor for backward, and neither ever forms an (out, in) gradient unless W itself requires one.
+
+:class:`SparsePlan` is the device-side bookkeeping of one set of indices (the tile bucketing of flat
+entries, the block map of blocks); build it once with :func:`build_sparse_plan` and pass it to every
+call with those indices (``plan=``), or let each call build its own.
+"""
+from __future__ import annotations
+
+import torch
+
+from .kernels import lora as K
+from .kernels import sparse_delta as SD
+
+# Tiles are visited in groups of this many tile rows (as GROUP_M in Triton's matmul tutorial): the
+# programs working at one time share their rows of dY and a few column panels of X in L2.
+_TILE_GROUP = 8
+
+
+class SparsePlan:
+    """Where a sparse delta's entries are, arranged for the kernels; every tensor is on the device.
+
+    Block size 1 (entries bucketed by T x T tile of W, T = ``tile``; ntiles = cdiv(out, T) cdiv(in, T)):
+      tile_list (ntiles,) int32: tile ids (tile row * tiles per row + tile column), the non-empty ones
+                first, in groups of ``_TILE_GROUP`` tile rows; tile_count (1,) int32: how many are
+                non-empty; starts (ntiles + 1,) int32: tile t owns tile-sorted positions
+                [starts[t], starts[t + 1]); order (nnz,) int32: tile-sorted position -> entry (a stable
+                sort of the entries by tile); loc (nnz,) int32: (row % T) * T + col % T of each sorted entry.
+    Blocks (b > 1):
+      block_map (cdiv(out, b), cdiv(in, b)) int32: the block id at each block position, -1 where none
+                (only where the block-fused GEMM takes b: a power of two >= 16; None otherwise).
+    Shapes depend on out, in, b and nnz only, and building one needs no host sync, so a plan can be
+    built inside a compiled region or cached by a layer for as long as its indices do not change.
+    """
+
+    def __init__(self, out_features, in_features, block_size, nnz, tile=0, block_map=None, tile_list=None,
+                 tile_count=None, starts=None, order=None, loc=None):
+        self.out_features, self.in_features, self.block_size = int(out_features), int(in_features), int(block_size)
+        self.nnz, self.tile = int(nnz), int(tile)
+        self.block_map, self.tile_list, self.tile_count = block_map, tile_list, tile_count
+        self.starts, self.order, self.loc = starts, order, loc
+
+    def tensors(self) -> tuple:
+        """(block_map, tile_list, tile_count, starts, order, loc), None where the format has none."""
+        return self.block_map, self.tile_list, self.tile_count, self.starts, self.order, self.loc
+
+    def check(self, delta_indices: torch.Tensor, out_features: int, in_features: int, block_size: int) -> None:
+        """Raise if this plan was not built for indices of this shape on this weight (no host sync: the
+        indices' values are the caller's promise)."""
+        got = (self.out_features, self.in_features, self.block_size, self.nnz)
+        want = (int(out_features), int(in_features), int(block_size), int(delta_indices.shape[0]))
+        if got != want:
+            raise ValueError(f"plan was built for (out, in, block_size, nnz) = {got}, got a call with {want}; "
+                             "build it again with fastpeft.sparse.build_sparse_plan")
+        for t in self.tensors():
+            if t is not None and t.device != delta_indices.device:
+                raise ValueError(f"plan is on {t.device}, the indices on {delta_indices.device}")
+
+    def __repr__(self) -> str:
+        kind = f"tile={self.tile}" if self.block_size == 1 else f"block_size={self.block_size}"
+        return f"SparsePlan(out={self.out_features}, in={self.in_features}, nnz={self.nnz}, {kind})"
+
+
+def build_sparse_plan(delta_indices: torch.Tensor, out_features: int, in_features: int, block_size: int = 1,
+                      device=None, tile: int | None = None) -> SparsePlan:
+    """The :class:`SparsePlan` of sorted, unique ``delta_indices`` (see ``fastpeft.sparse_delta_linear``).
+
+    Torch ops on ``device`` (default: the indices'), no host sync. ``tile`` (32 or 64, block_size 1
+    only) overrides ``kernels.sparse_delta.choose_tile``.
+    """
+    device = torch.device(device) if device is not None else delta_indices.device
+    idx = delta_indices.to(device)
+    out_f, in_f, b = int(out_features), int(in_features), int(block_size)
+    nnz = idx.shape[0]
+    if b > 1:
+        block_map = None
+        if SD.fused_gemm_ok(b):
+            rb, cb = -(-out_f // b), -(-in_f // b)
+            block_map = torch.full((rb, cb), -1, device=device, dtype=torch.int32)
+            if nnz:
+                block_map[idx[:, 0].long(), idx[:, 1].long()] = torch.arange(nnz, device=device, dtype=torch.int32)
+        return SparsePlan(out_f, in_f, b, nnz, block_map=block_map)
+    t = int(tile) if tile is not None else SD.choose_tile(nnz, out_f, in_f)
+    if t not in (16, 32, 64, 128):
+        raise ValueError(f"tile must be 16, 32, 64 or 128, got {tile!r}")
+    n_tr, n_tc = -(-out_f // t), -(-in_f // t)
+    ntiles = n_tr * n_tc
+    flat = idx.long()
+    r, c = flat // in_f, flat % in_f
+    key = (r // t) * n_tc + c // t
+    order = torch.argsort(key, stable=True)
+    starts = torch.searchsorted(key[order], torch.arange(ntiles + 1, device=device, dtype=torch.int64))
+    loc = ((r % t) * t + c % t)[order]
+    # Visit order: groups of _TILE_GROUP tile rows, column by column inside a group; empty tiles last.
+    ids = torch.arange(ntiles, device=device)
+    tr, tc = ids // n_tc, ids % n_tc
+    g = _TILE_GROUP
+    grouped = ((tr // g) * n_tc + tc) * g + tr % g
+    nonempty = starts[1:] > starts[:-1]
+    tile_list = torch.argsort(torch.where(nonempty, grouped, grouped + (-(-n_tr // g)) * g * n_tc))
+    tile_count = nonempty.sum().reshape(1)
+    i32 = torch.int32
+    return SparsePlan(out_f, in_f, 1, nnz, tile=t, tile_list=tile_list.to(i32), tile_count=tile_count.to(i32),
+                      starts=starts.to(i32), order=order.to(i32), loc=loc.to(i32))
+
+
+# ----------------------------------------------------------------------------------------------------
+# shared pieces of the two Functions
+# ----------------------------------------------------------------------------------------------------
+
+
+def _bucket(m: int) -> int:
+    """Token counts within a power of two share a measured GEMM choice (as in fastpeft.functional)."""
+    return 1 << max(0, int(m) - 1).bit_length()
+
+
+def _w_plus_delta(weight, indices, values, block_size, dtype):
+    """W + Δ in ``dtype``: a transient (out, in) buffer, freed by the caller as soon as it is used."""
+    if indices.shape[0] == 0:
+        return weight if weight.dtype == dtype else weight.to(dtype)
+    return SD.densify_op(weight, indices, values, block_size, dtype)
+
+
+def _sddmm(dy, x, indices, values, block_size, tile, tile_list, tile_count, starts, order, loc):
+    """dvalues: (dY^T X) on Δ's support, in values' dtype and shape. Never an (out, in) tensor."""
+    nnz = indices.shape[0]
+    if nnz == 0:
+        return values.new_zeros(values.shape)
+    if block_size > 1:
+        g = SD.sddmm_blocks_op(dy, x, indices, block_size)
+    elif SD.choose_sddmm(nnz, dy.shape[1], x.shape[1]) == "gather":
+        g = SD.gather_dot_op(dy, x, indices)
+    else:
+        g = SD.sddmm_tiles_op(dy, x, tile_list, tile_count, starts, order, loc, tile)
+    return g.to(values.dtype)
+
+
+def _lora_gemm(a, b, lu, lv, bias, scale, seed, thr, key):
+    """``a @ b + scale * mask * (lu @ lv) + bias``: the LoRA GEMM with its own fused / cuBLAS choice."""
+    def fused():
+        return K.gemm_op(a, b, lu, lv, bias, scale, seed, thr)
+
+    def cublas():
+        out = torch.addmm(bias, a, b) if bias is not None else a @ b
+        if thr == 0:
+            return out.addmm_(lu.to(out.dtype), lv, alpha=scale)
+        return K.lowrank_add_op(out, lu, lv, scale, seed, thr)
+
+    return fused() if K.choose_gemm(key, fused, cublas, a.device) == "fused" else cublas()
+
+
+# ----------------------------------------------------------------------------------------------------
+# autograd Functions
+# ----------------------------------------------------------------------------------------------------
+
+
+class SparseDeltaLinearFunction(torch.autograd.Function):
+    r"""Sparse-delta linear on the triton kernels; x is 2-D here, (M, K), weight W (N, K).
+
+    Δ (N, K) is zero but on its support S (the nnz entries, or the positions of the blocks clipped to
+    W); v are its values, Δ = scatter_S(v). Forward:
+
+        y = x (W + Δ)^T + b
+
+    either with W' = W + Δ densified into a transient buffer (a W-sized copy, fp32 sums rounded once
+    to x's dtype) and one cuBLAS GEMM, or (blocks) with one GEMM adding Δ into its W tiles as it loads
+    them. Backward, from dY (M, N): y_mn = sum_k x_mk (W + Δ)_nk + b_n, so
+
+        dX  = dY (W + Δ)                         the same two ways (W' recomputed, not saved)
+        dΔ  = dY^T x                             only on S: dv_i = sum_m dY[m, row_i] x[m, col_i]
+                                                 (blocks: dv_j = dY[:, rows_j]^T x[:, cols_j], b x b;
+                                                 positions outside W get 0), an SDDMM
+        dW  = dY^T x,   db = sum_m dY_m          (only when required; dW is (N, K) by definition)
+
+    Saved for backward: x, W, v, the indices and the plan's tensors; W + Δ is recomputed (dense path)
+    or never formed (fused path), and no (N, K) gradient is formed for v. No atomics: the SDDMM's
+    partial sums over M are added in a fixed order.
+    """
+
+    @staticmethod
+    def forward(ctx, x, weight, bias, values, indices, block_map, tile_list, tile_count, starts, order, loc,
+                block_size, tile):
+        b = block_size
+
+        def fused():
+            return SD.block_gemm_op(x, weight, block_map, values, None, None, bias, b, True, 1.0, 0, 0)
+
+        def dense():
+            w2 = _w_plus_delta(weight, indices, values, b, x.dtype)
+            return torch.addmm(bias, x, w2.t()) if bias is not None else x @ w2.t()
+
+        key = ("sd-fwd", _bucket(x.shape[0]), x.shape[1], weight.shape[0], b, x.dtype, weight.dtype, bias is not None)
+        use_fused = block_map is not None and SD.choose_sparse_gemm(key, b, fused, dense, x.device) == "fused"
+        y = fused() if use_fused else dense()
+        ctx.save_for_backward(x, weight, values, indices, block_map, tile_list, tile_count, starts, order, loc)
+        ctx.block_size, ctx.tile, ctx.has_bias = b, tile, bias is not None
+        return y
+
+    @staticmethod
+    def backward(ctx, dy):
+        x, weight, values, indices, block_map, tile_list, tile_count, starts, order, loc = ctx.saved_tensors
+        need_x, need_w, need_b, need_v = ctx.needs_input_grad[:4]
+        b = ctx.block_size
+        dx = dw = db = dv = None
+        if need_x:
+            def fused():
+                return SD.block_gemm_op(dy, weight, block_map, values, None, None, None, b, False, 1.0, 0, 0)
+
+            def dense():
+                return dy @ _w_plus_delta(weight, indices, values, b, dy.dtype)  # W + Δ freed on return
+
+            key = ("sd-dx", _bucket(x.shape[0]), weight.shape[0], x.shape[1], b, x.dtype, weight.dtype, False)
+            use_fused = block_map is not None and SD.choose_sparse_gemm(key, b, fused, dense, x.device) == "fused"
+            dx = fused() if use_fused else dense()
+        if need_v:
+            dv = _sddmm(dy, x, indices, values, b, ctx.tile, tile_list, tile_count, starts, order, loc)
+        if need_w:
+            dw = (dy.t() @ x).to(weight.dtype)
+        if need_b and ctx.has_bias:
+            db = dy.sum(0)
+        return dx, dw, db, dv, None, None, None, None, None, None, None, None, None
+
+
+class LoRASparseLinearFunction(torch.autograd.Function):
+    r"""LoRA beside a sparse delta (RoSA) on the triton kernels, one Function; x is 2-D here, (M, K).
+
+    W (N, K), Δ = scatter_S(v) as in :class:`SparseDeltaLinearFunction`, A (r, K), B (N, r), s the
+    scaling, p the dropout rate, D the keep-mask of x (M, K) (redrawn from the seed, never stored) and
+    drop(x) = D * x / (1 - p). Forward:
+
+        u = drop(x) A^T                          (M, r) fp32, the LoRA shrink (mask redrawn in its loads)
+        y = x (W + Δ)^T + s u B^T + b            blocks: one GEMM adding Δ into its W tiles, with
+                                                 s u B^T + b in its epilogue; else W' = W + Δ densified
+                                                 (transient) and the LoRA GEMM of kernels/lora.py on it
+                                                 (fused epilogue, or cuBLAS + addmm_)
+
+    Backward, from dY (M, N). y depends on x through x (W + Δ)^T and through u, on v only through
+    x (W + Δ)^T (dropout touches the LoRA branch only):
+
+        v_ = dY B                                (M, r), recomputed
+        dL/du = s v_
+        dX  = dY (W + Δ) + s D * (v_ A) / (1 - p)    the LoRA dX GEMM on W + Δ (recomputed or fused)
+        dA  = (dL/du)^T drop(x) = s v_^T drop(x)     (r, K)
+        dB  = s dY^T u                               (N, r)
+        dΔ  = dY^T x on S only (the undropped x)     the SDDMM
+        dW  = dY^T x,   db = sum_m dY_m              (only when required)
+
+    Saved for backward: x (not a dropped copy), u (M, r) fp32, W, A, B, v, the indices and the plan's
+    tensors; W + Δ is recomputed or never formed. No atomics anywhere.
+    """
+
+    @staticmethod
+    def forward(ctx, x, weight, bias, lora_A, lora_B, values, indices, block_map, tile_list, tile_count, starts,
+                order, loc, scaling, dropout_p, seed, block_size, tile):
+        from .reference import dropout_threshold
+
+        b = block_size
+        thr = dropout_threshold(dropout_p) if dropout_p > 0.0 else 0
+        drop_scale = 1.0 / (1.0 - dropout_p) if dropout_p > 0.0 else 1.0
+        m, k = x.shape
+        n, r = weight.shape[0], lora_A.shape[0]
+        u = K.shrink_op(x, lora_A.t(), drop_scale, seed, thr, k, 1)
+
+        def fused():
+            return SD.block_gemm_op(x, weight, block_map, values, u, lora_B.t(), bias, b, True, scaling, 0, 0)
+
+        def dense():
+            w2 = _w_plus_delta(weight, indices, values, b, x.dtype)
+            key = ("fwd", _bucket(m), k, n, r, x.dtype, bias is not None)  # shared with LoRALinearFunction
+            return _lora_gemm(x, w2.t(), u, lora_B.t(), bias, scaling, 0, 0, key)
+
+        key = ("rosa-fwd", _bucket(m), k, n, r, b, x.dtype, weight.dtype, bias is not None)
+        use_fused = block_map is not None and SD.choose_sparse_gemm(key, b, fused, dense, x.device) == "fused"
+        y = fused() if use_fused else dense()
+        ctx.save_for_backward(x, u, weight, lora_A, lora_B, values, indices, block_map, tile_list, tile_count, starts,
+                              order, loc)
+        ctx.scaling, ctx.seed, ctx.thr, ctx.drop_scale = scaling, seed, thr, drop_scale
+        ctx.block_size, ctx.tile, ctx.has_bias = b, tile, bias is not None
+        return y
+
+    @staticmethod
+    def backward(ctx, dy):
+        (x, u, weight, lora_A, lora_B, values, indices, block_map, tile_list, tile_count, starts, order,
+         loc) = ctx.saved_tensors
+        need_x, need_w, need_b, need_a, need_bb, need_v = ctx.needs_input_grad[:6]
+        s, seed, thr, ds, b = ctx.scaling, ctx.seed, ctx.thr, ctx.drop_scale, ctx.block_size
+        m, k = x.shape
+        n, r = weight.shape[0], lora_A.shape[0]
+        dx = dw = db = da = dbb = dv = None
+        v = K.shrink_op(dy, lora_B, 1.0, 0, 0, 0, 0) if (need_x or need_a) else None
+        if need_a:
+            da = K.shrink_op(x.t(), v, s * ds, seed, thr, 1, k).t().to(lora_A.dtype)
+        if need_bb:
+            dbb = K.shrink_op(dy.t(), u, s, 0, 0, 0, 0).to(lora_B.dtype)
+        if need_x:
+            def fused():
+                return SD.block_gemm_op(dy, weight, block_map, values, v, lora_A, None, b, False, s * ds, seed, thr)
+
+            def dense():
+                w2 = _w_plus_delta(weight, indices, values, b, dy.dtype)
+                key = ("dx", _bucket(m), n, k, r, x.dtype, thr > 0)  # shared with LoRALinearFunction
+                return _lora_gemm(dy, w2, v, lora_A, None, s * ds, seed, thr, key)
+
+            key = ("rosa-dx", _bucket(m), n, k, r, b, x.dtype, weight.dtype, thr > 0)
+            use_fused = block_map is not None and SD.choose_sparse_gemm(key, b, fused, dense, x.device) == "fused"
+            dx = fused() if use_fused else dense()
+        if need_v:
+            dv = _sddmm(dy, x, indices, values, b, ctx.tile, tile_list, tile_count, starts, order, loc)
+        if need_w:
+            dw = (dy.t() @ x).to(weight.dtype)
+        if need_b and ctx.has_bias:
+            db = dy.sum(0)
+        return (dx, dw, db, da, dbb, dv) + (None,) * 12
+
+
+# ----------------------------------------------------------------------------------------------------
+# entry points (called by fastpeft.functional)
+# ----------------------------------------------------------------------------------------------------
+
+
+def _plan_for(plan, delta_indices, weight, block_size):
+    if plan is None:
+        return build_sparse_plan(delta_indices, weight.shape[0], weight.shape[1], block_size)
+    if not isinstance(plan, SparsePlan):
+        raise TypeError(f"plan must be a fastpeft.sparse.SparsePlan or None, got {type(plan).__name__}")
+    plan.check(delta_indices, weight.shape[0], weight.shape[1], block_size)
+    return plan
+
+
+def _autocast_inputs(x, bias, *low_rank):
+    """``functional.autocast_inputs`` on x, bias and the LoRA factors only. W and the delta's values stay
+    as they are: the kernels add W + Δ in fp32 and round the sum once to x's dtype, as autocast's F.linear
+    rounds the fp32 W + Δ of the reference once."""
+    from .functional import autocast_inputs
+
+    return autocast_inputs(x, bias, *low_rank)
+
+
+def sparse_delta_linear_triton(x, weight, bias, delta_indices, delta_values, block_size=1, plan=None):
+    """Triton path of ``sparse_delta_linear``: x (..., in) any strides -> (..., out). Arguments checked by
+    the caller; ``plan`` as returned by :func:`build_sparse_plan` for these indices, or None (built here)."""
+    x, bias = _autocast_inputs(x, bias)
+    plan = _plan_for(plan, delta_indices, weight, block_size)
+    indices = delta_indices.contiguous()
+    lead = x.shape[:-1]
+    x2 = x.reshape(-1, x.shape[-1])
+    with torch.autocast(x.device.type, enabled=False):
+        y = SparseDeltaLinearFunction.apply(x2, weight, bias, delta_values, indices, *plan.tensors(), int(block_size),
+                                            plan.tile)
+    return y.view(*lead, weight.shape[0])
+
+
+def lora_sparse_linear_triton(x, weight, bias, lora_A, lora_B, scaling, delta_indices, delta_values, block_size=1,
+                              dropout_p=0.0, seed=None, plan=None):
+    """Triton path of ``lora_sparse_linear`` (RoSA): x (..., in) any strides -> (..., out). ``dropout_p``
+    is already 0 when not training; ``seed`` is used only with dropout."""
+    x, bias, lora_A, lora_B = _autocast_inputs(x, bias, lora_A, lora_B)
+    plan = _plan_for(plan, delta_indices, weight, block_size)
+    indices = delta_indices.contiguous()
+    lead = x.shape[:-1]
+    x2 = x.reshape(-1, x.shape[-1])
+    with torch.autocast(x.device.type, enabled=False):
+        y = LoRASparseLinearFunction.apply(x2, weight, bias, lora_A, lora_B, delta_values, indices, *plan.tensors(),
+                                           float(scaling), float(dropout_p), int(seed) if seed is not None else 0,
+                                           int(block_size), plan.tile)
+    return y.view(*lead, weight.shape[0])

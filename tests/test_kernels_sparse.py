@@ -1,0 +1,465 @@
+"""Sparse-delta kernels (triton backend) against the float64 reference: ``sparse_delta_linear`` and RoSA's
+``lora_sparse_linear``, forward and every gradient, both delta formats, both GEMM variants, every SDDMM,
+the plan, the saved-tensor budget and the registered ops. Runs under TRITON_INTERPRET=1 on CPU tensors
+(small odd shapes) and on CUDA where present; tests marked ``gpu`` need a GPU."""
+import pytest
+import torch
+
+pytest.importorskip("triton")
+
+import fastpeft  # noqa: E402
+from conftest import assert_close_report  # noqa: E402
+from fastpeft import kernels  # noqa: E402
+from fastpeft.functional import lora_sparse_linear, sparse_delta_linear  # noqa: E402
+
+if not kernels.INTERPRET and not torch.cuda.is_available():
+    pytest.skip("the triton backend needs a GPU or TRITON_INTERPRET=1", allow_module_level=True)
+
+from fastpeft.kernels import lora as K  # noqa: E402
+from fastpeft.kernels import sparse_delta as SD  # noqa: E402
+from fastpeft.sparse import SparsePlan, build_sparse_plan  # noqa: E402
+
+DEV = "cuda" if torch.cuda.is_available() and not kernels.INTERPRET else "cpu"
+DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
+# (M, in, out): odd sizes; with b = 16 / 32 the bottom / right blocks of 80 x 130 and 48 x 80 are clipped.
+SHAPES = [(1, 80, 48), (7, 130, 80), (33, 80, 48)]
+
+
+def _delta(out_f, in_f, b, density=0.1, seed=0, nnz=None):
+    """Sorted unique indices and fp64 values: flat entries (b = 1) or b x b blocks (edge blocks included)."""
+    g = torch.Generator().manual_seed(seed)
+    rb, cb = -(-out_f // b), -(-in_f // b)
+    total = rb * cb
+    n = nnz if nnz is not None else max(1, round(density * total))
+    flat = torch.randperm(total, generator=g)[:n].sort().values
+    if b == 1:
+        return flat.to(DEV), torch.randn(n, generator=g, dtype=torch.float64).to(DEV)
+    if nnz is None:  # always one block on the clipped corner, so the clipping is tested
+        flat = torch.unique(torch.cat([flat[:-1], torch.tensor([total - 1])]))
+        n = flat.numel()
+    idx = torch.stack([flat // cb, flat % cb], 1).to(torch.int32)
+    return idx.to(DEV), torch.randn(n, b, b, generator=g, dtype=torch.float64).to(DEV)
+
+
+def _make(m, k, n, r=8, bias=True, seed=0, lead=()):
+    g = torch.Generator().manual_seed(seed)
+    x = torch.randn(*lead, m, k, generator=g, dtype=torch.float64)
+    w = torch.randn(n, k, generator=g, dtype=torch.float64) / k ** 0.5
+    bb = torch.randn(n, generator=g, dtype=torch.float64) if bias else None
+    a = torch.randn(r, k, generator=g, dtype=torch.float64) / k ** 0.5
+    b2 = torch.randn(n, r, generator=g, dtype=torch.float64) / r ** 0.5
+    return [t.to(DEV) if t is not None else None for t in (x, w, bb, a, b2)]
+
+
+def _run(backend, dtype, x, w, bias, idx, vals, b, dy, lora=None, grads_wb=False, plan=None):
+    """Output and gradients (x, values[, A, B][, W, b]) of one call, on copies in ``dtype``."""
+    cast = [t.detach().to(dtype) if t is not None else None for t in (x, w, bias, vals)]
+    x, w, bias, vals = cast
+    x.requires_grad_()
+    vals.requires_grad_()
+    w.requires_grad_(grads_wb)
+    if bias is not None:
+        bias.requires_grad_(grads_wb)
+    inputs = [x, vals]
+    if lora is None:
+        y = sparse_delta_linear(x, w, bias, idx, vals, b, backend=backend, plan=plan)
+    else:
+        a, bb, s, p, seed = lora
+        a, bb = (t.detach().to(dtype).requires_grad_() for t in (a, bb))
+        inputs += [a, bb]
+        y = lora_sparse_linear(x, w, bias, a, bb, s, idx, vals, b, dropout_p=p, seed=seed, backend=backend, plan=plan)
+    if grads_wb:
+        inputs += [w] + ([bias] if bias is not None else [])
+    return [y] + list(torch.autograd.grad(y, inputs, dy.to(dtype)))
+
+
+def _amax(t: torch.Tensor) -> float:
+    return t.abs().max().item() if t.numel() else 0.0
+
+
+def _check(case, dtype, x, w, bias, idx, vals, b, lora=None, grads_wb=False, plan=None):
+    """fp32: close to fp64 (rtol 1e-5). fp16/bf16: error vs fp64 at most 2x PyTorch's own in that dtype."""
+    dy = torch.randn(*x.shape[:-1], w.shape[0], generator=torch.Generator().manual_seed(9),
+                     dtype=torch.float64).to(DEV)
+    names = ["y", "dx", "dvalues"] + (["dA", "dB"] if lora is not None else []) + (["dW", "db"] if grads_wb else [])
+    got = _run("triton", dtype, x, w, bias, idx, vals, b, dy, lora, grads_wb, plan)
+    exact = _run("reference", torch.float64, x, w, bias, idx, vals, b, dy, lora, grads_wb)
+    assert len(got) == len(exact) == len(names) - (bias is None and grads_wb)
+    if dtype == torch.float32:
+        for name, g, e in zip(names, got, exact):
+            assert g.dtype == torch.float32 and g.shape == e.shape, (name, g.dtype, g.shape, e.shape)
+            assert_close_report(g, e, rtol=1e-5, atol=1e-5 * max(1.0, _amax(e)), what=f"{case} {name}")
+        return
+    torch_low = _run("reference", dtype, x, w, bias, idx, vals, b, dy, lora, grads_wb)
+    for name, g, e, t in zip(names, got, exact, torch_low):
+        assert g.dtype == dtype and g.shape == e.shape, (name, g.dtype, g.shape, e.shape)
+        err, torch_err, tiny = _amax(g.double() - e), _amax(t.double() - e), 1e-3 * _amax(e)
+        assert err <= 2 * torch_err + tiny, f"{case} {name}: kernel error {err:.3g} > 2 x PyTorch's {torch_err:.3g}"
+
+
+# ---- sparse delta alone -----------------------------------------------------------------------------
+
+@pytest.mark.parametrize("dt", list(DTYPES))
+@pytest.mark.parametrize("b", [1, 16, 32], ids=lambda b: f"b{b}")
+@pytest.mark.parametrize("m,k,n", SHAPES, ids=[f"M{m}-K{k}-N{n}" for m, k, n in SHAPES])
+def test_sparse_delta_forward_and_gradients(m, k, n, b, dt):
+    x, w, bias, _, _ = _make(m, k, n)
+    idx, vals = _delta(n, k, b, density=0.1 if b == 1 else 0.3, seed=m)
+    _check(f"M{m}-K{k}-N{n}-b{b}-{dt}", DTYPES[dt], x, w, bias, idx, vals, b)
+
+
+@pytest.mark.parametrize("gemm", ["fused", "dense"])
+@pytest.mark.parametrize("dt", ["fp32", "bf16"])
+@pytest.mark.parametrize("b", [16, 32], ids=lambda b: f"b{b}")
+def test_both_gemm_variants(monkeypatch, b, dt, gemm):
+    """The block-fused GEMM and densify + matmul give the same numbers (forward and dX), also for RoSA."""
+    monkeypatch.setenv("FASTPEFT_SPARSE_GEMM", gemm)
+    calls = []
+    for name in ("block_gemm_op", "densify_op"):
+        real = getattr(SD, name)
+        monkeypatch.setattr(SD, name, lambda *a, _r=real, _n=name: calls.append(_n) or _r(*a))
+    x, w, bias, a, bb = _make(33, 130, 80)
+    idx, vals = _delta(80, 130, b, density=0.4, seed=b)
+    _check(f"{gemm}-b{b}-{dt}", DTYPES[dt], x, w, bias, idx, vals, b)
+    _check(f"rosa-{gemm}-b{b}-{dt}", DTYPES[dt], x, w, bias, idx, vals, b, lora=(a, bb, 0.5, 0.2, 7))
+    assert set(calls) == {"block_gemm_op" if gemm == "fused" else "densify_op"}, calls
+
+
+def test_fused_and_dense_are_the_same_bits(monkeypatch):
+    """W + Δ is rounded once from fp32 in both variants, so the bf16 outputs agree to the GEMM's rounding."""
+    x, w, bias, _, _ = _make(33, 80, 48)
+    idx, vals = _delta(48, 80, 16, density=0.5)
+    x, w, bias, vals = (t.to(torch.bfloat16) for t in (x, w, bias, vals))
+    w2 = SD.sparse_densify(w, idx, vals, 16, torch.bfloat16)
+    torch.testing.assert_close(w2, SD.sparse_block_gemm(torch.eye(80, dtype=torch.bfloat16, device=DEV), w,
+                                                        build_sparse_plan(idx, 48, 80, 16).block_map, vals, None,
+                                                        None, None, 16, True, 1.0, 0, 0).t(), rtol=0, atol=0)
+
+
+@pytest.mark.parametrize("dt", ["fp32", "bf16"])
+@pytest.mark.parametrize("how", ["tile32", "tile64", "gather"])
+def test_every_sddmm(monkeypatch, how, dt):
+    """dvalues of flat entries by 32 x 32 tiles, 64 x 64 tiles (persistent programs, split over M) and the
+    gather-dot, on a delta that leaves many tiles empty."""
+    monkeypatch.setenv("FASTPEFT_SPARSE_SDDMM", "gather" if how == "gather" else "tile")
+    x, w, bias, _, _ = _make(33, 130, 80)
+    idx, vals = _delta(80, 130, 1, density=0.02, seed=3)
+    plan = build_sparse_plan(idx, 80, 130, 1, tile=64 if how == "tile64" else 32)
+    empty = plan.tile_list.numel() - int(plan.tile_count)
+    assert empty > 0, "the case must have empty tiles"
+    _check(f"{how}-{dt}", DTYPES[dt], x, w, bias, idx, vals, 1, plan=plan)
+
+
+def test_entries_in_one_corner_only():
+    """All entries in one tile of W (every other tile empty), and a delta with a single entry."""
+    x, w, bias, _, _ = _make(7, 130, 80)
+    rows, cols = torch.meshgrid(torch.arange(70, 80), torch.arange(120, 130), indexing="ij")
+    idx = (rows * 130 + cols).flatten().to(DEV)
+    vals = torch.randn(idx.numel(), dtype=torch.float64, device=DEV)
+    _check("corner", torch.float32, x, w, bias, idx, vals, 1)
+    _check("single", torch.float32, x, w, bias, torch.tensor([80 * 130 - 1], device=DEV),
+           torch.tensor([0.7], dtype=torch.float64, device=DEV), 1)
+    idx_b, vals_b = _delta(80, 130, 32, nnz=1)
+    _check("single-block", torch.float32, x, w, bias, idx_b, vals_b, 32)
+
+
+@pytest.mark.parametrize("b", [1, 16], ids=lambda b: f"b{b}")
+def test_empty_delta(b):
+    x, w, bias, a, bb = _make(7, 80, 48)
+    idx = torch.zeros((0,) if b == 1 else (0, 2), dtype=torch.int64, device=DEV)
+    vals = torch.zeros((0,) if b == 1 else (0, b, b), dtype=torch.float64, device=DEV)
+    _check(f"nnz0-b{b}", torch.float32, x, w, bias, idx, vals, b)
+    _check(f"rosa-nnz0-b{b}", torch.float32, x, w, bias, idx, vals, b, lora=(a, bb, 2.0, 0.1, 3))
+
+
+@pytest.mark.parametrize("b", [8, 24], ids=lambda b: f"b{b}")
+def test_block_sizes_the_fused_gemm_does_not_take(b):
+    """b < 16 or not a power of two: densify + matmul, and the block SDDMM on padded sub-tiles."""
+    x, w, bias, _, _ = _make(7, 130, 80)
+    idx, vals = _delta(80, 130, b, density=0.3, seed=b)
+    assert build_sparse_plan(idx, 80, 130, b).block_map is None
+    _check(f"b{b}", torch.float32, x, w, bias, idx, vals, b)
+
+
+def test_blocks_split_into_sub_tiles():
+    """A 32 x 32 block handled by four 16 x 16 programs (as 128 x 128 blocks are by 64 x 64 ones on GPUs)."""
+    old = SD.set_test_blocks(SUB=16)
+    try:
+        x, w, bias, _, _ = _make(33, 130, 80)
+        idx, vals = _delta(80, 130, 32, density=0.3)
+        _check("sub16", torch.float32, x, w, bias, idx, vals, 32)
+    finally:
+        SD.set_test_blocks(**old)
+
+
+@pytest.mark.parametrize("b", [1, 32], ids=lambda b: f"b{b}")
+def test_weight_and_bias_gradients_when_required(b):
+    x, w, bias, a, bb = _make(33, 80, 48)
+    idx, vals = _delta(48, 80, b, density=0.2)
+    _check(f"dW-db-b{b}", torch.float32, x, w, bias, idx, vals, b, grads_wb=True)
+    _check(f"rosa-dW-db-b{b}", torch.float32, x, w, bias, idx, vals, b, lora=(a, bb, 0.5, 0.1, 2), grads_wb=True)
+
+
+def test_no_bias_leading_dims_and_noncontiguous_input():
+    x, w, _, a, bb = _make(5, 48, 40, lead=(2, 3))
+    idx, vals = _delta(40, 48, 16, density=0.5)
+    _check("lead", torch.float32, x, w, None, idx, vals, 16)
+    xt = x.transpose(0, 1)  # (3, 2, 5, 48), not contiguous
+    assert not xt.is_contiguous()
+    _check("transposed", torch.float32, xt, w, None, idx, vals, 16, lora=(a, bb, 1.0, 0.1, 5))
+    xs = torch.randn(9, 96, dtype=torch.float64, device=DEV)[:, ::2]  # strided last dim
+    idx1, vals1 = _delta(40, 48, 1, density=0.1)
+    _check("strided", torch.float32, xs, w, None, idx1, vals1, 1)
+
+
+def test_empty_batch():
+    x, w, bias, _, _ = _make(0, 48, 40)
+    for b in (1, 16):
+        idx, vals = _delta(40, 48, b, density=0.3)
+        x0, v0 = x.float().requires_grad_(), vals.float().requires_grad_()
+        y = sparse_delta_linear(x0, w.float(), bias.float(), idx, v0, b, backend="triton")
+        assert y.shape == (0, 40)
+        y.sum().backward()
+        assert x0.grad.shape == (0, 48) and bool((v0.grad == 0).all())
+
+
+# ---- RoSA: LoRA and a sparse delta in one op ----------------------------------------------------------
+
+@pytest.mark.parametrize("p", [0.0, 0.1], ids=["p0", "p0.1"])
+@pytest.mark.parametrize("dt", list(DTYPES))
+@pytest.mark.parametrize("b", [1, 16, 32], ids=lambda b: f"b{b}")
+def test_rosa_forward_and_every_gradient(b, dt, p):
+    m, k, n, r = (7, 130, 80, 8) if b != 16 else (33, 80, 48, 16)
+    x, w, bias, a, bb = _make(m, k, n, r)
+    idx, vals = _delta(n, k, b, density=0.1 if b == 1 else 0.3, seed=b)
+    _check(f"rosa-M{m}-K{k}-N{n}-r{r}-b{b}-{dt}-p{p}", DTYPES[dt], x, w, bias, idx, vals, b,
+           lora=(a, bb, 0.75, p, 1234))
+
+
+def test_rosa_uses_the_lora_gemm_variants(monkeypatch):
+    """On the dense path the LoRA GEMM of kernels/lora.py runs on W + Δ, fused or cuBLAS + update."""
+    x, w, bias, a, bb = _make(33, 80, 48)
+    idx, vals = _delta(48, 80, 1, density=0.1)
+    for lora_gemm in ("fused", "cublas"):
+        monkeypatch.setenv("FASTPEFT_LORA_GEMM", lora_gemm)
+        _check(f"rosa-{lora_gemm}", torch.float32, x, w, bias, idx, vals, 1, lora=(a, bb, 0.5, 0.3, 11))
+
+
+def test_rosa_dropout_leaves_the_delta_gradient_alone():
+    """dvalues come from the undropped x: the same with and without dropout on the LoRA branch."""
+    x, w, bias, a, bb = _make(33, 80, 48)
+    idx, vals = _delta(48, 80, 1, density=0.1)
+    dy = torch.randn(33, 48, device=DEV, dtype=torch.float64)
+    g0 = _run("triton", torch.float32, x, w, bias, idx, vals, 1, dy, lora=(a, bb, 1.0, 0.0, 1))
+    g1 = _run("triton", torch.float32, x, w, bias, idx, vals, 1, dy, lora=(a, bb, 1.0, 0.5, 1))
+    torch.testing.assert_close(g0[2], g1[2], rtol=0, atol=0)
+    assert not torch.equal(g0[1], g1[1])
+
+
+# ---- plan, determinism, memory, registration ---------------------------------------------------------
+
+def test_plan_reused_across_calls():
+    x, w, bias, _, _ = _make(33, 80, 48)
+    idx, vals = _delta(48, 80, 1, density=0.1)
+    plan = build_sparse_plan(idx, 48, 80, 1)
+    assert isinstance(plan, SparsePlan) and plan.tile == SD.choose_tile(idx.numel(), 48, 80) and plan.nnz == idx.numel()
+    counts = (plan.starts[1:] - plan.starts[:-1]).long()
+    assert int(plan.tile_count) == int((counts > 0).sum()) and int(counts.sum()) == idx.numel()
+    assert bool((counts[plan.tile_list[: int(plan.tile_count)].long()] > 0).all())
+    assert sorted(plan.order.tolist()) == list(range(idx.numel()))
+    dy = torch.randn(33, 48, dtype=torch.float64, device=DEV)
+    for seed in (1, 2):  # other values, same indices: the plan still holds
+        v = torch.randn(vals.shape, generator=torch.Generator().manual_seed(seed), dtype=torch.float64).to(DEV)
+        with_plan = _run("triton", torch.float32, x, w, bias, idx, v, 1, dy, plan=plan)
+        without = _run("triton", torch.float32, x, w, bias, idx, v, 1, dy)
+        assert all(torch.equal(p, q) for p, q in zip(with_plan, without))
+    blocks, bvals = _delta(48, 80, 16, density=0.4)
+    bplan = build_sparse_plan(blocks, 48, 80, 16)
+    assert bplan.block_map.shape == (3, 5)
+    assert sorted(bplan.block_map[bplan.block_map >= 0].tolist()) == list(range(blocks.shape[0]))
+    _check("block-plan", torch.float32, x, w, bias, blocks, bvals, 16, plan=bplan)
+    with pytest.raises(ValueError, match="plan was built for"):
+        sparse_delta_linear(x.float(), w.float(), None, idx[:-1], vals[:-1].float(), 1, backend="triton", plan=plan)
+    with pytest.raises(TypeError, match="SparsePlan"):
+        sparse_delta_linear(x.float(), w.float(), None, idx, vals.float(), 1, backend="triton", plan="plan")
+
+
+def test_same_inputs_same_bits():
+    x, w, bias, a, bb = _make(33, 130, 80)
+    dy = torch.randn(33, 80, dtype=torch.float64, device=DEV)
+    for b in (1, 32):
+        idx, vals = _delta(80, 130, b, density=0.2)
+        r1 = _run("triton", torch.float32, x, w, bias, idx, vals, b, dy, lora=(a, bb, 1.0, 0.3, 5))
+        r2 = _run("triton", torch.float32, x, w, bias, idx, vals, b, dy, lora=(a, bb, 1.0, 0.3, 5))
+        assert all(torch.equal(u, v) for u, v in zip(r1, r2))  # no atomics
+
+
+@pytest.mark.parametrize("gemm", ["fused", "dense"])
+@pytest.mark.parametrize("b", [1, 16], ids=lambda b: f"b{b}")
+def test_nothing_weight_sized_is_saved(monkeypatch, b, gemm):
+    """Saved for backward: x, W itself, the values, indices and plan, (u (M, r) fp32 and A, B for RoSA);
+    never W + Δ or any other W-sized tensor."""
+    monkeypatch.setenv("FASTPEFT_SPARSE_GEMM", gemm)
+    m, k, n, r = 8, 130, 80, 8
+    x, w, bias, a, bb = (t.float() for t in _make(m, k, n, r))
+    idx, vals = _delta(n, k, b, density=0.3)
+    vals = vals.float().requires_grad_()
+    x.requires_grad_()
+    a.requires_grad_()
+    bb.requires_grad_()
+    plan = build_sparse_plan(idx, n, k, b)
+    own = {t.data_ptr() for t in (x, w, bias, a, bb, vals, idx) + plan.tensors() if t is not None}
+    saved = []
+
+    def pack(t):
+        saved.append(t)
+        return t
+
+    for rosa in (False, True):
+        for backend in ("triton", "reference"):
+            saved.clear()
+            with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+                if rosa:
+                    lora_sparse_linear(x, w, bias, a, bb, 1.0, idx, vals, b, dropout_p=0.1, seed=1, backend=backend,
+                                       plan=plan)
+                else:
+                    sparse_delta_linear(x, w, bias, idx, vals, b, backend=backend, plan=plan)
+            big = [tuple(t.shape) for t in saved if t.numel() >= n * k and t.data_ptr() != w.data_ptr()]
+            assert bool(big) == (backend == "reference"), (rosa, backend, big)  # the oracle saves W + Δ
+            if backend == "triton":
+                extra = sum(t.numel() * t.element_size() for t in saved if t.data_ptr() not in own)
+                assert extra <= (m * r * 4 if rosa else 0), (rosa, extra)
+
+
+@pytest.mark.skipif(not K._HAS_TRITON_OP, reason="torch.library.triton_op needs torch >= 2.6")
+def test_opcheck_registered_ops():
+    tests = ("test_schema", "test_autograd_registration", "test_faketensor")
+    x, w, bias, _, bb = (t.float() for t in _make(33, 80, 48))
+    dy = torch.randn(33, 48, device=DEV)
+    idx, vals = _delta(48, 80, 1, density=0.1)
+    plan = build_sparse_plan(idx, 48, 80, 1)
+    bidx, bvals = _delta(48, 80, 16, density=0.4)
+    bplan = build_sparse_plan(bidx, 48, 80, 16)
+    u = torch.randn(33, 8, device=DEV)
+    ops = torch.ops.fastpeft
+    torch.library.opcheck(ops.sparse_densify.default, (w, idx, vals.float(), 1, torch.float32), test_utils=tests)
+    torch.library.opcheck(ops.sparse_densify.default, (w, bidx, bvals.float(), 16, torch.bfloat16), test_utils=tests)
+    torch.library.opcheck(ops.sparse_block_gemm.default, (x, w, bplan.block_map, bvals.float(), u, bb.t(), bias, 16,
+                                                          True, 0.5, 0, 0), test_utils=tests)
+    torch.library.opcheck(ops.sparse_block_gemm.default, (dy, w, bplan.block_map, bvals.float(), None, None, None, 16,
+                                                          False, 1.0, 0, 0), test_utils=tests)
+    torch.library.opcheck(ops.sparse_sddmm_blocks.default, (dy, x, bidx, 16), test_utils=tests)
+    torch.library.opcheck(ops.sparse_sddmm_tiles.default, (dy, x, plan.tile_list, plan.tile_count, plan.starts,
+                                                           plan.order, plan.loc, plan.tile), test_utils=tests)
+    torch.library.opcheck(ops.sparse_gather_dot.default, (dy, x, idx), test_utils=tests)
+
+
+def test_autocast_cpu_bf16_like_linear():
+    if DEV != "cpu":
+        pytest.skip("CPU autocast")
+    x, w, bias, a, bb = (t.float() for t in _make(7, 80, 48))
+    idx, vals = _delta(48, 80, 16, density=0.4)
+    vals = vals.float().requires_grad_()
+    exact = fastpeft.reference.lora_sparse_linear_ref(x.double(), w.double(), bias.double(), a.double(), bb.double(),
+                                                      1.0, idx, vals.double(), 16)
+    for gemm in ("fused", "dense"):
+        with pytest.MonkeyPatch.context() as mp:
+            mp.setenv("FASTPEFT_SPARSE_GEMM", gemm)
+            with torch.autocast("cpu", dtype=torch.bfloat16):
+                y = lora_sparse_linear(x, w, bias, a, bb, 1.0, idx, vals, 16, backend="triton")
+                ref = lora_sparse_linear(x, w, bias, a, bb, 1.0, idx, vals, 16, backend="reference")
+        assert y.dtype == ref.dtype == torch.bfloat16
+        assert (y.double() - exact).abs().max() <= 2 * (ref.double() - exact).abs().max() + 1e-3
+        (g,) = torch.autograd.grad(y.float().sum(), [vals])
+        assert g.dtype == torch.float32 and g.shape == vals.shape
+
+
+@pytest.mark.parametrize("b", [1, 16], ids=lambda b: f"b{b}")
+def test_layers_on_triton_backend(b):
+    """SparseDeltaLinear and a RoSA FastLoRALinear give the reference's outputs and gradients on the
+    triton backend, with the layer's cached plan reused from one call to the next."""
+    torch.manual_seed(0)
+    sd = fastpeft.SparseDeltaLinear(80, 48, density=0.2, block_size=b).to(DEV)
+    rosa = fastpeft.FastLoRALinear(80, 48, r=8, lora_dropout=0.1, init_lora_weights=False, sparse_density=0.2,
+                                   sparse_block_size=b).to(DEV)
+    with torch.no_grad():
+        sd.delta_values.normal_()
+        for v in rosa.sparse_values.values():
+            v.normal_()
+    x = torch.randn(3, 7, 80, device=DEV)
+    for layer in (sd, rosa):
+        params = [p for p in layer.parameters() if p.requires_grad]
+        results = []
+        for backend in ("reference", "triton", "triton"):
+            with fastpeft.use_backend(backend):
+                torch.manual_seed(2)
+                y = layer(x)
+                results.append([y] + list(torch.autograd.grad(y.square().sum(), params)))
+        for got, want in zip(results[1], results[0]):  # fp32 both: rounding apart, scaled to the largest value
+            assert_close_report(got, want, rtol=1e-5, atol=1e-5 * max(1.0, _amax(want)), what=type(layer).__name__)
+        assert all(torch.equal(u, v) for u, v in zip(results[1], results[2]))
+        plans = layer._sparse_plans["default"] if layer is rosa else layer._plan
+        assert isinstance(plans.plan, SparsePlan)
+    assert sd._plan.plan.block_size == b
+
+
+def test_dispatch_rules(monkeypatch):
+    monkeypatch.setenv("FASTPEFT_SPARSE_GEMM", "auto")
+    cpu = torch.device("cpu")
+    assert SD.choose_sparse_gemm(("k",), 1, None, None, cpu) == "dense"     # no fused GEMM for entries
+    assert SD.choose_sparse_gemm(("k",), 24, None, None, cpu) == "dense"    # nor for b not a power of two
+    assert SD.choose_sparse_gemm(("k",), 16, None, None, cpu) == "fused"    # interpreter / CPU: fused, untimed
+    monkeypatch.setenv("FASTPEFT_SPARSE_GEMM", "fused")
+    assert SD.choose_sparse_gemm(("k",), 8, None, None, cpu) == "dense"
+    monkeypatch.setenv("FASTPEFT_SPARSE_GEMM", "auto")
+    monkeypatch.setattr(SD, "INTERPRET", False)
+    old = torch.are_deterministic_algorithms_enabled()
+    try:
+        torch.use_deterministic_algorithms(True)
+        assert SD.choose_sparse_gemm(("k",), 32, None, None, torch.device("cuda")) == "dense"  # pinned, not timed
+    finally:
+        torch.use_deterministic_algorithms(old)
+    monkeypatch.setenv("FASTPEFT_SPARSE_GEMM", "fastest")
+    with pytest.raises(ValueError, match="FASTPEFT_SPARSE_GEMM must be one of"):
+        SD.gemm_mode()
+    monkeypatch.setenv("FASTPEFT_SPARSE_SDDMM", "auto")
+    assert SD.choose_sddmm(4000, 4096, 4096) == "gather"       # 0.024%: under a quarter entry per 32 x 32 tile
+    assert SD.choose_sddmm(16777, 4096, 4096) == "tile"        # 0.1%
+    assert SD.choose_tile(16777, 4096, 4096) == 32 and SD.choose_tile(167772, 4096, 4096) == 64  # 0.1%, 1%
+    monkeypatch.setenv("FASTPEFT_SPARSE_SDDMM", "slow")
+    with pytest.raises(ValueError, match="FASTPEFT_SPARSE_SDDMM must be one of"):
+        SD.choose_sddmm(1, 8, 8)
+    with pytest.raises(ValueError, match="tile must be"):
+        build_sparse_plan(torch.tensor([0]), 8, 8, 1, tile=48)
+
+
+# ---- GPU only --------------------------------------------------------------------------------------
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("b", [1, 32], ids=lambda b: f"b{b}")
+def test_gpu_llm_shape_matches_reference(b):
+    x, w, bias, a, bb = _make(2048, 4096, 4096, 16)
+    idx, vals = _delta(4096, 4096, b, density=0.01)
+    _check(f"gpu-b{b}", torch.bfloat16, x, w, bias, idx, vals, b)
+    _check(f"gpu-rosa-b{b}", torch.bfloat16, x, w, bias, idx, vals, b, lora=(a, bb, 2.0, 0.1, 1))
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("b", [1, 32], ids=lambda b: f"b{b}")
+def test_gpu_torch_compile_fullgraph(b):
+    torch._dynamo.reset()
+    x, w, bias, a, bb = (t.to(torch.bfloat16) for t in _make(256, 512, 384, 16))
+    idx, vals = _delta(384, 512, b, density=0.05)
+    vals = vals.to(torch.bfloat16).requires_grad_()
+    a.requires_grad_()
+    bb.requires_grad_()
+
+    def f(x, a, bb, vals):
+        return fastpeft.functional.lora_sparse_linear(x, w, bias, a, bb, 2.0, idx, vals, b, dropout_p=0.1, seed=3,
+                                                      backend="triton", check=False)
+
+    compiled = torch.compile(f, fullgraph=True)
+    y = compiled(x, a, bb, vals)
+    torch.testing.assert_close(y, f(x, a, bb, vals))
+    y.float().sum().backward()
+    assert a.grad is not None and bb.grad is not None and vals.grad is not None
