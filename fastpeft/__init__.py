@@ -11,6 +11,8 @@ from .inject import (LoraConfig, ModulesToSaveWrapper, SparseDeltaConfig, active
                      print_trainable_parameters, select_by_gradients, set_adapter, sparse_layers, trainable_parameters)
 from .io import load_adapter, read_adapter_config, save_adapter
 from .layers import FastLoRALinear, SparseDeltaLinear
+from .methods import (AdapterConfig, BitFitConfig, BottleneckAdapter, LayerwiseConfig, PromptTuningConfig,
+                      layerwise_param_groups)
 from .reference import (dense_delta_ref, lora_linear_multi_ref, lora_linear_ref, lora_sparse_linear_ref,
                         sparse_delta_linear_ref)
 from .selection import select_indices
@@ -24,5 +26,6 @@ __all__ = [
     "print_trainable_parameters", "read_adapter_config", "save_adapter", "set_adapter", "trainable_parameters",
     "use_backend", "SparseDeltaConfig", "SparseDeltaLinear", "dense_delta_ref", "lora_sparse_linear",
     "lora_sparse_linear_ref", "select_by_gradients", "select_indices", "sparse_delta_linear",
-    "sparse_delta_linear_ref", "sparse_layers",
+    "sparse_delta_linear_ref", "sparse_layers", "AdapterConfig", "BitFitConfig", "BottleneckAdapter",
+    "LayerwiseConfig", "PromptTuningConfig", "layerwise_param_groups",
 ]

@@ -358,10 +358,21 @@ def inject(model: nn.Module, config, adapter_name: str = "default", plan: LoraPl
     adapter becomes the model's active one and the only one that trains. Checks the whole config
     against the model before changing anything. Returns ``model``.
     """
-    if not isinstance(config, (LoraConfig, SparseDeltaConfig)):
-        raise TypeError(f"config must be a fastpeft.LoraConfig or SparseDeltaConfig, got {type(config).__name__}")
+    from .methods import METHOD_CONFIGS, inject_method
+
+    if not isinstance(config, (LoraConfig, SparseDeltaConfig) + METHOD_CONFIGS):
+        raise TypeError("config must be a fastpeft LoraConfig, SparseDeltaConfig, BitFitConfig, AdapterConfig, "
+                        f"PromptTuningConfig or LayerwiseConfig, got {type(config).__name__}")
     check_adapter_name(adapter_name)
     configs = adapter_configs(model)
+    if isinstance(config, METHOD_CONFIGS):
+        if configs:
+            raise ValueError(f"model already has adapter(s) {list(configs)}; a {type(config).__name__} adapter is "
+                             "the model's only adapter")
+        model._fastpeft_trained = inject_method(model, config)
+        model._fastpeft_adapters = {adapter_name: config}
+        model._fastpeft_active = adapter_name
+        return model
     if configs and (isinstance(config, SparseDeltaConfig) or any(isinstance(c, SparseDeltaConfig)
                                                                  for c in configs.values())):
         raise ValueError(f"model already has adapter(s) {list(configs)}; a SparseDeltaConfig adapter is the "
@@ -514,7 +525,7 @@ def merge_and_unload(model: nn.Module) -> nn.Module:
     for name, module in list(model.named_modules()):
         if isinstance(module, ModulesToSaveWrapper):
             _set_submodule(model, name, module.active_module)
-    for attr in ("_fastpeft_adapters", "_fastpeft_active"):
+    for attr in ("_fastpeft_adapters", "_fastpeft_active", "_fastpeft_trained"):
         if hasattr(model, attr):
             delattr(model, attr)
     return model

@@ -22,6 +22,7 @@ import torch.nn as nn
 
 from ._checks import check_sparse_delta
 from .layers import FastLoRALinear
+from .methods import CONFIG_BY_TYPE, METHOD_CONFIGS, PromptTuningConfig, inject_method, plan_method
 from .inject import (LoraConfig, ModulesToSaveWrapper, SparseDeltaConfig, active_adapter, adapter_configs, inject,
                      is_bias, lora_layers, plan_lora, saved_module_wrappers, sparse_layers)
 
@@ -159,6 +160,51 @@ def _expected_shapes(model: nn.Module, config: LoraConfig, plan) -> dict:
     return expected
 
 
+PROMPT_KEY = "prompt_embeddings"  # PEFT's key for the virtual tokens (no base_model.model. prefix)
+
+
+def _method_key(param_name: str) -> str:
+    return PROMPT_KEY if param_name == "fastpeft_prompt.prompt_embeddings" else param_name
+
+
+def _method_config_json(model: nn.Module, config) -> dict:
+    d = {k: v for k, v in config.to_dict().items()}
+    d.update(peft_type=config.peft_type, task_type=None, inference_mode=True)
+    if isinstance(config, PromptTuningConfig):  # PEFT's prompt-tuning fields
+        d.update(token_dim=model.fastpeft_prompt.prompt_embeddings.shape[1], num_transformer_submodules=1,
+                 prompt_tuning_init="TEXT" if config.init_text else "RANDOM",
+                 prompt_tuning_init_text=config.init_text,
+                 base_model_name_or_path=getattr(getattr(model, "config", None), "name_or_path", None) or None)
+        d.pop("init_text")
+    return d
+
+
+def _load_method(model: nn.Module, config, adapter_name: str, weights: dict, directory, trainable: bool):
+    """load_adapter for BitFit / adapters / prompt tuning / layer-wise: check the file against the plan,
+    then inject (a fresh model) or overwrite (the same adapter), then copy."""
+    configs = adapter_configs(model)
+    if configs and (adapter_name not in configs or type(configs[adapter_name]) is not type(config)):
+        raise ValueError(f"model already has adapter(s) {list(configs)}; a {type(config).__name__} adapter loads "
+                         f"onto a model without adapters, or over its own ({adapter_name!r})")
+    if configs:
+        params = dict(model.named_parameters())
+        expected = {_method_key(n): tuple(params[n].shape) for n in model._fastpeft_trained}
+    else:
+        expected = {_method_key(n): shape for n, shape in plan_method(model, config).items()}
+    weights = {(k[len(PREFIX):] if k == PREFIX + PROMPT_KEY else k): v for k, v in weights.items()}
+    _check_against(expected, weights, directory)
+    if not configs:
+        model._fastpeft_trained = inject_method(model, config)
+        model._fastpeft_adapters = {adapter_name: config}
+        model._fastpeft_active = adapter_name
+    params = dict(model.named_parameters())
+    with torch.no_grad():
+        for n in model._fastpeft_trained:
+            params[n].copy_(weights[_method_key(n)])
+            params[n].requires_grad_(trainable)
+    return model
+
+
 def _sparse_keys(layers: dict, adapter_name: str) -> dict:
     """File key -> tensor for each layer's sparse delta (SparseDeltaLinear, or a RoSA adapter's)."""
     keys = {}
@@ -210,7 +256,12 @@ def save_adapter(model: nn.Module, directory, adapter_name: str = "default") -> 
     if adapter_name not in configs:
         raise ValueError(f"adapter_name {adapter_name!r} is not an adapter of this model; it has {list(configs)}")
     config = configs[adapter_name]
-    if isinstance(config, SparseDeltaConfig):
+    if isinstance(config, METHOD_CONFIGS):
+        params = dict(model.named_parameters())
+        keys = {_method_key(n): params[n] for n in model._fastpeft_trained}
+        config_json = _method_config_json(model, config)
+        layers = {}
+    elif isinstance(config, SparseDeltaConfig):
         layers = sparse_layers(model)
         keys = {}
         config_json = {k: getattr(config, k) for k in _SPARSE_FIELDS}
@@ -220,7 +271,8 @@ def save_adapter(model: nn.Module, directory, adapter_name: str = "default") -> 
         keys = _adapter_keys(model, adapter_name, config, layers, _saved_modules(model))
         config_json = _config_json(model, config, layers)
     keys.update(_sparse_keys(layers, adapter_name))
-    tensors = {PREFIX + k: p.detach().to("cpu").contiguous().clone() for k, p in keys.items()}
+    tensors = {(k if k == PROMPT_KEY else PREFIX + k): p.detach().to("cpu").contiguous().clone()
+               for k, p in keys.items()}
 
     directory = os.path.abspath(os.fspath(directory))
     parent = os.path.dirname(directory)
@@ -266,13 +318,21 @@ def read_adapter_config(directory):
         raise ValueError(f"{path} is not valid JSON: {e}") from None
     if not isinstance(d, dict):
         raise ValueError(f"{path} must hold a JSON object, got {type(d).__name__}")
+    if d.get("peft_type") in CONFIG_BY_TYPE:
+        cls = CONFIG_BY_TYPE[d["peft_type"]]
+        fields = {k for k in cls.__dataclass_fields__ if k not in ("tokenizer", "init_text")}
+        try:
+            return cls(**{k: d[k] for k in fields if k in d and d[k] is not None})
+        except (TypeError, ValueError) as e:
+            raise ValueError(f"invalid adapter config {path}: {e}") from None
     if d.get("peft_type") == SPARSE_PEFT_TYPE:
         try:
             return SparseDeltaConfig(**{k: d[k] for k in _SPARSE_FIELDS if k in d and d[k] is not None})
         except (TypeError, ValueError) as e:
             raise ValueError(f"invalid adapter config {path}: {e}") from None
     if d.get("peft_type") != "LORA":
-        raise ValueError(f"peft_type in {path} must be 'LORA' or '{SPARSE_PEFT_TYPE}', got {d.get('peft_type')!r}")
+        raise ValueError(f"peft_type in {path} must be one of {['LORA', SPARSE_PEFT_TYPE, *CONFIG_BY_TYPE]}, got "
+                         f"{d.get('peft_type')!r}")
     bad = {k: d[k] for k in _UNSUPPORTED if d.get(k) not in (None, False, [], {}, 0)}
     if bad:
         raise ValueError(f"adapter config {path} uses LoRA variants fastpeft does not compute: {bad}")
@@ -358,6 +418,8 @@ def load_adapter(model: nn.Module, directory, adapter_name: str = "default", tra
     """
     config = read_adapter_config(directory)
     weights = read_adapter_weights(directory)
+    if isinstance(config, METHOD_CONFIGS):
+        return _load_method(model, config, adapter_name, weights, directory, trainable)
     configs = adapter_configs(model)
     plan = plan_lora(model, config)
     sparse = _take_sparse(model, config, plan, weights, directory)

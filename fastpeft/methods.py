@@ -1,0 +1,372 @@
+"""The field's other PEFT methods, in plain PyTorch, through ``fastpeft.inject``:
+
+- ``BitFitConfig``: train only the bias terms (Ben Zaken et al., 2022);
+- ``AdapterConfig``: bottleneck adapters after the attention and / or feed-forward output projections,
+  Houlsby (both) or Pfeiffer (feed-forward only), zero-initialised so the model starts unchanged;
+- ``PromptTuningConfig``: trainable virtual tokens prepended through ``inputs_embeds`` (Lester et al.,
+  2021); the model is still called as ``model(input_ids=..., attention_mask=...)``;
+- ``LayerwiseConfig``: train only the last n blocks, or the modules whose names match a pattern, with
+  ``layerwise_param_groups`` for layer-wise learning-rate decay.
+
+Each method can also train listed ``modules_to_save`` (a classifier head, say) in place. Their adapter
+files: PEFT's layout (``adapter_config.json`` + ``adapter_model.safetensors``); prompt tuning uses
+PEFT's own keys (``peft_type: "PROMPT_TUNING"``, tensor ``prompt_embeddings``), the others fastpeft's
+``peft_type`` (``BITFIT``, ``BOTTLENECK_ADAPTER``, ``LAYERWISE``) with each trained tensor under
+``base_model.model.<parameter name>``.
+"""
+from __future__ import annotations
+
+import re
+from dataclasses import asdict, dataclass
+from typing import Optional, Union
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+ACTIVATIONS = {"relu": F.relu, "gelu": F.gelu, "silu": F.silu, "tanh": torch.tanh}
+VARIANTS = ("pfeiffer", "houlsby")
+# Output projections of attention and feed-forward blocks, by transformers model type (regexes).
+ADAPTER_TARGETS = {
+    "bert": (r".*attention\.output\.dense", r".*layer\.\d+\.output\.dense"),
+    "roberta": (r".*attention\.output\.dense", r".*layer\.\d+\.output\.dense"),
+    "distilbert": (r".*attention\.out_lin", r".*ffn\.lin2"),
+    "llama": (r".*self_attn\.o_proj", r".*mlp\.down_proj"),
+    "mistral": (r".*self_attn\.o_proj", r".*mlp\.down_proj"),
+    "qwen2": (r".*self_attn\.o_proj", r".*mlp\.down_proj"),
+    "gpt2": (r".*attn\.c_proj", r".*mlp\.c_proj"),
+}
+
+
+def _check_modules(v, name):
+    if v is None:
+        return None
+    if isinstance(v, str) or not all(isinstance(s, str) and s for s in v):
+        raise TypeError(f"{name} must be a list of module names or None, got {v!r}")
+    return list(v)
+
+
+@dataclass
+class BitFitConfig:
+    """Train only the bias terms (parameters named ``bias``), plus ``modules_to_save``."""
+
+    modules_to_save: Optional[list] = None
+    peft_type = "BITFIT"
+
+    def __post_init__(self):
+        self.modules_to_save = _check_modules(self.modules_to_save, "modules_to_save")
+
+    def to_dict(self):
+        return asdict(self)
+
+
+@dataclass
+class AdapterConfig:
+    """Bottleneck adapters ``h + up(act(down(h)))`` on the outputs of ``target_modules`` (regex
+    fullmatch or list of names / ``.name`` suffixes, as LoRA's); None takes the attention and
+    feed-forward output projections of known transformers models: both for ``variant="houlsby"``,
+    the feed-forward one for ``"pfeiffer"``. ``up`` starts at zero: the model starts unchanged."""
+
+    bottleneck_dim: int = 64
+    target_modules: Optional[Union[str, list]] = None
+    variant: str = "pfeiffer"
+    non_linearity: str = "relu"
+    scaling: float = 1.0
+    modules_to_save: Optional[list] = None
+    peft_type = "BOTTLENECK_ADAPTER"
+
+    def __post_init__(self):
+        if isinstance(self.bottleneck_dim, bool) or not isinstance(self.bottleneck_dim, int) or self.bottleneck_dim < 1:
+            raise ValueError(f"bottleneck_dim must be a positive int, got {self.bottleneck_dim!r}")
+        if self.variant not in VARIANTS:
+            raise ValueError(f"variant must be one of {VARIANTS}, got {self.variant!r}")
+        if self.non_linearity not in ACTIVATIONS:
+            raise ValueError(f"non_linearity must be one of {tuple(ACTIVATIONS)}, got {self.non_linearity!r}")
+        from .inject import _name_list
+
+        self.target_modules = _name_list(self.target_modules, "target_modules")
+        self.modules_to_save = _check_modules(self.modules_to_save, "modules_to_save")
+
+    def to_dict(self):
+        return asdict(self)
+
+
+@dataclass
+class PromptTuningConfig:
+    """``num_virtual_tokens`` trainable embeddings prepended to every input of a transformers model.
+
+    Initialised from randomly chosen rows of the model's input embeddings, or with ``init_text`` (needs
+    ``tokenizer``) from that text's token embeddings, repeated to length."""
+
+    num_virtual_tokens: int = 20
+    init_text: Optional[str] = None
+    tokenizer: Optional[object] = None
+    modules_to_save: Optional[list] = None
+    peft_type = "PROMPT_TUNING"
+
+    def __post_init__(self):
+        if isinstance(self.num_virtual_tokens, bool) or not isinstance(self.num_virtual_tokens, int) \
+                or self.num_virtual_tokens < 1:
+            raise ValueError(f"num_virtual_tokens must be a positive int, got {self.num_virtual_tokens!r}")
+        if self.init_text is not None and self.tokenizer is None:
+            raise ValueError("init_text needs tokenizer (to turn the text into token ids), got None")
+        self.modules_to_save = _check_modules(self.modules_to_save, "modules_to_save")
+
+    def to_dict(self):
+        d = asdict(self)
+        d.pop("tokenizer")
+        return d
+
+
+@dataclass
+class LayerwiseConfig:
+    """Train only the last ``train_last_n`` blocks of the model's main stack of layers, or the modules
+    whose full names fullmatch ``layers_pattern`` (one of the two), plus ``modules_to_save``."""
+
+    train_last_n: Optional[int] = None
+    layers_pattern: Optional[str] = None
+    modules_to_save: Optional[list] = None
+    peft_type = "LAYERWISE"
+
+    def __post_init__(self):
+        if (self.train_last_n is None) == (self.layers_pattern is None):
+            raise ValueError("LayerwiseConfig needs exactly one of train_last_n and layers_pattern, got "
+                             f"train_last_n={self.train_last_n!r}, layers_pattern={self.layers_pattern!r}")
+        if self.train_last_n is not None and (isinstance(self.train_last_n, bool) or not isinstance(
+                self.train_last_n, int) or self.train_last_n < 1):
+            raise ValueError(f"train_last_n must be a positive int, got {self.train_last_n!r}")
+        if self.layers_pattern is not None:
+            from .inject import _compile
+
+            _compile(self.layers_pattern, "layers_pattern")
+        self.modules_to_save = _check_modules(self.modules_to_save, "modules_to_save")
+
+    def to_dict(self):
+        return asdict(self)
+
+
+METHOD_CONFIGS = (BitFitConfig, AdapterConfig, PromptTuningConfig, LayerwiseConfig)
+CONFIG_BY_TYPE = {c.peft_type: c for c in METHOD_CONFIGS}
+
+
+# ---- modules ---------------------------------------------------------------------------------------
+
+class BottleneckAdapter(nn.Module):
+    """``base(x) + scaling * up(act(down(base(x))))``; down (d, out), up (out, d) zero-initialised."""
+
+    def __init__(self, base: nn.Module, bottleneck_dim: int, non_linearity: str = "relu", scaling: float = 1.0):
+        super().__init__()
+        out_f = getattr(base, "out_features", None)
+        if out_f is None:
+            raise ValueError(f"an adapter goes after a module with out_features (nn.Linear), got {type(base).__name__}")
+        w = next(base.parameters())
+        self.base = base
+        self.adapter_down = nn.Linear(out_f, bottleneck_dim, device=w.device, dtype=w.dtype)
+        self.adapter_up = nn.Linear(bottleneck_dim, out_f, device=w.device, dtype=w.dtype)
+        nn.init.zeros_(self.adapter_up.weight)
+        nn.init.zeros_(self.adapter_up.bias)
+        self.non_linearity, self.scaling = non_linearity, scaling
+
+    def forward(self, *args, **kwargs):
+        h = self.base(*args, **kwargs)
+        return h + self.scaling * self.adapter_up(ACTIVATIONS[self.non_linearity](self.adapter_down(h)))
+
+
+class PromptEmbedding(nn.Module):
+    """The virtual tokens (n, dim); registered on the model as ``fastpeft_prompt``."""
+
+    def __init__(self, weight: torch.Tensor):
+        super().__init__()
+        self.prompt_embeddings = nn.Parameter(weight)
+
+
+def _prompt_hook(model, args, kwargs):
+    """Forward pre-hook: input_ids -> inputs_embeds with the prompt in front; masks and labels extended."""
+    prompt = model.fastpeft_prompt.prompt_embeddings
+    n = prompt.shape[0]
+    if args:
+        kwargs = {"input_ids": args[0], **kwargs}
+        args = args[1:]
+    ids = kwargs.pop("input_ids", None)
+    embeds = kwargs.get("inputs_embeds")
+    if embeds is None:
+        if ids is None:
+            return args, kwargs
+        embeds = model.get_input_embeddings()(ids)
+    if kwargs.get("past_key_values") is not None and embeds.shape[1] == 1 and getattr(model, "_fastpeft_prompted", False):
+        kwargs["inputs_embeds"] = embeds  # a decoding step: the prompt is in the cache already
+        return args, kwargs
+    b = embeds.shape[0]
+    kwargs["inputs_embeds"] = torch.cat([prompt.to(embeds.dtype).unsqueeze(0).expand(b, -1, -1), embeds], dim=1)
+    mask = kwargs.get("attention_mask")
+    if mask is not None:
+        kwargs["attention_mask"] = torch.cat([mask.new_ones(b, n), mask], dim=1)
+    for name, fill in (("token_type_ids", 0), ("labels", -100)):
+        t = kwargs.get(name)
+        if t is not None:
+            kwargs[name] = torch.cat([t.new_full((b, n), fill), t], dim=1)
+    return args, kwargs
+
+
+# ---- injection -------------------------------------------------------------------------------------
+
+def main_blocks(model: nn.Module) -> tuple:
+    """``(prefix, blocks)`` of the model's main stack of layers: its longest nn.ModuleList whose items
+    all share one type (encoder.layer, model.layers, h, ...)."""
+    best = ("", None)
+    for name, m in model.named_modules():
+        if isinstance(m, nn.ModuleList) and len(m) and len({type(c) for c in m}) == 1:
+            if best[1] is None or len(m) > len(best[1]):
+                best = (name, m)
+    if best[1] is None:
+        raise ValueError("the model has no stack of layers (an nn.ModuleList of one block type)")
+    return best
+
+
+def _module_names(model, spec) -> list:
+    from .inject import _matches
+
+    return [n for n, _ in model.named_modules() if n and _matches(spec, n)]
+
+
+def _saved_names(model, config) -> list:
+    if not config.modules_to_save:
+        return []
+    names = [n for n, _ in model.named_modules() if n and any(n == s or n.endswith("." + s)
+                                                              for s in config.modules_to_save)]
+    if not names:
+        raise ValueError(f"modules_to_save {config.modules_to_save} matched no module of the model")
+    return names
+
+
+def _adapter_targets(model, config) -> list:
+    spec = config.target_modules
+    if spec is None:
+        model_type = getattr(getattr(model, "config", None), "model_type", None)
+        if model_type not in ADAPTER_TARGETS:
+            raise ValueError(f"target_modules is None and fastpeft knows no adapter places for model type "
+                             f"{model_type!r}: pass target_modules")
+        attn, ffn = ADAPTER_TARGETS[model_type]
+        spec = f"({attn})|({ffn})" if config.variant == "houlsby" else ffn
+    names = _module_names(model, spec)
+    if not names:
+        raise ValueError(f"target_modules {spec!r} matched no module of the model")
+    for n in names:
+        if getattr(model.get_submodule(n), "out_features", None) is None:
+            raise ValueError(f"target_modules matched {n!r}, a {type(model.get_submodule(n)).__name__} without "
+                             "out_features; adapters go after linear projections")
+    return names
+
+
+def plan_method(model: nn.Module, config) -> dict:
+    """What ``inject_method`` will do (checked, nothing changed): parameter name -> shape it trains."""
+    saved = _saved_names(model, config)
+    shapes = {}
+    for s in saved:
+        for pn, p in model.get_submodule(s).named_parameters():
+            shapes[f"{s}.{pn}"] = tuple(p.shape)
+    if isinstance(config, BitFitConfig):
+        from .inject import is_bias
+
+        shapes.update({n: tuple(p.shape) for n, p in model.named_parameters() if is_bias(n)})
+        if not shapes:
+            raise ValueError("BitFit: the model has no bias parameters (and no modules_to_save)")
+    elif isinstance(config, AdapterConfig):
+        for n in _adapter_targets(model, config):
+            out_f, d = model.get_submodule(n).out_features, config.bottleneck_dim
+            shapes.update({f"{n}.adapter_down.weight": (d, out_f), f"{n}.adapter_down.bias": (d,),
+                           f"{n}.adapter_up.weight": (out_f, d), f"{n}.adapter_up.bias": (out_f,)})
+    elif isinstance(config, PromptTuningConfig):
+        get = getattr(model, "get_input_embeddings", None)
+        emb = get() if callable(get) else None
+        if emb is None:
+            raise ValueError("prompt tuning needs a transformers model (get_input_embeddings), got "
+                             f"{type(model).__name__}")
+        shapes["fastpeft_prompt.prompt_embeddings"] = (config.num_virtual_tokens, emb.weight.shape[1])
+    elif isinstance(config, LayerwiseConfig):
+        if config.train_last_n is not None:
+            prefix, blocks = main_blocks(model)
+            if config.train_last_n > len(blocks):
+                raise ValueError(f"train_last_n={config.train_last_n} but the model has {len(blocks)} blocks "
+                                 f"({prefix})")
+            names = [f"{prefix}.{i}" if prefix else str(i) for i in range(len(blocks) - config.train_last_n,
+                                                                          len(blocks))]
+        else:
+            names = [n for n, _ in model.named_modules() if n and re.fullmatch(config.layers_pattern, n)]
+            if not names:
+                raise ValueError(f"layers_pattern {config.layers_pattern!r} matched no module of the model")
+        for n in names:
+            for pn, p in model.get_submodule(n).named_parameters():
+                shapes[f"{n}.{pn}"] = tuple(p.shape)
+    return shapes
+
+
+def inject_method(model: nn.Module, config) -> list:
+    """Apply a BitFit / adapter / prompt-tuning / layer-wise config in place (checked first); returns the
+    names of the parameters it trains (what its adapter files hold)."""
+    plan = plan_method(model, config)
+    for p in model.parameters():
+        p.requires_grad_(False)
+    if isinstance(config, AdapterConfig):
+        from .inject import _set_submodule
+
+        for n in _adapter_targets(model, config):
+            _set_submodule(model, n, BottleneckAdapter(model.get_submodule(n), config.bottleneck_dim,
+                                                       config.non_linearity, config.scaling))
+    elif isinstance(config, PromptTuningConfig):
+        emb = model.get_input_embeddings()
+        model.fastpeft_prompt = PromptEmbedding(_initial_prompt(emb, config))
+        model._fastpeft_prompt_hook = model.register_forward_pre_hook(_prompt_hook, with_kwargs=True)
+    params = dict(model.named_parameters())
+    for name in plan:
+        params[name].requires_grad_(True)
+    return sorted(plan)
+
+
+@torch.no_grad()
+def _initial_prompt(emb: nn.Module, config) -> torch.Tensor:
+    w = emb.weight
+    n = config.num_virtual_tokens
+    if config.init_text is not None:
+        ids = config.tokenizer(config.init_text, add_special_tokens=False)["input_ids"]
+        if not ids:
+            raise ValueError(f"init_text {config.init_text!r} has no tokens")
+        ids = torch.tensor((ids * (n // len(ids) + 1))[:n], device=w.device)
+    else:
+        ids = torch.randint(0, w.shape[0], (n,), device=w.device)
+    return w[ids].detach().clone()
+
+
+def remove_prompt(model: nn.Module) -> None:
+    """Undo prompt tuning: remove the hook and the virtual tokens."""
+    hook = getattr(model, "_fastpeft_prompt_hook", None)
+    if hook is not None:
+        hook.remove()
+        del model._fastpeft_prompt_hook
+    if hasattr(model, "fastpeft_prompt"):
+        del model.fastpeft_prompt
+
+
+def layerwise_param_groups(model: nn.Module, lr: float, decay: float = 0.8, weight_decay: float = 0.0) -> list:
+    """Optimizer parameter groups with layer-wise learning-rate decay over the trainable parameters.
+
+    Block i of the model's main stack (of L) gets ``lr * decay ** (L - 1 - i)``: the top block trains at
+    ``lr``, lower ones slower; trainable parameters outside the stack (a head) and above it get ``lr``,
+    those below it (embeddings) ``lr * decay ** L``.
+    """
+    if not 0.0 < decay <= 1.0:
+        raise ValueError(f"decay must be in (0, 1], got {decay!r}")
+    prefix, blocks = main_blocks(model)
+    n_blocks = len(blocks)
+    groups: dict = {}
+    for name, p in model.named_parameters():
+        if not p.requires_grad:
+            continue
+        depth = None
+        if prefix and name.startswith(prefix + "."):
+            depth = int(name[len(prefix) + 1:].split(".")[0])
+        elif "embed" in name:
+            depth = -1  # below the stack
+        scale = 1.0 if depth is None else decay ** (n_blocks - 1 - depth)
+        groups.setdefault(scale, []).append(p)
+    return [{"params": ps, "lr": lr * s, "weight_decay": weight_decay} for s, ps in sorted(groups.items())]
