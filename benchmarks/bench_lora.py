@@ -22,8 +22,7 @@ import torch
 import torch.nn as nn
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from harness import (bench, environment, parse_kxn, plot_ratios, print_table, to_markdown,  # noqa: E402
-                     write_json)
+from harness import add_output_args, bench, environment, parse_kxn, report  # noqa: E402
 
 import fastpeft  # noqa: E402
 from fastpeft import kernels  # noqa: E402
@@ -119,12 +118,7 @@ def build_parser():
     ap.add_argument("--dropout", nargs="+", type=float, default=[0.0, 0.1])
     ap.add_argument("--dtype", choices=["bfloat16", "float16", "float32"], default="bfloat16" if cuda else "float32")
     ap.add_argument("--modes", nargs="+", default=["fwd", "fwd+bwd"], choices=["fwd", "fwd+bwd"])
-    ap.add_argument("--warmup-ms", type=float, default=25)
-    ap.add_argument("--rep-ms", type=float, default=100)
-    ap.add_argument("--json", metavar="FILE", help="write the rows and the environment as JSON")
-    ap.add_argument("--markdown", metavar="FILE", help="write the table as markdown")
-    ap.add_argument("--plot", metavar="PNG", help="bar chart of the ratios to nn.Linear")
-    ap.add_argument("--quiet", action="store_true", help="no progress bar")
+    add_output_args(ap, "bar chart of the ratios to nn.Linear")
     return ap
 
 
@@ -143,15 +137,8 @@ def main(argv=None) -> list:
               "PEFT against nn.Linear on the CPU.\n")
     rows = run(args.tokens, args.shapes, args.ranks, args.dropout, device, getattr(torch, args.dtype), args.modes,
                args.warmup_ms, args.rep_ms, progress=not args.quiet)
-    text = print_table(f"LoRA linear, {args.dtype}, ratios to frozen nn.Linear in the same run", env, rows, COLUMNS)
-    if args.json:
-        write_json(args.json, env, rows)
-    if args.markdown:
-        with open(args.markdown, "w") as f:
-            f.write(to_markdown(text, rows, COLUMNS))
-    if args.plot:
-        plot_ratios(rows, args.plot, f"LoRA linear ({args.dtype}) on {env['device']}")
-    return rows
+    title = f"LoRA linear, {args.dtype}, ratios to frozen nn.Linear in the same run"
+    return report(args, env, rows, COLUMNS, title, f"LoRA linear ({args.dtype})")
 
 
 if __name__ == "__main__":

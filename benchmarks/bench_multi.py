@@ -22,8 +22,7 @@ import torch
 import torch.nn as nn
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from harness import (bench, environment, parse_kxn, plot_ratios, print_table, to_markdown,  # noqa: E402
-                     write_json)
+from harness import add_output_args, bench, environment, parse_kxn, report  # noqa: E402
 
 import fastpeft  # noqa: E402
 from fastpeft import kernels  # noqa: E402
@@ -114,12 +113,7 @@ def build_parser():
     ap.add_argument("--ranks", nargs="+", choices=list(RANK_SETS), default=list(RANK_SETS))
     ap.add_argument("--shape", type=parse_kxn, default=(4096, 4096) if cuda else (512, 512), help="KxN")
     ap.add_argument("--dtype", choices=["bfloat16", "float16", "float32"], default="bfloat16" if cuda else "float32")
-    ap.add_argument("--warmup-ms", type=float, default=25)
-    ap.add_argument("--rep-ms", type=float, default=100)
-    ap.add_argument("--json", metavar="FILE")
-    ap.add_argument("--markdown", metavar="FILE")
-    ap.add_argument("--plot", metavar="PNG")
-    ap.add_argument("--quiet", action="store_true")
+    add_output_args(ap, "bar chart of the ratios to one adapter")
     return ap
 
 
@@ -139,16 +133,8 @@ def main(argv=None) -> list:
     k, n = args.shape
     rows = run(args.decode, args.prefill, args.adapters, args.ranks, k, n, device, getattr(torch, args.dtype),
                args.warmup_ms, args.rep_ms, progress=not args.quiet)
-    text = print_table(f"Many adapters per batch, {args.dtype}, ratios to one adapter on the same rows", env, rows,
-                       COLUMNS)
-    if args.json:
-        write_json(args.json, env, rows)
-    if args.markdown:
-        with open(args.markdown, "w") as f:
-            f.write(to_markdown(text, rows, COLUMNS))
-    if args.plot:
-        plot_ratios(rows, args.plot, f"Many adapters ({args.dtype}) on {env['device']}", baseline="single")
-    return rows
+    title = f"Many adapters per batch, {args.dtype}, ratios to one adapter on the same rows"
+    return report(args, env, rows, COLUMNS, title, f"Many adapters ({args.dtype})", baseline="single")
 
 
 if __name__ == "__main__":

@@ -137,3 +137,26 @@ def plot_ratios(rows: list, path: str, title: str, baseline: str = "linear") -> 
     fig.tight_layout()
     fig.savefig(path, dpi=120)
     plt.close(fig)
+
+
+def add_output_args(ap, plot_help: str = "bar chart of the ratios to the baseline") -> None:
+    """The options every benchmark script shares: timing budget and where the table goes."""
+    ap.add_argument("--warmup-ms", type=float, default=25)
+    ap.add_argument("--rep-ms", type=float, default=100)
+    ap.add_argument("--json", metavar="FILE", help="write the rows and the environment as JSON")
+    ap.add_argument("--markdown", metavar="FILE", help="write the table as markdown")
+    ap.add_argument("--plot", metavar="PNG", help=plot_help)
+    ap.add_argument("--quiet", action="store_true", help="no progress bar")
+
+
+def report(args, env: dict, rows: list, columns: list, title: str, plot_title: str, baseline: str = "linear") -> list:
+    """Print the table and write what ``add_output_args``' options ask for; returns the rows."""
+    text = print_table(title, env, rows, columns)
+    if args.json:
+        write_json(args.json, env, rows)
+    if args.markdown:
+        with open(args.markdown, "w") as f:
+            f.write(to_markdown(text, rows, columns))
+    if args.plot:
+        plot_ratios(rows, args.plot, f"{plot_title} on {env['device']}", baseline=baseline)
+    return rows

@@ -226,14 +226,20 @@ _lora_gemm_tuned = triton.autotune(configs=_GEMM_CONFIGS, key=["M_KEY", "N", "K"
 _TEST_BLOCKS = {"BLOCK_M": 32, "BLOCK_N": 32, "BLOCK_K": 32, "GROUP_M": 2, "BLOCK_P": 32, "BLOCK_Q": 32}
 
 
-def set_test_blocks(**blocks) -> dict:
-    """Override the explicit (non-autotuned) block sizes; returns the previous values."""
-    old = dict(_TEST_BLOCKS)
-    unknown = set(blocks) - set(_TEST_BLOCKS)
-    if unknown:
-        raise ValueError(f"unknown block names {sorted(unknown)}; known: {sorted(_TEST_BLOCKS)}")
-    _TEST_BLOCKS.update(blocks)
-    return old
+def block_setter(table: dict):
+    """A ``set_test_blocks(**blocks)`` for one module's explicit block table: it overrides known block
+    sizes and returns the previous values (to restore them)."""
+    def set_test_blocks(**blocks) -> dict:
+        old = dict(table)
+        unknown = set(blocks) - set(table)
+        if unknown:
+            raise ValueError(f"unknown block names {sorted(unknown)}; known: {sorted(table)}")
+        table.update(blocks)
+        return old
+    return set_test_blocks
+
+
+set_test_blocks = block_setter(_TEST_BLOCKS)
 
 
 # ----------------------------------------------------------------------------------------------------

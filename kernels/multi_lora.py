@@ -34,7 +34,7 @@ import triton
 import triton.language as tl
 
 from .lora import (INTERPRET, _HAS_TRITON_OP, _cast, _dot_precision, _keep_mask, _mma, _sm_count, _upcast,
-                   _op_body, _use_explicit_blocks, _wrap, eager_or_op, r_pad)
+                   _op_body, _use_explicit_blocks, _wrap, block_setter, eager_or_op, r_pad)
 
 # ----------------------------------------------------------------------------------------------------
 # grouping: rows sorted by adapter, cut into blocks, all on the device
@@ -240,15 +240,7 @@ def _multi_segment_grad_kernel(
 _TEST_BLOCKS = {"BLOCK_M": 16, "BLOCK_N": 32, "BLOCK_Q": 32, "BLOCK_P": 32, "BLOCK_MR": 16}
 
 
-def set_test_blocks(**blocks) -> dict:
-    """Override the explicit block sizes (BLOCK_M of the grouping, BLOCK_N of the expand, BLOCK_Q of the
-    shrink, BLOCK_P / BLOCK_MR of the segment reduction); returns the previous values."""
-    old = dict(_TEST_BLOCKS)
-    unknown = set(blocks) - set(_TEST_BLOCKS)
-    if unknown:
-        raise ValueError(f"unknown block names {sorted(unknown)}; known: {sorted(_TEST_BLOCKS)}")
-    _TEST_BLOCKS.update(blocks)
-    return old
+set_test_blocks = block_setter(_TEST_BLOCKS)
 
 
 def block_m_for(x: torch.Tensor, m: int, n: int) -> int:

@@ -45,7 +45,7 @@ import triton
 import triton.language as tl
 
 from .lora import (_GEMM_CONFIGS, _HAS_TRITON_OP, INTERPRET, _cast, _dot_precision, _lowrank_tile, _mma,
-                   _op_body, _sm_count, _upcast, _use_explicit_blocks, _wrap, eager_or_op, r_pad)
+                   _op_body, _sm_count, _upcast, _use_explicit_blocks, _wrap, block_setter, eager_or_op, r_pad)
 
 # ----------------------------------------------------------------------------------------------------
 # kernels
@@ -311,14 +311,7 @@ _TEST_BLOCKS = {"BLOCK_M": 32, "BLOCK_N": 32, "BLOCK_K": 32, "GROUP_M": 2, "SDDM
                 "SCATTER": 64, "SUB": 32, "TILE_PROGRAMS": 3}
 
 
-def set_test_blocks(**blocks) -> dict:
-    """Override the explicit (non-autotuned) block sizes; returns the previous values."""
-    old = dict(_TEST_BLOCKS)
-    unknown = set(blocks) - set(_TEST_BLOCKS)
-    if unknown:
-        raise ValueError(f"unknown block names {sorted(unknown)}; known: {sorted(_TEST_BLOCKS)}")
-    _TEST_BLOCKS.update(blocks)
-    return old
+set_test_blocks = block_setter(_TEST_BLOCKS)
 
 
 def fused_gemm_ok(block_size: int) -> bool:
