@@ -7,6 +7,9 @@ falling loss. It runs everywhere torch runs, offline, and ends with a save / loa
 ``fastpeft bench [lora]``: the LoRA microbenchmark table (``benchmarks/bench_lora.py``);
 ``fastpeft bench multi``: many adapters per batch (``benchmarks/bench_multi.py``);
 ``fastpeft bench sparse``: sparse deltas (``benchmarks/bench_sparse.py``); ``--help`` on each.
+
+``fastpeft demo``: fine-tune all-MiniLM-L6-v2 on Drugs.com reviews with each PEFT method
+(``fastpeft/demo.py``); ``fastpeft demo --help``.
 """
 from __future__ import annotations
 
@@ -185,6 +188,8 @@ def build_parser() -> argparse.ArgumentParser:
     sub.add_parser("bench", help="microbenchmark tables: 'fastpeft bench [lora]' (one adapter vs nn.Linear, "
                    "the reference and PEFT), 'fastpeft bench multi' (many adapters per batch), "
                    "'fastpeft bench sparse' (sparse deltas)", add_help=False)
+    sub.add_parser("demo", help="fine-tune all-MiniLM-L6-v2 on Drugs.com reviews with each PEFT method, offline; "
+                   "'fastpeft demo --help'", add_help=False)
     t = sub.add_parser("train", help="LoRA on a small built-in transformer, a few seconds on CPU (default)")
     t.add_argument("--steps", type=_positive_int, default=500, help="at most this many steps (default 500)")
     t.add_argument("--max-seconds", type=float, default=20.0, help="stop after this long (default 20)")
@@ -228,6 +233,10 @@ def main(argv=None) -> int:
         rest = argv[2:] if len(argv) > 1 and argv[1] in BENCHES else argv[1:]
         _bench_module(BENCHES[which]).main(rest)
         return 0
+    if argv and argv[0] == "demo":
+        from . import demo
+
+        return demo.main(argv[1:])
     args = parser.parse_args(argv)
     if args.command == "train":
         result = train(args)

