@@ -132,15 +132,8 @@ class LoRALinearFunction(torch.autograd.Function):
         k = x.shape[1]
         u = K.shrink_op(x, lora_A.t(), drop_scale, seed, thr, k, 1)
 
-        def fused():
-            return K.gemm_op(x, weight.t(), u, lora_B.t(), bias, scaling, 0, 0)
-
-        def cublas():
-            y = torch.addmm(bias, x, weight.t()) if bias is not None else x @ weight.t()
-            return y.addmm_(u.to(y.dtype), lora_B.t(), alpha=scaling)
-
         key = ("fwd", _bucket(x.shape[0]), k, weight.shape[0], lora_A.shape[0], x.dtype, bias is not None)
-        y = fused() if K.choose_gemm(key, fused, cublas, x.device) == "fused" else cublas()
+        y = lora_gemm(x, weight.t(), u, lora_B.t(), bias, scaling, 0, 0, key)
         ctx.save_for_backward(x, u, weight, lora_A, lora_B)
         ctx.scaling, ctx.seed, ctx.thr, ctx.drop_scale = scaling, seed, thr, drop_scale
         ctx.has_bias = bias is not None
@@ -148,35 +141,52 @@ class LoRALinearFunction(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, dy):
-        from .kernels import lora as K
-
         x, u, weight, lora_A, lora_B = ctx.saved_tensors
         need_x, need_w, need_b, need_a, need_bb = ctx.needs_input_grad[:5]
         s, seed, thr, ds = ctx.scaling, ctx.seed, ctx.thr, ctx.drop_scale
         k = x.shape[1]
-        dx = dw = db = da = dbb = None
-        v = K.shrink_op(dy, lora_B, 1.0, 0, 0, 0, 0) if (need_x or need_a) else None
-        if need_a:
-            da = K.shrink_op(x.t(), v, s * ds, seed, thr, 1, k).t().to(lora_A.dtype)
-        if need_bb:
-            dbb = K.shrink_op(dy.t(), u, s, 0, 0, 0, 0).to(lora_B.dtype)
+        dx = dw = db = None
+        v, da, dbb = lora_factor_grads(dy, x, u, lora_A, lora_B, s, ds, seed, thr, need_x, need_a, need_bb)
         if need_x:
-            def fused():
-                return K.gemm_op(dy, weight, v, lora_A, None, s * ds, seed, thr)
-
-            def cublas():
-                out = dy @ weight
-                if thr == 0:
-                    return out.addmm_(v.to(out.dtype), lora_A, alpha=s * ds)
-                return K.lowrank_add_op(out, v, lora_A, s * ds, seed, thr)
-
             key = ("dx", _bucket(x.shape[0]), weight.shape[0], k, lora_A.shape[0], x.dtype, thr > 0)
-            dx = fused() if K.choose_gemm(key, fused, cublas, x.device) == "fused" else cublas()
+            dx = lora_gemm(dy, weight, v, lora_A, None, s * ds, seed, thr, key)
         if need_w:
             dw = (dy.t() @ x).to(weight.dtype)
         if need_b and ctx.has_bias:
             db = dy.sum(0)
         return dx, dw, db, da, dbb, None, None, None
+
+
+def lora_factor_grads(dy, x, u, lora_A, lora_B, s, ds, seed, thr, need_v, need_a, need_b) -> tuple:
+    """``(v, dA, dB)`` on the kernels, each None when not needed: v = dY B (M, r) fp32 (for dX or dA),
+    dA = s·ds·v^T (mask * x), dB = s·dY^T u. x (M, K), u = drop(x) A^T; ds = 1/(1-p), mask from seed."""
+    from .kernels import lora as K
+
+    v = da = db = None
+    if need_v or need_a:
+        v = K.shrink_op(dy, lora_B, 1.0, 0, 0, 0, 0)
+    if need_a:
+        da = K.shrink_op(x.t(), v, s * ds, seed, thr, 1, x.shape[1]).t().to(lora_A.dtype)
+    if need_b:
+        db = K.shrink_op(dy.t(), u, s, 0, 0, 0, 0).to(lora_B.dtype)
+    return v, da, db
+
+
+def lora_gemm(a, b, lu, lv, bias, scale, seed, thr, key):
+    """``a @ b + scale * mask * (lu @ lv) + bias`` on the faster of the fused-epilogue GEMM and cuBLAS +
+    an in-place low-rank update, chosen per shape ``key`` (``kernels.lora.choose_gemm``)."""
+    from .kernels import lora as K
+
+    def fused():
+        return K.gemm_op(a, b, lu, lv, bias, scale, seed, thr)
+
+    def cublas():
+        out = torch.addmm(bias, a, b) if bias is not None else a @ b
+        if thr == 0:
+            return out.addmm_(lu.to(out.dtype), lv, alpha=scale)
+        return K.lowrank_add_op(out, lu, lv, scale, seed, thr)
+
+    return fused() if K.choose_gemm(key, fused, cublas, a.device) == "fused" else cublas()
 
 
 def _bucket(m: int) -> int:

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import torch
 
+from .functional import _bucket, lora_factor_grads, lora_gemm
 from .kernels import lora as K
 from .kernels import sparse_delta as SD
 
@@ -114,11 +115,6 @@ def build_sparse_plan(delta_indices: torch.Tensor, out_features: int, in_feature
 # ----------------------------------------------------------------------------------------------------
 
 
-def _bucket(m: int) -> int:
-    """Token counts within a power of two share a measured GEMM choice (as in fastpeft.functional)."""
-    return 1 << max(0, int(m) - 1).bit_length()
-
-
 def _w_plus_delta(weight, indices, values, block_size, dtype):
     """W + Δ in ``dtype``: a transient (out, in) buffer, freed by the caller as soon as it is used."""
     if indices.shape[0] == 0:
@@ -138,20 +134,6 @@ def _sddmm(dy, x, indices, values, block_size, tile, tile_list, tile_count, star
     else:
         g = SD.sddmm_tiles_op(dy, x, tile_list, tile_count, starts, order, loc, tile)
     return g.to(values.dtype)
-
-
-def _lora_gemm(a, b, lu, lv, bias, scale, seed, thr, key):
-    """``a @ b + scale * mask * (lu @ lv) + bias``: the LoRA GEMM with its own fused / cuBLAS choice."""
-    def fused():
-        return K.gemm_op(a, b, lu, lv, bias, scale, seed, thr)
-
-    def cublas():
-        out = torch.addmm(bias, a, b) if bias is not None else a @ b
-        if thr == 0:
-            return out.addmm_(lu.to(out.dtype), lv, alpha=scale)
-        return K.lowrank_add_op(out, lu, lv, scale, seed, thr)
-
-    return fused() if K.choose_gemm(key, fused, cublas, a.device) == "fused" else cublas()
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -272,7 +254,7 @@ class LoRASparseLinearFunction(torch.autograd.Function):
         def dense():
             w2 = _w_plus_delta(weight, indices, values, b, x.dtype)
             key = ("fwd", _bucket(m), k, n, r, x.dtype, bias is not None)  # shared with LoRALinearFunction
-            return _lora_gemm(x, w2.t(), u, lora_B.t(), bias, scaling, 0, 0, key)
+            return lora_gemm(x, w2.t(), u, lora_B.t(), bias, scaling, 0, 0, key)
 
         key = ("rosa-fwd", _bucket(m), k, n, r, b, x.dtype, weight.dtype, bias is not None)
         use_fused = block_map is not None and SD.choose_sparse_gemm(key, b, fused, dense, x.device) == "fused"
@@ -291,12 +273,8 @@ class LoRASparseLinearFunction(torch.autograd.Function):
         s, seed, thr, ds, b = ctx.scaling, ctx.seed, ctx.thr, ctx.drop_scale, ctx.block_size
         m, k = x.shape
         n, r = weight.shape[0], lora_A.shape[0]
-        dx = dw = db = da = dbb = dv = None
-        v = K.shrink_op(dy, lora_B, 1.0, 0, 0, 0, 0) if (need_x or need_a) else None
-        if need_a:
-            da = K.shrink_op(x.t(), v, s * ds, seed, thr, 1, k).t().to(lora_A.dtype)
-        if need_bb:
-            dbb = K.shrink_op(dy.t(), u, s, 0, 0, 0, 0).to(lora_B.dtype)
+        dx = dw = db = dv = None
+        v, da, dbb = lora_factor_grads(dy, x, u, lora_A, lora_B, s, ds, seed, thr, need_x, need_a, need_bb)
         if need_x:
             def fused():
                 return SD.block_gemm_op(dy, weight, block_map, values, v, lora_A, None, b, False, s * ds, seed, thr)
@@ -304,7 +282,7 @@ class LoRASparseLinearFunction(torch.autograd.Function):
             def dense():
                 w2 = _w_plus_delta(weight, indices, values, b, dy.dtype)
                 key = ("dx", _bucket(m), n, k, r, x.dtype, thr > 0)  # shared with LoRALinearFunction
-                return _lora_gemm(dy, w2, v, lora_A, None, s * ds, seed, thr, key)
+                return lora_gemm(dy, w2, v, lora_A, None, s * ds, seed, thr, key)
 
             key = ("rosa-dx", _bucket(m), n, k, r, b, x.dtype, weight.dtype, thr > 0)
             use_fused = block_map is not None and SD.choose_sparse_gemm(key, b, fused, dense, x.device) == "fused"

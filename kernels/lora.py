@@ -458,11 +458,16 @@ GEMM_CHOICES = ("auto", "fused", "cublas")
 _choice_cache: dict = {}
 
 
-def gemm_mode() -> str:
-    mode = os.environ.get("FASTPEFT_LORA_GEMM", "auto").lower()
-    if mode not in GEMM_CHOICES:
-        raise ValueError(f"FASTPEFT_LORA_GEMM must be one of {GEMM_CHOICES}, got {mode!r}")
+def env_choice(var: str, choices: tuple) -> str:
+    """The value of environment variable ``var`` (default: the first choice), checked against ``choices``."""
+    mode = os.environ.get(var, choices[0]).lower()
+    if mode not in choices:
+        raise ValueError(f"{var} must be one of {choices}, got {mode!r}")
     return mode
+
+
+def gemm_mode() -> str:
+    return env_choice("FASTPEFT_LORA_GEMM", GEMM_CHOICES)
 
 
 def choose_gemm(key: tuple, run_fused, run_cublas, device: torch.device) -> str:

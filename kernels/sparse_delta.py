@@ -38,14 +38,14 @@ This module imports only torch, triton and its sibling ``lora``.
 from __future__ import annotations
 
 import functools
-import os
 
 import torch
 import triton
 import triton.language as tl
 
 from .lora import (_GEMM_CONFIGS, _HAS_TRITON_OP, INTERPRET, _cast, _dot_precision, _lowrank_tile, _mma,
-                   _op_body, _sm_count, _upcast, _use_explicit_blocks, _wrap, block_setter, eager_or_op, r_pad)
+                   _op_body, _sm_count, _upcast, _use_explicit_blocks, _wrap, block_setter, eager_or_op, env_choice,
+                   r_pad)
 
 # ----------------------------------------------------------------------------------------------------
 # kernels
@@ -370,9 +370,7 @@ def choose_sddmm(nnz: int, out_features: int, in_features: int) -> str:
     fewer entries than a quarter of the number of 32 x 32 tiles (density < 0.025%, about 4k entries of a
     4096 x 4096 weight).
     """
-    mode = os.environ.get("FASTPEFT_SPARSE_SDDMM", "auto").lower()
-    if mode not in SDDMM_CHOICES:
-        raise ValueError(f"FASTPEFT_SPARSE_SDDMM must be one of {SDDMM_CHOICES}, got {mode!r}")
+    mode = env_choice("FASTPEFT_SPARSE_SDDMM", SDDMM_CHOICES)
     if mode != "auto":
         return mode
     tiles32 = triton.cdiv(out_features, 32) * triton.cdiv(in_features, 32)
@@ -646,10 +644,7 @@ _choice_cache: dict = {}
 
 
 def gemm_mode() -> str:
-    mode = os.environ.get("FASTPEFT_SPARSE_GEMM", "auto").lower()
-    if mode not in GEMM_CHOICES:
-        raise ValueError(f"FASTPEFT_SPARSE_GEMM must be one of {GEMM_CHOICES}, got {mode!r}")
-    return mode
+    return env_choice("FASTPEFT_SPARSE_GEMM", GEMM_CHOICES)
 
 
 def choose_sparse_gemm(key: tuple, block_size: int, run_fused, run_dense, device: torch.device) -> str:
