@@ -198,8 +198,8 @@ class Method:
     describe: str = ""
 
 
-# Learning rates: the default run's six (head .. full) were checked not to collapse to the majority
-# class (74.5% positive) in 40 steps of 16 on 2 CPU cores; higher ones (head 2e-2, bitfit 1e-2) made
+# Learning rates: head .. full were checked not to collapse to the majority class (74.5% positive) in
+# 40 steps of 16 on 2 CPU cores, and head / lora / full again in the default run (100 steps); higher ones (head 2e-2, bitfit 1e-2) made
 # bitfit predict one class. adapters / prompt / layerwise: usual values for those methods, not yet
 # checked on a full-length run. PEFT methods with few, zero-initialised parameters want larger ones.
 METHODS = {
@@ -213,7 +213,9 @@ METHODS = {
     "prompt": Method("prompt", 3e-2, "PromptTuningConfig", "20 virtual tokens"),
     "layerwise": Method("layerwise", 1e-4, "LayerwiseConfig", "last 2 blocks, layer-wise lr decay 0.8"),
 }
-DEFAULT_METHODS = ["head", "bitfit", "lora", "sparse", "lora+sparse", "full"]
+# The default run: about 3 minutes on 2 CPU cores. 100 steps over all 546 training reviews put LoRA
+# (78.0%) and full fine-tuning (78.5%) above the majority class (74.5%); 40 steps over 400 did not.
+DEFAULT_METHODS = ["head", "lora", "full"]
 HEAD_LR = 1e-2
 
 
@@ -468,8 +470,8 @@ def build_parser() -> argparse.ArgumentParser:
                         "--full: all)")
     p.add_argument("--full", action="store_true", help="all methods, all the data and more steps")
     p.add_argument("--seeds", type=_positive_int, default=1, help="seeds per method (mean ± std when > 1)")
-    p.add_argument("--steps", type=_positive_int, help="training steps per run (default 40; --full 300)")
-    p.add_argument("--max-train", type=_positive_int, help="training examples (default 400; --full all)")
+    p.add_argument("--steps", type=_positive_int, help="training steps per run (default 100; --full 300)")
+    p.add_argument("--max-train", type=_positive_int, help="training examples (default: all)")
     p.add_argument("--max-test", type=_positive_int, help="test examples (default 200; --full all)")
     p.add_argument("--batch-size", type=_positive_int, default=16)
     p.add_argument("--seq-len", type=_positive_int, default=64, help="tokens per review (default 64)")
@@ -493,9 +495,9 @@ def run(args) -> dict:
     import fastpeft
 
     methods = args.methods or (list(METHODS) if args.full else DEFAULT_METHODS)
-    steps = args.steps or (300 if args.full else 40)
+    steps = args.steps or (300 if args.full else 100)
     args.steps = steps
-    max_train = args.max_train or (None if args.full else 400)
+    max_train = args.max_train
     max_test = args.max_test or (None if args.full else 200)
 
     model_dir, data_zip = find_model_dir(), find_data_zip()
