@@ -150,11 +150,15 @@ class LoRALinearFunction(torch.autograd.Function):
         if need_x:
             key = ("dx", _bucket(x.shape[0]), weight.shape[0], k, lora_A.shape[0], x.dtype, thr > 0)
             dx = lora_gemm(dy, weight, v, lora_A, None, s * ds, seed, thr, key)
-        if need_w:
-            dw = (dy.t() @ x).to(weight.dtype)
-        if need_b and ctx.has_bias:
-            db = dy.sum(0)
+        dw, db = base_grads(dy, x, weight, need_w, need_b and ctx.has_bias)
         return dx, dw, db, da, dbb, None, None, None
+
+
+def base_grads(dy, x, weight, need_w: bool, need_b: bool) -> tuple:
+    """``(dW, db)`` of the frozen base layer, each None unless required: dW = dY^T x, db = sum_m dY."""
+    dw = (dy.t() @ x).to(weight.dtype) if need_w else None
+    db = dy.sum(0) if need_b else None
+    return dw, db
 
 
 def lora_factor_grads(dy, x, u, lora_A, lora_B, s, ds, seed, thr, need_v, need_a, need_b) -> tuple:

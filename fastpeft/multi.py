@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import torch
 
+from .functional import base_grads
 from .kernels import multi_lora as MK
 
 
@@ -94,10 +95,7 @@ class LoRAMultiFunction(torch.autograd.Function):
         if need_x:
             dx = dy @ weight
             MK.expand_op(dx, v, lora_A_stack, order, blocks, ranks, s_dx, thr, block_m, seed, has_mask, k, 1)
-        if need_w:
-            dw = (dy.t() @ x).to(weight.dtype)
-        if need_b and ctx.has_bias:
-            db = dy.sum(0)
+        dw, db = base_grads(dy, x, weight, need_w, need_b and ctx.has_bias)
         return dx, dw, db, da, dbb, None, None, None, None, None
 
 

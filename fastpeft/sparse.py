@@ -14,7 +14,7 @@ from __future__ import annotations
 
 import torch
 
-from .functional import _bucket, lora_factor_grads, lora_gemm
+from .functional import _bucket, base_grads, lora_factor_grads, lora_gemm
 from .kernels import lora as K
 from .kernels import sparse_delta as SD
 
@@ -201,10 +201,7 @@ class SparseDeltaLinearFunction(torch.autograd.Function):
             dx = fused() if use_fused else dense()
         if need_v:
             dv = _sddmm(dy, x, indices, values, b, ctx.tile, tile_list, tile_count, starts, order, loc)
-        if need_w:
-            dw = (dy.t() @ x).to(weight.dtype)
-        if need_b and ctx.has_bias:
-            db = dy.sum(0)
+        dw, db = base_grads(dy, x, weight, need_w, need_b and ctx.has_bias)
         return dx, dw, db, dv, None, None, None, None, None, None, None, None, None
 
 
@@ -289,10 +286,7 @@ class LoRASparseLinearFunction(torch.autograd.Function):
             dx = fused() if use_fused else dense()
         if need_v:
             dv = _sddmm(dy, x, indices, values, b, ctx.tile, tile_list, tile_count, starts, order, loc)
-        if need_w:
-            dw = (dy.t() @ x).to(weight.dtype)
-        if need_b and ctx.has_bias:
-            db = dy.sum(0)
+        dw, db = base_grads(dy, x, weight, need_w, need_b and ctx.has_bias)
         return (dx, dw, db, da, dbb, dv) + (None,) * 12
 
 

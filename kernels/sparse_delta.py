@@ -43,9 +43,9 @@ import torch
 import triton
 import triton.language as tl
 
-from .lora import (_GEMM_CONFIGS, _HAS_TRITON_OP, INTERPRET, _cast, _dot_precision, _lowrank_tile, _mma,
-                   _op_body, _sm_count, _upcast, _use_explicit_blocks, _wrap, block_setter, eager_or_op, env_choice,
-                   r_pad)
+from .lora import (_GEMM_CONFIGS, _HAS_TRITON_OP, INTERPRET, _cast, _dot_precision, _grouped_tile, _lowrank_tile,
+                   _mma, _op_body, _sm_count, _upcast, _use_explicit_blocks, _wrap, block_setter, eager_or_op,
+                   env_choice, r_pad)
 
 # ----------------------------------------------------------------------------------------------------
 # kernels
@@ -122,14 +122,7 @@ def _sparse_gemm_kernel(
     R_PAD: tl.constexpr, DOT_PRECISION: tl.constexpr, UPCAST: tl.constexpr,
 ):
     # out = a @ (W + Δ) [+ scale * mask * (lu @ lv)] [+ bias], with W + Δ formed tile by tile in registers.
-    pid = tl.program_id(0)
-    num_m = tl.cdiv(M, BLOCK_M)
-    num_n = tl.cdiv(N, BLOCK_N)
-    group = GROUP_M * num_n
-    first_m = (pid // group) * GROUP_M
-    size_m = tl.minimum(num_m - first_m, GROUP_M)
-    pid_m = first_m + (pid % group) % size_m
-    pid_n = (pid % group) // size_m
+    pid_m, pid_n = _grouped_tile(M, N, BLOCK_M, BLOCK_N, GROUP_M)
 
     rm = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
     rn = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
