@@ -13,6 +13,12 @@ import torch
 FLOAT_DTYPES = (torch.float32, torch.float16, torch.bfloat16, torch.float64)
 
 
+def _compiling() -> bool:
+    """While torch.compile traces, the checks of tensor *values* (a host sync each, which would break the
+    graph) are skipped; shapes, dtypes and devices are still checked. Run a step eagerly to check them."""
+    return torch.compiler.is_compiling()
+
+
 def check_rank(r, name: str = "r") -> int:
     if isinstance(r, bool) or not isinstance(r, int) or r <= 0:
         raise ValueError(f"{name} must be a positive int, got {r!r}")
@@ -54,6 +60,13 @@ def check_same_device_dtype(ref_name: str, ref: torch.Tensor, check_dtype: bool 
             raise ValueError(f"{name} must have {ref_name}'s dtype {ref.dtype}, got {t.dtype}")
 
 
+def autocast_on(x: torch.Tensor) -> bool:
+    """Whether autocast is on for x's device type (False for types without autocast, such as "meta", for
+    which ``torch.is_autocast_enabled`` raises)."""
+    t = x.device.type
+    return torch.amp.is_autocast_available(t) and torch.is_autocast_enabled(t)
+
+
 def check_lora_linear_args(x, weight, bias, lora_A, lora_B, scaling, dropout_p) -> None:
     """Shapes, dtypes and devices of a ``lora_linear`` call (see API.md for the conventions)."""
     check_tensor(x, "x")
@@ -75,8 +88,7 @@ def check_lora_linear_args(x, weight, bias, lora_A, lora_B, scaling, dropout_p) 
         raise ValueError(f"x must be float32, float16, bfloat16 (or float64 on the reference backend), got {x.dtype}")
     # Under autocast the parameters may legitimately be of another dtype than x (fp32 master weights,
     # bf16 activations): the matmuls cast them, as nn.Linear's would.
-    autocast = torch.is_autocast_enabled(x.device.type)
-    check_same_device_dtype("x", x, not autocast, weight=weight, bias=bias, lora_A=lora_A, lora_B=lora_B)
+    check_same_device_dtype("x", x, not autocast_on(x), weight=weight, bias=bias, lora_A=lora_A, lora_B=lora_B)
     if isinstance(scaling, torch.Tensor):
         raise TypeError(f"scaling must be a Python number, got a tensor of shape {tuple(scaling.shape)}")
     check_finite_number(scaling, "scaling")
@@ -102,7 +114,7 @@ def expand_adapter_ids(adapter_ids, x: torch.Tensor, n: int, check_range: bool =
     else:
         raise ValueError(f"adapter_ids must have shape {rows} (per row) or ({x.shape[0]},) "
                          f"(per sequence), got {tuple(adapter_ids.shape)}")
-    if check_range and ids.numel():
+    if check_range and ids.numel() and not _compiling():
         lo, hi = (int(v) for v in torch.aminmax(ids))
         if lo < -1 or hi >= n:
             raise ValueError(f"adapter_ids must be in [-1, {n - 1}] (-1 = base only, {n} adapters), "
@@ -115,12 +127,13 @@ def check_lora_multi_args(x, weight, bias, lora_A_stack, lora_B_stack, scalings,
     check_tensor(lora_A_stack, "lora_A_stack", ndim=3)
     check_tensor(lora_B_stack, "lora_B_stack", ndim=3)
     n, r_max, _ = lora_A_stack.shape
+    check_tensor(weight, "weight", ndim=2)
     out_f, in_f = weight.shape
-    # The single-adapter checks cover x, weight, bias and the dtypes / devices of adapter 0's shapes.
-    check_lora_linear_args(x, weight, bias, lora_A_stack[0] if n else weight.new_empty(0, in_f),
-                           lora_B_stack[0] if n else weight.new_empty(out_f, 0), 1.0, 0.0)
     check_shape(lora_A_stack, (n, r_max, in_f), "lora_A_stack")
     check_shape(lora_B_stack, (n, out_f, r_max), "lora_B_stack")
+    # The single-adapter checks cover x, weight, bias and the dtypes / devices of the stacks (adapter 0's).
+    check_lora_linear_args(x, weight, bias, lora_A_stack[0] if n else weight.new_empty(0, in_f),
+                           lora_B_stack[0] if n else weight.new_empty(out_f, 0), 1.0, 0.0)
     for name, t in (("scalings", scalings), ("ranks", ranks), ("dropout_p", dropout_p)):
         if t is None:
             continue
@@ -130,10 +143,11 @@ def check_lora_multi_args(x, weight, bias, lora_A_stack, lora_B_stack, scalings,
     if ranks is not None:
         if ranks.dtype not in (torch.int64, torch.int32):
             raise TypeError(f"ranks must be an int64/int32 tensor, got {ranks.dtype}")
-        if n and (int(ranks.min()) < 1 or int(ranks.max()) > r_max):
+        if n and not _compiling() and (int(ranks.min()) < 1 or int(ranks.max()) > r_max):
             raise ValueError(f"ranks must be in [1, r_max={r_max}], got values in [{int(ranks.min())}, "
                              f"{int(ranks.max())}]")
-    if dropout_p is not None and n and (float(dropout_p.min()) < 0.0 or float(dropout_p.max()) >= 1.0):
+    if dropout_p is not None and n and not _compiling() and (float(dropout_p.min()) < 0.0
+                                                             or float(dropout_p.max()) >= 1.0):
         raise ValueError(f"dropout_p must be in [0, 1), got values in [{float(dropout_p.min())}, "
                          f"{float(dropout_p.max())}]")
     return n
@@ -152,8 +166,11 @@ def check_sparse_delta(delta_indices, delta_values, out_features: int, in_featur
     check_tensor(delta_values, "delta_values")
     if delta_indices.dtype not in (torch.int32, torch.int64):
         raise TypeError(f"delta_indices must be int32 or int64, got {delta_indices.dtype}")
+    if not delta_values.is_floating_point():
+        raise TypeError(f"delta_values must be a floating-point tensor, got {delta_values.dtype}")
     if delta_values.device != delta_indices.device:
         raise ValueError(f"delta_values must be on delta_indices' device {delta_indices.device}, got {delta_values.device}")
+    check_order = check_order and not _compiling()
     b = block_size
     if b == 1:
         if delta_indices.dim() != 1:
@@ -182,6 +199,15 @@ def check_sparse_delta(delta_indices, delta_values, out_features: int, in_featur
     if check_order and keys.numel() > 1:
         step = keys[1:] - keys[:-1]
         if bool((step == 0).any()):
-            raise ValueError("delta_indices must be unique, got duplicated entries")
+            i = int((step == 0).nonzero()[0, 0])
+            raise ValueError(f"delta_indices must be unique, got {_entry(delta_indices, i)} twice (positions {i} "
+                             f"and {i + 1})")
         if bool((step < 0).any()):
-            raise ValueError("delta_indices must be sorted (row-major), got them out of order")
+            i = int((step < 0).nonzero()[0, 0])
+            raise ValueError(f"delta_indices must be sorted (row-major), got {_entry(delta_indices, i)} at position "
+                             f"{i} before {_entry(delta_indices, i + 1)}")
+
+
+def _entry(indices: torch.Tensor, i: int):
+    """Entry i of sparse-delta indices for a message: a flat index, or a block (row, col)."""
+    return int(indices[i]) if indices.dim() == 1 else tuple(int(v) for v in indices[i])

@@ -373,9 +373,9 @@ def inject(model: nn.Module, config, adapter_name: str = "default", plan: LoraPl
         model._fastpeft_adapters = {adapter_name: config}
         model._fastpeft_active = adapter_name
         return model
-    if configs and (isinstance(config, SparseDeltaConfig) or any(isinstance(c, SparseDeltaConfig)
-                                                                 for c in configs.values())):
-        raise ValueError(f"model already has adapter(s) {list(configs)}; a SparseDeltaConfig adapter is the "
+    alone = [c for c in (config, *configs.values()) if isinstance(c, (SparseDeltaConfig,) + METHOD_CONFIGS)]
+    if configs and alone:
+        raise ValueError(f"model already has adapter(s) {list(configs)}; a {type(alone[0]).__name__} adapter is the "
                          "model's only adapter (LoraConfig(sparse_density=...) puts sparse deltas beside LoRA)")
     if adapter_name in configs:
         raise ValueError(f"adapter {adapter_name!r} already exists in the model (adapters {list(configs)}); "
@@ -383,6 +383,11 @@ def inject(model: nn.Module, config, adapter_name: str = "default", plan: LoraPl
     merged = [n for n, m in lora_layers(model).items() if m.merged]
     if merged:
         raise RuntimeError(f"layers {merged[:4]} have a merged adapter: unmerge them before adding another")
+    field_name = "selection" if isinstance(config, SparseDeltaConfig) else "sparse_selection"
+    if getattr(config, field_name) == "scores" and (isinstance(config, SparseDeltaConfig) or config.sparse_density > 0):
+        raise ValueError(f"{field_name}='scores' needs a scores tensor per layer, which inject has none of: inject "
+                         "with 'random' or 'magnitude', then fastpeft.select_by_gradients re-picks the positions "
+                         "from gradient scores")
     plan = plan if plan is not None else plan_lora(model, config)
     # Everything below only mutates: all checks are done.
     if not configs:

@@ -118,8 +118,8 @@ def test_functional_multi_bad_arguments():
     a, b, s = torch.randn(2, 4, 16), torch.randn(2, 8, 4), torch.ones(2)
     ids = torch.zeros(4, dtype=torch.long)
     cases = [
-        (dict(lora_A_stack=torch.randn(2, 4, 15)), r"lora_A must have shape \(4, 16\)"),
-        (dict(lora_B_stack=torch.randn(2, 8, 3)), r"lora_B must have shape \(8, 4\)"),
+        (dict(lora_A_stack=torch.randn(2, 4, 15)), r"lora_A_stack must have shape \(2, 4, 16\)"),
+        (dict(lora_B_stack=torch.randn(2, 8, 3)), r"lora_B_stack must have shape \(2, 8, 4\)"),
         (dict(scalings=torch.ones(3)), r"scalings must have shape \(2,\)"),
         (dict(ranks=torch.tensor([4, 5])), r"ranks must be in \[1, r_max=4\]"),
         (dict(ranks=torch.tensor([1.0, 2.0])), "ranks must be an int64/int32 tensor"),

@@ -1,0 +1,641 @@
+"""Bad inputs across the public API, as tables (API.md: "bad arguments raise at once with a message naming
+the argument, the expected and the given value").
+
+Each row names a call, the exception it must raise (that exact type) and the words its message must hold:
+the argument's name and, where it helps, the expected and the given value. A call on a layer or a model
+must leave it bit for bit as it was (parameters, buffers, modules, trainable flags, adapter registry).
+Adapter files: every broken folder raises before the model changes; a save that fails midway leaves the
+target folder as it was, and no temporary folder behind.
+"""
+import json
+import os
+from dataclasses import dataclass, field
+from typing import Callable, Optional
+
+import pytest
+import torch
+import torch.nn as nn
+from safetensors.torch import load_file, save_file
+
+import fastpeft
+from fastpeft import (AdapterConfig, BitFitConfig, FastLoRALinear, LayerwiseConfig, LoraConfig, PromptTuningConfig,
+                      SparseDeltaConfig, SparseDeltaLinear)
+from fastpeft.inject import adapter_configs
+from fastpeft.io import CONFIG_NAME, WEIGHTS_NAME
+from test_inject import Toy
+
+IN, OUT, R = 16, 24, 4  # every functional case: x (3, IN), weight (OUT, IN), lora_A (R, IN), lora_B (OUT, R)
+
+
+# ---- what the cases run on ------------------------------------------------------------------------
+
+def _t(*shape, dtype=torch.float32, device="cpu"):
+    return torch.randn(*shape, dtype=dtype, device=device)
+
+
+def _lora(**over):
+    args = dict(x=_t(3, IN), weight=_t(OUT, IN), bias=_t(OUT), lora_A=_t(R, IN), lora_B=_t(OUT, R), scaling=2.0)
+    return fastpeft.lora_linear(**{**args, **over})
+
+
+def _multi(**over):
+    """Two adapters of r_max=R; x (3, IN), one id per row."""
+    args = dict(x=_t(3, IN), weight=_t(OUT, IN), bias=None, lora_A_stack=_t(2, R, IN), lora_B_stack=_t(2, OUT, R),
+                scalings=torch.ones(2), adapter_ids=torch.tensor([0, 1, -1]))
+    return fastpeft.lora_linear_multi(**{**args, **over})
+
+
+def _sparse(**over):
+    """Three entries of a (OUT, IN) = (24, 16) weight: 384 flat positions; in blocks of 8, 3 x 2 blocks."""
+    args = dict(x=_t(3, IN), weight=_t(OUT, IN), bias=None, delta_indices=torch.tensor([1, 5, 40]),
+                delta_values=torch.ones(3))
+    return fastpeft.sparse_delta_linear(**{**args, **over})
+
+
+def _blocks(indices, values=None):
+    idx = torch.tensor(indices)
+    return _sparse(delta_indices=idx, delta_values=torch.ones(idx.shape[0], 8, 8) if values is None else values,
+                   block_size=8)
+
+
+def _layer():
+    """FastLoRALinear(IN, OUT) with adapters "default" (r=4, active) and "second" (r=2): ids 0 and 1."""
+    torch.manual_seed(0)
+    layer = FastLoRALinear(IN, OUT, r=R, lora_alpha=8, init_lora_weights=False)
+    layer.add_adapter("second", 2, 4, init_lora_weights=False)
+    return layer
+
+
+def _sparse_layer():
+    torch.manual_seed(0)
+    return SparseDeltaLinear(IN, OUT, density=0.1)
+
+
+def _toy():
+    torch.manual_seed(0)
+    return Toy()
+
+
+def _lora_model(seed=1, config=None):
+    """Toy with adapter "default" (r=4 on q_proj, v_proj), its weights made non-zero."""
+    m = fastpeft.inject(_toy(), config or LoraConfig(r=R, lora_alpha=8, target_modules=["q_proj", "v_proj"]))
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for p in m.parameters():
+            if p.requires_grad:
+                p.add_(torch.randn(p.shape, generator=g) * 0.1)
+    return m.eval()
+
+
+def _merged_model():
+    m = _lora_model()
+    for layer in fastpeft.lora_layers(m).values():
+        layer.merge()
+    return m
+
+
+def _bitfit_model():
+    return fastpeft.inject(_toy(), BitFitConfig())
+
+
+def _mixed(model, names, x):
+    with fastpeft.mixed_batch(model, names):
+        model(x)
+
+
+# ---- bit-for-bit snapshots --------------------------------------------------------------------------
+
+def _bits(t: torch.Tensor) -> tuple:
+    t = t.detach()
+    return t.dtype, tuple(t.shape), t.device, t.contiguous().reshape(-1).view(torch.uint8).clone()
+
+
+def _registry(module: nn.Module) -> list:
+    """Adapter bookkeeping that no tensor holds: the model's adapters and each layer's."""
+    out = [sorted(adapter_configs(module)), fastpeft.active_adapter(module)]
+    for name, m in module.named_modules():
+        if isinstance(m, FastLoRALinear):
+            out.append((name, m.adapter_names, m.active_adapter, m.merged,
+                        [m.adapter_spec(n) for n in m.adapter_names]))
+        elif isinstance(m, SparseDeltaLinear):
+            out.append((name, m.merged, m.selection))
+    return out
+
+
+def _snapshot(module: nn.Module):
+    return ({k: _bits(v) for k, v in module.state_dict(keep_vars=True).items()},
+            [(n, type(m).__name__) for n, m in module.named_modules()],
+            [(n, p.requires_grad) for n, p in module.named_parameters()],
+            _registry(module))
+
+
+def _assert_unchanged(module: nn.Module, before) -> None:
+    state, modules, flags, registry = before
+    now = _snapshot(module)
+    assert now[1] == modules, "the modules changed"
+    assert now[2] == flags, "the trainable flags changed"
+    assert now[3] == registry, "the adapter registry changed"
+    assert set(now[0]) == set(state), f"state_dict keys changed: {set(now[0]) ^ set(state)}"
+    changed = [k for k, (dt, shape, dev, b) in state.items()
+               if now[0][k][:3] != (dt, shape, dev) or not torch.equal(now[0][k][3], b)]
+    assert not changed, f"tensors changed: {changed}"
+
+
+def _assert_message(excinfo, exc, words) -> None:
+    assert excinfo.type is exc, f"raised {excinfo.type.__name__} ({excinfo.value}), expected {exc.__name__}"
+    msg = str(excinfo.value)
+    missing = [w for w in words if w not in msg]
+    assert not missing, f"the message {msg!r} lacks {missing}"
+
+
+# ---- the table of calls ------------------------------------------------------------------------------
+
+@dataclass
+class Bad:
+    id: str
+    call: Callable                    # call(obj), obj = make() or None
+    exc: type
+    words: tuple                      # the message holds each of these
+    make: Optional[Callable] = None   # the layer / model the call acts on; checked unchanged afterwards
+
+
+IDS3 = dict(x=_t(3, 5, IN))  # a (batch 3, seq 5) input for per-row / per-sequence ids
+
+CASES = [
+    # -- lora_linear: shapes
+    Bad("lora_linear-x-last-dim-15", lambda _: _lora(x=_t(3, 15)), ValueError,
+        ("x's last dim", "in_features=16", "got 15")),
+    Bad("lora_linear-x-0d", lambda _: _lora(x=torch.tensor(1.0)), ValueError, ("x's last dim", "0-d")),
+    Bad("lora_linear-lora_A-in-15", lambda _: _lora(lora_A=_t(R, 15)), ValueError, ("lora_A", "(4, 16)", "(4, 15)")),
+    Bad("lora_linear-lora_B-rank-3-vs-A-rank-4", lambda _: _lora(lora_B=_t(OUT, 3)), ValueError,
+        ("lora_B", "(24, 4)", "(24, 3)")),
+    Bad("lora_linear-bias-len-23", lambda _: _lora(bias=_t(23)), ValueError, ("bias", "(24,)", "(23,)")),
+    Bad("lora_linear-weight-not-a-tensor", lambda _: _lora(weight=[[1.0] * IN] * OUT), TypeError, ("weight", "list")),
+    # -- lora_linear: dtypes and devices
+    Bad("lora_linear-x-int64", lambda _: _lora(x=torch.ones(3, IN, dtype=torch.int64)), ValueError,
+        ("x must be float32", "torch.int64")),
+    Bad("lora_linear-x-fp32-weight-fp64", lambda _: _lora(weight=_t(OUT, IN, dtype=torch.float64)), ValueError,
+        ("weight", "torch.float32", "torch.float64")),
+    Bad("lora_linear-lora_B-bf16", lambda _: _lora(lora_B=_t(OUT, R, dtype=torch.bfloat16)), ValueError,
+        ("lora_B", "torch.float32", "torch.bfloat16")),
+    Bad("lora_linear-weight-on-meta", lambda _: _lora(weight=_t(OUT, IN, device="meta")), ValueError,
+        ("weight", "device cpu", "meta")),
+    Bad("lora_linear-x-on-meta", lambda _: _lora(x=_t(3, IN, device="meta")), ValueError, ("device meta", "cpu")),
+    # -- lora_linear: scaling, dropout, seed, backend
+    Bad("lora_linear-scaling-nan", lambda _: _lora(scaling=float("nan")), ValueError, ("scaling", "finite", "nan")),
+    Bad("lora_linear-scaling-str", lambda _: _lora(scaling="2"), ValueError, ("scaling", "'2'")),
+    Bad("lora_linear-scaling-tensor", lambda _: _lora(scaling=torch.tensor(2.0)), TypeError, ("scaling", "tensor")),
+    Bad("lora_linear-dropout_p-1.0", lambda _: _lora(dropout_p=1.0), ValueError, ("dropout_p", "[0, 1)", "1.0")),
+    Bad("lora_linear-dropout_p--0.1", lambda _: _lora(dropout_p=-0.1), ValueError, ("dropout_p", "-0.1")),
+    Bad("lora_linear-dropout_p-str", lambda _: _lora(dropout_p="0.1"), ValueError, ("dropout_p", "'0.1'")),
+    Bad("lora_linear-seed--1", lambda _: _lora(dropout_p=0.1, seed=-1), ValueError, ("seed", "-1")),
+    Bad("lora_linear-backend-cuda", lambda _: _lora(backend="cuda"), ValueError, ("backend", "'cuda'")),
+    # -- FastLoRALinear: construction (rank, dropout, alpha, init, sizes)
+    Bad("FastLoRALinear-r-0", lambda _: FastLoRALinear(IN, OUT, r=0), ValueError, ("r must be a positive int", "0")),
+    Bad("FastLoRALinear-r--2", lambda _: FastLoRALinear(IN, OUT, r=-2), ValueError, ("r must be", "-2")),
+    Bad("FastLoRALinear-r-2.5", lambda _: FastLoRALinear(IN, OUT, r=2.5), ValueError, ("r must be", "2.5")),
+    Bad("FastLoRALinear-r-True", lambda _: FastLoRALinear(IN, OUT, r=True), ValueError, ("r must be", "True")),
+    Bad("FastLoRALinear-lora_dropout-1.0", lambda _: FastLoRALinear(IN, OUT, lora_dropout=1.0), ValueError,
+        ("lora_dropout", "[0, 1)", "1.0")),
+    Bad("FastLoRALinear-lora_dropout--0.1", lambda _: FastLoRALinear(IN, OUT, lora_dropout=-0.1), ValueError,
+        ("lora_dropout", "-0.1")),
+    Bad("FastLoRALinear-lora_dropout-str", lambda _: FastLoRALinear(IN, OUT, lora_dropout="0.1"), ValueError,
+        ("lora_dropout", "'0.1'")),
+    Bad("FastLoRALinear-lora_alpha-inf", lambda _: FastLoRALinear(IN, OUT, lora_alpha=float("inf")), ValueError,
+        ("lora_alpha", "inf")),
+    Bad("FastLoRALinear-init-pissa", lambda _: FastLoRALinear(IN, OUT, init_lora_weights="pissa"), ValueError,
+        ("init_lora_weights", "'pissa'")),
+    Bad("FastLoRALinear-in_features-0", lambda _: FastLoRALinear(0, OUT), ValueError, ("in_features", "0")),
+    Bad("FastLoRALinear-from_linear-conv", lambda _: FastLoRALinear.from_linear(nn.Conv1d(2, 2, 1)), TypeError,
+        ("linear", "Conv1d")),
+    # -- FastLoRALinear: forward inputs
+    Bad("layer-x-last-dim-15", lambda m: m(_t(3, 15)), ValueError, ("in_features=16", "got 15"), _layer),
+    Bad("layer-x-0d", lambda m: m(torch.tensor(1.0)), ValueError, ("in_features=16", "0-d"), _layer),
+    Bad("layer-x-int64", lambda m: m(torch.ones(3, IN, dtype=torch.int64)), ValueError, ("x must be", "torch.int64"),
+        _layer),
+    Bad("layer-x-fp64", lambda m: m(_t(3, IN, dtype=torch.float64)), ValueError,
+        ("dtype torch.float64", "torch.float32"), _layer),
+    Bad("layer-x-on-meta", lambda m: m(_t(3, IN, device="meta")), ValueError, ("device meta", "cpu"), _layer),
+    # -- FastLoRALinear(x, adapter_ids): 2 adapters, ids in [-1, 1]
+    Bad("ids-2-out-of-range", lambda m: m(**IDS3, adapter_ids=torch.tensor([0, 2, 1])), ValueError,
+        ("adapter_ids", "[-1, 1]", "[0, 2]"), _layer),
+    Bad("ids--2-below-base", lambda m: m(**IDS3, adapter_ids=torch.tensor([-2, 0, 1])), ValueError,
+        ("adapter_ids", "[-1, 1]", "[-2, 1]"), _layer),
+    Bad("ids-float32", lambda m: m(**IDS3, adapter_ids=torch.zeros(3)), TypeError, ("adapter_ids", "torch.float32"),
+        _layer),
+    Bad("ids-python-list", lambda m: m(**IDS3, adapter_ids=[0, 1, 0]), TypeError, ("adapter_ids", "list"), _layer),
+    Bad("ids-length-4-for-batch-3", lambda m: m(**IDS3, adapter_ids=torch.zeros(4, dtype=torch.long)), ValueError,
+        ("adapter_ids", "(3, 5)", "(3,)", "got (4,)"), _layer),
+    Bad("ids-shape-5x3-for-3x5", lambda m: m(**IDS3, adapter_ids=torch.zeros(5, 3, dtype=torch.long)), ValueError,
+        ("adapter_ids", "(3, 5)", "got (5, 3)"), _layer),
+    Bad("ids-on-meta", lambda m: m(**IDS3, adapter_ids=torch.zeros(3, dtype=torch.long, device="meta")), ValueError,
+        ("adapter_ids", "device cpu", "meta"), _layer),
+    # -- FastLoRALinear: the adapter registry
+    Bad("add_adapter-existing-name", lambda m: m.add_adapter("second", 2, 4), ValueError,
+        ("'second'", "already exists"), _layer),
+    Bad("add_adapter-dotted-name", lambda m: m.add_adapter("a.b", 2, 4), ValueError, ("adapter name", "'a.b'"),
+        _layer),
+    Bad("add_adapter-r-0", lambda m: m.add_adapter("third", 0, 4), ValueError, ("r must be", "0"), _layer),
+    Bad("add_adapter-lora_dropout-1.5", lambda m: m.add_adapter("third", 2, 4, lora_dropout=1.5), ValueError,
+        ("lora_dropout", "1.5"), _layer),
+    Bad("add_adapter-scores-without-scores", lambda m: m.add_adapter("third", 2, 4, sparse_density=0.1,
+                                                                      sparse_selection="scores"), ValueError,
+        ("scores", "None"), _layer),
+    Bad("layer-set_adapter-unknown", lambda m: m.set_adapter("nope"), ValueError, ("'nope'", "'default', 'second'"),
+        _layer),
+    Bad("layer-delete_adapter-unknown", lambda m: m.delete_adapter("nope"), ValueError, ("'nope'", "'second'"),
+        _layer),
+    Bad("layer-lora_dropout-setter-1.5", lambda m: setattr(m, "lora_dropout", 1.5), ValueError,
+        ("lora_dropout", "1.5"), _layer),
+    # -- lora_linear_multi: 2 adapters of r_max 4
+    Bad("multi-ids-2-out-of-range", lambda _: _multi(adapter_ids=torch.tensor([0, 1, 2])), ValueError,
+        ("adapter_ids", "[-1, 1]", "[0, 2]")),
+    Bad("multi-ids-int8", lambda _: _multi(adapter_ids=torch.zeros(3, dtype=torch.int8)), TypeError,
+        ("adapter_ids", "torch.int8")),
+    Bad("multi-ids-None", lambda _: _multi(adapter_ids=None), TypeError, ("adapter_ids", "NoneType")),
+    Bad("multi-ids-length-4", lambda _: _multi(adapter_ids=torch.zeros(4, dtype=torch.long)), ValueError,
+        ("adapter_ids", "(3,)", "got (4,)")),
+    Bad("multi-lora_B_stack-rank-3", lambda _: _multi(lora_B_stack=_t(2, OUT, 3)), ValueError,
+        ("lora_B_stack", "(2, 24, 4)", "(2, 24, 3)")),
+    Bad("multi-lora_A_stack-2d", lambda _: _multi(lora_A_stack=_t(R, IN)), ValueError, ("lora_A_stack", "3-D", "2-D")),
+    Bad("multi-scalings-length-3", lambda _: _multi(scalings=torch.ones(3)), ValueError, ("scalings", "(2,)", "(3,)")),
+    Bad("multi-ranks-5-over-r_max", lambda _: _multi(ranks=torch.tensor([4, 5])), ValueError,
+        ("ranks", "r_max=4", "[4, 5]")),
+    Bad("multi-ranks-0", lambda _: _multi(ranks=torch.tensor([0, 4])), ValueError, ("ranks", "[1, r_max=4]", "[0, 4]")),
+    Bad("multi-x-fp64", lambda _: _multi(x=_t(3, IN, dtype=torch.float64)), ValueError,
+        ("dtype torch.float64", "torch.float32")),
+    # -- sparse_delta_linear, block_size 1: flat indices into 24 x 16 = 384 entries
+    Bad("sparse-index-384-out-of-range", lambda _: _sparse(delta_indices=torch.tensor([1, 5, 384])), ValueError,
+        ("delta_indices", "[0, 384)", "[1, 384]")),
+    Bad("sparse-index--1", lambda _: _sparse(delta_indices=torch.tensor([-1, 5, 40])), ValueError,
+        ("delta_indices", "[0, 384)", "[-1, 40]")),
+    Bad("sparse-unsorted", lambda _: _sparse(delta_indices=torch.tensor([1, 40, 5])), ValueError,
+        ("delta_indices", "sorted", "40 at position 1 before 5")),
+    Bad("sparse-duplicate", lambda _: _sparse(delta_indices=torch.tensor([1, 5, 5])), ValueError,
+        ("delta_indices", "unique", "5 twice")),
+    Bad("sparse-values-4-for-3-indices", lambda _: _sparse(delta_values=torch.ones(4)), ValueError,
+        ("delta_values", "(3,)", "(4,)")),
+    Bad("sparse-indices-float", lambda _: _sparse(delta_indices=torch.tensor([1.0, 5.0, 40.0])), TypeError,
+        ("delta_indices", "torch.float32")),
+    Bad("sparse-indices-2d-for-block_size-1", lambda _: _sparse(delta_indices=torch.tensor([[1, 5, 40]])), ValueError,
+        ("delta_indices", "1-D", "(1, 3)")),
+    Bad("sparse-values-int64", lambda _: _sparse(delta_values=torch.ones(3, dtype=torch.int64)), TypeError,
+        ("delta_values", "floating-point", "torch.int64")),
+    Bad("sparse-values-fp64", lambda _: _sparse(delta_values=torch.ones(3, dtype=torch.float64)), ValueError,
+        ("delta_values", "torch.float32", "torch.float64")),
+    Bad("sparse-values-on-meta", lambda _: _sparse(delta_values=torch.ones(3, device="meta")), ValueError,
+        ("delta_values", "cpu", "meta")),
+    Bad("sparse-weight-not-a-tensor", lambda _: _sparse(weight="w"), TypeError, ("weight", "str")),
+    Bad("sparse-block_size-0", lambda _: _sparse(block_size=0), ValueError, ("block_size", "positive int", "0")),
+    # -- sparse_delta_linear, block_size 8: 3 block rows x 2 block columns
+    Bad("sparse-block-row-3-of-3", lambda _: _blocks([[0, 0], [3, 1]]), ValueError,
+        ("delta_indices' block rows", "[0, 3)", "[0, 3]")),
+    Bad("sparse-block-col-2-of-2", lambda _: _blocks([[0, 0], [1, 2]]), ValueError,
+        ("delta_indices' block columns", "[0, 2)", "[0, 2]")),
+    Bad("sparse-block-unsorted", lambda _: _blocks([[1, 0], [0, 1]]), ValueError,
+        ("delta_indices", "sorted", "(1, 0) at position 0 before (0, 1)")),
+    Bad("sparse-block-duplicate", lambda _: _blocks([[1, 0], [1, 0]]), ValueError, ("delta_indices", "(1, 0) twice")),
+    Bad("sparse-block-coords-3-wide", lambda _: _blocks([[0, 0, 0], [1, 1, 1]]), ValueError,
+        ("delta_indices", "(nblocks, 2)", "(2, 3)")),
+    Bad("sparse-block-values-4x4", lambda _: _blocks([[0, 0], [1, 1]], torch.ones(2, 4, 4)), ValueError,
+        ("delta_values", "(2, 8, 8)", "(2, 4, 4)")),
+    # -- SparseDeltaLinear
+    Bad("SparseDeltaLinear-set_delta-unsorted", lambda m: m.set_delta(torch.tensor([9, 3])), ValueError,
+        ("delta_indices", "sorted", "9 at position 0 before 3"), _sparse_layer),
+    Bad("SparseDeltaLinear-set_delta-values-3-for-2", lambda m: m.set_delta(torch.tensor([3, 9]), torch.ones(3)),
+        ValueError, ("delta_values", "(2,)", "(3,)"), _sparse_layer),
+    Bad("SparseDeltaLinear-set_delta-int-values", lambda m: m.set_delta(torch.tensor([3, 9]), torch.ones(2).long()),
+        TypeError, ("delta_values", "torch.int64"), _sparse_layer),
+    Bad("SparseDeltaLinear-reselect-best", lambda m: m.reselect("best"), ValueError, ("selection", "'best'"),
+        _sparse_layer),
+    Bad("SparseDeltaLinear-x-last-dim-15", lambda m: m(_t(2, 15)), ValueError, ("in_features=16", "got 15"),
+        _sparse_layer),
+    Bad("SparseDeltaLinear-scores-without-scores", lambda _: SparseDeltaLinear(IN, OUT, selection="scores"),
+        ValueError, ("scores", "None")),
+    # -- densities
+    Bad("SparseDeltaLinear-density-0", lambda _: SparseDeltaLinear(IN, OUT, density=0), ValueError,
+        ("density", "(0, 1]", "got 0")),
+    Bad("SparseDeltaLinear-density-1.5", lambda _: SparseDeltaLinear(IN, OUT, density=1.5), ValueError,
+        ("density", "(0, 1]", "1.5")),
+    Bad("SparseDeltaConfig-density-0", lambda _: SparseDeltaConfig(density=0.0), ValueError, ("density", "0.0")),
+    Bad("SparseDeltaConfig-density-str", lambda _: SparseDeltaConfig(density="0.1"), ValueError, ("density", "'0.1'")),
+    Bad("SparseDeltaConfig-selection-best", lambda _: SparseDeltaConfig(selection="best"), ValueError,
+        ("selection", "'random'", "'best'")),
+    Bad("SparseDeltaConfig-block_size-0", lambda _: SparseDeltaConfig(block_size=0), ValueError, ("block_size", "0")),
+    Bad("LoraConfig-sparse_density-1.5", lambda _: LoraConfig(sparse_density=1.5), ValueError,
+        ("sparse_density", "[0, 1]", "1.5")),
+    Bad("LoraConfig-sparse_density--0.1", lambda _: LoraConfig(sparse_density=-0.1), ValueError,
+        ("sparse_density", "-0.1")),
+    # -- configs
+    Bad("LoraConfig-r-0", lambda _: LoraConfig(r=0), ValueError, ("r must be a positive int", "0")),
+    Bad("LoraConfig-r-str", lambda _: LoraConfig(r="8"), ValueError, ("r must be", "'8'")),
+    Bad("LoraConfig-lora_dropout-1.0", lambda _: LoraConfig(lora_dropout=1.0), ValueError, ("lora_dropout", "1.0")),
+    Bad("LoraConfig-lora_alpha-nan", lambda _: LoraConfig(lora_alpha=float("nan")), ValueError, ("lora_alpha", "nan")),
+    Bad("LoraConfig-bias-some", lambda _: LoraConfig(bias="some"), ValueError, ("bias", "'lora_only'", "'some'")),
+    Bad("LoraConfig-use_rslora-str", lambda _: LoraConfig(use_rslora="yes"), TypeError, ("use_rslora", "str")),
+    Bad("LoraConfig-init-pissa", lambda _: LoraConfig(init_lora_weights="pissa"), ValueError,
+        ("init_lora_weights", "'pissa'")),
+    Bad("LoraConfig-target_modules-int", lambda _: LoraConfig(target_modules=5), TypeError, ("target_modules", "int")),
+    Bad("LoraConfig-target_modules-empty-list", lambda _: LoraConfig(target_modules=[]), ValueError,
+        ("target_modules", "non-empty", "[]")),
+    Bad("LoraConfig-target_modules-bad-regex", lambda _: LoraConfig(target_modules="q_proj("), ValueError,
+        ("target_modules", "'q_proj('", "regex")),
+    Bad("LoraConfig-rank_pattern-0", lambda _: LoraConfig(rank_pattern={"q_proj": 0}), ValueError,
+        ("rank_pattern['q_proj']", "0")),
+    Bad("LoraConfig-alpha_pattern-str", lambda _: LoraConfig(alpha_pattern={"q_proj": "big"}), ValueError,
+        ("alpha_pattern['q_proj']", "'big'")),
+    Bad("LoraConfig-rank_pattern-list", lambda _: LoraConfig(rank_pattern=[("q_proj", 2)]), TypeError,
+        ("rank_pattern", "list")),
+    Bad("BitFitConfig-modules_to_save-str", lambda _: BitFitConfig(modules_to_save="lm_head"), TypeError,
+        ("modules_to_save", "'lm_head'")),
+    Bad("AdapterConfig-bottleneck_dim-0", lambda _: AdapterConfig(bottleneck_dim=0), ValueError,
+        ("bottleneck_dim", "0")),
+    Bad("AdapterConfig-variant-both", lambda _: AdapterConfig(variant="both"), ValueError,
+        ("variant", "'houlsby'", "'both'")),
+    Bad("AdapterConfig-non_linearity-swish", lambda _: AdapterConfig(non_linearity="swish"), ValueError,
+        ("non_linearity", "'swish'")),
+    Bad("PromptTuningConfig-num_virtual_tokens-0", lambda _: PromptTuningConfig(num_virtual_tokens=0), ValueError,
+        ("num_virtual_tokens", "0")),
+    Bad("PromptTuningConfig-init_text-no-tokenizer", lambda _: PromptTuningConfig(init_text="great"), ValueError,
+        ("init_text", "tokenizer", "None")),
+    Bad("LayerwiseConfig-neither-field", lambda _: LayerwiseConfig(), ValueError,
+        ("train_last_n=None", "layers_pattern=None")),
+    Bad("LayerwiseConfig-train_last_n-0", lambda _: LayerwiseConfig(train_last_n=0), ValueError, ("train_last_n", "0")),
+    Bad("LayerwiseConfig-layers_pattern-bad-regex", lambda _: LayerwiseConfig(layers_pattern="layers.("), ValueError,
+        ("layers_pattern", "'layers.('")),
+    # -- the model level: nothing changes when a call raises
+    Bad("inject-target_modules-match-nothing", lambda m: fastpeft.inject(m, LoraConfig(target_modules=["zzz"])),
+        ValueError, ("target_modules", "['zzz']", "matched no"), _toy),
+    Bad("inject-target-a-LayerNorm", lambda m: fastpeft.inject(m, LoraConfig(target_modules=["norm"])), ValueError,
+        ("target_modules", "'norm'", "LayerNorm"), _toy),
+    Bad("inject-modules_to_save-match-nothing", lambda m: fastpeft.inject(
+        m, LoraConfig(target_modules=["q_proj"], modules_to_save=["zzz"])), ValueError,
+        ("modules_to_save", "['zzz']", "matched no"), _toy),
+    Bad("inject-config-a-dict", lambda m: fastpeft.inject(m, {"r": 8}), TypeError, ("config", "dict"), _toy),
+    Bad("inject-adapter_name-dotted", lambda m: fastpeft.inject(m, LoraConfig(target_modules=["q_proj"]), "a.b"),
+        ValueError, ("adapter name", "'a.b'"), _toy),
+    Bad("inject-existing-adapter_name", lambda m: fastpeft.inject(m, LoraConfig(target_modules=["k_proj"])),
+        ValueError, ("'default'", "already exists"), _lora_model),
+    Bad("inject-over-a-merged-adapter", lambda m: fastpeft.inject(m, LoraConfig(target_modules=["k_proj"]), "b"),
+        RuntimeError, ("merged", "unmerge"), _merged_model),
+    Bad("inject-lora-beside-bitfit", lambda m: fastpeft.inject(m, LoraConfig(target_modules=["q_proj"]), "lora"),
+        ValueError, ("['default']", "BitFitConfig", "only adapter"), _bitfit_model),
+    Bad("inject-sparse_selection-scores", lambda m: fastpeft.inject(m, LoraConfig(
+        target_modules=["q_proj"], sparse_density=0.1, sparse_selection="scores")), ValueError,
+        ("sparse_selection='scores'", "select_by_gradients"), _toy),
+    Bad("inject-SparseDeltaConfig-scores", lambda m: fastpeft.inject(m, SparseDeltaConfig(
+        target_modules=["q_proj"], selection="scores")), ValueError, ("selection='scores'",), _toy),
+    Bad("inject-AdapterConfig-match-nothing", lambda m: fastpeft.inject(m, AdapterConfig(
+        bottleneck_dim=4, target_modules=["zzz"])), ValueError, ("target_modules", "['zzz']", "matched no"), _toy),
+    Bad("inject-LayerwiseConfig-5-of-2-blocks", lambda m: fastpeft.inject(m, LayerwiseConfig(train_last_n=5)),
+        ValueError, ("train_last_n=5", "2 blocks"), _toy),
+    Bad("inject-PromptTuning-no-embeddings", lambda m: fastpeft.inject(m, PromptTuningConfig(num_virtual_tokens=2)),
+        ValueError, ("get_input_embeddings", "Toy"), _toy),
+    Bad("set_adapter-unknown", lambda m: fastpeft.set_adapter(m, "nope"), ValueError,
+        ("adapter_name", "'nope'", "['default']"), _lora_model),
+    Bad("delete_adapter-unknown", lambda m: fastpeft.delete_adapter(m, "nope"), ValueError,
+        ("adapter_name", "'nope'", "['default']"), _lora_model),
+    Bad("mixed_batch-unknown-name", lambda m: _mixed(m, ["default", "zzz"], _t(2, 5, IN)), ValueError,
+        ("adapter_names", "['zzz']", "['default']"), _lora_model),
+    Bad("mixed_batch-2-names-for-batch-3", lambda m: _mixed(m, ["default", None], _t(3, 5, IN)), ValueError,
+        ("adapter_names", "2", "batch size 3"), _lora_model),
+    Bad("mixed_batch-a-str", lambda m: _mixed(m, "default", _t(2, 5, IN)), TypeError, ("adapter_names", "'default'"),
+        _lora_model),
+    Bad("mixed_batch-empty", lambda m: _mixed(m, [], _t(2, 5, IN)), TypeError, ("adapter_names", "[]"), _lora_model),
+]
+
+
+@pytest.mark.parametrize("case", [pytest.param(c, id=c.id) for c in CASES])
+def test_bad_input_raises_naming_the_argument(case):
+    obj = case.make() if case.make is not None else None
+    before = _snapshot(obj) if obj is not None else None
+    with pytest.raises(Exception) as excinfo:
+        case.call(obj)
+    _assert_message(excinfo, case.exc, case.words)
+    if obj is not None:
+        _assert_unchanged(obj, before)
+
+
+def test_case_ids_are_unique():
+    ids = [c.id for c in CASES] + [c.id for c in FILE_CASES] + [c.id for c in SAVE_CASES]
+    assert len(ids) == len(set(ids)), sorted({i for i in ids if ids.count(i) > 1})
+
+
+# ---- adapter files: loads that must fail, leaving the model as it was -------------------------------
+
+KEY = "base_model.model.layers.0.attn.q_proj.lora_A.weight"  # (4, 16) in the saved LoRA adapter
+
+SOURCES = {  # what the folder held before it was broken
+    "lora": _lora_model,
+    "sparse": lambda: fastpeft.inject(_toy(), SparseDeltaConfig(density=0.1, target_modules=["k_proj"])),
+    "bitfit": _bitfit_model,
+}
+TARGETS = {  # the model the broken folder is loaded into
+    "fresh": _toy,
+    "lora": lambda: _lora_model(seed=9),
+    "merged": _merged_model,
+    "bitfit": _bitfit_model,
+}
+
+
+def _edit_config(d, **changes):
+    cfg = json.loads((d / CONFIG_NAME).read_text())
+    cfg.update(changes)
+    (d / CONFIG_NAME).write_text(json.dumps(cfg))
+
+
+def _drop_config_key(d, key):
+    cfg = json.loads((d / CONFIG_NAME).read_text())
+    del cfg[key]
+    (d / CONFIG_NAME).write_text(json.dumps(cfg))
+
+
+def _edit_weights(d, fn):
+    t = load_file(d / WEIGHTS_NAME)
+    fn(t)
+    save_file(t, d / WEIGHTS_NAME)
+
+
+def _pickle_instead(d, name):
+    t = load_file(d / WEIGHTS_NAME)
+    (d / WEIGHTS_NAME).unlink()
+    torch.save(t, d / name)
+
+
+def _flip_sparse_indices(t):
+    k = next(k for k in t if k.endswith(".sparse_delta.indices"))
+    t[k] = t[k].flip(0)
+
+
+@dataclass
+class BadFile:
+    id: str
+    corrupt: Callable               # corrupt(folder) -> None, breaks the saved adapter in place
+    exc: type
+    words: tuple
+    source: str = "lora"
+    targets: tuple = ("fresh", "lora")
+    kwargs: dict = field(default_factory=dict)  # load_adapter's other arguments
+    folder: str = "adapter"        # what is passed to load_adapter, relative to the test's tmp_path
+
+
+def _none(d):
+    return None
+
+
+FILE_CASES = [
+    BadFile("missing-folder", _none, FileNotFoundError, (CONFIG_NAME, "nope"), folder="nope"),
+    BadFile("missing-config", lambda d: (d / CONFIG_NAME).unlink(), FileNotFoundError, (CONFIG_NAME,)),
+    BadFile("missing-weights", lambda d: (d / WEIGHTS_NAME).unlink(), FileNotFoundError, (WEIGHTS_NAME,)),
+    BadFile("truncated-safetensors", lambda d: (d / WEIGHTS_NAME).write_bytes((d / WEIGHTS_NAME).read_bytes()[:100]),
+            ValueError, (WEIGHTS_NAME, "not a readable safetensors file")),
+    BadFile("empty-safetensors", lambda d: (d / WEIGHTS_NAME).write_bytes(b""), ValueError,
+            (WEIGHTS_NAME, "not a readable safetensors file")),
+    BadFile("pickle-as-adapter_model.bin", lambda d: _pickle_instead(d, "adapter_model.bin"), ValueError,
+            ("adapter_model.bin", "pickle", WEIGHTS_NAME)),
+    BadFile("pickle-as-adapter_model.safetensors", lambda d: _pickle_instead(d, WEIGHTS_NAME), ValueError,
+            (WEIGHTS_NAME, "not a readable safetensors file")),
+    BadFile("tensor-wrong-shape", lambda d: _edit_weights(d, lambda t: t.update({KEY: torch.zeros(4, 15)})),
+            ValueError, ("layers.0.attn.q_proj.lora_A.weight", "(4, 16)", "(4, 15)")),
+    BadFile("tensor-int32", lambda d: _edit_weights(d, lambda t: t.update({KEY: torch.zeros(4, 16).int()})),
+            ValueError, ("layers.0.attn.q_proj.lora_A.weight", "floating point", "torch.int32")),
+    BadFile("missing-key", lambda d: _edit_weights(d, lambda t: t.pop(KEY)), ValueError,
+            ("missing keys", "layers.0.attn.q_proj.lora_A.weight")),
+    BadFile("unexpected-key", lambda d: _edit_weights(d, lambda t: t.update({"base_model.model.x.lora_A.weight":
+                                                                             torch.zeros(1)})),
+            ValueError, ("unexpected keys", "x.lora_A.weight")),
+    BadFile("peft_type-PREFIX_TUNING", lambda d: _edit_config(d, peft_type="PREFIX_TUNING"), ValueError,
+            ("peft_type", "'LORA'", "'PREFIX_TUNING'")),
+    BadFile("peft_type-missing", lambda d: _drop_config_key(d, "peft_type"), ValueError, ("peft_type", "got None")),
+    BadFile("config-malformed-json", lambda d: (d / CONFIG_NAME).write_text('{"r": 8,'), ValueError,
+            (CONFIG_NAME, "not valid JSON")),
+    BadFile("config-not-utf8", lambda d: (d / CONFIG_NAME).write_bytes(b"\xff\xfe{"), ValueError,
+            (CONFIG_NAME, "not valid JSON")),
+    BadFile("config-a-json-list", lambda d: (d / CONFIG_NAME).write_text("[1, 2]"), ValueError,
+            (CONFIG_NAME, "JSON object", "list")),
+    BadFile("config-r-str", lambda d: _edit_config(d, r="4"), ValueError, ("r must be a positive int", "'4'")),
+    BadFile("config-lora_dropout-1.5", lambda d: _edit_config(d, lora_dropout=1.5), ValueError,
+            ("lora_dropout", "1.5")),
+    BadFile("config-use_dora", lambda d: _edit_config(d, use_dora=True), ValueError, ("use_dora",)),
+    BadFile("config-targets-match-nothing", lambda d: _edit_config(d, target_modules=["c_attn"]), ValueError,
+            ("target_modules", "['c_attn']", "matched no")),
+    BadFile("config-rank_pattern-other-shapes", lambda d: _edit_config(d, rank_pattern={"q_proj": 2}), ValueError,
+            ("layers.0.attn.q_proj.lora_A.weight", "(2, 16)", "(4, 16)")),
+    BadFile("sparse-indices-unsorted", lambda d: _edit_weights(d, _flip_sparse_indices), ValueError,
+            ("layers.0.attn.k_proj", "delta_indices", "sorted"), source="sparse", targets=("fresh",)),
+    BadFile("bitfit-bias-wrong-shape", lambda d: _edit_weights(d, lambda t: t.update(
+        {"base_model.model.layers.0.attn.k_proj.bias": torch.zeros(3)})), ValueError,
+            ("layers.0.attn.k_proj.bias", "(16,)", "(3,)"), source="bitfit", targets=("fresh", "bitfit")),
+    BadFile("load-trainable-str", _none, TypeError, ("trainable", "bool", "'yes'"), kwargs=dict(trainable="yes"),
+            targets=("fresh",)),
+    BadFile("load-bitfit-adapter_name-dotted", _none, ValueError, ("adapter name", "'a.b'"),
+            source="bitfit", targets=("fresh",), kwargs=dict(adapter_name="a.b")),
+    BadFile("load-over-a-merged-adapter", _none, RuntimeError, ("'default'", "merged", "unmerge"),
+            targets=("merged",)),
+    BadFile("load-lora-over-bitfit-adapter", _none, ValueError, ("'default'", "BitFitConfig", "LoraConfig"),
+            targets=("bitfit",)),
+    BadFile("load-lora-beside-bitfit-adapter", _none, ValueError, ("BitFitConfig", "only adapter"),
+            targets=("bitfit",), kwargs=dict(adapter_name="lora")),
+    BadFile("load-sparse-beside-lora-adapter", _none, ValueError, ("['default']", "SparseDeltaConfig", "only adapter"),
+            source="sparse", targets=("lora",), kwargs=dict(adapter_name="sparse")),
+]
+
+
+@pytest.mark.parametrize("case,into", [pytest.param(c, t, id=f"{c.id}-into-{t}") for c in FILE_CASES
+                                       for t in c.targets])
+def test_bad_adapter_folder_raises_and_leaves_model_unchanged(tmp_path, case, into):
+    fastpeft.save_adapter(SOURCES[case.source](), tmp_path / "adapter")
+    case.corrupt(tmp_path / "adapter")
+    model = TARGETS[into]()
+    before = _snapshot(model)
+    with pytest.raises(Exception) as excinfo:
+        fastpeft.load_adapter(model, tmp_path / case.folder, **case.kwargs)
+    _assert_message(excinfo, case.exc, case.words)
+    _assert_unchanged(model, before)
+
+
+# ---- saves: atomic, so a failure midway leaves the folder as it was ------------------------------------
+
+class _Boom(OSError):
+    pass
+
+
+def _fail_config_write(monkeypatch, d):
+    """The weights file is written, then writing adapter_config.json fails."""
+    def boom(*a, **k):
+        raise _Boom("disk full while writing adapter_config.json")
+    monkeypatch.setattr(json, "dump", boom)
+
+
+def _fail_final_rename(monkeypatch, d):
+    """Everything is written; renaming the finished temporary folder onto the target fails."""
+    real = os.rename
+
+    def rename(src, dst):
+        if os.path.basename(os.fspath(src)).startswith(".adapter.tmp-") and os.fspath(dst) == os.fspath(d):
+            raise _Boom("rename failed")
+        return real(src, dst)
+    monkeypatch.setattr(os, "rename", rename)
+
+
+def _fail_copying_other_files(monkeypatch, d):
+    """Copying the folder's other files (a README) into the new folder fails."""
+    def boom(*a, **k):
+        raise _Boom("copy failed")
+    monkeypatch.setattr("shutil.copy2", boom)
+
+
+@dataclass
+class BadSave:
+    id: str
+    sabotage: Callable    # sabotage(monkeypatch, target folder)
+    exc: type
+    words: tuple
+    existing: bool        # whether an adapter folder (with a README) is there already
+    kwargs: dict = field(default_factory=dict)
+    target: str = "adapter"
+
+
+SAVE_CASES = [
+    BadSave("save-config-write-fails-new-folder", _fail_config_write, _Boom, ("adapter_config.json",), False),
+    BadSave("save-config-write-fails-over-folder", _fail_config_write, _Boom, ("adapter_config.json",), True),
+    BadSave("save-final-rename-fails-over-folder", _fail_final_rename, _Boom, ("rename",), True),
+    BadSave("save-final-rename-fails-new-folder", _fail_final_rename, _Boom, ("rename",), False),
+    BadSave("save-copying-other-files-fails", _fail_copying_other_files, _Boom, ("copy",), True),
+    BadSave("save-unknown-adapter_name", lambda mp, d: None, ValueError, ("adapter_name", "'other'", "['default']"),
+            True, dict(adapter_name="other")),
+    BadSave("save-onto-a-file", lambda mp, d: None, ValueError, ("exists and is not a folder",), True,
+            target="adapter/README.md"),
+]
+
+
+def _tree(root) -> dict:
+    """Relative path -> bytes (None for folders) of everything under root."""
+    out = {}
+    for dirpath, dirnames, filenames in os.walk(root):
+        for n in dirnames:
+            out[os.path.relpath(os.path.join(dirpath, n), root)] = None
+        for n in filenames:
+            p = os.path.join(dirpath, n)
+            with open(p, "rb") as f:
+                out[os.path.relpath(p, root)] = f.read()
+    return out
+
+
+@pytest.mark.parametrize("case", [pytest.param(c, id=c.id) for c in SAVE_CASES])
+def test_failed_save_leaves_the_folder_as_it_was(tmp_path, monkeypatch, case):
+    d = tmp_path / "adapter"
+    if case.existing:
+        fastpeft.save_adapter(_lora_model(seed=1), d)
+        (d / "README.md").write_text("model card")
+    before = _tree(tmp_path)
+    model = _lora_model(seed=2)
+    state = _snapshot(model)
+    case.sabotage(monkeypatch, d)
+    with pytest.raises(Exception) as excinfo:
+        fastpeft.save_adapter(model, tmp_path / case.target, **case.kwargs)
+    monkeypatch.undo()
+    _assert_message(excinfo, case.exc, case.words)
+    assert _tree(tmp_path) == before  # no half-written folder, no temporary left behind
+    _assert_unchanged(model, state)
+
