@@ -2,7 +2,8 @@
 
 The public API (see API.md): ``lora_linear``, ``lora_linear_multi``, ``FastLoRALinear``, ``LoraConfig``,
 ``inject``, ``set_adapter``, ``delete_adapter``, ``mixed_batch``, ``trainable_parameters``,
-``save_adapter``, ``load_adapter``, ``merge_and_unload``, ``use_backend``.
+``save_adapter``, ``load_adapter``, ``merge_and_unload``, ``use_backend``; ``set_deterministic`` /
+``deterministic()`` for bitwise reproducible runs.
 """
 from .functional import (BACKENDS, current_backend, lora_linear, lora_linear_multi, lora_sparse_linear,
                          sparse_delta_linear, use_backend)
@@ -10,6 +11,7 @@ from .inject import (LoraConfig, ModulesToSaveWrapper, SparseDeltaConfig, active
                      format_trainable_parameters, inject, lora_layers, merge_and_unload, mixed_batch,
                      print_trainable_parameters, select_by_gradients, set_adapter, sparse_layers, trainable_parameters)
 from .io import load_adapter, read_adapter_config, save_adapter
+from .kernels import deterministic, is_deterministic, set_deterministic
 from .layers import FastLoRALinear, SparseDeltaLinear
 from .methods import (AdapterConfig, BitFitConfig, BottleneckAdapter, LayerwiseConfig, PromptTuningConfig,
                       layerwise_param_groups)
@@ -27,5 +29,6 @@ __all__ = [
     "use_backend", "SparseDeltaConfig", "SparseDeltaLinear", "dense_delta_ref", "lora_sparse_linear",
     "lora_sparse_linear_ref", "select_by_gradients", "select_indices", "sparse_delta_linear",
     "sparse_delta_linear_ref", "sparse_layers", "AdapterConfig", "BitFitConfig", "BottleneckAdapter",
-    "LayerwiseConfig", "PromptTuningConfig", "layerwise_param_groups",
+    "LayerwiseConfig", "PromptTuningConfig", "layerwise_param_groups", "deterministic", "is_deterministic",
+    "set_deterministic",
 ]

@@ -14,11 +14,13 @@ from __future__ import annotations
 import contextlib
 import contextvars
 import os
+import threading
 
 import torch
 
 from . import kernels
-from ._checks import check_lora_linear_args, check_lora_multi_args, check_sparse_delta, expand_adapter_ids
+from ._checks import (autocast_on, check_lora_linear_args, check_lora_multi_args, check_same_device_dtype,
+                      check_sparse_delta, check_tensor, expand_adapter_ids)
 from .reference import (dropout_threshold, lora_linear_multi_ref, lora_linear_ref, lora_sparse_linear_ref,
                         sparse_delta_linear_ref)
 
@@ -26,6 +28,9 @@ BACKENDS = ("auto", "triton", "reference")
 _KERNEL_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 _ENV = "FASTPEFT_BACKEND"
 _backend_var: contextvars.ContextVar[str | None] = contextvars.ContextVar("fastpeft_backend", default=None)
+# The innermost use_backend block as compiled code sees it: dynamo cannot read a ContextVar, but it reads a
+# thread-local attribute and guards on it (a compiled function is traced again when the block changes).
+_compiled_view = threading.local()
 
 
 def _check_backend_name(name, source: str) -> str:
@@ -38,20 +43,33 @@ def _check_backend_name(name, source: str) -> str:
 def use_backend(name: str):
     """Run the ops inside the block on backend ``name`` (``"auto"``, ``"triton"`` or ``"reference"``).
 
-    Blocks nest; a call's own ``backend=`` argument still wins. Thread- and task-local (contextvars).
+    Blocks nest; a call's own ``backend=`` argument still wins. Thread- and task-local (contextvars);
+    torch.compile sees the innermost block of the thread (and traces again when it changes), and a block
+    may also sit inside a compiled function.
     """
-    token = _backend_var.set(_check_backend_name(name, "use_backend's name"))
+    name = _check_backend_name(name, "use_backend's name")
+    if torch.compiler.is_compiling():  # no ContextVar in a traced function: only the view compiled code reads
+        prev = getattr(_compiled_view, "name", None)
+        _compiled_view.name = name
+        try:
+            yield
+        finally:
+            _compiled_view.name = prev
+        return
+    token = _backend_var.set(name)
+    _compiled_view.name = name
     try:
         yield
     finally:
         _backend_var.reset(token)
+        _compiled_view.name = _backend_var.get()
 
 
 def current_backend(backend: str | None = None) -> str:
     """The backend name a call with ``backend=backend`` asks for, before ``"auto"`` is resolved."""
     if backend is not None:
         return _check_backend_name(backend, "backend")
-    ctx = _backend_var.get()
+    ctx = getattr(_compiled_view, "name", None) if torch.compiler.is_compiling() else _backend_var.get()
     if ctx is not None:
         return ctx
     env = os.environ.get(_ENV)
@@ -95,10 +113,26 @@ def resolve_backend(op: str, backend: str | None, *tensors: torch.Tensor) -> str
     return "triton" if reason is None and on_cuda and op in kernels.AUTO_OPS else "reference"
 
 
-def draw_seed() -> int:
+def draw_seed(device=None):
     """A dropout seed drawn from torch's default CPU generator, so ``torch.manual_seed`` makes runs
-    repeatable and ``torch.utils.checkpoint`` (which restores that generator) redraws the same one."""
-    return int(torch.randint(0, 2**62, (1,), dtype=torch.int64).item())
+    repeatable and ``torch.utils.checkpoint`` (which restores that generator) redraws the same one.
+
+    Eager: a Python int. While torch.compile traces: the same draw as a one-element int64 tensor on
+    ``device`` (``.item()`` would break the graph), which the reference ops and the kernels read as the
+    seed without a host sync. The compiled graph draws it from the default CPU generator on every call
+    (inductor's RNG is seeded from that generator too), so seeding and checkpointing behave as in eager.
+    """
+    seed = torch.randint(0, 2**62, (1,), dtype=torch.int64)
+    if torch.compiler.is_compiling():
+        return seed.to(device) if device is not None else seed
+    return int(seed.item())
+
+
+def _seed_arg(seed):
+    """The seed as the Functions and kernels take it: 0 for None, a drawn tensor as it is, else an int."""
+    if seed is None:
+        return 0
+    return seed if isinstance(seed, torch.Tensor) else int(seed)
 
 
 class LoRALinearFunction(torch.autograd.Function):
@@ -215,7 +249,7 @@ def _lora_linear_triton(x, weight, bias, lora_A, lora_B, scaling, dropout_p, see
     x2 = x.reshape(-1, x.shape[-1])
     with torch.autocast(x.device.type, enabled=False):
         y = LoRALinearFunction.apply(x2, weight, bias, lora_A, lora_B, float(scaling), float(dropout_p),
-                                     int(seed) if seed is not None else 0)
+                                     _seed_arg(seed))
     return y.view(*lead, weight.shape[0])
 
 
@@ -235,7 +269,7 @@ def lora_linear(x, weight, bias, lora_A, lora_B, scaling, dropout_p=0.0, trainin
         raise ValueError(f"seed must be None or an int in [0, 2**63), got {seed!r}")
     p = float(dropout_p) if training else 0.0
     if p > 0.0 and seed is None:
-        seed = draw_seed()
+        seed = draw_seed(x.device)
     if resolve_backend("lora_linear", backend, x, weight, lora_A, lora_B) == "triton":
         return _lora_linear_triton(x, weight, bias, lora_A, lora_B, scaling, p, seed)
     return lora_linear_ref(x, weight, bias, lora_A, lora_B, float(scaling), p, training, seed)
@@ -256,9 +290,11 @@ def lora_linear_multi(x, weight, bias, lora_A_stack, lora_B_stack, scalings, ada
     ids = expand_adapter_ids(adapter_ids, x, n, check_range=check_ids)
     if not isinstance(scalings, torch.Tensor):
         raise TypeError(f"scalings must be a tensor of shape ({n},), got {type(scalings).__name__}")
-    use_dropout = training and dropout_p is not None and n > 0 and bool((dropout_p > 0).any())
+    # Whether any rate is > 0 is a host sync, skipped while compiling: rates of 0 keep every element.
+    use_dropout = training and dropout_p is not None and n > 0 and (
+        torch.compiler.is_compiling() or bool((dropout_p > 0).any()))
     if use_dropout and seed is None:
-        seed = draw_seed()
+        seed = draw_seed(x.device)
     name = resolve_backend("lora_linear_multi", backend, x, weight, lora_A_stack, lora_B_stack)
     if name == "triton":
         from .multi import lora_linear_multi_triton
@@ -281,11 +317,12 @@ def sparse_delta_linear(x, weight, bias, delta_indices, delta_values, block_size
     indices' range / order checks (a host sync) for indices known to be valid; ``plan`` is the cached
     tile bucketing of the indices (``fastpeft.sparse.SparsePlan``), built when None.
     """
+    check_tensor(weight, "weight", ndim=2)
     check_lora_linear_args(x, weight, bias, weight.new_empty(0, weight.shape[1]), weight.new_empty(weight.shape[0], 0),
                            1.0, 0.0)
     check_sparse_delta(delta_indices, delta_values, weight.shape[0], weight.shape[1], block_size, check_order=check)
-    if delta_values.device != x.device:
-        raise ValueError(f"delta_values must be on x's device {x.device}, got {delta_values.device}")
+    # Under autocast the values may be of another dtype than x, as the weight may (see check_lora_linear_args).
+    check_same_device_dtype("x", x, not autocast_on(x), delta_values=delta_values)
     if resolve_backend("sparse_delta_linear", backend, x, weight, delta_values) == "triton":
         from .sparse import sparse_delta_linear_triton
 
@@ -302,11 +339,11 @@ def lora_sparse_linear(x, weight, bias, lora_A, lora_B, scaling, delta_indices, 
     """
     check_lora_linear_args(x, weight, bias, lora_A, lora_B, scaling, dropout_p)
     check_sparse_delta(delta_indices, delta_values, weight.shape[0], weight.shape[1], block_size, check_order=check)
-    if delta_values.device != x.device:
-        raise ValueError(f"delta_values must be on x's device {x.device}, got {delta_values.device}")
+    # Under autocast the values may be of another dtype than x, as the weight may (see check_lora_linear_args).
+    check_same_device_dtype("x", x, not autocast_on(x), delta_values=delta_values)
     p = float(dropout_p) if training else 0.0
     if p > 0.0 and seed is None:
-        seed = draw_seed()
+        seed = draw_seed(x.device)
     if resolve_backend("lora_sparse_linear", backend, x, weight, lora_A, lora_B, delta_values) == "triton":
         from .sparse import lora_sparse_linear_triton
 

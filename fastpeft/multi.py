@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import torch
 
-from .functional import base_grads
+from .functional import _seed_arg, base_grads
 from .kernels import multi_lora as MK
 
 
@@ -103,8 +103,9 @@ def lora_linear_multi_triton(x, weight, bias, lora_A_stack, lora_B_stack, scalin
     """Triton path of ``lora_linear_multi``: x (..., in) any strides -> (..., out).
 
     ids: int64 of shape x.shape[:-1], already range-checked; ranks (n,) or None (all r_max); dropout_p
-    (n,) or None (not training, or all rates zero); seed: int (used only with dropout_p). Under autocast
-    the inputs are cast to the autocast dtype first, as nn.Linear's would be.
+    (n,) or None (not training, or all rates zero); seed: int, or the one-element tensor drawn inside a
+    compiled region (used only with dropout_p). Under autocast the inputs are cast to the autocast dtype
+    first, as nn.Linear's would be.
     """
     from .functional import autocast_inputs
 
@@ -114,5 +115,5 @@ def lora_linear_multi_triton(x, weight, bias, lora_A_stack, lora_B_stack, scalin
     ids2 = ids.reshape(-1).to(torch.int64)
     with torch.autocast(x.device.type, enabled=False):
         y = LoRAMultiFunction.apply(x2, weight, bias, lora_A_stack, lora_B_stack, scalings, ids2, ranks, dropout_p,
-                                    int(seed) if seed is not None and dropout_p is not None else 0)
+                                    _seed_arg(seed) if dropout_p is not None else 0)
     return y.view(*lead, weight.shape[0])

@@ -24,15 +24,20 @@ _PHILOX_ROUND_B = 0xCD9E8D57
 _PHILOX_ROUNDS = 10
 
 
-def philox4x(seed: int, counters: torch.Tensor) -> tuple:
+def philox4x(seed, counters: torch.Tensor) -> tuple:
     """The four 32-bit words of Philox4x32-10 at counter ``(c_lo, c_hi, 0, 0)``, key ``seed``.
 
+    seed: an int in [0, 2**63), or a one-element int64 tensor holding one (the seed drawn inside a
+    torch.compile region, see ``fastpeft.functional.draw_seed``: the same bits, no host sync).
     counters: int64 tensor of any shape, values >= 0. Returns four int64 tensors of its shape with values
     in [0, 2**32), equal to ``triton.language.randint4x(seed, counters)`` read as unsigned.
     """
-    if not 0 <= int(seed) < 2**63:
+    if isinstance(seed, torch.Tensor):
+        seed = seed.reshape(()).to(device=counters.device, dtype=torch.int64)
+    elif not 0 <= int(seed) < 2**63:
         raise ValueError(f"seed must be in [0, 2**63), got {seed}")
-    seed = int(seed)
+    else:
+        seed = int(seed)
     counters = counters.to(torch.int64)
     c0 = counters & _MASK32
     c1 = counters >> 32
@@ -133,30 +138,45 @@ def lora_linear_multi_ref(
     x: (..., in); adapter_ids: int tensor of shape x.shape[:-1], values in [-1, n) (-1 = base only);
     lora_A_stack: (n, r_max, in); lora_B_stack: (n, out, r_max); scalings: (n,); ranks: (n,) or None
     (adapter i uses its first ranks[i] rows of A and columns of B); dropout_p: (n,) rates or None.
-    Returns (..., out). A loop over adapters, differentiable through torch autograd. Dropout masks are
-    those of ``lora_dropout_ref`` for the whole x (position (m, k) of x as (M, K)), at each row's own rate.
+    Returns (..., out). A loop over adapters, differentiable through torch autograd, with no host sync
+    (no ``.tolist()``, no data-dependent shapes): each adapter's update is computed for every row and kept
+    where the row is its own, and ranks mask columns instead of slicing them, so that the op traces whole
+    under ``torch.compile(fullgraph=True)``. Dropout masks are those of ``lora_dropout_ref`` for the whole
+    x (position (m, k) of x as (M, K)), at each row's own rate.
     """
     k = x.shape[-1]
     x2 = x.reshape(-1, k)
     ids = adapter_ids.reshape(-1)
     y = F.linear(x2, weight, bias)
     n, r_max = lora_A_stack.shape[0], lora_A_stack.shape[1]
-    rank_list = ranks.tolist() if ranks is not None else [r_max] * n
-    p_list = dropout_p.tolist() if dropout_p is not None else [0.0] * n
-    scale_list = scalings.tolist()
+    if training and dropout_p is not None and n:
+        if seed is not None:
+            x2 = _row_dropout_ref(x2, dropout_p[ids.clamp(min=0)], seed)
+        elif bool((dropout_p > 0).any()):
+            raise ValueError("seed is required when training with dropout > 0, got None")
+    cols = torch.arange(r_max, device=x.device)
     for i in range(n):
-        rows = (ids == i).nonzero().squeeze(1)
-        if rows.numel() == 0:
-            continue
-        xi = x2
-        if training and p_list[i] > 0.0:
-            if seed is None:
-                raise ValueError("seed is required when training with dropout > 0, got None")
-            xi = lora_dropout_ref(x2, p_list[i], seed)
-        r = int(rank_list[i])
-        u = F.linear(xi.index_select(0, rows), lora_A_stack[i, :r])
-        y = y.index_add(0, rows, scale_list[i] * F.linear(u, lora_B_stack[i, :, :r]))
+        u = F.linear(x2, lora_A_stack[i])
+        b = lora_B_stack[i]
+        if ranks is not None:
+            # Columns past the rank are zeroed in u and in B (not multiplied by 0: 0 * inf is nan).
+            in_rank = cols < ranks[i]
+            u = torch.where(in_rank, u, 0.0)
+            b = torch.where(in_rank, b, 0.0)
+        y = torch.where((ids == i)[:, None], y + scalings[i] * F.linear(u, b), y)
     return y.view(*x.shape[:-1], weight.shape[0])
+
+
+def _row_dropout_ref(x2: torch.Tensor, p_rows: torch.Tensor, seed) -> torch.Tensor:
+    """``drop(x)`` of x2 (M, K) with row m at rate ``p_rows[m]`` (a tensor: no host sync): the mask of
+    ``dropout_mask`` (threshold ``round(p * 2**32)``, computed in float64 where p * 2**32 is exact) and
+    kept values scaled by 1/(1-p), rounded once to x's dtype as ``lora_dropout_ref`` does."""
+    m, k = x2.shape
+    p = p_rows.to(device=x2.device, dtype=torch.float64)
+    thr = torch.round(p * 2.0**32).clamp(max=2.0**32).to(torch.int64)
+    keep = philox_stream(seed, m * k, x2.device).view(m, k) >= thr[:, None]
+    scale = (1.0 / (1.0 - p)).to(torch.float64 if x2.dtype == torch.float64 else torch.float32)
+    return (x2 * keep.to(x2.dtype) * scale[:, None]).to(x2.dtype)
 
 
 def dense_delta_ref(delta_indices: torch.Tensor, delta_values: torch.Tensor, out_features: int, in_features: int,

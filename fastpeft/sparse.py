@@ -14,7 +14,7 @@ from __future__ import annotations
 
 import torch
 
-from .functional import _bucket, base_grads, lora_factor_grads, lora_gemm
+from .functional import _bucket, _seed_arg, base_grads, lora_factor_grads, lora_gemm
 from .kernels import lora as K
 from .kernels import sparse_delta as SD
 
@@ -338,6 +338,6 @@ def lora_sparse_linear_triton(x, weight, bias, lora_A, lora_B, scaling, delta_in
     x2 = x.reshape(-1, x.shape[-1])
     with torch.autocast(x.device.type, enabled=False):
         y = LoRASparseLinearFunction.apply(x2, weight, bias, lora_A, lora_B, delta_values, indices, *plan.tensors(),
-                                           float(scaling), float(dropout_p), int(seed) if seed is not None else 0,
+                                           float(scaling), float(dropout_p), _seed_arg(seed),
                                            int(block_size), plan.tile)
     return y.view(*lead, weight.shape[0])

@@ -5,7 +5,10 @@ wheel, a broken install), ``HAS_TRITON`` is False and ``TRITON_IMPORT_ERROR`` sa
 fastpeft runs on its pure-PyTorch reference path and asking for the triton backend fails with that
 reason instead of an ImportError deep inside a kernel.
 """
+import contextlib
 import os
+
+import torch
 
 try:
     import triton  # noqa: F401
@@ -31,4 +34,59 @@ OPS: frozenset = (frozenset({"lora_linear", "lora_linear_multi", "sparse_delta_l
 # others run there only when asked for with backend="triton", until a device check has passed.
 AUTO_OPS: frozenset = frozenset({"lora_linear", "lora_linear_multi"}) & OPS
 
-__all__ = ["HAS_TRITON", "TRITON_IMPORT_ERROR", "TRITON_VERSION", "INTERPRET", "OPS", "AUTO_OPS"]
+# ----------------------------------------------------------------------------------------------------
+# deterministic mode
+# ----------------------------------------------------------------------------------------------------
+
+_ENV_DETERMINISTIC = "FASTPEFT_DETERMINISTIC"
+_deterministic = False
+
+
+def is_deterministic() -> bool:
+    """Whether the kernels run in deterministic mode: on after ``set_deterministic(True)``, inside a
+    ``deterministic()`` block, under ``torch.use_deterministic_algorithms(True)``, or with the environment
+    variable ``FASTPEFT_DETERMINISTIC=1`` (read at each call)."""
+    if _deterministic or torch.are_deterministic_algorithms_enabled():
+        return True
+    env = os.environ.get(_ENV_DETERMINISTIC, "0").strip().lower()
+    if env in ("", "0", "false", "off", "no"):
+        return False
+    if env in ("1", "true", "on", "yes"):
+        return True
+    raise ValueError(f"{_ENV_DETERMINISTIC} must be 0 or 1, got {env!r}")
+
+
+def set_deterministic(enabled: bool) -> None:
+    """Make every fastpeft kernel path bitwise reproducible from run to run (``True``), or not (``False``).
+
+    No kernel uses atomics: every split reduction writes partial sums that are added in a fixed order,
+    and split counts depend only on the shapes and the GPU. What can differ between runs are the choices
+    made by timing, so deterministic mode pins them: the fused-vs-cuBLAS GEMM choice of the LoRA ops (cuBLAS)
+    and of the block-sparse ops (densify + cuBLAS) is fixed instead of measured, and the autotuned GEMMs
+    (forced with ``FASTPEFT_LORA_GEMM=fused`` / ``FASTPEFT_SPARSE_GEMM=fused``) run one fixed config instead
+    of the fastest one found by this process. Then the same inputs (and dropout seed) give the same output
+    and gradient bits on every run, on the same GPU model with the same torch, triton and CUDA versions.
+    The cost: no timing picks the faster path per shape.
+
+    ``torch.use_deterministic_algorithms(True)`` and ``FASTPEFT_DETERMINISTIC=1`` turn the mode on too;
+    ``set_deterministic(False)`` clears only this switch. Process-wide, like torch's flag.
+    """
+    global _deterministic
+    if not isinstance(enabled, bool):
+        raise TypeError(f"enabled must be a bool, got {type(enabled).__name__}")
+    _deterministic = enabled
+
+
+@contextlib.contextmanager
+def deterministic(enabled: bool = True):
+    """``set_deterministic(enabled)`` for the block, restored after it (see ``set_deterministic``)."""
+    prev = _deterministic
+    set_deterministic(enabled)
+    try:
+        yield
+    finally:
+        set_deterministic(prev)
+
+
+__all__ = ["HAS_TRITON", "TRITON_IMPORT_ERROR", "TRITON_VERSION", "INTERPRET", "OPS", "AUTO_OPS", "is_deterministic",
+           "set_deterministic", "deterministic"]

@@ -16,7 +16,8 @@ adds the rank-R update in place: ``addmm_`` without dropout, ``_lora_lowrank_add
 read and one write of the output, the mask redrawn). The dropout mask of element (m, k) of x (as M x K)
 is kept when ``draw(seed, m * K + k) >= threshold``, where ``draw(seed, e)`` is word ``e % 4`` of the
 Philox4x32-10 block at counter ``e // 4`` (``_keep_mask``), bit-identical to
-``fastpeft.reference.dropout_mask``.
+``fastpeft.reference.dropout_mask``. Every launcher's ``seed`` is an int, or a one-element int64 tensor on
+the device (a seed drawn inside a torch.compile region) that the kernels read from memory.
 
 This module imports only torch and triton.
 """
@@ -31,7 +32,7 @@ import torch
 import triton
 import triton.language as tl
 
-from . import INTERPRET
+from . import INTERPRET, is_deterministic
 
 # ----------------------------------------------------------------------------------------------------
 # kernels
@@ -41,7 +42,11 @@ from . import INTERPRET
 @triton.jit
 def _keep_mask(seed, offsets, threshold):
     """True where the draw for flat index ``offsets`` (int64) keeps its element: word ``offsets % 4`` of
-    the Philox block at ``offsets // 4`` (see fastpeft.reference.dropout_mask)."""
+    the Philox block at ``offsets // 4`` (see fastpeft.reference.dropout_mask). ``seed`` is an int, or a
+    pointer to the one-element int64 tensor of a seed drawn inside a torch.compile region (read here, so
+    that the seed never goes through the host)."""
+    if seed.dtype.is_ptr():
+        seed = tl.load(seed)
     c0, c1, c2, c3 = tl.randint4x(seed, offsets // 4)
     word = offsets % 4
     rnd = tl.where(word == 0, c0, tl.where(word == 1, c1, tl.where(word == 2, c2, c3)))
@@ -246,6 +251,25 @@ def block_setter(table: dict):
 
 set_test_blocks = block_setter(_TEST_BLOCKS)
 
+# Deterministic mode (fastpeft.set_deterministic) launches the autotuned GEMMs with this one config
+# instead: the autotuner's pick can differ between processes, and with its BLOCK_K the order of the sums.
+# Not timed against the tuned configs; sized to fit shared memory on sm_80 and later also for fp32 inputs:
+# compiled for sm_80 (triton 3.9), the LoRA and block-sparse GEMMs take at most 96 KiB (fp32, R_PAD=128),
+# 32 KiB in bf16.
+_PINNED_GEMM = {"BLOCK_M": 64, "BLOCK_N": 128, "BLOCK_K": 32, "GROUP_M": 8, "num_warps": 4, "num_stages": 3}
+
+
+def gemm_launch_config(t: torch.Tensor, test_blocks: dict) -> dict | None:
+    """Launch parameters of a tiled GEMM kernel (blocks, warps, stages) for operands like ``t``, or None
+    to autotune: the explicit ``test_blocks`` under the interpreter and FASTPEFT_AUTOTUNE=0, the one pinned
+    config in deterministic mode."""
+    if _use_explicit_blocks(t):
+        blocks = {k: test_blocks[k] for k in ("BLOCK_M", "BLOCK_N", "BLOCK_K", "GROUP_M")}
+        return dict(blocks, num_warps=4, num_stages=1)
+    if is_deterministic():
+        return dict(_PINNED_GEMM)
+    return None
+
 
 # ----------------------------------------------------------------------------------------------------
 # launchers
@@ -341,10 +365,10 @@ def lora_gemm(a: torch.Tensor, b: torch.Tensor, lu: torch.Tensor, lv: torch.Tens
             lv.stride(0), lv.stride(1), out.stride(0), out.stride(1), scale, seed, threshold)
     meta = dict(HAS_BIAS=bias is not None, HAS_MASK=threshold > 0, R_PAD=r_pad(R),
                 DOT_PRECISION=_dot_precision(a.dtype), UPCAST=_upcast(a.dtype))
-    if _use_explicit_blocks(a):
-        blocks = {k: _TEST_BLOCKS[k] for k in ("BLOCK_M", "BLOCK_N", "BLOCK_K", "GROUP_M")}
-        grid = (triton.cdiv(M, blocks["BLOCK_M"]) * triton.cdiv(N, blocks["BLOCK_N"]),)
-        _wrap(_lora_gemm_kernel)[grid](*args, **meta, **blocks, num_warps=4, num_stages=1)
+    cfg = gemm_launch_config(a, _TEST_BLOCKS)
+    if cfg is not None:
+        grid = (triton.cdiv(M, cfg["BLOCK_M"]) * triton.cdiv(N, cfg["BLOCK_N"]),)
+        _wrap(_lora_gemm_kernel)[grid](*args, **meta, **cfg)
     else:
         def grid(m):
             return (triton.cdiv(M, m["BLOCK_M"]) * triton.cdiv(N, m["BLOCK_N"]),)
@@ -395,62 +419,82 @@ def _op_body():
         _state.in_op = prev
 
 
-def eager_or_op(launcher, op):
+def eager_or_op(launcher, op, seed_arg=None):
     """A callable running ``launcher`` directly in eager mode and the registered ``op`` while
-    torch.compile traces (where the op and its wrapped kernels are visible to the compiler)."""
+    torch.compile traces (where the op and its wrapped kernels are visible to the compiler).
+
+    ``seed_arg``: the position of the op's ``seed: int``. A seed drawn inside a compiled region is a
+    one-element tensor (fastpeft.functional.draw_seed); the op takes it as its ``seed_t`` argument, and the
+    kernels read it from memory. The launchers take either form as ``seed``.
+    """
     if op is None:
         return launcher
 
     @functools.wraps(launcher)
     def call(*args):
         if torch.compiler.is_compiling():
+            if seed_arg is not None and isinstance(args[seed_arg], torch.Tensor):
+                seed_t = args[seed_arg]
+                return op(*args[:seed_arg], 0, *args[seed_arg + 1:], seed_t=seed_t)
             return op(*args)
         return launcher(*args)
     return call
 
 
+def _seed(seed: int, seed_t: torch.Tensor | None):
+    """A registered op's seed as its launcher takes it: the tensor ``seed_t`` when given, else ``seed``."""
+    return seed if seed_t is None else seed_t
+
+
+# Under TRITON_INTERPRET the kernels are Python functions that would run on fake tensors when
+# torch.compile traces a triton_op's body, so there the ops are opaque custom ops (given fakes below) that
+# the compiled graph calls: the CPU tests compile the triton backend too. On GPUs, triton_op.
+_library_op = torch.library.custom_op if INTERPRET else getattr(torch.library, "triton_op", None)
+
+
 if _HAS_TRITON_OP:
-    @torch.library.triton_op("fastpeft::lora_shrink", mutates_args=())
+    @_library_op("fastpeft::lora_shrink", mutates_args=())
     def _lora_shrink_op(a: torch.Tensor, b: torch.Tensor, scale: float, seed: int, threshold: int, mask_sp: int,
-                        mask_sq: int) -> torch.Tensor:
+                        mask_sq: int, seed_t: torch.Tensor | None = None) -> torch.Tensor:
         with _op_body():
-            return lora_shrink(a, b, scale, seed, threshold, mask_sp, mask_sq)
+            return lora_shrink(a, b, scale, _seed(seed, seed_t), threshold, mask_sp, mask_sq)
 
-    @torch.library.triton_op("fastpeft::lora_gemm", mutates_args=())
+    @_library_op("fastpeft::lora_gemm", mutates_args=())
     def _lora_gemm_op(a: torch.Tensor, b: torch.Tensor, lu: torch.Tensor, lv: torch.Tensor,
-                      bias: torch.Tensor | None, scale: float, seed: int, threshold: int) -> torch.Tensor:
+                      bias: torch.Tensor | None, scale: float, seed: int, threshold: int,
+                      seed_t: torch.Tensor | None = None) -> torch.Tensor:
         with _op_body():
-            return lora_gemm(a, b, lu, lv, bias, scale, seed, threshold)
+            return lora_gemm(a, b, lu, lv, bias, scale, _seed(seed, seed_t), threshold)
 
-    @torch.library.triton_op("fastpeft::lora_lowrank_add_", mutates_args=("out",))
+    @_library_op("fastpeft::lora_lowrank_add_", mutates_args=("out",))
     def _lora_lowrank_add_op(out: torch.Tensor, lu: torch.Tensor, lv: torch.Tensor, scale: float, seed: int,
-                             threshold: int) -> None:
+                             threshold: int, seed_t: torch.Tensor | None = None) -> None:
         with _op_body():
-            lora_lowrank_add_(out, lu, lv, scale, seed, threshold)
+            lora_lowrank_add_(out, lu, lv, scale, _seed(seed, seed_t), threshold)
 
     # On GPUs triton_op derives the fake (meta) implementations by tracing the launchers, whose kernel
     # launches become no-ops on fake tensors. Under TRITON_INTERPRET the kernels are plain Python
     # functions that would run on them, so there the fakes are given explicitly (shapes only).
     if INTERPRET:
         @_lora_shrink_op.register_fake
-        def _(a, b, scale, seed, threshold, mask_sp, mask_sq):
+        def _(a, b, scale, seed, threshold, mask_sp, mask_sq, seed_t=None):
             return a.new_empty((a.shape[0], b.shape[1]), dtype=torch.float32)
 
         @_lora_gemm_op.register_fake
-        def _(a, b, lu, lv, bias, scale, seed, threshold):
+        def _(a, b, lu, lv, bias, scale, seed, threshold, seed_t=None):
             return a.new_empty((a.shape[0], b.shape[1]))
 
         @_lora_lowrank_add_op.register_fake
-        def _(out, lu, lv, scale, seed, threshold):
+        def _(out, lu, lv, scale, seed, threshold, seed_t=None):
             return None
 
-    def _lowrank_add_registered(out, lu, lv, scale, seed, threshold):
-        torch.ops.fastpeft.lora_lowrank_add_(out, lu, lv, scale, seed, threshold)
+    def _lowrank_add_registered(out, lu, lv, scale, seed, threshold, seed_t=None):
+        torch.ops.fastpeft.lora_lowrank_add_(out, lu, lv, scale, seed, threshold, seed_t=seed_t)
         return out
 
-    shrink_op = eager_or_op(lora_shrink, torch.ops.fastpeft.lora_shrink)
-    gemm_op = eager_or_op(lora_gemm, torch.ops.fastpeft.lora_gemm)
-    lowrank_add_op = eager_or_op(lora_lowrank_add_, _lowrank_add_registered)
+    shrink_op = eager_or_op(lora_shrink, torch.ops.fastpeft.lora_shrink, seed_arg=3)
+    gemm_op = eager_or_op(lora_gemm, torch.ops.fastpeft.lora_gemm, seed_arg=6)
+    lowrank_add_op = eager_or_op(lora_lowrank_add_, _lowrank_add_registered, seed_arg=4)
 else:  # torch < 2.6: plain launchers (eager only)
     shrink_op, gemm_op, lowrank_add_op = lora_shrink, lora_gemm, lora_lowrank_add_
 
@@ -477,14 +521,15 @@ def gemm_mode() -> str:
 
 def choose_gemm(key: tuple, run_fused, run_cublas, device: torch.device) -> str:
     """``"fused"`` or ``"cublas"`` for this shape key. With ``FASTPEFT_LORA_GEMM=auto`` on CUDA both are
-    timed once (``triton.testing.do_bench`` median) and the faster is cached, except under
-    ``torch.use_deterministic_algorithms(True)``, which pins cuBLAS; the interpreter runs fused."""
+    timed once (``triton.testing.do_bench`` median) and the faster is cached, except in deterministic mode
+    (``fastpeft.set_deterministic``, ``torch.use_deterministic_algorithms(True)``), which pins cuBLAS; the
+    interpreter runs fused."""
     mode = gemm_mode()
     if mode != "auto":
         return mode
     if device.type != "cuda" or INTERPRET:
         return "fused"
-    if torch.are_deterministic_algorithms_enabled():
+    if is_deterministic():
         # Deterministic mode: a timing-dependent choice could differ between runs, so it is fixed.
         return "cublas"
     if key in _choice_cache:

@@ -33,8 +33,8 @@ import torch
 import triton
 import triton.language as tl
 
-from .lora import (INTERPRET, _HAS_TRITON_OP, _cast, _dot_precision, _keep_mask, _mma, _sm_count, _upcast,
-                   _op_body, _use_explicit_blocks, _wrap, block_setter, eager_or_op, r_pad)
+from .lora import (INTERPRET, _HAS_TRITON_OP, _cast, _dot_precision, _keep_mask, _library_op, _mma, _seed,
+                   _sm_count, _upcast, _op_body, _use_explicit_blocks, _wrap, block_setter, eager_or_op, r_pad)
 
 # ----------------------------------------------------------------------------------------------------
 # grouping: rows sorted by adapter, cut into blocks, all on the device
@@ -386,56 +386,62 @@ def multi_lora_segment_grad(src: torch.Tensor, g: torch.Tensor, order: torch.Ten
 # ----------------------------------------------------------------------------------------------------
 
 if _HAS_TRITON_OP:
-    @torch.library.triton_op("fastpeft::multi_lora_shrink", mutates_args=())
+    # seed_t: a seed drawn inside a compiled region, as a tensor (see lora.eager_or_op).
+    @_library_op("fastpeft::multi_lora_shrink", mutates_args=())
     def _multi_lora_shrink_op(src: torch.Tensor, w: torch.Tensor, order: torch.Tensor, blocks: torch.Tensor,
                               ranks: torch.Tensor, scales: torch.Tensor, thresholds: torch.Tensor, block_m: int,
-                              seed: int, has_mask: bool, mask_sm: int, mask_sq: int) -> torch.Tensor:
+                              seed: int, has_mask: bool, mask_sm: int, mask_sq: int,
+                              seed_t: torch.Tensor | None = None) -> torch.Tensor:
         with _op_body():
-            return multi_lora_shrink(src, w, order, blocks, ranks, scales, thresholds, block_m, seed, has_mask,
-                                     mask_sm, mask_sq)
+            return multi_lora_shrink(src, w, order, blocks, ranks, scales, thresholds, block_m, _seed(seed, seed_t),
+                                     has_mask, mask_sm, mask_sq)
 
-    @torch.library.triton_op("fastpeft::multi_lora_expand_", mutates_args=("out",))
+    @_library_op("fastpeft::multi_lora_expand_", mutates_args=("out",))
     def _multi_lora_expand_op(out: torch.Tensor, u: torch.Tensor, w: torch.Tensor, order: torch.Tensor,
                               blocks: torch.Tensor, ranks: torch.Tensor, scales: torch.Tensor,
                               thresholds: torch.Tensor, block_m: int, seed: int, has_mask: bool, mask_sm: int,
-                              mask_sn: int) -> None:
+                              mask_sn: int, seed_t: torch.Tensor | None = None) -> None:
         with _op_body():
-            multi_lora_expand_(out, u, w, order, blocks, ranks, scales, thresholds, block_m, seed, has_mask,
-                               mask_sm, mask_sn)
+            multi_lora_expand_(out, u, w, order, blocks, ranks, scales, thresholds, block_m, _seed(seed, seed_t),
+                               has_mask, mask_sm, mask_sn)
 
-    @torch.library.triton_op("fastpeft::multi_lora_segment_grad", mutates_args=())
+    @_library_op("fastpeft::multi_lora_segment_grad", mutates_args=())
     def _multi_lora_segment_grad_op(src: torch.Tensor, g: torch.Tensor, order: torch.Tensor, bounds: torch.Tensor,
                                     ranks: torch.Tensor, scales: torch.Tensor, thresholds: torch.Tensor, seed: int,
-                                    has_mask: bool, mask_sm: int, mask_sp: int, r_major: bool) -> torch.Tensor:
+                                    has_mask: bool, mask_sm: int, mask_sp: int, r_major: bool,
+                                    seed_t: torch.Tensor | None = None) -> torch.Tensor:
         with _op_body():
-            return multi_lora_segment_grad(src, g, order, bounds, ranks, scales, thresholds, seed, has_mask,
-                                           mask_sm, mask_sp, r_major)
+            return multi_lora_segment_grad(src, g, order, bounds, ranks, scales, thresholds, _seed(seed, seed_t),
+                                           has_mask, mask_sm, mask_sp, r_major)
 
     # As in lora.py: under TRITON_INTERPRET the kernels would run on fake tensors, so the fakes are
     # given explicitly (shapes only); on GPUs triton_op derives them by tracing the launchers.
     if INTERPRET:
         @_multi_lora_shrink_op.register_fake
-        def _(src, w, order, blocks, ranks, scales, thresholds, block_m, seed, has_mask, mask_sm, mask_sq):
+        def _(src, w, order, blocks, ranks, scales, thresholds, block_m, seed, has_mask, mask_sm, mask_sq,
+              seed_t=None):
             return src.new_empty((src.shape[0], w.shape[2]), dtype=torch.float32)
 
         @_multi_lora_expand_op.register_fake
-        def _(out, u, w, order, blocks, ranks, scales, thresholds, block_m, seed, has_mask, mask_sm, mask_sn):
+        def _(out, u, w, order, blocks, ranks, scales, thresholds, block_m, seed, has_mask, mask_sm, mask_sn,
+              seed_t=None):
             return None
 
         @_multi_lora_segment_grad_op.register_fake
-        def _(src, g, order, bounds, ranks, scales, thresholds, seed, has_mask, mask_sm, mask_sp, r_major):
+        def _(src, g, order, bounds, ranks, scales, thresholds, seed, has_mask, mask_sm, mask_sp, r_major,
+              seed_t=None):
             n, p, r = bounds.shape[0] - 1, src.shape[1], g.shape[1]
             return src.new_empty((n, r, p) if r_major else (n, p, r))
 
     def _expand_registered(out, u, w, order, blocks, ranks, scales, thresholds, block_m, seed, has_mask, mask_sm,
-                           mask_sn):
+                           mask_sn, seed_t=None):
         torch.ops.fastpeft.multi_lora_expand_(out, u, w, order, blocks, ranks, scales, thresholds, block_m, seed,
-                                              has_mask, mask_sm, mask_sn)
+                                              has_mask, mask_sm, mask_sn, seed_t=seed_t)
         return out
 
     # Eager calls launch directly (see lora.eager_or_op); torch.compile traces the registered ops.
-    shrink_op = eager_or_op(multi_lora_shrink, torch.ops.fastpeft.multi_lora_shrink)
-    segment_grad_op = eager_or_op(multi_lora_segment_grad, torch.ops.fastpeft.multi_lora_segment_grad)
-    expand_op = eager_or_op(multi_lora_expand_, _expand_registered)
+    shrink_op = eager_or_op(multi_lora_shrink, torch.ops.fastpeft.multi_lora_shrink, seed_arg=8)
+    segment_grad_op = eager_or_op(multi_lora_segment_grad, torch.ops.fastpeft.multi_lora_segment_grad, seed_arg=7)
+    expand_op = eager_or_op(multi_lora_expand_, _expand_registered, seed_arg=9)
 else:  # torch < 2.6: plain launchers (eager only)
     shrink_op, expand_op, segment_grad_op = multi_lora_shrink, multi_lora_expand_, multi_lora_segment_grad

@@ -43,9 +43,9 @@ import torch
 import triton
 import triton.language as tl
 
-from .lora import (_GEMM_CONFIGS, _HAS_TRITON_OP, INTERPRET, _cast, _dot_precision, _grouped_tile, _lowrank_tile,
-                   _mma, _op_body, _sm_count, _upcast, _use_explicit_blocks, _wrap, block_setter, eager_or_op,
-                   env_choice, r_pad)
+from .lora import (_GEMM_CONFIGS, _HAS_TRITON_OP, INTERPRET, _cast, _dot_precision, _grouped_tile, _library_op,
+                   _lowrank_tile, _mma, _op_body, _seed, _sm_count, _upcast, _use_explicit_blocks, _wrap, block_setter,
+                   eager_or_op, env_choice, gemm_launch_config, is_deterministic, r_pad)
 
 # ----------------------------------------------------------------------------------------------------
 # kernels
@@ -456,11 +456,11 @@ def sparse_block_gemm(a: torch.Tensor, weight: torch.Tensor, block_map: torch.Te
             scale, seed, threshold)
     meta = dict(HAS_BIAS=bias is not None, HAS_LOWRANK=has_low, HAS_MASK=has_low and threshold > 0, DB=block_size,
                 R_PAD=r_pad(max(R, 1)), DOT_PRECISION=_dot_precision(a.dtype), UPCAST=_upcast(a.dtype))
-    if _use_explicit_blocks(a):
-        blocks = {k: _TEST_BLOCKS[k] for k in ("BLOCK_M", "BLOCK_N", "BLOCK_K", "GROUP_M")}
-        blocks["BLOCK_K"] = min(blocks["BLOCK_K"], block_size)
-        grid = (triton.cdiv(M, blocks["BLOCK_M"]) * triton.cdiv(N, blocks["BLOCK_N"]),)
-        _wrap(_sparse_gemm_kernel)[grid](*args, **meta, **blocks, num_warps=4, num_stages=1)
+    cfg = gemm_launch_config(a, _TEST_BLOCKS)
+    if cfg is not None:
+        cfg["BLOCK_K"] = min(cfg["BLOCK_K"], block_size)  # a K step never crosses a block column
+        grid = (triton.cdiv(M, cfg["BLOCK_M"]) * triton.cdiv(N, cfg["BLOCK_N"]),)
+        _wrap(_sparse_gemm_kernel)[grid](*args, **meta, **cfg)
     else:
         def grid(m):
             return (triton.cdiv(M, m["BLOCK_M"]) * triton.cdiv(N, m["BLOCK_N"]),)
@@ -561,35 +561,36 @@ def sparse_gather_dot(dy: torch.Tensor, x: torch.Tensor, indices: torch.Tensor) 
 # ----------------------------------------------------------------------------------------------------
 
 if _HAS_TRITON_OP:
-    @torch.library.triton_op("fastpeft::sparse_densify", mutates_args=())
+    @_library_op("fastpeft::sparse_densify", mutates_args=())
     def _sparse_densify_op(weight: torch.Tensor, indices: torch.Tensor, values: torch.Tensor, block_size: int,
                            dtype: torch.dtype) -> torch.Tensor:
         with _op_body():
             return sparse_densify(weight, indices, values, block_size, dtype)
 
-    @torch.library.triton_op("fastpeft::sparse_block_gemm", mutates_args=())
+    @_library_op("fastpeft::sparse_block_gemm", mutates_args=())
     def _sparse_block_gemm_op(a: torch.Tensor, weight: torch.Tensor, block_map: torch.Tensor, values: torch.Tensor,
                               lu: torch.Tensor | None, lv: torch.Tensor | None, bias: torch.Tensor | None,
                               block_size: int, transpose_w: bool, scale: float, seed: int,
-                              threshold: int) -> torch.Tensor:
+                              threshold: int, seed_t: torch.Tensor | None = None) -> torch.Tensor:
+        # seed_t: a seed drawn inside a compiled region, as a tensor (see lora.eager_or_op).
         with _op_body():
-            return sparse_block_gemm(a, weight, block_map, values, lu, lv, bias, block_size, transpose_w, scale, seed,
-                                     threshold)
+            return sparse_block_gemm(a, weight, block_map, values, lu, lv, bias, block_size, transpose_w, scale,
+                                     _seed(seed, seed_t), threshold)
 
-    @torch.library.triton_op("fastpeft::sparse_sddmm_blocks", mutates_args=())
+    @_library_op("fastpeft::sparse_sddmm_blocks", mutates_args=())
     def _sparse_sddmm_blocks_op(dy: torch.Tensor, x: torch.Tensor, indices: torch.Tensor,
                                 block_size: int) -> torch.Tensor:
         with _op_body():
             return sparse_sddmm_blocks(dy, x, indices, block_size)
 
-    @torch.library.triton_op("fastpeft::sparse_sddmm_tiles", mutates_args=())
+    @_library_op("fastpeft::sparse_sddmm_tiles", mutates_args=())
     def _sparse_sddmm_tiles_op(dy: torch.Tensor, x: torch.Tensor, tile_list: torch.Tensor, tile_count: torch.Tensor,
                                starts: torch.Tensor, order: torch.Tensor, loc: torch.Tensor,
                                tile: int) -> torch.Tensor:
         with _op_body():
             return sparse_sddmm_tiles(dy, x, tile_list, tile_count, starts, order, loc, tile)
 
-    @torch.library.triton_op("fastpeft::sparse_gather_dot", mutates_args=())
+    @_library_op("fastpeft::sparse_gather_dot", mutates_args=())
     def _sparse_gather_dot_op(dy: torch.Tensor, x: torch.Tensor, indices: torch.Tensor) -> torch.Tensor:
         with _op_body():
             return sparse_gather_dot(dy, x, indices)
@@ -602,7 +603,7 @@ if _HAS_TRITON_OP:
             return weight.new_empty(weight.shape, dtype=dtype)
 
         @_sparse_block_gemm_op.register_fake
-        def _(a, weight, block_map, values, lu, lv, bias, block_size, transpose_w, scale, seed, threshold):
+        def _(a, weight, block_map, values, lu, lv, bias, block_size, transpose_w, scale, seed, threshold, seed_t=None):
             return a.new_empty((a.shape[0], weight.shape[0] if transpose_w else weight.shape[1]))
 
         @_sparse_sddmm_blocks_op.register_fake
@@ -619,7 +620,7 @@ if _HAS_TRITON_OP:
 
     # Eager calls launch directly (see lora.eager_or_op); torch.compile traces the registered ops.
     densify_op = eager_or_op(sparse_densify, torch.ops.fastpeft.sparse_densify)
-    block_gemm_op = eager_or_op(sparse_block_gemm, torch.ops.fastpeft.sparse_block_gemm)
+    block_gemm_op = eager_or_op(sparse_block_gemm, torch.ops.fastpeft.sparse_block_gemm, seed_arg=10)
     sddmm_blocks_op = eager_or_op(sparse_sddmm_blocks, torch.ops.fastpeft.sparse_sddmm_blocks)
     sddmm_tiles_op = eager_or_op(sparse_sddmm_tiles, torch.ops.fastpeft.sparse_sddmm_tiles)
     gather_dot_op = eager_or_op(sparse_gather_dot, torch.ops.fastpeft.sparse_gather_dot)
@@ -647,8 +648,9 @@ def choose_sparse_gemm(key: tuple, block_size: int, run_fused, run_dense, device
     power of two), whatever FASTPEFT_SPARSE_GEMM says. Otherwise FASTPEFT_SPARSE_GEMM=fused|dense
     forces one; with ``auto`` the interpreter runs fused (so that it is tested), and on CUDA both are
     timed once (``do_bench`` median, after a first call that autotunes the fused kernel) and the faster
-    is cached, except under ``torch.use_deterministic_algorithms(True)`` (pinned to dense, so a
-    timing-dependent choice cannot change the bits between runs) and while torch.compile traces (dense).
+    is cached, except in deterministic mode (``fastpeft.set_deterministic``,
+    ``torch.use_deterministic_algorithms(True)``: pinned to dense, so a timing-dependent choice cannot
+    change the bits between runs) and while torch.compile traces (dense).
     """
     mode = gemm_mode()
     if not fused_gemm_ok(block_size):
@@ -657,7 +659,7 @@ def choose_sparse_gemm(key: tuple, block_size: int, run_fused, run_dense, device
         return mode
     if device.type != "cuda" or INTERPRET:
         return "fused"
-    if torch.are_deterministic_algorithms_enabled():
+    if is_deterministic():
         return "dense"
     if key in _choice_cache:
         return _choice_cache[key]
