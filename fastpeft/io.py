@@ -21,7 +21,7 @@ import torch
 import torch.nn as nn
 
 from ._checks import check_sparse_delta
-from .layers import FastLoRALinear
+from .layers import FastLoRALinear, check_adapter_name
 from .methods import CONFIG_BY_TYPE, METHOD_CONFIGS, PromptTuningConfig, inject_method, plan_method
 from .inject import (LoraConfig, ModulesToSaveWrapper, SparseDeltaConfig, active_adapter, adapter_configs, inject,
                      is_bias, lora_layers, plan_lora, saved_module_wrappers, sparse_layers)
@@ -126,6 +126,10 @@ def _load_sparse_adapter(model, config, adapter_name, plan, sparse, weights, dir
         if set(layers) != set(plan.targets) or not isinstance(configs[adapter_name], SparseDeltaConfig):
             raise ValueError(f"adapter config in {os.fspath(directory)!r} targets {sorted(plan.targets)}, but "
                              f"adapter {adapter_name!r} of the model is on {sorted(layers)}")
+        merged = [n for n, layer in layers.items() if layer.merged]
+        if merged:
+            raise RuntimeError(f"adapter {adapter_name!r} is merged into layers {merged[:4]}: unmerge them before "
+                               "loading over it")
         if any(layers[n].block_size != config.block_size for n in layers):
             raise ValueError(f"adapter config in {os.fspath(directory)!r} has block_size {config.block_size}, the "
                              f"model's adapter {adapter_name!r} another")
@@ -244,14 +248,34 @@ def _fsync_dir(path: str) -> None:
         os.close(fd)
 
 
-def save_adapter(model: nn.Module, directory, adapter_name: str = "default") -> None:
+def _sharded(t: torch.Tensor) -> bool:
+    """Whether ``t`` is a DTensor (how FSDP2's ``fully_shard`` holds a parameter: one shard per rank)."""
+    if not (torch.distributed.is_available() and torch.distributed.is_initialized()):
+        return False  # no process group, no DTensor: skip the import
+    try:
+        from torch.distributed.tensor import DTensor
+    except ImportError:  # torch < 2.5
+        from torch.distributed._tensor import DTensor
+
+    return isinstance(t, DTensor)
+
+
+def save_adapter(model: nn.Module, directory, adapter_name: str = "default", is_main_process: bool | None = None
+                 ) -> None:
     """Write adapter ``adapter_name`` of ``model`` to ``directory`` in PEFT's format, atomically.
 
     The files are written to a temporary folder beside ``directory`` and renamed into place; other files
     already in ``directory`` are kept. A failure leaves ``directory`` as it was.
+
+    Distributed: under DDP call it on rank 0 with the DDP wrapper or its ``.module``. Under FSDP2
+    (``fully_shard``) the adapter's parameters are sharded DTensors: every rank must call it, since
+    gathering them is a collective, and only global rank 0 writes. ``is_main_process`` (PEFT's argument)
+    overrides which callers write.
     """
     from safetensors.torch import save_file
 
+    if isinstance(model, (nn.parallel.DistributedDataParallel, nn.DataParallel)):
+        model = model.module
     configs = adapter_configs(model)
     if adapter_name not in configs:
         raise ValueError(f"adapter_name {adapter_name!r} is not an adapter of this model; it has {list(configs)}")
@@ -271,8 +295,15 @@ def save_adapter(model: nn.Module, directory, adapter_name: str = "default") -> 
         keys = _adapter_keys(model, adapter_name, config, layers, _saved_modules(model))
         config_json = _config_json(model, config, layers)
     keys.update(_sparse_keys(layers, adapter_name))
-    tensors = {(k if k == PROMPT_KEY else PREFIX + k): p.detach().to("cpu").contiguous().clone()
+    sharded = any(_sharded(p) for p in keys.values())
+    # full_tensor() all-gathers an FSDP2 shard; every rank runs the gathers, in the same (key) order.
+    tensors = {(k if k == PROMPT_KEY else PREFIX + k):
+               (p.detach().full_tensor() if _sharded(p) else p.detach()).to("cpu").contiguous().clone()
                for k, p in keys.items()}
+    if is_main_process is None:
+        is_main_process = not sharded or torch.distributed.get_rank() == 0
+    if not is_main_process:
+        return
 
     directory = os.path.abspath(os.fspath(directory))
     parent = os.path.dirname(directory)
@@ -295,7 +326,11 @@ def save_adapter(model: nn.Module, directory, adapter_name: str = "default") -> 
                     (shutil.copytree if os.path.isdir(src) else shutil.copy2)(src, os.path.join(tmp, entry))
             old = os.path.join(parent, f".{os.path.basename(directory)}.old-{uuid.uuid4().hex}")
             os.rename(directory, old)
-            os.rename(tmp, directory)
+            try:
+                os.rename(tmp, directory)
+            except BaseException:
+                os.rename(old, directory)  # put the previous adapter back: a failed save changes nothing
+                raise
             shutil.rmtree(old, ignore_errors=True)
         else:
             os.rename(tmp, directory)
@@ -416,6 +451,9 @@ def load_adapter(model: nn.Module, directory, adapter_name: str = "default", tra
     - a model that already has ``adapter_name`` gets its weights replaced and the saved alphas applied.
     The config, every key and every shape are checked before the model changes.
     """
+    check_adapter_name(adapter_name)
+    if not isinstance(trainable, bool):
+        raise TypeError(f"trainable must be a bool, got {trainable!r}")
     config = read_adapter_config(directory)
     weights = read_adapter_weights(directory)
     if isinstance(config, METHOD_CONFIGS):
@@ -430,7 +468,15 @@ def load_adapter(model: nn.Module, directory, adapter_name: str = "default", tra
     _check_against(expected, weights, directory)
 
     if adapter_name in configs:
+        if not isinstance(configs[adapter_name], LoraConfig):
+            raise ValueError(f"adapter {adapter_name!r} of the model is a {type(configs[adapter_name]).__name__} "
+                             f"adapter, the one in {os.fspath(directory)!r} a LoraConfig adapter: load it under "
+                             "another adapter_name")
         layers = {n: m for n, m in lora_layers(model).items() if adapter_name in m.adapter_names}
+        merged = [n for n, m in layers.items() if m.merged and m.active_adapter == adapter_name]
+        if merged:
+            raise RuntimeError(f"adapter {adapter_name!r} is merged into layers {merged[:4]}: unmerge them before "
+                               "loading over it")
         if set(plan.targets) != set(layers):
             raise ValueError(f"adapter config in {os.fspath(directory)!r} targets {sorted(plan.targets)}, but "
                              f"adapter {adapter_name!r} of the model is on {sorted(layers)}")

@@ -5,7 +5,9 @@ zero beyond each adapter's rank. Each adapter's ``lora_A`` (r, in) / ``lora_B`` 
 view into them, so an optimizer step on an adapter updates the stack in place and a mixed batch reads
 the stack without copying. Adding or deleting adapters re-packs the stack and re-points the views (the
 Parameter objects, and so optimizer state, stay the same); a stack that no longer backs the Parameters
-(after ``.to()``, a deepcopy, or a user's ``p.data = ...``) is re-packed on next use.
+(after ``.to()``, a deepcopy, or a user's ``p.data = ...``) is re-packed on next use. Parameters that
+others swap in (FSDP2's ``fully_shard``) are never re-pointed: the layer then stacks copies, as it does
+after ``unpack()``, which gives each adapter contiguous Parameters of its own.
 """
 from __future__ import annotations
 
@@ -90,7 +92,9 @@ class _SparsePlanCache:
         self.key, self.plan = None, None
 
     def get(self, op: str, x: torch.Tensor, weight: torch.Tensor, indices: torch.Tensor, block_size: int):
-        if resolve_backend(op, None, x, weight) != "triton":
+        # While torch.compile traces, the op builds the plan inside the graph (no host sync): the cache key
+        # holds a data pointer, which dynamo cannot compare.
+        if torch.compiler.is_compiling() or resolve_backend(op, None, x, weight) != "triton":
             return None
         key = (indices.data_ptr(), indices._version, tuple(indices.shape), x.device, tuple(weight.shape), block_size)
         if key != self.key:
@@ -157,6 +161,8 @@ class FastLoRALinear(nn.Module):
         self._specs: dict = {}
         self._active: str | None = None
         self._stack = None      # (A (n, r_max, in), B (n, out, r_max)) backing the adapter Parameters
+        self._stack_params = None  # the Parameter objects the stacks were packed for
+        self._packed = True     # False after unpack(): each adapter keeps Parameters of its own
         self._meta = None       # device tensors (scalings, ranks, dropout) for mixed batches
         self._routing = None    # per-sequence ids set by fastpeft.mixed_batch
         self.merged = False
@@ -186,15 +192,16 @@ class FastLoRALinear(nn.Module):
             raise ValueError(f"adapter {name!r} already exists in this layer (adapters {self.adapter_names})")
         spec = _spec(r, lora_alpha, lora_dropout, use_rslora, sparse_density, sparse_block_size, sparse_selection)
         _check_init(init_lora_weights)
+        # The positions first: select_indices checks sparse_scores, and a failure must leave the layer as it was.
+        idx = (select_indices(self.weight, spec.sparse_density, spec.sparse_block_size, spec.sparse_selection,
+                              sparse_scores) if spec.sparse_density > 0.0 else None)
         kw = dict(device=self.weight.device, dtype=self.weight.dtype)
         self.lora_A_adapters[name] = nn.Parameter(torch.empty(spec.r, self.in_features, **kw),
                                                   requires_grad=self._active is None)
         self.lora_B_adapters[name] = nn.Parameter(torch.empty(self.out_features, spec.r, **kw),
                                                   requires_grad=self._active is None)
         self._specs[name] = spec
-        if spec.sparse_density > 0.0:
-            idx = select_indices(self.weight, spec.sparse_density, spec.sparse_block_size, spec.sparse_selection,
-                                 sparse_scores)
+        if idx is not None:
             self.register_buffer(f"sparse_indices_{name}", idx)
             self.sparse_values[name] = nn.Parameter(
                 torch.zeros(_values_shape(idx, spec.sparse_block_size), **kw), requires_grad=self._active is None)
@@ -299,7 +306,7 @@ class FastLoRALinear(nn.Module):
         each adapter's Parameters views into them."""
         names = self.adapter_names
         self._meta = None
-        if not names:
+        if not names or not self._packed:
             self._stack = None
             return
         a0 = self.lora_A_adapters[names[0]]
@@ -316,12 +323,47 @@ class FastLoRALinear(nn.Module):
                 pa.data = stack_a[i, :r]
                 pb.data = stack_b[i, :, :r]
         self._stack = (stack_a, stack_b)
+        self._stack_params = self._parameter_objects()
 
     def stacked(self) -> tuple:
-        """``(A (n, r_max, in), B (n, out, r_max))`` backing the adapters (re-packed if it no longer does)."""
+        """``(A (n, r_max, in), B (n, out, r_max))`` backing the adapters (re-packed if it no longer does).
+
+        After ``unpack()``, or once other Parameter objects were swapped in (FSDP2's ``fully_shard`` swaps
+        in its own at every forward), a zero-padded copy instead: re-pointing Parameters that someone else
+        fills would leave them stale."""
+        if self._packed and self._stack_params is not None and not self._owns_parameters():
+            self.unpack()
+        if not self._packed:
+            if not self._specs:
+                return None
+            r_max = max(s.r for s in self._specs.values())
+            specs = self._specs.items()
+            with torch.no_grad():
+                return (torch.stack([F.pad(self.lora_A_adapters[n], (0, 0, 0, r_max - s.r)) for n, s in specs]),
+                        torch.stack([F.pad(self.lora_B_adapters[n], (0, r_max - s.r)) for n, s in specs]))
         if self._stack is None or not self._stack_backs_parameters():
             self._repack()
         return self._stack
+
+    def _parameter_objects(self) -> tuple:
+        return tuple(p for n in self._specs for p in (self.lora_A_adapters[n], self.lora_B_adapters[n]))
+
+    def _owns_parameters(self) -> bool:
+        """Whether the adapters' Parameters are still the objects the stacks were packed for."""
+        ps = self._parameter_objects()
+        return len(ps) == len(self._stack_params) and all(p is q for p, q in zip(ps, self._stack_params))
+
+    def unpack(self) -> None:
+        """Give every adapter contiguous Parameters of its own instead of views into the shared stacks, and
+        keep it so: mixed batches then stack a copy on each call. The Parameter objects (and so optimizer
+        state) stay the same. Needed before FSDP2's ``fully_shard`` when a layer holds adapters of
+        different ranks: their views are not contiguous, and fully_shard refuses those."""
+        if self._packed and self._stack_params is not None and self._owns_parameters():
+            with torch.no_grad():
+                for p in self._stack_params:
+                    p.data = p.data.clone(memory_format=torch.contiguous_format)
+        self._packed = False
+        self._stack = self._stack_params = None
 
     def _stack_backs_parameters(self) -> bool:
         stack_a, stack_b = self._stack
@@ -406,6 +448,10 @@ class FastLoRALinear(nn.Module):
         if len(self.sparse_values):
             raise RuntimeError("adapters with a sparse delta (RoSA) cannot be routed per row (adapter_ids / "
                                "mixed_batch); use set_adapter")
+        if adapter_ids is self._routing and (x.dim() < 2 or x.shape[0] != adapter_ids.shape[0]):
+            raise ValueError(f"mixed_batch was given {adapter_ids.shape[0]} adapter_names (one per sequence), but "
+                             f"this layer's input has batch size {x.shape[0] if x.dim() >= 2 else 'none'} "
+                             f"(shape {tuple(x.shape)})")
         ids = expand_adapter_ids(adapter_ids, x, len(self._specs), check_range=check_ids)
         if not self._specs:
             return F.linear(x, self.weight, self.bias)
@@ -416,12 +462,14 @@ class FastLoRALinear(nn.Module):
 
     def _differentiable_stacks(self) -> tuple:
         """The stacks, read in place; when an adapter trains, built from its Parameters instead so that
-        gradients reach them (zero-padded to r_max)."""
-        stack_a, stack_b = self.stacked()
-        if not torch.is_grad_enabled() or not any(p.requires_grad for p in self.lora_A_adapters.values()) \
-                and not any(p.requires_grad for p in self.lora_B_adapters.values()):
-            return stack_a, stack_b
-        r_max = stack_a.shape[1]
+        gradients reach them (zero-padded to r_max). Always built while torch.compile traces: whether the
+        stacks still back the Parameters is a data-pointer test, which dynamo cannot trace."""
+        if not torch.compiler.is_compiling():
+            stack_a, stack_b = self.stacked()
+            if not torch.is_grad_enabled() or not any(p.requires_grad for p in self.lora_A_adapters.values()) \
+                    and not any(p.requires_grad for p in self.lora_B_adapters.values()):
+                return stack_a, stack_b
+        r_max = max(s.r for s in self._specs.values())
         pa = [F.pad(self.lora_A_adapters[n], (0, 0, 0, r_max - s.r)) for n, s in self._specs.items()]
         pb = [F.pad(self.lora_B_adapters[n], (0, r_max - s.r)) for n, s in self._specs.items()]
         return torch.stack(pa), torch.stack(pb)
