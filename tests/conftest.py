@@ -29,3 +29,19 @@ def assert_close_report(actual: torch.Tensor, expected: torch.Tensor, rtol: floa
         raise AssertionError(f"{what}: worst element at {pos}: got {a.flatten()[idx]:.6g}, expected "
                              f"{e.flatten()[idx]:.6g} (|err| {err.flatten()[idx]:.3g} > {bound.flatten()[idx]:.3g}); "
                              f"max |err| {err.max():.3g}")
+
+
+# Hypothesis profiles (tests/test_randomized.py). "ci", the default: 60 examples per test, the same ones
+# on every run (derandomized, no example database), so that CI is bounded and reproducible. "long":
+# `pytest --hypothesis-profile=long tests/test_randomized.py` (or HYPOTHESIS_PROFILE=long), 260 fresh
+# examples per test (over 1000 in all); a failure prints a @reproduce_failure blob that replays it.
+try:
+    from hypothesis import HealthCheck, settings
+except ImportError:  # hypothesis is a test extra; only the randomized tests need it
+    settings = None
+if settings is not None:
+    _SLOW_OK = dict(deadline=None, print_blob=True,
+                    suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large])
+    settings.register_profile("ci", max_examples=60, derandomize=True, database=None, **_SLOW_OK)
+    settings.register_profile("long", max_examples=260, **_SLOW_OK)
+    settings.load_profile(os.environ.get("HYPOTHESIS_PROFILE", "ci"))
