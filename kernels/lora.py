@@ -519,28 +519,36 @@ def gemm_mode() -> str:
     return env_choice("FASTPEFT_LORA_GEMM", GEMM_CHOICES)
 
 
-def choose_gemm(key: tuple, run_fused, run_cublas, device: torch.device) -> str:
-    """``"fused"`` or ``"cublas"`` for this shape key. With ``FASTPEFT_LORA_GEMM=auto`` on CUDA both are
-    timed once (``triton.testing.do_bench`` median) and the faster is cached, except in deterministic mode
-    (``fastpeft.set_deterministic``, ``torch.use_deterministic_algorithms(True)``), which pins cuBLAS; the
-    interpreter runs fused."""
-    mode = gemm_mode()
+def timed_choice(cache: dict, key: tuple, mode: str, device: torch.device, run_fused, run_other, other: str) -> str:
+    """``"fused"`` or ``other`` (the cuBLAS-based path) for this shape key, given the environment's ``mode``.
+
+    A forced mode wins; with ``auto`` the interpreter runs fused (so that it is tested), and on CUDA both
+    are timed once (``triton.testing.do_bench`` median, after a first call of each: the fused kernel's
+    autotuning must not be timed as its run) and the faster is kept in ``cache``. Deterministic mode
+    (``fastpeft.set_deterministic``, ``torch.use_deterministic_algorithms(True)``) and torch.compile
+    tracing take ``other`` without timing: a timing-dependent choice could change the bits between runs,
+    and cuBLAS is never far from the best base GEMM.
+    """
     if mode != "auto":
         return mode
     if device.type != "cuda" or INTERPRET:
         return "fused"
     if is_deterministic():
-        # Deterministic mode: a timing-dependent choice could differ between runs, so it is fixed.
-        return "cublas"
-    if key in _choice_cache:
-        return _choice_cache[key]
+        return other
+    if key in cache:
+        return cache[key]
     if torch.compiler.is_compiling():
-        return "cublas"  # no timing while tracing; cuBLAS is never far from the best base GEMM
+        return other
     from triton.testing import do_bench
 
-    run_fused()  # autotunes the fused GEMM for this key: its tuning must not be timed as its run
-    run_cublas()
+    run_fused()
+    run_other()
     fused = do_bench(run_fused, warmup=10, rep=40)
-    cublas = do_bench(run_cublas, warmup=10, rep=40)
-    _choice_cache[key] = "fused" if fused < cublas else "cublas"
-    return _choice_cache[key]
+    rival = do_bench(run_other, warmup=10, rep=40)
+    cache[key] = "fused" if fused < rival else other
+    return cache[key]
+
+
+def choose_gemm(key: tuple, run_fused, run_cublas, device: torch.device) -> str:
+    """``"fused"`` or ``"cublas"`` for this shape key (FASTPEFT_LORA_GEMM; see ``timed_choice``)."""
+    return timed_choice(_choice_cache, key, gemm_mode(), device, run_fused, run_cublas, "cublas")

@@ -45,7 +45,7 @@ import triton.language as tl
 
 from .lora import (_GEMM_CONFIGS, _HAS_TRITON_OP, INTERPRET, _cast, _dot_precision, _grouped_tile, _library_op,
                    _lowrank_tile, _mma, _op_body, _seed, _sm_count, _upcast, _use_explicit_blocks, _wrap, block_setter,
-                   eager_or_op, env_choice, gemm_launch_config, is_deterministic, r_pad)
+                   eager_or_op, env_choice, gemm_launch_config, r_pad, timed_choice)
 
 # ----------------------------------------------------------------------------------------------------
 # kernels
@@ -655,21 +655,4 @@ def choose_sparse_gemm(key: tuple, block_size: int, run_fused, run_dense, device
     mode = gemm_mode()
     if not fused_gemm_ok(block_size):
         return "dense"
-    if mode != "auto":
-        return mode
-    if device.type != "cuda" or INTERPRET:
-        return "fused"
-    if is_deterministic():
-        return "dense"
-    if key in _choice_cache:
-        return _choice_cache[key]
-    if torch.compiler.is_compiling():
-        return "dense"
-    from triton.testing import do_bench
-
-    run_fused()  # autotunes the fused GEMM for this key: its tuning must not be timed as its run
-    run_dense()
-    fused = do_bench(run_fused, warmup=10, rep=40)
-    dense = do_bench(run_dense, warmup=10, rep=40)
-    _choice_cache[key] = "fused" if fused < dense else "dense"
-    return _choice_cache[key]
+    return timed_choice(_choice_cache, key, mode, device, run_fused, run_dense, "dense")
