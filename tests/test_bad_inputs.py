@@ -22,7 +22,7 @@ from fastpeft import (AdapterConfig, BitFitConfig, FastLoRALinear, LayerwiseConf
                       SparseDeltaConfig, SparseDeltaLinear)
 from fastpeft.inject import adapter_configs
 from fastpeft.io import CONFIG_NAME, WEIGHTS_NAME
-from test_inject import Toy
+from test_io import _toy, _trained as _lora_model  # toy with LoRA r=4 on q/v, weights made non-zero
 
 IN, OUT, R = 16, 24, 4  # every functional case: x (3, IN), weight (OUT, IN), lora_A (R, IN), lora_B (OUT, R)
 
@@ -69,22 +69,6 @@ def _layer():
 def _sparse_layer():
     torch.manual_seed(0)
     return SparseDeltaLinear(IN, OUT, density=0.1)
-
-
-def _toy():
-    torch.manual_seed(0)
-    return Toy()
-
-
-def _lora_model(seed=1, config=None):
-    """Toy with adapter "default" (r=4 on q_proj, v_proj), its weights made non-zero."""
-    m = fastpeft.inject(_toy(), config or LoraConfig(r=R, lora_alpha=8, target_modules=["q_proj", "v_proj"]))
-    g = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for p in m.parameters():
-            if p.requires_grad:
-                p.add_(torch.randn(p.shape, generator=g) * 0.1)
-    return m.eval()
 
 
 def _merged_model():
