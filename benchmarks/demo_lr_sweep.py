@@ -5,7 +5,7 @@
 The test reviews are never looked at: the last ``--val`` reviews of the demo's fixed shuffle of the
 training split are held out, the rest train for ``--steps`` steps (the demo's default run), and each
 (method, lr) gets validation accuracy / macro-F1 over ``--seeds`` seeds. The learning rates in
-``fastpeft.demo.METHODS`` are the ones this picked (see the README's demo section).
+``fastpeft.demo.classify.METHODS`` are the ones this picked (see the README's demo section).
 """
 from __future__ import annotations
 
@@ -21,10 +21,11 @@ import torch
 def main(argv=None) -> int:
     from tqdm.auto import tqdm
 
-    from fastpeft import demo
+    from fastpeft.demo import classify
+    from fastpeft.demo.data import find_data_zip, read_reviews, subset
 
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    p.add_argument("--methods", nargs="+", required=True, choices=list(demo.METHODS))
+    p.add_argument("--methods", nargs="+", required=True, choices=list(classify.METHODS))
     p.add_argument("--lrs", nargs="+", type=float, help="learning rates to try for every method")
     p.add_argument("--scales", nargs="+", type=float, default=[1 / 3, 1.0, 3.0],
                    help="without --lrs: multiples of each method's current learning rate (default 1/3 1 3)")
@@ -35,11 +36,11 @@ def main(argv=None) -> int:
     p.add_argument("--json", help="write every (method, lr, seed) result")
     args = p.parse_args(argv)
 
-    splits = demo.read_reviews(demo.find_data_zip())
-    rows = demo.subset(splits["train"], None)
+    splits = read_reviews(find_data_zip())
+    rows = subset(splits["train"], None)
     fit_rows, val_rows = rows[:-args.val], rows[-args.val:]
-    tokenizer, encoder = demo.load_encoder(demo.find_model_dir())
-    fit, val = demo.encode(tokenizer, fit_rows, args.seq_len), demo.encode(tokenizer, val_rows, args.seq_len)
+    tokenizer, encoder = classify.load_encoder(classify.find_model_dir())
+    fit, val = classify.encode(tokenizer, fit_rows, args.seq_len), classify.encode(tokenizer, val_rows, args.seq_len)
     run_args = SimpleNamespace(steps=args.steps, batch_size=16)
     majority = max(float(val[2].float().mean()), 1 - float(val[2].float().mean()))
     print(f"{len(fit_rows)} train / {len(val_rows)} validation reviews (validation majority {100 * majority:.1f}%), "
@@ -48,13 +49,13 @@ def main(argv=None) -> int:
     bar = tqdm(total=len(args.methods) * len(args.lrs or args.scales) * args.seeds * args.steps, unit="step")
     start = time.perf_counter()
     for name in args.methods:
-        base = demo.METHODS[name].lr
+        base = classify.METHODS[name].lr
         lrs = [0.0] if name == "head" else args.lrs or [float(f"{base * k:.2g}") for k in args.scales]
         for lr in lrs:
-            method = dataclasses.replace(demo.METHODS[name], lr=lr)
+            method = dataclasses.replace(classify.METHODS[name], lr=lr)
             for seed in range(args.seeds):
                 bar.set_description(f"{name} lr {lr:g} seed {seed}")
-                r = demo.run_one(method, encoder, fit, val, run_args, seed, "cpu", bar)
+                r = classify.run_one(method, encoder, fit, val, run_args, seed, "cpu", bar)
                 r.pop("losses")
                 results.append({"method": name, "lr": lr, **r})
     bar.close()

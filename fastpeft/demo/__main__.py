@@ -1,0 +1,4 @@
+"""``python -m fastpeft.demo``: the same as ``fastpeft demo``."""
+from . import main
+
+raise SystemExit(main())
