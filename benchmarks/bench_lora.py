@@ -13,8 +13,7 @@ same shape and mode, measured in the same run.
 """
 from __future__ import annotations
 
-import argparse
-import contextlib
+import functools
 import os
 import sys
 
@@ -22,10 +21,10 @@ import torch
 import torch.nn as nn
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from harness import add_output_args, bench, environment, parse_kxn, report  # noqa: E402
+import harness  # noqa: E402
+from harness import Case, Group, env_vars, parse_kxn  # noqa: E402
 
 import fastpeft  # noqa: E402
-from fastpeft import kernels  # noqa: E402
 
 GPU_TOKENS = [512, 2048, 8192]
 GPU_SHAPES = [(4096, 4096), (4096, 11008), (11008, 4096)]
@@ -33,19 +32,6 @@ GPU_RANKS = [8, 16, 64]
 CPU_TOKENS = [256, 1024]
 CPU_SHAPES = [(512, 512), (1024, 1024)]
 CPU_RANKS = [16]
-
-
-@contextlib.contextmanager
-def _env(name, value):
-    old = os.environ.get(name)
-    os.environ[name] = value
-    try:
-        yield
-    finally:
-        if old is None:
-            os.environ.pop(name, None)
-        else:
-            os.environ[name] = old
 
 
 def providers(in_f, out_f, r, p, device, dtype, kernels_ok: bool):
@@ -74,52 +60,42 @@ def step_fn(mod, backend, gemm, mode, x, dy):
     wrt = [x] + [p for p in mod.parameters() if p.requires_grad]
 
     def fn():
-        with fastpeft.use_backend(backend or "auto"), _env("FASTPEFT_LORA_GEMM", gemm or "auto"):
+        with fastpeft.use_backend(backend or "auto"), env_vars({"FASTPEFT_LORA_GEMM": gemm or "auto"}):
             y = mod(x)
             if mode == "fwd+bwd":
                 torch.autograd.grad(y, wrt, dy)
     return fn
 
 
-def run(tokens, shapes, ranks, dropouts, device, dtype, modes, warmup_ms=25, rep_ms=100, progress=True):
-    from tqdm.auto import tqdm
+def groups(m, k, n, r, p, modes, ctx):
+    """One case's inputs and providers, built once; one group per mode."""
+    x = torch.randn(m, k, device=ctx.device, dtype=ctx.dtype, requires_grad=True)
+    dy = torch.randn(m, n, device=ctx.device, dtype=ctx.dtype)
+    mods = providers(k, n, r, p, ctx.device, ctx.dtype, ctx.kernels_ok)
+    for mode in modes:
+        def budget(name, times, mode=mode):
+            if name != "fastpeft" or mode != "fwd+bwd" or times[name].peak_mib is None:
+                return {}
+            # The memory target: nn.Linear's peak + the LoRA parameters and their grads + 2 M r fp32.
+            extra = (2 * r * (k + n) * x.element_size() + 2 * m * r * 4) / 2**20
+            return {"mem_budget_mib": times["linear"].peak_mib + extra}
 
-    kernels_ok = device == "cuda" and kernels.HAS_TRITON and not kernels.INTERPRET
-    cases = [(m, k, n, r, p) for m in tokens for k, n in shapes for r in ranks for p in dropouts]
-    rows = []
-    for m, k, n, r, p in tqdm(cases, desc="bench", unit="case", disable=not progress):
-        x = torch.randn(m, k, device=device, dtype=dtype, requires_grad=True)
-        dy = torch.randn(m, n, device=device, dtype=dtype)
-        mods = providers(k, n, r, p, device, dtype, kernels_ok)
-        for mode in modes:
-            times = {name: bench(step_fn(mod, be, gemm, mode, x, dy), device, warmup_ms, rep_ms)
-                     for name, (mod, be, gemm) in mods.items()}
-            floor = times["linear"]
-            for name, t in times.items():
-                row = dict(M=m, K=k, N=n, r=r, p=p, mode=mode, provider=name, ms=t.median_ms, p20=t.p20_ms,
-                           p80=t.p80_ms, vs_linear=t.median_ms / floor.median_ms, peak_mib=t.peak_mib)
-                if name == "fastpeft" and t.peak_mib is not None and mode == "fwd+bwd":
-                    # The memory target: nn.Linear's peak + the LoRA parameters and their grads + 2 M r fp32.
-                    extra = (2 * r * (k + n) * x.element_size() + 2 * m * r * 4) / 2**20
-                    row["mem_budget_mib"] = floor.peak_mib + extra
-                rows.append(row)
-        del x, dy, mods
-    return rows
+        calls = {name: step_fn(mod, be, gemm, mode, x, dy) for name, (mod, be, gemm) in mods.items()}
+        yield Group({"mode": mode}, calls, extra=budget)
 
 
-def build_parser():
-    cuda = torch.cuda.is_available()
-    ap = argparse.ArgumentParser(prog="fastpeft bench", description=__doc__,
-                                 formatter_class=argparse.RawDescriptionHelpFormatter)
+def cases(args, ctx) -> list:
+    """Every (tokens, shape, rank, dropout) of the options."""
+    return [Case(dict(M=m, K=k, N=n, r=r, p=p), functools.partial(groups, m, k, n, r, p, args.modes, ctx))
+            for m in args.tokens for k, n in args.shapes for r in args.ranks for p in args.dropout]
+
+
+def add_arguments(ap, cuda: bool) -> None:
     ap.add_argument("--tokens", nargs="+", type=int, default=GPU_TOKENS if cuda else CPU_TOKENS, help="M values")
     ap.add_argument("--shapes", nargs="+", type=parse_kxn, default=GPU_SHAPES if cuda else CPU_SHAPES,
                     help="KxN (in x out) pairs")
     ap.add_argument("--ranks", nargs="+", type=int, default=GPU_RANKS if cuda else CPU_RANKS)
     ap.add_argument("--dropout", nargs="+", type=float, default=[0.0, 0.1])
-    ap.add_argument("--dtype", choices=["bfloat16", "float16", "float32"], default="bfloat16" if cuda else "float32")
-    ap.add_argument("--modes", nargs="+", default=["fwd", "fwd+bwd"], choices=["fwd", "fwd+bwd"])
-    add_output_args(ap, "bar chart of the ratios to nn.Linear")
-    return ap
 
 
 COLUMNS = [("M", "M", "{}"), ("K", "K", "{}"), ("N", "N", "{}"), ("r", "r", "{}"), ("p", "p", "{}"),
@@ -127,18 +103,16 @@ COLUMNS = [("M", "M", "{}"), ("K", "K", "{}"), ("N", "N", "{}"), ("r", "r", "{}"
            ("p20", "p20", "{:.3f}"), ("p80", "p80", "{:.3f}"), ("vs_linear", "x nn.Linear", "{:.3f}"),
            ("peak_mib", "peak MiB", "{:.0f}"), ("mem_budget_mib", "MiB budget", "{:.0f}")]
 
+BENCHMARK = harness.Benchmark(
+    prog="fastpeft bench", description=__doc__, add_arguments=add_arguments, cases=cases, columns=COLUMNS,
+    title="LoRA linear, {dtype}, ratios to frozen nn.Linear in the same run", plot_title="LoRA linear ({dtype})",
+    no_gpu="No GPU here: the fused kernels need one (not measured on GPU). Timing the eager reference and PEFT "
+           "against nn.Linear on the CPU.",
+    modes=("fwd", "fwd+bwd"), plot_help="bar chart of the ratios to nn.Linear")
+
 
 def main(argv=None) -> list:
-    args = build_parser().parse_args(argv)
-    device = "cuda" if torch.cuda.is_available() else "cpu"
-    env = environment(device)
-    if device != "cuda":
-        print("No GPU here: the fused kernels need one (not measured on GPU). Timing the eager reference and "
-              "PEFT against nn.Linear on the CPU.\n")
-    rows = run(args.tokens, args.shapes, args.ranks, args.dropout, device, getattr(torch, args.dtype), args.modes,
-               args.warmup_ms, args.rep_ms, progress=not args.quiet)
-    title = f"LoRA linear, {args.dtype}, ratios to frozen nn.Linear in the same run"
-    return report(args, env, rows, COLUMNS, title, f"LoRA linear ({args.dtype})")
+    return harness.main(BENCHMARK, argv)
 
 
 if __name__ == "__main__":

@@ -13,7 +13,7 @@ time over fastpeft's.
 """
 from __future__ import annotations
 
-import argparse
+import functools
 import os
 import random
 import sys
@@ -22,10 +22,10 @@ import torch
 import torch.nn as nn
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from harness import add_output_args, bench, environment, parse_kxn, report  # noqa: E402
+import harness  # noqa: E402
+from harness import Case, Group, parse_kxn  # noqa: E402
 
 import fastpeft  # noqa: E402
-from fastpeft import kernels  # noqa: E402
 
 SEQ = 512
 RANK_SETS = {"16": [16], "mixed": [8, 16, 32, 64]}
@@ -61,60 +61,54 @@ def build(k, n, n_adapters, ranks, device, dtype):
     return layer, single, peft_model
 
 
-def run(decode, prefill, adapters, rank_sets, k, n, device, dtype, warmup_ms=25, rep_ms=100, progress=True):
-    from tqdm.auto import tqdm
+def groups(phase, m, na, rs, k, n, rng, ctx):
+    """One case: the layers, the batch and its adapter per row / sequence; one group, timed without grad."""
+    device, dtype = ctx.device, ctx.dtype
+    layer, single, peft_model = build(k, n, na, RANK_SETS[rs], device, dtype)
+    if phase == "decode":
+        x = torch.randn(m, 1, k, device=device, dtype=dtype)
+        names = [f"a{rng.randrange(na)}" for _ in range(m)]
+    else:
+        seqs = max(1, m // SEQ)
+        x = torch.randn(seqs, m // seqs, k, device=device, dtype=dtype)
+        names = [f"a{i % na}" for i in range(seqs)]
+    ids = torch.tensor([int(s[1:]) for s in names], device=device)
+    calls = {"single": lambda: single(x)}
+    if ctx.kernels_ok:
+        calls["fastpeft"] = lambda: layer(x, adapter_ids=ids)
 
-    kernels_ok = device == "cuda" and kernels.HAS_TRITON and not kernels.INTERPRET
-    cases = [(phase, m, na, rs) for phase, ms in (("decode", decode), ("prefill", prefill)) for m in ms
-             for na in adapters for rs in rank_sets]
-    rows = []
+    def ref():
+        with fastpeft.use_backend("reference"):
+            return layer(x, adapter_ids=ids)
+    calls["reference"] = ref
+    if peft_model is not None:
+        calls["peft"] = lambda: peft_model(x, adapter_names=names)
+
+    def extra(name, times):
+        floor, ours = times["single"].median_ms, times.get("fastpeft", times["reference"]).median_ms
+        return dict(peft_over_ours=(times["peft"].median_ms / ours) if "peft" in times else None,
+                    # the column names of the earlier tables' JSON, kept for readers of benchmarks/results
+                    r=rs, p=na, mode=phase, vs_linear=times[name].median_ms / floor)
+    yield Group({}, calls, extra=extra, grad=False)
+
+
+def cases(args, ctx) -> list:
+    """Decode and prefill token counts x adapter counts x rank sets; adapters drawn from one seeded rng."""
+    k, n = args.shape
     rng = random.Random(0)
-    for phase, m, na, rs in tqdm(cases, desc="bench multi", unit="case", disable=not progress):
-        layer, single, peft_model = build(k, n, na, RANK_SETS[rs], device, dtype)
-        if phase == "decode":
-            x = torch.randn(m, 1, k, device=device, dtype=dtype)
-            names = [f"a{rng.randrange(na)}" for _ in range(m)]
-        else:
-            seqs = max(1, m // SEQ)
-            x = torch.randn(seqs, m // seqs, k, device=device, dtype=dtype)
-            names = [f"a{i % na}" for i in range(seqs)]
-        ids = torch.tensor([int(s[1:]) for s in names], device=device)
-        fns = {"single": lambda: single(x)}
-        if kernels_ok:
-            fns["fastpeft"] = lambda: layer(x, adapter_ids=ids)
-        with torch.no_grad():
-            def ref():
-                with fastpeft.use_backend("reference"):
-                    return layer(x, adapter_ids=ids)
-            fns["reference"] = ref
-            if peft_model is not None:
-                fns["peft"] = lambda: peft_model(x, adapter_names=names)
-            times = {name: bench(fn, device, warmup_ms, rep_ms) for name, fn in fns.items()}
-        floor = times["single"].median_ms
-        ours = times.get("fastpeft", times["reference"]).median_ms
-        for name, t in times.items():
-            rows.append(dict(phase=phase, M=m, K=k, N=n, adapters=na, ranks=rs, provider=name, ms=t.median_ms,
-                             p20=t.p20_ms, p80=t.p80_ms, vs_single=t.median_ms / floor,
-                             peft_over_ours=(times["peft"].median_ms / ours) if "peft" in times else None,
-                             # plot_ratios reads these names
-                             r=rs, p=na, mode=phase, vs_linear=t.median_ms / floor))
-        del layer, single, peft_model, x
-    return rows
+    return [Case(dict(phase=phase, M=m, K=k, N=n, adapters=na, ranks=rs),
+                 functools.partial(groups, phase, m, na, rs, k, n, rng, ctx))
+            for phase, ms in (("decode", args.decode), ("prefill", args.prefill)) for m in ms
+            for na in args.adapters for rs in args.ranks]
 
 
-def build_parser():
-    cuda = torch.cuda.is_available()
-    ap = argparse.ArgumentParser(prog="fastpeft bench multi", description=__doc__,
-                                 formatter_class=argparse.RawDescriptionHelpFormatter)
+def add_arguments(ap, cuda: bool) -> None:
     ap.add_argument("--decode", nargs="*", type=int, default=[1, 16, 64, 256] if cuda else [1, 16, 64],
                     help="decode batch sizes (tokens)")
     ap.add_argument("--prefill", nargs="*", type=int, default=[8192] if cuda else [1024], help="prefill tokens")
     ap.add_argument("--adapters", nargs="+", type=int, default=[1, 8, 64] if cuda else [1, 8])
     ap.add_argument("--ranks", nargs="+", choices=list(RANK_SETS), default=list(RANK_SETS))
     ap.add_argument("--shape", type=parse_kxn, default=(4096, 4096) if cuda else (512, 512), help="KxN")
-    ap.add_argument("--dtype", choices=["bfloat16", "float16", "float32"], default="bfloat16" if cuda else "float32")
-    add_output_args(ap, "bar chart of the ratios to one adapter")
-    return ap
 
 
 COLUMNS = [("phase", "phase", "{}"), ("M", "M", "{}"), ("K", "K", "{}"), ("N", "N", "{}"),
@@ -122,19 +116,17 @@ COLUMNS = [("phase", "phase", "{}"), ("M", "M", "{}"), ("K", "K", "{}"), ("N", "
            ("ms", "median ms", "{:.3f}"), ("p20", "p20", "{:.3f}"), ("p80", "p80", "{:.3f}"),
            ("vs_single", "x single", "{:.3f}"), ("peft_over_ours", "peft/fastpeft", "{:.1f}")]
 
+BENCHMARK = harness.Benchmark(
+    prog="fastpeft bench multi", description=__doc__, add_arguments=add_arguments, cases=cases, columns=COLUMNS,
+    title="Many adapters per batch, {dtype}, ratios to one adapter on the same rows",
+    plot_title="Many adapters ({dtype})",
+    no_gpu="No GPU here: the grouped kernels need one (not measured on GPU). Timing the reference loop and PEFT "
+           "against a single adapter on the CPU.",
+    baseline="single", plot_help="bar chart of the ratios to one adapter", progress="bench multi")
+
 
 def main(argv=None) -> list:
-    args = build_parser().parse_args(argv)
-    device = "cuda" if torch.cuda.is_available() else "cpu"
-    env = environment(device)
-    if device != "cuda":
-        print("No GPU here: the grouped kernels need one (not measured on GPU). Timing the reference loop and "
-              "PEFT against a single adapter on the CPU.\n")
-    k, n = args.shape
-    rows = run(args.decode, args.prefill, args.adapters, args.ranks, k, n, device, getattr(torch, args.dtype),
-               args.warmup_ms, args.rep_ms, progress=not args.quiet)
-    title = f"Many adapters per batch, {args.dtype}, ratios to one adapter on the same rows"
-    return report(args, env, rows, COLUMNS, title, f"Many adapters ({args.dtype})", baseline="single")
+    return harness.main(BENCHMARK, argv)
 
 
 if __name__ == "__main__":

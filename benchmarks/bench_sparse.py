@@ -19,8 +19,7 @@ CUDA. Ratios are to ``linear`` of the same case, measured in the same run.
 """
 from __future__ import annotations
 
-import argparse
-import contextlib
+import functools
 import os
 import sys
 
@@ -29,26 +28,13 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from harness import add_output_args, bench, environment, parse_kxn, report  # noqa: E402
+import harness  # noqa: E402
+from harness import Case, Group, env_vars, parse_kxn  # noqa: E402
 
 import fastpeft  # noqa: E402
-from fastpeft import kernels  # noqa: E402
 
 DENSITIES = [0.001, 0.01, 0.05]
 BLOCKS = [1, 16, 32]
-
-
-@contextlib.contextmanager
-def _env(name, value):
-    old = os.environ.get(name)
-    os.environ[name] = value
-    try:
-        yield
-    finally:
-        if old is None:
-            os.environ.pop(name, None)
-        else:
-            os.environ[name] = old
 
 
 def make_delta(out_f, in_f, density, block, device, dtype, seed=0):
@@ -130,62 +116,47 @@ def step_fn(kind, envs, mode, x, lin, delta, plan, dy):
                                                        check=False, plan=plan)
 
     def fn():
-        with contextlib.ExitStack() as stack:
-            for k, v in envs.items():
-                stack.enter_context(_env(k, v))
+        with env_vars(envs):
             y = forward()
             if mode == "fwd+bwd":
                 torch.autograd.grad(y, wrt, dy)
     return fn
 
 
-def run(tokens, shape, densities, blocks, device, dtype, modes, warmup_ms=25, rep_ms=100, progress=True):
-    from tqdm.auto import tqdm
+def groups(m, k, n, d, b, modes, ctx):
+    """One case's layer, inputs and delta (and the kernels' plan), built once; one group per mode."""
+    device, dtype = ctx.device, ctx.dtype
+    torch.manual_seed(0)
+    lin = nn.Linear(k, n, device=device, dtype=dtype).requires_grad_(False)
+    x = torch.randn(m, k, device=device, dtype=dtype, requires_grad=True)
+    dy = torch.randn(m, n, device=device, dtype=dtype)
+    idx, values, flat, which = make_delta(n, k, d, b, device, dtype)
+    values.requires_grad_()
+    plan = None
+    if ctx.kernels_ok:
+        from fastpeft.sparse import build_sparse_plan
 
-    kernels_ok = device == "cuda" and kernels.HAS_TRITON and not kernels.INTERPRET
-    k, n = shape
-    cases = [(m, d, b) for m in tokens for b in blocks for d in densities]
-    rows = []
-    for m, d, b in tqdm(cases, desc="bench sparse", unit="case", disable=not progress):
-        torch.manual_seed(0)
-        lin = nn.Linear(k, n, device=device, dtype=dtype).requires_grad_(False)
-        x = torch.randn(m, k, device=device, dtype=dtype, requires_grad=True)
-        dy = torch.randn(m, n, device=device, dtype=dtype)
-        idx, values, flat, which = make_delta(n, k, d, b, device, dtype)
-        values.requires_grad_()
-        plan = None
-        if kernels_ok:
-            from fastpeft.sparse import build_sparse_plan
-
-            plan = build_sparse_plan(idx, n, k, b)  # built once per set of indices, as a layer caches it
-        for mode in modes:
-            times = {name: bench(step_fn(kind, envs, mode, x, lin, (idx, values, flat, which), plan, dy), device,
-                                 warmup_ms, rep_ms)
-                     for name, (kind, envs) in providers(b, kernels_ok).items()}
-            floor = times["linear"].median_ms
-            for name, t in times.items():
-                rows.append(dict(M=m, K=k, N=n, density=d, block=b, nnz=values.numel(), mode=mode, provider=name,
-                                 ms=t.median_ms, p20=t.p20_ms, p80=t.p80_ms, vs_linear=t.median_ms / floor,
-                                 peak_mib=t.peak_mib,
-                                 # plot_ratios reads these names
-                                 r=b, p=d))
-        del lin, x, dy, idx, values, flat, which, plan
-    return rows
+        plan = build_sparse_plan(idx, n, k, b)  # built once per set of indices, as a layer caches it
+    for mode in modes:
+        calls = {name: step_fn(kind, envs, mode, x, lin, (idx, values, flat, which), plan, dy)
+                 for name, (kind, envs) in providers(b, ctx.kernels_ok).items()}
+        # r and p: the column names of the earlier tables' JSON, kept for readers of benchmarks/results
+        yield Group({"nnz": values.numel(), "mode": mode}, calls, extra=lambda name, times: dict(r=b, p=d))
 
 
-def build_parser():
-    cuda = torch.cuda.is_available()
-    ap = argparse.ArgumentParser(prog="fastpeft bench sparse", description=__doc__,
-                                 formatter_class=argparse.RawDescriptionHelpFormatter)
+def cases(args, ctx) -> list:
+    """Every (tokens, block, density) of the options, on the one shape."""
+    k, n = args.shape
+    return [Case(dict(M=m, K=k, N=n, density=d, block=b), functools.partial(groups, m, k, n, d, b, args.modes, ctx))
+            for m in args.tokens for b in args.block for d in args.density]
+
+
+def add_arguments(ap, cuda: bool) -> None:
     ap.add_argument("--tokens", nargs="+", type=int, default=[8192] if cuda else [256], help="M values")
     ap.add_argument("--shape", type=parse_kxn, default=(4096, 4096) if cuda else (512, 512), help="KxN (in x out)")
     ap.add_argument("--density", nargs="+", type=float, default=DENSITIES,
                     help="fraction of W's entries (block 1) or of its b x b blocks in the delta")
     ap.add_argument("--block", nargs="+", type=int, default=BLOCKS, help="block sizes (1: unstructured)")
-    ap.add_argument("--dtype", choices=["bfloat16", "float16", "float32"], default="bfloat16" if cuda else "float32")
-    ap.add_argument("--modes", nargs="+", default=["fwd", "fwd+bwd"], choices=["fwd", "fwd+bwd"])
-    add_output_args(ap, "bar chart of the ratios to nn.Linear")
-    return ap
 
 
 COLUMNS = [("M", "M", "{}"), ("K", "K", "{}"), ("N", "N", "{}"), ("block", "block", "{}"),
@@ -194,17 +165,17 @@ COLUMNS = [("M", "M", "{}"), ("K", "K", "{}"), ("N", "N", "{}"), ("block", "bloc
            ("p80", "p80", "{:.3f}"), ("vs_linear", "x nn.Linear", "{:.3f}"), ("peak_mib", "peak MiB", "{:.0f}")]
 
 
+BENCHMARK = harness.Benchmark(
+    prog="fastpeft bench sparse", description=__doc__, add_arguments=add_arguments, cases=cases, columns=COLUMNS,
+    title="Sparse-delta linear, {dtype}, ratios to frozen nn.Linear in the same run",
+    plot_title="Sparse-delta linear ({dtype})",
+    no_gpu="No GPU here: the sparse-delta kernels need one (not measured on GPU). Timing the torch ways "
+           "(clone + scatter, dense dW + gather) against nn.Linear on the CPU.",
+    modes=("fwd", "fwd+bwd"), plot_help="bar chart of the ratios to nn.Linear", progress="bench sparse")
+
+
 def main(argv=None) -> list:
-    args = build_parser().parse_args(argv)
-    device = "cuda" if torch.cuda.is_available() else "cpu"
-    env = environment(device)
-    if device != "cuda":
-        print("No GPU here: the sparse-delta kernels need one (not measured on GPU). Timing the torch ways "
-              "(clone + scatter, dense dW + gather) against nn.Linear on the CPU.\n")
-    rows = run(args.tokens, args.shape, args.density, args.block, device, getattr(torch, args.dtype), args.modes,
-               args.warmup_ms, args.rep_ms, progress=not args.quiet)
-    title = f"Sparse-delta linear, {args.dtype}, ratios to frozen nn.Linear in the same run"
-    return report(args, env, rows, COLUMNS, title, f"Sparse-delta linear ({args.dtype})")
+    return harness.main(BENCHMARK, argv)
 
 
 if __name__ == "__main__":

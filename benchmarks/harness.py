@@ -1,17 +1,28 @@
-"""One timing harness for every fastpeft benchmark.
+"""One timing harness and one runner for every fastpeft benchmark.
 
-CUDA: ``triton.testing.do_bench`` (warm-up, then the median and 20/80% quantiles of CUDA-event timings,
-with the L2 cache flushed between runs) and peak memory from ``torch.cuda.max_memory_allocated``.
-CPU: the same statistics from ``time.perf_counter`` over repeated calls after warm-up.
-Inputs are fresh random tensors (never zeros). Ratios are only ever taken within one run.
+Timing: on CUDA ``triton.testing.do_bench`` (warm-up, then the median and 20/80% quantiles of CUDA-event
+timings, with the L2 cache flushed between runs) and peak memory from ``torch.cuda.max_memory_allocated``;
+on the CPU the same statistics from ``time.perf_counter`` over repeated calls after warm-up. Inputs are
+fresh random tensors (never zeros). Ratios are only ever taken within one run.
+
+The runner: a bench script describes itself as a ``Benchmark`` (its options, its ``Case`` list, its table
+columns) and calls ``main(benchmark, argv)``, which parses the options (the script's, then ``--dtype``,
+``--modes`` where it has modes, and the output options), prints the header, times every case and prints /
+writes / plots the table. A case builds its inputs once and yields ``Group``s: providers timed side by
+side, each row's ratio taken to the group's baseline provider. A new provider is one more entry in a
+group's ``calls``; a new case dimension one more field in ``Case.fields``; a new bench one small script.
 """
 from __future__ import annotations
 
+import argparse
+import contextlib
 import json
+import os
 import platform
 import statistics
 import time
 from dataclasses import asdict, dataclass
+from typing import Callable, Iterable
 
 import torch
 
@@ -103,9 +114,15 @@ def write_json(path: str, env: dict, rows: list) -> None:
         json.dump({"environment": env, "rows": [r if isinstance(r, dict) else asdict(r) for r in rows]}, f, indent=2)
 
 
+def case_keys(row: dict) -> list:
+    """The fields that name a row's case: those before ``provider`` (``run_cases`` puts them first)."""
+    keys = list(row)
+    return keys[:keys.index("provider")]
+
+
 def plot_ratios(rows: list, path: str, title: str, baseline: str = "linear") -> None:
     """One bar group per case, one bar per provider: median time / the baseline's (lower is better).
-    Rows carry M, K, N, r, p, mode, provider and vs_linear (the ratio to the baseline)."""
+    Rows carry their case's fields first (``case_keys``), then ``provider`` and ``vs_<baseline>``."""
     try:
         import matplotlib
 
@@ -113,24 +130,24 @@ def plot_ratios(rows: list, path: str, title: str, baseline: str = "linear") -> 
         import matplotlib.pyplot as plt
     except ImportError:
         raise SystemExit("--plot needs matplotlib: pip install matplotlib") from None
-    cases = []
-    for r in rows:
-        key = (r["M"], r["K"], r["N"], r["r"], r["p"], r["mode"])
-        if key not in cases:
-            cases.append(key)
+    ratio = f"vs_{baseline}"
+    keys = case_keys(rows[0])
+    cases = list(dict.fromkeys(tuple(r[k] for k in keys) for r in rows))
     provs = [p for p in dict.fromkeys(r["provider"] for r in rows) if p != baseline]
     width = 0.8 / max(1, len(provs))
     fig, ax = plt.subplots(figsize=(max(8, 0.6 * len(cases) * max(1, len(provs)) / 2), 5))
     for i, prov in enumerate(provs):
         vals = []
         for c in cases:
-            hit = [r["vs_linear"] for r in rows if r["provider"] == prov and
-                   (r["M"], r["K"], r["N"], r["r"], r["p"], r["mode"]) == c]
+            hit = [r[ratio] for r in rows if r["provider"] == prov and tuple(r[k] for k in keys) == c]
             vals.append(hit[0] if hit else float("nan"))
         ax.bar([j + i * width for j in range(len(cases))], vals, width, label=prov)
     ax.axhline(1.0, color="k", lw=0.8, ls="--")
     ax.set_xticks([j + 0.4 - width / 2 for j in range(len(cases))])
-    ax.set_xticklabels([f"M{m} {k}x{n}\nr{r} p{p} {mode}" for m, k, n, r, p, mode in cases], fontsize=7, rotation=60)
+    half = (len(keys) + 1) // 2  # two lines: "M512 K4096 N4096\nr16 p0.1 fwd"
+    words = [[v if isinstance(v, str) else f"{k}{v}" for k, v in zip(keys, c)] for c in cases]
+    labels = [" ".join(w[:half]) + "\n" + " ".join(w[half:]) for w in words]
+    ax.set_xticklabels(labels, fontsize=7, rotation=60)
     ax.set_ylabel(f"time / {baseline} (same run)")
     ax.set_title(title)
     ax.legend()
@@ -160,3 +177,122 @@ def report(args, env: dict, rows: list, columns: list, title: str, plot_title: s
     if args.plot:
         plot_ratios(rows, args.plot, f"{plot_title} on {env['device']}", baseline=baseline)
     return rows
+
+
+# ------------------------------------------------------------------------------------------ the runner
+
+
+@contextlib.contextmanager
+def env_vars(values: dict):
+    """Set environment variables for a block (a forced GEMM variant, say), restoring them after."""
+    old = {k: os.environ.get(k) for k in values}
+    os.environ.update(values)
+    try:
+        yield
+    finally:
+        for k, v in old.items():
+            if v is None:
+                os.environ.pop(k, None)
+            else:
+                os.environ[k] = v
+
+
+@dataclass
+class Group:
+    """Providers timed side by side: ``calls`` {provider: zero-argument callable}, each timed in the same
+    run, each row's ratio taken to the baseline provider's median. ``fields``: the columns that name the
+    group within its case (``mode``, say). ``extra(provider, times)``: more columns from the group's
+    timings ({provider: Timing}). ``grad=False`` times the calls under ``torch.no_grad()`` (serving)."""
+    fields: dict
+    calls: dict
+    extra: Callable | None = None
+    grad: bool = True
+
+
+@dataclass
+class Case:
+    """One case of a table: ``fields`` (the columns that name it: M, K, N, r, ...) and ``setup()``, called
+    when its turn comes, which builds the inputs and yields the case's ``Group``s (one per mode, say):
+    inputs built once serve every group and are freed before the next case."""
+    fields: dict
+    setup: Callable[[], Iterable[Group]]
+
+
+@dataclass
+class Context:
+    """What a script's cases are built for: the device, the dtype of ``--dtype``, and whether the fused
+    kernels can run here (CUDA, triton importable, not the interpreter)."""
+    device: str
+    dtype: torch.dtype
+    kernels_ok: bool
+
+
+@dataclass
+class Benchmark:
+    """A bench script: ``add_arguments(parser, cuda)`` adds its own options (defaults for a GPU or not);
+    ``cases(args, context)`` lists its ``Case``s; ``columns`` (key, header, format) make the table, titled
+    ``title`` (``{dtype}`` filled in); ``baseline`` is the provider every ratio is to; ``modes`` the
+    ``--modes`` choices (all by default), none when empty; ``no_gpu`` is printed before a CPU-only run."""
+    prog: str
+    description: str
+    add_arguments: Callable
+    cases: Callable
+    columns: list
+    title: str
+    plot_title: str
+    no_gpu: str
+    baseline: str = "linear"
+    modes: tuple = ()
+    plot_help: str = "bar chart of the ratios to the baseline"
+    progress: str = "bench"
+
+
+def kernels_ok(device: str) -> bool:
+    """The fused kernels can run: a CUDA device, triton imports, and not the CPU interpreter."""
+    from fastpeft import kernels
+
+    return device == "cuda" and kernels.HAS_TRITON and not kernels.INTERPRET
+
+
+def run_cases(cases: list, device: str, baseline: str = "linear", warmup_ms: float = 25, rep_ms: float = 100,
+              progress: bool = True, desc: str = "bench") -> list:
+    """Time every group of every case; one row per provider: the case's and group's fields, ``provider``,
+    ``ms`` / ``p20`` / ``p80`` (median and quantiles), ``vs_<baseline>``, ``peak_mib`` and the extras."""
+    from tqdm.auto import tqdm
+
+    rows = []
+    for case in tqdm(cases, desc=desc, unit="case", disable=not progress):
+        for group in case.setup():
+            with contextlib.nullcontext() if group.grad else torch.no_grad():
+                times = {name: bench(fn, device, warmup_ms, rep_ms) for name, fn in group.calls.items()}
+            floor = times[baseline].median_ms
+            for name, t in times.items():
+                row = {**case.fields, **group.fields, "provider": name, "ms": t.median_ms, "p20": t.p20_ms,
+                       "p80": t.p80_ms, f"vs_{baseline}": t.median_ms / floor, "peak_mib": t.peak_mib}
+                if group.extra is not None:
+                    row.update(group.extra(name, times))
+                rows.append(row)
+            group = times = None  # drop this case's inputs before the next case builds its own
+    return rows
+
+
+def main(benchmark: Benchmark, argv=None) -> list:
+    """Parse the options, print the header, time every case, and print / write / plot the table."""
+    cuda = torch.cuda.is_available()
+    ap = argparse.ArgumentParser(prog=benchmark.prog, description=benchmark.description,
+                                 formatter_class=argparse.RawDescriptionHelpFormatter)
+    benchmark.add_arguments(ap, cuda)
+    ap.add_argument("--dtype", choices=["bfloat16", "float16", "float32"], default="bfloat16" if cuda else "float32")
+    if benchmark.modes:
+        ap.add_argument("--modes", nargs="+", default=list(benchmark.modes), choices=list(benchmark.modes))
+    add_output_args(ap, benchmark.plot_help)
+    args = ap.parse_args(argv)
+    device = "cuda" if cuda else "cpu"
+    env = environment(device)
+    if device != "cuda":
+        print(benchmark.no_gpu + "\n")
+    context = Context(device, getattr(torch, args.dtype), kernels_ok(device))
+    rows = run_cases(benchmark.cases(args, context), device, benchmark.baseline, args.warmup_ms, args.rep_ms,
+                     progress=not args.quiet, desc=benchmark.progress)
+    return report(args, env, rows, benchmark.columns, benchmark.title.format(dtype=args.dtype),
+                  benchmark.plot_title.format(dtype=args.dtype), baseline=benchmark.baseline)

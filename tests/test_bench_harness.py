@@ -1,0 +1,104 @@
+"""benchmarks/harness.py's runner on toy cases: rows, ratios within a group, extras, no-grad groups,
+inputs freed between cases, and ``main`` building the options and the table of a toy bench."""
+import json
+import os
+import weakref
+
+import pytest
+import torch
+
+from fastpeft.cli import _bench_module
+
+harness = _bench_module("harness")
+
+
+class _Inputs:
+    """Stands for a case's tensors; the test watches when it is freed."""
+
+
+def _toy_cases(log, refs):
+    def setup(name, scale):
+        log.append(("setup", name, [r() is not None for r in refs]))  # which earlier inputs are still alive
+        inputs = _Inputs()
+        refs.append(weakref.ref(inputs))
+        for mode in ("fwd", "fwd+bwd"):
+            grads = []
+
+            def base(inputs=inputs):
+                return sum(range(200))
+
+            def slow(inputs=inputs, grads=grads):
+                grads.append(torch.is_grad_enabled())
+                return sum(range(200 * scale))
+
+            yield harness.Group({"mode": mode}, {"base": base, "slow": slow},
+                                extra=lambda provider, times: {"seen": sorted(times)}, grad=mode == "fwd+bwd")
+            log.append(("grad", name, mode, set(grads)))
+
+    return [harness.Case({"name": name, "size": scale}, lambda name=name, scale=scale: setup(name, scale))
+            for name, scale in (("a", 20), ("b", 40))]
+
+
+def test_run_cases_rows_ratios_and_groups():
+    log, refs = [], []
+    cases = _toy_cases(log, refs)
+    assert log == []  # nothing is built before its turn
+    rows = harness.run_cases(cases, "cpu", baseline="base", warmup_ms=1, rep_ms=2, progress=False)
+    assert [(r["name"], r["mode"], r["provider"]) for r in rows] == [
+        (n, m, p) for n in "ab" for m in ("fwd", "fwd+bwd") for p in ("base", "slow")]
+    for r in rows:
+        assert list(r)[:4] == ["name", "size", "mode", "provider"]
+        assert harness.case_keys(r) == ["name", "size", "mode"]
+        assert r["ms"] > 0 and r["p20"] <= r["ms"] <= r["p80"] and r["peak_mib"] is None
+        assert r["seen"] == ["base", "slow"]
+    for base, slow in zip(rows[::2], rows[1::2]):
+        assert base["vs_base"] == 1.0
+        assert slow["vs_base"] == pytest.approx(slow["ms"] / base["ms"]) and slow["vs_base"] > 1
+    # fwd groups ran without grad, fwd+bwd with; case a's inputs were freed before case b was built
+    assert [e for e in log if e[0] == "grad"] == [("grad", n, m, {m == "fwd+bwd"})
+                                                  for n in "ab" for m in ("fwd", "fwd+bwd")]
+    assert [e for e in log if e[0] == "setup"] == [("setup", "a", []), ("setup", "b", [False])]
+
+
+def test_main_builds_options_table_and_files(tmp_path, capsys):
+    seen = {}
+
+    def add_arguments(ap, cuda):
+        ap.add_argument("--sizes", nargs="+", type=int, default=[3])
+
+    def cases(args, ctx):
+        seen.update(dtype=ctx.dtype, device=ctx.device, kernels_ok=ctx.kernels_ok, modes=args.modes)
+        return [harness.Case({"n": n}, lambda n=n: iter([harness.Group({"mode": m}, {
+            "floor": lambda: None, "other": lambda n=n: sum(range(100 * n))}) for m in args.modes]))
+            for n in args.sizes]
+
+    toy = harness.Benchmark(
+        prog="toy", description="a toy", add_arguments=add_arguments, cases=cases,
+        columns=[("n", "n", "{}"), ("mode", "mode", "{}"), ("provider", "provider", "{}"),
+                 ("vs_floor", "x floor", "{:.2f}")],
+        title="Toy, {dtype}", plot_title="toy ({dtype})", no_gpu="No GPU: toy on the CPU.", baseline="floor",
+        modes=("fwd", "fwd+bwd"))
+    js, md, png = tmp_path / "t.json", tmp_path / "t.md", tmp_path / "t.png"
+    rows = harness.main(toy, ["--sizes", "2", "5", "--dtype", "float16", "--modes", "fwd", "--warmup-ms", "1",
+                              "--rep-ms", "2", "--quiet", "--json", str(js), "--markdown", str(md), "--plot", str(png)])
+    out = capsys.readouterr().out
+    if not torch.cuda.is_available():
+        assert out.startswith("No GPU: toy on the CPU.\n\n") and seen["kernels_ok"] is False
+    assert seen["dtype"] == torch.float16 and seen["modes"] == ["fwd"]
+    assert "Toy, float16\n" in out and "x floor" in out and "torch " in out
+    assert [(r["n"], r["mode"], r["provider"]) for r in rows] == [(n, "fwd", p) for n in (2, 5)
+                                                                  for p in ("floor", "other")]
+    data = json.loads(js.read_text())
+    assert data["rows"] == rows and {"device", "torch", "triton", "date"} <= set(data["environment"])
+    assert md.read_text().startswith("# Toy, float16") and png.stat().st_size > 1000
+    with pytest.raises(SystemExit):  # a bench without modes has no --modes
+        harness.main(harness.Benchmark(prog="toy", description="", add_arguments=add_arguments, cases=cases,
+                                       columns=toy.columns, title="", plot_title="", no_gpu=""), ["--modes", "fwd"])
+
+
+def test_env_vars_restores(monkeypatch):
+    monkeypatch.setenv("FASTPEFT_TOY_A", "old")
+    monkeypatch.delenv("FASTPEFT_TOY_B", raising=False)
+    with harness.env_vars({"FASTPEFT_TOY_A": "new", "FASTPEFT_TOY_B": "set"}):
+        assert os.environ["FASTPEFT_TOY_A"] == "new" and os.environ["FASTPEFT_TOY_B"] == "set"
+    assert os.environ["FASTPEFT_TOY_A"] == "old" and "FASTPEFT_TOY_B" not in os.environ
