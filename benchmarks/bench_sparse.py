@@ -155,7 +155,7 @@ def run(tokens, shape, densities, blocks, device, dtype, modes, warmup_ms=25, re
         values.requires_grad_()
         plan = None
         if kernels_ok:
-            from fastpeft.sparse import build_sparse_plan
+            from fastpeft.ops.sparse import build_sparse_plan
 
             plan = build_sparse_plan(idx, n, k, b)  # built once per set of indices, as a layer caches it
         for mode in modes:
