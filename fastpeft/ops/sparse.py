@@ -153,7 +153,7 @@ def _w_plus_delta(weight, indices, values, block_size, dtype):
     """W + Δ in ``dtype``: a transient (out, in) buffer, freed by the caller as soon as it is used."""
     if indices.shape[0] == 0:
         return weight if weight.dtype == dtype else weight.to(dtype)
-    return SD.densify_op(weight, indices, values, block_size, dtype)
+    return SD.densify_op(weight, indices, values, block_size=block_size, dtype=dtype)
 
 
 def _sddmm(dy, x, indices, values, plan: SparsePlan):
@@ -173,8 +173,9 @@ def _sddmm(dy, x, indices, values, plan: SparsePlan):
 
 def _fused_ok(plan: SparsePlan, key: tuple, fused, dense, device) -> bool:
     """Whether to run the block-fused GEMM (it needs a block map) rather than W + Δ densified + cuBLAS."""
-    block_map = getattr(plan, "block_map", None)
-    return block_map is not None and SD.choose_sparse_gemm(key, plan.block_size, fused, dense, device) == "fused"
+    if not isinstance(plan, BlockPlan) or plan.block_map is None:
+        return False
+    return SD.choose_sparse_gemm(key, plan.block_size, fused, dense, device) == "fused"
 
 
 # ----------------------------------------------------------------------------------------------------
