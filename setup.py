@@ -4,6 +4,6 @@ folders are installed as the ``fastpeft.kernels`` and ``fastpeft.benchmarks`` pa
 from setuptools import setup
 
 setup(
-    packages=["fastpeft", "fastpeft.demo", "fastpeft.kernels", "fastpeft.benchmarks"],
+    packages=["fastpeft", "fastpeft.demo", "fastpeft.ops", "fastpeft.kernels", "fastpeft.benchmarks"],
     package_dir={"fastpeft": "fastpeft", "fastpeft.kernels": "kernels", "fastpeft.benchmarks": "benchmarks"},
 )

@@ -134,7 +134,7 @@ def groups(m, k, n, d, b, modes, ctx):
     values.requires_grad_()
     plan = None
     if ctx.kernels_ok:
-        from fastpeft.sparse import build_sparse_plan
+        from fastpeft.ops.sparse import build_sparse_plan
 
         plan = build_sparse_plan(idx, n, k, b)  # built once per set of indices, as a layer caches it
     for mode in modes:

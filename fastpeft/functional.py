@@ -8,6 +8,9 @@ Backends:
 
 The backend of a call is, in order: its ``backend=`` argument, the innermost ``use_backend`` block,
 the ``FASTPEFT_BACKEND`` environment variable, ``"auto"``.
+
+The triton paths (autograd Functions on the kernels) are in :mod:`fastpeft.ops`, one module per op
+family; they import triton, so they are imported when a call takes the triton backend.
 """
 from __future__ import annotations
 
@@ -21,8 +24,8 @@ import torch
 from . import kernels
 from ._checks import (autocast_on, check_lora_linear_args, check_lora_multi_args, check_same_device_dtype,
                       check_sparse_delta, check_tensor, expand_adapter_ids)
-from .reference import (dropout_threshold, lora_linear_multi_ref, lora_linear_ref, lora_sparse_linear_ref,
-                        sparse_delta_linear_ref)
+from .ops.common import draw_seed
+from .reference import lora_linear_multi_ref, lora_linear_ref, lora_sparse_linear_ref, sparse_delta_linear_ref
 
 BACKENDS = ("auto", "triton", "reference")
 _KERNEL_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
@@ -113,146 +116,6 @@ def resolve_backend(op: str, backend: str | None, *tensors: torch.Tensor) -> str
     return "triton" if reason is None and on_cuda and op in kernels.AUTO_OPS else "reference"
 
 
-def draw_seed(device=None):
-    """A dropout seed drawn from torch's default CPU generator, so ``torch.manual_seed`` makes runs
-    repeatable and ``torch.utils.checkpoint`` (which restores that generator) redraws the same one.
-
-    Eager: a Python int. While torch.compile traces: the same draw as a one-element int64 tensor on
-    ``device`` (``.item()`` would break the graph), which the reference ops and the kernels read as the
-    seed without a host sync. The compiled graph draws it from the default CPU generator on every call
-    (inductor's RNG is seeded from that generator too), so seeding and checkpointing behave as in eager.
-    """
-    seed = torch.randint(0, 2**62, (1,), dtype=torch.int64)
-    if torch.compiler.is_compiling():
-        return seed.to(device) if device is not None else seed
-    return int(seed.item())
-
-
-def _seed_arg(seed):
-    """The seed as the Functions and kernels take it: 0 for None, a drawn tensor as it is, else an int."""
-    if seed is None:
-        return 0
-    return seed if isinstance(seed, torch.Tensor) else int(seed)
-
-
-class LoRALinearFunction(torch.autograd.Function):
-    r"""Fused LoRA linear on the triton kernels; x is 2-D here, (M, K).
-
-    Forward, with s the scaling, p the dropout rate, D = diag-free keep-mask of x (M, K) and
-    drop(x) = D * x / (1 - p):
-
-        u = drop(x) A^T                      (M, r) fp32, one pass over x (mask redrawn in the load)
-        y = x W^T + s u B^T + b              one GEMM, s u B^T + b in its epilogue
-
-    Backward, from dY (M, N). y depends on x through x W^T and through u:
-
-        dL/du = s dY B = s v,    with v = dY B                                (M, r)
-        dX    = dY W + (dL/du) A * D / (1 - p) = dY W + s D * (v A) / (1 - p)  (mask applied to v A)
-        dA    = (dL/du)^T drop(x) = s v^T drop(x)                              (r, K)
-        dB    = s dY^T u                                                       (N, r)
-        dW    = dY^T x,   db = sum_m dY                                        (only when required)
-
-    Saved for backward: x (not a dropped copy: the mask is a pure function of the seed and is redrawn),
-    u (M, r) fp32 and the parameters. v is recomputed from dY. No atomics anywhere: partial sums are
-    added in a fixed order, so the same inputs give the same bits on every run.
-    """
-
-    @staticmethod
-    def forward(ctx, x, weight, bias, lora_A, lora_B, scaling, dropout_p, seed):
-        from .kernels import lora as K
-
-        thr = dropout_threshold(dropout_p) if dropout_p > 0.0 else 0
-        drop_scale = 1.0 / (1.0 - dropout_p) if dropout_p > 0.0 else 1.0
-        k = x.shape[1]
-        u = K.shrink_op(x, lora_A.t(), drop_scale, seed, thr, k, 1)
-
-        key = ("fwd", _bucket(x.shape[0]), k, weight.shape[0], lora_A.shape[0], x.dtype, bias is not None)
-        y = lora_gemm(x, weight.t(), u, lora_B.t(), bias, scaling, 0, 0, key)
-        ctx.save_for_backward(x, u, weight, lora_A, lora_B)
-        ctx.scaling, ctx.seed, ctx.thr, ctx.drop_scale = scaling, seed, thr, drop_scale
-        ctx.has_bias = bias is not None
-        return y
-
-    @staticmethod
-    def backward(ctx, dy):
-        x, u, weight, lora_A, lora_B = ctx.saved_tensors
-        need_x, need_w, need_b, need_a, need_bb = ctx.needs_input_grad[:5]
-        s, seed, thr, ds = ctx.scaling, ctx.seed, ctx.thr, ctx.drop_scale
-        k = x.shape[1]
-        dx = dw = db = None
-        v, da, dbb = lora_factor_grads(dy, x, u, lora_A, lora_B, s, ds, seed, thr, need_x, need_a, need_bb)
-        if need_x:
-            key = ("dx", _bucket(x.shape[0]), weight.shape[0], k, lora_A.shape[0], x.dtype, thr > 0)
-            dx = lora_gemm(dy, weight, v, lora_A, None, s * ds, seed, thr, key)
-        dw, db = base_grads(dy, x, weight, need_w, need_b and ctx.has_bias)
-        return dx, dw, db, da, dbb, None, None, None
-
-
-def base_grads(dy, x, weight, need_w: bool, need_b: bool) -> tuple:
-    """``(dW, db)`` of the frozen base layer, each None unless required: dW = dY^T x, db = sum_m dY."""
-    dw = (dy.t() @ x).to(weight.dtype) if need_w else None
-    db = dy.sum(0) if need_b else None
-    return dw, db
-
-
-def lora_factor_grads(dy, x, u, lora_A, lora_B, s, ds, seed, thr, need_v, need_a, need_b) -> tuple:
-    """``(v, dA, dB)`` on the kernels, each None when not needed: v = dY B (M, r) fp32 (for dX or dA),
-    dA = s·ds·v^T (mask * x), dB = s·dY^T u. x (M, K), u = drop(x) A^T; ds = 1/(1-p), mask from seed."""
-    from .kernels import lora as K
-
-    v = da = db = None
-    if need_v or need_a:
-        v = K.shrink_op(dy, lora_B, 1.0, 0, 0, 0, 0)
-    if need_a:
-        da = K.shrink_op(x.t(), v, s * ds, seed, thr, 1, x.shape[1]).t().to(lora_A.dtype)
-    if need_b:
-        db = K.shrink_op(dy.t(), u, s, 0, 0, 0, 0).to(lora_B.dtype)
-    return v, da, db
-
-
-def lora_gemm(a, b, lu, lv, bias, scale, seed, thr, key):
-    """``a @ b + scale * mask * (lu @ lv) + bias`` on the faster of the fused-epilogue GEMM and cuBLAS +
-    an in-place low-rank update, chosen per shape ``key`` (``kernels.lora.choose_gemm``)."""
-    from .kernels import lora as K
-
-    def fused():
-        return K.gemm_op(a, b, lu, lv, bias, scale, seed, thr)
-
-    def cublas():
-        out = torch.addmm(bias, a, b) if bias is not None else a @ b
-        if thr == 0:
-            return out.addmm_(lu.to(out.dtype), lv, alpha=scale)
-        return K.lowrank_add_op(out, lu, lv, scale, seed, thr)
-
-    return fused() if K.choose_gemm(key, fused, cublas, a.device) == "fused" else cublas()
-
-
-def _bucket(m: int) -> int:
-    """Token counts within a power of two share a measured GEMM choice."""
-    return 1 << max(0, int(m) - 1).bit_length()
-
-
-def autocast_inputs(x: torch.Tensor, *tensors):
-    """``(x, *tensors)`` cast to the autocast dtype when autocast is on for x's device (None kept), as
-    nn.Linear's matmul would cast them; the kernels then run with autocast off."""
-    dev = x.device.type
-    if not torch.is_autocast_enabled(dev):
-        return (x, *tensors)
-    dtype = torch.get_autocast_dtype(dev)
-    return tuple(t.to(dtype) if t is not None else None for t in (x, *tensors))
-
-
-def _lora_linear_triton(x, weight, bias, lora_A, lora_B, scaling, dropout_p, seed):
-    """Reshape to 2-D, follow autocast as nn.Linear does, and run the fused Function."""
-    x, weight, bias, lora_A, lora_B = autocast_inputs(x, weight, bias, lora_A, lora_B)
-    lead = x.shape[:-1]
-    x2 = x.reshape(-1, x.shape[-1])
-    with torch.autocast(x.device.type, enabled=False):
-        y = LoRALinearFunction.apply(x2, weight, bias, lora_A, lora_B, float(scaling), float(dropout_p),
-                                     _seed_arg(seed))
-    return y.view(*lead, weight.shape[0])
-
-
 def lora_linear(x, weight, bias, lora_A, lora_B, scaling, dropout_p=0.0, training=True, seed=None,
                 backend=None) -> torch.Tensor:
     """LoRA linear: ``y = x W^T + b + scaling * (drop(x) A^T) B^T``.
@@ -271,6 +134,8 @@ def lora_linear(x, weight, bias, lora_A, lora_B, scaling, dropout_p=0.0, trainin
     if p > 0.0 and seed is None:
         seed = draw_seed(x.device)
     if resolve_backend("lora_linear", backend, x, weight, lora_A, lora_B) == "triton":
+        from .ops.lora import _lora_linear_triton
+
         return _lora_linear_triton(x, weight, bias, lora_A, lora_B, scaling, p, seed)
     return lora_linear_ref(x, weight, bias, lora_A, lora_B, float(scaling), p, training, seed)
 
@@ -297,7 +162,7 @@ def lora_linear_multi(x, weight, bias, lora_A_stack, lora_B_stack, scalings, ada
         seed = draw_seed(x.device)
     name = resolve_backend("lora_linear_multi", backend, x, weight, lora_A_stack, lora_B_stack)
     if name == "triton":
-        from .multi import lora_linear_multi_triton
+        from .ops.multi import lora_linear_multi_triton
 
         return lora_linear_multi_triton(x, weight, bias, lora_A_stack, lora_B_stack, scalings, ids, ranks,
                                         dropout_p if use_dropout else None, seed)
@@ -315,7 +180,7 @@ def sparse_delta_linear(x, weight, bias, delta_indices, delta_values, block_size
     delta_values (nblocks, b, b). Differentiable in x and delta_values (and bias / weight where they
     require grad); the triton path never forms an (out, in) gradient. ``check=False`` skips the
     indices' range / order checks (a host sync) for indices known to be valid; ``plan`` is the cached
-    tile bucketing of the indices (``fastpeft.sparse.SparsePlan``), built when None.
+    plan of the indices (``fastpeft.ops.sparse.build_sparse_plan``), built when None.
     """
     check_tensor(weight, "weight", ndim=2)
     check_lora_linear_args(x, weight, bias, weight.new_empty(0, weight.shape[1]), weight.new_empty(weight.shape[0], 0),
@@ -324,7 +189,7 @@ def sparse_delta_linear(x, weight, bias, delta_indices, delta_values, block_size
     # Under autocast the values may be of another dtype than x, as the weight may (see check_lora_linear_args).
     check_same_device_dtype("x", x, not autocast_on(x), delta_values=delta_values)
     if resolve_backend("sparse_delta_linear", backend, x, weight, delta_values) == "triton":
-        from .sparse import sparse_delta_linear_triton
+        from .ops.sparse import sparse_delta_linear_triton
 
         return sparse_delta_linear_triton(x, weight, bias, delta_indices, delta_values, block_size, plan)
     return sparse_delta_linear_ref(x, weight, bias, delta_indices, delta_values, block_size)
@@ -345,7 +210,7 @@ def lora_sparse_linear(x, weight, bias, lora_A, lora_B, scaling, delta_indices, 
     if p > 0.0 and seed is None:
         seed = draw_seed(x.device)
     if resolve_backend("lora_sparse_linear", backend, x, weight, lora_A, lora_B, delta_values) == "triton":
-        from .sparse import lora_sparse_linear_triton
+        from .ops.sparse import lora_sparse_linear_triton
 
         return lora_sparse_linear_triton(x, weight, bias, lora_A, lora_B, float(scaling), delta_indices, delta_values,
                                          block_size, p, seed, plan)

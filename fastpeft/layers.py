@@ -98,7 +98,7 @@ class _SparsePlanCache:
             return None
         key = (indices.data_ptr(), indices._version, tuple(indices.shape), x.device, tuple(weight.shape), block_size)
         if key != self.key:
-            from .sparse import build_sparse_plan
+            from .ops.sparse import build_sparse_plan
 
             self.plan = build_sparse_plan(indices, weight.shape[0], weight.shape[1], block_size, x.device)
             self.key = key

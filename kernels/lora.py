@@ -17,77 +17,28 @@ read and one write of the output, the mask redrawn). The dropout mask of element
 is kept when ``draw(seed, m * K + k) >= threshold``, where ``draw(seed, e)`` is word ``e % 4`` of the
 Philox4x32-10 block at counter ``e // 4`` (``_keep_mask``), bit-identical to
 ``fastpeft.reference.dropout_mask``. Every launcher's ``seed`` is an int, or a one-element int64 tensor on
-the device (a seed drawn inside a torch.compile region) that the kernels read from memory.
+the device (a seed drawn inside a torch.compile region) that the kernels read from memory. Launchers take
+their arguments by name too; the mask arguments default to no dropout.
 
-This module imports only torch and triton.
+What the kernel modules share (the mask, dots, casts, tile order, block tables, split heuristic, the
+``torch.library`` plumbing) is in ``_common.py``. This module imports only torch and triton.
 """
 from __future__ import annotations
 
-import contextlib
-import functools
 import os
-import threading
 
 import torch
 import triton
 import triton.language as tl
 
 from . import INTERPRET, is_deterministic
+from ._common import (_HAS_TRITON_OP, _cast, _dot_precision, _grouped_tile, _keep_mask, _library_op, _mma, _op_body,
+                      _seed, _upcast, _use_explicit_blocks, _wrap, block_setter, eager_or_op, r_pad, split_chunk,
+                      split_count)
 
 # ----------------------------------------------------------------------------------------------------
 # kernels
 # ----------------------------------------------------------------------------------------------------
-
-
-@triton.jit
-def _keep_mask(seed, offsets, threshold):
-    """True where the draw for flat index ``offsets`` (int64) keeps its element: word ``offsets % 4`` of
-    the Philox block at ``offsets // 4`` (see fastpeft.reference.dropout_mask). ``seed`` is an int, or a
-    pointer to the one-element int64 tensor of a seed drawn inside a torch.compile region (read here, so
-    that the seed never goes through the host)."""
-    if seed.dtype.is_ptr():
-        seed = tl.load(seed)
-    c0, c1, c2, c3 = tl.randint4x(seed, offsets // 4)
-    word = offsets % 4
-    rnd = tl.where(word == 0, c0, tl.where(word == 1, c1, tl.where(word == 2, c2, c3)))
-    return (rnd.to(tl.int64) & 0xFFFFFFFF) >= threshold
-
-
-# UPCAST is set for bf16 under the interpreter only, where triton 3.9 mishandles bf16: tl.dot returns
-# garbage and fp32 -> bf16 casts truncate instead of rounding to nearest even as GPUs do. With it, the
-# two helpers below give the GPU's results on the CPU.
-
-
-@triton.jit
-def _mma(a, b, acc, DOT_PRECISION: tl.constexpr, UPCAST: tl.constexpr):
-    """acc + a @ b, accumulated in fp32. bf16 products are exact in fp32, so UPCAST changes nothing else."""
-    if UPCAST:
-        return tl.dot(a.to(tl.float32), b.to(tl.float32), acc)
-    return tl.dot(a, b, acc, input_precision=DOT_PRECISION)
-
-
-@triton.jit
-def _cast(x, dtype: tl.constexpr, UPCAST: tl.constexpr):
-    """x.to(dtype), rounding to nearest even also where the interpreter would truncate to bf16."""
-    if UPCAST:
-        if dtype == tl.bfloat16:
-            bits = x.to(tl.float32).to(tl.int32, bitcast=True)
-            bits = (bits + 0x7FFF + ((bits >> 16) & 1)) & -65536  # keep the high 16 bits, rounded
-            x = bits.to(tl.float32, bitcast=True)
-    return x.to(dtype)
-
-
-@triton.jit
-def _grouped_tile(M, N, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, GROUP_M: tl.constexpr):
-    """(pid_m, pid_n) of this program in grouped order (as in Triton's matmul tutorial): GROUP_M
-    row-blocks run together and share their B tiles in L2."""
-    pid = tl.program_id(0)
-    num_m = tl.cdiv(M, BLOCK_M)
-    num_n = tl.cdiv(N, BLOCK_N)
-    group = GROUP_M * num_n
-    first_m = (pid // group) * GROUP_M
-    size_m = tl.minimum(num_m - first_m, GROUP_M)
-    return first_m + (pid % group) % size_m, (pid % group) // size_m
 
 
 @triton.jit
@@ -236,19 +187,6 @@ _lora_gemm_tuned = triton.autotune(configs=_GEMM_CONFIGS, key=["M_KEY", "N", "K"
 _TEST_BLOCKS = {"BLOCK_M": 32, "BLOCK_N": 32, "BLOCK_K": 32, "GROUP_M": 2, "BLOCK_P": 32, "BLOCK_Q": 32}
 
 
-def block_setter(table: dict):
-    """A ``set_test_blocks(**blocks)`` for one module's explicit block table: it overrides known block
-    sizes and returns the previous values (to restore them)."""
-    def set_test_blocks(**blocks) -> dict:
-        old = dict(table)
-        unknown = set(blocks) - set(table)
-        if unknown:
-            raise ValueError(f"unknown block names {sorted(unknown)}; known: {sorted(table)}")
-        table.update(blocks)
-        return old
-    return set_test_blocks
-
-
 set_test_blocks = block_setter(_TEST_BLOCKS)
 
 # Deterministic mode (fastpeft.set_deterministic) launches the autotuned GEMMs with this one config
@@ -276,49 +214,12 @@ def gemm_launch_config(t: torch.Tensor, test_blocks: dict) -> dict | None:
 # ----------------------------------------------------------------------------------------------------
 
 
-def r_pad(r: int) -> int:
-    """Rank padded to a power of two of at least 16 (tl.dot's smallest dimension on GPUs)."""
-    return max(16, triton.next_power_of_2(int(r)))
-
-
-def _dot_precision(dtype: torch.dtype) -> str:
-    # fp32 follows torch's matmul policy, as nn.Linear does: full fp32 unless the user allows TF32.
-    if dtype == torch.float32 and torch.get_float32_matmul_precision() == "highest":
-        return "ieee"
-    return "tf32"
-
-
-def _upcast(dtype: torch.dtype) -> bool:
-    return INTERPRET and dtype == torch.bfloat16
-
-
-def _use_explicit_blocks(t: torch.Tensor) -> bool:
-    """Explicit blocks under the interpreter, and with FASTPEFT_AUTOTUNE=0 (GPU tests: many small odd
-    shapes would otherwise compile and time every config for each)."""
-    return INTERPRET or t.device.type != "cuda" or os.environ.get("FASTPEFT_AUTOTUNE", "1") == "0"
-
-
-@functools.lru_cache(maxsize=None)
-def _sm_count(device_index: int) -> int:
-    return torch.cuda.get_device_properties(device_index).multi_processor_count
-
-
-def _split_for(t: torch.Tensor, P: int, Q: int, block_p: int, block_q: int) -> int:
-    """How many partial sums the reduction over Q is split into: enough programs to fill the GPU
-    (two per SM), each still looping over at least 4 blocks of Q."""
-    if _use_explicit_blocks(t):
-        return 1 if Q <= 2 * block_q else 2  # the interpreter still exercises the split path
-    programs = triton.cdiv(P, block_p)
-    want = triton.cdiv(2 * _sm_count(t.device.index or 0), programs)
-    return max(1, min(want, triton.cdiv(Q, 4 * block_q), 64))
-
-
-def lora_shrink(a: torch.Tensor, b: torch.Tensor, scale: float, seed: int, threshold: int, mask_sp: int,
-                mask_sq: int) -> torch.Tensor:
+def lora_shrink(a: torch.Tensor, b: torch.Tensor, scale: float = 1.0, seed: int = 0, threshold: int = 0,
+                mask_sp: int = 0, mask_sq: int = 0) -> torch.Tensor:
     """fp32 ``scale * drop(a) @ b``: a (P, Q) any strides, b (Q, R) any strides -> (P, R) fp32.
 
     Element (p, q) of ``a`` is dropped when ``threshold > 0`` and
-    ``draw(seed, p * mask_sp + q * mask_sq) < threshold``.
+    ``draw(seed, p * mask_sp + q * mask_sq) < threshold`` (the defaults: no dropout).
     """
     P, Q = a.shape
     R = b.shape[1]
@@ -327,9 +228,7 @@ def lora_shrink(a: torch.Tensor, b: torch.Tensor, scale: float, seed: int, thres
     else:
         # BLOCK_P=64/BLOCK_Q=64: a narrow-output GEMM is bound by reading a; not yet tuned on a card.
         block_p, block_q, warps, stages = 64, 64, 4, 3
-    split = _split_for(a, P, Q, block_p, block_q)
-    q_per_split = triton.cdiv(triton.cdiv(Q, split), block_q) * block_q if Q else 0
-    split = max(1, triton.cdiv(Q, q_per_split)) if Q else 1
+    q_per_split, split = split_chunk(Q, split_count(a, triton.cdiv(P, block_p), Q, block_q), block_q)
     out = torch.empty((split, P, R), device=a.device, dtype=torch.float32)
     if P == 0 or R == 0:
         return out.sum(0)
@@ -347,12 +246,12 @@ def lora_shrink(a: torch.Tensor, b: torch.Tensor, scale: float, seed: int, thres
     return out[0] if split == 1 else out.sum(0)
 
 
-def lora_gemm(a: torch.Tensor, b: torch.Tensor, lu: torch.Tensor, lv: torch.Tensor, bias: torch.Tensor | None,
-              scale: float, seed: int, threshold: int) -> torch.Tensor:
+def lora_gemm(a: torch.Tensor, b: torch.Tensor, lu: torch.Tensor, lv: torch.Tensor,
+              bias: torch.Tensor | None = None, scale: float = 1.0, seed: int = 0, threshold: int = 0) -> torch.Tensor:
     """``a @ b + scale * mask * (lu @ lv) + bias`` in a's dtype, one kernel.
 
     a (M, K), b (K, N), lu (M, R) (fp32 or a's dtype), lv (R, N), bias (N,) or None; any strides.
-    The mask of (m, n) is ``draw(seed, m * N + n) >= threshold`` (none when threshold == 0).
+    The mask of (m, n) is ``draw(seed, m * N + n) >= threshold`` (none when threshold == 0, the default).
     """
     M, K = a.shape
     N = b.shape[1]
@@ -376,9 +275,10 @@ def lora_gemm(a: torch.Tensor, b: torch.Tensor, lu: torch.Tensor, lv: torch.Tens
     return out
 
 
-def lora_lowrank_add_(out: torch.Tensor, lu: torch.Tensor, lv: torch.Tensor, scale: float, seed: int,
-                      threshold: int) -> torch.Tensor:
-    """In place ``out += scale * mask * (lu @ lv)``: out (M, N), lu (M, R), lv (R, N); returns out."""
+def lora_lowrank_add_(out: torch.Tensor, lu: torch.Tensor, lv: torch.Tensor, scale: float = 1.0, seed: int = 0,
+                      threshold: int = 0) -> torch.Tensor:
+    """In place ``out += scale * mask * (lu @ lv)``: out (M, N), lu (M, R), lv (R, N); returns out. The
+    mask of (m, n) is ``draw(seed, m * N + n) >= threshold`` (none when threshold == 0, the default)."""
     M, N = out.shape
     R = lu.shape[1]
     if M == 0 or N == 0:
@@ -398,59 +298,8 @@ def lora_lowrank_add_(out: torch.Tensor, lu: torch.Tensor, lv: torch.Tensor, sca
 # torch.library registration: torch.compile(fullgraph=True) traces these ops and the kernels inside.
 # ----------------------------------------------------------------------------------------------------
 
-_HAS_TRITON_OP = hasattr(torch.library, "triton_op") and hasattr(torch.library, "wrap_triton")
-_state = threading.local()
-
-
-def _wrap(kernel):
-    """The kernel as launched from a launcher: through ``wrap_triton`` inside a registered op's body (so
-    torch.compile and fake tensors see it), directly otherwise. Eager calls skip the ops: going through
-    the op dispatcher and ``wrap_triton`` costs host time per launch that small LoRA kernels cannot hide."""
-    return torch.library.wrap_triton(kernel) if getattr(_state, "in_op", False) else kernel
-
-
-@contextlib.contextmanager
-def _op_body():
-    prev = getattr(_state, "in_op", False)
-    _state.in_op = True
-    try:
-        yield
-    finally:
-        _state.in_op = prev
-
-
-def eager_or_op(launcher, op, seed_arg=None):
-    """A callable running ``launcher`` directly in eager mode and the registered ``op`` while
-    torch.compile traces (where the op and its wrapped kernels are visible to the compiler).
-
-    ``seed_arg``: the position of the op's ``seed: int``. A seed drawn inside a compiled region is a
-    one-element tensor (fastpeft.functional.draw_seed); the op takes it as its ``seed_t`` argument, and the
-    kernels read it from memory. The launchers take either form as ``seed``.
-    """
-    if op is None:
-        return launcher
-
-    @functools.wraps(launcher)
-    def call(*args):
-        if torch.compiler.is_compiling():
-            if seed_arg is not None and isinstance(args[seed_arg], torch.Tensor):
-                seed_t = args[seed_arg]
-                return op(*args[:seed_arg], 0, *args[seed_arg + 1:], seed_t=seed_t)
-            return op(*args)
-        return launcher(*args)
-    return call
-
-
-def _seed(seed: int, seed_t: torch.Tensor | None):
-    """A registered op's seed as its launcher takes it: the tensor ``seed_t`` when given, else ``seed``."""
-    return seed if seed_t is None else seed_t
-
-
-# Under TRITON_INTERPRET the kernels are Python functions that would run on fake tensors when
-# torch.compile traces a triton_op's body, so there the ops are opaque custom ops (given fakes below) that
-# the compiled graph calls: the CPU tests compile the triton backend too. On GPUs, triton_op.
-_library_op = torch.library.custom_op if INTERPRET else getattr(torch.library, "triton_op", None)
-
+# The plumbing (eager calls go straight to the launchers, torch.compile traces the ops; a seed drawn inside a
+# compiled region reaches the kernels as ``seed_t``) is in _common.py.
 
 if _HAS_TRITON_OP:
     @_library_op("fastpeft::lora_shrink", mutates_args=())
@@ -492,9 +341,9 @@ if _HAS_TRITON_OP:
         torch.ops.fastpeft.lora_lowrank_add_(out, lu, lv, scale, seed, threshold, seed_t=seed_t)
         return out
 
-    shrink_op = eager_or_op(lora_shrink, torch.ops.fastpeft.lora_shrink, seed_arg=3)
-    gemm_op = eager_or_op(lora_gemm, torch.ops.fastpeft.lora_gemm, seed_arg=6)
-    lowrank_add_op = eager_or_op(lora_lowrank_add_, _lowrank_add_registered, seed_arg=4)
+    shrink_op = eager_or_op(lora_shrink, torch.ops.fastpeft.lora_shrink)
+    gemm_op = eager_or_op(lora_gemm, torch.ops.fastpeft.lora_gemm)
+    lowrank_add_op = eager_or_op(lora_lowrank_add_, _lowrank_add_registered)
 else:  # torch < 2.6: plain launchers (eager only)
     shrink_op, gemm_op, lowrank_add_op = lora_shrink, lora_gemm, lora_lowrank_add_
 

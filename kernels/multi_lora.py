@@ -25,7 +25,7 @@ adapter's rows as one contiguous range. The dropout mask of element (m, k) of x 
 single-adapter kernels, ``_keep_mask(seed, m * K + k, threshold_a)`` (fastpeft.reference.dropout_mask at
 rate p_a), redrawn wherever it is needed and never stored.
 
-This module imports only torch, triton and its sibling ``lora``.
+This module imports only torch, triton and its sibling ``_common``.
 """
 from __future__ import annotations
 
@@ -33,8 +33,9 @@ import torch
 import triton
 import triton.language as tl
 
-from .lora import (INTERPRET, _HAS_TRITON_OP, _cast, _dot_precision, _keep_mask, _library_op, _mma, _seed,
-                   _sm_count, _upcast, _op_body, _use_explicit_blocks, _wrap, block_setter, eager_or_op, r_pad)
+from . import INTERPRET
+from ._common import (_HAS_TRITON_OP, _cast, _dot_precision, _keep_mask, _library_op, _mma, _op_body, _seed, _upcast,
+                      _use_explicit_blocks, _wrap, block_setter, eager_or_op, r_pad, split_chunk, split_count)
 
 # ----------------------------------------------------------------------------------------------------
 # grouping: rows sorted by adapter, cut into blocks, all on the device
@@ -256,30 +257,20 @@ def block_m_for(x: torch.Tensor, m: int, n: int) -> int:
     return max(16, min(64, triton.next_power_of_2(triton.cdiv(max(int(m), 1), max(int(n), 1)))))
 
 
-def _split(t: torch.Tensor, programs: int, length: int, block: int, explicit_cut: int) -> int:
-    """How many partial sums a reduction of ``length`` is cut into: enough programs to fill the GPU (two
-    per SM), each still looping over at least 4 blocks. Under explicit blocks, 2 once the reduction
-    spans more than ``explicit_cut`` elements, so the interpreter exercises the split path."""
-    if _use_explicit_blocks(t):
-        return 1 if length <= explicit_cut else 2
-    want = triton.cdiv(2 * _sm_count(t.device.index or 0), max(programs, 1))
-    return max(1, min(want, triton.cdiv(length, 4 * block), 64))
-
-
 # ----------------------------------------------------------------------------------------------------
 # launchers
 # ----------------------------------------------------------------------------------------------------
 
 
 def multi_lora_shrink(src: torch.Tensor, w: torch.Tensor, order: torch.Tensor, blocks: torch.Tensor,
-                      ranks: torch.Tensor, scales: torch.Tensor, thresholds: torch.Tensor, block_m: int, seed: int,
-                      has_mask: bool, mask_sm: int, mask_sq: int) -> torch.Tensor:
+                      ranks: torch.Tensor, scales: torch.Tensor, thresholds: torch.Tensor, block_m: int, seed: int = 0,
+                      has_mask: bool = False, mask_sm: int = 0, mask_sq: int = 0) -> torch.Tensor:
     """(M, R) fp32 in sorted order: row pos = ``scales[a] * drop_a(src[order[pos]]) @ w[a][:, :ranks[a]]``.
 
     src (M, Q) any strides; w (n, Q, R) any strides; order / blocks from ``group_rows(ids, n, block_m)``;
     ranks (n,) int32, scales (n,) fp32, thresholds (n,) int64. Columns >= ranks[a] are 0, and so are the
     rows of the -1 positions. With ``has_mask``, element (m, q) of src is kept when
-    ``draw(seed, m * mask_sm + q * mask_sq) >= thresholds[a]``.
+    ``draw(seed, m * mask_sm + q * mask_sq) >= thresholds[a]`` (the defaults: no dropout).
     """
     M, Q = src.shape
     n, _, R = w.shape
@@ -290,9 +281,7 @@ def multi_lora_shrink(src: torch.Tensor, w: torch.Tensor, order: torch.Tensor, b
         # BLOCK_Q=64, 3 stages: as the single-adapter shrink, a narrow GEMM bound by reading src; not
         # measured on a GPU.
         block_q, warps, stages = 64, 4, 3
-    split = _split(src, T, Q, block_q, 2 * block_q)
-    q_per_split = triton.cdiv(triton.cdiv(Q, split), block_q) * block_q if Q else 0
-    split = max(1, triton.cdiv(Q, q_per_split)) if Q else 1
+    q_per_split, split = split_chunk(Q, split_count(src, T, Q, block_q), block_q)
     # Zeros: the -1 rows have no block, and u is saved for backward (no uninitialised memory in it).
     out = torch.zeros((split, M, R), device=src.device, dtype=torch.float32)
     if M == 0 or R == 0 or Q == 0 or n == 0:
@@ -312,7 +301,8 @@ def multi_lora_shrink(src: torch.Tensor, w: torch.Tensor, order: torch.Tensor, b
 
 def multi_lora_expand_(out: torch.Tensor, u: torch.Tensor, w: torch.Tensor, order: torch.Tensor,
                        blocks: torch.Tensor, ranks: torch.Tensor, scales: torch.Tensor, thresholds: torch.Tensor,
-                       block_m: int, seed: int, has_mask: bool, mask_sm: int, mask_sn: int) -> torch.Tensor:
+                       block_m: int, seed: int = 0, has_mask: bool = False, mask_sm: int = 0,
+                       mask_sn: int = 0) -> torch.Tensor:
     """In place ``out[order[pos]] += scales[a] * mask * (u[pos, :r_a] @ w[a][:r_a])``; returns out.
 
     out (M, N); u (M, R) sorted order (fp32 or out's dtype); w (n, R, N) any strides. With ``has_mask``,
@@ -342,8 +332,9 @@ def multi_lora_expand_(out: torch.Tensor, u: torch.Tensor, w: torch.Tensor, orde
 
 
 def multi_lora_segment_grad(src: torch.Tensor, g: torch.Tensor, order: torch.Tensor, bounds: torch.Tensor,
-                            ranks: torch.Tensor, scales: torch.Tensor, thresholds: torch.Tensor, seed: int,
-                            has_mask: bool, mask_sm: int, mask_sp: int, r_major: bool) -> torch.Tensor:
+                            ranks: torch.Tensor, scales: torch.Tensor, thresholds: torch.Tensor, seed: int = 0,
+                            has_mask: bool = False, mask_sm: int = 0, mask_sp: int = 0,
+                            r_major: bool = False) -> torch.Tensor:
     """Per-adapter ``scales[a] * drop_a(src[rows of a])^T @ g[rows of a][:, :r_a]`` in src's dtype.
 
     src (M, P) original order, any strides; g (M, R) fp32 sorted order; bounds (n + 1,) from
@@ -365,7 +356,7 @@ def multi_lora_segment_grad(src: torch.Tensor, g: torch.Tensor, order: torch.Ten
     programs = n * triton.cdiv(P, block_p)
     # Split over each adapter's rows where there are too few (adapter, feature-tile) programs, e.g. one
     # adapter over many tokens. The partial buffer stays small: split is about 2 * SMs / programs.
-    split = _split(src, programs, M, block_mr, 2 * block_mr)
+    split = split_count(src, programs, M, block_mr)
     part = torch.empty((split,) + shape, device=src.device, dtype=src.dtype if split == 1 else torch.float32)
     so, sa = part.stride(0), part.stride(1)
     sp, sr = (part.stride(3), part.stride(2)) if r_major else (part.stride(2), part.stride(3))
@@ -386,7 +377,7 @@ def multi_lora_segment_grad(src: torch.Tensor, g: torch.Tensor, order: torch.Ten
 # ----------------------------------------------------------------------------------------------------
 
 if _HAS_TRITON_OP:
-    # seed_t: a seed drawn inside a compiled region, as a tensor (see lora.eager_or_op).
+    # seed_t: a seed drawn inside a compiled region, as a tensor (see _common.eager_or_op).
     @_library_op("fastpeft::multi_lora_shrink", mutates_args=())
     def _multi_lora_shrink_op(src: torch.Tensor, w: torch.Tensor, order: torch.Tensor, blocks: torch.Tensor,
                               ranks: torch.Tensor, scales: torch.Tensor, thresholds: torch.Tensor, block_m: int,
@@ -439,9 +430,9 @@ if _HAS_TRITON_OP:
                                               has_mask, mask_sm, mask_sn, seed_t=seed_t)
         return out
 
-    # Eager calls launch directly (see lora.eager_or_op); torch.compile traces the registered ops.
-    shrink_op = eager_or_op(multi_lora_shrink, torch.ops.fastpeft.multi_lora_shrink, seed_arg=8)
-    segment_grad_op = eager_or_op(multi_lora_segment_grad, torch.ops.fastpeft.multi_lora_segment_grad, seed_arg=7)
-    expand_op = eager_or_op(multi_lora_expand_, _expand_registered, seed_arg=9)
+    # Eager calls launch directly (see _common.eager_or_op); torch.compile traces the registered ops.
+    shrink_op = eager_or_op(multi_lora_shrink, torch.ops.fastpeft.multi_lora_shrink)
+    segment_grad_op = eager_or_op(multi_lora_segment_grad, torch.ops.fastpeft.multi_lora_segment_grad)
+    expand_op = eager_or_op(multi_lora_expand_, _expand_registered)
 else:  # torch < 2.6: plain launchers (eager only)
     shrink_op, expand_op, segment_grad_op = multi_lora_shrink, multi_lora_expand_, multi_lora_segment_grad

@@ -22,7 +22,7 @@ Gradient of the values (an SDDMM: ``dΔ = (dY^T X)`` sampled on Δ's support, re
 - ``_sddmm_block_kernel``: one program per block (per b x b sub-tile of at most 64 x 64), ``dY[:, rows]^T
   X[:, cols]`` with tl.dot over M; the M range may be split into partial sums added in a fixed order.
 - ``_sddmm_tile_kernel`` (block_size 1): the entries are bucketed once by T x T tile of W (T = 32 or
-  64; ``fastpeft.sparse.SparsePlan``). A persistent grid walks the non-empty tiles; each program forms
+  64; ``fastpeft.ops.sparse.TilePlan``). A persistent grid walks the non-empty tiles; each program forms
   the T x T product ``dY[:, tile rows]^T X[:, tile cols]`` over M with tl.dot in registers, stores it to
   its own small fp32 scratch slot (a few MiB over the grid: it stays in L2), and after a
   ``tl.debug_barrier()`` gathers the tile's entries from it. Why a scratch and not a one-hot matmul:
@@ -33,7 +33,8 @@ Gradient of the values (an SDDMM: ``dΔ = (dY^T X)`` sampled on Δ's support, re
 
 No atomics: every partial sum is added in a fixed order, so the same inputs give the same bits.
 
-This module imports only torch, triton and its sibling ``lora``.
+This module imports only torch, triton and its siblings ``_common`` and ``lora`` (the LoRA epilogue, the
+GEMM configs and the timed choice).
 """
 from __future__ import annotations
 
@@ -43,9 +44,11 @@ import torch
 import triton
 import triton.language as tl
 
-from .lora import (_GEMM_CONFIGS, _HAS_TRITON_OP, INTERPRET, _cast, _dot_precision, _grouped_tile, _library_op,
-                   _lowrank_tile, _mma, _op_body, _seed, _sm_count, _upcast, _use_explicit_blocks, _wrap, block_setter,
-                   eager_or_op, env_choice, gemm_launch_config, r_pad, timed_choice)
+from . import INTERPRET
+from ._common import (_HAS_TRITON_OP, _cast, _dot_precision, _grouped_tile, _library_op, _mma, _op_body, _seed,
+                      _sm_count, _upcast, _use_explicit_blocks, _wrap, block_setter, eager_or_op, r_pad, split_chunk,
+                      split_count)
+from .lora import _GEMM_CONFIGS, _lowrank_tile, env_choice, gemm_launch_config, timed_choice
 
 # ----------------------------------------------------------------------------------------------------
 # kernels
@@ -321,21 +324,6 @@ def _sub_for(block_size: int, explicit: bool) -> int:
     return min(max(16, triton.next_power_of_2(int(block_size))), max(16, cap))
 
 
-def _split(t: torch.Tensor, programs: int, m: int, block_m: int) -> int:
-    """How many partial sums the reduction over the M rows is cut into: enough programs to fill the GPU
-    (two per SM), each still looping over at least 4 blocks of rows. Under explicit blocks, 2 once M
-    spans more than two blocks, so that the interpreter exercises the split path."""
-    if _use_explicit_blocks(t):
-        return 1 if m <= 2 * block_m else 2
-    want = triton.cdiv(2 * _sm_count(t.device.index or 0), max(programs, 1))
-    return max(1, min(want, triton.cdiv(m, 4 * block_m), 64))
-
-
-def _m_per_split(m: int, split: int, block_m: int) -> tuple:
-    per = triton.cdiv(triton.cdiv(m, split), block_m) * block_m
-    return per, max(1, triton.cdiv(m, per))
-
-
 # ----------------------------------------------------------------------------------------------------
 # dispatch rules (block_size 1)
 # ----------------------------------------------------------------------------------------------------
@@ -424,13 +412,13 @@ def _sparse_gemm_tuned(db: int):
 
 def sparse_block_gemm(a: torch.Tensor, weight: torch.Tensor, block_map: torch.Tensor, values: torch.Tensor,
                       lu: torch.Tensor | None, lv: torch.Tensor | None, bias: torch.Tensor | None, block_size: int,
-                      transpose_w: bool, scale: float, seed: int, threshold: int) -> torch.Tensor:
+                      transpose_w: bool, scale: float = 1.0, seed: int = 0, threshold: int = 0) -> torch.Tensor:
     """``a @ op(W + Δ) [+ scale * mask * (lu @ lv)] [+ bias]`` in a's dtype, one kernel, Δ in blocks.
 
     op(W') = W'^T when ``transpose_w`` (forward: a (M, in) -> (M, out)), W' otherwise (dX: a (M, out) ->
     (M, in)). weight (out, in) any dtype and strides; block_map (cdiv(out, b), cdiv(in, b)) int32 block
     ids (-1: none); values (nblocks, b, b); b a power of two >= 16. lu (M, R), lv (R, N) or both None;
-    the mask of (m, n) is ``draw(seed, m * N + n) >= threshold`` (none when threshold == 0).
+    the mask of (m, n) is ``draw(seed, m * N + n) >= threshold`` (none when threshold == 0, the default).
     """
     M = a.shape[0]
     if transpose_w:
@@ -482,8 +470,7 @@ def sparse_sddmm_blocks(dy: torch.Tensor, x: torch.Tensor, indices: torch.Tensor
     nsub = triton.cdiv(b, sub)
     # BLOCK_M=64: a (SUB, 64) tile of dy and a (64, SUB) tile of x per step; not measured on a GPU.
     block_m = _TEST_BLOCKS["SDDMM_M"] if explicit else 64
-    split = _split(x, nb * nsub * nsub, M, block_m)
-    per, split = _m_per_split(M, split, block_m) if M else (0, 1)
+    per, split = split_chunk(M, split_count(x, nb * nsub * nsub, M, block_m), block_m)
     if nb == 0 or M == 0:
         return torch.zeros((nb, b, b), device=x.device, dtype=torch.float32)
     part = torch.empty((split, nb, b, b), device=x.device, dtype=torch.float32)
@@ -502,7 +489,7 @@ def sparse_sddmm_tiles(dy: torch.Tensor, x: torch.Tensor, tile_list: torch.Tenso
                        starts: torch.Tensor, order: torch.Tensor, loc: torch.Tensor, tile: int) -> torch.Tensor:
     """fp32 (nnz,): entry e = ``dy[:, row_e] . x[:, col_e]``, by T x T tiles of W (T = ``tile``).
 
-    dy (M, out), x (M, in), any strides; the rest is a ``fastpeft.sparse.SparsePlan``'s bucketing:
+    dy (M, out), x (M, in), any strides; the rest is a ``fastpeft.ops.sparse.TilePlan``'s bucketing:
     tile_list (ntiles,) int32 (non-empty tiles first), tile_count (1,) int32, starts (ntiles + 1,) int32,
     order (nnz,) int32 (tile-sorted position -> entry), loc (nnz,) int32 (row * T + col inside the tile).
     """
@@ -520,8 +507,7 @@ def sparse_sddmm_tiles(dy: torch.Tensor, x: torch.Tensor, tile_list: torch.Tenso
         # Not measured on a GPU.
         block_m, block_e, programs = 64, 128, 2 * _sm_count(x.device.index or 0)
     grid = max(1, min(programs, ntiles, nnz))
-    split = _split(x, grid, M, block_m)
-    per, split = _m_per_split(M, split, block_m)
+    per, split = split_chunk(M, split_count(x, grid, M, block_m), block_m)
     scratch = torch.empty((split * grid, tile * tile), device=x.device, dtype=torch.float32)
     part = torch.empty((split, nnz), device=x.device, dtype=torch.float32)
     _wrap(_sddmm_tile_kernel)[(grid, split)](
@@ -545,8 +531,7 @@ def sparse_gather_dot(dy: torch.Tensor, x: torch.Tensor, indices: torch.Tensor) 
     # 64 entries x 64 rows a step: 4096 products per step, two loads each; not measured on a GPU.
     block_e, block_m = (_TEST_BLOCKS["BLOCK_E"], _TEST_BLOCKS["SDDMM_M"]) if explicit else (64, 64)
     programs = triton.cdiv(nnz, block_e)
-    split = _split(x, programs, M, block_m)
-    per, split = _m_per_split(M, split, block_m)
+    per, split = split_chunk(M, split_count(x, programs, M, block_m), block_m)
     part = torch.empty((split, nnz), device=x.device, dtype=torch.float32)
     _wrap(_gather_dot_kernel)[(programs, split)](
         dy, x, indices, part, M, nnz, K, per,
@@ -572,7 +557,7 @@ if _HAS_TRITON_OP:
                               lu: torch.Tensor | None, lv: torch.Tensor | None, bias: torch.Tensor | None,
                               block_size: int, transpose_w: bool, scale: float, seed: int,
                               threshold: int, seed_t: torch.Tensor | None = None) -> torch.Tensor:
-        # seed_t: a seed drawn inside a compiled region, as a tensor (see lora.eager_or_op).
+        # seed_t: a seed drawn inside a compiled region, as a tensor (see _common.eager_or_op).
         with _op_body():
             return sparse_block_gemm(a, weight, block_map, values, lu, lv, bias, block_size, transpose_w, scale,
                                      _seed(seed, seed_t), threshold)
@@ -618,9 +603,9 @@ if _HAS_TRITON_OP:
         def _(dy, x, indices):
             return x.new_empty((indices.shape[0],), dtype=torch.float32)
 
-    # Eager calls launch directly (see lora.eager_or_op); torch.compile traces the registered ops.
+    # Eager calls launch directly (see _common.eager_or_op); torch.compile traces the registered ops.
     densify_op = eager_or_op(sparse_densify, torch.ops.fastpeft.sparse_densify)
-    block_gemm_op = eager_or_op(sparse_block_gemm, torch.ops.fastpeft.sparse_block_gemm, seed_arg=10)
+    block_gemm_op = eager_or_op(sparse_block_gemm, torch.ops.fastpeft.sparse_block_gemm)
     sddmm_blocks_op = eager_or_op(sparse_sddmm_blocks, torch.ops.fastpeft.sparse_sddmm_blocks)
     sddmm_tiles_op = eager_or_op(sparse_sddmm_tiles, torch.ops.fastpeft.sparse_sddmm_tiles)
     gather_dot_op = eager_or_op(sparse_gather_dot, torch.ops.fastpeft.sparse_gather_dot)

@@ -1,11 +1,16 @@
-"""``fastpeft.lora_linear``: the backend switch, argument checks, seeds, dtypes and autocast."""
+"""``fastpeft.lora_linear``: its values and gradients against the formula written out here (not against
+``fastpeft.reference``, which is what ``auto`` runs on the CPU), the backend switch, argument checks,
+seeds, dtypes and autocast."""
 import pytest
 import torch
 
 import fastpeft
+from conftest import assert_close_report
 from fastpeft import kernels
 from fastpeft.functional import current_backend, resolve_backend
-from fastpeft.reference import lora_linear_ref
+from fastpeft.reference import dropout_mask
+
+BACKENDS = ["reference"] + (["triton"] if kernels.HAS_TRITON and kernels.INTERPRET else [])
 
 
 def _args(m=7, k=48, n=80, r=8, dtype=torch.float32, bias=True):
@@ -18,12 +23,66 @@ def _args(m=7, k=48, n=80, r=8, dtype=torch.float32, bias=True):
     return x, w, b, a, bb
 
 
+def _formula(x, w, b, a, bb, s, keep=None, p=0.0):
+    """y = x W^T + b + s (drop(x) A^T) B^T in fp64, drop(x) = keep * x / (1 - p) (keep: the 0/1 mask)."""
+    x, w, a, bb = (t.double() for t in (x, w, a, bb))
+    xd = x if keep is None else keep.double() * x / (1 - p)
+    y = x @ w.T + s * (xd @ a.T) @ bb.T
+    return y + b.double() if b is not None else y
+
+
+def _formula_grads(dy, x, w, a, bb, s, keep=None, p=0.0):
+    """The gradients of ``_formula`` given dY, written out (fp64):
+    dX = dY W + s keep * (dY B A) / (1 - p);  dA = s (dY B)^T drop(x);  dB = s dY^T (drop(x) A^T);
+    dW = dY^T x;  db = sum_m dY."""
+    dy, x, w, a, bb = (t.double() for t in (dy, x, w, a, bb))
+    keep = torch.ones_like(x) if keep is None else keep.double()
+    xd = keep * x / (1 - p)
+    return {"x": dy @ w + s * keep * (dy @ bb @ a) / (1 - p), "lora_A": s * (dy @ bb).T @ xd,
+            "lora_B": s * dy.T @ (xd @ a.T), "weight": dy.T @ x, "bias": dy.sum(0)}
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("m,bias,p", [(7, True, 0.0), (33, False, 0.0), (7, True, 0.3), (1, True, 0.5)],
+                         ids=["M7-bias", "M33-nobias", "M7-bias-p0.3", "M1-bias-p0.5"])
+def test_values_and_gradients_follow_the_formula(m, bias, p, backend):
+    """Output and every gradient (x, A, B, W, b) against the formula in fp64, dropout's keep-mask being
+    ``dropout_mask(seed, M, K, p)`` (draw m K + k for element (m, k)); x with a leading batch dim."""
+    x, w, b, a, bb = _args(m=2 * m, bias=bias)
+    s, seed = 0.75, 11
+    x3 = x.view(2, m, -1).requires_grad_()
+    leaves = {"x": x3, "weight": w, "lora_A": a, "lora_B": bb} | ({"bias": b} if bias else {})
+    for t in leaves.values():
+        t.requires_grad_()
+    keep = dropout_mask(seed, 2 * m, x.shape[1], p) if p > 0 else None
+    y = fastpeft.lora_linear(x3, w, b, a, bb, s, dropout_p=p, seed=seed, backend=backend)
+    assert y.shape == (2, m, w.shape[0])
+    want = _formula(x, w, b, a, bb, s, keep, p)
+    what = f"{backend}-M{m}-p{p}"
+    assert_close_report(y.reshape(2 * m, -1), want, rtol=1e-5, atol=1e-5, what=f"{what} y")
+    dy = torch.randn(y.shape, generator=torch.Generator().manual_seed(1))
+    grads = dict(zip(leaves, torch.autograd.grad(y, list(leaves.values()), dy)))
+    want_grads = _formula_grads(dy.reshape(2 * m, -1), x, w, a, bb, s, keep, p)
+    for name, g in grads.items():
+        assert_close_report(g.reshape(want_grads[name].shape), want_grads[name], rtol=1e-5, atol=1e-5,
+                            what=f"{what} d{name}")
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_eval_mode_drops_nothing(backend):
+    """training=False: the formula without dropout, whatever dropout_p and seed say."""
+    x, w, b, a, bb = _args()
+    y = fastpeft.lora_linear(x, w, b, a, bb, 2.0, dropout_p=0.5, training=False, seed=3, backend=backend)
+    assert_close_report(y, _formula(x, w, b, a, bb, 2.0), rtol=1e-5, atol=1e-5, what=f"{backend} eval")
+
+
 def test_matches_reference_and_backprops():
     x, w, b, a, bb = _args()
     a.requires_grad_()
     bb.requires_grad_()
     y = fastpeft.lora_linear(x, w, b, a, bb, 0.5, dropout_p=0.1, seed=4)
-    torch.testing.assert_close(y, lora_linear_ref(x, w, b, a, bb, 0.5, 0.1, True, 4))
+    keep = dropout_mask(4, x.shape[0], x.shape[1], 0.1)
+    assert_close_report(y, _formula(x, w, b, a, bb, 0.5, keep, 0.1), rtol=1e-5, atol=1e-5, what="auto y")
     y.sum().backward()
     assert a.grad is not None and bb.grad is not None
 
@@ -129,7 +188,7 @@ def test_seed_none_draws_from_torch_generator():
 def test_low_precision_error_within_twice_pytorch(dtype):
     """The op in a low dtype is as accurate as PyTorch's own F.linear chain in that dtype."""
     x, w, b, a, bb = _args(33, 80, 48, 16)
-    exact = lora_linear_ref(*(t.double() for t in (x, w, b, a, bb)), 0.5)
+    exact = _formula(x, w, b, a, bb, 0.5)
     low = fastpeft.lora_linear(*(t.to(dtype) for t in (x, w, b, a, bb)), 0.5)
     torch_low = (torch.nn.functional.linear(x.to(dtype), w.to(dtype), b.to(dtype))
                  + 0.5 * ((x.to(dtype) @ a.to(dtype).T) @ bb.to(dtype).T))
@@ -146,7 +205,7 @@ def test_autocast_cpu_bf16_behaves_like_linear():
         y = fastpeft.lora_linear(x, w, b, a, bb, 1.0)
         ref = lin(x)
     assert y.dtype == ref.dtype == torch.bfloat16
-    exact = lora_linear_ref(x, w, b, a, bb, 1.0)
+    exact = _formula(x, w, b, a, bb, 1.0).float()
     torch.testing.assert_close(y.float(), exact, rtol=2e-2, atol=5e-2)
 
 

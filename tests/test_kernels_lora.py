@@ -14,6 +14,7 @@ from fastpeft.reference import dropout_mask, lora_linear_ref  # noqa: E402
 if not kernels.INTERPRET and not torch.cuda.is_available():
     pytest.skip("the triton backend needs a GPU or TRITON_INTERPRET=1", allow_module_level=True)
 
+from fastpeft.kernels import _common as C  # noqa: E402
 from fastpeft.kernels import lora as K  # noqa: E402
 
 DEV = "cuda" if torch.cuda.is_available() and not kernels.INTERPRET else "cpu"
@@ -275,16 +276,16 @@ def test_gemm_choice_rules(monkeypatch):
 
 def test_eager_calls_launch_directly_and_compile_sees_the_ops(monkeypatch):
     kernel = K._lora_shrink_kernel
-    assert K._wrap(kernel) is kernel  # eager: no dispatcher / wrap_triton on the launch path
+    assert C._wrap(kernel) is kernel  # eager: no dispatcher / wrap_triton on the launch path
     if K._HAS_TRITON_OP:
-        with K._op_body():  # inside a registered op's body the launch goes through wrap_triton
-            assert K._state.in_op
+        with C._op_body():  # inside a registered op's body the launch goes through wrap_triton
+            assert C._state.in_op
             if not kernels.INTERPRET:  # under the interpreter wrap_triton hands the kernel back as it is
-                assert K._wrap(kernel) is not kernel
-        assert not K._state.in_op
+                assert C._wrap(kernel) is not kernel
+        assert not C._state.in_op
         calls = []
         monkeypatch.setattr(torch.ops.fastpeft, "lora_shrink", lambda *a: calls.append(a) or "op")
-        call = K.eager_or_op(lambda *a: "launcher", lambda *a: torch.ops.fastpeft.lora_shrink(*a))
+        call = C.eager_or_op(lambda *a: "launcher", lambda *a: torch.ops.fastpeft.lora_shrink(*a))
         assert call(1) == "launcher" and not calls
         monkeypatch.setattr(torch.compiler, "is_compiling", lambda: True)
         assert call(1) == "op" and calls == [(1,)]

@@ -16,7 +16,7 @@ if not kernels.INTERPRET and not torch.cuda.is_available():
     pytest.skip("the triton backend needs a GPU or TRITON_INTERPRET=1", allow_module_level=True)
 
 from fastpeft.kernels import multi_lora as MK  # noqa: E402
-from fastpeft.multi import lora_linear_multi_triton  # noqa: E402
+from fastpeft.ops.multi import lora_linear_multi_triton  # noqa: E402
 
 DEV = "cuda" if torch.cuda.is_available() and not kernels.INTERPRET else "cpu"
 DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}

@@ -17,7 +17,7 @@ if not kernels.INTERPRET and not torch.cuda.is_available():
 
 from fastpeft.kernels import lora as K  # noqa: E402
 from fastpeft.kernels import sparse_delta as SD  # noqa: E402
-from fastpeft.sparse import SparsePlan, build_sparse_plan  # noqa: E402
+from fastpeft.ops.sparse import SparsePlan, build_sparse_plan  # noqa: E402
 
 DEV = "cuda" if torch.cuda.is_available() and not kernels.INTERPRET else "cpu"
 DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
@@ -117,7 +117,7 @@ def test_both_gemm_variants(monkeypatch, b, dt, gemm):
     calls = []
     for name in ("block_gemm_op", "densify_op"):
         real = getattr(SD, name)
-        monkeypatch.setattr(SD, name, lambda *a, _r=real, _n=name: calls.append(_n) or _r(*a))
+        monkeypatch.setattr(SD, name, lambda *a, _r=real, _n=name, **kw: calls.append(_n) or _r(*a, **kw))
     x, w, bias, a, bb = _make(33, 130, 80)
     idx, vals = _delta(80, 130, b, density=0.4, seed=b)
     _check(f"{gemm}-b{b}-{dt}", DTYPES[dt], x, w, bias, idx, vals, b)

@@ -40,7 +40,7 @@ from fastpeft.functional import lora_sparse_linear, sparse_delta_linear  # noqa:
 if not kernels.INTERPRET and not torch.cuda.is_available():
     pytest.skip("the triton backend needs a GPU or TRITON_INTERPRET=1", allow_module_level=True)
 
-from fastpeft.sparse import build_sparse_plan  # noqa: E402
+from fastpeft.ops.sparse import build_sparse_plan  # noqa: E402
 
 DEV = "cuda" if torch.cuda.is_available() and not kernels.INTERPRET else "cpu"
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}

@@ -6,70 +6,104 @@
 values' gradient by SDDMM) and ``kernels/lora.py`` (the LoRA branch). Neither Function saves a W-sized
 tensor for backward, and neither ever forms an (out, in) gradient unless W itself requires one.
 
-:class:`SparsePlan` is the device-side bookkeeping of one set of indices (the tile bucketing of flat
-entries, the block map of blocks); build it once with :func:`build_sparse_plan` and pass it to every
-call with those indices (``plan=``), or let each call build its own.
+:data:`SparsePlan` is the device-side bookkeeping of one set of indices: a :class:`TilePlan` (the tile
+bucketing of flat entries) or a :class:`BlockPlan` (the block map of blocks). Build it once with
+:func:`build_sparse_plan` and pass it to every call with those indices (``plan=``), or let each call
+build its own.
 """
 from __future__ import annotations
 
+from typing import NamedTuple, Optional, Union
+
 import torch
 
-from .functional import _bucket, _seed_arg, base_grads, lora_factor_grads, lora_gemm
-from .kernels import lora as K
-from .kernels import sparse_delta as SD
+from ..kernels import lora as K
+from ..kernels import sparse_delta as SD
+from .common import _bucket, _seed_arg, autocast_inputs, base_grads
+from .lora import dropout_constants, lora_factor_grads, lora_gemm
 
 # Tiles are visited in groups of this many tile rows (as GROUP_M in Triton's matmul tutorial): the
 # programs working at one time share their rows of dY and a few column panels of X in L2.
 _TILE_GROUP = 8
 
 
-class SparsePlan:
-    """Where a sparse delta's entries are, arranged for the kernels; every tensor is on the device.
+class TilePlan(NamedTuple):
+    """Where ``nnz`` flat entries (block_size 1) of an (out, in) delta are, bucketed by T x T tile of W
+    (T = ``tile``; ntiles = cdiv(out, T) cdiv(in, T)) for the tile SDDMM; every tensor is on the device.
 
-    Block size 1 (entries bucketed by T x T tile of W, T = ``tile``; ntiles = cdiv(out, T) cdiv(in, T)):
-      tile_list (ntiles,) int32: tile ids (tile row * tiles per row + tile column), the non-empty ones
-                first, in groups of ``_TILE_GROUP`` tile rows; tile_count (1,) int32: how many are
-                non-empty; starts (ntiles + 1,) int32: tile t owns tile-sorted positions
-                [starts[t], starts[t + 1]); order (nnz,) int32: tile-sorted position -> entry (a stable
-                sort of the entries by tile); loc (nnz,) int32: (row % T) * T + col % T of each sorted entry.
-    Blocks (b > 1):
-      block_map (cdiv(out, b), cdiv(in, b)) int32: the block id at each block position, -1 where none
-                (only where the block-fused GEMM takes b: a power of two >= 16; None otherwise).
-    Shapes depend on out, in, b and nnz only, and building one needs no host sync, so a plan can be
-    built inside a compiled region or cached by a layer for as long as its indices do not change.
+    tile_list (ntiles,) int32: tile ids (tile row * tiles per row + tile column), the non-empty ones first,
+              in groups of ``_TILE_GROUP`` tile rows; tile_count (1,) int32: how many are non-empty;
+    starts (ntiles + 1,) int32: tile t owns tile-sorted positions [starts[t], starts[t + 1]);
+    order (nnz,) int32: tile-sorted position -> entry (a stable sort of the entries by tile);
+    loc (nnz,) int32: (row % T) * T + col % T of each sorted entry.
     """
+    tile_list: torch.Tensor
+    tile_count: torch.Tensor
+    starts: torch.Tensor
+    order: torch.Tensor
+    loc: torch.Tensor
+    out_features: int
+    in_features: int
+    nnz: int
+    tile: int
 
-    def __init__(self, out_features, in_features, block_size, nnz, tile=0, block_map=None, tile_list=None,
-                 tile_count=None, starts=None, order=None, loc=None):
-        self.out_features, self.in_features, self.block_size = int(out_features), int(in_features), int(block_size)
-        self.nnz, self.tile = int(nnz), int(tile)
-        self.block_map, self.tile_list, self.tile_count = block_map, tile_list, tile_count
-        self.starts, self.order, self.loc = starts, order, loc
+    block_size = 1
 
     def tensors(self) -> tuple:
-        """(block_map, tile_list, tile_count, starts, order, loc), None where the format has none."""
-        return self.block_map, self.tile_list, self.tile_count, self.starts, self.order, self.loc
+        return (self.tile_list, self.tile_count, self.starts, self.order, self.loc)
 
-    def check(self, delta_indices: torch.Tensor, out_features: int, in_features: int, block_size: int) -> None:
-        """Raise if this plan was not built for indices of this shape on this weight (no host sync: the
-        indices' values are the caller's promise)."""
-        got = (self.out_features, self.in_features, self.block_size, self.nnz)
-        want = (int(out_features), int(in_features), int(block_size), int(delta_indices.shape[0]))
-        if got != want:
-            raise ValueError(f"plan was built for (out, in, block_size, nnz) = {got}, got a call with {want}; "
-                             "build it again with fastpeft.sparse.build_sparse_plan")
-        for t in self.tensors():
-            if t is not None and t.device != delta_indices.device:
-                raise ValueError(f"plan is on {t.device}, the indices on {delta_indices.device}")
+    def check(self, delta_indices, out_features, in_features, block_size) -> None:
+        _check_plan(self, delta_indices, out_features, in_features, block_size)
 
     def __repr__(self) -> str:
-        kind = f"tile={self.tile}" if self.block_size == 1 else f"block_size={self.block_size}"
-        return f"SparsePlan(out={self.out_features}, in={self.in_features}, nnz={self.nnz}, {kind})"
+        return f"TilePlan(out={self.out_features}, in={self.in_features}, nnz={self.nnz}, tile={self.tile})"
+
+
+class BlockPlan(NamedTuple):
+    """Where ``nnz`` b x b blocks (b = ``block_size`` > 1) of an (out, in) delta are, for the block-fused GEMM.
+
+    block_map (cdiv(out, b), cdiv(in, b)) int32: the block id at each block position, -1 where none; on
+              the device, and only where the fused GEMM takes b (a power of two >= 16), else None.
+    """
+    block_map: Optional[torch.Tensor]
+    out_features: int
+    in_features: int
+    nnz: int
+    block_size: int
+
+    def tensors(self) -> tuple:
+        return (self.block_map,)
+
+    def check(self, delta_indices, out_features, in_features, block_size) -> None:
+        _check_plan(self, delta_indices, out_features, in_features, block_size)
+
+    def __repr__(self) -> str:
+        return (f"BlockPlan(out={self.out_features}, in={self.in_features}, nnz={self.nnz}, "
+                f"block_size={self.block_size})")
+
+
+# Either plan. Shapes depend on out, in, b and nnz only, and building one needs no host sync, so a plan can
+# be built inside a compiled region or cached by a layer for as long as its indices do not change.
+SparsePlan = Union[TilePlan, BlockPlan]
+
+
+def _check_plan(plan: SparsePlan, delta_indices, out_features, in_features, block_size) -> None:
+    """Raise if ``plan`` was not built for indices of this shape on this weight (no host sync: the
+    indices' values are the caller's promise)."""
+    got = (plan.out_features, plan.in_features, plan.block_size, plan.nnz)
+    want = (int(out_features), int(in_features), int(block_size), int(delta_indices.shape[0]))
+    if got != want:
+        raise ValueError(f"plan was built for (out, in, block_size, nnz) = {got}, got a call with {want}; "
+                         "build it again with fastpeft.ops.sparse.build_sparse_plan")
+    for t in plan.tensors():
+        if t is not None and t.device != delta_indices.device:
+            raise ValueError(f"plan is on {t.device}, the indices on {delta_indices.device}")
 
 
 def build_sparse_plan(delta_indices: torch.Tensor, out_features: int, in_features: int, block_size: int = 1,
                       device=None, tile: int | None = None) -> SparsePlan:
-    """The :class:`SparsePlan` of sorted, unique ``delta_indices`` (see ``fastpeft.sparse_delta_linear``).
+    """The plan of sorted, unique ``delta_indices`` (see ``fastpeft.sparse_delta_linear``): a
+    :class:`TilePlan` for block_size 1, a :class:`BlockPlan` for blocks.
 
     Torch ops on ``device`` (default: the indices'), no host sync. ``tile`` (32 or 64, block_size 1
     only) overrides ``kernels.sparse_delta.choose_tile``.
@@ -85,7 +119,7 @@ def build_sparse_plan(delta_indices: torch.Tensor, out_features: int, in_feature
             block_map = torch.full((rb, cb), -1, device=device, dtype=torch.int32)
             if nnz:
                 block_map[idx[:, 0].long(), idx[:, 1].long()] = torch.arange(nnz, device=device, dtype=torch.int32)
-        return SparsePlan(out_f, in_f, b, nnz, block_map=block_map)
+        return BlockPlan(block_map, out_f, in_f, nnz, b)
     t = int(tile) if tile is not None else SD.choose_tile(nnz, out_f, in_f)
     if t not in (16, 32, 64, 128):
         raise ValueError(f"tile must be 16, 32, 64 or 128, got {tile!r}")
@@ -106,8 +140,8 @@ def build_sparse_plan(delta_indices: torch.Tensor, out_features: int, in_feature
     tile_list = torch.argsort(torch.where(nonempty, grouped, grouped + (-(-n_tr // g)) * g * n_tc))
     tile_count = nonempty.sum().reshape(1)
     i32 = torch.int32
-    return SparsePlan(out_f, in_f, 1, nnz, tile=t, tile_list=tile_list.to(i32), tile_count=tile_count.to(i32),
-                      starts=starts.to(i32), order=order.to(i32), loc=loc.to(i32))
+    return TilePlan(tile_list.to(i32), tile_count.to(i32), starts.to(i32), order.to(i32), loc.to(i32), out_f, in_f,
+                    nnz, t)
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -119,21 +153,29 @@ def _w_plus_delta(weight, indices, values, block_size, dtype):
     """W + Δ in ``dtype``: a transient (out, in) buffer, freed by the caller as soon as it is used."""
     if indices.shape[0] == 0:
         return weight if weight.dtype == dtype else weight.to(dtype)
-    return SD.densify_op(weight, indices, values, block_size, dtype)
+    return SD.densify_op(weight, indices, values, block_size=block_size, dtype=dtype)
 
 
-def _sddmm(dy, x, indices, values, block_size, tile, tile_list, tile_count, starts, order, loc):
+def _sddmm(dy, x, indices, values, plan: SparsePlan):
     """dvalues: (dY^T X) on Δ's support, in values' dtype and shape. Never an (out, in) tensor."""
     nnz = indices.shape[0]
     if nnz == 0:
         return values.new_zeros(values.shape)
-    if block_size > 1:
-        g = SD.sddmm_blocks_op(dy, x, indices, block_size)
+    if plan.block_size > 1:
+        g = SD.sddmm_blocks_op(dy, x, indices, block_size=plan.block_size)
     elif SD.choose_sddmm(nnz, dy.shape[1], x.shape[1]) == "gather":
         g = SD.gather_dot_op(dy, x, indices)
     else:
-        g = SD.sddmm_tiles_op(dy, x, tile_list, tile_count, starts, order, loc, tile)
+        g = SD.sddmm_tiles_op(dy, x, tile_list=plan.tile_list, tile_count=plan.tile_count, starts=plan.starts,
+                              order=plan.order, loc=plan.loc, tile=plan.tile)
     return g.to(values.dtype)
+
+
+def _fused_ok(plan: SparsePlan, key: tuple, fused, dense, device) -> bool:
+    """Whether to run the block-fused GEMM (it needs a block map) rather than W + Δ densified + cuBLAS."""
+    if not isinstance(plan, BlockPlan) or plan.block_map is None:
+        return False
+    return SD.choose_sparse_gemm(key, plan.block_size, fused, dense, device) == "fused"
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -159,50 +201,53 @@ class SparseDeltaLinearFunction(torch.autograd.Function):
                                                  positions outside W get 0), an SDDMM
         dW  = dY^T x,   db = sum_m dY_m          (only when required; dW is (N, K) by definition)
 
-    Saved for backward: x, W, v, the indices and the plan's tensors; W + Δ is recomputed (dense path)
-    or never formed (fused path), and no (N, K) gradient is formed for v. No atomics: the SDDMM's
-    partial sums over M are added in a fixed order.
+    ``plan``: the :data:`SparsePlan` of the indices (block size, block map or tile bucketing).
+
+    Saved for backward: x, W, v, the indices and the plan; W + Δ is recomputed (dense path) or never
+    formed (fused path), and no (N, K) gradient is formed for v. No atomics: the SDDMM's partial sums
+    over M are added in a fixed order.
     """
 
     @staticmethod
-    def forward(ctx, x, weight, bias, values, indices, block_map, tile_list, tile_count, starts, order, loc,
-                block_size, tile):
-        b = block_size
+    def forward(ctx, x, weight, bias, values, indices, plan):
+        b = plan.block_size
 
         def fused():
-            return SD.block_gemm_op(x, weight, block_map, values, None, None, bias, b, True, 1.0, 0, 0)
+            return SD.block_gemm_op(x, weight, plan.block_map, values, lu=None, lv=None, bias=bias, block_size=b,
+                                    transpose_w=True)
 
         def dense():
             w2 = _w_plus_delta(weight, indices, values, b, x.dtype)
             return torch.addmm(bias, x, w2.t()) if bias is not None else x @ w2.t()
 
         key = ("sd-fwd", _bucket(x.shape[0]), x.shape[1], weight.shape[0], b, x.dtype, weight.dtype, bias is not None)
-        use_fused = block_map is not None and SD.choose_sparse_gemm(key, b, fused, dense, x.device) == "fused"
-        y = fused() if use_fused else dense()
-        ctx.save_for_backward(x, weight, values, indices, block_map, tile_list, tile_count, starts, order, loc)
-        ctx.block_size, ctx.tile, ctx.has_bias = b, tile, bias is not None
+        y = fused() if _fused_ok(plan, key, fused, dense, x.device) else dense()
+        # The plan's tensors are bookkeeping of the indices, never changed in place: held on ctx with it.
+        ctx.save_for_backward(x, weight, values, indices)
+        ctx.plan, ctx.has_bias = plan, bias is not None
         return y
 
     @staticmethod
     def backward(ctx, dy):
-        x, weight, values, indices, block_map, tile_list, tile_count, starts, order, loc = ctx.saved_tensors
+        x, weight, values, indices = ctx.saved_tensors
+        plan = ctx.plan
         need_x, need_w, need_b, need_v = ctx.needs_input_grad[:4]
-        b = ctx.block_size
+        b = plan.block_size
         dx = dw = db = dv = None
         if need_x:
             def fused():
-                return SD.block_gemm_op(dy, weight, block_map, values, None, None, None, b, False, 1.0, 0, 0)
+                return SD.block_gemm_op(dy, weight, plan.block_map, values, lu=None, lv=None, bias=None, block_size=b,
+                                        transpose_w=False)
 
             def dense():
                 return dy @ _w_plus_delta(weight, indices, values, b, dy.dtype)  # W + Δ freed on return
 
             key = ("sd-dx", _bucket(x.shape[0]), weight.shape[0], x.shape[1], b, x.dtype, weight.dtype, False)
-            use_fused = block_map is not None and SD.choose_sparse_gemm(key, b, fused, dense, x.device) == "fused"
-            dx = fused() if use_fused else dense()
+            dx = fused() if _fused_ok(plan, key, fused, dense, x.device) else dense()
         if need_v:
-            dv = _sddmm(dy, x, indices, values, b, ctx.tile, tile_list, tile_count, starts, order, loc)
+            dv = _sddmm(dy, x, indices, values, plan)
         dw, db = base_grads(dy, x, weight, need_w, need_b and ctx.has_bias)
-        return dx, dw, db, dv, None, None, None, None, None, None, None, None, None
+        return dx, dw, db, dv, None, None
 
 
 class LoRASparseLinearFunction(torch.autograd.Function):
@@ -229,65 +274,62 @@ class LoRASparseLinearFunction(torch.autograd.Function):
         dΔ  = dY^T x on S only (the undropped x)     the SDDMM
         dW  = dY^T x,   db = sum_m dY_m              (only when required)
 
-    Saved for backward: x (not a dropped copy), u (M, r) fp32, W, A, B, v, the indices and the plan's
-    tensors; W + Δ is recomputed or never formed. No atomics anywhere.
+    Saved for backward: x (not a dropped copy), u (M, r) fp32, W, A, B, v, the indices and the plan;
+    W + Δ is recomputed or never formed. No atomics anywhere.
     """
 
     @staticmethod
-    def forward(ctx, x, weight, bias, lora_A, lora_B, values, indices, block_map, tile_list, tile_count, starts,
-                order, loc, scaling, dropout_p, seed, block_size, tile):
-        from .reference import dropout_threshold
-
-        b = block_size
-        thr = dropout_threshold(dropout_p) if dropout_p > 0.0 else 0
-        drop_scale = 1.0 / (1.0 - dropout_p) if dropout_p > 0.0 else 1.0
+    def forward(ctx, x, weight, bias, lora_A, lora_B, values, indices, plan, scaling, dropout_p, seed):
+        b = plan.block_size
+        thr, drop_scale = dropout_constants(dropout_p)
         m, k = x.shape
         n, r = weight.shape[0], lora_A.shape[0]
-        u = K.shrink_op(x, lora_A.t(), drop_scale, seed, thr, k, 1)
+        # The mask of x (M, K) element (m, k) is draw(seed, m K + k).
+        u = K.shrink_op(x, lora_A.t(), scale=drop_scale, seed=seed, threshold=thr, mask_sp=k, mask_sq=1)
 
         def fused():
-            return SD.block_gemm_op(x, weight, block_map, values, u, lora_B.t(), bias, b, True, scaling, 0, 0)
+            return SD.block_gemm_op(x, weight, plan.block_map, values, lu=u, lv=lora_B.t(), bias=bias, block_size=b,
+                                    transpose_w=True, scale=scaling)
 
         def dense():
             w2 = _w_plus_delta(weight, indices, values, b, x.dtype)
             key = ("fwd", _bucket(m), k, n, r, x.dtype, bias is not None)  # shared with LoRALinearFunction
-            return lora_gemm(x, w2.t(), u, lora_B.t(), bias, scaling, 0, 0, key)
+            return lora_gemm(x, w2.t(), u, lora_B.t(), bias=bias, scale=scaling, key=key)
 
         key = ("rosa-fwd", _bucket(m), k, n, r, b, x.dtype, weight.dtype, bias is not None)
-        use_fused = block_map is not None and SD.choose_sparse_gemm(key, b, fused, dense, x.device) == "fused"
-        y = fused() if use_fused else dense()
-        ctx.save_for_backward(x, u, weight, lora_A, lora_B, values, indices, block_map, tile_list, tile_count, starts,
-                              order, loc)
+        y = fused() if _fused_ok(plan, key, fused, dense, x.device) else dense()
+        ctx.save_for_backward(x, u, weight, lora_A, lora_B, values, indices)  # the plan is held on ctx
         ctx.scaling, ctx.seed, ctx.thr, ctx.drop_scale = scaling, seed, thr, drop_scale
-        ctx.block_size, ctx.tile, ctx.has_bias = b, tile, bias is not None
+        ctx.plan, ctx.has_bias = plan, bias is not None
         return y
 
     @staticmethod
     def backward(ctx, dy):
-        (x, u, weight, lora_A, lora_B, values, indices, block_map, tile_list, tile_count, starts, order,
-         loc) = ctx.saved_tensors
+        x, u, weight, lora_A, lora_B, values, indices = ctx.saved_tensors
+        plan = ctx.plan
         need_x, need_w, need_b, need_a, need_bb, need_v = ctx.needs_input_grad[:6]
-        s, seed, thr, ds, b = ctx.scaling, ctx.seed, ctx.thr, ctx.drop_scale, ctx.block_size
+        s, seed, thr, ds, b = ctx.scaling, ctx.seed, ctx.thr, ctx.drop_scale, plan.block_size
         m, k = x.shape
         n, r = weight.shape[0], lora_A.shape[0]
         dx = dw = db = dv = None
-        v, da, dbb = lora_factor_grads(dy, x, u, lora_A, lora_B, s, ds, seed, thr, need_x, need_a, need_bb)
+        v, da, dbb = lora_factor_grads(dy, x, u, lora_A, lora_B, scaling=s, drop_scale=ds, seed=seed, threshold=thr,
+                                       need_v=need_x, need_a=need_a, need_b=need_bb)
         if need_x:
             def fused():
-                return SD.block_gemm_op(dy, weight, block_map, values, v, lora_A, None, b, False, s * ds, seed, thr)
+                return SD.block_gemm_op(dy, weight, plan.block_map, values, lu=v, lv=lora_A, bias=None, block_size=b,
+                                        transpose_w=False, scale=s * ds, seed=seed, threshold=thr)
 
             def dense():
                 w2 = _w_plus_delta(weight, indices, values, b, dy.dtype)
                 key = ("dx", _bucket(m), n, k, r, x.dtype, thr > 0)  # shared with LoRALinearFunction
-                return lora_gemm(dy, w2, v, lora_A, None, s * ds, seed, thr, key)
+                return lora_gemm(dy, w2, v, lora_A, scale=s * ds, seed=seed, threshold=thr, key=key)
 
             key = ("rosa-dx", _bucket(m), n, k, r, b, x.dtype, weight.dtype, thr > 0)
-            use_fused = block_map is not None and SD.choose_sparse_gemm(key, b, fused, dense, x.device) == "fused"
-            dx = fused() if use_fused else dense()
+            dx = fused() if _fused_ok(plan, key, fused, dense, x.device) else dense()
         if need_v:
-            dv = _sddmm(dy, x, indices, values, b, ctx.tile, tile_list, tile_count, starts, order, loc)
+            dv = _sddmm(dy, x, indices, values, plan)
         dw, db = base_grads(dy, x, weight, need_w, need_b and ctx.has_bias)
-        return (dx, dw, db, da, dbb, dv) + (None,) * 12
+        return dx, dw, db, da, dbb, dv, None, None, None, None, None
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -295,49 +337,44 @@ class LoRASparseLinearFunction(torch.autograd.Function):
 # ----------------------------------------------------------------------------------------------------
 
 
-def _plan_for(plan, delta_indices, weight, block_size):
+def _plan_for(plan, delta_indices, weight, block_size) -> SparsePlan:
     if plan is None:
         return build_sparse_plan(delta_indices, weight.shape[0], weight.shape[1], block_size)
-    if not isinstance(plan, SparsePlan):
-        raise TypeError(f"plan must be a fastpeft.sparse.SparsePlan or None, got {type(plan).__name__}")
+    if not isinstance(plan, (TilePlan, BlockPlan)):
+        raise TypeError(f"plan must be a SparsePlan (fastpeft.ops.sparse.build_sparse_plan) or None, "
+                        f"got {type(plan).__name__}")
     plan.check(delta_indices, weight.shape[0], weight.shape[1], block_size)
     return plan
 
 
-def _autocast_inputs(x, bias, *low_rank):
-    """``functional.autocast_inputs`` on x, bias and the LoRA factors only. W and the delta's values stay
-    as they are: the kernels add W + Δ in fp32 and round the sum once to x's dtype, as autocast's F.linear
-    rounds the fp32 W + Δ of the reference once."""
-    from .functional import autocast_inputs
-
-    return autocast_inputs(x, bias, *low_rank)
-
-
 def sparse_delta_linear_triton(x, weight, bias, delta_indices, delta_values, block_size=1, plan=None):
     """Triton path of ``sparse_delta_linear``: x (..., in) any strides -> (..., out). Arguments checked by
-    the caller; ``plan`` as returned by :func:`build_sparse_plan` for these indices, or None (built here)."""
-    x, bias = _autocast_inputs(x, bias)
+    the caller; ``plan`` as returned by :func:`build_sparse_plan` for these indices, or None (built here).
+
+    Under autocast only x and the bias are cast: W and the delta's values stay as they are, since the
+    kernels add W + Δ in fp32 and round the sum once to x's dtype, as autocast's F.linear rounds the fp32
+    W + Δ of the reference once."""
+    x, bias = autocast_inputs(x, bias)
     plan = _plan_for(plan, delta_indices, weight, block_size)
     indices = delta_indices.contiguous()
     lead = x.shape[:-1]
     x2 = x.reshape(-1, x.shape[-1])
     with torch.autocast(x.device.type, enabled=False):
-        y = SparseDeltaLinearFunction.apply(x2, weight, bias, delta_values, indices, *plan.tensors(), int(block_size),
-                                            plan.tile)
+        y = SparseDeltaLinearFunction.apply(x2, weight, bias, delta_values, indices, plan)
     return y.view(*lead, weight.shape[0])
 
 
 def lora_sparse_linear_triton(x, weight, bias, lora_A, lora_B, scaling, delta_indices, delta_values, block_size=1,
                               dropout_p=0.0, seed=None, plan=None):
     """Triton path of ``lora_sparse_linear`` (RoSA): x (..., in) any strides -> (..., out). ``dropout_p``
-    is already 0 when not training; ``seed`` is used only with dropout."""
-    x, bias, lora_A, lora_B = _autocast_inputs(x, bias, lora_A, lora_B)
+    is already 0 when not training; ``seed`` is used only with dropout. Under autocast x, the bias and
+    the LoRA factors are cast (W and the values as in ``sparse_delta_linear_triton``)."""
+    x, bias, lora_A, lora_B = autocast_inputs(x, bias, lora_A, lora_B)
     plan = _plan_for(plan, delta_indices, weight, block_size)
     indices = delta_indices.contiguous()
     lead = x.shape[:-1]
     x2 = x.reshape(-1, x.shape[-1])
     with torch.autocast(x.device.type, enabled=False):
-        y = LoRASparseLinearFunction.apply(x2, weight, bias, lora_A, lora_B, delta_values, indices, *plan.tensors(),
-                                           float(scaling), float(dropout_p), _seed_arg(seed),
-                                           int(block_size), plan.tile)
+        y = LoRASparseLinearFunction.apply(x2, weight, bias, lora_A, lora_B, delta_values, indices, plan,
+                                           float(scaling), float(dropout_p), _seed_arg(seed))
     return y.view(*lead, weight.shape[0])

@@ -8,8 +8,8 @@ from __future__ import annotations
 
 import torch
 
-from .functional import _seed_arg, base_grads
-from .kernels import multi_lora as MK
+from ..kernels import multi_lora as MK
+from .common import _seed_arg, autocast_inputs, base_grads
 
 
 class LoRAMultiFunction(torch.autograd.Function):
@@ -68,10 +68,12 @@ class LoRAMultiFunction(torch.autograd.Function):
             s_drop = torch.ones(n, device=dev, dtype=torch.float32)
             s_dx = s_fwd
 
-        u = MK.shrink_op(x, lora_A_stack.transpose(1, 2), order, blocks, ranks, s_drop, thr, block_m, seed,
-                         has_mask, k, 1)
+        group = dict(order=order, blocks=blocks, ranks=ranks, thresholds=thr, block_m=block_m)
+        # The mask of x (M, K) element (m, k) is draw(seed, m K + k) >= thr[a].
+        u = MK.shrink_op(x, lora_A_stack.transpose(1, 2), **group, scales=s_drop, seed=seed, has_mask=has_mask,
+                         mask_sm=k, mask_sq=1)
         y = torch.addmm(bias, x, weight.t()) if bias is not None else x @ weight.t()
-        MK.expand_op(y, u, lora_B_stack.transpose(1, 2), order, blocks, ranks, s_fwd, thr, block_m, 0, False, 0, 0)
+        MK.expand_op(y, u, lora_B_stack.transpose(1, 2), **group, scales=s_fwd)
 
         ctx.save_for_backward(x, u, weight, lora_A_stack, lora_B_stack, order, bounds, blocks, ranks, s_fwd, s_dx,
                               thr)
@@ -85,16 +87,19 @@ class LoRAMultiFunction(torch.autograd.Function):
         seed, has_mask, block_m = ctx.seed, ctx.has_mask, ctx.block_m
         k = x.shape[1]
         dx = dw = db = da = dbb = None
+        group = dict(order=order, blocks=blocks, ranks=ranks, thresholds=thr, block_m=block_m)
+        segments = dict(order=order, bounds=bounds, ranks=ranks, thresholds=thr)
+        # The mask of x (M, K) element (m, k) is draw(seed, m K + k) >= thr[a], redrawn where it applies.
+        mask = dict(seed=seed, has_mask=has_mask, mask_sm=k)
         if need_x or need_a:
-            ones = torch.ones_like(s_fwd)
-            v = MK.shrink_op(dy, lora_B_stack, order, blocks, ranks, ones, thr, block_m, 0, False, 0, 0)
+            v = MK.shrink_op(dy, lora_B_stack, **group, scales=torch.ones_like(s_fwd))
         if need_a:
-            da = MK.segment_grad_op(x, v, order, bounds, ranks, s_dx, thr, seed, has_mask, k, 1, True)
+            da = MK.segment_grad_op(x, v, **segments, scales=s_dx, **mask, mask_sp=1, r_major=True)
         if need_bb:
-            dbb = MK.segment_grad_op(dy, u, order, bounds, ranks, s_fwd, thr, 0, False, 0, 0, False)
+            dbb = MK.segment_grad_op(dy, u, **segments, scales=s_fwd)
         if need_x:
             dx = dy @ weight
-            MK.expand_op(dx, v, lora_A_stack, order, blocks, ranks, s_dx, thr, block_m, seed, has_mask, k, 1)
+            MK.expand_op(dx, v, lora_A_stack, **group, scales=s_dx, **mask, mask_sn=1)
         dw, db = base_grads(dy, x, weight, need_w, need_b and ctx.has_bias)
         return dx, dw, db, da, dbb, None, None, None, None, None
 
@@ -107,8 +112,6 @@ def lora_linear_multi_triton(x, weight, bias, lora_A_stack, lora_B_stack, scalin
     compiled region (used only with dropout_p). Under autocast the inputs are cast to the autocast dtype
     first, as nn.Linear's would be.
     """
-    from .functional import autocast_inputs
-
     x, weight, bias, lora_A_stack, lora_B_stack = autocast_inputs(x, weight, bias, lora_A_stack, lora_B_stack)
     lead = x.shape[:-1]
     x2 = x.reshape(-1, x.shape[-1])

@@ -1,0 +1,49 @@
+"""What the op families share: the dropout seed, autocast casting, the frozen base layer's gradients and
+the shape keys under which the timed GEMM choices are cached."""
+from __future__ import annotations
+
+import torch
+
+
+def draw_seed(device=None):
+    """A dropout seed drawn from torch's default CPU generator, so ``torch.manual_seed`` makes runs
+    repeatable and ``torch.utils.checkpoint`` (which restores that generator) redraws the same one.
+
+    Eager: a Python int. While torch.compile traces: the same draw as a one-element int64 tensor on
+    ``device`` (``.item()`` would break the graph), which the reference ops and the kernels read as the
+    seed without a host sync. The compiled graph draws it from the default CPU generator on every call
+    (inductor's RNG is seeded from that generator too), so seeding and checkpointing behave as in eager.
+    """
+    seed = torch.randint(0, 2**62, (1,), dtype=torch.int64)
+    if torch.compiler.is_compiling():
+        return seed.to(device) if device is not None else seed
+    return int(seed.item())
+
+
+def _seed_arg(seed):
+    """The seed as the Functions and kernels take it: 0 for None, a drawn tensor as it is, else an int."""
+    if seed is None:
+        return 0
+    return seed if isinstance(seed, torch.Tensor) else int(seed)
+
+
+def autocast_inputs(x: torch.Tensor, *tensors):
+    """``(x, *tensors)`` cast to the autocast dtype when autocast is on for x's device (None kept), as
+    nn.Linear's matmul would cast them; the kernels then run with autocast off."""
+    dev = x.device.type
+    if not torch.is_autocast_enabled(dev):
+        return (x, *tensors)
+    dtype = torch.get_autocast_dtype(dev)
+    return tuple(t.to(dtype) if t is not None else None for t in (x, *tensors))
+
+
+def base_grads(dy, x, weight, need_w: bool, need_b: bool) -> tuple:
+    """``(dW, db)`` of the frozen base layer, each None unless required: dW = dY^T x, db = sum_m dY."""
+    dw = (dy.t() @ x).to(weight.dtype) if need_w else None
+    db = dy.sum(0) if need_b else None
+    return dw, db
+
+
+def _bucket(m: int) -> int:
+    """Token counts within a power of two share a measured GEMM choice."""
+    return 1 << max(0, int(m) - 1).bit_length()

@@ -1,0 +1,209 @@
+"""What the kernel modules share: the Triton helpers every kernel body uses (the dropout mask drawn from
+a seed or a pointer to one, fp32-accumulating dots, casts, the grouped tile order), the explicit block
+tables of tests and the interpreter, the split heuristic of the reductions, and the ``torch.library``
+plumbing (launches through ``wrap_triton`` inside a registered op, eager calls straight to the launcher).
+
+This module imports only torch and triton.
+"""
+from __future__ import annotations
+
+import contextlib
+import functools
+import inspect
+import os
+import threading
+
+import torch
+import triton
+import triton.language as tl
+
+from . import INTERPRET
+
+# ----------------------------------------------------------------------------------------------------
+# kernel helpers
+# ----------------------------------------------------------------------------------------------------
+
+
+@triton.jit
+def _keep_mask(seed, offsets, threshold):
+    """True where the draw for flat index ``offsets`` (int64) keeps its element: word ``offsets % 4`` of
+    the Philox block at ``offsets // 4`` (see fastpeft.reference.dropout_mask). ``seed`` is an int, or a
+    pointer to the one-element int64 tensor of a seed drawn inside a torch.compile region (read here, so
+    that the seed never goes through the host)."""
+    if seed.dtype.is_ptr():
+        seed = tl.load(seed)
+    c0, c1, c2, c3 = tl.randint4x(seed, offsets // 4)
+    word = offsets % 4
+    rnd = tl.where(word == 0, c0, tl.where(word == 1, c1, tl.where(word == 2, c2, c3)))
+    return (rnd.to(tl.int64) & 0xFFFFFFFF) >= threshold
+
+
+# UPCAST is set for bf16 under the interpreter only, where triton 3.9 mishandles bf16: tl.dot returns
+# garbage and fp32 -> bf16 casts truncate instead of rounding to nearest even as GPUs do. With it, the
+# two helpers below give the GPU's results on the CPU.
+
+
+@triton.jit
+def _mma(a, b, acc, DOT_PRECISION: tl.constexpr, UPCAST: tl.constexpr):
+    """acc + a @ b, accumulated in fp32. bf16 products are exact in fp32, so UPCAST changes nothing else."""
+    if UPCAST:
+        return tl.dot(a.to(tl.float32), b.to(tl.float32), acc)
+    return tl.dot(a, b, acc, input_precision=DOT_PRECISION)
+
+
+@triton.jit
+def _cast(x, dtype: tl.constexpr, UPCAST: tl.constexpr):
+    """x.to(dtype), rounding to nearest even also where the interpreter would truncate to bf16."""
+    if UPCAST:
+        if dtype == tl.bfloat16:
+            bits = x.to(tl.float32).to(tl.int32, bitcast=True)
+            bits = (bits + 0x7FFF + ((bits >> 16) & 1)) & -65536  # keep the high 16 bits, rounded
+            x = bits.to(tl.float32, bitcast=True)
+    return x.to(dtype)
+
+
+@triton.jit
+def _grouped_tile(M, N, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, GROUP_M: tl.constexpr):
+    """(pid_m, pid_n) of this program in grouped order (as in Triton's matmul tutorial): GROUP_M
+    row-blocks run together and share their B tiles in L2."""
+    pid = tl.program_id(0)
+    num_m = tl.cdiv(M, BLOCK_M)
+    num_n = tl.cdiv(N, BLOCK_N)
+    group = GROUP_M * num_n
+    first_m = (pid // group) * GROUP_M
+    size_m = tl.minimum(num_m - first_m, GROUP_M)
+    return first_m + (pid % group) % size_m, (pid % group) // size_m
+
+
+# ----------------------------------------------------------------------------------------------------
+# launch parameters
+# ----------------------------------------------------------------------------------------------------
+
+
+def block_setter(table: dict):
+    """A ``set_test_blocks(**blocks)`` for one module's explicit block table: it overrides known block
+    sizes and returns the previous values (to restore them)."""
+    def set_test_blocks(**blocks) -> dict:
+        old = dict(table)
+        unknown = set(blocks) - set(table)
+        if unknown:
+            raise ValueError(f"unknown block names {sorted(unknown)}; known: {sorted(table)}")
+        table.update(blocks)
+        return old
+    return set_test_blocks
+
+
+def _use_explicit_blocks(t: torch.Tensor) -> bool:
+    """Explicit blocks under the interpreter, and with FASTPEFT_AUTOTUNE=0 (GPU tests: many small odd
+    shapes would otherwise compile and time every config for each)."""
+    return INTERPRET or t.device.type != "cuda" or os.environ.get("FASTPEFT_AUTOTUNE", "1") == "0"
+
+
+def r_pad(r: int) -> int:
+    """Rank padded to a power of two of at least 16 (tl.dot's smallest dimension on GPUs)."""
+    return max(16, triton.next_power_of_2(int(r)))
+
+
+def _dot_precision(dtype: torch.dtype) -> str:
+    # fp32 follows torch's matmul policy, as nn.Linear does: full fp32 unless the user allows TF32.
+    if dtype == torch.float32 and torch.get_float32_matmul_precision() == "highest":
+        return "ieee"
+    return "tf32"
+
+
+def _upcast(dtype: torch.dtype) -> bool:
+    return INTERPRET and dtype == torch.bfloat16
+
+
+@functools.lru_cache(maxsize=None)
+def _sm_count(device_index: int) -> int:
+    return torch.cuda.get_device_properties(device_index).multi_processor_count
+
+
+def split_count(t: torch.Tensor, programs: int, length: int, block: int) -> int:
+    """How many partial sums a reduction of ``length`` elements, stepped ``block`` at a time by each of
+    ``programs`` programs, is cut into: enough programs to fill the GPU (two per SM), each still looping
+    over at least 4 blocks, at most 64 partials. Under explicit blocks, 2 once the reduction spans more
+    than two blocks, so that the interpreter exercises the split path."""
+    if _use_explicit_blocks(t):
+        return 1 if length <= 2 * block else 2
+    want = triton.cdiv(2 * _sm_count(t.device.index or 0), max(int(programs), 1))
+    return max(1, min(want, triton.cdiv(length, 4 * block), 64))
+
+
+def split_chunk(length: int, split: int, block: int) -> tuple:
+    """``(per_split, split)``: each partial sum covers ``per_split`` elements (a multiple of ``block``),
+    and ``split`` is recounted so that none is empty; ``(0, 1)`` for an empty reduction."""
+    if length == 0:
+        return 0, 1
+    per = triton.cdiv(triton.cdiv(length, split), block) * block
+    return per, max(1, triton.cdiv(length, per))
+
+
+# ----------------------------------------------------------------------------------------------------
+# torch.library plumbing: torch.compile(fullgraph=True) traces the registered ops and the kernels inside.
+# ----------------------------------------------------------------------------------------------------
+
+_HAS_TRITON_OP = hasattr(torch.library, "triton_op") and hasattr(torch.library, "wrap_triton")
+_state = threading.local()
+
+# Under TRITON_INTERPRET the kernels are Python functions that would run on fake tensors when
+# torch.compile traces a triton_op's body, so there the ops are opaque custom ops (given fakes in each
+# module) that the compiled graph calls: the CPU tests compile the triton backend too. On GPUs, triton_op.
+_library_op = torch.library.custom_op if INTERPRET else getattr(torch.library, "triton_op", None)
+
+
+def _wrap(kernel):
+    """The kernel as launched from a launcher: through ``wrap_triton`` inside a registered op's body (so
+    torch.compile and fake tensors see it), directly otherwise. Eager calls skip the ops: going through
+    the op dispatcher and ``wrap_triton`` costs host time per launch that small LoRA kernels cannot hide."""
+    return torch.library.wrap_triton(kernel) if getattr(_state, "in_op", False) else kernel
+
+
+@contextlib.contextmanager
+def _op_body():
+    prev = getattr(_state, "in_op", False)
+    _state.in_op = True
+    try:
+        yield
+    finally:
+        _state.in_op = prev
+
+
+def _seed(seed: int, seed_t: torch.Tensor | None):
+    """A registered op's seed as its launcher takes it: the tensor ``seed_t`` when given, else ``seed``."""
+    return seed if seed_t is None else seed_t
+
+
+def eager_or_op(launcher, op):
+    """A callable running ``launcher`` directly in eager mode and the registered ``op`` while
+    torch.compile traces (where the op and its wrapped kernels are visible to the compiler). It takes the
+    launcher's arguments, by position or by name.
+
+    The seed is found by its name, ``seed``. A seed drawn inside a compiled region is a one-element
+    tensor (``fastpeft.ops.common.draw_seed``); the op's schema has ``seed: int``, so the op gets 0 there
+    and the tensor as its ``seed_t`` argument, and the kernels read it from memory. The launchers take
+    either form as ``seed``. The op is called with every argument in the launcher's order, the
+    launcher's defaults filled in.
+    """
+    if op is None:
+        return launcher
+    params = inspect.signature(launcher).parameters
+    names = tuple(n for n, p in params.items() if p.kind in (p.POSITIONAL_ONLY, p.POSITIONAL_OR_KEYWORD))
+    defaults = {n: p.default for n, p in params.items() if p.default is not p.empty}
+    plain = any(p.kind == p.VAR_POSITIONAL for p in params.values())  # *args: passed on as they are
+    seed_at = names.index("seed") if "seed" in names else None
+
+    @functools.wraps(launcher)
+    def call(*args, **kwargs):
+        if not torch.compiler.is_compiling():
+            return launcher(*args, **kwargs)
+        if plain:
+            return op(*args, **kwargs)
+        values = list(args) + [kwargs[n] if n in kwargs else defaults[n] for n in names[len(args):]]
+        if seed_at is not None and isinstance(values[seed_at], torch.Tensor):
+            seed_t = values[seed_at]
+            values[seed_at] = 0
+            return op(*values, seed_t=seed_t)
+        return op(*values)
+    return call
