@@ -289,3 +289,42 @@ def test_eager_calls_launch_directly_and_compile_sees_the_ops(monkeypatch):
         assert call(1) == "launcher" and not calls
         monkeypatch.setattr(torch.compiler, "is_compiling", lambda: True)
         assert call(1) == "op" and calls == [(1,)]
+
+
+def test_op_wrapper_binds_the_seed_by_name(monkeypatch):
+    """Eager: the launcher, as called. While compiling: the op, with every argument in the launcher's
+    order (its defaults filled in), and a tensor seed, given by position or by name, moved to seed_t."""
+    calls = []
+
+    def launcher(a, b, scale=1.0, seed=0, threshold=0):
+        return "launcher"
+
+    def op(*args, **kw):
+        calls.append((args, kw))
+        return "op"
+
+    call = C.eager_or_op(launcher, op)
+    assert call(1, 2, seed=5) == "launcher" and not calls
+    monkeypatch.setattr(torch.compiler, "is_compiling", lambda: True)
+    t = torch.tensor([7])
+    assert call(1, 2, seed=t, threshold=3) == "op"
+    call(1, 2, 0.5, t)
+    call(1, 2, threshold=4, seed=9)
+    assert calls == [((1, 2, 1.0, 0, 3), {"seed_t": t}), ((1, 2, 0.5, 0, 0), {"seed_t": t}), ((1, 2, 1.0, 9, 4), {})]
+
+
+def test_split_heuristic(monkeypatch):
+    """One rule for every split reduction: explicit blocks split in 2 past two blocks; on a GPU, enough
+    programs for two per SM, each looping over at least 4 blocks, at most 64 partials."""
+    t = torch.empty(1)
+    monkeypatch.setattr(C, "_use_explicit_blocks", lambda t: True)
+    assert C.split_count(t, 5, 32, 16) == 1 and C.split_count(t, 5, 33, 16) == 2
+    monkeypatch.setattr(C, "_use_explicit_blocks", lambda t: False)
+    monkeypatch.setattr(C, "_sm_count", lambda index: 132)
+    assert C.split_count(t, 4, 10000, 64) == 40         # 4 blocks of 64 per partial at least
+    assert C.split_count(t, 132, 10**6, 64) == 2        # two programs per SM
+    assert C.split_count(t, 0, 10**7, 64) == 64         # no programs counted: no division by zero; capped
+    assert C.split_count(t, 1000, 10**6, 64) == 1
+    assert C.split_chunk(0, 3, 16) == (0, 1)
+    assert C.split_chunk(100, 2, 16) == (64, 2)
+    assert C.split_chunk(40, 4, 16) == (16, 3)          # recounted: no empty partial
