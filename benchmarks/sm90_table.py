@@ -199,12 +199,31 @@ def lora_launches(ranks) -> list:
     return out
 
 
-def lora_tma_launches(ranks) -> list:
-    try:
-        from fastpeft.kernels import lora_tma as T
-    except ImportError:
-        return []
-    return T.sm90_launches(ranks, Launch, _ptr, (M, K, N))
+def lora_tma_launches(ranks, all_configs=False) -> list:
+    from fastpeft.kernels import lora_tma as T
+
+    out = []
+    for rp in ranks:
+        for c, tag in [(c, "") for c in T._TMA_CONFIGS] + [(triton.Config(
+                {k: v for k, v in T._PINNED_TMA.items() if not k.startswith("num_")},
+                num_warps=T._PINNED_TMA["num_warps"], num_stages=T._PINNED_TMA["num_stages"]), " (pinned)")]:
+            blocks, w, s = _cfg(c)
+            common = dict(a_ptr=_ptr("bf16"), b_ptr=_ptr("bf16"), lu_ptr=_ptr("fp32"), lv_ptr=_ptr("bf16"),
+                          bias_ptr=_ptr("bf16"), out_ptr=_ptr("bf16"), M=M, N=N, K=K, R=rp, stride_am=K,
+                          stride_b=K, stride_lum=rp, stride_lur=1, stride_om=N, scale=0.5, seed=1234,
+                          threshold=429496730, R_PAD=rp, NUM_SMS=132, WARP_SPECIALIZE=False,
+                          DOT_PRECISION="tf32", UPCAST=False, **blocks)
+            variants = [("fwd", dict(B_NK=True, stride_lvr=1, stride_lvn=rp, HAS_BIAS=True, HAS_MASK=False)),
+                        ("dX", dict(B_NK=False, stride_lvr=N, stride_lvn=1, HAS_BIAS=False, HAS_MASK=False)),
+                        ("dX mask", dict(B_NK=False, stride_lvr=N, stride_lvn=1, HAS_BIAS=False, HAS_MASK=True))]
+            for name, extra in variants:
+                kept = T._prune_tma_configs([c], {}, HAS_MASK=extra["HAS_MASK"])
+                if not kept and not all_configs:
+                    continue
+                label = f"{name} R{rp}{tag}" + ("" if kept else " (pruned)")
+                out.append(Launch("lora_tma", T._lora_gemm_tma_kernel, label, dict(common, **extra), w, s,
+                                  dict(blocks)))
+    return out
 
 
 def multi_launches(ranks) -> list:
@@ -309,13 +328,15 @@ def main(argv=None):
     ap.add_argument("--ranks", nargs="+", type=int, default=[16, 64], help="R_PAD values (powers of two >= 16)")
     ap.add_argument("--only", nargs="+", choices=list(FAMILIES), help="kernel files to compile (default: all)")
     ap.add_argument("--kernel", help="only kernels whose name contains this")
+    ap.add_argument("--all-configs", action="store_true",
+                    help="also the TMA tutorial configs that lora_tma's prune drops (marked '(pruned)')")
     ap.add_argument("--out", help="markdown file (default benchmarks/results/sm90-resources-<date>.md)")
     ap.add_argument("--json", help="also write the rows as JSON")
     ap.add_argument("--title", default="", help="a line under the header (e.g. 'before the epilogue change')")
     a = ap.parse_args(argv)
     launches = []
     for fam in a.only or list(FAMILIES):
-        launches += FAMILIES[fam](a.ranks)
+        launches += (FAMILIES[fam](a.ranks, True) if fam == "lora_tma" and a.all_configs else FAMILIES[fam](a.ranks))
     if a.kernel:
         launches = [x for x in launches if a.kernel in x.name]
     rows = []
@@ -331,7 +352,7 @@ def main(argv=None):
                   f"stack {res['stack']} smem {res['smem']} ({res['seconds']:.1f}s)", flush=True)
     date = time.strftime("%Y-%m-%d")
     out = a.out or os.path.join(os.path.dirname(os.path.abspath(__file__)), "results", f"sm90-resources-{date}.md")
-    spilling = [r for r in rows if r.get("stack")]
+    spilling = [r for r in rows if r.get("stack") and "(pruned)" not in r["variant"]]
     failed = [r for r in rows if "error" in r]
     cmd = " ".join(["python benchmarks/sm90_table.py"] + list(argv if argv is not None else sys.argv[1:]))
     lines = ["# sm_90 resources of the shipped kernel configs (compiled offline, no GPU)", "",
