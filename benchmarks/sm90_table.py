@@ -217,7 +217,7 @@ def lora_tma_launches(ranks, all_configs=False) -> list:
                         ("dX", dict(B_NK=False, stride_lvr=N, stride_lvn=1, HAS_BIAS=False, HAS_MASK=False)),
                         ("dX mask", dict(B_NK=False, stride_lvr=N, stride_lvn=1, HAS_BIAS=False, HAS_MASK=True))]
             for name, extra in variants:
-                kept = T._prune_tma_configs([c], {}, HAS_MASK=extra["HAS_MASK"])
+                kept = T._prune_tma_configs([c], {}, HAS_MASK=extra["HAS_MASK"], R_PAD=rp)
                 if not kept and not all_configs:
                     continue
                 label = f"{name} R{rp}{tag}" + ("" if kept else " (pruned)")

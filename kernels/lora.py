@@ -305,11 +305,20 @@ def _lora_lowrank_add_kernel(
     DOT_PRECISION: tl.constexpr, UPCAST: tl.constexpr,
 ):
     rm = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
-    rn = tl.program_id(1) * BLOCK_N + tl.arange(0, BLOCK_N)
+    n0 = tl.program_id(1) * BLOCK_N
+    rn = n0 + tl.arange(0, BLOCK_N)
     m_ok = rm < M
     n_ok = rn < N
     low = _lowrank_tile(lu_ptr, lv_ptr, rm, rn, m_ok, n_ok, N, R, stride_lum, stride_lur, stride_lvr, stride_lvn,
-                        seed, threshold, HAS_MASK, BLOCK_M, BLOCK_N, R_PAD, DOT_PRECISION, UPCAST)
+                        seed, threshold, False, BLOCK_M, BLOCK_N, R_PAD, DOT_PRECISION, UPCAST)
+    if HAS_MASK:
+        # One Philox draw per 4 columns (_keep_mask_tile): at R_PAD 64 the per-element draw spilled 112 B
+        # (sm_90, triton 3.9, 64x128 w4).
+        if N % 4 == 0:
+            keep = _keep_mask_tile(seed, rm, n0, N, threshold, BLOCK_M, BLOCK_N, True)
+        else:
+            keep = _keep_mask_tile(seed, rm, n0, N, threshold, BLOCK_M, BLOCK_N, False)
+        low = tl.where(keep, low, 0.0)
     ptrs = out_ptr + rm[:, None].to(tl.int64) * stride_om + rn[None, :].to(tl.int64) * stride_on
     ok = m_ok[:, None] & n_ok[None, :]
     cur = tl.load(ptrs, mask=ok, other=0.0).to(tl.float32)

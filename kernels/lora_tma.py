@@ -171,20 +171,24 @@ _TMA_CONFIGS = [
 _SMEM_LIMIT = 220 * 1024
 
 
-def _config_fits(c, has_mask: bool, itemsize: int = 2) -> bool:
+def _config_fits(c, has_mask: bool, r_pad: int = 16, itemsize: int = 2) -> bool:
     """Whether a config fits sm_90: its pipelined a and b tiles in shared memory, and its fp32
-    accumulator within half the register file (at most 128 registers a thread), or a quarter (64) with
-    the mask, whose sub-tiled epilogue needs the rest. Compiled for sm_90 (triton 3.9, bf16, R_PAD 16 and
-    64), every config this keeps has no spill (benchmarks/results/sm90-resources-*.md)."""
+    accumulator plus the (BLOCK_M, R_PAD) tile of u within 160 registers a thread, or the accumulator
+    within 64 with the mask, whose sub-tiled epilogue needs the rest. Compiled for sm_90 (triton 3.9,
+    bf16, R_PAD 16 and 64), every config this keeps has no spill; 128x128 w4 at R_PAD 64 (128 + 64) spills
+    8-32 B, 128x256 w4 over 1 KiB (benchmarks/results/sm90-resources-*.md)."""
     bm, bn, bk = c.kwargs["BLOCK_M"], c.kwargs["BLOCK_N"], c.kwargs["BLOCK_K"]
     smem = c.num_stages * (bm + bn) * bk * itemsize + bm * min(bn, 64 if has_mask else bn) * itemsize
-    acc_regs = bm * bn // (32 * c.num_warps)
-    return smem <= _SMEM_LIMIT and acc_regs <= (64 if has_mask else 128)
+    threads = 32 * c.num_warps
+    acc_regs = bm * bn // threads
+    regs_ok = acc_regs <= 64 if has_mask else acc_regs + bm * r_pad // threads <= 160
+    return smem <= _SMEM_LIMIT and regs_ok
 
 
 def _prune_tma_configs(configs, named_args, **kwargs):
     has_mask = bool(kwargs.get("HAS_MASK", named_args.get("HAS_MASK", False)))
-    return [c for c in configs if _config_fits(c, has_mask)]
+    r_pad = int(kwargs.get("R_PAD", named_args.get("R_PAD", 16)))
+    return [c for c in configs if _config_fits(c, has_mask, r_pad)]
 
 
 # Explicit config for the interpreter and tests (small, so odd sizes cross tile edges; 3 persistent
