@@ -354,7 +354,11 @@ def main(argv=None):
     out = a.out or os.path.join(os.path.dirname(os.path.abspath(__file__)), "results", f"sm90-resources-{date}.md")
     spilling = [r for r in rows if r.get("stack") and "(pruned)" not in r["variant"]]
     failed = [r for r in rows if "error" in r]
-    cmd = " ".join(["python benchmarks/sm90_table.py"] + list(argv if argv is not None else sys.argv[1:]))
+    args = list(argv if argv is not None else sys.argv[1:])
+    if "--title" in args:  # the title is printed on its own line
+        i = args.index("--title")
+        del args[i:i + 2]
+    cmd = " ".join(["python benchmarks/sm90_table.py"] + args)
     lines = ["# sm_90 resources of the shipped kernel configs (compiled offline, no GPU)", "",
              f"triton {triton.__version__} | target sm_90 | bf16 | {date} | `{cmd}`", ""]
     if a.title:

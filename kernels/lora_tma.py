@@ -29,7 +29,7 @@ import triton
 import triton.language as tl
 
 from . import INTERPRET, is_deterministic
-from .lora import _cast, _dot_precision, _keep_mask_tile, _mma, _upcast, r_pad
+from .lora import _cast, _dot_precision, _keep_mask_tile, _mma, _upcast, _use_explicit_blocks, r_pad
 
 # ----------------------------------------------------------------------------------------------------
 # kernel
@@ -252,7 +252,8 @@ def lora_gemm_tma(*, a: torch.Tensor, b: torch.Tensor, lu: torch.Tensor, lv: tor
     dtype, lv (R, N) any strides, bias (N,) or None. The mask of (m, n) is ``draw(seed, m * N + n) >=
     threshold`` (none when threshold == 0); ``seed`` an int or a one-element int64 device tensor.
     ``config``: explicit blocks (BLOCK_M, BLOCK_N, BLOCK_K, GROUP_M, num_warps, num_stages[, NUM_SMS]);
-    default: autotuned on CUDA (pinned in deterministic mode), ``_TEST_CONFIG`` under the interpreter.
+    default: autotuned on CUDA (pinned in deterministic mode), ``_TEST_CONFIG`` under the interpreter and
+    with FASTPEFT_AUTOTUNE=0.
     Needs ``tma_supported(a.device)`` and ``tma_shapes_ok(a=a, b=b)``; a or b with other strides are copied.
     """
     if not tma_supported(a.device):
@@ -283,7 +284,7 @@ def lora_gemm_tma(*, a: torch.Tensor, b: torch.Tensor, lu: torch.Tensor, lv: tor
     meta = dict(HAS_BIAS=bias is not None, HAS_MASK=threshold > 0, B_NK=b_nk, R_PAD=r_pad(R),
                 WARP_SPECIALIZE=False, DOT_PRECISION=_dot_precision(a.dtype), UPCAST=_upcast(a.dtype))
     tiles = lambda m: triton.cdiv(M, m["BLOCK_M"]) * triton.cdiv(N, m["BLOCK_N"])  # noqa: E731
-    if config is None and INTERPRET:
+    if config is None and _use_explicit_blocks(a):  # the interpreter, and FASTPEFT_AUTOTUNE=0 (GPU tests)
         config = _TEST_CONFIG
     if config is None and is_deterministic():
         config = _PINNED_TMA
