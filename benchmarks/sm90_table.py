@@ -314,6 +314,9 @@ def sparse_launches(ranks) -> list:
                                ("dX", dict(dx, HAS_LOWRANK=False, HAS_MASK=False, R=0)),
                                ("fwd +LoRA R16", dict(fwd, HAS_LOWRANK=True, HAS_MASK=False, R=16)),
                                ("dX +LoRA mask R16", dict(dx, HAS_LOWRANK=True, HAS_MASK=True, R=16))):
+            prune = getattr(tuned, "early_config_prune", None)
+            if extra["HAS_MASK"] and prune and not prune([_as_config(blocks, w, s)], {}, HAS_MASK=True):
+                continue  # the autotuner never launches this config with the mask
             out.append(Launch("sparse_delta", SD._sparse_gemm_kernel, f"{variant} b{db}", dict(common, **extra),
                               w, s, dict(blocks)))
     return out
