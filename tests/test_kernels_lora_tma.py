@@ -50,9 +50,9 @@ def _tma(x, w, b, a, bb, dy, s, p, seed):
     """(y, dX) from the TMA GEMM, u and v from the shrink kernel, as LoRALinearFunction composes them."""
     thr = dropout_threshold(p) if p else 0
     ds = 1.0 / (1.0 - p)
-    u = K.lora_shrink(x, a.t(), ds, seed, thr, x.shape[1], 1)
+    u = K.lora_shrink(a=x, b=a.t(), scale=ds, seed=seed, threshold=thr, mask_sp=x.shape[1], mask_sq=1)
     y = T.lora_gemm_tma(a=x, b=w.t(), lu=u, lv=bb.t(), bias=b, scale=s)             # forward: W as (N, K) rows
-    v = K.lora_shrink(dy, bb, 1.0, 0, 0, 0, 0)
+    v = K.lora_shrink(a=dy, b=bb, scale=1.0, seed=0, threshold=0, mask_sp=0, mask_sq=0)
     dx = T.lora_gemm_tma(a=dy, b=w, lu=v, lv=a, scale=s * ds, seed=seed, threshold=thr)  # dX: W as (K, N) rows
     return y, dx
 
@@ -110,7 +110,7 @@ def test_same_bits_as_the_pointer_kernel():
     bias = torch.randn(n, generator=g).to(DEV)
     for b in (w.t(), w.t().contiguous()):
         for thr in (0, dropout_threshold(0.25)):
-            want = K.lora_gemm(a, b, lu, lv, bias, 0.5, 3, thr)
+            want = K.lora_gemm(a=a, b=b, lu=lu, lv=lv, bias=bias, scale=0.5, seed=3, threshold=thr)
             got = T.lora_gemm_tma(a=a, b=b, lu=lu, lv=lv, bias=bias, scale=0.5, seed=3, threshold=thr)
             assert_close_report(got, want, rtol=1e-6, atol=1e-5, what=f"b strides {b.stride()} thr {thr}")
 
