@@ -98,26 +98,35 @@ def steps(M, K, N, r, p, dtype, device):
     costs = {c.name: c for c in lin["fwd"] + lin["bwd"] + lo["fwd"] + lo["bwd"]}
     add = RF.lowrank_add_cost(M, K, r)
 
+    no_mask = dict(seed=0, threshold=0, mask_sp=0, mask_sq=0)
+    masked = dict(seed=seed, threshold=thr)
+
     def cublas_dx():
         out = dy @ w
-        return KL.lora_lowrank_add_(out=out, lu=v, lv=a, scale=s * ds, seed=seed, threshold=thr) if thr else out.addmm_(v.to(dtype), a, alpha=s * ds)
+        if thr:
+            return KL.lora_lowrank_add_(out=out, lu=v, lv=a, scale=s * ds, **masked)
+        return out.addmm_(v.to(dtype), a, alpha=s * ds)
 
     out = {
         "linear fwd (cuBLAS)": (lambda: torch.nn.functional.linear(x, w, bias), costs["linear fwd"]),
         "linear dX (cuBLAS)": (lambda: dy @ w, costs["linear dX"]),
-        f"shrink u = drop(x) A^T (p={p})": (lambda: KL.lora_shrink(a=x, b=a.t(), scale=ds, seed=seed, threshold=thr, mask_sp=K, mask_sq=1), costs["shrink"]),
-        "fused GEMM fwd": (lambda: KL.lora_gemm(a=x, b=w.t(), lu=u, lv=b.t(), bias=bias, scale=s, seed=0, threshold=0), costs["fused GEMM"]),
+        f"shrink u = drop(x) A^T (p={p})": (
+            lambda: KL.lora_shrink(a=x, b=a.t(), scale=ds, mask_sp=K, mask_sq=1, **masked), costs["shrink"]),
+        "fused GEMM fwd": (lambda: KL.lora_gemm(a=x, b=w.t(), lu=u, lv=b.t(), bias=bias, scale=s, seed=0, threshold=0),
+                           costs["fused GEMM"]),
         "cuBLAS fwd + addmm_": (lambda: torch.addmm(bias, x, w.t()).addmm_(u.to(dtype), b.t(), alpha=s), None),
-        "shrink v = dY B": (lambda: KL.lora_shrink(a=dy, b=b, scale=1.0, seed=0, threshold=0, mask_sp=0, mask_sq=0), costs["dY B"]),
-        "shrink dB = s dY^T u": (lambda: KL.lora_shrink(a=dy.t(), b=u, scale=s, seed=0, threshold=0, mask_sp=0, mask_sq=0), costs["dB"]),
-        f"shrink dA = s v^T drop(x) (p={p})": (lambda: KL.lora_shrink(a=x.t(), b=v, scale=s * ds, seed=seed, threshold=thr, mask_sp=1, mask_sq=K), costs["dA"]),
-        f"fused GEMM dX (p={p})": (lambda: KL.lora_gemm(a=dy, b=w, lu=v, lv=a, bias=None, scale=s * ds, seed=seed, threshold=thr),
-                                   costs["dX fused"]),
+        "shrink v = dY B": (lambda: KL.lora_shrink(a=dy, b=b, scale=1.0, **no_mask), costs["dY B"]),
+        "shrink dB = s dY^T u": (lambda: KL.lora_shrink(a=dy.t(), b=u, scale=s, **no_mask), costs["dB"]),
+        f"shrink dA = s v^T drop(x) (p={p})": (
+            lambda: KL.lora_shrink(a=x.t(), b=v, scale=s * ds, mask_sp=1, mask_sq=K, **masked), costs["dA"]),
+        f"fused GEMM dX (p={p})": (
+            lambda: KL.lora_gemm(a=dy, b=w, lu=v, lv=a, bias=None, scale=s * ds, **masked), costs["dX fused"]),
         f"cuBLAS dX + low-rank update (p={p})": (cublas_dx, None),
     }
     if thr:
         base = dy @ w
-        out[f"low-rank add alone (p={p})"] = (lambda: KL.lora_lowrank_add_(out=base, lu=v, lv=a, scale=s * ds, seed=seed, threshold=thr), add)
+        out[f"low-rank add alone (p={p})"] = (
+            lambda: KL.lora_lowrank_add_(out=base, lu=v, lv=a, scale=s * ds, **masked), add)
     try:
         from fastpeft.kernels import lora_tma as T
     except ImportError:

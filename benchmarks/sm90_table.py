@@ -211,7 +211,7 @@ def lora_tma_launches(ranks, all_configs=False) -> list:
             common = dict(a_ptr=_ptr("bf16"), b_ptr=_ptr("bf16"), lu_ptr=_ptr("fp32"), lv_ptr=_ptr("bf16"),
                           bias_ptr=_ptr("bf16"), out_ptr=_ptr("bf16"), M=M, N=N, K=K, R=rp, stride_am=K,
                           stride_b=K, stride_lum=rp, stride_lur=1, stride_om=N, scale=0.5, seed=1234,
-                          threshold=429496730, R_PAD=rp, NUM_SMS=132, WARP_SPECIALIZE=False,
+                          threshold=429496730, R_PAD=rp, NUM_SMS=132,
                           DOT_PRECISION="tf32", UPCAST=False, **blocks)
             variants = [("fwd", dict(B_NK=True, stride_lvr=1, stride_lvn=rp, HAS_BIAS=True, HAS_MASK=False)),
                         ("dX", dict(B_NK=False, stride_lvr=N, stride_lvn=1, HAS_BIAS=False, HAS_MASK=False)),
@@ -256,7 +256,8 @@ def multi_launches(ranks) -> list:
                         P=K, R=rp, SPLIT=2, stride_sm=K, stride_sp=1, stride_gm=rp, stride_gr=1, stride_os=64 * K * rp,
                         stride_oa=K * rp, stride_op=rp, stride_or=1, seed=1234, mask_sm=K, mask_sp=1, HAS_MASK=mask,
                         BLOCK_M=32, BLOCK_P=64, R_PAD=rp, DOT_PRECISION="tf32", UPCAST=False)
-            out.append(Launch("multi_lora", ML._multi_segment_grad_kernel, f"segment grad{' mask' if mask else ''} R{rp}",
+            out.append(Launch("multi_lora", ML._multi_segment_grad_kernel,
+                              f"segment grad{' mask' if mask else ''} R{rp}",
                               args, 4, 3, {"BLOCK_M": 32, "BLOCK_P": 64}))
     return out
 

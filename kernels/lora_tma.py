@@ -46,7 +46,7 @@ def _tile_coords(tile, num_m, num_n, GROUP_M: tl.constexpr):
 
 
 @triton.jit
-def _tma_store_part(acc, lu, off_m, n0, out_desc, lv_ptr, bias_ptr, M, N, R, stride_lvr, stride_lvn, seed,
+def _tma_store_part(acc, lu, off_m, n0, out_desc, out_ptr, lv_ptr, bias_ptr, M, N, R, stride_lvr, stride_lvn, seed,
                     threshold, HAS_BIAS: tl.constexpr, HAS_MASK: tl.constexpr, BLOCK_M: tl.constexpr,
                     SUB_N: tl.constexpr, R_PAD: tl.constexpr, DOT_PRECISION: tl.constexpr, UPCAST: tl.constexpr):
     """Columns [n0, n0 + SUB_N) of a tile: acc (BLOCK_M, SUB_N) fp32 [+ mask * (lu @ lv)] [+ bias], stored
@@ -63,7 +63,7 @@ def _tma_store_part(acc, lu, off_m, n0, out_desc, lv_ptr, bias_ptr, M, N, R, str
         acc += tl.where(_keep_mask_tile(seed, rm, n0, N, threshold, BLOCK_M, SUB_N, True), low, 0.0)
     if HAS_BIAS:
         acc += tl.load(bias_ptr + rn, mask=n_ok, other=0.0).to(tl.float32)[None, :]
-    out_desc.store([off_m, n0], _cast(acc, out_desc.dtype, UPCAST))
+    out_desc.store([off_m, n0], _cast(acc, out_ptr.dtype.element_ty, UPCAST))
 
 
 @triton.jit(do_not_specialize=["seed", "threshold"])
@@ -77,11 +77,13 @@ def _lora_gemm_tma_kernel(
     stride_am, stride_b, stride_lum, stride_lur, stride_lvr, stride_lvn, stride_om,
     # low-rank term: scale * mask * (lu @ lv), mask of (m, n) from draw(seed, m * N + n) >= threshold
     scale, seed, threshold,
-    # meta-parameters (NUM_SMS: persistent programs; WARP_SPECIALIZE: tl.range's warp specialization)
+    # meta-parameters (NUM_SMS: persistent programs)
     HAS_BIAS: tl.constexpr, HAS_MASK: tl.constexpr, B_NK: tl.constexpr, BLOCK_M: tl.constexpr,
     BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr, R_PAD: tl.constexpr,
-    NUM_SMS: tl.constexpr, WARP_SPECIALIZE: tl.constexpr, DOT_PRECISION: tl.constexpr, UPCAST: tl.constexpr,
+    NUM_SMS: tl.constexpr, DOT_PRECISION: tl.constexpr, UPCAST: tl.constexpr,
 ):
+    # Not warp-specialized: tl.range(..., warp_specialize=True) is newer than some triton 3.x and, on
+    # Hopper, not known to us to be supported by 3.6; a variant to time on the card (issue 12 item 3).
     # The masked epilogue works on sub-tiles of at most 64 columns (see lora._lora_gemm_kernel).
     SUB_N: tl.constexpr = BLOCK_N if (not HAS_MASK or BLOCK_N <= 64) else 64
     a_desc = tl.make_tensor_descriptor(a_ptr, shape=[M, K], strides=[stride_am, 1], block_shape=[BLOCK_M, BLOCK_K])
@@ -98,7 +100,7 @@ def _lora_gemm_tma_kernel(
     k_tiles = tl.cdiv(K, BLOCK_K)
     rr = tl.arange(0, R_PAD)
     r_ok = rr < R
-    for tile in tl.range(tl.program_id(0), num_m * num_n, NUM_SMS, warp_specialize=WARP_SPECIALIZE):
+    for tile in tl.range(tl.program_id(0), num_m * num_n, NUM_SMS):
         pid_m, pid_n = _tile_coords(tile, num_m, num_n, GROUP_M)
         off_m = pid_m * BLOCK_M
         off_n = pid_n * BLOCK_N
@@ -123,34 +125,34 @@ def _lora_gemm_tma_kernel(
             lv = tl.load(lv_ptr + rr[:, None] * stride_lvr + rn[None, :].to(tl.int64) * stride_lvn,
                          mask=r_ok[:, None] & (rn < N)[None, :], other=0.0)
             acc = _mma(lu, lv, acc, DOT_PRECISION, UPCAST)
-            _tma_store_part(acc, lu, off_m, off_n, out_desc, lv_ptr, bias_ptr, M, N, R, stride_lvr, stride_lvn,
+            _tma_store_part(acc, lu, off_m, off_n, out_desc, out_ptr, lv_ptr, bias_ptr, M, N, R, stride_lvr, stride_lvn,
                             seed, threshold, HAS_BIAS, False, BLOCK_M, BLOCK_N, R_PAD, DOT_PRECISION, UPCAST)
         elif BLOCK_N <= 64:
-            _tma_store_part(acc, lu, off_m, off_n, out_desc, lv_ptr, bias_ptr, M, N, R, stride_lvr, stride_lvn,
+            _tma_store_part(acc, lu, off_m, off_n, out_desc, out_ptr, lv_ptr, bias_ptr, M, N, R, stride_lvr, stride_lvn,
                             seed, threshold, HAS_BIAS, True, BLOCK_M, BLOCK_N, R_PAD, DOT_PRECISION, UPCAST)
         else:
             # The mask applies to the product: halves (quarters at BLOCK_N 256) of the accumulator in turn.
             H: tl.constexpr = BLOCK_N // 2
             h0, h1 = tl.split(tl.permute(tl.reshape(acc, (BLOCK_M, 2, H)), (0, 2, 1)))
             if H <= 64:
-                _tma_store_part(h0, lu, off_m, off_n, out_desc, lv_ptr, bias_ptr, M, N, R, stride_lvr, stride_lvn,
-                                seed, threshold, HAS_BIAS, True, BLOCK_M, H, R_PAD, DOT_PRECISION, UPCAST)
-                _tma_store_part(h1, lu, off_m, off_n + H, out_desc, lv_ptr, bias_ptr, M, N, R, stride_lvr,
+                _tma_store_part(h0, lu, off_m, off_n, out_desc, out_ptr, lv_ptr, bias_ptr, M, N, R, stride_lvr,
+                                stride_lvn, seed, threshold, HAS_BIAS, True, BLOCK_M, H, R_PAD, DOT_PRECISION, UPCAST)
+                _tma_store_part(h1, lu, off_m, off_n + H, out_desc, out_ptr, lv_ptr, bias_ptr, M, N, R, stride_lvr,
                                 stride_lvn, seed, threshold, HAS_BIAS, True, BLOCK_M, H, R_PAD, DOT_PRECISION,
                                 UPCAST)
             else:
                 Q: tl.constexpr = H // 2
                 q0, q1 = tl.split(tl.permute(tl.reshape(h0, (BLOCK_M, 2, Q)), (0, 2, 1)))
                 q2, q3 = tl.split(tl.permute(tl.reshape(h1, (BLOCK_M, 2, Q)), (0, 2, 1)))
-                _tma_store_part(q0, lu, off_m, off_n, out_desc, lv_ptr, bias_ptr, M, N, R, stride_lvr, stride_lvn,
-                                seed, threshold, HAS_BIAS, True, BLOCK_M, Q, R_PAD, DOT_PRECISION, UPCAST)
-                _tma_store_part(q1, lu, off_m, off_n + Q, out_desc, lv_ptr, bias_ptr, M, N, R, stride_lvr,
+                _tma_store_part(q0, lu, off_m, off_n, out_desc, out_ptr, lv_ptr, bias_ptr, M, N, R, stride_lvr,
+                                stride_lvn, seed, threshold, HAS_BIAS, True, BLOCK_M, Q, R_PAD, DOT_PRECISION, UPCAST)
+                _tma_store_part(q1, lu, off_m, off_n + Q, out_desc, out_ptr, lv_ptr, bias_ptr, M, N, R, stride_lvr,
                                 stride_lvn, seed, threshold, HAS_BIAS, True, BLOCK_M, Q, R_PAD, DOT_PRECISION,
                                 UPCAST)
-                _tma_store_part(q2, lu, off_m, off_n + 2 * Q, out_desc, lv_ptr, bias_ptr, M, N, R, stride_lvr,
+                _tma_store_part(q2, lu, off_m, off_n + 2 * Q, out_desc, out_ptr, lv_ptr, bias_ptr, M, N, R, stride_lvr,
                                 stride_lvn, seed, threshold, HAS_BIAS, True, BLOCK_M, Q, R_PAD, DOT_PRECISION,
                                 UPCAST)
-                _tma_store_part(q3, lu, off_m, off_n + 3 * Q, out_desc, lv_ptr, bias_ptr, M, N, R, stride_lvr,
+                _tma_store_part(q3, lu, off_m, off_n + 3 * Q, out_desc, out_ptr, lv_ptr, bias_ptr, M, N, R, stride_lvr,
                                 stride_lvn, seed, threshold, HAS_BIAS, True, BLOCK_M, Q, R_PAD, DOT_PRECISION,
                                 UPCAST)
 
@@ -282,7 +284,7 @@ def lora_gemm_tma(*, a: torch.Tensor, b: torch.Tensor, lu: torch.Tensor, lv: tor
             a.stride(0), b_arg.stride(0), lu.stride(0), lu.stride(1), lv.stride(0), lv.stride(1), out.stride(0),
             scale, seed, threshold)
     meta = dict(HAS_BIAS=bias is not None, HAS_MASK=threshold > 0, B_NK=b_nk, R_PAD=r_pad(R),
-                WARP_SPECIALIZE=False, DOT_PRECISION=_dot_precision(a.dtype), UPCAST=_upcast(a.dtype))
+                DOT_PRECISION=_dot_precision(a.dtype), UPCAST=_upcast(a.dtype))
     tiles = lambda m: triton.cdiv(M, m["BLOCK_M"]) * triton.cdiv(N, m["BLOCK_N"])  # noqa: E731
     if config is None and _use_explicit_blocks(a):  # the interpreter, and FASTPEFT_AUTOTUNE=0 (GPU tests)
         config = _TEST_CONFIG

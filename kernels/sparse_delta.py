@@ -43,9 +43,10 @@ import torch
 import triton
 import triton.language as tl
 
-from .lora import (_GEMM_CONFIGS, _HAS_TRITON_OP, INTERPRET, _cast, _dot_precision, _grouped_tile, _keep_mask_tile,
-                   _library_op, _mma, _prune_gemm_configs, _op_body, _seed, _sm_count, _upcast, _use_explicit_blocks, _wrap, block_setter,
-                   eager_or_op, env_choice, gemm_launch_config, r_pad, timed_choice)
+from .lora import (_GEMM_CONFIGS, _HAS_TRITON_OP, INTERPRET, _cast, _dot_precision, _grouped_tile,
+                   _keep_mask_tile, _library_op, _mma, _op_body, _prune_gemm_configs, _seed, _sm_count, _upcast,
+                   _use_explicit_blocks, _wrap, block_setter, eager_or_op, env_choice, gemm_launch_config, r_pad,
+                   timed_choice)
 
 # ----------------------------------------------------------------------------------------------------
 # kernels

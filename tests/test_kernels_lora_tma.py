@@ -82,7 +82,8 @@ def test_forward_and_dx_match_reference(m, k, n, r, dt, p):
 @pytest.mark.parametrize("block_n", [32, 128, 256], ids=["BN32", "BN128-halves", "BN256-quarters"])
 def test_mask_is_the_reference_mask_bit_for_bit(block_n):
     """With a = 0 the output is s * mask * (lu @ lv): exactly 0 where dropped (the reference mask, bit for
-    bit), the unmasked product where kept, at every epilogue sub-tiling; a seed given as a device tensor draws the same mask."""
+    bit), the unmasked product where kept, at every epilogue sub-tiling; a seed given as a device tensor
+    draws the same mask."""
     m, k, n, r, p, seed = 37, 32, 264, 8, 0.4, 99
     g = torch.Generator().manual_seed(1)
     lu = torch.randn(m, r, generator=g).to(DEV)
