@@ -8,7 +8,8 @@
 #      cuBLAS, then the decode table (M 1/16/64) eager and under CUDA graphs.
 # Everything goes to $OUT (log, JSON, markdown) and the tables to benchmarks/results/ named by card and date;
 # headers carry card, torch, triton and date. Each step has its own timeout inside a total budget
-# (BUDGET seconds, default 470): a step that would overrun is cut, the later ones still get their turn.
+# (BUDGET seconds, default 470, 100 of them kept for the profile): a step that would overrun is cut, the
+# later ones still get their turn.
 #   bash benchmarks/device_check.sh               # on the card
 #   bash benchmarks/device_check.sh --smoke       # dry run on the CPU under TRITON_INTERPRET=1, tiny shapes;
 #                                                 # what needs CUDA is skipped with a printed line
@@ -34,11 +35,13 @@ exec > >(tee "$LOG") 2>&1
 
 SUMMARY=()
 FAILED=0
-# run NAME SECONDS CMD...: CMD under `timeout`, cut to what is left of the budget; skipped when under 15 s is left.
+RESERVE=0  # seconds of the budget kept for the later steps (the profile's 100 s while tests and benches run)
+# run NAME SECONDS CMD...: CMD under `timeout`, cut to what is left of the budget (less RESERVE); skipped when
+# under 15 s is left.
 run() {
     local name=$1 t=$2
     shift 2
-    local left=$(( BUDGET - SECONDS ))
+    local left=$(( BUDGET - RESERVE - SECONDS ))
     if [ "$left" -lt 15 ]; then
         echo "== SKIPPED $name: the ${BUDGET}s budget is spent"
         SUMMARY+=("$name: skipped (budget)")
@@ -65,6 +68,7 @@ $PY -c "import torch, triton; print('torch', torch.__version__, '| triton', trit
 card=$($PY -c "import torch; print(torch.cuda.get_device_name().replace(' ', '-') if torch.cuda.is_available() else 'cpu')")
 if [ "$SMOKE" = 1 ]; then card="cpu-smoke"; fi
 
+if [ "$SMOKE" = 0 ]; then RESERVE=100; fi
 echo "== 1. tests"
 if [ "$SMOKE" = 1 ]; then
     # The interpreter runs the kernel tests on CPU tensors; a small subset keeps the dry run short.
@@ -104,6 +108,7 @@ run "bench multi" 60 $PY -m fastpeft bench multi --quiet $MULTI --json "$OUT/ben
 run "bench sparse" 50 $PY -m fastpeft bench sparse --quiet $SPARSE --json "$OUT/bench_sparse.json" \
     --markdown "$OUT/bench_sparse.md"
 
+RESERVE=0
 echo "== 3. per-kernel profile (torch.profiler) and the decode table, eager and under CUDA graphs"
 if [ "$SMOKE" = 1 ]; then
     run "profile_lora --smoke" 600 $PY benchmarks/profile_lora.py --smoke --out "$OUT"
