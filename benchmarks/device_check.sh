@@ -1,47 +1,129 @@
 #!/usr/bin/env bash
-# One prepared GPU check: the GPU tests, then the LoRA, many-adapter and sparse-delta benchmark tables. Writes its
-# log, JSON and a markdown table to $OUT (when set) and the markdown table under benchmarks/results/ (card, date,
-# versions in its header). Needs no network: installs the checkout with --no-deps.
-#   bash benchmarks/device_check.sh                # full grid (about 5 minutes on an H100)
-#   BENCH_ARGS="--tokens 8192 --shapes 4096x4096 --ranks 16" BENCH_MULTI_ARGS="--adapters 64" \
-#       BENCH_SPARSE_ARGS="--density 0.01 --block 1 32" bash benchmarks/device_check.sh
+# One prepared GPU check (issue 12 item 6), at most ~8 minutes: in this order
+#   1. the GPU tests (kernels with explicit blocks, then the gpu-marked tests);
+#   2. `fastpeft bench lora | multi | sparse` at the target shapes (M=8192; K x N = 4096x4096, then 4096x14336
+#      and 14336x4096; r=16; p 0 and 0.1; 64 adapters; 1 % sparse, unstructured and 32x32 blocks);
+#   3. benchmarks/profile_lora.py: the per-kernel torch.profiler table of LoRA fwd+bwd at M=8192, K=N=4096,
+#      r=16, p in {0, 0.1} (kernel, µs, bytes moved, TB/s or TFLOP/s, % of peak), the TMA GEMM against
+#      cuBLAS, then the decode table (M 1/16/64) eager and under CUDA graphs.
+# Everything goes to $OUT (log, JSON, markdown) and the tables to benchmarks/results/ named by card and date;
+# headers carry card, torch, triton and date. Each step has its own timeout inside a total budget
+# (BUDGET seconds, default 470, 100 of them kept for the profile): a step that would overrun is cut, the
+# later ones still get their turn.
+#   bash benchmarks/device_check.sh               # on the card
+#   bash benchmarks/device_check.sh --smoke       # dry run on the CPU under TRITON_INTERPRET=1, tiny shapes;
+#                                                 # what needs CUDA is skipped with a printed line
 set -uo pipefail
 cd "$(dirname "$0")/.."
-OUT="${OUT:-benchmarks/results}"
+SMOKE=0
+if [ "${1:-}" = "--smoke" ]; then SMOKE=1; fi
+stamp=$(date -u +%Y-%m-%d)
+if [ "$SMOKE" = 1 ]; then
+    OUT="${OUT:-$(mktemp -d /tmp/fastpeft-smoke-XXXX)}"
+    BUDGET="${BUDGET:-1500}"
+    export TRITON_INTERPRET=1 PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}"
+else
+    OUT="${OUT:-benchmarks/results/device-check-$stamp}"
+    BUDGET="${BUDGET:-470}"
+    export TRITON_INTERPRET=0
+fi
+export PYTHONUNBUFFERED=1
+PY="${PYTHON:-python}"
 mkdir -p "$OUT" benchmarks/results
 LOG="$OUT/device_check.log"
-export PYTHONUNBUFFERED=1 TRITON_INTERPRET=0
 exec > >(tee "$LOG") 2>&1
 
-echo "== $(date -u +%FT%TZ) device check"
-nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv,noheader || true
-python -m pip install -q --no-deps --no-build-isolation -e . || { echo "install failed"; exit 1; }
-python -c "import torch, triton; print('torch', torch.__version__, '| triton', triton.__version__, '| cuda', torch.version.cuda, '|', torch.cuda.get_device_name())"
+SUMMARY=()
+FAILED=0
+RESERVE=0  # seconds of the budget kept for the later steps (the profile's 100 s while tests and benches run)
+# run NAME SECONDS CMD...: CMD under `timeout`, cut to what is left of the budget (less RESERVE); skipped when
+# under 15 s is left.
+run() {
+    local name=$1 t=$2
+    shift 2
+    local left=$(( BUDGET - RESERVE - SECONDS ))
+    if [ "$left" -lt 15 ]; then
+        echo "== SKIPPED $name: the ${BUDGET}s budget is spent"
+        SUMMARY+=("$name: skipped (budget)")
+        FAILED=1
+        return
+    fi
+    if [ "$t" -gt "$left" ]; then t=$left; fi
+    echo "== [$SECONDS s] $name (timeout ${t}s)"
+    timeout "$t" "$@"
+    local rc=$?
+    if [ "$rc" -eq 124 ]; then SUMMARY+=("$name: TIMEOUT after ${t}s"); else SUMMARY+=("$name: rc=$rc"); fi
+    if [ "$rc" -ne 0 ]; then FAILED=1; fi
+}
+skip() { echo "SKIPPED (needs CUDA): $*"; SUMMARY+=("$*: skipped (needs CUDA)"); }
 
-echo "== GPU tests: kernels on CUDA with explicit blocks, then the gpu-marked tests (autotuned, compile)"
-FASTPEFT_AUTOTUNE=0 timeout 200 pytest -q -x tests/test_kernels_lora.py tests/test_kernels_multi.py -m "not gpu" \
-    -p no:cacheprovider
-rc_small=$?
-FASTPEFT_AUTOTUNE=0 timeout 150 pytest -q -x tests/test_kernels_sparse.py -m "not gpu" -p no:cacheprovider
-rc_small=$(( rc_small | $? ))
-timeout 150 pytest -q tests/ -m gpu -p no:cacheprovider
-rc_gpu=$?
+echo "== $(date -u +%FT%TZ) device check$([ "$SMOKE" = 1 ] && echo ' --smoke (CPU, TRITON_INTERPRET=1)') -> $OUT"
+if [ "$SMOKE" = 1 ]; then
+    skip "nvidia-smi and the editable install"
+else
+    nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv,noheader || true
+    $PY -m pip install -q --no-deps --no-build-isolation -e . || { echo "install failed"; exit 1; }
+fi
+$PY -c "import torch, triton; print('torch', torch.__version__, '| triton', triton.__version__, '| cuda', torch.version.cuda, '|', torch.cuda.get_device_name() if torch.cuda.is_available() else 'no CUDA device')"
+card=$($PY -c "import torch; print(torch.cuda.get_device_name().replace(' ', '-') if torch.cuda.is_available() else 'cpu')")
+if [ "$SMOKE" = 1 ]; then card="cpu-smoke"; fi
 
-echo "== benchmark"
-card=$(python -c "import torch; print(torch.cuda.get_device_name().replace(' ', '-'))")
-stamp=$(date -u +%Y-%m-%d)
-timeout 240 fastpeft bench lora --quiet --warmup-ms 10 --rep-ms 30 ${BENCH_ARGS:-} \
-    --json "$OUT/bench_lora.json" --markdown "$OUT/bench_lora.md" --plot "$OUT/bench_lora.png"
-rc_bench=$?
-timeout 120 fastpeft bench multi --quiet --warmup-ms 10 --rep-ms 30 ${BENCH_MULTI_ARGS:-} \
-    --json "$OUT/bench_multi.json" --markdown "$OUT/bench_multi.md"
-rc_multi=$?
-timeout 90 fastpeft bench sparse --quiet --warmup-ms 5 --rep-ms 20 ${BENCH_SPARSE_ARGS:-} \
-    --json "$OUT/bench_sparse.json" --markdown "$OUT/bench_sparse.md"
-rc_sparse=$?
-for t in lora multi sparse; do
-    if [ -f "$OUT/bench_$t.md" ]; then cp "$OUT/bench_$t.md" "benchmarks/results/$t-${card}-${stamp}.md"; fi
-done
-echo "== done: small-shape tests rc=$rc_small, gpu tests rc=$rc_gpu, bench lora rc=$rc_bench, multi rc=$rc_multi," \
-    "sparse rc=$rc_sparse"
-[ "$rc_small" -eq 0 ] && [ "$rc_gpu" -eq 0 ] && [ "$rc_bench" -eq 0 ] && [ "$rc_multi" -eq 0 ] && [ "$rc_sparse" -eq 0 ]
+if [ "$SMOKE" = 0 ]; then RESERVE=100; fi
+echo "== 1. tests"
+if [ "$SMOKE" = 1 ]; then
+    # The interpreter runs the kernel tests on CPU tensors; a small subset keeps the dry run short.
+    run "kernel tests (interpreter subset)" 600 $PY -m pytest -q -x -p no:cacheprovider tests/test_kernels_lora_tma.py \
+        tests/test_kernels_lora.py tests/test_roofline.py -k "M33 or bit_for_bit or pointer_kernel or subtiles or roofline"
+    skip "gpu-marked tests (pytest -m gpu)"
+else
+    run "kernel tests lora / lora_tma / multi (explicit blocks)" 110 env FASTPEFT_AUTOTUNE=0 $PY -m pytest -q -x \
+        -p no:cacheprovider tests/test_kernels_lora.py tests/test_kernels_lora_tma.py tests/test_kernels_multi.py -m "not gpu"
+    run "kernel tests sparse (explicit blocks)" 60 env FASTPEFT_AUTOTUNE=0 $PY -m pytest -q -x -p no:cacheprovider \
+        tests/test_kernels_sparse.py -m "not gpu"
+    run "gpu-marked tests (autotuned, compile)" 80 $PY -m pytest -q -p no:cacheprovider tests/ -m gpu
+fi
+
+echo "== 2. fastpeft bench (ratios to nn.Linear measured in one run)"
+if [ "$SMOKE" = 1 ]; then
+    LORA1="--tokens 16 --shapes 64x80 --ranks 16 --dtype float32 --warmup-ms 1 --rep-ms 2"
+    LORA2="--tokens 16 --shapes 80x64 --ranks 16 --dtype float32 --warmup-ms 1 --rep-ms 2"
+    MULTI="--decode 4 --prefill 32 --adapters 2 --ranks 16 --shape 64x64 --dtype float32 --warmup-ms 1 --rep-ms 2"
+    SPARSE="--tokens 32 --shape 64x64 --density 0.05 --block 1 32 --dtype float32 --warmup-ms 1 --rep-ms 2"
+else
+    LORA1="--tokens 8192 --shapes 4096x4096 --ranks 16 --warmup-ms 10 --rep-ms 30"
+    LORA2="--tokens 8192 --shapes 4096x14336 14336x4096 --ranks 16 --warmup-ms 10 --rep-ms 30"
+    MULTI="--decode 16 64 --prefill 8192 --adapters 1 64 --ranks mixed --shape 4096x4096 --warmup-ms 10 --rep-ms 30"
+    SPARSE="--tokens 8192 --shape 4096x4096 --density 0.01 --block 1 32 --warmup-ms 5 --rep-ms 20"
+fi
+# shellcheck disable=SC2086  # the option strings are word lists
+run "bench lora 4096x4096" 130 $PY -m fastpeft bench lora --quiet $LORA1 --dropout 0 0.1 \
+    --json "$OUT/bench_lora.json" --markdown "$OUT/bench_lora.md"
+# shellcheck disable=SC2086
+run "bench lora 4096x14336, 14336x4096" 90 $PY -m fastpeft bench lora --quiet $LORA2 --dropout 0 0.1 \
+    --modes fwd+bwd --json "$OUT/bench_lora_wide.json" --markdown "$OUT/bench_lora_wide.md"
+# shellcheck disable=SC2086
+run "bench multi" 60 $PY -m fastpeft bench multi --quiet $MULTI --json "$OUT/bench_multi.json" \
+    --markdown "$OUT/bench_multi.md"
+# shellcheck disable=SC2086
+run "bench sparse" 50 $PY -m fastpeft bench sparse --quiet $SPARSE --json "$OUT/bench_sparse.json" \
+    --markdown "$OUT/bench_sparse.md"
+
+RESERVE=0
+echo "== 3. per-kernel profile (torch.profiler) and the decode table, eager and under CUDA graphs"
+if [ "$SMOKE" = 1 ]; then
+    run "profile_lora --smoke" 600 $PY benchmarks/profile_lora.py --smoke --out "$OUT"
+else
+    run "profile_lora" 110 $PY benchmarks/profile_lora.py --tokens 8192 --k 4096 --n 4096 --rank 16 --dropout 0 0.1 \
+        --decode 1 16 64 --out "$OUT"
+fi
+
+if [ "$SMOKE" = 1 ]; then
+    echo "smoke: tables stay in $OUT (not copied to benchmarks/results/)"
+else
+    for t in bench_lora bench_lora_wide bench_multi bench_sparse profile_lora; do
+        if [ -f "$OUT/$t.md" ]; then cp "$OUT/$t.md" "benchmarks/results/${t//_/-}-${card}-${stamp}.md"; fi
+    done
+fi
+echo "== done in ${SECONDS}s (budget ${BUDGET}s):"
+for s in "${SUMMARY[@]}"; do echo "   $s"; done
+[ "$FAILED" -eq 0 ]

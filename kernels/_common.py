@@ -38,6 +38,33 @@ def _keep_mask(seed, offsets, threshold):
     return (rnd.to(tl.int64) & 0xFFFFFFFF) >= threshold
 
 
+@triton.jit
+def _keep_mask_tile(seed, rm, n0, N, threshold, BLOCK_M: tl.constexpr, SUB_N: tl.constexpr,
+                    ALIGNED: tl.constexpr):
+    """``_keep_mask`` of the (BLOCK_M, SUB_N) tile at rows rm, columns n0 + [0, SUB_N) of an (M, N) output
+    (flat index m * N + n), with a quarter of its Philox work and registers: the 4 words of one Philox
+    block are 4 neighbours of one row, so one draw serves 4 elements. ALIGNED (N and n0 multiples of 4):
+    group q of 4 columns is exactly the block at counter (m * N + n0) / 4 + q. Otherwise row m starts
+    a = (m * N + n0) % 4 words into its first block, and column 4 q + j takes word a + j of block q, or word
+    a + j - 4 of block q + 1 (a second draw, still half of ``_keep_mask``'s work). The same bits."""
+    if seed.dtype.is_ptr():
+        seed = tl.load(seed)
+    base = rm[:, None].to(tl.int64) * N + n0                                      # (BLOCK_M, 1)
+    ctr = base // 4 + tl.arange(0, SUB_N // 4)[None, :].to(tl.int64)             # (BLOCK_M, SUB_N // 4)
+    c0, c1, c2, c3 = tl.randint4x(seed, ctr)
+    if not ALIGNED:
+        d0, d1, d2, d3 = tl.randint4x(seed, ctr + 1)
+        a = base % 4
+        c0, c1, c2, c3 = (tl.where(a == 0, c0, tl.where(a == 1, c1, tl.where(a == 2, c2, c3))),
+                          tl.where(a == 0, c1, tl.where(a == 1, c2, tl.where(a == 2, c3, d0))),
+                          tl.where(a == 0, c2, tl.where(a == 1, c3, tl.where(a == 2, d0, d1))),
+                          tl.where(a == 0, c3, tl.where(a == 1, d0, tl.where(a == 2, d1, d2))))
+    # join(join(c0, c2), join(c1, c3))[..., i, j] is word 2 i + j: the row-major reshape puts it at column
+    # 4 q + 2 i + j of the tile.
+    rnd = tl.reshape(tl.join(tl.join(c0, c2), tl.join(c1, c3)), (BLOCK_M, SUB_N))
+    return (rnd.to(tl.int64) & 0xFFFFFFFF) >= threshold
+
+
 # UPCAST is set for bf16 under the interpreter only, where triton 3.9 mishandles bf16: tl.dot returns
 # garbage and fp32 -> bf16 casts truncate instead of rounding to nearest even as GPUs do. With it, the
 # two helpers below give the GPU's results on the CPU.

@@ -32,9 +32,9 @@ import triton
 import triton.language as tl
 
 from . import INTERPRET, is_deterministic
-from ._common import (_HAS_TRITON_OP, _cast, _dot_precision, _grouped_tile, _keep_mask, _library_op, _mma, _op_body,
-                      _seed, _upcast, _use_explicit_blocks, _wrap, block_setter, eager_or_op, r_pad, split_chunk,
-                      split_count)
+from ._common import (_HAS_TRITON_OP, _cast, _dot_precision, _grouped_tile, _keep_mask, _keep_mask_tile, _library_op,
+                      _mma, _op_body, _seed, _upcast, _use_explicit_blocks, _wrap, block_setter, eager_or_op, r_pad,
+                      split_chunk, split_count)
 
 # ----------------------------------------------------------------------------------------------------
 # kernels
@@ -134,10 +134,80 @@ def _lora_gemm_kernel(
         a_ptrs += BLOCK_K * stride_ak
         b_ptrs += BLOCK_K * stride_bk
 
-    # Epilogue: the rank-R update, computed on the tile and added before the single store.
-    low = _lowrank_tile(lu_ptr, lv_ptr, rm, rn, m_ok, n_ok, N, R, stride_lum, stride_lur, stride_lvr, stride_lvn,
-                        seed, threshold, HAS_MASK, BLOCK_M, BLOCK_N, R_PAD, DOT_PRECISION, UPCAST)
-    acc += low * scale
+    # Epilogue. s is folded into u: scale * (lu @ lv) = (scale * lu) @ lv, with scale * lu rounded once to
+    # lv's dtype (the tensor cores take one dtype). Without a mask the rank-R update is one more MMA into
+    # the same accumulator: no second (BLOCK_M, BLOCK_N) fp32 tile is ever live, which is what made every
+    # big config spill (sm_90, triton 3.9: 128x256x64 w8 255 regs + 544 B of stack before, see
+    # benchmarks/results/sm90-resources-*.md).
+    rr = tl.arange(0, R_PAD)
+    r_ok = rr < R
+    lu = tl.load(lu_ptr + rm[:, None].to(tl.int64) * stride_lum + rr[None, :] * stride_lur,
+                 mask=m_ok[:, None] & r_ok[None, :], other=0.0)
+    lu = _cast(lu.to(tl.float32) * scale, lv_ptr.dtype.element_ty, UPCAST)
+    if not HAS_MASK:
+        lv = tl.load(lv_ptr + rr[:, None] * stride_lvr + rn[None, :].to(tl.int64) * stride_lvn,
+                     mask=r_ok[:, None] & n_ok[None, :], other=0.0)
+        acc = _mma(lu, lv, acc, DOT_PRECISION, UPCAST)
+        _gemm_epilogue(acc, lu, rm, m_ok, pid_n * BLOCK_N, lv_ptr, bias_ptr, out_ptr, N, R, stride_lvr, stride_lvn,
+                       stride_om, stride_on, seed, threshold, HAS_BIAS, False, BLOCK_M, BLOCK_N, R_PAD,
+                       DOT_PRECISION, UPCAST)
+    else:
+        # The mask applies to the product, so the update cannot go into the accumulator before it: it is
+        # formed and masked in sub-tiles of at most 64 columns (the accumulator split in halves with
+        # tl.split), so the Philox draws (4 words per element, int64 offsets) and the product live for a
+        # quarter of the tile at most.
+        n0 = pid_n * BLOCK_N
+        if BLOCK_N <= 64:
+            _gemm_epilogue(acc, lu, rm, m_ok, n0, lv_ptr, bias_ptr, out_ptr, N, R, stride_lvr, stride_lvn,
+                           stride_om, stride_on, seed, threshold, HAS_BIAS, True, BLOCK_M, BLOCK_N, R_PAD,
+                           DOT_PRECISION, UPCAST)
+        else:
+            H: tl.constexpr = BLOCK_N // 2
+            h0, h1 = tl.split(tl.permute(tl.reshape(acc, (BLOCK_M, 2, H)), (0, 2, 1)))
+            if H <= 64:
+                _gemm_epilogue(h0, lu, rm, m_ok, n0, lv_ptr, bias_ptr, out_ptr, N, R, stride_lvr, stride_lvn,
+                               stride_om, stride_on, seed, threshold, HAS_BIAS, True, BLOCK_M, H, R_PAD,
+                               DOT_PRECISION, UPCAST)
+                _gemm_epilogue(h1, lu, rm, m_ok, n0 + H, lv_ptr, bias_ptr, out_ptr, N, R, stride_lvr, stride_lvn,
+                               stride_om, stride_on, seed, threshold, HAS_BIAS, True, BLOCK_M, H, R_PAD,
+                               DOT_PRECISION, UPCAST)
+            else:
+                Q: tl.constexpr = H // 2
+                q0, q1 = tl.split(tl.permute(tl.reshape(h0, (BLOCK_M, 2, Q)), (0, 2, 1)))
+                q2, q3 = tl.split(tl.permute(tl.reshape(h1, (BLOCK_M, 2, Q)), (0, 2, 1)))
+                _gemm_epilogue(q0, lu, rm, m_ok, n0, lv_ptr, bias_ptr, out_ptr, N, R, stride_lvr, stride_lvn,
+                               stride_om, stride_on, seed, threshold, HAS_BIAS, True, BLOCK_M, Q, R_PAD,
+                               DOT_PRECISION, UPCAST)
+                _gemm_epilogue(q1, lu, rm, m_ok, n0 + Q, lv_ptr, bias_ptr, out_ptr, N, R, stride_lvr, stride_lvn,
+                               stride_om, stride_on, seed, threshold, HAS_BIAS, True, BLOCK_M, Q, R_PAD,
+                               DOT_PRECISION, UPCAST)
+                _gemm_epilogue(q2, lu, rm, m_ok, n0 + 2 * Q, lv_ptr, bias_ptr, out_ptr, N, R, stride_lvr,
+                               stride_lvn, stride_om, stride_on, seed, threshold, HAS_BIAS, True, BLOCK_M, Q, R_PAD,
+                               DOT_PRECISION, UPCAST)
+                _gemm_epilogue(q3, lu, rm, m_ok, n0 + 3 * Q, lv_ptr, bias_ptr, out_ptr, N, R, stride_lvr,
+                               stride_lvn, stride_om, stride_on, seed, threshold, HAS_BIAS, True, BLOCK_M, Q, R_PAD,
+                               DOT_PRECISION, UPCAST)
+
+
+@triton.jit
+def _gemm_epilogue(acc, lu, rm, m_ok, n0, lv_ptr, bias_ptr, out_ptr, N, R, stride_lvr, stride_lvn, stride_om,
+                   stride_on, seed, threshold, HAS_BIAS: tl.constexpr, HAS_MASK: tl.constexpr,
+                   BLOCK_M: tl.constexpr, SUB_N: tl.constexpr, R_PAD: tl.constexpr, DOT_PRECISION: tl.constexpr,
+                   UPCAST: tl.constexpr):
+    """Store columns [n0, n0 + SUB_N) of a GEMM tile: acc (BLOCK_M, SUB_N) fp32, plus (HAS_MASK) the masked
+    rank-R update mask * (lu @ lv) with lu (BLOCK_M, R_PAD) already scaled, plus the bias."""
+    rn = n0 + tl.arange(0, SUB_N)
+    n_ok = rn < N
+    if HAS_MASK:
+        rr = tl.arange(0, R_PAD)
+        lv = tl.load(lv_ptr + rr[:, None] * stride_lvr + rn[None, :].to(tl.int64) * stride_lvn,
+                     mask=(rr < R)[:, None] & n_ok[None, :], other=0.0)
+        low = _mma(lu, lv, tl.zeros((BLOCK_M, SUB_N), dtype=tl.float32), DOT_PRECISION, UPCAST)
+        if N % 4 == 0:  # n0 is a multiple of SUB_N >= 16
+            keep = _keep_mask_tile(seed, rm, n0, N, threshold, BLOCK_M, SUB_N, True)
+        else:
+            keep = _keep_mask_tile(seed, rm, n0, N, threshold, BLOCK_M, SUB_N, False)
+        acc += tl.where(keep, low, 0.0)
     if HAS_BIAS:
         acc += tl.load(bias_ptr + rn, mask=n_ok, other=0.0).to(tl.float32)[None, :]
     out = out_ptr + rm[:, None].to(tl.int64) * stride_om + rn[None, :].to(tl.int64) * stride_on
@@ -159,11 +229,20 @@ def _lora_lowrank_add_kernel(
     DOT_PRECISION: tl.constexpr, UPCAST: tl.constexpr,
 ):
     rm = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
-    rn = tl.program_id(1) * BLOCK_N + tl.arange(0, BLOCK_N)
+    n0 = tl.program_id(1) * BLOCK_N
+    rn = n0 + tl.arange(0, BLOCK_N)
     m_ok = rm < M
     n_ok = rn < N
     low = _lowrank_tile(lu_ptr, lv_ptr, rm, rn, m_ok, n_ok, N, R, stride_lum, stride_lur, stride_lvr, stride_lvn,
-                        seed, threshold, HAS_MASK, BLOCK_M, BLOCK_N, R_PAD, DOT_PRECISION, UPCAST)
+                        seed, threshold, False, BLOCK_M, BLOCK_N, R_PAD, DOT_PRECISION, UPCAST)
+    if HAS_MASK:
+        # One Philox draw per 4 columns (_keep_mask_tile): at R_PAD 64 the per-element draw spilled 112 B
+        # (sm_90, triton 3.9, 64x128 w4).
+        if N % 4 == 0:
+            keep = _keep_mask_tile(seed, rm, n0, N, threshold, BLOCK_M, BLOCK_N, True)
+        else:
+            keep = _keep_mask_tile(seed, rm, n0, N, threshold, BLOCK_M, BLOCK_N, False)
+        low = tl.where(keep, low, 0.0)
     ptrs = out_ptr + rm[:, None].to(tl.int64) * stride_om + rn[None, :].to(tl.int64) * stride_on
     ok = m_ok[:, None] & n_ok[None, :]
     cur = tl.load(ptrs, mask=ok, other=0.0).to(tl.float32)
@@ -179,8 +258,21 @@ _GEMM_CONFIGS = [
         (128, 64, 64, 4, 4), (64, 128, 64, 4, 4), (64, 64, 64, 4, 4), (128, 128, 32, 4, 4),
     ]
 ]
-_lora_gemm_tuned = triton.autotune(configs=_GEMM_CONFIGS, key=["M_KEY", "N", "K", "R_PAD", "HAS_MASK"])(
-    _lora_gemm_kernel)
+
+
+def _prune_gemm_configs(configs, named_args, **kwargs):
+    """The configs the autotuner times. With the dropout mask (dX) only those whose fp32 accumulator takes
+    at most 64 registers a thread (BLOCK_M * BLOCK_N <= 64 * 32 * num_warps): the masked epilogue needs
+    the other half of the register file for its Philox draws and the update sub-tile. Compiled for sm_90
+    (triton 3.9, bf16), 128x256 w8, 256x128 w8 and 128x128 w4 spill 136-1120 B with the mask, the kept
+    ones none (benchmarks/results/sm90-resources-*.md); without the mask every config fits."""
+    if not kwargs.get("HAS_MASK", named_args.get("HAS_MASK", False)):
+        return configs
+    return [c for c in configs if c.kwargs["BLOCK_M"] * c.kwargs["BLOCK_N"] <= 64 * 32 * c.num_warps]
+
+
+_lora_gemm_tuned = triton.autotune(configs=_GEMM_CONFIGS, key=["M_KEY", "N", "K", "R_PAD", "HAS_MASK"],
+                                   prune_configs_by={"early_config_prune": _prune_gemm_configs})(_lora_gemm_kernel)
 
 # Explicit blocks for the interpreter and tests (overridable with set_test_blocks): small, so that odd
 # sizes cross block edges in both dimensions.

@@ -45,10 +45,10 @@ import triton
 import triton.language as tl
 
 from . import INTERPRET
-from ._common import (_HAS_TRITON_OP, _cast, _dot_precision, _grouped_tile, _library_op, _mma, _op_body, _seed,
-                      _sm_count, _upcast, _use_explicit_blocks, _wrap, block_setter, eager_or_op, r_pad, split_chunk,
-                      split_count)
-from .lora import _GEMM_CONFIGS, _lowrank_tile, env_choice, gemm_launch_config, timed_choice
+from ._common import (_HAS_TRITON_OP, _cast, _dot_precision, _grouped_tile, _keep_mask_tile, _library_op, _mma,
+                      _op_body, _seed, _sm_count, _upcast, _use_explicit_blocks, _wrap, block_setter, eager_or_op, r_pad,
+                      split_chunk, split_count)
+from .lora import _GEMM_CONFIGS, _lowrank_tile, _prune_gemm_configs, env_choice, gemm_launch_config, timed_choice
 
 # ----------------------------------------------------------------------------------------------------
 # kernels
@@ -156,9 +156,27 @@ def _sparse_gemm_kernel(
         acc = _mma(wt, at, acc, DOT_PRECISION, UPCAST)
 
     if HAS_LOWRANK:
-        low = _lowrank_tile(lu_ptr, lv_ptr, rm, rn, m_ok, n_ok, N, R, stride_lum, stride_lur, stride_lvr,
-                            stride_lvn, seed, threshold, HAS_MASK, BLOCK_M, BLOCK_N, R_PAD, DOT_PRECISION, UPCAST)
-        acc += tl.trans(low) * scale
+        # The rank-R update out^T += (lv^T) (scale * lu)^T: s folded into lu (rounded once to lv's dtype), one
+        # more MMA into the accumulator without the mask; with it, formed apart and masked, one Philox draw
+        # per 4 columns (_common._keep_mask_tile). The old second fp32 tile plus per-element draws spilled on
+        # sm_90 (triton 3.9): 256-848 B for the big configs.
+        rr = tl.arange(0, R_PAD)
+        r_ok = rr < R
+        lut = tl.load(lu_ptr + rm[None, :].to(tl.int64) * stride_lum + rr[:, None] * stride_lur,
+                      mask=r_ok[:, None] & m_ok[None, :], other=0.0)                     # (R_PAD, BLOCK_M)
+        lvt = tl.load(lv_ptr + rn[:, None].to(tl.int64) * stride_lvn + rr[None, :] * stride_lvr,
+                      mask=n_ok[:, None] & r_ok[None, :], other=0.0)                     # (BLOCK_N, R_PAD)
+        lut = _cast(lut.to(tl.float32) * scale, lvt.dtype, UPCAST)
+        if HAS_MASK:
+            low = _mma(lvt, lut, tl.zeros((BLOCK_N, BLOCK_M), dtype=tl.float32), DOT_PRECISION, UPCAST)
+            n0 = pid_n * BLOCK_N
+            if N % 4 == 0:
+                keep = _keep_mask_tile(seed, rm, n0, N, threshold, BLOCK_M, BLOCK_N, True)
+            else:
+                keep = _keep_mask_tile(seed, rm, n0, N, threshold, BLOCK_M, BLOCK_N, False)
+            acc += tl.where(tl.trans(keep), low, 0.0)
+        else:
+            acc = _mma(lvt, lut, acc, DOT_PRECISION, UPCAST)
     if HAS_BIAS:
         acc += tl.load(bias_ptr + rn, mask=n_ok, other=0.0).to(tl.float32)[:, None]
     out = out_ptr + rm[None, :].to(tl.int64) * stride_om + rn[:, None].to(tl.int64) * stride_on
@@ -395,6 +413,16 @@ def sparse_densify(weight: torch.Tensor, indices: torch.Tensor, values: torch.Te
     return dst
 
 
+def _prune_sparse_configs(configs, named_args, **kwargs):
+    """lora._prune_gemm_configs, and with the mask also BLOCK_M <= 64: compiled for sm_90 (triton 3.9, bf16,
+    R_PAD 16, 32 x 32 blocks), the masked LoRA epilogue of 128x128 w8 and 128x64 w4 still spilled 96 / 208 B
+    (the mask is drawn as (BLOCK_M, BLOCK_N) and transposed onto the out^T accumulator); 64-row ones none."""
+    kept = _prune_gemm_configs(configs, named_args, **kwargs)
+    if not kwargs.get("HAS_MASK", named_args.get("HAS_MASK", False)):
+        return kept
+    return [c for c in kept if c.kwargs["BLOCK_M"] <= 64]
+
+
 @functools.lru_cache(maxsize=None)
 def _sparse_gemm_tuned(db: int):
     """The autotuned fused GEMM for delta blocks of side ``db``: the LoRA GEMM's configs with BLOCK_K
@@ -406,7 +434,8 @@ def _sparse_gemm_tuned(db: int):
         if key not in seen:
             seen.add(key)
             configs.append(triton.Config(kw, num_warps=c.num_warps, num_stages=c.num_stages))
-    return triton.autotune(configs=configs, key=["M_KEY", "N", "K", "R_PAD", "HAS_MASK", "HAS_LOWRANK", "DB"])(
+    return triton.autotune(configs=configs, key=["M_KEY", "N", "K", "R_PAD", "HAS_MASK", "HAS_LOWRANK", "DB"],
+                           prune_configs_by={"early_config_prune": _prune_sparse_configs})(
         _sparse_gemm_kernel)
 
 

@@ -328,3 +328,30 @@ def test_split_heuristic(monkeypatch):
     assert C.split_chunk(0, 3, 16) == (0, 1)
     assert C.split_chunk(100, 2, 16) == (64, 2)
     assert C.split_chunk(40, 4, 16) == (16, 3)          # recounted: no empty partial
+
+
+@pytest.mark.parametrize("n", [48, 130, 37], ids=["N48", "N130", "N37"])  # N % 4 == 0 or not (Philox words)
+@pytest.mark.parametrize("block_n", [32, 128, 256], ids=["BN32", "BN128-halves", "BN256-quarters"])
+@pytest.mark.parametrize("p", [0.0, 0.3], ids=["p0", "p0.3"])
+def test_gemm_epilogue_subtiles_and_mask_words(block_n, n, p):
+    """The fused GEMM at explicit BLOCK_N: the rank-R update as one more MMA (p=0) or, masked, formed in
+    sub-tiles of the accumulator (halves at BLOCK_N 128, quarters at 256) with one Philox draw per 4
+    columns, aligned (N % 4 == 0) or not, equals a @ b + s * mask * (lu @ lv) + bias with the reference mask."""
+    m, k, r, s, seed = 33, 80, 8, 0.75, 77
+    g = torch.Generator().manual_seed(3)
+    a, b = torch.randn(m, k, generator=g), torch.randn(k, n, generator=g)
+    lu, lv = torch.randn(m, r, generator=g) * 4, torch.randn(r, n, generator=g)  # a large update: a wrong mask shows
+    bias = torch.randn(n, generator=g)
+    thr = fastpeft.reference.dropout_threshold(p) if p else 0
+    old = K.set_test_blocks(BLOCK_N=block_n)
+    try:
+        got = K.lora_gemm(a.to(DEV), b.to(DEV), lu.to(DEV), lv.to(DEV), bias.to(DEV), s, seed, thr)
+    finally:
+        K.set_test_blocks(**old)
+    keep = dropout_mask(seed, m, n, p).double() if p else torch.ones(m, n, dtype=torch.float64)
+    want = a.double() @ b.double() + s * keep * (lu.double() @ lv.double()) + bias.double()
+    assert_close_report(got.cpu(), want, rtol=1e-5, atol=1e-4, what=f"BN{block_n} N{n} p{p}")
+    if block_n == 32:  # the cuBLAS path's in-place update draws its mask the same way
+        out = (a @ b + bias).to(DEV)
+        K.lora_lowrank_add_(out, lu.to(DEV), lv.to(DEV), s, seed, thr)
+        assert_close_report(out.cpu(), want, rtol=1e-5, atol=1e-4, what=f"low-rank add N{n} p{p}")

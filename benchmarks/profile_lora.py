@@ -1,0 +1,305 @@
+"""Per-kernel profile of one LoRA layer's forward + backward, read against the roofline, and the decode table
+eager and under CUDA graphs.
+
+1. Steps: each kernel launch of LoRALinearFunction (shrink, fused GEMM, dY B, dB, dA, dX) and its cuBLAS
+   alternatives, plus nn.Linear's own GEMMs and the TMA GEMM (kernels/lora_tma.py) where the card has TMA.
+   For each: the kernels ``torch.profiler`` sees on the device (names, µs per call), the
+   ``triton.testing.do_bench`` median, the bytes / flops of ``benchmarks/roofline.py``, the achieved TB/s
+   and TFLOP/s and the % of the card's peak of the resource that bounds it.
+2. Layer: every device kernel of ``FastLoRALinear`` forward + backward on the default backend, from
+   ``torch.profiler`` (what actually runs, in order of time).
+3. Decode (M = 1, 16, 64): the layer's forward vs frozen nn.Linear, eager and replayed as a CUDA graph.
+
+    python benchmarks/profile_lora.py --out $OUT                    # M=8192, K=N=4096, r=16, p 0 and 0.1
+    TRITON_INTERPRET=1 python benchmarks/profile_lora.py --smoke    # CPU dry run, tiny shapes
+
+``--smoke`` runs on CPU tensors under the interpreter: times are not meaningful; what needs CUDA (the
+device kernel tables, CUDA graphs, % of peak) is skipped with a printed line.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import statistics
+import sys
+import time
+
+import torch
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+import roofline as RF  # noqa: E402
+
+import fastpeft  # noqa: E402
+from fastpeft import kernels  # noqa: E402
+from fastpeft.reference import dropout_threshold  # noqa: E402
+
+
+def skip(what: str):
+    print(f"SKIPPED (needs CUDA): {what}", flush=True)
+
+
+def card_key(name: str):
+    """The roofline's card for a device name, or None (no peak known: no % of peak)."""
+    for key in ("H200", "H100"):
+        if key in name:
+            return "H200" if key == "H200" else "H100-SXM"
+    return None
+
+
+def time_us(fn, cuda: bool) -> float:
+    if cuda:
+        from triton.testing import do_bench
+        return do_bench(fn, warmup=10, rep=40) * 1e3
+    fn()
+    ts = []
+    for _ in range(3):
+        t0 = time.perf_counter()
+        fn()
+        ts.append(time.perf_counter() - t0)
+    return statistics.median(ts) * 1e6
+
+
+def device_kernels(fn, calls: int = 5) -> list:
+    """[(kernel name, µs per call)] of the device kernels ``fn`` launches, from torch.profiler."""
+    from torch.profiler import ProfilerActivity, profile
+
+    fn()
+    torch.cuda.synchronize()
+    with profile(activities=[ProfilerActivity.CUDA]) as prof:
+        for _ in range(calls):
+            fn()
+        torch.cuda.synchronize()
+    out = []
+    for e in prof.key_averages():
+        t = getattr(e, "device_time_total", None)
+        if t is None:
+            t = getattr(e, "cuda_time_total", 0)
+        if t and e.key and not e.key.startswith("ProfilerStep"):
+            out.append((e.key, t / calls))
+    return sorted(out, key=lambda kv: -kv[1])
+
+
+def steps(M, K, N, r, p, dtype, device):
+    """name -> (callable, roofline Cost or None). The launches of LoRALinearFunction, their cuBLAS
+    alternatives, nn.Linear's GEMMs and the TMA GEMM."""
+    from fastpeft.kernels import lora as KL
+
+    g = torch.Generator(device="cpu").manual_seed(0)
+    rnd = lambda *s: torch.randn(*s, generator=g).to(device, dtype)  # noqa: E731
+    x, w, bias, a, b, dy = rnd(M, K), rnd(N, K) / K ** 0.5, rnd(N), rnd(r, K) / K ** 0.5, rnd(N, r), rnd(M, N)
+    s, seed = 2.0, 1234
+    thr = dropout_threshold(p) if p else 0
+    ds = 1.0 / (1.0 - p)
+    u = KL.lora_shrink(a=x, b=a.t(), scale=ds, seed=seed, threshold=thr, mask_sp=K, mask_sq=1)
+    v = KL.lora_shrink(a=dy, b=b, scale=1.0, seed=0, threshold=0, mask_sp=0, mask_sq=0)
+    lin, lo = RF.linear_costs(M, K, N), RF.lora_costs(M, K, N, r)
+    costs = {c.name: c for c in lin["fwd"] + lin["bwd"] + lo["fwd"] + lo["bwd"]}
+    add = RF.lowrank_add_cost(M, K, r)
+
+    no_mask = dict(seed=0, threshold=0, mask_sp=0, mask_sq=0)
+    masked = dict(seed=seed, threshold=thr)
+
+    def cublas_dx():
+        out = dy @ w
+        if thr:
+            return KL.lora_lowrank_add_(out=out, lu=v, lv=a, scale=s * ds, **masked)
+        return out.addmm_(v.to(dtype), a, alpha=s * ds)
+
+    out = {
+        "linear fwd (cuBLAS)": (lambda: torch.nn.functional.linear(x, w, bias), costs["linear fwd"]),
+        "linear dX (cuBLAS)": (lambda: dy @ w, costs["linear dX"]),
+        f"shrink u = drop(x) A^T (p={p})": (
+            lambda: KL.lora_shrink(a=x, b=a.t(), scale=ds, mask_sp=K, mask_sq=1, **masked), costs["shrink"]),
+        "fused GEMM fwd": (lambda: KL.lora_gemm(a=x, b=w.t(), lu=u, lv=b.t(), bias=bias, scale=s, seed=0, threshold=0),
+                           costs["fused GEMM"]),
+        "cuBLAS fwd + addmm_": (lambda: torch.addmm(bias, x, w.t()).addmm_(u.to(dtype), b.t(), alpha=s), None),
+        "shrink v = dY B": (lambda: KL.lora_shrink(a=dy, b=b, scale=1.0, **no_mask), costs["dY B"]),
+        "shrink dB = s dY^T u": (lambda: KL.lora_shrink(a=dy.t(), b=u, scale=s, **no_mask), costs["dB"]),
+        f"shrink dA = s v^T drop(x) (p={p})": (
+            lambda: KL.lora_shrink(a=x.t(), b=v, scale=s * ds, mask_sp=1, mask_sq=K, **masked), costs["dA"]),
+        f"fused GEMM dX (p={p})": (
+            lambda: KL.lora_gemm(a=dy, b=w, lu=v, lv=a, bias=None, scale=s * ds, **masked), costs["dX fused"]),
+        f"cuBLAS dX + low-rank update (p={p})": (cublas_dx, None),
+    }
+    if thr:
+        base = dy @ w
+        out[f"low-rank add alone (p={p})"] = (
+            lambda: KL.lora_lowrank_add_(out=base, lu=v, lv=a, scale=s * ds, **masked), add)
+    try:
+        from fastpeft.kernels import lora_tma as T
+    except ImportError:
+        T = None
+    if T is not None and T.tma_supported(device) and T.tma_shapes_ok(a=x, b=w.t()):
+        out["TMA GEMM fwd"] = (lambda: T.lora_gemm_tma(a=x, b=w.t(), lu=u, lv=b.t(), bias=bias, scale=s),
+                               costs["fused GEMM"])
+        out[f"TMA GEMM dX (p={p})"] = (lambda: T.lora_gemm_tma(a=dy, b=w, lu=v, lv=a, scale=s * ds, seed=seed,
+                                                               threshold=thr), costs["dX fused"])
+        z = u[:, :0]
+        out["TMA GEMM, rank 0 (vs linear fwd: the >= 0.95x gate)"] = (
+            lambda: T.lora_gemm_tma(a=x, b=w.t(), lu=z, lv=b.t()[:0], scale=s), costs["linear fwd"])
+    elif T is not None:
+        print("SKIPPED: TMA GEMM rows (needs sm_90+ and tl.make_tensor_descriptor)", flush=True)
+    return out
+
+
+def step_table(M, K, N, r, ps, dtype, device, card) -> tuple:
+    cuda = device == "cuda"
+    peak = RF.CARDS.get(card) if card else None
+    lines = [f"### Steps, M={M}, K={K}, N={N}, r={r}", "",
+             "| p | step | device kernels (torch.profiler, µs per call) | do_bench µs | model MB | model GFLOP "
+             "| TB/s | TFLOP/s | % of peak (bound) | roofline µs |",
+             "|---|---|---|---|---|---|---|---|---|---|"]
+    rows = []
+    if not cuda:
+        skip("torch.profiler device-kernel names per step and % of peak (CPU run: times are interpreter times)")
+    for p in ps:
+        for name, (fn, cost) in steps(M, K, N, r, p, dtype, device).items():
+            try:
+                fn()  # autotune / compile outside the timing
+                us = time_us(fn, cuda)
+                kern = device_kernels(fn) if cuda else []
+            except Exception as exc:  # a failing step is a result too: record it and go on
+                lines.append(f"| {p} | {name} | error: {type(exc).__name__}: {str(exc).splitlines()[0][:100]} "
+                             "| | | | | | | |")
+                rows.append(dict(p=p, step=name, error=str(exc)))
+                continue
+            ktxt = "; ".join(f"{k[:60]} {t:.1f}" for k, t in kern[:4]) or "-"
+            mb = f"{cost.bytes / 1e6:.1f}" if cost else "-"
+            gf = f"{cost.flops / 1e9:.2f}" if cost else "-"
+            tbs = f"{cost.bytes / us / 1e6:.2f}" if cost else "-"
+            tfs = f"{cost.flops / us / 1e6:.1f}" if cost else "-"
+            if cost and peak:
+                bound = cost.bound(card)
+                frac = (cost.flops / (us * 1e-6) / peak["flops"] if bound == "compute"
+                        else cost.bytes / (us * 1e-6) / peak["bandwidth"])
+                pct, roof = f"{100 * frac:.0f}% ({bound})", f"{cost.seconds(card) * 1e6:.1f}"
+            else:
+                pct, roof = "-", "-"
+            lines.append(f"| {p} | {name} | {ktxt} | {us:.1f} | {mb} | {gf} | {tbs} | {tfs} | {pct} | {roof} |")
+            rows.append(dict(p=p, step=name, us=us, kernels=kern, bytes=cost.bytes if cost else None,
+                             flops=cost.flops if cost else None))
+            print(lines[-1], flush=True)
+    return lines, rows
+
+
+def layer_table(M, K, N, r, ps, dtype, device, backend) -> tuple:
+    lines, rows = [], []
+    if device != "cuda":
+        skip("layer fwd+bwd device-kernel table (torch.profiler CUDA activity)")
+        return lines, rows
+    for p in ps:
+        torch.manual_seed(0)
+        layer = fastpeft.FastLoRALinear(K, N, r=r, lora_alpha=2 * r, lora_dropout=p, init_lora_weights=False,
+                                        device=device, dtype=dtype)
+        x = torch.randn(M, K, device=device, dtype=dtype, requires_grad=True)
+        dy = torch.randn(M, N, device=device, dtype=dtype)
+
+        def step():
+            with fastpeft.use_backend(backend):
+                y = layer(x)
+            y.backward(dy)
+
+        kern = device_kernels(step)
+        total = sum(t for _, t in kern)
+        lines += ["", f"### Layer forward + backward, every device kernel (backend {backend}, p={p}, "
+                  f"M={M}, K={K}, N={N}, r={r}): {total:.1f} µs in all", "", "| kernel | µs per step | share |",
+                  "|---|---|---|"]
+        lines += [f"| {k[:100]} | {t:.1f} | {100 * t / total:.0f}% |" for k, t in kern]
+        rows.append(dict(p=p, kernels=kern, total_us=total))
+    return lines, rows
+
+
+def decode_table(tokens, K, N, r, dtype, device, backend) -> tuple:
+    cuda = device == "cuda"
+    lines = ["", f"### Decode: forward of one layer (K={K}, N={N}, r={r}, p=0, backend {backend}) vs frozen "
+             "nn.Linear", "", "| M | linear eager µs | LoRA eager µs | eager x | linear graph µs | LoRA graph µs "
+             "| graph x |", "|---|---|---|---|---|---|---|"]
+    rows = []
+    if not cuda:
+        skip("CUDA-graph columns of the decode table")
+    torch.manual_seed(0)
+    lin = torch.nn.Linear(K, N, device=device, dtype=dtype).requires_grad_(False)
+    layer = fastpeft.FastLoRALinear.from_linear(lin, r=r, lora_alpha=2 * r, init_lora_weights=False)
+    layer.requires_grad_(False)
+    for m in tokens:
+        x = torch.randn(m, K, device=device, dtype=dtype)
+
+        def lora():
+            with fastpeft.use_backend(backend):
+                return layer(x)
+
+        def plain():
+            return lin(x)
+
+        le, pe = time_us(plain, cuda), time_us(lora, cuda)
+        lg = pg = None
+        note = ""
+        if cuda:
+            try:
+                graphs = []
+                for f in (plain, lora):
+                    f()
+                    torch.cuda.synchronize()
+                    gr = torch.cuda.CUDAGraph()
+                    with torch.cuda.graph(gr):
+                        f()
+                    graphs.append(gr)
+                lg, pg = time_us(graphs[0].replay, True), time_us(graphs[1].replay, True)
+            except Exception as exc:  # not capturable is a finding: record it
+                note = f"capture failed: {type(exc).__name__}: {str(exc).splitlines()[0][:80]}"
+        gtxt = (f"{lg:.1f} | {pg:.1f} | {pg / lg:.2f}" if lg else f"- | - | {note or 'skipped (CPU)'}")
+        lines.append(f"| {m} | {le:.1f} | {pe:.1f} | {pe / le:.2f} | {gtxt} |")
+        rows.append(dict(M=m, linear_eager_us=le, lora_eager_us=pe, linear_graph_us=lg, lora_graph_us=pg, note=note))
+        print(lines[-1], flush=True)
+    return lines, rows
+
+
+def main(argv=None):
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--tokens", type=int, default=8192)
+    ap.add_argument("--k", type=int, default=4096)
+    ap.add_argument("--n", type=int, default=4096)
+    ap.add_argument("--rank", type=int, default=16)
+    ap.add_argument("--dropout", nargs="+", type=float, default=[0.0, 0.1])
+    ap.add_argument("--decode", nargs="*", type=int, default=[1, 16, 64])
+    ap.add_argument("--backend", default="auto", help="backend of the layer and decode tables")
+    ap.add_argument("--smoke", action="store_true", help="CPU under TRITON_INTERPRET=1, tiny shapes")
+    ap.add_argument("--out", default=".", help="folder for profile_lora.md / .json")
+    a = ap.parse_args(argv)
+    cuda = torch.cuda.is_available() and not kernels.INTERPRET
+    if a.smoke:
+        if not kernels.INTERPRET:
+            raise SystemExit("--smoke runs the kernels on the CPU: set TRITON_INTERPRET=1")
+        a.tokens, a.k, a.n, a.decode, a.backend = 48, 64, 80, [1, 16], "triton"
+        device, dtype = "cpu", torch.float32
+    elif not cuda:
+        raise SystemExit("profile_lora.py needs a CUDA device (or --smoke under TRITON_INTERPRET=1)")
+    else:
+        device, dtype = "cuda", torch.bfloat16
+    import triton
+    name = torch.cuda.get_device_name() if device == "cuda" else "CPU (interpreter)"
+    card = card_key(name)
+    head = [f"# LoRA per-kernel profile: {name} | torch {torch.__version__} | triton {triton.__version__} | "
+            f"{time.strftime('%Y-%m-%d')}", "",
+            f"`python benchmarks/profile_lora.py {' '.join(argv if argv is not None else sys.argv[1:])}`"
+            + (" (smoke: CPU interpreter, times not meaningful)" if a.smoke else ""), "",
+            "Bytes / flops from benchmarks/roofline.py (each operand once); % of peak is of the resource that "
+            f"bounds the step on {card or 'this card (no peak known)'}.", ""]
+    steps_lines, steps_rows = step_table(a.tokens, a.k, a.n, a.rank, a.dropout, dtype, device, card)
+    layer_lines, layer_rows = layer_table(a.tokens, a.k, a.n, a.rank, a.dropout, dtype, device, a.backend)
+    dec_lines, dec_rows = decode_table(a.decode, a.k, a.n, a.rank, dtype, device, a.backend)
+    os.makedirs(a.out, exist_ok=True)
+    with open(os.path.join(a.out, "profile_lora.md"), "w") as f:
+        f.write("\n".join(head + steps_lines + layer_lines + dec_lines) + "\n")
+    with open(os.path.join(a.out, "profile_lora.json"), "w") as f:
+        json.dump(dict(device=name, torch=torch.__version__, triton=triton.__version__, date=time.strftime("%Y-%m-%d"),
+                       steps=steps_rows, layer=layer_rows, decode=dec_rows), f, indent=1, default=str)
+    errors = [r for r in steps_rows if "error" in r]
+    print(f"wrote {os.path.join(a.out, 'profile_lora.md')}; {len(errors)} step(s) failed")
+    return 1 if errors else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,393 @@
+"""Registers, spills and shared memory of every shipped kernel config, compiled for sm_90 on the CPU.
+
+No GPU needed: each kernel is compiled with triton's own compiler for ``GPUTarget("cuda", 90, 32)`` and
+the cubin's resource line is read with triton's bundled ``cuobjdump`` (the same method as
+``/work/shared/tools/sm90_resources.py``). Arguments are typed the way the runtime specializes a real
+launch at the target shapes (M=8192, K=N=4096; bf16): pointers and sizes/strides divisible by 16 carry
+``tt.divisibility=16``, a stride of 1 becomes the constant 1, ``do_not_specialize`` scalars are plain i64.
+
+    python benchmarks/sm90_table.py                      # every kernel, R_PAD 16 and 64
+    python benchmarks/sm90_table.py --only lora_gemm --ranks 16
+    python benchmarks/sm90_table.py --out benchmarks/results/sm90-resources-2026-11-30.md
+
+"Shipped config" = every entry of an autotune list, the pinned deterministic config, and the block
+sizes the launchers pick on CUDA (not the interpreter's explicit test blocks). A kernel spills when its
+stack frame is non-zero (``STACK`` in cuobjdump's resource line: local memory for spilled registers).
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import re
+import subprocess
+import sys
+import tempfile
+import time
+from dataclasses import dataclass, field
+
+os.environ["TRITON_INTERPRET"] = "0"  # the kernels must be JIT functions here, not interpreted ones
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+import triton  # noqa: E402
+from triton.backends.compiler import GPUTarget  # noqa: E402
+from triton.compiler import ASTSource  # noqa: E402
+
+M, K, N = 8192, 4096, 4096
+
+
+@dataclass
+class Launch:
+    """One compiled variant: a kernel, the arguments of a real launch, warps and stages."""
+    family: str
+    kernel: object
+    variant: str
+    args: dict
+    warps: int
+    stages: int
+    config: dict = field(default_factory=dict)  # what the table shows as the config
+
+    @property
+    def name(self) -> str:
+        return _jit(self.kernel).__name__
+
+
+def _jit(kernel):
+    """The JITFunction of a kernel (an autotuned kernel wraps it in ``.fn``)."""
+    while not hasattr(kernel, "params"):
+        kernel = kernel.fn
+    return kernel
+
+
+def _ptr(dtype: str) -> str:
+    return "*" + dtype
+
+
+def signature(fn, args: dict) -> tuple:
+    """(signature, constexprs, attrs) of ``fn`` for these launch arguments, specialized as the runtime
+    would: ints equal to 1 become constants, ints and pointers divisible by 16 get the divisibility hint."""
+    sig, const, attrs = {}, {}, {}
+    for i, p in enumerate(fn.params):
+        v = args[p.name]
+        if p.is_constexpr:
+            sig[p.name] = "constexpr"
+            const[p.name] = v
+        elif isinstance(v, str) and v.startswith("*"):
+            sig[p.name] = v
+            attrs[(i,)] = [["tt.divisibility", 16]]
+        elif isinstance(v, float):
+            sig[p.name] = "fp32"
+        elif isinstance(v, bool):
+            sig[p.name] = "i1"
+        elif isinstance(v, int):
+            if p.do_not_specialize:
+                sig[p.name] = "i64"
+            elif v == 1:
+                sig[p.name] = "constexpr"
+                const[p.name] = 1
+            else:
+                sig[p.name] = "i32" if -2**31 <= v < 2**31 else "i64"
+                if v % 16 == 0:
+                    attrs[(i,)] = [["tt.divisibility", 16]]
+        else:
+            raise TypeError(f"{fn.__name__}: cannot type argument {p.name}={v!r}")
+    return sig, const, attrs
+
+
+_CUOBJDUMP = os.path.join(os.path.dirname(triton.__file__), "backends", "nvidia", "bin", "cuobjdump")
+
+
+def compile_sm90(launch: Launch, target: int = 90) -> dict:
+    fn = _jit(launch.kernel)
+    sig, const, attrs = signature(fn, launch.args)
+    src = ASTSource(fn=fn, signature=sig, constexprs=const, attrs=attrs)
+    t0 = time.perf_counter()
+    try:
+        ck = triton.compile(src, target=GPUTarget("cuda", target, 32),
+                            options={"num_warps": launch.warps, "num_stages": launch.stages})
+    except Exception as exc:  # report the failure in the table instead of stopping the whole run
+        return {"error": f"{type(exc).__name__}: {str(exc).splitlines()[0][:120]}"}
+    with tempfile.NamedTemporaryFile(suffix=".cubin", delete=False) as f:
+        f.write(ck.asm["cubin"])
+    try:
+        out = subprocess.run([_CUOBJDUMP, "--dump-resource-usage", f.name], capture_output=True, text=True).stdout
+    finally:
+        os.unlink(f.name)
+    m = re.search(r"REG:(\d+) STACK:(\d+) SHARED:(\d+) LOCAL:(\d+)", out)
+    if not m:
+        return {"error": "no resource line in cuobjdump output"}
+    return {"regs": int(m.group(1)), "stack": int(m.group(2)), "smem": ck.metadata.shared,
+            "wgmma": "wgmma" in ck.asm["ptx"], "seconds": time.perf_counter() - t0}
+
+
+# ----------------------------------------------------------------------------------------------------
+# the shipped launches of each kernel file
+# ----------------------------------------------------------------------------------------------------
+
+
+def _cfg(c) -> tuple:
+    """(blocks dict, warps, stages) of a triton.Config or a launch dict."""
+    if isinstance(c, dict):
+        c = dict(c)
+        return c, c.pop("num_warps"), c.pop("num_stages")
+    return dict(c.kwargs), c.num_warps, c.num_stages
+
+
+def _as_config(blocks: dict, warps: int, stages: int):
+    return triton.Config(dict(blocks), num_warps=warps, num_stages=stages)
+
+
+def _cfg_text(blocks: dict, warps: int, stages: int) -> str:
+    short = {"BLOCK_M": "BM", "BLOCK_N": "BN", "BLOCK_K": "BK", "GROUP_M": "G", "BLOCK_P": "BP",
+             "BLOCK_Q": "BQ", "BLOCK_E": "BE", "NUM_SMS": "SMs", "EPI_N": "EPI"}
+    parts = [f"{short.get(k, k)}{v}" for k, v in blocks.items() if k not in ("NUM_SMS",)]
+    return " ".join(parts) + f" w{warps} s{stages}"
+
+
+def lora_launches(ranks) -> list:
+    from fastpeft.kernels import lora as L
+
+    out = []
+    gemm_cfgs = [(_cfg(c), "") for c in L._GEMM_CONFIGS] + [(_cfg(L._PINNED_GEMM), " (pinned)")]
+    for rp in ranks:
+        for (blocks, w, s), tag in gemm_cfgs:
+            common = dict(a_ptr=_ptr("bf16"), b_ptr=_ptr("bf16"), lu_ptr=_ptr("fp32"), lv_ptr=_ptr("bf16"),
+                          bias_ptr=_ptr("bf16"), out_ptr=_ptr("bf16"), M=M, N=N, K=K, R=rp, M_KEY=M,
+                          stride_am=K, stride_ak=1, stride_lum=rp, stride_lur=1, stride_om=N, stride_on=1,
+                          scale=0.5, seed=1234, threshold=429496730, R_PAD=rp, DOT_PRECISION="tf32",
+                          UPCAST=False, **blocks)
+            # forward: b = W^T (K-major), lv = B^T (r-major), bias, no mask
+            fwd = dict(common, stride_bk=1, stride_bn=K, stride_lvr=1, stride_lvn=rp, HAS_BIAS=True,
+                       HAS_MASK=False)
+            out.append(Launch("lora", L._lora_gemm_kernel, f"fwd R{rp}{tag}", fwd, w, s, dict(blocks)))
+            # dX = dY W (+ s mask * v A): b = W (N-major), lv = A (row-major), no bias
+            for mask in (False, True):
+                # the autotuner only times the configs its prune keeps for this launch (lora._prune_gemm_configs)
+                prune = getattr(L, "_prune_gemm_configs", None)
+                if mask and not tag and prune and not prune([_as_config(blocks, w, s)], {}, HAS_MASK=True):
+                    continue
+                dx = dict(common, stride_bk=N, stride_bn=1, stride_lvr=N, stride_lvn=1, HAS_BIAS=False,
+                          HAS_MASK=mask)
+                out.append(Launch("lora", L._lora_gemm_kernel, f"dX{' mask' if mask else ''} R{rp}{tag}", dx, w, s,
+                                  dict(blocks)))
+        # the shrink: launcher blocks on CUDA 64 x 64, 4 warps, 3 stages
+        base = dict(P=M, Q=K, R=rp, q_per_split=1024, stride_os=M * rp, stride_op=rp, stride_or=1, seed=1234,
+                    threshold=429496730, scale=1.0, BLOCK_P=64, BLOCK_Q=64, R_PAD=rp, DOT_PRECISION="tf32",
+                    UPCAST=False, out_ptr=_ptr("fp32"))
+        shrinks = [  # (variant, a, b dtype, strides, mask strides)
+            ("u=drop(x)A^T", dict(stride_ap=K, stride_aq=1, stride_bq=1, stride_br=K, mask_sp=K, mask_sq=1), "bf16",
+             (False, True)),
+            ("v=dY B", dict(stride_ap=N, stride_aq=1, stride_bq=rp, stride_br=1, mask_sp=0, mask_sq=0), "bf16",
+             (False,)),
+            ("dA^T=drop(x)^T v", dict(stride_ap=1, stride_aq=K, stride_bq=rp, stride_br=1, mask_sp=1, mask_sq=K),
+             "fp32", (False, True)),
+            ("dB=dY^T u", dict(stride_ap=1, stride_aq=N, stride_bq=rp, stride_br=1, mask_sp=0, mask_sq=0), "fp32",
+             (False,)),
+        ]
+        for variant, strides, bdt, masks in shrinks:
+            for mask in masks:
+                args = dict(base, **strides, a_ptr=_ptr("bf16"), b_ptr=_ptr(bdt), HAS_MASK=mask)
+                out.append(Launch("lora", L._lora_shrink_kernel, f"{variant}{' mask' if mask else ''} R{rp}", args,
+                                  4, 3, {"BLOCK_P": 64, "BLOCK_Q": 64}))
+        # the in-place low-rank add (cuBLAS path with dropout): 64 x 128, 4 warps, 1 stage
+        add = dict(out_ptr=_ptr("bf16"), lu_ptr=_ptr("fp32"), lv_ptr=_ptr("bf16"), M=M, N=K, R=rp, stride_om=K,
+                   stride_on=1, stride_lum=rp, stride_lur=1, stride_lvr=K, stride_lvn=1, scale=0.5, seed=1234,
+                   threshold=429496730, HAS_MASK=True, BLOCK_M=64, BLOCK_N=128, R_PAD=rp, DOT_PRECISION="tf32",
+                   UPCAST=False)
+        out.append(Launch("lora", L._lora_lowrank_add_kernel, f"dX mask R{rp}", add, 4, 1,
+                          {"BLOCK_M": 64, "BLOCK_N": 128}))
+    return out
+
+
+def lora_tma_launches(ranks, all_configs=False) -> list:
+    from fastpeft.kernels import lora_tma as T
+
+    out = []
+    for rp in ranks:
+        for c, tag in [(c, "") for c in T._TMA_CONFIGS] + [(triton.Config(
+                {k: v for k, v in T._PINNED_TMA.items() if not k.startswith("num_")},
+                num_warps=T._PINNED_TMA["num_warps"], num_stages=T._PINNED_TMA["num_stages"]), " (pinned)")]:
+            blocks, w, s = _cfg(c)
+            common = dict(a_ptr=_ptr("bf16"), b_ptr=_ptr("bf16"), lu_ptr=_ptr("fp32"), lv_ptr=_ptr("bf16"),
+                          bias_ptr=_ptr("bf16"), out_ptr=_ptr("bf16"), M=M, N=N, K=K, R=rp, stride_am=K,
+                          stride_b=K, stride_lum=rp, stride_lur=1, stride_om=N, scale=0.5, seed=1234,
+                          threshold=429496730, R_PAD=rp, NUM_SMS=132,
+                          DOT_PRECISION="tf32", UPCAST=False, **blocks)
+            variants = [("fwd", dict(B_NK=True, stride_lvr=1, stride_lvn=rp, HAS_BIAS=True, HAS_MASK=False)),
+                        ("dX", dict(B_NK=False, stride_lvr=N, stride_lvn=1, HAS_BIAS=False, HAS_MASK=False)),
+                        ("dX mask", dict(B_NK=False, stride_lvr=N, stride_lvn=1, HAS_BIAS=False, HAS_MASK=True))]
+            for name, extra in variants:
+                kept = T._prune_tma_configs([c], {}, HAS_MASK=extra["HAS_MASK"], R_PAD=rp)
+                if not kept and not all_configs:
+                    continue
+                label = f"{name} R{rp}{tag}" + ("" if kept else " (pruned)")
+                out.append(Launch("lora_tma", T._lora_gemm_tma_kernel, label, dict(common, **extra), w, s,
+                                  dict(blocks)))
+    return out
+
+
+def multi_launches(ranks) -> list:
+    from fastpeft.kernels import multi_lora as ML
+
+    out = []
+    for rp in ranks:
+        for bm in (16, 64):  # block_m_for: 16..64 rows
+            for mask in (False, True):
+                args = dict(src_ptr=_ptr("bf16"), w_ptr=_ptr("bf16"), out_ptr=_ptr("fp32"), order_ptr=_ptr("i64"),
+                            blocks_ptr=_ptr("i32"), ranks_ptr=_ptr("i32"), scales_ptr=_ptr("fp32"),
+                            thr_ptr=_ptr("i64"), Q=K, R=rp, q_per_split=1024, T=M // bm + 64,
+                            stride_sm=K, stride_sq=1, stride_wa=K * rp, stride_wq=1, stride_wr=K,
+                            stride_os=M * rp, stride_op=rp, stride_or=1, seed=1234, mask_sm=K, mask_sq=1,
+                            HAS_MASK=mask, BLOCK_M=bm, BLOCK_Q=64, R_PAD=rp, DOT_PRECISION="tf32", UPCAST=False)
+                out.append(Launch("multi_lora", ML._multi_shrink_kernel, f"shrink{' mask' if mask else ''} R{rp}",
+                                  args, 4, 3, {"BLOCK_M": bm, "BLOCK_Q": 64}))
+                bn = 128 if rp <= 64 else 64
+                args = dict(out_ptr=_ptr("bf16"), u_ptr=_ptr("fp32"), w_ptr=_ptr("bf16"), order_ptr=_ptr("i64"),
+                            blocks_ptr=_ptr("i32"), ranks_ptr=_ptr("i32"), scales_ptr=_ptr("fp32"),
+                            thr_ptr=_ptr("i64"), N=N, T=M // bm + 64, stride_om=N, stride_on=1, stride_um=rp,
+                            stride_ur=1, stride_wa=N * rp, stride_wr=1, stride_wn=rp, seed=1234, mask_sm=N,
+                            mask_sn=1, HAS_MASK=mask, BLOCK_M=bm, BLOCK_N=bn, R_PAD=rp, DOT_PRECISION="tf32",
+                            UPCAST=False)
+                out.append(Launch("multi_lora", ML._multi_expand_kernel, f"expand{' mask' if mask else ''} R{rp}",
+                                  args, 4, 1, {"BLOCK_M": bm, "BLOCK_N": bn}))
+        for mask in (False, True):
+            args = dict(src_ptr=_ptr("bf16"), g_ptr=_ptr("fp32"), out_ptr=_ptr("bf16"), order_ptr=_ptr("i64"),
+                        bounds_ptr=_ptr("i32"), ranks_ptr=_ptr("i32"), scales_ptr=_ptr("fp32"), thr_ptr=_ptr("i64"),
+                        P=K, R=rp, SPLIT=2, stride_sm=K, stride_sp=1, stride_gm=rp, stride_gr=1, stride_os=64 * K * rp,
+                        stride_oa=K * rp, stride_op=rp, stride_or=1, seed=1234, mask_sm=K, mask_sp=1, HAS_MASK=mask,
+                        BLOCK_M=32, BLOCK_P=64, R_PAD=rp, DOT_PRECISION="tf32", UPCAST=False)
+            out.append(Launch("multi_lora", ML._multi_segment_grad_kernel,
+                              f"segment grad{' mask' if mask else ''} R{rp}",
+                              args, 4, 3, {"BLOCK_M": 32, "BLOCK_P": 64}))
+    return out
+
+
+def sparse_launches(ranks) -> list:
+    from fastpeft.kernels import sparse_delta as SD
+
+    out = []
+    out.append(Launch("sparse_delta", SD._densify_flat_kernel, "densify flat",
+                      dict(w_ptr=_ptr("bf16"), dst_ptr=_ptr("bf16"), idx_ptr=_ptr("i64"), val_ptr=_ptr("bf16"),
+                           nnz=167772, in_features=K, stride_wr=K, stride_wc=1, stride_dr=K, stride_dc=1, stride_i=1,
+                           stride_v=1, BLOCK=1024, UPCAST=False), 4, 3, {"BLOCK": 1024}))
+    for b in (32, 64):
+        sub = min(64, b)
+        out.append(Launch("sparse_delta", SD._densify_block_kernel, f"densify b{b}",
+                          dict(w_ptr=_ptr("bf16"), dst_ptr=_ptr("bf16"), idx_ptr=_ptr("i64"), val_ptr=_ptr("bf16"),
+                               out_features=N, in_features=K, b=b, NSUB=1, stride_wr=K, stride_wc=1, stride_dr=K,
+                               stride_dc=1, stride_ib=2, stride_ic=1, stride_vb=b * b, stride_vr=b, stride_vc=1,
+                               SUB=sub, UPCAST=False), 4, 3, {"SUB": sub}))
+        out.append(Launch("sparse_delta", SD._sddmm_block_kernel, f"sddmm blocks b{b}",
+                          dict(dy_ptr=_ptr("bf16"), x_ptr=_ptr("bf16"), idx_ptr=_ptr("i64"), out_ptr=_ptr("fp32"),
+                               M=M, N=N, K=K, b=b, NSUB=1, m_per_split=1024, stride_dm=N, stride_dn=1, stride_xm=K,
+                               stride_xk=1, stride_ib=2, stride_ic=1, stride_os=160 * b * b, stride_ob=b * b,
+                               stride_or=b, stride_oc=1, SUB=sub, BLOCK_M=64, DOT_PRECISION="tf32", UPCAST=False),
+                          4, 3, {"SUB": sub, "BLOCK_M": 64}))
+    for t in (32, 64):
+        out.append(Launch("sparse_delta", SD._sddmm_tile_kernel, f"sddmm tiles T{t}",
+                          dict(dy_ptr=_ptr("bf16"), x_ptr=_ptr("bf16"), tiles_ptr=_ptr("i32"), count_ptr=_ptr("i32"),
+                               starts_ptr=_ptr("i32"), order_ptr=_ptr("i32"), loc_ptr=_ptr("i32"),
+                               scratch_ptr=_ptr("fp32"), out_ptr=_ptr("fp32"), M=M, N=N, K=K, n_tc=K // t,
+                               m_per_split=1024, stride_dm=N, stride_dn=1, stride_xm=K, stride_xk=1, stride_os=167772,
+                               T=t, BLOCK_M=64, BLOCK_E=128, DOT_PRECISION="tf32", UPCAST=False),
+                          4, 2, {"T": t, "BLOCK_M": 64, "BLOCK_E": 128}))
+    out.append(Launch("sparse_delta", SD._gather_dot_kernel, "gather-dot",
+                      dict(dy_ptr=_ptr("bf16"), x_ptr=_ptr("bf16"), idx_ptr=_ptr("i64"), out_ptr=_ptr("fp32"), M=M,
+                           nnz=4096, K=K, m_per_split=1024, stride_dm=N, stride_dn=1, stride_xm=K, stride_xk=1,
+                           stride_i=1, stride_os=4096, BLOCK_E=64, BLOCK_M=64), 4, 3, {"BLOCK_E": 64, "BLOCK_M": 64}))
+    # the block-fused GEMM: its autotune list for 32 x 32 blocks (the target), plain and with LoRA (RoSA)
+    db = 32
+    tuned = SD._sparse_gemm_tuned(db)
+    from fastpeft.kernels.lora import _PINNED_GEMM
+
+    cfgs = [_cfg(c) for c in tuned.configs] + [_cfg(dict(_PINNED_GEMM, BLOCK_K=min(_PINNED_GEMM["BLOCK_K"], db)))]
+    for blocks, w, s in cfgs:
+        common = dict(a_ptr=_ptr("bf16"), w_ptr=_ptr("bf16"), bmap_ptr=_ptr("i32"), val_ptr=_ptr("bf16"),
+                      lu_ptr=_ptr("fp32"), bias_ptr=_ptr("bf16"), out_ptr=_ptr("bf16"), M=M, N=N, K=K,
+                      M_KEY=M, stride_am=K, stride_ak=1, stride_vb=db * db, stride_lum=16, stride_lur=1, stride_om=N,
+                      stride_on=1, scale=0.5, seed=1234, threshold=429496730, DB=db, R_PAD=16,
+                      DOT_PRECISION="tf32", UPCAST=False, **blocks)
+        fwd = dict(stride_wk=1, stride_wn=K, stride_mk=1, stride_mn=K // db, stride_vk=1, stride_vn=db,
+                   lv_ptr=_ptr("bf16"), stride_lvr=1, stride_lvn=16, HAS_BIAS=True)
+        dx = dict(stride_wk=K, stride_wn=1, stride_mk=K // db, stride_mn=1, stride_vk=db, stride_vn=1,
+                  lv_ptr=_ptr("bf16"), stride_lvr=K, stride_lvn=1, HAS_BIAS=False)
+        for variant, extra in (("fwd", dict(fwd, HAS_LOWRANK=False, HAS_MASK=False, R=0)),
+                               ("dX", dict(dx, HAS_LOWRANK=False, HAS_MASK=False, R=0)),
+                               ("fwd +LoRA R16", dict(fwd, HAS_LOWRANK=True, HAS_MASK=False, R=16)),
+                               ("dX +LoRA mask R16", dict(dx, HAS_LOWRANK=True, HAS_MASK=True, R=16))):
+            prune = getattr(tuned, "early_config_prune", None)
+            if extra["HAS_MASK"] and prune and not prune([_as_config(blocks, w, s)], {}, HAS_MASK=True):
+                continue  # the autotuner never launches this config with the mask
+            out.append(Launch("sparse_delta", SD._sparse_gemm_kernel, f"{variant} b{db}", dict(common, **extra),
+                              w, s, dict(blocks)))
+    return out
+
+
+FAMILIES = {"lora": lora_launches, "lora_tma": lora_tma_launches, "multi_lora": multi_launches,
+            "sparse_delta": sparse_launches}
+
+
+def main(argv=None):
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--ranks", nargs="+", type=int, default=[16, 64], help="R_PAD values (powers of two >= 16)")
+    ap.add_argument("--only", nargs="+", choices=list(FAMILIES), help="kernel files to compile (default: all)")
+    ap.add_argument("--kernel", help="only kernels whose name contains this")
+    ap.add_argument("--all-configs", action="store_true",
+                    help="also the TMA tutorial configs that lora_tma's prune drops (marked '(pruned)')")
+    ap.add_argument("--out", help="markdown file (default benchmarks/results/sm90-resources-<date>.md)")
+    ap.add_argument("--json", help="also write the rows as JSON")
+    ap.add_argument("--title", default="", help="a line under the header (e.g. 'before the epilogue change')")
+    a = ap.parse_args(argv)
+    launches = []
+    for fam in a.only or list(FAMILIES):
+        launches += (FAMILIES[fam](a.ranks, True) if fam == "lora_tma" and a.all_configs else FAMILIES[fam](a.ranks))
+    if a.kernel:
+        launches = [x for x in launches if a.kernel in x.name]
+    rows = []
+    for i, x in enumerate(launches):
+        res = compile_sm90(x)
+        row = dict(family=x.family, kernel=x.name, variant=x.variant,
+                   config=_cfg_text(x.config, x.warps, x.stages), **res)
+        rows.append(row)
+        if "error" in res:
+            print(f"[{i + 1}/{len(launches)}] {x.name} {x.variant} {row['config']}: {res['error']}", flush=True)
+        else:
+            print(f"[{i + 1}/{len(launches)}] {x.name} {x.variant} {row['config']}: regs {res['regs']} "
+                  f"stack {res['stack']} smem {res['smem']} ({res['seconds']:.1f}s)", flush=True)
+    date = time.strftime("%Y-%m-%d")
+    out = a.out or os.path.join(os.path.dirname(os.path.abspath(__file__)), "results", f"sm90-resources-{date}.md")
+    spilling = [r for r in rows if r.get("stack") and "(pruned)" not in r["variant"]]
+    failed = [r for r in rows if "error" in r]
+    args = list(argv if argv is not None else sys.argv[1:])
+    if "--title" in args:  # the title is printed on its own line
+        i = args.index("--title")
+        del args[i:i + 2]
+    cmd = " ".join(["python benchmarks/sm90_table.py"] + args)
+    lines = ["# sm_90 resources of the shipped kernel configs (compiled offline, no GPU)", "",
+             f"triton {triton.__version__} | target sm_90 | bf16 | {date} | `{cmd}`", ""]
+    if a.title:
+        lines += [a.title, ""]
+    lines += [f"{len(rows)} variants compiled; {len(spilling)} spill (stack > 0); {len(failed)} failed to compile. "
+              "Registers per thread (255 = the cap), stack bytes per thread (spills), shared memory per block in "
+              "bytes (triton's allocation). Launch arguments typed as at M=8192, K=N=4096.", "",
+              "| file | kernel | variant | config | regs | spill (stack B) | smem B | wgmma |",
+              "|---|---|---|---|---|---|---|---|"]
+    for r in rows:
+        if "error" in r:
+            lines.append(f"| {r['family']} | {r['kernel']} | {r['variant']} | {r['config']} | compile error: "
+                         f"{r['error']} | | | |")
+        else:
+            lines.append(f"| {r['family']} | {r['kernel']} | {r['variant']} | {r['config']} | {r['regs']} | "
+                         f"{r['stack']} | {r['smem']} | {'yes' if r['wgmma'] else 'no'} |")
+    os.makedirs(os.path.dirname(out), exist_ok=True)
+    with open(out, "w") as f:
+        f.write("\n".join(lines) + "\n")
+    if a.json:
+        with open(a.json, "w") as f:
+            json.dump(rows, f, indent=1)
+    print(f"wrote {out}: {len(rows)} variants, {len(spilling)} spill, {len(failed)} failed")
+    return 1 if failed else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

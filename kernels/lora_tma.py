@@ -1,0 +1,302 @@
+"""Hopper-grade fused LoRA GEMM: ``out = a @ b + scale * mask * (lu @ lv) + bias`` with tensor descriptors
+(TMA) and persistent tiles, the sm_90+ counterpart of ``lora._lora_gemm_kernel``.
+
+- a (M, K) and b are read through ``tl.make_tensor_descriptor`` (TMA: no per-element address or mask
+  registers, bounds handled by the hardware, loads pipelined through shared memory); the output tile is
+  written through a descriptor too. b is taken as it lies in memory: (N, K) rows (the forward, b = W^T)
+  or (K, N) rows (dX, b = W).
+- Persistent: ``min(#SMs, #tiles)`` programs walk the output tiles in grouped order (GROUP_M row-blocks
+  share their b tiles in L2), as Triton's persistent matmul tutorial does; its autotune space.
+- Epilogue: the rank-R update is one more ``tl.dot`` into the accumulator with ``scale`` folded into lu
+  (rounded once to lv's dtype, as in ``lora._lora_gemm_kernel``); bias added before the single store.
+  With the dropout mask (dX) the update is formed and masked in sub-tiles of at most 64 columns, the
+  mask redrawn from the seed by ``_common._keep_mask_tile``: the same Philox stream as every other fastpeft
+  kernel, bit for bit (element (m, n) keeps when ``draw(seed, m * N + n) >= threshold``).
+
+Needs sm_90+ and a triton with ``tl.make_tensor_descriptor`` (3.4+; written against the 3.6 API, also
+compiles on 3.9): ``tma_supported(device)``. TMA needs 16-byte aligned rows, so K and N must be multiples
+of 16 / itemsize (8 for bf16 / fp16): ``tma_shapes_ok``. The low-rank operands lu, lv and the bias are
+small and read with plain loads (any strides, any rank).
+
+This module imports only torch, triton and its sibling ``lora``.
+"""
+from __future__ import annotations
+
+import functools
+
+import torch
+import triton
+import triton.language as tl
+
+from . import INTERPRET, is_deterministic
+from ._common import _cast, _dot_precision, _keep_mask_tile, _mma, _upcast, _use_explicit_blocks, r_pad
+
+# ----------------------------------------------------------------------------------------------------
+# kernel
+# ----------------------------------------------------------------------------------------------------
+
+
+@triton.jit
+def _tile_coords(tile, num_m, num_n, GROUP_M: tl.constexpr):
+    """(pid_m, pid_n) of output tile ``tile`` in grouped order (GROUP_M row-blocks together)."""
+    group = GROUP_M * num_n
+    first_m = (tile // group) * GROUP_M
+    size_m = tl.minimum(num_m - first_m, GROUP_M)
+    return first_m + (tile % group) % size_m, (tile % group) // size_m
+
+
+@triton.jit
+def _tma_store_part(acc, lu, off_m, n0, out_desc, out_ptr, lv_ptr, bias_ptr, M, N, R, stride_lvr, stride_lvn, seed,
+                    threshold, HAS_BIAS: tl.constexpr, HAS_MASK: tl.constexpr, BLOCK_M: tl.constexpr,
+                    SUB_N: tl.constexpr, R_PAD: tl.constexpr, DOT_PRECISION: tl.constexpr, UPCAST: tl.constexpr):
+    """Columns [n0, n0 + SUB_N) of a tile: acc (BLOCK_M, SUB_N) fp32 [+ mask * (lu @ lv)] [+ bias], stored
+    through the output descriptor (rows and columns past M, N are clipped by the hardware)."""
+    rn = n0 + tl.arange(0, SUB_N)
+    n_ok = rn < N
+    if HAS_MASK:
+        rr = tl.arange(0, R_PAD)
+        lv = tl.load(lv_ptr + rr[:, None] * stride_lvr + rn[None, :].to(tl.int64) * stride_lvn,
+                     mask=(rr < R)[:, None] & n_ok[None, :], other=0.0)
+        low = _mma(lu, lv, tl.zeros((BLOCK_M, SUB_N), dtype=tl.float32), DOT_PRECISION, UPCAST)
+        rm = off_m + tl.arange(0, BLOCK_M)
+        # N is a multiple of 8 (TMA rows) and n0 of SUB_N: each Philox block is 4 columns of one row.
+        acc += tl.where(_keep_mask_tile(seed, rm, n0, N, threshold, BLOCK_M, SUB_N, True), low, 0.0)
+    if HAS_BIAS:
+        acc += tl.load(bias_ptr + rn, mask=n_ok, other=0.0).to(tl.float32)[None, :]
+    out_desc.store([off_m, n0], _cast(acc, out_ptr.dtype.element_ty, UPCAST))
+
+
+@triton.jit(do_not_specialize=["seed", "threshold"])
+def _lora_gemm_tma_kernel(
+    # pointers: a (M, K) rows; b (N, K) rows when B_NK (forward: W) else (K, N) rows (dX: W); lu (M, R);
+    # lv (R, N) by strides; bias (N,); out (M, N) rows
+    a_ptr, b_ptr, lu_ptr, lv_ptr, bias_ptr, out_ptr,
+    # sizes
+    M, N, K, R,
+    # strides (the inner stride of a, b and out is 1: TMA)
+    stride_am, stride_b, stride_lum, stride_lur, stride_lvr, stride_lvn, stride_om,
+    # low-rank term: scale * mask * (lu @ lv), mask of (m, n) from draw(seed, m * N + n) >= threshold
+    scale, seed, threshold,
+    # meta-parameters (NUM_SMS: persistent programs)
+    HAS_BIAS: tl.constexpr, HAS_MASK: tl.constexpr, B_NK: tl.constexpr, BLOCK_M: tl.constexpr,
+    BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr, R_PAD: tl.constexpr,
+    NUM_SMS: tl.constexpr, DOT_PRECISION: tl.constexpr, UPCAST: tl.constexpr,
+):
+    # Not warp-specialized: tl.range(..., warp_specialize=True) is newer than some triton 3.x and, on
+    # Hopper, not known to us to be supported by 3.6; a variant to time on the card (issue 12 item 3).
+    # The masked epilogue works on sub-tiles of at most 64 columns (see lora._lora_gemm_kernel).
+    SUB_N: tl.constexpr = BLOCK_N if (not HAS_MASK or BLOCK_N <= 64) else 64
+    a_desc = tl.make_tensor_descriptor(a_ptr, shape=[M, K], strides=[stride_am, 1], block_shape=[BLOCK_M, BLOCK_K])
+    if B_NK:
+        b_desc = tl.make_tensor_descriptor(b_ptr, shape=[N, K], strides=[stride_b, 1],
+                                           block_shape=[BLOCK_N, BLOCK_K])
+    else:
+        b_desc = tl.make_tensor_descriptor(b_ptr, shape=[K, N], strides=[stride_b, 1],
+                                           block_shape=[BLOCK_K, BLOCK_N])
+    out_desc = tl.make_tensor_descriptor(out_ptr, shape=[M, N], strides=[stride_om, 1], block_shape=[BLOCK_M, SUB_N])
+
+    num_m = tl.cdiv(M, BLOCK_M)
+    num_n = tl.cdiv(N, BLOCK_N)
+    k_tiles = tl.cdiv(K, BLOCK_K)
+    rr = tl.arange(0, R_PAD)
+    r_ok = rr < R
+    for tile in tl.range(tl.program_id(0), num_m * num_n, NUM_SMS):
+        pid_m, pid_n = _tile_coords(tile, num_m, num_n, GROUP_M)
+        off_m = pid_m * BLOCK_M
+        off_n = pid_n * BLOCK_N
+        acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+        for kt in range(k_tiles):
+            off_k = kt * BLOCK_K
+            a = a_desc.load([off_m, off_k])  # out-of-bounds rows / columns read as zeros (TMA)
+            if B_NK:
+                b = tl.trans(b_desc.load([off_n, off_k]))
+            else:
+                b = b_desc.load([off_k, off_n])
+            acc = _mma(a, b, acc, DOT_PRECISION, UPCAST)
+
+        # Epilogue: s folded into lu, rounded once to lv's dtype (the tensor cores take one dtype).
+        rm = off_m + tl.arange(0, BLOCK_M)
+        lu = tl.load(lu_ptr + rm[:, None].to(tl.int64) * stride_lum + rr[None, :] * stride_lur,
+                     mask=(rm < M)[:, None] & r_ok[None, :], other=0.0)
+        lu = _cast(lu.to(tl.float32) * scale, lv_ptr.dtype.element_ty, UPCAST)
+        if not HAS_MASK:
+            # The rank-R update is one more MMA into the same accumulator.
+            rn = off_n + tl.arange(0, BLOCK_N)
+            lv = tl.load(lv_ptr + rr[:, None] * stride_lvr + rn[None, :].to(tl.int64) * stride_lvn,
+                         mask=r_ok[:, None] & (rn < N)[None, :], other=0.0)
+            acc = _mma(lu, lv, acc, DOT_PRECISION, UPCAST)
+            _tma_store_part(acc, lu, off_m, off_n, out_desc, out_ptr, lv_ptr, bias_ptr, M, N, R, stride_lvr, stride_lvn,
+                            seed, threshold, HAS_BIAS, False, BLOCK_M, BLOCK_N, R_PAD, DOT_PRECISION, UPCAST)
+        elif BLOCK_N <= 64:
+            _tma_store_part(acc, lu, off_m, off_n, out_desc, out_ptr, lv_ptr, bias_ptr, M, N, R, stride_lvr, stride_lvn,
+                            seed, threshold, HAS_BIAS, True, BLOCK_M, BLOCK_N, R_PAD, DOT_PRECISION, UPCAST)
+        else:
+            # The mask applies to the product: halves (quarters at BLOCK_N 256) of the accumulator in turn.
+            H: tl.constexpr = BLOCK_N // 2
+            h0, h1 = tl.split(tl.permute(tl.reshape(acc, (BLOCK_M, 2, H)), (0, 2, 1)))
+            if H <= 64:
+                _tma_store_part(h0, lu, off_m, off_n, out_desc, out_ptr, lv_ptr, bias_ptr, M, N, R, stride_lvr,
+                                stride_lvn, seed, threshold, HAS_BIAS, True, BLOCK_M, H, R_PAD, DOT_PRECISION, UPCAST)
+                _tma_store_part(h1, lu, off_m, off_n + H, out_desc, out_ptr, lv_ptr, bias_ptr, M, N, R, stride_lvr,
+                                stride_lvn, seed, threshold, HAS_BIAS, True, BLOCK_M, H, R_PAD, DOT_PRECISION,
+                                UPCAST)
+            else:
+                Q: tl.constexpr = H // 2
+                q0, q1 = tl.split(tl.permute(tl.reshape(h0, (BLOCK_M, 2, Q)), (0, 2, 1)))
+                q2, q3 = tl.split(tl.permute(tl.reshape(h1, (BLOCK_M, 2, Q)), (0, 2, 1)))
+                _tma_store_part(q0, lu, off_m, off_n, out_desc, out_ptr, lv_ptr, bias_ptr, M, N, R, stride_lvr,
+                                stride_lvn, seed, threshold, HAS_BIAS, True, BLOCK_M, Q, R_PAD, DOT_PRECISION, UPCAST)
+                _tma_store_part(q1, lu, off_m, off_n + Q, out_desc, out_ptr, lv_ptr, bias_ptr, M, N, R, stride_lvr,
+                                stride_lvn, seed, threshold, HAS_BIAS, True, BLOCK_M, Q, R_PAD, DOT_PRECISION,
+                                UPCAST)
+                _tma_store_part(q2, lu, off_m, off_n + 2 * Q, out_desc, out_ptr, lv_ptr, bias_ptr, M, N, R, stride_lvr,
+                                stride_lvn, seed, threshold, HAS_BIAS, True, BLOCK_M, Q, R_PAD, DOT_PRECISION,
+                                UPCAST)
+                _tma_store_part(q3, lu, off_m, off_n + 3 * Q, out_desc, out_ptr, lv_ptr, bias_ptr, M, N, R, stride_lvr,
+                                stride_lvn, seed, threshold, HAS_BIAS, True, BLOCK_M, Q, R_PAD, DOT_PRECISION,
+                                UPCAST)
+
+
+# ----------------------------------------------------------------------------------------------------
+# configs
+# ----------------------------------------------------------------------------------------------------
+
+# The autotune space of Triton's persistent matmul tutorial (BLOCK_M 128; BLOCK_N 128/256; BLOCK_K 64/128;
+# 2-4 stages; 4/8 warps), pruned by _prune_tma_configs. Not yet timed on a card of ours:
+# benchmarks/device_check.sh measures it against cuBLAS (the issue's gate: >= 0.95x cuBLAS at 8192^2 x 4096
+# with no epilogue before the epilogue can win).
+_TMA_CONFIGS = [
+    triton.Config({"BLOCK_M": bm, "BLOCK_N": bn, "BLOCK_K": bk, "GROUP_M": 8}, num_warps=w, num_stages=s)
+    for bm in (128,) for bn in (128, 256) for bk in (64, 128) for s in (2, 3, 4) for w in (4, 8)
+]
+# Shared memory of sm_90 per block (227 KiB), less what triton's epilogue and barriers take.
+_SMEM_LIMIT = 220 * 1024
+
+
+def _config_fits(c, has_mask: bool, r_pad: int = 16, itemsize: int = 2) -> bool:
+    """Whether a config fits sm_90: its pipelined a and b tiles in shared memory, and its fp32
+    accumulator plus the (BLOCK_M, R_PAD) tile of u within 160 registers a thread, or the accumulator
+    within 64 with the mask, whose sub-tiled epilogue needs the rest. Compiled for sm_90 (triton 3.9,
+    bf16, R_PAD 16 and 64), every config this keeps has no spill; 128x128 w4 at R_PAD 64 (128 + 64) spills
+    8-32 B, 128x256 w4 over 1 KiB (benchmarks/results/sm90-resources-*.md)."""
+    bm, bn, bk = c.kwargs["BLOCK_M"], c.kwargs["BLOCK_N"], c.kwargs["BLOCK_K"]
+    smem = c.num_stages * (bm + bn) * bk * itemsize + bm * min(bn, 64 if has_mask else bn) * itemsize
+    threads = 32 * c.num_warps
+    acc_regs = bm * bn // threads
+    regs_ok = acc_regs <= 64 if has_mask else acc_regs + bm * r_pad // threads <= 160
+    return smem <= _SMEM_LIMIT and regs_ok
+
+
+def _prune_tma_configs(configs, named_args, **kwargs):
+    has_mask = bool(kwargs.get("HAS_MASK", named_args.get("HAS_MASK", False)))
+    r_pad = int(kwargs.get("R_PAD", named_args.get("R_PAD", 16)))
+    return [c for c in configs if _config_fits(c, has_mask, r_pad)]
+
+
+# Explicit config for the interpreter and tests (small, so odd sizes cross tile edges; 3 persistent
+# programs, so each walks several tiles) and the pinned one for deterministic mode (kept by the prune
+# with and without the mask).
+_TEST_CONFIG = {"BLOCK_M": 32, "BLOCK_N": 32, "BLOCK_K": 32, "GROUP_M": 2, "NUM_SMS": 3, "num_warps": 4,
+                "num_stages": 1}
+_PINNED_TMA = {"BLOCK_M": 128, "BLOCK_N": 128, "BLOCK_K": 64, "GROUP_M": 8, "num_warps": 8, "num_stages": 3}
+
+
+@functools.lru_cache(maxsize=None)
+def _tuned():
+    # Keyed on M itself (the kernel has no M_KEY argument): a training run repeats one token count.
+    return triton.autotune(configs=_TMA_CONFIGS, key=["M", "N", "K", "R_PAD", "HAS_MASK", "B_NK"],
+                           prune_configs_by={"early_config_prune": _prune_tma_configs})(_lora_gemm_tma_kernel)
+
+
+# ----------------------------------------------------------------------------------------------------
+# launcher
+# ----------------------------------------------------------------------------------------------------
+
+
+def tma_supported(device) -> bool:
+    """Whether ``lora_gemm_tma`` can run on ``device``: a CUDA device of compute capability 9.0 or newer
+    and a triton with ``tl.make_tensor_descriptor`` (or the interpreter, for tests on CPU tensors)."""
+    if not hasattr(tl, "make_tensor_descriptor") or not hasattr(triton, "set_allocator"):
+        return False
+    device = torch.device(device)
+    if INTERPRET:
+        return True
+    if device.type != "cuda" or not torch.cuda.is_available():
+        return False
+    return torch.cuda.get_device_capability(device)[0] >= 9
+
+
+def _rows_ok(t: torch.Tensor) -> bool:
+    """A 2-D tensor TMA can address as it is: unit inner stride, 16-byte aligned base and row stride."""
+    es = t.element_size()
+    return t.stride(1) == 1 and (t.stride(0) * es) % 16 == 0 and t.data_ptr() % 16 == 0
+
+
+def tma_shapes_ok(*, a: torch.Tensor, b: torch.Tensor) -> bool:
+    """Whether a (M, K) @ b (K, N) has TMA-compatible sizes: K and N whole 16-byte rows of a's dtype."""
+    per = 16 // a.element_size()
+    return a.dim() == 2 and b.dim() == 2 and a.shape[1] % per == 0 and b.shape[1] % per == 0
+
+
+def _allocator(device):
+    # Device-side descriptors need a small global scratch per program (triton asks through this).
+    def alloc(size: int, alignment: int, stream):
+        return torch.empty(size, device=device, dtype=torch.int8)
+    return alloc
+
+
+def lora_gemm_tma(*, a: torch.Tensor, b: torch.Tensor, lu: torch.Tensor, lv: torch.Tensor,
+                  bias: torch.Tensor | None = None, scale: float = 1.0, seed=0, threshold: int = 0,
+                  config: dict | None = None) -> torch.Tensor:
+    """``a @ b + scale * mask * (lu @ lv) + bias`` in a's dtype, one persistent TMA kernel.
+
+    a (M, K), b (K, N) (a view: forward ``W.t()`` or dX ``W``, both read in place), lu (M, R) fp32 or a's
+    dtype, lv (R, N) any strides, bias (N,) or None. The mask of (m, n) is ``draw(seed, m * N + n) >=
+    threshold`` (none when threshold == 0); ``seed`` an int or a one-element int64 device tensor.
+    ``config``: explicit blocks (BLOCK_M, BLOCK_N, BLOCK_K, GROUP_M, num_warps, num_stages[, NUM_SMS]);
+    default: autotuned on CUDA (pinned in deterministic mode), ``_TEST_CONFIG`` under the interpreter and
+    with FASTPEFT_AUTOTUNE=0.
+    Needs ``tma_supported(a.device)`` and ``tma_shapes_ok(a=a, b=b)``; a or b with other strides are copied.
+    """
+    if not tma_supported(a.device):
+        raise RuntimeError(f"lora_gemm_tma needs sm_90+ and triton with tl.make_tensor_descriptor "
+                           f"(device {a.device}, triton {triton.__version__})")
+    if not tma_shapes_ok(a=a, b=b):
+        raise ValueError(f"lora_gemm_tma: K and N must be multiples of {16 // a.element_size()} for "
+                         f"{a.dtype} (TMA rows of 16 bytes), got a {tuple(a.shape)}, b {tuple(b.shape)}")
+    M, K = a.shape
+    N = b.shape[1]
+    R = lu.shape[1]
+    if not _rows_ok(a):
+        a = a.contiguous()
+    bt = b.t()
+    if bt.stride(1) == 1 and _rows_ok(bt):
+        b_nk, b_arg = True, bt            # (N, K) rows: the forward's W
+    elif _rows_ok(b):
+        b_nk, b_arg = False, b            # (K, N) rows: dX's W
+    else:
+        b_nk, b_arg = True, bt.contiguous()
+    out = torch.empty((M, N), device=a.device, dtype=a.dtype)
+    if M == 0 or N == 0:
+        return out
+    triton.set_allocator(_allocator(a.device))
+    args = (a, b_arg, lu, lv, bias if bias is not None else out, out, M, N, K, R,
+            a.stride(0), b_arg.stride(0), lu.stride(0), lu.stride(1), lv.stride(0), lv.stride(1), out.stride(0),
+            scale, seed, threshold)
+    meta = dict(HAS_BIAS=bias is not None, HAS_MASK=threshold > 0, B_NK=b_nk, R_PAD=r_pad(R),
+                DOT_PRECISION=_dot_precision(a.dtype), UPCAST=_upcast(a.dtype))
+    tiles = lambda m: triton.cdiv(M, m["BLOCK_M"]) * triton.cdiv(N, m["BLOCK_N"])  # noqa: E731
+    if config is None and _use_explicit_blocks(a):  # the interpreter, and FASTPEFT_AUTOTUNE=0 (GPU tests)
+        config = _TEST_CONFIG
+    if config is None and is_deterministic():
+        config = _PINNED_TMA
+    sms = torch.cuda.get_device_properties(a.device).multi_processor_count if a.device.type == "cuda" else 3
+    if config is not None:
+        cfg = dict(config)
+        cfg.setdefault("NUM_SMS", sms)
+        grid = (max(1, min(cfg["NUM_SMS"], tiles(cfg))),)
+        _lora_gemm_tma_kernel[grid](*args, **meta, **cfg)
+    else:
+        grid = lambda m: (max(1, min(sms, tiles(m))),)  # noqa: E731
+        _tuned()[grid](*args, **meta, NUM_SMS=sms)
+    return out
