@@ -11,7 +11,6 @@ Matching, as PEFT does it:
 from __future__ import annotations
 
 import contextlib
-import copy
 import re
 from dataclasses import asdict, dataclass, field
 from typing import Optional, Union
@@ -19,8 +18,9 @@ from typing import Optional, Union
 import torch
 import torch.nn as nn
 
-from ._checks import check_dropout, check_finite_number, check_rank
-from .layers import FastLoRALinear, SparseDeltaLinear, _check_init, check_adapter_name, check_sparse_options
+from ._checks import check_adapter_name, check_dropout, check_finite_number, check_rank, check_sparse_options
+from ._checks import check_init as _check_init
+from .layers import FastLoRALinear, ModulesToSaveWrapper, SparseDeltaLinear
 
 ALL_LINEAR = "all-linear"
 BIAS_CHOICES = ("none", "all", "lora_only")
@@ -224,76 +224,6 @@ def plan_lora(model: nn.Module, config: LoraConfig) -> LoraPlan:
     return LoraPlan(targets=targets, saved=saved)
 
 
-class ModulesToSaveWrapper(nn.Module):
-    """A frozen original module and a trainable copy per adapter; forward runs the active adapter's copy
-    (the original when the active adapter has none). Inside ``fastpeft.mixed_batch`` each sequence
-    (dim 0 of the first argument) runs its own adapter's copy.
-
-    The parameters of a copy are saved with its adapter, under the original module's names.
-    """
-
-    def __init__(self, module: nn.Module, adapter_name: str):
-        super().__init__()
-        self.original_module = module
-        self.modules_to_save = nn.ModuleDict()
-        self.active_adapter = None
-        self._routing = None
-        for p in self.original_module.parameters():
-            p.requires_grad_(False)
-        self.add_adapter(adapter_name)
-        self.set_adapter(adapter_name)
-
-    def add_adapter(self, name: str) -> None:
-        self.modules_to_save[name] = copy.deepcopy(self.original_module)
-
-    def set_adapter(self, name) -> None:
-        self.active_adapter = name
-        for n, m in self.modules_to_save.items():
-            for p in m.parameters():
-                p.requires_grad_(n == name)
-
-    def delete_adapter(self, name: str) -> None:
-        if name in self.modules_to_save:
-            del self.modules_to_save[name]
-        if self.active_adapter == name:
-            self.active_adapter = None
-
-    def module_for(self, name) -> nn.Module:
-        return self.modules_to_save[name] if name in self.modules_to_save else self.original_module
-
-    @property
-    def active_module(self) -> nn.Module:
-        return self.module_for(self.active_adapter)
-
-    def forward(self, *args, **kwargs):
-        if self._routing is None:
-            return self.active_module(*args, **kwargs)
-        x, rest = args[0], args[1:]
-        if any(isinstance(a, torch.Tensor) for a in rest) or any(isinstance(v, torch.Tensor) for v in kwargs.values()):
-            raise RuntimeError("mixed_batch routes a modules_to_save module by the first argument's batch dim "
-                               "only; this call passes more tensors")
-        if x.shape[0] != len(self._routing):
-            raise ValueError(f"mixed_batch was given {len(self._routing)} adapter names, but this module's "
-                             f"input has batch size {x.shape[0]}")
-        outs, order = [], []
-        for name in dict.fromkeys(self._routing):
-            rows = [i for i, n in enumerate(self._routing) if n == name]
-            order += rows
-            outs.append(self.module_for(name)(x[rows], *rest, **kwargs))
-        out = torch.cat(outs)
-        inverse = torch.empty(len(order), dtype=torch.long)
-        inverse[torch.tensor(order)] = torch.arange(len(order))
-        return out[inverse.to(out.device)]
-
-    def __getattr__(self, name):
-        try:
-            return super().__getattr__(name)
-        except AttributeError:
-            if name in ("modules_to_save", "original_module"):
-                raise
-            return getattr(self.active_module, name)
-
-
 def _set_submodule(model: nn.Module, name: str, new: nn.Module) -> None:
     parent_name, _, child = name.rpartition(".")
     setattr(model.get_submodule(parent_name) if parent_name else model, child, new)
@@ -475,20 +405,15 @@ def mixed_batch(model: nn.Module, adapter_names):
     unknown = sorted({n for n in adapter_names if n is not None and n not in configs}, key=str)
     if unknown:
         raise ValueError(f"adapter_names {unknown} are not adapters of this model; it has {list(configs)}")
-    layers = lora_layers(model)
-    wrappers = saved_module_wrappers(model)
-    previous = {id(m): m._routing for m in (*layers.values(), *wrappers.values())}
+    routed = [*lora_layers(model).values(), *saved_module_wrappers(model).values()]
+    previous = [m.routing for m in routed]
     try:
-        for layer in layers.values():
-            local = {n: i for i, n in enumerate(layer.adapter_names)}
-            layer._routing = torch.tensor([local.get(n, -1) for n in adapter_names], dtype=torch.int64,
-                                          device=layer.weight.device)
-        for wrapper in wrappers.values():
-            wrapper._routing = list(adapter_names)
+        for m in routed:
+            m.set_routing(list(adapter_names))
         yield model
     finally:
-        for m in (*layers.values(), *wrappers.values()):
-            m._routing = previous[id(m)]
+        for m, names in zip(routed, previous):
+            m.set_routing(names)
 
 
 def trainable_parameters(model: nn.Module) -> tuple:
@@ -546,11 +471,9 @@ def select_by_gradients(model: nn.Module, batches, loss_fn, progress: bool = Tru
     """
     from tqdm.auto import tqdm
 
-    from .selection import select_indices
-
     targets = {n: m for n, m in sparse_layers(model).items()}
     targets.update({n: m for n, m in lora_layers(model).items() if m.active_adapter is not None
-                    and m.adapter_sparse_delta() is not None})
+                    and m.sparse_delta() is not None})
     if not targets:
         raise ValueError("select_by_gradients: the model has no sparse deltas (SparseDeltaConfig, or LoraConfig "
                          "with sparse_density > 0)")
@@ -574,10 +497,5 @@ def select_by_gradients(model: nn.Module, batches, loss_fn, progress: bool = Tru
     for p in model.parameters():
         p.grad = None  # the scoring passes are not a training step
     for n, m in targets.items():
-        if isinstance(m, SparseDeltaLinear):
-            m.reselect("scores", scores[n])
-        else:
-            spec = m.adapter_spec()
-            m.set_sparse_delta(m.active_adapter, select_indices(m.weight, spec.sparse_density, spec.sparse_block_size,
-                                                                "scores", scores[n]))
+        m.sparse_delta().select_positions(m.weight, "scores", scores[n])
     return scores

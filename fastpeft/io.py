@@ -20,8 +20,8 @@ import uuid
 import torch
 import torch.nn as nn
 
-from ._checks import check_sparse_delta
-from .layers import FastLoRALinear, check_adapter_name
+from ._checks import check_adapter_name, check_sparse_delta
+from .layers import FastLoRALinear
 from .methods import CONFIG_BY_TYPE, METHOD_CONFIGS, PromptTuningConfig, inject_method, plan_method
 from .inject import (LoraConfig, ModulesToSaveWrapper, SparseDeltaConfig, active_adapter, adapter_configs, inject,
                      is_bias, lora_layers, plan_lora, saved_module_wrappers, sparse_layers)
