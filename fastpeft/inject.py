@@ -1,17 +1,7 @@
-"""Model surgery: configs, module matching (Hugging Face PEFT's rules), injection, merging.
-
-Matching, as PEFT does it:
-- ``target_modules`` a string: ``re.fullmatch`` against the full module name;
-- a list: a module matches an entry equal to its full name or to a ``.``-separated suffix of it;
-- ``"all-linear"``: every ``nn.Linear`` except the output head (``model.get_output_embeddings()``);
-- ``exclude_modules`` (same rules) and the ``modules_to_save`` modules are never targets;
-- ``rank_pattern`` / ``alpha_pattern`` keys are regexes matched as ``(.*\\.)?(key)$`` against the name;
-- ``modules_to_save`` entries match module names that end with them.
-"""
+"""Model surgery: configs, injection, merging; module names are matched by PEFT's rules (``matching.py``)."""
 from __future__ import annotations
 
 import contextlib
-import re
 from dataclasses import asdict, dataclass, field
 from typing import Optional, Union
 
@@ -21,18 +11,10 @@ import torch.nn as nn
 from ._checks import check_adapter_name, check_dropout, check_finite_number, check_rank, check_sparse_options
 from ._checks import check_init as _check_init
 from .layers import FastLoRALinear, ModulesToSaveWrapper, SparseDeltaLinear
+from .matching import (compile_pattern, default_targets, is_all_linear, is_bias, matches, name_list, output_head,
+                       pattern_value, set_submodule)
 
-ALL_LINEAR = "all-linear"
 BIAS_CHOICES = ("none", "all", "lora_only")
-# Used when target_modules is None, by ``model.config.model_type`` (PEFT's defaults for these).
-DEFAULT_TARGETS = {
-    "llama": ["q_proj", "v_proj"], "mistral": ["q_proj", "v_proj"], "qwen2": ["q_proj", "v_proj"],
-    "qwen3": ["q_proj", "v_proj"], "gemma": ["q_proj", "v_proj"], "gemma2": ["q_proj", "v_proj"],
-    "opt": ["q_proj", "v_proj"], "phi": ["q_proj", "v_proj"], "bert": ["query", "value"],
-    "roberta": ["query", "value"], "xlm-roberta": ["query", "value"], "distilbert": ["q_lin", "v_lin"],
-    "t5": ["q", "v"], "mt5": ["q", "v"], "bart": ["q_proj", "v_proj"], "gpt_neox": ["query_key_value"],
-    "falcon": ["query_key_value"], "bloom": ["query_key_value"],
-}
 
 
 @dataclass
@@ -60,21 +42,21 @@ class LoraConfig:
         check_rank(self.r)
         check_finite_number(self.lora_alpha, "lora_alpha")
         check_dropout(self.lora_dropout)
-        self.target_modules = _name_list(self.target_modules, "target_modules")
-        self.exclude_modules = _name_list(self.exclude_modules, "exclude_modules")
+        self.target_modules = name_list(self.target_modules, "target_modules")
+        self.exclude_modules = name_list(self.exclude_modules, "exclude_modules")
         if self.bias not in BIAS_CHOICES:
             raise ValueError(f"bias must be one of {BIAS_CHOICES}, got {self.bias!r}")
         if not isinstance(self.use_rslora, bool):
             raise TypeError(f"use_rslora must be a bool, got {type(self.use_rslora).__name__}")
         _check_init(self.init_lora_weights)
         if self.modules_to_save is not None:
-            self.modules_to_save = _name_list(list(self.modules_to_save) if not isinstance(
+            self.modules_to_save = name_list(list(self.modules_to_save) if not isinstance(
                 self.modules_to_save, str) else [self.modules_to_save], "modules_to_save")
         for pname, pat in (("rank_pattern", self.rank_pattern), ("alpha_pattern", self.alpha_pattern)):
             if not isinstance(pat, dict):
                 raise TypeError(f"{pname} must be a dict of module-name regex -> value, got {type(pat).__name__}")
             for k, v in pat.items():
-                _compile(k, f"{pname} key")
+                compile_pattern(k, f"{pname} key")
                 (check_rank if pname == "rank_pattern" else check_finite_number)(v, f"{pname}[{k!r}]")
 
     def to_dict(self) -> dict:
@@ -94,69 +76,11 @@ class SparseDeltaConfig:
 
     def __post_init__(self):
         check_sparse_options(self.density, self.block_size, self.selection)
-        self.target_modules = _name_list(self.target_modules, "target_modules")
-        self.exclude_modules = _name_list(self.exclude_modules, "exclude_modules")
+        self.target_modules = name_list(self.target_modules, "target_modules")
+        self.exclude_modules = name_list(self.exclude_modules, "exclude_modules")
 
     def to_dict(self) -> dict:
         return asdict(self)
-
-
-def _compile(pattern: str, what: str):
-    if not isinstance(pattern, str):
-        raise TypeError(f"{what} must be a str, got {type(pattern).__name__}")
-    try:
-        return re.compile(pattern)
-    except re.error as e:
-        raise ValueError(f"{what} {pattern!r} is not a valid regex: {e}") from None
-
-
-def _name_list(v, name):
-    """None, a regex string, or a list of names (sets and tuples are sorted into lists)."""
-    if v is None:
-        return None
-    if isinstance(v, str):
-        if v.lower() != ALL_LINEAR or name != "target_modules":
-            _compile(v, name)
-        return v
-    if isinstance(v, (list, tuple, set, frozenset)):
-        items = sorted(v) if isinstance(v, (set, frozenset)) else list(v)
-        if not items or not all(isinstance(s, str) and s for s in items):
-            raise ValueError(f"{name} must be a regex string or a non-empty list of module names, got {v!r}")
-        return items
-    raise TypeError(f"{name} must be a str, a list of str or None, got {type(v).__name__}")
-
-
-def _matches(spec, name: str) -> bool:
-    """PEFT's rule: a string is fullmatched; a list matches an exact name or a ``.name`` suffix."""
-    if spec is None:
-        return False
-    if isinstance(spec, str):
-        return re.fullmatch(spec, name) is not None
-    return name in spec or any(name.endswith("." + s) for s in spec)
-
-
-def pattern_value(patterns: dict, name: str, default):
-    """The value of the first ``patterns`` key matching ``name`` as ``(.*\\.)?(key)$``, else ``default``."""
-    for key, value in patterns.items():
-        if re.match(rf"(.*\.)?({key})$", name):
-            return value
-    return default
-
-
-def _output_head(model: nn.Module):
-    get = getattr(model, "get_output_embeddings", None)
-    try:
-        return get() if callable(get) else None
-    except (NotImplementedError, AttributeError):
-        return None
-
-
-def _default_targets(model: nn.Module) -> list:
-    model_type = getattr(getattr(model, "config", None), "model_type", None)
-    if model_type in DEFAULT_TARGETS:
-        return DEFAULT_TARGETS[model_type]
-    raise ValueError("target_modules is None and fastpeft knows no default targets for model type "
-                     f"{model_type!r}: pass target_modules (a list of names, a regex, or 'all-linear')")
 
 
 def _saved_module_names(model: nn.Module, modules_to_save) -> list:
@@ -187,9 +111,9 @@ def plan_lora(model: nn.Module, config: LoraConfig) -> LoraPlan:
     Targets are ``nn.Linear`` modules, or ``FastLoRALinear`` layers that already hold other adapters
     (the new adapter goes beside them)."""
     saved = _saved_module_names(model, getattr(config, "modules_to_save", None))
-    spec = config.target_modules if config.target_modules is not None else _default_targets(model)
-    all_linear = isinstance(spec, str) and spec.lower() == ALL_LINEAR
-    head = _output_head(model) if all_linear else None
+    spec = config.target_modules if config.target_modules is not None else default_targets(model)
+    all_linear = is_all_linear(spec)
+    head = output_head(model) if all_linear else None
     targets = {}
     inner = []  # prefixes of LoRA layers and wrappers: their internals are never targets
     for name, module in model.named_modules():
@@ -197,12 +121,12 @@ def plan_lora(model: nn.Module, config: LoraConfig) -> LoraPlan:
             continue
         if isinstance(module, (FastLoRALinear, SparseDeltaLinear, ModulesToSaveWrapper)):
             inner.append(name + ".")
-        if _matches(config.exclude_modules, name) or any(name == s or name.startswith(s + ".") for s in saved):
+        if matches(config.exclude_modules, name) or any(name == s or name.startswith(s + ".") for s in saved):
             continue
         if all_linear:
             hit = isinstance(module, (nn.Linear, FastLoRALinear)) and module is not head
         else:
-            hit = _matches(spec, name)
+            hit = matches(spec, name)
         if not hit:
             continue
         if not isinstance(module, (nn.Linear, FastLoRALinear)):
@@ -222,11 +146,6 @@ def plan_lora(model: nn.Module, config: LoraConfig) -> LoraPlan:
         raise ValueError(f"target_modules {spec!r} matched no nn.Linear of the model (after exclude_modules "
                          f"{config.exclude_modules!r}); its linear layers are named like {linear}")
     return LoraPlan(targets=targets, saved=saved)
-
-
-def _set_submodule(model: nn.Module, name: str, new: nn.Module) -> None:
-    parent_name, _, child = name.rpartition(".")
-    setattr(model.get_submodule(parent_name) if parent_name else model, child, new)
 
 
 def lora_layers(model: nn.Module) -> dict:
@@ -260,12 +179,6 @@ def adapter_configs(model: nn.Module) -> dict:
 def active_adapter(model: nn.Module):
     """The model-wide active adapter's name (None: the base model)."""
     return getattr(model, "_fastpeft_active", None)
-
-
-def is_bias(param_name: str) -> bool:
-    """Whether ``bias="all"`` trains this parameter: PEFT's rule, a parameter named ``bias``. A name that only
-    contains the word (T5's ``relative_attention_bias.weight``) is no bias term."""
-    return param_name == "bias" or param_name.endswith(".bias")
 
 
 def _apply_bias(model: nn.Module, bias: str, lora: dict) -> None:
@@ -325,7 +238,7 @@ def inject(model: nn.Module, config, adapter_name: str = "default", plan: LoraPl
             p.requires_grad_(False)
     if isinstance(config, SparseDeltaConfig):
         for name in plan.targets:
-            _set_submodule(model, name, SparseDeltaLinear.from_linear(model.get_submodule(name), config.density,
+            set_submodule(model, name, SparseDeltaLinear.from_linear(model.get_submodule(name), config.density,
                                                                       config.block_size, config.selection))
         model._fastpeft_adapters = {adapter_name: config}
         model._fastpeft_active = adapter_name
@@ -342,7 +255,7 @@ def inject(model: nn.Module, config, adapter_name: str = "default", plan: LoraPl
         else:
             layer = FastLoRALinear.from_linear(module, r=r, lora_alpha=alpha, adapter_name=adapter_name, **kw)
             layer.set_adapter(None)
-            _set_submodule(model, name, layer)
+            set_submodule(model, name, layer)
         new_layers[name] = layer
     # Biases first: the wrappers below then freeze their originals again and train their copies.
     _apply_bias(model, config.bias, new_layers)
@@ -353,7 +266,7 @@ def inject(model: nn.Module, config, adapter_name: str = "default", plan: LoraPl
         else:
             wrapper = ModulesToSaveWrapper(module, adapter_name)
             wrapper.set_adapter(None)
-            _set_submodule(model, name, wrapper)
+            set_submodule(model, name, wrapper)
     model._fastpeft_adapters = {**configs, adapter_name: config}
     if activate or not configs:
         set_adapter(model, adapter_name)
@@ -447,14 +360,14 @@ def merge_and_unload(model: nn.Module) -> nn.Module:
     for name, layer in lora_layers(model).items():
         if not layer.merged and layer.active_adapter is not None:
             layer.merge()
-        _set_submodule(model, name, _plain_linear(layer))
+        set_submodule(model, name, _plain_linear(layer))
     for name, layer in sparse_layers(model).items():
         if not layer.merged:
             layer.merge()
-        _set_submodule(model, name, _plain_linear(layer))
+        set_submodule(model, name, _plain_linear(layer))
     for name, module in list(model.named_modules()):
         if isinstance(module, ModulesToSaveWrapper):
-            _set_submodule(model, name, module.active_module)
+            set_submodule(model, name, module.active_module)
     for attr in ("_fastpeft_adapters", "_fastpeft_active", "_fastpeft_trained"):
         if hasattr(model, attr):
             delattr(model, attr)

@@ -24,6 +24,8 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from .matching import compile_pattern, is_bias, module_names, name_list, set_submodule
+
 ACTIVATIONS = {"relu": F.relu, "gelu": F.gelu, "silu": F.silu, "tanh": torch.tanh}
 VARIANTS = ("pfeiffer", "houlsby")
 # Output projections of attention and feed-forward blocks, by transformers model type (regexes).
@@ -82,9 +84,7 @@ class AdapterConfig:
             raise ValueError(f"variant must be one of {VARIANTS}, got {self.variant!r}")
         if self.non_linearity not in ACTIVATIONS:
             raise ValueError(f"non_linearity must be one of {tuple(ACTIVATIONS)}, got {self.non_linearity!r}")
-        from .inject import _name_list
-
-        self.target_modules = _name_list(self.target_modules, "target_modules")
+        self.target_modules = name_list(self.target_modules, "target_modules")
         self.modules_to_save = _check_modules(self.modules_to_save, "modules_to_save")
 
     def to_dict(self):
@@ -136,9 +136,7 @@ class LayerwiseConfig:
                 self.train_last_n, int) or self.train_last_n < 1):
             raise ValueError(f"train_last_n must be a positive int, got {self.train_last_n!r}")
         if self.layers_pattern is not None:
-            from .inject import _compile
-
-            _compile(self.layers_pattern, "layers_pattern")
+            compile_pattern(self.layers_pattern, "layers_pattern")
         self.modules_to_save = _check_modules(self.modules_to_save, "modules_to_save")
 
     def to_dict(self):
@@ -223,12 +221,6 @@ def main_blocks(model: nn.Module) -> tuple:
     return best
 
 
-def _module_names(model, spec) -> list:
-    from .inject import _matches
-
-    return [n for n, _ in model.named_modules() if n and _matches(spec, n)]
-
-
 def _saved_names(model, config) -> list:
     if not config.modules_to_save:
         return []
@@ -248,7 +240,7 @@ def _adapter_targets(model, config) -> list:
                              f"{model_type!r}: pass target_modules")
         attn, ffn = ADAPTER_TARGETS[model_type]
         spec = f"({attn})|({ffn})" if config.variant == "houlsby" else ffn
-    names = _module_names(model, spec)
+    names = module_names(model, spec)
     if not names:
         raise ValueError(f"target_modules {spec!r} matched no module of the model")
     for n in names:
@@ -266,8 +258,6 @@ def plan_method(model: nn.Module, config) -> dict:
         for pn, p in model.get_submodule(s).named_parameters():
             shapes[f"{s}.{pn}"] = tuple(p.shape)
     if isinstance(config, BitFitConfig):
-        from .inject import is_bias
-
         shapes.update({n: tuple(p.shape) for n, p in model.named_parameters() if is_bias(n)})
         if not shapes:
             raise ValueError("BitFit: the model has no bias parameters (and no modules_to_save)")
@@ -308,10 +298,8 @@ def inject_method(model: nn.Module, config) -> list:
     for p in model.parameters():
         p.requires_grad_(False)
     if isinstance(config, AdapterConfig):
-        from .inject import _set_submodule
-
         for n in _adapter_targets(model, config):
-            _set_submodule(model, n, BottleneckAdapter(model.get_submodule(n), config.bottleneck_dim,
+            set_submodule(model, n, BottleneckAdapter(model.get_submodule(n), config.bottleneck_dim,
                                                        config.non_linearity, config.scaling))
     elif isinstance(config, PromptTuningConfig):
         emb = model.get_input_embeddings()
