@@ -211,6 +211,19 @@ def test_mixed_batch_equals_each_adapter_alone():
     torch.testing.assert_close(m(x), _alone(m, "a", x))
 
 
+def test_set_routing_is_per_sequence_ids():
+    """The layer method mixed_batch uses: names per sequence (None or an unknown name = base), cleared by None."""
+    layer = _layer()
+    x = torch.randn(4, 3, 48)
+    layer.set_routing(["a2", None, "default", "not-here"])
+    assert layer.routing == ["a2", None, "default", "not-here"]
+    routed = layer(x)
+    layer.set_routing(None)
+    assert layer.routing is None
+    torch.testing.assert_close(routed, layer(x, adapter_ids=torch.tensor([2, -1, 0, -1])), rtol=0, atol=0)
+    torch.testing.assert_close(layer(x), _row_by_row(layer, x, torch.zeros(4, 3, dtype=torch.long)))
+
+
 def test_mixed_batch_bad_names():
     m = _toy_with_adapters()
     with pytest.raises(ValueError, match=r"\['zzz'\] are not adapters of this model"):
