@@ -7,12 +7,12 @@ The public API (see API.md): ``lora_linear``, ``lora_linear_multi``, ``FastLoRAL
 """
 from .functional import (BACKENDS, current_backend, lora_linear, lora_linear_multi, lora_sparse_linear,
                          sparse_delta_linear, use_backend)
-from .inject import (LoraConfig, ModulesToSaveWrapper, SparseDeltaConfig, active_adapter, delete_adapter,
+from .inject import (LoraConfig, SparseDeltaConfig, active_adapter, delete_adapter,
                      format_trainable_parameters, inject, lora_layers, merge_and_unload, mixed_batch,
                      print_trainable_parameters, select_by_gradients, set_adapter, sparse_layers, trainable_parameters)
 from .io import load_adapter, read_adapter_config, save_adapter
 from .kernels import deterministic, is_deterministic, set_deterministic
-from .layers import FastLoRALinear, SparseDeltaLinear
+from .layers import FastLoRALinear, ModulesToSaveWrapper, SparseDeltaLinear
 from .methods import (AdapterConfig, BitFitConfig, BottleneckAdapter, LayerwiseConfig, PromptTuningConfig,
                       layerwise_param_groups)
 from .reference import (dense_delta_ref, lora_linear_multi_ref, lora_linear_ref, lora_sparse_linear_ref,

@@ -6,11 +6,14 @@ call without reading fastpeft's source.
 from __future__ import annotations
 
 import math
+import os
 
 import torch
 
 # float64 runs on the reference path only (the kernels take the three training dtypes).
 FLOAT_DTYPES = (torch.float32, torch.float16, torch.bfloat16, torch.float64)
+INIT_CHOICES = (True, False, "gaussian")
+SELECTIONS = ("random", "magnitude", "scores")  # how a sparse delta's positions are picked
 
 
 def _compiling() -> bool:
@@ -35,6 +38,81 @@ def check_finite_number(v, name: str) -> float:
     if isinstance(v, bool) or not isinstance(v, (int, float)) or not math.isfinite(float(v)):
         raise ValueError(f"{name} must be a finite number, got {v!r}")
     return float(v)
+
+
+def check_bool(v, name: str) -> bool:
+    if not isinstance(v, bool):
+        raise TypeError(f"{name} must be a bool, got {v!r} ({type(v).__name__})")
+    return v
+
+
+def check_choice(v, choices: tuple, name: str):
+    if v not in choices:
+        raise ValueError(f"{name} must be one of {choices}, got {v!r}")
+    return v
+
+
+def check_init(init_lora_weights):
+    """PEFT's plain inits: True (kaiming A, zero B), "gaussian", False (both random, for tests)."""
+    if not any(init_lora_weights is c or init_lora_weights == c for c in INIT_CHOICES) \
+            or isinstance(init_lora_weights, (int, float)) and not isinstance(init_lora_weights, bool):
+        raise ValueError(f"init_lora_weights must be one of {INIT_CHOICES}, got {init_lora_weights!r}")
+    return init_lora_weights
+
+
+def check_adapter_name(name) -> str:
+    if not isinstance(name, str) or not name or "." in name:
+        raise ValueError(f"adapter name must be a non-empty str without '.', got {name!r}")
+    return name
+
+
+def check_module_list(v, name: str):
+    """None or a list of module names (not a bare string)."""
+    if v is None:
+        return None
+    if isinstance(v, str) or not all(isinstance(s, str) and s for s in v):
+        raise TypeError(f"{name} must be a list of module names or None, got {v!r}")
+    return list(v)
+
+
+def check_sparse_options(density, block_size, selection, density_name: str = "density", allow_zero: bool = False
+                         ) -> None:
+    """A sparse delta's settings: density in (0, 1] ([0, 1] with ``allow_zero``: none), block size, selection."""
+    ok_density = isinstance(density, (int, float)) and not isinstance(density, bool) and \
+        (0.0 <= float(density) <= 1.0 if allow_zero else 0.0 < float(density) <= 1.0)
+    if not ok_density:
+        raise ValueError(f"{density_name} must be a float in {'[0, 1]' if allow_zero else '(0, 1]'}, got {density!r}")
+    if isinstance(block_size, bool) or not isinstance(block_size, int) or block_size < 1:
+        raise ValueError(f"block_size must be a positive int, got {block_size!r}")
+    check_choice(selection, SELECTIONS, "selection")
+
+
+def check_in_features(x: torch.Tensor, in_features: int) -> None:
+    """A layer's input: its last dim is ``in_features`` (the message names both sizes)."""
+    if x.dim() == 0 or x.shape[-1] != in_features:
+        got = x.shape[-1] if x.dim() else "a 0-d tensor"
+        raise ValueError(f"input's last dim must be in_features={in_features}, got {got}")
+
+
+def check_linear(linear, name: str = "linear") -> None:
+    if not isinstance(linear, torch.nn.Linear):
+        raise TypeError(f"{name} must be an nn.Linear, got {type(linear).__name__}")
+
+
+def check_file_tensors(expected_shapes: dict, weights: dict, directory) -> None:
+    """An adapter file's tensors: exactly the expected keys, each of its expected shape, floating point."""
+    missing = sorted(set(expected_shapes) - set(weights))
+    unexpected = sorted(set(weights) - set(expected_shapes))
+    if missing or unexpected:
+        raise ValueError(f"adapter {os.fspath(directory)!r} does not fit the model: missing keys "
+                         f"{missing[:6]}{' ...' if len(missing) > 6 else ''}, unexpected keys "
+                         f"{unexpected[:6]}{' ...' if len(unexpected) > 6 else ''}")
+    for k, shape in expected_shapes.items():
+        if tuple(weights[k].shape) != tuple(shape):
+            raise ValueError(f"adapter tensor {k!r} must have shape {tuple(shape)} for this model, got "
+                             f"{tuple(weights[k].shape)}")
+        if not weights[k].is_floating_point():
+            raise ValueError(f"adapter tensor {k!r} must be floating point, got {weights[k].dtype}")
 
 
 def check_shape(t: torch.Tensor, expected: tuple, name: str) -> None:

@@ -1,38 +1,31 @@
-"""Model surgery: configs, module matching (Hugging Face PEFT's rules), injection, merging.
+"""Model surgery: the LoRA and sparse-delta configs, injection, the model's adapter state, merging.
 
-Matching, as PEFT does it:
-- ``target_modules`` a string: ``re.fullmatch`` against the full module name;
-- a list: a module matches an entry equal to its full name or to a ``.``-separated suffix of it;
-- ``"all-linear"``: every ``nn.Linear`` except the output head (``model.get_output_embeddings()``);
-- ``exclude_modules`` (same rules) and the ``modules_to_save`` modules are never targets;
-- ``rank_pattern`` / ``alpha_pattern`` keys are regexes matched as ``(.*\\.)?(key)$`` against the name;
-- ``modules_to_save`` entries match module names that end with them.
+``inject`` / ``save_adapter`` / ``load_adapter`` ask each PEFT method family the same few questions
+(``methods.Method``); ``method_for`` finds a config's family, ``METHODS`` holds them by ``peft_type``.
+LoRA (``LoraMethod``) and sparse deltas (``SparseDeltaMethod``) are answered here, the other methods in
+``methods.py``; module-name matching follows PEFT's rules (``matching.py``). The model's bookkeeping
+(its adapters' configs, the active one) is one ``PeftState`` on it.
 """
 from __future__ import annotations
 
 import contextlib
-import copy
-import re
+import os
 from dataclasses import asdict, dataclass, field
 from typing import Optional, Union
 
 import torch
 import torch.nn as nn
 
-from ._checks import check_dropout, check_finite_number, check_rank
-from .layers import FastLoRALinear, SparseDeltaLinear, _check_init, check_adapter_name, check_sparse_options
+from ._checks import (check_adapter_name, check_bool, check_choice, check_dropout, check_file_tensors,
+                      check_finite_number, check_init, check_rank, check_sparse_delta, check_sparse_options)
+from .layers import FastLoRALinear, ModulesToSaveWrapper, SparseDeltaLinear, rosa_spec
+from .matching import (compile_pattern, default_targets, is_all_linear, is_bias, matches, name_list, output_head, pattern_value,
+                       set_submodule)
+from .methods import METHODS as OTHER_METHODS
+from .methods import Method
+from .selection import SparseSpec
 
-ALL_LINEAR = "all-linear"
 BIAS_CHOICES = ("none", "all", "lora_only")
-# Used when target_modules is None, by ``model.config.model_type`` (PEFT's defaults for these).
-DEFAULT_TARGETS = {
-    "llama": ["q_proj", "v_proj"], "mistral": ["q_proj", "v_proj"], "qwen2": ["q_proj", "v_proj"],
-    "qwen3": ["q_proj", "v_proj"], "gemma": ["q_proj", "v_proj"], "gemma2": ["q_proj", "v_proj"],
-    "opt": ["q_proj", "v_proj"], "phi": ["q_proj", "v_proj"], "bert": ["query", "value"],
-    "roberta": ["query", "value"], "xlm-roberta": ["query", "value"], "distilbert": ["q_lin", "v_lin"],
-    "t5": ["q", "v"], "mt5": ["q", "v"], "bart": ["q_proj", "v_proj"], "gpt_neox": ["query_key_value"],
-    "falcon": ["query_key_value"], "bloom": ["query_key_value"],
-}
 
 
 @dataclass
@@ -53,6 +46,7 @@ class LoraConfig:
     sparse_density: float = 0.0      # > 0: a sparse delta beside each LoRA update (RoSA)
     sparse_block_size: int = 1
     sparse_selection: str = "random"
+    peft_type = "LORA"
 
     def __post_init__(self):
         check_sparse_options(self.sparse_density, self.sparse_block_size, self.sparse_selection, "sparse_density",
@@ -60,22 +54,25 @@ class LoraConfig:
         check_rank(self.r)
         check_finite_number(self.lora_alpha, "lora_alpha")
         check_dropout(self.lora_dropout)
-        self.target_modules = _name_list(self.target_modules, "target_modules")
-        self.exclude_modules = _name_list(self.exclude_modules, "exclude_modules")
-        if self.bias not in BIAS_CHOICES:
-            raise ValueError(f"bias must be one of {BIAS_CHOICES}, got {self.bias!r}")
-        if not isinstance(self.use_rslora, bool):
-            raise TypeError(f"use_rslora must be a bool, got {type(self.use_rslora).__name__}")
-        _check_init(self.init_lora_weights)
+        self.target_modules = name_list(self.target_modules, "target_modules")
+        self.exclude_modules = name_list(self.exclude_modules, "exclude_modules")
+        check_choice(self.bias, BIAS_CHOICES, "bias")
+        check_bool(self.use_rslora, "use_rslora")
+        check_init(self.init_lora_weights)
         if self.modules_to_save is not None:
-            self.modules_to_save = _name_list(list(self.modules_to_save) if not isinstance(
+            self.modules_to_save = name_list(list(self.modules_to_save) if not isinstance(
                 self.modules_to_save, str) else [self.modules_to_save], "modules_to_save")
         for pname, pat in (("rank_pattern", self.rank_pattern), ("alpha_pattern", self.alpha_pattern)):
             if not isinstance(pat, dict):
                 raise TypeError(f"{pname} must be a dict of module-name regex -> value, got {type(pat).__name__}")
             for k, v in pat.items():
-                _compile(k, f"{pname} key")
+                compile_pattern(k, f"{pname} key")
                 (check_rank if pname == "rank_pattern" else check_finite_number)(v, f"{pname}[{k!r}]")
+
+    @property
+    def sparse(self) -> SparseSpec | None:
+        """The sparse delta beside each LoRA update (RoSA), None without one."""
+        return rosa_spec(self.sparse_density, self.sparse_block_size, self.sparse_selection)
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -91,72 +88,74 @@ class SparseDeltaConfig:
     selection: str = "random"
     target_modules: Optional[Union[str, list]] = None
     exclude_modules: Optional[Union[str, list]] = None
+    peft_type = "SPARSE_DELTA"  # fastpeft's own type: a sparse delta alone (PEFT has no equivalent)
 
     def __post_init__(self):
         check_sparse_options(self.density, self.block_size, self.selection)
-        self.target_modules = _name_list(self.target_modules, "target_modules")
-        self.exclude_modules = _name_list(self.exclude_modules, "exclude_modules")
+        self.target_modules = name_list(self.target_modules, "target_modules")
+        self.exclude_modules = name_list(self.exclude_modules, "exclude_modules")
+
+    @property
+    def sparse(self) -> SparseSpec:
+        return SparseSpec(self.density, self.block_size, self.selection)
 
     def to_dict(self) -> dict:
         return asdict(self)
 
 
-def _compile(pattern: str, what: str):
-    if not isinstance(pattern, str):
-        raise TypeError(f"{what} must be a str, got {type(pattern).__name__}")
-    try:
-        return re.compile(pattern)
-    except re.error as e:
-        raise ValueError(f"{what} {pattern!r} is not a valid regex: {e}") from None
+# ---- the model's adapter state -------------------------------------------------------------------------
+
+@dataclass
+class PeftState:
+    """fastpeft's bookkeeping on an injected model (``model._fastpeft``): its adapters' configs by name, in
+    the order they came, the model-wide active adapter, and the parameter names a BitFit / bottleneck /
+    prompt / layer-wise adapter trains (what its files hold)."""
+
+    adapters: dict = field(default_factory=dict)
+    active: Optional[str] = None
+    trained: list = field(default_factory=list)
 
 
-def _name_list(v, name):
-    """None, a regex string, or a list of names (sets and tuples are sorted into lists)."""
-    if v is None:
-        return None
-    if isinstance(v, str):
-        if v.lower() != ALL_LINEAR or name != "target_modules":
-            _compile(v, name)
-        return v
-    if isinstance(v, (list, tuple, set, frozenset)):
-        items = sorted(v) if isinstance(v, (set, frozenset)) else list(v)
-        if not items or not all(isinstance(s, str) and s for s in items):
-            raise ValueError(f"{name} must be a regex string or a non-empty list of module names, got {v!r}")
-        return items
-    raise TypeError(f"{name} must be a str, a list of str or None, got {type(v).__name__}")
+_STATE = "_fastpeft"
 
 
-def _matches(spec, name: str) -> bool:
-    """PEFT's rule: a string is fullmatched; a list matches an exact name or a ``.name`` suffix."""
-    if spec is None:
-        return False
-    if isinstance(spec, str):
-        return re.fullmatch(spec, name) is not None
-    return name in spec or any(name.endswith("." + s) for s in spec)
+def peft_state(model: nn.Module, create: bool = False) -> PeftState:
+    """The model's ``PeftState``; a model without one gets a new empty one (kept on it with ``create``)."""
+    state = model.__dict__.get(_STATE)
+    if state is None:
+        state = PeftState()
+        if create:
+            model.__dict__[_STATE] = state
+    return state
 
 
-def pattern_value(patterns: dict, name: str, default):
-    """The value of the first ``patterns`` key matching ``name`` as ``(.*\\.)?(key)$``, else ``default``."""
-    for key, value in patterns.items():
-        if re.match(rf"(.*\.)?({key})$", name):
-            return value
-    return default
+def adapter_configs(model: nn.Module) -> dict:
+    """Adapter name -> the config it was injected with (empty when none)."""
+    state = model.__dict__.get(_STATE)
+    return dict(state.adapters) if state is not None else {}
 
 
-def _output_head(model: nn.Module):
-    get = getattr(model, "get_output_embeddings", None)
-    try:
-        return get() if callable(get) else None
-    except (NotImplementedError, AttributeError):
-        return None
+def active_adapter(model: nn.Module):
+    """The model-wide active adapter's name (None: the base model)."""
+    state = model.__dict__.get(_STATE)
+    return state.active if state is not None else None
 
 
-def _default_targets(model: nn.Module) -> list:
-    model_type = getattr(getattr(model, "config", None), "model_type", None)
-    if model_type in DEFAULT_TARGETS:
-        return DEFAULT_TARGETS[model_type]
-    raise ValueError("target_modules is None and fastpeft knows no default targets for model type "
-                     f"{model_type!r}: pass target_modules (a list of names, a regex, or 'all-linear')")
+# ---- finding layers ------------------------------------------------------------------------------------
+
+def lora_layers(model: nn.Module) -> dict:
+    """Full module name -> ``FastLoRALinear``, for every LoRA layer of ``model``."""
+    return {n: m for n, m in model.named_modules() if isinstance(m, FastLoRALinear)}
+
+
+def sparse_layers(model: nn.Module) -> dict:
+    """Full module name -> ``SparseDeltaLinear``."""
+    return {n: m for n, m in model.named_modules() if isinstance(m, SparseDeltaLinear)}
+
+
+def saved_module_wrappers(model: nn.Module) -> dict:
+    """Full module name -> ``ModulesToSaveWrapper``."""
+    return {n: m for n, m in model.named_modules() if isinstance(m, ModulesToSaveWrapper)}
 
 
 def _saved_module_names(model: nn.Module, modules_to_save) -> list:
@@ -177,19 +176,20 @@ def _saved_module_names(model: nn.Module, modules_to_save) -> list:
 class LoraPlan:
     """What ``inject`` will do, computed without touching the model (so loads can validate first)."""
 
-    targets: dict  # full module name -> (r, lora_alpha)
+    targets: dict  # full module name -> (r, lora_alpha), or None for a sparse delta alone
     saved: list    # full names of the modules_to_save modules
 
 
-def plan_lora(model: nn.Module, config: LoraConfig) -> LoraPlan:
-    """Resolve ``config`` against ``model``'s module names; raises ValueError on no or bad matches.
+def plan_lora(model: nn.Module, config) -> LoraPlan:
+    """Resolve a ``LoraConfig`` or ``SparseDeltaConfig`` against ``model``'s module names; raises ValueError
+    on no or bad matches.
 
     Targets are ``nn.Linear`` modules, or ``FastLoRALinear`` layers that already hold other adapters
     (the new adapter goes beside them)."""
     saved = _saved_module_names(model, getattr(config, "modules_to_save", None))
-    spec = config.target_modules if config.target_modules is not None else _default_targets(model)
-    all_linear = isinstance(spec, str) and spec.lower() == ALL_LINEAR
-    head = _output_head(model) if all_linear else None
+    spec = config.target_modules if config.target_modules is not None else default_targets(model)
+    all_linear = is_all_linear(spec)
+    head = output_head(model) if all_linear else None
     targets = {}
     inner = []  # prefixes of LoRA layers and wrappers: their internals are never targets
     for name, module in model.named_modules():
@@ -197,12 +197,12 @@ def plan_lora(model: nn.Module, config: LoraConfig) -> LoraPlan:
             continue
         if isinstance(module, (FastLoRALinear, SparseDeltaLinear, ModulesToSaveWrapper)):
             inner.append(name + ".")
-        if _matches(config.exclude_modules, name) or any(name == s or name.startswith(s + ".") for s in saved):
+        if matches(config.exclude_modules, name) or any(name == s or name.startswith(s + ".") for s in saved):
             continue
         if all_linear:
             hit = isinstance(module, (nn.Linear, FastLoRALinear)) and module is not head
         else:
-            hit = _matches(spec, name)
+            hit = matches(spec, name)
         if not hit:
             continue
         if not isinstance(module, (nn.Linear, FastLoRALinear)):
@@ -224,120 +224,6 @@ def plan_lora(model: nn.Module, config: LoraConfig) -> LoraPlan:
     return LoraPlan(targets=targets, saved=saved)
 
 
-class ModulesToSaveWrapper(nn.Module):
-    """A frozen original module and a trainable copy per adapter; forward runs the active adapter's copy
-    (the original when the active adapter has none). Inside ``fastpeft.mixed_batch`` each sequence
-    (dim 0 of the first argument) runs its own adapter's copy.
-
-    The parameters of a copy are saved with its adapter, under the original module's names.
-    """
-
-    def __init__(self, module: nn.Module, adapter_name: str):
-        super().__init__()
-        self.original_module = module
-        self.modules_to_save = nn.ModuleDict()
-        self.active_adapter = None
-        self._routing = None
-        for p in self.original_module.parameters():
-            p.requires_grad_(False)
-        self.add_adapter(adapter_name)
-        self.set_adapter(adapter_name)
-
-    def add_adapter(self, name: str) -> None:
-        self.modules_to_save[name] = copy.deepcopy(self.original_module)
-
-    def set_adapter(self, name) -> None:
-        self.active_adapter = name
-        for n, m in self.modules_to_save.items():
-            for p in m.parameters():
-                p.requires_grad_(n == name)
-
-    def delete_adapter(self, name: str) -> None:
-        if name in self.modules_to_save:
-            del self.modules_to_save[name]
-        if self.active_adapter == name:
-            self.active_adapter = None
-
-    def module_for(self, name) -> nn.Module:
-        return self.modules_to_save[name] if name in self.modules_to_save else self.original_module
-
-    @property
-    def active_module(self) -> nn.Module:
-        return self.module_for(self.active_adapter)
-
-    def forward(self, *args, **kwargs):
-        if self._routing is None:
-            return self.active_module(*args, **kwargs)
-        x, rest = args[0], args[1:]
-        if any(isinstance(a, torch.Tensor) for a in rest) or any(isinstance(v, torch.Tensor) for v in kwargs.values()):
-            raise RuntimeError("mixed_batch routes a modules_to_save module by the first argument's batch dim "
-                               "only; this call passes more tensors")
-        if x.shape[0] != len(self._routing):
-            raise ValueError(f"mixed_batch was given {len(self._routing)} adapter names, but this module's "
-                             f"input has batch size {x.shape[0]}")
-        outs, order = [], []
-        for name in dict.fromkeys(self._routing):
-            rows = [i for i, n in enumerate(self._routing) if n == name]
-            order += rows
-            outs.append(self.module_for(name)(x[rows], *rest, **kwargs))
-        out = torch.cat(outs)
-        inverse = torch.empty(len(order), dtype=torch.long)
-        inverse[torch.tensor(order)] = torch.arange(len(order))
-        return out[inverse.to(out.device)]
-
-    def __getattr__(self, name):
-        try:
-            return super().__getattr__(name)
-        except AttributeError:
-            if name in ("modules_to_save", "original_module"):
-                raise
-            return getattr(self.active_module, name)
-
-
-def _set_submodule(model: nn.Module, name: str, new: nn.Module) -> None:
-    parent_name, _, child = name.rpartition(".")
-    setattr(model.get_submodule(parent_name) if parent_name else model, child, new)
-
-
-def lora_layers(model: nn.Module) -> dict:
-    """Full module name -> ``FastLoRALinear``, for every LoRA layer of ``model``."""
-    return {n: m for n, m in model.named_modules() if isinstance(m, FastLoRALinear)}
-
-
-def sparse_layers(model: nn.Module) -> dict:
-    """Full module name -> ``SparseDeltaLinear``."""
-    return {n: m for n, m in model.named_modules() if isinstance(m, SparseDeltaLinear)}
-
-
-def _plain_linear(layer) -> nn.Linear:
-    """An nn.Linear sharing ``layer``'s weight and bias (no copy)."""
-    lin = nn.Linear(layer.in_features, layer.out_features, bias=layer.bias is not None, device="meta")
-    lin.weight = layer.weight
-    lin.bias = layer.bias
-    return lin
-
-
-def saved_module_wrappers(model: nn.Module) -> dict:
-    """Full module name -> ``ModulesToSaveWrapper``."""
-    return {n: m for n, m in model.named_modules() if isinstance(m, ModulesToSaveWrapper)}
-
-
-def adapter_configs(model: nn.Module) -> dict:
-    """Adapter name -> the ``LoraConfig`` it was injected with (empty when none)."""
-    return getattr(model, "_fastpeft_adapters", {})
-
-
-def active_adapter(model: nn.Module):
-    """The model-wide active adapter's name (None: the base model)."""
-    return getattr(model, "_fastpeft_active", None)
-
-
-def is_bias(param_name: str) -> bool:
-    """Whether ``bias="all"`` trains this parameter: PEFT's rule, a parameter named ``bias``. A name that only
-    contains the word (T5's ``relative_attention_bias.weight``) is no bias term."""
-    return param_name == "bias" or param_name.endswith(".bias")
-
-
 def _apply_bias(model: nn.Module, bias: str, lora: dict) -> None:
     if bias == "all":
         for n, p in model.named_parameters():
@@ -349,86 +235,389 @@ def _apply_bias(model: nn.Module, bias: str, lora: dict) -> None:
                 layer.bias.requires_grad_(True)
 
 
-def inject(model: nn.Module, config, adapter_name: str = "default", plan: LoraPlan | None = None,
-           activate: bool = True) -> nn.Module:
+# ---- sparse deltas in files ------------------------------------------------------------------------------
+
+# A sparse delta's tensors: <module>.sparse_delta.indices (int64) and <module>.sparse_delta.values.
+_SPARSE_SUFFIXES = (".sparse_delta.indices", ".sparse_delta.values")
+
+
+def _sparse_file_tensors(layers: dict, adapter_name: str) -> dict:
+    """File key -> tensor for each layer's sparse delta (SparseDeltaLinear, or a RoSA adapter's)."""
+    keys = {}
+    for name, layer in layers.items():
+        delta = layer.sparse_delta(adapter_name)
+        if delta is not None:
+            keys[name + _SPARSE_SUFFIXES[0]] = delta.delta_indices.to(torch.int64)
+            keys[name + _SPARSE_SUFFIXES[1]] = delta.delta_values
+    return keys
+
+
+def _take_sparse(model: nn.Module, spec: SparseSpec | None, plan: LoraPlan, weights: dict, directory) -> dict:
+    """Pop and check the sparse-delta tensors of a file: target name -> (indices, values).
+
+    Every target must have them when the config has a sparse delta (``spec``), and no other key may."""
+    found = {}
+    for key in [k for k in weights if k.endswith(_SPARSE_SUFFIXES)]:
+        name = key[: key.rindex(".sparse_delta.")]
+        if spec is None or name not in plan.targets:
+            raise ValueError(f"adapter {os.fspath(directory)!r} does not fit the model: unexpected keys [{key!r}]")
+        found.setdefault(name, {})[key[len(name):]] = weights.pop(key)
+    if spec is None:
+        return {}
+    out = {}
+    for name in plan.targets:
+        parts = found.get(name, {})
+        missing = [name + s for s in _SPARSE_SUFFIXES if s not in parts]
+        if missing:
+            raise ValueError(f"adapter {os.fspath(directory)!r} does not fit the model: missing keys {missing}")
+        idx, vals = parts[_SPARSE_SUFFIXES[0]], parts[_SPARSE_SUFFIXES[1]]
+        module = model.get_submodule(name)
+        if not vals.is_floating_point():
+            raise ValueError(f"adapter tensor {name + _SPARSE_SUFFIXES[1]!r} must be floating point, got {vals.dtype}")
+        try:
+            check_sparse_delta(idx, vals, module.out_features, module.in_features, spec.block_size)
+        except (TypeError, ValueError) as e:
+            raise ValueError(f"sparse delta of {name!r} in {os.fspath(directory)!r}: {e}") from None
+        out[name] = (idx, vals)
+    return out
+
+
+def _check_scores_selection(config, field_name: str) -> None:
+    spec = config.sparse
+    if spec is not None and spec.selection == "scores":
+        raise ValueError(f"{field_name}='scores' needs a scores tensor per layer, which inject has none of: inject "
+                         "with 'random' or 'magnitude', then fastpeft.select_by_gradients re-picks the positions "
+                         "from gradient scores")
+
+
+def _check_nothing_merged(model: nn.Module) -> None:
+    merged = [n for n, m in lora_layers(model).items() if m.merged]
+    if merged:
+        raise RuntimeError(f"layers {merged[:4]} have a merged adapter: unmerge them before adding another")
+
+
+def _model_name(model: nn.Module):
+    return getattr(getattr(model, "config", None), "name_or_path", None) or None
+
+
+# ---- LoRA --------------------------------------------------------------------------------------------------
+
+# PEFT LoraConfig fields that change what the adapter computes and that fastpeft does not implement:
+# an adapter that sets any of them cannot give PEFT's outputs here, so loading it is refused.
+_UNSUPPORTED = ("use_dora", "fan_in_fan_out", "layers_to_transform", "lora_bias", "layer_replication",
+                "target_parameters", "trainable_token_indices", "use_qalora", "alora_invocation_tokens",
+                "use_bdlora", "megatron_config")
+_CONFIG_FIELDS = ("r", "lora_alpha", "lora_dropout", "target_modules", "exclude_modules", "bias",
+                  "use_rslora", "init_lora_weights", "modules_to_save", "rank_pattern", "alpha_pattern")
+_SPARSE_LORA_FIELDS = ("sparse_density", "sparse_block_size", "sparse_selection")  # RoSA: fastpeft's own keys
+
+
+class LoraMethod(Method):
+    """LoRA (and RoSA: LoRA with a sparse delta beside it) in PEFT's files.
+
+    Tensor keys: ``<module>.lora_A.weight`` (r, in), ``<module>.lora_B.weight`` (out, r); ``<module>.base_layer.bias``
+    for a LoRA layer's bias and ``<path>.bias`` for other biases, when the config's ``bias`` trains them;
+    ``<module>.<param>`` for every parameter of a ``modules_to_save`` module (its trained copy);
+    ``<module>.sparse_delta.indices`` / ``.values`` for a RoSA delta."""
+
+    peft_type, config_class, alone = LoraConfig.peft_type, LoraConfig, False
+
+    def check_addable(self, model: nn.Module, config) -> None:
+        _check_nothing_merged(model)
+        _check_scores_selection(config, "sparse_selection")
+
+    def plan(self, model: nn.Module, config) -> LoraPlan:
+        return plan_lora(model, config)
+
+    def apply(self, model: nn.Module, config, adapter_name: str, plan: LoraPlan, state) -> None:
+        new_layers = {}
+        kw = dict(lora_dropout=config.lora_dropout, use_rslora=config.use_rslora,
+                  init_lora_weights=config.init_lora_weights, sparse_density=config.sparse_density,
+                  sparse_block_size=config.sparse_block_size, sparse_selection=config.sparse_selection)
+        for name, (r, alpha) in plan.targets.items():
+            module = model.get_submodule(name)
+            if isinstance(module, FastLoRALinear):
+                module.add_adapter(adapter_name, r, alpha, **kw)
+                layer = module
+            else:
+                layer = FastLoRALinear.from_linear(module, r=r, lora_alpha=alpha, adapter_name=adapter_name, **kw)
+                layer.set_adapter(None)
+                set_submodule(model, name, layer)
+            new_layers[name] = layer
+        # Biases first: the wrappers below then freeze their originals again and train their copies.
+        _apply_bias(model, config.bias, new_layers)
+        for name in plan.saved:
+            module = model.get_submodule(name)
+            if isinstance(module, ModulesToSaveWrapper):
+                module.add_adapter(adapter_name)
+            else:
+                wrapper = ModulesToSaveWrapper(module, adapter_name)
+                wrapper.set_adapter(None)
+                set_submodule(model, name, wrapper)
+
+    @staticmethod
+    def _layers(model: nn.Module, adapter_name: str) -> dict:
+        return {n: m for n, m in lora_layers(model).items() if adapter_name in m.adapter_names}
+
+    def config_to_json(self, model: nn.Module, config, adapter_name: str, state) -> dict:
+        d = {k: getattr(config, k) for k in _CONFIG_FIELDS}
+        if config.sparse is not None:
+            d.update({k: getattr(config, k) for k in _SPARSE_LORA_FIELDS})
+        # The resolved full names, which PEFT matches exactly: "all-linear", regexes and exclusions are
+        # already applied, so PEFT adapts exactly the layers that were trained here.
+        d["target_modules"] = sorted(self._layers(model, adapter_name))
+        d["exclude_modules"] = None
+        d.update(peft_type=self.peft_type, task_type=None, inference_mode=True, use_dora=False, fan_in_fan_out=False,
+                 layers_to_transform=None, layers_pattern=None, revision=None,
+                 base_model_name_or_path=_model_name(model))
+        return d
+
+    def config_from_json(self, d: dict, path: str):
+        bad = {k: d[k] for k in _UNSUPPORTED if d.get(k) not in (None, False, [], {}, 0)}
+        if bad:
+            raise ValueError(f"adapter config {path} uses LoRA variants fastpeft does not compute: {bad}")
+        init = d.get("init_lora_weights", True)
+        if init not in (True, False, "gaussian"):
+            # PiSSA, OLoRA, LoftQ, ... change the base weights at init: the adapter alone does not carry them.
+            raise ValueError(f"init_lora_weights={init!r} in {path}: adapters initialised this way modify the "
+                             "base weights and cannot be loaded onto the original model")
+        kwargs = {k: d[k] for k in _CONFIG_FIELDS + _SPARSE_LORA_FIELDS if k in d and d[k] is not None}
+        kwargs.pop("init_lora_weights", None)
+        return self.construct(kwargs, path)
+
+    def _keys(self, model: nn.Module, config, adapter_name: str, layers: dict) -> dict:
+        """File key -> the model's parameter it holds (LoRA factors, biases, modules_to_save copies)."""
+        keys = {}
+        for name, layer in layers.items():
+            a, b = layer.adapter_parameters(adapter_name)
+            keys[f"{name}.lora_A.weight"] = a
+            keys[f"{name}.lora_B.weight"] = b
+        saved = list(saved_module_wrappers(model))
+        for name in saved:
+            module = model.get_submodule(name)
+            if adapter_name not in module.modules_to_save:
+                continue
+            for pname, p in module.modules_to_save[adapter_name].named_parameters():
+                keys[f"{name}.{pname}"] = p
+        if config.bias == "lora_only":
+            for name, layer in layers.items():
+                if layer.bias is not None:
+                    keys[f"{name}.base_layer.bias"] = layer.bias
+        elif config.bias == "all":
+            for pname, p in _bias_parameters(model, saved):
+                mod, _, leaf = pname.rpartition(".")
+                keys[f"{mod}.base_layer.{leaf}" if mod in layers else pname] = p
+        return keys
+
+    def file_tensors(self, model: nn.Module, config, adapter_name: str, state) -> dict:
+        layers = self._layers(model, adapter_name)
+        return {**self._keys(model, config, adapter_name, layers), **_sparse_file_tensors(layers, adapter_name)}
+
+    @staticmethod
+    def _expected_shapes(model: nn.Module, config, plan: LoraPlan) -> dict:
+        """File key -> shape, for the adapter ``plan`` would create on ``model`` (before it exists)."""
+        expected = {}
+        for name, (r, _) in plan.targets.items():
+            lin = model.get_submodule(name)
+            expected[f"{name}.lora_A.weight"] = (r, lin.in_features)
+            expected[f"{name}.lora_B.weight"] = (lin.out_features, r)
+            if config.bias == "lora_only" and lin.bias is not None:
+                expected[f"{name}.base_layer.bias"] = tuple(lin.bias.shape)
+        for name in plan.saved:
+            module = model.get_submodule(name)
+            if isinstance(module, ModulesToSaveWrapper):
+                module = module.original_module
+            for pname, p in module.named_parameters():
+                expected[f"{name}.{pname}"] = tuple(p.shape)
+        if config.bias == "all":
+            for pname, p in _bias_parameters(model, plan.saved + list(saved_module_wrappers(model))):
+                mod, _, leaf = pname.rpartition(".")
+                expected[f"{mod}.base_layer.{leaf}" if mod in plan.targets else pname] = tuple(p.shape)
+        return expected
+
+    def check_load(self, model: nn.Module, config, adapter_name: str, weights: dict, directory, state):
+        plan = plan_lora(model, config)
+        sparse = _take_sparse(model, config.sparse, plan, weights, directory)
+        expected = self._expected_shapes(model, config, plan)
+        saved = plan.saved + list(saved_module_wrappers(model))
+        weights = _resolve_aliases(expected, _drop_wrapper_duplicates(weights, saved))
+        check_file_tensors(expected, weights, directory)
+        if adapter_name in state.adapters:
+            if not isinstance(state.adapters[adapter_name], LoraConfig):
+                raise ValueError(f"adapter {adapter_name!r} of the model is a "
+                                 f"{type(state.adapters[adapter_name]).__name__} adapter, the one in "
+                                 f"{os.fspath(directory)!r} a LoraConfig adapter: load it under another adapter_name")
+            layers = self._layers(model, adapter_name)
+            merged = [n for n, m in layers.items() if m.merged and m.active_adapter == adapter_name]
+            if merged:
+                raise RuntimeError(f"adapter {adapter_name!r} is merged into layers {merged[:4]}: unmerge them before "
+                                   "loading over it")
+            if set(plan.targets) != set(layers):
+                raise ValueError(f"adapter config in {os.fspath(directory)!r} targets {sorted(plan.targets)}, but "
+                                 f"adapter {adapter_name!r} of the model is on {sorted(layers)}")
+            for n, layer in layers.items():
+                if plan.targets[n][0] != layer.adapter_spec(adapter_name).r:
+                    raise ValueError(f"adapter config gives {n!r} rank {plan.targets[n][0]}, the model's adapter "
+                                     f"{adapter_name!r} has rank {layer.adapter_spec(adapter_name).r} there")
+        weights = dict(weights)
+        for name, delta in sparse.items():
+            weights[name + _SPARSE_SUFFIXES[0]], weights[name + _SPARSE_SUFFIXES[1]] = delta
+        return plan, weights
+
+    def reload(self, model: nn.Module, config, adapter_name: str, plan: LoraPlan, state) -> None:
+        for n, layer in self._layers(model, adapter_name).items():
+            layer.update_adapter(adapter_name, lora_alpha=plan.targets[n][1], lora_dropout=config.lora_dropout,
+                                 use_rslora=config.use_rslora)
+
+    def install(self, model: nn.Module, config, adapter_name: str, weights: dict, trainable: bool, state) -> None:
+        layers = self._layers(model, adapter_name)
+        keys = self._keys(model, config, adapter_name, layers)
+        for name, layer in layers.items():  # the file's positions, never a new draw
+            idx_key, values_key = name + _SPARSE_SUFFIXES[0], name + _SPARSE_SUFFIXES[1]
+            if values_key in weights:
+                layer.set_sparse_delta(adapter_name, weights[idx_key], weights[values_key])
+                keys[values_key] = layer.sparse_delta(adapter_name).delta_values
+        with torch.no_grad():
+            for k, p in keys.items():
+                if not k.endswith(_SPARSE_SUFFIXES[1]):
+                    p.copy_(weights[k])
+        if state.active == adapter_name:  # an adapter loaded beside others stays frozen
+            for p in keys.values():
+                p.requires_grad_(trainable)
+
+
+def _bias_parameters(model: nn.Module, saved: list) -> list:
+    """``(name, parameter)`` of the biases ``bias="all"`` trains, outside modules_to_save modules."""
+    return [(n, p) for n, p in model.named_parameters() if is_bias(n) and not any(n.startswith(s + ".") for s in saved)]
+
+
+def _resolve_aliases(expected: dict, weights: dict) -> dict:
+    """Older PEFT wrote a LoRA layer's bias as ``<module>.bias`` rather than ``<module>.base_layer.bias``."""
+    out = dict(weights)
+    for k in expected:
+        if k not in out and ".base_layer." in k:
+            alias = k.replace(".base_layer.", ".")
+            if alias in out:
+                out[k] = out.pop(alias)
+    return out
+
+
+def _drop_wrapper_duplicates(weights: dict, saved: list) -> dict:
+    """PEFT's ``bias="all"`` also writes the biases inside its modules_to_save wrappers,
+    ``<module>.original_module.bias`` (the frozen base bias) and ``<module>.modules_to_save.bias`` (the
+    trained copy's, saved again as ``<module>.bias``, which is the one that loads): drop these duplicates."""
+    inner = tuple(f"{s}.{part}." for s in saved for part in ("original_module", "modules_to_save"))
+    return {k: v for k, v in weights.items() if not k.startswith(inner)} if inner else weights
+
+
+# ---- a sparse delta alone ------------------------------------------------------------------------------------
+
+_SPARSE_FIELDS = ("density", "block_size", "selection", "target_modules", "exclude_modules")
+
+
+class SparseDeltaMethod(Method):
+    """A sparse delta alone on each target (``SparseDeltaLinear``); fastpeft's own ``peft_type`` with the
+    delta's tensors under ``<module>.sparse_delta.indices`` / ``.values``."""
+
+    peft_type, config_class = SparseDeltaConfig.peft_type, SparseDeltaConfig
+
+    def check_addable(self, model: nn.Module, config) -> None:
+        _check_nothing_merged(model)
+        _check_scores_selection(config, "selection")
+
+    def plan(self, model: nn.Module, config) -> LoraPlan:
+        return plan_lora(model, config)
+
+    def apply(self, model: nn.Module, config, adapter_name: str, plan: LoraPlan, state) -> None:
+        for name in plan.targets:
+            set_submodule(model, name, SparseDeltaLinear.from_linear(model.get_submodule(name), config.density,
+                                                                     config.block_size, config.selection))
+
+    def config_to_json(self, model: nn.Module, config, adapter_name: str, state) -> dict:
+        d = {k: getattr(config, k) for k in _SPARSE_FIELDS}
+        d.update(peft_type=self.peft_type, target_modules=sorted(sparse_layers(model)), exclude_modules=None)
+        return d
+
+    def config_from_json(self, d: dict, path: str):
+        return self.construct({k: d[k] for k in _SPARSE_FIELDS if k in d and d[k] is not None}, path)
+
+    def file_tensors(self, model: nn.Module, config, adapter_name: str, state) -> dict:
+        return _sparse_file_tensors(sparse_layers(model), adapter_name)
+
+    def check_load(self, model: nn.Module, config, adapter_name: str, weights: dict, directory, state):
+        plan = plan_lora(model, config)
+        weights = dict(weights)
+        sparse = _take_sparse(model, config.sparse, plan, weights, directory)
+        if weights:
+            raise ValueError(f"adapter {os.fspath(directory)!r} does not fit the model: unexpected keys "
+                             f"{sorted(weights)[:6]}")
+        if adapter_name in state.adapters:
+            layers = sparse_layers(model)
+            if set(layers) != set(plan.targets) or not isinstance(state.adapters[adapter_name], SparseDeltaConfig):
+                raise ValueError(f"adapter config in {os.fspath(directory)!r} targets {sorted(plan.targets)}, but "
+                                 f"adapter {adapter_name!r} of the model is on {sorted(layers)}")
+            merged = [n for n, layer in layers.items() if layer.merged]
+            if merged:
+                raise RuntimeError(f"adapter {adapter_name!r} is merged into layers {merged[:4]}: unmerge them before "
+                                   "loading over it")
+            if any(layers[n].block_size != config.block_size for n in layers):
+                raise ValueError(f"adapter config in {os.fspath(directory)!r} has block_size {config.block_size}, the "
+                                 f"model's adapter {adapter_name!r} another")
+        return plan, sparse
+
+    def install(self, model: nn.Module, config, adapter_name: str, weights: dict, trainable: bool, state) -> None:
+        for name, layer in sparse_layers(model).items():
+            layer.set_delta(*weights[name])
+            layer.delta_values.requires_grad_(trainable)
+
+
+METHODS = {m.peft_type: m for m in (LoraMethod(), SparseDeltaMethod(), *OTHER_METHODS)}
+_BY_CONFIG = {m.config_class: m for m in METHODS.values()}
+
+
+def method_for(config) -> Method:
+    """The method family of a config (a fastpeft ``LoraConfig``, ``SparseDeltaConfig``, ``BitFitConfig``, ...)."""
+    method = _BY_CONFIG.get(type(config)) or next(
+        (m for cls, m in _BY_CONFIG.items() if isinstance(config, cls)), None)
+    if method is None:
+        raise TypeError("config must be a fastpeft LoraConfig, SparseDeltaConfig, BitFitConfig, AdapterConfig, "
+                        f"PromptTuningConfig or LayerwiseConfig, got {type(config).__name__}")
+    return method
+
+
+# ---- the model-level API -----------------------------------------------------------------------------------
+
+def inject(model: nn.Module, config, adapter_name: str = "default", plan=None, activate: bool = True) -> nn.Module:
     """Add the adapter ``config`` describes to ``model`` in place and freeze all it does not train.
 
     LoRA: each target ``nn.Linear`` becomes a ``FastLoRALinear`` sharing its weight and bias; a target
     that already is one gets ``adapter_name`` beside its adapters. With ``activate`` (default) the new
     adapter becomes the model's active one and the only one that trains. Checks the whole config
-    against the model before changing anything. Returns ``model``.
+    against the model before changing anything (``plan``: the family's plan, already checked).
+    Returns ``model``.
     """
-    from .methods import METHOD_CONFIGS, inject_method
-
-    if not isinstance(config, (LoraConfig, SparseDeltaConfig) + METHOD_CONFIGS):
-        raise TypeError("config must be a fastpeft LoraConfig, SparseDeltaConfig, BitFitConfig, AdapterConfig, "
-                        f"PromptTuningConfig or LayerwiseConfig, got {type(config).__name__}")
+    method = method_for(config)
     check_adapter_name(adapter_name)
     configs = adapter_configs(model)
-    if isinstance(config, METHOD_CONFIGS):
-        if configs:
-            raise ValueError(f"model already has adapter(s) {list(configs)}; a {type(config).__name__} adapter is "
-                             "the model's only adapter")
-        model._fastpeft_trained = inject_method(model, config)
-        model._fastpeft_adapters = {adapter_name: config}
-        model._fastpeft_active = adapter_name
-        return model
-    alone = [c for c in (config, *configs.values()) if isinstance(c, (SparseDeltaConfig,) + METHOD_CONFIGS)]
+    alone = [c for c in (config, *configs.values()) if method_for(c).alone]
     if configs and alone:
+        hint = (" (LoraConfig(sparse_density=...) puts sparse deltas beside LoRA)"
+                if isinstance(alone[0], SparseDeltaConfig) else "")
         raise ValueError(f"model already has adapter(s) {list(configs)}; a {type(alone[0]).__name__} adapter is the "
-                         "model's only adapter (LoraConfig(sparse_density=...) puts sparse deltas beside LoRA)")
+                         f"model's only adapter{hint}")
     if adapter_name in configs:
         raise ValueError(f"adapter {adapter_name!r} already exists in the model (adapters {list(configs)}); "
                          "pick another adapter_name or delete_adapter it first")
-    merged = [n for n, m in lora_layers(model).items() if m.merged]
-    if merged:
-        raise RuntimeError(f"layers {merged[:4]} have a merged adapter: unmerge them before adding another")
-    field_name = "selection" if isinstance(config, SparseDeltaConfig) else "sparse_selection"
-    if getattr(config, field_name) == "scores" and (isinstance(config, SparseDeltaConfig) or config.sparse_density > 0):
-        raise ValueError(f"{field_name}='scores' needs a scores tensor per layer, which inject has none of: inject "
-                         "with 'random' or 'magnitude', then fastpeft.select_by_gradients re-picks the positions "
-                         "from gradient scores")
-    plan = plan if plan is not None else plan_lora(model, config)
+    method.check_addable(model, config)
+    plan = plan if plan is not None else method.plan(model, config)
     # Everything below only mutates: all checks are done.
     if not configs:
         for p in model.parameters():
             p.requires_grad_(False)
-    if isinstance(config, SparseDeltaConfig):
-        for name in plan.targets:
-            _set_submodule(model, name, SparseDeltaLinear.from_linear(model.get_submodule(name), config.density,
-                                                                      config.block_size, config.selection))
-        model._fastpeft_adapters = {adapter_name: config}
-        model._fastpeft_active = adapter_name
-        return model
-    new_layers = {}
-    for name, (r, alpha) in plan.targets.items():
-        module = model.get_submodule(name)
-        kw = dict(lora_dropout=config.lora_dropout, use_rslora=config.use_rslora,
-                  init_lora_weights=config.init_lora_weights, sparse_density=config.sparse_density,
-                  sparse_block_size=config.sparse_block_size, sparse_selection=config.sparse_selection)
-        if isinstance(module, FastLoRALinear):
-            module.add_adapter(adapter_name, r, alpha, **kw)
-            layer = module
-        else:
-            layer = FastLoRALinear.from_linear(module, r=r, lora_alpha=alpha, adapter_name=adapter_name, **kw)
-            layer.set_adapter(None)
-            _set_submodule(model, name, layer)
-        new_layers[name] = layer
-    # Biases first: the wrappers below then freeze their originals again and train their copies.
-    _apply_bias(model, config.bias, new_layers)
-    for name in plan.saved:
-        module = model.get_submodule(name)
-        if isinstance(module, ModulesToSaveWrapper):
-            module.add_adapter(adapter_name)
-        else:
-            wrapper = ModulesToSaveWrapper(module, adapter_name)
-            wrapper.set_adapter(None)
-            _set_submodule(model, name, wrapper)
-    model._fastpeft_adapters = {**configs, adapter_name: config}
-    if activate or not configs:
-        set_adapter(model, adapter_name)
-    else:
-        set_adapter(model, active_adapter(model))
+    state = peft_state(model, create=True)
+    method.apply(model, config, adapter_name, plan, state)
+    state.adapters[adapter_name] = config
+    set_adapter(model, adapter_name if activate or not configs else state.active)
     return model
 
 
@@ -442,7 +631,7 @@ def set_adapter(model: nn.Module, adapter_name) -> None:
         layer.set_adapter(adapter_name if adapter_name in layer.adapter_names else None)
     for wrapper in saved_module_wrappers(model).values():
         wrapper.set_adapter(adapter_name)
-    model._fastpeft_active = adapter_name
+    peft_state(model, create=True).active = adapter_name
 
 
 def delete_adapter(model: nn.Module, adapter_name: str) -> None:
@@ -456,8 +645,9 @@ def delete_adapter(model: nn.Module, adapter_name: str) -> None:
             layer.delete_adapter(adapter_name)
     for wrapper in saved_module_wrappers(model).values():
         wrapper.delete_adapter(adapter_name)
-    model._fastpeft_adapters = {k: v for k, v in configs.items() if k != adapter_name}
-    if active_adapter(model) == adapter_name:
+    state = peft_state(model)
+    del state.adapters[adapter_name]
+    if state.active == adapter_name:
         set_adapter(model, None)
 
 
@@ -475,20 +665,15 @@ def mixed_batch(model: nn.Module, adapter_names):
     unknown = sorted({n for n in adapter_names if n is not None and n not in configs}, key=str)
     if unknown:
         raise ValueError(f"adapter_names {unknown} are not adapters of this model; it has {list(configs)}")
-    layers = lora_layers(model)
-    wrappers = saved_module_wrappers(model)
-    previous = {id(m): m._routing for m in (*layers.values(), *wrappers.values())}
+    routed = [*lora_layers(model).values(), *saved_module_wrappers(model).values()]
+    previous = [m.routing for m in routed]
     try:
-        for layer in layers.values():
-            local = {n: i for i, n in enumerate(layer.adapter_names)}
-            layer._routing = torch.tensor([local.get(n, -1) for n in adapter_names], dtype=torch.int64,
-                                          device=layer.weight.device)
-        for wrapper in wrappers.values():
-            wrapper._routing = list(adapter_names)
+        for m in routed:
+            m.set_routing(list(adapter_names))
         yield model
     finally:
-        for m in (*layers.values(), *wrappers.values()):
-            m._routing = previous[id(m)]
+        for m, names in zip(routed, previous):
+            m.set_routing(names)
 
 
 def trainable_parameters(model: nn.Module) -> tuple:
@@ -512,27 +697,29 @@ def print_trainable_parameters(model: nn.Module) -> None:
     print(format_trainable_parameters(model))
 
 
+def _plain_linear(layer) -> nn.Linear:
+    """An nn.Linear sharing ``layer``'s weight and bias (no copy)."""
+    lin = nn.Linear(layer.in_features, layer.out_features, bias=layer.bias is not None, device="meta")
+    lin.weight = layer.weight
+    lin.bias = layer.bias
+    return lin
+
+
 def merge_and_unload(model: nn.Module) -> nn.Module:
     """Fold each layer's active adapter into its base weight and put plain modules back (other adapters
     are dropped); returns ``model``.
 
-    Each ``FastLoRALinear`` becomes an ``nn.Linear`` sharing its (merged) weight and bias, without a copy;
-    each modules_to_save wrapper becomes its trained copy.
+    Each ``FastLoRALinear`` / ``SparseDeltaLinear`` becomes an ``nn.Linear`` sharing its (merged) weight and
+    bias, without a copy; each modules_to_save wrapper becomes its trained copy.
     """
-    for name, layer in lora_layers(model).items():
-        if not layer.merged and layer.active_adapter is not None:
+    for name, layer in {**lora_layers(model), **sparse_layers(model)}.items():
+        if not layer.merged and layer.has_delta():
             layer.merge()
-        _set_submodule(model, name, _plain_linear(layer))
-    for name, layer in sparse_layers(model).items():
-        if not layer.merged:
-            layer.merge()
-        _set_submodule(model, name, _plain_linear(layer))
+        set_submodule(model, name, _plain_linear(layer))
     for name, module in list(model.named_modules()):
         if isinstance(module, ModulesToSaveWrapper):
-            _set_submodule(model, name, module.active_module)
-    for attr in ("_fastpeft_adapters", "_fastpeft_active", "_fastpeft_trained"):
-        if hasattr(model, attr):
-            delattr(model, attr)
+            set_submodule(model, name, module.active_module)
+    model.__dict__.pop(_STATE, None)
     return model
 
 
@@ -546,11 +733,8 @@ def select_by_gradients(model: nn.Module, batches, loss_fn, progress: bool = Tru
     """
     from tqdm.auto import tqdm
 
-    from .selection import select_indices
-
-    targets = {n: m for n, m in sparse_layers(model).items()}
-    targets.update({n: m for n, m in lora_layers(model).items() if m.active_adapter is not None
-                    and m.adapter_sparse_delta() is not None})
+    targets = {n: m for n, m in {**sparse_layers(model), **lora_layers(model)}.items()
+               if m.has_delta() and m.sparse_delta() is not None}
     if not targets:
         raise ValueError("select_by_gradients: the model has no sparse deltas (SparseDeltaConfig, or LoraConfig "
                          "with sparse_density > 0)")
@@ -574,10 +758,5 @@ def select_by_gradients(model: nn.Module, batches, loss_fn, progress: bool = Tru
     for p in model.parameters():
         p.grad = None  # the scoring passes are not a training step
     for n, m in targets.items():
-        if isinstance(m, SparseDeltaLinear):
-            m.reselect("scores", scores[n])
-        else:
-            spec = m.adapter_spec()
-            m.set_sparse_delta(m.active_adapter, select_indices(m.weight, spec.sparse_density, spec.sparse_block_size,
-                                                                "scores", scores[n]))
+        m.sparse_delta().select_positions(m.weight, "scores", scores[n])
     return scores

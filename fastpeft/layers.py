@@ -1,29 +1,32 @@
-"""``FastLoRALinear``: an ``nn.Linear`` with trainable low-rank updates, one or many adapters.
+"""fastpeft's ``nn.Module``s: ``FastLoRALinear``, ``SparseDeltaLinear``, the ``SparseDelta`` they share,
+and ``ModulesToSaveWrapper``.
 
-Storage: all adapters of a layer live in two stacked tensors, A (n, r_max, in) and B (n, out, r_max),
-zero beyond each adapter's rank. Each adapter's ``lora_A`` (r, in) / ``lora_B`` (out, r) Parameter is a
-view into them, so an optimizer step on an adapter updates the stack in place and a mixed batch reads
-the stack without copying. Adding or deleting adapters re-packs the stack and re-points the views (the
-Parameter objects, and so optimizer state, stay the same); a stack that no longer backs the Parameters
-(after ``.to()``, a deepcopy, or a user's ``p.data = ...``) is re-packed on next use. Parameters that
-others swap in (FSDP2's ``fully_shard``) are never re-pointed: the layer then stacks copies, as it does
-after ``unpack()``, which gives each adapter contiguous Parameters of its own.
+- ``TunerLayer`` (PEFT's ``BaseTunerLayer``): a frozen base weight and bias taken from an ``nn.Linear``,
+  and merge / unmerge / ``to_linear`` of the layer's ``delta_weight()``.
+- ``SparseDelta``: a trainable sparse delta Δ on a few of a weight's entries (``delta_indices`` buffer,
+  ``delta_values`` Parameter). ``SparseDeltaLinear`` is one on its own base; a RoSA adapter of a
+  ``FastLoRALinear`` holds one in ``sparse_deltas[name]``.
+- ``FastLoRALinear``: each adapter owns plain Parameters, ``lora_A`` (r, in) and ``lora_B`` (out, r). The
+  many-adapter kernels read two stacks, A (n, r_max, in) and B (n, out, r_max), zero beyond each
+  adapter's rank. A training step builds them from the Parameters (so gradients reach them); without
+  gradients they are built once and cached until a Parameter changes (another object, an in-place
+  write, a move), which is what inference on mixed batches reads.
 """
 from __future__ import annotations
 
+import copy
 import math
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from ._checks import check_dropout, check_finite_number, check_rank, check_sparse_delta, expand_adapter_ids
+from ._checks import (check_adapter_name, check_bool, check_dropout, check_finite_number, check_in_features, check_init,
+                      check_linear, check_rank, check_sparse_delta, check_sparse_options, expand_adapter_ids)
 from .functional import lora_linear, lora_linear_multi, lora_sparse_linear, resolve_backend, sparse_delta_linear
 from .reference import dense_delta_ref
-from .selection import SELECTIONS, select_indices
-
-INIT_CHOICES = (True, False, "gaussian")
+from .selection import SparseSpec
 
 
 def lora_scaling(r: int, lora_alpha: float, use_rslora: bool) -> float:
@@ -31,59 +34,96 @@ def lora_scaling(r: int, lora_alpha: float, use_rslora: bool) -> float:
     return lora_alpha / math.sqrt(r) if use_rslora else lora_alpha / r
 
 
-def _check_init(init_lora_weights):
-    if not any(init_lora_weights is c or init_lora_weights == c for c in INIT_CHOICES) \
-            or isinstance(init_lora_weights, (int, float)) and not isinstance(init_lora_weights, bool):
-        raise ValueError(f"init_lora_weights must be one of {INIT_CHOICES}, got {init_lora_weights!r}")
-    return init_lora_weights
-
-
-def check_adapter_name(name) -> str:
-    if not isinstance(name, str) or not name or "." in name:
-        raise ValueError(f"adapter name must be a non-empty str without '.', got {name!r}")
-    return name
-
-
 @dataclass
 class AdapterSpec:
-    """Hyper-parameters of one adapter of a layer."""
+    """Hyper-parameters of one low-rank adapter of a layer (its sparse delta, if any, is its SparseDelta's)."""
 
     r: int
     lora_alpha: float
     lora_dropout: float
     use_rslora: bool
-    sparse_density: float = 0.0  # > 0: a sparse delta beside the low-rank update (RoSA)
-    sparse_block_size: int = 1
-    sparse_selection: str = "random"
 
     @property
     def scaling(self) -> float:
         return lora_scaling(self.r, self.lora_alpha, self.use_rslora)
 
 
-def check_sparse_options(density, block_size, selection, density_name="density", allow_zero=False) -> None:
-    ok_density = isinstance(density, (int, float)) and not isinstance(density, bool) and \
-        (0.0 <= float(density) <= 1.0 if allow_zero else 0.0 < float(density) <= 1.0)
-    if not ok_density:
-        raise ValueError(f"{density_name} must be a float in {'[0, 1]' if allow_zero else '(0, 1]'}, got {density!r}")
-    if isinstance(block_size, bool) or not isinstance(block_size, int) or block_size < 1:
-        raise ValueError(f"block_size must be a positive int, got {block_size!r}")
-    if selection not in SELECTIONS:
-        raise ValueError(f"selection must be one of {SELECTIONS}, got {selection!r}")
-
-
-def _spec(r, lora_alpha, lora_dropout, use_rslora, sparse_density=0.0, sparse_block_size=1,
-          sparse_selection="random") -> AdapterSpec:
+def _spec(r, lora_alpha, lora_dropout, use_rslora) -> AdapterSpec:
     check_rank(r)
     alpha = check_finite_number(lora_alpha, "lora_alpha")
     if alpha == int(alpha):
         alpha = int(alpha)  # keep PEFT's JSON ints as ints
-    if not isinstance(use_rslora, bool):
-        raise TypeError(f"use_rslora must be a bool, got {type(use_rslora).__name__}")
-    check_sparse_options(sparse_density, sparse_block_size, sparse_selection, "sparse_density", allow_zero=True)
-    return AdapterSpec(r, alpha, check_dropout(lora_dropout), use_rslora, float(sparse_density), sparse_block_size,
-                       sparse_selection)
+    check_bool(use_rslora, "use_rslora")
+    return AdapterSpec(r, alpha, check_dropout(lora_dropout), use_rslora)
 
+
+def rosa_spec(sparse_density, sparse_block_size=1, sparse_selection="random") -> SparseSpec | None:
+    """The sparse delta that ``FastLoRALinear`` / ``LoraConfig``'s ``sparse_*`` arguments ask for (None at
+    density 0: LoRA alone)."""
+    check_sparse_options(sparse_density, sparse_block_size, sparse_selection, "sparse_density", allow_zero=True)
+    return SparseSpec(sparse_density, sparse_block_size, sparse_selection) if sparse_density > 0.0 else None
+
+
+# ---- the shared base ---------------------------------------------------------------------------------
+
+class TunerLayer(nn.Module):
+    """What the adapter layers share (PEFT's ``BaseTunerLayer``): the frozen base ``weight`` (out, in) and
+    ``bias``, shared with the ``nn.Linear`` they wrap, and folding ``delta_weight()`` (out, in) into it."""
+
+    _delta_name = "adapter"  # for messages
+
+    def _init_base(self, weight: nn.Parameter, bias: nn.Parameter | None) -> None:
+        self.out_features, self.in_features = weight.shape
+        weight.requires_grad_(False)
+        self.weight = weight
+        if bias is not None:
+            bias.requires_grad_(False)
+        self.bias = bias
+        self.merged = False
+
+    def delta_weight(self) -> torch.Tensor:
+        """What ``merge`` adds to the weight: (out, in), in the weight's dtype."""
+        raise NotImplementedError
+
+    def has_delta(self) -> bool:
+        """Whether there is a delta to merge (a ``FastLoRALinear``: an active adapter)."""
+        return True
+
+    def sparse_delta(self, adapter_name: str | None = None):
+        """The ``SparseDelta`` of the layer (of adapter ``adapter_name``; default the active one), or None."""
+        return None
+
+    @torch.no_grad()
+    def merge(self) -> None:
+        """Fold the delta into the weight in place (W += ΔW); forward is then a plain linear. The weight's
+        storage is shared with the wrapped ``nn.Linear``, which sees the change too."""
+        if self.merged:
+            raise RuntimeError(f"merge: the {self._delta_name} is already merged")
+        self.weight.add_(self.delta_weight())
+        self.merged = True
+
+    @torch.no_grad()
+    def unmerge(self) -> None:
+        """Undo ``merge`` (W -= ΔW). Exact up to the weight dtype's rounding."""
+        if not self.merged:
+            raise RuntimeError(f"unmerge: the {self._delta_name} is not merged")
+        self.weight.sub_(self.delta_weight())
+        self.merged = False
+
+    @torch.no_grad()
+    def to_linear(self) -> nn.Linear:
+        """A new ``nn.Linear`` holding W + ΔW (and a copy of b); this layer is left untouched."""
+        w = self.weight.detach().clone()
+        if not self.merged and self.has_delta():
+            w += self.delta_weight()
+        lin = nn.Linear(self.in_features, self.out_features, bias=self.bias is not None, device=w.device, dtype=w.dtype)
+        lin.weight.copy_(w)
+        if self.bias is not None:
+            lin.bias.copy_(self.bias)
+        return lin
+
+
+# ---- sparse deltas -----------------------------------------------------------------------------------
 
 class _SparsePlanCache:
     """The tile bucketing of a delta's indices for the triton path, rebuilt when the indices change."""
@@ -109,7 +149,131 @@ def _values_shape(indices: torch.Tensor, block_size: int) -> tuple:
     return (indices.shape[0],) if block_size == 1 else (indices.shape[0], block_size, block_size)
 
 
-class FastLoRALinear(nn.Module):
+class SparseDelta(nn.Module):
+    """A trainable sparse delta Δ (out, in) on a few entries of a frozen weight W, placed by a ``SparseSpec``.
+
+    block_size 1: ``delta_indices`` (nnz,) flat row-major indices into W (a buffer), ``delta_values``
+    (nnz,); block_size b: ``delta_indices`` (nblocks, 2) block (row, col), ``delta_values`` (nblocks, b, b).
+    nnz (or nblocks) = round(density x entries (or blocks)). Δ starts at zero.
+    """
+
+    def __init__(self, weight: torch.Tensor, spec: SparseSpec, scores: torch.Tensor | None = None):
+        super().__init__()
+        self._init_delta(weight, spec, scores)
+
+    def _init_delta(self, weight: torch.Tensor, spec: SparseSpec, scores: torch.Tensor | None) -> None:
+        self.out_features, self.in_features = weight.shape
+        self.spec = spec
+        idx = spec.select(weight, scores)
+        self.register_buffer("delta_indices", idx)
+        self.delta_values = nn.Parameter(torch.zeros(_values_shape(idx, spec.block_size), device=weight.device,
+                                                     dtype=weight.dtype))
+        self._plan = _SparsePlanCache()
+
+    density = property(lambda self: self.spec.density)
+    block_size = property(lambda self: self.spec.block_size)
+    selection = property(lambda self: self.spec.selection)
+
+    def dense_delta(self) -> torch.Tensor:
+        """Δ as a dense (out, in) tensor (differentiable in delta_values)."""
+        return dense_delta_ref(self.delta_indices, self.delta_values, self.out_features, self.in_features,
+                               self.block_size)
+
+    def sparse_plan(self, op: str, x: torch.Tensor, weight: torch.Tensor):
+        """The triton path's tile plan of the positions (cached), or None where ``op`` does not run on triton."""
+        return self._plan.get(op, x, weight, self.delta_indices, self.block_size)
+
+    @torch.no_grad()
+    def set_delta(self, indices: torch.Tensor, values: torch.Tensor | None = None) -> None:
+        """Replace the delta's positions (and values: given, or zeros), checked first. The values Parameter
+        stays the same object (its optimizer state must be reset if its size changed)."""
+        b, current = self.block_size, self.delta_values
+        check_sparse_delta(indices, values if values is not None else current.new_zeros(_values_shape(indices, b)),
+                           self.out_features, self.in_features, b)
+        idx = indices.to(device=current.device, dtype=torch.int64)
+        new_values = (values.to(device=current.device, dtype=current.dtype).clone() if values is not None
+                      else torch.zeros(_values_shape(idx, b), device=current.device, dtype=current.dtype))
+        self.delta_indices = idx
+        current.data = new_values
+
+    def select_positions(self, weight: torch.Tensor, selection: str | None = None,
+                         scores: torch.Tensor | None = None) -> None:
+        """Pick new positions on ``weight`` (by ``selection``, default the spec's, which it then becomes) and
+        reset the values to zero."""
+        selection = selection or self.selection
+        check_sparse_options(self.density, self.block_size, selection)
+        self.spec = replace(self.spec, selection=selection)
+        self.set_delta(self.spec.select(weight, scores))
+
+
+class SparseDeltaLinear(TunerLayer, SparseDelta):
+    """``y = x (W + Δ)^T + b``: W (and b) frozen, Δ a trainable ``SparseDelta`` on a few of W's entries.
+
+    Shapes: weight (out, in); the delta as ``SparseDelta``'s. ``selection``: "random", "magnitude"
+    (largest |W|) or "scores" (largest |scores|, e.g. gradient magnitudes from
+    ``fastpeft.select_by_gradients``).
+    """
+
+    _delta_name = "delta"
+
+    def __init__(self, in_features, out_features, density=0.01, block_size=1, selection="random", bias=True,
+                 device=None, dtype=None):
+        nn.Module.__init__(self)
+        for name, v in (("in_features", in_features), ("out_features", out_features)):
+            check_rank(v, name)
+        base = nn.Linear(in_features, out_features, bias=bias, device=device, dtype=dtype)
+        self._setup(base.weight, base.bias, density, block_size, selection, None)
+
+    @classmethod
+    def from_linear(cls, linear: nn.Linear, density=0.01, block_size=1, selection="random", scores=None):
+        """Wrap ``linear``: shares (not copies) its weight and bias, and freezes them."""
+        check_linear(linear)
+        self = cls.__new__(cls)
+        nn.Module.__init__(self)
+        self._setup(linear.weight, linear.bias, density, block_size, selection, scores)
+        return self
+
+    def _setup(self, weight, bias, density, block_size, selection, scores):
+        spec = SparseSpec(density, block_size, selection)
+        self._init_base(weight, bias)
+        self._init_delta(weight, spec, scores)
+
+    def extra_repr(self) -> str:
+        return (f"in_features={self.in_features}, out_features={self.out_features}, bias={self.bias is not None}, "
+                f"density={self.density}, block_size={self.block_size}, selection={self.selection!r}, "
+                f"entries={self.delta_values.numel()}, merged={self.merged}")
+
+    def sparse_delta(self, adapter_name: str | None = None) -> SparseDelta:
+        return self
+
+    def delta_weight(self) -> torch.Tensor:
+        return self.dense_delta().detach().to(self.weight.dtype)
+
+    @torch.no_grad()
+    def set_delta(self, indices: torch.Tensor, values: torch.Tensor | None = None) -> None:
+        """Replace the delta's positions (and values: given, or zeros), checked first. The values
+        Parameter stays the same object (its optimizer state must be reset if its size changed)."""
+        if self.merged:
+            raise RuntimeError("set_delta on a merged layer: call unmerge() first")
+        super().set_delta(indices, values)
+
+    def reselect(self, selection: str | None = None, scores: torch.Tensor | None = None) -> None:
+        """Pick new positions (``selection``, default the layer's) and reset the values to zero."""
+        self.select_positions(self.weight, selection, scores)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """x: (..., in) -> (..., out)."""
+        check_in_features(x, self.in_features)
+        if self.merged:
+            return F.linear(x, self.weight, self.bias)
+        plan = self.sparse_plan("sparse_delta_linear", x, self.weight)
+        return sparse_delta_linear(x, self.weight, self.bias, self.delta_indices, self.delta_values, self.block_size,
+                                   check=False, plan=plan)
+
+
+# ---- LoRA --------------------------------------------------------------------------------------------
+
+class FastLoRALinear(TunerLayer):
     """``y = x W^T + b + scaling * (dropout(x) A^T) B^T`` with W (and b) frozen.
 
     Shapes: weight (out, in), bias (out,), lora_A (r, in), lora_B (out, r); x (..., in) -> (..., out).
@@ -117,7 +281,7 @@ class FastLoRALinear(nn.Module):
     layer is named ``"default"``; ``add_adapter`` adds more (other ranks too), ``set_adapter`` picks the
     one ``forward(x)`` uses and trains, and ``forward(x, adapter_ids)`` gives each row its own.
     ``r``, ``lora_alpha``, ``lora_dropout``, ``scaling``, ``lora_A`` and ``lora_B`` are the active
-    adapter's.
+    adapter's. ``sparse_density > 0`` gives an adapter a ``SparseDelta`` beside its low-rank update (RoSA).
     """
 
     def __init__(self, in_features, out_features, r=8, lora_alpha=8, lora_dropout=0.0, bias=True,
@@ -135,8 +299,7 @@ class FastLoRALinear(nn.Module):
                     init_lora_weights=True, adapter_name="default", sparse_density=0.0, sparse_block_size=1,
                     sparse_selection="random") -> "FastLoRALinear":
         """Wrap ``linear``: the new layer shares (not copies) its weight and bias, and freezes them."""
-        if not isinstance(linear, nn.Linear):
-            raise TypeError(f"linear must be an nn.Linear, got {type(linear).__name__}")
+        check_linear(linear)
         self = cls.__new__(cls)
         nn.Module.__init__(self)
         self._setup(linear.weight, linear.bias, adapter_name, r, lora_alpha, lora_dropout, use_rslora,
@@ -145,29 +308,21 @@ class FastLoRALinear(nn.Module):
 
     def _setup(self, weight, bias, adapter_name, r, lora_alpha, lora_dropout, use_rslora, init_lora_weights,
                sparse_density=0.0, sparse_block_size=1, sparse_selection="random"):
-        spec = _spec(r, lora_alpha, lora_dropout, use_rslora, sparse_density, sparse_block_size, sparse_selection)
-        _check_init(init_lora_weights)
+        _spec(r, lora_alpha, lora_dropout, use_rslora)
+        rosa_spec(sparse_density, sparse_block_size, sparse_selection)
+        check_init(init_lora_weights)
         check_adapter_name(adapter_name)
-        self.out_features, self.in_features = weight.shape
-        weight.requires_grad_(False)
-        self.weight = weight
-        if bias is not None:
-            bias.requires_grad_(False)
-        self.bias = bias
+        self._init_base(weight, bias)
         self.lora_A_adapters = nn.ParameterDict()
         self.lora_B_adapters = nn.ParameterDict()
-        self.sparse_values = nn.ParameterDict()  # adapter -> delta values (RoSA adapters only)
-        self._sparse_plans: dict = {}            # adapter -> _SparsePlanCache
+        self.sparse_deltas = nn.ModuleDict()  # adapter -> SparseDelta (RoSA adapters only)
         self._specs: dict = {}
         self._active: str | None = None
-        self._stack = None      # (A (n, r_max, in), B (n, out, r_max)) backing the adapter Parameters
-        self._stack_params = None  # the Parameter objects the stacks were packed for
-        self._packed = True     # False after unpack(): each adapter keeps Parameters of its own
+        self._stacks = None     # (key, (A, B)): the no-grad stacks and the Parameters' state they were built from
         self._meta = None       # device tensors (scalings, ranks, dropout) for mixed batches
-        self._routing = None    # per-sequence ids set by fastpeft.mixed_batch
-        self.merged = False
-        self.add_adapter(adapter_name, spec.r, spec.lora_alpha, spec.lora_dropout, spec.use_rslora,
-                         init_lora_weights, spec.sparse_density, spec.sparse_block_size, spec.sparse_selection)
+        self._routing = None    # (adapter names, ids) per sequence, set by set_routing (fastpeft.mixed_batch)
+        self.add_adapter(adapter_name, r, lora_alpha, lora_dropout, use_rslora, init_lora_weights, sparse_density,
+                         sparse_block_size, sparse_selection)
         self.set_adapter(adapter_name)
 
     # ---- the adapter registry ------------------------------------------------------------------
@@ -190,24 +345,21 @@ class FastLoRALinear(nn.Module):
         check_adapter_name(name)
         if name in self._specs:
             raise ValueError(f"adapter {name!r} already exists in this layer (adapters {self.adapter_names})")
-        spec = _spec(r, lora_alpha, lora_dropout, use_rslora, sparse_density, sparse_block_size, sparse_selection)
-        _check_init(init_lora_weights)
-        # The positions first: select_indices checks sparse_scores, and a failure must leave the layer as it was.
-        idx = (select_indices(self.weight, spec.sparse_density, spec.sparse_block_size, spec.sparse_selection,
-                              sparse_scores) if spec.sparse_density > 0.0 else None)
+        spec = _spec(r, lora_alpha, lora_dropout, use_rslora)
+        sparse = rosa_spec(sparse_density, sparse_block_size, sparse_selection)
+        check_init(init_lora_weights)
+        # The positions first: selecting checks sparse_scores, and a failure must leave the layer as it was.
+        delta = SparseDelta(self.weight, sparse, sparse_scores) if sparse is not None else None
         kw = dict(device=self.weight.device, dtype=self.weight.dtype)
-        self.lora_A_adapters[name] = nn.Parameter(torch.empty(spec.r, self.in_features, **kw),
-                                                  requires_grad=self._active is None)
-        self.lora_B_adapters[name] = nn.Parameter(torch.empty(self.out_features, spec.r, **kw),
-                                                  requires_grad=self._active is None)
+        trains = self._active is None
+        self.lora_A_adapters[name] = nn.Parameter(torch.empty(spec.r, self.in_features, **kw), requires_grad=trains)
+        self.lora_B_adapters[name] = nn.Parameter(torch.empty(self.out_features, spec.r, **kw), requires_grad=trains)
         self._specs[name] = spec
-        if idx is not None:
-            self.register_buffer(f"sparse_indices_{name}", idx)
-            self.sparse_values[name] = nn.Parameter(
-                torch.zeros(_values_shape(idx, spec.sparse_block_size), **kw), requires_grad=self._active is None)
-            self._sparse_plans[name] = _SparsePlanCache()
+        if delta is not None:
+            delta.delta_values.requires_grad_(trains)
+            self.sparse_deltas[name] = delta
         self.reset_lora_parameters(init_lora_weights, adapter_name=name)
-        self._repack()
+        self._meta = None
 
     def set_adapter(self, name: str | None) -> None:
         """Make ``name`` the adapter ``forward(x)`` applies and the only one that trains (None: none)."""
@@ -219,8 +371,8 @@ class FastLoRALinear(nn.Module):
         for n in self._specs:
             self.lora_A_adapters[n].requires_grad_(n == name)
             self.lora_B_adapters[n].requires_grad_(n == name)
-            if n in self.sparse_values:
-                self.sparse_values[n].requires_grad_(n == name)
+            if n in self.sparse_deltas:
+                self.sparse_deltas[n].delta_values.requires_grad_(n == name)
 
     def delete_adapter(self, name: str) -> None:
         """Remove adapter ``name``; later adapters' ids shift down by one. Deleting the active adapter
@@ -232,13 +384,11 @@ class FastLoRALinear(nn.Module):
         del self._specs[name]
         del self.lora_A_adapters[name]
         del self.lora_B_adapters[name]
-        if name in self.sparse_values:
-            del self.sparse_values[name]
-            delattr(self, f"sparse_indices_{name}")
-            del self._sparse_plans[name]
+        if name in self.sparse_deltas:
+            del self.sparse_deltas[name]
         if self._active == name:
             self._active = None
-        self._repack()
+        self._meta = None
 
     def _spec_of(self, name: str | None) -> AdapterSpec:
         name = self._active if name is None else name
@@ -258,30 +408,36 @@ class FastLoRALinear(nn.Module):
         self._spec_of(name)
         return self.lora_A_adapters[name], self.lora_B_adapters[name]
 
+    def sparse_delta(self, adapter_name: str | None = None) -> SparseDelta | None:
+        """The ``SparseDelta`` of adapter ``adapter_name`` (default: the active one), None when it has none."""
+        name = self._active if adapter_name is None else adapter_name
+        self._spec_of(name)
+        return self.sparse_deltas[name] if name in self.sparse_deltas else None
+
     def adapter_sparse_delta(self, name: str | None = None):
         """``(indices, values)`` of adapter ``name``'s sparse delta (RoSA), or None when it has none."""
-        name = self._active if name is None else name
-        self._spec_of(name)
-        if name not in self.sparse_values:
-            return None
-        return getattr(self, f"sparse_indices_{name}"), self.sparse_values[name]
+        delta = self.sparse_delta(name)
+        return None if delta is None else (delta.delta_indices, delta.delta_values)
+
+    @property
+    def sparse_values(self) -> dict:
+        """Adapter name -> its sparse delta's values Parameter (RoSA adapters only)."""
+        return {n: d.delta_values for n, d in self.sparse_deltas.items()}
 
     @torch.no_grad()
     def set_sparse_delta(self, name: str, indices: torch.Tensor, values: torch.Tensor | None = None) -> None:
         """Replace adapter ``name``'s sparse-delta positions (values: given, or zeros). Checked first."""
-        spec = self._spec_of(name)
-        if name not in self.sparse_values:
+        self._spec_of(name)
+        if name not in self.sparse_deltas:
             raise ValueError(f"adapter {name!r} has no sparse delta (it was made with sparse_density=0)")
-        _set_delta(self, self.sparse_values[name], f"sparse_indices_{name}", indices, values,
-                   spec.sparse_block_size)
+        self.sparse_deltas[name].set_delta(indices, values)
 
     def update_adapter(self, name: str, lora_alpha=None, lora_dropout=None, use_rslora=None) -> None:
         """Change an adapter's alpha / dropout / rsLoRA flag (its rank is fixed by its tensors)."""
         s = self._spec_of(name)
         new = _spec(s.r, s.lora_alpha if lora_alpha is None else lora_alpha,
                     s.lora_dropout if lora_dropout is None else lora_dropout,
-                    s.use_rslora if use_rslora is None else use_rslora,
-                    s.sparse_density, s.sparse_block_size, s.sparse_selection)
+                    s.use_rslora if use_rslora is None else use_rslora)
         if self.merged and name == self._active and new.scaling != s.scaling:
             raise RuntimeError("update_adapter would change the scaling of the merged adapter: unmerge() first")
         self._specs[name] = new
@@ -299,83 +455,55 @@ class FastLoRALinear(nn.Module):
     use_rslora = property(lambda self: self._spec_of(None).use_rslora,
                           lambda self, v: self.update_adapter(self._active, use_rslora=v))
 
-    # ---- stacked storage -----------------------------------------------------------------------
+    # ---- per-sequence routing ------------------------------------------------------------------
 
-    def _repack(self) -> None:
-        """Copy every adapter into fresh stacks (n, r_max, in) / (n, out, r_max), zero-padded, and make
-        each adapter's Parameters views into them."""
-        names = self.adapter_names
-        self._meta = None
-        if not names or not self._packed:
-            self._stack = None
+    @property
+    def routing(self) -> list | None:
+        """The per-sequence adapter names ``set_routing`` gave (None: no routing)."""
+        return None if self._routing is None else list(self._routing[0])
+
+    def set_routing(self, adapter_names: list | None) -> None:
+        """Apply adapter ``adapter_names[i]`` to sequence i (dim 0 of the input) of every later
+        ``forward(x)``: None, or a name this layer lacks, runs the base alone for it. ``None`` ends the
+        routing. ``fastpeft.mixed_batch`` sets it for every layer of a model and restores it after."""
+        if adapter_names is None:
+            self._routing = None
             return
-        a0 = self.lora_A_adapters[names[0]]
+        local = {n: i for i, n in enumerate(self.adapter_names)}
+        ids = torch.tensor([local.get(n, -1) for n in adapter_names], dtype=torch.int64, device=self.weight.device)
+        self._routing = (list(adapter_names), ids)
+
+    # ---- stacks for the many-adapter kernels ---------------------------------------------------
+
+    def _build_stacks(self) -> tuple:
+        """(A (n, r_max, in), B (n, out, r_max)) from the adapters' Parameters, zero-padded to r_max."""
         r_max = max(s.r for s in self._specs.values())
-        kw = dict(device=a0.device, dtype=a0.dtype)
-        stack_a = torch.zeros(len(names), r_max, self.in_features, **kw)
-        stack_b = torch.zeros(len(names), self.out_features, r_max, **kw)
-        with torch.no_grad():
-            for i, n in enumerate(names):
-                r = self._specs[n].r
-                pa, pb = self.lora_A_adapters[n], self.lora_B_adapters[n]
-                stack_a[i, :r].copy_(pa)
-                stack_b[i, :, :r].copy_(pb)
-                pa.data = stack_a[i, :r]
-                pb.data = stack_b[i, :, :r]
-        self._stack = (stack_a, stack_b)
-        self._stack_params = self._parameter_objects()
+        pa = [F.pad(self.lora_A_adapters[n], (0, 0, 0, r_max - s.r)) for n, s in self._specs.items()]
+        pb = [F.pad(self.lora_B_adapters[n], (0, r_max - s.r)) for n, s in self._specs.items()]
+        return torch.stack(pa), torch.stack(pb)
 
-    def stacked(self) -> tuple:
-        """``(A (n, r_max, in), B (n, out, r_max))`` backing the adapters (re-packed if it no longer does).
-
-        After ``unpack()``, or once other Parameter objects were swapped in (FSDP2's ``fully_shard`` swaps
-        in its own at every forward), a zero-padded copy instead: re-pointing Parameters that someone else
-        fills would leave them stale."""
-        if self._packed and self._stack_params is not None and not self._owns_parameters():
-            self.unpack()
-        if not self._packed:
-            if not self._specs:
-                return None
-            r_max = max(s.r for s in self._specs.values())
-            specs = self._specs.items()
+    def stacked(self) -> tuple | None:
+        """``(A (n, r_max, in), B (n, out, r_max))`` of every adapter (None without adapters): a copy of the
+        Parameters, zero beyond each rank, cached until one of them is replaced, written in place (an
+        optimizer step) or moved (``.to()``)."""
+        if not self._specs:
+            return None
+        params = tuple(p for n in self._specs for p in (self.lora_A_adapters[n], self.lora_B_adapters[n]))
+        state = tuple((p._version, p.data_ptr(), p.dtype, p.device, tuple(p.shape)) for p in params)
+        cached = self._stacks
+        if cached is None or cached[1] != state or len(cached[0]) != len(params) \
+                or not all(p is q for p, q in zip(params, cached[0])):
             with torch.no_grad():
-                return (torch.stack([F.pad(self.lora_A_adapters[n], (0, 0, 0, r_max - s.r)) for n, s in specs]),
-                        torch.stack([F.pad(self.lora_B_adapters[n], (0, r_max - s.r)) for n, s in specs]))
-        if self._stack is None or not self._stack_backs_parameters():
-            self._repack()
-        return self._stack
+                self._stacks = cached = (params, state, self._build_stacks())
+        return cached[2]
 
-    def _parameter_objects(self) -> tuple:
-        return tuple(p for n in self._specs for p in (self.lora_A_adapters[n], self.lora_B_adapters[n]))
-
-    def _owns_parameters(self) -> bool:
-        """Whether the adapters' Parameters are still the objects the stacks were packed for."""
-        ps = self._parameter_objects()
-        return len(ps) == len(self._stack_params) and all(p is q for p, q in zip(ps, self._stack_params))
-
-    def unpack(self) -> None:
-        """Give every adapter contiguous Parameters of its own instead of views into the shared stacks, and
-        keep it so: mixed batches then stack a copy on each call. The Parameter objects (and so optimizer
-        state) stay the same. Needed before FSDP2's ``fully_shard`` when a layer holds adapters of
-        different ranks: their views are not contiguous, and fully_shard refuses those."""
-        if self._packed and self._stack_params is not None and self._owns_parameters():
-            with torch.no_grad():
-                for p in self._stack_params:
-                    p.data = p.data.clone(memory_format=torch.contiguous_format)
-        self._packed = False
-        self._stack = self._stack_params = None
-
-    def _stack_backs_parameters(self) -> bool:
-        stack_a, stack_b = self._stack
-        names = self.adapter_names
-        if stack_a.shape[0] != len(names):
-            return False
-        for i, n in enumerate(names):
-            pa, pb = self.lora_A_adapters[n], self.lora_B_adapters[n]
-            if pa.data_ptr() != stack_a[i].data_ptr() or pb.data_ptr() != stack_b[i].data_ptr() \
-                    or pa.dtype != stack_a.dtype or pa.device != stack_a.device:
-                return False
-        return True
+    def _forward_stacks(self) -> tuple:
+        """The stacks a mixed batch reads: built from the Parameters when a gradient must reach them (and
+        while torch.compile traces: the cache key reads versions and data pointers), else the cached ones."""
+        if torch.compiler.is_compiling() or torch.is_grad_enabled() and any(
+                p.requires_grad for d in (self.lora_A_adapters, self.lora_B_adapters) for p in d.values()):
+            return self._build_stacks()
+        return self.stacked()
 
     def _adapter_meta(self, device) -> tuple:
         """(scalings fp32, ranks int64, dropout fp32) tensors (n,) on ``device``, cached."""
@@ -386,19 +514,13 @@ class FastLoRALinear(nn.Module):
                           torch.tensor([s.lora_dropout for s in specs], dtype=torch.float32, device=device))
         return self._meta
 
-    def _apply(self, fn, *args, **kwargs):
-        out = super()._apply(fn, *args, **kwargs)
-        self._stack = None  # .to() / .cuda() / .half() moved each Parameter on its own: re-pack lazily
-        self._meta = None
-        return out
-
     # ---- init, forward ---------------------------------------------------------------------------
 
     @torch.no_grad()
     def reset_lora_parameters(self, init_lora_weights=True, adapter_name: str | None = None) -> None:
         """PEFT's inits: ``True`` A kaiming-uniform(a=sqrt(5)), B zeros, so the layer starts as its base;
         ``"gaussian"`` A ~ N(0, std=1/r), B zeros; ``False`` both kaiming-uniform (non-zero B, for tests)."""
-        _check_init(init_lora_weights)
+        check_init(init_lora_weights)
         name = self._active if adapter_name is None else adapter_name
         spec = self._spec_of(name)
         if self.merged and name == self._active:
@@ -423,12 +545,10 @@ class FastLoRALinear(nn.Module):
         """x: (..., in) -> (..., out). ``adapter_ids`` (int tensor of shape ``x.shape[:-1]`` per row, or
         ``(x.shape[0],)`` per sequence) gives each row the adapter of that index in ``adapter_names``
         (-1 = base only); inside ``fastpeft.mixed_batch`` the per-sequence routing applies."""
-        if x.dim() == 0 or x.shape[-1] != self.in_features:
-            got = x.shape[-1] if x.dim() else "a 0-d tensor"
-            raise ValueError(f"input's last dim must be in_features={self.in_features}, got {got}")
-        check_ids = True
-        if adapter_ids is None and self._routing is not None:
-            adapter_ids, check_ids = self._routing, False
+        check_in_features(x, self.in_features)
+        routed = adapter_ids is None and self._routing is not None
+        if routed:
+            adapter_ids = self._routing[1]
         if self.merged:
             if adapter_ids is not None:
                 raise RuntimeError("adapter_ids cannot route rows on a merged layer: call unmerge() first")
@@ -438,43 +558,32 @@ class FastLoRALinear(nn.Module):
                 return F.linear(x, self.weight, self.bias)
             s = self._specs[self._active]
             a, b = self.adapter_parameters()
-            sparse = self.adapter_sparse_delta()
-            if sparse is None:
+            delta = self.sparse_delta()
+            if delta is None:
                 return lora_linear(x, self.weight, self.bias, a, b, s.scaling, s.lora_dropout, self.training)
-            plan = self._sparse_plans[self._active].get("lora_sparse_linear", x, self.weight, sparse[0],
-                                                        s.sparse_block_size)
-            return lora_sparse_linear(x, self.weight, self.bias, a, b, s.scaling, sparse[0], sparse[1],
-                                      s.sparse_block_size, s.lora_dropout, self.training, check=False, plan=plan)
-        if len(self.sparse_values):
+            plan = delta.sparse_plan("lora_sparse_linear", x, self.weight)
+            return lora_sparse_linear(x, self.weight, self.bias, a, b, s.scaling, delta.delta_indices,
+                                      delta.delta_values, delta.block_size, s.lora_dropout, self.training,
+                                      check=False, plan=plan)
+        if len(self.sparse_deltas):
             raise RuntimeError("adapters with a sparse delta (RoSA) cannot be routed per row (adapter_ids / "
                                "mixed_batch); use set_adapter")
-        if adapter_ids is self._routing and (x.dim() < 2 or x.shape[0] != adapter_ids.shape[0]):
+        if routed and (x.dim() < 2 or x.shape[0] != adapter_ids.shape[0]):
             raise ValueError(f"mixed_batch was given {adapter_ids.shape[0]} adapter_names (one per sequence), but "
                              f"this layer's input has batch size {x.shape[0] if x.dim() >= 2 else 'none'} "
                              f"(shape {tuple(x.shape)})")
-        ids = expand_adapter_ids(adapter_ids, x, len(self._specs), check_range=check_ids)
+        ids = expand_adapter_ids(adapter_ids, x, len(self._specs), check_range=not routed)
         if not self._specs:
             return F.linear(x, self.weight, self.bias)
         scalings, ranks, dropout = self._adapter_meta(x.device)
-        stack_a, stack_b = self._differentiable_stacks()
+        stack_a, stack_b = self._forward_stacks()
         return lora_linear_multi(x, self.weight, self.bias, stack_a, stack_b, scalings, ids, ranks,
                                  dropout_p=dropout, training=self.training, check_ids=False)
 
-    def _differentiable_stacks(self) -> tuple:
-        """The stacks, read in place; when an adapter trains, built from its Parameters instead so that
-        gradients reach them (zero-padded to r_max). Always built while torch.compile traces: whether the
-        stacks still back the Parameters is a data-pointer test, which dynamo cannot trace."""
-        if not torch.compiler.is_compiling():
-            stack_a, stack_b = self.stacked()
-            if not torch.is_grad_enabled() or not any(p.requires_grad for p in self.lora_A_adapters.values()) \
-                    and not any(p.requires_grad for p in self.lora_B_adapters.values()):
-                return stack_a, stack_b
-        r_max = max(s.r for s in self._specs.values())
-        pa = [F.pad(self.lora_A_adapters[n], (0, 0, 0, r_max - s.r)) for n, s in self._specs.items()]
-        pb = [F.pad(self.lora_B_adapters[n], (0, r_max - s.r)) for n, s in self._specs.items()]
-        return torch.stack(pa), torch.stack(pb)
-
     # ---- merging ---------------------------------------------------------------------------------
+
+    def has_delta(self) -> bool:
+        return self._active is not None
 
     @torch.no_grad()
     def delta_weight(self, adapter_name: str | None = None) -> torch.Tensor:
@@ -484,164 +593,89 @@ class FastLoRALinear(nn.Module):
         s = self._spec_of(name)
         a, b = self.lora_A_adapters[name], self.lora_B_adapters[name]
         delta = s.scaling * (b.float() @ a.float())
-        sparse = self.adapter_sparse_delta(name)
+        sparse = self.sparse_delta(name)
         if sparse is not None:
-            delta += dense_delta_ref(sparse[0], sparse[1].float(), self.out_features, self.in_features,
-                                     s.sparse_block_size)
+            delta += sparse.dense_delta().float()
         return delta.to(self.weight.dtype)
 
-    @torch.no_grad()
-    def merge(self) -> None:
-        """Fold the active adapter into the weight in place (W += scaling B A); forward is then a plain
-        linear. The weight's storage is shared with the wrapped ``nn.Linear``, which sees the change too."""
-        if self.merged:
-            raise RuntimeError("merge: the adapter is already merged")
-        self._spec_of(None)
-        self.weight.add_(self.delta_weight())
-        self.merged = True
 
-    @torch.no_grad()
-    def unmerge(self) -> None:
-        """Undo ``merge`` (W -= scaling B A). Exact up to the weight dtype's rounding."""
-        if not self.merged:
-            raise RuntimeError("unmerge: the adapter is not merged")
-        self.weight.sub_(self.delta_weight())
-        self.merged = False
+# ---- modules_to_save ---------------------------------------------------------------------------------
 
-    @torch.no_grad()
-    def to_linear(self) -> nn.Linear:
-        """A new ``nn.Linear`` holding W + scaling B A of the active adapter (and a copy of b); this
-        layer is left untouched."""
-        w = self.weight.detach().clone()
-        if not self.merged and self._active is not None:
-            w += self.delta_weight()
-        lin = nn.Linear(self.in_features, self.out_features, bias=self.bias is not None,
-                        device=w.device, dtype=w.dtype)
-        lin.weight.copy_(w)
-        if self.bias is not None:
-            lin.bias.copy_(self.bias)
-        return lin
+class ModulesToSaveWrapper(nn.Module):
+    """A frozen original module and a trainable copy per adapter; forward runs the active adapter's copy
+    (the original when the active adapter has none). Inside ``fastpeft.mixed_batch`` each sequence
+    (dim 0 of the first argument) runs its own adapter's copy.
 
-
-@torch.no_grad()
-def _set_delta(module: nn.Module, values_param: nn.Parameter, buffer_name: str, indices: torch.Tensor,
-               values: torch.Tensor | None, block_size: int) -> None:
-    """Check then install new delta positions (and values, else zeros) in place of the old ones."""
-    weight = module.weight
-    check_sparse_delta(indices, values if values is not None else
-                       weight.new_zeros(_values_shape(indices, block_size)), weight.shape[0], weight.shape[1],
-                       block_size)
-    idx = indices.to(device=weight.device, dtype=torch.int64)
-    new_values = (values.to(device=weight.device, dtype=values_param.dtype).clone() if values is not None
-                  else torch.zeros(_values_shape(idx, block_size), device=weight.device, dtype=values_param.dtype))
-    setattr(module, buffer_name, idx)
-    values_param.data = new_values
-
-
-class SparseDeltaLinear(nn.Module):
-    """``y = x (W + Δ)^T + b``: W (and b) frozen, Δ a trainable sparse delta on a few of W's entries.
-
-    Shapes: weight (out, in); block_size 1: delta_indices (nnz,) flat row-major indices into W (a
-    buffer) and delta_values (nnz,); block_size b: delta_indices (nblocks, 2) block (row, col) and
-    delta_values (nblocks, b, b). nnz (or nblocks) = round(density x entries (or blocks)). Δ starts at
-    zero, so the layer starts as its base. ``selection``: "random", "magnitude" (largest |W|) or
-    "scores" (largest |scores|, e.g. gradient magnitudes from ``fastpeft.select_by_gradients``).
+    The parameters of a copy are saved with its adapter, under the original module's names.
     """
 
-    def __init__(self, in_features, out_features, density=0.01, block_size=1, selection="random", bias=True,
-                 device=None, dtype=None):
+    def __init__(self, module: nn.Module, adapter_name: str):
         super().__init__()
-        for name, v in (("in_features", in_features), ("out_features", out_features)):
-            check_rank(v, name)
-        base = nn.Linear(in_features, out_features, bias=bias, device=device, dtype=dtype)
-        self._setup(base.weight, base.bias, density, block_size, selection, None)
+        self.original_module = module
+        self.modules_to_save = nn.ModuleDict()
+        self.active_adapter = None
+        self._routing = None
+        for p in self.original_module.parameters():
+            p.requires_grad_(False)
+        self.add_adapter(adapter_name)
+        self.set_adapter(adapter_name)
 
-    @classmethod
-    def from_linear(cls, linear: nn.Linear, density=0.01, block_size=1, selection="random", scores=None):
-        """Wrap ``linear``: shares (not copies) its weight and bias, and freezes them."""
-        if not isinstance(linear, nn.Linear):
-            raise TypeError(f"linear must be an nn.Linear, got {type(linear).__name__}")
-        self = cls.__new__(cls)
-        nn.Module.__init__(self)
-        self._setup(linear.weight, linear.bias, density, block_size, selection, scores)
-        return self
+    def add_adapter(self, name: str) -> None:
+        self.modules_to_save[name] = copy.deepcopy(self.original_module)
 
-    def _setup(self, weight, bias, density, block_size, selection, scores):
-        check_sparse_options(density, block_size, selection)
-        self.out_features, self.in_features = weight.shape
-        self.density, self.block_size, self.selection = float(density), block_size, selection
-        weight.requires_grad_(False)
-        self.weight = weight
-        if bias is not None:
-            bias.requires_grad_(False)
-        self.bias = bias
-        idx = select_indices(weight, density, block_size, selection, scores)
-        self.register_buffer("delta_indices", idx)
-        self.delta_values = nn.Parameter(torch.zeros(_values_shape(idx, block_size), device=weight.device,
-                                                     dtype=weight.dtype))
-        self.merged = False
-        self._plan = _SparsePlanCache()
+    def set_adapter(self, name) -> None:
+        self.active_adapter = name
+        for n, m in self.modules_to_save.items():
+            for p in m.parameters():
+                p.requires_grad_(n == name)
 
-    def extra_repr(self) -> str:
-        return (f"in_features={self.in_features}, out_features={self.out_features}, bias={self.bias is not None}, "
-                f"density={self.density}, block_size={self.block_size}, selection={self.selection!r}, "
-                f"entries={self.delta_values.numel()}, merged={self.merged}")
+    def delete_adapter(self, name: str) -> None:
+        if name in self.modules_to_save:
+            del self.modules_to_save[name]
+        if self.active_adapter == name:
+            self.active_adapter = None
 
-    @torch.no_grad()
-    def set_delta(self, indices: torch.Tensor, values: torch.Tensor | None = None) -> None:
-        """Replace the delta's positions (and values: given, or zeros), checked first. The values
-        Parameter stays the same object (its optimizer state must be reset if its size changed)."""
-        if self.merged:
-            raise RuntimeError("set_delta on a merged layer: call unmerge() first")
-        _set_delta(self, self.delta_values, "delta_indices", indices, values, self.block_size)
+    def module_for(self, name) -> nn.Module:
+        return self.modules_to_save[name] if name in self.modules_to_save else self.original_module
 
-    def reselect(self, selection: str | None = None, scores: torch.Tensor | None = None) -> None:
-        """Pick new positions (``selection``, default the layer's) and reset the values to zero."""
-        selection = selection or self.selection
-        check_sparse_options(self.density, self.block_size, selection)
-        self.selection = selection
-        self.set_delta(select_indices(self.weight, self.density, self.block_size, selection, scores))
+    @property
+    def active_module(self) -> nn.Module:
+        return self.module_for(self.active_adapter)
 
-    def dense_delta(self) -> torch.Tensor:
-        """Δ as a dense (out, in) tensor (differentiable in delta_values)."""
-        return dense_delta_ref(self.delta_indices, self.delta_values, self.out_features, self.in_features,
-                               self.block_size)
+    @property
+    def routing(self) -> list | None:
+        """The per-sequence adapter names ``set_routing`` gave (None: no routing)."""
+        return None if self._routing is None else list(self._routing)
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        """x: (..., in) -> (..., out)."""
-        if x.dim() == 0 or x.shape[-1] != self.in_features:
-            got = x.shape[-1] if x.dim() else "a 0-d tensor"
-            raise ValueError(f"input's last dim must be in_features={self.in_features}, got {got}")
-        if self.merged:
-            return F.linear(x, self.weight, self.bias)
-        plan = self._plan.get("sparse_delta_linear", x, self.weight, self.delta_indices, self.block_size)
-        return sparse_delta_linear(x, self.weight, self.bias, self.delta_indices, self.delta_values, self.block_size,
-                                   check=False, plan=plan)
+    def set_routing(self, adapter_names: list | None) -> None:
+        """Run sequence i (dim 0 of the first argument) of every later call through adapter
+        ``adapter_names[i]``'s copy (the original for None or a name without one); None ends it."""
+        self._routing = None if adapter_names is None else list(adapter_names)
 
-    @torch.no_grad()
-    def merge(self) -> None:
-        """W += Δ in place (the weight's storage is shared with the wrapped nn.Linear)."""
-        if self.merged:
-            raise RuntimeError("merge: the delta is already merged")
-        self.weight.add_(self.dense_delta().to(self.weight.dtype))
-        self.merged = True
+    def forward(self, *args, **kwargs):
+        if self._routing is None:
+            return self.active_module(*args, **kwargs)
+        x, rest = args[0], args[1:]
+        if any(isinstance(a, torch.Tensor) for a in rest) or any(isinstance(v, torch.Tensor) for v in kwargs.values()):
+            raise RuntimeError("mixed_batch routes a modules_to_save module by the first argument's batch dim "
+                               "only; this call passes more tensors")
+        if x.shape[0] != len(self._routing):
+            raise ValueError(f"mixed_batch was given {len(self._routing)} adapter names, but this module's "
+                             f"input has batch size {x.shape[0]}")
+        outs, order = [], []
+        for name in dict.fromkeys(self._routing):
+            rows = [i for i, n in enumerate(self._routing) if n == name]
+            order += rows
+            outs.append(self.module_for(name)(x[rows], *rest, **kwargs))
+        out = torch.cat(outs)
+        inverse = torch.empty(len(order), dtype=torch.long)
+        inverse[torch.tensor(order)] = torch.arange(len(order))
+        return out[inverse.to(out.device)]
 
-    @torch.no_grad()
-    def unmerge(self) -> None:
-        """Undo ``merge`` (W -= Δ)."""
-        if not self.merged:
-            raise RuntimeError("unmerge: the delta is not merged")
-        self.weight.sub_(self.dense_delta().to(self.weight.dtype))
-        self.merged = False
-
-    @torch.no_grad()
-    def to_linear(self) -> nn.Linear:
-        """A new nn.Linear holding W + Δ (and a copy of b); this layer is left untouched."""
-        w = self.weight.detach().clone()
-        if not self.merged:
-            w += self.dense_delta().to(w.dtype)
-        lin = nn.Linear(self.in_features, self.out_features, bias=self.bias is not None, device=w.device, dtype=w.dtype)
-        lin.weight.copy_(w)
-        if self.bias is not None:
-            lin.bias.copy_(self.bias)
-        return lin
+    def __getattr__(self, name):
+        try:
+            return super().__getattr__(name)
+        except AttributeError:
+            if name in ("modules_to_save", "original_module"):
+                raise
+            return getattr(self.active_module, name)

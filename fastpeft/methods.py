@@ -1,4 +1,8 @@
-"""The field's other PEFT methods, in plain PyTorch, through ``fastpeft.inject``:
+"""PEFT method families, and the field's other PEFT methods in plain PyTorch, through ``fastpeft.inject``.
+
+``Method`` lists what ``inject``, ``save_adapter`` and ``load_adapter`` ask of a method family; one object
+per family answers it, looked up by ``peft_type`` (``fastpeft.inject.method_for``). LoRA and sparse
+deltas are answered in ``inject.py``; this module answers for
 
 - ``BitFitConfig``: train only the bias terms (Ben Zaken et al., 2022);
 - ``AdapterConfig``: bottleneck adapters after the attention and / or feed-forward output projections,
@@ -24,6 +28,9 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from ._checks import check_choice, check_file_tensors, check_module_list, check_rank
+from .matching import compile_pattern, is_bias, module_names, name_list, set_submodule
+
 ACTIVATIONS = {"relu": F.relu, "gelu": F.gelu, "silu": F.silu, "tanh": torch.tanh}
 VARIANTS = ("pfeiffer", "houlsby")
 # Output projections of attention and feed-forward blocks, by transformers model type (regexes).
@@ -38,13 +45,65 @@ ADAPTER_TARGETS = {
 }
 
 
-def _check_modules(v, name):
-    if v is None:
-        return None
-    if isinstance(v, str) or not all(isinstance(s, str) and s for s in v):
-        raise TypeError(f"{name} must be a list of module names or None, got {v!r}")
-    return list(v)
+# ---- what every method family answers -------------------------------------------------------------
 
+class Method:
+    """A PEFT method family as ``inject`` / ``save_adapter`` / ``load_adapter`` see it.
+
+    ``state`` arguments are the model's ``fastpeft.inject.PeftState`` (adapters, active one, trained
+    parameter names). File keys are relative to PEFT's ``base_model.model.`` prefix, except
+    ``root_keys``, which PEFT writes without it.
+    """
+
+    peft_type: str = ""
+    config_class: type = object
+    alone = True      # the model's only adapter (LoRA adapters sit side by side)
+    root_keys = ()
+
+    def config_to_json(self, model: nn.Module, config, adapter_name: str, state) -> dict:
+        """``adapter_config.json``'s content for ``config``."""
+        raise NotImplementedError
+
+    def config_from_json(self, d: dict, path: str):
+        """The config ``d`` (``adapter_config.json``'s content) describes; ValueError names ``path``."""
+        raise NotImplementedError
+
+    def check_addable(self, model: nn.Module, config) -> None:
+        """Raise when ``model`` cannot take a new ``config`` adapter (beyond what ``plan`` checks)."""
+
+    def plan(self, model: nn.Module, config):
+        """What ``apply`` will do, resolved against ``model`` and checked; nothing changes."""
+        raise NotImplementedError
+
+    def apply(self, model: nn.Module, config, adapter_name: str, plan, state) -> None:
+        """Add the adapter to ``model`` (frozen beyond what it trains); ``inject`` records it in ``state``."""
+        raise NotImplementedError
+
+    def file_tensors(self, model: nn.Module, config, adapter_name: str, state) -> dict:
+        """File key -> the model's tensor it holds, for ``save_adapter``."""
+        raise NotImplementedError
+
+    def check_load(self, model: nn.Module, config, adapter_name: str, weights: dict, directory, state):
+        """Check a file's config and tensors (``weights``: key -> tensor) against ``model`` before anything
+        changes; returns ``(plan, weights)``, the plan for ``inject`` and the weights ``install`` copies."""
+        raise NotImplementedError
+
+    def reload(self, model: nn.Module, config, adapter_name: str, plan, state) -> None:
+        """Prepare ``model``'s adapter ``adapter_name`` to take a file's config (all checked already)."""
+
+    def install(self, model: nn.Module, config, adapter_name: str, weights: dict, trainable: bool, state) -> None:
+        """Copy a checked file's tensors into the model's adapter ``adapter_name``."""
+        raise NotImplementedError
+
+    def construct(self, kwargs: dict, path: str):
+        """``config_class(**kwargs)``, its errors re-raised as ValueError naming the file."""
+        try:
+            return self.config_class(**kwargs)
+        except (TypeError, ValueError) as e:
+            raise ValueError(f"invalid adapter config {path}: {e}") from None
+
+
+# ---- configs ---------------------------------------------------------------------------------------
 
 @dataclass
 class BitFitConfig:
@@ -54,7 +113,7 @@ class BitFitConfig:
     peft_type = "BITFIT"
 
     def __post_init__(self):
-        self.modules_to_save = _check_modules(self.modules_to_save, "modules_to_save")
+        self.modules_to_save = check_module_list(self.modules_to_save, "modules_to_save")
 
     def to_dict(self):
         return asdict(self)
@@ -76,16 +135,11 @@ class AdapterConfig:
     peft_type = "BOTTLENECK_ADAPTER"
 
     def __post_init__(self):
-        if isinstance(self.bottleneck_dim, bool) or not isinstance(self.bottleneck_dim, int) or self.bottleneck_dim < 1:
-            raise ValueError(f"bottleneck_dim must be a positive int, got {self.bottleneck_dim!r}")
-        if self.variant not in VARIANTS:
-            raise ValueError(f"variant must be one of {VARIANTS}, got {self.variant!r}")
-        if self.non_linearity not in ACTIVATIONS:
-            raise ValueError(f"non_linearity must be one of {tuple(ACTIVATIONS)}, got {self.non_linearity!r}")
-        from .inject import _name_list
-
-        self.target_modules = _name_list(self.target_modules, "target_modules")
-        self.modules_to_save = _check_modules(self.modules_to_save, "modules_to_save")
+        check_rank(self.bottleneck_dim, "bottleneck_dim")
+        check_choice(self.variant, VARIANTS, "variant")
+        check_choice(self.non_linearity, tuple(ACTIVATIONS), "non_linearity")
+        self.target_modules = name_list(self.target_modules, "target_modules")
+        self.modules_to_save = check_module_list(self.modules_to_save, "modules_to_save")
 
     def to_dict(self):
         return asdict(self)
@@ -105,12 +159,10 @@ class PromptTuningConfig:
     peft_type = "PROMPT_TUNING"
 
     def __post_init__(self):
-        if isinstance(self.num_virtual_tokens, bool) or not isinstance(self.num_virtual_tokens, int) \
-                or self.num_virtual_tokens < 1:
-            raise ValueError(f"num_virtual_tokens must be a positive int, got {self.num_virtual_tokens!r}")
+        check_rank(self.num_virtual_tokens, "num_virtual_tokens")
         if self.init_text is not None and self.tokenizer is None:
             raise ValueError("init_text needs tokenizer (to turn the text into token ids), got None")
-        self.modules_to_save = _check_modules(self.modules_to_save, "modules_to_save")
+        self.modules_to_save = check_module_list(self.modules_to_save, "modules_to_save")
 
     def to_dict(self):
         d = asdict(self)
@@ -132,21 +184,17 @@ class LayerwiseConfig:
         if (self.train_last_n is None) == (self.layers_pattern is None):
             raise ValueError("LayerwiseConfig needs exactly one of train_last_n and layers_pattern, got "
                              f"train_last_n={self.train_last_n!r}, layers_pattern={self.layers_pattern!r}")
-        if self.train_last_n is not None and (isinstance(self.train_last_n, bool) or not isinstance(
-                self.train_last_n, int) or self.train_last_n < 1):
-            raise ValueError(f"train_last_n must be a positive int, got {self.train_last_n!r}")
+        if self.train_last_n is not None:
+            check_rank(self.train_last_n, "train_last_n")
         if self.layers_pattern is not None:
-            from .inject import _compile
-
-            _compile(self.layers_pattern, "layers_pattern")
-        self.modules_to_save = _check_modules(self.modules_to_save, "modules_to_save")
+            compile_pattern(self.layers_pattern, "layers_pattern")
+        self.modules_to_save = check_module_list(self.modules_to_save, "modules_to_save")
 
     def to_dict(self):
         return asdict(self)
 
 
 METHOD_CONFIGS = (BitFitConfig, AdapterConfig, PromptTuningConfig, LayerwiseConfig)
-CONFIG_BY_TYPE = {c.peft_type: c for c in METHOD_CONFIGS}
 
 
 # ---- modules ---------------------------------------------------------------------------------------
@@ -223,12 +271,6 @@ def main_blocks(model: nn.Module) -> tuple:
     return best
 
 
-def _module_names(model, spec) -> list:
-    from .inject import _matches
-
-    return [n for n, _ in model.named_modules() if n and _matches(spec, n)]
-
-
 def _saved_names(model, config) -> list:
     if not config.modules_to_save:
         return []
@@ -248,7 +290,7 @@ def _adapter_targets(model, config) -> list:
                              f"{model_type!r}: pass target_modules")
         attn, ffn = ADAPTER_TARGETS[model_type]
         spec = f"({attn})|({ffn})" if config.variant == "houlsby" else ffn
-    names = _module_names(model, spec)
+    names = module_names(model, spec)
     if not names:
         raise ValueError(f"target_modules {spec!r} matched no module of the model")
     for n in names:
@@ -258,32 +300,140 @@ def _adapter_targets(model, config) -> list:
     return names
 
 
-def plan_method(model: nn.Module, config) -> dict:
-    """What ``inject_method`` will do (checked, nothing changed): parameter name -> shape it trains."""
-    saved = _saved_names(model, config)
-    shapes = {}
-    for s in saved:
-        for pn, p in model.get_submodule(s).named_parameters():
-            shapes[f"{s}.{pn}"] = tuple(p.shape)
-    if isinstance(config, BitFitConfig):
-        from .inject import is_bias
+class ParameterMethod(Method):
+    """A method whose adapter is a set of the model's parameters (some of which it adds), each saved under
+    its parameter name; its plan is parameter name -> shape, and ``state.trained`` lists the names."""
 
-        shapes.update({n: tuple(p.shape) for n, p in model.named_parameters() if is_bias(n)})
+    def method_shapes(self, model: nn.Module, config) -> dict:
+        """Parameter name -> shape of what the method itself trains (beyond ``modules_to_save``)."""
+        raise NotImplementedError
+
+    def modify(self, model: nn.Module, config) -> None:
+        """Add the method's modules to ``model`` (none by default)."""
+
+    def file_key(self, param_name: str) -> str:
+        return param_name
+
+    def plan(self, model: nn.Module, config) -> dict:
+        shapes = {}
+        for s in _saved_names(model, config):
+            for pn, p in model.get_submodule(s).named_parameters():
+                shapes[f"{s}.{pn}"] = tuple(p.shape)
+        shapes.update(self.method_shapes(model, config))
+        return shapes
+
+    def apply(self, model: nn.Module, config, adapter_name: str, plan: dict, state) -> None:
+        for p in model.parameters():
+            p.requires_grad_(False)
+        self.modify(model, config)
+        params = dict(model.named_parameters())
+        for name in plan:
+            params[name].requires_grad_(True)
+        state.trained = sorted(plan)
+
+    def config_to_json(self, model: nn.Module, config, adapter_name: str, state) -> dict:
+        d = dict(config.to_dict())
+        d.update(peft_type=self.peft_type, task_type=None, inference_mode=True)
+        return d
+
+    def config_from_json(self, d: dict, path: str):
+        fields = {k for k in self.config_class.__dataclass_fields__ if k not in ("tokenizer", "init_text")}
+        return self.construct({k: d[k] for k in fields if k in d and d[k] is not None}, path)
+
+    def file_tensors(self, model: nn.Module, config, adapter_name: str, state) -> dict:
+        params = dict(model.named_parameters())
+        return {self.file_key(n): params[n] for n in state.trained}
+
+    def check_load(self, model: nn.Module, config, adapter_name: str, weights: dict, directory, state):
+        """A fresh model takes the file through ``inject``; one with this adapter gets its tensors replaced."""
+        configs = state.adapters
+        if configs and (adapter_name not in configs or type(configs[adapter_name]) is not type(config)):
+            raise ValueError(f"model already has adapter(s) {list(configs)}; a {type(config).__name__} adapter loads "
+                             f"onto a model without adapters, or over its own ({adapter_name!r})")
+        if configs:
+            params = dict(model.named_parameters())
+            plan, expected = None, {self.file_key(n): tuple(params[n].shape) for n in state.trained}
+        else:
+            plan = self.plan(model, config)
+            expected = {self.file_key(n): shape for n, shape in plan.items()}
+        check_file_tensors(expected, weights, directory)
+        return plan, weights
+
+    def install(self, model: nn.Module, config, adapter_name: str, weights: dict, trainable: bool, state) -> None:
+        params = dict(model.named_parameters())
+        with torch.no_grad():
+            for n in state.trained:
+                params[n].copy_(weights[self.file_key(n)])
+                params[n].requires_grad_(trainable)
+
+
+class BitFitMethod(ParameterMethod):
+    peft_type, config_class = BitFitConfig.peft_type, BitFitConfig
+
+    def method_shapes(self, model: nn.Module, config) -> dict:
+        return {n: tuple(p.shape) for n, p in model.named_parameters() if is_bias(n)}
+
+    def plan(self, model: nn.Module, config) -> dict:
+        shapes = super().plan(model, config)
         if not shapes:
             raise ValueError("BitFit: the model has no bias parameters (and no modules_to_save)")
-    elif isinstance(config, AdapterConfig):
+        return shapes
+
+
+class AdapterMethod(ParameterMethod):
+    peft_type, config_class = AdapterConfig.peft_type, AdapterConfig
+
+    def method_shapes(self, model: nn.Module, config) -> dict:
+        shapes = {}
         for n in _adapter_targets(model, config):
             out_f, d = model.get_submodule(n).out_features, config.bottleneck_dim
             shapes.update({f"{n}.adapter_down.weight": (d, out_f), f"{n}.adapter_down.bias": (d,),
                            f"{n}.adapter_up.weight": (out_f, d), f"{n}.adapter_up.bias": (out_f,)})
-    elif isinstance(config, PromptTuningConfig):
+        return shapes
+
+    def modify(self, model: nn.Module, config) -> None:
+        for n in _adapter_targets(model, config):
+            set_submodule(model, n, BottleneckAdapter(model.get_submodule(n), config.bottleneck_dim,
+                                                      config.non_linearity, config.scaling))
+
+
+PROMPT_KEY = "prompt_embeddings"  # PEFT's key for the virtual tokens (no base_model.model. prefix)
+
+
+class PromptTuningMethod(ParameterMethod):
+    peft_type, config_class = PromptTuningConfig.peft_type, PromptTuningConfig
+    root_keys = (PROMPT_KEY,)
+
+    def method_shapes(self, model: nn.Module, config) -> dict:
         get = getattr(model, "get_input_embeddings", None)
         emb = get() if callable(get) else None
         if emb is None:
             raise ValueError("prompt tuning needs a transformers model (get_input_embeddings), got "
                              f"{type(model).__name__}")
-        shapes["fastpeft_prompt.prompt_embeddings"] = (config.num_virtual_tokens, emb.weight.shape[1])
-    elif isinstance(config, LayerwiseConfig):
+        return {"fastpeft_prompt.prompt_embeddings": (config.num_virtual_tokens, emb.weight.shape[1])}
+
+    def modify(self, model: nn.Module, config) -> None:
+        emb = model.get_input_embeddings()
+        model.fastpeft_prompt = PromptEmbedding(_initial_prompt(emb, config))
+        model._fastpeft_prompt_hook = model.register_forward_pre_hook(_prompt_hook, with_kwargs=True)
+
+    def file_key(self, param_name: str) -> str:
+        return PROMPT_KEY if param_name == "fastpeft_prompt.prompt_embeddings" else param_name
+
+    def config_to_json(self, model: nn.Module, config, adapter_name: str, state) -> dict:
+        d = super().config_to_json(model, config, adapter_name, state)
+        d.update(token_dim=model.fastpeft_prompt.prompt_embeddings.shape[1], num_transformer_submodules=1,
+                 prompt_tuning_init="TEXT" if config.init_text else "RANDOM",
+                 prompt_tuning_init_text=config.init_text,
+                 base_model_name_or_path=getattr(getattr(model, "config", None), "name_or_path", None) or None)
+        d.pop("init_text")
+        return d
+
+
+class LayerwiseMethod(ParameterMethod):
+    peft_type, config_class = LayerwiseConfig.peft_type, LayerwiseConfig
+
+    def method_shapes(self, model: nn.Module, config) -> dict:
         if config.train_last_n is not None:
             prefix, blocks = main_blocks(model)
             if config.train_last_n > len(blocks):
@@ -295,32 +445,10 @@ def plan_method(model: nn.Module, config) -> dict:
             names = [n for n, _ in model.named_modules() if n and re.fullmatch(config.layers_pattern, n)]
             if not names:
                 raise ValueError(f"layers_pattern {config.layers_pattern!r} matched no module of the model")
-        for n in names:
-            for pn, p in model.get_submodule(n).named_parameters():
-                shapes[f"{n}.{pn}"] = tuple(p.shape)
-    return shapes
+        return {f"{n}.{pn}": tuple(p.shape) for n in names for pn, p in model.get_submodule(n).named_parameters()}
 
 
-def inject_method(model: nn.Module, config) -> list:
-    """Apply a BitFit / adapter / prompt-tuning / layer-wise config in place (checked first); returns the
-    names of the parameters it trains (what its adapter files hold)."""
-    plan = plan_method(model, config)
-    for p in model.parameters():
-        p.requires_grad_(False)
-    if isinstance(config, AdapterConfig):
-        from .inject import _set_submodule
-
-        for n in _adapter_targets(model, config):
-            _set_submodule(model, n, BottleneckAdapter(model.get_submodule(n), config.bottleneck_dim,
-                                                       config.non_linearity, config.scaling))
-    elif isinstance(config, PromptTuningConfig):
-        emb = model.get_input_embeddings()
-        model.fastpeft_prompt = PromptEmbedding(_initial_prompt(emb, config))
-        model._fastpeft_prompt_hook = model.register_forward_pre_hook(_prompt_hook, with_kwargs=True)
-    params = dict(model.named_parameters())
-    for name in plan:
-        params[name].requires_grad_(True)
-    return sorted(plan)
+METHODS = (BitFitMethod(), AdapterMethod(), PromptTuningMethod(), LayerwiseMethod())
 
 
 @torch.no_grad()

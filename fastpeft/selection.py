@@ -2,9 +2,31 @@
 gradient magnitudes, RoSA's one-shot mask), as flat indices (block_size 1) or block coordinates."""
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 import torch
 
-SELECTIONS = ("random", "magnitude", "scores")
+from ._checks import SELECTIONS, check_sparse_options
+
+
+@dataclass(frozen=True)
+class SparseSpec:
+    """Where a sparse delta sits: ``density`` of W's entries (or of its ``block_size`` blocks), picked by
+    ``selection`` ("random", "magnitude", "scores"). ``SparseDeltaConfig(density, block_size, selection)``
+    and ``LoraConfig(sparse_density, sparse_block_size, sparse_selection)`` both name one of these."""
+
+    density: float
+    block_size: int = 1
+    selection: str = "random"
+
+    def __post_init__(self):
+        check_sparse_options(self.density, self.block_size, self.selection)
+        object.__setattr__(self, "density", float(self.density))
+
+    def select(self, weight: torch.Tensor, scores: torch.Tensor | None = None, selection: str | None = None
+               ) -> torch.Tensor:
+        """Positions on ``weight`` by this spec (or by ``selection`` instead of its own)."""
+        return select_indices(weight, self.density, self.block_size, selection or self.selection, scores)
 
 
 def count_for(density: float, out_features: int, in_features: int, block_size: int) -> int:
@@ -30,12 +52,7 @@ def select_indices(weight: torch.Tensor, density: float, block_size: int = 1, se
     ``selection``: "random" (uniform, from ``generator`` or torch's default one), "magnitude" (largest
     |W|, summed over each block), "scores" (largest |scores|, scores of W's shape).
     """
-    if selection not in SELECTIONS:
-        raise ValueError(f"selection must be one of {SELECTIONS}, got {selection!r}")
-    if not isinstance(density, (int, float)) or isinstance(density, bool) or not 0.0 < float(density) <= 1.0:
-        raise ValueError(f"density must be a float in (0, 1], got {density!r}")
-    if isinstance(block_size, bool) or not isinstance(block_size, int) or block_size < 1:
-        raise ValueError(f"block_size must be a positive int, got {block_size!r}")
+    check_sparse_options(density, block_size, selection)
     out_f, in_f = weight.shape
     b = block_size
     rb, cb = -(-out_f // b), -(-in_f // b)

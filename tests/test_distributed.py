@@ -6,9 +6,7 @@ hands back the trainable parameters (whole: FSDP2's shards are gathered with ``D
 the wrapped model's eval logits and an adapter written by ``fastpeft.save_adapter`` (DDP: rank 0 alone;
 FSDP2: every rank calls it, the shards are gathered, rank 0 writes). The tests compare them, in this
 process, with a single-process run. The ``-mixed`` case trains one of two adapters of different ranks
-under FSDP2 with batches routed per sequence (``fastpeft.mixed_batch``); it needs
-``FastLoRALinear.unpack()`` before ``fully_shard``, which refuses the non-contiguous views that the
-smaller adapter's ``lora_B`` is in the layer's stack.
+under FSDP2 with batches routed per sequence (``fastpeft.mixed_batch``).
 
 What equality holds, and why. A LoRA dropout mask is a pure function of ``(seed, flat position)``:
 element (m, k) of the input viewed as (M, K) uses Philox draw ``m * K + k`` of the seed
@@ -159,17 +157,13 @@ CASE_IDS = [f"{kind}-p{p}" + ("-mixed" if mixed else "") for kind, p, mixed in C
 def _run_case(rank: int, kind: str, dropout: float, mixed: bool, case_dir: str) -> None:
     model = _model(dropout, mixed)
     if kind == "ddp":
-        # Bucket views: the gradients live in DDP's buckets while the parameters stay views into
-        # each layer's adapter stack.
+        # Bucket views: the gradients live in DDP's buckets.
         wrapped = nn.parallel.DistributedDataParallel(model, gradient_as_bucket_view=True)
     else:
         from torch.distributed.device_mesh import init_device_mesh
         from torch.distributed.fsdp import fully_shard
 
         mesh = init_device_mesh("cpu", (WORLD,))
-        if mixed:  # the rank-2 adapter's B is a non-contiguous view into its layer's stack: unpack first
-            for layer in fastpeft.lora_layers(model).values():
-                layer.unpack()
         for block in model.blocks:
             fully_shard(block, mesh=mesh)
         fully_shard(model, mesh=mesh)
@@ -324,8 +318,8 @@ def test_dropout_mask_follows_local_rows():
 
 def test_swapped_in_parameters_are_not_repointed():
     """FSDP2 swaps Parameters of its own into each layer at every forward and fills them in place (the
-    all-gather). A mixed batch must read what they hold at that forward: re-pointing them into the
-    layer's stacks (as a re-pack does with the layer's own) would leave every later forward stale."""
+    all-gather). A mixed batch must read what they hold at that forward: re-pointing them, or a cached
+    stack that missed the in-place write, would leave every later forward stale."""
     torch.manual_seed(0)
     layer = fastpeft.FastLoRALinear(8, 6, r=2, init_lora_weights=False)
     layer.add_adapter("other", 2, 2, init_lora_weights=False)

@@ -398,7 +398,7 @@ def test_layers_on_triton_backend(b):
         for got, want in zip(results[1], results[0]):  # fp32 both: rounding apart, scaled to the largest value
             assert_close_report(got, want, rtol=1e-5, atol=1e-5 * max(1.0, _amax(want)), what=type(layer).__name__)
         assert all(torch.equal(u, v) for u, v in zip(results[1], results[2]))
-        plans = layer._sparse_plans["default"] if layer is rosa else layer._plan
+        plans = layer.sparse_delta()._plan
         assert isinstance(plans.plan, SparsePlan)
     assert sd._plan.plan.block_size == b
 

@@ -7,7 +7,6 @@ import torch.nn as nn
 
 import fastpeft
 from fastpeft import FastLoRALinear
-from fastpeft.reference import lora_linear_ref
 
 
 def _layer(in_f=48, out_f=80, r=8, **kw):
@@ -87,20 +86,60 @@ def test_wrong_input_size_names_both_sizes():
         _layer()(torch.randn(3, 40))
 
 
+def _formula(x, weight, bias, lora_A, lora_B, scaling, keep=None, p=0.0):
+    """``y = x W^T + b + s * (drop(x) A^T) B^T`` written out in float64, ``drop(x) = x * keep / (1 - p)``:
+    the expected values, independent of ``fastpeft.reference`` (which is what "auto" runs on the CPU)."""
+    x, weight, lora_A, lora_B = (t.double() for t in (x, weight, lora_A, lora_B))
+    dropped = x if keep is None else x * keep.double() / (1.0 - p)
+    y = x @ weight.T + scaling * ((dropped @ lora_A.T) @ lora_B.T)
+    return y if bias is None else y + bias.double()
+
+
+def _leaf64(t):
+    return t.detach().double().requires_grad_()
+
+
+@pytest.mark.parametrize("mode", ["eval-p0.2", "train-p0"])
 @pytest.mark.parametrize("shape", [(1, 48), (2, 3, 48), (4, 1, 5, 48)], ids=["2d", "3d", "4d"])
-def test_forward_matches_reference(shape):
+def test_forward_and_gradients_match_formula(shape, mode):
+    """Output and the gradients of x, A and B against the fp64 formula, with scaling = 16 / 8 written out."""
+    layer = _layer(lora_alpha=16, lora_dropout=0.2 if mode == "eval-p0.2" else 0.0)
+    layer.train(mode == "train-p0")
+    x = torch.randn(*shape, requires_grad=True)
+    y = layer(x)
+    x64, a64, b64 = _leaf64(x), _leaf64(layer.lora_A), _leaf64(layer.lora_B)
+    want = _formula(x64, layer.weight, layer.bias, a64, b64, 2.0)
+    torch.testing.assert_close(y.double(), want, rtol=1e-5, atol=1e-5)
+    dy = torch.randn_like(y)
+    got = torch.autograd.grad(y, (x, layer.lora_A, layer.lora_B), dy)
+    expected = torch.autograd.grad(want, (x64, a64, b64), dy.double())
+    for name, g, w in zip(("x", "lora_A", "lora_B"), got, expected):
+        torch.testing.assert_close(g.double(), w, rtol=1e-5, atol=1e-5, msg=lambda m, n=name: f"d{n}: {m}")
+
+
+def test_dropout_matches_formula_and_is_seeded():
+    """Dropout on the LoRA branch only, mask ``dropout_mask(seed)``, scaled by 1 / (1 - p)."""
+    torch.manual_seed(0)
+    x, w, b = torch.randn(5, 48, requires_grad=True), torch.randn(80, 48), torch.randn(80)
+    a, bb = torch.randn(8, 48, requires_grad=True), torch.randn(80, 8, requires_grad=True)
+    y = fastpeft.lora_linear(x, w, b, a, bb, 1.5, dropout_p=0.25, seed=11)
+    keep = fastpeft.reference.dropout_mask(11, 5, 48, 0.25)
+    assert 0 < int(keep.sum()) < keep.numel()
+    x64, a64, b64 = _leaf64(x), _leaf64(a), _leaf64(bb)
+    want = _formula(x64, w, b, a64, b64, 1.5, keep, 0.25)
+    torch.testing.assert_close(y.double(), want, rtol=1e-5, atol=1e-5)
+    got = torch.autograd.grad(y.sum(), (x, a, bb))
+    expected = torch.autograd.grad(want.sum(), (x64, a64, b64))
+    for g, e in zip(got, expected):
+        torch.testing.assert_close(g.double(), e, rtol=1e-5, atol=1e-5)
+    # The layer in training draws its seed from torch's generator: one manual_seed, one mask.
     layer = _layer(lora_alpha=16, lora_dropout=0.2)
-    x = torch.randn(*shape)
-    layer.eval()
-    expected = lora_linear_ref(x, layer.weight, layer.bias, layer.lora_A, layer.lora_B, layer.scaling)
-    torch.testing.assert_close(layer(x), expected)
-    layer.train()
+    xs = torch.randn(2, 3, 48)
     torch.manual_seed(3)
-    y1 = layer(x)
+    y1 = layer(xs)
     torch.manual_seed(3)
-    y2 = layer(x)
-    torch.testing.assert_close(y1, y2)  # seeded from torch's generator
-    assert not torch.allclose(y1, expected)  # dropout on
+    torch.testing.assert_close(layer(xs), y1)
+    assert not torch.allclose(y1.double(), _formula(xs, layer.weight, layer.bias, layer.lora_A, layer.lora_B, 2.0))
 
 
 def test_gradients_reach_only_lora_parameters():

@@ -44,18 +44,22 @@ def test_registry_and_stacked_storage():
         a, b = layer.adapter_parameters(name)
         r = layer.adapter_spec(name).r
         assert a.shape == (r, 48) and b.shape == (40, r)
-        assert a.data_ptr() == stack_a[i].data_ptr() and b.data_ptr() == stack_b[i].data_ptr()
+        assert torch.equal(stack_a[i, :r], a) and torch.equal(stack_b[i, :, :r], b)
         assert torch.count_nonzero(stack_a[i, r:]) == 0 and torch.count_nonzero(stack_b[i, :, r:]) == 0
-    # An in-place update of a Parameter (an optimizer step) is the stack's update.
+    assert layer.stacked()[0] is stack_a  # cached while no Parameter changes
+    # An in-place update of a Parameter (an optimizer step) shows in the next stacks.
     with torch.no_grad():
         layer.adapter_parameters("a1")[0].add_(1.0)
     assert torch.equal(layer.stacked()[0][1, :1], layer.adapter_parameters("a1")[0])
-    # Adding a larger rank re-packs, keeping the Parameter objects and their values.
+    # So does a Parameter replaced by another object (as FSDP2 swaps its own in).
+    layer.lora_B_adapters["a2"] = nn.Parameter(torch.randn(40, 8))
+    assert torch.equal(layer.stacked()[1][2], layer.lora_B_adapters["a2"])
+    # Adding a larger rank keeps the Parameter objects and their values.
     a_default = layer.lora_A
     before = a_default.detach().clone()
     layer.add_adapter("big", 16, 16)
     assert layer.stacked()[0].shape == (4, 16, 48) and layer.lora_A is a_default
-    assert torch.equal(a_default, before) and a_default.data_ptr() == layer.stacked()[0][0].data_ptr()
+    assert torch.equal(a_default, before) and torch.equal(layer.stacked()[0][0, :4], a_default)
     layer.delete_adapter("a1")
     assert layer.adapter_names == ["default", "a2", "big"] and layer.stacked()[0].shape == (3, 16, 48)
     with pytest.raises(ValueError, match="already exists"):
@@ -166,7 +170,7 @@ def test_to_dtype_and_deepcopy_repack_the_stack():
     y = layer(x, adapter_ids=ids)
     half = copy.deepcopy(layer).to(torch.float64)
     assert half.stacked()[0].dtype == torch.float64
-    assert half.lora_A.data_ptr() == half.stacked()[0][0].data_ptr()
+    assert torch.equal(half.stacked()[0][0, :4], half.lora_A)
     torch.testing.assert_close(half(x.double(), adapter_ids=ids), y.double(), rtol=1e-5, atol=1e-5)
 
 
@@ -205,6 +209,19 @@ def test_mixed_batch_equals_each_adapter_alone():
         torch.testing.assert_close(y[i], _alone(m, name, x[i:i + 1])[0], rtol=1e-5, atol=1e-5)
     # Outside the block the active adapter applies again.
     torch.testing.assert_close(m(x), _alone(m, "a", x))
+
+
+def test_set_routing_is_per_sequence_ids():
+    """The layer method mixed_batch uses: names per sequence (None or an unknown name = base), cleared by None."""
+    layer = _layer()
+    x = torch.randn(4, 3, 48)
+    layer.set_routing(["a2", None, "default", "not-here"])
+    assert layer.routing == ["a2", None, "default", "not-here"]
+    routed = layer(x)
+    layer.set_routing(None)
+    assert layer.routing is None
+    torch.testing.assert_close(routed, layer(x, adapter_ids=torch.tensor([2, -1, 0, -1])), rtol=0, atol=0)
+    torch.testing.assert_close(layer(x), _row_by_row(layer, x, torch.zeros(4, 3, dtype=torch.long)))
 
 
 def test_mixed_batch_bad_names():

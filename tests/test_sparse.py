@@ -248,8 +248,8 @@ def test_rosa_through_lora_config_and_files(tmp_path):
     with torch.no_grad():
         for layer in fastpeft.lora_layers(m).values():
             layer.sparse_values["default"].normal_()
-    trainable = {n.rsplit(".", 2)[-2] for n, p in m.named_parameters() if p.requires_grad}
-    assert trainable == {"lora_A_adapters", "lora_B_adapters", "sparse_values"}
+    trainable = {n.replace(".default", "").rsplit(".", 1)[-1] for n, p in m.named_parameters() if p.requires_grad}
+    assert trainable == {"lora_A_adapters", "lora_B_adapters", "delta_values"}
     x = torch.randn(3, 16)
     fastpeft.save_adapter(m, tmp_path)
     assert json.loads((tmp_path / CONFIG_NAME).read_text())["sparse_density"] == 0.1
@@ -258,6 +258,38 @@ def test_rosa_through_lora_config_and_files(tmp_path):
     fresh.load_state_dict({k: v for k, v in m.state_dict().items() if "lora_" not in k and "sparse_" not in k})
     fastpeft.load_adapter(fresh, tmp_path)
     torch.testing.assert_close(fresh(x), m(x), rtol=0, atol=0)
+
+
+@pytest.mark.parametrize("kind", ["SparseDeltaConfig", "RoSA"])
+def test_gradient_scores_are_accumulated_abs_dL_dW(kind):
+    """select_by_gradients' scores are sum over batches of |dL/dW|, as torch.autograd.grad gives it, and the
+    new positions are their top entries."""
+    import copy
+
+    torch.manual_seed(0)
+    m = Toy()
+    cfg = (SparseDeltaConfig(density=0.05, target_modules=["q_proj", "mlp.0"]) if kind == "SparseDeltaConfig" else
+           LoraConfig(r=2, target_modules=["q_proj", "mlp.0"], init_lora_weights=False, sparse_density=0.05))
+    fastpeft.inject(m, cfg)
+    batches = [torch.randn(4, 16) for _ in range(3)]
+
+    def loss_fn(model, xb):  # signs vary across batches and entries: |g| summed != |sum g|
+        return model(xb).sin().sum()
+
+    ref = copy.deepcopy(m)
+    layers = {n: l for n, l in ref.named_modules() if isinstance(l, (SparseDeltaLinear, FastLoRALinear))}
+    weights = [layers[n].weight.requires_grad_(True) for n in layers]
+    expected = {n: torch.zeros_like(w) for n, w in zip(layers, weights)}
+    for xb in batches:
+        for n, g in zip(layers, torch.autograd.grad(loss_fn(ref, xb), weights)):
+            expected[n] += g.abs()
+    scores = fastpeft.select_by_gradients(m, batches, loss_fn, progress=False)
+    assert sorted(scores) == sorted(expected)
+    for n, layer in {**fastpeft.sparse_layers(m), **fastpeft.lora_layers(m)}.items():
+        torch.testing.assert_close(scores[n], expected[n], rtol=1e-5, atol=1e-6)
+        idx, values = layer.sparse_delta().delta_indices, layer.sparse_delta().delta_values
+        top = torch.sort(torch.topk(expected[n].reshape(-1), values.numel()).indices).values
+        assert torch.equal(idx, top)
 
 
 def test_one_shot_gradient_selection():

@@ -1,0 +1,111 @@
+"""Hugging Face PEFT's module-name rules, and the submodule surgery that puts adapter layers in place.
+
+Shared by ``inject.py`` (LoRA, sparse deltas) and ``methods.py`` (the other methods); it imports neither.
+
+Matching, as PEFT does it:
+- ``target_modules`` a string: ``re.fullmatch`` against the full module name;
+- a list: a module matches an entry equal to its full name or to a ``.``-separated suffix of it;
+- ``"all-linear"``: every ``nn.Linear`` except the output head (``model.get_output_embeddings()``);
+- ``exclude_modules`` (same rules) and the ``modules_to_save`` modules are never targets;
+- ``rank_pattern`` / ``alpha_pattern`` keys are regexes matched as ``(.*\\.)?(key)$`` against the name;
+- ``modules_to_save`` entries match module names that end with them;
+- ``bias="all"`` trains the parameters named ``bias``.
+"""
+from __future__ import annotations
+
+import re
+
+import torch.nn as nn
+
+ALL_LINEAR = "all-linear"
+# Used when target_modules is None, by ``model.config.model_type`` (PEFT's defaults for these).
+DEFAULT_TARGETS = {
+    "llama": ["q_proj", "v_proj"], "mistral": ["q_proj", "v_proj"], "qwen2": ["q_proj", "v_proj"],
+    "qwen3": ["q_proj", "v_proj"], "gemma": ["q_proj", "v_proj"], "gemma2": ["q_proj", "v_proj"],
+    "opt": ["q_proj", "v_proj"], "phi": ["q_proj", "v_proj"], "bert": ["query", "value"],
+    "roberta": ["query", "value"], "xlm-roberta": ["query", "value"], "distilbert": ["q_lin", "v_lin"],
+    "t5": ["q", "v"], "mt5": ["q", "v"], "bart": ["q_proj", "v_proj"], "gpt_neox": ["query_key_value"],
+    "falcon": ["query_key_value"], "bloom": ["query_key_value"],
+}
+
+
+def compile_pattern(pattern: str, what: str) -> re.Pattern:
+    """``re.compile(pattern)``, raising TypeError / ValueError that name ``what``."""
+    if not isinstance(pattern, str):
+        raise TypeError(f"{what} must be a str, got {type(pattern).__name__}")
+    try:
+        return re.compile(pattern)
+    except re.error as e:
+        raise ValueError(f"{what} {pattern!r} is not a valid regex: {e}") from None
+
+
+def name_list(v, name: str):
+    """None, a regex string, or a list of names (sets and tuples are sorted into lists), checked."""
+    if v is None:
+        return None
+    if isinstance(v, str):
+        if v.lower() != ALL_LINEAR or name != "target_modules":
+            compile_pattern(v, name)
+        return v
+    if isinstance(v, (list, tuple, set, frozenset)):
+        items = sorted(v) if isinstance(v, (set, frozenset)) else list(v)
+        if not items or not all(isinstance(s, str) and s for s in items):
+            raise ValueError(f"{name} must be a regex string or a non-empty list of module names, got {v!r}")
+        return items
+    raise TypeError(f"{name} must be a str, a list of str or None, got {type(v).__name__}")
+
+
+def matches(spec, name: str) -> bool:
+    """PEFT's rule: a string is fullmatched; a list matches an exact name or a ``.name`` suffix."""
+    if spec is None:
+        return False
+    if isinstance(spec, str):
+        return re.fullmatch(spec, name) is not None
+    return name in spec or any(name.endswith("." + s) for s in spec)
+
+
+def is_all_linear(spec) -> bool:
+    return isinstance(spec, str) and spec.lower() == ALL_LINEAR
+
+
+def module_names(model: nn.Module, spec) -> list:
+    """Full names of ``model``'s modules that ``spec`` matches."""
+    return [n for n, _ in model.named_modules() if n and matches(spec, n)]
+
+
+def pattern_value(patterns: dict, name: str, default):
+    """The value of the first ``patterns`` key matching ``name`` as ``(.*\\.)?(key)$``, else ``default``."""
+    for key, value in patterns.items():
+        if re.match(rf"(.*\.)?({key})$", name):
+            return value
+    return default
+
+
+def output_head(model: nn.Module):
+    """``model.get_output_embeddings()``, or None when the model has none."""
+    get = getattr(model, "get_output_embeddings", None)
+    try:
+        return get() if callable(get) else None
+    except (NotImplementedError, AttributeError):
+        return None
+
+
+def default_targets(model: nn.Module) -> list:
+    """PEFT's default LoRA targets for ``model.config.model_type``; ValueError for an unknown type."""
+    model_type = getattr(getattr(model, "config", None), "model_type", None)
+    if model_type in DEFAULT_TARGETS:
+        return DEFAULT_TARGETS[model_type]
+    raise ValueError("target_modules is None and fastpeft knows no default targets for model type "
+                     f"{model_type!r}: pass target_modules (a list of names, a regex, or 'all-linear')")
+
+
+def is_bias(param_name: str) -> bool:
+    """Whether ``bias="all"`` trains this parameter: PEFT's rule, a parameter named ``bias``. A name that only
+    contains the word (T5's ``relative_attention_bias.weight``) is no bias term."""
+    return param_name == "bias" or param_name.endswith(".bias")
+
+
+def set_submodule(model: nn.Module, name: str, new: nn.Module) -> None:
+    """Replace ``model``'s submodule ``name`` (a full dotted name) by ``new``."""
+    parent_name, _, child = name.rpartition(".")
+    setattr(model.get_submodule(parent_name) if parent_name else model, child, new)
