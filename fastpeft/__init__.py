@@ -6,6 +6,7 @@ The public API (see API.md): ``lora_linear``, ``lora_linear_multi``, ``FastLoRAL
 ``deterministic()`` for bitwise reproducible runs; ``accelerate`` / ``restore`` for existing PEFT models.
 """
 from .accelerate import AccelerateReport, accelerate, restore
+from .hf import to_peft
 from .functional import (BACKENDS, current_backend, lora_linear, lora_linear_multi, lora_sparse_linear,
                          sparse_delta_linear, use_backend)
 from .inject import (LoraConfig, ModulesToSaveWrapper, SparseDeltaConfig, active_adapter, delete_adapter,
@@ -31,5 +32,5 @@ __all__ = [
     "lora_sparse_linear_ref", "select_by_gradients", "select_indices", "sparse_delta_linear",
     "sparse_delta_linear_ref", "sparse_layers", "AdapterConfig", "BitFitConfig", "BottleneckAdapter",
     "LayerwiseConfig", "PromptTuningConfig", "layerwise_param_groups", "deterministic", "is_deterministic",
-    "set_deterministic", "AccelerateReport", "accelerate", "restore",
+    "set_deterministic", "AccelerateReport", "accelerate", "restore", "to_peft",
 ]
