@@ -364,6 +364,8 @@ def inject(model: nn.Module, config, adapter_name: str = "default", plan: LoraPl
         raise TypeError("config must be a fastpeft LoraConfig, SparseDeltaConfig, BitFitConfig, AdapterConfig, "
                         f"PromptTuningConfig or LayerwiseConfig, got {type(config).__name__}")
     check_adapter_name(adapter_name)
+    from .hf import attach_trainer_support  # adapter-only save_pretrained for Trainer / TRL (fastpeft/hf.py)
+    attach_trainer_support(model)
     configs = adapter_configs(model)
     if isinstance(config, METHOD_CONFIGS):
         if configs:
