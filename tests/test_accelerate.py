@@ -96,10 +96,15 @@ def test_dropout_eval_equal_and_train_runs_fastpeft(base, ids):
     fastpeft.accelerate(model)
     assert_same(run(model, ids), want, "dropout 0.1, eval")
     model.train()
-    torch.manual_seed(3)
-    a = run(model, ids)
-    torch.manual_seed(3)
-    b = run(model, ids)
+    run(model, ids)  # CPU, backend "auto": PEFT's nn.Dropout, faster here than the reference path's mask
+    assert q_proj(model)._fastpeft_calls == {"fastpeft": 1, "dropout in training off CUDA with backend 'auto' "
+                                             "(PEFT's nn.Dropout is faster there)": 1}
+    with fastpeft.use_backend("reference"):
+        torch.manual_seed(3)
+        a = run(model, ids)
+        torch.manual_seed(3)
+        b = run(model, ids)
+    assert q_proj(model)._fastpeft_calls["fastpeft"] == 3
     assert_same(a, b, "dropout 0.1, train, same torch seed")  # the mask is a function of torch's generator
     assert not torch.equal(a[0], want[0])  # and dropout did drop something
 
@@ -124,7 +129,8 @@ def test_dropout_train_matches_peft_formula_with_fastpeft_mask():
     layer = model.base_model.model.lin
     model.train()
     x = torch.randn(rows, d, dtype=torch.float64, requires_grad=True)
-    y = model(x)
+    with fastpeft.use_backend("reference"):  # asked for: fastpeft's mask even on the CPU
+        y = model(x)
     w, bias = layer.base_layer.weight, layer.base_layer.bias
     a, b = layer.lora_A["default"].weight, layer.lora_B["default"].weight
     with torch.no_grad():
