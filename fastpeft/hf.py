@@ -161,7 +161,11 @@ def _load_state_dict(self, state_dict, strict=True, assign=False):
         save_adapter(self, tmp, name)  # the adapter's config; its weights are replaced by the state dict's
         save_file({k: v.detach().to("cpu").contiguous() for k, v in state_dict.items()},
                   os.path.join(tmp, _ADAPTER_WEIGHTS), metadata={"format": "pt"})
-        load_adapter(self, tmp, name)
+        try:
+            load_adapter(self, tmp, name)
+        except ValueError as e:  # name the state dict, not the temporary folder it went through
+            msg = str(e).replace(f"adapter {tmp!r}", "the state dict").replace(tmp, "the state dict")
+            raise ValueError(f"load_state_dict into fastpeft adapter {name!r}: {msg}") from None
     return torch.nn.modules.module._IncompatibleKeys([], [])
 
 
