@@ -439,3 +439,22 @@ def test_transformers_add_adapter_model(base, ids):
     report = fastpeft.accelerate(model)
     assert len(report.patched) == 6
     assert_same(run(model, ids), want, "transformers add_adapter")
+
+
+def test_two_active_adapters_with_dropout_in_training_run_peft_forward():
+    torch.manual_seed(0)
+    model = peft.get_peft_model(OneLinear(16), peft.LoraConfig(r=4, target_modules=["lin"], lora_dropout=0.1,
+                                                               init_lora_weights=False))
+    model.add_adapter("b", peft.LoraConfig(r=2, target_modules=["lin"], lora_dropout=0.1, init_lora_weights=False))
+    model.base_model.set_adapter(["default", "b"])
+    fastpeft.accelerate(model)
+    layer = model.base_model.model.lin
+    x = torch.randn(4, 16)
+    model.eval()
+    with fastpeft.use_backend("reference"):
+        want = peft.tuners.lora.layer.Linear.forward(layer, x)
+        assert_close_report(model(x), want, RTOL, ATOL, "two adapters, eval")
+        model.train()
+        model(x)
+    assert layer._fastpeft_calls == {"fastpeft": 1, "several active adapters with dropout in training (PEFT draws "
+                                                    "a mask per adapter)": 1}

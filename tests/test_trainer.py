@@ -245,3 +245,21 @@ def test_inject_hook_is_harmless_without_adapters(base, tmp_path):
     assert isinstance(model.lm_head, nn.Linear)
     model.save_pretrained(tmp_path)  # transformers' own save: no fastpeft adapter left
     assert "config.json" in os.listdir(tmp_path) and "adapter_config.json" not in os.listdir(tmp_path)
+
+
+def test_to_peft_modules_to_save_and_lora_only_bias():
+    from test_inject import Toy
+
+    torch.manual_seed(0)
+    model = fastpeft.inject(Toy(), fastpeft.LoraConfig(r=4, target_modules=["q_proj", "v_proj"], bias="lora_only",
+                                                       modules_to_save=["lm_head"], init_lora_weights=False))
+    with torch.no_grad():  # every trainable tensor away from its initial value, so a dropped one shows
+        for p in model.parameters():
+            if p.requires_grad:
+                p.add_(0.1 * torch.randn_like(p))
+    x = torch.randn(2, 5, 16)
+    want = model(x).detach()
+    trainable = fastpeft.trainable_parameters(model)
+    pm = fastpeft.to_peft(model)
+    assert fastpeft.trainable_parameters(pm) == trainable
+    assert_close_report(pm(x), want, 1e-6, 1e-6, "to_peft with modules_to_save and bias='lora_only'")
