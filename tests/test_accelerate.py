@@ -400,6 +400,31 @@ def test_triton_backend(mode):
     assert model.base_model.model.lin._fastpeft_calls == {"fastpeft": 1}
 
 
+@needs_kernels
+def test_triton_backend_dropout_same_mask_as_reference_backend():
+    """In training with dropout the kernels redraw the reference path's Philox mask: same torch seed, same
+    output and gradients on both backends (and the mask really drops: the output differs from eval's)."""
+    dev = "cuda" if torch.cuda.is_available() and not kernels.INTERPRET else "cpu"
+    torch.manual_seed(0)
+    model = peft.get_peft_model(OneLinear(16).to(dev), peft.LoraConfig(r=4, lora_alpha=8, target_modules=["lin"],
+                                                                       lora_dropout=0.3, init_lora_weights=False))
+    fastpeft.accelerate(model)
+    x = torch.randn(6, 16, device=dev)
+    results = {}
+    for backend in ("reference", "triton"):
+        model.zero_grad(set_to_none=True)
+        torch.manual_seed(5)
+        with fastpeft.use_backend(backend):
+            y = model(x)
+        y.square().sum().backward()
+        results[backend] = [y.detach()] + [p.grad for _, p in sorted(model.named_parameters()) if p.grad is not None]
+    assert len(results["triton"]) == 3
+    for g, w in zip(results["triton"], results["reference"]):
+        assert_close_report(g, w, 1e-4, 1e-5, "triton vs reference, dropout 0.3")
+    model.eval()
+    assert not torch.allclose(model(x), results["reference"][0])
+
+
 # ---------------------------------------------------------------------------------------------------------
 # Errors
 # ---------------------------------------------------------------------------------------------------------
