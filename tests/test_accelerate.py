@@ -342,6 +342,7 @@ class Conv1DModel(nn.Module):
         return self.proj(torch.tanh(self.c_attn(x)))
 
 
+@pytest.mark.filterwarnings("ignore:fan_in_fan_out is set to True:UserWarning")
 def test_fan_in_fan_out_layer_falls_back():
     torch.manual_seed(0)
     model = peft.get_peft_model(Conv1DModel(), peft.LoraConfig(r=4, target_modules=["c_attn"], fan_in_fan_out=True,
