@@ -170,7 +170,7 @@ def test_sft_trainer_three_steps(base, tmp_path):
     frozen = model.model.layers[0].mlp.up_proj.weight.detach().clone()
     start = lora_tensors(model)
     args = trl.SFTConfig(output_dir=str(tmp_path), max_steps=3, per_device_train_batch_size=2, learning_rate=1e-2,
-                         logging_steps=1, report_to=[], use_cpu=True, bf16=False, gradient_checkpointing=False,
+                         logging_steps=1, report_to=[], use_cpu=True, bf16=False, gradient_checkpointing=True,
                          save_strategy="no", disable_tqdm=True, max_length=16)
     trainer = SFTTrainer(model=model, args=args, train_dataset=datasets.Dataset.from_dict({"text": text}),
                          processing_class=tiny_tokenizer())
