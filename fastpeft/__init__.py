@@ -3,8 +3,10 @@
 The public API (see API.md): ``lora_linear``, ``lora_linear_multi``, ``FastLoRALinear``, ``LoraConfig``,
 ``inject``, ``set_adapter``, ``delete_adapter``, ``mixed_batch``, ``trainable_parameters``,
 ``save_adapter``, ``load_adapter``, ``merge_and_unload``, ``use_backend``; ``set_deterministic`` /
-``deterministic()`` for bitwise reproducible runs.
+``deterministic()`` for bitwise reproducible runs; ``accelerate`` / ``restore`` for existing PEFT models.
 """
+from .accelerate import AccelerateReport, accelerate, restore
+from .hf import to_peft
 from .functional import (BACKENDS, current_backend, lora_linear, lora_linear_multi, lora_sparse_linear,
                          sparse_delta_linear, use_backend)
 from .inject import (LoraConfig, SparseDeltaConfig, active_adapter, delete_adapter,
@@ -30,5 +32,5 @@ __all__ = [
     "lora_sparse_linear_ref", "select_by_gradients", "select_indices", "sparse_delta_linear",
     "sparse_delta_linear_ref", "sparse_layers", "AdapterConfig", "BitFitConfig", "BottleneckAdapter",
     "LayerwiseConfig", "PromptTuningConfig", "layerwise_param_groups", "deterministic", "is_deterministic",
-    "set_deterministic",
+    "set_deterministic", "AccelerateReport", "accelerate", "restore", "to_peft",
 ]

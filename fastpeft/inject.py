@@ -572,6 +572,10 @@ class SparseDeltaMethod(Method):
 
 
 METHODS = {m.peft_type: m for m in (LoraMethod(), SparseDeltaMethod(), *OTHER_METHODS)}
+
+# Called with the model by every inject, before any surgery: the modules that build on inject register here
+# (fastpeft.hf: the adapter-only save_pretrained of Trainer checkpoints), so that inject imports none of them.
+INJECT_HOOKS: list = []
 _BY_CONFIG = {m.config_class: m for m in METHODS.values()}
 
 
@@ -598,6 +602,8 @@ def inject(model: nn.Module, config, adapter_name: str = "default", plan=None, a
     """
     method = method_for(config)
     check_adapter_name(adapter_name)
+    for hook in INJECT_HOOKS:
+        hook(model)
     configs = adapter_configs(model)
     alone = [c for c in (config, *configs.values()) if method_for(c).alone]
     if configs and alone:

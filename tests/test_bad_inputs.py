@@ -623,3 +623,85 @@ def test_failed_save_leaves_the_folder_as_it_was(tmp_path, monkeypatch, case):
     assert _tree(tmp_path) == before  # no half-written folder, no temporary left behind
     _assert_unchanged(model, state)
 
+
+
+# ---- PEFT models and Trainer support: fastpeft.accelerate / restore / to_peft / save_pretrained ---------
+
+def _peft_model(**over):
+    """The toy as a Hugging Face PEFT LoRA model (r=4 on q/v)."""
+    peft = pytest.importorskip("peft")
+    kw = dict(r=4, lora_alpha=8, target_modules=["q_proj", "v_proj"], init_lora_weights=False, **over)
+    return peft.get_peft_model(_toy(), peft.LoraConfig(**kw))
+
+
+def _peft_loha_model():
+    peft = pytest.importorskip("peft")
+    return peft.get_peft_model(_toy(), peft.LoHaConfig(r=4, target_modules=["q_proj"]))
+
+
+def _peft_partly_dora():
+    """Plain LoRA on q/v, and a DoRA adapter on o_proj: the o_proj layers would stay on PEFT's forward."""
+    peft = pytest.importorskip("peft")
+    m = _peft_model()
+    m.add_adapter("dora", peft.LoraConfig(r=4, target_modules=["o_proj"], use_dora=True))
+    return m
+
+
+def _merged_fastpeft_model():
+    m = _lora_model()
+    next(iter(fastpeft.lora_layers(m).values())).merge()
+    return m
+
+
+def _adapter_state(model, shape):
+    """An adapter state dict (PEFT's keys, what Trainer's resume hands to load_state_dict) of one tensor."""
+    return model.load_state_dict({KEY: torch.zeros(shape)}, False)
+
+
+def _sft(model, **kw):
+    pytest.importorskip("trl")
+    from fastpeft.hf import check_sft_model
+
+    return check_sft_model(model, **kw)
+
+
+PEFT_CASES = [
+    Bad("accelerate-not-a-module", lambda _: fastpeft.accelerate("model"), TypeError, ("PEFT LoRA model", "str")),
+    Bad("accelerate-model-without-lora", lambda m: fastpeft.accelerate(m), TypeError,
+        ("Toy has no PEFT LoRA layer",), _toy),
+    Bad("accelerate-fastpeft-model", lambda m: fastpeft.accelerate(m), TypeError, ("fastpeft model",), _lora_model),
+    Bad("accelerate-strict-str", lambda m: fastpeft.accelerate(m, strict="yes"), TypeError, ("strict", "'yes'"),
+        _peft_model),
+    Bad("accelerate-loha-model", lambda m: fastpeft.accelerate(m), ValueError, ("LoRA model", "LOHA"),
+        _peft_loha_model),
+    Bad("accelerate-dora-only", lambda m: fastpeft.accelerate(m), ValueError, ("nothing it can compute", "DoRA"),
+        lambda: _peft_model(use_dora=True)),
+    Bad("accelerate-strict-dora-layer", lambda m: fastpeft.accelerate(m, strict=True), ValueError,
+        ("strict=True", "nothing was changed", "o_proj", "DoRA"), _peft_partly_dora),
+    Bad("restore-not-a-module", lambda _: fastpeft.restore(3), TypeError, ("fastpeft.restore", "int")),
+    Bad("to_peft-no-fastpeft-adapter", lambda m: fastpeft.to_peft(m), TypeError, ("no fastpeft adapter",), _toy),
+    Bad("to_peft-merged-layer", lambda m: fastpeft.to_peft(m), ValueError, ("merged", "unmerge"),
+        _merged_fastpeft_model),
+    Bad("save_pretrained-unknown-selected_adapters",
+        lambda m: m.save_pretrained("/nonexistent/never", selected_adapters=["zzz"]), ValueError,
+        ("selected_adapters", "['zzz']", "['default']"), _lora_model),
+    Bad("save_pretrained-push_to_hub", lambda m: m.save_pretrained("/nonexistent/never", push_to_hub=True),
+        NotImplementedError, ("push_to_hub",), _lora_model),
+    Bad("load_state_dict-adapter-state-missing-keys", lambda m: _adapter_state(m, (4, 16)), ValueError,
+        ("load_state_dict", "adapter 'default'", "the state dict", "missing keys", "lora_B.weight"), _lora_model),
+    Bad("sft-fastpeft-model-with-peft_config", lambda m: _sft(m, peft_config=object()), ValueError,
+        ("fastpeft adapters", "without peft_config"), _lora_model),
+]
+
+
+@pytest.mark.parametrize("case", [pytest.param(c, id=c.id) for c in PEFT_CASES])
+def test_peft_interop_bad_input_raises_naming_what_was_found(case):
+    obj = case.make() if case.make is not None else None
+    before = _snapshot(obj) if obj is not None else None
+    with pytest.raises(Exception) as excinfo:
+        case.call(obj)
+    _assert_message(excinfo, case.exc, case.words)
+    if obj is not None:
+        _assert_unchanged(obj, before)
+    ids = [c.id for c in CASES + PEFT_CASES]
+    assert len(ids) == len(set(ids))

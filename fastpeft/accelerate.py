@@ -1,0 +1,376 @@
+"""``fastpeft.accelerate(peft_model)``: Hugging Face PEFT's LoRA layers computing through fastpeft's ops.
+
+Each eligible ``peft.tuners.lora.Linear`` of the model gets its class swapped (``__class__``) for a cached
+subclass, ``AcceleratedLinear``, whose ``forward`` decides at every call:
+
+- the active adapter(s) of a plain LoRA layer on an ``nn.Linear`` base -> ``fastpeft.lora_linear``
+  (several active adapters: their factors side by side, one call);
+- ``adapter_names=`` (PEFT's mixed batches, ``"__base__"`` rows included) -> ``fastpeft.lora_linear_multi``;
+- anything else -> PEFT's own ``Linear.forward``, unchanged: disabled or merged adapters, LoRA variants
+  (DoRA, aLoRA, ...), ``lora_bias``, hooks on the base layer or on the LoRA factors (accelerate's offload
+  hooks included), parameters of other dtypes than the input outside autocast (fp32 adapters on a bf16
+  base: PEFT computes the LoRA branch in fp32), several active adapters with dropout in training (PEFT draws
+  one mask per adapter), dropout in training off CUDA under backend "auto" (the reference path's mask is
+  slower than nn.Dropout there; ``use_backend`` picks fastpeft's anyway), extra forward arguments.
+
+The layers stay PEFT ``LoraLayer`` instances with all their state, so ``save_pretrained``, ``merge_adapter``,
+``merge_and_unload``, ``set_adapter``, ``disable_adapter()``, ``add_adapter`` / ``load_adapter`` and
+``cast_input_dtype_enabled`` behave as in PEFT. Dropout: PEFT's rate, fastpeft's seeded mask (recomputed in
+backward, never stored), so a training step matches PEFT's in distribution, not bit for bit; with dropout
+off (rate 0, or eval mode) outputs and gradients equal PEFT's.
+"""
+from __future__ import annotations
+
+import collections
+import dataclasses
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+from .functional import current_backend, lora_linear, lora_linear_multi
+
+_KERNEL_OR_REF_DTYPES = (torch.float32, torch.float16, torch.bfloat16, torch.float64)
+_classes: dict = {}  # PEFT's lora.Linear class -> its accelerated subclass (peft is imported lazily)
+_FASTPEFT = "fastpeft"  # the runtime path counted for calls that ran on fastpeft's ops
+
+
+# ---------------------------------------------------------------------------------------------------------
+# The accelerated layer
+# ---------------------------------------------------------------------------------------------------------
+def _forward(self, x: torch.Tensor, *args, **kwargs) -> torch.Tensor:
+    """PEFT's ``lora.Linear.forward`` on fastpeft's ops where it can be, PEFT's own forward elsewhere."""
+    why = runtime_fallback_reason(self, x, args, kwargs)
+    if not torch.compiler.is_compiling():
+        calls = self.__dict__.get("_fastpeft_calls")
+        if calls is not None:
+            calls[why or _FASTPEFT] += 1
+    if why is not None:
+        return self._fastpeft_original.forward(self, x, *args, **kwargs)
+    self._check_forward_args(x, *args, **kwargs)
+    names = kwargs.get("adapter_names")
+    if names is not None:
+        return _mixed_batch(self, x, names)
+    return _active(self, x)
+
+
+def _dropout(module) -> tuple:
+    """``(p, training)`` of a PEFT dropout module (nn.Dropout or nn.Identity)."""
+    if isinstance(module, nn.Dropout):
+        return float(module.p), bool(module.training)
+    return 0.0, False
+
+
+def _active(self, x: torch.Tensor) -> torch.Tensor:
+    """``base(x) + sum_a s_a B_a A_a drop_a(x)`` over the active adapters, one fused call."""
+    base = self.base_layer
+    adapters = [a for a in self.active_adapters if a in self.lora_A]
+    if len(adapters) == 1:
+        a = adapters[0]
+        p, training = _dropout(self.lora_dropout[a])
+        return lora_linear(x, base.weight, base.bias, self.lora_A[a].weight, self.lora_B[a].weight,
+                           float(self.scaling[a]), p, training)
+    # Several adapters (no dropout in training: see runtime_fallback_reason): sum_a s_a B_a A_a x is one LoRA
+    # update with the factors side by side, A = [A_1; A_2] (r1+r2, in), B = [s_1 B_1, s_2 B_2] (out, r1+r2).
+    scalings = [float(self.scaling[a]) for a in adapters]
+    same = all(s == scalings[0] for s in scalings)
+    lora_a = torch.cat([self.lora_A[a].weight for a in adapters], 0)
+    lora_b = torch.cat([self.lora_B[a].weight if same else self.lora_B[a].weight * s
+                        for a, s in zip(adapters, scalings)], 1)
+    return lora_linear(x, base.weight, base.bias, lora_a, lora_b, scalings[0] if same else 1.0, 0.0, False)
+
+
+def _mixed_batch(self, x: torch.Tensor, names) -> torch.Tensor:
+    """PEFT's ``adapter_names`` batch: row i of x (dim 0) gets adapter ``names[i]``; ``"__base__"`` and names
+    this layer lacks get the base layer only. Adapters of several ranks are zero-padded to the largest."""
+    base = self.base_layer
+    used = [n for n in dict.fromkeys(names) if n != "__base__" and n in self.lora_A]
+    index = {n: i for i, n in enumerate(used)}
+    dev = x.device
+    ids = torch.tensor([index.get(n, -1) for n in names], dtype=torch.int64, device=dev)
+    ranks = [self.lora_A[n].weight.shape[0] for n in used]
+    r_max = max(ranks)
+    stack_a = torch.stack([F.pad(self.lora_A[n].weight, (0, 0, 0, r_max - r)) for n, r in zip(used, ranks)])
+    stack_b = torch.stack([F.pad(self.lora_B[n].weight, (0, r_max - r)) for n, r in zip(used, ranks)])
+    scalings = torch.tensor([float(self.scaling[n]) for n in used], dtype=torch.float32, device=dev)
+    rank_t = None if min(ranks) == r_max else torch.tensor(ranks, dtype=torch.int64, device=dev)
+    rates = [p if training else 0.0 for p, training in (_dropout(self.lora_dropout[n]) for n in used)]
+    drop_t = torch.tensor(rates, dtype=torch.float32, device=dev) if any(rates) else None
+    return lora_linear_multi(x, base.weight, base.bias, stack_a, stack_b, scalings, ids, rank_t,
+                             dropout_p=drop_t, training=drop_t is not None, check_ids=False)
+
+
+def _has_hooks(m: nn.Module) -> bool:
+    """Hooks, or a replaced ``forward`` (accelerate's ``add_hook_to_module``: device maps, offloading)."""
+    return bool(m._forward_hooks or m._forward_pre_hooks or m._backward_hooks or m._backward_pre_hooks
+                or "forward" in m.__dict__)
+
+
+def _global_hooks() -> bool:
+    from torch.nn.modules import module as _m
+
+    has = getattr(_m, "_has_any_global_hook", None)
+    return bool(has()) if has is not None else False
+
+
+def _plain(t) -> bool:
+    """A dense tensor or Parameter (not a DTensor, a quantized or another subclass), off the meta device."""
+    return type(t) in (torch.Tensor, nn.Parameter) and t.layout == torch.strided and t.device.type != "meta"
+
+
+def _adapter_reason(self, name: str):
+    """Why adapter ``name`` of this layer cannot run on fastpeft's ops (None: it can)."""
+    variant = self.lora_variant.get(name) if hasattr(self, "lora_variant") else None
+    if variant is not None:
+        kind = type(variant).__name__.replace("LinearVariant", "")
+        return f"adapter {name!r} is a LoRA variant ({'DoRA' if kind == 'Dora' else kind})"
+    if self.use_dora.get(name, False):
+        return f"adapter {name!r} uses DoRA"
+    if self.lora_bias.get(name, False):
+        return f"adapter {name!r} has lora_bias=True"
+    lora_a, lora_b, drop = self.lora_A[name], self.lora_B[name], self.lora_dropout[name]
+    if type(lora_a) is not nn.Linear or type(lora_b) is not nn.Linear or lora_a.bias is not None \
+            or lora_b.bias is not None:
+        return f"adapter {name!r} has factors of type {type(lora_a).__name__} / {type(lora_b).__name__}"
+    if type(drop) not in (nn.Dropout, nn.Identity) or (isinstance(drop, nn.Dropout) and not 0.0 <= drop.p < 1.0):
+        return f"adapter {name!r} has a dropout module {drop!r}"
+    return None
+
+
+def runtime_fallback_reason(self, x, args=(), kwargs=None):
+    """Why this call of an accelerated layer runs PEFT's own forward (None: it runs on fastpeft's ops)."""
+    kwargs = kwargs or {}
+    if self.disable_adapters:
+        return "adapters disabled"
+    if self.merged:
+        return "merged adapters"
+    if args or any(v is not None for k, v in kwargs.items() if k != "adapter_names"):
+        return "extra forward arguments (e.g. aLoRA offsets)"
+    base = self.base_layer
+    if type(base) is not nn.Linear:
+        return f"base layer is a {type(base).__name__}"
+    if getattr(self, "fan_in_fan_out", False):
+        return "fan_in_fan_out=True"
+    if not isinstance(x, torch.Tensor) or x.dim() == 0:
+        return "input is not a tensor of at least one dim"
+    names = kwargs.get("adapter_names")
+    if names is None:
+        adapters = [a for a in self.active_adapters if a in self.lora_A]
+    else:
+        if x.dim() < 2 or not isinstance(names, (list, tuple)) or len(names) != x.shape[0]:
+            return "adapter_names that do not give one name per row of a 2-D or larger input"
+        adapters = [n for n in dict.fromkeys(names) if n != "__base__" and n in self.lora_A]
+    if not adapters:
+        return "no adapter of this layer is active"
+    for a in adapters:
+        why = _adapter_reason(self, a)
+        if why is not None:
+            return why
+        if _has_hooks(self.lora_A[a]) or _has_hooks(self.lora_B[a]) or _has_hooks(self.lora_dropout[a]):
+            return f"hooks on adapter {a!r}'s modules"
+        if not isinstance(self.scaling[a], (int, float)):
+            return f"adapter {a!r} has a scaling of type {type(self.scaling[a]).__name__}"
+    if _has_hooks(base):
+        return "hooks on the base layer"
+    if _global_hooks():
+        return "global module hooks"
+    dropping = any(_dropout(self.lora_dropout[a])[1] and self.lora_dropout[a].p > 0 for a in adapters)
+    if names is None and len(adapters) > 1 and dropping:
+        return "several active adapters with dropout in training (PEFT draws a mask per adapter)"
+    if dropping and x.device.type != "cuda" and current_backend() == "auto":
+        # "auto" off CUDA is the reference path, whose Philox mask in plain PyTorch is ~3x slower than
+        # nn.Dropout (1024x1024 layer, r=16, CPU); an explicit backend (use_backend) still runs fastpeft's.
+        return "dropout in training off CUDA with backend 'auto' (PEFT's nn.Dropout is faster there)"
+    tensors = [x, base.weight, base.bias] + [t for a in adapters
+                                             for t in (self.lora_A[a].weight, self.lora_B[a].weight)]
+    for t in tensors:
+        if t is None:
+            continue
+        if not _plain(t) or t.dtype not in _KERNEL_OR_REF_DTYPES:
+            return f"a {type(t).__name__} of dtype {t.dtype} on {t.device}"
+        if t.device != x.device:
+            return f"parameters on {t.device}, input on {x.device}"
+    if not (torch.amp.is_autocast_available(x.device.type) and torch.is_autocast_enabled(x.device.type)):
+        dtypes = {t.dtype for t in tensors if t is not None}
+        if len(dtypes) > 1:
+            return ("input and parameters of several dtypes outside autocast "
+                    f"({', '.join(sorted(str(d).replace('torch.', '') for d in dtypes))})")
+    return None
+
+
+def _accelerated_class(original: type) -> type:
+    """The cached subclass of PEFT's ``original`` layer class whose forward runs fastpeft's ops."""
+    cls = _classes.get(original)
+    if cls is None:
+        cls = type("AcceleratedLinear", (original,), {
+            "forward": _forward, "__module__": __name__, "__qualname__": "AcceleratedLinear",
+            "_fastpeft_original": original,
+            "__doc__": "PEFT's lora.Linear computing through fastpeft's ops (fastpeft.accelerate).",
+        })
+        _classes[original] = cls
+    return cls
+
+
+def __getattr__(name):  # pickling an accelerated model finds the class here
+    if name == "AcceleratedLinear":
+        from peft.tuners.lora.layer import Linear
+
+        return _accelerated_class(Linear)
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+
+
+# ---------------------------------------------------------------------------------------------------------
+# The report
+# ---------------------------------------------------------------------------------------------------------
+@dataclasses.dataclass
+class AccelerateReport:
+    """What ``fastpeft.accelerate`` did to a model.
+
+    patched: names of the LoRA layers that now compute through fastpeft's ops (those of earlier calls
+    included); skipped: layer name -> why it stays on PEFT's forward; partial: patched layer name -> its
+    adapters that still run on PEFT's forward when active, and why; newly_patched: how many layers this
+    call patched (0 on a second call). ``calls()`` counts, since ``accelerate``, the calls of the patched
+    layers by path: ``"fastpeft"`` or the reason PEFT's forward ran.
+    """
+
+    patched: list
+    skipped: dict
+    partial: dict
+    newly_patched: int
+    _layers: list = dataclasses.field(default_factory=list, repr=False, compare=False)
+
+    def calls(self) -> dict:
+        total = collections.Counter()
+        for m in self._layers:
+            total.update(m.__dict__.get("_fastpeft_calls", {}))
+        return dict(total)
+
+    def __str__(self) -> str:
+        n = len(self.patched) + len(self.skipped)
+        lines = [f"fastpeft.accelerate: {len(self.patched)} of {n} PEFT LoRA layers compute through fastpeft's "
+                 f"ops ({self.newly_patched} patched by this call), {len(self.skipped)} skipped"]
+        for name, why in self.skipped.items():
+            lines.append(f"  skipped  {name}: {why}")
+        for name, why in self.partial.items():
+            lines.append(f"  partial  {name}: {why}")
+        if self.patched:
+            lines.append("  Patched layers run PEFT's own forward, call by call, for: disabled or merged adapters, "
+                         "hooks on their modules, parameters of another dtype than the input outside autocast, "
+                         "several active adapters with dropout in training, dropout in training off CUDA under "
+                         "backend 'auto'. report.calls() counts the paths taken.")
+        return "\n".join(lines)
+
+
+def _peft_classes():
+    try:
+        from peft.tuners.lora.layer import Linear, LoraLayer
+    except ImportError as e:
+        raise ImportError(f"fastpeft.accelerate works on Hugging Face PEFT models, and peft does not import here "
+                          f"({e}): pip install peft") from None
+    return Linear, LoraLayer
+
+
+_QUANTIZED = ("bnb", "gptq", "awq", "hqq", "torchao", "eetq", "aqlm", "quanto", "inc", "tp_layer", "gptqmodel")
+
+
+def _layer_reason(m: nn.Module, linear_cls: type):
+    """Why LoRA layer ``m`` cannot be accelerated at all (None: some adapter of it can)."""
+    cls = getattr(type(m), "_fastpeft_original", type(m))
+    if cls is not linear_cls:
+        mod = cls.__module__.rsplit(".", 1)[-1]
+        if mod in _QUANTIZED:
+            return f"quantized or distributed base layer (peft's {mod}.{cls.__name__}): PEFT's forward"
+        return f"peft's {cls.__name__} layer ({cls.__module__}): only lora.Linear layers are accelerated"
+    base = m.base_layer
+    if type(base) is not nn.Linear:
+        what = "transformers Conv1D (fan_in_fan_out)" if type(base).__name__ == "Conv1D" else type(base).__name__
+        return f"base layer is a {what}, not an nn.Linear"
+    if getattr(m, "fan_in_fan_out", False):
+        return "fan_in_fan_out=True"
+    reasons = [_adapter_reason(m, a) for a in m.lora_A]
+    if m.lora_A and all(reasons):
+        return "; ".join(reasons)
+    if not m.lora_A:
+        return "the layer holds no LoRA adapter"
+    return None
+
+
+def _check_model(model) -> None:
+    if not isinstance(model, nn.Module):
+        raise TypeError(f"fastpeft.accelerate takes a PEFT LoRA model (a peft.PeftModel, or a transformers model "
+                        f"with adapters added by add_adapter), got a {type(model).__name__}")
+    try:
+        from peft import PeftMixedModel
+    except ImportError:
+        PeftMixedModel = ()
+    if PeftMixedModel and isinstance(model, PeftMixedModel):
+        raise TypeError("fastpeft.accelerate takes a LoRA PeftModel, got a PeftMixedModel (adapters of mixed types): "
+                        "load the LoRA adapters with PeftModel / get_peft_model instead")
+    configs = getattr(model, "peft_config", None)
+    if isinstance(configs, dict) and configs:
+        types = {name: str(getattr(getattr(c, "peft_type", None), "value", getattr(c, "peft_type", None)))
+                 for name, c in configs.items()}
+        if not any(t == "LORA" for t in types.values()):
+            raise ValueError(f"fastpeft.accelerate takes a LoRA model; {type(model).__name__} holds adapters "
+                             f"{types}")
+
+
+def accelerate(model: nn.Module, strict: bool = False) -> AccelerateReport:
+    """Make the PEFT LoRA layers of ``model`` compute through fastpeft's ops, in place; returns a report.
+
+    model: a LoRA ``peft.PeftModel``, or a transformers model with PEFT adapters added by ``add_adapter``.
+    Layers fastpeft cannot compute (DoRA and other variants, ``lora_bias``, ``fan_in_fan_out``, quantized
+    bases, non-Linear layers) keep PEFT's forward and are listed in ``report.skipped`` with the reason;
+    ``strict=True`` raises ``ValueError`` instead (before changing anything) if any layer or adapter would
+    stay on PEFT's forward. Calling it again is a no-op for the layers already patched;
+    ``fastpeft.restore(model)`` undoes it.
+    """
+    linear_cls, lora_layer_cls = _peft_classes()
+    _check_model(model)
+    if not isinstance(strict, bool):
+        raise TypeError(f"strict must be a bool, got {strict!r}")
+    layers = {n: m for n, m in model.named_modules() if isinstance(m, lora_layer_cls)}
+    if not layers:
+        from .layers import FastLoRALinear
+
+        if any(isinstance(m, FastLoRALinear) for m in model.modules()):
+            raise TypeError(f"{type(model).__name__} is a fastpeft model (fastpeft.inject): its LoRA layers run "
+                            "fastpeft's ops already; fastpeft.accelerate is for PEFT models")
+        raise TypeError(f"fastpeft.accelerate takes a PEFT LoRA model (a peft.PeftModel, or a transformers model "
+                        f"with adapters added by add_adapter); {type(model).__name__} has no PEFT LoRA layer")
+    patched, skipped, partial, todo = [], {}, {}, []
+    for name, m in layers.items():
+        why = _layer_reason(m, linear_cls)
+        if why is not None:
+            skipped[name] = why
+            continue
+        notes = [r for r in (_adapter_reason(m, a) for a in m.lora_A) if r]
+        if notes:
+            partial[name] = "; ".join(notes) + " (PEFT's forward when active)"
+        patched.append(name)
+        if type(m) is linear_cls:
+            todo.append(m)
+    report = AccelerateReport(patched, skipped, partial, len(todo), [layers[n] for n in patched])
+    if not patched:
+        raise ValueError(f"fastpeft.accelerate found nothing it can compute in {type(model).__name__}:\n{report}")
+    if strict and (skipped or partial):
+        raise ValueError(f"fastpeft.accelerate(strict=True): some LoRA layers would stay on PEFT's forward; "
+                         f"nothing was changed.\n{report}")
+    cls = _accelerated_class(linear_cls)
+    for m in todo:
+        m.__class__ = cls
+        m._fastpeft_calls = collections.Counter()
+    return report
+
+
+def restore(model: nn.Module) -> nn.Module:
+    """Undo ``fastpeft.accelerate``: every accelerated layer of ``model`` runs PEFT's own forward again
+    (a model that was never accelerated is returned as it is). Returns ``model``."""
+    if not isinstance(model, nn.Module):
+        raise TypeError(f"fastpeft.restore takes the model given to fastpeft.accelerate, got a {type(model).__name__}")
+    accelerated = tuple(_classes.values())
+    for m in model.modules():
+        if accelerated and isinstance(m, accelerated):
+            m.__class__ = m._fastpeft_original
+            m.__dict__.pop("_fastpeft_calls", None)
+    return model

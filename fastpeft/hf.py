@@ -1,0 +1,294 @@
+"""Hugging Face ``Trainer`` / TRL with models prepared by ``fastpeft.inject``, and ``fastpeft.to_peft``.
+
+``transformers.Trainer`` treats only ``PeftModel`` specially: for any other model it saves the whole state
+dict at every checkpoint, and resumes (``resume_from_checkpoint``, ``load_best_model_at_end``) by reading
+``model.safetensors`` of the checkpoint into ``model.load_state_dict(state_dict, False)``. So ``inject``
+gives the model two instance methods (``attach_trainer_support``):
+
+- ``save_pretrained(directory, state_dict=None, is_main_process=True, ...)``, which Trainer calls for a
+  ``PreTrainedModel``: PEFT's files for every adapter (``adapter_config.json`` +
+  ``adapter_model.safetensors``; adapter "default" at the top of ``directory``, the others in a subfolder
+  named after them, as PEFT lays them out), and ``model.safetensors``, a hard link to the active adapter's
+  ``adapter_model.safetensors`` (no second copy on disk), which is the file Trainer's resume reads;
+- ``load_state_dict``, which loads a state dict keyed as PEFT's adapter files (``base_model.model.*``)
+  into the active adapter through ``fastpeft.load_adapter`` and passes any other state dict to the
+  model's own ``load_state_dict``.
+
+Without fastpeft adapters (after ``merge_and_unload``, say) both are the model's own methods again.
+"""
+from __future__ import annotations
+
+import inspect
+import json
+import os
+import tempfile
+import types
+
+import torch
+import torch.nn as nn
+
+from .inject import INJECT_HOOKS, active_adapter, delete_adapter, lora_layers
+from .io import load_adapter, read_adapter_config, save_adapter
+from .layers import FastLoRALinear, ModulesToSaveWrapper
+
+_PEFT_PREFIX = "base_model.model."
+_ADAPTER_WEIGHTS = "adapter_model.safetensors"
+_TRAINER_WEIGHTS = "model.safetensors"  # transformers' SAFE_WEIGHTS_NAME: what Trainer's resume reads
+
+
+def adapter_names(model: nn.Module) -> list:
+    """The fastpeft adapters of ``model``, the active one first (empty: none)."""
+    names = [] if active_adapter(model) is None else [active_adapter(model)]
+    for layer in lora_layers(model).values():
+        names += [n for n in layer.adapter_names if n not in names]
+    return names
+
+
+def attach_trainer_support(model: nn.Module) -> nn.Module:
+    """Give ``model`` the instance ``save_pretrained`` and ``load_state_dict`` described in the module
+    docstring (idempotent); ``fastpeft.inject`` calls it (registered in ``INJECT_HOOKS`` below). Returns
+    ``model``."""
+    if not isinstance(model.__dict__.get("save_pretrained"), types.MethodType) or \
+            model.__dict__["save_pretrained"].__func__ is not _save_pretrained:
+        model.save_pretrained = types.MethodType(_save_pretrained, model)
+        model.load_state_dict = types.MethodType(_load_state_dict, model)
+    return model
+
+
+INJECT_HOOKS.append(attach_trainer_support)
+
+
+def _detach_trainer_support(model: nn.Module) -> None:
+    for name in ("save_pretrained", "load_state_dict"):
+        if isinstance(model.__dict__.get(name), types.MethodType):
+            del model.__dict__[name]
+
+
+def _own(model: nn.Module, name: str):
+    """The model's class method ``name`` (what the instance attribute hides), or None."""
+    fn = getattr(type(model), name, None)
+    return types.MethodType(fn, model) if fn is not None else None
+
+
+def _save_pretrained(self, save_directory, state_dict=None, is_main_process=True, selected_adapters=None,
+                     **kwargs):
+    """Write the fastpeft adapters of this model in PEFT's format (the base model is not written).
+
+    state_dict: the model's state dict to take the adapter tensors from (Trainer passes one gathered under
+    FSDP / DeepSpeed); None: the model's parameters. is_main_process: False writes nothing (the tensors are
+    still gathered, so every rank of an FSDP2 job may call it). selected_adapters: the adapters to write
+    (default: all). Other keyword arguments of ``PreTrainedModel.save_pretrained`` (``safe_serialization``,
+    ``max_shard_size``, ...) are accepted and have no effect: the files are always safetensors, one each.
+    """
+    names = adapter_names(self)
+    if not names:
+        own = _own(self, "save_pretrained")
+        if own is None:
+            raise ValueError(f"{type(self).__name__} holds no fastpeft adapter and has no save_pretrained of its own")
+        return own(save_directory, state_dict=state_dict, is_main_process=is_main_process, **kwargs)
+    if kwargs.get("push_to_hub"):
+        raise NotImplementedError("save_pretrained(push_to_hub=True) is not supported for fastpeft models: save, "
+                                  "then upload the folder with huggingface_hub")
+    if selected_adapters is not None:
+        unknown = [n for n in selected_adapters if n not in names]
+        if unknown:
+            raise ValueError(f"selected_adapters {unknown} are not adapters of this model; it has {names}")
+        names = [n for n in names if n in selected_adapters]
+    directory = os.fspath(save_directory)
+    if os.path.isfile(directory):
+        raise ValueError(f"save_directory {directory!r} is a file, not a folder")
+    with _parameters_from(self, state_dict):
+        for name in names:
+            save_adapter(self, _adapter_dir(directory, name), name, is_main_process=is_main_process)
+    active = active_adapter(self)
+    if is_main_process and active in names:
+        _link(os.path.join(_adapter_dir(directory, active), _ADAPTER_WEIGHTS), os.path.join(directory, _TRAINER_WEIGHTS))
+
+
+def _adapter_dir(directory: str, name: str) -> str:
+    return directory if name == "default" else os.path.join(directory, name)
+
+
+def _link(src: str, dst: str) -> None:
+    """``dst`` = ``src``'s bytes: a hard link where the filesystem has them, else a copy."""
+    import shutil
+
+    tmp = dst + ".tmp"
+    if os.path.lexists(tmp):
+        os.remove(tmp)
+    try:
+        os.link(src, tmp)
+    except OSError:
+        shutil.copyfile(src, tmp)
+    os.replace(tmp, dst)
+
+
+class _parameters_from:
+    """Within the block, the model's parameters named in ``state_dict`` hold its tensors (``.data`` swapped,
+    nothing copied); None: a no-op."""
+
+    def __init__(self, model, state_dict):
+        self.model, self.state_dict, self.saved = model, state_dict, []
+
+    def __enter__(self):
+        if self.state_dict is None:
+            return
+        params = dict(self.model.named_parameters())
+        if any(type(p) is not nn.Parameter for p in params.values()):
+            raise ValueError("save_pretrained(state_dict=...) on sharded parameters (FSDP2 DTensors): call it "
+                             "without state_dict on every rank, which gathers the adapter")
+        for name, t in self.state_dict.items():
+            p = params.get(name)
+            if p is not None and isinstance(t, torch.Tensor) and t.shape == p.shape:
+                self.saved.append((p, p.data))
+                p.data = t.detach()
+
+    def __exit__(self, *exc):
+        for p, data in self.saved:
+            p.data = data
+        self.saved = []
+
+
+def _load_state_dict(self, state_dict, strict=True, assign=False):
+    """A state dict keyed as PEFT's adapter files (what ``save_pretrained`` links as ``model.safetensors``)
+    goes into the active adapter through ``fastpeft.load_adapter``; any other to the model's own method."""
+    keys = list(state_dict.keys()) if hasattr(state_dict, "keys") else []
+    if not keys or not adapter_names(self) or not all(k.startswith(_PEFT_PREFIX) for k in keys):
+        return type(self).load_state_dict(self, state_dict, strict=strict, assign=assign)
+    from safetensors.torch import save_file
+
+    name = active_adapter(self)
+    if name is None:
+        raise ValueError("load_state_dict got an adapter state dict (base_model.model.* keys), but the model has no "
+                         f"active adapter to load it into; it has {adapter_names(self)}: fastpeft.set_adapter one")
+    with tempfile.TemporaryDirectory(prefix="fastpeft-resume-") as tmp:
+        save_adapter(self, tmp, name)  # the adapter's config; its weights are replaced by the state dict's
+        save_file({k: v.detach().to("cpu").contiguous() for k, v in state_dict.items()},
+                  os.path.join(tmp, _ADAPTER_WEIGHTS), metadata={"format": "pt"})
+        try:
+            load_adapter(self, tmp, name)
+        except ValueError as e:  # name the state dict, not the temporary folder it went through
+            msg = str(e).replace(f"adapter {tmp!r}", "the state dict").replace(tmp, "the state dict")
+            raise ValueError(f"load_state_dict into fastpeft adapter {name!r}: {msg}") from None
+    return torch.nn.modules.module._IncompatibleKeys([], [])
+
+
+# ---------------------------------------------------------------------------------------------------------
+# fastpeft -> PEFT
+# ---------------------------------------------------------------------------------------------------------
+def to_peft(model: nn.Module):
+    """A model prepared by ``fastpeft.inject`` (LoRA adapters) as a real ``peft.PeftModel``, in place.
+
+    Every adapter goes through PEFT's own files (``fastpeft.save_adapter`` -> ``PeftModel.from_pretrained``
+    / ``load_adapter``) onto the same base modules, so the PeftModel holds the same weights and gives the same
+    outputs; the active adapter stays active and is the one that trains. The fastpeft layers are replaced by
+    the ``nn.Linear`` modules they wrap (sharing their weights). Raises before changing anything for what PEFT
+    cannot hold: sparse deltas, the other fastpeft methods, merged layers.
+    """
+    try:
+        import peft
+    except ImportError as e:
+        raise ImportError(f"fastpeft.to_peft needs Hugging Face PEFT ({e}): pip install peft") from None
+    if not isinstance(model, nn.Module):
+        raise TypeError(f"fastpeft.to_peft takes a model prepared by fastpeft.inject, got a {type(model).__name__}")
+    names = adapter_names(model)
+    if not names:
+        raise TypeError(f"fastpeft.to_peft takes a model prepared by fastpeft.inject; {type(model).__name__} holds "
+                        "no fastpeft adapter")
+    merged = [n for n, m in lora_layers(model).items() if m.merged]
+    if merged:
+        raise ValueError(f"fastpeft.to_peft: layers {merged[:4]} have a merged adapter; unmerge them first")
+    active = active_adapter(model)
+    if active is None:
+        raise ValueError(f"fastpeft.to_peft: the model has no active adapter (adapters {names}); fastpeft.set_adapter "
+                         "the one PEFT should make active")
+    with tempfile.TemporaryDirectory(prefix="fastpeft-to-peft-") as tmp:
+        dirs = {}
+        for name in names:
+            dirs[name] = os.path.join(tmp, name)
+            save_adapter(model, dirs[name], name)
+            config = read_adapter_config(dirs[name])
+            with open(os.path.join(dirs[name], "adapter_config.json")) as f:
+                peft_type = json.load(f).get("peft_type")
+            if peft_type != "LORA" or getattr(config, "sparse_density", 0.0) > 0:
+                what = "a sparse delta (RoSA)" if peft_type == "LORA" else f"a {type(config).__name__} adapter"
+                raise ValueError(f"fastpeft.to_peft: adapter {name!r} is {what}, which PEFT has no equivalent of; "
+                                 "only LoRA adapters convert")
+        # Checks done: unload the fastpeft modules (the files hold the adapters), then load them with PEFT.
+        for name in names:
+            delete_adapter(model, name)
+        for path, layer in lora_layers(model).items():
+            _set_submodule(model, path, _plain_linear(layer))
+        for path, m in [(n, m) for n, m in model.named_modules() if isinstance(m, ModulesToSaveWrapper)]:
+            _set_submodule(model, path, m.original_module)
+        for attr in ("_fastpeft_adapters", "_fastpeft_active", "_fastpeft_trained"):
+            model.__dict__.pop(attr, None)
+        _detach_trainer_support(model)
+        peft_model = peft.PeftModel.from_pretrained(model, dirs[active], adapter_name=active, is_trainable=True)
+        for name in names:
+            if name != active:
+                peft_model.load_adapter(dirs[name], adapter_name=name, is_trainable=False)
+    return peft_model
+
+
+def _plain_linear(layer: FastLoRALinear) -> nn.Linear:
+    """An nn.Linear sharing ``layer``'s weight and bias (no copy)."""
+    lin = nn.Linear(layer.in_features, layer.out_features, bias=layer.bias is not None, device="meta")
+    lin.weight = layer.weight
+    lin.bias = layer.bias
+    return lin
+
+
+def _set_submodule(model: nn.Module, name: str, new: nn.Module) -> None:
+    parent, _, child = name.rpartition(".")
+    setattr(model.get_submodule(parent) if parent else model, child, new)
+
+
+# ---------------------------------------------------------------------------------------------------------
+# TRL
+# ---------------------------------------------------------------------------------------------------------
+def check_sft_model(model, peft_config=None) -> None:
+    """Raise if ``model`` (a fastpeft model) cannot go to TRL's ``SFTTrainer`` as it is: with a ``peft_config``
+    as well (PEFT would wrap fastpeft's layers), or with LoRA on the output head (TRL's chunked loss reads
+    ``lm_head.weight`` directly, so the adapter there would be ignored and never trained)."""
+    if not isinstance(model, nn.Module) or not adapter_names(model):
+        return
+    if peft_config is not None:
+        raise ValueError(f"the model already holds fastpeft adapters {adapter_names(model)}; pass it to SFTTrainer "
+                         "without peft_config (or pass the plain base model with peft_config to train PEFT's own "
+                         "adapters)")
+    get = getattr(model, "get_output_embeddings", None)
+    head = get() if callable(get) else None
+    if isinstance(head, FastLoRALinear):
+        raise ValueError("LoRA sits on the output head (lm_head): TRL's SFTTrainer computes the log-probabilities "
+                         "from lm_head.weight directly, so that adapter would be ignored and never trained; inject "
+                         "with exclude_modules=['lm_head'] (or target_modules without it)")
+
+
+_sft_class = None
+
+
+def _sft_trainer_class():
+    global _sft_class
+    if _sft_class is None:
+        import trl
+
+        signature = inspect.signature(trl.SFTTrainer.__init__)
+
+        class SFTTrainer(trl.SFTTrainer):
+            """TRL's ``SFTTrainer`` for fastpeft models: the same trainer, after ``check_sft_model``."""
+
+            def __init__(self, *args, **kwargs):
+                bound = signature.bind(self, *args, **kwargs).arguments
+                check_sft_model(bound.get("model"), bound.get("peft_config"))
+                super().__init__(*args, **kwargs)
+
+        SFTTrainer.__module__ = __name__
+        _sft_class = SFTTrainer
+    return _sft_class
+
+
+def __getattr__(name):  # trl is imported only when SFTTrainer is asked for
+    if name == "SFTTrainer":
+        return _sft_trainer_class()
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

@@ -1,0 +1,486 @@
+"""``fastpeft.accelerate`` on real Hugging Face PEFT models: before and after, outputs and every gradient
+equal PEFT's own (tiny LLaMA built from a config, adapters with non-zero B so a dropped term shows).
+
+Dropout: fastpeft draws its own (Philox, seeded) mask, not torch's, so a training step with dropout is
+compared to PEFT's formula *with fastpeft's mask* (recovered from the output of an invertible layer),
+statistically for the drop rate, and exactly in eval mode.
+"""
+import copy
+
+import pytest
+import torch
+import torch.nn as nn
+
+peft = pytest.importorskip("peft")
+transformers = pytest.importorskip("transformers")
+
+import fastpeft  # noqa: E402
+from fastpeft import kernels  # noqa: E402
+from conftest import assert_close_report  # noqa: E402
+
+pytestmark = [pytest.mark.filterwarnings("ignore:`is_gradient_checkpointing` is deprecated:FutureWarning"),
+              pytest.mark.filterwarnings("ignore:`lora_bias=True` was passed:UserWarning")]
+
+RTOL, ATOL = 1e-5, 1e-6  # fp32; the one-adapter path is bitwise equal, sums of adapters reorder additions
+VOCAB = 97
+TARGETS = ["q_proj", "v_proj", "down_proj"]
+
+
+@pytest.fixture(scope="module")
+def base():
+    torch.manual_seed(0)
+    cfg = transformers.LlamaConfig(vocab_size=VOCAB, hidden_size=64, intermediate_size=96, num_hidden_layers=2,
+                                   num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=64)
+    return transformers.LlamaForCausalLM(cfg).eval()
+
+
+@pytest.fixture(scope="module")
+def ids():
+    g = torch.Generator().manual_seed(1)
+    return torch.randint(0, VOCAB, (3, 9), generator=g)
+
+
+def lora_model(base, seed=0, **kw):
+    torch.manual_seed(seed)
+    kw = {"r": 8, "lora_alpha": 16, "target_modules": TARGETS, "init_lora_weights": False, **kw}
+    return peft.get_peft_model(copy.deepcopy(base), peft.LoraConfig(**kw))
+
+
+def run(model, ids, **kw):
+    """Logits and the gradient of every trainable parameter (by name) of one loss.backward()."""
+    model.zero_grad(set_to_none=True)
+    out = model(input_ids=ids, labels=ids, **kw)
+    out.loss.backward()
+    grads = {n: p.grad.clone() for n, p in model.named_parameters() if p.requires_grad and p.grad is not None}
+    return out.logits.detach(), grads
+
+
+def assert_same(got, want, what, rtol=RTOL, atol=ATOL):
+    (lg, gg), (lw, gw) = got, want
+    assert_close_report(lg, lw, rtol, atol, f"{what}: logits")
+    assert gg.keys() == gw.keys(), f"{what}: gradients of {sorted(set(gg) ^ set(gw))[:4]} differ in presence"
+    assert gw, f"{what}: no gradients at all"
+    for n in gw:
+        assert_close_report(gg[n], gw[n], rtol, atol, f"{what}: grad of {n}")
+
+
+def q_proj(model):
+    return model.base_model.model.model.layers[0].self_attn.q_proj
+
+
+# ---------------------------------------------------------------------------------------------------------
+# The plain cases
+# ---------------------------------------------------------------------------------------------------------
+def test_one_adapter_outputs_and_gradients_equal_peft(base, ids):
+    model = lora_model(base)
+    want = run(model, ids)
+    report = fastpeft.accelerate(model)
+    assert len(report.patched) == 2 * len(TARGETS) and not report.skipped and report.newly_patched == 6
+    assert isinstance(q_proj(model), peft.tuners.lora.LoraLayer) and isinstance(model, peft.PeftModel)
+    assert type(q_proj(model)).__name__ == "AcceleratedLinear"
+    assert_same(run(model, ids), want, "accelerated")
+    assert report.calls() == {"fastpeft": 6}
+    assert "6 of 6 PEFT LoRA layers" in str(report)
+    again = fastpeft.accelerate(model)  # a no-op
+    assert again.newly_patched == 0 and again.patched == report.patched
+    assert type(q_proj(model)).__name__ == "AcceleratedLinear"
+    fastpeft.restore(model)
+    assert type(q_proj(model)) is peft.tuners.lora.layer.Linear and "_fastpeft_calls" not in q_proj(model).__dict__
+    assert_same(run(model, ids), want, "restored")
+
+
+def test_dropout_eval_equal_and_train_runs_fastpeft(base, ids):
+    model = lora_model(base, lora_dropout=0.1)
+    model.eval()
+    want = run(model, ids)
+    fastpeft.accelerate(model)
+    assert_same(run(model, ids), want, "dropout 0.1, eval")
+    model.train()
+    run(model, ids)  # CPU, backend "auto": PEFT's nn.Dropout, faster here than the reference path's mask
+    assert q_proj(model)._fastpeft_calls == {"fastpeft": 1, "dropout in training off CUDA with backend 'auto' "
+                                             "(PEFT's nn.Dropout is faster there)": 1}
+    with fastpeft.use_backend("reference"):
+        torch.manual_seed(3)
+        a = run(model, ids)
+        torch.manual_seed(3)
+        b = run(model, ids)
+    assert q_proj(model)._fastpeft_calls["fastpeft"] == 3
+    assert_same(a, b, "dropout 0.1, train, same torch seed")  # the mask is a function of torch's generator
+    assert not torch.equal(a[0], want[0])  # and dropout did drop something
+
+
+class OneLinear(nn.Module):
+    def __init__(self, d=32):
+        super().__init__()
+        self.lin = nn.Linear(d, d)
+
+    def forward(self, x):
+        return self.lin(x)
+
+
+def test_dropout_train_matches_peft_formula_with_fastpeft_mask():
+    """y = x W^T + b + s B A drop(x): with B A invertible, drop(x) is read back from y; the rate must be p
+    (binomial bounds), kept values x / (1-p), and the gradients PEFT's formula's with that same mask."""
+    d, p, rows = 32, 0.1, 64
+    torch.manual_seed(0)
+    model = peft.get_peft_model(OneLinear(d).double(), peft.LoraConfig(r=d, lora_alpha=d, target_modules=["lin"],
+                                                                        lora_dropout=p, init_lora_weights=False))
+    fastpeft.accelerate(model)
+    layer = model.base_model.model.lin
+    model.train()
+    x = torch.randn(rows, d, dtype=torch.float64, requires_grad=True)
+    with fastpeft.use_backend("reference"):  # asked for: fastpeft's mask even on the CPU
+        y = model(x)
+    w, bias = layer.base_layer.weight, layer.base_layer.bias
+    a, b = layer.lora_A["default"].weight, layer.lora_B["default"].weight
+    with torch.no_grad():
+        delta = y - x @ w.T - bias
+        dropped = torch.linalg.solve(b @ a, delta.T).T  # = drop(x)
+    keep = dropped.abs() > 1e-6 * x.abs()
+    frac = 1 - keep.double().mean().item()
+    n = rows * d
+    assert abs(frac - p) < 4 * (p * (1 - p) / n) ** 0.5, f"drop rate {frac:.4f}, expected {p} (n={n})"
+    assert_close_report(dropped[keep], (x / (1 - p)).detach()[keep], 1e-9, 1e-9, "kept values")
+    gy = torch.randn_like(y)
+    y.backward(gy)
+    got = [x.grad, a.grad, b.grad]
+    # PEFT's formula with the recovered mask, through torch autograd.
+    x2, a2, b2 = (t.detach().clone().requires_grad_(True) for t in (x, a, b))
+    mask = keep.double() / (1 - p)
+    y2 = x2 @ w.T + bias + (b2 @ (a2 @ (x2 * mask).T)).T * layer.scaling["default"]
+    y2.backward(gy)
+    for g, g2, name in zip(got, [x2.grad, a2.grad, b2.grad], ["x", "lora_A", "lora_B"]):
+        assert_close_report(g, g2, 1e-9, 1e-9, f"grad of {name}")
+    assert layer._fastpeft_calls == {"fastpeft": 1}
+
+
+def test_disable_adapter(base, ids):
+    model = lora_model(base)
+    want_on = run(model, ids)
+    with model.disable_adapter():
+        want = model(input_ids=ids).logits  # the frozen base: nothing to differentiate
+    fastpeft.accelerate(model)
+    with model.disable_adapter():
+        got = model(input_ids=ids).logits
+    assert_close_report(got, want, 0, 0, "disabled")
+    assert_close_report(got, base(input_ids=ids).logits, RTOL, ATOL, "disabled = base")
+    assert q_proj(model)._fastpeft_calls == {"adapters disabled": 1}
+    assert_same(run(model, ids), want_on, "enabled again")
+
+
+def test_set_adapter_between_ranks(base, ids):
+    model = lora_model(base)
+    torch.manual_seed(1)
+    model.add_adapter("small", peft.LoraConfig(r=4, lora_alpha=8, target_modules=TARGETS, init_lora_weights=False))
+    want = {}
+    for name in ("small", "default"):
+        model.set_adapter(name)
+        want[name] = run(model, ids)
+    fastpeft.accelerate(model)
+    for name in ("default", "small"):
+        model.set_adapter(name)
+        assert_same(run(model, ids), want[name], f"adapter {name}")
+    assert q_proj(model)._fastpeft_calls == {"fastpeft": 2}
+
+
+def test_two_active_adapters(base, ids):
+    model = lora_model(base)
+    torch.manual_seed(1)
+    model.add_adapter("small", peft.LoraConfig(r=4, lora_alpha=4, target_modules=["q_proj", "v_proj"],
+                                               init_lora_weights=False))
+    model.base_model.set_adapter(["default", "small"])
+    want = run(model, ids)
+    assert any("small" in n for n in want[1]) and any("default" in n for n in want[1])
+    fastpeft.accelerate(model)
+    assert_same(run(model, ids), want, "two active adapters")
+    assert q_proj(model)._fastpeft_calls == {"fastpeft": 1}
+
+
+def test_mixed_adapter_names_batch_with_base_rows(base, ids):
+    model = lora_model(base)
+    torch.manual_seed(1)
+    model.add_adapter("small", peft.LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj", "v_proj"],
+                                               init_lora_weights=False))
+    for n, p in model.named_parameters():  # adapter_names is inference-only in PEFT; check gradients anyway
+        p.requires_grad_("lora_" in n)
+    model.eval()
+    names = ["small", "__base__", "default"]
+    want = run(model, ids, adapter_names=names)
+    fastpeft.accelerate(model)
+    assert_same(run(model, ids, adapter_names=names), want, "mixed batch")
+    assert q_proj(model)._fastpeft_calls == {"fastpeft": 1}
+    down = model.base_model.model.model.layers[0].mlp.down_proj  # has "default" only: "small" rows run the base
+    assert down._fastpeft_calls == {"fastpeft": 1}
+    with pytest.raises(ValueError, match="Length of `adapter_names`"):
+        model(input_ids=ids, adapter_names=names[:2])  # PEFT's own check still runs
+
+
+def test_merge_unmerge_and_merge_and_unload(base, ids):
+    model = lora_model(base)
+    want = run(model, ids)
+    model.merge_adapter()
+    want_merged = model(input_ids=ids).logits.detach()
+    model.unmerge_adapter()
+    fastpeft.accelerate(model)
+    model.merge_adapter()
+    assert_close_report(model(input_ids=ids).logits, want_merged, 0, 0, "merged")
+    assert q_proj(model)._fastpeft_calls == {"merged adapters": 1}
+    model.unmerge_adapter()
+    assert_same(run(model, ids), want, "unmerged")
+    plain = model.merge_and_unload()
+    assert type(plain.model.layers[0].self_attn.q_proj) is nn.Linear
+    assert_close_report(plain(input_ids=ids).logits, want[0], 1e-4, 1e-5, "merge_and_unload")
+
+
+def test_save_pretrained_same_files_and_reload(base, ids, tmp_path):
+    from safetensors.torch import load_file
+
+    model = lora_model(base)
+    model.save_pretrained(tmp_path / "peft")
+    want = run(model, ids)
+    fastpeft.accelerate(model)
+    model.save_pretrained(tmp_path / "accel")
+    a, b = load_file(tmp_path / "peft" / "adapter_model.safetensors"), load_file(
+        tmp_path / "accel" / "adapter_model.safetensors")
+    assert a.keys() == b.keys() and len(a) == 2 * 6
+    for k in a:
+        assert torch.equal(a[k], b[k]), k
+    reloaded = peft.PeftModel.from_pretrained(copy.deepcopy(base), tmp_path / "accel", is_trainable=True)
+    assert_same(run(reloaded, ids), want, "reloaded by PEFT")
+    fastpeft.accelerate(reloaded)
+    assert_same(run(reloaded, ids), want, "reloaded, accelerated")
+
+
+def test_fp32_adapters_on_bf16_base_and_autocast(base, ids):
+    model = peft.get_peft_model(copy.deepcopy(base).to(torch.bfloat16),
+                                peft.LoraConfig(r=8, lora_alpha=16, target_modules=TARGETS, init_lora_weights=False))
+    layer = q_proj(model)
+    assert layer.lora_A["default"].weight.dtype == torch.float32  # PEFT's autocast_adapter_dtype
+    want = run(model, ids)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        want_ac = run(model, ids)
+    fastpeft.accelerate(model)
+    assert_same(run(model, ids), want, "fp32 adapters, bf16 base", 0, 0)  # PEFT's forward: dtypes differ
+    assert set(layer._fastpeft_calls) == {"input and parameters of several dtypes outside autocast "
+                                          "(bfloat16, float32)"}
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        got = run(model, ids)
+    assert layer._fastpeft_calls["fastpeft"] == 1
+    assert_same(got, want_ac, "fp32 adapters, bf16 base, autocast", 2e-2, 2e-2)
+    with peft.helpers.disable_input_dtype_casting(model), pytest.raises(RuntimeError):
+        model(input_ids=ids)  # PEFT's error: fp32 factors on a bf16 input, no autocast to reconcile them
+
+
+def test_cast_input_dtype_disabled_same_dtypes(base, ids):
+    model = lora_model(base)
+    want = run(model, ids)
+    fastpeft.accelerate(model)
+    with peft.helpers.disable_input_dtype_casting(model):
+        assert_same(run(model, ids), want, "cast_input_dtype_enabled=False")
+    assert q_proj(model)._fastpeft_calls == {"fastpeft": 1}
+
+
+def test_hooks_on_base_layer_run_peft_forward(base, ids):
+    model = lora_model(base)
+    want = run(model, ids)
+    fastpeft.accelerate(model)
+    seen = []
+    handle = q_proj(model).base_layer.register_forward_hook(lambda m, i, o: seen.append(o.shape))
+    assert_same(run(model, ids), want, "hooked base layer")
+    handle.remove()
+    assert len(seen) == 1 and q_proj(model)._fastpeft_calls == {"hooks on the base layer": 1}
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Layers fastpeft does not compute: skipped, PEFT's forward, same outputs
+# ---------------------------------------------------------------------------------------------------------
+def test_dora_and_lora_bias_layers_fall_back(base, ids):
+    model = lora_model(base, target_modules=["v_proj"])
+    torch.manual_seed(1)
+    model.add_adapter("dora", peft.LoraConfig(r=4, target_modules=["q_proj"], use_dora=True, init_lora_weights=False))
+    model.add_adapter("lbias", peft.LoraConfig(r=4, target_modules=["down_proj"], lora_bias=True,
+                                               init_lora_weights=False))
+    want = {}
+    for name in ("default", "dora", "lbias"):
+        model.set_adapter(name)
+        want[name] = run(model, ids)
+    with pytest.raises(ValueError, match="strict=True"):
+        fastpeft.accelerate(model, strict=True)
+    assert type(q_proj(model)) is peft.tuners.lora.layer.Linear  # strict changed nothing
+    report = fastpeft.accelerate(model)
+    assert sorted(n.rsplit(".", 1)[-1] for n in report.patched) == ["v_proj", "v_proj"]
+    assert all("DoRA" in why for n, why in report.skipped.items() if n.endswith("q_proj"))
+    assert all("lora_bias" in why for n, why in report.skipped.items() if n.endswith("down_proj"))
+    assert "skipped" in str(report) and "DoRA" in str(report)
+    for name in ("dora", "lbias", "default"):
+        model.set_adapter(name)
+        assert_same(run(model, ids), want[name], f"adapter {name}")
+    assert type(q_proj(model)) is peft.tuners.lora.layer.Linear
+
+
+def test_partial_layer_runs_dora_adapter_on_peft(base, ids):
+    model = lora_model(base, target_modules=["q_proj"])
+    torch.manual_seed(1)
+    model.add_adapter("dora", peft.LoraConfig(r=4, target_modules=["q_proj"], use_dora=True, init_lora_weights=False))
+    model.set_adapter("dora")
+    want = run(model, ids)
+    report = fastpeft.accelerate(model)
+    assert len(report.partial) == 2 and "DoRA" in next(iter(report.partial.values()))
+    assert_same(run(model, ids), want, "DoRA adapter on an accelerated layer")
+    assert q_proj(model)._fastpeft_calls == {"adapter 'dora' is a LoRA variant (DoRA)": 1}
+    with pytest.raises(ValueError, match="strict=True"):
+        fastpeft.accelerate(model, strict=True)
+
+
+class Conv1DModel(nn.Module):
+    def __init__(self, d=16):
+        super().__init__()
+        self.c_attn = transformers.pytorch_utils.Conv1D(d, d)  # GPT-2's (in, out) layer
+        self.proj = nn.Linear(d, d)
+
+    def forward(self, x):
+        return self.proj(torch.tanh(self.c_attn(x)))
+
+
+@pytest.mark.filterwarnings("ignore:fan_in_fan_out is set to True:UserWarning")
+def test_fan_in_fan_out_layer_falls_back():
+    torch.manual_seed(0)
+    model = peft.get_peft_model(Conv1DModel(), peft.LoraConfig(r=4, target_modules=["c_attn"], fan_in_fan_out=True,
+                                                               init_lora_weights=False))
+    x = torch.randn(5, 16)
+    with pytest.raises(ValueError, match="(?s)nothing it can compute.*Conv1D"):
+        fastpeft.accelerate(model)
+    torch.manual_seed(0)
+    model = peft.get_peft_model(Conv1DModel(), peft.LoraConfig(r=4, target_modules=["c_attn", "proj"],
+                                                               fan_in_fan_out=True, init_lora_weights=False))
+    want = model(x)
+    report = fastpeft.accelerate(model)
+    assert [n.rsplit(".", 1)[-1] for n in report.patched] == ["proj"]
+    assert "fan_in_fan_out" in report.skipped["base_model.model.c_attn"]
+    assert_close_report(model(x), want, 0, 0, "fan_in_fan_out")
+
+
+# ---------------------------------------------------------------------------------------------------------
+# The triton backend (CUDA, or the interpreter on CPU)
+# ---------------------------------------------------------------------------------------------------------
+needs_kernels = pytest.mark.skipif(not (kernels.HAS_TRITON and (kernels.INTERPRET or torch.cuda.is_available())),
+                                   reason="needs triton on CUDA or TRITON_INTERPRET=1")
+
+
+@needs_kernels
+@pytest.mark.parametrize("mode", ["one", "mixed"])
+def test_triton_backend(mode):
+    dev = "cuda" if torch.cuda.is_available() and not kernels.INTERPRET else "cpu"
+    torch.manual_seed(0)
+    model = peft.get_peft_model(OneLinear(16).to(dev), peft.LoraConfig(r=4, lora_alpha=8, target_modules=["lin"],
+                                                                       init_lora_weights=False))
+    torch.manual_seed(1)
+    model.add_adapter("r2", peft.LoraConfig(r=2, lora_alpha=2, target_modules=["lin"], init_lora_weights=False))
+    model.set_adapter("default")
+    for n, p in model.named_parameters():
+        p.requires_grad_("lora_" in n)
+    x = torch.randn(3, 2, 16, device=dev)
+    kw = {"adapter_names": ["r2", "__base__", "default"]} if mode == "mixed" else {}
+    if mode == "mixed":
+        model.eval()
+
+    def step():
+        model.zero_grad(set_to_none=True)
+        xx = x.clone().requires_grad_(True)
+        y = model(xx, **kw)
+        (y * torch.linspace(-1, 1, y.numel(), device=dev).view_as(y)).sum().backward()
+        return [y.detach(), xx.grad] + [p.grad for n, p in sorted(model.named_parameters()) if p.grad is not None]
+
+    want = step()
+    fastpeft.accelerate(model)
+    with fastpeft.use_backend("triton"):
+        got = step()
+    assert len(got) == len(want) >= 4
+    for g, w in zip(got, want):
+        assert_close_report(g, w, 1e-4, 1e-5, f"triton, {mode}")
+    assert model.base_model.model.lin._fastpeft_calls == {"fastpeft": 1}
+
+
+@needs_kernels
+def test_triton_backend_dropout_same_mask_as_reference_backend():
+    """In training with dropout the kernels redraw the reference path's Philox mask: same torch seed, same
+    output and gradients on both backends (and the mask really drops: the output differs from eval's)."""
+    dev = "cuda" if torch.cuda.is_available() and not kernels.INTERPRET else "cpu"
+    torch.manual_seed(0)
+    model = peft.get_peft_model(OneLinear(16).to(dev), peft.LoraConfig(r=4, lora_alpha=8, target_modules=["lin"],
+                                                                       lora_dropout=0.3, init_lora_weights=False))
+    fastpeft.accelerate(model)
+    x = torch.randn(6, 16, device=dev)
+    results = {}
+    for backend in ("reference", "triton"):
+        model.zero_grad(set_to_none=True)
+        torch.manual_seed(5)
+        with fastpeft.use_backend(backend):
+            y = model(x)
+        y.square().sum().backward()
+        results[backend] = [y.detach()] + [p.grad for _, p in sorted(model.named_parameters()) if p.grad is not None]
+    assert len(results["triton"]) == 3
+    for g, w in zip(results["triton"], results["reference"]):
+        assert_close_report(g, w, 1e-4, 1e-5, "triton vs reference, dropout 0.3")
+    model.eval()
+    assert not torch.allclose(model(x), results["reference"][0])
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Errors
+# ---------------------------------------------------------------------------------------------------------
+def test_not_a_lora_model(base):
+    with pytest.raises(TypeError, match="LlamaForCausalLM has no PEFT LoRA layer"):
+        fastpeft.accelerate(copy.deepcopy(base))
+    with pytest.raises(TypeError, match="got a str"):
+        fastpeft.accelerate("model")
+    native = fastpeft.inject(copy.deepcopy(base), fastpeft.LoraConfig(target_modules=["q_proj"]))
+    with pytest.raises(TypeError, match="fastpeft model"):
+        fastpeft.accelerate(native)
+    loha = peft.get_peft_model(copy.deepcopy(base), peft.LoHaConfig(r=4, target_modules=["q_proj"]))
+    with pytest.raises(ValueError, match="LOHA"):
+        fastpeft.accelerate(loha)
+    mixed = peft.PeftMixedModel(copy.deepcopy(base), peft.LoraConfig(r=4, target_modules=["q_proj"]))
+    with pytest.raises(TypeError, match="PeftMixedModel"):
+        fastpeft.accelerate(mixed)
+    with pytest.raises(TypeError, match="strict must be a bool"):
+        fastpeft.accelerate(lora_model(base), strict="yes")
+
+
+def test_transformers_add_adapter_model(base, ids):
+    """A transformers model holding PEFT LoRA layers without a PeftModel around it (``add_adapter``, which in
+    transformers 5.24 needs peft >= 0.22, injects them with ``peft.inject_adapter_in_model``)."""
+    model = copy.deepcopy(base)
+    config = peft.LoraConfig(r=8, lora_alpha=16, target_modules=TARGETS, init_lora_weights=False)
+    torch.manual_seed(0)
+    try:
+        model.add_adapter(config)
+    except ValueError as e:
+        if "version of PEFT" not in str(e):
+            raise
+        model = peft.inject_adapter_in_model(config, model)
+    for n, p in model.named_parameters():
+        p.requires_grad_("lora_" in n)
+    want = run(model, ids)
+    report = fastpeft.accelerate(model)
+    assert len(report.patched) == 6
+    assert_same(run(model, ids), want, "transformers add_adapter")
+
+
+def test_two_active_adapters_with_dropout_in_training_run_peft_forward():
+    torch.manual_seed(0)
+    model = peft.get_peft_model(OneLinear(16), peft.LoraConfig(r=4, target_modules=["lin"], lora_dropout=0.1,
+                                                               init_lora_weights=False))
+    model.add_adapter("b", peft.LoraConfig(r=2, target_modules=["lin"], lora_dropout=0.1, init_lora_weights=False))
+    model.base_model.set_adapter(["default", "b"])
+    fastpeft.accelerate(model)
+    layer = model.base_model.model.lin
+    x = torch.randn(4, 16)
+    model.eval()
+    with fastpeft.use_backend("reference"):
+        want = peft.tuners.lora.layer.Linear.forward(layer, x)
+        assert_close_report(model(x), want, RTOL, ATOL, "two adapters, eval")
+        model.train()
+        model(x)
+    assert layer._fastpeft_calls == {"fastpeft": 1, "several active adapters with dropout in training (PEFT draws "
+                                                    "a mask per adapter)": 1}
