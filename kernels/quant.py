@@ -46,8 +46,20 @@ def _block_scale(absmax_ptr, code2_ptr, absmax2_ptr, offset_ptr, idx, ok, NESTED
     if NESTED:
         q = tl.load(absmax_ptr + idx, mask=ok, other=0).to(tl.int32)
         am = tl.load(code2_ptr + q, mask=ok, other=0.0) * tl.load(absmax2_ptr + idx // BLOCKSIZE2, mask=ok, other=0.0)
-        return am + tl.load(offset_ptr)
-    return tl.load(absmax_ptr + idx, mask=ok, other=0.0)
+        am = am + tl.load(offset_ptr)
+    else:
+        am = tl.load(absmax_ptr + idx, mask=ok, other=0.0)
+    return am
+
+
+@triton.jit
+def _round_to_w_dtype(x, W_DTYPE: tl.constexpr, UPCAST: tl.constexpr):
+    """fp32 x rounded to bnb's dequantized dtype (W_DTYPE: 0 fp32, 1 fp16, 2 bf16), kept as that dtype."""
+    if W_DTYPE == 1:
+        x = _cast(x, tl.float16, UPCAST)
+    elif W_DTYPE == 2:
+        x = _cast(x, tl.bfloat16, UPCAST)
+    return x
 
 
 @triton.jit
@@ -72,8 +84,8 @@ def _dequant_4bit_kernel(
     out_ty = out_ptr.dtype.element_ty
     # bnb rounds fp32 to its dequantized dtype; a compute dtype that differs is a second rounding, as
     # dequantize_4bit(...).to(compute_dtype) does.
-    hi = _cast(_cast(hi, W_DTYPE, UPCAST), out_ty, UPCAST)
-    lo = _cast(_cast(lo, W_DTYPE, UPCAST), out_ty, UPCAST)
+    hi = _cast(_round_to_w_dtype(hi, W_DTYPE, UPCAST), out_ty, UPCAST)
+    lo = _cast(_round_to_w_dtype(lo, W_DTYPE, UPCAST), out_ty, UPCAST)
     tl.store(out_ptr + e, hi, mask=ok)
     tl.store(out_ptr + e + 1, lo, mask=ok & (e + 1 < n))
 
@@ -108,34 +120,47 @@ def _qlora_fused_kernel(
     acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
     u = tl.zeros((BLOCK_M, R_PAD), dtype=tl.float32)
     rn64 = rn.to(tl.int64)
+    # Pointers advanced by BLOCK_K each step (no per-element 64-bit index math in the loop: it spilled).
+    x_ptrs = x_ptr + rm[:, None].to(tl.int64) * stride_xm + rk[None, :] * stride_xk
+    a_ptrs = a_ptr + rr[None, :] * stride_ar + rk[:, None] * stride_ak
+    if QUANT == 0:
+        # K is a multiple of the block size, hence of BLOCK_K: no K mask. Row n's bytes for k0..k0+BLOCK_K are
+        # contiguous (n * K/2 + k0/2 ...), loaded as a (BLOCK_N, BLOCK_K/2) tile and split into nibbles.
+        rkh = tl.arange(0, BLOCK_K // 2)
+        w_ptrs = w_ptr + rn64[:, None] * (K // 2) + rkh[None, :]
+        scale_idx = rn64 * (K // BLOCKSIZE)
+    else:
+        w_ptrs = w_ptr + rn64[:, None] * K + rk[None, :]
     for k0 in range(0, K, BLOCK_K):
-        kk = k0 + rk
-        k_ok = kk < K
-        x = tl.load(x_ptr + rm[:, None].to(tl.int64) * stride_xm + kk[None, :].to(tl.int64) * stride_xk,
-                    mask=m_ok[:, None] & k_ok[None, :], other=0.0)
-        # W^T tile (BLOCK_K, BLOCK_N), dequantized in registers.
-        e = rn64[None, :] * K + kk[:, None]
-        wk_ok = k_ok[:, None] & n_ok[None, :]
+        k_ok = rk < K - k0
+        x = tl.load(x_ptrs, mask=m_ok[:, None] & k_ok[None, :], other=0.0)
+        # W tile (BLOCK_N, BLOCK_K) in W's own row-major order, dequantized in registers; its transpose feeds the dot.
         if QUANT == 0:
-            byte = tl.load(w_ptr + e // 2, mask=wk_ok, other=0).to(tl.int32)
-            nib = tl.where(e % 2 == 0, byte >> 4, byte & 0xF)
-            # K % BLOCKSIZE == 0 and BLOCK_K divides BLOCKSIZE (checked by the launcher): the tile's columns of
-            # row n share one quant block, so one scale per row.
-            am = _block_scale(absmax_ptr, code2_ptr, absmax2_ptr, offset_ptr, (rn64 * K + k0) // BLOCKSIZE, n_ok,
+            byte = tl.load(w_ptrs, mask=n_ok[:, None], other=0).to(tl.int32)
+            nib = tl.interleave(byte >> 4, byte & 0xF)  # high nibble first: element 2j, then 2j + 1
+            # BLOCK_K divides BLOCKSIZE (checked by the launcher): the tile's columns of row n share one quant
+            # block, so one scale per row.
+            am = _block_scale(absmax_ptr, code2_ptr, absmax2_ptr, offset_ptr, scale_idx + k0 // BLOCKSIZE, n_ok,
                               NESTED, BLOCKSIZE2)
-            w = tl.load(code_ptr + nib) * am[None, :]
-            w = _cast(_cast(w, W_DTYPE, UPCAST), cdt, UPCAST)
+            w = tl.load(code_ptr + nib) * am[:, None]
+            w = _cast(_round_to_w_dtype(w, W_DTYPE, UPCAST), cdt, UPCAST)
+            w_ptrs += BLOCK_K // 2
         else:
-            # int8 -> compute dtype is exact (|v| <= 127); the row scales wait for the epilogue.
-            w = tl.load(w_ptr + e, mask=wk_ok, other=0).to(cdt)
+            # int8 -> compute dtype is exact (|v| <= 127); the row scales wait for the epilogue. (fp32 under
+            # UPCAST, where the interpreter's int8 -> bf16 cast is wrong and _mma upcasts anyway.)
+            w = tl.load(w_ptrs, mask=n_ok[:, None] & k_ok[None, :], other=0)
+            w = w.to(tl.float32) if UPCAST else w.to(cdt)
+            w_ptrs += BLOCK_K
+        w = tl.trans(w)
         acc = _mma(x, w, acc, DOT_PRECISION, UPCAST)
         # x A^T from the same x tile (dropout mask redrawn, never stored).
         if HAS_MASK:
-            offs = rm[:, None].to(tl.int64) * K + kk[None, :].to(tl.int64)
+            offs = rm[:, None].to(tl.int64) * K + (k0 + rk)[None, :].to(tl.int64)
             x = tl.where(_keep_mask(seed, offs, threshold), x, 0.0)
-        at = tl.load(a_ptr + rr[None, :] * stride_ar + kk[:, None].to(tl.int64) * stride_ak,
-                     mask=k_ok[:, None] & r_ok[None, :], other=0.0)
+        at = tl.load(a_ptrs, mask=k_ok[:, None] & r_ok[None, :], other=0.0)
         u = _mma(x, at, u, DOT_PRECISION, UPCAST)
+        x_ptrs += BLOCK_K * stride_xk
+        a_ptrs += BLOCK_K * stride_ak
 
     if QUANT == 1:
         sc = tl.load(scales_ptr + rn, mask=n_ok, other=0.0).to(tl.float32) * 7.874015718698502e-3
@@ -159,7 +184,7 @@ def _qlora_fused_kernel(
 # launchers
 # ----------------------------------------------------------------------------------------------------
 
-_TL_DTYPES = {torch.float32: tl.float32, torch.float16: tl.float16, torch.bfloat16: tl.bfloat16}
+_W_DTYPE_CODES = {torch.float32: 0, torch.float16: 1, torch.bfloat16: 2}
 _workspaces: dict = {}
 
 # Explicit blocks under the interpreter (and FASTPEFT_AUTOTUNE=0); small so that odd shapes cover edges.
@@ -198,7 +223,7 @@ def dequantize_4bit(qw, dtype: torch.dtype, out: torch.Tensor | None = None) -> 
     grid = (triton.cdiv(triton.cdiv(n, 2), block),)
     _dequant_4bit_kernel[grid](
         qw.data, qw.code, qw.absmax, code2, absmax2, offset, out, n,
-        BLOCKSIZE=qw.blocksize, BLOCKSIZE2=bs2, NESTED=qw.nested, W_DTYPE=_TL_DTYPES[qw.dtype], BLOCK=block,
+        BLOCKSIZE=qw.blocksize, BLOCKSIZE2=bs2, NESTED=qw.nested, W_DTYPE=_W_DTYPE_CODES[qw.dtype], BLOCK=block,
         UPCAST=_upcast(dtype) or _upcast(qw.dtype), num_warps=4,
     )
     return out
@@ -258,7 +283,7 @@ def qlora_fused(x: torch.Tensor, qw, lora_A: torch.Tensor, lora_B: torch.Tensor,
         out.stride(0), out.stride(1), u.stride(0), u.stride(1),
         scale, drop_scale, seed, threshold,
         QUANT=_QUANT_CODES[qw.kind], NESTED=bool(qw.nested), BLOCKSIZE=max(qw.blocksize, 1), BLOCKSIZE2=bs2,
-        W_DTYPE=_TL_DTYPES[qw.dtype] if qw.kind != "int8" else _TL_DTYPES[x.dtype], HAS_BIAS=bias is not None,
+        W_DTYPE=_W_DTYPE_CODES[qw.dtype] if qw.kind != "int8" else 0, HAS_BIAS=bias is not None,
         HAS_MASK=threshold > 0, WRITE_U=write_u, BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=bk, R_PAD=r_pad(R),
         DOT_PRECISION=_dot_precision(x.dtype), UPCAST=_upcast(x.dtype) or _upcast(qw.dtype),
         num_warps=warps, num_stages=stages,
