@@ -24,12 +24,39 @@ flat layout above is the quantizer's and bnb's CUDA / default-backend dequantize
 """
 from __future__ import annotations
 
-import copy
+import importlib
+import importlib.util
+import os
+import sys
 import warnings
 from dataclasses import dataclass
 
 import torch
 import torch.nn as nn
+
+def import_bitsandbytes():
+    """``bitsandbytes``, imported so that its optional ``import kernels`` (Hugging Face's kernel-hub package, for a
+    CPU GEMM) cannot pick up this repository's top-level ``kernels/`` folder instead. That happens whenever a
+    checkout's root is on sys.path (``python`` run from the repo root, ``PYTHONPATH=<repo>`` for the tests): bnb
+    then imports fastpeft's kernels a second time as ``kernels`` and logs a confusing warning. During bnb's import
+    only, ``kernels`` is hidden when it is this folder, so bnb sees what it sees without it (not installed)."""
+    if "bitsandbytes" not in sys.modules:
+        ours = os.path.realpath(os.path.join(os.path.dirname(__file__), "kernels"))
+        shadow = False
+        if "kernels" not in sys.modules:
+            try:
+                spec = importlib.util.find_spec("kernels")
+            except (ImportError, ValueError):
+                spec = None
+            shadow = bool(spec and spec.origin and os.path.realpath(os.path.dirname(spec.origin)) == ours)
+        if shadow:
+            sys.modules["kernels"] = None  # import kernels -> ImportError, which bnb handles
+            try:
+                importlib.import_module("bitsandbytes")
+            finally:
+                del sys.modules["kernels"]
+    return importlib.import_module("bitsandbytes")
+
 
 # 1 / 127 as bitsandbytes writes it (int8_vectorwise_dequant): W = CB * SCB * INT8_INV_SCALE, in fp32.
 INT8_INV_SCALE = 7.874015718698502e-3
@@ -252,8 +279,7 @@ def merge_into_quantized(module: nn.Module, delta: torch.Tensor, dequantize: boo
                 lin.bias.copy_(bias.detach().to(w.dtype))
         lin.requires_grad_(False)
         return lin
-    import bitsandbytes as bnb
-
+    bnb = import_bitsandbytes()
     warnings.warn(f"{label}: merging a LoRA adapter into a {qw.kind} bitsandbytes layer requantizes its weight, "
                   f"which is lossy (outputs differ from the unmerged layer by the quantization error); use "
                   f"merge_and_unload(model, dequantize=True) for an exact floating-point model", UserWarning,

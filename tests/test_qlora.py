@@ -15,7 +15,12 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-bnb = pytest.importorskip("bitsandbytes")
+from fastpeft.quant import import_bitsandbytes  # noqa: E402  (not `import bitsandbytes`: see its docstring)
+
+try:
+    bnb = import_bitsandbytes()
+except ImportError:
+    pytest.skip("bitsandbytes is not installed", allow_module_level=True)
 BF = bnb.functional
 
 from conftest import assert_close_report  # noqa: E402

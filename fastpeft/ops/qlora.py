@@ -125,6 +125,10 @@ class QLoRALinearFunction(torch.autograd.Function):
         return dx, da, dbb, dbias, None, None, None, None, None
 
 
+def _label(qw: QuantizedWeight) -> str:
+    return f"module {qw.name!r}" if qw.name else "this layer"
+
+
 def choose_path(qw: QuantizedWeight, M: int, device: torch.device, run_fused, run_dequant) -> str:
     """``"fused"`` or ``"dequant"`` for a 4-bit forward of M rows: the environment's FASTPEFT_QLORA_PATH when
     forced, ``"dequant"`` where the fused kernel cannot run (``kernels.quant.fused_unsupported_reason``),
@@ -138,7 +142,7 @@ def choose_path(qw: QuantizedWeight, M: int, device: torch.device, run_fused, ru
     mode = KL.env_choice("FASTPEFT_QLORA_PATH", PATHS)
     reason = KQ.fused_unsupported_reason(qw, M)
     if mode == "fused" and reason is not None:
-        raise ValueError(f"FASTPEFT_QLORA_PATH=fused cannot run {qw.name or 'this layer'!s}: {reason}")
+        raise ValueError(f"FASTPEFT_QLORA_PATH=fused cannot run {_label(qw)}: {reason}")
     if reason is not None:
         return "dequant"
     key = ("qlora", 1 << max(0, M - 1).bit_length(), qw.shape, qw.kind, qw.blocksize, qw.nested)
@@ -217,7 +221,7 @@ def qlora_linear(x, qweight: QuantizedWeight, bias, lora_A, lora_B, scaling, dro
             raise ValueError(f"path must be None, 'fused' or 'dequant', got {path!r}")
         if path == "fused" and qweight.kind != "int8" and qweight.shape[1] % qweight.blocksize:
             from ..kernels.quant import fused_unsupported_reason
-            raise ValueError(f"path='fused' cannot run {qweight.name or 'this layer'}: "
+            raise ValueError(f"path='fused' cannot run {_label(qweight)}: "
                              f"{fused_unsupported_reason(qweight, 0)}")
         name = path
     else:
