@@ -156,6 +156,7 @@ class QuantizedWeight:
     offset: torch.Tensor | None = None
     scales: torch.Tensor | None = None
     name: str = ""
+    quant_state: object = None  # bnb's QuantState (4-bit), by reference: for bnb's own dequantizer (``dequantize``)
 
     @property
     def out_features(self) -> int:
@@ -193,7 +194,7 @@ class QuantizedWeight:
             data = w.data if w.data.dtype == torch.uint8 else w.data.view(torch.uint8)
             cdt = getattr(module, "compute_dtype", None)
             common = dict(kind=qs.quant_type, shape=shape, compute_dtype=cdt, dtype=qs.dtype, data=data,
-                          blocksize=int(qs.blocksize), code=qs.code, name=name)
+                          blocksize=int(qs.blocksize), code=qs.code, name=name, quant_state=qs)
             if qs.nested:
                 s2 = qs.state2
                 return cls(**common, absmax=qs.absmax, nested=True, nested_code=s2.code, nested_absmax=s2.absmax,
@@ -239,12 +240,31 @@ def dequantize_ref(qw: QuantizedWeight, dtype: torch.dtype | None = None) -> tor
     if qw.kind == "int8":
         w = qw.data * qw.scales.view(-1, 1) * INT8_INV_SCALE
     else:
-        b = qw.data.reshape(-1)
-        nib = torch.stack((b >> 4, b & 0xF), dim=-1).reshape(-1)[:n].to(torch.int64)
+        # One gather per byte from a 256-entry table of (high, low) nibble values: no per-nibble index tensor.
+        code = qw.code.float()
+        pairs = torch.stack((code.repeat_interleave(16), code.repeat(16)), dim=-1)  # byte b -> (code[b>>4], code[b&15])
+        vals = pairs[qw.data.reshape(-1).to(torch.int64)].reshape(-1)[:n]
         absmax = dequantized_absmax(qw)
-        blk = torch.arange(n, device=b.device) // qw.blocksize
-        w = (qw.code.float()[nib] * absmax[blk]).to(qw.dtype).view(out_f, in_f)
+        bs = qw.blocksize
+        full = n - n % bs
+        w = torch.empty(n, device=vals.device, dtype=torch.float32)
+        w[:full] = (vals[:full].view(-1, bs) * absmax[:full // bs, None]).view(-1)
+        if full < n:
+            w[full:] = vals[full:] * absmax[full // bs]
+        w = w.to(qw.dtype).view(out_f, in_f)
     return w if dtype is None else w.to(dtype)
+
+
+def dequantize(qw: QuantizedWeight, dtype: torch.dtype | None = None) -> torch.Tensor:
+    """``dequantize_ref(qw, dtype)``, bit for bit, by the fastest exact route: bitsandbytes' own
+    ``dequantize_4bit`` where its layout agrees with the flat one (in_features a multiple of the block size; its
+    CPU kernel is ~15x faster than the PyTorch gathers at 1024x1024 NF4), ``dequantize_ref`` elsewhere. The
+    reference path of the QLoRA op uses this on every call."""
+    if qw.kind != "int8" and qw.quant_state is not None and qw.in_features % qw.blocksize == 0 \
+            and "bitsandbytes" in sys.modules:
+        w = sys.modules["bitsandbytes"].functional.dequantize_4bit(qw.data.reshape(-1, 1), qw.quant_state)
+        return w if dtype is None else w.to(dtype)
+    return dequantize_ref(qw, dtype)
 
 
 def _layer_label(module: nn.Module, name: str) -> str:

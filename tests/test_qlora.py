@@ -25,7 +25,7 @@ BF = bnb.functional
 
 from conftest import assert_close_report  # noqa: E402
 from fastpeft.ops.qlora import qlora_linear  # noqa: E402
-from fastpeft.quant import (QuantizedWeight, base_kind, dequantize_ref, merge_into_quantized)  # noqa: E402
+from fastpeft.quant import (QuantizedWeight, base_kind, dequantize, dequantize_ref, merge_into_quantized)  # noqa: E402
 from fastpeft.reference import lora_dropout_ref  # noqa: E402
 
 DT = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
@@ -94,6 +94,16 @@ def test_dequantize_ref_is_bit_exact_with_bitsandbytes(qt, nested, bs, st, dt, s
     bits = {2: torch.int16, 4: torch.int32}[got.element_size()]
     assert torch.equal(got.view(bits), want.view(bits)), \
         f"max |diff| {(got.float() - want.float()).abs().max()}"
+
+
+@pytest.mark.parametrize("qt,nested,st,shape", [("nf4", True, torch.bfloat16, (48, 128)), ("fp4", False, torch.uint8, (48, 128)),
+                                               ("nf4", False, torch.float32, (33, 136))], ids=lambda v: str(v))
+def test_fast_dequantize_is_dequantize_ref_bit_for_bit(qt, nested, st, shape):
+    """The reference op path takes bnb's own kernel where its layout agrees, dequantize_ref elsewhere."""
+    layer = _layer4(shape[1], shape[0], quant_type=qt, nested=nested, storage=st, dtype=torch.bfloat16)
+    qw = QuantizedWeight.from_module(layer)
+    for dt in (None, torch.float32, torch.float16):
+        assert torch.equal(dequantize(qw, dt), dequantize_ref(qw, dt))
 
 
 def test_int8_dequantize_ref_is_bit_exact_with_bitsandbytes():
