@@ -255,7 +255,7 @@ def dequantize_ref(qw: QuantizedWeight, dtype: torch.dtype | None = None) -> tor
     return w if dtype is None else w.to(dtype)
 
 
-def dequantize(qw: QuantizedWeight, dtype: torch.dtype | None = None) -> torch.Tensor:
+def dequantize_weight(qw: QuantizedWeight, dtype: torch.dtype | None = None) -> torch.Tensor:
     """``dequantize_ref(qw, dtype)``, bit for bit, by the fastest exact route: bitsandbytes' own
     ``dequantize_4bit`` where its layout agrees with the flat one (in_features a multiple of the block size; its
     CPU kernel is ~15x faster than the PyTorch gathers at 1024x1024 NF4), ``dequantize_ref`` elsewhere. The
@@ -271,22 +271,22 @@ def _layer_label(module: nn.Module, name: str) -> str:
     return f"module {name!r}" if name else f"the {type(module).__name__} layer"
 
 
-def merge_into_quantized(module: nn.Module, delta: torch.Tensor, dequantize: bool = False, name: str = "",
-                         safe_merge: bool = False) -> nn.Module:
-    """Merge ``delta`` (out, in) (a LoRA ``s B A``) into a bitsandbytes layer, following PEFT.
+def merged_weight(module: nn.Module, delta: torch.Tensor, dequantize: bool = False, name: str = "",
+                  safe_merge: bool = False):
+    """What merging ``delta`` (out, in) (a LoRA ``s B A``) into a bitsandbytes layer gives, built whole and not yet
+    assigned (``module`` untouched), so that a model-level merge can build every layer's result first and swap
+    them in only when all succeeded.
 
-    ``dequantize=True``: a new plain ``nn.Linear`` (weight ``dequantize_ref(W) + delta`` in bnb's dequantized
-    dtype, the bias copied) on the layer's device; ``module`` is not touched.
-    ``dequantize=False``: PEFT's merge: dequantize, add, requantize into a new ``Params4bit`` / ``Int8Params`` with
-    the layer's settings, with a warning that this is lossy; the layer is changed in place and returned. The new
-    weight is built whole before it replaces the old one, so a failure (non-finite values with ``safe_merge``,
-    bitsandbytes unable to quantize on this device) raises naming the module and leaves it as it was.
+    ``dequantize=True``: a new plain ``nn.Linear`` (weight ``dequantize_weight(W) + delta`` in bnb's dequantized dtype,
+    the bias copied) on the layer's device. ``dequantize=False``: PEFT's merge: dequantize, add, requantize into a
+    new ``Params4bit`` / ``Int8Params`` with the layer's settings, with a warning that this is lossy. Raises naming
+    the module: non-finite values with ``safe_merge``, bitsandbytes unable to quantize (no backend for the device).
     """
     label = _layer_label(module, name)
     qw = QuantizedWeight.from_module(module, name)
     if tuple(delta.shape) != tuple(qw.shape):
         raise ValueError(f"{label}: delta must have the weight's shape {tuple(qw.shape)}, got {tuple(delta.shape)}")
-    w = dequantize_ref(qw)
+    w = dequantize_weight(qw)
     merged = w + delta.to(device=w.device, dtype=w.dtype)
     if safe_merge and not bool(torch.isfinite(merged).all()):
         raise ValueError(f"{label}: the merged weight has non-finite values; the adapter seems to be broken")
@@ -303,7 +303,7 @@ def merge_into_quantized(module: nn.Module, delta: torch.Tensor, dequantize: boo
     warnings.warn(f"{label}: merging a LoRA adapter into a {qw.kind} bitsandbytes layer requantizes its weight, "
                   f"which is lossy (outputs differ from the unmerged layer by the quantization error); use "
                   f"merge_and_unload(model, dequantize=True) for an exact floating-point model", UserWarning,
-                  stacklevel=2)
+                  stacklevel=3)
     old = module.weight
     try:
         if qw.kind == "int8":
@@ -322,10 +322,24 @@ def merge_into_quantized(module: nn.Module, delta: torch.Tensor, dequantize: boo
     except Exception as exc:  # a device bnb cannot quantize on, a broken install: say which module and why
         raise RuntimeError(f"{label}: cannot requantize the merged weight ({type(exc).__name__}: {exc}); the layer is "
                            f"unchanged. Use merge_and_unload(model, dequantize=True) for a floating-point model") from exc
+    return new
+
+
+def assign_merged_weight(module: nn.Module, new) -> nn.Module:
+    """Put a requantized weight from ``merged_weight(..., dequantize=False)`` into its layer (cannot fail)."""
     module.weight = new
-    if qw.kind == "int8" and getattr(module, "state", None) is not None:
-        module.state.reset_grads()
+    if _bnb_class_name(module) == "Linear8bitLt" and getattr(module, "state", None) is not None:
+        module.state.reset_grads()  # as PEFT: the int8 state is rebuilt from the new weight
     return module
+
+
+def merge_into_quantized(module: nn.Module, delta: torch.Tensor, dequantize: bool = False, name: str = "",
+                         safe_merge: bool = False) -> nn.Module:
+    """Merge ``delta`` into a bitsandbytes layer, following PEFT (see ``merged_weight``): ``dequantize=True`` returns a
+    new plain ``nn.Linear`` and leaves ``module`` as it was; ``dequantize=False`` requantizes (lossy, warned) and
+    changes ``module`` in place, returning it. On failure the layer is left as it was."""
+    result = merged_weight(module, delta, dequantize, name, safe_merge)
+    return result if dequantize else assign_merged_weight(module, result)
 
 
 def dequantized_linear(module: nn.Module, name: str = "") -> nn.Linear:

@@ -25,7 +25,7 @@ BF = bnb.functional
 
 from conftest import assert_close_report  # noqa: E402
 from fastpeft.ops.qlora import qlora_linear  # noqa: E402
-from fastpeft.quant import (QuantizedWeight, base_kind, dequantize, dequantize_ref, merge_into_quantized)  # noqa: E402
+from fastpeft.quant import (QuantizedWeight, base_kind, dequantize_ref, dequantize_weight, merge_into_quantized)  # noqa: E402
 from fastpeft.reference import lora_dropout_ref  # noqa: E402
 
 DT = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
@@ -103,7 +103,7 @@ def test_fast_dequantize_is_dequantize_ref_bit_for_bit(qt, nested, st, shape):
     layer = _layer4(shape[1], shape[0], quant_type=qt, nested=nested, storage=st, dtype=torch.bfloat16)
     qw = QuantizedWeight.from_module(layer)
     for dt in (None, torch.float32, torch.float16):
-        assert torch.equal(dequantize(qw, dt), dequantize_ref(qw, dt))
+        assert torch.equal(dequantize_weight(qw, dt), dequantize_ref(qw, dt))
 
 
 def test_int8_dequantize_ref_is_bit_exact_with_bitsandbytes():

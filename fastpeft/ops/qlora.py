@@ -13,7 +13,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from ..quant import INT8_INV_SCALE, QuantizedWeight, dequantize
+from ..quant import INT8_INV_SCALE, QuantizedWeight, dequantize_weight
 from ..reference import dropout_mask, dropout_threshold
 
 PATHS = ("auto", "fused", "dequant")
@@ -48,7 +48,7 @@ class QLoRALinearFunction(torch.autograd.Function):
 
     Saved: x (not the dropped copy: D is redrawn from the seed), u (M, r) fp32, A, B and the seed; the
     quantized weight is kept by reference (bnb's packed tensors, no copy). No gradient for W: it is frozen.
-    ``path``: ``"reference"`` (PyTorch: ``fastpeft.quant.dequantize``, bit-exact with dequantize_ref, + matmuls), ``"fused"`` (one kernel, W dequantized in
+    ``path``: ``"reference"`` (PyTorch: ``fastpeft.quant.dequantize_weight``, bit-exact with dequantize_ref, + matmuls), ``"fused"`` (one kernel, W dequantized in
     its K loop) or ``"dequant"`` (one dequant pass into the workspace + the LoRA GEMM); backward on the triton
     paths always dequantizes into the workspace and runs the LoRA GEMM of ``kernels.lora``.
     """
@@ -60,7 +60,7 @@ class QLoRALinearFunction(torch.autograd.Function):
         thr = dropout_threshold(dropout_p) if dropout_p > 0.0 else 0
         ds = 1.0 / (1.0 - dropout_p) if dropout_p > 0.0 else 1.0
         if path == "reference":
-            w = dequantize(qw, x.dtype)
+            w = dequantize_weight(qw, x.dtype)
             xd = x if thr == 0 else x * _keep(seed, x.shape[0], x.shape[1], dropout_p, x.device).to(x.dtype) * ds
             u = (xd.float() @ lora_A.float().t())
             y = F.linear(x, w, bias) + (scaling * (u.to(x.dtype) @ lora_B.t())).to(x.dtype)
@@ -97,7 +97,7 @@ class QLoRALinearFunction(torch.autograd.Function):
                     dys = (dy.float() * (qw.scales.float() * INT8_INV_SCALE)).to(dy.dtype)
                     dx = (dys @ qw.data.to(dy.dtype) + low.to(dy.dtype)).to(x.dtype)
                 else:
-                    dx = (dy @ dequantize(qw, dy.dtype) + low.to(dy.dtype)).to(x.dtype)
+                    dx = (dy @ dequantize_weight(qw, dy.dtype) + low.to(dy.dtype)).to(x.dtype)
             if need_a:
                 xd = x.float() if keep is None else x.float() * keep * ds
                 da = (s * (v.t() @ xd)).to(lora_A.dtype)
