@@ -705,3 +705,134 @@ def test_peft_interop_bad_input_raises_naming_what_was_found(case):
         _assert_unchanged(obj, before)
     ids = [c.id for c in CASES + PEFT_CASES]
     assert len(ids) == len(set(ids))
+
+
+# ---- quantized base layers (QLoRA) ---------------------------------------------------------------------
+# Other libraries' quantized layers are refused by name; bitsandbytes layers that cannot be read or merged
+# say why, naming the module; the fused 4-bit kernel names the shape it cannot take.
+
+def _foreign(cls_name: str, module_path: str) -> nn.Module:
+    """An object shaped like another library's quantized linear layer (only its class name and module matter)."""
+    cls = type(cls_name, (nn.Module,), {"__module__": module_path})
+    m = cls()
+    m.register_buffer("qweight", torch.zeros(4, 4, dtype=torch.int32))
+    return m
+
+
+def _torchao_linear() -> nn.Module:
+    sub = type("AffineQuantizedTensor", (torch.Tensor,), {"__module__": "torchao.dtypes.affine_quantized_tensor"})
+    lin = nn.Linear(IN, OUT)
+    lin.weight = nn.Parameter(torch.randn(OUT, IN).as_subclass(sub), requires_grad=False)
+    return lin
+
+
+def _bnb4(in_f=128, out_f=48, quantized=True, **kw) -> nn.Module:
+    from fastpeft.quant import import_bitsandbytes
+
+    bnb = import_bitsandbytes()
+    torch.manual_seed(0)
+    layer = bnb.nn.Linear4bit(in_f, out_f, compute_dtype=torch.float32, quant_type="nf4", **kw)
+    return layer.to("cpu") if quantized else layer
+
+
+def _qlora(layer, x=None, path=None, backend="triton"):
+    from fastpeft.ops.qlora import qlora_linear
+    from fastpeft.quant import QuantizedWeight
+
+    qw = QuantizedWeight.from_module(layer, "proj")
+    k, n = qw.in_features, qw.out_features
+    x = torch.randn(3, k) if x is None else x
+    return qlora_linear(x, qw, None, torch.randn(R, k), torch.randn(n, R), 1.0, backend=backend, path=path)
+
+
+def _with_env(var, value, fn):
+    old = os.environ.get(var)
+    os.environ[var] = value
+    try:
+        return fn()
+    finally:
+        if old is None:
+            del os.environ[var]
+        else:
+            os.environ[var] = old
+
+
+def _merge_without_a_quantizer(layer):
+    """Merging into a 4-bit layer where bitsandbytes cannot quantize (no backend for the device, say)."""
+    import warnings
+
+    from fastpeft.quant import import_bitsandbytes, merge_into_quantized
+
+    bnb = import_bitsandbytes()
+
+    def no_backend(*a, **k):
+        raise NotImplementedError("no bitsandbytes backend for this device")
+    old = bnb.nn.Params4bit._quantize
+    bnb.nn.Params4bit._quantize = no_backend
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            merge_into_quantized(layer, torch.ones(48, 128), name="proj")
+    finally:
+        bnb.nn.Params4bit._quantize = old
+
+
+def _cpu_repacked():
+    """A Linear4bit that bitsandbytes' CPU inference path has repacked in place (packing_format_for_cpu)."""
+    from bitsandbytes.functional import _convert_weight_packed_for_cpu
+
+    layer = _bnb4(128, 64)
+    layer.weight.data, layer.weight.quant_state = _convert_weight_packed_for_cpu(layer.weight.data,
+                                                                                 layer.weight.quant_state)
+    return layer
+
+
+def _base_kind(m):
+    from fastpeft.quant import base_kind
+    return base_kind(m, "model.layers.0.q_proj")
+
+
+def _view(m):
+    from fastpeft.quant import QuantizedWeight
+    return QuantizedWeight.from_module(m, "proj")
+
+
+QLORA_CASES = [
+    Bad("qlora-gptq-layer", _base_kind, TypeError, ("'model.layers.0.q_proj'", "GPTQ", "bitsandbytes"),
+        lambda: _foreign("QuantLinear", "auto_gptq.nn_modules.qlinear.qlinear_cuda")),
+    Bad("qlora-awq-layer", _base_kind, TypeError, ("'model.layers.0.q_proj'", "AWQ"),
+        lambda: _foreign("WQLinear_GEMM", "awq.modules.linear.gemm")),
+    Bad("qlora-hqq-layer", _base_kind, TypeError, ("'model.layers.0.q_proj'", "HQQ"),
+        lambda: _foreign("HQQLinear", "hqq.core.quantize")),
+    Bad("qlora-torchao-weight", _base_kind, TypeError, ("'model.layers.0.q_proj'", "torchao"), _torchao_linear),
+    Bad("qlora-linear4bit-not-quantized-yet", _view, ValueError, ("'proj'", "not quantized yet"),
+        lambda: _bnb4(quantized=False)),
+    # no snapshot: bnb's state_dict() undoes the CPU repacking in place
+    Bad("qlora-linear4bit-repacked-for-cpu", lambda _: _view(_cpu_repacked()), ValueError,
+        ("'proj'", "packing_format_for_cpu")),
+    Bad("qlora-fused-K-not-multiple-of-blocksize", lambda m: _qlora(m, path="fused"), ValueError,
+        ("'proj'", "in_features=80", "block size 64"), lambda: _bnb4(80, 48)),
+    Bad("qlora-env-fused-K-not-multiple-of-blocksize",
+        lambda m: _with_env("FASTPEFT_QLORA_PATH", "fused", lambda: _qlora(m)), ValueError,
+        ("FASTPEFT_QLORA_PATH=fused", "proj", "in_features=80", "block size 64"), lambda: _bnb4(80, 48)),
+    Bad("qlora-x-last-dim-100", lambda m: _qlora(m, x=torch.randn(3, 100), backend="reference"), ValueError,
+        ("x's last dim", "in_features=128", "got 100"), _bnb4),
+    Bad("qlora-merge-requantize-impossible", _merge_without_a_quantizer, RuntimeError,
+        ("'proj'", "cannot requantize", "unchanged", "dequantize=True"), _bnb4),
+]
+
+
+@pytest.mark.parametrize("case", [pytest.param(c, id=c.id) for c in QLORA_CASES])
+def test_quantized_base_bad_input_raises_naming_the_module(case):
+    from fastpeft.quant import import_bitsandbytes
+
+    try:
+        import_bitsandbytes()
+    except ImportError:
+        pytest.skip("bitsandbytes is not installed")
+    test_bad_input_raises_naming_the_argument(case)
+
+
+def test_qlora_case_ids_are_unique():
+    ids = [c.id for c in CASES + QLORA_CASES]
+    assert len(ids) == len(set(ids)), sorted({i for i in ids if ids.count(i) > 1})

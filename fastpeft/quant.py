@@ -1,0 +1,349 @@
+"""Quantized base layers (QLoRA): recognise them, read their packed weights in place, dequantize in PyTorch.
+
+- ``base_kind(module)``: ``"linear"`` for ``nn.Linear``, ``"4bit"`` for ``bitsandbytes.nn.Linear4bit`` (NF4 /
+  FP4, nested absmax or not, any ``quant_storage``), ``"8bit"`` for ``bitsandbytes.nn.Linear8bitLt``; a quantized
+  layer of another library (GPTQ, AWQ, HQQ, torchao, quanto, EETQ, AQLM) raises ``TypeError`` naming the module
+  and the library, never a confusing error from deep inside torch.
+- ``QuantizedWeight.from_module(layer)``: a view of a bitsandbytes layer's weight: shape, compute dtype, the
+  packed data and the quant state, all read in place (no copy: ``data_ptr`` is bnb's).
+- ``dequantize_ref(qw)``: the dense weight in plain PyTorch, bit-exact with
+  ``bitsandbytes.functional.dequantize_4bit`` / ``int8_vectorwise_dequant`` (the oracle of the kernels).
+- ``merge_into_quantized(layer, delta, dequantize=...)``: PEFT's merge (dequantize, add, requantize with a
+  warning), or a plain floating-point ``nn.Linear`` with ``dequantize=True``.
+
+bitsandbytes is imported lazily: fastpeft runs without it, and a model that has no bnb layer never needs it.
+
+Layout of a 4-bit weight (out, in), as bnb's ``quantize_4bit`` writes it: element ``e = n * in + k`` of the
+row-major weight is nibble ``e % 2`` of byte ``e // 2`` (the high nibble first), read as uint8 whatever the
+``quant_storage`` dtype; its value is ``code[nibble] * absmax[e // blocksize]`` in fp32, then cast to the
+dequantized dtype. Nested ("double quant", ``compress_statistics=True``): ``absmax`` is itself uint8 codes of
+an 8-bit blockwise quantization, ``absmax[i] = code2[q[i]] * absmax2[i // blocksize2] + offset`` in fp32.
+Note: bnb 0.50's CPU C kernel for ``dequantize_4bit`` indexes absmax per row (``n * (in // blocksize) + k //
+blocksize``), which disagrees with its own quantizer when ``in`` is not a multiple of the block size; the
+flat layout above is the quantizer's and bnb's CUDA / default-backend dequantizer's, and is what is used here.
+"""
+from __future__ import annotations
+
+import importlib
+import importlib.util
+import os
+import sys
+import warnings
+from dataclasses import dataclass
+
+import torch
+import torch.nn as nn
+
+def import_bitsandbytes():
+    """``bitsandbytes``, imported so that its optional ``import kernels`` (Hugging Face's kernel-hub package, for a
+    CPU GEMM) cannot pick up this repository's top-level ``kernels/`` folder instead. That happens whenever a
+    checkout's root is on sys.path (``python`` run from the repo root, ``PYTHONPATH=<repo>`` for the tests): bnb
+    then imports fastpeft's kernels a second time as ``kernels`` and logs a confusing warning. During bnb's import
+    only, ``kernels`` is hidden when it is this folder, so bnb sees what it sees without it (not installed)."""
+    if "bitsandbytes" not in sys.modules:
+        ours = os.path.realpath(os.path.join(os.path.dirname(__file__), "kernels"))
+        shadow = False
+        if "kernels" not in sys.modules:
+            try:
+                spec = importlib.util.find_spec("kernels")
+            except (ImportError, ValueError):
+                spec = None
+            shadow = bool(spec and spec.origin and os.path.realpath(os.path.dirname(spec.origin)) == ours)
+        if shadow:
+            sys.modules["kernels"] = None  # import kernels -> ImportError, which bnb handles
+            try:
+                importlib.import_module("bitsandbytes")
+            finally:
+                del sys.modules["kernels"]
+    return importlib.import_module("bitsandbytes")
+
+
+# 1 / 127 as bitsandbytes writes it (int8_vectorwise_dequant): W = CB * SCB * INT8_INV_SCALE, in fp32.
+INT8_INV_SCALE = 7.874015718698502e-3
+
+# Quantized linear layers of other libraries, refused by name: (module prefix, class-name words, library).
+_FOREIGN = (
+    (("auto_gptq", "gptqmodel", "optimum.gptq", "exllama"), ("QuantLinear", "GPTQ"), "GPTQ"),
+    (("awq", "autoawq"), ("WQLinear", "AWQ"), "AWQ"),
+    (("hqq",), ("HQQLinear", "HQQ"), "HQQ"),
+    (("torchao",), (), "torchao"),
+    (("optimum.quanto", "quanto"), ("QLinear",), "quanto"),
+    (("eetq",), ("EetqLinear",), "EETQ"),
+    (("aqlm",), ("QuantizedLinear",), "AQLM"),
+)
+
+
+def _bnb_class_name(module: nn.Module) -> str | None:
+    """``"Linear4bit"`` / ``"Linear8bitLt"`` for bitsandbytes' layers (and their subclasses: LinearNF4,
+    LinearFP4), else None. By module path, so that bitsandbytes is not imported for a plain model."""
+    for cls in type(module).__mro__:
+        if cls.__module__.startswith("bitsandbytes") and cls.__name__ in ("Linear4bit", "Linear8bitLt"):
+            return cls.__name__
+    return None
+
+
+def foreign_quant_library(module: nn.Module) -> str | None:
+    """The name of the library whose quantized layer ``module`` is (GPTQ, AWQ, HQQ, torchao, ...), or None."""
+    if _bnb_class_name(module) is not None:
+        return None
+    for cls in type(module).__mro__:
+        mod, name = cls.__module__ or "", cls.__name__
+        for prefixes, words, library in _FOREIGN:
+            if any(mod == p or mod.startswith(p + ".") for p in prefixes):
+                return library
+            if words and any(w in name for w in words) and "quant" in (mod + name).lower():
+                return library
+    # torchao quantizes nn.Linear in place: the weight becomes one of its tensor subclasses.
+    w = getattr(module, "weight", None)
+    if isinstance(w, torch.Tensor) and type(w).__module__.startswith("torchao"):
+        return "torchao"
+    if isinstance(w, torch.Tensor) and getattr(w, "data", None) is not None \
+            and type(w.data).__module__.startswith("torchao"):
+        return "torchao"
+    return None
+
+
+def base_kind(module: nn.Module, name: str = "") -> str:
+    """``"4bit"``, ``"8bit"`` or ``"linear"`` for a base layer LoRA can wrap; ``TypeError`` for the quantized
+    layers of other libraries and for anything else, naming the module (``name``) and what it is."""
+    label = f"module {name!r} " if name else "the base layer "
+    bnb = _bnb_class_name(module)
+    if bnb == "Linear4bit":
+        return "4bit"
+    if bnb == "Linear8bitLt":
+        return "8bit"
+    library = foreign_quant_library(module)
+    if library is not None:
+        raise TypeError(f"{label}is a {library} quantized layer ({type(module).__module__}."
+                        f"{type(module).__name__}); fastpeft's QLoRA supports bitsandbytes Linear4bit (NF4/FP4) and "
+                        f"Linear8bitLt base layers only. Load the model with transformers' BitsAndBytesConfig, or "
+                        f"unquantized")
+    if isinstance(module, nn.Linear):
+        return "linear"
+    raise TypeError(f"{label}must be an nn.Linear or a bitsandbytes Linear4bit / Linear8bitLt, got "
+                    f"{type(module).__name__}")
+
+
+def is_quantized(module: nn.Module) -> bool:
+    """Whether ``module`` is a bitsandbytes 4-bit or 8-bit linear layer."""
+    return _bnb_class_name(module) is not None
+
+
+@dataclass(frozen=True, eq=False)
+class QuantizedWeight:
+    """A bitsandbytes layer's weight, read in place: every tensor here *is* bnb's (no copy).
+
+    kind: ``"nf4"``, ``"fp4"`` or ``"int8"``; shape: (out, in); compute_dtype: the layer's compute dtype, or
+    None to follow the input (bnb's rule); dtype: the dtype bnb dequantizes to (the quantized weight's original
+    dtype for 4-bit, float32 for int8).
+    4-bit: ``data`` the packed bytes, a uint8 view (numel ``ceil(out*in/2)``); ``code`` (16,) fp32; ``absmax``
+    fp32 (blocks,) or, nested, uint8 codes with ``nested_code`` (256,), ``nested_absmax`` fp32, ``nested_blocksize``
+    and ``offset`` (a 0-d fp32 tensor: read by the kernels from memory, no host sync).
+    int8: ``data`` the int8 weight (out, in), ``scales`` (out,) fp32 row scales (SCB).
+    """
+    kind: str
+    shape: tuple
+    compute_dtype: torch.dtype | None
+    dtype: torch.dtype
+    data: torch.Tensor
+    blocksize: int = 0
+    code: torch.Tensor | None = None
+    absmax: torch.Tensor | None = None
+    nested: bool = False
+    nested_code: torch.Tensor | None = None
+    nested_absmax: torch.Tensor | None = None
+    nested_blocksize: int = 0
+    offset: torch.Tensor | None = None
+    scales: torch.Tensor | None = None
+    name: str = ""
+    quant_state: object = None  # bnb's QuantState (4-bit), by reference: for bnb's own dequantizer (``dequantize``)
+
+    @property
+    def out_features(self) -> int:
+        return self.shape[0]
+
+    @property
+    def in_features(self) -> int:
+        return self.shape[1]
+
+    @property
+    def device(self) -> torch.device:
+        return self.data.device
+
+    @classmethod
+    def from_module(cls, module: nn.Module, name: str = "") -> "QuantizedWeight":
+        """The view of a ``Linear4bit`` / ``Linear8bitLt`` layer's weight; ``ValueError`` naming the module when
+        its weight is not quantized (yet) or is in a layout bnb keeps for its own CPU inference only."""
+        label = f"module {name!r}" if name else f"the {type(module).__name__} layer"
+        kind = base_kind(module, name)
+        w = module.weight
+        if kind == "4bit":
+            qs = getattr(w, "quant_state", None)
+            if qs is None or not getattr(w, "bnb_quantized", True):
+                raise ValueError(f"{label}: its Linear4bit weight is not quantized yet (bitsandbytes quantizes it "
+                                 f"when the layer is moved to a device: call .to(device) first)")
+            if getattr(qs, "packing_format_for_cpu", False):
+                raise ValueError(f"{label}: bitsandbytes repacked this Linear4bit weight for its CPU inference "
+                                 f"kernel (packing_format_for_cpu, absmax rounded to bf16), a layout fastpeft does not "
+                                 f"read; load the model again and inject before running it in eval mode on the CPU")
+            if qs.quant_type not in ("nf4", "fp4"):
+                raise ValueError(f"{label}: quant_type must be 'nf4' or 'fp4', got {qs.quant_type!r}")
+            shape = tuple(int(s) for s in qs.shape)
+            if len(shape) != 2:
+                raise ValueError(f"{label}: the quantized weight must be 2-D (out, in), got shape {shape}")
+            data = w.data if w.data.dtype == torch.uint8 else w.data.view(torch.uint8)
+            cdt = getattr(module, "compute_dtype", None)
+            common = dict(kind=qs.quant_type, shape=shape, compute_dtype=cdt, dtype=qs.dtype, data=data,
+                          blocksize=int(qs.blocksize), code=qs.code, name=name, quant_state=qs)
+            if qs.nested:
+                s2 = qs.state2
+                return cls(**common, absmax=qs.absmax, nested=True, nested_code=s2.code, nested_absmax=s2.absmax,
+                           nested_blocksize=int(s2.blocksize), offset=qs.offset)
+            return cls(**common, absmax=qs.absmax)
+        if kind == "8bit":
+            cb = getattr(w, "CB", None)
+            scb = getattr(w, "SCB", None)
+            if scb is None:
+                scb = getattr(getattr(module, "state", None), "SCB", None)
+            if w.dtype != torch.int8 or scb is None:
+                raise ValueError(f"{label}: its Linear8bitLt weight is not quantized to int8 (has_fp16_weights=True, "
+                                 f"or not moved to a device yet); got weight dtype {w.dtype}")
+            data = cb if cb is not None and cb.dtype == torch.int8 else w.data
+            return cls(kind="int8", shape=tuple(data.shape), compute_dtype=None, dtype=torch.float32, data=data,
+                       scales=scb, name=name)
+        raise TypeError(f"{label} is a plain nn.Linear, not a quantized layer")
+
+    def compute_dtype_for(self, x: torch.Tensor) -> torch.dtype:
+        """The dtype the layer computes in for input ``x``: bnb's Linear4bit rule (its ``compute_dtype`` when
+        set, else the input's), the input's for int8 (W8A16)."""
+        return self.compute_dtype if self.compute_dtype is not None else x.dtype
+
+
+def dequantized_absmax(qw: QuantizedWeight) -> torch.Tensor:
+    """The 4-bit weight's per-block scales (blocks,) as fp32, un-nesting them as bnb does (fp32 throughout)."""
+    if not qw.nested:
+        return qw.absmax.float()
+    q = qw.absmax.reshape(-1).to(torch.int64)
+    blk = torch.arange(q.numel(), device=q.device) // qw.nested_blocksize
+    return qw.nested_code.float()[q] * qw.nested_absmax.float()[blk] + qw.offset.float()
+
+
+def dequantize_ref(qw: QuantizedWeight, dtype: torch.dtype | None = None) -> torch.Tensor:
+    """The dense weight (out, in), bit-exact with bitsandbytes' dequantization, then cast to ``dtype``.
+
+    4-bit: ``code[nibble] * absmax[block]`` in fp32 cast to ``qw.dtype`` (what ``dequantize_4bit`` returns),
+    then to ``dtype`` when given. int8: ``CB * SCB * (1/127)`` in fp32 (``int8_vectorwise_dequant``), then
+    ``dtype``. Plain PyTorch on any device; allocates the (out, in) result and nothing is kept.
+    """
+    out_f, in_f = qw.shape
+    n = out_f * in_f
+    if qw.kind == "int8":
+        w = qw.data * qw.scales.view(-1, 1) * INT8_INV_SCALE
+    else:
+        # One gather per byte from a 256-entry table of (high, low) nibble values: no per-nibble index tensor.
+        code = qw.code.float()
+        pairs = torch.stack((code.repeat_interleave(16), code.repeat(16)), dim=-1)  # byte b -> (code[b>>4], code[b&15])
+        vals = pairs[qw.data.reshape(-1).to(torch.int64)].reshape(-1)[:n]
+        absmax = dequantized_absmax(qw)
+        bs = qw.blocksize
+        full = n - n % bs
+        w = torch.empty(n, device=vals.device, dtype=torch.float32)
+        w[:full] = (vals[:full].view(-1, bs) * absmax[:full // bs, None]).view(-1)
+        if full < n:
+            w[full:] = vals[full:] * absmax[full // bs]
+        w = w.to(qw.dtype).view(out_f, in_f)
+    return w if dtype is None else w.to(dtype)
+
+
+def dequantize_weight(qw: QuantizedWeight, dtype: torch.dtype | None = None) -> torch.Tensor:
+    """``dequantize_ref(qw, dtype)``, bit for bit, by the fastest exact route: bitsandbytes' own
+    ``dequantize_4bit`` where its layout agrees with the flat one (in_features a multiple of the block size; its
+    CPU kernel is ~15x faster than the PyTorch gathers at 1024x1024 NF4), ``dequantize_ref`` elsewhere. The
+    reference path of the QLoRA op uses this on every call."""
+    if qw.kind != "int8" and qw.quant_state is not None and qw.in_features % qw.blocksize == 0 \
+            and "bitsandbytes" in sys.modules:
+        w = sys.modules["bitsandbytes"].functional.dequantize_4bit(qw.data.reshape(-1, 1), qw.quant_state)
+        return w if dtype is None else w.to(dtype)
+    return dequantize_ref(qw, dtype)
+
+
+def _layer_label(module: nn.Module, name: str) -> str:
+    return f"module {name!r}" if name else f"the {type(module).__name__} layer"
+
+
+def merged_weight(module: nn.Module, delta: torch.Tensor, dequantize: bool = False, name: str = "",
+                  safe_merge: bool = False):
+    """What merging ``delta`` (out, in) (a LoRA ``s B A``) into a bitsandbytes layer gives, built whole and not yet
+    assigned (``module`` untouched), so that a model-level merge can build every layer's result first and swap
+    them in only when all succeeded.
+
+    ``dequantize=True``: a new plain ``nn.Linear`` (weight ``dequantize_weight(W) + delta`` in bnb's dequantized dtype,
+    the bias copied) on the layer's device. ``dequantize=False``: PEFT's merge: dequantize, add, requantize into a
+    new ``Params4bit`` / ``Int8Params`` with the layer's settings, with a warning that this is lossy. Raises naming
+    the module: non-finite values with ``safe_merge``, bitsandbytes unable to quantize (no backend for the device).
+    """
+    label = _layer_label(module, name)
+    qw = QuantizedWeight.from_module(module, name)
+    if tuple(delta.shape) != tuple(qw.shape):
+        raise ValueError(f"{label}: delta must have the weight's shape {tuple(qw.shape)}, got {tuple(delta.shape)}")
+    w = dequantize_weight(qw)
+    merged = w + delta.to(device=w.device, dtype=w.dtype)
+    if safe_merge and not bool(torch.isfinite(merged).all()):
+        raise ValueError(f"{label}: the merged weight has non-finite values; the adapter seems to be broken")
+    if dequantize:
+        bias = getattr(module, "bias", None)
+        lin = nn.Linear(qw.in_features, qw.out_features, bias=bias is not None, device=w.device, dtype=w.dtype)
+        with torch.no_grad():
+            lin.weight.copy_(merged)
+            if bias is not None:
+                lin.bias.copy_(bias.detach().to(w.dtype))
+        lin.requires_grad_(False)
+        return lin
+    bnb = import_bitsandbytes()
+    warnings.warn(f"{label}: merging a LoRA adapter into a {qw.kind} bitsandbytes layer requantizes its weight, "
+                  f"which is lossy (outputs differ from the unmerged layer by the quantization error); use "
+                  f"merge_and_unload(model, dequantize=True) for an exact floating-point model", UserWarning,
+                  stacklevel=3)
+    old = module.weight
+    try:
+        if qw.kind == "int8":
+            new = bnb.nn.Int8Params(merged.to("cpu"), requires_grad=False,
+                                    has_fp16_weights=old.has_fp16_weights).to(old.device)
+        else:
+            kwargs = {k: v for k, v in old.__dict__.items() if not k.startswith("_")}
+            kwargs.pop("data", None)
+            kwargs["requires_grad"] = False
+            if "bnb_quantized" in kwargs:
+                kwargs["bnb_quantized"] = False
+            kwargs["quant_state"] = None
+            new = bnb.nn.Params4bit(merged.to(qw.dtype).to("cpu"), **kwargs).to(old.device)
+            if getattr(new, "quant_state", None) is None:
+                raise RuntimeError("bitsandbytes returned an unquantized weight")
+    except Exception as exc:  # a device bnb cannot quantize on, a broken install: say which module and why
+        raise RuntimeError(f"{label}: cannot requantize the merged weight ({type(exc).__name__}: {exc}); the layer is "
+                           f"unchanged. Use merge_and_unload(model, dequantize=True) for a floating-point model") from exc
+    return new
+
+
+def assign_merged_weight(module: nn.Module, new) -> nn.Module:
+    """Put a requantized weight from ``merged_weight(..., dequantize=False)`` into its layer (cannot fail)."""
+    module.weight = new
+    if _bnb_class_name(module) == "Linear8bitLt" and getattr(module, "state", None) is not None:
+        module.state.reset_grads()  # as PEFT: the int8 state is rebuilt from the new weight
+    return module
+
+
+def merge_into_quantized(module: nn.Module, delta: torch.Tensor, dequantize: bool = False, name: str = "",
+                         safe_merge: bool = False) -> nn.Module:
+    """Merge ``delta`` into a bitsandbytes layer, following PEFT (see ``merged_weight``): ``dequantize=True`` returns a
+    new plain ``nn.Linear`` and leaves ``module`` as it was; ``dequantize=False`` requantizes (lossy, warned) and
+    changes ``module`` in place, returning it. On failure the layer is left as it was."""
+    result = merged_weight(module, delta, dequantize, name, safe_merge)
+    return result if dequantize else assign_merged_weight(module, result)
+
+
+def dequantized_linear(module: nn.Module, name: str = "") -> nn.Linear:
+    """A plain floating-point ``nn.Linear`` copy of a bitsandbytes layer (no adapter merged)."""
+    qw = QuantizedWeight.from_module(module, name)
+    return merge_into_quantized(module, torch.zeros(qw.shape, device=qw.device), dequantize=True, name=name)
+

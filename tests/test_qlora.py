@@ -1,0 +1,309 @@
+"""QLoRA: bitsandbytes base layers read in place, dequantized bit-exactly, and LoRA over them (fastpeft.quant,
+fastpeft.ops.qlora, kernels/quant.py).
+
+- dequantize_ref is compared bit for bit with bitsandbytes over NF4 / FP4, nested or not, block sizes 64 / 128,
+  several quant_storage dtypes, fp32 / bf16 / fp16 and odd shapes; the triton dequant pass with it.
+- The op (reference and both triton forward paths, under TRITON_INTERPRET on CPU) against an fp64 oracle on the
+  same dequantized weight: forward and every gradient, the kernel's error at most 2x a same-dtype PyTorch run's.
+- The op against PEFT's lora.Linear4bit / Linear8bitLt on the same bnb layer and the same A, B.
+- Merging as PEFT does (dequantize, add, requantize with a warning), or into a plain nn.Linear.
+"""
+import warnings
+
+import pytest
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+from fastpeft.quant import import_bitsandbytes  # noqa: E402  (not `import bitsandbytes`: see its docstring)
+
+try:
+    bnb = import_bitsandbytes()
+except ImportError:
+    pytest.skip("bitsandbytes is not installed", allow_module_level=True)
+BF = bnb.functional
+
+from conftest import assert_close_report  # noqa: E402
+from fastpeft.ops.qlora import qlora_linear  # noqa: E402
+from fastpeft.quant import (QuantizedWeight, base_kind, dequantize_ref, dequantize_weight, merge_into_quantized)  # noqa: E402
+from fastpeft.reference import lora_dropout_ref  # noqa: E402
+
+DT = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
+
+
+def _bnb_default_dequant(packed, qs):
+    """bitsandbytes' own flat-layout dequantizer (its default / CUDA semantics). Its CPU C kernel indexes absmax
+    per row, wrong when in_features is not a multiple of the block size (see fastpeft/quant.py)."""
+    from bitsandbytes.backends.default.ops import _dequantize_4bit_compute
+
+    eager = getattr(_dequantize_4bit_compute, "__wrapped__", _dequantize_4bit_compute)  # bnb torch.compiles it
+    absmax = qs.absmax
+    if qs.nested:
+        absmax = BF.dequantize_blockwise(qs.absmax, qs.state2) + qs.offset
+    return eager(packed.reshape(-1).view(torch.uint8), absmax.float(), qs.code, qs.blocksize,
+                                    qs.shape, qs.dtype)
+
+
+def _layer4(in_f, out_f, quant_type="nf4", nested=True, blocksize=64, storage=torch.uint8, dtype=torch.float32,
+            compute_dtype=None, bias=True, seed=0):
+    """A quantized bnb Linear4bit from a random dense weight of ``dtype``, on the CPU."""
+    torch.manual_seed(seed)
+    lin = nn.Linear(in_f, out_f, bias=bias, dtype=dtype)
+    layer = bnb.nn.Linear4bit(in_f, out_f, bias=bias, compute_dtype=compute_dtype, quant_type=quant_type,
+                              compress_statistics=nested, quant_storage=storage)
+    layer.weight = bnb.nn.Params4bit(lin.weight.data, requires_grad=False, compress_statistics=nested,
+                                     quant_type=quant_type, quant_storage=storage, blocksize=blocksize, module=layer)
+    if bias:
+        layer.bias = nn.Parameter(lin.bias.data.clone(), requires_grad=False)
+    return layer.to("cpu")
+
+
+def _layer8(in_f, out_f, bias=True, seed=0):
+    torch.manual_seed(seed)
+    lin = nn.Linear(in_f, out_f, bias=bias)
+    layer = bnb.nn.Linear8bitLt(in_f, out_f, bias=bias, has_fp16_weights=False, threshold=0.0)
+    layer.load_state_dict(lin.state_dict())
+    return layer.to("cpu")
+
+
+# ---- dequantization: bit for bit --------------------------------------------------------------------
+
+DEQ_CASES = [(qt, nested, bs, st, dt, shape)
+             for qt in ("nf4", "fp4") for nested in (False, True) for bs in (64, 128)
+             for st in ("uint8", "bf16", "fp32") for dt in ("fp32", "bf16", "fp16")
+             for shape in ((48, 128), (33, 136))]  # 136: not a multiple of either block size
+
+
+@pytest.mark.parametrize("qt,nested,bs,st,dt,shape", DEQ_CASES,
+                         ids=[f"{c[0]}-{'nested' if c[1] else 'flat'}-bs{c[2]}-{c[3]}-{c[4]}-{c[5][0]}x{c[5][1]}"
+                              for c in DEQ_CASES])
+def test_dequantize_ref_is_bit_exact_with_bitsandbytes(qt, nested, bs, st, dt, shape):
+    storage = torch.uint8 if st == "uint8" else DT[st]
+    torch.manual_seed(1)
+    w = torch.randn(shape, dtype=DT[dt])
+    packed, qs = BF.quantize_4bit(w, blocksize=bs, compress_statistics=nested, quant_type=qt, quant_storage=storage)
+    layer = bnb.nn.Linear4bit(shape[1], shape[0], bias=False, quant_type=qt, quant_storage=storage)
+    layer.weight = bnb.nn.Params4bit(packed, requires_grad=False, quant_state=qs, bnb_quantized=True, module=layer)
+    qw = QuantizedWeight.from_module(layer)
+    got = dequantize_ref(qw)
+    if shape[1] % bs == 0:
+        want = BF.dequantize_4bit(packed, qs)
+    else:
+        want = _bnb_default_dequant(packed, qs)
+    assert got.dtype == want.dtype == DT[dt]
+    bits = {2: torch.int16, 4: torch.int32}[got.element_size()]
+    assert torch.equal(got.view(bits), want.view(bits)), \
+        f"max |diff| {(got.float() - want.float()).abs().max()}"
+
+
+@pytest.mark.parametrize("qt,nested,st,shape", [("nf4", True, torch.bfloat16, (48, 128)), ("fp4", False, torch.uint8, (48, 128)),
+                                               ("nf4", False, torch.float32, (33, 136))], ids=lambda v: str(v))
+def test_fast_dequantize_is_dequantize_ref_bit_for_bit(qt, nested, st, shape):
+    """The reference op path takes bnb's own kernel where its layout agrees, dequantize_ref elsewhere."""
+    layer = _layer4(shape[1], shape[0], quant_type=qt, nested=nested, storage=st, dtype=torch.bfloat16)
+    qw = QuantizedWeight.from_module(layer)
+    for dt in (None, torch.float32, torch.float16):
+        assert torch.equal(dequantize_weight(qw, dt), dequantize_ref(qw, dt))
+
+
+def test_int8_dequantize_ref_is_bit_exact_with_bitsandbytes():
+    layer = _layer8(130, 33)
+    qw = QuantizedWeight.from_module(layer)
+    want = BF.int8_vectorwise_dequant(layer.weight.data, layer.weight.SCB)
+    assert torch.equal(dequantize_ref(qw).view(torch.int32), want.view(torch.int32))
+
+
+def test_view_reads_the_packed_weight_in_place():
+    layer = _layer4(128, 48, nested=True, storage=torch.bfloat16)
+    qw = QuantizedWeight.from_module(layer, "q")
+    qs = layer.weight.quant_state
+    assert qw.data.data_ptr() == layer.weight.data.data_ptr() and qw.data.dtype == torch.uint8
+    assert qw.absmax is qs.absmax and qw.nested_absmax is qs.state2.absmax and qw.offset is qs.offset
+    assert (qw.kind, qw.shape, qw.blocksize, qw.nested) == ("nf4", (48, 128), 64, True)
+    l8 = _layer8(80, 48)
+    q8 = QuantizedWeight.from_module(l8)
+    assert q8.data.data_ptr() == l8.weight.data.data_ptr() and q8.scales is l8.weight.SCB
+    assert base_kind(layer) == "4bit" and base_kind(l8) == "8bit" and base_kind(nn.Linear(2, 2)) == "linear"
+
+
+@pytest.mark.parametrize("qt,nested,dt", [(q, n, d) for q in ("nf4", "fp4") for n in (False, True)
+                                          for d in ("fp32", "bf16", "fp16")],
+                         ids=lambda v: str(v))
+def test_triton_dequant_pass_is_bit_exact(qt, nested, dt):
+    from fastpeft.kernels import quant as KQ
+
+    layer = _layer4(130, 33, quant_type=qt, nested=nested, dtype=DT[dt] if dt != "fp16" else torch.float32)
+    qw = QuantizedWeight.from_module(layer)
+    got = KQ.dequantize_4bit(qw, DT[dt]).clone()
+    want = dequantize_ref(qw, DT[dt])
+    assert torch.equal(got, want), f"max |diff| {(got.float() - want.float()).abs().max()}"
+
+
+# ---- the op against an fp64 oracle -------------------------------------------------------------------
+
+def _oracle(x, w, bias, A, B, s, p, seed):
+    """fp64 forward and gradients of y = x Wᵀ + b + s drop(x) Aᵀ Bᵀ, with a fixed upstream gradient."""
+    x, w, bias, A, B = (t.detach().double().requires_grad_(t is not w) if t is not None else None
+                        for t in (x, w, bias, A, B))
+    xd = lora_dropout_ref(x, p, seed) if p else x
+    y = F.linear(x, w, bias) + s * F.linear(F.linear(xd, A), B)
+    return y, (x, A, B, bias)
+
+
+def _run(fn, x, A, B, bias, g):
+    x, A, B = (t.detach().clone().requires_grad_() for t in (x, A, B))
+    bias = bias.detach().clone().requires_grad_() if bias is not None else None
+    y = fn(x, A, B, bias)
+    y.backward(g.to(y.dtype))
+    return [y.detach(), x.grad, A.grad, B.grad] + ([bias.grad] if bias is not None else [])
+
+
+OP_CASES = [
+    # id, kind, nested, compute dtype, path, M, p
+    ("nf4-nested-bf16-fused-M1", "nf4", True, "bf16", "fused", 1, 0.0),
+    ("nf4-nested-bf16-dequant-M33-p0.1", "nf4", True, "bf16", "dequant", 33, 0.1),
+    ("fp4-fp16-fused-M7-p0.1", "fp4", False, "fp16", "fused", 7, 0.1),
+    ("fp4-nested-fp32-dequant-M33", "fp4", True, "fp32", "dequant", 33, 0.0),
+    ("nf4-fp32-fused-M33-p0.1", "nf4", False, "fp32", "fused", 33, 0.1),
+    ("int8-bf16-M7-p0.1", "int8", False, "bf16", "fused", 7, 0.1),
+    ("int8-fp16-M33", "int8", False, "fp16", "fused", 33, 0.0),
+    ("int8-fp32-M1", "int8", False, "fp32", "fused", 1, 0.0),
+]
+
+
+@pytest.mark.parametrize("kind,nested,dt,path,M,p", [c[1:] for c in OP_CASES], ids=[c[0] for c in OP_CASES])
+@pytest.mark.parametrize("backend", ["reference", "triton"])
+def test_qlora_op_matches_fp64_oracle(kind, nested, dt, path, M, p, backend):
+    dtype = DT[dt]
+    K, N, r, s, seed = 128, 48, 8, 2.0, 1234
+    layer = _layer8(K, N) if kind == "int8" else _layer4(K, N, quant_type=kind, nested=nested, compute_dtype=dtype)
+    qw = QuantizedWeight.from_module(layer)
+    torch.manual_seed(2)
+    x = torch.randn(M, K, dtype=dtype)
+    A = (torch.randn(r, K) * 0.1).to(dtype)
+    B = (torch.randn(N, r) * 0.1).to(dtype)
+    bias = layer.bias.detach().to(dtype)
+    g = torch.randn(M, N, dtype=torch.float64)
+    w_c = dequantize_ref(qw, dtype)  # the weight as the compute dtype holds it: the same for all three runs
+    y64, leaves = _oracle(x, w_c, bias, A, B, s, p, seed)
+    y64.backward(g)
+    want = [y64.detach()] + [t.grad for t in leaves]
+
+    def torch_run(x, A, B, b):
+        xd = lora_dropout_ref(x, p, seed) if p else x
+        return F.linear(x, w_c, b) + s * F.linear(F.linear(xd, A), B)
+
+    def op(x, A, B, b):
+        return qlora_linear(x, qw, b, A, B, s, dropout_p=p, seed=seed, backend=backend,
+                            path=path if backend == "triton" else None)
+
+    base = _run(torch_run, x, A, B, bias, g)
+    got = _run(op, x, A, B, bias, g)
+    for name, gt, bt, wt in zip(("y", "dx", "dA", "dB", "dbias"), got, base, want):
+        assert gt.dtype == bt.dtype, name
+        torch_err = (bt.double() - wt).abs().max().item()
+        assert_close_report(gt, wt, rtol=0.0, atol=2 * torch_err + 1e-6 * max(1.0, wt.abs().max().item()),
+                            what=f"{name} (PyTorch's own max error {torch_err:.3g})")
+
+
+def test_fused_and_dequant_paths_agree_bitwise_on_fp32_weights():
+    """Both forward paths dequantize to the same bits; only the summation order of x Wᵀ may differ."""
+    layer = _layer4(128, 40, compute_dtype=torch.float32)
+    qw = QuantizedWeight.from_module(layer)
+    x = torch.randn(5, 128)
+    A, B = torch.randn(8, 128) * 0.1, torch.randn(40, 8) * 0.1
+    y1 = qlora_linear(x, qw, layer.bias, A, B, 0.5, backend="triton", path="fused")
+    y2 = qlora_linear(x, qw, layer.bias, A, B, 0.5, backend="triton", path="dequant")
+    assert_close_report(y1, y2, rtol=1e-6, atol=1e-6, what="fused vs dequant")
+
+
+# ---- the op against PEFT + bitsandbytes on the same layer ----------------------------------------------
+
+class _One(nn.Module):
+    """One bnb layer as a model; flagged as transformers flags a model loaded with BitsAndBytesConfig, so that PEFT
+    wraps it in its bnb LoRA layers."""
+
+    def __init__(self, proj):
+        super().__init__()
+        self.proj = proj
+        self.is_loaded_in_4bit = isinstance(proj, bnb.nn.Linear4bit)
+        self.is_loaded_in_8bit = isinstance(proj, bnb.nn.Linear8bitLt)
+
+    def forward(self, x):
+        return self.proj(x)
+
+
+@pytest.mark.parametrize("kind", ["nf4-nested", "fp4", "int8"])
+@pytest.mark.parametrize("backend", ["reference", "triton"])
+def test_same_outputs_and_gradients_as_peft_bitsandbytes(kind, backend):
+    peft = pytest.importorskip("peft")
+    K, N, r, alpha = 128, 48, 8, 16
+    if kind == "int8":
+        base = _layer8(K, N)
+    else:
+        base = _layer4(K, N, quant_type=kind[:3], nested=kind.endswith("nested"), compute_dtype=torch.float32)
+    model = peft.get_peft_model(_One(base), peft.LoraConfig(r=r, lora_alpha=alpha, target_modules=["proj"],
+                                                            lora_dropout=0.0, init_lora_weights=False))
+    lora_layer = model.base_model.model.proj
+    assert type(lora_layer).__name__ == ("Linear8bitLt" if kind == "int8" else "Linear4bit")
+    A, B = lora_layer.lora_A["default"].weight, lora_layer.lora_B["default"].weight
+    model.train()  # bnb's CPU eval path would repack the weight in place (packing_format_for_cpu)
+    torch.manual_seed(3)
+    x = torch.randn(2, 5, K)
+    x1 = x.clone().requires_grad_()
+    y_peft = model(x1)
+    g = torch.randn_like(y_peft)
+    y_peft.backward(g)
+    dA_peft, dB_peft = A.grad.clone(), B.grad.clone()
+    A.grad = B.grad = None
+
+    qw = QuantizedWeight.from_module(base)
+    x2 = x.clone().requires_grad_()
+    y = qlora_linear(x2, qw, base.bias, A, B, alpha / r, backend=backend)
+    y.backward(g)
+    if kind == "int8":
+        # bnb's int8 matmul also quantizes x to int8 (LLM.int8()); ours is W8A16 on the exact int8 weight,
+        # so the base outputs differ by x's quantization error: compare the LoRA part and dX's LoRA part exactly,
+        # the whole to that error.
+        assert_close_report(y, y_peft, rtol=0, atol=0.05, what="y vs PEFT+bnb int8")
+    else:
+        assert_close_report(y, y_peft, rtol=1e-5, atol=1e-5, what="y vs PEFT+bnb")
+        assert_close_report(x2.grad, x1.grad, rtol=1e-5, atol=1e-5, what="dx vs PEFT+bnb")
+    assert_close_report(A.grad, dA_peft, rtol=1e-4, atol=1e-5, what="dA vs PEFT")
+    assert_close_report(B.grad, dB_peft, rtol=1e-4, atol=1e-5, what="dB vs PEFT")
+
+
+# ---- merging -------------------------------------------------------------------------------------------
+
+def test_merge_requantizes_with_a_warning_as_peft_does():
+    peft = pytest.importorskip("peft")
+    K, N, r = 128, 48, 8
+    ours = _layer4(K, N, nested=True, compute_dtype=torch.float32)
+    theirs = _layer4(K, N, nested=True, compute_dtype=torch.float32)
+    model = peft.get_peft_model(_One(theirs), peft.LoraConfig(r=r, lora_alpha=r, target_modules=["proj"],
+                                                              init_lora_weights=False))
+    lora_layer = model.base_model.model.proj
+    delta = lora_layer.get_delta_weight("default").detach()
+    with pytest.warns(UserWarning, match="lossy"):
+        merge_into_quantized(ours, delta, name="proj")
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        lora_layer.merge()
+    assert torch.equal(ours.weight.data, theirs.weight.data)  # the same requantized bytes as PEFT's merge
+    assert torch.equal(dequantize_ref(QuantizedWeight.from_module(ours)),
+                       dequantize_ref(QuantizedWeight.from_module(theirs)))
+
+
+@pytest.mark.parametrize("kind", ["nf4", "int8"])
+def test_merge_with_dequantize_gives_a_float_linear_with_the_same_outputs(kind):
+    K, N, r = 128, 48, 8
+    layer = _layer8(K, N) if kind == "int8" else _layer4(K, N, compute_dtype=torch.float32)
+    qw = QuantizedWeight.from_module(layer)
+    A, B = torch.randn(r, K) * 0.1, torch.randn(N, r) * 0.1
+    before = layer.weight.data.clone()
+    lin = merge_into_quantized(layer, 2.0 * B @ A, dequantize=True)
+    assert type(lin) is nn.Linear and lin.weight.dtype == torch.float32
+    assert torch.equal(layer.weight.data, before)  # the quantized layer is left as it was
+    x = torch.randn(7, K)
+    want = qlora_linear(x, qw, layer.bias, A, B, 2.0, backend="reference")
+    assert_close_report(lin(x), want, rtol=1e-5, atol=1e-5, what="merged nn.Linear vs QLoRA")
