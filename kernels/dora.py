@@ -32,7 +32,7 @@ import torch
 import triton
 import triton.language as tl
 
-from .lora import (_GEMM_CONFIGS, _cast, _dot_precision, _grouped_tile, _keep_mask, _lowrank_tile, _mma, _upcast,
+from .lora import (_cast, _dot_precision, _grouped_tile, _keep_mask, _lowrank_tile, _mma, _upcast,
                    _use_explicit_blocks, _wrap, block_setter, r_pad)
 
 FWD, FWD_EXACT, DX, DX_EXACT, DM_EXACT = 0, 1, 2, 3, 4
@@ -99,33 +99,37 @@ def _dora_gemm_kernel(
     rk = tl.arange(0, BLOCK_K)
     m_ok = rm < M
     n_ok = rn < N
-    a_ptrs = a_ptr + rm[:, None].to(tl.int64) * stride_am + rk[None, :].to(tl.int64) * stride_ak
-    b_ptrs = b_ptr + rk[:, None].to(tl.int64) * stride_bk + rn[None, :].to(tl.int64) * stride_bn
-    acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)   # a b (or (a ⊙ g_k) b, or keep(a) b)
-    acc2 = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)  # the second product of modes 1 and 3
+    # Row / column base pointers (1-D) instead of loop-carried 2-D pointer tiles: on sm_90 the 2-D int64
+    # pointer tiles of a 128x128x64 bf16 tile cost 128 registers per thread and spill (ptxas, 8 warps).
+    a_rows = a_ptr + rm.to(tl.int64) * stride_am
+    b_cols = b_ptr + rn.to(tl.int64) * stride_bn
+    acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)  # a b (or (a ⊙ g_k) b, or keep(a) b)
+    if MODE == 1 or MODE == 3:
+        acc2 = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)  # the second product, over the same tiles
     for k0 in range(0, K, BLOCK_K):
-        k_ok = rk < K - k0
-        a = tl.load(a_ptrs, mask=m_ok[:, None] & k_ok[None, :], other=0.0)
-        b = tl.load(b_ptrs, mask=k_ok[:, None] & n_ok[None, :], other=0.0)
+        kk = k0 + rk
+        k_ok = kk < K
+        a = tl.load(a_rows[:, None] + kk[None, :].to(tl.int64) * stride_ak, mask=m_ok[:, None] & k_ok[None, :],
+                    other=0.0)
+        b = tl.load(b_cols[None, :] + kk[:, None].to(tl.int64) * stride_bk, mask=k_ok[:, None] & n_ok[None, :],
+                    other=0.0)
         if MODE == 0:
             acc = _mma(a, b, acc, DOT_PRECISION, UPCAST)
         elif MODE == 1:
             acc = _mma(a, b, acc, DOT_PRECISION, UPCAST)
-            offs = rm[:, None].to(tl.int64) * K + (k0 + rk)[None, :].to(tl.int64)
+            offs = rm[:, None].to(tl.int64) * K + kk[None, :].to(tl.int64)
             acc2 = _mma(tl.where(_keep_mask(seed, offs, threshold), a, 0.0), b, acc2, DOT_PRECISION, UPCAST)
         elif MODE == 2:
-            gk = tl.load(g_ptr + k0 + rk, mask=k_ok, other=0.0)
+            gk = tl.load(g_ptr + kk, mask=k_ok, other=0.0)
             acc = _mma(_cast(a.to(tl.float32) * gk[None, :], a.dtype, UPCAST), b, acc, DOT_PRECISION, UPCAST)
         elif MODE == 3:
-            gk = tl.load(g_ptr + k0 + rk, mask=k_ok, other=0.0)
+            gk = tl.load(g_ptr + kk, mask=k_ok, other=0.0)
             acc = _mma(a, b, acc, DOT_PRECISION, UPCAST)
             acc2 = _mma(_cast(a.to(tl.float32) * (gk - 1.0)[None, :], a.dtype, UPCAST), b, acc2, DOT_PRECISION,
                         UPCAST)
         else:
-            offs = rm[:, None].to(tl.int64) * K + (k0 + rk)[None, :].to(tl.int64)
+            offs = rm[:, None].to(tl.int64) * K + kk[None, :].to(tl.int64)
             acc = _mma(tl.where(_keep_mask(seed, offs, threshold), a, 0.0), b, acc, DOT_PRECISION, UPCAST)
-        a_ptrs += BLOCK_K * stride_ak
-        b_ptrs += BLOCK_K * stride_bk
 
     # Epilogue: the rank-R update on the tile, then the mode's combination, one store.
     low = _lowrank_tile(lu_ptr, lv_ptr, rm, rn, m_ok, n_ok, N, R, stride_lum, stride_lur, stride_lvr, stride_lvn,
@@ -195,15 +199,32 @@ def _dora_dy_kernel(
              mask=m_ok[:, None] & r_ok[None, :])
 
 
-_dora_gemm_tuned = triton.autotune(configs=_GEMM_CONFIGS, key=["M_KEY", "N", "K", "R_PAD", "MODE", "HAS_MASK"])(
+
+def _configs(shapes):
+    return [triton.Config({"BLOCK_M": bm, "BLOCK_N": bn, "BLOCK_K": bk, "GROUP_M": 8}, num_warps=w, num_stages=st)
+            for bm, bn, bk, w, st in shapes]
+
+
+# Autotuned configs per mode: those of kernels/lora.py's list that compile for sm_90 without spills
+# (tools/sm90_resources.py, bf16, R_PAD=16, triton 3.9; stack bytes 0). 128x256 and 256x128 spill in every
+# mode (800-6300 B), 128x128 with 4 warps spills 600 B. Not yet timed on a card.
+_ONE_ACC_CONFIGS = _configs([(128, 128, 64, 8, 4), (64, 128, 64, 4, 4), (64, 64, 64, 4, 4)])
+# Modes 1 and 3 hold two accumulators and redraw Philox for every element of a's (1) or the output's (3)
+# tile: smaller tiles. Spill-free on sm_90: 64x128x64 / 8 warps, 64x64x32 / 4 warps; 128x128x32 / 8 warps
+# spills 72 B (mode 1) and 656 B (mode 3), 64x64x64 / 4 warps 16-32 B.
+_TWO_ACC_CONFIGS = _configs([(64, 128, 64, 8, 3), (64, 64, 32, 4, 3)])
+_dora_gemm_tuned = triton.autotune(configs=_ONE_ACC_CONFIGS, key=["M_KEY", "N", "K", "R_PAD", "MODE", "HAS_MASK"])(
+    _dora_gemm_kernel)
+_dora_gemm_tuned2 = triton.autotune(configs=_TWO_ACC_CONFIGS, key=["M_KEY", "N", "K", "R_PAD", "MODE"])(
     _dora_gemm_kernel)
 
 # Explicit blocks for the interpreter and tests: small, so that odd sizes cross block edges.
 _TEST_BLOCKS = {"BLOCK_M": 32, "BLOCK_N": 32, "BLOCK_K": 32, "GROUP_M": 2}
 set_test_blocks = block_setter(_TEST_BLOCKS)
 # DM_EXACT writes partial sums per BLOCK_M rows, so it runs one fixed config (an autotuner would leave
-# stale rows of other configs' block counts). Not timed on a card; compiled for sm_90 with no spills.
-_DM_CONFIG = {"BLOCK_M": 64, "BLOCK_N": 128, "BLOCK_K": 64, "GROUP_M": 8, "num_warps": 4, "num_stages": 3}
+# stale rows of other configs' block counts). Not timed on a card; sm_90: 192 registers, no spills
+# (64x128x64 / 4 warps: not compiled; 128x128x64 / 8 warps spills 88 B).
+_DM_CONFIG = {"BLOCK_M": 64, "BLOCK_N": 128, "BLOCK_K": 64, "GROUP_M": 8, "num_warps": 8, "num_stages": 3}
 # The norm and the dY pass are bandwidth-bound row sweeps; BLOCK_K=128 / BLOCK_N=64: not yet timed on a card.
 _NORM_BLOCKS = {"BLOCK_N": 32, "BLOCK_K": 128, "num_warps": 4, "num_stages": 3}
 _DY_BLOCKS = {"BLOCK_M": 64, "BLOCK_N": 64, "num_warps": 4, "num_stages": 3}
@@ -268,7 +289,7 @@ def dora_gemm(mode: int, a: torch.Tensor, b: torch.Tensor, lu: torch.Tensor, lv:
     else:
         def grid(m):
             return (triton.cdiv(M, m["BLOCK_M"]) * triton.cdiv(N, m["BLOCK_N"]),)
-        _wrap(_dora_gemm_tuned)[grid](*args, **meta)
+        _wrap(_dora_gemm_tuned2 if mode in (FWD_EXACT, DX_EXACT) else _dora_gemm_tuned)[grid](*args, **meta)
     return out
 
 

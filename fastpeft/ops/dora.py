@@ -137,7 +137,7 @@ class DoRALinearFunction(torch.autograd.Function):
             xd = lora_dropout_ref(x, p, seed) if p > 0.0 else x
             u = F.linear(xd, lora_A)
             z = torch.addmm(F.linear(xd if exact else x, weight), u, lora_B.t(), alpha=scaling)
-            y = g * z.to(dt)
+            y = z.mul_(g) if z.dtype == dt else g * z.to(dt)  # in place: z is not needed again
             if exact:
                 y += F.linear(x - xd, weight).to(dt)
             if bias is not None:
@@ -196,8 +196,8 @@ class DoRALinearFunction(torch.autograd.Function):
                     dm = _fix_zero_magnitude((dy.to(dt) * yb).sum(0) / magnitude.detach().to(dt), dy, x, weight,
                                              lora_B, u, magnitude, norm, s)
                 if need_x:
-                    low = s * (v @ lora_A)
-                    dx = gdy @ weight + (lora_dropout_ref(low, p, seed) if p > 0.0 else low)
+                    low = (v @ lora_A).mul_(s)
+                    dx = torch.addmm(lora_dropout_ref(low, p, seed) if p > 0.0 else low, gdy, weight)
             if need_bb:
                 dbb = s * (gdy.t() @ u.to(dy.dtype))
             if need_a:
