@@ -241,3 +241,23 @@ def test_matches_peft_dora(backend, p, training):
     for name, ours, theirs in zip(("dx", "dA", "dB", "dm"), leaves, (xp, a_p, b_p, m_p)):
         e = theirs.grad
         assert_close_report(ours.grad, e, 1e-5, 1e-5 * float(e.detach().abs().max()), name)
+
+
+# ----------------------------------------------------------------------------------------------------
+# GPU: the autotuned configs (the interpreter runs the explicit test blocks only)
+# ----------------------------------------------------------------------------------------------------
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("p,mode", MODES)
+def test_gpu_autotuned_bf16_error_at_most_twice_pytorchs(p, mode):
+    shape = (1000, 1024, 1536, 16)
+    t = [u.cuda() for u in _case(*shape, dtype=torch.float32)]
+    dy = torch.randn(shape[0], shape[2], device="cuda")
+    ref32 = _run(_ref(p, mode), t, torch.float32, dy)
+    torch16 = _run(_ref(p, mode), t, torch.bfloat16, dy)
+    ours16 = _run(_ours("triton", p, mode), t, torch.bfloat16, dy)
+    for name, a, pt, e in zip(NAMES, ours16, torch16, ref32):
+        err = float((a.float() - e).abs().max())
+        err_pt = float((pt.float() - e).abs().max())
+        assert err <= 2 * err_pt + 1e-4 * float(e.detach().abs().max()), \
+            f"{name}: kernel {err:.3g} vs PyTorch {err_pt:.3g}"

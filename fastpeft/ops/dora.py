@@ -192,8 +192,7 @@ class DoRALinearFunction(torch.autograd.Function):
                     dx = torch.add(dy @ weight, lora_dropout_ref(inner, p, seed))
             else:
                 if need_m:
-                    yb = y.to(dt) - bias.to(dt) if bias is not None else y.to(dt)
-                    dm = _fix_zero_magnitude((dy.to(dt) * yb).sum(0) / magnitude.detach().to(dt), dy, x, weight,
+                    dm = _fix_zero_magnitude(_col_dots(dy, y, bias, dt) / magnitude.detach().to(dt), dy, x, weight,
                                              lora_B, u, magnitude, norm, s)
                 if need_x:
                     low = (v @ lora_A).mul_(s)
@@ -215,6 +214,15 @@ class DoRALinearFunction(torch.autograd.Function):
 
         return (cast(dx, x), cast(dw, weight), cast(db, bias) if bias is not None else None, cast(da, lora_A),
                 cast(dbb, lora_B), cast(dm, magnitude), None, None, None, None, None, None)
+
+
+def _col_dots(dy, y, bias, dt, rows=256):
+    """``Σ_i dY_ij (y_ij − b_j)`` (N,) in dt, in row chunks: no (M, N) temporary beside G."""
+    out = dy.new_zeros(dy.shape[1], dtype=dt)
+    b = bias.to(dt) if bias is not None else 0.0
+    for i in range(0, dy.shape[0], rows):
+        out += (dy[i:i + rows].to(dt) * (y[i:i + rows].to(dt) - b)).sum(0)
+    return out
 
 
 def _fix_zero_magnitude(dm, dy, x, weight, lora_B, u, magnitude, norm, s):
