@@ -32,8 +32,9 @@ import torch
 import triton
 import triton.language as tl
 
-from .lora import (_cast, _dot_precision, _grouped_tile, _keep_mask, _lowrank_tile, _mma, _upcast,
-                   _use_explicit_blocks, _wrap, block_setter, r_pad)
+from .lora import (INTERPRET, _HAS_TRITON_OP, _cast, _dot_precision, _grouped_tile, _keep_mask, _library_op,
+                   _lowrank_tile, _mma, _op_body, _seed, _upcast, _use_explicit_blocks, _wrap, block_setter,
+                   eager_or_op, r_pad)
 
 FWD, FWD_EXACT, DX, DX_EXACT, DM_EXACT = 0, 1, 2, 3, 4
 
@@ -316,3 +317,60 @@ def dora_dy_pass(dy: torch.Tensor, y: torch.Tensor | None, g: torch.Tensor, bias
         DOT_PRECISION=_dot_precision(dy.dtype), UPCAST=_upcast(dy.dtype), num_warps=warps, num_stages=stages,
     )
     return v, (part.sum(0) if y is not None else None)
+
+
+# ----------------------------------------------------------------------------------------------------
+# torch.library registration (as kernels/lora.py): torch.compile(fullgraph=True) traces these ops
+# ----------------------------------------------------------------------------------------------------
+
+def _dm_rows(M: int) -> int:
+    return triton.cdiv(M, _TEST_BLOCKS["BLOCK_M"] if INTERPRET else _DM_CONFIG["BLOCK_M"])
+
+
+if _HAS_TRITON_OP:
+    @_library_op("fastpeft::dora_norm", mutates_args=())
+    def _dora_norm_op(weight: torch.Tensor, lora_A: torch.Tensor, lora_B: torch.Tensor,
+                      scaling: float) -> torch.Tensor:
+        with _op_body():
+            return dora_norm(weight, lora_A, lora_B, scaling)
+
+    @_library_op("fastpeft::dora_gemm", mutates_args=())
+    def _dora_gemm_op(mode: int, a: torch.Tensor, b: torch.Tensor, lu: torch.Tensor, lv: torch.Tensor,
+                      g: torch.Tensor, bias: torch.Tensor | None, scale: float, seed: int, threshold: int,
+                      drop_scale: float, c: torch.Tensor | None = None,
+                      seed_t: torch.Tensor | None = None) -> torch.Tensor:
+        with _op_body():
+            return dora_gemm(mode, a, b, lu, lv, g, bias, scale, _seed(seed, seed_t), threshold, drop_scale, c)
+
+    @_library_op("fastpeft::dora_dy_pass", mutates_args=())
+    def _dora_dy_pass_op(dy: torch.Tensor, y: torch.Tensor | None, g: torch.Tensor, bias: torch.Tensor | None,
+                         lora_B: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        with _op_body():
+            v, dm = dora_dy_pass(dy, y, g, bias, lora_B)
+            return v, (dm if dm is not None else dy.new_zeros(0, dtype=torch.float32))
+
+    if INTERPRET:  # see kernels/lora.py: the interpreted kernels must not run on fake tensors
+        @_dora_norm_op.register_fake
+        def _(weight, lora_A, lora_B, scaling):
+            return weight.new_empty(weight.shape[0], dtype=torch.float32)
+
+        @_dora_gemm_op.register_fake
+        def _(mode, a, b, lu, lv, g, bias, scale, seed, threshold, drop_scale, c=None, seed_t=None):
+            if mode == DM_EXACT:
+                return a.new_empty((_dm_rows(a.shape[0]), b.shape[1]), dtype=torch.float32)
+            return a.new_empty((a.shape[0], b.shape[1]))
+
+        @_dora_dy_pass_op.register_fake
+        def _(dy, y, g, bias, lora_B):
+            return (dy.new_empty((dy.shape[0], lora_B.shape[1]), dtype=torch.float32),
+                    dy.new_empty((dy.shape[1] if y is not None else 0,), dtype=torch.float32))
+
+    def _dy_pass_registered(dy, y, g, bias, lora_B):
+        v, dm = torch.ops.fastpeft.dora_dy_pass(dy, y, g, bias, lora_B)
+        return v, (dm if y is not None else None)
+
+    norm_op = eager_or_op(dora_norm, torch.ops.fastpeft.dora_norm)
+    gemm_op = eager_or_op(dora_gemm, torch.ops.fastpeft.dora_gemm, seed_arg=8)
+    dy_pass_op = eager_or_op(dora_dy_pass, _dy_pass_registered)
+else:  # torch < 2.6: plain launchers (eager only)
+    norm_op, gemm_op, dy_pass_op = dora_norm, dora_gemm, dora_dy_pass

@@ -261,3 +261,19 @@ def test_gpu_autotuned_bf16_error_at_most_twice_pytorchs(p, mode):
         err_pt = float((pt.float() - e).abs().max())
         assert err <= 2 * err_pt + 1e-4 * float(e.detach().abs().max()), \
             f"{name}: kernel {err:.3g} vs PyTorch {err_pt:.3g}"
+
+
+def test_opcheck_registered_ops():
+    from fastpeft.kernels import dora as KD
+    if not KD._HAS_TRITON_OP:
+        pytest.skip("torch.library.triton_op needs torch >= 2.6")
+    x, w, b, a, bb, m = _case(33, 48, 40, 8, dtype=torch.float32)
+    u, v, g = torch.randn(33, 8), torch.randn(33, 8), torch.rand(40) + 0.5
+    dy = torch.randn(33, 40)
+    tests = ("test_schema", "test_autograd_registration", "test_faketensor")
+    torch.library.opcheck(torch.ops.fastpeft.dora_norm.default, (w, a, bb, 0.5), test_utils=tests)
+    torch.library.opcheck(torch.ops.fastpeft.dora_gemm.default,
+                          (KD.FWD_EXACT, x, w.t(), u, bb.t(), g, b, 0.5, 3, 2**30, 1.3, None), test_utils=tests)
+    torch.library.opcheck(torch.ops.fastpeft.dora_gemm.default,
+                          (KD.DM_EXACT, x, w.t(), u, bb.t(), g, None, 0.5, 3, 2**30, 1.3, dy), test_utils=tests)
+    torch.library.opcheck(torch.ops.fastpeft.dora_dy_pass.default, (dy, dy, g, b, bb), test_utils=tests)

@@ -76,7 +76,7 @@ def dora_norm(weight, lora_A, lora_B, scaling, weight_sq_norm=None, backend="ref
     factored form with its exact fallback (``dora_norm_factored``)."""
     if backend == "triton":
         K, _ = _kernels()
-        return K.dora_norm(weight.detach(), lora_A.detach(), lora_B.detach(), float(scaling))
+        return K.norm_op(weight.detach(), lora_A.detach(), lora_B.detach(), float(scaling))
     return dora_norm_factored(weight, lora_A, lora_B, scaling, weight_sq_norm)[0]
 
 
@@ -132,7 +132,7 @@ class DoRALinearFunction(torch.autograd.Function):
             k = x.shape[1]
             u = KL.shrink_op(x, lora_A.t(), ds, seed, thr, k, 1)
             mode = K.FWD_EXACT if exact else K.FWD
-            y = K.dora_gemm(mode, x, weight.t(), u, lora_B.t(), g, bias, scaling, seed, thr, ds)
+            y = K.gemm_op(mode, x, weight.t(), u, lora_B.t(), g, bias, scaling, seed, thr, ds)
         else:
             xd = lora_dropout_ref(x, p, seed) if p > 0.0 else x
             u = F.linear(xd, lora_A)
@@ -160,19 +160,19 @@ class DoRALinearFunction(torch.autograd.Function):
             K, KL = _kernels()
             k = x.shape[1]
             if exact:
-                v, _ = K.dora_dy_pass(dy, None, g, None, lora_B)
+                v, _ = K.dy_pass_op(dy, None, g, None, lora_B)
                 if need_m:
-                    part = K.dora_gemm(K.DM_EXACT, x, weight.t(), u, lora_B.t(), g, None, s, seed, thr, ds, c=dy)
+                    part = K.gemm_op(K.DM_EXACT, x, weight.t(), u, lora_B.t(), g, None, s, seed, thr, ds, dy)
                     dm = part.sum(0) / norm
                 if need_x:
-                    dx = K.dora_gemm(K.DX_EXACT, dy, weight, v, lora_A, g, None, s, seed, thr, ds)
+                    dx = K.gemm_op(K.DX_EXACT, dy, weight, v, lora_A, g, None, s, seed, thr, ds)
             else:
-                v, dmsum = K.dora_dy_pass(dy, y if need_m else None, g, bias, lora_B)
+                v, dmsum = K.dy_pass_op(dy, y if need_m else None, g, bias, lora_B)
                 if need_m:
                     dm = _fix_zero_magnitude(dmsum / magnitude.detach().to(dt), dy, x, weight, lora_B, u, magnitude,
                                              norm, s)
                 if need_x:
-                    dx = K.dora_gemm(K.DX, dy, weight, v, lora_A, g, None, s * ds, seed, thr)
+                    dx = K.gemm_op(K.DX, dy, weight, v, lora_A, g, None, s * ds, seed, thr, 1.0)
             if need_bb:
                 dbb = KL.shrink_op(dy.t(), u, s, 0, 0, 0, 0) * g[:, None]
             if need_a:
