@@ -32,6 +32,7 @@ import torch
 import triton
 import triton.language as tl
 
+from . import is_deterministic
 from .lora import (INTERPRET, _HAS_TRITON_OP, _cast, _dot_precision, _grouped_tile, _keep_mask, _library_op,
                    _lowrank_tile, _mma, _op_body, _seed, _upcast, _use_explicit_blocks, _wrap, block_setter,
                    eager_or_op, r_pad)
@@ -200,7 +201,6 @@ def _dora_dy_kernel(
              mask=m_ok[:, None] & r_ok[None, :])
 
 
-
 def _configs(shapes):
     return [triton.Config({"BLOCK_M": bm, "BLOCK_N": bn, "BLOCK_K": bk, "GROUP_M": 8}, num_warps=w, num_stages=st)
             for bm, bn, bk, w, st in shapes]
@@ -270,6 +270,11 @@ def dora_gemm(mode: int, a: torch.Tensor, b: torch.Tensor, lu: torch.Tensor, lv:
                    num_stages=1)
     elif mode == DM_EXACT:
         cfg = dict(_DM_CONFIG)
+    elif is_deterministic():
+        # fastpeft.set_deterministic: one config per mode, not the autotuner's pick (whose BLOCK_K could
+        # change the order of the sums between processes).
+        c0 = (_TWO_ACC_CONFIGS if mode in (FWD_EXACT, DX_EXACT) else _ONE_ACC_CONFIGS)[0]
+        cfg = dict(c0.kwargs, num_warps=c0.num_warps, num_stages=c0.num_stages)
     if mode == DM_EXACT:
         out = torch.zeros((triton.cdiv(M, cfg["BLOCK_M"]), N), device=a.device, dtype=torch.float32)
     else:
