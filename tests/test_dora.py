@@ -277,3 +277,34 @@ def test_opcheck_registered_ops():
     torch.library.opcheck(torch.ops.fastpeft.dora_gemm.default,
                           (KD.DM_EXACT, x, w.t(), u, bb.t(), g, None, 0.5, 3, 2**30, 1.3, dy), test_utils=tests)
     torch.library.opcheck(torch.ops.fastpeft.dora_dy_pass.default, (dy, dy, g, b, bb), test_utils=tests)
+
+
+def _peak_cpu_bytes(fn):
+    """Peak of the bytes torch allocates on the CPU while fn runs, above what existed before (profiler)."""
+    from torch.profiler import ProfilerActivity, profile
+    with profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
+        fn()
+    events = sorted((e.start_ns(), e.nbytes()) for e in prof.profiler.kineto_results.events() if e.name() == "[memory]")
+    cur = peak = 0
+    for _, nbytes in events:
+        cur += nbytes
+        peak = max(peak, cur)
+    return peak
+
+
+def test_reference_path_has_no_out_by_in_temporary():
+    """Few tokens, a large W: DoRA's forward + backward (norm included) allocates far less than one
+    (out, in) fp32 matrix, where PEFT's W + sBA (and the oracle) needs several."""
+    t = _case(4, 512, 768, 8, dtype=torch.float32)
+    t = [u.requires_grad_(i != 1) for i, u in enumerate(t)]
+    dy = torch.randn(4, 768)
+    nk = 768 * 512 * 4
+
+    def ours():
+        dora_linear(*t, 1.5, 0.25, True, 3, "exact").backward(dy)
+
+    def oracle():
+        _ref(0.25, "exact")(*t).backward(dy)
+
+    assert _peak_cpu_bytes(oracle) >= nk  # the measurement sees an (out, in) temporary where there is one
+    assert _peak_cpu_bytes(ours) < nk / 8, f"peak {_peak_cpu_bytes(ours)} B vs one (out, in) fp32: {nk} B"

@@ -18,7 +18,7 @@ BACKENDS = ("reference", "triton")
 # rounding error, relative to the sum of the terms' sizes, is then amplified at most 4x in n². Rows below
 # (sBA ≈ −W) are summed again exactly over W's tiles.
 CANCEL_RATIO = 0.25
-_ROWS_PER_CHUNK = 1024  # bounds the fp32 temporaries of the reference norm to 1024 x in
+_ROWS_PER_CHUNK = 128  # bounds the fp32 temporaries of the reference norm to 128 x in
 
 
 def _acc_dtype(dtype: torch.dtype) -> torch.dtype:
@@ -32,7 +32,8 @@ def weight_sq_norms(weight: torch.Tensor) -> torch.Tensor:
     out = weight.new_empty(weight.shape[0], dtype=dt)
     with torch.no_grad():
         for i in range(0, weight.shape[0], _ROWS_PER_CHUNK):
-            out[i:i + _ROWS_PER_CHUNK] = weight[i:i + _ROWS_PER_CHUNK].to(dt).square().sum(1)
+            out[i:i + _ROWS_PER_CHUNK] = torch.linalg.vector_norm(weight[i:i + _ROWS_PER_CHUNK], dim=1, dtype=dt)
+        out.square_()
     return out
 
 
