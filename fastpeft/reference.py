@@ -216,3 +216,68 @@ def lora_sparse_linear_ref(x, weight, bias, lora_A, lora_B, scaling, delta_indic
     delta = dense_delta_ref(delta_indices, delta_values, out_f, in_f, block_size)
     return lora_linear_ref(x, weight + delta.to(weight.dtype), bias, lora_A, lora_B, scaling, dropout_p, training,
                            seed)
+
+
+# ----------------------------------------------------------------------------------------------------
+# DoRA (Liu et al. 2024), with the semantics of PEFT 0.21's DoraLinearLayer / DoraLinearVariant
+# ----------------------------------------------------------------------------------------------------
+
+DORA_DROPOUT_MODES = ("exact", "lora_only")
+
+
+def dora_norm_ref(weight: torch.Tensor, lora_A: torch.Tensor, lora_B: torch.Tensor, scaling: float) -> torch.Tensor:
+    """``‖W_j + s B_j A‖₂`` for every output row j, detached: (out,) in fp32 (fp64 for fp64 inputs).
+
+    Forms the (out, in) matrix ``W + s B A`` in fp32 as PEFT does (``get_weight_norm``): the oracle only.
+    """
+    dt = torch.promote_types(weight.dtype, torch.float32)
+    with torch.no_grad():
+        w = weight.to(dt) + scaling * (lora_B.to(dt) @ lora_A.to(dt))
+        return torch.linalg.vector_norm(w, dim=1)
+
+
+def dora_linear_ref(
+    x: torch.Tensor,
+    weight: torch.Tensor,
+    bias: torch.Tensor | None,
+    lora_A: torch.Tensor,
+    lora_B: torch.Tensor,
+    magnitude: torch.Tensor,
+    scaling: float,
+    dropout_p: float = 0.0,
+    training: bool = True,
+    seed: int | None = None,
+    dropout_mode: str = "exact",
+) -> torch.Tensor:
+    """DoRA linear in plain PyTorch: with ``g = m / ‖W + sBA‖_row`` (fp32, the norm detached) and
+    ``x̃ = drop(x)`` (``lora_dropout_ref``: only when ``training`` and ``dropout_p > 0``),
+
+    - no dropout (eval, or p = 0):  ``y = g ⊙ (x Wᵀ + s x Aᵀ Bᵀ) + b``
+    - ``dropout_mode="exact"`` (PEFT 0.21's DoraLinearVariant.forward: with dropout it feeds ``x̃`` to the
+      DoRA term and keeps the base layer's output on x):
+      ``y = x Wᵀ + b + (g − 1) ⊙ (x̃ Wᵀ) + g ⊙ (s x̃ Aᵀ Bᵀ)``
+    - ``dropout_mode="lora_only"`` (opt-in, cheaper: one GEMM on x as in eval):
+      ``y = g ⊙ (x Wᵀ + s x̃ Aᵀ Bᵀ) + b``
+
+    x: (..., in); weight: (out, in); bias: (out,) or None; lora_A: (r, in); lora_B: (out, r);
+    magnitude: (out,). Returns (..., out) in x's dtype; g and the combination are in fp32 (never g folded
+    into a low-precision copy of W). Differentiable through torch autograd (the oracle, not the lean path).
+    """
+    if dropout_mode not in DORA_DROPOUT_MODES:
+        raise ValueError(f"dropout_mode must be one of {DORA_DROPOUT_MODES}, got {dropout_mode!r}")
+    dt = torch.promote_types(x.dtype, torch.float32)
+    n = dora_norm_ref(weight, lora_A, lora_B, scaling).to(dt)
+    g = magnitude.to(dt) / n
+    dropped = training and dropout_p > 0.0
+    if dropped and seed is None:
+        raise ValueError("seed is required when training with dropout_p > 0, got None")
+    xd = lora_dropout_ref(x, dropout_p, seed) if dropped else x
+    base = F.linear(x, weight).to(dt)
+    lora = scaling * F.linear(F.linear(xd, lora_A), lora_B).to(dt)
+    if dropped and dropout_mode == "exact":
+        y = base + (g - 1.0) * F.linear(xd, weight).to(dt) + g * lora
+    else:
+        y = g * (base + lora)
+    if bias is not None:
+        y = y + bias.to(dt)
+    return y.to(x.dtype)

@@ -1,0 +1,271 @@
+"""DoRA linear (weight-decomposed LoRA, Liu et al. 2024) with PEFT 0.21's semantics, without ever forming
+the (out, in) matrix ``W + sBA``: the autograd Function, on the kernels of ``kernels/dora.py`` or on plain
+PyTorch, and the weight norm.
+
+``g = m / ‖W + sBA‖_row`` is computed in fp32 (fp64 for fp64 inputs) and applied to the fp32 accumulator,
+never folded into a low-precision copy of W (early in training ``|g − 1|`` is below bf16's resolution).
+The norm is detached (DoRA paper §4.3, PEFT's ``weight_norm.detach()``).
+"""
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+from ..reference import DORA_DROPOUT_MODES, dropout_threshold, lora_dropout_ref
+
+BACKENDS = ("reference", "triton")
+# The factored norm is trusted where ‖W_j + sB_jA‖² >= CANCEL_RATIO · (‖W_j‖² + |cross_j| + quad_j): its fp32
+# rounding error, relative to the sum of the terms' sizes, is then amplified at most 4x in n². Rows below
+# (sBA ≈ −W) are summed again exactly over W's tiles.
+CANCEL_RATIO = 0.25
+_ROWS_PER_CHUNK = 128  # bounds the fp32 temporaries of the reference norm to 128 x in
+
+
+def _acc_dtype(dtype: torch.dtype) -> torch.dtype:
+    return torch.promote_types(dtype, torch.float32)
+
+
+def weight_sq_norms(weight: torch.Tensor) -> torch.Tensor:
+    """``‖W_j‖²`` (out,) in fp32 (fp64 for fp64 W), read in row chunks (no fp32 copy of W). W is frozen:
+    a layer computes this once and passes it as ``weight_sq_norm`` (recomputing when W's version changes)."""
+    dt = _acc_dtype(weight.dtype)
+    out = weight.new_empty(weight.shape[0], dtype=dt)
+    with torch.no_grad():
+        for i in range(0, weight.shape[0], _ROWS_PER_CHUNK):
+            out[i:i + _ROWS_PER_CHUNK] = torch.linalg.vector_norm(weight[i:i + _ROWS_PER_CHUNK], dim=1, dtype=dt)
+        out.square_()
+    return out
+
+
+def _tiled_sq_norm(w_rows: torch.Tensor, a: torch.Tensor, b_rows: torch.Tensor, scaling: float,
+                   block_k: int = 512) -> torch.Tensor:
+    """Exact ``‖W_j + s B_j A‖²`` of the given rows, one pass over W's column tiles in a's dtype."""
+    acc = w_rows.new_zeros(w_rows.shape[0], dtype=a.dtype)
+    for k0 in range(0, w_rows.shape[1], block_k):
+        t = torch.addmm(w_rows[:, k0:k0 + block_k].to(a.dtype), b_rows, a[:, k0:k0 + block_k], alpha=scaling)
+        acc += t.square().sum(1)
+    return acc
+
+
+def dora_norm_factored(weight: torch.Tensor, lora_A: torch.Tensor, lora_B: torch.Tensor, scaling: float,
+                       weight_sq_norm: torch.Tensor | None = None) -> tuple:
+    """``(n, fallback_rows)``: ``n_j = ‖W_j + s B_j A‖₂`` (out,) fp32 (fp64 for fp64 W) from
+    ``‖W_j‖² + 2s (W Aᵀ)_j·B_j + s² B_j (A Aᵀ) B_jᵀ`` (W Aᵀ (out, r) and A Aᵀ (r, r) in fp32), and the
+    LongTensor of the rows where that sum cancelled (see CANCEL_RATIO) and was replaced by the exact
+    tiled sum. No (out, in) temporary: W is read in row chunks."""
+    dt = _acc_dtype(weight.dtype)
+    with torch.no_grad():
+        a = lora_A.detach().to(dt)
+        b = lora_B.detach().to(dt)
+        w2 = weight_sq_norms(weight) if weight_sq_norm is None else weight_sq_norm.to(dt)
+        wa = b.new_empty(b.shape)
+        for i in range(0, weight.shape[0], _ROWS_PER_CHUNK):
+            wa[i:i + _ROWS_PER_CHUNK] = weight[i:i + _ROWS_PER_CHUNK].to(dt) @ a.t()
+        cross = (2.0 * scaling) * (wa * b).sum(1)
+        quad = (scaling * scaling) * ((b @ (a @ a.t())) * b).sum(1)
+        n2 = w2 + cross + quad
+        bad = n2 <= CANCEL_RATIO * (w2 + cross.abs() + quad)
+        rows = bad.nonzero().squeeze(1)
+        if rows.numel():
+            n2[rows] = _tiled_sq_norm(weight[rows], a, b[rows], scaling)
+        return n2.clamp_min(0.0).sqrt(), rows
+
+
+def dora_norm(weight, lora_A, lora_B, scaling, weight_sq_norm=None, backend="reference") -> torch.Tensor:
+    """``‖W_j + s B_j A‖₂`` (out,), detached, fp32 (fp64 for fp64 W on the reference path). ``"triton"``:
+    the one-pass tiled kernel (exact; reads W once, as the factored form would); ``"reference"``: the
+    factored form with its exact fallback (``dora_norm_factored``)."""
+    if backend == "triton":
+        K, _ = _kernels()
+        return K.norm_op(weight.detach(), lora_A.detach(), lora_B.detach(), float(scaling))
+    return dora_norm_factored(weight, lora_A, lora_B, scaling, weight_sq_norm)[0]
+
+
+def _kernels():
+    from ..kernels import dora as K
+    from ..kernels import lora as KL
+    return K, KL
+
+
+class DoRALinearFunction(torch.autograd.Function):
+    r"""DoRA linear on 2-D x (M, K), on the kernels (``impl="triton"``) or plain PyTorch (``"reference"``).
+
+    Notation: s the scaling, p the dropout rate, D the keep-mask of x (M, K) (a pure function of the seed,
+    redrawn, never stored), x̃ = drop(x) = D ⊙ x / (1 − p) (x̃ = x without dropout), n (N,) the detached
+    norm ‖W + sBA‖_row, g = m / n, u = x̃ Aᵀ (M, r). Column scales broadcast over rows: (dY ⊙ g)_ij =
+    dY_ij g_j.
+
+    Forward:
+      plain (eval, p = 0, or dropout_mode="lora_only"):
+          z = x Wᵀ + s u Bᵀ,          y = g ⊙ z + b                     one GEMM, g and b in its epilogue
+      exact (PEFT 0.21's training formula with dropout: the base output on x, the DoRA term on x̃):
+          z = x̃ Wᵀ + s u Bᵀ,          y = x Wᵀ + (g − 1) ⊙ (x̃ Wᵀ) + g ⊙ (s u Bᵀ) + b
+                                        = (x − x̃) Wᵀ + g ⊙ z + b           one GEMM loop, two accumulators
+
+    Backward, from dY (M, N), with G = dY ⊙ g and v = G B (M, r). n is a constant (detached), so
+    ∂y_ij/∂m_j = z_ij / n_j, and y depends on A, B only through s g ⊙ (u Bᵀ):
+      dB = s Gᵀ u = s diag(g) dYᵀ u                                                   (N, r)
+      dL/du = s G B = s v;  u = x̃ Aᵀ  =>  dA = s vᵀ x̃                                (r, K)
+      dm_j = Σ_i dY_ij z_ij / n_j                                                     (N,)
+        plain: z = (y − b) / g, so dm_j = Σ_i dY_ij (y_ij − b_j) / m_j: one pass over dY and the saved y
+               gives v and dm (kernel ``_dora_dy_kernel``); a column with m_j = 0 has its z recomputed.
+        exact: z = x̃ Wᵀ + s u Bᵀ is not recoverable from y; recomputed tile by tile and reduced against dY
+               in the GEMM's epilogue (``DM_EXACT``: one more GEMM, no (M, N) store).
+      dX: x enters through x Wᵀ (plain: scaled by g; exact: unscaled and, through x̃, scaled by g − 1) and
+          through u (∂u/∂x = D Aᵀ/(1 − p)):
+        plain:  dX = G W + s D ⊙ (v A) / (1 − p)                  (D = 1 without dropout)
+        exact:  dX = dY W + D ⊙ ((dY ⊙ (g − 1)) W + s v A) / (1 − p)
+      dW = Gᵀ x (plain), dYᵀ x + (dY ⊙ (g − 1))ᵀ x̃ (exact); db = Σ_i dY_i    (only when they require grad)
+
+    Saved: x, u (M, r), the parameters, n and g (N,), and (plain) the output y, which the caller holds
+    anyway in a training graph: no extra (M, N) or (N, K) tensor. x̃ is recomputed from the seed.
+    """
+
+    @staticmethod
+    def forward(ctx, x, weight, bias, lora_A, lora_B, magnitude, norm, scaling, dropout_p, seed, exact, impl):
+        dt = torch.float32 if impl == "triton" else _acc_dtype(x.dtype)
+        g = magnitude.detach().to(dt) / norm.to(dt)
+        p = dropout_p
+        thr = dropout_threshold(p) if p > 0.0 else 0
+        ds = 1.0 / (1.0 - p) if p > 0.0 else 1.0
+        if impl == "triton":
+            K, KL = _kernels()
+            k = x.shape[1]
+            u = KL.shrink_op(x, lora_A.t(), ds, seed, thr, k, 1)
+            mode = K.FWD_EXACT if exact else K.FWD
+            y = K.gemm_op(mode, x, weight.t(), u, lora_B.t(), g, bias, scaling, seed, thr, ds)
+        else:
+            xd = lora_dropout_ref(x, p, seed) if p > 0.0 else x
+            u = F.linear(xd, lora_A)
+            z = torch.addmm(F.linear(xd if exact else x, weight), u, lora_B.t(), alpha=scaling)
+            y = z.mul_(g) if z.dtype == dt else g * z.to(dt)  # in place: z is not needed again
+            if exact:
+                y += F.linear(x - xd, weight).to(dt)
+            if bias is not None:
+                y += bias.to(dt)
+            y = y.to(x.dtype)
+        ctx.save_for_backward(x, weight, bias, lora_A, lora_B, magnitude, norm, g, u, None if exact else y)
+        ctx.scaling, ctx.p, ctx.seed, ctx.thr, ctx.ds, ctx.exact, ctx.impl = scaling, p, seed, thr, ds, exact, impl
+        return y
+
+    @staticmethod
+    def backward(ctx, dy):
+        x, weight, bias, lora_A, lora_B, magnitude, norm, g, u, y = ctx.saved_tensors
+        need_x, need_w, need_b, need_a, need_bb, need_m = ctx.needs_input_grad[:6]
+        s, p, seed, thr, ds, exact = ctx.scaling, ctx.p, ctx.seed, ctx.thr, ctx.ds, ctx.exact
+        dt = g.dtype
+        dy = dy.contiguous() if dy.stride(-1) != 1 and dy.stride(0) != 1 else dy
+        dx = dw = db = da = dbb = dm = None
+        xd = None
+        if ctx.impl == "triton":
+            K, KL = _kernels()
+            k = x.shape[1]
+            if exact:
+                v, _ = K.dy_pass_op(dy, None, g, None, lora_B)
+                if need_m:
+                    part = K.gemm_op(K.DM_EXACT, x, weight.t(), u, lora_B.t(), g, None, s, seed, thr, ds, dy)
+                    dm = part.sum(0) / norm
+                if need_x:
+                    dx = K.gemm_op(K.DX_EXACT, dy, weight, v, lora_A, g, None, s, seed, thr, ds)
+            else:
+                v, dmsum = K.dy_pass_op(dy, y if need_m else None, g, bias, lora_B)
+                if need_m:
+                    dm = _fix_zero_magnitude(dmsum / magnitude.detach().to(dt), dy, x, weight, lora_B, u, magnitude,
+                                             norm, s)
+                if need_x:
+                    dx = K.gemm_op(K.DX, dy, weight, v, lora_A, g, None, s * ds, seed, thr, 1.0)
+            if need_bb:
+                dbb = KL.shrink_op(dy.t(), u, s, 0, 0, 0, 0) * g[:, None]
+            if need_a:
+                da = KL.shrink_op(x.t(), v, s * ds, seed, thr, 1, k).t()
+            if need_w:
+                xd = lora_dropout_ref(x, p, seed) if exact else None
+        else:
+            gdy = (dy.to(dt) * g).to(dy.dtype)  # G, rounded to dY's dtype as the kernels round it
+            v = gdy @ lora_B.to(dy.dtype)
+            xd = lora_dropout_ref(x, p, seed) if p > 0.0 else x
+            if exact:
+                if need_m:
+                    z = torch.addmm(F.linear(xd, weight), u, lora_B.t(), alpha=s)
+                    dm = (dy.to(dt) * z.to(dt)).sum(0) / norm
+                if need_x:
+                    inner = torch.addmm((dy.to(dt) * (g - 1.0)).to(dy.dtype) @ weight, v, lora_A, alpha=s)
+                    dx = torch.add(dy @ weight, lora_dropout_ref(inner, p, seed))
+            else:
+                if need_m:
+                    dm = _fix_zero_magnitude(_col_dots(dy, y, bias, dt) / magnitude.detach().to(dt), dy, x, weight,
+                                             lora_B, u, magnitude, norm, s)
+                if need_x:
+                    low = (v @ lora_A).mul_(s)
+                    dx = torch.addmm(lora_dropout_ref(low, p, seed) if p > 0.0 else low, gdy, weight)
+            if need_bb:
+                dbb = s * (gdy.t() @ u.to(dy.dtype))
+            if need_a:
+                da = s * (v.t() @ xd)
+        if need_w:
+            if exact:
+                dw = dy.t() @ x + (dy.to(dt) * (g - 1.0)).to(dy.dtype).t() @ xd
+            else:
+                dw = (dy.to(dt) * g).to(dy.dtype).t() @ x
+        if need_b and bias is not None:
+            db = dy.sum(0)
+
+        def cast(t, like):
+            return None if t is None else t.to(like.dtype)
+
+        return (cast(dx, x), cast(dw, weight), cast(db, bias) if bias is not None else None, cast(da, lora_A),
+                cast(dbb, lora_B), cast(dm, magnitude), None, None, None, None, None, None)
+
+
+def _col_dots(dy, y, bias, dt, rows=256):
+    """``Σ_i dY_ij (y_ij − b_j)`` (N,) in dt, in row chunks: no (M, N) temporary beside G."""
+    out = dy.new_zeros(dy.shape[1], dtype=dt)
+    b = bias.to(dt) if bias is not None else 0.0
+    for i in range(0, dy.shape[0], rows):
+        out += (dy[i:i + rows].to(dt) * (y[i:i + rows].to(dt) - b)).sum(0)
+    return out
+
+
+def _fix_zero_magnitude(dm, dy, x, weight, lora_B, u, magnitude, norm, s):
+    """dm from ``Σ dY (y − b) / m`` is 0/0 where m_j = 0 (g_j = 0 erased z_j from y): recompute those
+    columns' z = x W_jᵀ + s u B_jᵀ (a host sync to find them; rare: m is initialised to ‖W_j‖ > 0)."""
+    zero = (magnitude.detach() == 0).nonzero().squeeze(1)
+    if zero.numel():
+        z = torch.addmm(F.linear(x, weight[zero]), u.to(x.dtype), lora_B[zero].t().to(x.dtype), alpha=s)
+        dm[zero] = (dy[:, zero].to(dm.dtype) * z.to(dm.dtype)).sum(0) / norm[zero].to(dm.dtype)
+    return dm
+
+
+def dora_linear(x, weight, bias, lora_A, lora_B, magnitude, scaling, dropout_p=0.0, training=True, seed=None,
+                dropout_mode="exact", weight_sq_norm=None, backend="reference") -> torch.Tensor:
+    """DoRA linear ``y = (m / ‖W + sBA‖_row) ⊙ (x Wᵀ + s drop(x) Aᵀ Bᵀ) + b`` (see ``DoRALinearFunction``
+    for the exact dropout formula and every gradient).
+
+    x: (..., in), any strides; weight: (out, in); bias: (out,) or None; lora_A: (r, in); lora_B: (out, r);
+    magnitude: (out,) (PEFT's ``lora_magnitude_vector``). ``dropout_mode``: ``"exact"`` (PEFT's training
+    semantics with dropout) or ``"lora_only"`` (opt-in: dropout on the LoRA branch only, one GEMM; eval is
+    the same in both). ``weight_sq_norm``: the cached ``weight_sq_norms(weight)`` (reference path).
+    ``backend``: ``"reference"`` or ``"triton"``, already resolved (``fastpeft.functional`` resolves
+    ``"auto"``). Differentiable in x, lora_A, lora_B, magnitude, and bias / weight where they require grad.
+    """
+    if dropout_mode not in DORA_DROPOUT_MODES:
+        raise ValueError(f"dropout_mode must be one of {DORA_DROPOUT_MODES}, got {dropout_mode!r}")
+    if backend not in BACKENDS:
+        raise ValueError(f"backend must be one of {BACKENDS} here, got {backend!r}")
+    n_out, k = weight.shape
+    if x.shape[-1] != k:
+        raise ValueError(f"x's last dim must be in_features={k}, got {x.shape[-1]}")
+    if magnitude.shape != (n_out,):
+        raise ValueError(f"magnitude must have shape ({n_out},), got {tuple(magnitude.shape)}")
+    if not 0.0 <= float(dropout_p) < 1.0:
+        raise ValueError(f"dropout_p must be in [0, 1), got {dropout_p}")
+    p = float(dropout_p) if training else 0.0
+    if p > 0.0 and seed is None:
+        seed = int(torch.randint(0, 2**62, (1,), dtype=torch.int64).item())
+    lead = x.shape[:-1]
+    x2 = x.reshape(-1, k)
+    norm = dora_norm(weight, lora_A, lora_B, float(scaling), weight_sq_norm, backend)
+    exact = p > 0.0 and dropout_mode == "exact"
+    y = DoRALinearFunction.apply(x2, weight, bias, lora_A, lora_B, magnitude, norm, float(scaling), p,
+                                 0 if seed is None else seed, exact, backend)
+    return y.view(*lead, n_out)

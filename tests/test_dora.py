@@ -1,0 +1,310 @@
+"""DoRA: the oracle against PEFT 0.21, the Function's every gradient against fp64 autograd, the factored
+norm's cancellation row, and the kernels (TRITON_INTERPRET=1 on CPU) against the reference."""
+import pytest
+import torch
+import torch.nn as nn
+
+from conftest import assert_close_report
+from fastpeft.ops.dora import (CANCEL_RATIO, dora_linear, dora_norm, dora_norm_factored, weight_sq_norms)
+from fastpeft.reference import dora_linear_ref, dora_norm_ref, lora_dropout_ref
+
+NAMES = ("y", "dx", "dW", "db", "dA", "dB", "dm")
+
+
+def _case(M, K, N, r, dtype=torch.float64, bias=True, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    x = torch.randn(M, K, generator=g, dtype=dtype)
+    w = torch.randn(N, K, generator=g, dtype=dtype) / K**0.5
+    b = torch.randn(N, generator=g, dtype=dtype) * 0.1 if bias else None
+    a = torch.randn(r, K, generator=g, dtype=dtype) / K**0.5
+    bb = torch.randn(N, r, generator=g, dtype=dtype) * 0.3
+    m = torch.linalg.vector_norm(w, dim=1) * (1 + 0.1 * torch.randn(N, generator=g, dtype=dtype))
+    return [x, w, b, a, bb, m]
+
+
+def _run(fn, tensors, dtype, dy, grad_w=True):
+    """fn(*leaves) and the gradients of every leaf (x, W, b, A, B, m), leaves cast to dtype."""
+    leaves = [None if t is None else t.detach().to(dtype).requires_grad_(i != 1 or grad_w)
+              for i, t in enumerate(tensors)]
+    y = fn(*leaves)
+    y.backward(dy.to(y.dtype))
+    return [y] + [None if t is None else t.grad for t in leaves]
+
+
+def _ref(p, mode, s=1.5, seed=7, training=True):
+    return lambda x, w, b, a, bb, m: dora_linear_ref(x, w, b, a, bb, m, s, p, training, seed, mode)
+
+
+def _ours(backend, p, mode, s=1.5, seed=7, training=True):
+    return lambda x, w, b, a, bb, m: dora_linear(x, w, b, a, bb, m, s, p, training, seed, mode, backend=backend)
+
+
+MODES = [pytest.param(0.0, "exact", id="p0"), pytest.param(0.25, "exact", id="p0.25-exact"),
+         pytest.param(0.25, "lora_only", id="p0.25-lora_only")]
+
+
+# ----------------------------------------------------------------------------------------------------
+# the reference Function (plain torch) against fp64 autograd through the oracle
+# ----------------------------------------------------------------------------------------------------
+
+@pytest.mark.parametrize("p,mode", MODES)
+@pytest.mark.parametrize("shape", [(33, 80, 48, 8), (1, 48, 130, 1)], ids=["M33-K80-N48-r8", "M1-K48-N130-r1"])
+@pytest.mark.parametrize("bias", [True, False], ids=["bias", "nobias"])
+def test_reference_function_fp64(shape, p, mode, bias):
+    t = _case(*shape, bias=bias)
+    dy = torch.randn(shape[0], shape[2], dtype=torch.float64)
+    want = _run(_ref(p, mode), t, torch.float64, dy)
+    got = _run(_ours("reference", p, mode), t, torch.float64, dy)
+    for name, a, e in zip(NAMES, got, want):
+        if e is not None:
+            assert_close_report(a, e, 1e-10, 1e-12 * float(e.detach().abs().max()), name)
+
+
+def test_eval_ignores_dropout_and_modes_agree():
+    t = _case(9, 48, 40, 4)
+    y0 = dora_linear_ref(*t, 1.5, 0.0, False)
+    for mode in ("exact", "lora_only"):
+        assert_close_report(dora_linear(*t, 1.5, 0.3, False, None, mode), y0, 1e-12, 1e-12, mode)
+    # In training the two modes differ (the exact one keeps the base term on x): the test can tell them apart.
+    ye = dora_linear(*t, 1.5, 0.3, True, 5, "exact")
+    yl = dora_linear(*t, 1.5, 0.3, True, 5, "lora_only")
+    assert float((ye - yl).abs().max()) > 1e-3
+
+
+def test_zero_magnitude_column_gradient():
+    """dm from the saved output divides by m; a column with m_j = 0 is recomputed, not 0/0."""
+    t = _case(17, 48, 40, 4)
+    t[5][3] = 0.0
+    dy = torch.randn(17, 40, dtype=torch.float64)
+    want = _run(_ref(0.0, "exact"), t, torch.float64, dy)
+    for backend, dtype, tol in (("reference", torch.float64, 1e-10), ("triton", torch.float32, 2e-5)):
+        got = _run(_ours(backend, 0.0, "exact"), t, dtype, dy)
+        assert torch.isfinite(got[6]).all()
+        assert_close_report(got[6], want[6], tol, tol * float(want[6].abs().max()), f"dm {backend}")
+
+
+# ----------------------------------------------------------------------------------------------------
+# the norm: factored form, its cancellation row, the kernel
+# ----------------------------------------------------------------------------------------------------
+
+def _cancelling_case(dtype=torch.float32):
+    """Row 0 of W is −sB_0A plus a 1e-4 remainder (formed in fp64, then rounded): ‖W_0 + sB_0A‖ ≈ 1e-3,
+    ≈ 3e-4·‖W_0‖, where fp32 rounding of the factored terms (each ≈ ‖W_0‖²) swamps n_0²."""
+    gen = torch.Generator().manual_seed(3)
+    N, K, r, s = 40, 96, 8, 2.0
+    a = torch.randn(r, K, generator=gen)
+    b = torch.randn(N, r, generator=gen) * 0.1
+    w = torch.randn(N, K, generator=gen) * 0.05
+    w[0] = (-s * (b[0].double() @ a.double()) + 1e-4 * torch.randn(K, generator=gen, dtype=torch.float64)).float()
+    return w.to(dtype), a.to(dtype), b.to(dtype), s
+
+
+def _assert_norm_close(n, exact, w, what):
+    """Rows other than 0 to 1e-5; row 0 to its conditioning: forming W_0 + sB_0A in fp32 at all (as PEFT
+    does) costs up to eps32·(|W_0| + |sB_0A|) per element, ≈ 2·eps32·‖W_0‖ on the norm."""
+    assert_close_report(n[1:], exact[1:], 1e-5, 0.0, what)
+    bound = 4 * torch.finfo(torch.float32).eps * float(torch.linalg.vector_norm(w[0].double()))
+    err = abs(float(n[0]) - float(exact[0]))
+    assert err <= bound, (f"{what}: row 0: got {float(n[0]):.6g}, expected {float(exact[0]):.6g} "
+                          f"(|err| {err:.3g} > {bound:.3g})")
+
+
+def test_norm_cancellation_row_falls_back():
+    w, a, b, s = _cancelling_case()
+    exact = dora_norm_ref(w.double(), a.double(), b.double(), s)
+    n, rows = dora_norm_factored(w, a, b, s, weight_sq_norms(w))
+    assert rows.tolist() == [0], f"fallback rows {rows.tolist()}"
+    _assert_norm_close(n, exact, w, "norm with fallback")
+    # Without the fallback row 0 would be wrong: the factored sum alone, in fp32, for that row.
+    w2, wa = (w[0] ** 2).sum(), w[0] @ a.t()
+    raw = (w2 + 2 * s * (wa * b[0]).sum() + s * s * (b[0] @ (a @ a.t()) @ b[0])).clamp_min(0).sqrt()
+    assert abs(float(raw) - float(exact[0])) > 1e-2 * float(exact[0]), "row 0 does not cancel: test is void"
+    assert float(exact[0]) ** 2 < CANCEL_RATIO * float((w[0].double() ** 2).sum())
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
+def test_norm_kernel(dtype):
+    w, a, b, s = _cancelling_case(dtype)
+    exact = dora_norm_ref(w.double(), a.double(), b.double(), s)
+    n = dora_norm(w, a, b, s, backend="triton")
+    assert n.dtype == torch.float32
+    _assert_norm_close(n, exact, w.float(), f"norm kernel {dtype}")
+
+
+def test_norm_factored_odd_shapes_and_cache():
+    t = _case(1, 130, 100, 24, dtype=torch.float32)
+    w, a, b = t[1], t[3], t[4]
+    exact = dora_norm_ref(w.double(), a.double(), b.double(), 0.7)
+    n, rows = dora_norm_factored(w, a, b, 0.7)
+    assert rows.numel() == 0
+    assert_close_report(n, exact, 2e-6, 0.0, "factored")
+    assert_close_report(dora_norm(w, a, b, 0.7, weight_sq_norms(w)), n, 0.0, 0.0, "cached ‖W‖²")
+
+
+# ----------------------------------------------------------------------------------------------------
+# kernels (TRITON_INTERPRET=1) against the fp64 oracle, fp32 and bf16
+# ----------------------------------------------------------------------------------------------------
+
+@pytest.mark.parametrize("p,mode", MODES)
+@pytest.mark.parametrize("shape", [(33, 80, 48, 8), (7, 48, 130, 16)], ids=["M33-K80-N48-r8", "M7-K48-N130-r16"])
+def test_kernels_fp32(shape, p, mode):
+    t = _case(*shape)
+    dy = torch.randn(shape[0], shape[2], dtype=torch.float64)
+    want = _run(_ref(p, mode), t, torch.float64, dy)
+    got = _run(_ours("triton", p, mode), t, torch.float32, dy)
+    for name, a, e in zip(NAMES, got, want):
+        assert_close_report(a, e, 2e-5, 2e-5 * float(e.detach().abs().max()), name)
+
+
+def test_kernels_noncontiguous_x():
+    t = _case(20, 80, 48, 8, dtype=torch.float32)
+    t[0] = torch.randn(80, 20).t()  # (20, 80), column-major
+    dy = torch.randn(20, 48)
+    want = _run(_ref(0.25, "exact"), [u.double() for u in t], torch.float64, dy.double())
+    got = _run(_ours("triton", 0.25, "exact"), t, torch.float32, dy)
+    for name, a, e in zip(NAMES, got, want):
+        assert_close_report(a, e, 2e-5, 2e-5 * float(e.detach().abs().max()), name)
+
+
+@pytest.mark.parametrize("p,mode,bias_scale", [pytest.param(*m.values, 1.0, id=m.id) for m in MODES]
+                         + [pytest.param(0.0, "exact", 30.0, id="p0-bias30")])
+def test_kernels_bf16_error_at_most_twice_pytorchs(p, mode, bias_scale):
+    """The flash-attention rule: the kernel's bf16 error against an fp32 reference is at most 2x that of
+    the same formula run by PyTorch in bf16 (plus a tiny atol), for the output and every gradient.
+    bias30: a bias 30x larger, where dm, read back from the bf16 output as Σ dY (y − b) / m, loses most."""
+    shape = (33, 80, 48, 8)
+    t = _case(*shape, dtype=torch.float32)
+    t[5] = t[5] * 4.0  # g ≈ 4 so that bf16 rounding of the output and of z are well apart from zero effects
+    t[2] = t[2] * bias_scale
+    dy = torch.randn(shape[0], shape[2])
+    ref32 = _run(_ref(p, mode), t, torch.float32, dy)
+    torch16 = _run(_ref(p, mode), t, torch.bfloat16, dy)
+    ours16 = _run(_ours("triton", p, mode), t, torch.bfloat16, dy)
+    for name, a, pt, e in zip(NAMES, ours16, torch16, ref32):
+        err = float((a.float() - e).abs().max())
+        err_pt = float((pt.float() - e).abs().max())
+        assert err <= 2 * err_pt + 1e-4 * float(e.detach().abs().max()), \
+            f"{name}: kernel {err:.3g} vs PyTorch {err_pt:.3g}"
+
+
+# ----------------------------------------------------------------------------------------------------
+# against PEFT 0.21's DoRA, same A, B, m: outputs and gradients to 1e-5 in fp32
+# ----------------------------------------------------------------------------------------------------
+
+class _PhiloxDropout(nn.Module):
+    """PEFT's lora_dropout module replaced by fastpeft's mask, so that both draw the same x̃."""
+
+    def __init__(self, p, seed):
+        super().__init__()
+        self.p, self.seed = p, seed
+
+    def forward(self, x):
+        return lora_dropout_ref(x, self.p, self.seed)
+
+
+def _peft_dora(K, N, r, alpha, p, bias):
+    peft = pytest.importorskip("peft")
+    torch.manual_seed(1)
+    model = nn.Sequential(nn.Linear(K, N, bias=bias))
+    cfg = peft.LoraConfig(r=r, lora_alpha=alpha, target_modules=["0"], use_dora=True, lora_dropout=p,
+                          init_lora_weights=False)
+    pm = peft.get_peft_model(model, cfg)
+    layer = pm.base_model.model[0]
+    with torch.no_grad():
+        layer.lora_magnitude_vector["default"].weight.mul_(1 + 0.1 * torch.randn(N))
+    return pm, layer
+
+
+@pytest.mark.parametrize("backend", ["reference", "triton"])
+@pytest.mark.parametrize("p,training", [(0.0, True), (0.2, True), (0.2, False)],
+                         ids=["p0", "p0.2-train", "p0.2-eval"])
+def test_matches_peft_dora(backend, p, training):
+    K, N, r, alpha, seed = 48, 40, 8, 16, 11
+    pm, layer = _peft_dora(K, N, r, alpha, p, bias=True)
+    pm.train(training)
+    if p > 0:
+        layer.lora_dropout["default"] = _PhiloxDropout(p, seed)
+    x = torch.randn(3, 11, K)
+    dy = torch.randn(3, 11, N)
+    a_p, b_p = layer.lora_A["default"].weight, layer.lora_B["default"].weight
+    m_p = layer.lora_magnitude_vector["default"].weight
+    xp = x.clone().requires_grad_()
+    yp = pm(xp)
+    yp.backward(dy)
+    base = layer.get_base_layer()
+    leaves = [x.clone().requires_grad_(), a_p.detach().clone().requires_grad_(),
+              b_p.detach().clone().requires_grad_(), m_p.detach().clone().requires_grad_()]
+    y = dora_linear(leaves[0], base.weight.detach(), base.bias.detach(), leaves[1], leaves[2], leaves[3],
+                    layer.scaling["default"], p, training, seed, "exact", backend=backend)
+    y.backward(dy)
+    assert_close_report(y, yp, 1e-5, 1e-5, "y")
+    for name, ours, theirs in zip(("dx", "dA", "dB", "dm"), leaves, (xp, a_p, b_p, m_p)):
+        e = theirs.grad
+        assert_close_report(ours.grad, e, 1e-5, 1e-5 * float(e.detach().abs().max()), name)
+
+
+# ----------------------------------------------------------------------------------------------------
+# GPU: the autotuned configs (the interpreter runs the explicit test blocks only)
+# ----------------------------------------------------------------------------------------------------
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("p,mode", MODES)
+def test_gpu_autotuned_bf16_error_at_most_twice_pytorchs(p, mode):
+    shape = (1000, 1024, 1536, 16)
+    t = [u.cuda() for u in _case(*shape, dtype=torch.float32)]
+    dy = torch.randn(shape[0], shape[2], device="cuda")
+    ref32 = _run(_ref(p, mode), t, torch.float32, dy)
+    torch16 = _run(_ref(p, mode), t, torch.bfloat16, dy)
+    ours16 = _run(_ours("triton", p, mode), t, torch.bfloat16, dy)
+    for name, a, pt, e in zip(NAMES, ours16, torch16, ref32):
+        err = float((a.float() - e).abs().max())
+        err_pt = float((pt.float() - e).abs().max())
+        assert err <= 2 * err_pt + 1e-4 * float(e.detach().abs().max()), \
+            f"{name}: kernel {err:.3g} vs PyTorch {err_pt:.3g}"
+
+
+def test_opcheck_registered_ops():
+    from fastpeft.kernels import dora as KD
+    if not KD._HAS_TRITON_OP:
+        pytest.skip("torch.library.triton_op needs torch >= 2.6")
+    x, w, b, a, bb, m = _case(33, 48, 40, 8, dtype=torch.float32)
+    u, v, g = torch.randn(33, 8), torch.randn(33, 8), torch.rand(40) + 0.5
+    dy = torch.randn(33, 40)
+    tests = ("test_schema", "test_autograd_registration", "test_faketensor")
+    torch.library.opcheck(torch.ops.fastpeft.dora_norm.default, (w, a, bb, 0.5), test_utils=tests)
+    torch.library.opcheck(torch.ops.fastpeft.dora_gemm.default,
+                          (KD.FWD_EXACT, x, w.t(), u, bb.t(), g, b, 0.5, 3, 2**30, 1.3, None), test_utils=tests)
+    torch.library.opcheck(torch.ops.fastpeft.dora_gemm.default,
+                          (KD.DM_EXACT, x, w.t(), u, bb.t(), g, None, 0.5, 3, 2**30, 1.3, dy), test_utils=tests)
+    torch.library.opcheck(torch.ops.fastpeft.dora_dy_pass.default, (dy, dy, g, b, bb), test_utils=tests)
+
+
+def _peak_cpu_bytes(fn):
+    """Peak of the bytes torch allocates on the CPU while fn runs, above what existed before (profiler)."""
+    from torch.profiler import ProfilerActivity, profile
+    with profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
+        fn()
+    events = sorted((e.start_ns(), e.nbytes()) for e in prof.profiler.kineto_results.events() if e.name() == "[memory]")
+    cur = peak = 0
+    for _, nbytes in events:
+        cur += nbytes
+        peak = max(peak, cur)
+    return peak
+
+
+def test_reference_path_has_no_out_by_in_temporary():
+    """Few tokens, a large W: DoRA's forward + backward (norm included) allocates far less than one
+    (out, in) fp32 matrix, where PEFT's W + sBA (and the oracle) needs several."""
+    t = _case(4, 512, 768, 8, dtype=torch.float32)
+    t = [u.requires_grad_(i != 1) for i, u in enumerate(t)]
+    dy = torch.randn(4, 768)
+    nk = 768 * 512 * 4
+
+    def ours():
+        dora_linear(*t, 1.5, 0.25, True, 3, "exact").backward(dy)
+
+    def oracle():
+        _ref(0.25, "exact")(*t).backward(dy)
+
+    assert _peak_cpu_bytes(oracle) >= nk  # the measurement sees an (out, in) temporary where there is one
+    assert _peak_cpu_bytes(ours) < nk / 8, f"peak {_peak_cpu_bytes(ours)} B vs one (out, in) fp32: {nk} B"
