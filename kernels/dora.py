@@ -32,10 +32,10 @@ import torch
 import triton
 import triton.language as tl
 
-from . import is_deterministic
-from .lora import (INTERPRET, _HAS_TRITON_OP, _cast, _dot_precision, _grouped_tile, _keep_mask, _library_op,
-                   _lowrank_tile, _mma, _op_body, _seed, _upcast, _use_explicit_blocks, _wrap, block_setter,
-                   eager_or_op, r_pad)
+from . import INTERPRET, is_deterministic
+from ._common import (_HAS_TRITON_OP, _cast, _dot_precision, _grouped_tile, _keep_mask, _library_op, _mma, _op_body,
+                      _seed, _upcast, _use_explicit_blocks, _wrap, block_setter, eager_or_op, r_pad)
+from .lora import _lowrank_tile
 
 FWD, FWD_EXACT, DX, DX_EXACT, DM_EXACT = 0, 1, 2, 3, 4
 
@@ -375,7 +375,7 @@ if _HAS_TRITON_OP:
         return v, (dm if y is not None else None)
 
     norm_op = eager_or_op(dora_norm, torch.ops.fastpeft.dora_norm)
-    gemm_op = eager_or_op(dora_gemm, torch.ops.fastpeft.dora_gemm, seed_arg=8)
+    gemm_op = eager_or_op(dora_gemm, torch.ops.fastpeft.dora_gemm)
     dy_pass_op = eager_or_op(dora_dy_pass, _dy_pass_registered)
 else:  # torch < 2.6: plain launchers (eager only)
     norm_op, gemm_op, dy_pass_op = dora_norm, dora_gemm, dora_dy_pass
