@@ -1,11 +1,12 @@
 """``fastpeft.lora_linear``: the backend switch, argument checks, seeds, dtypes and autocast."""
 import pytest
 import torch
+import torch.nn.functional as F
 
 import fastpeft
 from fastpeft import kernels
 from fastpeft.functional import current_backend, resolve_backend
-from fastpeft.reference import lora_linear_ref
+from fastpeft.reference import lora_dropout_cpu, lora_linear_ref
 
 
 def _args(m=7, k=48, n=80, r=8, dtype=torch.float32, bias=True):
@@ -23,7 +24,11 @@ def test_matches_reference_and_backprops():
     a.requires_grad_()
     bb.requires_grad_()
     y = fastpeft.lora_linear(x, w, b, a, bb, 0.5, dropout_p=0.1, seed=4)
-    torch.testing.assert_close(y, lora_linear_ref(x, w, b, a, bb, 0.5, 0.1, True, 4))
+    # CPU tensors: the reference backend's mask is the CPU stream's (fastpeft.reference.lora_dropout_cpu).
+    want = F.linear(x, w, b) + 0.5 * F.linear(F.linear(lora_dropout_cpu(x, 0.1, 4), a), bb)
+    torch.testing.assert_close(y, want)
+    torch.testing.assert_close(fastpeft.lora_linear(x, w, b, a, bb, 0.5, dropout_p=0.0, seed=4),
+                               lora_linear_ref(x, w, b, a, bb, 0.5, 0.1, False, 4))
     y.sum().backward()
     assert a.grad is not None and bb.grad is not None
 
