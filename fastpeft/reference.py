@@ -139,8 +139,8 @@ def cpu_dropout_threshold(p: float) -> int:
     return min(int(round(float(p) * 2.0**16)), 2**16)
 
 
-def cpu_draws(seed, n: int, device=None) -> torch.Tensor:
-    """``n`` int16 draws of the CPU stream for flat indices 0..n-1 (uniform on [-2**15, 2**15)).
+def cpu_draws(seed, n: int, device=None, start: int = 0) -> torch.Tensor:
+    """``n`` int16 draws of the CPU stream for flat indices start..start+n-1 (uniform on [-2**15, 2**15)).
 
     seed: an int in [0, 2**63) or a one-element int64 tensor (a seed drawn inside a compiled region).
     Word w is ``finalize((w + finalize(seed)) * GAMMA)`` (SplitMix64's state sequence, started at
@@ -155,20 +155,23 @@ def cpu_draws(seed, n: int, device=None) -> torch.Tensor:
     else:
         key = torch.tensor([int(seed)], dtype=torch.int64, device=device)
     key = _splitmix_finalize(key, inplace=False)
-    words = torch.arange((n + 3) // 4, device=device, dtype=torch.int64)
+    first, lane = divmod(int(start), 4)
+    words = torch.arange(first, (start + n + 3) // 4, device=device, dtype=torch.int64)
     if torch.compiler.is_compiling():
         # No dtype views of another item size under compile: shift each 16-bit lane to the top and back
         # (arithmetic shift: sign-extended), the very bits the little-endian view below reads.
         words = _splitmix_finalize((words + key) * _SM_GAMMA, inplace=False)
         lanes = torch.arange(4, device=device, dtype=torch.int64) * 16
-        return ((words[:, None] << (48 - lanes)) >> 48).reshape(-1)[:n].to(torch.int16)
+        return ((words[:, None] << (48 - lanes)) >> 48).reshape(-1)[lane:lane + n].to(torch.int16)
     words = _splitmix_finalize(words.add_(key).mul_(_SM_GAMMA), inplace=True)
-    return words.view(torch.int16)[:n]
+    return words.view(torch.int16)[lane:lane + n]
 
 
-def cpu_keep_mask(seed, rows: int, cols: int, p: float, device=None) -> torch.Tensor:
-    """Keep-mask (rows, cols) bool of the CPU stream at drop rate ``p`` (to 2**-16): True where kept."""
-    return (cpu_draws(seed, rows * cols, device) >= cpu_dropout_threshold(p) - 2**15).view(rows, cols)
+def cpu_keep_mask(seed, rows: int, cols: int, p: float, device=None, row0: int = 0) -> torch.Tensor:
+    """Keep-mask (rows, cols) bool of the CPU stream at drop rate ``p`` (to 2**-16): True where kept.
+    ``row0``: the mask of rows row0..row0+rows-1 of a larger (M, cols) mask (drawn by pieces)."""
+    draws = cpu_draws(seed, rows * cols, device, start=row0 * cols)
+    return (draws >= cpu_dropout_threshold(p) - 2**15).view(rows, cols)
 
 
 def lora_dropout_cpu(x: torch.Tensor, p: float, seed) -> torch.Tensor:
@@ -288,8 +291,23 @@ def multi_lora_add(y: torch.Tensor, xd: torch.Tensor, lora_A_stack, lora_B_stack
                 u = torch.where(in_rank, u, 0.0)
             y = torch.where((ids == i)[:, None], y + scalings[i] * F.linear(u, b), y)
         return y
-    order, groups = row_groups(adapter_ids, n)
+    order, groups, runs = row_groups(adapter_ids, n)
     if not groups:
+        return y
+    tracked = torch.is_grad_enabled() and any(t.requires_grad for t in (y, xd, lora_A_stack, lora_B_stack))
+    if runs is not None and (not tracked or (len(groups) == 1 and runs[0] == 0 and groups[0][2] == y.shape[0])):
+        # Each adapter's rows are one contiguous run (one adapter for the whole batch, or per-sequence
+        # routing in a generation loop): read them as views and add in place, no gather, no M x N
+        # temporary. Only without autograd, or for a run of all rows (in-place updates of many views of y
+        # would each copy dY in backward).
+        scal = scalings.tolist()
+        for (i, start, stop), row0 in zip(groups, runs):
+            a, b, in_rank = factors(i)
+            rows = slice(row0, row0 + stop - start)
+            u = F.linear(xd[rows], a)
+            if in_rank is not None:
+                u = torch.where(in_rank, u, 0.0)
+            y[rows].addmm_(u.to(y.dtype), b.t().to(y.dtype), alpha=scal[i])
         return y
     xs = xd.index_select(0, order)
     updates = []
@@ -308,8 +326,10 @@ _GROUPS_CACHE_SIZE = 8
 
 
 def row_groups(adapter_ids: torch.Tensor, n: int) -> tuple:
-    """``(order, groups)``: ``order`` (M',) int64 the rows with an adapter, sorted by adapter (stable);
-    ``groups`` a list of ``(adapter, start, stop)`` for each adapter with rows, its slice of ``order``.
+    """``(order, groups, runs)``: ``order`` (M',) int64 the rows with an adapter, sorted by adapter
+    (stable); ``groups`` a list of ``(adapter, start, stop)`` for each adapter with rows, its slice of
+    ``order``; ``runs`` the first row of each group when every group's rows are one contiguous run
+    (``order[start:stop]`` = ``run, run + 1, ...``), else None.
 
     Cached on the ids tensor's storage, offset, shape, strides and version counter (so an in-place change
     of the ids is seen); the cache holds the ids tensor itself, so its storage cannot be reused by another
@@ -319,7 +339,7 @@ def row_groups(adapter_ids: torch.Tensor, n: int) -> tuple:
            adapter_ids.stride(), adapter_ids._version, adapter_ids.device, n)
     hit = _GROUPS_CACHE.get(key)
     if hit is not None:
-        return hit[1], hit[2]
+        return hit[1:]
     ids = adapter_ids.reshape(-1)
     order = torch.argsort(ids, stable=True)
     counts = torch.bincount(ids + 1, minlength=n + 1).tolist()  # one host read: the group sizes
@@ -330,10 +350,16 @@ def row_groups(adapter_ids: torch.Tensor, n: int) -> tuple:
             groups.append((i, start, start + c))
             start += c
     order = order[skip:]
+    runs = None
+    if groups:
+        # Contiguous runs: within each group the sorted rows step by 1 (one more host read).
+        step_ok = order[1:] - order[:-1] == 1
+        step_ok[[g[1] - 1 for g in groups[1:]]] = True  # a step from one group into the next is free
+        runs = order[[g[1] for g in groups]].tolist() if bool(step_ok.all()) else None
     if len(_GROUPS_CACHE) >= _GROUPS_CACHE_SIZE:
         _GROUPS_CACHE.pop(next(iter(_GROUPS_CACHE)))
-    _GROUPS_CACHE[key] = (adapter_ids, order, groups)
-    return order, groups
+    _GROUPS_CACHE[key] = (adapter_ids, order, groups, runs)
+    return order, groups, runs
 
 
 def _row_dropout_ref(x2: torch.Tensor, p_rows: torch.Tensor, seed) -> torch.Tensor:

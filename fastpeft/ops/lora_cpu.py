@@ -31,7 +31,9 @@ class LoRALinearCPUFunction(torch.autograd.Function):
         dW    = dY^T x,   db = sum_m dY_m                                    (only when required)
 
     Saved for backward: x, u (M, r), the parameters and the seed; D is redrawn from the seed (2 ms for
-    2048 x 1024 on 2 cores) instead of stored, and drop(x) (an M x K copy) is never kept.
+    2048 x 1024 on 2 cores) instead of stored, and drop(x) (an M x K copy) is never kept. Outside
+    torch.compile the mask is drawn by row pieces of ~256 Ki elements, so neither pass allocates an M x K
+    temporary besides dX itself.
     """
 
     @staticmethod
@@ -39,8 +41,15 @@ class LoRALinearCPUFunction(torch.autograd.Function):
         m, k = x.shape
         keep_scale = 1.0 / (1.0 - dropout_p) if dropout_p > 0.0 else 1.0
         if dropout_p > 0.0:
-            keep = cpu_keep_mask(seed, m, k, dropout_p, x.device)
-            u = torch.mm(x.mul(keep).mul_(keep_scale), lora_A.t())  # the dropped x is freed here
+            pieces = _row_pieces(m, k)
+            if len(pieces) == 1:
+                keep = cpu_keep_mask(seed, m, k, dropout_p, x.device)
+                u = torch.mm(x.mul(keep).mul_(keep_scale), lora_A.t())
+            else:  # the mask and the dropped rows of one piece at a time (cache-sized, freed at once)
+                u = x.new_empty(m, lora_A.shape[0])
+                for rows in pieces:
+                    keep = cpu_keep_mask(seed, rows.stop - rows.start, k, dropout_p, x.device, rows.start)
+                    torch.mm(x[rows].mul(keep).mul_(keep_scale), lora_A.t(), out=u[rows])
         else:
             u = torch.mm(x, lora_A.t())
         y = torch.addmm(bias, x, weight.t()) if bias is not None else torch.mm(x, weight.t())
@@ -57,22 +66,32 @@ class LoRALinearCPUFunction(torch.autograd.Function):
         need_x, need_w, need_b, need_a, need_bb = ctx.needs_input_grad[:5]
         s, p, ds = ctx.scaling, ctx.dropout_p, ctx.keep_scale
         seed = seed_t if seed_t is not None else ctx.seed
+        m, k = x.shape
         dy = dy.contiguous()
         dx = dw = db = da = dbb = None
-        keep = cpu_keep_mask(seed, x.shape[0], x.shape[1], p, x.device) if p > 0.0 and (need_x or need_a) else None
         if need_x or need_a:
             v = torch.mm(dy, lora_B)
         if need_x:
             dx = torch.mm(dy, weight)
-            if keep is None:
+        if p == 0.0:
+            if need_x:
                 dx.addmm_(v, lora_A, alpha=s)
-            else:
-                # Scaled before the add, not through add_'s alpha: inductor (torch 2.13) miscompiles
-                # add_(mm(..).mul_(bool mask), alpha=c) in this backward (dX off by 1e4).
-                dx.add_(torch.mm(v, lora_A).mul_(keep).mul_(s * ds))
-        if need_a:
-            xd = x if keep is None else x.mul(keep)
-            da = torch.mm(v.t(), xd).mul_(s * ds)
+            if need_a:
+                da = torch.mm(v.t(), x).mul_(s)
+        elif need_x or need_a:
+            # The mask is redrawn piece by piece; each piece's D * (v A) and D * x are cache-sized.
+            pieces = _row_pieces(m, k)
+            for rows in pieces:
+                keep = cpu_keep_mask(seed, rows.stop - rows.start, k, p, x.device, rows.start)
+                if need_x:
+                    # Scaled before the add, not through add_'s alpha: inductor (torch 2.13) miscompiles
+                    # add_(mm(..).mul_(bool mask), alpha=c) in this backward (dX off by 1e4).
+                    dx[rows].add_(torch.mm(v[rows], lora_A).mul_(keep).mul_(s * ds))
+                if need_a:
+                    part = torch.mm(v[rows].t(), x[rows].mul(keep))
+                    da = part if da is None else da.add_(part)
+            if need_a:
+                da.mul_(s * ds)
         if need_bb:
             dbb = torch.mm(dy.t(), u).mul_(s)
         if need_w:
@@ -80,6 +99,20 @@ class LoRALinearCPUFunction(torch.autograd.Function):
         if need_b and ctx.has_bias:
             db = dy.sum(0)
         return dx, dw, db, da, dbb, None, None, None
+
+
+# Elements of x per piece when the mask is drawn by pieces: the piece's mask words, dropped rows and
+# D * (v A) rows stay in L2 (256 Ki elements: 1 MiB fp32), and no M x K temporary is ever allocated.
+_PIECE = 1 << 18
+
+
+def _row_pieces(m: int, k: int) -> list:
+    """Row slices covering 0..m-1, ~_PIECE elements each; one slice while torch.compile traces (inductor
+    fuses the mask into its loops, and out= writes into views do not trace)."""
+    if torch.compiler.is_compiling() or m * k <= _PIECE:
+        return [slice(0, m)]
+    step = max(1, _PIECE // max(k, 1))
+    return [slice(i, min(i + step, m)) for i in range(0, m, step)]
 
 
 def lora_linear_cpu(x, weight, bias, lora_A, lora_B, scaling: float, dropout_p: float, seed) -> torch.Tensor:
