@@ -18,7 +18,7 @@ class LoRALinearCPUFunction(torch.autograd.Function):
 
     With D (M, K) the keep-mask of the seed (CPU stream, drop rate p) and drop(x) = D ⊙ x / (1 - p):
 
-        u = drop(x) A^T                            (M, r)
+        u = drop(x) A^T = ((D ⊙ x) A^T) / (1 - p)  (M, r)
         y = x W^T + b + s u B^T                    addmm, then addmm_ of the rank-r update in place
 
     Backward, from dY (M, N). y depends on x through x W^T and through u = drop(x) A^T:
@@ -44,12 +44,13 @@ class LoRALinearCPUFunction(torch.autograd.Function):
             pieces = _row_pieces(m, k)
             if len(pieces) == 1:
                 keep = cpu_keep_mask(seed, m, k, dropout_p, x.device)
-                u = torch.mm(x.mul(keep).mul_(keep_scale), lora_A.t())
+                u = torch.mm(x.mul(keep), lora_A.t())
             else:  # the mask and the dropped rows of one piece at a time (cache-sized, freed at once)
                 u = x.new_empty(m, lora_A.shape[0])
                 for rows in pieces:
                     keep = cpu_keep_mask(seed, rows.stop - rows.start, k, dropout_p, x.device, rows.start)
-                    torch.mm(x[rows].mul(keep).mul_(keep_scale), lora_A.t(), out=u[rows])
+                    torch.mm(x[rows].mul(keep), lora_A.t(), out=u[rows])
+            u.mul_(keep_scale)  # 1/(1-p) on u (M x r), not on the dropped x (M x K): one pass fewer
         else:
             u = torch.mm(x, lora_A.t())
         y = torch.addmm(bias, x, weight.t()) if bias is not None else torch.mm(x, weight.t())
@@ -79,14 +80,16 @@ class LoRALinearCPUFunction(torch.autograd.Function):
             if need_a:
                 da = torch.mm(v.t(), x).mul_(s)
         elif need_x or need_a:
-            # The mask is redrawn piece by piece; each piece's D * (v A) and D * x are cache-sized.
+            # The mask is redrawn piece by piece; each piece's D * (v A) and D * x are cache-sized. The
+            # scales go on v (M x r) and dA (r x K), not on an M x K piece.
+            vs = v * (s * ds) if need_x else None
             pieces = _row_pieces(m, k)
             for rows in pieces:
                 keep = cpu_keep_mask(seed, rows.stop - rows.start, k, p, x.device, rows.start)
                 if need_x:
-                    # Scaled before the add, not through add_'s alpha: inductor (torch 2.13) miscompiles
-                    # add_(mm(..).mul_(bool mask), alpha=c) in this backward (dX off by 1e4).
-                    dx[rows].add_(torch.mm(v[rows], lora_A).mul_(keep).mul_(s * ds))
+                    # Not through add_'s alpha: inductor (torch 2.13) miscompiles add_(mm(..).mul_(bool
+                    # mask), alpha=c) in this backward (dX off by 1e4).
+                    dx[rows].add_(torch.mm(vs[rows], lora_A).mul_(keep))
                 if need_a:
                     part = torch.mm(v[rows].t(), x[rows].mul(keep))
                     da = part if da is None else da.add_(part)
