@@ -12,6 +12,8 @@ reference bit for bit. Using all four words makes the mask four times cheaper to
 """
 from __future__ import annotations
 
+import contextlib
+
 import torch
 import torch.nn.functional as F
 
@@ -104,6 +106,27 @@ def lora_dropout_ref(x: torch.Tensor, p: float, seed: int) -> torch.Tensor:
 # (M, K) uses draw e % 4 of word e // 4, read as a signed int16 (bits 16j..16j+15 of the word for draw j),
 # and is kept when that draw is >= ``cpu_dropout_threshold(p) - 2**15``: the drop rate is p rounded to a
 # multiple of 2**-16. 3 ms for the same mask (13 in-place passes over M*K/4 words plus one compare).
+
+_KERNEL_STREAM_ON_CPU = [False]
+
+
+@contextlib.contextmanager
+def kernel_stream_on_cpu():
+    """Inside the block the reference backend on CPU tensors runs the oracle (``lora_linear_ref``,
+    ``lora_linear_multi_ref``: the kernels' Philox masks) instead of the CPU path and its stream, so that
+    the kernels and the reference backend can be compared bit for bit (tests/test_kernels_*)."""
+    prev = _KERNEL_STREAM_ON_CPU[0]
+    _KERNEL_STREAM_ON_CPU[0] = True
+    try:
+        yield
+    finally:
+        _KERNEL_STREAM_ON_CPU[0] = prev
+
+
+def use_cpu_path(x: torch.Tensor) -> bool:
+    """Whether the reference backend runs the CPU path (and its stream) for input ``x``."""
+    return x.device.type == "cpu" and not _KERNEL_STREAM_ON_CPU[0]
+
 
 def _s64(v: int) -> int:
     """A 64-bit pattern as the signed int64 holding it."""
