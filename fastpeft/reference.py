@@ -315,8 +315,8 @@ def multi_lora_add(y: torch.Tensor, xd: torch.Tensor, lora_A_stack, lora_B_stack
             y = torch.where((ids == i)[:, None], y + scalings[i] * F.linear(u, b), y)
         return y
     order, groups, runs = row_groups(adapter_ids, n)
-    if not groups:
-        return y
+    if not groups:  # no row has an adapter: zero gradients for the stacks (an empty sum), as the where-form
+        return y + (lora_A_stack[:0].sum() + lora_B_stack[:0].sum()).to(y.dtype)
     tracked = torch.is_grad_enabled() and any(t.requires_grad for t in (y, xd, lora_A_stack, lora_B_stack))
     if runs is not None and (not tracked or (len(groups) == 1 and runs[0] == 0 and groups[0][2] == y.shape[0])):
         # Each adapter's rows are one contiguous run (one adapter for the whole batch, or per-sequence

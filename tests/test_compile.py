@@ -213,15 +213,17 @@ def test_inductor_layer(monkeypatch):
     import torch._inductor.config as inductor_config
 
     fn, args, leaves = _module_fn(*_layer_cases("cpu", torch.float32)["FastLoRALinear"])
-    monkeypatch.setattr(inductor_config, "fallback_random", True)
-    torch._dynamo.reset()
-    compiled = torch.compile(fn, fullgraph=True)
-    _assert_same(_run(compiled, args, leaves), _run(fn, args, leaves), "inductor", exact=False)
-    monkeypatch.setattr(inductor_config, "fallback_random", False)
-    torch._dynamo.reset()
-    compiled = torch.compile(fn, fullgraph=True)
-    first = _run(compiled, args, leaves)
-    _assert_same(_run(compiled, args, leaves), first, "inductor reseeded")
+    # config.patch, not monkeypatch: monkeypatch's undo leaves inductor's config without the attribute,
+    # and every later compile in the session then fails ("fallback_random does not exist").
+    with inductor_config.patch(fallback_random=True):
+        torch._dynamo.reset()
+        compiled = torch.compile(fn, fullgraph=True)
+        _assert_same(_run(compiled, args, leaves), _run(fn, args, leaves), "inductor", exact=False)
+    with inductor_config.patch(fallback_random=False):
+        torch._dynamo.reset()
+        compiled = torch.compile(fn, fullgraph=True)
+        first = _run(compiled, args, leaves)
+        _assert_same(_run(compiled, args, leaves), first, "inductor reseeded")
 
 
 # ---- GPU only --------------------------------------------------------------------------------------
