@@ -25,7 +25,9 @@ from . import kernels
 from ._checks import (autocast_on, check_lora_linear_args, check_lora_multi_args, check_same_device_dtype,
                       check_sparse_delta, check_tensor, expand_adapter_ids)
 from .ops.common import draw_seed
-from .reference import lora_linear_multi_ref, lora_linear_ref, lora_sparse_linear_ref, sparse_delta_linear_ref
+from .ops.lora_cpu import lora_linear_cpu
+from .reference import (lora_linear_multi_cpu, lora_linear_multi_ref, lora_linear_ref, lora_sparse_linear_ref,
+                        sparse_delta_linear_ref, use_cpu_path)
 
 BACKENDS = ("auto", "triton", "reference")
 _KERNEL_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
@@ -137,6 +139,8 @@ def lora_linear(x, weight, bias, lora_A, lora_B, scaling, dropout_p=0.0, trainin
         from .ops.lora import _lora_linear_triton
 
         return _lora_linear_triton(x, weight, bias, lora_A, lora_B, scaling, p, seed)
+    if use_cpu_path(x):  # no dropped copy of x kept; the CPU dropout stream (see reference.py)
+        return lora_linear_cpu(x, weight, bias, lora_A, lora_B, float(scaling), p, seed)
     return lora_linear_ref(x, weight, bias, lora_A, lora_B, float(scaling), p, training, seed)
 
 
@@ -166,7 +170,8 @@ def lora_linear_multi(x, weight, bias, lora_A_stack, lora_B_stack, scalings, ada
 
         return lora_linear_multi_triton(x, weight, bias, lora_A_stack, lora_B_stack, scalings, ids, ranks,
                                         dropout_p if use_dropout else None, seed)
-    return lora_linear_multi_ref(x, weight, bias, lora_A_stack, lora_B_stack, scalings, ids, ranks,
+    multi_ref = lora_linear_multi_cpu if use_cpu_path(x) else lora_linear_multi_ref  # CPU dropout stream
+    return multi_ref(x, weight, bias, lora_A_stack, lora_B_stack, scalings, ids, ranks,
                                  dropout_p if use_dropout else None, training, seed)
 
 

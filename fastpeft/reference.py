@@ -12,6 +12,8 @@ reference bit for bit. Using all four words makes the mask four times cheaper to
 """
 from __future__ import annotations
 
+import contextlib
+
 import torch
 import torch.nn.functional as F
 
@@ -93,6 +95,118 @@ def lora_dropout_ref(x: torch.Tensor, p: float, seed: int) -> torch.Tensor:
     return x * keep.to(x.dtype) * (1.0 / (1.0 - p))
 
 
+# ---- the CPU dropout stream ------------------------------------------------------------------------
+#
+# Philox4x32-10 written as int64 tensor ops costs ~120 passes over M*K/4 words (31 ms for a 2048 x 1024
+# mask on 2 cores, 14 ms with every op in place, 12 ms inductor-compiled): more than the LoRA GEMMs it
+# guards. The CPU path therefore draws its masks from a cheaper counter-based stream of its own, documented
+# here and in the README; it is not the kernels' stream, so the oracle above (``dropout_mask``) stays for
+# the kernel tests. SplitMix64 (Steele et al., OOPSLA'14; passes BigCrush) over the word index, keyed by
+# the mixed seed, gives 64 random bits per word; each word holds four 16-bit draws. Element e of x as
+# (M, K) uses draw e % 4 of word e // 4, read as a signed int16 (bits 16j..16j+15 of the word for draw j),
+# and is kept when that draw is >= ``cpu_dropout_threshold(p) - 2**15``: the drop rate is p rounded to a
+# multiple of 2**-16. 3 ms for the same mask (13 in-place passes over M*K/4 words plus one compare).
+
+_KERNEL_STREAM_ON_CPU = [False]
+
+
+@contextlib.contextmanager
+def kernel_stream_on_cpu():
+    """Inside the block the reference backend on CPU tensors runs the oracle (``lora_linear_ref``,
+    ``lora_linear_multi_ref``: the kernels' Philox masks) instead of the CPU path and its stream, so that
+    the kernels and the reference backend can be compared bit for bit (tests/test_kernels_*)."""
+    prev = _KERNEL_STREAM_ON_CPU[0]
+    _KERNEL_STREAM_ON_CPU[0] = True
+    try:
+        yield
+    finally:
+        _KERNEL_STREAM_ON_CPU[0] = prev
+
+
+def use_cpu_path(x: torch.Tensor) -> bool:
+    """Whether the reference backend runs the CPU path (and its stream) for input ``x``."""
+    return x.device.type == "cpu" and not _KERNEL_STREAM_ON_CPU[0]
+
+
+def _s64(v: int) -> int:
+    """A 64-bit pattern as the signed int64 holding it."""
+    v &= (1 << 64) - 1
+    return v - (1 << 64) if v >= (1 << 63) else v
+
+
+_SM_GAMMA = _s64(0x9E3779B97F4A7C15)
+_SM_MIX = ((30, _s64(0xBF58476D1CE4E5B9)), (27, _s64(0x94D049BB133111EB)), (31, None))
+
+
+def _splitmix_finalize(z: torch.Tensor, inplace: bool) -> torch.Tensor:
+    """SplitMix64's finalizer on an int64 tensor (logical right shifts: arithmetic shift, then mask).
+    In place (one scratch buffer, no fresh allocation per pass) when ``inplace``, else out of place (the
+    form torch.compile traces); the two give the same bits."""
+    t = torch.empty_like(z) if inplace else None
+    for shift, mul in _SM_MIX:
+        low = (1 << (64 - shift)) - 1
+        if inplace:
+            torch.bitwise_right_shift(z, shift, out=t)
+            z.bitwise_xor_(t.bitwise_and_(low))
+            if mul is not None:
+                z.mul_(mul)
+        else:
+            z = z ^ ((z >> shift) & low)
+            if mul is not None:
+                z = z * mul
+    return z
+
+
+def cpu_dropout_threshold(p: float) -> int:
+    """The 16-bit threshold of the CPU stream: ``round(p * 2**16)`` draws of 2**16 drop their element."""
+    return min(int(round(float(p) * 2.0**16)), 2**16)
+
+
+def cpu_draws(seed, n: int, device=None, start: int = 0) -> torch.Tensor:
+    """``n`` int16 draws of the CPU stream for flat indices start..start+n-1 (uniform on [-2**15, 2**15)).
+
+    seed: an int in [0, 2**63) or a one-element int64 tensor (a seed drawn inside a compiled region).
+    Word w is ``finalize((w + finalize(seed)) * GAMMA)`` (SplitMix64's state sequence, started at
+    ``finalize(seed) * GAMMA``; the counter is offset before the multiply so that inductor never folds a
+    64-bit constant into an index expression, which overflows); draw e is bits 16j..16j+15 of word e // 4,
+    j = e % 4, as a signed int16.
+    """
+    if isinstance(seed, torch.Tensor):
+        key = seed.reshape(1).to(device=device, dtype=torch.int64)
+    elif not 0 <= int(seed) < 2**63:
+        raise ValueError(f"seed must be in [0, 2**63), got {seed}")
+    else:
+        key = torch.tensor([int(seed)], dtype=torch.int64, device=device)
+    key = _splitmix_finalize(key, inplace=False)
+    first, lane = divmod(int(start), 4)
+    words = torch.arange(first, (start + n + 3) // 4, device=device, dtype=torch.int64)
+    if torch.compiler.is_compiling():
+        # No dtype views of another item size under compile: shift each 16-bit lane to the top and back
+        # (arithmetic shift: sign-extended), the very bits the little-endian view below reads.
+        words = _splitmix_finalize((words + key) * _SM_GAMMA, inplace=False)
+        lanes = torch.arange(4, device=device, dtype=torch.int64) * 16
+        return ((words[:, None] << (48 - lanes)) >> 48).reshape(-1)[lane:lane + n].to(torch.int16)
+    words = _splitmix_finalize(words.add_(key).mul_(_SM_GAMMA), inplace=True)
+    return words.view(torch.int16)[lane:lane + n]
+
+
+def cpu_keep_mask(seed, rows: int, cols: int, p: float, device=None, row0: int = 0) -> torch.Tensor:
+    """Keep-mask (rows, cols) bool of the CPU stream at drop rate ``p`` (to 2**-16): True where kept.
+    ``row0``: the mask of rows row0..row0+rows-1 of a larger (M, cols) mask (drawn by pieces)."""
+    draws = cpu_draws(seed, rows * cols, device, start=row0 * cols)
+    return (draws >= cpu_dropout_threshold(p) - 2**15).view(rows, cols)
+
+
+def lora_dropout_cpu(x: torch.Tensor, p: float, seed) -> torch.Tensor:
+    """``drop(x)`` with the CPU stream's mask: x (..., K), kept values scaled by 1/(1-p)."""
+    if p == 0.0:
+        return x
+    k = x.shape[-1]
+    m = x.numel() // k if k else 0
+    keep = cpu_keep_mask(seed, m, k, p, device=x.device).view(x.shape)
+    return x * keep.to(x.dtype) * (1.0 / (1.0 - p))
+
+
 def lora_linear_ref(
     x: torch.Tensor,
     weight: torch.Tensor,
@@ -138,33 +252,137 @@ def lora_linear_multi_ref(
     x: (..., in); adapter_ids: int tensor of shape x.shape[:-1], values in [-1, n) (-1 = base only);
     lora_A_stack: (n, r_max, in); lora_B_stack: (n, out, r_max); scalings: (n,); ranks: (n,) or None
     (adapter i uses its first ranks[i] rows of A and columns of B); dropout_p: (n,) rates or None.
-    Returns (..., out). A loop over adapters, differentiable through torch autograd, with no host sync
-    (no ``.tolist()``, no data-dependent shapes): each adapter's update is computed for every row and kept
-    where the row is its own, and ranks mask columns instead of slicing them, so that the op traces whole
-    under ``torch.compile(fullgraph=True)``. Dropout masks are those of ``lora_dropout_ref`` for the whole
-    x (position (m, k) of x as (M, K)), at each row's own rate.
+    Returns (..., out), differentiable through torch autograd. Dropout masks are those of
+    ``lora_dropout_ref`` for the whole x (position (m, k) of x as (M, K)), at each row's own rate.
+    The update is ``multi_lora_add``'s: rows grouped by adapter in eager mode, the host-sync-free form
+    while torch.compile traces.
     """
+    return _multi(x, weight, bias, lora_A_stack, lora_B_stack, scalings, adapter_ids, ranks, dropout_p, training,
+                  seed, _row_dropout_ref)
+
+
+def lora_linear_multi_cpu(x, weight, bias, lora_A_stack, lora_B_stack, scalings, adapter_ids, ranks=None,
+                          dropout_p=None, training=True, seed=None) -> torch.Tensor:
+    """``lora_linear_multi_ref`` with the CPU dropout stream (``cpu_keep_mask`` at each row's rate): the
+    reference backend on CPU tensors, where the kernels' Philox stream costs more than the GEMMs."""
+    return _multi(x, weight, bias, lora_A_stack, lora_B_stack, scalings, adapter_ids, ranks, dropout_p, training,
+                  seed, _row_dropout_cpu)
+
+
+def _multi(x, weight, bias, lora_A_stack, lora_B_stack, scalings, adapter_ids, ranks, dropout_p, training, seed,
+           row_dropout):
     k = x.shape[-1]
     x2 = x.reshape(-1, k)
     ids = adapter_ids.reshape(-1)
     y = F.linear(x2, weight, bias)
-    n, r_max = lora_A_stack.shape[0], lora_A_stack.shape[1]
+    n = lora_A_stack.shape[0]
     if training and dropout_p is not None and n:
         if seed is not None:
-            x2 = _row_dropout_ref(x2, dropout_p[ids.clamp(min=0)], seed)
+            x2 = row_dropout(x2, dropout_p[ids.clamp(min=0)], seed)
         elif bool((dropout_p > 0).any()):
             raise ValueError("seed is required when training with dropout > 0, got None")
-    cols = torch.arange(r_max, device=x.device)
-    for i in range(n):
-        u = F.linear(x2, lora_A_stack[i])
-        b = lora_B_stack[i]
-        if ranks is not None:
-            # Columns past the rank are zeroed in u and in B (not multiplied by 0: 0 * inf is nan).
-            in_rank = cols < ranks[i]
-            u = torch.where(in_rank, u, 0.0)
-            b = torch.where(in_rank, b, 0.0)
-        y = torch.where((ids == i)[:, None], y + scalings[i] * F.linear(u, b), y)
+    y = multi_lora_add(y, x2, lora_A_stack, lora_B_stack, scalings, adapter_ids, ranks)
     return y.view(*x.shape[:-1], weight.shape[0])
+
+
+def multi_lora_add(y: torch.Tensor, xd: torch.Tensor, lora_A_stack, lora_B_stack, scalings, adapter_ids, ranks=None):
+    """``y`` (M, N) plus each row's update ``s_i (xd_m A_i^T) B_i^T`` (i = adapter_ids[m], none for -1);
+    xd (M, K) is x already dropped. adapter_ids: any shape of M elements (its rows flattened).
+
+    Eager: the rows are grouped by adapter (one stable sort of the ids, cached while the same ids tensor
+    comes back unchanged, as ``mixed_batch`` routing does in a generation loop), each present adapter
+    runs once on its own rows, and one ``index_add`` puts the updates back: the cost follows the rows,
+    not the number of adapters. While torch.compile traces (no host sync, no data-dependent shapes):
+    every adapter's update is computed for every row and kept where the row is its own. Ranks zero the
+    columns past them in u and B in both forms (not a multiply by 0: 0 * inf is nan), so both forms run
+    the same products on each row.
+    """
+    ids = adapter_ids.reshape(-1)
+    n, r_max = lora_A_stack.shape[0], lora_A_stack.shape[1]
+    cols = torch.arange(r_max, device=xd.device)
+
+    def factors(i):
+        a, b = lora_A_stack[i], lora_B_stack[i]
+        in_rank = None if ranks is None else cols < ranks[i]
+        return a, (b if in_rank is None else torch.where(in_rank, b, 0.0)), in_rank
+
+    if torch.compiler.is_compiling():
+        for i in range(n):
+            a, b, in_rank = factors(i)
+            u = F.linear(xd, a)
+            if in_rank is not None:
+                u = torch.where(in_rank, u, 0.0)
+            y = torch.where((ids == i)[:, None], y + scalings[i] * F.linear(u, b), y)
+        return y
+    order, groups, runs = row_groups(adapter_ids, n)
+    if not groups:  # no row has an adapter: zero gradients for the stacks (an empty sum), as the where-form
+        return y + (lora_A_stack[:0].sum() + lora_B_stack[:0].sum()).to(y.dtype)
+    tracked = torch.is_grad_enabled() and any(t.requires_grad for t in (y, xd, lora_A_stack, lora_B_stack))
+    if runs is not None and (not tracked or (len(groups) == 1 and runs[0] == 0 and groups[0][2] == y.shape[0])):
+        # Each adapter's rows are one contiguous run (one adapter for the whole batch, or per-sequence
+        # routing in a generation loop): read them as views and add in place, no gather, no M x N
+        # temporary. Only without autograd, or for a run of all rows (in-place updates of many views of y
+        # would each copy dY in backward).
+        scal = scalings.tolist()
+        for (i, start, stop), row0 in zip(groups, runs):
+            a, b, in_rank = factors(i)
+            rows = slice(row0, row0 + stop - start)
+            u = F.linear(xd[rows], a)
+            if in_rank is not None:
+                u = torch.where(in_rank, u, 0.0)
+            y[rows].addmm_(u.to(y.dtype), b.t().to(y.dtype), alpha=scal[i])
+        return y
+    xs = xd.index_select(0, order)
+    updates = []
+    for i, start, stop in groups:
+        a, b, in_rank = factors(i)
+        u = F.linear(xs[start:stop], a)
+        if in_rank is not None:
+            u = torch.where(in_rank, u, 0.0)
+        updates.append(scalings[i] * F.linear(u, b))
+    delta = updates[0] if len(updates) == 1 else torch.cat(updates)
+    return y.index_add_(0, order, delta.to(y.dtype))
+
+
+_GROUPS_CACHE: dict = {}
+_GROUPS_CACHE_SIZE = 8
+
+
+def row_groups(adapter_ids: torch.Tensor, n: int) -> tuple:
+    """``(order, groups, runs)``: ``order`` (M',) int64 the rows with an adapter, sorted by adapter
+    (stable); ``groups`` a list of ``(adapter, start, stop)`` for each adapter with rows, its slice of
+    ``order``; ``runs`` the first row of each group when every group's rows are one contiguous run
+    (``order[start:stop]`` = ``run, run + 1, ...``), else None.
+
+    Cached on the ids tensor's storage, offset, shape, strides and version counter (so an in-place change
+    of the ids is seen); the cache holds the ids tensor itself, so its storage cannot be reused by another
+    tensor while the entry lives. A few entries (prefill and decode shapes of a generation loop).
+    """
+    key = (adapter_ids.untyped_storage().data_ptr(), adapter_ids.storage_offset(), tuple(adapter_ids.shape),
+           adapter_ids.stride(), adapter_ids._version, adapter_ids.device, n)
+    hit = _GROUPS_CACHE.get(key)
+    if hit is not None:
+        return hit[1:]
+    ids = adapter_ids.reshape(-1)
+    order = torch.argsort(ids, stable=True)
+    counts = torch.bincount(ids + 1, minlength=n + 1).tolist()  # one host read: the group sizes
+    skip = counts[0]  # rows of id -1 sort first
+    groups, start = [], 0
+    for i, c in enumerate(counts[1:]):
+        if c:
+            groups.append((i, start, start + c))
+            start += c
+    order = order[skip:]
+    runs = None
+    if groups:
+        # Contiguous runs: within each group the sorted rows step by 1 (one more host read).
+        step_ok = order[1:] - order[:-1] == 1
+        step_ok[[g[1] - 1 for g in groups[1:]]] = True  # a step from one group into the next is free
+        runs = order[[g[1] for g in groups]].tolist() if bool(step_ok.all()) else None
+    if len(_GROUPS_CACHE) >= _GROUPS_CACHE_SIZE:
+        _GROUPS_CACHE.pop(next(iter(_GROUPS_CACHE)))
+    _GROUPS_CACHE[key] = (adapter_ids, order, groups, runs)
+    return order, groups, runs
 
 
 def _row_dropout_ref(x2: torch.Tensor, p_rows: torch.Tensor, seed) -> torch.Tensor:
@@ -175,6 +393,19 @@ def _row_dropout_ref(x2: torch.Tensor, p_rows: torch.Tensor, seed) -> torch.Tens
     p = p_rows.to(device=x2.device, dtype=torch.float64)
     thr = torch.round(p * 2.0**32).clamp(max=2.0**32).to(torch.int64)
     keep = philox_stream(seed, m * k, x2.device).view(m, k) >= thr[:, None]
+    return _scale_rows(x2, keep, p)
+
+
+def _row_dropout_cpu(x2: torch.Tensor, p_rows: torch.Tensor, seed) -> torch.Tensor:
+    """``_row_dropout_ref`` with the CPU stream: row m keeps draw >= round(p_m * 2**16) - 2**15."""
+    m, k = x2.shape
+    p = p_rows.to(device=x2.device, dtype=torch.float64)
+    thr = torch.round(p * 2.0**16).clamp(max=2.0**16).to(torch.int64) - 2**15
+    keep = cpu_draws(seed, m * k, x2.device).view(m, k) >= thr[:, None]
+    return _scale_rows(x2, keep, p)
+
+
+def _scale_rows(x2, keep, p):
     scale = (1.0 / (1.0 - p)).to(torch.float64 if x2.dtype == torch.float64 else torch.float32)
     return (x2 * keep.to(x2.dtype) * scale[:, None]).to(x2.dtype)
 

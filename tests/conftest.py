@@ -18,6 +18,16 @@ def pytest_collection_modifyitems(config, items):
             item.add_marker(skip)
 
 
+@pytest.fixture
+def kernel_stream_reference():
+    """The reference backend on CPU tensors draws the kernels' Philox masks (the oracle) in the test, so
+    that tests comparing the kernels with the reference backend compare the same masks."""
+    from fastpeft.reference import kernel_stream_on_cpu
+
+    with kernel_stream_on_cpu():
+        yield
+
+
 def assert_close_report(actual: torch.Tensor, expected: torch.Tensor, rtol: float, atol: float, what: str = ""):
     """assert_close that names the worst element on failure."""
     a, e = actual.double(), expected.double()

@@ -113,12 +113,18 @@ def _assert_same(got, want, what, exact=True):
             torch.testing.assert_close(g, w, rtol=1e-5, atol=1e-6, msg=lambda m: f"{what} {name}: {m}")
 
 
-def _compiled_matches_eager(fn, args, what, leaves=None):
+def _compiled_matches_eager(fn, args, what, leaves=None, exact=True):
     torch._dynamo.reset()
     compiled = torch.compile(fn, fullgraph=True, backend="aot_eager")
     got = _run(compiled, args, leaves)
-    _assert_same(got, _run(fn, args, leaves), what)
+    _assert_same(got, _run(fn, args, leaves), what, exact)
     return compiled, got
+
+
+# Many adapters on the reference backend: eager groups the rows by adapter (GEMMs on each adapter's rows),
+# compiled code runs every adapter on every row and keeps each row's own (no host sync). Same masks, same
+# math, other GEMM shapes: equal to rounding, not bit for bit.
+_GROUPED_IN_EAGER = {("lora_linear_multi", "reference"), ("FastLoRALinear-adapter_ids", "reference")}
 
 
 # ---- CPU -------------------------------------------------------------------------------------------
@@ -150,7 +156,8 @@ def test_explain_no_graph_breaks(backend):
 def test_op_compiled_matches_eager(case, backend):
     fn, args = _op_cases("cpu", torch.float32)[case]
     with fastpeft.use_backend(backend):
-        compiled, first = _compiled_matches_eager(fn, args, f"{case}-{backend}")
+        compiled, first = _compiled_matches_eager(fn, args, f"{case}-{backend}",
+                                                  exact=(case, backend) not in _GROUPED_IN_EAGER)
         if case == "lora_linear":
             # The seed is drawn on every call (not baked into the graph), from torch's generator.
             torch.manual_seed(5)
@@ -165,7 +172,7 @@ def test_op_compiled_matches_eager(case, backend):
 def test_layer_compiled_matches_eager(case, backend):
     fn, args, leaves = _module_fn(*_layer_cases("cpu", torch.float32)[case])
     with fastpeft.use_backend(backend):
-        _compiled_matches_eager(fn, args, f"{case}-{backend}", leaves)
+        _compiled_matches_eager(fn, args, f"{case}-{backend}", leaves, exact=(case, backend) not in _GROUPED_IN_EAGER)
 
 
 def test_use_backend_inside_compiled_function():
@@ -206,15 +213,17 @@ def test_inductor_layer(monkeypatch):
     import torch._inductor.config as inductor_config
 
     fn, args, leaves = _module_fn(*_layer_cases("cpu", torch.float32)["FastLoRALinear"])
-    monkeypatch.setattr(inductor_config, "fallback_random", True)
-    torch._dynamo.reset()
-    compiled = torch.compile(fn, fullgraph=True)
-    _assert_same(_run(compiled, args, leaves), _run(fn, args, leaves), "inductor", exact=False)
-    monkeypatch.setattr(inductor_config, "fallback_random", False)
-    torch._dynamo.reset()
-    compiled = torch.compile(fn, fullgraph=True)
-    first = _run(compiled, args, leaves)
-    _assert_same(_run(compiled, args, leaves), first, "inductor reseeded")
+    # config.patch, not monkeypatch: monkeypatch's undo leaves inductor's config without the attribute,
+    # and every later compile in the session then fails ("fallback_random does not exist").
+    with inductor_config.patch(fallback_random=True):
+        torch._dynamo.reset()
+        compiled = torch.compile(fn, fullgraph=True)
+        _assert_same(_run(compiled, args, leaves), _run(fn, args, leaves), "inductor", exact=False)
+    with inductor_config.patch(fallback_random=False):
+        torch._dynamo.reset()
+        compiled = torch.compile(fn, fullgraph=True)
+        first = _run(compiled, args, leaves)
+        _assert_same(_run(compiled, args, leaves), first, "inductor reseeded")
 
 
 # ---- GPU only --------------------------------------------------------------------------------------

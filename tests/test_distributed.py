@@ -309,7 +309,7 @@ def test_dropout_mask_follows_local_rows():
     top = fastpeft.lora_linear(x[: m // 2], w, None, a, b, 2.0, dropout_p=0.5, seed=7)
     bottom = fastpeft.lora_linear(x[m // 2:], w, None, a, b, 2.0, dropout_p=0.5, seed=7)
     torch.testing.assert_close(top, full[: m // 2], rtol=0, atol=0)
-    keep = fastpeft.reference.dropout_mask(7, m, k, 0.5)[: m // 2]  # the top rows' mask
+    keep = fastpeft.reference.cpu_keep_mask(7, m, k, 0.5)[: m // 2]  # the top rows' mask (the CPU path's stream)
     xb = x[m // 2:]
     want_bottom = xb @ w.t() + 2.0 * ((xb * keep / 0.5) @ a.t()) @ b.t()
     torch.testing.assert_close(bottom, want_bottom, rtol=1e-6, atol=1e-6)

@@ -8,9 +8,15 @@ import fastpeft
 from conftest import assert_close_report
 from fastpeft import kernels
 from fastpeft.functional import current_backend, resolve_backend
-from fastpeft.reference import dropout_mask
+from fastpeft.reference import cpu_keep_mask, dropout_mask
 
 BACKENDS = ["reference"] + (["triton"] if kernels.HAS_TRITON and kernels.INTERPRET else [])
+
+
+def _keep(backend, seed, rows, cols, p):
+    """The 0/1 keep-mask a backend draws for (rows, cols) CPU tensors: the kernels' Philox stream
+    (``dropout_mask``), or, on the reference backend, the CPU path's own stream (``cpu_keep_mask``)."""
+    return (cpu_keep_mask if backend == "reference" else dropout_mask)(seed, rows, cols, p)
 
 
 def _args(m=7, k=48, n=80, r=8, dtype=torch.float32, bias=True):
@@ -47,14 +53,14 @@ def _formula_grads(dy, x, w, a, bb, s, keep=None, p=0.0):
                          ids=["M7-bias", "M33-nobias", "M7-bias-p0.3", "M1-bias-p0.5"])
 def test_values_and_gradients_follow_the_formula(m, bias, p, backend):
     """Output and every gradient (x, A, B, W, b) against the formula in fp64, dropout's keep-mask being
-    ``dropout_mask(seed, M, K, p)`` (draw m K + k for element (m, k)); x with a leading batch dim."""
+    ``_keep`` (the backend's stream); x with a leading batch dim."""
     x, w, b, a, bb = _args(m=2 * m, bias=bias)
     s, seed = 0.75, 11
     x3 = x.view(2, m, -1).requires_grad_()
     leaves = {"x": x3, "weight": w, "lora_A": a, "lora_B": bb} | ({"bias": b} if bias else {})
     for t in leaves.values():
         t.requires_grad_()
-    keep = dropout_mask(seed, 2 * m, x.shape[1], p) if p > 0 else None
+    keep = _keep(backend, seed, 2 * m, x.shape[1], p) if p > 0 else None
     y = fastpeft.lora_linear(x3, w, b, a, bb, s, dropout_p=p, seed=seed, backend=backend)
     assert y.shape == (2, m, w.shape[0])
     want = _formula(x, w, b, a, bb, s, keep, p)
@@ -81,7 +87,7 @@ def test_matches_reference_and_backprops():
     a.requires_grad_()
     bb.requires_grad_()
     y = fastpeft.lora_linear(x, w, b, a, bb, 0.5, dropout_p=0.1, seed=4)
-    keep = dropout_mask(4, x.shape[0], x.shape[1], 0.1)
+    keep = _keep("reference", 4, x.shape[0], x.shape[1], 0.1)  # auto on CPU tensors: the CPU path
     assert_close_report(y, _formula(x, w, b, a, bb, 0.5, keep, 0.1), rtol=1e-5, atol=1e-5, what="auto y")
     y.sum().backward()
     assert a.grad is not None and bb.grad is not None

@@ -8,6 +8,10 @@ pytest.importorskip("triton")
 
 import fastpeft  # noqa: E402
 from conftest import assert_close_report  # noqa: E402
+
+# The kernels are compared with the reference backend: on CPU tensors it must draw the kernels' Philox masks
+# (the oracle), not the CPU path's own stream.
+pytestmark = pytest.mark.usefixtures("kernel_stream_reference")
 from fastpeft import kernels  # noqa: E402
 from fastpeft.reference import dropout_mask, lora_linear_ref  # noqa: E402
 

@@ -1,0 +1,138 @@
+"""The LoRA linear layer on the CPU: one autograd Function that keeps no dropped copy of x.
+
+``lora_linear_cpu`` (called by ``fastpeft.functional.lora_linear`` for CPU tensors on the reference
+backend) reshapes x to 2-D, follows autocast as ``nn.Linear`` does, and runs :class:`LoRALinearCPUFunction`.
+Its dropout mask is the CPU stream of ``fastpeft.reference.cpu_keep_mask`` (SplitMix64, 16-bit draws), a
+pure function of the seed, redrawn in backward; ``fastpeft.reference.lora_linear_ref`` (the Philox stream of
+the kernels) stays the oracle the triton kernels are tested against.
+"""
+from __future__ import annotations
+
+import torch
+
+from ..reference import cpu_keep_mask
+
+
+class LoRALinearCPUFunction(torch.autograd.Function):
+    r"""LoRA linear on CPU tensors; x is 2-D here, (M, K), W (N, K), A (r, K), B (N, r), s the scaling.
+
+    With D (M, K) the keep-mask of the seed (CPU stream, drop rate p) and drop(x) = D ⊙ x / (1 - p):
+
+        u = drop(x) A^T = ((D ⊙ x) A^T) / (1 - p)  (M, r)
+        y = x W^T + b + s u B^T                    addmm, then addmm_ of the rank-r update in place
+
+    Backward, from dY (M, N). y depends on x through x W^T and through u = drop(x) A^T:
+
+        dL/du = s dY B = s v,   v = dY B                                     (M, r)
+        dX    = dY W + (dL/du) A ⊙ D / (1 - p) = dY W + s D ⊙ (v A) / (1 - p)
+                (without dropout: dX = dY W + s v A, one addmm_ in place)
+        dA    = (dL/du)^T drop(x) = s v^T (D ⊙ x) / (1 - p)                  (r, K)
+        dB    = s dY^T u                                                     (N, r)
+        dW    = dY^T x,   db = sum_m dY_m                                    (only when required)
+
+    Saved for backward: x, u (M, r), the parameters and the seed; D is redrawn from the seed (2 ms for
+    2048 x 1024 on 2 cores) instead of stored, and drop(x) (an M x K copy) is never kept. Outside
+    torch.compile the mask is drawn by row pieces of ~256 Ki elements, so neither pass allocates an M x K
+    temporary besides dX itself.
+    """
+
+    @staticmethod
+    def forward(ctx, x, weight, bias, lora_A, lora_B, scaling, dropout_p, seed):
+        m, k = x.shape
+        keep_scale = 1.0 / (1.0 - dropout_p) if dropout_p > 0.0 else 1.0
+        if dropout_p > 0.0:
+            pieces = _row_pieces(m, k)
+            if len(pieces) == 1:
+                keep = cpu_keep_mask(seed, m, k, dropout_p, x.device)
+                u = torch.mm(x.mul(keep), lora_A.t())
+            else:  # the mask and the dropped rows of one piece at a time (cache-sized, freed at once)
+                u = x.new_empty(m, lora_A.shape[0])
+                for rows in pieces:
+                    keep = cpu_keep_mask(seed, rows.stop - rows.start, k, dropout_p, x.device, rows.start)
+                    torch.mm(x[rows].mul(keep), lora_A.t(), out=u[rows])
+            u.mul_(keep_scale)  # 1/(1-p) on u (M x r), not on the dropped x (M x K): one pass fewer
+        else:
+            u = torch.mm(x, lora_A.t())
+        y = torch.addmm(bias, x, weight.t()) if bias is not None else torch.mm(x, weight.t())
+        y.addmm_(u, lora_B.t(), alpha=scaling)  # no M x N temporary for the update
+        seed_t = seed if isinstance(seed, torch.Tensor) else None
+        ctx.save_for_backward(x, u, weight, lora_A, lora_B, seed_t)
+        ctx.seed = None if seed_t is not None else seed
+        ctx.scaling, ctx.dropout_p, ctx.keep_scale, ctx.has_bias = scaling, dropout_p, keep_scale, bias is not None
+        return y
+
+    @staticmethod
+    def backward(ctx, dy):
+        x, u, weight, lora_A, lora_B, seed_t = ctx.saved_tensors
+        need_x, need_w, need_b, need_a, need_bb = ctx.needs_input_grad[:5]
+        s, p, ds = ctx.scaling, ctx.dropout_p, ctx.keep_scale
+        seed = seed_t if seed_t is not None else ctx.seed
+        m, k = x.shape
+        dy = dy.contiguous()
+        dx = dw = db = da = dbb = None
+        if need_x or need_a:
+            v = torch.mm(dy, lora_B)
+        if need_x:
+            dx = torch.mm(dy, weight)
+        if p == 0.0:
+            if need_x:
+                dx.addmm_(v, lora_A, alpha=s)
+            if need_a:
+                da = torch.mm(v.t(), x).mul_(s)
+        elif need_x or need_a:
+            # The mask is redrawn piece by piece; each piece's D * (v A) and D * x are cache-sized. The
+            # scales go on v (M x r) and dA (r x K), not on an M x K piece.
+            vs = v * (s * ds) if need_x else None
+            pieces = _row_pieces(m, k)
+            for rows in pieces:
+                keep = cpu_keep_mask(seed, rows.stop - rows.start, k, p, x.device, rows.start)
+                if need_x:
+                    # Not through add_'s alpha: inductor (torch 2.13) miscompiles add_(mm(..).mul_(bool
+                    # mask), alpha=c) in this backward (dX off by 1e4).
+                    dx[rows].add_(torch.mm(vs[rows], lora_A).mul_(keep))
+                if need_a:
+                    part = torch.mm(v[rows].t(), x[rows].mul(keep))
+                    da = part if da is None else da.add_(part)
+            if need_a:
+                da.mul_(s * ds)
+        if need_bb:
+            dbb = torch.mm(dy.t(), u).mul_(s)
+        if need_w:
+            dw = torch.mm(dy.t(), x)
+        if need_b and ctx.has_bias:
+            db = dy.sum(0)
+        return dx, dw, db, da, dbb, None, None, None
+
+
+# Elements of x per piece when the mask is drawn by pieces: the piece's mask words, dropped rows and
+# D * (v A) rows stay in L2 (256 Ki elements: 1 MiB fp32), and no M x K temporary is ever allocated.
+_PIECE = 1 << 18
+
+
+def _row_pieces(m: int, k: int) -> list:
+    """Row slices covering 0..m-1, ~_PIECE elements each; one slice while torch.compile traces (inductor
+    fuses the mask into its loops, and out= writes into views do not trace)."""
+    if torch.compiler.is_compiling() or m * k <= _PIECE:
+        return [slice(0, m)]
+    step = max(1, _PIECE // max(k, 1))
+    return [slice(i, min(i + step, m)) for i in range(0, m, step)]
+
+
+def lora_linear_cpu(x, weight, bias, lora_A, lora_B, scaling: float, dropout_p: float, seed) -> torch.Tensor:
+    """``y = x W^T + b + scaling (drop(x) A^T) B^T`` on CPU tensors: x (..., in), any strides -> (..., out).
+
+    ``dropout_p`` is the rate in effect (0 when not training); ``seed`` an int or the one-element tensor
+    drawn inside a compiled region, required when ``dropout_p > 0``. Under autocast the inputs are cast to
+    the autocast dtype first, as nn.Linear's would be.
+    """
+    if dropout_p > 0.0 and seed is None:
+        raise ValueError("seed is required when training with dropout_p > 0, got None")
+    if torch.is_autocast_enabled("cpu"):
+        dtype = torch.get_autocast_dtype("cpu")
+        x, weight, bias, lora_A, lora_B = (t.to(dtype) if t is not None else None
+                                           for t in (x, weight, bias, lora_A, lora_B))
+    lead = x.shape[:-1]
+    x2 = x.reshape(-1, x.shape[-1])
+    with torch.autocast("cpu", enabled=False):
+        y = LoRALinearCPUFunction.apply(x2, weight, bias, lora_A, lora_B, float(scaling), float(dropout_p), seed)
+    return y.view(*lead, weight.shape[0])
