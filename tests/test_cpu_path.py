@@ -263,7 +263,7 @@ def test_grouped_rows_match_each_row_alone_and_gradients_stay_with_their_adapter
     ids = torch.tensor([[7, 7, -1, 30, 0], [30, 0, 7, 7, 63], [-1, -1, 63, 0, 7]])
     seed = 2**50 + 9
     with fastpeft.use_backend("reference"):
-        stack_a, stack_b = layer._differentiable_stacks()
+        stack_a, stack_b = layer._forward_stacks()
         scalings, ranks, rates = layer._adapter_meta(x.device)
         y = fastpeft.lora_linear_multi(x, layer.weight, layer.bias, stack_a, stack_b, scalings, ids, ranks,
                                        dropout_p=rates, seed=seed)

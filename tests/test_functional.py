@@ -70,7 +70,11 @@ def test_values_and_gradients_follow_the_formula(m, bias, p, backend):
     grads = dict(zip(leaves, torch.autograd.grad(y, list(leaves.values()), dy)))
     want_grads = _formula_grads(dy.reshape(2 * m, -1), x, w, a, bb, s, keep, p)
     for name, g in grads.items():
-        assert_close_report(g.reshape(want_grads[name].shape), want_grads[name], rtol=1e-5, atol=1e-5,
+        # A gradient element is a sum over the rows: fp32 rounding follows the size of the summands, not of
+        # the sum, so an element that cancels carries the absolute error of the largest ones (measured: 1.2e-5
+        # on 0.19 for dA, the CPU path summing in another order than autograd). atol scales with the tensor.
+        want_g = want_grads[name]
+        assert_close_report(g.reshape(want_g.shape), want_g, rtol=1e-5, atol=1e-5 * max(1.0, want_g.abs().max().item()),
                             what=f"{what} d{name}")
 
 

@@ -118,12 +118,13 @@ def test_forward_and_gradients_match_formula(shape, mode):
 
 
 def test_dropout_matches_formula_and_is_seeded():
-    """Dropout on the LoRA branch only, mask ``dropout_mask(seed)``, scaled by 1 / (1 - p)."""
+    """Dropout on the LoRA branch only, scaled by 1 / (1 - p); the mask is the seed's in the CPU path's
+    stream (``cpu_keep_mask``: CPU tensors on the reference backend)."""
     torch.manual_seed(0)
     x, w, b = torch.randn(5, 48, requires_grad=True), torch.randn(80, 48), torch.randn(80)
     a, bb = torch.randn(8, 48, requires_grad=True), torch.randn(80, 8, requires_grad=True)
     y = fastpeft.lora_linear(x, w, b, a, bb, 1.5, dropout_p=0.25, seed=11)
-    keep = fastpeft.reference.dropout_mask(11, 5, 48, 0.25)
+    keep = fastpeft.reference.cpu_keep_mask(11, 5, 48, 0.25)
     assert 0 < int(keep.sum()) < keep.numel()
     x64, a64, b64 = _leaf64(x), _leaf64(a), _leaf64(bb)
     want = _formula(x64, w, b, a64, b64, 1.5, keep, 0.25)
