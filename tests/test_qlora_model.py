@@ -186,3 +186,24 @@ def test_layer_merge_unmerge_and_many_adapters_per_batch(checkpoint):
     assert_close_report(ym, y0, atol=0.2, rtol=0.1)  # requantized: within NF4's error
     with pytest.raises(ValueError, match="RoSA"):
         layer.add_adapter("rosa", 4, 8, sparse_density=0.01)
+
+
+def test_bench_qlora_table_and_its_providers_agree(tmp_path, capsys):
+    import json
+
+    from fastpeft.cli import _bench_module, main
+
+    js = tmp_path / "q.json"
+    assert main(["bench", "qlora", "--tokens", "2", "--shapes", "128x64", "--ranks", "4", "--warmup-ms", "1",
+                 "--rep-ms", "2", "--quiet", "--json", str(js)]) == 0
+    assert "QLoRA (NF4, nested absmax)" in capsys.readouterr().out
+    rows = json.loads(js.read_text())["rows"]
+    assert {(r["provider"], r["mode"]) for r in rows} == {
+        (p, m) for p in ("linear", "lora", "peft-bnb", "dequant-addmm", "qlora") for m in ("fwd", "fwd+bwd")}
+    bq = _bench_module("bench_qlora")
+    mods = bq.providers(128, 64, 4, "cpu", torch.float32, False)
+    x = torch.randn(3, 128)
+    with torch.no_grad(), fastpeft.use_backend("reference"):
+        want = mods["qlora"][0](x)
+        for name in ("peft-bnb", "dequant-addmm"):  # the same NF4 weight, A and B: the same outputs
+            assert_close_report(mods[name][0](x), want, atol=1e-4, rtol=1e-4, what=name)
