@@ -23,7 +23,8 @@ from .matching import (compile_pattern, default_targets, is_all_linear, is_bias,
                        set_submodule)
 from .methods import METHODS as OTHER_METHODS
 from .methods import Method
-from .quant import QuantizedWeight, assign_merged_weight, base_kind, foreign_quant_library, is_quantized, merged_weight, peft_numel
+from .quant import (QuantizedWeight, assign_merged_weight, base_kind, foreign_quant_library, is_quantized,
+                    merged_weight, peft_numel)
 from .selection import SparseSpec
 
 BIAS_CHOICES = ("none", "all", "lora_only")

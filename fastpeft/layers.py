@@ -658,7 +658,7 @@ class QLoRALinear(FastLoRALinear):
                          sparse_block_size, sparse_selection)
         self.set_adapter(adapter_name)
 
-    weight = property(lambda self: self.base_layer.weight, doc="The bnb layer's packed weight (Params4bit / Int8Params).")
+    weight = property(lambda self: self.base_layer.weight, doc="bnb's packed weight (Params4bit / Int8Params).")
     bias = property(lambda self: self.base_layer.bias, doc="The bnb layer's bias (out,) or None.")
 
     def quantized_weight(self) -> QuantizedWeight:
@@ -673,7 +673,8 @@ class QLoRALinear(FastLoRALinear):
         if rosa_spec(sparse_density, sparse_block_size, sparse_selection) is not None:
             raise ValueError(f"adapter {name!r}: a sparse delta (RoSA, sparse_density={sparse_density}) needs a "
                              f"floating-point base weight, and this layer's is a bitsandbytes "
-                             f"{type(self.base_layer).__name__}; use sparse_density=0 (LoRA alone) on a quantized model")
+                             f"{type(self.base_layer).__name__}; use sparse_density=0 (LoRA alone) on a quantized "
+                             "model")
         super().add_adapter(name, r, lora_alpha, lora_dropout, use_rslora, init_lora_weights)
 
     def _base_forward(self, x: torch.Tensor, qw: QuantizedWeight | None = None) -> torch.Tensor:

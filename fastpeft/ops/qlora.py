@@ -1,9 +1,9 @@
 """LoRA over a quantized (bitsandbytes 4-bit / 8-bit) base weight: the autograd Function and its glue.
 
-``fastpeft.functional.qlora_linear(x, qweight, bias, lora_A, lora_B, scaling, ...)`` is ``lora_linear`` with the frozen weight given
-as a ``fastpeft.quant.QuantizedWeight`` (the packed bnb weight read in place). The weight is dequantized per
-call and never kept: forward and backward each dequantize it again (into the shared per-device workspace on
-the triton path; a temporary on the reference path).
+``fastpeft.functional.qlora_linear(x, qweight, bias, lora_A, lora_B, scaling, ...)`` is ``lora_linear`` with the
+frozen weight given as a ``fastpeft.quant.QuantizedWeight`` (the packed bnb weight read in place), run here by
+``qlora_linear_op``. The weight is dequantized per call and never kept: forward and backward each dequantize it
+again (into the shared per-device workspace on the triton path; a temporary on the reference path).
 
 Dtypes follow bitsandbytes' Linear4bit: x, bias, lora_A and lora_B are cast to the layer's compute dtype
 (``qweight.compute_dtype_for(x)``), the output back to x's dtype; gradients flow back through those casts.
