@@ -184,6 +184,11 @@ def test_layer_merge_unmerge_and_many_adapters_per_batch(checkpoint):
         layer.merge()
         ym = layer(x)
     assert_close_report(ym, y0, atol=0.2, rtol=0.1)  # requantized: within NF4's error
+    with pytest.warns(UserWarning, match="lossy"), torch.no_grad():
+        layer.unmerge()
+        yu = layer(x)
+    assert not layer.merged and layer.weight.dtype == torch.uint8
+    assert_close_report(yu, y0, atol=0.2, rtol=0.1)  # requantized twice: not bit for bit, as PEFT
     with pytest.raises(ValueError, match="RoSA"):
         layer.add_adapter("rosa", 4, 8, sparse_density=0.01)
 
