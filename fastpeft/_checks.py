@@ -173,6 +173,37 @@ def check_lora_linear_args(x, weight, bias, lora_A, lora_B, scaling, dropout_p) 
     check_dropout(dropout_p, "dropout_p")
 
 
+def check_qlora_linear_args(x, qweight, bias, lora_A, lora_B, scaling, dropout_p) -> None:
+    """``qlora_linear``'s arguments: qweight a ``fastpeft.quant.QuantizedWeight`` (out, in), the rest as for
+    ``lora_linear`` (any floating dtype: they are cast to the layer's compute dtype), all on qweight's device."""
+    from .quant import QuantizedWeight
+
+    if not isinstance(qweight, QuantizedWeight):
+        raise TypeError(f"qweight must be a fastpeft.quant.QuantizedWeight (QuantizedWeight.from_module(layer)), "
+                        f"got {type(qweight).__name__}")
+    out_f, in_f = qweight.shape
+    for name, t in (("x", x), ("lora_A", lora_A), ("lora_B", lora_B), ("bias", bias)):
+        if t is None and name == "bias":
+            continue
+        check_tensor(t, name)
+        if not t.is_floating_point():
+            raise TypeError(f"{name} must be a floating-point tensor, got {t.dtype}")
+        if t.device != qweight.device:
+            raise ValueError(f"{name} must be on the quantized weight's device {qweight.device}, got {t.device}")
+    if x.dim() == 0 or x.shape[-1] != in_f:
+        raise ValueError(f"x's last dim must be in_features={in_f}, got "
+                         f"{x.shape[-1] if x.dim() else '0-d tensor'}")
+    if lora_A.dim() != 2 or lora_A.shape[1] != in_f:
+        raise ValueError(f"lora_A must have shape (r, {in_f}), got {tuple(lora_A.shape)}")
+    if tuple(lora_B.shape) != (out_f, lora_A.shape[0]):
+        raise ValueError(f"lora_B must have shape ({out_f}, {lora_A.shape[0]}), got {tuple(lora_B.shape)}")
+    if bias is not None and tuple(bias.shape) != (out_f,):
+        raise ValueError(f"bias must have shape ({out_f},), got {tuple(bias.shape)}")
+    check_finite_number(scaling, "scaling")
+    if isinstance(dropout_p, bool) or not isinstance(dropout_p, (int, float)) or not 0.0 <= float(dropout_p) < 1.0:
+        raise ValueError(f"dropout_p must be a float in [0, 1), got {dropout_p!r}")
+
+
 def expand_adapter_ids(adapter_ids, x: torch.Tensor, n: int, check_range: bool = True) -> torch.Tensor:
     """Per-row ids (x.shape[:-1]) from per-row or per-sequence ((x.shape[0],)) ids, checked.
 

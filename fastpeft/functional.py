@@ -22,8 +22,8 @@ import threading
 import torch
 
 from . import kernels
-from ._checks import (autocast_on, check_lora_linear_args, check_lora_multi_args, check_same_device_dtype,
-                      check_sparse_delta, check_tensor, expand_adapter_ids)
+from ._checks import (autocast_on, check_lora_linear_args, check_lora_multi_args, check_qlora_linear_args,
+                      check_same_device_dtype, check_sparse_delta, check_tensor, expand_adapter_ids)
 from .ops.common import draw_seed
 from .ops.lora_cpu import lora_linear_cpu
 from .reference import (lora_linear_multi_cpu, lora_linear_multi_ref, lora_linear_ref, lora_sparse_linear_ref,
@@ -221,3 +221,28 @@ def lora_sparse_linear(x, weight, bias, lora_A, lora_B, scaling, delta_indices, 
                                          block_size, p, seed, plan)
     return lora_sparse_linear_ref(x, weight, bias, lora_A, lora_B, float(scaling), delta_indices, delta_values,
                                   block_size, p, training, seed)
+
+
+def qlora_linear(x, qweight, bias, lora_A, lora_B, scaling, dropout_p=0.0, training=True, seed=None, backend=None,
+                 path=None) -> torch.Tensor:
+    """LoRA over a quantized base: ``y = x deq(W)^T + b + scaling * (drop(x) A^T) B^T``.
+
+    x: (..., in), any strides; qweight: ``fastpeft.quant.QuantizedWeight`` (out, in), a bitsandbytes layer's
+    packed weight read in place (``QuantizedWeight.from_module(layer)``); bias (out,) or None; lora_A (r, in);
+    lora_B (out, r). Returns (..., out) in x's dtype, computed in the layer's compute dtype (x, bias, A, B cast
+    to it, gradients flowing back through the casts). Dropout as ``lora_linear``. Differentiable in x, lora_A,
+    lora_B and bias. ``path`` ("fused" / "dequant") pins the triton forward (tests, benchmarks); None chooses.
+    """
+    check_qlora_linear_args(x, qweight, bias, lora_A, lora_B, scaling, dropout_p)
+    if not isinstance(training, bool):
+        raise TypeError(f"training must be a bool, got {type(training).__name__}")
+    if seed is not None and (isinstance(seed, bool) or not isinstance(seed, int) or not 0 <= seed < 2**63):
+        raise ValueError(f"seed must be None or an int in [0, 2**63), got {seed!r}")
+    p = float(dropout_p) if training else 0.0
+    if p > 0.0 and seed is None:
+        seed = draw_seed(x.device)
+    from .ops.qlora import qlora_linear_op
+
+    name = resolve_backend("qlora_linear", backend, x, lora_A, lora_B)
+    return qlora_linear_op(x, qweight, bias, lora_A, lora_B, float(scaling), p, 0 if seed is None else seed,
+                           name, path)

@@ -18,11 +18,13 @@ import torch.nn as nn
 
 from ._checks import (check_adapter_name, check_bool, check_choice, check_dropout, check_file_tensors,
                       check_finite_number, check_init, check_rank, check_sparse_delta, check_sparse_options)
-from .layers import FastLoRALinear, ModulesToSaveWrapper, SparseDeltaLinear, rosa_spec
+from .layers import FastLoRALinear, ModulesToSaveWrapper, QLoRALinear, SparseDeltaLinear, rosa_spec
 from .matching import (compile_pattern, default_targets, is_all_linear, is_bias, matches, name_list, output_head, pattern_value,
                        set_submodule)
 from .methods import METHODS as OTHER_METHODS
 from .methods import Method
+from .quant import (QuantizedWeight, assign_merged_weight, base_kind, foreign_quant_library, is_quantized,
+                    merged_weight, peft_numel)
 from .selection import SparseSpec
 
 BIAS_CHOICES = ("none", "all", "lora_only")
@@ -200,11 +202,13 @@ def plan_lora(model: nn.Module, config) -> LoraPlan:
         if matches(config.exclude_modules, name) or any(name == s or name.startswith(s + ".") for s in saved):
             continue
         if all_linear:
-            hit = isinstance(module, (nn.Linear, FastLoRALinear)) and module is not head
+            hit = (isinstance(module, (nn.Linear, FastLoRALinear)) or foreign_quant_library(module) is not None) \
+                and module is not head
         else:
             hit = matches(spec, name)
         if not hit:
             continue
+        _check_quantized_target(name, module, config)
         if not isinstance(module, (nn.Linear, FastLoRALinear)):
             raise ValueError(f"target_modules matched {name!r}, a {type(module).__name__}; fastpeft "
                              "adapts nn.Linear modules only: narrow target_modules or exclude it")
@@ -222,6 +226,22 @@ def plan_lora(model: nn.Module, config) -> LoraPlan:
         raise ValueError(f"target_modules {spec!r} matched no nn.Linear of the model (after exclude_modules "
                          f"{config.exclude_modules!r}); its linear layers are named like {linear}")
     return LoraPlan(targets=targets, saved=saved)
+
+
+def _check_quantized_target(name: str, module: nn.Module, config) -> None:
+    """Quantized targets, checked before any surgery: bitsandbytes layers take LoRA (not a sparse delta: RoSA needs
+    a floating-point weight) and must be readable in place; other libraries' quantized layers are refused by name."""
+    if foreign_quant_library(module) is not None:
+        base_kind(module, name)  # raises, naming the library
+    if not (isinstance(module, QLoRALinear) or is_quantized(module)):
+        return
+    if isinstance(config, SparseDeltaConfig) or getattr(config, "sparse_density", 0.0) > 0.0:
+        kind = type(module.base_layer if isinstance(module, QLoRALinear) else module).__name__
+        raise ValueError(f"target_modules matched {name!r}, a bitsandbytes {kind}: a sparse delta (RoSA) needs a "
+                         "floating-point base weight; use LoRA alone (sparse_density=0) on a quantized model, or "
+                         "exclude it")
+    if not isinstance(module, QLoRALinear):
+        QuantizedWeight.from_module(module, name)  # not quantized yet / bnb's CPU-only layout: refused, named
 
 
 def _apply_bias(model: nn.Module, bias: str, lora: dict) -> None:
@@ -686,9 +706,10 @@ def trainable_parameters(model: nn.Module) -> tuple:
     """``(trainable, total)`` parameter counts; shared parameters count once."""
     trainable = total = 0
     for p in model.parameters():
-        total += p.numel()
+        n = peft_numel(p)  # a 4-bit weight counts its unpacked size, as PEFT does
+        total += n
         if p.requires_grad:
-            trainable += p.numel()
+            trainable += n
     return trainable, total
 
 
@@ -711,13 +732,39 @@ def _plain_linear(layer) -> nn.Linear:
     return lin
 
 
-def merge_and_unload(model: nn.Module) -> nn.Module:
+def _quantized_unloads(model: nn.Module, dequantize: bool) -> dict:
+    """``{name: module}`` that each ``QLoRALinear`` becomes, all built before any is put in (raises naming the
+    module, the model unchanged): ``dequantize`` a new float ``nn.Linear`` (deq(W) + ΔW); else the bnb layer
+    itself, with a requantized merged weight (lossy, warned) assigned only after every layer succeeded."""
+    out, weights = {}, {}
+    for name, layer in lora_layers(model).items():
+        if not isinstance(layer, QLoRALinear):
+            continue
+        if dequantize:
+            out[name] = layer.to_linear(name)
+            continue
+        out[name] = layer.base_layer
+        if not layer.merged and layer.has_delta():
+            weights[name] = merged_weight(layer.base_layer, layer.delta_weight(), name=name)
+    for name, w in weights.items():
+        assign_merged_weight(out[name], w)
+    return out
+
+
+def merge_and_unload(model: nn.Module, dequantize: bool = False) -> nn.Module:
     """Fold each layer's active adapter into its base weight and put plain modules back (other adapters
     are dropped); returns ``model``.
 
     Each ``FastLoRALinear`` / ``SparseDeltaLinear`` becomes an ``nn.Linear`` sharing its (merged) weight and
-    bias, without a copy; each modules_to_save wrapper becomes its trained copy.
+    bias, without a copy; each modules_to_save wrapper becomes its trained copy. Over a bitsandbytes base
+    (``QLoRALinear``): ``dequantize=False`` puts the bnb layer back with the merge requantized (PEFT's merge,
+    lossy, warned); ``dequantize=True`` a plain floating-point ``nn.Linear``. Every quantized layer's result is
+    built first, so a failure (bitsandbytes cannot requantize here) leaves the model unchanged.
     """
+    check_bool(dequantize, "dequantize")
+    quantized = _quantized_unloads(model, dequantize)
+    for name, module in quantized.items():
+        set_submodule(model, name, module)
     for name, layer in {**lora_layers(model), **sparse_layers(model)}.items():
         if not layer.merged and layer.has_delta():
             layer.merge()

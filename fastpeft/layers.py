@@ -24,7 +24,9 @@ import torch.nn.functional as F
 
 from ._checks import (check_adapter_name, check_bool, check_dropout, check_finite_number, check_in_features, check_init,
                       check_linear, check_rank, check_sparse_delta, check_sparse_options, expand_adapter_ids)
-from .functional import lora_linear, lora_linear_multi, lora_sparse_linear, resolve_backend, sparse_delta_linear
+from .functional import (lora_linear, lora_linear_multi, lora_sparse_linear, qlora_linear, resolve_backend,
+                         sparse_delta_linear)
+from .quant import QuantizedWeight, assign_merged_weight, base_kind, dequantize_weight, is_quantized, merged_weight
 from .reference import dense_delta_ref
 from .selection import SparseSpec
 
@@ -298,8 +300,12 @@ class FastLoRALinear(TunerLayer):
     def from_linear(cls, linear: nn.Linear, r=8, lora_alpha=8, lora_dropout=0.0, use_rslora=False,
                     init_lora_weights=True, adapter_name="default", sparse_density=0.0, sparse_block_size=1,
                     sparse_selection="random") -> "FastLoRALinear":
-        """Wrap ``linear``: the new layer shares (not copies) its weight and bias, and freezes them."""
+        """Wrap ``linear``: the new layer shares (not copies) its weight and bias, and freezes them. A bitsandbytes
+        ``Linear4bit`` / ``Linear8bitLt`` gives a ``QLoRALinear`` holding it as it is (see there)."""
         check_linear(linear)
+        if is_quantized(linear):
+            return QLoRALinear.from_quantized(linear, r, lora_alpha, lora_dropout, use_rslora, init_lora_weights,
+                                              adapter_name, sparse_density, sparse_block_size, sparse_selection)
         self = cls.__new__(cls)
         nn.Module.__init__(self)
         self._setup(linear.weight, linear.bias, adapter_name, r, lora_alpha, lora_dropout, use_rslora,
@@ -350,7 +356,7 @@ class FastLoRALinear(TunerLayer):
         check_init(init_lora_weights)
         # The positions first: selecting checks sparse_scores, and a failure must leave the layer as it was.
         delta = SparseDelta(self.weight, sparse, sparse_scores) if sparse is not None else None
-        kw = dict(device=self.weight.device, dtype=self.weight.dtype)
+        kw = self._adapter_kwargs()
         trains = self._active is None
         self.lora_A_adapters[name] = nn.Parameter(torch.empty(spec.r, self.in_features, **kw), requires_grad=trains)
         self.lora_B_adapters[name] = nn.Parameter(torch.empty(self.out_features, spec.r, **kw), requires_grad=trains)
@@ -360,6 +366,10 @@ class FastLoRALinear(TunerLayer):
             self.sparse_deltas[name] = delta
         self.reset_lora_parameters(init_lora_weights, adapter_name=name)
         self._meta = None
+
+    def _adapter_kwargs(self) -> dict:
+        """Device and dtype of new adapters' Parameters: the base weight's."""
+        return dict(device=self.weight.device, dtype=self.weight.dtype)
 
     def set_adapter(self, name: str | None) -> None:
         """Make ``name`` the adapter ``forward(x)`` applies and the only one that trains (None: none)."""
@@ -597,6 +607,148 @@ class FastLoRALinear(TunerLayer):
         if sparse is not None:
             delta += sparse.dense_delta().float()
         return delta.to(self.weight.dtype)
+
+
+# ---- quantized bases (QLoRA) -------------------------------------------------------------------------
+
+class QLoRALinear(FastLoRALinear):
+    """``FastLoRALinear`` over a bitsandbytes ``Linear4bit`` (NF4 / FP4) or ``Linear8bitLt`` base, as PEFT's
+    ``lora.bnb`` layers: the bnb module is held as it is in ``base_layer`` (frozen, its packed weight read in place
+    by ``fastpeft.quant.QuantizedWeight`` on every call, nothing dequantized kept); ``weight`` / ``bias`` are its.
+    Adapters are fp32 Parameters (cast to the layer's compute dtype per call); forward is ``qlora_linear``.
+    Many adapters per batch dequantize W afresh for the call and run ``lora_linear_multi`` on it. RoSA (a sparse
+    delta) needs a floating-point weight and is refused. ``merge`` / ``unmerge`` requantize (lossy, warned, as
+    PEFT); ``to_linear`` gives a plain floating-point ``nn.Linear``.
+    """
+
+    @classmethod
+    def from_quantized(cls, layer: nn.Module, r=8, lora_alpha=8, lora_dropout=0.0, use_rslora=False,
+                       init_lora_weights=True, adapter_name="default", sparse_density=0.0, sparse_block_size=1,
+                       sparse_selection="random") -> "QLoRALinear":
+        """Wrap the bitsandbytes layer ``layer`` (not copied, its weight never re-wrapped)."""
+        if base_kind(layer) == "linear":
+            raise TypeError(f"QLoRALinear wraps a bitsandbytes Linear4bit / Linear8bitLt, got {type(layer).__name__}")
+        QuantizedWeight.from_module(layer)  # a weight not quantized yet / in bnb's CPU layout: refused here
+        self = cls.__new__(cls)
+        nn.Module.__init__(self)
+        self.base_layer = layer
+        for p in layer.parameters():  # the packed weight already has requires_grad False (and cannot have True)
+            if p.is_floating_point():
+                p.requires_grad_(False)
+        self.out_features, self.in_features = layer.out_features, layer.in_features
+        self.merged = False
+        self._setup_adapters(adapter_name, r, lora_alpha, lora_dropout, use_rslora, init_lora_weights,
+                             sparse_density, sparse_block_size, sparse_selection)
+        return self
+
+    def _setup_adapters(self, adapter_name, r, lora_alpha, lora_dropout, use_rslora, init_lora_weights,
+                        sparse_density, sparse_block_size, sparse_selection):
+        _spec(r, lora_alpha, lora_dropout, use_rslora)
+        check_init(init_lora_weights)
+        check_adapter_name(adapter_name)
+        self.lora_A_adapters = nn.ParameterDict()
+        self.lora_B_adapters = nn.ParameterDict()
+        self.sparse_deltas = nn.ModuleDict()
+        self._specs: dict = {}
+        self._active = None
+        self._stacks = None
+        self._meta = None
+        self._routing = None
+        self.add_adapter(adapter_name, r, lora_alpha, lora_dropout, use_rslora, init_lora_weights, sparse_density,
+                         sparse_block_size, sparse_selection)
+        self.set_adapter(adapter_name)
+
+    weight = property(lambda self: self.base_layer.weight, doc="bnb's packed weight (Params4bit / Int8Params).")
+    bias = property(lambda self: self.base_layer.bias, doc="The bnb layer's bias (out,) or None.")
+
+    def quantized_weight(self) -> QuantizedWeight:
+        """The base weight read in place (built per call: bnb may replace its tensors, e.g. on ``merge``)."""
+        return QuantizedWeight.from_module(self.base_layer)
+
+    def _adapter_kwargs(self) -> dict:
+        return dict(device=self.weight.device, dtype=torch.float32)  # fp32 adapters, as PEFT's QLoRA
+
+    def add_adapter(self, name, r, lora_alpha, lora_dropout=0.0, use_rslora=False, init_lora_weights=True,
+                    sparse_density=0.0, sparse_block_size=1, sparse_selection="random", sparse_scores=None):
+        if rosa_spec(sparse_density, sparse_block_size, sparse_selection) is not None:
+            raise ValueError(f"adapter {name!r}: a sparse delta (RoSA, sparse_density={sparse_density}) needs a "
+                             f"floating-point base weight, and this layer's is a bitsandbytes "
+                             f"{type(self.base_layer).__name__}; use sparse_density=0 (LoRA alone) on a quantized "
+                             "model")
+        super().add_adapter(name, r, lora_alpha, lora_dropout, use_rslora, init_lora_weights)
+
+    def _base_forward(self, x: torch.Tensor, qw: QuantizedWeight | None = None) -> torch.Tensor:
+        """x deq(W)^T + b with W dequantized for this call (not bnb's forward: on the CPU in eval mode it repacks
+        the weight in place into a layout of its own)."""
+        qw = self.quantized_weight() if qw is None else qw
+        cdt = qw.compute_dtype_for(x)
+        b = self.bias
+        y = F.linear(x.to(cdt), dequantize_weight(qw, cdt), None if b is None else b.to(cdt))
+        return y.to(x.dtype)
+
+    def forward(self, x: torch.Tensor, adapter_ids: torch.Tensor | None = None) -> torch.Tensor:
+        """As ``FastLoRALinear.forward``, on the quantized base."""
+        check_in_features(x, self.in_features)
+        routed = adapter_ids is None and self._routing is not None
+        if routed:
+            adapter_ids = self._routing[1]
+        if self.merged:
+            if adapter_ids is not None:
+                raise RuntimeError("adapter_ids cannot route rows on a merged layer: call unmerge() first")
+            return self._base_forward(x)
+        if adapter_ids is None:
+            if self._active is None:
+                return self._base_forward(x)
+            s = self._specs[self._active]
+            a, b = self.adapter_parameters()
+            return qlora_linear(x, self.quantized_weight(), self.bias, a, b, s.scaling, s.lora_dropout, self.training)
+        if routed and (x.dim() < 2 or x.shape[0] != adapter_ids.shape[0]):
+            raise ValueError(f"mixed_batch was given {adapter_ids.shape[0]} adapter_names (one per sequence), but "
+                             f"this layer's input has batch size {x.shape[0] if x.dim() >= 2 else 'none'} "
+                             f"(shape {tuple(x.shape)})")
+        ids = expand_adapter_ids(adapter_ids, x, len(self._specs), check_range=not routed)
+        if not self._specs:
+            return self._base_forward(x)
+        qw = self.quantized_weight()
+        cdt = qw.compute_dtype_for(x)
+        w = dequantize_weight(qw, cdt)  # fresh for this call, freed after it (not the shared workspace)
+        b = None if self.bias is None else self.bias.to(cdt)
+        scalings, ranks, dropout = self._adapter_meta(x.device)
+        stack_a, stack_b = self._forward_stacks()
+        y = lora_linear_multi(x.to(cdt), w, b, stack_a.to(cdt), stack_b.to(cdt), scalings, ids, ranks,
+                              dropout_p=dropout, training=self.training, check_ids=False)
+        return y.to(x.dtype)
+
+    @torch.no_grad()
+    def delta_weight(self, adapter_name: str | None = None) -> torch.Tensor:
+        """``scaling * B A`` (out, in) of an adapter (default: the active one), fp32."""
+        name = self._active if adapter_name is None else adapter_name
+        s = self._spec_of(name)
+        return s.scaling * (self.lora_B_adapters[name].float() @ self.lora_A_adapters[name].float())
+
+    @torch.no_grad()
+    def merge(self) -> None:
+        """PEFT's merge into a quantized layer: dequantize, add the delta, requantize (lossy, warned). On failure
+        (bitsandbytes cannot quantize here) a RuntimeError and the layer as it was."""
+        if self.merged:
+            raise RuntimeError("merge: the adapter is already merged")
+        assign_merged_weight(self.base_layer, merged_weight(self.base_layer, self.delta_weight()))
+        self.merged = True
+
+    @torch.no_grad()
+    def unmerge(self) -> None:
+        """Subtract the delta again: dequantize, subtract, requantize (lossy: not the weight before ``merge``)."""
+        if not self.merged:
+            raise RuntimeError("unmerge: the adapter is not merged")
+        assign_merged_weight(self.base_layer, merged_weight(self.base_layer, -self.delta_weight()))
+        self.merged = False
+
+    @torch.no_grad()
+    def to_linear(self, name: str = "") -> nn.Linear:
+        """A new floating-point ``nn.Linear`` holding deq(W) + ΔW (and a copy of b); this layer is left untouched."""
+        qw = self.quantized_weight()
+        delta = self.delta_weight() if not self.merged and self.has_delta() else torch.zeros(qw.shape, device=qw.device)
+        return merged_weight(self.base_layer, delta, dequantize=True, name=name)
 
 
 # ---- modules_to_save ---------------------------------------------------------------------------------

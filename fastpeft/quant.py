@@ -347,3 +347,12 @@ def dequantized_linear(module: nn.Module, name: str = "") -> nn.Linear:
     qw = QuantizedWeight.from_module(module, name)
     return merge_into_quantized(module, torch.zeros(qw.shape, device=qw.device), dequantize=True, name=name)
 
+
+
+def peft_numel(p: torch.Tensor) -> int:
+    """``p``'s parameter count as PEFT's ``get_nb_trainable_parameters`` reports it: a 4-bit ``Params4bit`` holds
+    two weights per byte of its storage, so its numel times 2 x the storage's item size."""
+    n = p.numel()
+    if type(p).__name__ == "Params4bit":
+        n *= 2 * p.element_size()
+    return n

@@ -736,7 +736,7 @@ def _bnb4(in_f=128, out_f=48, quantized=True, **kw) -> nn.Module:
 
 
 def _qlora(layer, x=None, path=None, backend="triton"):
-    from fastpeft.ops.qlora import qlora_linear
+    from fastpeft.functional import qlora_linear
     from fastpeft.quant import QuantizedWeight
 
     qw = QuantizedWeight.from_module(layer, "proj")
@@ -835,4 +835,81 @@ def test_quantized_base_bad_input_raises_naming_the_module(case):
 
 def test_qlora_case_ids_are_unique():
     ids = [c.id for c in CASES + QLORA_CASES]
+    assert len(ids) == len(set(ids)), sorted({i for i in ids if ids.count(i) > 1})
+
+
+# ---- quantized models: inject / merge_and_unload refuse before any surgery -------------------------------
+
+class _QuantToy(nn.Module):
+    """Two bnb NF4 projections (q, v) and, with ``foreign``, a GPTQ-like layer as ``k``."""
+
+    def __init__(self, foreign=False):
+        super().__init__()
+        self.q = _bnb4(128, 48)
+        self.v = _bnb4(128, 48)
+        if foreign:
+            self.k = _foreign("QuantLinear", "auto_gptq.nn_modules.qlinear.qlinear_cuda")
+
+
+def _quant_model(foreign=False):
+    return _QuantToy(foreign)
+
+
+def _lora_on_quant():
+    return fastpeft.inject(_QuantToy(), LoraConfig(r=R, target_modules=["q", "v"], init_lora_weights=False))
+
+
+def _unload_without_a_quantizer(model):
+    """merge_and_unload requantizing where bitsandbytes cannot: v's requantization fails after q's succeeded."""
+    import warnings
+
+    from fastpeft.quant import import_bitsandbytes
+
+    bnb = import_bitsandbytes()
+    old, calls = bnb.nn.Params4bit._quantize, []
+
+    def second_fails(self, *a, **k):
+        calls.append(1)
+        if len(calls) > 1:
+            raise NotImplementedError("no bitsandbytes backend for this device")
+        return old(self, *a, **k)
+    bnb.nn.Params4bit._quantize = second_fails
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            fastpeft.merge_and_unload(model)
+    finally:
+        bnb.nn.Params4bit._quantize = old
+
+
+QLORA_MODEL_CASES = [
+    Bad("qlora-inject-gptq-layer", lambda m: fastpeft.inject(m, LoraConfig(r=R, target_modules=["q", "k", "v"])),
+        TypeError, ("'k'", "GPTQ", "bitsandbytes"), lambda: _quant_model(foreign=True)),
+    Bad("qlora-inject-all-linear-gptq-layer", lambda m: fastpeft.inject(m, LoraConfig(r=R, target_modules="all-linear")),
+        TypeError, ("'k'", "GPTQ"), lambda: _quant_model(foreign=True)),
+    Bad("qlora-inject-rosa-on-4bit", lambda m: fastpeft.inject(m, LoraConfig(r=R, target_modules=["q", "v"],
+                                                                              sparse_density=0.01)),
+        ValueError, ("'q'", "Linear4bit", "sparse delta", "sparse_density=0"), _quant_model),
+    Bad("qlora-sparse-delta-config-on-4bit", lambda m: fastpeft.inject(m, SparseDeltaConfig(target_modules=["q"])),
+        ValueError, ("'q'", "Linear4bit", "floating-point"), _quant_model),
+    Bad("qlora-merge-and-unload-requantize-impossible", _unload_without_a_quantizer, RuntimeError,
+        ("'v'", "cannot requantize", "unchanged", "dequantize=True"), _lora_on_quant),
+    Bad("qlora-merge-and-unload-dequantize-not-bool", lambda m: fastpeft.merge_and_unload(m, dequantize="yes"),
+        TypeError, ("dequantize", "'yes'"), _lora_on_quant),
+]
+
+
+@pytest.mark.parametrize("case", [pytest.param(c, id=c.id) for c in QLORA_MODEL_CASES])
+def test_quantized_model_bad_input_leaves_the_model_unchanged(case):
+    from fastpeft.quant import import_bitsandbytes
+
+    try:
+        import_bitsandbytes()
+    except ImportError:
+        pytest.skip("bitsandbytes is not installed")
+    test_bad_input_raises_naming_the_argument(case)
+
+
+def test_qlora_model_case_ids_are_unique():
+    ids = [c.id for c in CASES + QLORA_CASES + QLORA_MODEL_CASES]
     assert len(ids) == len(set(ids)), sorted({i for i in ids if ids.count(i) > 1})

@@ -24,7 +24,7 @@ except ImportError:
 BF = bnb.functional
 
 from conftest import assert_close_report  # noqa: E402
-from fastpeft.ops.qlora import qlora_linear  # noqa: E402
+from fastpeft.functional import qlora_linear  # noqa: E402
 from fastpeft.quant import (QuantizedWeight, base_kind, dequantize_ref, dequantize_weight, merge_into_quantized)  # noqa: E402
 from fastpeft.reference import lora_dropout_ref  # noqa: E402
 

@@ -1,9 +1,9 @@
 """LoRA over a quantized (bitsandbytes 4-bit / 8-bit) base weight: the autograd Function and its glue.
 
-``qlora_linear(x, qweight, bias, lora_A, lora_B, scaling, ...)`` is ``lora_linear`` with the frozen weight given
-as a ``fastpeft.quant.QuantizedWeight`` (the packed bnb weight read in place). The weight is dequantized per
-call and never kept: forward and backward each dequantize it again (into the shared per-device workspace on
-the triton path; a temporary on the reference path).
+``fastpeft.functional.qlora_linear(x, qweight, bias, lora_A, lora_B, scaling, ...)`` is ``lora_linear`` with the
+frozen weight given as a ``fastpeft.quant.QuantizedWeight`` (the packed bnb weight read in place), run here by
+``qlora_linear_op``. The weight is dequantized per call and never kept: forward and backward each dequantize it
+again (into the shared per-device workspace on the triton path; a temporary on the reference path).
 
 Dtypes follow bitsandbytes' Linear4bit: x, bias, lora_A and lora_B are cast to the layer's compute dtype
 (``qweight.compute_dtype_for(x)``), the output back to x's dtype; gradients flow back through those casts.
@@ -149,72 +149,17 @@ def choose_path(qw: QuantizedWeight, M: int, device: torch.device, run_fused, ru
     return KL.timed_choice(_path_cache, key, mode, device, run_fused, run_dequant, "dequant")
 
 
-def _resolve(backend, x: torch.Tensor) -> str:
-    """``"reference"`` or ``"triton"`` (the project's rule: "auto" takes triton only for ops that passed a GPU
-    check, listed in ``fastpeft.kernels.AUTO_OPS``; QLoRA has not yet)."""
-    from .. import kernels
-    from ..functional import current_backend  # the backend of this call / block / environment
-
-    name = current_backend(backend)
-    if name == "reference":
-        return name
-    reason = None
-    if not kernels.HAS_TRITON:
-        reason = f"triton does not import ({kernels.TRITON_IMPORT_ERROR})"
-    elif x.device.type == "cpu" and not kernels.INTERPRET:
-        reason = "the tensors are on the CPU; set TRITON_INTERPRET=1 before importing triton to run kernels there"
-    elif x.device.type not in ("cpu", "cuda"):
-        reason = f"triton kernels run on CUDA (or CPU under TRITON_INTERPRET=1), got device {x.device}"
-    if name == "triton":
-        if reason is not None:
-            raise RuntimeError(f"backend 'triton' is not available for qlora_linear: {reason}. "
-                               "Use backend='reference' (or 'auto') to run the PyTorch path.")
-        return "triton"
-    return "triton" if reason is None and x.device.type == "cuda" and "qlora_linear" in kernels.AUTO_OPS \
-        else "reference"
-
-
-def _check(x, qw, bias, lora_A, lora_B, scaling, dropout_p) -> None:
-    if not isinstance(qw, QuantizedWeight):
-        raise TypeError(f"qweight must be a fastpeft.quant.QuantizedWeight (QuantizedWeight.from_module(layer)), "
-                        f"got {type(qw).__name__}")
-    out_f, in_f = qw.shape
-    if x.dim() == 0 or x.shape[-1] != in_f:
-        raise ValueError(f"x's last dim must be in_features={in_f}, got "
-                         f"{x.shape[-1] if x.dim() else '0-d tensor'}")
-    if lora_A.dim() != 2 or lora_A.shape[1] != in_f:
-        raise ValueError(f"lora_A must have shape (r, {in_f}), got {tuple(lora_A.shape)}")
-    if tuple(lora_B.shape) != (out_f, lora_A.shape[0]):
-        raise ValueError(f"lora_B must have shape ({out_f}, {lora_A.shape[0]}), got {tuple(lora_B.shape)}")
-    if bias is not None and tuple(bias.shape) != (out_f,):
-        raise ValueError(f"bias must have shape ({out_f},), got {tuple(bias.shape)}")
-    for name, t in (("x", x), ("lora_A", lora_A), ("lora_B", lora_B), ("bias", bias)):
-        if t is not None and t.device != qw.device:
-            raise ValueError(f"{name} must be on the quantized weight's device {qw.device}, got {t.device}")
-    if not 0.0 <= float(dropout_p) < 1.0:
-        raise ValueError(f"dropout_p must be a float in [0, 1), got {dropout_p!r}")
-
-
-def qlora_linear(x, qweight: QuantizedWeight, bias, lora_A, lora_B, scaling, dropout_p=0.0, training=True,
-                 seed=None, backend=None, path=None) -> torch.Tensor:
-    """LoRA over a quantized base: ``y = x deq(W)^T + b + scaling * (drop(x) A^T) B^T``.
-
-    x: (..., in), any strides; qweight: ``QuantizedWeight`` (out, in); bias (out,) or None; lora_A (r, in);
-    lora_B (out, r). Returns (..., out) in x's dtype, computed in the layer's compute dtype. Dropout as
-    ``lora_linear`` (mask a pure function of ``seed``, drawn when None). Differentiable in x, lora_A, lora_B
-    and bias. ``path`` ("fused" / "dequant") pins the triton forward (tests, benchmarks); None chooses.
-    """
-    _check(x, qweight, bias, lora_A, lora_B, scaling, dropout_p)
-    p = float(dropout_p) if training else 0.0
-    if p > 0.0 and seed is None:
-        seed = int(torch.randint(0, 2**62, (1,), dtype=torch.int64).item())
-    seed = 0 if seed is None else int(seed)
+def qlora_linear_op(x, qweight: QuantizedWeight, bias, lora_A, lora_B, scaling: float, p: float, seed: int,
+                    backend: str, path=None) -> torch.Tensor:
+    """The op behind ``fastpeft.functional.qlora_linear`` (arguments checked, dropout rate ``p`` final, ``seed``
+    drawn, ``backend`` resolved to ``"reference"`` or ``"triton"`` there). x: (..., in) -> (..., out) in x's dtype,
+    computed in the layer's compute dtype. ``path`` ("fused" / "dequant") pins the triton forward; None chooses."""
     cdt = qweight.compute_dtype_for(x)
     lead = x.shape[:-1]
     x2 = x.reshape(-1, x.shape[-1]).to(cdt)
     args = (lora_A.to(cdt), lora_B.to(cdt), bias.to(cdt) if bias is not None else None, qweight, float(scaling), p,
             seed)
-    if _resolve(backend, x) == "reference":
+    if backend == "reference":
         name = "reference"
     elif path is not None:
         if path not in ("fused", "dequant"):

@@ -1,0 +1,164 @@
+"""QLoRA: LoRA over a 4-bit (NF4, nested absmax) bitsandbytes base, against the floating-point layers and the
+other ways to run it.
+
+    fastpeft bench qlora                              # the default grid for this machine
+    fastpeft bench qlora --tokens 1 16 --shapes 4096x4096 --ranks 16 --json out.json
+    python benchmarks/bench_qlora.py ...              # the same, from a checkout
+
+Providers: ``linear`` (frozen nn.Linear in --dtype, the floor), ``lora`` (fastpeft LoRA on that nn.Linear),
+``peft-bnb`` (PEFT's LoRA on a bitsandbytes Linear4bit: bnb's matmul_4bit, then the eager LoRA branch),
+``dequant-addmm`` (Unsloth-style, written here: dequantize W with bitsandbytes into a temporary, one GEMM, the
+LoRA term by ``addmm_``; backward dequantizes again) and ``qlora`` (fastpeft's FastLoRALinear over the same
+Linear4bit: the fused / dequant-pass kernels on CUDA, the PyTorch path on the CPU). Modes ``fwd`` and
+``fwd+bwd`` (dX, dA, dB), each with its peak memory on CUDA. Ratios are to ``linear``, measured in one run.
+"""
+from __future__ import annotations
+
+import functools
+import os
+import sys
+
+import torch
+import torch.nn as nn
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+import harness  # noqa: E402
+from harness import Case, Group, parse_kxn  # noqa: E402
+
+import fastpeft  # noqa: E402
+from fastpeft.quant import import_bitsandbytes  # noqa: E402
+
+GPU_TOKENS = [1, 16, 64, 512, 8192]
+GPU_SHAPES = [(4096, 4096)]
+CPU_TOKENS = [1, 16, 64, 512]
+CPU_SHAPES = [(1024, 1024)]
+
+
+class DequantAddmm(torch.autograd.Function):
+    """The Unsloth-style baseline: ``y = x deq(W)^T``, then ``y.addmm_(x A^T, B^T, alpha=s)``; backward
+    ``dX = dY deq(W) + s (dY B) A`` with W dequantized again (never saved), ``dA = s (dY B)^T x``,
+    ``dB = s dY^T (x A^T)``. No dropout (Unsloth's fast path needs dropout 0)."""
+
+    @staticmethod
+    def forward(ctx, x, A, B, layer, s):
+        bnb = import_bitsandbytes()
+        w = bnb.functional.dequantize_4bit(layer.weight.data, layer.weight.quant_state).to(x.dtype)
+        u = x @ A.t()
+        y = x @ w.t()
+        y.addmm_(u, B.t(), alpha=s)
+        ctx.layer, ctx.s = layer, s
+        ctx.save_for_backward(x, A, B, u)
+        return y
+
+    @staticmethod
+    def backward(ctx, dy):
+        x, A, B, u = ctx.saved_tensors
+        bnb = import_bitsandbytes()
+        w = bnb.functional.dequantize_4bit(ctx.layer.weight.data, ctx.layer.weight.quant_state).to(dy.dtype)
+        v = dy @ B
+        dx = dy @ w
+        dx.addmm_(v, A, alpha=ctx.s)
+        return dx, ctx.s * v.t() @ x, ctx.s * dy.t() @ u, None, None
+
+
+def _linear4bit(lin: nn.Linear, device, dtype):
+    bnb = import_bitsandbytes()
+    layer = bnb.nn.Linear4bit(lin.in_features, lin.out_features, bias=False, compute_dtype=dtype, quant_type="nf4",
+                              compress_statistics=True)
+    layer.weight = bnb.nn.Params4bit(lin.weight.data.to("cpu"), requires_grad=False, compress_statistics=True,
+                                     quant_type="nf4", module=layer)
+    return layer.to(device)
+
+
+def providers(k, n, r, device, dtype, kernels_ok: bool):
+    """name -> (callable module(x), backend)."""
+    torch.manual_seed(0)
+    lin = nn.Linear(k, n, bias=False, device=device, dtype=dtype).requires_grad_(False)
+    lora = fastpeft.FastLoRALinear.from_linear(lin, r=r, lora_alpha=2 * r, init_lora_weights=False)
+    backend = "triton" if kernels_ok else "reference"
+    qlayer = fastpeft.FastLoRALinear.from_linear(_linear4bit(lin, device, dtype), r=r, lora_alpha=2 * r,
+                                                 init_lora_weights=False)
+    a = lora.lora_A.detach().to(dtype).requires_grad_(True)
+    b = lora.lora_B.detach().to(dtype).requires_grad_(True)
+    base4 = _linear4bit(lin, device, dtype)
+    dq = _Module(lambda x: DequantAddmm.apply(x, a, b, base4, 2.0), [a, b])
+    out = {"linear": (lin, None), "lora": (lora, backend), "dequant-addmm": (dq, None), "qlora": (qlayer, backend)}
+    try:
+        import peft
+    except ImportError:
+        return out
+    cfg = peft.LoraConfig(r=r, lora_alpha=2 * r, target_modules=["0"], init_lora_weights=False)
+    pm = peft.get_peft_model(nn.Sequential(_linear4bit(lin, device, dtype)), cfg).train()
+    layer = pm.base_model.model[0]
+    with torch.no_grad():  # the same A, B everywhere: the providers compute the same outputs
+        layer.lora_A["default"].weight.copy_(lora.lora_A)
+        layer.lora_B["default"].weight.copy_(lora.lora_B)
+        qlayer.lora_A.copy_(lora.lora_A)
+        qlayer.lora_B.copy_(lora.lora_B)
+    out["peft-bnb"] = (pm, None)
+    return out
+
+
+class _Module:
+    """A callable with the ``parameters()`` the timed step differentiates."""
+
+    def __init__(self, fn, params):
+        self.fn, self.params = fn, params
+
+    def __call__(self, x):
+        return self.fn(x)
+
+    def parameters(self):
+        return iter(self.params)
+
+
+def step_fn(mod, backend, mode, x, dy):
+    wrt = [x] + [p for p in mod.parameters() if p.requires_grad]
+
+    def fn():
+        with fastpeft.use_backend(backend or "auto"):
+            y = mod(x)
+            if mode == "fwd+bwd":
+                torch.autograd.grad(y, wrt, dy)
+    return fn
+
+
+def groups(m, k, n, r, modes, ctx):
+    x = torch.randn(m, k, device=ctx.device, dtype=ctx.dtype, requires_grad=True)
+    dy = torch.randn(m, n, device=ctx.device, dtype=ctx.dtype)
+    mods = providers(k, n, r, ctx.device, ctx.dtype, ctx.kernels_ok)
+    for mode in modes:
+        yield Group({"mode": mode}, {name: step_fn(mod, be, mode, x, dy) for name, (mod, be) in mods.items()})
+
+
+def cases(args, ctx) -> list:
+    return [Case(dict(M=m, K=k, N=n, r=r), functools.partial(groups, m, k, n, r, args.modes, ctx))
+            for m in args.tokens for k, n in args.shapes for r in args.ranks]
+
+
+def add_arguments(ap, cuda: bool) -> None:
+    ap.add_argument("--tokens", nargs="+", type=int, default=GPU_TOKENS if cuda else CPU_TOKENS, help="M values")
+    ap.add_argument("--shapes", nargs="+", type=parse_kxn, default=GPU_SHAPES if cuda else CPU_SHAPES,
+                    help="KxN (in x out) pairs")
+    ap.add_argument("--ranks", nargs="+", type=int, default=[16])
+
+
+COLUMNS = [("M", "M", "{}"), ("K", "K", "{}"), ("N", "N", "{}"), ("r", "r", "{}"), ("mode", "mode", "{}"),
+           ("provider", "provider", "{}"), ("ms", "median ms", "{:.3f}"), ("p20", "p20", "{:.3f}"),
+           ("p80", "p80", "{:.3f}"), ("vs_linear", "x nn.Linear", "{:.3f}"), ("peak_mib", "peak MiB", "{:.0f}")]
+
+BENCHMARK = harness.Benchmark(
+    prog="fastpeft bench qlora", description=__doc__, add_arguments=add_arguments, cases=cases, columns=COLUMNS,
+    title="QLoRA (NF4, nested absmax), {dtype}, ratios to frozen nn.Linear in the same run",
+    plot_title="QLoRA ({dtype})",
+    no_gpu="No GPU here: the QLoRA kernels need one (not measured on GPU). Timing fastpeft's PyTorch path against "
+           "nn.Linear, PEFT + bitsandbytes and dequantize + matmul + addmm_ on the CPU.",
+    modes=("fwd", "fwd+bwd"), plot_help="bar chart of the ratios to nn.Linear")
+
+
+def main(argv=None) -> list:
+    return harness.main(BENCHMARK, argv)
+
+
+if __name__ == "__main__":
+    main()

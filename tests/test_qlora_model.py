@@ -1,0 +1,214 @@
+"""QLoRA through the user-facing API: a tiny Llama loaded in 4-bit / 8-bit by transformers' BitsAndBytesConfig on
+the CPU, ``fastpeft.inject`` / ``save_adapter`` / ``load_adapter`` / ``merge_and_unload`` on it, against PEFT +
+bitsandbytes on the same quantized model. PEFT runs in train mode (dropout 0): in eval mode on the CPU bnb's
+Linear4bit repacks its weight into a layout of its own (absmax rounded to bf16), which changes its outputs."""
+from __future__ import annotations
+
+import warnings
+
+import pytest
+import torch
+import torch.nn as nn
+
+from fastpeft.quant import import_bitsandbytes
+
+try:
+    bnb = import_bitsandbytes()
+except ImportError:
+    pytest.skip("bitsandbytes is not installed", allow_module_level=True)
+transformers = pytest.importorskip("transformers")
+peft = pytest.importorskip("peft")
+
+import fastpeft  # noqa: E402
+from conftest import assert_close_report  # noqa: E402
+from fastpeft.layers import QLoRALinear  # noqa: E402
+
+warnings.filterwarnings("ignore", category=FutureWarning)
+TARGETS = ["q_proj", "v_proj", "down_proj"]
+
+
+@pytest.fixture(scope="module")
+def checkpoint(tmp_path_factory):
+    # Features multiples of the 64-block: bnb's CPU dequantizer indexes absmax per row (see fastpeft/quant.py).
+    cfg = transformers.LlamaConfig(vocab_size=64, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+                                   num_attention_heads=4, num_key_value_heads=4, max_position_embeddings=32)
+    torch.manual_seed(0)
+    d = tmp_path_factory.mktemp("tiny-llama")
+    transformers.AutoModelForCausalLM.from_config(cfg).save_pretrained(d)
+    return d
+
+
+def load(checkpoint, bits=4):
+    q = (transformers.BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_use_double_quant=True)
+         if bits == 4 else transformers.BitsAndBytesConfig(load_in_8bit=True))
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        return transformers.AutoModelForCausalLM.from_pretrained(checkpoint, quantization_config=q, device_map="cpu")
+
+
+def ids(seed=0):
+    g = torch.Generator().manual_seed(seed)
+    return torch.randint(0, 64, (2, 9), generator=g)
+
+
+def packed(model):
+    """The targets' packed weights by module name (``base_layer.`` left out): data pointer and bytes. (The layers
+    left to bnb are bnb's business: its own forward may move their storage.)"""
+    return {n.replace(".base_layer", ""): (p.data_ptr(), p.detach().clone()) for n, p in model.named_parameters()
+            if not p.is_floating_point() and any(f".{t}." in n for t in TARGETS)}
+
+
+def peft_lora(model, **kw):
+    cfg = peft.LoraConfig(r=4, lora_alpha=8, target_modules=TARGETS, init_lora_weights=False, **kw)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        return peft.get_peft_model(model, cfg)
+
+
+def copy_adapters_from_peft(pm, fm):
+    """Give fastpeft's layers PEFT's A, B (same targets, same names)."""
+    theirs = {n[len("base_model.model."):]: m for n, m in pm.named_modules()
+              if isinstance(m, peft.tuners.lora.LoraLayer)}
+    ours = fastpeft.lora_layers(fm)
+    assert set(ours) == set(theirs)
+    with torch.no_grad():
+        for n, layer in ours.items():
+            layer.lora_A.copy_(theirs[n].lora_A["default"].weight)
+            layer.lora_B.copy_(theirs[n].lora_B["default"].weight)
+
+
+@pytest.mark.parametrize("bits", [4, 8], ids=["nf4-nested", "int8"])
+def test_inject_trains_only_the_adapters_and_reads_the_packed_weight_in_place(checkpoint, bits):
+    model = load(checkpoint, bits)
+    before = packed(model)
+    fastpeft.inject(model, fastpeft.LoraConfig(r=4, lora_alpha=8, target_modules=TARGETS))
+    layers = fastpeft.lora_layers(model)
+    assert len(layers) == 6 and all(isinstance(m, QLoRALinear) for m in layers.values())
+    assert all(p.dtype == torch.float32 for m in layers.values() for p in m.adapter_parameters())
+    opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-2)
+    x = ids()
+    losses = []
+    for _ in range(4):
+        loss = model(input_ids=x, labels=x).loss
+        loss.backward()
+        grads = {n for n, p in model.named_parameters() if p.grad is not None}
+        assert grads and all("lora_" in n for n in grads), sorted(grads)
+        opt.step()
+        opt.zero_grad()
+        losses.append(loss.item())
+    assert losses[-1] < losses[0], losses
+    after = packed(model)
+    assert set(after) == set(before)
+    for n, (ptr, data) in before.items():
+        assert after[n][0] == ptr and torch.equal(after[n][1], data), n
+
+
+@pytest.mark.parametrize("bits", [4, 8], ids=["nf4-nested", "int8"])
+def test_same_outputs_as_peft_bitsandbytes_and_trainable_count(checkpoint, bits):
+    pm = peft_lora(load(checkpoint, bits)).train()
+    fm = fastpeft.inject(load(checkpoint, bits), fastpeft.LoraConfig(r=4, lora_alpha=8, target_modules=TARGETS))
+    copy_adapters_from_peft(pm, fm)
+    fm.train()
+    x = ids(1)
+    with torch.no_grad():
+        want, got = pm(input_ids=x).logits, fm(input_ids=x).logits
+    assert_close_report(got, want, atol=1e-4, rtol=1e-4) if bits == 4 else \
+        assert_close_report(got, want, atol=5e-2, rtol=5e-2)  # bnb's int8 matmul quantizes x too (LLM.int8)
+    trainable, total = pm.get_nb_trainable_parameters()
+    assert fastpeft.trainable_parameters(fm) == (trainable, total)
+
+
+def test_adapter_files_go_both_ways_with_peft(checkpoint, tmp_path):
+    pm = peft_lora(load(checkpoint)).train()
+    pm.save_pretrained(tmp_path / "peft")
+    fm = fastpeft.load_adapter(load(checkpoint), tmp_path / "peft").train()
+    x = ids(2)
+    with torch.no_grad():
+        assert_close_report(fm(input_ids=x).logits, pm(input_ids=x).logits, atol=1e-4, rtol=1e-4)
+        for layer in fastpeft.lora_layers(fm).values():  # ours, trained a little: back into PEFT
+            layer.lora_B.add_(0.01)
+    fastpeft.save_adapter(fm, tmp_path / "ours")
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        pm2 = peft.PeftModel.from_pretrained(load(checkpoint), tmp_path / "ours").train()
+    with torch.no_grad():
+        assert_close_report(pm2(input_ids=x).logits, fm(input_ids=x).logits, atol=1e-4, rtol=1e-4)
+
+
+def test_merge_and_unload_dequantize_gives_float_linears_with_the_same_outputs(checkpoint):
+    fm = fastpeft.inject(load(checkpoint), fastpeft.LoraConfig(r=4, lora_alpha=8, target_modules=TARGETS,
+                                                                 init_lora_weights=False)).train()
+    x = ids(3)
+    with torch.no_grad():
+        want = fm(input_ids=x).logits
+        fastpeft.merge_and_unload(fm, dequantize=True)
+        got = fm(input_ids=x).logits
+    mods = dict(fm.named_modules())
+    for n in ("model.layers.0.self_attn.q_proj", "model.layers.1.mlp.down_proj"):
+        assert type(mods[n]) is nn.Linear and mods[n].weight.dtype == torch.float32
+    assert_close_report(got, want, atol=1e-4, rtol=1e-4)
+
+
+def test_merge_requantizes_with_a_warning_as_peft_does(checkpoint):
+    pm = peft_lora(load(checkpoint)).train()
+    fm = fastpeft.inject(load(checkpoint), fastpeft.LoraConfig(r=4, lora_alpha=8, target_modules=TARGETS))
+    copy_adapters_from_peft(pm, fm)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        want = pm.merge_and_unload()
+    with pytest.warns(UserWarning, match="lossy"):
+        fastpeft.merge_and_unload(fm)
+    q = dict(fm.named_modules())["model.layers.0.self_attn.q_proj"]
+    assert isinstance(q, bnb.nn.Linear4bit)
+    w = dict(want.named_modules())["model.layers.0.self_attn.q_proj"].weight
+    assert torch.equal(q.weight.data, w.data)  # the same requantized bytes as PEFT's merge
+
+
+def test_layer_merge_unmerge_and_many_adapters_per_batch(checkpoint):
+    model = load(checkpoint)
+    base = model.model.layers[0].self_attn.q_proj
+    layer = fastpeft.FastLoRALinear.from_linear(base, r=4, lora_alpha=8, init_lora_weights=False)
+    layer.add_adapter("other", 2, 4, init_lora_weights=False)
+    assert layer.weight is base.weight and layer.base_layer is base
+    x = torch.randn(3, 5, 64)
+    with torch.no_grad():
+        y0 = layer(x)
+        layer.set_adapter("other")
+        y1 = layer(x)
+        mixed = layer(x, torch.tensor([0, 1, -1]))
+        layer.set_adapter(None)
+        yb = layer(x)
+    assert_close_report(mixed, torch.stack([y0[0], y1[1], yb[2]]), atol=1e-5, rtol=1e-5)
+    layer.set_adapter("default")
+    with pytest.warns(UserWarning, match="lossy"), torch.no_grad():
+        layer.merge()
+        ym = layer(x)
+    assert_close_report(ym, y0, atol=0.2, rtol=0.1)  # requantized: within NF4's error
+    with pytest.warns(UserWarning, match="lossy"), torch.no_grad():
+        layer.unmerge()
+        yu = layer(x)
+    assert not layer.merged and layer.weight.dtype == torch.uint8
+    assert_close_report(yu, y0, atol=0.2, rtol=0.1)  # requantized twice: not bit for bit, as PEFT
+    with pytest.raises(ValueError, match="RoSA"):
+        layer.add_adapter("rosa", 4, 8, sparse_density=0.01)
+
+
+def test_bench_qlora_table_and_its_providers_agree(tmp_path, capsys):
+    import json
+
+    from fastpeft.cli import _bench_module, main
+
+    js = tmp_path / "q.json"
+    assert main(["bench", "qlora", "--tokens", "2", "--shapes", "128x64", "--ranks", "4", "--warmup-ms", "1",
+                 "--rep-ms", "2", "--quiet", "--json", str(js)]) == 0
+    assert "QLoRA (NF4, nested absmax)" in capsys.readouterr().out
+    rows = json.loads(js.read_text())["rows"]
+    assert {(r["provider"], r["mode"]) for r in rows} == {
+        (p, m) for p in ("linear", "lora", "peft-bnb", "dequant-addmm", "qlora") for m in ("fwd", "fwd+bwd")}
+    bq = _bench_module("bench_qlora")
+    mods = bq.providers(128, 64, 4, "cpu", torch.float32, False)
+    x = torch.randn(3, 128)
+    with torch.no_grad(), fastpeft.use_backend("reference"):
+        want = mods["qlora"][0](x)
+        for name in ("peft-bnb", "dequant-addmm"):  # the same NF4 weight, A and B: the same outputs
+            assert_close_report(mods[name][0](x), want, atol=1e-4, rtol=1e-4, what=name)
