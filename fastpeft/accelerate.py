@@ -10,8 +10,7 @@ subclass, ``AcceleratedLinear``, whose ``forward`` decides at every call:
   (DoRA, aLoRA, ...), ``lora_bias``, hooks on the base layer or on the LoRA factors (accelerate's offload
   hooks included), parameters of other dtypes than the input outside autocast (fp32 adapters on a bf16
   base: PEFT computes the LoRA branch in fp32), several active adapters with dropout in training (PEFT draws
-  one mask per adapter), dropout in training off CUDA under backend "auto" (the reference path's mask is
-  slower than nn.Dropout there; ``use_backend`` picks fastpeft's anyway), extra forward arguments.
+  one mask per adapter), extra forward arguments.
 
 The layers stay PEFT ``LoraLayer`` instances with all their state, so ``save_pretrained``, ``merge_adapter``,
 ``merge_and_unload``, ``set_adapter``, ``disable_adapter()``, ``add_adapter`` / ``load_adapter`` and
@@ -177,10 +176,6 @@ def runtime_fallback_reason(self, x, args=(), kwargs=None):
     dropping = any(_dropout(self.lora_dropout[a])[1] and self.lora_dropout[a].p > 0 for a in adapters)
     if names is None and len(adapters) > 1 and dropping:
         return "several active adapters with dropout in training (PEFT draws a mask per adapter)"
-    if dropping and x.device.type != "cuda" and current_backend() == "auto":
-        # "auto" off CUDA is the reference path, whose Philox mask in plain PyTorch is ~3x slower than
-        # nn.Dropout (1024x1024 layer, r=16, CPU); an explicit backend (use_backend) still runs fastpeft's.
-        return "dropout in training off CUDA with backend 'auto' (PEFT's nn.Dropout is faster there)"
     tensors = [x, base.weight, base.bias] + [t for a in adapters
                                              for t in (self.lora_A[a].weight, self.lora_B[a].weight)]
     for t in tensors:
@@ -256,8 +251,7 @@ class AccelerateReport:
         if self.patched:
             lines.append("  Patched layers run PEFT's own forward, call by call, for: disabled or merged adapters, "
                          "hooks on their modules, parameters of another dtype than the input outside autocast, "
-                         "several active adapters with dropout in training, dropout in training off CUDA under "
-                         "backend 'auto'. report.calls() counts the paths taken.")
+                         "several active adapters with dropout in training. report.calls() counts the paths taken.")
         return "\n".join(lines)
 
 
