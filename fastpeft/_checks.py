@@ -319,3 +319,11 @@ def check_dora_linear_args(x, weight, bias, lora_A, lora_B, magnitude, scaling, 
     check_bool(training, "training")
     check_seed(seed)
     check_choice(dropout_mode, DORA_DROPOUT_MODES, "dropout_mode")
+
+
+def check_dora_options(use_dora, sparse_density) -> None:
+    """``use_dora`` is a bool, and not combined with a sparse delta (RoSA)."""
+    check_bool(use_dora, "use_dora")
+    if use_dora and isinstance(sparse_density, (int, float)) and sparse_density > 0:
+        raise ValueError(f"use_dora=True with sparse_density={sparse_density} (RoSA) is not supported: a DoRA "
+                         "adapter has no sparse delta; use one or the other")
