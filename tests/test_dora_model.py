@@ -314,3 +314,13 @@ def test_dora_on_quantized_base_refused():
     with pytest.raises(ValueError, match="quantized .* base layer is not supported"):
         fastpeft.inject(model, fastpeft.LoraConfig(target_modules=["0"], use_dora=True))
     assert type(model[0]) is type(layer)
+
+
+def test_to_peft_keeps_dora():
+    ours = _fast_model().eval()
+    x = _x()
+    with torch.no_grad():
+        y = ours(x)
+        ref = fastpeft.to_peft(ours).eval()
+        assert ref.peft_config["default"].use_dora
+        assert_close_report(ref(x), y, RTOL, ATOL, "y of to_peft")
