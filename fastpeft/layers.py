@@ -22,9 +22,11 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from ._checks import (check_adapter_name, check_bool, check_dora_options, check_dropout, check_finite_number, check_in_features, check_init,
+from ._checks import (check_adapter_name, check_bool, check_dropout, check_finite_number, check_in_features, check_init,
                       check_linear, check_rank, check_sparse_delta, check_sparse_options, expand_adapter_ids)
-from .functional import dora_linear, lora_linear, lora_linear_multi, lora_sparse_linear, resolve_backend, sparse_delta_linear
+from .functional import lora_linear, lora_linear_multi, lora_sparse_linear, resolve_backend, sparse_delta_linear
+from ._checks import check_dora_options
+from .functional import dora_linear
 from .ops.dora import weight_sq_norms
 from .quant import is_quantized
 from .reference import dense_delta_ref
