@@ -324,3 +324,26 @@ def test_to_peft_keeps_dora():
         ref = fastpeft.to_peft(ours).eval()
         assert ref.peft_config["default"].use_dora
         assert_close_report(ref(x), y, RTOL, ATOL, "y of to_peft")
+
+
+def test_layer_on_triton_backend_matches_reference():
+    """The layer through functional.dora_linear on the kernels (TRITON_INTERPRET=1 on CPU) vs the reference."""
+    from fastpeft import kernels
+
+    if not kernels.HAS_TRITON or not (kernels.INTERPRET or torch.cuda.is_available()):
+        pytest.skip("the triton backend needs CUDA or TRITON_INTERPRET=1")
+    dev = "cuda" if torch.cuda.is_available() and not kernels.INTERPRET else "cpu"
+    torch.manual_seed(0)
+    layer = fastpeft.FastLoRALinear(80, 48, r=8, lora_alpha=16, use_dora=True, init_lora_weights=False, device=dev)
+    with torch.no_grad():
+        layer.magnitude().mul_(torch.linspace(0.6, 1.4, 48, device=dev))
+    x = torch.randn(3, 11, 80, device=dev)
+    out = {}
+    for backend in ("reference", "triton"):
+        layer.zero_grad(set_to_none=True)
+        with fastpeft.use_backend(backend):
+            y = layer(x)
+        y.backward(torch.ones_like(y))
+        out[backend] = [y.detach(), layer.lora_A.grad, layer.lora_B.grad, layer.magnitude().grad]
+    for name, a, e in zip(("y", "dA", "dB", "dm"), out["triton"], out["reference"]):
+        assert_close_report(a, e, 1e-4, 1e-5, name)
