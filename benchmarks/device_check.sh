@@ -90,12 +90,14 @@ if [ "$SMOKE" = 1 ]; then
     MULTI="--decode 4 --prefill 32 --adapters 2 --ranks 16 --shape 64x64 --dtype float32 --warmup-ms 1 --rep-ms 2"
     SPARSE="--tokens 32 --shape 64x64 --density 0.05 --block 1 32 --dtype float32 --warmup-ms 1 --rep-ms 2"
     QLORA="--tokens 1 16 --shapes 128x64 --ranks 16 --dtype float32 --warmup-ms 1 --rep-ms 2"
+    DORA="--tokens 16 --shapes 64x80 --ranks 16 --dtype float32 --warmup-ms 1 --rep-ms 2"
 else
     LORA1="--tokens 8192 --shapes 4096x4096 --ranks 16 --warmup-ms 10 --rep-ms 30"
     LORA2="--tokens 8192 --shapes 4096x14336 14336x4096 --ranks 16 --warmup-ms 10 --rep-ms 30"
     MULTI="--decode 16 64 --prefill 8192 --adapters 1 64 --ranks mixed --shape 4096x4096 --warmup-ms 10 --rep-ms 30"
     SPARSE="--tokens 8192 --shape 4096x4096 --density 0.01 --block 1 32 --warmup-ms 5 --rep-ms 20"
     QLORA="--tokens 1 16 64 512 8192 --shapes 4096x4096 --ranks 16 --warmup-ms 5 --rep-ms 20"
+    DORA="--tokens 8192 --shapes 4096x4096 --ranks 16 --warmup-ms 10 --rep-ms 30"
 fi
 # shellcheck disable=SC2086  # the option strings are word lists
 run "bench lora 4096x4096" 130 $PY -m fastpeft bench lora --quiet $LORA1 --dropout 0 0.1 \
@@ -112,6 +114,8 @@ run "bench sparse" 50 $PY -m fastpeft bench sparse --quiet $SPARSE --json "$OUT/
 # shellcheck disable=SC2086
 run "bench qlora" 60 $PY -m fastpeft bench qlora --quiet $QLORA --json "$OUT/bench_qlora.json" \
     --markdown "$OUT/bench_qlora.md"
+run "bench dora" 60 $PY -m fastpeft bench dora --quiet $DORA --dropout 0 0.1 --json "$OUT/bench_dora.json" \
+    --markdown "$OUT/bench_dora.md"
 
 RESERVE=0
 echo "== 3. per-kernel profile (torch.profiler) and the decode table, eager and under CUDA graphs"
@@ -125,7 +129,7 @@ fi
 if [ "$SMOKE" = 1 ]; then
     echo "smoke: tables stay in $OUT (not copied to benchmarks/results/)"
 else
-    for t in bench_lora bench_lora_wide bench_multi bench_sparse bench_qlora profile_lora; do
+    for t in bench_lora bench_lora_wide bench_multi bench_sparse bench_qlora bench_dora profile_lora; do
         if [ -f "$OUT/$t.md" ]; then cp "$OUT/$t.md" "benchmarks/results/${t//_/-}-${card}-${stamp}.md"; fi
     done
 fi

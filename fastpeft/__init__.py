@@ -1,13 +1,13 @@
 """fastpeft: parameter-efficient fine-tuning for PyTorch, with fused Triton kernels on its hot paths.
 
 The public API (see API.md): ``lora_linear``, ``lora_linear_multi``, ``FastLoRALinear``, ``LoraConfig``,
-``inject``, ``set_adapter``, ``delete_adapter``, ``mixed_batch``, ``trainable_parameters``,
+``dora_linear``, ``inject``, ``set_adapter``, ``delete_adapter``, ``mixed_batch``, ``trainable_parameters``,
 ``save_adapter``, ``load_adapter``, ``merge_and_unload``, ``use_backend``; ``set_deterministic`` /
 ``deterministic()`` for bitwise reproducible runs; ``accelerate`` / ``restore`` for existing PEFT models.
 """
 from .accelerate import AccelerateReport, accelerate, restore
 from .hf import to_peft
-from .functional import (BACKENDS, current_backend, lora_linear, lora_linear_multi, lora_sparse_linear,
+from .functional import (BACKENDS, current_backend, dora_linear, lora_linear, lora_linear_multi, lora_sparse_linear,
                          sparse_delta_linear, use_backend)
 from .inject import (LoraConfig, SparseDeltaConfig, active_adapter, delete_adapter,
                      format_trainable_parameters, inject, lora_layers, merge_and_unload, mixed_batch,
@@ -19,7 +19,7 @@ from .functional import qlora_linear  # QLoRA: LoRA over a bitsandbytes 4-bit / 
 from .layers import QLoRALinear
 from .methods import (AdapterConfig, BitFitConfig, BottleneckAdapter, LayerwiseConfig, PromptTuningConfig,
                       layerwise_param_groups)
-from .reference import (dense_delta_ref, lora_linear_multi_ref, lora_linear_ref, lora_sparse_linear_ref,
+from .reference import (dense_delta_ref, dora_linear_ref, lora_linear_multi_ref, lora_linear_ref, lora_sparse_linear_ref,
                         sparse_delta_linear_ref)
 from .selection import select_indices
 
@@ -34,6 +34,6 @@ __all__ = [
     "lora_sparse_linear_ref", "select_by_gradients", "select_indices", "sparse_delta_linear",
     "sparse_delta_linear_ref", "sparse_layers", "AdapterConfig", "BitFitConfig", "BottleneckAdapter",
     "LayerwiseConfig", "PromptTuningConfig", "layerwise_param_groups", "deterministic", "is_deterministic",
-    "set_deterministic", "AccelerateReport", "accelerate", "restore", "to_peft",
+    "set_deterministic", "AccelerateReport", "accelerate", "restore", "to_peft", "dora_linear", "dora_linear_ref",
 ]
 __all__ += ["qlora_linear", "QLoRALinear"]

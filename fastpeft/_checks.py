@@ -10,6 +10,8 @@ import os
 
 import torch
 
+from .reference import DORA_DROPOUT_MODES
+
 # float64 runs on the reference path only (the kernels take the three training dtypes).
 FLOAT_DTYPES = (torch.float32, torch.float16, torch.bfloat16, torch.float64)
 INIT_CHOICES = (True, False, "gaussian")
@@ -320,3 +322,39 @@ def check_sparse_delta(delta_indices, delta_values, out_features: int, in_featur
 def _entry(indices: torch.Tensor, i: int):
     """Entry i of sparse-delta indices for a message: a flat index, or a block (row, col)."""
     return int(indices[i]) if indices.dim() == 1 else tuple(int(v) for v in indices[i])
+
+
+def check_seed(seed) -> None:
+    """A dropout seed: None (drawn) or an int in [0, 2**63)."""
+    if seed is not None and (isinstance(seed, bool) or not isinstance(seed, int) or not 0 <= seed < 2**63):
+        raise ValueError(f"seed must be None or an int in [0, 2**63), got {seed!r}")
+
+
+def check_dora_linear_args(x, weight, bias, lora_A, lora_B, magnitude, scaling, dropout_p, training, seed,
+                           dropout_mode, weight_sq_norm) -> None:
+    """A ``dora_linear`` call: ``lora_linear``'s checks, and the magnitude (out,), the dropout mode and the
+    cached squared row norms of W (out,) or None."""
+    check_lora_linear_args(x, weight, bias, lora_A, lora_B, scaling, dropout_p)
+    out_f = weight.shape[0]
+    check_tensor(magnitude, "magnitude", ndim=1)
+    check_shape(magnitude, (out_f,), "magnitude")
+    if not magnitude.is_floating_point():
+        raise ValueError(f"magnitude must be floating point, got {magnitude.dtype}")
+    check_same_device_dtype("x", x, False, magnitude=magnitude)
+    if weight_sq_norm is not None:
+        check_tensor(weight_sq_norm, "weight_sq_norm", ndim=1)
+        check_shape(weight_sq_norm, (out_f,), "weight_sq_norm")
+        if not weight_sq_norm.is_floating_point():
+            raise ValueError(f"weight_sq_norm must be floating point, got {weight_sq_norm.dtype}")
+        check_same_device_dtype("x", x, False, weight_sq_norm=weight_sq_norm)
+    check_bool(training, "training")
+    check_seed(seed)
+    check_choice(dropout_mode, DORA_DROPOUT_MODES, "dropout_mode")
+
+
+def check_dora_options(use_dora, sparse_density) -> None:
+    """``use_dora`` is a bool, and not combined with a sparse delta (RoSA)."""
+    check_bool(use_dora, "use_dora")
+    if use_dora and isinstance(sparse_density, (int, float)) and sparse_density > 0:
+        raise ValueError(f"use_dora=True with sparse_density={sparse_density} (RoSA) is not supported: a DoRA "
+                         "adapter has no sparse delta; use one or the other")

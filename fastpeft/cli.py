@@ -7,7 +7,8 @@ falling loss. It runs everywhere torch runs, offline, and ends with a save / loa
 ``fastpeft bench [lora]``: the LoRA microbenchmark table (``benchmarks/bench_lora.py``);
 ``fastpeft bench multi``: many adapters per batch (``benchmarks/bench_multi.py``);
 ``fastpeft bench sparse``: sparse deltas (``benchmarks/bench_sparse.py``); ``fastpeft bench qlora``: LoRA on a
-4-bit bitsandbytes base (``benchmarks/bench_qlora.py``); ``--help`` on each.
+4-bit bitsandbytes base (``benchmarks/bench_qlora.py``); ``fastpeft bench dora``: DoRA vs LoRA and PEFT's DoRA
+(``benchmarks/bench_dora.py``); ``--help`` on each.
 
 ``fastpeft demo``: fine-tune all-MiniLM-L6-v2 on Drugs.com reviews with each PEFT method, or LoRA on
 SmolLM2 (the ``fastpeft/demo/`` package); ``fastpeft demo --help``.
@@ -173,7 +174,8 @@ def _base_state(model: nn.Module) -> dict:
     return {k: v for k, v in model.state_dict().items() if "lora_" not in k}
 
 
-BENCHES = {"lora": "bench_lora", "multi": "bench_multi", "sparse": "bench_sparse", "qlora": "bench_qlora"}
+BENCHES = {"lora": "bench_lora", "multi": "bench_multi", "sparse": "bench_sparse", "qlora": "bench_qlora",
+           "dora": "bench_dora"}
 
 
 def _positive_int(s):
@@ -188,8 +190,8 @@ def build_parser() -> argparse.ArgumentParser:
     sub = p.add_subparsers(dest="command")
     sub.add_parser("bench", help="microbenchmark tables: 'fastpeft bench [lora]' (one adapter vs nn.Linear, "
                    "the reference and PEFT), 'fastpeft bench multi' (many adapters per batch), "
-                   "'fastpeft bench sparse' (sparse deltas), 'fastpeft bench qlora' (LoRA on a 4-bit base)",
-                   add_help=False)
+                   "'fastpeft bench sparse' (sparse deltas), 'fastpeft bench qlora' (LoRA on a 4-bit base), "
+                   "'fastpeft bench dora' (DoRA)", add_help=False)
     sub.add_parser("demo", help="fine-tune all-MiniLM-L6-v2 on Drugs.com reviews with each PEFT method, offline; "
                    "'fastpeft demo --help'", add_help=False)
     t = sub.add_parser("train", help="LoRA on a small built-in transformer, a few seconds on CPU (default)")

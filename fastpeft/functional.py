@@ -22,9 +22,11 @@ import threading
 import torch
 
 from . import kernels
-from ._checks import (autocast_on, check_lora_linear_args, check_lora_multi_args, check_qlora_linear_args,
-                      check_same_device_dtype, check_sparse_delta, check_tensor, expand_adapter_ids)
-from .ops.common import draw_seed
+from ._checks import (autocast_on, check_dora_linear_args, check_lora_linear_args, check_lora_multi_args,
+                      check_qlora_linear_args, check_same_device_dtype, check_sparse_delta, check_tensor,
+                      expand_adapter_ids)
+from .ops.common import autocast_inputs, draw_seed
+from .ops.dora import dora_linear as _dora_linear_op  # plain torch at import; its kernels load on first use
 from .ops.lora_cpu import lora_linear_cpu
 from .reference import (lora_linear_multi_cpu, lora_linear_multi_ref, lora_linear_ref, lora_sparse_linear_ref,
                         sparse_delta_linear_ref, use_cpu_path)
@@ -246,3 +248,27 @@ def qlora_linear(x, qweight, bias, lora_A, lora_B, scaling, dropout_p=0.0, train
     name = resolve_backend("qlora_linear", backend, x, lora_A, lora_B)
     return qlora_linear_op(x, qweight, bias, lora_A, lora_B, float(scaling), p, 0 if seed is None else seed,
                            name, path)
+
+
+def dora_linear(x, weight, bias, lora_A, lora_B, magnitude, scaling, dropout_p=0.0, training=True, seed=None,
+                dropout_mode="exact", weight_sq_norm=None, backend=None) -> torch.Tensor:
+    """DoRA linear (PEFT's ``use_dora=True``): ``y = (m / ‖W + sBA‖_row) ⊙ (x Wᵀ + s drop(x) Aᵀ Bᵀ) + b``,
+    the norm detached and never formed as an (out, in) matrix.
+
+    x: (..., in), any strides; weight: (out, in); bias: (out,) or None; lora_A: (r, in); lora_B: (out, r);
+    magnitude: (out,) (PEFT's ``lora_magnitude_vector``); returns (..., out). ``dropout_mode``:
+    ``"exact"`` (PEFT's training semantics with dropout: the base term on ``drop(x)`` too) or
+    ``"lora_only"`` (opt-in, one GEMM: dropout on the LoRA branch only); eval is the same in both.
+    ``weight_sq_norm``: ``‖W_j‖²`` (out,) fp32, cached by the caller while W is frozen (computed when None).
+    Differentiable in x, lora_A, lora_B, magnitude, and bias / weight where they require grad.
+    """
+    check_dora_linear_args(x, weight, bias, lora_A, lora_B, magnitude, scaling, dropout_p, training, seed,
+                           dropout_mode, weight_sq_norm)
+    p = float(dropout_p) if training else 0.0
+    if p > 0.0 and seed is None:
+        seed = draw_seed(x.device)
+    name = resolve_backend("dora_linear", backend, x, weight, lora_A, lora_B, magnitude)
+    x, weight, bias, lora_A, lora_B = autocast_inputs(x, weight, bias, lora_A, lora_B)
+    with torch.autocast(x.device.type, enabled=False) if autocast_on(x) else contextlib.nullcontext():
+        return _dora_linear_op(x, weight, bias, lora_A, lora_B, magnitude, float(scaling), p, training, seed,
+                               dropout_mode, weight_sq_norm, name)

@@ -18,7 +18,9 @@ import torch.nn as nn
 
 from ._checks import (check_adapter_name, check_bool, check_choice, check_dropout, check_file_tensors,
                       check_finite_number, check_init, check_rank, check_sparse_delta, check_sparse_options)
-from .layers import FastLoRALinear, ModulesToSaveWrapper, QLoRALinear, SparseDeltaLinear, rosa_spec
+from ._checks import check_dora_options
+from .layers import DORA_QUANTIZED, FastLoRALinear, ModulesToSaveWrapper, QLoRALinear, SparseDeltaLinear, rosa_spec
+from .quant import is_quantized
 from .matching import (compile_pattern, default_targets, is_all_linear, is_bias, matches, name_list, output_head, pattern_value,
                        set_submodule)
 from .methods import METHODS as OTHER_METHODS
@@ -48,6 +50,7 @@ class LoraConfig:
     sparse_density: float = 0.0      # > 0: a sparse delta beside each LoRA update (RoSA)
     sparse_block_size: int = 1
     sparse_selection: str = "random"
+    use_dora: bool = False           # DoRA (PEFT's): a trained magnitude per output row of each layer
     peft_type = "LORA"
 
     def __post_init__(self):
@@ -60,6 +63,7 @@ class LoraConfig:
         self.exclude_modules = name_list(self.exclude_modules, "exclude_modules")
         check_choice(self.bias, BIAS_CHOICES, "bias")
         check_bool(self.use_rslora, "use_rslora")
+        check_dora_options(self.use_dora, self.sparse_density)
         check_init(self.init_lora_weights)
         if self.modules_to_save is not None:
             self.modules_to_save = name_list(list(self.modules_to_save) if not isinstance(
@@ -324,11 +328,11 @@ def _model_name(model: nn.Module):
 
 # PEFT LoraConfig fields that change what the adapter computes and that fastpeft does not implement:
 # an adapter that sets any of them cannot give PEFT's outputs here, so loading it is refused.
-_UNSUPPORTED = ("use_dora", "fan_in_fan_out", "layers_to_transform", "lora_bias", "layer_replication",
+_UNSUPPORTED = ("fan_in_fan_out", "layers_to_transform", "lora_bias", "layer_replication",
                 "target_parameters", "trainable_token_indices", "use_qalora", "alora_invocation_tokens",
                 "use_bdlora", "megatron_config")
 _CONFIG_FIELDS = ("r", "lora_alpha", "lora_dropout", "target_modules", "exclude_modules", "bias",
-                  "use_rslora", "init_lora_weights", "modules_to_save", "rank_pattern", "alpha_pattern")
+                  "use_rslora", "init_lora_weights", "modules_to_save", "rank_pattern", "alpha_pattern", "use_dora")
 _SPARSE_LORA_FIELDS = ("sparse_density", "sparse_block_size", "sparse_selection")  # RoSA: fastpeft's own keys
 
 
@@ -338,7 +342,8 @@ class LoraMethod(Method):
     Tensor keys: ``<module>.lora_A.weight`` (r, in), ``<module>.lora_B.weight`` (out, r); ``<module>.base_layer.bias``
     for a LoRA layer's bias and ``<path>.bias`` for other biases, when the config's ``bias`` trains them;
     ``<module>.<param>`` for every parameter of a ``modules_to_save`` module (its trained copy);
-    ``<module>.sparse_delta.indices`` / ``.values`` for a RoSA delta."""
+    ``<module>.sparse_delta.indices`` / ``.values`` for a RoSA delta; ``<module>.lora_magnitude_vector`` (out,)
+    for a DoRA adapter (``use_dora``)."""
 
     peft_type, config_class, alone = LoraConfig.peft_type, LoraConfig, False
 
@@ -347,13 +352,16 @@ class LoraMethod(Method):
         _check_scores_selection(config, "sparse_selection")
 
     def plan(self, model: nn.Module, config) -> LoraPlan:
-        return plan_lora(model, config)
+        plan = plan_lora(model, config)
+        _check_dora_targets(model, config, plan)
+        return plan
 
     def apply(self, model: nn.Module, config, adapter_name: str, plan: LoraPlan, state) -> None:
         new_layers = {}
         kw = dict(lora_dropout=config.lora_dropout, use_rslora=config.use_rslora,
                   init_lora_weights=config.init_lora_weights, sparse_density=config.sparse_density,
-                  sparse_block_size=config.sparse_block_size, sparse_selection=config.sparse_selection)
+                  sparse_block_size=config.sparse_block_size, sparse_selection=config.sparse_selection,
+                  use_dora=config.use_dora)
         for name, (r, alpha) in plan.targets.items():
             module = model.get_submodule(name)
             if isinstance(module, FastLoRALinear):
@@ -387,7 +395,7 @@ class LoraMethod(Method):
         # already applied, so PEFT adapts exactly the layers that were trained here.
         d["target_modules"] = sorted(self._layers(model, adapter_name))
         d["exclude_modules"] = None
-        d.update(peft_type=self.peft_type, task_type=None, inference_mode=True, use_dora=False, fan_in_fan_out=False,
+        d.update(peft_type=self.peft_type, task_type=None, inference_mode=True, fan_in_fan_out=False,
                  layers_to_transform=None, layers_pattern=None, revision=None,
                  base_model_name_or_path=_model_name(model))
         return d
@@ -412,6 +420,8 @@ class LoraMethod(Method):
             a, b = layer.adapter_parameters(adapter_name)
             keys[f"{name}.lora_A.weight"] = a
             keys[f"{name}.lora_B.weight"] = b
+            if layer.is_dora(adapter_name):
+                keys[f"{name}{_DORA_SUFFIX}"] = layer.magnitude(adapter_name)
         saved = list(saved_module_wrappers(model))
         for name in saved:
             module = model.get_submodule(name)
@@ -441,6 +451,8 @@ class LoraMethod(Method):
             lin = model.get_submodule(name)
             expected[f"{name}.lora_A.weight"] = (r, lin.in_features)
             expected[f"{name}.lora_B.weight"] = (lin.out_features, r)
+            if config.use_dora:
+                expected[f"{name}{_DORA_SUFFIX}"] = (lin.out_features,)
             if config.bias == "lora_only" and lin.bias is not None:
                 expected[f"{name}.base_layer.bias"] = tuple(lin.bias.shape)
         for name in plan.saved:
@@ -457,6 +469,8 @@ class LoraMethod(Method):
 
     def check_load(self, model: nn.Module, config, adapter_name: str, weights: dict, directory, state):
         plan = plan_lora(model, config)
+        _check_dora_targets(model, config, plan)
+        _check_dora_file(config, weights, directory)
         sparse = _take_sparse(model, config.sparse, plan, weights, directory)
         expected = self._expected_shapes(model, config, plan)
         saved = plan.saved + list(saved_module_wrappers(model))
@@ -476,6 +490,10 @@ class LoraMethod(Method):
                 raise ValueError(f"adapter config in {os.fspath(directory)!r} targets {sorted(plan.targets)}, but "
                                  f"adapter {adapter_name!r} of the model is on {sorted(layers)}")
             for n, layer in layers.items():
+                if layer.is_dora(adapter_name) != config.use_dora:
+                    raise ValueError(f"adapter config in {os.fspath(directory)!r} has use_dora={config.use_dora}, the "
+                                     f"model's adapter {adapter_name!r} has use_dora={layer.is_dora(adapter_name)} "
+                                     f"at {n!r}: load it under another adapter_name")
                 if plan.targets[n][0] != layer.adapter_spec(adapter_name).r:
                     raise ValueError(f"adapter config gives {n!r} rank {plan.targets[n][0]}, the model's adapter "
                                      f"{adapter_name!r} has rank {layer.adapter_spec(adapter_name).r} there")
@@ -504,6 +522,27 @@ class LoraMethod(Method):
         if state.active == adapter_name:  # an adapter loaded beside others stays frozen
             for p in keys.values():
                 p.requires_grad_(trainable)
+
+
+_DORA_SUFFIX = ".lora_magnitude_vector"  # PEFT's key of a DoRA magnitude (out,)
+
+
+def _check_dora_targets(model: nn.Module, config, plan: LoraPlan) -> None:
+    if getattr(config, "use_dora", False):
+        quantized = [n for n in plan.targets if is_quantized(model.get_submodule(n))]
+        if quantized:
+            raise ValueError(f"{DORA_QUANTIZED} (layers {quantized[:4]})")
+
+
+def _check_dora_file(config, weights: dict, directory) -> None:
+    """A DoRA file holds magnitudes and a plain LoRA file none: said plainly, before the key-by-key check."""
+    has = sorted(k for k in weights if k.endswith(_DORA_SUFFIX))
+    if config.use_dora and not has:
+        raise ValueError(f"adapter {os.fspath(directory)!r}: its config has use_dora=true but the file holds no "
+                         f"'{_DORA_SUFFIX[1:]}' tensors (DoRA magnitudes); the file is incomplete")
+    if not config.use_dora and has:
+        raise ValueError(f"adapter {os.fspath(directory)!r}: the file holds DoRA magnitudes ({has[:2]}"
+                         f"{' ...' if len(has) > 2 else ''}) but its config has use_dora=false")
 
 
 def _bias_parameters(model: nn.Module, saved: list) -> list:
@@ -691,6 +730,10 @@ def mixed_batch(model: nn.Module, adapter_names):
     unknown = sorted({n for n in adapter_names if n is not None and n not in configs}, key=str)
     if unknown:
         raise ValueError(f"adapter_names {unknown} are not adapters of this model; it has {list(configs)}")
+    dora = [n for n, c in configs.items() if getattr(c, "use_dora", False)]
+    if dora:
+        raise ValueError(f"mixed_batch cannot route DoRA adapters {dora} per sequence (PEFT refuses this too); "
+                         "use set_adapter")
     routed = [*lora_layers(model).values(), *saved_module_wrappers(model).values()]
     previous = [m.routing for m in routed]
     try:

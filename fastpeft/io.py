@@ -130,8 +130,8 @@ def save_adapter(model: nn.Module, directory, adapter_name: str = "default", is_
 
 def read_adapter_config(directory):
     """The config in ``directory/adapter_config.json`` (a ``LoraConfig``, fastpeft's ``SparseDeltaConfig``,
-    ``BitFitConfig``, ...); raises for other PEFT types and for LoRA variants fastpeft cannot compute (DoRA,
-    layer replication, ...)."""
+    ``BitFitConfig``, ...); raises for other PEFT types and for LoRA variants fastpeft cannot compute
+    (layer replication, ``fan_in_fan_out``, ...)."""
     path = os.path.join(os.fspath(directory), CONFIG_NAME)
     if not os.path.isfile(path):
         raise FileNotFoundError(f"no {CONFIG_NAME} in adapter directory {os.fspath(directory)!r}")

@@ -24,8 +24,10 @@ import torch.nn.functional as F
 
 from ._checks import (check_adapter_name, check_bool, check_dropout, check_finite_number, check_in_features, check_init,
                       check_linear, check_rank, check_sparse_delta, check_sparse_options, expand_adapter_ids)
-from .functional import (lora_linear, lora_linear_multi, lora_sparse_linear, qlora_linear, resolve_backend,
+from ._checks import check_dora_options
+from .functional import (dora_linear, lora_linear, lora_linear_multi, lora_sparse_linear, qlora_linear, resolve_backend,
                          sparse_delta_linear)
+from .ops.dora import weight_sq_norms
 from .quant import QuantizedWeight, assign_merged_weight, base_kind, dequantize_weight, is_quantized, merged_weight
 from .reference import dense_delta_ref
 from .selection import SparseSpec
@@ -44,6 +46,7 @@ class AdapterSpec:
     lora_alpha: float
     lora_dropout: float
     use_rslora: bool
+    use_dora: bool = False  # DoRA: a magnitude vector rescales each output row (lora_magnitude_vector)
 
     @property
     def scaling(self) -> float:
@@ -284,37 +287,42 @@ class FastLoRALinear(TunerLayer):
     one ``forward(x)`` uses and trains, and ``forward(x, adapter_ids)`` gives each row its own.
     ``r``, ``lora_alpha``, ``lora_dropout``, ``scaling``, ``lora_A`` and ``lora_B`` are the active
     adapter's. ``sparse_density > 0`` gives an adapter a ``SparseDelta`` beside its low-rank update (RoSA).
+    ``use_dora=True`` makes an adapter DoRA (PEFT's): ``y = (m / ‖W + sBA‖_row) ⊙ (x Wᵀ + s x Aᵀ Bᵀ) + b``
+    with the magnitude ``lora_magnitude_vector[name]`` (out,) trained beside A and B.
     """
 
     def __init__(self, in_features, out_features, r=8, lora_alpha=8, lora_dropout=0.0, bias=True,
                  use_rslora=False, init_lora_weights=True, device=None, dtype=None, adapter_name="default",
-                 sparse_density=0.0, sparse_block_size=1, sparse_selection="random"):
+                 sparse_density=0.0, sparse_block_size=1, sparse_selection="random", use_dora=False):
         super().__init__()
         for name, v in (("in_features", in_features), ("out_features", out_features)):
             check_rank(v, name)
         base = nn.Linear(in_features, out_features, bias=bias, device=device, dtype=dtype)
         self._setup(base.weight, base.bias, adapter_name, r, lora_alpha, lora_dropout, use_rslora,
-                    init_lora_weights, sparse_density, sparse_block_size, sparse_selection)
+                    init_lora_weights, sparse_density, sparse_block_size, sparse_selection, use_dora)
 
     @classmethod
     def from_linear(cls, linear: nn.Linear, r=8, lora_alpha=8, lora_dropout=0.0, use_rslora=False,
                     init_lora_weights=True, adapter_name="default", sparse_density=0.0, sparse_block_size=1,
-                    sparse_selection="random") -> "FastLoRALinear":
+                    sparse_selection="random", use_dora=False) -> "FastLoRALinear":
         """Wrap ``linear``: the new layer shares (not copies) its weight and bias, and freezes them. A bitsandbytes
         ``Linear4bit`` / ``Linear8bitLt`` gives a ``QLoRALinear`` holding it as it is (see there)."""
         check_linear(linear)
         if is_quantized(linear):
+            if use_dora is True:
+                raise ValueError(DORA_QUANTIZED)
             return QLoRALinear.from_quantized(linear, r, lora_alpha, lora_dropout, use_rslora, init_lora_weights,
                                               adapter_name, sparse_density, sparse_block_size, sparse_selection)
         self = cls.__new__(cls)
         nn.Module.__init__(self)
         self._setup(linear.weight, linear.bias, adapter_name, r, lora_alpha, lora_dropout, use_rslora,
-                    init_lora_weights, sparse_density, sparse_block_size, sparse_selection)
+                    init_lora_weights, sparse_density, sparse_block_size, sparse_selection, use_dora)
         return self
 
     def _setup(self, weight, bias, adapter_name, r, lora_alpha, lora_dropout, use_rslora, init_lora_weights,
-               sparse_density=0.0, sparse_block_size=1, sparse_selection="random"):
+               sparse_density=0.0, sparse_block_size=1, sparse_selection="random", use_dora=False):
         _spec(r, lora_alpha, lora_dropout, use_rslora)
+        check_dora_options(use_dora, sparse_density)
         rosa_spec(sparse_density, sparse_block_size, sparse_selection)
         check_init(init_lora_weights)
         check_adapter_name(adapter_name)
@@ -322,13 +330,16 @@ class FastLoRALinear(TunerLayer):
         self.lora_A_adapters = nn.ParameterDict()
         self.lora_B_adapters = nn.ParameterDict()
         self.sparse_deltas = nn.ModuleDict()  # adapter -> SparseDelta (RoSA adapters only)
+        self.lora_magnitude_vector = nn.ParameterDict()  # adapter -> m (out,) (DoRA adapters only)
+        self._wsq = None        # (key, ‖W_j‖² fp32): DoRA's cached squared row norms of the frozen W
+        self._dora_norm = None  # n = ‖W + sBA‖_row fp32 of a merged DoRA adapter, kept to unmerge
         self._specs: dict = {}
         self._active: str | None = None
         self._stacks = None     # (key, (A, B)): the no-grad stacks and the Parameters' state they were built from
         self._meta = None       # device tensors (scalings, ranks, dropout) for mixed batches
         self._routing = None    # (adapter names, ids) per sequence, set by set_routing (fastpeft.mixed_batch)
         self.add_adapter(adapter_name, r, lora_alpha, lora_dropout, use_rslora, init_lora_weights, sparse_density,
-                         sparse_block_size, sparse_selection)
+                         sparse_block_size, sparse_selection, use_dora=use_dora)
         self.set_adapter(adapter_name)
 
     # ---- the adapter registry ------------------------------------------------------------------
@@ -343,15 +354,18 @@ class FastLoRALinear(TunerLayer):
         return self._active
 
     def add_adapter(self, name, r, lora_alpha, lora_dropout=0.0, use_rslora=False, init_lora_weights=True,
-                    sparse_density=0.0, sparse_block_size=1, sparse_selection="random", sparse_scores=None):
+                    sparse_density=0.0, sparse_block_size=1, sparse_selection="random", sparse_scores=None,
+                    use_dora=False):
         """Add adapter ``name`` (its own rank, alpha, dropout); the active adapter does not change and the
         new one starts frozen unless it is the first (``set_adapter`` trains the active one).
         ``sparse_density > 0`` adds a sparse delta beside the low-rank update (RoSA): that share of W's
-        entries (or blocks of ``sparse_block_size``), picked by ``sparse_selection``, zero at first."""
+        entries (or blocks of ``sparse_block_size``), picked by ``sparse_selection``, zero at first.
+        ``use_dora=True``: a DoRA adapter, its magnitude initialised to the row norms ``‖W + sBA‖``."""
         check_adapter_name(name)
+        check_dora_options(use_dora, sparse_density)
         if name in self._specs:
             raise ValueError(f"adapter {name!r} already exists in this layer (adapters {self.adapter_names})")
-        spec = _spec(r, lora_alpha, lora_dropout, use_rslora)
+        spec = replace(_spec(r, lora_alpha, lora_dropout, use_rslora), use_dora=use_dora)
         sparse = rosa_spec(sparse_density, sparse_block_size, sparse_selection)
         check_init(init_lora_weights)
         # The positions first: selecting checks sparse_scores, and a failure must leave the layer as it was.
@@ -365,6 +379,8 @@ class FastLoRALinear(TunerLayer):
             delta.delta_values.requires_grad_(trains)
             self.sparse_deltas[name] = delta
         self.reset_lora_parameters(init_lora_weights, adapter_name=name)
+        if use_dora:
+            self._add_magnitude(name, trains)
         self._meta = None
 
     def _adapter_kwargs(self) -> dict:
@@ -383,6 +399,8 @@ class FastLoRALinear(TunerLayer):
             self.lora_B_adapters[n].requires_grad_(n == name)
             if n in self.sparse_deltas:
                 self.sparse_deltas[n].delta_values.requires_grad_(n == name)
+            if n in self.lora_magnitude_vector:
+                self.lora_magnitude_vector[n].requires_grad_(n == name)
 
     def delete_adapter(self, name: str) -> None:
         """Remove adapter ``name``; later adapters' ids shift down by one. Deleting the active adapter
@@ -396,6 +414,8 @@ class FastLoRALinear(TunerLayer):
         del self.lora_B_adapters[name]
         if name in self.sparse_deltas:
             del self.sparse_deltas[name]
+        if name in self.lora_magnitude_vector:
+            del self.lora_magnitude_vector[name]
         if self._active == name:
             self._active = None
         self._meta = None
@@ -445,9 +465,9 @@ class FastLoRALinear(TunerLayer):
     def update_adapter(self, name: str, lora_alpha=None, lora_dropout=None, use_rslora=None) -> None:
         """Change an adapter's alpha / dropout / rsLoRA flag (its rank is fixed by its tensors)."""
         s = self._spec_of(name)
-        new = _spec(s.r, s.lora_alpha if lora_alpha is None else lora_alpha,
-                    s.lora_dropout if lora_dropout is None else lora_dropout,
-                    s.use_rslora if use_rslora is None else use_rslora)
+        new = replace(_spec(s.r, s.lora_alpha if lora_alpha is None else lora_alpha,
+                            s.lora_dropout if lora_dropout is None else lora_dropout,
+                            s.use_rslora if use_rslora is None else use_rslora), use_dora=s.use_dora)
         if self.merged and name == self._active and new.scaling != s.scaling:
             raise RuntimeError("update_adapter would change the scaling of the merged adapter: unmerge() first")
         self._specs[name] = new
@@ -568,6 +588,8 @@ class FastLoRALinear(TunerLayer):
                 return F.linear(x, self.weight, self.bias)
             s = self._specs[self._active]
             a, b = self.adapter_parameters()
+            if s.use_dora:
+                return self._dora_forward(x, self._active, s, a, b)
             delta = self.sparse_delta()
             if delta is None:
                 return lora_linear(x, self.weight, self.bias, a, b, s.scaling, s.lora_dropout, self.training)
@@ -575,6 +597,9 @@ class FastLoRALinear(TunerLayer):
             return lora_sparse_linear(x, self.weight, self.bias, a, b, s.scaling, delta.delta_indices,
                                       delta.delta_values, delta.block_size, s.lora_dropout, self.training,
                                       check=False, plan=plan)
+        if len(self.lora_magnitude_vector):
+            raise ValueError(f"DoRA adapters {list(self.lora_magnitude_vector)} cannot be routed per row (adapter_ids "
+                             "/ mixed_batch), as in PEFT; use set_adapter")
         if len(self.sparse_deltas):
             raise RuntimeError("adapters with a sparse delta (RoSA) cannot be routed per row (adapter_ids / "
                                "mixed_batch); use set_adapter")
@@ -607,6 +632,80 @@ class FastLoRALinear(TunerLayer):
         if sparse is not None:
             delta += sparse.dense_delta().float()
         return delta.to(self.weight.dtype)
+
+    # ---- DoRA ----------------------------------------------------------------------------------------
+
+    def is_dora(self, adapter_name: str | None = None) -> bool:
+        """Whether adapter ``adapter_name`` (default: the active one) is a DoRA adapter."""
+        return self._spec_of(adapter_name).use_dora
+
+    def magnitude(self, adapter_name: str | None = None) -> nn.Parameter | None:
+        """The magnitude ``m`` (out,) of DoRA adapter ``adapter_name`` (default: the active one), else None."""
+        name = self._active if adapter_name is None else adapter_name
+        self._spec_of(name)
+        return self.lora_magnitude_vector[name] if name in self.lora_magnitude_vector else None
+
+    @torch.no_grad()
+    def _add_magnitude(self, name: str, trains: bool) -> None:
+        """m = ‖W + sBA‖_row (= ‖W‖ with B = 0), in fp32 then W's dtype, as PEFT's ``DoraLinearLayer``."""
+        w = self.weight.float() + self.delta_weight(name).float()
+        m = torch.linalg.vector_norm(w, dim=1).to(self.weight.dtype)
+        self.lora_magnitude_vector[name] = nn.Parameter(m, requires_grad=trains)
+
+    def _weight_sq_norm(self) -> torch.Tensor | None:
+        """‖W_j‖² (out,) fp32, cached while W is unchanged (same storage, version, dtype, device); None while
+        torch.compile traces (the key reads a data pointer; the op computes it in the graph)."""
+        if torch.compiler.is_compiling():
+            return None
+        w = self.weight
+        key = (w.data_ptr(), w._version, w.dtype, w.device, tuple(w.shape))
+        if self._wsq is None or self._wsq[0] != key:
+            self._wsq = (key, weight_sq_norms(w.detach()))
+        return self._wsq[1]
+
+    def _dora_forward(self, x, name, s, a, b):
+        return dora_linear(x, self.weight, self.bias, a, b, self.lora_magnitude_vector[name], s.scaling,
+                           s.lora_dropout, self.training, weight_sq_norm=self._weight_sq_norm())
+
+    @torch.no_grad()
+    def _dora_merged(self, name: str) -> tuple:
+        """(W' = (m / n) ⊙ (W + sBA) in W's dtype, n fp32 (out,)), as PEFT's merge."""
+        w = self.weight.float() + self.delta_weight(name).float()
+        n = torch.linalg.vector_norm(w, dim=1)
+        g = self.lora_magnitude_vector[name].float() / n
+        return (g[:, None] * w).to(self.weight.dtype), n
+
+    @torch.no_grad()
+    def merge(self) -> None:
+        """Fold the active adapter into W in place: W += sBA (LoRA), W ← (m/n) ⊙ (W + sBA) (DoRA, n kept)."""
+        if self.merged or self._active is None or not self.is_dora():
+            return super().merge()
+        new, self._dora_norm = self._dora_merged(self._active)
+        self.weight.copy_(new)
+        self.merged = True
+
+    @torch.no_grad()
+    def unmerge(self) -> None:
+        """Undo ``merge``: W -= sBA (LoRA), W ← W ⊙ (n/m) − sBA (DoRA, with the n kept at merge)."""
+        if not self.merged or self._active is None or not self.is_dora():
+            return super().unmerge()
+        g = self.lora_magnitude_vector[self._active].float() / self._dora_norm
+        w = self.weight.float() / g[:, None] - self.delta_weight(self._active).float()
+        self.weight.copy_(w.to(self.weight.dtype))
+        self._dora_norm = None
+        self.merged = False
+
+    @torch.no_grad()
+    def to_linear(self) -> nn.Linear:
+        """A new ``nn.Linear`` holding the merged weight (and a copy of b); this layer is left untouched."""
+        lin = super().to_linear()
+        if not self.merged and self._active is not None and self.is_dora():
+            lin.weight.copy_(self._dora_merged(self._active)[0])
+        return lin
+
+
+DORA_QUANTIZED = ("use_dora=True on a quantized (bitsandbytes) base layer is not supported by fastpeft yet: "
+                   "DoRA needs the row norms of the dense weight")
 
 
 # ---- quantized bases (QLoRA) -------------------------------------------------------------------------

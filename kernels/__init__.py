@@ -28,7 +28,7 @@ INTERPRET = os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
 # Fused ops provided by this package. fastpeft.functional reads it to decide whether the triton
 # backend can run an op at all.
 OPS: frozenset = (frozenset({"lora_linear", "lora_linear_multi", "sparse_delta_linear", "lora_sparse_linear",
-                              "qlora_linear"})
+                              "qlora_linear", "dora_linear"})
                   if HAS_TRITON else frozenset())
 # The ops that backend="auto" runs on the fused kernels for CUDA tensors: those whose kernels have
 # passed the GPU tests on a real card (benchmarks/device_check.sh; H200, triton 3.6, 2026-11-26). The

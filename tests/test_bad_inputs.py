@@ -913,3 +913,68 @@ def test_quantized_model_bad_input_leaves_the_model_unchanged(case):
 def test_qlora_model_case_ids_are_unique():
     ids = [c.id for c in CASES + QLORA_CASES + QLORA_MODEL_CASES]
     assert len(ids) == len(set(ids)), sorted({i for i in ids if ids.count(i) > 1})
+
+
+# ---- DoRA: dora_linear's arguments, use_dora's combinations ----------------------------------------------
+
+def _dora(**over):
+    args = dict(x=_t(3, IN), weight=_t(OUT, IN), bias=_t(OUT), lora_A=_t(R, IN), lora_B=_t(OUT, R),
+                magnitude=_t(OUT).abs() + 0.5, scaling=2.0)
+    return fastpeft.dora_linear(**{**args, **over})
+
+
+def _dora_layer():
+    torch.manual_seed(0)
+    layer = FastLoRALinear(IN, OUT, r=R, lora_alpha=8, init_lora_weights=False, use_dora=True)
+    layer.add_adapter("second", 2, 4, init_lora_weights=False)
+    return layer
+
+
+def _dora_model():
+    torch.manual_seed(0)
+    return fastpeft.inject(_toy(), LoraConfig(r=4, target_modules=["q_proj", "v_proj"], use_dora=True,
+                                              init_lora_weights=False))
+
+
+DORA_CASES = [
+    Bad("dora_linear-magnitude-len-23", lambda _: _dora(magnitude=_t(23)), ValueError,
+        ("magnitude", "(24,)", "(23,)")),
+    Bad("dora_linear-magnitude-2d", lambda _: _dora(magnitude=_t(OUT, 1)), ValueError, ("magnitude", "1-D", "2-D")),
+    Bad("dora_linear-magnitude-not-a-tensor", lambda _: _dora(magnitude=[1.0] * OUT), TypeError, ("magnitude", "list")),
+    Bad("dora_linear-magnitude-int64", lambda _: _dora(magnitude=torch.ones(OUT, dtype=torch.int64)), ValueError,
+        ("magnitude", "floating point", "torch.int64")),
+    Bad("dora_linear-magnitude-on-meta", lambda _: _dora(magnitude=torch.ones(OUT, device="meta")), ValueError,
+        ("magnitude", "device", "meta")),
+    Bad("dora_linear-dropout_mode-typo", lambda _: _dora(dropout_mode="lora-only"), ValueError,
+        ("dropout_mode", "'exact'", "'lora_only'", "'lora-only'")),
+    Bad("dora_linear-weight_sq_norm-len-23", lambda _: _dora(weight_sq_norm=_t(23)), ValueError,
+        ("weight_sq_norm", "(24,)", "(23,)")),
+    Bad("dora_linear-dropout-1", lambda _: _dora(dropout_p=1.0), ValueError, ("dropout_p", "[0, 1)", "1.0")),
+    Bad("dora_linear-seed-negative", lambda _: _dora(seed=-1, dropout_p=0.1), ValueError, ("seed", "-1")),
+    Bad("dora_linear-training-str", lambda _: _dora(training="yes"), TypeError, ("training", "'yes'")),
+    Bad("dora_linear-lora_B-rank-3-vs-A-rank-4", lambda _: _dora(lora_B=_t(OUT, 3)), ValueError,
+        ("lora_B", "(24, 4)", "(24, 3)")),
+    Bad("dora_linear-backend-typo", lambda _: _dora(backend="cuda"), ValueError, ("backend", "'cuda'")),
+    Bad("dora-layer-use_dora-str", lambda _: FastLoRALinear(IN, OUT, use_dora="yes"), TypeError, ("use_dora", "'yes'")),
+    Bad("dora-layer-with-rosa", lambda _: FastLoRALinear(IN, OUT, use_dora=True, sparse_density=0.1), ValueError,
+        ("use_dora=True", "sparse_density=0.1", "RoSA")),
+    Bad("dora-add_adapter-with-rosa", lambda m: m.add_adapter("x", 2, 2, use_dora=True, sparse_density=0.5),
+        ValueError, ("use_dora=True", "sparse_density=0.5"), _layer),
+    Bad("dora-layer-adapter_ids", lambda m: m(_t(3, IN), adapter_ids=torch.tensor([0, 1, -1])), ValueError,
+        ("DoRA adapters", "['default']", "per row", "set_adapter"), _dora_layer),
+    Bad("dora-config-with-rosa", lambda _: LoraConfig(use_dora=True, sparse_density=0.1), ValueError,
+        ("use_dora=True", "sparse_density=0.1")),
+    Bad("dora-config-use_dora-int", lambda _: LoraConfig(use_dora=1), TypeError, ("use_dora", "1")),
+    Bad("dora-mixed_batch", lambda m: _mixed(m, ["default", None], _t(2, 5, IN)), ValueError,
+        ("mixed_batch", "DoRA adapters", "['default']"), _dora_model),
+]
+
+
+@pytest.mark.parametrize("case", [pytest.param(c, id=c.id) for c in DORA_CASES])
+def test_dora_bad_input_raises_naming_the_argument(case):
+    test_bad_input_raises_naming_the_argument(case)
+
+
+def test_dora_case_ids_are_unique():
+    ids = [c.id for c in CASES + QLORA_CASES + QLORA_MODEL_CASES + DORA_CASES]
+    assert len(ids) == len(set(ids)), sorted({i for i in ids if ids.count(i) > 1})

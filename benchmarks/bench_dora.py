@@ -1,0 +1,129 @@
+"""DoRA linear layer: frozen nn.Linear (the floor) vs fastpeft LoRA vs fastpeft DoRA vs PEFT's DoRA.
+
+    fastpeft bench dora                                   # the default grid for this machine
+    fastpeft bench dora --tokens 2048 --shapes 1024x1024 --ranks 16 --dtype float32 --markdown out.md
+    python benchmarks/bench_dora.py ...                   # the same, from a checkout
+
+Providers: ``linear`` (frozen nn.Linear), ``fastpeft-lora`` (FastLoRALinear, default backend: what DoRA
+should cost), ``fastpeft-dora`` (FastLoRALinear(use_dora=True) on the default backend: the PyTorch path that
+never forms W + sBA, with ‖W‖² cached), ``fastpeft-dora-triton`` (the fused kernels, where they run),
+``peft-dora`` (PEFT's DoRA layer: W + sBA rebuilt in fp32 every call) and ``peft-dora-cached`` (forward only:
+PEFT's ``DoraCaching``, which caches the norm in eval mode only). Modes ``fwd`` and ``fwd+bwd`` (frozen W; dX,
+dA, dB, dm computed), each with its peak memory on CUDA. Ratios are to ``linear`` of the same shape and mode,
+measured in the same run.
+"""
+from __future__ import annotations
+
+import contextlib
+import functools
+import os
+import sys
+
+import torch
+import torch.nn as nn
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+import harness  # noqa: E402
+from harness import Case, Group, parse_kxn  # noqa: E402
+
+import fastpeft  # noqa: E402
+
+GPU_TOKENS = [8192]
+GPU_SHAPES = [(4096, 4096)]
+GPU_RANKS = [16]
+CPU_TOKENS = [2048]
+CPU_SHAPES = [(1024, 1024)]
+CPU_RANKS = [16]
+
+
+def _peft_dora(in_f, out_f, r, p, device, dtype, cached: bool):
+    import peft
+
+    torch.manual_seed(0)
+    base = nn.Sequential(nn.Linear(in_f, out_f, device=device, dtype=dtype))
+    cfg = peft.LoraConfig(r=r, lora_alpha=2 * r, lora_dropout=p, target_modules=["0"], init_lora_weights=False,
+                          use_dora=True)
+    model = peft.get_peft_model(base, cfg)
+    if not cached:
+        return model, contextlib.nullcontext
+    from peft.helpers import DoraCaching
+
+    return model.eval(), functools.partial(DoraCaching, True)  # PEFT caches in eval mode only
+
+
+def providers(in_f, out_f, r, p, mode, device, dtype, kernels_ok: bool):
+    """name -> (module, backend or None, context factory)."""
+    torch.manual_seed(0)
+    lin = nn.Linear(in_f, out_f, device=device, dtype=dtype).requires_grad_(False)
+    kw = dict(r=r, lora_alpha=2 * r, lora_dropout=p, init_lora_weights=False)
+    lora = fastpeft.FastLoRALinear.from_linear(lin, **kw)
+    dora = fastpeft.FastLoRALinear.from_linear(lin, use_dora=True, **kw)
+    none = contextlib.nullcontext
+    out = {"linear": (lin, None, none), "fastpeft-lora": (lora, None, none), "fastpeft-dora": (dora, None, none)}
+    if kernels_ok:
+        out["fastpeft-dora-triton"] = (dora, "triton", none)
+    try:
+        import peft  # noqa: F401
+    except ImportError:
+        return out
+    out["peft-dora"] = (_peft_dora(in_f, out_f, r, p, device, dtype, cached=False)[0], None, none)
+    if mode == "fwd":
+        model, ctx = _peft_dora(in_f, out_f, r, p, device, dtype, cached=True)
+        out["peft-dora-cached"] = (model, None, ctx)
+    return out
+
+
+def step_fn(mod, backend, ctx, mode, x, dy):
+    """One timed call: forward, or forward + the gradients a DoRA step needs (x and the trainables)."""
+    wrt = [x] + [p for p in mod.parameters() if p.requires_grad]
+
+    def fn():
+        with fastpeft.use_backend(backend or "auto"), ctx():
+            y = mod(x)
+            if mode == "fwd+bwd":
+                torch.autograd.grad(y, wrt, dy)
+    return fn
+
+
+def groups(m, k, n, r, p, modes, ctx):
+    """One case's inputs and providers; one group per mode."""
+    x = torch.randn(m, k, device=ctx.device, dtype=ctx.dtype, requires_grad=True)
+    dy = torch.randn(m, n, device=ctx.device, dtype=ctx.dtype)
+    for mode in modes:
+        mods = providers(k, n, r, p, mode, ctx.device, ctx.dtype, ctx.kernels_ok)
+        calls = {name: step_fn(mod, be, c, mode, x, dy) for name, (mod, be, c) in mods.items()}
+        yield Group({"mode": mode}, calls)
+
+
+def cases(args, ctx) -> list:
+    return [Case(dict(M=m, K=k, N=n, r=r, p=p), functools.partial(groups, m, k, n, r, p, args.modes, ctx))
+            for m in args.tokens for k, n in args.shapes for r in args.ranks for p in args.dropout]
+
+
+def add_arguments(ap, cuda: bool) -> None:
+    ap.add_argument("--tokens", nargs="+", type=int, default=GPU_TOKENS if cuda else CPU_TOKENS, help="M values")
+    ap.add_argument("--shapes", nargs="+", type=parse_kxn, default=GPU_SHAPES if cuda else CPU_SHAPES,
+                    help="KxN (in x out) pairs")
+    ap.add_argument("--ranks", nargs="+", type=int, default=GPU_RANKS if cuda else CPU_RANKS)
+    ap.add_argument("--dropout", nargs="+", type=float, default=[0.0])
+
+
+COLUMNS = [("M", "M", "{}"), ("K", "K", "{}"), ("N", "N", "{}"), ("r", "r", "{}"), ("p", "p", "{}"),
+           ("mode", "mode", "{}"), ("provider", "provider", "{}"), ("ms", "median ms", "{:.3f}"),
+           ("p20", "p20", "{:.3f}"), ("p80", "p80", "{:.3f}"), ("vs_linear", "x nn.Linear", "{:.3f}"),
+           ("peak_mib", "peak MiB", "{:.0f}")]
+
+BENCHMARK = harness.Benchmark(
+    prog="fastpeft bench dora", description=__doc__, add_arguments=add_arguments, cases=cases, columns=COLUMNS,
+    title="DoRA linear, {dtype}, ratios to frozen nn.Linear in the same run", plot_title="DoRA linear ({dtype})",
+    no_gpu="No GPU here: timing fastpeft's PyTorch DoRA path (no W + sBA formed) and PEFT's DoRA against "
+           "nn.Linear on the CPU; peak memory is measured on CUDA only.",
+    modes=("fwd", "fwd+bwd"), plot_help="bar chart of the ratios to nn.Linear")
+
+
+def main(argv=None) -> list:
+    return harness.main(BENCHMARK, argv)
+
+
+if __name__ == "__main__":
+    main()
