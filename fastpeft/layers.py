@@ -748,6 +748,8 @@ class QLoRALinear(FastLoRALinear):
         self.lora_A_adapters = nn.ParameterDict()
         self.lora_B_adapters = nn.ParameterDict()
         self.sparse_deltas = nn.ModuleDict()
+        self.lora_magnitude_vector = nn.ParameterDict()  # stays empty: DoRA is refused on a quantized base
+        self._wsq = self._dora_norm = None
         self._specs: dict = {}
         self._active = None
         self._stacks = None
@@ -768,7 +770,11 @@ class QLoRALinear(FastLoRALinear):
         return dict(device=self.weight.device, dtype=torch.float32)  # fp32 adapters, as PEFT's QLoRA
 
     def add_adapter(self, name, r, lora_alpha, lora_dropout=0.0, use_rslora=False, init_lora_weights=True,
-                    sparse_density=0.0, sparse_block_size=1, sparse_selection="random", sparse_scores=None):
+                    sparse_density=0.0, sparse_block_size=1, sparse_selection="random", sparse_scores=None,
+                    use_dora=False):
+        check_dora_options(use_dora, sparse_density)
+        if use_dora:
+            raise ValueError(f"adapter {name!r}: {DORA_QUANTIZED}")
         if rosa_spec(sparse_density, sparse_block_size, sparse_selection) is not None:
             raise ValueError(f"adapter {name!r}: a sparse delta (RoSA, sparse_density={sparse_density}) needs a "
                              f"floating-point base weight, and this layer's is a bitsandbytes "
