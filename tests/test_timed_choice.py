@@ -110,3 +110,27 @@ def test_every_forced_path_matches_the_reference(monkeypatch, gemm, p):
         outs.append([y] + list(torch.autograd.grad(y, (x, a, bb), dy)))
     for name, got, want in zip(("y", "dx", "dA", "dB"), *outs):
         assert_close_report(got, want, rtol=1e-4, atol=1e-4, what=f"{gemm} p={p} {name}")
+
+
+@pytest.mark.parametrize("fwd,bwd", [("torch", "kernels"), ("kernels", "torch")])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
+def test_forward_and_backward_may_choose_differently(monkeypatch, fwd, bwd, dtype):
+    """The two choices are made apart (u is fp32 from the kernels, x's dtype from torch): each mix works."""
+    monkeypatch.setattr(OL, "choose_path", lambda key, run, device: fwd if key[0] == "fwd" else bwd)
+    g = torch.Generator().manual_seed(1)
+    m, k, n, r = 7, 48, 40, 4
+    x = torch.randn(m, k, generator=g).to(dtype).requires_grad_()
+    w = (torch.randn(n, k, generator=g) / 8).to(dtype)
+    a = (torch.randn(r, k, generator=g) / 8).to(dtype).requires_grad_()
+    bb = (torch.randn(n, r, generator=g) / 8).to(dtype).requires_grad_()
+    dy = torch.randn(m, n, generator=g).to(dtype)
+    def run(backend, cast):
+        leaves = [t.detach().to(cast).requires_grad_() for t in (x, a, bb)]
+        y = fastpeft.lora_linear(leaves[0], w.to(cast), None, leaves[1], leaves[2], 2.0, dropout_p=0.1, seed=3,
+                                 backend=backend)
+        return [t.float() for t in [y] + list(torch.autograd.grad(y, leaves, dy.to(cast)))]
+    got, same, exact = run("triton", dtype), run("reference", dtype), run("reference", torch.float32)
+    # The flash-attention rule: the mixed path's error to fp32 at most 2x that of PyTorch in the same dtype.
+    for name, g_, s_, e_ in zip(("y", "dx", "dA", "dB"), got, same, exact):
+        err, base = (g_ - e_).abs().max().item(), (s_ - e_).abs().max().item()
+        assert err <= 2 * base + 1e-5, f"{fwd}/{bwd} {name}: error {err:.3g} vs PyTorch's {base:.3g}"
