@@ -123,8 +123,7 @@ def _forward(x, weight, bias, lora_A, lora_B, scaling, thr, drop_scale, seed) ->
     return run[choose_path(key, run, x.device)]()
 
 
-PATHS = ("kernels", "torch")
-_path_cache: dict = {}
+_path_cache: dict = {}  # shape key -> "kernels" or "torch"
 
 
 def choose_path(key: tuple, candidates: dict, device: torch.device) -> str:
