@@ -7,9 +7,10 @@
 Providers: ``linear`` (frozen nn.Linear), ``fastpeft`` (FastLoRALinear on the default backend: the
 fused kernels on CUDA, with the fused-epilogue / cuBLAS choice measured per shape), ``fastpeft-fused``
 and ``fastpeft-cublas`` (each GEMM variant forced), ``reference`` (FastLoRALinear on the PyTorch
-path, i.e. eager LoRA) and ``peft`` (a PEFT LoRA layer) when installed. Modes: ``fwd`` and ``fwd+bwd``
-(frozen W; dX, dA, dB computed), each with its peak memory on CUDA. Ratios are to ``linear`` of the
-same shape and mode, measured in the same run.
+path, i.e. eager LoRA), ``peft`` (a PEFT LoRA layer) and ``peft+accelerate`` (the same PEFT model
+patched by ``fastpeft.accelerate``) when PEFT is installed, both with the adapter in the benchmark's
+dtype. Modes: ``fwd`` and ``fwd+bwd`` (frozen W; dX, dA, dB computed), each with its peak memory on
+CUDA. Ratios are to ``linear`` of the same shape and mode, measured in the same run.
 """
 from __future__ import annotations
 
@@ -46,13 +47,31 @@ def providers(in_f, out_f, r, p, device, dtype, kernels_ok: bool):
         out["fastpeft-cublas"] = (layer, "triton", "cublas")
     out["reference"] = (layer, "reference", None)
     try:
-        import peft
+        import peft  # noqa: F401
     except ImportError:
         return out
+    out["peft"] = (peft_provider(in_f, out_f, r, p, device, dtype), None, None)
+    out["peft+accelerate"] = (peft_accelerate_provider(in_f, out_f, r, p, device, dtype), None, None)
+    return out
+
+
+def peft_provider(in_f, out_f, r, p, device, dtype):
+    """A PEFT LoRA model of one Linear. ``autocast_adapter_dtype=False`` keeps the adapter in ``dtype`` (PEFT
+    would hold a bf16 model's adapter in fp32), so every provider computes in the same dtype."""
+    import peft
+
+    torch.manual_seed(0)
     base = nn.Sequential(nn.Linear(in_f, out_f, device=device, dtype=dtype))
     cfg = peft.LoraConfig(r=r, lora_alpha=2 * r, lora_dropout=p, target_modules=["0"], init_lora_weights=False)
-    out["peft"] = (peft.get_peft_model(base, cfg), None, None)
-    return out
+    return peft.get_peft_model(base, cfg, autocast_adapter_dtype=False)
+
+
+def peft_accelerate_provider(in_f, out_f, r, p, device, dtype):
+    """The PEFT model of ``peft_provider`` with its LoRA layer computing through fastpeft
+    (``fastpeft.accelerate``, strict: it raises rather than leave the layer on PEFT's forward)."""
+    model = peft_provider(in_f, out_f, r, p, device, dtype)
+    fastpeft.accelerate(model, strict=True)
+    return model
 
 
 def step_fn(mod, backend, gemm, mode, x, dy):

@@ -9,7 +9,7 @@ SHAPE = (512, 1024, 1024)
 
 
 @pytest.mark.parametrize("p", [0.0, 0.1], ids=["p0", "p0.1"])
-@pytest.mark.parametrize("provider", ["linear", "reference", "peft"])
+@pytest.mark.parametrize("provider", ["linear", "reference", "peft", "peft+accelerate"])
 @pytest.mark.parametrize("mode", ["fwd", "fwd+bwd"])
 def test_lora_linear(benchmark, provider, mode, p):
     m, k, n = SHAPE

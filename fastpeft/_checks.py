@@ -147,8 +147,40 @@ def autocast_on(x: torch.Tensor) -> bool:
     return torch.amp.is_autocast_available(t) and torch.is_autocast_enabled(t)
 
 
+# Keys of the lora_linear argument sets that passed the checks: a decode step repeats a few shapes, and the
+# checks read nothing the key does not hold (types, shapes, dtypes, devices, autocast, the two numbers).
+_LORA_ARGS_OK: set = set()
+
+
+def _lora_args_key(x, weight, bias, lora_A, lora_B, scaling, dropout_p):
+    """All that ``check_lora_linear_args`` reads of its arguments, or None (not cached) for anything but
+    tensors and plain numbers, and while torch.compile traces (dynamo would guard on the cache)."""
+    if type(scaling) not in (float, int) or type(dropout_p) not in (float, int) or _compiling():
+        return None
+    try:
+        return (type(x), x.shape, x.dtype, x.device, type(weight), weight.shape, weight.dtype, weight.device,
+                type(lora_A), lora_A.shape, lora_A.dtype, lora_A.device,
+                type(lora_B), lora_B.shape, lora_B.dtype, lora_B.device,
+                None if bias is None else (type(bias), bias.shape, bias.dtype, bias.device),
+                autocast_on(x), scaling, dropout_p)
+    except AttributeError:
+        return None
+
+
 def check_lora_linear_args(x, weight, bias, lora_A, lora_B, scaling, dropout_p) -> None:
-    """Shapes, dtypes and devices of a ``lora_linear`` call (see API.md for the conventions)."""
+    """Shapes, dtypes and devices of a ``lora_linear`` call (see API.md for the conventions); an argument
+    set that passed once (same types, shapes, dtypes, devices, numbers) passes again without the checks."""
+    key = _lora_args_key(x, weight, bias, lora_A, lora_B, scaling, dropout_p)
+    if key is not None and key in _LORA_ARGS_OK:
+        return
+    _check_lora_linear_args(x, weight, bias, lora_A, lora_B, scaling, dropout_p)
+    if key is not None:
+        if len(_LORA_ARGS_OK) >= 4096:  # a bound for programs that sweep shapes
+            _LORA_ARGS_OK.clear()
+        _LORA_ARGS_OK.add(key)
+
+
+def _check_lora_linear_args(x, weight, bias, lora_A, lora_B, scaling, dropout_p) -> None:
     check_tensor(x, "x")
     check_tensor(weight, "weight", ndim=2)
     check_tensor(lora_A, "lora_A", ndim=2)

@@ -441,10 +441,13 @@ else:  # torch < 2.6: plain launchers (eager only)
 
 
 # ----------------------------------------------------------------------------------------------------
-# fused epilogue vs cuBLAS + in-place update: picked per shape by measuring both once
+# the timed choice: the fastest of N named candidates, measured once per shape key
 # ----------------------------------------------------------------------------------------------------
 
-GEMM_CHOICES = ("auto", "fused", "cublas")
+# FASTPEFT_LORA_GEMM: "fused" (the epilogue GEMM), "tma" (kernels/lora_tma.py, sm_90+), "cublas" (cuBLAS +
+# in-place low-rank update) force the GEMM of the kernel path; "torch" forces the plain torch composition of
+# the whole LoRA forward / backward (fastpeft/ops/lora.py); "auto" times what can run.
+GEMM_CHOICES = ("auto", "fused", "tma", "cublas", "torch")
 _choice_cache: dict = {}
 
 
@@ -460,36 +463,47 @@ def gemm_mode() -> str:
     return env_choice("FASTPEFT_LORA_GEMM", GEMM_CHOICES)
 
 
-def timed_choice(cache: dict, key: tuple, mode: str, device: torch.device, run_fused, run_other, other: str) -> str:
-    """``"fused"`` or ``other`` (the cuBLAS-based path) for this shape key, given the environment's ``mode``.
-
-    A forced mode wins; with ``auto`` the interpreter runs fused (so that it is tested), and on CUDA both
-    are timed once (``triton.testing.do_bench`` median, after a first call of each: the fused kernel's
-    autotuning must not be timed as its run) and the faster is kept in ``cache``. Deterministic mode
-    (``fastpeft.set_deterministic``, ``torch.use_deterministic_algorithms(True)``) and torch.compile
-    tracing take ``other`` without timing: a timing-dependent choice could change the bits between runs,
-    and cuBLAS is never far from the best base GEMM.
-    """
-    if mode != "auto":
-        return mode
-    if device.type != "cuda" or INTERPRET:
-        return "fused"
-    if is_deterministic():
-        return other
-    if key in cache:
-        return cache[key]
-    if torch.compiler.is_compiling():
-        return other
+def _bench(fn) -> float:
+    """Median ms of ``fn`` (``triton.testing.do_bench``); tests replace it with a fake clock."""
     from triton.testing import do_bench
 
-    run_fused()
-    run_other()
-    fused = do_bench(run_fused, warmup=10, rep=40)
-    rival = do_bench(run_other, warmup=10, rep=40)
-    cache[key] = "fused" if fused < rival else other
+    return do_bench(fn, warmup=10, rep=40)
+
+
+def timed_choice(cache: dict, key: tuple, mode: str, device: torch.device, candidates: dict, fixed: str) -> str:
+    """The name of the candidate to run for this shape key, given the environment's ``mode``.
+
+    ``candidates`` maps names to zero-argument callables running that variant; the caller offers only
+    those that can run on these tensors. The first is the kernel path: off CUDA and under the interpreter
+    ``auto`` runs it (so that it is tested). A forced ``mode`` wins (ValueError when it is not offered).
+    On CUDA every candidate is run once (autotuning is not timed as its run), then timed (``_bench``:
+    ``do_bench`` median) and the fastest is kept in ``cache``. Deterministic mode
+    (``fastpeft.set_deterministic``, ``torch.use_deterministic_algorithms(True)``) and torch.compile tracing
+    take ``fixed`` without timing: a timing-dependent choice could change the bits between runs.
+    """
+    if mode != "auto":
+        if mode not in candidates:
+            raise ValueError(f"{mode!r} is forced but cannot run here; offered: {tuple(candidates)}")
+        return mode
+    first = next(iter(candidates))
+    if device.type != "cuda" or INTERPRET:
+        return first
+    if is_deterministic():
+        return fixed if fixed in candidates else first
+    if key in cache:
+        return cache[key]
+    if torch.compiler.is_compiling() or len(candidates) == 1:
+        return fixed if fixed in candidates else first
+    for run in candidates.values():
+        run()
+    times = {name: _bench(run) for name, run in candidates.items()}
+    cache[key] = min(times, key=times.get)  # ties keep the earlier (the kernel path)
     return cache[key]
 
 
-def choose_gemm(key: tuple, run_fused, run_cublas, device: torch.device) -> str:
-    """``"fused"`` or ``"cublas"`` for this shape key (FASTPEFT_LORA_GEMM; see ``timed_choice``)."""
-    return timed_choice(_choice_cache, key, gemm_mode(), device, run_fused, run_cublas, "cublas")
+def choose_gemm(key: tuple, candidates: dict, device: torch.device) -> str:
+    """One of ``"fused"``, ``"tma"``, ``"cublas"`` (those offered) for this shape key; FASTPEFT_LORA_GEMM
+    forces one ("torch" forces the whole torch composition, whose GEMM is cuBLAS). Deterministic: cuBLAS."""
+    mode = gemm_mode()
+    mode = "cublas" if mode == "torch" else mode
+    return timed_choice(_choice_cache, key, mode, device, candidates, "cublas")

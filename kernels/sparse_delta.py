@@ -669,4 +669,4 @@ def choose_sparse_gemm(key: tuple, block_size: int, run_fused, run_dense, device
     mode = gemm_mode()
     if not fused_gemm_ok(block_size):
         return "dense"
-    return timed_choice(_choice_cache, key, mode, device, run_fused, run_dense, "dense")
+    return timed_choice(_choice_cache, key, mode, device, {"fused": run_fused, "dense": run_dense}, "dense")

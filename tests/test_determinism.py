@@ -1,9 +1,9 @@
 """Deterministic mode (``fastpeft.set_deterministic`` / ``fastpeft.deterministic()`` /
 ``torch.use_deterministic_algorithms(True)`` / ``FASTPEFT_DETERMINISTIC=1``): every op's forward and
 backward on the triton backend give the same bits on a second run from fresh copies of the inputs and the
-same seed, and the timing-dependent choices (fused vs cuBLAS GEMM, autotuned configs) are pinned. Runs
-under TRITON_INTERPRET=1 on CPU tensors; tests marked ``gpu`` repeat it on CUDA at larger shapes with every
-cache of timed choices cleared between the runs, as in a new process."""
+same seed, and the timing-dependent choices (kernels vs torch, fused / TMA / cuBLAS GEMM, autotuned configs)
+are pinned. Runs under TRITON_INTERPRET=1 on CPU tensors; tests marked ``gpu`` repeat it on CUDA at larger
+shapes with every cache of timed choices cleared between the runs, as in a new process."""
 import pytest
 import torch
 
@@ -17,6 +17,7 @@ if not kernels.INTERPRET and not torch.cuda.is_available():
 
 from fastpeft.kernels import lora as K  # noqa: E402
 from fastpeft.kernels import sparse_delta as SD  # noqa: E402
+from fastpeft.ops import lora as OL  # noqa: E402
 
 DEV = "cuda" if torch.cuda.is_available() and not kernels.INTERPRET else "cpu"
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
@@ -125,11 +126,12 @@ def test_timed_choices_are_pinned(monkeypatch):
     monkeypatch.setattr(K, "INTERPRET", False)
     monkeypatch.setattr(SD, "INTERPRET", False)
     cuda = torch.device("cuda")
+    run = {"fused": None, "tma": None, "cublas": None}
     with fastpeft.deterministic():
-        assert K.choose_gemm(("k",), None, None, cuda) == "cublas"
+        assert K.choose_gemm(("k",), run, cuda) == "cublas"
         assert SD.choose_sparse_gemm(("k",), 32, None, None, cuda) == "dense"
     monkeypatch.setenv("FASTPEFT_DETERMINISTIC", "1")
-    assert K.choose_gemm(("k",), None, None, cuda) == "cublas"
+    assert K.choose_gemm(("k",), run, cuda) == "cublas"
 
 
 def test_autotuned_gemms_run_one_pinned_config(monkeypatch):
@@ -210,6 +212,7 @@ def _forget_timed_choices():
     """What a new process would not know: the measured GEMM choices and the autotuners' picks."""
     K._choice_cache.clear()
     SD._choice_cache.clear()
+    OL._path_cache.clear()
     K._lora_gemm_tuned.cache.clear()
     SD._sparse_gemm_tuned.cache_clear()
 

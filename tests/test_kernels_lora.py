@@ -264,18 +264,20 @@ def test_gpu_torch_compile_fullgraph():
 def test_gemm_choice_rules(monkeypatch):
     monkeypatch.setenv("FASTPEFT_LORA_GEMM", "auto")
     calls = []
-    pick = K.choose_gemm(("k",), lambda: calls.append("f"), lambda: calls.append("c"), torch.device("cpu"))
+    run = {"fused": lambda: calls.append("f"), "cublas": lambda: calls.append("c")}
+    pick = K.choose_gemm(("k",), run, torch.device("cpu"))
     assert pick == "fused" and not calls  # off CUDA: no timing
     monkeypatch.setenv("FASTPEFT_LORA_GEMM", "cublas")
-    assert K.choose_gemm(("k",), None, None, torch.device("cuda")) == "cublas"
+    assert K.choose_gemm(("k",), run, torch.device("cuda")) == "cublas"
     monkeypatch.setenv("FASTPEFT_LORA_GEMM", "auto")
     monkeypatch.setattr(K, "INTERPRET", False)
     old = torch.are_deterministic_algorithms_enabled()
     try:
         torch.use_deterministic_algorithms(True)
-        assert K.choose_gemm(("k",), None, None, torch.device("cuda")) == "cublas"  # pinned, not timed
+        assert K.choose_gemm(("k",), run, torch.device("cuda")) == "cublas"  # pinned, not timed
     finally:
         torch.use_deterministic_algorithms(old)
+    assert not calls
 
 
 def test_eager_calls_launch_directly_and_compile_sees_the_ops(monkeypatch):

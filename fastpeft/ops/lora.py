@@ -7,6 +7,7 @@ from __future__ import annotations
 import torch
 
 from ..kernels import lora as K
+from ..kernels import lora_tma as KT
 from ..reference import dropout_threshold
 from .common import _bucket, _seed_arg, autocast_inputs, base_grads
 
@@ -19,7 +20,8 @@ def dropout_constants(dropout_p: float) -> tuple:
 
 
 class LoRALinearFunction(torch.autograd.Function):
-    r"""Fused LoRA linear on the triton kernels; x is 2-D here, (M, K).
+    r"""LoRA linear on the triton kernels or, where it is faster, the plain torch composition; x is 2-D
+    here, (M, K).
 
     Forward, with s the scaling, p the dropout rate, D = diag-free keep-mask of x (M, K) and
     drop(x) = D * x / (1 - p):
@@ -35,20 +37,22 @@ class LoRALinearFunction(torch.autograd.Function):
         dB    = s dY^T u                                                       (N, r)
         dW    = dY^T x,   db = sum_m dY                                        (only when required)
 
+    Forward and backward each run the faster of two compositions of these formulas, measured once per
+    shape (``kernels.lora.timed_choice``; deterministic mode and tracing keep ``"kernels"``):
+    ``"kernels"`` (the shrink kernel and ``lora_gemm``, itself the fastest of its GEMMs) and ``"torch"``
+    (cuBLAS matmuls, the eager reference's cost; with dropout the masked pieces, u and dA and the
+    masked low-rank add of dX, stay on the kernels, which redraw the mask instead of storing it).
+
     Saved for backward: x (not a dropped copy: the mask is a pure function of the seed and is redrawn),
-    u (M, r) fp32 and the parameters. v is recomputed from dY. No atomics anywhere: partial sums are
-    added in a fixed order, so the same inputs give the same bits on every run.
+    u (M, r) (fp32 on the kernels, x's dtype on torch) and the parameters. v is recomputed from dY. No
+    atomics anywhere on the kernels: partial sums are added in a fixed order, so the same inputs give the
+    same bits on every run.
     """
 
     @staticmethod
     def forward(ctx, x, weight, bias, lora_A, lora_B, scaling, dropout_p, seed):
         thr, drop_scale = dropout_constants(dropout_p)
-        k = x.shape[1]
-        # The mask of x (M, K) element (m, k) is draw(seed, m K + k).
-        u = K.shrink_op(x, lora_A.t(), scale=drop_scale, seed=seed, threshold=thr, mask_sp=k, mask_sq=1)
-
-        key = ("fwd", _bucket(x.shape[0]), k, weight.shape[0], lora_A.shape[0], x.dtype, bias is not None)
-        y = lora_gemm(x, weight.t(), u, lora_B.t(), bias=bias, scale=scaling, key=key)
+        y, u = _forward(x, weight, bias, lora_A, lora_B, scaling, thr, drop_scale, seed)
         ctx.save_for_backward(x, u, weight, lora_A, lora_B)
         ctx.scaling, ctx.seed, ctx.thr, ctx.drop_scale = scaling, seed, thr, drop_scale
         ctx.has_bias = bias is not None
@@ -59,15 +63,76 @@ class LoRALinearFunction(torch.autograd.Function):
         x, u, weight, lora_A, lora_B = ctx.saved_tensors
         need_x, need_w, need_b, need_a, need_bb = ctx.needs_input_grad[:5]
         s, seed, thr, ds = ctx.scaling, ctx.seed, ctx.thr, ctx.drop_scale
-        k = x.shape[1]
-        dx = None
-        v, da, dbb = lora_factor_grads(dy, x, u, lora_A, lora_B, scaling=s, drop_scale=ds, seed=seed, threshold=thr,
-                                       need_v=need_x, need_a=need_a, need_b=need_bb)
-        if need_x:
-            key = ("dx", _bucket(x.shape[0]), weight.shape[0], k, lora_A.shape[0], x.dtype, thr > 0)
-            dx = lora_gemm(dy, weight, v, lora_A, scale=s * ds, seed=seed, threshold=thr, key=key)
+        m, k = x.shape
+        key = ("bwd", _bucket(m), k, weight.shape[0], lora_A.shape[0], x.dtype, thr > 0,
+               need_x, need_a, need_bb)
+
+        def kernels():
+            dx = None
+            v, da, dbb = lora_factor_grads(dy, x, u, lora_A, lora_B, scaling=s, drop_scale=ds, seed=seed,
+                                           threshold=thr, need_v=need_x, need_a=need_a, need_b=need_bb)
+            if need_x:
+                gkey = ("dx", _bucket(m), weight.shape[0], k, lora_A.shape[0], x.dtype, thr > 0)
+                dx = lora_gemm(dy, weight, v, lora_A, scale=s * ds, seed=seed, threshold=thr, key=gkey)
+            return dx, da, dbb
+
+        def composed():
+            dx = da = dbb = None
+            v = dy @ lora_B if need_x or need_a else None
+            if need_bb:
+                dbb = (dy.t() @ u.to(dy.dtype)).mul_(s).to(lora_B.dtype)
+            if need_a and thr > 0:
+                da = K.shrink_op(x.t(), v, scale=s * ds, seed=seed, threshold=thr, mask_sp=1,
+                                 mask_sq=k).t().to(lora_A.dtype)
+            elif need_a:
+                da = (v.t() @ x).mul_(s).to(lora_A.dtype)
+            if need_x:
+                dx = dy @ weight
+                if thr > 0:
+                    dx = K.lowrank_add_op(dx, v, lora_A, scale=s * ds, seed=seed, threshold=thr)
+                else:
+                    dx.addmm_(v, lora_A, alpha=s)
+            return dx, da, dbb
+
+        run = {"kernels": kernels, "torch": composed}
+        dx, da, dbb = run[choose_path(key, run, dy.device)]()
         dw, db = base_grads(dy, x, weight, need_w, need_b and ctx.has_bias)
         return dx, dw, db, da, dbb, None, None, None
+
+
+def _forward(x, weight, bias, lora_A, lora_B, scaling, thr, drop_scale, seed) -> tuple:
+    """``(y, u)`` of ``LoRALinearFunction``'s forward on the faster of its two compositions."""
+    m, k = x.shape
+    key = ("fwd", _bucket(m), k, weight.shape[0], lora_A.shape[0], x.dtype, bias is not None, thr > 0)
+
+    def kernels():
+        # The mask of x (M, K) element (m, k) is draw(seed, m K + k).
+        u = K.shrink_op(x, lora_A.t(), scale=drop_scale, seed=seed, threshold=thr, mask_sp=k, mask_sq=1)
+        gkey = ("fwd", _bucket(m), k, weight.shape[0], lora_A.shape[0], x.dtype, bias is not None)
+        return lora_gemm(x, weight.t(), u, lora_B.t(), bias=bias, scale=scaling, key=gkey), u
+
+    def composed():
+        if thr > 0:
+            u = K.shrink_op(x, lora_A.t(), scale=drop_scale, seed=seed, threshold=thr, mask_sp=k, mask_sq=1)
+        else:
+            u = x @ lora_A.t()
+        y = torch.addmm(bias, x, weight.t()) if bias is not None else x @ weight.t()
+        return y.addmm_(u.to(y.dtype), lora_B.t(), alpha=scaling), u
+
+    run = {"kernels": kernels, "torch": composed}
+    return run[choose_path(key, run, x.device)]()
+
+
+_path_cache: dict = {}  # shape key -> "kernels" or "torch"
+
+
+def choose_path(key: tuple, candidates: dict, device: torch.device) -> str:
+    """``"kernels"`` or ``"torch"`` for a LoRA forward / backward of this shape key: FASTPEFT_LORA_GEMM=torch
+    forces torch, a forced GEMM (fused / tma / cublas) forces the kernels, ``auto`` times both
+    (``kernels.lora.timed_choice``); deterministic mode and torch.compile tracing keep the kernels."""
+    mode = K.gemm_mode()
+    mode = mode if mode in ("auto", "torch") else "kernels"
+    return K.timed_choice(_path_cache, key, mode, device, candidates, "kernels")
 
 
 def lora_factor_grads(dy, x, u, lora_A, lora_B, *, scaling, drop_scale, seed, threshold, need_v, need_a,
@@ -86,12 +151,16 @@ def lora_factor_grads(dy, x, u, lora_A, lora_B, *, scaling, drop_scale, seed, th
     return v, da, db
 
 
-def lora_gemm(a, b, lu, lv, *, bias=None, scale, seed=0, threshold=0, key):
-    """``a @ b + scale * mask * (lu @ lv) + bias`` on the faster of the fused-epilogue GEMM and cuBLAS +
-    an in-place low-rank update, chosen per shape ``key`` (``kernels.lora.choose_gemm``)."""
+def gemm_candidates(a, b, lu, lv, *, bias=None, scale, seed=0, threshold=0) -> dict:
+    """The GEMMs that can compute ``a @ b + scale * mask * (lu @ lv) + bias`` here, name -> zero-argument
+    callable: ``"fused"`` (the epilogue GEMM), ``"tma"`` (only where ``tma_supported`` and
+    ``tma_shapes_ok``) and ``"cublas"`` (cuBLAS, then the low-rank update in place)."""
 
     def fused():
         return K.gemm_op(a, b, lu, lv, bias=bias, scale=scale, seed=seed, threshold=threshold)
+
+    def tma():
+        return KT.lora_gemm_tma(a=a, b=b, lu=lu, lv=lv, bias=bias, scale=scale, seed=seed, threshold=threshold)
 
     def cublas():
         out = torch.addmm(bias, a, b) if bias is not None else a @ b
@@ -99,16 +168,35 @@ def lora_gemm(a, b, lu, lv, *, bias=None, scale, seed=0, threshold=0, key):
             return out.addmm_(lu.to(out.dtype), lv, alpha=scale)
         return K.lowrank_add_op(out, lu, lv, scale=scale, seed=seed, threshold=threshold)
 
-    return fused() if K.choose_gemm(key, fused, cublas, a.device) == "fused" else cublas()
+    out = {"fused": fused}
+    # The TMA kernel is a plain launcher, not a registered op: torch.compile does not trace it.
+    if not torch.compiler.is_compiling() and KT.tma_supported(a.device) and KT.tma_shapes_ok(a=a, b=b):
+        out["tma"] = tma
+    out["cublas"] = cublas
+    return out
+
+
+def lora_gemm(a, b, lu, lv, *, bias=None, scale, seed=0, threshold=0, key):
+    """``a @ b + scale * mask * (lu @ lv) + bias`` on the fastest of ``gemm_candidates``, chosen per shape
+    ``key`` (``kernels.lora.choose_gemm``)."""
+    run = gemm_candidates(a, b, lu, lv, bias=bias, scale=scale, seed=seed, threshold=threshold)
+    return run[K.choose_gemm(key, run, a.device)]()
 
 
 def _lora_linear_triton(x, weight, bias, lora_A, lora_B, scaling, dropout_p, seed):
     """Triton path of ``lora_linear``: reshape to 2-D, follow autocast as nn.Linear does, and run the
     fused Function. x (..., in) any strides -> (..., out); ``dropout_p`` is already 0 when not training."""
-    x, weight, bias, lora_A, lora_B = autocast_inputs(x, weight, bias, lora_A, lora_B)
+    if torch.is_autocast_enabled(x.device.type):  # x is on cpu / cuda here: both have autocast
+        x, weight, bias, lora_A, lora_B = autocast_inputs(x, weight, bias, lora_A, lora_B)
+        with torch.autocast(x.device.type, enabled=False):
+            return _lora_linear_triton(x, weight, bias, lora_A, lora_B, scaling, dropout_p, seed)
     lead = x.shape[:-1]
     x2 = x.reshape(-1, x.shape[-1])
-    with torch.autocast(x.device.type, enabled=False):
+    if torch.is_grad_enabled() and (x.requires_grad or weight.requires_grad or lora_A.requires_grad
+                                    or lora_B.requires_grad or bias is not None and bias.requires_grad):
         y = LoRALinearFunction.apply(x2, weight, bias, lora_A, lora_B, float(scaling), float(dropout_p),
                                      _seed_arg(seed))
+    else:  # nothing to differentiate (decode, evaluation): the forward without the autograd Function's cost
+        thr, drop_scale = dropout_constants(dropout_p)
+        y = _forward(x2, weight, bias, lora_A, lora_B, float(scaling), thr, drop_scale, _seed_arg(seed))[0]
     return y.view(*lead, weight.shape[0])

@@ -146,7 +146,7 @@ def choose_path(qw: QuantizedWeight, M: int, device: torch.device, run_fused, ru
     if reason is not None:
         return "dequant"
     key = ("qlora", 1 << max(0, M - 1).bit_length(), qw.shape, qw.kind, qw.blocksize, qw.nested)
-    return KL.timed_choice(_path_cache, key, mode, device, run_fused, run_dequant, "dequant")
+    return KL.timed_choice(_path_cache, key, mode, device, {"fused": run_fused, "dequant": run_dequant}, "dequant")
 
 
 def qlora_linear_op(x, qweight: QuantizedWeight, bias, lora_A, lora_B, scaling: float, p: float, seed: int,

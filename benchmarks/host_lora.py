@@ -1,0 +1,78 @@
+"""Host time of one ``lora_linear`` call at decode size, on the CPU: what the Python path costs before any
+kernel runs (checks, backend dispatch, autocast, reshape, the autograd Function, the timed choices).
+
+    python benchmarks/host_lora.py [--calls 10000]
+
+Runs under TRITON_INTERPRET=1 with the kernel launchers replaced by stubs that only allocate their outputs,
+so the triton path's host work is timed without the interpreter; the reference path runs as it is (its
+matmuls on tiny tensors cost little). Prints µs per call (median of 5 rounds of ``--calls`` calls each), in
+this process's CPU time (``time.process_time``: a machine shared with other jobs stretches wall time, not it).
+"""
+from __future__ import annotations
+
+import argparse
+import os
+import statistics
+import time
+
+os.environ.setdefault("TRITON_INTERPRET", "1")
+
+import torch  # noqa: E402
+
+import fastpeft  # noqa: E402
+from fastpeft._checks import check_lora_linear_args  # noqa: E402
+from fastpeft.functional import resolve_backend  # noqa: E402
+from fastpeft.kernels import lora as K  # noqa: E402
+
+
+def _stub_launchers():
+    """Launchers that allocate their outputs and launch nothing."""
+    K.shrink_op = lambda a, b, **kw: a.new_empty((a.shape[0], b.shape[1]), dtype=torch.float32)
+    K.gemm_op = lambda a, b, lu, lv, **kw: a.new_empty((a.shape[0], b.shape[1]))
+    K.lowrank_add_op = lambda out, lu, lv, **kw: out
+
+
+def per_call_us(fn, calls: int) -> float:
+    for _ in range(min(calls, 200)):
+        fn()
+    rounds = []
+    for _ in range(5):
+        t0 = time.process_time()
+        for _ in range(calls):
+            fn()
+        rounds.append((time.process_time() - t0) / calls * 1e6)
+    return statistics.median(rounds)
+
+
+def main(argv=None):
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--calls", type=int, default=10000)
+    args = ap.parse_args(argv)
+    torch.manual_seed(0)
+    m, k, n, r = 1, 64, 64, 8  # one decode token; sizes do not matter to the host path
+    x = torch.randn(m, k)
+    w, b = torch.randn(n, k), torch.randn(n)
+    a, bb = torch.randn(r, k, requires_grad=True), torch.randn(n, r, requires_grad=True)
+    _stub_launchers()
+    rows = {
+        "checks (check_lora_linear_args)": lambda: check_lora_linear_args(x, w, b, a, bb, 2.0, 0.0),
+        "dispatch (resolve_backend)": lambda: resolve_backend("lora_linear", "triton", x, w, a, bb),
+        "lora_linear triton, stub kernels, no_grad": None,
+        "lora_linear triton, stub kernels, grad": lambda: fastpeft.lora_linear(x, w, b, a, bb, 2.0, backend="triton"),
+        "lora_linear reference, no_grad": None,
+    }
+
+    def no_grad(backend):
+        def fn():
+            with torch.no_grad():
+                fastpeft.lora_linear(x, w, b, a, bb, 2.0, backend=backend)
+        return fn
+    rows["lora_linear triton, stub kernels, no_grad"] = no_grad("triton")
+    rows["lora_linear reference, no_grad"] = no_grad("reference")
+    print(f"host µs per call, CPU time (torch {torch.__version__}, {args.calls} calls x 5 rounds, median)")
+    for name, fn in rows.items():
+        print(f"  {name:<44} {per_call_us(fn, args.calls):8.2f}")
+
+
+if __name__ == "__main__":
+    main()
