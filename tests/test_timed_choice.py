@@ -21,6 +21,8 @@ from fastpeft.reference import lora_linear_ref  # noqa: E402
 from conftest import assert_close_report  # noqa: E402
 
 CUDA = torch.device("cuda")
+# The forced paths are compared with the reference backend: on CPU tensors it draws the kernels' Philox masks.
+pytestmark = pytest.mark.usefixtures("kernel_stream_reference")
 
 
 @pytest.fixture
