@@ -22,8 +22,8 @@ import threading
 import torch
 
 from . import kernels
-from ._checks import (autocast_on, check_dora_linear_args, check_lora_linear_args, check_lora_multi_args,
-                      check_qlora_linear_args, check_same_device_dtype, check_sparse_delta, check_tensor,
+from ._checks import (autocast_on, check_bool, check_dora_linear_args, check_lora_linear_args, check_lora_multi_args,
+                      check_qlora_linear_args, check_same_device_dtype, check_seed, check_sparse_delta, check_tensor,
                       expand_adapter_ids)
 from .ops.common import autocast_inputs, draw_seed
 from .ops.dora import dora_linear as _dora_linear_op  # plain torch at import; its kernels load on first use
@@ -130,10 +130,8 @@ def lora_linear(x, weight, bias, lora_A, lora_B, scaling, dropout_p=0.0, trainin
     generator when None). Differentiable in x, lora_A, lora_B, and bias / weight where they require grad.
     """
     check_lora_linear_args(x, weight, bias, lora_A, lora_B, scaling, dropout_p)
-    if not isinstance(training, bool):
-        raise TypeError(f"training must be a bool, got {type(training).__name__}")
-    if seed is not None and (isinstance(seed, bool) or not isinstance(seed, int) or not 0 <= seed < 2**63):
-        raise ValueError(f"seed must be None or an int in [0, 2**63), got {seed!r}")
+    check_bool(training, "training")
+    check_seed(seed)
     p = float(dropout_p) if training else 0.0
     if p > 0.0 and seed is None:
         seed = draw_seed(x.device)
@@ -236,10 +234,8 @@ def qlora_linear(x, qweight, bias, lora_A, lora_B, scaling, dropout_p=0.0, train
     lora_B and bias. ``path`` ("fused" / "dequant") pins the triton forward (tests, benchmarks); None chooses.
     """
     check_qlora_linear_args(x, qweight, bias, lora_A, lora_B, scaling, dropout_p)
-    if not isinstance(training, bool):
-        raise TypeError(f"training must be a bool, got {type(training).__name__}")
-    if seed is not None and (isinstance(seed, bool) or not isinstance(seed, int) or not 0 <= seed < 2**63):
-        raise ValueError(f"seed must be None or an int in [0, 2**63), got {seed!r}")
+    check_bool(training, "training")
+    check_seed(seed)
     p = float(dropout_p) if training else 0.0
     if p > 0.0 and seed is None:
         seed = draw_seed(x.device)
