@@ -390,3 +390,11 @@ def check_dora_options(use_dora, sparse_density) -> None:
     if use_dora and isinstance(sparse_density, (int, float)) and sparse_density > 0:
         raise ValueError(f"use_dora=True with sparse_density={sparse_density} (RoSA) is not supported: a DoRA "
                          "adapter has no sparse delta; use one or the other")
+
+
+def check_routed_batch(adapter_ids, x) -> None:
+    """``mixed_batch``'s ids (one per sequence) against a layer's input x (batch, ..., in)."""
+    if x.dim() < 2 or x.shape[0] != adapter_ids.shape[0]:
+        raise ValueError(f"mixed_batch was given {adapter_ids.shape[0]} adapter_names (one per sequence), but "
+                         f"this layer's input has batch size {x.shape[0] if x.dim() >= 2 else 'none'} "
+                         f"(shape {tuple(x.shape)})")

@@ -22,9 +22,9 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from ._checks import (check_adapter_name, check_bool, check_dropout, check_finite_number, check_in_features, check_init,
-                      check_linear, check_rank, check_sparse_delta, check_sparse_options, expand_adapter_ids)
-from ._checks import check_dora_options
+from ._checks import (check_adapter_name, check_bool, check_dora_options, check_dropout, check_finite_number,
+                      check_in_features, check_init, check_linear, check_rank, check_routed_batch, check_sparse_delta,
+                      check_sparse_options, expand_adapter_ids)
 from .functional import (dora_linear, lora_linear, lora_linear_multi, lora_sparse_linear, qlora_linear, resolve_backend,
                          sparse_delta_linear)
 from .ops.dora import weight_sq_norms
@@ -603,10 +603,8 @@ class FastLoRALinear(TunerLayer):
         if len(self.sparse_deltas):
             raise RuntimeError("adapters with a sparse delta (RoSA) cannot be routed per row (adapter_ids / "
                                "mixed_batch); use set_adapter")
-        if routed and (x.dim() < 2 or x.shape[0] != adapter_ids.shape[0]):
-            raise ValueError(f"mixed_batch was given {adapter_ids.shape[0]} adapter_names (one per sequence), but "
-                             f"this layer's input has batch size {x.shape[0] if x.dim() >= 2 else 'none'} "
-                             f"(shape {tuple(x.shape)})")
+        if routed:
+            check_routed_batch(adapter_ids, x)
         ids = expand_adapter_ids(adapter_ids, x, len(self._specs), check_range=not routed)
         if not self._specs:
             return F.linear(x, self.weight, self.bias)
@@ -807,10 +805,8 @@ class QLoRALinear(FastLoRALinear):
             s = self._specs[self._active]
             a, b = self.adapter_parameters()
             return qlora_linear(x, self.quantized_weight(), self.bias, a, b, s.scaling, s.lora_dropout, self.training)
-        if routed and (x.dim() < 2 or x.shape[0] != adapter_ids.shape[0]):
-            raise ValueError(f"mixed_batch was given {adapter_ids.shape[0]} adapter_names (one per sequence), but "
-                             f"this layer's input has batch size {x.shape[0] if x.dim() >= 2 else 'none'} "
-                             f"(shape {tuple(x.shape)})")
+        if routed:
+            check_routed_batch(adapter_ids, x)
         ids = expand_adapter_ids(adapter_ids, x, len(self._specs), check_range=not routed)
         if not self._specs:
             return self._base_forward(x)
