@@ -1,22 +1,35 @@
 """``fastpeft.accelerate(peft_model)``: Hugging Face PEFT's LoRA layers computing through fastpeft's ops.
 
-Each eligible ``peft.tuners.lora.Linear`` of the model gets its class swapped (``__class__``) for a cached
-subclass, ``AcceleratedLinear``, whose ``forward`` decides at every call:
+Each eligible ``peft.tuners.lora.Linear`` (and ``peft.tuners.lora.bnb.Linear4bit``) of the model gets its
+class swapped (``__class__``) for a cached subclass, ``AcceleratedLinear`` (``AcceleratedLinear4bit``),
+whose ``forward`` decides at every call:
 
 - the active adapter(s) of a plain LoRA layer on an ``nn.Linear`` base -> ``fastpeft.lora_linear``
   (several active adapters: their factors side by side, one call);
+- one active DoRA adapter (``use_dora=True``) on an ``nn.Linear`` base -> ``fastpeft.dora_linear`` with
+  ``dropout_mode="exact"`` (PEFT 0.21's DoraLinearVariant: with dropout in training the DoRA term takes
+  ``drop(x)``, base term included, the base layer's output stays on x; the mask is drawn only when the
+  layer is in training mode, as PEFT gates it on ``module.training``);
+- the active adapter(s) of a LoRA layer on a bitsandbytes ``Linear4bit`` base (NF4 / FP4, PEFT's
+  ``lora.bnb.Linear4bit``) -> ``fastpeft.qlora_linear`` on the packed weight read in place, when the input,
+  the adapters (and the bias) are in the layer's compute dtype: then PEFT's forward computes everything in
+  that dtype too;
 - ``adapter_names=`` (PEFT's mixed batches, ``"__base__"`` rows included) -> ``fastpeft.lora_linear_multi``;
 - anything else -> PEFT's own ``Linear.forward``, unchanged: disabled or merged adapters, LoRA variants
-  (DoRA, aLoRA, ...), ``lora_bias``, hooks on the base layer or on the LoRA factors (accelerate's offload
-  hooks included), parameters of other dtypes than the input outside autocast (fp32 adapters on a bf16
-  base: PEFT computes the LoRA branch in fp32), several active adapters with dropout in training (PEFT draws
-  one mask per adapter), extra forward arguments.
+  other than DoRA (aLoRA, ...), DoRA with several active adapters or on a quantized base, ``lora_bias``,
+  hooks on the base layer or on the LoRA factors (accelerate's offload hooks included), parameters of other
+  dtypes than the input outside autocast (fp32 adapters on a bf16 base: PEFT computes the LoRA branch in
+  fp32; the same on a 4-bit base with another compute dtype), autocast on a 4-bit base, a 4-bit weight bnb
+  repacked for its CPU inference kernel (eval mode on the CPU), several active adapters with dropout in
+  training (PEFT draws one mask per adapter), extra forward arguments. Int8 bases (``lora.bnb.Linear8bitLt``)
+  stay on PEFT's forward: bnb's LLM.int8 matmul quantizes the input too, which ``qlora_linear`` (W8A16)
+  does not, so the outputs would not be PEFT's to float rounding.
 
 The layers stay PEFT ``LoraLayer`` instances with all their state, so ``save_pretrained``, ``merge_adapter``,
 ``merge_and_unload``, ``set_adapter``, ``disable_adapter()``, ``add_adapter`` / ``load_adapter`` and
 ``cast_input_dtype_enabled`` behave as in PEFT. Dropout: PEFT's rate, fastpeft's seeded mask (recomputed in
 backward, never stored), so a training step matches PEFT's in distribution, not bit for bit; with dropout
-off (rate 0, or eval mode) outputs and gradients equal PEFT's.
+off (rate 0, or eval mode) outputs and gradients equal PEFT's (DoRA's magnitude included).
 """
 from __future__ import annotations
 
@@ -27,7 +40,8 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from .functional import current_backend, lora_linear, lora_linear_multi
+from .functional import current_backend, dora_linear, lora_linear, lora_linear_multi, qlora_linear
+from .quant import QuantizedWeight, _bnb_class_name
 
 _KERNEL_OR_REF_DTYPES = (torch.float32, torch.float16, torch.bfloat16, torch.float64)
 _classes: dict = {}  # PEFT's lora.Linear class -> its accelerated subclass (peft is imported lazily)
@@ -60,15 +74,32 @@ def _dropout(module) -> tuple:
     return 0.0, False
 
 
+def _is_dora(self, name: str) -> bool:
+    return bool(self.use_dora.get(name, False))
+
+
 def _active(self, x: torch.Tensor) -> torch.Tensor:
-    """``base(x) + sum_a s_a B_a A_a drop_a(x)`` over the active adapters, one fused call."""
+    """``base(x) + sum_a s_a B_a A_a drop_a(x)`` over the active adapters, one fused call (DoRA: one adapter;
+    a 4-bit base: ``qlora_linear`` on its packed weight)."""
     base = self.base_layer
     adapters = [a for a in self.active_adapters if a in self.lora_A]
+    quantized = type(base) is not nn.Linear  # a bnb Linear4bit (runtime_fallback_reason checked it)
+
+    def linear(lora_a, lora_b, scaling, p, training):
+        if quantized:
+            return qlora_linear(x, QuantizedWeight.from_module(base), base.bias, lora_a, lora_b, scaling, p,
+                                training)
+        return lora_linear(x, base.weight, base.bias, lora_a, lora_b, scaling, p, training)
+
     if len(adapters) == 1:
         a = adapters[0]
         p, training = _dropout(self.lora_dropout[a])
-        return lora_linear(x, base.weight, base.bias, self.lora_A[a].weight, self.lora_B[a].weight,
-                           float(self.scaling[a]), p, training)
+        if _is_dora(self, a):
+            # PEFT applies DoRA's dropout only when the LoRA layer itself is in training mode.
+            return dora_linear(x, base.weight, base.bias, self.lora_A[a].weight, self.lora_B[a].weight,
+                               self.lora_magnitude_vector[a].weight, float(self.scaling[a]), p,
+                               training and self.training, dropout_mode="exact")
+        return linear(self.lora_A[a].weight, self.lora_B[a].weight, float(self.scaling[a]), p, training)
     # Several adapters (no dropout in training: see runtime_fallback_reason): sum_a s_a B_a A_a x is one LoRA
     # update with the factors side by side, A = [A_1; A_2] (r1+r2, in), B = [s_1 B_1, s_2 B_2] (out, r1+r2).
     scalings = [float(self.scaling[a]) for a in adapters]
@@ -76,7 +107,7 @@ def _active(self, x: torch.Tensor) -> torch.Tensor:
     lora_a = torch.cat([self.lora_A[a].weight for a in adapters], 0)
     lora_b = torch.cat([self.lora_B[a].weight if same else self.lora_B[a].weight * s
                         for a, s in zip(adapters, scalings)], 1)
-    return lora_linear(x, base.weight, base.bias, lora_a, lora_b, scalings[0] if same else 1.0, 0.0, False)
+    return linear(lora_a, lora_b, scalings[0] if same else 1.0, 0.0, False)
 
 
 def _mixed_batch(self, x: torch.Tensor, names) -> torch.Tensor:
@@ -120,11 +151,17 @@ def _plain(t) -> bool:
 def _adapter_reason(self, name: str):
     """Why adapter ``name`` of this layer cannot run on fastpeft's ops (None: it can)."""
     variant = self.lora_variant.get(name) if hasattr(self, "lora_variant") else None
-    if variant is not None:
+    dora = _is_dora(self, name)
+    if variant is not None and not (dora and type(variant).__name__ == "DoraLinearVariant"):
         kind = type(variant).__name__.replace("LinearVariant", "")
         return f"adapter {name!r} is a LoRA variant ({'DoRA' if kind == 'Dora' else kind})"
-    if self.use_dora.get(name, False):
-        return f"adapter {name!r} uses DoRA"
+    if dora:
+        if type(self.base_layer) is not nn.Linear:
+            return f"adapter {name!r} uses DoRA on a quantized base layer"
+        mag = getattr(self, "lora_magnitude_vector", {})
+        if name not in mag or not isinstance(getattr(mag[name], "weight", None), torch.Tensor) \
+                or mag[name].weight.dim() != 1:
+            return f"adapter {name!r} uses DoRA without a (out,) lora_magnitude_vector"
     if self.lora_bias.get(name, False):
         return f"adapter {name!r} has lora_bias=True"
     lora_a, lora_b, drop = self.lora_A[name], self.lora_B[name], self.lora_dropout[name]
@@ -146,12 +183,25 @@ def runtime_fallback_reason(self, x, args=(), kwargs=None):
     if args or any(v is not None for k, v in kwargs.items() if k != "adapter_names"):
         return "extra forward arguments (e.g. aLoRA offsets)"
     base = self.base_layer
-    if type(base) is not nn.Linear:
+    quantized = type(base) is not nn.Linear
+    if quantized and _bnb_class_name(base) != "Linear4bit":
         return f"base layer is a {type(base).__name__}"
     if getattr(self, "fan_in_fan_out", False):
         return "fan_in_fan_out=True"
     if not isinstance(x, torch.Tensor) or x.dim() == 0:
         return "input is not a tensor of at least one dim"
+    qweight = None
+    if quantized:
+        if getattr(getattr(base.weight, "quant_state", None), "packing_format_for_cpu", False):
+            return "4-bit weight repacked by bitsandbytes for its CPU inference kernel (eval mode on the CPU)"
+        if x.device.type == "cpu" and getattr(base, "support_avx512bf16_for_cpu", False) and not base.training \
+                and not x.requires_grad:
+            # bnb's Linear4bit.forward repacks the weight here (absmax rounded to bf16) and computes with that.
+            return "4-bit layer in eval mode on the CPU: bitsandbytes' own CPU inference kernel (repacked weight)"
+        try:
+            qweight = QuantizedWeight.from_module(base)
+        except (ValueError, TypeError) as e:
+            return f"4-bit base layer fastpeft cannot read: {e}"
     names = kwargs.get("adapter_names")
     if names is None:
         adapters = [a for a in self.active_adapters if a in self.lora_A]
@@ -169,6 +219,15 @@ def runtime_fallback_reason(self, x, args=(), kwargs=None):
             return f"hooks on adapter {a!r}'s modules"
         if not isinstance(self.scaling[a], (int, float)):
             return f"adapter {a!r} has a scaling of type {type(self.scaling[a]).__name__}"
+    doras = [a for a in adapters if _is_dora(self, a)]
+    if doras and names is not None:
+        return "DoRA adapter in an adapter_names batch"
+    if doras and len(adapters) > 1:
+        return "several active adapters, DoRA among them"
+    if doras and _has_hooks(self.lora_magnitude_vector[doras[0]]):
+        return f"hooks on adapter {doras[0]!r}'s modules"
+    if quantized and names is not None:
+        return "adapter_names batch on a 4-bit base layer"
     if _has_hooks(base):
         return "hooks on the base layer"
     if _global_hooks():
@@ -176,8 +235,9 @@ def runtime_fallback_reason(self, x, args=(), kwargs=None):
     dropping = any(_dropout(self.lora_dropout[a])[1] and self.lora_dropout[a].p > 0 for a in adapters)
     if names is None and len(adapters) > 1 and dropping:
         return "several active adapters with dropout in training (PEFT draws a mask per adapter)"
-    tensors = [x, base.weight, base.bias] + [t for a in adapters
-                                             for t in (self.lora_A[a].weight, self.lora_B[a].weight)]
+    tensors = [x, None if quantized else base.weight, base.bias]
+    tensors += [t for a in adapters for t in (self.lora_A[a].weight, self.lora_B[a].weight)]
+    tensors += [self.lora_magnitude_vector[a].weight for a in doras]
     for t in tensors:
         if t is None:
             continue
@@ -185,7 +245,20 @@ def runtime_fallback_reason(self, x, args=(), kwargs=None):
             return f"a {type(t).__name__} of dtype {t.dtype} on {t.device}"
         if t.device != x.device:
             return f"parameters on {t.device}, input on {x.device}"
-    if not (torch.amp.is_autocast_available(x.device.type) and torch.is_autocast_enabled(x.device.type)):
+    autocast = torch.amp.is_autocast_available(x.device.type) and torch.is_autocast_enabled(x.device.type)
+    if quantized:
+        if qweight.device != x.device:
+            return f"4-bit weight on {qweight.device}, input on {x.device}"
+        if autocast:
+            return "autocast on a 4-bit base layer"
+        cdt = qweight.compute_dtype_for(x)
+        dtypes = {t.dtype for t in tensors if t is not None}
+        if dtypes != {cdt}:
+            return (f"input, adapters and bias not all in the 4-bit layer's compute dtype {str(cdt)[6:]} "
+                    f"({', '.join(sorted(str(d).replace('torch.', '') for d in dtypes))}; PEFT computes the "
+                    "LoRA branch in the adapters' dtype)")
+        return None
+    if not autocast:
         dtypes = {t.dtype for t in tensors if t is not None}
         if len(dtypes) > 1:
             return ("input and parameters of several dtypes outside autocast "
@@ -197,10 +270,11 @@ def _accelerated_class(original: type) -> type:
     """The cached subclass of PEFT's ``original`` layer class whose forward runs fastpeft's ops."""
     cls = _classes.get(original)
     if cls is None:
-        cls = type("AcceleratedLinear", (original,), {
-            "forward": _forward, "__module__": __name__, "__qualname__": "AcceleratedLinear",
+        name = "AcceleratedLinear" if original.__name__ == "Linear" else f"AcceleratedLinear{original.__name__[6:]}"
+        cls = type(name, (original,), {
+            "forward": _forward, "__module__": __name__, "__qualname__": name,
             "_fastpeft_original": original,
-            "__doc__": "PEFT's lora.Linear computing through fastpeft's ops (fastpeft.accelerate).",
+            "__doc__": f"PEFT's lora {original.__name__} computing through fastpeft's ops (fastpeft.accelerate).",
         })
         _classes[original] = cls
     return cls
@@ -211,6 +285,10 @@ def __getattr__(name):  # pickling an accelerated model finds the class here
         from peft.tuners.lora.layer import Linear
 
         return _accelerated_class(Linear)
+    if name == "AcceleratedLinear4bit":
+        from peft.tuners.lora.bnb import Linear4bit
+
+        return _accelerated_class(Linear4bit)
     raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
 
 
@@ -250,8 +328,10 @@ class AccelerateReport:
             lines.append(f"  partial  {name}: {why}")
         if self.patched:
             lines.append("  Patched layers run PEFT's own forward, call by call, for: disabled or merged adapters, "
-                         "hooks on their modules, parameters of another dtype than the input outside autocast, "
-                         "several active adapters with dropout in training. report.calls() counts the paths taken.")
+                         "hooks on their modules, parameters of another dtype than the input outside autocast "
+                         "(4-bit layers: other than their compute dtype, or autocast), several active adapters "
+                         "with dropout in training or with DoRA among them, DoRA in adapter_names batches. "
+                         "report.calls() counts the paths taken.")
         return "\n".join(lines)
 
 
@@ -267,16 +347,26 @@ def _peft_classes():
 _QUANTIZED = ("bnb", "gptq", "awq", "hqq", "torchao", "eetq", "aqlm", "quanto", "inc", "tp_layer", "gptqmodel")
 
 
+def _is_peft_bnb(cls: type, name: str) -> bool:
+    return cls.__module__ == "peft.tuners.lora.bnb" and cls.__name__ == name
+
+
 def _layer_reason(m: nn.Module, linear_cls: type):
     """Why LoRA layer ``m`` cannot be accelerated at all (None: some adapter of it can)."""
     cls = getattr(type(m), "_fastpeft_original", type(m))
-    if cls is not linear_cls:
+    base = m.base_layer
+    four_bit = _is_peft_bnb(cls, "Linear4bit") and _bnb_class_name(base) == "Linear4bit"
+    if _is_peft_bnb(cls, "Linear8bitLt"):
+        return ("bitsandbytes int8 base layer (peft's bnb.Linear8bitLt): PEFT's forward, as bnb's LLM.int8 matmul "
+                "quantizes the input too, which fastpeft's W8A16 qlora_linear does not (outputs would differ "
+                "beyond float rounding)")
+    if cls is not linear_cls and not four_bit:
         mod = cls.__module__.rsplit(".", 1)[-1]
         if mod in _QUANTIZED:
             return f"quantized or distributed base layer (peft's {mod}.{cls.__name__}): PEFT's forward"
-        return f"peft's {cls.__name__} layer ({cls.__module__}): only lora.Linear layers are accelerated"
-    base = m.base_layer
-    if type(base) is not nn.Linear:
+        return (f"peft's {cls.__name__} layer ({cls.__module__}): only lora.Linear and lora.bnb.Linear4bit layers "
+                "are accelerated")
+    if not four_bit and type(base) is not nn.Linear:
         what = "transformers Conv1D (fan_in_fan_out)" if type(base).__name__ == "Conv1D" else type(base).__name__
         return f"base layer is a {what}, not an nn.Linear"
     if getattr(m, "fan_in_fan_out", False):
@@ -313,8 +403,8 @@ def accelerate(model: nn.Module, strict: bool = False) -> AccelerateReport:
     """Make the PEFT LoRA layers of ``model`` compute through fastpeft's ops, in place; returns a report.
 
     model: a LoRA ``peft.PeftModel``, or a transformers model with PEFT adapters added by ``add_adapter``.
-    Layers fastpeft cannot compute (DoRA and other variants, ``lora_bias``, ``fan_in_fan_out``, quantized
-    bases, non-Linear layers) keep PEFT's forward and are listed in ``report.skipped`` with the reason;
+    Layers fastpeft cannot compute (LoRA variants other than DoRA, ``lora_bias``, ``fan_in_fan_out``, int8 and
+    non-bitsandbytes quantized bases, DoRA on a quantized base, non-Linear layers) keep PEFT's forward and are listed in ``report.skipped`` with the reason;
     ``strict=True`` raises ``ValueError`` instead (before changing anything) if any layer or adapter would
     stay on PEFT's forward. Calling it again is a no-op for the layers already patched;
     ``fastpeft.restore(model)`` undoes it.
@@ -342,7 +432,7 @@ def accelerate(model: nn.Module, strict: bool = False) -> AccelerateReport:
         if notes:
             partial[name] = "; ".join(notes) + " (PEFT's forward when active)"
         patched.append(name)
-        if type(m) is linear_cls:
+        if type(m).__dict__.get("_fastpeft_original") is None:  # not accelerated yet
             todo.append(m)
     report = AccelerateReport(patched, skipped, partial, len(todo), [layers[n] for n in patched])
     if not patched:
@@ -350,9 +440,8 @@ def accelerate(model: nn.Module, strict: bool = False) -> AccelerateReport:
     if strict and (skipped or partial):
         raise ValueError(f"fastpeft.accelerate(strict=True): some LoRA layers would stay on PEFT's forward; "
                          f"nothing was changed.\n{report}")
-    cls = _accelerated_class(linear_cls)
     for m in todo:
-        m.__class__ = cls
+        m.__class__ = _accelerated_class(type(m))
         m._fastpeft_calls = collections.Counter()
     return report
 

@@ -293,7 +293,7 @@ def test_hooks_on_base_layer_run_peft_forward(base, ids):
 # ---------------------------------------------------------------------------------------------------------
 # Layers fastpeft does not compute: skipped, PEFT's forward, same outputs
 # ---------------------------------------------------------------------------------------------------------
-def test_dora_and_lora_bias_layers_fall_back(base, ids):
+def test_lora_bias_layers_fall_back_dora_layers_are_patched(base, ids):
     model = lora_model(base, target_modules=["v_proj"])
     torch.manual_seed(1)
     model.add_adapter("dora", peft.LoraConfig(r=4, target_modules=["q_proj"], use_dora=True, init_lora_weights=False))
@@ -303,32 +303,114 @@ def test_dora_and_lora_bias_layers_fall_back(base, ids):
     for name in ("default", "dora", "lbias"):
         model.set_adapter(name)
         want[name] = run(model, ids)
-    with pytest.raises(ValueError, match="strict=True"):
+    with pytest.raises(ValueError, match="(?s)strict=True.*lora_bias"):
         fastpeft.accelerate(model, strict=True)
     assert type(q_proj(model)) is peft.tuners.lora.layer.Linear  # strict changed nothing
     report = fastpeft.accelerate(model)
-    assert sorted(n.rsplit(".", 1)[-1] for n in report.patched) == ["v_proj", "v_proj"]
-    assert all("DoRA" in why for n, why in report.skipped.items() if n.endswith("q_proj"))
-    assert all("lora_bias" in why for n, why in report.skipped.items() if n.endswith("down_proj"))
-    assert "skipped" in str(report) and "DoRA" in str(report)
+    assert sorted(n.rsplit(".", 1)[-1] for n in report.patched) == ["q_proj", "q_proj", "v_proj", "v_proj"]
+    assert sorted(n.rsplit(".", 1)[-1] for n in report.skipped) == ["down_proj", "down_proj"]
+    assert all("lora_bias" in why for why in report.skipped.values())
+    assert not report.partial and "skipped" in str(report) and "DoRA" not in "".join(report.skipped.values())
     for name in ("dora", "lbias", "default"):
         model.set_adapter(name)
         assert_same(run(model, ids), want[name], f"adapter {name}")
-    assert type(q_proj(model)) is peft.tuners.lora.layer.Linear
+    assert type(q_proj(model)).__name__ == "AcceleratedLinear"
+    assert q_proj(model)._fastpeft_calls == {"fastpeft": 1, "no adapter of this layer is active": 2}
 
 
-def test_partial_layer_runs_dora_adapter_on_peft(base, ids):
+def dora_model(base, **kw):
+    return lora_model(base, use_dora=True, **kw)
+
+
+def test_dora_outputs_and_gradients_equal_peft(base, ids):
+    model = dora_model(base)
+    want = run(model, ids)
+    assert any(n.endswith("lora_magnitude_vector.default.weight") for n in want[1])  # magnitude grads compared
+    report = fastpeft.accelerate(model, strict=True)  # DoRA no longer stays on PEFT's forward
+    assert len(report.patched) == 2 * len(TARGETS) and not report.skipped and not report.partial
+    assert type(q_proj(model)).__name__ == "AcceleratedLinear"
+    assert_same(run(model, ids), want, "DoRA, eval")
+    assert q_proj(model)._fastpeft_calls == {"fastpeft": 1}
+    # Train mode, no dropout: PEFT recomputes the base term on (undropped) x, the same y.
+    model.train()
+    fastpeft.restore(model)
+    want = run(model, ids)
+    fastpeft.accelerate(model)
+    assert_same(run(model, ids), want, "DoRA, train, dropout 0")
+
+
+def test_dora_dropout_in_eval_equals_peft_and_x_gradient(base, ids):
+    model = dora_model(base, lora_dropout=0.1)
+    model.eval()
+    want = run(model, ids)
+    layer = q_proj(model)
+    x = torch.randn(2, 5, 64)
+    xs = [x.clone().requires_grad_(True) for _ in range(2)]
+    ys = [layer(xs[0])]
+    fastpeft.accelerate(model)
+    assert_same(run(model, ids), want, "DoRA, dropout 0.1, eval")
+    ys.append(layer(xs[1]))
+    gy = torch.randn_like(ys[0])
+    for y, xi in zip(ys, xs):
+        y.backward(gy)
+    assert_close_report(ys[1], ys[0], RTOL, ATOL, "DoRA layer output")
+    assert_close_report(xs[1].grad, xs[0].grad, RTOL, ATOL, "DoRA layer: grad of x")
+    assert layer._fastpeft_calls == {"fastpeft": 2}
+
+
+def test_dora_dropout_train_matches_peft_formula_with_fastpeft_mask():
+    """PEFT 0.21's DoRA with dropout in training: y = x W^T + b + (g-1) (x~ W^T) + g s (x~ A^T B^T), g = m / |W + sBA|
+    (rows, detached): y - x W^T - b = x~ M^T with M = diag(g-1) W + diag(g) s B A, so x~ is read back (M invertible);
+    the rate must be p and kept values x / (1-p) (a LoRA-only dropout would not give a masked x), and the gradients
+    of x, A, B, m PEFT's formula's with that mask."""
+    d, p, rows = 32, 0.1, 64
+    torch.manual_seed(0)
+    model = peft.get_peft_model(OneLinear(d).double(), peft.LoraConfig(
+        r=d, lora_alpha=d, target_modules=["lin"], lora_dropout=p, init_lora_weights=False, use_dora=True))
+    fastpeft.accelerate(model)
+    layer = model.base_model.model.lin
+    model.train()
+    x = torch.randn(rows, d, dtype=torch.float64, requires_grad=True)
+    with fastpeft.use_backend("reference"):
+        y = model(x)
+    w, bias = layer.base_layer.weight, layer.base_layer.bias
+    a, b = layer.lora_A["default"].weight, layer.lora_B["default"].weight
+    m, s = layer.lora_magnitude_vector["default"].weight, layer.scaling["default"]
+
+    def gain(m_, a_, b_):
+        return m_ / (w + s * b_ @ a_).norm(dim=1).detach()
+
+    with torch.no_grad():
+        g = gain(m, a, b)
+        mat = (g - 1)[:, None] * w + g[:, None] * s * (b @ a)
+        dropped = torch.linalg.solve(mat, (y - x @ w.T - bias).T).T  # = drop(x)
+    keep = dropped.abs() > 1e-6 * x.abs()
+    frac = 1 - keep.double().mean().item()
+    n = rows * d
+    assert abs(frac - p) < 4 * (p * (1 - p) / n) ** 0.5, f"drop rate {frac:.4f}, expected {p} (n={n})"
+    assert_close_report(dropped[keep], (x / (1 - p)).detach()[keep], 1e-8, 1e-8, "kept values")
+    gy = torch.randn_like(y)
+    y.backward(gy)
+    got = [x.grad, a.grad, b.grad, m.grad]
+    x2, a2, b2, m2 = (t.detach().clone().requires_grad_(True) for t in (x, a, b, m))
+    xd = x2 * (keep.double() / (1 - p))
+    g2 = gain(m2, a2, b2)
+    y2 = x2 @ w.T + bias + (g2 - 1) * (xd @ w.T) + g2 * s * (xd @ a2.T @ b2.T)
+    y2.backward(gy)
+    for gr, gr2, name in zip(got, [x2.grad, a2.grad, b2.grad, m2.grad], ["x", "lora_A", "lora_B", "magnitude"]):
+        assert_close_report(gr, gr2, 1e-8, 1e-8, f"grad of {name}")
+    assert layer._fastpeft_calls == {"fastpeft": 1}
+
+
+def test_dora_with_a_second_active_adapter_or_adapter_names_runs_peft_forward(base, ids):
     model = lora_model(base, target_modules=["q_proj"])
     torch.manual_seed(1)
     model.add_adapter("dora", peft.LoraConfig(r=4, target_modules=["q_proj"], use_dora=True, init_lora_weights=False))
-    model.set_adapter("dora")
+    model.base_model.set_adapter(["default", "dora"])
     want = run(model, ids)
-    report = fastpeft.accelerate(model)
-    assert len(report.partial) == 2 and "DoRA" in next(iter(report.partial.values()))
-    assert_same(run(model, ids), want, "DoRA adapter on an accelerated layer")
-    assert q_proj(model)._fastpeft_calls == {"adapter 'dora' is a LoRA variant (DoRA)": 1}
-    with pytest.raises(ValueError, match="strict=True"):
-        fastpeft.accelerate(model, strict=True)
+    fastpeft.accelerate(model, strict=True)
+    assert_same(run(model, ids), want, "LoRA + DoRA active")
+    assert q_proj(model)._fastpeft_calls == {"several active adapters, DoRA among them": 1}
 
 
 class Conv1DModel(nn.Module):
@@ -484,3 +566,120 @@ def test_two_active_adapters_with_dropout_in_training_run_peft_forward():
         model(x)
     assert layer._fastpeft_calls == {"fastpeft": 1, "several active adapters with dropout in training (PEFT draws "
                                                     "a mask per adapter)": 1}
+
+
+# ---------------------------------------------------------------------------------------------------------
+# bitsandbytes bases: 4-bit (NF4) through qlora_linear, int8 on PEFT's forward
+# ---------------------------------------------------------------------------------------------------------
+class QuantizedToy(nn.Module):
+    """Two NF4 Linear4bit layers (one nested-statistics with a bias, one plain without) and one Linear8bitLt,
+    quantized on the CPU as transformers' BitsAndBytesConfig would leave them; PEFT dispatches its bnb LoRA
+    layers by the model's is_loaded_in_4bit / is_loaded_in_8bit."""
+    is_loaded_in_4bit = True
+    is_loaded_in_8bit = True
+
+    def __init__(self, bnb, d=64, compute_dtype=torch.float32):
+        super().__init__()
+        self.a = bnb.nn.Linear4bit(d, d, compute_dtype=compute_dtype, quant_type="nf4", compress_statistics=True)
+        self.b = bnb.nn.Linear4bit(d, d, bias=False, compute_dtype=compute_dtype, quant_type="nf4")
+        self.c = bnb.nn.Linear8bitLt(d, d, has_fp16_weights=False)
+
+    def forward(self, x):
+        return self.c(torch.tanh(self.b(torch.tanh(self.a(x)))))
+
+
+def quantized_model(compute_dtype=torch.float32, **kw):
+    from fastpeft.quant import import_bitsandbytes
+
+    try:
+        bnb = import_bitsandbytes()
+    except ImportError:
+        pytest.skip("bitsandbytes is not installed")
+    torch.manual_seed(0)
+    toy = QuantizedToy(bnb, compute_dtype=compute_dtype).to("cpu")
+    kw = {"r": 4, "lora_alpha": 8, "target_modules": ["a", "b", "c"], "init_lora_weights": False, **kw}
+    model = peft.get_peft_model(toy, peft.LoraConfig(**kw))
+    return model.train()  # eval mode on the CPU: bnb repacks Linear4bit weights for its own inference kernel
+
+
+def run_x(model, x):
+    """Output and the gradients of x and of every trainable parameter of one backward."""
+    model.zero_grad(set_to_none=True)
+    x = x.detach().clone().requires_grad_(True)
+    y = model(x)
+    y.backward(torch.linspace(-1, 1, y.numel()).reshape(y.shape).to(y.dtype))
+    grads = {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
+    return y.detach(), x.grad, grads
+
+
+def test_4bit_layers_equal_peft_and_int8_stays_on_peft():
+    model = quantized_model()
+    types = {n: type(getattr(model.base_model.model, n)) for n in "abc"}
+    assert [t.__module__ + "." + t.__name__ for t in types.values()] == \
+        ["peft.tuners.lora.bnb.Linear4bit"] * 2 + ["peft.tuners.lora.bnb.Linear8bitLt"]
+    x = torch.randn(3, 5, 64)
+    want = run_x(model, x)
+    assert sorted(want[2]) == sorted(f"base_model.model.{n}.lora_{f}.default.weight" for n in "abc" for f in "AB")
+    with pytest.raises(ValueError, match="(?s)strict=True.*int8"):
+        fastpeft.accelerate(model, strict=True)
+    report = fastpeft.accelerate(model)
+    assert report.patched == ["base_model.model.a", "base_model.model.b"] and not report.partial
+    assert list(report.skipped) == ["base_model.model.c"] and "LLM.int8" in report.skipped["base_model.model.c"]
+    assert type(model.base_model.model.a).__name__ == "AcceleratedLinear4bit"
+    assert isinstance(model.base_model.model.a, types["a"])
+    got = run_x(model, x)
+    assert_close_report(got[0], want[0], RTOL, ATOL, "4-bit: output")
+    assert_close_report(got[1], want[1], RTOL, ATOL, "4-bit: grad of x")
+    assert got[2].keys() == want[2].keys()
+    for n in want[2]:
+        assert_close_report(got[2][n], want[2][n], RTOL, ATOL, f"4-bit: grad of {n}")
+    assert report.calls() == {"fastpeft": 2}
+    with fastpeft.use_backend("reference"):  # with dropout 0 every backend computes PEFT's y
+        assert_close_report(model(x), want[0], RTOL, ATOL, "4-bit, reference backend")
+    fastpeft.restore(model)
+    assert type(model.base_model.model.a) is types["a"]
+    assert_close_report(model(x), want[0], 0, 0, "restored")
+
+
+def test_4bit_fp32_adapters_on_bf16_compute_dtype_run_peft_forward():
+    model = quantized_model(compute_dtype=torch.bfloat16, target_modules=["a"])
+    x = torch.randn(4, 64, dtype=torch.bfloat16)
+    want = run_x(model, x)
+    fastpeft.accelerate(model, strict=True)  # the layer is patched; the dtypes send this call to PEFT's forward
+    got = run_x(model, x)
+    assert_close_report(got[0], want[0], 0, 0, "bf16 compute dtype, fp32 adapters")
+    (why,) = model.base_model.model.a._fastpeft_calls
+    assert "compute dtype bfloat16" in why and "float32" in why
+    for t in model.base_model.model.a.parameters():  # adapters in the compute dtype: fastpeft's ops
+        if t.is_floating_point():
+            t.data = t.data.to(torch.bfloat16)
+    model.base_model.model.a(x)
+    assert model.base_model.model.a._fastpeft_calls["fastpeft"] == 1
+
+
+def test_4bit_eval_on_cpu_follows_bnb():
+    """In eval mode, on a CPU with AVX512-BF16, an input without grad: bnb's Linear4bit repacks its weight for
+    its own inference kernel (absmax rounded to bf16, other outputs): that call, and every later one on the
+    repacked weight, runs PEFT's forward; elsewhere fastpeft's, equal to PEFT's."""
+    model = quantized_model(target_modules=["a"], lora_dropout=0.1)
+    fastpeft.accelerate(model)
+    layer = model.base_model.model.a
+    model.eval()
+    x = torch.randn(4, 64)
+    xg = x.clone().requires_grad_(True)
+    with fastpeft.use_backend("reference"):
+        assert_close_report(layer(xg), peft.tuners.lora.bnb.Linear4bit.forward(layer, xg), RTOL, ATOL, "eval, grad")
+    assert layer._fastpeft_calls == {"fastpeft": 1}
+    with torch.no_grad():
+        want = peft.tuners.lora.bnb.Linear4bit.forward(layer, x)
+        assert_close_report(layer(x), want, 0, 0, "eval, no grad")
+    repacks = layer.base_layer.support_avx512bf16_for_cpu
+    assert getattr(layer.base_layer.weight.quant_state, "packing_format_for_cpu", False) == repacks
+    paths = layer._fastpeft_calls
+    assert paths["fastpeft"] == (1 if repacks else 2) and sum(paths.values()) == 2
+    if repacks:
+        assert any("repacked" in k for k in paths if k != "fastpeft")
+        with torch.no_grad():  # (bnb's repacked kernel refuses grad); an input that requires grad, all the same
+            layer(xg)
+        assert layer._fastpeft_calls["fastpeft"] == 1  # repacked: PEFT's forward from now on
+        assert sum(layer._fastpeft_calls.values()) == 3

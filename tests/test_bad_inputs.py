@@ -639,11 +639,11 @@ def _peft_loha_model():
     return peft.get_peft_model(_toy(), peft.LoHaConfig(r=4, target_modules=["q_proj"]))
 
 
-def _peft_partly_dora():
-    """Plain LoRA on q/v, and a DoRA adapter on o_proj: the o_proj layers would stay on PEFT's forward."""
+def _peft_partly_lora_bias():
+    """Plain LoRA on q/v, and a lora_bias adapter on o_proj: the o_proj layers would stay on PEFT's forward."""
     peft = pytest.importorskip("peft")
     m = _peft_model()
-    m.add_adapter("dora", peft.LoraConfig(r=4, target_modules=["o_proj"], use_dora=True))
+    m.add_adapter("lbias", peft.LoraConfig(r=4, target_modules=["o_proj"], lora_bias=True))
     return m
 
 
@@ -674,10 +674,10 @@ PEFT_CASES = [
         _peft_model),
     Bad("accelerate-loha-model", lambda m: fastpeft.accelerate(m), ValueError, ("LoRA model", "LOHA"),
         _peft_loha_model),
-    Bad("accelerate-dora-only", lambda m: fastpeft.accelerate(m), ValueError, ("nothing it can compute", "DoRA"),
-        lambda: _peft_model(use_dora=True)),
-    Bad("accelerate-strict-dora-layer", lambda m: fastpeft.accelerate(m, strict=True), ValueError,
-        ("strict=True", "nothing was changed", "o_proj", "DoRA"), _peft_partly_dora),
+    Bad("accelerate-lora-bias-only", lambda m: fastpeft.accelerate(m), ValueError,
+        ("nothing it can compute", "lora_bias"), lambda: _peft_model(lora_bias=True)),
+    Bad("accelerate-strict-lora-bias-layer", lambda m: fastpeft.accelerate(m, strict=True), ValueError,
+        ("strict=True", "nothing was changed", "o_proj", "lora_bias"), _peft_partly_lora_bias),
     Bad("restore-not-a-module", lambda _: fastpeft.restore(3), TypeError, ("fastpeft.restore", "int")),
     Bad("to_peft-no-fastpeft-adapter", lambda m: fastpeft.to_peft(m), TypeError, ("no fastpeft adapter",), _toy),
     Bad("to_peft-merged-layer", lambda m: fastpeft.to_peft(m), ValueError, ("merged", "unmerge"),
