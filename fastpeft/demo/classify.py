@@ -107,6 +107,8 @@ METHODS = {
     "head": Method("head", 0.0, describe="linear head only"),
     "full": Method("full", 2e-5, describe="all parameters"),
     "lora": Method("lora", 2e-3, describe="LoRA r=8 on query/value"),
+    # DoRA: not swept; LoRA's rate (the sweep's best for LoRA, 2e-3 over 6.7e-4 and 6e-3) on LoRA's targets
+    "dora": Method("dora", 2e-3, describe="DoRA r=8 on query/value (LoRA + per-row magnitudes)"),
     "sparse": Method("sparse", 3e-4, describe="sparse delta, 0.69% of all-linear, gradient-picked", select=True),
     "lora+sparse": Method("lora+sparse", 7e-4, describe="LoRA r=4 + 2.1% sparse on query/value (RoSA)", select=True),
     "bitfit": Method("bitfit", 3e-3, "BitFitConfig", "bias terms only"),
@@ -146,6 +148,9 @@ def build(method: Method, base_encoder, seed: int):
         encoder.requires_grad_(False)
     elif name == "lora":
         fastpeft.inject(encoder, fastpeft.LoraConfig(r=8, lora_alpha=16, target_modules=["query", "value"]))
+    elif name == "dora":  # LoRA's adapter plus one trained magnitude per output row (PEFT's DoRA)
+        fastpeft.inject(encoder, fastpeft.LoraConfig(r=8, lora_alpha=16, target_modules=["query", "value"],
+                                                     use_dora=True))
     elif name == "sparse":  # LoRA's parameter count, spread over every linear layer
         fastpeft.inject(encoder, fastpeft.SparseDeltaConfig(density=SPARSE_DENSITY, target_modules="all-linear"))
     elif name == "lora+sparse":  # half the budget low-rank, half sparse, on LoRA's modules (RoSA)
