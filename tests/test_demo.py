@@ -231,6 +231,45 @@ def test_demo_dora_row(tmp_path):
     assert not torch.equal(attn.query.lora_magnitude_vector["default"].detach(), m0)
 
 
+@pytest.mark.slow
+def test_demo_4bit_smoke(tmp_path, capsys):
+    """--4bit: the lora row and qlora (the same LoRA over NF4 double-quant Linear4bit encoder layers) side
+    by side, same trainable count, fewer parameter bytes, a final loss each; not part of --full."""
+    _need_packages()
+    import torch
+
+    from fastpeft.quant import import_bitsandbytes
+
+    try:
+        bnb = import_bitsandbytes()
+    except ImportError:
+        pytest.skip("bitsandbytes is not installed")
+    from fastpeft.layers import QLoRALinear
+
+    assert "qlora" not in classify.FULL_METHODS and "dora" in classify.FULL_METHODS
+    _, encoder = classify.load_encoder(classify.find_model_dir())
+    model, _ = classify.build(classify.METHODS["qlora"], encoder, 0)
+    attn = model.encoder.encoder.layer[0].attention.self
+    assert isinstance(attn.query, QLoRALinear) and isinstance(attn.query.base_layer, bnb.nn.Linear4bit)
+    assert isinstance(attn.key, bnb.nn.Linear4bit)  # not a target: quantized, no adapter
+    qs = attn.key.weight.quant_state
+    assert qs.quant_type == "nf4" and qs.nested and attn.key.weight.dtype == torch.uint8
+    assert not any(type(m) is torch.nn.Linear for m in model.encoder.modules())  # every encoder linear is NF4
+
+    js = tmp_path / "d.json"
+    assert main(["demo", "--4bit", "--steps", "3", "--max-train", "32", "--max-test", "16", "--seq-len", "16",
+                 "--quiet", "--json", str(js)]) == 0
+    assert "NF4 base: lora final training loss" in capsys.readouterr().out
+    lora, qlora = json.loads(js.read_text())["rows"]
+    assert (lora["method"], qlora["method"]) == ("lora", "qlora") and lora["trainable"] == qlora["trainable"]
+    assert qlora["param_mib"] < lora["param_mib"] - 10  # 10.6M linear weights: 40.5 MiB fp32, ~5 MiB NF4
+    for r in (lora, qlora):
+        assert 0 < r["final_loss"] < 5 and len(r["loss_curve"]) == 3 and r["peak_mib"] >= 0
+    assert qlora["loss_curve"] != lora["loss_curve"]  # the base really differs
+    with pytest.raises(SystemExit):
+        main(["demo", "--4bit", "--methods", "lora"])
+
+
 class _WordTokenizer:
     """Whitespace tokens, ids from a growing vocabulary; ' positive' / ' negative' single tokens."""
     eos_token_id, pad_token_id = 0, None
