@@ -192,6 +192,84 @@ def test_demo_sparse_rows_match_lora_parameters(tmp_path):
     assert layer.delta_indices.numel() == random_idx.numel() and not torch.equal(layer.delta_indices, random_idx)
 
 
+@pytest.mark.slow
+def test_demo_dora_row(tmp_path):
+    """dora: LoRA's adapters on query/value at LoRA's rate, plus one trained magnitude per output row of
+    each adapted layer; the layers are DoRA (PEFT's lora_magnitude_vector) and the row runs from --methods."""
+    _need_packages()
+    import fastpeft
+
+    assert "dora" in classify.METHODS and classify.METHODS["dora"].lr == classify.METHODS["lora"].lr
+    _, encoder = classify.load_encoder(classify.find_model_dir())
+    lora, _ = classify.build(classify.METHODS["lora"], encoder, 0)
+    dora, groups = classify.build(classify.METHODS["dora"], encoder, 0)
+    n_lora, n_dora = (fastpeft.trainable_parameters(m)[0] for m in (lora, dora))
+    assert n_dora == n_lora + 6 * 2 * 384  # a magnitude per output row of query and value, 6 layers
+    attn = dora.encoder.encoder.layer[0].attention.self
+    for layer in (attn.query, attn.value):
+        m = layer.lora_magnitude_vector["default"]
+        assert m.shape == (384,) and m.requires_grad
+        assert any(m is p for g in groups for p in g["params"])  # the optimizer trains it
+    assert not len(lora.encoder.encoder.layer[0].attention.self.query.lora_magnitude_vector)
+    assert not hasattr(attn.key, "lora_magnitude_vector")  # LoRA's targets only
+    m0 = attn.query.lora_magnitude_vector["default"].detach().clone()
+
+    js = tmp_path / "d.json"
+    assert main(["demo", "--methods", "dora", "--steps", "2", "--max-train", "32", "--max-test", "16",
+                 "--seq-len", "16", "--quiet", "--json", str(js)]) == 0
+    (row,) = json.loads(js.read_text())["rows"]
+    assert row["method"] == "dora" and row["available"] and row["trainable"] == n_dora
+    assert len(row["loss_curve"]) == 2 and 0 <= row["accuracy"] <= 1
+
+    # a step moves the magnitudes (they are in the optimizer, with a gradient)
+    import torch
+
+    opt = torch.optim.AdamW(groups)
+    ids = torch.randint(1000, 2000, (8, 12))
+    torch.nn.functional.cross_entropy(dora(ids, torch.ones_like(ids)), torch.arange(8) % 2).backward()
+    opt.step()
+    assert not torch.equal(attn.query.lora_magnitude_vector["default"].detach(), m0)
+
+
+@pytest.mark.slow
+def test_demo_4bit_smoke(tmp_path, capsys):
+    """--4bit: the lora row and qlora (the same LoRA over NF4 double-quant Linear4bit encoder layers) side
+    by side, same trainable count, fewer parameter bytes, a final loss each; not part of --full."""
+    _need_packages()
+    import torch
+
+    from fastpeft.quant import import_bitsandbytes
+
+    try:
+        bnb = import_bitsandbytes()
+    except ImportError:
+        pytest.skip("bitsandbytes is not installed")
+    from fastpeft.layers import QLoRALinear
+
+    assert "qlora" not in classify.FULL_METHODS and "dora" in classify.FULL_METHODS
+    _, encoder = classify.load_encoder(classify.find_model_dir())
+    model, _ = classify.build(classify.METHODS["qlora"], encoder, 0)
+    attn = model.encoder.encoder.layer[0].attention.self
+    assert isinstance(attn.query, QLoRALinear) and isinstance(attn.query.base_layer, bnb.nn.Linear4bit)
+    assert isinstance(attn.key, bnb.nn.Linear4bit)  # not a target: quantized, no adapter
+    qs = attn.key.weight.quant_state
+    assert qs.quant_type == "nf4" and qs.nested and attn.key.weight.dtype == torch.uint8
+    assert not any(type(m) is torch.nn.Linear for m in model.encoder.modules())  # every encoder linear is NF4
+
+    js = tmp_path / "d.json"
+    assert main(["demo", "--4bit", "--steps", "3", "--max-train", "32", "--max-test", "16", "--seq-len", "16",
+                 "--quiet", "--json", str(js)]) == 0
+    assert "NF4 base: lora final training loss" in capsys.readouterr().out
+    lora, qlora = json.loads(js.read_text())["rows"]
+    assert (lora["method"], qlora["method"]) == ("lora", "qlora") and lora["trainable"] == qlora["trainable"]
+    assert qlora["param_mib"] < lora["param_mib"] - 10  # 10.6M linear weights: 40.5 MiB fp32, ~5 MiB NF4
+    for r in (lora, qlora):
+        assert 0 < r["final_loss"] < 5 and len(r["loss_curve"]) == 3 and r["peak_mib"] >= 0
+    assert qlora["loss_curve"] != lora["loss_curve"]  # the base really differs
+    with pytest.raises(SystemExit):
+        main(["demo", "--4bit", "--methods", "lora"])
+
+
 class _WordTokenizer:
     """Whitespace tokens, ids from a growing vocabulary; ' positive' / ' negative' single tokens."""
     eos_token_id, pad_token_id = 0, None

@@ -4,6 +4,7 @@ method trains and reaches.
     fastpeft demo                                    # the MiniLM method table, ~3 min on 2 cores
     fastpeft demo --full --seeds 3 --json d.json --plot d.png
     fastpeft demo --model smollm2                    # LoRA on SmolLM2-135M as a causal LM
+    fastpeft demo --4bit                             # LoRA over the fp32 and an NF4 (bitsandbytes) encoder
 
 ``data.py``: the Drugs.com reviews, the installed packages holding data and weights, peak memory;
 ``classify.py``: the MiniLM run (one row per method); ``lm.py``: the SmolLM2 run. Both runs import
@@ -34,7 +35,10 @@ def build_parser() -> argparse.ArgumentParser:
         "print trainable parameters, test accuracy / macro-F1, seconds per step and peak memory."))
     p.add_argument("--methods", nargs="+", choices=list(methods), metavar="METHOD",
                    help=f"methods to run, of {', '.join(methods)} (default: {' '.join(default)}; --full: all)")
-    p.add_argument("--full", action="store_true", help="all methods and all the test reviews")
+    p.add_argument("--full", action="store_true", help="all methods (but qlora) and all the test reviews")
+    p.add_argument("--4bit", dest="four_bit", action="store_true",
+                   help="the lora row and the same LoRA over an NF4 base (qlora: bitsandbytes Linear4bit, double "
+                        "quant, for every encoder linear layer), side by side")
     p.add_argument("--seeds", type=_positive_int, default=1, help="seeds per method (mean ± std when > 1)")
     p.add_argument("--steps", type=_positive_int, help="training steps per run (default 100)")
     p.add_argument("--max-train", type=_positive_int, help="training examples (default: all)")
@@ -69,6 +73,8 @@ def main(argv=None) -> int:
     args = parser.parse_args(argv)
     if args.model == "smollm2" and (args.methods or args.full or args.seeds > 1):
         parser.error("--methods, --full and --seeds belong to the minilm table; --model smollm2 runs LoRA only")
+    if args.four_bit and (args.methods or args.model == "smollm2"):
+        parser.error("--4bit runs the minilm methods lora and qlora; use --methods ... qlora for others")
     try:
         run(args)
     except MissingPackage as e:

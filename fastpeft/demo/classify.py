@@ -98,6 +98,7 @@ class Method:
     needs: str | None = None  # the fastpeft name this method is built with, when it may be absent
     describe: str = ""
     select: bool = False      # pick the sparse positions by RoSA's gradient scores before training
+    quantize: bool = False    # the encoder's linear layers in bitsandbytes NF4 (fastpeft demo --4bit)
 
 
 # Learning rates: picked by benchmarks/demo_lr_sweep.py (each method's earlier rate x 1/3, 1, 3; 100
@@ -107,6 +108,11 @@ METHODS = {
     "head": Method("head", 0.0, describe="linear head only"),
     "full": Method("full", 2e-5, describe="all parameters"),
     "lora": Method("lora", 2e-3, describe="LoRA r=8 on query/value"),
+    # DoRA: not swept; LoRA's rate (the sweep's best for LoRA, 2e-3 over 6.7e-4 and 6e-3) on LoRA's targets
+    "dora": Method("dora", 2e-3, describe="DoRA r=8 on query/value (LoRA + per-row magnitudes)"),
+    # qlora (--4bit, not in --full): the LoRA row over an NF4 base, at LoRA's rate (not swept)
+    "qlora": Method("qlora", 2e-3, describe="LoRA r=8 on query/value, every encoder linear NF4 (QLoRA)",
+                    quantize=True),
     "sparse": Method("sparse", 3e-4, describe="sparse delta, 0.69% of all-linear, gradient-picked", select=True),
     "lora+sparse": Method("lora+sparse", 7e-4, describe="LoRA r=4 + 2.1% sparse on query/value (RoSA)", select=True),
     "bitfit": Method("bitfit", 3e-3, "BitFitConfig", "bias terms only"),
@@ -117,6 +123,9 @@ METHODS = {
 # The default run: about 3 minutes on 2 CPU cores. 100 steps over all 546 training reviews put LoRA
 # (78.0%) and full fine-tuning (78.5%) above the majority class (74.5%); 40 steps over 400 did not.
 DEFAULT_METHODS = ["head", "lora", "full"]
+FULL_METHODS = [m for m in METHODS if not METHODS[m].quantize]
+FOUR_BIT_METHODS = ["lora", "qlora"]  # fastpeft demo --4bit: the same LoRA over an fp32 and an NF4 base
+BNB_PIP = "pip install bitsandbytes"
 HEAD_LR = 1e-2
 # Sparse densities that give the LoRA row's parameter count (r=8 on query/value: 6 x 2 x 8 x 768 =
 # 73,728): 73,728 of all-linear's 10,616,832 weights; and r=4 (36,864) + 36,864 of query/value's 1,769,472.
@@ -129,6 +138,29 @@ def available(method: Method) -> bool:
     import fastpeft
 
     return method.needs is None or hasattr(fastpeft, method.needs)
+
+
+def quantize_nf4(module: nn.Module) -> nn.Module:
+    """Every ``nn.Linear`` under ``module`` replaced in place by a bitsandbytes ``Linear4bit`` holding its
+    weight in NF4 with double quantization (blocks of 64, fp32 compute), quantized where the weight lies
+    (the CPU here); biases stay fp32 and frozen. Returns ``module``."""
+    from fastpeft.quant import import_bitsandbytes
+
+    try:
+        bnb = import_bitsandbytes()
+    except ImportError:
+        raise MissingPackage(BNB_PIP, "bitsandbytes (for the NF4 base of --4bit)") from None
+    found = [(parent, name, child) for parent in module.modules() for name, child in parent.named_children()
+             if type(child) is nn.Linear]
+    for parent, name, lin in found:
+        q = bnb.nn.Linear4bit(lin.in_features, lin.out_features, bias=lin.bias is not None,
+                              compute_dtype=torch.float32, quant_type="nf4", compress_statistics=True)
+        q.weight = bnb.nn.Params4bit(lin.weight.data.float(), requires_grad=False, compress_statistics=True,
+                                     quant_type="nf4", module=q)
+        if lin.bias is not None:
+            q.bias = nn.Parameter(lin.bias.data.clone(), requires_grad=False)
+        setattr(parent, name, q.to(lin.weight.device))
+    return module
 
 
 def build(method: Method, base_encoder, seed: int):
@@ -146,6 +178,12 @@ def build(method: Method, base_encoder, seed: int):
         encoder.requires_grad_(False)
     elif name == "lora":
         fastpeft.inject(encoder, fastpeft.LoraConfig(r=8, lora_alpha=16, target_modules=["query", "value"]))
+    elif name == "qlora":  # the lora row over an NF4 base
+        quantize_nf4(encoder)
+        fastpeft.inject(encoder, fastpeft.LoraConfig(r=8, lora_alpha=16, target_modules=["query", "value"]))
+    elif name == "dora":  # LoRA's adapter plus one trained magnitude per output row (PEFT's DoRA)
+        fastpeft.inject(encoder, fastpeft.LoraConfig(r=8, lora_alpha=16, target_modules=["query", "value"],
+                                                     use_dora=True))
     elif name == "sparse":  # LoRA's parameter count, spread over every linear layer
         fastpeft.inject(encoder, fastpeft.SparseDeltaConfig(density=SPARSE_DENSITY, target_modules="all-linear"))
     elif name == "lora+sparse":  # half the budget low-rank, half sparse, on LoRA's modules (RoSA)
@@ -215,6 +253,7 @@ def run_one(method, base_encoder, train, test, args, seed, device, bar):
             model, batches, lambda m, i: F.cross_entropy(m(ids[i].to(device), mask[i].to(device)), labels[i].to(device)),
             progress=False)
     trainable, total = fastpeft.trainable_parameters(model)
+    param_bytes = sum(p.numel() * p.element_size() for p in model.parameters())  # NF4: the packed bytes
     opt = torch.optim.AdamW(groups, weight_decay=0.01)
     gen = torch.Generator().manual_seed(seed)
     order = torch.empty(0, dtype=torch.long)
@@ -246,7 +285,8 @@ def run_one(method, base_encoder, train, test, args, seed, device, bar):
     acc, f1 = accuracy_f1(preds, tlabels.tolist())
     return {"seed": seed, "trainable": trainable, "total": total, "accuracy": acc, "macro_f1": f1,
             "positive_rate": sum(preds) / max(1, len(preds)), "s_per_step": seconds / args.steps,
-            "peak_mib": mem.bytes / 2**20, "losses": losses}
+            "peak_mib": mem.bytes / 2**20, "param_mib": param_bytes / 2**20,
+            "final_loss": sum(losses[-10:]) / len(losses[-10:]), "losses": losses}
 
 
 # ---------------------------------------------------------------------------------------- reporting
@@ -256,7 +296,7 @@ def summarize(name: str, method: Method, runs: list) -> dict:
     row = {"method": name, "description": method.describe, "lr": method.lr, "available": True,
            "trainable": runs[0]["trainable"], "total": runs[0]["total"],
            "trainable_pct": 100.0 * runs[0]["trainable"] / runs[0]["total"], "seeds": [r["seed"] for r in runs]}
-    for key in ("accuracy", "macro_f1", "s_per_step", "peak_mib", "positive_rate"):
+    for key in ("accuracy", "macro_f1", "s_per_step", "peak_mib", "positive_rate", "param_mib", "final_loss"):
         row[key], row[key + "_spread"] = mean_spread([r[key] for r in runs])
     steps = len(runs[0]["losses"])
     row["loss_curve"] = [sum(r["losses"][i] for r in runs) / len(runs) for i in range(steps)]
@@ -321,7 +361,8 @@ def run(args) -> dict:
     import fastpeft
 
     args.seq_len = args.seq_len or 64
-    methods = args.methods or (list(METHODS) if args.full else DEFAULT_METHODS)
+    methods = args.methods or (FOUR_BIT_METHODS if getattr(args, "four_bit", False) else
+                               FULL_METHODS if args.full else DEFAULT_METHODS)
     steps = args.steps or 100
     args.steps = steps
     max_train = args.max_train
@@ -370,6 +411,10 @@ def run(args) -> dict:
     collapsed = [r["method"] for r in rows if r["available"] and r["positive_rate"] in (0.0, 1.0)]
     print(f"\naccuracy and macro-F1 on the test subset ({'mean ± std over ' + str(args.seeds) + ' seeds' if args.seeds > 1 else 'one seed'}); "
           f"majority class alone: {100 * majority:.1f}% accuracy, {100 * majority / (1 + majority):.1f}% macro-F1")
+    if any(METHODS[r["method"]].quantize for r in rows if r["available"]):
+        print("NF4 base: " + "; ".join(
+            f"{r['method']} final training loss {r['final_loss']:.3f} (mean of the last 10 steps), parameters "
+            f"{r['param_mib']:.1f} MiB" for r in rows if r["available"]))
     if collapsed:
         print(f"warning: {', '.join(collapsed)} predicted one class for every test review")
     print(f"{elapsed:.0f} s of training and evaluation")
