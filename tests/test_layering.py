@@ -224,8 +224,8 @@ def test_the_walker_sees_the_package():
     modules, edges = _package_graph()
     assert {"fastpeft", "fastpeft.cli", "fastpeft.functional", "fastpeft.kernels", "fastpeft.kernels.lora",
             "fastpeft.demo", "fastpeft.demo.data"} <= set(modules)
-    # 'import fastpeft' inside functions and 'from .data import ...' at the top
-    assert set(edges["fastpeft.demo.classify"]) == {"fastpeft", "fastpeft.demo.data"}
+    # 'import fastpeft' and 'from fastpeft.quant import ...' (--4bit) inside functions, 'from .data import ...' at the top
+    assert set(edges["fastpeft.demo.classify"]) == {"fastpeft", "fastpeft.demo.data", "fastpeft.quant"}
     assert "fastpeft.kernels" in edges["fastpeft"]  # __init__ re-exports set_deterministic
     assert "fastpeft.kernels._common" in edges["fastpeft.kernels.multi_lora"]
 
