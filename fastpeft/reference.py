@@ -87,11 +87,16 @@ def dropout_mask(seed: int, rows: int, cols: int, p: float, device=None) -> torc
 
 def lora_dropout_ref(x: torch.Tensor, p: float, seed: int) -> torch.Tensor:
     """``drop(x)``: x (..., K) with the Philox mask of ``seed`` applied and kept values scaled by 1/(1-p)."""
+    return _drop(x, p, seed, dropout_mask)
+
+
+def _drop(x: torch.Tensor, p: float, seed, mask_fn) -> torch.Tensor:
+    """x (..., K) viewed as (M, K), times ``mask_fn(seed, M, K, p, device=)`` (keep-mask), scaled by 1/(1-p)."""
     if p == 0.0:
         return x
     k = x.shape[-1]
     m = x.numel() // k if k else 0
-    keep = dropout_mask(seed, m, k, p, device=x.device).view(x.shape)
+    keep = mask_fn(seed, m, k, p, device=x.device).view(x.shape)
     return x * keep.to(x.dtype) * (1.0 / (1.0 - p))
 
 
@@ -199,12 +204,7 @@ def cpu_keep_mask(seed, rows: int, cols: int, p: float, device=None, row0: int =
 
 def lora_dropout_cpu(x: torch.Tensor, p: float, seed) -> torch.Tensor:
     """``drop(x)`` with the CPU stream's mask: x (..., K), kept values scaled by 1/(1-p)."""
-    if p == 0.0:
-        return x
-    k = x.shape[-1]
-    m = x.numel() // k if k else 0
-    keep = cpu_keep_mask(seed, m, k, p, device=x.device).view(x.shape)
-    return x * keep.to(x.dtype) * (1.0 / (1.0 - p))
+    return _drop(x, p, seed, cpu_keep_mask)
 
 
 def lora_linear_ref(
