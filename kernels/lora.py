@@ -479,7 +479,9 @@ def timed_choice(cache: dict, key: tuple, mode: str, device: torch.device, candi
     On CUDA every candidate is run once (autotuning is not timed as its run), then timed (``_bench``:
     ``do_bench`` median) and the fastest is kept in ``cache``. Deterministic mode
     (``fastpeft.set_deterministic``, ``torch.use_deterministic_algorithms(True)``) and torch.compile tracing
-    take ``fixed`` without timing: a timing-dependent choice could change the bits between runs.
+    take ``fixed`` without timing: a timing-dependent choice could change the bits between runs. Tracing
+    takes it even where eager calls have timed the key: a compiled graph does not depend on what this
+    process measured before, and dynamo never reads (and guards on) the cache.
     """
     if mode != "auto":
         if mode not in candidates:
@@ -488,12 +490,12 @@ def timed_choice(cache: dict, key: tuple, mode: str, device: torch.device, candi
     first = next(iter(candidates))
     if device.type != "cuda" or INTERPRET:
         return first
-    if is_deterministic():
+    if is_deterministic() or torch.compiler.is_compiling():
         return fixed if fixed in candidates else first
     if key in cache:
         return cache[key]
-    if torch.compiler.is_compiling() or len(candidates) == 1:
-        return fixed if fixed in candidates else first
+    if len(candidates) == 1:
+        return first
     for run in candidates.values():
         run()
     times = {name: _bench(run) for name, run in candidates.items()}
