@@ -1,7 +1,8 @@
 """LoRA linear on the triton kernels (``kernels/lora.py``): :class:`LoRALinearFunction` and its entry
 ``_lora_linear_triton`` (called by ``fastpeft.functional.lora_linear``), and the two pieces the sparse
-family reuses: the GEMM with a low-rank epilogue (``lora_gemm``) and the factor gradients
-(``lora_factor_grads``)."""
+family reuses: the GEMM with a low-rank epilogue (``lora_gemm``), the factor gradients
+(``lora_factor_grads``) and the plain torch composition of the forward and backward (``torch_forward``,
+``torch_backward``)."""
 from __future__ import annotations
 
 import torch
@@ -77,22 +78,8 @@ class LoRALinearFunction(torch.autograd.Function):
             return dx, da, dbb
 
         def composed():
-            dx = da = dbb = None
-            v = dy @ lora_B if need_x or need_a else None
-            if need_bb:
-                dbb = (dy.t() @ u.to(dy.dtype)).mul_(s).to(lora_B.dtype)
-            if need_a and thr > 0:
-                da = K.shrink_op(x.t(), v, scale=s * ds, seed=seed, threshold=thr, mask_sp=1,
-                                 mask_sq=k).t().to(lora_A.dtype)
-            elif need_a:
-                da = (v.t() @ x).mul_(s).to(lora_A.dtype)
-            if need_x:
-                dx = dy @ weight
-                if thr > 0:
-                    dx = K.lowrank_add_op(dx, v, lora_A, scale=s * ds, seed=seed, threshold=thr)
-                else:
-                    dx.addmm_(v, lora_A, alpha=s)
-            return dx, da, dbb
+            return torch_backward(dy, x, u, weight, lora_A, lora_B, scaling=s, drop_scale=ds, seed=seed, threshold=thr,
+                                  need_x=need_x, need_a=need_a, need_b=need_bb)
 
         run = {"kernels": kernels, "torch": composed}
         dx, da, dbb = run[choose_path(key, run, dy.device)]()
@@ -112,15 +99,49 @@ def _forward(x, weight, bias, lora_A, lora_B, scaling, thr, drop_scale, seed) ->
         return lora_gemm(x, weight.t(), u, lora_B.t(), bias=bias, scale=scaling, key=gkey), u
 
     def composed():
-        if thr > 0:
-            u = K.shrink_op(x, lora_A.t(), scale=drop_scale, seed=seed, threshold=thr, mask_sp=k, mask_sq=1)
-        else:
-            u = x @ lora_A.t()
-        y = torch.addmm(bias, x, weight.t()) if bias is not None else x @ weight.t()
-        return y.addmm_(u.to(y.dtype), lora_B.t(), alpha=scaling), u
+        return torch_forward(x, weight, bias, lora_A, lora_B, scaling=scaling, drop_scale=drop_scale, seed=seed,
+                             threshold=thr)
 
     run = {"kernels": kernels, "torch": composed}
     return run[choose_path(key, run, x.device)]()
+
+
+def torch_forward(x, weight, bias, lora_A, lora_B, *, scaling, drop_scale, seed, threshold) -> tuple:
+    """``(y, u)`` of the LoRA forward composed of cuBLAS matmuls: u = drop(x) A^T (x's dtype; fp32 from the
+    shrink kernel with dropout, which redraws the mask instead of storing it), y = x W^T + b + s u B^T.
+    The sparse family passes W + Δ as ``weight``."""
+    if threshold > 0:
+        u = K.shrink_op(x, lora_A.t(), scale=drop_scale, seed=seed, threshold=threshold, mask_sp=x.shape[1],
+                        mask_sq=1)
+    else:
+        u = x @ lora_A.t()
+    y = torch.addmm(bias, x, weight.t()) if bias is not None else x @ weight.t()
+    return y.addmm_(u.to(y.dtype), lora_B.t(), alpha=scaling), u
+
+
+def torch_backward(dy, x, u, weight, lora_A, lora_B, *, scaling, drop_scale, seed, threshold, need_x, need_a,
+                   need_b) -> tuple:
+    """``(dX, dA, dB)`` of the LoRA backward composed of cuBLAS matmuls (formulas in
+    :class:`LoRALinearFunction`), each None when not needed; with dropout the masked pieces (dA and the
+    low-rank add of dX) stay on the kernels, which redraw the mask. ``weight`` is read for dX only (the
+    sparse family passes W + Δ, or None when dX is not needed)."""
+    s, ds, thr = scaling, drop_scale, threshold
+    dx = da = db = None
+    v = dy @ lora_B if need_x or need_a else None
+    if need_b:
+        db = (dy.t() @ u.to(dy.dtype)).mul_(s).to(lora_B.dtype)
+    if need_a and thr > 0:
+        da = K.shrink_op(x.t(), v, scale=s * ds, seed=seed, threshold=thr, mask_sp=1,
+                         mask_sq=x.shape[1]).t().to(lora_A.dtype)
+    elif need_a:
+        da = (v.t() @ x).mul_(s).to(lora_A.dtype)
+    if need_x:
+        dx = dy @ weight
+        if thr > 0:
+            dx = K.lowrank_add_op(dx, v, lora_A, scale=s * ds, seed=seed, threshold=thr)
+        else:
+            dx.addmm_(v, lora_A, alpha=s)
+    return dx, da, db
 
 
 _path_cache: dict = {}  # shape key -> "kernels" or "torch"
