@@ -349,6 +349,10 @@ def _sub_for(block_size: int, explicit: bool) -> int:
 SDDMM_CHOICES = ("auto", "tile", "gather")
 
 
+def sddmm_mode() -> str:
+    return env_choice("FASTPEFT_SPARSE_SDDMM", SDDMM_CHOICES)
+
+
 def choose_tile(nnz: int, out_features: int, in_features: int) -> int:
     """T of the tile SDDMM: 64 once a 64 x 64 tile holds 16 entries on average (density >= 0.4%), else 32.
 
@@ -369,7 +373,7 @@ def choose_sddmm(nnz: int, out_features: int, in_features: int) -> str:
     fewer entries than a quarter of the number of 32 x 32 tiles (density < 0.025%, about 4k entries of a
     4096 x 4096 weight).
     """
-    mode = env_choice("FASTPEFT_SPARSE_SDDMM", SDDMM_CHOICES)
+    mode = sddmm_mode()
     if mode != "auto":
         return mode
     tiles32 = triton.cdiv(out_features, 32) * triton.cdiv(in_features, 32)

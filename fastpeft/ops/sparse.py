@@ -10,6 +10,13 @@ tensor for backward, and neither ever forms an (out, in) gradient unless W itsel
 bucketing of flat entries) or a :class:`BlockPlan` (the block map of blocks). Build it once with
 :func:`build_sparse_plan` and pass it to every call with those indices (``plan=``), or let each call
 build its own.
+
+Each forward and each backward runs the faster of two compositions, measured once per shape bucket
+(:func:`choose_path`, ``kernels.lora.timed_choice``): ``"kernels"`` (the above) and ``"torch"``, the plain
+torch way of PEFT-SHiRA / RoSA (clone W, scatter Δ in, cuBLAS matmuls; :func:`w_plus_delta_torch`,
+:func:`sddmm_torch`), so that the triton backend is never slower than that. The torch composition holds a
+W-sized W + Δ while it runs (forward, and backward for dX), as the kernels' densify path does; it too
+saves nothing W-sized for backward and never forms an (out, in) gradient.
 """
 from __future__ import annotations
 
@@ -20,7 +27,7 @@ import torch
 from ..kernels import lora as K
 from ..kernels import sparse_delta as SD
 from .common import _bucket, _seed_arg, autocast_inputs, base_grads
-from .lora import dropout_constants, lora_factor_grads, lora_gemm
+from .lora import dropout_constants, lora_factor_grads, lora_gemm, torch_backward, torch_forward
 
 # Tiles are visited in groups of this many tile rows (as GROUP_M in Triton's matmul tutorial): the
 # programs working at one time share their rows of dY and a few column panels of X in L2.
@@ -179,12 +186,132 @@ def _fused_ok(plan: SparsePlan, key: tuple, fused, dense, device) -> bool:
 
 
 # ----------------------------------------------------------------------------------------------------
+# the plain torch composition, and the choice between it and the kernels (the floor)
+# ----------------------------------------------------------------------------------------------------
+
+
+def _block_rows_cols(indices, out_features: int, in_features: int, b: int):
+    """``(rows, cols, inside)`` of b x b blocks: each block's rows and columns of W, (nblocks, b) int64,
+    clamped into W; ``inside`` (nblocks, b, b) bool marks the positions inside W, None when all are (the
+    blocks tile W exactly)."""
+    ar = torch.arange(b, device=indices.device)
+    rows = indices[:, :1].long() * b + ar
+    cols = indices[:, 1:2].long() * b + ar
+    if out_features % b == 0 and in_features % b == 0:
+        return rows, cols, None
+    inside = (rows < out_features)[:, :, None] & (cols < in_features)[:, None, :]
+    return rows.clamp(max=out_features - 1), cols.clamp(max=in_features - 1), inside
+
+
+def _entries(indices, out_features: int, in_features: int, block_size: int):
+    """``(flat, inside)``: the row-major position in W (out, in) of every value of Δ, int64 in the shape of
+    the values, and ``inside`` as in :func:`_block_rows_cols` (None for flat entries)."""
+    if block_size == 1:
+        return indices.long(), None
+    rows, cols, inside = _block_rows_cols(indices, out_features, in_features, block_size)
+    return rows[:, :, None] * in_features + cols[:, None, :], inside
+
+
+def w_plus_delta_torch(weight, indices, values, block_size: int, dtype):
+    """W + Δ in ``dtype`` as a new contiguous (out, in) tensor, in plain torch (the clone + scatter of
+    PEFT-SHiRA / RoSA): W copied, its entries on Δ's support gathered, added to the values in fp32 and
+    rounded once, scattered back: the same numbers as the kernels' densify. A transient W-sized buffer,
+    as there."""
+    out_f, in_f = weight.shape
+    numel = out_f * in_f
+    flat, inside = _entries(indices, out_f, in_f, block_size)
+    # Clipped blocks: their positions outside W are written to one spare element after W, never read.
+    buf = torch.empty(numel + (inside is not None), device=weight.device, dtype=dtype)
+    w2 = buf[:numel].view(out_f, in_f)
+    w2.copy_(weight)
+    if indices.shape[0] == 0:
+        return w2
+    new = (weight.reshape(-1)[flat].float() + values.reshape(flat.shape).float()).to(dtype)
+    dst = flat if inside is None else torch.where(inside, flat, numel)
+    buf.index_put_((dst.reshape(-1),), new.reshape(-1))
+    return w2
+
+
+# Row panels of dY^T X (block_size 1) hold at most this many bytes, and at most half of W's rows: the
+# transient stays bounded and no (out, in) gradient is formed. Panels of >= 1k rows keep the cuBLAS GEMM
+# (over M = 8192) at full rate; a cost model, not measured on a card.
+_PANEL_BYTES = 64 << 20
+
+
+def sddmm_torch(dy, x, indices, values, block_size: int):
+    """dvalues = (dY^T X) on Δ's support, in values' dtype and shape, by cuBLAS matmuls in dY's dtype (what
+    torch autograd computes for the clone + scatter forward). dy (M, out), x (M, in).
+
+    - blocks: each block's b x b gradient dY[:, rows]^T X[:, cols] by one batched GEMM over the gathered
+      column panels of dY and X (2 M nnz flops); blocks go in chunks whose gathered panels hold at most
+      W's element count. Values outside W (clipped blocks) get 0.
+    - flat entries: dY^T X by row panels (one GEMM each, ``_PANEL_BYTES``), each entry gathered from its
+      panel (2 M out in flops whatever the density). Scattered entries leave cuBLAS nothing narrower to
+      multiply: gathering each entry's two columns of length M instead moves 2 M nnz elements, which costs
+      more than the GEMM above about 0.3% density on an H200 (peak rates; not measured). The kernels'
+      gather-dot covers the lower densities.
+    """
+    m, out_f = dy.shape
+    in_f = x.shape[1]
+    nnz = indices.shape[0]
+    if nnz == 0 or m == 0:
+        return values.new_zeros(values.shape)
+    if block_size > 1:
+        b = block_size
+        rows, cols, inside = _block_rows_cols(indices, out_f, in_f, b)
+        chunk = max(1, (out_f * in_f) // (2 * m * b))
+        parts = []
+        for j in range(0, nnz, chunk):
+            g = dy.index_select(1, rows[j:j + chunk].reshape(-1)).view(m, -1, b)   # (M, c, b)
+            h = x.index_select(1, cols[j:j + chunk].reshape(-1)).view(m, -1, b)
+            parts.append(torch.bmm(g.permute(1, 2, 0), h.permute(1, 0, 2)))      # (c, b, b)
+        dv = parts[0] if len(parts) == 1 else torch.cat(parts)
+        if inside is not None:
+            dv = dv.masked_fill(~inside, 0)
+        return dv.to(values.dtype)
+    flat = indices.long()
+    panel_rows = max(1, min(-(-out_f // 2), _PANEL_BYTES // max(1, in_f * dy.element_size())))
+    dv = values.new_zeros(values.shape)
+    for r0 in range(0, out_f, panel_rows):
+        r1 = min(out_f, r0 + panel_rows)
+        panel = dy[:, r0:r1].t() @ x                                          # (r1 - r0, in)
+        local = flat - r0 * in_f
+        mine = (local >= 0) & (local < panel.numel())
+        got = panel.reshape(-1)[local.clamp(0, panel.numel() - 1)]
+        dv = torch.where(mine, got.to(dv.dtype), dv)
+    return dv
+
+
+# FASTPEFT_SPARSE_PATH: "kernels" or "torch" force one composition of both Functions' forward and backward;
+# "auto" (the default) times the two once per shape key on CUDA.
+PATH_CHOICES = ("auto", "kernels", "torch")
+_path_cache: dict = {}  # shape key -> "kernels" or "torch"
+
+
+def path_mode() -> str:
+    """FASTPEFT_SPARSE_PATH, checked; ``auto`` reads as ``kernels`` while a kernel variant is forced
+    (FASTPEFT_SPARSE_GEMM or FASTPEFT_SPARSE_SDDMM), as a forced FASTPEFT_LORA_GEMM does for LoRA."""
+    mode = K.env_choice("FASTPEFT_SPARSE_PATH", PATH_CHOICES)
+    if mode == "auto" and (SD.gemm_mode() != "auto" or SD.sddmm_mode() != "auto"):
+        return "kernels"
+    return mode
+
+
+def choose_path(key: tuple, candidates: dict, device: torch.device) -> str:
+    """``"kernels"`` or ``"torch"`` for a sparse-delta forward / backward of this shape key: forced by
+    :func:`path_mode`, else the faster measured once (``kernels.lora.timed_choice``); deterministic mode,
+    torch.compile tracing, CPU and the interpreter keep the kernels."""
+    return K.timed_choice(_path_cache, key, path_mode(), device, candidates, "kernels")
+
+
+# ----------------------------------------------------------------------------------------------------
 # autograd Functions
 # ----------------------------------------------------------------------------------------------------
 
 
 class SparseDeltaLinearFunction(torch.autograd.Function):
-    r"""Sparse-delta linear on the triton kernels; x is 2-D here, (M, K), weight W (N, K).
+    r"""Sparse-delta linear on the triton kernels or, where it is faster, the plain torch composition; x is
+    2-D here, (M, K), weight W (N, K).
 
     Δ (N, K) is zero but on its support S (the nnz entries, or the positions of the blocks clipped to
     W); v are its values, Δ = scatter_S(v). Forward:
@@ -201,27 +328,19 @@ class SparseDeltaLinearFunction(torch.autograd.Function):
                                                  positions outside W get 0), an SDDMM
         dW  = dY^T x,   db = sum_m dY_m          (only when required; dW is (N, K) by definition)
 
-    ``plan``: the :data:`SparsePlan` of the indices (block size, block map or tile bucketing).
+    Forward and backward each run the faster of two compositions of these formulas, measured once per
+    shape bucket (:func:`choose_path`): ``"kernels"`` (the above) and ``"torch"`` (W' by clone + scatter
+    in torch and cuBLAS matmuls, dΔ by :func:`sddmm_torch`). ``plan``: the :data:`SparsePlan` of the
+    indices (block size, block map or tile bucketing).
 
-    Saved for backward: x, W, v, the indices and the plan; W + Δ is recomputed (dense path) or never
-    formed (fused path), and no (N, K) gradient is formed for v. No atomics: the SDDMM's partial sums
-    over M are added in a fixed order.
+    Saved for backward: x, W, v, the indices and the plan; W + Δ is recomputed (dense and torch paths) or
+    never formed (fused path), and no (N, K) gradient is formed for v. No atomics on the kernels: the
+    SDDMM's partial sums over M are added in a fixed order.
     """
 
     @staticmethod
     def forward(ctx, x, weight, bias, values, indices, plan):
-        b = plan.block_size
-
-        def fused():
-            return SD.block_gemm_op(x, weight, plan.block_map, values, lu=None, lv=None, bias=bias, block_size=b,
-                                    transpose_w=True)
-
-        def dense():
-            w2 = _w_plus_delta(weight, indices, values, b, x.dtype)
-            return torch.addmm(bias, x, w2.t()) if bias is not None else x @ w2.t()
-
-        key = ("sd-fwd", _bucket(x.shape[0]), x.shape[1], weight.shape[0], b, x.dtype, weight.dtype, bias is not None)
-        y = fused() if _fused_ok(plan, key, fused, dense, x.device) else dense()
+        y = _sd_forward(x, weight, bias, values, indices, plan)
         # The plan's tensors are bookkeeping of the indices, never changed in place: held on ctx with it.
         ctx.save_for_backward(x, weight, values, indices)
         ctx.plan, ctx.has_bias = plan, bias is not None
@@ -233,25 +352,69 @@ class SparseDeltaLinearFunction(torch.autograd.Function):
         plan = ctx.plan
         need_x, need_w, need_b, need_v = ctx.needs_input_grad[:4]
         b = plan.block_size
-        dx = dw = db = dv = None
-        if need_x:
-            def fused():
-                return SD.block_gemm_op(dy, weight, plan.block_map, values, lu=None, lv=None, bias=None, block_size=b,
-                                        transpose_w=False)
+        m, k = x.shape
+        n = weight.shape[0]
 
-            def dense():
-                return dy @ _w_plus_delta(weight, indices, values, b, dy.dtype)  # W + Δ freed on return
+        def kernels():
+            dx = dv = None
+            if need_x:
+                def fused():
+                    return SD.block_gemm_op(dy, weight, plan.block_map, values, lu=None, lv=None, bias=None,
+                                            block_size=b, transpose_w=False)
 
-            key = ("sd-dx", _bucket(x.shape[0]), weight.shape[0], x.shape[1], b, x.dtype, weight.dtype, False)
-            dx = fused() if _fused_ok(plan, key, fused, dense, x.device) else dense()
-        if need_v:
-            dv = _sddmm(dy, x, indices, values, plan)
+                def dense():
+                    return dy @ _w_plus_delta(weight, indices, values, b, dy.dtype)  # W + Δ freed on return
+
+                key = ("sd-dx", _bucket(m), n, k, b, x.dtype, weight.dtype, False)
+                dx = fused() if _fused_ok(plan, key, fused, dense, x.device) else dense()
+            if need_v:
+                dv = _sddmm(dy, x, indices, values, plan)
+            return dx, dv
+
+        def composed():
+            dx = dy @ w_plus_delta_torch(weight, indices, values, b, dy.dtype) if need_x else None
+            dv = sddmm_torch(dy, x, indices, values, b) if need_v else None
+            return dx, dv
+
+        dx = dv = None
+        if need_x or need_v:
+            key = ("sd-path-bwd", _bucket(m), k, n, b, _bucket(indices.shape[0]), x.dtype, weight.dtype, need_x, need_v)
+            run = {"kernels": kernels, "torch": composed}
+            dx, dv = run[choose_path(key, run, dy.device)]()
         dw, db = base_grads(dy, x, weight, need_w, need_b and ctx.has_bias)
         return dx, dw, db, dv, None, None
 
 
+def _sd_forward(x, weight, bias, values, indices, plan):
+    """``SparseDeltaLinearFunction``'s forward on the faster of its two compositions."""
+    b = plan.block_size
+    m, k = x.shape
+    n = weight.shape[0]
+
+    def kernels():
+        def fused():
+            return SD.block_gemm_op(x, weight, plan.block_map, values, lu=None, lv=None, bias=bias, block_size=b,
+                                    transpose_w=True)
+
+        def dense():
+            w2 = _w_plus_delta(weight, indices, values, b, x.dtype)
+            return torch.addmm(bias, x, w2.t()) if bias is not None else x @ w2.t()
+
+        key = ("sd-fwd", _bucket(m), k, n, b, x.dtype, weight.dtype, bias is not None)
+        return fused() if _fused_ok(plan, key, fused, dense, x.device) else dense()
+
+    def composed():
+        w2 = w_plus_delta_torch(weight, indices, values, b, x.dtype)
+        return torch.addmm(bias, x, w2.t()) if bias is not None else x @ w2.t()
+
+    key = ("sd-path-fwd", _bucket(m), k, n, b, _bucket(indices.shape[0]), x.dtype, weight.dtype, bias is not None)
+    run = {"kernels": kernels, "torch": composed}
+    return run[choose_path(key, run, x.device)]()
+
+
 class LoRASparseLinearFunction(torch.autograd.Function):
-    r"""LoRA beside a sparse delta (RoSA) on the triton kernels, one Function; x is 2-D here, (M, K).
+    r"""LoRA beside a sparse delta (RoSA) on the triton kernels or, where it is faster, the plain torch
+    composition; x is 2-D here, (M, K).
 
     W (N, K), Δ = scatter_S(v) as in :class:`SparseDeltaLinearFunction`, A (r, K), B (N, r), s the
     scaling, p the dropout rate, D the keep-mask of x (M, K) (redrawn from the seed, never stored) and
@@ -274,30 +437,20 @@ class LoRASparseLinearFunction(torch.autograd.Function):
         dΔ  = dY^T x on S only (the undropped x)     the SDDMM
         dW  = dY^T x,   db = sum_m dY_m              (only when required)
 
-    Saved for backward: x (not a dropped copy), u (M, r) fp32, W, A, B, v, the indices and the plan;
-    W + Δ is recomputed or never formed. No atomics anywhere.
+    Forward and backward each run the faster of the kernels and the torch composition, measured once per
+    shape bucket (:func:`choose_path`); the torch one is LoRA's (``ops.lora.torch_forward`` /
+    ``torch_backward``: cuBLAS matmuls, the masked pieces on the kernels) on W' = W + Δ by clone + scatter,
+    with dΔ by :func:`sddmm_torch`.
+
+    Saved for backward: x (not a dropped copy), u (M, r) (fp32 on the kernels, x's dtype on torch without
+    dropout), W, A, B, v, the indices and the plan; W + Δ is recomputed or never formed. No atomics on the
+    kernels.
     """
 
     @staticmethod
     def forward(ctx, x, weight, bias, lora_A, lora_B, values, indices, plan, scaling, dropout_p, seed):
-        b = plan.block_size
         thr, drop_scale = dropout_constants(dropout_p)
-        m, k = x.shape
-        n, r = weight.shape[0], lora_A.shape[0]
-        # The mask of x (M, K) element (m, k) is draw(seed, m K + k).
-        u = K.shrink_op(x, lora_A.t(), scale=drop_scale, seed=seed, threshold=thr, mask_sp=k, mask_sq=1)
-
-        def fused():
-            return SD.block_gemm_op(x, weight, plan.block_map, values, lu=u, lv=lora_B.t(), bias=bias, block_size=b,
-                                    transpose_w=True, scale=scaling)
-
-        def dense():
-            w2 = _w_plus_delta(weight, indices, values, b, x.dtype)
-            key = ("fwd", _bucket(m), k, n, r, x.dtype, bias is not None)  # shared with LoRALinearFunction
-            return lora_gemm(x, w2.t(), u, lora_B.t(), bias=bias, scale=scaling, key=key)
-
-        key = ("rosa-fwd", _bucket(m), k, n, r, b, x.dtype, weight.dtype, bias is not None)
-        y = fused() if _fused_ok(plan, key, fused, dense, x.device) else dense()
+        y, u = _rosa_forward(x, weight, bias, lora_A, lora_B, values, indices, plan, scaling, thr, drop_scale, seed)
         ctx.save_for_backward(x, u, weight, lora_A, lora_B, values, indices)  # the plan is held on ctx
         ctx.scaling, ctx.seed, ctx.thr, ctx.drop_scale = scaling, seed, thr, drop_scale
         ctx.plan, ctx.has_bias = plan, bias is not None
@@ -311,25 +464,74 @@ class LoRASparseLinearFunction(torch.autograd.Function):
         s, seed, thr, ds, b = ctx.scaling, ctx.seed, ctx.thr, ctx.drop_scale, plan.block_size
         m, k = x.shape
         n, r = weight.shape[0], lora_A.shape[0]
-        dx = dw = db = dv = None
-        v, da, dbb = lora_factor_grads(dy, x, u, lora_A, lora_B, scaling=s, drop_scale=ds, seed=seed, threshold=thr,
-                                       need_v=need_x, need_a=need_a, need_b=need_bb)
-        if need_x:
-            def fused():
-                return SD.block_gemm_op(dy, weight, plan.block_map, values, lu=v, lv=lora_A, bias=None, block_size=b,
-                                        transpose_w=False, scale=s * ds, seed=seed, threshold=thr)
 
-            def dense():
-                w2 = _w_plus_delta(weight, indices, values, b, dy.dtype)
-                key = ("dx", _bucket(m), n, k, r, x.dtype, thr > 0)  # shared with LoRALinearFunction
-                return lora_gemm(dy, w2, v, lora_A, scale=s * ds, seed=seed, threshold=thr, key=key)
+        def kernels():
+            dx = dv = None
+            v, da, dbb = lora_factor_grads(dy, x, u, lora_A, lora_B, scaling=s, drop_scale=ds, seed=seed,
+                                           threshold=thr, need_v=need_x, need_a=need_a, need_b=need_bb)
+            if need_x:
+                def fused():
+                    return SD.block_gemm_op(dy, weight, plan.block_map, values, lu=v, lv=lora_A, bias=None,
+                                            block_size=b, transpose_w=False, scale=s * ds, seed=seed, threshold=thr)
 
-            key = ("rosa-dx", _bucket(m), n, k, r, b, x.dtype, weight.dtype, thr > 0)
-            dx = fused() if _fused_ok(plan, key, fused, dense, x.device) else dense()
-        if need_v:
-            dv = _sddmm(dy, x, indices, values, plan)
+                def dense():
+                    w2 = _w_plus_delta(weight, indices, values, b, dy.dtype)
+                    key = ("dx", _bucket(m), n, k, r, x.dtype, thr > 0)  # shared with LoRALinearFunction
+                    return lora_gemm(dy, w2, v, lora_A, scale=s * ds, seed=seed, threshold=thr, key=key)
+
+                key = ("rosa-dx", _bucket(m), n, k, r, b, x.dtype, weight.dtype, thr > 0)
+                dx = fused() if _fused_ok(plan, key, fused, dense, x.device) else dense()
+            if need_v:
+                dv = _sddmm(dy, x, indices, values, plan)
+            return dx, da, dbb, dv
+
+        def composed():
+            w2 = w_plus_delta_torch(weight, indices, values, b, dy.dtype) if need_x else None
+            dx, da, dbb = torch_backward(dy, x, u, w2, lora_A, lora_B, scaling=s, drop_scale=ds, seed=seed,
+                                         threshold=thr, need_x=need_x, need_a=need_a, need_b=need_bb)
+            del w2  # W + Δ freed before the SDDMM's panels are formed
+            dv = sddmm_torch(dy, x, indices, values, b) if need_v else None
+            return dx, da, dbb, dv
+
+        key = ("rosa-path-bwd", _bucket(m), k, n, r, b, _bucket(indices.shape[0]), x.dtype, weight.dtype, thr > 0,
+               need_x, need_a, need_bb, need_v)
+        run = {"kernels": kernels, "torch": composed}
+        dx, da, dbb, dv = run[choose_path(key, run, dy.device)]()
         dw, db = base_grads(dy, x, weight, need_w, need_b and ctx.has_bias)
         return dx, dw, db, da, dbb, dv, None, None, None, None, None
+
+
+def _rosa_forward(x, weight, bias, lora_A, lora_B, values, indices, plan, scaling, thr, drop_scale, seed):
+    """``(y, u)`` of ``LoRASparseLinearFunction``'s forward on the faster of its two compositions."""
+    b = plan.block_size
+    m, k = x.shape
+    n, r = weight.shape[0], lora_A.shape[0]
+
+    def kernels():
+        # The mask of x (M, K) element (m, k) is draw(seed, m K + k).
+        u = K.shrink_op(x, lora_A.t(), scale=drop_scale, seed=seed, threshold=thr, mask_sp=k, mask_sq=1)
+
+        def fused():
+            return SD.block_gemm_op(x, weight, plan.block_map, values, lu=u, lv=lora_B.t(), bias=bias, block_size=b,
+                                    transpose_w=True, scale=scaling)
+
+        def dense():
+            w2 = _w_plus_delta(weight, indices, values, b, x.dtype)
+            key = ("fwd", _bucket(m), k, n, r, x.dtype, bias is not None)  # shared with LoRALinearFunction
+            return lora_gemm(x, w2.t(), u, lora_B.t(), bias=bias, scale=scaling, key=key)
+
+        key = ("rosa-fwd", _bucket(m), k, n, r, b, x.dtype, weight.dtype, bias is not None)
+        return (fused() if _fused_ok(plan, key, fused, dense, x.device) else dense()), u
+
+    def composed():
+        w2 = w_plus_delta_torch(weight, indices, values, b, x.dtype)
+        return torch_forward(x, w2, bias, lora_A, lora_B, scaling=scaling, drop_scale=drop_scale, seed=seed,
+                             threshold=thr)
+
+    key = ("rosa-path-fwd", _bucket(m), k, n, r, b, _bucket(indices.shape[0]), x.dtype, weight.dtype, bias is not None,
+           thr > 0)
+    run = {"kernels": kernels, "torch": composed}
+    return run[choose_path(key, run, x.device)]()
 
 
 # ----------------------------------------------------------------------------------------------------
