@@ -71,6 +71,11 @@ def _sparse_layer():
     return SparseDeltaLinear(IN, OUT, density=0.1)
 
 
+def _on_triton(module, x):
+    with fastpeft.use_backend("triton"):
+        return module(x)
+
+
 def _merged_model():
     m = _lora_model()
     for layer in fastpeft.lora_layers(m).values():
@@ -283,6 +288,13 @@ CASES = [
         ("delta_indices", "(nblocks, 2)", "(2, 3)")),
     Bad("sparse-block-values-4x4", lambda _: _blocks([[0, 0], [1, 1]], torch.ones(2, 4, 4)), ValueError,
         ("delta_values", "(2, 8, 8)", "(2, 4, 4)")),
+    # -- the sparse ops' floor switch (read on the triton backend, where the choice is made)
+    Bad("sparse-env-FASTPEFT_SPARSE_PATH-fastest",
+        lambda _: _with_env("FASTPEFT_SPARSE_PATH", "fastest", lambda: _sparse(backend="triton")), ValueError,
+        ("FASTPEFT_SPARSE_PATH", "('auto', 'kernels', 'torch')", "'fastest'")),
+    Bad("SparseDeltaLinear-env-FASTPEFT_SPARSE_PATH-cublas",
+        lambda m: _with_env("FASTPEFT_SPARSE_PATH", "cublas", lambda: _on_triton(m, _t(3, IN))), ValueError,
+        ("FASTPEFT_SPARSE_PATH", "('auto', 'kernels', 'torch')", "'cublas'"), _sparse_layer),
     # -- SparseDeltaLinear
     Bad("SparseDeltaLinear-set_delta-unsorted", lambda m: m.set_delta(torch.tensor([9, 3])), ValueError,
         ("delta_indices", "sorted", "9 at position 0 before 3"), _sparse_layer),

@@ -18,6 +18,7 @@ if not kernels.INTERPRET and not torch.cuda.is_available():
 from fastpeft.kernels import lora as K  # noqa: E402
 from fastpeft.kernels import sparse_delta as SD  # noqa: E402
 from fastpeft.ops import lora as OL  # noqa: E402
+from fastpeft.ops import sparse as OS  # noqa: E402
 
 DEV = "cuda" if torch.cuda.is_available() and not kernels.INTERPRET else "cpu"
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
@@ -213,6 +214,7 @@ def _forget_timed_choices():
     K._choice_cache.clear()
     SD._choice_cache.clear()
     OL._path_cache.clear()
+    OS._path_cache.clear()
     K._lora_gemm_tuned.cache.clear()
     SD._sparse_gemm_tuned.cache_clear()
 

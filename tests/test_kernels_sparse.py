@@ -240,6 +240,7 @@ def test_rosa_uses_the_lora_gemm_variants(monkeypatch):
     """On the dense path the LoRA GEMM of kernels/lora.py runs on W + Δ, fused or cuBLAS + update."""
     x, w, bias, a, bb = _make(33, 80, 48)
     idx, vals = _delta(48, 80, 1, density=0.1)
+    monkeypatch.setenv("FASTPEFT_SPARSE_PATH", "kernels")  # on a GPU the floor could otherwise take torch
     for lora_gemm in ("fused", "cublas"):
         monkeypatch.setenv("FASTPEFT_LORA_GEMM", lora_gemm)
         _check(f"rosa-{lora_gemm}", torch.float32, x, w, bias, idx, vals, 1, lora=(a, bb, 0.5, 0.3, 11))
@@ -294,12 +295,15 @@ def test_same_inputs_same_bits():
         assert all(torch.equal(u, v) for u, v in zip(r1, r2))  # no atomics
 
 
-@pytest.mark.parametrize("gemm", ["fused", "dense"])
+@pytest.mark.parametrize("gemm", ["fused", "dense", "torch"])
 @pytest.mark.parametrize("b", [1, 16], ids=lambda b: f"b{b}")
 def test_nothing_weight_sized_is_saved(monkeypatch, b, gemm):
     """Saved for backward: x, W itself, the values, indices and plan, (u (M, r) fp32 and A, B for RoSA);
-    never W + Δ or any other W-sized tensor."""
-    monkeypatch.setenv("FASTPEFT_SPARSE_GEMM", gemm)
+    never W + Δ or any other W-sized tensor; also on the floor's torch composition."""
+    if gemm == "torch":
+        monkeypatch.setenv("FASTPEFT_SPARSE_PATH", "torch")
+    else:
+        monkeypatch.setenv("FASTPEFT_SPARSE_GEMM", gemm)
     m, k, n, r = 8, 130, 80, 8
     x, w, bias, a, bb = (t.float() for t in _make(m, k, n, r))
     idx, vals = _delta(n, k, b, density=0.3)

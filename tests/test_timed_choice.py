@@ -1,7 +1,11 @@
-"""The timed choice (``kernels.lora.timed_choice``) and its LoRA uses: the GEMM of the kernel path (fused /
-TMA / cuBLAS, ``ops.lora.gemm_candidates``) and the whole forward / backward (kernels / torch composition,
-``ops.lora.choose_path``). Timers are faked: the fastest candidate wins, candidates that cannot run are
-never offered, forced and deterministic modes hold. Each forced path is also run against the reference."""
+"""The timed choice (``kernels.lora.timed_choice``) and its uses: LoRA's GEMM of the kernel path (fused /
+TMA / cuBLAS, ``ops.lora.gemm_candidates``) and LoRA's whole forward / backward (kernels / torch composition,
+``ops.lora.choose_path``); the sparse-delta ops' floor (kernels / torch composition, ``ops.sparse.choose_path``,
+FASTPEFT_SPARSE_PATH). Timers are faked: the fastest candidate wins, once per key, candidates that cannot run
+are never offered, forced and deterministic modes hold. Each forced path is also run against the reference.
+
+The sparse tests (``-k sparse``) also run on a GPU (TRITON_INTERPRET=0), on CUDA tensors; the LoRA ones need
+the interpreter."""
 import pytest
 import torch
 
@@ -15,7 +19,9 @@ if not kernels.INTERPRET and not torch.cuda.is_available():
 
 from fastpeft.kernels import lora as K  # noqa: E402
 from fastpeft.kernels import lora_tma as KT  # noqa: E402
+from fastpeft.kernels import sparse_delta as SD  # noqa: E402
 from fastpeft.ops import lora as OL  # noqa: E402
+from fastpeft.ops import sparse as OS  # noqa: E402
 from fastpeft.reference import lora_linear_ref  # noqa: E402
 
 from conftest import assert_close_report  # noqa: E402
@@ -136,3 +142,297 @@ def test_forward_and_backward_may_choose_differently(monkeypatch, fwd, bwd, dtyp
     for name, g_, s_, e_ in zip(("y", "dx", "dA", "dB"), got, same, exact):
         err, base = (g_ - e_).abs().max().item(), (s_ - e_).abs().max().item()
         assert err <= 2 * base + 1e-5, f"{fwd}/{bwd} {name}: error {err:.3g} vs PyTorch's {base:.3g}"
+
+
+# ---- the sparse-delta ops' floor: the kernels or the plain torch composition (ops.sparse.choose_path) --------
+
+DEV = "cuda" if torch.cuda.is_available() and not kernels.INTERPRET else "cpu"
+SPARSE_ENV = ("FASTPEFT_SPARSE_PATH", "FASTPEFT_SPARSE_GEMM", "FASTPEFT_SPARSE_SDDMM")
+# (block size, M, in, out): flat entries; 16 x 16 blocks tiling W exactly; 32 x 32 blocks clipped at the
+# bottom and right edges.
+SPARSE_CASES = [(1, 33, 130, 80), (16, 7, 64, 48), (32, 33, 130, 80)]
+
+
+@pytest.fixture
+def sparse_env(monkeypatch):
+    """Every sparse switch at its default (auto), and no deterministic mode from the environment."""
+    for var in SPARSE_ENV:
+        monkeypatch.setenv(var, "auto")
+    monkeypatch.delenv("FASTPEFT_DETERMINISTIC", raising=False)
+    monkeypatch.setattr(OS, "_path_cache", {})
+    return monkeypatch
+
+
+def _sparse_inputs(b, m, k, n, r=8, seed=0, density=0.3):
+    """fp64 x, W, bias, A, B, sorted indices (one block on the clipped corner) and values, on DEV."""
+    g = torch.Generator().manual_seed(seed)
+    rb, cb = -(-n // b), -(-k // b)
+    flat = torch.randperm(rb * cb, generator=g)[:max(1, round(density * rb * cb))]
+    flat = torch.unique(torch.cat([flat, torch.tensor([rb * cb - 1])]))  # sorted
+    idx = flat if b == 1 else torch.stack([flat // cb, flat % cb], 1).to(torch.int32)
+    vals = torch.randn(*((flat.numel(),) if b == 1 else (flat.numel(), b, b)), generator=g, dtype=torch.float64)
+    x = torch.randn(m, k, generator=g, dtype=torch.float64)
+    w = torch.randn(n, k, generator=g, dtype=torch.float64) / k ** 0.5
+    bias = torch.randn(n, generator=g, dtype=torch.float64)
+    a = torch.randn(r, k, generator=g, dtype=torch.float64) / k ** 0.5
+    bb = torch.randn(n, r, generator=g, dtype=torch.float64) / r ** 0.5
+    return [t.to(DEV) for t in (x, w, bias, a, bb, idx, vals)]
+
+
+def _sparse_run(backend, dtype, inputs, b, rosa, p=0.0, seed=5):
+    """Output and gradients (x, values[, A, B]) of one call of sparse_delta_linear / lora_sparse_linear in dtype."""
+    x, w, bias, a, bb, idx, vals = inputs
+    x, vals, a, bb = (t.detach().to(dtype).requires_grad_() for t in (x, vals, a, bb))
+    w, bias = w.to(dtype), bias.to(dtype)
+    dy = torch.randn(x.shape[0], w.shape[0], generator=torch.Generator().manual_seed(9), dtype=torch.float64)
+    if rosa:
+        y = fastpeft.lora_sparse_linear(x, w, bias, a, bb, 0.5, idx, vals, b, dropout_p=p, seed=seed, backend=backend)
+        wrt = (x, vals, a, bb)
+    else:
+        y = fastpeft.sparse_delta_linear(x, w, bias, idx, vals, b, backend=backend)
+        wrt = (x, vals)
+    return [y] + list(torch.autograd.grad(y, wrt, dy.to(DEV, dtype)))
+
+
+def _spy(monkeypatch, module, names, calls):
+    for name in names:
+        real = getattr(module, name)
+        monkeypatch.setattr(module, name, lambda *a, _r=real, _n=name, **kw: calls.append(_n) or _r(*a, **kw))
+
+
+KERNEL_PIECES = ("densify_op", "block_gemm_op", "sddmm_blocks_op", "sddmm_tiles_op", "gather_dot_op")
+TORCH_PIECES = ("w_plus_delta_torch", "sddmm_torch")
+
+
+@pytest.mark.parametrize("dt", ["fp32", "bf16"])
+@pytest.mark.parametrize("op,p", [("sparse", 0.0), ("rosa", 0.0), ("rosa", 0.1)], ids=["sparse", "rosa-p0", "rosa-p0.1"])
+@pytest.mark.parametrize("path", ["kernels", "torch"])
+@pytest.mark.parametrize("b,m,k,n", SPARSE_CASES, ids=[f"b{c[0]}-M{c[1]}-K{c[2]}-N{c[3]}" for c in SPARSE_CASES])
+def test_sparse_forced_path_matches_the_reference(sparse_env, b, m, k, n, path, op, p, dt):
+    """FASTPEFT_SPARSE_PATH=kernels|torch runs that composition only, forward and backward, with the
+    reference's output and gradients: fp32 close to fp64, bf16 within 2x PyTorch's own bf16 error."""
+    sparse_env.setenv("FASTPEFT_SPARSE_PATH", path)
+    calls = []
+    _spy(sparse_env, SD, KERNEL_PIECES, calls)
+    _spy(sparse_env, OS, TORCH_PIECES, calls)
+    inputs = _sparse_inputs(b, m, k, n)
+    dtype = {"fp32": torch.float32, "bf16": torch.bfloat16}[dt]
+    got = _sparse_run("triton", dtype, inputs, b, op == "rosa", p)
+    ran = set(calls)
+    assert ran and ran <= set(TORCH_PIECES if path == "torch" else KERNEL_PIECES), ran
+    exact = _sparse_run("reference", torch.float64, inputs, b, op == "rosa", p)
+    names = ("y", "dx", "dvalues", "dA", "dB")
+    if dtype == torch.float32:
+        for name, g_, e_ in zip(names, got, exact):
+            assert g_.dtype == torch.float32 and g_.shape == e_.shape, name
+            assert_close_report(g_, e_, rtol=1e-5, atol=1e-5 * max(1.0, e_.abs().max().item()),
+                                what=f"{path} {op} b{b} {name}")
+        return
+    same = _sparse_run("reference", dtype, inputs, b, op == "rosa", p)
+    for name, g_, s_, e_ in zip(names, got, same, exact):
+        assert g_.dtype == dtype and g_.shape == e_.shape, name
+        err, base = (g_.double() - e_).abs().max().item(), (s_.double() - e_).abs().max().item()
+        assert err <= 2 * base + 1e-3 * e_.abs().max().item(), f"{path} {op} b{b} {name}: {err:.3g} vs {base:.3g}"
+
+
+@pytest.mark.parametrize("b", [1, 16], ids=["b1", "b16"])
+def test_sparse_compositions_agree_bit_for_bit_in_forward(sparse_env, b):
+    """The torch W + Δ is the kernels' densify (fp32 sum, rounded once): same bits, clipped blocks included."""
+    x, w, bias, a, bb, idx, vals = _sparse_inputs(b, 33, 130, 80)
+    for dt in (torch.float32, torch.bfloat16):
+        w2 = OS.w_plus_delta_torch(w.to(dt), idx, vals.to(dt), b, dt)
+        assert w2.is_contiguous() and w2.shape == (80, 130)
+        torch.testing.assert_close(w2, SD.sparse_densify(w.to(dt), idx, vals.to(dt), b, dt), rtol=0, atol=0)
+
+
+def test_sparse_torch_composition_forms_nothing_weight_sized_but_w_prime(sparse_env, monkeypatch):
+    """The torch backward of the values alone (x frozen) forms no (out, in) tensor: the flat entries' dY^T X
+    goes by row panels, the blocks' by gathered panels; with dX, only W + Δ (transient)."""
+    from torch.utils._python_dispatch import TorchDispatchMode
+
+    class Sizes(TorchDispatchMode):
+        def __init__(self):
+            super().__init__()
+            self.big = []
+
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            out = func(*args, **(kwargs or {}))
+            for t in out if isinstance(out, (tuple, list)) else [out]:
+                if isinstance(t, torch.Tensor) and t.numel() >= n * k:
+                    self.big.append((str(func), tuple(t.shape)))
+            return out
+
+    monkeypatch.setenv("FASTPEFT_SPARSE_PATH", "torch")
+    m, k, n = 16, 130, 80
+    for b in (1, 32):
+        x, w, bias, a, bb, idx, vals = (t.float() if t.is_floating_point() else t for t in _sparse_inputs(b, m, k, n))
+        for need_x in (False, True):
+            xx, vv = x.clone().requires_grad_(need_x), vals.clone().requires_grad_()
+            y = fastpeft.sparse_delta_linear(xx, w, bias, idx, vv, b, backend="triton")
+            with Sizes() as sizes:
+                torch.autograd.grad(y, [xx, vv] if need_x else [vv], torch.ones_like(y))
+            if need_x:  # W + Δ (with a spare element after W for clipped blocks), and views of W
+                assert sizes.big and {s for _, s in sizes.big} <= {(n * k,), (n * k + 1,), (n, k)}, sizes.big
+            else:
+                assert not sizes.big, (b, sizes.big)
+
+
+def test_sparse_path_modes(sparse_env):
+    """auto times the two (fastest wins, cached per key, not timed again); FASTPEFT_SPARSE_PATH forces one;
+    a forced kernel variant (FASTPEFT_SPARSE_GEMM / _SDDMM) keeps auto on the kernels; deterministic mode,
+    tracing (even for a key timed in eager), the CPU and the interpreter keep the kernels."""
+    mp = sparse_env
+    mp.setattr(K, "INTERPRET", False)
+    clock, ran = {"kernels": 2.0, "torch": 1.0}, []
+    mp.setattr(K, "_bench", lambda fn: clock[fn()])
+
+    def cands():
+        return {n: (lambda n=n: ran.append(n) or n) for n in ("kernels", "torch")}
+
+    assert OS.choose_path(("a",), cands(), CUDA) == "torch"
+    assert OS._path_cache == {("a",): "torch"}
+    n = len(ran)
+    clock["kernels"] = 0.5
+    assert OS.choose_path(("a",), cands(), CUDA) == "torch" and len(ran) == n  # cached, not re-timed
+    assert OS.choose_path(("b",), cands(), CUDA) == "kernels"                  # another key: timed
+    ran.clear()
+    forced = [("FASTPEFT_SPARSE_PATH", "torch", "torch"), ("FASTPEFT_SPARSE_PATH", "kernels", "kernels"),
+              ("FASTPEFT_SPARSE_GEMM", "fused", "kernels"), ("FASTPEFT_SPARSE_GEMM", "dense", "kernels"),
+              ("FASTPEFT_SPARSE_SDDMM", "gather", "kernels"), ("FASTPEFT_SPARSE_SDDMM", "tile", "kernels")]
+    for var, value, want in forced:
+        with pytest.MonkeyPatch.context() as env:
+            env.setenv(var, value)
+            assert OS.path_mode() == want
+            assert OS.choose_path(("a",), cands(), CUDA) == want, (var, value)
+    with pytest.MonkeyPatch.context() as env:  # the path forced wins over a forced kernel variant
+        env.setenv("FASTPEFT_SPARSE_PATH", "torch")
+        env.setenv("FASTPEFT_SPARSE_GEMM", "fused")
+        assert OS.choose_path(("a",), cands(), CUDA) == "torch"
+    with fastpeft.deterministic():
+        assert OS.choose_path(("a",), cands(), CUDA) == "kernels"   # cached "torch", pinned anyway
+        assert OS.choose_path(("c",), cands(), CUDA) == "kernels"
+    assert OS.choose_path(("a",), cands(), torch.device("cpu")) == "kernels"
+    mp.setattr(torch.compiler, "is_compiling", lambda: True)
+    assert OS.choose_path(("a",), cands(), CUDA) == "kernels"
+    assert OS.choose_path(("d",), cands(), CUDA) == "kernels"
+    assert not ran and ("c",) not in OS._path_cache and ("d",) not in OS._path_cache  # nothing timed
+
+
+@pytest.mark.parametrize("value", ["fastest", "cublas", "1"])
+def test_sparse_path_bad_value_raises(sparse_env, value):
+    sparse_env.setenv("FASTPEFT_SPARSE_PATH", value)
+    with pytest.raises(ValueError, match=rf"FASTPEFT_SPARSE_PATH must be one of \('auto', 'kernels', 'torch'\), "
+                                         rf"got '{value}'"):
+        OS.path_mode()
+
+
+@pytest.mark.skipif(DEV != "cpu", reason="fakes CUDA timing on CPU tensors")
+@pytest.mark.parametrize("op", ["sparse", "rosa"])
+def test_sparse_ops_time_once_per_shape_bucket(sparse_env, op):
+    """Through the ops, with CUDA's timing faked on CPU tensors: forward and backward are each timed once
+    per shape bucket (M 33 and 40 share one, M 7 is another), the faster runs, and the results are the
+    reference's. Here torch is faster in forward and the kernels in backward."""
+    mp = sparse_env
+    mp.setattr(K, "INTERPRET", False)
+    timed, backward = [], [False]
+    # The candidates are the closures named kernels and composed (torch) in ops/sparse.py.
+    mp.setattr(K, "_bench", lambda fn: timed.append(fn.__name__) or (
+        1.0 if fn.__name__ == ("kernels" if backward[0] else "composed") else 2.0))
+    real_choose = OS.choose_path
+
+    def choose(key, run, device):
+        backward[0] = "bwd" in key[0]
+        return real_choose(key, run, CUDA)  # as on a GPU; nested GEMM choices still see the CPU
+    mp.setattr(OS, "choose_path", choose)
+    calls = []
+    _spy(mp, SD, KERNEL_PIECES, calls)
+    _spy(mp, OS, TORCH_PIECES, calls)
+    x, w, bias, a, bb, idx, vals = _sparse_inputs(16, 40, 64, 48)
+    for m, new_keys in ((33, 2), (40, 0), (7, 2)):
+        inputs = [x[:m], w, bias, a, bb, idx, vals]
+        before = len(OS._path_cache)
+        calls.clear()
+        got = _sparse_run("triton", torch.float32, inputs, 16, op == "rosa")
+        assert len(OS._path_cache) - before == new_keys
+        if not new_keys:  # timing runs both candidates once; a cached choice runs only its own
+            assert set(calls) == {"w_plus_delta_torch", "sddmm_blocks_op", "block_gemm_op"}, calls
+        exact = _sparse_run("reference", torch.float64, inputs, 16, op == "rosa")
+        for name, g_, e_ in zip(("y", "dx", "dvalues", "dA", "dB"), got, exact):
+            assert_close_report(g_, e_, rtol=1e-5, atol=1e-5 * max(1.0, e_.abs().max().item()), what=f"M{m} {name}")
+    assert len(timed) == 2 * 4  # two keys (fwd, bwd) per bucket, two buckets, two candidates each
+    assert all(v == ("kernels" if "bwd" in key[0] else "torch") for key, v in OS._path_cache.items())
+
+
+@pytest.mark.skipif(DEV != "cpu", reason="fakes CUDA timing on CPU tensors")
+def test_sparse_deterministic_mode_runs_the_kernels_untimed(sparse_env):
+    mp = sparse_env
+    mp.setattr(K, "INTERPRET", False)
+    mp.setattr(K, "_bench", lambda fn: pytest.fail("timed in deterministic mode"))
+    real_choose = OS.choose_path
+    mp.setattr(OS, "choose_path", lambda key, run, device: real_choose(key, run, CUDA))
+    calls = []
+    _spy(mp, OS, TORCH_PIECES, calls)
+    with fastpeft.deterministic():
+        for op in ("sparse", "rosa"):
+            _sparse_run("triton", torch.float32, _sparse_inputs(1, 33, 130, 80), 1, op == "rosa", 0.1)
+    assert not calls and not OS._path_cache
+
+
+# ---- GPU only --------------------------------------------------------------------------------------
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("b", [1, 32], ids=["b1", "b32"])
+@pytest.mark.parametrize("op", ["sparse", "rosa"])
+def test_gpu_sparse_floor_timed_on_the_card(sparse_env, op, b):
+    """On the card, auto times kernels vs torch once per key (fwd, bwd), keeps the faster and matches the
+    reference (bf16, 2x PyTorch's error); the second call times nothing."""
+    timed = []
+    real_bench = K._bench
+
+    def bench(fn):  # the path's candidates only, not the nested GEMM choices (fused / dense / cublas ...)
+        if fn.__name__ in ("kernels", "composed"):
+            timed.append(fn.__name__)
+        return real_bench(fn)
+    sparse_env.setattr(K, "_bench", bench)
+    inputs = _sparse_inputs(b, 1024, 1024, 768, r=16, density=0.01 if b == 1 else 0.05)
+    got = _sparse_run("triton", torch.bfloat16, inputs, b, op == "rosa", 0.1)
+    assert len(timed) == 4 and len(OS._path_cache) == 2, (timed, OS._path_cache)
+    print(f"\n{op} b{b}: {OS._path_cache}")
+    again = _sparse_run("triton", torch.bfloat16, inputs, b, op == "rosa", 0.1)
+    assert len(timed) == 4
+    same, exact = (_sparse_run("reference", dt, inputs, b, op == "rosa", 0.1) for dt in (torch.bfloat16, torch.float64))
+    for name, g_, a_, s_, e_ in zip(("y", "dx", "dvalues", "dA", "dB"), got, again, same, exact):
+        assert torch.equal(g_, a_), name
+        err, base = (g_.double() - e_).abs().max().item(), (s_.double() - e_).abs().max().item()
+        assert err <= 2 * base + 1e-3 * e_.abs().max().item(), f"{op} b{b} {name}: {err:.3g} vs {base:.3g}"
+
+
+@pytest.mark.gpu
+def test_gpu_sparse_ops_on_auto_once_in_auto_ops(sparse_env):
+    """What adding the sparse ops to kernels.AUTO_OPS does (the one-line change): backend="auto" then runs
+    SparseDeltaLinear and a RoSA layer on the kernels' floor for CUDA tensors, with the reference's numbers."""
+    from fastpeft import functional
+
+    sparse_env.setattr(kernels, "AUTO_OPS", kernels.AUTO_OPS | {"sparse_delta_linear", "lora_sparse_linear"})
+    torch.manual_seed(0)
+    sd = fastpeft.SparseDeltaLinear(512, 384, density=0.01).to(DEV)
+    rosa = fastpeft.FastLoRALinear(512, 384, r=16, init_lora_weights=False, sparse_density=0.05,
+                                   sparse_block_size=32).to(DEV)
+    with torch.no_grad():
+        sd.delta_values.normal_()
+        for v in rosa.sparse_values.values():
+            v.normal_()
+    x = torch.randn(4, 64, 512, device=DEV)
+    assert functional.resolve_backend("sparse_delta_linear", None, x, sd.weight) == "triton"
+    for layer in (sd, rosa):
+        layer.eval()
+        params = [p for p in layer.parameters() if p.requires_grad]
+        results = []
+        for backend in ("auto", "reference"):
+            with fastpeft.use_backend(backend):
+                y = layer(x)
+                results.append([y] + list(torch.autograd.grad(y.square().sum(), params)))
+        for got, want in zip(*results):
+            assert_close_report(got, want, rtol=1e-4, atol=1e-4 * max(1.0, want.abs().max().item()),
+                                what=type(layer).__name__)
+    assert OS._path_cache  # the floor was timed
