@@ -1,18 +1,29 @@
-"""Sparse-delta linear ``y = x (W + Δ)^T + b``: frozen nn.Linear (the floor) vs the usual torch ways vs fastpeft.
+"""Sparse-delta linear ``y = x (W + Δ)^T + b`` (and RoSA: ``+ s (x A^T) B^T``): frozen nn.Linear (the floor)
+vs the usual torch ways vs fastpeft.
 
     fastpeft bench sparse                             # the default grid for this machine
     fastpeft bench sparse --tokens 8192 --shape 4096x4096 --density 0.01 --block 1 32 --json out.json
+    fastpeft bench sparse ... --lora-rank 0 16        # 0: the sparse delta alone; r > 0: RoSA, LoRA of rank r beside it
     python benchmarks/bench_sparse.py ...             # the same, from a checkout
 
 Providers:
 - ``linear``: frozen nn.Linear (fwd+bwd computes dX only).
+- ``reference``: fastpeft's reference backend (what ``backend="auto"`` runs for these ops until they are in
+  ``fastpeft.kernels.AUTO_OPS``): clone + scatter + F.linear under torch autograd.
 - ``scatter``: clone W, scatter the values in (``index_add``) and ``F.linear``, all torch autograd (the
   PEFT-SHiRA / RoSA way): backward forms the dense (out, in) gradient of W + Δ and gathers from it.
 - ``dense-dW``: a custom autograd.Function (the SpIEL way): the same forward, backward computes
   dW = dY^T X densely in fp32 and gathers the entries' gradients from it.
-- ``fastpeft``: ``fastpeft.sparse_delta_linear`` on the triton backend (CUDA only), with a cached plan;
-  ``fastpeft-fused`` / ``fastpeft-dense`` (blocks: each GEMM variant forced) and ``fastpeft-tile`` /
-  ``fastpeft-gather`` (entries: each SDDMM forced) beside it.
+- ``fastpeft``: the triton backend (CUDA only) with its floor, FASTPEFT_SPARSE_PATH=auto: forward and
+  backward each the faster of the kernels and the plain torch composition, timed once per shape bucket
+  (the ``path`` column says which ran); what ``backend="auto"`` will run once the ops are in AUTO_OPS.
+  With a cached plan, as a layer has.
+- ``fastpeft-kernels`` / ``fastpeft-torch``: the two sides of the floor, forced (FASTPEFT_SPARSE_PATH);
+  ``fastpeft-fused`` / ``fastpeft-dense`` (blocks: each GEMM variant of the kernels forced) and
+  ``fastpeft-tile`` / ``fastpeft-gather`` (entries: each SDDMM forced) beside them.
+
+RoSA rows (``--lora-rank r``): every provider but ``linear`` adds the LoRA branch, as plain torch autograd
+(``scatter``, ``dense-dW``), the reference or fastpeft's ``lora_sparse_linear``; A and B get gradients too.
 
 Modes: ``fwd`` and ``fwd+bwd`` (W frozen; dX and the values' gradient), each with its peak memory on
 CUDA. Ratios are to ``linear`` of the same case, measured in the same run.
@@ -86,44 +97,80 @@ class DenseGradGather(torch.autograd.Function):
 
 def providers(block, kernels_ok: bool) -> dict:
     """name -> (kind, env overrides)."""
-    out = {"linear": ("linear", {}), "scatter": ("scatter", {}), "dense-dW": ("dense-dW", {})}
+    out = {"linear": ("linear", {}), "reference": ("reference", {}), "scatter": ("scatter", {}),
+           "dense-dW": ("dense-dW", {})}
     if kernels_ok:
-        out["fastpeft"] = ("fastpeft", {})
+        out["fastpeft"] = ("fastpeft", {"FASTPEFT_SPARSE_PATH": "auto"})
+        out["fastpeft-kernels"] = ("fastpeft", {"FASTPEFT_SPARSE_PATH": "kernels"})
+        out["fastpeft-torch"] = ("fastpeft", {"FASTPEFT_SPARSE_PATH": "torch"})
         if block > 1:
-            out["fastpeft-fused"] = ("fastpeft", {"FASTPEFT_SPARSE_GEMM": "fused"})
-            out["fastpeft-dense"] = ("fastpeft", {"FASTPEFT_SPARSE_GEMM": "dense"})
+            out["fastpeft-fused"] = ("fastpeft", {"FASTPEFT_SPARSE_PATH": "kernels", "FASTPEFT_SPARSE_GEMM": "fused"})
+            out["fastpeft-dense"] = ("fastpeft", {"FASTPEFT_SPARSE_PATH": "kernels", "FASTPEFT_SPARSE_GEMM": "dense"})
         else:
-            out["fastpeft-tile"] = ("fastpeft", {"FASTPEFT_SPARSE_SDDMM": "tile"})
-            out["fastpeft-gather"] = ("fastpeft", {"FASTPEFT_SPARSE_SDDMM": "gather"})
+            out["fastpeft-tile"] = ("fastpeft", {"FASTPEFT_SPARSE_PATH": "kernels", "FASTPEFT_SPARSE_SDDMM": "tile"})
+            out["fastpeft-gather"] = ("fastpeft", {"FASTPEFT_SPARSE_PATH": "kernels",
+                                                   "FASTPEFT_SPARSE_SDDMM": "gather"})
     return out
 
 
-def step_fn(kind, envs, mode, x, lin, delta, plan, dy):
-    """One timed call: forward, or forward + dX and the values' gradient."""
+LORA_SCALING = 2.0
+
+
+def wrt(kind, x, delta, lora=None) -> list:
+    """The tensors a provider's fwd+bwd differentiates: x (linear), and the values (and A, B) for the rest."""
+    return [x] if kind == "linear" else [x, delta[1]] + list(lora or ())
+
+
+def forward_fn(kind, x, lin, delta, plan, lora=None):
+    """The forward of provider kind ``kind`` as a zero-argument callable; ``lora``: (A, B) for RoSA."""
     idx, values, flat, which = delta
     block = values.shape[-1] if values.dim() == 3 else 1
     weight, bias = lin.weight, lin.bias
-    wrt = [x] if kind == "linear" else [x, values]
+
+    def torch_lora(y):  # RoSA's LoRA branch in plain torch autograd, added to the torch ways' output
+        return y if lora is None else y + LORA_SCALING * F.linear(F.linear(x, lora[0]), lora[1])
 
     def forward():
         if kind == "linear":
             return lin(x)
         if kind == "scatter":
-            return scatter_linear(x, weight, bias, values, flat, which)
+            return torch_lora(scatter_linear(x, weight, bias, values, flat, which))
         if kind == "dense-dW":
-            return DenseGradGather.apply(x, weight, bias, values, flat, which)
-        return fastpeft.functional.sparse_delta_linear(x, weight, bias, idx, values, block, backend="triton",
-                                                       check=False, plan=plan)
+            return torch_lora(DenseGradGather.apply(x, weight, bias, values, flat, which))
+        backend = "reference" if kind == "reference" else "triton"
+        if lora is not None:
+            return fastpeft.functional.lora_sparse_linear(x, weight, bias, lora[0], lora[1], LORA_SCALING, idx,
+                                                          values, block, backend=backend, check=False,
+                                                          plan=plan if backend == "triton" else None)
+        return fastpeft.functional.sparse_delta_linear(x, weight, bias, idx, values, block, backend=backend,
+                                                       check=False, plan=plan if backend == "triton" else None)
+    return forward
+
+
+def step_fn(kind, envs, mode, x, lin, delta, plan, dy, lora=None):
+    """One timed call: forward, or forward + dX and the values' gradient (and A's and B's with ``lora``,
+    ``(A, B)``: RoSA)."""
+    forward = forward_fn(kind, x, lin, delta, plan, lora)
+    inputs = wrt(kind, x, delta, lora)
 
     def fn():
         with env_vars(envs):
             y = forward()
             if mode == "fwd+bwd":
-                torch.autograd.grad(y, wrt, dy)
+                torch.autograd.grad(y, inputs, dy)
     return fn
 
 
-def groups(m, k, n, d, b, modes, ctx):
+def chosen_path(m, k, n, b, nblocks, rank) -> str | None:
+    """What the floor of the ``fastpeft`` provider ran in this case, e.g. "fwd torch, bwd kernels"."""
+    from fastpeft.ops.sparse import chosen_paths
+
+    got = chosen_paths(m, k, n, b, nblocks, rank)
+    words = [f"{way} {'/'.join(sorted(c))}" for way, c in got.items() if c]
+    return ", ".join(words) or None
+
+
+def groups(m, k, n, d, b, r, modes, ctx):
     """One case's layer, inputs and delta (and the kernels' plan), built once; one group per mode."""
     device, dtype = ctx.device, ctx.dtype
     torch.manual_seed(0)
@@ -132,23 +179,35 @@ def groups(m, k, n, d, b, modes, ctx):
     dy = torch.randn(m, n, device=device, dtype=dtype)
     idx, values, flat, which = make_delta(n, k, d, b, device, dtype)
     values.requires_grad_()
+    lora = None
+    if r:
+        lora = ((torch.randn(r, k, device=device, dtype=dtype) / k ** 0.5).requires_grad_(),
+                (torch.randn(n, r, device=device, dtype=dtype) / r ** 0.5).requires_grad_())
     plan = None
     if ctx.kernels_ok:
         from fastpeft.ops.sparse import build_sparse_plan
 
         plan = build_sparse_plan(idx, n, k, b)  # built once per set of indices, as a layer caches it
     for mode in modes:
-        calls = {name: step_fn(kind, envs, mode, x, lin, (idx, values, flat, which), plan, dy)
+        calls = {name: step_fn(kind, envs, mode, x, lin, (idx, values, flat, which), plan, dy, lora)
                  for name, (kind, envs) in providers(b, ctx.kernels_ok).items()}
-        # r and p: the column names of the earlier tables' JSON, kept for readers of benchmarks/results
-        yield Group({"nnz": values.numel(), "mode": mode}, calls, extra=lambda name, times: dict(r=b, p=d))
+
+        def extra(name, times):
+            # r and p: the column names of the earlier tables' JSON (block and density), kept for readers of
+            # benchmarks/results; the LoRA rank of RoSA rows is lora_r.
+            out = dict(r=b, p=d)
+            if name == "fastpeft":
+                out["path"] = chosen_path(m, k, n, b, idx.shape[0], r)
+            return out
+        yield Group({"nnz": values.numel(), "mode": mode}, calls, extra=extra)
 
 
 def cases(args, ctx) -> list:
-    """Every (tokens, block, density) of the options, on the one shape."""
+    """Every (tokens, LoRA rank, block, density) of the options, on the one shape."""
     k, n = args.shape
-    return [Case(dict(M=m, K=k, N=n, density=d, block=b), functools.partial(groups, m, k, n, d, b, args.modes, ctx))
-            for m in args.tokens for b in args.block for d in args.density]
+    return [Case(dict(M=m, K=k, N=n, lora_r=r, density=d, block=b),
+                 functools.partial(groups, m, k, n, d, b, r, args.modes, ctx))
+            for m in args.tokens for r in args.lora_rank for b in args.block for d in args.density]
 
 
 def add_arguments(ap, cuda: bool) -> None:
@@ -157,20 +216,23 @@ def add_arguments(ap, cuda: bool) -> None:
     ap.add_argument("--density", nargs="+", type=float, default=DENSITIES,
                     help="fraction of W's entries (block 1) or of its b x b blocks in the delta")
     ap.add_argument("--block", nargs="+", type=int, default=BLOCKS, help="block sizes (1: unstructured)")
+    ap.add_argument("--lora-rank", nargs="+", type=int, default=[0],
+                    help="0: the sparse delta alone; r > 0: RoSA, a LoRA of rank r beside it (lora_sparse_linear)")
 
 
-COLUMNS = [("M", "M", "{}"), ("K", "K", "{}"), ("N", "N", "{}"), ("block", "block", "{}"),
+COLUMNS = [("M", "M", "{}"), ("K", "K", "{}"), ("N", "N", "{}"), ("lora_r", "LoRA r", "{}"), ("block", "block", "{}"),
            ("density", "density", "{:.3%}"), ("nnz", "values", "{}"), ("mode", "mode", "{}"),
            ("provider", "provider", "{}"), ("ms", "median ms", "{:.3f}"), ("p20", "p20", "{:.3f}"),
-           ("p80", "p80", "{:.3f}"), ("vs_linear", "x nn.Linear", "{:.3f}"), ("peak_mib", "peak MiB", "{:.0f}")]
+           ("p80", "p80", "{:.3f}"), ("vs_linear", "x nn.Linear", "{:.3f}"), ("peak_mib", "peak MiB", "{:.0f}"),
+           ("path", "path (floor)", "{}")]
 
 
 BENCHMARK = harness.Benchmark(
     prog="fastpeft bench sparse", description=__doc__, add_arguments=add_arguments, cases=cases, columns=COLUMNS,
-    title="Sparse-delta linear, {dtype}, ratios to frozen nn.Linear in the same run",
+    title="Sparse-delta linear (LoRA r > 0: RoSA), {dtype}, ratios to frozen nn.Linear in the same run",
     plot_title="Sparse-delta linear ({dtype})",
     no_gpu="No GPU here: the sparse-delta kernels need one (not measured on GPU). Timing the torch ways "
-           "(clone + scatter, dense dW + gather) against nn.Linear on the CPU.",
+           "(the reference, clone + scatter, dense dW + gather) against nn.Linear on the CPU.",
     modes=("fwd", "fwd+bwd"), plot_help="bar chart of the ratios to nn.Linear", progress="bench sparse")
 
 

@@ -26,28 +26,69 @@ def test_bench_sparse_table(tmp_path, capsys):
     assert md.read_text().startswith("# Sparse-delta linear")
 
 
+def _interpreted_kernels():
+    from fastpeft import kernels
+
+    return kernels.HAS_TRITON and kernels.INTERPRET
+
+
+@pytest.mark.parametrize("rank", [0, 4], ids=["sparse", "rosa"])
 @pytest.mark.parametrize("block", [1, 16])
-def test_bench_providers_agree_with_the_reference(block):
+def test_bench_providers_agree_with_the_reference(block, rank):
+    """Every provider of the table computes the reference's output and gradients (x, values[, A, B]); the
+    fastpeft ones (triton backend) where the kernels run here (TRITON_INTERPRET=1 on the CPU)."""
     bs = _bench_module("bench_sparse")
-    from fastpeft.functional import sparse_delta_linear
+    from harness import env_vars
 
     torch.manual_seed(0)
-    w, bias = torch.randn(48, 80, dtype=torch.float64), torch.randn(48, dtype=torch.float64)
-    idx, values, flat, which = bs.make_delta(48, 80, 0.2, block, "cpu", torch.float64)
-    x = torch.randn(7, 80, dtype=torch.float64)
-    dy = torch.randn(7, 48, dtype=torch.float64)
-    results = []
-    for kind in ("reference", "scatter", "dense-dW"):
+    dtype = torch.float32 if _interpreted_kernels() else torch.float64  # the kernels take fp32 at most
+    lin = torch.nn.Linear(80, 48, dtype=dtype).requires_grad_(False)
+    idx, values, flat, which = bs.make_delta(48, 80, 0.2, block, "cpu", dtype)
+    x = torch.randn(7, 80, dtype=dtype)
+    dy = torch.randn(7, 48, dtype=dtype)
+    lora = (torch.randn(rank, 80, dtype=dtype) / 9, torch.randn(48, rank, dtype=dtype) / 2) if rank else None
+    plan = None
+    if _interpreted_kernels():
+        from fastpeft.ops.sparse import build_sparse_plan
+
+        plan = build_sparse_plan(idx, 48, 80, block)
+    results = {}
+    for name, (kind, envs) in bs.providers(block, kernels_ok=_interpreted_kernels()).items():
+        if kind == "linear":
+            continue
         xx, vv = x.clone().requires_grad_(), values.clone().requires_grad_()
-        if kind == "reference":
-            y = sparse_delta_linear(xx, w, bias, idx, vv, block, backend="reference")
-        elif kind == "scatter":
-            y = bs.scatter_linear(xx, w, bias, vv, flat, which)
-        else:
-            y = bs.DenseGradGather.apply(xx, w, bias, vv, flat, which)
-        results.append([y] + list(torch.autograd.grad(y, [xx, vv], dy)))
-    for name, other in zip(("scatter", "dense-dW"), results[1:]):
-        for what, a, b in zip(("y", "dx", "dvalues"), results[0], other):
-            # dense-dW forms dW in fp32 (as SpIEL does), also for these fp64 inputs
-            tol = 1e-5 if name == "dense-dW" else 1e-7
+        ll = tuple(t.clone().requires_grad_() for t in lora) if lora else None
+        delta = (idx, vv, flat, which)
+        with env_vars(envs):
+            y = bs.forward_fn(kind, xx, lin, delta, plan, ll)()
+            results[name] = [y] + list(torch.autograd.grad(y, bs.wrt(kind, xx, delta, ll), dy))
+    assert {"reference", "scatter", "dense-dW"} <= set(results)
+    if _interpreted_kernels():
+        assert {"fastpeft", "fastpeft-kernels", "fastpeft-torch"} <= set(results)
+    for name, got in results.items():
+        for what, a, b in zip(("y", "dx", "dvalues", "dA", "dB"), results["reference"], got):
+            # dense-dW forms dW in fp32 (as SpIEL does), also for fp64 inputs
+            tol = 1e-5 if name == "dense-dW" or dtype == torch.float32 else 1e-7
             torch.testing.assert_close(b, a, rtol=tol, atol=tol, msg=lambda m: f"{name} {what}: {m}")
+
+
+@pytest.mark.skipif(not _interpreted_kernels(), reason="the fastpeft providers need the kernels (interpreter here)")
+def test_bench_table_with_the_fastpeft_providers(monkeypatch, tmp_path, capsys):
+    """The table as on a GPU (the kernels run under the interpreter): every provider, the RoSA rows (r 4), the
+    path column."""
+    _bench_module("bench_sparse")  # puts the benchmarks folder, and its harness, on sys.path
+    import harness
+
+    monkeypatch.setattr(harness, "kernels_ok", lambda device: True)
+    js = tmp_path / "s.json"
+    rc = main(["bench", "sparse", "--tokens", "8", "--shape", "64x48", "--density", "0.1", "--block", "1", "16",
+               "--lora-rank", "4", "--warmup-ms", "1", "--rep-ms", "1", "--quiet", "--json", str(js)])
+    assert rc == 0
+    rows = json.loads(js.read_text())["rows"]
+    for b in (1, 16):
+        got = {r["provider"] for r in rows if r["block"] == b}
+        variants = {"fastpeft-fused", "fastpeft-dense"} if b > 1 else {"fastpeft-tile", "fastpeft-gather"}
+        assert got == {"linear", "reference", "scatter", "dense-dW", "fastpeft", "fastpeft-kernels",
+                       "fastpeft-torch"} | variants
+    assert {r["lora_r"] for r in rows} == {4} and all("path" in r for r in rows if r["provider"] == "fastpeft")
+    assert "path (floor)" in capsys.readouterr().out

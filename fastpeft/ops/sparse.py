@@ -304,6 +304,20 @@ def choose_path(key: tuple, candidates: dict, device: torch.device) -> str:
     return K.timed_choice(_path_cache, key, path_mode(), device, candidates, "kernels")
 
 
+def chosen_paths(m: int, in_features: int, out_features: int, block_size: int, nnz: int, rank: int = 0) -> dict:
+    """What auto has measured so far for this shape (any dtype, bias, dropout, gradients):
+    {"fwd": {"kernels", ...}, "bwd": {...}} of ``sparse_delta_linear`` (``rank`` 0) or RoSA (LoRA rank
+    ``rank``), nnz = the number of indices (entries or blocks). Benchmarks report it."""
+    op = "rosa" if rank else "sd"
+    want = (_bucket(m), in_features, out_features) + ((rank,) if rank else ()) + (block_size, _bucket(nnz))
+    out = {"fwd": set(), "bwd": set()}
+    for key, choice in _path_cache.items():
+        for way in out:
+            if key[0] == f"{op}-path-{way}" and key[1:1 + len(want)] == want:
+                out[way].add(choice)
+    return out
+
+
 # ----------------------------------------------------------------------------------------------------
 # autograd Functions
 # ----------------------------------------------------------------------------------------------------
