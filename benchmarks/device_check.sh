@@ -2,7 +2,7 @@
 # One prepared GPU check (issue 12 item 6), at most ~8 minutes: in this order
 #   1. the GPU tests (kernels with explicit blocks, then the gpu-marked tests);
 #   2. `fastpeft bench lora | multi | sparse | qlora` at the target shapes (M=8192; K x N = 4096x4096, then 4096x14336
-#      and 14336x4096; r=16; p 0 and 0.1; 64 adapters; 1 % sparse, unstructured and 32x32 blocks);
+#      and 14336x4096; r=16; p 0 and 0.1; 64 adapters; 1 % sparse, unstructured and 32x32 blocks; RoSA rows in --sparse);
 #   3. benchmarks/profile_lora.py: the per-kernel torch.profiler table of LoRA fwd+bwd at M=8192, K=N=4096,
 #      r=16, p in {0, 0.1} (kernel, µs, bytes moved, TB/s or TFLOP/s, % of peak), the TMA GEMM against
 #      cuBLAS, then the decode table (M 1/16/64) eager and under CUDA graphs.
@@ -13,10 +13,24 @@
 #   bash benchmarks/device_check.sh               # on the card
 #   bash benchmarks/device_check.sh --smoke       # dry run on the CPU under TRITON_INTERPRET=1, tiny shapes;
 #                                                 # what needs CUDA is skipped with a printed line
+#   bash benchmarks/device_check.sh --sparse      # the sparse ops only (issue 12 item 5), BUDGET default 420 s:
+#       1. their tests with explicit blocks (test_kernels_sparse.py, the floor's in test_timed_choice.py);
+#       2. their gpu-marked tests (autotuned: the LLM shape, torch.compile, the floor timed on the card, backend
+#          "auto" with the ops added to AUTO_OPS, bitwise reproducibility);
+#       3. `fastpeft bench sparse` at M=8192, 4096x4096, 1 %, blocks 1 and 32, alone and as RoSA (r=16), 240 s of
+#          the budget kept for it. What it must show before the ops join AUTO_OPS: kernels/__init__.py.
+#     (--smoke --sparse: the same steps' dry run.)
 set -uo pipefail
 cd "$(dirname "$0")/.."
 SMOKE=0
-if [ "${1:-}" = "--smoke" ]; then SMOKE=1; fi
+SPARSE_ONLY=0
+for arg in "$@"; do
+    case "$arg" in
+        --smoke) SMOKE=1 ;;
+        --sparse) SPARSE_ONLY=1 ;;
+        *) echo "usage: $0 [--smoke] [--sparse]"; exit 2 ;;
+    esac
+done
 stamp=$(date -u +%Y-%m-%d)
 if [ "$SMOKE" = 1 ]; then
     OUT="${OUT:-$(mktemp -d /tmp/fastpeft-smoke-XXXX)}"
@@ -24,7 +38,7 @@ if [ "$SMOKE" = 1 ]; then
     export TRITON_INTERPRET=1 PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}"
 else
     OUT="${OUT:-benchmarks/results/device-check-$stamp}"
-    BUDGET="${BUDGET:-470}"
+    if [ "$SPARSE_ONLY" = 1 ]; then BUDGET="${BUDGET:-420}"; else BUDGET="${BUDGET:-470}"; fi
     export TRITON_INTERPRET=0
 fi
 export PYTHONUNBUFFERED=1
@@ -68,6 +82,43 @@ $PY -c "import torch, triton; print('torch', torch.__version__, '| triton', trit
 card=$($PY -c "import torch; print(torch.cuda.get_device_name().replace(' ', '-') if torch.cuda.is_available() else 'cpu')")
 if [ "$SMOKE" = 1 ]; then card="cpu-smoke"; fi
 
+if [ "$SPARSE_ONLY" = 1 ]; then
+    # The sparse ops' tests: in test_timed_choice.py only the sparse ones (-k sparse) run on CUDA tensors.
+    SPARSE_TESTS="tests/test_kernels_sparse.py tests/test_timed_choice.py"
+    if [ "$SMOKE" = 1 ]; then
+        SPARSE="--tokens 32 --shape 64x64 --density 0.05 --block 1 32 --lora-rank 0 16 --dtype float32"
+        SPARSE="$SPARSE --warmup-ms 1 --rep-ms 2"
+    else
+        SPARSE="--tokens 8192 --shape 4096x4096 --density 0.01 --block 1 32 --lora-rank 0 16 --warmup-ms 5 --rep-ms 20"
+        RESERVE=240
+    fi
+    echo "== 1. sparse tests"
+    if [ "$SMOKE" = 1 ]; then
+        run "sparse floor tests (interpreter)" 600 $PY -m pytest -q -x -p no:cacheprovider tests/test_timed_choice.py \
+            -m "not gpu" -k sparse
+        skip "gpu-marked sparse tests"
+    else
+        # shellcheck disable=SC2086
+        run "sparse kernel + floor tests (explicit blocks)" 150 env FASTPEFT_AUTOTUNE=0 $PY -m pytest -q -x \
+            -p no:cacheprovider $SPARSE_TESTS -m "not gpu" -k sparse
+        # shellcheck disable=SC2086
+        run "gpu-marked sparse tests (autotuned, compile, the floor timed)" 120 $PY -m pytest -q -rA \
+            -p no:cacheprovider $SPARSE_TESTS tests/test_determinism.py -m gpu -k "sparse or use_deterministic"
+    fi
+    RESERVE=0
+    echo "== 2. fastpeft bench sparse (ratios to nn.Linear measured in one run; path: what the floor ran)"
+    # shellcheck disable=SC2086
+    run "bench sparse" 240 $PY -m fastpeft bench sparse --quiet $SPARSE --json "$OUT/bench_sparse.json" \
+        --markdown "$OUT/bench_sparse.md"
+    if [ "$SMOKE" = 0 ] && [ -f "$OUT/bench_sparse.md" ]; then
+        cp "$OUT/bench_sparse.md" "benchmarks/results/bench-sparse-${card}-${stamp}.md"
+    fi
+    echo "== done in ${SECONDS}s (budget ${BUDGET}s):"
+    for s in "${SUMMARY[@]}"; do echo "   $s"; done
+    [ "$FAILED" -eq 0 ]
+    exit
+fi
+
 if [ "$SMOKE" = 0 ]; then RESERVE=100; fi
 echo "== 1. tests"
 if [ "$SMOKE" = 1 ]; then
@@ -78,8 +129,8 @@ if [ "$SMOKE" = 1 ]; then
 else
     run "kernel tests lora / lora_tma / multi (explicit blocks)" 110 env FASTPEFT_AUTOTUNE=0 $PY -m pytest -q -x \
         -p no:cacheprovider tests/test_kernels_lora.py tests/test_kernels_lora_tma.py tests/test_kernels_multi.py -m "not gpu"
-    run "kernel tests sparse (explicit blocks)" 60 env FASTPEFT_AUTOTUNE=0 $PY -m pytest -q -x -p no:cacheprovider \
-        tests/test_kernels_sparse.py -m "not gpu"
+    run "kernel tests sparse + the floor's (explicit blocks)" 90 env FASTPEFT_AUTOTUNE=0 $PY -m pytest -q -x \
+        -p no:cacheprovider tests/test_kernels_sparse.py tests/test_timed_choice.py -m "not gpu" -k sparse
     run "gpu-marked tests (autotuned, compile)" 80 $PY -m pytest -q -p no:cacheprovider tests/ -m gpu
 fi
 
@@ -109,7 +160,7 @@ run "bench lora 4096x14336, 14336x4096" 90 $PY -m fastpeft bench lora --quiet $L
 run "bench multi" 60 $PY -m fastpeft bench multi --quiet $MULTI --json "$OUT/bench_multi.json" \
     --markdown "$OUT/bench_multi.md"
 # shellcheck disable=SC2086
-run "bench sparse" 50 $PY -m fastpeft bench sparse --quiet $SPARSE --json "$OUT/bench_sparse.json" \
+run "bench sparse" 70 $PY -m fastpeft bench sparse --quiet $SPARSE --json "$OUT/bench_sparse.json" \
     --markdown "$OUT/bench_sparse.md"
 # shellcheck disable=SC2086
 run "bench qlora" 60 $PY -m fastpeft bench qlora --quiet $QLORA --json "$OUT/bench_qlora.json" \
