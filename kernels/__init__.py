@@ -33,6 +33,20 @@ OPS: frozenset = (frozenset({"lora_linear", "lora_linear_multi", "sparse_delta_l
 # The ops that backend="auto" runs on the fused kernels for CUDA tensors: those whose kernels have
 # passed the GPU tests on a real card (benchmarks/device_check.sh; H200, triton 3.6, 2026-11-26). The
 # others run there only when asked for with backend="triton", until a device check has passed.
+#
+# The sparse ops (issue 12 item 5) join with one line: add "sparse_delta_linear", "lora_sparse_linear" to the
+# set below (layers and fastpeft.functional route on the op names; nothing else changes). Their kernels have
+# never run on a GPU yet. `bash benchmarks/device_check.sh --sparse` on the card must first show:
+#   1. every sparse test passing: test_kernels_sparse.py and test_timed_choice.py -k sparse with explicit blocks,
+#      and the gpu-marked ones (LLM shape bf16 within 2x PyTorch's error, torch.compile fullgraph, the floor
+#      timed once per key with the reference's numbers, backend="auto" with the ops added here, bitwise
+#      reproducibility in deterministic mode);
+#   2. in the bench sparse table (M=8192, 4096x4096, 1 %, blocks 1 and 32, alone and RoSA r=16, fwd and
+#      fwd+bwd): the "fastpeft" row (the floor) no slower than "reference" (what auto runs now), "scatter" and
+#      "dense-dW" beyond the p20-p80 spread, and no slower than the faster of "fastpeft-kernels" /
+#      "fastpeft-torch" by more than that spread (the floor picks right); its peak memory no higher than
+#      "reference"'s. A case where the kernels side loses (path "torch") is fine: the floor covers it.
+# An op that fails 1 stays out; one that passes 1 but not 2 stays out and its losing case goes to the issue.
 AUTO_OPS: frozenset = frozenset({"lora_linear", "lora_linear_multi"}) & OPS
 
 # ----------------------------------------------------------------------------------------------------
