@@ -205,7 +205,8 @@ TORCH_PIECES = ("w_plus_delta_torch", "sddmm_torch")
 
 
 @pytest.mark.parametrize("dt", ["fp32", "bf16"])
-@pytest.mark.parametrize("op,p", [("sparse", 0.0), ("rosa", 0.0), ("rosa", 0.1)], ids=["sparse", "rosa-p0", "rosa-p0.1"])
+@pytest.mark.parametrize("op,p", [("sparse", 0.0), ("rosa", 0.0), ("rosa", 0.1)],
+                         ids=["sparse", "rosa-p0", "rosa-p0.1"])
 @pytest.mark.parametrize("path", ["kernels", "torch"])
 @pytest.mark.parametrize("b,m,k,n", SPARSE_CASES, ids=[f"b{c[0]}-M{c[1]}-K{c[2]}-N{c[3]}" for c in SPARSE_CASES])
 def test_sparse_forced_path_matches_the_reference(sparse_env, b, m, k, n, path, op, p, dt):
@@ -318,6 +319,27 @@ def test_sparse_path_modes(sparse_env):
     assert not ran and ("c",) not in OS._path_cache and ("d",) not in OS._path_cache  # nothing timed
 
 
+@pytest.mark.parametrize("b", [1, 16], ids=["b1", "b16"])
+def test_sparse_forced_torch_path_compiles_fullgraph(sparse_env, b):
+    """FASTPEFT_SPARSE_PATH=torch under torch.compile(fullgraph=True): the torch composition traces without
+    graph breaks (RoSA with dropout: its masked pieces stay on the kernels' registered ops)."""
+    sparse_env.setenv("FASTPEFT_SPARSE_PATH", "torch")
+    x, w, bias, a, bb, idx, vals = (t.float() if t.is_floating_point() else t
+                                    for t in _sparse_inputs(b, 5, 64, 48, density=0.2))
+    leaves = [t.requires_grad_() for t in (x, a, bb, vals)]
+
+    def f(x, a, bb, vals):
+        return fastpeft.lora_sparse_linear(x, w, bias, a, bb, 2.0, idx, vals, b, dropout_p=0.1, seed=3,
+                                           backend="triton", check=False)
+
+    torch._dynamo.reset()
+    compiled = torch.compile(f, fullgraph=True, backend="aot_eager" if DEV == "cpu" else "inductor")
+    got, want = compiled(*leaves), f(*leaves)
+    for name, g_, e_ in zip(("y", "dx", "dA", "dB", "dvalues"), [got] + list(torch.autograd.grad(got.sum(), leaves)),
+                            [want] + list(torch.autograd.grad(want.sum(), leaves))):
+        assert_close_report(g_, e_, rtol=1e-5, atol=1e-5, what=f"compiled b{b} {name}")
+
+
 @pytest.mark.parametrize("value", ["fastest", "cublas", "1"])
 def test_sparse_path_bad_value_raises(sparse_env, value):
     sparse_env.setenv("FASTPEFT_SPARSE_PATH", value)
@@ -361,6 +383,9 @@ def test_sparse_ops_time_once_per_shape_bucket(sparse_env, op):
             assert_close_report(g_, e_, rtol=1e-5, atol=1e-5 * max(1.0, e_.abs().max().item()), what=f"M{m} {name}")
     assert len(timed) == 2 * 4  # two keys (fwd, bwd) per bucket, two buckets, two candidates each
     assert all(v == ("kernels" if "bwd" in key[0] else "torch") for key, v in OS._path_cache.items())
+    rank = 8 if op == "rosa" else 0
+    assert OS.chosen_paths(40, 64, 48, 16, idx.shape[0], rank) == {"fwd": {"torch"}, "bwd": {"kernels"}}
+    assert OS.chosen_paths(40, 64, 48, 16, idx.shape[0], 8 - rank) == {"fwd": set(), "bwd": set()}  # the other op
 
 
 @pytest.mark.skipif(DEV != "cpu", reason="fakes CUDA timing on CPU tensors")

@@ -344,8 +344,10 @@ class SparseDeltaLinearFunction(torch.autograd.Function):
 
     Forward and backward each run the faster of two compositions of these formulas, measured once per
     shape bucket (:func:`choose_path`): ``"kernels"`` (the above) and ``"torch"`` (W' by clone + scatter
-    in torch and cuBLAS matmuls, dΔ by :func:`sddmm_torch`). ``plan``: the :data:`SparsePlan` of the
-    indices (block size, block map or tile bucketing).
+    in torch and cuBLAS matmuls, dΔ by :func:`sddmm_torch`). The torch side always forms W' = W + Δ, a
+    transient W-sized buffer in x's dtype (forward, and backward again for dX): one W of memory more
+    while it runs, as the kernels' densify path; the timing weighs only its speed. ``plan``: the
+    :data:`SparsePlan` of the indices (block size, block map or tile bucketing).
 
     Saved for backward: x, W, v, the indices and the plan; W + Δ is recomputed (dense and torch paths) or
     never formed (fused path), and no (N, K) gradient is formed for v. No atomics on the kernels: the
@@ -453,8 +455,8 @@ class LoRASparseLinearFunction(torch.autograd.Function):
 
     Forward and backward each run the faster of the kernels and the torch composition, measured once per
     shape bucket (:func:`choose_path`); the torch one is LoRA's (``ops.lora.torch_forward`` /
-    ``torch_backward``: cuBLAS matmuls, the masked pieces on the kernels) on W' = W + Δ by clone + scatter,
-    with dΔ by :func:`sddmm_torch`.
+    ``torch_backward``: cuBLAS matmuls, the masked pieces on the kernels) on W' = W + Δ by clone + scatter
+    (a transient W-sized buffer, as in :class:`SparseDeltaLinearFunction`), with dΔ by :func:`sddmm_torch`.
 
     Saved for backward: x (not a dropped copy), u (M, r) (fp32 on the kernels, x's dtype on torch without
     dropout), W, A, B, v, the indices and the plan; W + Δ is recomputed or never formed. No atomics on the
