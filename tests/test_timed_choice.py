@@ -246,6 +246,7 @@ def test_sparse_compositions_agree_bit_for_bit_in_forward(sparse_env, b):
         torch.testing.assert_close(w2, SD.sparse_densify(w.to(dt), idx, vals.to(dt), b, dt), rtol=0, atol=0)
 
 
+@pytest.mark.skipif(DEV != "cpu", reason="the same torch code runs on CUDA; the dispatch mode is checked on the CPU")
 def test_sparse_torch_composition_forms_nothing_weight_sized_but_w_prime(sparse_env, monkeypatch):
     """The torch backward of the values alone (x frozen) forms no (out, in) tensor: the flat entries' dY^T X
     goes by row panels, the blocks' by gathered panels; with dX, only W + Δ (transient)."""
@@ -333,7 +334,7 @@ def test_sparse_forced_torch_path_compiles_fullgraph(sparse_env, b):
                                            backend="triton", check=False)
 
     torch._dynamo.reset()
-    compiled = torch.compile(f, fullgraph=True, backend="aot_eager" if DEV == "cpu" else "inductor")
+    compiled = torch.compile(f, fullgraph=True, backend="aot_eager")  # the trace is the point; no codegen wait
     got, want = compiled(*leaves), f(*leaves)
     for name, g_, e_ in zip(("y", "dx", "dA", "dB", "dvalues"), [got] + list(torch.autograd.grad(got.sum(), leaves)),
                             [want] + list(torch.autograd.grad(want.sum(), leaves))):
