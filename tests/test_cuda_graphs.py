@@ -9,8 +9,8 @@ import torch
 import fastpeft
 from fastpeft import kernels
 
-pytestmark = pytest.mark.skipif(not torch.cuda.is_available() or kernels.INTERPRET,
-                                reason="CUDA graphs need a GPU")
+pytestmark = [pytest.mark.gpu, pytest.mark.skipif(not torch.cuda.is_available() or kernels.INTERPRET,
+                                                  reason="CUDA graphs need a GPU")]
 
 
 def _capture(fn):
