@@ -13,7 +13,15 @@ def draw_seed(device=None):
     ``device`` (``.item()`` would break the graph), which the reference ops and the kernels read as the
     seed without a host sync. The compiled graph draws it from the default CPU generator on every call
     (inductor's RNG is seeded from that generator too), so seeding and checkpointing behave as in eager.
+
+    While a CUDA graph is being captured (``torch.cuda.graph``, ``make_graphed_callables``) on ``device``'s
+    stream: a one-element tensor drawn by ``device``'s own generator, whose draws CUDA graphs replay with a
+    fresh Philox offset each time. A host int would be baked into the graph, and every replay would drop
+    the same elements.
     """
+    if (device is not None and torch.device(device).type == "cuda" and not torch.compiler.is_compiling()
+            and torch.cuda.is_current_stream_capturing()):
+        return torch.randint(0, 2**62, (1,), dtype=torch.int64, device=device)
     seed = torch.randint(0, 2**62, (1,), dtype=torch.int64)
     if torch.compiler.is_compiling():
         return seed.to(device) if device is not None else seed

@@ -1,0 +1,86 @@
+"""CUDA-graph capture of fastpeft layers (GPU only): a captured LoRA layer replays with the inputs copied into
+its static tensors, and its dropout draws a new mask on every replay (the seed is drawn on the device while
+capturing, ``fastpeft.ops.common.draw_seed``), the same mask in the captured backward as in the forward."""
+from __future__ import annotations
+
+import pytest
+import torch
+
+import fastpeft
+from fastpeft import kernels
+
+pytestmark = [pytest.mark.gpu, pytest.mark.skipif(not torch.cuda.is_available() or kernels.INTERPRET,
+                                                  reason="CUDA graphs need a GPU")]
+
+
+def _capture(fn):
+    """``(graph, outputs)``: ``fn`` warmed up on a side stream (as torch.cuda.graph requires), then captured."""
+    side = torch.cuda.Stream()
+    side.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(side):
+        for _ in range(3):
+            fn()
+    torch.cuda.current_stream().wait_stream(side)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        out = fn()
+    return graph, out
+
+
+@pytest.mark.parametrize("backend", ["triton", "reference"])
+def test_dropout_redraws_its_mask_on_every_replay(backend):
+    """With A = B = I (r = K = N) and s = 1, y - x Wᵀ - b = drop(x): its ratio to x is the mask / (1 - p).
+    dA = s (dY B)ᵀ drop(x) = 1ᵀ drop(x) with dY = 1 (every row drop(x)'s column sums): the captured backward must see the forward's mask."""
+    torch.manual_seed(0)
+    k, p = 16, 0.5
+    layer = fastpeft.FastLoRALinear(k, k, r=k, lora_alpha=k, lora_dropout=p, device="cuda")
+    with torch.no_grad():
+        layer.lora_A.copy_(torch.eye(k))
+        layer.lora_B.copy_(torch.eye(k))
+    x = torch.rand(64, k, device="cuda") + 0.5  # no zeros: the ratio reads the mask
+
+    def step():
+        layer.lora_A.grad = None
+        with fastpeft.use_backend(backend):
+            y = layer(x)
+        y.backward(torch.ones_like(y))
+        return y
+
+    graph, y = _capture(step)
+    seen = []
+    for _ in range(3):
+        graph.replay()
+        torch.cuda.synchronize()
+        with torch.no_grad():
+            low = y - torch.nn.functional.linear(x, layer.weight, layer.bias)
+            ratio = low / x
+        keep = ratio > 1.0
+        torch.testing.assert_close(ratio, keep.float() / (1 - p), atol=1e-4, rtol=1e-4)
+        assert 0.3 < keep.float().mean().item() < 0.7
+        # dA[j, k] = sum_m v[m, j] drop(x)[m, k] with v = dY B = 1: every row is drop(x)'s column sums.
+        expect = (keep.float() * x / (1 - p)).sum(0).expand(k, k)
+        torch.testing.assert_close(layer.lora_A.grad, expect, atol=1e-3, rtol=1e-4)
+        seen.append(keep)
+    assert not torch.equal(seen[0], seen[1]) and not torch.equal(seen[1], seen[2]), \
+        "every replay dropped the same elements: the seed was baked into the graph"
+
+
+@pytest.mark.parametrize("backend", ["triton", "reference"])
+@pytest.mark.parametrize("m", [1, 16])
+def test_eval_decode_replays_new_inputs(backend, m):
+    """An eval decode step (no dropout) captured once gives eager's output for new inputs copied in."""
+    torch.manual_seed(0)
+    layer = fastpeft.FastLoRALinear(256, 384, r=16, lora_alpha=32, lora_dropout=0.1, init_lora_weights=False,
+                                    device="cuda", dtype=torch.bfloat16).eval()
+    x = torch.randn(m, 256, device="cuda", dtype=torch.bfloat16)
+
+    def step():
+        with torch.no_grad(), fastpeft.use_backend(backend):
+            return layer(x)
+
+    graph, y = _capture(step)
+    for _ in range(2):
+        x.copy_(torch.randn_like(x))
+        graph.replay()
+        torch.cuda.synchronize()
+        torch.testing.assert_close(y, step())
