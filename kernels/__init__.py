@@ -34,7 +34,9 @@ def getenv(name: str) -> str | None:
         return environ.get(name)
     key = _ENV_KEYS.get(name)
     if key is None:
-        key = _ENV_KEYS[name] = environ.encodekey(name)
+        key = environ.encodekey(name)
+        if not torch.compiler.is_compiling():  # a traced function must not write module state
+            _ENV_KEYS[name] = key
     raw = data.get(key)
     return None if raw is None else environ.decodevalue(raw)
 
