@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import copy
 import math
+import operator
 from dataclasses import dataclass, replace
 
 import torch
@@ -528,8 +529,9 @@ class FastLoRALinear(TunerLayer):
     def _build_stacks(self) -> tuple:
         """(A (n, r_max, in), B (n, out, r_max)) from the adapters' Parameters, zero-padded to r_max."""
         r_max = max(s.r for s in self._specs.values())
-        pa = [F.pad(self.lora_A_adapters[n], (0, 0, 0, r_max - s.r)) for n, s in self._specs.items()]
-        pb = [F.pad(self.lora_B_adapters[n], (0, r_max - s.r)) for n, s in self._specs.items()]
+        ta, tb = self._modules["lora_A_adapters"], self._modules["lora_B_adapters"]
+        pa = [F.pad(_entry(ta, n), (0, 0, 0, r_max - s.r)) for n, s in self._specs.items()]
+        pb = [F.pad(_entry(tb, n), (0, r_max - s.r)) for n, s in self._specs.items()]
         return torch.stack(pa), torch.stack(pb)
 
     def stacked(self) -> tuple | None:
@@ -538,20 +540,27 @@ class FastLoRALinear(TunerLayer):
         optimizer step) or moved (``.to()``)."""
         if not self._specs:
             return None
-        params = tuple(p for n in self._specs for p in (self.lora_A_adapters[n], self.lora_B_adapters[n]))
-        state = tuple((p._version, p.data_ptr(), p.dtype, p.device, tuple(p.shape)) for p in params)
+        params = self._all_pairs()
+        # Read at every call (a mixed decode step's host time: 1 µs an adapter, was 4.8 through nn.Module's
+        # lookups): each Parameter's identity, and its version, storage, dtype, device and shape.
+        state = [(p._version, p.data_ptr(), p.dtype, p.device, p.shape) for p in params]
         cached = self._stacks
         if cached is None or cached[1] != state or len(cached[0]) != len(params) \
-                or not all(p is q for p, q in zip(params, cached[0])):
+                or not all(map(operator.is_, params, cached[0])):
             with torch.no_grad():
                 self._stacks = cached = (params, state, self._build_stacks())
         return cached[2]
+
+    def _all_pairs(self) -> list:
+        """``[A_0, B_0, A_1, B_1, ...]`` of every adapter in id order, read from the tables (see ``_entry``)."""
+        ta, tb = self._modules["lora_A_adapters"], self._modules["lora_B_adapters"]
+        return [p for n in self._specs for p in (_entry(ta, n), _entry(tb, n))]
 
     def _forward_stacks(self) -> tuple:
         """The stacks a mixed batch reads: built from the Parameters when a gradient must reach them (and
         while torch.compile traces: the cache key reads versions and data pointers), else the cached ones."""
         if torch.compiler.is_compiling() or torch.is_grad_enabled() and any(
-                p.requires_grad for d in (self.lora_A_adapters, self.lora_B_adapters) for p in d.values()):
+                p.requires_grad for p in self._all_pairs()):
             return self._build_stacks()
         return self.stacked()
 
@@ -620,10 +629,11 @@ class FastLoRALinear(TunerLayer):
             return lora_sparse_linear(x, weight, bias, a, b, s.scaling, delta.delta_indices,
                                       delta.delta_values, delta.block_size, s.lora_dropout, self.training,
                                       check=False, plan=plan)
-        if len(self.lora_magnitude_vector):
+        modules = self._modules
+        if len(modules["lora_magnitude_vector"]):
             raise ValueError(f"DoRA adapters {list(self.lora_magnitude_vector)} cannot be routed per row (adapter_ids "
                              "/ mixed_batch), as in PEFT; use set_adapter")
-        if len(self.sparse_deltas):
+        if len(modules["sparse_deltas"]):
             raise RuntimeError("adapters with a sparse delta (RoSA) cannot be routed per row (adapter_ids / "
                                "mixed_batch); use set_adapter")
         if routed:

@@ -281,3 +281,36 @@ def test_layer_forward_follows_its_registry():
         merged = layer(x)
     layer.unmerge()
     torch.testing.assert_close(merged, want("other"), rtol=1e-5, atol=1e-5)
+
+
+def test_mixed_batch_stacks_follow_the_parameters():
+    """The no-grad stacks of a mixed batch are cached; an in-place write, another storage behind the same
+    Parameter, a new dtype and a deleted adapter each take effect on the next call."""
+    torch.manual_seed(0)
+    layer = fastpeft.FastLoRALinear(16, 24, r=4, init_lora_weights=False).eval()
+    layer.add_adapter("other", 2, 4, init_lora_weights=False)
+    x, ids = torch.randn(2, 3, 16), torch.tensor([0, 1])
+
+    def check(x, ids):
+        want = []
+        for i, j in enumerate(ids.tolist()):
+            if j < 0:
+                want.append(x[i] @ layer.weight.t() + layer.bias)
+                continue
+            name = layer.adapter_names[j]
+            a, b = layer.lora_A_adapters[name], layer.lora_B_adapters[name]
+            want.append(fastpeft.lora_linear(x[i], layer.weight, layer.bias, a, b, layer.adapter_spec(name).scaling,
+                                             backend="reference"))
+        with torch.no_grad():
+            for _ in range(2):  # the second from the cached stacks
+                torch.testing.assert_close(layer(x, ids), torch.stack(want), rtol=1e-5, atol=1e-5)
+    check(x, ids)
+    with torch.no_grad():
+        layer.lora_A_adapters["other"].mul_(2)  # in place: a new version
+    check(x, ids)
+    layer.lora_B_adapters["default"].data = torch.randn(24, 4)  # another storage behind the same Parameter
+    check(x, ids)
+    layer.to(torch.float64)
+    check(x.double(), ids)
+    layer.delete_adapter("default")
+    check(x.double(), torch.tensor([0, -1]))
