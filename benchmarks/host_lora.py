@@ -6,7 +6,8 @@ kernel runs (checks, backend dispatch, autocast, reshape, the autograd Function,
 Runs under TRITON_INTERPRET=1 with the kernel launchers replaced by stubs that only allocate their outputs,
 so the triton path's host work is timed without the interpreter; the reference path runs as it is (its
 matmuls on tiny tensors cost little). Rows: the functional call at M = 1 and 16 rows, and ``FastLoRALinear``'s
-forward (eval, no_grad, one adapter) on the triton backend. Prints µs per call (median of 5 rounds of ``--calls`` calls each), in
+forward (eval, no_grad, one adapter) on the triton backend, and on its default one here (the reference
+backend's CPU path). Prints µs per call (median of 5 rounds of ``--calls`` calls each), in
 this process's CPU time (``time.process_time``: a machine shared with other jobs stretches wall time, not it).
 """
 from __future__ import annotations
@@ -78,6 +79,7 @@ def main(argv=None):
                                                                                         backend="triton")
     rows["lora_linear reference, no_grad, M=1"] = no_grad(
         lambda: fastpeft.lora_linear(x, w, b, a, bb, 2.0, backend="reference"))
+    rows["FastLoRALinear eval auto (CPU path), no_grad, M=1"] = no_grad(lambda: layer(x))
     print(f"host µs per call, CPU time (torch {torch.__version__}, {args.calls} calls x 5 rounds, median)")
     for name, fn in rows.items():
         block = contextlib.nullcontext()

@@ -60,6 +60,27 @@ def test_no_grad_calls_skip_the_function_and_match(monkeypatch, p):
     assert applied  # with a parameter to differentiate, the Function runs
 
 
+@pytest.mark.parametrize("p", [0.0, 0.1], ids=lambda p: f"p{p}")
+@pytest.mark.parametrize("lead", [(3,), (2, 3)], ids=["2d", "3d"])
+def test_cpu_path_no_grad_calls_skip_the_function_and_match(monkeypatch, p, lead):
+    """The reference backend's CPU path (fastpeft.ops.lora_cpu) does the same, bit for bit."""
+    from fastpeft.ops import lora_cpu
+
+    _, w, b, a, bb = (t.cpu() for t in _args())
+    x = torch.randn(*lead, w.shape[1], generator=torch.Generator().manual_seed(1))
+    a.requires_grad_()
+    want = fastpeft.lora_linear(x, w, b, a, bb, 2.0, dropout_p=p, seed=7, backend="reference").detach()
+    applied = []
+    apply = lora_cpu.LoRALinearCPUFunction.apply
+    monkeypatch.setattr(lora_cpu.LoRALinearCPUFunction, "apply", lambda *t: applied.append(1) or apply(*t))
+    with torch.no_grad():
+        got = fastpeft.lora_linear(x, w, b, a, bb, 2.0, dropout_p=p, seed=7, backend="reference")
+    assert not applied and got.shape == (*lead, w.shape[0])
+    torch.testing.assert_close(got, want, rtol=0, atol=0)
+    y = fastpeft.lora_linear(x, w, b, a, bb, 2.0, dropout_p=p, seed=7, backend="reference")
+    assert applied and y.requires_grad  # with a parameter to differentiate, the Function runs
+
+
 # ---- what the caches are keyed on: each change takes effect on the call after a cached one -------------
 
 @pytest.fixture
