@@ -5,12 +5,15 @@ kernel runs (checks, backend dispatch, autocast, reshape, the autograd Function,
 
 Runs under TRITON_INTERPRET=1 with the kernel launchers replaced by stubs that only allocate their outputs,
 so the triton path's host work is timed without the interpreter; the reference path runs as it is (its
-matmuls on tiny tensors cost little). Prints µs per call (median of 5 rounds of ``--calls`` calls each), in
+matmuls on tiny tensors cost little). Rows: the functional call at M = 1 and 16 rows, and ``FastLoRALinear``'s
+forward (eval, no_grad, one adapter) on the triton backend, and on its default one here (the reference
+backend's CPU path). Prints µs per call (median of 5 rounds of ``--calls`` calls each), in
 this process's CPU time (``time.process_time``: a machine shared with other jobs stretches wall time, not it).
 """
 from __future__ import annotations
 
 import argparse
+import contextlib
 import os
 import statistics
 import time
@@ -49,29 +52,42 @@ def main(argv=None):
     ap.add_argument("--calls", type=int, default=10000)
     args = ap.parse_args(argv)
     torch.manual_seed(0)
-    m, k, n, r = 1, 64, 64, 8  # one decode token; sizes do not matter to the host path
-    x = torch.randn(m, k)
+    k, n, r = 64, 64, 8  # sizes do not matter to the host path; M = 1 (one decode token) and 16
     w, b = torch.randn(n, k), torch.randn(n)
     a, bb = torch.randn(r, k, requires_grad=True), torch.randn(n, r, requires_grad=True)
+    layer = fastpeft.FastLoRALinear(k, n, r=r, init_lora_weights=False).eval()
     _stub_launchers()
+    xs = {m: torch.randn(m, k) for m in (1, 16)}
+    x = xs[1]
+
+    def no_grad(fn):
+        def run():
+            with torch.no_grad():
+                fn()
+        return run
+
     rows = {
         "checks (check_lora_linear_args)": lambda: check_lora_linear_args(x, w, b, a, bb, 2.0, 0.0),
         "dispatch (resolve_backend)": lambda: resolve_backend("lora_linear", "triton", x, w, a, bb),
-        "lora_linear triton, stub kernels, no_grad": None,
-        "lora_linear triton, stub kernels, grad": lambda: fastpeft.lora_linear(x, w, b, a, bb, 2.0, backend="triton"),
-        "lora_linear reference, no_grad": None,
     }
-
-    def no_grad(backend):
-        def fn():
-            with torch.no_grad():
-                fastpeft.lora_linear(x, w, b, a, bb, 2.0, backend=backend)
-        return fn
-    rows["lora_linear triton, stub kernels, no_grad"] = no_grad("triton")
-    rows["lora_linear reference, no_grad"] = no_grad("reference")
+    for m, xm in xs.items():
+        rows[f"lora_linear triton, stub kernels, no_grad, M={m}"] = no_grad(
+            lambda xm=xm: fastpeft.lora_linear(xm, w, b, a, bb, 2.0, backend="triton"))
+    for m, xm in xs.items():  # the layer's backend is "auto" (reference on CPU tensors): a use_backend block
+        rows[f"FastLoRALinear eval triton, no_grad, M={m}"] = ("triton", no_grad(lambda xm=xm: layer(xm)))
+    rows["lora_linear triton, stub kernels, grad, M=1"] = lambda: fastpeft.lora_linear(x, w, b, a, bb, 2.0,
+                                                                                        backend="triton")
+    rows["lora_linear reference, no_grad, M=1"] = no_grad(
+        lambda: fastpeft.lora_linear(x, w, b, a, bb, 2.0, backend="reference"))
+    rows["FastLoRALinear eval auto (CPU path), no_grad, M=1"] = no_grad(lambda: layer(x))
     print(f"host µs per call, CPU time (torch {torch.__version__}, {args.calls} calls x 5 rounds, median)")
     for name, fn in rows.items():
-        print(f"  {name:<44} {per_call_us(fn, args.calls):8.2f}")
+        block = contextlib.nullcontext()
+        if isinstance(fn, tuple):  # (backend, fn): the block is entered once, outside the timed calls
+            block, fn = fastpeft.use_backend(fn[0]), fn[1]
+        with block:
+            us = per_call_us(fn, args.calls)
+        print(f"  {name:<48} {us:8.2f}")
 
 
 if __name__ == "__main__":

@@ -143,13 +143,20 @@ def check_same_device_dtype(ref_name: str, ref: torch.Tensor, check_dtype: bool 
 def autocast_on(x: torch.Tensor) -> bool:
     """Whether autocast is on for x's device type (False for types without autocast, such as "meta", for
     which ``torch.is_autocast_enabled`` raises)."""
+    # CUDA and CPU first, without ``x.device.type`` (0.17 µs) and the availability lookup (0.15 µs): this runs
+    # in every lora_linear call's cache key.
+    if x.is_cuda:
+        return torch.is_autocast_enabled("cuda")
+    if x.is_cpu:
+        return torch.is_autocast_enabled("cpu")
     t = x.device.type
     return torch.amp.is_autocast_available(t) and torch.is_autocast_enabled(t)
 
 
-# Keys of the lora_linear argument sets that passed the checks: a decode step repeats a few shapes, and the
-# checks read nothing the key does not hold (types, shapes, dtypes, devices, autocast, the two numbers).
-_LORA_ARGS_OK: set = set()
+# The lora_linear argument sets that passed the checks, by key, each with its memo (see
+# check_lora_linear_args): a decode step repeats a few shapes, and the checks read nothing the key does not
+# hold (types, shapes, dtypes, devices, autocast, the two numbers).
+_LORA_ARGS_OK: dict = {}
 
 
 def _lora_args_key(x, weight, bias, lora_A, lora_B, scaling, dropout_p):
@@ -167,17 +174,25 @@ def _lora_args_key(x, weight, bias, lora_A, lora_B, scaling, dropout_p):
         return None
 
 
-def check_lora_linear_args(x, weight, bias, lora_A, lora_B, scaling, dropout_p) -> None:
+def check_lora_linear_args(x, weight, bias, lora_A, lora_B, scaling, dropout_p) -> dict | None:
     """Shapes, dtypes and devices of a ``lora_linear`` call (see API.md for the conventions); an argument
-    set that passed once (same types, shapes, dtypes, devices, numbers) passes again without the checks."""
+    set that passed once (same types, shapes, dtypes, devices, numbers) passes again without the checks.
+
+    Returns the argument set's memo: a dict that lives as long as the set's cache entry, where a caller keeps
+    what it derives from what the key holds and nothing else (``lora_linear``: the backend resolved for these
+    tensors, under its own key of the asked name and the kernel state). None when the set is not cached."""
     key = _lora_args_key(x, weight, bias, lora_A, lora_B, scaling, dropout_p)
-    if key is not None and key in _LORA_ARGS_OK:
-        return
-    _check_lora_linear_args(x, weight, bias, lora_A, lora_B, scaling, dropout_p)
     if key is not None:
-        if len(_LORA_ARGS_OK) >= 4096:  # a bound for programs that sweep shapes
-            _LORA_ARGS_OK.clear()
-        _LORA_ARGS_OK.add(key)
+        memo = _LORA_ARGS_OK.get(key)
+        if memo is not None:
+            return memo
+    _check_lora_linear_args(x, weight, bias, lora_A, lora_B, scaling, dropout_p)
+    if key is None:
+        return None
+    if len(_LORA_ARGS_OK) >= 4096:  # a bound for programs that sweep shapes
+        _LORA_ARGS_OK.clear()
+    memo = _LORA_ARGS_OK[key] = {}
+    return memo
 
 
 def _check_lora_linear_args(x, weight, bias, lora_A, lora_B, scaling, dropout_p) -> None:

@@ -16,7 +16,6 @@ from __future__ import annotations
 
 import contextlib
 import contextvars
-import os
 import threading
 
 import torch
@@ -41,9 +40,10 @@ _compiled_view = threading.local()
 
 
 def _check_backend_name(name, source: str) -> str:
-    if not isinstance(name, str) or name.lower() not in BACKENDS:
+    low = name.lower() if isinstance(name, str) else None
+    if low not in BACKENDS:
         raise ValueError(f"{source} must be one of {BACKENDS}, got {name!r}")
-    return name.lower()
+    return low
 
 
 @contextlib.contextmanager
@@ -79,7 +79,7 @@ def current_backend(backend: str | None = None) -> str:
     ctx = getattr(_compiled_view, "name", None) if torch.compiler.is_compiling() else _backend_var.get()
     if ctx is not None:
         return ctx
-    env = os.environ.get(_ENV)
+    env = kernels.getenv(_ENV)  # read at every call (cheaply): a change takes effect at once
     if env:
         return _check_backend_name(env, f"the environment variable {_ENV}")
     return "auto"
@@ -103,13 +103,44 @@ def triton_unavailable_reason(op: str, *tensors: torch.Tensor) -> str | None:
     return None
 
 
-def resolve_backend(op: str, backend: str | None, *tensors: torch.Tensor) -> str:
+# What resolve_backend answered, by everything the answer depends on: the op, the asked name, the kernel
+# state and the tensors' devices and dtypes. Only answers are kept; a refusal is worked out (and raised) anew.
+_RESOLVED: dict = {}
+
+
+def resolve_backend(op: str, backend: str | None, *tensors: torch.Tensor, memo: dict | None = None) -> str:
     """``"triton"`` or ``"reference"`` for a call of ``op`` on ``tensors``; raises if triton is asked
     for and cannot run. ``"auto"`` takes triton only for CUDA tensors, and only for the ops whose
-    kernels have passed a GPU check (``fastpeft.kernels.AUTO_OPS``)."""
+    kernels have passed a GPU check (``fastpeft.kernels.AUTO_OPS``).
+
+    The answer is cached by the asked name (the call's, the ``use_backend`` block's or the environment's,
+    read at every call), the kernel state and the tensors' devices and dtypes. ``memo``: a dict already
+    tied to the tensors' devices and dtypes (``check_lora_linear_args``'s), which then holds the answers
+    instead of a key built here. Nothing is cached while torch.compile traces."""
     name = current_backend(backend)
     if name == "reference":
         return name
+    # The kernel state is read at every call: tests (and a late TRITON_INTERPRET) change it.
+    state = (op, name, kernels.HAS_TRITON, kernels.INTERPRET, kernels.OPS, kernels.AUTO_OPS)
+    cache, key = memo, state
+    if memo is None:
+        cache, key = _RESOLVED, None
+        if not torch.compiler.is_compiling():
+            key = state + tuple(t if t is None else (t.device, t.dtype) for t in tensors)
+    if key is not None:
+        hit = cache.get(key)
+        if hit is not None:
+            return hit
+    resolved = _resolve(op, name, tensors)
+    if key is not None:
+        if len(cache) >= 4096:  # a bound for programs that sweep devices / dtypes
+            cache.clear()
+        cache[key] = resolved
+    return resolved
+
+
+def _resolve(op: str, name: str, tensors: tuple) -> str:
+    """resolve_backend's answer for the asked ``name`` (``"auto"`` or ``"triton"``), worked out."""
     reason = triton_unavailable_reason(op, *tensors)
     if name == "triton":
         if reason is not None:
@@ -129,19 +160,31 @@ def lora_linear(x, weight, bias, lora_A, lora_B, scaling, dropout_p=0.0, trainin
     ``training`` and ``dropout_p > 0``; its mask is a pure function of ``seed`` (drawn from torch's
     generator when None). Differentiable in x, lora_A, lora_B, and bias / weight where they require grad.
     """
-    check_lora_linear_args(x, weight, bias, lora_A, lora_B, scaling, dropout_p)
+    memo = check_lora_linear_args(x, weight, bias, lora_A, lora_B, scaling, dropout_p)
     check_bool(training, "training")
     check_seed(seed)
     p = float(dropout_p) if training else 0.0
     if p > 0.0 and seed is None:
         seed = draw_seed(x.device)
-    if resolve_backend("lora_linear", backend, x, weight, lora_A, lora_B) == "triton":
-        from .ops.lora import _lora_linear_triton
-
-        return _lora_linear_triton(x, weight, bias, lora_A, lora_B, scaling, p, seed)
+    if resolve_backend("lora_linear", backend, x, weight, lora_A, lora_B, memo=memo) == "triton":
+        return _triton_lora()(x, weight, bias, lora_A, lora_B, scaling, p, seed)
     if use_cpu_path(x):  # no dropped copy of x kept; the CPU dropout stream (see reference.py)
         return lora_linear_cpu(x, weight, bias, lora_A, lora_B, float(scaling), p, seed)
     return lora_linear_ref(x, weight, bias, lora_A, lora_B, float(scaling), p, training, seed)
+
+
+_triton_lora_fn = None
+
+
+def _triton_lora():
+    """``ops.lora._lora_linear_triton``, imported at the first triton call (ops.lora imports triton) and
+    kept: the import statement costs 0.8 µs a call."""
+    global _triton_lora_fn
+    if _triton_lora_fn is None:
+        from .ops.lora import _lora_linear_triton
+
+        _triton_lora_fn = _lora_linear_triton
+    return _triton_lora_fn
 
 
 def lora_linear_multi(x, weight, bias, lora_A_stack, lora_B_stack, scalings, adapter_ids, ranks=None,

@@ -22,6 +22,28 @@ except Exception as exc:  # ImportError, or a triton wheel that fails while load
     TRITON_IMPORT_ERROR = f"{type(exc).__name__}: {exc}"
     TRITON_VERSION = None
 
+
+def getenv(name: str) -> str | None:
+    """``os.environ.get(name)`` at a fraction of its cost (0.85 µs for an unset name on CPython 3.11: the
+    Mapping's ``get`` raises and catches a KeyError), for the switches the hot paths read on every call so
+    that a change takes effect at once. Reads the same dict ``os.environ`` writes (``setenv`` / ``delenv``
+    included); falls back to ``os.environ.get`` where that mapping has no ``_data``."""
+    environ = os.environ
+    data = getattr(environ, "_data", None)
+    if data is None:
+        return environ.get(name)
+    key = _ENV_KEYS.get(name)
+    if key is None:
+        key = environ.encodekey(name)
+        if not torch.compiler.is_compiling():  # a traced function must not write module state
+            _ENV_KEYS[name] = key
+    raw = data.get(key)
+    return None if raw is None else environ.decodevalue(raw)
+
+
+_ENV_KEYS: dict = {}  # name -> os.environ's encoded key
+
+
 # Read once: triton itself reads it at import time, so changing it later has no effect either.
 INTERPRET = os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
 
@@ -63,7 +85,10 @@ def is_deterministic() -> bool:
     variable ``FASTPEFT_DETERMINISTIC=1`` (read at each call)."""
     if _deterministic or torch.are_deterministic_algorithms_enabled():
         return True
-    env = os.environ.get(_ENV_DETERMINISTIC, "0").strip().lower()
+    env = getenv(_ENV_DETERMINISTIC)
+    if env is None:
+        return False
+    env = env.strip().lower()
     if env in ("", "0", "false", "off", "no"):
         return False
     if env in ("1", "true", "on", "yes"):
@@ -104,4 +129,4 @@ def deterministic(enabled: bool = True):
 
 
 __all__ = ["HAS_TRITON", "TRITON_IMPORT_ERROR", "TRITON_VERSION", "INTERPRET", "OPS", "AUTO_OPS", "is_deterministic",
-           "set_deterministic", "deterministic"]
+           "set_deterministic", "deterministic", "getenv"]

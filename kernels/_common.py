@@ -10,14 +10,13 @@ from __future__ import annotations
 import contextlib
 import functools
 import inspect
-import os
 import threading
 
 import torch
 import triton
 import triton.language as tl
 
-from . import INTERPRET
+from . import INTERPRET, getenv
 
 # ----------------------------------------------------------------------------------------------------
 # kernel helpers
@@ -123,7 +122,7 @@ def block_setter(table: dict):
 def _use_explicit_blocks(t: torch.Tensor) -> bool:
     """Explicit blocks under the interpreter, and with FASTPEFT_AUTOTUNE=0 (GPU tests: many small odd
     shapes would otherwise compile and time every config for each)."""
-    return INTERPRET or t.device.type != "cuda" or os.environ.get("FASTPEFT_AUTOTUNE", "1") == "0"
+    return INTERPRET or not t.is_cuda or getenv("FASTPEFT_AUTOTUNE") == "0"
 
 
 def r_pad(r: int) -> int:

@@ -25,13 +25,11 @@ What the kernel modules share (the mask, dots, casts, tile order, block tables, 
 """
 from __future__ import annotations
 
-import os
-
 import torch
 import triton
 import triton.language as tl
 
-from . import INTERPRET, is_deterministic
+from . import INTERPRET, getenv, is_deterministic
 from ._common import (_HAS_TRITON_OP, _cast, _dot_precision, _grouped_tile, _keep_mask, _keep_mask_tile, _library_op,
                       _mma, _op_body, _seed, _upcast, _use_explicit_blocks, _wrap, block_setter, eager_or_op, r_pad,
                       split_chunk, split_count)
@@ -453,7 +451,8 @@ _choice_cache: dict = {}
 
 def env_choice(var: str, choices: tuple) -> str:
     """The value of environment variable ``var`` (default: the first choice), checked against ``choices``."""
-    mode = os.environ.get(var, choices[0]).lower()
+    raw = getenv(var)  # read at every call: a change takes effect at once
+    mode = choices[0] if raw is None else raw.lower()
     if mode not in choices:
         raise ValueError(f"{var} must be one of {choices}, got {mode!r}")
     return mode
@@ -488,12 +487,9 @@ def timed_choice(cache: dict, key: tuple, mode: str, device: torch.device, candi
             raise ValueError(f"{mode!r} is forced but cannot run here; offered: {tuple(candidates)}")
         return mode
     first = next(iter(candidates))
-    if device.type != "cuda" or INTERPRET:
-        return first
-    if is_deterministic() or torch.compiler.is_compiling():
-        return fixed if fixed in candidates else first
-    if key in cache:
-        return cache[key]
+    name = settled_choice(cache, key, device, fixed if fixed in candidates else first, first)
+    if name is not None:
+        return name
     if len(candidates) == 1:
         return first
     for run in candidates.values():
@@ -503,9 +499,37 @@ def timed_choice(cache: dict, key: tuple, mode: str, device: torch.device, candi
     return cache[key]
 
 
+def settled_choice(cache: dict, key: tuple, device: torch.device, fixed: str, first: str) -> str | None:
+    """``timed_choice``'s answer in ``auto`` mode where no candidate has to run, else None (a key to time):
+    ``first`` off CUDA and under the interpreter, ``fixed`` in deterministic mode and while tracing, the
+    measured one for a measured key. Callers that know it before building their candidates (``fixed``
+    and ``first`` both offered) skip building them. Deterministic mode and the cache are read at every call,
+    so a change of either takes effect at once."""
+    if device.type != "cuda" or INTERPRET:
+        return first
+    if is_deterministic() or torch.compiler.is_compiling():
+        # Tracing takes ``fixed`` even for a key eager calls have timed: a compiled graph must not depend
+        # on what this process measured before, and dynamo must not read (and guard on) the cache.
+        return fixed
+    return cache.get(key)
+
+
+def _gemm_choice_mode() -> str:
+    mode = gemm_mode()
+    return "cublas" if mode == "torch" else mode  # "torch" forces the torch composition, whose GEMM is cuBLAS
+
+
 def choose_gemm(key: tuple, candidates: dict, device: torch.device) -> str:
     """One of ``"fused"``, ``"tma"``, ``"cublas"`` (those offered) for this shape key; FASTPEFT_LORA_GEMM
     forces one ("torch" forces the whole torch composition, whose GEMM is cuBLAS). Deterministic: cuBLAS."""
-    mode = gemm_mode()
-    mode = "cublas" if mode == "torch" else mode
-    return timed_choice(_choice_cache, key, mode, device, candidates, "cublas")
+    return timed_choice(_choice_cache, key, _gemm_choice_mode(), device, candidates, "cublas")
+
+
+def settled_gemm(key: tuple, device: torch.device) -> str | None:
+    """``choose_gemm``'s answer where it needs no candidates (the fused GEMM and cuBLAS, always offered): a
+    forced ``fused`` / ``cublas`` / ``torch``, or ``settled_choice``. None where it needs them: a forced TMA
+    (not every shape and card offers it) or a shape to time."""
+    mode = _gemm_choice_mode()
+    if mode == "auto":
+        return settled_choice(_choice_cache, key, device, "cublas", "fused")
+    return None if mode == "tma" else mode

@@ -218,12 +218,21 @@ def tma_supported(device) -> bool:
     and a triton with ``tl.make_tensor_descriptor`` (or the interpreter, for tests on CPU tensors)."""
     if not hasattr(tl, "make_tensor_descriptor") or not hasattr(triton, "set_allocator"):
         return False
-    device = torch.device(device)
     if INTERPRET:
         return True
-    if device.type != "cuda" or not torch.cuda.is_available():
+    device = device if isinstance(device, torch.device) else torch.device(device)
+    if device.type != "cuda":
         return False
-    return torch.cuda.get_device_capability(device)[0] >= 9
+    if device.index is None:  # the current device, which can change
+        return torch.cuda.is_available() and torch.cuda.get_device_capability(device)[0] >= 9
+    return _sm_major(device.index) >= 9
+
+
+@functools.lru_cache(maxsize=None)
+def _sm_major(index: int) -> int:
+    """CUDA device ``index``'s compute capability major (0 without CUDA), looked up once: ``tma_supported``
+    runs at every LoRA GEMM, and the lookup costs microseconds."""
+    return torch.cuda.get_device_capability(index)[0] if torch.cuda.is_available() else 0
 
 
 def _rows_ok(t: torch.Tensor) -> bool:

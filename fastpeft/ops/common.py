@@ -35,6 +35,12 @@ def _seed_arg(seed):
     return seed if isinstance(seed, torch.Tensor) else int(seed)
 
 
+def autocast_enabled(x: torch.Tensor) -> bool:
+    """Whether autocast is on for x's device, x on the CPU or a CUDA device (as on the kernel paths); without
+    ``x.device.type`` (0.17 µs), read at every call."""
+    return torch.is_autocast_enabled("cuda" if x.is_cuda else "cpu")
+
+
 def autocast_inputs(x: torch.Tensor, *tensors):
     """``(x, *tensors)`` cast to the autocast dtype when autocast is on for x's device (None kept), as
     nn.Linear's matmul would cast them; the kernels then run with autocast off."""

@@ -5,12 +5,14 @@ family reuses: the GEMM with a low-rank epilogue (``lora_gemm``), the factor gra
 ``torch_backward``)."""
 from __future__ import annotations
 
+import functools
+
 import torch
 
 from ..kernels import lora as K
 from ..kernels import lora_tma as KT
 from ..reference import dropout_threshold
-from .common import _bucket, _seed_arg, autocast_inputs, base_grads
+from .common import _bucket, _seed_arg, autocast_enabled, autocast_inputs, base_grads
 
 
 def dropout_constants(dropout_p: float) -> tuple:
@@ -90,12 +92,12 @@ class LoRALinearFunction(torch.autograd.Function):
 def _forward(x, weight, bias, lora_A, lora_B, scaling, thr, drop_scale, seed) -> tuple:
     """``(y, u)`` of ``LoRALinearFunction``'s forward on the faster of its two compositions."""
     m, k = x.shape
-    key = ("fwd", _bucket(m), k, weight.shape[0], lora_A.shape[0], x.dtype, bias is not None, thr > 0)
+    gkey = ("fwd", _bucket(m), k, weight.shape[0], lora_A.shape[0], x.dtype, bias is not None)  # the GEMM's
+    key = gkey + (thr > 0,)
 
     def kernels():
         # The mask of x (M, K) element (m, k) is draw(seed, m K + k).
         u = K.shrink_op(x, lora_A.t(), scale=drop_scale, seed=seed, threshold=thr, mask_sp=k, mask_sq=1)
-        gkey = ("fwd", _bucket(m), k, weight.shape[0], lora_A.shape[0], x.dtype, bias is not None)
         return lora_gemm(x, weight.t(), u, lora_B.t(), bias=bias, scale=scaling, key=gkey), u
 
     def composed():
@@ -172,47 +174,55 @@ def lora_factor_grads(dy, x, u, lora_A, lora_B, *, scaling, drop_scale, seed, th
     return v, da, db
 
 
+def _gemm_fused(a, b, lu, lv, bias, scale, seed, threshold):
+    return K.gemm_op(a, b, lu, lv, bias=bias, scale=scale, seed=seed, threshold=threshold)
+
+
+def _gemm_tma(a, b, lu, lv, bias, scale, seed, threshold):
+    return KT.lora_gemm_tma(a=a, b=b, lu=lu, lv=lv, bias=bias, scale=scale, seed=seed, threshold=threshold)
+
+
+def _gemm_cublas(a, b, lu, lv, bias, scale, seed, threshold):
+    out = torch.addmm(bias, a, b) if bias is not None else a @ b
+    if threshold == 0:
+        return out.addmm_(lu.to(out.dtype), lv, alpha=scale)
+    return K.lowrank_add_op(out, lu, lv, scale=scale, seed=seed, threshold=threshold)
+
+
+_GEMMS = {"fused": _gemm_fused, "tma": _gemm_tma, "cublas": _gemm_cublas}
+
+
 def gemm_candidates(a, b, lu, lv, *, bias=None, scale, seed=0, threshold=0) -> dict:
     """The GEMMs that can compute ``a @ b + scale * mask * (lu @ lv) + bias`` here, name -> zero-argument
     callable: ``"fused"`` (the epilogue GEMM), ``"tma"`` (only where ``tma_supported`` and
     ``tma_shapes_ok``) and ``"cublas"`` (cuBLAS, then the low-rank update in place)."""
-
-    def fused():
-        return K.gemm_op(a, b, lu, lv, bias=bias, scale=scale, seed=seed, threshold=threshold)
-
-    def tma():
-        return KT.lora_gemm_tma(a=a, b=b, lu=lu, lv=lv, bias=bias, scale=scale, seed=seed, threshold=threshold)
-
-    def cublas():
-        out = torch.addmm(bias, a, b) if bias is not None else a @ b
-        if threshold == 0:
-            return out.addmm_(lu.to(out.dtype), lv, alpha=scale)
-        return K.lowrank_add_op(out, lu, lv, scale=scale, seed=seed, threshold=threshold)
-
-    out = {"fused": fused}
+    args = (a, b, lu, lv, bias, scale, seed, threshold)
+    names = ("fused", "cublas")
     # The TMA kernel is a plain launcher, not a registered op: torch.compile does not trace it.
     if not torch.compiler.is_compiling() and KT.tma_supported(a.device) and KT.tma_shapes_ok(a=a, b=b):
-        out["tma"] = tma
-    out["cublas"] = cublas
-    return out
+        names = ("fused", "tma", "cublas")
+    return {name: functools.partial(_GEMMS[name], *args) for name in names}
 
 
 def lora_gemm(a, b, lu, lv, *, bias=None, scale, seed=0, threshold=0, key):
     """``a @ b + scale * mask * (lu @ lv) + bias`` on the fastest of ``gemm_candidates``, chosen per shape
-    ``key`` (``kernels.lora.choose_gemm``)."""
-    run = gemm_candidates(a, b, lu, lv, bias=bias, scale=scale, seed=seed, threshold=threshold)
-    return run[K.choose_gemm(key, run, a.device)]()
+    ``key`` (``kernels.lora.choose_gemm``). The candidates are built only where the choice needs them (a
+    forced TMA, a shape to time): building them and their TMA checks took 1.4 µs of a 14 µs decode call."""
+    name = K.settled_gemm(key, a.device)
+    if name is None:
+        run = gemm_candidates(a, b, lu, lv, bias=bias, scale=scale, seed=seed, threshold=threshold)
+        name = K.choose_gemm(key, run, a.device)
+    return _GEMMS[name](a, b, lu, lv, bias, scale, seed, threshold)
 
 
 def _lora_linear_triton(x, weight, bias, lora_A, lora_B, scaling, dropout_p, seed):
     """Triton path of ``lora_linear``: reshape to 2-D, follow autocast as nn.Linear does, and run the
     fused Function. x (..., in) any strides -> (..., out); ``dropout_p`` is already 0 when not training."""
-    if torch.is_autocast_enabled(x.device.type):  # x is on cpu / cuda here: both have autocast
+    if autocast_enabled(x):
         x, weight, bias, lora_A, lora_B = autocast_inputs(x, weight, bias, lora_A, lora_B)
         with torch.autocast(x.device.type, enabled=False):
             return _lora_linear_triton(x, weight, bias, lora_A, lora_B, scaling, dropout_p, seed)
-    lead = x.shape[:-1]
-    x2 = x.reshape(-1, x.shape[-1])
+    x2 = x if x.dim() == 2 else x.reshape(-1, x.shape[-1])  # a 2-D x as it is: the kernels take any strides
     if torch.is_grad_enabled() and (x.requires_grad or weight.requires_grad or lora_A.requires_grad
                                     or lora_B.requires_grad or bias is not None and bias.requires_grad):
         y = LoRALinearFunction.apply(x2, weight, bias, lora_A, lora_B, float(scaling), float(dropout_p),
@@ -220,4 +230,4 @@ def _lora_linear_triton(x, weight, bias, lora_A, lora_B, scaling, dropout_p, see
     else:  # nothing to differentiate (decode, evaluation): the forward without the autograd Function's cost
         thr, drop_scale = dropout_constants(dropout_p)
         y = _forward(x2, weight, bias, lora_A, lora_B, float(scaling), thr, drop_scale, _seed_arg(seed))[0]
-    return y.view(*lead, weight.shape[0])
+    return y if x2 is x else y.view(*x.shape[:-1], weight.shape[0])

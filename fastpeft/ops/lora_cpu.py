@@ -38,27 +38,12 @@ class LoRALinearCPUFunction(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, x, weight, bias, lora_A, lora_B, scaling, dropout_p, seed):
-        m, k = x.shape
-        keep_scale = 1.0 / (1.0 - dropout_p) if dropout_p > 0.0 else 1.0
-        if dropout_p > 0.0:
-            pieces = _row_pieces(m, k)
-            if len(pieces) == 1:
-                keep = cpu_keep_mask(seed, m, k, dropout_p, x.device)
-                u = torch.mm(x.mul(keep), lora_A.t())
-            else:  # the mask and the dropped rows of one piece at a time (cache-sized, freed at once)
-                u = x.new_empty(m, lora_A.shape[0])
-                for rows in pieces:
-                    keep = cpu_keep_mask(seed, rows.stop - rows.start, k, dropout_p, x.device, rows.start)
-                    torch.mm(x[rows].mul(keep), lora_A.t(), out=u[rows])
-            u.mul_(keep_scale)  # 1/(1-p) on u (M x r), not on the dropped x (M x K): one pass fewer
-        else:
-            u = torch.mm(x, lora_A.t())
-        y = torch.addmm(bias, x, weight.t()) if bias is not None else torch.mm(x, weight.t())
-        y.addmm_(u, lora_B.t(), alpha=scaling)  # no M x N temporary for the update
+        y, u = _forward(x, weight, bias, lora_A, lora_B, scaling, dropout_p, seed)
         seed_t = seed if isinstance(seed, torch.Tensor) else None
         ctx.save_for_backward(x, u, weight, lora_A, lora_B, seed_t)
         ctx.seed = None if seed_t is not None else seed
-        ctx.scaling, ctx.dropout_p, ctx.keep_scale, ctx.has_bias = scaling, dropout_p, keep_scale, bias is not None
+        ctx.keep_scale = 1.0 / (1.0 - dropout_p) if dropout_p > 0.0 else 1.0
+        ctx.scaling, ctx.dropout_p, ctx.has_bias = scaling, dropout_p, bias is not None
         return y
 
     @staticmethod
@@ -104,6 +89,27 @@ class LoRALinearCPUFunction(torch.autograd.Function):
         return dx, dw, db, da, dbb, None, None, None
 
 
+def _forward(x, weight, bias, lora_A, lora_B, scaling, dropout_p, seed) -> tuple:
+    """``(y, u)`` of ``LoRALinearCPUFunction``'s forward (see there); x (M, K)."""
+    m, k = x.shape
+    if dropout_p > 0.0:
+        pieces = _row_pieces(m, k)
+        if len(pieces) == 1:
+            keep = cpu_keep_mask(seed, m, k, dropout_p, x.device)
+            u = torch.mm(x.mul(keep), lora_A.t())
+        else:  # the mask and the dropped rows of one piece at a time (cache-sized, freed at once)
+            u = x.new_empty(m, lora_A.shape[0])
+            for rows in pieces:
+                keep = cpu_keep_mask(seed, rows.stop - rows.start, k, dropout_p, x.device, rows.start)
+                torch.mm(x[rows].mul(keep), lora_A.t(), out=u[rows])
+        u.mul_(1.0 / (1.0 - dropout_p))  # 1/(1-p) on u (M x r), not on the dropped x (M x K): one pass fewer
+    else:
+        u = torch.mm(x, lora_A.t())
+    y = torch.addmm(bias, x, weight.t()) if bias is not None else torch.mm(x, weight.t())
+    y.addmm_(u, lora_B.t(), alpha=scaling)  # no M x N temporary for the update
+    return y, u
+
+
 # Elements of x per piece when the mask is drawn by pieces: the piece's mask words, dropped rows and
 # D * (v A) rows stay in L2 (256 Ki elements: 1 MiB fp32), and no M x K temporary is ever allocated.
 _PIECE = 1 << 18
@@ -131,8 +137,12 @@ def lora_linear_cpu(x, weight, bias, lora_A, lora_B, scaling: float, dropout_p: 
         dtype = torch.get_autocast_dtype("cpu")
         x, weight, bias, lora_A, lora_B = (t.to(dtype) if t is not None else None
                                            for t in (x, weight, bias, lora_A, lora_B))
-    lead = x.shape[:-1]
-    x2 = x.reshape(-1, x.shape[-1])
-    with torch.autocast("cpu", enabled=False):
+        with torch.autocast("cpu", enabled=False):
+            return lora_linear_cpu(x, weight, bias, lora_A, lora_B, scaling, dropout_p, seed)
+    x2 = x if x.dim() == 2 else x.reshape(-1, x.shape[-1])
+    if torch.is_grad_enabled() and (x.requires_grad or weight.requires_grad or lora_A.requires_grad
+                                    or lora_B.requires_grad or bias is not None and bias.requires_grad):
         y = LoRALinearCPUFunction.apply(x2, weight, bias, lora_A, lora_B, float(scaling), float(dropout_p), seed)
-    return y.view(*lead, weight.shape[0])
+    else:  # nothing to differentiate (decode, evaluation): the forward without the autograd Function's cost
+        y = _forward(x2, weight, bias, lora_A, lora_B, float(scaling), float(dropout_p), seed)[0]
+    return y if x2 is x else y.view(*x.shape[:-1], weight.shape[0])
