@@ -33,8 +33,8 @@ import triton.language as tl
 
 from . import INTERPRET, is_deterministic
 from ._common import (_HAS_TRITON_OP, _cast, _dot_precision, _grouped_tile, _keep_mask, _keep_mask_tile, _library_op,
-                      _mma, _op_body, _seed, _upcast, _use_explicit_blocks, _wrap, block_setter, eager_or_op, r_pad,
-                      split_chunk, split_count)
+                      _mma, _op_body, _seed, _upcast, _use_explicit_blocks, _wrap, block_setter, capturing, eager_or_op,
+                      r_pad, split_chunk, split_count)
 
 # ----------------------------------------------------------------------------------------------------
 # kernels
@@ -479,7 +479,8 @@ def timed_choice(cache: dict, key: tuple, mode: str, device: torch.device, candi
     On CUDA every candidate is run once (autotuning is not timed as its run), then timed (``_bench``:
     ``do_bench`` median) and the fastest is kept in ``cache``. Deterministic mode
     (``fastpeft.set_deterministic``, ``torch.use_deterministic_algorithms(True)``) and torch.compile tracing
-    take ``fixed`` without timing: a timing-dependent choice could change the bits between runs.
+    take ``fixed`` without timing: a timing-dependent choice could change the bits between runs. So does a
+    shape first met while a CUDA graph is captured (warm up before capturing to have it timed).
     """
     if mode != "auto":
         if mode not in candidates:
@@ -492,7 +493,8 @@ def timed_choice(cache: dict, key: tuple, mode: str, device: torch.device, candi
         return fixed if fixed in candidates else first
     if key in cache:
         return cache[key]
-    if torch.compiler.is_compiling() or len(candidates) == 1:
+    # Nothing to time while tracing, nor while a CUDA graph is captured (timing syncs, which capture forbids).
+    if torch.compiler.is_compiling() or len(candidates) == 1 or capturing():
         return fixed if fixed in candidates else first
     for run in candidates.values():
         run()
