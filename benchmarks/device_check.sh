@@ -73,11 +73,13 @@ echo "== 1. tests"
 if [ "$SMOKE" = 1 ]; then
     # The interpreter runs the kernel tests on CPU tensors; a small subset keeps the dry run short.
     run "kernel tests (interpreter subset)" 600 $PY -m pytest -q -x -p no:cacheprovider tests/test_kernels_lora_tma.py \
-        tests/test_kernels_lora.py tests/test_roofline.py -k "M33 or bit_for_bit or pointer_kernel or subtiles or roofline"
+        tests/test_kernels_lora.py tests/test_kernels_bgmv.py tests/test_roofline.py \
+        -k "M33 or bit_for_bit or pointer_kernel or subtiles or roofline or launches"
     skip "gpu-marked tests (pytest -m gpu)"
 else
-    run "kernel tests lora / lora_tma / multi (explicit blocks)" 110 env FASTPEFT_AUTOTUNE=0 $PY -m pytest -q -x \
-        -p no:cacheprovider tests/test_kernels_lora.py tests/test_kernels_lora_tma.py tests/test_kernels_multi.py -m "not gpu"
+    run "kernel tests lora / lora_tma / multi / bgmv (explicit blocks)" 120 env FASTPEFT_AUTOTUNE=0 $PY -m pytest -q -x \
+        -p no:cacheprovider tests/test_kernels_lora.py tests/test_kernels_lora_tma.py tests/test_kernels_multi.py \
+        tests/test_kernels_bgmv.py -m "not gpu"
     run "kernel tests sparse (explicit blocks)" 60 env FASTPEFT_AUTOTUNE=0 $PY -m pytest -q -x -p no:cacheprovider \
         tests/test_kernels_sparse.py -m "not gpu"
     run "gpu-marked tests (autotuned, compile)" 80 $PY -m pytest -q -p no:cacheprovider tests/ -m gpu
