@@ -324,27 +324,32 @@ def block_m_for(x: torch.Tensor, m: int, n: int) -> int:
     return max(16, min(64, triton.next_power_of_2(triton.cdiv(max(int(m), 1), max(int(n), 1)))))
 
 
-def bgmv_chunk(rp: int) -> int:
-    """BLOCK_K = BLOCK_N of the BGMV kernel on CUDA at R_PAD ``rp``: 4096 // rp between 32 and 256."""
-    return max(32, min(256, 4096 // rp))
+def bgmv_tile(rp: int) -> tuple:
+    """``(chunk, num_warps)`` of the BGMV kernel on CUDA at R_PAD ``rp``: BLOCK_K = BLOCK_N = chunk.
+
+    The loads of a K chunk are not software-pipelined (triton pipelines only loads that feed tl.dot: no
+    cp.async in the sm_90 PTX at any num_stages), so each chunk of the shrink waits out a memory latency and
+    the row's K / BLOCK_K chunks run one after the other: chunks are large, (R_PAD, BLOCK_K) = 8192 elements
+    (8192 // R_PAD between 32 and 512) over 8 warps: 74-87 registers on sm_90 at R_PAD 16..128, bf16, no spill
+    (16384 elements took 161). Not measured on a GPU.
+    """
+    return max(32, min(512, 8192 // rp)), 8
 
 
 def bgmv_blocks(x: torch.Tensor, m: int, n_out: int, r: int) -> tuple:
     """``(BLOCK_K, BLOCK_N, n_per_prog, num_warps)`` of the BGMV kernel for m rows, n_out columns, rank stack r.
 
-    The fp32 products of the shrink's (R_PAD, BLOCK_K) tile and of the expand's (BLOCK_N, R_PAD) tile are
-    held at 4096 elements (32 registers a thread at 4 warps), so both chunks shrink as R_PAD grows. Each
-    program covers ``n_per_prog`` columns: enough column programs that the grid has about 2 programs per SM
-    (each recomputes its row's u, so no more than that), at least one chunk each. Heuristic, not measured on
-    a GPU.
+    Chunks and warps from ``bgmv_tile``. Each program covers ``n_per_prog`` columns: enough column programs
+    that the grid has about 2 programs per SM (each recomputes its row's u, so no more than that), at least
+    one chunk each. Heuristic, not measured on a GPU.
     """
     if _use_explicit_blocks(x):
         bn = _TEST_BLOCKS["BGMV_N"]
         return _TEST_BLOCKS["BGMV_K"], bn, bn * _TEST_BLOCKS["BGMV_N_CHUNKS"], 4
-    block_k = block_n = bgmv_chunk(r_pad(r))
-    chunks = triton.cdiv(max(int(n_out), 1), block_n)
+    chunk, warps = bgmv_tile(r_pad(r))
+    chunks = triton.cdiv(max(int(n_out), 1), chunk)
     col_progs = max(1, min(chunks, triton.cdiv(2 * _sm_count(x.device.index or 0), max(int(m), 1))))
-    return block_k, block_n, triton.cdiv(chunks, col_progs) * block_n, 4
+    return chunk, chunk, triton.cdiv(chunks, col_progs) * chunk, warps
 
 
 # ----------------------------------------------------------------------------------------------------
