@@ -16,6 +16,7 @@ from fastpeft.reference import dropout_mask, dropout_threshold, lora_linear_mult
 if not kernels.INTERPRET and not torch.cuda.is_available():
     pytest.skip("the triton backend needs a GPU or TRITON_INTERPRET=1", allow_module_level=True)
 
+from fastpeft.kernels import lora as KL  # noqa: E402
 from fastpeft.kernels import multi_lora as MK  # noqa: E402
 from fastpeft.ops import multi as OM  # noqa: E402
 
@@ -137,6 +138,7 @@ def test_auto_picks_bgmv_for_few_rows_and_training_keeps_grouped(monkeypatch, co
     """auto off CUDA: BGMV up to BGMV_MAX_ROWS rows, the grouped kernels beyond; with a gradient to compute,
     the autograd Function (grouped) whatever M; a bad FASTPEFT_MULTI_PATH is a ValueError naming it."""
     monkeypatch.setenv("FASTPEFT_MULTI_PATH", "auto")
+    monkeypatch.setattr(KL, "INTERPRET", True)  # on CUDA too: the first candidate, untimed
     for m, want in ((1, "bgmv"), (OM.BGMV_MAX_ROWS, "bgmv"), (OM.BGMV_MAX_ROWS + 1, "grouped")):
         x, w, b, a, bb, s, rk = _make(m, 48, 40, [8, 4], torch.float32)
         before = dict(count_paths)
