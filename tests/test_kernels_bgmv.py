@@ -104,7 +104,7 @@ CASES = [
 def _case_id(c):
     m, k, n, lead, per_seq, p = c
     rows = f"B{lead[0]}xT{m}" if lead else f"M{m}"
-    return f"{rows}-K{k}-N{n}" + ("-per_seq" if per_seq else "") + ("-p" if p else "")
+    return f"{rows}-K{k}-N{n}" + ("-per_seq" if per_seq else "") + ("-p" + ".".join(f"{q:g}" for q in p) if p else "")
 
 
 @pytest.mark.parametrize("dt", list(DTYPES))
@@ -122,7 +122,7 @@ def test_bgmv_path_matches_reference(case, dt, monkeypatch, count_paths):
 
 
 @pytest.mark.parametrize("path", ["bgmv", "grouped"])
-@pytest.mark.parametrize("m", [7, 65])
+@pytest.mark.parametrize("m", [7, 65], ids=["M7", "M65"])
 def test_each_path_runs_where_asked(path, m, monkeypatch, count_paths):
     """FASTPEFT_MULTI_PATH forces either path at any M; both match the reference, ranks=None and no bias too."""
     monkeypatch.setenv("FASTPEFT_MULTI_PATH", path)
