@@ -212,6 +212,25 @@ def test_dropout_mask_is_the_grouped_and_reference_mask(p):
     torch.testing.assert_close(out, u, rtol=0, atol=1e-6)
 
 
+@pytest.mark.parametrize("m,n_out,r", [(1, 4096, 16), (16, 4096, 64), (64, 4096, 16), (64, 14336, 128), (7, 130, 1),
+                                       (300, 48, 24)])
+def test_cuda_block_choice(m, n_out, r, monkeypatch):
+    """The blocks bgmv_blocks picks on a GPU (132 SMs faked): power-of-two chunks of 8192 // R_PAD elements in
+    [32, 512], each program a whole number of chunks, the columns covered, and about 2 programs per SM (at
+    least one column program per row, each at least one chunk)."""
+    monkeypatch.setattr(MK, "_use_explicit_blocks", lambda t: False)
+    monkeypatch.setattr(MK, "_sm_count", lambda i: 132)
+    bk, bn, per_prog, warps = MK.bgmv_blocks(torch.empty(0), m, n_out, r)
+    rp = MK.r_pad(r)
+    assert bk == bn == max(32, min(512, 8192 // rp)) and bk & (bk - 1) == 0 and warps == 8
+    assert per_prog % bn == 0 and per_prog >= bn
+    col_progs = -(-n_out // per_prog)
+    assert (col_progs - 1) * per_prog < n_out <= col_progs * per_prog
+    chunks = -(-n_out // bn)
+    assert col_progs == chunks or m * col_progs >= 132, (m, col_progs)  # every SM busy where N allows
+    assert col_progs == 1 or m * col_progs <= 4 * 132, (m, col_progs)
+
+
 def test_launcher_shape_errors():
     x, w, b, a, bb, s, rk = _make(5, 48, 40, [8, 4], torch.float32)
     thr = torch.zeros(2, dtype=torch.int64, device=DEV)
