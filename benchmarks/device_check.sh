@@ -5,7 +5,8 @@
 #      and 14336x4096; r=16; p 0 and 0.1; 64 adapters; 1 % sparse, unstructured and 32x32 blocks);
 #   3. benchmarks/profile_lora.py: the per-kernel torch.profiler table of LoRA fwd+bwd at M=8192, K=N=4096,
 #      r=16, p in {0, 0.1} (kernel, µs, bytes moved, TB/s or TFLOP/s, % of peak), the TMA GEMM against
-#      cuBLAS, then the decode table (M 1/16/64) eager and under CUDA graphs.
+#      cuBLAS, then the decode tables (M 1/16/64) eager and under CUDA graphs: one adapter, and 8 adapters one per
+#      token on the BGMV and the grouped paths.
 # Everything goes to $OUT (log, JSON, markdown) and the tables to benchmarks/results/ named by card and date;
 # headers carry card, torch, triton and date. Each step has its own timeout inside a total budget
 # (BUDGET seconds, default 470, 100 of them kept for the profile): a step that would overrun is cut, the
