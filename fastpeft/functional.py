@@ -171,7 +171,7 @@ def lora_linear_multi(x, weight, bias, lora_A_stack, lora_B_stack, scalings, ada
         from .ops.multi import lora_linear_multi_triton
 
         return lora_linear_multi_triton(x, weight, bias, lora_A_stack, lora_B_stack, scalings, ids, ranks,
-                                        dropout_p if use_dropout else None, seed)
+                                        dropout_p if use_dropout else None, seed, bool(training))
     multi_ref = lora_linear_multi_cpu if use_cpu_path(x) else lora_linear_multi_ref  # CPU dropout stream
     return multi_ref(x, weight, bias, lora_A_stack, lora_B_stack, scalings, ids, ranks,
                                  dropout_p if use_dropout else None, training, seed)

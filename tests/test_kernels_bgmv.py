@@ -135,8 +135,9 @@ def test_each_path_runs_where_asked(path, m, monkeypatch, count_paths):
 
 
 def test_auto_picks_bgmv_for_few_rows_and_training_keeps_grouped(monkeypatch, count_paths):
-    """auto off CUDA: BGMV up to BGMV_MAX_ROWS rows, the grouped kernels beyond; with a gradient to compute,
-    the autograd Function (grouped) whatever M; a bad FASTPEFT_MULTI_PATH is a ValueError naming it."""
+    """auto (untimed): BGMV up to BGMV_MAX_ROWS rows, the grouped kernels beyond; in training mode without grad
+    (reentrant checkpointing: its recompute must give the same bits) and with a gradient to compute, grouped
+    whatever M; a bad FASTPEFT_MULTI_PATH is a ValueError naming it."""
     monkeypatch.setenv("FASTPEFT_MULTI_PATH", "auto")
     monkeypatch.setattr(KL, "INTERPRET", True)  # on CUDA too: the first candidate, untimed
     for m, want in ((1, "bgmv"), (OM.BGMV_MAX_ROWS, "bgmv"), (OM.BGMV_MAX_ROWS + 1, "grouped")):
@@ -146,6 +147,12 @@ def test_auto_picks_bgmv_for_few_rows_and_training_keeps_grouped(monkeypatch, co
         assert count_paths[want] == before[want] + 1, m
     before = dict(count_paths)
     x, w, b, a, bb, s, rk = _make(3, 48, 40, [8, 4], torch.float32)
+    for p in (None, torch.tensor([0.1, 0.0], device=DEV)):
+        with torch.no_grad():
+            fastpeft.lora_linear_multi(x, w, b, a, bb, s, _ids((3,), 2), rk, backend="triton", dropout_p=p, seed=1,
+                                       training=True)
+    assert count_paths["grouped"] == before["grouped"] + 2 and count_paths["bgmv"] == before["bgmv"]
+    before = dict(count_paths)
     a.requires_grad_()
     fastpeft.lora_linear_multi(x, w, b, a, bb, s, _ids((3,), 2), rk, backend="triton").sum().backward()
     assert count_paths["grouped"] == before["grouped"] + 1 and count_paths["bgmv"] == before["bgmv"]
@@ -275,11 +282,14 @@ def test_compiled_no_grad_forward_is_one_graph(training, monkeypatch):
             return fastpeft.lora_linear_multi(x, w, b, a, bb, s, ids, rk, backend="triton", dropout_p=rates,
                                               training=training)
     torch._dynamo.reset()
-    compiled = torch.compile(f, fullgraph=True, backend="aot_eager")
-    torch.manual_seed(3)
-    got = compiled(x)
-    torch.manual_seed(3)
-    assert torch.equal(got, f(x))
+    try:
+        compiled = torch.compile(f, fullgraph=True, backend="aot_eager")
+        torch.manual_seed(3)
+        got = compiled(x)
+        torch.manual_seed(3)
+        assert torch.equal(got, f(x))
+    finally:
+        torch._dynamo.reset()  # drop the compiled graph and the tensors it holds
 
 
 def _launches(fn):

@@ -4,7 +4,8 @@
 autocast and runs :class:`LoRAMultiFunction` on the grouped kernels of ``kernels/multi_lora.py``: a fixed
 number of launches whatever the number of adapters, their ranks and the mix of rows. With nothing to
 differentiate (decode, evaluation) it runs the forward alone, on the faster of the grouped kernels and, for
-up to ``BGMV_MAX_ROWS`` rows, the BGMV kernel (base GEMM + one launch, no grouping; ``forward_path``).
+up to ``BGMV_MAX_ROWS`` rows out of training mode, the BGMV kernel (base GEMM + one launch, no grouping;
+``forward_path``).
 """
 from __future__ import annotations
 
@@ -139,9 +140,11 @@ def _bgmv_forward(x, weight, bias, lora_A_stack, lora_B_stack, scalings, ids, ra
 
 
 # The no-grad forward: "bgmv" (base GEMM + the BGMV kernel) or "grouped" (grouping, shrink, base GEMM, expand).
-# FASTPEFT_MULTI_PATH forces one ("bgmv" at any number of rows); "auto" times both per shape up to BGMV_MAX_ROWS
-# rows (kernels.lora.timed_choice) and runs the grouped kernels beyond. Training always runs the grouped kernels:
-# their backward reads the grouping.
+# FASTPEFT_MULTI_PATH forces one ("bgmv" at any number of rows, also in training mode); "auto" times both per
+# shape up to BGMV_MAX_ROWS rows (kernels.lora.timed_choice) when not training, and runs the grouped kernels
+# beyond and in training mode: a training forward without grad (reentrant activation checkpointing) must give
+# the bits of the grad path, which its recompute in backward runs (BGMV sums in another order). A forward with a
+# gradient always runs the grouped kernels: their backward reads the grouping.
 MULTI_PATHS = ("auto", "bgmv", "grouped")
 # Every BGMV program recomputes its row's shrink, and rows of one adapter do not share its reads of A_a and B_a:
 # the grouped kernels' tiles win once rows are many. 64: the decode batch sizes of the benchmarks (1..64);
@@ -161,33 +164,36 @@ def forward_path(key: tuple, candidates: dict, device: torch.device, mode: str) 
     return K.timed_choice(_path_cache, key, mode, device, candidates, "bgmv")
 
 
-def _forward_no_grad(x, weight, bias, lora_A_stack, lora_B_stack, scalings, ids, ranks, dropout_p, seed):
-    """y of a forward with nothing to differentiate, on the faster of the BGMV and grouped kernels."""
+def _forward_no_grad(x, weight, bias, lora_A_stack, lora_B_stack, scalings, ids, ranks, dropout_p, seed,
+                     training=True):
+    """y of a forward with nothing to differentiate: the BGMV or the grouped kernels (see MULTI_PATHS)."""
     args = (x, weight, bias, lora_A_stack, lora_B_stack, scalings, ids, ranks, dropout_p, seed)
     m = x.shape[0]
     n, r_max, k = lora_A_stack.shape
     mode = path_mode()
-    if m > BGMV_MAX_ROWS and mode != "bgmv":
+    if mode == "grouped" or mode == "auto" and (training or m > BGMV_MAX_ROWS):
         return _grouped_forward(*args)[0]
     run = {"bgmv": lambda: _bgmv_forward(*args), "grouped": lambda: _grouped_forward(*args)[0]}
     key = ("multi", _bucket(m), k, weight.shape[0], n, r_max, x.dtype, bias is not None, dropout_p is not None)
     return run[forward_path(key, run, x.device, mode)]()
 
 
-def lora_linear_multi_triton(x, weight, bias, lora_A_stack, lora_B_stack, scalings, ids, ranks, dropout_p, seed):
+def lora_linear_multi_triton(x, weight, bias, lora_A_stack, lora_B_stack, scalings, ids, ranks, dropout_p, seed,
+                             training=True):
     """Triton path of ``lora_linear_multi``: x (..., in) any strides -> (..., out).
 
     ids: int64 of shape x.shape[:-1], already range-checked; ranks (n,) or None (all r_max); dropout_p
     (n,) or None (not training, or all rates zero); seed: int, or the one-element tensor drawn inside a
-    compiled region (used only with dropout_p). Under autocast the inputs are cast to the autocast dtype
-    first, as nn.Linear's would be. With nothing to differentiate the forward runs without the autograd
-    Function, on ``_forward_no_grad``'s choice.
+    compiled region (used only with dropout_p); training: the caller's mode (a no-grad forward in training
+    mode keeps the grouped kernels' bits unless BGMV is forced). Under autocast the inputs are cast to the
+    autocast dtype first, as nn.Linear's would be. With nothing to differentiate the forward runs without
+    the autograd Function, on ``_forward_no_grad``'s choice.
     """
     if torch.is_autocast_enabled(x.device.type):  # x is on cpu / cuda here: both have autocast
         x, weight, bias, lora_A_stack, lora_B_stack = autocast_inputs(x, weight, bias, lora_A_stack, lora_B_stack)
         with torch.autocast(x.device.type, enabled=False):
             return lora_linear_multi_triton(x, weight, bias, lora_A_stack, lora_B_stack, scalings, ids, ranks,
-                                            dropout_p, seed)
+                                            dropout_p, seed, training)
     lead = x.shape[:-1]
     x2 = x.reshape(-1, x.shape[-1])
     ids2 = ids.reshape(-1).to(torch.int64)
@@ -197,5 +203,5 @@ def lora_linear_multi_triton(x, weight, bias, lora_A_stack, lora_B_stack, scalin
                                     or lora_B_stack.requires_grad or bias is not None and bias.requires_grad):
         y = LoRAMultiFunction.apply(*args)
     else:  # nothing to differentiate (decode, evaluation): the forward alone
-        y = _forward_no_grad(*args)
+        y = _forward_no_grad(*args, training=training)
     return y.view(*lead, weight.shape[0])
