@@ -5,7 +5,9 @@
 
 Providers (forward only, as in serving): ``single`` (FastLoRALinear with one adapter applied to all
 rows: the floor), ``fastpeft`` (n adapters routed per row by ``forward(x, adapter_ids)`` on the default
-backend: the grouped kernels on CUDA), ``reference`` (the same on the PyTorch loop), and ``peft`` (a
+backend: on CUDA the kernels' no-grad forward, its timed choice of BGMV or grouped), at decode
+``fastpeft-bgmv`` and ``fastpeft-grouped`` (the same with ``FASTPEFT_MULTI_PATH`` forcing the BGMV kernel,
+base GEMM + 1 launch, or the grouped kernels), ``reference`` (the same on the PyTorch loop), and ``peft`` (a
 PEFT LoRA layer with n adapters and ``adapter_names``) when installed. Decode: M tokens, one per
 sequence, each with a random adapter. Prefill: M tokens in sequences of 512, one adapter per sequence.
 Ratios are to ``single`` of the same case, measured in the same run; ``peft / fastpeft`` is PEFT's
@@ -23,7 +25,7 @@ import torch.nn as nn
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 import harness  # noqa: E402
-from harness import Case, Group, parse_kxn  # noqa: E402
+from harness import Case, Group, env_vars, parse_kxn  # noqa: E402
 
 import fastpeft  # noqa: E402
 
@@ -74,8 +76,17 @@ def groups(phase, m, na, rs, k, n, rng, ctx):
         names = [f"a{i % na}" for i in range(seqs)]
     ids = torch.tensor([int(s[1:]) for s in names], device=device)
     calls = {"single": lambda: single(x)}
+
+    def ours(path):
+        def call():
+            with env_vars({"FASTPEFT_MULTI_PATH": path}):
+                return layer(x, adapter_ids=ids)
+        return call
     if ctx.kernels_ok:
-        calls["fastpeft"] = lambda: layer(x, adapter_ids=ids)
+        calls["fastpeft"] = ours("auto")
+        if phase == "decode":  # both paths of the no-grad forward, forced
+            calls["fastpeft-bgmv"] = ours("bgmv")
+            calls["fastpeft-grouped"] = ours("grouped")
 
     def ref():
         with fastpeft.use_backend("reference"):

@@ -5,7 +5,8 @@
 #      and 14336x4096; r=16; p 0 and 0.1; 64 adapters; 1 % sparse, unstructured and 32x32 blocks; RoSA rows in --sparse);
 #   3. benchmarks/profile_lora.py: the per-kernel torch.profiler table of LoRA fwd+bwd at M=8192, K=N=4096,
 #      r=16, p in {0, 0.1} (kernel, µs, bytes moved, TB/s or TFLOP/s, % of peak), the TMA GEMM against
-#      cuBLAS, then the decode table (M 1/16/64) eager and under CUDA graphs.
+#      cuBLAS, then the decode tables (M 1/16/64) eager and under CUDA graphs: one adapter, and 8 adapters one per
+#      token on the BGMV and the grouped paths.
 # Everything goes to $OUT (log, JSON, markdown) and the tables to benchmarks/results/ named by card and date;
 # headers carry card, torch, triton and date. Each step has its own timeout inside a total budget
 # (BUDGET seconds, default 470, 100 of them kept for the profile): a step that would overrun is cut, the
@@ -124,11 +125,13 @@ echo "== 1. tests"
 if [ "$SMOKE" = 1 ]; then
     # The interpreter runs the kernel tests on CPU tensors; a small subset keeps the dry run short.
     run "kernel tests (interpreter subset)" 600 $PY -m pytest -q -x -p no:cacheprovider tests/test_kernels_lora_tma.py \
-        tests/test_kernels_lora.py tests/test_roofline.py -k "M33 or bit_for_bit or pointer_kernel or subtiles or roofline"
+        tests/test_kernels_lora.py tests/test_kernels_bgmv.py tests/test_roofline.py \
+        -k "M33 or bit_for_bit or pointer_kernel or subtiles or roofline or launches"
     skip "gpu-marked tests (pytest -m gpu)"
 else
-    run "kernel tests lora / lora_tma / multi (explicit blocks)" 110 env FASTPEFT_AUTOTUNE=0 $PY -m pytest -q -x \
-        -p no:cacheprovider tests/test_kernels_lora.py tests/test_kernels_lora_tma.py tests/test_kernels_multi.py -m "not gpu"
+    run "kernel tests lora / lora_tma / multi / bgmv (explicit blocks)" 120 env FASTPEFT_AUTOTUNE=0 $PY -m pytest -q -x \
+        -p no:cacheprovider tests/test_kernels_lora.py tests/test_kernels_lora_tma.py tests/test_kernels_multi.py \
+        tests/test_kernels_bgmv.py -m "not gpu"
     run "kernel tests sparse + the floor's (explicit blocks)" 90 env FASTPEFT_AUTOTUNE=0 $PY -m pytest -q -x \
         -p no:cacheprovider tests/test_kernels_sparse.py tests/test_timed_choice.py -m "not gpu" -k sparse
     run "gpu-marked tests (autotuned, compile)" 80 $PY -m pytest -q -p no:cacheprovider tests/ -m gpu

@@ -2,6 +2,13 @@
 kernel runs (checks, backend dispatch, autocast, reshape, the autograd Function, the timed choices).
 
     python benchmarks/host_lora.py [--calls 10000]
+    python benchmarks/host_lora.py --multi [--calls 2000]   # many adapters: BGMV vs grouped no-grad forward
+
+``--multi`` times one decode call of a FastLoRALinear with 8 adapters of mixed ranks (``forward(x, adapter_ids)``
+and the ``mixed_batch`` routing) and of ``lora_linear_multi``, with ``FASTPEFT_MULTI_PATH`` forcing the BGMV
+path (base addmm + 1 kernel) or the grouped one (``group_rows``' ~30 small torch ops, 2 kernels), and counts
+the torch ops each call runs (every one a launch on a GPU, beside the triton kernels). The grouping's ops run
+for real on tiny CPU tensors: their CPU time stands in for their launch cost.
 
 Runs under TRITON_INTERPRET=1 with the kernel launchers replaced by stubs that only allocate their outputs,
 so the triton path's host work is timed without the interpreter; the reference path runs as it is (its
@@ -33,6 +40,80 @@ def _stub_launchers():
     K.shrink_op = lambda a, b, **kw: a.new_empty((a.shape[0], b.shape[1]), dtype=torch.float32)
     K.gemm_op = lambda a, b, lu, lv, **kw: a.new_empty((a.shape[0], b.shape[1]))
     K.lowrank_add_op = lambda out, lu, lv, **kw: out
+    from fastpeft.kernels import multi_lora as MK
+
+    MK.shrink_op = lambda src, w, *a, **kw: src.new_empty((src.shape[0], w.shape[2]), dtype=torch.float32)
+    MK.expand_op = lambda out, *a, **kw: out
+    MK.bgmv_op = lambda out, *a, **kw: out  # absent before the BGMV kernel: then unused
+
+
+def count_torch_ops(fn) -> list:
+    """Names of the torch ops one call of fn runs, less views and other metadata-only ops."""
+    from torch.utils._python_dispatch import TorchDispatchMode
+
+    metadata = {"view", "_unsafe_view", "reshape", "expand", "t", "transpose", "permute", "as_strided", "detach",
+                "alias", "slice", "select", "unsqueeze", "squeeze", "empty", "empty_strided", "lift_fresh",
+                "_reshape_alias", "new_empty"}
+    ops = []
+
+    class Count(TorchDispatchMode):
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            if func.overloadpacket.__name__ not in metadata:
+                ops.append(func.overloadpacket.__name__)
+            return func(*args, **(kwargs or {}))
+    with Count():
+        fn()
+    return ops
+
+
+def multi_rows(calls: int) -> None:
+    """The ``--multi`` table: µs per decode call and torch ops per call, BGMV and grouped."""
+    import contextlib
+
+    torch.manual_seed(0)
+    torch.set_num_threads(1)  # tiny ops: OpenMP hand-offs would cost more than the ops (and vary with the load)
+    m, k, n, ranks = 16, 64, 64, [8, 16, 32, 64] * 2  # 16 decode tokens, 8 adapters
+    layer = fastpeft.FastLoRALinear(k, n, r=ranks[0], lora_alpha=16, init_lora_weights=False, adapter_name="a0")
+    for i, r in enumerate(ranks[1:], 1):
+        layer.add_adapter(f"a{i}", r, 2 * r, init_lora_weights=False)
+    layer.eval().requires_grad_(False)
+    x = torch.randn(m, 1, k)
+    ids = torch.arange(m) % (len(ranks) + 1) - 1  # every adapter and some base rows
+    stack_a, stack_b = layer.stacked()
+    scalings, rank_t, _ = layer._adapter_meta(x.device)
+    names = [None if i < 0 else f"a{i}" for i in ids.tolist()]
+    _stub_launchers()
+
+    def layer_call():
+        with torch.no_grad():
+            layer(x, adapter_ids=ids)
+
+    def routed_call():
+        with torch.no_grad():
+            layer(x)
+
+    def functional_call():
+        with torch.no_grad():
+            fastpeft.lora_linear_multi(x, layer.weight, layer.bias, stack_a, stack_b, scalings, ids, rank_t,
+                                       training=False, check_ids=False)
+    rows = {"FastLoRALinear(x, adapter_ids)": layer_call, "FastLoRALinear(x), mixed_batch routing": routed_call,
+            "lora_linear_multi(check_ids=False)": functional_call}
+    print(f"host µs per decode call, CPU time, stub kernels (torch {torch.__version__}, M={m} tokens, "
+          f"{len(ranks)} adapters, {calls} calls x 5 rounds, median); torch ops per call (each a launch on a GPU)")
+    for path in ("bgmv", "grouped"):
+        os.environ["FASTPEFT_MULTI_PATH"] = path
+        with fastpeft.use_backend("triton"):
+            for name, fn in rows.items():
+                routing = contextlib.nullcontext()
+                if fn is routed_call:
+                    layer.set_routing(names)
+                    routing = contextlib.ExitStack()
+                    routing.callback(layer.set_routing, None)
+                with routing:
+                    ops = count_torch_ops(fn)
+                    us = per_call_us(fn, calls)
+                print(f"  {path:<8} {name:<40} {us:8.2f} µs  {len(ops):3d} torch ops")
+    os.environ.pop("FASTPEFT_MULTI_PATH")
 
 
 def per_call_us(fn, calls: int) -> float:
@@ -49,8 +130,12 @@ def per_call_us(fn, calls: int) -> float:
 
 def main(argv=None):
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--calls", type=int, default=10000)
+    ap.add_argument("--calls", type=int, default=None, help="calls per round (default 10000, 2000 with --multi)")
+    ap.add_argument("--multi", action="store_true", help="many adapters: the BGMV and grouped no-grad forwards")
     args = ap.parse_args(argv)
+    if args.multi:
+        return multi_rows(args.calls or 2000)
+    args.calls = args.calls or 10000
     torch.manual_seed(0)
     k, n, r = 64, 64, 8  # sizes do not matter to the host path; M = 1 (one decode token) and 16
     w, b = torch.randn(n, k), torch.randn(n)

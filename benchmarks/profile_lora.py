@@ -8,7 +8,9 @@ eager and under CUDA graphs.
    and TFLOP/s and the % of the card's peak of the resource that bounds it.
 2. Layer: every device kernel of ``FastLoRALinear`` forward + backward on the default backend, from
    ``torch.profiler`` (what actually runs, in order of time).
-3. Decode (M = 1, 16, 64): the layer's forward vs frozen nn.Linear, eager and replayed as a CUDA graph.
+3. Decode (M = 1, 16, 64): the layer's forward vs frozen nn.Linear, eager and replayed as a CUDA graph;
+   then the same with 8 adapters of ranks 8-64, one per token (``mixed_batch`` routing), on the BGMV and the
+   grouped path of the no-grad forward (``FASTPEFT_MULTI_PATH``).
 
     python benchmarks/profile_lora.py --out $OUT                    # M=8192, K=N=4096, r=16, p 0 and 0.1
     TRITON_INTERPRET=1 python benchmarks/profile_lora.py --smoke    # CPU dry run, tiny shapes
@@ -256,6 +258,77 @@ def decode_table(tokens, K, N, r, dtype, device, backend) -> tuple:
     return lines, rows
 
 
+def _eager_and_graph(fns: list, cuda: bool) -> tuple:
+    """([eager µs of each fn], [graph-replay µs of each] or None, note): each fn captured alone in a CUDA graph."""
+    eager = [time_us(f, cuda) for f in fns]
+    if not cuda:
+        return eager, None, ""
+    try:
+        graphs = []
+        for f in fns:
+            f()
+            torch.cuda.synchronize()
+            gr = torch.cuda.CUDAGraph()
+            with torch.cuda.graph(gr):
+                f()
+            graphs.append(gr)
+        return eager, [time_us(g.replay, True) for g in graphs], ""
+    except Exception as exc:  # not capturable is a finding: record it
+        return eager, None, f"capture failed: {type(exc).__name__}: {str(exc).splitlines()[0][:80]}"
+
+
+def multi_decode_table(tokens, K, N, dtype, device, backend, adapters: int = 8) -> tuple:
+    """Decode with many adapters: a FastLoRALinear with ``adapters`` adapters (ranks 8, 16, 32, 64 in turn), each
+    token its own (one sequence per token, routed as ``mixed_batch`` does, a few on the base), no grad; the BGMV
+    and the grouped no-grad forward forced in turn, eager and replayed as a CUDA graph, vs frozen nn.Linear."""
+    cuda = device == "cuda"
+    lines = ["", f"### Decode, {adapters} adapters (ranks 8-64, one per token, K={K}, N={N}, backend {backend}) "
+             "vs frozen nn.Linear: BGMV (base GEMM + 1 kernel) and grouped (grouping + 2 kernels)", "",
+             "| M | path | linear eager µs | multi eager µs | eager x | linear graph µs | multi graph µs | graph x |",
+             "|---|---|---|---|---|---|---|---|"]
+    rows = []
+    if not cuda:
+        skip("CUDA-graph columns of the many-adapter decode table")
+    torch.manual_seed(0)
+    ranks = [(8, 16, 32, 64)[i % 4] for i in range(adapters)]
+    lin = torch.nn.Linear(K, N, device=device, dtype=dtype).requires_grad_(False)
+    layer = fastpeft.FastLoRALinear.from_linear(lin, r=ranks[0], lora_alpha=2 * ranks[0], init_lora_weights=False,
+                                                adapter_name="a0")
+    for i, r in enumerate(ranks[1:], 1):
+        layer.add_adapter(f"a{i}", r, 2 * r, init_lora_weights=False)
+    layer.eval().requires_grad_(False)
+    old = os.environ.get("FASTPEFT_MULTI_PATH")
+    try:
+        for m in tokens:
+            x = torch.randn(m, 1, K, device=device, dtype=dtype)
+            g = torch.Generator().manual_seed(m)
+            ids = torch.randint(-1, adapters, (m,), generator=g).tolist()
+            layer.set_routing([None if i < 0 else f"a{i}" for i in ids])
+
+            def multi():
+                with torch.no_grad(), fastpeft.use_backend(backend):
+                    return layer(x)
+
+            def plain():
+                return lin(x)
+            for path in ("bgmv", "grouped"):
+                os.environ["FASTPEFT_MULTI_PATH"] = path
+                (le, pe), graph, note = _eager_and_graph([plain, multi], cuda)
+                lg, pg = graph if graph else (None, None)
+                gtxt = (f"{lg:.1f} | {pg:.1f} | {pg / lg:.2f}" if lg else f"- | - | {note or 'skipped (CPU)'}")
+                lines.append(f"| {m} | {path} | {le:.1f} | {pe:.1f} | {pe / le:.2f} | {gtxt} |")
+                rows.append(dict(M=m, path=path, adapters=adapters, linear_eager_us=le, multi_eager_us=pe,
+                                 linear_graph_us=lg, multi_graph_us=pg, note=note))
+                print(lines[-1], flush=True)
+    finally:
+        layer.set_routing(None)
+        if old is None:
+            os.environ.pop("FASTPEFT_MULTI_PATH", None)
+        else:
+            os.environ["FASTPEFT_MULTI_PATH"] = old
+    return lines, rows
+
+
 def main(argv=None):
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--tokens", type=int, default=8192)
@@ -287,15 +360,22 @@ def main(argv=None):
             + (" (smoke: CPU interpreter, times not meaningful)" if a.smoke else ""), "",
             "Bytes / flops from benchmarks/roofline.py (each operand once); % of peak is of the resource that "
             f"bounds the step on {card or 'this card (no peak known)'}.", ""]
-    steps_lines, steps_rows = step_table(a.tokens, a.k, a.n, a.rank, a.dropout, dtype, device, card)
-    layer_lines, layer_rows = layer_table(a.tokens, a.k, a.n, a.rank, a.dropout, dtype, device, a.backend)
-    dec_lines, dec_rows = decode_table(a.decode, a.k, a.n, a.rank, dtype, device, a.backend)
     os.makedirs(a.out, exist_ok=True)
-    with open(os.path.join(a.out, "profile_lora.md"), "w") as f:
-        f.write("\n".join(head + steps_lines + layer_lines + dec_lines) + "\n")
-    with open(os.path.join(a.out, "profile_lora.json"), "w") as f:
-        json.dump(dict(device=name, torch=torch.__version__, triton=triton.__version__, date=time.strftime("%Y-%m-%d"),
-                       steps=steps_rows, layer=layer_rows, decode=dec_rows), f, indent=1, default=str)
+    md, js = [], dict(device=name, torch=torch.__version__, triton=triton.__version__, date=time.strftime("%Y-%m-%d"))
+
+    def write(key, lines, rows):
+        """Add one table and rewrite both files: a step cut by its timeout keeps the tables done before."""
+        md.extend(lines)
+        js[key] = rows
+        with open(os.path.join(a.out, "profile_lora.md"), "w") as f:
+            f.write("\n".join(head + md) + "\n")
+        with open(os.path.join(a.out, "profile_lora.json"), "w") as f:
+            json.dump(js, f, indent=1, default=str)
+    steps_lines, steps_rows = step_table(a.tokens, a.k, a.n, a.rank, a.dropout, dtype, device, card)
+    write("steps", steps_lines, steps_rows)
+    write("layer", *layer_table(a.tokens, a.k, a.n, a.rank, a.dropout, dtype, device, a.backend))
+    write("decode", *decode_table(a.decode, a.k, a.n, a.rank, dtype, device, a.backend))
+    write("decode_multi", *multi_decode_table(a.decode, a.k, a.n, dtype, device, a.backend))
     errors = [r for r in steps_rows if "error" in r]
     print(f"wrote {os.path.join(a.out, 'profile_lora.md')}; {len(errors)} step(s) failed")
     return 1 if errors else 0

@@ -250,6 +250,18 @@ def multi_launches(ranks) -> list:
                             UPCAST=False)
                 out.append(Launch("multi_lora", ML._multi_expand_kernel, f"expand{' mask' if mask else ''} R{rp}",
                                   args, 4, 1, {"BLOCK_M": bm, "BLOCK_N": bn}))
+        # BGMV (decode, no grad): the blocks bgmv_blocks picks on CUDA for this R_PAD; ranks int64 as the layers
+        # pass them; thresholds int64 with the mask, the fp32 scales in their place without (never read)
+        chunk, warps = ML.bgmv_tile(rp)
+        for mask in (False, True):
+            args = dict(out_ptr=_ptr("bf16"), x_ptr=_ptr("bf16"), a_ptr=_ptr("bf16"), b_ptr=_ptr("bf16"),
+                        ids_ptr=_ptr("i64"), ranks_ptr=_ptr("i64"), scales_ptr=_ptr("fp32"),
+                        thr_ptr=_ptr("i64" if mask else "fp32"), K=K, N=N, n_adapters=64, n_per_prog=2 * chunk,
+                        stride_om=N, stride_on=1, stride_xm=K, stride_xk=1, stride_aa=rp * K, stride_ar=K,
+                        stride_ak=1, stride_ba=N * rp, stride_bn=rp, stride_br=1, seed=1234, mask_sm=K, mask_sk=1,
+                        HAS_MASK=mask, BLOCK_K=chunk, BLOCK_N=chunk, R_PAD=rp, UPCAST=False)
+            out.append(Launch("multi_lora", ML._multi_bgmv_kernel, f"bgmv{' mask' if mask else ''} R{rp}", args, warps,
+                              1, {"BLOCK_K": chunk, "BLOCK_N": chunk}))
         for mask in (False, True):
             args = dict(src_ptr=_ptr("bf16"), g_ptr=_ptr("fp32"), out_ptr=_ptr("bf16"), order_ptr=_ptr("i64"),
                         bounds_ptr=_ptr("i32"), ranks_ptr=_ptr("i32"), scales_ptr=_ptr("fp32"), thr_ptr=_ptr("i64"),

@@ -24,6 +24,12 @@ def _compiling() -> bool:
     return torch.compiler.is_compiling()
 
 
+def _skip_value_checks() -> bool:
+    """``_compiling()``, or a CUDA graph being captured on the current stream: a host sync there is an
+    error (cudaErrorStreamCaptureUnsupported), and the graph replays without the checks anyway."""
+    return _compiling() or (torch.cuda.is_initialized() and torch.cuda.is_current_stream_capturing())
+
+
 def check_rank(r, name: str = "r") -> int:
     if isinstance(r, bool) or not isinstance(r, int) or r <= 0:
         raise ValueError(f"{name} must be a positive int, got {r!r}")
@@ -272,7 +278,7 @@ def expand_adapter_ids(adapter_ids, x: torch.Tensor, n: int, check_range: bool =
     else:
         raise ValueError(f"adapter_ids must have shape {rows} (per row) or ({x.shape[0]},) "
                          f"(per sequence), got {tuple(adapter_ids.shape)}")
-    if check_range and ids.numel() and not _compiling():
+    if check_range and ids.numel() and not _skip_value_checks():
         lo, hi = (int(v) for v in torch.aminmax(ids))
         if lo < -1 or hi >= n:
             raise ValueError(f"adapter_ids must be in [-1, {n - 1}] (-1 = base only, {n} adapters), "
@@ -280,8 +286,10 @@ def expand_adapter_ids(adapter_ids, x: torch.Tensor, n: int, check_range: bool =
     return ids.to(torch.int64)
 
 
-def check_lora_multi_args(x, weight, bias, lora_A_stack, lora_B_stack, scalings, ranks, dropout_p) -> int:
-    """Shapes, dtypes and devices of a ``lora_linear_multi`` call; returns the number of adapters."""
+def check_lora_multi_args(x, weight, bias, lora_A_stack, lora_B_stack, scalings, ranks, dropout_p,
+                          check_values: bool = True) -> int:
+    """Shapes, dtypes and devices of a ``lora_linear_multi`` call, and (``check_values``: a host sync each)
+    the ranges of ranks and dropout_p; returns the number of adapters."""
     check_tensor(lora_A_stack, "lora_A_stack", ndim=3)
     check_tensor(lora_B_stack, "lora_B_stack", ndim=3)
     n, r_max, _ = lora_A_stack.shape
@@ -301,11 +309,11 @@ def check_lora_multi_args(x, weight, bias, lora_A_stack, lora_B_stack, scalings,
     if ranks is not None:
         if ranks.dtype not in (torch.int64, torch.int32):
             raise TypeError(f"ranks must be an int64/int32 tensor, got {ranks.dtype}")
-        if n and not _compiling() and (int(ranks.min()) < 1 or int(ranks.max()) > r_max):
+        if n and check_values and not _skip_value_checks() and (int(ranks.min()) < 1 or int(ranks.max()) > r_max):
             raise ValueError(f"ranks must be in [1, r_max={r_max}], got values in [{int(ranks.min())}, "
                              f"{int(ranks.max())}]")
-    if dropout_p is not None and n and not _compiling() and (float(dropout_p.min()) < 0.0
-                                                             or float(dropout_p.max()) >= 1.0):
+    if dropout_p is not None and n and check_values and not _skip_value_checks() and (
+            float(dropout_p.min()) < 0.0 or float(dropout_p.max()) >= 1.0):
         raise ValueError(f"dropout_p must be in [0, 1), got values in [{float(dropout_p.min())}, "
                          f"{float(dropout_p.max())}]")
     return n
@@ -328,7 +336,7 @@ def check_sparse_delta(delta_indices, delta_values, out_features: int, in_featur
         raise TypeError(f"delta_values must be a floating-point tensor, got {delta_values.dtype}")
     if delta_values.device != delta_indices.device:
         raise ValueError(f"delta_values must be on delta_indices' device {delta_indices.device}, got {delta_values.device}")
-    check_order = check_order and not _compiling()
+    check_order = check_order and not _skip_value_checks()
     b = block_size
     if b == 1:
         if delta_indices.dim() != 1:

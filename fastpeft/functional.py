@@ -196,9 +196,11 @@ def lora_linear_multi(x, weight, bias, lora_A_stack, lora_B_stack, scalings, ada
     row) or (x.shape[0],) (per sequence), -1 = base only; ranks (n,) or None (all r_max): adapter i
     uses A_i[:ranks[i]] and B_i[:, :ranks[i]]; dropout_p (n,) per-adapter rates or None.
     Returns (..., out). Differentiable: each row's gradient reaches only its own adapter (and x).
-    ``check_ids=False`` skips the ids' range check (a host sync) for ids known to be valid.
+    ``check_ids=False`` skips the range checks of adapter_ids, ranks and dropout_p (host syncs that stall a
+    GPU decode step) for values known to be valid (a layer's own adapters, ids it routed itself).
     """
-    n = check_lora_multi_args(x, weight, bias, lora_A_stack, lora_B_stack, scalings, ranks, dropout_p)
+    n = check_lora_multi_args(x, weight, bias, lora_A_stack, lora_B_stack, scalings, ranks, dropout_p,
+                              check_values=check_ids)
     ids = expand_adapter_ids(adapter_ids, x, n, check_range=check_ids)
     if not isinstance(scalings, torch.Tensor):
         raise TypeError(f"scalings must be a tensor of shape ({n},), got {type(scalings).__name__}")
@@ -212,7 +214,7 @@ def lora_linear_multi(x, weight, bias, lora_A_stack, lora_B_stack, scalings, ada
         from .ops.multi import lora_linear_multi_triton
 
         return lora_linear_multi_triton(x, weight, bias, lora_A_stack, lora_B_stack, scalings, ids, ranks,
-                                        dropout_p if use_dropout else None, seed)
+                                        dropout_p if use_dropout else None, seed, bool(training))
     multi_ref = lora_linear_multi_cpu if use_cpu_path(x) else lora_linear_multi_ref  # CPU dropout stream
     return multi_ref(x, weight, bias, lora_A_stack, lora_B_stack, scalings, ids, ranks,
                                  dropout_p if use_dropout else None, training, seed)

@@ -125,6 +125,11 @@ def _use_explicit_blocks(t: torch.Tensor) -> bool:
     return INTERPRET or not t.is_cuda or getenv("FASTPEFT_AUTOTUNE") == "0"
 
 
+def capturing() -> bool:
+    """Whether a CUDA graph is being captured on the current stream (where a host sync is an error)."""
+    return torch.cuda.is_initialized() and torch.cuda.is_current_stream_capturing()
+
+
 def r_pad(r: int) -> int:
     """Rank padded to a power of two of at least 16 (tl.dot's smallest dimension on GPUs)."""
     return max(16, triton.next_power_of_2(int(r)))

@@ -31,8 +31,8 @@ import triton.language as tl
 
 from . import INTERPRET, getenv, is_deterministic
 from ._common import (_HAS_TRITON_OP, _cast, _dot_precision, _grouped_tile, _keep_mask, _keep_mask_tile, _library_op,
-                      _mma, _op_body, _seed, _upcast, _use_explicit_blocks, _wrap, block_setter, eager_or_op, r_pad,
-                      split_chunk, split_count)
+                      _mma, _op_body, _seed, _upcast, _use_explicit_blocks, _wrap, block_setter, capturing, eager_or_op,
+                      r_pad, split_chunk, split_count)
 
 # ----------------------------------------------------------------------------------------------------
 # kernels
@@ -480,7 +480,9 @@ def timed_choice(cache: dict, key: tuple, mode: str, device: torch.device, candi
     (``fastpeft.set_deterministic``, ``torch.use_deterministic_algorithms(True)``) and torch.compile tracing
     take ``fixed`` without timing: a timing-dependent choice could change the bits between runs. Tracing
     takes it even where eager calls have timed the key: a compiled graph does not depend on what this
-    process measured before, and dynamo never reads (and guards on) the cache.
+    process measured before, and dynamo never reads (and guards on) the cache. A shape first met while a
+    CUDA graph is captured takes ``fixed`` too (timing syncs, which capture forbids: warm up before capturing
+    to have it timed).
     """
     if mode != "auto":
         if mode not in candidates:
@@ -511,7 +513,10 @@ def settled_choice(cache: dict, key: tuple, device: torch.device, fixed: str, fi
         # Tracing takes ``fixed`` even for a key eager calls have timed: a compiled graph must not depend
         # on what this process measured before, and dynamo must not read (and guard on) the cache.
         return fixed
-    return cache.get(key)
+    hit = cache.get(key)
+    if hit is None and capturing():
+        return fixed  # nothing to time while a CUDA graph is captured (timing syncs, which capture forbids)
+    return hit
 
 
 def _gemm_choice_mode() -> str:

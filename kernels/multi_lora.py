@@ -18,6 +18,12 @@ launches covers any mix of adapters, with no Python loop over them and no host s
 - ``_multi_segment_grad_kernel``: the weight gradients, one program per (adapter, tile of features),
   looping over that adapter's rows between bounds read from the device:
   ``dB_a = s_a dY_a^T u_a`` and ``dA_a^T = s_a drop(x_a)^T v_a / (1-p_a)``; columns r >= r_a are zero.
+- ``_multi_bgmv_kernel`` (BGMV, for few rows and no gradient: decode, evaluation): shrink and expand in one
+  launch with no grouping at all. Program (m, j) reads a = ids[m], computes
+  ``u = s_a drop_a(x_m) A_a^T`` (a GEMV over K in fp32) and adds ``u B_a^T`` to its columns of ``out[m]`` in
+  place. Each column program recomputes its row's u (r_a K products, A_a read from L2 after the first), and
+  rows of one adapter read its factors each on their own; in exchange a forward is the base GEMM plus this
+  one launch, with no host work on the ids. The no-grad forward times it against the grouped kernels.
 
 Layout: ``u`` and ``v`` are (M, r_max) fp32 in *sorted* order (row ``pos`` belongs to original row
 ``order[pos]``), so that each block reads and writes them contiguously and the segment reduction reads an
@@ -34,8 +40,9 @@ import triton
 import triton.language as tl
 
 from . import INTERPRET
-from ._common import (_HAS_TRITON_OP, _cast, _dot_precision, _keep_mask, _library_op, _mma, _op_body, _seed, _upcast,
-                      _use_explicit_blocks, _wrap, block_setter, eager_or_op, r_pad, split_chunk, split_count)
+from ._common import (_HAS_TRITON_OP, _cast, _dot_precision, _keep_mask, _library_op, _mma, _op_body, _seed,
+                      _sm_count, _upcast, _use_explicit_blocks, _wrap, block_setter, eager_or_op, r_pad, split_chunk,
+                      split_count)
 
 # ----------------------------------------------------------------------------------------------------
 # grouping: rows sorted by adapter, cut into blocks, all on the device
@@ -231,6 +238,63 @@ def _multi_segment_grad_kernel(
     tl.store(out, _cast(acc, out_ptr.dtype.element_ty, UPCAST), mask=p_ok[:, None] & (rr < R)[None, :])
 
 
+@triton.jit(do_not_specialize=["seed"])
+def _multi_bgmv_kernel(
+    # pointers: out (M, N) updated in place; x (M, K); a (n, R, K) and b (n, N, R) stacks; ids (M,); per-adapter
+    # ranks (int32 or int64), scales (fp32: s_a, times 1/(1-p_a) with dropout) and dropout thresholds (int64)
+    out_ptr, x_ptr, a_ptr, b_ptr, ids_ptr, ranks_ptr, scales_ptr, thr_ptr,
+    # sizes (n_per_prog: columns of out per program, a multiple of BLOCK_N)
+    K, N, n_adapters, n_per_prog,
+    # strides
+    stride_om, stride_on, stride_xm, stride_xk, stride_aa, stride_ar, stride_ak, stride_ba, stride_bn, stride_br,
+    # dropout: element (m, k) of x is masked by draw(seed, m * mask_sm + k * mask_sk) >= thr[a]
+    seed, mask_sm, mask_sk,
+    # meta-parameters
+    HAS_MASK: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_N: tl.constexpr, R_PAD: tl.constexpr,
+    UPCAST: tl.constexpr,
+):
+    # out[m, cols] += scale[a] * (drop_a(x[m]) @ a[a, :r_a]^T) @ b[a, cols, :r_a]^T, a = ids[m]; nothing for an
+    # id outside [0, n) (-1: base only). GEMVs as products and sums in fp32, no tl.dot: any M, any rank.
+    m = tl.program_id(0).to(tl.int64)
+    adapter = tl.load(ids_ptr + m).to(tl.int64)
+    valid = (adapter >= 0) & (adapter < n_adapters)
+    adapter = tl.where(valid, adapter, 0)
+    # Rank masking in the loads: a rank-r_a adapter reads r_a rows of A_a and columns of B_a, whatever R is.
+    rank = tl.where(valid, tl.load(ranks_ptr + adapter).to(tl.int32), 0)
+    rr = tl.arange(0, R_PAD)
+    r_ok = rr < rank
+    k_end = tl.where(valid, K, 0)  # no adapter: no iterations, no loads of the stacks
+    a_base = a_ptr + adapter * stride_aa
+    # shrink: acc[r, k] sums x[m, k] * A_a[r, k] over the K chunks; one reduction over k at the end
+    acc = tl.zeros((R_PAD, BLOCK_K), dtype=tl.float32)
+    if HAS_MASK:
+        thr = tl.load(thr_ptr + adapter)
+    for k0 in range(0, k_end, BLOCK_K):
+        rk = k0 + tl.arange(0, BLOCK_K)
+        k_ok = rk < K
+        xk = tl.load(x_ptr + m * stride_xm + rk.to(tl.int64) * stride_xk, mask=k_ok, other=0.0)
+        if HAS_MASK:
+            xk = tl.where(_keep_mask(seed, m * mask_sm + rk.to(tl.int64) * mask_sk, thr), xk, 0.0)
+        ak = tl.load(a_base + rr[:, None] * stride_ar + rk[None, :].to(tl.int64) * stride_ak,
+                     mask=r_ok[:, None] & k_ok[None, :], other=0.0)
+        acc += ak.to(tl.float32) * xk.to(tl.float32)[None, :]
+    # (R_PAD,) fp32; exact zeros past r_a (also where x holds an inf, which the masked 0s of A turn into nan)
+    u = tl.where(r_ok, tl.sum(acc, axis=1) * tl.load(scales_ptr + adapter), 0.0)
+    # expand: this program's columns, BLOCK_N at a time
+    n_lo = tl.program_id(1) * n_per_prog
+    n_hi = tl.where(valid, tl.minimum(n_lo + n_per_prog, N), n_lo)
+    b_base = b_ptr + adapter * stride_ba
+    for n0 in range(n_lo, n_hi, BLOCK_N):
+        rn = n0 + tl.arange(0, BLOCK_N)
+        n_ok = rn < n_hi
+        bn = tl.load(b_base + rn[:, None].to(tl.int64) * stride_bn + rr[None, :] * stride_br,
+                     mask=n_ok[:, None] & r_ok[None, :], other=0.0)
+        low = tl.sum(bn.to(tl.float32) * u[None, :], axis=1)  # (BLOCK_N,)
+        ptrs = out_ptr + m * stride_om + rn.to(tl.int64) * stride_on
+        cur = tl.load(ptrs, mask=n_ok, other=0.0).to(tl.float32)
+        tl.store(ptrs, _cast(cur + low, out_ptr.dtype.element_ty, UPCAST), mask=n_ok)
+
+
 # ----------------------------------------------------------------------------------------------------
 # block sizes
 # ----------------------------------------------------------------------------------------------------
@@ -238,7 +302,10 @@ def _multi_segment_grad_kernel(
 # Explicit blocks for the interpreter and for FASTPEFT_AUTOTUNE=0 (overridable with set_test_blocks):
 # the smallest tl.dot sizes, so that the small odd test shapes put several blocks in every adapter's
 # segment and cross block edges in every dimension.
-_TEST_BLOCKS = {"BLOCK_M": 16, "BLOCK_N": 32, "BLOCK_Q": 32, "BLOCK_P": 32, "BLOCK_MR": 16}
+_TEST_BLOCKS = {"BLOCK_M": 16, "BLOCK_N": 32, "BLOCK_Q": 32, "BLOCK_P": 32, "BLOCK_MR": 16,
+                # BGMV: K and N chunks of 32, each program two N chunks (its loop runs twice; odd N leaves a
+                # partial chunk and a partial program)
+                "BGMV_K": 32, "BGMV_N": 32, "BGMV_N_CHUNKS": 2}
 
 
 set_test_blocks = block_setter(_TEST_BLOCKS)
@@ -255,6 +322,34 @@ def block_m_for(x: torch.Tensor, m: int, n: int) -> int:
     if _use_explicit_blocks(x):
         return _TEST_BLOCKS["BLOCK_M"]
     return max(16, min(64, triton.next_power_of_2(triton.cdiv(max(int(m), 1), max(int(n), 1)))))
+
+
+def bgmv_tile(rp: int) -> tuple:
+    """``(chunk, num_warps)`` of the BGMV kernel on CUDA at R_PAD ``rp``: BLOCK_K = BLOCK_N = chunk.
+
+    The loads of a K chunk are not software-pipelined (triton pipelines only loads that feed tl.dot: no
+    cp.async in the sm_90 PTX at any num_stages), so each chunk of the shrink waits out a memory latency and
+    the row's K / BLOCK_K chunks run one after the other: chunks are large, (R_PAD, BLOCK_K) = 8192 elements
+    (8192 // R_PAD between 32 and 512) over 8 warps: 74-87 registers on sm_90 at R_PAD 16..128, bf16, no spill
+    (16384 elements took 161). Not measured on a GPU.
+    """
+    return max(32, min(512, 8192 // rp)), 8
+
+
+def bgmv_blocks(x: torch.Tensor, m: int, n_out: int, r: int) -> tuple:
+    """``(BLOCK_K, BLOCK_N, n_per_prog, num_warps)`` of the BGMV kernel for m rows, n_out columns, rank stack r.
+
+    Chunks and warps from ``bgmv_tile``. Each program covers ``n_per_prog`` columns: enough column programs
+    that the grid has about 2 programs per SM (each recomputes its row's u, so no more than that), at least
+    one chunk each. Heuristic, not measured on a GPU.
+    """
+    if _use_explicit_blocks(x):
+        bn = _TEST_BLOCKS["BGMV_N"]
+        return _TEST_BLOCKS["BGMV_K"], bn, bn * _TEST_BLOCKS["BGMV_N_CHUNKS"], 4
+    chunk, warps = bgmv_tile(r_pad(r))
+    chunks = triton.cdiv(max(int(n_out), 1), chunk)
+    col_progs = max(1, min(chunks, triton.cdiv(2 * _sm_count(x.device.index or 0), max(int(m), 1))))
+    return chunk, chunk, triton.cdiv(chunks, col_progs) * chunk, warps
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -372,6 +467,51 @@ def multi_lora_segment_grad(src: torch.Tensor, g: torch.Tensor, order: torch.Ten
     return part[0] if split == 1 else part.sum(0).to(src.dtype)
 
 
+def multi_lora_bgmv_(out: torch.Tensor, x: torch.Tensor, a: torch.Tensor, b: torch.Tensor, ids: torch.Tensor,
+                     ranks: torch.Tensor, scales: torch.Tensor, thresholds: torch.Tensor, seed: int = 0,
+                     has_mask: bool = False, mask_sm: int = 0, mask_sk: int = 0) -> torch.Tensor:
+    """In place ``out[m] += scales[i] * (drop_i(x[m]) @ a[i, :r_i]^T) @ b[i, :, :r_i]^T`` with i = ids[m]; returns
+    out. One launch, no grouping, no host sync: the low-rank half of a many-adapter forward at decode sizes.
+
+    out (M, N), x (M, K), a (n, R, K), b (n, N, R), any strides; ids (M,) int32/int64, rows whose id is outside
+    [0, n) (-1: base only) are left as they are; ranks (n,) int32/int64 in [1, R]; scales (n,) fp32 (s_i, times
+    1/(1-p_i) with dropout); thresholds (n,) int64 (read only with ``has_mask``, any tensor otherwise). With
+    ``has_mask`` element (m, k) of x is kept when ``draw(seed, m * mask_sm + k * mask_sk) >= thresholds[i]``:
+    with mask_sm = K, mask_sk = 1 that is the grouped shrink's mask (``multi_lora_shrink``), and
+    fastpeft.reference.dropout_mask's at row m's rate.
+    """
+    if out.dim() != 2 or x.dim() != 2 or a.dim() != 3 or b.dim() != 3:
+        raise ValueError(f"multi_lora_bgmv_: out, x must be 2-D and a, b 3-D, got out {tuple(out.shape)}, "
+                         f"x {tuple(x.shape)}, a {tuple(a.shape)}, b {tuple(b.shape)}")
+    M, K = x.shape
+    n, R, _ = a.shape
+    N = out.shape[1]
+    if out.shape[0] != M or a.shape[2] != K or tuple(b.shape) != (n, N, R):
+        raise ValueError(f"multi_lora_bgmv_: shapes do not agree: out {tuple(out.shape)} (M, N), x {tuple(x.shape)} "
+                         f"(M, K), a {tuple(a.shape)} (n, R, K), b {tuple(b.shape)} (n, N, R)")
+    for name, t, dtypes in (("ids", ids, (torch.int32, torch.int64)), ("ranks", ranks, (torch.int32, torch.int64)),
+                            ("scales", scales, (torch.float32,)), ("thresholds", thresholds, (torch.int64,))):
+        if name == "thresholds" and not has_mask:
+            continue  # not read: any tensor will do
+        want = (M,) if name == "ids" else (n,)
+        if tuple(t.shape) != want or t.dtype not in dtypes:
+            raise ValueError(f"multi_lora_bgmv_: {name} must be {want} of dtype {' or '.join(map(str, dtypes))}, "
+                             f"got {tuple(t.shape)} {t.dtype}")
+    if M == 0 or N == 0 or n == 0 or R == 0:
+        return out
+    block_k, block_n, n_per_prog, warps = bgmv_blocks(x, M, N, R)
+    _wrap(_multi_bgmv_kernel)[(M, triton.cdiv(N, n_per_prog))](
+        out, x, a, b, ids, ranks, scales, thresholds,
+        K, N, n, n_per_prog,
+        out.stride(0), out.stride(1), x.stride(0), x.stride(1), a.stride(0), a.stride(1), a.stride(2), b.stride(0),
+        b.stride(1), b.stride(2),
+        seed, mask_sm, mask_sk,
+        HAS_MASK=has_mask, BLOCK_K=block_k, BLOCK_N=block_n, R_PAD=r_pad(R), UPCAST=_upcast(out.dtype),
+        num_warps=warps, num_stages=1,
+    )
+    return out
+
+
 # ----------------------------------------------------------------------------------------------------
 # torch.library registration: torch.compile(fullgraph=True) traces these ops and the kernels inside.
 # ----------------------------------------------------------------------------------------------------
@@ -405,6 +545,14 @@ if _HAS_TRITON_OP:
             return multi_lora_segment_grad(src, g, order, bounds, ranks, scales, thresholds, _seed(seed, seed_t),
                                            has_mask, mask_sm, mask_sp, r_major)
 
+    @_library_op("fastpeft::multi_lora_bgmv_", mutates_args=("out",))
+    def _multi_lora_bgmv_op(out: torch.Tensor, x: torch.Tensor, a: torch.Tensor, b: torch.Tensor, ids: torch.Tensor,
+                            ranks: torch.Tensor, scales: torch.Tensor, thresholds: torch.Tensor, seed: int,
+                            has_mask: bool, mask_sm: int, mask_sk: int, seed_t: torch.Tensor | None = None) -> None:
+        with _op_body():
+            multi_lora_bgmv_(out, x, a, b, ids, ranks, scales, thresholds, _seed(seed, seed_t), has_mask, mask_sm,
+                             mask_sk)
+
     # As in lora.py: under TRITON_INTERPRET the kernels would run on fake tensors, so the fakes are
     # given explicitly (shapes only); on GPUs triton_op derives them by tracing the launchers.
     if INTERPRET:
@@ -416,6 +564,10 @@ if _HAS_TRITON_OP:
         @_multi_lora_expand_op.register_fake
         def _(out, u, w, order, blocks, ranks, scales, thresholds, block_m, seed, has_mask, mask_sm, mask_sn,
               seed_t=None):
+            return None
+
+        @_multi_lora_bgmv_op.register_fake
+        def _(out, x, a, b, ids, ranks, scales, thresholds, seed, has_mask, mask_sm, mask_sk, seed_t=None):
             return None
 
         @_multi_lora_segment_grad_op.register_fake
@@ -430,9 +582,17 @@ if _HAS_TRITON_OP:
                                               has_mask, mask_sm, mask_sn, seed_t=seed_t)
         return out
 
+    def _bgmv_registered(out, x, a, b, ids, ranks, scales, thresholds, seed, has_mask, mask_sm, mask_sk,
+                         seed_t=None):
+        torch.ops.fastpeft.multi_lora_bgmv_(out, x, a, b, ids, ranks, scales, thresholds, seed, has_mask, mask_sm,
+                                            mask_sk, seed_t=seed_t)
+        return out
+
     # Eager calls launch directly (see _common.eager_or_op); torch.compile traces the registered ops.
     shrink_op = eager_or_op(multi_lora_shrink, torch.ops.fastpeft.multi_lora_shrink)
     segment_grad_op = eager_or_op(multi_lora_segment_grad, torch.ops.fastpeft.multi_lora_segment_grad)
     expand_op = eager_or_op(multi_lora_expand_, _expand_registered)
+    bgmv_op = eager_or_op(multi_lora_bgmv_, _bgmv_registered)
 else:  # torch < 2.6: plain launchers (eager only)
     shrink_op, expand_op, segment_grad_op = multi_lora_shrink, multi_lora_expand_, multi_lora_segment_grad
+    bgmv_op = multi_lora_bgmv_

@@ -253,6 +253,9 @@ CASES = [
     Bad("multi-ranks-0", lambda _: _multi(ranks=torch.tensor([0, 4])), ValueError, ("ranks", "[1, r_max=4]", "[0, 4]")),
     Bad("multi-x-fp64", lambda _: _multi(x=_t(3, IN, dtype=torch.float64)), ValueError,
         ("dtype torch.float64", "torch.float32")),
+    Bad("multi-env-path-fastest", lambda _: _with_env("FASTPEFT_MULTI_PATH", "fastest",
+                                                      lambda: _multi(backend="triton")), ValueError,
+        ("FASTPEFT_MULTI_PATH", "'bgmv'", "'fastest'")),
     # -- sparse_delta_linear, block_size 1: flat indices into 24 x 16 = 384 entries
     Bad("sparse-index-384-out-of-range", lambda _: _sparse(delta_indices=torch.tensor([1, 5, 384])), ValueError,
         ("delta_indices", "[0, 384)", "[1, 384]")),

@@ -186,9 +186,13 @@ def test_500_steps_memory_does_not_grow():
     opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-3)
     x, target = torch.randn(32, 64), torch.randn(32, 8)
 
+    from torch._subclasses.fake_tensor import FakeTensor
+
     def live_tensors():
+        # Fake tensors are not memory: tracing in earlier tests (torch.compile) leaves some in torch's global
+        # state, freed whenever torch gets to it, which would read as a change here.
         gc.collect()
-        return sum(1 for o in gc.get_objects() if isinstance(o, torch.Tensor))
+        return sum(1 for o in gc.get_objects() if isinstance(o, torch.Tensor) and not isinstance(o, FakeTensor))
 
     samples = {}
     for step in range(500):

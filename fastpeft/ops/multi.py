@@ -2,14 +2,18 @@
 
 ``lora_linear_multi_triton`` (called by ``fastpeft.functional.lora_linear_multi``) reshapes, follows
 autocast and runs :class:`LoRAMultiFunction` on the grouped kernels of ``kernels/multi_lora.py``: a fixed
-number of launches whatever the number of adapters, their ranks and the mix of rows.
+number of launches whatever the number of adapters, their ranks and the mix of rows. With nothing to
+differentiate (decode, evaluation) it runs the forward alone, on the faster of the grouped kernels and, for
+up to ``BGMV_MAX_ROWS`` rows out of training mode, the BGMV kernel (base GEMM + one launch, no grouping;
+``forward_path``).
 """
 from __future__ import annotations
 
 import torch
 
+from ..kernels import lora as K
 from ..kernels import multi_lora as MK
-from .common import _seed_arg, autocast_inputs, base_grads
+from .common import _bucket, _seed_arg, autocast_inputs, base_grads
 
 
 class LoRAMultiFunction(torch.autograd.Function):
@@ -46,38 +50,11 @@ class LoRAMultiFunction(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, x, weight, bias, lora_A_stack, lora_B_stack, scalings, ids, ranks, dropout_p, seed):
-        m, k = x.shape
-        n, r_max, _ = lora_A_stack.shape
-        dev = x.device
-        block_m = MK.block_m_for(x, m, n)
-        order, bounds, blocks = MK.group_rows(ids, n, block_m)
-        ranks = (ranks.to(torch.int32) if ranks is not None
-                 else torch.full((n,), r_max, device=dev, dtype=torch.int32))
-        # Per-adapter constants, on the device (no host sync), rounded to fp32 last.
-        s_fwd = scalings.to(torch.float32)         # y += s_a u B_a^T, and dB
-        has_mask = dropout_p is not None
-        if has_mask:
-            p = dropout_p.to(torch.float64)
-            # fastpeft.reference.dropout_threshold on the device: round(p * 2**32) (p * 2**32 is exact).
-            thr = torch.round(p * 2.0**32).clamp_(max=2.0**32).to(torch.int64)
-            keep_scale = 1.0 / (1.0 - p)
-            s_drop = keep_scale.to(torch.float32)  # u = drop(x) A_a^T
-            s_dx = (scalings.to(torch.float64) * keep_scale).to(torch.float32)  # dX += s_a mask (v A_a)/(1-p_a), dA
-        else:
-            thr = torch.zeros(n, device=dev, dtype=torch.int64)
-            s_drop = torch.ones(n, device=dev, dtype=torch.float32)
-            s_dx = s_fwd
-
-        group = dict(order=order, blocks=blocks, ranks=ranks, thresholds=thr, block_m=block_m)
-        # The mask of x (M, K) element (m, k) is draw(seed, m K + k) >= thr[a].
-        u = MK.shrink_op(x, lora_A_stack.transpose(1, 2), **group, scales=s_drop, seed=seed, has_mask=has_mask,
-                         mask_sm=k, mask_sq=1)
-        y = torch.addmm(bias, x, weight.t()) if bias is not None else x @ weight.t()
-        MK.expand_op(y, u, lora_B_stack.transpose(1, 2), **group, scales=s_fwd)
-
+        y, u, order, bounds, blocks, block_m, ranks, s_fwd, s_dx, thr = _grouped_forward(
+            x, weight, bias, lora_A_stack, lora_B_stack, scalings, ids, ranks, dropout_p, seed)
         ctx.save_for_backward(x, u, weight, lora_A_stack, lora_B_stack, order, bounds, blocks, ranks, s_fwd, s_dx,
                               thr)
-        ctx.seed, ctx.has_mask, ctx.block_m, ctx.has_bias = seed, has_mask, block_m, bias is not None
+        ctx.seed, ctx.has_mask, ctx.block_m, ctx.has_bias = seed, dropout_p is not None, block_m, bias is not None
         return y
 
     @staticmethod
@@ -104,19 +81,127 @@ class LoRAMultiFunction(torch.autograd.Function):
         return dx, dw, db, da, dbb, None, None, None, None, None
 
 
-def lora_linear_multi_triton(x, weight, bias, lora_A_stack, lora_B_stack, scalings, ids, ranks, dropout_p, seed):
+def _constants(scalings, ranks, dropout_p, n, r_max, dev) -> tuple:
+    """Per-adapter constants on the device (no host sync), rounded to fp32 last: ``(ranks int32, s_fwd, s_drop,
+    s_dx, thr)`` with s_fwd = s_a (y += s_a u B_a^T, and dB), s_drop = 1/(1-p_a) (u = drop(x) A_a^T),
+    s_dx = s_a/(1-p_a) (dX += s_a mask (v A_a)/(1-p_a), and dA) and thr the dropout thresholds (int64)."""
+    ranks = (ranks.to(torch.int32) if ranks is not None
+             else torch.full((n,), r_max, device=dev, dtype=torch.int32))
+    s_fwd = scalings.to(torch.float32)
+    if dropout_p is None:
+        return (ranks, s_fwd, torch.ones(n, device=dev, dtype=torch.float32), s_fwd,
+                torch.zeros(n, device=dev, dtype=torch.int64))
+    p = dropout_p.to(torch.float64)
+    keep_scale = 1.0 / (1.0 - p)
+    return (ranks, s_fwd, keep_scale.to(torch.float32), (scalings.to(torch.float64) * keep_scale).to(torch.float32),
+            _thresholds(p))
+
+
+def _thresholds(p: torch.Tensor) -> torch.Tensor:
+    """fastpeft.reference.dropout_threshold on the device: round(p * 2**32) (p * 2**32 is exact), int64."""
+    return torch.round(p.to(torch.float64) * 2.0**32).clamp_(max=2.0**32).to(torch.int64)
+
+
+def _grouped_forward(x, weight, bias, lora_A_stack, lora_B_stack, scalings, ids, ranks, dropout_p, seed) -> tuple:
+    """The forward of ``LoRAMultiFunction`` on the grouped kernels, x (M, K), ids (M,) int64: ``(y, u, order, bounds,
+    blocks, block_m, ranks, s_fwd, s_dx, thr)`` (y and what backward needs)."""
+    m, k = x.shape
+    n, r_max, _ = lora_A_stack.shape
+    block_m = MK.block_m_for(x, m, n)
+    order, bounds, blocks = MK.group_rows(ids, n, block_m)
+    ranks, s_fwd, s_drop, s_dx, thr = _constants(scalings, ranks, dropout_p, n, r_max, x.device)
+    has_mask = dropout_p is not None
+    group = dict(order=order, blocks=blocks, ranks=ranks, thresholds=thr, block_m=block_m)
+    # The mask of x (M, K) element (m, k) is draw(seed, m K + k) >= thr[a].
+    u = MK.shrink_op(x, lora_A_stack.transpose(1, 2), **group, scales=s_drop, seed=seed, has_mask=has_mask,
+                     mask_sm=k, mask_sq=1)
+    y = torch.addmm(bias, x, weight.t()) if bias is not None else x @ weight.t()
+    MK.expand_op(y, u, lora_B_stack.transpose(1, 2), **group, scales=s_fwd)
+    return y, u, order, bounds, blocks, block_m, ranks, s_fwd, s_dx, thr
+
+
+def _bgmv_forward(x, weight, bias, lora_A_stack, lora_B_stack, scalings, ids, ranks, dropout_p, seed):
+    """y = x W^T + b (cuBLAS) + each row's s_a (drop_a(x_m) A_a^T) B_a^T (the BGMV kernel, in place): 2 launches
+    without dropout (ranks as given, int32 or int64; scalings fp32), no grouping, no host sync. x (M, K), ids (M,)."""
+    n, r_max, k = lora_A_stack.shape
+    y = torch.addmm(bias, x, weight.t()) if bias is not None else x @ weight.t()
+    if ranks is None:
+        ranks = torch.full((n,), r_max, device=x.device, dtype=torch.int32)
+    if dropout_p is None:
+        scales = scalings.to(torch.float32)
+        thr = scales  # not read without the mask
+    else:
+        p = dropout_p.to(torch.float64)
+        thr = _thresholds(p)
+        scales = (scalings.to(torch.float64) / (1.0 - p)).to(torch.float32)  # s_a / (1 - p_a), folded into u
+    # The mask of x (M, K) element (m, k) is draw(seed, m K + k) >= thr[a]: the grouped shrink's.
+    return MK.bgmv_op(y, x, lora_A_stack, lora_B_stack, ids, ranks, scales, thr, seed=seed,
+                      has_mask=dropout_p is not None, mask_sm=k, mask_sk=1)
+
+
+# The no-grad forward: "bgmv" (base GEMM + the BGMV kernel) or "grouped" (grouping, shrink, base GEMM, expand).
+# FASTPEFT_MULTI_PATH forces one ("bgmv" at any number of rows, also in training mode); "auto" times both per
+# shape up to BGMV_MAX_ROWS rows (kernels.lora.timed_choice) when not training, and runs the grouped kernels
+# beyond and in training mode: a training forward without grad (reentrant activation checkpointing) must give
+# the bits of the grad path, which its recompute in backward runs (BGMV sums in another order). A forward with a
+# gradient always runs the grouped kernels: their backward reads the grouping.
+MULTI_PATHS = ("auto", "bgmv", "grouped")
+# Every BGMV program recomputes its row's shrink, and rows of one adapter do not share its reads of A_a and B_a:
+# the grouped kernels' tiles win once rows are many. 64: the decode batch sizes of the benchmarks (1..64);
+# not measured on a GPU.
+BGMV_MAX_ROWS = 64
+_path_cache: dict = {}  # shape key -> "bgmv" or "grouped"
+
+
+def path_mode() -> str:
+    return K.env_choice("FASTPEFT_MULTI_PATH", MULTI_PATHS)
+
+
+def forward_path(key: tuple, candidates: dict, device: torch.device, mode: str) -> str:
+    """``"bgmv"`` or ``"grouped"`` (those offered, bgmv first) for a no-grad forward of this shape key, in
+    ``path_mode()`` ``mode``; deterministic mode and tracing keep ``"bgmv"`` (both are deterministic, but a
+    timed choice could differ between runs)."""
+    return K.timed_choice(_path_cache, key, mode, device, candidates, "bgmv")
+
+
+def _forward_no_grad(x, weight, bias, lora_A_stack, lora_B_stack, scalings, ids, ranks, dropout_p, seed,
+                     training=True):
+    """y of a forward with nothing to differentiate: the BGMV or the grouped kernels (see MULTI_PATHS)."""
+    args = (x, weight, bias, lora_A_stack, lora_B_stack, scalings, ids, ranks, dropout_p, seed)
+    m = x.shape[0]
+    n, r_max, k = lora_A_stack.shape
+    mode = path_mode()
+    if mode == "grouped" or mode == "auto" and (training or m > BGMV_MAX_ROWS):
+        return _grouped_forward(*args)[0]
+    run = {"bgmv": lambda: _bgmv_forward(*args), "grouped": lambda: _grouped_forward(*args)[0]}
+    key = ("multi", _bucket(m), k, weight.shape[0], n, r_max, x.dtype, bias is not None, dropout_p is not None)
+    return run[forward_path(key, run, x.device, mode)]()
+
+
+def lora_linear_multi_triton(x, weight, bias, lora_A_stack, lora_B_stack, scalings, ids, ranks, dropout_p, seed,
+                             training=True):
     """Triton path of ``lora_linear_multi``: x (..., in) any strides -> (..., out).
 
     ids: int64 of shape x.shape[:-1], already range-checked; ranks (n,) or None (all r_max); dropout_p
     (n,) or None (not training, or all rates zero); seed: int, or the one-element tensor drawn inside a
-    compiled region (used only with dropout_p). Under autocast the inputs are cast to the autocast dtype
-    first, as nn.Linear's would be.
+    compiled region (used only with dropout_p); training: the caller's mode (a no-grad forward in training
+    mode keeps the grouped kernels' bits unless BGMV is forced). Under autocast the inputs are cast to the
+    autocast dtype first, as nn.Linear's would be. With nothing to differentiate the forward runs without
+    the autograd Function, on ``_forward_no_grad``'s choice.
     """
-    x, weight, bias, lora_A_stack, lora_B_stack = autocast_inputs(x, weight, bias, lora_A_stack, lora_B_stack)
+    if torch.is_autocast_enabled(x.device.type):  # x is on cpu / cuda here: both have autocast
+        x, weight, bias, lora_A_stack, lora_B_stack = autocast_inputs(x, weight, bias, lora_A_stack, lora_B_stack)
+        with torch.autocast(x.device.type, enabled=False):
+            return lora_linear_multi_triton(x, weight, bias, lora_A_stack, lora_B_stack, scalings, ids, ranks,
+                                            dropout_p, seed, training)
     lead = x.shape[:-1]
     x2 = x.reshape(-1, x.shape[-1])
     ids2 = ids.reshape(-1).to(torch.int64)
-    with torch.autocast(x.device.type, enabled=False):
-        y = LoRAMultiFunction.apply(x2, weight, bias, lora_A_stack, lora_B_stack, scalings, ids2, ranks, dropout_p,
-                                    _seed_arg(seed) if dropout_p is not None else 0)
+    seed = _seed_arg(seed) if dropout_p is not None else 0
+    args = (x2, weight, bias, lora_A_stack, lora_B_stack, scalings, ids2, ranks, dropout_p, seed)
+    if torch.is_grad_enabled() and (x.requires_grad or weight.requires_grad or lora_A_stack.requires_grad
+                                    or lora_B_stack.requires_grad or bias is not None and bias.requires_grad):
+        y = LoRAMultiFunction.apply(*args)
+    else:  # nothing to differentiate (decode, evaluation): the forward alone
+        y = _forward_no_grad(*args, training=training)
     return y.view(*lead, weight.shape[0])
