@@ -24,6 +24,7 @@ flat layout above is the quantizer's and bnb's CUDA / default-backend dequantize
 """
 from __future__ import annotations
 
+import ctypes as ct
 import importlib
 import importlib.util
 import os
@@ -255,15 +256,71 @@ def dequantize_ref(qw: QuantizedWeight, dtype: torch.dtype | None = None) -> tor
     return w if dtype is None else w.to(dtype)
 
 
+# bitsandbytes' native CPU dequantizers, looked up once by name: None where the library has no such symbol.
+_NATIVE: dict = {}
+_NATIVE_DTYPES = {torch.float32: "fp32", torch.bfloat16: "bf16", torch.float16: "fp16"}
+
+
+def _bnb_cpu_symbol(name: str):
+    """The C function ``name`` of bitsandbytes' native library (already imported), or None: a CUDA-less build
+    stands in a mock that raises on every call, and an older or newer build may lack the symbol."""
+    if name not in _NATIVE:
+        ext = sys.modules.get("bitsandbytes.cextension")
+        _NATIVE[name] = getattr(getattr(getattr(ext, "lib", None), "_lib", None), name, None)
+    return _NATIVE[name]
+
+
+def _dequantize_4bit_native(qw: QuantizedWeight):
+    """The 4-bit weight (out, in) in ``qw.dtype`` by bitsandbytes' own CPU C kernels, called as its CPU backend
+    calls them (``bitsandbytes/backends/cpu/ops.py``) but directly: the two ``torch.library`` dispatches of
+    ``bitsandbytes.functional.dequantize_4bit`` (nested absmax, then the values) cost ~13 us a call on the CPU,
+    more than the kernels themselves on a small layer. None where that route does not apply: not on the CPU, the
+    symbols missing, in_features odd or not a multiple of the block size (bnb's kernel indexes absmax per row:
+    the same as the flat layout only then), block size >= 2048 (bnb itself falls back there on AVX-512), or
+    tensors not in the layout the kernels read. Bit for bit ``dequantize_ref(qw)`` (tested)."""
+    out_f, in_f = qw.shape
+    bs = qw.blocksize
+    if qw.data.device.type != "cpu" or in_f % 2 or in_f % bs or bs >= 2048 or qw.dtype not in _NATIVE_DTYPES \
+            or not qw.data.is_contiguous():
+        return None
+    values = _bnb_cpu_symbol(f"cdequantize_blockwise_cpu_{qw.kind}_{_NATIVE_DTYPES[qw.dtype]}")
+    if values is None:
+        return None
+    absmax = qw.absmax
+    if qw.nested:
+        state2 = getattr(qw.quant_state, "state2", None)
+        blockwise = _bnb_cpu_symbol("cdequantize_blockwise_cpu_fp32")
+        if blockwise is None or getattr(state2, "dtype", torch.float32) != torch.float32 \
+                or absmax.dtype != torch.uint8 or qw.nested_absmax.dtype != torch.float32 \
+                or qw.nested_code.dtype != torch.float32 or not absmax.is_contiguous() \
+                or qw.nested_code.device.type != "cpu":
+            return None
+        # bnb's dequantize_blockwise(absmax, state2) + offset, in fp32
+        codes, absmax = absmax, torch.empty(absmax.shape, dtype=torch.float32)
+        blockwise(ct.c_void_p(qw.nested_code.data_ptr()), ct.c_void_p(codes.data_ptr()),
+                  ct.c_void_p(qw.nested_absmax.data_ptr()), ct.c_void_p(absmax.data_ptr()),
+                  ct.c_longlong(qw.nested_blocksize), ct.c_longlong(codes.numel()))
+        absmax += qw.offset
+    else:
+        absmax = absmax.float().contiguous()
+    w = torch.empty((out_f, in_f), dtype=qw.dtype)
+    values(ct.c_void_p(qw.data.data_ptr()), ct.c_void_p(absmax.data_ptr()), ct.c_void_p(w.data_ptr()),
+           ct.c_longlong(bs), ct.c_longlong(out_f), ct.c_longlong(in_f))
+    return w
+
+
 def dequantize_weight(qw: QuantizedWeight, dtype: torch.dtype | None = None) -> torch.Tensor:
-    """``dequantize_ref(qw, dtype)``, bit for bit, by the fastest exact route: bitsandbytes' own
-    ``dequantize_4bit`` where its layout agrees with the flat one (in_features a multiple of the block size; its
-    CPU kernel is ~15x faster than the PyTorch gathers at 1024x1024 NF4), ``dequantize_ref`` elsewhere. The
-    reference path of the QLoRA op uses this on every call."""
-    if qw.kind != "int8" and qw.quant_state is not None and qw.in_features % qw.blocksize == 0 \
-            and "bitsandbytes" in sys.modules:
-        w = sys.modules["bitsandbytes"].functional.dequantize_4bit(qw.data.reshape(-1, 1), qw.quant_state)
-        return w if dtype is None else w.to(dtype)
+    """``dequantize_ref(qw, dtype)``, bit for bit, by the fastest exact route: on the CPU bitsandbytes' own C
+    kernels called directly (``_dequantize_4bit_native``; ~15x faster than the PyTorch gathers at 1024x1024 NF4),
+    elsewhere bnb's ``dequantize_4bit`` where its layout agrees with the flat one (in_features a multiple of the
+    block size), ``dequantize_ref`` otherwise. A fresh tensor per call (nothing kept). The reference path of the
+    QLoRA op uses this on every call."""
+    if qw.kind != "int8" and qw.quant_state is not None and "bitsandbytes" in sys.modules:
+        w = _dequantize_4bit_native(qw)
+        if w is None and qw.in_features % qw.blocksize == 0:
+            w = sys.modules["bitsandbytes"].functional.dequantize_4bit(qw.data.reshape(-1, 1), qw.quant_state)
+        if w is not None:
+            return w if dtype is None else w.to(dtype)
     return dequantize_ref(qw, dtype)
 
 
