@@ -24,6 +24,26 @@ def _keep(seed, m: int, k: int, p: float, device) -> torch.Tensor:
     return dropout_mask(seed, m, k, p, device=device)
 
 
+def _reference_forward(x, lora_A, lora_B, bias, qw, scaling: float, p: float, seed: int):
+    """``(y, u)`` of the PyTorch path: ``y = x Wᵀ + b + s (drop(x) Aᵀ) Bᵀ``, ``u = drop(x) Aᵀ`` (M, r) fp32.
+
+    W is dequantized for this call (``dequantize_weight``) and freed as soon as x Wᵀ + b is formed, so no more
+    than one W-sized temporary is alive; the LoRA term is added in place. The operations and their order are
+    PEFT's bnb layer's on the CPU (bnb's ``F.linear(x, deq(W), b)``, then ``result + lora_B(lora_A(x)) * s``), so
+    in fp32 the output is PEFT's bit for bit (tested)."""
+    w = dequantize_weight(qw, x.dtype)
+    y = F.linear(x, w, bias)
+    del w
+    xd = x
+    if p > 0.0:
+        xd = x * _keep(seed, x.shape[0], x.shape[1], p, x.device).to(x.dtype) * (1.0 / (1.0 - p))
+    u = xd.float() @ lora_A.float().t()
+    low = u.to(x.dtype) @ lora_B.t()
+    low.mul_(scaling)
+    y += low
+    return y, u
+
+
 class QLoRALinearFunction(torch.autograd.Function):
     r"""LoRA over a quantized frozen weight W (N, K); x is 2-D here, (M, K), in the compute dtype.
 
@@ -60,10 +80,7 @@ class QLoRALinearFunction(torch.autograd.Function):
         thr = dropout_threshold(dropout_p) if dropout_p > 0.0 else 0
         ds = 1.0 / (1.0 - dropout_p) if dropout_p > 0.0 else 1.0
         if path == "reference":
-            w = dequantize_weight(qw, x.dtype)
-            xd = x if thr == 0 else x * _keep(seed, x.shape[0], x.shape[1], dropout_p, x.device).to(x.dtype) * ds
-            u = (xd.float() @ lora_A.float().t())
-            y = F.linear(x, w, bias) + (scaling * (u.to(x.dtype) @ lora_B.t())).to(x.dtype)
+            y, u = _reference_forward(x, lora_A, lora_B, bias, qw, scaling, dropout_p, seed)
         else:
             from ..kernels import lora as KL
             from ..kernels import quant as KQ
@@ -97,7 +114,9 @@ class QLoRALinearFunction(torch.autograd.Function):
                     dys = (dy.float() * (qw.scales.float() * INT8_INV_SCALE)).to(dy.dtype)
                     dx = (dys @ qw.data.to(dy.dtype) + low.to(dy.dtype)).to(x.dtype)
                 else:
-                    dx = (dy @ dequantize_weight(qw, dy.dtype) + low.to(dy.dtype)).to(x.dtype)
+                    dx = dy @ dequantize_weight(qw, dy.dtype)  # W freed here, before the add
+                    dx += low.to(dy.dtype)
+                    dx = dx.to(x.dtype)
             if need_a:
                 xd = x.float() if keep is None else x.float() * keep * ds
                 da = (s * (v.t() @ xd)).to(lora_A.dtype)
@@ -175,5 +194,9 @@ def qlora_linear_op(x, qweight: QuantizedWeight, bias, lora_A, lora_B, scaling: 
         def run(which):
             return lambda: QLoRALinearFunction.apply(x2, *args, which)
         name = choose_path(qweight, m, x.device, run("fused"), run("dequant"))
-    y = QLoRALinearFunction.apply(x2, *args, name)
+    if name == "reference" and not (torch.is_grad_enabled() and any(
+            t is not None and t.requires_grad for t in (x2,) + args[:3])):
+        y = _reference_forward(x2, *args)[0]  # nothing to differentiate: no autograd Function, nothing saved
+    else:
+        y = QLoRALinearFunction.apply(x2, *args, name)
     return y.to(x.dtype).view(*lead, qweight.shape[0])
