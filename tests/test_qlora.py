@@ -323,21 +323,26 @@ def test_same_outputs_and_gradients_as_peft_bitsandbytes(kind, backend):
 
 
 PEFT_CPU_CASES = [(qt, nested, K, M) for qt in ("nf4", "fp4") for nested in (False, True)
-                  for K, M in ((128, 1), (128, 7), (130, 33), (1024, 16))]
+                  for K, M in ((128, 1), (128, 7), (130, 33), (1024, 16))] + \
+                 [("int8", False, K, M) for K, M in ((128, 1), (80, 7), (130, 33))]
 
 
 @pytest.mark.parametrize("qt,nested,K,M", PEFT_CPU_CASES,
                          ids=[f"{c[0]}-{'nested' if c[1] else 'flat'}-K{c[2]}-M{c[3]}" for c in PEFT_CPU_CASES])
 @pytest.mark.parametrize("grad", [True, False], ids=["train", "no_grad"])
 def test_cpu_path_equals_peft_bitsandbytes_bit_for_bit(qt, nested, K, M, grad):
-    """fp32 on the CPU: the reference path runs PEFT + bnb's operations in their order (bnb's dequantization,
-    F.linear with the bias, then + lora_B(lora_A(x)) * s), so outputs and gradients are PEFT's bit for bit, with
-    and without autograd. K = 130 (odd) is where bnb itself takes the flat-layout PyTorch dequantizer; in_features
-    not a multiple of the block size but even (80) is where bnb's CPU C kernel disagrees with its own quantizer
-    (test_cpu_path_on_odd_shapes_matches_the_oracle)."""
+    """fp32 on the CPU, in training mode: the reference path runs PEFT + bnb's operations in their order (bnb's
+    dequantization, F.linear with the bias, then + lora_B(lora_A(x)) * s), so outputs and gradients are PEFT's bit
+    for bit, with and without autograd. K = 130 (odd) is where bnb itself takes the flat-layout PyTorch
+    dequantizer; in_features not a multiple of the block size but even (80) is where bnb's CPU C kernel disagrees
+    with its own quantizer (test_cpu_path_on_odd_shapes_matches_the_oracle). int8: W = C * (SCB / 127) as bnb's
+    CPU training matmul (MatMul8bitFp) forms it, x not quantized."""
     peft = pytest.importorskip("peft")
     N, r, alpha = 48, 8, 16
-    base = _layer4(K, N, quant_type=qt, nested=nested, compute_dtype=torch.float32)
+    if qt == "int8":
+        base = _layer8(K, N)
+    else:
+        base = _layer4(K, N, quant_type=qt, nested=nested, compute_dtype=torch.float32)
     model = peft.get_peft_model(_One(base), peft.LoraConfig(r=r, lora_alpha=alpha, target_modules=["proj"],
                                                             lora_dropout=0.0, init_lora_weights=False))
     model.train()  # bnb's CPU eval path would repack the weight in place (packing_format_for_cpu)

@@ -24,14 +24,24 @@ def _keep(seed, m: int, k: int, p: float, device) -> torch.Tensor:
     return dropout_mask(seed, m, k, p, device=device)
 
 
+def _reference_weight(qw: QuantizedWeight, dtype: torch.dtype) -> torch.Tensor:
+    """W (N, K) in ``dtype`` for the PyTorch path, a temporary. 4-bit: ``dequantize_weight``. int8: as
+    bitsandbytes' CPU training matmul (``MatMul8bitFp``, what PEFT's ``Linear8bitLt`` runs) forms it, forward and
+    backward: ``C.to(dtype) * (SCB / 127)``, one pass fewer than ``int8_vectorwise_dequant``'s ``C * SCB / 127``
+    (``dequantize_ref``'s, which differs from it by rounding only)."""
+    if qw.kind == "int8":
+        return qw.data.to(dtype).mul_(qw.scales.unsqueeze(1).mul(1.0 / 127.0))
+    return dequantize_weight(qw, dtype)
+
+
 def _reference_forward(x, lora_A, lora_B, bias, qw, scaling: float, p: float, seed: int):
     """``(y, u)`` of the PyTorch path: ``y = x Wᵀ + b + s (drop(x) Aᵀ) Bᵀ``, ``u = drop(x) Aᵀ`` (M, r) fp32.
 
-    W is dequantized for this call (``dequantize_weight``) and freed as soon as x Wᵀ + b is formed, so no more
+    W is dequantized for this call (``_reference_weight``) and freed as soon as x Wᵀ + b is formed, so no more
     than one W-sized temporary is alive; the LoRA term is added in place. The operations and their order are
-    PEFT's bnb layer's on the CPU (bnb's ``F.linear(x, deq(W), b)``, then ``result + lora_B(lora_A(x)) * s``), so
-    in fp32 the output is PEFT's bit for bit (tested)."""
-    w = dequantize_weight(qw, x.dtype)
+    PEFT's bnb layers' on the CPU in training (bnb's ``F.linear(x, deq(W), b)``, then
+    ``result + lora_B(lora_A(x)) * s``), so in fp32 the output is PEFT's bit for bit (tested)."""
+    w = _reference_weight(qw, x.dtype)
     y = F.linear(x, w, bias)
     del w
     xd = x
@@ -64,12 +74,13 @@ class QLoRALinearFunction(torch.autograd.Function):
 
     int8 (W8A16): W = diag(c) C with C the int8 weight and c = SCB / 127 its row scales, so
     x Wᵀ = (x Cᵀ) diag(c) (the scales on the output columns, in the epilogue) and dY W = (dY diag(c)) C
-    (the scales on dY's columns), C cast exactly to the compute dtype.
+    (the scales on dY's columns), C cast exactly to the compute dtype: on the triton paths. The PyTorch path forms
+    W = C ⊙ c as bitsandbytes' CPU training matmul does, in forward and backward alike (``_reference_weight``).
 
     Saved: x (not the dropped copy: D is redrawn from the seed), u (M, r) fp32, A, B and the seed; the
     quantized weight is kept by reference (bnb's packed tensors, no copy). No gradient for W: it is frozen.
-    ``path``: ``"reference"`` (PyTorch: ``fastpeft.quant.dequantize_weight``, bit-exact with dequantize_ref, + matmuls), ``"fused"`` (one kernel, W dequantized in
-    its K loop) or ``"dequant"`` (one dequant pass into the workspace + the LoRA GEMM); backward on the triton
+    ``path``: ``"reference"`` (PyTorch, ``_reference_forward``: W from ``_reference_weight``, a temporary, + the
+    matmuls, PEFT + bnb's CPU operations in their order), ``"fused"`` (one kernel, W dequantized in its K loop) or ``"dequant"`` (one dequant pass into the workspace + the LoRA GEMM); backward on the triton
     paths always dequantizes into the workspace and runs the LoRA GEMM of ``kernels.lora``.
     """
 
@@ -110,13 +121,9 @@ class QLoRALinearFunction(torch.autograd.Function):
                 low = s * (v @ lora_A.float())
                 if keep is not None:
                     low = low * keep * ds
-                if qw.kind == "int8":
-                    dys = (dy.float() * (qw.scales.float() * INT8_INV_SCALE)).to(dy.dtype)
-                    dx = (dys @ qw.data.to(dy.dtype) + low.to(dy.dtype)).to(x.dtype)
-                else:
-                    dx = dy @ dequantize_weight(qw, dy.dtype)  # W freed here, before the add
-                    dx += low.to(dy.dtype)
-                    dx = dx.to(x.dtype)
+                dx = dy @ _reference_weight(qw, dy.dtype)  # W freed here, before the add
+                dx += low.to(dy.dtype)
+                dx = dx.to(x.dtype)
             if need_a:
                 xd = x.float() if keep is None else x.float() * keep * ds
                 da = (s * (v.t() @ xd)).to(lora_A.dtype)
