@@ -338,7 +338,7 @@ def test_cpu_path_equals_peft_bitsandbytes_bit_for_bit(qt, nested, K, M, grad):
     with its own quantizer (test_cpu_path_on_odd_shapes_matches_the_oracle). int8: W = C * (SCB / 127) as bnb's
     CPU training matmul (MatMul8bitFp) forms it, x not quantized."""
     peft = pytest.importorskip("peft")
-    N, r, alpha = 48, 8, 16
+    N, r, alpha = 48, 8, 13  # scaling 1.625: not a power of two, so the order of the products shows
     if qt == "int8":
         base = _layer8(K, N)
     else:

@@ -115,10 +115,13 @@ class QLoRALinearFunction(torch.autograd.Function):
         dy = dy.contiguous()
         dx = da = dbb = dbias = None
         if ctx.path == "reference":
+            # the products in the order autograd takes them through PEFT's ``lora_B(lora_A(x)) * s``: dY s first
+            # (so that fp32 gradients are PEFT's bit for bit, whatever s), then B, then A / drop(x)
             keep = _keep(seed, x.shape[0], x.shape[1], p, x.device).to(torch.float32) if thr else None
-            v = dy.float() @ lora_B.float()                                    # (M, r)
+            dys = dy.float() * s                                               # (M, N)
+            v = dys @ lora_B.float()                                           # (M, r): s dY B
             if need_x:
-                low = s * (v @ lora_A.float())
+                low = v @ lora_A.float()
                 if keep is not None:
                     low = low * keep * ds
                 dx = dy @ _reference_weight(qw, dy.dtype)  # W freed here, before the add
@@ -126,9 +129,9 @@ class QLoRALinearFunction(torch.autograd.Function):
                 dx = dx.to(x.dtype)
             if need_a:
                 xd = x.float() if keep is None else x.float() * keep * ds
-                da = (s * (v.t() @ xd)).to(lora_A.dtype)
+                da = (v.t() @ xd).to(lora_A.dtype)
             if need_b:
-                dbb = (s * (dy.float().t() @ u)).to(lora_B.dtype)
+                dbb = (dys.t() @ u).to(lora_B.dtype)
         else:
             from ..kernels import lora as KL
             from ..kernels import quant as KQ
