@@ -66,10 +66,10 @@ class QLoRALinearFunction(torch.autograd.Function):
 
     Backward, from dY (M, N). y depends on x through x Wᵀ and through u = drop(x) Aᵀ:
 
-        ∂L/∂u = s dY B = s v,   v = dY B                                         (M, r)
-        dX = dY W + (∂L/∂u) A ⊙ D / (1 - p) = dY W + s D ⊙ (v A) / (1 - p)       (W dequantized again)
-        dA = (∂L/∂u)ᵀ drop(x) = s vᵀ drop(x)                                      (r, K)
-        dB = (∂L/∂y)ᵀ (s u) = s dYᵀ u                                            (N, r)
+        ∂L/∂u = (s dY) B = v                                                     (M, r)
+        dX = dY W + (∂L/∂u) A ⊙ D / (1 - p) = dY W + D ⊙ (v A) / (1 - p)         (W dequantized again)
+        dA = (∂L/∂u)ᵀ drop(x) = vᵀ drop(x)                                        (r, K)
+        dB = (∂L/∂y)ᵀ (s u) = (s dY)ᵀ u                                          (N, r)
         db = Σ_m dY                                                              (when the bias trains)
 
     int8 (W8A16): W = diag(c) C with C the int8 weight and c = SCB / 127 its row scales, so
