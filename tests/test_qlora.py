@@ -138,6 +138,25 @@ def test_native_cpu_dequantize_is_dequantize_ref_bit_for_bit(qt, nested, bs, dt,
         assert torch.equal(dequantize_weight(qw, out), dequantize_ref(qw, out))
 
 
+TORCH_DEQ_CASES = [(qt, nested, bs, dt, shape) for qt in ("nf4", "fp4") for nested in (False, True) for bs in (64, 128)
+                   for dt in ("fp32", "bf16") for shape in ((33, 136), (5, 129), (16, 80), (8, 256))]
+
+
+@pytest.mark.parametrize("qt,nested,bs,dt,shape", TORCH_DEQ_CASES,
+                         ids=[f"{c[0]}-{'nested' if c[1] else 'flat'}-bs{c[2]}-{c[3]}-{c[4][0]}x{c[4][1]}"
+                              for c in TORCH_DEQ_CASES])
+def test_torch_dequantize_is_dequantize_ref_bit_for_bit(qt, nested, bs, dt, shape):
+    """The PyTorch fallback of dequantize_weight (8-byte table words gathered by int32 index_select), bit for bit
+    the oracle, odd element counts (5x129: half a byte at the end) and partial last blocks included."""
+    from fastpeft.quant import _dequantize_4bit_torch
+
+    layer = _layer4(shape[1], shape[0], quant_type=qt, nested=nested, blocksize=bs, dtype=DT[dt])
+    qw = QuantizedWeight.from_module(layer)
+    got, want = _dequantize_4bit_torch(qw), dequantize_ref(qw)
+    assert got.dtype == want.dtype and got.shape == want.shape
+    assert torch.equal(got, want), f"max |diff| {(got.float() - want.float()).abs().max()}"
+
+
 def test_dequantize_weight_without_native_symbols_falls_back_bit_for_bit(monkeypatch):
     """A bitsandbytes build without the C symbols (a mock library, another version): bnb's dequantize_4bit, the
     same bits, and the op's outputs unchanged."""
