@@ -115,6 +115,10 @@ class QLoRALinearFunction(torch.autograd.Function):
         dy = dy.contiguous()
         dx = da = dbb = dbias = None
         if ctx.path == "reference":
+            # dY W first, W freed right after, before the LoRA temporaries (as in forward: glibc then reuses W's
+            # memory from call to call instead of trimming it and faulting it in again)
+            if need_x:
+                dx = dy @ _reference_weight(qw, dy.dtype)
             # the products in the order autograd takes them through PEFT's ``lora_B(lora_A(x)) * s``: dY s first
             # (so that fp32 gradients are PEFT's bit for bit, whatever s), then B, then A / drop(x)
             keep = _keep(seed, x.shape[0], x.shape[1], p, x.device).to(torch.float32) if thr else None
@@ -124,7 +128,6 @@ class QLoRALinearFunction(torch.autograd.Function):
                 low = v @ lora_A.float()
                 if keep is not None:
                     low = low * keep * ds
-                dx = dy @ _reference_weight(qw, dy.dtype)  # W freed here, before the add
                 dx += low.to(dy.dtype)
                 dx = dx.to(x.dtype)
             if need_a:
