@@ -80,8 +80,9 @@ class QLoRALinearFunction(torch.autograd.Function):
     Saved: x (not the dropped copy: D is redrawn from the seed), u (M, r) fp32, A, B and the seed; the
     quantized weight is kept by reference (bnb's packed tensors, no copy). No gradient for W: it is frozen.
     ``path``: ``"reference"`` (PyTorch, ``_reference_forward``: W from ``_reference_weight``, a temporary, + the
-    matmuls, PEFT + bnb's CPU operations in their order), ``"fused"`` (one kernel, W dequantized in its K loop) or ``"dequant"`` (one dequant pass into the workspace + the LoRA GEMM); backward on the triton
-    paths always dequantizes into the workspace and runs the LoRA GEMM of ``kernels.lora``.
+    matmuls, PEFT + bnb's CPU operations in their order), ``"fused"`` (one kernel, W dequantized in its K loop)
+    or ``"dequant"`` (one dequant pass into the workspace + the LoRA GEMM); backward on the triton paths always
+    dequantizes into the workspace and runs the LoRA GEMM of ``kernels.lora``.
     """
 
     @staticmethod
