@@ -290,6 +290,8 @@ def _bnb_cpu_symbol(name: str):
     stands in a mock that raises on every call, and an older or newer build may lack the symbol."""
     if name not in _NATIVE:
         ext = sys.modules.get("bitsandbytes.cextension")
+        if ext is None:
+            return None  # not imported (yet): looked up again next time
         _NATIVE[name] = getattr(getattr(getattr(ext, "lib", None), "_lib", None), name, None)
     return _NATIVE[name]
 
