@@ -1,15 +1,17 @@
-"""QLoRA: LoRA over a 4-bit (NF4, nested absmax) bitsandbytes base, against the floating-point layers and the
-other ways to run it.
+"""QLoRA: LoRA over a bitsandbytes base (4-bit NF4 / FP4, nested absmax or not, or 8-bit), against the
+floating-point layers and the other ways to run it.
 
     fastpeft bench qlora                              # the default grid for this machine
     fastpeft bench qlora --tokens 1 16 --shapes 4096x4096 --ranks 16 --json out.json
+    fastpeft bench qlora --quant nf4-nested fp4 int8  # which bases (default: NF4 nested on a GPU, all on a CPU)
     python benchmarks/bench_qlora.py ...              # the same, from a checkout
 
 Providers: ``linear`` (frozen nn.Linear in --dtype, the floor), ``lora`` (fastpeft LoRA on that nn.Linear),
-``peft-bnb`` (PEFT's LoRA on a bitsandbytes Linear4bit: bnb's matmul_4bit, then the eager LoRA branch),
+``peft-bnb`` (PEFT's LoRA on the bitsandbytes layer, the model flagged ``is_loaded_in_4bit`` / ``_8bit`` as
+transformers flags it, so that PEFT takes its ``lora.bnb`` layers: bnb's matmul, then the eager LoRA branch),
 ``dequant-addmm`` (Unsloth-style, written here: dequantize W with bitsandbytes into a temporary, one GEMM, the
 LoRA term by ``addmm_``; backward dequantizes again) and ``qlora`` (fastpeft's FastLoRALinear over the same
-Linear4bit: the fused / dequant-pass kernels on CUDA, the PyTorch path on the CPU). Modes ``fwd`` and
+bnb layer: the fused / dequant-pass kernels on CUDA, the PyTorch path on the CPU). Modes ``fwd`` and
 ``fwd+bwd`` (dX, dA, dB), each with its peak memory on CUDA. Ratios are to ``linear``, measured in one run.
 """
 from __future__ import annotations
@@ -32,6 +34,18 @@ GPU_TOKENS = [1, 16, 64, 512, 8192]
 GPU_SHAPES = [(4096, 4096)]
 CPU_TOKENS = [1, 16, 64, 512]
 CPU_SHAPES = [(1024, 1024)]
+QUANTS = ("nf4-nested", "nf4", "fp4-nested", "fp4", "int8")  # "-nested": bnb's compress_statistics (double quant)
+GPU_QUANTS = ["nf4-nested"]
+CPU_QUANTS = ["nf4-nested", "nf4", "fp4", "int8"]
+
+
+def _dequantize(layer, dtype):
+    """W (out, in) in ``dtype`` by bitsandbytes' own dequantizer (a temporary)."""
+    bnb = import_bitsandbytes()
+    w = layer.weight
+    if getattr(w, "quant_state", None) is None:  # Linear8bitLt: CB * SCB / 127
+        return bnb.functional.int8_vectorwise_dequant(w.data, w.SCB).to(dtype)
+    return bnb.functional.dequantize_4bit(w.data, w.quant_state).to(dtype)
 
 
 class DequantAddmm(torch.autograd.Function):
@@ -41,8 +55,7 @@ class DequantAddmm(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, x, A, B, layer, s):
-        bnb = import_bitsandbytes()
-        w = bnb.functional.dequantize_4bit(layer.weight.data, layer.weight.quant_state).to(x.dtype)
+        w = _dequantize(layer, x.dtype)
         u = x @ A.t()
         y = x @ w.t()
         y.addmm_(u, B.t(), alpha=s)
@@ -53,42 +66,54 @@ class DequantAddmm(torch.autograd.Function):
     @staticmethod
     def backward(ctx, dy):
         x, A, B, u = ctx.saved_tensors
-        bnb = import_bitsandbytes()
-        w = bnb.functional.dequantize_4bit(ctx.layer.weight.data, ctx.layer.weight.quant_state).to(dy.dtype)
+        w = _dequantize(ctx.layer, dy.dtype)
         v = dy @ B
         dx = dy @ w
         dx.addmm_(v, A, alpha=ctx.s)
         return dx, ctx.s * v.t() @ x, ctx.s * dy.t() @ u, None, None
 
 
-def _linear4bit(lin: nn.Linear, device, dtype):
+def _quantized(lin: nn.Linear, quant: str, device, dtype):
+    """A bitsandbytes layer holding ``lin``'s weight: ``Linear4bit`` (``quant`` "nf4" / "fp4", "-nested" for
+    compress_statistics) or ``Linear8bitLt`` ("int8", has_fp16_weights=False, threshold 0)."""
     bnb = import_bitsandbytes()
-    layer = bnb.nn.Linear4bit(lin.in_features, lin.out_features, bias=False, compute_dtype=dtype, quant_type="nf4",
-                              compress_statistics=True)
-    layer.weight = bnb.nn.Params4bit(lin.weight.data.to("cpu"), requires_grad=False, compress_statistics=True,
-                                     quant_type="nf4", module=layer)
+    if quant == "int8":
+        layer = bnb.nn.Linear8bitLt(lin.in_features, lin.out_features, bias=False, has_fp16_weights=False,
+                                    threshold=0.0)
+        layer.load_state_dict({"weight": lin.weight.data.to("cpu")})
+        return layer.to(device)
+    qt, nested = quant.split("-")[0], quant.endswith("-nested")
+    layer = bnb.nn.Linear4bit(lin.in_features, lin.out_features, bias=False, compute_dtype=dtype, quant_type=qt,
+                              compress_statistics=nested)
+    layer.weight = bnb.nn.Params4bit(lin.weight.data.to("cpu"), requires_grad=False, compress_statistics=nested,
+                                     quant_type=qt, module=layer)
     return layer.to(device)
 
 
-def providers(k, n, r, device, dtype, kernels_ok: bool):
+def providers(k, n, r, quant, device, dtype, kernels_ok: bool):
     """name -> (callable module(x), backend)."""
     torch.manual_seed(0)
     lin = nn.Linear(k, n, bias=False, device=device, dtype=dtype).requires_grad_(False)
     lora = fastpeft.FastLoRALinear.from_linear(lin, r=r, lora_alpha=2 * r, init_lora_weights=False)
     backend = "triton" if kernels_ok else "reference"
-    qlayer = fastpeft.FastLoRALinear.from_linear(_linear4bit(lin, device, dtype), r=r, lora_alpha=2 * r,
+    qlayer = fastpeft.FastLoRALinear.from_linear(_quantized(lin, quant, device, dtype), r=r, lora_alpha=2 * r,
                                                  init_lora_weights=False)
     a = lora.lora_A.detach().to(dtype).requires_grad_(True)
     b = lora.lora_B.detach().to(dtype).requires_grad_(True)
-    base4 = _linear4bit(lin, device, dtype)
-    dq = _Module(lambda x: DequantAddmm.apply(x, a, b, base4, 2.0), [a, b])
+    base = _quantized(lin, quant, device, dtype)
+    dq = _Module(lambda x: DequantAddmm.apply(x, a, b, base, 2.0), [a, b])
     out = {"linear": (lin, None), "lora": (lora, backend), "dequant-addmm": (dq, None), "qlora": (qlayer, backend)}
     try:
         import peft
     except ImportError:
         return out
     cfg = peft.LoraConfig(r=r, lora_alpha=2 * r, target_modules=["0"], init_lora_weights=False)
-    pm = peft.get_peft_model(nn.Sequential(_linear4bit(lin, device, dtype)), cfg).train()
+    model = nn.Sequential(_quantized(lin, quant, device, dtype))
+    # as transformers flags a model loaded with BitsAndBytesConfig: PEFT then wraps the layer in lora.bnb's
+    # Linear4bit / Linear8bitLt (what a QLoRA user runs), not its generic lora.Linear
+    model.is_loaded_in_8bit = quant == "int8"
+    model.is_loaded_in_4bit = quant != "int8"
+    pm = peft.get_peft_model(model, cfg).train()
     layer = pm.base_model.model[0]
     with torch.no_grad():  # the same A, B everywhere: the providers compute the same outputs
         layer.lora_A["default"].weight.copy_(lora.lora_A)
@@ -123,17 +148,17 @@ def step_fn(mod, backend, mode, x, dy):
     return fn
 
 
-def groups(m, k, n, r, modes, ctx):
+def groups(m, k, n, r, quant, modes, ctx):
     x = torch.randn(m, k, device=ctx.device, dtype=ctx.dtype, requires_grad=True)
     dy = torch.randn(m, n, device=ctx.device, dtype=ctx.dtype)
-    mods = providers(k, n, r, ctx.device, ctx.dtype, ctx.kernels_ok)
+    mods = providers(k, n, r, quant, ctx.device, ctx.dtype, ctx.kernels_ok)
     for mode in modes:
         yield Group({"mode": mode}, {name: step_fn(mod, be, mode, x, dy) for name, (mod, be) in mods.items()})
 
 
 def cases(args, ctx) -> list:
-    return [Case(dict(M=m, K=k, N=n, r=r), functools.partial(groups, m, k, n, r, args.modes, ctx))
-            for m in args.tokens for k, n in args.shapes for r in args.ranks]
+    return [Case(dict(quant=qt, M=m, K=k, N=n, r=r), functools.partial(groups, m, k, n, r, qt, args.modes, ctx))
+            for qt in args.quant for m in args.tokens for k, n in args.shapes for r in args.ranks]
 
 
 def add_arguments(ap, cuda: bool) -> None:
@@ -141,15 +166,19 @@ def add_arguments(ap, cuda: bool) -> None:
     ap.add_argument("--shapes", nargs="+", type=parse_kxn, default=GPU_SHAPES if cuda else CPU_SHAPES,
                     help="KxN (in x out) pairs")
     ap.add_argument("--ranks", nargs="+", type=int, default=[16])
+    ap.add_argument("--quant", nargs="+", choices=QUANTS, default=GPU_QUANTS if cuda else CPU_QUANTS,
+                    help="the bitsandbytes bases: 4-bit nf4 / fp4 (-nested: double-quantized absmax) or int8 "
+                         "(Linear8bitLt)")
 
 
-COLUMNS = [("M", "M", "{}"), ("K", "K", "{}"), ("N", "N", "{}"), ("r", "r", "{}"), ("mode", "mode", "{}"),
+COLUMNS = [("quant", "base", "{}"), ("M", "M", "{}"), ("K", "K", "{}"), ("N", "N", "{}"), ("r", "r", "{}"),
+           ("mode", "mode", "{}"),
            ("provider", "provider", "{}"), ("ms", "median ms", "{:.3f}"), ("p20", "p20", "{:.3f}"),
            ("p80", "p80", "{:.3f}"), ("vs_linear", "x nn.Linear", "{:.3f}"), ("peak_mib", "peak MiB", "{:.0f}")]
 
 BENCHMARK = harness.Benchmark(
     prog="fastpeft bench qlora", description=__doc__, add_arguments=add_arguments, cases=cases, columns=COLUMNS,
-    title="QLoRA (NF4, nested absmax), {dtype}, ratios to frozen nn.Linear in the same run",
+    title="QLoRA (bitsandbytes bases), {dtype}, ratios to frozen nn.Linear in the same run",
     plot_title="QLoRA ({dtype})",
     no_gpu="No GPU here: the QLoRA kernels need one (not measured on GPU). Timing fastpeft's PyTorch path against "
            "nn.Linear, PEFT + bitsandbytes and dequantize + matmul + addmm_ on the CPU.",

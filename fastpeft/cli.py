@@ -7,8 +7,8 @@ falling loss. It runs everywhere torch runs, offline, and ends with a save / loa
 ``fastpeft bench [lora]``: the LoRA microbenchmark table (``benchmarks/bench_lora.py``);
 ``fastpeft bench multi``: many adapters per batch (``benchmarks/bench_multi.py``);
 ``fastpeft bench sparse``: sparse deltas (``benchmarks/bench_sparse.py``); ``fastpeft bench qlora``: LoRA on a
-4-bit bitsandbytes base (``benchmarks/bench_qlora.py``); ``fastpeft bench dora``: DoRA vs LoRA and PEFT's DoRA
-(``benchmarks/bench_dora.py``); ``--help`` on each.
+4-bit or 8-bit bitsandbytes base (``benchmarks/bench_qlora.py``); ``fastpeft bench dora``: DoRA vs LoRA and PEFT's
+DoRA (``benchmarks/bench_dora.py``); ``--help`` on each.
 
 ``fastpeft demo``: fine-tune all-MiniLM-L6-v2 on Drugs.com reviews with each PEFT method, or LoRA on
 SmolLM2 (the ``fastpeft/demo/`` package); ``fastpeft demo --help``.
@@ -190,7 +190,7 @@ def build_parser() -> argparse.ArgumentParser:
     sub = p.add_subparsers(dest="command")
     sub.add_parser("bench", help="microbenchmark tables: 'fastpeft bench [lora]' (one adapter vs nn.Linear, "
                    "the reference and PEFT), 'fastpeft bench multi' (many adapters per batch), "
-                   "'fastpeft bench sparse' (sparse deltas), 'fastpeft bench qlora' (LoRA on a 4-bit base), "
+                   "'fastpeft bench sparse' (sparse deltas), 'fastpeft bench qlora' (LoRA on a 4/8-bit base), "
                    "'fastpeft bench dora' (DoRA)", add_help=False)
     sub.add_parser("demo", help="fine-tune all-MiniLM-L6-v2 on Drugs.com reviews with each PEFT method, offline; "
                    "'fastpeft demo --help'", add_help=False)

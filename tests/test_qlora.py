@@ -5,7 +5,10 @@ fastpeft.ops.qlora, kernels/quant.py).
   several quant_storage dtypes, fp32 / bf16 / fp16 and odd shapes; the triton dequant pass with it.
 - The op (reference and both triton forward paths, under TRITON_INTERPRET on CPU) against an fp64 oracle on the
   same dequantized weight: forward and every gradient, the kernel's error at most 2x a same-dtype PyTorch run's.
-- The op against PEFT's lora.Linear4bit / Linear8bitLt on the same bnb layer and the same A, B.
+- The CPU route of dequantize_weight (bnb's C kernels called directly) bit for bit with dequantize_ref, and its
+  fallback when the symbols are missing.
+- The op against PEFT's lora.Linear4bit / Linear8bitLt on the same bnb layer and the same A, B; on the CPU in
+  fp32, bit for bit (NF4 / FP4, nested or not, with and without autograd); odd in_features to the oracle.
 - Merging as PEFT does (dequantize, add, requantize with a warning), or into a plain nn.Linear.
 """
 import warnings
@@ -104,6 +107,71 @@ def test_fast_dequantize_is_dequantize_ref_bit_for_bit(qt, nested, st, shape):
     qw = QuantizedWeight.from_module(layer)
     for dt in (None, torch.float32, torch.float16):
         assert torch.equal(dequantize_weight(qw, dt), dequantize_ref(qw, dt))
+
+
+NATIVE_CASES = [(qt, nested, bs, dt, shape) for qt in ("nf4", "fp4") for nested in (False, True) for bs in (64, 128)
+                for dt in ("fp32", "bf16", "fp16") for shape in ((48, 128), (7, 1024), (33, 130), (16, 80))]
+
+
+@pytest.mark.parametrize("qt,nested,bs,dt,shape", NATIVE_CASES,
+                         ids=[f"{c[0]}-{'nested' if c[1] else 'flat'}-bs{c[2]}-{c[3]}-{c[4][0]}x{c[4][1]}"
+                              for c in NATIVE_CASES])
+def test_native_cpu_dequantize_is_dequantize_ref_bit_for_bit(qt, nested, bs, dt, shape):
+    """bitsandbytes' C kernels called directly (the CPU route of dequantize_weight): taken wherever in_features is
+    a multiple of the block size, and then bit for bit the PyTorch oracle; refused (None) elsewhere, where
+    dequantize_weight falls back to the oracle's layout."""
+    from fastpeft.quant import _bnb_cpu_symbol, _dequantize_4bit_native
+
+    if _bnb_cpu_symbol(f"cdequantize_blockwise_cpu_{qt}_fp32") is None:
+        pytest.skip("this bitsandbytes build has no native CPU dequantizer")
+    layer = _layer4(shape[1], shape[0], quant_type=qt, nested=nested, blocksize=bs, dtype=DT[dt])
+    qw = QuantizedWeight.from_module(layer)
+    got = _dequantize_4bit_native(qw)
+    if shape[1] % bs:
+        assert got is None, "the native route must refuse a layout its kernel indexes differently"
+    else:
+        assert got is not None, "the native CPU route was not taken"
+        want = dequantize_ref(qw)
+        assert got.dtype == want.dtype and torch.equal(got, want), \
+            f"max |diff| {(got.float() - want.float()).abs().max()}"
+    for out in (None, torch.float32):
+        assert torch.equal(dequantize_weight(qw, out), dequantize_ref(qw, out))
+
+
+TORCH_DEQ_CASES = [(qt, nested, bs, dt, shape) for qt in ("nf4", "fp4") for nested in (False, True) for bs in (64, 128)
+                   for dt in ("fp32", "bf16") for shape in ((33, 136), (5, 129), (16, 80), (8, 256))]
+
+
+@pytest.mark.parametrize("qt,nested,bs,dt,shape", TORCH_DEQ_CASES,
+                         ids=[f"{c[0]}-{'nested' if c[1] else 'flat'}-bs{c[2]}-{c[3]}-{c[4][0]}x{c[4][1]}"
+                              for c in TORCH_DEQ_CASES])
+def test_torch_dequantize_is_dequantize_ref_bit_for_bit(qt, nested, bs, dt, shape):
+    """The PyTorch fallback of dequantize_weight (8-byte table words gathered by int32 index_select), bit for bit
+    the oracle, odd element counts (5x129: half a byte at the end) and partial last blocks included."""
+    from fastpeft.quant import _dequantize_4bit_torch
+
+    layer = _layer4(shape[1], shape[0], quant_type=qt, nested=nested, blocksize=bs, dtype=DT[dt])
+    qw = QuantizedWeight.from_module(layer)
+    got, want = _dequantize_4bit_torch(qw), dequantize_ref(qw)
+    assert got.dtype == want.dtype and got.shape == want.shape
+    assert torch.equal(got, want), f"max |diff| {(got.float() - want.float()).abs().max()}"
+
+
+def test_dequantize_weight_without_native_symbols_falls_back_bit_for_bit(monkeypatch):
+    """A bitsandbytes build without the C symbols (a mock library, another version): bnb's dequantize_4bit, the
+    same bits, and the op's outputs unchanged."""
+    from fastpeft import quant
+
+    layer = _layer4(128, 48, nested=True, compute_dtype=torch.float32)
+    qw = QuantizedWeight.from_module(layer)
+    x, A, B = torch.randn(7, 128), torch.randn(8, 128) * 0.1, torch.randn(48, 8) * 0.1
+    fast_w = dequantize_weight(qw)
+    fast_y = qlora_linear(x, qw, layer.bias, A, B, 2.0, backend="reference")
+    monkeypatch.setattr(quant, "_NATIVE", {k: None for k in ("cdequantize_blockwise_cpu_nf4_fp32",
+                                                              "cdequantize_blockwise_cpu_fp32")})
+    assert quant._dequantize_4bit_native(qw) is None
+    assert torch.equal(dequantize_weight(qw), fast_w)
+    assert torch.equal(qlora_linear(x, qw, layer.bias, A, B, 2.0, backend="reference"), fast_y)
 
 
 def test_int8_dequantize_ref_is_bit_exact_with_bitsandbytes():
@@ -271,6 +339,112 @@ def test_same_outputs_and_gradients_as_peft_bitsandbytes(kind, backend):
         assert_close_report(x2.grad, x1.grad, rtol=1e-5, atol=1e-5, what="dx vs PEFT+bnb")
     assert_close_report(A.grad, dA_peft, rtol=1e-4, atol=1e-5, what="dA vs PEFT")
     assert_close_report(B.grad, dB_peft, rtol=1e-4, atol=1e-5, what="dB vs PEFT")
+
+
+PEFT_CPU_CASES = [(qt, nested, K, M) for qt in ("nf4", "fp4") for nested in (False, True)
+                  for K, M in ((128, 1), (128, 7), (130, 33), (1024, 16))] + \
+                 [("int8", False, K, M) for K, M in ((128, 1), (80, 7), (130, 33))]
+
+
+@pytest.mark.parametrize("qt,nested,K,M", PEFT_CPU_CASES,
+                         ids=[f"{c[0]}-{'nested' if c[1] else 'flat'}-K{c[2]}-M{c[3]}" for c in PEFT_CPU_CASES])
+@pytest.mark.parametrize("grad", [True, False], ids=["train", "no_grad"])
+def test_cpu_path_equals_peft_bitsandbytes_bit_for_bit(qt, nested, K, M, grad):
+    """fp32 on the CPU, in training mode: the reference path runs PEFT + bnb's operations in their order (bnb's
+    dequantization, F.linear with the bias, then + lora_B(lora_A(x)) * s), so outputs and gradients are PEFT's bit
+    for bit, with and without autograd. K = 130 (odd) is where bnb itself takes the flat-layout PyTorch
+    dequantizer; in_features not a multiple of the block size but even (80) is where bnb's CPU C kernel disagrees
+    with its own quantizer (test_cpu_path_on_odd_shapes_matches_the_oracle). int8: W = C * (SCB / 127) as bnb's
+    CPU training matmul (MatMul8bitFp) forms it, x not quantized."""
+    peft = pytest.importorskip("peft")
+    N, r, alpha = 48, 8, 13  # scaling 1.625: not a power of two, so the order of the products shows
+    if qt == "int8":
+        base = _layer8(K, N)
+    else:
+        base = _layer4(K, N, quant_type=qt, nested=nested, compute_dtype=torch.float32)
+    model = peft.get_peft_model(_One(base), peft.LoraConfig(r=r, lora_alpha=alpha, target_modules=["proj"],
+                                                            lora_dropout=0.0, init_lora_weights=False))
+    model.train()  # bnb's CPU eval path would repack the weight in place (packing_format_for_cpu)
+    lora_layer = model.base_model.model.proj
+    A, B = lora_layer.lora_A["default"].weight, lora_layer.lora_B["default"].weight
+    qw = QuantizedWeight.from_module(base)
+    torch.manual_seed(4)
+    x = torch.randn(M, K)
+    if not grad:
+        with torch.no_grad():
+            want, got = model(x), qlora_linear(x, qw, base.bias, A, B, alpha / r, backend="reference")
+        assert got.grad_fn is None
+        assert torch.equal(got, want), f"y: max |diff| {(got - want).abs().max()}"
+        return
+    x1, x2 = x.clone().requires_grad_(), x.clone().requires_grad_()
+    want = model(x1)
+    g = torch.randn_like(want)
+    want.backward(g)
+    grads_peft = [x1.grad, A.grad.clone(), B.grad.clone()]
+    A.grad = B.grad = None
+    got = qlora_linear(x2, qw, base.bias, A, B, alpha / r, backend="reference")
+    got.backward(g)
+    for name, a, b in zip(("y", "dx", "dA", "dB"), [got, x2.grad, A.grad, B.grad], [want] + grads_peft):
+        assert torch.equal(a, b), f"{name}: max |diff| {(a - b).abs().max()}"
+
+
+@pytest.mark.parametrize("kind", ["nf4-nested", "fp4", "int8"])
+def test_cpu_path_compiles_without_graph_breaks(kind):
+    """torch.compile(fullgraph=True) over the CPU path (aot_eager: dynamo and AOT autograd): the direct ctypes
+    route of dequantize_weight is left for bnb's torch.library ops while compiling, so there is no graph break, and
+    the compiled outputs and gradients equal eager's bit for bit, with and without autograd."""
+    layer = _layer8(128, 48) if kind == "int8" else \
+        _layer4(128, 48, quant_type=kind[:3], nested=kind.endswith("nested"), compute_dtype=torch.float32)
+    qw = QuantizedWeight.from_module(layer)
+    torch.manual_seed(6)
+    x0, A0, B0 = torch.randn(7, 128), torch.randn(8, 128) * 0.1, torch.randn(48, 8) * 0.1
+
+    def fn(x, A, B):
+        return qlora_linear(x, qw, layer.bias, A, B, 1.625, backend="reference")
+
+    def run(f):
+        x, A, B = (t.clone().requires_grad_() for t in (x0, A0, B0))
+        y = f(x, A, B)
+        y.backward(torch.ones_like(y))
+        return [y.detach(), x.grad, A.grad, B.grad]
+
+    torch._dynamo.reset()
+    compiled = torch.compile(fn, fullgraph=True, backend="aot_eager")
+    for name, got, want in zip(("y", "dx", "dA", "dB"), run(compiled), run(fn)):
+        assert torch.equal(got, want), f"{name}: max |diff| {(got - want).abs().max()}"
+    with torch.no_grad():
+        assert torch.equal(compiled(x0, A0, B0), fn(x0, A0, B0))
+
+
+ODD_CASES = [(qt, nested, K, M) for qt in ("nf4", "fp4") for nested in (False, True)
+             for K, M in ((80, 1), (80, 7), (130, 33), (136, 7))]
+
+
+@pytest.mark.parametrize("qt,nested,K,M", ODD_CASES,
+                         ids=[f"{c[0]}-{'nested' if c[1] else 'flat'}-K{c[2]}-M{c[3]}" for c in ODD_CASES])
+def test_cpu_path_on_odd_shapes_matches_the_oracle(qt, nested, K, M):
+    """in_features not a multiple of the block size: the reference path dequantizes in the quantizer's flat layout
+    (dequantize_ref), with and without autograd; output and gradients to the fp64 oracle on that weight within
+    2x a same-dtype PyTorch run's error."""
+    N, r, s = 40, 8, 2.0
+    layer = _layer4(K, N, quant_type=qt, nested=nested, compute_dtype=torch.float32)
+    qw = QuantizedWeight.from_module(layer)
+    torch.manual_seed(5)
+    x, A, B = torch.randn(M, K), torch.randn(r, K) * 0.1, torch.randn(N, r) * 0.1
+    bias = layer.bias.detach()
+    g = torch.randn(M, N, dtype=torch.float64)
+    w = dequantize_ref(qw, torch.float32)
+    y64, leaves = _oracle(x, w, bias, A, B, s, 0.0, 0)
+    y64.backward(g)
+    want = [y64.detach()] + [t.grad for t in leaves[:3]]
+    base = _run(lambda x, A, B, b: F.linear(x, w, b) + s * F.linear(F.linear(x, A), B), x, A, B, None, g)
+    got = _run(lambda x, A, B, b: qlora_linear(x, qw, bias, A, B, s, backend="reference"), x, A, B, None, g)
+    for name, gt, bt, wt in zip(("y", "dx", "dA", "dB"), got, base, want):
+        torch_err = (bt.double() - wt).abs().max().item()
+        assert_close_report(gt, wt, rtol=0.0, atol=2 * torch_err + 1e-6 * max(1.0, wt.abs().max().item()),
+                            what=f"{name} (PyTorch's own max error {torch_err:.3g})")
+    with torch.no_grad():
+        assert torch.equal(qlora_linear(x, qw, bias, A, B, s, backend="reference"), got[0])
 
 
 # ---- merging -------------------------------------------------------------------------------------------

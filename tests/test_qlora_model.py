@@ -200,15 +200,19 @@ def test_bench_qlora_table_and_its_providers_agree(tmp_path, capsys):
 
     js = tmp_path / "q.json"
     assert main(["bench", "qlora", "--tokens", "2", "--shapes", "128x64", "--ranks", "4", "--warmup-ms", "1",
-                 "--rep-ms", "2", "--quiet", "--json", str(js)]) == 0
-    assert "QLoRA (NF4, nested absmax)" in capsys.readouterr().out
+                 "--rep-ms", "2", "--quant", "nf4-nested", "int8", "--quiet", "--json", str(js)]) == 0
+    assert "QLoRA (bitsandbytes bases)" in capsys.readouterr().out
     rows = json.loads(js.read_text())["rows"]
-    assert {(r["provider"], r["mode"]) for r in rows} == {
-        (p, m) for p in ("linear", "lora", "peft-bnb", "dequant-addmm", "qlora") for m in ("fwd", "fwd+bwd")}
+    assert {(r["quant"], r["provider"], r["mode"]) for r in rows} == {
+        (q, p, m) for q in ("nf4-nested", "int8") for p in ("linear", "lora", "peft-bnb", "dequant-addmm", "qlora")
+        for m in ("fwd", "fwd+bwd")}
     bq = _bench_module("bench_qlora")
-    mods = bq.providers(128, 64, 4, "cpu", torch.float32, False)
-    x = torch.randn(3, 128)
-    with torch.no_grad(), fastpeft.use_backend("reference"):
-        want = mods["qlora"][0](x)
-        for name in ("peft-bnb", "dequant-addmm"):  # the same NF4 weight, A and B: the same outputs
-            assert_close_report(mods[name][0](x), want, atol=1e-4, rtol=1e-4, what=name)
+    for quant in bq.QUANTS:
+        mods = bq.providers(128, 64, 4, quant, "cpu", torch.float32, False)
+        peft_layer = mods["peft-bnb"][0].base_model.model[0]
+        assert type(peft_layer).__module__.endswith("lora.bnb"), type(peft_layer)  # PEFT's QLoRA layer
+        x = torch.randn(3, 128)
+        with torch.no_grad(), fastpeft.use_backend("reference"):
+            want = mods["qlora"][0](x)
+            for name in ("peft-bnb", "dequant-addmm"):  # the same quantized weight, A and B: the same outputs
+                assert_close_report(mods[name][0](x), want, atol=1e-4, rtol=1e-4, what=f"{quant} {name}")

@@ -24,6 +24,36 @@ def _keep(seed, m: int, k: int, p: float, device) -> torch.Tensor:
     return dropout_mask(seed, m, k, p, device=device)
 
 
+def _reference_weight(qw: QuantizedWeight, dtype: torch.dtype) -> torch.Tensor:
+    """W (N, K) in ``dtype`` for the PyTorch path, a temporary. 4-bit: ``dequantize_weight``. int8: as
+    bitsandbytes' CPU training matmul (``MatMul8bitFp``, what PEFT's ``Linear8bitLt`` runs) forms it, forward and
+    backward: ``C.to(dtype) * (SCB / 127)``, one pass fewer than ``int8_vectorwise_dequant``'s ``C * SCB / 127``
+    (``dequantize_ref``'s, which differs from it by rounding only)."""
+    if qw.kind == "int8":
+        return qw.data.to(dtype).mul_(qw.scales.unsqueeze(1).mul(1.0 / 127.0))
+    return dequantize_weight(qw, dtype)
+
+
+def _reference_forward(x, lora_A, lora_B, bias, qw, scaling: float, p: float, seed: int):
+    """``(y, u)`` of the PyTorch path: ``y = x Wᵀ + b + s (drop(x) Aᵀ) Bᵀ``, ``u = drop(x) Aᵀ`` (M, r) fp32.
+
+    W is dequantized for this call (``_reference_weight``) and freed as soon as x Wᵀ + b is formed, so no more
+    than one W-sized temporary is alive; the LoRA term is added in place. The operations and their order are
+    PEFT's bnb layers' on the CPU in training (bnb's ``F.linear(x, deq(W), b)``, then
+    ``result + lora_B(lora_A(x)) * s``), so in fp32 the output is PEFT's bit for bit (tested)."""
+    w = _reference_weight(qw, x.dtype)
+    y = F.linear(x, w, bias)
+    del w
+    xd = x
+    if p > 0.0:
+        xd = x * _keep(seed, x.shape[0], x.shape[1], p, x.device).to(x.dtype) * (1.0 / (1.0 - p))
+    u = xd.float() @ lora_A.float().t()
+    low = u.to(x.dtype) @ lora_B.t()
+    low.mul_(scaling)
+    y += low
+    return y, u
+
+
 class QLoRALinearFunction(torch.autograd.Function):
     r"""LoRA over a quantized frozen weight W (N, K); x is 2-D here, (M, K), in the compute dtype.
 
@@ -36,21 +66,23 @@ class QLoRALinearFunction(torch.autograd.Function):
 
     Backward, from dY (M, N). y depends on x through x Wᵀ and through u = drop(x) Aᵀ:
 
-        ∂L/∂u = s dY B = s v,   v = dY B                                         (M, r)
-        dX = dY W + (∂L/∂u) A ⊙ D / (1 - p) = dY W + s D ⊙ (v A) / (1 - p)       (W dequantized again)
-        dA = (∂L/∂u)ᵀ drop(x) = s vᵀ drop(x)                                      (r, K)
-        dB = (∂L/∂y)ᵀ (s u) = s dYᵀ u                                            (N, r)
+        ∂L/∂u = (s dY) B = v                                                     (M, r)
+        dX = dY W + (∂L/∂u) A ⊙ D / (1 - p) = dY W + D ⊙ (v A) / (1 - p)         (W dequantized again)
+        dA = (∂L/∂u)ᵀ drop(x) = vᵀ drop(x)                                        (r, K)
+        dB = (∂L/∂y)ᵀ (s u) = (s dY)ᵀ u                                          (N, r)
         db = Σ_m dY                                                              (when the bias trains)
 
     int8 (W8A16): W = diag(c) C with C the int8 weight and c = SCB / 127 its row scales, so
     x Wᵀ = (x Cᵀ) diag(c) (the scales on the output columns, in the epilogue) and dY W = (dY diag(c)) C
-    (the scales on dY's columns), C cast exactly to the compute dtype.
+    (the scales on dY's columns), C cast exactly to the compute dtype: on the triton paths. The PyTorch path forms
+    W = C ⊙ c as bitsandbytes' CPU training matmul does, in forward and backward alike (``_reference_weight``).
 
     Saved: x (not the dropped copy: D is redrawn from the seed), u (M, r) fp32, A, B and the seed; the
     quantized weight is kept by reference (bnb's packed tensors, no copy). No gradient for W: it is frozen.
-    ``path``: ``"reference"`` (PyTorch: ``fastpeft.quant.dequantize_weight``, bit-exact with dequantize_ref, + matmuls), ``"fused"`` (one kernel, W dequantized in
-    its K loop) or ``"dequant"`` (one dequant pass into the workspace + the LoRA GEMM); backward on the triton
-    paths always dequantizes into the workspace and runs the LoRA GEMM of ``kernels.lora``.
+    ``path``: ``"reference"`` (PyTorch, ``_reference_forward``: W from ``_reference_weight``, a temporary, + the
+    matmuls, PEFT + bnb's CPU operations in their order), ``"fused"`` (one kernel, W dequantized in its K loop)
+    or ``"dequant"`` (one dequant pass into the workspace + the LoRA GEMM); backward on the triton paths always
+    dequantizes into the workspace and runs the LoRA GEMM of ``kernels.lora``.
     """
 
     @staticmethod
@@ -60,10 +92,7 @@ class QLoRALinearFunction(torch.autograd.Function):
         thr = dropout_threshold(dropout_p) if dropout_p > 0.0 else 0
         ds = 1.0 / (1.0 - dropout_p) if dropout_p > 0.0 else 1.0
         if path == "reference":
-            w = dequantize_weight(qw, x.dtype)
-            xd = x if thr == 0 else x * _keep(seed, x.shape[0], x.shape[1], dropout_p, x.device).to(x.dtype) * ds
-            u = (xd.float() @ lora_A.float().t())
-            y = F.linear(x, w, bias) + (scaling * (u.to(x.dtype) @ lora_B.t())).to(x.dtype)
+            y, u = _reference_forward(x, lora_A, lora_B, bias, qw, scaling, dropout_p, seed)
         else:
             from ..kernels import lora as KL
             from ..kernels import quant as KQ
@@ -87,22 +116,26 @@ class QLoRALinearFunction(torch.autograd.Function):
         dy = dy.contiguous()
         dx = da = dbb = dbias = None
         if ctx.path == "reference":
-            keep = _keep(seed, x.shape[0], x.shape[1], p, x.device).to(torch.float32) if thr else None
-            v = dy.float() @ lora_B.float()                                    # (M, r)
+            # dY W first, W freed right after, before the LoRA temporaries (as in forward: glibc then reuses W's
+            # memory from call to call instead of trimming it and faulting it in again)
             if need_x:
-                low = s * (v @ lora_A.float())
+                dx = dy @ _reference_weight(qw, dy.dtype)
+            # the products in the order autograd takes them through PEFT's ``lora_B(lora_A(x)) * s``: dY s first
+            # (so that fp32 gradients are PEFT's bit for bit, whatever s), then B, then A / drop(x)
+            keep = _keep(seed, x.shape[0], x.shape[1], p, x.device).to(torch.float32) if thr else None
+            dys = dy.float() * s                                               # (M, N)
+            v = dys @ lora_B.float()                                           # (M, r): s dY B
+            if need_x:
+                low = v @ lora_A.float()
                 if keep is not None:
                     low = low * keep * ds
-                if qw.kind == "int8":
-                    dys = (dy.float() * (qw.scales.float() * INT8_INV_SCALE)).to(dy.dtype)
-                    dx = (dys @ qw.data.to(dy.dtype) + low.to(dy.dtype)).to(x.dtype)
-                else:
-                    dx = (dy @ dequantize_weight(qw, dy.dtype) + low.to(dy.dtype)).to(x.dtype)
+                dx += low.to(dy.dtype)
+                dx = dx.to(x.dtype)
             if need_a:
                 xd = x.float() if keep is None else x.float() * keep * ds
-                da = (s * (v.t() @ xd)).to(lora_A.dtype)
+                da = (v.t() @ xd).to(lora_A.dtype)
             if need_b:
-                dbb = (s * (dy.float().t() @ u)).to(lora_B.dtype)
+                dbb = (dys.t() @ u).to(lora_B.dtype)
         else:
             from ..kernels import lora as KL
             from ..kernels import quant as KQ
@@ -175,5 +208,9 @@ def qlora_linear_op(x, qweight: QuantizedWeight, bias, lora_A, lora_B, scaling: 
         def run(which):
             return lambda: QLoRALinearFunction.apply(x2, *args, which)
         name = choose_path(qweight, m, x.device, run("fused"), run("dequant"))
-    y = QLoRALinearFunction.apply(x2, *args, name)
+    if name == "reference" and not (torch.is_grad_enabled() and any(
+            t is not None and t.requires_grad for t in (x2,) + args[:3])):
+        y = _reference_forward(x2, *args)[0]  # nothing to differentiate: no autograd Function, nothing saved
+    else:
+        y = QLoRALinearFunction.apply(x2, *args, name)
     return y.to(x.dtype).view(*lead, qweight.shape[0])
