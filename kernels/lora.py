@@ -354,8 +354,9 @@ def gemm_launch_config(t: torch.Tensor, test_blocks: dict) -> dict | None:
 # The dY pass (``_lora_dy_pass_kernel``): a bandwidth-bound sweep of dY. BLOCK_M is the launcher's (it fixes
 # the number of dB partials, so the autotuner must not change it): rows = min(256, 8192 / R_PAD), so the fp32
 # v accumulator takes 32 KiB (32 registers a thread at 8 warps). The autotuner times BLOCK_N, warps and
-# stages only, which leave the partial layout alone. Not yet timed on a card; sm_90 registers and spills of
-# each are in benchmarks/results/sm90-resources-*.md.
+# stages only, which leave the partial layout alone. Not yet timed on a card. sm_90 (triton 3.9, bf16): all
+# spill-free, 80-190 registers (benchmarks/results/sm90-resources-*.md); with fp32 inputs BN64 w4 spills
+# (160-416 B) and BN128 exceeds shared memory at R_PAD 16 (the autotuner skips it); the pinned one fits both.
 _DY_PASS_CONFIGS = [
     triton.Config({"BLOCK_N": bn}, num_warps=w, num_stages=st)
     for bn, w, st in [(64, 8, 3), (32, 8, 4), (128, 8, 2), (64, 4, 3)]
