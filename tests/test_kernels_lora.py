@@ -496,3 +496,14 @@ def test_dy_pass_backward_same_bits_twice(force_dy_pass):
     for name, g1, g2 in zip(("y", "dx", "dA", "dB"), one, two):
         assert torch.equal(g1, g2), name
     assert force_dy_pass["ran"] == 2
+
+
+@pytest.mark.skipif(not K._HAS_TRITON_OP, reason="torch.library.triton_op needs torch >= 2.6")
+def test_dy_pass_compiles_fullgraph():
+    """torch.compile(fullgraph=True) traces dy_pass_op as the registered op (no graph break), same numbers."""
+    g = torch.Generator().manual_seed(8)
+    dy, b, u = (torch.randn(*s, generator=g).to(DEV) for s in ((33, 80), (80, 8), (33, 8)))
+    torch._dynamo.reset()
+    compiled = torch.compile(lambda dy, b, u: K.dy_pass_op(dy, b, u, scale=0.5), fullgraph=True, backend="aot_eager")
+    for got, want in zip(compiled(dy, b, u), K.lora_dy_pass(dy, b, u, 0.5)):
+        assert torch.equal(got, want)
