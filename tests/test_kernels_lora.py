@@ -507,3 +507,22 @@ def test_dy_pass_compiles_fullgraph():
     compiled = torch.compile(lambda dy, b, u: K.dy_pass_op(dy, b, u, scale=0.5), fullgraph=True, backend="aot_eager")
     for got, want in zip(compiled(dy, b, u), K.lora_dy_pass(dy, b, u, 0.5)):
         assert torch.equal(got, want)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("n", [4096, 14336])
+def test_gpu_dy_pass_llm_shape(n):
+    """Autotuned (and pinned, deterministic) dY pass at an LLM shape: within 2x PyTorch's bf16 error, the
+    same bits twice in deterministic mode."""
+    g = torch.Generator().manual_seed(0)
+    m, r, s = 2048, 16, 2.0
+    dy = torch.randn(m, n, generator=g).to(DEV, torch.bfloat16)
+    b = (torch.randn(n, r, generator=g) / r ** 0.5).to(DEV, torch.bfloat16)
+    u = torch.randn(m, r, generator=g).to(DEV)
+    v, db = K.lora_dy_pass(dy, b, u, s)
+    ul = u.to(torch.bfloat16)
+    _low_precision_rule(v, dy.double() @ b.double(), dy @ b, f"N{n} v")
+    _low_precision_rule(db, s * dy.double().t() @ ul.double(), (dy.t() @ ul) * s, f"N{n} dB")
+    with fastpeft.deterministic():
+        one, two = K.lora_dy_pass(dy, b, u, s), K.lora_dy_pass(dy, b, u, s)
+    assert all(torch.equal(a_, b_) for a_, b_ in zip(one, two))
