@@ -143,7 +143,8 @@ def test_every_forced_path_matches_the_reference(monkeypatch, gemm, p):
         assert_close_report(got, want, rtol=1e-4, atol=1e-4, what=f"{gemm} p={p} {name}")
 
 
-@pytest.mark.parametrize("fwd,bwd", [("torch", "kernels"), ("kernels", "torch")])
+@pytest.mark.parametrize("fwd,bwd", [("torch", "kernels"), ("kernels", "torch"), ("torch", "kernels-dy1"),
+                                     ("kernels", "kernels-dy1")])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
 def test_forward_and_backward_may_choose_differently(monkeypatch, fwd, bwd, dtype):
     """The two choices are made apart (u is fp32 from the kernels, x's dtype from torch): each mix works."""
