@@ -1,8 +1,8 @@
 """Per-kernel profile of one LoRA layer's forward + backward, read against the roofline, and the decode table
 eager and under CUDA graphs.
 
-1. Steps: each kernel launch of LoRALinearFunction (shrink, fused GEMM, dY B, dB, dA, dX) and its cuBLAS
-   alternatives, plus nn.Linear's own GEMMs and the TMA GEMM (kernels/lora_tma.py) where the card has TMA.
+1. Steps: each kernel launch of LoRALinearFunction (shrink, fused GEMM, dY B, dB, dA, dX; the dY pass
+   giving dY B and dB from one read of dY, the backward's "kernels-dy1") and its cuBLAS alternatives, plus nn.Linear's own GEMMs and the TMA GEMM (kernels/lora_tma.py) where the card has TMA.
    For each: the kernels ``torch.profiler`` sees on the device (names, µs per call), the
    ``triton.testing.do_bench`` median, the bytes / flops of ``benchmarks/roofline.py``, the achieved TB/s
    and TFLOP/s and the % of the card's peak of the resource that bounds it.
@@ -98,6 +98,8 @@ def steps(M, K, N, r, p, dtype, device):
     v = KL.lora_shrink(a=dy, b=b, scale=1.0, seed=0, threshold=0, mask_sp=0, mask_sq=0)
     lin, lo = RF.linear_costs(M, K, N), RF.lora_costs(M, K, N, r)
     costs = {c.name: c for c in lin["fwd"] + lin["bwd"] + lo["fwd"] + lo["bwd"]}
+    one = RF.lora_costs(M, K, N, r, fused_dy_pass=True)["bwd"][:2]  # the dY pass and its partial sums: one step
+    costs["dY pass"] = RF.Cost("dY pass", one[0].what, one[0].flops + one[1].flops, one[0].bytes + one[1].bytes)
     add = RF.lowrank_add_cost(M, K, r)
 
     no_mask = dict(seed=0, threshold=0, mask_sp=0, mask_sq=0)
@@ -119,6 +121,8 @@ def steps(M, K, N, r, p, dtype, device):
         "cuBLAS fwd + addmm_": (lambda: torch.addmm(bias, x, w.t()).addmm_(u.to(dtype), b.t(), alpha=s), None),
         "shrink v = dY B": (lambda: KL.lora_shrink(a=dy, b=b, scale=1.0, **no_mask), costs["dY B"]),
         "shrink dB = s dY^T u": (lambda: KL.lora_shrink(a=dy.t(), b=u, scale=s, **no_mask), costs["dB"]),
+        "dY pass v = dY B, dB = s dY^T u (one read of dY)": (lambda: KL.lora_dy_pass(dy=dy, b=b, u=u, scale=s),
+                                                            costs["dY pass"]),
         f"shrink dA = s v^T drop(x) (p={p})": (
             lambda: KL.lora_shrink(a=x.t(), b=v, scale=s * ds, mask_sp=1, mask_sq=K, **masked), costs["dA"]),
         f"fused GEMM dX (p={p})": (

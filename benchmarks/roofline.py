@@ -60,11 +60,30 @@ def linear_costs(M: int, K: int, N: int, itemsize: int = 2) -> dict:
     return {"fwd": [fwd], "bwd": [dx]}
 
 
+SMS = 132  # streaming multiprocessors of the H100 SXM and the H200: the dY pass's split rule reads it
+
+
+def dy_pass_layout(M: int, N: int, r: int, sms: int = SMS) -> tuple:
+    """``(block_m, row_blocks, column_chunks)`` of ``_lora_dy_pass_kernel`` as its launcher cuts dY on a GPU
+    (kernels/lora.py ``dy_pass_block_m``, ``dy_pass_split``, ``split_chunk``; tests/test_roofline.py checks
+    the two agree): row blocks of min(256, 8192 / R_PAD) rows, one program per SM, column chunks of at
+    least 4 x 128 columns, multiples of 128."""
+    rp = max(16, 1 << (max(r, 1) - 1).bit_length())
+    block_m = max(16, min(256, 8192 // rp, 1 << (max(M, 1) - 1).bit_length()))
+    rows = -(-M // block_m)
+    split = max(1, min(-(-sms // rows), -(-N // 512), 64))
+    per = -(-(-(-N // split)) // 128) * 128
+    return block_m, rows, -(-N // per)
+
+
 def lora_costs(M: int, K: int, N: int, r: int, itemsize: int = 2, fused_dy_pass: bool = False) -> dict:
     """The kernels of one LoRA layer's forward and backward (frozen W, dX needed), as LoRALinearFunction
     launches them: u = drop(x) A^T and v = dY B in fp32 (4 bytes), everything else in the input dtype.
 
-    ``fused_dy_pass``: v = dY B and dB = s dY^T u in one pass over dY (issue 12 item 2) instead of two.
+    ``fused_dy_pass``: the backward's "kernels-dy1" composition (issue 12 item 2): v = dY B and dB = s dY^T u
+    from one read of dY (``_lora_dy_pass_kernel``), which writes fp32 partials (v per column chunk, dB per
+    row block, ``dy_pass_layout``) that a second step adds: the pass row counts their writes, the
+    "dY pass sums" row their reads and the sums' writes (none for a partial count of 1: a view).
     """
     e, f = itemsize, 4
     fwd = [
@@ -73,8 +92,14 @@ def lora_costs(M: int, K: int, N: int, r: int, itemsize: int = 2, fused_dy_pass:
              (M * K + N * K + N * r + N) * e + M * r * f + M * N * e),
     ]
     if fused_dy_pass:
-        dy = [Cost("dY B / dB pass", "v = dY B, dB = s dY^T u (one read of dY)", 4.0 * M * N * r,
-                   (M * N + N * r) * e + M * r * f + M * r * f + N * r * e)]
+        _, rows, split = dy_pass_layout(M, N, r)
+        parts = (split * M * r + rows * N * r) * f
+        summed = ((split * M * r * f + M * r * f) if split > 1 else 0) + ((rows * N * r * f + N * r * f)
+                                                                          if rows > 1 else 0)
+        dy = [Cost("dY pass", f"v = dY B, dB = s dY^T u (one read of dY; {split}x{rows} partials)", 4.0 * M * N * r,
+                   (M * N + N * r) * e + M * r * f + parts),
+              Cost("dY pass sums", "v, dB partials added in a fixed order",
+                   float((split - 1) * M * r + (rows - 1) * N * r), summed)]
     else:
         dy = [Cost("dY B", "v = dY B", 2.0 * M * N * r, (M * N + N * r) * e + M * r * f),
               Cost("dB", "dB = s dY^T u", 2.0 * M * N * r, M * N * e + M * r * f + N * r * e)]
@@ -94,13 +119,19 @@ def lowrank_add_cost(M: int, N: int, r: int, itemsize: int = 2) -> Cost:
 
 def summary(M, K, N, r, card: str, itemsize: int = 2) -> dict:
     """Roofline times (µs) of the LoRA layer and of nn.Linear, forward and forward+backward, and their
-    ratio: the best multiple of nn.Linear any implementation can reach."""
+    ratio: the best multiple of nn.Linear any implementation can reach. ``lora fwd+bwd`` is the backward
+    reading dY three times (two shrinks, dX), ``... one dY pass`` the "kernels-dy1" composition (twice, plus
+    its partials); the timed choice runs the faster, so the bound is ``best fwd+bwd ratio``."""
     lin, lo = linear_costs(M, K, N, itemsize), lora_costs(M, K, N, r, itemsize)
+    one = lora_costs(M, K, N, r, itemsize, fused_dy_pass=True)
     us = lambda costs: sum(c.seconds(card) for c in costs) * 1e6  # noqa: E731
     out = {"linear fwd": us(lin["fwd"]), "lora fwd": us(lo["fwd"]),
-           "linear fwd+bwd": us(lin["fwd"] + lin["bwd"]), "lora fwd+bwd": us(lo["fwd"] + lo["bwd"])}
+           "linear fwd+bwd": us(lin["fwd"] + lin["bwd"]), "lora fwd+bwd": us(lo["fwd"] + lo["bwd"]),
+           "lora fwd+bwd one dY pass": us(one["fwd"] + one["bwd"])}
     out["fwd ratio"] = out["lora fwd"] / out["linear fwd"]
     out["fwd+bwd ratio"] = out["lora fwd+bwd"] / out["linear fwd+bwd"]
+    out["one dY pass ratio"] = out["lora fwd+bwd one dY pass"] / out["linear fwd+bwd"]
+    out["best fwd+bwd ratio"] = min(out["fwd+bwd ratio"], out["one dY pass ratio"])
     return out
 
 
@@ -112,7 +143,7 @@ def table(shapes, itemsize: int = 2) -> list:
              "|---|---|---|---|---|---|---|---|---|" + "---|" * len(cards)]
     for M, K, N, r in shapes:
         lin, lo = linear_costs(M, K, N, itemsize), lora_costs(M, K, N, r, itemsize)
-        rows = (lin["fwd"] + lin["bwd"] + lo["fwd"] + lo["bwd"] + lora_costs(M, K, N, r, itemsize, True)["bwd"][:1]
+        rows = (lin["fwd"] + lin["bwd"] + lo["fwd"] + lo["bwd"] + lora_costs(M, K, N, r, itemsize, True)["bwd"][:2]
                 + [lowrank_add_cost(M, N, r, itemsize)])
         for c in rows:
             times = " | ".join(f"{c.seconds(card) * 1e6:.2f} ({c.bound(card)})" for card in cards)
@@ -120,13 +151,15 @@ def table(shapes, itemsize: int = 2) -> list:
                          f"| {c.intensity:.1f} | {times} |")
     lines += ["", "Layer totals (sum of the kernels' roofline times) and the best multiple of frozen nn.Linear:", "",
               "| M | K | N | r | card | linear fwd µs | LoRA fwd µs | fwd x | linear fwd+bwd µs | LoRA fwd+bwd µs "
-              "| fwd+bwd x |", "|---|---|---|---|---|---|---|---|---|---|---|"]
+              "| fwd+bwd x | LoRA fwd+bwd, one dY pass µs | one dY pass x |",
+              "|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
     for M, K, N, r in shapes:
         for card in cards:
             s = summary(M, K, N, r, card, itemsize)
             lines.append(f"| {M} | {K} | {N} | {r} | {card} | {s['linear fwd']:.2f} | {s['lora fwd']:.2f} | "
                          f"{s['fwd ratio']:.3f} | {s['linear fwd+bwd']:.2f} | {s['lora fwd+bwd']:.2f} | "
-                         f"{s['fwd+bwd ratio']:.3f} |")
+                         f"{s['fwd+bwd ratio']:.3f} | {s['lora fwd+bwd one dY pass']:.2f} | "
+                         f"{s['one dY pass ratio']:.3f} |")
     return lines
 
 
@@ -150,9 +183,12 @@ def main(argv=None):
             "Peaks: " + "; ".join(f"{c} {v['flops'] / 1e12:.0f} TFLOP/s bf16 dense, {v['bandwidth'] / 1e12:.2f} TB/s"
                                   for c, v in CARDS.items())
             + f". Elements of {a.itemsize} bytes, u / v fp32. Each operand read and each result written once; "
-            "time = max(flops / peak, bytes / bandwidth), a lower bound. `dY B / dB pass` is the fused "
-            "alternative to the two rows above it (issue 12 item 2); `low-rank add` is the cuBLAS path's "
-            "in-place update (dropout).", ""]
+            "time = max(flops / peak, bytes / bandwidth), a lower bound. `dY pass` + `dY pass sums` are the "
+            "backward's \"kernels-dy1\" alternative to the `dY B` and `dB` rows (issue 12 item 2: one read of dY "
+            f"for both, fp32 partials written and read back, cut as the launcher cuts them on {SMS} SMs; "
+            "counted in HBM although they may stay in L2); `low-rank add` is the cuBLAS path's in-place update "
+            "(dropout). The timed choice runs the faster backward, so a shape's bound is the lower of its two "
+            "fwd+bwd columns.", ""]
     lines = head + table(shapes, a.itemsize)
     print("\n".join(lines))
     if not a.no_write:

@@ -196,6 +196,22 @@ def lora_launches(ranks) -> list:
                    UPCAST=False)
         out.append(Launch("lora", L._lora_lowrank_add_kernel, f"dX mask R{rp}", add, 4, 1,
                           {"BLOCK_M": 64, "BLOCK_N": 128}))
+        # the dY pass (v = dY B, dB = s dY^T u): its autotune list and the pinned config, at the launcher's
+        # BLOCK_M for this R_PAD and its column chunk on 132 SMs; lora_B (N, r) and u (M, r) row-major
+        if hasattr(L, "_lora_dy_pass_kernel"):
+            bm = L.dy_pass_block_m(M, rp)
+            rows = -(-M // bm)
+            chunk = L.split_chunk(N, max(1, min(-(-132 // rows), -(-N // (4 * L._DY_PASS_N_ALIGN)), 64)),
+                                  L._DY_PASS_N_ALIGN)[0]
+            dyp = dict(dy_ptr=_ptr("bf16"), b_ptr=_ptr("bf16"), u_ptr=_ptr("fp32"), v_ptr=_ptr("fp32"),
+                       db_ptr=_ptr("fp32"), M=M, N=N, R=rp, n_per_split=chunk, M_KEY=M, stride_dym=N, stride_dyn=1,
+                       stride_bn=rp, stride_br=1, stride_um=rp, stride_ur=1, stride_vs=M * rp, stride_vm=rp,
+                       stride_vr=1, stride_dbs=N * rp, stride_dbn=rp, stride_dbr=1, scale=0.5, BLOCK_M=bm,
+                       R_PAD=rp, DOT_PRECISION="tf32", UPCAST=False)
+            for c, tag in [(c, "") for c in L._DY_PASS_CONFIGS] + [(L._PINNED_DY_PASS, " (pinned)")]:
+                blocks, w, s = _cfg(c)
+                out.append(Launch("lora", L._lora_dy_pass_kernel, f"v, dB from dY R{rp}{tag}", dict(dyp, **blocks),
+                                  w, s, dict({"BLOCK_M": bm}, **blocks)))
     return out
 
 

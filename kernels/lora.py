@@ -1,6 +1,7 @@
 """Fused LoRA kernels and their launchers, registered as ``torch.library`` ops (``fastpeft::...``).
 
-Two kernels cover the forward and the backward of ``y = x W^T + b + s * (drop(x) A^T) B^T``:
+Two kernels cover the forward and the backward of ``y = x W^T + b + s * (drop(x) A^T) B^T``, a third saves
+the backward one read of dY:
 
 - ``_lora_shrink_kernel``: a narrow GEMM ``out (P, R) = scale * drop(a) (P, Q) @ b (Q, R)`` in fp32, with
   the dropout mask redrawn inside the load of ``a`` from a Philox seed (never read from memory) and an
@@ -10,6 +11,9 @@ Two kernels cover the forward and the backward of ``y = x W^T + b + s * (drop(x)
 - ``_lora_gemm_kernel``: ``out (M, N) = a (M, K) @ b (K, N) + scale * mask * (lu (M, R) @ lv (R, N)) + bias``,
   a tiled GEMM whose epilogue adds the rank-R update, so the M x N LoRA product never reaches memory.
   Forward ``y = x W^T + s u B^T + b``; backward ``dX = dY W + s mask * (v A) / (1 - p)``.
+- ``_lora_dy_pass_kernel``: ``v = dY B`` (M, R) and ``dB = s dY^T u`` (N, R), both fp32, from one read of
+  each dY tile (the two shrinks above read dY twice); v's partials over column chunks and dB's over row
+  blocks are added in a fixed order.
 
 The cuBLAS alternative (``gemm="cublas"``) computes the base GEMM with ``torch.addmm`` / ``torch.mm`` and
 adds the rank-R update in place: ``addmm_`` without dropout, ``_lora_lowrank_add_kernel`` with it (one
@@ -31,8 +35,8 @@ import triton.language as tl
 
 from . import INTERPRET, getenv, is_deterministic
 from ._common import (_HAS_TRITON_OP, _cast, _dot_precision, _grouped_tile, _keep_mask, _keep_mask_tile, _library_op,
-                      _mma, _op_body, _seed, _upcast, _use_explicit_blocks, _wrap, block_setter, capturing, eager_or_op,
-                      r_pad, split_chunk, split_count)
+                      _mma, _op_body, _seed, _sm_count, _upcast, _use_explicit_blocks, _wrap, block_setter, capturing,
+                      eager_or_op, r_pad, split_chunk, split_count)
 
 # ----------------------------------------------------------------------------------------------------
 # kernels
@@ -247,6 +251,54 @@ def _lora_lowrank_add_kernel(
     tl.store(ptrs, _cast(cur + low * scale, out_ptr.dtype.element_ty, UPCAST), mask=ok)
 
 
+@triton.jit
+def _lora_dy_pass_kernel(
+    # pointers
+    dy_ptr, b_ptr, u_ptr, v_ptr, db_ptr,
+    # sizes (M_KEY: M rounded up to a power of two, only an autotuning key)
+    M, N, R, n_per_split, M_KEY,
+    # strides (v_ptr: (split, M, R) partials over column chunks; db_ptr: (cdiv(M, BLOCK_M), N, R) over row blocks)
+    stride_dym, stride_dyn, stride_bn, stride_br, stride_um, stride_ur, stride_vs, stride_vm, stride_vr,
+    stride_dbs, stride_dbn, stride_dbr,
+    # dB's scale s
+    scale,
+    # meta-parameters
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, R_PAD: tl.constexpr, DOT_PRECISION: tl.constexpr,
+    UPCAST: tl.constexpr,
+):
+    """Program (i, j) reads the dY tile rows [i BLOCK_M, (i + 1) BLOCK_M) x column chunk j once, BLOCK_N
+    columns at a time, and from each tile both v += dY_tile B_tile (v for its rows, in registers across the
+    chunk) and dB_tile = s dY_tile^T u_rows (complete over its BLOCK_M rows: stored at once as row block i's
+    partial). No atomics: every partial element is written by exactly one program and the launcher adds
+    them in a fixed order."""
+    pid_m = tl.program_id(0)
+    pid_s = tl.program_id(1)
+    rm = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    rr = tl.arange(0, R_PAD)
+    m_ok = rm < M
+    r_ok = rr < R
+    # u's rows of this program, read once; in dY's dtype for the tensor cores (as the shrink kernel casts it).
+    u = tl.load(u_ptr + rm[:, None].to(tl.int64) * stride_um + rr[None, :] * stride_ur,
+                mask=m_ok[:, None] & r_ok[None, :], other=0.0)
+    u = _cast(u, dy_ptr.dtype.element_ty, UPCAST)
+    v = tl.zeros((BLOCK_M, R_PAD), dtype=tl.float32)
+    n_start = pid_s * n_per_split
+    n_end = tl.minimum(n_start + n_per_split, N)
+    for n0 in range(n_start, n_end, BLOCK_N):
+        rn = n0 + tl.arange(0, BLOCK_N)
+        n_ok = rn < n_end
+        dy = tl.load(dy_ptr + rm[:, None].to(tl.int64) * stride_dym + rn[None, :].to(tl.int64) * stride_dyn,
+                     mask=m_ok[:, None] & n_ok[None, :], other=0.0)
+        b = tl.load(b_ptr + rn[:, None].to(tl.int64) * stride_bn + rr[None, :] * stride_br,
+                    mask=n_ok[:, None] & r_ok[None, :], other=0.0)
+        v = _mma(dy, _cast(b, dy.dtype, UPCAST), v, DOT_PRECISION, UPCAST)
+        db = _mma(tl.trans(dy), u, tl.zeros((BLOCK_N, R_PAD), dtype=tl.float32), DOT_PRECISION, UPCAST)
+        tl.store(db_ptr + pid_m.to(tl.int64) * stride_dbs + rn[:, None].to(tl.int64) * stride_dbn
+                 + rr[None, :] * stride_dbr, db * scale, mask=n_ok[:, None] & r_ok[None, :])
+    tl.store(v_ptr + pid_s.to(tl.int64) * stride_vs + rm[:, None].to(tl.int64) * stride_vm + rr[None, :] * stride_vr,
+             v, mask=m_ok[:, None] & r_ok[None, :])
+
+
 # Autotuned GEMM for GPUs. Configs are Triton's matmul-tutorial set for tensor-core GPUs (bf16/fp16);
 # not yet tuned on a card of ours: device_check.sh times them against cuBLAS.
 _GEMM_CONFIGS = [
@@ -298,6 +350,41 @@ def gemm_launch_config(t: torch.Tensor, test_blocks: dict) -> dict | None:
         return dict(_PINNED_GEMM)
     return None
 
+
+# The dY pass (``_lora_dy_pass_kernel``): a bandwidth-bound sweep of dY. BLOCK_M is the launcher's (it fixes
+# the number of dB partials, so the autotuner must not change it): rows = min(256, 8192 / R_PAD), so the fp32
+# v accumulator takes 32 KiB (32 registers a thread at 8 warps). The autotuner times BLOCK_N, warps and
+# stages only, which leave the partial layout alone. Not yet timed on a card. sm_90 (triton 3.9, bf16): all
+# spill-free, 80-190 registers (benchmarks/results/sm90-resources-*.md); with fp32 inputs BN64 w4 spills
+# (160-416 B) and BN128 exceeds shared memory at R_PAD 16 (the autotuner skips it); the pinned one fits both.
+_DY_PASS_CONFIGS = [
+    triton.Config({"BLOCK_N": bn}, num_warps=w, num_stages=st)
+    for bn, w, st in [(64, 8, 3), (32, 8, 4), (128, 8, 2), (64, 4, 3)]
+]
+_lora_dy_pass_tuned = triton.autotune(configs=_DY_PASS_CONFIGS, key=["M_KEY", "N", "R_PAD", "BLOCK_M"])(
+    _lora_dy_pass_kernel)
+# Deterministic mode: the first config (BLOCK_N sets the order of v's sums).
+_PINNED_DY_PASS = {"BLOCK_N": 64, "num_warps": 8, "num_stages": 3}
+# Every column chunk is a multiple of this (the largest BLOCK_N of the configs), so no config straddles one.
+_DY_PASS_N_ALIGN = 128
+
+
+def dy_pass_block_m(M: int, rp: int) -> int:
+    """Rows a dY-pass program owns on a GPU: 256 up to R_PAD 32, then 8192 / R_PAD (the fp32 v accumulator
+    at 32 KiB), at most M rounded up to a power of two (16 at least, tl.dot's smallest dimension)."""
+    return max(16, min(256, 8192 // rp, triton.next_power_of_2(max(int(M), 1))))
+
+
+def dy_pass_split(t: torch.Tensor, rows: int, N: int, block_n: int) -> int:
+    """How many column chunks the dY pass cuts N into (each a partial of v, M x R fp32): under explicit
+    blocks ``split_count``'s rule (2 past two blocks, so the interpreter runs the split); on a GPU one
+    program per SM (not two as the shrink: every further chunk adds M x R x 8 bytes of partial traffic, and
+    a program streaming 2-3 stages of 32 KiB tiles keeps enough bytes in flight; not yet timed), each
+    chunk at least 4 blocks, at most 64."""
+    if _use_explicit_blocks(t):
+        return split_count(t, rows, N, block_n)
+    return max(1, min(triton.cdiv(_sm_count(t.device.index or 0), max(int(rows), 1)), triton.cdiv(N, 4 * block_n),
+                      64))
 
 # ----------------------------------------------------------------------------------------------------
 # launchers
@@ -384,6 +471,48 @@ def lora_lowrank_add_(out: torch.Tensor, lu: torch.Tensor, lv: torch.Tensor, sca
     return out
 
 
+def lora_dy_pass(dy: torch.Tensor, b: torch.Tensor, u: torch.Tensor, scale: float = 1.0) -> tuple:
+    """``(v, dB)`` from one read of dY: v = dy @ b (M, R) fp32 and dB = scale * dy^T @ u (N, R) fp32.
+
+    dy (M, N), b (N, R), u (M, R) (fp32 or dy's dtype, rounded to dy's dtype as the shrink does); any
+    strides. dY is cut into row blocks x column chunks; v's partials (one per column chunk) and dB's (one
+    per row block) are added in a fixed order (deterministic, no atomics). Partial bytes: (split * M +
+    cdiv(M, BLOCK_M) * N) * R * 4, e.g. 11 MB at M=8192, N=4096, r=16 on 132 SMs (BLOCK_M 256, 5 chunks)
+    beside the 67 MB of dY.
+    """
+    M, N = dy.shape
+    R = b.shape[1]
+    if b.shape[0] != N or u.shape != (M, R):
+        raise ValueError(f"lora_dy_pass: dy {tuple(dy.shape)}, b {tuple(b.shape)}, u {tuple(u.shape)}: want "
+                         "dy (M, N), b (N, R), u (M, R)")
+    if M == 0 or N == 0 or R == 0:
+        return (torch.zeros((M, R), device=dy.device, dtype=torch.float32),
+                torch.zeros((N, R), device=dy.device, dtype=torch.float32))
+    rp = r_pad(R)
+    cfg = None
+    if _use_explicit_blocks(dy):
+        block_m, block_n = _TEST_BLOCKS["BLOCK_M"], _TEST_BLOCKS["BLOCK_N"]
+        cfg = {"BLOCK_N": block_n, "num_warps": 4, "num_stages": 1}
+    else:
+        block_m, block_n = dy_pass_block_m(M, rp), _DY_PASS_N_ALIGN
+        if is_deterministic():
+            cfg = dict(_PINNED_DY_PASS)
+    rows = triton.cdiv(M, block_m)
+    n_per_split, split = split_chunk(N, dy_pass_split(dy, rows, N, block_n), block_n)
+    v = torch.empty((split, M, R), device=dy.device, dtype=torch.float32)
+    db = torch.empty((rows, N, R), device=dy.device, dtype=torch.float32)
+    args = (dy, b, u, v, db, M, N, R, n_per_split, triton.next_power_of_2(M),
+            dy.stride(0), dy.stride(1), b.stride(0), b.stride(1), u.stride(0), u.stride(1),
+            v.stride(0), v.stride(1), v.stride(2), db.stride(0), db.stride(1), db.stride(2), scale)
+    meta = dict(BLOCK_M=block_m, R_PAD=rp, DOT_PRECISION=_dot_precision(dy.dtype), UPCAST=_upcast(dy.dtype))
+    grid = (rows, split)
+    if cfg is not None:
+        _wrap(_lora_dy_pass_kernel)[grid](*args, **meta, **cfg)
+    else:
+        _wrap(_lora_dy_pass_tuned)[grid](*args, **meta)
+    # Partials are added in a fixed order: deterministic, no atomics.
+    return (v[0] if split == 1 else v.sum(0)), (db[0] if rows == 1 else db.sum(0))
+
 # ----------------------------------------------------------------------------------------------------
 # torch.library registration: torch.compile(fullgraph=True) traces these ops and the kernels inside.
 # ----------------------------------------------------------------------------------------------------
@@ -437,6 +566,24 @@ if _HAS_TRITON_OP:
 else:  # torch < 2.6: plain launchers (eager only)
     shrink_op, gemm_op, lowrank_add_op = lora_shrink, lora_gemm, lora_lowrank_add_
 
+
+# The dY pass, registered apart from the ops above (its own block: an addition, not a change to theirs).
+if _HAS_TRITON_OP:
+    @_library_op("fastpeft::lora_dy_pass", mutates_args=())
+    def _lora_dy_pass_op(dy: torch.Tensor, b: torch.Tensor, u: torch.Tensor,
+                         scale: float) -> tuple[torch.Tensor, torch.Tensor]:
+        with _op_body():
+            return lora_dy_pass(dy, b, u, scale)
+
+    if INTERPRET:
+        @_lora_dy_pass_op.register_fake
+        def _(dy, b, u, scale):
+            return (dy.new_empty((dy.shape[0], b.shape[1]), dtype=torch.float32),
+                    dy.new_empty((dy.shape[1], b.shape[1]), dtype=torch.float32))
+
+    dy_pass_op = eager_or_op(lora_dy_pass, torch.ops.fastpeft.lora_dy_pass)
+else:  # torch < 2.6: the plain launcher (eager only)
+    dy_pass_op = lora_dy_pass
 
 # ----------------------------------------------------------------------------------------------------
 # the timed choice: the fastest of N named candidates, measured once per shape key

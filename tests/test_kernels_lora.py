@@ -361,3 +361,170 @@ def test_gemm_epilogue_subtiles_and_mask_words(block_n, n, p):
         out = (a @ b + bias).to(DEV)
         K.lora_lowrank_add_(out, lu.to(DEV), lv.to(DEV), s, seed, thr)
         assert_close_report(out.cpu(), want, rtol=1e-5, atol=1e-4, what=f"low-rank add N{n} p{p}")
+
+
+# ---- the dY pass: v = dY B and dB = s dY^T u from one read of dY (issue 12 item 2) ---------------------
+
+DY_M, DY_N, DY_R = [1, 7, 33, 100], [48, 80, 130], [1, 8, 16, 24]
+
+
+def _low_precision_rule(got, exact, torch_low, what):
+    """fp32: close to fp64. fp16/bf16: the error vs fp64 at most 2x PyTorch's own in that dtype (+ a tiny atol)."""
+    if torch_low is None:
+        assert_close_report(got, exact, rtol=1e-5, atol=1e-5 * max(1.0, exact.abs().max().item()), what=what)
+        return
+    err = (got.double() - exact).abs()
+    torch_err = (torch_low.double() - exact).abs().max().item()
+    tiny = 1e-3 * exact.abs().max().item()
+    worst = tuple(int(i) for i in torch.unravel_index(err.argmax(), err.shape))
+    assert err.max().item() <= 2 * torch_err + tiny, (
+        f"{what}: kernel error {err.max().item():.3g} at {worst} (got {got.flatten()[err.argmax()].item():.6g}, "
+        f"expected {exact.flatten()[err.argmax()].item():.6g}) > 2 x PyTorch's {torch_err:.3g}")
+
+
+@pytest.mark.parametrize("dt", list(DTYPES))
+@pytest.mark.parametrize("r", DY_R, ids=[f"r{r}" for r in DY_R])
+@pytest.mark.parametrize("n", DY_N, ids=[f"N{n}" for n in DY_N])
+@pytest.mark.parametrize("m", DY_M, ids=[f"M{m}" for m in DY_M])
+def test_dy_pass_kernel_matches_fp64(m, n, r, dt):
+    """lora_dy_pass alone: v = dY B (fp32) and dB = s dY^T u (fp32, u rounded to dY's dtype as the shrink
+    does) against fp64, across row blocks and (N > 64) column chunks of the explicit blocks."""
+    dtype, s = DTYPES[dt], 0.75
+    g = torch.Generator().manual_seed(m * 1000 + n * 10 + r)
+    dy, b = torch.randn(m, n, generator=g).to(dtype), (torch.randn(n, r, generator=g) / r ** 0.5).to(dtype)
+    u = torch.randn(m, r, generator=g)  # fp32, as the forward's shrink leaves it
+    v, db = K.lora_dy_pass(dy.to(DEV), b.to(DEV), u.to(DEV), s)
+    assert v.dtype == db.dtype == torch.float32 and v.shape == (m, r) and db.shape == (n, r)
+    ul = u.to(dtype)
+    v_exact, db_exact = dy.double() @ b.double(), s * dy.double().t() @ ul.double()
+    low = dtype != torch.float32
+    case = f"M{m}-N{n}-r{r}-{dt}"
+    _low_precision_rule(v.cpu(), v_exact, (dy @ b) if low else None, f"{case} v")
+    _low_precision_rule(db.cpu(), db_exact, (dy.t() @ ul) * s if low else None, f"{case} dB")
+
+
+def test_dy_pass_same_bits_twice_and_rejects_bad_shapes():
+    g = torch.Generator().manual_seed(5)
+    dy, b, u = torch.randn(100, 130, generator=g), torch.randn(130, 24, generator=g), torch.randn(100, 24, generator=g)
+    dy, b, u = dy.to(DEV), b.to(DEV), u.to(DEV)
+    one, two = K.lora_dy_pass(dy, b, u, 2.0), K.lora_dy_pass(dy, b, u, 2.0)
+    for a_, b_ in zip(one, two):
+        assert torch.equal(a_, b_)
+    with pytest.raises(ValueError, match="lora_dy_pass"):
+        K.lora_dy_pass(dy, b[:-1], u)
+    v, db = K.lora_dy_pass(dy[:0], b, u[:0])
+    assert v.shape == (0, 24) and not db.any()
+
+
+@pytest.mark.skipif(not K._HAS_TRITON_OP, reason="torch.library.triton_op needs torch >= 2.6")
+def test_opcheck_dy_pass_op():
+    g = torch.Generator().manual_seed(6)
+    dy, b, u = torch.randn(33, 80, generator=g), torch.randn(80, 8, generator=g), torch.randn(33, 8, generator=g)
+    tests = ("test_schema", "test_autograd_registration", "test_faketensor")
+    torch.library.opcheck(torch.ops.fastpeft.lora_dy_pass.default, (dy.to(DEV), b.to(DEV), u.to(DEV), 0.5),
+                          test_utils=tests)
+
+
+@pytest.fixture
+def force_dy_pass(monkeypatch):
+    """The backward's "kernels-dy1" composition wherever it is offered; records what was offered and that
+    the dY pass ran."""
+    from fastpeft.ops import lora as OL
+
+    seen = {"offered": [], "ran": 0}
+    real_choose, real_pass = OL.choose_path, K.dy_pass_op
+
+    def choose(key, run, device):
+        if key[0] == "bwd":
+            seen["offered"].append(tuple(run))
+            if "kernels-dy1" in run:
+                return "kernels-dy1"
+        return real_choose(key, run, device)
+
+    def dy_pass(*args, **kwargs):
+        seen["ran"] += 1
+        return real_pass(*args, **kwargs)
+    monkeypatch.setattr(OL, "choose_path", choose)
+    monkeypatch.setattr(K, "dy_pass_op", dy_pass)
+    return seen
+
+
+DY1_SHAPES = [(1, 64, 48, 1), (7, 48, 80, 8), (33, 80, 130, 16), (100, 48, 130, 24), (33, 130, 48, 24)]
+
+
+@pytest.mark.parametrize("p", [0.0, 0.1], ids=["p0", "p0.1"])
+@pytest.mark.parametrize("dt", list(DTYPES))
+@pytest.mark.parametrize("m,k,n,r", DY1_SHAPES, ids=[f"M{m}-K{k}-N{n}-r{r}" for m, k, n, r in DY1_SHAPES])
+def test_backward_through_the_dy_pass(force_dy_pass, m, k, n, r, dt, p):
+    """The whole layer, its backward forced onto "kernels-dy1": output and every gradient against fp64 (dA's
+    mask redrawn from the forward's seed)."""
+    x, w, b, a, bb = _make(m, k, n, r, DTYPES[dt])
+    _check_against_reference(f"dy1 M{m}-K{k}-N{n}-r{r}-{dt}-p{p}", x, w, b, a, bb, 0.75, p, seed=1234)
+    assert force_dy_pass["ran"] >= 1 and all(o[:2] == ("kernels", "kernels-dy1") for o in force_dy_pass["offered"])
+
+
+NEEDS = [(True, True, True), (True, False, True), (False, True, True), (True, True, False), (False, False, True),
+         (True, False, False), (False, True, False)]
+
+
+@pytest.mark.parametrize("p", [0.0, 0.1], ids=["p0", "p0.1"])
+@pytest.mark.parametrize("need", NEEDS, ids=["-".join(n for n, f in zip("xAB", nd) if f) for nd in NEEDS])
+def test_dy_pass_gradient_subsets(force_dy_pass, need, p):
+    """Each subset of (dX, dA, dB): "kernels-dy1" is offered exactly where v (dX or dA) and dB are both
+    needed, and the gradients asked for match fp64."""
+    need_x, need_a, need_b = need
+    m, k, n, r, s, seed = 33, 80, 130, 16, 0.75, 21
+    x, w, b, a, bb = _make(m, k, n, r, torch.float32)
+    dy = torch.randn(m, n, generator=torch.Generator().manual_seed(2)).to(DEV)
+
+    def run(backend, cast):
+        leaves = [t.detach().to(cast).requires_grad_(f) for t, f in zip((x, a, bb), need)]
+        y = fastpeft.lora_linear(leaves[0], w.to(cast), b.to(cast), leaves[1], leaves[2], s, dropout_p=p,
+                                 training=True, seed=seed, backend=backend)
+        wanted = [t for t in leaves if t.requires_grad]
+        return list(torch.autograd.grad(y, wanted, dy.to(cast)))
+    got, exact = run("triton", torch.float32), run("reference", torch.float64)
+    for name, g_, e_ in zip([nm for nm, f in zip(("dx", "dA", "dB"), need) if f], got, exact):
+        assert_close_report(g_, e_, rtol=1e-5, atol=1e-5 * max(1.0, e_.abs().max().item()), what=f"{need} {name}")
+    both = (need_x or need_a) and need_b
+    assert all(("kernels-dy1" in o) == both for o in force_dy_pass["offered"]) and force_dy_pass["offered"]
+    assert (force_dy_pass["ran"] > 0) == both
+
+
+def test_dy_pass_backward_same_bits_twice(force_dy_pass):
+    x, w, b, a, bb = _make(100, 48, 130, 24, torch.bfloat16)
+    dy = torch.randn(100, 130, generator=torch.Generator().manual_seed(4)).to(DEV, torch.bfloat16)
+    one, two = (_run("triton", x, w, b, a, bb, 0.5, 0.1, 99, dy) for _ in range(2))
+    for name, g1, g2 in zip(("y", "dx", "dA", "dB"), one, two):
+        assert torch.equal(g1, g2), name
+    assert force_dy_pass["ran"] == 2
+
+
+@pytest.mark.skipif(not K._HAS_TRITON_OP, reason="torch.library.triton_op needs torch >= 2.6")
+def test_dy_pass_compiles_fullgraph():
+    """torch.compile(fullgraph=True) traces dy_pass_op as the registered op (no graph break), same numbers."""
+    g = torch.Generator().manual_seed(8)
+    dy, b, u = (torch.randn(*s, generator=g).to(DEV) for s in ((33, 80), (80, 8), (33, 8)))
+    torch._dynamo.reset()
+    compiled = torch.compile(lambda dy, b, u: K.dy_pass_op(dy, b, u, scale=0.5), fullgraph=True, backend="aot_eager")
+    for got, want in zip(compiled(dy, b, u), K.lora_dy_pass(dy, b, u, 0.5)):
+        assert torch.equal(got, want)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("n", [4096, 14336])
+def test_gpu_dy_pass_llm_shape(n):
+    """Autotuned (and pinned, deterministic) dY pass at an LLM shape: within 2x PyTorch's bf16 error, the
+    same bits twice in deterministic mode."""
+    g = torch.Generator().manual_seed(0)
+    m, r, s = 2048, 16, 2.0
+    dy = torch.randn(m, n, generator=g).to(DEV, torch.bfloat16)
+    b = (torch.randn(n, r, generator=g) / r ** 0.5).to(DEV, torch.bfloat16)
+    u = torch.randn(m, r, generator=g).to(DEV)
+    v, db = K.lora_dy_pass(dy, b, u, s)
+    ul = u.to(torch.bfloat16)
+    _low_precision_rule(v, dy.double() @ b.double(), dy @ b, f"N{n} v")
+    _low_precision_rule(db, s * dy.double().t() @ ul.double(), (dy.t() @ ul) * s, f"N{n} dB")
+    with fastpeft.deterministic():
+        one, two = K.lora_dy_pass(dy, b, u, s), K.lora_dy_pass(dy, b, u, s)
+    assert all(torch.equal(a_, b_) for a_, b_ in zip(one, two))

@@ -28,11 +28,32 @@ def test_lora_kernels_add_exactly_their_low_rank_traffic():
     assert shrink.bytes == (M * K + r * K) * 2 + M * r * 4 and shrink.flops == 2 * M * K * r
 
 
-def test_fused_dy_pass_saves_one_read_of_dy():
+def test_fused_dy_pass_saves_one_read_of_dy_less_its_partials():
     two = R.lora_costs(M, K, N, r)["bwd"][:2]
-    one = R.lora_costs(M, K, N, r, fused_dy_pass=True)["bwd"][0]
-    assert sum(c.bytes for c in two) - one.bytes == M * N * 2
+    one, sums = R.lora_costs(M, K, N, r, fused_dy_pass=True)["bwd"][:2]
+    _, rows, split = R.dy_pass_layout(M, N, r)
+    assert (rows, split) == (32, 5)
+    parts = (split * M * r + rows * N * r) * 4  # fp32 partials: v per column chunk, dB per row block
+    # The shrinks read dY twice and u once, write v (fp32) and dB; the pass reads dY and u once, writes partials.
+    assert sum(c.bytes for c in two) - one.bytes == M * N * 2 + M * r * 4 + N * r * 2 - parts
+    assert sums.bytes == parts + (M + N) * r * 4  # read back, v and dB written in fp32
     assert sum(c.flops for c in two) == one.flops
+    assert one.bytes + sums.bytes < 0.7 * sum(c.bytes for c in two)
+
+
+@pytest.mark.parametrize("m,n,rank", [(8192, 4096, 16), (8192, 14336, 16), (1, 4096, 16), (64, 4096, 64),
+                                      (100, 130, 24), (5000, 300, 128)])
+def test_dy_pass_layout_is_the_launchers(monkeypatch, m, n, rank):
+    """The model cuts dY as kernels/lora.py's launcher does on a GPU of R.SMS SMs."""
+    pytest.importorskip("triton")
+    from fastpeft.kernels import lora as L
+
+    monkeypatch.setattr(L, "_use_explicit_blocks", lambda t: False)
+    monkeypatch.setattr(L, "_sm_count", lambda index: R.SMS)
+    block_m = L.dy_pass_block_m(m, L.r_pad(rank))
+    rows = -(-m // block_m)
+    split = L.split_chunk(n, L.dy_pass_split(L.torch.empty(1), rows, n, L._DY_PASS_N_ALIGN), L._DY_PASS_N_ALIGN)[1]
+    assert R.dy_pass_layout(m, n, rank) == (block_m, rows, split)
 
 
 def test_roofline_time_and_bound():
@@ -50,7 +71,8 @@ def test_roofline_time_and_bound():
 def test_lora_never_beats_linear_and_totals_add_up(shape):
     for card in R.CARDS:
         s = R.summary(*shape, card)
-        assert 1.0 < s["fwd ratio"] < 1.2 and 1.0 < s["fwd+bwd ratio"] < 1.3
+        assert 1.0 < s["fwd ratio"] < 1.2 and 1.0 < s["fwd+bwd ratio"] < 1.3 and 1.0 < s["one dY pass ratio"] < 1.3
+        assert s["best fwd+bwd ratio"] == min(s["fwd+bwd ratio"], s["one dY pass ratio"])
         lo = R.lora_costs(*shape)
         assert s["lora fwd"] == pytest.approx(sum(c.seconds(card) for c in lo["fwd"]) * 1e6)
 

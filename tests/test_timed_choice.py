@@ -66,6 +66,29 @@ def test_torch_composition_wins_where_faster(timed, monkeypatch):
     assert OL.choose_path(("fwd", 2), cands("kernels", "torch"), CUDA) == "kernels"
 
 
+def test_backward_one_dy_pass_is_timed_with_the_others(timed, monkeypatch):
+    """The backward's third composition ("kernels-dy1", v and dB from one read of dY) is one more timed
+    candidate: kept where fastest; a forced GEMM still forces "kernels", "torch" forces torch, and
+    deterministic mode and tracing keep "kernels" without timing."""
+    clock, ran, cands = timed
+    clock.update({"kernels": 2.0, "kernels-dy1": 1.5, "torch": 1.8})
+    monkeypatch.setattr(OL, "_path_cache", {})
+    three = ("kernels", "kernels-dy1", "torch")
+    assert OL.choose_path(("bwd", 1), cands(*three), CUDA) == "kernels-dy1"
+    clock.update({"kernels-dy1": 2.5})
+    assert OL.choose_path(("bwd", 2), cands(*three), CUDA) == "torch"
+    assert OL.choose_path(("bwd", 1), cands(*three), CUDA) == "kernels-dy1"  # cached
+    n = len(ran)
+    for gemm, want in (("fused", "kernels"), ("cublas", "kernels"), ("torch", "torch")):
+        monkeypatch.setenv("FASTPEFT_LORA_GEMM", gemm)
+        assert OL.choose_path(("bwd", 3), cands(*three), CUDA) == want
+    monkeypatch.setenv("FASTPEFT_LORA_GEMM", "auto")
+    with fastpeft.deterministic():
+        assert OL.choose_path(("bwd", 1), cands(*three), CUDA) == "kernels"
+    monkeypatch.setattr(torch.compiler, "is_compiling", lambda: True)
+    assert OL.choose_path(("bwd", 4), cands(*three), CUDA) == "kernels"
+    assert len(ran) == n  # none of these was timed
+
 def test_forced_and_deterministic_modes_hold(timed, monkeypatch):
     clock, ran, cands = timed
     run = cands("fused", "tma", "cublas")
@@ -120,7 +143,8 @@ def test_every_forced_path_matches_the_reference(monkeypatch, gemm, p):
         assert_close_report(got, want, rtol=1e-4, atol=1e-4, what=f"{gemm} p={p} {name}")
 
 
-@pytest.mark.parametrize("fwd,bwd", [("torch", "kernels"), ("kernels", "torch")])
+@pytest.mark.parametrize("fwd,bwd", [("torch", "kernels"), ("kernels", "torch"), ("torch", "kernels-dy1"),
+                                     ("kernels", "kernels-dy1")])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
 def test_forward_and_backward_may_choose_differently(monkeypatch, fwd, bwd, dtype):
     """The two choices are made apart (u is fp32 from the kernels, x's dtype from torch): each mix works."""

@@ -40,11 +40,19 @@ class LoRALinearFunction(torch.autograd.Function):
         dB    = s dY^T u                                                       (N, r)
         dW    = dY^T x,   db = sum_m dY                                        (only when required)
 
-    Forward and backward each run the faster of two compositions of these formulas, measured once per
+    Forward and backward each run the fastest of their compositions of these formulas, measured once per
     shape (``kernels.lora.timed_choice``; deterministic mode and tracing keep ``"kernels"``):
     ``"kernels"`` (the shrink kernel and ``lora_gemm``, itself the fastest of its GEMMs) and ``"torch"``
     (cuBLAS matmuls, the eager reference's cost; with dropout the masked pieces, u and dA and the
     masked low-rank add of dX, stay on the kernels, which redraw the mask instead of storing it).
+
+    dY (M, N) is the backward's largest read after W. ``"kernels"`` reads it three times: v = dY B and
+    dB = s dY^T u (two shrinks) and dX = dY W. The backward also offers ``"kernels-dy1"`` where both v and
+    dB are needed: v and dB from one read of dY (``_lora_dy_pass_kernel``: each dY tile feeds dY_tile B_tile
+    into v and dY_tile^T u_rows into a dB partial; partials added in a fixed order), then dA from x (mask
+    redrawn) and dX through ``lora_gemm``, as in ``"kernels"``. Two reads of dY instead of three; the
+    timing keeps it where that beats the partials' traffic (benchmarks/roofline.py). FASTPEFT_LORA_GEMM
+    forcing a GEMM forces ``"kernels"``, ``torch`` forces ``"torch"``.
 
     Saved for backward: x (not a dropped copy: the mask is a pure function of the seed and is redrawn),
     u (M, r) (fp32 on the kernels, x's dtype on torch) and the parameters. v is recomputed from dY. No
@@ -70,10 +78,11 @@ class LoRALinearFunction(torch.autograd.Function):
         key = ("bwd", _bucket(m), k, weight.shape[0], lora_A.shape[0], x.dtype, thr > 0,
                need_x, need_a, need_bb)
 
-        def kernels():
+        def kernels(one_dy_pass=False):
             dx = None
             v, da, dbb = lora_factor_grads(dy, x, u, lora_A, lora_B, scaling=s, drop_scale=ds, seed=seed,
-                                           threshold=thr, need_v=need_x, need_a=need_a, need_b=need_bb)
+                                           threshold=thr, need_v=need_x, need_a=need_a, need_b=need_bb,
+                                           one_dy_pass=one_dy_pass)
             if need_x:
                 gkey = ("dx", _bucket(m), weight.shape[0], k, lora_A.shape[0], x.dtype, thr > 0)
                 dx = lora_gemm(dy, weight, v, lora_A, scale=s * ds, seed=seed, threshold=thr, key=gkey)
@@ -84,6 +93,8 @@ class LoRALinearFunction(torch.autograd.Function):
                                   need_x=need_x, need_a=need_a, need_b=need_bb)
 
         run = {"kernels": kernels, "torch": composed}
+        if (need_x or need_a) and need_bb:  # v and dB both needed: one pass over dY gives both
+            run = {"kernels": kernels, "kernels-dy1": functools.partial(kernels, True), "torch": composed}
         dx, da, dbb = run[choose_path(key, run, dy.device)]()
         dw, db = base_grads(dy, x, weight, need_w, need_b and ctx.has_bias)
         return dx, dw, db, da, dbb, None, None, None
@@ -159,11 +170,17 @@ def choose_path(key: tuple, candidates: dict, device: torch.device) -> str:
 
 
 def lora_factor_grads(dy, x, u, lora_A, lora_B, *, scaling, drop_scale, seed, threshold, need_v, need_a,
-                      need_b) -> tuple:
+                      need_b, one_dy_pass=False) -> tuple:
     """``(v, dA, dB)`` on the kernels, each None when not needed: v = dY B (M, r) fp32 (for dX or dA),
-    dA = s·ds·v^T (mask * x), dB = s·dY^T u. x (M, K), u = drop(x) A^T; ds = 1/(1-p), mask from seed."""
+    dA = s·ds·v^T (mask * x), dB = s·dY^T u. x (M, K), u = drop(x) A^T; ds = 1/(1-p), mask from seed.
+    ``one_dy_pass``: v and dB from one read of dY (``kernels.lora.lora_dy_pass``) where both are needed,
+    instead of two shrinks."""
     v = da = db = None
-    if need_v or need_a:
+    if one_dy_pass and (need_v or need_a) and need_b:
+        v, db = K.dy_pass_op(dy, lora_B, u, scale=scaling)
+        db = db.to(lora_B.dtype)
+        need_b = False
+    elif need_v or need_a:
         v = K.shrink_op(dy, lora_B)
     if need_a:
         # dA^T = s ds drop-mask(x)^T v: x^T is (K, M), its element (k, m) is x's (m, k), masked by draw(seed, m K + k).
