@@ -14,9 +14,10 @@ build its own.
 Each forward and each backward runs the faster of two compositions, measured once per shape bucket
 (:func:`choose_path`, ``kernels.lora.timed_choice``): ``"kernels"`` (the above) and ``"torch"``, the plain
 torch way of PEFT-SHiRA / RoSA (clone W, scatter Δ in, cuBLAS matmuls; :func:`w_plus_delta_torch`,
-:func:`sddmm_torch`), so that the triton backend is never slower than that. The torch composition holds a
-W-sized W + Δ while it runs (forward, and backward for dX), as the kernels' densify path does; it too
-saves nothing W-sized for backward and never forms an (out, in) gradient.
+:func:`sddmm_torch`), so that the triton backend is never slower than that. RoSA's backward times a third,
+``"kernels-dy1"`` (the kernels with LoRA's v and dB from one read of dY), where v and dB are both needed.
+The torch composition holds a W-sized W + Δ while it runs (forward, and backward for dX), as the kernels'
+densify path does; it too saves nothing W-sized for backward and never forms an (out, in) gradient.
 """
 from __future__ import annotations
 
@@ -283,9 +284,11 @@ def sddmm_torch(dy, x, indices, values, block_size: int):
 
 
 # FASTPEFT_SPARSE_PATH: "kernels" or "torch" force one composition of both Functions' forward and backward;
-# "auto" (the default) times the two once per shape key on CUDA.
+# "auto" (the default) times them once per shape key on CUDA, with RoSA's "kernels-dy1" where it is offered.
+# "kernels" forces the kernels composition with two shrinks over dY (RoSA's backward), never "kernels-dy1":
+# a forced path is the same code on every card.
 PATH_CHOICES = ("auto", "kernels", "torch")
-_path_cache: dict = {}  # shape key -> "kernels" or "torch"
+_path_cache: dict = {}  # shape key -> "kernels", "kernels-dy1" (RoSA's backward only) or "torch"
 
 
 def path_mode() -> str:
@@ -298,16 +301,18 @@ def path_mode() -> str:
 
 
 def choose_path(key: tuple, candidates: dict, device: torch.device) -> str:
-    """``"kernels"`` or ``"torch"`` for a sparse-delta forward / backward of this shape key: forced by
-    :func:`path_mode`, else the faster measured once (``kernels.lora.timed_choice``); deterministic mode,
-    torch.compile tracing, CPU and the interpreter keep the kernels."""
+    """The name of the candidate to run for a sparse-delta forward / backward of this shape key:
+    ``"kernels"`` or ``"torch"`` (and ``"kernels-dy1"`` where RoSA's backward offers it). Forced by
+    :func:`path_mode`, else the fastest measured once (``kernels.lora.timed_choice``); deterministic mode,
+    torch.compile tracing, CPU and the interpreter keep ``"kernels"``."""
     return K.timed_choice(_path_cache, key, path_mode(), device, candidates, "kernels")
 
 
 def chosen_paths(m: int, in_features: int, out_features: int, block_size: int, nnz: int, rank: int = 0) -> dict:
     """What auto has measured so far for this shape (any dtype, bias, dropout, gradients):
     {"fwd": {"kernels", ...}, "bwd": {...}} of ``sparse_delta_linear`` (``rank`` 0) or RoSA (LoRA rank
-    ``rank``), nnz = the number of indices (entries or blocks). Benchmarks report it."""
+    ``rank``; its "bwd" may hold "kernels-dy1"), nnz = the number of indices (entries or blocks). Benchmarks
+    report it."""
     op = "rosa" if rank else "sd"
     want = (_bucket(m), in_features, out_features) + ((rank,) if rank else ()) + (block_size, _bucket(nnz))
     out = {"fwd": set(), "bwd": set()}
@@ -458,6 +463,14 @@ class LoRASparseLinearFunction(torch.autograd.Function):
     ``torch_backward``: cuBLAS matmuls, the masked pieces on the kernels) on W' = W + Δ by clone + scatter
     (a transient W-sized buffer, as in :class:`SparseDeltaLinearFunction`), with dΔ by :func:`sddmm_torch`.
 
+    dY (M, N) is read by v_ = dY B, by dB = s dY^T u (two shrinks), by the dX GEMM and by the SDDMM on
+    ``"kernels"``. Where v_ and dB are both needed (dX or dA, and dB) the backward also times
+    ``"kernels-dy1"``: the same composition with v_ and dB from one read of dY (``lora_factor_grads(...,
+    one_dy_pass=True)``, ``kernels.lora.lora_dy_pass``: fixed-order partial sums, no atomics), as
+    :class:`~fastpeft.ops.lora.LoRALinearFunction` does. FASTPEFT_SPARSE_PATH=kernels still forces
+    ``"kernels"`` (two shrinks), ``torch`` forces ``"torch"``; ``"kernels-dy1"`` runs only where ``auto``
+    measures it fastest. Deterministic mode, tracing, the CPU and the interpreter keep ``"kernels"``.
+
     Saved for backward: x (not a dropped copy), u (M, r) (fp32 on the kernels, x's dtype on torch without
     dropout), W, A, B, v, the indices and the plan; W + Δ is recomputed or never formed. No atomics on the
     kernels.
@@ -481,10 +494,11 @@ class LoRASparseLinearFunction(torch.autograd.Function):
         m, k = x.shape
         n, r = weight.shape[0], lora_A.shape[0]
 
-        def kernels():
+        def kernels(one_dy_pass=False):
             dx = dv = None
             v, da, dbb = lora_factor_grads(dy, x, u, lora_A, lora_B, scaling=s, drop_scale=ds, seed=seed,
-                                           threshold=thr, need_v=need_x, need_a=need_a, need_b=need_bb)
+                                           threshold=thr, need_v=need_x, need_a=need_a, need_b=need_bb,
+                                           one_dy_pass=one_dy_pass)
             if need_x:
                 def fused():
                     return SD.block_gemm_op(dy, weight, plan.block_map, values, lu=v, lv=lora_A, bias=None,
@@ -509,9 +523,14 @@ class LoRASparseLinearFunction(torch.autograd.Function):
             dv = sddmm_torch(dy, x, indices, values, b) if need_v else None
             return dx, da, dbb, dv
 
+        def kernels_dy1():  # a named function, not a partial: timers and spies read candidates by __name__
+            return kernels(one_dy_pass=True)
+
         key = ("rosa-path-bwd", _bucket(m), k, n, r, b, _bucket(indices.shape[0]), x.dtype, weight.dtype, thr > 0,
                need_x, need_a, need_bb, need_v)
         run = {"kernels": kernels, "torch": composed}
+        if (need_x or need_a) and need_bb:  # v and dB both needed: one pass over dY gives both
+            run = {"kernels": kernels, "kernels-dy1": kernels_dy1, "torch": composed}
         dx, da, dbb, dv = run[choose_path(key, run, dy.device)]()
         dw, db = base_grads(dy, x, weight, need_w, need_b and ctx.has_bias)
         return dx, dw, db, da, dbb, dv, None, None, None, None, None
