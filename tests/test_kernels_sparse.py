@@ -2,6 +2,8 @@
 ``lora_sparse_linear``, forward and every gradient, both delta formats, both GEMM variants, every SDDMM,
 the plan, the saved-tensor budget and the registered ops. Runs under TRITON_INTERPRET=1 on CPU tensors
 (small odd shapes) and on CUDA where present; tests marked ``gpu`` need a GPU."""
+import itertools
+
 import pytest
 import torch
 
@@ -17,6 +19,7 @@ if not kernels.INTERPRET and not torch.cuda.is_available():
 
 from fastpeft.kernels import lora as K  # noqa: E402
 from fastpeft.kernels import sparse_delta as SD  # noqa: E402
+from fastpeft.ops import sparse as OS  # noqa: E402
 from fastpeft.ops.sparse import SparsePlan, build_sparse_plan  # noqa: E402
 
 DEV = "cuda" if torch.cuda.is_available() and not kernels.INTERPRET else "cpu"
@@ -255,6 +258,77 @@ def test_rosa_dropout_leaves_the_delta_gradient_alone():
     g1 = _run("triton", torch.float32, x, w, bias, idx, vals, 1, dy, lora=(a, bb, 1.0, 0.5, 1))
     torch.testing.assert_close(g0[2], g1[2], rtol=0, atol=0)
     assert not torch.equal(g0[1], g1[1])
+
+
+# ---- RoSA's backward with v and dB from one read of dY ("kernels-dy1") ---------------------------------
+
+def _force_dy1(monkeypatch):
+    """RoSA's backward on "kernels-dy1" wherever it is offered (FASTPEFT_SPARSE_PATH does not force it);
+    every other choice as auto makes it. Returns the candidate names each RoSA backward was offered and
+    one entry per dY pass run."""
+    monkeypatch.setenv("FASTPEFT_SPARSE_PATH", "auto")
+    offered, passes = [], []
+    real_choose, real_pass = OS.choose_path, K.dy_pass_op
+
+    def choose(key, run, device):
+        if key[0] == "rosa-path-bwd":
+            offered.append(tuple(run))
+            if "kernels-dy1" in run:
+                return "kernels-dy1"
+        return real_choose(key, run, device)
+    monkeypatch.setattr(OS, "choose_path", choose)
+    monkeypatch.setattr(K, "dy_pass_op", lambda *a, **kw: passes.append(1) or real_pass(*a, **kw))
+    return offered, passes
+
+
+# (block size, M, in, out, rank): flat entries at M 1 and 33; 16 x 16 blocks clipped at 80 x 130's edges (the
+# fused GEMM); 32 x 32 blocks clipped at 48 x 80's.
+DY1_CASES = [(1, 1, 80, 48, 8), (1, 33, 130, 80, 16), (16, 7, 130, 80, 8), (32, 33, 80, 48, 16)]
+
+
+@pytest.mark.parametrize("p", [0.0, 0.1], ids=["p0", "p0.1"])
+@pytest.mark.parametrize("dt", ["fp32", "bf16"])
+@pytest.mark.parametrize("b,m,k,n,r", DY1_CASES, ids=[f"b{b}-M{m}-K{k}-N{n}-r{r}" for b, m, k, n, r in DY1_CASES])
+def test_rosa_one_dy_pass_backward(monkeypatch, b, m, k, n, r, dt, p):
+    """"kernels-dy1" forced: the output and every gradient (x, values, A, B, W, bias) are the reference's,
+    from one dY pass per backward, and a second run gives the same bits (fixed-order partial sums)."""
+    offered, passes = _force_dy1(monkeypatch)
+    x, w, bias, a, bb = _make(m, k, n, r)
+    idx, vals = _delta(n, k, b, density=0.1 if b == 1 else 0.3, seed=b)
+    lora = (a, bb, 0.75, p, 1234)
+    _check(f"rosa-dy1-b{b}-M{m}-K{k}-N{n}-r{r}-{dt}-p{p}", DTYPES[dt], x, w, bias, idx, vals, b, lora=lora,
+           grads_wb=True)
+    assert offered == [("kernels", "kernels-dy1", "torch")] and passes == [1], (offered, passes)
+    dy = torch.randn(m, n, generator=torch.Generator().manual_seed(3), dtype=torch.float64).to(DEV)
+    r1, r2 = (_run("triton", DTYPES[dt], x, w, bias, idx, vals, b, dy, lora, grads_wb=True) for _ in range(2))
+    assert all(torch.equal(u, v) for u, v in zip(r1, r2))
+    assert len(passes) == 3
+
+
+def test_rosa_one_dy_pass_offered_exactly_where_v_and_db_are_needed(monkeypatch):
+    """The backward offers "kernels-dy1" where v (for dX or dA) and dB are both needed, and only there; forced
+    there, each gradient asked for is the reference's (dA alone beside dB included)."""
+    offered, passes = _force_dy1(monkeypatch)
+    m, k, n, r, b = 7, 80, 48, 4, 1
+    x, w, bias, a, bb = (t.float() for t in _make(m, k, n, r))
+    idx, vals = _delta(n, k, b, density=0.2)
+    dy = torch.randn(m, n, generator=torch.Generator().manual_seed(9)).to(DEV)
+    for need in itertools.product((False, True), repeat=4):  # x, A, B, values
+        if not any(need):
+            continue
+        offered.clear()
+        passes.clear()
+        results = []
+        for backend in ("triton", "reference"):
+            leaves = [t.detach().float().requires_grad_(q) for t, q in zip((x, a, bb, vals), need)]
+            y = lora_sparse_linear(leaves[0], w, bias, leaves[1], leaves[2], 0.5, idx, leaves[3], b, dropout_p=0.1,
+                                   seed=3, backend=backend)
+            results.append([y] + list(torch.autograd.grad(y, [t for t in leaves if t.requires_grad], dy)))
+        want = (need[0] or need[1]) and need[2]
+        three = ("kernels", "kernels-dy1", "torch") if want else ("kernels", "torch")
+        assert offered == [three] and len(passes) == want, (need, offered, passes)
+        for i, (g, e) in enumerate(zip(*results)):
+            assert_close_report(g, e, rtol=1e-5, atol=1e-5 * max(1.0, _amax(e)), what=f"need {need} output {i}")
 
 
 # ---- plan, determinism, memory, registration ---------------------------------------------------------
