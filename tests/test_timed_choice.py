@@ -344,6 +344,78 @@ def test_sparse_path_modes(sparse_env):
     assert not ran and ("c",) not in OS._path_cache and ("d",) not in OS._path_cache  # nothing timed
 
 
+def test_sparse_path_modes_with_the_one_dy_pass(sparse_env):
+    """RoSA's backward offers three candidates: auto keeps the fastest, kernels-dy1 included;
+    FASTPEFT_SPARSE_PATH=kernels still forces the two-shrink kernels composition and torch the torch one; a
+    forced kernel variant, deterministic mode and tracing keep "kernels", untimed."""
+    mp = sparse_env
+    mp.setattr(K, "INTERPRET", False)
+    clock, ran = {"kernels": 2.0, "kernels-dy1": 1.0, "torch": 1.5}, []
+    mp.setattr(K, "_bench", lambda fn: clock[fn()])
+
+    def cands():
+        return {n: (lambda n=n: ran.append(n) or n) for n in ("kernels", "kernels-dy1", "torch")}
+
+    assert OS.choose_path(("a",), cands(), CUDA) == "kernels-dy1"
+    clock["kernels-dy1"] = 3.0
+    assert OS.choose_path(("b",), cands(), CUDA) == "torch"
+    assert OS.choose_path(("a",), cands(), CUDA) == "kernels-dy1"  # cached
+    ran.clear()
+    forced = [("FASTPEFT_SPARSE_PATH", "kernels", "kernels"), ("FASTPEFT_SPARSE_PATH", "torch", "torch"),
+              ("FASTPEFT_SPARSE_GEMM", "fused", "kernels"), ("FASTPEFT_SPARSE_SDDMM", "gather", "kernels")]
+    for var, value, want in forced:
+        with pytest.MonkeyPatch.context() as env:
+            env.setenv(var, value)
+            assert OS.choose_path(("a",), cands(), CUDA) == want, (var, value)
+    with fastpeft.deterministic():
+        assert OS.choose_path(("a",), cands(), CUDA) == "kernels"  # cached "kernels-dy1", pinned anyway
+    mp.setattr(torch.compiler, "is_compiling", lambda: True)
+    assert OS.choose_path(("a",), cands(), CUDA) == "kernels"
+    assert OS.choose_path(("c",), cands(), CUDA) == "kernels"
+    assert not ran and ("c",) not in OS._path_cache  # nothing timed
+
+
+@pytest.mark.skipif(DEV != "cpu", reason="fakes CUDA timing on CPU tensors")
+@pytest.mark.parametrize("b", [1, 16], ids=["b1", "b16"])
+def test_rosa_backward_keeps_the_one_dy_pass_where_faster(sparse_env, b):
+    """Through the op, CUDA's timing faked on CPU tensors (kernels-dy1 fastest in backward, torch in forward):
+    RoSA's backward times kernels, kernels-dy1 and torch once and keeps kernels-dy1; the next call runs it
+    untimed (one dY pass) with the same bits and the reference's results; chosen_paths reports it. Without
+    dB (A and B frozen) it is not offered; deterministic mode and FASTPEFT_SPARSE_PATH=kernels do not run it."""
+    mp = sparse_env
+    mp.setattr(K, "INTERPRET", False)
+    timed = []
+    mp.setattr(K, "_bench", lambda fn: timed.append(fn.__name__) or {"kernels_dy1": 1.0, "composed": 1.5}.get(
+        fn.__name__, 2.0))
+    real_choose = OS.choose_path
+    mp.setattr(OS, "choose_path", lambda key, run, device: real_choose(key, run, CUDA))  # nested GEMMs: the CPU
+    passes = []
+    _spy(mp, K, ("dy_pass_op",), passes)
+    inputs = _sparse_inputs(b, 33, 130, 80)
+    got = _sparse_run("triton", torch.float32, inputs, b, True, 0.1)
+    assert timed == ["kernels", "composed", "kernels", "kernels_dy1", "composed"], timed
+    assert OS.chosen_paths(33, 130, 80, b, inputs[5].shape[0], 8) == {"fwd": {"torch"}, "bwd": {"kernels-dy1"}}
+    timed.clear()
+    passes.clear()
+    again = _sparse_run("triton", torch.float32, inputs, b, True, 0.1)
+    assert not timed and passes == ["dy_pass_op"], (timed, passes)
+    exact = _sparse_run("reference", torch.float64, inputs, b, True, 0.1)
+    for name, g_, a_, e_ in zip(("y", "dx", "dvalues", "dA", "dB"), got, again, exact):
+        assert torch.equal(g_, a_), name
+        assert_close_report(g_, e_, rtol=1e-5, atol=1e-5 * max(1.0, e_.abs().max().item()), what=f"dy1 b{b} {name}")
+    x, w, bias, a, bb, idx, vals = (t.float() if t.is_floating_point() else t for t in inputs)
+    xx, vv = x.clone().requires_grad_(), vals.clone().requires_grad_()
+    y = fastpeft.lora_sparse_linear(xx, w, bias, a, bb, 0.5, idx, vv, b, dropout_p=0.1, seed=5, backend="triton")
+    passes.clear()
+    torch.autograd.grad(y, (xx, vv), torch.ones_like(y))
+    assert timed == ["kernels", "composed"] and not passes, (timed, passes)  # no dB: two candidates
+    with fastpeft.deterministic():  # the key is cached as kernels-dy1: pinned to kernels anyway
+        _sparse_run("triton", torch.float32, inputs, b, True, 0.1)
+    mp.setenv("FASTPEFT_SPARSE_PATH", "kernels")
+    _sparse_run("triton", torch.float32, inputs, b, True, 0.1)
+    assert not passes and not timed[2:], (passes, timed)
+
+
 @pytest.mark.parametrize("b", [1, 16], ids=["b1", "b16"])
 def test_sparse_forced_torch_path_compiles_fullgraph(sparse_env, b):
     """FASTPEFT_SPARSE_PATH=torch under torch.compile(fullgraph=True): the torch composition traces without
@@ -365,7 +437,7 @@ def test_sparse_forced_torch_path_compiles_fullgraph(sparse_env, b):
         assert_close_report(g_, e_, rtol=1e-5, atol=1e-5, what=f"compiled b{b} {name}")
 
 
-@pytest.mark.parametrize("value", ["fastest", "cublas", "1"])
+@pytest.mark.parametrize("value", ["fastest", "cublas", "1", "kernels-dy1"])
 def test_sparse_path_bad_value_raises(sparse_env, value):
     sparse_env.setenv("FASTPEFT_SPARSE_PATH", value)
     with pytest.raises(ValueError, match=rf"FASTPEFT_SPARSE_PATH must be one of \('auto', 'kernels', 'torch'\), "
@@ -378,11 +450,13 @@ def test_sparse_path_bad_value_raises(sparse_env, value):
 def test_sparse_ops_time_once_per_shape_bucket(sparse_env, op):
     """Through the ops, with CUDA's timing faked on CPU tensors: forward and backward are each timed once
     per shape bucket (M 33 and 40 share one, M 7 is another), the faster runs, and the results are the
-    reference's. Here torch is faster in forward and the kernels in backward."""
+    reference's. Here torch is faster in forward and the kernels in backward (RoSA's backward times three:
+    kernels-dy1 too)."""
     mp = sparse_env
     mp.setattr(K, "INTERPRET", False)
     timed, backward = [], [False]
-    # The candidates are the closures named kernels and composed (torch) in ops/sparse.py.
+    # The candidates are the closures named kernels, kernels_dy1 (RoSA's backward) and composed (torch) in
+    # ops/sparse.py.
     mp.setattr(K, "_bench", lambda fn: timed.append(fn.__name__) or (
         1.0 if fn.__name__ == ("kernels" if backward[0] else "composed") else 2.0))
     real_choose = OS.choose_path
@@ -406,7 +480,8 @@ def test_sparse_ops_time_once_per_shape_bucket(sparse_env, op):
         exact = _sparse_run("reference", torch.float64, inputs, 16, op == "rosa")
         for name, g_, e_ in zip(("y", "dx", "dvalues", "dA", "dB"), got, exact):
             assert_close_report(g_, e_, rtol=1e-5, atol=1e-5 * max(1.0, e_.abs().max().item()), what=f"M{m} {name}")
-    assert len(timed) == 2 * 4  # two keys (fwd, bwd) per bucket, two buckets, two candidates each
+    # two keys (fwd, bwd) per bucket, two buckets; two candidates each, three in RoSA's backward
+    assert len(timed) == 2 * (4 + (op == "rosa"))
     assert all(v == ("kernels" if "bwd" in key[0] else "torch") for key, v in OS._path_cache.items())
     rank = 8 if op == "rosa" else 0
     assert OS.chosen_paths(40, 64, 48, 16, idx.shape[0], rank) == {"fwd": {"torch"}, "bwd": {"kernels"}}
@@ -422,6 +497,7 @@ def test_sparse_deterministic_mode_runs_the_kernels_untimed(sparse_env):
     mp.setattr(OS, "choose_path", lambda key, run, device: real_choose(key, run, CUDA))
     calls = []
     _spy(mp, OS, TORCH_PIECES, calls)
+    _spy(mp, K, ("dy_pass_op",), calls)  # nor RoSA's kernels-dy1
     with fastpeft.deterministic():
         for op in ("sparse", "rosa"):
             _sparse_run("triton", torch.float32, _sparse_inputs(1, 33, 130, 80), 1, op == "rosa", 0.1)
@@ -440,16 +516,17 @@ def test_gpu_sparse_floor_timed_on_the_card(sparse_env, op, b):
     real_bench = K._bench
 
     def bench(fn):  # the path's candidates only, not the nested GEMM choices (fused / dense / cublas ...)
-        if fn.__name__ in ("kernels", "composed"):
+        if fn.__name__ in ("kernels", "kernels_dy1", "composed"):
             timed.append(fn.__name__)
         return real_bench(fn)
     sparse_env.setattr(K, "_bench", bench)
     inputs = _sparse_inputs(b, 1024, 1024, 768, r=16, density=0.01 if b == 1 else 0.05)
     got = _sparse_run("triton", torch.bfloat16, inputs, b, op == "rosa", 0.1)
-    assert len(timed) == 4 and len(OS._path_cache) == 2, (timed, OS._path_cache)
+    n_timed = 4 + (op == "rosa")  # RoSA's backward times kernels-dy1 too
+    assert len(timed) == n_timed and len(OS._path_cache) == 2, (timed, OS._path_cache)
     print(f"\n{op} b{b}: {OS._path_cache}")
     again = _sparse_run("triton", torch.bfloat16, inputs, b, op == "rosa", 0.1)
-    assert len(timed) == 4
+    assert len(timed) == n_timed
     same, exact = (_sparse_run("reference", dt, inputs, b, op == "rosa", 0.1) for dt in (torch.bfloat16, torch.float64))
     for name, g_, a_, s_, e_ in zip(("y", "dx", "dvalues", "dA", "dB"), got, again, same, exact):
         assert torch.equal(g_, a_), name
