@@ -15,10 +15,12 @@ Providers:
 - ``dense-dW``: a custom autograd.Function (the SpIEL way): the same forward, backward computes
   dW = dY^T X densely in fp32 and gathers the entries' gradients from it.
 - ``fastpeft``: the triton backend (CUDA only) with its floor, FASTPEFT_SPARSE_PATH=auto: forward and
-  backward each the faster of the kernels and the plain torch composition, timed once per shape bucket
-  (the ``path`` column says which ran); what ``backend="auto"`` will run once the ops are in AUTO_OPS.
-  With a cached plan, as a layer has.
-- ``fastpeft-kernels`` / ``fastpeft-torch``: the two sides of the floor, forced (FASTPEFT_SPARSE_PATH);
+  backward each the faster of the kernels and the plain torch composition, timed once per shape bucket;
+  RoSA's backward also times ``kernels-dy1`` (LoRA's v and dB from one read of dY). The ``path`` column
+  says which ran; what ``backend="auto"`` will run once the ops are in AUTO_OPS. With a cached plan, as a
+  layer has.
+- ``fastpeft-kernels`` / ``fastpeft-torch``: the two sides of the floor, forced (FASTPEFT_SPARSE_PATH;
+  ``kernels`` is the two-shrink kernels composition: ``kernels-dy1`` is not forced, only timed);
   ``fastpeft-fused`` / ``fastpeft-dense`` (blocks: each GEMM variant of the kernels forced) and
   ``fastpeft-tile`` / ``fastpeft-gather`` (entries: each SDDMM forced) beside them.
 

@@ -92,3 +92,30 @@ def test_bench_table_with_the_fastpeft_providers(monkeypatch, tmp_path, capsys):
                        "fastpeft-torch"} | variants
     assert {r["lora_r"] for r in rows} == {4} and all("path" in r for r in rows if r["provider"] == "fastpeft")
     assert "path (floor)" in capsys.readouterr().out
+
+
+@pytest.mark.skipif(not _interpreted_kernels(), reason="the fastpeft providers need the kernels (interpreter here)")
+def test_bench_path_column_names_the_one_dy_pass(monkeypatch, tmp_path, capsys):
+    """``--lora-rank 16``: the path column of the ``fastpeft`` rows names what the floor kept, RoSA's
+    kernels-dy1 included (CUDA's timing faked on the CPU: torch fastest in forward, kernels-dy1 in backward)."""
+    _bench_module("bench_sparse")
+    import harness
+
+    from fastpeft.kernels import lora as K
+    from fastpeft.ops import sparse as OS
+
+    monkeypatch.setattr(harness, "kernels_ok", lambda device: True)
+    monkeypatch.setattr(K, "INTERPRET", False)
+    monkeypatch.setattr(OS, "_path_cache", {})
+    monkeypatch.setattr(K, "_bench", lambda fn: {"kernels_dy1": 1.0, "composed": 1.5}.get(fn.__name__, 2.0))
+    real_choose = OS.choose_path
+    cuda = torch.device("cuda")
+    monkeypatch.setattr(OS, "choose_path", lambda key, run, device: real_choose(key, run, cuda))
+    js = tmp_path / "s.json"
+    rc = main(["bench", "sparse", "--tokens", "8", "--shape", "64x48", "--density", "0.1", "--block", "16",
+               "--lora-rank", "16", "--warmup-ms", "1", "--rep-ms", "1", "--quiet", "--json", str(js)])
+    assert rc == 0
+    rows = json.loads(js.read_text())["rows"]
+    paths = {r["mode"]: r["path"] for r in rows if r["provider"] == "fastpeft"}
+    assert paths == {"fwd": "fwd torch", "fwd+bwd": "fwd torch, bwd kernels-dy1"}, paths
+    assert "bwd kernels-dy1" in capsys.readouterr().out
