@@ -377,7 +377,7 @@ def test_sparse_path_modes_with_the_one_dy_pass(sparse_env):
 
 @pytest.mark.skipif(DEV != "cpu", reason="fakes CUDA timing on CPU tensors")
 @pytest.mark.parametrize("b", [1, 16], ids=["b1", "b16"])
-def test_rosa_backward_keeps_the_one_dy_pass_where_faster(sparse_env, b):
+def test_sparse_rosa_backward_keeps_the_one_dy_pass_where_faster(sparse_env, b):
     """Through the op, CUDA's timing faked on CPU tensors (kernels-dy1 fastest in backward, torch in forward):
     RoSA's backward times kernels, kernels-dy1 and torch once and keeps kernels-dy1; the next call runs it
     untimed (one dY pass) with the same bits and the reference's results; chosen_paths reports it. Without
