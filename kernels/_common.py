@@ -101,6 +101,15 @@ def _grouped_tile(M, N, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, GROUP_M: t
     return first_m + (pid % group) % size_m, (pid % group) // size_m
 
 
+@triton.jit
+def _tile_ranges(pid_m, pid_n, M, N, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
+    """(rm, rn, rk, m_ok, n_ok) of output tile (pid_m, pid_n) of an (M, N) GEMM: its rows, its columns, the
+    first K step's offsets, and which rows / columns lie inside the output."""
+    rm = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    rn = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    return rm, rn, tl.arange(0, BLOCK_K), rm < M, rn < N
+
+
 # ----------------------------------------------------------------------------------------------------
 # launch parameters
 # ----------------------------------------------------------------------------------------------------

@@ -31,8 +31,8 @@ import triton.language as tl
 
 from . import INTERPRET, getenv, is_deterministic
 from ._common import (_HAS_TRITON_OP, _cast, _dot_precision, _grouped_tile, _keep_mask, _keep_mask_tile, _library_op,
-                      _mma, _op_body, _seed, _upcast, _use_explicit_blocks, _wrap, block_setter, capturing, eager_or_op,
-                      r_pad, split_chunk, split_count)
+                      _mma, _op_body, _seed, _tile_ranges, _upcast, _use_explicit_blocks, _wrap, block_setter,
+                      capturing, eager_or_op, r_pad, split_chunk, split_count)
 
 # ----------------------------------------------------------------------------------------------------
 # kernels
@@ -115,12 +115,7 @@ def _lora_gemm_kernel(
     UPCAST: tl.constexpr,
 ):
     pid_m, pid_n = _grouped_tile(M, N, BLOCK_M, BLOCK_N, GROUP_M)
-
-    rm = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
-    rn = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
-    rk = tl.arange(0, BLOCK_K)
-    m_ok = rm < M
-    n_ok = rn < N
+    rm, rn, rk, m_ok, n_ok = _tile_ranges(pid_m, pid_n, M, N, BLOCK_M, BLOCK_N, BLOCK_K)
     a_ptrs = a_ptr + rm[:, None].to(tl.int64) * stride_am + rk[None, :].to(tl.int64) * stride_ak
     b_ptrs = b_ptr + rk[:, None].to(tl.int64) * stride_bk + rn[None, :].to(tl.int64) * stride_bn
     acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)

@@ -46,8 +46,8 @@ import triton.language as tl
 
 from . import INTERPRET
 from ._common import (_HAS_TRITON_OP, _cast, _dot_precision, _grouped_tile, _keep_mask_tile, _library_op, _mma,
-                      _op_body, _seed, _sm_count, _upcast, _use_explicit_blocks, _wrap, block_setter, eager_or_op, r_pad,
-                      split_chunk, split_count)
+                      _op_body, _seed, _sm_count, _tile_ranges, _upcast, _use_explicit_blocks, _wrap, block_setter,
+                      eager_or_op, r_pad, split_chunk, split_count)
 from .lora import _GEMM_CONFIGS, _lowrank_tile, _prune_gemm_configs, env_choice, gemm_launch_config, timed_choice
 
 # ----------------------------------------------------------------------------------------------------
@@ -126,12 +126,7 @@ def _sparse_gemm_kernel(
 ):
     # out = a @ (W + Δ) [+ scale * mask * (lu @ lv)] [+ bias], with W + Δ formed tile by tile in registers.
     pid_m, pid_n = _grouped_tile(M, N, BLOCK_M, BLOCK_N, GROUP_M)
-
-    rm = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
-    rn = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
-    rk = tl.arange(0, BLOCK_K)
-    m_ok = rm < M
-    n_ok = rn < N
+    rm, rn, rk, m_ok, n_ok = _tile_ranges(pid_m, pid_n, M, N, BLOCK_M, BLOCK_N, BLOCK_K)
     blk_n = (rn // DB).to(tl.int64) * stride_mn     # block coordinate of each output column, as a map offset
     in_n = (rn % DB).to(tl.int64) * stride_vn       # column inside its block
     # The accumulator is out^T: the W + Δ tile, built in registers, is the left MMA operand (Hopper's
