@@ -78,6 +78,21 @@ def _densify_flat_kernel(
 
 
 @triton.jit
+def _block_sub_tile(idx_ptr, b, NSUB, stride_ib, stride_ic, SUB: tl.constexpr):
+    """``(blk, lr, lc, rows, cols)`` of this program's (SUB, SUB) sub-tile of a delta block: block ``blk`` =
+    program id 0, sub-tile (si, sj) = divmod(program id 1, NSUB); lr / lc its rows / columns inside the
+    (b, b) block, rows / cols the same in W (from the block's (row, col) in idx)."""
+    blk = tl.program_id(0)
+    si = tl.program_id(1) // NSUB
+    sj = tl.program_id(1) % NSUB
+    br = tl.load(idx_ptr + blk.to(tl.int64) * stride_ib).to(tl.int64)
+    bc = tl.load(idx_ptr + blk.to(tl.int64) * stride_ib + stride_ic).to(tl.int64)
+    lr = si * SUB + tl.arange(0, SUB)
+    lc = sj * SUB + tl.arange(0, SUB)
+    return blk, lr, lc, br * b + lr, bc * b + lc
+
+
+@triton.jit
 def _densify_block_kernel(
     # pointers: as _densify_flat_kernel; idx (nblocks, 2) block (row, col); val (nblocks, b, b)
     w_ptr, dst_ptr, idx_ptr, val_ptr,
@@ -88,15 +103,7 @@ def _densify_block_kernel(
     # meta-parameters
     SUB: tl.constexpr, UPCAST: tl.constexpr,
 ):
-    blk = tl.program_id(0)
-    si = tl.program_id(1) // NSUB
-    sj = tl.program_id(1) % NSUB
-    br = tl.load(idx_ptr + blk.to(tl.int64) * stride_ib).to(tl.int64)
-    bc = tl.load(idx_ptr + blk.to(tl.int64) * stride_ib + stride_ic).to(tl.int64)
-    lr = si * SUB + tl.arange(0, SUB)
-    lc = sj * SUB + tl.arange(0, SUB)
-    rows = br * b + lr
-    cols = bc * b + lc
+    blk, lr, lc, rows, cols = _block_sub_tile(idx_ptr, b, NSUB, stride_ib, stride_ic, SUB)
     # Clipped edge blocks: the part outside W is neither read nor written.
     ok = ((lr < b) & (rows < out_features))[:, None] & ((lc < b) & (cols < in_features))[None, :]
     w = tl.load(w_ptr + rows[:, None] * stride_wr + cols[None, :] * stride_wc, mask=ok, other=0.0).to(tl.float32)
@@ -189,16 +196,8 @@ def _sddmm_block_kernel(
     # meta-parameters
     SUB: tl.constexpr, BLOCK_M: tl.constexpr, DOT_PRECISION: tl.constexpr, UPCAST: tl.constexpr,
 ):
-    blk = tl.program_id(0)
-    si = tl.program_id(1) // NSUB
-    sj = tl.program_id(1) % NSUB
+    blk, lr, lc, rows, cols = _block_sub_tile(idx_ptr, b, NSUB, stride_ib, stride_ic, SUB)
     pid_s = tl.program_id(2)
-    br = tl.load(idx_ptr + blk.to(tl.int64) * stride_ib).to(tl.int64)
-    bc = tl.load(idx_ptr + blk.to(tl.int64) * stride_ib + stride_ic).to(tl.int64)
-    lr = si * SUB + tl.arange(0, SUB)
-    lc = sj * SUB + tl.arange(0, SUB)
-    rows = br * b + lr
-    cols = bc * b + lc
     # Values outside W (clipped edge blocks) never reach y: their gradient is an exact 0.
     r_ok = (lr < b) & (rows < N)
     c_ok = (lc < b) & (cols < K)
