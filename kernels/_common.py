@@ -110,6 +110,33 @@ def _tile_ranges(pid_m, pid_n, M, N, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexp
     return rm, rn, tl.arange(0, BLOCK_K), rm < M, rn < N
 
 
+@triton.jit
+def _lowrank_bias_part(acc, lu, rm, n0, lv_ptr, bias_ptr, N, R, stride_lvr, stride_lvn, seed, threshold,
+                       HAS_BIAS: tl.constexpr, HAS_MASK: tl.constexpr, N_ALIGNED: tl.constexpr, BLOCK_M: tl.constexpr,
+                       SUB_N: tl.constexpr, R_PAD: tl.constexpr, DOT_PRECISION: tl.constexpr, UPCAST: tl.constexpr):
+    """``(acc, rn, n_ok)`` for columns rn = [n0, n0 + SUB_N) of the rows rm of a GEMM epilogue: acc (BLOCK_M,
+    SUB_N) fp32, plus (HAS_MASK) the masked rank-R update mask * (lu @ lv) with lu (BLOCK_M, R_PAD) already
+    scaled, plus the bias. N_ALIGNED: N is known to be a multiple of 4 (else checked at run time)."""
+    rn = n0 + tl.arange(0, SUB_N)
+    n_ok = rn < N
+    if HAS_MASK:
+        rr = tl.arange(0, R_PAD)
+        lv = tl.load(lv_ptr + rr[:, None] * stride_lvr + rn[None, :].to(tl.int64) * stride_lvn,
+                     mask=(rr < R)[:, None] & n_ok[None, :], other=0.0)
+        low = _mma(lu, lv, tl.zeros((BLOCK_M, SUB_N), dtype=tl.float32), DOT_PRECISION, UPCAST)
+        # n0 is a multiple of SUB_N >= 16: with N a multiple of 4, each Philox block is 4 columns of one row.
+        if N_ALIGNED:
+            keep = _keep_mask_tile(seed, rm, n0, N, threshold, BLOCK_M, SUB_N, True)
+        elif N % 4 == 0:
+            keep = _keep_mask_tile(seed, rm, n0, N, threshold, BLOCK_M, SUB_N, True)
+        else:
+            keep = _keep_mask_tile(seed, rm, n0, N, threshold, BLOCK_M, SUB_N, False)
+        acc += tl.where(keep, low, 0.0)
+    if HAS_BIAS:
+        acc += tl.load(bias_ptr + rn, mask=n_ok, other=0.0).to(tl.float32)[None, :]
+    return acc, rn, n_ok
+
+
 # ----------------------------------------------------------------------------------------------------
 # launch parameters
 # ----------------------------------------------------------------------------------------------------

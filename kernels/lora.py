@@ -31,8 +31,8 @@ import triton.language as tl
 
 from . import INTERPRET, getenv, is_deterministic
 from ._common import (_HAS_TRITON_OP, _cast, _dot_precision, _grouped_tile, _keep_mask, _keep_mask_tile, _library_op,
-                      _mma, _op_body, _seed, _tile_ranges, _upcast, _use_explicit_blocks, _wrap, block_setter,
-                      capturing, eager_or_op, r_pad, split_chunk, split_count)
+                      _lowrank_bias_part, _mma, _op_body, _seed, _tile_ranges, _upcast, _use_explicit_blocks, _wrap,
+                      block_setter, capturing, eager_or_op, r_pad, split_chunk, split_count)
 
 # ----------------------------------------------------------------------------------------------------
 # kernels
@@ -189,20 +189,8 @@ def _gemm_epilogue(acc, lu, rm, m_ok, n0, lv_ptr, bias_ptr, out_ptr, N, R, strid
                    UPCAST: tl.constexpr):
     """Store columns [n0, n0 + SUB_N) of a GEMM tile: acc (BLOCK_M, SUB_N) fp32, plus (HAS_MASK) the masked
     rank-R update mask * (lu @ lv) with lu (BLOCK_M, R_PAD) already scaled, plus the bias."""
-    rn = n0 + tl.arange(0, SUB_N)
-    n_ok = rn < N
-    if HAS_MASK:
-        rr = tl.arange(0, R_PAD)
-        lv = tl.load(lv_ptr + rr[:, None] * stride_lvr + rn[None, :].to(tl.int64) * stride_lvn,
-                     mask=(rr < R)[:, None] & n_ok[None, :], other=0.0)
-        low = _mma(lu, lv, tl.zeros((BLOCK_M, SUB_N), dtype=tl.float32), DOT_PRECISION, UPCAST)
-        if N % 4 == 0:  # n0 is a multiple of SUB_N >= 16
-            keep = _keep_mask_tile(seed, rm, n0, N, threshold, BLOCK_M, SUB_N, True)
-        else:
-            keep = _keep_mask_tile(seed, rm, n0, N, threshold, BLOCK_M, SUB_N, False)
-        acc += tl.where(keep, low, 0.0)
-    if HAS_BIAS:
-        acc += tl.load(bias_ptr + rn, mask=n_ok, other=0.0).to(tl.float32)[None, :]
+    acc, rn, n_ok = _lowrank_bias_part(acc, lu, rm, n0, lv_ptr, bias_ptr, N, R, stride_lvr, stride_lvn, seed, threshold,
+                                       HAS_BIAS, HAS_MASK, False, BLOCK_M, SUB_N, R_PAD, DOT_PRECISION, UPCAST)
     out = out_ptr + rm[:, None].to(tl.int64) * stride_om + rn[None, :].to(tl.int64) * stride_on
     tl.store(out, _cast(acc, out_ptr.dtype.element_ty, UPCAST), mask=m_ok[:, None] & n_ok[None, :])
 

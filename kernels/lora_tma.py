@@ -29,7 +29,7 @@ import triton
 import triton.language as tl
 
 from . import INTERPRET, is_deterministic
-from ._common import _cast, _dot_precision, _keep_mask_tile, _mma, _upcast, _use_explicit_blocks, r_pad
+from ._common import _cast, _dot_precision, _lowrank_bias_part, _mma, _upcast, _use_explicit_blocks, r_pad
 
 # ----------------------------------------------------------------------------------------------------
 # kernel
@@ -51,18 +51,10 @@ def _tma_store_part(acc, lu, off_m, n0, out_desc, out_ptr, lv_ptr, bias_ptr, M, 
                     SUB_N: tl.constexpr, R_PAD: tl.constexpr, DOT_PRECISION: tl.constexpr, UPCAST: tl.constexpr):
     """Columns [n0, n0 + SUB_N) of a tile: acc (BLOCK_M, SUB_N) fp32 [+ mask * (lu @ lv)] [+ bias], stored
     through the output descriptor (rows and columns past M, N are clipped by the hardware)."""
-    rn = n0 + tl.arange(0, SUB_N)
-    n_ok = rn < N
-    if HAS_MASK:
-        rr = tl.arange(0, R_PAD)
-        lv = tl.load(lv_ptr + rr[:, None] * stride_lvr + rn[None, :].to(tl.int64) * stride_lvn,
-                     mask=(rr < R)[:, None] & n_ok[None, :], other=0.0)
-        low = _mma(lu, lv, tl.zeros((BLOCK_M, SUB_N), dtype=tl.float32), DOT_PRECISION, UPCAST)
-        rm = off_m + tl.arange(0, BLOCK_M)
-        # N is a multiple of 8 (TMA rows) and n0 of SUB_N: each Philox block is 4 columns of one row.
-        acc += tl.where(_keep_mask_tile(seed, rm, n0, N, threshold, BLOCK_M, SUB_N, True), low, 0.0)
-    if HAS_BIAS:
-        acc += tl.load(bias_ptr + rn, mask=n_ok, other=0.0).to(tl.float32)[None, :]
+    # N is a multiple of 8 (TMA rows): N_ALIGNED.
+    acc, rn, n_ok = _lowrank_bias_part(acc, lu, off_m + tl.arange(0, BLOCK_M), n0, lv_ptr, bias_ptr, N, R, stride_lvr,
+                                       stride_lvn, seed, threshold, HAS_BIAS, HAS_MASK, True, BLOCK_M, SUB_N, R_PAD,
+                                       DOT_PRECISION, UPCAST)
     out_desc.store([off_m, n0], _cast(acc, out_ptr.dtype.element_ty, UPCAST))
 
 
