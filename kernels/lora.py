@@ -156,30 +156,31 @@ def _lora_gemm_kernel(
                            DOT_PRECISION, UPCAST)
         else:
             H: tl.constexpr = BLOCK_N // 2
-            h0, h1 = tl.split(tl.permute(tl.reshape(acc, (BLOCK_M, 2, H)), (0, 2, 1)))
             if H <= 64:
-                _gemm_epilogue(h0, lu, rm, m_ok, n0, lv_ptr, bias_ptr, out_ptr, N, R, stride_lvr, stride_lvn,
-                               stride_om, stride_on, seed, threshold, HAS_BIAS, True, BLOCK_M, H, R_PAD,
-                               DOT_PRECISION, UPCAST)
-                _gemm_epilogue(h1, lu, rm, m_ok, n0 + H, lv_ptr, bias_ptr, out_ptr, N, R, stride_lvr, stride_lvn,
-                               stride_om, stride_on, seed, threshold, HAS_BIAS, True, BLOCK_M, H, R_PAD,
-                               DOT_PRECISION, UPCAST)
+                _gemm_epilogue_halves(acc, lu, rm, m_ok, n0, lv_ptr, bias_ptr, out_ptr, N, R, stride_lvr, stride_lvn,
+                                      stride_om, stride_on, seed, threshold, HAS_BIAS, BLOCK_M, H, R_PAD,
+                                      DOT_PRECISION, UPCAST)
             else:
                 Q: tl.constexpr = H // 2
-                q0, q1 = tl.split(tl.permute(tl.reshape(h0, (BLOCK_M, 2, Q)), (0, 2, 1)))
-                q2, q3 = tl.split(tl.permute(tl.reshape(h1, (BLOCK_M, 2, Q)), (0, 2, 1)))
-                _gemm_epilogue(q0, lu, rm, m_ok, n0, lv_ptr, bias_ptr, out_ptr, N, R, stride_lvr, stride_lvn,
-                               stride_om, stride_on, seed, threshold, HAS_BIAS, True, BLOCK_M, Q, R_PAD,
-                               DOT_PRECISION, UPCAST)
-                _gemm_epilogue(q1, lu, rm, m_ok, n0 + Q, lv_ptr, bias_ptr, out_ptr, N, R, stride_lvr, stride_lvn,
-                               stride_om, stride_on, seed, threshold, HAS_BIAS, True, BLOCK_M, Q, R_PAD,
-                               DOT_PRECISION, UPCAST)
-                _gemm_epilogue(q2, lu, rm, m_ok, n0 + 2 * Q, lv_ptr, bias_ptr, out_ptr, N, R, stride_lvr,
-                               stride_lvn, stride_om, stride_on, seed, threshold, HAS_BIAS, True, BLOCK_M, Q, R_PAD,
-                               DOT_PRECISION, UPCAST)
-                _gemm_epilogue(q3, lu, rm, m_ok, n0 + 3 * Q, lv_ptr, bias_ptr, out_ptr, N, R, stride_lvr,
-                               stride_lvn, stride_om, stride_on, seed, threshold, HAS_BIAS, True, BLOCK_M, Q, R_PAD,
-                               DOT_PRECISION, UPCAST)
+                h0, h1 = tl.split(tl.permute(tl.reshape(acc, (BLOCK_M, 2, H)), (0, 2, 1)))
+                _gemm_epilogue_halves(h0, lu, rm, m_ok, n0, lv_ptr, bias_ptr, out_ptr, N, R, stride_lvr, stride_lvn,
+                                      stride_om, stride_on, seed, threshold, HAS_BIAS, BLOCK_M, Q, R_PAD,
+                                      DOT_PRECISION, UPCAST)
+                _gemm_epilogue_halves(h1, lu, rm, m_ok, n0 + H, lv_ptr, bias_ptr, out_ptr, N, R, stride_lvr,
+                                      stride_lvn, stride_om, stride_on, seed, threshold, HAS_BIAS, BLOCK_M, Q, R_PAD,
+                                      DOT_PRECISION, UPCAST)
+
+
+@triton.jit
+def _gemm_epilogue_halves(acc, lu, rm, m_ok, n0, lv_ptr, bias_ptr, out_ptr, N, R, stride_lvr, stride_lvn, stride_om,
+                          stride_on, seed, threshold, HAS_BIAS: tl.constexpr, BLOCK_M: tl.constexpr, H: tl.constexpr,
+                          R_PAD: tl.constexpr, DOT_PRECISION: tl.constexpr, UPCAST: tl.constexpr):
+    """The masked ``_gemm_epilogue`` of columns [n0, n0 + 2 H), acc (BLOCK_M, 2 H), one half at a time."""
+    h0, h1 = tl.split(tl.permute(tl.reshape(acc, (BLOCK_M, 2, H)), (0, 2, 1)))
+    _gemm_epilogue(h0, lu, rm, m_ok, n0, lv_ptr, bias_ptr, out_ptr, N, R, stride_lvr, stride_lvn, stride_om,
+                   stride_on, seed, threshold, HAS_BIAS, True, BLOCK_M, H, R_PAD, DOT_PRECISION, UPCAST)
+    _gemm_epilogue(h1, lu, rm, m_ok, n0 + H, lv_ptr, bias_ptr, out_ptr, N, R, stride_lvr, stride_lvn, stride_om,
+                   stride_on, seed, threshold, HAS_BIAS, True, BLOCK_M, H, R_PAD, DOT_PRECISION, UPCAST)
 
 
 @triton.jit

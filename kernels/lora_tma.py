@@ -125,29 +125,28 @@ def _lora_gemm_tma_kernel(
         else:
             # The mask applies to the product: halves (quarters at BLOCK_N 256) of the accumulator in turn.
             H: tl.constexpr = BLOCK_N // 2
-            h0, h1 = tl.split(tl.permute(tl.reshape(acc, (BLOCK_M, 2, H)), (0, 2, 1)))
             if H <= 64:
-                _tma_store_part(h0, lu, off_m, off_n, out_desc, out_ptr, lv_ptr, bias_ptr, M, N, R, stride_lvr,
-                                stride_lvn, seed, threshold, HAS_BIAS, True, BLOCK_M, H, R_PAD, DOT_PRECISION, UPCAST)
-                _tma_store_part(h1, lu, off_m, off_n + H, out_desc, out_ptr, lv_ptr, bias_ptr, M, N, R, stride_lvr,
-                                stride_lvn, seed, threshold, HAS_BIAS, True, BLOCK_M, H, R_PAD, DOT_PRECISION,
-                                UPCAST)
+                _tma_store_halves(acc, lu, off_m, off_n, out_desc, out_ptr, lv_ptr, bias_ptr, M, N, R, stride_lvr,
+                                  stride_lvn, seed, threshold, HAS_BIAS, BLOCK_M, H, R_PAD, DOT_PRECISION, UPCAST)
             else:
                 Q: tl.constexpr = H // 2
-                q0, q1 = tl.split(tl.permute(tl.reshape(h0, (BLOCK_M, 2, Q)), (0, 2, 1)))
-                q2, q3 = tl.split(tl.permute(tl.reshape(h1, (BLOCK_M, 2, Q)), (0, 2, 1)))
-                _tma_store_part(q0, lu, off_m, off_n, out_desc, out_ptr, lv_ptr, bias_ptr, M, N, R, stride_lvr,
-                                stride_lvn, seed, threshold, HAS_BIAS, True, BLOCK_M, Q, R_PAD, DOT_PRECISION, UPCAST)
-                _tma_store_part(q1, lu, off_m, off_n + Q, out_desc, out_ptr, lv_ptr, bias_ptr, M, N, R, stride_lvr,
-                                stride_lvn, seed, threshold, HAS_BIAS, True, BLOCK_M, Q, R_PAD, DOT_PRECISION,
-                                UPCAST)
-                _tma_store_part(q2, lu, off_m, off_n + 2 * Q, out_desc, out_ptr, lv_ptr, bias_ptr, M, N, R, stride_lvr,
-                                stride_lvn, seed, threshold, HAS_BIAS, True, BLOCK_M, Q, R_PAD, DOT_PRECISION,
-                                UPCAST)
-                _tma_store_part(q3, lu, off_m, off_n + 3 * Q, out_desc, out_ptr, lv_ptr, bias_ptr, M, N, R, stride_lvr,
-                                stride_lvn, seed, threshold, HAS_BIAS, True, BLOCK_M, Q, R_PAD, DOT_PRECISION,
-                                UPCAST)
+                h0, h1 = tl.split(tl.permute(tl.reshape(acc, (BLOCK_M, 2, H)), (0, 2, 1)))
+                _tma_store_halves(h0, lu, off_m, off_n, out_desc, out_ptr, lv_ptr, bias_ptr, M, N, R, stride_lvr,
+                                  stride_lvn, seed, threshold, HAS_BIAS, BLOCK_M, Q, R_PAD, DOT_PRECISION, UPCAST)
+                _tma_store_halves(h1, lu, off_m, off_n + H, out_desc, out_ptr, lv_ptr, bias_ptr, M, N, R, stride_lvr,
+                                  stride_lvn, seed, threshold, HAS_BIAS, BLOCK_M, Q, R_PAD, DOT_PRECISION, UPCAST)
 
+
+@triton.jit
+def _tma_store_halves(acc, lu, off_m, n0, out_desc, out_ptr, lv_ptr, bias_ptr, M, N, R, stride_lvr, stride_lvn, seed,
+                      threshold, HAS_BIAS: tl.constexpr, BLOCK_M: tl.constexpr, H: tl.constexpr, R_PAD: tl.constexpr,
+                      DOT_PRECISION: tl.constexpr, UPCAST: tl.constexpr):
+    """The masked ``_tma_store_part`` of columns [n0, n0 + 2 H), acc (BLOCK_M, 2 H), one half at a time."""
+    h0, h1 = tl.split(tl.permute(tl.reshape(acc, (BLOCK_M, 2, H)), (0, 2, 1)))
+    _tma_store_part(h0, lu, off_m, n0, out_desc, out_ptr, lv_ptr, bias_ptr, M, N, R, stride_lvr, stride_lvn, seed,
+                    threshold, HAS_BIAS, True, BLOCK_M, H, R_PAD, DOT_PRECISION, UPCAST)
+    _tma_store_part(h1, lu, off_m, n0 + H, out_desc, out_ptr, lv_ptr, bias_ptr, M, N, R, stride_lvr, stride_lvn, seed,
+                    threshold, HAS_BIAS, True, BLOCK_M, H, R_PAD, DOT_PRECISION, UPCAST)
 
 # ----------------------------------------------------------------------------------------------------
 # configs
