@@ -28,6 +28,21 @@ def kernel_stream_reference():
         yield
 
 
+def triton_backend_device() -> str:
+    """The device of the kernel tests, called at a test module's import: "cuda" on a GPU, "cpu" under
+    TRITON_INTERPRET=1; skips the whole module where the triton backend cannot run."""
+    pytest.importorskip("triton")
+    from fastpeft import kernels
+
+    if not kernels.INTERPRET and not torch.cuda.is_available():
+        pytest.skip("the triton backend needs a GPU or TRITON_INTERPRET=1", allow_module_level=True)
+    return "cuda" if torch.cuda.is_available() and not kernels.INTERPRET else "cpu"
+
+
+# Every dtype the kernels take, by the names test ids use.
+DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
+
+
 def assert_close_report(actual: torch.Tensor, expected: torch.Tensor, rtol: float, atol: float, what: str = ""):
     """assert_close that names the worst element on failure."""
     a, e = actual.double(), expected.double()

@@ -10,17 +10,15 @@ import torch
 pytest.importorskip("triton")
 
 import fastpeft  # noqa: E402
+from conftest import triton_backend_device  # noqa: E402
 from fastpeft import _checks  # noqa: E402
 from fastpeft import functional as F  # noqa: E402
 from fastpeft import kernels  # noqa: E402
 
-if not kernels.INTERPRET and not torch.cuda.is_available():
-    pytest.skip("the triton backend needs a GPU or TRITON_INTERPRET=1", allow_module_level=True)
+DEV = triton_backend_device()
 
 from fastpeft.kernels import lora as K  # noqa: E402
 from fastpeft.ops import lora as OL  # noqa: E402
-
-DEV = "cuda" if torch.cuda.is_available() and not kernels.INTERPRET else "cpu"
 
 
 def _args(m=3, k=16, n=24, r=4, dtype=torch.float32):

@@ -8,21 +8,17 @@ import torch
 pytest.importorskip("triton")
 
 import fastpeft  # noqa: E402
-from conftest import assert_close_report  # noqa: E402
-from fastpeft import kernels  # noqa: E402
+from conftest import DTYPES, assert_close_report, triton_backend_device  # noqa: E402
 from fastpeft.reference import dropout_mask, dropout_threshold, lora_linear_ref  # noqa: E402
 
-if not kernels.INTERPRET and not torch.cuda.is_available():
-    pytest.skip("the triton backend needs a GPU or TRITON_INTERPRET=1", allow_module_level=True)
+DEV = triton_backend_device()
 
 from fastpeft.kernels import lora as K  # noqa: E402
 from fastpeft.kernels import lora_tma as T  # noqa: E402
 
-DEV = "cuda" if torch.cuda.is_available() and not kernels.INTERPRET else "cpu"
 if not T.tma_supported(DEV):
     pytest.skip("needs sm_90+ and triton with tl.make_tensor_descriptor", allow_module_level=True)
 
-DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
 # K and N whole 16-byte rows (multiples of 8); M odd; ranks 1, 16, 24, 128.
 SHAPES = [(1, 48, 80, 1), (33, 80, 48, 16), (100, 48, 136, 24), (7, 64, 40, 128)]
 
