@@ -46,6 +46,14 @@ def lora_model(base, seed=0, **kw):
     return peft.get_peft_model(copy.deepcopy(base), peft.LoraConfig(**kw))
 
 
+def with_small_adapter(model, lora_alpha, target_modules):
+    """``model`` with a second adapter "small" (rank 4), drawn after ``torch.manual_seed(1)``."""
+    torch.manual_seed(1)
+    model.add_adapter("small", peft.LoraConfig(r=4, lora_alpha=lora_alpha, target_modules=target_modules,
+                                               init_lora_weights=False))
+    return model
+
+
 def run(model, ids, **kw):
     """Logits and the gradient of every trainable parameter (by name) of one loss.backward()."""
     model.zero_grad(set_to_none=True)
@@ -168,9 +176,7 @@ def test_disable_adapter(base, ids):
 
 
 def test_set_adapter_between_ranks(base, ids):
-    model = lora_model(base)
-    torch.manual_seed(1)
-    model.add_adapter("small", peft.LoraConfig(r=4, lora_alpha=8, target_modules=TARGETS, init_lora_weights=False))
+    model = with_small_adapter(lora_model(base), 8, TARGETS)
     want = {}
     for name in ("small", "default"):
         model.set_adapter(name)
@@ -183,10 +189,7 @@ def test_set_adapter_between_ranks(base, ids):
 
 
 def test_two_active_adapters(base, ids):
-    model = lora_model(base)
-    torch.manual_seed(1)
-    model.add_adapter("small", peft.LoraConfig(r=4, lora_alpha=4, target_modules=["q_proj", "v_proj"],
-                                               init_lora_weights=False))
+    model = with_small_adapter(lora_model(base), 4, ["q_proj", "v_proj"])
     model.base_model.set_adapter(["default", "small"])
     want = run(model, ids)
     assert any("small" in n for n in want[1]) and any("default" in n for n in want[1])
@@ -196,10 +199,7 @@ def test_two_active_adapters(base, ids):
 
 
 def test_mixed_adapter_names_batch_with_base_rows(base, ids):
-    model = lora_model(base)
-    torch.manual_seed(1)
-    model.add_adapter("small", peft.LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj", "v_proj"],
-                                               init_lora_weights=False))
+    model = with_small_adapter(lora_model(base), 8, ["q_proj", "v_proj"])
     for n, p in model.named_parameters():  # adapter_names is inference-only in PEFT; check gradients anyway
         p.requires_grad_("lora_" in n)
     model.eval()
