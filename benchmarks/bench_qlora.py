@@ -23,7 +23,7 @@ import torch.nn as nn
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 import harness  # noqa: E402
-from harness import Case, Group, parse_kxn  # noqa: E402
+from harness import Case, Group  # noqa: E402
 
 import fastpeft  # noqa: E402
 from fastpeft.quant import import_bitsandbytes  # noqa: E402
@@ -137,15 +137,11 @@ def cases(args, ctx) -> list:
 
 
 def add_arguments(ap, cuda: bool) -> None:
-    ap.add_argument("--tokens", nargs="+", type=int, default=GPU_TOKENS if cuda else CPU_TOKENS, help="M values")
-    ap.add_argument("--shapes", nargs="+", type=parse_kxn, default=GPU_SHAPES if cuda else CPU_SHAPES,
-                    help="KxN (in x out) pairs")
+    harness.add_linear_args(ap, cuda, (GPU_TOKENS, CPU_TOKENS), (GPU_SHAPES, CPU_SHAPES))
     ap.add_argument("--ranks", nargs="+", type=int, default=[16])
 
 
-COLUMNS = [("M", "M", "{}"), ("K", "K", "{}"), ("N", "N", "{}"), ("r", "r", "{}"), ("mode", "mode", "{}"),
-           ("provider", "provider", "{}"), ("ms", "median ms", "{:.3f}"), ("p20", "p20", "{:.3f}"),
-           ("p80", "p80", "{:.3f}"), ("vs_linear", "x nn.Linear", "{:.3f}"), ("peak_mib", "peak MiB", "{:.0f}")]
+COLUMNS = harness.plain_columns("M", "K", "N", "r", "mode") + harness.TIMING_COLUMNS + harness.VS_LINEAR_COLUMNS
 
 BENCHMARK = harness.Benchmark(
     prog="fastpeft bench qlora", description=__doc__, add_arguments=add_arguments, cases=cases, columns=COLUMNS,
