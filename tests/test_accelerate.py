@@ -54,6 +54,17 @@ def with_small_adapter(model, lora_alpha, target_modules):
     return model
 
 
+def assert_dropout_recovered(dropped, x, p, tol):
+    """``dropped``, drop(x) solved back from an output, drops a fraction p of x (within 4 sigma) and keeps the
+    rest as x / (1 - p) (to ``tol``). Returns the keep mask."""
+    keep = dropped.abs() > 1e-6 * x.abs()
+    frac = 1 - keep.double().mean().item()
+    n = x.numel()
+    assert abs(frac - p) < 4 * (p * (1 - p) / n) ** 0.5, f"drop rate {frac:.4f}, expected {p} (n={n})"
+    assert_close_report(dropped[keep], (x / (1 - p)).detach()[keep], tol, tol, "kept values")
+    return keep
+
+
 def run(model, ids, **kw):
     """Logits and the gradient of every trainable parameter (by name) of one loss.backward()."""
     model.zero_grad(set_to_none=True)
@@ -143,11 +154,7 @@ def test_dropout_train_matches_peft_formula_with_fastpeft_mask():
     with torch.no_grad():
         delta = y - x @ w.T - bias
         dropped = torch.linalg.solve(b @ a, delta.T).T  # = drop(x)
-    keep = dropped.abs() > 1e-6 * x.abs()
-    frac = 1 - keep.double().mean().item()
-    n = rows * d
-    assert abs(frac - p) < 4 * (p * (1 - p) / n) ** 0.5, f"drop rate {frac:.4f}, expected {p} (n={n})"
-    assert_close_report(dropped[keep], (x / (1 - p)).detach()[keep], 1e-9, 1e-9, "kept values")
+    keep = assert_dropout_recovered(dropped, x, p, 1e-9)
     gy = torch.randn_like(y)
     y.backward(gy)
     got = [x.grad, a.grad, b.grad]
@@ -384,11 +391,7 @@ def test_dora_dropout_train_matches_peft_formula_with_fastpeft_mask():
         g = gain(m, a, b)
         mat = (g - 1)[:, None] * w + g[:, None] * s * (b @ a)
         dropped = torch.linalg.solve(mat, (y - x @ w.T - bias).T).T  # = drop(x)
-    keep = dropped.abs() > 1e-6 * x.abs()
-    frac = 1 - keep.double().mean().item()
-    n = rows * d
-    assert abs(frac - p) < 4 * (p * (1 - p) / n) ** 0.5, f"drop rate {frac:.4f}, expected {p} (n={n})"
-    assert_close_report(dropped[keep], (x / (1 - p)).detach()[keep], 1e-8, 1e-8, "kept values")
+    keep = assert_dropout_recovered(dropped, x, p, 1e-8)
     gy = torch.randn_like(y)
     y.backward(gy)
     got = [x.grad, a.grad, b.grad, m.grad]
