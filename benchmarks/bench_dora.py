@@ -107,12 +107,11 @@ def add_arguments(ap, cuda: bool) -> None:
 
 COLUMNS = harness.plain_columns("M", "K", "N", "r", "p", "mode") + harness.TIMING_COLUMNS + harness.VS_LINEAR_COLUMNS
 
-BENCHMARK = harness.Benchmark(
+BENCHMARK = harness.linear_benchmark(
     prog="fastpeft bench dora", description=__doc__, add_arguments=add_arguments, cases=cases, columns=COLUMNS,
     title="DoRA linear, {dtype}, ratios to frozen nn.Linear in the same run", plot_title="DoRA linear ({dtype})",
     no_gpu="No GPU here: timing fastpeft's PyTorch DoRA path (no W + sBA formed) and PEFT's DoRA against "
-           "nn.Linear on the CPU; peak memory is measured on CUDA only.",
-    modes=("fwd", "fwd+bwd"), plot_help="bar chart of the ratios to nn.Linear")
+           "nn.Linear on the CPU; peak memory is measured on CUDA only.")
 
 
 def main(argv=None) -> list:

@@ -116,12 +116,11 @@ def add_arguments(ap, cuda: bool) -> None:
 COLUMNS = (harness.plain_columns("M", "K", "N", "r", "p", "mode") + harness.TIMING_COLUMNS + harness.VS_LINEAR_COLUMNS
            + [("mem_budget_mib", "MiB budget", "{:.0f}")])
 
-BENCHMARK = harness.Benchmark(
+BENCHMARK = harness.linear_benchmark(
     prog="fastpeft bench", description=__doc__, add_arguments=add_arguments, cases=cases, columns=COLUMNS,
     title="LoRA linear, {dtype}, ratios to frozen nn.Linear in the same run", plot_title="LoRA linear ({dtype})",
     no_gpu="No GPU here: the fused kernels need one (not measured on GPU). Timing the eager reference and PEFT "
-           "against nn.Linear on the CPU.",
-    modes=("fwd", "fwd+bwd"), plot_help="bar chart of the ratios to nn.Linear")
+           "against nn.Linear on the CPU.")
 
 
 def main(argv=None) -> list:

@@ -143,13 +143,12 @@ def add_arguments(ap, cuda: bool) -> None:
 
 COLUMNS = harness.plain_columns("M", "K", "N", "r", "mode") + harness.TIMING_COLUMNS + harness.VS_LINEAR_COLUMNS
 
-BENCHMARK = harness.Benchmark(
+BENCHMARK = harness.linear_benchmark(
     prog="fastpeft bench qlora", description=__doc__, add_arguments=add_arguments, cases=cases, columns=COLUMNS,
     title="QLoRA (NF4, nested absmax), {dtype}, ratios to frozen nn.Linear in the same run",
     plot_title="QLoRA ({dtype})",
     no_gpu="No GPU here: the QLoRA kernels need one (not measured on GPU). Timing fastpeft's PyTorch path against "
-           "nn.Linear, PEFT + bitsandbytes and dequantize + matmul + addmm_ on the CPU.",
-    modes=("fwd", "fwd+bwd"), plot_help="bar chart of the ratios to nn.Linear")
+           "nn.Linear, PEFT + bitsandbytes and dequantize + matmul + addmm_ on the CPU.")
 
 
 def main(argv=None) -> list:

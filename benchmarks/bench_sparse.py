@@ -226,13 +226,13 @@ COLUMNS = (harness.plain_columns("M", "K", "N") + [("lora_r", "LoRA r", "{}"), (
            + [("path", "path (floor)", "{}")])
 
 
-BENCHMARK = harness.Benchmark(
+BENCHMARK = harness.linear_benchmark(
     prog="fastpeft bench sparse", description=__doc__, add_arguments=add_arguments, cases=cases, columns=COLUMNS,
     title="Sparse-delta linear (LoRA r > 0: RoSA), {dtype}, ratios to frozen nn.Linear in the same run",
     plot_title="Sparse-delta linear ({dtype})",
     no_gpu="No GPU here: the sparse-delta kernels need one (not measured on GPU). Timing the torch ways "
            "(the reference, clone + scatter, dense dW + gather) against nn.Linear on the CPU.",
-    modes=("fwd", "fwd+bwd"), plot_help="bar chart of the ratios to nn.Linear", progress="bench sparse")
+    progress="bench sparse")
 
 
 def main(argv=None) -> list:

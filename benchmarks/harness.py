@@ -275,6 +275,12 @@ class Benchmark:
     progress: str = "bench"
 
 
+def linear_benchmark(**fields) -> Benchmark:
+    """The ``Benchmark`` of a layer timed against a frozen nn.Linear (bench lora, dora, qlora, sparse): modes
+    fwd and fwd+bwd, every ratio (and the plot) to nn.Linear; ``fields`` as ``Benchmark``'s."""
+    return Benchmark(**{"modes": ("fwd", "fwd+bwd"), "plot_help": "bar chart of the ratios to nn.Linear", **fields})
+
+
 def kernels_ok(device: str) -> bool:
     """The fused kernels can run: a CUDA device, triton imports, and not the CPU interpreter."""
     from fastpeft import kernels
