@@ -8,7 +8,7 @@ import torch
 pytest.importorskip("triton")
 
 import fastpeft  # noqa: E402
-from conftest import DTYPES, assert_close_report, triton_backend_device  # noqa: E402
+from conftest import DTYPES, assert_close_report, lora_inputs, triton_backend_device  # noqa: E402
 from fastpeft.reference import dropout_mask, dropout_threshold, lora_linear_ref  # noqa: E402
 
 DEV = triton_backend_device()
@@ -25,13 +25,9 @@ SHAPES = [(1, 48, 80, 1), (33, 80, 48, 16), (100, 48, 136, 24), (7, 64, 40, 128)
 
 def _make(m, k, n, r, dtype, seed=0):
     g = torch.Generator().manual_seed(seed)
-    x = torch.randn(m, k, generator=g, dtype=torch.float64)
-    w = torch.randn(n, k, generator=g, dtype=torch.float64) / k ** 0.5
-    b = torch.randn(n, generator=g, dtype=torch.float64)
-    a = torch.randn(r, k, generator=g, dtype=torch.float64) / k ** 0.5
-    bb = torch.randn(n, r, generator=g, dtype=torch.float64) / r ** 0.5
+    inputs = lora_inputs(g, m, k, n, r)
     dy = torch.randn(m, n, generator=g, dtype=torch.float64)
-    return [t.to(DEV, dtype) for t in (x, w, b, a, bb, dy)]
+    return [t.to(DEV, dtype) for t in (*inputs, dy)]
 
 
 def _reference(x, w, b, a, bb, dy, s, p, seed):

@@ -8,7 +8,7 @@ import torch
 pytest.importorskip("triton")
 
 import fastpeft  # noqa: E402
-from conftest import DTYPES, assert_close_report, triton_backend_device  # noqa: E402
+from conftest import DTYPES, assert_close_report, lora_inputs, triton_backend_device  # noqa: E402
 from fastpeft.functional import lora_sparse_linear, sparse_delta_linear  # noqa: E402
 
 DEV = triton_backend_device()
@@ -38,13 +38,8 @@ def _delta(out_f, in_f, b, density=0.1, seed=0, nnz=None):
 
 
 def _make(m, k, n, r=8, bias=True, seed=0, lead=()):
-    g = torch.Generator().manual_seed(seed)
-    x = torch.randn(*lead, m, k, generator=g, dtype=torch.float64)
-    w = torch.randn(n, k, generator=g, dtype=torch.float64) / k ** 0.5
-    bb = torch.randn(n, generator=g, dtype=torch.float64) if bias else None
-    a = torch.randn(r, k, generator=g, dtype=torch.float64) / k ** 0.5
-    b2 = torch.randn(n, r, generator=g, dtype=torch.float64) / r ** 0.5
-    return [t.to(DEV) if t is not None else None for t in (x, w, bb, a, b2)]
+    inputs = lora_inputs(torch.Generator().manual_seed(seed), m, k, n, r, bias, lead)
+    return [t.to(DEV) if t is not None else None for t in inputs]
 
 
 def _run(backend, dtype, x, w, bias, idx, vals, b, dy, lora=None, grads_wb=False, plan=None):
