@@ -29,20 +29,12 @@ import triton
 import triton.language as tl
 
 from . import INTERPRET, is_deterministic
-from ._common import _cast, _dot_precision, _lowrank_bias_part, _mma, _upcast, _use_explicit_blocks, r_pad
+from ._common import (_cast, _dot_precision, _grouped_coords, _lowrank_bias_part, _mma, _upcast, _use_explicit_blocks,
+                      r_pad)
 
 # ----------------------------------------------------------------------------------------------------
 # kernel
 # ----------------------------------------------------------------------------------------------------
-
-
-@triton.jit
-def _tile_coords(tile, num_m, num_n, GROUP_M: tl.constexpr):
-    """(pid_m, pid_n) of output tile ``tile`` in grouped order (GROUP_M row-blocks together)."""
-    group = GROUP_M * num_n
-    first_m = (tile // group) * GROUP_M
-    size_m = tl.minimum(num_m - first_m, GROUP_M)
-    return first_m + (tile % group) % size_m, (tile % group) // size_m
 
 
 @triton.jit
@@ -93,7 +85,7 @@ def _lora_gemm_tma_kernel(
     rr = tl.arange(0, R_PAD)
     r_ok = rr < R
     for tile in tl.range(tl.program_id(0), num_m * num_n, NUM_SMS):
-        pid_m, pid_n = _tile_coords(tile, num_m, num_n, GROUP_M)
+        pid_m, pid_n = _grouped_coords(tile, num_m, num_n, GROUP_M)
         off_m = pid_m * BLOCK_M
         off_n = pid_n * BLOCK_N
         acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
