@@ -14,7 +14,6 @@ CUDA. Ratios are to ``linear`` of the same shape and mode, measured in the same 
 """
 from __future__ import annotations
 
-import functools
 import os
 import sys
 
@@ -23,7 +22,7 @@ import torch.nn as nn
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 import harness  # noqa: E402
-from harness import Case, Group, env_vars, parse_kxn  # noqa: E402
+from harness import Group, env_vars  # noqa: E402
 
 import fastpeft  # noqa: E402
 
@@ -105,29 +104,23 @@ def groups(m, k, n, r, p, modes, ctx):
 
 def cases(args, ctx) -> list:
     """Every (tokens, shape, rank, dropout) of the options."""
-    return [Case(dict(M=m, K=k, N=n, r=r, p=p), functools.partial(groups, m, k, n, r, p, args.modes, ctx))
-            for m in args.tokens for k, n in args.shapes for r in args.ranks for p in args.dropout]
+    return harness.linear_cases(args, ctx, groups)
 
 
 def add_arguments(ap, cuda: bool) -> None:
-    ap.add_argument("--tokens", nargs="+", type=int, default=GPU_TOKENS if cuda else CPU_TOKENS, help="M values")
-    ap.add_argument("--shapes", nargs="+", type=parse_kxn, default=GPU_SHAPES if cuda else CPU_SHAPES,
-                    help="KxN (in x out) pairs")
+    harness.add_linear_args(ap, cuda, (GPU_TOKENS, CPU_TOKENS), (GPU_SHAPES, CPU_SHAPES))
     ap.add_argument("--ranks", nargs="+", type=int, default=GPU_RANKS if cuda else CPU_RANKS)
     ap.add_argument("--dropout", nargs="+", type=float, default=[0.0, 0.1])
 
 
-COLUMNS = [("M", "M", "{}"), ("K", "K", "{}"), ("N", "N", "{}"), ("r", "r", "{}"), ("p", "p", "{}"),
-           ("mode", "mode", "{}"), ("provider", "provider", "{}"), ("ms", "median ms", "{:.3f}"),
-           ("p20", "p20", "{:.3f}"), ("p80", "p80", "{:.3f}"), ("vs_linear", "x nn.Linear", "{:.3f}"),
-           ("peak_mib", "peak MiB", "{:.0f}"), ("mem_budget_mib", "MiB budget", "{:.0f}")]
+COLUMNS = (harness.plain_columns("M", "K", "N", "r", "p", "mode") + harness.TIMING_COLUMNS + harness.VS_LINEAR_COLUMNS
+           + [("mem_budget_mib", "MiB budget", "{:.0f}")])
 
-BENCHMARK = harness.Benchmark(
+BENCHMARK = harness.linear_benchmark(
     prog="fastpeft bench", description=__doc__, add_arguments=add_arguments, cases=cases, columns=COLUMNS,
     title="LoRA linear, {dtype}, ratios to frozen nn.Linear in the same run", plot_title="LoRA linear ({dtype})",
     no_gpu="No GPU here: the fused kernels need one (not measured on GPU). Timing the eager reference and PEFT "
-           "against nn.Linear on the CPU.",
-    modes=("fwd", "fwd+bwd"), plot_help="bar chart of the ratios to nn.Linear")
+           "against nn.Linear on the CPU.")
 
 
 def main(argv=None) -> list:

@@ -122,10 +122,8 @@ def add_arguments(ap, cuda: bool) -> None:
     ap.add_argument("--shape", type=parse_kxn, default=(4096, 4096) if cuda else (512, 512), help="KxN")
 
 
-COLUMNS = [("phase", "phase", "{}"), ("M", "M", "{}"), ("K", "K", "{}"), ("N", "N", "{}"),
-           ("adapters", "adapters", "{}"), ("ranks", "ranks", "{}"), ("provider", "provider", "{}"),
-           ("ms", "median ms", "{:.3f}"), ("p20", "p20", "{:.3f}"), ("p80", "p80", "{:.3f}"),
-           ("vs_single", "x single", "{:.3f}"), ("peft_over_ours", "peft/fastpeft", "{:.1f}")]
+COLUMNS = (harness.plain_columns("phase", "M", "K", "N", "adapters", "ranks") + harness.TIMING_COLUMNS
+           + [("vs_single", "x single", "{:.3f}"), ("peft_over_ours", "peft/fastpeft", "{:.1f}")])
 
 BENCHMARK = harness.Benchmark(
     prog="fastpeft bench multi", description=__doc__, add_arguments=add_arguments, cases=cases, columns=COLUMNS,

@@ -25,7 +25,7 @@ import torch.nn as nn
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 import harness  # noqa: E402
-from harness import Case, Group, parse_kxn  # noqa: E402
+from harness import Case, Group  # noqa: E402
 
 import fastpeft  # noqa: E402
 from fastpeft.quant import import_bitsandbytes  # noqa: E402
@@ -162,27 +162,22 @@ def cases(args, ctx) -> list:
 
 
 def add_arguments(ap, cuda: bool) -> None:
-    ap.add_argument("--tokens", nargs="+", type=int, default=GPU_TOKENS if cuda else CPU_TOKENS, help="M values")
-    ap.add_argument("--shapes", nargs="+", type=parse_kxn, default=GPU_SHAPES if cuda else CPU_SHAPES,
-                    help="KxN (in x out) pairs")
+    harness.add_linear_args(ap, cuda, (GPU_TOKENS, CPU_TOKENS), (GPU_SHAPES, CPU_SHAPES))
     ap.add_argument("--ranks", nargs="+", type=int, default=[16])
     ap.add_argument("--quant", nargs="+", choices=QUANTS, default=GPU_QUANTS if cuda else CPU_QUANTS,
                     help="the bitsandbytes bases: 4-bit nf4 / fp4 (-nested: double-quantized absmax) or int8 "
                          "(Linear8bitLt)")
 
 
-COLUMNS = [("quant", "base", "{}"), ("M", "M", "{}"), ("K", "K", "{}"), ("N", "N", "{}"), ("r", "r", "{}"),
-           ("mode", "mode", "{}"),
-           ("provider", "provider", "{}"), ("ms", "median ms", "{:.3f}"), ("p20", "p20", "{:.3f}"),
-           ("p80", "p80", "{:.3f}"), ("vs_linear", "x nn.Linear", "{:.3f}"), ("peak_mib", "peak MiB", "{:.0f}")]
+COLUMNS = ([("quant", "base", "{}")] + harness.plain_columns("M", "K", "N", "r", "mode") + harness.TIMING_COLUMNS
+           + harness.VS_LINEAR_COLUMNS)
 
-BENCHMARK = harness.Benchmark(
+BENCHMARK = harness.linear_benchmark(
     prog="fastpeft bench qlora", description=__doc__, add_arguments=add_arguments, cases=cases, columns=COLUMNS,
     title="QLoRA (bitsandbytes bases), {dtype}, ratios to frozen nn.Linear in the same run",
     plot_title="QLoRA ({dtype})",
     no_gpu="No GPU here: the QLoRA kernels need one (not measured on GPU). Timing fastpeft's PyTorch path against "
-           "nn.Linear, PEFT + bitsandbytes and dequantize + matmul + addmm_ on the CPU.",
-    modes=("fwd", "fwd+bwd"), plot_help="bar chart of the ratios to nn.Linear")
+           "nn.Linear, PEFT + bitsandbytes and dequantize + matmul + addmm_ on the CPU.")
 
 
 def main(argv=None) -> list:

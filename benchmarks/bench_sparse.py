@@ -222,20 +222,19 @@ def add_arguments(ap, cuda: bool) -> None:
                     help="0: the sparse delta alone; r > 0: RoSA, a LoRA of rank r beside it (lora_sparse_linear)")
 
 
-COLUMNS = [("M", "M", "{}"), ("K", "K", "{}"), ("N", "N", "{}"), ("lora_r", "LoRA r", "{}"), ("block", "block", "{}"),
-           ("density", "density", "{:.3%}"), ("nnz", "values", "{}"), ("mode", "mode", "{}"),
-           ("provider", "provider", "{}"), ("ms", "median ms", "{:.3f}"), ("p20", "p20", "{:.3f}"),
-           ("p80", "p80", "{:.3f}"), ("vs_linear", "x nn.Linear", "{:.3f}"), ("peak_mib", "peak MiB", "{:.0f}"),
-           ("path", "path (floor)", "{}")]
+COLUMNS = (harness.plain_columns("M", "K", "N") + [("lora_r", "LoRA r", "{}"), ("block", "block", "{}"),
+                                                   ("density", "density", "{:.3%}"), ("nnz", "values", "{}")]
+           + harness.plain_columns("mode") + harness.TIMING_COLUMNS + harness.VS_LINEAR_COLUMNS
+           + [("path", "path (floor)", "{}")])
 
 
-BENCHMARK = harness.Benchmark(
+BENCHMARK = harness.linear_benchmark(
     prog="fastpeft bench sparse", description=__doc__, add_arguments=add_arguments, cases=cases, columns=COLUMNS,
     title="Sparse-delta linear (LoRA r > 0: RoSA), {dtype}, ratios to frozen nn.Linear in the same run",
     plot_title="Sparse-delta linear ({dtype})",
     no_gpu="No GPU here: the sparse-delta kernels need one (not measured on GPU). Timing the torch ways "
            "(the reference, clone + scatter, dense dW + gather) against nn.Linear on the CPU.",
-    modes=("fwd", "fwd+bwd"), plot_help="bar chart of the ratios to nn.Linear", progress="bench sparse")
+    progress="bench sparse")
 
 
 def main(argv=None) -> list:

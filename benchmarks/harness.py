@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import functools
 import json
 import os
 import platform
@@ -83,6 +84,33 @@ def parse_kxn(s: str) -> tuple:
     """``"4096x11008"`` -> (4096, 11008): a (K, N) = (in, out) pair on the command line."""
     k, n = s.lower().split("x")
     return int(k), int(n)
+
+
+def add_linear_args(ap, cuda: bool, tokens: tuple, shapes: tuple) -> None:
+    """``--tokens`` (M values) and ``--shapes`` (KxN pairs) of a linear-layer bench; ``tokens`` and ``shapes``
+    are (GPU defaults, CPU defaults)."""
+    ap.add_argument("--tokens", nargs="+", type=int, default=tokens[0] if cuda else tokens[1], help="M values")
+    ap.add_argument("--shapes", nargs="+", type=parse_kxn, default=shapes[0] if cuda else shapes[1],
+                    help="KxN (in x out) pairs")
+
+
+def linear_cases(args, ctx, groups: Callable) -> list:
+    """A ``Case`` per (M, KxN, r, p) of ``--tokens``, ``--shapes``, ``--ranks`` and ``--dropout``, its groups
+    from ``groups(m, k, n, r, p, modes, ctx)``."""
+    return [Case(dict(M=m, K=k, N=n, r=r, p=p), functools.partial(groups, m, k, n, r, p, args.modes, ctx))
+            for m in args.tokens for k, n in args.shapes for r in args.ranks for p in args.dropout]
+
+
+def plain_columns(*keys: str) -> list:
+    """Table columns headed by their key and printed as they are."""
+    return [(k, k, "{}") for k in keys]
+
+
+# The columns run_cases fills for every row: who ran, the median and its 20% / 80% quantiles; then, for the
+# benches timed against a frozen nn.Linear, the ratio to it and the peak memory.
+TIMING_COLUMNS = [("provider", "provider", "{}"), ("ms", "median ms", "{:.3f}"), ("p20", "p20", "{:.3f}"),
+                  ("p80", "p80", "{:.3f}")]
+VS_LINEAR_COLUMNS = [("vs_linear", "x nn.Linear", "{:.3f}"), ("peak_mib", "peak MiB", "{:.0f}")]
 
 
 def to_markdown(text: str, rows: list, columns: list) -> str:
@@ -245,6 +273,12 @@ class Benchmark:
     modes: tuple = ()
     plot_help: str = "bar chart of the ratios to the baseline"
     progress: str = "bench"
+
+
+def linear_benchmark(**fields) -> Benchmark:
+    """The ``Benchmark`` of a layer timed against a frozen nn.Linear (bench lora, dora, qlora, sparse): modes
+    fwd and fwd+bwd, every ratio (and the plot) to nn.Linear; ``fields`` as ``Benchmark``'s."""
+    return Benchmark(**{"modes": ("fwd", "fwd+bwd"), "plot_help": "bar chart of the ratios to nn.Linear", **fields})
 
 
 def kernels_ok(device: str) -> bool:

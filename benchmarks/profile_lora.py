@@ -239,22 +239,8 @@ def decode_table(tokens, K, N, r, dtype, device, backend) -> tuple:
         def plain():
             return lin(x)
 
-        le, pe = time_us(plain, cuda), time_us(lora, cuda)
-        lg = pg = None
-        note = ""
-        if cuda:
-            try:
-                graphs = []
-                for f in (plain, lora):
-                    f()
-                    torch.cuda.synchronize()
-                    gr = torch.cuda.CUDAGraph()
-                    with torch.cuda.graph(gr):
-                        f()
-                    graphs.append(gr)
-                lg, pg = time_us(graphs[0].replay, True), time_us(graphs[1].replay, True)
-            except Exception as exc:  # not capturable is a finding: record it
-                note = f"capture failed: {type(exc).__name__}: {str(exc).splitlines()[0][:80]}"
+        (le, pe), graph, note = _eager_and_graph([plain, lora], cuda)
+        lg, pg = graph if graph is not None else (None, None)
         gtxt = (f"{lg:.1f} | {pg:.1f} | {pg / lg:.2f}" if lg else f"- | - | {note or 'skipped (CPU)'}")
         lines.append(f"| {m} | {le:.1f} | {pe:.1f} | {pe / le:.2f} | {gtxt} |")
         rows.append(dict(M=m, linear_eager_us=le, lora_eager_us=pe, linear_graph_us=lg, lora_graph_us=pg, note=note))

@@ -27,6 +27,8 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from .demo import positive_int
+
 
 class TinyBlock(nn.Module):
     """Pre-norm transformer block with LLaMA's module names (q/k/v/o_proj, up/down_proj)."""
@@ -178,13 +180,6 @@ BENCHES = {"lora": "bench_lora", "multi": "bench_multi", "sparse": "bench_sparse
            "dora": "bench_dora"}
 
 
-def _positive_int(s):
-    v = int(s)
-    if v <= 0:
-        raise argparse.ArgumentTypeError(f"must be a positive int, got {s}")
-    return v
-
-
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="fastpeft", description="Parameter-efficient fine-tuning with fused kernels.")
     sub = p.add_subparsers(dest="command")
@@ -195,15 +190,15 @@ def build_parser() -> argparse.ArgumentParser:
     sub.add_parser("demo", help="fine-tune all-MiniLM-L6-v2 on Drugs.com reviews with each PEFT method, offline; "
                    "'fastpeft demo --help'", add_help=False)
     t = sub.add_parser("train", help="LoRA on a small built-in transformer, a few seconds on CPU (default)")
-    t.add_argument("--steps", type=_positive_int, default=500, help="at most this many steps (default 500)")
+    t.add_argument("--steps", type=positive_int, default=500, help="at most this many steps (default 500)")
     t.add_argument("--max-seconds", type=float, default=20.0, help="stop after this long (default 20)")
-    t.add_argument("--rank", type=_positive_int, default=8, help="LoRA rank (default 8)")
+    t.add_argument("--rank", type=positive_int, default=8, help="LoRA rank (default 8)")
     t.add_argument("--dropout", type=float, default=0.0, help="LoRA dropout (default 0)")
     t.add_argument("--lr", type=float, default=3e-3, help="AdamW learning rate (default 3e-3)")
-    t.add_argument("--batch", type=_positive_int, default=8)
-    t.add_argument("--seq", type=_positive_int, default=32)
+    t.add_argument("--batch", type=positive_int, default=8)
+    t.add_argument("--seq", type=positive_int, default=32)
     t.add_argument("--seed", type=int, default=0)
-    t.add_argument("--log-every", type=_positive_int, default=25)
+    t.add_argument("--log-every", type=positive_int, default=25)
     t.add_argument("--backend", choices=("auto", "triton", "reference"), default="auto")
     t.add_argument("--save", metavar="DIR", help="also keep the trained adapter in DIR")
     t.add_argument("--json", metavar="FILE", help="write the summary as JSON to FILE")

@@ -600,17 +600,23 @@ class FastLoRALinear(TunerLayer):
         return (f"in_features={self.in_features}, out_features={self.out_features}, bias={self.bias is not None}, "
                 f"active={self._active!r}, merged={self.merged}, adapters=[{adapters}]")
 
-    def forward(self, x: torch.Tensor, adapter_ids: torch.Tensor | None = None) -> torch.Tensor:
-        """x: (..., in) -> (..., out). ``adapter_ids`` (int tensor of shape ``x.shape[:-1]`` per row, or
-        ``(x.shape[0],)`` per sequence) gives each row the adapter of that index in ``adapter_names``
-        (-1 = base only); inside ``fastpeft.mixed_batch`` the per-sequence routing applies."""
+    def _routed_ids(self, x: torch.Tensor, adapter_ids: torch.Tensor | None) -> tuple:
+        """``(routed, adapter_ids)`` of a forward, x checked against in_features: without ``adapter_ids``, those
+        of the enclosing ``fastpeft.mixed_batch`` (``routed``). A merged layer refuses to route rows."""
         check_in_features(x, self.in_features)
         routed = adapter_ids is None and self._routing is not None
         if routed:
             adapter_ids = self._routing[1]
+        if self.merged and adapter_ids is not None:
+            raise RuntimeError("adapter_ids cannot route rows on a merged layer: call unmerge() first")
+        return routed, adapter_ids
+
+    def forward(self, x: torch.Tensor, adapter_ids: torch.Tensor | None = None) -> torch.Tensor:
+        """x: (..., in) -> (..., out). ``adapter_ids`` (int tensor of shape ``x.shape[:-1]`` per row, or
+        ``(x.shape[0],)`` per sequence) gives each row the adapter of that index in ``adapter_names``
+        (-1 = base only); inside ``fastpeft.mixed_batch`` the per-sequence routing applies."""
+        routed, adapter_ids = self._routed_ids(x, adapter_ids)
         if self.merged:
-            if adapter_ids is not None:
-                raise RuntimeError("adapter_ids cannot route rows on a merged layer: call unmerge() first")
             return F.linear(x, self.weight, self.bias)
         if adapter_ids is None:
             name = self._active
@@ -825,13 +831,8 @@ class QLoRALinear(FastLoRALinear):
 
     def forward(self, x: torch.Tensor, adapter_ids: torch.Tensor | None = None) -> torch.Tensor:
         """As ``FastLoRALinear.forward``, on the quantized base."""
-        check_in_features(x, self.in_features)
-        routed = adapter_ids is None and self._routing is not None
-        if routed:
-            adapter_ids = self._routing[1]
+        routed, adapter_ids = self._routed_ids(x, adapter_ids)
         if self.merged:
-            if adapter_ids is not None:
-                raise RuntimeError("adapter_ids cannot route rows on a merged layer: call unmerge() first")
             return self._base_forward(x)
         if adapter_ids is None:
             if self._active is None:

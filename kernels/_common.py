@@ -89,16 +89,55 @@ def _cast(x, dtype: tl.constexpr, UPCAST: tl.constexpr):
 
 
 @triton.jit
-def _grouped_tile(M, N, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, GROUP_M: tl.constexpr):
-    """(pid_m, pid_n) of this program in grouped order (as in Triton's matmul tutorial): GROUP_M
-    row-blocks run together and share their B tiles in L2."""
-    pid = tl.program_id(0)
-    num_m = tl.cdiv(M, BLOCK_M)
-    num_n = tl.cdiv(N, BLOCK_N)
+def _grouped_coords(tile, num_m, num_n, GROUP_M: tl.constexpr):
+    """(pid_m, pid_n) of output tile ``tile`` of a num_m x num_n grid in grouped order (as in Triton's matmul
+    tutorial): GROUP_M row-blocks run together and share their B tiles in L2."""
     group = GROUP_M * num_n
-    first_m = (pid // group) * GROUP_M
+    first_m = (tile // group) * GROUP_M
     size_m = tl.minimum(num_m - first_m, GROUP_M)
-    return first_m + (pid % group) % size_m, (pid % group) // size_m
+    return first_m + (tile % group) % size_m, (tile % group) // size_m
+
+
+@triton.jit
+def _grouped_tile(M, N, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, GROUP_M: tl.constexpr):
+    """(pid_m, pid_n) of this program (one output tile each) in grouped order (``_grouped_coords``)."""
+    return _grouped_coords(tl.program_id(0), tl.cdiv(M, BLOCK_M), tl.cdiv(N, BLOCK_N), GROUP_M)
+
+
+@triton.jit
+def _tile_ranges(pid_m, pid_n, M, N, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
+    """(rm, rn, rk, m_ok, n_ok) of output tile (pid_m, pid_n) of an (M, N) GEMM: its rows, its columns, the
+    first K step's offsets, and which rows / columns lie inside the output."""
+    rm = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    rn = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    return rm, rn, tl.arange(0, BLOCK_K), rm < M, rn < N
+
+
+@triton.jit
+def _lowrank_bias_part(acc, lu, rm, n0, lv_ptr, bias_ptr, N, R, stride_lvr, stride_lvn, seed, threshold,
+                       HAS_BIAS: tl.constexpr, HAS_MASK: tl.constexpr, N_ALIGNED: tl.constexpr, BLOCK_M: tl.constexpr,
+                       SUB_N: tl.constexpr, R_PAD: tl.constexpr, DOT_PRECISION: tl.constexpr, UPCAST: tl.constexpr):
+    """``(acc, rn, n_ok)`` for columns rn = [n0, n0 + SUB_N) of the rows rm of a GEMM epilogue: acc (BLOCK_M,
+    SUB_N) fp32, plus (HAS_MASK) the masked rank-R update mask * (lu @ lv) with lu (BLOCK_M, R_PAD) already
+    scaled, plus the bias. N_ALIGNED: N is known to be a multiple of 4 (else checked at run time)."""
+    rn = n0 + tl.arange(0, SUB_N)
+    n_ok = rn < N
+    if HAS_MASK:
+        rr = tl.arange(0, R_PAD)
+        lv = tl.load(lv_ptr + rr[:, None] * stride_lvr + rn[None, :].to(tl.int64) * stride_lvn,
+                     mask=(rr < R)[:, None] & n_ok[None, :], other=0.0)
+        low = _mma(lu, lv, tl.zeros((BLOCK_M, SUB_N), dtype=tl.float32), DOT_PRECISION, UPCAST)
+        # n0 is a multiple of SUB_N >= 16: with N a multiple of 4, each Philox block is 4 columns of one row.
+        if N_ALIGNED:
+            keep = _keep_mask_tile(seed, rm, n0, N, threshold, BLOCK_M, SUB_N, True)
+        elif N % 4 == 0:
+            keep = _keep_mask_tile(seed, rm, n0, N, threshold, BLOCK_M, SUB_N, True)
+        else:
+            keep = _keep_mask_tile(seed, rm, n0, N, threshold, BLOCK_M, SUB_N, False)
+        acc += tl.where(keep, low, 0.0)
+    if HAS_BIAS:
+        acc += tl.load(bias_ptr + rn, mask=n_ok, other=0.0).to(tl.float32)[None, :]
+    return acc, rn, n_ok
 
 
 # ----------------------------------------------------------------------------------------------------

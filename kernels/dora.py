@@ -34,7 +34,7 @@ import triton.language as tl
 
 from . import INTERPRET, is_deterministic
 from ._common import (_HAS_TRITON_OP, _cast, _dot_precision, _grouped_tile, _keep_mask, _library_op, _mma, _op_body,
-                      _seed, _upcast, _use_explicit_blocks, _wrap, block_setter, eager_or_op, r_pad)
+                      _seed, _tile_ranges, _upcast, _use_explicit_blocks, _wrap, block_setter, eager_or_op, r_pad)
 from .lora import _lowrank_tile
 
 FWD, FWD_EXACT, DX, DX_EXACT, DM_EXACT = 0, 1, 2, 3, 4
@@ -96,11 +96,7 @@ def _dora_gemm_kernel(
     DOT_PRECISION: tl.constexpr, UPCAST: tl.constexpr,
 ):
     pid_m, pid_n = _grouped_tile(M, N, BLOCK_M, BLOCK_N, GROUP_M)
-    rm = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
-    rn = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
-    rk = tl.arange(0, BLOCK_K)
-    m_ok = rm < M
-    n_ok = rn < N
+    rm, rn, rk, m_ok, n_ok = _tile_ranges(pid_m, pid_n, M, N, BLOCK_M, BLOCK_N, BLOCK_K)
     # Row / column base pointers (1-D) instead of loop-carried 2-D pointer tiles: on sm_90 the 2-D int64
     # pointer tiles of a 128x128x64 bf16 tile cost 128 registers per thread and spill (ptxas, 8 warps).
     a_rows = a_ptr + rm.to(tl.int64) * stride_am

@@ -35,8 +35,8 @@ import triton.language as tl
 
 from . import INTERPRET, getenv, is_deterministic
 from ._common import (_HAS_TRITON_OP, _cast, _dot_precision, _grouped_tile, _keep_mask, _keep_mask_tile, _library_op,
-                      _mma, _op_body, _seed, _sm_count, _upcast, _use_explicit_blocks, _wrap, block_setter, capturing,
-                      eager_or_op, r_pad, split_chunk, split_count)
+                      _lowrank_bias_part, _mma, _op_body, _seed, _sm_count, _tile_ranges, _upcast,
+                      _use_explicit_blocks, _wrap, block_setter, capturing, eager_or_op, r_pad, split_chunk, split_count)
 
 # ----------------------------------------------------------------------------------------------------
 # kernels
@@ -119,12 +119,7 @@ def _lora_gemm_kernel(
     UPCAST: tl.constexpr,
 ):
     pid_m, pid_n = _grouped_tile(M, N, BLOCK_M, BLOCK_N, GROUP_M)
-
-    rm = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
-    rn = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
-    rk = tl.arange(0, BLOCK_K)
-    m_ok = rm < M
-    n_ok = rn < N
+    rm, rn, rk, m_ok, n_ok = _tile_ranges(pid_m, pid_n, M, N, BLOCK_M, BLOCK_N, BLOCK_K)
     a_ptrs = a_ptr + rm[:, None].to(tl.int64) * stride_am + rk[None, :].to(tl.int64) * stride_ak
     b_ptrs = b_ptr + rk[:, None].to(tl.int64) * stride_bk + rn[None, :].to(tl.int64) * stride_bn
     acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
@@ -165,30 +160,31 @@ def _lora_gemm_kernel(
                            DOT_PRECISION, UPCAST)
         else:
             H: tl.constexpr = BLOCK_N // 2
-            h0, h1 = tl.split(tl.permute(tl.reshape(acc, (BLOCK_M, 2, H)), (0, 2, 1)))
             if H <= 64:
-                _gemm_epilogue(h0, lu, rm, m_ok, n0, lv_ptr, bias_ptr, out_ptr, N, R, stride_lvr, stride_lvn,
-                               stride_om, stride_on, seed, threshold, HAS_BIAS, True, BLOCK_M, H, R_PAD,
-                               DOT_PRECISION, UPCAST)
-                _gemm_epilogue(h1, lu, rm, m_ok, n0 + H, lv_ptr, bias_ptr, out_ptr, N, R, stride_lvr, stride_lvn,
-                               stride_om, stride_on, seed, threshold, HAS_BIAS, True, BLOCK_M, H, R_PAD,
-                               DOT_PRECISION, UPCAST)
+                _gemm_epilogue_halves(acc, lu, rm, m_ok, n0, lv_ptr, bias_ptr, out_ptr, N, R, stride_lvr, stride_lvn,
+                                      stride_om, stride_on, seed, threshold, HAS_BIAS, BLOCK_M, H, R_PAD,
+                                      DOT_PRECISION, UPCAST)
             else:
                 Q: tl.constexpr = H // 2
-                q0, q1 = tl.split(tl.permute(tl.reshape(h0, (BLOCK_M, 2, Q)), (0, 2, 1)))
-                q2, q3 = tl.split(tl.permute(tl.reshape(h1, (BLOCK_M, 2, Q)), (0, 2, 1)))
-                _gemm_epilogue(q0, lu, rm, m_ok, n0, lv_ptr, bias_ptr, out_ptr, N, R, stride_lvr, stride_lvn,
-                               stride_om, stride_on, seed, threshold, HAS_BIAS, True, BLOCK_M, Q, R_PAD,
-                               DOT_PRECISION, UPCAST)
-                _gemm_epilogue(q1, lu, rm, m_ok, n0 + Q, lv_ptr, bias_ptr, out_ptr, N, R, stride_lvr, stride_lvn,
-                               stride_om, stride_on, seed, threshold, HAS_BIAS, True, BLOCK_M, Q, R_PAD,
-                               DOT_PRECISION, UPCAST)
-                _gemm_epilogue(q2, lu, rm, m_ok, n0 + 2 * Q, lv_ptr, bias_ptr, out_ptr, N, R, stride_lvr,
-                               stride_lvn, stride_om, stride_on, seed, threshold, HAS_BIAS, True, BLOCK_M, Q, R_PAD,
-                               DOT_PRECISION, UPCAST)
-                _gemm_epilogue(q3, lu, rm, m_ok, n0 + 3 * Q, lv_ptr, bias_ptr, out_ptr, N, R, stride_lvr,
-                               stride_lvn, stride_om, stride_on, seed, threshold, HAS_BIAS, True, BLOCK_M, Q, R_PAD,
-                               DOT_PRECISION, UPCAST)
+                h0, h1 = tl.split(tl.permute(tl.reshape(acc, (BLOCK_M, 2, H)), (0, 2, 1)))
+                _gemm_epilogue_halves(h0, lu, rm, m_ok, n0, lv_ptr, bias_ptr, out_ptr, N, R, stride_lvr, stride_lvn,
+                                      stride_om, stride_on, seed, threshold, HAS_BIAS, BLOCK_M, Q, R_PAD,
+                                      DOT_PRECISION, UPCAST)
+                _gemm_epilogue_halves(h1, lu, rm, m_ok, n0 + H, lv_ptr, bias_ptr, out_ptr, N, R, stride_lvr,
+                                      stride_lvn, stride_om, stride_on, seed, threshold, HAS_BIAS, BLOCK_M, Q, R_PAD,
+                                      DOT_PRECISION, UPCAST)
+
+
+@triton.jit
+def _gemm_epilogue_halves(acc, lu, rm, m_ok, n0, lv_ptr, bias_ptr, out_ptr, N, R, stride_lvr, stride_lvn, stride_om,
+                          stride_on, seed, threshold, HAS_BIAS: tl.constexpr, BLOCK_M: tl.constexpr, H: tl.constexpr,
+                          R_PAD: tl.constexpr, DOT_PRECISION: tl.constexpr, UPCAST: tl.constexpr):
+    """The masked ``_gemm_epilogue`` of columns [n0, n0 + 2 H), acc (BLOCK_M, 2 H), one half at a time."""
+    h0, h1 = tl.split(tl.permute(tl.reshape(acc, (BLOCK_M, 2, H)), (0, 2, 1)))
+    _gemm_epilogue(h0, lu, rm, m_ok, n0, lv_ptr, bias_ptr, out_ptr, N, R, stride_lvr, stride_lvn, stride_om,
+                   stride_on, seed, threshold, HAS_BIAS, True, BLOCK_M, H, R_PAD, DOT_PRECISION, UPCAST)
+    _gemm_epilogue(h1, lu, rm, m_ok, n0 + H, lv_ptr, bias_ptr, out_ptr, N, R, stride_lvr, stride_lvn, stride_om,
+                   stride_on, seed, threshold, HAS_BIAS, True, BLOCK_M, H, R_PAD, DOT_PRECISION, UPCAST)
 
 
 @triton.jit
@@ -198,20 +194,8 @@ def _gemm_epilogue(acc, lu, rm, m_ok, n0, lv_ptr, bias_ptr, out_ptr, N, R, strid
                    UPCAST: tl.constexpr):
     """Store columns [n0, n0 + SUB_N) of a GEMM tile: acc (BLOCK_M, SUB_N) fp32, plus (HAS_MASK) the masked
     rank-R update mask * (lu @ lv) with lu (BLOCK_M, R_PAD) already scaled, plus the bias."""
-    rn = n0 + tl.arange(0, SUB_N)
-    n_ok = rn < N
-    if HAS_MASK:
-        rr = tl.arange(0, R_PAD)
-        lv = tl.load(lv_ptr + rr[:, None] * stride_lvr + rn[None, :].to(tl.int64) * stride_lvn,
-                     mask=(rr < R)[:, None] & n_ok[None, :], other=0.0)
-        low = _mma(lu, lv, tl.zeros((BLOCK_M, SUB_N), dtype=tl.float32), DOT_PRECISION, UPCAST)
-        if N % 4 == 0:  # n0 is a multiple of SUB_N >= 16
-            keep = _keep_mask_tile(seed, rm, n0, N, threshold, BLOCK_M, SUB_N, True)
-        else:
-            keep = _keep_mask_tile(seed, rm, n0, N, threshold, BLOCK_M, SUB_N, False)
-        acc += tl.where(keep, low, 0.0)
-    if HAS_BIAS:
-        acc += tl.load(bias_ptr + rn, mask=n_ok, other=0.0).to(tl.float32)[None, :]
+    acc, rn, n_ok = _lowrank_bias_part(acc, lu, rm, n0, lv_ptr, bias_ptr, N, R, stride_lvr, stride_lvn, seed, threshold,
+                                       HAS_BIAS, HAS_MASK, False, BLOCK_M, SUB_N, R_PAD, DOT_PRECISION, UPCAST)
     out = out_ptr + rm[:, None].to(tl.int64) * stride_om + rn[None, :].to(tl.int64) * stride_on
     tl.store(out, _cast(acc, out_ptr.dtype.element_ty, UPCAST), mask=m_ok[:, None] & n_ok[None, :])
 

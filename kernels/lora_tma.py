@@ -29,20 +29,12 @@ import triton
 import triton.language as tl
 
 from . import INTERPRET, is_deterministic
-from ._common import _cast, _dot_precision, _keep_mask_tile, _mma, _upcast, _use_explicit_blocks, r_pad
+from ._common import (_cast, _dot_precision, _grouped_coords, _lowrank_bias_part, _mma, _upcast, _use_explicit_blocks,
+                      r_pad)
 
 # ----------------------------------------------------------------------------------------------------
 # kernel
 # ----------------------------------------------------------------------------------------------------
-
-
-@triton.jit
-def _tile_coords(tile, num_m, num_n, GROUP_M: tl.constexpr):
-    """(pid_m, pid_n) of output tile ``tile`` in grouped order (GROUP_M row-blocks together)."""
-    group = GROUP_M * num_n
-    first_m = (tile // group) * GROUP_M
-    size_m = tl.minimum(num_m - first_m, GROUP_M)
-    return first_m + (tile % group) % size_m, (tile % group) // size_m
 
 
 @triton.jit
@@ -51,18 +43,10 @@ def _tma_store_part(acc, lu, off_m, n0, out_desc, out_ptr, lv_ptr, bias_ptr, M, 
                     SUB_N: tl.constexpr, R_PAD: tl.constexpr, DOT_PRECISION: tl.constexpr, UPCAST: tl.constexpr):
     """Columns [n0, n0 + SUB_N) of a tile: acc (BLOCK_M, SUB_N) fp32 [+ mask * (lu @ lv)] [+ bias], stored
     through the output descriptor (rows and columns past M, N are clipped by the hardware)."""
-    rn = n0 + tl.arange(0, SUB_N)
-    n_ok = rn < N
-    if HAS_MASK:
-        rr = tl.arange(0, R_PAD)
-        lv = tl.load(lv_ptr + rr[:, None] * stride_lvr + rn[None, :].to(tl.int64) * stride_lvn,
-                     mask=(rr < R)[:, None] & n_ok[None, :], other=0.0)
-        low = _mma(lu, lv, tl.zeros((BLOCK_M, SUB_N), dtype=tl.float32), DOT_PRECISION, UPCAST)
-        rm = off_m + tl.arange(0, BLOCK_M)
-        # N is a multiple of 8 (TMA rows) and n0 of SUB_N: each Philox block is 4 columns of one row.
-        acc += tl.where(_keep_mask_tile(seed, rm, n0, N, threshold, BLOCK_M, SUB_N, True), low, 0.0)
-    if HAS_BIAS:
-        acc += tl.load(bias_ptr + rn, mask=n_ok, other=0.0).to(tl.float32)[None, :]
+    # N is a multiple of 8 (TMA rows): N_ALIGNED.
+    acc, rn, n_ok = _lowrank_bias_part(acc, lu, off_m + tl.arange(0, BLOCK_M), n0, lv_ptr, bias_ptr, N, R, stride_lvr,
+                                       stride_lvn, seed, threshold, HAS_BIAS, HAS_MASK, True, BLOCK_M, SUB_N, R_PAD,
+                                       DOT_PRECISION, UPCAST)
     out_desc.store([off_m, n0], _cast(acc, out_ptr.dtype.element_ty, UPCAST))
 
 
@@ -101,7 +85,7 @@ def _lora_gemm_tma_kernel(
     rr = tl.arange(0, R_PAD)
     r_ok = rr < R
     for tile in tl.range(tl.program_id(0), num_m * num_n, NUM_SMS):
-        pid_m, pid_n = _tile_coords(tile, num_m, num_n, GROUP_M)
+        pid_m, pid_n = _grouped_coords(tile, num_m, num_n, GROUP_M)
         off_m = pid_m * BLOCK_M
         off_n = pid_n * BLOCK_N
         acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
@@ -133,29 +117,28 @@ def _lora_gemm_tma_kernel(
         else:
             # The mask applies to the product: halves (quarters at BLOCK_N 256) of the accumulator in turn.
             H: tl.constexpr = BLOCK_N // 2
-            h0, h1 = tl.split(tl.permute(tl.reshape(acc, (BLOCK_M, 2, H)), (0, 2, 1)))
             if H <= 64:
-                _tma_store_part(h0, lu, off_m, off_n, out_desc, out_ptr, lv_ptr, bias_ptr, M, N, R, stride_lvr,
-                                stride_lvn, seed, threshold, HAS_BIAS, True, BLOCK_M, H, R_PAD, DOT_PRECISION, UPCAST)
-                _tma_store_part(h1, lu, off_m, off_n + H, out_desc, out_ptr, lv_ptr, bias_ptr, M, N, R, stride_lvr,
-                                stride_lvn, seed, threshold, HAS_BIAS, True, BLOCK_M, H, R_PAD, DOT_PRECISION,
-                                UPCAST)
+                _tma_store_halves(acc, lu, off_m, off_n, out_desc, out_ptr, lv_ptr, bias_ptr, M, N, R, stride_lvr,
+                                  stride_lvn, seed, threshold, HAS_BIAS, BLOCK_M, H, R_PAD, DOT_PRECISION, UPCAST)
             else:
                 Q: tl.constexpr = H // 2
-                q0, q1 = tl.split(tl.permute(tl.reshape(h0, (BLOCK_M, 2, Q)), (0, 2, 1)))
-                q2, q3 = tl.split(tl.permute(tl.reshape(h1, (BLOCK_M, 2, Q)), (0, 2, 1)))
-                _tma_store_part(q0, lu, off_m, off_n, out_desc, out_ptr, lv_ptr, bias_ptr, M, N, R, stride_lvr,
-                                stride_lvn, seed, threshold, HAS_BIAS, True, BLOCK_M, Q, R_PAD, DOT_PRECISION, UPCAST)
-                _tma_store_part(q1, lu, off_m, off_n + Q, out_desc, out_ptr, lv_ptr, bias_ptr, M, N, R, stride_lvr,
-                                stride_lvn, seed, threshold, HAS_BIAS, True, BLOCK_M, Q, R_PAD, DOT_PRECISION,
-                                UPCAST)
-                _tma_store_part(q2, lu, off_m, off_n + 2 * Q, out_desc, out_ptr, lv_ptr, bias_ptr, M, N, R, stride_lvr,
-                                stride_lvn, seed, threshold, HAS_BIAS, True, BLOCK_M, Q, R_PAD, DOT_PRECISION,
-                                UPCAST)
-                _tma_store_part(q3, lu, off_m, off_n + 3 * Q, out_desc, out_ptr, lv_ptr, bias_ptr, M, N, R, stride_lvr,
-                                stride_lvn, seed, threshold, HAS_BIAS, True, BLOCK_M, Q, R_PAD, DOT_PRECISION,
-                                UPCAST)
+                h0, h1 = tl.split(tl.permute(tl.reshape(acc, (BLOCK_M, 2, H)), (0, 2, 1)))
+                _tma_store_halves(h0, lu, off_m, off_n, out_desc, out_ptr, lv_ptr, bias_ptr, M, N, R, stride_lvr,
+                                  stride_lvn, seed, threshold, HAS_BIAS, BLOCK_M, Q, R_PAD, DOT_PRECISION, UPCAST)
+                _tma_store_halves(h1, lu, off_m, off_n + H, out_desc, out_ptr, lv_ptr, bias_ptr, M, N, R, stride_lvr,
+                                  stride_lvn, seed, threshold, HAS_BIAS, BLOCK_M, Q, R_PAD, DOT_PRECISION, UPCAST)
 
+
+@triton.jit
+def _tma_store_halves(acc, lu, off_m, n0, out_desc, out_ptr, lv_ptr, bias_ptr, M, N, R, stride_lvr, stride_lvn, seed,
+                      threshold, HAS_BIAS: tl.constexpr, BLOCK_M: tl.constexpr, H: tl.constexpr, R_PAD: tl.constexpr,
+                      DOT_PRECISION: tl.constexpr, UPCAST: tl.constexpr):
+    """The masked ``_tma_store_part`` of columns [n0, n0 + 2 H), acc (BLOCK_M, 2 H), one half at a time."""
+    h0, h1 = tl.split(tl.permute(tl.reshape(acc, (BLOCK_M, 2, H)), (0, 2, 1)))
+    _tma_store_part(h0, lu, off_m, n0, out_desc, out_ptr, lv_ptr, bias_ptr, M, N, R, stride_lvr, stride_lvn, seed,
+                    threshold, HAS_BIAS, True, BLOCK_M, H, R_PAD, DOT_PRECISION, UPCAST)
+    _tma_store_part(h1, lu, off_m, n0 + H, out_desc, out_ptr, lv_ptr, bias_ptr, M, N, R, stride_lvr, stride_lvn, seed,
+                    threshold, HAS_BIAS, True, BLOCK_M, H, R_PAD, DOT_PRECISION, UPCAST)
 
 # ----------------------------------------------------------------------------------------------------
 # configs

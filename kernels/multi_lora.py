@@ -98,6 +98,20 @@ def group_rows(ids: torch.Tensor, n: int, block_m: int) -> tuple:
 # ----------------------------------------------------------------------------------------------------
 
 
+@triton.jit
+def _block_rows(blocks_ptr, order_ptr, T, BLOCK_M: tl.constexpr):
+    """``(adapter, start, end, pos, m_ok, rows)`` of this program's row block (program id 0 of T): its adapter,
+    its positions [start, end) in the adapter-sorted order (pos, m_ok: BLOCK_M of them, which are in), and
+    the original row of each position (int64)."""
+    pid = tl.program_id(0)
+    adapter = tl.load(blocks_ptr + pid)
+    start = tl.load(blocks_ptr + T + pid)
+    end = tl.load(blocks_ptr + 2 * T + pid)
+    pos = start + tl.arange(0, BLOCK_M)
+    m_ok = pos < end
+    return adapter, start, end, pos, m_ok, tl.load(order_ptr + pos, mask=m_ok, other=0).to(tl.int64)
+
+
 @triton.jit(do_not_specialize=["seed"])
 def _multi_shrink_kernel(
     # pointers: src (M, Q); w (n, Q, R) stack; out (S, M, R) fp32; order (M,); blocks (3, T);
@@ -113,14 +127,8 @@ def _multi_shrink_kernel(
     HAS_MASK: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_Q: tl.constexpr, R_PAD: tl.constexpr,
     DOT_PRECISION: tl.constexpr, UPCAST: tl.constexpr,
 ):
-    pid = tl.program_id(0)
     pid_s = tl.program_id(1)
-    adapter = tl.load(blocks_ptr + pid)
-    start = tl.load(blocks_ptr + T + pid)
-    end = tl.load(blocks_ptr + 2 * T + pid)
-    pos = start + tl.arange(0, BLOCK_M)
-    m_ok = pos < end
-    rows = tl.load(order_ptr + pos, mask=m_ok, other=0).to(tl.int64)  # original row of each position
+    adapter, start, end, pos, m_ok, rows = _block_rows(blocks_ptr, order_ptr, T, BLOCK_M)
     # Rank masking in the loads: a rank-r_a adapter reads r_a columns of its W, whatever r_max is.
     rank = tl.load(ranks_ptr + adapter)
     rr = tl.arange(0, R_PAD)
@@ -161,13 +169,7 @@ def _multi_expand_kernel(
     HAS_MASK: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, R_PAD: tl.constexpr,
     DOT_PRECISION: tl.constexpr, UPCAST: tl.constexpr,
 ):
-    pid = tl.program_id(0)
-    adapter = tl.load(blocks_ptr + pid)
-    start = tl.load(blocks_ptr + T + pid)
-    end = tl.load(blocks_ptr + 2 * T + pid)
-    pos = start + tl.arange(0, BLOCK_M)
-    m_ok = pos < end
-    rows = tl.load(order_ptr + pos, mask=m_ok, other=0).to(tl.int64)
+    adapter, start, end, pos, m_ok, rows = _block_rows(blocks_ptr, order_ptr, T, BLOCK_M)
     rn = tl.program_id(1) * BLOCK_N + tl.arange(0, BLOCK_N)
     n_ok = rn < N
     rank = tl.where(end > start, tl.load(ranks_ptr + adapter), 0)  # empty block: no loads of w

@@ -46,8 +46,8 @@ import triton.language as tl
 
 from . import INTERPRET
 from ._common import (_HAS_TRITON_OP, _cast, _dot_precision, _grouped_tile, _keep_mask_tile, _library_op, _mma,
-                      _op_body, _seed, _sm_count, _upcast, _use_explicit_blocks, _wrap, block_setter, eager_or_op, r_pad,
-                      split_chunk, split_count)
+                      _op_body, _seed, _sm_count, _tile_ranges, _upcast, _use_explicit_blocks, _wrap, block_setter,
+                      eager_or_op, r_pad, split_chunk, split_count)
 from .lora import _GEMM_CONFIGS, _lowrank_tile, _prune_gemm_configs, env_choice, gemm_launch_config, timed_choice
 
 # ----------------------------------------------------------------------------------------------------
@@ -78,6 +78,21 @@ def _densify_flat_kernel(
 
 
 @triton.jit
+def _block_sub_tile(idx_ptr, b, NSUB, stride_ib, stride_ic, SUB: tl.constexpr):
+    """``(blk, lr, lc, rows, cols)`` of this program's (SUB, SUB) sub-tile of a delta block: block ``blk`` =
+    program id 0, sub-tile (si, sj) = divmod(program id 1, NSUB); lr / lc its rows / columns inside the
+    (b, b) block, rows / cols the same in W (from the block's (row, col) in idx)."""
+    blk = tl.program_id(0)
+    si = tl.program_id(1) // NSUB
+    sj = tl.program_id(1) % NSUB
+    br = tl.load(idx_ptr + blk.to(tl.int64) * stride_ib).to(tl.int64)
+    bc = tl.load(idx_ptr + blk.to(tl.int64) * stride_ib + stride_ic).to(tl.int64)
+    lr = si * SUB + tl.arange(0, SUB)
+    lc = sj * SUB + tl.arange(0, SUB)
+    return blk, lr, lc, br * b + lr, bc * b + lc
+
+
+@triton.jit
 def _densify_block_kernel(
     # pointers: as _densify_flat_kernel; idx (nblocks, 2) block (row, col); val (nblocks, b, b)
     w_ptr, dst_ptr, idx_ptr, val_ptr,
@@ -88,15 +103,7 @@ def _densify_block_kernel(
     # meta-parameters
     SUB: tl.constexpr, UPCAST: tl.constexpr,
 ):
-    blk = tl.program_id(0)
-    si = tl.program_id(1) // NSUB
-    sj = tl.program_id(1) % NSUB
-    br = tl.load(idx_ptr + blk.to(tl.int64) * stride_ib).to(tl.int64)
-    bc = tl.load(idx_ptr + blk.to(tl.int64) * stride_ib + stride_ic).to(tl.int64)
-    lr = si * SUB + tl.arange(0, SUB)
-    lc = sj * SUB + tl.arange(0, SUB)
-    rows = br * b + lr
-    cols = bc * b + lc
+    blk, lr, lc, rows, cols = _block_sub_tile(idx_ptr, b, NSUB, stride_ib, stride_ic, SUB)
     # Clipped edge blocks: the part outside W is neither read nor written.
     ok = ((lr < b) & (rows < out_features))[:, None] & ((lc < b) & (cols < in_features))[None, :]
     w = tl.load(w_ptr + rows[:, None] * stride_wr + cols[None, :] * stride_wc, mask=ok, other=0.0).to(tl.float32)
@@ -126,12 +133,7 @@ def _sparse_gemm_kernel(
 ):
     # out = a @ (W + Δ) [+ scale * mask * (lu @ lv)] [+ bias], with W + Δ formed tile by tile in registers.
     pid_m, pid_n = _grouped_tile(M, N, BLOCK_M, BLOCK_N, GROUP_M)
-
-    rm = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
-    rn = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
-    rk = tl.arange(0, BLOCK_K)
-    m_ok = rm < M
-    n_ok = rn < N
+    rm, rn, rk, m_ok, n_ok = _tile_ranges(pid_m, pid_n, M, N, BLOCK_M, BLOCK_N, BLOCK_K)
     blk_n = (rn // DB).to(tl.int64) * stride_mn     # block coordinate of each output column, as a map offset
     in_n = (rn % DB).to(tl.int64) * stride_vn       # column inside its block
     # The accumulator is out^T: the W + Δ tile, built in registers, is the left MMA operand (Hopper's
@@ -194,16 +196,8 @@ def _sddmm_block_kernel(
     # meta-parameters
     SUB: tl.constexpr, BLOCK_M: tl.constexpr, DOT_PRECISION: tl.constexpr, UPCAST: tl.constexpr,
 ):
-    blk = tl.program_id(0)
-    si = tl.program_id(1) // NSUB
-    sj = tl.program_id(1) % NSUB
+    blk, lr, lc, rows, cols = _block_sub_tile(idx_ptr, b, NSUB, stride_ib, stride_ic, SUB)
     pid_s = tl.program_id(2)
-    br = tl.load(idx_ptr + blk.to(tl.int64) * stride_ib).to(tl.int64)
-    bc = tl.load(idx_ptr + blk.to(tl.int64) * stride_ib + stride_ic).to(tl.int64)
-    lr = si * SUB + tl.arange(0, SUB)
-    lc = sj * SUB + tl.arange(0, SUB)
-    rows = br * b + lr
-    cols = bc * b + lc
     # Values outside W (clipped edge blocks) never reach y: their gradient is an exact 0.
     r_ok = (lr < b) & (rows < N)
     c_ok = (lc < b) & (cols < K)

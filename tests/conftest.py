@@ -28,6 +28,32 @@ def kernel_stream_reference():
         yield
 
 
+def triton_backend_device() -> str:
+    """The device of the kernel tests, called at a test module's import: "cuda" on a GPU, "cpu" under
+    TRITON_INTERPRET=1; skips the whole module where the triton backend cannot run."""
+    pytest.importorskip("triton")
+    from fastpeft import kernels
+
+    if not kernels.INTERPRET and not torch.cuda.is_available():
+        pytest.skip("the triton backend needs a GPU or TRITON_INTERPRET=1", allow_module_level=True)
+    return "cuda" if torch.cuda.is_available() and not kernels.INTERPRET else "cpu"
+
+
+def lora_inputs(g: torch.Generator, m, k, n, r, bias=True, lead=()) -> list:
+    """x (*lead, m, k), W (n, k), bias (n,) or None, A (r, k), B (n, r) of a LoRA linear, float64 on the CPU,
+    drawn from ``g`` in that order; W, A and B scaled so that the products stay O(1)."""
+    x = torch.randn(*lead, m, k, generator=g, dtype=torch.float64)
+    w = torch.randn(n, k, generator=g, dtype=torch.float64) / k ** 0.5
+    b = torch.randn(n, generator=g, dtype=torch.float64) if bias else None
+    a = torch.randn(r, k, generator=g, dtype=torch.float64) / k ** 0.5
+    bb = torch.randn(n, r, generator=g, dtype=torch.float64) / r ** 0.5
+    return [x, w, b, a, bb]
+
+
+# Every dtype the kernels take, by the names test ids use.
+DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
+
+
 def assert_close_report(actual: torch.Tensor, expected: torch.Tensor, rtol: float, atol: float, what: str = ""):
     """assert_close that names the worst element on failure."""
     a, e = actual.double(), expected.double()

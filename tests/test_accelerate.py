@@ -46,6 +46,25 @@ def lora_model(base, seed=0, **kw):
     return peft.get_peft_model(copy.deepcopy(base), peft.LoraConfig(**kw))
 
 
+def with_small_adapter(model, lora_alpha, target_modules):
+    """``model`` with a second adapter "small" (rank 4), drawn after ``torch.manual_seed(1)``."""
+    torch.manual_seed(1)
+    model.add_adapter("small", peft.LoraConfig(r=4, lora_alpha=lora_alpha, target_modules=target_modules,
+                                               init_lora_weights=False))
+    return model
+
+
+def assert_dropout_recovered(dropped, x, p, tol):
+    """``dropped``, drop(x) solved back from an output, drops a fraction p of x (within 4 sigma) and keeps the
+    rest as x / (1 - p) (to ``tol``). Returns the keep mask."""
+    keep = dropped.abs() > 1e-6 * x.abs()
+    frac = 1 - keep.double().mean().item()
+    n = x.numel()
+    assert abs(frac - p) < 4 * (p * (1 - p) / n) ** 0.5, f"drop rate {frac:.4f}, expected {p} (n={n})"
+    assert_close_report(dropped[keep], (x / (1 - p)).detach()[keep], tol, tol, "kept values")
+    return keep
+
+
 def run(model, ids, **kw):
     """Logits and the gradient of every trainable parameter (by name) of one loss.backward()."""
     model.zero_grad(set_to_none=True)
@@ -135,11 +154,7 @@ def test_dropout_train_matches_peft_formula_with_fastpeft_mask():
     with torch.no_grad():
         delta = y - x @ w.T - bias
         dropped = torch.linalg.solve(b @ a, delta.T).T  # = drop(x)
-    keep = dropped.abs() > 1e-6 * x.abs()
-    frac = 1 - keep.double().mean().item()
-    n = rows * d
-    assert abs(frac - p) < 4 * (p * (1 - p) / n) ** 0.5, f"drop rate {frac:.4f}, expected {p} (n={n})"
-    assert_close_report(dropped[keep], (x / (1 - p)).detach()[keep], 1e-9, 1e-9, "kept values")
+    keep = assert_dropout_recovered(dropped, x, p, 1e-9)
     gy = torch.randn_like(y)
     y.backward(gy)
     got = [x.grad, a.grad, b.grad]
@@ -168,9 +183,7 @@ def test_disable_adapter(base, ids):
 
 
 def test_set_adapter_between_ranks(base, ids):
-    model = lora_model(base)
-    torch.manual_seed(1)
-    model.add_adapter("small", peft.LoraConfig(r=4, lora_alpha=8, target_modules=TARGETS, init_lora_weights=False))
+    model = with_small_adapter(lora_model(base), 8, TARGETS)
     want = {}
     for name in ("small", "default"):
         model.set_adapter(name)
@@ -183,10 +196,7 @@ def test_set_adapter_between_ranks(base, ids):
 
 
 def test_two_active_adapters(base, ids):
-    model = lora_model(base)
-    torch.manual_seed(1)
-    model.add_adapter("small", peft.LoraConfig(r=4, lora_alpha=4, target_modules=["q_proj", "v_proj"],
-                                               init_lora_weights=False))
+    model = with_small_adapter(lora_model(base), 4, ["q_proj", "v_proj"])
     model.base_model.set_adapter(["default", "small"])
     want = run(model, ids)
     assert any("small" in n for n in want[1]) and any("default" in n for n in want[1])
@@ -196,10 +206,7 @@ def test_two_active_adapters(base, ids):
 
 
 def test_mixed_adapter_names_batch_with_base_rows(base, ids):
-    model = lora_model(base)
-    torch.manual_seed(1)
-    model.add_adapter("small", peft.LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj", "v_proj"],
-                                               init_lora_weights=False))
+    model = with_small_adapter(lora_model(base), 8, ["q_proj", "v_proj"])
     for n, p in model.named_parameters():  # adapter_names is inference-only in PEFT; check gradients anyway
         p.requires_grad_("lora_" in n)
     model.eval()
@@ -384,11 +391,7 @@ def test_dora_dropout_train_matches_peft_formula_with_fastpeft_mask():
         g = gain(m, a, b)
         mat = (g - 1)[:, None] * w + g[:, None] * s * (b @ a)
         dropped = torch.linalg.solve(mat, (y - x @ w.T - bias).T).T  # = drop(x)
-    keep = dropped.abs() > 1e-6 * x.abs()
-    frac = 1 - keep.double().mean().item()
-    n = rows * d
-    assert abs(frac - p) < 4 * (p * (1 - p) / n) ** 0.5, f"drop rate {frac:.4f}, expected {p} (n={n})"
-    assert_close_report(dropped[keep], (x / (1 - p)).detach()[keep], 1e-8, 1e-8, "kept values")
+    keep = assert_dropout_recovered(dropped, x, p, 1e-8)
     gy = torch.randn_like(y)
     y.backward(gy)
     got = [x.grad, a.grad, b.grad, m.grad]

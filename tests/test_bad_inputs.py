@@ -130,6 +130,20 @@ def _assert_unchanged(module: nn.Module, before) -> None:
     assert not changed, f"tensors changed: {changed}"
 
 
+def _assert_unique_ids(*tables) -> None:
+    ids = [c.id for table in tables for c in table]
+    assert len(ids) == len(set(ids)), sorted({i for i in ids if ids.count(i) > 1})
+
+
+def _skip_without_bitsandbytes() -> None:
+    from fastpeft.quant import import_bitsandbytes
+
+    try:
+        import_bitsandbytes()
+    except ImportError:
+        pytest.skip("bitsandbytes is not installed")
+
+
 def _assert_message(excinfo, exc, words) -> None:
     assert excinfo.type is exc, f"raised {excinfo.type.__name__} ({excinfo.value}), expected {exc.__name__}"
     msg = str(excinfo.value)
@@ -416,8 +430,7 @@ def test_bad_input_raises_naming_the_argument(case):
 
 
 def test_case_ids_are_unique():
-    ids = [c.id for c in CASES] + [c.id for c in FILE_CASES] + [c.id for c in SAVE_CASES]
-    assert len(ids) == len(set(ids)), sorted({i for i in ids if ids.count(i) > 1})
+    _assert_unique_ids(CASES, FILE_CASES, SAVE_CASES)
 
 
 # ---- adapter files: loads that must fail, leaving the model as it was -------------------------------
@@ -711,15 +724,8 @@ PEFT_CASES = [
 
 @pytest.mark.parametrize("case", [pytest.param(c, id=c.id) for c in PEFT_CASES])
 def test_peft_interop_bad_input_raises_naming_what_was_found(case):
-    obj = case.make() if case.make is not None else None
-    before = _snapshot(obj) if obj is not None else None
-    with pytest.raises(Exception) as excinfo:
-        case.call(obj)
-    _assert_message(excinfo, case.exc, case.words)
-    if obj is not None:
-        _assert_unchanged(obj, before)
-    ids = [c.id for c in CASES + PEFT_CASES]
-    assert len(ids) == len(set(ids))
+    test_bad_input_raises_naming_the_argument(case)
+    _assert_unique_ids(CASES, PEFT_CASES)
 
 
 # ---- quantized base layers (QLoRA) ---------------------------------------------------------------------
@@ -839,18 +845,12 @@ QLORA_CASES = [
 
 @pytest.mark.parametrize("case", [pytest.param(c, id=c.id) for c in QLORA_CASES])
 def test_quantized_base_bad_input_raises_naming_the_module(case):
-    from fastpeft.quant import import_bitsandbytes
-
-    try:
-        import_bitsandbytes()
-    except ImportError:
-        pytest.skip("bitsandbytes is not installed")
+    _skip_without_bitsandbytes()
     test_bad_input_raises_naming_the_argument(case)
 
 
 def test_qlora_case_ids_are_unique():
-    ids = [c.id for c in CASES + QLORA_CASES]
-    assert len(ids) == len(set(ids)), sorted({i for i in ids if ids.count(i) > 1})
+    _assert_unique_ids(CASES, QLORA_CASES)
 
 
 # ---- quantized models: inject / merge_and_unload refuse before any surgery -------------------------------
@@ -916,18 +916,12 @@ QLORA_MODEL_CASES = [
 
 @pytest.mark.parametrize("case", [pytest.param(c, id=c.id) for c in QLORA_MODEL_CASES])
 def test_quantized_model_bad_input_leaves_the_model_unchanged(case):
-    from fastpeft.quant import import_bitsandbytes
-
-    try:
-        import_bitsandbytes()
-    except ImportError:
-        pytest.skip("bitsandbytes is not installed")
+    _skip_without_bitsandbytes()
     test_bad_input_raises_naming_the_argument(case)
 
 
 def test_qlora_model_case_ids_are_unique():
-    ids = [c.id for c in CASES + QLORA_CASES + QLORA_MODEL_CASES]
-    assert len(ids) == len(set(ids)), sorted({i for i in ids if ids.count(i) > 1})
+    _assert_unique_ids(CASES, QLORA_CASES, QLORA_MODEL_CASES)
 
 
 # ---- DoRA: dora_linear's arguments, use_dora's combinations ----------------------------------------------
@@ -991,5 +985,4 @@ def test_dora_bad_input_raises_naming_the_argument(case):
 
 
 def test_dora_case_ids_are_unique():
-    ids = [c.id for c in CASES + QLORA_CASES + QLORA_MODEL_CASES + DORA_CASES]
-    assert len(ids) == len(set(ids)), sorted({i for i in ids if ids.count(i) > 1})
+    _assert_unique_ids(CASES, QLORA_CASES, QLORA_MODEL_CASES, DORA_CASES)

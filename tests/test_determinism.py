@@ -10,17 +10,16 @@ import torch
 pytest.importorskip("triton")
 
 import fastpeft  # noqa: E402
+from conftest import triton_backend_device  # noqa: E402
 from fastpeft import kernels  # noqa: E402
 
-if not kernels.INTERPRET and not torch.cuda.is_available():
-    pytest.skip("the triton backend needs a GPU or TRITON_INTERPRET=1", allow_module_level=True)
+DEV = triton_backend_device()
 
 from fastpeft.kernels import lora as K  # noqa: E402
 from fastpeft.kernels import sparse_delta as SD  # noqa: E402
 from fastpeft.ops import lora as OL  # noqa: E402
 from fastpeft.ops import sparse as OS  # noqa: E402
 
-DEV = "cuda" if torch.cuda.is_available() and not kernels.INTERPRET else "cpu"
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
 OPS = ["lora_linear", "lora_linear_multi", "sparse_delta_linear", "lora_sparse_linear",
        "sparse_delta_linear-b16", "lora_sparse_linear-b16"]

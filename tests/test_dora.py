@@ -166,17 +166,9 @@ def test_kernels_noncontiguous_x():
         assert_close_report(a, e, 2e-5, 2e-5 * float(e.detach().abs().max()), name)
 
 
-@pytest.mark.parametrize("p,mode,bias_scale", [pytest.param(*m.values, 1.0, id=m.id) for m in MODES]
-                         + [pytest.param(0.0, "exact", 30.0, id="p0-bias30")])
-def test_kernels_bf16_error_at_most_twice_pytorchs(p, mode, bias_scale):
+def _assert_bf16_error_at_most_twice_pytorchs(p, mode, t, dy):
     """The flash-attention rule: the kernel's bf16 error against an fp32 reference is at most 2x that of
-    the same formula run by PyTorch in bf16 (plus a tiny atol), for the output and every gradient.
-    bias30: a bias 30x larger, where dm, read back from the bf16 output as Σ dY (y − b) / m, loses most."""
-    shape = (33, 80, 48, 8)
-    t = _case(*shape, dtype=torch.float32)
-    t[5] = t[5] * 4.0  # g ≈ 4 so that bf16 rounding of the output and of z are well apart from zero effects
-    t[2] = t[2] * bias_scale
-    dy = torch.randn(shape[0], shape[2])
+    the same formula run by PyTorch in bf16 (plus a tiny atol), for the output and every gradient."""
     ref32 = _run(_ref(p, mode), t, torch.float32, dy)
     torch16 = _run(_ref(p, mode), t, torch.bfloat16, dy)
     ours16 = _run(_ours("triton", p, mode), t, torch.bfloat16, dy)
@@ -185,6 +177,19 @@ def test_kernels_bf16_error_at_most_twice_pytorchs(p, mode, bias_scale):
         err_pt = float((pt.float() - e).abs().max())
         assert err <= 2 * err_pt + 1e-4 * float(e.detach().abs().max()), \
             f"{name}: kernel {err:.3g} vs PyTorch {err_pt:.3g}"
+
+
+@pytest.mark.parametrize("p,mode,bias_scale", [pytest.param(*m.values, 1.0, id=m.id) for m in MODES]
+                         + [pytest.param(0.0, "exact", 30.0, id="p0-bias30")])
+def test_kernels_bf16_error_at_most_twice_pytorchs(p, mode, bias_scale):
+    """The flash-attention rule (``_assert_bf16_error_at_most_twice_pytorchs``). bias30: a bias 30x larger,
+    where dm, read back from the bf16 output as Σ dY (y − b) / m, loses most."""
+    shape = (33, 80, 48, 8)
+    t = _case(*shape, dtype=torch.float32)
+    t[5] = t[5] * 4.0  # g ≈ 4 so that bf16 rounding of the output and of z are well apart from zero effects
+    t[2] = t[2] * bias_scale
+    dy = torch.randn(shape[0], shape[2])
+    _assert_bf16_error_at_most_twice_pytorchs(p, mode, t, dy)
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -253,14 +258,7 @@ def test_gpu_autotuned_bf16_error_at_most_twice_pytorchs(p, mode):
     shape = (1000, 1024, 1536, 16)
     t = [u.cuda() for u in _case(*shape, dtype=torch.float32)]
     dy = torch.randn(shape[0], shape[2], device="cuda")
-    ref32 = _run(_ref(p, mode), t, torch.float32, dy)
-    torch16 = _run(_ref(p, mode), t, torch.bfloat16, dy)
-    ours16 = _run(_ours("triton", p, mode), t, torch.bfloat16, dy)
-    for name, a, pt, e in zip(NAMES, ours16, torch16, ref32):
-        err = float((a.float() - e).abs().max())
-        err_pt = float((pt.float() - e).abs().max())
-        assert err <= 2 * err_pt + 1e-4 * float(e.detach().abs().max()), \
-            f"{name}: kernel {err:.3g} vs PyTorch {err_pt:.3g}"
+    _assert_bf16_error_at_most_twice_pytorchs(p, mode, t, dy)
 
 
 def test_opcheck_registered_ops():

@@ -238,16 +238,22 @@ def _same(model, before):
     return set(after) == set(before) and all(torch.equal(after[k], before[k]) for k in before)
 
 
+def _assert_load_refused(model, path, match):
+    """load_adapter(model, path) raises a ValueError matching ``match`` and leaves the model's state as it was."""
+    before = _state(model)
+    with pytest.raises(ValueError, match=match):
+        fastpeft.load_adapter(model, path)
+    assert _same(model, before)
+
+
 def test_dora_file_without_magnitudes_refused(tmp_path):
     _peft_model().save_pretrained(tmp_path)
     path = os.path.join(tmp_path, "adapter_model.safetensors")
     w = safetensors_torch.load_file(path)
     safetensors_torch.save_file({k: v for k, v in w.items() if "magnitude" not in k}, path)
     model = _base()
-    before = _state(model)
-    with pytest.raises(ValueError, match="use_dora=true but the file holds no 'lora_magnitude_vector'"):
-        fastpeft.load_adapter(model, tmp_path)
-    assert _same(model, before) and not fastpeft.lora_layers(model)
+    _assert_load_refused(model, tmp_path, "use_dora=true but the file holds no 'lora_magnitude_vector'")
+    assert not fastpeft.lora_layers(model)
 
 
 def test_magnitudes_in_plain_lora_config_refused(tmp_path):
@@ -259,20 +265,15 @@ def test_magnitudes_in_plain_lora_config_refused(tmp_path):
     with open(cfg_path, "w") as f:
         json.dump(cfg, f)
     model = _base()
-    before = _state(model)
-    with pytest.raises(ValueError, match="holds DoRA magnitudes .* use_dora=false"):
-        fastpeft.load_adapter(model, tmp_path)
-    assert _same(model, before) and not fastpeft.lora_layers(model)
+    _assert_load_refused(model, tmp_path, "holds DoRA magnitudes .* use_dora=false")
+    assert not fastpeft.lora_layers(model)
 
 
 def test_dora_file_over_plain_lora_adapter_refused(tmp_path):
     _peft_model().save_pretrained(tmp_path)
     model = _base()
     fastpeft.inject(model, fastpeft.LoraConfig(r=4, lora_alpha=8, target_modules=TARGETS))
-    before = _state(model)
-    with pytest.raises(ValueError, match="use_dora=True, the model's adapter 'default' has use_dora=False"):
-        fastpeft.load_adapter(model, tmp_path)
-    assert _same(model, before)
+    _assert_load_refused(model, tmp_path, "use_dora=True, the model's adapter 'default' has use_dora=False")
 
 
 def test_routing_dora_adapters_refused():

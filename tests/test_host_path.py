@@ -10,17 +10,15 @@ import torch
 pytest.importorskip("triton")
 
 import fastpeft  # noqa: E402
+from conftest import triton_backend_device  # noqa: E402
 from fastpeft import _checks  # noqa: E402
 from fastpeft import functional as F  # noqa: E402
 from fastpeft import kernels  # noqa: E402
 
-if not kernels.INTERPRET and not torch.cuda.is_available():
-    pytest.skip("the triton backend needs a GPU or TRITON_INTERPRET=1", allow_module_level=True)
+DEV = triton_backend_device()
 
 from fastpeft.kernels import lora as K  # noqa: E402
 from fastpeft.ops import lora as OL  # noqa: E402
-
-DEV = "cuda" if torch.cuda.is_available() and not kernels.INTERPRET else "cpu"
 
 
 def _args(m=3, k=16, n=24, r=4, dtype=torch.float32):
@@ -44,20 +42,26 @@ def test_a_cached_good_call_does_not_let_a_bad_one_through():
         fastpeft.lora_linear(x, w, b, a, bb, 2.0, dropout_p=1.0, backend="reference")
 
 
-@pytest.mark.parametrize("p", [0.0, 0.1], ids=lambda p: f"p{p}")
-def test_no_grad_calls_skip_the_function_and_match(monkeypatch, p):
-    x, w, b, a, bb = _args()
+def _assert_no_grad_skips(monkeypatch, function, backend, x, w, b, a, bb, p):
+    """Under no_grad, lora_linear(backend) gives the bits it gives with grad, without running the autograd
+    ``function``; with a parameter to differentiate (A), the function runs. Returns the no-grad output."""
     a.requires_grad_()
-    want = fastpeft.lora_linear(x, w, b, a, bb, 2.0, dropout_p=p, seed=7, backend="triton").detach()
+    want = fastpeft.lora_linear(x, w, b, a, bb, 2.0, dropout_p=p, seed=7, backend=backend).detach()
     applied = []
-    apply = OL.LoRALinearFunction.apply
-    monkeypatch.setattr(OL.LoRALinearFunction, "apply", lambda *t: applied.append(1) or apply(*t))
+    apply = function.apply
+    monkeypatch.setattr(function, "apply", lambda *t: applied.append(1) or apply(*t))
     with torch.no_grad():
-        got = fastpeft.lora_linear(x, w, b, a, bb, 2.0, dropout_p=p, seed=7, backend="triton")
+        got = fastpeft.lora_linear(x, w, b, a, bb, 2.0, dropout_p=p, seed=7, backend=backend)
     assert not applied
     torch.testing.assert_close(got, want, rtol=0, atol=0)
-    fastpeft.lora_linear(x, w, b, a, bb, 2.0, dropout_p=p, seed=7, backend="triton")
-    assert applied  # with a parameter to differentiate, the Function runs
+    y = fastpeft.lora_linear(x, w, b, a, bb, 2.0, dropout_p=p, seed=7, backend=backend)
+    assert applied and y.requires_grad
+    return got
+
+
+@pytest.mark.parametrize("p", [0.0, 0.1], ids=lambda p: f"p{p}")
+def test_no_grad_calls_skip_the_function_and_match(monkeypatch, p):
+    _assert_no_grad_skips(monkeypatch, OL.LoRALinearFunction, "triton", *_args(), p)
 
 
 @pytest.mark.parametrize("p", [0.0, 0.1], ids=lambda p: f"p{p}")
@@ -68,17 +72,8 @@ def test_cpu_path_no_grad_calls_skip_the_function_and_match(monkeypatch, p, lead
 
     _, w, b, a, bb = (t.cpu() for t in _args())
     x = torch.randn(*lead, w.shape[1], generator=torch.Generator().manual_seed(1))
-    a.requires_grad_()
-    want = fastpeft.lora_linear(x, w, b, a, bb, 2.0, dropout_p=p, seed=7, backend="reference").detach()
-    applied = []
-    apply = lora_cpu.LoRALinearCPUFunction.apply
-    monkeypatch.setattr(lora_cpu.LoRALinearCPUFunction, "apply", lambda *t: applied.append(1) or apply(*t))
-    with torch.no_grad():
-        got = fastpeft.lora_linear(x, w, b, a, bb, 2.0, dropout_p=p, seed=7, backend="reference")
-    assert not applied and got.shape == (*lead, w.shape[0])
-    torch.testing.assert_close(got, want, rtol=0, atol=0)
-    y = fastpeft.lora_linear(x, w, b, a, bb, 2.0, dropout_p=p, seed=7, backend="reference")
-    assert applied and y.requires_grad  # with a parameter to differentiate, the Function runs
+    got = _assert_no_grad_skips(monkeypatch, lora_cpu.LoRALinearCPUFunction, "reference", x, w, b, a, bb, p)
+    assert got.shape == (*lead, w.shape[0])
 
 
 # ---- what the caches are keyed on: each change takes effect on the call after a cached one -------------

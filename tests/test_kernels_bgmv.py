@@ -9,12 +9,11 @@ import torch
 pytest.importorskip("triton")
 
 import fastpeft  # noqa: E402
-from conftest import assert_close_report  # noqa: E402
+from conftest import DTYPES, assert_close_report, triton_backend_device  # noqa: E402
 from fastpeft import kernels  # noqa: E402
 from fastpeft.reference import dropout_mask, dropout_threshold, lora_linear_multi_ref  # noqa: E402
 
-if not kernels.INTERPRET and not torch.cuda.is_available():
-    pytest.skip("the triton backend needs a GPU or TRITON_INTERPRET=1", allow_module_level=True)
+DEV = triton_backend_device()
 
 from fastpeft.kernels import lora as KL  # noqa: E402
 from fastpeft.kernels import multi_lora as MK  # noqa: E402
@@ -23,8 +22,6 @@ from fastpeft.ops import multi as OM  # noqa: E402
 # The kernels are compared with the reference backend: on CPU tensors it must draw the kernels' Philox masks.
 pytestmark = pytest.mark.usefixtures("kernel_stream_reference")
 
-DEV = "cuda" if torch.cuda.is_available() and not kernels.INTERPRET else "cpu"
-DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
 RANKS = [1, 8, 5, 16]  # r_max 16 on adapter 3, rank 1 on adapter 0
 
 

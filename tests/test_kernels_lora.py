@@ -7,7 +7,7 @@ import torch
 pytest.importorskip("triton")
 
 import fastpeft  # noqa: E402
-from conftest import assert_close_report  # noqa: E402
+from conftest import DTYPES, assert_close_report, lora_inputs, triton_backend_device  # noqa: E402
 
 # The kernels are compared with the reference backend: on CPU tensors it must draw the kernels' Philox masks
 # (the oracle), not the CPU path's own stream.
@@ -15,25 +15,17 @@ pytestmark = pytest.mark.usefixtures("kernel_stream_reference")
 from fastpeft import kernels  # noqa: E402
 from fastpeft.reference import dropout_mask, lora_linear_ref  # noqa: E402
 
-if not kernels.INTERPRET and not torch.cuda.is_available():
-    pytest.skip("the triton backend needs a GPU or TRITON_INTERPRET=1", allow_module_level=True)
+DEV = triton_backend_device()
 
 from fastpeft.kernels import _common as C  # noqa: E402
 from fastpeft.kernels import lora as K  # noqa: E402
 
-DEV = "cuda" if torch.cuda.is_available() and not kernels.INTERPRET else "cpu"
-DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
 SHAPES = [(1, 48, 80, 1), (7, 80, 48, 8), (33, 130, 48, 16), (100, 48, 130, 24), (7, 48, 33, 128), (17, 64, 40, 17)]
 
 
 def _make(m, k, n, r, dtype, bias=True, seed=0, lead=()):
-    g = torch.Generator().manual_seed(seed)
-    x = torch.randn(*lead, m, k, generator=g, dtype=torch.float64)
-    w = torch.randn(n, k, generator=g, dtype=torch.float64) / k ** 0.5
-    b = torch.randn(n, generator=g, dtype=torch.float64) if bias else None
-    a = torch.randn(r, k, generator=g, dtype=torch.float64) / k ** 0.5
-    bb = torch.randn(n, r, generator=g, dtype=torch.float64) / r ** 0.5
-    return [t.to(DEV, dtype) if t is not None else None for t in (x, w, b, a, bb)]
+    inputs = lora_inputs(torch.Generator().manual_seed(seed), m, k, n, r, bias, lead)
+    return [t.to(DEV, dtype) if t is not None else None for t in inputs]
 
 
 def _run(backend, x, w, b, a, bb, s, p, seed, dy, grads_wb=False):

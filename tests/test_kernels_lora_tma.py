@@ -8,34 +8,26 @@ import torch
 pytest.importorskip("triton")
 
 import fastpeft  # noqa: E402
-from conftest import assert_close_report  # noqa: E402
-from fastpeft import kernels  # noqa: E402
+from conftest import DTYPES, assert_close_report, lora_inputs, triton_backend_device  # noqa: E402
 from fastpeft.reference import dropout_mask, dropout_threshold, lora_linear_ref  # noqa: E402
 
-if not kernels.INTERPRET and not torch.cuda.is_available():
-    pytest.skip("the triton backend needs a GPU or TRITON_INTERPRET=1", allow_module_level=True)
+DEV = triton_backend_device()
 
 from fastpeft.kernels import lora as K  # noqa: E402
 from fastpeft.kernels import lora_tma as T  # noqa: E402
 
-DEV = "cuda" if torch.cuda.is_available() and not kernels.INTERPRET else "cpu"
 if not T.tma_supported(DEV):
     pytest.skip("needs sm_90+ and triton with tl.make_tensor_descriptor", allow_module_level=True)
 
-DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
 # K and N whole 16-byte rows (multiples of 8); M odd; ranks 1, 16, 24, 128.
 SHAPES = [(1, 48, 80, 1), (33, 80, 48, 16), (100, 48, 136, 24), (7, 64, 40, 128)]
 
 
 def _make(m, k, n, r, dtype, seed=0):
     g = torch.Generator().manual_seed(seed)
-    x = torch.randn(m, k, generator=g, dtype=torch.float64)
-    w = torch.randn(n, k, generator=g, dtype=torch.float64) / k ** 0.5
-    b = torch.randn(n, generator=g, dtype=torch.float64)
-    a = torch.randn(r, k, generator=g, dtype=torch.float64) / k ** 0.5
-    bb = torch.randn(n, r, generator=g, dtype=torch.float64) / r ** 0.5
+    inputs = lora_inputs(g, m, k, n, r)
     dy = torch.randn(m, n, generator=g, dtype=torch.float64)
-    return [t.to(DEV, dtype) for t in (x, w, b, a, bb, dy)]
+    return [t.to(DEV, dtype) for t in (*inputs, dy)]
 
 
 def _reference(x, w, b, a, bb, dy, s, p, seed):

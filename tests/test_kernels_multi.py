@@ -8,22 +8,17 @@ import torch
 pytest.importorskip("triton")
 
 import fastpeft  # noqa: E402
-from conftest import assert_close_report  # noqa: E402
+from conftest import DTYPES, assert_close_report, triton_backend_device  # noqa: E402
 
 # The kernels are compared with the reference backend: on CPU tensors it must draw the kernels' Philox masks
 # (the oracle), not the CPU path's own stream.
 pytestmark = pytest.mark.usefixtures("kernel_stream_reference")
-from fastpeft import kernels  # noqa: E402
 from fastpeft.reference import dropout_mask, dropout_threshold, lora_linear_multi_ref  # noqa: E402
 
-if not kernels.INTERPRET and not torch.cuda.is_available():
-    pytest.skip("the triton backend needs a GPU or TRITON_INTERPRET=1", allow_module_level=True)
+DEV = triton_backend_device()
 
 from fastpeft.kernels import multi_lora as MK  # noqa: E402
 from fastpeft.ops.multi import lora_linear_multi_triton  # noqa: E402
-
-DEV = "cuda" if torch.cuda.is_available() and not kernels.INTERPRET else "cpu"
-DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
 
 
 def _make(m, k, n_out, ranks, dtype, bias=True, seed=0, lead=(), pad_garbage=True):

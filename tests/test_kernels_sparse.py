@@ -10,20 +10,16 @@ import torch
 pytest.importorskip("triton")
 
 import fastpeft  # noqa: E402
-from conftest import assert_close_report  # noqa: E402
-from fastpeft import kernels  # noqa: E402
+from conftest import DTYPES, assert_close_report, lora_inputs, triton_backend_device  # noqa: E402
 from fastpeft.functional import lora_sparse_linear, sparse_delta_linear  # noqa: E402
 
-if not kernels.INTERPRET and not torch.cuda.is_available():
-    pytest.skip("the triton backend needs a GPU or TRITON_INTERPRET=1", allow_module_level=True)
+DEV = triton_backend_device()
 
 from fastpeft.kernels import lora as K  # noqa: E402
 from fastpeft.kernels import sparse_delta as SD  # noqa: E402
 from fastpeft.ops import sparse as OS  # noqa: E402
 from fastpeft.ops.sparse import SparsePlan, build_sparse_plan  # noqa: E402
 
-DEV = "cuda" if torch.cuda.is_available() and not kernels.INTERPRET else "cpu"
-DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
 # (M, in, out): odd sizes; with b = 16 / 32 the bottom / right blocks of 80 x 130 and 48 x 80 are clipped.
 SHAPES = [(1, 80, 48), (7, 130, 80), (33, 80, 48)]
 
@@ -45,13 +41,8 @@ def _delta(out_f, in_f, b, density=0.1, seed=0, nnz=None):
 
 
 def _make(m, k, n, r=8, bias=True, seed=0, lead=()):
-    g = torch.Generator().manual_seed(seed)
-    x = torch.randn(*lead, m, k, generator=g, dtype=torch.float64)
-    w = torch.randn(n, k, generator=g, dtype=torch.float64) / k ** 0.5
-    bb = torch.randn(n, generator=g, dtype=torch.float64) if bias else None
-    a = torch.randn(r, k, generator=g, dtype=torch.float64) / k ** 0.5
-    b2 = torch.randn(n, r, generator=g, dtype=torch.float64) / r ** 0.5
-    return [t.to(DEV) if t is not None else None for t in (x, w, bb, a, b2)]
+    inputs = lora_inputs(torch.Generator().manual_seed(seed), m, k, n, r, bias, lead)
+    return [t.to(DEV) if t is not None else None for t in inputs]
 
 
 def _run(backend, dtype, x, w, bias, idx, vals, b, dy, lora=None, grads_wb=False, plan=None):

@@ -33,20 +33,17 @@ from hypothesis import given, note  # noqa: E402
 from hypothesis import strategies as st  # noqa: E402
 
 import fastpeft  # noqa: E402
-from conftest import assert_close_report  # noqa: E402
+from conftest import assert_close_report, triton_backend_device  # noqa: E402
 
 # The kernels are compared with the reference backend: on CPU tensors it must draw the kernels' Philox masks
 # (the oracle), not the CPU path's own stream.
 pytestmark = pytest.mark.usefixtures("kernel_stream_reference")
-from fastpeft import kernels  # noqa: E402
 from fastpeft.functional import lora_sparse_linear, sparse_delta_linear  # noqa: E402
 
-if not kernels.INTERPRET and not torch.cuda.is_available():
-    pytest.skip("the triton backend needs a GPU or TRITON_INTERPRET=1", allow_module_level=True)
+DEV = triton_backend_device()
 
 from fastpeft.ops.sparse import build_sparse_plan  # noqa: E402
 
-DEV = "cuda" if torch.cuda.is_available() and not kernels.INTERPRET else "cpu"
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 ROWS = [1, 7, 13, 33, 61]
 FEATURES = [5, 17, 48, 80, 97, 130]

@@ -12,10 +12,10 @@ import torch
 pytest.importorskip("triton")
 
 import fastpeft  # noqa: E402
+from conftest import assert_close_report, triton_backend_device  # noqa: E402
 from fastpeft import kernels  # noqa: E402
 
-if not kernels.INTERPRET and not torch.cuda.is_available():
-    pytest.skip("the triton backend needs a GPU or TRITON_INTERPRET=1", allow_module_level=True)
+DEV = triton_backend_device()
 
 from fastpeft.kernels import lora as K  # noqa: E402
 from fastpeft.kernels import lora_tma as KT  # noqa: E402
@@ -23,8 +23,6 @@ from fastpeft.kernels import sparse_delta as SD  # noqa: E402
 from fastpeft.ops import lora as OL  # noqa: E402
 from fastpeft.ops import sparse as OS  # noqa: E402
 from fastpeft.reference import lora_linear_ref  # noqa: E402
-
-from conftest import assert_close_report  # noqa: E402
 
 CUDA = torch.device("cuda")
 # The forced paths are compared with the reference backend: on CPU tensors it draws the kernels' Philox masks.
@@ -170,7 +168,6 @@ def test_forward_and_backward_may_choose_differently(monkeypatch, fwd, bwd, dtyp
 
 # ---- the sparse-delta ops' floor: the kernels or the plain torch composition (ops.sparse.choose_path) --------
 
-DEV = "cuda" if torch.cuda.is_available() and not kernels.INTERPRET else "cpu"
 SPARSE_ENV = ("FASTPEFT_SPARSE_PATH", "FASTPEFT_SPARSE_GEMM", "FASTPEFT_SPARSE_SDDMM")
 # (block size, M, in, out): flat entries; 16 x 16 blocks tiling W exactly; 32 x 32 blocks clipped at the
 # bottom and right edges.

@@ -21,7 +21,8 @@ from . import classify, lm
 from .data import MissingPackage
 
 
-def _positive_int(s):
+def positive_int(s):
+    """An argparse ``type``: the option's value as an int, refused unless > 0 (also serves fastpeft.cli)."""
     v = int(s)
     if v <= 0:
         raise argparse.ArgumentTypeError(f"must be a positive int, got {s}")
@@ -39,21 +40,21 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--4bit", dest="four_bit", action="store_true",
                    help="the lora row and the same LoRA over an NF4 base (qlora: bitsandbytes Linear4bit, double "
                         "quant, for every encoder linear layer), side by side")
-    p.add_argument("--seeds", type=_positive_int, default=1, help="seeds per method (mean ± std when > 1)")
-    p.add_argument("--steps", type=_positive_int, help="training steps per run (default 100)")
-    p.add_argument("--max-train", type=_positive_int, help="training examples (default: all)")
-    p.add_argument("--max-test", type=_positive_int, help="test examples (default 200; --full all)")
-    p.add_argument("--batch-size", type=_positive_int, default=16)
-    p.add_argument("--seq-len", type=_positive_int, help="tokens per review (default 64)")
+    p.add_argument("--seeds", type=positive_int, default=1, help="seeds per method (mean ± std when > 1)")
+    p.add_argument("--steps", type=positive_int, help="training steps per run (default 100)")
+    p.add_argument("--max-train", type=positive_int, help="training examples (default: all)")
+    p.add_argument("--max-test", type=positive_int, help="test examples (default 200; --full all)")
+    p.add_argument("--batch-size", type=positive_int, default=16)
+    p.add_argument("--seq-len", type=positive_int, help="tokens per review (default 64)")
     p.add_argument("--model", choices=("minilm", "smollm2"), default="minilm",
                    help="minilm: the method table (default); smollm2: LoRA on SmolLM2-135M-Instruct as a causal "
                         "LM (held-out loss / perplexity before and after, and a generated sample)")
     p.add_argument("--lm-lr", type=float, default=1e-3, help="smollm2: LoRA learning rate (default 1e-3)")
-    p.add_argument("--lm-batch-size", type=_positive_int, default=8, help="smollm2: batch size (default 8)")
+    p.add_argument("--lm-batch-size", type=positive_int, default=8, help="smollm2: batch size (default 8)")
     p.add_argument("--lm-dropout", type=float, default=0.0,
                    help="smollm2: LoRA dropout (default 0: on the CPU the reference path draws the Philox masks "
                         "in PyTorch, which costs more than the LoRA matmuls themselves)")
-    p.add_argument("--lm-new-tokens", type=_positive_int, default=40,
+    p.add_argument("--lm-new-tokens", type=positive_int, default=40,
                    help="smollm2: tokens of the generated sample (default 40)")
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     p.add_argument("--json", metavar="FILE", help="write the rows and the environment as JSON")
