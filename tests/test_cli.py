@@ -11,7 +11,8 @@ from fastpeft.cli import main
 
 def test_train_job_loss_falls_and_adapter_reloads(tmp_path, capsys):
     out = tmp_path / "run.json"
-    rc = main(["--steps", "60", "--max-seconds", "600", "--quiet", "--log-every", "20", "--json", str(out), "--save", str(tmp_path / "ad")])
+    rc = main(["--steps", "60", "--max-seconds", "600", "--quiet", "--log-every", "20", "--json", str(out),
+               "--save", str(tmp_path / "ad")])
     assert rc == 0
     text = capsys.readouterr().out
     assert "trainable params: " in text and " || all params: " in text and "trainable%: " in text
