@@ -228,9 +228,36 @@ def _check_lora_linear_args(x, weight, bias, lora_A, lora_B, scaling, dropout_p)
     check_dropout(dropout_p, "dropout_p")
 
 
-def check_qlora_linear_args(x, qweight, bias, lora_A, lora_B, scaling, dropout_p) -> None:
+_QLORA_ARGS_OK: dict = {}  # as _LORA_ARGS_OK, for check_qlora_linear_args
+
+
+def check_qlora_linear_args(x, qweight, bias, lora_A, lora_B, scaling, dropout_p) -> dict | None:
     """``qlora_linear``'s arguments: qweight a ``fastpeft.quant.QuantizedWeight`` (out, in), the rest as for
-    ``lora_linear`` (any floating dtype: they are cast to the layer's compute dtype), all on qweight's device."""
+    ``lora_linear`` (any floating dtype: they are cast to the layer's compute dtype), all on qweight's device.
+    Cached as ``check_lora_linear_args``: a set that passed (same types, shapes, dtypes, devices, numbers, the
+    weight's shape and device) passes again without the checks; returns its memo (None when not cached)."""
+    key = None
+    if type(scaling) in (float, int) and type(dropout_p) in (float, int) and not _compiling():
+        try:
+            key = (type(qweight), qweight.shape, qweight.data.device,
+                   *((type(t), t.shape, t.dtype, t.device) for t in (x, lora_A, lora_B)),
+                   None if bias is None else (type(bias), bias.shape, bias.dtype, bias.device), scaling, dropout_p)
+        except AttributeError:
+            key = None
+    if key is not None:
+        memo = _QLORA_ARGS_OK.get(key)
+        if memo is not None:
+            return memo
+    _check_qlora_linear_args(x, qweight, bias, lora_A, lora_B, scaling, dropout_p)
+    if key is None:
+        return None
+    if len(_QLORA_ARGS_OK) >= 4096:  # a bound for programs that sweep shapes
+        _QLORA_ARGS_OK.clear()
+    memo = _QLORA_ARGS_OK[key] = {}
+    return memo
+
+
+def _check_qlora_linear_args(x, qweight, bias, lora_A, lora_B, scaling, dropout_p) -> None:
     from .quant import QuantizedWeight
 
     if not isinstance(qweight, QuantizedWeight):

@@ -278,21 +278,31 @@ def qlora_linear(x, qweight, bias, lora_A, lora_B, scaling, dropout_p=0.0, train
     to it, gradients flowing back through the casts). Dropout as ``lora_linear``. Differentiable in x, lora_A,
     lora_B and bias. ``path`` ("fused" / "dequant") pins the triton forward (tests, benchmarks); None chooses.
     """
-    check_qlora_linear_args(x, qweight, bias, lora_A, lora_B, scaling, dropout_p)
+    memo = check_qlora_linear_args(x, qweight, bias, lora_A, lora_B, scaling, dropout_p)
     check_bool(training, "training")
     check_seed(seed)
     p = float(dropout_p) if training else 0.0
     if p > 0.0 and seed is None:
         seed = draw_seed(x.device)
-    from .ops.qlora import qlora_linear_op
+    name = resolve_backend("qlora_linear", backend, x, lora_A, lora_B, memo=memo)
+    return _qlora_op()(x, qweight, bias, lora_A, lora_B, float(scaling), p, 0 if seed is None else seed, name, path)
 
-    name = resolve_backend("qlora_linear", backend, x, lora_A, lora_B)
-    return qlora_linear_op(x, qweight, bias, lora_A, lora_B, float(scaling), p, 0 if seed is None else seed,
-                           name, path)
+
+_qlora_op_fn = None
+
+
+def _qlora_op():
+    """``ops.qlora.qlora_linear_op``, imported at the first call and kept (as ``_triton_lora``)."""
+    global _qlora_op_fn
+    if _qlora_op_fn is None:
+        from .ops.qlora import qlora_linear_op
+
+        _qlora_op_fn = qlora_linear_op
+    return _qlora_op_fn
 
 
 def dora_linear(x, weight, bias, lora_A, lora_B, magnitude, scaling, dropout_p=0.0, training=True, seed=None,
-                dropout_mode="exact", weight_sq_norm=None, backend=None) -> torch.Tensor:
+                dropout_mode="exact", weight_sq_norm=None, backend=None, norm_cache=None) -> torch.Tensor:
     """DoRA linear (PEFT's ``use_dora=True``): ``y = (m / ‖W + sBA‖_row) ⊙ (x Wᵀ + s drop(x) Aᵀ Bᵀ) + b``,
     the norm detached and never formed as an (out, in) matrix.
 
