@@ -412,10 +412,43 @@ def check_seed(seed) -> None:
         raise ValueError(f"seed must be None or an int in [0, 2**63), got {seed!r}")
 
 
+_DORA_ARGS_OK: dict = {}  # as _LORA_ARGS_OK, for check_dora_linear_args
+
+
+def _tensor_key(t):
+    return None if t is None else (type(t), t.shape, t.dtype, t.device)
+
+
 def check_dora_linear_args(x, weight, bias, lora_A, lora_B, magnitude, scaling, dropout_p, training, seed,
-                           dropout_mode, weight_sq_norm) -> None:
+                           dropout_mode, weight_sq_norm) -> dict | None:
     """A ``dora_linear`` call: ``lora_linear``'s checks, and the magnitude (out,), the dropout mode and the
-    cached squared row norms of W (out,) or None."""
+    cached squared row norms of W (out,) or None. Cached as ``check_lora_linear_args`` (the seed, which changes
+    from call to call, is checked every time); returns the argument set's memo, None when it is not cached."""
+    check_seed(seed)
+    key = _lora_args_key(x, weight, bias, lora_A, lora_B, scaling, dropout_p)
+    if key is not None and type(training) is bool and type(dropout_mode) is str:
+        try:
+            key += (_tensor_key(magnitude), _tensor_key(weight_sq_norm), training, dropout_mode)
+        except AttributeError:
+            key = None
+        if key is not None:
+            memo = _DORA_ARGS_OK.get(key)
+            if memo is not None:
+                return memo
+    else:
+        key = None
+    _check_dora_linear_args(x, weight, bias, lora_A, lora_B, magnitude, scaling, dropout_p, training, dropout_mode,
+                            weight_sq_norm)
+    if key is None:
+        return None
+    if len(_DORA_ARGS_OK) >= 4096:  # a bound for programs that sweep shapes
+        _DORA_ARGS_OK.clear()
+    memo = _DORA_ARGS_OK[key] = {}
+    return memo
+
+
+def _check_dora_linear_args(x, weight, bias, lora_A, lora_B, magnitude, scaling, dropout_p, training, dropout_mode,
+                            weight_sq_norm) -> None:
     check_lora_linear_args(x, weight, bias, lora_A, lora_B, scaling, dropout_p)
     out_f = weight.shape[0]
     check_tensor(magnitude, "magnitude", ndim=1)
@@ -430,7 +463,6 @@ def check_dora_linear_args(x, weight, bias, lora_A, lora_B, magnitude, scaling, 
             raise ValueError(f"weight_sq_norm must be floating point, got {weight_sq_norm.dtype}")
         check_same_device_dtype("x", x, False, weight_sq_norm=weight_sq_norm)
     check_bool(training, "training")
-    check_seed(seed)
     check_choice(dropout_mode, DORA_DROPOUT_MODES, "dropout_mode")
 
 

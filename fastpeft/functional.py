@@ -311,15 +311,22 @@ def dora_linear(x, weight, bias, lora_A, lora_B, magnitude, scaling, dropout_p=0
     ``"exact"`` (PEFT's training semantics with dropout: the base term on ``drop(x)`` too) or
     ``"lora_only"`` (opt-in, one GEMM: dropout on the LoRA branch only); eval is the same in both.
     ``weight_sq_norm``: ``‖W_j‖²`` (out,) fp32, cached by the caller while W is frozen (computed when None).
-    Differentiable in x, lora_A, lora_B, magnitude, and bias / weight where they require grad.
+    ``norm_cache``: a dict the caller keeps (a layer's), where calls with nothing to differentiate keep the norm
+    and ``m / norm`` for the W, A, B, magnitude they were computed from (see ``fastpeft.ops.dora.dora_linear``);
+    not used under autocast. Differentiable in x, lora_A, lora_B, magnitude, and bias / weight where they
+    require grad.
     """
-    check_dora_linear_args(x, weight, bias, lora_A, lora_B, magnitude, scaling, dropout_p, training, seed,
-                           dropout_mode, weight_sq_norm)
+    memo = check_dora_linear_args(x, weight, bias, lora_A, lora_B, magnitude, scaling, dropout_p, training, seed,
+                                  dropout_mode, weight_sq_norm)
     p = float(dropout_p) if training else 0.0
     if p > 0.0 and seed is None:
         seed = draw_seed(x.device)
-    name = resolve_backend("dora_linear", backend, x, weight, lora_A, lora_B, magnitude)
+    name = resolve_backend("dora_linear", backend, x, weight, lora_A, lora_B, magnitude, memo=memo)
+    if not autocast_on(x):
+        return _dora_linear_op(x, weight, bias, lora_A, lora_B, magnitude, float(scaling), p, training, seed,
+                               dropout_mode, weight_sq_norm, name, norm_cache)
+    # the cast copies are new tensors every call: no norm_cache
     x, weight, bias, lora_A, lora_B = autocast_inputs(x, weight, bias, lora_A, lora_B)
-    with torch.autocast(x.device.type, enabled=False) if autocast_on(x) else contextlib.nullcontext():
+    with torch.autocast(x.device.type, enabled=False):
         return _dora_linear_op(x, weight, bias, lora_A, lora_B, magnitude, float(scaling), p, training, seed,
                                dropout_mode, weight_sq_norm, name)

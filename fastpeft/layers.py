@@ -699,8 +699,11 @@ class FastLoRALinear(TunerLayer):
 
     def _dora_forward(self, x, name, s, a, b):
         weight, bias = self._base_parameters()
+        cache = self.__dict__.get("_dora_gain")  # the norm and m / n of no-grad calls (see ops.dora.dora_linear)
+        if cache is None:
+            cache = self._dora_gain = {}
         return dora_linear(x, weight, bias, a, b, _entry(self._modules["lora_magnitude_vector"], name), s.scaling,
-                           s.lora_dropout, self.training, weight_sq_norm=self._weight_sq_norm())
+                           s.lora_dropout, self.training, weight_sq_norm=self._weight_sq_norm(), norm_cache=cache)
 
     @torch.no_grad()
     def _dora_merged(self, name: str) -> tuple:
