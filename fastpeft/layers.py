@@ -817,7 +817,8 @@ class QLoRALinear(FastLoRALinear):
         objs = (w, qs, d.get("CB"), d.get("SCB"), getattr(st, "SCB", None))
         with _NO_TORCH_FUNCTION():
             state = (w.data_ptr(), w._version)
-        state += (getattr(qs, "packing_format_for_cpu", False), layer.__dict__.get("compute_dtype"))
+        packed = qs is not None and qs.__dict__.get("packing_format_for_cpu", False)  # QuantState's getattr: 0.7 µs
+        state += (packed, layer.__dict__.get("compute_dtype"))
         cached = self._qw
         if cached is None or cached[1] != state or not all(map(operator.is_, objs, cached[0])):
             self._qw = cached = (objs, state, QuantizedWeight.from_module(layer))
