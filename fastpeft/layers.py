@@ -751,8 +751,9 @@ DORA_QUANTIZED = ("use_dora=True on a quantized (bitsandbytes) base layer is not
 class QLoRALinear(FastLoRALinear):
     """``FastLoRALinear`` over a bitsandbytes ``Linear4bit`` (NF4 / FP4) or ``Linear8bitLt`` base, as PEFT's
     ``lora.bnb`` layers: the bnb module is held as it is in ``base_layer`` (frozen, its packed weight read in place
-    by ``fastpeft.quant.QuantizedWeight`` on every call, nothing dequantized kept); ``weight`` / ``bias`` are its.
-    Adapters are fp32 Parameters (cast to the layer's compute dtype per call); forward is ``qlora_linear``.
+    by ``fastpeft.quant.QuantizedWeight``, a view kept while bnb's tensors stay the same, nothing dequantized
+    kept); ``weight`` / ``bias`` are its. Adapters are fp32 Parameters, cast to the layer's compute dtype per call
+    (without gradients the cast copies are kept while the Parameters are unchanged); forward is ``qlora_linear``.
     Many adapters per batch dequantize W afresh for the call and run ``lora_linear_multi`` on it. RoSA (a sparse
     delta) needs a floating-point weight and is refused. ``merge`` / ``unmerge`` requantize (lossy, warned, as
     PEFT); ``to_linear`` gives a plain floating-point ``nn.Linear``.
