@@ -825,6 +825,12 @@ class QLoRALinear(FastLoRALinear):
             self._qw = cached = (objs, state, QuantizedWeight.from_module(layer))
         return cached[2]
 
+    def _apply(self, fn, *args, **kwargs):
+        # .to() / .cuda() / .cpu() swap the tensors' data: the kept view and casts would hold the old memory (the
+        # packed weight's, on the device it left) until the next call
+        self._qw = self._casts = None
+        return super()._apply(fn, *args, **kwargs)
+
     def _compute_copies(self, cdt: torch.dtype, a, b) -> tuple:
         """``(lora_A, lora_B, bias)`` for a call computing in ``cdt``. With no gradient to take (decode, eval) the
         copies cast to ``cdt`` (fp32 adapters, a bf16 layer) are kept while the Parameters stay the same (identity,
@@ -916,6 +922,7 @@ class QLoRALinear(FastLoRALinear):
         if self.merged:
             raise RuntimeError("merge: the adapter is already merged")
         assign_merged_weight(self.base_layer, merged_weight(self.base_layer, self.delta_weight()))
+        self._qw = None  # the view of the weight before: not kept alive until the next call
         self.merged = True
 
     @torch.no_grad()
@@ -924,6 +931,7 @@ class QLoRALinear(FastLoRALinear):
         if not self.merged:
             raise RuntimeError("unmerge: the adapter is not merged")
         assign_merged_weight(self.base_layer, merged_weight(self.base_layer, -self.delta_weight()))
+        self._qw = None  # the view of the weight before: not kept alive until the next call
         self.merged = False
 
     @torch.no_grad()

@@ -525,3 +525,26 @@ def test_dora_norm_cache_reads_only_the_norm_it_was_given():
         want = F.dora_linear(x, w, b, a, bb, m, 2.0, training=False, backend="reference")
     torch.testing.assert_close(y1, want, rtol=1e-5, atol=1e-5)
     assert not torch.equal(y0, y1)
+
+
+def test_qlora_kept_view_does_not_keep_a_replaced_weight_alive():
+    """merge / unmerge and .to() drop the kept QuantizedWeight: the packed weight they replaced is freed at once,
+    not at the next call (on a GPU near its memory limit, a second copy of every merged or moved layer)."""
+    import gc
+    import warnings
+    import weakref
+
+    layer = fastpeft.FastLoRALinear.from_linear(_nf4_layer(), r=4, init_lora_weights=False).eval()
+    with torch.no_grad():
+        layer(torch.randn(2, 128))
+    for step in ("merge", "unmerge", "to"):
+        old = weakref.ref(layer.quantized_weight().data)  # the packed bytes the kept view holds
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")  # merging requantizes, lossy
+            if step == "to":
+                layer.base_layer.weight.data = layer.base_layer.weight.data.clone()  # as a move swaps the data
+                layer.to("cpu")
+            else:
+                getattr(layer, step)()
+        gc.collect()
+        assert old() is None, step
