@@ -14,7 +14,10 @@ Runs under TRITON_INTERPRET=1 with the kernel launchers replaced by stubs that o
 so the triton path's host work is timed without the interpreter; the reference path runs as it is (its
 matmuls on tiny tensors cost little). Rows: the functional call at M = 1 and 16 rows, and ``FastLoRALinear``'s
 forward (eval, no_grad, one adapter) on the triton backend, and on its default one here (the reference
-backend's CPU path). Prints µs per call (median of 5 rounds of ``--calls`` calls each), in
+backend's CPU path); then the same on the triton backend for QLoRA (``QLoRALinear`` over a bitsandbytes
+``Linear4bit`` NF4 nested, bf16 compute and input, fp32 adapters; ``qlora_linear``) and DoRA
+(``FastLoRALinear(use_dora=True)``; ``dora_linear``), their launchers (``kernels.quant``, ``kernels.dora``)
+stubbed the same way. Prints µs per call (median of 5 rounds of ``--calls`` calls each), in
 this process's CPU time (``time.process_time``: a machine shared with other jobs stretches wall time, not it).
 """
 from __future__ import annotations
@@ -37,7 +40,7 @@ from fastpeft.kernels import lora as K  # noqa: E402
 
 def _stub_launchers():
     """Launchers that allocate their outputs and launch nothing."""
-    K.shrink_op = lambda a, b, **kw: a.new_empty((a.shape[0], b.shape[1]), dtype=torch.float32)
+    K.shrink_op = lambda a, b, *args, **kw: a.new_empty((a.shape[0], b.shape[1]), dtype=torch.float32)
     K.gemm_op = lambda a, b, lu, lv, **kw: a.new_empty((a.shape[0], b.shape[1]))
     K.lowrank_add_op = lambda out, lu, lv, **kw: out
     from fastpeft.kernels import multi_lora as MK
@@ -45,6 +48,18 @@ def _stub_launchers():
     MK.shrink_op = lambda src, w, *a, **kw: src.new_empty((src.shape[0], w.shape[2]), dtype=torch.float32)
     MK.expand_op = lambda out, *a, **kw: out
     MK.bgmv_op = lambda out, *a, **kw: out  # absent before the BGMV kernel: then unused
+    # QLoRA's Function calls the plain launchers (K.lora_shrink / K.lora_gemm), DoRA's the ops
+    from fastpeft.kernels import dora as DK
+    from fastpeft.kernels import quant as QK
+
+    K.lora_shrink = lambda a, b, *args, **kw: a.new_empty((a.shape[0], b.shape[1]), dtype=torch.float32)
+    K.lora_gemm = lambda a, b, lu, lv, *args, **kw: a.new_empty((a.shape[0], b.shape[1]))
+    QK.qlora_fused = lambda x, qw, a, b, *args, **kw: (x.new_empty((x.shape[0], qw.shape[0])),
+                                                       x.new_empty((x.shape[0], a.shape[0]), dtype=torch.float32))
+    QK.dequantize_4bit = lambda qw, dtype, out=None: QK.workspace(qw.device, dtype, qw.shape[0] * qw.shape[1]).view(
+        qw.shape)  # the real launcher's workspace, no kernel
+    DK.norm_op = lambda w, a, b, s: w.new_empty(w.shape[0], dtype=torch.float32)
+    DK.gemm_op = lambda mode, a, b, *args, **kw: a.new_empty((a.shape[0], b.shape[1]))
 
 
 def count_torch_ops(fn) -> list:
@@ -116,6 +131,47 @@ def multi_rows(calls: int) -> None:
     os.environ.pop("FASTPEFT_MULTI_PATH")
 
 
+def _qlora_layer(k: int, n: int, r: int):
+    """A QLoRALinear over a bnb Linear4bit NF4 nested (bf16 compute, as a bf16 model's), fp32 adapters, eval; as
+    tests/test_qlora.py builds it. None where bitsandbytes does not import."""
+    try:
+        import bitsandbytes as bnb
+    except Exception:  # noqa: BLE001 - any import failure: no QLoRA rows
+        return None
+    lin = torch.nn.Linear(k, n)
+    base = bnb.nn.Linear4bit(k, n, compute_dtype=torch.bfloat16, quant_type="nf4", compress_statistics=True)
+    base.weight = bnb.nn.Params4bit(lin.weight.data, requires_grad=False, compress_statistics=True,
+                                    quant_type="nf4", blocksize=64, module=base)
+    base.bias = torch.nn.Parameter(lin.bias.data.clone(), requires_grad=False)
+    return fastpeft.FastLoRALinear.from_linear(base.to("cpu"), r=r, init_lora_weights=False).eval()
+
+
+def quant_dora_rows(k: int, n: int, r: int, xs: dict, no_grad) -> dict:
+    """QLoRA (NF4 nested, bf16 x) and DoRA (fp32) rows: the layers' eval forward in a triton block and the
+    functional calls, no_grad."""
+    from fastpeft.quant import QuantizedWeight
+
+    rows = {}
+    q = _qlora_layer(k, n, r)
+    if q is not None:
+        qxs = {m: xm.bfloat16() for m, xm in xs.items()}
+        a, b, qb = q.lora_A, q.lora_B, q.bias  # read once: the functional rows time the call alone
+        for m, xm in qxs.items():
+            rows[f"QLoRALinear eval triton, no_grad, M={m}"] = ("triton", no_grad(lambda xm=xm: q(xm)))
+        for m, xm in qxs.items():
+            rows[f"qlora_linear triton, stub kernels, no_grad, M={m}"] = no_grad(
+                lambda xm=xm, qw=QuantizedWeight.from_module(q.base_layer): fastpeft.functional.qlora_linear(
+                    xm, qw, qb, a, b, 2.0, backend="triton"))
+    d = fastpeft.FastLoRALinear(k, n, r=r, init_lora_weights=False, use_dora=True).eval()
+    for m, xm in xs.items():
+        rows[f"FastLoRALinear(use_dora) eval triton, no_grad, M={m}"] = ("triton", no_grad(lambda xm=xm: d(xm)))
+    dargs = (d.weight, d.bias, d.lora_A, d.lora_B, d.lora_magnitude_vector["default"])
+    for m, xm in xs.items():
+        rows[f"dora_linear triton, stub kernels, no_grad, M={m}"] = no_grad(
+            lambda xm=xm: fastpeft.functional.dora_linear(xm, *dargs, 2.0, training=False, backend="triton"))
+    return rows
+
+
 def per_call_us(fn, calls: int) -> float:
     for _ in range(min(calls, 200)):
         fn()
@@ -165,6 +221,7 @@ def main(argv=None):
     rows["lora_linear reference, no_grad, M=1"] = no_grad(
         lambda: fastpeft.lora_linear(x, w, b, a, bb, 2.0, backend="reference"))
     rows["FastLoRALinear eval auto (CPU path), no_grad, M=1"] = no_grad(lambda: layer(x))
+    rows.update(quant_dora_rows(k, n, r, xs, no_grad))
     print(f"host µs per call, CPU time (torch {torch.__version__}, {args.calls} calls x 5 rounds, median)")
     for name, fn in rows.items():
         block = contextlib.nullcontext()
@@ -172,7 +229,7 @@ def main(argv=None):
             block, fn = fastpeft.use_backend(fn[0]), fn[1]
         with block:
             us = per_call_us(fn, args.calls)
-        print(f"  {name:<48} {us:8.2f}")
+        print(f"  {name:<52} {us:8.2f}")
 
 
 if __name__ == "__main__":

@@ -228,9 +228,36 @@ def _check_lora_linear_args(x, weight, bias, lora_A, lora_B, scaling, dropout_p)
     check_dropout(dropout_p, "dropout_p")
 
 
-def check_qlora_linear_args(x, qweight, bias, lora_A, lora_B, scaling, dropout_p) -> None:
+_QLORA_ARGS_OK: dict = {}  # as _LORA_ARGS_OK, for check_qlora_linear_args
+
+
+def check_qlora_linear_args(x, qweight, bias, lora_A, lora_B, scaling, dropout_p) -> dict | None:
     """``qlora_linear``'s arguments: qweight a ``fastpeft.quant.QuantizedWeight`` (out, in), the rest as for
-    ``lora_linear`` (any floating dtype: they are cast to the layer's compute dtype), all on qweight's device."""
+    ``lora_linear`` (any floating dtype: they are cast to the layer's compute dtype), all on qweight's device.
+    Cached as ``check_lora_linear_args``: a set that passed (same types, shapes, dtypes, devices, numbers, the
+    weight's shape and device) passes again without the checks; returns its memo (None when not cached)."""
+    key = None
+    if type(scaling) in (float, int) and type(dropout_p) in (float, int) and not _compiling():
+        try:
+            key = (type(qweight), qweight.shape, qweight.data.device,
+                   *((type(t), t.shape, t.dtype, t.device) for t in (x, lora_A, lora_B)),
+                   None if bias is None else (type(bias), bias.shape, bias.dtype, bias.device), scaling, dropout_p)
+        except AttributeError:
+            key = None
+    if key is not None:
+        memo = _QLORA_ARGS_OK.get(key)
+        if memo is not None:
+            return memo
+    _check_qlora_linear_args(x, qweight, bias, lora_A, lora_B, scaling, dropout_p)
+    if key is None:
+        return None
+    if len(_QLORA_ARGS_OK) >= 4096:  # a bound for programs that sweep shapes
+        _QLORA_ARGS_OK.clear()
+    memo = _QLORA_ARGS_OK[key] = {}
+    return memo
+
+
+def _check_qlora_linear_args(x, qweight, bias, lora_A, lora_B, scaling, dropout_p) -> None:
     from .quant import QuantizedWeight
 
     if not isinstance(qweight, QuantizedWeight):
@@ -385,10 +412,43 @@ def check_seed(seed) -> None:
         raise ValueError(f"seed must be None or an int in [0, 2**63), got {seed!r}")
 
 
+_DORA_ARGS_OK: dict = {}  # as _LORA_ARGS_OK, for check_dora_linear_args
+
+
+def _tensor_key(t):
+    return None if t is None else (type(t), t.shape, t.dtype, t.device)
+
+
 def check_dora_linear_args(x, weight, bias, lora_A, lora_B, magnitude, scaling, dropout_p, training, seed,
-                           dropout_mode, weight_sq_norm) -> None:
+                           dropout_mode, weight_sq_norm) -> dict | None:
     """A ``dora_linear`` call: ``lora_linear``'s checks, and the magnitude (out,), the dropout mode and the
-    cached squared row norms of W (out,) or None."""
+    cached squared row norms of W (out,) or None. Cached as ``check_lora_linear_args`` (the seed, which changes
+    from call to call, is checked every time); returns the argument set's memo, None when it is not cached."""
+    check_seed(seed)
+    key = _lora_args_key(x, weight, bias, lora_A, lora_B, scaling, dropout_p)
+    if key is not None and type(training) is bool and type(dropout_mode) is str:
+        try:
+            key += (_tensor_key(magnitude), _tensor_key(weight_sq_norm), training, dropout_mode)
+        except AttributeError:
+            key = None
+        if key is not None:
+            memo = _DORA_ARGS_OK.get(key)
+            if memo is not None:
+                return memo
+    else:
+        key = None
+    _check_dora_linear_args(x, weight, bias, lora_A, lora_B, magnitude, scaling, dropout_p, training, dropout_mode,
+                            weight_sq_norm)
+    if key is None:
+        return None
+    if len(_DORA_ARGS_OK) >= 4096:  # a bound for programs that sweep shapes
+        _DORA_ARGS_OK.clear()
+    memo = _DORA_ARGS_OK[key] = {}
+    return memo
+
+
+def _check_dora_linear_args(x, weight, bias, lora_A, lora_B, magnitude, scaling, dropout_p, training, dropout_mode,
+                            weight_sq_norm) -> None:
     check_lora_linear_args(x, weight, bias, lora_A, lora_B, scaling, dropout_p)
     out_f = weight.shape[0]
     check_tensor(magnitude, "magnitude", ndim=1)
@@ -403,7 +463,6 @@ def check_dora_linear_args(x, weight, bias, lora_A, lora_B, magnitude, scaling, 
             raise ValueError(f"weight_sq_norm must be floating point, got {weight_sq_norm.dtype}")
         check_same_device_dtype("x", x, False, weight_sq_norm=weight_sq_norm)
     check_bool(training, "training")
-    check_seed(seed)
     check_choice(dropout_mode, DORA_DROPOUT_MODES, "dropout_mode")
 
 

@@ -278,21 +278,31 @@ def qlora_linear(x, qweight, bias, lora_A, lora_B, scaling, dropout_p=0.0, train
     to it, gradients flowing back through the casts). Dropout as ``lora_linear``. Differentiable in x, lora_A,
     lora_B and bias. ``path`` ("fused" / "dequant") pins the triton forward (tests, benchmarks); None chooses.
     """
-    check_qlora_linear_args(x, qweight, bias, lora_A, lora_B, scaling, dropout_p)
+    memo = check_qlora_linear_args(x, qweight, bias, lora_A, lora_B, scaling, dropout_p)
     check_bool(training, "training")
     check_seed(seed)
     p = float(dropout_p) if training else 0.0
     if p > 0.0 and seed is None:
         seed = draw_seed(x.device)
-    from .ops.qlora import qlora_linear_op
+    name = resolve_backend("qlora_linear", backend, x, lora_A, lora_B, memo=memo)
+    return _qlora_op()(x, qweight, bias, lora_A, lora_B, float(scaling), p, 0 if seed is None else seed, name, path)
 
-    name = resolve_backend("qlora_linear", backend, x, lora_A, lora_B)
-    return qlora_linear_op(x, qweight, bias, lora_A, lora_B, float(scaling), p, 0 if seed is None else seed,
-                           name, path)
+
+_qlora_op_fn = None
+
+
+def _qlora_op():
+    """``ops.qlora.qlora_linear_op``, imported at the first call and kept (as ``_triton_lora``)."""
+    global _qlora_op_fn
+    if _qlora_op_fn is None:
+        from .ops.qlora import qlora_linear_op
+
+        _qlora_op_fn = qlora_linear_op
+    return _qlora_op_fn
 
 
 def dora_linear(x, weight, bias, lora_A, lora_B, magnitude, scaling, dropout_p=0.0, training=True, seed=None,
-                dropout_mode="exact", weight_sq_norm=None, backend=None) -> torch.Tensor:
+                dropout_mode="exact", weight_sq_norm=None, backend=None, norm_cache=None) -> torch.Tensor:
     """DoRA linear (PEFT's ``use_dora=True``): ``y = (m / ‖W + sBA‖_row) ⊙ (x Wᵀ + s drop(x) Aᵀ Bᵀ) + b``,
     the norm detached and never formed as an (out, in) matrix.
 
@@ -301,15 +311,22 @@ def dora_linear(x, weight, bias, lora_A, lora_B, magnitude, scaling, dropout_p=0
     ``"exact"`` (PEFT's training semantics with dropout: the base term on ``drop(x)`` too) or
     ``"lora_only"`` (opt-in, one GEMM: dropout on the LoRA branch only); eval is the same in both.
     ``weight_sq_norm``: ``‖W_j‖²`` (out,) fp32, cached by the caller while W is frozen (computed when None).
-    Differentiable in x, lora_A, lora_B, magnitude, and bias / weight where they require grad.
+    ``norm_cache``: a dict the caller keeps (a layer's), where calls with nothing to differentiate keep the norm
+    and ``m / norm`` for the W, A, B, magnitude they were computed from (see ``fastpeft.ops.dora.dora_linear``);
+    not used under autocast. Differentiable in x, lora_A, lora_B, magnitude, and bias / weight where they
+    require grad.
     """
-    check_dora_linear_args(x, weight, bias, lora_A, lora_B, magnitude, scaling, dropout_p, training, seed,
-                           dropout_mode, weight_sq_norm)
+    memo = check_dora_linear_args(x, weight, bias, lora_A, lora_B, magnitude, scaling, dropout_p, training, seed,
+                                  dropout_mode, weight_sq_norm)
     p = float(dropout_p) if training else 0.0
     if p > 0.0 and seed is None:
         seed = draw_seed(x.device)
-    name = resolve_backend("dora_linear", backend, x, weight, lora_A, lora_B, magnitude)
+    name = resolve_backend("dora_linear", backend, x, weight, lora_A, lora_B, magnitude, memo=memo)
+    if not autocast_on(x):
+        return _dora_linear_op(x, weight, bias, lora_A, lora_B, magnitude, float(scaling), p, training, seed,
+                               dropout_mode, weight_sq_norm, name, norm_cache)
+    # the cast copies are new tensors every call: no norm_cache
     x, weight, bias, lora_A, lora_B = autocast_inputs(x, weight, bias, lora_A, lora_B)
-    with torch.autocast(x.device.type, enabled=False) if autocast_on(x) else contextlib.nullcontext():
+    with torch.autocast(x.device.type, enabled=False):
         return _dora_linear_op(x, weight, bias, lora_A, lora_B, magnitude, float(scaling), p, training, seed,
                                dropout_mode, weight_sq_norm, name)

@@ -70,6 +70,9 @@ def rosa_spec(sparse_density, sparse_block_size=1, sparse_selection="random") ->
     return SparseSpec(sparse_density, sparse_block_size, sparse_selection) if sparse_density > 0.0 else None
 
 
+_NO_TORCH_FUNCTION = torch._C.DisableTorchFunctionSubclass  # bnb's Params4bit overrides it: 1.5 µs a method
+
+
 def _entry(params: nn.ParameterDict, name: str):
     """``params[name]``, read from the ParameterDict's own table: its ``[]`` goes through nn.Module's
     ``__getattr__`` (1.1 µs a read, a fifth of a decode forward's host time for A and B). Falls back to
@@ -702,8 +705,11 @@ class FastLoRALinear(TunerLayer):
 
     def _dora_forward(self, x, name, s, a, b):
         weight, bias = self._base_parameters()
+        cache = self.__dict__.get("_dora_gain")  # the norm and m / n of no-grad calls (see ops.dora.dora_linear)
+        if cache is None:
+            cache = self._dora_gain = {}
         return dora_linear(x, weight, bias, a, b, _entry(self._modules["lora_magnitude_vector"], name), s.scaling,
-                           s.lora_dropout, self.training, weight_sq_norm=self._weight_sq_norm())
+                           s.lora_dropout, self.training, weight_sq_norm=self._weight_sq_norm(), norm_cache=cache)
 
     @torch.no_grad()
     def _dora_merged(self, name: str) -> tuple:
@@ -751,8 +757,9 @@ DORA_QUANTIZED = ("use_dora=True on a quantized (bitsandbytes) base layer is not
 class QLoRALinear(FastLoRALinear):
     """``FastLoRALinear`` over a bitsandbytes ``Linear4bit`` (NF4 / FP4) or ``Linear8bitLt`` base, as PEFT's
     ``lora.bnb`` layers: the bnb module is held as it is in ``base_layer`` (frozen, its packed weight read in place
-    by ``fastpeft.quant.QuantizedWeight`` on every call, nothing dequantized kept); ``weight`` / ``bias`` are its.
-    Adapters are fp32 Parameters (cast to the layer's compute dtype per call); forward is ``qlora_linear``.
+    by ``fastpeft.quant.QuantizedWeight``, a view kept while bnb's tensors stay the same, nothing dequantized
+    kept); ``weight`` / ``bias`` are its. Adapters are fp32 Parameters, cast to the layer's compute dtype per call
+    (without gradients the cast copies are kept while the Parameters are unchanged); forward is ``qlora_linear``.
     Many adapters per batch dequantize W afresh for the call and run ``lora_linear_multi`` on it. RoSA (a sparse
     delta) needs a floating-point weight and is refused. ``merge`` / ``unmerge`` requantize (lossy, warned, as
     PEFT); ``to_linear`` gives a plain floating-point ``nn.Linear``.
@@ -800,9 +807,55 @@ class QLoRALinear(FastLoRALinear):
     weight = property(lambda self: self.base_layer.weight, doc="bnb's packed weight (Params4bit / Int8Params).")
     bias = property(lambda self: self.base_layer.bias, doc="The bnb layer's bias (out,) or None.")
 
+    _qw = None     # (objects, state, QuantizedWeight): the view quantized_weight keeps
+    _casts = None  # (params, state, (A, B, bias) in the compute dtype): what _compute_copies keeps
+
     def quantized_weight(self) -> QuantizedWeight:
-        """The base weight read in place (built per call: bnb may replace its tensors, e.g. on ``merge``)."""
-        return QuantizedWeight.from_module(self.base_layer)
+        """The base weight read in place. Kept while bnb's objects stay the same: the weight Parameter (identity,
+        storage, version), its quant_state (identity, CPU packing flag) or int8 CB / SCB, and the layer's compute
+        dtype; rebuilt when one changes (``merge`` / ``unmerge`` requantize into a new Parameter, ``.to()`` and bnb's
+        CPU repacking swap the data), and per call while torch.compile traces. Building it cost 5 µs a call."""
+        layer = self._modules["base_layer"]
+        w = layer._parameters.get("weight")
+        if w is None or torch.compiler.is_compiling():
+            return QuantizedWeight.from_module(layer)
+        d = w.__dict__  # bnb's attributes, without Params4bit's __torch_function__ (1.5 µs a read)
+        qs, st = d.get("quant_state"), layer.__dict__.get("state")
+        objs = (w, qs, d.get("CB"), d.get("SCB"), getattr(st, "SCB", None))
+        with _NO_TORCH_FUNCTION():
+            state = (w.data_ptr(), w._version)
+        packed = qs is not None and qs.__dict__.get("packing_format_for_cpu", False)  # QuantState's getattr: 0.7 µs
+        state += (packed, layer.__dict__.get("compute_dtype"))
+        cached = self._qw
+        if cached is None or cached[1] != state or not all(map(operator.is_, objs, cached[0])):
+            self._qw = cached = (objs, state, QuantizedWeight.from_module(layer))
+        return cached[2]
+
+    def _apply(self, fn, *args, **kwargs):
+        # .to() / .cuda() / .cpu() swap the tensors' data: the kept view and casts would hold the old memory (the
+        # packed weight's, on the device it left) until the next call
+        self._qw = self._casts = None
+        return super()._apply(fn, *args, **kwargs)
+
+    def _compute_copies(self, cdt: torch.dtype, a, b) -> tuple:
+        """``(lora_A, lora_B, bias)`` for a call computing in ``cdt``. With no gradient to take (decode, eval) the
+        copies cast to ``cdt`` (fp32 adapters, a bf16 layer) are kept while the Parameters stay the same (identity,
+        storage, version, as ``stacked``; a write through ``.data`` is not seen): three cast kernels fewer a call.
+        Else the Parameters as they are: ``qlora_linear`` casts them and gradients flow back through the casts."""
+        layer = self._modules["base_layer"]
+        bias = layer._parameters["bias"] if "bias" in layer._parameters else layer.bias
+        params = (a, b, bias)
+        if (a.dtype == b.dtype == cdt and (bias is None or bias.dtype == cdt)) or torch.compiler.is_compiling() or (
+                torch.is_grad_enabled() and any(p is not None and p.requires_grad for p in params)):
+            return params
+        state = [None if p is None else (p._version, p.data_ptr(), p.dtype, p.device, p.shape) for p in params]
+        state.append(cdt)
+        cached = self._casts
+        if cached is None or cached[1] != state or not all(map(operator.is_, params, cached[0])):
+            with torch.no_grad():
+                casts = tuple(None if p is None else p.detach().to(cdt) for p in params)
+            self._casts = cached = (params, state, casts)
+        return cached[2]
 
     def _adapter_kwargs(self) -> dict:
         return dict(device=self.weight.device, dtype=torch.float32)  # fp32 adapters, as PEFT's QLoRA
@@ -838,8 +891,9 @@ class QLoRALinear(FastLoRALinear):
             if self._active is None:
                 return self._base_forward(x)
             s = self._specs[self._active]
-            a, b = self.adapter_parameters()
-            return qlora_linear(x, self.quantized_weight(), self.bias, a, b, s.scaling, s.lora_dropout, self.training)
+            qw = self.quantized_weight()
+            a, b, bias = self._compute_copies(qw.compute_dtype_for(x), *self._pair(self._active))
+            return qlora_linear(x, qw, bias, a, b, s.scaling, s.lora_dropout, self.training)
         if routed:
             check_routed_batch(adapter_ids, x)
         ids = expand_adapter_ids(adapter_ids, x, len(self._specs), check_range=not routed)
@@ -869,6 +923,7 @@ class QLoRALinear(FastLoRALinear):
         if self.merged:
             raise RuntimeError("merge: the adapter is already merged")
         assign_merged_weight(self.base_layer, merged_weight(self.base_layer, self.delta_weight()))
+        self._qw = None  # the view of the weight before: not kept alive until the next call
         self.merged = True
 
     @torch.no_grad()
@@ -877,6 +932,7 @@ class QLoRALinear(FastLoRALinear):
         if not self.merged:
             raise RuntimeError("unmerge: the adapter is not merged")
         assign_merged_weight(self.base_layer, merged_weight(self.base_layer, -self.delta_weight()))
+        self._qw = None  # the view of the weight before: not kept alive until the next call
         self.merged = False
 
     @torch.no_grad()

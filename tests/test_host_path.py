@@ -3,7 +3,10 @@ cached by what the checks read, so a bad call is still refused after a good one 
 with nothing to differentiate skip the autograd Function and give the same output. Every cache on the path
 is keyed on (or reads at every call) what it depends on: each test changes one thing after a cached call
 (FASTPEFT_BACKEND, use_backend blocks, the kernel state, dtype, device, autocast, FASTPEFT_LORA_GEMM,
-deterministic mode, torch.compile tracing, the layer's registry) and checks that the next call follows."""
+deterministic mode, torch.compile tracing, the layer's registry) and checks that the next call follows.
+QLoRA and DoRA layers keep what their no-grad calls derive (the QuantizedWeight view, the adapters' casts,
+DoRA's m / norm): requantized, replaced or rewritten weights, adapters and magnitudes, a new compute dtype or
+scaling, and FASTPEFT_QLORA_PATH each show in the next call."""
 import pytest
 import torch
 
@@ -330,3 +333,213 @@ def test_mixed_batch_stacks_follow_the_parameters():
     check(x.double(), ids)
     layer.delete_adapter("default")
     check(x.double(), torch.tensor([0, -1]))
+
+
+# ---- QLoRA and DoRA: the layers' caches follow their weights, adapters and switches ------------------------
+
+def _nf4_layer(in_f=128, out_f=48, compute_dtype=torch.float32, seed=0):
+    """A bnb Linear4bit, NF4 nested, on the CPU (as tests/test_qlora.py builds it)."""
+    bnb = pytest.importorskip("bitsandbytes")
+    import torch.nn as nn
+
+    torch.manual_seed(seed)
+    lin = nn.Linear(in_f, out_f)
+    layer = bnb.nn.Linear4bit(in_f, out_f, compute_dtype=compute_dtype, quant_type="nf4", compress_statistics=True)
+    layer.weight = bnb.nn.Params4bit(lin.weight.data, requires_grad=False, compress_statistics=True,
+                                     quant_type="nf4", blocksize=64, module=layer)
+    layer.bias = nn.Parameter(lin.bias.data.clone(), requires_grad=False)
+    return layer.to("cpu")
+
+
+def _qlora_want(layer, x):
+    """The active adapter's output from a QuantizedWeight built afresh and the Parameters as they are now."""
+    from fastpeft.quant import QuantizedWeight
+
+    s = layer.adapter_spec()
+    with torch.no_grad():
+        return F.qlora_linear(x, QuantizedWeight.from_module(layer.base_layer), layer.bias, layer.lora_A, layer.lora_B,
+                              s.scaling, backend="reference")
+
+
+@pytest.mark.parametrize("backend", ["triton", "reference"])
+def test_qlora_layer_follows_its_weight_after_cached_calls(backend):
+    """QLoRALinear keeps its QuantizedWeight and, without gradients, the adapters' casts to the compute dtype:
+    a requantized weight (merge then unmerge), a replaced one, a new compute dtype and adapters written in place
+    or replaced each show in the next call."""
+    import warnings
+
+    import bitsandbytes as bnb
+    import torch.nn as nn
+
+    torch.manual_seed(0)
+    layer = fastpeft.FastLoRALinear.from_linear(_nf4_layer(), r=4, lora_alpha=8, init_lora_weights=False).eval()
+    x = torch.randn(3, 128)
+    outs = []
+
+    def check(tol=1e-5):
+        with fastpeft.use_backend(backend), torch.no_grad():
+            for _ in range(2):  # the second from the caches
+                y = layer(x)
+                torch.testing.assert_close(y, _qlora_want(layer, x), rtol=tol, atol=tol)
+        outs.append(y)
+    check()
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # merging requantizes, lossy
+        layer.merge()
+        with fastpeft.use_backend(backend), torch.no_grad():
+            merged = layer(x)
+        layer.unmerge()
+    check()
+    assert not torch.equal(outs[-1], outs[0])  # requantized twice: another weight
+    with torch.no_grad():
+        assert (merged - outs[0]).abs().max() < 0.5  # the merged layer: base + adapter, to the quantization error
+    other = _nf4_layer(seed=1).weight  # another quantized weight swapped in
+    layer.base_layer.weight = bnb.nn.Params4bit(other.data, requires_grad=False, quant_state=other.quant_state,
+                                                bnb_quantized=True, module=layer.base_layer)
+    check()
+    with torch.no_grad():  # the same Parameter and quant_state, other bytes behind it (as .to() swaps them)
+        layer.base_layer.weight.data = _nf4_layer(seed=2).weight.data.clone()
+    check()
+    layer.base_layer.compute_dtype = torch.bfloat16  # fp32 adapters and bias: now cast copies, kept
+    check(tol=2e-2)
+    with torch.no_grad():
+        layer.lora_B.mul_(2)  # in place
+    check(tol=2e-2)
+    layer.lora_A_adapters["default"] = nn.Parameter(torch.randn(4, 128))  # replaced
+    check(tol=2e-2)
+    layer.base_layer.bias = nn.Parameter(torch.randn(48), requires_grad=False)
+    check(tol=2e-2)
+    assert all(not torch.equal(a, b) for a, b in zip(outs[1:], outs[2:]))
+
+
+def test_qlora_path_env_takes_effect_after_a_cached_call(monkeypatch):
+    """FASTPEFT_QLORA_PATH is read at every call: a forced path follows a cached (settled) choice at once."""
+    from fastpeft.kernels import quant as KQ
+
+    layer = fastpeft.FastLoRALinear.from_linear(_nf4_layer(), r=4, init_lora_weights=False).eval()
+    x = torch.randn(2, 128)
+    log = []
+    fused, dequant = KQ.qlora_fused, KQ.dequantize_4bit
+    monkeypatch.setattr(KQ, "qlora_fused", lambda *a, **kw: log.append("fused") or fused(*a, **kw))
+    monkeypatch.setattr(KQ, "dequantize_4bit", lambda *a, **kw: log.append("dequant") or dequant(*a, **kw))
+    want = _qlora_want(layer, x)
+    for mode, path in (("auto", "fused"), ("dequant", "dequant"), ("fused", "fused"), ("dequant", "dequant")):
+        if DEV == "cuda" and mode == "auto":
+            continue  # timed there
+        monkeypatch.setenv("FASTPEFT_QLORA_PATH", mode)
+        for _ in range(2):
+            del log[:]
+            with fastpeft.use_backend("triton"), torch.no_grad():
+                torch.testing.assert_close(layer(x), want, rtol=1e-5, atol=1e-5)
+            assert log == [path], mode
+    monkeypatch.setenv("FASTPEFT_QLORA_PATH", "fast")
+    with pytest.raises(ValueError, match="FASTPEFT_QLORA_PATH must be one of"), torch.no_grad():
+        with fastpeft.use_backend("triton"):
+            layer(x)
+
+
+def test_qlora_cached_checks_still_refuse_a_bad_call():
+    from fastpeft.quant import QuantizedWeight
+
+    layer = _nf4_layer()
+    qw = QuantizedWeight.from_module(layer)
+    x, a, b = torch.randn(2, 128), torch.randn(4, 128), torch.randn(48, 4)
+    F.qlora_linear(x, qw, layer.bias, a, b, 2.0, backend="reference")
+    with pytest.raises(ValueError, match="scaling must be a finite number"):
+        F.qlora_linear(x, qw, layer.bias, a, b, float("nan"), backend="reference")
+    with pytest.raises(ValueError, match="lora_B must have shape"):
+        F.qlora_linear(x, qw, layer.bias, a, b[:, :3], 2.0, backend="reference")
+    with pytest.raises(TypeError, match="qweight must be a fastpeft.quant.QuantizedWeight"):
+        F.qlora_linear(x, layer.weight, layer.bias, a, b, 2.0, backend="reference")
+
+
+def _dora_want(layer, x):
+    """The active DoRA adapter's output computed afresh (reference, no cache)."""
+    s = layer.adapter_spec()
+    with torch.no_grad():
+        return F.dora_linear(x, layer.weight, layer.bias, layer.lora_A, layer.lora_B, layer.magnitude(), s.scaling,
+                             training=False, backend="reference")
+
+
+@pytest.mark.parametrize("backend", ["triton", "reference"])
+def test_dora_layer_follows_its_parameters_after_cached_calls(backend):
+    """Without gradients a DoRA layer keeps m / ‖W + sBA‖: a magnitude, A, B or W written in place or
+    replaced, a new scaling and another adapter each show in the next call; a training call is unaffected."""
+    import torch.nn as nn
+
+    torch.manual_seed(0)
+    layer = fastpeft.FastLoRALinear(48, 24, r=4, init_lora_weights=False, use_dora=True).eval()
+    layer.add_adapter("other", 2, 4, init_lora_weights=False, use_dora=True)
+    x = torch.randn(3, 48)
+    outs = []
+
+    def check():
+        with fastpeft.use_backend(backend), torch.no_grad():
+            for _ in range(2):  # the second from the cache
+                y = layer(x)
+                torch.testing.assert_close(y, _dora_want(layer, x), rtol=1e-5, atol=1e-5)
+        outs.append(y)
+    check()
+    with torch.no_grad():
+        layer.magnitude().mul_(1.5)
+    check()
+    with torch.no_grad():
+        layer.lora_A.add_(0.5)  # the norm changes (and the output through u)
+    check()
+    layer.lora_B_adapters["default"] = nn.Parameter(torch.randn(24, 4))
+    check()
+    layer.lora_magnitude_vector["default"] = nn.Parameter(torch.rand(24) + 0.5)
+    check()
+    with torch.no_grad():
+        layer.weight.mul_(0.5)
+    check()
+    layer.update_adapter("default", lora_alpha=16)
+    check()
+    layer.set_adapter("other")
+    check()
+    assert all(not torch.equal(a, b) for a, b in zip(outs, outs[1:]))
+    layer.train()  # with gradients: the Function, the norm computed afresh
+    with fastpeft.use_backend(backend):
+        y = layer(x)
+    y.sum().backward()
+    torch.testing.assert_close(y.detach(), _dora_want(layer, x), rtol=1e-5, atol=1e-5)
+    assert layer.lora_A.grad is not None and layer.magnitude().grad is not None
+
+
+def test_dora_norm_cache_reads_only_the_norm_it_was_given():
+    """The functional call: no cache without a norm_cache dict; with one, the norm is kept in it."""
+    torch.manual_seed(0)
+    w, b, a, bb = torch.randn(24, 48), torch.randn(24), torch.randn(4, 48), torch.randn(24, 4)
+    m, x = torch.rand(24) + 0.5, torch.randn(3, 48)
+    cache = {}
+    with torch.no_grad():
+        y0 = F.dora_linear(x, w, b, a, bb, m, 2.0, training=False, backend="triton", norm_cache=cache)
+        assert "gain" in cache
+        a.mul_(2)
+        y1 = F.dora_linear(x, w, b, a, bb, m, 2.0, training=False, backend="triton", norm_cache=cache)
+        want = F.dora_linear(x, w, b, a, bb, m, 2.0, training=False, backend="reference")
+    torch.testing.assert_close(y1, want, rtol=1e-5, atol=1e-5)
+    assert not torch.equal(y0, y1)
+
+
+def test_qlora_kept_view_does_not_keep_a_replaced_weight_alive():
+    """merge / unmerge and .to() drop the kept QuantizedWeight: the packed weight they replaced is freed at once,
+    not at the next call (on a GPU near its memory limit, a second copy of every merged or moved layer)."""
+    import gc
+    import warnings
+    import weakref
+
+    layer = fastpeft.FastLoRALinear.from_linear(_nf4_layer(), r=4, init_lora_weights=False).eval()
+    with torch.no_grad():
+        layer(torch.randn(2, 128))
+    for step in ("merge", "unmerge", "to"):
+        old = weakref.ref(layer.quantized_weight().data)  # the packed bytes the kept view holds
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")  # merging requantizes, lossy
+            if step == "to":
+                layer.base_layer.weight.data = layer.base_layer.weight.data.clone()  # as a move swaps the data
+                layer.to("cpu")
+            else:
+                getattr(layer, step)()
+        gc.collect()
+        assert old() is None, step

@@ -8,6 +8,8 @@ The norm is detached (DoRA paper §4.3, PEFT's ``weight_norm.detach()``).
 """
 from __future__ import annotations
 
+import operator
+
 import torch
 import torch.nn.functional as F
 
@@ -84,10 +86,19 @@ def dora_norm(weight, lora_A, lora_B, scaling, weight_sq_norm=None, backend="ref
     return dora_norm_factored(weight, lora_A, lora_B, scaling, weight_sq_norm)[0]
 
 
-def _kernels():
-    from ..kernels import dora as K
-    from ..kernels import lora as KL
-    return K, KL
+_kernel_modules = None
+
+
+def _kernels() -> tuple:
+    """``(kernels.dora, kernels.lora)``, imported at the first triton call (they import triton) and kept: the
+    two import statements cost 1.5 µs a call."""
+    global _kernel_modules
+    if _kernel_modules is None:
+        from ..kernels import dora as K
+        from ..kernels import lora as KL
+
+        _kernel_modules = (K, KL)
+    return _kernel_modules
 
 
 class DoRALinearFunction(torch.autograd.Function):
@@ -126,27 +137,11 @@ class DoRALinearFunction(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, x, weight, bias, lora_A, lora_B, magnitude, norm, scaling, dropout_p, seed, exact, impl):
-        dt = torch.float32 if impl == "triton" else _acc_dtype(x.dtype)
-        g = magnitude.detach().to(dt) / norm.to(dt)
+        g = _gain(magnitude, norm, x.dtype, impl)
         p = dropout_p
         thr = dropout_threshold(p) if p > 0.0 else 0
         ds = 1.0 / (1.0 - p) if p > 0.0 else 1.0
-        if impl == "triton":
-            K, KL = _kernels()
-            k = x.shape[1]
-            u = KL.shrink_op(x, lora_A.t(), ds, seed, thr, k, 1)
-            mode = K.FWD_EXACT if exact else K.FWD
-            y = K.gemm_op(mode, x, weight.t(), u, lora_B.t(), g, bias, scaling, seed, thr, ds)
-        else:
-            xd = lora_dropout_ref(x, p, seed) if p > 0.0 else x
-            u = F.linear(xd, lora_A)
-            z = F.linear(xd if exact else x, weight).addmm_(u, lora_B.t(), alpha=scaling)  # in place: no (M, N) copy
-            y = z.mul_(g) if z.dtype == dt else g * z.to(dt)  # in place: z is not needed again
-            if exact:
-                y += F.linear(x - xd, weight).to(dt)
-            if bias is not None:
-                y += bias.to(dt)
-            y = y.to(x.dtype)
+        y, u = _forward(x, weight, bias, lora_A, lora_B, g, scaling, p, seed, thr, ds, exact, impl)
         ctx.save_for_backward(x, weight, bias, lora_A, lora_B, magnitude, norm, g, u, None if exact else y)
         ctx.scaling, ctx.p, ctx.seed, ctx.thr, ctx.ds, ctx.exact, ctx.impl = scaling, p, seed, thr, ds, exact, impl
         return y
@@ -220,6 +215,48 @@ class DoRALinearFunction(torch.autograd.Function):
                 cast(dbb, lora_B), cast(dm, magnitude), None, None, None, None, None, None)
 
 
+def _gain(magnitude, norm, x_dtype, impl) -> torch.Tensor:
+    """g = m / n (N,), fp32 on the kernels, else in x's accumulation dtype."""
+    dt = torch.float32 if impl == "triton" else _acc_dtype(x_dtype)
+    return magnitude.detach().to(dt) / norm.to(dt)
+
+
+def _forward(x, weight, bias, lora_A, lora_B, g, scaling, p, seed, thr, ds, exact, impl) -> tuple:
+    """``(y, u)`` of ``DoRALinearFunction``'s forward, g = m / n given (see there)."""
+    if impl == "triton":
+        K, KL = _kernels()
+        k = x.shape[1]
+        u = KL.shrink_op(x, lora_A.t(), ds, seed, thr, k, 1)
+        mode = K.FWD_EXACT if exact else K.FWD
+        return K.gemm_op(mode, x, weight.t(), u, lora_B.t(), g, bias, scaling, seed, thr, ds), u
+    dt = g.dtype
+    xd = lora_dropout_ref(x, p, seed) if p > 0.0 else x
+    u = F.linear(xd, lora_A)
+    z = F.linear(xd if exact else x, weight).addmm_(u, lora_B.t(), alpha=scaling)  # in place: no (M, N) copy
+    y = z.mul_(g) if z.dtype == dt else g * z.to(dt)  # in place: z is not needed again
+    if exact:
+        y += F.linear(x - xd, weight).to(dt)
+    if bias is not None:
+        y += bias.to(dt)
+    return y.to(x.dtype), u
+
+
+def _cached_gain(norm_cache: dict, weight, lora_A, lora_B, magnitude, scaling: float, weight_sq_norm, x_dtype,
+                 backend: str) -> torch.Tensor:
+    """g = m / ‖W + sBA‖_row for a call with nothing to differentiate, kept in ``norm_cache["gain"]`` with
+    what it was computed from: W, A, B and m (identity, storage, version, dtype, device, shape; a write through
+    ``.data`` is not seen, as for the layers' other caches), the scaling, the backend and the dtype it is in.
+    The norm reads all of W (a kernel on the triton path, as long as the forward's GEMM at decode sizes)."""
+    objs = (weight, lora_A, lora_B, magnitude)
+    state = [(t._version, t.data_ptr(), t.dtype, t.device, t.shape) for t in objs]
+    state.append((scaling, backend, x_dtype))
+    cached = norm_cache.get("gain")
+    if cached is None or cached[1] != state or not all(map(operator.is_, objs, cached[0])):
+        norm = dora_norm(weight, lora_A, lora_B, scaling, weight_sq_norm, backend)
+        cached = norm_cache["gain"] = (objs, state, _gain(magnitude, norm, x_dtype, backend))
+    return cached[2]
+
+
 def _col_dots(dy, y, bias, dt, elems=1 << 22):
     """``Σ_i dY_ij (y_ij − b_j)`` (N,) in dt, in row chunks of about ``elems`` elements: a bounded temporary.
     Chunks this large, not 256 rows: each op pays a fixed thread-pool cost on a busy CPU (256-row chunks took
@@ -243,7 +280,7 @@ def _fix_zero_magnitude(dm, dy, x, weight, lora_B, u, magnitude, norm, s):
 
 
 def dora_linear(x, weight, bias, lora_A, lora_B, magnitude, scaling, dropout_p=0.0, training=True, seed=None,
-                dropout_mode="exact", weight_sq_norm=None, backend="reference") -> torch.Tensor:
+                dropout_mode="exact", weight_sq_norm=None, backend="reference", norm_cache=None) -> torch.Tensor:
     """DoRA linear ``y = (m / ‖W + sBA‖_row) ⊙ (x Wᵀ + s drop(x) Aᵀ Bᵀ) + b`` (see ``DoRALinearFunction``
     for the exact dropout formula and every gradient).
 
@@ -253,6 +290,8 @@ def dora_linear(x, weight, bias, lora_A, lora_B, magnitude, scaling, dropout_p=0
     the same in both). ``weight_sq_norm``: the cached ``weight_sq_norms(weight)`` (reference path).
     ``backend``: ``"reference"`` or ``"triton"``, already resolved (``fastpeft.functional`` resolves
     ``"auto"``). Differentiable in x, lora_A, lora_B, magnitude, and bias / weight where they require grad.
+    A call with nothing to differentiate (decode, eval) runs the forward without the autograd Function and, given
+    ``norm_cache`` (a dict the caller keeps), reuses the norm while W, A, B, m are unchanged (``_cached_gain``).
     """
     if dropout_mode not in DORA_DROPOUT_MODES:
         raise ValueError(f"dropout_mode must be one of {DORA_DROPOUT_MODES}, got {dropout_mode!r}")
@@ -268,10 +307,21 @@ def dora_linear(x, weight, bias, lora_A, lora_B, magnitude, scaling, dropout_p=0
     p = float(dropout_p) if training else 0.0
     if p > 0.0 and seed is None:
         seed = int(torch.randint(0, 2**62, (1,), dtype=torch.int64).item())
-    lead = x.shape[:-1]
-    x2 = x.reshape(-1, k)
-    norm = dora_norm(weight, lora_A, lora_B, float(scaling), weight_sq_norm, backend)
+    x2 = x if x.dim() == 2 else x.reshape(-1, k)  # a 2-D x as it is: both paths take any strides
+    scaling = float(scaling)
     exact = p > 0.0 and dropout_mode == "exact"
-    y = DoRALinearFunction.apply(x2, weight, bias, lora_A, lora_B, magnitude, norm, float(scaling), p,
-                                 0 if seed is None else seed, exact, backend)
-    return y.view(*lead, n_out)
+    seed = 0 if seed is None else seed
+    if torch.is_grad_enabled() and any(t is not None and t.requires_grad
+                                       for t in (x, weight, bias, lora_A, lora_B, magnitude)):
+        norm = dora_norm(weight, lora_A, lora_B, scaling, weight_sq_norm, backend)
+        y = DoRALinearFunction.apply(x2, weight, bias, lora_A, lora_B, magnitude, norm, scaling, p, seed, exact,
+                                     backend)
+    else:  # nothing to differentiate: no autograd Function, nothing saved
+        if norm_cache is not None and not torch.compiler.is_compiling():
+            g = _cached_gain(norm_cache, weight, lora_A, lora_B, magnitude, scaling, weight_sq_norm, x.dtype, backend)
+        else:
+            g = _gain(magnitude, dora_norm(weight, lora_A, lora_B, scaling, weight_sq_norm, backend), x.dtype, backend)
+        thr = dropout_threshold(p) if p > 0.0 else 0
+        ds = 1.0 / (1.0 - p) if p > 0.0 else 1.0
+        y = _forward(x2, weight, bias, lora_A, lora_B, g, scaling, p, seed, thr, ds, exact, backend)[0]
+    return y if x2 is x else y.view(*x.shape[:-1], n_out)

@@ -94,15 +94,7 @@ class QLoRALinearFunction(torch.autograd.Function):
         if path == "reference":
             y, u = _reference_forward(x, lora_A, lora_B, bias, qw, scaling, dropout_p, seed)
         else:
-            from ..kernels import lora as KL
-            from ..kernels import quant as KQ
-
-            if path == "fused" or qw.kind == "int8":
-                y, u = KQ.qlora_fused(x, qw, lora_A, lora_B, bias, scaling, ds, seed, thr)
-            else:
-                u = KL.lora_shrink(x, lora_A.t(), ds, seed, thr, x.shape[1], 1)
-                w = KQ.dequantize_4bit(qw, x.dtype)
-                y = KL.lora_gemm(x, w.t(), u, lora_B.t(), bias, scaling, 0, 0)
+            y, u = _triton_forward(x, lora_A, lora_B, bias, qw, scaling, thr, ds, seed, path)
         ctx.save_for_backward(x, u, lora_A, lora_B)
         return y
 
@@ -137,9 +129,7 @@ class QLoRALinearFunction(torch.autograd.Function):
             if need_b:
                 dbb = (dys.t() @ u).to(lora_B.dtype)
         else:
-            from ..kernels import lora as KL
-            from ..kernels import quant as KQ
-
+            KL, KQ = _kernels()
             v = KL.lora_shrink(dy, lora_B, 1.0, 0, 0, 0, 0) if (need_x or need_a) else None
             if need_x:
                 if qw.kind == "int8":
@@ -158,6 +148,32 @@ class QLoRALinearFunction(torch.autograd.Function):
         return dx, da, dbb, dbias, None, None, None, None, None
 
 
+_kernel_modules = None
+
+
+def _kernels() -> tuple:
+    """``(kernels.lora, kernels.quant)``, imported at the first triton call (they import triton) and kept: the two
+    import statements cost 1.5 µs a call."""
+    global _kernel_modules
+    if _kernel_modules is None:
+        from ..kernels import lora as KL
+        from ..kernels import quant as KQ
+
+        _kernel_modules = (KL, KQ)
+    return _kernel_modules
+
+
+def _triton_forward(x, lora_A, lora_B, bias, qw, scaling: float, thr: int, ds: float, seed, path: str) -> tuple:
+    """``(y, u)`` of the triton paths (see ``QLoRALinearFunction``): the fused kernel (always for int8), or the
+    shrink, one dequantization into the workspace and the LoRA GEMM."""
+    KL, KQ = _kernels()
+    if path == "fused" or qw.kind == "int8":
+        return KQ.qlora_fused(x, qw, lora_A, lora_B, bias, scaling, ds, seed, thr)
+    u = KL.lora_shrink(x, lora_A.t(), ds, seed, thr, x.shape[1], 1)
+    w = KQ.dequantize_4bit(qw, x.dtype)
+    return KL.lora_gemm(x, w.t(), u, lora_B.t(), bias, scaling, 0, 0), u
+
+
 def _label(qw: QuantizedWeight) -> str:
     return f"module {qw.name!r}" if qw.name else "this layer"
 
@@ -167,18 +183,22 @@ def choose_path(qw: QuantizedWeight, M: int, device: torch.device, run_fused, ru
     forced, ``"dequant"`` where the fused kernel cannot run (``kernels.quant.fused_unsupported_reason``),
     else the faster of the two measured once per shape (``kernels.lora.timed_choice``; fused under the
     interpreter). int8 weights always take the fused W8A16 kernel."""
-    from ..kernels import lora as KL
-    from ..kernels import quant as KQ
-
+    KL, KQ = _kernels()
     if qw.kind == "int8":
         return "fused"
-    mode = KL.env_choice("FASTPEFT_QLORA_PATH", PATHS)
+    mode = KL.env_choice("FASTPEFT_QLORA_PATH", PATHS)  # read at every call: a change takes effect at once
     reason = KQ.fused_unsupported_reason(qw, M)
     if mode == "fused" and reason is not None:
         raise ValueError(f"FASTPEFT_QLORA_PATH=fused cannot run {_label(qw)}: {reason}")
     if reason is not None:
         return "dequant"
+    if mode != "auto":
+        return mode
     key = ("qlora", 1 << max(0, M - 1).bit_length(), qw.shape, qw.kind, qw.blocksize, qw.nested)
+    # Both candidates can run here: the settled answer (off CUDA, deterministic, tracing, a timed key) needs none
+    name = KL.settled_choice(_path_cache, key, device, "dequant", "fused")
+    if name is not None:
+        return name
     return KL.timed_choice(_path_cache, key, mode, device, {"fused": run_fused, "dequant": run_dequant}, "dequant")
 
 
@@ -189,8 +209,8 @@ def qlora_linear_op(x, qweight: QuantizedWeight, bias, lora_A, lora_B, scaling: 
     computed in the layer's compute dtype. ``path`` ("fused" / "dequant") pins the triton forward; None chooses."""
     cdt = qweight.compute_dtype_for(x)
     lead = x.shape[:-1]
-    x2 = x.reshape(-1, x.shape[-1]).to(cdt)
-    args = (lora_A.to(cdt), lora_B.to(cdt), bias.to(cdt) if bias is not None else None, qweight, float(scaling), p,
+    x2 = _to(x if x.dim() == 2 else x.reshape(-1, x.shape[-1]), cdt)  # a 2-D x as it is: the kernels take any strides
+    args = (_to(lora_A, cdt), _to(lora_B, cdt), None if bias is None else _to(bias, cdt), qweight, float(scaling), p,
             seed)
     if backend == "reference":
         name = "reference"
@@ -208,9 +228,18 @@ def qlora_linear_op(x, qweight: QuantizedWeight, bias, lora_A, lora_B, scaling: 
         def run(which):
             return lambda: QLoRALinearFunction.apply(x2, *args, which)
         name = choose_path(qweight, m, x.device, run("fused"), run("dequant"))
-    if name == "reference" and not (torch.is_grad_enabled() and any(
-            t is not None and t.requires_grad for t in (x2,) + args[:3])):
+    if torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in (x2,) + args[:3]):
+        y = QLoRALinearFunction.apply(x2, *args, name)
+    elif name == "reference":
         y = _reference_forward(x2, *args)[0]  # nothing to differentiate: no autograd Function, nothing saved
     else:
-        y = QLoRALinearFunction.apply(x2, *args, name)
-    return y.to(x.dtype).view(*lead, qweight.shape[0])
+        thr = dropout_threshold(p) if p > 0.0 else 0
+        y = _triton_forward(x2, *args[:3], qweight, float(scaling), thr, 1.0 / (1.0 - p) if p > 0.0 else 1.0, seed,
+                            name)[0]
+    y = _to(y, x.dtype)
+    return y if x2 is x else y.view(*lead, qweight.shape[0])
+
+
+def _to(t: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """``t.to(dtype)``, without the call where t already has it (``.to`` then returns t, at 0.5 µs)."""
+    return t if t.dtype == dtype else t.to(dtype)
