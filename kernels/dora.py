@@ -216,13 +216,28 @@ def _configs(shapes):
 
 # Autotuned configs per mode: those of kernels/lora.py's list that compile for sm_90 without spills
 # (tools/sm90_resources.py, bf16, R_PAD=16, triton 3.9; stack bytes 0). 128x256 and 256x128 spill in every
-# mode (800-6300 B), 128x128 with 4 warps spills 600 B. Not yet timed on a card.
+# mode (800-6300 B), 128x128 with 4 warps spills 600 B; the masked dX keeps fewer (_prune_one_acc_configs).
+# Not yet timed on a card.
 _ONE_ACC_CONFIGS = _configs([(128, 128, 64, 8, 4), (64, 128, 64, 4, 4), (64, 64, 64, 4, 4)])
 # Modes 1 and 3 hold two accumulators and redraw Philox for every element of a's (1) or the output's (3)
 # tile: smaller tiles. Spill-free on sm_90: 64x128x64 / 8 warps, 64x64x32 / 4 warps; 128x128x32 / 8 warps
 # spills 72 B (mode 1) and 656 B (mode 3), 64x64x64 / 4 warps 16-32 B.
 _TWO_ACC_CONFIGS = _configs([(64, 128, 64, 8, 3), (64, 64, 32, 4, 3)])
-_dora_gemm_tuned = triton.autotune(configs=_ONE_ACC_CONFIGS, key=["M_KEY", "N", "K", "R_PAD", "MODE", "HAS_MASK"])(
+
+
+def _prune_one_acc_configs(configs, named_args, **kwargs):
+    """The configs the autotuner times. With the masked rank-R update (DX with dropout: ``LOW_MASK``) only those
+    whose fp32 accumulator takes at most 32 registers a thread (BLOCK_M * BLOCK_N <= 32 * 32 * num_warps): the
+    g-scaled prologue and the masked epilogue need the rest. Compiled for sm_90 (triton 3.9, bf16), 128x128 w8
+    and 64x128 w4 spill 48 B (R_PAD 16) and 128-144 B (R_PAD 64) with the mask, 64x64 w4 none (138 / 149
+    registers; benchmarks/results/sm90-resources-*.md); without the mask every config fits."""
+    if not kwargs.get("LOW_MASK", named_args.get("LOW_MASK", False)):
+        return configs
+    return [c for c in configs if c.kwargs["BLOCK_M"] * c.kwargs["BLOCK_N"] <= 32 * 32 * c.num_warps]
+
+
+_dora_gemm_tuned = triton.autotune(configs=_ONE_ACC_CONFIGS, key=["M_KEY", "N", "K", "R_PAD", "MODE", "HAS_MASK"],
+                                   prune_configs_by={"early_config_prune": _prune_one_acc_configs})(
     _dora_gemm_kernel)
 _dora_gemm_tuned2 = triton.autotune(configs=_TWO_ACC_CONFIGS, key=["M_KEY", "N", "K", "R_PAD", "MODE"])(
     _dora_gemm_kernel)
@@ -292,7 +307,8 @@ def dora_gemm(mode: int, a: torch.Tensor, b: torch.Tensor, lu: torch.Tensor, lv:
     elif is_deterministic():
         # fastpeft.set_deterministic: one config per mode, not the autotuner's pick (whose BLOCK_K could
         # change the order of the sums between processes).
-        c0 = (_TWO_ACC_CONFIGS if mode in (FWD_EXACT, DX_EXACT) else _ONE_ACC_CONFIGS)[0]
+        c0 = (_TWO_ACC_CONFIGS if mode in (FWD_EXACT, DX_EXACT)
+              else _prune_one_acc_configs(_ONE_ACC_CONFIGS, {}, LOW_MASK=mode == DX and threshold > 0))[0]
         cfg = dict(c0.kwargs, num_warps=c0.num_warps, num_stages=c0.num_stages)
     if mode == DM_EXACT:
         out = torch.zeros((triton.cdiv(M, cfg["BLOCK_M"]), N), device=a.device, dtype=torch.float32)
