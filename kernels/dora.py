@@ -246,8 +246,8 @@ _dora_gemm_tuned2 = triton.autotune(configs=_TWO_ACC_CONFIGS, key=["M_KEY", "N",
 _TEST_BLOCKS = {"BLOCK_M": 32, "BLOCK_N": 32, "BLOCK_K": 32, "GROUP_M": 2}
 set_test_blocks = block_setter(_TEST_BLOCKS)
 # DM_EXACT writes partial sums per BLOCK_M rows, so it runs one fixed config (an autotuner would leave
-# stale rows of other configs' block counts). Not timed on a card; sm_90: 192 registers, no spills
-# (64x128x64 / 4 warps: not compiled; 128x128x64 / 8 warps spills 88 B).
+# stale rows of other configs' block counts). Not timed on a card; sm_90 (triton 3.9, bf16): 139 / 140
+# registers at R_PAD 16 / 64, no spills (128x128x64 / 8 warps: 243 / 251, no spills).
 _DM_CONFIG = {"BLOCK_M": 64, "BLOCK_N": 128, "BLOCK_K": 64, "GROUP_M": 8, "num_warps": 8, "num_stages": 3}
 # The norm and the dY pass are bandwidth-bound row sweeps; BLOCK_K=128 / BLOCK_N=64: not yet timed on a card.
 _NORM_BLOCKS = {"BLOCK_N": 32, "BLOCK_K": 128, "num_warps": 4, "num_stages": 3}
