@@ -7,12 +7,15 @@ launch at the target shapes (M=8192, K=N=4096; bf16): pointers and sizes/strides
 ``tt.divisibility=16``, a stride of 1 becomes the constant 1, ``do_not_specialize`` scalars are plain i64.
 
     python benchmarks/sm90_table.py                      # every kernel, R_PAD 16 and 64
-    python benchmarks/sm90_table.py --only lora_gemm --ranks 16
+    python benchmarks/sm90_table.py --only lora --kernel gemm --ranks 16
+    python benchmarks/sm90_table.py --only dora quant   # files: lora lora_tma multi_lora sparse_delta dora quant
     python benchmarks/sm90_table.py --out benchmarks/results/sm90-resources-2026-11-30.md
 
 "Shipped config" = every entry of an autotune list, the pinned deterministic config, and the block
-sizes the launchers pick on CUDA (not the interpreter's explicit test blocks). A kernel spills when its
-stack frame is non-zero (``STACK`` in cuobjdump's resource line: local memory for spilled registers).
+sizes the launchers pick on CUDA (not the interpreter's explicit test blocks). The QLoRA fused kernel's
+blocks depend on M: it is compiled at an M where each of its launcher's choices runs (4-bit: M = 1, 16,
+64; int8: 16, 8192), the other kernels at M=8192. A kernel spills when its stack frame is non-zero
+(``STACK`` in cuobjdump's resource line: local memory for spilled registers).
 """
 from __future__ import annotations
 
@@ -351,8 +354,110 @@ def sparse_launches(ranks) -> list:
     return out
 
 
+def dora_launches(ranks) -> list:
+    from fastpeft.kernels import dora as D
+
+    out = []
+    for rp in ranks:
+        # the norm (weight, lora_A, lora_B as given, bf16; fp32 out): the launcher's CUDA blocks, fp32 "ieee" dot
+        nb, nw, ns = _cfg(D._NORM_BLOCKS)
+        nb["BLOCK_K"] = D._norm_block_k(rp)
+        out.append(Launch("dora", D._dora_norm_kernel, f"norm R{rp}",
+                          dict(w_ptr=_ptr("bf16"), a_ptr=_ptr("bf16"), b_ptr=_ptr("bf16"), out_ptr=_ptr("fp32"), N=N,
+                               K=K, R=rp, stride_wn=K, stride_wk=1, stride_ar=K, stride_ak=1, stride_bn=rp,
+                               stride_br=1, scale=0.5, R_PAD=rp, R_CHUNK=min(rp, D._NORM_R_CHUNK), DOT_PRECISION="ieee",
+                               **nb), nw, ns, nb))
+        # the GEMM, one launch per mode as DoRALinearFunction makes it (u, v fp32 from the shrink / dY pass;
+        # g fp32; an absent bias or c is the output). The deterministic config is each list's first entry
+        # (already a row). HAS_MASK is only an autotuning key: the code depends on MODE and LOW_MASK.
+        common = dict(a_ptr=_ptr("bf16"), b_ptr=_ptr("bf16"), lu_ptr=_ptr("fp32"), lv_ptr=_ptr("bf16"),
+                      g_ptr=_ptr("fp32"), M=M, N=N, K=K, R=rp, M_KEY=M, stride_am=K, stride_ak=1, stride_lum=rp,
+                      stride_lur=1, scale=0.5, seed=1234, drop_scale=1.25, R_PAD=rp, DOT_PRECISION="tf32",
+                      UPCAST=False)
+        # forward: b = W^T (K-major), lv = B^T (r-major), out (M, N)
+        fwd = dict(common, stride_bk=1, stride_bn=K, stride_lvr=1, stride_lvn=rp, bias_ptr=_ptr("bf16"),
+                   c_ptr=_ptr("bf16"), out_ptr=_ptr("bf16"), stride_cm=N, stride_cn=1, stride_om=N, stride_on=1,
+                   HAS_BIAS=True)
+        # dX: a = dY, b = W (N-major), lv = A (row-major), no bias, out (M, K)
+        dx = dict(common, stride_bk=K, stride_bn=1, stride_lvr=K, stride_lvn=1, bias_ptr=_ptr("bf16"),
+                  c_ptr=_ptr("bf16"), out_ptr=_ptr("bf16"), stride_cm=K, stride_cn=1, stride_om=K, stride_on=1,
+                  HAS_BIAS=False)
+        # dm (exact): the forward's operands, c = dY (M, N), fp32 partial sums (cdiv(M, BLOCK_M), N) out
+        dm = dict(common, stride_bk=1, stride_bn=K, stride_lvr=1, stride_lvn=rp, bias_ptr=_ptr("fp32"),
+                  c_ptr=_ptr("bf16"), out_ptr=_ptr("fp32"), stride_cm=N, stride_cn=1, stride_om=N, stride_on=1,
+                  HAS_BIAS=False)
+        modes = [  # (variant, mode, operands, HAS_MASK / LOW_MASK, configs)
+            ("fwd", D.FWD, fwd, False, False, D._ONE_ACC_CONFIGS),
+            ("fwd exact", D.FWD_EXACT, fwd, True, False, D._TWO_ACC_CONFIGS),
+            ("dX", D.DX, dx, False, False, D._ONE_ACC_CONFIGS),
+            ("dX mask", D.DX, dx, True, True, D._ONE_ACC_CONFIGS),
+            ("dX exact", D.DX_EXACT, dx, True, False, D._TWO_ACC_CONFIGS),
+            ("dm exact", D.DM_EXACT, dm, True, False, [D._DM_CONFIG]),
+        ]
+        for variant, mode, ops, mask, low, cfgs in modes:
+            if cfgs is D._ONE_ACC_CONFIGS:  # the autotuner only times the configs its prune keeps
+                cfgs = D._prune_one_acc_configs(cfgs, {}, LOW_MASK=low)
+            for c in cfgs:
+                blocks, w, s = _cfg(c)
+                args = dict(ops, threshold=429496730 if mask else 0, MODE=mode, HAS_MASK=mask, LOW_MASK=low,
+                            **blocks)
+                out.append(Launch("dora", D._dora_gemm_kernel, f"{variant} R{rp}", args, w, s, dict(blocks)))
+        # the dY pass: v only (exact; y and bias absent: dY and g in their place) or v and dm's sums (plain)
+        db, dw, ds = _cfg(D._DY_BLOCKS)
+        for variant, has_dm in (("v", False), ("v, dm", True)):
+            args = dict(dy_ptr=_ptr("bf16"), y_ptr=_ptr("bf16"), g_ptr=_ptr("fp32"),
+                        bias_ptr=_ptr("bf16" if has_dm else "fp32"), b_ptr=_ptr("bf16"), v_ptr=_ptr("fp32"),
+                        part_ptr=_ptr("fp32"), M=M, N=N, R=rp, stride_dm=N, stride_dn=1, stride_ym=N, stride_yn=1,
+                        stride_bn=rp, stride_br=1, stride_vm=rp, stride_vr=1, stride_pm=N, HAS_DM=has_dm,
+                        HAS_BIAS=has_dm, R_PAD=rp, DOT_PRECISION="tf32", UPCAST=False, **db)
+            out.append(Launch("dora", D._dora_dy_kernel, f"{variant} from dY R{rp}", args, dw, ds, db))
+    return out
+
+
+def quant_launches(ranks) -> list:
+    from fastpeft.kernels import quant as Q
+
+    out = []
+    # the dequant pass (launcher: BLOCK 1024 bytes, 4 warps, triton's default 3 stages): NF4 (FP4 is the same code,
+    # another table) bf16, block size 64, nested (uint8 absmax, 256-blocks of fp32 absmax2) or not
+    for nested in (True, False):
+        am = _ptr("u8") if nested else _ptr("fp32")
+        args = dict(data_ptr=_ptr("u8"), code_ptr=_ptr("fp32"), absmax_ptr=am, code2_ptr=_ptr("fp32"),
+                    absmax2_ptr=_ptr("fp32"), offset_ptr=_ptr("fp32"), out_ptr=_ptr("bf16"), n=N * K, BLOCKSIZE=64,
+                    BLOCKSIZE2=256, NESTED=nested, W_DTYPE=2, BLOCK=1024, UPCAST=False)
+        out.append(Launch("quant", Q._dequant_4bit_kernel, f"NF4{' nested' if nested else ''}", args, 4, 3,
+                          {"BLOCK": 1024}))
+    # the fused kernel, at the blocks qlora_fused picks per M on CUDA: 4-bit (nested NF4) at decode M (1, 16) and at
+    # M = 64 (its bound FUSED_MAX_M); int8 (W8A16: every M) at M = 16 and 8192. u written, bias present.
+    shapes = [("NF4 nested", 0, 1, (16, 64, 64, 8, 3)), ("NF4 nested", 0, 16, (16, 64, 64, 8, 3)),
+              ("NF4 nested", 0, Q.FUSED_MAX_M, (64, 64, 32, 8, 3)), ("int8", 1, 16, (16, 64, 64, 8, 3)),
+              ("int8", 1, M, (64, 128, 32, 8, 3))]
+    for rp in ranks:
+        for name, quant, m, (bm, bn, bk, w, s) in shapes:
+            if quant == 0:  # the 4-bit tables and scales; the launcher caps BLOCK_K at the block size
+                bk = min(bk, 64)
+                qp = dict(w_ptr=_ptr("u8"), code_ptr=_ptr("fp32"), absmax_ptr=_ptr("u8"), code2_ptr=_ptr("fp32"),
+                          absmax2_ptr=_ptr("fp32"), offset_ptr=_ptr("fp32"), scales_ptr=_ptr("bf16"), NESTED=True,
+                          BLOCKSIZE=64, BLOCKSIZE2=256, W_DTYPE=2)
+            else:  # int8 weight, fp32 row scales; the unused table pointers are the output
+                qp = dict(w_ptr=_ptr("i8"), code_ptr=_ptr("bf16"), absmax_ptr=_ptr("bf16"), code2_ptr=_ptr("bf16"),
+                          absmax2_ptr=_ptr("bf16"), offset_ptr=_ptr("bf16"), scales_ptr=_ptr("fp32"), NESTED=False,
+                          BLOCKSIZE=1, BLOCKSIZE2=256, W_DTYPE=0)
+            for mask in (False, True):
+                args = dict(qp, x_ptr=_ptr("bf16"), a_ptr=_ptr("bf16"), b_ptr=_ptr("bf16"), bias_ptr=_ptr("bf16"),
+                            out_ptr=_ptr("bf16"), u_ptr=_ptr("fp32"), M=m, N=N, K=K, R=rp, stride_xm=K, stride_xk=1,
+                            stride_ar=K, stride_ak=1, stride_bn=rp, stride_br=1, stride_om=N, stride_on=1,
+                            stride_um=rp, stride_ur=1, scale=0.5, drop_scale=1.25 if mask else 1.0, seed=1234,
+                            threshold=429496730 if mask else 0, QUANT=quant, HAS_BIAS=True, HAS_MASK=mask,
+                            WRITE_U=True, BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=bk, R_PAD=rp, DOT_PRECISION="tf32",
+                            UPCAST=False)
+                out.append(Launch("quant", Q._qlora_fused_kernel, f"fused {name} M{m}{' mask' if mask else ''} R{rp}",
+                                  args, w, s, {"BLOCK_M": bm, "BLOCK_N": bn, "BLOCK_K": bk}))
+    return out
+
+
 FAMILIES = {"lora": lora_launches, "lora_tma": lora_tma_launches, "multi_lora": multi_launches,
-            "sparse_delta": sparse_launches}
+            "sparse_delta": sparse_launches, "dora": dora_launches, "quant": quant_launches}
 
 
 def main(argv=None):
@@ -397,7 +502,8 @@ def main(argv=None):
         lines += [a.title, ""]
     lines += [f"{len(rows)} variants compiled; {len(spilling)} spill (stack > 0); {len(failed)} failed to compile. "
               "Registers per thread (255 = the cap), stack bytes per thread (spills), shared memory per block in "
-              "bytes (triton's allocation). Launch arguments typed as at M=8192, K=N=4096.", "",
+              "bytes (triton's allocation). Launch arguments typed as at M=8192, K=N=4096 (the QLoRA fused kernel "
+              "at the M its variant names).", "",
               "| file | kernel | variant | config | regs | spill (stack B) | smem B | wgmma |",
               "|---|---|---|---|---|---|---|---|"]
     for r in rows:

@@ -54,27 +54,39 @@ def _dora_norm_kernel(
     stride_wn, stride_wk, stride_ar, stride_ak, stride_bn, stride_br,
     # scalars
     scale,
-    # meta-parameters
-    BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, R_PAD: tl.constexpr, DOT_PRECISION: tl.constexpr,
+    # meta-parameters (R_CHUNK: the rank slice of one dot, a power of two <= R_PAD)
+    BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, R_PAD: tl.constexpr, R_CHUNK: tl.constexpr,
+    DOT_PRECISION: tl.constexpr,
 ):
     rn = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
-    rr = tl.arange(0, R_PAD)
+    rc = tl.arange(0, R_CHUNK)
     rk = tl.arange(0, BLOCK_K)
     n_ok = rn < N
-    r_ok = rr < R
-    # B's rows stay in registers for the whole pass; scaled once, in fp32.
-    bb = tl.load(b_ptr + rn[:, None].to(tl.int64) * stride_bn + rr[None, :] * stride_br,
-                 mask=n_ok[:, None] & r_ok[None, :], other=0.0).to(tl.float32) * scale
+    b_rows = b_ptr + rn[:, None].to(tl.int64) * stride_bn
+    if R_CHUNK == R_PAD:
+        # B's rows stay in registers for the whole pass; scaled once, in fp32.
+        bb = tl.load(b_rows + rc[None, :] * stride_br, mask=n_ok[:, None] & (rc < R)[None, :],
+                     other=0.0).to(tl.float32) * scale
     acc = tl.zeros((BLOCK_N,), dtype=tl.float32)
     for k0 in range(0, K, BLOCK_K):
         kk = k0 + rk
         k_ok = kk < K
-        w = tl.load(w_ptr + rn[:, None].to(tl.int64) * stride_wn + kk[None, :].to(tl.int64) * stride_wk,
+        t = tl.load(w_ptr + rn[:, None].to(tl.int64) * stride_wn + kk[None, :].to(tl.int64) * stride_wk,
                     mask=n_ok[:, None] & k_ok[None, :], other=0.0).to(tl.float32)
-        a = tl.load(a_ptr + rr[:, None] * stride_ar + kk[None, :].to(tl.int64) * stride_ak,
-                    mask=r_ok[:, None] & k_ok[None, :], other=0.0).to(tl.float32)
-        # fp32 dot at full precision (DOT_PRECISION="ieee"): a TF32 sBA would cost the norm 10 bits.
-        t = tl.dot(bb, a, w, input_precision=DOT_PRECISION)
+        # fp32 dot at full precision (DOT_PRECISION="ieee"): a TF32 sBA would cost the norm 10 bits. It runs on
+        # FMAs, each thread holding the whole rank slice of its rows of B and columns of A: above 16 ranks a
+        # slice at a time (B's slices reloaded per K step, from L1/L2), else it spills on sm_90 (triton 3.9,
+        # bf16, 32x128 / 4 warps: 320 B at R_PAD 32, 5408 B at 64). The slices add into t in rank order,
+        # as one dot's FMA chain over the rank does.
+        for r0 in tl.static_range(0, R_PAD, R_CHUNK):
+            rr = r0 + rc
+            r_ok = rr < R
+            if R_CHUNK != R_PAD:
+                bb = tl.load(b_rows + rr[None, :] * stride_br, mask=n_ok[:, None] & r_ok[None, :],
+                             other=0.0).to(tl.float32) * scale
+            a = tl.load(a_ptr + rr[:, None] * stride_ar + kk[None, :].to(tl.int64) * stride_ak,
+                        mask=r_ok[:, None] & k_ok[None, :], other=0.0).to(tl.float32)
+            t = tl.dot(bb, a, t, input_precision=DOT_PRECISION)
         acc += tl.sum(t * t, axis=1)
     tl.store(out_ptr + rn, tl.sqrt(acc), mask=n_ok)
 
@@ -204,13 +216,28 @@ def _configs(shapes):
 
 # Autotuned configs per mode: those of kernels/lora.py's list that compile for sm_90 without spills
 # (tools/sm90_resources.py, bf16, R_PAD=16, triton 3.9; stack bytes 0). 128x256 and 256x128 spill in every
-# mode (800-6300 B), 128x128 with 4 warps spills 600 B. Not yet timed on a card.
+# mode (800-6300 B), 128x128 with 4 warps spills 600 B; the masked dX keeps fewer (_prune_one_acc_configs).
+# Not yet timed on a card.
 _ONE_ACC_CONFIGS = _configs([(128, 128, 64, 8, 4), (64, 128, 64, 4, 4), (64, 64, 64, 4, 4)])
 # Modes 1 and 3 hold two accumulators and redraw Philox for every element of a's (1) or the output's (3)
 # tile: smaller tiles. Spill-free on sm_90: 64x128x64 / 8 warps, 64x64x32 / 4 warps; 128x128x32 / 8 warps
 # spills 72 B (mode 1) and 656 B (mode 3), 64x64x64 / 4 warps 16-32 B.
 _TWO_ACC_CONFIGS = _configs([(64, 128, 64, 8, 3), (64, 64, 32, 4, 3)])
-_dora_gemm_tuned = triton.autotune(configs=_ONE_ACC_CONFIGS, key=["M_KEY", "N", "K", "R_PAD", "MODE", "HAS_MASK"])(
+
+
+def _prune_one_acc_configs(configs, named_args, **kwargs):
+    """The configs the autotuner times. With the masked rank-R update (DX with dropout: ``LOW_MASK``) only those
+    whose fp32 accumulator takes at most 32 registers a thread (BLOCK_M * BLOCK_N <= 32 * 32 * num_warps): the
+    g-scaled prologue and the masked epilogue need the rest. Compiled for sm_90 (triton 3.9, bf16), 128x128 w8
+    and 64x128 w4 spill 48 B (R_PAD 16) and 128-144 B (R_PAD 64) with the mask, 64x64 w4 none (138 / 149
+    registers; benchmarks/results/sm90-resources-*.md); without the mask every config fits."""
+    if not kwargs.get("LOW_MASK", named_args.get("LOW_MASK", False)):
+        return configs
+    return [c for c in configs if c.kwargs["BLOCK_M"] * c.kwargs["BLOCK_N"] <= 32 * 32 * c.num_warps]
+
+
+_dora_gemm_tuned = triton.autotune(configs=_ONE_ACC_CONFIGS, key=["M_KEY", "N", "K", "R_PAD", "MODE", "HAS_MASK"],
+                                   prune_configs_by={"early_config_prune": _prune_one_acc_configs})(
     _dora_gemm_kernel)
 _dora_gemm_tuned2 = triton.autotune(configs=_TWO_ACC_CONFIGS, key=["M_KEY", "N", "K", "R_PAD", "MODE"])(
     _dora_gemm_kernel)
@@ -219,12 +246,21 @@ _dora_gemm_tuned2 = triton.autotune(configs=_TWO_ACC_CONFIGS, key=["M_KEY", "N",
 _TEST_BLOCKS = {"BLOCK_M": 32, "BLOCK_N": 32, "BLOCK_K": 32, "GROUP_M": 2}
 set_test_blocks = block_setter(_TEST_BLOCKS)
 # DM_EXACT writes partial sums per BLOCK_M rows, so it runs one fixed config (an autotuner would leave
-# stale rows of other configs' block counts). Not timed on a card; sm_90: 192 registers, no spills
-# (64x128x64 / 4 warps: not compiled; 128x128x64 / 8 warps spills 88 B).
+# stale rows of other configs' block counts). Not timed on a card; sm_90 (triton 3.9, bf16): 139 / 140
+# registers at R_PAD 16 / 64, no spills (128x128x64 / 8 warps: 243 / 251, no spills).
 _DM_CONFIG = {"BLOCK_M": 64, "BLOCK_N": 128, "BLOCK_K": 64, "GROUP_M": 8, "num_warps": 8, "num_stages": 3}
 # The norm and the dY pass are bandwidth-bound row sweeps; BLOCK_K=128 / BLOCK_N=64: not yet timed on a card.
 _NORM_BLOCKS = {"BLOCK_N": 32, "BLOCK_K": 128, "num_warps": 4, "num_stages": 3}
+_NORM_R_CHUNK = 16  # ranks per dot in the norm kernel (see there): R_PAD 16 as one slice, held in registers
 _DY_BLOCKS = {"BLOCK_M": 64, "BLOCK_N": 64, "num_warps": 4, "num_stages": 3}
+
+
+def _norm_block_k(rp: int) -> int:
+    """The norm's BLOCK_K at R_PAD ``rp`` on CUDA: 128 up to R_PAD 64, then halved per doubling. Compiled for
+    sm_90 (triton 3.9, bf16, 32 rows, 4 warps): 214 / 235 / 241 registers at R_PAD 16 / 32 / 64, 178 at 128
+    (BLOCK_K 64), 134 at 256 (32), no spills; BLOCK_K 128 spills 16 B at 128 and 40 B at 256."""
+    return max(32, min(_NORM_BLOCKS["BLOCK_K"], 8192 // rp))
+
 
 # ----------------------------------------------------------------------------------------------------
 # launchers
@@ -241,11 +277,13 @@ def dora_norm(weight: torch.Tensor, lora_A: torch.Tensor, lora_B: torch.Tensor, 
     if _use_explicit_blocks(weight):
         bn, bk, warps, stages = 16, 32, 4, 1
     else:
-        bn, bk, warps, stages = (_NORM_BLOCKS[k] for k in ("BLOCK_N", "BLOCK_K", "num_warps", "num_stages"))
+        bn, warps, stages = (_NORM_BLOCKS[k] for k in ("BLOCK_N", "num_warps", "num_stages"))
+        bk = _norm_block_k(r_pad(R))
     _wrap(_dora_norm_kernel)[(triton.cdiv(N, bn),)](
         weight, lora_A, lora_B, out, N, K, R,
         weight.stride(0), weight.stride(1), lora_A.stride(0), lora_A.stride(1), lora_B.stride(0), lora_B.stride(1),
-        float(scaling), BLOCK_N=bn, BLOCK_K=bk, R_PAD=r_pad(R), DOT_PRECISION="ieee", num_warps=warps,
+        float(scaling), BLOCK_N=bn, BLOCK_K=bk, R_PAD=r_pad(R), R_CHUNK=min(r_pad(R), _NORM_R_CHUNK),
+        DOT_PRECISION="ieee", num_warps=warps,
         num_stages=stages,
     )
     return out
@@ -269,7 +307,8 @@ def dora_gemm(mode: int, a: torch.Tensor, b: torch.Tensor, lu: torch.Tensor, lv:
     elif is_deterministic():
         # fastpeft.set_deterministic: one config per mode, not the autotuner's pick (whose BLOCK_K could
         # change the order of the sums between processes).
-        c0 = (_TWO_ACC_CONFIGS if mode in (FWD_EXACT, DX_EXACT) else _ONE_ACC_CONFIGS)[0]
+        c0 = (_TWO_ACC_CONFIGS if mode in (FWD_EXACT, DX_EXACT)
+              else _prune_one_acc_configs(_ONE_ACC_CONFIGS, {}, LOW_MASK=mode == DX and threshold > 0))[0]
         cfg = dict(c0.kwargs, num_warps=c0.num_warps, num_stages=c0.num_stages)
     if mode == DM_EXACT:
         out = torch.zeros((triton.cdiv(M, cfg["BLOCK_M"]), N), device=a.device, dtype=torch.float32)

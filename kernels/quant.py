@@ -267,7 +267,8 @@ def qlora_fused(x: torch.Tensor, qw, lora_A: torch.Tensor, lora_B: torch.Tensor,
         bm, bn, bk, warps, stages = _TEST_BLOCKS["BLOCK_M"], _TEST_BLOCKS["BLOCK_N"], _TEST_BLOCKS["BLOCK_K"], 4, 1
     elif M <= 16:
         # Decode: bound by reading W, so narrow N tiles give every SM work. Compiled for sm_90 (triton 3.9,
-        # bf16, nested NF4 with dropout): 174 registers, no spills at 8 warps; 255 at 4 warps (the limit).
+        # bf16, nested NF4 with dropout): 164 / 136 registers at R_PAD 16 / 64, no spills at 8 warps
+        # (benchmarks/results/sm90-resources-*.md); 166 / 226 at 4 warps, no spills either.
         bm, bn, bk, warps, stages = 16, 64, 64, 8, 3
     elif qw.kind != "int8":
         # 4-bit, 16 < M <= 64: BLOCK_K=32 keeps the dequantized (64, 32) tile in 128 registers (sm_90, 8 warps).
