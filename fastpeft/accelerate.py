@@ -41,7 +41,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from .functional import current_backend, dora_linear, lora_linear, lora_linear_multi, qlora_linear
-from .quant import QuantizedWeight, _bnb_class_name
+from .quant import _bnb_class_name, kept_quantized_weight
 
 _KERNEL_OR_REF_DTYPES = (torch.float32, torch.float16, torch.bfloat16, torch.float64)
 _classes: dict = {}  # PEFT's lora.Linear class -> its accelerated subclass (peft is imported lazily)
@@ -67,6 +67,28 @@ def _forward(self, x: torch.Tensor, *args, **kwargs) -> torch.Tensor:
     return _active(self, x)
 
 
+def _quantized_weight(self):
+    """The 4-bit base weight read in place (``QuantizedWeight``), kept on the layer while bnb's objects stay the
+    same (``fastpeft.quant.kept_quantized_weight``, the key of ``QLoRALinear.quantized_weight``): PEFT's merge /
+    unmerge requantize into a new Parameter, ``.to()`` and bnb's CPU repacking swap the data."""
+    d = self.__dict__
+    kept = d.get("_fastpeft_qw")
+    qw, new = kept_quantized_weight(self._modules["base_layer"], kept)
+    if new is not kept:
+        d["_fastpeft_qw"] = new
+    return qw
+
+
+def _norm_cache(self) -> dict:
+    """The dict where ``dora_linear`` keeps DoRA's norm and m / norm for this layer's calls with nothing to
+    differentiate, keyed on W, A, B, m, the scaling (``fastpeft.ops.dora._cached_gain``): another adapter
+    (``set_adapter``), loaded or in-place written weights recompute it at the next call."""
+    cache = self.__dict__.get("_fastpeft_dora")
+    if cache is None:
+        cache = self.__dict__["_fastpeft_dora"] = {}
+    return cache
+
+
 def _dropout(module) -> tuple:
     """``(p, training)`` of a PEFT dropout module (nn.Dropout or nn.Identity)."""
     if isinstance(module, nn.Dropout):
@@ -87,8 +109,7 @@ def _active(self, x: torch.Tensor) -> torch.Tensor:
 
     def linear(lora_a, lora_b, scaling, p, training):
         if quantized:
-            return qlora_linear(x, QuantizedWeight.from_module(base), base.bias, lora_a, lora_b, scaling, p,
-                                training)
+            return qlora_linear(x, _quantized_weight(self), base.bias, lora_a, lora_b, scaling, p, training)
         return lora_linear(x, base.weight, base.bias, lora_a, lora_b, scaling, p, training)
 
     if len(adapters) == 1:
@@ -98,7 +119,7 @@ def _active(self, x: torch.Tensor) -> torch.Tensor:
             # PEFT applies DoRA's dropout only when the LoRA layer itself is in training mode.
             return dora_linear(x, base.weight, base.bias, self.lora_A[a].weight, self.lora_B[a].weight,
                                self.lora_magnitude_vector[a].weight, float(self.scaling[a]), p,
-                               training and self.training, dropout_mode="exact")
+                               training and self.training, dropout_mode="exact", norm_cache=_norm_cache(self))
         return linear(self.lora_A[a].weight, self.lora_B[a].weight, float(self.scaling[a]), p, training)
     # Several adapters (no dropout in training: see runtime_fallback_reason): sum_a s_a B_a A_a x is one LoRA
     # update with the factors side by side, A = [A_1; A_2] (r1+r2, in), B = [s_1 B_1, s_2 B_2] (out, r1+r2).
@@ -199,7 +220,7 @@ def runtime_fallback_reason(self, x, args=(), kwargs=None):
             # bnb's Linear4bit.forward repacks the weight here (absmax rounded to bf16) and computes with that.
             return "4-bit layer in eval mode on the CPU: bitsandbytes' own CPU inference kernel (repacked weight)"
         try:
-            qweight = QuantizedWeight.from_module(base)
+            qweight = _quantized_weight(self)
         except (ValueError, TypeError) as e:
             return f"4-bit base layer fastpeft cannot read: {e}"
     names = kwargs.get("adapter_names")
@@ -455,5 +476,6 @@ def restore(model: nn.Module) -> nn.Module:
     for m in model.modules():
         if accelerated and isinstance(m, accelerated):
             m.__class__ = m._fastpeft_original
-            m.__dict__.pop("_fastpeft_calls", None)
+            for key in ("_fastpeft_calls", "_fastpeft_qw", "_fastpeft_dora"):
+                m.__dict__.pop(key, None)
     return model
