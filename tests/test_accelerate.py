@@ -730,6 +730,11 @@ def test_4bit_kept_view_follows_merge_unmerge_and_adapter_changes():
     after = assert_follows_peft(layer, x, "after merge / unmerge")
     assert layer.__dict__["_fastpeft_qw"] is not kept
     assert (merged - first).abs().max() < 0.5 and not torch.equal(after, first)
+    w = layer.base_layer.weight
+    w.data = w.data.flip(0).contiguous()  # same Parameter, other storage (what .to() does)
+    assert_follows_peft(layer, x, "weight data replaced")
+    w.quant_state = other_layer.base_layer.weight.quant_state  # same bytes, another quant_state (other absmax)
+    assert_follows_peft(layer, x, "quant_state replaced")
     layer.base_layer.weight = other_layer.base_layer.weight  # another layer's packed weight (no bias there)
     assert_follows_peft(layer, x, "swapped weight")
     model.set_adapter("other")
