@@ -287,13 +287,42 @@ def runtime_fallback_reason(self, x, args=(), kwargs=None):
     return None
 
 
+_KEPT = ("_fastpeft_qw", "_fastpeft_dora")  # what a patched layer keeps between calls (restore drops it too)
+
+
+def _drop_kept(self) -> None:
+    for key in _KEPT:
+        self.__dict__.pop(key, None)
+
+
+def _merge(self, *args, **kwargs):
+    """PEFT's merge, the kept QuantizedWeight / DoRA norm dropped first: merging a 4-bit layer requantizes into a
+    new Params4bit, and the packed weight it replaces is then freed at once, not at the layer's next call."""
+    _drop_kept(self)
+    return self._fastpeft_original.merge(self, *args, **kwargs)
+
+
+def _unmerge(self, *args, **kwargs):
+    """PEFT's unmerge, the kept state dropped first (as ``merge``)."""
+    _drop_kept(self)
+    return self._fastpeft_original.unmerge(self, *args, **kwargs)
+
+
+def _apply(self, fn, *args, **kwargs):
+    # .to() / .cuda() / .cpu() swap the tensors' data: the kept view would hold the old memory (the packed weight's,
+    # on the device it left) until the next call
+    _drop_kept(self)
+    return self._fastpeft_original._apply(self, fn, *args, **kwargs)
+
+
 def _accelerated_class(original: type) -> type:
     """The cached subclass of PEFT's ``original`` layer class whose forward runs fastpeft's ops."""
     cls = _classes.get(original)
     if cls is None:
         name = "AcceleratedLinear" if original.__name__ == "Linear" else f"AcceleratedLinear{original.__name__[6:]}"
         cls = type(name, (original,), {
-            "forward": _forward, "__module__": __name__, "__qualname__": name,
+            "forward": _forward, "merge": _merge, "unmerge": _unmerge, "_apply": _apply,
+            "__module__": __name__, "__qualname__": name,
             "_fastpeft_original": original,
             "__doc__": f"PEFT's lora {original.__name__} computing through fastpeft's ops (fastpeft.accelerate).",
         })
@@ -476,6 +505,6 @@ def restore(model: nn.Module) -> nn.Module:
     for m in model.modules():
         if accelerated and isinstance(m, accelerated):
             m.__class__ = m._fastpeft_original
-            for key in ("_fastpeft_calls", "_fastpeft_qw", "_fastpeft_dora"):
-                m.__dict__.pop(key, None)
+            m.__dict__.pop("_fastpeft_calls", None)
+            _drop_kept(m)
     return model

@@ -809,3 +809,32 @@ def test_dora_norm_cache_follows_peft_changes():
     assert_follows_peft(layer, x, "after merge / unmerge", 1e-4, 1e-5)
     fastpeft.restore(model)
     assert "_fastpeft_dora" not in layer.__dict__
+
+
+@pytest.mark.filterwarnings("ignore:(Merge|Unmerge) lora module to 4-bit linear:UserWarning")
+def test_4bit_kept_view_does_not_keep_a_replaced_weight_alive():
+    """PEFT's merge and .to() on an accelerated 4-bit layer drop its kept QuantizedWeight: the packed weight they
+    replaced is freed at once, not at the layer's next call (a merged layer keeps none: its calls run PEFT's
+    forward before reading the weight)."""
+    import gc
+    import weakref
+
+    model = quantized_model(target_modules=["a"])
+    fastpeft.accelerate(model)
+    layer = model.base_model.model.a
+    x = torch.randn(2, 64)
+    for step in ("merge", "to"):
+        assert_follows_peft(layer, x, f"before {step}")
+        old = weakref.ref(layer.__dict__["_fastpeft_qw"][2].data)  # the packed bytes the kept view holds
+        if step == "to":
+            layer.base_layer.weight.data = layer.base_layer.weight.data.clone()  # as a move swaps the data
+            layer.to("cpu")
+        else:
+            layer.merge()
+            with torch.no_grad():
+                layer(x)  # merged: PEFT's forward, nothing kept
+            assert "_fastpeft_qw" not in layer.__dict__
+            layer.unmerge()
+        gc.collect()
+        assert old() is None, step
+    assert_follows_peft(layer, x, "after")
