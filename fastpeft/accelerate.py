@@ -30,6 +30,11 @@ The layers stay PEFT ``LoraLayer`` instances with all their state, so ``save_pre
 ``cast_input_dtype_enabled`` behave as in PEFT. Dropout: PEFT's rate, fastpeft's seeded mask (recomputed in
 backward, never stored), so a training step matches PEFT's in distribution, not bit for bit; with dropout
 off (rate 0, or eval mode) outputs and gradients equal PEFT's (DoRA's magnitude included).
+
+Kept between calls, in the layer's ``__dict__`` (``restore``, PEFT's merge / unmerge and ``.to()`` drop them): a
+4-bit layer's ``QuantizedWeight`` view (``fastpeft.quant.kept_quantized_weight``, ``QLoRALinear``'s key), and a
+DoRA layer's norm and m / norm for calls with nothing to differentiate (``dora_linear``'s ``norm_cache``, keyed on
+W, A, B, m and the scaling, so ``set_adapter``, loaded or in-place written weights take effect at the next call).
 """
 from __future__ import annotations
 
