@@ -84,10 +84,13 @@ def _quantized_weight(self):
     return qw
 
 
-def _norm_cache(self) -> dict:
+def _norm_cache(self) -> dict | None:
     """The dict where ``dora_linear`` keeps DoRA's norm and m / norm for this layer's calls with nothing to
     differentiate, keyed on W, A, B, m, the scaling (``fastpeft.ops.dora._cached_gain``): another adapter
-    (``set_adapter``), loaded or in-place written weights recompute it at the next call."""
+    (``set_adapter``), loaded or in-place written weights recompute it at the next call. None while torch.compile
+    traces (nothing kept then, as the op computes the norm in the graph)."""
+    if torch.compiler.is_compiling():
+        return None
     cache = self.__dict__.get("_fastpeft_dora")
     if cache is None:
         cache = self.__dict__["_fastpeft_dora"] = {}
