@@ -17,7 +17,8 @@ forward (eval, no_grad, one adapter) on the triton backend, and on its default o
 backend's CPU path); then the same on the triton backend for QLoRA (``QLoRALinear`` over a bitsandbytes
 ``Linear4bit`` NF4 nested, bf16 compute and input, fp32 adapters; ``qlora_linear``) and DoRA
 (``FastLoRALinear(use_dora=True)``; ``dora_linear``), their launchers (``kernels.quant``, ``kernels.dora``)
-stubbed the same way. Prints µs per call (median of 5 rounds of ``--calls`` calls each), in
+stubbed the same way; and the same for PEFT's own layers made to run them by ``fastpeft.accelerate``: a
+``lora.bnb.Linear4bit`` (bf16 adapters) and a ``lora.Linear`` with ``use_dora=True``. Prints µs per call (median of 5 rounds of ``--calls`` calls each), in
 this process's CPU time (``time.process_time``: a machine shared with other jobs stretches wall time, not it).
 """
 from __future__ import annotations
@@ -134,6 +135,14 @@ def multi_rows(calls: int) -> None:
 def _qlora_layer(k: int, n: int, r: int):
     """A QLoRALinear over a bnb Linear4bit NF4 nested (bf16 compute, as a bf16 model's), fp32 adapters, eval; as
     tests/test_qlora.py builds it. None where bitsandbytes does not import."""
+    base = _nf4_base(k, n)
+    if base is None:
+        return None
+    return fastpeft.FastLoRALinear.from_linear(base, r=r, init_lora_weights=False).eval()
+
+
+def _nf4_base(k: int, n: int, bias_dtype=torch.float32):
+    """A bnb Linear4bit NF4 nested (blocksize 64, bf16 compute dtype) on the CPU; None without bitsandbytes."""
     try:
         import bitsandbytes as bnb
     except Exception:  # noqa: BLE001 - any import failure: no QLoRA rows
@@ -142,8 +151,8 @@ def _qlora_layer(k: int, n: int, r: int):
     base = bnb.nn.Linear4bit(k, n, compute_dtype=torch.bfloat16, quant_type="nf4", compress_statistics=True)
     base.weight = bnb.nn.Params4bit(lin.weight.data, requires_grad=False, compress_statistics=True,
                                     quant_type="nf4", blocksize=64, module=base)
-    base.bias = torch.nn.Parameter(lin.bias.data.clone(), requires_grad=False)
-    return fastpeft.FastLoRALinear.from_linear(base.to("cpu"), r=r, init_lora_weights=False).eval()
+    base.bias = torch.nn.Parameter(lin.bias.data.to(bias_dtype), requires_grad=False)
+    return base.to("cpu")
 
 
 def quant_dora_rows(k: int, n: int, r: int, xs: dict, no_grad) -> dict:
@@ -169,6 +178,48 @@ def quant_dora_rows(k: int, n: int, r: int, xs: dict, no_grad) -> dict:
     for m, xm in xs.items():
         rows[f"dora_linear triton, stub kernels, no_grad, M={m}"] = no_grad(
             lambda xm=xm: fastpeft.functional.dora_linear(xm, *dargs, 2.0, training=False, backend="triton"))
+    rows.update(peft_rows(k, n, r, xs, no_grad))
+    return rows
+
+
+def peft_rows(k: int, n: int, r: int, xs: dict, no_grad) -> dict:
+    """``fastpeft.accelerate``'d PEFT layers: a ``lora.bnb.Linear4bit`` (NF4 nested, bf16 compute, bf16 adapters
+    and input: the dtypes its accelerated path takes; train mode, dropout 0, as eval on the CPU is bnb's own
+    repacking kernel) and a ``lora.Linear`` with ``use_dora=True`` (fp32, eval). Empty where peft does not import."""
+    try:
+        import peft
+    except Exception:  # noqa: BLE001 - any import failure: no PEFT rows
+        return {}
+    rows = {}
+    base = _nf4_base(k, n, torch.bfloat16)
+    if base is not None:
+        class Toy(torch.nn.Module):
+            is_loaded_in_4bit = True  # PEFT dispatches its bnb LoRA layers on this
+
+            def __init__(self, base):
+                super().__init__()
+                self.lin = base
+
+            def forward(self, x):
+                return self.lin(x)
+        model = peft.get_peft_model(Toy(base), peft.LoraConfig(r=r, lora_alpha=2 * r, target_modules=["lin"],
+                                                                        init_lora_weights=False))
+        layer = model.base_model.model.lin
+        for f in (layer.lora_A["default"], layer.lora_B["default"]):
+            f.to(torch.bfloat16)
+        fastpeft.accelerate(model, strict=True)
+        layer.train()
+        for m, xm in xs.items():
+            rows[f"accelerated PEFT lora.bnb.Linear4bit triton, no_grad, M={m}"] = (
+                "triton", no_grad(lambda xm=xm.bfloat16(), layer=layer: layer(xm)), layer)
+    torch.manual_seed(0)
+    model = peft.get_peft_model(torch.nn.Sequential(torch.nn.Linear(k, n)), peft.LoraConfig(
+        r=r, lora_alpha=2 * r, target_modules=["0"], use_dora=True, init_lora_weights=False)).eval()
+    fastpeft.accelerate(model, strict=True)
+    layer = model.base_model.model[0]
+    for m, xm in xs.items():
+        rows[f"accelerated PEFT lora.Linear(use_dora) triton, no_grad, M={m}"] = (
+            "triton", no_grad(lambda xm=xm, layer=layer: layer(xm)), layer)
     return rows
 
 
@@ -225,11 +276,14 @@ def main(argv=None):
     print(f"host µs per call, CPU time (torch {torch.__version__}, {args.calls} calls x 5 rounds, median)")
     for name, fn in rows.items():
         block = contextlib.nullcontext()
-        if isinstance(fn, tuple):  # (backend, fn): the block is entered once, outside the timed calls
-            block, fn = fastpeft.use_backend(fn[0]), fn[1]
+        accelerated = None
+        if isinstance(fn, tuple):  # (backend, fn[, accelerated layer]): the block is entered once, outside the calls
+            block, fn, accelerated = fastpeft.use_backend(fn[0]), fn[1], (fn[2] if len(fn) > 2 else None)
         with block:
             us = per_call_us(fn, args.calls)
-        print(f"  {name:<52} {us:8.2f}")
+        if accelerated is not None:  # an accelerated PEFT layer: every timed call ran on fastpeft's ops
+            assert set(accelerated._fastpeft_calls) == {"fastpeft"}, dict(accelerated._fastpeft_calls)
+        print(f"  {name:<64} {us:8.2f}")
 
 
 if __name__ == "__main__":

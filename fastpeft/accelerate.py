@@ -30,6 +30,11 @@ The layers stay PEFT ``LoraLayer`` instances with all their state, so ``save_pre
 ``cast_input_dtype_enabled`` behave as in PEFT. Dropout: PEFT's rate, fastpeft's seeded mask (recomputed in
 backward, never stored), so a training step matches PEFT's in distribution, not bit for bit; with dropout
 off (rate 0, or eval mode) outputs and gradients equal PEFT's (DoRA's magnitude included).
+
+Kept between calls, in the layer's ``__dict__`` (``restore``, PEFT's merge / unmerge and ``.to()`` drop them): a
+4-bit layer's ``QuantizedWeight`` view (``fastpeft.quant.kept_quantized_weight``, ``QLoRALinear``'s key), and a
+DoRA layer's norm and m / norm for calls with nothing to differentiate (``dora_linear``'s ``norm_cache``, keyed on
+W, A, B, m and the scaling, so ``set_adapter``, loaded or in-place written weights take effect at the next call).
 """
 from __future__ import annotations
 
@@ -41,7 +46,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from .functional import current_backend, dora_linear, lora_linear, lora_linear_multi, qlora_linear
-from .quant import QuantizedWeight, _bnb_class_name
+from .quant import _bnb_class_name, kept_quantized_weight
 
 _KERNEL_OR_REF_DTYPES = (torch.float32, torch.float16, torch.bfloat16, torch.float64)
 _classes: dict = {}  # PEFT's lora.Linear class -> its accelerated subclass (peft is imported lazily)
@@ -67,6 +72,31 @@ def _forward(self, x: torch.Tensor, *args, **kwargs) -> torch.Tensor:
     return _active(self, x)
 
 
+def _quantized_weight(self):
+    """The 4-bit base weight read in place (``QuantizedWeight``), kept on the layer while bnb's objects stay the
+    same (``fastpeft.quant.kept_quantized_weight``, the key of ``QLoRALinear.quantized_weight``): PEFT's merge /
+    unmerge requantize into a new Parameter, ``.to()`` and bnb's CPU repacking swap the data."""
+    d = self.__dict__
+    kept = d.get("_fastpeft_qw")
+    qw, new = kept_quantized_weight(self._modules["base_layer"], kept)
+    if new is not kept:
+        d["_fastpeft_qw"] = new
+    return qw
+
+
+def _norm_cache(self) -> dict | None:
+    """The dict where ``dora_linear`` keeps DoRA's norm and m / norm for this layer's calls with nothing to
+    differentiate, keyed on W, A, B, m, the scaling (``fastpeft.ops.dora._cached_gain``): another adapter
+    (``set_adapter``), loaded or in-place written weights recompute it at the next call. None while torch.compile
+    traces (nothing kept then, as the op computes the norm in the graph)."""
+    if torch.compiler.is_compiling():
+        return None
+    cache = self.__dict__.get("_fastpeft_dora")
+    if cache is None:
+        cache = self.__dict__["_fastpeft_dora"] = {}
+    return cache
+
+
 def _dropout(module) -> tuple:
     """``(p, training)`` of a PEFT dropout module (nn.Dropout or nn.Identity)."""
     if isinstance(module, nn.Dropout):
@@ -87,8 +117,7 @@ def _active(self, x: torch.Tensor) -> torch.Tensor:
 
     def linear(lora_a, lora_b, scaling, p, training):
         if quantized:
-            return qlora_linear(x, QuantizedWeight.from_module(base), base.bias, lora_a, lora_b, scaling, p,
-                                training)
+            return qlora_linear(x, _quantized_weight(self), base.bias, lora_a, lora_b, scaling, p, training)
         return lora_linear(x, base.weight, base.bias, lora_a, lora_b, scaling, p, training)
 
     if len(adapters) == 1:
@@ -98,7 +127,7 @@ def _active(self, x: torch.Tensor) -> torch.Tensor:
             # PEFT applies DoRA's dropout only when the LoRA layer itself is in training mode.
             return dora_linear(x, base.weight, base.bias, self.lora_A[a].weight, self.lora_B[a].weight,
                                self.lora_magnitude_vector[a].weight, float(self.scaling[a]), p,
-                               training and self.training, dropout_mode="exact")
+                               training and self.training, dropout_mode="exact", norm_cache=_norm_cache(self))
         return linear(self.lora_A[a].weight, self.lora_B[a].weight, float(self.scaling[a]), p, training)
     # Several adapters (no dropout in training: see runtime_fallback_reason): sum_a s_a B_a A_a x is one LoRA
     # update with the factors side by side, A = [A_1; A_2] (r1+r2, in), B = [s_1 B_1, s_2 B_2] (out, r1+r2).
@@ -199,7 +228,7 @@ def runtime_fallback_reason(self, x, args=(), kwargs=None):
             # bnb's Linear4bit.forward repacks the weight here (absmax rounded to bf16) and computes with that.
             return "4-bit layer in eval mode on the CPU: bitsandbytes' own CPU inference kernel (repacked weight)"
         try:
-            qweight = QuantizedWeight.from_module(base)
+            qweight = _quantized_weight(self)
         except (ValueError, TypeError) as e:
             return f"4-bit base layer fastpeft cannot read: {e}"
     names = kwargs.get("adapter_names")
@@ -266,13 +295,42 @@ def runtime_fallback_reason(self, x, args=(), kwargs=None):
     return None
 
 
+_KEPT = ("_fastpeft_qw", "_fastpeft_dora")  # what a patched layer keeps between calls (restore drops it too)
+
+
+def _drop_kept(self) -> None:
+    for key in _KEPT:
+        self.__dict__.pop(key, None)
+
+
+def _merge(self, *args, **kwargs):
+    """PEFT's merge, the kept QuantizedWeight / DoRA norm dropped first: merging a 4-bit layer requantizes into a
+    new Params4bit, and the packed weight it replaces is then freed at once, not at the layer's next call."""
+    _drop_kept(self)
+    return self._fastpeft_original.merge(self, *args, **kwargs)
+
+
+def _unmerge(self, *args, **kwargs):
+    """PEFT's unmerge, the kept state dropped first (as ``merge``)."""
+    _drop_kept(self)
+    return self._fastpeft_original.unmerge(self, *args, **kwargs)
+
+
+def _apply(self, fn, *args, **kwargs):
+    # .to() / .cuda() / .cpu() swap the tensors' data: the kept view would hold the old memory (the packed weight's,
+    # on the device it left) until the next call
+    _drop_kept(self)
+    return self._fastpeft_original._apply(self, fn, *args, **kwargs)
+
+
 def _accelerated_class(original: type) -> type:
     """The cached subclass of PEFT's ``original`` layer class whose forward runs fastpeft's ops."""
     cls = _classes.get(original)
     if cls is None:
         name = "AcceleratedLinear" if original.__name__ == "Linear" else f"AcceleratedLinear{original.__name__[6:]}"
         cls = type(name, (original,), {
-            "forward": _forward, "__module__": __name__, "__qualname__": name,
+            "forward": _forward, "merge": _merge, "unmerge": _unmerge, "_apply": _apply,
+            "__module__": __name__, "__qualname__": name,
             "_fastpeft_original": original,
             "__doc__": f"PEFT's lora {original.__name__} computing through fastpeft's ops (fastpeft.accelerate).",
         })
@@ -456,4 +514,5 @@ def restore(model: nn.Module) -> nn.Module:
         if accelerated and isinstance(m, accelerated):
             m.__class__ = m._fastpeft_original
             m.__dict__.pop("_fastpeft_calls", None)
+            _drop_kept(m)
     return model

@@ -29,7 +29,8 @@ from ._checks import (check_adapter_name, check_bool, check_dora_options, check_
 from .functional import (dora_linear, lora_linear, lora_linear_multi, lora_sparse_linear, qlora_linear, resolve_backend,
                          sparse_delta_linear)
 from .ops.dora import weight_sq_norms
-from .quant import QuantizedWeight, assign_merged_weight, base_kind, dequantize_weight, is_quantized, merged_weight
+from .quant import (QuantizedWeight, assign_merged_weight, base_kind, dequantize_weight, is_quantized,
+                    kept_quantized_weight, merged_weight)
 from .reference import dense_delta_ref
 from .selection import SparseSpec
 
@@ -68,9 +69,6 @@ def rosa_spec(sparse_density, sparse_block_size=1, sparse_selection="random") ->
     density 0: LoRA alone)."""
     check_sparse_options(sparse_density, sparse_block_size, sparse_selection, "sparse_density", allow_zero=True)
     return SparseSpec(sparse_density, sparse_block_size, sparse_selection) if sparse_density > 0.0 else None
-
-
-_NO_TORCH_FUNCTION = torch._C.DisableTorchFunctionSubclass  # bnb's Params4bit overrides it: 1.5 µs a method
 
 
 def _entry(params: nn.ParameterDict, name: str):
@@ -811,25 +809,13 @@ class QLoRALinear(FastLoRALinear):
     _casts = None  # (params, state, (A, B, bias) in the compute dtype): what _compute_copies keeps
 
     def quantized_weight(self) -> QuantizedWeight:
-        """The base weight read in place. Kept while bnb's objects stay the same: the weight Parameter (identity,
-        storage, version), its quant_state (identity, CPU packing flag) or int8 CB / SCB, and the layer's compute
-        dtype; rebuilt when one changes (``merge`` / ``unmerge`` requantize into a new Parameter, ``.to()`` and bnb's
-        CPU repacking swap the data), and per call while torch.compile traces. Building it cost 5 µs a call."""
-        layer = self._modules["base_layer"]
-        w = layer._parameters.get("weight")
-        if w is None or torch.compiler.is_compiling():
-            return QuantizedWeight.from_module(layer)
-        d = w.__dict__  # bnb's attributes, without Params4bit's __torch_function__ (1.5 µs a read)
-        qs, st = d.get("quant_state"), layer.__dict__.get("state")
-        objs = (w, qs, d.get("CB"), d.get("SCB"), getattr(st, "SCB", None))
-        with _NO_TORCH_FUNCTION():
-            state = (w.data_ptr(), w._version)
-        packed = qs is not None and qs.__dict__.get("packing_format_for_cpu", False)  # QuantState's getattr: 0.7 µs
-        state += (packed, layer.__dict__.get("compute_dtype"))
-        cached = self._qw
-        if cached is None or cached[1] != state or not all(map(operator.is_, objs, cached[0])):
-            self._qw = cached = (objs, state, QuantizedWeight.from_module(layer))
-        return cached[2]
+        """The base weight read in place, kept while bnb's objects stay the same (``fastpeft.quant.
+        kept_quantized_weight``: the weight Parameter's identity, storage, version, its quant_state or int8
+        CB / SCB, the compute dtype); rebuilt when one changes, and per call while torch.compile traces."""
+        qw, kept = kept_quantized_weight(self._modules["base_layer"], self._qw)
+        if kept is not self._qw:
+            self._qw = kept
+        return qw
 
     def _apply(self, fn, *args, **kwargs):
         # .to() / .cuda() / .cpu() swap the tensors' data: the kept view and casts would hold the old memory (the

@@ -29,6 +29,7 @@ from __future__ import annotations
 import ctypes as ct
 import importlib
 import importlib.util
+import operator
 import os
 import sys
 import warnings
@@ -221,6 +222,32 @@ class QuantizedWeight:
         """The dtype the layer computes in for input ``x``: bnb's Linear4bit rule (its ``compute_dtype`` when
         set, else the input's), the input's for int8 (W8A16)."""
         return self.compute_dtype if self.compute_dtype is not None else x.dtype
+
+
+_NO_TORCH_FUNCTION = torch._C.DisableTorchFunctionSubclass  # bnb's Params4bit overrides it: 1.5 µs a method
+
+
+def kept_quantized_weight(module: nn.Module, kept) -> tuple:
+    """``(QuantizedWeight.from_module(module), kept')`` where ``kept`` is what the caller kept from its last call
+    (None at first) and ``kept'`` what to keep for the next (``kept`` itself when still valid, or while
+    torch.compile traces: nothing is kept then). The view is reused while bnb's objects stay the same: the weight
+    Parameter (identity, storage, version), its quant_state (identity, CPU packing flag) or int8 CB / SCB, and the
+    layer's compute dtype; rebuilt when one changes (merge / unmerge requantize into a new Parameter, ``.to()`` and
+    bnb's CPU repacking swap the data). Building it costs 5 µs a call; the check under 1 µs. Serves
+    ``QLoRALinear.quantized_weight`` and ``fastpeft.accelerate``'s 4-bit layers."""
+    w = module._parameters.get("weight")
+    if w is None or torch.compiler.is_compiling():
+        return QuantizedWeight.from_module(module), kept
+    d = w.__dict__  # bnb's attributes, without Params4bit's __torch_function__ (1.5 µs a read)
+    qs, st = d.get("quant_state"), module.__dict__.get("state")
+    objs = (w, qs, d.get("CB"), d.get("SCB"), getattr(st, "SCB", None))
+    with _NO_TORCH_FUNCTION():
+        state = (w.data_ptr(), w._version)
+    packed = qs is not None and qs.__dict__.get("packing_format_for_cpu", False)  # QuantState's getattr: 0.7 µs
+    state += (packed, module.__dict__.get("compute_dtype"))
+    if kept is None or kept[1] != state or not all(map(operator.is_, objs, kept[0])):
+        kept = (objs, state, QuantizedWeight.from_module(module))
+    return kept[2], kept
 
 
 def dequantized_absmax(qw: QuantizedWeight) -> torch.Tensor:

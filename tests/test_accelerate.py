@@ -686,3 +686,155 @@ def test_4bit_eval_on_cpu_follows_bnb():
             layer(xg)
         assert layer._fastpeft_calls["fastpeft"] == 1  # repacked: PEFT's forward from now on
         assert sum(layer._fastpeft_calls.values()) == 3
+
+
+# ---------------------------------------------------------------------------------------------------------
+# The kept QuantizedWeight (4-bit) and DoRA norm follow every change at the next call
+# ---------------------------------------------------------------------------------------------------------
+def peft_forward(layer, x):
+    """PEFT's own forward of an accelerated layer (what fastpeft.restore would run)."""
+    return type(layer)._fastpeft_original.forward(layer, x)
+
+
+def assert_follows_peft(layer, x, what, rtol=RTOL, atol=ATOL):
+    """One no-grad call on fastpeft's ops (counted), equal to PEFT's forward of the layer as it is now."""
+    before = layer._fastpeft_calls["fastpeft"]
+    with torch.no_grad():
+        got = layer(x)
+        want = peft_forward(layer, x)
+    assert layer._fastpeft_calls["fastpeft"] == before + 1, f"{what}: {dict(layer._fastpeft_calls)}"
+    assert_close_report(got, want, rtol, atol, what)
+    return got
+
+
+@pytest.mark.filterwarnings("ignore:(Merge|Unmerge) lora module to 4-bit linear:UserWarning")
+def test_4bit_kept_view_follows_merge_unmerge_and_adapter_changes():
+    """The QuantizedWeight kept per 4-bit layer is reused by unchanged calls and rebuilt at the next call after
+    PEFT's merge / unmerge (requantized into a new Params4bit), a swapped weight; adapter loads and switches
+    reach the op (train mode: bnb's CPU eval repacking stays out)."""
+    model = quantized_model(target_modules=["a", "b"])
+    torch.manual_seed(2)
+    model.add_adapter("other", peft.LoraConfig(r=2, lora_alpha=8, target_modules=["a", "b"],
+                                               init_lora_weights=False))
+    fastpeft.accelerate(model)
+    layer, other_layer = model.base_model.model.a, model.base_model.model.b
+    x = torch.randn(2, 64)
+    first = assert_follows_peft(layer, x, "first call")
+    kept = layer.__dict__["_fastpeft_qw"]
+    assert_follows_peft(layer, x, "cached call")
+    assert layer.__dict__["_fastpeft_qw"] is kept  # reused, not rebuilt
+    layer.merge()
+    with torch.no_grad():
+        merged = layer(x)  # merged: PEFT's forward
+    layer.unmerge()  # requantized twice: a new weight, other bytes
+    after = assert_follows_peft(layer, x, "after merge / unmerge")
+    assert layer.__dict__["_fastpeft_qw"] is not kept
+    assert (merged - first).abs().max() < 0.5 and not torch.equal(after, first)
+    w = layer.base_layer.weight
+    w.data = w.data.flip(0).contiguous()  # same Parameter, other storage (what .to() does)
+    assert_follows_peft(layer, x, "weight data replaced")
+    w.quant_state = other_layer.base_layer.weight.quant_state  # same bytes, another quant_state (other absmax)
+    assert_follows_peft(layer, x, "quant_state replaced")
+    layer.base_layer.weight = other_layer.base_layer.weight  # another layer's packed weight (no bias there)
+    assert_follows_peft(layer, x, "swapped weight")
+    model.set_adapter("other")
+    assert_follows_peft(layer, x, "set_adapter('other')")
+    model.set_adapter("default")
+    assert_follows_peft(layer, x, "set_adapter('default')")
+    loaded = {k: v.flip(0) for k, v in peft.get_peft_model_state_dict(model, adapter_name="default").items()}
+    peft.set_peft_model_state_dict(model, loaded, adapter_name="default")
+    assert torch.equal(layer.lora_A["default"].weight, loaded["base_model.model.a.lora_A.weight"])
+    assert_follows_peft(layer, x, "other adapter weights loaded")
+    fastpeft.restore(model)
+    assert "_fastpeft_qw" not in layer.__dict__
+
+
+def dora_linear_model(d=32, seed=0):
+    torch.manual_seed(seed)
+    model = peft.get_peft_model(OneLinear(d), peft.LoraConfig(r=4, lora_alpha=8, target_modules=["lin"],
+                                                              use_dora=True, init_lora_weights=False))
+    with torch.no_grad():
+        model.base_model.model.lin.lora_B["default"].weight.normal_()  # a norm well away from ‖W‖
+    return model.eval()
+
+
+def test_dora_norm_cache_follows_peft_changes():
+    """Eval / no-grad DoRA calls of an accelerated PEFT layer keep the norm (and m / norm); every change PEFT
+    makes takes effect at the next call: magnitude, lora_A, lora_B, W written in place, the scaling, set_adapter,
+    disable_adapter, loaded adapter weights, merge / unmerge."""
+    model = dora_linear_model()
+    torch.manual_seed(3)
+    model.add_adapter("other", peft.LoraConfig(r=2, lora_alpha=4, target_modules=["lin"], use_dora=True,
+                                               init_lora_weights=False))
+    fastpeft.accelerate(model, strict=True)
+    layer = model.base_model.model.lin
+    x = torch.randn(3, 32)
+    assert_follows_peft(layer, x, "first call")
+    kept = layer.__dict__["_fastpeft_dora"]["gain"]
+    assert_follows_peft(layer, x, "cached call")
+    assert layer.__dict__["_fastpeft_dora"]["gain"] is kept  # the norm was not recomputed
+    with torch.no_grad():
+        layer.lora_magnitude_vector["default"].weight.mul_(1.5)
+    assert_follows_peft(layer, x, "magnitude written in place")
+    with torch.no_grad():
+        layer.lora_A["default"].weight.add_(0.5)
+    assert_follows_peft(layer, x, "lora_A written in place")
+    with torch.no_grad():
+        layer.lora_B["default"].weight.mul_(-2)
+    assert_follows_peft(layer, x, "lora_B written in place")
+    with torch.no_grad():
+        layer.base_layer.weight.mul_(0.5)
+    assert_follows_peft(layer, x, "W written in place")
+    layer.scale_layer(0.5)
+    assert_follows_peft(layer, x, "scaling")
+    layer.unscale_layer()
+    assert_follows_peft(layer, x, "scaling back")
+    model.set_adapter("other")
+    assert_follows_peft(layer, x, "set_adapter('other')")
+    model.set_adapter("default")
+    assert_follows_peft(layer, x, "set_adapter('default')")
+    with model.disable_adapter(), torch.no_grad():
+        assert_close_report(layer(x), layer.base_layer(x), 0, 0, "disabled")
+    assert_follows_peft(layer, x, "adapters enabled again")
+    donor = dora_linear_model(seed=5)
+    loaded = peft.get_peft_model_state_dict(donor)
+    peft.set_peft_model_state_dict(model, loaded, adapter_name="default")
+    assert torch.equal(layer.lora_magnitude_vector["default"].weight,
+                       donor.base_model.model.lin.lora_magnitude_vector["default"].weight)
+    assert_follows_peft(layer, x, "other adapter weights loaded")
+    model.merge_adapter()
+    with torch.no_grad():
+        layer(x)  # merged: PEFT's forward
+    model.unmerge_adapter()
+    assert_follows_peft(layer, x, "after merge / unmerge", 1e-4, 1e-5)
+    fastpeft.restore(model)
+    assert "_fastpeft_dora" not in layer.__dict__
+
+
+@pytest.mark.filterwarnings("ignore:(Merge|Unmerge) lora module to 4-bit linear:UserWarning")
+def test_4bit_kept_view_does_not_keep_a_replaced_weight_alive():
+    """PEFT's merge and .to() on an accelerated 4-bit layer drop its kept QuantizedWeight: the packed weight they
+    replaced is freed at once, not at the layer's next call (a merged layer keeps none: its calls run PEFT's
+    forward before reading the weight)."""
+    import gc
+    import weakref
+
+    model = quantized_model(target_modules=["a"])
+    fastpeft.accelerate(model)
+    layer = model.base_model.model.a
+    x = torch.randn(2, 64)
+    for step in ("merge", "to"):
+        assert_follows_peft(layer, x, f"before {step}")
+        old = weakref.ref(layer.__dict__["_fastpeft_qw"][2].data)  # the packed bytes the kept view holds
+        if step == "to":
+            layer.base_layer.weight.data = layer.base_layer.weight.data.clone()  # as a move swaps the data
+            layer.to("cpu")
+        else:
+            layer.merge()
+            with torch.no_grad():
+                layer(x)  # merged: PEFT's forward, nothing kept
+            assert "_fastpeft_qw" not in layer.__dict__
+            layer.unmerge()
+        gc.collect()
+        assert old() is None, step
+    assert_follows_peft(layer, x, "after")
