@@ -180,6 +180,22 @@ def _lora_args_key(x, weight, bias, lora_A, lora_B, scaling, dropout_p):
         return None
 
 
+def _checked_once(cache: dict, key, check, *args) -> dict | None:
+    """``check(*args)`` unless the argument set ``key`` passed before; the set's memo (a dict kept as long as
+    its cache entry), or None when ``key`` is None (not cacheable: checked every time)."""
+    if key is not None:
+        memo = cache.get(key)
+        if memo is not None:
+            return memo
+    check(*args)
+    if key is None:
+        return None
+    if len(cache) >= 4096:  # a bound for programs that sweep shapes
+        cache.clear()
+    memo = cache[key] = {}
+    return memo
+
+
 def check_lora_linear_args(x, weight, bias, lora_A, lora_B, scaling, dropout_p) -> dict | None:
     """Shapes, dtypes and devices of a ``lora_linear`` call (see API.md for the conventions); an argument
     set that passed once (same types, shapes, dtypes, devices, numbers) passes again without the checks.
@@ -188,17 +204,8 @@ def check_lora_linear_args(x, weight, bias, lora_A, lora_B, scaling, dropout_p) 
     what it derives from what the key holds and nothing else (``lora_linear``: the backend resolved for these
     tensors, under its own key of the asked name and the kernel state). None when the set is not cached."""
     key = _lora_args_key(x, weight, bias, lora_A, lora_B, scaling, dropout_p)
-    if key is not None:
-        memo = _LORA_ARGS_OK.get(key)
-        if memo is not None:
-            return memo
-    _check_lora_linear_args(x, weight, bias, lora_A, lora_B, scaling, dropout_p)
-    if key is None:
-        return None
-    if len(_LORA_ARGS_OK) >= 4096:  # a bound for programs that sweep shapes
-        _LORA_ARGS_OK.clear()
-    memo = _LORA_ARGS_OK[key] = {}
-    return memo
+    return _checked_once(_LORA_ARGS_OK, key, _check_lora_linear_args, x, weight, bias, lora_A, lora_B, scaling,
+                         dropout_p)
 
 
 def _check_lora_linear_args(x, weight, bias, lora_A, lora_B, scaling, dropout_p) -> None:
@@ -244,17 +251,8 @@ def check_qlora_linear_args(x, qweight, bias, lora_A, lora_B, scaling, dropout_p
                    None if bias is None else (type(bias), bias.shape, bias.dtype, bias.device), scaling, dropout_p)
         except AttributeError:
             key = None
-    if key is not None:
-        memo = _QLORA_ARGS_OK.get(key)
-        if memo is not None:
-            return memo
-    _check_qlora_linear_args(x, qweight, bias, lora_A, lora_B, scaling, dropout_p)
-    if key is None:
-        return None
-    if len(_QLORA_ARGS_OK) >= 4096:  # a bound for programs that sweep shapes
-        _QLORA_ARGS_OK.clear()
-    memo = _QLORA_ARGS_OK[key] = {}
-    return memo
+    return _checked_once(_QLORA_ARGS_OK, key, _check_qlora_linear_args, x, qweight, bias, lora_A, lora_B, scaling,
+                         dropout_p)
 
 
 def _check_qlora_linear_args(x, qweight, bias, lora_A, lora_B, scaling, dropout_p) -> None:
@@ -431,20 +429,10 @@ def check_dora_linear_args(x, weight, bias, lora_A, lora_B, magnitude, scaling, 
             key += (_tensor_key(magnitude), _tensor_key(weight_sq_norm), training, dropout_mode)
         except AttributeError:
             key = None
-        if key is not None:
-            memo = _DORA_ARGS_OK.get(key)
-            if memo is not None:
-                return memo
     else:
         key = None
-    _check_dora_linear_args(x, weight, bias, lora_A, lora_B, magnitude, scaling, dropout_p, training, dropout_mode,
-                            weight_sq_norm)
-    if key is None:
-        return None
-    if len(_DORA_ARGS_OK) >= 4096:  # a bound for programs that sweep shapes
-        _DORA_ARGS_OK.clear()
-    memo = _DORA_ARGS_OK[key] = {}
-    return memo
+    return _checked_once(_DORA_ARGS_OK, key, _check_dora_linear_args, x, weight, bias, lora_A, lora_B, magnitude,
+                         scaling, dropout_p, training, dropout_mode, weight_sq_norm)
 
 
 def _check_dora_linear_args(x, weight, bias, lora_A, lora_B, magnitude, scaling, dropout_p, training, dropout_mode,
