@@ -73,25 +73,13 @@ def providers(in_f, out_f, r, p, mode, device, dtype, kernels_ok: bool):
     return out
 
 
-def step_fn(mod, backend, ctx, mode, x, dy):
-    """One timed call: forward, or forward + the gradients a DoRA step needs (x and the trainables)."""
-    wrt = [x] + [p for p in mod.parameters() if p.requires_grad]
-
-    def fn():
-        with fastpeft.use_backend(backend or "auto"), ctx():
-            y = mod(x)
-            if mode == "fwd+bwd":
-                torch.autograd.grad(y, wrt, dy)
-    return fn
-
-
 def groups(m, k, n, r, p, modes, ctx):
     """One case's inputs and providers; one group per mode."""
     x = torch.randn(m, k, device=ctx.device, dtype=ctx.dtype, requires_grad=True)
     dy = torch.randn(m, n, device=ctx.device, dtype=ctx.dtype)
     for mode in modes:
         mods = providers(k, n, r, p, mode, ctx.device, ctx.dtype, ctx.kernels_ok)
-        calls = {name: step_fn(mod, be, c, mode, x, dy) for name, (mod, be, c) in mods.items()}
+        calls = {name: harness.layer_step(mod, be, mode, x, dy, c) for name, (mod, be, c) in mods.items()}
         yield Group({"mode": mode}, calls)
 
 

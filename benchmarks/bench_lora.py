@@ -74,15 +74,8 @@ def peft_accelerate_provider(in_f, out_f, r, p, device, dtype):
 
 
 def step_fn(mod, backend, gemm, mode, x, dy):
-    """One timed call: forward, or forward + the gradients a LoRA step needs (x and the trainables)."""
-    wrt = [x] + [p for p in mod.parameters() if p.requires_grad]
-
-    def fn():
-        with fastpeft.use_backend(backend or "auto"), env_vars({"FASTPEFT_LORA_GEMM": gemm or "auto"}):
-            y = mod(x)
-            if mode == "fwd+bwd":
-                torch.autograd.grad(y, wrt, dy)
-    return fn
+    """One timed call (``harness.layer_step``) with the LoRA GEMM ``gemm`` forced (None: auto)."""
+    return harness.layer_step(mod, backend, mode, x, dy, lambda: env_vars({"FASTPEFT_LORA_GEMM": gemm or "auto"}))
 
 
 def groups(m, k, n, r, p, modes, ctx):

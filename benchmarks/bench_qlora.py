@@ -137,23 +137,13 @@ class _Module:
         return iter(self.params)
 
 
-def step_fn(mod, backend, mode, x, dy):
-    wrt = [x] + [p for p in mod.parameters() if p.requires_grad]
-
-    def fn():
-        with fastpeft.use_backend(backend or "auto"):
-            y = mod(x)
-            if mode == "fwd+bwd":
-                torch.autograd.grad(y, wrt, dy)
-    return fn
-
-
 def groups(m, k, n, r, quant, modes, ctx):
     x = torch.randn(m, k, device=ctx.device, dtype=ctx.dtype, requires_grad=True)
     dy = torch.randn(m, n, device=ctx.device, dtype=ctx.dtype)
     mods = providers(k, n, r, quant, ctx.device, ctx.dtype, ctx.kernels_ok)
     for mode in modes:
-        yield Group({"mode": mode}, {name: step_fn(mod, be, mode, x, dy) for name, (mod, be) in mods.items()})
+        yield Group({"mode": mode},
+                    {name: harness.layer_step(mod, be, mode, x, dy) for name, (mod, be) in mods.items()})
 
 
 def cases(args, ctx) -> list:

@@ -275,6 +275,22 @@ class Benchmark:
     progress: str = "bench"
 
 
+def layer_step(mod, backend, mode: str, x, dy, context=contextlib.nullcontext) -> Callable:
+    """One timed call of a layer (bench lora, dora, qlora): ``mod(x)`` under ``fastpeft.use_backend(backend or
+    "auto")`` and ``context()``, then for ``mode == "fwd+bwd"`` the gradients a training step needs (x and the
+    trainable parameters, from ``dy``)."""
+    import fastpeft
+
+    wrt = [x] + [p for p in mod.parameters() if p.requires_grad]
+
+    def fn():
+        with fastpeft.use_backend(backend or "auto"), context():
+            y = mod(x)
+            if mode == "fwd+bwd":
+                torch.autograd.grad(y, wrt, dy)
+    return fn
+
+
 def linear_benchmark(**fields) -> Benchmark:
     """The ``Benchmark`` of a layer timed against a frozen nn.Linear (bench lora, dora, qlora, sparse): modes
     fwd and fwd+bwd, every ratio (and the plot) to nn.Linear; ``fields`` as ``Benchmark``'s."""
