@@ -151,6 +151,15 @@ def _resolve(op: str, name: str, tensors: tuple) -> str:
     return "triton" if reason is None and on_cuda and op in kernels.AUTO_OPS else "reference"
 
 
+def _rate_and_seed(dropout_p, training: bool, seed, device) -> tuple:
+    """``(p, seed)`` of a single-rate op: the dropout rate in effect (0.0 out of training) and its seed, drawn
+    (``draw_seed``) when the rate is > 0 and none was given."""
+    p = float(dropout_p) if training else 0.0
+    if p > 0.0 and seed is None:
+        seed = draw_seed(device)
+    return p, seed
+
+
 def lora_linear(x, weight, bias, lora_A, lora_B, scaling, dropout_p=0.0, training=True, seed=None,
                 backend=None) -> torch.Tensor:
     """LoRA linear: ``y = x W^T + b + scaling * (drop(x) A^T) B^T``.
@@ -163,9 +172,7 @@ def lora_linear(x, weight, bias, lora_A, lora_B, scaling, dropout_p=0.0, trainin
     memo = check_lora_linear_args(x, weight, bias, lora_A, lora_B, scaling, dropout_p)
     check_bool(training, "training")
     check_seed(seed)
-    p = float(dropout_p) if training else 0.0
-    if p > 0.0 and seed is None:
-        seed = draw_seed(x.device)
+    p, seed = _rate_and_seed(dropout_p, training, seed, x.device)
     if resolve_backend("lora_linear", backend, x, weight, lora_A, lora_B, memo=memo) == "triton":
         return _triton_lora()(x, weight, bias, lora_A, lora_B, scaling, p, seed)
     if use_cpu_path(x):  # no dropped copy of x kept; the CPU dropout stream (see reference.py)
@@ -256,9 +263,7 @@ def lora_sparse_linear(x, weight, bias, lora_A, lora_B, scaling, delta_indices, 
     check_sparse_delta(delta_indices, delta_values, weight.shape[0], weight.shape[1], block_size, check_order=check)
     # Under autocast the values may be of another dtype than x, as the weight may (see check_lora_linear_args).
     check_same_device_dtype("x", x, not autocast_on(x), delta_values=delta_values)
-    p = float(dropout_p) if training else 0.0
-    if p > 0.0 and seed is None:
-        seed = draw_seed(x.device)
+    p, seed = _rate_and_seed(dropout_p, training, seed, x.device)
     if resolve_backend("lora_sparse_linear", backend, x, weight, lora_A, lora_B, delta_values) == "triton":
         from .ops.sparse import lora_sparse_linear_triton
 
@@ -281,9 +286,7 @@ def qlora_linear(x, qweight, bias, lora_A, lora_B, scaling, dropout_p=0.0, train
     memo = check_qlora_linear_args(x, qweight, bias, lora_A, lora_B, scaling, dropout_p)
     check_bool(training, "training")
     check_seed(seed)
-    p = float(dropout_p) if training else 0.0
-    if p > 0.0 and seed is None:
-        seed = draw_seed(x.device)
+    p, seed = _rate_and_seed(dropout_p, training, seed, x.device)
     name = resolve_backend("qlora_linear", backend, x, lora_A, lora_B, memo=memo)
     return _qlora_op()(x, qweight, bias, lora_A, lora_B, float(scaling), p, 0 if seed is None else seed, name, path)
 
@@ -318,9 +321,7 @@ def dora_linear(x, weight, bias, lora_A, lora_B, magnitude, scaling, dropout_p=0
     """
     memo = check_dora_linear_args(x, weight, bias, lora_A, lora_B, magnitude, scaling, dropout_p, training, seed,
                                   dropout_mode, weight_sq_norm)
-    p = float(dropout_p) if training else 0.0
-    if p > 0.0 and seed is None:
-        seed = draw_seed(x.device)
+    p, seed = _rate_and_seed(dropout_p, training, seed, x.device)
     name = resolve_backend("dora_linear", backend, x, weight, lora_A, lora_B, magnitude, memo=memo)
     if not autocast_on(x):
         return _dora_linear_op(x, weight, bias, lora_A, lora_B, magnitude, float(scaling), p, training, seed,
