@@ -10,6 +10,7 @@ import os
 
 import torch
 
+from .ops.common import capturing
 from .reference import DORA_DROPOUT_MODES
 
 # float64 runs on the reference path only (the kernels take the three training dtypes).
@@ -27,7 +28,7 @@ def _compiling() -> bool:
 def _skip_value_checks() -> bool:
     """``_compiling()``, or a CUDA graph being captured on the current stream: a host sync there is an
     error (cudaErrorStreamCaptureUnsupported), and the graph replays without the checks anyway."""
-    return _compiling() or (torch.cuda.is_initialized() and torch.cuda.is_current_stream_capturing())
+    return _compiling() or capturing()
 
 
 def check_rank(r, name: str = "r") -> int:

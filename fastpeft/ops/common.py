@@ -5,6 +5,13 @@ from __future__ import annotations
 import torch
 
 
+def capturing() -> bool:
+    """Whether a CUDA graph is being captured on the current stream (a host sync there is an error, and a
+    host value is baked into the graph). ``kernels._common.capturing`` is the kernels' own copy: they import
+    only torch and triton."""
+    return torch.cuda.is_initialized() and torch.cuda.is_current_stream_capturing()
+
+
 def draw_seed(device=None):
     """A dropout seed drawn from torch's default CPU generator, so ``torch.manual_seed`` makes runs
     repeatable and ``torch.utils.checkpoint`` (which restores that generator) redraws the same one.
@@ -20,7 +27,7 @@ def draw_seed(device=None):
     the same elements.
     """
     if (device is not None and torch.device(device).type == "cuda" and not torch.compiler.is_compiling()
-            and torch.cuda.is_current_stream_capturing()):
+            and capturing()):
         return torch.randint(0, 2**62, (1,), dtype=torch.int64, device=device)
     seed = torch.randint(0, 2**62, (1,), dtype=torch.int64)
     if torch.compiler.is_compiling():
