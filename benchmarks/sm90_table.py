@@ -325,7 +325,7 @@ def sparse_launches(ranks) -> list:
     out.append(Launch("sparse_delta", SD._gather_dot_kernel, "gather-dot",
                       dict(dy_ptr=_ptr("bf16"), x_ptr=_ptr("bf16"), idx_ptr=_ptr("i64"), out_ptr=_ptr("fp32"), M=M,
                            nnz=4096, K=K, m_per_split=1024, stride_dm=N, stride_dn=1, stride_xm=K, stride_xk=1,
-                           stride_i=1, stride_os=4096, BLOCK_E=64, BLOCK_M=64), 4, 3, {"BLOCK_E": 64, "BLOCK_M": 64}))
+                           stride_i=1, stride_os=4096, BLOCK_E=64, BLOCK_M=32), 4, 3, {"BLOCK_E": 64, "BLOCK_M": 32}))
     # the block-fused GEMM: its autotune list for 32 x 32 blocks (the target), plain and with LoRA (RoSA)
     db = 32
     tuned = SD._sparse_gemm_tuned(db)
