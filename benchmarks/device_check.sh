@@ -11,7 +11,8 @@
 # headers carry card, torch, triton and date. Each step has its own timeout inside a total budget
 # (BUDGET seconds, default 470, 100 of them kept for the profile): a step that would overrun is cut, the
 # later ones still get their turn.
-#   bash benchmarks/device_check.sh               # on the card
+#   bash benchmarks/device_check.sh               # on the card (first, here: bash benchmarks/device_wheels.sh, and
+#                                                 # the device call with carry [".whl"]: bitsandbytes for QLoRA)
 #   bash benchmarks/device_check.sh --smoke       # dry run on the CPU under TRITON_INTERPRET=1, tiny shapes;
 #                                                 # what needs CUDA is skipped with a printed line
 #   bash benchmarks/device_check.sh --sparse      # the sparse ops only (issue 12 item 5), BUDGET default 420 s:
@@ -78,8 +79,21 @@ if [ "$SMOKE" = 1 ]; then
 else
     nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv,noheader || true
     $PY -m pip install -q --no-deps --no-build-isolation -e . || { echo "install failed"; exit 1; }
+    # Wheels the image lacks (bitsandbytes), fetched offline by benchmarks/device_wheels.sh and carried as .whl/.
+    if compgen -G ".whl/*.whl" > /dev/null; then
+        $PY -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl \
+            && export PYTHONPATH="/tmp/site${PYTHONPATH:+:$PYTHONPATH}" || echo "wheel install failed: .whl/ skipped"
+    fi
 fi
 $PY -c "import torch, triton; print('torch', torch.__version__, '| triton', triton.__version__, '| cuda', torch.version.cuda, '|', torch.cuda.get_device_name() if torch.cuda.is_available() else 'no CUDA device')"
+$PY -c "
+import importlib.util as u
+for m in ('peft', 'transformers', 'bitsandbytes'):
+    if u.find_spec(m) is None:
+        print(m, 'missing' + (': the QLoRA GPU rows need it (benchmarks/device_wheels.sh, carry .whl)' if m == 'bitsandbytes' else ''))
+    else:
+        print(m, __import__(m).__version__)
+" 2>&1 | grep -v 'kernels-community'
 card=$($PY -c "import torch; print(torch.cuda.get_device_name().replace(' ', '-') if torch.cuda.is_available() else 'cpu')")
 if [ "$SMOKE" = 1 ]; then card="cpu-smoke"; fi
 
