@@ -181,16 +181,20 @@ def _lora_args_key(x, weight, bias, lora_A, lora_B, scaling, dropout_p):
         return None
 
 
-def _checked_once(cache: dict, key, check, *args) -> dict | None:
+def _checked_once(cache_name: str, key, check, *args) -> dict | None:
     """``check(*args)`` unless the argument set ``key`` passed before; the set's memo (a dict kept as long as
-    its cache entry), or None when ``key`` is None (not cacheable: checked every time)."""
-    if key is not None:
-        memo = cache.get(key)
-        if memo is not None:
-            return memo
-    check(*args)
+    its cache entry), or None when ``key`` is None (not cacheable, or torch.compile tracing: checked every time).
+    The cache is this module's dict named ``cache_name``, looked up only for a key: a traced call must not touch
+    it (torch 2.11's dynamo guards on the length of a dict passed in, and recompiles after every eager call
+    that adds an entry)."""
     if key is None:
+        check(*args)
         return None
+    cache = globals()[cache_name]
+    memo = cache.get(key)
+    if memo is not None:
+        return memo
+    check(*args)
     if len(cache) >= 4096:  # a bound for programs that sweep shapes
         cache.clear()
     memo = cache[key] = {}
@@ -205,7 +209,7 @@ def check_lora_linear_args(x, weight, bias, lora_A, lora_B, scaling, dropout_p) 
     what it derives from what the key holds and nothing else (``lora_linear``: the backend resolved for these
     tensors, under its own key of the asked name and the kernel state). None when the set is not cached."""
     key = _lora_args_key(x, weight, bias, lora_A, lora_B, scaling, dropout_p)
-    return _checked_once(_LORA_ARGS_OK, key, _check_lora_linear_args, x, weight, bias, lora_A, lora_B, scaling,
+    return _checked_once("_LORA_ARGS_OK", key, _check_lora_linear_args, x, weight, bias, lora_A, lora_B, scaling,
                          dropout_p)
 
 
@@ -252,7 +256,7 @@ def check_qlora_linear_args(x, qweight, bias, lora_A, lora_B, scaling, dropout_p
                    None if bias is None else (type(bias), bias.shape, bias.dtype, bias.device), scaling, dropout_p)
         except AttributeError:
             key = None
-    return _checked_once(_QLORA_ARGS_OK, key, _check_qlora_linear_args, x, qweight, bias, lora_A, lora_B, scaling,
+    return _checked_once("_QLORA_ARGS_OK", key, _check_qlora_linear_args, x, qweight, bias, lora_A, lora_B, scaling,
                          dropout_p)
 
 
@@ -432,7 +436,7 @@ def check_dora_linear_args(x, weight, bias, lora_A, lora_B, magnitude, scaling, 
             key = None
     else:
         key = None
-    return _checked_once(_DORA_ARGS_OK, key, _check_dora_linear_args, x, weight, bias, lora_A, lora_B, magnitude,
+    return _checked_once("_DORA_ARGS_OK", key, _check_dora_linear_args, x, weight, bias, lora_A, lora_B, magnitude,
                          scaling, dropout_p, training, dropout_mode, weight_sq_norm)
 
 

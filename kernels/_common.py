@@ -227,7 +227,9 @@ def _wrap(kernel):
     """The kernel as launched from a launcher: through ``wrap_triton`` inside a registered op's body (so
     torch.compile and fake tensors see it), directly otherwise. Eager calls skip the ops: going through
     the op dispatcher and ``wrap_triton`` costs host time per launch that small LoRA kernels cannot hide."""
-    return torch.library.wrap_triton(kernel) if getattr(_state, "in_op", False) else kernel
+    # Under TRITON_INTERPRET the op bodies are opaque custom ops, and triton 3.6's interpreted kernels are not
+    # JITFunctions, which torch 2.11's wrap_triton refuses: called directly there.
+    return torch.library.wrap_triton(kernel) if getattr(_state, "in_op", False) and not INTERPRET else kernel
 
 
 @contextlib.contextmanager

@@ -5,6 +5,20 @@ from __future__ import annotations
 import torch
 
 
+# torch 2.11 (pytorch/pytorch#180642, a silent-correctness bug): while torch.compile traces an autograd.Function
+# whose forward returns a tensor it changed in place (y.addmm_ of the rank-r update, a kernel writing into y), dynamo
+# also records the tensor's pre-mutation alias as an output, and autograd routes the backward to it: the compiled
+# gradients come out zero. Returning a clone while tracing avoids it; inductor drops the clone as a no-op. Checked
+# with a 5-line repro: 2.11.0 has it; 2.12.0, 2.12.1 and 2.13.0 do not.
+_CLONE_RETURNED = tuple(int(v) for v in torch.__version__.split(".")[:2]) == (2, 11)
+
+
+def returned(y: torch.Tensor) -> torch.Tensor:
+    """``y`` as an autograd.Function's forward returns it: a clone while torch.compile traces on the torch
+    versions with the in-place-output bug above, else ``y`` itself."""
+    return y.clone() if _CLONE_RETURNED and torch.compiler.is_compiling() else y
+
+
 def capturing() -> bool:
     """Whether a CUDA graph is being captured on the current stream (a host sync there is an error, and a
     host value is baked into the graph). ``kernels._common.capturing`` is the kernels' own copy: they import

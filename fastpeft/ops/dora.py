@@ -14,6 +14,7 @@ import torch
 import torch.nn.functional as F
 
 from ..reference import DORA_DROPOUT_MODES, dropout_threshold, lora_dropout_ref
+from .common import returned
 
 BACKENDS = ("reference", "triton")
 # The factored norm is trusted where ‖W_j + sB_jA‖² >= CANCEL_RATIO · (‖W_j‖² + |cross_j| + quad_j): its fp32
@@ -144,7 +145,7 @@ class DoRALinearFunction(torch.autograd.Function):
         y, u = _forward(x, weight, bias, lora_A, lora_B, g, scaling, p, seed, thr, ds, exact, impl)
         ctx.save_for_backward(x, weight, bias, lora_A, lora_B, magnitude, norm, g, u, None if exact else y)
         ctx.scaling, ctx.p, ctx.seed, ctx.thr, ctx.ds, ctx.exact, ctx.impl = scaling, p, seed, thr, ds, exact, impl
-        return y
+        return returned(y)
 
     @staticmethod
     def backward(ctx, dy):

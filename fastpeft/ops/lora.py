@@ -12,7 +12,7 @@ import torch
 from ..kernels import lora as K
 from ..kernels import lora_tma as KT
 from ..reference import dropout_threshold
-from .common import _bucket, _seed_arg, autocast_enabled, autocast_inputs, base_grads
+from .common import _bucket, _seed_arg, autocast_enabled, autocast_inputs, base_grads, returned
 
 
 def dropout_constants(dropout_p: float) -> tuple:
@@ -67,7 +67,7 @@ class LoRALinearFunction(torch.autograd.Function):
         ctx.save_for_backward(x, u, weight, lora_A, lora_B)
         ctx.scaling, ctx.seed, ctx.thr, ctx.drop_scale = scaling, seed, thr, drop_scale
         ctx.has_bias = bias is not None
-        return y
+        return returned(y)
 
     @staticmethod
     def backward(ctx, dy):

@@ -11,6 +11,7 @@ from __future__ import annotations
 import torch
 
 from ..reference import cpu_keep_mask
+from .common import returned
 
 
 class LoRALinearCPUFunction(torch.autograd.Function):
@@ -44,7 +45,7 @@ class LoRALinearCPUFunction(torch.autograd.Function):
         ctx.seed = None if seed_t is not None else seed
         ctx.keep_scale = 1.0 / (1.0 - dropout_p) if dropout_p > 0.0 else 1.0
         ctx.scaling, ctx.dropout_p, ctx.has_bias = scaling, dropout_p, bias is not None
-        return y
+        return returned(y)
 
     @staticmethod
     def backward(ctx, dy):

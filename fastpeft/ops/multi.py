@@ -13,7 +13,7 @@ import torch
 
 from ..kernels import lora as K
 from ..kernels import multi_lora as MK
-from .common import _bucket, _seed_arg, autocast_inputs, base_grads
+from .common import _bucket, _seed_arg, autocast_inputs, base_grads, returned
 
 
 class LoRAMultiFunction(torch.autograd.Function):
@@ -55,7 +55,7 @@ class LoRAMultiFunction(torch.autograd.Function):
         ctx.save_for_backward(x, u, weight, lora_A_stack, lora_B_stack, order, bounds, blocks, ranks, s_fwd, s_dx,
                               thr)
         ctx.seed, ctx.has_mask, ctx.block_m, ctx.has_bias = seed, dropout_p is not None, block_m, bias is not None
-        return y
+        return returned(y)
 
     @staticmethod
     def backward(ctx, dy):

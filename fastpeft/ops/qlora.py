@@ -15,6 +15,7 @@ import torch.nn.functional as F
 
 from ..quant import INT8_INV_SCALE, QuantizedWeight, dequantize_weight
 from ..reference import dropout_mask, dropout_threshold
+from .common import returned
 
 PATHS = ("auto", "fused", "dequant")
 _path_cache: dict = {}
@@ -96,7 +97,7 @@ class QLoRALinearFunction(torch.autograd.Function):
         else:
             y, u = _triton_forward(x, lora_A, lora_B, bias, qw, scaling, thr, ds, seed, path)
         ctx.save_for_backward(x, u, lora_A, lora_B)
-        return y
+        return returned(y)
 
     @staticmethod
     def backward(ctx, dy):

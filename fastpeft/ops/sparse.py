@@ -27,7 +27,7 @@ import torch
 
 from ..kernels import lora as K
 from ..kernels import sparse_delta as SD
-from .common import _bucket, _seed_arg, autocast_inputs, base_grads
+from .common import _bucket, _seed_arg, autocast_inputs, base_grads, returned
 from .lora import dropout_constants, lora_factor_grads, lora_gemm, torch_backward, torch_forward
 
 # Tiles are visited in groups of this many tile rows (as GROUP_M in Triton's matmul tutorial): the
@@ -365,7 +365,7 @@ class SparseDeltaLinearFunction(torch.autograd.Function):
         # The plan's tensors are bookkeeping of the indices, never changed in place: held on ctx with it.
         ctx.save_for_backward(x, weight, values, indices)
         ctx.plan, ctx.has_bias = plan, bias is not None
-        return y
+        return returned(y)
 
     @staticmethod
     def backward(ctx, dy):
@@ -483,7 +483,7 @@ class LoRASparseLinearFunction(torch.autograd.Function):
         ctx.save_for_backward(x, u, weight, lora_A, lora_B, values, indices)  # the plan is held on ctx
         ctx.scaling, ctx.seed, ctx.thr, ctx.drop_scale = scaling, seed, thr, drop_scale
         ctx.plan, ctx.has_bias = plan, bias is not None
-        return y
+        return returned(y)
 
     @staticmethod
     def backward(ctx, dy):
