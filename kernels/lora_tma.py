@@ -66,8 +66,9 @@ def _lora_gemm_tma_kernel(
     BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr, R_PAD: tl.constexpr,
     NUM_SMS: tl.constexpr, DOT_PRECISION: tl.constexpr, UPCAST: tl.constexpr,
 ):
-    # Not warp-specialized: tl.range(..., warp_specialize=True) is newer than some triton 3.x and, on
-    # Hopper, not known to us to be supported by 3.6; a variant to time on the card (issue 12 item 3).
+    # Not warp-specialized: compiled offline for sm_90 (triton 3.6 and 3.9, this kernel with the K loop as
+    # tl.range(k_tiles, warp_specialize=True)), every 4-warp config crashes the compiler (NVGPUWarpSpecialization
+    # pass) and every 8-warp config comes out with the same registers and shared memory as without the flag.
     # The masked epilogue works on sub-tiles of at most 64 columns (see lora._lora_gemm_kernel).
     SUB_N: tl.constexpr = BLOCK_N if (not HAS_MASK or BLOCK_N <= 64) else 64
     a_desc = tl.make_tensor_descriptor(a_ptr, shape=[M, K], strides=[stride_am, 1], block_shape=[BLOCK_M, BLOCK_K])
