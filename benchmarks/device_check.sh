@@ -1,12 +1,14 @@
 #!/usr/bin/env bash
 # One prepared GPU check (issue 12 item 6), at most ~8 minutes: in this order
-#   1. the GPU tests (kernels with explicit blocks, then the gpu-marked tests);
+#   1. the GPU tests (kernels with explicit blocks, then the gpu-marked tests but those of torch.compile and CUDA
+#      graphs, whose inductor compiles would eat the benches' time: they are step 4);
 #   2. `fastpeft bench lora | multi | sparse | qlora` at the target shapes (M=8192; K x N = 4096x4096, then 4096x14336
 #      and 14336x4096; r=16; p 0 and 0.1; 64 adapters; 1 % sparse, unstructured and 32x32 blocks; RoSA rows in --sparse);
 #   3. benchmarks/profile_lora.py: the per-kernel torch.profiler table of LoRA fwd+bwd at M=8192, K=N=4096,
 #      r=16, p in {0, 0.1} (kernel, µs, bytes moved, TB/s or TFLOP/s, % of peak), the TMA GEMM against
 #      cuBLAS, then the decode tables (M 1/16/64) eager and under CUDA graphs: one adapter, and 8 adapters one per
-#      token on the BGMV and the grouped paths.
+#      token on the BGMV and the grouped paths;
+#   4. the gpu-marked torch.compile and CUDA-graph tests (reduce-overhead with dropout among them), in what is left.
 # Everything goes to $OUT (log, JSON, markdown) and the tables to benchmarks/results/ named by card and date;
 # headers carry card, torch, triton and date. Each step has its own timeout inside a total budget
 # (BUDGET seconds, default 470, 100 of them kept for the profile): a step that would overrun is cut, the
@@ -148,7 +150,9 @@ else
         tests/test_kernels_bgmv.py -m "not gpu"
     run "kernel tests sparse + the floor's (explicit blocks)" 90 env FASTPEFT_AUTOTUNE=0 $PY -m pytest -q -x \
         -p no:cacheprovider tests/test_kernels_sparse.py tests/test_timed_choice.py -m "not gpu" -k sparse
-    run "gpu-marked tests (autotuned, compile)" 80 $PY -m pytest -q -p no:cacheprovider tests/ -m gpu
+    # torch.compile and CUDA-graph tests (inductor compiles: the slow ones) wait for step 4.
+    run "gpu-marked tests (autotuned; not compile / CUDA graphs)" 80 $PY -m pytest -q -p no:cacheprovider tests/ -m gpu \
+        --ignore=tests/test_compile.py --ignore=tests/test_cuda_graphs.py
 fi
 
 echo "== 2. fastpeft bench (ratios to nn.Linear measured in one run)"
@@ -192,6 +196,14 @@ if [ "$SMOKE" = 1 ]; then
 else
     run "profile_lora" 110 $PY benchmarks/profile_lora.py --tokens 8192 --k 4096 --n 4096 --rank 16 --dropout 0 0.1 \
         --decode 1 16 64 --out "$OUT"
+fi
+
+echo "== 4. torch.compile and CUDA-graph tests (what is left of the budget)"
+if [ "$SMOKE" = 1 ]; then
+    skip "gpu-marked torch.compile / CUDA-graph tests"
+else
+    run "gpu-marked CUDA-graph + compile tests" 150 $PY -m pytest -q -rA -p no:cacheprovider tests/test_cuda_graphs.py \
+        tests/test_compile.py -m gpu
 fi
 
 if [ "$SMOKE" = 1 ]; then

@@ -84,3 +84,42 @@ def test_eval_decode_replays_new_inputs(backend, m):
         graph.replay()
         torch.cuda.synchronize()
         torch.testing.assert_close(y, step())
+
+
+@pytest.mark.parametrize("backend", ["triton", "reference"])
+def test_reduce_overhead_training_with_dropout(backend):
+    """``torch.compile(mode="reduce-overhead")`` over a training step with dropout: inductor runs it under CUDA
+    graphs (no cudagraph skip: the seed's draw on torch's CPU generator is partitioned out of the graph, as
+    inductor's graph_partition does for CPU nodes), and every call draws a new mask, the backward seeing its
+    forward's (same A = B = I reading as above)."""
+    from torch._dynamo.utils import counters
+
+    torch.manual_seed(0)
+    k, p = 16, 0.5
+    layer = fastpeft.FastLoRALinear(k, k, r=k, lora_alpha=k, lora_dropout=p, device="cuda")
+    with torch.no_grad():
+        layer.lora_A.copy_(torch.eye(k))
+        layer.lora_B.copy_(torch.eye(k))
+    x = torch.rand(64, k, device="cuda") + 0.5
+
+    torch._dynamo.reset()
+    counters.clear()
+    compiled = torch.compile(layer, mode="reduce-overhead")
+    seen = []
+    with fastpeft.use_backend(backend):
+        for _ in range(5):
+            torch.compiler.cudagraph_mark_step_begin()
+            layer.lora_A.grad = None
+            y = compiled(x)
+            y.backward(torch.ones_like(y))
+            y = y.detach().clone()
+            torch.cuda.synchronize()
+            ratio = (y - torch.nn.functional.linear(x, layer.weight, layer.bias)) / x
+            keep = ratio > 1.0
+            torch.testing.assert_close(ratio, keep.float() / (1 - p), atol=1e-4, rtol=1e-4)
+            expect = (keep.float() * x / (1 - p)).sum(0).expand(k, k)
+            torch.testing.assert_close(layer.lora_A.grad, expect, atol=1e-3, rtol=1e-4)
+            seen.append(keep)
+    skips = dict(counters["inductor"])
+    assert not any("cudagraph_skip" in key for key, n in skips.items() if n), f"CUDA graphs skipped: {skips}"
+    assert all(not torch.equal(a, b) for a, b in zip(seen, seen[1:])), "two calls in a row dropped the same elements"
