@@ -124,9 +124,14 @@ def to_markdown(text: str, rows: list, columns: list) -> str:
     return "\n".join(lines) + "\n"
 
 
+def table_head(title: str, env: dict) -> str:
+    """The title line and the environment line above a table."""
+    return f"{title}\n{env['device']} | torch {env['torch']} | triton {env['triton']} | {env['date']}"
+
+
 def print_table(title: str, env: dict, rows: list, columns: list) -> str:
     """Rows are dicts; ``columns`` are (key, header, format). Returns the text it printed."""
-    head = f"{title}\n{env['device']} | torch {env['torch']} | triton {env['triton']} | {env['date']}"
+    head = table_head(title, env)
     cells = [[h for _, h, _ in columns]] + [[fmt.format(r[k]) if r.get(k) is not None else "-"
                                                for k, _, fmt in columns] for r in rows]
     widths = [max(len(c[i]) for c in cells) for i in range(len(columns))]
@@ -137,9 +142,20 @@ def print_table(title: str, env: dict, rows: list, columns: list) -> str:
     return text
 
 
-def write_json(path: str, env: dict, rows: list) -> None:
-    with open(path, "w") as f:
-        json.dump({"environment": env, "rows": [r if isinstance(r, dict) else asdict(r) for r in rows]}, f, indent=2)
+def _write_atomic(path: str, text: str) -> None:
+    """``text`` into ``path`` through a temporary file and a rename: a run killed mid-write (a timeout) leaves
+    the previous complete file, never a truncated one."""
+    tmp = f"{path}.tmp{os.getpid()}"
+    with open(tmp, "w") as f:
+        f.write(text)
+    os.replace(tmp, path)
+
+
+def write_json(path: str, env: dict, rows: list, partial: str | None = None) -> None:
+    data = {"environment": env, "rows": [r if isinstance(r, dict) else asdict(r) for r in rows]}
+    if partial:
+        data["partial"] = partial
+    _write_atomic(path, json.dumps(data, indent=2))
 
 
 def case_keys(row: dict) -> list:
@@ -194,14 +210,32 @@ def add_output_args(ap, plot_help: str = "bar chart of the ratios to the baselin
     ap.add_argument("--quiet", action="store_true", help="no progress bar")
 
 
+def write_outputs(args, env: dict, rows: list, columns: list, title: str, partial: str | None = None) -> None:
+    """The ``--json`` / ``--markdown`` files of ``rows`` (each written atomically); ``partial``: why the rows are
+    not all the cases (appended to the title, and a field of the JSON)."""
+    if partial:
+        title = f"{title} [partial: {partial}]"
+    if args.json:
+        write_json(args.json, env, rows, partial)
+    if args.markdown:
+        _write_atomic(args.markdown, to_markdown(table_head(title, env) + "\n\n", rows, columns))
+
+
+def partial_writer(args, env: dict, columns: list, title: str):
+    """``run_cases``' ``on_group``: rewrites the output files after every timed group, so a run cut short (the
+    device check's per-step timeouts) still leaves what it measured, marked partial; None without output files."""
+    if not (args.json or args.markdown):
+        return None
+
+    def on_group(rows: list, case: int, cases: int) -> None:
+        write_outputs(args, env, rows, columns, title, f"{len(rows)} rows; the run stopped in or after case {case} of {cases}")
+    return on_group
+
+
 def report(args, env: dict, rows: list, columns: list, title: str, plot_title: str, baseline: str = "linear") -> list:
     """Print the table and write what ``add_output_args``' options ask for; returns the rows."""
-    text = print_table(title, env, rows, columns)
-    if args.json:
-        write_json(args.json, env, rows)
-    if args.markdown:
-        with open(args.markdown, "w") as f:
-            f.write(to_markdown(text, rows, columns))
+    print_table(title, env, rows, columns)
+    write_outputs(args, env, rows, columns, title)
     if args.plot:
         plot_ratios(rows, args.plot, f"{plot_title} on {env['device']}", baseline=baseline)
     return rows
@@ -305,13 +339,15 @@ def kernels_ok(device: str) -> bool:
 
 
 def run_cases(cases: list, device: str, baseline: str = "linear", warmup_ms: float = 25, rep_ms: float = 100,
-              progress: bool = True, desc: str = "bench") -> list:
+              progress: bool = True, desc: str = "bench", on_group: Callable | None = None) -> list:
     """Time every group of every case; one row per provider: the case's and group's fields, ``provider``,
-    ``ms`` / ``p20`` / ``p80`` (median and quantiles), ``vs_<baseline>``, ``peak_mib`` and the extras."""
+    ``ms`` / ``p20`` / ``p80`` (median and quantiles), ``vs_<baseline>``, ``peak_mib`` and the extras.
+    ``on_group(rows, i, n)``, if given, after each group of case i (1-based) of n, with the rows so far."""
     from tqdm.auto import tqdm
 
     rows = []
-    for case in tqdm(cases, desc=desc, unit="case", disable=not progress):
+    cases = list(cases)
+    for i, case in enumerate(tqdm(cases, desc=desc, unit="case", disable=not progress), 1):
         for group in case.setup():
             with contextlib.nullcontext() if group.grad else torch.no_grad():
                 times = {name: bench(fn, device, warmup_ms, rep_ms) for name, fn in group.calls.items()}
@@ -322,6 +358,8 @@ def run_cases(cases: list, device: str, baseline: str = "linear", warmup_ms: flo
                 if group.extra is not None:
                     row.update(group.extra(name, times))
                 rows.append(row)
+            if on_group is not None:
+                on_group(rows, i, len(cases))
             group = times = None  # drop this case's inputs before the next case builds its own
     return rows
 
@@ -342,7 +380,9 @@ def main(benchmark: Benchmark, argv=None) -> list:
     if device != "cuda":
         print(benchmark.no_gpu + "\n")
     context = Context(device, getattr(torch, args.dtype), kernels_ok(device))
+    title = benchmark.title.format(dtype=args.dtype)
     rows = run_cases(benchmark.cases(args, context), device, benchmark.baseline, args.warmup_ms, args.rep_ms,
-                     progress=not args.quiet, desc=benchmark.progress)
-    return report(args, env, rows, benchmark.columns, benchmark.title.format(dtype=args.dtype),
-                  benchmark.plot_title.format(dtype=args.dtype), baseline=benchmark.baseline)
+                     progress=not args.quiet, desc=benchmark.progress,
+                     on_group=partial_writer(args, env, benchmark.columns, title))
+    return report(args, env, rows, benchmark.columns, title, benchmark.plot_title.format(dtype=args.dtype),
+                  baseline=benchmark.baseline)

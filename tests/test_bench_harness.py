@@ -96,6 +96,39 @@ def test_main_builds_options_table_and_files(tmp_path, capsys):
                                        columns=toy.columns, title="", plot_title="", no_gpu=""), ["--modes", "fwd"])
 
 
+def test_cut_run_leaves_its_measured_rows(tmp_path):
+    """A bench killed mid-run (here: the third case raises, as a timeout would stop it) leaves complete JSON and
+    markdown files of the cases measured before, marked partial; a full run's files carry no mark."""
+    def cases(args, ctx):
+        def setup(n):
+            if n == 3:
+                raise KeyboardInterrupt("cut")
+            return iter([harness.Group({"mode": m}, {"floor": lambda: None, "other": lambda: sum(range(100))})
+                         for m in args.modes])
+        return [harness.Case({"n": n}, lambda n=n: setup(n)) for n in args.sizes]
+
+    def add_arguments(ap, cuda):
+        ap.add_argument("--sizes", nargs="+", type=int)
+
+    toy = harness.Benchmark(
+        prog="toy", description="", add_arguments=add_arguments, cases=cases,
+        columns=[("n", "n", "{}"), ("mode", "mode", "{}"), ("provider", "provider", "{}")],
+        title="Toy", plot_title="", no_gpu="", baseline="floor", modes=("fwd", "fwd+bwd"))
+    js, md = tmp_path / "t.json", tmp_path / "t.md"
+    argv = ["--warmup-ms", "1", "--rep-ms", "2", "--quiet", "--json", str(js), "--markdown", str(md)]
+    with pytest.raises(KeyboardInterrupt):
+        harness.main(toy, ["--sizes", "1", "2", "3", "4"] + argv)
+    data = json.loads(js.read_text())
+    assert [(r["n"], r["mode"], r["provider"]) for r in data["rows"]] == [
+        (n, m, p) for n in (1, 2) for m in ("fwd", "fwd+bwd") for p in ("floor", "other")]
+    assert data["partial"] == "8 rows; the run stopped in or after case 2 of 4"
+    text = md.read_text()
+    assert text.startswith("# Toy [partial: 8 rows; the run stopped in or after case 2 of 4]") and text.count("| 2 | fwd+bwd |") == 2
+    assert not list(tmp_path.glob("*.tmp*"))  # written through a rename, nothing left behind
+    harness.main(toy, ["--sizes", "1", "2"] + argv)
+    assert "partial" not in json.loads(js.read_text()) and md.read_text().startswith("# Toy\n")
+
+
 def test_env_vars_restores(monkeypatch):
     monkeypatch.setenv("FASTPEFT_TOY_A", "old")
     monkeypatch.delenv("FASTPEFT_TOY_B", raising=False)
