@@ -27,17 +27,39 @@ def _capture(fn):
     return graph, out
 
 
-@pytest.mark.parametrize("backend", ["triton", "reference"])
-def test_dropout_redraws_its_mask_on_every_replay(backend):
-    """With A = B = I (r = K = N) and s = 1, y - x Wᵀ - b = drop(x): its ratio to x is the mask / (1 - p).
-    dA = s (dY B)ᵀ drop(x) = 1ᵀ drop(x) with dY = 1 (every row drop(x)'s column sums): the captured backward must see the forward's mask."""
+P = 0.5  # the dropout rate of the identity layer
+
+
+def _identity_layer():
+    """``(layer, x)``: A = B = I (r = K = N = 16), s = 1, dropout P, so y - x Wᵀ - b = drop(x); x has no zeros."""
     torch.manual_seed(0)
-    k, p = 16, 0.5
-    layer = fastpeft.FastLoRALinear(k, k, r=k, lora_alpha=k, lora_dropout=p, device="cuda")
+    k = 16
+    layer = fastpeft.FastLoRALinear(k, k, r=k, lora_alpha=k, lora_dropout=P, device="cuda")
     with torch.no_grad():
         layer.lora_A.copy_(torch.eye(k))
         layer.lora_B.copy_(torch.eye(k))
-    x = torch.rand(64, k, device="cuda") + 0.5  # no zeros: the ratio reads the mask
+    return layer, torch.rand(64, k, device="cuda") + 0.5
+
+
+def _read_mask(layer, x, y):
+    """The keep-mask that ``y`` (= layer(x)) applied, checked to be a dropout mask of rate ~P, and ``lora_A.grad``
+    after ``y.backward(ones)`` checked to use that same mask: dA[j, k] = sum_m v[m, j] drop(x)[m, k] with
+    v = dY B = 1, every row drop(x)'s column sums."""
+    with torch.no_grad():
+        ratio = (y - torch.nn.functional.linear(x, layer.weight, layer.bias)) / x
+    keep = ratio > 1.0
+    torch.testing.assert_close(ratio, keep.float() / (1 - P), atol=1e-4, rtol=1e-4)
+    assert 0.3 < keep.float().mean().item() < 0.7
+    expect = (keep.float() * x / (1 - P)).sum(0).expand_as(layer.lora_A)
+    torch.testing.assert_close(layer.lora_A.grad, expect, atol=1e-3, rtol=1e-4)
+    return keep
+
+
+@pytest.mark.parametrize("backend", ["triton", "reference"])
+def test_dropout_redraws_its_mask_on_every_replay(backend):
+    """A captured training step (``_identity_layer``) draws a new mask at every replay, and its captured backward
+    sees its forward's mask."""
+    layer, x = _identity_layer()
 
     def step():
         layer.lora_A.grad = None
@@ -51,16 +73,7 @@ def test_dropout_redraws_its_mask_on_every_replay(backend):
     for _ in range(3):
         graph.replay()
         torch.cuda.synchronize()
-        with torch.no_grad():
-            low = y - torch.nn.functional.linear(x, layer.weight, layer.bias)
-            ratio = low / x
-        keep = ratio > 1.0
-        torch.testing.assert_close(ratio, keep.float() / (1 - p), atol=1e-4, rtol=1e-4)
-        assert 0.3 < keep.float().mean().item() < 0.7
-        # dA[j, k] = sum_m v[m, j] drop(x)[m, k] with v = dY B = 1: every row is drop(x)'s column sums.
-        expect = (keep.float() * x / (1 - p)).sum(0).expand(k, k)
-        torch.testing.assert_close(layer.lora_A.grad, expect, atol=1e-3, rtol=1e-4)
-        seen.append(keep)
+        seen.append(_read_mask(layer, x, y))
     assert not torch.equal(seen[0], seen[1]) and not torch.equal(seen[1], seen[2]), \
         "every replay dropped the same elements: the seed was baked into the graph"
 
@@ -91,17 +104,10 @@ def test_reduce_overhead_training_with_dropout(backend):
     """``torch.compile(mode="reduce-overhead")`` over a training step with dropout: inductor runs it under CUDA
     graphs (no cudagraph skip: the seed's draw on torch's CPU generator is partitioned out of the graph, as
     inductor's graph_partition does for CPU nodes), and every call draws a new mask, the backward seeing its
-    forward's (same A = B = I reading as above)."""
+    forward's (``_read_mask``)."""
     from torch._dynamo.utils import counters
 
-    torch.manual_seed(0)
-    k, p = 16, 0.5
-    layer = fastpeft.FastLoRALinear(k, k, r=k, lora_alpha=k, lora_dropout=p, device="cuda")
-    with torch.no_grad():
-        layer.lora_A.copy_(torch.eye(k))
-        layer.lora_B.copy_(torch.eye(k))
-    x = torch.rand(64, k, device="cuda") + 0.5
-
+    layer, x = _identity_layer()
     torch._dynamo.reset()
     counters.clear()
     compiled = torch.compile(layer, mode="reduce-overhead")
@@ -112,14 +118,8 @@ def test_reduce_overhead_training_with_dropout(backend):
             layer.lora_A.grad = None
             y = compiled(x)
             y.backward(torch.ones_like(y))
-            y = y.detach().clone()
             torch.cuda.synchronize()
-            ratio = (y - torch.nn.functional.linear(x, layer.weight, layer.bias)) / x
-            keep = ratio > 1.0
-            torch.testing.assert_close(ratio, keep.float() / (1 - p), atol=1e-4, rtol=1e-4)
-            expect = (keep.float() * x / (1 - p)).sum(0).expand(k, k)
-            torch.testing.assert_close(layer.lora_A.grad, expect, atol=1e-3, rtol=1e-4)
-            seen.append(keep)
+            seen.append(_read_mask(layer, x, y.detach().clone()))
     skips = dict(counters["inductor"])
     assert not any("cudagraph_skip" in key for key, n in skips.items() if n), f"CUDA graphs skipped: {skips}"
     assert all(not torch.equal(a, b) for a, b in zip(seen, seen[1:])), "two calls in a row dropped the same elements"
