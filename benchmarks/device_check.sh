@@ -137,19 +137,23 @@ if [ "$SPARSE_ONLY" = 1 ]; then
 fi
 
 if [ "$SMOKE" = 0 ]; then RESERVE=100; fi
-echo "== 1. tests"
+# The explicit-block kernel tests compile a few hundred kernel variants: with pytest-xdist (in the GPU image) 8
+# processes compile them side by side on the card's CPU cores.
+XDIST=()
+if $PY -c "import xdist" 2>/dev/null; then XDIST=(-n "${XDIST_WORKERS:-8}"); fi
+echo "== 1. tests${XDIST[*]:+ (pytest ${XDIST[*]})}"
 if [ "$SMOKE" = 1 ]; then
     # The interpreter runs the kernel tests on CPU tensors; a small subset keeps the dry run short.
-    run "kernel tests (interpreter subset)" 600 $PY -m pytest -q -x -p no:cacheprovider tests/test_kernels_lora_tma.py \
+    run "kernel tests (interpreter subset)" 600 $PY -m pytest -q -x -p no:cacheprovider "${XDIST[@]}" tests/test_kernels_lora_tma.py \
         tests/test_kernels_lora.py tests/test_kernels_bgmv.py tests/test_roofline.py \
         -k "M33 or bit_for_bit or pointer_kernel or subtiles or roofline or launches"
     skip "gpu-marked tests (pytest -m gpu)"
 else
     run "kernel tests lora / lora_tma / multi / bgmv (explicit blocks)" 120 env FASTPEFT_AUTOTUNE=0 $PY -m pytest -q -x \
-        -p no:cacheprovider tests/test_kernels_lora.py tests/test_kernels_lora_tma.py tests/test_kernels_multi.py \
+        -p no:cacheprovider "${XDIST[@]}" tests/test_kernels_lora.py tests/test_kernels_lora_tma.py tests/test_kernels_multi.py \
         tests/test_kernels_bgmv.py -m "not gpu"
     run "kernel tests sparse + the floor's (explicit blocks)" 90 env FASTPEFT_AUTOTUNE=0 $PY -m pytest -q -x \
-        -p no:cacheprovider tests/test_kernels_sparse.py tests/test_timed_choice.py -m "not gpu" -k sparse
+        -p no:cacheprovider "${XDIST[@]}" tests/test_kernels_sparse.py tests/test_timed_choice.py -m "not gpu" -k sparse
     # torch.compile and CUDA-graph tests (inductor compiles: the slow ones) wait for step 4.
     run "gpu-marked tests (autotuned; not compile / CUDA graphs)" 80 $PY -m pytest -q -p no:cacheprovider tests/ -m gpu \
         --ignore=tests/test_compile.py --ignore=tests/test_cuda_graphs.py
