@@ -137,8 +137,8 @@ if [ "$SPARSE_ONLY" = 1 ]; then
 fi
 
 if [ "$SMOKE" = 0 ]; then RESERVE=100; fi
-# The explicit-block kernel tests compile a few hundred kernel variants: with pytest-xdist (in the GPU image) 8
-# processes compile them side by side on the card's CPU cores.
+# The tests compile a few hundred kernel variants (and inductor graphs): with pytest-xdist (in the GPU image) 8
+# processes compile them side by side on the card's CPU cores. No test asserts a time, so sharing the card is safe.
 XDIST=()
 if $PY -c "import xdist" 2>/dev/null; then XDIST=(-n "${XDIST_WORKERS:-8}"); fi
 echo "== 1. tests${XDIST[*]:+ (pytest ${XDIST[*]})}"
@@ -155,7 +155,8 @@ else
     run "kernel tests sparse + the floor's (explicit blocks)" 90 env FASTPEFT_AUTOTUNE=0 $PY -m pytest -q -x \
         -p no:cacheprovider "${XDIST[@]}" tests/test_kernels_sparse.py tests/test_timed_choice.py -m "not gpu" -k sparse
     # torch.compile and CUDA-graph tests (inductor compiles: the slow ones) wait for step 4.
-    run "gpu-marked tests (autotuned; not compile / CUDA graphs)" 80 $PY -m pytest -q -p no:cacheprovider tests/ -m gpu \
+    run "gpu-marked tests (autotuned; not compile / CUDA graphs)" 80 $PY -m pytest -q -p no:cacheprovider "${XDIST[@]}" \
+        tests/ -m gpu \
         --ignore=tests/test_compile.py --ignore=tests/test_cuda_graphs.py
 fi
 
@@ -206,8 +207,8 @@ echo "== 4. torch.compile and CUDA-graph tests (what is left of the budget)"
 if [ "$SMOKE" = 1 ]; then
     skip "gpu-marked torch.compile / CUDA-graph tests"
 else
-    run "gpu-marked CUDA-graph + compile tests" 150 $PY -m pytest -q -rA -p no:cacheprovider tests/test_cuda_graphs.py \
-        tests/test_compile.py -m gpu
+    run "gpu-marked CUDA-graph + compile tests" 150 $PY -m pytest -q -rA -p no:cacheprovider "${XDIST[@]}" \
+        tests/test_cuda_graphs.py tests/test_compile.py -m gpu
 fi
 
 if [ "$SMOKE" = 1 ]; then

@@ -78,13 +78,34 @@ def test_dropout_redraws_its_mask_on_every_replay(backend):
         "every replay dropped the same elements: the seed was baked into the graph"
 
 
+def _eval_layer(kind):
+    """A bf16 eval layer 256 -> 384, r 16, random LoRA factors: plain LoRA, DoRA, or LoRA over a bitsandbytes NF4
+    (nested) base quantized on the CPU and moved to the card."""
+    torch.manual_seed(0)
+    kw = dict(r=16, lora_alpha=32, lora_dropout=0.1, init_lora_weights=False)
+    if kind == "qlora":
+        from fastpeft.quant import import_bitsandbytes
+
+        try:
+            bnb = import_bitsandbytes()
+        except ImportError:
+            pytest.skip("bitsandbytes is not installed (benchmarks/device_wheels.sh)")
+        base = bnb.nn.Linear4bit(256, 384, compute_dtype=torch.bfloat16, quant_type="nf4", compress_statistics=True)
+        base.weight = bnb.nn.Params4bit(torch.randn(384, 256) * 0.05, requires_grad=False, compress_statistics=True,
+                                        quant_type="nf4", module=base)
+        base = base.to("cpu").to("cuda")
+        return fastpeft.FastLoRALinear.from_linear(base, **kw).eval()
+    return fastpeft.FastLoRALinear(256, 384, use_dora=kind == "dora", device="cuda", dtype=torch.bfloat16,
+                                   **kw).eval()
+
+
+@pytest.mark.parametrize("kind", ["lora", "dora", "qlora"])
 @pytest.mark.parametrize("backend", ["triton", "reference"])
 @pytest.mark.parametrize("m", [1, 16])
-def test_eval_decode_replays_new_inputs(backend, m):
-    """An eval decode step (no dropout) captured once gives eager's output for new inputs copied in."""
-    torch.manual_seed(0)
-    layer = fastpeft.FastLoRALinear(256, 384, r=16, lora_alpha=32, lora_dropout=0.1, init_lora_weights=False,
-                                    device="cuda", dtype=torch.bfloat16).eval()
+def test_eval_decode_replays_new_inputs(kind, backend, m):
+    """An eval decode step (no dropout) captured once gives eager's output for new inputs copied in: LoRA, DoRA
+    (its cached norm read, not recomputed) and QLoRA (the packed weight dequantized inside the graph)."""
+    layer = _eval_layer(kind)
     x = torch.randn(m, 256, device="cuda", dtype=torch.bfloat16)
 
     def step():

@@ -242,16 +242,35 @@ OP_CASES = [
 @pytest.mark.parametrize("kind,nested,dt,path,M,p", [c[1:] for c in OP_CASES], ids=[c[0] for c in OP_CASES])
 @pytest.mark.parametrize("backend", ["reference", "triton"])
 def test_qlora_op_matches_fp64_oracle(kind, nested, dt, path, M, p, backend):
+    _check_op_against_oracle(kind, nested, dt, path, M, p, backend)
+
+
+GPU_OP_CASES = [(kind, nested, path, M, p) for kind, nested in (("nf4", True), ("fp4", False), ("int8", False))
+                for path, M in (("fused", 1), ("fused", 16), ("dequant", 64), ("dequant", 512), (None, 16), (None, 512))
+                for p in (0.0, 0.1) if not (kind == "int8" and path == "dequant")]
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("kind,nested,path,M,p", GPU_OP_CASES, ids=lambda v: str(v))
+def test_gpu_qlora_op_matches_fp64_oracle(kind, nested, path, M, p):
+    """On the card, bf16, autotuned: each forward path forced (None: the timed choice) at decode and prefill
+    sizes, forward and every gradient within 2x a bf16 PyTorch run's error against fp64; the bnb layer quantized
+    on the CPU, then moved (its packed bytes unchanged)."""
+    _check_op_against_oracle(kind, nested, "bf16", path, M, p, "triton", device="cuda", K=320, N=192, r=16)
+
+
+def _check_op_against_oracle(kind, nested, dt, path, M, p, backend, device="cpu", K=128, N=48, r=8):
     dtype = DT[dt]
-    K, N, r, s, seed = 128, 48, 8, 2.0, 1234
+    s, seed = 2.0, 1234
     layer = _layer8(K, N) if kind == "int8" else _layer4(K, N, quant_type=kind, nested=nested, compute_dtype=dtype)
+    layer = layer.to(device)
     qw = QuantizedWeight.from_module(layer)
     torch.manual_seed(2)
-    x = torch.randn(M, K, dtype=dtype)
-    A = (torch.randn(r, K) * 0.1).to(dtype)
-    B = (torch.randn(N, r) * 0.1).to(dtype)
+    x = torch.randn(M, K, dtype=dtype).to(device)
+    A = (torch.randn(r, K) * 0.1).to(device, dtype)
+    B = (torch.randn(N, r) * 0.1).to(device, dtype)
     bias = layer.bias.detach().to(dtype)
-    g = torch.randn(M, N, dtype=torch.float64)
+    g = torch.randn(M, N, dtype=torch.float64).to(device)
     w_c = dequantize_ref(qw, dtype)  # the weight as the compute dtype holds it: the same for all three runs
     y64, leaves = _oracle(x, w_c, bias, A, B, s, p, seed)
     y64.backward(g)
