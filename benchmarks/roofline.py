@@ -1,5 +1,6 @@
-"""Bytes / flops model of every LoRA kernel and of nn.Linear, and the time the roofline allows on an
-H100 / H200: what a device run (benchmarks/device_check.sh, profile_lora.py) is read against.
+"""Bytes / flops model of every fastpeft kernel (LoRA, many adapters, sparse deltas, QLoRA, DoRA) and of
+nn.Linear, and the time the roofline allows on an H100 / H200: what a device run (benchmarks/device_check.sh,
+profile_lora.py) is read against, and which of the issues' targets the kernels can reach at all.
 
 Each kernel reads its inputs and writes its outputs once (perfect reuse through shared memory and L2: a
 lower bound on traffic) and its time is ``max(flops / peak flop/s, bytes / peak bandwidth)``: a lower
@@ -117,9 +118,203 @@ def lowrank_add_cost(M: int, N: int, r: int, itemsize: int = 2) -> Cost:
                 2 * M * N * itemsize + M * r * 4 + r * N * itemsize)
 
 
+# ---- the other families: many adapters, sparse deltas, QLoRA, DoRA (issue 12 item 7 "every kernel") ----
+
+SEQ = 512  # bench multi's prefill sequence length (one adapter per sequence)
+
+
+def expected_rank_sum(M: int, adapters: int, ranks: list, phase: str) -> float:
+    """Expected sum of the ranks of the distinct adapters a ``fastpeft bench multi`` batch uses: adapter i has
+    rank ``ranks[i % len(ranks)]``; decode draws one adapter per token uniformly, so adapter i is used with
+    probability 1 - (1 - 1/n)^M; prefill gives sequence j of M / 512 adapter j % n."""
+    rank = [ranks[i % len(ranks)] for i in range(adapters)]
+    if phase == "decode":
+        return sum(rank) * (1.0 - (1.0 - 1.0 / adapters) ** M)
+    return float(sum(rank[i] for i in set(j % adapters for j in range(max(1, M // SEQ)))))
+
+
+def multi_costs(M: int, K: int, N: int, rank_sum: float, r_max: int, phase: str, itemsize: int = 2) -> list:
+    """Many adapters per batch, forward (serving), after the base GEMM (``linear_costs``): each distinct
+    adapter's A and B read once (``rank_sum``: the sum of their ranks), x read, y read and updated in place.
+    Decode: ``_multi_bgmv_kernel`` (shrink and expand in one launch, u in registers); prefill: the grouped
+    shrink (u (M, r_max) fp32 written) and the grouped expand (u read, y read and written)."""
+    e, f = itemsize, 4
+    a_bytes, b_bytes = rank_sum * K * e, rank_sum * N * e
+    if phase == "decode":
+        return [Cost("bgmv", "y += s_i (x A_i^T) B_i^T, each row its adapter", 2.0 * M * r_max * (K + N),
+                     M * K * e + a_bytes + b_bytes + 2 * M * N * e)]
+    return [Cost("grouped shrink", "u = x A_i^T per row group", 2.0 * M * K * r_max, M * K * e + a_bytes + M * r_max * f),
+            Cost("grouped expand", "y += s_i u B_i^T in place", 2.0 * M * N * r_max,
+                 M * r_max * f + b_bytes + 2 * M * N * e)]
+
+
+def multi_summary(M: int, K: int, N: int, adapters: int, ranks: list, phase: str, card: str,
+                  single_rank: int | None = None, itemsize: int = 2) -> dict:
+    """Roofline µs of n adapters routed per row (base GEMM + the multi kernels) and of one adapter of rank
+    ``single_rank`` (default ranks[0], bench multi's ``single``) on the same rows (the fused GEMM, the
+    shrink), and their ratio: the best multiple of one adapter that any implementation reaches."""
+    us = lambda costs: sum(c.seconds(card) for c in costs) * 1e6  # noqa: E731
+    rank_sum = expected_rank_sum(M, adapters, ranks, phase)
+    multi = us(linear_costs(M, K, N, itemsize)["fwd"] + multi_costs(M, K, N, rank_sum, max(ranks), phase, itemsize))
+    single = us(lora_costs(M, K, N, single_rank or ranks[0], itemsize)["fwd"])
+    return {"rank sum": rank_sum, "multi": multi, "single": single, "ratio": multi / single}
+
+
+def sparse_costs(M: int, K: int, N: int, density: float, block: int, itemsize: int = 2) -> dict:
+    """A sparse delta Δ (``density`` of W's entries, in ``block`` x ``block`` blocks; 1: unstructured), frozen
+    W, dX and the values' gradient needed, as the kernels run it: blocks > 1 in the block-fused GEMM (W's
+    tiles and Δ's blocks read in the K loop), unstructured through a densified W + Δ (written once in the
+    forward, read by both GEMMs); the values' gradient by an SDDMM (dY and x read once, nnz dot products
+    over M). Values and their gradient in fp32, indices int64 (one per entry or two per block)."""
+    e, f = itemsize, 4
+    nnz = density * N * K
+    nblocks = nnz / (block * block)
+    idx = (nblocks * 2 if block > 1 else nnz) * 8
+    vals = nnz * f + idx
+    fwd_gemm = gemm("sparse GEMM", "y = x (W + Δ)^T + b", M, K, N, e)
+    dx_gemm = gemm("sparse dX", "dX = dY (W + Δ)", M, N, K, e)
+    sddmm = Cost("SDDMM", "dΔ = (dY^T x) at Δ's positions", 2.0 * M * nnz, (M * N + M * K) * e + vals)
+    if block > 1:
+        fwd = [Cost(fwd_gemm.name, fwd_gemm.what + " (Δ's blocks in the K loop)", fwd_gemm.flops,
+                    fwd_gemm.bytes + N * e + vals)]
+        bwd = [sddmm, Cost(dx_gemm.name, dx_gemm.what, dx_gemm.flops, dx_gemm.bytes + vals)]
+    else:
+        fwd = [Cost("densify", "W + Δ written dense", 0.0, 2 * N * K * e + vals),
+               Cost(fwd_gemm.name, fwd_gemm.what + " (on the dense copy)", fwd_gemm.flops, fwd_gemm.bytes + N * e)]
+        bwd = [sddmm, dx_gemm]
+    return {"fwd": fwd, "bwd": bwd}
+
+
+def sparse_baseline_costs(M: int, K: int, N: int, density: float, itemsize: int = 2) -> list:
+    """The clone + scatter + dense-dW path (PEFT SHiRA / RoSA style; SpIEL's dense dW too): W cloned and Δ
+    scattered in, two dense GEMMs, then dW = dY^T x in full (M N K flops, an fp32 (N, K) gradient) and its
+    entries at Δ's positions gathered."""
+    e, f = itemsize, 4
+    nnz = density * N * K
+    return [Cost("clone + scatter", "W' = W.clone(); W'[idx] += Δ", 0.0, 2 * N * K * e + nnz * (f + 8)),
+            Cost("GEMM", "y = x W'^T + b", *(lambda g: (g.flops, g.bytes + N * e))(gemm("", "", M, K, N, e))),
+            gemm("dX GEMM", "dX = dY W'", M, N, K, e),
+            gemm("dense dW", "dW = dY^T x (fp32)", N, M, K, e, out_itemsize=f),
+            Cost("gather", "dΔ = dW[idx]", 0.0, nnz * (f + 8) + nnz * f)]
+
+
+# bitsandbytes' storage per weight element: NF4 / FP4 4 bits with an absmax per 64 (fp32, or nested: uint8
+# per 64 plus fp32 per 256 of those); int8 1 byte with an fp32 scale per output row.
+def quant_weight_bytes(N: int, K: int, kind: str, blocksize: int = 64) -> float:
+    if kind == "int8":
+        return N * K + N * 4.0
+    absmax = N * K / blocksize * (1 + 4 / 256) if kind.endswith("nested") else N * K / blocksize * 4
+    return N * K / 2 + absmax
+
+
+def qlora_costs(M: int, K: int, N: int, r: int, kind: str, path: str, itemsize: int = 2) -> dict:
+    """LoRA over a bitsandbytes base (``kind`` "nf4-nested" / "nf4" / "int8"). ``path`` "dequant": one pass
+    dequantizes W into a shared bf16 workspace (packed bytes read, N K elements written), then the LoRA
+    kernels as for a bf16 W; the backward dequantizes again for dX = dY W. "fused": the GEMM dequantizes W's
+    tiles in its K loop (the packed bytes are all it reads of W)."""
+    e = itemsize
+    wq = quant_weight_bytes(N, K, kind)
+    lo = lora_costs(M, K, N, r, itemsize)
+    if path == "fused":
+        fwd = [Cost(c.name, c.what, c.flops, c.bytes - N * K * e + wq) if c.name == "fused GEMM" else c
+               for c in lo["fwd"]]
+        fwd = [Cost("fused dequant GEMM" if c.name == "fused GEMM" else c.name, c.what, c.flops, c.bytes) for c in fwd]
+        return {"fwd": fwd, "bwd": [Cost(c.name, c.what, c.flops, c.bytes - N * K * e + wq)
+                                    if c.name == "dX fused" else c for c in lo["bwd"]]}
+    deq = Cost("dequant pass", f"W ({kind}) -> bf16 workspace", 0.0, wq + N * K * e)
+    return {"fwd": [deq] + lo["fwd"], "bwd": [deq] + lo["bwd"]}
+
+
+def dequant_gemm_costs(M: int, K: int, N: int, kind: str, itemsize: int = 2) -> list:
+    """The decode baseline of issue 15 (Unsloth-style): dequantize W into a temporary, then one GEMM."""
+    return [Cost("dequantize", f"W ({kind}) -> bf16", 0.0, quant_weight_bytes(N, K, kind) + N * K * itemsize)] \
+        + linear_costs(M, K, N, itemsize)["fwd"]
+
+
+def dora_costs(M: int, K: int, N: int, r: int, itemsize: int = 2) -> dict:
+    """DoRA in training (dropout 0, the plain mode), as DoRALinearFunction launches it. Forward: the norm
+    ‖W_j + s B_j A‖ from the cached ‖W_j‖², W A^T (one read of W: A and B change every step) and A A^T;
+    the shrink; the LoRA GEMM with g = m / n and b in its epilogue. Backward: one pass over dY and the saved
+    y for v = (dY ⊙ g) B and dm (z = (y - b) / g), dB = s diag(g) dY^T u, dA, dX as LoRA's."""
+    e, f = itemsize, 4
+    lo = lora_costs(M, K, N, r, itemsize)
+    norm = Cost("norm", "n = ‖W + s B A‖_row (W A^T, A A^T; ‖W‖² cached)", 2.0 * N * K * r + 2.0 * r * r * K
+                + 4.0 * N * r * r, N * K * e + r * K * e + N * r * e + N * f * 2)
+    gemm_g = [Cost(c.name + " (g epilogue)", "y = g ⊙ (x W^T + s u B^T) + b", c.flops + M * N, c.bytes + N * f)
+              if c.name == "fused GEMM" else c for c in lo["fwd"]]
+    dy, db = lo["bwd"][0], lo["bwd"][1]
+    bwd = [Cost("dY pass", "v = (dY ⊙ g) B, dm = Σ_i dY (y - b) / m", dy.flops + 2.0 * M * N,
+                dy.bytes + M * N * e + N * f * 2), db] + lo["bwd"][2:]
+    return {"fwd": [norm] + gemm_g, "bwd": bwd}
+
+
+def targets(card: str, itemsize: int = 2) -> list:
+    """``(issue, target, shape, allowed, bound)``: each speed target of issues 12, 15 and 16 beside the best
+    ratio the roofline allows on ``card``. A bound above its target means no kernel can meet it there."""
+    us = lambda costs: sum(c.seconds(card) for c in costs) * 1e6  # noqa: E731
+    out = []
+    for shape in [(8192, 4096, 4096, 16), (8192, 4096, 14336, 8), (8192, 4096, 14336, 64), (8192, 14336, 4096, 8),
+                  (8192, 14336, 4096, 64)]:
+        s = summary(*shape, card, itemsize)
+        name = "M{} K{} N{} r{}".format(*shape)
+        out += [("12 P1", "LoRA fwd / nn.Linear", name, 1.06, s["fwd ratio"]),
+                ("12 P2", "LoRA fwd+bwd / nn.Linear (p 0; p 0.1: 1.12, same bytes)", name, 1.10,
+                 s["best fwd+bwd ratio"])]
+    for m in (1, 16, 64):
+        s = summary(m, 4096, 4096, 16, card, itemsize)
+        out.append(("12 P1b", "LoRA decode / nn.Linear (CUDA graphs)", f"M{m} K4096 N4096 r16", 1.10, s["fwd ratio"]))
+    mixed = [8, 16, 32, 64]
+    for phase, m, allowed in (("prefill", 8192, 1.10), ("decode", 64, 1.25)):
+        s = multi_summary(m, 4096, 4096, 64, mixed, phase, card, itemsize=itemsize)
+        out.append(("12 P4", f"64 adapters (ranks 8-64) / one adapter (r 8), {phase}",
+                    f"M{m} K4096 N4096, rank sum {s['rank sum']:.0f}", allowed, s["ratio"]))
+    lin = linear_costs(8192, 4096, 4096, itemsize)
+    lin_t = us(lin["fwd"] + lin["bwd"])
+    sp = sparse_costs(8192, 4096, 4096, 0.01, 32, itemsize)
+    out.append(("12 P5", "sparse Δ 1 %, 32x32 blocks, fwd+bwd / nn.Linear", "M8192 K4096 N4096", 1.15,
+                us(sp["fwd"] + sp["bwd"]) / lin_t))
+    un = sparse_costs(8192, 4096, 4096, 0.01, 1, itemsize)
+    out.append(("12 P5", "sparse Δ 1 % unstructured, fwd+bwd / clone+scatter+dense-dW", "M8192 K4096 N4096", 1.0,
+                us(un["fwd"] + un["bwd"]) / us(sparse_baseline_costs(8192, 4096, 4096, 0.01, itemsize))))
+    lo = lora_costs(8192, 4096, 4096, 16, itemsize)
+    q = qlora_costs(8192, 4096, 4096, 16, "nf4-nested", "dequant", itemsize)
+    out += [("15", "QLoRA (NF4 nested) fwd / bf16 LoRA", "M8192 K4096 N4096 r16", 1.05, us(q["fwd"]) / us(lo["fwd"])),
+            ("15", "QLoRA (NF4 nested) fwd+bwd / bf16 LoRA", "M8192 K4096 N4096 r16", 1.05,
+             us(q["fwd"] + q["bwd"]) / us(lo["fwd"] + lo["bwd"]))]
+    for m in (1, 16):
+        qf = qlora_costs(m, 4096, 4096, 16, "nf4-nested", "fused", itemsize)
+        out += [("15", "QLoRA decode (fused) / dequantize + GEMM (target: 2.5x faster)", f"M{m} K4096 N4096 r16",
+                 1 / 2.5, us(qf["fwd"]) / us(dequant_gemm_costs(m, 4096, 4096, "nf4-nested", itemsize))),
+                ("15", "QLoRA decode (fused) / bf16 nn.Linear", f"M{m} K4096 N4096 r16", 1.0,
+                 us(qf["fwd"]) / us(linear_costs(m, 4096, 4096, itemsize)["fwd"]))]
+    d = dora_costs(8192, 4096, 4096, 16, itemsize)
+    out += [("16", "DoRA fwd / nn.Linear", "M8192 K4096 N4096 r16", 1.10, us(d["fwd"]) / us(lin["fwd"])),
+            ("16", "DoRA fwd+bwd / nn.Linear", "M8192 K4096 N4096 r16", 1.20, us(d["fwd"] + d["bwd"]) / lin_t),
+            ("16", "DoRA fwd+bwd / fastpeft LoRA", "M8192 K4096 N4096 r16", 1.08,
+             us(d["fwd"] + d["bwd"]) / us(lo["fwd"] + lo["bwd"]))]
+    return out
+
+
+def targets_table(itemsize: int = 2) -> list:
+    """Markdown lines: every target beside its roofline bound on each card."""
+    cards = list(CARDS)
+    lines = ["| issue | target | shape | allowed | " + " | ".join(f"{c} bound" for c in cards) + " | reachable |",
+             "|---|---|---|---|" + "---|" * len(cards) + "---|"]
+    rows = {card: targets(card, itemsize) for card in cards}
+    for i, (issue, what, shape, allowed, _) in enumerate(rows[cards[0]]):
+        bounds = [rows[c][i][4] for c in cards]
+        ok = ["yes" if b <= allowed else "no" for b in bounds]
+        reach = ok[0] if len(set(ok)) == 1 else ", ".join(f"{c}: {o}" for c, o in zip(cards, ok))
+        lines.append(f"| {issue} | {what} | {shape} | {allowed:.2f}x | "
+                     + " | ".join(f"{b:.3f}x" for b in bounds) + f" | {reach} |")
+    return lines
+
+
 def summary(M, K, N, r, card: str, itemsize: int = 2) -> dict:
     """Roofline times (µs) of the LoRA layer and of nn.Linear, forward and forward+backward, and their
-    ratio: the best multiple of nn.Linear any implementation can reach. ``lora fwd+bwd`` is the backward
+    ratio: the best multiple of nn.Linear that fastpeft's split into kernels can reach (the shrink reads x
+    on its own; one kernel that also computed u in the GEMM's K loop would read x once but redo u per
+    column tile: R / BLOCK_N more tensor-core work, 6 % at r 16 and 256 columns). ``lora fwd+bwd`` is the backward
     reading dY three times (two shrinks, dX), ``... one dY pass`` the "kernels-dy1" composition (twice, plus
     its partials); the timed choice runs the faster, so the bound is ``best fwd+bwd ratio``."""
     lin, lo = linear_costs(M, K, N, itemsize), lora_costs(M, K, N, r, itemsize)
@@ -179,7 +374,7 @@ def main(argv=None):
     a = ap.parse_args(argv)
     shapes = ([(m, k, n, r) for m in a.tokens for k, n in a.shapes for r in a.ranks] if a.tokens else TARGET_SHAPES)
     date = time.strftime("%Y-%m-%d")
-    head = [f"# Roofline model of the LoRA kernels vs nn.Linear (offline: computed, not measured; {date})", "",
+    head = [f"# Roofline model of the fastpeft kernels vs nn.Linear (offline: computed, not measured; {date})", "",
             "Peaks: " + "; ".join(f"{c} {v['flops'] / 1e12:.0f} TFLOP/s bf16 dense, {v['bandwidth'] / 1e12:.2f} TB/s"
                                   for c, v in CARDS.items())
             + f". Elements of {a.itemsize} bytes, u / v fp32. Each operand read and each result written once; "
@@ -190,6 +385,17 @@ def main(argv=None):
             "(dropout). The timed choice runs the faster backward, so a shape's bound is the lower of its two "
             "fwd+bwd columns.", ""]
     lines = head + table(shapes, a.itemsize)
+    if not a.tokens:  # the targets of issues 12, 15 and 16 are at the default shapes
+        lines += ["", "## The issues' speed targets against the roofline", "",
+                  "Each target of issues 12 (LoRA P1 / P1b / P2, many adapters P4, sparse P5), 15 (QLoRA) and 16 "
+                  "(DoRA) beside the lowest ratio the model allows for the kernels fastpeft launches (each at its "
+                  "roofline, summed). `no`: those kernels cannot meet the target on that card, however well tuned. "
+                  "Many adapters: bench multi's setup (adapter i of rank 8 / 16 / 32 / 64 cycling; decode draws an "
+                  "adapter per token; prefill one per 512-token sequence; `single` one adapter of rank 8); its "
+                  "decode bound holds for any implementation: the distinct adapters' A and B (the rank sum times "
+                  "(K + N) bf16 elements) must be read beside W. QLoRA: NF4 with nested absmax (0.52 bytes per "
+                  "weight); fwd at M=8192 through the dequant pass, decode through the fused kernel. DoRA: "
+                  "training, dropout 0 (its norm reads W once per step).", ""] + targets_table(a.itemsize)
     print("\n".join(lines))
     if not a.no_write:
         out = a.out or os.path.join(os.path.dirname(os.path.abspath(__file__)), "results", f"roofline-{date}.md")

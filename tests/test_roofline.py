@@ -82,3 +82,78 @@ def test_main_writes_the_table(tmp_path):
     R.main(["--tokens", "64", "--shapes", "4096x4096", "--ranks", "16", "--out", str(out)])
     text = out.read_text()
     assert "computed, not measured" in text and "| 64 | 4096 | 4096 | 16 | fused GEMM |" in text
+
+
+# ---- the other families --------------------------------------------------------------------------------
+
+def test_expected_rank_sum():
+    mixed = [8, 16, 32, 64]
+    assert R.expected_rank_sum(5, 1, [16], "decode") == 16  # one adapter: always used
+    assert R.expected_rank_sum(1, 64, mixed, "decode") == pytest.approx(sum(mixed) / 4)  # one token: the mean rank
+    assert R.expected_rank_sum(64, 64, mixed, "decode") == pytest.approx(16 * 120 * (1 - (63 / 64) ** 64))
+    assert R.expected_rank_sum(8192, 64, mixed, "prefill") == 4 * 120  # 16 sequences: adapters 0..15
+    assert R.expected_rank_sum(100, 64, mixed, "prefill") == 8  # shorter than a sequence: adapter 0
+
+
+def test_multi_reads_each_used_adapter_once_beside_the_base_gemm():
+    (bgmv,) = R.multi_costs(64, K, N, 100.0, 64, "decode")
+    assert bgmv.bytes == 64 * K * 2 + 100 * (K + N) * 2 + 2 * 64 * N * 2
+    shrink, expand = R.multi_costs(M, K, N, 100.0, 64, "prefill")
+    assert shrink.bytes + expand.bytes == M * K * 2 + 100 * (K + N) * 2 + 2 * M * 64 * 4 + 2 * M * N * 2
+    # one adapter, routed: only the in-place expand's read of y and the separate pass over x cost more
+    one = R.multi_summary(1, K, N, 1, [16], "decode", "H200")
+    assert 1.0 < one["ratio"] < 1.01
+    s = R.multi_summary(64, K, N, 64, [8, 16, 32, 64], "decode", "H200")
+    w = N * K * 2
+    assert s["ratio"] == pytest.approx((w + s["rank sum"] * (K + N) * 2) / w, rel=0.05)
+
+
+@pytest.mark.parametrize("block", [1, 32])
+def test_sparse_kernels_and_baseline(block):
+    sp = R.sparse_costs(M, K, N, 0.01, block)
+    lin = R.linear_costs(M, K, N)
+    gemm_fwd = [c for c in sp["fwd"] if c.name == "sparse GEMM"][0]
+    assert gemm_fwd.flops == lin["fwd"][0].flops  # Δ is added to W's tiles, no extra GEMM
+    (sddmm,) = [c for c in sp["bwd"] if c.name == "SDDMM"]
+    assert sddmm.flops == pytest.approx(2 * M * 0.01 * N * K)
+    assert sddmm.bytes > (M * N + M * K) * 2  # dY and x read once, plus the values and indices
+    assert any(c.name == "densify" for c in sp["fwd"]) == (block == 1)
+    base = R.sparse_baseline_costs(M, K, N, 0.01)
+    dense_dw = [c for c in base if c.name == "dense dW"][0]
+    assert dense_dw.flops == 2 * M * N * K and dense_dw.bytes == (N * M + M * K) * 2 + N * K * 4
+    for card in R.CARDS:
+        t = lambda cs: sum(c.seconds(card) for c in cs)  # noqa: E731
+        assert t(sp["fwd"] + sp["bwd"]) < t(base)  # no dense dW: one M N K GEMM fewer
+
+
+def test_quant_weight_bytes_and_qlora_paths():
+    assert R.quant_weight_bytes(N, K, "int8") == N * K + N * 4
+    assert R.quant_weight_bytes(N, K, "nf4") == N * K / 2 + N * K / 64 * 4
+    assert R.quant_weight_bytes(N, K, "nf4-nested") == pytest.approx(N * K * (0.5 + (1 + 4 / 256) / 64))
+    lo = R.lora_costs(M, K, N, r)
+    deq = R.qlora_costs(M, K, N, r, "nf4-nested", "dequant")
+    assert deq["fwd"][1:] == lo["fwd"] and deq["bwd"][1:] == lo["bwd"]  # the LoRA kernels on the workspace
+    assert deq["fwd"][0].bytes == R.quant_weight_bytes(N, K, "nf4-nested") + N * K * 2
+    fused = R.qlora_costs(16, K, N, r, "nf4-nested", "fused")
+    plain = R.lora_costs(16, K, N, r)
+    assert plain["fwd"][1].bytes - fused["fwd"][1].bytes == N * K * 2 - R.quant_weight_bytes(N, K, "nf4-nested")
+
+
+def test_dora_adds_one_read_of_w_and_of_y():
+    lo, d = R.lora_costs(M, K, N, r), R.dora_costs(M, K, N, r)
+    norm = d["fwd"][0]
+    assert norm.bytes > N * K * 2 and norm.flops > 2 * N * K * r
+    extra = sum(c.bytes for c in d["fwd"] + d["bwd"]) - sum(c.bytes for c in lo["fwd"] + lo["bwd"])
+    assert extra == pytest.approx(norm.bytes + N * 4 + M * N * 2 + N * 8)  # norm, g, y in the dY pass, dm
+
+
+def test_targets_name_a_bound_for_every_target():
+    for card in R.CARDS:
+        rows = R.targets(card)
+        assert {t[0] for t in rows} == {"12 P1", "12 P2", "12 P1b", "12 P4", "12 P5", "15", "16"}
+        for issue, what, shape, allowed, bound in rows:
+            assert bound > 0 and allowed > 0, (issue, what)
+        decode = [b for i, w, _, _, b in rows if i == "12 P4" and "decode" in w]
+        assert decode[0] > 1.25  # 64 adapters' factors beside W: the issue's 1.25x is out of reach
+    lines = R.targets_table()
+    assert lines[0].startswith("| issue | target |") and len(lines) == 2 + len(R.targets("H200"))
