@@ -151,6 +151,25 @@ def test_explain_no_graph_breaks(backend):
     assert explained.graph_break_count == 0 and explained.graph_count == 1, reasons
 
 
+@pytest.mark.parametrize("case", ["lora_linear", "lora_sparse_linear"])
+def test_torch_2_11_workaround_compiles_the_same(case, monkeypatch):
+    """The clone the Functions return while tracing on torch 2.11 (``ops.common.returned``, pytorch#180642:
+    there the compiled gradients are otherwise zero), forced on this torch: the same bits as eager, also
+    under inductor (which drops the clone)."""
+    import torch._inductor.config as inductor_config
+
+    from fastpeft.ops import common
+
+    monkeypatch.setattr(common, "_CLONE_RETURNED", True)
+    fn, args = _op_cases("cpu", torch.float32)[case]
+    with fastpeft.use_backend("reference"):
+        _compiled_matches_eager(fn, args, f"{case} with the clone")
+        with inductor_config.patch(fallback_random=True):  # torch's RNG ops kept: eager's seed (test_inductor_layer)
+            torch._dynamo.reset()
+            got = _run(torch.compile(fn, fullgraph=True), args)
+        _assert_same(got, _run(fn, args), f"{case} with the clone, inductor", exact=False)
+
+
 @pytest.mark.parametrize("backend", CPU_BACKENDS)
 @pytest.mark.parametrize("case", list(_op_cases("cpu", torch.float32)))
 def test_op_compiled_matches_eager(case, backend):
