@@ -7,8 +7,7 @@
 # all in the image. The wheel (43 MB) counts towards the device tool's 64 MiB per call with the working tree.
 set -euo pipefail
 cd "$(dirname "$0")/.."
-mkdir -p .whl
-grep -qx '/.whl/' .git/info/exclude 2>/dev/null || echo '/.whl/' >> .git/info/exclude
+mkdir -p .whl  # ignored (.gitignore): never committed, carried only when a device call names it
 python3 -m pip download -q --no-deps --only-binary=:all: --python-version 3.12 --implementation cp \
     --platform manylinux_2_28_x86_64 --platform manylinux_2_24_x86_64 --platform manylinux_2_17_x86_64 \
     --platform manylinux2014_x86_64 -d .whl "bitsandbytes==${BNB_VERSION:-0.50.2}"
