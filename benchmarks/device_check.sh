@@ -24,17 +24,31 @@
 #       3. `fastpeft bench sparse` at M=8192, 4096x4096, 1 %, blocks 1 and 32, alone and as RoSA (r=16), 240 s of
 #          the budget kept for it. What it must show before the ops join AUTO_OPS: kernels/__init__.py.
 #     (--smoke --sparse: the same steps' dry run.)
+#   bash benchmarks/device_check.sh --only="bench lora 4096x4096,profile"   # a rerun of some steps only: those whose
+#       name (as printed after "==") contains one of the comma-separated words; BUDGET=SECONDS bounds the rerun.
 set -uo pipefail
 cd "$(dirname "$0")/.."
 SMOKE=0
 SPARSE_ONLY=0
+ONLY=""
 for arg in "$@"; do
     case "$arg" in
         --smoke) SMOKE=1 ;;
         --sparse) SPARSE_ONLY=1 ;;
-        *) echo "usage: $0 [--smoke] [--sparse]"; exit 2 ;;
+        --only=*) ONLY="${arg#--only=}" ;;
+        *) echo "usage: $0 [--smoke] [--sparse] [--only=WORD,WORD...]"; exit 2 ;;
     esac
 done
+# selected NAME: whether step NAME runs (every step without --only; else those naming one of its words).
+selected() {
+    [ -z "$ONLY" ] && return 0
+    local word
+    IFS=',' read -ra words <<< "$ONLY"
+    for word in "${words[@]}"; do
+        [ -n "$word" ] && [[ "$1" == *"$word"* ]] && return 0
+    done
+    return 1
+}
 stamp=$(date -u +%Y-%m-%d)
 if [ "$SMOKE" = 1 ]; then
     OUT="${OUT:-$(mktemp -d /tmp/fastpeft-smoke-XXXX)}"
@@ -48,7 +62,7 @@ fi
 export PYTHONUNBUFFERED=1
 PY="${PYTHON:-python}"
 mkdir -p "$OUT" benchmarks/results
-LOG="$OUT/device_check.log"
+LOG="$OUT/device_check${ONLY:+-only-$(date -u +%H%M%S)}.log"  # a rerun (--only) keeps the first run's log
 exec > >(tee "$LOG") 2>&1
 
 SUMMARY=()
@@ -59,6 +73,10 @@ RESERVE=0  # seconds of the budget kept for the later steps (the profile's 100 s
 run() {
     local name=$1 t=$2
     shift 2
+    if ! selected "$name"; then
+        echo "== not selected: $name"
+        return
+    fi
     local left=$(( BUDGET - RESERVE - SECONDS ))
     if [ "$left" -lt 15 ]; then
         echo "== SKIPPED $name: the ${BUDGET}s budget is spent"
@@ -107,7 +125,7 @@ if [ "$SPARSE_ONLY" = 1 ]; then
         SPARSE="$SPARSE --warmup-ms 1 --rep-ms 2"
     else
         SPARSE="--tokens 8192 --shape 4096x4096 --density 0.01 --block 1 32 --lora-rank 0 16 --warmup-ms 5 --rep-ms 20"
-        RESERVE=240
+        if selected "bench sparse"; then RESERVE=240; fi
     fi
     echo "== 1. sparse tests"
     if [ "$SMOKE" = 1 ]; then
@@ -136,7 +154,7 @@ if [ "$SPARSE_ONLY" = 1 ]; then
     exit
 fi
 
-if [ "$SMOKE" = 0 ]; then RESERVE=100; fi
+if [ "$SMOKE" = 0 ] && selected "profile_lora"; then RESERVE=100; fi
 # The tests compile a few hundred kernel variants (and inductor graphs): with pytest-xdist (in the GPU image) 8
 # processes compile them side by side on the card's CPU cores. No test asserts a time, so sharing the card is safe.
 XDIST=()
