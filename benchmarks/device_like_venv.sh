@@ -2,7 +2,7 @@
 # A CPU venv with the lent GPU image's torch and triton (torch 2.11.0, triton 3.6.0, transformers 5.17.0), to run
 # the suite and the sm_90 table against the versions the card runs before spending device time on them:
 #   bash benchmarks/device_like_venv.sh [VENV]          # default /tmp/fastpeft-device-like (about 5 GB: a CUDA build)
-#   VENV/bin/pytest -q                                  # the suite on the interpreter (1904 passed on 2026-11-30)
+#   VENV/bin/pytest -q                                  # the suite on the interpreter (1914 passed on 2026-11-30)
 #   VENV/bin/python benchmarks/sm90_table.py --out benchmarks/results/sm90-resources-triton3.6-DATE.md
 # numpy < 2.4: triton 3.6's interpreter converts 1-element arrays with int(), which numpy 2.4 refuses (the card
 # does not run the interpreter, so its numpy 2.5 is not a concern there).
