@@ -228,7 +228,8 @@ def partial_writer(args, env: dict, columns: list, title: str):
         return None
 
     def on_group(rows: list, case: int, cases: int) -> None:
-        write_outputs(args, env, rows, columns, title, f"{len(rows)} rows; the run stopped in or after case {case} of {cases}")
+        write_outputs(args, env, rows, columns, title,
+                      f"{len(rows)} rows; the run stopped in or after case {case} of {cases}")
     return on_group
 
 

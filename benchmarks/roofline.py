@@ -15,7 +15,7 @@ from __future__ import annotations
 import argparse
 import os
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 # Dense bf16 tensor-core peak and HBM bandwidth (NVIDIA datasheets, SXM parts).
 CARDS = {
@@ -47,6 +47,11 @@ class Cost:
         return "compute" if self.flops / c["flops"] >= self.bytes / c["bandwidth"] else "memory"
 
 
+def total_us(costs, card: str) -> float:
+    """The kernels' roofline times on ``card``, summed, in µs."""
+    return sum(c.seconds(card) for c in costs) * 1e6
+
+
 def gemm(name: str, what: str, m: int, k: int, n: int, itemsize: int = 2, out_itemsize: int | None = None) -> Cost:
     """(m, k) @ (k, n): 2 m k n flops; reads both operands and writes the (m, n) result once."""
     out_itemsize = itemsize if out_itemsize is None else out_itemsize
@@ -56,7 +61,7 @@ def gemm(name: str, what: str, m: int, k: int, n: int, itemsize: int = 2, out_it
 def linear_costs(M: int, K: int, N: int, itemsize: int = 2) -> dict:
     """Frozen nn.Linear (M, K) -> (M, N) with bias: its forward and its backward for dX only."""
     fwd = gemm("linear fwd", "y = x W^T + b", M, K, N, itemsize)
-    fwd = Cost(fwd.name, fwd.what, fwd.flops, fwd.bytes + N * itemsize)
+    fwd = replace(fwd, bytes=fwd.bytes + N * itemsize)
     dx = gemm("linear dX", "dX = dY W", M, N, K, itemsize)
     return {"fwd": [fwd], "bwd": [dx]}
 
@@ -143,7 +148,8 @@ def multi_costs(M: int, K: int, N: int, rank_sum: float, r_max: int, phase: str,
     if phase == "decode":
         return [Cost("bgmv", "y += s_i (x A_i^T) B_i^T, each row its adapter", 2.0 * M * r_max * (K + N),
                      M * K * e + a_bytes + b_bytes + 2 * M * N * e)]
-    return [Cost("grouped shrink", "u = x A_i^T per row group", 2.0 * M * K * r_max, M * K * e + a_bytes + M * r_max * f),
+    return [Cost("grouped shrink", "u = x A_i^T per row group", 2.0 * M * K * r_max,
+                 M * K * e + a_bytes + M * r_max * f),
             Cost("grouped expand", "y += s_i u B_i^T in place", 2.0 * M * N * r_max,
                  M * r_max * f + b_bytes + 2 * M * N * e)]
 
@@ -153,7 +159,7 @@ def multi_summary(M: int, K: int, N: int, adapters: int, ranks: list, phase: str
     """Roofline µs of n adapters routed per row (base GEMM + the multi kernels) and of one adapter of rank
     ``single_rank`` (default ranks[0], bench multi's ``single``) on the same rows (the fused GEMM, the
     shrink), and their ratio: the best multiple of one adapter that any implementation reaches."""
-    us = lambda costs: sum(c.seconds(card) for c in costs) * 1e6  # noqa: E731
+    us = lambda costs: total_us(costs, card)  # noqa: E731
     rank_sum = expected_rank_sum(M, adapters, ranks, phase)
     multi = us(linear_costs(M, K, N, itemsize)["fwd"] + multi_costs(M, K, N, rank_sum, max(ranks), phase, itemsize))
     single = us(lora_costs(M, K, N, single_rank or ranks[0], itemsize)["fwd"])
@@ -175,12 +181,12 @@ def sparse_costs(M: int, K: int, N: int, density: float, block: int, itemsize: i
     dx_gemm = gemm("sparse dX", "dX = dY (W + Δ)", M, N, K, e)
     sddmm = Cost("SDDMM", "dΔ = (dY^T x) at Δ's positions", 2.0 * M * nnz, (M * N + M * K) * e + vals)
     if block > 1:
-        fwd = [Cost(fwd_gemm.name, fwd_gemm.what + " (Δ's blocks in the K loop)", fwd_gemm.flops,
-                    fwd_gemm.bytes + N * e + vals)]
-        bwd = [sddmm, Cost(dx_gemm.name, dx_gemm.what, dx_gemm.flops, dx_gemm.bytes + vals)]
+        fwd = [replace(fwd_gemm, what=fwd_gemm.what + " (Δ's blocks in the K loop)",
+                       bytes=fwd_gemm.bytes + N * e + vals)]
+        bwd = [sddmm, replace(dx_gemm, bytes=dx_gemm.bytes + vals)]
     else:
         fwd = [Cost("densify", "W + Δ written dense", 0.0, 2 * N * K * e + vals),
-               Cost(fwd_gemm.name, fwd_gemm.what + " (on the dense copy)", fwd_gemm.flops, fwd_gemm.bytes + N * e)]
+               replace(fwd_gemm, what=fwd_gemm.what + " (on the dense copy)", bytes=fwd_gemm.bytes + N * e)]
         bwd = [sddmm, dx_gemm]
     return {"fwd": fwd, "bwd": bwd}
 
@@ -192,7 +198,7 @@ def sparse_baseline_costs(M: int, K: int, N: int, density: float, itemsize: int 
     e, f = itemsize, 4
     nnz = density * N * K
     return [Cost("clone + scatter", "W' = W.clone(); W'[idx] += Δ", 0.0, 2 * N * K * e + nnz * (f + 8)),
-            Cost("GEMM", "y = x W'^T + b", *(lambda g: (g.flops, g.bytes + N * e))(gemm("", "", M, K, N, e))),
+            (lambda g: replace(g, bytes=g.bytes + N * e))(gemm("GEMM", "y = x W'^T + b", M, K, N, e)),
             gemm("dX GEMM", "dX = dY W'", M, N, K, e),
             gemm("dense dW", "dW = dY^T x (fp32)", N, M, K, e, out_itemsize=f),
             Cost("gather", "dΔ = dW[idx]", 0.0, nnz * (f + 8) + nnz * f)]
@@ -215,12 +221,10 @@ def qlora_costs(M: int, K: int, N: int, r: int, kind: str, path: str, itemsize: 
     e = itemsize
     wq = quant_weight_bytes(N, K, kind)
     lo = lora_costs(M, K, N, r, itemsize)
-    if path == "fused":
-        fwd = [Cost(c.name, c.what, c.flops, c.bytes - N * K * e + wq) if c.name == "fused GEMM" else c
-               for c in lo["fwd"]]
-        fwd = [Cost("fused dequant GEMM" if c.name == "fused GEMM" else c.name, c.what, c.flops, c.bytes) for c in fwd]
-        return {"fwd": fwd, "bwd": [Cost(c.name, c.what, c.flops, c.bytes - N * K * e + wq)
-                                    if c.name == "dX fused" else c for c in lo["bwd"]]}
+    if path == "fused":  # the GEMMs read the packed bytes instead of a bf16 W
+        return {"fwd": [replace(c, name="fused dequant GEMM", bytes=c.bytes - N * K * e + wq)
+                        if c.name == "fused GEMM" else c for c in lo["fwd"]],
+                "bwd": [replace(c, bytes=c.bytes - N * K * e + wq) if c.name == "dX fused" else c for c in lo["bwd"]]}
     deq = Cost("dequant pass", f"W ({kind}) -> bf16 workspace", 0.0, wq + N * K * e)
     return {"fwd": [deq] + lo["fwd"], "bwd": [deq] + lo["bwd"]}
 
@@ -240,8 +244,8 @@ def dora_costs(M: int, K: int, N: int, r: int, itemsize: int = 2) -> dict:
     lo = lora_costs(M, K, N, r, itemsize)
     norm = Cost("norm", "n = ‖W + s B A‖_row (W A^T, A A^T; ‖W‖² cached)", 2.0 * N * K * r + 2.0 * r * r * K
                 + 4.0 * N * r * r, N * K * e + r * K * e + N * r * e + N * f * 2)
-    gemm_g = [Cost(c.name + " (g epilogue)", "y = g ⊙ (x W^T + s u B^T) + b", c.flops + M * N, c.bytes + N * f)
-              if c.name == "fused GEMM" else c for c in lo["fwd"]]
+    gemm_g = [replace(c, name=c.name + " (g epilogue)", what="y = g ⊙ (x W^T + s u B^T) + b", flops=c.flops + M * N,
+                      bytes=c.bytes + N * f) if c.name == "fused GEMM" else c for c in lo["fwd"]]
     dy, db = lo["bwd"][0], lo["bwd"][1]
     bwd = [Cost("dY pass", "v = (dY ⊙ g) B, dm = Σ_i dY (y - b) / m", dy.flops + 2.0 * M * N,
                 dy.bytes + M * N * e + N * f * 2), db] + lo["bwd"][2:]
@@ -251,7 +255,7 @@ def dora_costs(M: int, K: int, N: int, r: int, itemsize: int = 2) -> dict:
 def targets(card: str, itemsize: int = 2) -> list:
     """``(issue, target, shape, allowed, bound)``: each speed target of issues 12, 15 and 16 beside the best
     ratio the roofline allows on ``card``. A bound above its target means no kernel can meet it there."""
-    us = lambda costs: sum(c.seconds(card) for c in costs) * 1e6  # noqa: E731
+    us = lambda costs: total_us(costs, card)  # noqa: E731
     out = []
     for shape in [(8192, 4096, 4096, 16), (8192, 4096, 14336, 8), (8192, 4096, 14336, 64), (8192, 14336, 4096, 8),
                   (8192, 14336, 4096, 64)]:
@@ -319,7 +323,7 @@ def summary(M, K, N, r, card: str, itemsize: int = 2) -> dict:
     its partials); the timed choice runs the faster, so the bound is ``best fwd+bwd ratio``."""
     lin, lo = linear_costs(M, K, N, itemsize), lora_costs(M, K, N, r, itemsize)
     one = lora_costs(M, K, N, r, itemsize, fused_dy_pass=True)
-    us = lambda costs: sum(c.seconds(card) for c in costs) * 1e6  # noqa: E731
+    us = lambda costs: total_us(costs, card)  # noqa: E731
     out = {"linear fwd": us(lin["fwd"]), "lora fwd": us(lo["fwd"]),
            "linear fwd+bwd": us(lin["fwd"] + lin["bwd"]), "lora fwd+bwd": us(lo["fwd"] + lo["bwd"]),
            "lora fwd+bwd one dY pass": us(one["fwd"] + one["bwd"])}
