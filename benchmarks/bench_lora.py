@@ -6,7 +6,8 @@
 
 Providers: ``linear`` (frozen nn.Linear), ``fastpeft`` (FastLoRALinear on the default backend: the
 fused kernels on CUDA, with the fused-epilogue / cuBLAS choice measured per shape), ``fastpeft-fused``
-and ``fastpeft-cublas`` (each GEMM variant forced), ``reference`` (FastLoRALinear on the PyTorch
+and ``fastpeft-cublas`` (each GEMM variant forced; on sm_90+ also ``fastpeft-tma-shrink``, the forward's
+shrink fused into the TMA GEMM, its backward on the TMA GEMM), ``reference`` (FastLoRALinear on the PyTorch
 path, i.e. eager LoRA), ``peft`` (a PEFT LoRA layer) and ``peft+accelerate`` (the same PEFT model
 patched by ``fastpeft.accelerate``) when PEFT is installed, both with the adapter in the benchmark's
 dtype. Modes: ``fwd`` and ``fwd+bwd`` (frozen W; dX, dA, dB computed), each with its peak memory on
@@ -44,6 +45,9 @@ def providers(in_f, out_f, r, p, device, dtype, kernels_ok: bool):
         out["fastpeft"] = (layer, "triton", None)
         out["fastpeft-fused"] = (layer, "triton", "fused")
         out["fastpeft-cublas"] = (layer, "triton", "cublas")
+        from fastpeft.kernels import lora_tma
+        if lora_tma.tma_supported(device) and lora_tma.shrink_fits(r) and in_f % 8 == 0 and out_f % 8 == 0:
+            out["fastpeft-tma-shrink"] = (layer, "triton", "tma-shrink")
     out["reference"] = (layer, "reference", None)
     try:
         import peft  # noqa: F401

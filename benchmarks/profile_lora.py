@@ -2,7 +2,9 @@
 eager and under CUDA graphs.
 
 1. Steps: each kernel launch of LoRALinearFunction (shrink, fused GEMM, dY B, dB, dA, dX; the dY pass
-   giving dY B and dB from one read of dY, the backward's "kernels-dy1") and its cuBLAS alternatives, plus nn.Linear's own GEMMs and the TMA GEMM (kernels/lora_tma.py) where the card has TMA.
+   giving dY B and dB from one read of dY, the backward's "kernels-dy1") and its cuBLAS alternatives, plus
+   nn.Linear's own GEMMs and the TMA GEMM (kernels/lora_tma.py) where the card has TMA, alone and with the
+   shrink fused (the forward's "tma-shrink" path).
    For each: the kernels ``torch.profiler`` sees on the device (names, µs per call), the
    ``triton.testing.do_bench`` median, the bytes / flops of ``benchmarks/roofline.py``, the achieved TB/s
    and TFLOP/s and the % of the card's peak of the resource that bounds it.
@@ -142,6 +144,11 @@ def steps(M, K, N, r, p, dtype, device):
                                costs["fused GEMM"])
         out[f"TMA GEMM dX (p={p})"] = (lambda: T.lora_gemm_tma(a=dy, b=w, lu=v, lv=a, scale=s * ds, seed=seed,
                                                                threshold=thr), costs["dX fused"])
+        if T.shrink_fits(r):
+            fused = RF.lora_costs(M, K, N, r, fused_shrink=True)["fwd"][0]
+            out[f"TMA GEMM fwd + fused shrink, u and y in one kernel (p={p})"] = (
+                lambda: T.lora_forward_tma(x=x, w_t=w.t(), lora_A=a, lv=b.t(), bias=bias, scale=s, drop_scale=ds,
+                                           seed=seed, threshold=thr), fused)
         z = u[:, :0]
         out["TMA GEMM, rank 0 (vs linear fwd: the >= 0.95x gate)"] = (
             lambda: T.lora_gemm_tma(a=x, b=w.t(), lu=z, lv=b.t()[:0], scale=s), costs["linear fwd"])

@@ -66,6 +66,7 @@ def linear_costs(M: int, K: int, N: int, itemsize: int = 2) -> dict:
     return {"fwd": [fwd], "bwd": [dx]}
 
 
+FUSED_SHRINK_MIN_ROWS = 256  # fastpeft.ops.lora's: fewer rows are not offered the fused shrink (a test checks)
 SMS = 132  # streaming multiprocessors of the H100 SXM and the H200: the dY pass's split rule reads it
 
 
@@ -82,7 +83,8 @@ def dy_pass_layout(M: int, N: int, r: int, sms: int = SMS) -> tuple:
     return block_m, rows, -(-N // per)
 
 
-def lora_costs(M: int, K: int, N: int, r: int, itemsize: int = 2, fused_dy_pass: bool = False) -> dict:
+def lora_costs(M: int, K: int, N: int, r: int, itemsize: int = 2, fused_dy_pass: bool = False,
+               fused_shrink: bool = False) -> dict:
     """The kernels of one LoRA layer's forward and backward (frozen W, dX needed), as LoRALinearFunction
     launches them: u = drop(x) A^T and v = dY B in fp32 (4 bytes), everything else in the input dtype.
 
@@ -90,6 +92,11 @@ def lora_costs(M: int, K: int, N: int, r: int, itemsize: int = 2, fused_dy_pass:
     from one read of dY (``_lora_dy_pass_kernel``), which writes fp32 partials (v per column chunk, dB per
     row block, ``dy_pass_layout``) that a second step adds: the pass row counts their writes, the
     "dY pass sums" row their reads and the sums' writes (none for a partial count of 1: a view).
+
+    ``fused_shrink``: the forward's "tma-shrink" path (``lora_tma.lora_forward_tma``), one kernel: the tiles
+    of column block 0 also accumulate u from the x tiles they load and publish it, the others wait for it;
+    x is read once. The wait (the first wave's tiles for their producers' extra R / BLOCK_N of MMA) is not
+    in the model.
     """
     e, f = itemsize, 4
     fwd = [
@@ -97,6 +104,9 @@ def lora_costs(M: int, K: int, N: int, r: int, itemsize: int = 2, fused_dy_pass:
         Cost("fused GEMM", "y = x W^T + s u B^T + b", 2.0 * M * K * N + 2.0 * M * r * N,
              (M * K + N * K + N * r + N) * e + M * r * f + M * N * e),
     ]
+    if fused_shrink:
+        fwd = [Cost("fused GEMM + shrink", "u = drop(x) A^T, y = x W^T + s u B^T + b (x read once)",
+                    fwd[0].flops + fwd[1].flops, (M * K + N * K + N * r + r * K + N) * e + M * r * f + M * N * e)]
     if fused_dy_pass:
         _, rows, split = dy_pass_layout(M, N, r)
         parts = (split * M * r + rows * N * r) * f
@@ -213,14 +223,16 @@ def quant_weight_bytes(N: int, K: int, kind: str, blocksize: int = 64) -> float:
     return N * K / 2 + absmax
 
 
-def qlora_costs(M: int, K: int, N: int, r: int, kind: str, path: str, itemsize: int = 2) -> dict:
+def qlora_costs(M: int, K: int, N: int, r: int, kind: str, path: str, itemsize: int = 2,
+                fused_shrink: bool = False) -> dict:
     """LoRA over a bitsandbytes base (``kind`` "nf4-nested" / "nf4" / "int8"). ``path`` "dequant": one pass
     dequantizes W into a shared bf16 workspace (packed bytes read, N K elements written), then the LoRA
     kernels as for a bf16 W; the backward dequantizes again for dX = dY W. "fused": the GEMM dequantizes W's
-    tiles in its K loop (the packed bytes are all it reads of W)."""
+    tiles in its K loop (the packed bytes are all it reads of W). ``fused_shrink`` (dequant path): bf16 LoRA's
+    forward on the workspace with the shrink fused into the TMA GEMM."""
     e = itemsize
     wq = quant_weight_bytes(N, K, kind)
-    lo = lora_costs(M, K, N, r, itemsize)
+    lo = lora_costs(M, K, N, r, itemsize, fused_shrink=fused_shrink and path == "dequant")
     if path == "fused":  # the GEMMs read the packed bytes instead of a bf16 W
         return {"fwd": [replace(c, name="fused dequant GEMM", bytes=c.bytes - N * K * e + wq)
                         if c.name == "fused GEMM" else c for c in lo["fwd"]],
@@ -235,17 +247,18 @@ def dequant_gemm_costs(M: int, K: int, N: int, kind: str, itemsize: int = 2) -> 
         + linear_costs(M, K, N, itemsize)["fwd"]
 
 
-def dora_costs(M: int, K: int, N: int, r: int, itemsize: int = 2) -> dict:
+def dora_costs(M: int, K: int, N: int, r: int, itemsize: int = 2, fused_shrink: bool = False) -> dict:
     """DoRA in training (dropout 0, the plain mode), as DoRALinearFunction launches it. Forward: the norm
     ‖W_j + s B_j A‖ from the cached ‖W_j‖², W A^T (one read of W: A and B change every step) and A A^T;
     the shrink; the LoRA GEMM with g = m / n and b in its epilogue. Backward: one pass over dY and the saved
-    y for v = (dY ⊙ g) B and dm (z = (y - b) / g), dB = s diag(g) dY^T u, dA, dX as LoRA's."""
+    y for v = (dY ⊙ g) B and dm (z = (y - b) / g), dB = s diag(g) dY^T u, dA, dX as LoRA's.
+    ``fused_shrink``: the shrink fused into the TMA GEMM, g in its epilogue (``lora_costs``' fused_shrink)."""
     e, f = itemsize, 4
-    lo = lora_costs(M, K, N, r, itemsize)
+    lo = lora_costs(M, K, N, r, itemsize, fused_shrink=fused_shrink)
     norm = Cost("norm", "n = ‖W + s B A‖_row (W A^T, A A^T; ‖W‖² cached)", 2.0 * N * K * r + 2.0 * r * r * K
                 + 4.0 * N * r * r, N * K * e + r * K * e + N * r * e + N * f * 2)
     gemm_g = [replace(c, name=c.name + " (g epilogue)", what="y = g ⊙ (x W^T + s u B^T) + b", flops=c.flops + M * N,
-                      bytes=c.bytes + N * f) if c.name == "fused GEMM" else c for c in lo["fwd"]]
+                      bytes=c.bytes + N * f) if c.name.startswith("fused GEMM") else c for c in lo["fwd"]]
     dy, db = lo["bwd"][0], lo["bwd"][1]
     bwd = [Cost("dY pass", "v = (dY ⊙ g) B, dm = Σ_i dY (y - b) / m", dy.flops + 2.0 * M * N,
                 dy.bytes + M * N * e + N * f * 2), db] + lo["bwd"][2:]
@@ -261,12 +274,13 @@ def targets(card: str, itemsize: int = 2) -> list:
                   (8192, 14336, 4096, 64)]:
         s = summary(*shape, card, itemsize)
         name = "M{} K{} N{} r{}".format(*shape)
-        out += [("12 P1", "LoRA fwd / nn.Linear", name, 1.06, s["fwd ratio"]),
+        out += [("12 P1", "LoRA fwd / nn.Linear", name, 1.06, s["best fwd ratio"]),
                 ("12 P2", "LoRA fwd+bwd / nn.Linear (p 0; p 0.1: 1.12, same bytes)", name, 1.10,
                  s["best fwd+bwd ratio"])]
     for m in (1, 16, 64):
         s = summary(m, 4096, 4096, 16, card, itemsize)
-        out.append(("12 P1b", "LoRA decode / nn.Linear (CUDA graphs)", f"M{m} K4096 N4096 r16", 1.10, s["fwd ratio"]))
+        out.append(("12 P1b", "LoRA decode / nn.Linear (CUDA graphs)", f"M{m} K4096 N4096 r16", 1.10,
+                    s["best fwd ratio"]))
     mixed = [8, 16, 32, 64]
     for phase, m, allowed in (("prefill", 8192, 1.10), ("decode", 64, 1.25)):
         s = multi_summary(m, 4096, 4096, 64, mixed, phase, card, itemsize=itemsize)
@@ -280,11 +294,14 @@ def targets(card: str, itemsize: int = 2) -> list:
     un = sparse_costs(8192, 4096, 4096, 0.01, 1, itemsize)
     out.append(("12 P5", "sparse Δ 1 % unstructured, fwd+bwd / clone+scatter+dense-dW", "M8192 K4096 N4096", 1.0,
                 us(un["fwd"] + un["bwd"]) / us(sparse_baseline_costs(8192, 4096, 4096, 0.01, itemsize))))
+    # Forwards at M 8192 run the faster of the two-kernel and the fused-shrink LoRA forward (timed choice).
     lo = lora_costs(8192, 4096, 4096, 16, itemsize)
+    lo_fwd = min(us(lo["fwd"]), us(lora_costs(8192, 4096, 4096, 16, itemsize, fused_shrink=True)["fwd"]))
     q = qlora_costs(8192, 4096, 4096, 16, "nf4-nested", "dequant", itemsize)
-    out += [("15", "QLoRA (NF4 nested) fwd / bf16 LoRA", "M8192 K4096 N4096 r16", 1.05, us(q["fwd"]) / us(lo["fwd"])),
+    q_fwd = min(us(q["fwd"]), us(qlora_costs(8192, 4096, 4096, 16, "nf4-nested", "dequant", itemsize, True)["fwd"]))
+    out += [("15", "QLoRA (NF4 nested) fwd / bf16 LoRA", "M8192 K4096 N4096 r16", 1.05, q_fwd / lo_fwd),
             ("15", "QLoRA (NF4 nested) fwd+bwd / bf16 LoRA", "M8192 K4096 N4096 r16", 1.05,
-             us(q["fwd"] + q["bwd"]) / us(lo["fwd"] + lo["bwd"]))]
+             (q_fwd + us(q["bwd"])) / (lo_fwd + us(lo["bwd"])))]
     for m in (1, 16):
         qf = qlora_costs(m, 4096, 4096, 16, "nf4-nested", "fused", itemsize)
         out += [("15", "QLoRA decode (fused) / dequantize + GEMM (target: 2.5x faster)", f"M{m} K4096 N4096 r16",
@@ -292,10 +309,11 @@ def targets(card: str, itemsize: int = 2) -> list:
                 ("15", "QLoRA decode (fused) / bf16 nn.Linear", f"M{m} K4096 N4096 r16", 1.0,
                  us(qf["fwd"]) / us(linear_costs(m, 4096, 4096, itemsize)["fwd"]))]
     d = dora_costs(8192, 4096, 4096, 16, itemsize)
-    out += [("16", "DoRA fwd / nn.Linear", "M8192 K4096 N4096 r16", 1.10, us(d["fwd"]) / us(lin["fwd"])),
-            ("16", "DoRA fwd+bwd / nn.Linear", "M8192 K4096 N4096 r16", 1.20, us(d["fwd"] + d["bwd"]) / lin_t),
+    d_fwd = min(us(d["fwd"]), us(dora_costs(8192, 4096, 4096, 16, itemsize, fused_shrink=True)["fwd"]))
+    out += [("16", "DoRA fwd / nn.Linear", "M8192 K4096 N4096 r16", 1.10, d_fwd / us(lin["fwd"])),
+            ("16", "DoRA fwd+bwd / nn.Linear", "M8192 K4096 N4096 r16", 1.20, (d_fwd + us(d["bwd"])) / lin_t),
             ("16", "DoRA fwd+bwd / fastpeft LoRA", "M8192 K4096 N4096 r16", 1.08,
-             us(d["fwd"] + d["bwd"]) / us(lo["fwd"] + lo["bwd"]))]
+             (d_fwd + us(d["bwd"])) / (lo_fwd + us(lo["bwd"])))]
     return out
 
 
@@ -316,21 +334,27 @@ def targets_table(itemsize: int = 2) -> list:
 
 def summary(M, K, N, r, card: str, itemsize: int = 2) -> dict:
     """Roofline times (µs) of the LoRA layer and of nn.Linear, forward and forward+backward, and their
-    ratio: the best multiple of nn.Linear that fastpeft's split into kernels can reach (the shrink reads x
-    on its own; one kernel that also computed u in the GEMM's K loop would read x once but redo u per
-    column tile: R / BLOCK_N more tensor-core work, 6 % at r 16 and 256 columns). ``lora fwd+bwd`` is the backward
-    reading dY three times (two shrinks, dX), ``... one dY pass`` the "kernels-dy1" composition (twice, plus
-    its partials); the timed choice runs the faster, so the bound is ``best fwd+bwd ratio``."""
+    ratio: the best multiple of nn.Linear that fastpeft's kernels can reach. ``lora fwd`` is the shrink
+    (reading x on its own) and the fused GEMM, ``lora fwd, fused shrink`` the one kernel of the
+    "tma-shrink" path (sm_90: x read once). ``lora fwd+bwd`` is the backward reading dY three times (two
+    shrinks, dX), ``... one dY pass`` the "kernels-dy1" composition (twice, plus its partials). The timed
+    choices run the faster of each, so the bounds are ``best fwd ratio`` and ``best fwd+bwd ratio``."""
     lin, lo = linear_costs(M, K, N, itemsize), lora_costs(M, K, N, r, itemsize)
     one = lora_costs(M, K, N, r, itemsize, fused_dy_pass=True)
+    fs = lora_costs(M, K, N, r, itemsize, fused_shrink=True)["fwd"]
     us = lambda costs: total_us(costs, card)  # noqa: E731
-    out = {"linear fwd": us(lin["fwd"]), "lora fwd": us(lo["fwd"]),
+    out = {"linear fwd": us(lin["fwd"]), "lora fwd": us(lo["fwd"]), "lora fwd, fused shrink": us(fs),
            "linear fwd+bwd": us(lin["fwd"] + lin["bwd"]), "lora fwd+bwd": us(lo["fwd"] + lo["bwd"]),
            "lora fwd+bwd one dY pass": us(one["fwd"] + one["bwd"])}
+    # The forward is offered the fused shrink from FUSED_SHRINK_MIN_ROWS rows (fastpeft/ops/lora.py).
+    best_fwd = min(out["lora fwd"], out["lora fwd, fused shrink"]) if M >= FUSED_SHRINK_MIN_ROWS else out["lora fwd"]
     out["fwd ratio"] = out["lora fwd"] / out["linear fwd"]
+    out["fused shrink fwd ratio"] = out["lora fwd, fused shrink"] / out["linear fwd"]
+    out["best fwd ratio"] = best_fwd / out["linear fwd"]
     out["fwd+bwd ratio"] = out["lora fwd+bwd"] / out["linear fwd+bwd"]
     out["one dY pass ratio"] = out["lora fwd+bwd one dY pass"] / out["linear fwd+bwd"]
-    out["best fwd+bwd ratio"] = min(out["fwd+bwd ratio"], out["one dY pass ratio"])
+    best_bwd = min(us(lo["bwd"]), us(one["bwd"]))
+    out["best fwd+bwd ratio"] = (best_fwd + best_bwd) / out["linear fwd+bwd"]
     return out
 
 
@@ -342,23 +366,26 @@ def table(shapes, itemsize: int = 2) -> list:
              "|---|---|---|---|---|---|---|---|---|" + "---|" * len(cards)]
     for M, K, N, r in shapes:
         lin, lo = linear_costs(M, K, N, itemsize), lora_costs(M, K, N, r, itemsize)
-        rows = (lin["fwd"] + lin["bwd"] + lo["fwd"] + lo["bwd"] + lora_costs(M, K, N, r, itemsize, True)["bwd"][:2]
-                + [lowrank_add_cost(M, N, r, itemsize)])
+        rows = (lin["fwd"] + lin["bwd"] + lo["fwd"] + lora_costs(M, K, N, r, itemsize, fused_shrink=True)["fwd"]
+                + lo["bwd"] + lora_costs(M, K, N, r, itemsize, True)["bwd"][:2] + [lowrank_add_cost(M, N, r, itemsize)])
         for c in rows:
             times = " | ".join(f"{c.seconds(card) * 1e6:.2f} ({c.bound(card)})" for card in cards)
             lines.append(f"| {M} | {K} | {N} | {r} | {c.name} | {c.what} | {c.flops / 1e9:.3f} | {c.bytes / 1e6:.2f} "
                          f"| {c.intensity:.1f} | {times} |")
     lines += ["", "Layer totals (sum of the kernels' roofline times) and the best multiple of frozen nn.Linear:", "",
-              "| M | K | N | r | card | linear fwd µs | LoRA fwd µs | fwd x | linear fwd+bwd µs | LoRA fwd+bwd µs "
-              "| fwd+bwd x | LoRA fwd+bwd, one dY pass µs | one dY pass x |",
-              "|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
+              "| M | K | N | r | card | linear fwd µs | LoRA fwd µs | fwd x | fused shrink µs | fused shrink x "
+              "| linear fwd+bwd µs | LoRA fwd+bwd µs | fwd+bwd x | LoRA fwd+bwd, one dY pass µs | one dY pass x "
+              "| best fwd+bwd x |",
+              "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
     for M, K, N, r in shapes:
         for card in cards:
             s = summary(M, K, N, r, card, itemsize)
             lines.append(f"| {M} | {K} | {N} | {r} | {card} | {s['linear fwd']:.2f} | {s['lora fwd']:.2f} | "
-                         f"{s['fwd ratio']:.3f} | {s['linear fwd+bwd']:.2f} | {s['lora fwd+bwd']:.2f} | "
-                         f"{s['fwd+bwd ratio']:.3f} | {s['lora fwd+bwd one dY pass']:.2f} | "
-                         f"{s['one dY pass ratio']:.3f} |")
+                         f"{s['fwd ratio']:.3f} | {s['lora fwd, fused shrink']:.2f} | "
+                         f"{s['fused shrink fwd ratio']:.3f} "
+                         f"| {s['linear fwd+bwd']:.2f} | {s['lora fwd+bwd']:.2f} | {s['fwd+bwd ratio']:.3f} | "
+                         f"{s['lora fwd+bwd one dY pass']:.2f} | {s['one dY pass ratio']:.3f} | "
+                         f"{s['best fwd+bwd ratio']:.3f} |")
     return lines
 
 
@@ -386,8 +413,9 @@ def main(argv=None):
             "backward's \"kernels-dy1\" alternative to the `dY B` and `dB` rows (issue 12 item 2: one read of dY "
             f"for both, fp32 partials written and read back, cut as the launcher cuts them on {SMS} SMs; "
             "counted in HBM although they may stay in L2); `low-rank add` is the cuBLAS path's in-place update "
-            "(dropout). The timed choice runs the faster backward, so a shape's bound is the lower of its two "
-            "fwd+bwd columns.", ""]
+            "(dropout). `fused GEMM + shrink` is the forward's \"tma-shrink\" path (sm_90+, from 256 rows): one "
+            "kernel, x read once; the wait of the first tiles for their row block's u is not modelled. The timed "
+            "choices run the faster forward and backward: `best fwd+bwd x`.", ""]
     lines = head + table(shapes, a.itemsize)
     if not a.tokens:  # the targets of issues 12, 15 and 16 are at the default shapes
         lines += ["", "## The issues' speed targets against the roofline", "",
@@ -399,7 +427,9 @@ def main(argv=None):
                   "decode bound holds for any implementation: the distinct adapters' A and B (the rank sum times "
                   "(K + N) bf16 elements) must be read beside W. QLoRA: NF4 with nested absmax (0.52 bytes per "
                   "weight); fwd at M=8192 through the dequant pass, decode through the fused kernel. DoRA: "
-                  "training, dropout 0 (its norm reads W once per step).", ""] + targets_table(a.itemsize)
+                  "training, dropout 0 (its norm reads W once per step). Forwards from 256 rows: the faster of "
+                  "the two-kernel and the fused-shrink forward, as the timed choice runs them (LoRA, QLoRA's "
+                  "dequant path, DoRA's plain forward).", ""] + targets_table(a.itemsize)
     print("\n".join(lines))
     if not a.no_write:
         out = a.out or os.path.join(os.path.dirname(os.path.abspath(__file__)), "results", f"roofline-{date}.md")

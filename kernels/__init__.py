@@ -99,9 +99,10 @@ def is_deterministic() -> bool:
 def set_deterministic(enabled: bool) -> None:
     """Make every fastpeft kernel path bitwise reproducible from run to run (``True``), or not (``False``).
 
-    No kernel uses atomics: every split reduction writes partial sums that are added in a fixed order,
-    and split counts depend only on the shapes and the GPU. What can differ between runs are the choices
-    made by timing, so deterministic mode pins them: the fused-vs-cuBLAS GEMM choice of the LoRA ops (cuBLAS)
+    No kernel sums through atomics: every split reduction writes partial sums that are added in a fixed
+    order, and split counts depend only on the shapes and the GPU. (The one atomic, the flag by which the
+    TMA forward with the fused shrink publishes a row block's u, orders the programs and sums nothing.)
+    What can differ between runs are the choices made by timing, so deterministic mode pins them: the fused-vs-cuBLAS GEMM choice of the LoRA ops (cuBLAS)
     and of the block-sparse ops (densify + cuBLAS) is fixed instead of measured, and the autotuned GEMMs
     (forced with ``FASTPEFT_LORA_GEMM=fused`` / ``FASTPEFT_SPARSE_GEMM=fused``) run one fixed config instead
     of the fastest one found by this process. Then the same inputs (and dropout seed) give the same output

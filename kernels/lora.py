@@ -575,8 +575,9 @@ else:  # torch < 2.6: the plain launcher (eager only)
 
 # FASTPEFT_LORA_GEMM: "fused" (the epilogue GEMM), "tma" (kernels/lora_tma.py, sm_90+), "cublas" (cuBLAS +
 # in-place low-rank update) force the GEMM of the kernel path; "torch" forces the plain torch composition of
-# the whole LoRA forward / backward (fastpeft/ops/lora.py); "auto" times what can run.
-GEMM_CHOICES = ("auto", "fused", "tma", "cublas", "torch")
+# the whole LoRA forward / backward (fastpeft/ops/lora.py); "tma-shrink" the LoRA forward with the shrink
+# fused into the TMA GEMM (lora_tma.lora_forward_tma; other GEMMs: TMA); "auto" times what can run.
+GEMM_CHOICES = ("auto", "fused", "tma", "cublas", "torch", "tma-shrink")
 _choice_cache: dict = {}
 
 
@@ -652,7 +653,8 @@ def settled_choice(cache: dict, key: tuple, device: torch.device, fixed: str, fi
 
 def _gemm_choice_mode() -> str:
     mode = gemm_mode()
-    return "cublas" if mode == "torch" else mode  # "torch" forces the torch composition, whose GEMM is cuBLAS
+    # "torch" forces the torch composition, whose GEMM is cuBLAS; "tma-shrink" the TMA GEMM with the shrink.
+    return {"torch": "cublas", "tma-shrink": "tma"}.get(mode, mode)
 
 
 def choose_gemm(key: tuple, candidates: dict, device: torch.device) -> str:

@@ -13,6 +13,14 @@
   mask redrawn from the seed by ``_common._keep_mask_tile``: the same Philox stream as every other fastpeft
   kernel, bit for bit (element (m, n) keeps when ``draw(seed, m * N + n) >= threshold``).
 
+- The shrink fused (``lora_forward_tma``, the LoRA forward's "tma-shrink" path): the programs holding column
+  block 0 of each row block come first in tile order and also accumulate u = drop(x) A^T from the x tiles
+  their K loop loads (A through its own descriptor, x's mask redrawn), store it (fp32, saved for the
+  backward) and raise the row block's flag (release); the other tiles of the row block finish their own K
+  loop, wait for the flag (acquire) and read u. x is read once for the GEMM and the shrink, and no tile
+  redoes u. Deadlock-free because every producer precedes its waiters in tile order and the persistent
+  programs (at most one per SM) are all resident.
+
 Needs sm_90+ and a triton with ``tl.make_tensor_descriptor`` (3.4+; written against the 3.6 API, also
 compiles on 3.9): ``tma_supported(device)``. TMA needs 16-byte aligned rows, so K and N must be multiples
 of 16 / itemsize (8 for bf16 / fp16): ``tma_shapes_ok``. The low-rank operands lu, lv and the bias are
@@ -29,12 +37,52 @@ import triton
 import triton.language as tl
 
 from . import INTERPRET, is_deterministic
-from ._common import (_cast, _dot_precision, _grouped_coords, _lowrank_bias_part, _mma, _upcast, _use_explicit_blocks,
-                      r_pad)
+from ._common import (_cast, _dot_precision, _grouped_coords, _keep_mask_tile, _lowrank_bias_part, _mma, _upcast,
+                      _use_explicit_blocks, r_pad)
 
 # ----------------------------------------------------------------------------------------------------
 # kernel
 # ----------------------------------------------------------------------------------------------------
+
+
+@triton.jit
+def _k_loop(a_desc, b_desc, off_m, off_n, k_tiles, B_NK: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+            BLOCK_K: tl.constexpr, DOT_PRECISION: tl.constexpr, UPCAST: tl.constexpr):
+    """fp32 (BLOCK_M, BLOCK_N) tile of a @ b at (off_m, off_n), a and b through their descriptors."""
+    acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+    for kt in range(k_tiles):
+        off_k = kt * BLOCK_K
+        a = a_desc.load([off_m, off_k])  # out-of-bounds rows / columns read as zeros (TMA)
+        if B_NK:
+            b = tl.trans(b_desc.load([off_n, off_k]))
+        else:
+            b = b_desc.load([off_k, off_n])
+        acc = _mma(a, b, acc, DOT_PRECISION, UPCAST)
+    return acc
+
+
+@triton.jit
+def _k_loop_shrink(a_desc, b_desc, la_desc, off_m, off_n, rm, K, k_tiles, seed, threshold, B_NK: tl.constexpr,
+                   X_MASK: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
+                   R_PAD: tl.constexpr, DOT_PRECISION: tl.constexpr, UPCAST: tl.constexpr):
+    """``_k_loop`` plus u (BLOCK_M, R_PAD) fp32 = drop-mask(a) @ la^T from the same a tiles: la (R, K) through
+    its descriptor (rows past R read as zeros), a's mask of (m, k) redrawn from draw(seed, m K + k)."""
+    acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+    u = tl.zeros((BLOCK_M, R_PAD), dtype=tl.float32)
+    for kt in range(k_tiles):
+        off_k = kt * BLOCK_K
+        a = a_desc.load([off_m, off_k])
+        if B_NK:
+            b = tl.trans(b_desc.load([off_n, off_k]))
+        else:
+            b = b_desc.load([off_k, off_n])
+        acc = _mma(a, b, acc, DOT_PRECISION, UPCAST)
+        la = _cast(tl.trans(la_desc.load([0, off_k])), a.dtype, UPCAST)
+        if X_MASK:
+            # K is a multiple of 8 (TMA rows) and off_k of BLOCK_K: each Philox block is 4 columns of a row.
+            a = tl.where(_keep_mask_tile(seed, rm, off_k, K, threshold, BLOCK_M, BLOCK_K, True), a, 0.0)
+        u = _mma(a, la, u, DOT_PRECISION, UPCAST)
+    return acc, u
 
 
 @triton.jit
@@ -50,21 +98,34 @@ def _tma_store_part(acc, lu, off_m, n0, out_desc, out_ptr, lv_ptr, bias_ptr, M, 
     out_desc.store([off_m, n0], _cast(acc, out_ptr.dtype.element_ty, UPCAST))
 
 
+@triton.jit
+def _shrink_first_coords(tile, num_m, num_n, GROUP_M: tl.constexpr):
+    """(pid_m, pid_n) of ``tile`` when the shrink is fused: tiles 0 .. num_m - 1 are the producers (m, 0), in
+    row order; the rest are the other columns (m, 1 ..) in grouped order. Every producer comes before the
+    tiles that wait for it, which makes the wait deadlock-free for resident persistent programs."""
+    producer = tile < num_m
+    pm, pn = _grouped_coords(tl.maximum(tile - num_m, 0), num_m, tl.maximum(num_n - 1, 1), GROUP_M)
+    return tl.where(producer, tile, pm), tl.where(producer, 0, pn + 1)
+
+
 @triton.jit(do_not_specialize=["seed", "threshold"])
 def _lora_gemm_tma_kernel(
     # pointers: a (M, K) rows; b (N, K) rows when B_NK (forward: W) else (K, N) rows (dX: W); lu (M, R);
-    # lv (R, N) by strides; bias (N,); out (M, N) rows
-    a_ptr, b_ptr, lu_ptr, lv_ptr, bias_ptr, out_ptr,
+    # lv (R, N) by strides; bias (N,); out (M, N) rows; SHRINK: la (R, K) rows (A) and flags (cdiv(M, BLOCK_M),)
+    # int32 zeros; COL_SCALE: g (N,) fp32
+    a_ptr, b_ptr, lu_ptr, lv_ptr, bias_ptr, out_ptr, la_ptr, flags_ptr, g_ptr,
     # sizes
     M, N, K, R,
-    # strides (the inner stride of a, b and out is 1: TMA)
-    stride_am, stride_b, stride_lum, stride_lur, stride_lvr, stride_lvn, stride_om,
-    # low-rank term: scale * mask * (lu @ lv), mask of (m, n) from draw(seed, m * N + n) >= threshold
-    scale, seed, threshold,
+    # strides (the inner stride of a, b, la and out is 1: TMA)
+    stride_am, stride_b, stride_lum, stride_lur, stride_lvr, stride_lvn, stride_om, stride_la,
+    # low-rank term: scale * mask * (lu @ lv), mask of (m, n) from draw(seed, m * N + n) >= threshold;
+    # SHRINK: lu = shrink_scale * drop(a) @ la^T, a's mask of (m, k) from draw(seed, m * K + k) >= threshold
+    scale, shrink_scale, seed, threshold,
     # meta-parameters (NUM_SMS: persistent programs)
     HAS_BIAS: tl.constexpr, HAS_MASK: tl.constexpr, B_NK: tl.constexpr, BLOCK_M: tl.constexpr,
     BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr, R_PAD: tl.constexpr,
-    NUM_SMS: tl.constexpr, DOT_PRECISION: tl.constexpr, UPCAST: tl.constexpr,
+    NUM_SMS: tl.constexpr, DOT_PRECISION: tl.constexpr, UPCAST: tl.constexpr, SHRINK: tl.constexpr = False,
+    X_MASK: tl.constexpr = False, COL_SCALE: tl.constexpr = False,
 ):
     # Not warp-specialized: compiled offline for sm_90 (triton 3.6 and 3.9, this kernel with the K loop as
     # tl.range(k_tiles, warp_specialize=True)), every 4-warp config crashes the compiler (NVGPUWarpSpecialization
@@ -85,24 +146,41 @@ def _lora_gemm_tma_kernel(
     k_tiles = tl.cdiv(K, BLOCK_K)
     rr = tl.arange(0, R_PAD)
     r_ok = rr < R
+    if SHRINK:
+        la_desc = tl.make_tensor_descriptor(la_ptr, shape=[R, K], strides=[stride_la, 1], block_shape=[R_PAD, BLOCK_K])
     for tile in tl.range(tl.program_id(0), num_m * num_n, NUM_SMS):
-        pid_m, pid_n = _grouped_coords(tile, num_m, num_n, GROUP_M)
+        if SHRINK:
+            pid_m, pid_n = _shrink_first_coords(tile, num_m, num_n, GROUP_M)
+        else:
+            pid_m, pid_n = _grouped_coords(tile, num_m, num_n, GROUP_M)
         off_m = pid_m * BLOCK_M
         off_n = pid_n * BLOCK_N
-        acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
-        for kt in range(k_tiles):
-            off_k = kt * BLOCK_K
-            a = a_desc.load([off_m, off_k])  # out-of-bounds rows / columns read as zeros (TMA)
-            if B_NK:
-                b = tl.trans(b_desc.load([off_n, off_k]))
-            else:
-                b = b_desc.load([off_k, off_n])
-            acc = _mma(a, b, acc, DOT_PRECISION, UPCAST)
+        rm = off_m + tl.arange(0, BLOCK_M)
+        lu_ptrs = lu_ptr + rm[:, None].to(tl.int64) * stride_lum + rr[None, :] * stride_lur
+        lu_ok = (rm < M)[:, None] & r_ok[None, :]
+        if not SHRINK:
+            acc = _k_loop(a_desc, b_desc, off_m, off_n, k_tiles, B_NK, BLOCK_M, BLOCK_N, BLOCK_K, DOT_PRECISION,
+                          UPCAST)
+            lu = tl.load(lu_ptrs, mask=lu_ok, other=0.0)
+        elif pid_n == 0:
+            # Producer of row block pid_m: u = shrink_scale * drop(a) @ la^T from the a tiles this K loop
+            # loads anyway, stored (fp32) and published through the block's flag.
+            acc, u = _k_loop_shrink(a_desc, b_desc, la_desc, off_m, off_n, rm, K, k_tiles, seed, threshold, B_NK,
+                                    X_MASK, BLOCK_M, BLOCK_N, BLOCK_K, R_PAD, DOT_PRECISION, UPCAST)
+            lu = u * shrink_scale
+            tl.store(lu_ptrs, lu, mask=lu_ok)
+            tl.debug_barrier()  # every thread's part of u is written before the flag is raised
+            tl.atomic_xchg(flags_ptr + pid_m, 1, sem="release")
+        else:
+            acc = _k_loop(a_desc, b_desc, off_m, off_n, k_tiles, B_NK, BLOCK_M, BLOCK_N, BLOCK_K, DOT_PRECISION,
+                          UPCAST)
+            # The producer of this row block came earlier in tile order (``_shrink_first_coords``), so it
+            # runs or has run on a resident program: wait for its flag, then read u past L1.
+            while tl.atomic_add(flags_ptr + pid_m, 0, sem="acquire") == 0:
+                pass
+            lu = tl.load(lu_ptrs, mask=lu_ok, other=0.0, cache_modifier=".cg")
 
         # Epilogue: s folded into lu, rounded once to lv's dtype (the tensor cores take one dtype).
-        rm = off_m + tl.arange(0, BLOCK_M)
-        lu = tl.load(lu_ptr + rm[:, None].to(tl.int64) * stride_lum + rr[None, :] * stride_lur,
-                     mask=(rm < M)[:, None] & r_ok[None, :], other=0.0)
         lu = _cast(lu.to(tl.float32) * scale, lv_ptr.dtype.element_ty, UPCAST)
         if not HAS_MASK:
             # The rank-R update is one more MMA into the same accumulator.
@@ -110,6 +188,8 @@ def _lora_gemm_tma_kernel(
             lv = tl.load(lv_ptr + rr[:, None] * stride_lvr + rn[None, :].to(tl.int64) * stride_lvn,
                          mask=r_ok[:, None] & (rn < N)[None, :], other=0.0)
             acc = _mma(lu, lv, acc, DOT_PRECISION, UPCAST)
+            if COL_SCALE:  # DoRA: g ⊙ (a b + s lu lv), then the bias
+                acc = acc * tl.load(g_ptr + rn, mask=rn < N, other=0.0).to(tl.float32)[None, :]
             _tma_store_part(acc, lu, off_m, off_n, out_desc, out_ptr, lv_ptr, bias_ptr, M, N, R, stride_lvr, stride_lvn,
                             seed, threshold, HAS_BIAS, False, BLOCK_M, BLOCK_N, R_PAD, DOT_PRECISION, UPCAST)
         elif BLOCK_N <= 64:
@@ -157,24 +237,34 @@ _TMA_CONFIGS = [
 _SMEM_LIMIT = 220 * 1024
 
 
-def _config_fits(c, has_mask: bool, r_pad: int = 16, itemsize: int = 2) -> bool:
-    """Whether a config fits sm_90: its pipelined a and b tiles in shared memory, and its fp32
-    accumulator plus the (BLOCK_M, R_PAD) tile of u within 160 registers a thread, or the accumulator
-    within 64 with the mask, whose sub-tiled epilogue needs the rest. Compiled for sm_90 (triton 3.9,
-    bf16, R_PAD 16 and 64), every config this keeps has no spill; 128x128 w4 at R_PAD 64 (128 + 64) spills
-    8-32 B, 128x256 w4 over 1 KiB (benchmarks/results/sm90-resources-*.md)."""
+def _config_fits(c, has_mask: bool, r_pad: int = 16, itemsize: int = 2, shrink: bool = False,
+                 x_mask: bool = False) -> bool:
+    """Whether a config fits sm_90: its pipelined a and b tiles (and, with the shrink fused, A's R_PAD x
+    BLOCK_K tiles) in shared memory, and its fp32 accumulator plus the (BLOCK_M, R_PAD) tile of u within 160
+    registers a thread (u twice with the shrink fused: its accumulator and its operand), or the accumulator
+    within 64 with either mask, whose Philox draws need the rest (and, with x's mask, BLOCK_K 64 above R_PAD
+    16 and 2 stages at R_PAD 64). Compiled for sm_90 (triton 3.6 and 3.9, bf16, R_PAD 16-64), every config
+    this keeps has no spill; among those it drops, 128x128 w4 at R_PAD 64 (128 + 64) spills 8-32 B, 128x256
+    w4 over 1 KiB, x's mask at w4 144-1360 B (benchmarks/results/sm90-resources-*.md)."""
     bm, bn, bk = c.kwargs["BLOCK_M"], c.kwargs["BLOCK_N"], c.kwargs["BLOCK_K"]
-    smem = c.num_stages * (bm + bn) * bk * itemsize + bm * min(bn, 64 if has_mask else bn) * itemsize
+    smem = (c.num_stages * (bm + bn + (r_pad if shrink else 0)) * bk * itemsize
+            + bm * min(bn, 64 if has_mask else bn) * itemsize)
     threads = 32 * c.num_warps
     acc_regs = bm * bn // threads
-    regs_ok = acc_regs <= 64 if has_mask else acc_regs + bm * r_pad // threads <= 160
+    u_regs = bm * r_pad // threads * (2 if shrink else 1)
+    if x_mask:
+        regs_ok = acc_regs <= 64 and (r_pad <= 16 or bk <= 64) and (r_pad <= 32 or c.num_stages <= 2) and r_pad <= 64
+    else:
+        regs_ok = acc_regs <= 64 if has_mask else acc_regs + u_regs <= 160
     return smem <= _SMEM_LIMIT and regs_ok
 
 
 def _prune_tma_configs(configs, named_args, **kwargs):
-    has_mask = bool(kwargs.get("HAS_MASK", named_args.get("HAS_MASK", False)))
+    def arg(name, default):
+        return bool(kwargs.get(name, named_args.get(name, default)))
     r_pad = int(kwargs.get("R_PAD", named_args.get("R_PAD", 16)))
-    return [c for c in configs if _config_fits(c, has_mask, r_pad)]
+    return [c for c in configs if _config_fits(c, arg("HAS_MASK", False), r_pad, shrink=arg("SHRINK", False),
+                                               x_mask=arg("X_MASK", False))]
 
 
 # Explicit config for the interpreter and tests (small, so odd sizes cross tile edges; 3 persistent
@@ -187,9 +277,12 @@ _PINNED_TMA = {"BLOCK_M": 128, "BLOCK_N": 128, "BLOCK_K": 64, "GROUP_M": 8, "num
 
 @functools.lru_cache(maxsize=None)
 def _tuned():
-    # Keyed on M itself (the kernel has no M_KEY argument): a training run repeats one token count.
-    return triton.autotune(configs=_TMA_CONFIGS, key=["M", "N", "K", "R_PAD", "HAS_MASK", "B_NK"],
-                           prune_configs_by={"early_config_prune": _prune_tma_configs})(_lora_gemm_tma_kernel)
+    # Keyed on M itself (the kernel has no M_KEY argument): a training run repeats one token count. The
+    # flags of the fused shrink are zeroed before each timed run and before the launch that follows.
+    return triton.autotune(configs=_TMA_CONFIGS,
+                           key=["M", "N", "K", "R_PAD", "HAS_MASK", "B_NK", "SHRINK", "X_MASK", "COL_SCALE"],
+                           prune_configs_by={"early_config_prune": _prune_tma_configs},
+                           reset_to_zero=["flags_ptr"])(_lora_gemm_tma_kernel)
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -217,6 +310,12 @@ def _sm_major(index: int) -> int:
     """CUDA device ``index``'s compute capability major (0 without CUDA), looked up once: ``tma_supported``
     runs at every LoRA GEMM, and the lookup costs microseconds."""
     return torch.cuda.get_device_capability(index)[0] if torch.cuda.is_available() else 0
+
+
+def shrink_fits(rank: int) -> bool:
+    """Whether ``lora_forward_tma`` has configs for this LoRA rank: R_PAD <= 64 (beyond, u's accumulator and
+    A's tiles do not fit beside the GEMM's: compiled for sm_90, every config spills or is pruned)."""
+    return r_pad(rank) <= 64
 
 
 def _rows_ok(t: torch.Tensor) -> bool:
@@ -251,6 +350,42 @@ def lora_gemm_tma(*, a: torch.Tensor, b: torch.Tensor, lu: torch.Tensor, lv: tor
     with FASTPEFT_AUTOTUNE=0.
     Needs ``tma_supported(a.device)`` and ``tma_shapes_ok(a=a, b=b)``; a or b with other strides are copied.
     """
+    return _launch(a, b, lu, lv, bias, scale, seed, threshold, config)
+
+
+def lora_forward_tma(*, x: torch.Tensor, w_t: torch.Tensor, lora_A: torch.Tensor, lv: torch.Tensor,
+                     bias: torch.Tensor | None = None, scale: float = 1.0, drop_scale: float = 1.0, seed=0,
+                     threshold: int = 0, col_scale: torch.Tensor | None = None, config: dict | None = None) -> tuple:
+    """``(y, u)`` of the LoRA forward in one persistent TMA kernel, the shrink fused into the GEMM:
+    u = drop_scale * drop-mask(x) @ lora_A^T (M, R) fp32 and y = x @ w_t + scale * u @ lv + bias in x's dtype;
+    with ``col_scale`` g (N,) fp32, DoRA's plain forward y = g ⊙ (x @ w_t + scale * u @ lv) + bias.
+
+    x (M, K); w_t (K, N) (``W.t()``, read in place); lora_A (R, K); lv (R, N) (``B.t()``); x's mask of (m, k)
+    is ``draw(seed, m * K + k) >= threshold`` (none when threshold == 0), as ``lora.lora_shrink`` draws it.
+    The programs holding column block 0 of a row block (the producers, first in tile order) also
+    accumulate that block's u from the x tiles their K loop loads, store it and raise the block's flag;
+    the other tiles of the row block read u after the flag, so x is read once for the GEMM and the shrink.
+    The wait needs every program resident (persistent: at most one per SM); under the interpreter, which
+    runs programs one after another, one program walks all tiles. ``config`` as for ``lora_gemm_tma``.
+    """
+    if lora_A.dim() != 2 or lora_A.shape[1] != x.shape[1]:
+        raise ValueError(f"lora_forward_tma: lora_A must be (R, K={x.shape[1]}), got {tuple(lora_A.shape)}")
+    if not shrink_fits(lora_A.shape[0]):
+        raise ValueError(f"lora_forward_tma: rank {lora_A.shape[0]} is above what its configs hold (at most 64)")
+    if not _rows_ok(lora_A):
+        lora_A = lora_A.contiguous()
+    u = torch.empty((x.shape[0], lora_A.shape[0]), device=x.device, dtype=torch.float32)
+    if col_scale is not None and (col_scale.shape != (w_t.shape[1],) or col_scale.dtype != torch.float32):
+        raise ValueError(f"lora_forward_tma: col_scale must be fp32 ({w_t.shape[1]},), got {col_scale.dtype} "
+                         f"{tuple(col_scale.shape)}")
+    y = _launch(x, w_t, u, lv, bias, scale, seed, 0, config, shrink=(lora_A, drop_scale, threshold),
+                col_scale=col_scale)
+    return y, u
+
+
+def _launch(a, b, lu, lv, bias, scale, seed, threshold, config, shrink=None, col_scale=None) -> torch.Tensor:
+    """``lora_gemm_tma``, or with ``shrink = (la, shrink_scale, x_threshold)`` the fused shrink writing lu;
+    ``col_scale`` g (N,) fp32 scales the columns before the bias (not with the output mask)."""
     if not tma_supported(a.device):
         raise RuntimeError(f"lora_gemm_tma needs sm_90+ and triton with tl.make_tensor_descriptor "
                            f"(device {a.device}, triton {triton.__version__})")
@@ -272,12 +407,20 @@ def lora_gemm_tma(*, a: torch.Tensor, b: torch.Tensor, lu: torch.Tensor, lv: tor
     out = torch.empty((M, N), device=a.device, dtype=a.dtype)
     if M == 0 or N == 0:
         return out
+    if shrink is not None and K == 0:
+        lu.zero_()
+        shrink = None
     triton.set_allocator(_allocator(a.device))
-    args = (a, b_arg, lu, lv, bias if bias is not None else out, out, M, N, K, R,
+    la, shrink_scale, x_thr = shrink if shrink is not None else (out, 1.0, 0)
+    # One flag per row block of the smallest BLOCK_M of any config (32), zeroed for each launch.
+    flags = torch.zeros(triton.cdiv(M, 32) if shrink is not None else 1, device=a.device, dtype=torch.int32)
+    args = (a, b_arg, lu, lv, bias if bias is not None else out, out, la, flags,
+            col_scale if col_scale is not None else flags, M, N, K, R,
             a.stride(0), b_arg.stride(0), lu.stride(0), lu.stride(1), lv.stride(0), lv.stride(1), out.stride(0),
-            scale, seed, threshold)
+            la.stride(0), scale, shrink_scale, seed, threshold if shrink is None else x_thr)
     meta = dict(HAS_BIAS=bias is not None, HAS_MASK=threshold > 0, B_NK=b_nk, R_PAD=r_pad(R),
-                DOT_PRECISION=_dot_precision(a.dtype), UPCAST=_upcast(a.dtype))
+                DOT_PRECISION=_dot_precision(a.dtype), UPCAST=_upcast(a.dtype), SHRINK=shrink is not None,
+                X_MASK=shrink is not None and x_thr > 0, COL_SCALE=col_scale is not None)
     tiles = lambda m: triton.cdiv(M, m["BLOCK_M"]) * triton.cdiv(N, m["BLOCK_N"])  # noqa: E731
     if config is None and _use_explicit_blocks(a):  # the interpreter, and FASTPEFT_AUTOTUNE=0 (GPU tests)
         config = _TEST_CONFIG
@@ -287,6 +430,8 @@ def lora_gemm_tma(*, a: torch.Tensor, b: torch.Tensor, lu: torch.Tensor, lv: tor
     if config is not None:
         cfg = dict(config)
         cfg.setdefault("NUM_SMS", sms)
+        if shrink is not None and INTERPRET:
+            cfg["NUM_SMS"] = 1  # the interpreter runs programs in turn: a waiting one would never see its flag
         grid = (max(1, min(cfg["NUM_SMS"], tiles(cfg))),)
         _lora_gemm_tma_kernel[grid](*args, **meta, **cfg)
     else:

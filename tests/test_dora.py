@@ -157,6 +157,42 @@ def test_kernels_fp32(shape, p, mode):
         assert_close_report(a, e, 2e-5, 2e-5 * float(e.detach().abs().max()), name)
 
 
+@pytest.fixture
+def forced_fused_shrink(monkeypatch):
+    """FASTPEFT_LORA_GEMM=tma-shrink, and a list that records each launch of the fused forward."""
+    pytest.importorskip("triton")
+    from fastpeft.kernels import lora_tma as KT
+    monkeypatch.setenv("FASTPEFT_LORA_GEMM", "tma-shrink")
+    ran, real = [], KT.lora_forward_tma
+    monkeypatch.setattr(KT, "lora_forward_tma", lambda **kw: ran.append(kw["col_scale"].shape) or real(**kw))
+    return ran
+
+
+@pytest.mark.parametrize("p,mode", [MODES[0], MODES[2]])
+@pytest.mark.parametrize("shape", [(33, 80, 48, 8), (7, 48, 136, 16)], ids=["M33-K80-N48-r8", "M7-K48-N136-r16"])
+def test_kernels_fused_shrink_fp32(forced_fused_shrink, shape, p, mode):
+    """The plain forward on the TMA GEMM with the shrink fused and g in its epilogue (sm_90+; forced here):
+    output and every gradient as the fp64 oracle's; the backward is the kernels' as before."""
+    t = _case(*shape)
+    dy = torch.randn(shape[0], shape[2], dtype=torch.float64)
+    want = _run(_ref(p, mode), t, torch.float64, dy)
+    got = _run(_ours("triton", p, mode), t, torch.float32, dy)
+    assert forced_fused_shrink == [(shape[2],)]
+    for name, a, e in zip(NAMES, got, want):
+        assert_close_report(a, e, 2e-5, 2e-5 * float(e.detach().abs().max()), name)
+
+
+def test_kernels_fused_shrink_bf16_and_exact_mode(forced_fused_shrink):
+    """bf16 within 2x PyTorch's error on the fused forward; PEFT's exact dropout mode keeps its own GEMM
+    (two accumulators), which the fused forward does not have."""
+    t = _case(33, 80, 48, 8, dtype=torch.float32)
+    t[5] = t[5] * 4.0
+    _assert_bf16_error_at_most_twice_pytorchs(0.25, "lora_only", t, torch.randn(33, 48))
+    assert len(forced_fused_shrink) == 1
+    _run(_ours("triton", 0.25, "exact"), t, torch.float32, torch.randn(33, 48))
+    assert len(forced_fused_shrink) == 1
+
+
 def test_kernels_noncontiguous_x():
     t = _case(20, 80, 48, 8, dtype=torch.float32)
     t[0] = torch.randn(80, 20).t()  # (20, 80), column-major

@@ -125,3 +125,137 @@ def test_supported_and_shape_checks(monkeypatch):
         T.lora_gemm_tma(a=x[:, :44], b=w[:, :44].t(), lu=x[:, :8], lv=bb.t())
     monkeypatch.setattr(T, "INTERPRET", False)
     assert not T.tma_supported("cpu")  # outside the interpreter: CUDA sm_90+ only
+
+
+# ---- the forward with the shrink fused into the TMA GEMM (lora_forward_tma) --------------------------------
+
+
+def _fused(x, w, b, a, bb, s, p, seed, config=None):
+    thr = dropout_threshold(p) if p else 0
+    return T.lora_forward_tma(x=x, w_t=w.t(), lora_A=a, lv=bb.t(), bias=b, scale=s, drop_scale=1.0 / (1.0 - p),
+                              seed=seed, threshold=thr, config=config)
+
+
+FUSED_SHAPES = [s for s in SHAPES if T.shrink_fits(s[3])] + [(65, 40, 32, 64)]  # one column block, 3 row blocks
+
+
+@pytest.mark.parametrize("p", [0.0, 0.1], ids=["p0", "p0.1"])
+@pytest.mark.parametrize("dt", list(DTYPES))
+@pytest.mark.parametrize("m,k,n,r", FUSED_SHAPES, ids=[f"M{m}-K{k}-N{n}-r{r}" for m, k, n, r in FUSED_SHAPES])
+def test_fused_shrink_forward_matches_reference(m, k, n, r, dt, p):
+    """(y, u) from one kernel: y as the reference forward (fp32 to 1e-5; fp16 / bf16 within 2x PyTorch's own
+    error), u = drop(x) A^T in fp32 with the reference's mask, and both as the shrink kernel + TMA GEMM give
+    them (the same sums but the shrink's split)."""
+    case = f"M{m}-K{k}-N{n}-r{r}-{dt}-p{p}"
+    x, w, b, a, bb, dy = _make(m, k, n, r, DTYPES[dt])
+    y, u = _fused(x, w, b, a, bb, 0.75, p, 1234)
+    assert y.dtype == x.dtype and u.dtype == torch.float32 and u.shape == (m, r)
+    keep = dropout_mask(1234, m, k, p, device=DEV) if p else torch.ones(m, k, dtype=torch.bool, device=DEV)
+    u_exact = (x.double() * keep / (1 - p)) @ a.double().t()
+    y_exact = _reference(*(t.double() for t in (x, w, b, a, bb, dy)), 0.75, p, 1234)[0]
+    if x.dtype == torch.float32:
+        assert_close_report(y, y_exact, rtol=1e-5, atol=1e-5 * max(1.0, y_exact.abs().max().item()), what=f"{case} y")
+    else:
+        err = (y.double() - y_exact).abs().max().item()
+        torch_err = (_reference(x, w, b, a, bb, dy, 0.75, p, 1234)[0].double() - y_exact).abs().max().item()
+        assert err <= 2 * torch_err + 1e-3 * y_exact.abs().max().item(), f"{case} y: {err:.3g} vs {torch_err:.3g}"
+    # u: products of x's dtype summed in fp32
+    assert_close_report(u, u_exact, rtol=1e-5, atol=1e-5 * max(1.0, u_exact.abs().max().item()), what=f"{case} u")
+    thr = dropout_threshold(p) if p else 0
+    u2 = K.lora_shrink(a=x, b=a.t(), scale=1.0 / (1.0 - p), seed=1234, threshold=thr, mask_sp=k, mask_sq=1)
+    assert_close_report(u, u2, rtol=1e-6, atol=1e-6 * max(1.0, u2.abs().max().item()), what=f"{case} u vs shrink")
+    y2 = T.lora_gemm_tma(a=x, b=w.t(), lu=u2, lv=bb.t(), bias=b, scale=0.75)
+    if torch.equal(u, u2):
+        assert torch.equal(y, y2), f"{case}: the same u must give the same y"
+
+
+@pytest.mark.parametrize("block_n", [32, 128], ids=["BN32", "BN128"])
+def test_fused_shrink_seed_tensor_and_blocks(block_n):
+    """A seed given as a device tensor draws the same mask; other tile widths give the same u."""
+    x, w, b, a, bb, dy = _make(37, 64, 264, 8, torch.float32)
+    cfg = dict(T._TEST_CONFIG, BLOCK_N=block_n)
+    y, u = _fused(x, w, b, a, bb, 0.5, 0.3, 99, config=cfg)
+    y_t, u_t = _fused(x, w, b, a, bb, 0.5, 0.3, torch.tensor([99], device=DEV), config=cfg)
+    assert torch.equal(u, u_t) and torch.equal(y, y_t)
+    y_0, u_0 = _fused(x, w, b, a, bb, 0.5, 0.3, 99)
+    assert torch.equal(u, u_0)
+    assert_close_report(y, y_0, rtol=1e-6, atol=1e-5, what=f"BLOCK_N {block_n} vs {T._TEST_CONFIG['BLOCK_N']}")
+
+
+def test_fused_shrink_checks_and_edges():
+    x, w, b, a, bb, dy = _make(5, 48, 40, 8, torch.float32)
+    with pytest.raises(ValueError, match=r"lora_A must be \(R, K=48\), got \(8, 40\)"):
+        T.lora_forward_tma(x=x, w_t=w.t(), lora_A=a[:, :40], lv=bb.t())
+    big = torch.zeros(128, 48, device=DEV)
+    assert T.shrink_fits(64) and not T.shrink_fits(65)
+    with pytest.raises(ValueError, match="rank 128.*at most 64"):
+        T.lora_forward_tma(x=x, w_t=w.t(), lora_A=big, lv=torch.zeros(128, 40, device=DEV))
+    y, u = T.lora_forward_tma(x=x[:0], w_t=w.t(), lora_A=a, lv=bb.t())
+    assert y.shape == (0, 40) and u.shape == (0, 8)
+    for g in (torch.ones(41, device=DEV), torch.ones(40, device=DEV, dtype=torch.float64)):
+        with pytest.raises(ValueError, match=r"col_scale must be fp32 \(40,\)"):
+            T.lora_forward_tma(x=x, w_t=w.t(), lora_A=a, lv=bb.t(), col_scale=g)
+
+
+@pytest.mark.parametrize("p", [0.0, 0.2], ids=["p0", "p0.2"])
+@pytest.mark.parametrize("dt", ["fp32", "bf16"])
+def test_lora_linear_forced_tma_shrink(monkeypatch, dt, p):
+    """FASTPEFT_LORA_GEMM=tma-shrink: the forward of lora_linear on the fused shrink (u saved from it), the
+    backward on the kernels with the TMA GEMM; output and every gradient as the reference."""
+    from fastpeft.ops import lora as OL
+
+    monkeypatch.setenv("FASTPEFT_LORA_GEMM", "tma-shrink")
+    ran = []
+    real = T.lora_forward_tma
+    monkeypatch.setattr(T, "lora_forward_tma", lambda **kw: ran.append(1) or real(**kw))
+    g = torch.Generator().manual_seed(5)
+    x, w, b, a, bb = [t.to(DEV, DTYPES[dt]) for t in lora_inputs(g, 33, 48, 80, 8)]
+    dy = torch.randn(33, 80, generator=g).to(DEV, DTYPES[dt])
+    leaves = [t.detach().clone().requires_grad_() for t in (x, w, b, a, bb)]
+    y = fastpeft.lora_linear(*leaves[:3], leaves[3], leaves[4], 0.5, dropout_p=p, training=True, seed=7,
+                             backend="triton")
+    got = [y.detach(), *torch.autograd.grad(y, leaves, dy)]
+    assert ran, "the fused shrink did not run"
+    ref_leaves = [t.detach().double().requires_grad_() for t in (x, w, b, a, bb)]
+    y_ref = lora_linear_ref(*ref_leaves, 0.5, dropout_p=p, training=True, seed=7)
+    want = [y_ref.detach(), *torch.autograd.grad(y_ref, ref_leaves, dy.double())]
+    tol = 1e-5 if dt == "fp32" else 3e-2
+    for name, g_, e in zip(("y", "dx", "dw", "db", "dA", "dB"), got, want):
+        assert_close_report(g_, e, rtol=tol, atol=tol * max(1.0, e.abs().max().item()), what=f"{dt} p{p} {name}")
+    assert OL.FUSED_SHRINK_MIN_ROWS > 33  # offered here only because it is forced
+
+
+@pytest.mark.gpu
+def test_fused_shrink_producers_and_waiters_on_the_card():
+    """On a GPU with the real persistent grid (one program per SM, autotuned blocks): many row blocks, each
+    waited for by 15 column tiles, 20 launches, every one the same bits as the first and close to the
+    two-kernel composition (a missed wait would read a stale or unwritten u)."""
+    if DEV != "cuda":
+        pytest.skip("needs the card's concurrent programs")
+    x, w, b, a, bb, dy = _make(4096 + 37, 1024, 2048, 16, torch.bfloat16)
+    for p in (0.0, 0.1):
+        thr = dropout_threshold(p) if p else 0
+        u2 = K.lora_shrink(a=x, b=a.t(), scale=1.0 / (1.0 - p), seed=5, threshold=thr, mask_sp=x.shape[1], mask_sq=1)
+        y2 = T.lora_gemm_tma(a=x, b=w.t(), lu=u2, lv=bb.t(), bias=b, scale=0.5)
+        for cfg in (None, dict(T._PINNED_TMA)):
+            first = None
+            for _ in range(20):
+                y, u = _fused(x, w, b, a, bb, 0.5, p, 5, config=cfg)
+                if first is None:
+                    first = (y, u)
+                    assert_close_report(u, u2, rtol=1e-5, atol=1e-3, what=f"p{p} {cfg} u")
+                    assert_close_report(y.float(), y2.float(), rtol=2e-2, atol=2e-2, what=f"p{p} {cfg} y")
+                assert torch.equal(y, first[0]) and torch.equal(u, first[1]), f"p{p} {cfg}: launches differ"
+
+
+@pytest.mark.gpu
+def test_fused_shrink_with_doras_column_scale_on_the_card():
+    """DoRA's plain forward on the card: g ⊙ (x W^T + s u B^T) + b, autotuned, against fp32 torch."""
+    if DEV != "cuda":
+        pytest.skip("needs the card's concurrent programs")
+    x, w, b, a, bb, dy = _make(2048 + 5, 1024, 1536, 16, torch.bfloat16)
+    g = torch.rand(1536, device=DEV) + 0.5
+    y, u = T.lora_forward_tma(x=x, w_t=w.t(), lora_A=a, lv=bb.t(), bias=b, scale=0.5, col_scale=g)
+    want = (x.float() @ w.float().t() + 0.5 * u @ bb.float().t()) * g + b.float()
+    assert_close_report(u, x.float() @ a.float().t(), rtol=1e-3, atol=1e-2, what="u")
+    assert_close_report(y.float(), want, rtol=2e-2, atol=2e-2, what="y")

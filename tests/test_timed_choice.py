@@ -122,8 +122,40 @@ def test_unavailable_candidates_are_never_offered(monkeypatch):
     assert tuple(OL.gemm_candidates(a, b, lu, lv, scale=1.0)) == ("fused", "cublas")
 
 
+def test_fused_shrink_is_offered_where_it_can_run(monkeypatch):
+    """The forward offers ``"tma-shrink"`` (after the kernels, so ties and fixed modes keep them) from
+    FUSED_SHRINK_MIN_ROWS rows, where TMA runs, at ranks up to 64, with TMA rows and one dtype, not while
+    tracing; below that row count only when forced."""
+    seen = []
+    real = OL.choose_path
+    monkeypatch.setattr(OL, "choose_path", lambda key, run, device: seen.append(tuple(run)) or real(key, run, device))
+
+    def offered(m=OL.FUSED_SHRINK_MIN_ROWS, k=48, r=8, dtype=torch.float32):
+        seen.clear()
+        x, w, a, bb = torch.randn(m, k).to(dtype), torch.randn(40, k).to(dtype), torch.randn(r, k), torch.randn(40, r)
+        with torch.no_grad():
+            fastpeft.lora_linear(x, w, None, a.to(dtype), bb.to(dtype), 1.0, backend="triton")
+        return seen[0]
+    three = ("kernels", "tma-shrink", "torch")
+    assert offered() == three
+    assert offered(m=OL.FUSED_SHRINK_MIN_ROWS - 1) == ("kernels", "torch")
+    assert offered(r=65) == ("kernels", "torch")     # R_PAD 128: no config holds it
+    assert offered(k=50) == ("kernels", "torch")     # rows of 200 bytes: not TMA rows
+    assert offered(dtype=torch.bfloat16) == three
+    monkeypatch.setenv("FASTPEFT_LORA_GEMM", "tma-shrink")
+    assert offered(m=5) == three                     # forced: offered at any row count
+    monkeypatch.setenv("FASTPEFT_LORA_GEMM", "auto")
+    x, w, a = torch.randn(OL.FUSED_SHRINK_MIN_ROWS, 48), torch.randn(40, 48), torch.randn(8, 48)
+    assert OL._fused_shrink_offered(x, w, a)
+    with monkeypatch.context() as mp:
+        mp.setattr(torch.compiler, "is_compiling", lambda: True)  # a plain launcher: dynamo does not trace it
+        assert not OL._fused_shrink_offered(x, w, a)
+    monkeypatch.setattr(KT, "tma_supported", lambda device: False)
+    assert offered() == ("kernels", "torch")
+
+
 @pytest.mark.parametrize("p", [0.0, 0.1], ids=lambda p: f"p{p}")
-@pytest.mark.parametrize("gemm", ["fused", "tma", "cublas", "torch"])
+@pytest.mark.parametrize("gemm", ["fused", "tma", "cublas", "torch", "tma-shrink"])
 def test_every_forced_path_matches_the_reference(monkeypatch, gemm, p):
     monkeypatch.setenv("FASTPEFT_LORA_GEMM", gemm)
     g = torch.Generator().manual_seed(0)

@@ -14,7 +14,7 @@ import torch
 import torch.nn.functional as F
 
 from ..reference import DORA_DROPOUT_MODES, dropout_threshold, lora_dropout_ref
-from .common import returned
+from .common import _bucket, returned
 
 BACKENDS = ("reference", "triton")
 # The factored norm is trusted where ‖W_j + sB_jA‖² >= CANCEL_RATIO · (‖W_j‖² + |cross_j| + quad_j): its fp32
@@ -222,14 +222,37 @@ def _gain(magnitude, norm, x_dtype, impl) -> torch.Tensor:
     return magnitude.detach().to(dt) / norm.to(dt)
 
 
+_path_cache: dict = {}  # shape key -> "kernels" or "tma-shrink" (the plain forward on the kernels)
+
+
 def _forward(x, weight, bias, lora_A, lora_B, g, scaling, p, seed, thr, ds, exact, impl) -> tuple:
-    """``(y, u)`` of ``DoRALinearFunction``'s forward, g = m / n given (see there)."""
+    """``(y, u)`` of ``DoRALinearFunction``'s forward, g = m / n given (see there). The plain forward on the
+    kernels is the shrink and ``_dora_gemm_kernel``, or, where LoRA's forward offers it (sm_90+, from
+    ``ops.lora.FUSED_SHRINK_MIN_ROWS`` rows, ranks up to 64), the faster (timed once per shape) of that and
+    the TMA GEMM with the shrink fused and g in its epilogue (``kernels.lora_tma.lora_forward_tma``);
+    FASTPEFT_LORA_GEMM=tma-shrink forces the latter where it can run."""
     if impl == "triton":
         K, KL = _kernels()
         k = x.shape[1]
-        u = KL.shrink_op(x, lora_A.t(), ds, seed, thr, k, 1)
-        mode = K.FWD_EXACT if exact else K.FWD
-        return K.gemm_op(mode, x, weight.t(), u, lora_B.t(), g, bias, scaling, seed, thr, ds), u
+
+        def kernels():
+            u = KL.shrink_op(x, lora_A.t(), ds, seed, thr, k, 1)
+            mode = K.FWD_EXACT if exact else K.FWD
+            return K.gemm_op(mode, x, weight.t(), u, lora_B.t(), g, bias, scaling, seed, thr, ds), u
+
+        from . import lora as OL  # imports the kernels: only on the triton path
+        if exact or not OL._fused_shrink_offered(x, weight, lora_A):
+            return kernels()
+
+        def fused_shrink():
+            from ..kernels import lora_tma as KT
+            return KT.lora_forward_tma(x=x, w_t=weight.t(), lora_A=lora_A, lv=lora_B.t(), bias=bias, scale=scaling,
+                                       drop_scale=ds, seed=seed, threshold=thr, col_scale=g)
+        key = (_bucket(x.shape[0]), k, weight.shape[0], lora_A.shape[0], x.dtype, bias is not None, thr > 0)
+        mode = KL.gemm_mode()  # FASTPEFT_LORA_GEMM: "tma-shrink" forces it, "auto" times, others keep the kernels
+        mode = mode if mode in ("auto", "tma-shrink") else "kernels"
+        run = {"kernels": kernels, "tma-shrink": fused_shrink}
+        return run[KL.timed_choice(_path_cache, key, mode, x.device, run, "kernels")]()
     dt = g.dtype
     xd = lora_dropout_ref(x, p, seed) if p > 0.0 else x
     u = F.linear(xd, lora_A)

@@ -54,6 +54,12 @@ class LoRALinearFunction(torch.autograd.Function):
     timing keeps it where that beats the partials' traffic (benchmarks/roofline.py). FASTPEFT_LORA_GEMM
     forcing a GEMM forces ``"kernels"``, ``torch`` forces ``"torch"``.
 
+    On sm_90+ from ``FUSED_SHRINK_MIN_ROWS`` rows, the forward also offers ``"tma-shrink"``: u and y from one
+    TMA kernel (``kernels.lora_tma.lora_forward_tma``), the shrink's products accumulated by the tiles of
+    column block 0 from the x tiles they load anyway, so x is read once (the shrink's separate pass over x
+    is ~7 % of nn.Linear's time at M 8192, K = N 4096 on an H100 by benchmarks/roofline.py).
+    FASTPEFT_LORA_GEMM=tma-shrink forces it (and the TMA GEMM in the backward).
+
     Saved for backward: x (not a dropped copy: the mask is a pure function of the seed and is redrawn),
     u (M, r) (fp32 on the kernels, x's dtype on torch) and the parameters. v is recomputed from dY. No
     atomics anywhere on the kernels: partial sums are added in a fixed order, so the same inputs give the
@@ -116,7 +122,25 @@ def _forward(x, weight, bias, lora_A, lora_B, scaling, thr, drop_scale, seed) ->
                              threshold=thr)
 
     run = {"kernels": kernels, "torch": composed}
+    if _fused_shrink_offered(x, weight, lora_A):
+        def fused_shrink():
+            return KT.lora_forward_tma(x=x, w_t=weight.t(), lora_A=lora_A, lv=lora_B.t(), bias=bias, scale=scaling,
+                                       drop_scale=drop_scale, seed=seed, threshold=thr)
+        run = {"kernels": kernels, "tma-shrink": fused_shrink, "torch": composed}
     return run[choose_path(key, run, x.device)]()
+
+
+# Below this many rows the shrink's read of x is small beside W's, and the forward is not offered the
+# fused shrink (nor made to pay for its checks) unless FASTPEFT_LORA_GEMM=tma-shrink forces it.
+FUSED_SHRINK_MIN_ROWS = 256
+
+
+def _fused_shrink_offered(x, weight, lora_A) -> bool:
+    """Whether the forward can run ``kernels.lora_tma.lora_forward_tma`` (the shrink fused into the TMA GEMM)."""
+    if x.shape[0] < FUSED_SHRINK_MIN_ROWS and K.gemm_mode() != "tma-shrink":
+        return False
+    return (not torch.compiler.is_compiling() and KT.tma_supported(x.device) and KT.shrink_fits(lora_A.shape[0])
+            and KT.tma_shapes_ok(a=x, b=weight.t()) and lora_A.dtype == x.dtype)
 
 
 def torch_forward(x, weight, bias, lora_A, lora_B, *, scaling, drop_scale, seed, threshold) -> tuple:
@@ -161,11 +185,16 @@ _path_cache: dict = {}  # shape key -> "kernels" or "torch"
 
 
 def choose_path(key: tuple, candidates: dict, device: torch.device) -> str:
-    """``"kernels"`` or ``"torch"`` for a LoRA forward / backward of this shape key: FASTPEFT_LORA_GEMM=torch
-    forces torch, a forced GEMM (fused / tma / cublas) forces the kernels, ``auto`` times both
-    (``kernels.lora.timed_choice``); deterministic mode and torch.compile tracing keep the kernels."""
+    """The path (a name of ``candidates``: ``"kernels"``, ``"torch"``, the backward's ``"kernels-dy1"``, the
+    forward's ``"tma-shrink"``) for a LoRA forward / backward of this shape key: FASTPEFT_LORA_GEMM=torch
+    forces torch, ``tma-shrink`` the forward's fused shrink (and the kernels in the backward), a forced GEMM
+    (fused / tma / cublas) the kernels; ``auto`` times them all (``kernels.lora.timed_choice``);
+    deterministic mode and torch.compile tracing keep the kernels."""
     mode = K.gemm_mode()
-    mode = mode if mode in ("auto", "torch") else "kernels"
+    if mode == "tma-shrink":  # a forward path; the backward runs the kernels (their GEMM: TMA)
+        mode = mode if key[0] == "fwd" else "kernels"
+    elif mode not in ("auto", "torch"):
+        mode = "kernels"
     return K.timed_choice(_path_cache, key, mode, device, candidates, "kernels")
 
 

@@ -15,7 +15,7 @@ import torch.nn.functional as F
 
 from ..quant import INT8_INV_SCALE, QuantizedWeight, dequantize_weight
 from ..reference import dropout_mask, dropout_threshold
-from .common import returned
+from .common import _bucket, returned
 
 PATHS = ("auto", "fused", "dequant")
 _path_cache: dict = {}
@@ -139,7 +139,9 @@ class QLoRALinearFunction(torch.autograd.Function):
                 else:
                     w = KQ.dequantize_4bit(qw, dy.dtype)
                     a = dy
-                dx = KL.lora_gemm(a, w, v, lora_A, None, s * ds, seed, thr)
+                from . import lora as OL
+                key = ("dx", _bucket(dy.shape[0]), w.shape[0], w.shape[1], lora_A.shape[0], dy.dtype, thr > 0)
+                dx = OL.lora_gemm(a, w, v, lora_A, scale=s * ds, seed=seed, threshold=thr, key=key)  # LoRA's choice
             if need_a:
                 da = KL.lora_shrink(x.t(), v, s * ds, seed, thr, 1, x.shape[1]).t().to(lora_A.dtype)
             if need_b:
@@ -165,14 +167,16 @@ def _kernels() -> tuple:
 
 
 def _triton_forward(x, lora_A, lora_B, bias, qw, scaling: float, thr: int, ds: float, seed, path: str) -> tuple:
-    """``(y, u)`` of the triton paths (see ``QLoRALinearFunction``): the fused kernel (always for int8), or the
-    shrink, one dequantization into the workspace and the LoRA GEMM."""
+    """``(y, u)`` of the triton paths (see ``QLoRALinearFunction``): the fused kernel (always for int8), or one
+    dequantization into the workspace and bf16 LoRA's forward (``ops.lora._forward``: shrink and GEMM, each
+    timed as for LoRA)."""
     KL, KQ = _kernels()
     if path == "fused" or qw.kind == "int8":
         return KQ.qlora_fused(x, qw, lora_A, lora_B, bias, scaling, ds, seed, thr)
-    u = KL.lora_shrink(x, lora_A.t(), ds, seed, thr, x.shape[1], 1)
-    w = KQ.dequantize_4bit(qw, x.dtype)
-    return KL.lora_gemm(x, w.t(), u, lora_B.t(), bias, scaling, 0, 0), u
+    from . import lora as OL  # imports the kernels: only on the triton path
+    # W in the workspace, then bf16 LoRA's own forward: the faster (timed per shape) of the shrink + its GEMM
+    # choice, the torch composition and, on sm_90+, the shrink fused into the TMA GEMM.
+    return OL._forward(x, KQ.dequantize_4bit(qw, x.dtype), bias, lora_A, lora_B, scaling, thr, ds, seed)
 
 
 def _label(qw: QuantizedWeight) -> str:
