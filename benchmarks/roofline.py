@@ -66,6 +66,7 @@ def linear_costs(M: int, K: int, N: int, itemsize: int = 2) -> dict:
     return {"fwd": [fwd], "bwd": [dx]}
 
 
+TMA_BLOCK_M = 128  # every autotuned TMA config's BLOCK_M (kernels/lora_tma.py _TUNED_BLOCK_M; a test checks)
 FUSED_SHRINK_MIN_ROWS = 256  # fastpeft.ops.lora's: fewer rows are not offered the fused shrink (a test checks)
 SMS = 132  # streaming multiprocessors of the H100 SXM and the H200: the dY pass's split rule reads it
 
@@ -84,7 +85,7 @@ def dy_pass_layout(M: int, N: int, r: int, sms: int = SMS) -> tuple:
 
 
 def lora_costs(M: int, K: int, N: int, r: int, itemsize: int = 2, fused_dy_pass: bool = False,
-               fused_shrink: bool = False) -> dict:
+               fused_shrink: bool = False, fused_dx: bool = False) -> dict:
     """The kernels of one LoRA layer's forward and backward (frozen W, dX needed), as LoRALinearFunction
     launches them: u = drop(x) A^T and v = dY B in fp32 (4 bytes), everything else in the input dtype.
 
@@ -97,6 +98,11 @@ def lora_costs(M: int, K: int, N: int, r: int, itemsize: int = 2, fused_dy_pass:
     of column block 0 also accumulate u from the x tiles they load and publish it, the others wait for it;
     x is read once. The wait (the first wave's tiles for their producers' extra R / BLOCK_N of MMA) is not
     in the model.
+
+    ``fused_dx``: the backward's "tma-dy" path (``lora_tma.lora_backward_tma``): dX's TMA GEMM whose tiles
+    of column block 0 also accumulate v = dY B and each dY tile's dY_tile^T u into their row block's fp32
+    partial of dB (row blocks of 128: ``TMA_BLOCK_M``); dY is read once for dX, v and dB; the partials are
+    added in a fixed order ("dB partial sums"); dA as before.
     """
     e, f = itemsize, 4
     fwd = [
@@ -124,6 +130,14 @@ def lora_costs(M: int, K: int, N: int, r: int, itemsize: int = 2, fused_dy_pass:
         Cost("dX fused", "dX = dY W + s mask (v A)/(1-p)", 2.0 * M * N * K + 2.0 * M * r * K,
              (M * N + N * K + r * K) * e + M * r * f + M * K * e),
     ]
+    if fused_dx:
+        rows = -(-M // TMA_BLOCK_M)
+        dx = bwd[-1]
+        bwd = [Cost("dX + dY pass", f"dX, v = dY B, dY^T u ({rows} dB partials), dY read once",
+                    dx.flops + 4.0 * M * N * r, dx.bytes + N * r * e + M * r * f + rows * N * r * f),
+               Cost("dB partial sums", "dB = s (partials added in a fixed order)", float(rows * N * r),
+                    rows * N * r * f + N * r * e),
+               bwd[-2]]
     return {"fwd": fwd, "bwd": bwd}
 
 
@@ -167,12 +181,13 @@ def multi_costs(M: int, K: int, N: int, rank_sum: float, r_max: int, phase: str,
 def multi_summary(M: int, K: int, N: int, adapters: int, ranks: list, phase: str, card: str,
                   single_rank: int | None = None, itemsize: int = 2) -> dict:
     """Roofline µs of n adapters routed per row (base GEMM + the multi kernels) and of one adapter of rank
-    ``single_rank`` (default ranks[0], bench multi's ``single``) on the same rows (the fused GEMM, the
-    shrink), and their ratio: the best multiple of one adapter that any implementation reaches."""
+    ``single_rank`` (default ranks[0], bench multi's ``single``) on the same rows (its fastest forward, as the
+    timed choice runs it: the shrink and the fused GEMM, or from 256 rows the fused shrink), and their
+    ratio: the best multiple of one adapter that the multi kernels reach."""
     us = lambda costs: total_us(costs, card)  # noqa: E731
     rank_sum = expected_rank_sum(M, adapters, ranks, phase)
     multi = us(linear_costs(M, K, N, itemsize)["fwd"] + multi_costs(M, K, N, rank_sum, max(ranks), phase, itemsize))
-    single = us(lora_costs(M, K, N, single_rank or ranks[0], itemsize)["fwd"])
+    single = summary(M, K, N, single_rank or ranks[0], card, itemsize)["best lora fwd"]
     return {"rank sum": rank_sum, "multi": multi, "single": single, "ratio": multi / single}
 
 
@@ -294,14 +309,14 @@ def targets(card: str, itemsize: int = 2) -> list:
     un = sparse_costs(8192, 4096, 4096, 0.01, 1, itemsize)
     out.append(("12 P5", "sparse Δ 1 % unstructured, fwd+bwd / clone+scatter+dense-dW", "M8192 K4096 N4096", 1.0,
                 us(un["fwd"] + un["bwd"]) / us(sparse_baseline_costs(8192, 4096, 4096, 0.01, itemsize))))
-    # Forwards at M 8192 run the faster of the two-kernel and the fused-shrink LoRA forward (timed choice).
-    lo = lora_costs(8192, 4096, 4096, 16, itemsize)
-    lo_fwd = min(us(lo["fwd"]), us(lora_costs(8192, 4096, 4096, 16, itemsize, fused_shrink=True)["fwd"]))
-    q = qlora_costs(8192, 4096, 4096, 16, "nf4-nested", "dequant", itemsize)
-    q_fwd = min(us(q["fwd"]), us(qlora_costs(8192, 4096, 4096, 16, "nf4-nested", "dequant", itemsize, True)["fwd"]))
-    out += [("15", "QLoRA (NF4 nested) fwd / bf16 LoRA", "M8192 K4096 N4096 r16", 1.05, q_fwd / lo_fwd),
+    # At M 8192 the timed choices run bf16 LoRA's fastest forward and backward, and QLoRA's dequant path runs
+    # the same on the workspace, after a dequant pass in each direction.
+    s = summary(8192, 4096, 4096, 16, card, itemsize)
+    lo_fwd, lo_bwd = s["best lora fwd"], s["best lora bwd"]
+    deq = us(qlora_costs(8192, 4096, 4096, 16, "nf4-nested", "dequant", itemsize)["fwd"][:1])
+    out += [("15", "QLoRA (NF4 nested) fwd / bf16 LoRA", "M8192 K4096 N4096 r16", 1.05, (deq + lo_fwd) / lo_fwd),
             ("15", "QLoRA (NF4 nested) fwd+bwd / bf16 LoRA", "M8192 K4096 N4096 r16", 1.05,
-             (q_fwd + us(q["bwd"])) / (lo_fwd + us(lo["bwd"])))]
+             (2 * deq + lo_fwd + lo_bwd) / (lo_fwd + lo_bwd))]
     for m in (1, 16):
         qf = qlora_costs(m, 4096, 4096, 16, "nf4-nested", "fused", itemsize)
         out += [("15", "QLoRA decode (fused) / dequantize + GEMM (target: 2.5x faster)", f"M{m} K4096 N4096 r16",
@@ -313,7 +328,7 @@ def targets(card: str, itemsize: int = 2) -> list:
     out += [("16", "DoRA fwd / nn.Linear", "M8192 K4096 N4096 r16", 1.10, d_fwd / us(lin["fwd"])),
             ("16", "DoRA fwd+bwd / nn.Linear", "M8192 K4096 N4096 r16", 1.20, (d_fwd + us(d["bwd"])) / lin_t),
             ("16", "DoRA fwd+bwd / fastpeft LoRA", "M8192 K4096 N4096 r16", 1.08,
-             (d_fwd + us(d["bwd"])) / (lo_fwd + us(lo["bwd"])))]
+             (d_fwd + us(d["bwd"])) / (lo_fwd + lo_bwd))]
     return out
 
 
@@ -353,7 +368,11 @@ def summary(M, K, N, r, card: str, itemsize: int = 2) -> dict:
     out["best fwd ratio"] = best_fwd / out["linear fwd"]
     out["fwd+bwd ratio"] = out["lora fwd+bwd"] / out["linear fwd+bwd"]
     out["one dY pass ratio"] = out["lora fwd+bwd one dY pass"] / out["linear fwd+bwd"]
-    best_bwd = min(us(lo["bwd"]), us(one["bwd"]))
+    fdx = lora_costs(M, K, N, r, itemsize, fused_dx=True)["bwd"]
+    out["lora bwd, fused dY pass"] = us(fdx)
+    # The backward is offered the fused dY pass from FUSED_SHRINK_MIN_ROWS rows, as the forward its shrink.
+    best_bwd = min(us(lo["bwd"]), us(one["bwd"]), us(fdx) if M >= FUSED_SHRINK_MIN_ROWS else float("inf"))
+    out["best lora fwd"], out["best lora bwd"] = best_fwd, best_bwd
     out["best fwd+bwd ratio"] = (best_fwd + best_bwd) / out["linear fwd+bwd"]
     return out
 
@@ -367,7 +386,8 @@ def table(shapes, itemsize: int = 2) -> list:
     for M, K, N, r in shapes:
         lin, lo = linear_costs(M, K, N, itemsize), lora_costs(M, K, N, r, itemsize)
         rows = (lin["fwd"] + lin["bwd"] + lo["fwd"] + lora_costs(M, K, N, r, itemsize, fused_shrink=True)["fwd"]
-                + lo["bwd"] + lora_costs(M, K, N, r, itemsize, True)["bwd"][:2] + [lowrank_add_cost(M, N, r, itemsize)])
+                + lo["bwd"] + lora_costs(M, K, N, r, itemsize, True)["bwd"][:2]
+                + lora_costs(M, K, N, r, itemsize, fused_dx=True)["bwd"][:2] + [lowrank_add_cost(M, N, r, itemsize)])
         for c in rows:
             times = " | ".join(f"{c.seconds(card) * 1e6:.2f} ({c.bound(card)})" for card in cards)
             lines.append(f"| {M} | {K} | {N} | {r} | {c.name} | {c.what} | {c.flops / 1e9:.3f} | {c.bytes / 1e6:.2f} "

@@ -62,13 +62,20 @@ def _k_loop(a_desc, b_desc, off_m, off_n, k_tiles, B_NK: tl.constexpr, BLOCK_M: 
 
 
 @triton.jit
-def _k_loop_shrink(a_desc, b_desc, la_desc, off_m, off_n, rm, K, k_tiles, seed, threshold, B_NK: tl.constexpr,
-                   X_MASK: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
-                   R_PAD: tl.constexpr, DOT_PRECISION: tl.constexpr, UPCAST: tl.constexpr):
+def _k_loop_shrink(a_desc, b_desc, la_desc, off_m, off_n, rm, M, K, R, k_tiles, seed, threshold, pu_ptr, part_ptr,
+                   stride_pum, B_NK: tl.constexpr, X_MASK: tl.constexpr, DB_PART: tl.constexpr,
+                   BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, R_PAD: tl.constexpr,
+                   DOT_PRECISION: tl.constexpr, UPCAST: tl.constexpr):
     """``_k_loop`` plus u (BLOCK_M, R_PAD) fp32 = drop-mask(a) @ la^T from the same a tiles: la (R, K) through
-    its descriptor (rows past R read as zeros), a's mask of (m, k) redrawn from draw(seed, m K + k)."""
+    its descriptor (rows past R read as zeros), a's mask of (m, k) redrawn from draw(seed, m K + k).
+    DB_PART (the backward, a = dY): also a^T @ pu for each K step, pu the rows rm of the forward's u (M, R),
+    stored as rows [off_k, off_k + BLOCK_K) of this row block's (K, R) fp32 partial of dB at part_ptr."""
     acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
     u = tl.zeros((BLOCK_M, R_PAD), dtype=tl.float32)
+    rr = tl.arange(0, R_PAD)
+    if DB_PART:
+        pu = tl.load(pu_ptr + rm[:, None].to(tl.int64) * stride_pum + rr[None, :],
+                     mask=(rm < M)[:, None] & (rr < R)[None, :], other=0.0)
     for kt in range(k_tiles):
         off_k = kt * BLOCK_K
         a = a_desc.load([off_m, off_k])
@@ -78,6 +85,14 @@ def _k_loop_shrink(a_desc, b_desc, la_desc, off_m, off_n, rm, K, k_tiles, seed, 
             b = b_desc.load([off_k, off_n])
         acc = _mma(a, b, acc, DOT_PRECISION, UPCAST)
         la = _cast(tl.trans(la_desc.load([0, off_k])), a.dtype, UPCAST)
+        if DB_PART:
+            # dB's partial rows: the same dY tile, transposed, against u; u rounded to dY's dtype as the dB
+            # shrink rounds it (the tensor cores take one dtype).
+            part = _mma(tl.trans(a), _cast(pu, a.dtype, UPCAST), tl.zeros((BLOCK_K, R_PAD), dtype=tl.float32),
+                        DOT_PRECISION, UPCAST)
+            rk = off_k + tl.arange(0, BLOCK_K)
+            tl.store(part_ptr + rk[:, None].to(tl.int64) * R + rr[None, :], part,
+                     mask=(rk < K)[:, None] & (rr < R)[None, :])
         if X_MASK:
             # K is a multiple of 8 (TMA rows) and off_k of BLOCK_K: each Philox block is 4 columns of a row.
             a = tl.where(_keep_mask_tile(seed, rm, off_k, K, threshold, BLOCK_M, BLOCK_K, True), a, 0.0)
@@ -112,12 +127,13 @@ def _shrink_first_coords(tile, num_m, num_n, GROUP_M: tl.constexpr):
 def _lora_gemm_tma_kernel(
     # pointers: a (M, K) rows; b (N, K) rows when B_NK (forward: W) else (K, N) rows (dX: W); lu (M, R);
     # lv (R, N) by strides; bias (N,); out (M, N) rows; SHRINK: la (R, K) rows (A) and flags (cdiv(M, BLOCK_M),)
-    # int32 zeros; COL_SCALE: g (N,) fp32
-    a_ptr, b_ptr, lu_ptr, lv_ptr, bias_ptr, out_ptr, la_ptr, flags_ptr, g_ptr,
+    # int32 zeros; COL_SCALE: g (N,) fp32; DB_PART: pu (M, R) fp32 (the forward's u) and part (cdiv(M, BLOCK_M),
+    # K, R) fp32
+    a_ptr, b_ptr, lu_ptr, lv_ptr, bias_ptr, out_ptr, la_ptr, flags_ptr, g_ptr, pu_ptr, part_ptr,
     # sizes
     M, N, K, R,
     # strides (the inner stride of a, b, la and out is 1: TMA)
-    stride_am, stride_b, stride_lum, stride_lur, stride_lvr, stride_lvn, stride_om, stride_la,
+    stride_am, stride_b, stride_lum, stride_lur, stride_lvr, stride_lvn, stride_om, stride_la, stride_pum,
     # low-rank term: scale * mask * (lu @ lv), mask of (m, n) from draw(seed, m * N + n) >= threshold;
     # SHRINK: lu = shrink_scale * drop(a) @ la^T, a's mask of (m, k) from draw(seed, m * K + k) >= threshold
     scale, shrink_scale, seed, threshold,
@@ -125,7 +141,7 @@ def _lora_gemm_tma_kernel(
     HAS_BIAS: tl.constexpr, HAS_MASK: tl.constexpr, B_NK: tl.constexpr, BLOCK_M: tl.constexpr,
     BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr, R_PAD: tl.constexpr,
     NUM_SMS: tl.constexpr, DOT_PRECISION: tl.constexpr, UPCAST: tl.constexpr, SHRINK: tl.constexpr = False,
-    X_MASK: tl.constexpr = False, COL_SCALE: tl.constexpr = False,
+    X_MASK: tl.constexpr = False, COL_SCALE: tl.constexpr = False, DB_PART: tl.constexpr = False,
 ):
     # Not warp-specialized: compiled offline for sm_90 (triton 3.6 and 3.9, this kernel with the K loop as
     # tl.range(k_tiles, warp_specialize=True)), every 4-warp config crashes the compiler (NVGPUWarpSpecialization
@@ -165,8 +181,9 @@ def _lora_gemm_tma_kernel(
         elif pid_n == 0:
             # Producer of row block pid_m: u = shrink_scale * drop(a) @ la^T from the a tiles this K loop
             # loads anyway, stored (fp32) and published through the block's flag.
-            acc, u = _k_loop_shrink(a_desc, b_desc, la_desc, off_m, off_n, rm, K, k_tiles, seed, threshold, B_NK,
-                                    X_MASK, BLOCK_M, BLOCK_N, BLOCK_K, R_PAD, DOT_PRECISION, UPCAST)
+            acc, u = _k_loop_shrink(a_desc, b_desc, la_desc, off_m, off_n, rm, M, K, R, k_tiles, seed, threshold,
+                                    pu_ptr, part_ptr + pid_m.to(tl.int64) * K * R, stride_pum, B_NK, X_MASK,
+                                    DB_PART, BLOCK_M, BLOCK_N, BLOCK_K, R_PAD, DOT_PRECISION, UPCAST)
             lu = u * shrink_scale
             tl.store(lu_ptrs, lu, mask=lu_ok)
             tl.debug_barrier()  # every thread's part of u is written before the flag is raised
@@ -238,21 +255,26 @@ _SMEM_LIMIT = 220 * 1024
 
 
 def _config_fits(c, has_mask: bool, r_pad: int = 16, itemsize: int = 2, shrink: bool = False,
-                 x_mask: bool = False) -> bool:
+                 x_mask: bool = False, db_part: bool = False) -> bool:
     """Whether a config fits sm_90: its pipelined a and b tiles (and, with the shrink fused, A's R_PAD x
     BLOCK_K tiles) in shared memory, and its fp32 accumulator plus the (BLOCK_M, R_PAD) tile of u within 160
     registers a thread (u twice with the shrink fused: its accumulator and its operand), or the accumulator
     within 64 with either mask, whose Philox draws need the rest (and, with x's mask, BLOCK_K 64 above R_PAD
-    16 and 2 stages at R_PAD 64). Compiled for sm_90 (triton 3.6 and 3.9, bf16, R_PAD 16-64), every config
-    this keeps has no spill; among those it drops, 128x128 w4 at R_PAD 64 (128 + 64) spills 8-32 B, 128x256
-    w4 over 1 KiB, x's mask at w4 144-1360 B (benchmarks/results/sm90-resources-*.md)."""
+    16 and 2 stages at R_PAD 64). The fused dY pass (``db_part``) keeps 8 warps and BLOCK_K 64, BLOCK_N 256
+    only up to R_PAD 32 and, with the mask, BLOCK_N 128 up to R_PAD 32 (2 stages at 32). Compiled for sm_90 (triton 3.6 and
+    3.9, bf16, R_PAD 16-64), every config this keeps has no spill; among those it drops, 128x128 w4 at R_PAD
+    64 (128 + 64) spills 8-32 B, 128x256 w4 over 1 KiB, x's mask at w4 144-1360 B, the dY pass at w4 or with
+    the mask at R_PAD 64 150-1900 B (benchmarks/results/sm90-resources-*.md)."""
     bm, bn, bk = c.kwargs["BLOCK_M"], c.kwargs["BLOCK_N"], c.kwargs["BLOCK_K"]
     smem = (c.num_stages * (bm + bn + (r_pad if shrink else 0)) * bk * itemsize
             + bm * min(bn, 64 if has_mask else bn) * itemsize)
     threads = 32 * c.num_warps
     acc_regs = bm * bn // threads
     u_regs = bm * r_pad // threads * (2 if shrink else 1)
-    if x_mask:
+    if db_part:  # the producers' extra tiles (u's rows, dB's partial) beside v and the accumulator
+        regs_ok = (c.num_warps == 8 and bk == 64 and r_pad <= 64 and (bn <= 128 or r_pad <= 32)
+                   and (not has_mask or (bn <= 128 and (r_pad <= 16 or (r_pad <= 32 and c.num_stages <= 2)))))
+    elif x_mask:
         regs_ok = acc_regs <= 64 and (r_pad <= 16 or bk <= 64) and (r_pad <= 32 or c.num_stages <= 2) and r_pad <= 64
     else:
         regs_ok = acc_regs <= 64 if has_mask else acc_regs + u_regs <= 160
@@ -264,7 +286,7 @@ def _prune_tma_configs(configs, named_args, **kwargs):
         return bool(kwargs.get(name, named_args.get(name, default)))
     r_pad = int(kwargs.get("R_PAD", named_args.get("R_PAD", 16)))
     return [c for c in configs if _config_fits(c, arg("HAS_MASK", False), r_pad, shrink=arg("SHRINK", False),
-                                               x_mask=arg("X_MASK", False))]
+                                               x_mask=arg("X_MASK", False), db_part=arg("DB_PART", False))]
 
 
 # Explicit config for the interpreter and tests (small, so odd sizes cross tile edges; 3 persistent
@@ -273,6 +295,9 @@ def _prune_tma_configs(configs, named_args, **kwargs):
 _TEST_CONFIG = {"BLOCK_M": 32, "BLOCK_N": 32, "BLOCK_K": 32, "GROUP_M": 2, "NUM_SMS": 3, "num_warps": 4,
                 "num_stages": 1}
 _PINNED_TMA = {"BLOCK_M": 128, "BLOCK_N": 128, "BLOCK_K": 64, "GROUP_M": 8, "num_warps": 8, "num_stages": 3}
+# Every autotuned config's BLOCK_M (the dB partials of lora_backward_tma are cut by it before the launch).
+_TUNED_BLOCK_M = 128
+assert all(c.kwargs["BLOCK_M"] == _TUNED_BLOCK_M for c in _TMA_CONFIGS)
 
 
 @functools.lru_cache(maxsize=None)
@@ -280,7 +305,8 @@ def _tuned():
     # Keyed on M itself (the kernel has no M_KEY argument): a training run repeats one token count. The
     # flags of the fused shrink are zeroed before each timed run and before the launch that follows.
     return triton.autotune(configs=_TMA_CONFIGS,
-                           key=["M", "N", "K", "R_PAD", "HAS_MASK", "B_NK", "SHRINK", "X_MASK", "COL_SCALE"],
+                           key=["M", "N", "K", "R_PAD", "HAS_MASK", "B_NK", "SHRINK", "X_MASK", "COL_SCALE",
+                                "DB_PART"],
                            prune_configs_by={"early_config_prune": _prune_tma_configs},
                            reset_to_zero=["flags_ptr"])(_lora_gemm_tma_kernel)
 
@@ -316,6 +342,17 @@ def shrink_fits(rank: int) -> bool:
     """Whether ``lora_forward_tma`` has configs for this LoRA rank: R_PAD <= 64 (beyond, u's accumulator and
     A's tiles do not fit beside the GEMM's: compiled for sm_90, every config spills or is pruned)."""
     return r_pad(rank) <= 64
+
+
+def dy_pass_fits(rank: int, masked: bool) -> bool:
+    """Whether ``lora_backward_tma`` has configs for this rank: R_PAD <= 64, and <= 32 with dX's mask."""
+    return r_pad(rank) <= (32 if masked else 64)
+
+
+def _with_rows(t: torch.Tensor) -> torch.Tensor:
+    """t itself where TMA can address it (``_rows_ok``), else a copy with standard strides: ``contiguous()``
+    keeps a size-1 row's odd stride, which TMA refuses."""
+    return t if _rows_ok(t) else torch.empty(t.shape, device=t.device, dtype=t.dtype).copy_(t)
 
 
 def _rows_ok(t: torch.Tensor) -> bool:
@@ -372,8 +409,7 @@ def lora_forward_tma(*, x: torch.Tensor, w_t: torch.Tensor, lora_A: torch.Tensor
         raise ValueError(f"lora_forward_tma: lora_A must be (R, K={x.shape[1]}), got {tuple(lora_A.shape)}")
     if not shrink_fits(lora_A.shape[0]):
         raise ValueError(f"lora_forward_tma: rank {lora_A.shape[0]} is above what its configs hold (at most 64)")
-    if not _rows_ok(lora_A):
-        lora_A = lora_A.contiguous()
+    lora_A = _with_rows(lora_A)
     u = torch.empty((x.shape[0], lora_A.shape[0]), device=x.device, dtype=torch.float32)
     if col_scale is not None and (col_scale.shape != (w_t.shape[1],) or col_scale.dtype != torch.float32):
         raise ValueError(f"lora_forward_tma: col_scale must be fp32 ({w_t.shape[1]},), got {col_scale.dtype} "
@@ -383,9 +419,58 @@ def lora_forward_tma(*, x: torch.Tensor, w_t: torch.Tensor, lora_A: torch.Tensor
     return y, u
 
 
-def _launch(a, b, lu, lv, bias, scale, seed, threshold, config, shrink=None, col_scale=None) -> torch.Tensor:
+def lora_backward_tma(*, dy: torch.Tensor, w: torch.Tensor, lora_A: torch.Tensor, lora_B: torch.Tensor,
+                      u: torch.Tensor | None = None, scale: float = 1.0, seed=0, threshold: int = 0,
+                      config: dict | None = None) -> tuple:
+    """``(dX, v, dB_raw)`` of the LoRA backward's dY side in one persistent TMA kernel, the dY pass fused into
+    the dX GEMM: v = dY @ lora_B (M, R) fp32, dX = dY @ w + scale * mask * (v @ lora_A) in dY's dtype, and, with
+    ``u`` (the forward's (M, R)), dB_raw = dY^T @ u (N, R) fp32 (times s it is dB; None without u).
+
+    dy (M, N); w (N, K) (W, read in place); lora_A (R, K); lora_B (N, R); the mask of dX's (m, k) is
+    ``draw(seed, m * K + k) >= threshold`` (x's dropout mask; none when threshold == 0). The programs holding
+    column block 0 of a row block (first in tile order) accumulate that block's v from the dY tiles their K
+    loop loads, and with u each dY tile's dY_tile^T u_rows into the block's partial of dB (added over row
+    blocks in a fixed order afterwards: no atomics in the sum); they publish v through the block's flag and
+    the other tiles wait for it, as in ``lora_forward_tma``. dY is read once for dX, v and dB.
+    """
+    R = lora_A.shape[0]
+    if lora_B.dim() != 2 or lora_B.shape != (dy.shape[1], R):
+        raise ValueError(f"lora_backward_tma: lora_B must be (N={dy.shape[1]}, R={R}), got {tuple(lora_B.shape)}")
+    if not dy_pass_fits(R, threshold > 0):
+        raise ValueError(f"lora_backward_tma: rank {R} is above what its configs hold (at most "
+                         f"{32 if threshold > 0 else 64}{' with the mask' if threshold > 0 else ''})")
+    v = torch.empty((dy.shape[0], R), device=dy.device, dtype=torch.float32)
+    config = _config_for(dy, config)
+    db_part = None
+    if u is not None:
+        bm = config["BLOCK_M"] if config is not None else _TUNED_BLOCK_M
+        db_part = (u, torch.empty((triton.cdiv(dy.shape[0], bm), dy.shape[1], R), device=dy.device,
+                                  dtype=torch.float32))
+    # B^T as (R, N) rows: the descriptor the producers read it through (a copy of N x R elements).
+    dx = _launch(dy, w, v, lora_A, None, scale, seed, threshold, config, shrink=(_with_rows(lora_B.t()), 1.0, 0),
+                 db_part=db_part)
+    if db_part is None:
+        return dx, v, None
+    if dx.numel() == 0:  # no program ran (M or K is 0)
+        return dx, v, dy.t().float() @ u.float()
+    return dx, v, db_part[1].sum(0)  # the row blocks' partials, added in a fixed order
+
+
+def _config_for(a: torch.Tensor, config: dict | None) -> dict | None:
+    """The explicit blocks a launch runs with: ``config`` if given, ``_TEST_CONFIG`` under the interpreter and
+    with FASTPEFT_AUTOTUNE=0 (GPU tests), ``_PINNED_TMA`` in deterministic mode; None: autotuned."""
+    if config is None and _use_explicit_blocks(a):
+        config = _TEST_CONFIG
+    if config is None and is_deterministic():
+        config = _PINNED_TMA
+    return config
+
+
+def _launch(a, b, lu, lv, bias, scale, seed, threshold, config, shrink=None, col_scale=None,
+            db_part=None) -> torch.Tensor:
     """``lora_gemm_tma``, or with ``shrink = (la, shrink_scale, x_threshold)`` the fused shrink writing lu;
-    ``col_scale`` g (N,) fp32 scales the columns before the bias (not with the output mask)."""
+    ``col_scale`` g (N,) fp32 scales the columns before the bias (not with the output mask); ``db_part = (pu,
+    part)`` (with shrink) also writes part[m] = a[rows of block m]^T @ pu[rows of block m]."""
     if not tma_supported(a.device):
         raise RuntimeError(f"lora_gemm_tma needs sm_90+ and triton with tl.make_tensor_descriptor "
                            f"(device {a.device}, triton {triton.__version__})")
@@ -395,41 +480,46 @@ def _launch(a, b, lu, lv, bias, scale, seed, threshold, config, shrink=None, col
     M, K = a.shape
     N = b.shape[1]
     R = lu.shape[1]
-    if not _rows_ok(a):
-        a = a.contiguous()
+    a = _with_rows(a)
     bt = b.t()
     if bt.stride(1) == 1 and _rows_ok(bt):
         b_nk, b_arg = True, bt            # (N, K) rows: the forward's W
     elif _rows_ok(b):
         b_nk, b_arg = False, b            # (K, N) rows: dX's W
     else:
-        b_nk, b_arg = True, bt.contiguous()
+        b_nk, b_arg = True, _with_rows(bt.contiguous())
     out = torch.empty((M, N), device=a.device, dtype=a.dtype)
     if M == 0 or N == 0:
         return out
     if shrink is not None and K == 0:
         lu.zero_()
         shrink = None
+        if db_part is not None:
+            db_part[1].zero_()
     triton.set_allocator(_allocator(a.device))
     la, shrink_scale, x_thr = shrink if shrink is not None else (out, 1.0, 0)
+    # One threshold argument: x's mask (the forward's fused shrink) or the output's (dX), never both.
+    assert not (threshold > 0 and x_thr > 0), "x's mask and the output's mask are exclusive"
     # One flag per row block of the smallest BLOCK_M of any config (32), zeroed for each launch.
     flags = torch.zeros(triton.cdiv(M, 32) if shrink is not None else 1, device=a.device, dtype=torch.int32)
+    pu, part = db_part if db_part is not None and shrink is not None else (lu, flags)
     args = (a, b_arg, lu, lv, bias if bias is not None else out, out, la, flags,
-            col_scale if col_scale is not None else flags, M, N, K, R,
+            col_scale if col_scale is not None else flags, pu, part, M, N, K, R,
             a.stride(0), b_arg.stride(0), lu.stride(0), lu.stride(1), lv.stride(0), lv.stride(1), out.stride(0),
-            la.stride(0), scale, shrink_scale, seed, threshold if shrink is None else x_thr)
+            la.stride(0), pu.stride(0), scale, shrink_scale, seed, max(threshold, x_thr))
     meta = dict(HAS_BIAS=bias is not None, HAS_MASK=threshold > 0, B_NK=b_nk, R_PAD=r_pad(R),
                 DOT_PRECISION=_dot_precision(a.dtype), UPCAST=_upcast(a.dtype), SHRINK=shrink is not None,
-                X_MASK=shrink is not None and x_thr > 0, COL_SCALE=col_scale is not None)
+                X_MASK=shrink is not None and x_thr > 0, COL_SCALE=col_scale is not None,
+                DB_PART=db_part is not None and shrink is not None)
     tiles = lambda m: triton.cdiv(M, m["BLOCK_M"]) * triton.cdiv(N, m["BLOCK_N"])  # noqa: E731
-    if config is None and _use_explicit_blocks(a):  # the interpreter, and FASTPEFT_AUTOTUNE=0 (GPU tests)
-        config = _TEST_CONFIG
-    if config is None and is_deterministic():
-        config = _PINNED_TMA
+    config = _config_for(a, config)
     sms = torch.cuda.get_device_properties(a.device).multi_processor_count if a.device.type == "cuda" else 3
     if config is not None:
         cfg = dict(config)
         cfg.setdefault("NUM_SMS", sms)
+        if db_part is not None and db_part[1].shape[0] != triton.cdiv(M, cfg["BLOCK_M"]):
+            raise ValueError(f"dB partials for BLOCK_M {cfg['BLOCK_M']}: {triton.cdiv(M, cfg['BLOCK_M'])} row "
+                             f"blocks, got {db_part[1].shape[0]}")
         if shrink is not None and INTERPRET:
             cfg["NUM_SMS"] = 1  # the interpreter runs programs in turn: a waiting one would never see its flag
         grid = (max(1, min(cfg["NUM_SMS"], tiles(cfg))),)

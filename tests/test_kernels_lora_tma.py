@@ -197,6 +197,65 @@ def test_fused_shrink_checks_and_edges():
             T.lora_forward_tma(x=x, w_t=w.t(), lora_A=a, lv=bb.t(), col_scale=g)
 
 
+# ---- the backward with the dY pass fused into dX's TMA GEMM (lora_backward_tma) ----------------------------
+
+
+@pytest.mark.parametrize("p", [0.0, 0.1], ids=["p0", "p0.1"])
+@pytest.mark.parametrize("dt", list(DTYPES))
+@pytest.mark.parametrize("m,k,n,r", FUSED_SHAPES, ids=[f"M{m}-K{k}-N{n}-r{r}" for m, k, n, r in FUSED_SHAPES])
+def test_fused_dy_pass_matches_reference(m, k, n, r, dt, p):
+    """(dX, v, dY^T u) from one kernel: dX as the reference backward's (fp32 to 1e-5; fp16 / bf16 within 2x
+    PyTorch's own error), v = dY B and dY^T u in fp32 as the fp64 products (u rounded to dY's dtype, as the
+    dB shrink rounds it), and v, dY^T u as the shrink kernels give them."""
+    case = f"M{m}-K{k}-N{n}-r{r}-{dt}-p{p}"
+    x, w, b, a, bb, dy = _make(m, k, n, r, DTYPES[dt])
+    if not T.dy_pass_fits(r, p > 0):  # rank 64 with the mask: no config holds it (refused, named)
+        with pytest.raises(ValueError, match=f"rank {r} is above what its configs hold \\(at most 32 with the mask"):
+            T.lora_backward_tma(dy=dy, w=w, lora_A=a, lora_B=bb, threshold=dropout_threshold(p))
+        return
+    g = torch.Generator().manual_seed(3)
+    u = torch.randn(m, r, generator=g).to(DEV)
+    thr = dropout_threshold(p) if p else 0
+    dx, v, dbu = T.lora_backward_tma(dy=dy, w=w, lora_A=a, lora_B=bb, u=u, scale=0.75 / (1 - p), seed=1234,
+                                     threshold=thr)
+    assert dx.dtype == dy.dtype and v.dtype == dbu.dtype == torch.float32
+    assert v.shape == (m, r) and dbu.shape == (n, r) and dx.shape == (m, k)
+    v_exact = dy.double() @ bb.double()
+    db_exact = dy.double().t() @ u.to(dy.dtype).double()
+    for name, got, want in (("v", v, v_exact), ("dY^T u", dbu, db_exact)):
+        assert_close_report(got, want, rtol=1e-5, atol=1e-5 * max(1.0, want.abs().max().item()), what=f"{case} {name}")
+    assert_close_report(v, K.lora_shrink(a=dy, b=bb), rtol=1e-6, atol=1e-6 * max(1.0, v_exact.abs().max().item()),
+                        what=f"{case} v vs shrink")
+    dx_exact = _reference(*(t.double() for t in (x, w, b, a, bb, dy)), 0.75, p, 1234)[1]
+    if dy.dtype == torch.float32:
+        assert_close_report(dx, dx_exact, rtol=1e-5, atol=1e-5 * max(1.0, dx_exact.abs().max().item()),
+                            what=f"{case} dx")
+    else:
+        err = (dx.double() - dx_exact).abs().max().item()
+        torch_err = (_reference(x, w, b, a, bb, dy, 0.75, p, 1234)[1].double() - dx_exact).abs().max().item()
+        assert err <= 2 * torch_err + 1e-3 * dx_exact.abs().max().item(), f"{case} dx: {err:.3g} vs {torch_err:.3g}"
+    dx2, v2, none = T.lora_backward_tma(dy=dy, w=w, lora_A=a, lora_B=bb, scale=0.75 / (1 - p), seed=1234,
+                                        threshold=thr)
+    assert none is None and torch.equal(dx2, dx) and torch.equal(v2, v)  # without u: no partials, the same dX
+
+
+def test_fused_dy_pass_checks_and_edges():
+    x, w, b, a, bb, dy = _make(5, 48, 40, 8, torch.float32)
+    u = torch.randn(5, 8, device=DEV)
+    with pytest.raises(ValueError, match=r"lora_B must be \(N=40, R=8\), got \(40, 4\)"):
+        T.lora_backward_tma(dy=dy, w=w, lora_A=a, lora_B=bb[:, :4])
+    with pytest.raises(ValueError, match="rank 80 is above"):
+        T.lora_backward_tma(dy=dy, w=w, lora_A=torch.zeros(80, 48, device=DEV), lora_B=torch.zeros(40, 80, device=DEV))
+    dx, v, dbu = T.lora_backward_tma(dy=dy[:0], w=w, lora_A=a, lora_B=bb, u=u[:0])
+    assert dx.shape == (0, 48) and v.shape == (0, 8) and torch.equal(dbu, torch.zeros(40, 8, device=DEV))
+    # a rank-1 B^T of odd strides (size-1 rows): copied to TMA rows, same result as a plain one
+    b1 = torch.randn(1, 40, device=DEV).t()
+    got = T.lora_backward_tma(dy=dy, w=w, lora_A=a[:1], lora_B=b1, u=u[:, :1])
+    want = T.lora_backward_tma(dy=dy, w=w, lora_A=a[:1], lora_B=b1.contiguous().clone(), u=u[:, :1].clone())
+    for g_, w_ in zip(got, want):
+        assert torch.equal(g_, w_)
+
+
 @pytest.mark.parametrize("p", [0.0, 0.2], ids=["p0", "p0.2"])
 @pytest.mark.parametrize("dt", ["fp32", "bf16"])
 def test_lora_linear_forced_tma_shrink(monkeypatch, dt, p):
@@ -206,8 +265,9 @@ def test_lora_linear_forced_tma_shrink(monkeypatch, dt, p):
 
     monkeypatch.setenv("FASTPEFT_LORA_GEMM", "tma-shrink")
     ran = []
-    real = T.lora_forward_tma
-    monkeypatch.setattr(T, "lora_forward_tma", lambda **kw: ran.append(1) or real(**kw))
+    real, real_bwd = T.lora_forward_tma, T.lora_backward_tma
+    monkeypatch.setattr(T, "lora_forward_tma", lambda **kw: ran.append("fwd") or real(**kw))
+    monkeypatch.setattr(T, "lora_backward_tma", lambda **kw: ran.append("bwd") or real_bwd(**kw))
     g = torch.Generator().manual_seed(5)
     x, w, b, a, bb = [t.to(DEV, DTYPES[dt]) for t in lora_inputs(g, 33, 48, 80, 8)]
     dy = torch.randn(33, 80, generator=g).to(DEV, DTYPES[dt])
@@ -215,7 +275,7 @@ def test_lora_linear_forced_tma_shrink(monkeypatch, dt, p):
     y = fastpeft.lora_linear(*leaves[:3], leaves[3], leaves[4], 0.5, dropout_p=p, training=True, seed=7,
                              backend="triton")
     got = [y.detach(), *torch.autograd.grad(y, leaves, dy)]
-    assert ran, "the fused shrink did not run"
+    assert ran == ["fwd", "bwd"], f"the fused paths ran: {ran}"
     ref_leaves = [t.detach().double().requires_grad_() for t in (x, w, b, a, bb)]
     y_ref = lora_linear_ref(*ref_leaves, 0.5, dropout_p=p, training=True, seed=7)
     want = [y_ref.detach(), *torch.autograd.grad(y_ref, ref_leaves, dy.double())]
@@ -259,3 +319,29 @@ def test_fused_shrink_with_doras_column_scale_on_the_card():
     want = (x.float() @ w.float().t() + 0.5 * u @ bb.float().t()) * g + b.float()
     assert_close_report(u, x.float() @ a.float().t(), rtol=1e-3, atol=1e-2, what="u")
     assert_close_report(y.float(), want, rtol=2e-2, atol=2e-2, what="y")
+
+
+@pytest.mark.gpu
+def test_fused_dy_pass_on_the_card():
+    """The fused backward on the card (autotuned, the pinned config), 20 launches with the same bits, close
+    to the shrinks + TMA GEMM composition: a missed wait would read a stale or unwritten v."""
+    if DEV != "cuda":
+        pytest.skip("needs the card's concurrent programs")
+    x, w, b, a, bb, dy = _make(4096 + 37, 2048, 1024, 16, torch.bfloat16)
+    u = torch.randn(dy.shape[0], 16, device=DEV)
+    for p in (0.0, 0.1):
+        thr = dropout_threshold(p) if p else 0
+        v2 = K.lora_shrink(a=dy, b=bb)
+        dx2 = T.lora_gemm_tma(a=dy, b=w, lu=v2, lv=a, scale=0.5, seed=5, threshold=thr)
+        db2 = K.lora_shrink(a=dy.t(), b=u)
+        for cfg in (None, dict(T._PINNED_TMA)):
+            first = None
+            for _ in range(20):
+                out = T.lora_backward_tma(dy=dy, w=w, lora_A=a, lora_B=bb, u=u, scale=0.5, seed=5, threshold=thr,
+                                          config=cfg)
+                if first is None:
+                    first = out
+                    assert_close_report(out[1], v2, rtol=1e-5, atol=1e-3, what=f"p{p} {cfg} v")
+                    assert_close_report(out[2], db2, rtol=1e-4, atol=1e-2, what=f"p{p} {cfg} dB")
+                    assert_close_report(out[0].float(), dx2.float(), rtol=2e-2, atol=2e-2, what=f"p{p} {cfg} dX")
+                assert all(torch.equal(o, f) for o, f in zip(out, first)), f"p{p} {cfg}: launches differ"

@@ -248,15 +248,17 @@ def test_qlora_op_matches_fp64_oracle(kind, nested, dt, path, M, p, backend):
 @pytest.mark.parametrize("p", [0.0, 0.1], ids=["p0", "p0.1"])
 @pytest.mark.parametrize("gemm", ["tma-shrink", "cublas", "torch"])
 def test_dequant_path_runs_loras_forward_choices(monkeypatch, gemm, p):
-    """The dequant path is bf16 LoRA's forward on the workspace: each of LoRA's choices forced
-    (FASTPEFT_LORA_GEMM) gives the oracle's output and gradients; ``tma-shrink`` fuses the shrink there."""
+    """The dequant path is bf16 LoRA's forward and backward on the workspace: each of LoRA's choices forced
+    (FASTPEFT_LORA_GEMM) gives the oracle's output and gradients; ``tma-shrink`` fuses the shrink and the
+    backward's dY pass there."""
     pytest.importorskip("triton")
     from fastpeft.kernels import lora_tma as KT
     monkeypatch.setenv("FASTPEFT_LORA_GEMM", gemm)
-    ran, real = [], KT.lora_forward_tma
-    monkeypatch.setattr(KT, "lora_forward_tma", lambda **kw: ran.append(1) or real(**kw))
+    ran, real, real_bwd = [], KT.lora_forward_tma, KT.lora_backward_tma
+    monkeypatch.setattr(KT, "lora_forward_tma", lambda **kw: ran.append("fwd") or real(**kw))
+    monkeypatch.setattr(KT, "lora_backward_tma", lambda **kw: ran.append("bwd") or real_bwd(**kw))
     _check_op_against_oracle("nf4", True, "bf16", "dequant", 33, p, "triton")
-    assert bool(ran) == (gemm == "tma-shrink")
+    assert ran == (["fwd", "bwd"] if gemm == "tma-shrink" else [])
 
 
 GPU_OP_CASES = [(kind, nested, path, M, p) for kind, nested in (("nf4", True), ("fp4", False), ("int8", False))

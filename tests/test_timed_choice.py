@@ -150,8 +150,52 @@ def test_fused_shrink_is_offered_where_it_can_run(monkeypatch):
     with monkeypatch.context() as mp:
         mp.setattr(torch.compiler, "is_compiling", lambda: True)  # a plain launcher: dynamo does not trace it
         assert not OL._fused_shrink_offered(x, w, a)
+    # the backward's fused dY pass: the same rules, on dY (M, N) @ W (N, K)
+    dy, bb = torch.randn(OL.FUSED_SHRINK_MIN_ROWS, 40), torch.randn(40, 8)
+    assert OL._fused_dy_offered(dy, w, bb, False) and OL._fused_dy_offered(dy, w, bb, True)
+    assert not OL._fused_dy_offered(dy[:-1], w, bb, False)
+    assert not OL._fused_dy_offered(dy, w, torch.randn(40, 65), False)
+    assert OL._fused_dy_offered(dy, w, torch.randn(40, 64), False)
+    assert not OL._fused_dy_offered(dy, w, torch.randn(40, 64), True)  # the mask: ranks up to 32
+    assert not OL._fused_dy_offered(torch.randn(OL.FUSED_SHRINK_MIN_ROWS, 42), torch.randn(42, 48), bb[:42], False)
+    assert not OL._fused_dy_offered(dy, w, bb.to(torch.bfloat16), False)
     monkeypatch.setattr(KT, "tma_supported", lambda device: False)
     assert offered() == ("kernels", "torch")
+    assert not OL._fused_dy_offered(dy, w, bb, False)
+
+
+@pytest.mark.parametrize("rank", [1, 16, 17, 32, 33, 64, 65, 128])
+def test_every_offered_fused_path_keeps_a_config(rank):
+    """Where the fused forward / backward is offered, the autotune prune leaves at least one config (an empty
+    list would fail the launch); where it is not, none or only spilling ones would be left."""
+    from fastpeft.kernels._common import r_pad
+    rp = r_pad(rank)
+    for x_mask in (False, True):
+        kept = KT._prune_tma_configs(KT._TMA_CONFIGS, {}, R_PAD=rp, SHRINK=True, X_MASK=x_mask, B_NK=True)
+        assert bool(kept) >= KT.shrink_fits(rank), (rank, x_mask)
+    for masked in (False, True):
+        kept = KT._prune_tma_configs(KT._TMA_CONFIGS, {}, R_PAD=rp, SHRINK=True, DB_PART=True, HAS_MASK=masked)
+        assert bool(kept) == KT.dy_pass_fits(rank, masked), (rank, masked)
+
+
+def test_backward_offers_the_fused_dy_pass_where_dx_is_needed(monkeypatch):
+    """``"tma-dy"`` joins the backward's candidates when dX is needed; forced, it runs where offered and the
+    kernels run where it is not (no dX)."""
+    seen = []
+    real = OL.choose_path
+    monkeypatch.setattr(OL, "choose_path", lambda key, run, device: seen.append((key[0], tuple(run)))
+                        or real(key, run, device))
+    m = OL.FUSED_SHRINK_MIN_ROWS
+    w, a, bb = torch.randn(40, 48), torch.randn(8, 48, requires_grad=True), torch.randn(40, 8, requires_grad=True)
+    for x_grad in (True, False):
+        seen.clear()
+        x = torch.randn(m, 48, requires_grad=x_grad)
+        fastpeft.lora_linear(x, w, None, a, bb, 1.0, backend="triton").sum().backward()
+        bwd = [names for kind, names in seen if kind == "bwd"][0]
+        assert ("tma-dy" in bwd) == x_grad, bwd
+    monkeypatch.setenv("FASTPEFT_LORA_GEMM", "tma-shrink")
+    assert OL.choose_path(("bwd",), {"kernels": 1, "tma-dy": 2}, CUDA) == "tma-dy"
+    assert OL.choose_path(("bwd",), {"kernels": 1, "torch": 2}, CUDA) == "kernels"
 
 
 @pytest.mark.parametrize("p", [0.0, 0.1], ids=lambda p: f"p{p}")

@@ -58,7 +58,11 @@ class LoRALinearFunction(torch.autograd.Function):
     TMA kernel (``kernels.lora_tma.lora_forward_tma``), the shrink's products accumulated by the tiles of
     column block 0 from the x tiles they load anyway, so x is read once (the shrink's separate pass over x
     is ~7 % of nn.Linear's time at M 8192, K = N 4096 on an H100 by benchmarks/roofline.py).
-    FASTPEFT_LORA_GEMM=tma-shrink forces it (and the TMA GEMM in the backward).
+    The backward likewise offers ``"tma-dy"`` where dX is needed: dX, v = dY B and dB's per-row-block
+    partials from one TMA kernel (``kernels.lora_tma.lora_backward_tma``: the tiles of dX's column block 0
+    also accumulate v and dY_tile^T u from the dY tiles they load and publish v; the partials are added in
+    a fixed order), then dA from x. dY is read once. FASTPEFT_LORA_GEMM=tma-shrink forces both (the
+    backward's kernels with the TMA GEMM where dX is not needed).
 
     Saved for backward: x (not a dropped copy: the mask is a pure function of the seed and is redrawn),
     u (M, r) (fp32 on the kernels, x's dtype on torch) and the parameters. v is recomputed from dY. No
@@ -79,31 +83,48 @@ class LoRALinearFunction(torch.autograd.Function):
     def backward(ctx, dy):
         x, u, weight, lora_A, lora_B = ctx.saved_tensors
         need_x, need_w, need_b, need_a, need_bb = ctx.needs_input_grad[:5]
-        s, seed, thr, ds = ctx.scaling, ctx.seed, ctx.thr, ctx.drop_scale
-        m, k = x.shape
-        key = ("bwd", _bucket(m), k, weight.shape[0], lora_A.shape[0], x.dtype, thr > 0,
-               need_x, need_a, need_bb)
-
-        def kernels(one_dy_pass=False):
-            dx = None
-            v, da, dbb = lora_factor_grads(dy, x, u, lora_A, lora_B, scaling=s, drop_scale=ds, seed=seed,
-                                           threshold=thr, need_v=need_x, need_a=need_a, need_b=need_bb,
-                                           one_dy_pass=one_dy_pass)
-            if need_x:
-                gkey = ("dx", _bucket(m), weight.shape[0], k, lora_A.shape[0], x.dtype, thr > 0)
-                dx = lora_gemm(dy, weight, v, lora_A, scale=s * ds, seed=seed, threshold=thr, key=gkey)
-            return dx, da, dbb
-
-        def composed():
-            return torch_backward(dy, x, u, weight, lora_A, lora_B, scaling=s, drop_scale=ds, seed=seed, threshold=thr,
-                                  need_x=need_x, need_a=need_a, need_b=need_bb)
-
-        run = {"kernels": kernels, "torch": composed}
-        if (need_x or need_a) and need_bb:  # v and dB both needed: one pass over dY gives both
-            run = {"kernels": kernels, "kernels-dy1": functools.partial(kernels, True), "torch": composed}
-        dx, da, dbb = run[choose_path(key, run, dy.device)]()
+        dx, da, dbb = _backward(dy, x, u, weight, lora_A, lora_B, ctx.scaling, ctx.seed, ctx.thr, ctx.drop_scale,
+                                need_x, need_a, need_bb)
         dw, db = base_grads(dy, x, weight, need_w, need_b and ctx.has_bias)
         return dx, dw, db, da, dbb, None, None, None
+
+
+def _backward(dy, x, u, weight, lora_A, lora_B, s, seed, thr, ds, need_x, need_a, need_bb) -> tuple:
+    """``(dX, dA, dB)`` of ``LoRALinearFunction``'s backward (each None when not needed) on the fastest of its
+    compositions for this shape (see there); ``weight`` (N, K) is read for dX only (None without it: QLoRA
+    dequantizes it only then)."""
+    m, k = x.shape
+    n = lora_B.shape[0]
+    key = ("bwd", _bucket(m), k, n, lora_A.shape[0], x.dtype, thr > 0, need_x, need_a, need_bb)
+
+    def kernels(one_dy_pass=False):
+        dx = None
+        v, da, dbb = lora_factor_grads(dy, x, u, lora_A, lora_B, scaling=s, drop_scale=ds, seed=seed,
+                                       threshold=thr, need_v=need_x, need_a=need_a, need_b=need_bb,
+                                       one_dy_pass=one_dy_pass)
+        if need_x:
+            gkey = ("dx", _bucket(m), n, k, lora_A.shape[0], x.dtype, thr > 0)
+            dx = lora_gemm(dy, weight, v, lora_A, scale=s * ds, seed=seed, threshold=thr, key=gkey)
+        return dx, da, dbb
+
+    def composed():
+        return torch_backward(dy, x, u, weight, lora_A, lora_B, scaling=s, drop_scale=ds, seed=seed, threshold=thr,
+                              need_x=need_x, need_a=need_a, need_b=need_bb)
+
+    def tma_dy():
+        # dX, v and dB's partials from one TMA kernel over dY; dA from x as on the kernels.
+        dx, v, db = KT.lora_backward_tma(dy=dy, w=weight, lora_A=lora_A, lora_B=lora_B,
+                                         u=u if need_bb else None, scale=s * ds, seed=seed, threshold=thr)
+        da = K.shrink_op(x.t(), v, scale=s * ds, seed=seed, threshold=thr, mask_sp=1,
+                         mask_sq=k).t().to(lora_A.dtype) if need_a else None
+        return dx, da, db.mul_(s).to(lora_B.dtype) if need_bb else None
+
+    run = {"kernels": kernels, "torch": composed}
+    if (need_x or need_a) and need_bb:  # v and dB both needed: one pass over dY gives both
+        run = {"kernels": kernels, "kernels-dy1": functools.partial(kernels, True), "torch": composed}
+    if need_x and _fused_dy_offered(dy, weight, lora_B, thr > 0):
+        run["tma-dy"] = tma_dy
+    return run[choose_path(key, run, dy.device)]()
 
 
 def _forward(x, weight, bias, lora_A, lora_B, scaling, thr, drop_scale, seed) -> tuple:
@@ -141,6 +162,17 @@ def _fused_shrink_offered(x, weight, lora_A) -> bool:
         return False
     return (not torch.compiler.is_compiling() and KT.tma_supported(x.device) and KT.shrink_fits(lora_A.shape[0])
             and KT.tma_shapes_ok(a=x, b=weight.t()) and lora_A.dtype == x.dtype)
+
+
+def _fused_dy_offered(dy, weight, lora_B, masked: bool) -> bool:
+    """Whether the backward can run ``kernels.lora_tma.lora_backward_tma`` (the dY pass fused into dX's TMA
+    GEMM): as ``_fused_shrink_offered``, with dY (M, N) @ W (N, K) as the GEMM (``masked``: dX has dropout's
+    mask, which leaves configs up to rank 32)."""
+    if dy.shape[0] < FUSED_SHRINK_MIN_ROWS and K.gemm_mode() != "tma-shrink":
+        return False
+    return (not torch.compiler.is_compiling() and KT.tma_supported(dy.device)
+            and KT.dy_pass_fits(lora_B.shape[1], masked)
+            and KT.tma_shapes_ok(a=dy, b=weight) and lora_B.dtype == dy.dtype)
 
 
 def torch_forward(x, weight, bias, lora_A, lora_B, *, scaling, drop_scale, seed, threshold) -> tuple:
@@ -185,14 +217,15 @@ _path_cache: dict = {}  # shape key -> "kernels" or "torch"
 
 
 def choose_path(key: tuple, candidates: dict, device: torch.device) -> str:
-    """The path (a name of ``candidates``: ``"kernels"``, ``"torch"``, the backward's ``"kernels-dy1"``, the
-    forward's ``"tma-shrink"``) for a LoRA forward / backward of this shape key: FASTPEFT_LORA_GEMM=torch
-    forces torch, ``tma-shrink`` the forward's fused shrink (and the kernels in the backward), a forced GEMM
+    """The path (a name of ``candidates``: ``"kernels"``, ``"torch"``, the backward's ``"kernels-dy1"`` and
+    ``"tma-dy"``, the forward's ``"tma-shrink"``) for a LoRA forward / backward of this shape key:
+    FASTPEFT_LORA_GEMM=torch forces torch, ``tma-shrink`` the fused TMA paths (the backward's kernels where it
+    has no ``"tma-dy"``), a forced GEMM
     (fused / tma / cublas) the kernels; ``auto`` times them all (``kernels.lora.timed_choice``);
     deterministic mode and torch.compile tracing keep the kernels."""
     mode = K.gemm_mode()
-    if mode == "tma-shrink":  # a forward path; the backward runs the kernels (their GEMM: TMA)
-        mode = mode if key[0] == "fwd" else "kernels"
+    if mode == "tma-shrink":  # the fused TMA path of each direction; a backward without dX: the kernels (TMA)
+        mode = "tma-shrink" if key[0] == "fwd" else ("tma-dy" if "tma-dy" in candidates else "kernels")
     elif mode not in ("auto", "torch"):
         mode = "kernels"
     return K.timed_choice(_path_cache, key, mode, device, candidates, "kernels")

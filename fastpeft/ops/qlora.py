@@ -82,8 +82,10 @@ class QLoRALinearFunction(torch.autograd.Function):
     quantized weight is kept by reference (bnb's packed tensors, no copy). No gradient for W: it is frozen.
     ``path``: ``"reference"`` (PyTorch, ``_reference_forward``: W from ``_reference_weight``, a temporary, + the
     matmuls, PEFT + bnb's CPU operations in their order), ``"fused"`` (one kernel, W dequantized in its K loop)
-    or ``"dequant"`` (one dequant pass into the workspace + the LoRA GEMM); backward on the triton paths always
-    dequantizes into the workspace and runs the LoRA GEMM of ``kernels.lora``.
+    or ``"dequant"`` (one dequant pass into the workspace + bf16 LoRA's timed forward, ``ops.lora._forward``).
+    Backward on the triton paths: 4-bit dequantizes into the workspace (only for dX) and runs bf16 LoRA's
+    timed backward (``ops.lora._backward``: the kernels, one dY pass, the torch composition, and on sm_90+
+    the dY pass fused into dX's TMA GEMM); int8 scales dY's columns and runs LoRA's GEMM choice for dX.
     """
 
     @staticmethod
@@ -129,16 +131,18 @@ class QLoRALinearFunction(torch.autograd.Function):
                 da = (v.t() @ xd).to(lora_A.dtype)
             if need_b:
                 dbb = (dys.t() @ u).to(lora_B.dtype)
+        elif qw.kind != "int8":
+            # bf16 LoRA's backward on the dequantized W (dequantized only for dX): its timed compositions.
+            from . import lora as OL
+            KL, KQ = _kernels()
+            w = KQ.dequantize_4bit(qw, dy.dtype) if need_x else None
+            dx, da, dbb = OL._backward(dy, x, u, w, lora_A, lora_B, s, seed, thr, ds, need_x, need_a, need_b)
         else:
             KL, KQ = _kernels()
             v = KL.lora_shrink(dy, lora_B, 1.0, 0, 0, 0, 0) if (need_x or need_a) else None
-            if need_x:
-                if qw.kind == "int8":
-                    w = KQ.int8_weight(qw, dy.dtype)
-                    a = (dy.float() * (qw.scales.float() * INT8_INV_SCALE)).to(dy.dtype)
-                else:
-                    w = KQ.dequantize_4bit(qw, dy.dtype)
-                    a = dy
+            if need_x:  # W8A16: dY's columns take the row scales, then the exact int8 -> dtype weight
+                w = KQ.int8_weight(qw, dy.dtype)
+                a = (dy.float() * (qw.scales.float() * INT8_INV_SCALE)).to(dy.dtype)
                 from . import lora as OL
                 key = ("dx", _bucket(dy.shape[0]), w.shape[0], w.shape[1], lora_A.shape[0], dy.dtype, thr > 0)
                 dx = OL.lora_gemm(a, w, v, lora_A, scale=s * ds, seed=seed, threshold=thr, key=key)  # LoRA's choice
