@@ -3,8 +3,8 @@ eager and under CUDA graphs.
 
 1. Steps: each kernel launch of LoRALinearFunction (shrink, fused GEMM, dY B, dB, dA, dX; the dY pass
    giving dY B and dB from one read of dY, the backward's "kernels-dy1") and its cuBLAS alternatives, plus
-   nn.Linear's own GEMMs and the TMA GEMM (kernels/lora_tma.py) where the card has TMA, alone and with the
-   shrink fused (the forward's "tma-shrink" path).
+   nn.Linear's own GEMMs and the TMA GEMM (kernels/lora_tma.py) where the card has TMA, alone, with the
+   shrink fused (the forward's "tma-shrink" path) and with the dY pass fused (the backward's "tma-dy").
    For each: the kernels ``torch.profiler`` sees on the device (names, µs per call), the
    ``triton.testing.do_bench`` median, the bytes / flops of ``benchmarks/roofline.py``, the achieved TB/s
    and TFLOP/s and the % of the card's peak of the resource that bounds it.
@@ -149,6 +149,12 @@ def steps(M, K, N, r, p, dtype, device):
             out[f"TMA GEMM fwd + fused shrink, u and y in one kernel (p={p})"] = (
                 lambda: T.lora_forward_tma(x=x, w_t=w.t(), lora_A=a, lv=b.t(), bias=bias, scale=s, drop_scale=ds,
                                            seed=seed, threshold=thr), fused)
+        if T.dy_pass_fits(r, thr > 0):
+            fdx = RF.lora_costs(M, K, N, r, fused_dx=True)["bwd"]
+            both = RF.Cost("dX + dY pass", fdx[0].what, fdx[0].flops + fdx[1].flops, fdx[0].bytes + fdx[1].bytes)
+            out[f"TMA dX + dY pass, dX / v / dB in one kernel (p={p})"] = (
+                lambda: T.lora_backward_tma(dy=dy, w=w, lora_A=a, lora_B=b, u=u, scale=s * ds, seed=seed,
+                                            threshold=thr), both)
         z = u[:, :0]
         out["TMA GEMM, rank 0 (vs linear fwd: the >= 0.95x gate)"] = (
             lambda: T.lora_gemm_tma(a=x, b=w.t(), lu=z, lv=b.t()[:0], scale=s), costs["linear fwd"])

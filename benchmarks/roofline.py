@@ -262,12 +262,16 @@ def dequant_gemm_costs(M: int, K: int, N: int, kind: str, itemsize: int = 2) -> 
         + linear_costs(M, K, N, itemsize)["fwd"]
 
 
-def dora_costs(M: int, K: int, N: int, r: int, itemsize: int = 2, fused_shrink: bool = False) -> dict:
+def dora_costs(M: int, K: int, N: int, r: int, itemsize: int = 2, fused_shrink: bool = False,
+               fused_dx: bool = False) -> dict:
     """DoRA in training (dropout 0, the plain mode), as DoRALinearFunction launches it. Forward: the norm
     ‖W_j + s B_j A‖ from the cached ‖W_j‖², W A^T (one read of W: A and B change every step) and A A^T;
     the shrink; the LoRA GEMM with g = m / n and b in its epilogue. Backward: one pass over dY and the saved
     y for v = (dY ⊙ g) B and dm (z = (y - b) / g), dB = s diag(g) dY^T u, dA, dX as LoRA's.
-    ``fused_shrink``: the shrink fused into the TMA GEMM, g in its epilogue (``lora_costs``' fused_shrink)."""
+    ``fused_shrink``: the shrink fused into the TMA GEMM, g in its epilogue (``lora_costs``' fused_shrink).
+    ``fused_dx``: dX's TMA GEMM on G = dY ⊙ g (formed in registers) whose column-block-0 tiles also give v,
+    dB's and dm's per-row-block partials (``lora_tma.dora_backward_tma``): dY and y read once, inside the
+    GEMM."""
     e, f = itemsize, 4
     lo = lora_costs(M, K, N, r, itemsize, fused_shrink=fused_shrink)
     norm = Cost("norm", "n = ‖W + s B A‖_row (W A^T, A A^T; ‖W‖² cached)", 2.0 * N * K * r + 2.0 * r * r * K
@@ -277,6 +281,13 @@ def dora_costs(M: int, K: int, N: int, r: int, itemsize: int = 2, fused_shrink: 
     dy, db = lo["bwd"][0], lo["bwd"][1]
     bwd = [Cost("dY pass", "v = (dY ⊙ g) B, dm = Σ_i dY (y - b) / m", dy.flops + 2.0 * M * N,
                 dy.bytes + M * N * e + N * f * 2), db] + lo["bwd"][2:]
+    if fused_dx:
+        fx = lora_costs(M, K, N, r, itemsize, fused_dx=True)["bwd"]
+        rows = -(-M // TMA_BLOCK_M)
+        bwd = [replace(fx[0], name="dX + dY pass (G, dm)", what=fx[0].what + "; y read, dm partials",
+                       flops=fx[0].flops + 3.0 * M * N, bytes=fx[0].bytes + M * N * e + N * e + rows * N * f),
+               replace(fx[1], name="dB, dm partial sums", flops=fx[1].flops + rows * N,
+                       bytes=fx[1].bytes + rows * N * f + N * f)] + fx[2:]
     return {"fwd": [norm] + gemm_g, "bwd": bwd}
 
 
@@ -325,10 +336,11 @@ def targets(card: str, itemsize: int = 2) -> list:
                  us(qf["fwd"]) / us(linear_costs(m, 4096, 4096, itemsize)["fwd"]))]
     d = dora_costs(8192, 4096, 4096, 16, itemsize)
     d_fwd = min(us(d["fwd"]), us(dora_costs(8192, 4096, 4096, 16, itemsize, fused_shrink=True)["fwd"]))
+    d_bwd = min(us(d["bwd"]), us(dora_costs(8192, 4096, 4096, 16, itemsize, fused_dx=True)["bwd"]))
     out += [("16", "DoRA fwd / nn.Linear", "M8192 K4096 N4096 r16", 1.10, d_fwd / us(lin["fwd"])),
-            ("16", "DoRA fwd+bwd / nn.Linear", "M8192 K4096 N4096 r16", 1.20, (d_fwd + us(d["bwd"])) / lin_t),
+            ("16", "DoRA fwd+bwd / nn.Linear", "M8192 K4096 N4096 r16", 1.20, (d_fwd + d_bwd) / lin_t),
             ("16", "DoRA fwd+bwd / fastpeft LoRA", "M8192 K4096 N4096 r16", 1.08,
-             (d_fwd + us(d["bwd"])) / (lo_fwd + lo_bwd))]
+             (d_fwd + d_bwd) / (lo_fwd + lo_bwd))]
     return out
 
 

@@ -230,10 +230,11 @@ def lora_tma_launches(ranks, all_configs=False) -> list:
             common = dict(a_ptr=_ptr("bf16"), b_ptr=_ptr("bf16"), lu_ptr=_ptr("fp32"), lv_ptr=_ptr("bf16"),
                           bias_ptr=_ptr("bf16"), out_ptr=_ptr("bf16"), la_ptr=_ptr("bf16"), flags_ptr=_ptr("i32"),
                           g_ptr=_ptr("fp32"), pu_ptr=_ptr("fp32"), part_ptr=_ptr("fp32"), stride_pum=rp,
+                          y_ptr=_ptr("bf16"), yb_ptr=_ptr("bf16"), dm_ptr=_ptr("fp32"),
                           M=M, N=N, K=K, R=rp, stride_am=K, stride_b=K, stride_lum=rp, stride_lur=1, stride_om=N,
                           stride_la=K, scale=0.5, shrink_scale=1.1, seed=1234, threshold=429496730, R_PAD=rp,
                           NUM_SMS=132, DOT_PRECISION="tf32", UPCAST=False, SHRINK=False, X_MASK=False,
-                          COL_SCALE=False, DB_PART=False, **blocks)
+                          COL_SCALE=False, DB_PART=False, K_SCALE=False, DM_PART=False, DM_BIAS=False, **blocks)
             fwd = dict(B_NK=True, stride_lvr=1, stride_lvn=rp, HAS_BIAS=True, HAS_MASK=False)
             variants = [("fwd", fwd),
                         ("fwd+shrink", dict(fwd, SHRINK=True)),
@@ -243,10 +244,13 @@ def lora_tma_launches(ranks, all_configs=False) -> list:
                         ("dX mask", dict(B_NK=False, stride_lvr=N, stride_lvn=1, HAS_BIAS=False, HAS_MASK=True))]
             variants += [("dX+dY pass", dict(variants[-2][1], SHRINK=True, DB_PART=True)),
                          ("dX+dY pass mask", dict(variants[-1][1], SHRINK=True, DB_PART=True))]
+            dora = dict(K_SCALE=True, DM_PART=True, DM_BIAS=True)
+            variants += [("DoRA dX+dY pass", dict(variants[-2][1], **dora)),
+                         ("DoRA dX+dY pass mask", dict(variants[-1][1], **dora))]
             for name, extra in variants:
                 kept = T._prune_tma_configs([c], {}, HAS_MASK=extra["HAS_MASK"], R_PAD=rp,
                                             SHRINK=extra.get("SHRINK", False), X_MASK=extra.get("X_MASK", False),
-                                            DB_PART=extra.get("DB_PART", False))
+                                            DB_PART=extra.get("DB_PART", False), DM_PART=extra.get("DM_PART", False))
                 if not kept and not all_configs:
                     continue
                 label = f"{name} R{rp}{tag}" + ("" if kept else " (pruned)")

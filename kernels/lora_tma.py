@@ -46,13 +46,26 @@ from ._common import (_cast, _dot_precision, _grouped_coords, _keep_mask_tile, _
 
 
 @triton.jit
-def _k_loop(a_desc, b_desc, off_m, off_n, k_tiles, B_NK: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
-            BLOCK_K: tl.constexpr, DOT_PRECISION: tl.constexpr, UPCAST: tl.constexpr):
-    """fp32 (BLOCK_M, BLOCK_N) tile of a @ b at (off_m, off_n), a and b through their descriptors."""
+def _scaled(a, gk_ptr, off_k, K, UPCAST: tl.constexpr, BLOCK_K: tl.constexpr):
+    """a (BLOCK_M, BLOCK_K) with column k times g[off_k + k], in fp32 and rounded back to a's dtype (DoRA's
+    G = dY ⊙ g, rounded as every fastpeft DoRA kernel rounds it)."""
+    rk = off_k + tl.arange(0, BLOCK_K)
+    gk = tl.load(gk_ptr + rk, mask=rk < K, other=0.0)
+    return _cast(a.to(tl.float32) * gk[None, :], a.dtype, UPCAST)
+
+
+@triton.jit
+def _k_loop(a_desc, b_desc, off_m, off_n, k_tiles, K, gk_ptr, B_NK: tl.constexpr, K_SCALE: tl.constexpr,
+            BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, DOT_PRECISION: tl.constexpr,
+            UPCAST: tl.constexpr):
+    """fp32 (BLOCK_M, BLOCK_N) tile of a @ b at (off_m, off_n), a and b through their descriptors; K_SCALE:
+    a's columns times gk (K,) first (in registers: the tensor cores read a from there)."""
     acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
     for kt in range(k_tiles):
         off_k = kt * BLOCK_K
         a = a_desc.load([off_m, off_k])  # out-of-bounds rows / columns read as zeros (TMA)
+        if K_SCALE:
+            a = _scaled(a, gk_ptr, off_k, K, UPCAST, BLOCK_K)
         if B_NK:
             b = tl.trans(b_desc.load([off_n, off_k]))
         else:
@@ -63,13 +76,14 @@ def _k_loop(a_desc, b_desc, off_m, off_n, k_tiles, B_NK: tl.constexpr, BLOCK_M: 
 
 @triton.jit
 def _k_loop_shrink(a_desc, b_desc, la_desc, off_m, off_n, rm, M, K, R, k_tiles, seed, threshold, pu_ptr, part_ptr,
-                   stride_pum, B_NK: tl.constexpr, X_MASK: tl.constexpr, DB_PART: tl.constexpr,
-                   BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, R_PAD: tl.constexpr,
-                   DOT_PRECISION: tl.constexpr, UPCAST: tl.constexpr):
+                   stride_pum, gk_ptr, B_NK: tl.constexpr, X_MASK: tl.constexpr, DB_PART: tl.constexpr,
+                   K_SCALE: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
+                   R_PAD: tl.constexpr, DOT_PRECISION: tl.constexpr, UPCAST: tl.constexpr):
     """``_k_loop`` plus u (BLOCK_M, R_PAD) fp32 = drop-mask(a) @ la^T from the same a tiles: la (R, K) through
     its descriptor (rows past R read as zeros), a's mask of (m, k) redrawn from draw(seed, m K + k).
     DB_PART (the backward, a = dY): also a^T @ pu for each K step, pu the rows rm of the forward's u (M, R),
-    stored as rows [off_k, off_k + BLOCK_K) of this row block's (K, R) fp32 partial of dB at part_ptr."""
+    stored as rows [off_k, off_k + BLOCK_K) of this row block's (K, R) fp32 partial of dB at part_ptr.
+    K_SCALE (DoRA's backward): a's columns times gk first, for every product."""
     acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
     u = tl.zeros((BLOCK_M, R_PAD), dtype=tl.float32)
     rr = tl.arange(0, R_PAD)
@@ -79,6 +93,8 @@ def _k_loop_shrink(a_desc, b_desc, la_desc, off_m, off_n, rm, M, K, R, k_tiles, 
     for kt in range(k_tiles):
         off_k = kt * BLOCK_K
         a = a_desc.load([off_m, off_k])
+        if K_SCALE:
+            a = _scaled(a, gk_ptr, off_k, K, UPCAST, BLOCK_K)
         if B_NK:
             b = tl.trans(b_desc.load([off_n, off_k]))
         else:
@@ -98,6 +114,31 @@ def _k_loop_shrink(a_desc, b_desc, la_desc, off_m, off_n, rm, M, K, R, k_tiles, 
             a = tl.where(_keep_mask_tile(seed, rm, off_k, K, threshold, BLOCK_M, BLOCK_K, True), a, 0.0)
         u = _mma(a, la, u, DOT_PRECISION, UPCAST)
     return acc, u
+
+
+@triton.jit
+def _k_loop_dm(a_desc, b_desc, y_desc, off_m, off_n, k_tiles, K, gk_ptr, yb_ptr, dm_ptr, B_NK: tl.constexpr,
+               DM_BIAS: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
+               DOT_PRECISION: tl.constexpr, UPCAST: tl.constexpr):
+    """``_k_loop`` with K_SCALE (DoRA's G = a ⊙ gk) plus, from the unscaled a, the column sums over these rows
+    of a ⊙ (y - yb) (DoRA's magnitude: y (M, K) through its descriptor, yb (K,) with DM_BIAS), stored as this
+    row block's (K,) fp32 partial at dm_ptr. Run by column block 1's tiles, apart from the producers' work."""
+    acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+    for kt in range(k_tiles):
+        off_k = kt * BLOCK_K
+        a = a_desc.load([off_m, off_k])
+        rk = off_k + tl.arange(0, BLOCK_K)
+        yt = y_desc.load([off_m, off_k]).to(tl.float32)  # rows past M read as zeros, as a's
+        if DM_BIAS:
+            yt -= tl.load(yb_ptr + rk, mask=rk < K, other=0.0).to(tl.float32)[None, :]
+        tl.store(dm_ptr + rk, tl.sum(a.to(tl.float32) * yt, axis=0), mask=rk < K)
+        a = _scaled(a, gk_ptr, off_k, K, UPCAST, BLOCK_K)
+        if B_NK:
+            b = tl.trans(b_desc.load([off_n, off_k]))
+        else:
+            b = b_desc.load([off_k, off_n])
+        acc = _mma(a, b, acc, DOT_PRECISION, UPCAST)
+    return acc
 
 
 @triton.jit
@@ -129,7 +170,7 @@ def _lora_gemm_tma_kernel(
     # lv (R, N) by strides; bias (N,); out (M, N) rows; SHRINK: la (R, K) rows (A) and flags (cdiv(M, BLOCK_M),)
     # int32 zeros; COL_SCALE: g (N,) fp32; DB_PART: pu (M, R) fp32 (the forward's u) and part (cdiv(M, BLOCK_M),
     # K, R) fp32
-    a_ptr, b_ptr, lu_ptr, lv_ptr, bias_ptr, out_ptr, la_ptr, flags_ptr, g_ptr, pu_ptr, part_ptr,
+    a_ptr, b_ptr, lu_ptr, lv_ptr, bias_ptr, out_ptr, la_ptr, flags_ptr, g_ptr, pu_ptr, part_ptr, y_ptr, yb_ptr, dm_ptr,
     # sizes
     M, N, K, R,
     # strides (the inner stride of a, b, la and out is 1: TMA)
@@ -142,6 +183,7 @@ def _lora_gemm_tma_kernel(
     BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr, R_PAD: tl.constexpr,
     NUM_SMS: tl.constexpr, DOT_PRECISION: tl.constexpr, UPCAST: tl.constexpr, SHRINK: tl.constexpr = False,
     X_MASK: tl.constexpr = False, COL_SCALE: tl.constexpr = False, DB_PART: tl.constexpr = False,
+    K_SCALE: tl.constexpr = False, DM_PART: tl.constexpr = False, DM_BIAS: tl.constexpr = False,
 ):
     # Not warp-specialized: compiled offline for sm_90 (triton 3.6 and 3.9, this kernel with the K loop as
     # tl.range(k_tiles, warp_specialize=True)), every 4-warp config crashes the compiler (NVGPUWarpSpecialization
@@ -162,6 +204,9 @@ def _lora_gemm_tma_kernel(
     k_tiles = tl.cdiv(K, BLOCK_K)
     rr = tl.arange(0, R_PAD)
     r_ok = rr < R
+    y_desc = a_desc
+    if DM_PART:
+        y_desc = tl.make_tensor_descriptor(y_ptr, shape=[M, K], strides=[stride_am, 1], block_shape=[BLOCK_M, BLOCK_K])
     if SHRINK:
         la_desc = tl.make_tensor_descriptor(la_ptr, shape=[R, K], strides=[stride_la, 1], block_shape=[R_PAD, BLOCK_K])
     for tile in tl.range(tl.program_id(0), num_m * num_n, NUM_SMS):
@@ -175,22 +220,30 @@ def _lora_gemm_tma_kernel(
         lu_ptrs = lu_ptr + rm[:, None].to(tl.int64) * stride_lum + rr[None, :] * stride_lur
         lu_ok = (rm < M)[:, None] & r_ok[None, :]
         if not SHRINK:
-            acc = _k_loop(a_desc, b_desc, off_m, off_n, k_tiles, B_NK, BLOCK_M, BLOCK_N, BLOCK_K, DOT_PRECISION,
-                          UPCAST)
+            acc = _k_loop(a_desc, b_desc, off_m, off_n, k_tiles, K, g_ptr, B_NK, K_SCALE, BLOCK_M, BLOCK_N, BLOCK_K,
+                          DOT_PRECISION, UPCAST)
             lu = tl.load(lu_ptrs, mask=lu_ok, other=0.0)
         elif pid_n == 0:
             # Producer of row block pid_m: u = shrink_scale * drop(a) @ la^T from the a tiles this K loop
             # loads anyway, stored (fp32) and published through the block's flag.
             acc, u = _k_loop_shrink(a_desc, b_desc, la_desc, off_m, off_n, rm, M, K, R, k_tiles, seed, threshold,
-                                    pu_ptr, part_ptr + pid_m.to(tl.int64) * K * R, stride_pum, B_NK, X_MASK,
-                                    DB_PART, BLOCK_M, BLOCK_N, BLOCK_K, R_PAD, DOT_PRECISION, UPCAST)
+                                    pu_ptr, part_ptr + pid_m.to(tl.int64) * K * R, stride_pum, g_ptr, B_NK, X_MASK,
+                                    DB_PART, K_SCALE, BLOCK_M, BLOCK_N, BLOCK_K, R_PAD, DOT_PRECISION, UPCAST)
             lu = u * shrink_scale
             tl.store(lu_ptrs, lu, mask=lu_ok)
             tl.debug_barrier()  # every thread's part of u is written before the flag is raised
             tl.atomic_xchg(flags_ptr + pid_m, 1, sem="release")
         else:
-            acc = _k_loop(a_desc, b_desc, off_m, off_n, k_tiles, B_NK, BLOCK_M, BLOCK_N, BLOCK_K, DOT_PRECISION,
-                          UPCAST)
+            if not DM_PART:
+                acc = _k_loop(a_desc, b_desc, off_m, off_n, k_tiles, K, g_ptr, B_NK, K_SCALE, BLOCK_M, BLOCK_N,
+                              BLOCK_K, DOT_PRECISION, UPCAST)
+            elif pid_n == 1:  # DoRA's magnitude partials, on a tile that does no producer's work
+                acc = _k_loop_dm(a_desc, b_desc, y_desc, off_m, off_n, k_tiles, K, g_ptr, yb_ptr,
+                                 dm_ptr + pid_m.to(tl.int64) * K, B_NK, DM_BIAS, BLOCK_M, BLOCK_N, BLOCK_K,
+                                 DOT_PRECISION, UPCAST)
+            else:
+                acc = _k_loop(a_desc, b_desc, off_m, off_n, k_tiles, K, g_ptr, B_NK, K_SCALE, BLOCK_M, BLOCK_N,
+                              BLOCK_K, DOT_PRECISION, UPCAST)
             # The producer of this row block came earlier in tile order (``_shrink_first_coords``), so it
             # runs or has run on a resident program: wait for its flag, then read u past L1.
             while tl.atomic_add(flags_ptr + pid_m, 0, sem="acquire") == 0:
@@ -255,27 +308,32 @@ _SMEM_LIMIT = 220 * 1024
 
 
 def _config_fits(c, has_mask: bool, r_pad: int = 16, itemsize: int = 2, shrink: bool = False,
-                 x_mask: bool = False, db_part: bool = False) -> bool:
+                 x_mask: bool = False, db_part: bool = False, k_scale: bool = False) -> bool:
     """Whether a config fits sm_90: its pipelined a and b tiles (and, with the shrink fused, A's R_PAD x
     BLOCK_K tiles) in shared memory, and its fp32 accumulator plus the (BLOCK_M, R_PAD) tile of u within 160
     registers a thread (u twice with the shrink fused: its accumulator and its operand), or the accumulator
     within 64 with either mask, whose Philox draws need the rest (and, with x's mask, BLOCK_K 64 above R_PAD
     16 and 2 stages at R_PAD 64). The fused dY pass (``db_part``) keeps 8 warps and BLOCK_K 64, BLOCK_N 256
-    only up to R_PAD 32 and, with the mask, BLOCK_N 128 up to R_PAD 32 (2 stages at 32). Compiled for sm_90 (triton 3.6 and
-    3.9, bf16, R_PAD 16-64), every config this keeps has no spill; among those it drops, 128x128 w4 at R_PAD
-    64 (128 + 64) spills 8-32 B, 128x256 w4 over 1 KiB, x's mask at w4 144-1360 B, the dY pass at w4 or with
-    the mask at R_PAD 64 150-1900 B (benchmarks/results/sm90-resources-*.md)."""
+    only up to R_PAD 32 and, with the mask, BLOCK_N 128 up to R_PAD 32 (2 stages at 32); DoRA's (``k_scale``:
+    G = dY ⊙ g in registers) only 128 x 128 x 64 at 8 warps, R_PAD 16, without the mask. Compiled for sm_90
+    (triton 3.6 and 3.9, bf16, R_PAD 16-64), every config this keeps has no spill; among those it drops,
+    128x128 w4 at R_PAD 64 (128 + 64) spills 8-32 B, 128x256 w4 over 1 KiB, x's mask at w4 144-1360 B, the dY
+    pass at w4 or with the mask at R_PAD 64 150-1900 B, DoRA's elsewhere 8-272 B
+    (benchmarks/results/sm90-resources-*.md)."""
     bm, bn, bk = c.kwargs["BLOCK_M"], c.kwargs["BLOCK_N"], c.kwargs["BLOCK_K"]
     smem = (c.num_stages * (bm + bn + (r_pad if shrink else 0)) * bk * itemsize
             + bm * min(bn, 64 if has_mask else bn) * itemsize)
     threads = 32 * c.num_warps
     acc_regs = bm * bn // threads
     u_regs = bm * r_pad // threads * (2 if shrink else 1)
-    if db_part:  # the producers' extra tiles (u's rows, dB's partial) beside v and the accumulator
+    if k_scale:  # DoRA's backward: G = dY ⊙ g formed in registers on top of the dY pass
+        regs_ok = c.num_warps == 8 and bn == 128 and bk == 64 and r_pad <= 16 and not has_mask
+    elif db_part:  # the producers' extra tiles (u's rows, dB's partial) beside v and the accumulator
         regs_ok = (c.num_warps == 8 and bk == 64 and r_pad <= 64 and (bn <= 128 or r_pad <= 32)
                    and (not has_mask or (bn <= 128 and (r_pad <= 16 or (r_pad <= 32 and c.num_stages <= 2)))))
     elif x_mask:
-        regs_ok = acc_regs <= 64 and (r_pad <= 16 or bk <= 64) and (r_pad <= 32 or c.num_stages <= 2) and r_pad <= 64
+        regs_ok = (acc_regs <= 64 and (r_pad <= 16 or bk <= 64) and (r_pad <= 32 or c.num_stages <= 2)
+                   and r_pad <= 64)
     else:
         regs_ok = acc_regs <= 64 if has_mask else acc_regs + u_regs <= 160
     return smem <= _SMEM_LIMIT and regs_ok
@@ -286,7 +344,8 @@ def _prune_tma_configs(configs, named_args, **kwargs):
         return bool(kwargs.get(name, named_args.get(name, default)))
     r_pad = int(kwargs.get("R_PAD", named_args.get("R_PAD", 16)))
     return [c for c in configs if _config_fits(c, arg("HAS_MASK", False), r_pad, shrink=arg("SHRINK", False),
-                                               x_mask=arg("X_MASK", False), db_part=arg("DB_PART", False))]
+                                               x_mask=arg("X_MASK", False), db_part=arg("DB_PART", False),
+                                               k_scale=arg("K_SCALE", False))]
 
 
 # Explicit config for the interpreter and tests (small, so odd sizes cross tile edges; 3 persistent
@@ -295,6 +354,10 @@ def _prune_tma_configs(configs, named_args, **kwargs):
 _TEST_CONFIG = {"BLOCK_M": 32, "BLOCK_N": 32, "BLOCK_K": 32, "GROUP_M": 2, "NUM_SMS": 3, "num_warps": 4,
                 "num_stages": 1}
 _PINNED_TMA = {"BLOCK_M": 128, "BLOCK_N": 128, "BLOCK_K": 64, "GROUP_M": 8, "num_warps": 8, "num_stages": 3}
+# DoRA's magnitude partials are column block 1's work: with y, dX's K (the layer's in_features) must span two
+# blocks of the widest autotuned BLOCK_N.
+DM_MIN_BLOCK_N = 256
+assert DM_MIN_BLOCK_N == max(c.kwargs["BLOCK_N"] for c in _TMA_CONFIGS)
 # Every autotuned config's BLOCK_M (the dB partials of lora_backward_tma are cut by it before the launch).
 _TUNED_BLOCK_M = 128
 assert all(c.kwargs["BLOCK_M"] == _TUNED_BLOCK_M for c in _TMA_CONFIGS)
@@ -306,7 +369,7 @@ def _tuned():
     # flags of the fused shrink are zeroed before each timed run and before the launch that follows.
     return triton.autotune(configs=_TMA_CONFIGS,
                            key=["M", "N", "K", "R_PAD", "HAS_MASK", "B_NK", "SHRINK", "X_MASK", "COL_SCALE",
-                                "DB_PART"],
+                                "DB_PART", "K_SCALE", "DM_PART", "DM_BIAS"],
                            prune_configs_by={"early_config_prune": _prune_tma_configs},
                            reset_to_zero=["flags_ptr"])(_lora_gemm_tma_kernel)
 
@@ -342,6 +405,24 @@ def shrink_fits(rank: int) -> bool:
     """Whether ``lora_forward_tma`` has configs for this LoRA rank: R_PAD <= 64 (beyond, u's accumulator and
     A's tiles do not fit beside the GEMM's: compiled for sm_90, every config spills or is pruned)."""
     return r_pad(rank) <= 64
+
+
+def _dm_block_n(dy: torch.Tensor, config: dict | None) -> int:
+    cfg = _config_for(dy, config)
+    return cfg["BLOCK_N"] if cfg is not None else DM_MIN_BLOCK_N
+
+
+def dm_pass_fits(dy: torch.Tensor, in_features: int, config: dict | None = None) -> bool:
+    """Whether ``dora_backward_tma`` can give DoRA's magnitude partials for a layer of ``in_features`` (dX's
+    columns): column block 1 computes them, so dX must span two blocks of the launch's BLOCK_N (the widest
+    autotuned one where the launch is autotuned)."""
+    return triton.cdiv(in_features, _dm_block_n(dy, config)) >= 2
+
+
+def dora_dy_pass_fits(rank: int, masked: bool) -> bool:
+    """Whether ``dora_backward_tma`` has configs for this rank: R_PAD 16 without dX's mask (beyond, every
+    config compiled for sm_90 spills: G's registers on top of the dY pass's)."""
+    return r_pad(rank) <= 16 and not masked
 
 
 def dy_pass_fits(rank: int, masked: bool) -> bool:
@@ -433,27 +514,65 @@ def lora_backward_tma(*, dy: torch.Tensor, w: torch.Tensor, lora_A: torch.Tensor
     blocks in a fixed order afterwards: no atomics in the sum); they publish v through the block's flag and
     the other tiles wait for it, as in ``lora_forward_tma``. dY is read once for dX, v and dB.
     """
+    return _dy_pass(dy, w, lora_A, lora_B, u, scale, seed, threshold, config, "lora_backward_tma")[:3]
+
+
+def dora_backward_tma(*, dy: torch.Tensor, w: torch.Tensor, lora_A: torch.Tensor, lora_B: torch.Tensor,
+                      g: torch.Tensor, u: torch.Tensor | None = None, y: torch.Tensor | None = None,
+                      bias: torch.Tensor | None = None, scale: float = 1.0, seed=0, threshold: int = 0,
+                      config: dict | None = None) -> tuple:
+    """``(dX, v, dB_raw, dm_raw)`` of DoRA's plain backward on dY's side, in one kernel as ``lora_backward_tma``,
+    with G = dY ⊙ g (g (N,) fp32, G rounded to dY's dtype) in place of dY: dX = G @ w + scale * mask * (v @
+    lora_A), v = G @ lora_B (M, R) fp32, with u dB_raw = G^T @ u (N, R) fp32 (times s it is dB), and with the
+    output y (M, N) dm_raw = Σ_i dY_i ⊙ (y_i - bias) (N,) fp32 (divided by m it is dm; None without y). G
+    never reaches memory: dY's tiles are scaled in registers as they are loaded."""
+    if g.shape != (dy.shape[1],) or g.dtype != torch.float32:
+        raise ValueError(f"dora_backward_tma: g must be fp32 ({dy.shape[1]},), got {g.dtype} {tuple(g.shape)}")
+    if y is not None and y.shape != dy.shape:
+        raise ValueError(f"dora_backward_tma: y must be {tuple(dy.shape)} (dY's shape), got {tuple(y.shape)}")
+    if y is not None and not dm_pass_fits(dy, w.shape[1], config):
+        raise ValueError(f"dora_backward_tma: with y, dX needs at least 2 column blocks (the magnitude's partials "
+                         f"are column block 1's work): in_features {w.shape[1]} must be above "
+                         f"{_dm_block_n(dy, config)}")
+    if not dora_dy_pass_fits(lora_A.shape[0], threshold > 0):
+        raise ValueError(f"dora_backward_tma: rank {lora_A.shape[0]}{' with the mask' if threshold > 0 else ''} is "
+                         f"not held by its configs (ranks up to 16, without the mask)")
+    return _dy_pass(dy, w, lora_A, lora_B, u, scale, seed, threshold, config, "dora_backward_tma", g=g, y=y,
+                    bias=bias)
+
+
+def _dy_pass(dy, w, lora_A, lora_B, u, scale, seed, threshold, config, name, g=None, y=None, bias=None) -> tuple:
+    """``(dX, v, dB_raw or None, dm_raw or None)`` of ``lora_backward_tma`` / ``dora_backward_tma``."""
     R = lora_A.shape[0]
     if lora_B.dim() != 2 or lora_B.shape != (dy.shape[1], R):
-        raise ValueError(f"lora_backward_tma: lora_B must be (N={dy.shape[1]}, R={R}), got {tuple(lora_B.shape)}")
+        raise ValueError(f"{name}: lora_B must be (N={dy.shape[1]}, R={R}), got {tuple(lora_B.shape)}")
     if not dy_pass_fits(R, threshold > 0):
-        raise ValueError(f"lora_backward_tma: rank {R} is above what its configs hold (at most "
+        raise ValueError(f"{name}: rank {R} is above what its configs hold (at most "
                          f"{32 if threshold > 0 else 64}{' with the mask' if threshold > 0 else ''})")
     v = torch.empty((dy.shape[0], R), device=dy.device, dtype=torch.float32)
     config = _config_for(dy, config)
-    db_part = None
-    if u is not None:
-        bm = config["BLOCK_M"] if config is not None else _TUNED_BLOCK_M
-        db_part = (u, torch.empty((triton.cdiv(dy.shape[0], bm), dy.shape[1], R), device=dy.device,
-                                  dtype=torch.float32))
+    rows = triton.cdiv(dy.shape[0], config["BLOCK_M"] if config is not None else _TUNED_BLOCK_M)
+    f32 = dict(device=dy.device, dtype=torch.float32)
+    db_part = (u, torch.empty((rows, dy.shape[1], R), **f32)) if u is not None else None
+    dm_part = None
+    if y is not None:  # y is read through dY's descriptor strides: both as standard rows
+        dy, y = _with_rows(dy.contiguous()), _with_rows(y.contiguous())
+        dm_part = (y, torch.empty((rows, dy.shape[1]), **f32), bias)
     # B^T as (R, N) rows: the descriptor the producers read it through (a copy of N x R elements).
     dx = _launch(dy, w, v, lora_A, None, scale, seed, threshold, config, shrink=(_with_rows(lora_B.t()), 1.0, 0),
-                 db_part=db_part)
-    if db_part is None:
-        return dx, v, None
+                 db_part=db_part, k_scale=g, dm_part=dm_part)
     if dx.numel() == 0:  # no program ran (M or K is 0)
-        return dx, v, dy.t().float() @ u.float()
-    return dx, v, db_part[1].sum(0)  # the row blocks' partials, added in a fixed order
+        gdy = dy.float() if g is None else _round_like(dy.float() * g, dy)
+        db = gdy.t() @ _round_like(u.float(), dy).float() if u is not None else None
+        dm = (dy.float() * (y.float() - (bias.float() if bias is not None else 0.0))).sum(0) if y is not None else None
+        return dx, v, db, dm
+    # the row blocks' partials, added in a fixed order
+    return (dx, v, db_part[1].sum(0) if db_part is not None else None,
+            dm_part[1].sum(0) if dm_part is not None else None)
+
+
+def _round_like(t: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
+    return t.to(like.dtype).float()
 
 
 def _config_for(a: torch.Tensor, config: dict | None) -> dict | None:
@@ -467,10 +586,12 @@ def _config_for(a: torch.Tensor, config: dict | None) -> dict | None:
 
 
 def _launch(a, b, lu, lv, bias, scale, seed, threshold, config, shrink=None, col_scale=None,
-            db_part=None) -> torch.Tensor:
+            db_part=None, k_scale=None, dm_part=None) -> torch.Tensor:
     """``lora_gemm_tma``, or with ``shrink = (la, shrink_scale, x_threshold)`` the fused shrink writing lu;
     ``col_scale`` g (N,) fp32 scales the columns before the bias (not with the output mask); ``db_part = (pu,
-    part)`` (with shrink) also writes part[m] = a[rows of block m]^T @ pu[rows of block m]."""
+    part)`` (with shrink) also writes part[m] = a[rows of block m]^T @ pu[rows of block m]; ``k_scale`` g (K,)
+    fp32 scales a's columns (every product); ``dm_part = (y, part, yb)`` (with shrink) also writes part[m] =
+    Σ over block m's rows of a ⊙ (y - yb)."""
     if not tma_supported(a.device):
         raise RuntimeError(f"lora_gemm_tma needs sm_90+ and triton with tl.make_tensor_descriptor "
                            f"(device {a.device}, triton {triton.__version__})")
@@ -494,8 +615,9 @@ def _launch(a, b, lu, lv, bias, scale, seed, threshold, config, shrink=None, col
     if shrink is not None and K == 0:
         lu.zero_()
         shrink = None
-        if db_part is not None:
-            db_part[1].zero_()
+        for part in (db_part, dm_part):
+            if part is not None:
+                part[1].zero_()
     triton.set_allocator(_allocator(a.device))
     la, shrink_scale, x_thr = shrink if shrink is not None else (out, 1.0, 0)
     # One threshold argument: x's mask (the forward's fused shrink) or the output's (dX), never both.
@@ -503,14 +625,19 @@ def _launch(a, b, lu, lv, bias, scale, seed, threshold, config, shrink=None, col
     # One flag per row block of the smallest BLOCK_M of any config (32), zeroed for each launch.
     flags = torch.zeros(triton.cdiv(M, 32) if shrink is not None else 1, device=a.device, dtype=torch.int32)
     pu, part = db_part if db_part is not None and shrink is not None else (lu, flags)
+    y, dm, yb = dm_part if dm_part is not None and shrink is not None else (a, flags, None)
+    if col_scale is not None and k_scale is not None:
+        raise ValueError("col_scale and k_scale are exclusive (the forward's g and the backward's)")
+    g = col_scale if col_scale is not None else k_scale
     args = (a, b_arg, lu, lv, bias if bias is not None else out, out, la, flags,
-            col_scale if col_scale is not None else flags, pu, part, M, N, K, R,
+            g if g is not None else flags, pu, part, y, yb if yb is not None else flags, dm, M, N, K, R,
             a.stride(0), b_arg.stride(0), lu.stride(0), lu.stride(1), lv.stride(0), lv.stride(1), out.stride(0),
             la.stride(0), pu.stride(0), scale, shrink_scale, seed, max(threshold, x_thr))
     meta = dict(HAS_BIAS=bias is not None, HAS_MASK=threshold > 0, B_NK=b_nk, R_PAD=r_pad(R),
                 DOT_PRECISION=_dot_precision(a.dtype), UPCAST=_upcast(a.dtype), SHRINK=shrink is not None,
                 X_MASK=shrink is not None and x_thr > 0, COL_SCALE=col_scale is not None,
-                DB_PART=db_part is not None and shrink is not None)
+                DB_PART=db_part is not None and shrink is not None, K_SCALE=k_scale is not None,
+                DM_PART=dm_part is not None and shrink is not None, DM_BIAS=yb is not None)
     tiles = lambda m: triton.cdiv(M, m["BLOCK_M"]) * triton.cdiv(N, m["BLOCK_N"])  # noqa: E731
     config = _config_for(a, config)
     sms = torch.cuda.get_device_properties(a.device).multi_processor_count if a.device.type == "cuda" else 3

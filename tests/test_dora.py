@@ -163,34 +163,41 @@ def forced_fused_shrink(monkeypatch):
     pytest.importorskip("triton")
     from fastpeft.kernels import lora_tma as KT
     monkeypatch.setenv("FASTPEFT_LORA_GEMM", "tma-shrink")
-    ran, real = [], KT.lora_forward_tma
-    monkeypatch.setattr(KT, "lora_forward_tma", lambda **kw: ran.append(kw["col_scale"].shape) or real(**kw))
+    ran, real, real_bwd = [], KT.lora_forward_tma, KT.dora_backward_tma
+    monkeypatch.setattr(KT, "lora_forward_tma", lambda **kw: ran.append(("fwd", kw["col_scale"].shape)) or real(**kw))
+    monkeypatch.setattr(KT, "dora_backward_tma", lambda **kw: ran.append(("bwd", kw["g"].shape)) or real_bwd(**kw))
     return ran
 
 
+@pytest.mark.parametrize("bias", [True, False], ids=["bias", "nobias"])
 @pytest.mark.parametrize("p,mode", [MODES[0], MODES[2]])
 @pytest.mark.parametrize("shape", [(33, 80, 48, 8), (7, 48, 136, 16)], ids=["M33-K80-N48-r8", "M7-K48-N136-r16"])
-def test_kernels_fused_shrink_fp32(forced_fused_shrink, shape, p, mode):
-    """The plain forward on the TMA GEMM with the shrink fused and g in its epilogue (sm_90+; forced here):
-    output and every gradient as the fp64 oracle's; the backward is the kernels' as before."""
-    t = _case(*shape)
+def test_kernels_fused_shrink_fp32(forced_fused_shrink, shape, p, mode, bias):
+    """The plain forward on the TMA GEMM with the shrink fused and g in its epilogue, the backward's dX, v, dB
+    and dm from one TMA kernel over dY (sm_90+; forced here): output and every gradient as the fp64
+    oracle's."""
+    t = _case(*shape, bias=bias)
     dy = torch.randn(shape[0], shape[2], dtype=torch.float64)
     want = _run(_ref(p, mode), t, torch.float64, dy)
     got = _run(_ours("triton", p, mode), t, torch.float32, dy)
-    assert forced_fused_shrink == [(shape[2],)]
+    # the fused backward holds ranks up to 16 without dropout's mask (kernels.lora_tma.dora_dy_pass_fits)
+    assert forced_fused_shrink == [("fwd", (shape[2],))] + ([("bwd", (shape[2],))] if p == 0 else [])
     for name, a, e in zip(NAMES, got, want):
-        assert_close_report(a, e, 2e-5, 2e-5 * float(e.detach().abs().max()), name)
+        if e is not None:
+            assert_close_report(a, e, 2e-5, 2e-5 * float(e.detach().abs().max()), name)
 
 
 def test_kernels_fused_shrink_bf16_and_exact_mode(forced_fused_shrink):
-    """bf16 within 2x PyTorch's error on the fused forward; PEFT's exact dropout mode keeps its own GEMM
-    (two accumulators), which the fused forward does not have."""
+    """bf16 within 2x PyTorch's error on the fused forward and backward; PEFT's exact dropout mode keeps its
+    own GEMMs (two accumulators), which the fused kernels do not have."""
     t = _case(33, 80, 48, 8, dtype=torch.float32)
     t[5] = t[5] * 4.0
+    _assert_bf16_error_at_most_twice_pytorchs(0.0, "lora_only", t, torch.randn(33, 48))
+    assert [kind for kind, _ in forced_fused_shrink] == ["fwd", "bwd"]
     _assert_bf16_error_at_most_twice_pytorchs(0.25, "lora_only", t, torch.randn(33, 48))
-    assert len(forced_fused_shrink) == 1
+    assert [kind for kind, _ in forced_fused_shrink] == ["fwd", "bwd", "fwd"]  # the mask: the DX GEMM's backward
     _run(_ours("triton", 0.25, "exact"), t, torch.float32, torch.randn(33, 48))
-    assert len(forced_fused_shrink) == 1
+    assert len(forced_fused_shrink) == 3
 
 
 def test_kernels_noncontiguous_x():

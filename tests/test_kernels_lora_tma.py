@@ -256,6 +256,67 @@ def test_fused_dy_pass_checks_and_edges():
         assert torch.equal(g_, w_)
 
 
+@pytest.mark.parametrize("bias", [True, False], ids=["bias", "nobias"])
+@pytest.mark.parametrize("p", [0.0, 0.1], ids=["p0", "p0.1"])
+@pytest.mark.parametrize("dt", list(DTYPES))
+@pytest.mark.parametrize("m,k,n,r", FUSED_SHAPES[:3], ids=[f"M{m}-K{k}-N{n}-r{r}" for m, k, n, r in FUSED_SHAPES[:3]])
+def test_dora_fused_dy_pass_matches_reference(m, k, n, r, dt, p, bias):
+    """DoRA's plain backward on dY's side from one kernel, G = dY ⊙ g rounded to dY's dtype: v = G B,
+    G^T u and Σ_i dY (y - b) in fp32 as the fp64 products of the same G, dX = G W + s mask (v A) as fp64 (fp32
+    to 1e-5; fp16 / bf16 within 2x the error of the same formula in PyTorch's dtype)."""
+    case = f"M{m}-K{k}-N{n}-r{r}-{dt}-p{p}-{bias}"
+    x, w, b, a, bb, dy = _make(m, k, n, r, DTYPES[dt])
+    gen = torch.Generator().manual_seed(4)
+    g = (torch.rand(n, generator=gen) + 0.5).to(DEV)
+    u = torch.randn(m, r, generator=gen).to(DEV)
+    y = torch.randn(m, n, generator=gen).to(DEV, dy.dtype)
+    yb = b if bias else None
+    thr = dropout_threshold(p) if p else 0
+    if not T.dora_dy_pass_fits(r, p > 0):  # ranks up to 16 without the mask: refused, named
+        with pytest.raises(ValueError, match=f"rank {r}.* is not held by its configs"):
+            T.dora_backward_tma(dy=dy, w=w, lora_A=a, lora_B=bb, g=g, threshold=thr)
+        return
+    dx, v, dbu, dm = T.dora_backward_tma(dy=dy, w=w, lora_A=a, lora_B=bb, g=g, u=u, y=y, bias=yb, scale=0.75,
+                                         seed=1234, threshold=thr)
+    gdy = (dy.float() * g).to(dy.dtype).double()
+    keep = dropout_mask(1234, m, k, p, device=DEV) if p else torch.ones(m, k, dtype=torch.bool, device=DEV)
+    want = {"v": gdy @ bb.double(), "G^T u": gdy.t() @ u.to(dy.dtype).double(),
+            "dm": (dy.double() * (y.double() - (yb.double() if bias else 0.0))).sum(0)}
+    for name, got in (("v", v), ("G^T u", dbu), ("dm", dm)):
+        e = want[name]
+        assert_close_report(got, e, rtol=1e-5, atol=1e-5 * max(1.0, e.abs().max().item()), what=f"{case} {name}")
+    exact = gdy @ w.double() + 0.75 * keep * (want["v"] @ a.double())
+    if dy.dtype == torch.float32:
+        assert_close_report(dx, exact, rtol=1e-5, atol=1e-5 * max(1.0, exact.abs().max().item()), what=f"{case} dx")
+    else:
+        low = (gdy.to(dy.dtype) @ w + (0.75 * keep * (want["v"].float() @ a.float())).to(dy.dtype)).double()
+        err, torch_err = (dx.double() - exact).abs().max().item(), (low - exact).abs().max().item()
+        assert err <= 2 * torch_err + 1e-3 * exact.abs().max().item(), f"{case} dx: {err:.3g} vs {torch_err:.3g}"
+
+
+def test_dora_fused_dy_pass_checks(monkeypatch):
+    x, w, b, a, bb, dy = _make(5, 48, 40, 8, torch.float32)
+    g = torch.ones(40, device=DEV)
+    with pytest.raises(ValueError, match=r"g must be fp32 \(40,\), got torch.float64 \(40,\)"):
+        T.dora_backward_tma(dy=dy, w=w, lora_A=a, lora_B=bb, g=g.double())
+    with pytest.raises(ValueError, match=r"y must be \(5, 40\) \(dY's shape\), got \(5, 41\)"):
+        T.dora_backward_tma(dy=dy, w=w, lora_A=a, lora_B=bb, g=g, y=torch.zeros(5, 41, device=DEV))
+    dx, v, dbu, dm = T.dora_backward_tma(dy=dy[:0], w=w, lora_A=a, lora_B=bb, g=g, u=torch.zeros(0, 8, device=DEV),
+                                         y=dy[:0], bias=b)
+    assert dx.shape == (0, 48) and torch.equal(dm, torch.zeros(40, device=DEV)) and dbu.shape == (40, 8)
+    # dm is column block 1's work: one block of dX's columns cannot give it (refused, named)
+    assert T.dm_pass_fits(dy, 48) and not T.dm_pass_fits(dy, 48, dict(T._TEST_CONFIG, BLOCK_N=64))
+    with pytest.raises(ValueError, match="in_features 48 must be above 64"):
+        T.dora_backward_tma(dy=dy, w=w, lora_A=a, lora_B=bb, g=g, y=dy, config=dict(T._TEST_CONFIG, BLOCK_N=64))
+    with monkeypatch.context() as mp:  # an autotuned launch: two blocks of the widest BLOCK_N (256)
+        mp.setattr(T, "_use_explicit_blocks", lambda t: False)
+        assert not T.dm_pass_fits(dy, 256) and T.dm_pass_fits(dy, 264)
+    # y in another layout than dY: both read as standard rows, the same sums
+    y = torch.randn(40, 5, device=DEV).t()
+    got = T.dora_backward_tma(dy=dy, w=w, lora_A=a, lora_B=bb, g=g, y=y, bias=b)[3]
+    assert_close_report(got, (dy * (y - b)).sum(0), rtol=1e-5, atol=1e-5, what="strided y")
+
+
 @pytest.mark.parametrize("p", [0.0, 0.2], ids=["p0", "p0.2"])
 @pytest.mark.parametrize("dt", ["fp32", "bf16"])
 def test_lora_linear_forced_tma_shrink(monkeypatch, dt, p):
@@ -285,9 +346,15 @@ def test_lora_linear_forced_tma_shrink(monkeypatch, dt, p):
     assert OL.FUSED_SHRINK_MIN_ROWS > 33  # offered here only because it is forced
 
 
+# Real persistent grids (one program per SM) at two shipped configs: explicit, so that the test step does not
+# autotune (the benches do), one with BLOCK_N 128 (the pinned one) and one with 256.
+GPU_CONFIGS = (dict(T._PINNED_TMA), {"BLOCK_M": 128, "BLOCK_N": 256, "BLOCK_K": 64, "GROUP_M": 8, "num_warps": 8,
+                                     "num_stages": 2})
+
+
 @pytest.mark.gpu
 def test_fused_shrink_producers_and_waiters_on_the_card():
-    """On a GPU with the real persistent grid (one program per SM, autotuned blocks): many row blocks, each
+    """On a GPU with the real persistent grid (one program per SM, shipped blocks): many row blocks, each
     waited for by 15 column tiles, 20 launches, every one the same bits as the first and close to the
     two-kernel composition (a missed wait would read a stale or unwritten u)."""
     if DEV != "cuda":
@@ -297,7 +364,7 @@ def test_fused_shrink_producers_and_waiters_on_the_card():
         thr = dropout_threshold(p) if p else 0
         u2 = K.lora_shrink(a=x, b=a.t(), scale=1.0 / (1.0 - p), seed=5, threshold=thr, mask_sp=x.shape[1], mask_sq=1)
         y2 = T.lora_gemm_tma(a=x, b=w.t(), lu=u2, lv=bb.t(), bias=b, scale=0.5)
-        for cfg in (None, dict(T._PINNED_TMA)):
+        for cfg in GPU_CONFIGS:
             first = None
             for _ in range(20):
                 y, u = _fused(x, w, b, a, bb, 0.5, p, 5, config=cfg)
@@ -310,12 +377,13 @@ def test_fused_shrink_producers_and_waiters_on_the_card():
 
 @pytest.mark.gpu
 def test_fused_shrink_with_doras_column_scale_on_the_card():
-    """DoRA's plain forward on the card: g ⊙ (x W^T + s u B^T) + b, autotuned, against fp32 torch."""
+    """DoRA's plain forward on the card: g ⊙ (x W^T + s u B^T) + b, a shipped config, against fp32 torch."""
     if DEV != "cuda":
         pytest.skip("needs the card's concurrent programs")
     x, w, b, a, bb, dy = _make(2048 + 5, 1024, 1536, 16, torch.bfloat16)
     g = torch.rand(1536, device=DEV) + 0.5
-    y, u = T.lora_forward_tma(x=x, w_t=w.t(), lora_A=a, lv=bb.t(), bias=b, scale=0.5, col_scale=g)
+    y, u = T.lora_forward_tma(x=x, w_t=w.t(), lora_A=a, lv=bb.t(), bias=b, scale=0.5, col_scale=g,
+                              config=GPU_CONFIGS[1])
     want = (x.float() @ w.float().t() + 0.5 * u @ bb.float().t()) * g + b.float()
     assert_close_report(u, x.float() @ a.float().t(), rtol=1e-3, atol=1e-2, what="u")
     assert_close_report(y.float(), want, rtol=2e-2, atol=2e-2, what="y")
@@ -323,7 +391,7 @@ def test_fused_shrink_with_doras_column_scale_on_the_card():
 
 @pytest.mark.gpu
 def test_fused_dy_pass_on_the_card():
-    """The fused backward on the card (autotuned, the pinned config), 20 launches with the same bits, close
+    """The fused backward on the card (two shipped configs), 20 launches with the same bits, close
     to the shrinks + TMA GEMM composition: a missed wait would read a stale or unwritten v."""
     if DEV != "cuda":
         pytest.skip("needs the card's concurrent programs")
@@ -334,7 +402,7 @@ def test_fused_dy_pass_on_the_card():
         v2 = K.lora_shrink(a=dy, b=bb)
         dx2 = T.lora_gemm_tma(a=dy, b=w, lu=v2, lv=a, scale=0.5, seed=5, threshold=thr)
         db2 = K.lora_shrink(a=dy.t(), b=u)
-        for cfg in (None, dict(T._PINNED_TMA)):
+        for cfg in GPU_CONFIGS:
             first = None
             for _ in range(20):
                 out = T.lora_backward_tma(dy=dy, w=w, lora_A=a, lora_B=bb, u=u, scale=0.5, seed=5, threshold=thr,
@@ -345,3 +413,22 @@ def test_fused_dy_pass_on_the_card():
                     assert_close_report(out[2], db2, rtol=1e-4, atol=1e-2, what=f"p{p} {cfg} dB")
                     assert_close_report(out[0].float(), dx2.float(), rtol=2e-2, atol=2e-2, what=f"p{p} {cfg} dX")
                 assert all(torch.equal(o, f) for o, f in zip(out, first)), f"p{p} {cfg}: launches differ"
+
+
+@pytest.mark.gpu
+def test_dora_fused_dy_pass_on_the_card():
+    """DoRA's fused backward on the card, a shipped config: close to DoRA's own kernels (dY pass + DX GEMM)."""
+    if DEV != "cuda":
+        pytest.skip("needs the card's concurrent programs")
+    from fastpeft.kernels import dora as D
+    x, w, b, a, bb, dy = _make(4096 + 37, 2048, 1024, 16, torch.bfloat16)
+    g = torch.rand(1024, device=DEV) + 0.5
+    u, y = torch.randn(dy.shape[0], 16, device=DEV), torch.randn_like(dy)
+    dx, v, dbu, dm = T.dora_backward_tma(dy=dy, w=w, lora_A=a, lora_B=bb, g=g, u=u, y=y, bias=b, scale=0.5,
+                                         config=GPU_CONFIGS[0])
+    v2, dm2 = D.dora_dy_pass(dy, y, g, b, bb)
+    dx2 = D.dora_gemm(D.DX, dy, w, v2, a, g, None, 0.5)
+    assert_close_report(v, v2, rtol=1e-4, atol=1e-2, what="v")
+    assert_close_report(dm, dm2, rtol=1e-4, atol=1e-1, what="dm")
+    assert_close_report(dx.float(), dx2.float(), rtol=2e-2, atol=2e-2, what="dX")
+    assert_close_report(dbu, K.lora_shrink(a=dy.t(), b=u) * g[:, None], rtol=2e-2, atol=1.0, what="dB")

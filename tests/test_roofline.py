@@ -179,3 +179,18 @@ def test_targets_name_a_bound_for_every_target():
         assert decode[0] > 1.25  # 64 adapters' factors beside W: the issue's 1.25x is out of reach
     lines = R.targets_table()
     assert lines[0].startswith("| issue | target |") and len(lines) == 2 + len(R.targets("H200"))
+
+
+def test_fused_backward_reads_dy_once():
+    lo, fx = R.lora_costs(M, K, N, r), R.lora_costs(M, K, N, r, fused_dx=True)
+    assert fx["fwd"] == lo["fwd"]
+    dy_reads = lambda costs: sum(1 for c in costs if c.bytes >= M * N * 2 and c.name != "dA")  # noqa: E731
+    assert dy_reads(lo["bwd"]) == 3 and dy_reads(fx["bwd"]) == 1
+    assert sum(c.flops for c in fx["bwd"]) >= sum(c.flops for c in lo["bwd"])  # the same products, and the sums
+    for card in R.CARDS:
+        assert R.total_us(fx["bwd"], card) < R.total_us(lo["bwd"], card)
+    d, dfx = R.dora_costs(M, K, N, r), R.dora_costs(M, K, N, r, fused_dx=True)
+    # DoRA's fused backward reads y inside the GEMM: one kernel over dY and y instead of a pass, dB and dX
+    assert dfx["bwd"][0].bytes - fx["bwd"][0].bytes >= M * N * 2
+    for card in R.CARDS:
+        assert R.total_us(dfx["bwd"], card) < R.total_us(d["bwd"], card)

@@ -176,6 +176,9 @@ def test_every_offered_fused_path_keeps_a_config(rank):
     for masked in (False, True):
         kept = KT._prune_tma_configs(KT._TMA_CONFIGS, {}, R_PAD=rp, SHRINK=True, DB_PART=True, HAS_MASK=masked)
         assert bool(kept) == KT.dy_pass_fits(rank, masked), (rank, masked)
+        kept = KT._prune_tma_configs(KT._TMA_CONFIGS, {}, R_PAD=rp, SHRINK=True, DB_PART=True, HAS_MASK=masked,
+                                     K_SCALE=True, DM_PART=True)
+        assert bool(kept) == KT.dora_dy_pass_fits(rank, masked), (rank, masked)
 
 
 def test_backward_offers_the_fused_dy_pass_where_dx_is_needed(monkeypatch):

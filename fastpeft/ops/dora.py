@@ -167,13 +167,12 @@ class DoRALinearFunction(torch.autograd.Function):
                 if need_x:
                     dx = K.gemm_op(K.DX_EXACT, dy, weight, v, lora_A, g, None, s, seed, thr, ds)
             else:
-                v, dmsum = K.dy_pass_op(dy, y if need_m else None, g, bias, lora_B)
+                v, dmsum, dx, dbb = _plain_dy_side(dy, weight, bias, lora_A, lora_B, g, u, y, s, seed, thr, ds,
+                                                   need_x, need_m, need_bb)
                 if need_m:
                     dm = _fix_zero_magnitude(dmsum / magnitude.detach().to(dt), dy, x, weight, lora_B, u, magnitude,
                                              norm, s)
-                if need_x:
-                    dx = K.gemm_op(K.DX, dy, weight, v, lora_A, g, None, s * ds, seed, thr, 1.0)
-            if need_bb:
+            if need_bb and dbb is None:
                 dbb = KL.shrink_op(dy.t(), u, s, 0, 0, 0, 0) * g[:, None]
             if need_a:
                 da = KL.shrink_op(x.t(), v, s * ds, seed, thr, 1, k).t()
@@ -222,7 +221,41 @@ def _gain(magnitude, norm, x_dtype, impl) -> torch.Tensor:
     return magnitude.detach().to(dt) / norm.to(dt)
 
 
-_path_cache: dict = {}  # shape key -> "kernels" or "tma-shrink" (the plain forward on the kernels)
+_path_cache: dict = {}  # shape key -> "kernels" or "tma-shrink" / "tma-dy" (the plain mode on the kernels)
+
+
+def _plain_dy_side(dy, weight, bias, lora_A, lora_B, g, u, y, s, seed, thr, ds, need_x, need_m, need_bb) -> tuple:
+    """``(v, dmsum, dX, dB)`` of the plain backward on the kernels (dX, dmsum, dB None when not needed; dB also
+    None where the caller computes it): the DoRA dY pass (v, dmsum) and the DX GEMM, or, where LoRA's backward
+    offers it (sm_90+, dX needed, from ``ops.lora.FUSED_SHRINK_MIN_ROWS`` rows; ranks up to 16 without
+    dropout's mask; with dm, in_features above 256), the faster (timed once per shape) of that and
+    ``kernels.lora_tma.dora_backward_tma``: dX, v, dB and dmsum from one kernel over dY (G = dY ⊙ g formed in
+    registers). FASTPEFT_LORA_GEMM=tma-shrink forces the latter where it can run."""
+    K, KL = _kernels()
+
+    def kernels():
+        v, dmsum = K.dy_pass_op(dy, y if need_m else None, g, bias, lora_B)
+        dx = K.gemm_op(K.DX, dy, weight, v, lora_A, g, None, s * ds, seed, thr, 1.0) if need_x else None
+        return v, dmsum, dx, None
+
+    from ..kernels import lora_tma as KT
+    from . import lora as OL  # imports the kernels: only on the triton path
+    if (not need_x or not OL._fused_dy_offered(dy, weight, lora_B, thr > 0)
+            or not KT.dora_dy_pass_fits(lora_B.shape[1], thr > 0)
+            or need_m and not KT.dm_pass_fits(dy, weight.shape[1])):
+        return kernels()
+
+    def tma_dy():
+        dx, v, db, dmsum = KT.dora_backward_tma(dy=dy, w=weight, lora_A=lora_A, lora_B=lora_B, g=g,
+                                                u=u if need_bb else None, y=y if need_m else None, bias=bias,
+                                                scale=s * ds, seed=seed, threshold=thr)
+        return v, dmsum, dx, db.mul_(s) if need_bb else None
+    key = ("bwd", _bucket(dy.shape[0]), weight.shape[1], dy.shape[1], lora_A.shape[0], dy.dtype, bias is not None,
+           thr > 0, need_m, need_bb)
+    mode = KL.gemm_mode()
+    mode = "tma-dy" if mode == "tma-shrink" else ("auto" if mode == "auto" else "kernels")
+    run = {"kernels": kernels, "tma-dy": tma_dy}
+    return run[KL.timed_choice(_path_cache, key, mode, dy.device, run, "kernels")]()
 
 
 def _forward(x, weight, bias, lora_A, lora_B, g, scaling, p, seed, thr, ds, exact, impl) -> tuple:
@@ -248,7 +281,7 @@ def _forward(x, weight, bias, lora_A, lora_B, g, scaling, p, seed, thr, ds, exac
             from ..kernels import lora_tma as KT
             return KT.lora_forward_tma(x=x, w_t=weight.t(), lora_A=lora_A, lv=lora_B.t(), bias=bias, scale=scaling,
                                        drop_scale=ds, seed=seed, threshold=thr, col_scale=g)
-        key = (_bucket(x.shape[0]), k, weight.shape[0], lora_A.shape[0], x.dtype, bias is not None, thr > 0)
+        key = ("fwd", _bucket(x.shape[0]), k, weight.shape[0], lora_A.shape[0], x.dtype, bias is not None, thr > 0)
         mode = KL.gemm_mode()  # FASTPEFT_LORA_GEMM: "tma-shrink" forces it, "auto" times, others keep the kernels
         mode = mode if mode in ("auto", "tma-shrink") else "kernels"
         run = {"kernels": kernels, "tma-shrink": fused_shrink}
