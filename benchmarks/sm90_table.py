@@ -250,7 +250,8 @@ def lora_tma_launches(ranks, all_configs=False) -> list:
             for name, extra in variants:
                 kept = T._prune_tma_configs([c], {}, HAS_MASK=extra["HAS_MASK"], R_PAD=rp,
                                             SHRINK=extra.get("SHRINK", False), X_MASK=extra.get("X_MASK", False),
-                                            DB_PART=extra.get("DB_PART", False), DM_PART=extra.get("DM_PART", False))
+                                            DB_PART=extra.get("DB_PART", False), DM_PART=extra.get("DM_PART", False),
+                                            K_SCALE=extra.get("K_SCALE", False))
                 if not kept and not all_configs:
                     continue
                 label = f"{name} R{rp}{tag}" + ("" if kept else " (pruned)")

@@ -55,6 +55,16 @@ def _scaled(a, gk_ptr, off_k, K, UPCAST: tl.constexpr, BLOCK_K: tl.constexpr):
 
 
 @triton.jit
+def _b_tile(b_desc, off_n, off_k, B_NK: tl.constexpr):
+    """b's (BLOCK_K, BLOCK_N) tile at (off_k, off_n): a transposed (N, K)-rows tile when B_NK, else as stored."""
+    if B_NK:
+        b = tl.trans(b_desc.load([off_n, off_k]))
+    else:
+        b = b_desc.load([off_k, off_n])
+    return b
+
+
+@triton.jit
 def _k_loop(a_desc, b_desc, off_m, off_n, k_tiles, K, gk_ptr, B_NK: tl.constexpr, K_SCALE: tl.constexpr,
             BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, DOT_PRECISION: tl.constexpr,
             UPCAST: tl.constexpr):
@@ -66,11 +76,7 @@ def _k_loop(a_desc, b_desc, off_m, off_n, k_tiles, K, gk_ptr, B_NK: tl.constexpr
         a = a_desc.load([off_m, off_k])  # out-of-bounds rows / columns read as zeros (TMA)
         if K_SCALE:
             a = _scaled(a, gk_ptr, off_k, K, UPCAST, BLOCK_K)
-        if B_NK:
-            b = tl.trans(b_desc.load([off_n, off_k]))
-        else:
-            b = b_desc.load([off_k, off_n])
-        acc = _mma(a, b, acc, DOT_PRECISION, UPCAST)
+        acc = _mma(a, _b_tile(b_desc, off_n, off_k, B_NK), acc, DOT_PRECISION, UPCAST)
     return acc
 
 
@@ -95,11 +101,7 @@ def _k_loop_shrink(a_desc, b_desc, la_desc, off_m, off_n, rm, M, K, R, k_tiles, 
         a = a_desc.load([off_m, off_k])
         if K_SCALE:
             a = _scaled(a, gk_ptr, off_k, K, UPCAST, BLOCK_K)
-        if B_NK:
-            b = tl.trans(b_desc.load([off_n, off_k]))
-        else:
-            b = b_desc.load([off_k, off_n])
-        acc = _mma(a, b, acc, DOT_PRECISION, UPCAST)
+        acc = _mma(a, _b_tile(b_desc, off_n, off_k, B_NK), acc, DOT_PRECISION, UPCAST)
         la = _cast(tl.trans(la_desc.load([0, off_k])), a.dtype, UPCAST)
         if DB_PART:
             # dB's partial rows: the same dY tile, transposed, against u; u rounded to dY's dtype as the dB
@@ -133,11 +135,7 @@ def _k_loop_dm(a_desc, b_desc, y_desc, off_m, off_n, k_tiles, K, gk_ptr, yb_ptr,
             yt -= tl.load(yb_ptr + rk, mask=rk < K, other=0.0).to(tl.float32)[None, :]
         tl.store(dm_ptr + rk, tl.sum(a.to(tl.float32) * yt, axis=0), mask=rk < K)
         a = _scaled(a, gk_ptr, off_k, K, UPCAST, BLOCK_K)
-        if B_NK:
-            b = tl.trans(b_desc.load([off_n, off_k]))
-        else:
-            b = b_desc.load([off_k, off_n])
-        acc = _mma(a, b, acc, DOT_PRECISION, UPCAST)
+        acc = _mma(a, _b_tile(b_desc, off_n, off_k, B_NK), acc, DOT_PRECISION, UPCAST)
     return acc
 
 

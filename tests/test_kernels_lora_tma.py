@@ -346,19 +346,22 @@ def test_lora_linear_forced_tma_shrink(monkeypatch, dt, p):
     assert OL.FUSED_SHRINK_MIN_ROWS > 33  # offered here only because it is forced
 
 
+def on_card(test):
+    """A gpu-marked test that needs the card's concurrent programs (not the interpreter's one-at-a-time)."""
+    return pytest.mark.gpu(pytest.mark.skipif(DEV != "cuda", reason="needs the card's concurrent programs")(test))
+
+
 # Real persistent grids (one program per SM) at two shipped configs: explicit, so that the test step does not
 # autotune (the benches do), one with BLOCK_N 128 (the pinned one) and one with 256.
 GPU_CONFIGS = (dict(T._PINNED_TMA), {"BLOCK_M": 128, "BLOCK_N": 256, "BLOCK_K": 64, "GROUP_M": 8, "num_warps": 8,
                                      "num_stages": 2})
 
 
-@pytest.mark.gpu
+@on_card
 def test_fused_shrink_producers_and_waiters_on_the_card():
     """On a GPU with the real persistent grid (one program per SM, shipped blocks): many row blocks, each
     waited for by 15 column tiles, 20 launches, every one the same bits as the first and close to the
     two-kernel composition (a missed wait would read a stale or unwritten u)."""
-    if DEV != "cuda":
-        pytest.skip("needs the card's concurrent programs")
     x, w, b, a, bb, dy = _make(4096 + 37, 1024, 2048, 16, torch.bfloat16)
     for p in (0.0, 0.1):
         thr = dropout_threshold(p) if p else 0
@@ -375,11 +378,9 @@ def test_fused_shrink_producers_and_waiters_on_the_card():
                 assert torch.equal(y, first[0]) and torch.equal(u, first[1]), f"p{p} {cfg}: launches differ"
 
 
-@pytest.mark.gpu
+@on_card
 def test_fused_shrink_with_doras_column_scale_on_the_card():
     """DoRA's plain forward on the card: g ⊙ (x W^T + s u B^T) + b, a shipped config, against fp32 torch."""
-    if DEV != "cuda":
-        pytest.skip("needs the card's concurrent programs")
     x, w, b, a, bb, dy = _make(2048 + 5, 1024, 1536, 16, torch.bfloat16)
     g = torch.rand(1536, device=DEV) + 0.5
     y, u = T.lora_forward_tma(x=x, w_t=w.t(), lora_A=a, lv=bb.t(), bias=b, scale=0.5, col_scale=g,
@@ -389,12 +390,10 @@ def test_fused_shrink_with_doras_column_scale_on_the_card():
     assert_close_report(y.float(), want, rtol=2e-2, atol=2e-2, what="y")
 
 
-@pytest.mark.gpu
+@on_card
 def test_fused_dy_pass_on_the_card():
     """The fused backward on the card (two shipped configs), 20 launches with the same bits, close
     to the shrinks + TMA GEMM composition: a missed wait would read a stale or unwritten v."""
-    if DEV != "cuda":
-        pytest.skip("needs the card's concurrent programs")
     x, w, b, a, bb, dy = _make(4096 + 37, 2048, 1024, 16, torch.bfloat16)
     u = torch.randn(dy.shape[0], 16, device=DEV)
     for p in (0.0, 0.1):
@@ -415,11 +414,9 @@ def test_fused_dy_pass_on_the_card():
                 assert all(torch.equal(o, f) for o, f in zip(out, first)), f"p{p} {cfg}: launches differ"
 
 
-@pytest.mark.gpu
+@on_card
 def test_dora_fused_dy_pass_on_the_card():
     """DoRA's fused backward on the card, a shipped config: close to DoRA's own kernels (dY pass + DX GEMM)."""
-    if DEV != "cuda":
-        pytest.skip("needs the card's concurrent programs")
     from fastpeft.kernels import dora as D
     x, w, b, a, bb, dy = _make(4096 + 37, 2048, 1024, 16, torch.bfloat16)
     g = torch.rand(1024, device=DEV) + 0.5
