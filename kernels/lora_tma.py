@@ -324,6 +324,10 @@ def _config_fits(c, has_mask: bool, r_pad: int = 16, itemsize: int = 2, shrink: 
     threads = 32 * c.num_warps
     acc_regs = bm * bn // threads
     u_regs = bm * r_pad // threads * (2 if shrink else 1)
+    if shrink and c.num_warps != 8:
+        # The fused paths at 8 warps only: at 4 every masked variant spills, and each config is one more
+        # compile in the autotuning the card's first call pays (benchmarks/device_check.sh's budget).
+        return False
     if k_scale:  # DoRA's backward: G = dY ⊙ g formed in registers on top of the dY pass
         regs_ok = c.num_warps == 8 and bn == 128 and bk == 64 and r_pad <= 16 and not has_mask
     elif db_part:  # the producers' extra tiles (u's rows, dB's partial) beside v and the accumulator
