@@ -305,6 +305,11 @@ CASES = [
         ("delta_indices", "(nblocks, 2)", "(2, 3)")),
     Bad("sparse-block-values-4x4", lambda _: _blocks([[0, 0], [1, 1]], torch.ones(2, 4, 4)), ValueError,
         ("delta_values", "(2, 8, 8)", "(2, 4, 4)")),
+    # -- the LoRA paths' switch forcing a fused TMA path that cannot run (rank 65: above what its configs hold)
+    Bad("lora-env-FASTPEFT_LORA_GEMM-tma-shrink-rank-65",
+        lambda _: _with_env("FASTPEFT_LORA_GEMM", "tma-shrink",
+                            lambda: _lora(lora_A=_t(65, IN), lora_B=_t(OUT, 65), backend="triton")), ValueError,
+        ("'tma-shrink'", "cannot run here", "('kernels', 'torch')")),
     # -- the sparse ops' floor switch (read on the triton backend, where the choice is made)
     Bad("sparse-env-FASTPEFT_SPARSE_PATH-fastest",
         lambda _: _with_env("FASTPEFT_SPARSE_PATH", "fastest", lambda: _sparse(backend="triton")), ValueError,
