@@ -19,7 +19,14 @@
   backward) and raise the row block's flag (release); the other tiles of the row block finish their own K
   loop, wait for the flag (acquire) and read u. x is read once for the GEMM and the shrink, and no tile
   redoes u. Deadlock-free because every producer precedes its waiters in tile order and the persistent
-  programs (at most one per SM) are all resident.
+  programs (at most one per SM) are all resident. With ``col_scale`` g: DoRA's plain forward (g ⊙ (...) + b).
+- The dY pass fused (``lora_backward_tma``, the backward's "tma-dy" path): dX's GEMM whose column-block-0
+  tiles accumulate v = dY B from the dY tiles they load (B^T through a descriptor) and, for each dY tile,
+  dY_tile^T u into their row block's fp32 partial of dB (added in a fixed order afterwards), then publish v
+  as above; dY is read once for dX, v and dB. ``dora_backward_tma``: the same on G = dY ⊙ g, scaled in
+  registers as dY's tiles load, with the magnitude's partials Σ dY (y - b) computed by column block 1's
+  tiles from y read inside the GEMM.
+- The flags are the only atomics: they order programs and sum nothing.
 
 Needs sm_90+ and a triton with ``tl.make_tensor_descriptor`` (3.4+; written against the 3.6 API, also
 compiles on 3.9): ``tma_supported(device)``. TMA needs 16-byte aligned rows, so K and N must be multiples
