@@ -562,7 +562,9 @@ def _dy_pass(dy, w, lora_A, lora_B, u, scale, seed, threshold, config, name, g=N
     config = _config_for(dy, config)
     rows = triton.cdiv(dy.shape[0], config["BLOCK_M"] if config is not None else _TUNED_BLOCK_M)
     f32 = dict(device=dy.device, dtype=torch.float32)
-    db_part = (u, torch.empty((rows, dy.shape[1], R), **f32)) if u is not None else None
+    # u's rows are read with a unit inner stride (the kernel takes its row stride only)
+    db_part = (u if u.stride(-1) == 1 else u.contiguous(), torch.empty((rows, dy.shape[1], R), **f32)) \
+        if u is not None else None
     dm_part = None
     if y is not None:  # y is read through dY's descriptor strides: both as standard rows
         dy, y = _with_rows(dy.contiguous()), _with_rows(y.contiguous())
@@ -617,7 +619,7 @@ def _launch(a, b, lu, lv, bias, scale, seed, threshold, config, shrink=None, col
     elif _rows_ok(b):
         b_nk, b_arg = False, b            # (K, N) rows: dX's W
     else:
-        b_nk, b_arg = True, _with_rows(bt.contiguous())
+        b_nk, b_arg = True, _with_rows(bt)  # copied to (N, K) rows
     out = torch.empty((M, N), device=a.device, dtype=a.dtype)
     if M == 0 or N == 0:
         return out

@@ -248,6 +248,13 @@ def test_fused_dy_pass_checks_and_edges():
         T.lora_backward_tma(dy=dy, w=w, lora_A=torch.zeros(80, 48, device=DEV), lora_B=torch.zeros(40, 80, device=DEV))
     dx, v, dbu = T.lora_backward_tma(dy=dy[:0], w=w, lora_A=a, lora_B=bb, u=u[:0])
     assert dx.shape == (0, 48) and v.shape == (0, 8) and torch.equal(dbu, torch.zeros(40, 8, device=DEV))
+    # u with a non-unit inner stride (a transposed view): the same partials as a contiguous u
+    ut = u.t().contiguous().t()
+    assert ut.stride(-1) != 1
+    got = T.lora_backward_tma(dy=dy, w=w, lora_A=a, lora_B=bb, u=ut)
+    want = T.lora_backward_tma(dy=dy, w=w, lora_A=a, lora_B=bb, u=u)
+    for g_, w_ in zip(got, want):
+        assert torch.equal(g_, w_)
     # a rank-1 B^T of odd strides (size-1 rows): copied to TMA rows, same result as a plain one
     b1 = torch.randn(1, 40, device=DEV).t()
     got = T.lora_backward_tma(dy=dy, w=w, lora_A=a[:1], lora_B=b1, u=u[:, :1])
