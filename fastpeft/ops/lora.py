@@ -103,8 +103,8 @@ def _backward(dy, x, u, weight, lora_A, lora_B, s, seed, thr, ds, need_x, need_a
                                        threshold=thr, need_v=need_x, need_a=need_a, need_b=need_bb,
                                        one_dy_pass=one_dy_pass)
         if need_x:
-            gkey = ("dx", _bucket(m), n, k, lora_A.shape[0], x.dtype, thr > 0)
-            dx = lora_gemm(dy, weight, v, lora_A, scale=s * ds, seed=seed, threshold=thr, key=gkey)
+            dx = lora_gemm(dy, weight, v, lora_A, scale=s * ds, seed=seed, threshold=thr,
+                           key=dx_key(m, n, k, lora_A.shape[0], x.dtype, thr > 0))
         return dx, da, dbb
 
     def composed():
@@ -158,21 +158,29 @@ FUSED_SHRINK_MIN_ROWS = 256
 
 def _fused_shrink_offered(x, weight, lora_A) -> bool:
     """Whether the forward can run ``kernels.lora_tma.lora_forward_tma`` (the shrink fused into the TMA GEMM)."""
-    if x.shape[0] < FUSED_SHRINK_MIN_ROWS and K.gemm_mode() != "tma-shrink":
-        return False
-    return (not torch.compiler.is_compiling() and KT.tma_supported(x.device) and KT.shrink_fits(lora_A.shape[0])
-            and KT.tma_shapes_ok(a=x, b=weight.t()) and lora_A.dtype == x.dtype)
+    return _tma_fused_offered(x, weight.t(), lora_A, lambda: KT.shrink_fits(lora_A.shape[0]))
 
 
 def _fused_dy_offered(dy, weight, lora_B, masked: bool) -> bool:
     """Whether the backward can run ``kernels.lora_tma.lora_backward_tma`` (the dY pass fused into dX's TMA
-    GEMM): as ``_fused_shrink_offered``, with dY (M, N) @ W (N, K) as the GEMM (``masked``: dX has dropout's
-    mask, which leaves configs up to rank 32)."""
-    if dy.shape[0] < FUSED_SHRINK_MIN_ROWS and K.gemm_mode() != "tma-shrink":
+    GEMM), with dY (M, N) @ W (N, K) as the GEMM (``masked``: dX has dropout's mask, which leaves configs up to
+    rank 32)."""
+    return _tma_fused_offered(dy, weight, lora_B, lambda: KT.dy_pass_fits(lora_B.shape[1], masked))
+
+
+def _tma_fused_offered(a, b, factor, fits) -> bool:
+    """The rule both fused TMA paths share, for the GEMM a (M, K) @ b (K, N) with the adapter factor read
+    beside a: from FUSED_SHRINK_MIN_ROWS rows (any when FASTPEFT_LORA_GEMM=tma-shrink forces them), not
+    while tracing, on a TMA device, where ``fits()`` (the rank has configs), with TMA rows and one dtype."""
+    if a.shape[0] < FUSED_SHRINK_MIN_ROWS and K.gemm_mode() != "tma-shrink":
         return False
-    return (not torch.compiler.is_compiling() and KT.tma_supported(dy.device)
-            and KT.dy_pass_fits(lora_B.shape[1], masked)
-            and KT.tma_shapes_ok(a=dy, b=weight) and lora_B.dtype == dy.dtype)
+    return (not torch.compiler.is_compiling() and KT.tma_supported(a.device) and fits()
+            and KT.tma_shapes_ok(a=a, b=b) and factor.dtype == a.dtype)
+
+
+def dx_key(m: int, n: int, k: int, rank: int, dtype: torch.dtype, masked: bool) -> tuple:
+    """The shape key of dX's GEMM choice (``lora_gemm``) for dY (m, n) @ W (n, k) at this rank."""
+    return ("dx", _bucket(m), n, k, rank, dtype, masked)
 
 
 def torch_forward(x, weight, bias, lora_A, lora_B, *, scaling, drop_scale, seed, threshold) -> tuple:

@@ -15,7 +15,7 @@ import torch.nn.functional as F
 
 from ..quant import INT8_INV_SCALE, QuantizedWeight, dequantize_weight
 from ..reference import dropout_mask, dropout_threshold
-from .common import _bucket, returned
+from .common import returned
 
 PATHS = ("auto", "fused", "dequant")
 _path_cache: dict = {}
@@ -144,7 +144,7 @@ class QLoRALinearFunction(torch.autograd.Function):
                 w = KQ.int8_weight(qw, dy.dtype)
                 a = (dy.float() * (qw.scales.float() * INT8_INV_SCALE)).to(dy.dtype)
                 from . import lora as OL
-                key = ("dx", _bucket(dy.shape[0]), w.shape[0], w.shape[1], lora_A.shape[0], dy.dtype, thr > 0)
+                key = OL.dx_key(dy.shape[0], w.shape[0], w.shape[1], lora_A.shape[0], dy.dtype, thr > 0)
                 dx = OL.lora_gemm(a, w, v, lora_A, scale=s * ds, seed=seed, threshold=thr, key=key)  # LoRA's choice
             if need_a:
                 da = KL.lora_shrink(x.t(), v, s * ds, seed, thr, 1, x.shape[1]).t().to(lora_A.dtype)
