@@ -257,6 +257,17 @@ def lora_tma_launches(ranks, all_configs=False) -> list:
                 label = f"{name} R{rp}{tag}" + ("" if kept else " (pruned)")
                 out.append(Launch("lora_tma", T._lora_gemm_tma_kernel, label, dict(common, **extra), w, s,
                                   dict(blocks)))
+            # many adapters (64 of them, ids int64 as the layers pass them), the no-grad forward
+            kept = T._prune_multi_configs([c], {}, R_PAD=rp)
+            if kept or all_configs:
+                args = dict(x_ptr=_ptr("bf16"), w_ptr=_ptr("bf16"), la_ptr=_ptr("bf16"), lb_ptr=_ptr("bf16"),
+                            ids_ptr=_ptr("i64"), ranks_ptr=_ptr("i32"), scales_ptr=_ptr("fp32"),
+                            bias_ptr=_ptr("bf16"), u_ptr=_ptr("fp32"), flags_ptr=_ptr("i32"), out_ptr=_ptr("bf16"),
+                            M=M, N=N, K=K, R=rp, NA=64, M_KEY=M, stride_xm=K, stride_w=K, stride_la=K,
+                            stride_lba=N * rp, stride_lbn=rp, stride_lbr=1, stride_um=rp, stride_om=N, HAS_BIAS=True,
+                            R_PAD=rp, NUM_SMS=132, DOT_PRECISION="tf32", UPCAST=False, **blocks)
+                label = f"multi fwd+shrink R{rp}{tag}" + ("" if kept else " (pruned)")
+                out.append(Launch("lora_tma", T._multi_lora_tma_kernel, label, args, w, s, dict(blocks)))
     return out
 
 

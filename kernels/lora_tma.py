@@ -26,6 +26,10 @@
   as above; dY is read once for dX, v and dB. ``dora_backward_tma``: the same on G = dY ⊙ g, scaled in
   registers as dY's tiles load, with the magnitude's partials Σ dY (y - b) computed by column block 1's
   tiles from y read inside the GEMM.
+- Many adapters per batch (``multi_forward_tma``, the no-grad prefill's "fused" path of ``ops.multi``): the
+  same producers compute each row's u = x A_a^T with its own adapter a = ids[m] (the block's first adapter
+  from the GEMM's x tiles, any further one in a K loop of its own), and every tile adds, per adapter present
+  in its rows, s_a u B_a^T as one more MMA into its accumulator: y = x W^T + b + the adapters in one kernel.
 - The flags are the only atomics: they order programs and sum nothing.
 
 Needs sm_90+ and a triton with ``tl.make_tensor_descriptor`` (3.4+; written against the 3.6 API, also
@@ -89,11 +93,12 @@ def _k_loop(a_desc, b_desc, off_m, off_n, k_tiles, K, gk_ptr, B_NK: tl.constexpr
 
 @triton.jit
 def _k_loop_shrink(a_desc, b_desc, la_desc, off_m, off_n, rm, M, K, R, k_tiles, seed, threshold, pu_ptr, part_ptr,
-                   stride_pum, gk_ptr, B_NK: tl.constexpr, X_MASK: tl.constexpr, DB_PART: tl.constexpr,
+                   stride_pum, gk_ptr, la_row, B_NK: tl.constexpr, X_MASK: tl.constexpr, DB_PART: tl.constexpr,
                    K_SCALE: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
                    R_PAD: tl.constexpr, DOT_PRECISION: tl.constexpr, UPCAST: tl.constexpr):
     """``_k_loop`` plus u (BLOCK_M, R_PAD) fp32 = drop-mask(a) @ la^T from the same a tiles: la (R, K) through
-    its descriptor (rows past R read as zeros), a's mask of (m, k) redrawn from draw(seed, m K + k).
+    its descriptor from its row ``la_row`` (rows past the descriptor's read as zeros), a's mask of (m, k) redrawn
+    from draw(seed, m K + k).
     DB_PART (the backward, a = dY): also a^T @ pu for each K step, pu the rows rm of the forward's u (M, R),
     stored as rows [off_k, off_k + BLOCK_K) of this row block's (K, R) fp32 partial of dB at part_ptr.
     K_SCALE (DoRA's backward): a's columns times gk first, for every product."""
@@ -109,7 +114,7 @@ def _k_loop_shrink(a_desc, b_desc, la_desc, off_m, off_n, rm, M, K, R, k_tiles, 
         if K_SCALE:
             a = _scaled(a, gk_ptr, off_k, K, UPCAST, BLOCK_K)
         acc = _mma(a, _b_tile(b_desc, off_n, off_k, B_NK), acc, DOT_PRECISION, UPCAST)
-        la = _cast(tl.trans(la_desc.load([0, off_k])), a.dtype, UPCAST)
+        la = _cast(tl.trans(la_desc.load([la_row, off_k])), a.dtype, UPCAST)
         if DB_PART:
             # dB's partial rows: the same dY tile, transposed, against u; u rounded to dY's dtype as the dB
             # shrink rounds it (the tensor cores take one dtype).
@@ -232,7 +237,7 @@ def _lora_gemm_tma_kernel(
             # Producer of row block pid_m: u = shrink_scale * drop(a) @ la^T from the a tiles this K loop
             # loads anyway, stored (fp32) and published through the block's flag.
             acc, u = _k_loop_shrink(a_desc, b_desc, la_desc, off_m, off_n, rm, M, K, R, k_tiles, seed, threshold,
-                                    pu_ptr, part_ptr + pid_m.to(tl.int64) * K * R, stride_pum, g_ptr, B_NK, X_MASK,
+                                    pu_ptr, part_ptr + pid_m.to(tl.int64) * K * R, stride_pum, g_ptr, 0, B_NK, X_MASK,
                                     DB_PART, K_SCALE, BLOCK_M, BLOCK_N, BLOCK_K, R_PAD, DOT_PRECISION, UPCAST)
             lu = u * shrink_scale
             tl.store(lu_ptrs, lu, mask=lu_ok)
@@ -295,6 +300,107 @@ def _tma_store_halves(acc, lu, off_m, n0, out_desc, out_ptr, lv_ptr, bias_ptr, M
                     threshold, HAS_BIAS, True, BLOCK_M, H, R_PAD, DOT_PRECISION, UPCAST)
     _tma_store_part(h1, lu, off_m, n0 + H, out_desc, out_ptr, lv_ptr, bias_ptr, M, N, R, stride_lvr, stride_lvn, seed,
                     threshold, HAS_BIAS, True, BLOCK_M, H, R_PAD, DOT_PRECISION, UPCAST)
+
+# ----------------------------------------------------------------------------------------------------
+# many adapters per batch: the shrink and each row block's adapters fused into the GEMM
+# ----------------------------------------------------------------------------------------------------
+
+
+@triton.jit
+def _next_adapter(ids, a, NA):
+    """The smallest adapter id above ``a`` among ``ids`` (NA when none): a row block's adapters, in turn."""
+    return tl.min(tl.where(ids > a, ids, NA), axis=0)
+
+
+@triton.jit
+def _k_loop_u(a_desc, la_desc, off_m, la_row, k_tiles, BLOCK_M: tl.constexpr, BLOCK_K: tl.constexpr,
+              R_PAD: tl.constexpr, DOT_PRECISION: tl.constexpr, UPCAST: tl.constexpr):
+    """The shrink alone: (BLOCK_M, R_PAD) fp32 a[rows off_m ..] @ la[rows la_row ..]^T, both through their
+    descriptors (a row block's second and later adapters; its tiles of a come from L2 by then)."""
+    u = tl.zeros((BLOCK_M, R_PAD), dtype=tl.float32)
+    for kt in range(k_tiles):
+        off_k = kt * BLOCK_K
+        a = a_desc.load([off_m, off_k])
+        u = _mma(a, _cast(tl.trans(la_desc.load([la_row, off_k])), a.dtype, UPCAST), u, DOT_PRECISION, UPCAST)
+    return u
+
+
+@triton.jit
+def _multi_lora_tma_kernel(
+    # pointers: x (M, K) rows; w (N, K) rows (W); la (NA * R, K) rows (the A stack, adapter a from row a R);
+    # lb (NA, N, R) by strides (the B stack); ids (M,) int in [-1, NA); ranks (NA,) int; scales (NA,) fp32;
+    # bias (N,); u (M, R) fp32 scratch; flags (cdiv(M, 32),) int32 zeros; out (M, N) rows
+    x_ptr, w_ptr, la_ptr, lb_ptr, ids_ptr, ranks_ptr, scales_ptr, bias_ptr, u_ptr, flags_ptr, out_ptr,
+    # sizes (M_KEY: M's bucket, the autotuning key; not read)
+    M, N, K, R, NA, M_KEY,
+    # strides (the inner stride of x, w, la and out is 1: TMA)
+    stride_xm, stride_w, stride_la, stride_lba, stride_lbn, stride_lbr, stride_um, stride_om,
+    # meta-parameters (NUM_SMS: persistent programs)
+    HAS_BIAS: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
+    GROUP_M: tl.constexpr, R_PAD: tl.constexpr, NUM_SMS: tl.constexpr, DOT_PRECISION: tl.constexpr,
+    UPCAST: tl.constexpr,
+):
+    x_desc = tl.make_tensor_descriptor(x_ptr, shape=[M, K], strides=[stride_xm, 1], block_shape=[BLOCK_M, BLOCK_K])
+    w_desc = tl.make_tensor_descriptor(w_ptr, shape=[N, K], strides=[stride_w, 1], block_shape=[BLOCK_N, BLOCK_K])
+    la_desc = tl.make_tensor_descriptor(la_ptr, shape=[NA * R, K], strides=[stride_la, 1],
+                                        block_shape=[R_PAD, BLOCK_K])
+    out_desc = tl.make_tensor_descriptor(out_ptr, shape=[M, N], strides=[stride_om, 1],
+                                         block_shape=[BLOCK_M, BLOCK_N])
+    num_m = tl.cdiv(M, BLOCK_M)
+    num_n = tl.cdiv(N, BLOCK_N)
+    k_tiles = tl.cdiv(K, BLOCK_K)
+    rr = tl.arange(0, R_PAD)
+    for tile in tl.range(tl.program_id(0), num_m * num_n, NUM_SMS):
+        pid_m, pid_n = _shrink_first_coords(tile, num_m, num_n, GROUP_M)
+        off_m = pid_m * BLOCK_M
+        off_n = pid_n * BLOCK_N
+        rm = off_m + tl.arange(0, BLOCK_M)
+        m_ok = rm < M
+        ids = tl.load(ids_ptr + rm, mask=m_ok, other=-1).to(tl.int32)
+        first = _next_adapter(ids, -1, NA)  # NA: no row of this block has an adapter
+        u_ptrs = u_ptr + rm[:, None].to(tl.int64) * stride_um + rr[None, :]
+        u_ok = m_ok[:, None] & (rr < R)[None, :]
+        if pid_n == 0:
+            # Producer: the block's first adapter's shrink rides on the GEMM's K loop (x's tiles loaded once);
+            # each further adapter of the block (rows of two sequences) runs a K loop of its own. Row m keeps
+            # its own adapter's columns r < r_a: u_m = x_m A_a^T.
+            a0 = tl.minimum(first, NA - 1)
+            acc, ua = _k_loop_shrink(x_desc, w_desc, la_desc, off_m, off_n, rm, M, K, R, k_tiles, 0, 0, u_ptr,
+                                     u_ptr, 0, u_ptr, a0 * R, True, False, False, False, BLOCK_M, BLOCK_N, BLOCK_K,
+                                     R_PAD, DOT_PRECISION, UPCAST)
+            u = tl.where((ids == first)[:, None] & (rr < tl.load(ranks_ptr + a0))[None, :], ua, 0.0)
+            a = _next_adapter(ids, first, NA)
+            while a < NA:
+                ua = _k_loop_u(x_desc, la_desc, off_m, a * R, k_tiles, BLOCK_M, BLOCK_K, R_PAD, DOT_PRECISION,
+                               UPCAST)
+                u = tl.where((ids == a)[:, None] & (rr < tl.load(ranks_ptr + a))[None, :], ua, u)
+                a = _next_adapter(ids, a, NA)
+            tl.store(u_ptrs, u, mask=u_ok)
+            tl.debug_barrier()  # every thread's part of u is written before the flag is raised
+            tl.atomic_xchg(flags_ptr + pid_m, 1, sem="release")
+        else:
+            acc = _k_loop(x_desc, w_desc, off_m, off_n, k_tiles, K, u_ptr, True, False, BLOCK_M, BLOCK_N, BLOCK_K,
+                          DOT_PRECISION, UPCAST)
+            # The producer came earlier in tile order (``_shrink_first_coords``): wait for it, read u past L1.
+            while tl.atomic_add(flags_ptr + pid_m, 0, sem="acquire") == 0:
+                pass
+            u = tl.load(u_ptrs, mask=u_ok, other=0.0, cache_modifier=".cg")
+        # Epilogue: s_a folded into each row's u, rounded once to B's dtype; then one MMA per adapter of the
+        # block, into the accumulator, with the other adapters' rows zeroed.
+        s_row = tl.load(scales_ptr + tl.maximum(ids, 0), mask=ids >= 0, other=0.0)
+        lu = _cast(u * s_row[:, None], lb_ptr.dtype.element_ty, UPCAST)
+        rn = off_n + tl.arange(0, BLOCK_N)
+        a = first
+        while a < NA:
+            lv = tl.load(lb_ptr + a.to(tl.int64) * stride_lba + rr[:, None] * stride_lbr
+                         + rn[None, :].to(tl.int64) * stride_lbn,
+                         mask=(rr < tl.load(ranks_ptr + a))[:, None] & (rn < N)[None, :], other=0.0)
+            acc = _mma(tl.where((ids == a)[:, None], lu, tl.zeros_like(lu)), lv, acc, DOT_PRECISION, UPCAST)
+            a = _next_adapter(ids, a, NA)
+        if HAS_BIAS:
+            acc += tl.load(bias_ptr + rn, mask=rn < N, other=0.0).to(tl.float32)[None, :]
+        out_desc.store([off_m, off_n], _cast(acc, out_ptr.dtype.element_ty, UPCAST))
+
 
 # ----------------------------------------------------------------------------------------------------
 # configs
@@ -381,6 +487,24 @@ def _tuned():
                                 "DB_PART", "K_SCALE", "DM_PART", "DM_BIAS"],
                            prune_configs_by={"early_config_prune": _prune_tma_configs},
                            reset_to_zero=["flags_ptr"])(_lora_gemm_tma_kernel)
+
+
+@functools.lru_cache(maxsize=None)
+def _tuned_multi():
+    # Keyed on M's bucket (M_KEY), not M: serving batches vary in size, and each new key is a tuning run.
+    return triton.autotune(configs=_TMA_CONFIGS, key=["M_KEY", "N", "K", "R_PAD", "HAS_BIAS"],
+                           prune_configs_by={"early_config_prune": _prune_multi_configs},
+                           reset_to_zero=["flags_ptr"])(_multi_lora_tma_kernel)
+
+
+def _prune_multi_configs(configs, named_args, **kwargs):
+    """The fused shrink's rule (``_config_fits`` with ``shrink``: 8 warps, the accumulator and u twice within
+    160 registers, the pipelined tiles in shared memory). Compiled for sm_90 at R_PAD 16 / 32 / 64 with every
+    autotune config: every config it keeps has no spill on triton 3.6 and 3.9; of those it drops, the 4-warp
+    ones spill 56-1744 B on 3.9 and do not compile on 3.6 (ConvertTritonGPUToLLVM fails), and at R_PAD 64
+    BLOCK_N 256 spills 96-256 B on both."""
+    r_pad = int(kwargs.get("R_PAD", named_args.get("R_PAD", 16)))
+    return [c for c in configs if _config_fits(c, False, r_pad, shrink=True)]
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -507,6 +631,72 @@ def lora_forward_tma(*, x: torch.Tensor, w_t: torch.Tensor, lora_A: torch.Tensor
     y = _launch(x, w_t, u, lv, bias, scale, seed, 0, config, shrink=(lora_A, drop_scale, threshold),
                 col_scale=col_scale)
     return y, u
+
+
+def multi_forward_tma(*, x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, lora_A_stack: torch.Tensor,
+                      lora_B_stack: torch.Tensor, scalings: torch.Tensor, ids: torch.Tensor,
+                      ranks: torch.Tensor | None = None, config: dict | None = None) -> torch.Tensor:
+    """Many adapters in one batch, without dropout, in one persistent TMA kernel:
+    y_m = x_m W^T + b + s_a (x_m A_a^T) B_a^T with a = ids[m] (nothing for -1), in x's dtype.
+
+    x (M, K); weight (N, K) (read in place); lora_A_stack (n, r_max, K); lora_B_stack (n, N, r_max); scalings
+    (n,); ids (M,) int in [-1, n) (not checked here: the caller's range check); ranks (n,) or None (all r_max):
+    adapter a uses its first ranks[a] rows of A and columns of B. The programs holding column block 0 of a
+    row block (first in tile order) compute u = x A_a^T for the block's rows, each with its own adapter:
+    the first adapter present in the block from the x tiles the GEMM's K loop loads, each further one in a
+    K loop of its own (so a block whose rows share one adapter, as a sequence's tokens do, costs what one
+    adapter costs, and a block mixing d adapters d - 1 more shrinks of its rows). They publish u through the
+    block's flag; every tile adds, per adapter present in its rows, s_a u B_a^T as one more MMA into its
+    accumulator. No grouping, no host sync, no atomics in any sum. ``config`` as for ``lora_gemm_tma``.
+    """
+    m, k = x.shape
+    n, r_max = lora_A_stack.shape[0], lora_A_stack.shape[1]
+    if lora_A_stack.dim() != 3 or lora_A_stack.shape[2] != k:
+        raise ValueError(f"multi_forward_tma: lora_A_stack must be (n, r_max, K={k}), got {tuple(lora_A_stack.shape)}")
+    if lora_B_stack.shape != (n, weight.shape[0], r_max):
+        raise ValueError(f"multi_forward_tma: lora_B_stack must be (n={n}, N={weight.shape[0]}, r_max={r_max}), "
+                         f"got {tuple(lora_B_stack.shape)}")
+    if not shrink_fits(r_max):
+        raise ValueError(f"multi_forward_tma: r_max {r_max} is above what its configs hold (at most 64)")
+    if ids.shape != (m,) or scalings.shape != (n,) or ranks is not None and ranks.shape != (n,):
+        raise ValueError(f"multi_forward_tma: ids must be ({m},), scalings and ranks ({n},), got "
+                         f"{tuple(ids.shape)}, {tuple(scalings.shape)}, {None if ranks is None else tuple(ranks.shape)}")
+    if not tma_supported(x.device):
+        raise RuntimeError(f"multi_forward_tma needs sm_90+ and triton with tl.make_tensor_descriptor "
+                           f"(device {x.device}, triton {triton.__version__})")
+    if not tma_shapes_ok(a=x, b=weight.t()):
+        raise ValueError(f"multi_forward_tma: K and N must be multiples of {16 // x.element_size()} for {x.dtype} "
+                         f"(TMA rows of 16 bytes), got x {tuple(x.shape)}, weight {tuple(weight.shape)}")
+    out = torch.empty((m, weight.shape[0]), device=x.device, dtype=x.dtype)
+    if m == 0 or weight.shape[0] == 0:
+        return out
+    if n == 0 or r_max == 0 or k == 0:  # no adapter term
+        return torch.addmm(bias, x, weight.t(), out=out) if bias is not None else torch.mm(x, weight.t(), out=out)
+    triton.set_allocator(_allocator(x.device))
+    x, w = _with_rows(x), _with_rows(weight)
+    la = _with_rows(lora_A_stack.reshape(n * r_max, k))
+    if ranks is None:
+        ranks = torch.full((n,), r_max, device=x.device, dtype=torch.int32)
+    scales = scalings.to(torch.float32)
+    u = torch.empty((m, r_max), device=x.device, dtype=torch.float32)
+    flags = torch.zeros(triton.cdiv(m, 32), device=x.device, dtype=torch.int32)
+    args = (x, w, la, lora_B_stack, ids, ranks, scales, bias if bias is not None else out, u, flags, out,
+            m, weight.shape[0], k, r_max, n, triton.next_power_of_2(m),
+            x.stride(0), w.stride(0), la.stride(0), *lora_B_stack.stride(), u.stride(0), out.stride(0))
+    meta = dict(HAS_BIAS=bias is not None, R_PAD=r_pad(r_max), DOT_PRECISION=_dot_precision(x.dtype),
+                UPCAST=_upcast(x.dtype))
+    tiles = lambda c: triton.cdiv(m, c["BLOCK_M"]) * triton.cdiv(weight.shape[0], c["BLOCK_N"])  # noqa: E731
+    config = _config_for(x, config)
+    sms = torch.cuda.get_device_properties(x.device).multi_processor_count if x.device.type == "cuda" else 3
+    if config is not None:
+        cfg = dict(config)
+        cfg.setdefault("NUM_SMS", sms)
+        if INTERPRET:
+            cfg["NUM_SMS"] = 1  # the interpreter runs programs in turn: a waiting one would never see its flag
+        _multi_lora_tma_kernel[(max(1, min(cfg["NUM_SMS"], tiles(cfg))),)](*args, **meta, **cfg)
+    else:
+        _tuned_multi()[lambda c: (max(1, min(sms, tiles(c))),)](*args, **meta, NUM_SMS=sms)
+    return out
 
 
 def lora_backward_tma(*, dy: torch.Tensor, w: torch.Tensor, lora_A: torch.Tensor, lora_B: torch.Tensor,

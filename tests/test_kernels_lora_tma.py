@@ -436,3 +436,133 @@ def test_dora_fused_dy_pass_on_the_card():
     assert_close_report(dm, dm2, rtol=1e-4, atol=1e-1, what="dm")
     assert_close_report(dx.float(), dx2.float(), rtol=2e-2, atol=2e-2, what="dX")
     assert_close_report(dbu, K.lora_shrink(a=dy.t(), b=u) * g[:, None], rtol=2e-2, atol=1.0, what="dB")
+
+
+# ---- many adapters per batch, the shrink and each row block's adapters fused (multi_forward_tma) -------------
+
+
+def _multi_inputs(m, k, n, ranks, dtype, seed=0):
+    """x (m, k), W, bias, stacks A (na, r_max, k), B (na, n, r_max) with NaN past each adapter's rank (never
+    read into y), scalings (na,), ranks (na,) int32; fp64 on the CPU then moved."""
+    g = torch.Generator().manual_seed(seed)
+    na, r_max = len(ranks), max(ranks)
+    x = torch.randn(m, k, generator=g, dtype=torch.float64)
+    w = torch.randn(n, k, generator=g, dtype=torch.float64) / k ** 0.5
+    b = torch.randn(n, generator=g, dtype=torch.float64)
+    a = torch.randn(na, r_max, k, generator=g, dtype=torch.float64) / k ** 0.5
+    bb = torch.randn(na, n, r_max, generator=g, dtype=torch.float64) / r_max ** 0.5
+    for i, r in enumerate(ranks):
+        a[i, r:] = float("nan")
+        bb[i, :, r:] = float("nan")
+    s = torch.rand(na, generator=g, dtype=torch.float64) + 0.5
+    return ([t.to(DEV, dtype) for t in (x, w, b, a, bb)] + [s.to(DEV, torch.float32),
+                                                             torch.tensor(ranks, device=DEV, dtype=torch.int32)])
+
+
+def _layout(kind, m, na, seed=0):
+    """Row adapter ids (m,) int64: ``segments`` (sequences of 40 rows, one adapter each: blocks of 32 rows mix at
+    most two), ``random`` (any of -1 .. na - 1 per row), ``one`` (adapter na - 1 everywhere), ``none`` (-1)."""
+    g = torch.Generator().manual_seed(seed)
+    ids = {"segments": torch.arange(m) // 40 % na, "random": torch.randint(-1, na, (m,), generator=g),
+           "one": torch.full((m,), na - 1), "none": torch.full((m,), -1)}[kind]
+    return ids.to(DEV)
+
+
+MULTI_SHAPES = [(100, 48, 80, (24, 8, 1)), (33, 64, 136, (16, 64, 8, 3)), (7, 40, 48, (8, 8)), (1, 48, 40, (16,))]
+
+
+@pytest.mark.parametrize("layout", ["segments", "random", "one", "none"])
+@pytest.mark.parametrize("dt", list(DTYPES))
+@pytest.mark.parametrize("m,k,n,ranks", MULTI_SHAPES, ids=[f"M{m}-K{k}-N{n}-r{'.'.join(map(str, r))}"
+                                                           for m, k, n, r in MULTI_SHAPES])
+def test_multi_forward_matches_reference(m, k, n, ranks, dt, layout):
+    """y from one kernel against lora_linear_multi_ref in fp64 (fp32 to 1e-5; fp16 / bf16 within 2x PyTorch's
+    own error), for rows sharing an adapter per sequence, mixed at random with rows of none, all one adapter
+    and none at all; NaN past each adapter's rank in both stacks never reaches y."""
+    from fastpeft.reference import lora_linear_multi_ref
+    case = f"M{m}-K{k}-N{n}-{dt}-{layout}"
+    x, w, b, a, bb, s, rk = _multi_inputs(m, k, n, list(ranks), DTYPES[dt])
+    ids = _layout(layout, m, len(ranks))
+    y = T.multi_forward_tma(x=x, weight=w, bias=b, lora_A_stack=a, lora_B_stack=bb, scalings=s, ids=ids, ranks=rk)
+    assert y.dtype == x.dtype and y.shape == (m, n)
+
+    def ref(*ts):
+        a_, bb_ = ts[3].clone(), ts[4].clone()
+        for i, r in enumerate(ranks):  # the reference multiplies the whole stack: zero the NaN past the ranks
+            a_[i, r:] = 0
+            bb_[i, :, r:] = 0
+        return lora_linear_multi_ref(ts[0], ts[1], ts[2], a_, bb_, s.to(ts[0].dtype), ids, rk)
+    exact = ref(*(t.double() for t in (x, w, b, a, bb)))
+    if x.dtype == torch.float32:
+        assert_close_report(y, exact, rtol=1e-5, atol=1e-5 * max(1.0, exact.abs().max().item()), what=case)
+    else:
+        err = (y.double() - exact).abs().max().item()
+        torch_err = (ref(x, w, b, a, bb).double() - exact).abs().max().item()
+        assert err <= 2 * torch_err + 1e-3 * exact.abs().max().item(), f"{case}: {err:.3g} vs {torch_err:.3g}"
+
+
+def test_multi_forward_no_bias_ranks_default_and_strides():
+    """Without a bias and ranks (every adapter r_max), with x of odd strides and W read as a transposed copy:
+    the same bits as with contiguous inputs; a one-tile-wide N (every tile a producer) and more row blocks."""
+    x, w, b, a, bb, s, rk = _multi_inputs(70, 48, 32, [8, 8, 8], torch.float32)
+    a, bb = a.nan_to_num(), bb.nan_to_num()
+    ids = _layout("random", 70, 3)
+    want = T.multi_forward_tma(x=x, weight=w, bias=None, lora_A_stack=a, lora_B_stack=bb, scalings=s, ids=ids)
+    xs = torch.empty(70, 96, device=DEV)[:, ::2].copy_(x)
+    assert xs.stride() == (96, 2)
+    got = T.multi_forward_tma(x=xs, weight=w.t().contiguous().t(), bias=None, lora_A_stack=a,
+                              lora_B_stack=bb.transpose(1, 2).contiguous().transpose(1, 2), scalings=s, ids=ids)
+    assert torch.equal(got, want)
+    ref = x @ w.t()
+    for i in range(70):
+        if ids[i] >= 0:
+            ref[i] += s[ids[i]] * (x[i] @ a[ids[i]].t()) @ bb[ids[i]].t()
+    assert_close_report(want, ref, rtol=1e-5, atol=1e-5, what="no bias")
+
+
+def test_multi_forward_checks_and_edges():
+    x, w, b, a, bb, s, rk = _multi_inputs(5, 48, 40, [8, 4], torch.float32)
+    ids = torch.tensor([0, 1, -1, 1, 0], device=DEV)
+    kw = dict(x=x, weight=w, bias=b, lora_A_stack=a, lora_B_stack=bb, scalings=s, ids=ids, ranks=rk)
+    with pytest.raises(ValueError, match=r"lora_A_stack must be \(n, r_max, K=48\), got \(2, 8, 40\)"):
+        T.multi_forward_tma(**dict(kw, lora_A_stack=a[:, :, :40]))
+    with pytest.raises(ValueError, match=r"lora_B_stack must be \(n=2, N=40, r_max=8\), got \(2, 40, 4\)"):
+        T.multi_forward_tma(**dict(kw, lora_B_stack=bb[:, :, :4]))
+    with pytest.raises(ValueError, match="r_max 80 is above what its configs hold"):
+        T.multi_forward_tma(**dict(kw, lora_A_stack=torch.zeros(2, 80, 48, device=DEV),
+                                   lora_B_stack=torch.zeros(2, 40, 80, device=DEV)))
+    with pytest.raises(ValueError, match=r"ids must be \(5,\), scalings and ranks \(2,\), got \(4,\)"):
+        T.multi_forward_tma(**dict(kw, ids=ids[:4]))
+    with pytest.raises(ValueError, match="K and N must be multiples of 8"):
+        T.multi_forward_tma(**dict(kw, x=x[:, :44].half(), weight=w[:, :44].half(), lora_A_stack=a[:, :, :44]))
+    assert T.multi_forward_tma(**dict(kw, x=x[:0], ids=ids[:0])).shape == (0, 40)
+    none = T.multi_forward_tma(**dict(kw, ids=torch.full((5,), -1, device=DEV)))
+    assert_close_report(none, x @ w.t() + b, rtol=1e-6, atol=1e-6, what="no adapter rows")
+
+
+@on_card
+def test_multi_forward_on_the_card():
+    """The many-adapter forward on the card (two shipped configs, the real persistent grid): 64 adapters of
+    ranks 8-64, sequences of 500 rows each with its adapter (blocks straddle two) and rows mixed at random; 20
+    launches the same bits as the first, close to fp32 torch (a missed wait would read a stale u)."""
+    ranks = [8, 16, 32, 64] * 16
+    x, w, b, a, bb, s, rk = _multi_inputs(4096 + 37, 1024, 2048, ranks, torch.bfloat16)
+    a, bb = a.nan_to_num(), bb.nan_to_num()
+    for layout in ("seq", "random"):
+        m = x.shape[0]
+        ids = (torch.arange(m, device=DEV) // 500 * 7 % 64 if layout == "seq"
+               else torch.randint(-1, 64, (m,), device=DEV))
+        want = x.float() @ w.float().t() + b.float()
+        for i in ids.unique().tolist():
+            if i >= 0:
+                rows = ids == i
+                want[rows] += s[i] * (x[rows].float() @ a[i].float().t()) @ bb[i].float().t()
+        for cfg in GPU_CONFIGS:
+            first = None
+            for _ in range(20):
+                y = T.multi_forward_tma(x=x, weight=w, bias=b, lora_A_stack=a, lora_B_stack=bb, scalings=s, ids=ids,
+                                        ranks=rk, config=cfg)
+                if first is None:
+                    first = y
+                    assert_close_report(y.float(), want, rtol=2e-2, atol=5e-2, what=f"{layout} {cfg}")
+                assert torch.equal(y, first), f"{layout} {cfg}: launches differ"

@@ -179,6 +179,9 @@ def test_every_offered_fused_path_keeps_a_config(rank):
         kept = KT._prune_tma_configs(KT._TMA_CONFIGS, {}, R_PAD=rp, SHRINK=True, DB_PART=True, HAS_MASK=masked,
                                      K_SCALE=True, DM_PART=True)
         assert bool(kept) == KT.dora_dy_pass_fits(rank, masked), (rank, masked)
+    kept = KT._prune_multi_configs(KT._TMA_CONFIGS, {}, R_PAD=rp)  # many adapters: r_max's R_PAD
+    assert bool(kept) >= KT.shrink_fits(rank), rank
+    assert all(c.num_warps == 8 for c in kept)  # at 4 warps triton 3.6 does not compile it
 
 
 def test_backward_offers_the_fused_dy_pass_where_dx_is_needed(monkeypatch):
