@@ -7,7 +7,9 @@ Providers (forward only, as in serving): ``single`` (FastLoRALinear with one ada
 rows: the floor), ``fastpeft`` (n adapters routed per row by ``forward(x, adapter_ids)`` on the default
 backend: on CUDA the kernels' no-grad forward, its timed choice of BGMV or grouped), at decode
 ``fastpeft-bgmv`` and ``fastpeft-grouped`` (the same with ``FASTPEFT_MULTI_PATH`` forcing the BGMV kernel,
-base GEMM + 1 launch, or the grouped kernels), ``reference`` (the same on the PyTorch loop), and ``peft`` (a
+base GEMM + 1 launch, or the grouped kernels), at prefill ``fastpeft-grouped`` and on sm_90+ ``fastpeft-fused``
+(forcing the grouped kernels or the one fused TMA kernel, which ``auto`` times against each other for
+per-sequence ids), ``reference`` (the same on the PyTorch loop), and ``peft`` (a
 PEFT LoRA layer with n adapters and ``adapter_names``) when installed. Decode: M tokens, one per
 sequence, each with a random adapter. Prefill: M tokens in sequences of 512, one adapter per sequence.
 Ratios are to ``single`` of the same case, measured in the same run; ``peft / fastpeft`` is PEFT's
@@ -87,6 +89,11 @@ def groups(phase, m, na, rs, k, n, rng, ctx):
         if phase == "decode":  # both paths of the no-grad forward, forced
             calls["fastpeft-bgmv"] = ours("bgmv")
             calls["fastpeft-grouped"] = ours("grouped")
+        else:  # the grouped kernels and, on sm_90+, the fused TMA kernel (auto times both for per-sequence ids)
+            calls["fastpeft-grouped"] = ours("grouped")
+            from fastpeft.kernels import lora_tma
+            if lora_tma.tma_supported(device) and max(RANK_SETS[rs]) <= 64:
+                calls["fastpeft-fused"] = ours("fused")
 
     def ref():
         with fastpeft.use_backend("reference"):

@@ -201,7 +201,7 @@ run "bench lora 4096x4096" 130 $PY -m fastpeft bench lora --quiet $LORA1 --dropo
 run "bench lora 4096x14336, 14336x4096" 90 $PY -m fastpeft bench lora --quiet $LORA2 --dropout 0 0.1 \
     --modes fwd+bwd --json "$OUT/bench_lora_wide.json" --markdown "$OUT/bench_lora_wide.md"
 # shellcheck disable=SC2086
-run "bench multi" 60 $PY -m fastpeft bench multi --quiet $MULTI --json "$OUT/bench_multi.json" \
+run "bench multi" 80 $PY -m fastpeft bench multi --quiet $MULTI --json "$OUT/bench_multi.json" \
     --markdown "$OUT/bench_multi.md"
 # shellcheck disable=SC2086
 run "bench sparse" 70 $PY -m fastpeft bench sparse --quiet $SPARSE --json "$OUT/bench_sparse.json" \

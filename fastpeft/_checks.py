@@ -304,7 +304,9 @@ def expand_adapter_ids(adapter_ids, x: torch.Tensor, n: int, check_range: bool =
     if tuple(adapter_ids.shape) == rows:
         ids = adapter_ids
     elif x.dim() >= 2 and tuple(adapter_ids.shape) == (x.shape[0],):
-        ids = adapter_ids.view((-1,) + (1,) * (x.dim() - 2)).expand(rows)
+        # int64 before the expand, which stays a view (stride 0 past the first dim): the kernels read from the
+        # strides that each sequence's rows share one adapter (ops.multi.sequence_rows)
+        ids = adapter_ids.to(torch.int64).view((-1,) + (1,) * (x.dim() - 2)).expand(rows)
     else:
         raise ValueError(f"adapter_ids must have shape {rows} (per row) or ({x.shape[0]},) "
                          f"(per sequence), got {tuple(adapter_ids.shape)}")

@@ -270,6 +270,9 @@ CASES = [
     Bad("multi-env-path-fastest", lambda _: _with_env("FASTPEFT_MULTI_PATH", "fastest",
                                                       lambda: _multi(backend="triton")), ValueError,
         ("FASTPEFT_MULTI_PATH", "'bgmv'", "'fastest'")),
+    Bad("multi-env-path-fused-r_max-80", lambda _: _with_env("FASTPEFT_MULTI_PATH", "fused", lambda: _multi(
+        lora_A_stack=_t(2, 80, IN), lora_B_stack=_t(2, OUT, 80), backend="triton", training=False)), ValueError,
+        ("FASTPEFT_MULTI_PATH=fused", "cannot run here", "r_max 80 is above 64")),
     # -- sparse_delta_linear, block_size 1: flat indices into 24 x 16 = 384 entries
     Bad("sparse-index-384-out-of-range", lambda _: _sparse(delta_indices=torch.tensor([1, 5, 384])), ValueError,
         ("delta_indices", "[0, 384)", "[1, 384]")),

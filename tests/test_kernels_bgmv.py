@@ -408,3 +408,102 @@ def test_gpu_decode_shapes_both_paths():
         with pytest.MonkeyPatch.context() as mp:
             mp.setenv("FASTPEFT_MULTI_PATH", path)
             _check(f"gpu-decode-{path}", x, w, b, a, bb, s, ids, rk)
+
+
+# ---- the fused no-grad forward (one TMA kernel, sm_90+): FASTPEFT_MULTI_PATH=fused and auto's offer -----------
+
+from fastpeft.kernels import lora_tma as KT  # noqa: E402
+
+needs_tma = pytest.mark.skipif(not KT.tma_supported(DEV), reason="needs sm_90+ and triton tensor descriptors")
+
+
+@pytest.fixture
+def fused_calls(monkeypatch):
+    """The number of fused forwards run, and the candidates of each timed choice of the no-grad forward."""
+    seen = {"fused": 0, "timed": []}
+
+    def fused(*args):
+        seen["fused"] += 1
+        return real(*args)
+    real = OM._fused_forward
+    monkeypatch.setattr(OM, "_fused_forward", fused)
+    timed = KL.timed_choice
+
+    def record(cache, key, mode, device, candidates, fixed):
+        seen["timed"].append(tuple(candidates))
+        return timed(cache, key, mode, device, candidates, fixed)
+    monkeypatch.setattr(KL, "timed_choice", record)
+    return seen
+
+
+@needs_tma
+@pytest.mark.parametrize("dt", list(DTYPES))
+@pytest.mark.parametrize("per_seq", [True, False], ids=["per-seq", "per-token"])
+def test_fused_path_matches_reference(dt, per_seq, monkeypatch, fused_calls):
+    """FASTPEFT_MULTI_PATH=fused: (B, T) rows with per-sequence or per-token ids (every adapter, -1 rows, garbage
+    past each rank), as the reference gives them; through FastLoRALinear's adapter_ids too."""
+    monkeypatch.setenv("FASTPEFT_MULTI_PATH", "fused")
+    x, w, b, a, bb, s, rk = _make(45, 48, 40, RANKS, DTYPES[dt], lead=(3,))
+    ids = torch.tensor([2, -1, 3], device=DEV) if per_seq else _ids((3, 45), len(RANKS))
+    _check(f"fused-{dt}-{'per-seq' if per_seq else 'per-token'}", x, w, b, a, bb, s, ids, rk)
+    assert fused_calls["fused"] == 1
+    layer = fastpeft.FastLoRALinear(48, 40, r=8, lora_alpha=16, device=DEV, dtype=DTYPES[dt],
+                                    init_lora_weights=False, adapter_name="a")
+    layer.add_adapter("b", 16, 8, init_lora_weights=False)
+    layer.eval()
+    with torch.no_grad(), fastpeft.use_backend("triton"):
+        monkeypatch.setenv("FASTPEFT_MULTI_PATH", "grouped")
+        want = layer(x, adapter_ids=ids.clamp(max=1))  # the layer's two adapters
+        monkeypatch.setenv("FASTPEFT_MULTI_PATH", "fused")
+        got = layer(x, adapter_ids=ids.clamp(max=1))
+    assert fused_calls["fused"] == 2
+    tol = 1e-5 if dt == "fp32" else 2e-2
+    assert_close_report(got, want, rtol=tol, atol=tol, what=f"layer {dt}")
+
+
+@needs_tma
+def test_auto_offers_fused_for_long_sequences_only(monkeypatch, fused_calls):
+    """auto, no grad, out of training mode: fused is timed against grouped from FUSED_MIN_ROWS rows where the ids
+    are given per sequence of at least FUSED_MIN_SEQ rows; per-token ids, short sequences, fewer rows, training
+    mode and dropout keep the grouped kernels alone (untimed). Per-sequence int32 ids stay a stride-0 view."""
+    monkeypatch.setenv("FASTPEFT_MULTI_PATH", "auto")
+    t = OM.FUSED_MIN_SEQ
+    b_ = OM.FUSED_MIN_ROWS // t + (OM.FUSED_MIN_ROWS % t > 0)
+    x, w, b, a, bb, s, rk = _make(t, 48, 40, [8, 4], torch.float32, lead=(b_,))
+    per_seq = torch.arange(b_, device=DEV) % 2
+    _forward("triton", x, w, b, a, bb, s, per_seq.int(), rk, None, 0)
+    assert fused_calls["timed"] == [("grouped", "fused")]
+    from fastpeft._checks import expand_adapter_ids
+    assert OM.sequence_rows(expand_adapter_ids(per_seq.int(), x, 2)) == t
+    assert OM.sequence_rows(per_seq.view(-1, 1).expand(b_, t).contiguous()) == 1
+    fused_calls["timed"].clear()
+    _forward("triton", x, w, b, a, bb, s, per_seq.view(-1, 1).expand(b_, t).contiguous(), rk, None, 0)  # per token
+    _forward("triton", x[:, : t - 1], w, b, a, bb, s, per_seq, rk, None, 0)                           # short
+    _forward("triton", x[:1], w, b, a, bb, s, per_seq[:1], rk, None, 0)                                # few rows
+    with torch.no_grad():
+        fastpeft.lora_linear_multi(x, w, b, a, bb, s, per_seq, rk, backend="triton", training=True)
+        fastpeft.lora_linear_multi(x, w, b, a, bb, s, per_seq, rk, backend="triton", training=True, seed=1,
+                                   dropout_p=torch.tensor([0.1, 0.0], device=DEV))
+    assert fused_calls["timed"] == [] and fused_calls["fused"] == 0
+
+
+@needs_tma
+def test_forced_fused_refusals_are_named(monkeypatch):
+    """FASTPEFT_MULTI_PATH=fused where the kernel cannot run: a ValueError naming the reason."""
+    monkeypatch.setenv("FASTPEFT_MULTI_PATH", "fused")
+    x, w, b, a, bb, s, rk = _make(5, 48, 40, [8, 4], torch.float32)
+    ids = _ids((5,), 2)
+    cases = [(dict(p=torch.tensor([0.1, 0.0], device=DEV), seed=1), "dropout applies"),
+             (dict(a=torch.zeros(2, 80, 48, device=DEV), bb=torch.zeros(2, 40, 80, device=DEV),
+                   rk=torch.tensor([80, 4], device=DEV)), "r_max 80 is above 64"),
+             (dict(x=x[:, :44].half(), w=w[:, :44].half(), a=a[:, :, :44].half(), bb=bb.half(), b=b.half()),
+              r"in and out features must be multiples of 8 for torch.float16 \(TMA rows\), got 44 and 40")]
+    for change, match in cases:
+        kw = {**dict(x=x, w=w, b=b, a=a, bb=bb, s=s, rk=rk, p=None, seed=0), **change}
+        with pytest.raises(ValueError, match="FASTPEFT_MULTI_PATH=fused is forced but cannot run here: " + match):
+            with torch.no_grad():
+                fastpeft.lora_linear_multi(kw["x"], kw["w"], kw["b"], kw["a"], kw["bb"], kw["s"], ids, kw["rk"],
+                                           backend="triton", dropout_p=kw["p"], training=kw["p"] is not None,
+                                           seed=kw["seed"])
+    why = OM._fused_refusal(x, w, b.double(), a, bb, None)
+    assert why.startswith("x, W, the stacks and the bias must share one dtype")

@@ -5,13 +5,16 @@ autocast and runs :class:`LoRAMultiFunction` on the grouped kernels of ``kernels
 number of launches whatever the number of adapters, their ranks and the mix of rows. With nothing to
 differentiate (decode, evaluation) it runs the forward alone, on the faster of the grouped kernels and, for
 up to ``BGMV_MAX_ROWS`` rows out of training mode, the BGMV kernel (base GEMM + one launch, no grouping;
-``forward_path``).
+``forward_path``); beyond, with ids given per sequence (prefill) on sm_90+, the faster of the grouped kernels
+and one persistent TMA kernel that fuses the shrink and each row block's adapters into the base GEMM
+(``kernels.lora_tma.multi_forward_tma``).
 """
 from __future__ import annotations
 
 import torch
 
 from ..kernels import lora as K
+from ..kernels import lora_tma as KT
 from ..kernels import multi_lora as MK
 from .common import _bucket, _seed_arg, autocast_inputs, base_grads, returned
 
@@ -139,13 +142,16 @@ def _bgmv_forward(x, weight, bias, lora_A_stack, lora_B_stack, scalings, ids, ra
                       has_mask=dropout_p is not None, mask_sm=k, mask_sk=1)
 
 
-# The no-grad forward: "bgmv" (base GEMM + the BGMV kernel) or "grouped" (grouping, shrink, base GEMM, expand).
-# FASTPEFT_MULTI_PATH forces one ("bgmv" at any number of rows, also in training mode); "auto" times both per
-# shape up to BGMV_MAX_ROWS rows (kernels.lora.timed_choice) when not training, and runs the grouped kernels
-# beyond and in training mode: a training forward without grad (reentrant activation checkpointing) must give
-# the bits of the grad path, which its recompute in backward runs (BGMV sums in another order). A forward with a
-# gradient always runs the grouped kernels: their backward reads the grouping.
-MULTI_PATHS = ("auto", "bgmv", "grouped")
+# The no-grad forward: "bgmv" (base GEMM + the BGMV kernel), "grouped" (grouping, shrink, base GEMM, expand) or
+# "fused" (one persistent TMA kernel, sm_90+, no dropout: kernels.lora_tma.multi_forward_tma). FASTPEFT_MULTI_PATH
+# forces one ("bgmv" and "fused" at any number of rows, also in training mode); "auto" times bgmv against grouped
+# up to BGMV_MAX_ROWS rows (kernels.lora.timed_choice) when not training, and beyond times grouped against fused
+# where the fused kernel is offered (``_fused_offered``: from FUSED_MIN_ROWS rows, ids given per sequence of at
+# least FUSED_MIN_SEQ tokens), else runs grouped; in training mode grouped: a training forward without grad
+# (reentrant activation checkpointing) must give the bits of the grad path, which its recompute in backward runs
+# (BGMV and the fused kernel sum in other orders). A forward with a gradient always runs the grouped kernels:
+# their backward reads the grouping.
+MULTI_PATHS = ("auto", "bgmv", "grouped", "fused")
 # Every BGMV program recomputes its row's shrink, and rows of one adapter do not share its reads of A_a and B_a:
 # the grouped kernels' tiles win once rows are many. 64: the decode batch sizes of the benchmarks (1..64);
 # not measured on a GPU.
@@ -164,17 +170,72 @@ def forward_path(key: tuple, candidates: dict, device: torch.device, mode: str) 
     return K.timed_choice(_path_cache, key, mode, device, candidates, "bgmv")
 
 
+# The fused kernel's producers run one shrink K loop per adapter present in their block of 128 rows: offered by
+# "auto" only where the ids are given per sequence (one adapter for each sequence's rows, a layout known without
+# reading the ids) of at least FUSED_MIN_SEQ rows, so that a block mixes at most two adapters, and from
+# FUSED_MIN_ROWS rows (the single-adapter fused forward's threshold). Then timed against the grouped kernels.
+FUSED_MIN_SEQ = 128
+FUSED_MIN_ROWS = 256
+
+
+def sequence_rows(ids: torch.Tensor) -> int:
+    """Rows that are known to share one adapter, from the ids' strides alone: the rows per sequence where
+    ``ids`` (B, T, ...) is one id per sequence expanded (stride 0 past the first dim, as ``expand_adapter_ids``
+    builds it from per-sequence ids), else 1 (per-row ids: any mix)."""
+    if ids.dim() >= 2 and ids.numel() and all(st == 0 for st in ids.stride()[1:]):
+        return ids[0].numel()
+    return 1
+
+
+def _fused_refusal(x, weight, bias, lora_A_stack, lora_B_stack, dropout_p) -> str | None:
+    """Why ``multi_forward_tma`` cannot run these tensors (None: it can)."""
+    n, r_max, k = lora_A_stack.shape
+    if dropout_p is not None:
+        return "dropout applies (training mode, a rate > 0) and the fused kernel draws no mask"
+    if torch.compiler.is_compiling():
+        return "torch.compile is tracing"
+    if not KT.tma_supported(x.device):
+        return f"it needs sm_90+ and a triton with tensor descriptors, got device {x.device}"
+    if n == 0 or r_max == 0:
+        return "there is no adapter"
+    if not KT.shrink_fits(r_max):
+        return f"r_max {r_max} is above 64"
+    if not KT.tma_shapes_ok(a=x, b=weight.t()):
+        return (f"in and out features must be multiples of {16 // x.element_size()} for {x.dtype} (TMA rows), "
+                f"got {k} and {weight.shape[0]}")
+    dtypes = {t.dtype for t in (x, weight, lora_A_stack, lora_B_stack, bias) if t is not None}
+    if len(dtypes) > 1:
+        return f"x, W, the stacks and the bias must share one dtype, got {sorted(map(str, dtypes))}"
+    return None
+
+
+def _fused_forward(x, weight, bias, lora_A_stack, lora_B_stack, scalings, ids, ranks, dropout_p, seed):
+    """y = x W^T + b + each row's s_a (x_m A_a^T) B_a^T in one TMA kernel (no dropout, sm_90+). x (M, K), ids (M,)."""
+    return KT.multi_forward_tma(x=x, weight=weight, bias=bias, lora_A_stack=lora_A_stack, lora_B_stack=lora_B_stack,
+                                scalings=scalings, ids=ids, ranks=ranks)
+
+
 def _forward_no_grad(x, weight, bias, lora_A_stack, lora_B_stack, scalings, ids, ranks, dropout_p, seed,
-                     training=True):
-    """y of a forward with nothing to differentiate: the BGMV or the grouped kernels (see MULTI_PATHS)."""
+                     training=True, seq_rows=1):
+    """y of a forward with nothing to differentiate: the BGMV, grouped or fused kernels (see MULTI_PATHS);
+    ``seq_rows``: rows known to share one adapter (``sequence_rows``)."""
     args = (x, weight, bias, lora_A_stack, lora_B_stack, scalings, ids, ranks, dropout_p, seed)
     m = x.shape[0]
     n, r_max, k = lora_A_stack.shape
     mode = path_mode()
+    if mode == "fused":
+        why = _fused_refusal(x, weight, bias, lora_A_stack, lora_B_stack, dropout_p)
+        if why is not None:
+            raise ValueError(f"FASTPEFT_MULTI_PATH=fused is forced but cannot run here: {why}")
+        return _fused_forward(*args)
+    key = ("multi", _bucket(m), k, weight.shape[0], n, r_max, x.dtype, bias is not None, dropout_p is not None)
     if mode == "grouped" or mode == "auto" and (training or m > BGMV_MAX_ROWS):
+        if (mode == "auto" and not training and m >= FUSED_MIN_ROWS and seq_rows >= FUSED_MIN_SEQ
+                and _fused_refusal(x, weight, bias, lora_A_stack, lora_B_stack, dropout_p) is None):
+            run = {"grouped": lambda: _grouped_forward(*args)[0], "fused": lambda: _fused_forward(*args)}
+            return run[K.timed_choice(_path_cache, key + ("per-sequence",), mode, x.device, run, "grouped")]()
         return _grouped_forward(*args)[0]
     run = {"bgmv": lambda: _bgmv_forward(*args), "grouped": lambda: _grouped_forward(*args)[0]}
-    key = ("multi", _bucket(m), k, weight.shape[0], n, r_max, x.dtype, bias is not None, dropout_p is not None)
     return run[forward_path(key, run, x.device, mode)]()
 
 
@@ -196,6 +257,7 @@ def lora_linear_multi_triton(x, weight, bias, lora_A_stack, lora_B_stack, scalin
                                             dropout_p, seed, training)
     lead = x.shape[:-1]
     x2 = x.reshape(-1, x.shape[-1])
+    seq_rows = sequence_rows(ids)
     ids2 = ids.reshape(-1).to(torch.int64)
     seed = _seed_arg(seed) if dropout_p is not None else 0
     args = (x2, weight, bias, lora_A_stack, lora_B_stack, scalings, ids2, ranks, dropout_p, seed)
@@ -203,5 +265,5 @@ def lora_linear_multi_triton(x, weight, bias, lora_A_stack, lora_B_stack, scalin
                                     or lora_B_stack.requires_grad or bias is not None and bias.requires_grad):
         y = LoRAMultiFunction.apply(*args)
     else:  # nothing to differentiate (decode, evaluation): the forward alone
-        y = _forward_no_grad(*args, training=training)
+        y = _forward_no_grad(*args, training=training, seq_rows=seq_rows)
     return y.view(*lead, weight.shape[0])
