@@ -178,17 +178,36 @@ def multi_costs(M: int, K: int, N: int, rank_sum: float, r_max: int, phase: str,
                  M * r_max * f + b_bytes + 2 * M * N * e)]
 
 
+def multi_fused_cost(M: int, K: int, N: int, rank_sum: float, r_max: int, itemsize: int = 2) -> Cost:
+    """The prefill's fused path (``lora_tma.multi_forward_tma``, sm_90+, ids per sequence): one kernel for the
+    base GEMM, the shrink (u = x A_a^T at R_PAD columns for every row, from the x tiles the GEMM loads) and
+    each row block's expand as one more MMA into the accumulator; x and W read once, each distinct adapter's
+    A and B once, u (M, r_max) fp32 written and read back by the row block's other tiles, y written once. A
+    row block whose rows mix d adapters (sequences not multiples of 128 rows) runs d - 1 more shrinks of its
+    rows, from L2: not in the model (bench multi's sequences of 512 rows mix none)."""
+    e, f = itemsize, 4
+    rp = max(16, 1 << (int(r_max) - 1).bit_length())
+    return Cost("fused multi GEMM", "y = x W^T + b + s_i (x A_i^T) B_i^T, one kernel (x read once)",
+                2.0 * M * K * N + 2.0 * M * rp * (K + N),
+                (M * K + N * K + N) * e + rank_sum * (K + N) * e + 2 * M * r_max * f + M * N * e)
+
+
 def multi_summary(M: int, K: int, N: int, adapters: int, ranks: list, phase: str, card: str,
                   single_rank: int | None = None, itemsize: int = 2) -> dict:
-    """Roofline µs of n adapters routed per row (base GEMM + the multi kernels) and of one adapter of rank
-    ``single_rank`` (default ranks[0], bench multi's ``single``) on the same rows (its fastest forward, as the
-    timed choice runs it: the shrink and the fused GEMM, or from 256 rows the fused shrink), and their
-    ratio: the best multiple of one adapter that the multi kernels reach."""
+    """Roofline µs of n adapters routed per row (base GEMM + the multi kernels; at prefill the faster of that
+    and the fused kernel, as the timed choice runs them) and of one adapter of rank ``single_rank`` (default
+    ranks[0], bench multi's ``single``) on the same rows (its fastest forward, as the timed choice runs it:
+    the shrink and the fused GEMM, or from 256 rows the fused shrink), and their ratio: the best multiple of
+    one adapter that the multi kernels reach. ``grouped``: the base GEMM + grouped kernels alone."""
     us = lambda costs: total_us(costs, card)  # noqa: E731
     rank_sum = expected_rank_sum(M, adapters, ranks, phase)
-    multi = us(linear_costs(M, K, N, itemsize)["fwd"] + multi_costs(M, K, N, rank_sum, max(ranks), phase, itemsize))
+    grouped = us(linear_costs(M, K, N, itemsize)["fwd"] + multi_costs(M, K, N, rank_sum, max(ranks), phase,
+                                                                       itemsize))
+    multi = grouped
+    if phase == "prefill" and max(ranks) <= 64:
+        multi = min(grouped, us([multi_fused_cost(M, K, N, rank_sum, max(ranks), itemsize)]))
     single = summary(M, K, N, single_rank or ranks[0], card, itemsize)["best lora fwd"]
-    return {"rank sum": rank_sum, "multi": multi, "single": single, "ratio": multi / single}
+    return {"rank sum": rank_sum, "multi": multi, "grouped": grouped, "single": single, "ratio": multi / single}
 
 
 def sparse_costs(M: int, K: int, N: int, density: float, block: int, itemsize: int = 2) -> dict:
@@ -455,7 +474,8 @@ def main(argv=None):
                   "(DoRA) beside the lowest ratio the model allows for the kernels fastpeft launches (each at its "
                   "roofline, summed). `no`: those kernels cannot meet the target on that card, however well tuned. "
                   "Many adapters: bench multi's setup (adapter i of rank 8 / 16 / 32 / 64 cycling; decode draws an "
-                  "adapter per token; prefill one per 512-token sequence; `single` one adapter of rank 8); its "
+                  "adapter per token; prefill one per 512-token sequence, through the faster of the grouped "
+                  "kernels and the fused multi-adapter GEMM; `single` one adapter of rank 8); its "
                   "decode bound holds for any implementation: the distinct adapters' A and B (the rank sum times "
                   "(K + N) bf16 elements) must be read beside W. QLoRA: NF4 with nested absmax (0.52 bytes per "
                   "weight); fwd at M=8192 through the dequant pass, decode through the fused kernel. DoRA: "
