@@ -387,7 +387,7 @@ def _multi_lora_tma_kernel(
             u = tl.load(u_ptrs, mask=u_ok, other=0.0, cache_modifier=".cg")
         # Epilogue: s_a folded into each row's u, rounded once to B's dtype; then one MMA per adapter of the
         # block, into the accumulator, with the other adapters' rows zeroed.
-        s_row = tl.load(scales_ptr + tl.maximum(ids, 0), mask=ids >= 0, other=0.0)
+        s_row = tl.load(scales_ptr + tl.maximum(ids, 0), mask=(ids >= 0) & (ids < NA), other=0.0)
         lu = _cast(u * s_row[:, None], lb_ptr.dtype.element_ty, UPCAST)
         rn = off_n + tl.arange(0, BLOCK_N)
         a = first
@@ -640,7 +640,8 @@ def multi_forward_tma(*, x: torch.Tensor, weight: torch.Tensor, bias: torch.Tens
     y_m = x_m W^T + b + s_a (x_m A_a^T) B_a^T with a = ids[m] (nothing for -1), in x's dtype.
 
     x (M, K); weight (N, K) (read in place); lora_A_stack (n, r_max, K); lora_B_stack (n, N, r_max); scalings
-    (n,); ids (M,) int in [-1, n) (not checked here: the caller's range check); ranks (n,) or None (all r_max):
+    (n,); ids (M,) int in [-1, n) (not checked here: rows of any other id get no adapter, as on the grouped
+    kernels); ranks (n,) or None (all r_max):
     adapter a uses its first ranks[a] rows of A and columns of B. The programs holding column block 0 of a
     row block (first in tile order) compute u = x A_a^T for the block's rows, each with its own adapter:
     the first adapter present in the block from the x tiles the GEMM's K loop loads, each further one in a

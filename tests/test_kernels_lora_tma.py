@@ -566,3 +566,25 @@ def test_multi_forward_on_the_card():
                     first = y
                     assert_close_report(y.float(), want, rtol=2e-2, atol=5e-2, what=f"{layout} {cfg}")
                 assert torch.equal(y, first), f"{layout} {cfg}: launches differ"
+
+
+@pytest.mark.filterwarnings("ignore:invalid value encountered:RuntimeWarning")  # the inf row, on purpose
+def test_multi_forward_bad_ids_and_inf_rows():
+    """Ids outside [0, n) leave their rows to the base GEMM (never read past the scalings); an inf in a row of x
+    reaches only that row, whichever adapter the row block's other rows use."""
+    x, w, b, a, bb, s, rk = _multi_inputs(40, 48, 40, [8, 4], torch.float32)
+    a, bb = a.nan_to_num(), bb.nan_to_num()
+    ids = _layout("random", 40, 2)
+    ids[[3, 17]] = torch.tensor([2, 1000], device=DEV)
+    ids[[5, 9]] = torch.tensor([-7, 0], device=DEV)
+    kw = dict(weight=w, bias=b, lora_A_stack=a, lora_B_stack=bb, scalings=s, ranks=rk)
+    y = T.multi_forward_tma(x=x, ids=ids, **kw)
+    base = x @ w.t() + b
+    for i in (3, 17, 5):
+        assert_close_report(y[i], base[i], rtol=1e-6, atol=1e-6, what=f"row {i} (id {int(ids[i])})")
+    xi = x.clone()
+    xi[9, 4] = float("inf")
+    yi = T.multi_forward_tma(x=xi, ids=ids, **kw)
+    others = torch.arange(40, device=DEV) != 9
+    assert torch.isfinite(yi[others]).all() and not torch.isfinite(yi[9]).all()
+    assert_close_report(yi[others], y[others], rtol=1e-6, atol=1e-6, what="rows beside the inf row")
