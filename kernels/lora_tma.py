@@ -260,34 +260,50 @@ def _lora_gemm_tma_kernel(
                 pass
             lu = tl.load(lu_ptrs, mask=lu_ok, other=0.0, cache_modifier=".cg")
 
-        # Epilogue: s folded into lu, rounded once to lv's dtype (the tensor cores take one dtype).
-        lu = _cast(lu.to(tl.float32) * scale, lv_ptr.dtype.element_ty, UPCAST)
-        if not HAS_MASK:
-            # The rank-R update is one more MMA into the same accumulator.
-            rn = off_n + tl.arange(0, BLOCK_N)
-            lv = tl.load(lv_ptr + rr[:, None] * stride_lvr + rn[None, :].to(tl.int64) * stride_lvn,
-                         mask=r_ok[:, None] & (rn < N)[None, :], other=0.0)
-            acc = _mma(lu, lv, acc, DOT_PRECISION, UPCAST)
-            if COL_SCALE:  # DoRA: g ⊙ (a b + s lu lv), then the bias
-                acc = acc * tl.load(g_ptr + rn, mask=rn < N, other=0.0).to(tl.float32)[None, :]
-            _tma_store_part(acc, lu, off_m, off_n, out_desc, out_ptr, lv_ptr, bias_ptr, M, N, R, stride_lvr, stride_lvn,
-                            seed, threshold, HAS_BIAS, False, BLOCK_M, BLOCK_N, R_PAD, DOT_PRECISION, UPCAST)
-        elif BLOCK_N <= 64:
-            _tma_store_part(acc, lu, off_m, off_n, out_desc, out_ptr, lv_ptr, bias_ptr, M, N, R, stride_lvr, stride_lvn,
-                            seed, threshold, HAS_BIAS, True, BLOCK_M, BLOCK_N, R_PAD, DOT_PRECISION, UPCAST)
+        _tma_lowrank_epilogue(acc, lu, off_m, off_n, out_desc, out_ptr, lv_ptr, bias_ptr, g_ptr, M, N, R, stride_lvr,
+                              stride_lvn, scale, seed, threshold, HAS_BIAS, HAS_MASK, COL_SCALE, BLOCK_M, BLOCK_N,
+                              R_PAD, DOT_PRECISION, UPCAST)
+
+
+@triton.jit
+def _tma_lowrank_epilogue(acc, lu, off_m, off_n, out_desc, out_ptr, lv_ptr, bias_ptr, g_ptr, M, N, R, stride_lvr,
+                          stride_lvn, scale, seed, threshold, HAS_BIAS: tl.constexpr, HAS_MASK: tl.constexpr,
+                          COL_SCALE: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, R_PAD: tl.constexpr,
+                          DOT_PRECISION: tl.constexpr, UPCAST: tl.constexpr):
+    """A tile's epilogue: acc (BLOCK_M, BLOCK_N) fp32 + scale * mask * (lu @ lv) [⊙ g] + bias, stored through
+    the output descriptor at (off_m, off_n); lu (BLOCK_M, R_PAD) (rows of u, any float dtype), lv (R, N) by
+    strides; the mask of (m, n) is draw(seed, m * N + n) >= threshold (HAS_MASK), g (N,) fp32 (COL_SCALE, not
+    with the mask)."""
+    rr = tl.arange(0, R_PAD)
+    r_ok = rr < R
+    # Epilogue: s folded into lu, rounded once to lv's dtype (the tensor cores take one dtype).
+    lu = _cast(lu.to(tl.float32) * scale, lv_ptr.dtype.element_ty, UPCAST)
+    if not HAS_MASK:
+        # The rank-R update is one more MMA into the same accumulator.
+        rn = off_n + tl.arange(0, BLOCK_N)
+        lv = tl.load(lv_ptr + rr[:, None] * stride_lvr + rn[None, :].to(tl.int64) * stride_lvn,
+                     mask=r_ok[:, None] & (rn < N)[None, :], other=0.0)
+        acc = _mma(lu, lv, acc, DOT_PRECISION, UPCAST)
+        if COL_SCALE:  # DoRA: g ⊙ (a b + s lu lv), then the bias
+            acc = acc * tl.load(g_ptr + rn, mask=rn < N, other=0.0).to(tl.float32)[None, :]
+        _tma_store_part(acc, lu, off_m, off_n, out_desc, out_ptr, lv_ptr, bias_ptr, M, N, R, stride_lvr, stride_lvn,
+                        seed, threshold, HAS_BIAS, False, BLOCK_M, BLOCK_N, R_PAD, DOT_PRECISION, UPCAST)
+    elif BLOCK_N <= 64:
+        _tma_store_part(acc, lu, off_m, off_n, out_desc, out_ptr, lv_ptr, bias_ptr, M, N, R, stride_lvr, stride_lvn,
+                        seed, threshold, HAS_BIAS, True, BLOCK_M, BLOCK_N, R_PAD, DOT_PRECISION, UPCAST)
+    else:
+        # The mask applies to the product: halves (quarters at BLOCK_N 256) of the accumulator in turn.
+        H: tl.constexpr = BLOCK_N // 2
+        if H <= 64:
+            _tma_store_halves(acc, lu, off_m, off_n, out_desc, out_ptr, lv_ptr, bias_ptr, M, N, R, stride_lvr,
+                              stride_lvn, seed, threshold, HAS_BIAS, BLOCK_M, H, R_PAD, DOT_PRECISION, UPCAST)
         else:
-            # The mask applies to the product: halves (quarters at BLOCK_N 256) of the accumulator in turn.
-            H: tl.constexpr = BLOCK_N // 2
-            if H <= 64:
-                _tma_store_halves(acc, lu, off_m, off_n, out_desc, out_ptr, lv_ptr, bias_ptr, M, N, R, stride_lvr,
-                                  stride_lvn, seed, threshold, HAS_BIAS, BLOCK_M, H, R_PAD, DOT_PRECISION, UPCAST)
-            else:
-                Q: tl.constexpr = H // 2
-                h0, h1 = tl.split(tl.permute(tl.reshape(acc, (BLOCK_M, 2, H)), (0, 2, 1)))
-                _tma_store_halves(h0, lu, off_m, off_n, out_desc, out_ptr, lv_ptr, bias_ptr, M, N, R, stride_lvr,
-                                  stride_lvn, seed, threshold, HAS_BIAS, BLOCK_M, Q, R_PAD, DOT_PRECISION, UPCAST)
-                _tma_store_halves(h1, lu, off_m, off_n + H, out_desc, out_ptr, lv_ptr, bias_ptr, M, N, R, stride_lvr,
-                                  stride_lvn, seed, threshold, HAS_BIAS, BLOCK_M, Q, R_PAD, DOT_PRECISION, UPCAST)
+            Q: tl.constexpr = H // 2
+            h0, h1 = tl.split(tl.permute(tl.reshape(acc, (BLOCK_M, 2, H)), (0, 2, 1)))
+            _tma_store_halves(h0, lu, off_m, off_n, out_desc, out_ptr, lv_ptr, bias_ptr, M, N, R, stride_lvr,
+                              stride_lvn, seed, threshold, HAS_BIAS, BLOCK_M, Q, R_PAD, DOT_PRECISION, UPCAST)
+            _tma_store_halves(h1, lu, off_m, off_n + H, out_desc, out_ptr, lv_ptr, bias_ptr, M, N, R, stride_lvr,
+                              stride_lvn, seed, threshold, HAS_BIAS, BLOCK_M, Q, R_PAD, DOT_PRECISION, UPCAST)
 
 
 @triton.jit
