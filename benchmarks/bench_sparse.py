@@ -21,7 +21,8 @@ Providers:
   layer has.
 - ``fastpeft-kernels`` / ``fastpeft-torch``: the two sides of the floor, forced (FASTPEFT_SPARSE_PATH;
   ``kernels`` is the two-shrink kernels composition: ``kernels-dy1`` is not forced, only timed);
-  ``fastpeft-fused`` / ``fastpeft-dense`` (blocks: each GEMM variant of the kernels forced) and
+  ``fastpeft-fused`` / ``fastpeft-dense`` / on sm_90+ ``fastpeft-tma`` (blocks: each GEMM variant of the kernels
+  forced; tma: the TMA GEMM with Δ's blocks as more MMAs, blocks of 16 to 64) and
   ``fastpeft-tile`` / ``fastpeft-gather`` (entries: each SDDMM forced) beside them.
 
 RoSA rows (``--lora-rank r``): every provider but ``linear`` adds the LoRA branch, as plain torch autograd
@@ -108,6 +109,10 @@ def providers(block, kernels_ok: bool) -> dict:
         if block > 1:
             out["fastpeft-fused"] = ("fastpeft", {"FASTPEFT_SPARSE_PATH": "kernels", "FASTPEFT_SPARSE_GEMM": "fused"})
             out["fastpeft-dense"] = ("fastpeft", {"FASTPEFT_SPARSE_PATH": "kernels", "FASTPEFT_SPARSE_GEMM": "dense"})
+            from fastpeft.kernels import lora_tma
+            from fastpeft.kernels import sparse_delta as SD
+            if SD.tma_gemm_ok(block) and lora_tma.tma_supported("cuda"):
+                out["fastpeft-tma"] = ("fastpeft", {"FASTPEFT_SPARSE_PATH": "kernels", "FASTPEFT_SPARSE_GEMM": "tma"})
         else:
             out["fastpeft-tile"] = ("fastpeft", {"FASTPEFT_SPARSE_PATH": "kernels", "FASTPEFT_SPARSE_SDDMM": "tile"})
             out["fastpeft-gather"] = ("fastpeft", {"FASTPEFT_SPARSE_PATH": "kernels",

@@ -33,8 +33,12 @@ Gradient of the values (an SDDMM: ``dΔ = (dY^T X)`` sampled on Δ's support, re
 
 No atomics: every partial sum is added in a fixed order, so the same inputs give the same bits.
 
-This module imports only torch, triton and its siblings ``_common`` and ``lora`` (the LoRA epilogue, the
-GEMM configs and the timed choice).
+On sm_90+ a third way (``sparse_block_gemm_tma``): a @ op(W) on lora_tma's persistent TMA GEMM, and in each
+output tile one more MMA per Δ block in its columns (a's b columns times the block, placed in a (b, BLOCK_N)
+operand), from a CSR of the blocks by output block (``block_csr``). W + Δ is never formed.
+
+This module imports only torch, triton and its siblings ``_common``, ``lora`` (the LoRA epilogue, the GEMM
+configs and the timed choice) and ``lora_tma`` (the TMA GEMM's K loop and epilogue).
 """
 from __future__ import annotations
 
@@ -45,10 +49,12 @@ import triton
 import triton.language as tl
 
 from . import INTERPRET
-from ._common import (_HAS_TRITON_OP, _cast, _dot_precision, _grouped_tile, _keep_mask_tile, _library_op, _mma,
-                      _op_body, _seed, _sm_count, _tile_ranges, _upcast, _use_explicit_blocks, _wrap, block_setter,
-                      eager_or_op, r_pad, split_chunk, split_count)
+from . import lora_tma as _T
+from ._common import (_HAS_TRITON_OP, _cast, _dot_precision, _grouped_coords, _grouped_tile, _keep_mask_tile,
+                      _library_op, _mma, _op_body, _seed, _sm_count, _tile_ranges, _upcast, _use_explicit_blocks, _wrap,
+                      block_setter, eager_or_op, r_pad, split_chunk, split_count)
 from .lora import _GEMM_CONFIGS, _lowrank_tile, _prune_gemm_configs, env_choice, gemm_launch_config, timed_choice
+from .lora_tma import _k_loop, _tma_lowrank_epilogue, _tma_store_part
 
 # ----------------------------------------------------------------------------------------------------
 # kernels
@@ -334,6 +340,180 @@ def _sub_for(block_size: int, explicit: bool) -> int:
     of two (at least 16, for tl.dot), at most 64 (a 64 x 64 fp32 accumulator stays in registers)."""
     cap = _TEST_BLOCKS["SUB"] if explicit else 64
     return min(max(16, triton.next_power_of_2(int(block_size))), max(16, cap))
+
+
+# ----------------------------------------------------------------------------------------------------
+# sm_90+: the TMA GEMM of lora_tma with Δ's blocks as more MMAs into each tile's accumulator
+# ----------------------------------------------------------------------------------------------------
+
+
+@triton.jit(do_not_specialize=["seed", "threshold"])
+def _sparse_tma_kernel(
+    # pointers: a (M, K) rows; b: W as (N, K) rows (B_NK, the forward) or (K, N) rows (dX); val (nblocks, DB, DB)
+    # read per block as (k, n) by strides; ptr (cdiv(N, DB) + 1,) int32 and ent (nblocks, 2) int32: for each
+    # block of DB output columns, its blocks' (block index along K, block id), CSR; lu (M, R), lv (R, N); bias
+    # (N,); out (M, N) rows
+    a_ptr, b_ptr, val_ptr, ptr_ptr, ent_ptr, lu_ptr, lv_ptr, bias_ptr, out_ptr,
+    # sizes (M_KEY: M rounded up to a power of two, only an autotuning key)
+    M, N, K, R, M_KEY,
+    # strides (the inner stride of a, b and out is 1: TMA)
+    stride_am, stride_b, stride_vb, stride_vk, stride_vn, stride_lum, stride_lur, stride_lvr, stride_lvn, stride_om,
+    # low-rank term: scale * mask * (lu @ lv), mask of (m, n) from draw(seed, m * N + n) >= threshold
+    scale, seed, threshold,
+    # meta-parameters (DB: the delta's block side, 16..64; NUM_SMS: persistent programs)
+    HAS_BIAS: tl.constexpr, HAS_LOWRANK: tl.constexpr, HAS_MASK: tl.constexpr, B_NK: tl.constexpr, DB: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr, R_PAD: tl.constexpr,
+    NUM_SMS: tl.constexpr, DOT_PRECISION: tl.constexpr, UPCAST: tl.constexpr,
+):
+    SUB_N: tl.constexpr = BLOCK_N if (not HAS_MASK or BLOCK_N <= 64) else 64
+    OBS: tl.constexpr = BLOCK_N // DB if BLOCK_N >= DB else 1  # blocks of output columns a tile spans
+    a_desc = tl.make_tensor_descriptor(a_ptr, shape=[M, K], strides=[stride_am, 1], block_shape=[BLOCK_M, BLOCK_K])
+    a_blk = tl.make_tensor_descriptor(a_ptr, shape=[M, K], strides=[stride_am, 1], block_shape=[BLOCK_M, DB])
+    if B_NK:
+        b_desc = tl.make_tensor_descriptor(b_ptr, shape=[N, K], strides=[stride_b, 1],
+                                           block_shape=[BLOCK_N, BLOCK_K])
+    else:
+        b_desc = tl.make_tensor_descriptor(b_ptr, shape=[K, N], strides=[stride_b, 1],
+                                           block_shape=[BLOCK_K, BLOCK_N])
+    out_desc = tl.make_tensor_descriptor(out_ptr, shape=[M, N], strides=[stride_om, 1], block_shape=[BLOCK_M, SUB_N])
+    num_m = tl.cdiv(M, BLOCK_M)
+    num_n = tl.cdiv(N, BLOCK_N)
+    k_tiles = tl.cdiv(K, BLOCK_K)
+    n_blocks = tl.cdiv(N, DB)
+    kk = tl.arange(0, DB)
+    for tile in tl.range(tl.program_id(0), num_m * num_n, NUM_SMS):
+        pid_m, pid_n = _grouped_coords(tile, num_m, num_n, GROUP_M)
+        off_m = pid_m * BLOCK_M
+        off_n = pid_n * BLOCK_N
+        acc = _k_loop(a_desc, b_desc, off_m, off_n, k_tiles, K, val_ptr, B_NK, False, BLOCK_M, BLOCK_N, BLOCK_K,
+                      DOT_PRECISION, UPCAST)
+        # Δ's blocks in this tile's columns, each one more MMA: a's DB columns of the block (TMA, from L2 by
+        # now) times the block placed at its columns of a (DB, BLOCK_N) operand, zero elsewhere.
+        rn = off_n + tl.arange(0, BLOCK_N)
+        for j in tl.static_range(OBS):
+            ob = off_n // DB + j
+            lo = tl.load(ptr_ptr + ob, mask=ob < n_blocks, other=0)
+            hi = tl.load(ptr_ptr + ob + 1, mask=ob < n_blocks, other=0)
+            nn = rn - ob * DB  # column inside block ob
+            in_blk = (nn >= 0) & (nn < DB) & (rn < N)
+            for e in range(lo, hi):
+                kb = tl.load(ent_ptr + 2 * e)
+                bid = tl.load(ent_ptr + 2 * e + 1).to(tl.int64)
+                xs = a_blk.load([off_m, kb * DB])  # columns past K read as zeros
+                d = tl.load(val_ptr + bid * stride_vb + kk[:, None] * stride_vk + nn[None, :] * stride_vn,
+                            mask=(kb * DB + kk < K)[:, None] & in_blk[None, :], other=0.0)
+                acc = _mma(xs, _cast(d.to(tl.float32), xs.dtype, UPCAST), acc, DOT_PRECISION, UPCAST)
+        if HAS_LOWRANK:
+            rm = off_m + tl.arange(0, BLOCK_M)
+            rr = tl.arange(0, R_PAD)
+            lu = tl.load(lu_ptr + rm[:, None].to(tl.int64) * stride_lum + rr[None, :] * stride_lur,
+                         mask=(rm < M)[:, None] & (rr < R)[None, :], other=0.0)
+            _tma_lowrank_epilogue(acc, lu, off_m, off_n, out_desc, out_ptr, lv_ptr, bias_ptr, val_ptr, M, N, R,
+                                  stride_lvr, stride_lvn, scale, seed, threshold, HAS_BIAS, HAS_MASK, False, BLOCK_M,
+                                  BLOCK_N, R_PAD, DOT_PRECISION, UPCAST)
+        else:
+            _tma_store_part(acc, acc, off_m, off_n, out_desc, out_ptr, lv_ptr, bias_ptr, M, N, R, stride_lvr,
+                            stride_lvn, seed, threshold, HAS_BIAS, False, BLOCK_M, BLOCK_N, R_PAD, DOT_PRECISION,
+                            UPCAST)
+
+
+def tma_gemm_ok(block_size: int) -> bool:
+    """Whether the TMA sparse GEMM takes this block size: a power of two from 16 to 64 (a's DB columns and a
+    (DB, BLOCK_N) operand per block beside the accumulator)."""
+    return fused_gemm_ok(block_size) and int(block_size) <= 64
+
+
+def _prune_sparse_tma_configs(configs, named_args, **kwargs):
+    """lora_tma's rule for the plain TMA GEMM (with the LoRA epilogue's R_PAD and mask), plus the blocks'
+    operands: at R_PAD 64 (RoSA) BLOCK_N 128 only."""
+    r_pad_ = int(kwargs.get("R_PAD", named_args.get("R_PAD", 16)))
+    has_mask = bool(kwargs.get("HAS_MASK", named_args.get("HAS_MASK", False)))
+    return [c for c in configs if _T._config_fits(c, has_mask, r_pad_) and (r_pad_ < 64 or c.kwargs["BLOCK_N"] <= 128)]
+
+
+@functools.lru_cache(maxsize=None)
+def _sparse_tma_tuned():
+    return triton.autotune(configs=_T._TMA_CONFIGS,
+                           key=["M_KEY", "N", "K", "R_PAD", "HAS_MASK", "HAS_LOWRANK", "B_NK", "DB"],
+                           prune_configs_by={"early_config_prune": _prune_sparse_tma_configs})(_sparse_tma_kernel)
+
+
+def block_csr(block_indices: torch.Tensor, n_rows: int, n_cols: int, by_col: bool) -> tuple:
+    """``(ptr, ent)`` of b x b blocks at ``block_indices`` (nblocks, 2) (block row, block col), for the TMA
+    sparse GEMM: grouped by block row (the forward's output blocks) or by block column (``by_col``: dX's);
+    ptr (groups + 1,) int32, ent (nblocks, 2) int32 = (the other block coordinate, block id), in order along
+    it. Torch ops on the indices' device, no host sync."""
+    idx = block_indices.long()
+    major, minor = (idx[:, 1], idx[:, 0]) if by_col else (idx[:, 0], idx[:, 1])
+    groups, other = (n_cols, n_rows) if by_col else (n_rows, n_cols)
+    key = major * other + minor
+    order = torch.argsort(key, stable=True)
+    ptr = torch.searchsorted(major[order].contiguous(),
+                             torch.arange(groups + 1, device=idx.device, dtype=major.dtype))
+    ent = torch.stack([minor[order], order], dim=1)
+    return ptr.to(torch.int32), ent.to(torch.int32).contiguous()
+
+
+def sparse_block_gemm_tma(a: torch.Tensor, weight: torch.Tensor, csr: tuple, values: torch.Tensor,
+                          lu: torch.Tensor | None, lv: torch.Tensor | None, bias: torch.Tensor | None, block_size: int,
+                          transpose_w: bool, scale: float = 1.0, seed=0, threshold: int = 0,
+                          config: dict | None = None) -> torch.Tensor:
+    """``sparse_block_gemm`` on sm_90+: ``a @ op(W + Δ) [+ scale * mask * (lu @ lv)] [+ bias]`` in a's dtype as
+    a @ op(W) (lora_tma's persistent TMA GEMM) plus, in each output tile, one MMA per Δ block in its columns
+    (a's b columns of the block times the block, at b x BLOCK_N: the rest of that operand is zero), before
+    the epilogue. W + Δ is never formed; Δ's products are added in fp32 to W's instead of W + Δ being rounded
+    first (closer to the exact sum).
+
+    ``csr``: ``block_csr`` of the block indices by block row (``transpose_w``, the forward: a (M, in) ->
+    (M, out)) or by block column (dX: a (M, out) -> (M, in)); values (nblocks, b, b), b = ``block_size``
+    (``tma_gemm_ok``). Other arguments as ``sparse_block_gemm``; ``config`` as ``lora_tma.lora_gemm_tma``.
+    Needs ``lora_tma.tma_supported`` and TMA rows (in, out multiples of 16 bytes).
+    """
+    if not tma_gemm_ok(block_size):
+        raise ValueError(f"sparse_block_gemm_tma: block_size must be 16, 32 or 64, got {block_size}")
+    if not _T.tma_supported(a.device):
+        raise RuntimeError(f"sparse_block_gemm_tma needs sm_90+ and triton with tl.make_tensor_descriptor "
+                           f"(device {a.device}, triton {triton.__version__})")
+    b_op = weight.t() if transpose_w else weight  # (K, N) view
+    if not _T.tma_shapes_ok(a=a, b=b_op):
+        raise ValueError(f"sparse_block_gemm_tma: K and N must be multiples of {16 // a.element_size()} for "
+                         f"{a.dtype} (TMA rows of 16 bytes), got a {tuple(a.shape)}, W {tuple(weight.shape)}")
+    M, K = a.shape
+    N = b_op.shape[1]
+    out = torch.empty((M, N), device=a.device, dtype=a.dtype)
+    if M == 0 or N == 0:
+        return out
+    triton.set_allocator(_T._allocator(a.device))
+    a = _T._with_rows(a)
+    if transpose_w and _T._rows_ok(weight):
+        b_nk, b_arg = True, weight                    # (N, K) rows: the forward's W
+    elif not transpose_w and _T._rows_ok(weight):
+        b_nk, b_arg = False, weight                   # (K, N) rows: dX's W
+    else:
+        b_nk, b_arg = True, _T._with_rows(b_op.t())    # copied to (N, K) rows
+    ptr, ent = csr
+    # Δ's block (r, c) is values[id, r, c] with r along W's rows (out) and c along its columns (in).
+    sv = (values.stride(2), values.stride(1)) if transpose_w else (values.stride(1), values.stride(2))
+    has_low = lu is not None
+    R = lu.shape[1] if has_low else 0
+    args = (a, b_arg, values, ptr, ent, lu if has_low else out, lv if has_low else out,
+            bias if bias is not None else out, out, M, N, K, R, triton.next_power_of_2(M),
+            a.stride(0), b_arg.stride(0), values.stride(0), sv[0], sv[1],
+            lu.stride(0) if has_low else 0, lu.stride(1) if has_low else 0,
+            lv.stride(0) if has_low else 0, lv.stride(1) if has_low else 0, out.stride(0), scale, seed, threshold)
+    meta = dict(HAS_BIAS=bias is not None, HAS_LOWRANK=has_low, HAS_MASK=has_low and threshold > 0, B_NK=b_nk,
+                DB=int(block_size), R_PAD=r_pad(max(R, 1)), DOT_PRECISION=_dot_precision(a.dtype),
+                UPCAST=_upcast(a.dtype))
+    tiles = lambda c: triton.cdiv(M, c["BLOCK_M"]) * triton.cdiv(N, c["BLOCK_N"])  # noqa: E731
+    config = _T._config_for(a, config)
+    sms = torch.cuda.get_device_properties(a.device).multi_processor_count if a.device.type == "cuda" else 3
+    if config is not None:
+        cfg = dict(config)
+        cfg.setdefault("NUM_SMS", sms)
+        _sparse_tma_kernel[(max(1, min(cfg["NUM_SMS"], tiles(cfg))),)](*args, **meta, **cfg)
+    else:
+        _sparse_tma_tuned()[lambda c: (max(1, min(sms, tiles(c))),)](*args, **meta, NUM_SMS=sms)
+    return out
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -646,7 +826,7 @@ else:  # torch < 2.6: plain launchers (eager only)
 # block-fused GEMM vs densify + cuBLAS: picked per shape by measuring both once
 # ----------------------------------------------------------------------------------------------------
 
-GEMM_CHOICES = ("auto", "fused", "dense")
+GEMM_CHOICES = ("auto", "fused", "dense", "tma")
 _choice_cache: dict = {}
 
 
@@ -654,18 +834,22 @@ def gemm_mode() -> str:
     return env_choice("FASTPEFT_SPARSE_GEMM", GEMM_CHOICES)
 
 
-def choose_sparse_gemm(key: tuple, block_size: int, run_fused, run_dense, device: torch.device) -> str:
-    """``"fused"`` or ``"dense"`` for this shape key.
+def choose_sparse_gemm(key: tuple, block_size: int, run_fused, run_dense, device: torch.device,
+                       run_tma=None) -> str:
+    """``"fused"``, ``"dense"`` or (where ``run_tma`` is offered: sm_90+) ``"tma"`` for this shape key.
 
     ``"dense"`` wherever the fused GEMM does not take the block size (block_size 1, b < 16, b not a
-    power of two), whatever FASTPEFT_SPARSE_GEMM says. Otherwise FASTPEFT_SPARSE_GEMM=fused|dense
-    forces one; with ``auto`` the interpreter runs fused (so that it is tested), and on CUDA both are
-    timed once (``do_bench`` median, after a first call that autotunes the fused kernel) and the faster
-    is cached, except in deterministic mode (``fastpeft.set_deterministic``,
-    ``torch.use_deterministic_algorithms(True)``: pinned to dense, so a timing-dependent choice cannot
-    change the bits between runs) and while torch.compile traces (dense).
+    power of two), whatever FASTPEFT_SPARSE_GEMM says. Otherwise FASTPEFT_SPARSE_GEMM=fused|dense|tma
+    forces one (tma where not offered: a ValueError naming what is); with ``auto`` the interpreter runs
+    fused (so that it is tested), and on CUDA all offered are timed once (``do_bench`` median, after a
+    first call that autotunes the kernels) and the fastest is cached, except in deterministic mode
+    (``fastpeft.set_deterministic``, ``torch.use_deterministic_algorithms(True)``: pinned to dense, so a
+    timing-dependent choice cannot change the bits between runs) and while torch.compile traces (dense).
     """
     mode = gemm_mode()
     if not fused_gemm_ok(block_size):
         return "dense"
-    return timed_choice(_choice_cache, key, mode, device, {"fused": run_fused, "dense": run_dense}, "dense")
+    run = {"fused": run_fused, "dense": run_dense}
+    if run_tma is not None:
+        run["tma"] = run_tma
+    return timed_choice(_choice_cache, key, mode, device, run, "dense")

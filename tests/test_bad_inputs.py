@@ -313,6 +313,11 @@ CASES = [
         lambda _: _with_env("FASTPEFT_LORA_GEMM", "tma-shrink",
                             lambda: _lora(lora_A=_t(65, IN), lora_B=_t(OUT, 65), backend="triton")), ValueError,
         ("'tma-shrink'", "cannot run here", "('kernels', 'torch')")),
+    # -- the sparse GEMM switch forcing the TMA path where it cannot run (blocks of 128: it takes 16 to 64)
+    Bad("sparse-env-FASTPEFT_SPARSE_GEMM-tma-block-128",
+        lambda _: _with_env("FASTPEFT_SPARSE_GEMM", "tma", lambda: _sparse(
+            delta_indices=torch.tensor([[0, 0]]), delta_values=torch.ones(1, 128, 128), block_size=128,
+            backend="triton")), ValueError, ("'tma'", "cannot run here", "('fused', 'dense')")),
     # -- the sparse ops' floor switch (read on the triton backend, where the choice is made)
     Bad("sparse-env-FASTPEFT_SPARSE_PATH-fastest",
         lambda _: _with_env("FASTPEFT_SPARSE_PATH", "fastest", lambda: _sparse(backend="triton")), ValueError,

@@ -119,6 +119,103 @@ def test_both_gemm_variants(monkeypatch, b, dt, gemm):
     assert set(calls) == {"block_gemm_op" if gemm == "fused" else "densify_op"}, calls
 
 
+# ---- the TMA sparse GEMM (sm_90+; the interpreter runs tensor descriptors) ----------------------------------
+
+from fastpeft.kernels import lora_tma as KT  # noqa: E402
+
+needs_tma = pytest.mark.skipif(not KT.tma_supported(DEV), reason="needs sm_90+ and triton tensor descriptors")
+# in / out multiples of 8 (TMA rows); with b = 32 / 64 the bottom / right blocks are clipped
+TMA_SHAPES = [(1, 80, 48), (33, 136, 80), (100, 48, 136)]
+
+
+@needs_tma
+@pytest.mark.parametrize("dt", list(DTYPES))
+@pytest.mark.parametrize("b", [16, 32, 64], ids=lambda b: f"b{b}")
+@pytest.mark.parametrize("m,k,n", TMA_SHAPES, ids=[f"M{m}-K{k}-N{n}" for m, k, n in TMA_SHAPES])
+def test_tma_gemm_forward_and_gradients(monkeypatch, m, k, n, b, dt):
+    """FASTPEFT_SPARSE_GEMM=tma: the forward and dX on the TMA GEMM with Δ's blocks as more MMAs, as the
+    reference gives them (fp32 to 1e-5; fp16 / bf16 within 2x PyTorch's error), for the delta alone and for
+    RoSA with dropout (the LoRA epilogue, masked in dX); every gradient."""
+    monkeypatch.setenv("FASTPEFT_SPARSE_GEMM", "tma")
+    calls = []
+    real = SD.sparse_block_gemm_tma
+    monkeypatch.setattr(SD, "sparse_block_gemm_tma", lambda *a, **kw: calls.append(a[8]) or real(*a, **kw))
+    x, w, bias, a, bb = _make(m, k, n)
+    idx, vals = _delta(n, k, b, density=0.3, seed=m + b)
+    _check(f"tma-M{m}-b{b}-{dt}", DTYPES[dt], x, w, bias, idx, vals, b)
+    assert calls == [True, False]  # the forward, then dX
+    if m == 33 or dt == "bf16":
+        _check(f"tma-rosa-M{m}-b{b}-{dt}", DTYPES[dt], x, w, bias, idx, vals, b, lora=(a, bb, 0.5, 0.2, 7))
+        assert calls[2:] == [True, False]
+
+
+@needs_tma
+def test_tma_gemm_kernel_edges():
+    """The launcher alone: no block, a block on every block row of a tile (several MMAs into one accumulator),
+    values in fp32 beside bf16 operands, a tile narrower than a block (BLOCK_N 32, b 64), the masked LoRA
+    epilogue against the block-fused pointer kernel, and its refusals."""
+    x, w, bias, a, bb = _make(37, 64, 96)
+    x, w, bias = (t.float() for t in (x, w, bias))
+    rb, cb = 6, 4
+    idx = torch.tensor([[r, c] for r in range(rb) for c in (0, 3) if (r + c) % 2 == 0], dtype=torch.int32, device=DEV)
+    vals = torch.randn(idx.shape[0], 16, 16, device=DEV)
+    plan = build_sparse_plan(idx, 96, 64, 16)
+    want = x @ SD.sparse_densify(w, idx, vals, 16, torch.float32).t() + bias
+    for cfg in (None, dict(KT._TEST_CONFIG, BLOCK_N=64), dict(KT._TEST_CONFIG, BLOCK_N=32, BLOCK_K=16)):
+        y = SD.sparse_block_gemm_tma(x, w, plan.csr_rows, vals, None, None, bias, 16, True, config=cfg)
+        assert_close_report(y, want, rtol=1e-5, atol=1e-5, what=f"blocks {cfg}")
+    empty = build_sparse_plan(idx[:0], 96, 64, 16)
+    y0 = SD.sparse_block_gemm_tma(x, w, empty.csr_rows, vals[:0], None, None, bias, 16, True)
+    assert_close_report(y0, x @ w.t() + bias, rtol=1e-5, atol=1e-5, what="no block")
+    # b 64 over tiles of 32 columns; bf16 operands, fp32 values
+    idx64, vals64 = _delta(96, 64, 64, nnz=2, seed=3)
+    p64 = build_sparse_plan(idx64, 96, 64, 64)
+    xb, wb = x.bfloat16(), w.bfloat16()
+    got = SD.sparse_block_gemm_tma(xb, wb, p64.csr_rows, vals64.float(), None, None, None, 64, True)
+    exact = x.double() @ (SD.sparse_densify(w.double(), idx64, vals64, 64, torch.float64)).t()
+    low = (xb @ SD.sparse_densify(wb, idx64, vals64.bfloat16(), 64, torch.bfloat16).t()).double()
+    assert _amax(got.double() - exact) <= 2 * _amax(low - exact) + 1e-3 * _amax(exact)
+    # RoSA's masked dX epilogue: the pointer kernel's numbers
+    dy = torch.randn(37, 96, device=DEV)
+    v = torch.randn(37, 8, device=DEV)
+    thr = 429496730
+    ref = SD.sparse_block_gemm(dy, w, plan.block_map, vals, v, a.float(), None, 16, False, 0.7, 5, thr)
+    got = SD.sparse_block_gemm_tma(dy, w, plan.csr_cols, vals, v, a.float(), None, 16, False, scale=0.7, seed=5,
+                                   threshold=thr)
+    assert_close_report(got, ref, rtol=1e-5, atol=1e-5, what="masked LoRA epilogue")
+    with pytest.raises(ValueError, match="block_size must be 16, 32 or 64, got 128"):
+        SD.sparse_block_gemm_tma(x, w, plan.csr_rows, vals, None, None, None, 128, True)
+    with pytest.raises(ValueError, match="K and N must be multiples of 8 for torch.float16"):
+        SD.sparse_block_gemm_tma(x[:, :60].half(), w[:, :60].half(), plan.csr_rows, vals, None, None, None, 16, True)
+
+
+def test_block_csr_and_the_plan():
+    """block_csr groups the blocks by block row (or column) in order along the other, ids pointing back into
+    the indices; the plan holds both for b 16..64 and neither for other b."""
+    idx = torch.tensor([[0, 2], [0, 5], [2, 1], [3, 2], [3, 4]], dtype=torch.int32)
+    ptr, ent = SD.block_csr(idx, 4, 6, by_col=False)
+    assert ptr.tolist() == [0, 2, 2, 3, 5] and ent.tolist() == [[2, 0], [5, 1], [1, 2], [2, 3], [4, 4]]
+    ptr, ent = SD.block_csr(idx, 4, 6, by_col=True)
+    assert ptr.tolist() == [0, 0, 1, 3, 3, 4, 5] and ent.tolist() == [[2, 2], [0, 0], [3, 3], [3, 4], [0, 1]]
+    for b, has in ((16, True), (64, True), (128, False), (24, False)):
+        plan = build_sparse_plan(idx.to(DEV), 4 * b, 6 * b, b)
+        assert (plan.csr_rows is not None) == (plan.csr_cols is not None) == has, b
+        assert (plan.block_map is not None) == SD.fused_gemm_ok(b)
+
+
+@needs_tma
+def test_forced_tma_where_it_cannot_run(monkeypatch):
+    """FASTPEFT_SPARSE_GEMM=tma where the TMA GEMM is not offered (in_features 130: not whole TMA rows; b 128):
+    a ValueError naming what is offered."""
+    monkeypatch.setenv("FASTPEFT_SPARSE_GEMM", "tma")
+    for k, b in ((130, 16), (256, 128)):
+        x, w, bias, _, _ = (t.float() for t in _make(5, k, 48 if b == 16 else 256))
+        idx, vals = _delta(w.shape[0], k, b, nnz=1)
+        vals = vals.float()
+        with pytest.raises(ValueError, match=r"'tma' is forced but cannot run here; offered: \('fused', 'dense'\)"):
+            sparse_delta_linear(x, w, bias, idx, vals, b, backend="triton")
+
+
 def test_fused_and_dense_are_the_same_bits(monkeypatch):
     """W + Δ is rounded once from fp32 in both variants, so the bf16 outputs agree to the GEMM's rounding."""
     x, w, bias, _, _ = _make(33, 80, 48)

@@ -26,6 +26,7 @@ from typing import NamedTuple, Optional, Union
 import torch
 
 from ..kernels import lora as K
+from ..kernels import lora_tma as KT
 from ..kernels import sparse_delta as SD
 from .common import _bucket, _seed_arg, autocast_inputs, base_grads, returned
 from .lora import dropout_constants, lora_factor_grads, lora_gemm, torch_backward, torch_forward
@@ -72,15 +73,20 @@ class BlockPlan(NamedTuple):
 
     block_map (cdiv(out, b), cdiv(in, b)) int32: the block id at each block position, -1 where none; on
               the device, and only where the fused GEMM takes b (a power of two >= 16), else None.
+    csr_rows, csr_cols: ``kernels.sparse_delta.block_csr`` of the blocks by block row (the forward's output
+              blocks) and by block column (dX's), for the TMA sparse GEMM (sm_90+); only where it takes b
+              (16, 32 or 64), else None.
     """
     block_map: Optional[torch.Tensor]
     out_features: int
     in_features: int
     nnz: int
     block_size: int
+    csr_rows: Optional[tuple] = None
+    csr_cols: Optional[tuple] = None
 
     def tensors(self) -> tuple:
-        return (self.block_map,)
+        return (self.block_map,) + tuple(t for c in (self.csr_rows, self.csr_cols) if c is not None for t in c)
 
     def check(self, delta_indices, out_features, in_features, block_size) -> None:
         _check_plan(self, delta_indices, out_features, in_features, block_size)
@@ -122,12 +128,13 @@ def build_sparse_plan(delta_indices: torch.Tensor, out_features: int, in_feature
     nnz = idx.shape[0]
     if b > 1:
         block_map = None
+        rb, cb = -(-out_f // b), -(-in_f // b)
         if SD.fused_gemm_ok(b):
-            rb, cb = -(-out_f // b), -(-in_f // b)
             block_map = torch.full((rb, cb), -1, device=device, dtype=torch.int32)
             if nnz:
                 block_map[idx[:, 0].long(), idx[:, 1].long()] = torch.arange(nnz, device=device, dtype=torch.int32)
-        return BlockPlan(block_map, out_f, in_f, nnz, b)
+        csr = [SD.block_csr(idx, rb, cb, by_col) for by_col in (False, True)] if SD.tma_gemm_ok(b) else [None, None]
+        return BlockPlan(block_map, out_f, in_f, nnz, b, *csr)
     t = int(tile) if tile is not None else SD.choose_tile(nnz, out_f, in_f)
     if t not in (16, 32, 64, 128):
         raise ValueError(f"tile must be 16, 32, 64 or 128, got {tile!r}")
@@ -179,11 +186,24 @@ def _sddmm(dy, x, indices, values, plan: SparsePlan):
     return g.to(values.dtype)
 
 
-def _fused_ok(plan: SparsePlan, key: tuple, fused, dense, device) -> bool:
-    """Whether to run the block-fused GEMM (it needs a block map) rather than W + Δ densified + cuBLAS."""
+def _block_gemm(plan: SparsePlan, key: tuple, fused, dense, tma, device):
+    """The output of the block GEMM way ``SD.choose_sparse_gemm`` picks for this key: the block-fused GEMM,
+    W + Δ densified + cuBLAS, or (``tma`` not None: offered, sm_90+) the TMA GEMM with Δ's blocks as more MMAs;
+    dense alone where the plan has no block map (entries, or b not a power of two >= 16)."""
     if not isinstance(plan, BlockPlan) or plan.block_map is None:
-        return False
-    return SD.choose_sparse_gemm(key, plan.block_size, fused, dense, device) == "fused"
+        return dense()
+    way = SD.choose_sparse_gemm(key, plan.block_size, fused, dense, device, run_tma=tma)
+    return {"fused": fused, "dense": dense, "tma": tma}[way]()
+
+
+def _tma_way(plan: SparsePlan, a, weight, transpose_w: bool, run, *factors):
+    """``run`` where the TMA sparse GEMM can take a @ op(W) (``SD.sparse_block_gemm_tma``), else None: a plan
+    with its block CSR, not while tracing, a TMA device, TMA rows, one dtype for a, W and the LoRA factors."""
+    if not isinstance(plan, BlockPlan) or plan.csr_rows is None or torch.compiler.is_compiling():
+        return None
+    ok = (KT.tma_supported(a.device) and KT.tma_shapes_ok(a=a, b=weight.t() if transpose_w else weight)
+          and all(t.dtype == a.dtype for t in (weight, *factors)))
+    return run if ok else None
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -386,8 +406,11 @@ class SparseDeltaLinearFunction(torch.autograd.Function):
                 def dense():
                     return dy @ _w_plus_delta(weight, indices, values, b, dy.dtype)  # W + Δ freed on return
 
+                def tma():
+                    return SD.sparse_block_gemm_tma(dy, weight, plan.csr_cols, values, None, None, None, b, False)
+
                 key = ("sd-dx", _bucket(m), n, k, b, x.dtype, weight.dtype, False)
-                dx = fused() if _fused_ok(plan, key, fused, dense, x.device) else dense()
+                dx = _block_gemm(plan, key, fused, dense, _tma_way(plan, dy, weight, False, tma), x.device)
             if need_v:
                 dv = _sddmm(dy, x, indices, values, plan)
             return dx, dv
@@ -421,8 +444,11 @@ def _sd_forward(x, weight, bias, values, indices, plan):
             w2 = _w_plus_delta(weight, indices, values, b, x.dtype)
             return torch.addmm(bias, x, w2.t()) if bias is not None else x @ w2.t()
 
+        def tma():
+            return SD.sparse_block_gemm_tma(x, weight, plan.csr_rows, values, None, None, bias, b, True)
+
         key = ("sd-fwd", _bucket(m), k, n, b, x.dtype, weight.dtype, bias is not None)
-        return fused() if _fused_ok(plan, key, fused, dense, x.device) else dense()
+        return _block_gemm(plan, key, fused, dense, _tma_way(plan, x, weight, True, tma), x.device)
 
     def composed():
         w2 = w_plus_delta_torch(weight, indices, values, b, x.dtype)
@@ -509,8 +535,12 @@ class LoRASparseLinearFunction(torch.autograd.Function):
                     key = ("dx", _bucket(m), n, k, r, x.dtype, thr > 0)  # shared with LoRALinearFunction
                     return lora_gemm(dy, w2, v, lora_A, scale=s * ds, seed=seed, threshold=thr, key=key)
 
+                def tma():
+                    return SD.sparse_block_gemm_tma(dy, weight, plan.csr_cols, values, v, lora_A, None, b, False,
+                                                    scale=s * ds, seed=seed, threshold=thr)
+
                 key = ("rosa-dx", _bucket(m), n, k, r, b, x.dtype, weight.dtype, thr > 0)
-                dx = fused() if _fused_ok(plan, key, fused, dense, x.device) else dense()
+                dx = _block_gemm(plan, key, fused, dense, _tma_way(plan, dy, weight, False, tma, lora_A), x.device)
             if need_v:
                 dv = _sddmm(dy, x, indices, values, plan)
             return dx, da, dbb, dv
@@ -555,8 +585,12 @@ def _rosa_forward(x, weight, bias, lora_A, lora_B, values, indices, plan, scalin
             key = ("fwd", _bucket(m), k, n, r, x.dtype, bias is not None)  # shared with LoRALinearFunction
             return lora_gemm(x, w2.t(), u, lora_B.t(), bias=bias, scale=scaling, key=key)
 
+        def tma():
+            return SD.sparse_block_gemm_tma(x, weight, plan.csr_rows, values, u, lora_B.t(), bias, b, True,
+                                            scale=scaling)
+
         key = ("rosa-fwd", _bucket(m), k, n, r, b, x.dtype, weight.dtype, bias is not None)
-        return (fused() if _fused_ok(plan, key, fused, dense, x.device) else dense()), u
+        return _block_gemm(plan, key, fused, dense, _tma_way(plan, x, weight, True, tma, lora_B), x.device), u
 
     def composed():
         w2 = w_plus_delta_torch(weight, indices, values, b, x.dtype)
