@@ -424,11 +424,22 @@ def tma_gemm_ok(block_size: int) -> bool:
 
 
 def _prune_sparse_tma_configs(configs, named_args, **kwargs):
-    """lora_tma's rule for the plain TMA GEMM (with the LoRA epilogue's R_PAD and mask), plus the blocks'
-    operands: at R_PAD 64 (RoSA) BLOCK_N 128 only."""
+    """lora_tma's rule for the plain TMA GEMM (with the LoRA epilogue's R_PAD and mask), 8 warps and BLOCK_K 64
+    only, R_PAD up to 64 (RoSA's rank; ``tma_rank_fits``), BLOCK_N 128 at R_PAD 64 or blocks of 64: every config
+    is one more compile in the card's first call (a forward, dX, and RoSA's two more), and the blocks'
+    (b, BLOCK_N) operands sit beside the accumulator. Compiled for sm_90 (bf16, b 16 / 32 / 64, R_PAD 16): every
+    config kept has no spill on triton 3.6 and 3.9; b 64 at BLOCK_N 256 takes 255 registers and spills 8-32 B
+    on both, 4-warp ones spill with the mask (440-696 B on 3.9) and at b 64 (8-48 B on 3.6)."""
     r_pad_ = int(kwargs.get("R_PAD", named_args.get("R_PAD", 16)))
     has_mask = bool(kwargs.get("HAS_MASK", named_args.get("HAS_MASK", False)))
-    return [c for c in configs if _T._config_fits(c, has_mask, r_pad_) and (r_pad_ < 64 or c.kwargs["BLOCK_N"] <= 128)]
+    db = int(kwargs.get("DB", named_args.get("DB", 32)))
+    return [c for c in configs if _T._config_fits(c, has_mask, r_pad_) and c.num_warps == 8 and r_pad_ <= 64
+            and c.kwargs["BLOCK_K"] == 64 and ((r_pad_ < 64 and db < 64) or c.kwargs["BLOCK_N"] <= 128)]
+
+
+def tma_rank_fits(rank: int) -> bool:
+    """Whether the TMA sparse GEMM has configs for RoSA's LoRA rank (0: the delta alone): R_PAD <= 64."""
+    return r_pad(max(int(rank), 1)) <= 64
 
 
 @functools.lru_cache(maxsize=None)

@@ -630,3 +630,29 @@ def test_gpu_torch_compile_fullgraph(b):
     torch.testing.assert_close(y, f(x, a, bb, vals))
     y.float().sum().backward()
     assert a.grad is not None and bb.grad is not None and vals.grad is not None
+
+
+@pytest.mark.gpu
+@needs_tma
+def test_gpu_tma_sparse_gemm_llm_shape(monkeypatch):
+    """The TMA sparse GEMM forced at an LLM shape (autotuned, the real persistent grid): 1 % of 32 x 32 blocks,
+    alone and as RoSA with dropout, forward and every gradient as the reference gives them."""
+    monkeypatch.setenv("FASTPEFT_SPARSE_GEMM", "tma")
+    x, w, bias, a, bb = _make(2048, 4096, 4096, 16)
+    idx, vals = _delta(4096, 4096, 32, density=0.01)
+    _check("gpu-tma-b32", torch.bfloat16, x, w, bias, idx, vals, 32)
+    _check("gpu-tma-rosa-b32", torch.bfloat16, x, w, bias, idx, vals, 32, lora=(a, bb, 2.0, 0.1, 1))
+
+
+@needs_tma
+def test_tma_not_offered_for_rosa_ranks_above_64(monkeypatch):
+    """RoSA at rank 65 (R_PAD 128, no config): the GEMM choice is offered fused and dense only."""
+    seen = []
+    real = SD.choose_sparse_gemm
+    monkeypatch.setattr(SD, "choose_sparse_gemm", lambda *a, **kw: seen.append(kw.get("run_tma")) or real(*a, **kw))
+    x, w, bias, a, bb = (t.float() for t in _make(5, 48, 80, 65))
+    idx, vals = _delta(80, 48, 16, nnz=2)
+    for r in (65, 64):
+        seen.clear()
+        lora_sparse_linear(x, w, bias, a[:r], bb[:, :r], 1.0, idx, vals.float(), 16, backend="triton")
+        assert (seen[0] is None) == (r == 65), r

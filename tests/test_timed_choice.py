@@ -182,6 +182,10 @@ def test_every_offered_fused_path_keeps_a_config(rank):
     kept = KT._prune_multi_configs(KT._TMA_CONFIGS, {}, R_PAD=rp)  # many adapters: r_max's R_PAD
     assert bool(kept) >= KT.shrink_fits(rank), rank
     assert all(c.num_warps == 8 for c in kept)  # at 4 warps triton 3.6 does not compile it
+    from fastpeft.kernels import sparse_delta as SD
+    for masked in (False, True):  # the TMA sparse GEMM with RoSA's epilogue at this rank (any rank: R_PAD <= 128)
+        kept = SD._prune_sparse_tma_configs(KT._TMA_CONFIGS, {}, R_PAD=rp, HAS_MASK=masked)
+        assert bool(kept) == (rp <= 64) == SD.tma_rank_fits(rank), (rank, masked)
 
 
 def test_backward_offers_the_fused_dy_pass_where_dx_is_needed(monkeypatch):
