@@ -204,7 +204,7 @@ run "bench lora 4096x14336, 14336x4096" 90 $PY -m fastpeft bench lora --quiet $L
 run "bench multi" 80 $PY -m fastpeft bench multi --quiet $MULTI --json "$OUT/bench_multi.json" \
     --markdown "$OUT/bench_multi.md"
 # shellcheck disable=SC2086
-run "bench sparse" 70 $PY -m fastpeft bench sparse --quiet $SPARSE --json "$OUT/bench_sparse.json" \
+run "bench sparse" 90 $PY -m fastpeft bench sparse --quiet $SPARSE --json "$OUT/bench_sparse.json" \
     --markdown "$OUT/bench_sparse.md"
 # shellcheck disable=SC2086
 run "bench qlora" 60 $PY -m fastpeft bench qlora --quiet $QLORA --json "$OUT/bench_qlora.json" \

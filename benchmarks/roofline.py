@@ -210,12 +210,18 @@ def multi_summary(M: int, K: int, N: int, adapters: int, ranks: list, phase: str
     return {"rank sum": rank_sum, "multi": multi, "grouped": grouped, "single": single, "ratio": multi / single}
 
 
-def sparse_costs(M: int, K: int, N: int, density: float, block: int, itemsize: int = 2) -> dict:
+def sparse_costs(M: int, K: int, N: int, density: float, block: int, itemsize: int = 2,
+                 tma_block_n: int | None = None) -> dict:
     """A sparse delta Δ (``density`` of W's entries, in ``block`` x ``block`` blocks; 1: unstructured), frozen
     W, dX and the values' gradient needed, as the kernels run it: blocks > 1 in the block-fused GEMM (W's
     tiles and Δ's blocks read in the K loop), unstructured through a densified W + Δ (written once in the
     forward, read by both GEMMs); the values' gradient by an SDDMM (dY and x read once, nnz dot products
-    over M). Values and their gradient in fp32, indices int64 (one per entry or two per block)."""
+    over M). Values and their gradient in fp32, indices int64 (one per entry or two per block).
+
+    ``tma_block_n``: blocks through the TMA sparse GEMM (sm_90+, ``sparse_block_gemm_tma``) at that BLOCK_N:
+    the plain GEMM plus, per block and row block, one MMA of b x BLOCK_N columns (the block placed among
+    zeros): 2 M b BLOCK_N more flops per block; a's b columns come from L2 (not counted), the CSR beside
+    the indices."""
     e, f = itemsize, 4
     nnz = density * N * K
     nblocks = nnz / (block * block)
@@ -224,7 +230,14 @@ def sparse_costs(M: int, K: int, N: int, density: float, block: int, itemsize: i
     fwd_gemm = gemm("sparse GEMM", "y = x (W + Δ)^T + b", M, K, N, e)
     dx_gemm = gemm("sparse dX", "dX = dY (W + Δ)", M, N, K, e)
     sddmm = Cost("SDDMM", "dΔ = (dY^T x) at Δ's positions", 2.0 * M * nnz, (M * N + M * K) * e + vals)
-    if block > 1:
+    if block > 1 and tma_block_n:
+        extra = 2.0 * M * block * tma_block_n * nblocks
+        csr = nblocks * 8 + (N + K) / block * 4
+        fwd = [replace(fwd_gemm, what=fwd_gemm.what + f" (TMA GEMM, Δ's blocks as b x {tma_block_n} MMAs)",
+                       flops=fwd_gemm.flops + extra, bytes=fwd_gemm.bytes + N * e + vals + csr)]
+        bwd = [sddmm, replace(dx_gemm, what=dx_gemm.what + " (TMA GEMM)", flops=dx_gemm.flops + extra,
+                              bytes=dx_gemm.bytes + vals + csr)]
+    elif block > 1:
         fwd = [replace(fwd_gemm, what=fwd_gemm.what + " (Δ's blocks in the K loop)",
                        bytes=fwd_gemm.bytes + N * e + vals)]
         bwd = [sddmm, replace(dx_gemm, bytes=dx_gemm.bytes + vals)]
@@ -336,6 +349,9 @@ def targets(card: str, itemsize: int = 2) -> list:
     sp = sparse_costs(8192, 4096, 4096, 0.01, 32, itemsize)
     out.append(("12 P5", "sparse Δ 1 %, 32x32 blocks, fwd+bwd / nn.Linear", "M8192 K4096 N4096", 1.15,
                 us(sp["fwd"] + sp["bwd"]) / lin_t))
+    tma = sparse_costs(8192, 4096, 4096, 0.01, 32, itemsize, tma_block_n=128)
+    out.append(("12 P5", "the same through the TMA sparse GEMM (sm_90+, BLOCK_N 128)", "M8192 K4096 N4096", 1.15,
+                us(tma["fwd"] + tma["bwd"]) / lin_t))
     un = sparse_costs(8192, 4096, 4096, 0.01, 1, itemsize)
     out.append(("12 P5", "sparse Δ 1 % unstructured, fwd+bwd / clone+scatter+dense-dW", "M8192 K4096 N4096", 1.0,
                 us(un["fwd"] + un["bwd"]) / us(sparse_baseline_costs(8192, 4096, 4096, 0.01, itemsize))))
