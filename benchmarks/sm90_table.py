@@ -377,6 +377,39 @@ def sparse_launches(ranks) -> list:
                 continue  # the autotuner never launches this config with the mask
             out.append(Launch("sparse_delta", SD._sparse_gemm_kernel, f"{variant} b{db}", dict(common, **extra),
                               w, s, dict(blocks)))
+    out += sparse_tma_launches()
+    return out
+
+
+def sparse_tma_launches(all_configs: bool = False, blocks_sizes=(32,)) -> list:
+    """The TMA sparse GEMM (sm_90+): its autotune list, the forward and dX plain and with RoSA's LoRA epilogue
+    (R_PAD 16; dX masked), for b x b blocks (32: the target); ``all_configs`` also the configs its prune drops."""
+    from fastpeft.kernels import lora_tma as T
+    from fastpeft.kernels import sparse_delta as SD
+
+    out = []
+    pinned = triton.Config({k: v for k, v in T._PINNED_TMA.items() if not k.startswith("num_")},
+                           num_warps=T._PINNED_TMA["num_warps"], num_stages=T._PINNED_TMA["num_stages"])
+    for db in blocks_sizes:
+        for c, tag in [(c, "") for c in T._TMA_CONFIGS] + [(pinned, " (pinned)")]:
+            blocks, w, s = _cfg(c)
+            common = dict(a_ptr=_ptr("bf16"), b_ptr=_ptr("bf16"), val_ptr=_ptr("fp32"), ptr_ptr=_ptr("i32"),
+                          ent_ptr=_ptr("i32"), lu_ptr=_ptr("fp32"), lv_ptr=_ptr("bf16"), bias_ptr=_ptr("bf16"),
+                          out_ptr=_ptr("bf16"), M=M, N=N, K=K, M_KEY=M, stride_am=K, stride_b=K, stride_vb=db * db,
+                          stride_lum=16, stride_lur=1, stride_om=N, scale=0.5, seed=1234, threshold=429496730, DB=db,
+                          R_PAD=16, NUM_SMS=132, DOT_PRECISION="tf32", UPCAST=False, **blocks)
+            fwd = dict(B_NK=True, stride_vk=1, stride_vn=db, stride_lvr=1, stride_lvn=16, HAS_BIAS=True)
+            dx = dict(B_NK=False, stride_vk=db, stride_vn=1, stride_lvr=K, stride_lvn=1, HAS_BIAS=False)
+            for variant, extra in (("TMA fwd", dict(fwd, HAS_LOWRANK=False, HAS_MASK=False, R=0)),
+                                   ("TMA dX", dict(dx, HAS_LOWRANK=False, HAS_MASK=False, R=0)),
+                                   ("TMA fwd +LoRA R16", dict(fwd, HAS_LOWRANK=True, HAS_MASK=False, R=16)),
+                                   ("TMA dX +LoRA mask R16", dict(dx, HAS_LOWRANK=True, HAS_MASK=True, R=16))):
+                kept = SD._prune_sparse_tma_configs([c], {}, HAS_MASK=extra["HAS_MASK"], R_PAD=16, DB=db)
+                if not kept and not all_configs:
+                    continue
+                label = f"{variant} b{db}{tag}" + ("" if kept else " (pruned)")
+                out.append(Launch("sparse_delta", SD._sparse_tma_kernel, label, dict(common, **extra), w, s,
+                                  dict(blocks)))
     return out
 
 
