@@ -147,16 +147,39 @@ def _mixed_batch(self, x: torch.Tensor, names) -> torch.Tensor:
     index = {n: i for i, n in enumerate(used)}
     dev = x.device
     ids = torch.tensor([index.get(n, -1) for n in names], dtype=torch.int64, device=dev)
-    ranks = [self.lora_A[n].weight.shape[0] for n in used]
-    r_max = max(ranks)
-    stack_a = torch.stack([F.pad(self.lora_A[n].weight, (0, 0, 0, r_max - r)) for n, r in zip(used, ranks)])
-    stack_b = torch.stack([F.pad(self.lora_B[n].weight, (0, r_max - r)) for n, r in zip(used, ranks)])
-    scalings = torch.tensor([float(self.scaling[n]) for n in used], dtype=torch.float32, device=dev)
-    rank_t = None if min(ranks) == r_max else torch.tensor(ranks, dtype=torch.int64, device=dev)
+    stack_a, stack_b, scalings, rank_t = _stacks(self, used, dev)
     rates = [p if training else 0.0 for p, training in (_dropout(self.lora_dropout[n]) for n in used)]
     drop_t = torch.tensor(rates, dtype=torch.float32, device=dev) if any(rates) else None
     return lora_linear_multi(x, base.weight, base.bias, stack_a, stack_b, scalings, ids, rank_t,
                              dropout_p=drop_t, training=drop_t is not None, check_ids=False)
+
+
+def _stacks(self, used: list, dev: torch.device) -> tuple:
+    """``(A stack (n, r_max, in), B stack (n, out, r_max), scalings (n,) fp32, ranks (n,) int64 or None)`` of the
+    adapters ``used``, zero-padded to the largest rank. Without anything to differentiate (PEFT's
+    ``adapter_names`` serves inference: a generation loop calls every layer once per token) they are kept for
+    the next call with the same adapters, until one of their factors changes (replaced, or updated in place:
+    the tensor version) or a scaling does; with a gradient they are built from the Parameters at each call."""
+    weights = [(self.lora_A[n].weight, self.lora_B[n].weight) for n in used]
+    grad = torch.is_grad_enabled() and any(t.requires_grad for pair in weights for t in pair)
+    key = None
+    if not grad:
+        # the factors themselves are held by the entry and compared by identity (an id() could be reused)
+        key = (tuple(used), dev, tuple(float(self.scaling[n]) for n in used),
+               tuple((a._version, b._version) for a, b in weights))
+        hit = self.__dict__.get("_fastpeft_stacks")
+        if hit is not None and hit[0] == key and all(x is y for x, y in zip(hit[1], (t for p in weights for t in p))):
+            return hit[2]
+    ranks = [a.shape[0] for a, _ in weights]
+    r_max = max(ranks)
+    stack_a = torch.stack([F.pad(a, (0, 0, 0, r_max - r)) for (a, _), r in zip(weights, ranks)])
+    stack_b = torch.stack([F.pad(b, (0, r_max - r)) for (_, b), r in zip(weights, ranks)])
+    scalings = torch.tensor([float(self.scaling[n]) for n in used], dtype=torch.float32, device=dev)
+    rank_t = None if min(ranks) == r_max else torch.tensor(ranks, dtype=torch.int64, device=dev)
+    out = (stack_a, stack_b, scalings, rank_t)
+    if key is not None:
+        self.__dict__["_fastpeft_stacks"] = (key, tuple(t for p in weights for t in p), out)  # the batch's adapters
+    return out
 
 
 def _has_hooks(m: nn.Module) -> bool:
@@ -295,7 +318,8 @@ def runtime_fallback_reason(self, x, args=(), kwargs=None):
     return None
 
 
-_KEPT = ("_fastpeft_qw", "_fastpeft_dora")  # what a patched layer keeps between calls (restore drops it too)
+# what a patched layer keeps between calls (restore, merge, unmerge and .to() drop it too)
+_KEPT = ("_fastpeft_qw", "_fastpeft_dora", "_fastpeft_stacks")
 
 
 def _drop_kept(self) -> None:

@@ -838,3 +838,51 @@ def test_4bit_kept_view_does_not_keep_a_replaced_weight_alive():
         gc.collect()
         assert old() is None, step
     assert_follows_peft(layer, x, "after")
+
+
+def test_mixed_batch_keeps_its_stacks_until_a_factor_or_scaling_changes(base, ids, monkeypatch):
+    """adapter_names batches without a gradient: the padded stacks are built once and kept while the same
+    adapters come back; an in-place update of a factor, a replaced factor, another scaling or another set of
+    adapters builds them again (and gives PEFT's outputs); with a gradient they are built at every call."""
+    import sys
+    A = sys.modules["fastpeft.accelerate"]  # the module (fastpeft.accelerate is the function)
+    model = with_small_adapter(lora_model(base), 8, ["q_proj", "v_proj"])
+    model.eval()
+    names = ["small", "__base__", "default"]
+    fastpeft.accelerate(model)
+    layer = q_proj(model)
+    built = []
+    real = A.F.pad
+    monkeypatch.setattr(A.F, "pad", lambda *a, **kw: built.append(1) or real(*a, **kw))
+
+    def builds(**kw):
+        built.clear()
+        with torch.no_grad():
+            out = model(input_ids=ids, adapter_names=kw.pop("names", names)).logits
+        return len(built), out
+    first, _ = builds()
+    assert first > 0
+    assert builds()[0] == 0  # kept
+    with torch.no_grad():
+        layer.lora_B["small"].weight.add_(0.5)  # in place: its version moves
+    n, got = builds()
+    assert n > 0
+    fastpeft.restore(model)
+    with torch.no_grad():
+        want = model(input_ids=ids, adapter_names=names).logits
+    assert_close_report(got, want, rtol=1e-5, atol=1e-5, what="after an in-place update")
+    fastpeft.accelerate(model)
+    builds()
+    layer.lora_A["default"].weight = nn.Parameter(layer.lora_A["default"].weight.detach() * 2)  # replaced
+    assert builds()[0] > 0 and builds()[0] == 0
+    layer.scaling["small"] *= 2
+    assert builds()[0] > 0
+    assert builds(names=["default", "default", "__base__"])[0] > 0
+    built.clear()
+    model(input_ids=ids, adapter_names=names).logits.sum().backward()  # a gradient: built, not kept
+    assert built and "_fastpeft_stacks" in layer.__dict__
+    built.clear()
+    model(input_ids=ids, adapter_names=names)
+    assert built
+    fastpeft.restore(model)
+    assert "_fastpeft_stacks" not in layer.__dict__
