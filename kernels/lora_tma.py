@@ -165,6 +165,22 @@ def _tma_store_part(acc, lu, off_m, n0, out_desc, out_ptr, lv_ptr, bias_ptr, M, 
 
 
 @triton.jit
+def _gemm_descs(a_ptr, b_ptr, out_ptr, M, N, K, stride_am, stride_b, stride_om, B_NK: tl.constexpr,
+                BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, SUB_N: tl.constexpr):
+    """``(a_desc, b_desc, out_desc, num_m, num_n, k_tiles)`` of a persistent TMA GEMM out (M, N) = a (M, K) @ b:
+    b as (N, K) rows when B_NK, else (K, N) rows; the output stored in (BLOCK_M, SUB_N) sub-tiles."""
+    a_desc = tl.make_tensor_descriptor(a_ptr, shape=[M, K], strides=[stride_am, 1], block_shape=[BLOCK_M, BLOCK_K])
+    if B_NK:
+        b_desc = tl.make_tensor_descriptor(b_ptr, shape=[N, K], strides=[stride_b, 1],
+                                           block_shape=[BLOCK_N, BLOCK_K])
+    else:
+        b_desc = tl.make_tensor_descriptor(b_ptr, shape=[K, N], strides=[stride_b, 1],
+                                           block_shape=[BLOCK_K, BLOCK_N])
+    out_desc = tl.make_tensor_descriptor(out_ptr, shape=[M, N], strides=[stride_om, 1], block_shape=[BLOCK_M, SUB_N])
+    return a_desc, b_desc, out_desc, tl.cdiv(M, BLOCK_M), tl.cdiv(N, BLOCK_N), tl.cdiv(K, BLOCK_K)
+
+
+@triton.jit
 def _shrink_first_coords(tile, num_m, num_n, GROUP_M: tl.constexpr):
     """(pid_m, pid_n) of ``tile`` when the shrink is fused: tiles 0 .. num_m - 1 are the producers (m, 0), in
     row order; the rest are the other columns (m, 1 ..) in grouped order. Every producer comes before the
@@ -200,18 +216,8 @@ def _lora_gemm_tma_kernel(
     # pass) and every 8-warp config comes out with the same registers and shared memory as without the flag.
     # The masked epilogue works on sub-tiles of at most 64 columns (see lora._lora_gemm_kernel).
     SUB_N: tl.constexpr = BLOCK_N if (not HAS_MASK or BLOCK_N <= 64) else 64
-    a_desc = tl.make_tensor_descriptor(a_ptr, shape=[M, K], strides=[stride_am, 1], block_shape=[BLOCK_M, BLOCK_K])
-    if B_NK:
-        b_desc = tl.make_tensor_descriptor(b_ptr, shape=[N, K], strides=[stride_b, 1],
-                                           block_shape=[BLOCK_N, BLOCK_K])
-    else:
-        b_desc = tl.make_tensor_descriptor(b_ptr, shape=[K, N], strides=[stride_b, 1],
-                                           block_shape=[BLOCK_K, BLOCK_N])
-    out_desc = tl.make_tensor_descriptor(out_ptr, shape=[M, N], strides=[stride_om, 1], block_shape=[BLOCK_M, SUB_N])
-
-    num_m = tl.cdiv(M, BLOCK_M)
-    num_n = tl.cdiv(N, BLOCK_N)
-    k_tiles = tl.cdiv(K, BLOCK_K)
+    a_desc, b_desc, out_desc, num_m, num_n, k_tiles = _gemm_descs(a_ptr, b_ptr, out_ptr, M, N, K, stride_am, stride_b,
+                                                                  stride_om, B_NK, BLOCK_M, BLOCK_N, BLOCK_K, SUB_N)
     rr = tl.arange(0, R_PAD)
     r_ok = rr < R
     y_desc = a_desc
@@ -356,15 +362,10 @@ def _multi_lora_tma_kernel(
     GROUP_M: tl.constexpr, R_PAD: tl.constexpr, NUM_SMS: tl.constexpr, DOT_PRECISION: tl.constexpr,
     UPCAST: tl.constexpr,
 ):
-    x_desc = tl.make_tensor_descriptor(x_ptr, shape=[M, K], strides=[stride_xm, 1], block_shape=[BLOCK_M, BLOCK_K])
-    w_desc = tl.make_tensor_descriptor(w_ptr, shape=[N, K], strides=[stride_w, 1], block_shape=[BLOCK_N, BLOCK_K])
+    x_desc, w_desc, out_desc, num_m, num_n, k_tiles = _gemm_descs(x_ptr, w_ptr, out_ptr, M, N, K, stride_xm, stride_w,
+                                                                  stride_om, True, BLOCK_M, BLOCK_N, BLOCK_K, BLOCK_N)
     la_desc = tl.make_tensor_descriptor(la_ptr, shape=[NA * R, K], strides=[stride_la, 1],
                                         block_shape=[R_PAD, BLOCK_K])
-    out_desc = tl.make_tensor_descriptor(out_ptr, shape=[M, N], strides=[stride_om, 1],
-                                         block_shape=[BLOCK_M, BLOCK_N])
-    num_m = tl.cdiv(M, BLOCK_M)
-    num_n = tl.cdiv(N, BLOCK_N)
-    k_tiles = tl.cdiv(K, BLOCK_K)
     rr = tl.arange(0, R_PAD)
     for tile in tl.range(tl.program_id(0), num_m * num_n, NUM_SMS):
         pid_m, pid_n = _shrink_first_coords(tile, num_m, num_n, GROUP_M)

@@ -54,7 +54,7 @@ from ._common import (_HAS_TRITON_OP, _cast, _dot_precision, _grouped_coords, _g
                       _library_op, _mma, _op_body, _seed, _sm_count, _tile_ranges, _upcast, _use_explicit_blocks, _wrap,
                       block_setter, eager_or_op, r_pad, split_chunk, split_count)
 from .lora import _GEMM_CONFIGS, _lowrank_tile, _prune_gemm_configs, env_choice, gemm_launch_config, timed_choice
-from .lora_tma import _k_loop, _tma_lowrank_epilogue, _tma_store_part
+from .lora_tma import _gemm_descs, _k_loop, _tma_lowrank_epilogue, _tma_store_part
 
 # ----------------------------------------------------------------------------------------------------
 # kernels
@@ -367,18 +367,9 @@ def _sparse_tma_kernel(
 ):
     SUB_N: tl.constexpr = BLOCK_N if (not HAS_MASK or BLOCK_N <= 64) else 64
     OBS: tl.constexpr = BLOCK_N // DB if BLOCK_N >= DB else 1  # blocks of output columns a tile spans
-    a_desc = tl.make_tensor_descriptor(a_ptr, shape=[M, K], strides=[stride_am, 1], block_shape=[BLOCK_M, BLOCK_K])
+    a_desc, b_desc, out_desc, num_m, num_n, k_tiles = _gemm_descs(a_ptr, b_ptr, out_ptr, M, N, K, stride_am, stride_b,
+                                                                  stride_om, B_NK, BLOCK_M, BLOCK_N, BLOCK_K, SUB_N)
     a_blk = tl.make_tensor_descriptor(a_ptr, shape=[M, K], strides=[stride_am, 1], block_shape=[BLOCK_M, DB])
-    if B_NK:
-        b_desc = tl.make_tensor_descriptor(b_ptr, shape=[N, K], strides=[stride_b, 1],
-                                           block_shape=[BLOCK_N, BLOCK_K])
-    else:
-        b_desc = tl.make_tensor_descriptor(b_ptr, shape=[K, N], strides=[stride_b, 1],
-                                           block_shape=[BLOCK_K, BLOCK_N])
-    out_desc = tl.make_tensor_descriptor(out_ptr, shape=[M, N], strides=[stride_om, 1], block_shape=[BLOCK_M, SUB_N])
-    num_m = tl.cdiv(M, BLOCK_M)
-    num_n = tl.cdiv(N, BLOCK_N)
-    k_tiles = tl.cdiv(K, BLOCK_K)
     n_blocks = tl.cdiv(N, DB)
     kk = tl.arange(0, DB)
     for tile in tl.range(tl.program_id(0), num_m * num_n, NUM_SMS):
