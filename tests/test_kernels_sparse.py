@@ -180,9 +180,10 @@ def test_tma_gemm_kernel_edges():
     v = torch.randn(37, 8, device=DEV)
     thr = 429496730
     ref = SD.sparse_block_gemm(dy, w, plan.block_map, vals, v, a.float(), None, 16, False, 0.7, 5, thr)
-    got = SD.sparse_block_gemm_tma(dy, w, plan.csr_cols, vals, v, a.float(), None, 16, False, scale=0.7, seed=5,
-                                   threshold=thr)
-    assert_close_report(got, ref, rtol=1e-5, atol=1e-5, what="masked LoRA epilogue")
+    for cfg in (None, dict(KT._TEST_CONFIG, BLOCK_N=128), dict(KT._TEST_CONFIG, BLOCK_N=256)):  # halves, quarters
+        got = SD.sparse_block_gemm_tma(dy, w, plan.csr_cols, vals, v, a.float(), None, 16, False, scale=0.7, seed=5,
+                                       threshold=thr, config=cfg)
+        assert_close_report(got, ref, rtol=1e-5, atol=1e-5, what=f"masked LoRA epilogue {cfg}")
     with pytest.raises(ValueError, match="block_size must be 16, 32 or 64, got 128"):
         SD.sparse_block_gemm_tma(x, w, plan.csr_rows, vals, None, None, None, 128, True)
     with pytest.raises(ValueError, match="K and N must be multiples of 8 for torch.float16"):
