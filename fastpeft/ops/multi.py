@@ -146,7 +146,7 @@ def _bgmv_forward(x, weight, bias, lora_A_stack, lora_B_stack, scalings, ids, ra
 # "fused" (one persistent TMA kernel, sm_90+, no dropout: kernels.lora_tma.multi_forward_tma). FASTPEFT_MULTI_PATH
 # forces one ("bgmv" and "fused" at any number of rows, also in training mode); "auto" times bgmv against grouped
 # up to BGMV_MAX_ROWS rows (kernels.lora.timed_choice) when not training, and beyond times grouped against fused
-# where the fused kernel is offered (``_fused_offered``: from FUSED_MIN_ROWS rows, ids given per sequence of at
+# where the fused kernel is offered (``_fused_refusal`` None, from FUSED_MIN_ROWS rows, ids per sequence of at
 # least FUSED_MIN_SEQ tokens), else runs grouped; in training mode grouped: a training forward without grad
 # (reentrant activation checkpointing) must give the bits of the grad path, which its recompute in backward runs
 # (BGMV and the fused kernel sum in other orders). A forward with a gradient always runs the grouped kernels:
