@@ -7,7 +7,8 @@
 #   3. benchmarks/profile_lora.py: the per-kernel torch.profiler table of LoRA fwd+bwd at M=8192, K=N=4096,
 #      r=16, p in {0, 0.1} (kernel, µs, bytes moved, TB/s or TFLOP/s, % of peak), the TMA GEMM against
 #      cuBLAS, then the decode tables (M 1/16/64) eager and under CUDA graphs: one adapter, and 8 adapters one per
-#      token on the BGMV and the grouped paths;
+#      token on the BGMV and the grouped paths; last, the other TMA kernels beside their alternatives (64 adapters
+#      at prefill grouped vs fused; a 1 % block-sparse delta on densify + cuBLAS, the pointer and the TMA GEMM);
 #   4. the gpu-marked torch.compile and CUDA-graph tests (reduce-overhead with dropout among them), in what is left.
 # Everything goes to $OUT (log, JSON, markdown) and the tables to benchmarks/results/ named by card and date;
 # headers carry card, torch, triton and date. Each step has its own timeout inside a total budget

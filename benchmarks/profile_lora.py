@@ -5,6 +5,9 @@ eager and under CUDA graphs.
    giving dY B and dB from one read of dY, the backward's "kernels-dy1") and its cuBLAS alternatives, plus
    nn.Linear's own GEMMs and the TMA GEMM (kernels/lora_tma.py) where the card has TMA, alone, with the
    shrink fused (the forward's "tma-shrink" path) and with the dY pass fused (the backward's "tma-dy").
+   Last (4.), the other TMA kernels beside their alternatives: many adapters at prefill (64 of ranks 8-64, one
+   per 512-token sequence) grouped vs one fused kernel, and a sparse delta (1 % of 32 x 32 blocks) forward
+   and dX on densify + cuBLAS, the block-fused pointer GEMM and the TMA GEMM.
    For each: the kernels ``torch.profiler`` sees on the device (names, µs per call), the
    ``triton.testing.do_bench`` median, the bytes / flops of ``benchmarks/roofline.py``, the achieved TB/s
    and TFLOP/s and the % of the card's peak of the resource that bounds it.
@@ -165,7 +168,6 @@ def steps(M, K, N, r, p, dtype, device):
 
 def step_table(M, K, N, r, ps, dtype, device, card) -> tuple:
     cuda = device == "cuda"
-    peak = RF.CARDS.get(card) if card else None
     lines = [f"### Steps, M={M}, K={K}, N={N}, r={r}", "",
              "| p | step | device kernels (torch.profiler, µs per call) | do_bench µs | model MB | model GFLOP "
              "| TB/s | TFLOP/s | % of peak (bound) | roofline µs |",
@@ -175,31 +177,106 @@ def step_table(M, K, N, r, ps, dtype, device, card) -> tuple:
         skip("torch.profiler device-kernel names per step and % of peak (CPU run: times are interpreter times)")
     for p in ps:
         for name, (fn, cost) in steps(M, K, N, r, p, dtype, device).items():
-            try:
-                fn()  # autotune / compile outside the timing
-                us = time_us(fn, cuda)
-                kern = device_kernels(fn) if cuda else []
-            except Exception as exc:  # a failing step is a result too: record it and go on
-                lines.append(f"| {p} | {name} | error: {type(exc).__name__}: {str(exc).splitlines()[0][:100]} "
-                             "| | | | | | | |")
-                rows.append(dict(p=p, step=name, error=str(exc)))
-                continue
-            ktxt = "; ".join(f"{k[:60]} {t:.1f}" for k, t in kern[:4]) or "-"
-            mb = f"{cost.bytes / 1e6:.1f}" if cost else "-"
-            gf = f"{cost.flops / 1e9:.2f}" if cost else "-"
-            tbs = f"{cost.bytes / us / 1e6:.2f}" if cost else "-"
-            tfs = f"{cost.flops / us / 1e6:.1f}" if cost else "-"
-            if cost and peak:
-                bound = cost.bound(card)
-                frac = (cost.flops / (us * 1e-6) / peak["flops"] if bound == "compute"
-                        else cost.bytes / (us * 1e-6) / peak["bandwidth"])
-                pct, roof = f"{100 * frac:.0f}% ({bound})", f"{cost.seconds(card) * 1e6:.1f}"
-            else:
-                pct, roof = "-", "-"
-            lines.append(f"| {p} | {name} | {ktxt} | {us:.1f} | {mb} | {gf} | {tbs} | {tfs} | {pct} | {roof} |")
-            rows.append(dict(p=p, step=name, us=us, kernels=kern, bytes=cost.bytes if cost else None,
-                             flops=cost.flops if cost else None))
-            print(lines[-1], flush=True)
+            _measured(lines, rows, p, name, fn, cost, cuda, card)
+    return lines, rows
+
+
+def _measured(lines: list, rows: list, p, name: str, fn, cost, cuda: bool, card) -> None:
+    """Time ``fn`` (do_bench median after a first call that autotunes / compiles), list its device kernels, and
+    append its table line (read against the roofline ``cost``, None: no model) and JSON row; a failing step is a
+    result too: its error is recorded and the table goes on."""
+    peak = RF.CARDS.get(card) if card else None
+    try:
+        fn()
+        us = time_us(fn, cuda)
+        kern = device_kernels(fn) if cuda else []
+    except Exception as exc:
+        lines.append(f"| {p} | {name} | error: {type(exc).__name__}: {str(exc).splitlines()[0][:100]} | | | | | | | |")
+        rows.append(dict(p=p, step=name, error=str(exc)))
+        return
+    ktxt = "; ".join(f"{k[:60]} {t:.1f}" for k, t in kern[:4]) or "-"
+    mb = f"{cost.bytes / 1e6:.1f}" if cost else "-"
+    gf = f"{cost.flops / 1e9:.2f}" if cost else "-"
+    tbs = f"{cost.bytes / us / 1e6:.2f}" if cost else "-"
+    tfs = f"{cost.flops / us / 1e6:.1f}" if cost else "-"
+    if cost and peak:
+        bound = cost.bound(card)
+        frac = (cost.flops / (us * 1e-6) / peak["flops"] if bound == "compute"
+                else cost.bytes / (us * 1e-6) / peak["bandwidth"])
+        pct, roof = f"{100 * frac:.0f}% ({bound})", f"{cost.seconds(card) * 1e6:.1f}"
+    else:
+        pct, roof = "-", "-"
+    lines.append(f"| {p} | {name} | {ktxt} | {us:.1f} | {mb} | {gf} | {tbs} | {tfs} | {pct} | {roof} |")
+    rows.append(dict(p=p, step=name, us=us, kernels=kern, bytes=cost.bytes if cost else None,
+                     flops=cost.flops if cost else None))
+    print(lines[-1], flush=True)
+
+
+def tma_table(M, K, N, dtype, device, card, adapters: int = 64, seq: int = 512, block: int = 32) -> tuple:
+    """The other TMA kernels beside their alternatives, read against the roofline: many adapters at prefill
+    (``adapters`` of ranks 8 / 16 / 32 / 64 cycling, one per sequence of ``seq`` rows: bench multi's setup) on
+    the grouped kernels and on the one fused kernel; a sparse delta (1 % of ``block`` x ``block`` blocks)
+    forward and dX on densify + cuBLAS, the block-fused pointer GEMM and the TMA GEMM."""
+    from fastpeft.kernels import lora_tma as T
+    from fastpeft.kernels import sparse_delta as SD
+    from fastpeft.ops import multi as OM
+    from fastpeft.ops.sparse import build_sparse_plan
+
+    cuda = device == "cuda"
+    lines = ["", f"### Other TMA kernels, M={M}, K={K}, N={N} (the first column: what the row varies)", "",
+             "| case | step | device kernels (torch.profiler, µs per call) | do_bench µs | model MB | model GFLOP "
+             "| TB/s | TFLOP/s | % of peak (bound) | roofline µs |",
+             "|---|---|---|---|---|---|---|---|---|---|"]
+    rows = []
+    if not T.tma_supported(device):
+        print("SKIPPED: other TMA kernels (needs sm_90+ and tl.make_tensor_descriptor)", flush=True)
+        return [], []
+    g = torch.Generator(device="cpu").manual_seed(0)
+    rnd = lambda *s: torch.randn(*s, generator=g).to(device, dtype)  # noqa: E731
+    x, w, bias = rnd(M, K), rnd(N, K) / K ** 0.5, rnd(N)
+    ranks = [(8, 16, 32, 64)[i % 4] for i in range(adapters)]
+    r_max = max(ranks)
+    a, b = rnd(adapters, r_max, K) / K ** 0.5, rnd(adapters, N, r_max)
+    s = torch.full((adapters,), 2.0, device=device)
+    rk = torch.tensor(ranks, device=device)
+    ids = (torch.arange(M, device=device) // seq) % adapters
+    args = (x, w, bias, a, b, s, ids, rk, None, 0)
+    rank_sum = RF.expected_rank_sum(M, adapters, [8, 16, 32, 64], "prefill")
+    lin = RF.linear_costs(M, K, N)["fwd"]
+    grouped = RF.multi_costs(M, K, N, rank_sum, r_max, "prefill")
+    grouped_cost = RF.Cost("grouped", "base GEMM + grouped shrink + expand", sum(c.flops for c in lin + grouped),
+                           sum(c.bytes for c in lin + grouped))
+    case = f"{adapters} adapters, seq {seq}"
+    _measured(lines, rows, case, "many adapters: grouping, shrink, cuBLAS, expand",
+              lambda: OM._grouped_forward(*args)[0], grouped_cost, cuda, card)
+    if T.shrink_fits(r_max):
+        _measured(lines, rows, case, "many adapters: one TMA kernel (multi_forward_tma)",
+                  lambda: OM._fused_forward(*args), RF.multi_fused_cost(M, K, N, rank_sum, r_max), cuda, card)
+    rb, cb = -(-N // block), -(-K // block)
+    nblocks = max(1, round(0.01 * rb * cb))
+    flat = torch.randperm(rb * cb, generator=g)[:nblocks].sort().values
+    idx = torch.stack([flat // cb, flat % cb], 1).to(device=device, dtype=torch.int32)
+    vals = torch.randn(nblocks, block, block, generator=g).to(device, dtype) * 0.01
+    plan = build_sparse_plan(idx, N, K, block)
+    dy = rnd(M, N)
+    ideal = RF.sparse_costs(M, K, N, 0.01, block)
+    tma = RF.sparse_costs(M, K, N, 0.01, block, tma_block_n=128)
+    case = f"1 % of {block}x{block} blocks"
+    for way, a_, trans, c_ideal, c_tma in (("fwd", x, True, ideal["fwd"][0], tma["fwd"][0]),
+                                          ("dX", dy, False, ideal["bwd"][1], tma["bwd"][1])):
+        def dense(a_=a_, trans=trans):
+            w2 = SD.sparse_densify(w, idx, vals, block, dtype)
+            return a_ @ (w2.t() if trans else w2)
+        _measured(lines, rows, case, f"sparse {way}: densify + cuBLAS", dense, None, cuda, card)
+        if plan.block_map is not None:
+            _measured(lines, rows, case, f"sparse {way}: block-fused pointer GEMM",
+                      lambda a_=a_, trans=trans: SD.sparse_block_gemm(a_, w, plan.block_map, vals, None, None, None,
+                                                                      block, trans), c_ideal, cuda, card)
+        if plan.csr_rows is not None and T.tma_shapes_ok(a=a_, b=w.t() if trans else w):
+            csr = plan.csr_rows if trans else plan.csr_cols
+            _measured(lines, rows, case, f"sparse {way}: TMA GEMM + block MMAs",
+                      lambda a_=a_, trans=trans, csr=csr: SD.sparse_block_gemm_tma(a_, w, csr, vals, None, None, None,
+                                                                                  block, trans), c_tma, cuda, card)
     return lines, rows
 
 
@@ -379,7 +456,12 @@ def main(argv=None):
     write("layer", *layer_table(a.tokens, a.k, a.n, a.rank, a.dropout, dtype, device, a.backend))
     write("decode", *decode_table(a.decode, a.k, a.n, a.rank, dtype, device, a.backend))
     write("decode_multi", *multi_decode_table(a.decode, a.k, a.n, dtype, device, a.backend))
-    errors = [r for r in steps_rows if "error" in r]
+    # last: its autotuning (the pointer and TMA sparse GEMMs, the many-adapter kernel) may meet the step's timeout,
+    # and every table above is written by then
+    tma_lines, tma_rows = tma_table(a.tokens, a.k, a.n, dtype, device, card,
+                                    **(dict(adapters=4, seq=16, block=16) if a.smoke else {}))
+    write("tma", tma_lines, tma_rows)
+    errors = [r for r in steps_rows + tma_rows if "error" in r]
     print(f"wrote {os.path.join(a.out, 'profile_lora.md')}; {len(errors)} step(s) failed")
     return 1 if errors else 0
 

@@ -677,8 +677,9 @@ def multi_forward_tma(*, x: torch.Tensor, weight: torch.Tensor, bias: torch.Tens
     if not shrink_fits(r_max):
         raise ValueError(f"multi_forward_tma: r_max {r_max} is above what its configs hold (at most 64)")
     if ids.shape != (m,) or scalings.shape != (n,) or ranks is not None and ranks.shape != (n,):
+        got_ranks = None if ranks is None else tuple(ranks.shape)
         raise ValueError(f"multi_forward_tma: ids must be ({m},), scalings and ranks ({n},), got "
-                         f"{tuple(ids.shape)}, {tuple(scalings.shape)}, {None if ranks is None else tuple(ranks.shape)}")
+                         f"{tuple(ids.shape)}, {tuple(scalings.shape)}, {got_ranks}")
     if not tma_supported(x.device):
         raise RuntimeError(f"multi_forward_tma needs sm_90+ and triton with tl.make_tensor_descriptor "
                            f"(device {x.device}, triton {triton.__version__})")
