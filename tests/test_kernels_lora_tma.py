@@ -537,7 +537,7 @@ def test_multi_forward_checks_and_edges():
         T.multi_forward_tma(**dict(kw, x=x[:, :44].half(), weight=w[:, :44].half(), lora_A_stack=a[:, :, :44]))
     assert T.multi_forward_tma(**dict(kw, x=x[:0], ids=ids[:0])).shape == (0, 40)
     none = T.multi_forward_tma(**dict(kw, ids=torch.full((5,), -1, device=DEV)))
-    assert_close_report(none, x @ w.t() + b, rtol=1e-6, atol=1e-6, what="no adapter rows")
+    assert_close_report(none, x @ w.t() + b, rtol=1e-5, atol=1e-5, what="no adapter rows")
 
 
 @on_card
@@ -581,7 +581,7 @@ def test_multi_forward_bad_ids_and_inf_rows():
     y = T.multi_forward_tma(x=x, ids=ids, **kw)
     base = x @ w.t() + b
     for i in (3, 17, 5):
-        assert_close_report(y[i], base[i], rtol=1e-6, atol=1e-6, what=f"row {i} (id {int(ids[i])})")
+        assert_close_report(y[i], base[i], rtol=1e-5, atol=1e-5, what=f"row {i} (id {int(ids[i])})")
     xi = x.clone()
     xi[9, 4] = float("inf")
     yi = T.multi_forward_tma(x=xi, ids=ids, **kw)
