@@ -668,9 +668,9 @@ def multi_forward_tma(*, x: torch.Tensor, weight: torch.Tensor, bias: torch.Tens
     accumulator. No grouping, no host sync, no atomics in any sum. ``config`` as for ``lora_gemm_tma``.
     """
     m, k = x.shape
-    n, r_max = lora_A_stack.shape[0], lora_A_stack.shape[1]
     if lora_A_stack.dim() != 3 or lora_A_stack.shape[2] != k:
         raise ValueError(f"multi_forward_tma: lora_A_stack must be (n, r_max, K={k}), got {tuple(lora_A_stack.shape)}")
+    n, r_max = lora_A_stack.shape[0], lora_A_stack.shape[1]
     if lora_B_stack.shape != (n, weight.shape[0], r_max):
         raise ValueError(f"multi_forward_tma: lora_B_stack must be (n={n}, N={weight.shape[0]}, r_max={r_max}), "
                          f"got {tuple(lora_B_stack.shape)}")
@@ -704,17 +704,7 @@ def multi_forward_tma(*, x: torch.Tensor, weight: torch.Tensor, bias: torch.Tens
             x.stride(0), w.stride(0), la.stride(0), *lora_B_stack.stride(), u.stride(0), out.stride(0))
     meta = dict(HAS_BIAS=bias is not None, R_PAD=r_pad(r_max), DOT_PRECISION=_dot_precision(x.dtype),
                 UPCAST=_upcast(x.dtype))
-    tiles = lambda c: triton.cdiv(m, c["BLOCK_M"]) * triton.cdiv(weight.shape[0], c["BLOCK_N"])  # noqa: E731
-    config = _config_for(x, config)
-    sms = torch.cuda.get_device_properties(x.device).multi_processor_count if x.device.type == "cuda" else 3
-    if config is not None:
-        cfg = dict(config)
-        cfg.setdefault("NUM_SMS", sms)
-        if INTERPRET:
-            cfg["NUM_SMS"] = 1  # the interpreter runs programs in turn: a waiting one would never see its flag
-        _multi_lora_tma_kernel[(max(1, min(cfg["NUM_SMS"], tiles(cfg))),)](*args, **meta, **cfg)
-    else:
-        _tuned_multi()[lambda c: (max(1, min(sms, tiles(c))),)](*args, **meta, NUM_SMS=sms)
+    _run_persistent(_multi_lora_tma_kernel, _tuned_multi, x, m, weight.shape[0], args, meta, config, waits=True)
     return out
 
 
@@ -822,13 +812,7 @@ def _launch(a, b, lu, lv, bias, scale, seed, threshold, config, shrink=None, col
     N = b.shape[1]
     R = lu.shape[1]
     a = _with_rows(a)
-    bt = b.t()
-    if bt.stride(1) == 1 and _rows_ok(bt):
-        b_nk, b_arg = True, bt            # (N, K) rows: the forward's W
-    elif _rows_ok(b):
-        b_nk, b_arg = False, b            # (K, N) rows: dX's W
-    else:
-        b_nk, b_arg = True, _with_rows(bt)  # copied to (N, K) rows
+    b_nk, b_arg = _b_operand(b)
     out = torch.empty((M, N), device=a.device, dtype=a.dtype)
     if M == 0 or N == 0:
         return out
@@ -858,20 +842,39 @@ def _launch(a, b, lu, lv, bias, scale, seed, threshold, config, shrink=None, col
                 X_MASK=shrink is not None and x_thr > 0, COL_SCALE=col_scale is not None,
                 DB_PART=db_part is not None and shrink is not None, K_SCALE=k_scale is not None,
                 DM_PART=dm_part is not None and shrink is not None, DM_BIAS=yb is not None)
-    tiles = lambda m: triton.cdiv(M, m["BLOCK_M"]) * triton.cdiv(N, m["BLOCK_N"])  # noqa: E731
+    config = _config_for(a, config)
+    if config is not None and db_part is not None and db_part[1].shape[0] != triton.cdiv(M, config["BLOCK_M"]):
+        raise ValueError(f"dB partials for BLOCK_M {config['BLOCK_M']}: {triton.cdiv(M, config['BLOCK_M'])} row "
+                         f"blocks, got {db_part[1].shape[0]}")
+    _run_persistent(_lora_gemm_tma_kernel, _tuned, a, M, N, args, meta, config, waits=shrink is not None)
+    return out
+
+
+def _b_operand(b: torch.Tensor) -> tuple:
+    """``(B_NK, b_arg)`` for the right operand b (K, N) of a TMA GEMM: its transpose itself where it is (N, K)
+    rows (the forward's W), b itself where it is (K, N) rows (dX's W), else a copy as (N, K) rows."""
+    bt = b.t()
+    if bt.stride(1) == 1 and _rows_ok(bt):
+        return True, bt
+    if _rows_ok(b):
+        return False, b
+    return True, _with_rows(bt)
+
+
+def _run_persistent(kernel, tuned, a: torch.Tensor, M: int, N: int, args: tuple, meta: dict, config: dict | None,
+                    waits: bool = False) -> None:
+    """Launch a persistent TMA kernel over the cdiv(M, BLOCK_M) x cdiv(N, BLOCK_N) output tiles, at most one
+    program per SM: with ``config``'s blocks (``_config_for``), else autotuned (``tuned()``, the kernel's
+    autotuner). ``waits``: some programs wait for others' flags, so the interpreter, which runs programs one
+    after another, gets a single program walking every tile."""
+    tiles = lambda c: triton.cdiv(M, c["BLOCK_M"]) * triton.cdiv(N, c["BLOCK_N"])  # noqa: E731
     config = _config_for(a, config)
     sms = torch.cuda.get_device_properties(a.device).multi_processor_count if a.device.type == "cuda" else 3
     if config is not None:
         cfg = dict(config)
         cfg.setdefault("NUM_SMS", sms)
-        if db_part is not None and db_part[1].shape[0] != triton.cdiv(M, cfg["BLOCK_M"]):
-            raise ValueError(f"dB partials for BLOCK_M {cfg['BLOCK_M']}: {triton.cdiv(M, cfg['BLOCK_M'])} row "
-                             f"blocks, got {db_part[1].shape[0]}")
-        if shrink is not None and INTERPRET:
-            cfg["NUM_SMS"] = 1  # the interpreter runs programs in turn: a waiting one would never see its flag
-        grid = (max(1, min(cfg["NUM_SMS"], tiles(cfg))),)
-        _lora_gemm_tma_kernel[grid](*args, **meta, **cfg)
+        if waits and INTERPRET:
+            cfg["NUM_SMS"] = 1
+        kernel[(max(1, min(cfg["NUM_SMS"], tiles(cfg))),)](*args, **meta, **cfg)
     else:
-        grid = lambda m: (max(1, min(sms, tiles(m))),)  # noqa: E731
-        _tuned()[grid](*args, **meta, NUM_SMS=sms)
-    return out
+        tuned()[lambda c: (max(1, min(sms, tiles(c))),)](*args, **meta, NUM_SMS=sms)

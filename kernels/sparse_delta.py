@@ -487,12 +487,7 @@ def sparse_block_gemm_tma(a: torch.Tensor, weight: torch.Tensor, csr: tuple, val
         return out
     triton.set_allocator(_T._allocator(a.device))
     a = _T._with_rows(a)
-    if transpose_w and _T._rows_ok(weight):
-        b_nk, b_arg = True, weight                    # (N, K) rows: the forward's W
-    elif not transpose_w and _T._rows_ok(weight):
-        b_nk, b_arg = False, weight                   # (K, N) rows: dX's W
-    else:
-        b_nk, b_arg = True, _T._with_rows(b_op.t())    # copied to (N, K) rows
+    b_nk, b_arg = _T._b_operand(b_op)
     ptr, ent = csr
     # Δ's block (r, c) is values[id, r, c] with r along W's rows (out) and c along its columns (in).
     sv = (values.stride(2), values.stride(1)) if transpose_w else (values.stride(1), values.stride(2))
@@ -506,15 +501,7 @@ def sparse_block_gemm_tma(a: torch.Tensor, weight: torch.Tensor, csr: tuple, val
     meta = dict(HAS_BIAS=bias is not None, HAS_LOWRANK=has_low, HAS_MASK=has_low and threshold > 0, B_NK=b_nk,
                 DB=int(block_size), R_PAD=r_pad(max(R, 1)), DOT_PRECISION=_dot_precision(a.dtype),
                 UPCAST=_upcast(a.dtype))
-    tiles = lambda c: triton.cdiv(M, c["BLOCK_M"]) * triton.cdiv(N, c["BLOCK_N"])  # noqa: E731
-    config = _T._config_for(a, config)
-    sms = torch.cuda.get_device_properties(a.device).multi_processor_count if a.device.type == "cuda" else 3
-    if config is not None:
-        cfg = dict(config)
-        cfg.setdefault("NUM_SMS", sms)
-        _sparse_tma_kernel[(max(1, min(cfg["NUM_SMS"], tiles(cfg))),)](*args, **meta, **cfg)
-    else:
-        _sparse_tma_tuned()[lambda c: (max(1, min(sms, tiles(c))),)](*args, **meta, NUM_SMS=sms)
+    _T._run_persistent(_sparse_tma_kernel, _sparse_tma_tuned, a, M, N, args, meta, config)
     return out
 
 
