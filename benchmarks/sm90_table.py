@@ -223,9 +223,7 @@ def lora_tma_launches(ranks, all_configs=False) -> list:
 
     out = []
     for rp in ranks:
-        for c, tag in [(c, "") for c in T._TMA_CONFIGS] + [(triton.Config(
-                {k: v for k, v in T._PINNED_TMA.items() if not k.startswith("num_")},
-                num_warps=T._PINNED_TMA["num_warps"], num_stages=T._PINNED_TMA["num_stages"]), " (pinned)")]:
+        for c, tag in [(c, "") for c in T._TMA_CONFIGS] + [(_as_config(*_cfg(T._PINNED_TMA)), " (pinned)")]:
             blocks, w, s = _cfg(c)
             common = dict(a_ptr=_ptr("bf16"), b_ptr=_ptr("bf16"), lu_ptr=_ptr("fp32"), lv_ptr=_ptr("bf16"),
                           bias_ptr=_ptr("bf16"), out_ptr=_ptr("bf16"), la_ptr=_ptr("bf16"), flags_ptr=_ptr("i32"),
@@ -388,8 +386,7 @@ def sparse_tma_launches(all_configs: bool = False, blocks_sizes=(32,)) -> list:
     from fastpeft.kernels import sparse_delta as SD
 
     out = []
-    pinned = triton.Config({k: v for k, v in T._PINNED_TMA.items() if not k.startswith("num_")},
-                           num_warps=T._PINNED_TMA["num_warps"], num_stages=T._PINNED_TMA["num_stages"])
+    pinned = _as_config(*_cfg(T._PINNED_TMA))
     for db in blocks_sizes:
         for c, tag in [(c, "") for c in T._TMA_CONFIGS] + [(pinned, " (pinned)")]:
             blocks, w, s = _cfg(c)

@@ -252,8 +252,8 @@ def _plain_dy_side(dy, weight, bias, lora_A, lora_B, g, u, y, s, seed, thr, ds, 
         return v, dmsum, dx, db.mul_(s) if need_bb else None
     key = ("bwd", _bucket(dy.shape[0]), weight.shape[1], dy.shape[1], lora_A.shape[0], dy.dtype, bias is not None,
            thr > 0, need_m, need_bb)
-    mode = KL.gemm_mode()
-    mode = "tma-dy" if mode == "tma-shrink" else ("auto" if mode == "auto" else "kernels")
+    # FASTPEFT_LORA_GEMM: "tma-shrink" forces the fused path, "auto" times, the others keep the kernels
+    mode = {"tma-shrink": "tma-dy", "auto": "auto"}.get(KL.gemm_mode(), "kernels")
     run = {"kernels": kernels, "tma-dy": tma_dy}
     return run[KL.timed_choice(_path_cache, key, mode, dy.device, run, "kernels")]()
 
