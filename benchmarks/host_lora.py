@@ -32,6 +32,7 @@ import time
 os.environ.setdefault("TRITON_INTERPRET", "1")
 
 import torch  # noqa: E402
+from harness import env_vars  # noqa: E402
 
 import fastpeft  # noqa: E402
 from fastpeft._checks import check_lora_linear_args  # noqa: E402
@@ -57,6 +58,8 @@ def _stub_launchers():
     K.lora_gemm = lambda a, b, lu, lv, *args, **kw: a.new_empty((a.shape[0], b.shape[1]))
     QK.qlora_fused = lambda x, qw, a, b, *args, **kw: (x.new_empty((x.shape[0], qw.shape[0])),
                                                        x.new_empty((x.shape[0], a.shape[0]), dtype=torch.float32))
+    QK.lora_decode = lambda x, w, a, b, *args, **kw: (x.new_empty((x.shape[0], w.shape[0])),
+                                                      x.new_empty((x.shape[0], a.shape[0]), dtype=torch.float32))
     QK.dequantize_4bit = lambda qw, dtype, out=None: QK.workspace(qw.device, dtype, qw.shape[0] * qw.shape[1]).view(
         qw.shape)  # the real launcher's workspace, no kernel
     DK.norm_op = lambda w, a, b, s: w.new_empty(w.shape[0], dtype=torch.float32)
@@ -265,6 +268,11 @@ def main(argv=None):
     for m, xm in xs.items():
         rows[f"lora_linear triton, stub kernels, no_grad, M={m}"] = no_grad(
             lambda xm=xm: fastpeft.lora_linear(xm, w, b, a, bb, 2.0, backend="triton"))
+    envs = {}  # row -> environment variables set around its calls
+    for m, xm in xs.items():  # the one-launch forward (FASTPEFT_LORA_GEMM=decode) instead of shrink + GEMM
+        name = f"lora_linear triton, stub kernels, no_grad, M={m}, decode kernel"
+        rows[name] = no_grad(lambda xm=xm: fastpeft.lora_linear(xm, w, b, a, bb, 2.0, backend="triton"))
+        envs[name] = {"FASTPEFT_LORA_GEMM": "decode"}
     for m, xm in xs.items():  # the layer's backend is "auto" (reference on CPU tensors): a use_backend block
         rows[f"FastLoRALinear eval triton, no_grad, M={m}"] = ("triton", no_grad(lambda xm=xm: layer(xm)))
     rows["lora_linear triton, stub kernels, grad, M=1"] = lambda: fastpeft.lora_linear(x, w, b, a, bb, 2.0,
@@ -279,7 +287,7 @@ def main(argv=None):
         accelerated = None
         if isinstance(fn, tuple):  # (backend, fn[, accelerated layer]): the block is entered once, outside the calls
             block, fn, accelerated = fastpeft.use_backend(fn[0]), fn[1], (fn[2] if len(fn) > 2 else None)
-        with block:
+        with block, env_vars(envs.get(name, {})):
             us = per_call_us(fn, args.calls)
         if accelerated is not None:  # an accelerated PEFT layer: every timed call ran on fastpeft's ops
             assert set(accelerated._fastpeft_calls) == {"fastpeft"}, dict(accelerated._fastpeft_calls)

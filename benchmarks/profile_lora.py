@@ -13,8 +13,8 @@ eager and under CUDA graphs.
    and TFLOP/s and the % of the card's peak of the resource that bounds it.
 2. Layer: every device kernel of ``FastLoRALinear`` forward + backward on the default backend, from
    ``torch.profiler`` (what actually runs, in order of time).
-3. Decode (M = 1, 16, 64): the layer's forward vs frozen nn.Linear, eager and replayed as a CUDA graph;
-   then the same with 8 adapters of ranks 8-64, one per token (``mixed_batch`` routing), on the BGMV and the
+3. Decode (M = 1, 16, 64): the layer's forward vs frozen nn.Linear, eager and replayed as a CUDA graph, on
+   the timed choice, the kernel path and the one-launch decode kernel (``FASTPEFT_LORA_GEMM``); then the same with 8 adapters of ranks 8-64, one per token (``mixed_batch`` routing), on the BGMV and the
    grouped path of the no-grad forward (``FASTPEFT_MULTI_PATH``).
 
     python benchmarks/profile_lora.py --out $OUT                    # M=8192, K=N=4096, r=16, p 0 and 0.1
@@ -37,6 +37,7 @@ import torch
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 import roofline as RF  # noqa: E402
+from harness import env_vars  # noqa: E402
 
 import fastpeft  # noqa: E402
 from fastpeft import kernels  # noqa: E402
@@ -308,10 +309,14 @@ def layer_table(M, K, N, r, ps, dtype, device, backend) -> tuple:
 
 
 def decode_table(tokens, K, N, r, dtype, device, backend) -> tuple:
+    """The layer's no-grad forward at decode sizes vs frozen nn.Linear, eager and as a CUDA graph, on each LoRA
+    forward path (FASTPEFT_LORA_GEMM): ``auto`` (the timed choice), ``fused`` (the kernel path: shrink, partial
+    sum, epilogue GEMM) and ``decode`` (kernels.quant.lora_decode: one launch)."""
     cuda = device == "cuda"
     lines = ["", f"### Decode: forward of one layer (K={K}, N={N}, r={r}, p=0, backend {backend}) vs frozen "
-             "nn.Linear", "", "| M | linear eager µs | LoRA eager µs | eager x | linear graph µs | LoRA graph µs "
-             "| graph x |", "|---|---|---|---|---|---|---|"]
+             "nn.Linear; path: FASTPEFT_LORA_GEMM (auto: the timed choice; fused: shrink + sum + epilogue GEMM; "
+             "decode: one launch)", "", "| M | path | linear eager µs | LoRA eager µs | eager x | linear graph µs | "
+             "LoRA graph µs | graph x |", "|---|---|---|---|---|---|---|---|"]
     rows = []
     if not cuda:
         skip("CUDA-graph columns of the decode table")
@@ -328,13 +333,15 @@ def decode_table(tokens, K, N, r, dtype, device, backend) -> tuple:
 
         def plain():
             return lin(x)
-
-        (le, pe), graph, note = _eager_and_graph([plain, lora], cuda)
-        lg, pg = graph if graph is not None else (None, None)
-        gtxt = (f"{lg:.1f} | {pg:.1f} | {pg / lg:.2f}" if lg else f"- | - | {note or 'skipped (CPU)'}")
-        lines.append(f"| {m} | {le:.1f} | {pe:.1f} | {pe / le:.2f} | {gtxt} |")
-        rows.append(dict(M=m, linear_eager_us=le, lora_eager_us=pe, linear_graph_us=lg, lora_graph_us=pg, note=note))
-        print(lines[-1], flush=True)
+        for path in ("auto", "fused", "decode"):
+            with env_vars({"FASTPEFT_LORA_GEMM": path}):
+                (le, pe), graph, note = _eager_and_graph([plain, lora], cuda)
+            lg, pg = graph if graph is not None else (None, None)
+            gtxt = (f"{lg:.1f} | {pg:.1f} | {pg / lg:.2f}" if lg else f"- | - | {note or 'skipped (CPU)'}")
+            lines.append(f"| {m} | {path} | {le:.1f} | {pe:.1f} | {pe / le:.2f} | {gtxt} |")
+            rows.append(dict(M=m, path=path, linear_eager_us=le, lora_eager_us=pe, linear_graph_us=lg,
+                             lora_graph_us=pg, note=note))
+            print(lines[-1], flush=True)
     return lines, rows
 
 
@@ -377,7 +384,6 @@ def multi_decode_table(tokens, K, N, dtype, device, backend, adapters: int = 8) 
     for i, r in enumerate(ranks[1:], 1):
         layer.add_adapter(f"a{i}", r, 2 * r, init_lora_weights=False)
     layer.eval().requires_grad_(False)
-    old = os.environ.get("FASTPEFT_MULTI_PATH")
     try:
         for m in tokens:
             x = torch.randn(m, 1, K, device=device, dtype=dtype)
@@ -392,8 +398,8 @@ def multi_decode_table(tokens, K, N, dtype, device, backend, adapters: int = 8) 
             def plain():
                 return lin(x)
             for path in ("bgmv", "grouped"):
-                os.environ["FASTPEFT_MULTI_PATH"] = path
-                (le, pe), graph, note = _eager_and_graph([plain, multi], cuda)
+                with env_vars({"FASTPEFT_MULTI_PATH": path}):
+                    (le, pe), graph, note = _eager_and_graph([plain, multi], cuda)
                 lg, pg = graph if graph else (None, None)
                 gtxt = (f"{lg:.1f} | {pg:.1f} | {pg / lg:.2f}" if lg else f"- | - | {note or 'skipped (CPU)'}")
                 lines.append(f"| {m} | {path} | {le:.1f} | {pe:.1f} | {pe / le:.2f} | {gtxt} |")
@@ -402,10 +408,6 @@ def multi_decode_table(tokens, K, N, dtype, device, backend, adapters: int = 8) 
                 print(lines[-1], flush=True)
     finally:
         layer.set_routing(None)
-        if old is None:
-            os.environ.pop("FASTPEFT_MULTI_PATH", None)
-        else:
-            os.environ["FASTPEFT_MULTI_PATH"] = old
     return lines, rows
 
 

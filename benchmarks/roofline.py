@@ -68,6 +68,7 @@ def linear_costs(M: int, K: int, N: int, itemsize: int = 2) -> dict:
 
 TMA_BLOCK_M = 128  # every autotuned TMA config's BLOCK_M (kernels/lora_tma.py _TUNED_BLOCK_M; a test checks)
 FUSED_SHRINK_MIN_ROWS = 256  # fastpeft.ops.lora's: fewer rows are not offered the fused shrink (a test checks)
+DENSE_MAX_M = 64  # kernels.quant's: up to this many rows the forward is offered lora_decode (a test checks)
 SMS = 132  # streaming multiprocessors of the H100 SXM and the H200: the dY pass's split rule reads it
 
 
@@ -97,7 +98,10 @@ def lora_costs(M: int, K: int, N: int, r: int, itemsize: int = 2, fused_dy_pass:
     ``fused_shrink``: the forward's "tma-shrink" path (``lora_tma.lora_forward_tma``), one kernel: the tiles
     of column block 0 also accumulate u from the x tiles they load and publish it, the others wait for it;
     x is read once. The wait (the first wave's tiles for their producers' extra R / BLOCK_N of MMA) is not
-    in the model.
+    in the model. Up to ``DENSE_MAX_M`` rows the forward's "decode" path (``quant.lora_decode``: every
+    program reads A beside its W tiles, from L2 after the first) moves the same bytes to and from HBM in
+    one launch, where the kernel path launches three (shrink, partial sum, GEMM); launches are not charged
+    here, so the model shows their bytes, not what the one launch saves.
 
     ``fused_dx``: the backward's "tma-dy" path (``lora_tma.lora_backward_tma``): dX's TMA GEMM whose tiles
     of column block 0 also accumulate v = dY B and each dY tile's dY_tile^T u into their row block's fp32
@@ -408,8 +412,10 @@ def summary(M, K, N, r, card: str, itemsize: int = 2) -> dict:
     out = {"linear fwd": us(lin["fwd"]), "lora fwd": us(lo["fwd"]), "lora fwd, fused shrink": us(fs),
            "linear fwd+bwd": us(lin["fwd"] + lin["bwd"]), "lora fwd+bwd": us(lo["fwd"] + lo["bwd"]),
            "lora fwd+bwd one dY pass": us(one["fwd"] + one["bwd"])}
-    # The forward is offered the fused shrink from FUSED_SHRINK_MIN_ROWS rows (fastpeft/ops/lora.py).
-    best_fwd = min(out["lora fwd"], out["lora fwd, fused shrink"]) if M >= FUSED_SHRINK_MIN_ROWS else out["lora fwd"]
+    # The forward is offered the fused shrink from FUSED_SHRINK_MIN_ROWS rows (fastpeft/ops/lora.py) and, up to
+    # DENSE_MAX_M rows, the one-launch decode kernel, whose traffic is the fused shrink's.
+    one_kernel = M >= FUSED_SHRINK_MIN_ROWS or M <= DENSE_MAX_M
+    best_fwd = min(out["lora fwd"], out["lora fwd, fused shrink"]) if one_kernel else out["lora fwd"]
     out["fwd ratio"] = out["lora fwd"] / out["linear fwd"]
     out["fused shrink fwd ratio"] = out["lora fwd, fused shrink"] / out["linear fwd"]
     out["best fwd ratio"] = best_fwd / out["linear fwd"]
@@ -497,7 +503,10 @@ def main(argv=None):
                   "weight); fwd at M=8192 through the dequant pass, decode through the fused kernel. DoRA: "
                   "training, dropout 0 (its norm reads W once per step). Forwards from 256 rows: the faster of "
                   "the two-kernel and the fused-shrink forward, as the timed choice runs them (LoRA, QLoRA's "
-                  "dequant path, DoRA's plain forward).", ""] + targets_table(a.itemsize)
+                  "dequant path, DoRA's plain forward); LoRA up to 64 rows: the one-launch decode kernel, whose "
+                  "traffic is the fused shrink's. Launches are not charged: at decode the kernel path's three "
+                  "launches (shrink, partial sum, GEMM) against the decode kernel's one are what the device "
+                  "run's CUDA-graph column shows.", ""] + targets_table(a.itemsize)
     print("\n".join(lines))
     if not a.no_write:
         out = a.out or os.path.join(os.path.dirname(os.path.abspath(__file__)), "results", f"roofline-{date}.md")

@@ -485,16 +485,25 @@ def quant_launches(ranks) -> list:
                           {"BLOCK": 1024}))
     # the fused kernel, at the blocks qlora_fused picks per M on CUDA: 4-bit (nested NF4) at decode M (1, 16) and at
     # M = 64 (its bound FUSED_MAX_M); int8 (W8A16: every M) at M = 16 and 8192. u written, bias present.
+    # The same kernel over a dense bf16 W (lora_decode: plain LoRA in one launch) at the blocks dense_blocks picks
+    # on an H100 (132 SMs) for M 1 / 16 / 64 (triton specializes M = 1) and N 4096 or 14336 (BLOCK_N 32 / 64 at
+    # R_PAD 16, 128 at R_PAD 64).
     shapes = [("NF4 nested", 0, 1, (16, 64, 64, 8, 3)), ("NF4 nested", 0, 16, (16, 64, 64, 8, 3)),
               ("NF4 nested", 0, Q.FUSED_MAX_M, (64, 64, 32, 8, 3)), ("int8", 1, 16, (16, 64, 64, 8, 3)),
               ("int8", 1, M, (64, 128, 32, 8, 3))]
+    dense = [(m, n) for m in (1, 16, Q.DENSE_MAX_M) for n in (4096, 14336)]
     for rp in ranks:
-        for name, quant, m, (bm, bn, bk, w, s) in shapes:
+        blocks = dict.fromkeys((m, Q.dense_blocks(m, n, rp, 132)) for m, n in dense)  # one row per M and config
+        for name, quant, m, (bm, bn, bk, w, s) in shapes + [("dense", 2, m, b) for m, b in blocks]:
             if quant == 0:  # the 4-bit tables and scales; the launcher caps BLOCK_K at the block size
                 bk = min(bk, 64)
                 qp = dict(w_ptr=_ptr("u8"), code_ptr=_ptr("fp32"), absmax_ptr=_ptr("u8"), code2_ptr=_ptr("fp32"),
                           absmax2_ptr=_ptr("fp32"), offset_ptr=_ptr("fp32"), scales_ptr=_ptr("bf16"), NESTED=True,
                           BLOCKSIZE=64, BLOCKSIZE2=256, W_DTYPE=2)
+            elif quant == 2:  # dense bf16 W; the unused table pointers are the output
+                qp = dict(w_ptr=_ptr("bf16"), code_ptr=_ptr("bf16"), absmax_ptr=_ptr("bf16"), code2_ptr=_ptr("bf16"),
+                          absmax2_ptr=_ptr("bf16"), offset_ptr=_ptr("bf16"), scales_ptr=_ptr("bf16"), NESTED=False,
+                          BLOCKSIZE=1, BLOCKSIZE2=256, W_DTYPE=0)
             else:  # int8 weight, fp32 row scales; the unused table pointers are the output
                 qp = dict(w_ptr=_ptr("i8"), code_ptr=_ptr("bf16"), absmax_ptr=_ptr("bf16"), code2_ptr=_ptr("bf16"),
                           absmax2_ptr=_ptr("bf16"), offset_ptr=_ptr("bf16"), scales_ptr=_ptr("fp32"), NESTED=False,
@@ -502,8 +511,8 @@ def quant_launches(ranks) -> list:
             for mask in (False, True):
                 args = dict(qp, x_ptr=_ptr("bf16"), a_ptr=_ptr("bf16"), b_ptr=_ptr("bf16"), bias_ptr=_ptr("bf16"),
                             out_ptr=_ptr("bf16"), u_ptr=_ptr("fp32"), M=m, N=N, K=K, R=rp, stride_xm=K, stride_xk=1,
-                            stride_ar=K, stride_ak=1, stride_bn=rp, stride_br=1, stride_om=N, stride_on=1,
-                            stride_um=rp, stride_ur=1, scale=0.5, drop_scale=1.25 if mask else 1.0, seed=1234,
+                            stride_wn=K, stride_wk=1, stride_ar=K, stride_ak=1, stride_bn=rp, stride_br=1, stride_om=N,
+                            stride_on=1, stride_um=rp, stride_ur=1, scale=0.5, drop_scale=1.25 if mask else 1.0, seed=1234,
                             threshold=429496730 if mask else 0, QUANT=quant, HAS_BIAS=True, HAS_MASK=mask,
                             WRITE_U=True, BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=bk, R_PAD=rp, DOT_PRECISION="tf32",
                             UPCAST=False)

@@ -576,8 +576,9 @@ else:  # torch < 2.6: the plain launcher (eager only)
 # FASTPEFT_LORA_GEMM: "fused" (the epilogue GEMM), "tma" (kernels/lora_tma.py, sm_90+), "cublas" (cuBLAS +
 # in-place low-rank update) force the GEMM of the kernel path; "torch" forces the plain torch composition of
 # the whole LoRA forward / backward (fastpeft/ops/lora.py); "tma-shrink" the LoRA forward with the shrink
-# fused into the TMA GEMM (lora_tma.lora_forward_tma; other GEMMs: TMA); "auto" times what can run.
-GEMM_CHOICES = ("auto", "fused", "tma", "cublas", "torch", "tma-shrink")
+# fused into the TMA GEMM (lora_tma.lora_forward_tma; other GEMMs: TMA); "decode" the LoRA forward in one
+# launch of quant.lora_decode (other GEMMs: the fused one); "auto" times what can run.
+GEMM_CHOICES = ("auto", "fused", "tma", "cublas", "torch", "tma-shrink", "decode")
 _choice_cache: dict = {}
 
 
@@ -614,16 +615,20 @@ def timed_choice(cache: dict, key: tuple, mode: str, device: torch.device, candi
     takes it even where eager calls have timed the key: a compiled graph does not depend on what this
     process measured before, and dynamo never reads (and guards on) the cache. A shape first met while a
     CUDA graph is captured takes ``fixed`` too (timing syncs, which capture forbids: warm up before capturing
-    to have it timed).
+    to have it timed). A measured winner that this call does not offer gives ``fixed``.
     """
     if mode != "auto":
         if mode not in candidates:
             raise ValueError(f"{mode!r} is forced but cannot run here; offered: {tuple(candidates)}")
         return mode
     first = next(iter(candidates))
-    name = settled_choice(cache, key, device, fixed if fixed in candidates else first, first)
+    fixed = fixed if fixed in candidates else first
+    name = settled_choice(cache, key, device, fixed, first)
     if name is not None:
-        return name
+        # A key's measured winner may not be offered to this call: a row count within the key's power of
+        # two but below an offering threshold (the fused TMA paths' 256 rows in bucket 129-256), or an x
+        # whose strides the TMA path refuses. Then the fixed choice, without re-timing the key.
+        return name if name in candidates else fixed
     if len(candidates) == 1:
         return first
     for run in candidates.values():
@@ -654,7 +659,7 @@ def settled_choice(cache: dict, key: tuple, device: torch.device, fixed: str, fi
 def _gemm_choice_mode() -> str:
     mode = gemm_mode()
     # "torch" forces the torch composition, whose GEMM is cuBLAS; "tma-shrink" the TMA GEMM with the shrink.
-    return {"torch": "cublas", "tma-shrink": "tma"}.get(mode, mode)
+    return {"torch": "cublas", "tma-shrink": "tma", "decode": "fused"}.get(mode, mode)
 
 
 def choose_gemm(key: tuple, candidates: dict, device: torch.device) -> str:

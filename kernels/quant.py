@@ -23,7 +23,7 @@ import torch
 import triton
 import triton.language as tl
 
-from ._common import _cast, _dot_precision, _keep_mask, _mma, _upcast, _use_explicit_blocks, r_pad
+from ._common import _cast, _dot_precision, _keep_mask, _mma, _sm_count, _upcast, _use_explicit_blocks, r_pad
 
 # bitsandbytes' 1/127 (int8_vectorwise_dequant): W = CB * SCB * INT8_INV_SCALE.
 INT8_INV_SCALE = 7.874015718698502e-3
@@ -97,8 +97,9 @@ def _qlora_fused_kernel(
     out_ptr, u_ptr,
     # sizes
     M, N, K, R,
-    # strides
-    stride_xm, stride_xk, stride_ar, stride_ak, stride_bn, stride_br, stride_om, stride_on, stride_um, stride_ur,
+    # strides (stride_wn / stride_wk: W's, for QUANT 1 and 2; the 4-bit layout is bnb's packed one)
+    stride_xm, stride_xk, stride_wn, stride_wk, stride_ar, stride_ak, stride_bn, stride_br, stride_om, stride_on,
+    stride_um, stride_ur,
     # LoRA: out += scale * (drop_scale * mask * x) A^T B^T; mask of (m, k) from draw(seed, m * K + k) >= threshold
     scale, drop_scale, seed, threshold,
     # meta-parameters
@@ -130,7 +131,7 @@ def _qlora_fused_kernel(
         w_ptrs = w_ptr + rn64[:, None] * (K // 2) + rkh[None, :]
         scale_idx = rn64 * (K // BLOCKSIZE)
     else:
-        w_ptrs = w_ptr + rn64[:, None] * K + rk[None, :]
+        w_ptrs = w_ptr + rn64[:, None] * stride_wn + rk[None, :] * stride_wk
     for k0 in range(0, K, BLOCK_K):
         k_ok = rk < K - k0
         x = tl.load(x_ptrs, mask=m_ok[:, None] & k_ok[None, :], other=0.0)
@@ -147,10 +148,11 @@ def _qlora_fused_kernel(
             w_ptrs += BLOCK_K // 2
         else:
             # int8 -> compute dtype is exact (|v| <= 127); the row scales wait for the epilogue. (fp32 under
-            # UPCAST, where the interpreter's int8 -> bf16 cast is wrong and _mma upcasts anyway.)
+            # UPCAST, where the interpreter's int8 -> bf16 cast is wrong and _mma upcasts anyway.) QUANT 2: W
+            # already in the compute dtype (plain LoRA at decode sizes).
             w = tl.load(w_ptrs, mask=n_ok[:, None] & k_ok[None, :], other=0)
             w = w.to(tl.float32) if UPCAST else w.to(cdt)
-            w_ptrs += BLOCK_K
+            w_ptrs += BLOCK_K * stride_wk
         w = tl.trans(w)
         acc = _mma(x, w, acc, DOT_PRECISION, UPCAST)
         # x A^T from the same x tile (dropout mask redrawn, never stored).
@@ -279,19 +281,76 @@ def qlora_fused(x: torch.Tensor, qw, lora_A: torch.Tensor, lora_B: torch.Tensor,
     if qw.kind != "int8":
         bk = min(bk, qw.blocksize)
     code2, absmax2, offset, bs2 = _nested_args(qw) if qw.kind != "int8" else (out, out, out, 256)
+    _run_fused(x, qw.data, (K, 1), lora_A, lora_B, bias, out, u, scale, drop_scale, seed, threshold, write_u,
+               (bm, bn, bk, warps, stages), _QUANT_CODES[qw.kind],
+               (qw.code if qw.code is not None else out, qw.absmax if qw.absmax is not None else out, code2, absmax2,
+                offset, qw.scales if qw.scales is not None else out),
+               NESTED=bool(qw.nested), BLOCKSIZE=max(qw.blocksize, 1), BLOCKSIZE2=bs2,
+               W_DTYPE=_W_DTYPE_CODES[qw.dtype] if qw.kind != "int8" else 0,
+               UPCAST=_upcast(x.dtype) or _upcast(qw.dtype))
+    return out, (u if write_u else None)
+
+
+def _run_fused(x, w, w_strides, lora_A, lora_B, bias, out, u, scale, drop_scale, seed, threshold, write_u, blocks,
+               quant, tables, **meta):
+    """Launch ``_qlora_fused_kernel`` over ``blocks`` = (BLOCK_M, BLOCK_N, BLOCK_K, warps, stages); ``tables``:
+    the code, absmax, nested code, nested absmax, offset and row-scale pointers (any tensor where unused)."""
+    M, K = x.shape
+    N, R = out.shape[1], lora_A.shape[0]
+    bm, bn, bk, warps, stages = blocks
     grid = (triton.cdiv(M, bm), triton.cdiv(N, bn))
     _qlora_fused_kernel[grid](
-        x, qw.data, qw.code if qw.code is not None else out, qw.absmax if qw.absmax is not None else out, code2,
-        absmax2, offset, qw.scales if qw.scales is not None else out, lora_A, lora_B,
-        bias if bias is not None else out, out, u,
+        x, w, *tables[:5], tables[5], lora_A, lora_B, bias if bias is not None else out, out, u,
         M, N, K, R,
-        x.stride(0), x.stride(1), lora_A.stride(0), lora_A.stride(1), lora_B.stride(0), lora_B.stride(1),
-        out.stride(0), out.stride(1), u.stride(0), u.stride(1),
+        x.stride(0), x.stride(1), w_strides[0], w_strides[1], lora_A.stride(0), lora_A.stride(1), lora_B.stride(0),
+        lora_B.stride(1), out.stride(0), out.stride(1), u.stride(0), u.stride(1),
         scale, drop_scale, seed, threshold,
-        QUANT=_QUANT_CODES[qw.kind], NESTED=bool(qw.nested), BLOCKSIZE=max(qw.blocksize, 1), BLOCKSIZE2=bs2,
-        W_DTYPE=_W_DTYPE_CODES[qw.dtype] if qw.kind != "int8" else 0, HAS_BIAS=bias is not None,
-        HAS_MASK=threshold > 0, WRITE_U=write_u, BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=bk, R_PAD=r_pad(R),
-        DOT_PRECISION=_dot_precision(x.dtype), UPCAST=_upcast(x.dtype) or _upcast(qw.dtype),
-        num_warps=warps, num_stages=stages,
+        QUANT=quant, HAS_BIAS=bias is not None, HAS_MASK=threshold > 0, WRITE_U=write_u, BLOCK_M=bm, BLOCK_N=bn,
+        BLOCK_K=bk, R_PAD=r_pad(R), DOT_PRECISION=_dot_precision(x.dtype), num_warps=warps, num_stages=stages,
+        **meta,
     )
+
+
+# The dense kernel's rows: decode sizes, where one launch beats the shrink + partial sum + GEMM of the kernel path.
+DENSE_MAX_M = 64
+
+
+def lora_decode(x: torch.Tensor, weight: torch.Tensor, lora_A: torch.Tensor, lora_B: torch.Tensor,
+                bias: torch.Tensor | None, scale: float, drop_scale: float, seed, threshold: int,
+                write_u: bool = True):
+    """``(y, u)`` of plain LoRA in one launch of the fused kernel over a dense W: y = x W^T + scale * u B^T + bias
+    in x's dtype, u = drop_scale * (mask * x) A^T fp32 (M, r) (None unless ``write_u``); the mask of x's (m, k)
+    is ``draw(seed, m * K + k) >= threshold`` (none at threshold 0), as the shrink kernel draws it. x (M, K),
+    weight (N, K) in x's dtype, lora_A (r, K), lora_B (N, r), bias (N,) or None, any strides. Every program
+    reads A beside its W tiles (from L2 after the first), so the path is for decode sizes
+    (``DENSE_MAX_M``): there it is one kernel where the kernel path launches three."""
+    M, K = x.shape
+    N, R = weight.shape[0], lora_A.shape[0]
+    out = torch.empty((M, N), device=x.device, dtype=x.dtype)
+    u = torch.empty((M, R), device=x.device, dtype=torch.float32) if write_u else out
+    if M == 0 or N == 0:
+        return out, (u if write_u else None)
+    _run_fused(x, weight, weight.stride(), lora_A, lora_B, bias, out, u, scale, drop_scale, seed, threshold, write_u,
+               _dense_blocks(x, N, R), 2, (out,) * 6, NESTED=False, BLOCKSIZE=1, BLOCKSIZE2=256, W_DTYPE=0,
+               UPCAST=_upcast(x.dtype))
     return out, (u if write_u else None)
+
+
+def _dense_blocks(x: torch.Tensor, N: int, R: int) -> tuple:
+    """``lora_decode``'s blocks for x (M, K), N outputs and rank R: ``_TEST_BLOCKS`` under explicit blocks,
+    else ``dense_blocks`` on x's card."""
+    if _use_explicit_blocks(x):
+        return _TEST_BLOCKS["BLOCK_M"], _TEST_BLOCKS["BLOCK_N"], _TEST_BLOCKS["BLOCK_K"], 4, 1
+    return dense_blocks(x.shape[0], N, r_pad(R), _sm_count(x.device.index or 0))
+
+
+def dense_blocks(M: int, N: int, rp: int, sms: int) -> tuple:
+    """``(BLOCK_M, BLOCK_N, BLOCK_K, warps, stages)`` of ``lora_decode`` at M rows, N outputs and padded rank
+    ``rp`` on a card of ``sms`` SMs. The kernel is bound by reading W: N tiles narrow enough (32 where 64-wide
+    ones leave SMs idle) that every SM streams W, deep in K for bytes in flight. Every program also reads A
+    (rp x K, from L2): BLOCK_N >= 2 rp keeps that at most half its W tile. Not yet timed on a card; compiled
+    for sm_90 without spills (benchmarks/results/sm90-resources-*.md)."""
+    bn = max(64 if triton.cdiv(N, 64) >= sms else 32, min(128, 2 * rp))
+    if M <= 16:
+        return (16, bn, 128, 4, 4) if bn <= 64 else (16, bn, 64, 4, 4)
+    return (64, bn, 64, 4, 3) if bn <= 64 else (64, bn, 32, 8, 3)

@@ -312,7 +312,7 @@ CASES = [
     Bad("lora-env-FASTPEFT_LORA_GEMM-tma-shrink-rank-65",
         lambda _: _with_env("FASTPEFT_LORA_GEMM", "tma-shrink",
                             lambda: _lora(lora_A=_t(65, IN), lora_B=_t(OUT, 65), backend="triton")), ValueError,
-        ("'tma-shrink'", "cannot run here", "('kernels', 'torch')")),
+        ("'tma-shrink'", "cannot run here", "('kernels', 'torch', 'decode')")),
     # -- the sparse GEMM switch forcing the TMA path where it cannot run (blocks of 128: it takes 16 to 64)
     Bad("sparse-env-FASTPEFT_SPARSE_GEMM-tma-block-128",
         lambda _: _with_env("FASTPEFT_SPARSE_GEMM", "tma", lambda: _sparse(

@@ -520,3 +520,148 @@ def test_gpu_dy_pass_llm_shape(n):
     with fastpeft.deterministic():
         one, two = K.lora_dy_pass(dy, b, u, s), K.lora_dy_pass(dy, b, u, s)
     assert all(torch.equal(a_, b_) for a_, b_ in zip(one, two))
+
+
+# ----------------------------------------------------------------------------------------------------
+# the one-launch forward at decode sizes (kernels.quant.lora_decode, FASTPEFT_LORA_GEMM=decode)
+# ----------------------------------------------------------------------------------------------------
+
+DECODE_SHAPES = [(1, 48, 80, 1), (7, 80, 48, 8), (33, 130, 48, 16), (64, 48, 130, 24), (5, 64, 40, 64)]
+
+
+@pytest.fixture
+def force_decode(monkeypatch):
+    """FASTPEFT_LORA_GEMM=decode, counting the launches of ``lora_decode`` and of the shrink / GEMM it replaces."""
+    from fastpeft.kernels import quant as KQ
+
+    calls = {"decode": 0, "shrink": 0}
+    real_decode, real_shrink = KQ.lora_decode, K.shrink_op
+
+    def decode(*args, **kwargs):
+        calls["decode"] += 1
+        return real_decode(*args, **kwargs)
+
+    def shrink(*args, **kwargs):
+        calls["shrink"] += 1
+        return real_shrink(*args, **kwargs)
+    monkeypatch.setattr(KQ, "lora_decode", decode)
+    monkeypatch.setattr(K, "shrink_op", shrink)
+    monkeypatch.setenv("FASTPEFT_LORA_GEMM", "decode")
+    return calls
+
+
+@pytest.mark.parametrize("p", [0.0, 0.1], ids=["p0", "p0.1"])
+@pytest.mark.parametrize("dt", list(DTYPES))
+@pytest.mark.parametrize("m,k,n,r", DECODE_SHAPES, ids=[f"M{m}-K{k}-N{n}-r{r}" for m, k, n, r in DECODE_SHAPES])
+def test_decode_forward_and_every_gradient(force_decode, m, k, n, r, dt, p):
+    """The forward in one launch (y and u; the backward on the kernels from that u) against float64: output
+    and every gradient, with and without dropout (the same mask as the shrink kernel's, redrawn in backward)."""
+    x, w, b, a, bb = _make(m, k, n, r, DTYPES[dt], bias=m % 2 == 1)
+    _check_against_reference(f"decode-M{m}-K{k}-N{n}-r{r}-{dt}-p{p}", x, w, b, a, bb, 0.75, p, seed=4321,
+                             grads_wb=m == 7)
+    assert force_decode["decode"] == 1  # the one forward; the shrinks counted are the backward's
+    with torch.no_grad():
+        force_decode["shrink"] = 0
+        fastpeft.lora_linear(x, w, b, a, bb, 0.75, dropout_p=p, training=True, seed=1, backend="triton")
+    assert force_decode == {"decode": 2, "shrink": 0}
+
+
+def test_decode_kernel_u_strides_and_empty():
+    """``lora_decode`` directly: u is the shrink kernel's (same mask), x and W read through any strides (a
+    column slice of x, a transposed copy of W), and empty inputs give empty outputs without a launch."""
+    from fastpeft.kernels import quant as KQ
+    from fastpeft.reference import dropout_threshold
+
+    g = torch.Generator().manual_seed(3)
+    xs = torch.randn(7, 2 * 80, generator=g).to(DEV)[:, ::2]        # stride (160, 2)
+    w = torch.randn(80, 48, generator=g).to(DEV).t()                # (48, 80), strides (1, 48)
+    a, bb, bias = (torch.randn(*s, generator=g).to(DEV) for s in ((8, 80), (48, 8), (48,)))
+    thr = dropout_threshold(0.25)
+    y, u = KQ.lora_decode(xs, w, a, bb, bias, 1.5, 1 / 0.75, 11, thr)
+    want_u = K.lora_shrink(xs, a.t(), 1 / 0.75, 11, thr, 80, 1)
+    torch.testing.assert_close(u, want_u, rtol=1e-5, atol=1e-5)
+    want = xs @ w.t() + bias + 1.5 * (want_u @ bb.t())
+    torch.testing.assert_close(y, want, rtol=1e-5, atol=1e-5)
+    # a seed drawn on the device (CUDA-graph capture, torch.compile regions): read by the kernel, same bits
+    y_t, u_t = KQ.lora_decode(xs, w, a, bb, bias, 1.5, 1 / 0.75, torch.tensor([11], device=DEV), thr)
+    assert torch.equal(y_t, y) and torch.equal(u_t, u)
+    y2, none = KQ.lora_decode(xs, w, a, bb, None, 1.5, 1.0, 0, 0, write_u=False)
+    assert none is None
+    torch.testing.assert_close(y2, xs @ w.t() + 1.5 * (xs @ a.t()) @ bb.t(), rtol=1e-5, atol=1e-5)
+    for m, n in ((0, 48), (3, 0)):
+        y0, u0 = KQ.lora_decode(xs[:m], w[:n], a, bb[:n], None, 1.0, 1.0, 0, 0)
+        assert y0.shape == (m, n) and u0.shape == (m, 8)
+
+
+def test_decode_is_offered_at_decode_sizes(monkeypatch):
+    """The forward offers ``"decode"`` (after the kernels: ties and fixed modes keep them) up to DENSE_MAX_M
+    rows, at any row count when forced, never while tracing; the backward never (forced: its kernels)."""
+    from fastpeft.kernels import quant as KQ
+    from fastpeft.ops import lora as OL
+
+    seen = []
+    real = OL.choose_path
+    monkeypatch.setattr(OL, "choose_path", lambda key, run, device: seen.append((key[0], tuple(run)))
+                        or real(key, run, device))
+
+    def offered(m):
+        x, w, a = (torch.randn(*s).to(DEV) for s in ((m, 48), (40, 48), (8, 48)))
+        return tuple(OL.offered_forwards(x, w, a))
+    assert offered(1) == offered(KQ.DENSE_MAX_M) == ("kernels", "torch", "decode")
+    assert offered(KQ.DENSE_MAX_M + 1) == ("kernels", "torch")
+    x, w, a, bb = (torch.randn(*s).to(DEV) for s in ((5, 48), (40, 48), (8, 48), (40, 8)))
+    fastpeft.lora_linear(x.requires_grad_(), w, None, a, bb, 1.0, backend="triton").sum().backward()
+    assert [k for k, _ in seen] == ["bwd"] and "decode" not in seen[0][1]  # the forward settled without candidates
+    monkeypatch.setenv("FASTPEFT_LORA_GEMM", "decode")
+    assert OL._decode_offered(KQ.DENSE_MAX_M + 1)
+    assert OL._settled_forward(("fwd",), torch.device(DEV)) == "decode"  # forced: runs without building candidates
+    with monkeypatch.context() as mp:
+        mp.setattr(torch.compiler, "is_compiling", lambda: True)  # a plain launcher: dynamo does not trace it
+        assert not OL._decode_offered(1)
+        assert OL._settled_forward(("fwd",), torch.device(DEV)) is None  # built, without decode: forcing it raises
+
+
+def test_decode_forced_above_its_rows(force_decode):
+    """FASTPEFT_LORA_GEMM=decode runs the one launch at any row count (DENSE_MAX_M only bounds what auto times)."""
+    from fastpeft.kernels import quant as KQ
+
+    x, w, b, a, bb = _make(KQ.DENSE_MAX_M + 3, 48, 40, 8, torch.float32)
+    with torch.no_grad():
+        y = fastpeft.lora_linear(x, w, b, a, bb, 0.5, backend="triton")
+    assert force_decode == {"decode": 1, "shrink": 0}
+    torch.testing.assert_close(y, fastpeft.lora_linear(x, w, b, a, bb, 0.5, backend="reference"), rtol=1e-5,
+                               atol=1e-5)
+
+
+def test_a_measured_path_this_call_cannot_take_falls_back_to_the_kernels(monkeypatch):
+    """A key's measured winner that this call is not offered (the fused shrink, measured at 256 rows, for 200 rows
+    of the same power-of-two bucket) runs the kernels instead, without re-timing: no KeyError, no TMA launch."""
+    from fastpeft.kernels import lora_tma as KT
+    from fastpeft.ops import lora as OL
+
+    real = K.settled_choice
+    monkeypatch.setattr(K, "settled_choice", lambda cache, key, device, fixed, first: "tma-shrink"
+                        if cache is OL._path_cache and key[0] == "fwd" else real(cache, key, device, fixed, first))
+    monkeypatch.setattr(KT, "lora_forward_tma", lambda **kw: pytest.fail("the fused shrink ran"))
+    monkeypatch.setattr(K, "_bench", lambda fn: pytest.fail("re-timed"))
+    x, w, b, a, bb = _make(OL.FUSED_SHRINK_MIN_ROWS - 56, 48, 40, 8, torch.float32)
+    with torch.no_grad():
+        y = fastpeft.lora_linear(x, w, b, a, bb, 0.5, backend="triton")
+    torch.testing.assert_close(y, fastpeft.lora_linear(x, w, b, a, bb, 0.5, backend="reference"), rtol=1e-5,
+                               atol=1e-5)
+
+
+def test_decode_blocks_rule():
+    """``dense_blocks``: 32-wide N tiles where 64-wide ones would leave SMs idle, at least 2 R_PAD wide (A, read
+    by every program, stays at most half its W tile), BLOCK_M 16 up to 16 rows, 64 above; powers of two."""
+    from fastpeft.kernels.quant import dense_blocks
+
+    assert dense_blocks(1, 4096, 16, 132)[:3] == (16, 32, 128)   # 64 tiles of 64 < 132 SMs
+    assert dense_blocks(16, 14336, 16, 132)[:3] == (16, 64, 128)  # 224 tiles of 64: every SM busy
+    assert dense_blocks(1, 4096, 32, 132)[1] == 64 and dense_blocks(1, 4096, 64, 132)[1] == 128
+    assert dense_blocks(1, 4096, 128, 132)[1] == 128
+    assert dense_blocks(17, 4096, 16, 132)[0] == 64 and dense_blocks(64, 4096, 64, 132)[:3] == (64, 128, 32)
+    for m in (1, 16, 64):
+        for rp in (16, 32, 64, 128):
+            bm, bn, bk, warps, stages = dense_blocks(m, 4096, rp, 132)
+            assert all(v & (v - 1) == 0 and v >= 16 for v in (bm, bn, bk)) and bn >= min(128, 2 * rp)

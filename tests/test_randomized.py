@@ -143,7 +143,8 @@ def _common(draw, op: str, trainable: tuple) -> dict:
 def _lora_fields(draw) -> dict:
     return dict(r=draw(st.integers(1, 24)), scaling=draw(st.sampled_from(SCALINGS)), p=draw(st.sampled_from(RATES)),
                 training=draw(st.sampled_from([True, True, False])),
-                seed=draw(st.integers(0, 2**63 - 1)), lora_gemm=draw(st.sampled_from(["auto", "fused", "cublas"])))
+                seed=draw(st.integers(0, 2**63 - 1)),
+                lora_gemm=draw(st.sampled_from(["auto", "fused", "cublas", "decode"])))
 
 
 @st.composite

@@ -76,7 +76,7 @@ def test_lora_never_beats_linear_and_totals_add_up(shape):
         assert s["lora fwd"] == pytest.approx(sum(c.seconds(card) for c in lo["fwd"]) * 1e6)
         # The fused shrink saves the shrink's read of x and never costs more than the two kernels.
         assert 1.0 < s["fused shrink fwd ratio"] <= s["fwd ratio"]
-        offered = shape[0] >= R.FUSED_SHRINK_MIN_ROWS
+        offered = shape[0] >= R.FUSED_SHRINK_MIN_ROWS or shape[0] <= R.DENSE_MAX_M  # tma-shrink or decode
         assert s["best fwd ratio"] == (min(s["fwd ratio"], s["fused shrink fwd ratio"]) if offered else s["fwd ratio"])
         assert s["best fwd+bwd ratio"] <= min(s["fwd+bwd ratio"], s["one dY pass ratio"])
 
@@ -85,6 +85,12 @@ def test_fused_shrink_rows_as_the_op_offers_it():
     pytest.importorskip("triton")
     from fastpeft.ops import lora as OL
     assert R.FUSED_SHRINK_MIN_ROWS == OL.FUSED_SHRINK_MIN_ROWS
+
+
+def test_decode_rows_as_the_op_offers_them():
+    pytest.importorskip("triton")
+    from fastpeft.kernels import quant as KQ
+    assert R.DENSE_MAX_M == KQ.DENSE_MAX_M
 
 
 def test_fused_shrink_reads_x_once():

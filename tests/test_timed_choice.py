@@ -87,6 +87,21 @@ def test_backward_one_dy_pass_is_timed_with_the_others(timed, monkeypatch):
     assert OL.choose_path(("bwd", 4), cands(*three), CUDA) == "kernels"
     assert len(ran) == n  # none of these was timed
 
+def test_a_measured_winner_not_offered_gives_the_fixed_choice(timed):
+    """A key measured with a candidate that a later call of the same key does not offer (a row-count threshold
+    inside the key's power of two, strides the TMA path refuses): the fixed choice, not a KeyError, and the
+    measurement kept (not re-timed)."""
+    clock, ran, cands = timed
+    clock.update({"kernels": 2.0, "tma-shrink": 1.0, "torch": 3.0})
+    cache = {}
+    three = cands("kernels", "tma-shrink", "torch")
+    assert K.timed_choice(cache, ("k",), "auto", CUDA, three, "kernels") == "tma-shrink"
+    n = len(ran)
+    assert K.timed_choice(cache, ("k",), "auto", CUDA, cands("kernels", "torch"), "kernels") == "kernels"
+    assert K.timed_choice(cache, ("k",), "auto", CUDA, cands("torch", "kernels"), "cublas") == "torch"  # fixed absent
+    assert len(ran) == n and cache == {("k",): "tma-shrink"}
+
+
 def test_forced_and_deterministic_modes_hold(timed, monkeypatch):
     clock, ran, cands = timed
     run = cands("fused", "tma", "cublas")
@@ -126,16 +141,9 @@ def test_fused_shrink_is_offered_where_it_can_run(monkeypatch):
     """The forward offers ``"tma-shrink"`` (after the kernels, so ties and fixed modes keep them) from
     FUSED_SHRINK_MIN_ROWS rows, where TMA runs, at ranks up to 64, with TMA rows and one dtype, not while
     tracing; below that row count only when forced."""
-    seen = []
-    real = OL.choose_path
-    monkeypatch.setattr(OL, "choose_path", lambda key, run, device: seen.append(tuple(run)) or real(key, run, device))
-
     def offered(m=OL.FUSED_SHRINK_MIN_ROWS, k=48, r=8, dtype=torch.float32):
-        seen.clear()
-        x, w, a, bb = torch.randn(m, k).to(dtype), torch.randn(40, k).to(dtype), torch.randn(r, k), torch.randn(40, r)
-        with torch.no_grad():
-            fastpeft.lora_linear(x, w, None, a.to(dtype), bb.to(dtype), 1.0, backend="triton")
-        return seen[0]
+        x, w, a = torch.randn(m, k).to(dtype), torch.randn(40, k).to(dtype), torch.randn(r, k).to(dtype)
+        return tuple(OL.offered_forwards(x, w, a))
     three = ("kernels", "tma-shrink", "torch")
     assert offered() == three
     assert offered(m=OL.FUSED_SHRINK_MIN_ROWS - 1) == ("kernels", "torch")
@@ -143,7 +151,7 @@ def test_fused_shrink_is_offered_where_it_can_run(monkeypatch):
     assert offered(k=50) == ("kernels", "torch")     # rows of 200 bytes: not TMA rows
     assert offered(dtype=torch.bfloat16) == three
     monkeypatch.setenv("FASTPEFT_LORA_GEMM", "tma-shrink")
-    assert offered(m=5) == three                     # forced: offered at any row count
+    assert offered(m=5) == three + ("decode",)       # forced: offered at any row count (and decode's 5 rows)
     monkeypatch.setenv("FASTPEFT_LORA_GEMM", "auto")
     x, w, a = torch.randn(OL.FUSED_SHRINK_MIN_ROWS, 48), torch.randn(40, 48), torch.randn(8, 48)
     assert OL._fused_shrink_offered(x, w, a)

@@ -11,6 +11,7 @@ import torch
 
 from ..kernels import lora as K
 from ..kernels import lora_tma as KT
+from ..kernels import quant as KQ
 from ..reference import dropout_threshold
 from .common import _bucket, _seed_arg, autocast_enabled, autocast_inputs, base_grads, returned
 
@@ -128,27 +129,70 @@ def _backward(dy, x, u, weight, lora_A, lora_B, s, seed, thr, ds, need_x, need_a
 
 
 def _forward(x, weight, bias, lora_A, lora_B, scaling, thr, drop_scale, seed) -> tuple:
-    """``(y, u)`` of ``LoRALinearFunction``'s forward on the faster of its two compositions."""
-    m, k = x.shape
-    gkey = ("fwd", _bucket(m), k, weight.shape[0], lora_A.shape[0], x.dtype, bias is not None)  # the GEMM's
+    """``(y, u)`` of ``LoRALinearFunction``'s forward on the fastest of its compositions (``_FORWARDS``): those
+    offered here are built only where the choice needs them (a shape to time, a forced fused path, a measured
+    winner not every call can run)."""
+    m = x.shape[0]
+    gkey = ("fwd", _bucket(m), x.shape[1], weight.shape[0], lora_A.shape[0], x.dtype, bias is not None)  # the GEMM's
     key = gkey + (thr > 0,)
+    args = (x, weight, bias, lora_A, lora_B, scaling, thr, drop_scale, seed, gkey)
+    name = _settled_forward(key, x.device)
+    if name is None:
+        run = {n: functools.partial(_FORWARDS[n], *args) for n in offered_forwards(x, weight, lora_A)}
+        name = choose_path(key, run, x.device)
+    return _FORWARDS[name](*args)
 
-    def kernels():
-        # The mask of x (M, K) element (m, k) is draw(seed, m K + k).
-        u = K.shrink_op(x, lora_A.t(), scale=drop_scale, seed=seed, threshold=thr, mask_sp=k, mask_sq=1)
-        return lora_gemm(x, weight.t(), u, lora_B.t(), bias=bias, scale=scaling, key=gkey), u
 
-    def composed():
-        return torch_forward(x, weight, bias, lora_A, lora_B, scaling=scaling, drop_scale=drop_scale, seed=seed,
-                             threshold=thr)
+def offered_forwards(x, weight, lora_A) -> list:
+    """The names of ``_FORWARDS`` this forward can run, the kernels first: the fused TMA shrink where
+    ``_fused_shrink_offered``, the one-launch ``decode`` where ``_decode_offered``."""
+    names = ["kernels"] + (["tma-shrink"] if _fused_shrink_offered(x, weight, lora_A) else []) + ["torch"]
+    return names + (["decode"] if _decode_offered(x.shape[0]) else [])
 
-    run = {"kernels": kernels, "torch": composed}
-    if _fused_shrink_offered(x, weight, lora_A):
-        def fused_shrink():
-            return KT.lora_forward_tma(x=x, w_t=weight.t(), lora_A=lora_A, lv=lora_B.t(), bias=bias, scale=scaling,
-                                       drop_scale=drop_scale, seed=seed, threshold=thr)
-        run = {"kernels": kernels, "tma-shrink": fused_shrink, "torch": composed}
-    return run[choose_path(key, run, x.device)]()
+
+def _settled_forward(key: tuple, device: torch.device) -> str | None:
+    """``choose_path``'s answer for the forward where it needs no candidates: a forced GEMM (the kernels),
+    torch, or decode (outside tracing), or in ``auto`` mode the settled choice when it is a composition every
+    call can run ("kernels", "torch", and "decode": any strides and rows; tracing settles on the kernels).
+    None where the candidates must be built (a forced or measured fused TMA path: not every x can take it)."""
+    mode = K.gemm_mode()
+    if mode == "auto":
+        name = K.settled_choice(_path_cache, key, device, "kernels", "kernels")
+        return name if name in ("kernels", "torch", "decode") else None
+    if mode in ("fused", "tma", "cublas", "torch"):
+        return "torch" if mode == "torch" else "kernels"
+    return "decode" if mode == "decode" and not torch.compiler.is_compiling() else None
+
+
+def _fwd_kernels(x, weight, bias, lora_A, lora_B, scaling, thr, drop_scale, seed, gkey) -> tuple:
+    # The mask of x (M, K) element (m, k) is draw(seed, m K + k).
+    u = K.shrink_op(x, lora_A.t(), scale=drop_scale, seed=seed, threshold=thr, mask_sp=x.shape[1], mask_sq=1)
+    return lora_gemm(x, weight.t(), u, lora_B.t(), bias=bias, scale=scaling, key=gkey), u
+
+
+def _fwd_torch(x, weight, bias, lora_A, lora_B, scaling, thr, drop_scale, seed, gkey) -> tuple:
+    return torch_forward(x, weight, bias, lora_A, lora_B, scaling=scaling, drop_scale=drop_scale, seed=seed,
+                         threshold=thr)
+
+
+def _fwd_tma_shrink(x, weight, bias, lora_A, lora_B, scaling, thr, drop_scale, seed, gkey) -> tuple:
+    return KT.lora_forward_tma(x=x, w_t=weight.t(), lora_A=lora_A, lv=lora_B.t(), bias=bias, scale=scaling,
+                               drop_scale=drop_scale, seed=seed, threshold=thr)
+
+
+def _fwd_decode(x, weight, bias, lora_A, lora_B, scaling, thr, drop_scale, seed, gkey) -> tuple:
+    return KQ.lora_decode(x, weight, lora_A, lora_B, bias, scaling, drop_scale, seed, thr)
+
+
+# The forward's compositions, in the order they are offered (the first, the kernels, wins ties and fixed modes).
+_FORWARDS = {"kernels": _fwd_kernels, "tma-shrink": _fwd_tma_shrink, "torch": _fwd_torch, "decode": _fwd_decode}
+
+
+def _decode_offered(m: int) -> bool:
+    """Whether the forward can run ``kernels.quant.lora_decode`` (y and u in one launch): up to
+    ``DENSE_MAX_M`` rows (any when FASTPEFT_LORA_GEMM=decode forces it), not while tracing (a plain launcher,
+    not a registered op)."""
+    return (m <= KQ.DENSE_MAX_M or K.gemm_mode() == "decode") and not torch.compiler.is_compiling()
 
 
 # Below this many rows the shrink's read of x is small beside W's, and the forward is not offered the
@@ -226,14 +270,16 @@ _path_cache: dict = {}  # shape key -> "kernels" or "torch"
 
 def choose_path(key: tuple, candidates: dict, device: torch.device) -> str:
     """The path (a name of ``candidates``: ``"kernels"``, ``"torch"``, the backward's ``"kernels-dy1"`` and
-    ``"tma-dy"``, the forward's ``"tma-shrink"``) for a LoRA forward / backward of this shape key:
-    FASTPEFT_LORA_GEMM=torch forces torch, ``tma-shrink`` the fused TMA paths (the backward's kernels where it
-    has no ``"tma-dy"``), a forced GEMM
+    ``"tma-dy"``, the forward's ``"tma-shrink"`` and ``"decode"``) for a LoRA forward / backward of this shape
+    key: FASTPEFT_LORA_GEMM=torch forces torch, ``tma-shrink`` the fused TMA paths (the backward's kernels where
+    it has no ``"tma-dy"``), ``decode`` the forward's one launch (the backward's kernels), a forced GEMM
     (fused / tma / cublas) the kernels; ``auto`` times them all (``kernels.lora.timed_choice``);
     deterministic mode and torch.compile tracing keep the kernels."""
     mode = K.gemm_mode()
     if mode == "tma-shrink":  # the fused TMA path of each direction; a backward without dX: the kernels (TMA)
         mode = "tma-shrink" if key[0] == "fwd" else ("tma-dy" if "tma-dy" in candidates else "kernels")
+    elif mode == "decode":
+        mode = "decode" if key[0] == "fwd" else "kernels"
     elif mode not in ("auto", "torch"):
         mode = "kernels"
     return K.timed_choice(_path_cache, key, mode, device, candidates, "kernels")
