@@ -14,8 +14,9 @@ launch at the target shapes (M=8192, K=N=4096; bf16): pointers and sizes/strides
 "Shipped config" = every entry of an autotune list, the pinned deterministic config, and the block
 sizes the launchers pick on CUDA (not the interpreter's explicit test blocks). The QLoRA fused kernel's
 blocks depend on M: it is compiled at an M where each of its launcher's choices runs (4-bit: M = 1, 16,
-64; int8: 16, 8192), the other kernels at M=8192. A kernel spills when its stack frame is non-zero
-(``STACK`` in cuobjdump's resource line: local memory for spilled registers).
+64; int8: 16, 8192; over a dense W, lora_decode: 1, 16, 64 at N 4096 and 14336), the other kernels at
+M=8192. A kernel spills when its stack frame is non-zero (``STACK`` in cuobjdump's resource line: local
+memory for spilled registers).
 """
 from __future__ import annotations
 
@@ -512,8 +513,8 @@ def quant_launches(ranks) -> list:
                 args = dict(qp, x_ptr=_ptr("bf16"), a_ptr=_ptr("bf16"), b_ptr=_ptr("bf16"), bias_ptr=_ptr("bf16"),
                             out_ptr=_ptr("bf16"), u_ptr=_ptr("fp32"), M=m, N=N, K=K, R=rp, stride_xm=K, stride_xk=1,
                             stride_wn=K, stride_wk=1, stride_ar=K, stride_ak=1, stride_bn=rp, stride_br=1, stride_om=N,
-                            stride_on=1, stride_um=rp, stride_ur=1, scale=0.5, drop_scale=1.25 if mask else 1.0, seed=1234,
-                            threshold=429496730 if mask else 0, QUANT=quant, HAS_BIAS=True, HAS_MASK=mask,
+                            stride_on=1, stride_um=rp, stride_ur=1, scale=0.5, drop_scale=1.25 if mask else 1.0,
+                            seed=1234, threshold=429496730 if mask else 0, QUANT=quant, HAS_BIAS=True, HAS_MASK=mask,
                             WRITE_U=True, BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=bk, R_PAD=rp, DOT_PRECISION="tf32",
                             UPCAST=False)
                 out.append(Launch("quant", Q._qlora_fused_kernel, f"fused {name} M{m}{' mask' if mask else ''} R{rp}",

@@ -9,7 +9,8 @@
   W tiles are dequantized in registers inside the K loop (NF4 / FP4 table lookup, nested absmax unpacked
   in-kernel; int8 cast exactly to the compute dtype, its row scales applied in the epilogue), ``x A^T``
   is accumulated in the same loop from the same x tile, and ``s u B^T`` is added in the epilogue; the
-  programs of the first column of tiles write ``u`` (fp32) for the backward.
+  programs of the first column of tiles write ``u`` (fp32) for the backward. Over a dense W in the compute
+  dtype (QUANT 2) the same kernel is plain LoRA's forward in one launch at decode sizes (``lora_decode``).
 
 Packed 4-bit layout (bitsandbytes ``quantize_4bit``): element ``e = n * K + k`` of W (N, K) is the high nibble of
 byte ``e // 2`` when e is even, the low one when odd; its scale is ``absmax[e // BLOCKSIZE]``, nested:
@@ -31,7 +32,7 @@ INT8_INV_SCALE = 7.874015718698502e-3
 # (the fused kernel redoes the NF4 lookups for every M tile). 64 is the bound, not yet measured on a card.
 FUSED_MAX_M = 64
 
-_QUANT_CODES = {"nf4": 0, "fp4": 0, "int8": 1}  # 0: 16-entry table lookup, 1: int8 cast
+_QUANT_CODES = {"nf4": 0, "fp4": 0, "int8": 1}  # 0: 16-entry table lookup, 1: int8 cast (2: dense, lora_decode)
 
 
 # ----------------------------------------------------------------------------------------------------

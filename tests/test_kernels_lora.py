@@ -665,3 +665,25 @@ def test_decode_blocks_rule():
         for rp in (16, 32, 64, 128):
             bm, bn, bk, warps, stages = dense_blocks(m, 4096, rp, 132)
             assert all(v & (v - 1) == 0 and v >= 16 for v in (bm, bn, bk)) and bn >= min(128, 2 * rp)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("r", [16, 64])
+@pytest.mark.parametrize("m", [1, 16, 64])
+def test_gpu_decode_llm_shape(m, r):
+    """The decode kernel at the card's own blocks (``dense_blocks``: not the explicit test blocks) at an LLM
+    shape, with dropout: y within 2x PyTorch's bf16 error, u the shrink kernel's, the same bits twice."""
+    from fastpeft.kernels import quant as KQ
+    from fastpeft.reference import dropout_threshold
+
+    x, w, b, a, bb = _make(m, 4096, 4096, r, torch.bfloat16)
+    thr, ds = dropout_threshold(0.1), 1 / 0.9
+    y, u = KQ.lora_decode(x, w, a, bb, b, 2.0, ds, 5, thr)
+    keep = dropout_mask(5, m, 4096, 0.1, device=x.device)
+    exact = (x.double() @ w.double().t() + b.double()
+             + 2.0 * ((x.double() * keep * ds) @ a.double().t()) @ bb.double().t())
+    low = x @ w.t() + b + 2.0 * ((x * keep * ds) @ a.t()) @ bb.t()
+    _low_precision_rule(y, exact, low, f"decode M{m} r{r} y")
+    torch.testing.assert_close(u, K.lora_shrink(x, a.t(), ds, 5, thr, 4096, 1), rtol=1e-4, atol=1e-4)
+    y2, u2 = KQ.lora_decode(x, w, a, bb, b, 2.0, ds, 5, thr)
+    assert torch.equal(y, y2) and torch.equal(u, u2)
