@@ -235,6 +235,8 @@ if [ "$SMOKE" = 1 ]; then
 else
     for t in bench_lora bench_lora_wide bench_multi bench_sparse bench_qlora bench_dora profile_lora; do
         if [ -f "$OUT/$t.md" ]; then cp "$OUT/$t.md" "benchmarks/results/${t//_/-}-${card}-${stamp}.md"; fi
+        # the rows too: `fastpeft bench plot` charts them later, off the card
+        if [ -f "$OUT/$t.json" ]; then cp "$OUT/$t.json" "benchmarks/results/${t//_/-}-${card}-${stamp}.json"; fi
     done
 fi
 echo "== done in ${SECONDS}s (budget ${BUDGET}s):"

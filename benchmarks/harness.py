@@ -184,7 +184,7 @@ def plot_ratios(rows: list, path: str, title: str, baseline: str = "linear") -> 
         vals = []
         for c in cases:
             hit = [r[ratio] for r in rows if r["provider"] == prov and tuple(r[k] for k in keys) == c]
-            vals.append(hit[0] if hit else float("nan"))
+            vals.append(hit[0] if hit and hit[0] is not None else float("nan"))
         ax.bar([j + i * width for j in range(len(cases))], vals, width, label=prov)
     ax.axhline(1.0, color="k", lw=0.8, ls="--")
     ax.set_xticks([j + 0.4 - width / 2 for j in range(len(cases))])
@@ -198,6 +198,54 @@ def plot_ratios(rows: list, path: str, title: str, baseline: str = "linear") -> 
     fig.tight_layout()
     fig.savefig(path, dpi=120)
     plt.close(fig)
+
+
+def load_rows(path: str) -> tuple:
+    """``(environment, rows, baseline, partial)`` of a bench's ``--json`` file, checked: a clear ``SystemExit``
+    naming the file and what is wrong where it is not one (no rows, rows without ``provider`` or without the
+    one ``vs_<baseline>`` ratio every row of a table carries)."""
+    where = f"fastpeft bench plot: {path}"
+    try:
+        with open(path) as f:
+            data = json.load(f)
+    except OSError as exc:
+        raise SystemExit(f"{where}: cannot read it ({exc.strerror})") from None
+    except ValueError as exc:
+        raise SystemExit(f"{where}: not JSON ({exc})") from None
+    rows = data.get("rows") if isinstance(data, dict) else None
+    if not isinstance(rows, list) or not rows or not all(isinstance(r, dict) for r in rows):
+        got = type(rows).__name__ if not isinstance(rows, list) else f"{len(rows)} rows"
+        raise SystemExit(f"{where}: expected a bench --json file (a non-empty list of rows under 'rows'), got {got}")
+    ratios = sorted({k for r in rows for k in r if k.startswith("vs_")})
+    providers = {r.get("provider") for r in rows}
+    # the ratio to a provider of the table (bench multi also carries vs_linear, its ratio to one adapter)
+    own = [k for k in ratios if k[3:] in providers] if len(ratios) > 1 else ratios
+    if len(own) != 1 or any("provider" not in r or own[0] not in r for r in rows):
+        raise SystemExit(f"{where}: expected every row to have 'provider' and one 'vs_<baseline>' ratio to a "
+                         f"provider of the table, got ratio columns {ratios}")
+    return data.get("environment", {}), rows, own[0][3:], data.get("partial")
+
+
+def plot_main(argv=None) -> list:
+    """``fastpeft bench plot RESULT.json ... [--out PNG] [--title T]``: the ``--plot`` bar chart of tables
+    already measured (a device run's ``$OUT/bench_*.json``), drawn here; one PNG beside each JSON, or ``--out``
+    for a single one. Returns the PNGs written."""
+    ap = argparse.ArgumentParser(prog="fastpeft bench plot", description=plot_main.__doc__.splitlines()[0])
+    ap.add_argument("json", nargs="+", help="bench --json files")
+    ap.add_argument("--out", help="the PNG (one JSON only; default: the JSON's path with .png)")
+    ap.add_argument("--title", help="the chart's title (default: the file's name and the device)")
+    a = ap.parse_args(argv)
+    if a.out and len(a.json) > 1:
+        raise SystemExit(f"fastpeft bench plot: --out takes one JSON file, got {len(a.json)}")
+    loaded = [(path, load_rows(path)) for path in a.json]  # every file checked before any PNG is written
+    written = []
+    for path, (env, rows, baseline, partial) in loaded:
+        out = a.out or os.path.splitext(path)[0] + ".png"
+        title = a.title or f"{os.path.splitext(os.path.basename(path))[0]} on {env.get('device', '?')}"
+        plot_ratios(rows, out, title + (" [partial]" if partial else ""), baseline=baseline)
+        print(f"wrote {out} ({len(rows)} rows, ratios to {baseline})")
+        written.append(out)
+    return written
 
 
 def add_output_args(ap, plot_help: str = "bar chart of the ratios to the baseline") -> None:

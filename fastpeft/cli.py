@@ -8,7 +8,8 @@ falling loss. It runs everywhere torch runs, offline, and ends with a save / loa
 ``fastpeft bench multi``: many adapters per batch (``benchmarks/bench_multi.py``);
 ``fastpeft bench sparse``: sparse deltas (``benchmarks/bench_sparse.py``); ``fastpeft bench qlora``: LoRA on a
 4-bit or 8-bit bitsandbytes base (``benchmarks/bench_qlora.py``); ``fastpeft bench dora``: DoRA vs LoRA and PEFT's
-DoRA (``benchmarks/bench_dora.py``); ``--help`` on each.
+DoRA (``benchmarks/bench_dora.py``); ``--help`` on each. ``fastpeft bench plot RESULT.json``: the bar chart of
+a table already measured (``--json``), e.g. a device run's.
 
 ``fastpeft demo``: fine-tune all-MiniLM-L6-v2 on Drugs.com reviews with each PEFT method, or LoRA on
 SmolLM2 (the ``fastpeft/demo/`` package); ``fastpeft demo --help``.
@@ -186,7 +187,8 @@ def build_parser() -> argparse.ArgumentParser:
     sub.add_parser("bench", help="microbenchmark tables: 'fastpeft bench [lora]' (one adapter vs nn.Linear, "
                    "the reference and PEFT), 'fastpeft bench multi' (many adapters per batch), "
                    "'fastpeft bench sparse' (sparse deltas), 'fastpeft bench qlora' (LoRA on a 4/8-bit base), "
-                   "'fastpeft bench dora' (DoRA)", add_help=False)
+                   "'fastpeft bench dora' (DoRA); 'fastpeft bench plot RESULT.json' charts a --json table",
+                   add_help=False)
     sub.add_parser("demo", help="fine-tune all-MiniLM-L6-v2 on Drugs.com reviews with each PEFT method, offline; "
                    "'fastpeft demo --help'", add_help=False)
     t = sub.add_parser("train", help="LoRA on a small built-in transformer, a few seconds on CPU (default)")
@@ -228,6 +230,9 @@ def main(argv=None) -> int:
     if not argv or argv[0].startswith("-") and argv[0] not in ("-h", "--help"):
         argv = ["train"] + argv
     if argv and argv[0] == "bench":
+        if len(argv) > 1 and argv[1] == "plot":  # charts of tables already measured (a device run's JSON)
+            _bench_module("harness").plot_main(argv[2:])
+            return 0
         which = argv[1] if len(argv) > 1 and argv[1] in BENCHES else "lora"
         rest = argv[2:] if len(argv) > 1 and argv[1] in BENCHES else argv[1:]
         _bench_module(BENCHES[which]).main(rest)

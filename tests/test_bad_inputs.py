@@ -52,6 +52,19 @@ def _sparse(**over):
     return fastpeft.sparse_delta_linear(**{**args, **over})
 
 
+def _bench_plot(content, *extra):
+    """``fastpeft bench plot`` on a file holding ``content`` (JSON-encoded), in a temporary folder."""
+    import tempfile
+
+    from fastpeft.cli import main
+
+    with tempfile.TemporaryDirectory() as folder:
+        path = os.path.join(folder, "bench.json")
+        with open(path, "w") as f:
+            json.dump(content, f)
+        return main(["bench", "plot", path, *extra])
+
+
 def _blocks(indices, values=None):
     idx = torch.tensor(indices)
     return _sparse(delta_indices=idx, delta_values=torch.ones(idx.shape[0], 8, 8) if values is None else values,
@@ -313,6 +326,13 @@ CASES = [
         lambda _: _with_env("FASTPEFT_LORA_GEMM", "tma-shrink",
                             lambda: _lora(lora_A=_t(65, IN), lora_B=_t(OUT, 65), backend="triton")), ValueError,
         ("'tma-shrink'", "cannot run here", "('kernels', 'torch', 'decode')")),
+    # -- fastpeft bench plot: a file that is not a bench table, --out for two files
+    Bad("cli-bench-plot-no-rows", lambda _: _bench_plot({"rows": []}), SystemExit,
+        ("bench.json", "non-empty list of rows", "0 rows")),
+    Bad("cli-bench-plot-rows-without-ratio", lambda _: _bench_plot({"rows": [{"provider": "linear"}]}), SystemExit,
+        ("bench.json", "'vs_<baseline>'", "got ratio columns []")),
+    Bad("cli-bench-plot-out-with-two-files", lambda _: _bench_plot({"rows": []}, "second.json", "--out", "x.png"),
+        SystemExit, ("--out takes one JSON file", "got 2")),
     # -- the sparse GEMM switch forcing the TMA path where it cannot run (blocks of 128: it takes 16 to 64)
     Bad("sparse-env-FASTPEFT_SPARSE_GEMM-tma-block-128",
         lambda _: _with_env("FASTPEFT_SPARSE_GEMM", "tma", lambda: _sparse(
@@ -435,7 +455,7 @@ CASES = [
 def test_bad_input_raises_naming_the_argument(case):
     obj = case.make() if case.make is not None else None
     before = _snapshot(obj) if obj is not None else None
-    with pytest.raises(Exception) as excinfo:
+    with pytest.raises(BaseException) as excinfo:  # the command line's errors are SystemExit
         case.call(obj)
     _assert_message(excinfo, case.exc, case.words)
     if obj is not None:

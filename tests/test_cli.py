@@ -52,6 +52,50 @@ def test_bench_table_json_markdown_plot(tmp_path, capsys):
     assert all(r["vs_linear"] == 1.0 for r in rows if r["provider"] == "linear")
     assert all(r["ms"] > 0 for r in rows)
     assert md.read_text().startswith("# LoRA linear") and png.stat().st_size > 1000
+    # the same chart drawn later from the JSON alone (a device run's tables, plotted here)
+    again = tmp_path / "again.png"
+    assert main(["bench", "plot", str(js), "--out", str(again)]) == 0 and again.stat().st_size > 1000
+
+
+def _bench_json(path, baseline="linear", partial=None, **over):
+    rows = [dict(M=m, K=64, N=64, mode="fwd", provider=prov, ms=t, **{f"vs_{baseline}": t / base})
+            for m, base in ((16, 1.0), (64, 2.0)) for prov, t in ((baseline, base), ("fastpeft", 1.2 * base))]
+    data = {"environment": {"device": "CPU test"}, "rows": rows, **over}
+    if partial:
+        data["partial"] = partial
+    path.write_text(json.dumps(data))
+    return path
+
+
+def test_bench_plot_draws_each_json_beside_it(tmp_path, capsys):
+    one = _bench_json(tmp_path / "bench_lora.json")
+    two = _bench_json(tmp_path / "bench_multi.json", baseline="single", partial="3 rows; stopped")
+    data = json.loads(two.read_text())  # bench multi's rows also carry vs_linear (= vs_single): the own one wins
+    two.write_text(json.dumps({**data, "rows": [{**r, "vs_linear": r["vs_single"]} for r in data["rows"]]}))
+    assert main(["bench", "plot", str(one), str(two)]) == 0
+    out = capsys.readouterr().out
+    assert "ratios to linear" in out and "ratios to single" in out
+    assert (tmp_path / "bench_lora.png").stat().st_size > 1000 and (tmp_path / "bench_multi.png").stat().st_size > 1000
+
+
+@pytest.mark.parametrize("content,words", [
+    (None, ["missing.json", "cannot read it"]),
+    ("{not json", ["bad.json", "not JSON"]),
+    (json.dumps({"rows": []}), ["bad.json", "non-empty list of rows", "0 rows"]),
+    (json.dumps([1, 2]), ["bad.json", "non-empty list of rows", "got NoneType"]),
+    (json.dumps({"rows": [{"provider": "linear", "ms": 1.0}]}), ["bad.json", "'vs_<baseline>'", "got ratio columns []"]),
+], ids=["missing", "not-json", "no-rows", "not-a-table", "no-ratio"])
+def test_bench_plot_bad_files_name_the_file_and_write_nothing(tmp_path, content, words):
+    good = _bench_json(tmp_path / "good.json")
+    bad = tmp_path / ("missing.json" if content is None else "bad.json")
+    if content is not None:
+        bad.write_text(content)
+    with pytest.raises(SystemExit) as exc:
+        main(["bench", "plot", str(good), str(bad)])
+    assert all(w in str(exc.value) for w in words), str(exc.value)
+    assert not list(tmp_path.glob("*.png"))  # every file is checked before any chart is written
+    with pytest.raises(SystemExit, match="--out takes one JSON file, got 2"):
+        main(["bench", "plot", str(good), str(good), "--out", str(tmp_path / "x.png")])
 
 
 def test_bench_multi_table(tmp_path, capsys):
