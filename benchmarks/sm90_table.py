@@ -488,27 +488,30 @@ def quant_launches(ranks) -> list:
     # M = 64 (its bound FUSED_MAX_M); int8 (W8A16: every M) at M = 16 and 8192. u written, bias present.
     # The same kernel over a dense bf16 W (lora_decode: plain LoRA in one launch) at the blocks dense_blocks picks
     # on an H100 (132 SMs) for M 1 / 16 / 64 (triton specializes M = 1) and N 4096 or 14336 (BLOCK_N 32 / 64 at
-    # R_PAD 16, 128 at R_PAD 64).
+    # R_PAD 16, 128 at R_PAD 64), plain and with DoRA's g in the epilogue (COL_SCALE).
     shapes = [("NF4 nested", 0, 1, (16, 64, 64, 8, 3)), ("NF4 nested", 0, 16, (16, 64, 64, 8, 3)),
               ("NF4 nested", 0, Q.FUSED_MAX_M, (64, 64, 32, 8, 3)), ("int8", 1, 16, (16, 64, 64, 8, 3)),
               ("int8", 1, M, (64, 128, 32, 8, 3))]
     dense = [(m, n) for m in (1, 16, Q.DENSE_MAX_M) for n in (4096, 14336)]
     for rp in ranks:
         blocks = dict.fromkeys((m, Q.dense_blocks(m, n, rp, 132)) for m, n in dense)  # one row per M and config
-        for name, quant, m, (bm, bn, bk, w, s) in shapes + [("dense", 2, m, b) for m, b in blocks]:
+        dense_rows = [(name, 2, m, b) for name in ("dense", "dense g") for m, b in blocks]  # g: DoRA's decode
+        for name, quant, m, (bm, bn, bk, w, s) in shapes + dense_rows:
             if quant == 0:  # the 4-bit tables and scales; the launcher caps BLOCK_K at the block size
                 bk = min(bk, 64)
                 qp = dict(w_ptr=_ptr("u8"), code_ptr=_ptr("fp32"), absmax_ptr=_ptr("u8"), code2_ptr=_ptr("fp32"),
                           absmax2_ptr=_ptr("fp32"), offset_ptr=_ptr("fp32"), scales_ptr=_ptr("bf16"), NESTED=True,
                           BLOCKSIZE=64, BLOCKSIZE2=256, W_DTYPE=2)
-            elif quant == 2:  # dense bf16 W; the unused table pointers are the output
+            elif quant == 2:  # dense bf16 W (and DoRA's fp32 g in scales_ptr); the unused table pointers: the output
+                col = name == "dense g"
                 qp = dict(w_ptr=_ptr("bf16"), code_ptr=_ptr("bf16"), absmax_ptr=_ptr("bf16"), code2_ptr=_ptr("bf16"),
-                          absmax2_ptr=_ptr("bf16"), offset_ptr=_ptr("bf16"), scales_ptr=_ptr("bf16"), NESTED=False,
-                          BLOCKSIZE=1, BLOCKSIZE2=256, W_DTYPE=0)
+                          absmax2_ptr=_ptr("bf16"), offset_ptr=_ptr("bf16"), scales_ptr=_ptr("fp32" if col else "bf16"),
+                          NESTED=False, BLOCKSIZE=1, BLOCKSIZE2=256, W_DTYPE=0, COL_SCALE=col)
             else:  # int8 weight, fp32 row scales; the unused table pointers are the output
                 qp = dict(w_ptr=_ptr("i8"), code_ptr=_ptr("bf16"), absmax_ptr=_ptr("bf16"), code2_ptr=_ptr("bf16"),
                           absmax2_ptr=_ptr("bf16"), offset_ptr=_ptr("bf16"), scales_ptr=_ptr("fp32"), NESTED=False,
                           BLOCKSIZE=1, BLOCKSIZE2=256, W_DTYPE=0)
+            qp = {"COL_SCALE": False, **qp}
             for mask in (False, True):
                 args = dict(qp, x_ptr=_ptr("bf16"), a_ptr=_ptr("bf16"), b_ptr=_ptr("bf16"), bias_ptr=_ptr("bf16"),
                             out_ptr=_ptr("bf16"), u_ptr=_ptr("fp32"), M=m, N=N, K=K, R=rp, stride_xm=K, stride_xk=1,

@@ -107,8 +107,9 @@ def _qlora_fused_kernel(
     QUANT: tl.constexpr, NESTED: tl.constexpr, BLOCKSIZE: tl.constexpr, BLOCKSIZE2: tl.constexpr,
     W_DTYPE: tl.constexpr, HAS_BIAS: tl.constexpr, HAS_MASK: tl.constexpr, WRITE_U: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, R_PAD: tl.constexpr,
-    DOT_PRECISION: tl.constexpr, UPCAST: tl.constexpr,
+    DOT_PRECISION: tl.constexpr, UPCAST: tl.constexpr, COL_SCALE: tl.constexpr = False,
 ):
+    # COL_SCALE (QUANT 2: DoRA): scales_ptr holds g (N,) fp32, out = g * (x W^T + s u B^T) + bias.
     pid_m = tl.program_id(0)
     pid_n = tl.program_id(1)
     rm = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
@@ -177,6 +178,8 @@ def _qlora_fused_kernel(
                  other=0.0)
     low = _mma(_cast(u, cdt, UPCAST), bt, tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32), DOT_PRECISION, UPCAST)
     acc += low * scale
+    if COL_SCALE:
+        acc = acc * tl.load(scales_ptr + rn, mask=n_ok, other=0.0).to(tl.float32)[None, :]
     if HAS_BIAS:
         acc += tl.load(bias_ptr + rn, mask=n_ok, other=0.0).to(tl.float32)[None, :]
     out = out_ptr + rm[:, None].to(tl.int64) * stride_om + rn64[None, :] * stride_on
@@ -318,13 +321,14 @@ DENSE_MAX_M = 64
 
 def lora_decode(x: torch.Tensor, weight: torch.Tensor, lora_A: torch.Tensor, lora_B: torch.Tensor,
                 bias: torch.Tensor | None, scale: float, drop_scale: float, seed, threshold: int,
-                write_u: bool = True):
+                write_u: bool = True, col_scale: torch.Tensor | None = None):
     """``(y, u)`` of plain LoRA in one launch of the fused kernel over a dense W: y = x W^T + scale * u B^T + bias
     in x's dtype, u = drop_scale * (mask * x) A^T fp32 (M, r) (None unless ``write_u``); the mask of x's (m, k)
     is ``draw(seed, m * K + k) >= threshold`` (none at threshold 0), as the shrink kernel draws it. x (M, K),
-    weight (N, K) in x's dtype, lora_A (r, K), lora_B (N, r), bias (N,) or None, any strides. Every program
-    reads A beside its W tiles (from L2 after the first), so the path is for decode sizes
-    (``DENSE_MAX_M``): there it is one kernel where the kernel path launches three."""
+    weight (N, K) in x's dtype, lora_A (r, K), lora_B (N, r), bias (N,) or None, any strides. ``col_scale``
+    (N,) fp32 or None: DoRA's g, y = g * (x W^T + scale * u B^T) + bias (its plain mode). Every program reads A
+    beside its W tiles (from L2 after the first), so the path is for decode sizes (``DENSE_MAX_M``): there it
+    is one kernel where the kernel path launches three."""
     M, K = x.shape
     N, R = weight.shape[0], lora_A.shape[0]
     out = torch.empty((M, N), device=x.device, dtype=x.dtype)
@@ -332,8 +336,8 @@ def lora_decode(x: torch.Tensor, weight: torch.Tensor, lora_A: torch.Tensor, lor
     if M == 0 or N == 0:
         return out, (u if write_u else None)
     _run_fused(x, weight, weight.stride(), lora_A, lora_B, bias, out, u, scale, drop_scale, seed, threshold, write_u,
-               _dense_blocks(x, N, R), 2, (out,) * 6, NESTED=False, BLOCKSIZE=1, BLOCKSIZE2=256, W_DTYPE=0,
-               UPCAST=_upcast(x.dtype))
+               _dense_blocks(x, N, R), 2, (out,) * 5 + (out if col_scale is None else col_scale,), NESTED=False,
+               BLOCKSIZE=1, BLOCKSIZE2=256, W_DTYPE=0, UPCAST=_upcast(x.dtype), COL_SCALE=col_scale is not None)
     return out, (u if write_u else None)
 
 

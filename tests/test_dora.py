@@ -187,6 +187,50 @@ def test_kernels_fused_shrink_fp32(forced_fused_shrink, shape, p, mode, bias):
             assert_close_report(a, e, 2e-5, 2e-5 * float(e.detach().abs().max()), name)
 
 
+@pytest.fixture
+def forced_decode(monkeypatch):
+    """FASTPEFT_LORA_GEMM=decode, and a list that records each launch of the one-launch decode forward."""
+    pytest.importorskip("triton")
+    from fastpeft.kernels import quant as KQ
+    monkeypatch.setenv("FASTPEFT_LORA_GEMM", "decode")
+    ran, real = [], KQ.lora_decode
+    monkeypatch.setattr(KQ, "lora_decode", lambda *a, **kw: ran.append(kw["col_scale"].shape) or real(*a, **kw))
+    return ran
+
+
+@pytest.mark.parametrize("bias", [True, False], ids=["bias", "nobias"])
+@pytest.mark.parametrize("p,mode", MODES)
+@pytest.mark.parametrize("shape", [(33, 80, 48, 8), (1, 48, 136, 16), (64, 130, 40, 24)],
+                         ids=["M33-K80-N48-r8", "M1-K48-N136-r16", "M64-K130-N40-r24"])
+def test_kernels_decode_fp32(forced_decode, shape, p, mode, bias):
+    """The plain forward in one launch (``kernels.quant.lora_decode``: g in its epilogue, u written for the
+    backward): output and every gradient as the fp64 oracle's; PEFT's exact dropout mode keeps its own GEMMs."""
+    t = _case(*shape, bias=bias)
+    dy = torch.randn(shape[0], shape[2], dtype=torch.float64)
+    want = _run(_ref(p, mode), t, torch.float64, dy)
+    got = _run(_ours("triton", p, mode), t, torch.float32, dy)
+    assert forced_decode == ([] if p > 0 and mode == "exact" else [(shape[2],)])
+    for name, a, e in zip(NAMES, got, want):
+        if e is not None:
+            assert_close_report(a, e, 2e-5, 2e-5 * float(e.detach().abs().max()), name)
+
+
+def test_kernels_decode_bf16_and_eval(forced_decode):
+    """bf16 within 2x PyTorch's error through the decode forward; an eval call (no autograd, the norm cached)
+    launches it alone and gives the reference's output."""
+    t = _case(16, 80, 48, 8, dtype=torch.float32)
+    t[5] = t[5] * 4.0
+    _assert_bf16_error_at_most_twice_pytorchs(0.0, "exact", t, torch.randn(16, 48))
+    assert len(forced_decode) == 1
+    x, w, b, a, bb, m = (v.to(torch.float32) for v in t)
+    with torch.no_grad():
+        got = dora_linear(x, w, b, a, bb, m, 1.5, 0.1, False, 7, "exact", backend="triton", norm_cache={})
+        want = dora_linear_ref(x.double(), w.double(), b.double(), a.double(), bb.double(), m.double(), 1.5, 0.1,
+                               False, 7, "exact")
+    assert len(forced_decode) == 2
+    assert_close_report(got, want, 2e-5, 2e-5 * float(want.abs().max()), "eval y")
+
+
 def test_kernels_fused_shrink_bf16_and_exact_mode(forced_fused_shrink):
     """bf16 within 2x PyTorch's error on the fused forward and backward; PEFT's exact dropout mode keeps its
     own GEMMs (two accumulators), which the fused kernels do not have."""

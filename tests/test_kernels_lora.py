@@ -687,3 +687,8 @@ def test_gpu_decode_llm_shape(m, r):
     torch.testing.assert_close(u, K.lora_shrink(x, a.t(), ds, 5, thr, 4096, 1), rtol=1e-4, atol=1e-4)
     y2, u2 = KQ.lora_decode(x, w, a, bb, b, 2.0, ds, 5, thr)
     assert torch.equal(y, y2) and torch.equal(u, u2)
+    # DoRA's plain forward: g (N,) fp32 on x W^T + s u B^T, then the bias
+    g = 1.0 + 0.1 * torch.randn(4096, generator=torch.Generator().manual_seed(2)).to(x.device)
+    yg, _ = KQ.lora_decode(x, w, a, bb, b, 2.0, ds, 5, thr, col_scale=g)
+    _low_precision_rule(yg, (exact - b.double()) * g.double() + b.double(), ((low - b).float() * g).to(low.dtype) + b,
+                        f"decode M{m} r{r} y with g")

@@ -260,10 +260,11 @@ def _plain_dy_side(dy, weight, bias, lora_A, lora_B, g, u, y, s, seed, thr, ds, 
 
 def _forward(x, weight, bias, lora_A, lora_B, g, scaling, p, seed, thr, ds, exact, impl) -> tuple:
     """``(y, u)`` of ``DoRALinearFunction``'s forward, g = m / n given (see there). The plain forward on the
-    kernels is the shrink and ``_dora_gemm_kernel``, or, where LoRA's forward offers it (sm_90+, from
-    ``ops.lora.FUSED_SHRINK_MIN_ROWS`` rows, ranks up to 64), the faster (timed once per shape) of that and
-    the TMA GEMM with the shrink fused and g in its epilogue (``kernels.lora_tma.lora_forward_tma``);
-    FASTPEFT_LORA_GEMM=tma-shrink forces the latter where it can run."""
+    kernels is the shrink and ``_dora_gemm_kernel``, or, where LoRA's forward offers them, the fastest (timed
+    once per shape) of that, the TMA GEMM with the shrink fused and g in its epilogue (sm_90+, from
+    ``ops.lora.FUSED_SHRINK_MIN_ROWS`` rows, ranks up to 64; ``kernels.lora_tma.lora_forward_tma``) and, up to
+    ``kernels.quant.DENSE_MAX_M`` rows, the one-launch decode kernel with g in its epilogue
+    (``kernels.quant.lora_decode``); FASTPEFT_LORA_GEMM=tma-shrink / decode forces one where it can run."""
     if impl == "triton":
         K, KL = _kernels()
         k = x.shape[1]
@@ -274,17 +275,25 @@ def _forward(x, weight, bias, lora_A, lora_B, g, scaling, p, seed, thr, ds, exac
             return K.gemm_op(mode, x, weight.t(), u, lora_B.t(), g, bias, scaling, seed, thr, ds), u
 
         from . import lora as OL  # imports the kernels: only on the triton path
-        if exact or not OL._fused_shrink_offered(x, weight, lora_A):
+        run = {"kernels": kernels}
+        if not exact and OL._fused_shrink_offered(x, weight, lora_A):
+            def fused_shrink():
+                from ..kernels import lora_tma as KT
+                return KT.lora_forward_tma(x=x, w_t=weight.t(), lora_A=lora_A, lv=lora_B.t(), bias=bias,
+                                           scale=scaling, drop_scale=ds, seed=seed, threshold=thr, col_scale=g)
+            run["tma-shrink"] = fused_shrink
+        if not exact and OL._decode_offered(x.shape[0]):
+            def decode():
+                from ..kernels import quant as KQ
+                return KQ.lora_decode(x, weight, lora_A, lora_B, bias, scaling, ds, seed, thr, col_scale=g)
+            run["decode"] = decode
+        if len(run) == 1:  # the exact mode, or nothing fused offered: the kernels, whatever is forced
             return kernels()
-
-        def fused_shrink():
-            from ..kernels import lora_tma as KT
-            return KT.lora_forward_tma(x=x, w_t=weight.t(), lora_A=lora_A, lv=lora_B.t(), bias=bias, scale=scaling,
-                                       drop_scale=ds, seed=seed, threshold=thr, col_scale=g)
         key = ("fwd", _bucket(x.shape[0]), k, weight.shape[0], lora_A.shape[0], x.dtype, bias is not None, thr > 0)
-        mode = KL.gemm_mode()  # FASTPEFT_LORA_GEMM: "tma-shrink" forces it, "auto" times, others keep the kernels
-        mode = mode if mode in ("auto", "tma-shrink") else "kernels"
-        run = {"kernels": kernels, "tma-shrink": fused_shrink}
+        # FASTPEFT_LORA_GEMM: "tma-shrink" / "decode" force those paths where offered, "auto" times, the others
+        # (and a forced path not offered here) keep the kernels
+        mode = KL.gemm_mode()
+        mode = mode if mode == "auto" or mode in run else "kernels"
         return run[KL.timed_choice(_path_cache, key, mode, x.device, run, "kernels")]()
     dt = g.dtype
     xd = lora_dropout_ref(x, p, seed) if p > 0.0 else x
