@@ -339,3 +339,29 @@ def test_demo_smollm2_smoke(tmp_path, capsys):
         assert isinstance(r[key]["sample"], str) and r[key]["sample"]
     assert r["after"]["loss"] != r["before"]["loss"] and len(r["losses"]) == 2
     assert png.stat().st_size > 1000
+
+
+@pytest.mark.slow
+def test_demo_smollm2_4bit_smoke(tmp_path, capsys):
+    """--model smollm2 --4bit: the same LoRA over the fp32 model and over its decoder layers in NF4 (every one
+    of the 7 linear kinds a QLoRALinear over a bitsandbytes Linear4bit), side by side: same trainable count,
+    fewer parameter bytes, a different base loss; the before row is the base model's (B = 0)."""
+    for module, pip in ((lm.MODEL_PACKAGE, lm.PIP), ("gguf", lm.PIP), (data.DATA_PACKAGE, data.DATA_PIP)):
+        if data.importlib.util.find_spec(module) is None:
+            pytest.skip(f"{module} is not installed ({pip})")
+    pytest.importorskip("transformers")
+    pytest.importorskip("bitsandbytes")
+    js = tmp_path / "lm4.json"
+    assert main(["demo", "--model", "smollm2", "--4bit", "--steps", "2", "--max-train", "8", "--max-test", "4",
+                 "--seq-len", "24", "--lm-batch-size", "4", "--lm-new-tokens", "4", "--quiet", "--json", str(js)]) == 0
+    out = capsys.readouterr().out
+    assert "fp32 base" in out and "NF4 base" in out and "params MiB" in out
+    r = json.loads(js.read_text())
+    fp32, nf4 = r["runs"]
+    assert fp32["environment"]["base"] == "fp32" and "NF4" in nf4["environment"]["base"]
+    assert fp32["trainable"] == nf4["trainable"] == 30 * 8 * ((576 + 576) * 2 + (576 + 192) * 2 + (576 + 1536) * 3)
+    # 30 layers' linear weights (~106M): 405 MiB in fp32, ~57 MiB packed in NF4 (embeddings stay fp32 in both)
+    assert nf4["environment"]["param_mib"] < fp32["environment"]["param_mib"] - 300
+    assert nf4["before"]["loss"] != fp32["before"]["loss"] and len(nf4["losses"]) == 2
+    for run in (fp32, nf4):
+        assert 0 < run["after"]["loss"] < 20 and run["after"]["loss"] != run["before"]["loss"]

@@ -5,6 +5,7 @@ method trains and reaches.
     fastpeft demo --full --seeds 3 --json d.json --plot d.png
     fastpeft demo --model smollm2                    # LoRA on SmolLM2-135M as a causal LM
     fastpeft demo --4bit                             # LoRA over the fp32 and an NF4 (bitsandbytes) encoder
+    fastpeft demo --model smollm2 --4bit             # the same for SmolLM2's decoder layers
 
 ``data.py``: the Drugs.com reviews, the installed packages holding data and weights, peak memory;
 ``classify.py``: the MiniLM run (one row per method); ``lm.py``: the SmolLM2 run. Both runs import
@@ -39,7 +40,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--full", action="store_true", help="all methods (but qlora) and all the test reviews")
     p.add_argument("--4bit", dest="four_bit", action="store_true",
                    help="the lora row and the same LoRA over an NF4 base (qlora: bitsandbytes Linear4bit, double "
-                        "quant, for every encoder linear layer), side by side")
+                        "quant, for every encoder linear layer), side by side; with --model smollm2, LoRA over the "
+                        "fp32 model and over its decoder layers in NF4")
     p.add_argument("--seeds", type=positive_int, default=1, help="seeds per method (mean ± std when > 1)")
     p.add_argument("--steps", type=positive_int, help="training steps per run (default 100)")
     p.add_argument("--max-train", type=positive_int, help="training examples (default: all)")
@@ -74,7 +76,7 @@ def main(argv=None) -> int:
     args = parser.parse_args(argv)
     if args.model == "smollm2" and (args.methods or args.full or args.seeds > 1):
         parser.error("--methods, --full and --seeds belong to the minilm table; --model smollm2 runs LoRA only")
-    if args.four_bit and (args.methods or args.model == "smollm2"):
+    if args.four_bit and args.methods:
         parser.error("--4bit runs the minilm methods lora and qlora; use --methods ... qlora for others")
     try:
         run(args)

