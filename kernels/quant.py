@@ -304,7 +304,7 @@ def _run_fused(x, w, w_strides, lora_A, lora_B, bias, out, u, scale, drop_scale,
     bm, bn, bk, warps, stages = blocks
     grid = (triton.cdiv(M, bm), triton.cdiv(N, bn))
     _qlora_fused_kernel[grid](
-        x, w, *tables[:5], tables[5], lora_A, lora_B, bias if bias is not None else out, out, u,
+        x, w, *tables, lora_A, lora_B, bias if bias is not None else out, out, u,
         M, N, K, R,
         x.stride(0), x.stride(1), w_strides[0], w_strides[1], lora_A.stride(0), lora_A.stride(1), lora_B.stride(0),
         lora_B.stride(1), out.stride(0), out.stride(1), u.stride(0), u.stride(1),
@@ -326,7 +326,7 @@ def lora_decode(x: torch.Tensor, weight: torch.Tensor, lora_A: torch.Tensor, lor
     in x's dtype, u = drop_scale * (mask * x) A^T fp32 (M, r) (None unless ``write_u``); the mask of x's (m, k)
     is ``draw(seed, m * K + k) >= threshold`` (none at threshold 0), as the shrink kernel draws it. x (M, K),
     weight (N, K) in x's dtype, lora_A (r, K), lora_B (N, r), bias (N,) or None, any strides. ``col_scale``
-    (N,) fp32 or None: DoRA's g, y = g * (x W^T + scale * u B^T) + bias (its plain mode). Every program reads A
+    (N,) fp32 contiguous or None: DoRA's g, y = g * (x W^T + scale * u B^T) + bias (its plain mode). Every program reads A
     beside its W tiles (from L2 after the first), so the path is for decode sizes (``DENSE_MAX_M``): there it
     is one kernel where the kernel path launches three."""
     M, K = x.shape
