@@ -45,7 +45,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from .functional import current_backend, dora_linear, lora_linear, lora_linear_multi, qlora_linear
+from .functional import dora_linear, lora_linear, lora_linear_multi, qlora_linear
 from .quant import _bnb_class_name, kept_quantized_weight
 
 _KERNEL_OR_REF_DTYPES = (torch.float32, torch.float16, torch.bfloat16, torch.float64)

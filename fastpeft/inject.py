@@ -19,7 +19,6 @@ import torch.nn as nn
 from ._checks import (check_adapter_name, check_bool, check_choice, check_dora_options, check_dropout, check_file_tensors,
                       check_finite_number, check_init, check_rank, check_sparse_delta, check_sparse_options)
 from .layers import DORA_QUANTIZED, FastLoRALinear, ModulesToSaveWrapper, QLoRALinear, SparseDeltaLinear, rosa_spec
-from .quant import is_quantized
 from .matching import (compile_pattern, default_targets, is_all_linear, is_bias, matches, name_list, output_head, pattern_value,
                        set_submodule)
 from .methods import METHODS as OTHER_METHODS

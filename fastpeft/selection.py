@@ -6,7 +6,7 @@ from dataclasses import dataclass
 
 import torch
 
-from ._checks import SELECTIONS, check_sparse_options
+from ._checks import check_sparse_options
 
 
 @dataclass(frozen=True)

@@ -53,7 +53,7 @@ from . import lora_tma as _T
 from ._common import (_HAS_TRITON_OP, _cast, _dot_precision, _grouped_coords, _grouped_tile, _keep_mask_tile,
                       _library_op, _mma, _op_body, _seed, _sm_count, _tile_ranges, _upcast, _use_explicit_blocks, _wrap,
                       block_setter, eager_or_op, r_pad, split_chunk, split_count)
-from .lora import _GEMM_CONFIGS, _lowrank_tile, _prune_gemm_configs, env_choice, gemm_launch_config, timed_choice
+from .lora import _GEMM_CONFIGS, _prune_gemm_configs, env_choice, gemm_launch_config, timed_choice
 from .lora_tma import _gemm_descs, _k_loop, _tma_lowrank_epilogue, _tma_store_part
 
 # ----------------------------------------------------------------------------------------------------

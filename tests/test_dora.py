@@ -354,7 +354,7 @@ def test_opcheck_registered_ops():
     if not KD._HAS_TRITON_OP:
         pytest.skip("torch.library.triton_op needs torch >= 2.6")
     x, w, b, a, bb, m = _case(33, 48, 40, 8, dtype=torch.float32)
-    u, v, g = torch.randn(33, 8), torch.randn(33, 8), torch.rand(40) + 0.5
+    u, g = torch.randn(33, 8), torch.rand(40) + 0.5
     dy = torch.randn(33, 40)
     tests = ("test_schema", "test_autograd_registration", "test_faketensor")
     torch.library.opcheck(torch.ops.fastpeft.dora_norm.default, (w, a, bb, 0.5), test_utils=tests)

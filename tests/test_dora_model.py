@@ -5,7 +5,6 @@ PEFT's, and the combinations fastpeft refuses.
 Adapters are built with ``init_lora_weights=False`` (non-zero B) and the magnitudes are perturbed away from
 ``‖W + sBA‖``, so a dropped or misnamed magnitude changes the outputs (g = 1 otherwise).
 """
-import copy
 import json
 import os
 

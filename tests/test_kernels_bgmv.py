@@ -10,7 +10,6 @@ pytest.importorskip("triton")
 
 import fastpeft  # noqa: E402
 from conftest import DTYPES, assert_close_report, triton_backend_device  # noqa: E402
-from fastpeft import kernels  # noqa: E402
 from fastpeft.reference import dropout_mask, dropout_threshold, lora_linear_multi_ref  # noqa: E402
 
 DEV = triton_backend_device()

@@ -156,7 +156,7 @@ def test_tma_gemm_kernel_edges():
     epilogue against the block-fused pointer kernel, and its refusals."""
     x, w, bias, a, bb = _make(37, 64, 96)
     x, w, bias = (t.float() for t in (x, w, bias))
-    rb, cb = 6, 4
+    rb = 6
     idx = torch.tensor([[r, c] for r in range(rb) for c in (0, 3) if (r + c) % 2 == 0], dtype=torch.int32, device=DEV)
     vals = torch.randn(idx.shape[0], 16, 16, device=DEV)
     plan = build_sparse_plan(idx, 96, 64, 16)

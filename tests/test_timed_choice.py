@@ -22,7 +22,6 @@ from fastpeft.kernels import lora_tma as KT  # noqa: E402
 from fastpeft.kernels import sparse_delta as SD  # noqa: E402
 from fastpeft.ops import lora as OL  # noqa: E402
 from fastpeft.ops import sparse as OS  # noqa: E402
-from fastpeft.reference import lora_linear_ref  # noqa: E402
 
 CUDA = torch.device("cuda")
 # The forced paths are compared with the reference backend: on CPU tensors it draws the kernels' Philox masks.
