@@ -7,7 +7,8 @@
 Providers: ``linear`` (frozen nn.Linear), ``fastpeft`` (FastLoRALinear on the default backend: the
 fused kernels on CUDA, with the fused-epilogue / cuBLAS choice measured per shape), ``fastpeft-fused``
 and ``fastpeft-cublas`` (each GEMM variant forced; on sm_90+ also ``fastpeft-tma-shrink``, the forward's
-shrink fused into the TMA GEMM, its backward on the TMA GEMM), ``reference`` (FastLoRALinear on the PyTorch
+shrink fused into the TMA GEMM, its backward on the TMA GEMM; up to 64 rows ``fastpeft-decode``, the forward
+in one launch, its backward on the kernels), ``reference`` (FastLoRALinear on the PyTorch
 path, i.e. eager LoRA), ``peft`` (a PEFT LoRA layer) and ``peft+accelerate`` (the same PEFT model
 patched by ``fastpeft.accelerate``) when PEFT is installed, both with the adapter in the benchmark's
 dtype. Modes: ``fwd`` and ``fwd+bwd`` (frozen W; dX, dA, dB computed), each with its peak memory on
@@ -35,8 +36,9 @@ CPU_SHAPES = [(512, 512), (1024, 1024)]
 CPU_RANKS = [16]
 
 
-def providers(in_f, out_f, r, p, device, dtype, kernels_ok: bool):
-    """name -> (module, backend or None, FASTPEFT_LORA_GEMM value or None)."""
+def providers(in_f, out_f, r, p, device, dtype, kernels_ok: bool, m: int | None = None):
+    """name -> (module, backend or None, FASTPEFT_LORA_GEMM value or None); ``m``: the rows, which decide
+    whether ``fastpeft-decode`` (the one-launch forward, up to ``DENSE_MAX_M`` rows) is a provider."""
     torch.manual_seed(0)
     lin = nn.Linear(in_f, out_f, device=device, dtype=dtype).requires_grad_(False)
     layer = fastpeft.FastLoRALinear.from_linear(lin, r=r, lora_alpha=2 * r, lora_dropout=p, init_lora_weights=False)
@@ -48,6 +50,9 @@ def providers(in_f, out_f, r, p, device, dtype, kernels_ok: bool):
         from fastpeft.kernels import lora_tma
         if lora_tma.tma_supported(device) and lora_tma.shrink_fits(r) and in_f % 8 == 0 and out_f % 8 == 0:
             out["fastpeft-tma-shrink"] = (layer, "triton", "tma-shrink")
+        from fastpeft.kernels.quant import DENSE_MAX_M
+        if m is not None and m <= DENSE_MAX_M:
+            out["fastpeft-decode"] = (layer, "triton", "decode")
     out["reference"] = (layer, "reference", None)
     try:
         import peft  # noqa: F401
@@ -86,7 +91,7 @@ def groups(m, k, n, r, p, modes, ctx):
     """One case's inputs and providers, built once; one group per mode."""
     x = torch.randn(m, k, device=ctx.device, dtype=ctx.dtype, requires_grad=True)
     dy = torch.randn(m, n, device=ctx.device, dtype=ctx.dtype)
-    mods = providers(k, n, r, p, ctx.device, ctx.dtype, ctx.kernels_ok)
+    mods = providers(k, n, r, p, ctx.device, ctx.dtype, ctx.kernels_ok, m)
     for mode in modes:
         def budget(name, times, mode=mode):
             if name != "fastpeft" or mode != "fwd+bwd" or times[name].peak_mib is None:

@@ -135,3 +135,25 @@ def test_env_vars_restores(monkeypatch):
     with harness.env_vars({"FASTPEFT_TOY_A": "new", "FASTPEFT_TOY_B": "set"}):
         assert os.environ["FASTPEFT_TOY_A"] == "new" and os.environ["FASTPEFT_TOY_B"] == "set"
     assert os.environ["FASTPEFT_TOY_A"] == "old" and "FASTPEFT_TOY_B" not in os.environ
+
+
+def test_bench_lora_offers_the_decode_provider_up_to_its_rows(monkeypatch):
+    """bench lora's ``fastpeft-decode`` (FASTPEFT_LORA_GEMM=decode) is a provider up to DENSE_MAX_M rows, and its
+    timed step runs the one-launch forward (here under the interpreter, on CPU tensors)."""
+    pytest.importorskip("triton")
+    from fastpeft import kernels
+    from fastpeft.kernels import quant as KQ
+
+    if not kernels.INTERPRET:
+        pytest.skip("runs the kernels on CPU tensors under TRITON_INTERPRET=1")
+    bl = _bench_module("bench_lora")
+    small = bl.providers(48, 40, 8, 0.0, "cpu", torch.float32, True, m=KQ.DENSE_MAX_M)
+    assert "fastpeft-decode" in small and small["fastpeft-decode"][1:] == ("triton", "decode")
+    assert "fastpeft-decode" not in bl.providers(48, 40, 8, 0.0, "cpu", torch.float32, True, m=KQ.DENSE_MAX_M + 1)
+    assert "fastpeft-decode" not in bl.providers(48, 40, 8, 0.0, "cpu", torch.float32, True)
+    ran, real = [], KQ.lora_decode
+    monkeypatch.setattr(KQ, "lora_decode", lambda *a, **kw: ran.append(a[0].shape) or real(*a, **kw))
+    mod, backend, gemm = small["fastpeft-decode"]
+    x, dy = torch.randn(5, 48, requires_grad=True), torch.randn(5, 40)
+    bl.step_fn(mod, backend, gemm, "fwd+bwd", x, dy)()  # the forward on the decode kernel, the backward's kernels
+    assert ran == [torch.Size([5, 48])]
