@@ -133,7 +133,7 @@ def _forward(x, weight, bias, lora_A, lora_B, scaling, thr, drop_scale, seed) ->
     offered here are built only where the choice needs them (a shape to time, a forced fused path, a measured
     winner not every call can run)."""
     m = x.shape[0]
-    gkey = ("fwd", _bucket(m), x.shape[1], weight.shape[0], lora_A.shape[0], x.dtype, bias is not None)  # the GEMM's
+    gkey = fwd_key(m, x.shape[1], weight.shape[0], lora_A.shape[0], x.dtype, bias is not None)  # the GEMM's
     key = gkey + (thr > 0,)
     args = (x, weight, bias, lora_A, lora_B, scaling, thr, drop_scale, seed, gkey)
     name = _settled_forward(key, x.device)
@@ -220,6 +220,11 @@ def _tma_fused_offered(a, b, factor, fits) -> bool:
         return False
     return (not torch.compiler.is_compiling() and KT.tma_supported(a.device) and fits()
             and KT.tma_shapes_ok(a=a, b=b) and factor.dtype == a.dtype)
+
+
+def fwd_key(m: int, k: int, n: int, rank: int, dtype: torch.dtype, has_bias: bool) -> tuple:
+    """The shape key of the forward's GEMM choice (``lora_gemm``) for x (m, k) @ W^T (k, n) at this rank."""
+    return ("fwd", _bucket(m), k, n, rank, dtype, has_bias)
 
 
 def dx_key(m: int, n: int, k: int, rank: int, dtype: torch.dtype, masked: bool) -> tuple:

@@ -17,6 +17,7 @@ from ..kernels import lora as K
 from ..kernels import lora_tma as KT
 from ..kernels import multi_lora as MK
 from .common import _bucket, _seed_arg, autocast_inputs, base_grads, returned
+from .lora import FUSED_SHRINK_MIN_ROWS
 
 
 class LoRAMultiFunction(torch.autograd.Function):
@@ -175,7 +176,7 @@ def forward_path(key: tuple, candidates: dict, device: torch.device, mode: str) 
 # reading the ids) of at least FUSED_MIN_SEQ rows, so that a block mixes at most two adapters, and from
 # FUSED_MIN_ROWS rows (the single-adapter fused forward's threshold). Then timed against the grouped kernels.
 FUSED_MIN_SEQ = 128
-FUSED_MIN_ROWS = 256
+FUSED_MIN_ROWS = FUSED_SHRINK_MIN_ROWS
 
 
 def sequence_rows(ids: torch.Tensor) -> int:

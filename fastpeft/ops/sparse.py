@@ -29,7 +29,7 @@ from ..kernels import lora as K
 from ..kernels import lora_tma as KT
 from ..kernels import sparse_delta as SD
 from .common import _bucket, _seed_arg, autocast_inputs, base_grads, returned
-from .lora import dropout_constants, lora_factor_grads, lora_gemm, torch_backward, torch_forward
+from .lora import dropout_constants, dx_key, fwd_key, lora_factor_grads, lora_gemm, torch_backward, torch_forward
 
 # Tiles are visited in groups of this many tile rows (as GROUP_M in Triton's matmul tutorial): the
 # programs working at one time share their rows of dY and a few column panels of X in L2.
@@ -534,8 +534,8 @@ class LoRASparseLinearFunction(torch.autograd.Function):
 
                 def dense():
                     w2 = _w_plus_delta(weight, indices, values, b, dy.dtype)
-                    key = ("dx", _bucket(m), n, k, r, x.dtype, thr > 0)  # shared with LoRALinearFunction
-                    return lora_gemm(dy, w2, v, lora_A, scale=s * ds, seed=seed, threshold=thr, key=key)
+                    return lora_gemm(dy, w2, v, lora_A, scale=s * ds, seed=seed, threshold=thr,
+                                     key=dx_key(m, n, k, r, x.dtype, thr > 0))  # shared with LoRALinearFunction
 
                 def tma():
                     return SD.sparse_block_gemm_tma(dy, weight, plan.csr_cols, values, v, lora_A, None, b, False,
@@ -584,8 +584,8 @@ def _rosa_forward(x, weight, bias, lora_A, lora_B, values, indices, plan, scalin
 
         def dense():
             w2 = _w_plus_delta(weight, indices, values, b, x.dtype)
-            key = ("fwd", _bucket(m), k, n, r, x.dtype, bias is not None)  # shared with LoRALinearFunction
-            return lora_gemm(x, w2.t(), u, lora_B.t(), bias=bias, scale=scaling, key=key)
+            return lora_gemm(x, w2.t(), u, lora_B.t(), bias=bias, scale=scaling,
+                             key=fwd_key(m, k, n, r, x.dtype, bias is not None))  # shared with LoRALinearFunction
 
         def tma():
             return SD.sparse_block_gemm_tma(x, weight, plan.csr_rows, values, u, lora_B.t(), bias, b, True,
