@@ -48,8 +48,8 @@ import triton
 import triton.language as tl
 
 from . import INTERPRET, is_deterministic
-from ._common import (_cast, _dot_precision, _grouped_coords, _keep_mask_tile, _lowrank_bias_part, _mma, _upcast,
-                      _use_explicit_blocks, r_pad)
+from ._common import (_cast, _dot_precision, _grouped_coords, _keep_mask_tile, _lowrank_bias_part, _mma, _sm_count,
+                      _upcast, _use_explicit_blocks, r_pad)
 
 # ----------------------------------------------------------------------------------------------------
 # kernel
@@ -869,7 +869,7 @@ def _run_persistent(kernel, tuned, a: torch.Tensor, M: int, N: int, args: tuple,
     after another, gets a single program walking every tile."""
     tiles = lambda c: triton.cdiv(M, c["BLOCK_M"]) * triton.cdiv(N, c["BLOCK_N"])  # noqa: E731
     config = _config_for(a, config)
-    sms = torch.cuda.get_device_properties(a.device).multi_processor_count if a.device.type == "cuda" else 3
+    sms = _sm_count(a.device.index or 0) if a.device.type == "cuda" else 3
     if config is not None:
         cfg = dict(config)
         cfg.setdefault("NUM_SMS", sms)
