@@ -14,8 +14,9 @@ eager and under CUDA graphs.
 2. Layer: every device kernel of ``FastLoRALinear`` forward + backward on the default backend, from
    ``torch.profiler`` (what actually runs, in order of time).
 3. Decode (M = 1, 16, 64): the layer's forward vs frozen nn.Linear, eager and replayed as a CUDA graph, on
-   the timed choice, the kernel path and the one-launch decode kernel (``FASTPEFT_LORA_GEMM``); then the same with 8 adapters of ranks 8-64, one per token (``mixed_batch`` routing), on the BGMV and the
-   grouped path of the no-grad forward (``FASTPEFT_MULTI_PATH``).
+   the timed choice, the kernel path and the one-launch decode kernel (``FASTPEFT_LORA_GEMM``); then the same
+   with 8 adapters of ranks 8-64, one per token (``mixed_batch`` routing), on the BGMV and the grouped path of
+   the no-grad forward (``FASTPEFT_MULTI_PATH``).
 
     python benchmarks/profile_lora.py --out $OUT                    # M=8192, K=N=4096, r=16, p 0 and 0.1
     TRITON_INTERPRET=1 python benchmarks/profile_lora.py --smoke    # CPU dry run, tiny shapes
