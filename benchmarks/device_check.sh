@@ -10,8 +10,11 @@
 #      token on the BGMV and the grouped paths; last, the other TMA kernels beside their alternatives (64 adapters
 #      at prefill grouped vs fused; a 1 % block-sparse delta on densify + cuBLAS, the pointer and the TMA GEMM);
 #   4. the gpu-marked torch.compile and CUDA-graph tests (reduce-overhead with dropout among them), in what is left.
-# Everything goes to $OUT (log, JSON, markdown) and the tables to benchmarks/results/ named by card and date;
-# headers carry card, torch, triton and date. Each step has its own timeout inside a total budget
+# Everything goes to $OUT and the tables to benchmarks/results/ named by card and date (bench_lora.md ->
+# bench-lora-CARD-DATE.md); headers carry card, torch, triton and date. The device tool brings back at most 8 files
+# from $OUT, so after each step its JSON and markdown move into one archive, device-check-CARD-DATE.tar.gz, under
+# those names: $OUT holds the log, the archive and at most the running step's files, wherever a timeout cuts
+# (`tar xzf device-check-*.tar.gz -C benchmarks/results` here, after the call). Each step has its own timeout inside a total budget
 # (BUDGET seconds, default 470, 100 of them kept for the profile): a step that would overrun is cut, the
 # later ones still get their turn.
 #   bash benchmarks/device_check.sh               # on the card (first, here: bash benchmarks/device_wheels.sh, and
@@ -63,7 +66,8 @@ fi
 export PYTHONUNBUFFERED=1
 PY="${PYTHON:-python}"
 mkdir -p "$OUT" benchmarks/results
-LOG="$OUT/device_check${ONLY:+-only-$(date -u +%H%M%S)}.log"  # a rerun (--only) keeps the first run's log
+RUN_ID=$(date -u +%H%M%S)
+LOG="$OUT/device_check${ONLY:+-only-$RUN_ID}.log"  # a rerun (--only) keeps the first run's log
 exec > >(tee "$LOG") 2>&1
 
 SUMMARY=()
@@ -91,6 +95,21 @@ run() {
     local rc=$?
     if [ "$rc" -eq 124 ]; then SUMMARY+=("$name: TIMEOUT after ${t}s"); else SUMMARY+=("$name: rc=$rc"); fi
     if [ "$rc" -ne 0 ]; then FAILED=1; fi
+    pack
+}
+# pack: every file of $OUT but the log and the archive moves into $PACKED under its benchmarks/results/ name, and
+# the archive of $PACKED is rewritten (atomically: a cut leaves the previous one whole).
+pack() {
+    local f base
+    for f in "$OUT"/*; do
+        [ -f "$f" ] || continue
+        case "$f" in "$LOG"|"$ARCHIVE"|*.tar.gz.part) continue ;; esac
+        base=$(basename "$f")
+        mv "$f" "$PACKED/$(echo "${base%.*}" | tr _ -)-${card}-${stamp}.${base##*.}"
+    done
+    if compgen -G "$PACKED/*" > /dev/null; then
+        tar czf "$ARCHIVE.part" -C "$PACKED" . && mv "$ARCHIVE.part" "$ARCHIVE"
+    fi
 }
 skip() { echo "SKIPPED (needs CUDA): $*"; SUMMARY+=("$*: skipped (needs CUDA)"); }
 
@@ -117,6 +136,8 @@ for m in ('peft', 'transformers', 'bitsandbytes'):
 " 2>&1 | grep -v 'kernels-community'
 card=$($PY -c "import torch; print(torch.cuda.get_device_name().replace(' ', '-') if torch.cuda.is_available() else 'cpu')")
 if [ "$SMOKE" = 1 ]; then card="cpu-smoke"; fi
+PACKED=$(mktemp -d)
+ARCHIVE="$OUT/device-check-${card}-${stamp}${ONLY:+-only-$RUN_ID}.tar.gz"
 
 if [ "$SPARSE_ONLY" = 1 ]; then
     # The sparse ops' tests: in test_timed_choice.py only the sparse ones (-k sparse) run on CUDA tensors.
@@ -146,9 +167,8 @@ if [ "$SPARSE_ONLY" = 1 ]; then
     # shellcheck disable=SC2086
     run "bench sparse" 240 $PY -m fastpeft bench sparse --quiet $SPARSE --json "$OUT/bench_sparse.json" \
         --markdown "$OUT/bench_sparse.md"
-    if [ "$SMOKE" = 0 ] && [ -f "$OUT/bench_sparse.md" ]; then
-        cp "$OUT/bench_sparse.md" "benchmarks/results/bench-sparse-${card}-${stamp}.md"
-    fi
+    if [ "$SMOKE" = 0 ]; then cp "$PACKED"/* benchmarks/results/ 2>/dev/null; fi
+    echo "== tables: $ARCHIVE"
     echo "== done in ${SECONDS}s (budget ${BUDGET}s):"
     for s in "${SUMMARY[@]}"; do echo "   $s"; done
     [ "$FAILED" -eq 0 ]
@@ -231,13 +251,11 @@ else
 fi
 
 if [ "$SMOKE" = 1 ]; then
-    echo "smoke: tables stay in $OUT (not copied to benchmarks/results/)"
+    echo "smoke: tables stay in $ARCHIVE (not copied to benchmarks/results/)"
 else
-    for t in bench_lora bench_lora_wide bench_multi bench_sparse bench_qlora bench_dora profile_lora; do
-        if [ -f "$OUT/$t.md" ]; then cp "$OUT/$t.md" "benchmarks/results/${t//_/-}-${card}-${stamp}.md"; fi
-        # the rows too: `fastpeft bench plot` charts them later, off the card
-        if [ -f "$OUT/$t.json" ]; then cp "$OUT/$t.json" "benchmarks/results/${t//_/-}-${card}-${stamp}.json"; fi
-    done
+    # markdown and JSON rows alike: `fastpeft bench plot` charts the rows later, off the card
+    cp "$PACKED"/* benchmarks/results/ 2>/dev/null
+    echo "== tables: $ARCHIVE"
 fi
 echo "== done in ${SECONDS}s (budget ${BUDGET}s):"
 for s in "${SUMMARY[@]}"; do echo "   $s"; done
