@@ -10,7 +10,8 @@ never forms W + sBA, with ‖W‖² cached), ``fastpeft-dora-triton`` (the fused
 ``peft-dora`` (PEFT's DoRA layer: W + sBA rebuilt in fp32 every call) and ``peft-dora-cached`` (forward only:
 PEFT's ``DoraCaching``, which caches the norm in eval mode only). Modes ``fwd`` and ``fwd+bwd`` (frozen W; dX,
 dA, dB, dm computed), each with its peak memory on CUDA. Ratios are to ``linear`` of the same shape and mode,
-measured in the same run.
+measured in the same run. PEFT's layers get fastpeft's A, B and magnitude, and without dropout each fastpeft
+DoRA row gives its relative error against ``peft-dora`` (y and every gradient).
 """
 from __future__ import annotations
 
@@ -66,11 +67,30 @@ def providers(in_f, out_f, r, p, mode, device, dtype, kernels_ok: bool):
         import peft  # noqa: F401
     except ImportError:
         return out
-    out["peft-dora"] = (_peft_dora(in_f, out_f, r, p, device, dtype, cached=False)[0], None, none)
+    out["peft-dora"] = (_same_adapter(_peft_dora(in_f, out_f, r, p, device, dtype, cached=False)[0], dora), None, none)
     if mode == "fwd":
         model, ctx = _peft_dora(in_f, out_f, r, p, device, dtype, cached=True)
-        out["peft-dora-cached"] = (model, None, ctx)
+        out["peft-dora-cached"] = (_same_adapter(model, dora), None, ctx)
     return out
+
+
+def _same_adapter(model, dora):
+    """``model`` (a PEFT DoRA model of one Linear, built from the same seed: the same W and bias) with fastpeft's
+    A, B and magnitude copied in, so that the two compute the same function (``checks``)."""
+    layer = model.base_model.model[0]
+    with torch.no_grad():
+        layer.lora_A["default"].weight.copy_(dora.lora_A)
+        layer.lora_B["default"].weight.copy_(dora.lora_B)
+        layer.lora_magnitude_vector["default"].weight.copy_(dora.magnitude())
+    return model
+
+
+def checks(mods: dict, p: float) -> dict:
+    """Which rows are checked against PEFT's DoRA (``Group.checks``; y and every gradient): fastpeft's DoRA rows
+    and PEFT's cached forward. Without dropout only: with it every call draws its own mask."""
+    if p or "peft-dora" not in mods:
+        return {}
+    return {name: "peft-dora" for name in mods if name.startswith("fastpeft-dora") or name == "peft-dora-cached"}
 
 
 def groups(m, k, n, r, p, modes, ctx):
@@ -80,7 +100,7 @@ def groups(m, k, n, r, p, modes, ctx):
     for mode in modes:
         mods = providers(k, n, r, p, mode, ctx.device, ctx.dtype, ctx.kernels_ok)
         calls = {name: harness.layer_step(mod, be, mode, x, dy, c) for name, (mod, be, c) in mods.items()}
-        yield Group({"mode": mode}, calls)
+        yield Group({"mode": mode}, calls, checks=checks(mods, p))
 
 
 def cases(args, ctx) -> list:
@@ -93,7 +113,8 @@ def add_arguments(ap, cuda: bool) -> None:
     ap.add_argument("--dropout", nargs="+", type=float, default=[0.0])
 
 
-COLUMNS = harness.plain_columns("M", "K", "N", "r", "p", "mode") + harness.TIMING_COLUMNS + harness.VS_LINEAR_COLUMNS
+COLUMNS = (harness.plain_columns("M", "K", "N", "r", "p", "mode") + harness.TIMING_COLUMNS + harness.VS_LINEAR_COLUMNS
+           + harness.ERROR_COLUMNS)
 
 BENCHMARK = harness.linear_benchmark(
     prog="fastpeft bench dora", description=__doc__, add_arguments=add_arguments, cases=cases, columns=COLUMNS,

@@ -12,7 +12,9 @@ in one launch, its backward on the kernels), ``reference`` (FastLoRALinear on th
 path, i.e. eager LoRA), ``peft`` (a PEFT LoRA layer) and ``peft+accelerate`` (the same PEFT model
 patched by ``fastpeft.accelerate``) when PEFT is installed, both with the adapter in the benchmark's
 dtype. Modes: ``fwd`` and ``fwd+bwd`` (frozen W; dX, dA, dB computed), each with its peak memory on
-CUDA. Ratios are to ``linear`` of the same shape and mode, measured in the same run.
+CUDA. Ratios are to ``linear`` of the same shape and mode, measured in the same run. Without dropout each
+fastpeft row also gives its relative error against ``reference`` (y and every gradient; ``peft+accelerate``'s
+against ``peft``): ~1e-3 to 1e-2 in bf16, ~1 for a path that computes something else.
 """
 from __future__ import annotations
 
@@ -101,7 +103,19 @@ def groups(m, k, n, r, p, modes, ctx):
             return {"mem_budget_mib": times["linear"].peak_mib + extra}
 
         calls = {name: step_fn(mod, be, gemm, mode, x, dy) for name, (mod, be, gemm) in mods.items()}
-        yield Group({"mode": mode}, calls, extra=budget)
+        yield Group({"mode": mode}, calls, extra=budget, checks=checks(mods, p))
+
+
+def checks(mods: dict, p: float) -> dict:
+    """Which rows are checked against which (``Group.checks``): every fastpeft path against the reference path of
+    the same layer, and PEFT patched by ``fastpeft.accelerate`` against PEFT (both built from one seed). Without
+    dropout only: with it every call draws its own mask."""
+    if p:
+        return {}
+    out = {name: "reference" for name in mods if name.startswith("fastpeft")}
+    if "peft+accelerate" in mods:
+        out["peft+accelerate"] = "peft"
+    return out
 
 
 def cases(args, ctx) -> list:
@@ -116,7 +130,7 @@ def add_arguments(ap, cuda: bool) -> None:
 
 
 COLUMNS = (harness.plain_columns("M", "K", "N", "r", "p", "mode") + harness.TIMING_COLUMNS + harness.VS_LINEAR_COLUMNS
-           + [("mem_budget_mib", "MiB budget", "{:.0f}")])
+           + [("mem_budget_mib", "MiB budget", "{:.0f}")] + harness.ERROR_COLUMNS)
 
 BENCHMARK = harness.linear_benchmark(
     prog="fastpeft bench", description=__doc__, add_arguments=add_arguments, cases=cases, columns=COLUMNS,

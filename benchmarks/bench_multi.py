@@ -13,7 +13,7 @@ per-sequence ids), ``reference`` (the same on the PyTorch loop), and ``peft`` (a
 PEFT LoRA layer with n adapters and ``adapter_names``) when installed. Decode: M tokens, one per
 sequence, each with a random adapter. Prefill: M tokens in sequences of 512, one adapter per sequence.
 Ratios are to ``single`` of the same case, measured in the same run; ``peft / fastpeft`` is PEFT's
-time over fastpeft's.
+time over fastpeft's. Each fastpeft row gives its relative error against ``reference``.
 """
 from __future__ import annotations
 
@@ -107,7 +107,9 @@ def groups(phase, m, na, rs, k, n, rng, ctx):
         return dict(peft_over_ours=(times["peft"].median_ms / ours) if "peft" in times else None,
                     # the column names of the earlier tables' JSON, kept for readers of benchmarks/results
                     r=rs, p=na, mode=phase, vs_linear=times[name].median_ms / floor)
-    yield Group({}, calls, extra=extra, grad=False)
+    # every fastpeft path of the layer against its PyTorch path (the same adapters, rows and ids)
+    yield Group({}, calls, extra=extra, grad=False,
+                checks={name: "reference" for name in calls if name.startswith("fastpeft")})
 
 
 def cases(args, ctx) -> list:
@@ -130,7 +132,8 @@ def add_arguments(ap, cuda: bool) -> None:
 
 
 COLUMNS = (harness.plain_columns("phase", "M", "K", "N", "adapters", "ranks") + harness.TIMING_COLUMNS
-           + [("vs_single", "x single", "{:.3f}"), ("peft_over_ours", "peft/fastpeft", "{:.1f}")])
+           + [("vs_single", "x single", "{:.3f}"), ("peft_over_ours", "peft/fastpeft", "{:.1f}")]
+           + harness.ERROR_COLUMNS)
 
 BENCHMARK = harness.Benchmark(
     prog="fastpeft bench multi", description=__doc__, add_arguments=add_arguments, cases=cases, columns=COLUMNS,

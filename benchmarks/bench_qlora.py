@@ -13,6 +13,7 @@ transformers flags it, so that PEFT takes its ``lora.bnb`` layers: bnb's matmul,
 LoRA term by ``addmm_``; backward dequantizes again) and ``qlora`` (fastpeft's FastLoRALinear over the same
 bnb layer: the fused / dequant-pass kernels on CUDA, the PyTorch path on the CPU). Modes ``fwd`` and
 ``fwd+bwd`` (dX, dA, dB), each with its peak memory on CUDA. Ratios are to ``linear``, measured in one run.
+``qlora`` and ``peft-bnb`` rows give their relative error against ``dequant-addmm`` (y and every gradient).
 """
 from __future__ import annotations
 
@@ -141,9 +142,13 @@ def groups(m, k, n, r, quant, modes, ctx):
     x = torch.randn(m, k, device=ctx.device, dtype=ctx.dtype, requires_grad=True)
     dy = torch.randn(m, n, device=ctx.device, dtype=ctx.dtype)
     mods = providers(k, n, r, quant, ctx.device, ctx.dtype, ctx.kernels_ok)
+    # The same quantized W and the same A, B (``providers``): fastpeft's QLoRA and PEFT + bitsandbytes are checked
+    # against the plain dequantize + GEMM composition (y, dx, dA, dB).
+    checks = {name: "dequant-addmm" for name in ("qlora", "peft-bnb") if name in mods}
     for mode in modes:
         yield Group({"mode": mode},
-                    {name: harness.layer_step(mod, be, mode, x, dy) for name, (mod, be) in mods.items()})
+                    {name: harness.layer_step(mod, be, mode, x, dy) for name, (mod, be) in mods.items()},
+                    checks=checks)
 
 
 def cases(args, ctx) -> list:
@@ -160,7 +165,7 @@ def add_arguments(ap, cuda: bool) -> None:
 
 
 COLUMNS = ([("quant", "base", "{}")] + harness.plain_columns("M", "K", "N", "r", "mode") + harness.TIMING_COLUMNS
-           + harness.VS_LINEAR_COLUMNS)
+           + harness.VS_LINEAR_COLUMNS + harness.ERROR_COLUMNS)
 
 BENCHMARK = harness.linear_benchmark(
     prog="fastpeft bench qlora", description=__doc__, add_arguments=add_arguments, cases=cases, columns=COLUMNS,

@@ -29,7 +29,8 @@ RoSA rows (``--lora-rank r``): every provider but ``linear`` adds the LoRA branc
 (``scatter``, ``dense-dW``), the reference or fastpeft's ``lora_sparse_linear``; A and B get gradients too.
 
 Modes: ``fwd`` and ``fwd+bwd`` (W frozen; dX and the values' gradient), each with its peak memory on
-CUDA. Ratios are to ``linear`` of the same case, measured in the same run.
+CUDA. Ratios are to ``linear`` of the same case, measured in the same run. Every row but nn.Linear and the
+reference gives its relative error against ``reference`` (y and every gradient).
 """
 from __future__ import annotations
 
@@ -156,7 +157,7 @@ def forward_fn(kind, x, lin, delta, plan, lora=None):
 
 def step_fn(kind, envs, mode, x, lin, delta, plan, dy, lora=None):
     """One timed call: forward, or forward + dX and the values' gradient (and A's and B's with ``lora``,
-    ``(A, B)``: RoSA)."""
+    ``(A, B)``: RoSA); it returns y, or y and those gradients."""
     forward = forward_fn(kind, x, lin, delta, plan, lora)
     inputs = wrt(kind, x, delta, lora)
 
@@ -164,7 +165,8 @@ def step_fn(kind, envs, mode, x, lin, delta, plan, dy, lora=None):
         with env_vars(envs):
             y = forward()
             if mode == "fwd+bwd":
-                torch.autograd.grad(y, inputs, dy)
+                return (y,) + torch.autograd.grad(y, inputs, dy)
+            return y
     return fn
 
 
@@ -206,7 +208,9 @@ def groups(m, k, n, d, b, r, modes, ctx):
             if name == "fastpeft":
                 out["path"] = chosen_path(m, k, n, b, idx.shape[0], r)
             return out
-        yield Group({"nnz": values.numel(), "mode": mode}, calls, extra=extra)
+        # every way but nn.Linear computes y = x (W + Δ)^T + b [+ RoSA's LoRA]: each against the reference
+        checks = {name: "reference" for name in calls if name not in ("linear", "reference")}
+        yield Group({"nnz": values.numel(), "mode": mode}, calls, extra=extra, checks=checks)
 
 
 def cases(args, ctx) -> list:
@@ -230,7 +234,7 @@ def add_arguments(ap, cuda: bool) -> None:
 COLUMNS = (harness.plain_columns("M", "K", "N") + [("lora_r", "LoRA r", "{}"), ("block", "block", "{}"),
                                                    ("density", "density", "{:.3%}"), ("nnz", "values", "{}")]
            + harness.plain_columns("mode") + harness.TIMING_COLUMNS + harness.VS_LINEAR_COLUMNS
-           + [("path", "path (floor)", "{}")])
+           + [("path", "path (floor)", "{}")] + harness.ERROR_COLUMNS)
 
 
 BENCHMARK = harness.linear_benchmark(

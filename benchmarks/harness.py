@@ -22,7 +22,7 @@ import os
 import platform
 import statistics
 import time
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field
 from typing import Callable, Iterable
 
 import torch
@@ -111,6 +111,8 @@ def plain_columns(*keys: str) -> list:
 TIMING_COLUMNS = [("provider", "provider", "{}"), ("ms", "median ms", "{:.3f}"), ("p20", "p20", "{:.3f}"),
                   ("p80", "p80", "{:.3f}")]
 VS_LINEAR_COLUMNS = [("vs_linear", "x nn.Linear", "{:.3f}"), ("peak_mib", "peak MiB", "{:.0f}")]
+# Where a group checks its providers (``Group.checks``): the relative error of the row's result and what against.
+ERROR_COLUMNS = [("rel_err", "rel. err", "{:.1e}"), ("err_vs", "err vs", "{}")]
 
 
 def to_markdown(text: str, rows: list, columns: list) -> str:
@@ -313,11 +315,51 @@ class Group:
     """Providers timed side by side: ``calls`` {provider: zero-argument callable}, each timed in the same
     run, each row's ratio taken to the baseline provider's median. ``fields``: the columns that name the
     group within its case (``mode``, say). ``extra(provider, times)``: more columns from the group's
-    timings ({provider: Timing}). ``grad=False`` times the calls under ``torch.no_grad()`` (serving)."""
+    timings ({provider: Timing}). ``grad=False`` times the calls under ``torch.no_grad()`` (serving).
+    ``checks`` {provider: oracle}: after the timing, each such provider's result (what its call returns: a
+    tensor or a tuple of them, e.g. y and the gradients) is compared with the oracle's, a provider of ``calls``
+    or an untimed callable of ``oracles``, computing the same function on the same inputs and weights
+    (``rel_error``): a fast row that computes something else shows it in the table itself."""
     fields: dict
     calls: dict
     extra: Callable | None = None
     grad: bool = True
+    checks: dict = field(default_factory=dict)
+    oracles: dict = field(default_factory=dict)
+
+
+def _tensors(result) -> list:
+    if isinstance(result, torch.Tensor):
+        return [result]
+    if isinstance(result, (tuple, list)):
+        return [t for r in result for t in _tensors(r)]
+    raise TypeError(f"a checked provider must return a tensor or a tuple of tensors, got {type(result).__name__}")
+
+
+def rel_error(result, oracle) -> float:
+    """The largest ``‖a − o‖₂ / ‖o‖₂`` (in fp32; ``‖a − o‖₂`` where ``o`` is zero) over the paired tensors of two
+    results (``y`` and each gradient). A check of gross errors, not of the tests' tolerance: a bf16 kernel and a
+    bf16 reference differ by ~1e-3 to 1e-2, a wrong one by ~1."""
+    got, want = _tensors(result), _tensors(oracle)
+    if len(got) != len(want) or any(a.shape != o.shape for a, o in zip(got, want)):
+        raise ValueError(f"results do not pair up: {[tuple(a.shape) for a in got]} against "
+                         f"{[tuple(o.shape) for o in want]}")
+    worst = 0.0
+    for a, o in zip(got, want):
+        a, o = a.detach().float(), o.detach().float()
+        diff, norm = float((a - o).norm()), float(o.norm())
+        worst = max(worst, diff / norm if norm > 0 else diff)
+    return worst
+
+
+def check_errors(group: Group) -> dict:
+    """{provider: {"rel_err": ..., "err_vs": oracle}} of the group's ``checks``; each oracle run once."""
+    results, out = {}, {}
+    for name, oracle in group.checks.items():
+        if oracle not in results:
+            results[oracle] = (group.oracles.get(oracle) or group.calls[oracle])()
+        out[name] = {"rel_err": rel_error(group.calls[name](), results[oracle]), "err_vs": oracle}
+    return out
 
 
 @dataclass
@@ -361,7 +403,7 @@ class Benchmark:
 def layer_step(mod, backend, mode: str, x, dy, context=contextlib.nullcontext) -> Callable:
     """One timed call of a layer (bench lora, dora, qlora): ``mod(x)`` under ``fastpeft.use_backend(backend or
     "auto")`` and ``context()``, then for ``mode == "fwd+bwd"`` the gradients a training step needs (x and the
-    trainable parameters, from ``dy``)."""
+    trainable parameters, from ``dy``). It returns y, or (y, dx, *the parameters' gradients)."""
     import fastpeft
 
     wrt = [x] + [p for p in mod.parameters() if p.requires_grad]
@@ -370,7 +412,8 @@ def layer_step(mod, backend, mode: str, x, dy, context=contextlib.nullcontext) -
         with fastpeft.use_backend(backend or "auto"), context():
             y = mod(x)
             if mode == "fwd+bwd":
-                torch.autograd.grad(y, wrt, dy)
+                return (y,) + torch.autograd.grad(y, wrt, dy)
+            return y
     return fn
 
 
@@ -400,10 +443,12 @@ def run_cases(cases: list, device: str, baseline: str = "linear", warmup_ms: flo
         for group in case.setup():
             with contextlib.nullcontext() if group.grad else torch.no_grad():
                 times = {name: bench(fn, device, warmup_ms, rep_ms) for name, fn in group.calls.items()}
+                errors = check_errors(group)
             floor = times[baseline].median_ms
             for name, t in times.items():
                 row = {**case.fields, **group.fields, "provider": name, "ms": t.median_ms, "p20": t.p20_ms,
-                       "p80": t.p80_ms, f"vs_{baseline}": t.median_ms / floor, "peak_mib": t.peak_mib}
+                       "p80": t.p80_ms, f"vs_{baseline}": t.median_ms / floor, "peak_mib": t.peak_mib,
+                       **errors.get(name, {})}
                 if group.extra is not None:
                     row.update(group.extra(name, times))
                 rows.append(row)

@@ -157,3 +157,46 @@ def test_bench_lora_offers_the_decode_provider_up_to_its_rows(monkeypatch):
     x, dy = torch.randn(5, 48, requires_grad=True), torch.randn(5, 40)
     bl.step_fn(mod, backend, gemm, "fwd+bwd", x, dy)()  # the forward on the decode kernel, the backward's kernels
     assert ran == [torch.Size([5, 48])]
+
+
+def test_checks_give_each_row_its_error_against_its_oracle():
+    """``Group.checks``: after the timing, each checked provider's result (y and the gradients) against its oracle,
+    a timed provider or an untimed one of ``oracles``; unchecked rows carry no error."""
+    y, g = torch.randn(6, 5), torch.randn(5)
+
+    def group():
+        yield harness.Group({}, {"ref": lambda: (y, g), "good": lambda: (y * (1 + 1e-4), g),
+                                 "bad": lambda: (y, -g), "other": lambda: y},
+                            checks={"good": "ref", "bad": "ref", "other": "exact"},
+                            oracles={"exact": lambda: y.double()})
+    rows = harness.run_cases([harness.Case({}, group)], "cpu", baseline="ref", warmup_ms=1, rep_ms=2,
+                             progress=False)
+    by = {r["provider"]: r for r in rows}
+    assert "rel_err" not in by["ref"] and "err_vs" not in by["ref"]
+    assert by["good"]["rel_err"] == pytest.approx(1e-4, rel=1e-2) and by["good"]["err_vs"] == "ref"
+    assert by["bad"]["rel_err"] == pytest.approx(2.0) and by["bad"]["err_vs"] == "ref"  # the worst tensor: -g
+    assert by["other"]["rel_err"] == 0.0 and by["other"]["err_vs"] == "exact"
+    with pytest.raises(ValueError, match=r"do not pair up: \[\(6, 5\)\] against \[\(6, 5\), \(5,\)\]"):
+        harness.rel_error(y, (y, g))
+    with pytest.raises(TypeError, match="tensor or a tuple of tensors, got NoneType"):
+        harness.rel_error(None, y)
+
+
+def test_bench_lora_checks_every_fastpeft_path_against_the_reference():
+    """bench lora's groups check each fastpeft path (y, dx, dA, dB) against the reference path of the same layer
+    without dropout (here the kernels under the interpreter, fp32: agreement to rounding), and nothing with it."""
+    pytest.importorskip("triton")
+    from fastpeft import kernels
+
+    if not kernels.INTERPRET:
+        pytest.skip("runs the kernels on CPU tensors under TRITON_INTERPRET=1")
+    bl = _bench_module("bench_lora")
+    ctx = harness.Context("cpu", torch.float32, True)
+    (grp,) = bl.groups(7, 48, 40, 8, 0.0, ["fwd+bwd"], ctx)
+    fast = sorted(n for n in grp.calls if n.startswith("fastpeft"))
+    assert {"fastpeft", "fastpeft-fused", "fastpeft-cublas", "fastpeft-decode"} <= set(fast)
+    assert {n: o for n, o in grp.checks.items() if n in fast} == {n: "reference" for n in fast}
+    errors = harness.check_errors(grp)
+    assert all(errors[n]["rel_err"] < 1e-5 for n in fast), errors
+    (dropped,) = bl.groups(7, 48, 40, 8, 0.1, ["fwd"], ctx)
+    assert dropped.checks == {}
