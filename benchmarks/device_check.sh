@@ -110,8 +110,12 @@ reserved() {
     done
     echo "$sum"
 }
+# The signal that cuts a step: SIGINT (pytest prints its summary, a bench stops between rows), or SIGTERM where
+# this script was started with SIGINT ignored (as a background job is), which its commands would inherit.
+CUT=INT
+if [ -n "$(trap -p INT)" ]; then CUT=TERM; fi
 # run NAME SECONDS CMD...: CMD under `timeout`, cut to what is left of the budget less the later steps' shares;
-# skipped when under 15 s is left. At the cut CMD gets SIGINT, and SIGKILL 20 s later if still running.
+# skipped when under 15 s is left. At the cut CMD gets $CUT, and SIGKILL 10 s later if still running.
 run() {
     local name=$1 t=$2
     shift 2
@@ -131,7 +135,7 @@ run() {
     if [ "$t" -gt "$left" ]; then t=$left; fi
     echo "== [$SECONDS s] $name (timeout ${t}s; ${later}s kept for the later steps)"
     local t0=$SECONDS
-    timeout -s INT -k 20 "$t" "$@"
+    timeout -s "$CUT" -k 10 "$t" "$@"
     local rc=$?
     if [ "$rc" -eq 124 ] || [ "$rc" -eq 137 ]; then
         SUMMARY+=("$name: TIMEOUT after ${t}s")
@@ -223,11 +227,83 @@ plan "gpu-marked tests (autotuned; not compile / CUDA graphs)" \
     "kernel tests lora / lora_tma / multi / bgmv (explicit blocks)" "kernel tests sparse + the floor's (explicit blocks)" \
     "bench lora 4096x4096" "bench lora 4096x14336, 14336x4096" "bench multi" "bench sparse" "bench qlora" "bench dora" \
     "profile_lora" "gpu-marked CUDA-graph + compile tests"
+# The benches' options (step 2).
+if [ "$SMOKE" = 1 ]; then
+    LORA1="--tokens 16 --shapes 64x80 --ranks 16 --dtype float32 --warmup-ms 1 --rep-ms 2"
+    LORA2_SHAPES="80x64"
+    LORA2="--tokens 16 --shapes $LORA2_SHAPES --ranks 16 --dtype float32 --warmup-ms 1 --rep-ms 2"
+    MULTI="--decode 4 --prefill 32 --adapters 2 --ranks 16 --shape 64x64 --dtype float32 --warmup-ms 1 --rep-ms 2"
+    SPARSE="--tokens 32 --shape 64x64 --density 0.05 --block 1 32 --dtype float32 --warmup-ms 1 --rep-ms 2"
+    QLORA="--tokens 1 16 --shapes 128x64 --ranks 16 --dtype float32 --warmup-ms 1 --rep-ms 2"
+    DORA="--tokens 16 --shapes 64x80 --ranks 16 --dtype float32 --warmup-ms 1 --rep-ms 2"
+else
+    LORA1="--tokens 8192 --shapes 4096x4096 --ranks 16 --warmup-ms 10 --rep-ms 30"
+    LORA2_SHAPES="4096x14336 14336x4096"
+    LORA2="--tokens 8192 --shapes $LORA2_SHAPES --ranks 16 --warmup-ms 10 --rep-ms 30"
+    MULTI="--decode 16 64 --prefill 8192 --adapters 1 64 --ranks mixed --shape 4096x4096 --warmup-ms 10 --rep-ms 30"
+    SPARSE="--tokens 8192 --shape 4096x4096 --density 0.01 --block 1 32 --warmup-ms 5 --rep-ms 20"
+    QLORA="--tokens 1 16 64 512 8192 --shapes 4096x4096 --ranks 16 --warmup-ms 5 --rep-ms 20"
+    DORA="--tokens 8192 --shapes 4096x4096 --ranks 16 --warmup-ms 10 --rep-ms 30"
+fi
+
+# The warm-up: each bench's first calls autotune, compiling every config one after another in its process. While the
+# tests run, the benches' groups run side by side in the background (WARM_JOBS at a time, 1 ms timings, output to
+# /tmp) and leave their kernels compiled in triton's on-disk cache; step 2 stops whatever is still running. The
+# timings it takes are thrown away, and no choice it makes outlives its process (autotuning and fastpeft's timed
+# choices are per process), so the sharing of the card cannot bias a table.
+WARM_PID=""
+WARM_N=0
+WARM_LOG=$(mktemp /tmp/fastpeft-warm-XXXX.log)
+if [ "$SMOKE" = 1 ]; then WARM_JOBS="${WARM_JOBS:-2}"; else WARM_JOBS="${WARM_JOBS:-8}"; fi
+warm_start() {
+    if ! command -v setsid > /dev/null; then return; fi
+    local fast="--warmup-ms 1 --rep-ms 1 --quiet" cmds=() d sh
+    if selected "bench lora 4096x4096"; then
+        for d in 0 0.1; do
+            cmds+=("bench lora $LORA1 --dropout $d --modes fwd $fast" "bench lora $LORA1 --dropout $d --modes fwd+bwd $fast")
+        done
+    fi
+    if selected "bench lora 4096x14336, 14336x4096"; then
+        for sh in $LORA2_SHAPES; do
+            for d in 0 0.1; do cmds+=("bench lora $LORA2 --shapes $sh --dropout $d --modes fwd+bwd $fast"); done
+        done
+    fi
+    if selected "bench multi"; then cmds+=("bench multi $MULTI --prefill $fast" "bench multi $MULTI --decode $fast"); fi
+    if selected "bench sparse"; then
+        cmds+=("bench sparse $SPARSE --block 1 $fast" "bench sparse $SPARSE --block 32 $fast")
+    fi
+    if selected "bench dora"; then cmds+=("bench dora $DORA --dropout 0 $fast" "bench dora $DORA --dropout 0.1 $fast"); fi
+    if selected "bench qlora"; then cmds+=("bench qlora $QLORA $fast"); fi
+    if [ "${#cmds[@]}" = 0 ]; then return; fi
+    printf '%s\n' "${cmds[@]}" > "$WARM_LOG.cmds"
+    # xargs runs each line as the arguments of `$PY -m fastpeft`, WARM_JOBS at a time, in a process group of its own
+    setsid xargs -P "$WARM_JOBS" -L 1 $PY -m fastpeft < "$WARM_LOG.cmds" > "$WARM_LOG" 2>&1 &
+    WARM_PID=$!
+    WARM_N=${#cmds[@]}
+    echo "== [$SECONDS s] warm-up: $WARM_N bench groups in the background, $WARM_JOBS at a time (log $WARM_LOG)"
+}
+warm_stop() {
+    if [ -z "$WARM_PID" ]; then return; fi
+    if kill -0 "$WARM_PID" 2> /dev/null; then
+        kill -TERM -- -"$WARM_PID" 2> /dev/null  # not INT: a background job ignores it
+        sleep 3
+        kill -KILL -- -"$WARM_PID" 2> /dev/null
+        echo -n "== [$SECONDS s] warm-up stopped (the benches start): "
+    else
+        echo -n "== [$SECONDS s] warm-up done: "
+    fi
+    wait "$WARM_PID" 2> /dev/null
+    echo "$(grep -c "median ms" "$WARM_LOG") of $WARM_N groups ran to the end"
+    grep -E "Error|error:|Traceback" "$WARM_LOG" | head -5
+    WARM_PID=""
+}
+
 # The tests compile a few hundred kernel variants (and inductor graphs): with pytest-xdist (in the GPU image) 8
 # processes compile them side by side on the card's CPU cores. No test asserts a time, so sharing the card is safe.
 XDIST=()
 if $PY -c "import xdist" 2>/dev/null; then XDIST=(-n "${XDIST_WORKERS:-8}"); fi
 echo "== 1. tests${XDIST[*]:+ (pytest ${XDIST[*]})}"
+warm_start
 if [ "$SMOKE" = 1 ]; then
     # The interpreter runs the kernel tests on CPU tensors; a small subset keeps the dry run short.
     run "kernel tests (interpreter subset)" 600 $PY -m pytest -q -x -p no:cacheprovider "${XDIST[@]}" tests/test_kernels_lora_tma.py \
@@ -249,22 +325,8 @@ else
         -m "not gpu" -k sparse
 fi
 
+warm_stop
 echo "== 2. fastpeft bench (ratios to nn.Linear measured in one run)"
-if [ "$SMOKE" = 1 ]; then
-    LORA1="--tokens 16 --shapes 64x80 --ranks 16 --dtype float32 --warmup-ms 1 --rep-ms 2"
-    LORA2="--tokens 16 --shapes 80x64 --ranks 16 --dtype float32 --warmup-ms 1 --rep-ms 2"
-    MULTI="--decode 4 --prefill 32 --adapters 2 --ranks 16 --shape 64x64 --dtype float32 --warmup-ms 1 --rep-ms 2"
-    SPARSE="--tokens 32 --shape 64x64 --density 0.05 --block 1 32 --dtype float32 --warmup-ms 1 --rep-ms 2"
-    QLORA="--tokens 1 16 --shapes 128x64 --ranks 16 --dtype float32 --warmup-ms 1 --rep-ms 2"
-    DORA="--tokens 16 --shapes 64x80 --ranks 16 --dtype float32 --warmup-ms 1 --rep-ms 2"
-else
-    LORA1="--tokens 8192 --shapes 4096x4096 --ranks 16 --warmup-ms 10 --rep-ms 30"
-    LORA2="--tokens 8192 --shapes 4096x14336 14336x4096 --ranks 16 --warmup-ms 10 --rep-ms 30"
-    MULTI="--decode 16 64 --prefill 8192 --adapters 1 64 --ranks mixed --shape 4096x4096 --warmup-ms 10 --rep-ms 30"
-    SPARSE="--tokens 8192 --shape 4096x4096 --density 0.01 --block 1 32 --warmup-ms 5 --rep-ms 20"
-    QLORA="--tokens 1 16 64 512 8192 --shapes 4096x4096 --ranks 16 --warmup-ms 5 --rep-ms 20"
-    DORA="--tokens 8192 --shapes 4096x4096 --ranks 16 --warmup-ms 10 --rep-ms 30"
-fi
 # shellcheck disable=SC2086  # the option strings are word lists
 run "bench lora 4096x4096" 130 $PY -m fastpeft bench lora --quiet $LORA1 --dropout 0 0.1 \
     --json "$OUT/bench_lora.json" --markdown "$OUT/bench_lora.md"
