@@ -1,9 +1,11 @@
 #!/usr/bin/env bash
 # One prepared GPU check (issue 12 item 6), at most ~8 minutes: in this order
-#   1. the GPU tests (kernels with explicit blocks, then the gpu-marked tests but those of torch.compile and CUDA
-#      graphs, whose inductor compiles would eat the benches' time: they are step 4);
-#   2. `fastpeft bench lora | multi | sparse | qlora` at the target shapes (M=8192; K x N = 4096x4096, then 4096x14336
-#      and 14336x4096; r=16; p 0 and 0.1; 64 adapters; 1 % sparse, unstructured and 32x32 blocks; RoSA rows in --sparse);
+#   1. the GPU tests (the gpu-marked tests but those of torch.compile and CUDA graphs, whose inductor compiles
+#      would eat the benches' time: they are step 4; then the kernels with explicit blocks); meanwhile the benches'
+#      groups warm triton's cache in the background (their autotuning compiles, side by side);
+#   2. `fastpeft bench lora | multi | sparse | qlora | dora` at the target shapes (M=8192; K x N = 4096x4096, then
+#      4096x14336 and 14336x4096; r=16; p 0 and 0.1; 64 adapters; 1 % sparse, unstructured and 32x32 blocks; RoSA
+#      rows in --sparse), each fastpeft row with its error against a reference path in the same run;
 #   3. benchmarks/profile_lora.py: the per-kernel torch.profiler table of LoRA fwd+bwd at M=8192, K=N=4096,
 #      r=16, p in {0, 0.1} (kernel, µs, bytes moved, TB/s or TFLOP/s, % of peak), the TMA GEMM against
 #      cuBLAS, then the decode tables (M 1/16/64) eager and under CUDA graphs: one adapter, and 8 adapters one per
