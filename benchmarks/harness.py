@@ -21,6 +21,7 @@ import json
 import os
 import platform
 import statistics
+import sys
 import time
 from dataclasses import asdict, dataclass, field
 from typing import Callable, Iterable
@@ -352,13 +353,27 @@ def rel_error(result, oracle) -> float:
     return worst
 
 
-def check_errors(group: Group) -> dict:
-    """{provider: {"rel_err": ..., "err_vs": oracle}} of the group's ``checks``; each oracle run once."""
+def failure(exc: BaseException, what: str = "run failed") -> str:
+    """A one-line cell for a table: ``what: Type: the message's first line`` (no ``|``: markdown cells)."""
+    first = (str(exc).strip().splitlines() or [""])[0][:100]
+    return f"{what}: {type(exc).__name__}: {first}".replace("|", "/")
+
+
+def check_errors(group: Group, failed=()) -> dict:
+    """{provider: {"rel_err": ..., "err_vs": oracle}} of the group's ``checks``, each oracle run once; providers in
+    ``failed`` (their timing raised) are left out. A check that raises (an oracle that cannot run, results that do
+    not pair up) is a cell of the table, not the end of the bench: ``rel_err`` None, ``err_vs`` says why."""
     results, out = {}, {}
     for name, oracle in group.checks.items():
-        if oracle not in results:
-            results[oracle] = (group.oracles.get(oracle) or group.calls[oracle])()
-        out[name] = {"rel_err": rel_error(group.calls[name](), results[oracle]), "err_vs": oracle}
+        if name in failed:
+            continue
+        try:
+            if oracle not in results:
+                results[oracle] = (group.oracles.get(oracle) or group.calls[oracle])()
+            out[name] = {"rel_err": rel_error(group.calls[name](), results[oracle]), "err_vs": oracle}
+        except Exception as exc:
+            results.setdefault(oracle, None)
+            out[name] = {"rel_err": None, "err_vs": failure(exc, f"check vs {oracle} failed")}
     return out
 
 
@@ -430,27 +445,51 @@ def kernels_ok(device: str) -> bool:
     return device == "cuda" and kernels.HAS_TRITON and not kernels.INTERPRET
 
 
+def _time_group(group: Group, device: str, warmup_ms: float, rep_ms: float, where: str) -> tuple:
+    """``(times, failed, errors)`` of one group: {provider: Timing} of those that ran, {provider: why} of those
+    whose call raised (a provider that cannot run here is a result: the table goes on), and ``check_errors``."""
+    times, failed = {}, {}
+    with contextlib.nullcontext() if group.grad else torch.no_grad():
+        for name, fn in group.calls.items():
+            try:
+                times[name] = bench(fn, device, warmup_ms, rep_ms)
+            except Exception as exc:
+                failed[name] = failure(exc)
+                print(f"{where} {group.fields} {name}: {failed[name]}", file=sys.stderr)
+        return times, failed, check_errors(group, failed)
+
+
 def run_cases(cases: list, device: str, baseline: str = "linear", warmup_ms: float = 25, rep_ms: float = 100,
               progress: bool = True, desc: str = "bench", on_group: Callable | None = None) -> list:
     """Time every group of every case; one row per provider: the case's and group's fields, ``provider``,
-    ``ms`` / ``p20`` / ``p80`` (median and quantiles), ``vs_<baseline>``, ``peak_mib`` and the extras.
-    ``on_group(rows, i, n)``, if given, after each group of case i (1-based) of n, with the rows so far."""
+    ``ms`` / ``p20`` / ``p80`` (median and quantiles), ``vs_<baseline>``, ``peak_mib``, the checks' error and the
+    extras. A provider whose call raises gets a row with no times and the error in ``err_vs`` (one run on a lent
+    card must not end at its first failing path). ``on_group(rows, i, n)``, if given, after each group of case i
+    (1-based) of n, with the rows so far."""
     from tqdm.auto import tqdm
 
     rows = []
     cases = list(cases)
     for i, case in enumerate(tqdm(cases, desc=desc, unit="case", disable=not progress), 1):
         for group in case.setup():
-            with contextlib.nullcontext() if group.grad else torch.no_grad():
-                times = {name: bench(fn, device, warmup_ms, rep_ms) for name, fn in group.calls.items()}
-                errors = check_errors(group)
-            floor = times[baseline].median_ms
-            for name, t in times.items():
+            times, failed, errors = _time_group(group, device, warmup_ms, rep_ms, f"{desc}: {case.fields}")
+            floor = times[baseline].median_ms if baseline in times else None
+            for name in group.calls:
+                if name in failed:
+                    rows.append({**case.fields, **group.fields, "provider": name, "ms": None, "p20": None,
+                                 "p80": None, f"vs_{baseline}": None, "peak_mib": None, "rel_err": None,
+                                 "err_vs": failed[name]})
+                    continue
+                t = times[name]
                 row = {**case.fields, **group.fields, "provider": name, "ms": t.median_ms, "p20": t.p20_ms,
-                       "p80": t.p80_ms, f"vs_{baseline}": t.median_ms / floor, "peak_mib": t.peak_mib,
-                       **errors.get(name, {})}
+                       "p80": t.p80_ms, f"vs_{baseline}": t.median_ms / floor if floor else None,
+                       "peak_mib": t.peak_mib, **errors.get(name, {})}
                 if group.extra is not None:
-                    row.update(group.extra(name, times))
+                    try:
+                        row.update(group.extra(name, times))
+                    except KeyError:  # an extra read from a provider that failed: those columns stay empty
+                        if not failed:
+                            raise
                 rows.append(row)
             if on_group is not None:
                 on_group(rows, i, len(cases))

@@ -200,3 +200,33 @@ def test_bench_lora_checks_every_fastpeft_path_against_the_reference():
     assert all(errors[n]["rel_err"] < 1e-5 for n in fast), errors
     (dropped,) = bl.groups(7, 48, 40, 8, 0.1, ["fwd"], ctx)
     assert dropped.checks == {}
+
+
+def test_a_provider_that_raises_is_a_row_and_the_table_goes_on(capsys):
+    """A provider whose call raises (a kernel the card's compiler rejects, say) gets a row with no times and the
+    error in ``err_vs``; the other providers and groups are timed, and a check that cannot run is a cell too."""
+    y = torch.randn(4, 3)
+
+    def boom():
+        raise RuntimeError("no kernel | here\nsecond line")
+
+    def group(base_fails):
+        calls = {"base": boom if base_fails else (lambda: y), "ok": lambda: y, "bad": boom,
+                 "odd": lambda: (y, y)}
+        yield harness.Group({"mode": "fwd"}, calls, extra=lambda name, times: {"base_ms": times["base"].median_ms},
+                            checks={"ok": "base", "bad": "base", "odd": "base"})
+    rows = harness.run_cases([harness.Case({"n": 1}, lambda: group(False)), harness.Case({"n": 2}, lambda: group(True))],
+                             "cpu", baseline="base", warmup_ms=1, rep_ms=2, progress=False)
+    by = {(r["n"], r["provider"]): r for r in rows}
+    assert [(r["n"], r["provider"]) for r in rows] == [(n, p) for n in (1, 2) for p in ("base", "ok", "bad", "odd")]
+    bad = by[1, "bad"]
+    assert bad["ms"] is None and bad["vs_base"] is None and bad["rel_err"] is None
+    assert bad["err_vs"] == "run failed: RuntimeError: no kernel / here"  # one line, no markdown cell break
+    assert by[1, "ok"]["rel_err"] == 0.0 and by[1, "ok"]["vs_base"] > 0 and by[1, "ok"]["base_ms"] > 0
+    assert by[1, "odd"]["rel_err"] is None and by[1, "odd"]["err_vs"].startswith("check vs base failed: ValueError")
+    # the baseline itself failed: no ratios, no extras from it, the check's oracle failure named
+    assert by[2, "ok"]["ms"] > 0 and by[2, "ok"]["vs_base"] is None and "base_ms" not in by[2, "ok"]
+    assert by[2, "ok"]["err_vs"] == "check vs base failed: RuntimeError: no kernel / here"
+    assert "bad: run failed: RuntimeError" in capsys.readouterr().err
+    text = harness.to_markdown("t\nenv\n\n", rows, harness.TIMING_COLUMNS + harness.ERROR_COLUMNS)
+    assert "| bad | - | - | - | - | run failed: RuntimeError: no kernel / here |" in text
