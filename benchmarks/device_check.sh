@@ -1,8 +1,8 @@
 #!/usr/bin/env bash
 # One prepared GPU check (issue 12 item 6), at most ~8 minutes: in this order
 #   1. the GPU tests (the gpu-marked tests but those of torch.compile and CUDA graphs, whose inductor compiles
-#      would eat the benches' time: they are step 4; then the kernels with explicit blocks); meanwhile the benches'
-#      groups warm triton's cache in the background (their autotuning compiles, side by side);
+#      would eat the benches' time: they are step 4; then the kernels with explicit blocks); meanwhile the profile
+#      and the benches' groups warm triton's cache in the background (their autotuning compiles, side by side);
 #   2. `fastpeft bench lora | multi | sparse | qlora | dora` at the target shapes (M=8192; K x N = 4096x4096, then
 #      4096x14336 and 14336x4096; r=16; p 0 and 0.1; 64 adapters; 1 % sparse, unstructured and 32x32 blocks; RoSA
 #      rows in --sparse), each fastpeft row with its error against a reference path in the same run;
@@ -229,7 +229,7 @@ plan "gpu-marked tests (autotuned; not compile / CUDA graphs)" \
     "kernel tests lora / lora_tma / multi / bgmv (explicit blocks)" "kernel tests sparse + the floor's (explicit blocks)" \
     "bench lora 4096x4096" "bench lora 4096x14336, 14336x4096" "bench multi" "bench sparse" "bench qlora" "bench dora" \
     "profile_lora" "gpu-marked CUDA-graph + compile tests"
-# The benches' options (step 2).
+# The benches' options (step 2) and the profile's (step 3).
 if [ "$SMOKE" = 1 ]; then
     LORA1="--tokens 16 --shapes 64x80 --ranks 16 --dtype float32 --warmup-ms 1 --rep-ms 2"
     LORA2_SHAPES="80x64"
@@ -238,6 +238,7 @@ if [ "$SMOKE" = 1 ]; then
     SPARSE="--tokens 32 --shape 64x64 --density 0.05 --block 1 32 --dtype float32 --warmup-ms 1 --rep-ms 2"
     QLORA="--tokens 1 16 --shapes 128x64 --ranks 16 --dtype float32 --warmup-ms 1 --rep-ms 2"
     DORA="--tokens 16 --shapes 64x80 --ranks 16 --dtype float32 --warmup-ms 1 --rep-ms 2"
+    PROFILE="--smoke"
 else
     LORA1="--tokens 8192 --shapes 4096x4096 --ranks 16 --warmup-ms 10 --rep-ms 30"
     LORA2_SHAPES="4096x14336 14336x4096"
@@ -246,11 +247,13 @@ else
     SPARSE="--tokens 8192 --shape 4096x4096 --density 0.01 --block 1 32 --warmup-ms 5 --rep-ms 20"
     QLORA="--tokens 1 16 64 512 8192 --shapes 4096x4096 --ranks 16 --warmup-ms 5 --rep-ms 20"
     DORA="--tokens 8192 --shapes 4096x4096 --ranks 16 --warmup-ms 10 --rep-ms 30"
+    PROFILE="--tokens 8192 --k 4096 --n 4096 --rank 16 --dropout 0 0.1 --decode 1 16 64"
 fi
 
 # The warm-up: each bench's first calls autotune, compiling every config one after another in its process. While the
-# tests run, the benches' groups run side by side in the background (WARM_JOBS at a time, 1 ms timings, output to
-# /tmp) and leave their kernels compiled in triton's on-disk cache; step 2 stops whatever is still running. The
+# tests run, the profile and the benches' groups run side by side in the background (WARM_JOBS at a time, 1 ms
+# timings, output to /tmp) and leave their kernels compiled in triton's on-disk cache; step 2 stops whatever is
+# still running. The
 # timings it takes are thrown away, and no choice it makes outlives its process (autotuning and fastpeft's timed
 # choices are per process), so the sharing of the card cannot bias a table.
 WARM_PID=""
@@ -259,30 +262,33 @@ WARM_LOG=$(mktemp /tmp/fastpeft-warm-XXXX.log)
 if [ "$SMOKE" = 1 ]; then WARM_JOBS="${WARM_JOBS:-2}"; else WARM_JOBS="${WARM_JOBS:-8}"; fi
 warm_start() {
     if ! command -v setsid > /dev/null; then return; fi
-    local fast="--warmup-ms 1 --rep-ms 1 --quiet" cmds=() d sh
+    local fast="--warmup-ms 1 --rep-ms 1 --quiet" cmds=() d sh B="-m fastpeft bench"
+    # the profile first: the longest job (its tables are written to /tmp and thrown away)
+    if selected "profile_lora"; then cmds+=("benchmarks/profile_lora.py $PROFILE --out $WARM_LOG.profile"); fi
     if selected "bench lora 4096x4096"; then
         for d in 0 0.1; do
-            cmds+=("bench lora $LORA1 --dropout $d --modes fwd $fast" "bench lora $LORA1 --dropout $d --modes fwd+bwd $fast")
+            cmds+=("$B lora $LORA1 --dropout $d --modes fwd $fast" "$B lora $LORA1 --dropout $d --modes fwd+bwd $fast")
         done
     fi
     if selected "bench lora 4096x14336, 14336x4096"; then
         for sh in $LORA2_SHAPES; do
-            for d in 0 0.1; do cmds+=("bench lora $LORA2 --shapes $sh --dropout $d --modes fwd+bwd $fast"); done
+            for d in 0 0.1; do cmds+=("$B lora $LORA2 --shapes $sh --dropout $d --modes fwd+bwd $fast"); done
         done
     fi
-    if selected "bench multi"; then cmds+=("bench multi $MULTI --prefill $fast" "bench multi $MULTI --decode $fast"); fi
+    if selected "bench multi"; then cmds+=("$B multi $MULTI --prefill $fast" "$B multi $MULTI --decode $fast"); fi
     if selected "bench sparse"; then
-        cmds+=("bench sparse $SPARSE --block 1 $fast" "bench sparse $SPARSE --block 32 $fast")
+        cmds+=("$B sparse $SPARSE --block 1 $fast" "$B sparse $SPARSE --block 32 $fast")
     fi
-    if selected "bench dora"; then cmds+=("bench dora $DORA --dropout 0 $fast" "bench dora $DORA --dropout 0.1 $fast"); fi
-    if selected "bench qlora"; then cmds+=("bench qlora $QLORA $fast"); fi
+    if selected "bench dora"; then cmds+=("$B dora $DORA --dropout 0 $fast" "$B dora $DORA --dropout 0.1 $fast"); fi
+    if selected "bench qlora"; then cmds+=("$B qlora $QLORA $fast"); fi
     if [ "${#cmds[@]}" = 0 ]; then return; fi
     printf '%s\n' "${cmds[@]}" > "$WARM_LOG.cmds"
-    # xargs runs each line as the arguments of `$PY -m fastpeft`, WARM_JOBS at a time, in a process group of its own
-    setsid xargs -P "$WARM_JOBS" -L 1 $PY -m fastpeft < "$WARM_LOG.cmds" > "$WARM_LOG" 2>&1 &
+    # xargs runs each line as the arguments of `$PY`, WARM_JOBS at a time, in a process group of its own
+    setsid xargs -P "$WARM_JOBS" -L 1 $PY < "$WARM_LOG.cmds" > "$WARM_LOG" 2>&1 &
     WARM_PID=$!
     WARM_N=${#cmds[@]}
-    echo "== [$SECONDS s] warm-up: $WARM_N bench groups in the background, $WARM_JOBS at a time (log $WARM_LOG)"
+    echo "== [$SECONDS s] warm-up: $WARM_N jobs (the profile, the bench groups) in the background, $WARM_JOBS at a" \
+        "time (log $WARM_LOG)"
 }
 warm_stop() {
     if [ -z "$WARM_PID" ]; then return; fi
@@ -295,7 +301,7 @@ warm_stop() {
         echo -n "== [$SECONDS s] warm-up done: "
     fi
     wait "$WARM_PID" 2> /dev/null
-    echo "$(grep -c "median ms" "$WARM_LOG") of $WARM_N groups ran to the end"
+    echo "$(grep -c -e "median ms" -e "^wrote .*profile_lora.md" "$WARM_LOG") of $WARM_N jobs ran to the end"
     grep -E "Error|error:|Traceback" "$WARM_LOG" | head -5
     WARM_PID=""
 }
@@ -349,10 +355,10 @@ run "bench dora" 60 $PY -m fastpeft bench dora --quiet $DORA --dropout 0 0.1 --j
 
 echo "== 3. per-kernel profile (torch.profiler) and the decode table, eager and under CUDA graphs"
 if [ "$SMOKE" = 1 ]; then
-    run "profile_lora --smoke" 600 $PY benchmarks/profile_lora.py --smoke --out "$OUT"
+    run "profile_lora --smoke" 600 $PY benchmarks/profile_lora.py $PROFILE --out "$OUT"
 else
-    run "profile_lora" 110 $PY benchmarks/profile_lora.py --tokens 8192 --k 4096 --n 4096 --rank 16 --dropout 0 0.1 \
-        --decode 1 16 64 --out "$OUT"
+    # shellcheck disable=SC2086
+    run "profile_lora" 110 $PY benchmarks/profile_lora.py $PROFILE --out "$OUT"
 fi
 
 echo "== 4. torch.compile and CUDA-graph tests (what is left of the budget)"
