@@ -207,10 +207,10 @@ if [ "$SPARSE_ONLY" = 1 ]; then
         skip "gpu-marked sparse tests"
     else
         # shellcheck disable=SC2086
-        run "sparse kernel + floor tests (explicit blocks)" 150 env FASTPEFT_AUTOTUNE=0 $PY -m pytest -q -x \
-            -p no:cacheprovider $SPARSE_TESTS -m "not gpu" -k sparse
+        run "sparse kernel + floor tests (explicit blocks)" 150 env FASTPEFT_AUTOTUNE=0 $PY -m pytest -v -rfE \
+            --maxfail=10 -p no:cacheprovider $SPARSE_TESTS -m "not gpu" -k sparse
         # shellcheck disable=SC2086
-        run "gpu-marked sparse tests (autotuned, compile, the floor timed)" 120 $PY -m pytest -q -rA \
+        run "gpu-marked sparse tests (autotuned, compile, the floor timed)" 120 $PY -m pytest -v -rfE \
             -p no:cacheprovider $SPARSE_TESTS tests/test_determinism.py -m gpu -k "sparse or use_deterministic"
     fi
     echo "== 2. fastpeft bench sparse (ratios to nn.Linear measured in one run; path: what the floor ran)"
@@ -322,13 +322,14 @@ else
     # The gpu-marked tests first: they run the autotuned configs at the LLM shapes and the card-only cases (the TMA
     # kernels' waits on a real persistent grid), and leave those configs compiled in triton's cache for the benches.
     # torch.compile and CUDA-graph tests (inductor compiles: the slow ones) wait for step 4. Up to 10 failures a
-    # step are reported (not -x): each is a finding for the one rerun.
-    run "gpu-marked tests (autotuned; not compile / CUDA graphs)" 80 $PY -m pytest -q -rfE --maxfail=10 \
+    # step are reported (not -x): each is a finding for the one rerun. -v: each outcome is in the log as it comes,
+    # so a step cut by SIGTERM (no summary then) still shows what ran and what failed.
+    run "gpu-marked tests (autotuned; not compile / CUDA graphs)" 80 $PY -m pytest -v -rfE --maxfail=10 \
         -p no:cacheprovider "${XDIST[@]}" tests/ -m gpu --ignore=tests/test_compile.py --ignore=tests/test_cuda_graphs.py
-    run "kernel tests lora / lora_tma / multi / bgmv (explicit blocks)" 120 env FASTPEFT_AUTOTUNE=0 $PY -m pytest -q \
+    run "kernel tests lora / lora_tma / multi / bgmv (explicit blocks)" 120 env FASTPEFT_AUTOTUNE=0 $PY -m pytest -v \
         -rfE --maxfail=10 -p no:cacheprovider "${XDIST[@]}" tests/test_kernels_lora.py tests/test_kernels_lora_tma.py \
         tests/test_kernels_multi.py tests/test_kernels_bgmv.py -m "not gpu"
-    run "kernel tests sparse + the floor's (explicit blocks)" 90 env FASTPEFT_AUTOTUNE=0 $PY -m pytest -q -rfE \
+    run "kernel tests sparse + the floor's (explicit blocks)" 90 env FASTPEFT_AUTOTUNE=0 $PY -m pytest -v -rfE \
         --maxfail=10 -p no:cacheprovider "${XDIST[@]}" tests/test_kernels_sparse.py tests/test_timed_choice.py \
         -m "not gpu" -k sparse
 fi
@@ -365,7 +366,7 @@ echo "== 4. torch.compile and CUDA-graph tests (what is left of the budget)"
 if [ "$SMOKE" = 1 ]; then
     skip "gpu-marked torch.compile / CUDA-graph tests"
 else
-    run "gpu-marked CUDA-graph + compile tests" 150 $PY -m pytest -q -rA -p no:cacheprovider "${XDIST[@]}" \
+    run "gpu-marked CUDA-graph + compile tests" 150 $PY -m pytest -v -rfE -p no:cacheprovider "${XDIST[@]}" \
         tests/test_cuda_graphs.py tests/test_compile.py -m gpu
 fi
 
