@@ -363,16 +363,21 @@ def check_errors(group: Group, failed=()) -> dict:
     """{provider: {"rel_err": ..., "err_vs": oracle}} of the group's ``checks``, each oracle run once; providers in
     ``failed`` (their timing raised) are left out. A check that raises (an oracle that cannot run, results that do
     not pair up) is a cell of the table, not the end of the bench: ``rel_err`` None, ``err_vs`` says why."""
-    results, out = {}, {}
+    results, broken, out = {}, {}, {}  # oracle -> its result / why it could not run (each oracle run once)
     for name, oracle in group.checks.items():
         if name in failed:
             continue
-        try:
-            if oracle not in results:
+        if oracle not in results and oracle not in broken:
+            try:
                 results[oracle] = (group.oracles.get(oracle) or group.calls[oracle])()
+            except Exception as exc:
+                broken[oracle] = failure(exc, f"check vs {oracle} failed")
+        if oracle in broken:
+            out[name] = {"rel_err": None, "err_vs": broken[oracle]}
+            continue
+        try:
             out[name] = {"rel_err": rel_error(group.calls[name](), results[oracle]), "err_vs": oracle}
         except Exception as exc:
-            results.setdefault(oracle, None)
             out[name] = {"rel_err": None, "err_vs": failure(exc, f"check vs {oracle} failed")}
     return out
 

@@ -227,6 +227,7 @@ def test_a_provider_that_raises_is_a_row_and_the_table_goes_on(capsys):
     # the baseline itself failed: no ratios, no extras from it, the check's oracle failure named
     assert by[2, "ok"]["ms"] > 0 and by[2, "ok"]["vs_base"] is None and "base_ms" not in by[2, "ok"]
     assert by[2, "ok"]["err_vs"] == "check vs base failed: RuntimeError: no kernel / here"
+    assert by[2, "odd"]["err_vs"] == by[2, "ok"]["err_vs"]  # every row checked against it names the oracle's error
     assert "bad: run failed: RuntimeError" in capsys.readouterr().err
     text = harness.to_markdown("t\nenv\n\n", rows, harness.TIMING_COLUMNS + harness.ERROR_COLUMNS)
     assert "| bad | - | - | - | - | run failed: RuntimeError: no kernel / here |" in text
