@@ -228,8 +228,26 @@ class PromptEmbedding(nn.Module):
         self.prompt_embeddings = nn.Parameter(weight)
 
 
+def _cached_length(past) -> int:
+    """Tokens already in a transformers cache (a ``Cache`` or the legacy tuple of (key, value) per layer); 0 for
+    None or an empty cache."""
+    if past is None:
+        return 0
+    if hasattr(past, "get_seq_length"):
+        return int(past.get_seq_length())
+    try:
+        return int(past[0][0].shape[-2])
+    except (IndexError, TypeError, AttributeError):
+        return 0
+
+
 def _prompt_hook(model, args, kwargs):
-    """Forward pre-hook: input_ids -> inputs_embeds with the prompt in front; masks and labels extended."""
+    """Forward pre-hook: input_ids -> inputs_embeds with the n virtual tokens in front, and every per-token input
+    made to match: attention_mask and token_type_ids get n leading ones / zeros, per-token labels (integer, the
+    shape of input_ids) n leading -100 (sequence-level labels, as a classifier's (B,), are left alone),
+    position_ids and cache_position shift by n behind positions 0 .. n - 1 of the prompt. A generation step
+    whose cache already holds the prompt (``cache`` / ``past_key_values`` not empty) adds no prompt: its positions shift by
+    n and its attention mask gets the prompt's n columns where it lacks them."""
     prompt = model.fastpeft_prompt.prompt_embeddings
     n = prompt.shape[0]
     if args:
@@ -241,18 +259,32 @@ def _prompt_hook(model, args, kwargs):
         if ids is None:
             return args, kwargs
         embeds = model.get_input_embeddings()(ids)
-    if kwargs.get("past_key_values") is not None and embeds.shape[1] == 1 and getattr(model, "_fastpeft_prompted", False):
-        kwargs["inputs_embeds"] = embeds  # a decoding step: the prompt is in the cache already
-        return args, kwargs
-    b = embeds.shape[0]
-    kwargs["inputs_embeds"] = torch.cat([prompt.to(embeds.dtype).unsqueeze(0).expand(b, -1, -1), embeds], dim=1)
+    b, t = embeds.shape[:2]
+    # transformers >= 5.2x names the cache argument ``cache``, earlier versions ``past_key_values``
+    cached = _cached_length(kwargs.get("cache", kwargs.get("past_key_values")))
+    kwargs["inputs_embeds"] = embeds if cached else torch.cat(
+        [prompt.to(embeds.dtype).unsqueeze(0).expand(b, -1, -1), embeds], dim=1)
     mask = kwargs.get("attention_mask")
-    if mask is not None:
+    # the user's mask covers the user's tokens (the cache holds the prompt's n beside them)
+    if mask is not None and mask.dim() == 2 and mask.shape[1] == t + max(cached - n, 0):
         kwargs["attention_mask"] = torch.cat([mask.new_ones(b, n), mask], dim=1)
-    for name, fill in (("token_type_ids", 0), ("labels", -100)):
-        t = kwargs.get(name)
-        if t is not None:
-            kwargs[name] = torch.cat([t.new_full((b, n), fill), t], dim=1)
+    for name in ("position_ids", "cache_position"):
+        pos = kwargs.get(name)
+        if pos is not None:
+            if cached:
+                kwargs[name] = pos + n
+            else:
+                head = torch.arange(n, device=pos.device, dtype=pos.dtype)
+                head = head.expand(*pos.shape[:-1], n) if pos.dim() > 1 else head
+                kwargs[name] = torch.cat([head, pos + n], dim=-1)
+    if not cached:
+        tt = kwargs.get("token_type_ids")
+        if tt is not None:
+            kwargs["token_type_ids"] = torch.cat([tt.new_zeros(b, n), tt], dim=1)
+        labels = kwargs.get("labels")
+        if (labels is not None and not labels.is_floating_point() and labels.dim() == 2
+                and tuple(labels.shape) == (b, t)):
+            kwargs["labels"] = torch.cat([labels.new_full((b, n), -100), labels], dim=1)
     return args, kwargs
 
 

@@ -81,6 +81,57 @@ def test_prompt_tuning_prepends_virtual_tokens():
     torch.testing.assert_close(out, ref.last_hidden_state)
 
 
+def _llama(seed=0):
+    cfg = transformers.LlamaConfig(vocab_size=64, hidden_size=32, intermediate_size=48, num_hidden_layers=2,
+                                   num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=64)
+    torch.manual_seed(seed)
+    return transformers.LlamaForCausalLM(cfg).eval()
+
+
+def test_prompt_tuning_keeps_every_call_of_the_model_working():
+    """"The model is still called as before": a classifier's sequence labels (B,) stay as they are (token
+    labels (B, T) get n leading -100), explicit position_ids shift behind the prompt's n positions (the same
+    output as the default ones), and generate() with the cache gives the tokens of a greedy loop that runs the
+    whole prompted sequence at every step, with and without left padding."""
+    torch.manual_seed(0)
+    clf = transformers.BertForSequenceClassification(transformers.BertConfig(
+        vocab_size=50, hidden_size=32, num_hidden_layers=2, num_attention_heads=4, intermediate_size=48,
+        max_position_embeddings=64, num_labels=3)).eval()
+    fastpeft.inject(clf, PromptTuningConfig(num_virtual_tokens=4))
+    ids, mask = _inputs()
+    labels = torch.tensor([0, 2])
+    out = clf(input_ids=ids, attention_mask=mask, labels=labels)
+    torch.testing.assert_close(out.loss, torch.nn.functional.cross_entropy(out.logits, labels))
+
+    lm = _llama()
+    fastpeft.inject(lm, PromptTuningConfig(num_virtual_tokens=3))
+    with torch.no_grad():
+        lm.fastpeft_prompt.prompt_embeddings.normal_()  # a prompt that changes what the model says
+    ids = torch.randint(1, 64, (2, 6), generator=torch.Generator().manual_seed(2))
+    out = lm(input_ids=ids, labels=ids)
+    assert out.logits.shape == (2, 9, 64)
+    logits = out.logits[:, 2:-1].reshape(-1, 64)  # every real token is a target, the first one predicted by the
+    torch.testing.assert_close(out.loss, torch.nn.functional.cross_entropy(logits, ids.reshape(-1)))  # prompt's last
+    torch.testing.assert_close(lm(input_ids=ids, position_ids=torch.arange(6)[None].expand(2, -1)).logits,
+                               out.logits)
+
+    def greedy(ids, mask, steps):
+        for _ in range(steps):
+            nxt = lm(input_ids=ids, attention_mask=mask).logits[:, -1].argmax(-1, keepdim=True)
+            ids, mask = torch.cat([ids, nxt], 1), torch.cat([mask, torch.ones_like(nxt)], 1)
+        return ids
+
+    lm.generation_config.eos_token_id = None  # generate every step, as the loop does
+    mask = torch.ones_like(ids)
+    mask[1, :2] = 0  # left padding
+    for m in (torch.ones_like(ids), mask):
+        want = greedy(ids, m, 5)
+        for cache in (True, False):
+            got = lm.generate(input_ids=ids, attention_mask=m, max_new_tokens=5, do_sample=False, use_cache=cache,
+                              pad_token_id=0)
+            assert torch.equal(got, want), (cache, got, want)
+
+
 def test_prompt_text_init():
     m = _bert()
 
