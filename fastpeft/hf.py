@@ -44,14 +44,35 @@ def adapter_names(model: nn.Module) -> list:
     return names
 
 
+class _InstanceMethod:
+    """``fn`` bound to ``model``, held in the model's ``__dict__``: a bound method that pickles. A
+    ``types.MethodType`` pickles as ``getattr(model, name)``, which fails while pickle is still restoring the
+    model's ``__dict__`` (this attribute among it): ``torch.save(model)`` then wrote a file ``torch.load`` could
+    not read. This pickles as its function (by name) and the model (by reference)."""
+
+    def __init__(self, fn, model):
+        self.__func__, self.__self__ = fn, model
+        self.__name__, self.__qualname__, self.__doc__ = fn.__name__, fn.__qualname__, fn.__doc__
+
+    def __call__(self, *args, **kwargs):
+        return self.__func__(self.__self__, *args, **kwargs)
+
+    def __reduce__(self):
+        return _InstanceMethod, (self.__func__, self.__self__)
+
+    @property
+    def __signature__(self):  # the bound signature (Trainer and TRL inspect save_pretrained's arguments)
+        return inspect.signature(types.MethodType(self.__func__, self.__self__))
+
+
 def attach_trainer_support(model: nn.Module) -> nn.Module:
     """Give ``model`` the instance ``save_pretrained`` and ``load_state_dict`` described in the module
     docstring (idempotent); ``fastpeft.inject`` calls it (registered in ``INJECT_HOOKS`` below). Returns
     ``model``."""
-    if not isinstance(model.__dict__.get("save_pretrained"), types.MethodType) or \
-            model.__dict__["save_pretrained"].__func__ is not _save_pretrained:
-        model.save_pretrained = types.MethodType(_save_pretrained, model)
-        model.load_state_dict = types.MethodType(_load_state_dict, model)
+    own = model.__dict__.get("save_pretrained")
+    if not isinstance(own, _InstanceMethod) or own.__func__ is not _save_pretrained:
+        model.save_pretrained = _InstanceMethod(_save_pretrained, model)
+        model.load_state_dict = _InstanceMethod(_load_state_dict, model)
     return model
 
 
@@ -60,7 +81,7 @@ INJECT_HOOKS.append(attach_trainer_support)
 
 def _detach_trainer_support(model: nn.Module) -> None:
     for name in ("save_pretrained", "load_state_dict"):
-        if isinstance(model.__dict__.get(name), types.MethodType):
+        if isinstance(model.__dict__.get(name), _InstanceMethod):
             del model.__dict__[name]
 
 

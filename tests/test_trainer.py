@@ -64,6 +64,25 @@ def test_save_pretrained_writes_adapter_only_peft_files(base, tmp_path):
     assert_close_report(loaded(input_ids=x).logits, want, 1e-5, 1e-6, "PEFT loads save_pretrained's files")
 
 
+def test_injected_model_pickles_whole(base, tmp_path):
+    """``torch.save(model)`` / ``torch.load`` of an injected model (and pickle, as mp.spawn and Ray use it): the
+    same outputs, and save_pretrained / load_state_dict still bound to the loaded copy with their signature."""
+    import inspect
+
+    model = injected(base)
+    x = ids()
+    want = model(input_ids=x).logits
+    torch.save(model, tmp_path / "m.pt")
+    loaded = torch.load(tmp_path / "m.pt", weights_only=False)
+    assert_close_report(loaded(input_ids=x).logits, want, 0, 0, "torch.load")
+    assert loaded.save_pretrained.__self__ is loaded and loaded.load_state_dict.__self__ is loaded
+    assert "state_dict" in inspect.signature(loaded.save_pretrained).parameters
+    loaded.save_pretrained(tmp_path / "ad")
+    assert (tmp_path / "ad" / "adapter_model.safetensors").exists()
+    copied = copy.deepcopy(model)
+    assert copied.save_pretrained.__self__ is copied
+
+
 def test_save_pretrained_state_dict_main_process_and_layout(base, tmp_path):
     model = injected(base)
     torch.manual_seed(5)
