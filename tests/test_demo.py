@@ -92,8 +92,10 @@ def test_demo_smoke(tmp_path, capsys):
     out = capsys.readouterr().out
     lines = out.splitlines()
     header = next(i for i, line in enumerate(lines) if line.startswith("method"))
-    assert ["accuracy %", "macro-F1 %", "s/step", "peak MiB"] == [c for c in ("accuracy %", "macro-F1 %", "s/step",
-                                                                          "peak MiB") if c in lines[header]]
+    cols = ("accuracy %", "macro-F1 %", "loss", "s/step", "peak MiB")
+    assert list(cols) == [c for c in cols if c in lines[header]]
+    row = lines[header + 3].split()  # lora: its final training loss in the table, as in the JSON
+    assert float(row[5]) == pytest.approx(json.loads(js.read_text())["rows"][1]["final_loss"], abs=6e-4)
     assert [line.split()[0] for line in lines[header + 2:header + 4]] == ["head", "lora"]
     assert "test majority class" in out
     result = json.loads(js.read_text())

@@ -283,7 +283,7 @@ def summarize(name: str, method: Method, runs: list) -> dict:
 def format_table(rows: list, seeds: int) -> str:
     pm = (lambda m, s: f"{100 * m:5.1f} ± {100 * s:3.1f}") if seeds > 1 else (lambda m, s: f"{100 * m:5.1f}")
     head = (f"{'method':<12} {'trainable':>10} {'%':>7}  {'accuracy %':>{12 if seeds > 1 else 10}}  "
-            f"{'macro-F1 %':>{12 if seeds > 1 else 10}}  {'s/step':>7}  {'peak MiB':>8}")
+            f"{'macro-F1 %':>{12 if seeds > 1 else 10}}  {'loss':>6}  {'s/step':>7}  {'peak MiB':>8}")
     lines = [head, "-" * len(head)]
     for r in rows:
         if not r["available"]:
@@ -291,7 +291,7 @@ def format_table(rows: list, seeds: int) -> str:
             continue
         lines.append(f"{r['method']:<12} {r['trainable']:>10,d} {r['trainable_pct']:>6.2f}%  "
                      f"{pm(r['accuracy'], r['accuracy_spread']):>10}  {pm(r['macro_f1'], r['macro_f1_spread']):>10}  "
-                     f"{r['s_per_step']:>7.3f}  {r['peak_mib']:>8.0f}")
+                     f"{r['final_loss']:>6.3f}  {r['s_per_step']:>7.3f}  {r['peak_mib']:>8.0f}")
     return "\n".join(lines)
 
 
@@ -386,7 +386,8 @@ def run(args) -> dict:
     print(format_table(rows, args.seeds))
     collapsed = [r["method"] for r in rows if r["available"] and r["positive_rate"] in (0.0, 1.0)]
     print(f"\naccuracy and macro-F1 on the test subset ({'mean ± std over ' + str(args.seeds) + ' seeds' if args.seeds > 1 else 'one seed'}); "
-          f"majority class alone: {100 * majority:.1f}% accuracy, {100 * majority / (1 + majority):.1f}% macro-F1")
+          f"majority class alone: {100 * majority:.1f}% accuracy, {100 * majority / (1 + majority):.1f}% macro-F1; "
+          "loss: the training loss, mean of the last 10 steps")
     if any(METHODS[r["method"]].quantize for r in rows if r["available"]):
         print("NF4 base: " + "; ".join(
             f"{r['method']} final training loss {r['final_loss']:.3f} (mean of the last 10 steps), parameters "
