@@ -174,6 +174,29 @@ def r_pad(r: int) -> int:
     return max(16, triton.next_power_of_2(int(r)))
 
 
+# Shared memory one program may take on sm_90 (227 KiB = 232448 B), less a margin for what the compiler adds to
+# the pipelined operand tiles (barriers, layout conversions).
+SMEM_BUDGET = 223 * 1024
+
+
+def fit_stages(stage_bytes: int, stages: int, budget: int = SMEM_BUDGET) -> int:
+    """The most pipeline stages, at most ``stages`` and at least 1, whose operand tiles (``stage_bytes`` a stage)
+    fit ``budget``. A pointer-load kernel's shared memory on sm_90 is at most stages x the bytes of the tiles one
+    K step loads: compiled for sm_90 (triton 3.6), the shrink at 64 x 64, R_PAD 256, fp32, 3 stages takes exactly
+    3 x (64·64 + 64·256) x 4 = 245760 B, which does not launch (benchmarks/results/sm90-resources-fp32-*.md)."""
+    return max(1, min(int(stages), int(budget) // max(int(stage_bytes), 1)))
+
+
+def narrow_blocks(rows: int, rp: int, a_itemsize: int, b_itemsize: int, block_q: int = 64,
+                  stages: int = 3) -> tuple:
+    """``(BLOCK_Q, stages)`` of a narrow-output GEMM on a GPU (the shrinks: a (rows, BLOCK_Q) tile of a against
+    a (BLOCK_Q, R_PAD) tile of b per K step): ``block_q`` and ``stages`` where both tiles fit shared memory, else
+    fewer stages, and BLOCK_Q halved (down to 16) where even one stage would not fit (R_PAD 1024 in fp32)."""
+    while block_q > 16 and block_q * (rows * a_itemsize + rp * b_itemsize) > SMEM_BUDGET:
+        block_q //= 2
+    return block_q, fit_stages(block_q * (rows * a_itemsize + rp * b_itemsize), stages)
+
+
 def _dot_precision(dtype: torch.dtype) -> str:
     # fp32 follows torch's matmul policy, as nn.Linear does: full fp32 unless the user allows TF32.
     if dtype == torch.float32 and torch.get_float32_matmul_precision() == "highest":

@@ -34,7 +34,8 @@ import triton.language as tl
 
 from . import INTERPRET, is_deterministic
 from ._common import (_HAS_TRITON_OP, _cast, _dot_precision, _grouped_tile, _keep_mask, _library_op, _mma, _op_body,
-                      _seed, _tile_ranges, _upcast, _use_explicit_blocks, _wrap, block_setter, eager_or_op, r_pad)
+                      _seed, _tile_ranges, _upcast, _use_explicit_blocks, _wrap, block_setter, eager_or_op, fit_stages,
+                      r_pad)
 from .lora import _lowrank_tile
 
 FWD, FWD_EXACT, DX, DX_EXACT, DM_EXACT = 0, 1, 2, 3, 4
@@ -289,6 +290,16 @@ def dora_norm(weight: torch.Tensor, lora_A: torch.Tensor, lora_B: torch.Tensor, 
     return out
 
 
+def pinned_config(configs: list, itemsize: int) -> dict:
+    """Deterministic mode's one config of a mode's list: the first whose pipelined a and b tiles (``itemsize``
+    bytes an element) fit shared memory. fp32 skips 128 x 128 x 64 at 4 stages (262144 B compiled for sm_90 with
+    triton 3.6, which does not launch) for 64 x 128 x 64; bf16 keeps the first of every list."""
+    def stage(c):
+        return (c.kwargs["BLOCK_M"] + c.kwargs["BLOCK_N"]) * c.kwargs["BLOCK_K"] * itemsize
+    c = next((c for c in configs if fit_stages(stage(c), c.num_stages) == c.num_stages), configs[-1])
+    return dict(c.kwargs, num_warps=c.num_warps, num_stages=fit_stages(stage(c), c.num_stages))
+
+
 def dora_gemm(mode: int, a: torch.Tensor, b: torch.Tensor, lu: torch.Tensor, lv: torch.Tensor, g: torch.Tensor,
               bias: torch.Tensor | None, scale: float, seed=0, threshold: int = 0, drop_scale: float = 1.0,
               c: torch.Tensor | None = None) -> torch.Tensor:
@@ -307,9 +318,9 @@ def dora_gemm(mode: int, a: torch.Tensor, b: torch.Tensor, lu: torch.Tensor, lv:
     elif is_deterministic():
         # fastpeft.set_deterministic: one config per mode, not the autotuner's pick (whose BLOCK_K could
         # change the order of the sums between processes).
-        c0 = (_TWO_ACC_CONFIGS if mode in (FWD_EXACT, DX_EXACT)
-              else _prune_one_acc_configs(_ONE_ACC_CONFIGS, {}, LOW_MASK=mode == DX and threshold > 0))[0]
-        cfg = dict(c0.kwargs, num_warps=c0.num_warps, num_stages=c0.num_stages)
+        cfg = pinned_config(_TWO_ACC_CONFIGS if mode in (FWD_EXACT, DX_EXACT)
+                            else _prune_one_acc_configs(_ONE_ACC_CONFIGS, {}, LOW_MASK=mode == DX and threshold > 0),
+                            a.element_size())
     if mode == DM_EXACT:
         out = torch.zeros((triton.cdiv(M, cfg["BLOCK_M"]), N), device=a.device, dtype=torch.float32)
     else:

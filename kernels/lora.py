@@ -29,14 +29,17 @@ What the kernel modules share (the mask, dots, casts, tile order, block tables, 
 """
 from __future__ import annotations
 
+import warnings
+
 import torch
 import triton
 import triton.language as tl
 
 from . import INTERPRET, getenv, is_deterministic
-from ._common import (_HAS_TRITON_OP, _cast, _dot_precision, _grouped_tile, _keep_mask, _keep_mask_tile, _library_op,
-                      _lowrank_bias_part, _mma, _op_body, _seed, _sm_count, _tile_ranges, _upcast,
-                      _use_explicit_blocks, _wrap, block_setter, capturing, eager_or_op, r_pad, split_chunk, split_count)
+from ._common import (_HAS_TRITON_OP, _cast, _dot_precision, _grouped_tile, _keep_mask, _keep_mask_tile,
+                      _library_op, _lowrank_bias_part, _mma, _op_body, _seed, _sm_count, _tile_ranges, _upcast,
+                      _use_explicit_blocks, _wrap, block_setter, capturing, eager_or_op, fit_stages, narrow_blocks, r_pad, split_chunk,
+                      split_count)
 
 # ----------------------------------------------------------------------------------------------------
 # kernels
@@ -347,8 +350,19 @@ _DY_PASS_CONFIGS = [
 ]
 _lora_dy_pass_tuned = triton.autotune(configs=_DY_PASS_CONFIGS, key=["M_KEY", "N", "R_PAD", "BLOCK_M"])(
     _lora_dy_pass_kernel)
-# Deterministic mode: the first config (BLOCK_N sets the order of v's sums).
+# Deterministic mode: the first config (BLOCK_N sets the order of v's sums), with fewer stages where its tiles
+# would not fit shared memory (``pinned_dy_pass``).
 _PINNED_DY_PASS = {"BLOCK_N": 64, "num_warps": 8, "num_stages": 3}
+
+
+def pinned_dy_pass(block_m: int, rp: int, itemsize: int) -> dict:
+    """``_PINNED_DY_PASS`` for BLOCK_M rows, R_PAD ``rp`` and dY of ``itemsize`` bytes: its stages cut to what
+    fits shared memory, counting per stage dY's (BLOCK_M, BLOCK_N) tile and twice B's (BLOCK_N, R_PAD) one (u's
+    rows and the layout copies). Compiled for sm_90 (triton 3.6, fp32 with TF32, R_PAD 256), 3 stages take
+    245760 B, which does not launch; bf16 fits at every R_PAD up to 256 with its 3 stages."""
+    bn = _PINNED_DY_PASS["BLOCK_N"]
+    return dict(_PINNED_DY_PASS, num_stages=fit_stages(bn * (block_m + 2 * rp) * itemsize,
+                                                       _PINNED_DY_PASS["num_stages"]))
 # Every column chunk is a multiple of this (the largest BLOCK_N of the configs), so no config straddles one.
 _DY_PASS_N_ALIGN = 128
 
@@ -387,8 +401,10 @@ def lora_shrink(a: torch.Tensor, b: torch.Tensor, scale: float = 1.0, seed: int 
     if _use_explicit_blocks(a):
         block_p, block_q, warps, stages = _TEST_BLOCKS["BLOCK_P"], _TEST_BLOCKS["BLOCK_Q"], 4, 1
     else:
-        # BLOCK_P=64/BLOCK_Q=64: a narrow-output GEMM is bound by reading a; not yet tuned on a card.
-        block_p, block_q, warps, stages = 64, 64, 4, 3
+        # BLOCK_P=64/BLOCK_Q=64, 3 stages: a narrow-output GEMM is bound by reading a; not yet tuned on a card.
+        # Fewer stages where the tiles would not fit shared memory (fp32 from R_PAD 256).
+        block_p, warps = 64, 4
+        block_q, stages = narrow_blocks(block_p, r_pad(R), a.element_size(), b.element_size())
     q_per_split, split = split_chunk(Q, split_count(a, triton.cdiv(P, block_p), Q, block_q), block_q)
     out = torch.empty((split, P, R), device=a.device, dtype=torch.float32)
     if P == 0 or R == 0:
@@ -480,7 +496,7 @@ def lora_dy_pass(dy: torch.Tensor, b: torch.Tensor, u: torch.Tensor, scale: floa
     else:
         block_m, block_n = dy_pass_block_m(M, rp), _DY_PASS_N_ALIGN
         if is_deterministic():
-            cfg = dict(_PINNED_DY_PASS)
+            cfg = pinned_dy_pass(block_m, rp, dy.element_size())
     rows = triton.cdiv(M, block_m)
     n_per_split, split = split_chunk(N, dy_pass_split(dy, rows, N, block_n), block_n)
     v = torch.empty((split, M, R), device=dy.device, dtype=torch.float32)
@@ -602,6 +618,17 @@ def _bench(fn) -> float:
     return do_bench(fn, warmup=10, rep=40)
 
 
+def _cannot_run_errors() -> tuple:
+    """The exceptions by which a candidate says it cannot run on this card rather than that it is wrong:
+    triton's compile and launch-resource errors (a config over the card's shared memory or registers, a
+    construct its compiler rejects), raised before anything runs."""
+    from triton.compiler import errors as ce
+    from triton.runtime import errors as re_
+
+    names = ((re_, "OutOfResources"), (re_, "PTXASError"), (ce, "CompilationError"))
+    return tuple(getattr(m, n) for m, n in names if hasattr(m, n))
+
+
 def timed_choice(cache: dict, key: tuple, mode: str, device: torch.device, candidates: dict, fixed: str) -> str:
     """The name of the candidate to run for this shape key, given the environment's ``mode``.
 
@@ -615,7 +642,10 @@ def timed_choice(cache: dict, key: tuple, mode: str, device: torch.device, candi
     takes it even where eager calls have timed the key: a compiled graph does not depend on what this
     process measured before, and dynamo never reads (and guards on) the cache. A shape first met while a
     CUDA graph is captured takes ``fixed`` too (timing syncs, which capture forbids: warm up before capturing
-    to have it timed). A measured winner that this call does not offer gives ``fixed``.
+    to have it timed). A measured winner that this call does not offer gives ``fixed``. A candidate whose first
+    run raises one of triton's compile or resource errors (``_cannot_run_errors``) is left out of the timing,
+    with a warning naming it and the error (the floor holds whatever a kernel's config does on a card); where
+    every candidate raises, the first error propagates.
     """
     if mode != "auto":
         if mode not in candidates:
@@ -631,9 +661,21 @@ def timed_choice(cache: dict, key: tuple, mode: str, device: torch.device, candi
         return name if name in candidates else fixed
     if len(candidates) == 1:
         return first
-    for run in candidates.values():
-        run()
-    times = {name: _bench(run) for name, run in candidates.items()}
+    failed = {}
+    for name, run in candidates.items():
+        try:
+            run()
+        except _cannot_run_errors() as e:
+            failed[name] = e
+    if len(failed) == len(candidates):
+        raise next(iter(failed.values()))
+    if failed:
+        warnings.warn("fastpeft: " + "; ".join(f"{name!r} cannot run here ({type(e).__name__}: "
+                                               f"{str(e).strip().splitlines()[0] if str(e).strip() else ''})"
+                                               for name, e in failed.items())
+                      + f"; shape key {key} runs the fastest of {tuple(n for n in candidates if n not in failed)}",
+                      RuntimeWarning, stacklevel=2)
+    times = {name: _bench(run) for name, run in candidates.items() if name not in failed}
     cache[key] = min(times, key=times.get)  # ties keep the earlier (the kernel path)
     return cache[key]
 

@@ -190,15 +190,15 @@ def _shrink_first_coords(tile, num_m, num_n, GROUP_M: tl.constexpr):
     return tl.where(producer, tile, pm), tl.where(producer, 0, pn + 1)
 
 
-@triton.jit(do_not_specialize=["seed", "threshold"])
+@triton.jit(do_not_specialize=["seed", "threshold", "M_KEY"])
 def _lora_gemm_tma_kernel(
     # pointers: a (M, K) rows; b (N, K) rows when B_NK (forward: W) else (K, N) rows (dX: W); lu (M, R);
     # lv (R, N) by strides; bias (N,); out (M, N) rows; SHRINK: la (R, K) rows (A) and flags (cdiv(M, BLOCK_M),)
     # int32 zeros; COL_SCALE: g (N,) fp32; DB_PART: pu (M, R) fp32 (the forward's u) and part (cdiv(M, BLOCK_M),
     # K, R) fp32
     a_ptr, b_ptr, lu_ptr, lv_ptr, bias_ptr, out_ptr, la_ptr, flags_ptr, g_ptr, pu_ptr, part_ptr, y_ptr, yb_ptr, dm_ptr,
-    # sizes
-    M, N, K, R,
+    # sizes (M_KEY: M's next power of two, the autotuner's key only)
+    M, N, K, R, M_KEY,
     # strides (the inner stride of a, b, la and out is 1: TMA)
     stride_am, stride_b, stride_lum, stride_lur, stride_lvr, stride_lvn, stride_om, stride_la, stride_pum,
     # low-rank term: scale * mask * (lu @ lv), mask of (m, n) from draw(seed, m * N + n) >= threshold;
@@ -471,13 +471,32 @@ def _config_fits(c, has_mask: bool, r_pad: int = 16, itemsize: int = 2, shrink: 
     return smem <= _SMEM_LIMIT and regs_ok
 
 
+def _itemsize(named_args: dict, name: str) -> int:
+    """Bytes an element of the launch's operand ``name`` (a tensor among the autotuner's arguments; 2 where it is
+    absent, as in the offline tables): fp32 tiles take twice the shared memory of bf16 ones."""
+    t = named_args.get(name)
+    return t.element_size() if isinstance(t, torch.Tensor) else 2
+
+
 def _prune_tma_configs(configs, named_args, **kwargs):
     def arg(name, default):
         return bool(kwargs.get(name, named_args.get(name, default)))
     r_pad = int(kwargs.get("R_PAD", named_args.get("R_PAD", 16)))
-    return [c for c in configs if _config_fits(c, arg("HAS_MASK", False), r_pad, shrink=arg("SHRINK", False),
-                                               x_mask=arg("X_MASK", False), db_part=arg("DB_PART", False),
-                                               k_scale=arg("K_SCALE", False))]
+    return [c for c in configs if _config_fits(c, arg("HAS_MASK", False), r_pad, _itemsize(named_args, "a_ptr"),
+                                               shrink=arg("SHRINK", False), x_mask=arg("X_MASK", False),
+                                               db_part=arg("DB_PART", False), k_scale=arg("K_SCALE", False))]
+
+
+def fits_itemsize(t: torch.Tensor) -> int:
+    """The bytes an element of operand ``t`` counts for in the ``*_fits`` rules: its own where the launch
+    autotunes or runs the pinned config on a card, 2 under the explicit test config (the interpreter and
+    FASTPEFT_AUTOTUNE=0), whose small one-stage tiles fit shared memory in any dtype."""
+    return 2 if _use_explicit_blocks(t) else t.element_size()
+
+
+def _has_config(rp: int, itemsize: int, has_mask: bool = False, **flags) -> bool:
+    """Whether ``_config_fits`` keeps any autotune config for this launch."""
+    return any(_config_fits(c, has_mask, rp, itemsize, **flags) for c in _TMA_CONFIGS)
 
 
 # Explicit config for the interpreter and tests (small, so odd sizes cross tile edges; 3 persistent
@@ -486,6 +505,13 @@ def _prune_tma_configs(configs, named_args, **kwargs):
 _TEST_CONFIG = {"BLOCK_M": 32, "BLOCK_N": 32, "BLOCK_K": 32, "GROUP_M": 2, "NUM_SMS": 3, "num_warps": 4,
                 "num_stages": 1}
 _PINNED_TMA = {"BLOCK_M": 128, "BLOCK_N": 128, "BLOCK_K": 64, "GROUP_M": 8, "num_warps": 8, "num_stages": 3}
+
+
+def pinned_tma(itemsize: int) -> dict:
+    """Deterministic mode's config for operands of ``itemsize`` bytes: ``_PINNED_TMA``, at 2 stages for fp32
+    (compiled for sm_90 with triton 3.6, fp32 with TF32: 3 stages take 262168-328768 B, which does not launch;
+    2 stages fit every variant)."""
+    return _PINNED_TMA if itemsize <= 2 else dict(_PINNED_TMA, num_stages=2)
 # DoRA's magnitude partials are column block 1's work: with y, dX's K (the layer's in_features) must span two
 # blocks of the widest autotuned BLOCK_N.
 DM_MIN_BLOCK_N = 256
@@ -497,10 +523,11 @@ assert all(c.kwargs["BLOCK_M"] == _TUNED_BLOCK_M for c in _TMA_CONFIGS)
 
 @functools.lru_cache(maxsize=None)
 def _tuned():
-    # Keyed on M itself (the kernel has no M_KEY argument): a training run repeats one token count. The
-    # flags of the fused shrink are zeroed before each timed run and before the launch that follows.
+    # Keyed on M's bucket (M_KEY, the next power of two), as the other GEMMs: batches padded to their longest
+    # sequence change the token count at every step, and each new key is a tuning run (every config timed).
+    # The flags of the fused shrink are zeroed before each timed run and before the launch that follows.
     return triton.autotune(configs=_TMA_CONFIGS,
-                           key=["M", "N", "K", "R_PAD", "HAS_MASK", "B_NK", "SHRINK", "X_MASK", "COL_SCALE",
+                           key=["M_KEY", "N", "K", "R_PAD", "HAS_MASK", "B_NK", "SHRINK", "X_MASK", "COL_SCALE",
                                 "DB_PART", "K_SCALE", "DM_PART", "DM_BIAS"],
                            prune_configs_by={"early_config_prune": _prune_tma_configs},
                            reset_to_zero=["flags_ptr"])(_lora_gemm_tma_kernel)
@@ -521,7 +548,7 @@ def _prune_multi_configs(configs, named_args, **kwargs):
     ones spill 56-1744 B on 3.9 and do not compile on 3.6 (ConvertTritonGPUToLLVM fails), and at R_PAD 64
     BLOCK_N 256 spills 96-256 B on both."""
     r_pad = int(kwargs.get("R_PAD", named_args.get("R_PAD", 16)))
-    return [c for c in configs if _config_fits(c, False, r_pad, shrink=True)]
+    return [c for c in configs if _config_fits(c, False, r_pad, _itemsize(named_args, "x_ptr"), shrink=True)]
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -551,10 +578,12 @@ def _sm_major(index: int) -> int:
     return torch.cuda.get_device_capability(index)[0] if torch.cuda.is_available() else 0
 
 
-def shrink_fits(rank: int) -> bool:
-    """Whether ``lora_forward_tma`` has configs for this LoRA rank: R_PAD <= 64 (beyond, u's accumulator and
-    A's tiles do not fit beside the GEMM's: compiled for sm_90, every config spills or is pruned)."""
-    return r_pad(rank) <= 64
+def shrink_fits(rank: int, itemsize: int = 2) -> bool:
+    """Whether ``lora_forward_tma`` has configs for this LoRA rank and operands of ``itemsize`` bytes (with and
+    without x's mask): R_PAD <= 64 in 16-bit dtypes (beyond, u's accumulator and A's tiles do not fit beside
+    the GEMM's: compiled for sm_90, every config spills or is pruned), <= 32 in fp32 (shared memory)."""
+    rp = r_pad(rank)
+    return rp <= 64 and all(_has_config(rp, itemsize, shrink=True, x_mask=xm) for xm in (False, True))
 
 
 def _dm_block_n(dy: torch.Tensor, config: dict | None) -> int:
@@ -569,15 +598,19 @@ def dm_pass_fits(dy: torch.Tensor, in_features: int, config: dict | None = None)
     return triton.cdiv(in_features, _dm_block_n(dy, config)) >= 2
 
 
-def dora_dy_pass_fits(rank: int, masked: bool) -> bool:
+def dora_dy_pass_fits(rank: int, masked: bool, itemsize: int = 2) -> bool:
     """Whether ``dora_backward_tma`` has configs for this rank: R_PAD 16 without dX's mask (beyond, every
-    config compiled for sm_90 spills: G's registers on top of the dY pass's)."""
-    return r_pad(rank) <= 16 and not masked
+    config compiled for sm_90 spills: G's registers on top of the dY pass's), and one that fits shared memory
+    for operands of ``itemsize`` bytes."""
+    return (r_pad(rank) <= 16 and not masked
+            and _has_config(r_pad(rank), itemsize, shrink=True, db_part=True, k_scale=True))
 
 
-def dy_pass_fits(rank: int, masked: bool) -> bool:
-    """Whether ``lora_backward_tma`` has configs for this rank: R_PAD <= 64, and <= 32 with dX's mask."""
-    return r_pad(rank) <= (32 if masked else 64)
+def dy_pass_fits(rank: int, masked: bool, itemsize: int = 2) -> bool:
+    """Whether ``lora_backward_tma`` has configs for this rank: R_PAD <= 64, and <= 32 with dX's mask, and one
+    that fits shared memory for operands of ``itemsize`` bytes."""
+    return (r_pad(rank) <= (32 if masked else 64)
+            and _has_config(r_pad(rank), itemsize, masked, shrink=True, db_part=True))
 
 
 def _with_rows(t: torch.Tensor) -> torch.Tensor:
@@ -587,9 +620,11 @@ def _with_rows(t: torch.Tensor) -> torch.Tensor:
 
 
 def _rows_ok(t: torch.Tensor) -> bool:
-    """A 2-D tensor TMA can address as it is: unit inner stride, 16-byte aligned base and row stride."""
+    """A 2-D tensor TMA can address as it is: unit inner stride, 16-byte aligned base and row stride, rows that
+    do not overlap (an expanded tensor's stride 0, as autograd hands the gradient of a sum, is no TMA stride)."""
     es = t.element_size()
-    return t.stride(1) == 1 and (t.stride(0) * es) % 16 == 0 and t.data_ptr() % 16 == 0
+    return (t.stride(1) == 1 and (t.stride(0) * es) % 16 == 0 and t.data_ptr() % 16 == 0
+            and (t.shape[0] <= 1 or t.stride(0) >= t.shape[1]))
 
 
 def tma_shapes_ok(*, a: torch.Tensor, b: torch.Tensor) -> bool:
@@ -787,11 +822,11 @@ def _round_like(t: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
 
 def _config_for(a: torch.Tensor, config: dict | None) -> dict | None:
     """The explicit blocks a launch runs with: ``config`` if given, ``_TEST_CONFIG`` under the interpreter and
-    with FASTPEFT_AUTOTUNE=0 (GPU tests), ``_PINNED_TMA`` in deterministic mode; None: autotuned."""
+    with FASTPEFT_AUTOTUNE=0 (GPU tests), ``pinned_tma`` in deterministic mode; None: autotuned."""
     if config is None and _use_explicit_blocks(a):
         config = _TEST_CONFIG
     if config is None and is_deterministic():
-        config = _PINNED_TMA
+        config = pinned_tma(a.element_size())
     return config
 
 
@@ -835,6 +870,7 @@ def _launch(a, b, lu, lv, bias, scale, seed, threshold, config, shrink=None, col
     g = col_scale if col_scale is not None else k_scale
     args = (a, b_arg, lu, lv, bias if bias is not None else out, out, la, flags,
             g if g is not None else flags, pu, part, y, yb if yb is not None else flags, dm, M, N, K, R,
+            triton.next_power_of_2(M),
             a.stride(0), b_arg.stride(0), lu.stride(0), lu.stride(1), lv.stride(0), lv.stride(1), out.stride(0),
             la.stride(0), pu.stride(0), scale, shrink_scale, seed, max(threshold, x_thr))
     meta = dict(HAS_BIAS=bias is not None, HAS_MASK=threshold > 0, B_NK=b_nk, R_PAD=r_pad(R),

@@ -41,8 +41,8 @@ import triton.language as tl
 
 from . import INTERPRET
 from ._common import (_HAS_TRITON_OP, _cast, _dot_precision, _keep_mask, _library_op, _mma, _op_body, _seed,
-                      _sm_count, _upcast, _use_explicit_blocks, _wrap, block_setter, eager_or_op, r_pad, split_chunk,
-                      split_count)
+                      _sm_count, _upcast, _use_explicit_blocks, _wrap, block_setter, eager_or_op, narrow_blocks, r_pad,
+                      split_chunk, split_count)
 
 # ----------------------------------------------------------------------------------------------------
 # grouping: rows sorted by adapter, cut into blocks, all on the device
@@ -376,8 +376,9 @@ def multi_lora_shrink(src: torch.Tensor, w: torch.Tensor, order: torch.Tensor, b
         block_q, warps, stages = _TEST_BLOCKS["BLOCK_Q"], 4, 1
     else:
         # BLOCK_Q=64, 3 stages: as the single-adapter shrink, a narrow GEMM bound by reading src; not
-        # measured on a GPU.
-        block_q, warps, stages = 64, 4, 3
+        # measured on a GPU. Fewer stages where the tiles would not fit shared memory (fp32 from R_PAD 256).
+        warps = 4
+        block_q, stages = narrow_blocks(block_m, r_pad(R), src.element_size(), w.element_size())
     q_per_split, split = split_chunk(Q, split_count(src, T, Q, block_q), block_q)
     # Zeros: the -1 rows have no block, and u is saved for backward (no uninitialised memory in it).
     out = torch.zeros((split, M, R), device=src.device, dtype=torch.float32)

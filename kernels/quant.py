@@ -24,7 +24,7 @@ import torch
 import triton
 import triton.language as tl
 
-from ._common import _cast, _dot_precision, _keep_mask, _mma, _sm_count, _upcast, _use_explicit_blocks, r_pad
+from ._common import _cast, _dot_precision, _keep_mask, _mma, _sm_count, _upcast, _use_explicit_blocks, fit_stages, r_pad
 
 # bitsandbytes' 1/127 (int8_vectorwise_dequant): W = CB * SCB * INT8_INV_SCALE.
 INT8_INV_SCALE = 7.874015718698502e-3
@@ -346,16 +346,20 @@ def _dense_blocks(x: torch.Tensor, N: int, R: int) -> tuple:
     else ``dense_blocks`` on x's card."""
     if _use_explicit_blocks(x):
         return _TEST_BLOCKS["BLOCK_M"], _TEST_BLOCKS["BLOCK_N"], _TEST_BLOCKS["BLOCK_K"], 4, 1
-    return dense_blocks(x.shape[0], N, r_pad(R), _sm_count(x.device.index or 0))
+    return dense_blocks(x.shape[0], N, r_pad(R), _sm_count(x.device.index or 0), x.element_size())
 
 
-def dense_blocks(M: int, N: int, rp: int, sms: int) -> tuple:
+def dense_blocks(M: int, N: int, rp: int, sms: int, itemsize: int = 2) -> tuple:
     """``(BLOCK_M, BLOCK_N, BLOCK_K, warps, stages)`` of ``lora_decode`` at M rows, N outputs and padded rank
     ``rp`` on a card of ``sms`` SMs. The kernel is bound by reading W: N tiles narrow enough (32 where 64-wide
     ones leave SMs idle) that every SM streams W, deep in K for bytes in flight. Every program also reads A
     (rp x K, from L2): BLOCK_N >= 2 rp keeps that at most half its W tile. Not yet timed on a card; compiled
-    for sm_90 without spills (benchmarks/results/sm90-resources-*.md)."""
+    for sm_90 without spills (benchmarks/results/sm90-resources-*.md). Stages are cut where x's, W's and A's tiles
+    of a K step (``itemsize`` bytes an element) would not fit shared memory: in fp32 from R_PAD 256 (4 stages of
+    16 x 128 x 64 there took 307200 B, compiled for sm_90 with triton 3.6), in bf16 at R_PAD 512."""
     bn = max(64 if triton.cdiv(N, 64) >= sms else 32, min(128, 2 * rp))
     if M <= 16:
-        return (16, bn, 128, 4, 4) if bn <= 64 else (16, bn, 64, 4, 4)
-    return (64, bn, 64, 4, 3) if bn <= 64 else (64, bn, 32, 8, 3)
+        bm, bk, warps, stages = (16, 128, 4, 4) if bn <= 64 else (16, 64, 4, 4)
+    else:
+        bm, bk, warps, stages = (64, 64, 4, 3) if bn <= 64 else (64, 32, 8, 3)
+    return bm, bn, bk, warps, fit_stages((bm + bn + rp) * bk * itemsize, stages)

@@ -424,7 +424,8 @@ def _prune_sparse_tma_configs(configs, named_args, **kwargs):
     r_pad_ = int(kwargs.get("R_PAD", named_args.get("R_PAD", 16)))
     has_mask = bool(kwargs.get("HAS_MASK", named_args.get("HAS_MASK", False)))
     db = int(kwargs.get("DB", named_args.get("DB", 32)))
-    return [c for c in configs if _T._config_fits(c, has_mask, r_pad_) and c.num_warps == 8 and r_pad_ <= 64
+    itemsize = _T._itemsize(named_args, "a_ptr")
+    return [c for c in configs if _T._config_fits(c, has_mask, r_pad_, itemsize) and c.num_warps == 8 and r_pad_ <= 64
             and c.kwargs["BLOCK_K"] == 64 and ((r_pad_ < 64 and db < 64) or c.kwargs["BLOCK_N"] <= 128)]
 
 

@@ -667,6 +667,48 @@ def test_decode_blocks_rule():
             assert all(v & (v - 1) == 0 and v >= 16 for v in (bm, bn, bk)) and bn >= min(128, 2 * rp)
 
 
+def test_fixed_launch_blocks_fit_shared_memory_in_every_dtype():
+    """The launches that do not autotune (the shrinks, the decode kernel, deterministic mode's pinned configs)
+    keep their tuned blocks in 16-bit dtypes and cut stages (or BLOCK_Q) where fp32 tiles would not fit the
+    227 KiB of shared memory an sm_90 block has: compiled for sm_90 (triton 3.6), the fp32 shrink at R_PAD 256 and
+    3 stages took 245760 B, the decode kernel 307200 B, DoRA's pinned 128 x 128 x 64 262144 B, the pinned TMA
+    GEMM 262168 B and more (benchmarks/results/sm90-resources-fp32-*.md: with these blocks, none above)."""
+    from fastpeft.kernels import dora as D
+    from fastpeft.kernels import lora_tma as T
+    from fastpeft.kernels._common import SMEM_BUDGET, narrow_blocks
+    from fastpeft.kernels.quant import dense_blocks
+
+    hw = 232448
+    for rp in (16, 32, 64, 128, 256):
+        assert narrow_blocks(64, rp, 2, 2) == (64, 3) and narrow_blocks(16, rp, 2, 2) == (64, 3)
+        assert K.pinned_dy_pass(K.dy_pass_block_m(8192, rp), rp, 2) == K._PINNED_DY_PASS
+    for rp in (16, 32, 64, 128):  # the decode blocks: unchanged in bf16 up to R_PAD 128
+        for m in (1, 16, 64):
+            assert dense_blocks(m, 4096, rp, 132, 2)[4] == (4 if m <= 16 else 3)
+    assert T.pinned_tma(2) == T._PINNED_TMA
+    for cfgs in (D._ONE_ACC_CONFIGS, D._TWO_ACC_CONFIGS):
+        c = cfgs[0]
+        assert D.pinned_config(cfgs, 2) == dict(c.kwargs, num_warps=c.num_warps, num_stages=c.num_stages)
+    for isz in (2, 4):
+        for rp in (16, 64, 256, 512, 1024):
+            for rows in (16, 64):
+                bq, st = narrow_blocks(rows, rp, isz, isz)
+                assert st * bq * (rows + rp) * isz <= SMEM_BUDGET < hw and bq >= 16 and bq & (bq - 1) == 0
+            bm = K.dy_pass_block_m(8192, rp)
+            cfg = K.pinned_dy_pass(bm, rp, isz)
+            assert cfg["num_stages"] * cfg["BLOCK_N"] * (bm + 2 * rp) * isz <= SMEM_BUDGET or cfg["num_stages"] == 1
+            if rp <= 512:
+                for m in (1, 16, 64):
+                    bm_, bn, bk, _, st = dense_blocks(m, 4096, rp, 132, isz)
+                    assert st * (bm_ + bn + rp) * bk * isz <= SMEM_BUDGET
+    assert narrow_blocks(64, 256, 4, 4) == (64, 2) and narrow_blocks(64, 1024, 4, 4)[0] == 32
+    assert dense_blocks(1, 4096, 256, 132, 4)[4] < dense_blocks(1, 4096, 256, 132, 2)[4]
+    assert K.pinned_dy_pass(32, 256, 4)["num_stages"] < 3
+    assert T.pinned_tma(4)["num_stages"] == 2
+    pinned = D.pinned_config(D._ONE_ACC_CONFIGS, 4)
+    assert (pinned["BLOCK_M"] + pinned["BLOCK_N"]) * pinned["BLOCK_K"] * 4 * pinned["num_stages"] <= SMEM_BUDGET
+
+
 @pytest.mark.gpu
 @pytest.mark.parametrize("r", [16, 64])
 @pytest.mark.parametrize("m", [1, 16, 64])

@@ -588,3 +588,24 @@ def test_multi_forward_bad_ids_and_inf_rows():
     others = torch.arange(40, device=DEV) != 9
     assert torch.isfinite(yi[others]).all() and not torch.isfinite(yi[9]).all()
     assert_close_report(yi[others], y[others], rtol=1e-6, atol=1e-6, what="rows beside the inf row")
+
+
+def test_tma_refuses_rows_that_overlap():
+    """An expanded (M, N) tensor (row stride 0: autograd's gradient of a sum) is no TMA address: ``_with_rows``
+    copies it to standard rows; a 16-byte-aligned standard tensor goes as it is, and so does a single row."""
+    dy = torch.randn(1, 64).expand(5, 64)
+    assert dy.stride() == (0, 1) and not T._rows_ok(dy)
+    copy = T._with_rows(dy)
+    assert copy.stride() == (64, 1) and torch.equal(copy, dy)
+    x = torch.randn(5, 64)
+    assert T._rows_ok(x) and T._with_rows(x) is x
+    assert T._rows_ok(torch.randn(1, 64))
+
+
+def test_tma_autotunes_once_per_row_bucket():
+    """The TMA GEMM's autotuner is keyed on M's power-of-two bucket (M_KEY), not M: batches padded to their
+    longest sequence change M at every step, and each new key would time every config again."""
+    keys = T._tuned().keys
+    assert "M_KEY" in keys and "M" not in keys
+    assert "M_KEY" in T._tuned_multi().keys
+

@@ -101,6 +101,40 @@ def test_a_measured_winner_not_offered_gives_the_fixed_choice(timed):
     assert len(ran) == n and cache == {("k",): "tma-shrink"}
 
 
+def test_a_candidate_the_card_cannot_run_is_left_out(timed):
+    """A candidate whose first run raises triton's OutOfResources (a config over the card's shared memory, as an
+    fp32 rank-256 launch was) or a compile error is not timed: the fastest of the others wins, with a warning
+    naming it and the error. Any other exception is a bug and propagates; where every candidate cannot run,
+    the first error does."""
+    from triton.compiler.errors import CompilationError
+    from triton.runtime.errors import OutOfResources
+
+    clock, ran, cands = timed
+    clock.update({"fused": 0.5, "tma": 2.0, "cublas": 3.0})
+
+    def raising(exc):
+        def run():
+            ran.append("raised")
+            raise exc
+        return run
+    oor = OutOfResources(245760, 232448, "shared memory")
+    run = dict(cands("fused", "tma", "cublas"), fused=raising(oor))
+    cache = {}
+    with pytest.warns(RuntimeWarning, match=r"'fused' cannot run here \(OutOfResources: out of resource: "
+                                            r"shared memory.*runs the fastest of \('tma', 'cublas'\)"):
+        assert K.timed_choice(cache, ("oor",), "auto", CUDA, run, "cublas") == "tma"
+    assert cache == {("oor",): "tma"} and ran.count("raised") == 1  # its one failed run, never timed
+    import ast
+    comp = CompilationError("x = 1", ast.parse("x = 1").body[0], "unsupported")
+    run = dict(cands("fused", "tma", "cublas"), tma=raising(comp))
+    with pytest.warns(RuntimeWarning, match="'tma' cannot run here .CompilationError"):
+        assert K.timed_choice({}, ("ce",), "auto", CUDA, run, "cublas") == "fused"
+    with pytest.raises(ZeroDivisionError):  # a bug, not a resource limit
+        K.timed_choice({}, ("bug",), "auto", CUDA, dict(cands("tma"), fused=raising(ZeroDivisionError())), "tma")
+    with pytest.raises(OutOfResources):
+        K.timed_choice({}, ("all",), "auto", CUDA, {"a": raising(oor), "b": raising(oor)}, "a")
+
+
 def test_forced_and_deterministic_modes_hold(timed, monkeypatch):
     clock, ran, cands = timed
     run = cands("fused", "tma", "cublas")
@@ -169,6 +203,32 @@ def test_fused_shrink_is_offered_where_it_can_run(monkeypatch):
     monkeypatch.setattr(KT, "tma_supported", lambda device: False)
     assert offered() == ("kernels", "torch")
     assert not OL._fused_dy_offered(dy, w, bb, False)
+
+
+@pytest.mark.parametrize("rank", [1, 16, 17, 32, 33, 64, 65, 128])
+def test_fp32_fused_paths_are_offered_only_where_a_config_fits_shared_memory(rank):
+    """fp32 tiles take twice bf16's shared memory: the fused TMA paths hold ranks up to 32 (the forward's shrink)
+    and 64 (the dY pass, 32 with the mask) in bf16's registers, but in fp32 only where a config's pipelined tiles
+    fit (``_config_fits`` with the real element size); the prune then keeps one. Explicit test blocks count as
+    2 bytes (their one-stage tiles fit in any dtype)."""
+    from fastpeft.kernels._common import r_pad
+    rp = r_pad(rank)
+    f32 = {"a_ptr": torch.empty(0), "x_ptr": torch.empty(0)}
+    assert KT.shrink_fits(rank, 4) == (rp <= 32)
+    assert KT.shrink_fits(rank, 4) <= KT.shrink_fits(rank, 2)
+    for x_mask in (False, True):
+        kept = KT._prune_tma_configs(KT._TMA_CONFIGS, f32, R_PAD=rp, SHRINK=True, X_MASK=x_mask, B_NK=True)
+        assert bool(kept) >= KT.shrink_fits(rank, 4), (rank, x_mask)
+        assert all(c.num_stages * (128 + c.kwargs["BLOCK_N"] + rp) * c.kwargs["BLOCK_K"] * 4 <= KT._SMEM_LIMIT
+                   for c in kept)
+    for masked in (False, True):
+        kept = KT._prune_tma_configs(KT._TMA_CONFIGS, f32, R_PAD=rp, SHRINK=True, DB_PART=True, HAS_MASK=masked)
+        assert bool(kept) == KT.dy_pass_fits(rank, masked, 4), (rank, masked)
+    assert bool(KT._prune_multi_configs(KT._TMA_CONFIGS, f32, R_PAD=rp)) >= KT.shrink_fits(rank, 4)
+    # the plain TMA GEMM keeps a config in fp32 at every R_PAD the epilogue takes
+    assert KT._prune_tma_configs(KT._TMA_CONFIGS, f32, R_PAD=rp, HAS_MASK=False) or rp > 64
+    x = torch.empty(4, 8)
+    assert KT.fits_itemsize(x) == 2  # under the interpreter: the explicit test config
 
 
 @pytest.mark.parametrize("rank", [1, 16, 17, 32, 33, 64, 65, 128])

@@ -202,14 +202,15 @@ FUSED_SHRINK_MIN_ROWS = 256
 
 def _fused_shrink_offered(x, weight, lora_A) -> bool:
     """Whether the forward can run ``kernels.lora_tma.lora_forward_tma`` (the shrink fused into the TMA GEMM)."""
-    return _tma_fused_offered(x, weight.t(), lora_A, lambda: KT.shrink_fits(lora_A.shape[0]))
+    return _tma_fused_offered(x, weight.t(), lora_A, lambda: KT.shrink_fits(lora_A.shape[0], KT.fits_itemsize(x)))
 
 
 def _fused_dy_offered(dy, weight, lora_B, masked: bool) -> bool:
     """Whether the backward can run ``kernels.lora_tma.lora_backward_tma`` (the dY pass fused into dX's TMA
     GEMM), with dY (M, N) @ W (N, K) as the GEMM (``masked``: dX has dropout's mask, which leaves configs up to
     rank 32)."""
-    return _tma_fused_offered(dy, weight, lora_B, lambda: KT.dy_pass_fits(lora_B.shape[1], masked))
+    return _tma_fused_offered(dy, weight, lora_B,
+                              lambda: KT.dy_pass_fits(lora_B.shape[1], masked, KT.fits_itemsize(dy)))
 
 
 def _tma_fused_offered(a, b, factor, fits) -> bool:
