@@ -13,7 +13,9 @@ transformers flags it, so that PEFT takes its ``lora.bnb`` layers: bnb's matmul,
 LoRA term by ``addmm_``; backward dequantizes again) and ``qlora`` (fastpeft's FastLoRALinear over the same
 bnb layer: the fused / dequant-pass kernels on CUDA, the PyTorch path on the CPU). Modes ``fwd`` and
 ``fwd+bwd`` (dX, dA, dB), each with its peak memory on CUDA. Ratios are to ``linear``, measured in one run.
-``qlora`` and ``peft-bnb`` rows give their relative error against ``dequant-addmm`` (y and every gradient).
+``--dropout p``: ``lora``, ``qlora`` and ``peft-bnb`` train with LoRA dropout p (``dequant-addmm`` has none:
+Unsloth's fast path needs p = 0). Without dropout, ``qlora`` and ``peft-bnb`` rows give their relative error
+against ``dequant-addmm`` (y and every gradient); with it every call draws its own mask.
 """
 from __future__ import annotations
 
@@ -91,14 +93,14 @@ def _quantized(lin: nn.Linear, quant: str, device, dtype):
     return layer.to(device)
 
 
-def providers(k, n, r, quant, device, dtype, kernels_ok: bool):
-    """name -> (callable module(x), backend)."""
+def providers(k, n, r, quant, device, dtype, kernels_ok: bool, p: float = 0.0):
+    """name -> (callable module(x), backend); LoRA dropout p on ``lora``, ``qlora`` and ``peft-bnb``."""
     torch.manual_seed(0)
     lin = nn.Linear(k, n, bias=False, device=device, dtype=dtype).requires_grad_(False)
-    lora = fastpeft.FastLoRALinear.from_linear(lin, r=r, lora_alpha=2 * r, init_lora_weights=False)
+    lora = fastpeft.FastLoRALinear.from_linear(lin, r=r, lora_alpha=2 * r, lora_dropout=p, init_lora_weights=False)
     backend = "triton" if kernels_ok else "reference"
     qlayer = fastpeft.FastLoRALinear.from_linear(_quantized(lin, quant, device, dtype), r=r, lora_alpha=2 * r,
-                                                 init_lora_weights=False)
+                                                 lora_dropout=p, init_lora_weights=False)
     a = lora.lora_A.detach().to(dtype).requires_grad_(True)
     b = lora.lora_B.detach().to(dtype).requires_grad_(True)
     base = _quantized(lin, quant, device, dtype)
@@ -108,7 +110,7 @@ def providers(k, n, r, quant, device, dtype, kernels_ok: bool):
         import peft
     except ImportError:
         return out
-    cfg = peft.LoraConfig(r=r, lora_alpha=2 * r, target_modules=["0"], init_lora_weights=False)
+    cfg = peft.LoraConfig(r=r, lora_alpha=2 * r, lora_dropout=p, target_modules=["0"], init_lora_weights=False)
     model = nn.Sequential(_quantized(lin, quant, device, dtype))
     # as transformers flags a model loaded with BitsAndBytesConfig: PEFT then wraps the layer in lora.bnb's
     # Linear4bit / Linear8bitLt (what a QLoRA user runs), not its generic lora.Linear
@@ -138,13 +140,14 @@ class _Module:
         return iter(self.params)
 
 
-def groups(m, k, n, r, quant, modes, ctx):
+def groups(m, k, n, r, quant, p, modes, ctx):
     x = torch.randn(m, k, device=ctx.device, dtype=ctx.dtype, requires_grad=True)
     dy = torch.randn(m, n, device=ctx.device, dtype=ctx.dtype)
-    mods = providers(k, n, r, quant, ctx.device, ctx.dtype, ctx.kernels_ok)
+    mods = providers(k, n, r, quant, ctx.device, ctx.dtype, ctx.kernels_ok, p)
     # The same quantized W and the same A, B (``providers``): fastpeft's QLoRA and PEFT + bitsandbytes are checked
-    # against the plain dequantize + GEMM composition (y, dx, dA, dB).
-    checks = {name: "dequant-addmm" for name in ("qlora", "peft-bnb") if name in mods}
+    # against the plain dequantize + GEMM composition (y, dx, dA, dB), without dropout (with it each call draws
+    # its own mask).
+    checks = {name: "dequant-addmm" for name in ("qlora", "peft-bnb") if name in mods and p == 0.0}
     for mode in modes:
         yield Group({"mode": mode},
                     {name: harness.layer_step(mod, be, mode, x, dy) for name, (mod, be) in mods.items()},
@@ -152,19 +155,21 @@ def groups(m, k, n, r, quant, modes, ctx):
 
 
 def cases(args, ctx) -> list:
-    return [Case(dict(quant=qt, M=m, K=k, N=n, r=r), functools.partial(groups, m, k, n, r, qt, args.modes, ctx))
-            for qt in args.quant for m in args.tokens for k, n in args.shapes for r in args.ranks]
+    return [Case(dict(quant=qt, M=m, K=k, N=n, r=r, p=p), functools.partial(groups, m, k, n, r, qt, p, args.modes, ctx))
+            for qt in args.quant for m in args.tokens for k, n in args.shapes for r in args.ranks for p in args.dropout]
 
 
 def add_arguments(ap, cuda: bool) -> None:
     harness.add_linear_args(ap, cuda, (GPU_TOKENS, CPU_TOKENS), (GPU_SHAPES, CPU_SHAPES))
     ap.add_argument("--ranks", nargs="+", type=int, default=[16])
+    ap.add_argument("--dropout", nargs="+", type=float, default=[0.0],
+                    help="LoRA dropout of lora, qlora and peft-bnb (dequant-addmm has none)")
     ap.add_argument("--quant", nargs="+", choices=QUANTS, default=GPU_QUANTS if cuda else CPU_QUANTS,
                     help="the bitsandbytes bases: 4-bit nf4 / fp4 (-nested: double-quantized absmax) or int8 "
                          "(Linear8bitLt)")
 
 
-COLUMNS = ([("quant", "base", "{}")] + harness.plain_columns("M", "K", "N", "r", "mode") + harness.TIMING_COLUMNS
+COLUMNS = ([("quant", "base", "{}")] + harness.plain_columns("M", "K", "N", "r", "p", "mode") + harness.TIMING_COLUMNS
            + harness.VS_LINEAR_COLUMNS + harness.ERROR_COLUMNS)
 
 BENCHMARK = harness.linear_benchmark(

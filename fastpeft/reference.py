@@ -207,6 +207,20 @@ def lora_dropout_cpu(x: torch.Tensor, p: float, seed) -> torch.Tensor:
     return _drop(x, p, seed, cpu_keep_mask)
 
 
+def keep_mask_stream(x: torch.Tensor, p: float, seed) -> torch.Tensor:
+    """The keep-mask (bool, x's shape) of x (..., K) as the reference backend draws it: the CPU stream on the CPU
+    path (``use_cpu_path``), the kernels' Philox stream elsewhere."""
+    k = x.shape[-1]
+    m = x.numel() // k if k else 0
+    mask_fn = cpu_keep_mask if use_cpu_path(x) else dropout_mask
+    return mask_fn(seed, m, k, p, device=x.device).view(x.shape)
+
+
+def lora_dropout_stream(x: torch.Tensor, p: float, seed) -> torch.Tensor:
+    """``drop(x)`` as the reference backend draws it for ``x`` (``keep_mask_stream``)."""
+    return (lora_dropout_cpu if use_cpu_path(x) else lora_dropout_ref)(x, p, seed)
+
+
 def lora_linear_ref(
     x: torch.Tensor,
     weight: torch.Tensor,
@@ -481,7 +495,8 @@ def dora_linear_ref(
     dropout_mode: str = "exact",
 ) -> torch.Tensor:
     """DoRA linear in plain PyTorch: with ``g = m / ‖W + sBA‖_row`` (fp32, the norm detached) and
-    ``x̃ = drop(x)`` (``lora_dropout_ref``: only when ``training`` and ``dropout_p > 0``),
+    ``x̃ = drop(x)`` (only when ``training`` and ``dropout_p > 0``; ``lora_dropout_stream``: the mask the
+    reference backend draws),
 
     - no dropout (eval, or p = 0):  ``y = g ⊙ (x Wᵀ + s x Aᵀ Bᵀ) + b``
     - ``dropout_mode="exact"`` (PEFT 0.21's DoraLinearVariant.forward: with dropout it feeds ``x̃`` to the
@@ -502,7 +517,8 @@ def dora_linear_ref(
     dropped = training and dropout_p > 0.0
     if dropped and seed is None:
         raise ValueError("seed is required when training with dropout_p > 0, got None")
-    xd = lora_dropout_ref(x, dropout_p, seed) if dropped else x
+    # the reference backend's stream: the CPU one on the CPU path (what fastpeft's DoRA and QLoRA draw there)
+    xd = lora_dropout_stream(x, dropout_p, seed) if dropped else x
     base = F.linear(x, weight).to(dt)
     lora = scaling * F.linear(F.linear(xd, lora_A), lora_B).to(dt)
     if dropped and dropout_mode == "exact":

@@ -6,7 +6,7 @@ import torch.nn as nn
 
 from conftest import assert_close_report
 from fastpeft.ops.dora import (CANCEL_RATIO, dora_linear, dora_norm, dora_norm_factored, weight_sq_norms)
-from fastpeft.reference import dora_linear_ref, dora_norm_ref, lora_dropout_ref
+from fastpeft.reference import dora_linear_ref, dora_norm_ref, lora_dropout_stream
 
 NAMES = ("y", "dx", "dW", "db", "dA", "dB", "dm")
 
@@ -146,6 +146,7 @@ def test_norm_factored_odd_shapes_and_cache():
 # kernels (TRITON_INTERPRET=1) against the fp64 oracle, fp32 and bf16
 # ----------------------------------------------------------------------------------------------------
 
+@pytest.mark.usefixtures("kernel_stream_reference")
 @pytest.mark.parametrize("p,mode", MODES)
 @pytest.mark.parametrize("shape", [(33, 80, 48, 8), (7, 48, 130, 16)], ids=["M33-K80-N48-r8", "M7-K48-N130-r16"])
 def test_kernels_fp32(shape, p, mode):
@@ -169,6 +170,7 @@ def forced_fused_shrink(monkeypatch):
     return ran
 
 
+@pytest.mark.usefixtures("kernel_stream_reference")
 @pytest.mark.parametrize("bias", [True, False], ids=["bias", "nobias"])
 @pytest.mark.parametrize("p,mode", [MODES[0], MODES[2]])
 @pytest.mark.parametrize("shape", [(33, 80, 48, 8), (7, 48, 136, 16)], ids=["M33-K80-N48-r8", "M7-K48-N136-r16"])
@@ -198,6 +200,7 @@ def forced_decode(monkeypatch):
     return ran
 
 
+@pytest.mark.usefixtures("kernel_stream_reference")
 @pytest.mark.parametrize("bias", [True, False], ids=["bias", "nobias"])
 @pytest.mark.parametrize("p,mode", MODES)
 @pytest.mark.parametrize("shape", [(33, 80, 48, 8), (1, 48, 136, 16), (64, 130, 40, 24)],
@@ -215,6 +218,7 @@ def test_kernels_decode_fp32(forced_decode, shape, p, mode, bias):
             assert_close_report(a, e, 2e-5, 2e-5 * float(e.detach().abs().max()), name)
 
 
+@pytest.mark.usefixtures("kernel_stream_reference")
 def test_kernels_decode_bf16_and_eval(forced_decode):
     """bf16 within 2x PyTorch's error through the decode forward; an eval call (no autograd, the norm cached)
     launches it alone and gives the reference's output."""
@@ -231,6 +235,7 @@ def test_kernels_decode_bf16_and_eval(forced_decode):
     assert_close_report(got, want, 2e-5, 2e-5 * float(want.abs().max()), "eval y")
 
 
+@pytest.mark.usefixtures("kernel_stream_reference")
 def test_kernels_fused_shrink_bf16_and_exact_mode(forced_fused_shrink):
     """bf16 within 2x PyTorch's error on the fused forward and backward; PEFT's exact dropout mode keeps its
     own GEMMs (two accumulators), which the fused kernels do not have."""
@@ -244,6 +249,7 @@ def test_kernels_fused_shrink_bf16_and_exact_mode(forced_fused_shrink):
     assert len(forced_fused_shrink) == 3
 
 
+@pytest.mark.usefixtures("kernel_stream_reference")
 def test_kernels_noncontiguous_x():
     t = _case(20, 80, 48, 8, dtype=torch.float32)
     t[0] = torch.randn(80, 20).t()  # (20, 80), column-major
@@ -267,6 +273,7 @@ def _assert_bf16_error_at_most_twice_pytorchs(p, mode, t, dy):
             f"{name}: kernel {err:.3g} vs PyTorch {err_pt:.3g}"
 
 
+@pytest.mark.usefixtures("kernel_stream_reference")
 @pytest.mark.parametrize("p,mode,bias_scale", [pytest.param(*m.values, 1.0, id=m.id) for m in MODES]
                          + [pytest.param(0.0, "exact", 30.0, id="p0-bias30")])
 def test_kernels_bf16_error_at_most_twice_pytorchs(p, mode, bias_scale):
@@ -284,15 +291,16 @@ def test_kernels_bf16_error_at_most_twice_pytorchs(p, mode, bias_scale):
 # against PEFT 0.21's DoRA, same A, B, m: outputs and gradients to 1e-5 in fp32
 # ----------------------------------------------------------------------------------------------------
 
-class _PhiloxDropout(nn.Module):
-    """PEFT's lora_dropout module replaced by fastpeft's mask, so that both draw the same x̃."""
+class _FastpeftDropout(nn.Module):
+    """PEFT's lora_dropout module replaced by fastpeft's mask (the reference backend's stream for x), so that
+    both draw the same x̃."""
 
     def __init__(self, p, seed):
         super().__init__()
         self.p, self.seed = p, seed
 
     def forward(self, x):
-        return lora_dropout_ref(x, self.p, self.seed)
+        return lora_dropout_stream(x, self.p, self.seed)
 
 
 def _peft_dora(K, N, r, alpha, p, bias):
@@ -311,12 +319,14 @@ def _peft_dora(K, N, r, alpha, p, bias):
 @pytest.mark.parametrize("backend", ["reference", "triton"])
 @pytest.mark.parametrize("p,training", [(0.0, True), (0.2, True), (0.2, False)],
                          ids=["p0", "p0.2-train", "p0.2-eval"])
-def test_matches_peft_dora(backend, p, training):
+def test_matches_peft_dora(backend, p, training, request):
+    if backend == "triton":  # on CPU tensors the kernels draw their Philox stream; the reference path its own
+        request.getfixturevalue("kernel_stream_reference")
     K, N, r, alpha, seed = 48, 40, 8, 16, 11
     pm, layer = _peft_dora(K, N, r, alpha, p, bias=True)
     pm.train(training)
     if p > 0:
-        layer.lora_dropout["default"] = _PhiloxDropout(p, seed)
+        layer.lora_dropout["default"] = _FastpeftDropout(p, seed)
     x = torch.randn(3, 11, K)
     dy = torch.randn(3, 11, N)
     a_p, b_p = layer.lora_A["default"].weight, layer.lora_B["default"].weight
@@ -376,6 +386,31 @@ def _peak_cpu_bytes(fn):
         cur += nbytes
         peak = max(peak, cur)
     return peak
+
+
+def test_cpu_path_dropout_is_the_cpu_stream_and_four_weight_gemms():
+    """On CPU tensors the PyTorch path draws the CPU path's dropout stream (``lora_dropout_cpu``, SplitMix64: the
+    kernels' Philox one in PyTorch int64 ops cost more than the GEMMs, and made p > 0 slower than PEFT), and a
+    training step in the exact mode does PEFT's four (M, K, N) GEMMs, not five: z = x̃ Wᵀ + s u Bᵀ is kept from
+    the forward for dm instead of recomputed."""
+    from torch.utils.flop_counter import FlopCounterMode
+
+    from fastpeft.reference import lora_dropout_cpu, lora_dropout_ref
+    M, K, N, r, s, p, seed = 64, 96, 80, 4, 1.5, 0.25, 5
+    t = _case(M, K, N, r, dtype=torch.float64)
+    y = dora_linear(*t, s, p, True, seed, "exact")
+    x, w, b, a, bb, m = t
+    g = m / dora_norm_ref(w, a, bb, s)
+    for drop, same in ((lora_dropout_cpu, True), (lora_dropout_ref, False)):
+        xd = drop(x, p, seed)
+        want = x @ w.t() + (g - 1) * (xd @ w.t()) + g * (s * (xd @ a.t()) @ bb.t()) + b
+        assert torch.allclose(y, want, rtol=1e-12, atol=1e-12) == same
+    leaves = [u.detach().clone().requires_grad_(i != 1) for i, u in enumerate(_case(M, K, N, r))]
+    dy = torch.randn(M, N)
+    with FlopCounterMode(display=False) as fc:
+        dora_linear(*leaves, s, p, True, seed, "exact").backward(dy)
+    gemm = 2 * M * K * N
+    assert 4 * gemm <= fc.get_total_flops() < 4.5 * gemm, fc.get_total_flops() / gemm
 
 
 def test_reference_path_has_no_out_by_in_temporary():

@@ -11,6 +11,7 @@ fastpeft.ops.qlora, kernels/quant.py).
   fp32, bit for bit (NF4 / FP4, nested or not, with and without autograd); odd in_features to the oracle.
 - Merging as PEFT does (dequantize, add, requantize with a warning), or into a plain nn.Linear.
 """
+import contextlib
 import warnings
 
 import pytest
@@ -29,7 +30,7 @@ BF = bnb.functional
 from conftest import assert_close_report  # noqa: E402
 from fastpeft.functional import qlora_linear  # noqa: E402
 from fastpeft.quant import (QuantizedWeight, base_kind, dequantize_ref, dequantize_weight, merge_into_quantized)  # noqa: E402
-from fastpeft.reference import lora_dropout_ref  # noqa: E402
+from fastpeft.reference import kernel_stream_on_cpu, lora_dropout_stream  # noqa: E402
 
 DT = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 
@@ -213,7 +214,7 @@ def _oracle(x, w, bias, A, B, s, p, seed):
     """fp64 forward and gradients of y = x Wᵀ + b + s drop(x) Aᵀ Bᵀ, with a fixed upstream gradient."""
     x, w, bias, A, B = (t.detach().double().requires_grad_(t is not w) if t is not None else None
                         for t in (x, w, bias, A, B))
-    xd = lora_dropout_ref(x, p, seed) if p else x
+    xd = lora_dropout_stream(x, p, seed) if p else x
     y = F.linear(x, w, bias) + s * F.linear(F.linear(xd, A), B)
     return y, (x, A, B, bias)
 
@@ -243,6 +244,22 @@ OP_CASES = [
 @pytest.mark.parametrize("backend", ["reference", "triton"])
 def test_qlora_op_matches_fp64_oracle(kind, nested, dt, path, M, p, backend):
     _check_op_against_oracle(kind, nested, dt, path, M, p, backend)
+
+
+def test_cpu_path_dropout_is_the_cpu_stream():
+    """On CPU tensors the PyTorch path's mask is the CPU path's stream (``lora_dropout_cpu``, as plain LoRA's):
+    the kernels' Philox stream in PyTorch int64 ops, drawn in forward and backward, made p > 0 slower than
+    PEFT + bitsandbytes."""
+    from fastpeft.reference import lora_dropout_cpu, lora_dropout_ref
+    layer = _layer4(128, 48, quant_type="nf4", nested=True, compute_dtype=torch.float32)
+    qw = QuantizedWeight.from_module(layer)
+    torch.manual_seed(3)
+    x, A, B = torch.randn(9, 128), torch.randn(8, 128) * 0.1, torch.randn(48, 8) * 0.1
+    y = qlora_linear(x, qw, None, A, B, 2.0, dropout_p=0.2, seed=11, backend="reference")
+    w = dequantize_ref(qw, torch.float32)
+    for drop, same in ((lora_dropout_cpu, True), (lora_dropout_ref, False)):
+        want = x @ w.t() + 2.0 * (drop(x, 0.2, 11) @ A.t()) @ B.t()
+        assert torch.allclose(y, want, rtol=1e-5, atol=1e-5) == same
 
 
 @pytest.mark.parametrize("p", [0.0, 0.1], ids=["p0", "p0.1"])
@@ -276,6 +293,13 @@ def test_gpu_qlora_op_matches_fp64_oracle(kind, nested, path, M, p):
 
 
 def _check_op_against_oracle(kind, nested, dt, path, M, p, backend, device="cpu", K=128, N=48, r=8):
+    """The op's forward and gradients within 2x a same-dtype PyTorch run's error against fp64; the oracle's
+    dropout mask is the backend's stream (the kernels' Philox one for triton, on CPU tensors too)."""
+    with kernel_stream_on_cpu() if backend == "triton" else contextlib.nullcontext():
+        _check_op(kind, nested, dt, path, M, p, backend, device, K, N, r)
+
+
+def _check_op(kind, nested, dt, path, M, p, backend, device, K, N, r):
     dtype = DT[dt]
     s, seed = 2.0, 1234
     layer = _layer8(K, N) if kind == "int8" else _layer4(K, N, quant_type=kind, nested=nested, compute_dtype=dtype)
@@ -293,7 +317,7 @@ def _check_op_against_oracle(kind, nested, dt, path, M, p, backend, device="cpu"
     want = [y64.detach()] + [t.grad for t in leaves]
 
     def torch_run(x, A, B, b):
-        xd = lora_dropout_ref(x, p, seed) if p else x
+        xd = lora_dropout_stream(x, p, seed) if p else x
         return F.linear(x, w_c, b) + s * F.linear(F.linear(xd, A), B)
 
     def op(x, A, B, b):

@@ -200,12 +200,19 @@ def test_bench_qlora_table_and_its_providers_agree(tmp_path, capsys):
 
     js = tmp_path / "q.json"
     assert main(["bench", "qlora", "--tokens", "2", "--shapes", "128x64", "--ranks", "4", "--warmup-ms", "1",
-                 "--rep-ms", "2", "--quant", "nf4-nested", "int8", "--quiet", "--json", str(js)]) == 0
+                 "--rep-ms", "2", "--quant", "nf4-nested", "int8", "--dropout", "0", "0.1", "--quiet",
+                 "--json", str(js)]) == 0
     assert "QLoRA (bitsandbytes bases)" in capsys.readouterr().out
     rows = json.loads(js.read_text())["rows"]
-    assert {(r["quant"], r["provider"], r["mode"]) for r in rows} == {
-        (q, p, m) for q in ("nf4-nested", "int8") for p in ("linear", "lora", "peft-bnb", "dequant-addmm", "qlora")
-        for m in ("fwd", "fwd+bwd")}
+    assert {(r["quant"], r["p"], r["provider"], r["mode"]) for r in rows} == {
+        (q, d, p, m) for q in ("nf4-nested", "int8") for d in (0.0, 0.1)
+        for p in ("linear", "lora", "peft-bnb", "dequant-addmm", "qlora") for m in ("fwd", "fwd+bwd")}
+    # checked against dequantize + GEMM without dropout only (with it each call draws its own mask)
+    assert {r["p"] for r in rows if r["provider"] == "qlora" and r.get("err_vs")} == {0.0}
+    bq = _bench_module("bench_qlora")
+    mods = bq.providers(128, 64, 4, "nf4", "cpu", torch.float32, False, 0.1)
+    assert mods["qlora"][0].lora_dropout == 0.1 and mods["lora"][0].lora_dropout == 0.1
+    assert mods["peft-bnb"][0].base_model.model[0].lora_dropout["default"].p == 0.1
     bq = _bench_module("bench_qlora")
     for quant in bq.QUANTS:
         mods = bq.providers(128, 64, 4, quant, "cpu", torch.float32, False)

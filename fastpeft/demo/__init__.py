@@ -54,8 +54,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--lm-lr", type=float, default=1e-3, help="smollm2: LoRA learning rate (default 1e-3)")
     p.add_argument("--lm-batch-size", type=positive_int, default=8, help="smollm2: batch size (default 8)")
     p.add_argument("--lm-dropout", type=float, default=0.0,
-                   help="smollm2: LoRA dropout (default 0: on the CPU the reference path draws the Philox masks "
-                        "in PyTorch, which costs more than the LoRA matmuls themselves)")
+                   help="smollm2: LoRA dropout (default 0, as the README's figures)")
     p.add_argument("--lm-new-tokens", type=positive_int, default=40,
                    help="smollm2: tokens of the generated sample (default 40)")
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")

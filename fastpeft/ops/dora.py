@@ -13,7 +13,7 @@ import operator
 import torch
 import torch.nn.functional as F
 
-from ..reference import DORA_DROPOUT_MODES, dropout_threshold, lora_dropout_ref
+from ..reference import DORA_DROPOUT_MODES, dropout_threshold, keep_mask_stream, lora_dropout_ref, lora_dropout_stream
 from .common import _bucket, returned
 
 BACKENDS = ("reference", "triton")
@@ -133,7 +133,9 @@ class DoRALinearFunction(torch.autograd.Function):
       dW = Gᵀ x (plain), dYᵀ x + (dY ⊙ (g − 1))ᵀ x̃ (exact); db = Σ_i dY_i    (only when they require grad)
 
     Saved: x, u (M, r), the parameters, n and g (N,), and (plain) the output y, which the caller holds
-    anyway in a training graph: no extra (M, N) or (N, K) tensor. x̃ is recomputed from the seed.
+    anyway in a training graph: no extra (M, N) or (N, K) tensor. x̃ is recomputed from the seed. The PyTorch
+    path in the exact mode (training with dropout), where m needs a gradient, saves z (M, N) instead, as
+    PEFT's autograd keeps x̃ Wᵀ: one GEMM fewer in backward.
     """
 
     @staticmethod
@@ -142,8 +144,11 @@ class DoRALinearFunction(torch.autograd.Function):
         p = dropout_p
         thr = dropout_threshold(p) if p > 0.0 else 0
         ds = 1.0 / (1.0 - p) if p > 0.0 else 1.0
-        y, u = _forward(x, weight, bias, lora_A, lora_B, g, scaling, p, seed, thr, ds, exact, impl)
-        ctx.save_for_backward(x, weight, bias, lora_A, lora_B, magnitude, norm, g, u, None if exact else y)
+        # The PyTorch path in the exact mode keeps z for dm (as PEFT's autograd keeps x̃ Wᵀ): one (M, N) tensor
+        # instead of one more GEMM in backward
+        keep_z = impl != "triton" and exact and ctx.needs_input_grad[5]
+        y, u, z = _forward(x, weight, bias, lora_A, lora_B, g, scaling, p, seed, thr, ds, exact, impl, keep_z)
+        ctx.save_for_backward(x, weight, bias, lora_A, lora_B, magnitude, norm, g, u, z if exact else y)
         ctx.scaling, ctx.p, ctx.seed, ctx.thr, ctx.ds, ctx.exact, ctx.impl = scaling, p, seed, thr, ds, exact, impl
         return returned(y)
 
@@ -181,21 +186,22 @@ class DoRALinearFunction(torch.autograd.Function):
         else:
             gdy = (dy.to(dt) * g).to(dy.dtype)  # G, rounded to dY's dtype as the kernels round it
             v = gdy @ lora_B.to(dy.dtype)
-            xd = lora_dropout_ref(x, p, seed) if p > 0.0 else x
+            keep = keep_mask_stream(x, p, seed) if p > 0.0 else None  # drawn once for x̃ and dX
+            xd = x * keep.to(x.dtype) * ds if keep is not None else x
             if exact:
-                if need_m:
-                    z = torch.addmm(F.linear(xd, weight), u, lora_B.t(), alpha=s)
+                if need_m:  # z saved by the forward (y holds it in the exact mode)
+                    z = y if y is not None else torch.addmm(F.linear(xd, weight), u, lora_B.t(), alpha=s)
                     dm = (dy.to(dt) * z.to(dt)).sum(0) / norm
                 if need_x:
                     inner = torch.addmm((dy.to(dt) * (g - 1.0)).to(dy.dtype) @ weight, v, lora_A, alpha=s)
-                    dx = torch.add(dy @ weight, lora_dropout_ref(inner, p, seed))
+                    dx = (dy @ weight).add_(inner.mul_(keep).mul_(ds) if keep is not None else inner)
             else:
                 if need_m:
                     dm = _fix_zero_magnitude(_col_dots(dy, y, bias, dt) / magnitude.detach().to(dt), dy, x, weight,
                                              lora_B, u, magnitude, norm, s)
                 if need_x:
                     low = (v @ lora_A).mul_(s)
-                    dx = (lora_dropout_ref(low, p, seed) if p > 0.0 else low).addmm_(gdy, weight)  # in place
+                    dx = (low.mul_(keep).mul_(ds) if keep is not None else low).addmm_(gdy, weight)  # in place
             if need_bb:
                 dbb = s * (gdy.t() @ u.to(dy.dtype))
             if need_a:
@@ -241,7 +247,7 @@ def _plain_dy_side(dy, weight, bias, lora_A, lora_B, g, u, y, s, seed, thr, ds, 
     from ..kernels import lora_tma as KT
     from . import lora as OL  # imports the kernels: only on the triton path
     if (not need_x or not OL._fused_dy_offered(dy, weight, lora_B, thr > 0)
-            or not KT.dora_dy_pass_fits(lora_B.shape[1], thr > 0)
+            or not KT.dora_dy_pass_fits(lora_B.shape[1], thr > 0, KT.fits_itemsize(dy))
             or need_m and not KT.dm_pass_fits(dy, weight.shape[1])):
         return kernels()
 
@@ -258,8 +264,9 @@ def _plain_dy_side(dy, weight, bias, lora_A, lora_B, g, u, y, s, seed, thr, ds, 
     return run[KL.timed_choice(_path_cache, key, mode, dy.device, run, "kernels")]()
 
 
-def _forward(x, weight, bias, lora_A, lora_B, g, scaling, p, seed, thr, ds, exact, impl) -> tuple:
-    """``(y, u)`` of ``DoRALinearFunction``'s forward, g = m / n given (see there). The plain forward on the
+def _forward(x, weight, bias, lora_A, lora_B, g, scaling, p, seed, thr, ds, exact, impl, keep_z=False) -> tuple:
+    """``(y, u, z)`` of ``DoRALinearFunction``'s forward (z, the PyTorch path's x̃ Wᵀ + s u Bᵀ, only with
+    ``keep_z`` in the exact mode, else None), g = m / n given (see there). The plain forward on the
     kernels is the shrink and ``_dora_gemm_kernel``, or, where LoRA's forward offers them, the fastest (timed
     once per shape) of that, the TMA GEMM with the shrink fused and g in its epilogue (sm_90+, from
     ``ops.lora.FUSED_SHRINK_MIN_ROWS`` rows, ranks up to 64; ``kernels.lora_tma.lora_forward_tma``) and, up to
@@ -288,23 +295,29 @@ def _forward(x, weight, bias, lora_A, lora_B, g, scaling, p, seed, thr, ds, exac
                 return KQ.lora_decode(x, weight, lora_A, lora_B, bias, scaling, ds, seed, thr, col_scale=g)
             run["decode"] = decode
         if len(run) == 1:  # the exact mode, or nothing fused offered: the kernels, whatever is forced
-            return kernels()
+            return (*kernels(), None)
         key = ("fwd", _bucket(x.shape[0]), k, weight.shape[0], lora_A.shape[0], x.dtype, bias is not None, thr > 0)
         # FASTPEFT_LORA_GEMM: "tma-shrink" / "decode" force those paths where offered, "auto" times, the others
         # (and a forced path not offered here) keep the kernels
         mode = KL.gemm_mode()
         mode = mode if mode == "auto" or mode in run else "kernels"
-        return run[KL.timed_choice(_path_cache, key, mode, x.device, run, "kernels")]()
+        return (*run[KL.timed_choice(_path_cache, key, mode, x.device, run, "kernels")](), None)
     dt = g.dtype
-    xd = lora_dropout_ref(x, p, seed) if p > 0.0 else x
+    # the CPU stream on the CPU path (SplitMix64, as plain LoRA's: the Philox stream in PyTorch's int64 ops
+    # costs more than the GEMMs), the kernels' Philox stream elsewhere
+    xd = lora_dropout_stream(x, p, seed) if p > 0.0 else x
     u = F.linear(xd, lora_A)
     z = F.linear(xd if exact else x, weight).addmm_(u, lora_B.t(), alpha=scaling)  # in place: no (M, N) copy
-    y = z.mul_(g) if z.dtype == dt else g * z.to(dt)  # in place: z is not needed again
+    if keep_z:  # the backward's dm reads z (the exact mode with dropout: not recoverable from y)
+        y = g * z.to(dt)
+    else:
+        y = z.mul_(g) if z.dtype == dt else g * z.to(dt)  # in place: z is not needed again
+        z = None
     if exact:
         y += F.linear(x - xd, weight).to(dt)
     if bias is not None:
         y += bias.to(dt)
-    return y.to(x.dtype), u
+    return y.to(x.dtype), u, z
 
 
 def _cached_gain(norm_cache: dict, weight, lora_A, lora_B, magnitude, scaling: float, weight_sq_norm, x_dtype,
