@@ -518,7 +518,9 @@ def accelerate(model: nn.Module, strict: bool = False) -> AccelerateReport:
             todo.append(m)
     report = AccelerateReport(patched, skipped, partial, len(todo), [layers[n] for n in patched])
     if not patched:
-        raise ValueError(f"fastpeft.accelerate found nothing it can compute in {type(model).__name__}:\n{report}")
+        raise ValueError(f"fastpeft.accelerate found nothing it can compute in {type(model).__name__}: the model is "
+                         f"unchanged (PEFT's forward runs every layer); remove the call, or change what each layer "
+                         f"below names:\n{report}")
     if strict and (skipped or partial):
         raise ValueError(f"fastpeft.accelerate(strict=True): some LoRA layers would stay on PEFT's forward; "
                          f"nothing was changed.\n{report}")

@@ -225,8 +225,16 @@ def plan_lora(model: nn.Module, config) -> LoraPlan:
         targets[name] = (r, alpha)
     if not targets:
         linear = [n for n, m in model.named_modules() if isinstance(m, (nn.Linear, FastLoRALinear))][:8]
+        hint = ""
+        if isinstance(spec, str) and not all_linear:
+            hint = (f"; a string is matched against the whole module name (re.fullmatch, as PEFT): for a name "
+                    f"suffix pass a list ([{spec!r}]) or a pattern such as '.*{spec}'")
+        conv1d = [n for n, m in model.named_modules() if type(m).__name__ == "Conv1D"][:3]
+        if conv1d:
+            hint += (f"; {conv1d} are transformers Conv1D layers (GPT-2 style), which fastpeft does not adapt "
+                     "(nn.Linear only)")
         raise ValueError(f"target_modules {spec!r} matched no nn.Linear of the model (after exclude_modules "
-                         f"{config.exclude_modules!r}); its linear layers are named like {linear}")
+                         f"{config.exclude_modules!r}); its linear layers are named like {linear}{hint}")
     return LoraPlan(targets=targets, saved=saved)
 
 

@@ -57,6 +57,19 @@ def test_list_matches_exact_names_and_dotted_suffixes():
         fastpeft.inject(_toy(), LoraConfig(target_modules=["proj"]))
     m = fastpeft.inject(_toy(), LoraConfig(target_modules=["lm_head"]))
     assert _adapted(m) == ["lm_head"]
+    # a string is a whole-name regex (PEFT's rule): the error says so and what to write instead
+    with pytest.raises(ValueError, match=r"re.fullmatch.*\['q_proj'\].*'\.\*q_proj'"):
+        fastpeft.inject(_toy(), LoraConfig(target_modules="q_proj"))
+
+
+def test_no_match_names_gpt2_conv1d_layers():
+    """GPT-2's attention and MLP layers are transformers Conv1D, not nn.Linear: "all-linear" finds only the head
+    (excluded), and the error names the Conv1D layers."""
+    transformers = pytest.importorskip("transformers")
+    model = transformers.GPT2LMHeadModel(transformers.GPT2Config(n_layer=1, n_embd=16, n_head=2, vocab_size=32,
+                                                                 n_positions=16))
+    with pytest.raises(ValueError, match=r"(?s)\['transformer.h.0.attn.c_attn'.*Conv1D layers \(GPT-2 style\)"):
+        fastpeft.inject(model, LoraConfig(target_modules="all-linear"))
 
 
 def test_string_is_fullmatched():
