@@ -734,3 +734,75 @@ def test_gpu_decode_llm_shape(m, r):
     yg, _ = KQ.lora_decode(x, w, a, bb, b, 2.0, ds, 5, thr, col_scale=g)
     _low_precision_rule(yg, (exact - b.double()) * g.double() + b.double(), ((low - b).float() * g).to(low.dtype) + b,
                         f"decode M{m} r{r} y with g")
+
+
+@pytest.mark.gpu
+def test_gpu_fp32_tf32_rank256_launches_fit_the_card():
+    """fp32 with TF32 allowed (torch's "high" precision, common in training scripts) at rank 256: the launches
+    that do not autotune compiled to 245760 B (the shrinks) and 307200 B (the decode kernel) of shared memory
+    before, over an sm_90 block's 232448 B (OutOfResources at launch). Now they fit: each runs, within TF32's
+    error of fp64. Fixed blocks only (no autotuning: the card's test step has seconds, not minutes)."""
+    from fastpeft.kernels import multi_lora as ML
+    from fastpeft.kernels import quant as KQ
+
+    prev = torch.get_float32_matmul_precision()
+    torch.set_float32_matmul_precision("high")
+    try:
+        x, w, b, a, bb = _make(16, 1024, 2048, 256, torch.float32)
+        ref_u = x.double() @ a.double().t()
+        assert_close_report(K.lora_shrink(x, a.t(), 1.0), ref_u, 1e-2, 1e-2 * float(ref_u.abs().max()), "shrink")
+        y, _ = KQ.lora_decode(x, w, a, bb, b, 2.0, 1.0, 0, 0)
+        exact = x.double() @ w.double().t() + b.double() + 2.0 * ref_u @ bb.double().t()
+        assert_close_report(y, exact, 1e-2, 1e-2 * float(exact.abs().max()), "decode")
+        ids = torch.zeros(16, dtype=torch.long, device=x.device)
+        order, _, blocks = ML.group_rows(ids, 1, 16)
+        one = torch.ones(1, device=x.device)
+        u = ML.multi_lora_shrink(x, a.t().unsqueeze(0), order, blocks, torch.tensor([256], dtype=torch.int32,
+                                 device=x.device), one, torch.zeros(1, dtype=torch.long, device=x.device), 16)
+        assert_close_report(u, ref_u[order], 1e-2, 1e-2 * float(ref_u.abs().max()), "many-adapter shrink")
+    finally:
+        torch.set_float32_matmul_precision(prev)
+
+
+@pytest.mark.gpu
+def test_gpu_dora_fp32_deterministic_pinned_configs():
+    """Deterministic mode launches DoRA's GEMM with one pinned config; in fp32 its 128 x 128 x 64 at 4 stages
+    took 262144 B of shared memory (over sm_90's 232448 B), so fp32 DoRA in deterministic mode raised. Now the
+    pinned config fits: forward + backward run twice with the same bits, close to the reference path."""
+    from fastpeft.functional import dora_linear
+
+    g = torch.Generator().manual_seed(4)
+    x, w, b, a, bb = (t.to(DEV, torch.float32) for t in lora_inputs(g, 300, 512, 384, 16, True, ()))
+    mag = torch.linalg.vector_norm(w, dim=1) * 1.1
+    dy = torch.randn(300, 384, device=DEV)
+
+    def run(backend):
+        leaves = [t.detach().clone().requires_grad_() for t in (x, a, bb, mag)]
+        y = dora_linear(leaves[0], w, b, leaves[1], leaves[2], leaves[3], 2.0, 0.0, True, None, "exact",
+                        backend=backend)
+        return [y] + list(torch.autograd.grad(y, leaves, dy))
+
+    with fastpeft.deterministic():
+        first, second = run("triton"), run("triton")
+    assert all(torch.equal(p, q) for p, q in zip(first, second))
+    for name, got, want in zip(("y", "dx", "dA", "dB", "dm"), first, run("reference")):
+        assert_close_report(got, want, 1e-4, 1e-4 * float(want.detach().abs().max()), name)
+
+
+@pytest.mark.gpu
+def test_gpu_backward_with_an_expanded_dy():
+    """The gradient of a sum over rows reaches the layer as an expanded dY (row stride 0), which is no TMA
+    address: the TMA backward copies it to rows first, and gives what the same dY made contiguous gives."""
+    from fastpeft.kernels import lora_tma as T
+
+    x, w, b, a, bb = _make(512, 1024, 1024, 16, torch.bfloat16)
+    if not T.tma_supported(x.device):
+        pytest.skip("needs sm_90+ and a triton with tensor descriptors")
+    dy_expanded = torch.randn(1024, device=DEV, dtype=torch.bfloat16).expand(512, 1024)
+    assert dy_expanded.stride(0) == 0
+    u = x.float() @ a.float().t()
+    cfg = T.pinned_tma(2)  # one config, no autotuning
+    got = T.lora_backward_tma(dy=dy_expanded, w=w, lora_A=a, lora_B=bb, u=u, scale=2.0, config=cfg)
+    want = T.lora_backward_tma(dy=dy_expanded.contiguous(), w=w, lora_A=a, lora_B=bb, u=u, scale=2.0, config=cfg)
+    for name, p, q in zip(("dx", "v", "dB"), got, want):
+        assert torch.equal(p, q), name
