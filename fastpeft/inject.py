@@ -49,6 +49,7 @@ class LoraConfig:
     sparse_block_size: int = 1
     sparse_selection: str = "random"
     use_dora: bool = False           # DoRA (PEFT's): a trained magnitude per output row of each layer
+    task_type: Optional[str] = None  # PEFT's TaskType; SEQ_CLS / TOKEN_CLS / QUESTION_ANS also train the task head
     peft_type = "LORA"
 
     def __post_init__(self):
@@ -63,6 +64,7 @@ class LoraConfig:
         check_bool(self.use_rslora, "use_rslora")
         check_dora_options(self.use_dora, self.sparse_density)
         check_init(self.init_lora_weights)
+        check_choice(self.task_type, TASK_TYPES, "task_type")
         if self.modules_to_save is not None:
             self.modules_to_save = name_list(list(self.modules_to_save) if not isinstance(
                 self.modules_to_save, str) else [self.modules_to_save], "modules_to_save")
@@ -162,6 +164,25 @@ def saved_module_wrappers(model: nn.Module) -> dict:
     return {n: m for n, m in model.named_modules() if isinstance(m, ModulesToSaveWrapper)}
 
 
+# PEFT's TaskType values; the task models of the classification / QA ones train and save their head (PEFT's
+# PeftModelForSequenceClassification / ...TokenClassification / ...QuestionAnswering add these module names to
+# modules_to_save), which LoRA then leaves alone.
+TASK_TYPES = (None, "SEQ_CLS", "SEQ_2_SEQ_LM", "CAUSAL_LM", "TOKEN_CLS", "QUESTION_ANS", "FEATURE_EXTRACTION")
+_TASK_HEADS = {"SEQ_CLS": ("classifier", "score"), "TOKEN_CLS": ("classifier", "score"),
+               "QUESTION_ANS": ("qa_outputs",)}
+
+
+def _modules_to_save(model: nn.Module, config) -> list:
+    """``config.modules_to_save`` plus, for a classification / QA ``task_type``, the task heads the model has
+    (PEFT's task models add them; names it lacks are left out, as PEFT leaves them)."""
+    names = list(getattr(config, "modules_to_save", None) or [])
+    heads = _TASK_HEADS.get(getattr(config, "task_type", None), ())
+    if heads:
+        present = [n for n, _ in model.named_modules()]
+        names += [h for h in heads if h not in names and any(n == h or n.endswith("." + h) for n in present)]
+    return names
+
+
 def _saved_module_names(model: nn.Module, modules_to_save) -> list:
     """Modules that ``modules_to_save`` entries name (suffix match, as PEFT), outermost only."""
     if not modules_to_save:
@@ -190,7 +211,7 @@ def plan_lora(model: nn.Module, config) -> LoraPlan:
 
     Targets are ``nn.Linear`` modules, or ``FastLoRALinear`` layers that already hold other adapters
     (the new adapter goes beside them)."""
-    saved = _saved_module_names(model, getattr(config, "modules_to_save", None))
+    saved = _saved_module_names(model, _modules_to_save(model, config))
     spec = config.target_modules if config.target_modules is not None else default_targets(model)
     all_linear = is_all_linear(spec)
     head = output_head(model) if all_linear else None
@@ -338,7 +359,8 @@ _UNSUPPORTED = ("fan_in_fan_out", "layers_to_transform", "lora_bias", "layer_rep
                 "target_parameters", "trainable_token_indices", "use_qalora", "alora_invocation_tokens",
                 "use_bdlora", "megatron_config")
 _CONFIG_FIELDS = ("r", "lora_alpha", "lora_dropout", "target_modules", "exclude_modules", "bias",
-                  "use_rslora", "init_lora_weights", "modules_to_save", "rank_pattern", "alpha_pattern", "use_dora")
+                  "use_rslora", "init_lora_weights", "modules_to_save", "rank_pattern", "alpha_pattern", "use_dora",
+                  "task_type")
 _SPARSE_LORA_FIELDS = ("sparse_density", "sparse_block_size", "sparse_selection")  # RoSA: fastpeft's own keys
 
 
@@ -401,7 +423,7 @@ class LoraMethod(Method):
         # already applied, so PEFT adapts exactly the layers that were trained here.
         d["target_modules"] = sorted(self._layers(model, adapter_name))
         d["exclude_modules"] = None
-        d.update(peft_type=self.peft_type, task_type=None, inference_mode=True, fan_in_fan_out=False,
+        d.update(peft_type=self.peft_type, inference_mode=True, fan_in_fan_out=False,
                  layers_to_transform=None, layers_pattern=None, revision=None,
                  base_model_name_or_path=_model_name(model))
         return d

@@ -378,6 +378,8 @@ CASES = [
     Bad("LoraConfig-lora_dropout-1.0", lambda _: LoraConfig(lora_dropout=1.0), ValueError, ("lora_dropout", "1.0")),
     Bad("LoraConfig-lora_alpha-nan", lambda _: LoraConfig(lora_alpha=float("nan")), ValueError, ("lora_alpha", "nan")),
     Bad("LoraConfig-bias-some", lambda _: LoraConfig(bias="some"), ValueError, ("bias", "'lora_only'", "'some'")),
+    Bad("LoraConfig-task_type-unknown", lambda _: LoraConfig(task_type="CLS"), ValueError,
+        ("task_type", "'SEQ_CLS'", "'CLS'")),
     Bad("LoraConfig-use_rslora-str", lambda _: LoraConfig(use_rslora="yes"), TypeError, ("use_rslora", "str")),
     Bad("LoraConfig-init-pissa", lambda _: LoraConfig(init_lora_weights="pissa"), ValueError,
         ("init_lora_weights", "'pissa'")),

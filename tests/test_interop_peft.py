@@ -301,6 +301,9 @@ HF_CASES = [
           alpha_pattern={r"layers\.1\.self_attn\.o_proj": 3}), "lm_head"),
     ("bert-cls-query-value-modules_to_save-classifier", bert_cls_base, bert_cls_out,
      dict(r=4, lora_alpha=8, target_modules=["query", "value"], modules_to_save=["classifier"]), None),
+    # PEFT's task type: the classifier is trained and saved whole (modules_to_save), never adapted
+    ("bert-cls-all-linear-task_type-SEQ_CLS", bert_cls_base, bert_cls_out,
+     dict(r=4, lora_alpha=8, target_modules="all-linear", task_type="SEQ_CLS"), "classifier"),
     ("bert-all-linear-bias-all", bert_base, bert_out, dict(r=4, lora_alpha=8, target_modules="all-linear",
                                                           bias="all"), None),
     ("bert-regex-bias-lora_only", bert_base, bert_out,
