@@ -47,7 +47,7 @@ import torch
 import triton
 import triton.language as tl
 
-from . import INTERPRET, is_deterministic
+from . import INTERPRET, getenv, is_deterministic
 from ._common import (_cast, _dot_precision, _grouped_coords, _keep_mask_tile, _lowrank_bias_part, _mma, _sm_count,
                       _upcast, _use_explicit_blocks, r_pad)
 
@@ -576,6 +576,23 @@ def _sm_major(index: int) -> int:
     """CUDA device ``index``'s compute capability major (0 without CUDA), looked up once: ``tma_supported``
     runs at every LoRA GEMM, and the lookup costs microseconds."""
     return torch.cuda.get_device_capability(index)[0] if torch.cuda.is_available() else 0
+
+
+def waits_refusal() -> str | None:
+    """Why the persistent kernels whose programs wait on each other's tiles (the fused shrink, the fused dY pass,
+    the many-adapter prefill) may not have every program resident, or None. They launch one program per SM the
+    device reports, and a waiting program spins until the producer of its row block has run: under CUDA MPS
+    with an SM limit (``CUDA_MPS_ACTIVE_THREAD_PERCENTAGE`` below 100) fewer SMs are there than reported, and a
+    producer that never gets one would leave the kernel spinning for ever. Read at every call."""
+    pct = getenv("CUDA_MPS_ACTIVE_THREAD_PERCENTAGE")
+    try:
+        limited = pct is not None and float(pct) < 100.0
+    except ValueError:
+        limited = True  # unreadable: assume a limit
+    if limited:
+        return (f"CUDA MPS limits this process's SMs (CUDA_MPS_ACTIVE_THREAD_PERCENTAGE={pct}); the fused TMA "
+                "paths need every persistent program resident")
+    return None
 
 
 def shrink_fits(rank: int, itemsize: int = 2) -> bool:

@@ -506,3 +506,6 @@ def test_forced_fused_refusals_are_named(monkeypatch):
                                            seed=kw["seed"])
     why = OM._fused_refusal(x, w, b.double(), a, bb, None)
     assert why.startswith("x, W, the stacks and the bias must share one dtype")
+    # under CUDA MPS with an SM limit the persistent programs may not all be resident: never offered
+    monkeypatch.setenv("CUDA_MPS_ACTIVE_THREAD_PERCENTAGE", "50")
+    assert "CUDA_MPS_ACTIVE_THREAD_PERCENTAGE=50" in OM._fused_refusal(x, w, b, a, bb, None)

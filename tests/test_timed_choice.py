@@ -200,6 +200,11 @@ def test_fused_shrink_is_offered_where_it_can_run(monkeypatch):
     assert not OL._fused_dy_offered(dy, w, torch.randn(40, 64), True)  # the mask: ranks up to 32
     assert not OL._fused_dy_offered(torch.randn(OL.FUSED_SHRINK_MIN_ROWS, 42), torch.randn(42, 48), bb[:42], False)
     assert not OL._fused_dy_offered(dy, w, bb.to(torch.bfloat16), False)
+    # CUDA MPS with an SM limit: fewer SMs than reported, and a waiting program could spin for ever
+    for pct, ok in (("50", False), ("100", True), ("x", False)):
+        with monkeypatch.context() as mp:
+            mp.setenv("CUDA_MPS_ACTIVE_THREAD_PERCENTAGE", pct)
+            assert (offered() == three) == ok and OL._fused_dy_offered(dy, w, bb, False) == ok
     monkeypatch.setattr(KT, "tma_supported", lambda device: False)
     assert offered() == ("kernels", "torch")
     assert not OL._fused_dy_offered(dy, w, bb, False)

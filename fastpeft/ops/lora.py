@@ -220,7 +220,7 @@ def _tma_fused_offered(a, b, factor, fits) -> bool:
     if a.shape[0] < FUSED_SHRINK_MIN_ROWS and K.gemm_mode() != "tma-shrink":
         return False
     return (not torch.compiler.is_compiling() and KT.tma_supported(a.device) and fits()
-            and KT.tma_shapes_ok(a=a, b=b) and factor.dtype == a.dtype)
+            and KT.tma_shapes_ok(a=a, b=b) and factor.dtype == a.dtype and KT.waits_refusal() is None)
 
 
 def fwd_key(m: int, k: int, n: int, rank: int, dtype: torch.dtype, has_bias: bool) -> tuple:

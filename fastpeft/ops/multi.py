@@ -197,6 +197,8 @@ def _fused_refusal(x, weight, bias, lora_A_stack, lora_B_stack, dropout_p) -> st
         return "torch.compile is tracing"
     if not KT.tma_supported(x.device):
         return f"it needs sm_90+ and a triton with tensor descriptors, got device {x.device}"
+    if KT.waits_refusal() is not None:
+        return KT.waits_refusal()
     if n == 0 or r_max == 0:
         return "there is no adapter"
     if not KT.shrink_fits(r_max, KT.fits_itemsize(x)):
