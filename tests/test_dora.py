@@ -413,6 +413,24 @@ def test_cpu_path_dropout_is_the_cpu_stream_and_four_weight_gemms():
     assert 4 * gemm <= fc.get_total_flops() < 4.5 * gemm, fc.get_total_flops() / gemm
 
 
+@pytest.mark.parametrize("mode", ["exact", "lora_only"])
+def test_backward_redraws_the_forwards_stream(mode):
+    """The backward redraws the mask of the stream the forward drew (kept on ctx), even where the stream switch
+    changes in between (``kernel_stream_on_cpu`` around the forward only): the same gradients as a step taken
+    wholly under it."""
+    from fastpeft.reference import kernel_stream_on_cpu
+    t = _case(17, 48, 40, 4)
+    dy = torch.randn(17, 40, dtype=torch.float64)
+    with kernel_stream_on_cpu():
+        want = _run(_ours("reference", 0.25, mode), t, torch.float64, dy)
+        leaves = [None if u is None else u.detach().clone().requires_grad_() for u in t]
+        y = _ours("reference", 0.25, mode)(*leaves)
+    y.backward(dy)  # outside: the CPU stream is what a fresh draw would take now
+    for name, got, w in zip(NAMES[1:], [u.grad if u is not None else None for u in leaves], want[1:]):
+        if w is not None:
+            assert torch.equal(got, w), name
+
+
 def test_reference_path_has_no_out_by_in_temporary():
     """Few tokens, a large W: DoRA's forward + backward (norm included) allocates far less than one
     (out, in) fp32 matrix, where PEFT's W + sBA (and the oracle) needs several."""

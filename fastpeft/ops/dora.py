@@ -13,7 +13,8 @@ import operator
 import torch
 import torch.nn.functional as F
 
-from ..reference import DORA_DROPOUT_MODES, dropout_threshold, keep_mask_stream, lora_dropout_ref, lora_dropout_stream
+from ..reference import (DORA_DROPOUT_MODES, dropout_threshold, keep_mask_stream, lora_dropout_ref, lora_dropout_stream,
+                         use_cpu_path)
 from .common import _bucket, returned
 
 BACKENDS = ("reference", "triton")
@@ -150,6 +151,7 @@ class DoRALinearFunction(torch.autograd.Function):
         y, u, z = _forward(x, weight, bias, lora_A, lora_B, g, scaling, p, seed, thr, ds, exact, impl, keep_z)
         ctx.save_for_backward(x, weight, bias, lora_A, lora_B, magnitude, norm, g, u, z if exact else y)
         ctx.scaling, ctx.p, ctx.seed, ctx.thr, ctx.ds, ctx.exact, ctx.impl = scaling, p, seed, thr, ds, exact, impl
+        ctx.cpu_stream = use_cpu_path(x)  # the mask's stream, as _forward drew it: the backward redraws that one
         return returned(y)
 
     @staticmethod
@@ -186,7 +188,7 @@ class DoRALinearFunction(torch.autograd.Function):
         else:
             gdy = (dy.to(dt) * g).to(dy.dtype)  # G, rounded to dY's dtype as the kernels round it
             v = gdy @ lora_B.to(dy.dtype)
-            keep = keep_mask_stream(x, p, seed) if p > 0.0 else None  # drawn once for x̃ and dX
+            keep = keep_mask_stream(x, p, seed, ctx.cpu_stream) if p > 0.0 else None  # once for x̃ and dX
             xd = x * keep.to(x.dtype) * ds if keep is not None else x
             if exact:
                 if need_m:  # z saved by the forward (y holds it in the exact mode)

@@ -21,11 +21,12 @@ PATHS = ("auto", "fused", "dequant")
 _path_cache: dict = {}
 
 
-def _keep(seed, x: torch.Tensor, p: float) -> torch.Tensor:
-    """The keep-mask of x (M, K)'s dropout on the PyTorch path: the CPU stream on the CPU (SplitMix64, as plain
-    LoRA's CPU path: the Philox stream in PyTorch's int64 ops costs more than the matmuls), the kernels' Philox
-    stream elsewhere (and on the CPU where tests compare with the kernels under the interpreter)."""
-    if use_cpu_path(x):
+def _keep(seed, x: torch.Tensor, p: float, cpu: bool) -> torch.Tensor:
+    """The keep-mask of x (M, K)'s dropout on the PyTorch path: the CPU stream where ``cpu`` (``use_cpu_path(x)``
+    as the forward saw it; SplitMix64, as plain LoRA's CPU path: the Philox stream in PyTorch's int64 ops costs
+    more than the matmuls), the kernels' Philox stream elsewhere (and on the CPU where tests compare with the
+    kernels under the interpreter)."""
+    if cpu:
         return cpu_keep_mask(seed, x.shape[0], x.shape[1], p, x.device)
     return dropout_mask(seed, x.shape[0], x.shape[1], p, device=x.device)
 
@@ -52,7 +53,7 @@ def _reference_forward(x, lora_A, lora_B, bias, qw, scaling: float, p: float, se
     del w
     xd = x
     if p > 0.0:
-        xd = x * _keep(seed, x, p).to(x.dtype) * (1.0 / (1.0 - p))
+        xd = x * _keep(seed, x, p, use_cpu_path(x)).to(x.dtype) * (1.0 / (1.0 - p))
     u = xd.float() @ lora_A.float().t()
     low = u.to(x.dtype) @ lora_B.t()
     low.mul_(scaling)
@@ -96,6 +97,7 @@ class QLoRALinearFunction(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x, lora_A, lora_B, bias, qw, scaling, dropout_p, seed, path):
         ctx.qw, ctx.scaling, ctx.p, ctx.seed, ctx.path = qw, scaling, dropout_p, seed, path
+        ctx.cpu_stream = use_cpu_path(x)  # the mask's stream, as the forward drew it: the backward redraws that one
         ctx.has_bias = bias is not None
         thr = dropout_threshold(dropout_p) if dropout_p > 0.0 else 0
         ds = 1.0 / (1.0 - dropout_p) if dropout_p > 0.0 else 1.0
@@ -122,7 +124,7 @@ class QLoRALinearFunction(torch.autograd.Function):
                 dx = dy @ _reference_weight(qw, dy.dtype)
             # the products in the order autograd takes them through PEFT's ``lora_B(lora_A(x)) * s``: dY s first
             # (so that fp32 gradients are PEFT's bit for bit, whatever s), then B, then A / drop(x)
-            keep = _keep(seed, x, p).to(torch.float32) if thr else None
+            keep = _keep(seed, x, p, ctx.cpu_stream).to(torch.float32) if thr else None
             dys = dy.float() * s                                               # (M, N)
             v = dys @ lora_B.float()                                           # (M, r): s dY B
             if need_x:
