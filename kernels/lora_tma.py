@@ -494,6 +494,11 @@ def fits_itemsize(t: torch.Tensor) -> int:
     return 2 if _use_explicit_blocks(t) else t.element_size()
 
 
+def _rank_limit(fits) -> int:
+    """The largest of the ranks 16 / 32 / 64 that ``fits(rank)`` holds (0: none), for the refusals' text."""
+    return max((r for r in (16, 32, 64) if fits(r)), default=0)
+
+
 def _has_config(rp: int, itemsize: int, has_mask: bool = False, **flags) -> bool:
     """Whether ``_config_fits`` keeps any autotune config for this launch."""
     return any(_config_fits(c, has_mask, rp, itemsize, **flags) for c in _TMA_CONFIGS)
@@ -690,8 +695,10 @@ def lora_forward_tma(*, x: torch.Tensor, w_t: torch.Tensor, lora_A: torch.Tensor
     """
     if lora_A.dim() != 2 or lora_A.shape[1] != x.shape[1]:
         raise ValueError(f"lora_forward_tma: lora_A must be (R, K={x.shape[1]}), got {tuple(lora_A.shape)}")
-    if not shrink_fits(lora_A.shape[0]):
-        raise ValueError(f"lora_forward_tma: rank {lora_A.shape[0]} is above what its configs hold (at most 64)")
+    isz = 2 if config is not None else fits_itemsize(x)  # a given config is the caller's to size
+    if not shrink_fits(lora_A.shape[0], isz):
+        raise ValueError(f"lora_forward_tma: rank {lora_A.shape[0]} is above what its configs hold for {x.dtype} "
+                         f"(at most {_rank_limit(lambda r: shrink_fits(r, isz))})")
     lora_A = _with_rows(lora_A)
     u = torch.empty((x.shape[0], lora_A.shape[0]), device=x.device, dtype=torch.float32)
     if col_scale is not None and (col_scale.shape != (w_t.shape[1],) or col_scale.dtype != torch.float32):
@@ -726,8 +733,10 @@ def multi_forward_tma(*, x: torch.Tensor, weight: torch.Tensor, bias: torch.Tens
     if lora_B_stack.shape != (n, weight.shape[0], r_max):
         raise ValueError(f"multi_forward_tma: lora_B_stack must be (n={n}, N={weight.shape[0]}, r_max={r_max}), "
                          f"got {tuple(lora_B_stack.shape)}")
-    if not shrink_fits(r_max):
-        raise ValueError(f"multi_forward_tma: r_max {r_max} is above what its configs hold (at most 64)")
+    isz = 2 if config is not None else fits_itemsize(x)
+    if not shrink_fits(r_max, isz):
+        raise ValueError(f"multi_forward_tma: r_max {r_max} is above what its configs hold for {x.dtype} (at most "
+                         f"{_rank_limit(lambda r: shrink_fits(r, isz))})")
     if ids.shape != (m,) or scalings.shape != (n,) or ranks is not None and ranks.shape != (n,):
         got_ranks = None if ranks is None else tuple(ranks.shape)
         raise ValueError(f"multi_forward_tma: ids must be ({m},), scalings and ranks ({n},), got "
@@ -794,7 +803,7 @@ def dora_backward_tma(*, dy: torch.Tensor, w: torch.Tensor, lora_A: torch.Tensor
         raise ValueError(f"dora_backward_tma: with y, dX needs at least 2 column blocks (the magnitude's partials "
                          f"are column block 1's work): in_features {w.shape[1]} must be above "
                          f"{_dm_block_n(dy, config)}")
-    if not dora_dy_pass_fits(lora_A.shape[0], threshold > 0):
+    if not dora_dy_pass_fits(lora_A.shape[0], threshold > 0, 2 if config is not None else fits_itemsize(dy)):
         raise ValueError(f"dora_backward_tma: rank {lora_A.shape[0]}{' with the mask' if threshold > 0 else ''} is "
                          f"not held by its configs (ranks up to 16, without the mask)")
     return _dy_pass(dy, w, lora_A, lora_B, u, scale, seed, threshold, config, "dora_backward_tma", g=g, y=y,
@@ -806,9 +815,11 @@ def _dy_pass(dy, w, lora_A, lora_B, u, scale, seed, threshold, config, name, g=N
     R = lora_A.shape[0]
     if lora_B.dim() != 2 or lora_B.shape != (dy.shape[1], R):
         raise ValueError(f"{name}: lora_B must be (N={dy.shape[1]}, R={R}), got {tuple(lora_B.shape)}")
-    if not dy_pass_fits(R, threshold > 0):
-        raise ValueError(f"{name}: rank {R} is above what its configs hold (at most "
-                         f"{32 if threshold > 0 else 64}{' with the mask' if threshold > 0 else ''})")
+    isz = 2 if config is not None else fits_itemsize(dy)
+    if not dy_pass_fits(R, threshold > 0, isz):
+        limit = _rank_limit(lambda r: dy_pass_fits(r, threshold > 0, isz))
+        raise ValueError(f"{name}: rank {R} is above what its configs hold for {dy.dtype} (at most "
+                         f"{limit}{' with the mask' if threshold > 0 else ''})")
     v = torch.empty((dy.shape[0], R), device=dy.device, dtype=torch.float32)
     config = _config_for(dy, config)
     rows = triton.cdiv(dy.shape[0], config["BLOCK_M"] if config is not None else _TUNED_BLOCK_M)

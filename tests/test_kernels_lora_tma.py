@@ -210,7 +210,7 @@ def test_fused_dy_pass_matches_reference(m, k, n, r, dt, p):
     case = f"M{m}-K{k}-N{n}-r{r}-{dt}-p{p}"
     x, w, b, a, bb, dy = _make(m, k, n, r, DTYPES[dt])
     if not T.dy_pass_fits(r, p > 0):  # rank 64 with the mask: no config holds it (refused, named)
-        with pytest.raises(ValueError, match=f"rank {r} is above what its configs hold \\(at most 32 with the mask"):
+        with pytest.raises(ValueError, match=f"rank {r} is above what its configs hold for .* \\(at most 32 with the mask"):
             T.lora_backward_tma(dy=dy, w=w, lora_A=a, lora_B=bb, threshold=dropout_threshold(p))
         return
     g = torch.Generator().manual_seed(3)
@@ -608,4 +608,19 @@ def test_tma_autotunes_once_per_row_bucket():
     keys = T._tuned().keys
     assert "M_KEY" in keys and "M" not in keys
     assert "M_KEY" in T._tuned_multi().keys
+
+
+def test_direct_fp32_calls_are_refused_where_no_config_fits(monkeypatch):
+    """Called directly (not through the ops, which offer them only where they fit), the fused TMA functions
+    check the rank against the configs that fit the operands' dtype where they autotune: in fp32 the fused
+    shrink holds ranks up to 32 (64 in 16-bit dtypes), refused with the limit named, not left to the
+    autotuner's empty prune; a given config is the caller's to size."""
+    monkeypatch.setattr(T, "fits_itemsize", lambda t: t.element_size())  # as on a card (no explicit blocks)
+    x, w, b, a, bb, dy = _make(40, 64, 48, 64, torch.float32)
+    with pytest.raises(ValueError, match=r"rank 64 is above what its configs hold for torch.float32 \(at most 32\)"):
+        T.lora_forward_tma(x=x, w_t=w.t(), lora_A=a, lv=bb.t())
+    with pytest.raises(ValueError, match=r"rank 64 is above what its configs hold for torch.float32 \(at most 32\)"):
+        T.lora_backward_tma(dy=dy, w=w, lora_A=a, lora_B=bb)
+    y, _ = T.lora_forward_tma(x=x, w_t=w.t(), lora_A=a, lv=bb.t(), config=dict(T._TEST_CONFIG))
+    assert y.shape == (40, 48)
 
