@@ -439,6 +439,13 @@ class PromptTuningMethod(ParameterMethod):
     def method_shapes(self, model: nn.Module, config) -> dict:
         get = getattr(model, "get_input_embeddings", None)
         emb = get() if callable(get) else None
+        if getattr(getattr(model, "config", None), "is_encoder_decoder", False):
+            # generate() runs the encoder apart from the model's forward (get_encoder()), so the prompt would be
+            # missing from generation, and the decoder's inputs must not be touched: not supported here
+            raise ValueError(f"prompt tuning here is for decoder-only and encoder-only models; "
+                             f"{type(model).__name__} is an encoder-decoder model (config.is_encoder_decoder), "
+                             "whose generate() runs its encoder apart from the model's forward: use PEFT's prompt "
+                             "tuning (task_type SEQ_2_SEQ_LM) for it")
         if emb is None:
             raise ValueError("prompt tuning needs a transformers model (get_input_embeddings), got "
                              f"{type(model).__name__}")

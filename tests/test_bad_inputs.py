@@ -89,6 +89,13 @@ def _on_triton(module, x):
         return module(x)
 
 
+def _t5():
+    transformers = pytest.importorskip("transformers")
+    torch.manual_seed(0)
+    return transformers.T5ForConditionalGeneration(transformers.T5Config(
+        vocab_size=32, d_model=16, d_kv=8, d_ff=32, num_layers=1, num_heads=2, decoder_start_token_id=0))
+
+
 def _merged_model():
     m = _lora_model()
     for layer in fastpeft.lora_layers(m).values():
@@ -439,6 +446,9 @@ CASES = [
         ValueError, ("train_last_n=5", "2 blocks"), _toy),
     Bad("inject-PromptTuning-no-embeddings", lambda m: fastpeft.inject(m, PromptTuningConfig(num_virtual_tokens=2)),
         ValueError, ("get_input_embeddings", "Toy"), _toy),
+    Bad("inject-PromptTuning-encoder-decoder", lambda m: fastpeft.inject(m, PromptTuningConfig(num_virtual_tokens=2)),
+        ValueError, ("decoder-only and encoder-only", "T5ForConditionalGeneration", "is_encoder_decoder",
+                     "SEQ_2_SEQ_LM"), lambda: _t5()),
     Bad("set_adapter-unknown", lambda m: fastpeft.set_adapter(m, "nope"), ValueError,
         ("adapter_name", "'nope'", "['default']"), _lora_model),
     Bad("delete_adapter-unknown", lambda m: fastpeft.delete_adapter(m, "nope"), ValueError,
