@@ -621,11 +621,11 @@ def _bench(fn) -> float:
 def _cannot_run_errors() -> tuple:
     """The exceptions by which a candidate says it cannot run on this card rather than that it is wrong:
     triton's compile and launch-resource errors (a config over the card's shared memory or registers, a
-    construct its compiler rejects), raised before anything runs."""
+    construct its compiler rejects, an autotune list its prune leaves empty), raised before anything runs."""
     from triton.compiler import errors as ce
     from triton.runtime import errors as re_
 
-    names = ((re_, "OutOfResources"), (re_, "PTXASError"), (ce, "CompilationError"))
+    names = ((re_, "OutOfResources"), (re_, "PTXASError"), (re_, "AutotunerError"), (ce, "CompilationError"))
     return tuple(getattr(m, n) for m, n in names if hasattr(m, n))
 
 

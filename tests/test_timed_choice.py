@@ -133,6 +133,10 @@ def test_a_candidate_the_card_cannot_run_is_left_out(timed):
         K.timed_choice({}, ("bug",), "auto", CUDA, dict(cands("tma"), fused=raising(ZeroDivisionError())), "tma")
     with pytest.raises(OutOfResources):
         K.timed_choice({}, ("all",), "auto", CUDA, {"a": raising(oor), "b": raising(oor)}, "a")
+    from triton.runtime.errors import AutotunerError  # an autotune list whose prune keeps nothing
+    run = dict(cands("tma", "cublas"), tma=raising(AutotunerError("No valid autotuner configs after pruning")))
+    with pytest.warns(RuntimeWarning, match="'tma' cannot run here .AutotunerError"):
+        assert K.timed_choice({}, ("empty",), "auto", CUDA, run, "cublas") == "cublas"
 
 
 def test_forced_and_deterministic_modes_hold(timed, monkeypatch):
