@@ -246,8 +246,8 @@ def _prompt_hook(model, args, kwargs):
     made to match: attention_mask and token_type_ids get n leading ones / zeros, per-token labels (integer, the
     shape of input_ids) n leading -100 (sequence-level labels, as a classifier's (B,), are left alone),
     position_ids and cache_position shift by n behind positions 0 .. n - 1 of the prompt. A generation step
-    whose cache already holds the prompt (``cache`` / ``past_key_values`` not empty) adds no prompt: its positions shift by
-    n and its attention mask gets the prompt's n columns where it lacks them."""
+    whose cache already holds the prompt (``cache`` / ``past_key_values`` not empty) adds no prompt: its
+    positions shift by n and its attention mask gets the prompt's n columns where it lacks them."""
     prompt = model.fastpeft_prompt.prompt_embeddings
     n = prompt.shape[0]
     if args:

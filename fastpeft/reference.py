@@ -207,19 +207,24 @@ def lora_dropout_cpu(x: torch.Tensor, p: float, seed) -> torch.Tensor:
     return _drop(x, p, seed, cpu_keep_mask)
 
 
+def _stream_mask_fn(x: torch.Tensor, cpu: bool | None):
+    """The mask function of the reference backend's stream for x: ``cpu_keep_mask`` on the CPU path
+    (``use_cpu_path``), ``dropout_mask`` (the kernels' Philox stream) elsewhere. ``cpu``: the stream a forward
+    chose, so that its backward redraws that one (None: decide now)."""
+    return cpu_keep_mask if (use_cpu_path(x) if cpu is None else cpu) else dropout_mask
+
+
 def keep_mask_stream(x: torch.Tensor, p: float, seed, cpu: bool | None = None) -> torch.Tensor:
-    """The keep-mask (bool, x's shape) of x (..., K) as the reference backend draws it: the CPU stream on the CPU
-    path (``use_cpu_path``), the kernels' Philox stream elsewhere. ``cpu``: the stream a forward chose, so that
-    its backward redraws that one (None: decide now)."""
+    """The keep-mask (bool, x's shape) of x (..., K) as the reference backend draws it (``cpu``: see
+    ``_stream_mask_fn``)."""
     k = x.shape[-1]
     m = x.numel() // k if k else 0
-    mask_fn = cpu_keep_mask if (use_cpu_path(x) if cpu is None else cpu) else dropout_mask
-    return mask_fn(seed, m, k, p, device=x.device).view(x.shape)
+    return _stream_mask_fn(x, cpu)(seed, m, k, p, device=x.device).view(x.shape)
 
 
 def lora_dropout_stream(x: torch.Tensor, p: float, seed, cpu: bool | None = None) -> torch.Tensor:
-    """``drop(x)`` as the reference backend draws it for ``x`` (``keep_mask_stream``; ``cpu`` as there)."""
-    return (lora_dropout_cpu if (use_cpu_path(x) if cpu is None else cpu) else lora_dropout_ref)(x, p, seed)
+    """``drop(x)`` as the reference backend draws it for ``x`` (``keep_mask_stream``'s mask)."""
+    return _drop(x, p, seed, _stream_mask_fn(x, cpu))
 
 
 def lora_linear_ref(

@@ -38,8 +38,8 @@ import triton.language as tl
 from . import INTERPRET, getenv, is_deterministic
 from ._common import (_HAS_TRITON_OP, _cast, _dot_precision, _grouped_tile, _keep_mask, _keep_mask_tile,
                       _library_op, _lowrank_bias_part, _mma, _op_body, _seed, _sm_count, _tile_ranges, _upcast,
-                      _use_explicit_blocks, _wrap, block_setter, capturing, eager_or_op, fit_stages, narrow_blocks, r_pad, split_chunk,
-                      split_count)
+                      _use_explicit_blocks, _wrap, block_setter, capturing, eager_or_op, fit_stages, narrow_blocks, r_pad,
+                      split_chunk, split_count)
 
 # ----------------------------------------------------------------------------------------------------
 # kernels

@@ -487,11 +487,12 @@ def _prune_tma_configs(configs, named_args, **kwargs):
                                                db_part=arg("DB_PART", False), k_scale=arg("K_SCALE", False))]
 
 
-def fits_itemsize(t: torch.Tensor) -> int:
+def fits_itemsize(t: torch.Tensor, config: dict | None = None) -> int:
     """The bytes an element of operand ``t`` counts for in the ``*_fits`` rules: its own where the launch
     autotunes or runs the pinned config on a card, 2 under the explicit test config (the interpreter and
-    FASTPEFT_AUTOTUNE=0), whose small one-stage tiles fit shared memory in any dtype."""
-    return 2 if _use_explicit_blocks(t) else t.element_size()
+    FASTPEFT_AUTOTUNE=0), whose small one-stage tiles fit shared memory in any dtype, and with a ``config``
+    given by the caller (the caller's to size)."""
+    return 2 if config is not None or _use_explicit_blocks(t) else t.element_size()
 
 
 def _rank_limit(fits) -> int:
@@ -499,8 +500,10 @@ def _rank_limit(fits) -> int:
     return max((r for r in (16, 32, 64) if fits(r)), default=0)
 
 
+@functools.lru_cache(maxsize=None)
 def _has_config(rp: int, itemsize: int, has_mask: bool = False, **flags) -> bool:
-    """Whether ``_config_fits`` keeps any autotune config for this launch."""
+    """Whether ``_config_fits`` keeps any autotune config for this launch (cached: the ops ask at every call
+    whether a fused path is offered, and the answer depends on these constants only)."""
     return any(_config_fits(c, has_mask, rp, itemsize, **flags) for c in _TMA_CONFIGS)
 
 
@@ -695,7 +698,7 @@ def lora_forward_tma(*, x: torch.Tensor, w_t: torch.Tensor, lora_A: torch.Tensor
     """
     if lora_A.dim() != 2 or lora_A.shape[1] != x.shape[1]:
         raise ValueError(f"lora_forward_tma: lora_A must be (R, K={x.shape[1]}), got {tuple(lora_A.shape)}")
-    isz = 2 if config is not None else fits_itemsize(x)  # a given config is the caller's to size
+    isz = fits_itemsize(x, config)
     if not shrink_fits(lora_A.shape[0], isz):
         raise ValueError(f"lora_forward_tma: rank {lora_A.shape[0]} is above what its configs hold for {x.dtype} "
                          f"(at most {_rank_limit(lambda r: shrink_fits(r, isz))})")
@@ -733,7 +736,7 @@ def multi_forward_tma(*, x: torch.Tensor, weight: torch.Tensor, bias: torch.Tens
     if lora_B_stack.shape != (n, weight.shape[0], r_max):
         raise ValueError(f"multi_forward_tma: lora_B_stack must be (n={n}, N={weight.shape[0]}, r_max={r_max}), "
                          f"got {tuple(lora_B_stack.shape)}")
-    isz = 2 if config is not None else fits_itemsize(x)
+    isz = fits_itemsize(x, config)
     if not shrink_fits(r_max, isz):
         raise ValueError(f"multi_forward_tma: r_max {r_max} is above what its configs hold for {x.dtype} (at most "
                          f"{_rank_limit(lambda r: shrink_fits(r, isz))})")
@@ -803,7 +806,7 @@ def dora_backward_tma(*, dy: torch.Tensor, w: torch.Tensor, lora_A: torch.Tensor
         raise ValueError(f"dora_backward_tma: with y, dX needs at least 2 column blocks (the magnitude's partials "
                          f"are column block 1's work): in_features {w.shape[1]} must be above "
                          f"{_dm_block_n(dy, config)}")
-    if not dora_dy_pass_fits(lora_A.shape[0], threshold > 0, 2 if config is not None else fits_itemsize(dy)):
+    if not dora_dy_pass_fits(lora_A.shape[0], threshold > 0, fits_itemsize(dy, config)):
         raise ValueError(f"dora_backward_tma: rank {lora_A.shape[0]}{' with the mask' if threshold > 0 else ''} is "
                          f"not held by its configs (ranks up to 16, without the mask)")
     return _dy_pass(dy, w, lora_A, lora_B, u, scale, seed, threshold, config, "dora_backward_tma", g=g, y=y,
@@ -815,7 +818,7 @@ def _dy_pass(dy, w, lora_A, lora_B, u, scale, seed, threshold, config, name, g=N
     R = lora_A.shape[0]
     if lora_B.dim() != 2 or lora_B.shape != (dy.shape[1], R):
         raise ValueError(f"{name}: lora_B must be (N={dy.shape[1]}, R={R}), got {tuple(lora_B.shape)}")
-    isz = 2 if config is not None else fits_itemsize(dy)
+    isz = fits_itemsize(dy, config)
     if not dy_pass_fits(R, threshold > 0, isz):
         limit = _rank_limit(lambda r: dy_pass_fits(r, threshold > 0, isz))
         raise ValueError(f"{name}: rank {R} is above what its configs hold for {dy.dtype} (at most "

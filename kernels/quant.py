@@ -24,7 +24,8 @@ import torch
 import triton
 import triton.language as tl
 
-from ._common import _cast, _dot_precision, _keep_mask, _mma, _sm_count, _upcast, _use_explicit_blocks, fit_stages, r_pad
+from ._common import (_cast, _dot_precision, _keep_mask, _mma, _sm_count, _upcast, _use_explicit_blocks, fit_stages,
+                      r_pad)
 
 # bitsandbytes' 1/127 (int8_vectorwise_dequant): W = CB * SCB * INT8_INV_SCALE.
 INT8_INV_SCALE = 7.874015718698502e-3

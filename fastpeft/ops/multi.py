@@ -197,12 +197,14 @@ def _fused_refusal(x, weight, bias, lora_A_stack, lora_B_stack, dropout_p) -> st
         return "torch.compile is tracing"
     if not KT.tma_supported(x.device):
         return f"it needs sm_90+ and a triton with tensor descriptors, got device {x.device}"
-    if KT.waits_refusal() is not None:
-        return KT.waits_refusal()
+    waits = KT.waits_refusal()
+    if waits is not None:
+        return waits
     if n == 0 or r_max == 0:
         return "there is no adapter"
-    if not KT.shrink_fits(r_max, KT.fits_itemsize(x)):
-        return f"r_max {r_max} is above " + ("64" if KT.fits_itemsize(x) <= 2 else f"32 for {x.dtype}")
+    isz = KT.fits_itemsize(x)
+    if not KT.shrink_fits(r_max, isz):
+        return f"r_max {r_max} is above " + ("64" if isz <= 2 else f"32 for {x.dtype}")
     if not KT.tma_shapes_ok(a=x, b=weight.t()):
         return (f"in and out features must be multiples of {16 // x.element_size()} for {x.dtype} (TMA rows), "
                 f"got {k} and {weight.shape[0]}")

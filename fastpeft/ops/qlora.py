@@ -14,21 +14,11 @@ import torch
 import torch.nn.functional as F
 
 from ..quant import INT8_INV_SCALE, QuantizedWeight, dequantize_weight
-from ..reference import cpu_keep_mask, dropout_mask, dropout_threshold, use_cpu_path
+from ..reference import dropout_threshold, keep_mask_stream, use_cpu_path
 from .common import returned
 
 PATHS = ("auto", "fused", "dequant")
 _path_cache: dict = {}
-
-
-def _keep(seed, x: torch.Tensor, p: float, cpu: bool) -> torch.Tensor:
-    """The keep-mask of x (M, K)'s dropout on the PyTorch path: the CPU stream where ``cpu`` (``use_cpu_path(x)``
-    as the forward saw it; SplitMix64, as plain LoRA's CPU path: the Philox stream in PyTorch's int64 ops costs
-    more than the matmuls), the kernels' Philox stream elsewhere (and on the CPU where tests compare with the
-    kernels under the interpreter)."""
-    if cpu:
-        return cpu_keep_mask(seed, x.shape[0], x.shape[1], p, x.device)
-    return dropout_mask(seed, x.shape[0], x.shape[1], p, device=x.device)
 
 
 def _reference_weight(qw: QuantizedWeight, dtype: torch.dtype) -> torch.Tensor:
@@ -53,7 +43,9 @@ def _reference_forward(x, lora_A, lora_B, bias, qw, scaling: float, p: float, se
     del w
     xd = x
     if p > 0.0:
-        xd = x * _keep(seed, x, p, use_cpu_path(x)).to(x.dtype) * (1.0 / (1.0 - p))
+        # the CPU stream on the CPU path (as plain LoRA's: the Philox stream in PyTorch's int64 ops costs more than
+        # the matmuls), the kernels' Philox stream elsewhere
+        xd = x * keep_mask_stream(x, p, seed).to(x.dtype) * (1.0 / (1.0 - p))
     u = xd.float() @ lora_A.float().t()
     low = u.to(x.dtype) @ lora_B.t()
     low.mul_(scaling)
@@ -64,7 +56,7 @@ def _reference_forward(x, lora_A, lora_B, bias, qw, scaling: float, p: float, se
 class QLoRALinearFunction(torch.autograd.Function):
     r"""LoRA over a quantized frozen weight W (N, K); x is 2-D here, (M, K), in the compute dtype.
 
-    With s the scaling, p the dropout rate, D the keep-mask of x (M, K) (``_keep``: the kernels' Philox stream of
+    With s the scaling, p the dropout rate, D the keep-mask of x (M, K) (``keep_mask_stream``: the kernels' Philox stream of
     ``fastpeft.reference.dropout_mask`` for ``seed``, the CPU stream on the CPU path) and drop(x) = D ⊙ x / (1 - p):
 
         W = deq(Wq)                            dequantized per call: (N, K), never saved
@@ -124,7 +116,7 @@ class QLoRALinearFunction(torch.autograd.Function):
                 dx = dy @ _reference_weight(qw, dy.dtype)
             # the products in the order autograd takes them through PEFT's ``lora_B(lora_A(x)) * s``: dY s first
             # (so that fp32 gradients are PEFT's bit for bit, whatever s), then B, then A / drop(x)
-            keep = _keep(seed, x, p, ctx.cpu_stream).to(torch.float32) if thr else None
+            keep = keep_mask_stream(x, p, seed, ctx.cpu_stream).to(torch.float32) if thr else None
             dys = dy.float() * s                                               # (M, N)
             v = dys @ lora_B.float()                                           # (M, r): s dY B
             if need_x:
