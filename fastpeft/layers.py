@@ -30,7 +30,7 @@ from .functional import (dora_linear, lora_linear, lora_linear_multi, lora_spars
                          sparse_delta_linear)
 from .ops.dora import weight_sq_norms
 from .quant import (QuantizedWeight, assign_merged_weight, base_kind, dequantize_weight, is_quantized,
-                    kept_quantized_weight, merged_weight)
+                    kept_quantized_weight, merged_weight, workspace)
 from .reference import dense_delta_ref
 from .selection import SparseSpec
 
@@ -861,11 +861,14 @@ class QLoRALinear(FastLoRALinear):
 
     def _base_forward(self, x: torch.Tensor, qw: QuantizedWeight | None = None) -> torch.Tensor:
         """x deq(W)^T + b with W dequantized for this call (not bnb's forward: on the CPU in eval mode it repacks
-        the weight in place into a layout of its own)."""
+        the weight in place into a layout of its own): into the shared workspace, or a fresh tensor where autograd
+        keeps W for dX (x requires grad), since the next layer's call overwrites the workspace."""
         qw = self.quantized_weight() if qw is None else qw
         cdt = qw.compute_dtype_for(x)
         b = self.bias
-        y = F.linear(x.to(cdt), dequantize_weight(qw, cdt), None if b is None else b.to(cdt))
+        kept = torch.is_grad_enabled() and x.requires_grad
+        w = dequantize_weight(qw, cdt, out=None if kept else workspace(qw.device, cdt, qw.shape[0] * qw.shape[1]))
+        y = F.linear(x.to(cdt), w, None if b is None else b.to(cdt))
         return y.to(x.dtype)
 
     def forward(self, x: torch.Tensor, adapter_ids: torch.Tensor | None = None) -> torch.Tensor:

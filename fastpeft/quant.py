@@ -8,8 +8,10 @@
   packed data and the quant state, all read in place (no copy: ``data_ptr`` is bnb's).
 - ``dequantize_ref(qw)``: the dense weight in plain PyTorch, bit-exact with
   ``bitsandbytes.functional.dequantize_4bit`` / ``int8_vectorwise_dequant`` (the oracle of the kernels).
-- ``dequantize_weight(qw, dtype)``: the same bits by the fastest route (on the CPU bitsandbytes' C kernels, called
-  directly), a fresh tensor per call.
+- ``dequantize_weight(qw, dtype, out=None)``: the same bits by the fastest route (on the CPU bitsandbytes' C kernels,
+  called directly), a fresh tensor per call or written into ``out``.
+- ``workspace(device, dtype, numel)``: the buffer a weight dequantized for one call lives in, shared by every
+  quantized layer (per device; on the CPU per thread), so that a call allocates no weight-sized tensor.
 - ``merge_into_quantized(layer, delta, dequantize=...)``: PEFT's merge (dequantize, add, requantize with a
   warning), or a plain floating-point ``nn.Linear`` with ``dequantize=True``.
 
@@ -32,6 +34,7 @@ import importlib.util
 import operator
 import os
 import sys
+import threading
 import warnings
 from dataclasses import dataclass
 
@@ -323,8 +326,9 @@ def _bnb_cpu_symbol(name: str):
     return _NATIVE[name]
 
 
-def _dequantize_4bit_native(qw: QuantizedWeight):
-    """The 4-bit weight (out, in) in ``qw.dtype`` by bitsandbytes' own CPU C kernels, called as its CPU backend
+def _dequantize_4bit_native(qw: QuantizedWeight, out: torch.Tensor | None = None):
+    """The 4-bit weight (out, in) in ``qw.dtype`` (written into ``out`` when it is a buffer of that dtype, see
+    ``dequantize_weight``) by bitsandbytes' own CPU C kernels, called as its CPU backend
     calls them (``bitsandbytes/backends/cpu/ops.py``) but directly: the two ``torch.library`` dispatches of
     ``bitsandbytes.functional.dequantize_4bit`` (nested absmax, then the values) cost ~13 us a call on the CPU,
     more than the kernels themselves on a small layer. None where that route does not apply: not on the CPU, the
@@ -349,10 +353,11 @@ def _dequantize_4bit_native(qw: QuantizedWeight):
                 or qw.nested_code.dtype != torch.float32 or not absmax.is_contiguous() \
                 or qw.nested_code.device.type != "cpu":
             return None
-    # W before the scales' temporary: with the small temporary allocated (and freed) after it, glibc reuses W's
-    # memory from call to call instead of trimming it and faulting it in again (1024x1024 fp32, M = 1, one thread:
-    # 0 page faults a call against 100-550, and 0.52 ms against 0.6-1.4 ms a forward + backward, over 5 processes)
-    w = torch.empty((out_f, in_f), dtype=qw.dtype)
+    # W (when not in ``out``) before the scales' temporary: with the small temporary allocated (and freed) after
+    # it, glibc reuses W's memory from call to call instead of trimming it and faulting it in again (1024x1024
+    # fp32, M = 1, one thread: 0 page faults a call against 100-550, and 0.52 ms against 0.6-1.4 ms a forward +
+    # backward, over 5 processes)
+    w = _dense_out(out, qw.dtype, (out_f, in_f))
     if qw.nested:
         # bnb's dequantize_blockwise(absmax, state2) + offset, in fp32
         codes, absmax = absmax, torch.empty(absmax.shape, dtype=torch.float32)
@@ -367,28 +372,77 @@ def _dequantize_4bit_native(qw: QuantizedWeight):
     return w
 
 
-def dequantize_weight(qw: QuantizedWeight, dtype: torch.dtype | None = None) -> torch.Tensor:
+_SHARED_WORKSPACES: dict = {}        # (device, dtype) -> flat buffer, on accelerators (calls ordered on the stream)
+_THREAD_WORKSPACES = threading.local()  # .bufs: the same dict for this thread, on the CPU (threads run at once)
+
+
+def workspace(device, dtype: torch.dtype, numel: int) -> torch.Tensor:
+    """A flat buffer of ``numel`` elements for a weight dequantized for one call (a layer's forward, or backward's
+    dX), shared by every quantized layer: its size is the largest layer's, not the model's. One per (device,
+    dtype); on the CPU one per thread as well, since two threads' calls run at once there. Grown, never shrunk;
+    allocated outside inference mode (an inference tensor could not be written by a later training step).
+
+    Why not a fresh tensor per call: a CPU allocation above glibc's mmap threshold (32 MiB at most: every 4096 x
+    4096 fp32 weight) is mapped and unmapped at each call and faulted in page by page, which costs more than the
+    dequantization itself (4096 x 4096 int8, M = 1: 23 ms a forward fresh against 6 ms in a kept buffer).
+    Under ``torch.compile`` a fresh tensor (a module-level buffer mutated inside a graph is the compiler's to
+    manage, not ours)."""
+    device = torch.device(device)
+    if torch.compiler.is_compiling():
+        return torch.empty(numel, device=device, dtype=dtype)
+    if device.type == "cpu":
+        bufs = getattr(_THREAD_WORKSPACES, "bufs", None)
+        if bufs is None:
+            bufs = _THREAD_WORKSPACES.bufs = {}
+    else:
+        bufs = _SHARED_WORKSPACES
+    key = (device, dtype)
+    buf = bufs.get(key)
+    if buf is None or buf.numel() < numel:
+        bufs[key] = buf = None  # the smaller one freed before the larger one is allocated
+        with torch.inference_mode(False):
+            buf = bufs[key] = torch.empty(numel, device=device, dtype=dtype)
+    return buf[:numel]
+
+
+def _dense_out(out: torch.Tensor | None, dtype: torch.dtype, shape: tuple) -> torch.Tensor:
+    """``out``'s first elements as a (out, in) tensor when it has ``dtype``, else a fresh one."""
+    if out is not None and out.dtype == dtype:
+        return out[:shape[0] * shape[1]].view(shape)
+    return torch.empty(shape, dtype=dtype, device=out.device if out is not None else None)
+
+
+def dequantize_weight(qw: QuantizedWeight, dtype: torch.dtype | None = None,
+                      out: torch.Tensor | None = None) -> torch.Tensor:
     """``dequantize_ref(qw, dtype)``, bit for bit, by the fastest exact route. 4-bit: on the CPU bitsandbytes' own
     C kernels called directly (``_dequantize_4bit_native``; 1024x1024 NF4 on this CPU: ~0.13 ms, against ~0.4 ms
     for ``_dequantize_4bit_torch`` and ~6 ms for ``dequantize_ref``), elsewhere bnb's ``dequantize_4bit`` where its
     layout agrees with the flat one (in_features a multiple of the block size), ``_dequantize_4bit_torch``
-    otherwise. int8: in place in one fp32 tensor. A fresh tensor per call (nothing kept); the QLoRA op's reference
-    path, merging and ``QLoRALinear``'s base forward use it."""
+    otherwise. int8: in place in one fp32 tensor. A fresh tensor per call (nothing kept), or written into ``out``
+    (a contiguous buffer of ``dtype`` with at least out*in elements, e.g. ``workspace``'s; a route that produces
+    another dtype first still allocates that intermediate). The QLoRA op's reference path, merging and
+    ``QLoRALinear``'s base forward use it."""
+    if out is not None and (dtype is None or out.dtype != dtype or not out.is_contiguous()
+                            or out.numel() < qw.shape[0] * qw.shape[1]):
+        raise ValueError(f"dequantize_weight: out must be a contiguous {dtype} buffer of at least "
+                         f"{qw.shape[0] * qw.shape[1]} elements, got {out.dtype} {tuple(out.shape)}")
+    w, written = None, False  # written: w is out's (the route wrote there)
     if qw.kind == "int8" and qw.scales.dtype == torch.float32:
         # dequantize_ref's CB * SCB * (1/127) as one fp32 copy and two in-place products (the same roundings):
         # no int8 -> fp32 temporaries beside the result
-        w = qw.data.to(torch.float32).mul_(qw.scales.view(-1, 1)).mul_(INT8_INV_SCALE)
-        return w if dtype is None else w.to(dtype)
-    if qw.kind != "int8" and qw.quant_state is not None and "bitsandbytes" in sys.modules:
-        w = _dequantize_4bit_native(qw)
+        w = _dense_out(out, torch.float32, qw.shape).copy_(qw.data)
+        w.mul_(qw.scales.view(-1, 1)).mul_(INT8_INV_SCALE)
+        written = out is not None and out.dtype == torch.float32
+    elif qw.kind != "int8" and qw.quant_state is not None and "bitsandbytes" in sys.modules:
+        w = _dequantize_4bit_native(qw, out)
+        written = w is not None and out is not None and out.dtype == qw.dtype
         if w is None and qw.in_features % qw.blocksize == 0:
             w = sys.modules["bitsandbytes"].functional.dequantize_4bit(qw.data.reshape(-1, 1), qw.quant_state)
-        if w is not None:
-            return w if dtype is None else w.to(dtype)
-    if qw.kind != "int8":
-        w = _dequantize_4bit_torch(qw)
-        return w if dtype is None else w.to(dtype)
-    return dequantize_ref(qw, dtype)
+    if w is None:
+        w = _dequantize_4bit_torch(qw) if qw.kind != "int8" else dequantize_ref(qw)
+    if out is None:
+        return w if dtype is None or w.dtype == dtype else w.to(dtype)
+    return w if written else out[:w.numel()].view(w.shape).copy_(w)  # copy_ casts as .to(dtype) does
 
 
 def _layer_label(module: nn.Module, name: str) -> str:

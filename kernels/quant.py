@@ -1,7 +1,7 @@
 """Kernels for LoRA over quantized base weights (QLoRA): bitsandbytes NF4 / FP4 (nested absmax or not) and int8.
 
 - ``_dequant_4bit_kernel``: one pass that dequantizes a packed 4-bit weight into a dense (out, in) buffer of
-  the compute dtype (the shared per-device, per-dtype ``workspace``); the large-M forward and every backward
+  the compute dtype (the caller's buffer: fastpeft's shared per-device ``workspace``); the large-M forward and every backward
   then run the LoRA GEMM of ``kernels.lora`` on it. Bit-exact with bitsandbytes: ``code[nibble] * absmax`` in
   fp32, rounded once to bnb's dequantized dtype (then to the compute dtype if it differs).
 - ``_qlora_fused_kernel``: ``out = x deq(W)^T (* row scales) + s * (drop(x) A^T) B^T + bias`` in one kernel,
@@ -192,22 +192,9 @@ def _qlora_fused_kernel(
 # ----------------------------------------------------------------------------------------------------
 
 _W_DTYPE_CODES = {torch.float32: 0, torch.float16: 1, torch.bfloat16: 2}
-_workspaces: dict = {}
 
 # Explicit blocks under the interpreter (and FASTPEFT_AUTOTUNE=0); small so that odd shapes cover edges.
 _TEST_BLOCKS = {"BLOCK_M": 16, "BLOCK_N": 16, "BLOCK_K": 32, "DEQUANT_BLOCK": 64}
-
-
-def workspace(device: torch.device, dtype: torch.dtype, numel: int) -> torch.Tensor:
-    """A flat buffer of at least ``numel`` elements, one per (device, dtype) and shared by every quantized
-    layer: a weight dequantized into it lives only until the next layer's call (forward, or backward's dX),
-    so its size is the largest layer's, not the model's. Grown, never shrunk."""
-    key = (torch.device(device), dtype)
-    buf = _workspaces.get(key)
-    if buf is None or buf.numel() < numel:
-        buf = torch.empty(numel, device=device, dtype=dtype)
-        _workspaces[key] = buf
-    return buf[:numel]
 
 
 def _nested_args(qw):
@@ -218,11 +205,9 @@ def _nested_args(qw):
 
 def dequantize_4bit(qw, dtype: torch.dtype, out: torch.Tensor | None = None) -> torch.Tensor:
     """The 4-bit weight of ``qw`` (a ``fastpeft.quant.QuantizedWeight``) as a dense (out, in) tensor of
-    ``dtype``, written into ``out`` (contiguous, numel out*in) or the shared ``workspace``."""
+    ``dtype``, written into ``out`` (a contiguous buffer of ``dtype``, at least out*in elements) or a fresh tensor."""
     n = qw.shape[0] * qw.shape[1]
-    if out is None:
-        out = workspace(qw.device, dtype, n)
-    out = out.view(qw.shape)
+    out = torch.empty(qw.shape, device=qw.device, dtype=dtype) if out is None else out[:n].view(qw.shape)
     if n == 0:
         return out
     block = _TEST_BLOCKS["DEQUANT_BLOCK"] if _use_explicit_blocks(out) else 1024
@@ -236,10 +221,12 @@ def dequantize_4bit(qw, dtype: torch.dtype, out: torch.Tensor | None = None) -> 
     return out
 
 
-def int8_weight(qw, dtype: torch.dtype) -> torch.Tensor:
-    """The int8 weight cast exactly to ``dtype`` (its row scales not applied), in the shared workspace."""
-    out = workspace(qw.device, dtype, qw.shape[0] * qw.shape[1]).view(qw.shape)
-    return out.copy_(qw.data)
+def int8_weight(qw, dtype: torch.dtype, out: torch.Tensor | None = None) -> torch.Tensor:
+    """The int8 weight cast exactly to ``dtype`` (its row scales not applied), written into ``out`` (as
+    ``dequantize_4bit``'s) or a fresh tensor."""
+    if out is None:
+        return qw.data.to(dtype)
+    return out[:qw.shape[0] * qw.shape[1]].view(qw.shape).copy_(qw.data)
 
 
 def fused_unsupported_reason(qw, M: int) -> str | None:

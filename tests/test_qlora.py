@@ -110,6 +110,23 @@ def test_fast_dequantize_is_dequantize_ref_bit_for_bit(qt, nested, st, shape):
         assert torch.equal(dequantize_weight(qw, dt), dequantize_ref(qw, dt))
 
 
+@pytest.mark.parametrize("kind", ["nf4-nested", "fp4", "int8"])
+@pytest.mark.parametrize("dt", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
+def test_dequantize_weight_into_a_buffer_is_bit_for_bit(kind, dt):
+    """``out=``: the same bits written into the caller's buffer (a larger flat one, as the workspace is), whether
+    the route produces ``dt`` there directly or casts into it; a buffer of the wrong dtype or size is refused."""
+    layer = _layer8(136, 33) if kind == "int8" else _layer4(
+        128, 33, quant_type=kind[:3], nested=kind.endswith("nested"), dtype=torch.float32)
+    qw = QuantizedWeight.from_module(layer)
+    buf = torch.full((33 * 128 + 100 + 33 * 8,), float("nan"), dtype=dt)
+    got = dequantize_weight(qw, dt, out=buf)
+    assert torch.equal(got, dequantize_weight(qw, dt)) and got.data_ptr() == buf.data_ptr()
+    with pytest.raises(ValueError, match="out must be a contiguous"):
+        dequantize_weight(qw, dt, out=buf[:10])
+    with pytest.raises(ValueError, match="out must be a contiguous"):
+        dequantize_weight(qw, torch.float16, out=buf)
+
+
 NATIVE_CASES = [(qt, nested, bs, dt, shape) for qt in ("nf4", "fp4") for nested in (False, True) for bs in (64, 128)
                 for dt in ("fp32", "bf16", "fp16") for shape in ((48, 128), (7, 1024), (33, 130), (16, 80))]
 
@@ -563,3 +580,98 @@ def test_merge_with_dequantize_gives_a_float_linear_with_the_same_outputs(kind):
     x = torch.randn(7, K)
     want = qlora_linear(x, qw, layer.bias, A, B, 2.0, backend="reference")
     assert_close_report(lin(x), want, rtol=1e-5, atol=1e-5, what="merged nn.Linear vs QLoRA")
+
+
+# ---- the shared workspace ------------------------------------------------------------------------------
+
+def _in_new_thread(fn):
+    """fn() in a thread of its own (a fresh CPU workspace), its exception re-raised here."""
+    import threading
+
+    out = {}
+
+    def run():
+        try:
+            out["value"] = fn()
+        except BaseException as exc:  # noqa: BLE001 - handed back to the test
+            out["error"] = exc
+    t = threading.Thread(target=run)
+    t.start()
+    t.join()
+    if "error" in out:
+        raise out["error"]
+    return out.get("value")
+
+
+@pytest.mark.parametrize("kind", ["nf4-nested", "int8"])
+def test_cpu_path_dequantizes_into_the_workspace_with_no_weight_sized_allocation(kind):
+    """After the first call, a forward + backward of the CPU path allocates no tensor as large as W (a fresh one
+    per call is mapped and faulted in page by page above glibc's mmap threshold), and its outputs are the same."""
+    import fastpeft
+
+    K, N = 256, 192
+    base = _layer8(K, N) if kind == "int8" else _layer4(K, N, nested=True)
+    layer = fastpeft.FastLoRALinear.from_linear(base, r=8, lora_alpha=16, init_lora_weights=False)
+    x = torch.randn(3, K, requires_grad=True)
+
+    def step():
+        y = layer(x)
+        return (y,) + torch.autograd.grad(y, (x, layer.lora_A, layer.lora_B), torch.ones_like(y))
+
+    def run():
+        first = step()
+        with torch.profiler.profile(profile_memory=True) as prof:
+            second = step()
+        largest = max((e.cpu_memory_usage for e in prof.events()), default=0)
+        return first, second, largest
+    first, second, largest = _in_new_thread(run)
+    assert all(torch.equal(a, b) for a, b in zip(first, second))
+    assert 0 < largest < N * K * 4 // 4, f"a call allocated {largest} B, W is {N * K * 4} B"
+
+
+@pytest.mark.parametrize("kind", ["nf4-nested", "int8"])
+def test_workspace_first_allocated_under_inference_mode_serves_training(kind):
+    """A model run under torch.inference_mode() first (an evaluation, a generate) and trained next: the workspace
+    it allocated is an ordinary tensor, which the training step can write (int8 writes it with copy_, which
+    refuses an inference tensor outside inference mode)."""
+    import fastpeft
+
+    base = _layer8(128, 48) if kind == "int8" else _layer4(128, 48)
+    layer = fastpeft.FastLoRALinear.from_linear(base, r=8, lora_alpha=16, init_lora_weights=False)
+    x = torch.randn(5, 128)
+
+    def run():
+        with torch.inference_mode():
+            y0 = layer(x)
+        y = layer(x.requires_grad_())
+        y.sum().backward()
+        return y0, y.detach(), x.grad
+    y0, y, dx = _in_new_thread(run)
+    assert torch.equal(y0, y) and dx is not None
+
+
+def test_workspace_is_per_thread_on_the_cpu_and_grows():
+    from fastpeft.quant import workspace
+
+    here = workspace("cpu", torch.float16, 64)
+    assert workspace("cpu", torch.float16, 32).data_ptr() == here.data_ptr()  # reused, not shrunk
+    there = _in_new_thread(lambda: workspace("cpu", torch.float16, 64))
+    assert there.data_ptr() != here.data_ptr()  # two threads' calls run at once on the CPU
+    assert workspace("cpu", torch.float16, 1 << 16).numel() == 1 << 16
+
+
+def test_base_forward_keeps_its_own_weight_where_autograd_saves_it():
+    """With no active adapter the layer is x deq(W)^T + b; when x requires grad autograd keeps W for dX, so W is
+    not the shared workspace, which the next layer's call overwrites: dX through two such layers is exact."""
+    import fastpeft
+
+    a = fastpeft.FastLoRALinear.from_linear(_layer4(64, 64, seed=1), r=4)
+    b = fastpeft.FastLoRALinear.from_linear(_layer4(64, 64, seed=2), r=4)
+    for m in (a, b):
+        m.set_adapter(None)
+    x = torch.randn(4, 64, requires_grad=True)
+    b(a(x)).sum().backward()
+    wa, wb = (dequantize_ref(QuantizedWeight.from_module(m.base_layer)) for m in (a, b))
+    x2 = x.detach().requires_grad_()
+    F.linear(F.linear(x2, wa, a.bias), wb, b.bias).sum().backward()
+    assert torch.allclose(x.grad, x2.grad, rtol=1e-5, atol=1e-6)

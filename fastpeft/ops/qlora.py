@@ -3,7 +3,7 @@
 ``fastpeft.functional.qlora_linear(x, qweight, bias, lora_A, lora_B, scaling, ...)`` is ``lora_linear`` with the
 frozen weight given as a ``fastpeft.quant.QuantizedWeight`` (the packed bnb weight read in place), run here by
 ``qlora_linear_op``. The weight is dequantized per call and never kept: forward and backward each dequantize it
-again (into the shared per-device workspace on the triton path; a temporary on the reference path).
+again, into the shared ``fastpeft.quant.workspace`` (per device; on the CPU per thread), which no call outlives.
 
 Dtypes follow bitsandbytes' Linear4bit: x, bias, lora_A and lora_B are cast to the layer's compute dtype
 (``qweight.compute_dtype_for(x)``), the output back to x's dtype; gradients flow back through those casts.
@@ -13,7 +13,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from ..quant import INT8_INV_SCALE, QuantizedWeight, dequantize_weight
+from ..quant import INT8_INV_SCALE, QuantizedWeight, dequantize_weight, workspace
 from ..reference import dropout_threshold, keep_mask_stream, use_cpu_path
 from .common import returned
 
@@ -21,21 +21,28 @@ PATHS = ("auto", "fused", "dequant")
 _path_cache: dict = {}
 
 
+def _workspace_for(qw: QuantizedWeight, dtype: torch.dtype) -> torch.Tensor:
+    """The shared workspace, sized for ``qw``'s weight in ``dtype`` (flat)."""
+    return workspace(qw.device, dtype, qw.shape[0] * qw.shape[1])
+
+
 def _reference_weight(qw: QuantizedWeight, dtype: torch.dtype) -> torch.Tensor:
-    """W (N, K) in ``dtype`` for the PyTorch path, a temporary. 4-bit: ``dequantize_weight``. int8: as
-    bitsandbytes' CPU training matmul (``MatMul8bitFp``, what PEFT's ``Linear8bitLt`` runs) forms it, forward and
-    backward: ``C.to(dtype) * (SCB / 127)``, one pass fewer than ``int8_vectorwise_dequant``'s ``C * SCB / 127``
-    (``dequantize_ref``'s, which differs from it by rounding only)."""
+    """W (N, K) in ``dtype`` for the PyTorch path, in the shared workspace (valid until the next layer's call).
+    4-bit: ``dequantize_weight``. int8: as bitsandbytes' CPU training matmul (``MatMul8bitFp``, what PEFT's
+    ``Linear8bitLt`` runs) forms it, forward and backward: ``C.to(dtype) * (SCB / 127)``, one pass fewer than
+    ``int8_vectorwise_dequant``'s ``C * SCB / 127`` (``dequantize_ref``'s, which differs from it by rounding
+    only); the cast into the workspace is the same exact conversion as ``.to(dtype)``."""
+    out = _workspace_for(qw, dtype)
     if qw.kind == "int8":
-        return qw.data.to(dtype).mul_(qw.scales.unsqueeze(1).mul(1.0 / 127.0))
-    return dequantize_weight(qw, dtype)
+        return out.view(qw.shape).copy_(qw.data).mul_(qw.scales.unsqueeze(1).mul(1.0 / 127.0))
+    return dequantize_weight(qw, dtype, out=out)
 
 
 def _reference_forward(x, lora_A, lora_B, bias, qw, scaling: float, p: float, seed: int):
     """``(y, u)`` of the PyTorch path: ``y = x Wᵀ + b + s (drop(x) Aᵀ) Bᵀ``, ``u = drop(x) Aᵀ`` (M, r) fp32.
 
-    W is dequantized for this call (``_reference_weight``) and freed as soon as x Wᵀ + b is formed, so no more
-    than one W-sized temporary is alive; the LoRA term is added in place. The operations and their order are
+    W is dequantized for this call into the shared workspace (``_reference_weight``), no longer needed once
+    x Wᵀ + b is formed; the LoRA term is added in place. The operations and their order are
     PEFT's bnb layers' on the CPU in training (bnb's ``F.linear(x, deq(W), b)``, then
     ``result + lora_B(lora_A(x)) * s``), so in fp32 the output is PEFT's bit for bit (tested)."""
     w = _reference_weight(qw, x.dtype)
@@ -110,8 +117,6 @@ class QLoRALinearFunction(torch.autograd.Function):
         dy = dy.contiguous()
         dx = da = dbb = dbias = None
         if ctx.path == "reference":
-            # dY W first, W freed right after, before the LoRA temporaries (as in forward: glibc then reuses W's
-            # memory from call to call instead of trimming it and faulting it in again)
             if need_x:
                 dx = dy @ _reference_weight(qw, dy.dtype)
             # the products in the order autograd takes them through PEFT's ``lora_B(lora_A(x)) * s``: dY s first
@@ -134,13 +139,13 @@ class QLoRALinearFunction(torch.autograd.Function):
             # bf16 LoRA's backward on the dequantized W (dequantized only for dX): its timed compositions.
             from . import lora as OL
             KL, KQ = _kernels()
-            w = KQ.dequantize_4bit(qw, dy.dtype) if need_x else None
+            w = KQ.dequantize_4bit(qw, dy.dtype, _workspace_for(qw, dy.dtype)) if need_x else None
             dx, da, dbb = OL._backward(dy, x, u, w, lora_A, lora_B, s, seed, thr, ds, need_x, need_a, need_b)
         else:
             KL, KQ = _kernels()
             v = KL.lora_shrink(dy, lora_B, 1.0, 0, 0, 0, 0) if (need_x or need_a) else None
             if need_x:  # W8A16: dY's columns take the row scales, then the exact int8 -> dtype weight
-                w = KQ.int8_weight(qw, dy.dtype)
+                w = KQ.int8_weight(qw, dy.dtype, _workspace_for(qw, dy.dtype))
                 a = (dy.float() * (qw.scales.float() * INT8_INV_SCALE)).to(dy.dtype)
                 from . import lora as OL
                 key = OL.dx_key(dy.shape[0], w.shape[0], w.shape[1], lora_A.shape[0], dy.dtype, thr > 0)
@@ -179,7 +184,8 @@ def _triton_forward(x, lora_A, lora_B, bias, qw, scaling: float, thr: int, ds: f
     from . import lora as OL  # imports the kernels: only on the triton path
     # W in the workspace, then bf16 LoRA's own forward: the faster (timed per shape) of the shrink + its GEMM
     # choice, the torch composition and, on sm_90+, the shrink fused into the TMA GEMM.
-    return OL._forward(x, KQ.dequantize_4bit(qw, x.dtype), bias, lora_A, lora_B, scaling, thr, ds, seed)
+    w = KQ.dequantize_4bit(qw, x.dtype, _workspace_for(qw, x.dtype))
+    return OL._forward(x, w, bias, lora_A, lora_B, scaling, thr, ds, seed)
 
 
 def _label(qw: QuantizedWeight) -> str:
