@@ -1,9 +1,10 @@
 """Kernels for LoRA over quantized base weights (QLoRA): bitsandbytes NF4 / FP4 (nested absmax or not) and int8.
 
 - ``_dequant_4bit_kernel``: one pass that dequantizes a packed 4-bit weight into a dense (out, in) buffer of
-  the compute dtype (the caller's buffer: fastpeft's shared per-device ``workspace``); the large-M forward and every backward
-  then run the LoRA GEMM of ``kernels.lora`` on it. Bit-exact with bitsandbytes: ``code[nibble] * absmax`` in
-  fp32, rounded once to bnb's dequantized dtype (then to the compute dtype if it differs).
+  the compute dtype (the caller's buffer: fastpeft's shared per-device ``workspace``); the large-M forward and
+  every backward then run the LoRA GEMM of ``kernels.lora`` on it. Bit-exact with bitsandbytes:
+  ``code[nibble] * absmax`` in fp32, rounded once to bnb's dequantized dtype (then to the compute dtype if it
+  differs).
 - ``_qlora_fused_kernel``: ``out = x deq(W)^T (* row scales) + s * (drop(x) A^T) B^T + bias`` in one kernel,
   for small M (decode, M <= ``FUSED_MAX_M``) with 4-bit weights and at every M with int8 weights (W8A16): the
   W tiles are dequantized in registers inside the K loop (NF4 / FP4 table lookup, nested absmax unpacked

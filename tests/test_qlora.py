@@ -675,3 +675,39 @@ def test_base_forward_keeps_its_own_weight_where_autograd_saves_it():
     x2 = x.detach().requires_grad_()
     F.linear(F.linear(x2, wa, a.bias), wb, b.bias).sum().backward()
     assert torch.allclose(x.grad, x2.grad, rtol=1e-5, atol=1e-6)
+
+
+def test_many_adapters_per_batch_keep_their_weight_for_the_backward():
+    """Mixed adapter ids through two stacked quantized layers, with gradients: lora_linear_multi's autograd saves
+    W, so the call's W is not the workspace (the second layer would overwrite the first's): dX and the adapters'
+    gradients equal those of each row run alone through its adapter's single-adapter path."""
+    import fastpeft
+
+    layers = []
+    for seed in (1, 2):
+        m = fastpeft.FastLoRALinear.from_linear(_layer4(64, 64, seed=seed), r=4, lora_alpha=8, init_lora_weights=False)
+        m.add_adapter("other", 2, 4, init_lora_weights=False)
+        layers.append(m)
+    params = [p for m in layers for name in ("default", "other")
+              for p in (m.lora_A_adapters[name], m.lora_B_adapters[name])]
+    x = torch.randn(3, 64)
+    ids = torch.tensor([0, 1, -1])
+
+    def grads(rows, fwd):
+        for p in params:  # set_adapter freezes the inactive adapters: all train here
+            p.requires_grad_(True)
+        xg = rows.clone().requires_grad_()
+        return torch.autograd.grad(fwd(xg).square().sum(), [xg] + params, allow_unused=True)
+    mixed = grads(x, lambda v: layers[1](layers[0](v, ids), ids))
+    dx, dparams = [], [torch.zeros_like(p) for p in params]
+    for row, name in enumerate(("default", "other", None)):
+        for m in layers:
+            m.set_adapter(name)
+        one = grads(x[row:row + 1], lambda v: layers[1](layers[0](v)))
+        dx.append(one[0])
+        for acc, g in zip(dparams, one[1:]):
+            if g is not None:
+                acc += g
+    assert_close_report(mixed[0], torch.cat(dx), atol=1e-5, rtol=1e-4)
+    for g, w in zip(mixed[1:], dparams):
+        assert_close_report(g, w, atol=1e-5, rtol=1e-4)
