@@ -362,3 +362,14 @@ def test_pieces_path_equals_one_piece(monkeypatch):
     assert len(lora_cpu._row_pieces(37, 130)) == 8
     for name, one, many in zip("y dX dW db dA dB".split(), *outs):
         assert_close_report(many, one, 1e-12, 1e-12, name)
+
+
+@pytest.mark.parametrize("seed", [0, 12345, 2**62 + 5, 2**63 - 1])
+def test_numpy_route_of_small_masks_is_the_torch_route(monkeypatch, seed):
+    """Up to _NUMPY_MAX_WORDS words numpy computes the stream (uint64, logical shifts): the same bits as the
+    int64 tensor ops, at any start, length and lane, up to the limit and past it."""
+    cases = [(1, 0), (7, 3), (1001, 5), (5000, 123457), (4 * R._NUMPY_MAX_WORDS, 0), (4 * R._NUMPY_MAX_WORDS + 1, 2)]
+    small = [R.cpu_draws(seed, n, start=start) for n, start in cases]
+    monkeypatch.setattr(R, "_NUMPY_MAX_WORDS", -1)
+    for (n, start), got in zip(cases, small):
+        assert torch.equal(got, R.cpu_draws(seed, n, start=start)), (n, start)
