@@ -44,6 +44,7 @@ import dataclasses
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
+from torch.nn.modules import module as _torch_module
 
 from .functional import dora_linear, lora_linear, lora_linear_multi, qlora_linear
 from .quant import _bnb_class_name, kept_quantized_weight
@@ -111,8 +112,9 @@ def _is_dora(self, name: str) -> bool:
 def _active(self, x: torch.Tensor) -> torch.Tensor:
     """``base(x) + sum_a s_a B_a A_a drop_a(x)`` over the active adapters, one fused call (DoRA: one adapter;
     a 4-bit base: ``qlora_linear`` on its packed weight)."""
-    base = self.base_layer
-    adapters = [a for a in self.active_adapters if a in self.lora_A]
+    mods = self._modules  # as in runtime_fallback_reason: no nn.Module.__getattr__ on the per-call path
+    base, lora_as, lora_bs = mods["base_layer"], mods["lora_A"]._modules, mods["lora_B"]._modules
+    adapters = [a for a in self.active_adapters if a in lora_as]
     quantized = type(base) is not nn.Linear  # a bnb Linear4bit (runtime_fallback_reason checked it)
 
     def linear(lora_a, lora_b, scaling, p, training):
@@ -122,19 +124,19 @@ def _active(self, x: torch.Tensor) -> torch.Tensor:
 
     if len(adapters) == 1:
         a = adapters[0]
-        p, training = _dropout(self.lora_dropout[a])
+        p, training = _dropout(mods["lora_dropout"]._modules[a])
         if _is_dora(self, a):
             # PEFT applies DoRA's dropout only when the LoRA layer itself is in training mode.
-            return dora_linear(x, base.weight, base.bias, self.lora_A[a].weight, self.lora_B[a].weight,
+            return dora_linear(x, base.weight, base.bias, lora_as[a].weight, lora_bs[a].weight,
                                self.lora_magnitude_vector[a].weight, float(self.scaling[a]), p,
                                training and self.training, dropout_mode="exact", norm_cache=_norm_cache(self))
-        return linear(self.lora_A[a].weight, self.lora_B[a].weight, float(self.scaling[a]), p, training)
+        return linear(lora_as[a].weight, lora_bs[a].weight, float(self.scaling[a]), p, training)
     # Several adapters (no dropout in training: see runtime_fallback_reason): sum_a s_a B_a A_a x is one LoRA
     # update with the factors side by side, A = [A_1; A_2] (r1+r2, in), B = [s_1 B_1, s_2 B_2] (out, r1+r2).
     scalings = [float(self.scaling[a]) for a in adapters]
     same = all(s == scalings[0] for s in scalings)
-    lora_a = torch.cat([self.lora_A[a].weight for a in adapters], 0)
-    lora_b = torch.cat([self.lora_B[a].weight if same else self.lora_B[a].weight * s
+    lora_a = torch.cat([lora_as[a].weight for a in adapters], 0)
+    lora_b = torch.cat([lora_bs[a].weight if same else lora_bs[a].weight * s
                         for a, s in zip(adapters, scalings)], 1)
     return linear(lora_a, lora_b, scalings[0] if same else 1.0, 0.0, False)
 
@@ -188,11 +190,11 @@ def _has_hooks(m: nn.Module) -> bool:
                 or "forward" in m.__dict__)
 
 
-def _global_hooks() -> bool:
-    from torch.nn.modules import module as _m
+_HAS_ANY_GLOBAL_HOOK = getattr(_torch_module, "_has_any_global_hook", None)
 
-    has = getattr(_m, "_has_any_global_hook", None)
-    return bool(has()) if has is not None else False
+
+def _global_hooks() -> bool:
+    return bool(_HAS_ANY_GLOBAL_HOOK()) if _HAS_ANY_GLOBAL_HOOK is not None else False
 
 
 def _plain(t) -> bool:
@@ -200,8 +202,9 @@ def _plain(t) -> bool:
     return type(t) in (torch.Tensor, nn.Parameter) and t.layout == torch.strided and t.device.type != "meta"
 
 
-def _adapter_reason(self, name: str):
-    """Why adapter ``name`` of this layer cannot run on fastpeft's ops (None: it can)."""
+def _adapter_reason(self, name: str, lora_a=None, lora_b=None, drop=None):
+    """Why adapter ``name`` of this layer cannot run on fastpeft's ops (None: it can); ``lora_a`` / ``lora_b`` /
+    ``drop``: its modules, when the caller has them already (looked up otherwise)."""
     variant = self.lora_variant.get(name) if hasattr(self, "lora_variant") else None
     dora = _is_dora(self, name)
     if variant is not None and not (dora and type(variant).__name__ == "DoraLinearVariant"):
@@ -216,7 +219,8 @@ def _adapter_reason(self, name: str):
             return f"adapter {name!r} uses DoRA without a (out,) lora_magnitude_vector"
     if self.lora_bias.get(name, False):
         return f"adapter {name!r} has lora_bias=True"
-    lora_a, lora_b, drop = self.lora_A[name], self.lora_B[name], self.lora_dropout[name]
+    if lora_a is None:
+        lora_a, lora_b, drop = self.lora_A[name], self.lora_B[name], self.lora_dropout[name]
     if type(lora_a) is not nn.Linear or type(lora_b) is not nn.Linear or lora_a.bias is not None \
             or lora_b.bias is not None:
         return f"adapter {name!r} has factors of type {type(lora_a).__name__} / {type(lora_b).__name__}"
@@ -234,7 +238,10 @@ def runtime_fallback_reason(self, x, args=(), kwargs=None):
         return "merged adapters"
     if args or any(v is not None for k, v in kwargs.items() if k != "adapter_names"):
         return "extra forward arguments (e.g. aLoRA offsets)"
-    base = self.base_layer
+    # the submodules through _modules: nn.Module.__getattr__ costs ~0.3 µs a lookup, and a call needs ~30
+    mods = self._modules
+    base = mods["base_layer"]
+    lora_as, lora_bs, drops = mods["lora_A"]._modules, mods["lora_B"]._modules, mods["lora_dropout"]._modules
     quantized = type(base) is not nn.Linear
     if quantized and _bnb_class_name(base) != "Linear4bit":
         return f"base layer is a {type(base).__name__}"
@@ -256,18 +263,19 @@ def runtime_fallback_reason(self, x, args=(), kwargs=None):
             return f"4-bit base layer fastpeft cannot read: {e}"
     names = kwargs.get("adapter_names")
     if names is None:
-        adapters = [a for a in self.active_adapters if a in self.lora_A]
+        adapters = [a for a in self.active_adapters if a in lora_as]
     else:
         if x.dim() < 2 or not isinstance(names, (list, tuple)) or len(names) != x.shape[0]:
             return "adapter_names that do not give one name per row of a 2-D or larger input"
-        adapters = [n for n in dict.fromkeys(names) if n != "__base__" and n in self.lora_A]
+        adapters = [n for n in dict.fromkeys(names) if n != "__base__" and n in lora_as]
     if not adapters:
         return "no adapter of this layer is active"
     for a in adapters:
-        why = _adapter_reason(self, a)
+        lora_a, lora_b, drop = lora_as[a], lora_bs[a], drops[a]
+        why = _adapter_reason(self, a, lora_a, lora_b, drop)
         if why is not None:
             return why
-        if _has_hooks(self.lora_A[a]) or _has_hooks(self.lora_B[a]) or _has_hooks(self.lora_dropout[a]):
+        if _has_hooks(lora_a) or _has_hooks(lora_b) or _has_hooks(drop):
             return f"hooks on adapter {a!r}'s modules"
         if not isinstance(self.scaling[a], (int, float)):
             return f"adapter {a!r} has a scaling of type {type(self.scaling[a]).__name__}"
@@ -284,11 +292,11 @@ def runtime_fallback_reason(self, x, args=(), kwargs=None):
         return "hooks on the base layer"
     if _global_hooks():
         return "global module hooks"
-    dropping = any(_dropout(self.lora_dropout[a])[1] and self.lora_dropout[a].p > 0 for a in adapters)
+    dropping = any(_dropout(drops[a])[1] and drops[a].p > 0 for a in adapters)
     if names is None and len(adapters) > 1 and dropping:
         return "several active adapters with dropout in training (PEFT draws a mask per adapter)"
     tensors = [x, None if quantized else base.weight, base.bias]
-    tensors += [t for a in adapters for t in (self.lora_A[a].weight, self.lora_B[a].weight)]
+    tensors += [t for a in adapters for t in (lora_as[a].weight, lora_bs[a].weight)]
     tensors += [self.lora_magnitude_vector[a].weight for a in doras]
     for t in tensors:
         if t is None:
