@@ -29,8 +29,8 @@ from ._checks import (check_adapter_name, check_bool, check_dora_options, check_
 from .functional import (dora_linear, lora_linear, lora_linear_multi, lora_sparse_linear, qlora_linear, resolve_backend,
                          sparse_delta_linear)
 from .ops.dora import weight_sq_norms
-from .quant import (QuantizedWeight, assign_merged_weight, base_kind, dequantize_weight, is_quantized,
-                    kept_quantized_weight, merged_weight, workspace)
+from .quant import (QuantizedWeight, assign_merged_weight, base_kind, call_buffer, dequantize_weight, is_quantized,
+                    kept_quantized_weight, merged_weight)
 from .reference import dense_delta_ref
 from .selection import SparseSpec
 
@@ -859,20 +859,13 @@ class QLoRALinear(FastLoRALinear):
                              "model")
         super().add_adapter(name, r, lora_alpha, lora_dropout, use_rslora, init_lora_weights)
 
-    @staticmethod
-    def _call_weight(qw: QuantizedWeight, dtype: torch.dtype, saved: bool) -> torch.Tensor:
-        """W dequantized for one call: a fresh tensor where autograd will save it (``saved``), else the shared
-        workspace, which the next quantized layer's call overwrites."""
-        out = None if saved else workspace(qw.device, dtype, qw.shape[0] * qw.shape[1])
-        return dequantize_weight(qw, dtype, out=out)
-
     def _base_forward(self, x: torch.Tensor, qw: QuantizedWeight | None = None) -> torch.Tensor:
         """x deq(W)^T + b with W dequantized for this call (not bnb's forward: on the CPU in eval mode it repacks
         the weight in place into a layout of its own); autograd saves W only for dX (x requires grad)."""
         qw = self.quantized_weight() if qw is None else qw
         cdt = qw.compute_dtype_for(x)
         b = self.bias
-        w = self._call_weight(qw, cdt, saved=torch.is_grad_enabled() and x.requires_grad)
+        w = dequantize_weight(qw, cdt, out=call_buffer(qw, cdt, saved=torch.is_grad_enabled() and x.requires_grad))
         y = F.linear(x.to(cdt), w, None if b is None else b.to(cdt))
         return y.to(x.dtype)
 
@@ -895,7 +888,7 @@ class QLoRALinear(FastLoRALinear):
             return self._base_forward(x)
         qw = self.quantized_weight()
         cdt = qw.compute_dtype_for(x)
-        w = self._call_weight(qw, cdt, saved=torch.is_grad_enabled())  # lora_linear_multi's autograd saves W
+        w = dequantize_weight(qw, cdt, out=call_buffer(qw, cdt, saved=torch.is_grad_enabled()))  # multi saves W
         b = None if self.bias is None else self.bias.to(cdt)
         scalings, ranks, dropout = self._adapter_meta(x.device)
         stack_a, stack_b = self._forward_stacks()

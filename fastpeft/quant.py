@@ -11,7 +11,8 @@
 - ``dequantize_weight(qw, dtype, out=None)``: the same bits by the fastest route (on the CPU bitsandbytes' C kernels,
   called directly), a fresh tensor per call or written into ``out``.
 - ``workspace(device, dtype, numel)``: the buffer a weight dequantized for one call lives in, shared by every
-  quantized layer (per device; on the CPU per thread), so that a call allocates no weight-sized tensor.
+  quantized layer (per device; on the CPU per thread), so that a call allocates no weight-sized tensor;
+  ``call_buffer`` says where a PyTorch-path call puts its W, ``release_workspaces`` frees the buffers.
 - ``merge_into_quantized(layer, delta, dequantize=...)``: PEFT's merge (dequantize, add, requantize with a
   warning), or a plain floating-point ``nn.Linear`` with ``dequantize=True``.
 
@@ -385,10 +386,15 @@ def workspace(device, dtype: torch.dtype, numel: int) -> torch.Tensor:
     Why not a fresh tensor per call: a CPU allocation above glibc's mmap threshold (32 MiB at most: every 4096 x
     4096 fp32 weight) is mapped and unmapped at each call and faulted in page by page, which costs more than the
     dequantization itself (4096 x 4096 int8, M = 1: 23 ms a forward fresh against 6 ms in a kept buffer).
-    Under ``torch.compile`` a fresh tensor (a module-level buffer mutated inside a graph is the compiler's to
-    manage, not ours)."""
+
+    A fresh tensor instead: under ``torch.compile`` (a module-level buffer mutated inside a graph is the
+    compiler's to manage), under ``torch.func`` transforms (they refuse in-place writes to a captured tensor), and
+    during CUDA graph capture (a buffer grown later would free memory the graph still writes; a fresh one comes
+    from the graph's own pool). On an accelerator the buffer is shared by host threads too: two threads driving
+    one GPU through the quantized layers at once would interleave their dequantizations."""
     device = torch.device(device)
-    if torch.compiler.is_compiling():
+    if torch.compiler.is_compiling() or torch._C._are_functorch_transforms_active() or (
+            device.type == "cuda" and torch.cuda.is_current_stream_capturing()):
         return torch.empty(numel, device=device, dtype=dtype)
     if device.type == "cpu":
         bufs = getattr(_THREAD_WORKSPACES, "bufs", None)
@@ -405,10 +411,27 @@ def workspace(device, dtype: torch.dtype, numel: int) -> torch.Tensor:
     return buf[:numel]
 
 
+def release_workspaces() -> None:
+    """Free the workspaces of this thread (CPU) and of every accelerator; the next call allocates again."""
+    _SHARED_WORKSPACES.clear()
+    getattr(_THREAD_WORKSPACES, "bufs", {}).clear()
+
+
+def call_buffer(qw: QuantizedWeight, dtype: torch.dtype, saved: bool) -> torch.Tensor | None:
+    """Where a PyTorch-path call puts the weight it dequantizes (``dequantize_weight``'s ``out``): the CPU
+    workspace, or None (a fresh tensor) where autograd will save W (``saved``: the next quantized layer's call
+    overwrites the workspace, and bitsandbytes' C dequantizer writes it without bumping the version counter, so
+    autograd would not notice) and off the CPU (bitsandbytes' dequantizer allocates its result there anyway,
+    and the caching allocator reuses memory without page faults)."""
+    if saved or qw.device.type != "cpu":
+        return None
+    return workspace(qw.device, dtype, qw.shape[0] * qw.shape[1])
+
+
 def _dense_out(out: torch.Tensor | None, dtype: torch.dtype, shape: tuple) -> torch.Tensor:
     """``out``'s first elements as a (out, in) tensor when it has ``dtype``, else a fresh one."""
     if out is not None and out.dtype == dtype:
-        return out[:shape[0] * shape[1]].view(shape)
+        return out.view(-1)[:shape[0] * shape[1]].view(shape)
     return torch.empty(shape, dtype=dtype, device=out.device if out is not None else None)
 
 
@@ -442,7 +465,7 @@ def dequantize_weight(qw: QuantizedWeight, dtype: torch.dtype | None = None,
         w = _dequantize_4bit_torch(qw) if qw.kind != "int8" else dequantize_ref(qw)
     if out is None:
         return w if dtype is None or w.dtype == dtype else w.to(dtype)
-    return w if written else out[:w.numel()].view(w.shape).copy_(w)  # copy_ casts as .to(dtype) does
+    return w if written else out.view(-1)[:w.numel()].view(w.shape).copy_(w)  # copy_ casts as .to(dtype) does
 
 
 def _layer_label(module: nn.Module, name: str) -> str:

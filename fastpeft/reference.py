@@ -200,8 +200,8 @@ def cpu_draws(seed, n: int, device=None, start: int = 0) -> torch.Tensor:
         key = _splitmix_finalize_int(int(seed))
     first, lane = divmod(int(start), 4)
     end = (start + n + 3) // 4
-    on_cpu = device is None or torch.device(device).type == "cpu"
-    if not isinstance(key, torch.Tensor) and end - first <= _NUMPY_MAX_WORDS and on_cpu:
+    if not isinstance(key, torch.Tensor) and end - first <= _NUMPY_MAX_WORDS and torch.device(  # (not compiling)
+            device if device is not None else torch.get_default_device()).type == "cpu":
         return _cpu_draws_numpy(key, first, end)[lane:lane + n]
     words = torch.arange(first, end, device=device, dtype=torch.int64)
     if compiling:

@@ -208,7 +208,7 @@ def dequantize_4bit(qw, dtype: torch.dtype, out: torch.Tensor | None = None) -> 
     """The 4-bit weight of ``qw`` (a ``fastpeft.quant.QuantizedWeight``) as a dense (out, in) tensor of
     ``dtype``, written into ``out`` (a contiguous buffer of ``dtype``, at least out*in elements) or a fresh tensor."""
     n = qw.shape[0] * qw.shape[1]
-    out = torch.empty(qw.shape, device=qw.device, dtype=dtype) if out is None else out[:n].view(qw.shape)
+    out = torch.empty(qw.shape, device=qw.device, dtype=dtype) if out is None else out.view(-1)[:n].view(qw.shape)
     if n == 0:
         return out
     block = _TEST_BLOCKS["DEQUANT_BLOCK"] if _use_explicit_blocks(out) else 1024
@@ -227,7 +227,7 @@ def int8_weight(qw, dtype: torch.dtype, out: torch.Tensor | None = None) -> torc
     ``dequantize_4bit``'s) or a fresh tensor."""
     if out is None:
         return qw.data.to(dtype)
-    return out[:qw.shape[0] * qw.shape[1]].view(qw.shape).copy_(qw.data)
+    return out.view(-1)[:qw.shape[0] * qw.shape[1]].view(qw.shape).copy_(qw.data)
 
 
 def fused_unsupported_reason(qw, M: int) -> str | None:

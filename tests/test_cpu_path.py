@@ -373,3 +373,13 @@ def test_numpy_route_of_small_masks_is_the_torch_route(monkeypatch, seed):
     monkeypatch.setattr(R, "_NUMPY_MAX_WORDS", -1)
     for (n, start), got in zip(cases, small):
         assert torch.equal(got, R.cpu_draws(seed, n, start=start)), (n, start)
+
+
+def test_small_masks_follow_the_default_device():
+    """device=None means torch's default device, on the numpy route as on the torch route."""
+    try:
+        torch.set_default_device("meta")
+        small, large = R.cpu_draws(3, 10), R.cpu_draws(3, 4 * R._NUMPY_MAX_WORDS + 4)
+    finally:
+        torch.set_default_device(None)
+    assert small.device.type == large.device.type == "meta"

@@ -711,3 +711,56 @@ def test_many_adapters_per_batch_keep_their_weight_for_the_backward():
     assert_close_report(mixed[0], torch.cat(dx), atol=1e-5, rtol=1e-4)
     for g, w in zip(mixed[1:], dparams):
         assert_close_report(g, w, atol=1e-5, rtol=1e-4)
+
+
+def _lora_on(kind, seed):
+    import fastpeft
+
+    base = _layer8(64, 64, seed=seed) if kind == "int8" else _layer4(64, 64, seed=seed)
+    return fastpeft.FastLoRALinear.from_linear(base, r=4, lora_alpha=8, init_lora_weights=False)
+
+
+def _dense_twin(m, kind, v):
+    """The layer on a freshly dequantized W (the op's int8 W: C * (SCB / 127)), through plain autograd."""
+    qw = QuantizedWeight.from_module(m.base_layer)
+    w = qw.data.float() * (qw.scales.unsqueeze(1) * (1 / 127)) if kind == "int8" else dequantize_weight(qw, torch.float32)
+    return F.linear(v, w, m.bias) + m.scaling * F.linear(F.linear(v, m.lora_A), m.lora_B)
+
+
+@pytest.mark.parametrize("kind", ["nf4", "int8"])
+def test_double_backward_keeps_its_own_weight(kind):
+    """create_graph=True: autograd saves the backward's W for the second derivative, so that W is not the shared
+    workspace (the next layer's backward overwrites it; bnb's C dequantizer without bumping the version counter,
+    so nf4 would be silently wrong and int8 would raise). Second-order gradients through two stacked layers
+    equal those of the same layers on freshly dequantized weights."""
+    a, b = _lora_on(kind, 1), _lora_on(kind, 2)
+    x = torch.randn(3, 64, requires_grad=True)
+    gx, = torch.autograd.grad(b(a(x)).square().sum(), x, create_graph=True)
+    got = torch.autograd.grad(gx.square().sum(), a.lora_A)[0]
+    gx2, = torch.autograd.grad(_dense_twin(b, kind, _dense_twin(a, kind, x)).square().sum(), x, create_graph=True)
+    want = torch.autograd.grad(gx2.square().sum(), a.lora_A)[0]
+    assert_close_report(gx, gx2, atol=1e-5, rtol=1e-5)
+    assert_close_report(got, want, atol=1e-3, rtol=1e-5)
+
+
+def test_torch_func_transforms_get_a_fresh_weight():
+    """Under torch.func (grad / vjp) the workspace is not written: the transforms refuse in-place writes to a
+    captured tensor, and a buffer first allocated there would be a wrapped tensor."""
+    m = _lora_on("int8", 3)
+    m.set_adapter(None)  # the base forward
+    c = torch.randn(3, 64)
+    m(c)  # the thread's workspace exists
+    v = torch.randn(3, 64)
+    g = torch.func.grad(lambda t: (m(c) * t).sum())(v)
+    assert torch.equal(g, m(c))
+
+
+def test_release_workspaces_and_buffers_of_any_shape():
+    from fastpeft.quant import release_workspaces, workspace
+
+    first = workspace("cpu", torch.float64, 100)
+    release_workspaces()
+    assert workspace("cpu", torch.float64, 10).data_ptr() != first.data_ptr()  # `first` holds the old buffer
+    qw = QuantizedWeight.from_module(_layer4(64, 48))
+    buf = torch.empty(96, 64)  # a 2-D contiguous buffer of enough elements: used flat
+    assert torch.equal(dequantize_weight(qw, torch.float32, out=buf), dequantize_weight(qw, torch.float32))

@@ -13,7 +13,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from ..quant import INT8_INV_SCALE, QuantizedWeight, dequantize_weight, workspace
+from ..quant import INT8_INV_SCALE, QuantizedWeight, call_buffer, dequantize_weight, workspace
 from ..reference import dropout_threshold, keep_mask_stream, use_cpu_path
 from .common import returned
 
@@ -26,23 +26,25 @@ def _workspace_for(qw: QuantizedWeight, dtype: torch.dtype) -> torch.Tensor:
     return workspace(qw.device, dtype, qw.shape[0] * qw.shape[1])
 
 
-def _reference_weight(qw: QuantizedWeight, dtype: torch.dtype) -> torch.Tensor:
-    """W (N, K) in ``dtype`` for the PyTorch path, in the shared workspace (valid until the next layer's call).
-    4-bit: ``dequantize_weight``. int8: as bitsandbytes' CPU training matmul (``MatMul8bitFp``, what PEFT's
-    ``Linear8bitLt`` runs) forms it, forward and backward: ``C.to(dtype) * (SCB / 127)``, one pass fewer than
-    ``int8_vectorwise_dequant``'s ``C * SCB / 127`` (``dequantize_ref``'s, which differs from it by rounding
-    only); the cast into the workspace is the same exact conversion as ``.to(dtype)``."""
-    out = _workspace_for(qw, dtype)
+def _reference_weight(qw: QuantizedWeight, dtype: torch.dtype, saved: bool = False) -> torch.Tensor:
+    """W (N, K) in ``dtype`` for the PyTorch path, where ``call_buffer`` puts it (on the CPU the shared workspace,
+    valid until the next layer's call, unless autograd will save W: ``saved``). 4-bit: ``dequantize_weight``.
+    int8: as bitsandbytes' CPU training matmul (``MatMul8bitFp``, what PEFT's ``Linear8bitLt`` runs) forms it,
+    forward and backward: ``C.to(dtype) * (SCB / 127)``, one pass fewer than ``int8_vectorwise_dequant``'s
+    ``C * SCB / 127`` (``dequantize_ref``'s, which differs from it by rounding only); the cast into the workspace
+    is the same exact conversion as ``.to(dtype)``."""
+    out = call_buffer(qw, dtype, saved)
     if qw.kind == "int8":
-        return out.view(qw.shape).copy_(qw.data).mul_(qw.scales.unsqueeze(1).mul(1.0 / 127.0))
+        w = qw.data.to(dtype) if out is None else out.view(qw.shape).copy_(qw.data)
+        return w.mul_(qw.scales.unsqueeze(1).mul(1.0 / 127.0))
     return dequantize_weight(qw, dtype, out=out)
 
 
 def _reference_forward(x, lora_A, lora_B, bias, qw, scaling: float, p: float, seed: int):
     """``(y, u)`` of the PyTorch path: ``y = x Wᵀ + b + s (drop(x) Aᵀ) Bᵀ``, ``u = drop(x) Aᵀ`` (M, r) fp32.
 
-    W is dequantized for this call into the shared workspace (``_reference_weight``), no longer needed once
-    x Wᵀ + b is formed; the LoRA term is added in place. The operations and their order are
+    W is dequantized for this call (``_reference_weight``: on the CPU into the shared workspace), no longer
+    needed once x Wᵀ + b is formed; the LoRA term is added in place. The operations and their order are
     PEFT's bnb layers' on the CPU in training (bnb's ``F.linear(x, deq(W), b)``, then
     ``result + lora_B(lora_A(x)) * s``), so in fp32 the output is PEFT's bit for bit (tested)."""
     w = _reference_weight(qw, x.dtype)
@@ -117,8 +119,8 @@ class QLoRALinearFunction(torch.autograd.Function):
         dy = dy.contiguous()
         dx = da = dbb = dbias = None
         if ctx.path == "reference":
-            if need_x:
-                dx = dy @ _reference_weight(qw, dy.dtype)
+            if need_x:  # with create_graph autograd saves W for the double backward
+                dx = dy @ _reference_weight(qw, dy.dtype, saved=torch.is_grad_enabled() and dy.requires_grad)
             # the products in the order autograd takes them through PEFT's ``lora_B(lora_A(x)) * s``: dY s first
             # (so that fp32 gradients are PEFT's bit for bit, whatever s), then B, then A / drop(x)
             keep = keep_mask_stream(x, p, seed, ctx.cpu_stream).to(torch.float32) if thr else None
