@@ -277,20 +277,20 @@ def test_mixed_batch_inside_transformers_generate():
     assert not torch.equal(alone[0], alone[1]) or not torch.equal(alone[1], alone[2])
 
 
-CASES_BATCHED = [  # (rows, adapters, ids kind, ranks mixed, dtype)
-    (64, 64, "each-row-its-own", False, torch.float32),
-    (37, 6, "random-with-base", True, torch.float32),
-    (40, 9, "subset", True, torch.float32),
-    (24, 5, "random-with-base", True, torch.bfloat16),
+CASES_MULTI_FORMS = [  # (rows, adapters, ids kind, ranks mixed, dtype, batched)
+    (64, 64, "each-row-its-own", False, torch.float32, True),
+    (40, 6, "all-present", False, torch.bfloat16, True),
+    (37, 6, "random-with-base", True, torch.float32, False),
+    (40, 9, "subset", False, torch.float32, False),
 ]
 
 
-@pytest.mark.parametrize("rows,n,kind,mixed,dt", CASES_BATCHED, ids=lambda v: str(v))
-def test_batched_form_equals_the_per_adapter_loop(monkeypatch, rows, n, kind, mixed, dt):
-    """multi_lora_add's batched form (many adapters with rows: two bmm over zero-padded groups) against its
-    per-adapter loop, forced on the same inputs: output and every gradient, to fp32 rounding (bmm and mm may sum
-    in another order); every adapter
-    present (the stacks used as they are), a subset (their slices), base rows (-1), mixed ranks, bf16."""
+@pytest.mark.parametrize("rows,n,kind,mixed,dt,batched", CASES_MULTI_FORMS, ids=lambda v: str(v))
+def test_eager_forms_of_multi_lora_add_equal_the_masked_form(monkeypatch, rows, n, kind, mixed, dt, batched):
+    """multi_lora_add in eager mode (the batched form when every adapter has rows at the full rank, else the loop
+    over rank-sliced views) against its compiled form (every adapter on every row at r_max, masks), run eagerly
+    on the same inputs: output and every gradient to fp32 rounding; base rows (-1), a subset of the adapters,
+    mixed ranks with inf in B past each rank (never read), bf16."""
     from fastpeft import reference as R
 
     torch.manual_seed(rows + n)
@@ -300,12 +300,14 @@ def test_batched_form_equals_the_per_adapter_loop(monkeypatch, rows, n, kind, mi
     b = torch.randn(n, out, r, dtype=dt, requires_grad=True)
     scal = torch.rand(n) + 0.5
     ranks = torch.randint(1, r + 1, (n,)) if mixed else None
-    if mixed:  # columns past an adapter's rank are never read, even when they hold inf (0 * inf is nan)
+    if mixed:
         with torch.no_grad():
-            for i in range(n):
+            for i in range(n):  # (the compiled form reads A's padding, then masks u: not inf there)
                 b[i, :, int(ranks[i]):] = float("inf")
     if kind == "each-row-its-own":
         ids = torch.randperm(rows) % n
+    elif kind == "all-present":
+        ids = torch.arange(rows) % n
     elif kind == "subset":
         ids = torch.tensor([1, 3, 4, 6, 8])[torch.randint(0, 5, (rows,))]
     else:
@@ -319,10 +321,10 @@ def test_batched_form_equals_the_per_adapter_loop(monkeypatch, rows, n, kind, mi
     calls = []
     real = R._batched_lora_add
     monkeypatch.setattr(R, "_batched_lora_add", lambda *args: calls.append(1) or real(*args))
-    batched = run()
-    monkeypatch.setattr(R, "_BATCHED_MIN_GROUPS", 10**9)
-    loop = run()
-    assert calls, "the batched form did not run"
-    for got, want in zip(batched, loop):
-        tol = 1e-5 if dt == torch.float32 else 2e-2
+    eager = run()
+    assert bool(calls) == batched
+    monkeypatch.setattr(torch.compiler, "is_compiling", lambda: True)
+    masked = run()
+    tol = 1e-5 if dt == torch.float32 else 2e-2
+    for got, want in zip(eager, masked):
         torch.testing.assert_close(got, want, atol=tol, rtol=tol)
