@@ -380,18 +380,28 @@ def multi_lora_add(y: torch.Tensor, xd: torch.Tensor, lora_A_stack, lora_B_stack
     order, groups, runs = row_groups(adapter_ids, n)
     if not groups:  # no row has an adapter: zero gradients for the stacks (an empty sum), as the where-form
         return y + (lora_A_stack[:0].sum() + lora_B_stack[:0].sum()).to(y.dtype)
-    rk = [r_max] * n if ranks is None else [min(int(r), r_max) for r in ranks.tolist()]
-    rows = groups[-1][2]
-    slots = n * max(stop - start for _, start, stop in groups)
-    if len(groups) == n >= _BATCHED_MIN_GROUPS and min(rk) == r_max and (
-            slots <= 2 * rows or slots <= _BATCHED_ANY_SLOTS):
-        return _batched_lora_add(y, xd, lora_A_stack, lora_B_stack, scalings, order, groups, slots // n)
-    # Each adapter at its own rank, on views of the stacks (A_i[:r_i], B_i[:, :r_i]: no mask, no copy, no
-    # product over the padding); unbound once, so that a backward builds each stack's gradient in one piece
-    # instead of a zero stack per adapter (64 adapters with gradients: 29 ms -> 2 ms on this CPU).
-    a_views, b_views = lora_A_stack.unbind(0), lora_B_stack.unbind(0)
+    rk = [r_max] * n if ranks is None else [max(0, min(int(r), r_max)) for r in ranks.tolist()]
+    rows, width = groups[-1][2], max(stop - start for _, start, stop in groups)
     tracked = torch.is_grad_enabled() and any(t.requires_grad for t in (y, xd, lora_A_stack, lora_B_stack))
-    if runs is not None and (not tracked or (len(groups) == 1 and runs[0] == 0 and groups[0][2] == y.shape[0])):
+    in_place = runs is not None and not tracked
+    if len(groups) == n >= _BATCHED_MIN_GROUPS and min(rk) == r_max and (
+            n * width <= 2 * rows or n * width - rows <= _BATCHED_PAD_PER_ADAPTER * n) and not (
+            in_place and width > _BATCHED_MAX_RUN):
+        return _batched_lora_add(y, xd, lora_A_stack, lora_B_stack, scalings, order, groups, width)
+    # Each adapter at its own rank, on views of the stacks (A_i[:r_i], B_i[:, :r_i]: no mask, no copy, no
+    # product over the padding). With gradients and most adapters present the stacks are unbound once, so that
+    # a backward builds each stack's gradient in one piece instead of a zero stack per adapter (64 adapters:
+    # 29 -> 7 ms on this CPU); otherwise indexed per present adapter (unbinding costs ~0.7 us per loaded one).
+    if tracked and 2 * len(groups) > n:
+        a_views, b_views = lora_A_stack.unbind(0), lora_B_stack.unbind(0)
+    else:
+        a_views, b_views = lora_A_stack, lora_B_stack
+
+    def at_rank(i):  # adapter i's A and B at its rank (a slice only below r_max: one op fewer each)
+        if rk[i] == r_max:
+            return a_views[i], b_views[i]
+        return a_views[i][:rk[i]], b_views[i][:, :rk[i]]
+    if in_place or (runs is not None and len(groups) == 1 and runs[0] == 0 and groups[0][2] == y.shape[0]):
         # Each adapter's rows are one contiguous run (one adapter for the whole batch, or per-sequence
         # routing in a generation loop): read them as views and add in place, no gather, no M x N
         # temporary. Only without autograd, or for a run of all rows (in-place updates of many views of y
@@ -399,26 +409,28 @@ def multi_lora_add(y: torch.Tensor, xd: torch.Tensor, lora_A_stack, lora_B_stack
         scal = scalings.tolist()
         for (i, start, stop), row0 in zip(groups, runs):
             part = slice(row0, row0 + stop - start)
-            u = F.linear(xd[part], a_views[i][:rk[i]])
-            y[part].addmm_(u.to(y.dtype), b_views[i][:, :rk[i]].t().to(y.dtype), alpha=scal[i])
+            a, b = at_rank(i)
+            y[part].addmm_(F.linear(xd[part], a).to(y.dtype), b.t().to(y.dtype), alpha=scal[i])
         return y
     xs = xd.index_select(0, order)
     updates = []
     for i, start, stop in groups:
-        u = F.linear(xs[start:stop], a_views[i][:rk[i]])
-        updates.append(scalings[i] * F.linear(u, b_views[i][:, :rk[i]]))
+        a, b = at_rank(i)
+        updates.append(scalings[i] * F.linear(F.linear(xs[start:stop], a), b))
     delta = updates[0] if len(updates) == 1 else torch.cat(updates)
     return y.index_add_(0, order, delta.to(y.dtype))
 
 
 # From this many adapters, when every one has rows and all have the full rank r_max, multi_lora_add batches them
 # (``_batched_lora_add``) instead of a loop of per-adapter products, if padding every group to the largest at
-# most doubles the rows or makes at most _BATCHED_ANY_SLOTS padded rows (a decode step: tokens spread unevenly
-# over the adapters; a padded row costs 2 r (K + N) flops, less than one per-adapter call's overhead). With a
+# most doubles the rows or adds at most _BATCHED_PAD_PER_ADAPTER rows per adapter (a decode step: tokens spread
+# unevenly over the adapters), and, without gradients, no adapter's rows are one run longer than
+# _BATCHED_MAX_RUN (per-sequence prefill: the loop reads such runs in place, with no gather and no copy). With a
 # subset of the adapters, or several ranks, the batch would need copies of the stacks' slices, which cost more
 # than the loop's views.
 _BATCHED_MIN_GROUPS = 4
-_BATCHED_ANY_SLOTS = 1024
+_BATCHED_PAD_PER_ADAPTER = 4
+_BATCHED_MAX_RUN = 32
 
 
 def _batched_lora_add(y, xd, lora_A_stack, lora_B_stack, scalings, order, groups, width: int):

@@ -328,3 +328,47 @@ def test_eager_forms_of_multi_lora_add_equal_the_masked_form(monkeypatch, rows, 
     tol = 1e-5 if dt == torch.float32 else 2e-2
     for got, want in zip(eager, masked):
         torch.testing.assert_close(got, want, atol=tol, rtol=tol)
+
+
+@pytest.mark.parametrize("case", ["per-sequence-prefill", "skewed", "decode-spread"])
+def test_batched_form_only_where_it_pays(monkeypatch, case):
+    """Without gradients: per-sequence runs longer than _BATCHED_MAX_RUN stay on the in-place loop (views of x
+    and y, no gather), a skewed batch (one adapter with most rows) stays on the loop (padding every adapter to
+    the largest would multiply the rows), and a decode step spread over every adapter is batched. The result
+    is the loop's either way."""
+    from fastpeft import reference as R
+
+    torch.manual_seed(0)
+    n, k, out, r = 4, 48, 40, 8
+    if case == "per-sequence-prefill":
+        ids = torch.arange(n).repeat_interleave(64)  # 4 sequences of 64 tokens, one adapter each
+    elif case == "skewed":
+        ids = torch.cat([torch.zeros(256, dtype=torch.long), torch.arange(1, n)])
+    else:
+        ids = torch.arange(12) % n
+    x = torch.randn(ids.numel(), k)
+    a, b, scal = torch.randn(n, r, k), torch.randn(n, out, r), torch.rand(n)
+    calls = []
+    real = R._batched_lora_add
+    monkeypatch.setattr(R, "_batched_lora_add", lambda *args: calls.append(1) or real(*args))
+    R._GROUPS_CACHE.clear()
+    with torch.no_grad():
+        got = R.multi_lora_add(torch.zeros(ids.numel(), out), x, a, b, scal, ids)
+    assert bool(calls) == (case == "decode-spread")
+    want = torch.stack([scal[i] * (b[i] @ (a[i] @ x[m])) for m, i in enumerate(ids.tolist())])
+    torch.testing.assert_close(got, want, atol=1e-4, rtol=1e-5)
+
+
+def test_a_rank_below_zero_counts_as_zero_as_in_the_compiled_form(monkeypatch):
+    """Ranks are clamped to [0, r_max] in eager mode, as the compiled form's masks read them (unvalidated
+    input, e.g. check_ids=False): a rank of -1 is no update, not A[:-1]."""
+    from fastpeft import reference as R
+
+    torch.manual_seed(1)
+    x, a, b = torch.randn(6, 16), torch.randn(2, 4, 16), torch.randn(2, 8, 4)
+    ids, ranks = torch.tensor([0, 1, 0, 1, 1, 0]), torch.tensor([-1, 2])
+    R._GROUPS_CACHE.clear()
+    eager = R.multi_lora_add(torch.zeros(6, 8), x, a, b, torch.ones(2), ids, ranks)
+    monkeypatch.setattr(torch.compiler, "is_compiling", lambda: True)
+    torch.testing.assert_close(eager, R.multi_lora_add(torch.zeros(6, 8), x, a, b, torch.ones(2), ids, ranks))
+    assert torch.equal(eager[ids == 0], torch.zeros(3, 8))
