@@ -128,7 +128,7 @@ def _active(self, x: torch.Tensor) -> torch.Tensor:
         if _is_dora(self, a):
             # PEFT applies DoRA's dropout only when the LoRA layer itself is in training mode.
             return dora_linear(x, base.weight, base.bias, lora_as[a].weight, lora_bs[a].weight,
-                               self.lora_magnitude_vector[a].weight, float(self.scaling[a]), p,
+                               _magnitude(self, a).weight, float(self.scaling[a]), p,
                                training and self.training, dropout_mode="exact", norm_cache=_norm_cache(self))
         return linear(lora_as[a].weight, lora_bs[a].weight, float(self.scaling[a]), p, training)
     # Several adapters (no dropout in training: see runtime_fallback_reason): sum_a s_a B_a A_a x is one LoRA
@@ -202,6 +202,13 @@ def _plain(t) -> bool:
     return type(t) in (torch.Tensor, nn.Parameter) and t.layout == torch.strided and t.device.type != "meta"
 
 
+def _magnitude(self, name: str):
+    """Adapter ``name``'s DoRA magnitude module (PEFT's ``lora_magnitude_vector[name]``), or None; read through
+    ``_modules``, as the other per-call lookups."""
+    mags = self._modules.get("lora_magnitude_vector")
+    return None if mags is None else mags._modules.get(name)
+
+
 def _adapter_reason(self, name: str, lora_a=None, lora_b=None, drop=None):
     """Why adapter ``name`` of this layer cannot run on fastpeft's ops (None: it can); ``lora_a`` / ``lora_b`` /
     ``drop``: its modules, when the caller has them already (looked up otherwise)."""
@@ -211,11 +218,10 @@ def _adapter_reason(self, name: str, lora_a=None, lora_b=None, drop=None):
         kind = type(variant).__name__.replace("LinearVariant", "")
         return f"adapter {name!r} is a LoRA variant ({'DoRA' if kind == 'Dora' else kind})"
     if dora:
-        if type(self.base_layer) is not nn.Linear:
+        if type(self._modules["base_layer"]) is not nn.Linear:
             return f"adapter {name!r} uses DoRA on a quantized base layer"
-        mag = getattr(self, "lora_magnitude_vector", {})
-        if name not in mag or not isinstance(getattr(mag[name], "weight", None), torch.Tensor) \
-                or mag[name].weight.dim() != 1:
+        weight = getattr(_magnitude(self, name), "weight", None)
+        if not isinstance(weight, torch.Tensor) or weight.dim() != 1:
             return f"adapter {name!r} uses DoRA without a (out,) lora_magnitude_vector"
     if self.lora_bias.get(name, False):
         return f"adapter {name!r} has lora_bias=True"
@@ -284,7 +290,7 @@ def runtime_fallback_reason(self, x, args=(), kwargs=None):
         return "DoRA adapter in an adapter_names batch"
     if doras and len(adapters) > 1:
         return "several active adapters, DoRA among them"
-    if doras and _has_hooks(self.lora_magnitude_vector[doras[0]]):
+    if doras and _has_hooks(_magnitude(self, doras[0])):
         return f"hooks on adapter {doras[0]!r}'s modules"
     if quantized and names is not None:
         return "adapter_names batch on a 4-bit base layer"
@@ -297,7 +303,7 @@ def runtime_fallback_reason(self, x, args=(), kwargs=None):
         return "several active adapters with dropout in training (PEFT draws a mask per adapter)"
     tensors = [x, None if quantized else base.weight, base.bias]
     tensors += [t for a in adapters for t in (lora_as[a].weight, lora_bs[a].weight)]
-    tensors += [self.lora_magnitude_vector[a].weight for a in doras]
+    tensors += [_magnitude(self, a).weight for a in doras]
     for t in tensors:
         if t is None:
             continue
