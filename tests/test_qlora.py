@@ -723,7 +723,10 @@ def _lora_on(kind, seed):
 def _dense_twin(m, kind, v):
     """The layer on a freshly dequantized W (the op's int8 W: C * (SCB / 127)), through plain autograd."""
     qw = QuantizedWeight.from_module(m.base_layer)
-    w = qw.data.float() * (qw.scales.unsqueeze(1) * (1 / 127)) if kind == "int8" else dequantize_weight(qw, torch.float32)
+    if kind == "int8":
+        w = qw.data.float() * (qw.scales.unsqueeze(1) * (1 / 127))
+    else:
+        w = dequantize_weight(qw, torch.float32)
     return F.linear(v, w, m.bias) + m.scaling * F.linear(F.linear(v, m.lora_A), m.lora_B)
 
 

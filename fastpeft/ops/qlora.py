@@ -3,7 +3,8 @@
 ``fastpeft.functional.qlora_linear(x, qweight, bias, lora_A, lora_B, scaling, ...)`` is ``lora_linear`` with the
 frozen weight given as a ``fastpeft.quant.QuantizedWeight`` (the packed bnb weight read in place), run here by
 ``qlora_linear_op``. The weight is dequantized per call and never kept: forward and backward each dequantize it
-again, into the shared ``fastpeft.quant.workspace`` (per device; on the CPU per thread), which no call outlives.
+again, into the shared ``fastpeft.quant.workspace`` (per device; on the CPU per thread), which no call outlives:
+on the triton path, and on the PyTorch path on the CPU unless autograd saves W (``fastpeft.quant.call_buffer``).
 
 Dtypes follow bitsandbytes' Linear4bit: x, bias, lora_A and lora_B are cast to the layer's compute dtype
 (``qweight.compute_dtype_for(x)``), the output back to x's dtype; gradients flow back through those casts.
