@@ -12,7 +12,8 @@
   called directly), a fresh tensor per call or written into ``out``.
 - ``workspace(device, dtype, numel)``: the buffer a weight dequantized for one call lives in, shared by every
   quantized layer (per device; on the CPU per thread), so that a call allocates no weight-sized tensor;
-  ``call_buffer`` says where a PyTorch-path call puts its W, ``release_workspaces`` frees the buffers.
+  ``weight_workspace`` sizes it for a layer, ``call_buffer`` says where a PyTorch-path call puts its W,
+  ``release_workspaces`` frees the buffers.
 - ``merge_into_quantized(layer, delta, dequantize=...)``: PEFT's merge (dequantize, add, requantize with a
   warning), or a plain floating-point ``nn.Linear`` with ``dequantize=True``.
 
@@ -417,15 +418,18 @@ def release_workspaces() -> None:
     getattr(_THREAD_WORKSPACES, "bufs", {}).clear()
 
 
+def weight_workspace(qw: QuantizedWeight, dtype: torch.dtype) -> torch.Tensor:
+    """``workspace`` sized for ``qw``'s dense weight in ``dtype`` (flat, out*in elements)."""
+    return workspace(qw.device, dtype, qw.shape[0] * qw.shape[1])
+
+
 def call_buffer(qw: QuantizedWeight, dtype: torch.dtype, saved: bool) -> torch.Tensor | None:
     """Where a PyTorch-path call puts the weight it dequantizes (``dequantize_weight``'s ``out``): the CPU
     workspace, or None (a fresh tensor) where autograd will save W (``saved``: the next quantized layer's call
     overwrites the workspace, and bitsandbytes' C dequantizer writes it without bumping the version counter, so
     autograd would not notice) and off the CPU (bitsandbytes' dequantizer allocates its result there anyway,
     and the caching allocator reuses memory without page faults)."""
-    if saved or qw.device.type != "cpu":
-        return None
-    return workspace(qw.device, dtype, qw.shape[0] * qw.shape[1])
+    return None if saved or qw.device.type != "cpu" else weight_workspace(qw, dtype)
 
 
 def _dense_out(out: torch.Tensor | None, dtype: torch.dtype, shape: tuple) -> torch.Tensor:

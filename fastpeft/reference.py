@@ -219,6 +219,7 @@ def cpu_draws(seed, n: int, device=None, start: int = 0) -> torch.Tensor:
 # against 21; 64 Ki draws: 26 against 54 µs (2 threads).
 _NUMPY_MAX_WORDS = 1 << 15
 _NP_MIX = tuple((np.uint64(shift), None if mul is None else np.uint64(mul % (1 << 64))) for shift, mul in _SM_MIX)
+_NP_GAMMA = np.uint64(_SM_GAMMA % (1 << 64))
 
 
 def _cpu_draws_numpy(key: int, first: int, end: int) -> torch.Tensor:
@@ -226,7 +227,7 @@ def _cpu_draws_numpy(key: int, first: int, end: int) -> torch.Tensor:
     numpy in uint64 (logical shifts and wrapping products: SplitMix64 as written), for a key given as an int."""
     w = np.arange(first, end, dtype=np.uint64)
     w += np.uint64(key % (1 << 64))
-    w *= np.uint64(_SM_GAMMA % (1 << 64))
+    w *= _NP_GAMMA
     t = np.empty_like(w)
     for shift, mul in _NP_MIX:
         np.right_shift(w, shift, out=t)
@@ -358,23 +359,16 @@ def multi_lora_add(y: torch.Tensor, xd: torch.Tensor, lora_A_stack, lora_B_stack
     (``_batched_lora_add``). While torch.compile traces (no host sync, no data-dependent shapes): every
     adapter's update is computed for every row at r_max and kept where the row is its own, the ranks zeroing
     the columns past them in u and B (not a multiply by 0: 0 * inf is nan). Eager and compiled forms agree to
-    the order of the sums; the columns past a rank are never read in either.
+    the order of the sums; the eager form never reads past a rank, the compiled one masks what it reads there.
     """
-    ids = adapter_ids.reshape(-1)
     n, r_max = lora_A_stack.shape[0], lora_A_stack.shape[1]
-    cols = torch.arange(r_max, device=xd.device)
-
-    def factors(i):
-        a, b = lora_A_stack[i], lora_B_stack[i]
-        in_rank = None if ranks is None else cols < ranks[i]
-        return a, (b if in_rank is None else torch.where(in_rank, b, 0.0)), in_rank
-
     if torch.compiler.is_compiling():
+        ids, cols = adapter_ids.reshape(-1), torch.arange(r_max, device=xd.device)
         for i in range(n):
-            a, b, in_rank = factors(i)
-            u = F.linear(xd, a)
-            if in_rank is not None:
-                u = torch.where(in_rank, u, 0.0)
+            b, u = lora_B_stack[i], F.linear(xd, lora_A_stack[i])
+            if ranks is not None:
+                in_rank = cols < ranks[i]
+                u, b = torch.where(in_rank, u, 0.0), torch.where(in_rank, b, 0.0)
             y = torch.where((ids == i)[:, None], y + scalings[i] * F.linear(u, b), y)
         return y
     order, groups, runs = row_groups(adapter_ids, n)

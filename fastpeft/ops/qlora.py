@@ -14,17 +14,12 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from ..quant import INT8_INV_SCALE, QuantizedWeight, call_buffer, dequantize_weight, workspace
+from ..quant import INT8_INV_SCALE, QuantizedWeight, call_buffer, dequantize_weight, weight_workspace
 from ..reference import dropout_threshold, keep_mask_stream, use_cpu_path
 from .common import returned
 
 PATHS = ("auto", "fused", "dequant")
 _path_cache: dict = {}
-
-
-def _workspace_for(qw: QuantizedWeight, dtype: torch.dtype) -> torch.Tensor:
-    """The shared workspace, sized for ``qw``'s weight in ``dtype`` (flat)."""
-    return workspace(qw.device, dtype, qw.shape[0] * qw.shape[1])
 
 
 def _reference_weight(qw: QuantizedWeight, dtype: torch.dtype, saved: bool = False) -> torch.Tensor:
@@ -142,13 +137,13 @@ class QLoRALinearFunction(torch.autograd.Function):
             # bf16 LoRA's backward on the dequantized W (dequantized only for dX): its timed compositions.
             from . import lora as OL
             KL, KQ = _kernels()
-            w = KQ.dequantize_4bit(qw, dy.dtype, _workspace_for(qw, dy.dtype)) if need_x else None
+            w = KQ.dequantize_4bit(qw, dy.dtype, weight_workspace(qw, dy.dtype)) if need_x else None
             dx, da, dbb = OL._backward(dy, x, u, w, lora_A, lora_B, s, seed, thr, ds, need_x, need_a, need_b)
         else:
             KL, KQ = _kernels()
             v = KL.lora_shrink(dy, lora_B, 1.0, 0, 0, 0, 0) if (need_x or need_a) else None
             if need_x:  # W8A16: dY's columns take the row scales, then the exact int8 -> dtype weight
-                w = KQ.int8_weight(qw, dy.dtype, _workspace_for(qw, dy.dtype))
+                w = KQ.int8_weight(qw, dy.dtype, weight_workspace(qw, dy.dtype))
                 a = (dy.float() * (qw.scales.float() * INT8_INV_SCALE)).to(dy.dtype)
                 from . import lora as OL
                 key = OL.dx_key(dy.shape[0], w.shape[0], w.shape[1], lora_A.shape[0], dy.dtype, thr > 0)
@@ -187,7 +182,7 @@ def _triton_forward(x, lora_A, lora_B, bias, qw, scaling: float, thr: int, ds: f
     from . import lora as OL  # imports the kernels: only on the triton path
     # W in the workspace, then bf16 LoRA's own forward: the faster (timed per shape) of the shrink + its GEMM
     # choice, the torch composition and, on sm_90+, the shrink fused into the TMA GEMM.
-    w = KQ.dequantize_4bit(qw, x.dtype, _workspace_for(qw, x.dtype))
+    w = KQ.dequantize_4bit(qw, x.dtype, weight_workspace(qw, x.dtype))
     return OL._forward(x, w, bias, lora_A, lora_B, scaling, thr, ds, seed)
 
 
