@@ -885,7 +885,20 @@ QLORA_CASES = [
         ("x's last dim", "in_features=128", "got 100"), _bnb4),
     Bad("qlora-merge-requantize-impossible", _merge_without_a_quantizer, RuntimeError,
         ("'proj'", "cannot requantize", "unchanged", "dequantize=True"), _bnb4),
+    # -- dequantize_weight(out=): the caller's buffer (the workspace's) is checked before anything is written
+    Bad("dequantize-out-too-small", lambda m: _dequantize_into(m, torch.empty(100)), ValueError,
+        ("out must be", "torch.float32", "6144 elements", "(100,)"), _bnb4),
+    Bad("dequantize-out-wrong-dtype", lambda m: _dequantize_into(m, torch.empty(6144, dtype=torch.float16)),
+        ValueError, ("out must be", "torch.float32", "torch.float16"), _bnb4),
+    Bad("dequantize-out-not-contiguous", lambda m: _dequantize_into(m, torch.empty(2, 6144).t()), ValueError,
+        ("out must be", "contiguous", "(6144, 2)"), _bnb4),
 ]
+
+
+def _dequantize_into(m, out):
+    from fastpeft.quant import dequantize_weight
+
+    return dequantize_weight(_view(m), torch.float32, out=out)
 
 
 @pytest.mark.parametrize("case", [pytest.param(c, id=c.id) for c in QLORA_CASES])
