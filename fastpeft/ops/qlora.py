@@ -46,12 +46,13 @@ def _reference_forward(x, lora_A, lora_B, bias, qw, scaling: float, p: float, se
     w = _reference_weight(qw, x.dtype)
     y = F.linear(x, w, bias)
     del w
-    xd = x
     if p > 0.0:
         # the CPU stream on the CPU path (as plain LoRA's: the Philox stream in PyTorch's int64 ops costs more than
-        # the matmuls), the kernels' Philox stream elsewhere
-        xd = x * keep_mask_stream(x, p, seed).to(x.dtype) * (1.0 / (1.0 - p))
-    u = xd.float() @ lora_A.float().t()
+        # the matmuls), the kernels' Philox stream elsewhere; 1/(1-p) on u (M, r), not on the dropped x (M, K)
+        u = (x * keep_mask_stream(x, p, seed)).float() @ lora_A.float().t()
+        u.mul_(1.0 / (1.0 - p))
+    else:
+        u = x.float() @ lora_A.float().t()
     low = u.to(x.dtype) @ lora_B.t()
     low.mul_(scaling)
     y += low
@@ -119,17 +120,19 @@ class QLoRALinearFunction(torch.autograd.Function):
                 dx = dy @ _reference_weight(qw, dy.dtype, saved=torch.is_grad_enabled() and dy.requires_grad)
             # the products in the order autograd takes them through PEFT's ``lora_B(lora_A(x)) * s``: dY s first
             # (so that fp32 gradients are PEFT's bit for bit, whatever s), then B, then A / drop(x)
-            keep = keep_mask_stream(x, p, seed, ctx.cpu_stream).to(torch.float32) if thr else None
+            keep = keep_mask_stream(x, p, seed, ctx.cpu_stream) if thr else None  # bool (M, K)
             dys = dy.float() * s                                               # (M, N)
             v = dys @ lora_B.float()                                           # (M, r): s dY B
+            if keep is not None:
+                v.mul_(ds)  # 1/(1-p) on v (M, r) for both D ⊙ (v A) and vᵀ (D ⊙ x), not on an (M, K) product
             if need_x:
                 low = v @ lora_A.float()
                 if keep is not None:
-                    low = low * keep * ds
+                    low.mul_(keep)
                 dx += low.to(dy.dtype)
                 dx = dx.to(x.dtype)
             if need_a:
-                xd = x.float() if keep is None else x.float() * keep * ds
+                xd = x.float() if keep is None else (x * keep).float()
                 da = (v.t() @ xd).to(lora_A.dtype)
             if need_b:
                 dbb = (dys.t() @ u).to(lora_B.dtype)
