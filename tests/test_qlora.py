@@ -746,6 +746,22 @@ def test_double_backward_keeps_its_own_weight(kind):
     assert_close_report(got, want, atol=1e-3, rtol=1e-5)
 
 
+@pytest.mark.parametrize("kind", ["nf4", "int8"])
+def test_second_derivatives_through_the_adapter_gradients(kind):
+    """create_graph=True on the adapters' gradients: dB = s dYᵀ u depends on x and A through u, which the backward
+    recomputes by recorded ops (the u saved by the forward has no graph: it would read as a constant). d/dx and
+    d/dA of ‖dL/dB‖² equal those of the same layer on a freshly dequantized W through plain autograd."""
+    m = _lora_on(kind, 4)
+    x = torch.randn(3, 64, requires_grad=True)
+
+    def second(fwd):
+        gb, = torch.autograd.grad(fwd(x).square().sum(), m.lora_B, create_graph=True)
+        return torch.autograd.grad(gb.square().sum(), (x, m.lora_A))
+    got, want = second(m), second(lambda v: _dense_twin(m, kind, v))
+    for name, g_, w_ in zip(("x", "A"), got, want):
+        assert_close_report(g_, w_, atol=1e-4 * w_.abs().max().item(), rtol=1e-4, what=name)
+
+
 def test_torch_func_transforms_get_a_fresh_weight():
     """Under torch.func (grad / vjp) the workspace is not written: the transforms refuse in-place writes to a
     captured tensor, and a buffer first allocated there would be a wrapped tensor."""

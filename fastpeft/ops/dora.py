@@ -159,6 +159,8 @@ class DoRALinearFunction(torch.autograd.Function):
         x, weight, bias, lora_A, lora_B, magnitude, norm, g, u, y = ctx.saved_tensors
         need_x, need_w, need_b, need_a, need_bb, need_m = ctx.needs_input_grad[:6]
         s, p, seed, thr, ds, exact = ctx.scaling, ctx.p, ctx.seed, ctx.thr, ctx.ds, ctx.exact
+        if torch.is_grad_enabled():  # create_graph: gradients that second derivatives can go through
+            return _recorded_backward(ctx, dy, x, weight, bias, lora_A, lora_B, magnitude, norm)
         dt = g.dtype
         dy = dy.contiguous() if dy.stride(-1) != 1 and dy.stride(0) != 1 else dy
         dx = dw = db = da = dbb = dm = None
@@ -221,6 +223,28 @@ class DoRALinearFunction(torch.autograd.Function):
 
         return (cast(dx, x), cast(dw, weight), cast(db, bias) if bias is not None else None, cast(da, lora_A),
                 cast(dbb, lora_B), cast(dm, magnitude), None, None, None, None, None, None)
+
+
+def _recorded_backward(ctx, dy, x, weight, bias, lora_A, lora_B, magnitude, norm) -> tuple:
+    """``DoRALinearFunction``'s gradients under ``create_graph``: autograd through the forward's formula recomputed
+    by recorded ops from the saved inputs (the same mask, n the detached norm), so that second derivatives see how
+    the gradients depend on x, A, B and m. The fast backward's saved u and g carry no graph: through them second
+    derivatives would be silently wrong. Double backward only: it forms the (M, K) x̃ and the (M, N) products."""
+    s, p, seed, exact = ctx.scaling, ctx.p, ctx.seed, ctx.exact
+    xd = x if p == 0.0 else x * keep_mask_stream(x, p, seed, ctx.cpu_stream).to(x.dtype) * ctx.ds
+    g = (magnitude / norm.detach()).to(x.dtype)
+    low = s * ((xd @ lora_A.t()) @ lora_B.t())
+    if exact:  # y = x Wᵀ + (g − 1) ⊙ (x̃ Wᵀ) + g ⊙ (s x̃ Aᵀ Bᵀ) + b
+        out = x @ weight.t() + (g - 1.0) * (xd @ weight.t()) + g * low
+    else:  # y = g ⊙ (x Wᵀ + s x̃ Aᵀ Bᵀ) + b
+        out = g * (x @ weight.t() + low)
+    if bias is not None:
+        out = out + bias
+    inputs = (x, weight, bias, lora_A, lora_B, magnitude)
+    wanted = [t for t, need in zip(inputs, ctx.needs_input_grad[:6]) if need and t is not None]
+    grads = iter(torch.autograd.grad(out, wanted, dy.to(out.dtype), create_graph=True, allow_unused=True))
+    return tuple(next(grads) if need and t is not None else None
+                 for t, need in zip(inputs, ctx.needs_input_grad[:6])) + (None,) * 6
 
 
 def _gain(magnitude, norm, x_dtype, impl) -> torch.Tensor:

@@ -44,7 +44,6 @@ class LoRALinearCPUFunction(torch.autograd.Function):
         seed_t = seed if isinstance(seed, torch.Tensor) else None
         ctx.save_for_backward(x, u, weight, lora_A, lora_B, seed_t)
         ctx.seed = None if seed_t is not None else seed
-        ctx.keep_scale = 1.0 / (1.0 - dropout_p) if dropout_p > 0.0 else 1.0
         ctx.scaling, ctx.dropout_p, ctx.has_bias = scaling, dropout_p, bias is not None
         return returned(y)
 
@@ -52,43 +51,63 @@ class LoRALinearCPUFunction(torch.autograd.Function):
     def backward(ctx, dy):
         x, u, weight, lora_A, lora_B, seed_t = ctx.saved_tensors
         need_x, need_w, need_b, need_a, need_bb = ctx.needs_input_grad[:5]
-        s, p, c = ctx.scaling, ctx.dropout_p, ctx.keep_scale
         seed = seed_t if seed_t is not None else ctx.seed
-        m, k = x.shape
         dy = dy.contiguous()
-        dx = dw = db = da = dbb = None
-        if need_x or need_a:
-            v = torch.mm(dy, lora_B)
-        if need_x:
-            dx = torch.mm(dy, weight)
-        if p == 0.0:
-            if need_x:
-                dx.addmm_(v, lora_A, alpha=s)
-            if need_a:
-                da = torch.mm(v.t(), x).mul_(s)
-        elif need_x or need_a:
-            # The mask is redrawn piece by piece; each piece's D * (v_s A) and D * x are cache-sized. A decode
-            # step (one piece) takes no views: ~1 µs each, against a few µs for the whole update at M = 1.
-            vs = v.mul_(s * c)
-            pieces = _row_pieces(m, k)
-            for rows in pieces:
-                one = len(pieces) == 1
-                keep = cpu_keep_mask(seed, rows.stop - rows.start, k, p, x.device, rows.start)
-                vs_r = vs if one else vs[rows]
-                if need_x:
-                    # no alpha anywhere here: inductor (torch 2.13) miscompiles add_(mm(..).mul_(bool mask),
-                    # alpha=c) in this backward (dX off by 1e4)
-                    (dx if one else dx[rows]).addcmul_(torch.mm(vs_r, lora_A), keep)
-                if need_a:
-                    part = torch.mm(vs_r.t(), (x if one else x[rows]).mul(keep))
-                    da = part if da is None else da.add_(part)
-        if need_bb:
-            dbb = torch.mm(dy.t(), u).mul_(s * c)
-        if need_w:
-            dw = torch.mm(dy.t(), x)
-        if need_b and ctx.has_bias:
-            db = dy.sum(0)
+        u = recorded_u(u, x, lora_A, ctx.dropout_p, seed) if need_bb else u
+        dx, da, dbb = _backward(dy, x, u, weight, lora_A, lora_B, ctx.scaling, ctx.dropout_p, seed,
+                                need_x, need_a, need_bb)
+        dw = torch.mm(dy.t(), x) if need_w else None
+        db = dy.sum(0) if need_b and ctx.has_bias else None
         return dx, dw, db, da, dbb, None, None, None
+
+
+def recorded_u(u, x, lora_A, p: float, seed):
+    """u = (D ⊙ x) A^T as the backward uses it: the saved one, or under ``create_graph`` (autograd records the
+    backward, for second derivatives) recomputed by recorded ops, so that dB = s c dY^T u carries its dependence
+    on x and A (the saved u, made without a graph, would read as a constant: second derivatives silently wrong).
+    That recomputation forms the (M, K) dropped x; double backward only."""
+    if not torch.is_grad_enabled():
+        return u
+    m, k = x.shape
+    xd = x if p == 0.0 else x * cpu_keep_mask(seed, m, k, p, x.device)
+    return xd @ lora_A.t()
+
+
+def _backward(dy, x, u, weight, lora_A, lora_B, s: float, p: float, seed, need_x: bool, need_a: bool,
+              need_b: bool) -> tuple:
+    """``(dX, dA, dB)`` of ``LoRALinearCPUFunction`` (see there), each None unless needed; dy (M, N) contiguous,
+    ``weight`` the (N, K) matrix of dX = dY weight + ... (RoSA passes W + Δ)."""
+    m, k = x.shape
+    c = 1.0 / (1.0 - p) if p > 0.0 else 1.0
+    dx = da = dbb = None
+    if need_x or need_a:
+        v = torch.mm(dy, lora_B)
+    if need_x:
+        dx = torch.mm(dy, weight)
+    if p == 0.0:
+        if need_x:
+            dx.addmm_(v, lora_A, alpha=s)
+        if need_a:
+            da = torch.mm(v.t(), x).mul_(s)
+    elif need_x or need_a:
+        # The mask is redrawn piece by piece; each piece's D * (v_s A) and D * x are cache-sized. A decode
+        # step (one piece) takes no views: ~1 µs each, against a few µs for the whole update at M = 1.
+        vs = v.mul_(s * c)
+        pieces = _row_pieces(m, k)
+        for rows in pieces:
+            one = len(pieces) == 1
+            keep = cpu_keep_mask(seed, rows.stop - rows.start, k, p, x.device, rows.start)
+            vs_r = vs if one else vs[rows]
+            if need_x:
+                # no alpha anywhere here: inductor (torch 2.13) miscompiles add_(mm(..).mul_(bool mask),
+                # alpha=c) in this backward (dX off by 1e4)
+                (dx if one else dx[rows]).addcmul_(torch.mm(vs_r, lora_A), keep)
+            if need_a:
+                part = torch.mm(vs_r.t(), (x if one else x[rows]).mul(keep))
+                da = part if da is None else da.add_(part)
+    if need_b:
+        dbb = torch.mm(dy.t(), u).mul_(s * c)
+    return dx, da, dbb
 
 
 def _forward(x, weight, bias, lora_A, lora_B, scaling, dropout_p, seed) -> tuple:

@@ -135,6 +135,9 @@ class QLoRALinearFunction(torch.autograd.Function):
                 xd = x.float() if keep is None else (x * keep).float()
                 da = (v.t() @ xd).to(lora_A.dtype)
             if need_b:
+                if torch.is_grad_enabled():  # create_graph: u recomputed by recorded ops (see lora_cpu.recorded_u)
+                    xd = x if keep is None else x * keep
+                    u = xd.float() @ lora_A.float().t() * ds
                 dbb = (dys.t() @ u).to(lora_B.dtype)
         elif qw.kind != "int8":
             # bf16 LoRA's backward on the dequantized W (dequantized only for dX): its timed compositions.
