@@ -9,7 +9,12 @@ vs the usual torch ways vs fastpeft.
 Providers:
 - ``linear``: frozen nn.Linear (fwd+bwd computes dX only).
 - ``reference``: fastpeft's reference backend (what ``backend="auto"`` runs for these ops until they are in
-  ``fastpeft.kernels.AUTO_OPS``): clone + scatter + F.linear under torch autograd.
+  ``fastpeft.kernels.AUTO_OPS``): on CUDA clone + scatter + F.linear under torch autograd; on the CPU its CPU
+  path (``fastpeft.ops.sparse_cpu``: W + Δ in a kept buffer, the values' gradient on Δ's support only, Δ's part
+  by gathers at decode sizes).
+- ``oracle`` (CPU only): ``fastpeft.reference``'s ``sparse_delta_linear_ref`` / ``lora_sparse_linear_ref``, a
+  dense Δ added to W under torch autograd: the test oracle, and what the reference backend ran on the CPU
+  before its CPU path.
 - ``scatter``: clone W, scatter the values in (``index_add``) and ``F.linear``, all torch autograd (the
   PEFT-SHiRA / RoSA way): backward forms the dense (out, in) gradient of W + Δ and gathers from it.
 - ``dense-dW``: a custom autograd.Function (the SpIEL way): the same forward, backward computes
@@ -103,6 +108,8 @@ def providers(block, kernels_ok: bool) -> dict:
     """name -> (kind, env overrides)."""
     out = {"linear": ("linear", {}), "reference": ("reference", {}), "scatter": ("scatter", {}),
            "dense-dW": ("dense-dW", {})}
+    if not kernels_ok:  # the CPU: the reference backend runs its CPU path there, not the oracle
+        out["oracle"] = ("oracle", {})
     if kernels_ok:
         out["fastpeft"] = ("fastpeft", {"FASTPEFT_SPARSE_PATH": "auto"})
         out["fastpeft-kernels"] = ("fastpeft", {"FASTPEFT_SPARSE_PATH": "kernels"})
@@ -145,6 +152,11 @@ def forward_fn(kind, x, lin, delta, plan, lora=None):
             return torch_lora(scatter_linear(x, weight, bias, values, flat, which))
         if kind == "dense-dW":
             return torch_lora(DenseGradGather.apply(x, weight, bias, values, flat, which))
+        if kind == "oracle":
+            if lora is not None:
+                return fastpeft.reference.lora_sparse_linear_ref(x, weight, bias, lora[0], lora[1], LORA_SCALING, idx,
+                                                                 values, block)
+            return fastpeft.reference.sparse_delta_linear_ref(x, weight, bias, idx, values, block)
         backend = "reference" if kind == "reference" else "triton"
         if lora is not None:
             return fastpeft.functional.lora_sparse_linear(x, weight, bias, lora[0], lora[1], LORA_SCALING, idx,

@@ -14,6 +14,8 @@ from conftest import DTYPES, assert_close_report, lora_inputs, triton_backend_de
 from fastpeft.functional import lora_sparse_linear, sparse_delta_linear  # noqa: E402
 
 DEV = triton_backend_device()
+# the reference backend on CPU tensors runs the oracle (reference.py, the kernels' Philox masks), not the CPU path
+pytestmark = pytest.mark.usefixtures("kernel_stream_reference")
 
 from fastpeft.kernels import lora as K  # noqa: E402
 from fastpeft.kernels import sparse_delta as SD  # noqa: E402

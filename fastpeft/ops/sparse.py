@@ -30,6 +30,7 @@ from ..kernels import lora_tma as KT
 from ..kernels import sparse_delta as SD
 from .common import _bucket, _seed_arg, autocast_inputs, base_grads, returned
 from .lora import dropout_constants, dx_key, fwd_key, lora_factor_grads, lora_gemm, torch_backward, torch_forward
+from .sparse_cpu import sddmm_torch, w_plus_delta_torch
 
 # Tiles are visited in groups of this many tile rows (as GROUP_M in Triton's matmul tutorial): the
 # programs working at one time share their rows of dY and a few column panels of X in L2.
@@ -211,98 +212,6 @@ def _tma_way(plan: SparsePlan, a, weight, transpose_w: bool, run, *factors):
 # ----------------------------------------------------------------------------------------------------
 # the plain torch composition, and the choice between it and the kernels (the floor)
 # ----------------------------------------------------------------------------------------------------
-
-
-def _block_rows_cols(indices, out_features: int, in_features: int, b: int):
-    """``(rows, cols, inside)`` of b x b blocks: each block's rows and columns of W, (nblocks, b) int64,
-    clamped into W; ``inside`` (nblocks, b, b) bool marks the positions inside W, None when all are (the
-    blocks tile W exactly)."""
-    ar = torch.arange(b, device=indices.device)
-    rows = indices[:, :1].long() * b + ar
-    cols = indices[:, 1:2].long() * b + ar
-    if out_features % b == 0 and in_features % b == 0:
-        return rows, cols, None
-    inside = (rows < out_features)[:, :, None] & (cols < in_features)[:, None, :]
-    return rows.clamp(max=out_features - 1), cols.clamp(max=in_features - 1), inside
-
-
-def _entries(indices, out_features: int, in_features: int, block_size: int):
-    """``(flat, inside)``: the row-major position in W (out, in) of every value of Δ, int64 in the shape of
-    the values, and ``inside`` as in :func:`_block_rows_cols` (None for flat entries)."""
-    if block_size == 1:
-        return indices.long(), None
-    rows, cols, inside = _block_rows_cols(indices, out_features, in_features, block_size)
-    return rows[:, :, None] * in_features + cols[:, None, :], inside
-
-
-def w_plus_delta_torch(weight, indices, values, block_size: int, dtype):
-    """W + Δ in ``dtype`` as a new contiguous (out, in) tensor, in plain torch (the clone + scatter of
-    PEFT-SHiRA / RoSA): W copied, its entries on Δ's support gathered, added to the values in fp32 and
-    rounded once, scattered back: the same numbers as the kernels' densify. A transient W-sized buffer,
-    as there."""
-    out_f, in_f = weight.shape
-    numel = out_f * in_f
-    flat, inside = _entries(indices, out_f, in_f, block_size)
-    # Clipped blocks: their positions outside W are written to one spare element after W, never read.
-    buf = torch.empty(numel + (inside is not None), device=weight.device, dtype=dtype)
-    w2 = buf[:numel].view(out_f, in_f)
-    w2.copy_(weight)
-    if indices.shape[0] == 0:
-        return w2
-    new = (weight.reshape(-1)[flat].float() + values.reshape(flat.shape).float()).to(dtype)
-    dst = flat if inside is None else torch.where(inside, flat, numel)
-    buf.index_put_((dst.reshape(-1),), new.reshape(-1))
-    return w2
-
-
-# Row panels of dY^T X (block_size 1) hold at most this many bytes, and at most half of W's rows: the
-# transient stays bounded and no (out, in) gradient is formed. Panels of >= 1k rows keep the cuBLAS GEMM
-# (over M = 8192) at full rate; a cost model, not measured on a card.
-_PANEL_BYTES = 64 << 20
-
-
-def sddmm_torch(dy, x, indices, values, block_size: int):
-    """dvalues = (dY^T X) on Δ's support, in values' dtype and shape, by cuBLAS matmuls in dY's dtype (what
-    torch autograd computes for the clone + scatter forward). dy (M, out), x (M, in).
-
-    - blocks: each block's b x b gradient dY[:, rows]^T X[:, cols] by one batched GEMM over the gathered
-      column panels of dY and X (2 M nnz flops); blocks go in chunks whose gathered panels hold at most
-      W's element count. Values outside W (clipped blocks) get 0.
-    - flat entries: dY^T X by row panels (one GEMM each, ``_PANEL_BYTES``), each entry gathered from its
-      panel (2 M out in flops whatever the density). Scattered entries leave cuBLAS nothing narrower to
-      multiply: gathering each entry's two columns of length M instead moves 2 M nnz elements, which costs
-      more than the GEMM above about 0.3% density on an H200 (peak rates; not measured). The kernels'
-      gather-dot covers the lower densities.
-    """
-    m, out_f = dy.shape
-    in_f = x.shape[1]
-    nnz = indices.shape[0]
-    if nnz == 0 or m == 0:
-        return values.new_zeros(values.shape)
-    if block_size > 1:
-        b = block_size
-        rows, cols, inside = _block_rows_cols(indices, out_f, in_f, b)
-        chunk = max(1, (out_f * in_f) // (2 * m * b))
-        parts = []
-        for j in range(0, nnz, chunk):
-            g = dy.index_select(1, rows[j:j + chunk].reshape(-1)).view(m, -1, b)   # (M, c, b)
-            h = x.index_select(1, cols[j:j + chunk].reshape(-1)).view(m, -1, b)
-            parts.append(torch.bmm(g.permute(1, 2, 0), h.permute(1, 0, 2)))      # (c, b, b)
-        dv = parts[0] if len(parts) == 1 else torch.cat(parts)
-        if inside is not None:
-            dv = dv.masked_fill(~inside, 0)
-        return dv.to(values.dtype)
-    flat = indices.long()
-    panel_rows = max(1, min(-(-out_f // 2), _PANEL_BYTES // max(1, in_f * dy.element_size())))
-    dv = values.new_zeros(values.shape)
-    for r0 in range(0, out_f, panel_rows):
-        r1 = min(out_f, r0 + panel_rows)
-        panel = dy[:, r0:r1].t() @ x                                          # (r1 - r0, in)
-        local = flat - r0 * in_f
-        mine = (local >= 0) & (local < panel.numel())
-        got = panel.reshape(-1)[local.clamp(0, panel.numel() - 1)]
-        dv = torch.where(mine, got.to(dv.dtype), dv)
-    return dv
 
 
 # FASTPEFT_SPARSE_PATH: "kernels" or "torch" force one composition of both Functions' forward and backward;
