@@ -249,14 +249,23 @@ def _times_w_prime(a, weight, bias, indices, values, block_size: int, transpose:
 
 
 def _values_grad(dy, x, indices, values, block_size: int):
-    """dv = (dY^T X) on Δ's support (``sddmm_torch``), flat entries at decode sizes by gather-dots instead:
-    dv_i = sum_m dY[m, row_i] X[m, col_i], in chunks of at most ``_GATHER_CHUNK`` gathered elements."""
+    """dv = (dY^T X) on Δ's support, in values' dtype and shape. Blocks: ``sddmm_torch`` (one batched GEMM over the
+    blocks' panels). Flat entries: at decode sizes gather-dots, dv_i = sum_m dY[m, row_i] X[m, col_i], in chunks
+    of at most ``_GATHER_CHUNK`` gathered elements; else one GEMM dY^T X and a gather from it (a W-sized transient,
+    freed on return, never saved) while W is within ``_PANEL_BYTES``, ``sddmm_torch``'s row panels past it."""
     m = dy.shape[0]
     nnz = indices.shape[0]
-    if block_size != 1 or nnz == 0 or m == 0 or not _gathers_win(m, nnz, dy.new_empty(dy.shape[1], x.shape[1]),
-                                                                  dy.dtype, _GATHER_RATIO_DV):
+    n, k = dy.shape[1], x.shape[1]
+    if block_size != 1 or nnz == 0 or m == 0:
         return sddmm_torch(dy, x, indices, values, block_size)
-    rows, cols, _ = _positions(indices, values, dy.shape[1], x.shape[1], 1)
+    if not _gathers_win(m, nnz, dy.new_empty(n, k), dy.dtype, _GATHER_RATIO_DV):
+        if n * k * dy.element_size() > _PANEL_BYTES:
+            return sddmm_torch(dy, x, indices, values, block_size)
+        # one GEMM, then the entries gathered from it (a transient the size of W, freed on return; sddmm_torch's
+        # two half panels cost 10-15 % more here: 512 x 512, M = 256)
+        rows, cols, _ = _index_positions(indices, n, k, 1)
+        return (dy.t() @ x)[rows, cols].to(values.dtype)
+    rows, cols, _ = _index_positions(indices, n, k, 1)
     step = max(1, _GATHER_CHUNK // m)
     parts = [(dy.index_select(1, rows[j:j + step]) * x.index_select(1, cols[j:j + step])).sum(0)
              for j in range(0, nnz, step)]
