@@ -159,8 +159,8 @@ def _positions(indices, values, out_features: int, in_features: int, block_size:
     """``(rows, cols, vals)``: each value of Δ with its row and column of W, flat (int64, int64, values' dtype).
     Block positions outside W (clipped edge blocks) are clamped into W with the value 0: they add nothing."""
     rows, cols, inside = _index_positions(indices, out_features, in_features, block_size)
-    vals = values if inside is None else values.masked_fill(~inside, 0)
-    return rows, cols, vals.reshape(-1)
+    vals = values.reshape(-1)
+    return rows, cols, vals if inside is None else vals.masked_fill(~inside, 0)
 
 
 # id(indices) -> (weak reference, version, {(what, out, in, block size): value}): a layer's indices are the same
@@ -223,11 +223,11 @@ _GATHER_RATIO_DV = 4
 _GATHER_CHUNK = 1 << 18  # elements of one (M, chunk) gathered panel of the values' gradient
 
 
-def _gathers_win(m: int, nvalues: int, weight, dtype, ratio: int = _GATHER_RATIO) -> bool:
+def _gathers_win(m: int, nvalues: int, weight, dtype) -> bool:
     """Whether Δ's part goes by gathers for m rows (no W-sized buffer): few rows times few values, in fp32 /
     fp64 with W of the same dtype (under autocast to bf16 W + Δ is rounded once, as the reference has it)."""
     return (dtype in (torch.float32, torch.float64) and weight.dtype == dtype
-            and m * nvalues * ratio <= weight.shape[0] * weight.shape[1])
+            and m * nvalues * _GATHER_RATIO <= weight.shape[0] * weight.shape[1])
 
 
 def _times_w_prime(a, weight, bias, indices, values, block_size: int, transpose: bool):
@@ -258,7 +258,7 @@ def _values_grad(dy, x, indices, values, block_size: int):
     n, k = dy.shape[1], x.shape[1]
     if block_size != 1 or nnz == 0 or m == 0:
         return sddmm_torch(dy, x, indices, values, block_size)
-    if not _gathers_win(m, nnz, dy.new_empty(n, k), dy.dtype, _GATHER_RATIO_DV):
+    if m * nnz * _GATHER_RATIO_DV > n * k:
         if n * k * dy.element_size() > _PANEL_BYTES:
             return sddmm_torch(dy, x, indices, values, block_size)
         # one GEMM, then the entries gathered from it (a transient the size of W, freed on return; sddmm_torch's
@@ -288,8 +288,9 @@ class SparseDeltaLinearCPUFunction(torch.autograd.Function):
 
         dX  = dY (W + Δ)                         the same two ways (W + Δ formed again, never saved)
         dv  = (dY^T x) on S only                 dv_i = sum_m dY[m, row_i] x[m, col_i] (blocks: dY[:, rows_j]^T
-                                                 x[:, cols_j], b x b; positions outside W get 0): sddmm_torch,
-                                                 or gather-dots at decode sizes; never an (N, K) gradient
+                                                 x[:, cols_j], b x b; positions outside W get 0): gather-dots
+                                                 at decode sizes, else ``_values_grad``'s GEMMs (for flat
+                                                 entries a transient dY^T x, never saved)
         dW  = dY^T x,   db = sum_m dY_m          (only when required; dW is (N, K) by definition)
 
     Saved: x, W, v, and the indices on ctx (no W-sized tensor). The reference (``sparse_delta_linear_ref``) saves
