@@ -130,8 +130,11 @@ def kernel_stream_on_cpu():
 
 
 def use_cpu_path(x: torch.Tensor) -> bool:
-    """Whether the reference backend runs the CPU path (and its stream) for input ``x``."""
-    return x.device.type == "cpu" and not _KERNEL_STREAM_ON_CPU[0]
+    """Whether the reference backend runs the CPU path (and its stream) for input ``x``: CPU tensors, outside
+    ``kernel_stream_on_cpu`` and outside ``torch.func`` transforms (grad, vmap, ...), where the oracle's plain
+    autograd runs instead: the CPU path's autograd Functions define no ``setup_context`` / vmap rule."""
+    return x.device.type == "cpu" and not _KERNEL_STREAM_ON_CPU[0] and (
+        torch.compiler.is_compiling() or not torch._C._are_functorch_transforms_active())
 
 
 def _s64(v: int) -> int:
@@ -191,11 +194,12 @@ def cpu_draws(seed, n: int, device=None, start: int = 0) -> torch.Tensor:
     """
     compiling = torch.compiler.is_compiling()
     if isinstance(seed, torch.Tensor):
-        key = _splitmix_finalize(seed.reshape(1).to(device=device, dtype=torch.int64), inplace=False)
+        seed = seed.reshape(1).to(device=device, dtype=torch.int64)
+        key = _splitmix_finalize(_opaque(seed) if compiling else seed, inplace=False)
     elif not 0 <= int(seed) < 2**63:
         raise ValueError(f"seed must be in [0, 2**63), got {seed}")
     elif compiling:
-        key = _splitmix_finalize(torch.tensor([int(seed)], dtype=torch.int64, device=device), inplace=False)
+        key = torch.tensor([_splitmix_finalize_int(int(seed))], dtype=torch.int64, device=device)  # (a constant)
     else:
         key = _splitmix_finalize_int(int(seed))
     first, lane = divmod(int(start), 4)
@@ -204,13 +208,24 @@ def cpu_draws(seed, n: int, device=None, start: int = 0) -> torch.Tensor:
         return torch.from_numpy(_cpu_draws_numpy(key, first, end)[lane:lane + n])
     words = torch.arange(first, end, device=device, dtype=torch.int64)
     if compiling:
-        # No dtype views of another item size under compile: shift each 16-bit lane to the top and back
-        # (arithmetic shift: sign-extended), the very bits the little-endian view below reads.
-        words = _splitmix_finalize((words + key) * _SM_GAMMA, inplace=False)
-        lanes = torch.arange(4, device=device, dtype=torch.int64) * 16
-        return ((words[:, None] << (48 - lanes)) >> 48).reshape(-1)[lane:lane + n].to(torch.int16)
+        # No dtype views of another item size under compile: each 16-bit lane shifted down by a constant and
+        # masked, then made signed, the very bits the little-endian view below reads. Not by a tensor of shift
+        # amounts (`(w[:, None] << (48 - lanes)) >> 48`, as before 2026-12-01): fused with the finalizer, inductor
+        # on the CPU (torch 2.13) computed that as 0 / -1 / 32767, a mask keeping every element (no dropout).
+        words = _splitmix_finalize(_opaque(words + key) * _SM_GAMMA, inplace=False)
+        v = torch.stack([(words >> shift) & 0xFFFF for shift in (0, 16, 32, 48)], 1)
+        v = torch.where(v >= 2**15, v - 2**16, v)
+        return v.reshape(-1)[lane:lane + n].to(torch.int16)
     words = _splitmix_finalize(words.add_(key).mul_(_SM_GAMMA), inplace=True)
     return words.view(torch.int16)[lane:lane + n]
+
+
+def _opaque(t: torch.Tensor) -> torch.Tensor:
+    """``t | 0``: the same int64 values, which inductor holds as loaded values rather than folding them with constants
+    (a constant seed or key) into index expressions or literals. Its folding computes in Python integers, without
+    int64's wrap-around: with a constant key the stream came out wrong (torch 2.13: every draw) or overflowed
+    converting to int64 at compile time."""
+    return t.bitwise_or(torch.zeros(1, dtype=torch.int64, device=t.device))
 
 
 # Up to this many words (4 draws each) numpy computes the stream: ~1 µs an op against torch's ~1.5-3 µs, and below
@@ -249,15 +264,18 @@ def cpu_keep_mask(seed, rows: int, cols: int, p: float, device=None, row0: int =
     """Keep-mask (rows, cols) bool of the CPU stream at drop rate ``p`` (to 2**-16): True where kept.
     ``row0``: the mask of rows row0..row0+rows-1 of a larger (M, cols) mask (drawn by pieces)."""
     n, start = rows * cols, row0 * cols
+    thr = cpu_dropout_threshold(p) - 2**15
+    if thr >= 2**15:  # p >= 1 - 2**-17: every element dropped (an int16 comparison with 2**15 would wrap)
+        return torch.zeros(rows, cols, dtype=torch.bool, device=device)
     if not isinstance(seed, torch.Tensor) and 0 <= int(seed) < 2**63 and not torch.compiler.is_compiling():
         first, lane = divmod(start, 4)
         end = (start + n + 3) // 4
         if _numpy_route(first, end, device):
             # a decode step's mask: the comparison in numpy too, ~7 µs for 1 x 1024 against ~13 through cpu_draws
             keep = _cpu_draws_numpy(_splitmix_finalize_int(int(seed)), first, end)[lane:lane + n]
-            return torch.from_numpy(keep >= cpu_dropout_threshold(p) - 2**15).view(rows, cols)
+            return torch.from_numpy(keep >= thr).view(rows, cols)
     draws = cpu_draws(seed, n, device, start=start)
-    return (draws >= cpu_dropout_threshold(p) - 2**15).view(rows, cols)
+    return (draws >= thr).view(rows, cols)
 
 
 def lora_dropout_cpu(x: torch.Tensor, p: float, seed) -> torch.Tensor:

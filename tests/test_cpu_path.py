@@ -69,12 +69,19 @@ def test_mask_is_a_pure_function_of_the_seed():
         R.cpu_draws(-1, 8)
 
 
-def test_compiled_draws_equal_eager():
-    """While compiling, the 16-bit lanes are read with shifts instead of a dtype view: the same bits."""
-    torch._dynamo.reset()
-    fn = torch.compile(lambda s: R.cpu_draws(s, 1003), fullgraph=True, backend="aot_eager")
-    seed = torch.tensor([2**61 + 17])
-    assert torch.equal(fn(seed), R.cpu_draws(2**61 + 17, 1003))
+@pytest.mark.parametrize("backend", ["aot_eager", "inductor"])
+def test_compiled_draws_equal_eager(backend):
+    """While compiling, the 16-bit lanes are read with shifts instead of a dtype view: the same bits, under
+    inductor too (its CPU code once made every draw 0 / -1 / 32767: a mask keeping everything), for a seed tensor
+    given as input, an int seed and a seed tensor made in the graph (constants inductor folds), at a lane offset."""
+    want = R.cpu_draws(2**61 + 17, 1003, start=5)
+    cases = {"input": (lambda s: R.cpu_draws(s, 1003, start=5), torch.tensor([2**61 + 17])),
+             "int": (lambda s: R.cpu_draws(2**61 + 17, 1003, s.device, start=5), torch.zeros(1)),
+             "constant": (lambda s: R.cpu_draws(torch.tensor([2**61 + 17]), 1003, s.device, start=5), torch.zeros(1))}
+    for name, (fn, arg) in cases.items():
+        torch._dynamo.reset()
+        got = torch.compile(fn, fullgraph=True, backend=backend)(arg)
+        assert torch.equal(got, want), (name, int((got != want).sum()))
 
 
 def test_oracle_stream_is_still_the_kernels():
@@ -384,3 +391,55 @@ def test_small_masks_follow_the_default_device():
     finally:
         torch.set_default_device(None)
     assert small.device.type == large.device.type == "meta"
+
+
+def test_dropout_near_one_drops_everything_on_every_route(monkeypatch):
+    """p in [1 - 2**-17, 1): the 16-bit threshold is 2**16, every element dropped, whether the numpy route, the
+    torch route (a tensor seed, a mask past the numpy limit) or the compiled form draws it."""
+    p = 1 - 2**-18
+    assert not R.cpu_keep_mask(5, 3, 100, p).any()
+    assert not R.cpu_keep_mask(torch.tensor([5]), 3, 100, p).any()
+    monkeypatch.setattr(R, "_NUMPY_MAX_WORDS", -1)
+    assert not R.cpu_keep_mask(5, 3, 100, p).any()
+    assert not torch.compile(lambda: R.cpu_keep_mask(5, 3, 100, p), fullgraph=True, backend="aot_eager")().any()
+
+
+def test_inductor_with_an_int_seed_equals_eager():
+    """An explicit int seed under inductor: the CPU stream's counter is kept out of inductor's index expressions
+    (a constant key there overflowed int64 at compile time); the compiled layer gives eager's output."""
+    x, w, b, a, bb = _args(7, 48, 40, 8, dtype=torch.float32, grad_base=False)
+
+    def fn(x, a):
+        return fastpeft.lora_linear(x, w, b, a, bb, 0.7, dropout_p=0.2, seed=5, backend="reference")
+    torch._dynamo.reset()
+    got = torch.compile(fn, fullgraph=True)(x, a)
+    assert_close_report(got, fn(x, a), 1e-5, 1e-5, "y")
+
+
+def test_float64_stays_float64_under_autocast():
+    """Autocast casts no float64 tensor (its own rule, as F.linear under it): the CPU path neither."""
+    x, w, b, a, bb = (t.detach() for t in _args(5, 48, 40, 8))
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        y = fastpeft.lora_linear(x, w, b, a, bb, 0.7, backend="reference")
+    assert y.dtype == torch.float64
+    assert_close_report(y, R.lora_linear_ref(x, w, b, a, bb, 0.7), 1e-12, 1e-12, "y")
+
+
+@pytest.mark.parametrize("p", [0.0, 0.2], ids=lambda p: f"p{p}")
+def test_torch_func_transforms_run_the_oracle(p):
+    """torch.func.grad and vmap over the reference backend on CPU tensors: the oracle's plain autograd runs there
+    (the CPU path's Functions define no setup_context / vmap rule), the same gradient as the oracle's in eager;
+    without dropout the per-sample gradients add up to the batch's."""
+    x, w, b, a, bb = (t.detach() for t in _args(4, 12, 9, 3))
+
+    def loss(a, xi):
+        return fastpeft.lora_linear(xi, w, b, a, bb, 0.7, p, seed=3, backend="reference").square().sum()
+    g = torch.func.grad(loss)(a, x)
+    a_ = a.clone().requires_grad_()
+    with R.kernel_stream_on_cpu():  # the oracle, as the transform runs it
+        want, = torch.autograd.grad(loss(a_, x), a_)
+    assert_close_report(g, want, 1e-12, 1e-12, "dA")
+    per_sample = torch.func.vmap(torch.func.grad(loss), in_dims=(None, 0))(a, x[:, None])
+    assert per_sample.shape == (4, *a.shape)
+    if p == 0.0:
+        assert_close_report(per_sample.sum(0), want, 1e-12, 1e-12, "sum of per-sample dA")

@@ -63,13 +63,15 @@ def autocast_enabled(x: torch.Tensor) -> bool:
 
 
 def autocast_inputs(x: torch.Tensor, *tensors):
-    """``(x, *tensors)`` cast to the autocast dtype when autocast is on for x's device (None kept), as
-    nn.Linear's matmul would cast them; the kernels then run with autocast off."""
+    """``(x, *tensors)`` cast to the autocast dtype when autocast is on for x's device, as nn.Linear's matmul would
+    cast them: floating tensors but float64 (autocast's own rule), None kept; the kernels then run with autocast
+    off."""
     dev = x.device.type
     if not torch.is_autocast_enabled(dev):
         return (x, *tensors)
     dtype = torch.get_autocast_dtype(dev)
-    return tuple(t.to(dtype) if t is not None else None for t in (x, *tensors))
+    return tuple(t.to(dtype) if t is not None and t.is_floating_point() and t.dtype != torch.float64 else t
+                 for t in (x, *tensors))
 
 
 def base_grads(dy, x, weight, need_w: bool, need_b: bool) -> tuple:

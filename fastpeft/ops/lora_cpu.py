@@ -11,7 +11,7 @@ from __future__ import annotations
 import torch
 
 from ..reference import cpu_keep_mask
-from .common import returned
+from .common import autocast_inputs, returned
 
 
 class LoRALinearCPUFunction(torch.autograd.Function):
@@ -156,9 +156,7 @@ def lora_linear_cpu(x, weight, bias, lora_A, lora_B, scaling: float, dropout_p: 
     if dropout_p > 0.0 and seed is None:
         raise ValueError("seed is required when training with dropout_p > 0, got None")
     if torch.is_autocast_enabled("cpu"):
-        dtype = torch.get_autocast_dtype("cpu")
-        x, weight, bias, lora_A, lora_B = (t.to(dtype) if t is not None else None
-                                           for t in (x, weight, bias, lora_A, lora_B))
+        x, weight, bias, lora_A, lora_B = autocast_inputs(x, weight, bias, lora_A, lora_B)
         with torch.autocast("cpu", enabled=False):
             return lora_linear_cpu(x, weight, bias, lora_A, lora_B, scaling, dropout_p, seed)
     x2 = x if x.dim() == 2 else x.reshape(-1, x.shape[-1])
