@@ -27,7 +27,7 @@ from ._checks import (autocast_on, check_bool, check_dora_linear_args, check_lor
 from .ops.common import autocast_inputs, draw_seed
 from .ops.dora import dora_linear as _dora_linear_op  # plain torch at import; its kernels load on first use
 from .ops.lora_cpu import lora_linear_cpu
-from .ops.sparse_cpu import lora_sparse_linear_cpu, sparse_delta_linear_cpu
+from .ops.sparse_cpu import CPUPlan, lora_sparse_linear_cpu, sparse_delta_linear_cpu
 from .reference import (lora_linear_multi_cpu, lora_linear_multi_ref, lora_linear_ref, lora_sparse_linear_ref,
                         sparse_delta_linear_ref, use_cpu_path)
 
@@ -251,7 +251,8 @@ def sparse_delta_linear(x, weight, bias, delta_indices, delta_values, block_size
 
         return sparse_delta_linear_triton(x, weight, bias, delta_indices, delta_values, block_size, plan)
     if use_cpu_path(x):  # no W + Δ saved, no dense (out, in) gradient; decode sizes by gathers
-        return sparse_delta_linear_cpu(x, weight, bias, delta_indices, delta_values, block_size)
+        return sparse_delta_linear_cpu(x, weight, bias, delta_indices, delta_values, block_size,
+                                       plan if isinstance(plan, CPUPlan) else None)
     return sparse_delta_linear_ref(x, weight, bias, delta_indices, delta_values, block_size)
 
 
@@ -274,7 +275,7 @@ def lora_sparse_linear(x, weight, bias, lora_A, lora_B, scaling, delta_indices, 
                                          block_size, p, seed, plan)
     if use_cpu_path(x):  # as sparse_delta_linear's, with the CPU dropout stream (as lora_linear's)
         return lora_sparse_linear_cpu(x, weight, bias, lora_A, lora_B, float(scaling), delta_indices, delta_values,
-                                      block_size, p, seed)
+                                      block_size, p, seed, plan if isinstance(plan, CPUPlan) else None)
     return lora_sparse_linear_ref(x, weight, bias, lora_A, lora_B, float(scaling), delta_indices, delta_values,
                                   block_size, p, training, seed)
 

@@ -31,7 +31,7 @@ from .functional import (dora_linear, lora_linear, lora_linear_multi, lora_spars
 from .ops.dora import weight_sq_norms
 from .quant import (QuantizedWeight, assign_merged_weight, base_kind, call_buffer, dequantize_weight, is_quantized,
                     kept_quantized_weight, merged_weight)
-from .reference import dense_delta_ref
+from .reference import dense_delta_ref, use_cpu_path
 from .selection import SparseSpec
 
 
@@ -141,21 +141,34 @@ class TunerLayer(nn.Module):
 # ---- sparse deltas -----------------------------------------------------------------------------------
 
 class _SparsePlanCache:
-    """The tile bucketing of a delta's indices for the triton path, rebuilt when the indices change."""
+    """What the op derives from a delta's indices, kept for the next call: the triton path's tile bucketing /
+    block map, or the CPU path's ``CPUPlan``; rebuilt when the indices change (another tensor or storage, an
+    in-place write: data pointer, version, shape). Writes that bypass the version counter (through ``.data`` or
+    a numpy view) are not seen: change a layer's indices in place, or assign new ones."""
 
     def __init__(self):
         self.key, self.plan = None, None
 
     def get(self, op: str, x: torch.Tensor, weight: torch.Tensor, indices: torch.Tensor, block_size: int):
         # While torch.compile traces, the op builds the plan inside the graph (no host sync): the cache key
-        # holds a data pointer, which dynamo cannot compare.
-        if torch.compiler.is_compiling() or resolve_backend(op, None, x, weight) != "triton":
+        # holds a data pointer, which dynamo cannot compare. Inference tensors have no version counter.
+        if torch.compiler.is_compiling() or indices.is_inference():
             return None
-        key = (indices.data_ptr(), indices._version, tuple(indices.shape), x.device, tuple(weight.shape), block_size)
+        backend = resolve_backend(op, None, x, weight)
+        cpu = backend == "reference" and use_cpu_path(x)
+        if backend != "triton" and not cpu:
+            return None
+        key = (indices.data_ptr(), indices._version, tuple(indices.shape), x.device, tuple(weight.shape), block_size,
+               cpu)
         if key != self.key:
-            from .ops.sparse import build_sparse_plan
+            if cpu:
+                from .ops.sparse_cpu import CPUPlan
 
-            self.plan = build_sparse_plan(indices, weight.shape[0], weight.shape[1], block_size, x.device)
+                self.plan = CPUPlan(indices, weight.shape[0], weight.shape[1], block_size)
+            else:
+                from .ops.sparse import build_sparse_plan
+
+                self.plan = build_sparse_plan(indices, weight.shape[0], weight.shape[1], block_size, x.device)
             self.key = key
         return self.plan
 

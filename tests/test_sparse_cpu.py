@@ -118,11 +118,12 @@ def test_w_prime_goes_into_the_kept_buffer_unless_recorded():
     while autograd records the product (double backward) a fresh tensor, which it may save."""
     release_workspaces()
     x, w, _, _, _, idx, vals = _case(3, 64, 32, 1, 40, dtype=torch.float32)
-    first = SC._w_prime(w, idx, vals, 1, x)
-    again = SC._w_prime(w, idx, vals, 1, x)
+    plan = SC.CPUPlan(idx, 32, 64, 1)
+    first = SC._w_prime(w, plan, vals, x)
+    again = SC._w_prime(w, plan, vals, x)
     assert first.data_ptr() == again.data_ptr()
     with torch.enable_grad():
-        recorded = SC._w_prime(w, idx, vals, 1, x.requires_grad_())
+        recorded = SC._w_prime(w, plan, vals, x.requires_grad_())
     assert recorded.data_ptr() != first.data_ptr()
     torch.testing.assert_close(recorded, first, rtol=0, atol=0)
     release_workspaces()
@@ -135,7 +136,7 @@ def test_values_grad_by_chunks_of_gathers(monkeypatch):
     monkeypatch.setattr(SC, "_GATHER_CHUNK", 7)
     x, w, _, _, _, idx, vals = _case(2, 30, 20, 1, 50)
     dy = torch.randn(2, 20, generator=_g(3), dtype=torch.float64)
-    torch.testing.assert_close(SC._values_grad(dy, x, idx, vals, 1), SC.sddmm_torch(dy, x, idx, vals, 1),
+    torch.testing.assert_close(SC._values_grad(dy, x, SC.CPUPlan(idx, 20, 30, 1), vals), SC.sddmm_torch(dy, x, idx, vals, 1),
                                rtol=1e-12, atol=1e-12)
 
 
@@ -198,24 +199,101 @@ def test_no_grad_forward_and_leading_dims():
     assert_close_report(y, want, 1e-12, 1e-12, "y")
 
 
-def test_derived_positions_follow_the_indices_tensor():
-    """What is derived from a layer's indices is kept per tensor: an in-place change recomputes it (the same
-    tensor, a new version), and the entry goes with its tensor."""
-    import gc
-
-    x, w, bs, _, _, idx, vals = _case(1, 48, 40, 1, 30)
-    want = R.sparse_delta_linear_ref(x, w, bs, idx, vals)
-    assert_close_report(fastpeft.sparse_delta_linear(x, w, bs, idx, vals, backend="reference"), want, 1e-12, 1e-12)
-    assert id(idx) in SC._POSITIONS
+def test_a_layer_keeps_its_plan_until_its_indices_change():
+    """A SparseDeltaLinear on the CPU path keeps one CPUPlan for its indices (the rows and columns are derived
+    once), rebuilt after an in-place change or a new indices tensor; outputs follow the current indices."""
+    torch.manual_seed(0)
+    layer = fastpeft.SparseDeltaLinear(48, 40, density=0.05, dtype=torch.float64)
     with torch.no_grad():
-        idx.add_(1)  # still sorted, unique and in range: every entry one column on
-    want = R.sparse_delta_linear_ref(x, w, bs, idx, vals)
-    assert_close_report(fastpeft.sparse_delta_linear(x, w, bs, idx, vals, backend="reference"), want, 1e-12, 1e-12)
-    x64 = torch.randn(64, 48, dtype=torch.float64)  # W + Δ formed: the entries' positions kept too
-    want = R.sparse_delta_linear_ref(x64, w, bs, idx, vals)
-    assert_close_report(fastpeft.sparse_delta_linear(x64, w, bs, idx, vals, backend="reference"), want, 1e-12, 1e-12)
-    assert {k[0] for k in SC._POSITIONS[id(idx)][2]} == {"positions", "entries"}
-    ident = id(idx)
-    del idx
-    gc.collect()
-    assert ident not in SC._POSITIONS  # nothing kept holds the indices themselves
+        layer.delta_values.normal_()
+    x = torch.randn(1, 48, dtype=torch.float64)
+
+    def want():
+        return R.sparse_delta_linear_ref(x, layer.weight, layer.bias, layer.delta_indices, layer.delta_values)
+    assert_close_report(layer(x), want(), 1e-12, 1e-12, "y")
+    plan = layer._plan.plan
+    assert isinstance(plan, SC.CPUPlan) and plan.indices is layer.delta_indices
+    layer(x)
+    assert layer._plan.plan is plan  # kept
+    with torch.no_grad():
+        layer.delta_indices.add_(1)  # still sorted, unique and in range: every entry one column on
+    assert_close_report(layer(x), want(), 1e-12, 1e-12, "y after add_")
+    assert layer._plan.plan is not plan
+    layer.delta_indices = layer.delta_indices.clone() - 1
+    assert_close_report(layer(x), want(), 1e-12, 1e-12, "y after a new tensor")
+
+
+def test_functional_calls_keep_nothing_between_calls():
+    """Without a plan every call derives what it uses: indices changed behind the version counter (through
+    .data, or .data replaced) still give the right output."""
+    x, w, bs, _, _, idx, vals = _case(1, 48, 40, 1, 30)
+    for change in (lambda: idx.data.add_(1), lambda: setattr(idx, "data", idx.data - 1)):
+        change()
+        for m in (1, 64):  # gathers, then W + Δ
+            xm = x.expand(m, -1)
+            assert_close_report(fastpeft.sparse_delta_linear(xm, w, bs, idx, vals, backend="reference"),
+                                R.sparse_delta_linear_ref(xm, w, bs, idx, vals), 1e-12, 1e-12, f"M{m}")
+
+
+def test_indices_changed_before_backward_raise():
+    """The indices are saved for backward: changed in place between forward and backward, autograd raises (as it
+    does through the oracle) instead of a values' gradient for other positions."""
+    x, w, bs, _, _, idx, vals = _case(3, 48, 40, 1, 30)
+    y = fastpeft.sparse_delta_linear(x, w, bs, idx, vals.requires_grad_(), backend="reference")
+    with torch.no_grad():
+        idx.add_(1)
+    with pytest.raises(RuntimeError, match="modified by an inplace operation"):
+        y.sum().backward()
+
+
+def test_inference_mode_indices():
+    """Indices made under torch.inference_mode (no version counter) work, through the op and a layer."""
+    with torch.inference_mode():
+        x, w, bs, _, _, idx, vals = _case(5, 48, 40, 1, 30)
+        layer = fastpeft.SparseDeltaLinear(48, 40, density=0.05, dtype=torch.float64)
+    for m in (1, 5):
+        assert_close_report(fastpeft.sparse_delta_linear(x[:m], w, bs, idx, vals, backend="reference"),
+                            R.sparse_delta_linear_ref(x[:m], w, bs, idx, vals), 1e-12, 1e-12, f"M{m}")
+        with torch.inference_mode():
+            layer(x[:m])
+
+
+def test_a_plan_for_other_indices_is_refused():
+    x, w, bs, _, _, idx, vals = _case(3, 48, 40, 1, 30)
+    with pytest.raises(ValueError, match=r"plan was built for indices \(29,\)"):
+        fastpeft.sparse_delta_linear(x, w, bs, idx, vals, backend="reference", plan=SC.CPUPlan(idx[:29], 40, 48, 1))
+
+
+def test_torch_func_grad_and_vmap():
+    """torch.func over the sparse ops on CPU tensors runs the oracle: grad equals eager's, per-sample gradients
+    add up to it."""
+    x, w, bs, a, bb, idx, vals = _case(4, 48, 40, 1, 30, r=4)
+
+    def loss(v, xi):
+        return fastpeft.lora_sparse_linear(xi, w, bs, a, bb, 0.7, idx, v, backend="reference").square().sum()
+    g = torch.func.grad(loss)(vals, x)
+    v_ = vals.clone().requires_grad_()
+    want, = torch.autograd.grad(loss(v_, x), v_)
+    assert_close_report(g, want, 1e-12, 1e-12, "dv")
+    per_sample = torch.func.vmap(torch.func.grad(loss), in_dims=(None, 0))(vals, x[:, None])
+    assert_close_report(per_sample.sum(0), want, 1e-12, 1e-12, "sum of per-sample dv")
+
+
+def test_float64_under_autocast_stays_float64():
+    x, w, bs, a, bb, idx, vals = _case(5, 48, 40, 16, 3, r=4)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        y = fastpeft.sparse_delta_linear(x, w, bs, idx, vals, 16, backend="reference")
+        z = fastpeft.lora_sparse_linear(x, w, bs, a, bb, 0.7, idx, vals, 16, backend="reference")
+    assert y.dtype == z.dtype == torch.float64
+    assert_close_report(y, R.sparse_delta_linear_ref(x, w, bs, idx, vals, 16), 1e-12, 1e-12, "y")
+    assert_close_report(z, R.lora_sparse_linear_ref(x, w, bs, a, bb, 0.7, idx, vals, 16), 1e-12, 1e-12, "z")
+
+
+def test_rosa_with_an_int_seed_compiles_under_inductor():
+    x, w, bs, a, bb, idx, vals = _case(4, 64, 48, 1, 80, r=4, dtype=torch.float32)
+
+    def fn(x, a):
+        return fastpeft.lora_sparse_linear(x, w, bs, a, bb, 0.7, idx, vals, dropout_p=0.2, seed=5,
+                                           backend="reference", check=False)
+    torch._dynamo.reset()
+    assert_close_report(torch.compile(fn, fullgraph=True)(x, a), fn(x, a), 1e-5, 1e-5, "y")

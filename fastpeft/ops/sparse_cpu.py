@@ -13,12 +13,14 @@ or ``nblocks`` b x b blocks of W (out, in), as in ``fastpeft.sparse_delta_linear
   W + Δ and forms the dense (out, in) gradient) stays the oracle, run under ``kernel_stream_on_cpu()``.
   At decode sizes (few rows times few entries) Δ's part goes by gathers instead: ``y += x[:, cols] v`` added
   into its rows, with no W-sized copy (:func:`_gathers_win`).
+- :class:`CPUPlan`: what is derived from the indices (rows, columns, flat positions), kept by a layer for its
+  indices (``layers._SparsePlanCache``), derived per call by the functional API without one.
+- Under ``torch.func`` transforms the reference backend runs the oracle (``reference.use_cpu_path``): these
+  Functions define no ``setup_context`` / vmap rule.
 
 This module imports only torch (no triton): the CPU path runs where triton is absent.
 """
 from __future__ import annotations
-
-import weakref
 
 import torch
 
@@ -56,16 +58,16 @@ def _entries(indices, out_features: int, in_features: int, block_size: int):
     return rows[:, :, None] * in_features + cols[:, None, :], inside
 
 
-def w_plus_delta_torch(weight, indices, values, block_size: int, dtype, buf=None):
+def w_plus_delta_torch(weight, indices, values, block_size: int, dtype, buf=None, plan=None):
     """W + Δ in ``dtype`` as a contiguous (out, in) tensor, in plain torch (the clone + scatter of
     PEFT-SHiRA / RoSA): W copied, its entries on Δ's support gathered, added to the values in fp32 (fp64 for
     fp64) and rounded once, scattered back: the same numbers as the kernels' densify. A transient W-sized buffer,
-    as there: a new one, or the first elements of ``buf`` (flat, ``dtype``, at least ``_buffer_numel``)."""
+    as there: a new one, or the first elements of ``buf`` (flat, ``dtype``, at least ``_buffer_numel``). ``plan``:
+    the indices' ``CPUPlan`` (its scatter positions kept), or None (derived here)."""
     out_f, in_f = weight.shape
     numel = out_f * in_f
     # Clipped blocks: their positions outside W are written to one spare element after W, never read.
-    flat, dst, spare = _derived(indices, "entries", out_f, in_f, block_size,
-                                lambda: _scatter_positions(indices, out_f, in_f, block_size))
+    flat, dst, spare = (plan or CPUPlan(indices, out_f, in_f, block_size)).scatter()
     if buf is None:
         buf = torch.empty(numel + spare, device=weight.device, dtype=dtype)
     else:
@@ -91,8 +93,6 @@ def _scatter_positions(indices, out_features: int, in_features: int, block_size:
     shape, clamped into W), where its sum is written (flat, (nvalues,): the spare element past W for positions
     outside it) and whether any is (1 spare element, else 0)."""
     flat, inside = _entries(indices, out_features, in_features, block_size)
-    if flat is indices:  # int64 entries: kept, it must not hold the indices themselves (their entry would never go)
-        flat = flat.clone()
     if inside is None:
         return flat, flat.reshape(-1), 0
     return flat, torch.where(inside, flat, out_features * in_features).reshape(-1), 1
@@ -155,50 +155,61 @@ def sddmm_torch(dy, x, indices, values, block_size: int):
 # ----------------------------------------------------------------------------------------------------
 
 
-def _positions(indices, values, out_features: int, in_features: int, block_size: int) -> tuple:
+class CPUPlan:
+    """What the CPU path derives from one set of indices, each part computed at its first use and then kept: the
+    values' rows and columns in W (``positions``: gathers, the values' gradient) and their flat positions
+    (``scatter``: ``w_plus_delta_torch``). A layer holds one for its indices (``layers._SparsePlanCache``, rebuilt
+    when their data pointer, version or shape changes, as the triton plan is); a call without one derives what
+    it uses (for 10k entries the rows and columns by int64 division cost ~27 µs, more than the gathers at M = 1).
+    """
+
+    def __init__(self, indices, out_features: int, in_features: int, block_size: int):
+        self.indices, self.out_features, self.in_features, self.block_size = (indices, out_features, in_features,
+                                                                               block_size)
+        self._positions = self._scatter = None
+
+    def check(self, indices, out_features: int, in_features: int, block_size: int) -> None:
+        """Raise unless this plan was built for indices of this shape, W of these sizes and this block size."""
+        want = (tuple(indices.shape), out_features, in_features, block_size)
+        got = (tuple(self.indices.shape), self.out_features, self.in_features, self.block_size)
+        if got != want:
+            raise ValueError(f"plan was built for indices {got[0]}, W {got[1]} x {got[2]}, block_size {got[3]}; "
+                             f"this call has indices {want[0]}, W {want[1]} x {want[2]}, block_size {want[3]}")
+
+    def positions(self) -> tuple:
+        """``(rows, cols, inside)`` of every value's position in W (flat int64; ``inside`` (nvalues,) bool, None when
+        all are inside: clipped edge blocks)."""
+        if self._positions is not None:
+            return self._positions
+        n, k, b = self.out_features, self.in_features, self.block_size
+        if b == 1:
+            flat = self.indices.long()
+            rows = torch.div(flat, k, rounding_mode="floor")
+            out = (rows, flat - rows * k, None)
+        else:
+            rows, cols, inside = _block_rows_cols(self.indices, n, k, b)
+            out = (rows[:, :, None].expand(-1, b, b).reshape(-1), cols[:, None, :].expand(-1, b, b).reshape(-1),
+                   None if inside is None else inside.reshape(-1))
+        if not torch.compiler.is_compiling():  # (no side effect in a traced graph: recomputed there)
+            self._positions = out
+        return out
+
+    def scatter(self) -> tuple:
+        """``_scatter_positions`` of the indices."""
+        if self._scatter is not None:
+            return self._scatter
+        out = _scatter_positions(self.indices, self.out_features, self.in_features, self.block_size)
+        if not torch.compiler.is_compiling():
+            self._scatter = out
+        return out
+
+
+def _positions(plan: CPUPlan, values) -> tuple:
     """``(rows, cols, vals)``: each value of Δ with its row and column of W, flat (int64, int64, values' dtype).
     Block positions outside W (clipped edge blocks) are clamped into W with the value 0: they add nothing."""
-    rows, cols, inside = _index_positions(indices, out_features, in_features, block_size)
+    rows, cols, inside = plan.positions()
     vals = values.reshape(-1)
     return rows, cols, vals if inside is None else vals.masked_fill(~inside, 0)
-
-
-# id(indices) -> (weak reference, version, {(what, out, in, block size): value}): a layer's indices are the same
-# tensor at every call, and what is derived from them costs more than the gathers at M = 1 (the rows and columns
-# of 10k entries by int64 division: ~37 µs). An entry goes with its tensor; an in-place change (the version)
-# starts it anew. Nothing is kept while torch.compile traces.
-_POSITIONS: dict = {}
-
-
-def _derived(indices, what: str, out_features: int, in_features: int, block_size: int, compute):
-    """``compute()``, kept for this indices tensor under ``what`` and the sizes."""
-    if torch.compiler.is_compiling():
-        return compute()
-    ident = id(indices)
-    entry = _POSITIONS.get(ident)
-    if entry is None or entry[0]() is not indices or entry[1] != indices._version:
-        # the dict bound as a default: at interpreter exit the module's globals may be gone when the callback runs
-        gone = weakref.ref(indices, lambda _, ident=ident, kept=_POSITIONS: kept.pop(ident, None))
-        entry = _POSITIONS[ident] = (gone, indices._version, {})
-    key = (what, out_features, in_features, block_size)
-    got = entry[2].get(key)
-    if got is None:
-        got = entry[2][key] = compute()
-    return got
-
-
-def _index_positions(indices, out_features: int, in_features: int, block_size: int) -> tuple:
-    """``(rows, cols, inside)`` of every value's position in W (flat int64; ``inside`` (nvalues,) bool, None when
-    all are inside), kept per indices tensor (``_derived``)."""
-    def compute():
-        if block_size == 1:
-            flat = indices.long()
-            return flat // in_features, flat % in_features, None
-        b = block_size
-        rows, cols, inside = _block_rows_cols(indices, out_features, in_features, b)
-        return (rows[:, :, None].expand(-1, b, b).reshape(-1), cols[:, None, :].expand(-1, b, b).reshape(-1),
-                None if inside is None else inside.reshape(-1))
-    return _derived(indices, "positions", out_features, in_features, block_size, compute)
 
 
 def _add_delta_rows(out, a, src, dst, vals) -> None:
@@ -230,17 +241,17 @@ def _gathers_win(m: int, nvalues: int, weight, dtype) -> bool:
             and m * nvalues * _GATHER_RATIO <= weight.shape[0] * weight.shape[1])
 
 
-def _times_w_prime(a, weight, bias, indices, values, block_size: int, transpose: bool):
+def _times_w_prime(a, weight, bias, plan: CPUPlan, values, transpose: bool):
     """``a (W + Δ)^T + b`` (``transpose``: the forward, a (M, in)) or ``a (W + Δ)`` (dX, a (M, out), no bias) in
     a's dtype: Δ's part by gathers at decode sizes (``_gathers_win``), else one product with W + Δ
     (``_w_prime``)."""
     n, k = weight.shape
-    gathers = indices.shape[0] > 0 and _gathers_win(a.shape[0], values.numel(), weight, a.dtype)
-    w = weight if gathers else _w_prime(weight, indices, values, block_size, a)
+    gathers = plan.indices.shape[0] > 0 and _gathers_win(a.shape[0], values.numel(), weight, a.dtype)
+    w = weight if gathers else _w_prime(weight, plan, values, a)
     w = w.t() if transpose else w
     out = torch.addmm(bias, a, w) if bias is not None else a @ w
     if gathers:
-        rows, cols, vals = _positions(indices, values, n, k, block_size)
+        rows, cols, vals = _positions(plan, values)
         if transpose:
             _add_delta_rows(out, a, cols, rows, vals)  # y[:, row_i] += x[:, col_i] v_i
         else:
@@ -248,12 +259,13 @@ def _times_w_prime(a, weight, bias, indices, values, block_size: int, transpose:
     return out
 
 
-def _values_grad(dy, x, indices, values, block_size: int):
+def _values_grad(dy, x, plan: CPUPlan, values):
     """dv = (dY^T X) on Δ's support, in values' dtype and shape. Blocks: ``sddmm_torch`` (one batched GEMM over the
     blocks' panels). Flat entries: at decode sizes gather-dots, dv_i = sum_m dY[m, row_i] X[m, col_i], in chunks
     of at most ``_GATHER_CHUNK`` gathered elements; else one GEMM dY^T X and a gather from it (a W-sized transient,
     freed on return, never saved) while W is within ``_PANEL_BYTES``, ``sddmm_torch``'s row panels past it."""
     m = dy.shape[0]
+    indices, block_size = plan.indices, plan.block_size
     nnz = indices.shape[0]
     n, k = dy.shape[1], x.shape[1]
     if block_size != 1 or nnz == 0 or m == 0:
@@ -263,9 +275,9 @@ def _values_grad(dy, x, indices, values, block_size: int):
             return sddmm_torch(dy, x, indices, values, block_size)
         # one GEMM, then the entries gathered from it (a transient the size of W, freed on return; sddmm_torch's
         # two half panels cost 10-15 % more here: 512 x 512, M = 256)
-        rows, cols, _ = _index_positions(indices, n, k, 1)
+        rows, cols, _ = plan.positions()
         return (dy.t() @ x)[rows, cols].to(values.dtype)
-    rows, cols, _ = _index_positions(indices, n, k, 1)
+    rows, cols, _ = plan.positions()
     step = max(1, _GATHER_CHUNK // m)
     parts = [(dy.index_select(1, rows[j:j + step]) * x.index_select(1, cols[j:j + step])).sum(0)
              for j in range(0, nnz, step)]
@@ -298,24 +310,23 @@ class SparseDeltaLinearCPUFunction(torch.autograd.Function):
     """
 
     @staticmethod
-    def forward(ctx, x, weight, bias, values, indices, block_size):
-        y = _times_w_prime(x, weight, bias, indices, values, block_size, transpose=True)
-        ctx.save_for_backward(x, weight, values)
-        ctx.indices = indices  # itself, not a saved tensor's unpacked copy: what is derived from it is kept by tensor
-        ctx.block_size, ctx.has_bias = block_size, bias is not None
+    def forward(ctx, x, weight, bias, values, indices, block_size, plan):
+        plan = plan or CPUPlan(indices, weight.shape[0], weight.shape[1], block_size)
+        y = _times_w_prime(x, weight, bias, plan, values, transpose=True)
+        ctx.save_for_backward(x, weight, values, indices)  # indices saved: changed in place before backward raises
+        ctx.plan, ctx.has_bias = plan, bias is not None
         return returned(y)
 
     @staticmethod
     def backward(ctx, dy):
-        x, weight, values = ctx.saved_tensors
-        indices = ctx.indices
+        x, weight, values, _ = ctx.saved_tensors
+        plan = ctx.plan
         need_x, need_w, need_b, need_v = ctx.needs_input_grad[:4]
-        b = ctx.block_size
         dy = dy.contiguous()
-        dx = _times_w_prime(dy, weight, None, indices, values, b, transpose=False) if need_x else None
-        dv = _values_grad(dy, x, indices, values, b) if need_v else None
+        dx = _times_w_prime(dy, weight, None, plan, values, transpose=False) if need_x else None
+        dv = _values_grad(dy, x, plan, values) if need_v else None
         dw, db = base_grads(dy, x, weight, need_w, need_b and ctx.has_bias)
-        return dx, dw, db, dv, None, None
+        return dx, dw, db, dv, None, None, None
 
 
 class LoRASparseLinearCPUFunction(torch.autograd.Function):
@@ -339,57 +350,53 @@ class LoRASparseLinearCPUFunction(torch.autograd.Function):
     """
 
     @staticmethod
-    def forward(ctx, x, weight, bias, lora_A, lora_B, values, indices, block_size, scaling, dropout_p, seed):
-        n, k = weight.shape
+    def forward(ctx, x, weight, bias, lora_A, lora_B, values, indices, block_size, plan, scaling, dropout_p, seed):
+        plan = plan or CPUPlan(indices, weight.shape[0], weight.shape[1], block_size)
         if indices.shape[0] > 0 and _gathers_win(x.shape[0], values.numel(), weight, x.dtype):
             y, u = _lora_forward(x, weight, bias, lora_A, lora_B, scaling, dropout_p, seed)
-            rows, cols, vals = _positions(indices, values, n, k, block_size)
+            rows, cols, vals = _positions(plan, values)
             _add_delta_rows(y, x, cols, rows, vals)
         else:
-            y, u = _lora_forward(x, _w_prime(weight, indices, values, block_size, x), bias, lora_A, lora_B,
-                                 scaling, dropout_p, seed)
+            y, u = _lora_forward(x, _w_prime(weight, plan, values, x), bias, lora_A, lora_B, scaling, dropout_p, seed)
         seed_t = seed if isinstance(seed, torch.Tensor) else None
-        ctx.save_for_backward(x, u, weight, lora_A, lora_B, values, seed_t)
-        ctx.indices = indices  # as in SparseDeltaLinearCPUFunction
+        ctx.save_for_backward(x, u, weight, lora_A, lora_B, values, indices, seed_t)
         ctx.seed = None if seed_t is not None else seed
-        ctx.block_size, ctx.scaling, ctx.dropout_p, ctx.has_bias = block_size, scaling, dropout_p, bias is not None
+        ctx.plan, ctx.scaling, ctx.dropout_p, ctx.has_bias = plan, scaling, dropout_p, bias is not None
         return returned(y)
 
     @staticmethod
     def backward(ctx, dy):
-        x, u, weight, lora_A, lora_B, values, seed_t = ctx.saved_tensors
-        indices = ctx.indices
+        x, u, weight, lora_A, lora_B, values, indices, seed_t = ctx.saved_tensors
+        plan = ctx.plan
         need_x, need_w, need_b, need_a, need_bb, need_v = ctx.needs_input_grad[:6]
         seed = seed_t if seed_t is not None else ctx.seed
-        b = ctx.block_size
-        n, k = weight.shape
         dy = dy.contiguous()
         u = recorded_u(u, x, lora_A, ctx.dropout_p, seed) if need_bb else u
         gathers = need_x and indices.shape[0] > 0 and _gathers_win(dy.shape[0], values.numel(), weight, dy.dtype)
-        w = weight if gathers or not need_x else _w_prime(weight, indices, values, b, dy)
+        w = weight if gathers or not need_x else _w_prime(weight, plan, values, dy)
         dx, da, dbb = _lora_backward(dy, x, u, w, lora_A, lora_B, ctx.scaling, ctx.dropout_p, seed,
                                      need_x, need_a, need_bb)
         del w  # W + Δ freed before the values' gradient
         if gathers:
-            rows, cols, vals = _positions(indices, values, n, k, b)
+            rows, cols, vals = _positions(plan, values)
             _add_delta_rows(dx, dy, rows, cols, vals)
-        dv = _values_grad(dy, x, indices, values, b) if need_v else None
+        dv = _values_grad(dy, x, plan, values) if need_v else None
         dw, db = base_grads(dy, x, weight, need_w, need_b and ctx.has_bias)
-        return dx, dw, db, da, dbb, dv, None, None, None, None, None
+        return dx, dw, db, da, dbb, dv, None, None, None, None, None, None
 
 
-def _w_prime(weight, indices, values, block_size: int, a):
+def _w_prime(weight, plan: CPUPlan, values, a):
     """W + Δ (N, K) in a's dtype for one product with ``a``; W itself (cast) for an empty Δ. Formed in the CPU
     workspace (``fastpeft.quant.workspace``: a fresh W-sized tensor per call is mapped and faulted in page by
     page above glibc's mmap threshold) unless autograd records the product (double backward), which would save
     it."""
-    if indices.shape[0] == 0:
+    if plan.indices.shape[0] == 0:
         return weight.to(a.dtype)
     recorded = torch.is_grad_enabled() and (a.requires_grad or weight.requires_grad or values.requires_grad)
     buf = None
     if weight.device.type == "cpu" and not recorded:
-        buf = workspace(weight.device, a.dtype, _buffer_numel(weight, block_size))
-    return w_plus_delta_torch(weight, indices, values, block_size, a.dtype, buf=buf)
+        buf = workspace(weight.device, a.dtype, _buffer_numel(weight, plan.block_size))
+    return w_plus_delta_torch(weight, plan.indices, values, plan.block_size, a.dtype, buf=buf, plan=plan)
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -401,25 +408,37 @@ def _grad_needed(*tensors) -> bool:
     return torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in tensors)
 
 
-def sparse_delta_linear_cpu(x, weight, bias, delta_indices, delta_values, block_size: int = 1) -> torch.Tensor:
+def _plan_for(plan, indices, weight, block_size: int):
+    """``plan`` (a ``CPUPlan``) checked against this call, or None where there is none (one is derived per call)."""
+    if plan is not None:
+        plan.check(indices, weight.shape[0], weight.shape[1], block_size)
+    return plan
+
+
+def sparse_delta_linear_cpu(x, weight, bias, delta_indices, delta_values, block_size: int = 1,
+                            plan: CPUPlan | None = None) -> torch.Tensor:
     """``y = x (W + Δ)^T + b`` on CPU tensors: x (..., in), any strides -> (..., out); arguments checked by the
-    caller. Under autocast x and the bias are cast; W + Δ is summed in fp32 and rounded once to the autocast
-    dtype, as autocast's F.linear rounds the reference's fp32 W + Δ."""
+    caller; ``plan``: the indices' ``CPUPlan`` (a layer's), or None. Under autocast x and the bias are cast; W + Δ
+    is summed in fp32 and rounded once to the autocast dtype, as autocast's F.linear rounds the reference's fp32
+    W + Δ."""
     if torch.is_autocast_enabled("cpu"):
         x, bias = autocast_inputs(x, bias)
         with torch.autocast("cpu", enabled=False):  # (entered only when on: ~4 µs at every decode step)
-            return sparse_delta_linear_cpu(x, weight, bias, delta_indices, delta_values, block_size)
+            return sparse_delta_linear_cpu(x, weight, bias, delta_indices, delta_values, block_size, plan)
     x2 = x.reshape(-1, x.shape[-1])
     indices = delta_indices.contiguous()
+    plan = _plan_for(plan, indices, weight, int(block_size))
     if _grad_needed(x, weight, bias, delta_values):
-        y = SparseDeltaLinearCPUFunction.apply(x2, weight, bias, delta_values, indices, int(block_size))
+        y = SparseDeltaLinearCPUFunction.apply(x2, weight, bias, delta_values, indices, int(block_size), plan)
     else:  # nothing to differentiate: the forward without the autograd Function's cost
-        y = _times_w_prime(x2, weight, bias, indices, delta_values, int(block_size), transpose=True)
+        plan = plan or CPUPlan(indices, weight.shape[0], weight.shape[1], int(block_size))
+        y = _times_w_prime(x2, weight, bias, plan, delta_values, transpose=True)
     return y.view(*x.shape[:-1], weight.shape[0])
 
 
 def lora_sparse_linear_cpu(x, weight, bias, lora_A, lora_B, scaling: float, delta_indices, delta_values,
-                           block_size: int = 1, dropout_p: float = 0.0, seed=None) -> torch.Tensor:
+                           block_size: int = 1, dropout_p: float = 0.0, seed=None,
+                           plan: CPUPlan | None = None) -> torch.Tensor:
     """RoSA on CPU tensors: ``y = x (W + Δ)^T + b + scaling (drop(x) A^T) B^T``, x (..., in) -> (..., out).
     ``dropout_p`` is the rate in effect (0 out of training), ``seed`` required with it; the mask is the CPU
     stream's, as ``lora_linear``'s on the CPU. Under autocast x, the bias and the factors are cast (W + Δ as in
@@ -430,8 +449,10 @@ def lora_sparse_linear_cpu(x, weight, bias, lora_A, lora_B, scaling: float, delt
         x, bias, lora_A, lora_B = autocast_inputs(x, bias, lora_A, lora_B)
         with torch.autocast("cpu", enabled=False):
             return lora_sparse_linear_cpu(x, weight, bias, lora_A, lora_B, scaling, delta_indices, delta_values,
-                                          block_size, dropout_p, seed)
+                                          block_size, dropout_p, seed, plan)
     x2 = x.reshape(-1, x.shape[-1])
-    y = LoRASparseLinearCPUFunction.apply(x2, weight, bias, lora_A, lora_B, delta_values, delta_indices.contiguous(),
-                                          int(block_size), float(scaling), float(dropout_p), seed)
+    indices = delta_indices.contiguous()
+    plan = _plan_for(plan, indices, weight, int(block_size))
+    y = LoRASparseLinearCPUFunction.apply(x2, weight, bias, lora_A, lora_B, delta_values, indices, int(block_size),
+                                          plan, float(scaling), float(dropout_p), seed)
     return y.view(*x.shape[:-1], weight.shape[0])
