@@ -141,6 +141,11 @@ def forward_fn(kind, x, lin, delta, plan, lora=None):
     idx, values, flat, which = delta
     block = values.shape[-1] if values.dim() == 3 else 1
     weight, bias = lin.weight, lin.bias
+    cpu_plan = None
+    if x.device.type == "cpu":
+        from fastpeft.ops.sparse_cpu import CPUPlan
+
+        cpu_plan = CPUPlan(idx, weight.shape[0], weight.shape[1], block)
 
     def torch_lora(y):  # RoSA's LoRA branch in plain torch autograd, added to the torch ways' output
         return y if lora is None else y + LORA_SCALING * F.linear(F.linear(x, lora[0]), lora[1])
@@ -158,12 +163,13 @@ def forward_fn(kind, x, lin, delta, plan, lora=None):
                                                                  values, block)
             return fastpeft.reference.sparse_delta_linear_ref(x, weight, bias, idx, values, block)
         backend = "reference" if kind == "reference" else "triton"
+        # the plan built once per set of indices, as a layer keeps it: the triton one, or the CPU path's CPUPlan
+        use = plan if backend == "triton" else cpu_plan
         if lora is not None:
             return fastpeft.functional.lora_sparse_linear(x, weight, bias, lora[0], lora[1], LORA_SCALING, idx,
-                                                          values, block, backend=backend, check=False,
-                                                          plan=plan if backend == "triton" else None)
+                                                          values, block, backend=backend, check=False, plan=use)
         return fastpeft.functional.sparse_delta_linear(x, weight, bias, idx, values, block, backend=backend,
-                                                       check=False, plan=plan if backend == "triton" else None)
+                                                       check=False, plan=use)
     return forward
 
 
