@@ -129,12 +129,18 @@ def kernel_stream_on_cpu():
         _KERNEL_STREAM_ON_CPU[0] = prev
 
 
+def use_cpu_stream(x: torch.Tensor) -> bool:
+    """Whether the reference backend draws the CPU stream's masks for input ``x``: CPU tensors, outside
+    ``kernel_stream_on_cpu`` (where the kernels' Philox stream is drawn, the oracle's)."""
+    return x.device.type == "cpu" and not _KERNEL_STREAM_ON_CPU[0]
+
+
 def use_cpu_path(x: torch.Tensor) -> bool:
-    """Whether the reference backend runs the CPU path (and its stream) for input ``x``: CPU tensors, outside
-    ``kernel_stream_on_cpu`` and outside ``torch.func`` transforms (grad, vmap, ...), where the oracle's plain
-    autograd runs instead: the CPU path's autograd Functions define no ``setup_context`` / vmap rule."""
-    return x.device.type == "cpu" and not _KERNEL_STREAM_ON_CPU[0] and (
-        torch.compiler.is_compiling() or not torch._C._are_functorch_transforms_active())
+    """Whether the reference backend runs the CPU path for input ``x``: where it draws the CPU stream
+    (``use_cpu_stream``), outside ``torch.func`` transforms (grad, vmap, ...), where plain autograd compositions
+    with the same stream run instead: the CPU path's autograd Functions define no ``setup_context`` / vmap rule.
+    (Under vmap the mask is drawn for each sample's own shape, so every sample of the batch gets the same one.)"""
+    return use_cpu_stream(x) and (torch.compiler.is_compiling() or not torch._C._are_functorch_transforms_active())
 
 
 def _s64(v: int) -> int:
@@ -285,9 +291,9 @@ def lora_dropout_cpu(x: torch.Tensor, p: float, seed) -> torch.Tensor:
 
 def _stream_mask_fn(x: torch.Tensor, cpu: bool | None):
     """The mask function of the reference backend's stream for x: ``cpu_keep_mask`` on the CPU path
-    (``use_cpu_path``), ``dropout_mask`` (the kernels' Philox stream) elsewhere. ``cpu``: the stream a forward
+    (``use_cpu_stream``), ``dropout_mask`` (the kernels' Philox stream) elsewhere. ``cpu``: the stream a forward
     chose, so that its backward redraws that one (None: decide now)."""
-    return cpu_keep_mask if (use_cpu_path(x) if cpu is None else cpu) else dropout_mask
+    return cpu_keep_mask if (use_cpu_stream(x) if cpu is None else cpu) else dropout_mask
 
 
 def keep_mask_stream(x: torch.Tensor, p: float, seed, cpu: bool | None = None) -> torch.Tensor:

@@ -426,19 +426,18 @@ def test_float64_stays_float64_under_autocast():
 
 
 @pytest.mark.parametrize("p", [0.0, 0.2], ids=lambda p: f"p{p}")
-def test_torch_func_transforms_run_the_oracle(p):
-    """torch.func.grad and vmap over the reference backend on CPU tensors: the oracle's plain autograd runs there
-    (the CPU path's Functions define no setup_context / vmap rule), the same gradient as the oracle's in eager;
-    without dropout the per-sample gradients add up to the batch's."""
+def test_torch_func_transforms_equal_eager(p):
+    """torch.func.grad and vmap over the reference backend on CPU tensors: a plain autograd composition runs there
+    (the CPU path's Functions define no setup_context), with the same CPU-stream mask: the gradient equals eager's;
+    without dropout the per-sample gradients add up to it."""
     x, w, b, a, bb = (t.detach() for t in _args(4, 12, 9, 3))
 
     def loss(a, xi):
         return fastpeft.lora_linear(xi, w, b, a, bb, 0.7, p, seed=3, backend="reference").square().sum()
     g = torch.func.grad(loss)(a, x)
     a_ = a.clone().requires_grad_()
-    with R.kernel_stream_on_cpu():  # the oracle, as the transform runs it
-        want, = torch.autograd.grad(loss(a_, x), a_)
-    assert_close_report(g, want, 1e-12, 1e-12, "dA")
+    want, = torch.autograd.grad(loss(a_, x), a_)  # eager: the CPU path
+    assert_close_report(g, want, 1e-10, 1e-10, "dA")
     per_sample = torch.func.vmap(torch.func.grad(loss), in_dims=(None, 0))(a, x[:, None])
     assert per_sample.shape == (4, *a.shape)
     if p == 0.0:

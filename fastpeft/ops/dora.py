@@ -14,7 +14,7 @@ import torch
 import torch.nn.functional as F
 
 from ..reference import (DORA_DROPOUT_MODES, dropout_threshold, keep_mask_stream, lora_dropout_ref, lora_dropout_stream,
-                         use_cpu_path)
+                         use_cpu_stream)
 from .common import _bucket, returned
 
 BACKENDS = ("reference", "triton")
@@ -151,7 +151,7 @@ class DoRALinearFunction(torch.autograd.Function):
         y, u, z = _forward(x, weight, bias, lora_A, lora_B, g, scaling, p, seed, thr, ds, exact, impl, keep_z)
         ctx.save_for_backward(x, weight, bias, lora_A, lora_B, magnitude, norm, g, u, z if exact else y)
         ctx.scaling, ctx.p, ctx.seed, ctx.thr, ctx.ds, ctx.exact, ctx.impl = scaling, p, seed, thr, ds, exact, impl
-        ctx.cpu_stream = use_cpu_path(x)  # the mask's stream, as _forward drew it: the backward redraws that one
+        ctx.cpu_stream = use_cpu_stream(x)  # the mask's stream, as _forward drew it: the backward redraws that one
         return returned(y)
 
     @staticmethod

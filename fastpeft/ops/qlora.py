@@ -15,7 +15,7 @@ import torch
 import torch.nn.functional as F
 
 from ..quant import INT8_INV_SCALE, QuantizedWeight, call_buffer, dequantize_weight, weight_workspace
-from ..reference import dropout_threshold, keep_mask_stream, use_cpu_path
+from ..reference import dropout_threshold, keep_mask_stream, use_cpu_stream
 from .common import returned
 
 PATHS = ("auto", "fused", "dequant")
@@ -95,7 +95,7 @@ class QLoRALinearFunction(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x, lora_A, lora_B, bias, qw, scaling, dropout_p, seed, path):
         ctx.qw, ctx.scaling, ctx.p, ctx.seed, ctx.path = qw, scaling, dropout_p, seed, path
-        ctx.cpu_stream = use_cpu_path(x)  # the mask's stream, as the forward drew it: the backward redraws that one
+        ctx.cpu_stream = use_cpu_stream(x)  # the mask's stream, as the forward drew it: the backward redraws that one
         ctx.has_bias = bias is not None
         thr = dropout_threshold(dropout_p) if dropout_p > 0.0 else 0
         ds = 1.0 / (1.0 - dropout_p) if dropout_p > 0.0 else 1.0

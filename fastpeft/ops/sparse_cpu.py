@@ -15,8 +15,9 @@ or ``nblocks`` b x b blocks of W (out, in), as in ``fastpeft.sparse_delta_linear
   into its rows, with no W-sized copy (:func:`_gathers_win`).
 - :class:`CPUPlan`: what is derived from the indices (rows, columns, flat positions), kept by a layer for its
   indices (``layers._SparsePlanCache``), derived per call by the functional API without one.
-- Under ``torch.func`` transforms the reference backend runs the oracle (``reference.use_cpu_path``): these
-  Functions define no ``setup_context`` / vmap rule.
+- Under ``torch.func`` transforms the reference backend runs plain autograd compositions instead
+  (``reference.use_cpu_path``; with dropout, the same CPU stream): these Functions define no ``setup_context`` /
+  vmap rule.
 
 This module imports only torch (no triton): the CPU path runs where triton is absent.
 """
@@ -190,7 +191,7 @@ class CPUPlan:
             rows, cols, inside = _block_rows_cols(self.indices, n, k, b)
             out = (rows[:, :, None].expand(-1, b, b).reshape(-1), cols[:, None, :].expand(-1, b, b).reshape(-1),
                    None if inside is None else inside.reshape(-1))
-        if not torch.compiler.is_compiling():  # (no side effect in a traced graph: recomputed there)
+        if _keepable():
             self._positions = out
         return out
 
@@ -199,9 +200,16 @@ class CPUPlan:
         if self._scatter is not None:
             return self._scatter
         out = _scatter_positions(self.indices, self.out_features, self.in_features, self.block_size)
-        if not torch.compiler.is_compiling():
+        if _keepable():
             self._scatter = out
         return out
+
+
+def _keepable() -> bool:
+    """Whether what a plan derives now may be kept: not while torch.compile traces (no side effect in a graph: it
+    is recomputed there) nor under inference mode (inference tensors, which a later call that autograd records
+    could not save)."""
+    return not torch.compiler.is_compiling() and not torch.is_inference_mode_enabled()
 
 
 def _positions(plan: CPUPlan, values) -> tuple:
