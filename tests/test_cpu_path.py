@@ -442,3 +442,23 @@ def test_torch_func_transforms_equal_eager(p):
     assert per_sample.shape == (4, *a.shape)
     if p == 0.0:
         assert_close_report(per_sample.sum(0), want, 1e-12, 1e-12, "sum of per-sample dA")
+
+
+@pytest.mark.parametrize("p", [0.0, 0.2], ids=lambda p: f"p{p}")
+def test_many_adapters_gradcheck_and_double_backward(p):
+    """Many adapters on the CPU path (a plain autograd composition): first and second derivatives, mixed ranks,
+    base-only rows and per-adapter dropout rates, fp64."""
+    g = _g(7)
+    x = torch.randn(5, 10, generator=g, dtype=torch.float64, requires_grad=True)
+    w, b = torch.randn(6, 10, generator=g, dtype=torch.float64), torch.randn(6, generator=g, dtype=torch.float64)
+    sa = torch.randn(3, 4, 10, generator=g, dtype=torch.float64, requires_grad=True)
+    sb = torch.randn(3, 6, 4, generator=g, dtype=torch.float64, requires_grad=True)
+    scalings = torch.tensor([1.0, 0.5, 2.0], dtype=torch.float64)
+    ids, ranks = torch.tensor([0, 1, -1, 2, 0]), torch.tensor([4, 2, 3])
+    rates = torch.tensor([0.0, p, p / 2], dtype=torch.float64) if p else None
+
+    def fn(x, sa, sb):
+        return fastpeft.lora_linear_multi(x, w, b, sa, sb, scalings, ids, ranks, dropout_p=rates, seed=3,
+                                          backend="reference")
+    assert torch.autograd.gradcheck(fn, (x, sa, sb))
+    assert torch.autograd.gradgradcheck(fn, (x, sa, sb))
