@@ -19,7 +19,6 @@ import contextvars
 import threading
 
 import torch
-import torch.nn.functional as F
 
 from . import kernels
 from ._checks import (autocast_on, check_bool, check_dora_linear_args, check_lora_linear_args, check_lora_multi_args,
@@ -29,8 +28,8 @@ from .ops.common import autocast_inputs, draw_seed
 from .ops.dora import dora_linear as _dora_linear_op  # plain torch at import; its kernels load on first use
 from .ops.lora_cpu import lora_linear_cpu
 from .ops.sparse_cpu import CPUPlan, lora_sparse_linear_cpu, sparse_delta_linear_cpu
-from .reference import (dense_delta_ref, lora_dropout_stream, lora_linear_multi_cpu, lora_linear_multi_ref,
-                        lora_linear_ref, lora_sparse_linear_ref, sparse_delta_linear_ref, use_cpu_path, use_cpu_stream)
+from .reference import (lora_linear_multi_cpu, lora_linear_multi_ref, lora_linear_ref, lora_sparse_linear_ref,
+                        sparse_delta_linear_ref, use_cpu_path, use_cpu_stream)
 
 BACKENDS = ("auto", "triton", "reference")
 _KERNEL_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
@@ -179,16 +178,10 @@ def lora_linear(x, weight, bias, lora_A, lora_B, scaling, dropout_p=0.0, trainin
         return _triton_lora()(x, weight, bias, lora_A, lora_B, scaling, p, seed)
     if use_cpu_path(x):  # no dropped copy of x kept; the CPU dropout stream (see reference.py)
         return lora_linear_cpu(x, weight, bias, lora_A, lora_B, float(scaling), p, seed)
-    if p > 0.0 and use_cpu_stream(x):  # torch.func transforms: plain autograd, the CPU stream's mask as in eager
-        return _lora_composed(x, weight, bias, lora_A, lora_B, float(scaling), p, seed)
-    return lora_linear_ref(x, weight, bias, lora_A, lora_B, float(scaling), p, training, seed)
-
-
-def _lora_composed(x, weight, bias, lora_A, lora_B, scaling: float, p: float, seed) -> torch.Tensor:
-    """``x W^T + b + s (drop(x) A^T) B^T`` by plain autograd with the reference backend's stream (the CPU one for
-    CPU tensors): what runs under torch.func transforms, which the CPU path's Functions do not support."""
-    low = F.linear(F.linear(lora_dropout_stream(x, p, seed), lora_A), lora_B)
-    return F.linear(x, weight, bias) + scaling * low
+    # elsewhere plain autograd: torch.func transforms on CPU tensors (with the CPU stream's mask, as in eager), the
+    # oracle under kernel_stream_on_cpu and on other devices
+    return lora_linear_ref(x, weight, bias, lora_A, lora_B, float(scaling), p, training, seed,
+                           cpu_stream=use_cpu_stream(x))
 
 
 _triton_lora_fn = None
@@ -286,11 +279,8 @@ def lora_sparse_linear(x, weight, bias, lora_A, lora_B, scaling, delta_indices, 
     if use_cpu_path(x):  # as sparse_delta_linear's, with the CPU dropout stream (as lora_linear's)
         return lora_sparse_linear_cpu(x, weight, bias, lora_A, lora_B, float(scaling), delta_indices, delta_values,
                                       block_size, p, seed, plan if isinstance(plan, CPUPlan) else None)
-    if p > 0.0 and use_cpu_stream(x):  # torch.func transforms, as lora_linear's
-        delta = dense_delta_ref(delta_indices, delta_values, weight.shape[0], weight.shape[1], block_size)
-        return _lora_composed(x, weight + delta.to(weight.dtype), bias, lora_A, lora_B, float(scaling), p, seed)
     return lora_sparse_linear_ref(x, weight, bias, lora_A, lora_B, float(scaling), delta_indices, delta_values,
-                                  block_size, p, training, seed)
+                                  block_size, p, training, seed, cpu_stream=use_cpu_stream(x))  # as lora_linear's
 
 
 def qlora_linear(x, qweight, bias, lora_A, lora_B, scaling, dropout_p=0.0, training=True, seed=None, backend=None,

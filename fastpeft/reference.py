@@ -198,6 +198,9 @@ def cpu_draws(seed, n: int, device=None, start: int = 0) -> torch.Tensor:
     64-bit constant into an index expression, which overflows); draw e is bits 16j..16j+15 of word e // 4,
     j = e % 4, as a signed int16.
     """
+    draws = _numpy_draws(seed, n, device, start)
+    if draws is not None:
+        return torch.from_numpy(draws)
     compiling = torch.compiler.is_compiling()
     if isinstance(seed, torch.Tensor):
         seed = seed.reshape(1).to(device=device, dtype=torch.int64)
@@ -210,8 +213,6 @@ def cpu_draws(seed, n: int, device=None, start: int = 0) -> torch.Tensor:
         key = _splitmix_finalize_int(int(seed))
     first, lane = divmod(int(start), 4)
     end = (start + n + 3) // 4
-    if not isinstance(key, torch.Tensor) and _numpy_route(first, end, device):  # (not compiling)
-        return torch.from_numpy(_cpu_draws_numpy(key, first, end)[lane:lane + n])
     words = torch.arange(first, end, device=device, dtype=torch.int64)
     if compiling:
         # No dtype views of another item size under compile: each 16-bit lane shifted down by a constant and
@@ -242,13 +243,21 @@ _NP_MIX = tuple((np.uint64(shift), None if mul is None else np.uint64(mul % (1 <
 _NP_GAMMA = np.uint64(_SM_GAMMA % (1 << 64))
 
 
-def _numpy_route(first: int, end: int, device) -> bool:
-    """Whether words first..end-1 of a stream for ``device`` (None: torch's default) are computed by numpy."""
+def _numpy_draws(seed, n: int, device, start: int) -> np.ndarray | None:
+    """``cpu_draws(seed, n, device, start)`` as an int16 numpy array where numpy computes them (an int seed in
+    range, outside torch.compile, for the CPU (``device`` None: torch's default), up to ``_NUMPY_MAX_WORDS``
+    words), else None: ``cpu_keep_mask`` compares them in numpy too."""
+    if isinstance(seed, torch.Tensor) or not 0 <= int(seed) < 2**63 or torch.compiler.is_compiling():
+        return None
+    first, lane = divmod(int(start), 4)
+    end = (start + n + 3) // 4
     if end - first > _NUMPY_MAX_WORDS:
-        return False
+        return None
     if device is None:
         device = torch.get_default_device()
-    return (device.type if isinstance(device, torch.device) else torch.device(device).type) == "cpu"
+    if (device.type if isinstance(device, torch.device) else torch.device(device).type) != "cpu":
+        return None
+    return _cpu_draws_numpy(_splitmix_finalize_int(int(seed)), first, end)[lane:lane + n]
 
 
 def _cpu_draws_numpy(key: int, first: int, end: int) -> np.ndarray:
@@ -273,13 +282,9 @@ def cpu_keep_mask(seed, rows: int, cols: int, p: float, device=None, row0: int =
     thr = cpu_dropout_threshold(p) - 2**15
     if thr >= 2**15:  # p >= 1 - 2**-17: every element dropped (an int16 comparison with 2**15 would wrap)
         return torch.zeros(rows, cols, dtype=torch.bool, device=device)
-    if not isinstance(seed, torch.Tensor) and 0 <= int(seed) < 2**63 and not torch.compiler.is_compiling():
-        first, lane = divmod(start, 4)
-        end = (start + n + 3) // 4
-        if _numpy_route(first, end, device):
-            # a decode step's mask: the comparison in numpy too, ~7 µs for 1 x 1024 against ~13 through cpu_draws
-            keep = _cpu_draws_numpy(_splitmix_finalize_int(int(seed)), first, end)[lane:lane + n]
-            return torch.from_numpy(keep >= thr).view(rows, cols)
+    draws = _numpy_draws(seed, n, device, start)
+    if draws is not None:  # a decode step's mask: the comparison in numpy too, ~8 µs for 1 x 1024 against ~13
+        return torch.from_numpy(draws >= thr).view(rows, cols)
     draws = cpu_draws(seed, n, device, start=start)
     return (draws >= thr).view(rows, cols)
 
@@ -319,19 +324,22 @@ def lora_linear_ref(
     dropout_p: float = 0.0,
     training: bool = True,
     seed: int | None = None,
+    *,
+    cpu_stream: bool = False,
 ) -> torch.Tensor:
     """``y = x W^T + b + scaling * (drop(x) A^T) B^T``, the LoRA linear layer in plain PyTorch.
 
     x: (..., in); weight: (out, in); bias: (out,) or None; lora_A: (r, in); lora_B: (out, r).
     Returns (..., out). Dropout (rate ``dropout_p``, mask from ``seed``) touches the LoRA branch only
     and only when ``training``; ``seed`` is required then. Differentiable through torch autograd, which
-    stores the dropped copy of x: this is the oracle, not the memory-lean path.
+    stores the dropped copy of x: this is the oracle, not the memory-lean path. The mask is the kernels'
+    Philox stream, or with ``cpu_stream`` the CPU path's (what runs under torch.func transforms on the CPU).
     """
     base = F.linear(x, weight, bias)
     if training and dropout_p > 0.0:
         if seed is None:
             raise ValueError("seed is required when training with dropout_p > 0, got None")
-        x = lora_dropout_ref(x, dropout_p, seed)
+        x = lora_dropout_stream(x, dropout_p, seed, cpu=cpu_stream)
     lora = F.linear(F.linear(x, lora_A), lora_B)
     return base + scaling * lora
 
@@ -581,12 +589,13 @@ def sparse_delta_linear_ref(x: torch.Tensor, weight: torch.Tensor, bias: torch.T
 
 
 def lora_sparse_linear_ref(x, weight, bias, lora_A, lora_B, scaling, delta_indices, delta_values, block_size=1,
-                           dropout_p=0.0, training=True, seed=None) -> torch.Tensor:
-    """LoRA and a sparse delta together (RoSA): ``y = x (W + Δ)^T + b + s (drop(x) A^T) B^T``."""
+                           dropout_p=0.0, training=True, seed=None, *, cpu_stream=False) -> torch.Tensor:
+    """LoRA and a sparse delta together (RoSA): ``y = x (W + Δ)^T + b + s (drop(x) A^T) B^T``; ``cpu_stream`` as in
+    ``lora_linear_ref``."""
     out_f, in_f = weight.shape
     delta = dense_delta_ref(delta_indices, delta_values, out_f, in_f, block_size)
     return lora_linear_ref(x, weight + delta.to(weight.dtype), bias, lora_A, lora_B, scaling, dropout_p, training,
-                           seed)
+                           seed, cpu_stream=cpu_stream)
 
 
 # ----------------------------------------------------------------------------------------------------

@@ -94,8 +94,8 @@ def _backward(dy, x, u, weight, lora_A, lora_B, s: float, p: float, seed, need_x
         # step (one piece) takes no views: ~1 µs each, against a few µs for the whole update at M = 1.
         vs = v.mul_(s * c)
         pieces = _row_pieces(m, k)
+        one = len(pieces) == 1
         for rows in pieces:
-            one = len(pieces) == 1
             keep = cpu_keep_mask(seed, rows.stop - rows.start, k, p, x.device, rows.start)
             vs_r = vs if one else vs[rows]
             if need_x:
@@ -124,7 +124,7 @@ def _forward(x, weight, bias, lora_A, lora_B, scaling, dropout_p, seed) -> tuple
             for rows in pieces:
                 keep = cpu_keep_mask(seed, rows.stop - rows.start, k, dropout_p, x.device, rows.start)
                 torch.mm(x[rows].mul(keep), lora_A.t(), out=u[rows])
-        alpha = scaling * (1.0 / (1.0 - dropout_p))  # s c as backward has it; c on the scalar, not on the dropped x (M x K) or on u
+        alpha = scaling * (1.0 / (1.0 - dropout_p))  # s c as backward has it: c on a scalar, not on x or u
     else:
         u = torch.mm(x, lora_A.t())
     y = torch.addmm(bias, x, weight.t()) if bias is not None else torch.mm(x, weight.t())

@@ -63,7 +63,8 @@ def w_plus_delta_torch(weight, indices, values, block_size: int, dtype, buf=None
     """W + Δ in ``dtype`` as a contiguous (out, in) tensor, in plain torch (the clone + scatter of
     PEFT-SHiRA / RoSA): W copied, its entries on Δ's support gathered, added to the values in fp32 (fp64 for
     fp64) and rounded once, scattered back: the same numbers as the kernels' densify. A transient W-sized buffer,
-    as there: a new one, or the first elements of ``buf`` (flat, ``dtype``, at least ``_buffer_numel``). ``plan``:
+    as there: a new one, or the first elements of ``buf`` (flat, ``dtype``, W's elements and the spare one
+    ``plan.scatter()`` counts). ``plan``:
     the indices' ``CPUPlan`` (its scatter positions kept), or None (derived here)."""
     out_f, in_f = weight.shape
     numel = out_f * in_f
@@ -226,12 +227,6 @@ def _add_delta_rows(out, a, src, dst, vals) -> None:
     out.index_add_(1, dst, a.index_select(1, src).mul_(vals.to(a.dtype)))
 
 
-def _buffer_numel(weight, block_size: int) -> int:
-    """Elements ``w_plus_delta_torch`` writes for W (out, in): W's, and one spare for clipped edge blocks."""
-    out_f, in_f = weight.shape
-    return out_f * in_f + (block_size > 1 and (out_f % block_size != 0 or in_f % block_size != 0))
-
-
 # Δ's part by gathers where m x (values) <= W's elements / _GATHER_RATIO: measured on this CPU (2 threads, fp32,
 # 1024 x 1024 and 1024 x 4096, density 0.1-5 %, M 1-64), gathers beat clone + scatter (forward, and dX) up to
 # about 1/8 of W's elements and lose past 1/5, less the per-call costs a layer pays beside them (`fastpeft bench
@@ -243,9 +238,9 @@ _GATHER_CHUNK = 1 << 18  # elements of one (M, chunk) gathered panel of the valu
 
 
 def _gathers_win(m: int, nvalues: int, weight, dtype) -> bool:
-    """Whether Δ's part goes by gathers for m rows (no W-sized buffer): few rows times few values, in fp32 /
+    """Whether Δ's part goes by gathers for m rows (no W-sized buffer): few rows times some values, in fp32 /
     fp64 with W of the same dtype (under autocast to bf16 W + Δ is rounded once, as the reference has it)."""
-    return (dtype in (torch.float32, torch.float64) and weight.dtype == dtype
+    return (nvalues > 0 and dtype in (torch.float32, torch.float64) and weight.dtype == dtype
             and m * nvalues * _GATHER_RATIO <= weight.shape[0] * weight.shape[1])
 
 
@@ -253,8 +248,7 @@ def _times_w_prime(a, weight, bias, plan: CPUPlan, values, transpose: bool):
     """``a (W + Δ)^T + b`` (``transpose``: the forward, a (M, in)) or ``a (W + Δ)`` (dX, a (M, out), no bias) in
     a's dtype: Δ's part by gathers at decode sizes (``_gathers_win``), else one product with W + Δ
     (``_w_prime``)."""
-    n, k = weight.shape
-    gathers = plan.indices.shape[0] > 0 and _gathers_win(a.shape[0], values.numel(), weight, a.dtype)
+    gathers = _gathers_win(a.shape[0], values.numel(), weight, a.dtype)
     w = weight if gathers else _w_prime(weight, plan, values, a)
     w = w.t() if transpose else w
     out = torch.addmm(bias, a, w) if bias is not None else a @ w
@@ -360,7 +354,7 @@ class LoRASparseLinearCPUFunction(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x, weight, bias, lora_A, lora_B, values, indices, block_size, plan, scaling, dropout_p, seed):
         plan = plan or CPUPlan(indices, weight.shape[0], weight.shape[1], block_size)
-        if indices.shape[0] > 0 and _gathers_win(x.shape[0], values.numel(), weight, x.dtype):
+        if _gathers_win(x.shape[0], values.numel(), weight, x.dtype):
             y, u = _lora_forward(x, weight, bias, lora_A, lora_B, scaling, dropout_p, seed)
             rows, cols, vals = _positions(plan, values)
             _add_delta_rows(y, x, cols, rows, vals)
@@ -374,13 +368,13 @@ class LoRASparseLinearCPUFunction(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, dy):
-        x, u, weight, lora_A, lora_B, values, indices, seed_t = ctx.saved_tensors
+        x, u, weight, lora_A, lora_B, values, _, seed_t = ctx.saved_tensors  # indices: saved for the version check
         plan = ctx.plan
         need_x, need_w, need_b, need_a, need_bb, need_v = ctx.needs_input_grad[:6]
         seed = seed_t if seed_t is not None else ctx.seed
         dy = dy.contiguous()
         u = recorded_u(u, x, lora_A, ctx.dropout_p, seed) if need_bb else u
-        gathers = need_x and indices.shape[0] > 0 and _gathers_win(dy.shape[0], values.numel(), weight, dy.dtype)
+        gathers = need_x and _gathers_win(dy.shape[0], values.numel(), weight, dy.dtype)
         w = weight if gathers or not need_x else _w_prime(weight, plan, values, dy)
         dx, da, dbb = _lora_backward(dy, x, u, w, lora_A, lora_B, ctx.scaling, ctx.dropout_p, seed,
                                      need_x, need_a, need_bb)
@@ -402,8 +396,8 @@ def _w_prime(weight, plan: CPUPlan, values, a):
         return weight.to(a.dtype)
     recorded = torch.is_grad_enabled() and (a.requires_grad or weight.requires_grad or values.requires_grad)
     buf = None
-    if weight.device.type == "cpu" and not recorded:
-        buf = workspace(weight.device, a.dtype, _buffer_numel(weight, plan.block_size))
+    if weight.device.type == "cpu" and not recorded:  # W's elements and the spare one for clipped edge blocks
+        buf = workspace(weight.device, a.dtype, weight.numel() + plan.scatter()[2])
     return w_plus_delta_torch(weight, plan.indices, values, plan.block_size, a.dtype, buf=buf, plan=plan)
 
 
