@@ -89,7 +89,7 @@ def ran(monkeypatch):
     monkeypatch.setattr(OL, "_forward", lambda *a: log.append("triton") or fwd(*a))
     for name in ("lora_linear_cpu", "lora_linear_ref"):
         orig = getattr(F, name)
-        monkeypatch.setattr(F, name, lambda *a, _orig=orig: log.append("reference") or _orig(*a))
+        monkeypatch.setattr(F, name, lambda *a, _orig=orig, **kw: log.append("reference") or _orig(*a, **kw))
     return log
 
 
