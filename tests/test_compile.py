@@ -72,6 +72,7 @@ def _layer_cases(dev, dtype, block_size=16):
     rosa_b = fastpeft.FastLoRALinear(48, 40, r=8, lora_dropout=0.1, init_lora_weights=False, sparse_density=0.3,
                                      sparse_block_size=block_size, **kw)
     sparse = fastpeft.SparseDeltaLinear(48, 40, density=0.05, **kw)
+    dora = fastpeft.FastLoRALinear(48, 40, r=8, lora_dropout=0.1, init_lora_weights=False, use_dora=True, **kw)
     model = nn.Sequential(nn.Linear(48, 32), nn.ReLU(), nn.Linear(32, 16)).to(**kw)
     fastpeft.inject(model, fastpeft.LoraConfig(r=4, lora_dropout=0.1, target_modules=["0", "2"],
                                                init_lora_weights=False))
@@ -81,7 +82,8 @@ def _layer_cases(dev, dtype, block_size=16):
                 v.normal_(std=0.1)
         sparse.delta_values.normal_(std=0.1)
     cases = {"FastLoRALinear": (lora, ()), "FastLoRALinear-adapter_ids": (mixed, (ids,)), "RoSA": (rosa, ()),
-             f"RoSA-b{block_size}": (rosa_b, ()), "SparseDeltaLinear": (sparse, ()), "injected-model": (model, ())}
+             f"RoSA-b{block_size}": (rosa_b, ()), "SparseDeltaLinear": (sparse, ()), "DoRA": (dora, ()),
+             "injected-model": (model, ())}
     return {name: (mod.train(), extra) for name, (mod, extra) in cases.items()}
 
 

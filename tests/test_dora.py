@@ -132,6 +132,35 @@ def test_norm_kernel(dtype, r):
     _assert_norm_close(n, exact, w.float(), f"norm kernel {dtype} r{r}")
 
 
+def test_compiled_norm_fallback_and_zero_magnitude_match_eager():
+    """Under ``torch.compile(fullgraph=True)`` the cancelling row's exact sum and a zero magnitude's dm take
+    traced branches (``torch.cond``; eager's ``nonzero`` would break the graph): the norm as exact as eager's,
+    and the same output and gradients as eager with m_3 = 0."""
+    w, a, b, s = _cancelling_case()
+    exact = dora_norm_ref(w.double(), a.double(), b.double(), s)
+    torch._dynamo.reset()
+    n = torch.compile(lambda w, a, b: dora_norm(w, a, b, s), fullgraph=True, backend="aot_eager")(w, a, b)
+    _assert_norm_close(n, exact, w, "compiled norm with fallback")
+    x, w, _, a, b, m = (t.float() if t is not None else None for t in _case(5, 48, 40, 4))
+    m[3] = 0.0
+    dy = torch.randn(5, 40, generator=torch.Generator().manual_seed(4))
+
+    def grads(fn):
+        leaves = [t.detach().clone().requires_grad_() for t in (x, a, b, m)]
+        y = fn(*leaves)
+        return [y.detach()] + list(torch.autograd.grad(y, leaves, dy))
+
+    def op(x, a, bb, m):
+        return dora_linear(x, w, None, a, bb, m, s)
+
+    want = grads(op)
+    assert torch.isfinite(want[4]).all() and float(want[4][3].abs()) > 0
+    torch._dynamo.reset()
+    got = grads(torch.compile(op, fullgraph=True, backend="aot_eager"))
+    for name, g, e in zip(("y", "dx", "dA", "dB", "dm"), got, want):
+        assert_close_report(g, e, 1e-5, 1e-6 * float(e.abs().max()), f"compiled {name}")
+
+
 def test_norm_factored_odd_shapes_and_cache():
     t = _case(1, 130, 100, 24, dtype=torch.float32)
     w, a, b = t[1], t[3], t[4]

@@ -56,7 +56,8 @@ def dora_norm_factored(weight: torch.Tensor, lora_A: torch.Tensor, lora_B: torch
     """``(n, fallback_rows)``: ``n_j = ‖W_j + s B_j A‖₂`` (out,) fp32 (fp64 for fp64 W) from
     ``‖W_j‖² + 2s (W Aᵀ)_j·B_j + s² B_j (A Aᵀ) B_jᵀ`` (W Aᵀ (out, r) and A Aᵀ (r, r) in fp32), and the
     LongTensor of the rows where that sum cancelled (see CANCEL_RATIO) and was replaced by the exact
-    tiled sum. No (out, in) temporary: W is read in row chunks."""
+    tiled sum (None while compiling: there ``torch.cond`` sums every row again, only when one cancelled). No
+    (out, in) temporary: W is read in row chunks."""
     dt = _acc_dtype(weight.dtype)
     with torch.no_grad():
         a = lora_A.detach().to(dt)
@@ -72,6 +73,12 @@ def dora_norm_factored(weight: torch.Tensor, lora_A: torch.Tensor, lora_B: torch
         quad = (scaling * scaling) * ((b @ (a @ a.t())) * b).sum(1)
         n2 = w2 + cross + quad
         bad = n2 <= CANCEL_RATIO * (w2 + cross.abs() + quad)
+        if torch.compiler.is_compiling():  # no host sync in a graph (nonzero would break it): a traced branch
+            def exact(n2, bad, weight, a, b):  # every row summed again, kept where it cancelled
+                return torch.where(bad, _tiled_sq_norm(weight, a, b, scaling), n2)
+
+            n2 = torch.cond(bad.any(), exact, lambda n2, bad, weight, a, b: n2.clone(), (n2, bad, weight, a, b))
+            return n2.clamp_min(0.0).sqrt(), None
         rows = bad.nonzero().squeeze(1)
         if rows.numel():
             n2[rows] = _tiled_sq_norm(weight[rows], a, b[rows], scaling)
@@ -377,6 +384,14 @@ def _col_dots(dy, y, bias, dt, elems=1 << 22):
 def _fix_zero_magnitude(dm, dy, x, weight, lora_B, u, magnitude, norm, s):
     """dm from ``Σ dY (y − b) / m`` is 0/0 where m_j = 0 (g_j = 0 erased z_j from y): recompute those
     columns' z = x W_jᵀ + s u B_jᵀ (a host sync to find them; rare: m is initialised to ‖W_j‖ > 0)."""
+    if torch.compiler.is_compiling():  # as dora_norm_factored: a traced branch, every column, kept where m_j = 0
+        def fix(dm, dy, x, weight, lora_B, u, magnitude, norm):
+            z = torch.addmm(F.linear(x, weight), u.to(x.dtype), lora_B.t().to(x.dtype), alpha=s)
+            return torch.where(magnitude.detach() == 0, (dy.to(dm.dtype) * z.to(dm.dtype)).sum(0) / norm.to(dm.dtype),
+                               dm)
+
+        return torch.cond((magnitude.detach() == 0).any(), fix, lambda dm, *rest: dm.clone(),
+                          (dm, dy, x, weight, lora_B, u, magnitude, norm))
     zero = (magnitude.detach() == 0).nonzero().squeeze(1)
     if zero.numel():
         z = torch.addmm(F.linear(x, weight[zero]), u.to(x.dtype), lora_B[zero].t().to(x.dtype), alpha=s)
