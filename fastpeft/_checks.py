@@ -31,6 +31,15 @@ def _skip_value_checks() -> bool:
     return _compiling() or capturing()
 
 
+def _host_values(t: torch.Tensor) -> torch.Tensor:
+    """``t`` for a check that reads its values: under ``torch.func`` transforms the tensor beneath the transforms'
+    wrappers (under vmap every sample's values at once; a batched tensor's values cannot be read on the host)."""
+    if torch._C._are_functorch_transforms_active():
+        while torch._C._functorch.is_functorch_wrapped_tensor(t):
+            t = torch._C._functorch.get_unwrapped(t)
+    return t
+
+
 def check_rank(r, name: str = "r") -> int:
     if isinstance(r, bool) or not isinstance(r, int) or r <= 0:
         raise ValueError(f"{name} must be a positive int, got {r!r}")
@@ -311,7 +320,7 @@ def expand_adapter_ids(adapter_ids, x: torch.Tensor, n: int, check_range: bool =
         raise ValueError(f"adapter_ids must have shape {rows} (per row) or ({x.shape[0]},) "
                          f"(per sequence), got {tuple(adapter_ids.shape)}")
     if check_range and ids.numel() and not _skip_value_checks():
-        lo, hi = (int(v) for v in torch.aminmax(ids))
+        lo, hi = (int(v) for v in torch.aminmax(_host_values(ids)))
         if lo < -1 or hi >= n:
             raise ValueError(f"adapter_ids must be in [-1, {n - 1}] (-1 = base only, {n} adapters), "
                              f"got values in [{lo}, {hi}]")

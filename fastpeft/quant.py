@@ -337,11 +337,12 @@ def _dequantize_4bit_native(qw: QuantizedWeight, out: torch.Tensor | None = None
     symbols missing, in_features odd or not a multiple of the block size (bnb's kernel indexes absmax per row:
     the same as the flat layout only then), block size >= 2048 (bnb itself falls back there on AVX-512), or
     tensors not in the layout the kernels read, or under ``torch.compile`` (dynamo cannot trace a ctypes call; bnb's
-    ``torch.library`` ops it can). Bit for bit ``dequantize_ref(qw)`` (tested)."""
+    ``torch.library`` ops it can) or ``torch.func`` transforms (tensors made there have no data pointer to pass).
+    Bit for bit ``dequantize_ref(qw)`` (tested)."""
     out_f, in_f = qw.shape
     bs = qw.blocksize
-    if torch.compiler.is_compiling() or qw.data.device.type != "cpu" or in_f % 2 or in_f % bs or bs >= 2048 or qw.dtype not in _NATIVE_DTYPES \
-            or not qw.data.is_contiguous():
+    if torch.compiler.is_compiling() or torch._C._are_functorch_transforms_active() or qw.data.device.type != "cpu" \
+            or in_f % 2 or in_f % bs or bs >= 2048 or qw.dtype not in _NATIVE_DTYPES or not qw.data.is_contiguous():
         return None
     values = _bnb_cpu_symbol(f"cdequantize_blockwise_cpu_{qw.kind}_{_NATIVE_DTYPES[qw.dtype]}")
     if values is None:

@@ -135,12 +135,19 @@ def use_cpu_stream(x: torch.Tensor) -> bool:
     return x.device.type == "cpu" and not _KERNEL_STREAM_ON_CPU[0]
 
 
+def func_transforms_active() -> bool:
+    """Whether a ``torch.func`` transform (grad, vmap, jvp, ...) is running and ``torch.compile`` is not tracing:
+    where autograd Functions without ``setup_context`` fail and host reads of tensor values (``.tolist()``,
+    ``nonzero``, storage pointers) cannot be used, so plain compositions with no host sync run instead."""
+    return not torch.compiler.is_compiling() and torch._C._are_functorch_transforms_active()
+
+
 def use_cpu_path(x: torch.Tensor) -> bool:
     """Whether the reference backend runs the CPU path for input ``x``: where it draws the CPU stream
     (``use_cpu_stream``), outside ``torch.func`` transforms (grad, vmap, ...), where plain autograd compositions
     with the same stream run instead: the CPU path's autograd Functions define no ``setup_context`` / vmap rule.
     (Under vmap the mask is drawn for each sample's own shape, so every sample of the batch gets the same one.)"""
-    return use_cpu_stream(x) and (torch.compiler.is_compiling() or not torch._C._are_functorch_transforms_active())
+    return use_cpu_stream(x) and not func_transforms_active()
 
 
 def _s64(v: int) -> int:
@@ -202,6 +209,9 @@ def cpu_draws(seed, n: int, device=None, start: int = 0) -> torch.Tensor:
     if draws is not None:
         return torch.from_numpy(draws)
     compiling = torch.compiler.is_compiling()
+    # the form without in-place ops or dtype views: what torch.compile traces, and what runs under torch.func
+    # transforms with a tensor seed (drawn per sample under vmap(randomness="different"): a batched key)
+    traced = compiling or (isinstance(seed, torch.Tensor) and func_transforms_active())
     if isinstance(seed, torch.Tensor):
         seed = seed.reshape(1).to(device=device, dtype=torch.int64)
         key = _splitmix_finalize(_opaque(seed) if compiling else seed, inplace=False)
@@ -214,12 +224,13 @@ def cpu_draws(seed, n: int, device=None, start: int = 0) -> torch.Tensor:
     first, lane = divmod(int(start), 4)
     end = (start + n + 3) // 4
     words = torch.arange(first, end, device=device, dtype=torch.int64)
-    if compiling:
+    if traced:
         # No dtype views of another item size under compile: each 16-bit lane shifted down by a constant and
         # masked, then made signed, the very bits the little-endian view below reads. Not by a tensor of shift
         # amounts (`(w[:, None] << (48 - lanes)) >> 48`, as before 2026-12-01): fused with the finalizer, inductor
         # on the CPU (torch 2.13) computed that as 0 / -1 / 32767, a mask keeping every element (no dropout).
-        words = _splitmix_finalize(_opaque(words + key) * _SM_GAMMA, inplace=False)
+        words = words + key
+        words = _splitmix_finalize((_opaque(words) if compiling else words) * _SM_GAMMA, inplace=False)
         v = torch.stack([(words >> shift) & 0xFFFF for shift in (0, 16, 32, 48)], 1)
         v = torch.where(v >= 2**15, v - 2**16, v)
         return v.reshape(-1)[lane:lane + n].to(torch.int16)
@@ -406,11 +417,12 @@ def multi_lora_add(y: torch.Tensor, xd: torch.Tensor, lora_A_stack, lora_B_stack
     ``_BATCHED_MIN_GROUPS`` adapters have rows at the full rank, they run together in two batched products
     (``_batched_lora_add``). While torch.compile traces (no host sync, no data-dependent shapes): every
     adapter's update is computed for every row at r_max and kept where the row is its own, the ranks zeroing
-    the columns past them in u and B (not a multiply by 0: 0 * inf is nan). Eager and compiled forms agree to
-    the order of the sums; the eager form never reads past a rank, the compiled one masks what it reads there.
+    the columns past them in u and B (not a multiply by 0: 0 * inf is nan); under ``torch.func`` transforms too.
+    Eager and compiled forms agree to the order of the sums; the eager form never reads past a rank, the compiled
+    one masks what it reads there.
     """
     n, r_max = lora_A_stack.shape[0], lora_A_stack.shape[1]
-    if torch.compiler.is_compiling():
+    if torch.compiler.is_compiling() or func_transforms_active():
         ids, cols = adapter_ids.reshape(-1), torch.arange(r_max, device=xd.device)
         for i in range(n):
             b, u = lora_B_stack[i], F.linear(xd, lora_A_stack[i])
@@ -628,6 +640,7 @@ def dora_linear_ref(
     training: bool = True,
     seed: int | None = None,
     dropout_mode: str = "exact",
+    norm: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """DoRA linear in plain PyTorch: with ``g = m / ‖W + sBA‖_row`` (fp32, the norm detached) and
     ``x̃ = drop(x)`` (only when ``training`` and ``dropout_p > 0``; ``lora_dropout_stream``: the mask the
@@ -643,11 +656,12 @@ def dora_linear_ref(
     x: (..., in); weight: (out, in); bias: (out,) or None; lora_A: (r, in); lora_B: (out, r);
     magnitude: (out,). Returns (..., out) in x's dtype; g and the combination are in fp32 (never g folded
     into a low-precision copy of W). Differentiable through torch autograd (the oracle, not the lean path).
+    ``norm``: ‖W + sBA‖_row (out,) computed by the caller (detached), ``dora_norm_ref``'s when None.
     """
     if dropout_mode not in DORA_DROPOUT_MODES:
         raise ValueError(f"dropout_mode must be one of {DORA_DROPOUT_MODES}, got {dropout_mode!r}")
     dt = torch.promote_types(x.dtype, torch.float32)
-    n = dora_norm_ref(weight, lora_A, lora_B, scaling).to(dt)
+    n = (dora_norm_ref(weight, lora_A, lora_B, scaling) if norm is None else norm.detach()).to(dt)
     g = magnitude.to(dt) / n
     dropped = training and dropout_p > 0.0
     if dropped and seed is None:

@@ -35,6 +35,9 @@ def draw_seed(device=None):
     seed without a host sync. The compiled graph draws it from the default CPU generator on every call
     (inductor's RNG is seeded from that generator too), so seeding and checkpointing behave as in eager.
 
+    Under ``torch.func`` transforms: the one-element tensor too, which ``vmap(..., randomness="different")`` draws
+    per sample (each sample its own mask; ``"same"``: one for all).
+
     While a CUDA graph is being captured (``torch.cuda.graph``, ``make_graphed_callables``) on ``device``'s
     stream: a one-element tensor drawn by ``device``'s own generator, whose draws CUDA graphs replay with a
     fresh Philox offset each time. A host int would be baked into the graph, and every replay would drop
@@ -46,6 +49,8 @@ def draw_seed(device=None):
     seed = torch.randint(0, 2**62, (1,), dtype=torch.int64)
     if torch.compiler.is_compiling():
         return seed.to(device) if device is not None else seed
+    if torch._C._are_functorch_transforms_active():  # a tensor there: per sample under vmap(randomness="different")
+        return seed
     return int(seed.item())
 
 

@@ -13,8 +13,8 @@ import operator
 import torch
 import torch.nn.functional as F
 
-from ..reference import (DORA_DROPOUT_MODES, dropout_threshold, keep_mask_stream, lora_dropout_ref, lora_dropout_stream,
-                         use_cpu_stream)
+from ..reference import (DORA_DROPOUT_MODES, dora_linear_ref, dropout_threshold, func_transforms_active,
+                         keep_mask_stream, lora_dropout_ref, lora_dropout_stream, use_cpu_stream)
 from .common import _bucket, returned
 
 BACKENDS = ("reference", "triton")
@@ -431,8 +431,16 @@ def dora_linear(x, weight, bias, lora_A, lora_B, magnitude, scaling, dropout_p=0
     scaling = float(scaling)
     exact = p > 0.0 and dropout_mode == "exact"
     seed = 0 if seed is None else seed
-    if torch.is_grad_enabled() and any(t is not None and t.requires_grad
-                                       for t in (x, weight, bias, lora_A, lora_B, magnitude)):
+    if func_transforms_active():
+        # torch.func (grad, vmap, ...): the autograd composition (its Function defines no setup_context / vmap
+        # rule) with the same mask, the norm summed exactly over W's tiles (no host sync: nonzero cannot run there)
+        dt = _acc_dtype(weight.dtype)
+        with torch.no_grad():
+            norm = _tiled_sq_norm(weight.detach(), lora_A.detach().to(dt), lora_B.detach().to(dt), scaling).sqrt()
+        y = dora_linear_ref(x2, weight, bias, lora_A, lora_B, magnitude, scaling, p, training, seed, dropout_mode,
+                            norm=norm)
+    elif torch.is_grad_enabled() and any(t is not None and t.requires_grad
+                                         for t in (x, weight, bias, lora_A, lora_B, magnitude)):
         norm = dora_norm(weight, lora_A, lora_B, scaling, weight_sq_norm, backend)
         y = DoRALinearFunction.apply(x2, weight, bias, lora_A, lora_B, magnitude, norm, scaling, p, seed, exact,
                                      backend)

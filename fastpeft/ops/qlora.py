@@ -15,7 +15,8 @@ import torch
 import torch.nn.functional as F
 
 from ..quant import INT8_INV_SCALE, QuantizedWeight, call_buffer, dequantize_weight, weight_workspace
-from ..reference import dropout_threshold, keep_mask_stream, use_cpu_stream
+from ..reference import (dropout_threshold, func_transforms_active, keep_mask_stream, lora_linear_ref,
+                         use_cpu_stream)
 from .common import returned
 
 PATHS = ("auto", "fused", "dequant")
@@ -230,6 +231,13 @@ def qlora_linear_op(x, qweight: QuantizedWeight, bias, lora_A, lora_B, scaling: 
     x2 = _to(x if x.dim() == 2 else x.reshape(-1, x.shape[-1]), cdt)  # a 2-D x as it is: the kernels take any strides
     args = (_to(lora_A, cdt), _to(lora_B, cdt), None if bias is None else _to(bias, cdt), qweight, float(scaling), p,
             seed)
+    if func_transforms_active():
+        # torch.func (grad, vmap, ...): plain autograd on W dequantized for the call (a fresh tensor there), the same
+        # mask; the Function defines no setup_context / vmap rule
+        y = lora_linear_ref(x2, _reference_weight(qweight, cdt), args[2], args[0], args[1], float(scaling), p, True,
+                            seed, cpu_stream=use_cpu_stream(x2))
+        y = _to(y, x.dtype)
+        return y if x2 is x else y.view(*lead, qweight.shape[0])
     if backend == "reference":
         name = "reference"
     elif path is not None:
