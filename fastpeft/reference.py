@@ -221,7 +221,7 @@ def cpu_draws(seed, n: int, device=None, start: int = 0) -> torch.Tensor:
         key = torch.tensor([_splitmix_finalize_int(int(seed))], dtype=torch.int64, device=device)  # (a constant)
     else:
         key = _splitmix_finalize_int(int(seed))
-    first, lane = divmod(int(start), 4)
+    first, lane = start // 4, start % 4  # not divmod: dynamo cannot trace it on symbolic sizes (dynamic=True)
     end = (start + n + 3) // 4
     words = torch.arange(first, end, device=device, dtype=torch.int64)
     if traced:

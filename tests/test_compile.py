@@ -196,6 +196,26 @@ def test_layer_compiled_matches_eager(case, backend):
         _compiled_matches_eager(fn, args, f"{case}-{backend}", leaves, exact=(case, backend) not in _GROUPED_IN_EAGER)
 
 
+def test_dynamic_shapes_compile_fullgraph_and_match_eager():
+    """``torch.compile(dynamic=True, fullgraph=True)``: sizes are symbolic, with dropout too (the CPU stream's word
+    range once went through ``divmod``, which dynamo cannot trace on symbolic ints); every op and layer matches
+    eager, at its own row count and at another one (LoRA and DoRA without recompiling for it; the sparse CPU path
+    picks its way by size, so RoSA may)."""
+    cases = {**_op_cases("cpu", torch.float32),
+             **{name: _module_fn(mod, extra)[:2] for name, (mod, extra) in _layer_cases("cpu", torch.float32).items()}}
+    with fastpeft.use_backend("reference"):
+        for name, (fn, args) in cases.items():
+            torch._dynamo.reset()
+            compiled = torch.compile(fn, fullgraph=True, dynamic=True, backend="aot_eager")
+            _assert_same(_run(compiled, args), _run(fn, args), f"{name} dynamic",
+                         exact=(name, "reference") not in _GROUPED_IN_EAGER)
+            if name in ("lora_linear", "FastLoRALinear", "DoRA", "RoSA"):  # 2 x 5 rows instead of 2 x 7 / 2 x 3
+                x = args[0][:, :5 if args[0].shape[1] > 5 else 2].detach().clone().requires_grad_()
+                more = (x,) + tuple(args[1:])
+                with torch._dynamo.config.patch(error_on_recompile=name != "RoSA"):
+                    _assert_same(_run(compiled, more), _run(fn, more), f"{name} dynamic, other rows")
+
+
 def test_use_backend_inside_compiled_function():
     """A use_backend block inside the compiled function, and one around it (traced again on change)."""
     fn, args = _op_cases("cpu", torch.float32)["lora_linear"]
