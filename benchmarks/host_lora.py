@@ -18,7 +18,7 @@ backend's CPU path); then the same on the triton backend for QLoRA (``QLoRALinea
 ``Linear4bit`` NF4 nested, bf16 compute and input, fp32 adapters; ``qlora_linear``) and DoRA
 (``FastLoRALinear(use_dora=True)``; ``dora_linear``), their launchers (``kernels.quant``, ``kernels.dora``)
 stubbed the same way; and the same for PEFT's own layers made to run them by ``fastpeft.accelerate``: a
-``lora.bnb.Linear4bit`` (bf16 adapters) and a ``lora.Linear`` with ``use_dora=True``. Prints µs per call (median of 5 rounds of ``--calls`` calls each), in
+``lora.bnb.Linear4bit`` (bf16 adapters) and a ``lora.Linear``, plain and with ``use_dora=True``. Prints µs per call (median of 5 rounds of ``--calls`` calls each), in
 this process's CPU time (``time.process_time``: a machine shared with other jobs stretches wall time, not it).
 """
 from __future__ import annotations
@@ -187,7 +187,8 @@ def quant_dora_rows(k: int, n: int, r: int, xs: dict, no_grad) -> dict:
 def peft_rows(k: int, n: int, r: int, xs: dict, no_grad) -> dict:
     """``fastpeft.accelerate``'d PEFT layers: a ``lora.bnb.Linear4bit`` (NF4 nested, bf16 compute, bf16 adapters
     and input: the dtypes its accelerated path takes; train mode, dropout 0, as eval on the CPU is bnb's own
-    repacking kernel) and a ``lora.Linear`` with ``use_dora=True`` (fp32, eval). Empty where peft does not import."""
+    repacking kernel) and a ``lora.Linear``, without and with ``use_dora=True`` (fp32, eval). Empty where peft does
+    not import."""
     try:
         import peft
     except Exception:  # noqa: BLE001 - any import failure: no PEFT rows
@@ -214,14 +215,15 @@ def peft_rows(k: int, n: int, r: int, xs: dict, no_grad) -> dict:
         for m, xm in xs.items():
             rows[f"accelerated PEFT lora.bnb.Linear4bit triton, no_grad, M={m}"] = (
                 "triton", no_grad(lambda xm=xm.bfloat16(), layer=layer: layer(xm)), layer)
-    torch.manual_seed(0)
-    model = peft.get_peft_model(torch.nn.Sequential(torch.nn.Linear(k, n)), peft.LoraConfig(
-        r=r, lora_alpha=2 * r, target_modules=["0"], use_dora=True, init_lora_weights=False)).eval()
-    fastpeft.accelerate(model, strict=True)
-    layer = model.base_model.model[0]
-    for m, xm in xs.items():
-        rows[f"accelerated PEFT lora.Linear(use_dora) triton, no_grad, M={m}"] = (
-            "triton", no_grad(lambda xm=xm, layer=layer: layer(xm)), layer)
+    for dora in (False, True):
+        torch.manual_seed(0)
+        model = peft.get_peft_model(torch.nn.Sequential(torch.nn.Linear(k, n)), peft.LoraConfig(
+            r=r, lora_alpha=2 * r, target_modules=["0"], use_dora=dora, init_lora_weights=False)).eval()
+        fastpeft.accelerate(model, strict=True)
+        layer = model.base_model.model[0]
+        for m, xm in xs.items():
+            rows[f"accelerated PEFT lora.Linear{'(use_dora)' if dora else ''} triton, no_grad, M={m}"] = (
+                "triton", no_grad(lambda xm=xm, layer=layer: layer(xm)), layer)
     return rows
 
 

@@ -47,6 +47,7 @@ import torch.nn.functional as F
 from torch.nn.modules import module as _torch_module
 
 from .functional import dora_linear, lora_linear, lora_linear_multi, qlora_linear
+from .ops.common import optimizer_steps
 from .quant import _bnb_class_name, kept_quantized_weight
 
 _KERNEL_OR_REF_DTYPES = (torch.float32, torch.float16, torch.bfloat16, torch.float64)
@@ -117,20 +118,23 @@ def _active(self, x: torch.Tensor) -> torch.Tensor:
     adapters = [a for a in self.active_adapters if a in lora_as]
     quantized = type(base) is not nn.Linear  # a bnb Linear4bit (runtime_fallback_reason checked it)
 
+    bias = _param(base, "bias")
+
     def linear(lora_a, lora_b, scaling, p, training):
         if quantized:
-            return qlora_linear(x, _quantized_weight(self), base.bias, lora_a, lora_b, scaling, p, training)
-        return lora_linear(x, base.weight, base.bias, lora_a, lora_b, scaling, p, training)
+            return qlora_linear(x, _quantized_weight(self), bias, lora_a, lora_b, scaling, p, training)
+        return lora_linear(x, _param(base, "weight"), bias, lora_a, lora_b, scaling, p, training)
 
     if len(adapters) == 1:
         a = adapters[0]
         p, training = _dropout(mods["lora_dropout"]._modules[a])
+        lora_a, lora_b = _param(lora_as[a], "weight"), _param(lora_bs[a], "weight")
         if _is_dora(self, a):
             # PEFT applies DoRA's dropout only when the LoRA layer itself is in training mode.
-            return dora_linear(x, base.weight, base.bias, lora_as[a].weight, lora_bs[a].weight,
-                               _magnitude(self, a).weight, float(self.scaling[a]), p,
-                               training and self.training, dropout_mode="exact", norm_cache=_norm_cache(self))
-        return linear(lora_as[a].weight, lora_bs[a].weight, float(self.scaling[a]), p, training)
+            return dora_linear(x, _param(base, "weight"), bias, lora_a, lora_b, _param(_magnitude(self, a), "weight"),
+                               float(self.scaling[a]), p, training and self.training, dropout_mode="exact",
+                               norm_cache=_norm_cache(self))
+        return linear(lora_a, lora_b, float(self.scaling[a]), p, training)
     # Several adapters (no dropout in training: see runtime_fallback_reason): sum_a s_a B_a A_a x is one LoRA
     # update with the factors side by side, A = [A_1; A_2] (r1+r2, in), B = [s_1 B_1, s_2 B_2] (out, r1+r2).
     scalings = [float(self.scaling[a]) for a in adapters]
@@ -168,7 +172,7 @@ def _stacks(self, used: list, dev: torch.device) -> tuple:
     if not grad:
         # the factors themselves are held by the entry and compared by identity (an id() could be reused)
         key = (tuple(used), dev, tuple(float(self.scaling[n]) for n in used),
-               tuple((a._version, b._version) for a, b in weights))
+               tuple((a._version, b._version) for a, b in weights), optimizer_steps())
         hit = self.__dict__.get("_fastpeft_stacks")
         if hit is not None and hit[0] == key and all(x is y for x, y in zip(hit[1], (t for p in weights for t in p))):
             return hit[2]
@@ -197,9 +201,14 @@ def _global_hooks() -> bool:
     return bool(_HAS_ANY_GLOBAL_HOOK()) if _HAS_ANY_GLOBAL_HOOK is not None else False
 
 
-def _plain(t) -> bool:
-    """A dense tensor or Parameter (not a DTensor, a quantized or another subclass), off the meta device."""
-    return type(t) in (torch.Tensor, nn.Parameter) and t.layout == torch.strided and t.device.type != "meta"
+_PLAIN_TYPES = (torch.Tensor, nn.Parameter)
+
+
+def _param(m: nn.Module, name: str):
+    """``getattr(m, name)`` for a Parameter (or None) registered on m, read from ``_parameters`` without
+    ``nn.Module.__getattr__`` (~0.3 µs a lookup on the per-call path); a plain attribute otherwise."""
+    params = m._parameters
+    return params[name] if name in params else getattr(m, name, None)
 
 
 def _magnitude(self, name: str):
@@ -227,8 +236,8 @@ def _adapter_reason(self, name: str, lora_a=None, lora_b=None, drop=None):
         return f"adapter {name!r} has lora_bias=True"
     if lora_a is None:
         lora_a, lora_b, drop = self.lora_A[name], self.lora_B[name], self.lora_dropout[name]
-    if type(lora_a) is not nn.Linear or type(lora_b) is not nn.Linear or lora_a.bias is not None \
-            or lora_b.bias is not None:
+    if type(lora_a) is not nn.Linear or type(lora_b) is not nn.Linear or _param(lora_a, "bias") is not None \
+            or _param(lora_b, "bias") is not None:
         return f"adapter {name!r} has factors of type {type(lora_a).__name__} / {type(lora_b).__name__}"
     if type(drop) not in (nn.Dropout, nn.Identity) or (isinstance(drop, nn.Dropout) and not 0.0 <= drop.p < 1.0):
         return f"adapter {name!r} has a dropout module {drop!r}"
@@ -298,34 +307,41 @@ def runtime_fallback_reason(self, x, args=(), kwargs=None):
         return "hooks on the base layer"
     if _global_hooks():
         return "global module hooks"
-    dropping = any(_dropout(drops[a])[1] and drops[a].p > 0 for a in adapters)
-    if names is None and len(adapters) > 1 and dropping:
+    if names is None and len(adapters) > 1 and any(_dropout(drops[a])[1] and drops[a].p > 0 for a in adapters):
         return "several active adapters with dropout in training (PEFT draws a mask per adapter)"
-    tensors = [x, None if quantized else base.weight, base.bias]
-    tensors += [t for a in adapters for t in (lora_as[a].weight, lora_bs[a].weight)]
-    tensors += [_magnitude(self, a).weight for a in doras]
+    # x, W (not for a 4-bit base), b, each adapter's A and B, DoRA's m: dense tensors or Parameters (not a DTensor,
+    # a quantized or another subclass) of a float dtype, on x's device, off the meta device (x's checked first)
+    dev = x.device
+    tensors = [x] if quantized else [x, _param(base, "weight")]
+    bias = _param(base, "bias")
+    if bias is not None:
+        tensors.append(bias)
+    for a in adapters:
+        tensors += (_param(lora_as[a], "weight"), _param(lora_bs[a], "weight"))
+    tensors += [_param(_magnitude(self, a), "weight") for a in doras]
+    dtypes = set()
     for t in tensors:
-        if t is None:
-            continue
-        if not _plain(t) or t.dtype not in _KERNEL_OR_REF_DTYPES:
+        if type(t) not in _PLAIN_TYPES or t.layout != torch.strided or t.dtype not in _KERNEL_OR_REF_DTYPES or (
+                t is x and dev.type == "meta"):
             return f"a {type(t).__name__} of dtype {t.dtype} on {t.device}"
-        if t.device != x.device:
-            return f"parameters on {t.device}, input on {x.device}"
-    autocast = torch.amp.is_autocast_available(x.device.type) and torch.is_autocast_enabled(x.device.type)
+        if t.device != dev:
+            return f"parameters on {t.device}, input on {dev}"
+        dtypes.add(t.dtype)
+    dt = dev.type
+    autocast = torch.is_autocast_enabled(dt) if dt in ("cpu", "cuda") else (
+        torch.amp.is_autocast_available(dt) and torch.is_autocast_enabled(dt))
     if quantized:
-        if qweight.device != x.device:
-            return f"4-bit weight on {qweight.device}, input on {x.device}"
+        if qweight.device != dev:
+            return f"4-bit weight on {qweight.device}, input on {dev}"
         if autocast:
             return "autocast on a 4-bit base layer"
         cdt = qweight.compute_dtype_for(x)
-        dtypes = {t.dtype for t in tensors if t is not None}
         if dtypes != {cdt}:
             return (f"input, adapters and bias not all in the 4-bit layer's compute dtype {str(cdt)[6:]} "
                     f"({', '.join(sorted(str(d).replace('torch.', '') for d in dtypes))}; PEFT computes the "
                     "LoRA branch in the adapters' dtype)")
         return None
     if not autocast:
-        dtypes = {t.dtype for t in tensors if t is not None}
         if len(dtypes) > 1:
             return ("input and parameters of several dtypes outside autocast "
                     f"({', '.join(sorted(str(d).replace('torch.', '') for d in dtypes))})")
@@ -361,13 +377,20 @@ def _apply(self, fn, *args, **kwargs):
     return self._fastpeft_original._apply(self, fn, *args, **kwargs)
 
 
+def _train(self, mode: bool = True):
+    """PEFT's ``train`` / ``eval``, the kept values dropped first: a write through ``.data`` (which no version
+    counter sees) is then seen at the next mode switch, as evaluation after training makes one."""
+    _drop_kept(self)
+    return self._fastpeft_original.train(self, mode)
+
+
 def _accelerated_class(original: type) -> type:
     """The cached subclass of PEFT's ``original`` layer class whose forward runs fastpeft's ops."""
     cls = _classes.get(original)
     if cls is None:
         name = "AcceleratedLinear" if original.__name__ == "Linear" else f"AcceleratedLinear{original.__name__[6:]}"
         cls = type(name, (original,), {
-            "forward": _forward, "merge": _merge, "unmerge": _unmerge, "_apply": _apply,
+            "forward": _forward, "merge": _merge, "unmerge": _unmerge, "_apply": _apply, "train": _train,
             "__module__": __name__, "__qualname__": name,
             "_fastpeft_original": original,
             "__doc__": f"PEFT's lora {original.__name__} computing through fastpeft's ops (fastpeft.accelerate).",

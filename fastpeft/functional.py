@@ -28,8 +28,8 @@ from .ops.common import autocast_inputs, draw_seed
 from .ops.dora import dora_linear as _dora_linear_op  # plain torch at import; its kernels load on first use
 from .ops.lora_cpu import lora_linear_cpu
 from .ops.sparse_cpu import CPUPlan, lora_sparse_linear_cpu, sparse_delta_linear_cpu
-from .reference import (lora_linear_multi_cpu, lora_linear_multi_ref, lora_linear_ref, lora_sparse_linear_ref,
-                        sparse_delta_linear_ref, use_cpu_path, use_cpu_stream)
+from .reference import (func_transforms_active, lora_linear_multi_cpu, lora_linear_multi_ref, lora_linear_ref,
+                        lora_sparse_linear_ref, sparse_delta_linear_ref, use_cpu_path, use_cpu_stream)
 
 BACKENDS = ("auto", "triton", "reference")
 _KERNEL_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
@@ -121,6 +121,12 @@ def resolve_backend(op: str, backend: str | None, *tensors: torch.Tensor, memo: 
     name = current_backend(backend)
     if name == "reference":
         return name
+    if func_transforms_active():
+        if name == "triton":
+            raise RuntimeError(f"backend 'triton' cannot run {op} under torch.func transforms (grad, vmap, ...): its "
+                               "autograd Functions define no setup_context / vmap rule. Use backend='reference' (or "
+                               "'auto'), which runs plain autograd compositions there.")
+        return "reference"
     # The kernel state is read at every call: tests (and a late TRITON_INTERPRET) change it.
     state = (op, name, kernels.HAS_TRITON, kernels.INTERPRET, kernels.OPS, kernels.AUTO_OPS)
     cache, key = memo, state

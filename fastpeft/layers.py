@@ -28,10 +28,11 @@ from ._checks import (check_adapter_name, check_bool, check_dora_options, check_
                       check_sparse_options, expand_adapter_ids)
 from .functional import (dora_linear, lora_linear, lora_linear_multi, lora_sparse_linear, qlora_linear, resolve_backend,
                          sparse_delta_linear)
+from .ops.common import optimizer_steps
 from .ops.dora import weight_sq_norms
 from .quant import (QuantizedWeight, assign_merged_weight, base_kind, call_buffer, dequantize_weight, is_quantized,
                     kept_quantized_weight, merged_weight)
-from .reference import dense_delta_ref, use_cpu_path
+from .reference import dense_delta_ref, tracing_or_transformed, use_cpu_path
 from .selection import SparseSpec
 
 
@@ -151,8 +152,9 @@ class _SparsePlanCache:
 
     def get(self, op: str, x: torch.Tensor, weight: torch.Tensor, indices: torch.Tensor, block_size: int):
         # While torch.compile traces, the op builds the plan inside the graph (no host sync): the cache key
-        # holds a data pointer, which dynamo cannot compare. Inference tensors have no version counter.
-        if torch.compiler.is_compiling() or indices.is_inference():
+        # holds a data pointer, which dynamo cannot compare (nor can a functorch-wrapped tensor give one). Inference
+        # tensors have no version counter.
+        if tracing_or_transformed() or indices.is_inference():
             return None
         backend = resolve_backend(op, None, x, weight)
         cpu = backend == "reference" and use_cpu_path(x)
@@ -365,6 +367,15 @@ class FastLoRALinear(TunerLayer):
                          sparse_block_size, sparse_selection, use_dora=use_dora)
         self.set_adapter(adapter_name)
 
+    def train(self, mode: bool = True):
+        """``nn.Module.train``, the values kept between no-grad calls dropped first (the mixed-batch stacks, DoRA's
+        ‖W‖² and m / n, QLoRA's casts): they follow the Parameters' versions and optimizer steps, and a write through ``.data``
+        (seen by neither) is then seen at the next mode switch, as evaluation after training makes one."""
+        self._stacks = self._wsq = None
+        self.__dict__.pop("_dora_gain", None)
+        self.__dict__.pop("_casts", None)
+        return super().train(mode)
+
     # ---- the adapter registry ------------------------------------------------------------------
 
     @property
@@ -558,6 +569,7 @@ class FastLoRALinear(TunerLayer):
         # Read at every call (a mixed decode step's host time: 1 µs an adapter, was 4.8 through nn.Module's
         # lookups): each Parameter's identity, and its version, storage, dtype, device and shape.
         state = [(p._version, p.data_ptr(), p.dtype, p.device, p.shape) for p in params]
+        state.append(optimizer_steps())  # fused / bitsandbytes optimizers bump no version
         cached = self._stacks
         if cached is None or cached[1] != state or len(cached[0]) != len(params) \
                 or not all(map(operator.is_, params, cached[0])):
@@ -572,9 +584,9 @@ class FastLoRALinear(TunerLayer):
 
     def _forward_stacks(self) -> tuple:
         """The stacks a mixed batch reads: built from the Parameters when a gradient must reach them (and
-        while torch.compile traces: the cache key reads versions and data pointers), else the cached ones."""
-        if torch.compiler.is_compiling() or torch.is_grad_enabled() and any(
-                p.requires_grad for p in self._all_pairs()):
+        while torch.compile traces or a torch.func transform runs: the cache key reads versions and data pointers),
+        else the cached ones."""
+        if tracing_or_transformed() or torch.is_grad_enabled() and any(p.requires_grad for p in self._all_pairs()):
             return self._build_stacks()
         return self.stacked()
 
@@ -705,11 +717,11 @@ class FastLoRALinear(TunerLayer):
 
     def _weight_sq_norm(self) -> torch.Tensor | None:
         """‖W_j‖² (out,) fp32, cached while W is unchanged (same storage, version, dtype, device); None while
-        torch.compile traces (the key reads a data pointer; the op computes it in the graph)."""
-        if torch.compiler.is_compiling():
+        torch.compile traces or a torch.func transform runs (the key reads a data pointer; the op computes it)."""
+        if tracing_or_transformed():
             return None
         w = self.weight
-        key = (w.data_ptr(), w._version, w.dtype, w.device, tuple(w.shape))
+        key = (w.data_ptr(), w._version, w.dtype, w.device, tuple(w.shape), optimizer_steps() if w.requires_grad else 0)
         if self._wsq is None or self._wsq[0] != key:
             self._wsq = (key, weight_sq_norms(w.detach()))
         return self._wsq[1]
@@ -844,11 +856,11 @@ class QLoRALinear(FastLoRALinear):
         layer = self._modules["base_layer"]
         bias = layer._parameters["bias"] if "bias" in layer._parameters else layer.bias
         params = (a, b, bias)
-        if (a.dtype == b.dtype == cdt and (bias is None or bias.dtype == cdt)) or torch.compiler.is_compiling() or (
+        if (a.dtype == b.dtype == cdt and (bias is None or bias.dtype == cdt)) or tracing_or_transformed() or (
                 torch.is_grad_enabled() and any(p is not None and p.requires_grad for p in params)):
             return params
         state = [None if p is None else (p._version, p.data_ptr(), p.dtype, p.device, p.shape) for p in params]
-        state.append(cdt)
+        state += (cdt, optimizer_steps())
         cached = self._casts
         if cached is None or cached[1] != state or not all(map(operator.is_, params, cached[0])):
             with torch.no_grad():

@@ -43,6 +43,9 @@ from dataclasses import dataclass
 import torch
 import torch.nn as nn
 
+from .reference import tracing_or_transformed
+
+
 def import_bitsandbytes():
     """``bitsandbytes``, imported so that its optional ``import kernels`` (Hugging Face's kernel-hub package, for a
     CPU GEMM) cannot pick up this repository's top-level ``kernels/`` folder instead. That happens whenever a
@@ -241,7 +244,7 @@ def kept_quantized_weight(module: nn.Module, kept) -> tuple:
     bnb's CPU repacking swap the data). Building it costs 5 µs a call; the check under 1 µs. Serves
     ``QLoRALinear.quantized_weight`` and ``fastpeft.accelerate``'s 4-bit layers."""
     w = module._parameters.get("weight")
-    if w is None or torch.compiler.is_compiling():
+    if w is None or tracing_or_transformed():
         return QuantizedWeight.from_module(module), kept
     d = w.__dict__  # bnb's attributes, without Params4bit's __torch_function__ (1.5 µs a read)
     qs, st = d.get("quant_state"), module.__dict__.get("state")
@@ -341,7 +344,7 @@ def _dequantize_4bit_native(qw: QuantizedWeight, out: torch.Tensor | None = None
     Bit for bit ``dequantize_ref(qw)`` (tested)."""
     out_f, in_f = qw.shape
     bs = qw.blocksize
-    if torch.compiler.is_compiling() or torch._C._are_functorch_transforms_active() or qw.data.device.type != "cpu" \
+    if tracing_or_transformed() or qw.data.device.type != "cpu" \
             or in_f % 2 or in_f % bs or bs >= 2048 or qw.dtype not in _NATIVE_DTYPES or not qw.data.is_contiguous():
         return None
     values = _bnb_cpu_symbol(f"cdequantize_blockwise_cpu_{qw.kind}_{_NATIVE_DTYPES[qw.dtype]}")
@@ -395,7 +398,7 @@ def workspace(device, dtype: torch.dtype, numel: int) -> torch.Tensor:
     from the graph's own pool). On an accelerator the buffer is shared by host threads too: two threads driving
     one GPU through the quantized layers at once would interleave their dequantizations."""
     device = torch.device(device)
-    if torch.compiler.is_compiling() or torch._C._are_functorch_transforms_active() or (
+    if tracing_or_transformed() or (
             device.type == "cuda" and torch.cuda.is_current_stream_capturing()):
         return torch.empty(numel, device=device, dtype=dtype)
     if device.type == "cpu":

@@ -139,14 +139,21 @@ def func_transforms_active() -> bool:
     """Whether a ``torch.func`` transform (grad, vmap, jvp, ...) is running and ``torch.compile`` is not tracing:
     where autograd Functions without ``setup_context`` fail and host reads of tensor values (``.tolist()``,
     ``nonzero``, storage pointers) cannot be used, so plain compositions with no host sync run instead."""
-    return not torch.compiler.is_compiling() and torch._C._are_functorch_transforms_active()
+    return torch._C._are_functorch_transforms_active() and not torch.compiler.is_compiling()
+
+
+def tracing_or_transformed() -> bool:
+    """Whether torch.compile traces or a torch.func transform runs: tensors may then be fake or functorch-wrapped,
+    with no data pointer or version to key a per-call cache on, so the caches of the layers are skipped."""
+    return torch.compiler.is_compiling() or torch._C._are_functorch_transforms_active()
 
 
 def use_cpu_path(x: torch.Tensor) -> bool:
     """Whether the reference backend runs the CPU path for input ``x``: where it draws the CPU stream
     (``use_cpu_stream``), outside ``torch.func`` transforms (grad, vmap, ...), where plain autograd compositions
     with the same stream run instead: the CPU path's autograd Functions define no ``setup_context`` / vmap rule.
-    (Under vmap the mask is drawn for each sample's own shape, so every sample of the batch gets the same one.)"""
+    (Under vmap each sample's mask is drawn for its own shape: with ``randomness="same"`` every sample gets the same
+    one, with ``"different"`` each its own, from its own seed.)"""
     return use_cpu_stream(x) and not func_transforms_active()
 
 

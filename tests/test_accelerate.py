@@ -886,3 +886,39 @@ def test_mixed_batch_keeps_its_stacks_until_a_factor_or_scaling_changes(base, id
     assert built
     fastpeft.restore(model)
     assert "_fastpeft_stacks" not in layer.__dict__
+
+
+def test_per_call_tensor_checks_name_what_falls_back(base, ids):
+    """The per-call checks of x and the layer's tensors: a tensor subclass factor, a factor of an integer dtype, a
+    meta input, a factor on another device (meta here) and a factor with a bias each run PEFT's forward, with the
+    reason named; after each is undone the layer runs on fastpeft's ops again."""
+    from fastpeft.accelerate import runtime_fallback_reason
+
+    class Sub(torch.Tensor):
+        pass
+
+    model = lora_model(base)
+    fastpeft.accelerate(model)
+    layer = q_proj(model)
+    x = torch.randn(2, 64)
+    lora_a = layer.lora_A["default"]
+    w = lora_a.weight
+    assert runtime_fallback_reason(layer, x) is None
+    cases = [
+        ("weight", nn.Parameter(w.detach().as_subclass(Sub)), "a Sub of dtype torch.float32 on cpu"),
+        ("weight", nn.Parameter(torch.zeros(w.shape, dtype=torch.int32), requires_grad=False),
+         "a Parameter of dtype torch.int32 on cpu"),
+        ("weight", nn.Parameter(torch.empty(w.shape, device="meta")), "parameters on meta, input on cpu"),
+        ("bias", nn.Parameter(torch.zeros(w.shape[0])), "adapter 'default' has factors of type Linear / Linear"),
+    ]
+    for name, value, why in cases:
+        old = lora_a._parameters.get(name)
+        setattr(lora_a, name, value)
+        try:
+            assert runtime_fallback_reason(layer, x) == why, name
+        finally:
+            setattr(lora_a, name, old)
+    assert runtime_fallback_reason(layer, x.to("meta")) == "a Tensor of dtype torch.float32 on meta"
+    assert runtime_fallback_reason(layer, x) is None
+    run(model, ids)
+    assert layer._fastpeft_calls == {"fastpeft": 1}

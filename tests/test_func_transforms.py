@@ -133,3 +133,75 @@ def test_accelerated_peft_model(use_dora):
             assert_close_report(got[name], t.grad, 1e-5, 1e-5 * float(t.grad.abs().max()), name)
     per_sample = vmap(grad(loss), in_dims=(None, 0), randomness="different")(params, x[:, None])
     assert all(g.shape == (5, *params[k].shape) for k, g in per_sample.items())
+
+
+@pytest.mark.parametrize("kind", ["lora", "dora", "many", "rosa"])
+def test_model_ensembling_vmap_over_stacked_parameters(kind):
+    """torch.func's ensembling recipe (``stack_module_state`` + vmap over the parameters, W included): batched
+    weights reach the layers' caches (keyed on data pointers: skipped under transforms) and DoRA's norm (A, B
+    batched, W not: no in-place add of a batched term into an unbatched one). Equal to each model run alone.
+    (Not QLoRA: a stack of packed 4-bit weights has no quant state.)"""
+    from torch.func import stack_module_state
+
+    models = []
+    for seed in range(3):
+        mod, extra = _layer(kind, 0.0)
+        with torch.no_grad():  # the same base, other adapters
+            torch.manual_seed(10 + seed)
+            for name, t in mod.named_parameters():
+                if t.requires_grad:
+                    t.normal_(std=0.2)
+        models.append(mod.eval())
+    params, buffers = stack_module_state(models)
+    x = torch.randn(6, 64, generator=torch.Generator().manual_seed(3))
+    got = vmap(lambda p, b: functional_call(models[0], (p, b), (x, *extra)))(params, buffers)
+    with torch.no_grad():
+        want = torch.stack([m(x, *extra) for m in models])
+    assert_close_report(got, want, 1e-5, 1e-5 * float(want.abs().max()), kind)
+
+
+def test_dora_grad_of_the_base_weight_too():
+    """func.grad over every parameter of a DoRA layer, W and b included (W then functorch-wrapped: ‖W‖²'s cache is
+    skipped), equals eager's."""
+    mod, _ = _layer("dora", 0.0)
+    mod.weight.requires_grad_(True)
+    mod.bias.requires_grad_(True)
+    params = {k: v.detach() for k, v in mod.named_parameters()}
+    x = torch.randn(6, 64, generator=torch.Generator().manual_seed(1))
+    got = grad(lambda p: functional_call(mod, p, (x,)).square().sum())(params)
+    functional_call(mod, dict(mod.named_parameters()), (x,)).square().sum().backward()
+    for name, t in mod.named_parameters():
+        assert_close_report(got[name], t.grad, 1e-5, 1e-5 * float(t.grad.abs().max()), name)
+
+
+def test_triton_backend_refused_by_name_and_auto_takes_the_compositions():
+    """Under a transform an explicit backend="triton" raises, naming torch.func (its Functions have no setup_context),
+    whatever the op; "auto" resolves to the reference backend's compositions."""
+    g = torch.Generator().manual_seed(0)
+    x, w, a, b = (torch.randn(*s, generator=g) for s in ((3, 16), (8, 16), (4, 16), (8, 4)))
+    m = torch.ones(8)
+    calls = {"lora_linear": lambda a, backend: fastpeft.lora_linear(x, w, None, a, b, 2.0, backend=backend),
+             "dora_linear": lambda a, backend: fastpeft.dora_linear(x, w, None, a, b, m, 2.0, backend=backend)}
+    for op, fn in calls.items():
+        with pytest.raises(RuntimeError, match=f"backend 'triton' cannot run {op} under torch.func"):
+            grad(lambda a: fn(a, "triton").sum())(a)
+        got = grad(lambda a: fn(a, "auto").sum())(a)
+        a_ = a.clone().requires_grad_()
+        fn(a_, "auto").sum().backward()
+        assert_close_report(got, a_.grad, 1e-5, 1e-6, op)
+
+
+def test_compiled_func_grad_over_dora():
+    """``torch.compile(func.grad(loss))`` over a DoRA layer: the norm's fallback is traced without torch.cond there
+    (cond has no rule under a functorch grad level); the gradients equal eager's."""
+    mod, _ = _layer("dora", 0.0)
+    params = {k: v.detach() for k, v in mod.named_parameters() if v.requires_grad}
+    x = torch.randn(6, 64, generator=torch.Generator().manual_seed(1))
+
+    def loss(p, x):
+        return functional_call(mod, p, (x,)).square().sum()
+    torch._dynamo.reset()
+    got = torch.compile(grad(loss), backend="aot_eager")(params, x)
+    want = grad(loss)(params, x)
+    for name in params:
+        assert_close_report(got[name], want[name], 1e-5, 1e-5 * float(want[name].abs().max()), name)

@@ -19,6 +19,29 @@ def returned(y: torch.Tensor) -> torch.Tensor:
     return y.clone() if _CLONE_RETURNED and torch.compiler.is_compiling() else y
 
 
+# Optimizer steps counted by torch.optim's global post-step hook (registered at the first ``optimizer_steps()`` call):
+# fused AdamW (Trainer's default ``adamw_torch_fused``) and bitsandbytes' optimizers update Parameters in place without
+# bumping their version counters, so every cache of values derived from trainable Parameters (the mixed-batch stacks,
+# DoRA's norm and m / n, QLoRA's casts of the adapters) keys on this count beside the versions.
+_OPTIMIZER_STEPS = [0]
+_STEP_HOOK: list = []
+
+
+def _count_step(optimizer, args, kwargs) -> None:
+    _OPTIMIZER_STEPS[0] += 1
+
+
+def optimizer_steps() -> int:
+    """How many optimizer steps (any ``torch.optim.Optimizer`` subclass: torch's, bitsandbytes', ...) have run since
+    the first call of this function: a cache key, so that a step invalidates what was derived from the weights
+    even where it does not bump their version counters."""
+    if not _STEP_HOOK:
+        from torch.optim.optimizer import register_optimizer_step_post_hook
+
+        _STEP_HOOK.append(register_optimizer_step_post_hook(_count_step))
+    return _OPTIMIZER_STEPS[0]
+
+
 def capturing() -> bool:
     """Whether a CUDA graph is being captured on the current stream (a host sync there is an error, and a
     host value is baked into the graph). ``kernels._common.capturing`` is the kernels' own copy: they import

@@ -13,9 +13,9 @@ import operator
 import torch
 import torch.nn.functional as F
 
-from ..reference import (DORA_DROPOUT_MODES, dora_linear_ref, dropout_threshold, func_transforms_active,
+from ..reference import (DORA_DROPOUT_MODES, dora_linear_ref, dropout_threshold,
                          keep_mask_stream, lora_dropout_ref, lora_dropout_stream, use_cpu_stream)
-from .common import _bucket, returned
+from .common import _bucket, optimizer_steps, returned
 
 BACKENDS = ("reference", "triton")
 # The factored norm is trusted where ‖W_j + sB_jA‖² >= CANCEL_RATIO · (‖W_j‖² + |cross_j| + quad_j): its fp32
@@ -47,7 +47,7 @@ def _tiled_sq_norm(w_rows: torch.Tensor, a: torch.Tensor, b_rows: torch.Tensor, 
     acc = w_rows.new_zeros(w_rows.shape[0], dtype=a.dtype)
     for k0 in range(0, w_rows.shape[1], block_k):
         t = torch.addmm(w_rows[:, k0:k0 + block_k].to(a.dtype), b_rows, a[:, k0:k0 + block_k], alpha=scaling)
-        acc += t.square().sum(1)
+        acc = acc + t.square().sum(1)  # not in place: under vmap A and B may be batched and W not
     return acc
 
 
@@ -77,7 +77,10 @@ def dora_norm_factored(weight: torch.Tensor, lora_A: torch.Tensor, lora_B: torch
             def exact(n2, bad, weight, a, b):  # every row summed again, kept where it cancelled
                 return torch.where(bad, _tiled_sq_norm(weight, a, b, scaling), n2)
 
-            n2 = torch.cond(bad.any(), exact, lambda n2, bad, weight, a, b: n2.clone(), (n2, bad, weight, a, b))
+            if torch._C._are_functorch_transforms_active():  # compiling func.grad(...): cond has no rule there
+                n2 = exact(n2, bad, weight, a, b)
+            else:
+                n2 = torch.cond(bad.any(), exact, lambda n2, bad, weight, a, b: n2.clone(), (n2, bad, weight, a, b))
             return n2.clamp_min(0.0).sqrt(), None
         rows = bad.nonzero().squeeze(1)
         if rows.numel():
@@ -361,7 +364,7 @@ def _cached_gain(norm_cache: dict, weight, lora_A, lora_B, magnitude, scaling: f
     The norm reads all of W (a kernel on the triton path, as long as the forward's GEMM at decode sizes)."""
     objs = (weight, lora_A, lora_B, magnitude)
     state = [(t._version, t.data_ptr(), t.dtype, t.device, t.shape) for t in objs]
-    state.append((scaling, backend, x_dtype))
+    state.append((scaling, backend, x_dtype, optimizer_steps()))  # fused / bitsandbytes optimizers bump no version
     cached = norm_cache.get("gain")
     if cached is None or cached[1] != state or not all(map(operator.is_, objs, cached[0])):
         norm = dora_norm(weight, lora_A, lora_B, scaling, weight_sq_norm, backend)
@@ -431,9 +434,10 @@ def dora_linear(x, weight, bias, lora_A, lora_B, magnitude, scaling, dropout_p=0
     scaling = float(scaling)
     exact = p > 0.0 and dropout_mode == "exact"
     seed = 0 if seed is None else seed
-    if func_transforms_active():
-        # torch.func (grad, vmap, ...): the autograd composition (its Function defines no setup_context / vmap
-        # rule) with the same mask, the norm summed exactly over W's tiles (no host sync: nonzero cannot run there)
+    if torch._C._are_functorch_transforms_active():
+        # torch.func (grad, vmap, ...), compiled or not: the autograd composition (its Function defines no
+        # setup_context / vmap rule; compiled under func.grad its dm came out 0) with the same mask, the norm summed
+        # exactly over W's tiles (no host sync: nonzero cannot run there)
         dt = _acc_dtype(weight.dtype)
         with torch.no_grad():
             norm = _tiled_sq_norm(weight.detach(), lora_A.detach().to(dt), lora_B.detach().to(dt), scaling).sqrt()

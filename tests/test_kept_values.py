@@ -1,0 +1,112 @@
+"""Values the layers keep between no-grad calls (the mixed-batch stacks, DoRA's ‖W‖² and m / n, QLoRA's casts of
+fp32 adapters, ``fastpeft.accelerate``'s stacks and DoRA gain) follow the Parameters they come from: after an
+optimizer step that bumps no version counter (fused AdamW, Trainer's default ``adamw_torch_fused``; bitsandbytes'
+optimizers), and after a write through ``.data`` once the module switches mode (``eval()`` after training).
+Each no-grad output is compared with the same layer's output with gradients on, which keeps nothing."""
+import copy
+
+import pytest
+import torch
+from torch import nn
+
+import fastpeft
+from conftest import assert_close_report
+
+
+def _optimizer(kind, params):
+    if kind == "adamw-fused":
+        return torch.optim.AdamW(params, lr=0.05, fused=True)
+    bnb = pytest.importorskip("bitsandbytes")
+    return bnb.optim.AdamW8bit(params, lr=0.05, min_8bit_size=0)
+
+
+def _layer(kind):
+    """(layer in eval mode, extra forward args, input)."""
+    torch.manual_seed(0)
+    lin = nn.Linear(64, 48)
+    kw = dict(r=8, lora_alpha=16, init_lora_weights=False)
+    x = torch.randn(6, 64, generator=torch.Generator().manual_seed(1))
+    extra = ()
+    if kind == "dora":
+        layer = fastpeft.FastLoRALinear.from_linear(lin, use_dora=True, **kw)
+    elif kind == "many":
+        layer = fastpeft.FastLoRALinear.from_linear(lin, **kw)
+        layer.add_adapter("b", 4, 8, init_lora_weights=False)
+        for p in layer.parameters():
+            p.requires_grad_(p is not layer.weight and p is not layer.bias)
+        extra = (torch.tensor([0, 1, -1, 1, 0, 0]),)
+    else:  # QLoRA on an NF4 base computing in bf16, fp32 adapters: the no-grad calls keep bf16 casts of A, B
+        bnb = pytest.importorskip("bitsandbytes")
+        base = bnb.nn.Linear4bit(64, 48, bias=True, compute_dtype=torch.bfloat16, quant_type="nf4")
+        base.weight = bnb.nn.Params4bit(lin.weight.data, requires_grad=False, quant_type="nf4", module=base)
+        base.bias = nn.Parameter(lin.bias.data.clone(), requires_grad=False)
+        layer = fastpeft.FastLoRALinear.from_linear(base.to("cpu"), **kw)
+        x = x.bfloat16()
+    return layer.eval(), extra, x
+
+
+def _no_grad_and_grad(layer, x, extra):
+    with torch.no_grad():
+        kept = layer(x, *extra)
+    fresh = layer(x, *extra).detach()  # gradients on: nothing kept is read
+    return kept, fresh
+
+
+@pytest.mark.parametrize("opt", ["adamw-fused", "bnb-adamw8bit"])
+@pytest.mark.parametrize("kind", ["dora", "many", "qlora-bf16"])
+def test_kept_values_follow_optimizer_steps_that_bump_no_version(kind, opt):
+    layer, extra, x = _layer(kind)
+    params = [p for p in layer.parameters() if p.requires_grad]
+    optim = _optimizer(opt, params)
+    kept, fresh = _no_grad_and_grad(layer, x, extra)  # the no-grad call keeps its values
+    assert torch.equal(kept, fresh) or kind == "dora"
+    versions = [p._version for p in params]
+    before = [p.detach().clone() for p in params]
+    for _ in range(2):  # in eval mode throughout: no mode switch drops anything
+        layer(x, *extra).float().square().mean().backward()
+        optim.step()
+        optim.zero_grad()
+    assert [p._version for p in params] == versions, "the optimizer bumped the versions: the test is void"
+    assert any(not torch.equal(b, p) for b, p in zip(before, params))
+    kept, fresh = _no_grad_and_grad(layer, x, extra)
+    assert_close_report(kept.float(), fresh.float(), 1e-5, 1e-5 * float(fresh.abs().max()), f"{kind} after {opt}")
+
+
+@pytest.mark.parametrize("kind", ["dora", "many", "qlora-bf16"])
+def test_a_write_through_data_is_seen_at_the_next_mode_switch(kind):
+    layer, extra, x = _layer(kind)
+    _no_grad_and_grad(layer, x, extra)
+    for p in layer.parameters():
+        if p.requires_grad:
+            p.data.mul_(1.5)  # no version bump
+    layer.train()
+    layer.eval()
+    kept, fresh = _no_grad_and_grad(layer, x, extra)
+    assert_close_report(kept.float(), fresh.float(), 1e-5, 1e-5 * float(fresh.abs().max()), kind)
+
+
+@pytest.mark.parametrize("use_dora", [False, True], ids=["lora-adapter_names", "dora"])
+def test_accelerated_peft_follows_fused_adamw(use_dora):
+    """A PEFT model made fast by ``fastpeft.accelerate``: its kept DoRA gain / adapter_names stacks after fused AdamW
+    steps equal PEFT's own forward on a copy of the trained model."""
+    peft = pytest.importorskip("peft")
+    torch.manual_seed(0)
+    model = peft.get_peft_model(nn.Sequential(nn.Linear(32, 24), nn.ReLU(), nn.Linear(24, 16)), peft.LoraConfig(
+        r=4, lora_alpha=8, target_modules=["0", "2"], use_dora=use_dora, init_lora_weights=False))
+    if not use_dora:
+        model.add_adapter("b", peft.LoraConfig(r=2, lora_alpha=4, target_modules=["0", "2"], init_lora_weights=False))
+    model.eval()
+    fastpeft.accelerate(model)
+    x = torch.randn(4, 32, generator=torch.Generator().manual_seed(1))
+    kw = {} if use_dora else {"adapter_names": ["default", "b", "__base__", "b"]}
+    with torch.no_grad():
+        model(x, **kw)  # kept
+    optim = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=0.05, fused=True)
+    for _ in range(2):
+        model(x).square().mean().backward()
+        optim.step()
+        optim.zero_grad()
+    with torch.no_grad():
+        got = model(x, **kw)
+        want = fastpeft.restore(copy.deepcopy(model))(x, **kw)
+    assert_close_report(got, want, 1e-5, 1e-6, "accelerated after fused AdamW")
