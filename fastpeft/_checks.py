@@ -106,7 +106,9 @@ def check_sparse_options(density, block_size, selection, density_name: str = "de
 
 
 def check_in_features(x: torch.Tensor, in_features: int) -> None:
-    """A layer's input: its last dim is ``in_features`` (the message names both sizes)."""
+    """A layer's input: a tensor whose last dim is ``in_features`` (the message names both sizes)."""
+    if not isinstance(x, torch.Tensor):
+        raise TypeError(f"input must be a torch.Tensor of shape (..., {in_features}), got {type(x).__name__}")
     if x.dim() == 0 or x.shape[-1] != in_features:
         got = x.shape[-1] if x.dim() else "a 0-d tensor"
         raise ValueError(f"input's last dim must be in_features={in_features}, got {got}")
@@ -478,9 +480,13 @@ def check_dora_options(use_dora, sparse_density) -> None:
                          "adapter has no sparse delta; use one or the other")
 
 
-def check_routed_batch(adapter_ids, x) -> None:
-    """``mixed_batch``'s ids (one per sequence) against a layer's input x (batch, ..., in)."""
-    if x.dim() < 2 or x.shape[0] != adapter_ids.shape[0]:
-        raise ValueError(f"mixed_batch was given {adapter_ids.shape[0]} adapter_names (one per sequence), but "
-                         f"this layer's input has batch size {x.shape[0] if x.dim() >= 2 else 'none'} "
-                         f"(shape {tuple(x.shape)})")
+def routed_batch(n_names: int, x) -> int:
+    """How many rows of a layer's input x (batch, ..., in) each of ``mixed_batch``'s ``n_names`` names (one per
+    sequence) covers: 1, or k when generation expanded each sequence into k consecutive rows (``generate``'s
+    ``num_beams`` / ``num_return_sequences``, as PEFT's ``adapter_names`` follows them)."""
+    batch = x.shape[0] if x.dim() >= 2 else 0
+    if batch == 0 or batch % n_names:
+        raise ValueError(f"mixed_batch was given {n_names} adapter_names (one per sequence), but this layer's input "
+                         f"has batch size {batch if x.dim() >= 2 else 'none'} (shape {tuple(x.shape)}): not a "
+                         f"multiple of it (generate's beams and returned sequences repeat each sequence)")
+    return batch // n_names

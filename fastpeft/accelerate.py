@@ -40,6 +40,7 @@ from __future__ import annotations
 
 import collections
 import dataclasses
+import warnings
 
 import torch
 import torch.nn as nn
@@ -554,10 +555,11 @@ def accelerate(model: nn.Module, strict: bool = False) -> AccelerateReport:
         if type(m).__dict__.get("_fastpeft_original") is None:  # not accelerated yet
             todo.append(m)
     report = AccelerateReport(patched, skipped, partial, len(todo), [layers[n] for n in patched])
-    if not patched:
-        raise ValueError(f"fastpeft.accelerate found nothing it can compute in {type(model).__name__}: the model is "
-                         f"unchanged (PEFT's forward runs every layer); remove the call, or change what each layer "
-                         f"below names:\n{report}")
+    if not patched and not strict:  # a generic script that always calls accelerate keeps running, told why
+        warnings.warn(f"fastpeft.accelerate found nothing it can compute in {type(model).__name__}: the model is "
+                      f"unchanged (PEFT's forward runs every layer); remove the call, or change what each layer "
+                      f"below names:\n{report}", UserWarning, stacklevel=2)
+        return report
     if strict and (skipped or partial):
         raise ValueError(f"fastpeft.accelerate(strict=True): some LoRA layers would stay on PEFT's forward; "
                          f"nothing was changed.\n{report}")

@@ -203,8 +203,9 @@ def to_peft(model: nn.Module):
     Every adapter goes through PEFT's own files (``fastpeft.save_adapter`` -> ``PeftModel.from_pretrained``
     / ``load_adapter``) onto the same base modules, so the PeftModel holds the same weights and gives the same
     outputs; the active adapter stays active and is the one that trains. The fastpeft layers are replaced by
-    the ``nn.Linear`` modules they wrap (sharing their weights). Raises before changing anything for what PEFT
-    cannot hold: sparse deltas, the other fastpeft methods, merged layers.
+    the ``nn.Linear`` modules they wrap (sharing their weights), in the model's training mode (an eval model stays
+    in eval: no dropout). Raises before changing anything for what PEFT cannot hold: sparse deltas, the other
+    fastpeft methods, merged layers.
     """
     try:
         import peft
@@ -223,6 +224,7 @@ def to_peft(model: nn.Module):
     if active is None:
         raise ValueError(f"fastpeft.to_peft: the model has no active adapter (adapters {names}); fastpeft.set_adapter "
                          "the one PEFT should make active")
+    was_training = model.training
     with tempfile.TemporaryDirectory(prefix="fastpeft-to-peft-") as tmp:
         dirs = {}
         for name in names:
@@ -249,7 +251,7 @@ def to_peft(model: nn.Module):
         for name in names:
             if name != active:
                 peft_model.load_adapter(dirs[name], adapter_name=name, is_trainable=False)
-    return peft_model
+    return peft_model.train(was_training)  # from_pretrained(is_trainable=True) leaves it in training mode
 
 
 def _plain_linear(layer: FastLoRALinear) -> nn.Linear:

@@ -687,6 +687,8 @@ def inject(model: nn.Module, config, adapter_name: str = "default", plan=None, a
     against the model before changing anything (``plan``: the family's plan, already checked).
     Returns ``model``.
     """
+    if not isinstance(model, nn.Module):
+        raise TypeError(f"fastpeft.inject takes the nn.Module to add an adapter to, got {type(model).__name__}")
     method = method_for(config)
     check_adapter_name(adapter_name)
     for hook in INJECT_HOOKS:
@@ -775,6 +777,8 @@ def mixed_batch(model: nn.Module, adapter_names):
 
 def trainable_parameters(model: nn.Module) -> tuple:
     """``(trainable, total)`` parameter counts; shared parameters count once."""
+    if not isinstance(model, nn.Module):
+        raise TypeError(f"trainable_parameters takes an nn.Module, got {type(model).__name__}")
     trainable = total = 0
     for p in model.parameters():
         n = peft_numel(p)  # a 4-bit weight counts its unpacked size, as PEFT does
@@ -865,12 +869,14 @@ def select_by_gradients(model: nn.Module, batches, loss_fn, progress: bool = Tru
     scores = {n: torch.zeros_like(m.weight, dtype=torch.float32) for n, m in targets.items()}
     for m in targets.values():
         m.weight.requires_grad_(True)
-    steps = 0
+    steps, reached = 0, set()
     try:
         for batch in tqdm(batches, desc="gradient scores", unit="batch", disable=not progress):
             loss_fn(model, batch).backward()
             for n, m in targets.items():
-                scores[n] += m.weight.grad.float().abs()
+                if m.weight.grad is not None:  # a layer the batch's loss does not reach has no gradient
+                    scores[n] += m.weight.grad.float().abs()
+                    reached.add(n)
                 m.weight.grad = None
             steps += 1
     finally:
@@ -879,6 +885,13 @@ def select_by_gradients(model: nn.Module, batches, loss_fn, progress: bool = Tru
             m.weight.grad = None
     if steps == 0:
         raise ValueError("select_by_gradients: batches was empty")
+    missed = [n for n in targets if n not in reached]
+    if missed:
+        for p in model.parameters():
+            p.grad = None
+        raise ValueError(f"select_by_gradients: layers {missed[:4]}{' ...' if len(missed) > 4 else ''} got no "
+                         f"gradient from loss_fn in any batch (not used in the forward?); nothing was selected. "
+                         f"Leave them out of target_modules, or score them with a loss that reaches them")
     for p in model.parameters():
         p.grad = None  # the scoring passes are not a training step
     for n, m in targets.items():

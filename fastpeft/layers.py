@@ -24,8 +24,8 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from ._checks import (check_adapter_name, check_bool, check_dora_options, check_dropout, check_finite_number,
-                      check_in_features, check_init, check_linear, check_rank, check_routed_batch, check_sparse_delta,
-                      check_sparse_options, expand_adapter_ids)
+                      check_in_features, check_init, check_linear, check_rank, check_sparse_delta, check_sparse_options,
+                      expand_adapter_ids, routed_batch)
 from .functional import (dora_linear, lora_linear, lora_linear_multi, lora_sparse_linear, qlora_linear, resolve_backend,
                          sparse_delta_linear)
 from .ops.common import optimizer_steps
@@ -140,6 +140,11 @@ class TunerLayer(nn.Module):
 
 
 # ---- sparse deltas -----------------------------------------------------------------------------------
+
+def _per_row(ids: torch.Tensor, per: int) -> torch.Tensor:
+    """``ids`` (one per sequence) repeated for the ``per`` consecutive rows each sequence became."""
+    return ids if per == 1 else ids.repeat_interleave(per)
+
 
 class _SparsePlanCache:
     """What the op derives from a delta's indices, kept for the next call: the triton path's tile bucketing /
@@ -369,8 +374,9 @@ class FastLoRALinear(TunerLayer):
 
     def train(self, mode: bool = True):
         """``nn.Module.train``, the values kept between no-grad calls dropped first (the mixed-batch stacks, DoRA's
-        ‖W‖² and m / n, QLoRA's casts): they follow the Parameters' versions and optimizer steps, and a write through ``.data``
-        (seen by neither) is then seen at the next mode switch, as evaluation after training makes one."""
+        ‖W‖² and m / n, QLoRA's casts): they follow the Parameters' versions and optimizer steps, and a write
+        through ``.data`` (seen by neither) is then seen at the next mode switch, as evaluation after training
+        makes one."""
         self._stacks = self._wsq = None
         self.__dict__.pop("_dora_gain", None)
         self.__dict__.pop("_casts", None)
@@ -669,7 +675,7 @@ class FastLoRALinear(TunerLayer):
             raise RuntimeError("adapters with a sparse delta (RoSA) cannot be routed per row (adapter_ids / "
                                "mixed_batch); use set_adapter")
         if routed:
-            check_routed_batch(adapter_ids, x)
+            adapter_ids = _per_row(adapter_ids, routed_batch(adapter_ids.shape[0], x))
         ids = expand_adapter_ids(adapter_ids, x, len(self._specs), check_range=not routed)
         if not self._specs:
             return F.linear(x, self.weight, self.bias)
@@ -907,7 +913,7 @@ class QLoRALinear(FastLoRALinear):
             a, b, bias = self._compute_copies(qw.compute_dtype_for(x), *self._pair(self._active))
             return qlora_linear(x, qw, bias, a, b, s.scaling, s.lora_dropout, self.training)
         if routed:
-            check_routed_batch(adapter_ids, x)
+            adapter_ids = _per_row(adapter_ids, routed_batch(adapter_ids.shape[0], x))
         ids = expand_adapter_ids(adapter_ids, x, len(self._specs), check_range=not routed)
         if not self._specs:
             return self._base_forward(x)
@@ -1015,12 +1021,11 @@ class ModulesToSaveWrapper(nn.Module):
         if any(isinstance(a, torch.Tensor) for a in rest) or any(isinstance(v, torch.Tensor) for v in kwargs.values()):
             raise RuntimeError("mixed_batch routes a modules_to_save module by the first argument's batch dim "
                                "only; this call passes more tensors")
-        if x.shape[0] != len(self._routing):
-            raise ValueError(f"mixed_batch was given {len(self._routing)} adapter names, but this module's "
-                             f"input has batch size {x.shape[0]}")
+        per = routed_batch(len(self._routing), x)
+        names = [n for n in self._routing for _ in range(per)]  # each sequence's rows, expanded as generate does
         outs, order = [], []
-        for name in dict.fromkeys(self._routing):
-            rows = [i for i, n in enumerate(self._routing) if n == name]
+        for name in dict.fromkeys(names):
+            rows = [i for i, n in enumerate(names) if n == name]
             order += rows
             outs.append(self.module_for(name)(x[rows], *rest, **kwargs))
         out = torch.cat(outs)

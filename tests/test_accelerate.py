@@ -432,8 +432,11 @@ def test_fan_in_fan_out_layer_falls_back():
     model = peft.get_peft_model(Conv1DModel(), peft.LoraConfig(r=4, target_modules=["c_attn"], fan_in_fan_out=True,
                                                                init_lora_weights=False))
     x = torch.randn(5, 16)
-    with pytest.raises(ValueError, match="(?s)nothing it can compute.*unchanged.*remove the call.*Conv1D"):
-        fastpeft.accelerate(model)
+    with pytest.warns(UserWarning, match="(?s)nothing it can compute.*unchanged.*remove the call.*Conv1D"):
+        report = fastpeft.accelerate(model)  # not strict: a warning and the report, the model unchanged
+    assert report.patched == [] and "c_attn" in str(report) and type(model.base_model.model.c_attn).__name__ == "Linear"
+    with pytest.raises(ValueError, match="(?s)strict=True.*nothing was changed.*Conv1D"):
+        fastpeft.accelerate(model, strict=True)
     torch.manual_seed(0)
     model = peft.get_peft_model(Conv1DModel(), peft.LoraConfig(r=4, target_modules=["c_attn", "proj"],
                                                                fan_in_fan_out=True, init_lora_weights=False))

@@ -275,6 +275,15 @@ def test_mixed_batch_inside_transformers_generate():
         alone.append(model.generate(ids[i:i + 1], **kw))
     assert torch.equal(out, torch.cat(alone))
     assert not torch.equal(alone[0], alone[1]) or not torch.equal(alone[1], alone[2])
+    # beams and several returned sequences: generate repeats each sequence's rows, the names follow them
+    kw.update(num_beams=2, num_return_sequences=2)
+    with fastpeft.mixed_batch(model, names):
+        out = model.generate(ids, **kw)
+    alone = []
+    for i, name in enumerate(names):
+        fastpeft.set_adapter(model, name)
+        alone.append(model.generate(ids[i:i + 1], **kw))
+    assert out.shape[0] == 6 and torch.equal(out, torch.cat(alone))
 
 
 CASES_MULTI_FORMS = [  # (rows, adapters, ids kind, ranks mixed, dtype, batched)

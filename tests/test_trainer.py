@@ -242,6 +242,20 @@ def test_to_peft_same_outputs_adapters_and_trainable_set(base):
     assert_close_report(pm(input_ids=x).logits, want["default"], 1e-5, 1e-6, "to_peft + accelerate")
 
 
+@pytest.mark.parametrize("training", [False, True], ids=["eval", "train"])
+def test_to_peft_keeps_the_training_mode(base, training):
+    """An eval model converts to an eval PeftModel (no dropout: the same outputs, call after call); a training one
+    stays in training (PeftModel.from_pretrained(is_trainable=True) alone leaves every model in training)."""
+    model = fastpeft.inject(copy.deepcopy(base), fastpeft.LoraConfig(r=4, lora_dropout=0.3, target_modules=["q_proj"],
+                                                                     init_lora_weights=False)).train(training)
+    x = ids()
+    pm = fastpeft.to_peft(model)
+    assert pm.training is training and all(m.training is training for m in pm.modules())
+    if not training:
+        with torch.no_grad():
+            assert torch.equal(pm(input_ids=x).logits, pm(input_ids=x).logits)
+
+
 def test_to_peft_errors(base):
     with pytest.raises(TypeError, match="no fastpeft adapter"):
         fastpeft.to_peft(copy.deepcopy(base))
