@@ -266,23 +266,23 @@ def test_mixed_batch_inside_transformers_generate():
                 layer.adapter_parameters(name)[1].mul_(20)  # make each adapter change the greedy tokens
     ids = torch.randint(1, 64, (3, 5))
     names = ["x", None, "y"]
-    kw = dict(max_new_tokens=6, do_sample=False, pad_token_id=0)
-    with fastpeft.mixed_batch(model, names):
-        out = model.generate(ids, **kw)
-    alone = []
-    for i, name in enumerate(names):
-        fastpeft.set_adapter(model, name)
-        alone.append(model.generate(ids[i:i + 1], **kw))
+
+    def routed_and_alone(**kw):
+        """generate's output with the names routed, and each sequence's generated alone with its adapter set."""
+        kw.update(max_new_tokens=6, do_sample=False, pad_token_id=0)
+        with fastpeft.mixed_batch(model, names):
+            out = model.generate(ids, **kw)
+        alone = []
+        for i, name in enumerate(names):
+            fastpeft.set_adapter(model, name)
+            alone.append(model.generate(ids[i:i + 1], **kw))
+        return out, alone
+
+    out, alone = routed_and_alone()
     assert torch.equal(out, torch.cat(alone))
     assert not torch.equal(alone[0], alone[1]) or not torch.equal(alone[1], alone[2])
     # beams and several returned sequences: generate repeats each sequence's rows, the names follow them
-    kw.update(num_beams=2, num_return_sequences=2)
-    with fastpeft.mixed_batch(model, names):
-        out = model.generate(ids, **kw)
-    alone = []
-    for i, name in enumerate(names):
-        fastpeft.set_adapter(model, name)
-        alone.append(model.generate(ids[i:i + 1], **kw))
+    out, alone = routed_and_alone(num_beams=2, num_return_sequences=2)
     assert out.shape[0] == 6 and torch.equal(out, torch.cat(alone))
 
 
