@@ -139,12 +139,13 @@ class TunerLayer(nn.Module):
         return lin
 
 
-# ---- sparse deltas -----------------------------------------------------------------------------------
-
 def _per_row(ids: torch.Tensor, per: int) -> torch.Tensor:
-    """``ids`` (one per sequence) repeated for the ``per`` consecutive rows each sequence became."""
+    """``mixed_batch``'s ids (one per sequence) repeated for the ``per`` consecutive rows each sequence became
+    (``routed_batch``)."""
     return ids if per == 1 else ids.repeat_interleave(per)
 
+
+# ---- sparse deltas -----------------------------------------------------------------------------------
 
 class _SparsePlanCache:
     """What the op derives from a delta's indices, kept for the next call: the triton path's tile bucketing /
