@@ -480,13 +480,23 @@ def check_dora_options(use_dora, sparse_density) -> None:
                          "adapter has no sparse delta; use one or the other")
 
 
+# k of the enclosing ``fastpeft.mixed_batch(..., rows_per_sequence=k)`` block (1 outside one)
+ROWS_PER_SEQUENCE = [1]
+
+
 def routed_batch(n_names: int, x) -> int:
     """How many rows of a layer's input x (batch, ..., in) each of ``mixed_batch``'s ``n_names`` names (one per
-    sequence) covers: 1, or k when generation expanded each sequence into k consecutive rows (``generate``'s
-    ``num_beams`` / ``num_return_sequences``, as PEFT's ``adapter_names`` follows them)."""
-    batch = x.shape[0] if x.dim() >= 2 else 0
-    if batch == 0 or batch % n_names:
-        raise ValueError(f"mixed_batch was given {n_names} adapter_names (one per sequence), but this layer's input "
-                         f"has batch size {batch if x.dim() >= 2 else 'none'} (shape {tuple(x.shape)}): not a "
-                         f"multiple of it (generate's beams and returned sequences repeat each sequence)")
-    return batch // n_names
+    sequence) covers: 1, or the block's ``rows_per_sequence`` k when the batch is k times the names (generate's
+    expansion of each sequence into k consecutive rows: ``num_beams`` / ``num_return_sequences``). Anything else
+    raises: a batch that merely happens to be a multiple is not taken for an expansion."""
+    batch = x.shape[0] if x.dim() >= 2 else None
+    k = ROWS_PER_SEQUENCE[0]
+    if batch == n_names:
+        return 1
+    if k > 1 and batch == n_names * k:
+        return k
+    hint = (f" or {n_names * k} (rows_per_sequence={k})" if k > 1 else
+            "; inside generate with num_beams / num_return_sequences = k, give mixed_batch rows_per_sequence=k")
+    raise ValueError(f"mixed_batch was given {n_names} adapter_names (one per sequence), but this layer's input "
+                     f"has batch size {batch if batch is not None else 'none'} (shape {tuple(x.shape)}), expected "
+                     f"{n_names}{hint}")

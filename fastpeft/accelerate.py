@@ -50,6 +50,7 @@ from torch.nn.modules import module as _torch_module
 from .functional import dora_linear, lora_linear, lora_linear_multi, qlora_linear
 from .ops.common import optimizer_steps
 from .quant import _bnb_class_name, kept_quantized_weight
+from .reference import tracing_or_transformed
 
 _KERNEL_OR_REF_DTYPES = (torch.float32, torch.float16, torch.bfloat16, torch.float64)
 _classes: dict = {}  # PEFT's lora.Linear class -> its accelerated subclass (peft is imported lazily)
@@ -165,15 +166,16 @@ def _stacks(self, used: list, dev: torch.device) -> tuple:
     """``(A stack (n, r_max, in), B stack (n, out, r_max), scalings (n,) fp32, ranks (n,) int64 or None)`` of the
     adapters ``used``, zero-padded to the largest rank. Without anything to differentiate (PEFT's
     ``adapter_names`` serves inference: a generation loop calls every layer once per token) they are kept for
-    the next call with the same adapters, until one of their factors changes (replaced, or updated in place:
-    the tensor version) or a scaling does; with a gradient they are built from the Parameters at each call."""
+    the next call with the same adapters, until one of their factors changes (replaced, its data swapped, updated in
+    place: the tensor version, an optimizer step) or a scaling does; with a gradient (or while compiling or under a
+    torch.func transform) they are built from the Parameters at each call."""
     weights = [(self.lora_A[n].weight, self.lora_B[n].weight) for n in used]
     grad = torch.is_grad_enabled() and any(t.requires_grad for pair in weights for t in pair)
     key = None
-    if not grad:
+    if not grad and not tracing_or_transformed():
         # the factors themselves are held by the entry and compared by identity (an id() could be reused)
         key = (tuple(used), dev, tuple(float(self.scaling[n]) for n in used),
-               tuple((a._version, b._version) for a, b in weights), optimizer_steps())
+               tuple((t._version, t.data_ptr(), t.dtype, t.shape) for pair in weights for t in pair), optimizer_steps())
         hit = self.__dict__.get("_fastpeft_stacks")
         if hit is not None and hit[0] == key and all(x is y for x, y in zip(hit[1], (t for p in weights for t in p))):
             return hit[2]
@@ -324,7 +326,7 @@ def runtime_fallback_reason(self, x, args=(), kwargs=None):
     for t in tensors:
         if type(t) not in _PLAIN_TYPES or t.layout != torch.strided or t.dtype not in _KERNEL_OR_REF_DTYPES or (
                 t is x and dev.type == "meta"):
-            return f"a {type(t).__name__} of dtype {t.dtype} on {t.device}"
+            return f"a {type(t).__name__} of dtype {getattr(t, 'dtype', None)} on {getattr(t, 'device', None)}"
         if t.device != dev:
             return f"parameters on {t.device}, input on {dev}"
         dtypes.add(t.dtype)
@@ -380,8 +382,10 @@ def _apply(self, fn, *args, **kwargs):
 
 def _train(self, mode: bool = True):
     """PEFT's ``train`` / ``eval``, the kept values dropped first: a write through ``.data`` (which no version
-    counter sees) is then seen at the next mode switch, as evaluation after training makes one."""
-    _drop_kept(self)
+    counter sees) is then seen at the next mode switch, as evaluation after training makes one. Only on a switch:
+    Trainer calls ``train()`` at every step, and a captured CUDA graph may read them."""
+    if bool(mode) != self.training:
+        _drop_kept(self)
     return self._fastpeft_original.train(self, mode)
 
 

@@ -16,8 +16,9 @@ from typing import Optional, Union
 import torch
 import torch.nn as nn
 
-from ._checks import (check_adapter_name, check_bool, check_choice, check_dora_options, check_dropout, check_file_tensors,
-                      check_finite_number, check_init, check_rank, check_sparse_delta, check_sparse_options)
+from ._checks import (ROWS_PER_SEQUENCE, check_adapter_name, check_bool, check_choice, check_dora_options, check_dropout,
+                      check_file_tensors, check_finite_number, check_init, check_rank, check_sparse_delta,
+                      check_sparse_options)
 from .layers import DORA_QUANTIZED, FastLoRALinear, ModulesToSaveWrapper, QLoRALinear, SparseDeltaLinear, rosa_spec
 from .matching import (compile_pattern, default_targets, is_all_linear, is_bias, matches, name_list, output_head, pattern_value,
                        set_submodule)
@@ -747,16 +748,20 @@ def delete_adapter(model: nn.Module, adapter_name: str) -> None:
 
 
 @contextlib.contextmanager
-def mixed_batch(model: nn.Module, adapter_names):
+def mixed_batch(model: nn.Module, adapter_names, rows_per_sequence: int = 1):
     """Route one adapter (or None = base) per sequence of the batch through every LoRA layer.
 
     ``adapter_names``: a list with one name or None per sequence (dim 0 of each layer's input). Inside
     the block each LoRA layer applies row i's adapter to every token of sequence i, also to the new
     tokens of a generation loop; layers that lack an adapter run their base for its sequences.
+    ``rows_per_sequence`` k: layers whose batch is k times the names take each name for k consecutive rows, as
+    ``generate`` expands each sequence (k = ``num_beams`` in beam search, ``num_return_sequences`` when sampling);
+    any other batch size raises.
     """
     configs = adapter_configs(model)
     if not isinstance(adapter_names, (list, tuple)) or not adapter_names:
         raise TypeError(f"adapter_names must be a non-empty list of adapter names or None, got {adapter_names!r}")
+    check_rank(rows_per_sequence, "rows_per_sequence")
     unknown = sorted({n for n in adapter_names if n is not None and n not in configs}, key=str)
     if unknown:
         raise ValueError(f"adapter_names {unknown} are not adapters of this model; it has {list(configs)}")
@@ -766,11 +771,13 @@ def mixed_batch(model: nn.Module, adapter_names):
                          "use set_adapter")
     routed = [*lora_layers(model).values(), *saved_module_wrappers(model).values()]
     previous = [m.routing for m in routed]
+    previous_k, ROWS_PER_SEQUENCE[0] = ROWS_PER_SEQUENCE[0], rows_per_sequence
     try:
         for m in routed:
             m.set_routing(list(adapter_names))
         yield model
     finally:
+        ROWS_PER_SEQUENCE[0] = previous_k
         for m, names in zip(routed, previous):
             m.set_routing(names)
 

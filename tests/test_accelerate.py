@@ -913,6 +913,7 @@ def test_per_call_tensor_checks_name_what_falls_back(base, ids):
          "a Parameter of dtype torch.int32 on cpu"),
         ("weight", nn.Parameter(torch.empty(w.shape, device="meta")), "parameters on meta, input on cpu"),
         ("bias", nn.Parameter(torch.zeros(w.shape[0])), "adapter 'default' has factors of type Linear / Linear"),
+        ("weight", None, "a NoneType of dtype None on None"),
     ]
     for name, value, why in cases:
         old = lora_a._parameters.get(name)

@@ -467,6 +467,8 @@ CASES = [
         ("adapter_names", "['zzz']", "['default']"), _lora_model),
     Bad("mixed_batch-2-names-for-batch-3", lambda m: _mixed(m, ["default", None], _t(3, 5, IN)), ValueError,
         ("adapter_names", "2", "batch size 3"), _lora_model),
+    Bad("mixed_batch-rows_per_sequence-0", lambda m: fastpeft.mixed_batch(m, ["default"], rows_per_sequence=0).__enter__(),
+        ValueError, ("rows_per_sequence", "positive int", "0"), _lora_model),
     Bad("mixed_batch-a-str", lambda m: _mixed(m, "default", _t(2, 5, IN)), TypeError, ("adapter_names", "'default'"),
         _lora_model),
     Bad("mixed_batch-empty", lambda m: _mixed(m, [], _t(2, 5, IN)), TypeError, ("adapter_names", "[]"), _lora_model),

@@ -110,3 +110,37 @@ def test_accelerated_peft_follows_fused_adamw(use_dora):
         got = model(x, **kw)
         want = fastpeft.restore(copy.deepcopy(model))(x, **kw)
     assert_close_report(got, want, 1e-5, 1e-6, "accelerated after fused AdamW")
+
+
+def test_a_no_op_mode_call_keeps_the_values():
+    """``eval()`` on a layer already in eval (Trainer calls ``train()`` at every step) keeps what is kept: a captured
+    CUDA graph may read it, and rebuilding DoRA's ‖W‖² each step costs a pass over W."""
+    import weakref
+
+    layer, extra, x = _layer("dora")
+    _no_grad_and_grad(layer, x, extra)
+    kept = weakref.ref(layer._wsq[1])
+    layer.eval()
+    assert kept() is not None and layer._wsq is not None
+    layer.train()
+    assert layer._wsq is None
+
+
+def test_accelerated_adapter_names_stacks_follow_a_data_swap():
+    """accelerate's kept adapter_names stacks key on the factors' data pointers too: a ``.data =`` swap (DeepSpeed
+    style; no version bump, no optimizer step) is seen at the next call."""
+    peft = pytest.importorskip("peft")
+    torch.manual_seed(0)
+    model = peft.get_peft_model(nn.Sequential(nn.Linear(16, 8)), peft.LoraConfig(
+        r=2, target_modules=["0"], init_lora_weights=False), adapter_name="x")
+    model.add_adapter("y", peft.LoraConfig(r=2, target_modules=["0"], init_lora_weights=False))
+    model.eval()
+    fastpeft.accelerate(model)
+    x, kw = torch.randn(4, 16), {"adapter_names": ["x", "y", "x", "y"]}
+    with torch.no_grad():
+        model(x, **kw)
+        lin = model.base_model.model[0].lora_A["y"]
+        lin.weight.data = torch.randn_like(lin.weight) * 3
+        got = model(x, **kw)
+        want = fastpeft.restore(copy.deepcopy(model))(x, **kw)
+    assert_close_report(got, want, 1e-5, 1e-6, "after a .data swap")

@@ -267,10 +267,10 @@ def test_mixed_batch_inside_transformers_generate():
     ids = torch.randint(1, 64, (3, 5))
     names = ["x", None, "y"]
 
-    def routed_and_alone(**kw):
+    def routed_and_alone(k=1, **kw):
         """generate's output with the names routed, and each sequence's generated alone with its adapter set."""
         kw.update(max_new_tokens=6, do_sample=False, pad_token_id=0)
-        with fastpeft.mixed_batch(model, names):
+        with fastpeft.mixed_batch(model, names, rows_per_sequence=k):
             out = model.generate(ids, **kw)
         alone = []
         for i, name in enumerate(names):
@@ -282,8 +282,14 @@ def test_mixed_batch_inside_transformers_generate():
     assert torch.equal(out, torch.cat(alone))
     assert not torch.equal(alone[0], alone[1]) or not torch.equal(alone[1], alone[2])
     # beams and several returned sequences: generate repeats each sequence's rows, the names follow them
-    out, alone = routed_and_alone(num_beams=2, num_return_sequences=2)
+    out, alone = routed_and_alone(2, num_beams=2, num_return_sequences=2)
     assert out.shape[0] == 6 and torch.equal(out, torch.cat(alone))
+    with pytest.raises(ValueError, match=r"batch size 6.*rows_per_sequence=k"):  # no k given: no guess
+        routed_and_alone(num_beams=2)
+    x = torch.randn(6, 5, 32)  # a batch that is 2 x the names is not taken for beams unless k = 2 is given
+    with pytest.raises(ValueError, match=r"3 adapter_names.*batch size 6.*expected 3 or 9 \(rows_per_sequence=3\)"):
+        with fastpeft.mixed_batch(model, names, rows_per_sequence=3):
+            model.model.layers[0].self_attn.q_proj(x)
 
 
 CASES_MULTI_FORMS = [  # (rows, adapters, ids kind, ranks mixed, dtype, batched)
