@@ -134,8 +134,9 @@ class Rows(torch.utils.data.Dataset):
 
 
 def trainer_for(model, out, **kw):
+    kw = {"learning_rate": 5e-3, **kw}
     args = transformers.TrainingArguments(
-        output_dir=str(out), max_steps=2, per_device_train_batch_size=2, learning_rate=5e-3, logging_steps=1,
+        output_dir=str(out), max_steps=2, per_device_train_batch_size=2, logging_steps=1,
         save_steps=1, save_strategy="steps", report_to=[], use_cpu=True, seed=0, disable_tqdm=True,
         dataloader_num_workers=0, **kw)
     return transformers.Trainer(model=model, args=args, train_dataset=Rows(), eval_dataset=Rows(4))
@@ -164,6 +165,27 @@ def test_trainer_checkpoints_hold_adapters_and_resume_follows_the_same_curve(bas
     after = losses(resumed)  # step 1's loss comes back with the checkpoint's trainer state, step 2's is new
     assert len(after) == 2 and after[0] == curve[0], resumed.state.log_history
     assert abs(after[1] - curve[1]) <= 1e-5 * abs(curve[1]), (after, curve)
+
+
+@pytest.mark.parametrize("optim", ["adamw_torch_fused", "adamw_bnb_8bit"])
+def test_trainer_eval_after_steps_of_optimizers_that_bump_no_version(base, tmp_path, optim):
+    """Trainer's default optimizer (fused AdamW) and bitsandbytes' update the adapters in place without bumping their
+    version counters: each evaluation's loss must be the trained model's, recomputed from the step's checkpoint in a
+    fresh model (DoRA's kept norm once stayed at its pre-training value)."""
+    if optim == "adamw_bnb_8bit":
+        pytest.importorskip("bitsandbytes")
+    model = injected(base, target_modules="all-linear", use_dora=True)
+    trainer = trainer_for(model, tmp_path, eval_strategy="steps", eval_steps=1, optim=optim, learning_rate=5e-2)
+    trainer.train()
+    reported = [h["eval_loss"] for h in trainer.state.log_history if "eval_loss" in h]
+    batch = torch.stack([Rows(4)[i]["input_ids"] for i in range(4)])
+    fresh = []
+    for step in (1, 2):
+        m = fastpeft.load_adapter(copy.deepcopy(base), tmp_path / f"checkpoint-{step}").eval()
+        with torch.no_grad():
+            fresh.append(m(input_ids=batch, labels=batch).loss.item())
+    assert len(reported) == 2 and fresh[0] != fresh[1]
+    assert reported == pytest.approx(fresh, rel=1e-5), (reported, fresh)
 
 
 # ---------------------------------------------------------------------------------------------------------
