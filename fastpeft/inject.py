@@ -16,8 +16,8 @@ from typing import Optional, Union
 import torch
 import torch.nn as nn
 
-from ._checks import (ROWS_PER_SEQUENCE, check_adapter_name, check_bool, check_choice, check_dora_options, check_dropout,
-                      check_file_tensors, check_finite_number, check_init, check_rank, check_sparse_delta,
+from ._checks import (ROWS_PER_SEQUENCE, check_adapter_name, check_bool, check_choice, check_dora_options,
+                      check_dropout, check_file_tensors, check_finite_number, check_init, check_rank, check_sparse_delta,
                       check_sparse_options)
 from .layers import DORA_QUANTIZED, FastLoRALinear, ModulesToSaveWrapper, QLoRALinear, SparseDeltaLinear, rosa_spec
 from .matching import (compile_pattern, default_targets, is_all_linear, is_bias, matches, name_list, output_head, pattern_value,

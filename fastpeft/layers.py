@@ -377,7 +377,8 @@ class FastLoRALinear(TunerLayer):
         """``nn.Module.train``, the values kept between no-grad calls dropped first (the mixed-batch stacks, DoRA's
         ‖W‖² and m / n, QLoRA's casts): they follow the Parameters' versions and optimizer steps, and a write
         through ``.data`` (seen by neither) is then seen at the next mode switch, as evaluation after training
-        makes one. Only on a switch: Trainer calls ``train()`` at every step, and a captured CUDA graph may read them."""
+        makes one. Only on a switch: Trainer calls ``train()`` at every step, and a captured CUDA graph may read
+        them."""
         if bool(mode) != self.training:
             self._stacks = self._wsq = None
             self.__dict__.pop("_dora_gain", None)

@@ -13,8 +13,8 @@ import operator
 import torch
 import torch.nn.functional as F
 
-from ..reference import (DORA_DROPOUT_MODES, dora_linear_ref, dropout_threshold,
-                         keep_mask_stream, lora_dropout_ref, lora_dropout_stream, use_cpu_stream)
+from ..reference import (DORA_DROPOUT_MODES, dora_linear_ref, dropout_threshold, keep_mask_stream, lora_dropout_ref,
+                         lora_dropout_stream, use_cpu_stream)
 from .common import _bucket, optimizer_steps, returned
 
 BACKENDS = ("reference", "triton")
