@@ -8,6 +8,7 @@ The norm is detached (DoRA paper §4.3, PEFT's ``weight_norm.detach()``).
 """
 from __future__ import annotations
 
+import functools
 import operator
 
 import torch
@@ -300,6 +301,27 @@ def _plain_dy_side(dy, weight, bias, lora_A, lora_B, g, u, y, s, seed, thr, ds, 
     return run[KL.timed_choice(_path_cache, key, mode, dy.device, run, "kernels")]()
 
 
+def _fwd_kernels(x, weight, bias, lora_A, lora_B, g, scaling, seed, thr, ds, exact) -> tuple:
+    K, KL = _kernels()
+    u = KL.shrink_op(x, lora_A.t(), ds, seed, thr, x.shape[1], 1)
+    return K.gemm_op(K.FWD_EXACT if exact else K.FWD, x, weight.t(), u, lora_B.t(), g, bias, scaling, seed, thr, ds), u
+
+
+def _fwd_tma_shrink(x, weight, bias, lora_A, lora_B, g, scaling, seed, thr, ds, exact) -> tuple:
+    from ..kernels import lora_tma as KT
+    return KT.lora_forward_tma(x=x, w_t=weight.t(), lora_A=lora_A, lv=lora_B.t(), bias=bias, scale=scaling,
+                               drop_scale=ds, seed=seed, threshold=thr, col_scale=g)
+
+
+def _fwd_decode(x, weight, bias, lora_A, lora_B, g, scaling, seed, thr, ds, exact) -> tuple:
+    from ..kernels import quant as KQ
+    return KQ.lora_decode(x, weight, lora_A, lora_B, bias, scaling, ds, seed, thr, col_scale=g)
+
+
+# The plain forward's compositions on the kernels (the exact mode runs the first only).
+_DORA_FORWARDS = {"kernels": _fwd_kernels, "tma-shrink": _fwd_tma_shrink, "decode": _fwd_decode}
+
+
 def _forward(x, weight, bias, lora_A, lora_B, g, scaling, p, seed, thr, ds, exact, impl, keep_z=False) -> tuple:
     """``(y, u, z)`` of ``DoRALinearFunction``'s forward (z, the PyTorch path's x̃ Wᵀ + s u Bᵀ, only with
     ``keep_z`` in the exact mode, else None), g = m / n given (see there). The plain forward on the
@@ -310,34 +332,31 @@ def _forward(x, weight, bias, lora_A, lora_B, g, scaling, p, seed, thr, ds, exac
     (``kernels.quant.lora_decode``); FASTPEFT_LORA_GEMM=tma-shrink / decode forces one where it can run."""
     if impl == "triton":
         K, KL = _kernels()
-        k = x.shape[1]
-
-        def kernels():
-            u = KL.shrink_op(x, lora_A.t(), ds, seed, thr, k, 1)
-            mode = K.FWD_EXACT if exact else K.FWD
-            return K.gemm_op(mode, x, weight.t(), u, lora_B.t(), g, bias, scaling, seed, thr, ds), u
-
-        from . import lora as OL  # imports the kernels: only on the triton path
-        run = {"kernels": kernels}
-        if not exact and OL._fused_shrink_offered(x, weight, lora_A):
-            def fused_shrink():
-                from ..kernels import lora_tma as KT
-                return KT.lora_forward_tma(x=x, w_t=weight.t(), lora_A=lora_A, lv=lora_B.t(), bias=bias,
-                                           scale=scaling, drop_scale=ds, seed=seed, threshold=thr, col_scale=g)
-            run["tma-shrink"] = fused_shrink
-        if not exact and OL._decode_offered(x.shape[0]):
-            def decode():
-                from ..kernels import quant as KQ
-                return KQ.lora_decode(x, weight, lora_A, lora_B, bias, scaling, ds, seed, thr, col_scale=g)
-            run["decode"] = decode
-        if len(run) == 1:  # the exact mode, or nothing fused offered: the kernels, whatever is forced
-            return (*kernels(), None)
-        key = ("fwd", _bucket(x.shape[0]), k, weight.shape[0], lora_A.shape[0], x.dtype, bias is not None, thr > 0)
+        args = (x, weight, bias, lora_A, lora_B, g, scaling, seed, thr, ds, exact)
+        if exact:  # the kernels alone offer the exact mode's two GEMMs
+            return (*_fwd_kernels(*args), None)
+        key = ("fwd", _bucket(x.shape[0]), x.shape[1], weight.shape[0], lora_A.shape[0], x.dtype, bias is not None,
+               thr > 0)
         # FASTPEFT_LORA_GEMM: "tma-shrink" / "decode" force those paths where offered, "auto" times, the others
-        # (and a forced path not offered here) keep the kernels
+        # (and a forced path not offered here) keep the kernels. A settled choice every call can run (the kernels,
+        # decode) needs no candidates: a decode step's host time (as ops.lora's forward)
         mode = KL.gemm_mode()
-        mode = mode if mode == "auto" or mode in run else "kernels"
-        return (*run[KL.timed_choice(_path_cache, key, mode, x.device, run, "kernels")](), None)
+        name = None
+        if mode == "auto":
+            name = KL.settled_choice(_path_cache, key, x.device, "kernels", "kernels")
+            name = name if name in ("kernels", "decode") else None
+        elif mode not in ("tma-shrink", "decode"):
+            name = "kernels"
+        if name is None:
+            from . import lora as OL  # imports the kernels: only on the triton path
+            run = {"kernels": functools.partial(_fwd_kernels, *args)}
+            if OL._fused_shrink_offered(x, weight, lora_A):
+                run["tma-shrink"] = functools.partial(_fwd_tma_shrink, *args)
+            if OL._decode_offered(x.shape[0]):
+                run["decode"] = functools.partial(_fwd_decode, *args)
+            name = "kernels" if len(run) == 1 else KL.timed_choice(
+                _path_cache, key, mode if mode == "auto" or mode in run else "kernels", x.device, run, "kernels")
+        return (*_DORA_FORWARDS[name](*args), None)
     dt = g.dtype
     # the CPU stream on the CPU path (SplitMix64, as plain LoRA's: the Philox stream in PyTorch's int64 ops
     # costs more than the GEMMs), the kernels' Philox stream elsewhere
