@@ -48,7 +48,7 @@ import torch.nn.functional as F
 from torch.nn.modules import module as _torch_module
 
 from .functional import dora_linear, lora_linear, lora_linear_multi, qlora_linear
-from .ops.common import optimizer_steps
+from .ops.common import kept_state
 from .quant import _bnb_class_name, kept_quantized_weight
 from .reference import tracing_or_transformed
 
@@ -175,7 +175,7 @@ def _stacks(self, used: list, dev: torch.device) -> tuple:
     if not grad and not tracing_or_transformed():
         # the factors themselves are held by the entry and compared by identity (an id() could be reused)
         key = (tuple(used), dev, tuple(float(self.scaling[n]) for n in used),
-               tuple((t._version, t.data_ptr(), t.dtype, t.shape) for pair in weights for t in pair), optimizer_steps())
+               kept_state([t for pair in weights for t in pair]))
         hit = self.__dict__.get("_fastpeft_stacks")
         if hit is not None and hit[0] == key and all(x is y for x, y in zip(hit[1], (t for p in weights for t in p))):
             return hit[2]

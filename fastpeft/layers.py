@@ -28,7 +28,7 @@ from ._checks import (check_adapter_name, check_bool, check_dora_options, check_
                       expand_adapter_ids, routed_batch)
 from .functional import (dora_linear, lora_linear, lora_linear_multi, lora_sparse_linear, qlora_linear, resolve_backend,
                          sparse_delta_linear)
-from .ops.common import optimizer_steps
+from .ops.common import kept_state, optimizer_steps
 from .ops.dora import weight_sq_norms
 from .quant import (QuantizedWeight, assign_merged_weight, base_kind, call_buffer, dequantize_weight, is_quantized,
                     kept_quantized_weight, merged_weight)
@@ -577,8 +577,7 @@ class FastLoRALinear(TunerLayer):
         params = self._all_pairs()
         # Read at every call (a mixed decode step's host time: 1 µs an adapter, was 4.8 through nn.Module's
         # lookups): each Parameter's identity, and its version, storage, dtype, device and shape.
-        state = [(p._version, p.data_ptr(), p.dtype, p.device, p.shape) for p in params]
-        state.append(optimizer_steps())  # fused / bitsandbytes optimizers bump no version
+        state = kept_state(params)
         cached = self._stacks
         if cached is None or cached[1] != state or len(cached[0]) != len(params) \
                 or not all(map(operator.is_, params, cached[0])):
@@ -730,6 +729,7 @@ class FastLoRALinear(TunerLayer):
         if tracing_or_transformed():
             return None
         w = self.weight
+        # a frozen W: no optimizer step changes it (with kept_state every training step would recompute ‖W‖²)
         key = (w.data_ptr(), w._version, w.dtype, w.device, tuple(w.shape), optimizer_steps() if w.requires_grad else 0)
         if self._wsq is None or self._wsq[0] != key:
             self._wsq = (key, weight_sq_norms(w.detach()))
@@ -868,8 +868,7 @@ class QLoRALinear(FastLoRALinear):
         if (a.dtype == b.dtype == cdt and (bias is None or bias.dtype == cdt)) or tracing_or_transformed() or (
                 torch.is_grad_enabled() and any(p is not None and p.requires_grad for p in params)):
             return params
-        state = [None if p is None else (p._version, p.data_ptr(), p.dtype, p.device, p.shape) for p in params]
-        state += (cdt, optimizer_steps())
+        state = kept_state(params) + (cdt,)
         cached = self._casts
         if cached is None or cached[1] != state or not all(map(operator.is_, params, cached[0])):
             with torch.no_grad():

@@ -42,6 +42,14 @@ def optimizer_steps() -> int:
     return _OPTIMIZER_STEPS[0]
 
 
+def kept_state(tensors) -> tuple:
+    """The key of a value derived from ``tensors`` and kept between no-grad calls: each tensor's version, storage,
+    dtype, device and shape (None for None), and ``optimizer_steps()`` (fused / bitsandbytes optimizers bump no
+    version). Compared with ``==`` alongside the tensors' identities, which the caller holds."""
+    return tuple(None if t is None else (t._version, t.data_ptr(), t.dtype, t.device, t.shape)
+                 for t in tensors) + (optimizer_steps(),)
+
+
 def capturing() -> bool:
     """Whether a CUDA graph is being captured on the current stream (a host sync there is an error, and a
     host value is baked into the graph). ``kernels._common.capturing`` is the kernels' own copy: they import

@@ -16,7 +16,7 @@ import torch.nn.functional as F
 
 from ..reference import (DORA_DROPOUT_MODES, dora_linear_ref, dropout_threshold, keep_mask_stream, lora_dropout_ref,
                          lora_dropout_stream, use_cpu_stream)
-from .common import _bucket, optimizer_steps, returned
+from .common import _bucket, kept_state, returned
 
 BACKENDS = ("reference", "triton")
 # The factored norm is trusted where ‖W_j + sB_jA‖² >= CANCEL_RATIO · (‖W_j‖² + |cross_j| + quad_j): its fp32
@@ -382,8 +382,7 @@ def _cached_gain(norm_cache: dict, weight, lora_A, lora_B, magnitude, scaling: f
     ``.data`` is not seen, as for the layers' other caches), the scaling, the backend and the dtype it is in.
     The norm reads all of W (a kernel on the triton path, as long as the forward's GEMM at decode sizes)."""
     objs = (weight, lora_A, lora_B, magnitude)
-    state = [(t._version, t.data_ptr(), t.dtype, t.device, t.shape) for t in objs]
-    state.append((scaling, backend, x_dtype, optimizer_steps()))  # fused / bitsandbytes optimizers bump no version
+    state = kept_state(objs) + (scaling, backend, x_dtype)
     cached = norm_cache.get("gain")
     if cached is None or cached[1] != state or not all(map(operator.is_, objs, cached[0])):
         norm = dora_norm(weight, lora_A, lora_B, scaling, weight_sq_norm, backend)
