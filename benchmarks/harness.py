@@ -2,8 +2,10 @@
 
 Timing: on CUDA ``triton.testing.do_bench`` (warm-up, then the median and 20/80% quantiles of CUDA-event
 timings, with the L2 cache flushed between runs) and peak memory from ``torch.cuda.max_memory_allocated``;
-on the CPU the same statistics from ``time.perf_counter`` over repeated calls after warm-up. Inputs are
-fresh random tensors (never zeros). Ratios are only ever taken within one run.
+on the CPU the same statistics from ``time.perf_counter`` over single calls after warm-up, the providers of
+a group taking turns (``bench_interleaved``: a shared CPU's drift, another tenant's load or the allocator's
+state, falls on every provider alike, not on whichever ran during it). Inputs are fresh random tensors (never
+zeros). Ratios are only ever taken within one run.
 
 The runner: a bench script describes itself as a ``Benchmark`` (its options, its ``Case`` list, its table
 columns) and calls ``main(benchmark, argv)``, which parses the options (the script's, then ``--dtype``,
@@ -77,8 +79,52 @@ def bench(fn, device: str, warmup_ms: float = 25, rep_ms: float = 100) -> Timing
         t0 = time.perf_counter()
         fn()
         times.append((time.perf_counter() - t0) * 1e3)
-    q = statistics.quantiles(times, n=10)
+    return _stats(times)
+
+
+# Rounds of a CPU group's interleaved timing: each provider's calls are spread over this many turns.
+CPU_ROUNDS = 5
+
+
+def _stats(times: list) -> Timing:
+    """Median and 20/80% quantiles of single-call times (ms)."""
+    q = statistics.quantiles(times, n=10) if len(times) > 1 else [times[0]] * 9
     return Timing(statistics.median(times), q[1], q[7])
+
+
+def bench_interleaved(fns: dict, warmup_ms: float = 25, rep_ms: float = 100, rounds: int = CPU_ROUNDS) -> tuple:
+    """``(times, failed)`` of CPU callables timed in turns: {name: Timing} (as ``bench`` gives, without memory)
+    and {name: the exception} of those whose call raised (the others go on without them).
+
+    Each provider is warmed up (~``warmup_ms``), then ``rounds`` rounds each give every provider ~``rep_ms /
+    rounds`` of single timed calls (at least one), the providers' order rotating from round to round so that
+    none always runs right after the same one (which would leave it that one's caches). The statistics pool a
+    provider's calls over the rounds: a slow phase of a shared machine falls on every provider alike."""
+    once, failed = {}, {}
+    for name, fn in fns.items():
+        try:
+            t0 = time.perf_counter()
+            fn()
+            once[name] = max(time.perf_counter() - t0, 1e-6)
+            for _ in range(max(1, int(warmup_ms / 1e3 / once[name]))):
+                fn()
+        except Exception as exc:
+            failed[name] = exc
+    names = [n for n in fns if n in once]
+    samples = {n: [] for n in names}
+    for r in range(rounds if names else 0):
+        for n in names[r % len(names):] + names[:r % len(names)]:
+            if n in failed:  # raised in an earlier round
+                continue
+            fn, reps = fns[n], max(1, int(rep_ms / rounds / 1e3 / once[n]))
+            try:
+                for _ in range(reps):
+                    t0 = time.perf_counter()
+                    fn()
+                    samples[n].append((time.perf_counter() - t0) * 1e3)
+            except Exception as exc:  # a provider that fails on a later call: a result like the others
+                failed[n] = exc
+    return {n: _stats(samples[n]) for n in names if n not in failed}, failed
 
 
 def parse_kxn(s: str) -> tuple:
@@ -455,12 +501,17 @@ def _time_group(group: Group, device: str, warmup_ms: float, rep_ms: float, wher
     whose call raised (a provider that cannot run here is a result: the table goes on), and ``check_errors``."""
     times, failed = {}, {}
     with contextlib.nullcontext() if group.grad else torch.no_grad():
-        for name, fn in group.calls.items():
-            try:
-                times[name] = bench(fn, device, warmup_ms, rep_ms)
-            except Exception as exc:
-                failed[name] = failure(exc)
-                print(f"{where} {group.fields} {name}: {failed[name]}", file=sys.stderr)
+        if device == "cuda":
+            for name, fn in group.calls.items():
+                try:
+                    times[name] = bench(fn, device, warmup_ms, rep_ms)
+                except Exception as exc:
+                    failed[name] = exc
+        else:  # the providers in turns (bench_interleaved): a shared CPU drifts
+            times, failed = bench_interleaved(group.calls, warmup_ms, rep_ms)
+        failed = {name: failure(exc) for name, exc in failed.items()}
+        for name, why in failed.items():
+            print(f"{where} {group.fields} {name}: {why}", file=sys.stderr)
         return times, failed, check_errors(group, failed)
 
 

@@ -2,6 +2,7 @@
 inputs freed between cases, and ``main`` building the options and the table of a toy bench."""
 import json
 import os
+import time
 import weakref
 
 import pytest
@@ -231,3 +232,29 @@ def test_a_provider_that_raises_is_a_row_and_the_table_goes_on(capsys):
     assert "bad: run failed: RuntimeError" in capsys.readouterr().err
     text = harness.to_markdown("t\nenv\n\n", rows, harness.TIMING_COLUMNS + harness.ERROR_COLUMNS)
     assert "| bad | - | - | - | - | run failed: RuntimeError: no kernel / here |" in text
+
+
+
+def test_cpu_providers_take_turns_and_a_late_failure_is_a_result():
+    """On the CPU a group's providers are timed in rounds, their order rotating, so that a shared machine's slow
+    phase falls on all of them; one that raises only on a later call is reported failed, the others go on."""
+    order, calls = [], {"late": 0}
+
+    def provider(name):
+        def fn():
+            order.append(name)
+            time.sleep(1e-4)
+        return fn
+
+    def late():
+        calls["late"] += 1
+        if calls["late"] > 3:  # its estimate, warm-up and first round pass; it raises in the second round
+            raise RuntimeError("broke")
+        order.append("late")
+    fns = {"a": provider("a"), "b": provider("b"), "late": late}
+    times, failed = harness.bench_interleaved(fns, warmup_ms=0, rep_ms=0, rounds=4)  # one call a turn
+    assert sorted(times) == ["a", "b"] and list(failed) == ["late"] and str(failed["late"]) == "broke"
+    assert all(t.p20_ms <= t.median_ms <= t.p80_ms and t.median_ms >= 0.1 for t in times.values())
+    assert order[:6] == ["a", "a", "b", "b", "late", "late"]  # each one's estimate and warm-up
+    # rounds: a b late | b (late) a | (late) a b | a b
+    assert order[6:] == ["a", "b", "late", "b", "a", "a", "b", "a", "b"]
