@@ -28,7 +28,7 @@ from ._checks import (check_adapter_name, check_bool, check_dora_options, check_
                       expand_adapter_ids, routed_batch)
 from .functional import (dora_linear, lora_linear, lora_linear_multi, lora_sparse_linear, qlora_linear, resolve_backend,
                          sparse_delta_linear)
-from .ops.common import kept_state, optimizer_steps
+from .ops.common import kept_state, optimizer_steps, outside_inference_mode, tensor_version
 from .ops.dora import weight_sq_norms
 from .quant import (QuantizedWeight, assign_merged_weight, base_kind, call_buffer, dequantize_weight, is_quantized,
                     kept_quantized_weight, merged_weight)
@@ -425,6 +425,7 @@ class FastLoRALinear(TunerLayer):
         if use_dora:
             self._add_magnitude(name, trains)
         self._meta = None
+        self._reroute()
 
     def _adapter_kwargs(self) -> dict:
         """Device and dtype of new adapters' Parameters: the base weight's."""
@@ -462,6 +463,13 @@ class FastLoRALinear(TunerLayer):
         if self._active == name:
             self._active = None
         self._meta = None
+        self._reroute()
+
+    def _reroute(self) -> None:
+        """Inside ``fastpeft.mixed_batch``, the routing ids again after an adapter was added or deleted (ids are
+        positions in ``adapter_names``, which shift): each sequence keeps its adapter's name."""
+        if self._routing is not None:
+            self.set_routing(self._routing[0])
 
     def _spec_of(self, name: str | None) -> AdapterSpec:
         name = self._active if name is None else name
@@ -555,7 +563,8 @@ class FastLoRALinear(TunerLayer):
             self._routing = None
             return
         local = {n: i for i, n in enumerate(self.adapter_names)}
-        ids = torch.tensor([local.get(n, -1) for n in adapter_names], dtype=torch.int64, device=self.weight.device)
+        with outside_inference_mode():  # kept for the block's calls: a normal tensor (its groups are cached by version)
+            ids = torch.tensor([local.get(n, -1) for n in adapter_names], dtype=torch.int64, device=self.weight.device)
         self._routing = (list(adapter_names), ids)
 
     # ---- stacks for the many-adapter kernels ---------------------------------------------------
@@ -602,9 +611,10 @@ class FastLoRALinear(TunerLayer):
         """(scalings fp32, ranks int64, dropout fp32) tensors (n,) on ``device``, cached."""
         if self._meta is None or self._meta[0].device != device:
             specs = list(self._specs.values())
-            self._meta = (torch.tensor([s.scaling for s in specs], dtype=torch.float32, device=device),
-                          torch.tensor([s.r for s in specs], dtype=torch.int64, device=device),
-                          torch.tensor([s.lora_dropout for s in specs], dtype=torch.float32, device=device))
+            with outside_inference_mode():  # kept: a later training step saves them for backward
+                self._meta = (torch.tensor([s.scaling for s in specs], dtype=torch.float32, device=device),
+                              torch.tensor([s.r for s in specs], dtype=torch.int64, device=device),
+                              torch.tensor([s.lora_dropout for s in specs], dtype=torch.float32, device=device))
         return self._meta
 
     # ---- init, forward ---------------------------------------------------------------------------
@@ -730,7 +740,8 @@ class FastLoRALinear(TunerLayer):
             return None
         w = self.weight
         # a frozen W: no optimizer step changes it (with kept_state every training step would recompute ‖W‖²)
-        key = (w.data_ptr(), w._version, w.dtype, w.device, tuple(w.shape), optimizer_steps() if w.requires_grad else 0)
+        key = (w.data_ptr(), tensor_version(w), w.dtype, w.device, tuple(w.shape),
+               optimizer_steps() if w.requires_grad else 0)
         if self._wsq is None or self._wsq[0] != key:
             self._wsq = (key, weight_sq_norms(w.detach()))
         return self._wsq[1]

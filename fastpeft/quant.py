@@ -43,6 +43,7 @@ from dataclasses import dataclass
 import torch
 import torch.nn as nn
 
+from .ops.common import tensor_version
 from .reference import tracing_or_transformed
 
 
@@ -250,7 +251,7 @@ def kept_quantized_weight(module: nn.Module, kept) -> tuple:
     qs, st = d.get("quant_state"), module.__dict__.get("state")
     objs = (w, qs, d.get("CB"), d.get("SCB"), getattr(st, "SCB", None))
     with _NO_TORCH_FUNCTION():
-        state = (w.data_ptr(), w._version)
+        state = (w.data_ptr(), tensor_version(w))
     packed = qs is not None and qs.__dict__.get("packing_format_for_cpu", False)  # QuantState's getattr: 0.7 µs
     state += (packed, module.__dict__.get("compute_dtype"))
     if kept is None or kept[1] != state or not all(map(operator.is_, objs, kept[0])):

@@ -547,11 +547,14 @@ def row_groups(adapter_ids: torch.Tensor, n: int) -> tuple:
 
     Cached on the ids tensor's storage, offset, shape, strides and version counter (so an in-place change
     of the ids is seen); the cache holds the ids tensor itself, so its storage cannot be reused by another
-    tensor while the entry lives. A few entries (prefill and decode shapes of a generation loop).
+    tensor while the entry lives. A few entries (prefill and decode shapes of a generation loop). Not for ids
+    made in ``torch.inference_mode``: an inference tensor has no version counter (fastpeft's own routing ids are
+    made outside it, ``ops.common.kept_tensor``).
     """
-    key = (adapter_ids.untyped_storage().data_ptr(), adapter_ids.storage_offset(), tuple(adapter_ids.shape),
-           adapter_ids.stride(), adapter_ids._version, adapter_ids.device, n)
-    hit = _GROUPS_CACHE.get(key)
+    key = None if adapter_ids.is_inference() else (
+        adapter_ids.untyped_storage().data_ptr(), adapter_ids.storage_offset(), tuple(adapter_ids.shape),
+        adapter_ids.stride(), adapter_ids._version, adapter_ids.device, n)
+    hit = _GROUPS_CACHE.get(key) if key is not None else None
     if hit is not None:
         return hit[1:]
     ids = adapter_ids.reshape(-1)
@@ -570,6 +573,8 @@ def row_groups(adapter_ids: torch.Tensor, n: int) -> tuple:
         step_ok = order[1:] - order[:-1] == 1
         step_ok[[g[1] - 1 for g in groups[1:]]] = True  # a step from one group into the next is free
         runs = order[[g[1] for g in groups]].tolist() if bool(step_ok.all()) else None
+    if key is None:
+        return order, groups, runs
     if len(_GROUPS_CACHE) >= _GROUPS_CACHE_SIZE:
         _GROUPS_CACHE.pop(next(iter(_GROUPS_CACHE)))
     _GROUPS_CACHE[key] = (adapter_ids, order, groups, runs)

@@ -2,6 +2,8 @@
 the shape keys under which the timed GEMM choices are cached."""
 from __future__ import annotations
 
+import contextlib
+
 import torch
 
 
@@ -42,12 +44,30 @@ def optimizer_steps() -> int:
     return _OPTIMIZER_STEPS[0]
 
 
+def tensor_version(t: torch.Tensor):
+    """``t._version``, or for an inference tensor (made in ``torch.inference_mode``: it has no version counter, and
+    can be written in place there unseen) a new object, which no later key equals: a value kept on it is
+    recomputed at every call."""
+    try:
+        return t._version
+    except RuntimeError:
+        return object()
+
+
 def kept_state(tensors) -> tuple:
     """The key of a value derived from ``tensors`` and kept between no-grad calls: each tensor's version, storage,
     dtype, device and shape (None for None), and ``optimizer_steps()`` (fused / bitsandbytes optimizers bump no
-    version). Compared with ``==`` alongside the tensors' identities, which the caller holds."""
-    return tuple(None if t is None else (t._version, t.data_ptr(), t.dtype, t.device, t.shape)
+    version). Compared with ``==`` alongside the tensors' identities, which the caller holds. An inference tensor
+    among them makes a key nothing equals (``tensor_version``)."""
+    return tuple(None if t is None else (tensor_version(t), t.data_ptr(), t.dtype, t.device, t.shape)
                  for t in tensors) + (optimizer_steps(),)
+
+
+def outside_inference_mode():
+    """A context in which tensors a layer keeps across calls are made as normal tensors, even when the call runs in
+    ``torch.inference_mode`` (serving): an inference tensor kept and read later by a training step could not be
+    saved for backward, nor written in place, and has no version counter to key a cache on."""
+    return torch.inference_mode(False) if torch.is_inference_mode_enabled() else contextlib.nullcontext()
 
 
 def capturing() -> bool:
