@@ -27,9 +27,9 @@ import types
 import torch
 import torch.nn as nn
 
-from .inject import INJECT_HOOKS, active_adapter, delete_adapter, lora_layers
+from .inject import INJECT_HOOKS, active_adapter, lora_layers
 from .io import load_adapter, read_adapter_config, save_adapter
-from .layers import FastLoRALinear, ModulesToSaveWrapper
+from .layers import FastLoRALinear, ModulesToSaveWrapper, QLoRALinear
 
 _PEFT_PREFIX = "base_model.model."
 _ADAPTER_WEIGHTS = "adapter_model.safetensors"
@@ -77,12 +77,6 @@ def attach_trainer_support(model: nn.Module) -> nn.Module:
 
 
 INJECT_HOOKS.append(attach_trainer_support)
-
-
-def _detach_trainer_support(model: nn.Module) -> None:
-    for name in ("save_pretrained", "load_state_dict"):
-        if isinstance(model.__dict__.get(name), _InstanceMethod):
-            del model.__dict__[name]
 
 
 def _own(model: nn.Module, name: str):
@@ -237,25 +231,40 @@ def to_peft(model: nn.Module):
                 what = "a sparse delta (RoSA)" if peft_type == "LORA" else f"a {type(config).__name__} adapter"
                 raise ValueError(f"fastpeft.to_peft: adapter {name!r} is {what}, which PEFT has no equivalent of; "
                                  "only LoRA adapters convert")
-        # Checks done: unload the fastpeft modules (the files hold the adapters), then load them with PEFT.
-        for name in names:
-            delete_adapter(model, name)
-        for path, layer in lora_layers(model).items():
-            _set_submodule(model, path, _plain_linear(layer))
-        for path, m in [(n, m) for n, m in model.named_modules() if isinstance(m, ModulesToSaveWrapper)]:
-            _set_submodule(model, path, m.original_module)
-        for attr in ("_fastpeft_adapters", "_fastpeft_active", "_fastpeft_trained"):
-            model.__dict__.pop(attr, None)
-        _detach_trainer_support(model)
-        peft_model = peft.PeftModel.from_pretrained(model, dirs[active], adapter_name=active, is_trainable=True)
-        for name in names:
-            if name != active:
-                peft_model.load_adapter(dirs[name], adapter_name=name, is_trainable=False)
+        # Checks done: swap the fastpeft modules for their base modules (the files hold the adapters), then load
+        # the adapters with PEFT. Should PEFT raise, the fastpeft modules and attributes go back where they were.
+        swapped = list(lora_layers(model).items()) + [
+            (n, m) for n, m in model.named_modules() if isinstance(m, ModulesToSaveWrapper)]
+        kept = {name: v for name, v in model.__dict__.items()
+                if name in _FASTPEFT_ATTRS or isinstance(v, _InstanceMethod)}  # the registry, Trainer's methods
+        try:
+            for path, m in swapped:
+                _set_submodule(model, path, m.original_module if isinstance(m, ModulesToSaveWrapper)
+                               else _base_module(m))
+            for name in kept:
+                del model.__dict__[name]
+            peft_model = peft.PeftModel.from_pretrained(model, dirs[active], adapter_name=active, is_trainable=True)
+            for name in names:
+                if name != active:
+                    peft_model.load_adapter(dirs[name], adapter_name=name, is_trainable=False)
+        except BaseException:
+            for path, m in swapped:
+                _set_submodule(model, path, m)
+            model.__dict__.update(kept)
+            raise
     return peft_model.train(was_training)  # from_pretrained(is_trainable=True) leaves it in training mode
 
 
-def _plain_linear(layer: FastLoRALinear) -> nn.Linear:
-    """An nn.Linear sharing ``layer``'s weight and bias (no copy)."""
+# The model's attributes fastpeft sets for its adapters (besides Trainer's methods); gone after to_peft.
+_FASTPEFT_ATTRS = ("_fastpeft_adapters", "_fastpeft_active", "_fastpeft_trained")
+
+
+def _base_module(layer: FastLoRALinear) -> nn.Module:
+    """The module PEFT wraps in ``layer``'s place: a QLoRA layer's bitsandbytes layer itself (PEFT's
+    ``lora.bnb`` layers then read its packed weight), else an nn.Linear sharing ``layer``'s weight and bias (no
+    copy)."""
+    if isinstance(layer, QLoRALinear):
+        return layer.base_layer
     lin = nn.Linear(layer.in_features, layer.out_features, bias=layer.bias is not None, device="meta")
     lin.weight = layer.weight
     lin.bias = layer.bias

@@ -223,3 +223,38 @@ def test_bench_qlora_table_and_its_providers_agree(tmp_path, capsys):
             want = mods["qlora"][0](x)
             for name in ("peft-bnb", "dequant-addmm"):  # the same quantized weight, A and B: the same outputs
                 assert_close_report(mods[name][0](x), want, atol=1e-4, rtol=1e-4, what=f"{quant} {name}")
+
+
+@pytest.mark.parametrize("bits", [4, 8], ids=["nf4-nested", "int8"])
+def test_to_peft_puts_the_bitsandbytes_layers_back(checkpoint, bits):
+    """``fastpeft.to_peft`` on a QLoRA model: PEFT wraps the bitsandbytes layers themselves (its ``lora.bnb``
+    layers on the packed weight, not an nn.Linear holding the packed bytes), with the same outputs."""
+    fm = fastpeft.inject(load(checkpoint, bits), fastpeft.LoraConfig(r=4, lora_alpha=8, target_modules=TARGETS,
+                                                                     init_lora_weights=False)).train()
+    x = ids(3)
+    with torch.no_grad():
+        want = fm(input_ids=x).logits
+    pm = fastpeft.to_peft(fm)
+    base = pm.base_model.model.model.layers[0].self_attn.q_proj.base_layer
+    assert type(base) is (bnb.nn.Linear4bit if bits == 4 else bnb.nn.Linear8bitLt)
+    with torch.no_grad():
+        got = pm(input_ids=x).logits
+    assert_close_report(got, want, 1e-5, 1e-5) if bits == 4 else assert_close_report(got, want, 5e-2, 5e-2)
+
+
+def test_to_peft_that_fails_in_peft_leaves_the_fastpeft_model(checkpoint, monkeypatch):
+    fm = fastpeft.inject(load(checkpoint), fastpeft.LoraConfig(r=4, lora_alpha=8, target_modules=TARGETS,
+                                                               init_lora_weights=False)).train()
+    x = ids(4)
+    with torch.no_grad():
+        want = fm(input_ids=x).logits
+    layers = fastpeft.lora_layers(fm)
+
+    def broken(*args, **kwargs):
+        raise RuntimeError("PEFT failed")
+    monkeypatch.setattr(peft.PeftModel, "from_pretrained", broken)
+    with pytest.raises(RuntimeError, match="PEFT failed"):
+        fastpeft.to_peft(fm)
+    assert fastpeft.lora_layers(fm) == layers and fastpeft.active_adapter(fm) == "default"
+    with torch.no_grad():
+        assert torch.equal(fm(input_ids=x).logits, want)
