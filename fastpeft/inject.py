@@ -526,6 +526,15 @@ class LoraMethod(Method):
                 if plan.targets[n][0] != layer.adapter_spec(adapter_name).r:
                     raise ValueError(f"adapter config gives {n!r} rank {plan.targets[n][0]}, the model's adapter "
                                      f"{adapter_name!r} has rank {layer.adapter_spec(adapter_name).r} there")
+                # the sparse delta (RoSA) too: a file without one over an adapter with one would leave the old delta
+                # in place, and a file with one needs the adapter's delta, of the same block size, to write into
+                held = layer.sparse_delta(adapter_name)
+                has = "no sparse delta" if held is None else f"a sparse delta of block size {held.block_size}"
+                wants = ("no sparse delta" if config.sparse is None else
+                         f"a sparse delta of block size {config.sparse.block_size}")
+                if has != wants:
+                    raise ValueError(f"adapter {os.fspath(directory)!r} has {wants}, the model's adapter "
+                                     f"{adapter_name!r} has {has} at {n!r}: load it under another adapter_name")
         weights = dict(weights)
         for name, delta in sparse.items():
             weights[name + _SPARSE_SUFFIXES[0]], weights[name + _SPARSE_SUFFIXES[1]] = delta

@@ -9,6 +9,7 @@ from safetensors.torch import load_file, save_file
 
 import fastpeft
 from fastpeft import LoraConfig
+from fastpeft.inject import adapter_configs
 from fastpeft.io import CONFIG_NAME, WEIGHTS_NAME
 from test_inject import Toy
 
@@ -193,6 +194,37 @@ def test_loading_over_same_name_with_other_shapes_leaves_model(tmp_path):
     with pytest.raises(ValueError, match=r"rank 2, the model's adapter 'default' has rank 4 there"):
         fastpeft.load_adapter(model, tmp_path)
     _assert_unchanged(model, snap)
+
+
+_QV = ["q_proj", "v_proj"]
+_SPARSE_KINDS = {"lora": {}, "rosa-flat": dict(sparse_density=0.1), "rosa-blocks4": dict(sparse_density=0.1,
+                                                                                           sparse_block_size=4)}
+
+
+@pytest.mark.parametrize("file,model", [("rosa-flat", "lora"), ("lora", "rosa-flat"), ("rosa-blocks4", "rosa-flat")])
+def test_loading_over_same_name_with_another_sparse_delta_leaves_model(tmp_path, file, model):
+    """A file over an adapter of the same name whose sparse delta (RoSA) differs, present or absent or of another
+    block size, is refused before anything changes: the alphas, the recorded config and the outputs stay (a LoRA
+    file used to leave the old delta in place, and a RoSA file to change the alphas before failing)."""
+    fastpeft.save_adapter(_trained(LoraConfig(r=4, lora_alpha=32, target_modules=_QV, **_SPARSE_KINDS[file])), tmp_path)
+    m = _trained(LoraConfig(r=4, lora_alpha=8, target_modules=_QV, **_SPARSE_KINDS[model]))
+    snap, config = _snapshot(m), adapter_configs(m)["default"]
+    scalings = {n: layer.scaling for n, layer in fastpeft.lora_layers(m).items()}
+    x = torch.randn(3, 5, 16)
+    with torch.no_grad():
+        before = m(x)
+    with pytest.raises(ValueError, match="sparse delta.*the model's adapter 'default' has .*load it under another"):
+        fastpeft.load_adapter(m, tmp_path)
+    _assert_unchanged(m, snap)
+    assert adapter_configs(m)["default"] == config
+    assert {n: layer.scaling for n, layer in fastpeft.lora_layers(m).items()} == scalings
+    with torch.no_grad():
+        assert torch.equal(m(x), before)
+    fastpeft.load_adapter(m, tmp_path, adapter_name="other")  # under another name it loads
+    fastpeft.set_adapter(m, "other")
+    want = fastpeft.load_adapter(_toy(), tmp_path).eval()
+    with torch.no_grad():
+        torch.testing.assert_close(m(x), want(x))
 
 
 def test_second_adapter_loads_beside_the_first(tmp_path):
