@@ -228,7 +228,8 @@ def to_peft(model: nn.Module):
             with open(os.path.join(dirs[name], "adapter_config.json")) as f:
                 peft_type = json.load(f).get("peft_type")
             if peft_type != "LORA" or getattr(config, "sparse_density", 0.0) > 0:
-                what = "a sparse delta (RoSA)" if peft_type == "LORA" else f"a {type(config).__name__} adapter"
+                what = ("a sparse delta (RoSA)" if getattr(config, "sparse_density", 0.0) > 0 else
+                        f"a {type(config).__name__} adapter")
                 raise ValueError(f"fastpeft.to_peft: adapter {name!r} is {what}, which PEFT has no equivalent of; "
                                  "only LoRA adapters convert")
         # Checks done: swap the fastpeft modules for their base modules (the files hold the adapters), then load

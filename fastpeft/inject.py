@@ -424,7 +424,10 @@ class LoraMethod(Method):
         # already applied, so PEFT adapts exactly the layers that were trained here.
         d["target_modules"] = sorted(self._layers(model, adapter_name))
         d["exclude_modules"] = None
-        d.update(peft_type=self.peft_type, inference_mode=True, fan_in_fan_out=False,
+        # RoSA (LoRA beside a sparse delta) under fastpeft's own type: PEFT refuses the file instead of loading the
+        # LoRA part alone (it ignores the sparse fields and keys: other outputs, no error)
+        d.update(peft_type=self.peft_type if config.sparse is None else ROSA_PEFT_TYPE, inference_mode=True,
+                 fan_in_fan_out=False,
                  layers_to_transform=None, layers_pattern=None, revision=None,
                  base_model_name_or_path=_model_name(model))
         return d
@@ -669,6 +672,9 @@ class SparseDeltaMethod(Method):
 
 
 METHODS = {m.peft_type: m for m in (LoraMethod(), SparseDeltaMethod(), *OTHER_METHODS)}
+# A RoSA adapter's files (files written before 2026-12-01 have "LORA" and the sparse fields: they load the same)
+ROSA_PEFT_TYPE = "ROSA"
+METHODS[ROSA_PEFT_TYPE] = METHODS[LoraConfig.peft_type]
 
 # Called with the model by every inject, before any surgery: the modules that build on inject register here
 # (fastpeft.hf: the adapter-only save_pretrained of Trainer checkpoints), so that inject imports none of them.

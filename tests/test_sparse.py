@@ -252,12 +252,21 @@ def test_rosa_through_lora_config_and_files(tmp_path):
     assert trainable == {"lora_A_adapters", "lora_B_adapters", "delta_values"}
     x = torch.randn(3, 16)
     fastpeft.save_adapter(m, tmp_path)
-    assert json.loads((tmp_path / CONFIG_NAME).read_text())["sparse_density"] == 0.1
-    torch.manual_seed(5)
-    fresh = Toy()
-    fresh.load_state_dict({k: v for k, v in m.state_dict().items() if "lora_" not in k and "sparse_" not in k})
-    fastpeft.load_adapter(fresh, tmp_path)
-    torch.testing.assert_close(fresh(x), m(x), rtol=0, atol=0)
+    saved = json.loads((tmp_path / CONFIG_NAME).read_text())
+    # fastpeft's own type: PEFT would load the LoRA part alone, ignoring the sparse fields and keys
+    assert saved["sparse_density"] == 0.1 and saved["peft_type"] == "ROSA"
+    base = {k: v for k, v in m.state_dict().items() if "lora_" not in k and "sparse_" not in k}
+    for peft_type in ("ROSA", "LORA"):  # files written before the type existed say "LORA": they load the same
+        (tmp_path / CONFIG_NAME).write_text(json.dumps({**saved, "peft_type": peft_type}))
+        torch.manual_seed(5)
+        fresh = Toy()
+        fresh.load_state_dict(base)
+        fastpeft.load_adapter(fresh, tmp_path)
+        torch.testing.assert_close(fresh(x), m(x), rtol=0, atol=0)
+    peft = pytest.importorskip("peft")
+    (tmp_path / CONFIG_NAME).write_text(json.dumps(saved))
+    with pytest.raises(Exception, match="ROSA"):
+        peft.PeftModel.from_pretrained(Toy(), tmp_path)
 
 
 @pytest.mark.parametrize("kind", ["SparseDeltaConfig", "RoSA"])
