@@ -780,10 +780,15 @@ def mixed_batch(model: nn.Module, adapter_names, rows_per_sequence: int = 1):
     unknown = sorted({n for n in adapter_names if n is not None and n not in configs}, key=str)
     if unknown:
         raise ValueError(f"adapter_names {unknown} are not adapters of this model; it has {list(configs)}")
-    dora = [n for n, c in configs.items() if getattr(c, "use_dora", False)]
+    used = [n for n in dict.fromkeys(adapter_names) if n is not None]  # adapters the model merely holds do not matter
+    dora = [n for n in used if getattr(configs[n], "use_dora", False)]
     if dora:
         raise ValueError(f"mixed_batch cannot route DoRA adapters {dora} per sequence (PEFT refuses this too); "
                          "use set_adapter")
+    rosa = [n for n in used if getattr(configs[n], "sparse_density", 0.0) > 0]
+    if rosa:
+        raise ValueError(f"mixed_batch cannot route adapters with a sparse delta (RoSA) {rosa} per sequence; use "
+                         "set_adapter")
     routed = [*lora_layers(model).values(), *saved_module_wrappers(model).values()]
     previous = [m.routing for m in routed]
     previous_k, ROWS_PER_SEQUENCE[0] = ROWS_PER_SEQUENCE[0], rows_per_sequence

@@ -679,13 +679,17 @@ class FastLoRALinear(TunerLayer):
             return lora_sparse_linear(x, weight, bias, a, b, s.scaling, delta.delta_indices,
                                       delta.delta_values, delta.block_size, s.lora_dropout, self.training,
                                       check=False, plan=plan)
-        modules = self._modules
-        if len(modules["lora_magnitude_vector"]):
-            raise ValueError(f"DoRA adapters {list(self.lora_magnitude_vector)} cannot be routed per row (adapter_ids "
-                             "/ mixed_batch), as in PEFT; use set_adapter")
-        if len(modules["sparse_deltas"]):
-            raise RuntimeError("adapters with a sparse delta (RoSA) cannot be routed per row (adapter_ids / "
-                               "mixed_batch); use set_adapter")
+        # DoRA and RoSA adapters cannot be routed per row: inside mixed_batch those its names route (adapters the layer
+        # merely holds do not matter), with adapter_ids any it holds (which rows use which is on the device)
+        dora, rosa = self._modules["lora_magnitude_vector"]._parameters, self._modules["sparse_deltas"]._modules
+        if dora or rosa:
+            held = self._routing[0] if routed else list(self._specs)
+            if any(n in dora for n in held):
+                raise ValueError(f"DoRA adapters {[n for n in dora if n in held]} cannot be routed per row "
+                                 "(adapter_ids / mixed_batch), as in PEFT; use set_adapter")
+            if any(n in rosa for n in held):
+                raise RuntimeError(f"adapters with a sparse delta (RoSA) {[n for n in rosa if n in held]} cannot be "
+                                   "routed per row (adapter_ids / mixed_batch); use set_adapter")
         if routed:
             adapter_ids = _per_row(adapter_ids, routed_batch(adapter_ids.shape[0], x))
         ids = expand_adapter_ids(adapter_ids, x, len(self._specs), check_range=not routed)

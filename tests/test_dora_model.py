@@ -286,6 +286,32 @@ def test_routing_dora_adapters_refused():
         layer(torch.randn(2, 20), adapter_ids=torch.tensor([0, 1]))
 
 
+@pytest.mark.parametrize("other", ["dora", "rosa"])
+def test_mixed_batch_routes_plain_adapters_beside_an_unrouted_dora_or_rosa_one(other):
+    """A model that merely holds a DoRA (or RoSA) adapter routes its plain LoRA adapters per sequence, as PEFT's
+    adapter_names does: only routing that adapter itself is refused."""
+    model = _base()
+    kind = dict(use_dora=True) if other == "dora" else dict(sparse_density=0.1)
+    fastpeft.inject(model, fastpeft.LoraConfig(r=2, target_modules=TARGETS, init_lora_weights=False, **kind),
+                    adapter_name="other")
+    fastpeft.inject(model, fastpeft.LoraConfig(r=4, lora_alpha=8, target_modules=TARGETS, init_lora_weights=False),
+                    adapter_name="plain", activate=False)
+    x = torch.randn(3, 5, 20)
+    with torch.no_grad(), fastpeft.mixed_batch(model, ["plain", None, "plain"]):
+        got = model(x)
+    fastpeft.set_adapter(model, "plain")
+    with torch.no_grad():
+        want_plain = model(x)
+    fastpeft.set_adapter(model, None)
+    with torch.no_grad():
+        want_base = model(x)
+    torch.testing.assert_close(got[[0, 2]], want_plain[[0, 2]])
+    torch.testing.assert_close(got[1], want_base[1])
+    with pytest.raises(ValueError, match="cannot route .*\\['other'\\]"):
+        with fastpeft.mixed_batch(model, ["plain", "other", None]):
+            pass
+
+
 def test_dora_with_rosa_refused():
     with pytest.raises(ValueError, match="use_dora=True with sparse_density=0.1"):
         fastpeft.LoraConfig(use_dora=True, sparse_density=0.1)
