@@ -58,6 +58,13 @@ def check_finite_number(v, name: str) -> float:
     return float(v)
 
 
+def few(names) -> str:
+    """The first four of ``names`` for a message, with how many there are when more: ``['a', 'b', 'c', 'd', ...]
+    (6)``."""
+    names = list(names)
+    return str(names) if len(names) <= 4 else f"{str(names[:4])[:-1]}, ...] ({len(names)})"
+
+
 def check_bool(v, name: str) -> bool:
     if not isinstance(v, bool):
         raise TypeError(f"{name} must be a bool, got {v!r} ({type(v).__name__})")

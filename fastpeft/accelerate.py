@@ -48,7 +48,7 @@ import torch.nn.functional as F
 from torch.nn.modules import module as _torch_module
 
 from .functional import dora_linear, lora_linear, lora_linear_multi, qlora_linear
-from .ops.common import kept_state
+from .ops.common import cast_params, kept_state
 from .quant import _bnb_class_name, kept_quantized_weight
 from .reference import tracing_or_transformed
 
@@ -93,7 +93,7 @@ def _norm_cache(self) -> dict | None:
     differentiate, keyed on W, A, B, m, the scaling (``fastpeft.ops.dora._cached_gain``): another adapter
     (``set_adapter``), loaded or in-place written weights recompute it at the next call. None while torch.compile
     traces (nothing kept then, as the op computes the norm in the graph)."""
-    if torch.compiler.is_compiling():
+    if torch.compiler.is_compiling() or self.training:  # training mode: afresh at every call, as PEFT
         return None
     cache = self.__dict__.get("_fastpeft_dora")
     if cache is None:
@@ -122,9 +122,16 @@ def _active(self, x: torch.Tensor) -> torch.Tensor:
 
     bias = _param(base, "bias")
 
+    # fp32 adapters on a bf16 / fp16 base (PEFT's autocast_adapter_dtype, its default) compute in the base's dtype
+    # (a 4-bit base's compute dtype), as under autocast: cast per call, the casts kept between no-grad calls
+    qw = _quantized_weight(self) if quantized else None
+    kept = None if self.training else self.__dict__  # kept between no-grad calls in eval mode only, as _norm_cache
+    cdt = qw.compute_dtype_for(x) if quantized else _param(base, "weight").dtype
+
     def linear(lora_a, lora_b, scaling, p, training):
+        lora_a, lora_b = cast_params((lora_a, lora_b), cdt, kept, "_fastpeft_casts")
         if quantized:
-            return qlora_linear(x, _quantized_weight(self), bias, lora_a, lora_b, scaling, p, training)
+            return qlora_linear(x, qw, bias, lora_a, lora_b, scaling, p, training)
         return lora_linear(x, _param(base, "weight"), bias, lora_a, lora_b, scaling, p, training)
 
     if len(adapters) == 1:
@@ -133,6 +140,7 @@ def _active(self, x: torch.Tensor) -> torch.Tensor:
         lora_a, lora_b = _param(lora_as[a], "weight"), _param(lora_bs[a], "weight")
         if _is_dora(self, a):
             # PEFT applies DoRA's dropout only when the LoRA layer itself is in training mode.
+            lora_a, lora_b = cast_params((lora_a, lora_b), cdt, kept, "_fastpeft_casts")
             return dora_linear(x, _param(base, "weight"), bias, lora_a, lora_b, _param(_magnitude(self, a), "weight"),
                                float(self.scaling[a]), p, training and self.training, dropout_mode="exact",
                                norm_cache=_norm_cache(self))
@@ -141,8 +149,8 @@ def _active(self, x: torch.Tensor) -> torch.Tensor:
     # update with the factors side by side, A = [A_1; A_2] (r1+r2, in), B = [s_1 B_1, s_2 B_2] (out, r1+r2).
     scalings = [float(self.scaling[a]) for a in adapters]
     same = all(s == scalings[0] for s in scalings)
-    lora_a = torch.cat([lora_as[a].weight for a in adapters], 0)
-    lora_b = torch.cat([lora_bs[a].weight if same else lora_bs[a].weight * s
+    lora_a = torch.cat([lora_as[a].weight.to(cdt) for a in adapters], 0)
+    lora_b = torch.cat([lora_bs[a].weight.to(cdt) if same else lora_bs[a].weight.to(cdt) * s
                         for a, s in zip(adapters, scalings)], 1)
     return linear(lora_a, lora_b, scalings[0] if same else 1.0, 0.0, False)
 
@@ -172,7 +180,7 @@ def _stacks(self, used: list, dev: torch.device) -> tuple:
     weights = [(self.lora_A[n].weight, self.lora_B[n].weight) for n in used]
     grad = torch.is_grad_enabled() and any(t.requires_grad for pair in weights for t in pair)
     key = None
-    if not grad and not tracing_or_transformed():
+    if not grad and not self.training and not tracing_or_transformed():  # eval mode only (see _norm_cache)
         # the factors themselves are held by the entry and compared by identity (an id() could be reused)
         key = (tuple(used), dev, tuple(float(self.scaling[n]) for n in used),
                kept_state([t for pair in weights for t in pair]))
@@ -181,8 +189,9 @@ def _stacks(self, used: list, dev: torch.device) -> tuple:
             return hit[2]
     ranks = [a.shape[0] for a, _ in weights]
     r_max = max(ranks)
-    stack_a = torch.stack([F.pad(a, (0, 0, 0, r_max - r)) for (a, _), r in zip(weights, ranks)])
-    stack_b = torch.stack([F.pad(b, (0, r_max - r)) for (_, b), r in zip(weights, ranks)])
+    dt = self._modules["base_layer"].weight.dtype  # fp32 adapters on a bf16 / fp16 base: the stacks in W's dtype
+    stack_a = torch.stack([F.pad(a, (0, 0, 0, r_max - r)) for (a, _), r in zip(weights, ranks)]).to(dt)
+    stack_b = torch.stack([F.pad(b, (0, r_max - r)) for (_, b), r in zip(weights, ranks)]).to(dt)
     scalings = torch.tensor([float(self.scaling[n]) for n in used], dtype=torch.float32, device=dev)
     rank_t = None if min(ranks) == r_max else torch.tensor(ranks, dtype=torch.int64, device=dev)
     out = (stack_a, stack_b, scalings, rank_t)
@@ -270,7 +279,10 @@ def runtime_fallback_reason(self, x, args=(), kwargs=None):
     qweight = None
     if quantized:
         if getattr(getattr(base.weight, "quant_state", None), "packing_format_for_cpu", False):
-            return "4-bit weight repacked by bitsandbytes for its CPU inference kernel (eval mode on the CPU)"
+            # bnb repacked it at an eval-mode call on the CPU and unpacks it only in state_dict() (a checkpoint save),
+            # .cuda() or .xpu(): training calls after an evaluation come here too until then
+            return ("4-bit weight in bitsandbytes' CPU inference layout (repacked by an eval-mode call; unpacked by "
+                    "state_dict(), e.g. a checkpoint save)")
         if x.device.type == "cpu" and getattr(base, "support_avx512bf16_for_cpu", False) and not base.training \
                 and not x.requires_grad:
             # bnb's Linear4bit.forward repacks the weight here (absmax rounded to bf16) and computes with that.
@@ -319,40 +331,39 @@ def runtime_fallback_reason(self, x, args=(), kwargs=None):
     bias = _param(base, "bias")
     if bias is not None:
         tensors.append(bias)
+    n_base = len(tensors)  # x, W and b first: their dtypes must agree outside autocast, the adapters' need not
     for a in adapters:
         tensors += (_param(lora_as[a], "weight"), _param(lora_bs[a], "weight"))
     tensors += [_param(_magnitude(self, a), "weight") for a in doras]
     dtypes = set()
-    for t in tensors:
+    for i, t in enumerate(tensors):
         if type(t) not in _PLAIN_TYPES or t.layout != torch.strided or t.dtype not in _KERNEL_OR_REF_DTYPES or (
                 t is x and dev.type == "meta"):
             return f"a {type(t).__name__} of dtype {getattr(t, 'dtype', None)} on {getattr(t, 'device', None)}"
         if t.device != dev:
             return f"parameters on {t.device}, input on {dev}"
-        dtypes.add(t.dtype)
+        if i < n_base:
+            dtypes.add(t.dtype)
     dt = dev.type
     autocast = torch.is_autocast_enabled(dt) if dt in ("cpu", "cuda") else (
         torch.amp.is_autocast_available(dt) and torch.is_autocast_enabled(dt))
     if quantized:
+        # x, b and the adapters of any float dtype: qlora_linear computes in the layer's compute dtype, as bnb's
+        # matmul does (PEFT computes fp32 adapters' branch in fp32: the same outputs to that dtype's rounding)
         if qweight.device != dev:
             return f"4-bit weight on {qweight.device}, input on {dev}"
         if autocast:
             return "autocast on a 4-bit base layer"
-        cdt = qweight.compute_dtype_for(x)
-        if dtypes != {cdt}:
-            return (f"input, adapters and bias not all in the 4-bit layer's compute dtype {str(cdt)[6:]} "
-                    f"({', '.join(sorted(str(d).replace('torch.', '') for d in dtypes))}; PEFT computes the "
-                    "LoRA branch in the adapters' dtype)")
         return None
-    if not autocast:
-        if len(dtypes) > 1:
-            return ("input and parameters of several dtypes outside autocast "
-                    f"({', '.join(sorted(str(d).replace('torch.', '') for d in dtypes))})")
+    if not autocast and len(dtypes) > 1:
+        # (the adapters and magnitudes may be of another dtype, fp32 on a bf16 base as PEFT makes them: cast to W's)
+        return ("input, weight and bias of several dtypes outside autocast "
+                f"({', '.join(sorted(str(d).replace('torch.', '') for d in dtypes))})")
     return None
 
 
 # what a patched layer keeps between calls (restore, merge, unmerge and .to() drop it too)
-_KEPT = ("_fastpeft_qw", "_fastpeft_dora", "_fastpeft_stacks")
+_KEPT = ("_fastpeft_qw", "_fastpeft_dora", "_fastpeft_stacks", "_fastpeft_casts")
 
 
 def _drop_kept(self) -> None:

@@ -27,6 +27,7 @@ import types
 import torch
 import torch.nn as nn
 
+from ._checks import few
 from .inject import INJECT_HOOKS, active_adapter, lora_layers
 from .io import load_adapter, read_adapter_config, save_adapter
 from .layers import FastLoRALinear, ModulesToSaveWrapper, QLoRALinear
@@ -213,7 +214,7 @@ def to_peft(model: nn.Module):
                         "no fastpeft adapter")
     merged = [n for n, m in lora_layers(model).items() if m.merged]
     if merged:
-        raise ValueError(f"fastpeft.to_peft: layers {merged[:4]} have a merged adapter; unmerge them first")
+        raise ValueError(f"fastpeft.to_peft: layers {few(merged)} have a merged adapter; unmerge them first")
     active = active_adapter(model)
     if active is None:
         raise ValueError(f"fastpeft.to_peft: the model has no active adapter (adapters {names}); fastpeft.set_adapter "

@@ -18,7 +18,7 @@ import torch.nn as nn
 
 from ._checks import (ROWS_PER_SEQUENCE, check_adapter_name, check_bool, check_choice, check_dora_options,
                       check_dropout, check_file_tensors, check_finite_number, check_init, check_rank, check_sparse_delta,
-                      check_sparse_options)
+                      check_sparse_options, few)
 from .layers import DORA_QUANTIZED, FastLoRALinear, ModulesToSaveWrapper, QLoRALinear, SparseDeltaLinear, rosa_spec
 from .matching import (compile_pattern, default_targets, is_all_linear, is_bias, matches, name_list, output_head, pattern_value,
                        set_submodule)
@@ -195,6 +195,12 @@ def _saved_module_names(model: nn.Module, modules_to_save) -> list:
             found.append(name)
     if not found:
         raise ValueError(f"modules_to_save {modules_to_save} matched no module of the model")
+    for name in found:  # a trainable copy needs float parameters (a 4-bit / 8-bit packed weight cannot train)
+        frozen = [n for n, p in model.get_submodule(name).named_parameters() if not p.is_floating_point()]
+        if frozen:
+            raise ValueError(f"modules_to_save: module {name!r} holds parameters that are not floating point "
+                             f"({few(frozen)}: a quantized layer?), which a trainable copy cannot train; leave it out "
+                             "of modules_to_save (or target it with LoRA)")
     return found
 
 
@@ -345,7 +351,7 @@ def _check_scores_selection(config, field_name: str) -> None:
 def _check_nothing_merged(model: nn.Module) -> None:
     merged = [n for n, m in lora_layers(model).items() if m.merged]
     if merged:
-        raise RuntimeError(f"layers {merged[:4]} have a merged adapter: unmerge them before adding another")
+        raise RuntimeError(f"layers {few(merged)} have a merged adapter: unmerge them before adding another")
 
 
 def _model_name(model: nn.Module):
@@ -507,6 +513,7 @@ class LoraMethod(Method):
         expected = self._expected_shapes(model, config, plan)
         saved = plan.saved + list(saved_module_wrappers(model))
         weights = _resolve_aliases(expected, _drop_wrapper_duplicates(weights, saved))
+        expected.update(_saved_base_weights(model, plan, weights))
         check_file_tensors(expected, weights, directory)
         if adapter_name in state.adapters:
             if not isinstance(state.adapters[adapter_name], LoraConfig):
@@ -516,7 +523,7 @@ class LoraMethod(Method):
             layers = self._layers(model, adapter_name)
             merged = [n for n, m in layers.items() if m.merged and m.active_adapter == adapter_name]
             if merged:
-                raise RuntimeError(f"adapter {adapter_name!r} is merged into layers {merged[:4]}: unmerge them before "
+                raise RuntimeError(f"adapter {adapter_name!r} is merged into layers {few(merged)}: unmerge them before "
                                    "loading over it")
             if set(plan.targets) != set(layers):
                 raise ValueError(f"adapter config in {os.fspath(directory)!r} targets {sorted(plan.targets)}, but "
@@ -560,19 +567,36 @@ class LoraMethod(Method):
             for k, p in keys.items():
                 if not k.endswith(_SPARSE_SUFFIXES[1]):
                     p.copy_(weights[k])
+            for name in _saved_base_weights(model, LoraPlan(dict.fromkeys(layers), []), weights):
+                layers[name[:-len(_BASE_WEIGHT)]].weight.copy_(weights[name])  # PEFT loads them into the base
         if state.active == adapter_name:  # an adapter loaded beside others stays frozen
             for p in keys.values():
                 p.requires_grad_(trainable)
 
 
 _DORA_SUFFIX = ".lora_magnitude_vector"  # PEFT's key of a DoRA magnitude (out,)
+_BASE_WEIGHT = ".base_layer.weight"
+
+
+def _saved_base_weights(model: nn.Module, plan: LoraPlan, weights: dict) -> dict:
+    """File key -> shape of the base weights a file holds for its targets: PEFT saves the weight of an embedding
+    layer it adapts (``save_embedding_layers="auto"``: a LoRA on ``lm_head``, whose vocabulary may have been resized)
+    and loads it into the base layer. Float base layers only (a quantized one's packed weight is bnb's)."""
+    out = {}
+    for name in plan.targets:
+        key = name + _BASE_WEIGHT
+        if key in weights:
+            w = getattr(model.get_submodule(name), "weight", None)
+            if isinstance(w, torch.Tensor) and w.is_floating_point():
+                out[key] = tuple(w.shape)
+    return out
 
 
 def _check_dora_targets(model: nn.Module, config, plan: LoraPlan) -> None:
     if getattr(config, "use_dora", False):
         quantized = [n for n in plan.targets if is_quantized(model.get_submodule(n))]
         if quantized:
-            raise ValueError(f"{DORA_QUANTIZED} (layers {quantized[:4]})")
+            raise ValueError(f"{DORA_QUANTIZED} (layers {few(quantized)})")
 
 
 def _check_dora_file(config, weights: dict, directory) -> None:
@@ -658,7 +682,7 @@ class SparseDeltaMethod(Method):
                                  f"adapter {adapter_name!r} of the model is on {sorted(layers)}")
             merged = [n for n, layer in layers.items() if layer.merged]
             if merged:
-                raise RuntimeError(f"adapter {adapter_name!r} is merged into layers {merged[:4]}: unmerge them before "
+                raise RuntimeError(f"adapter {adapter_name!r} is merged into layers {few(merged)}: unmerge them before "
                                    "loading over it")
             if any(layers[n].block_size != config.block_size for n in layers):
                 raise ValueError(f"adapter config in {os.fspath(directory)!r} has block_size {config.block_size}, the "
@@ -694,19 +718,25 @@ def method_for(config) -> Method:
 
 # ---- the model-level API -----------------------------------------------------------------------------------
 
-def inject(model: nn.Module, config, adapter_name: str = "default", plan=None, activate: bool = True) -> nn.Module:
+def inject(model: nn.Module, config, adapter_name: str = "default", plan=None, activate: bool = True,
+           autocast_adapter_dtype: bool = True) -> nn.Module:
     """Add the adapter ``config`` describes to ``model`` in place and freeze all it does not train.
 
     LoRA: each target ``nn.Linear`` becomes a ``FastLoRALinear`` sharing its weight and bias; a target
     that already is one gets ``adapter_name`` beside its adapters. With ``activate`` (default) the new
     adapter becomes the model's active one and the only one that trains. Checks the whole config
     against the model before changing anything (``plan``: the family's plan, already checked).
-    Returns ``model``.
+    ``autocast_adapter_dtype`` (PEFT's, default True): on a bf16 / fp16 base the LoRA factors and DoRA magnitudes
+    are fp32 Parameters, as PEFT's ``get_peft_model`` makes them (in the base's dtype, an update below half its
+    rounding step is lost: a magnitude ~ ‖W_j‖ would not move at a learning rate of 1e-4); each call casts them to
+    the base's dtype (the kernels compute there), the gradients reaching the fp32 Parameters. False keeps them in
+    the base's dtype. Returns ``model``.
     """
     if not isinstance(model, nn.Module):
         raise TypeError(f"fastpeft.inject takes the nn.Module to add an adapter to, got {type(model).__name__}")
     method = method_for(config)
     check_adapter_name(adapter_name)
+    check_bool(autocast_adapter_dtype, "autocast_adapter_dtype")
     for hook in INJECT_HOOKS:
         hook(model)
     configs = adapter_configs(model)
@@ -727,9 +757,29 @@ def inject(model: nn.Module, config, adapter_name: str = "default", plan=None, a
             p.requires_grad_(False)
     state = peft_state(model, create=True)
     method.apply(model, config, adapter_name, plan, state)
+    if autocast_adapter_dtype:
+        _upcast_adapter(model, adapter_name)
     state.adapters[adapter_name] = config
     set_adapter(model, adapter_name if activate or not configs else state.active)
     return model
+
+
+def _upcast_adapter(model: nn.Module, adapter_name: str) -> None:
+    """The LoRA factors (DoRA's magnitudes, RoSA's sparse values) of ``adapter_name`` in fp16 / bf16 made fp32, in
+    place (the same Parameters), as PEFT's ``autocast_adapter_dtype``; a QLoRA layer's are fp32 already."""
+    for layer in lora_layers(model).values():
+        if adapter_name not in layer.adapter_names:
+            continue
+        params = list(layer.adapter_parameters(adapter_name))
+        if layer.is_dora(adapter_name):
+            params.append(layer.magnitude(adapter_name))
+        delta = layer.sparse_delta(adapter_name)
+        if delta is not None:  # RoSA's sparse values: the same small updates on a growing value
+            params.append(delta.delta_values)
+        for p in params:
+            if p.dtype in (torch.float16, torch.bfloat16):
+                p.data = p.data.float()
+        layer._meta = layer._stacks = None
 
 
 def set_adapter(model: nn.Module, adapter_name) -> None:
@@ -916,7 +966,7 @@ def select_by_gradients(model: nn.Module, batches, loss_fn, progress: bool = Tru
     if missed:
         for p in model.parameters():
             p.grad = None
-        raise ValueError(f"select_by_gradients: layers {missed[:4]}{' ...' if len(missed) > 4 else ''} got no "
+        raise ValueError(f"select_by_gradients: layers {few(missed)} got no "
                          f"gradient from loss_fn in any batch (not used in the forward?); nothing was selected. "
                          f"Leave them out of target_modules, or score them with a loss that reaches them")
     for p in model.parameters():

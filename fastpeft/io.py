@@ -168,7 +168,8 @@ def read_adapter_weights(directory) -> dict:
     return {(k[len(PREFIX):] if k.startswith(PREFIX) else k): v for k, v in raw.items()}
 
 
-def load_adapter(model: nn.Module, directory, adapter_name: str = "default", trainable: bool = True) -> nn.Module:
+def load_adapter(model: nn.Module, directory, adapter_name: str = "default", trainable: bool = True,
+                 autocast_adapter_dtype: bool = True) -> nn.Module:
     """Load a PEFT-format adapter from ``directory`` into ``model`` as ``adapter_name``; returns ``model``.
 
     - a model without adapters gets the adapter injected from the saved config; the adapter is active,
@@ -176,10 +177,12 @@ def load_adapter(model: nn.Module, directory, adapter_name: str = "default", tra
     - a model with other (LoRA) adapters gets this one beside them (ranks may differ), inactive and
       frozen (``fastpeft.set_adapter`` activates it; ``fastpeft.mixed_batch`` routes it per sequence);
     - a model that already has ``adapter_name`` gets its weights replaced and the saved alphas applied.
-    The config, every key and every shape are checked before the model changes.
+    The config, every key and every shape are checked before the model changes. ``autocast_adapter_dtype`` as
+    ``inject``'s (a new adapter on a bf16 / fp16 base gets fp32 factors, as PEFT's ``from_pretrained`` gives).
     """
     check_adapter_name(adapter_name)
     check_bool(trainable, "trainable")
+    check_bool(autocast_adapter_dtype, "autocast_adapter_dtype")
     config = read_adapter_config(directory)
     weights = read_adapter_weights(directory)
     method = method_for(config)
@@ -190,6 +193,7 @@ def load_adapter(model: nn.Module, directory, adapter_name: str = "default", tra
         method.reload(model, config, adapter_name, plan, state)
         state.adapters[adapter_name] = config
     else:
-        inject(model, config, adapter_name, plan=plan, activate=not configs)
+        inject(model, config, adapter_name, plan=plan, activate=not configs,
+               autocast_adapter_dtype=autocast_adapter_dtype)
     method.install(model, config, adapter_name, weights, trainable, peft_state(model))
     return model

@@ -28,7 +28,7 @@ from ._checks import (check_adapter_name, check_bool, check_dora_options, check_
                       expand_adapter_ids, routed_batch)
 from .functional import (dora_linear, lora_linear, lora_linear_multi, lora_sparse_linear, qlora_linear, resolve_backend,
                          sparse_delta_linear)
-from .ops.common import kept_state, optimizer_steps, outside_inference_mode, tensor_version
+from .ops.common import cast_params, kept_state, optimizer_steps, outside_inference_mode, tensor_version
 from .ops.dora import weight_sq_norms
 from .quant import (QuantizedWeight, assign_merged_weight, base_kind, call_buffer, dequantize_weight, is_quantized,
                     kept_quantized_weight, merged_weight)
@@ -363,7 +363,7 @@ class FastLoRALinear(TunerLayer):
         self.sparse_deltas = nn.ModuleDict()  # adapter -> SparseDelta (RoSA adapters only)
         self.lora_magnitude_vector = nn.ParameterDict()  # adapter -> m (out,) (DoRA adapters only)
         self._wsq = None        # (key, ‖W_j‖² fp32): DoRA's cached squared row norms of the frozen W
-        self._dora_norm = None  # n = ‖W + sBA‖_row fp32 of a merged DoRA adapter, kept to unmerge
+        self._dora_norm = None  # n = ‖W + sBA‖_row fp32 (fp64 W: fp64) of a merged DoRA adapter, kept to unmerge
         self._specs: dict = {}
         self._active: str | None = None
         self._stacks = None     # (key, (A, B)): the no-grad stacks and the Parameters' state they were built from
@@ -372,6 +372,12 @@ class FastLoRALinear(TunerLayer):
         self.add_adapter(adapter_name, r, lora_alpha, lora_dropout, use_rslora, init_lora_weights, sparse_density,
                          sparse_block_size, sparse_selection, use_dora=use_dora)
         self.set_adapter(adapter_name)
+
+    def _kept(self) -> dict | None:
+        """Where no-grad calls keep values between calls (casts, DoRA's norm): the module's dict in eval mode, None
+        in training mode, where each call computes them afresh as PEFT does (a validation pass without ``eval()``
+        after a hand-written update through ``.data``, which bumps no version, sees it)."""
+        return None if self.training else self.__dict__
 
     def train(self, mode: bool = True):
         """``nn.Module.train``, the values kept between no-grad calls dropped first (the mixed-batch stacks, DoRA's
@@ -383,6 +389,7 @@ class FastLoRALinear(TunerLayer):
             self._stacks = self._wsq = None
             self.__dict__.pop("_dora_gain", None)
             self.__dict__.pop("_casts", None)
+            self.__dict__.pop("_value_casts", None)
         return super().train(mode)
 
     # ---- the adapter registry ------------------------------------------------------------------
@@ -575,7 +582,10 @@ class FastLoRALinear(TunerLayer):
         ta, tb = self._modules["lora_A_adapters"], self._modules["lora_B_adapters"]
         pa = [F.pad(_entry(ta, n), (0, 0, 0, r_max - s.r)) for n, s in self._specs.items()]
         pb = [F.pad(_entry(tb, n), (0, r_max - s.r)) for n, s in self._specs.items()]
-        return torch.stack(pa), torch.stack(pb)
+        # fp32 adapters on a bf16 / fp16 base: the stacks in the base's dtype (a quantized base: QLoRA casts them)
+        w = self.weight
+        dt = w.dtype if w.is_floating_point() else pa[0].dtype
+        return torch.stack(pa).to(dt), torch.stack(pb).to(dt)
 
     def stacked(self) -> tuple | None:
         """``(A (n, r_max, in), B (n, out, r_max))`` of every adapter (None without adapters): a copy of the
@@ -603,7 +613,8 @@ class FastLoRALinear(TunerLayer):
         """The stacks a mixed batch reads: built from the Parameters when a gradient must reach them (and
         while torch.compile traces or a torch.func transform runs: the cache key reads versions and data pointers),
         else the cached ones."""
-        if tracing_or_transformed() or torch.is_grad_enabled() and any(p.requires_grad for p in self._all_pairs()):
+        if tracing_or_transformed() or self.training or torch.is_grad_enabled() and any(
+                p.requires_grad for p in self._all_pairs()):
             return self._build_stacks()
         return self.stacked()
 
@@ -669,15 +680,20 @@ class FastLoRALinear(TunerLayer):
             # One adapter (decode, evaluation): the registry read without nn.Module's attribute lookups.
             s = self._specs[name]
             a, b = self._pair(name)
+            weight, bias = self._base_parameters()
+            if a.dtype != weight.dtype or b.dtype != weight.dtype:  # fp32 adapters on a bf16 / fp16 base
+                a, b = cast_params((a, b), weight.dtype, self._kept(), "_casts")
             if s.use_dora:
                 return self._dora_forward(x, name, s, a, b)
-            weight, bias = self._base_parameters()
             delta = self._modules["sparse_deltas"]._modules.get(name)
             if delta is None:
                 return lora_linear(x, weight, bias, a, b, s.scaling, s.lora_dropout, self.training)
             plan = delta.sparse_plan("lora_sparse_linear", x, weight)
+            values = delta.delta_values
+            if values.dtype != weight.dtype:  # fp32 sparse values on a bf16 / fp16 base
+                (values,) = cast_params((values,), weight.dtype, self._kept(), "_value_casts")
             return lora_sparse_linear(x, weight, bias, a, b, s.scaling, delta.delta_indices,
-                                      delta.delta_values, delta.block_size, s.lora_dropout, self.training,
+                                      values, delta.block_size, s.lora_dropout, self.training,
                                       check=False, plan=plan)
         # DoRA and RoSA adapters cannot be routed per row: inside mixed_batch those its names route (adapters the layer
         # merely holds do not matter), with adapter_ids any it holds (which rows use which is on the device)
@@ -708,14 +724,15 @@ class FastLoRALinear(TunerLayer):
     @torch.no_grad()
     def delta_weight(self, adapter_name: str | None = None) -> torch.Tensor:
         """``scaling * B A`` (+ the sparse delta, RoSA) (out, in) of an adapter (default: the active one), in
-        the weight's dtype, computed in fp32."""
+        the weight's dtype, computed in fp32 (fp64 for an fp64 weight: merged and unmerged agree to its precision)."""
         name = self._active if adapter_name is None else adapter_name
         s = self._spec_of(name)
         a, b = self.lora_A_adapters[name], self.lora_B_adapters[name]
-        delta = s.scaling * (b.float() @ a.float())
+        dt = torch.float64 if self.weight.dtype == torch.float64 else torch.float32
+        delta = s.scaling * (b.to(dt) @ a.to(dt))
         sparse = self.sparse_delta(name)
         if sparse is not None:
-            delta += sparse.dense_delta().float()
+            delta += sparse.dense_delta().to(dt)
         return delta.to(self.weight.dtype)
 
     # ---- DoRA ----------------------------------------------------------------------------------------
@@ -753,7 +770,9 @@ class FastLoRALinear(TunerLayer):
     def _dora_forward(self, x, name, s, a, b):
         weight, bias = self._base_parameters()
         cache = self.__dict__.get("_dora_gain")  # the norm and m / n of no-grad calls (see ops.dora.dora_linear)
-        if cache is None:
+        if self.training:
+            cache = None  # computed afresh at every call (see _kept)
+        elif cache is None:
             cache = self._dora_gain = {}
         return dora_linear(x, weight, bias, a, b, _entry(self._modules["lora_magnitude_vector"], name), s.scaling,
                            s.lora_dropout, self.training, weight_sq_norm=self._weight_sq_norm(), norm_cache=cache)
@@ -761,9 +780,10 @@ class FastLoRALinear(TunerLayer):
     @torch.no_grad()
     def _dora_merged(self, name: str) -> tuple:
         """(W' = (m / n) ⊙ (W + sBA) in W's dtype, n fp32 (out,)), as PEFT's merge."""
-        w = self.weight.float() + self.delta_weight(name).float()
+        dt = torch.float64 if self.weight.dtype == torch.float64 else torch.float32
+        w = self.weight.to(dt) + self.delta_weight(name).to(dt)
         n = torch.linalg.vector_norm(w, dim=1)
-        g = self.lora_magnitude_vector[name].float() / n
+        g = self.lora_magnitude_vector[name].to(dt) / n
         return (g[:, None] * w).to(self.weight.dtype), n
 
     @torch.no_grad()
@@ -780,8 +800,9 @@ class FastLoRALinear(TunerLayer):
         """Undo ``merge``: W -= sBA (LoRA), W ← W ⊙ (n/m) − sBA (DoRA, with the n kept at merge)."""
         if not self.merged or self._active is None or not self.is_dora():
             return super().unmerge()
-        g = self.lora_magnitude_vector[self._active].float() / self._dora_norm
-        w = self.weight.float() / g[:, None] - self.delta_weight(self._active).float()
+        dt = self._dora_norm.dtype  # fp64 for an fp64 weight (see _dora_merged)
+        g = self.lora_magnitude_vector[self._active].to(dt) / self._dora_norm
+        w = self.weight.to(dt) / g[:, None] - self.delta_weight(self._active).to(dt)
         self.weight.copy_(w.to(self.weight.dtype))
         self._dora_norm = None
         self.merged = False
@@ -873,23 +894,11 @@ class QLoRALinear(FastLoRALinear):
         return super()._apply(fn, *args, **kwargs)
 
     def _compute_copies(self, cdt: torch.dtype, a, b) -> tuple:
-        """``(lora_A, lora_B, bias)`` for a call computing in ``cdt``. With no gradient to take (decode, eval) the
-        copies cast to ``cdt`` (fp32 adapters, a bf16 layer) are kept while the Parameters stay the same (identity,
-        storage, version, as ``stacked``; a write through ``.data`` is not seen): three cast kernels fewer a call.
-        Else the Parameters as they are: ``qlora_linear`` casts them and gradients flow back through the casts."""
+        """``(lora_A, lora_B, bias)`` for a call computing in ``cdt`` (fp32 adapters on a bf16 layer: cast, the casts
+        kept between no-grad calls, ``ops.common.cast_params``)."""
         layer = self._modules["base_layer"]
         bias = layer._parameters["bias"] if "bias" in layer._parameters else layer.bias
-        params = (a, b, bias)
-        if (a.dtype == b.dtype == cdt and (bias is None or bias.dtype == cdt)) or tracing_or_transformed() or (
-                torch.is_grad_enabled() and any(p is not None and p.requires_grad for p in params)):
-            return params
-        state = kept_state(params) + (cdt,)
-        cached = self._casts
-        if cached is None or cached[1] != state or not all(map(operator.is_, params, cached[0])):
-            with torch.no_grad():
-                casts = tuple(None if p is None else p.detach().to(cdt) for p in params)
-            self._casts = cached = (params, state, casts)
-        return cached[2]
+        return cast_params((a, b, bias), cdt, self._kept(), "_casts")
 
     def _adapter_kwargs(self) -> dict:
         return dict(device=self.weight.device, dtype=torch.float32)  # fp32 adapters, as PEFT's QLoRA

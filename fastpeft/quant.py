@@ -99,15 +99,17 @@ def foreign_quant_library(module: nn.Module) -> str | None:
     """The name of the library whose quantized layer ``module`` is (GPTQ, AWQ, HQQ, torchao, ...), or None."""
     if _bnb_class_name(module) is not None:
         return None
+    w = getattr(module, "weight", None)
+    # an nn.Linear holding a plain float weight computes as one, whatever its class is called (FakeQuantLinear, ...)
+    plain = isinstance(module, nn.Linear) and type(w) in (nn.Parameter, torch.Tensor) and w.is_floating_point()
     for cls in type(module).__mro__:
         mod, name = cls.__module__ or "", cls.__name__
         for prefixes, words, library in _FOREIGN:
             if any(mod == p or mod.startswith(p + ".") for p in prefixes):
                 return library
-            if words and any(w in name for w in words) and "quant" in (mod + name).lower():
+            if not plain and words and any(w in name for w in words) and "quant" in (mod + name).lower():
                 return library
     # torchao quantizes nn.Linear in place: the weight becomes one of its tensor subclasses.
-    w = getattr(module, "weight", None)
     if isinstance(w, torch.Tensor) and type(w).__module__.startswith("torchao"):
         return "torchao"
     if isinstance(w, torch.Tensor) and getattr(w, "data", None) is not None \

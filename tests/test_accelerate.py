@@ -257,24 +257,40 @@ def test_save_pretrained_same_files_and_reload(base, ids, tmp_path):
     assert_same(run(reloaded, ids), want, "reloaded, accelerated")
 
 
+def _rel_err(got, ref):
+    return float((got.float() - ref.float()).norm() / ref.float().norm())
+
+
 def test_fp32_adapters_on_bf16_base_and_autocast(base, ids):
+    """PEFT's default on a bf16 model: fp32 adapters (autocast_adapter_dtype). The patched layers run fastpeft's
+    ops with the factors cast to bf16 (as autocast would), the gradients reaching the fp32 Parameters; PEFT
+    computes that branch in fp32. Judged the flash-attention way against the same model in fp32 (bf16 weights
+    held exactly): fastpeft's error at most 2x PEFT's own, logits and every gradient."""
     model = peft.get_peft_model(copy.deepcopy(base).to(torch.bfloat16),
                                 peft.LoraConfig(r=8, lora_alpha=16, target_modules=TARGETS, init_lora_weights=False))
     layer = q_proj(model)
     assert layer.lora_A["default"].weight.dtype == torch.float32  # PEFT's autocast_adapter_dtype
+    ref = run(copy.deepcopy(model).float(), ids)
     want = run(model, ids)
     with torch.autocast("cpu", dtype=torch.bfloat16):
         want_ac = run(model, ids)
     fastpeft.accelerate(model)
-    assert_same(run(model, ids), want, "fp32 adapters, bf16 base", 0, 0)  # PEFT's forward: dtypes differ
-    assert set(layer._fastpeft_calls) == {"input and parameters of several dtypes outside autocast "
-                                          "(bfloat16, float32)"}
+    got = run(model, ids)
+    assert layer._fastpeft_calls == {"fastpeft": 1}
+    assert got[1].keys() == want[1].keys() and all(g.dtype == torch.float32 for g in got[1].values())
+    for what, g, w, r in [("logits", got[0], want[0], ref[0])] + [
+            (f"grad of {n}", got[1][n], want[1][n], ref[1][n]) for n in want[1]]:
+        assert _rel_err(g, r) <= 2 * _rel_err(w, r) + 1e-3, (what, _rel_err(g, r), _rel_err(w, r))
     with torch.autocast("cpu", dtype=torch.bfloat16):
         got = run(model, ids)
-    assert layer._fastpeft_calls["fastpeft"] == 1
+    assert layer._fastpeft_calls["fastpeft"] == 2
     assert_same(got, want_ac, "fp32 adapters, bf16 base, autocast", 2e-2, 2e-2)
-    with peft.helpers.disable_input_dtype_casting(model), pytest.raises(RuntimeError):
-        model(input_ids=ids)  # PEFT's error: fp32 factors on a bf16 input, no autocast to reconcile them
+    with torch.no_grad():  # no-grad calls keep the bf16 casts: an in-place update is seen at the next call
+        first = model(input_ids=ids).logits
+        layer.lora_B["default"].weight.add_(0.5)
+        assert not torch.equal(model(input_ids=ids).logits, first)
+        layer.lora_B["default"].weight.sub_(0.5)
+        assert torch.equal(model(input_ids=ids).logits, first)
 
 
 def test_cast_input_dtype_disabled_same_dtypes(base, ids):
@@ -647,20 +663,24 @@ def test_4bit_layers_equal_peft_and_int8_stays_on_peft():
     assert_close_report(model(x), want[0], 0, 0, "restored")
 
 
-def test_4bit_fp32_adapters_on_bf16_compute_dtype_run_peft_forward():
+def test_4bit_fp32_adapters_on_bf16_compute_dtype_run_on_fastpeft():
+    """PEFT's QLoRA default: fp32 adapters on a bf16 compute dtype. fastpeft computes the branch in the compute
+    dtype (PEFT: fp32); against the same layer computed in fp32 on the same 4-bit weight, its error is at most 2x
+    PEFT's own (bf16 output), for y, dx and every gradient."""
     model = quantized_model(compute_dtype=torch.bfloat16, target_modules=["a"])
     x = torch.randn(4, 64, dtype=torch.bfloat16)
     want = run_x(model, x)
-    fastpeft.accelerate(model, strict=True)  # the layer is patched; the dtypes send this call to PEFT's forward
+    layer = model.base_model.model.a
+    layer.base_layer.compute_dtype = torch.float32
+    ref = run_x(model, x.float())
+    layer.base_layer.compute_dtype = torch.bfloat16
+    fastpeft.accelerate(model, strict=True)
     got = run_x(model, x)
-    assert_close_report(got[0], want[0], 0, 0, "bf16 compute dtype, fp32 adapters")
-    (why,) = model.base_model.model.a._fastpeft_calls
-    assert "compute dtype bfloat16" in why and "float32" in why
-    for t in model.base_model.model.a.parameters():  # adapters in the compute dtype: fastpeft's ops
-        if t.is_floating_point():
-            t.data = t.data.to(torch.bfloat16)
-    model.base_model.model.a(x)
-    assert model.base_model.model.a._fastpeft_calls["fastpeft"] == 1
+    assert layer._fastpeft_calls == {"fastpeft": 1}
+    pairs = [("y", got[0], want[0], ref[0]), ("dx", got[1], want[1], ref[1])] + [
+        (f"grad of {n}", got[2][n], want[2][n], ref[2][n]) for n in want[2]]
+    for what, g, w, r in pairs:
+        assert _rel_err(g, r) <= 2 * _rel_err(w, r) + 1e-3, (what, _rel_err(g, r), _rel_err(w, r))
 
 
 def test_4bit_eval_on_cpu_follows_bnb():

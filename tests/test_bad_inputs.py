@@ -437,6 +437,9 @@ CASES = [
         m, LoraConfig(target_modules=["q_proj"], modules_to_save=["zzz"])), ValueError,
         ("modules_to_save", "['zzz']", "matched no"), _toy),
     Bad("inject-config-a-dict", lambda m: fastpeft.inject(m, {"r": 8}), TypeError, ("config", "dict"), _toy),
+    Bad("inject-autocast_adapter_dtype-a-str", lambda m: fastpeft.inject(
+        m, LoraConfig(target_modules=["q_proj"]), autocast_adapter_dtype="yes"), TypeError,
+        ("autocast_adapter_dtype", "bool", "'yes'"), _toy),
     Bad("inject-adapter_name-dotted", lambda m: fastpeft.inject(m, LoraConfig(target_modules=["q_proj"]), "a.b"),
         ValueError, ("adapter name", "'a.b'"), _toy),
     Bad("inject-existing-adapter_name", lambda m: fastpeft.inject(m, LoraConfig(target_modules=["k_proj"])),
@@ -608,6 +611,8 @@ FILE_CASES = [
             targets=("bitfit",), kwargs=dict(adapter_name="lora")),
     BadFile("load-sparse-beside-lora-adapter", _none, ValueError, ("['default']", "SparseDeltaConfig", "only adapter"),
             source="sparse", targets=("lora",), kwargs=dict(adapter_name="sparse")),
+    BadFile("load-autocast_adapter_dtype-an-int", _none, TypeError, ("autocast_adapter_dtype", "bool", "1"),
+            targets=("fresh",), kwargs=dict(autocast_adapter_dtype=1)),
 ]
 
 
@@ -920,6 +925,20 @@ def test_quantized_base_bad_input_raises_naming_the_module(case):
     test_bad_input_raises_naming_the_argument(case)
 
 
+def test_a_float_linear_named_like_a_quantized_layer_is_a_linear():
+    """Only a layer that is not a plain float nn.Linear is refused for its class name: an nn.Linear subclass with
+    a float weight called ``FakeQuantLinear`` (fake-quantization for QAT, say) is LoRA's to wrap; a module of that
+    name holding integer weights is still refused."""
+    from fastpeft.quant import base_kind
+
+    fake = type("FakeQuantLinear", (nn.Linear,), {"__module__": "my_project.qat"})(IN, OUT)
+    assert base_kind(fake, "proj") == "linear"
+    layer = fastpeft.FastLoRALinear.from_linear(fake, r=2)
+    assert layer(_t(3, IN)).shape == (3, OUT)
+    with pytest.raises(TypeError, match="'proj' is a GPTQ quantized layer"):
+        base_kind(_foreign("QuantLinear", "my_project.layers"), "proj")
+
+
 def test_qlora_case_ids_are_unique():
     _assert_unique_ids(CASES, QLORA_CASES)
 
@@ -982,6 +1001,9 @@ QLORA_MODEL_CASES = [
         ("'v'", "cannot requantize", "unchanged", "dequantize=True"), _lora_on_quant),
     Bad("qlora-merge-and-unload-dequantize-not-bool", lambda m: fastpeft.merge_and_unload(m, dequantize="yes"),
         TypeError, ("dequantize", "'yes'"), _lora_on_quant),
+    Bad("qlora-modules_to_save-a-4bit-layer", lambda m: fastpeft.inject(m, LoraConfig(r=R, target_modules=["q"],
+                                                                                     modules_to_save=["v"])),
+        ValueError, ("modules_to_save", "'v'", "not floating point", "quantized"), _quant_model),
 ]
 
 

@@ -362,3 +362,26 @@ def test_transformers_saved_keys_match_peft(tmp_path, build, output, kwargs, not
     assert_same_keys(ours, theirs)
     if not_adapted is not None:
         assert not any(f"{not_adapted}.lora_" in k for k in ours)
+
+
+def test_peft_file_with_a_saved_lm_head_weight_loads(tmp_path):
+    """LoRA on ``lm_head``: PEFT saves the head's base weight beside the factors (``save_embedding_layers="auto"``,
+    for a resized vocabulary) and loads it into the base layer; fastpeft accepts the key (the shape checked with the
+    rest) and does the same. A head weight of another shape (a vocabulary not resized yet) is refused before any
+    change."""
+    base = llama_base()
+    pm = peft_model(base, dict(r=4, lora_alpha=8, target_modules=["q_proj", "lm_head"]))
+    with torch.no_grad():  # a trained (or resized-then-trained) head: the saved base weight is not the model's
+        pm.base_model.model.lm_head.base_layer.weight.add_(0.25)
+    pm.save_pretrained(tmp_path)
+    assert "base_model.model.lm_head.base_layer.weight" in safetensors_torch.load_file(
+        str(tmp_path / "adapter_model.safetensors"))
+    fm = fastpeft.load_adapter(copy.deepcopy(base), tmp_path).eval()
+    with torch.no_grad():
+        assert_outputs_match(llama_out(fm), llama_out(pm), llama_out(base))
+    bigger = llama_base()
+    bigger.resize_token_embeddings(80)
+    before = {k: v.clone() for k, v in bigger.state_dict().items()}
+    with pytest.raises(ValueError, match=r"lm_head\..*must have shape \(80, .* for this model"):
+        fastpeft.load_adapter(bigger, tmp_path)
+    assert all(torch.equal(v, before[k]) for k, v in bigger.state_dict().items())

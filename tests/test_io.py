@@ -124,10 +124,19 @@ def test_adapter_name_and_trainable_flag(tmp_path):
     fastpeft.save_adapter(m, tmp_path / "again", adapter_name="sql")
 
 
-def test_load_casts_to_the_model_dtype(tmp_path):
+def test_load_dtypes_follow_peft(tmp_path):
+    """An fp32 file on a bf16 model: fp32 factors, bit for bit the file's (PEFT's from_pretrained keeps them fp32
+    too), or with autocast_adapter_dtype=False cast to the model's dtype; on an fp64 model fp64 factors."""
     fastpeft.save_adapter(_trained(), tmp_path)
+    saved = load_file(tmp_path / WEIGHTS_NAME)
     m = fastpeft.load_adapter(_toy().to(torch.bfloat16), tmp_path)
+    for name, lay in fastpeft.lora_layers(m).items():
+        assert lay.lora_A.dtype == torch.float32 and lay.weight.dtype == torch.bfloat16
+        assert torch.equal(lay.lora_A, saved[f"base_model.model.{name}.lora_A.weight"])
+    m = fastpeft.load_adapter(_toy().to(torch.bfloat16), tmp_path, autocast_adapter_dtype=False)
     assert all(lay.lora_A.dtype == torch.bfloat16 for lay in fastpeft.lora_layers(m).values())
+    m = fastpeft.load_adapter(_toy().double(), tmp_path)
+    assert all(lay.lora_A.dtype == torch.float64 for lay in fastpeft.lora_layers(m).values())
 
 
 # ---- loads that must fail, leaving the model exactly as it was -------------------------------------

@@ -144,3 +144,24 @@ def test_accelerated_adapter_names_stacks_follow_a_data_swap():
         got = model(x, **kw)
         want = fastpeft.restore(copy.deepcopy(model))(x, **kw)
     assert_close_report(got, want, 1e-5, 1e-6, "after a .data swap")
+
+
+@pytest.mark.parametrize("kind", ["dora", "many", "qlora-bf16", "fp32-adapters-bf16-base"])
+def test_training_mode_keeps_nothing_and_sees_data_writes(kind):
+    """In training mode no-grad calls keep nothing (as PEFT, each computes afresh): a validation pass without
+    ``eval()`` after a hand-written update through ``.data`` (which bumps no version) sees it at once."""
+    if kind == "fp32-adapters-bf16-base":  # inject's fp32 factors on a bf16 base: the bf16 casts are what is kept
+        model = fastpeft.inject(nn.Sequential(nn.Linear(64, 48)).bfloat16(), fastpeft.LoraConfig(
+            r=8, target_modules=["0"], init_lora_weights=False))
+        layer, extra, x = model[0], (), torch.randn(6, 64).bfloat16()
+    else:
+        layer, extra, x = _layer(kind)
+    layer.train()
+    for _ in range(2):
+        with torch.no_grad():
+            layer(x, *extra)
+        for p in layer.parameters():
+            if p.requires_grad:
+                p.data.mul_(1.5)  # no version bump, no optimizer step, no mode switch
+        kept, fresh = _no_grad_and_grad(layer.train(), x, extra)
+        assert_close_report(kept.float(), fresh.float(), 1e-5, 1e-5 * float(fresh.abs().max()), kind)

@@ -3,6 +3,7 @@ the shape keys under which the timed GEMM choices are cached."""
 from __future__ import annotations
 
 import contextlib
+import operator
 
 import torch
 
@@ -63,10 +64,32 @@ def kept_state(tensors) -> tuple:
                  for t in tensors) + (optimizer_steps(),)
 
 
+def cast_params(params: tuple, dtype: torch.dtype, store: dict | None = None, slot: str = "casts") -> tuple:
+    """``params`` (tensors, None kept) in ``dtype`` for one call: fp32 adapters (PEFT's default on a bf16 / fp16
+    model, and QLoRA's) cast to the dtype the layer computes in. As they are when every one has it already. With a
+    gradient to take, by autograd-recorded ``.to`` (the gradients reach the fp32 Parameters); without one (decode,
+    evaluation) the casts are kept in ``store[slot]`` while the tensors stay the same (identity and ``kept_state``:
+    version, storage, an optimizer step), a cast kernel fewer per tensor and call; not while torch.compile traces or
+    a torch.func transform runs (no version to key on there), nor without a ``store``."""
+    if all(p is None or p.dtype == dtype for p in params):
+        return params
+    if store is None or torch.compiler.is_compiling() or torch._C._are_functorch_transforms_active() or (
+            torch.is_grad_enabled() and any(p is not None and p.requires_grad for p in params)):
+        return tuple(None if p is None or p.dtype == dtype else p.to(dtype) for p in params)
+    state = kept_state(params) + (dtype,)
+    kept = store.get(slot)
+    if kept is None or kept[1] != state or not all(map(operator.is_, params, kept[0])):
+        with torch.no_grad(), outside_inference_mode():
+            kept = store[slot] = (params, state, tuple(None if p is None else p.detach().to(dtype) for p in params))
+    return kept[2]
+
+
 def outside_inference_mode():
     """A context in which tensors a layer keeps across calls are made as normal tensors, even when the call runs in
     ``torch.inference_mode`` (serving): an inference tensor kept and read later by a training step could not be
     saved for backward, nor written in place, and has no version counter to key a cache on."""
+    if torch.compiler.is_compiling():  # dynamo cannot trace the inference-mode query (a graph break)
+        return contextlib.nullcontext()
     return torch.inference_mode(False) if torch.is_inference_mode_enabled() else contextlib.nullcontext()
 
 
