@@ -463,9 +463,10 @@ class AccelerateReport:
             lines.append(f"  partial  {name}: {why}")
         if self.patched:
             lines.append("  Patched layers run PEFT's own forward, call by call, for: disabled or merged adapters, "
-                         "hooks on their modules, parameters of another dtype than the input outside autocast "
-                         "(4-bit layers: other than their compute dtype, or autocast), several active adapters "
-                         "with dropout in training or with DoRA among them, DoRA in adapter_names batches. "
+                         "hooks on their modules, an input, weight and bias of several dtypes outside autocast "
+                         "(fp32 adapters on a bf16 base run on fastpeft, cast), autocast on 4-bit layers, several "
+                         "active adapters with dropout in training or with DoRA among them, DoRA in adapter_names "
+                         "batches. "
                          "report.calls() counts the paths taken.")
         return "\n".join(lines)
 

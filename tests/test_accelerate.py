@@ -946,3 +946,15 @@ def test_per_call_tensor_checks_name_what_falls_back(base, ids):
     assert runtime_fallback_reason(layer, x) is None
     run(model, ids)
     assert layer._fastpeft_calls == {"fastpeft": 1}
+
+
+def test_layers_injected_by_peft_without_a_peft_model(base, ids):
+    """``peft.inject_adapter_in_model`` (what transformers' ``add_adapter`` calls) leaves a plain model with PEFT
+    LoRA layers: accelerate patches them, with PEFT's outputs and gradients."""
+    torch.manual_seed(0)
+    model = peft.inject_adapter_in_model(peft.LoraConfig(r=8, lora_alpha=16, target_modules=TARGETS,
+                                                         init_lora_weights=False), copy.deepcopy(base))
+    want = run(model, ids)
+    report = fastpeft.accelerate(model, strict=True)
+    assert_same(run(model, ids), want, "inject_adapter_in_model")
+    assert report.calls() == {"fastpeft": 2 * len(TARGETS)}

@@ -387,3 +387,35 @@ def test_a_rank_below_zero_counts_as_zero_as_in_the_compiled_form(monkeypatch):
     monkeypatch.setattr(torch.compiler, "is_compiling", lambda: True)
     torch.testing.assert_close(eager, R.multi_lora_add(torch.zeros(6, 8), x, a, b, torch.ones(2), ids, ranks))
     assert torch.equal(eager[ids == 0], torch.zeros(3, 8))
+
+
+def test_adding_or_deleting_an_adapter_inside_mixed_batch_routes_by_name():
+    """Inside a mixed_batch block the layers route by name: deleting an adapter (later ones' ids shift down) sends
+    its sequences to the base, not to the next adapter; one added with a routed name takes its sequences."""
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(16, 12))
+    for name in ("a", "b", "c"):
+        fastpeft.inject(model, fastpeft.LoraConfig(r=2, target_modules=["0"], init_lora_weights=False),
+                        adapter_name=name, activate=name == "a")
+    x = torch.randn(3, 4, 16)
+
+    def alone(name):
+        fastpeft.set_adapter(model, name)
+        with torch.no_grad():
+            return model(x)
+    want = {n: alone(n) for n in ("a", "c", None)}
+    fastpeft.set_adapter(model, "a")
+    with torch.no_grad(), fastpeft.mixed_batch(model, ["a", "b", "c"]):
+        fastpeft.delete_adapter(model, "b")
+        got = model(x)
+        torch.testing.assert_close(got[0], want["a"][0])
+        torch.testing.assert_close(got[1], want[None][1])  # b's sequence: the base now
+        torch.testing.assert_close(got[2], want["c"][2])
+        fastpeft.inject(model, fastpeft.LoraConfig(r=2, target_modules=["0"], init_lora_weights=False),
+                        adapter_name="b", activate=False)
+        b = model[0].adapter_parameters("b")
+        got = model(x)
+    fastpeft.set_adapter(model, "b")
+    with torch.no_grad():
+        torch.testing.assert_close(got[1], model(x)[1])
+    assert b[0] is model[0].adapter_parameters("b")[0]
