@@ -11,7 +11,8 @@ shrink fused into the TMA GEMM, its backward on the TMA GEMM; up to 64 rows ``fa
 in one launch, its backward on the kernels), ``reference`` (FastLoRALinear on the PyTorch
 path, i.e. eager LoRA), ``peft`` (a PEFT LoRA layer) and ``peft+accelerate`` (the same PEFT model
 patched by ``fastpeft.accelerate``) when PEFT is installed, both with the adapter in the benchmark's
-dtype. Modes: ``fwd`` and ``fwd+bwd`` (frozen W; dX, dA, dB computed), each with its peak memory on
+dtype; in bf16 / fp16 also ``peft-fp32-adapters`` and ``peft-fp32-adapters+accelerate``, PEFT's own default
+there (fp32 adapters, which accelerate casts to the base's dtype per call). Modes: ``fwd`` and ``fwd+bwd`` (frozen W; dX, dA, dB computed), each with its peak memory on
 CUDA. Ratios are to ``linear`` of the same shape and mode, measured in the same run. Without dropout each
 fastpeft row also gives its relative error against ``reference`` (y and every gradient; ``peft+accelerate``'s
 against ``peft``): ~1e-3 to 1e-2 in bf16, ~1 for a path that computes something else.
@@ -62,24 +63,30 @@ def providers(in_f, out_f, r, p, device, dtype, kernels_ok: bool, m: int | None 
         return out
     out["peft"] = (peft_provider(in_f, out_f, r, p, device, dtype), None, None)
     out["peft+accelerate"] = (peft_accelerate_provider(in_f, out_f, r, p, device, dtype), None, None)
+    if dtype in (torch.bfloat16, torch.float16):  # PEFT's own default there: fp32 adapters on the half base
+        out["peft-fp32-adapters"] = (peft_provider(in_f, out_f, r, p, device, dtype, True), None, None)
+        out["peft-fp32-adapters+accelerate"] = (peft_accelerate_provider(in_f, out_f, r, p, device, dtype, True),
+                                                None, None)
     return out
 
 
-def peft_provider(in_f, out_f, r, p, device, dtype):
+def peft_provider(in_f, out_f, r, p, device, dtype, fp32_adapters: bool = False):
     """A PEFT LoRA model of one Linear. ``autocast_adapter_dtype=False`` keeps the adapter in ``dtype`` (PEFT
-    would hold a bf16 model's adapter in fp32), so every provider computes in the same dtype."""
+    would hold a bf16 model's adapter in fp32), so every provider computes in the same dtype; ``fp32_adapters``:
+    PEFT's default instead (its branch computed in fp32)."""
     import peft
 
     torch.manual_seed(0)
     base = nn.Sequential(nn.Linear(in_f, out_f, device=device, dtype=dtype))
     cfg = peft.LoraConfig(r=r, lora_alpha=2 * r, lora_dropout=p, target_modules=["0"], init_lora_weights=False)
-    return peft.get_peft_model(base, cfg, autocast_adapter_dtype=False)
+    return peft.get_peft_model(base, cfg, autocast_adapter_dtype=fp32_adapters)
 
 
-def peft_accelerate_provider(in_f, out_f, r, p, device, dtype):
+def peft_accelerate_provider(in_f, out_f, r, p, device, dtype, fp32_adapters: bool = False):
     """The PEFT model of ``peft_provider`` with its LoRA layer computing through fastpeft
-    (``fastpeft.accelerate``, strict: it raises rather than leave the layer on PEFT's forward)."""
-    model = peft_provider(in_f, out_f, r, p, device, dtype)
+    (``fastpeft.accelerate``, strict: it raises rather than leave the layer on PEFT's forward; fp32 adapters are
+    cast to ``dtype`` per call)."""
+    model = peft_provider(in_f, out_f, r, p, device, dtype, fp32_adapters)
     fastpeft.accelerate(model, strict=True)
     return model
 
@@ -113,8 +120,9 @@ def checks(mods: dict, p: float) -> dict:
     if p:
         return {}
     out = {name: "reference" for name in mods if name.startswith("fastpeft")}
-    if "peft+accelerate" in mods:
-        out["peft+accelerate"] = "peft"
+    for name in ("peft+accelerate", "peft-fp32-adapters+accelerate"):
+        if name in mods:
+            out[name] = name.split("+")[0]
     return out
 
 
