@@ -109,8 +109,8 @@ def cases(args, ctx) -> list:
 
 def add_arguments(ap, cuda: bool) -> None:
     harness.add_linear_args(ap, cuda, (GPU_TOKENS, CPU_TOKENS), (GPU_SHAPES, CPU_SHAPES))
-    ap.add_argument("--ranks", nargs="+", type=int, default=GPU_RANKS if cuda else CPU_RANKS)
-    ap.add_argument("--dropout", nargs="+", type=float, default=[0.0])
+    ap.add_argument("--ranks", nargs="+", type=harness.positive_int, default=GPU_RANKS if cuda else CPU_RANKS)
+    ap.add_argument("--dropout", nargs="+", type=harness.rate, default=[0.0])
 
 
 COLUMNS = (harness.plain_columns("M", "K", "N", "r", "p", "mode") + harness.TIMING_COLUMNS + harness.VS_LINEAR_COLUMNS

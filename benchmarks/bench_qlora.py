@@ -161,8 +161,8 @@ def cases(args, ctx) -> list:
 
 def add_arguments(ap, cuda: bool) -> None:
     harness.add_linear_args(ap, cuda, (GPU_TOKENS, CPU_TOKENS), (GPU_SHAPES, CPU_SHAPES))
-    ap.add_argument("--ranks", nargs="+", type=int, default=[16])
-    ap.add_argument("--dropout", nargs="+", type=float, default=[0.0],
+    ap.add_argument("--ranks", nargs="+", type=harness.positive_int, default=[16])
+    ap.add_argument("--dropout", nargs="+", type=harness.rate, default=[0.0],
                     help="LoRA dropout of lora, qlora and peft-bnb (dequant-addmm has none)")
     ap.add_argument("--quant", nargs="+", choices=QUANTS, default=GPU_QUANTS if cuda else CPU_QUANTS,
                     help="the bitsandbytes bases: 4-bit nf4 / fp4 (-nested: double-quantized absmax) or int8 "

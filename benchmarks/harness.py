@@ -105,9 +105,13 @@ def bench_interleaved(fns: dict, warmup_ms: float = 25, rep_ms: float = 100, rou
         try:
             t0 = time.perf_counter()
             fn()
-            once[name] = max(time.perf_counter() - t0, 1e-6)
-            for _ in range(max(1, int(warmup_ms / 1e3 / once[name]))):
+            first = max(time.perf_counter() - t0, 1e-6)
+            n = max(1, int(warmup_ms / 1e3 / first))
+            t0 = time.perf_counter()
+            for _ in range(n):
                 fn()
+            # a call's time once warm (the first may pay lazy set-up, compilation), which sizes the rounds
+            once[name] = max((time.perf_counter() - t0) / n, 1e-6)
         except Exception as exc:
             failed[name] = exc
     names = [n for n in fns if n in once]
@@ -127,6 +131,30 @@ def bench_interleaved(fns: dict, warmup_ms: float = 25, rep_ms: float = 100, rou
     return {n: _stats(samples[n]) for n in names if n not in failed}, failed
 
 
+def positive_int(s: str) -> int:
+    """An argparse ``type``: an int > 0 (tokens, ranks, adapters, block sizes)."""
+    v = int(s)
+    if v <= 0:
+        raise argparse.ArgumentTypeError(f"must be a positive int, got {s}")
+    return v
+
+
+def rate(s: str) -> float:
+    """An argparse ``type``: a dropout rate in [0, 1)."""
+    v = float(s)
+    if not 0.0 <= v < 1.0:
+        raise argparse.ArgumentTypeError(f"must be in [0, 1), got {s}")
+    return v
+
+
+def fraction(s: str) -> float:
+    """An argparse ``type``: a share in (0, 1] (a sparse delta's density)."""
+    v = float(s)
+    if not 0.0 < v <= 1.0:
+        raise argparse.ArgumentTypeError(f"must be in (0, 1] (a fraction, 0.01 = 1 %), got {s}")
+    return v
+
+
 def parse_kxn(s: str) -> tuple:
     """``"4096x11008"`` -> (4096, 11008): a (K, N) = (in, out) pair on the command line."""
     k, n = s.lower().split("x")
@@ -136,7 +164,8 @@ def parse_kxn(s: str) -> tuple:
 def add_linear_args(ap, cuda: bool, tokens: tuple, shapes: tuple) -> None:
     """``--tokens`` (M values) and ``--shapes`` (KxN pairs) of a linear-layer bench; ``tokens`` and ``shapes``
     are (GPU defaults, CPU defaults)."""
-    ap.add_argument("--tokens", nargs="+", type=int, default=tokens[0] if cuda else tokens[1], help="M values")
+    ap.add_argument("--tokens", nargs="+", type=positive_int, default=tokens[0] if cuda else tokens[1],
+                    help="M values")
     ap.add_argument("--shapes", nargs="+", type=parse_kxn, default=shapes[0] if cuda else shapes[1],
                     help="KxN (in x out) pairs")
 

@@ -348,12 +348,19 @@ def runtime_fallback_reason(self, x, args=(), kwargs=None):
     autocast = torch.is_autocast_enabled(dt) if dt in ("cpu", "cuda") else (
         torch.amp.is_autocast_available(dt) and torch.is_autocast_enabled(dt))
     if quantized:
-        # x, b and the adapters of any float dtype: qlora_linear computes in the layer's compute dtype, as bnb's
-        # matmul does (PEFT computes fp32 adapters' branch in fp32: the same outputs to that dtype's rounding)
+        # b and the adapters of any float dtype: qlora_linear computes in the layer's compute dtype, as bnb's matmul
+        # does (PEFT computes fp32 adapters' branch in fp32: the same outputs to that dtype's rounding, 0.96-1.13x
+        # PEFT's error with bf16 inputs). An input wider than the compute dtype (fp32 activations on a bf16 compute
+        # dtype: prepare_model_for_kbit_training's recipe) stays on PEFT's forward: there PEFT's fp32 branch is ~4x
+        # more accurate than one computed in bf16.
         if qweight.device != dev:
             return f"4-bit weight on {qweight.device}, input on {dev}"
         if autocast:
             return "autocast on a 4-bit base layer"
+        cdt = qweight.compute_dtype_for(x)
+        if torch.finfo(x.dtype).bits > torch.finfo(cdt).bits:
+            return (f"{str(x.dtype)[6:]} input on a 4-bit layer computing in {str(cdt)[6:]} (PEFT computes the LoRA "
+                    "branch in the input's and adapters' precision)")
         return None
     if not autocast and len(dtypes) > 1:
         # (the adapters and magnitudes may be of another dtype, fp32 on a bf16 base as PEFT makes them: cast to W's)

@@ -28,7 +28,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from .demo import positive_int
+from .demo import positive_float, positive_int, rate
 
 
 class TinyBlock(nn.Module):
@@ -193,10 +193,10 @@ def build_parser() -> argparse.ArgumentParser:
                    "'fastpeft demo --help'", add_help=False)
     t = sub.add_parser("train", help="LoRA on a small built-in transformer, a few seconds on CPU (default)")
     t.add_argument("--steps", type=positive_int, default=500, help="at most this many steps (default 500)")
-    t.add_argument("--max-seconds", type=float, default=20.0, help="stop after this long (default 20)")
+    t.add_argument("--max-seconds", type=positive_float, default=20.0, help="stop after this long (default 20)")
     t.add_argument("--rank", type=positive_int, default=8, help="LoRA rank (default 8)")
-    t.add_argument("--dropout", type=float, default=0.0, help="LoRA dropout (default 0)")
-    t.add_argument("--lr", type=float, default=3e-3, help="AdamW learning rate (default 3e-3)")
+    t.add_argument("--dropout", type=rate, default=0.0, help="LoRA dropout (default 0)")
+    t.add_argument("--lr", type=positive_float, default=3e-3, help="AdamW learning rate (default 3e-3)")
     t.add_argument("--batch", type=positive_int, default=8)
     t.add_argument("--seq", type=positive_int, default=32)
     t.add_argument("--seed", type=int, default=0)
@@ -233,6 +233,8 @@ def main(argv=None) -> int:
         if len(argv) > 1 and argv[1] == "plot":  # charts of tables already measured (a device run's JSON)
             _bench_module("harness").plot_main(argv[2:])
             return 0
+        if len(argv) > 1 and not argv[1].startswith("-") and argv[1] not in BENCHES:
+            parser.error(f"unknown bench {argv[1]!r}: one of {', '.join(BENCHES)} or plot (fastpeft bench --help)")
         which = argv[1] if len(argv) > 1 and argv[1] in BENCHES else "lora"
         rest = argv[2:] if len(argv) > 1 and argv[1] in BENCHES else argv[1:]
         _bench_module(BENCHES[which]).main(rest)

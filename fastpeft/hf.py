@@ -231,14 +231,17 @@ def to_peft(model: nn.Module):
             if peft_type != "LORA" or getattr(config, "sparse_density", 0.0) > 0:
                 what = ("a sparse delta (RoSA)" if getattr(config, "sparse_density", 0.0) > 0 else
                         f"a {type(config).__name__} adapter")
-                raise ValueError(f"fastpeft.to_peft: adapter {name!r} is {what}, which PEFT has no equivalent of; "
-                                 "only LoRA adapters convert")
+                hint = ("PEFT loads its files: fastpeft.save_adapter, then peft.PeftModel.from_pretrained"
+                        if peft_type == "PROMPT_TUNING" else "PEFT has no equivalent of it")
+                raise ValueError(f"fastpeft.to_peft: adapter {name!r} is {what}; only LoRA adapters convert in place "
+                                 f"({hint})")
         # Checks done: swap the fastpeft modules for their base modules (the files hold the adapters), then load
         # the adapters with PEFT. Should PEFT raise, the fastpeft modules and attributes go back where they were.
         swapped = list(lora_layers(model).items()) + [
             (n, m) for n, m in model.named_modules() if isinstance(m, ModulesToSaveWrapper)]
         kept = {name: v for name, v in model.__dict__.items()
                 if name in _FASTPEFT_ATTRS or isinstance(v, _InstanceMethod)}  # the registry, Trainer's methods
+        before = set(model.__dict__)
         try:
             for path, m in swapped:
                 _set_submodule(model, path, m.original_module if isinstance(m, ModulesToSaveWrapper)
@@ -252,6 +255,8 @@ def to_peft(model: nn.Module):
         except BaseException:
             for path, m in swapped:
                 _set_submodule(model, path, m)
+            for name in set(model.__dict__) - before:  # what PEFT set on the model before it failed (peft_config)
+                del model.__dict__[name]
             model.__dict__.update(kept)
             raise
     return peft_model.train(was_training)  # from_pretrained(is_trainable=True) leaves it in training mode

@@ -23,6 +23,7 @@ from .layers import DORA_QUANTIZED, FastLoRALinear, ModulesToSaveWrapper, QLoRAL
 from .matching import (compile_pattern, default_targets, is_all_linear, is_bias, matches, name_list, output_head, pattern_value,
                        set_submodule)
 from .methods import METHODS as OTHER_METHODS
+from .methods import ParameterMethod
 from .methods import Method
 from .quant import (QuantizedWeight, assign_merged_weight, base_kind, foreign_quant_library, is_quantized,
                     merged_weight, peft_numel)
@@ -239,6 +240,8 @@ def plan_lora(model: nn.Module, config) -> LoraPlan:
         if not hit:
             continue
         _check_quantized_target(name, module, config)
+        if isinstance(module, nn.Linear) and not isinstance(module, (FastLoRALinear, SparseDeltaLinear)):
+            base_kind(module, name)  # an nn.Linear subclass with a forward of its own: refused, naming it
         if not isinstance(module, (nn.Linear, FastLoRALinear)):
             raise ValueError(f"target_modules matched {name!r}, a {type(module).__name__}; fastpeft "
                              "adapts nn.Linear modules only: narrow target_modules or exclude it")
@@ -585,8 +588,9 @@ def _saved_base_weights(model: nn.Module, plan: LoraPlan, weights: dict) -> dict
     out = {}
     for name in plan.targets:
         key = name + _BASE_WEIGHT
-        if key in weights:
-            w = getattr(model.get_submodule(name), "weight", None)
+        module = model.get_submodule(name)
+        if key in weights and not (isinstance(module, QLoRALinear) or is_quantized(module)):
+            w = getattr(module, "weight", None)
             if isinstance(w, torch.Tensor) and w.is_floating_point():
                 out[key] = tuple(w.shape)
     return out
@@ -764,6 +768,12 @@ def inject(model: nn.Module, config, adapter_name: str = "default", plan=None, a
     return model
 
 
+def _in_model(config) -> bool:
+    """Whether ``config``'s adapter is part of the model itself (BitFit, bottleneck adapters, prompt tuning,
+    layer-wise: ``methods.ParameterMethod``), not in layers that switch adapters."""
+    return isinstance(method_for(config), ParameterMethod)
+
+
 def _upcast_adapter(model: nn.Module, adapter_name: str) -> None:
     """The LoRA factors (DoRA's magnitudes, RoSA's sparse values) of ``adapter_name`` in fp16 / bf16 made fp32, in
     place (the same Parameters), as PEFT's ``autocast_adapter_dtype``; a QLoRA layer's are fp32 already."""
@@ -788,6 +798,11 @@ def set_adapter(model: nn.Module, adapter_name) -> None:
     configs = adapter_configs(model)
     if adapter_name is not None and adapter_name not in configs:
         raise ValueError(f"adapter_name {adapter_name!r} is not an adapter of this model; it has {list(configs)}")
+    active = peft_state(model).active
+    if adapter_name is None and active is not None and _in_model(configs[active]):
+        raise ValueError(f"adapter {active!r} ({type(configs[active]).__name__}) is part of the model itself: it "
+                         "cannot be switched off in place (" + ("fastpeft.delete_adapter takes it out" if
+                         method_for(configs[active]).removable else "it trains the model's own tensors") + ")")
     for layer in lora_layers(model).values():
         layer.set_adapter(adapter_name if adapter_name in layer.adapter_names else None)
     for wrapper in saved_module_wrappers(model).values():
@@ -801,6 +816,17 @@ def delete_adapter(model: nn.Module, adapter_name: str) -> None:
     configs = adapter_configs(model)
     if adapter_name not in configs:
         raise ValueError(f"adapter_name {adapter_name!r} is not an adapter of this model; it has {list(configs)}")
+    if _in_model(configs[adapter_name]):
+        method = method_for(configs[adapter_name])
+        if not method.removable:
+            raise ValueError(f"adapter {adapter_name!r} ({type(configs[adapter_name]).__name__}) trained the "
+                             "model's own tensors, so there is no base to go back to (load the base "
+                             "model again); fastpeft.merge_and_unload keeps it as the model's weights")
+        method.remove(model)  # the prompt / bottleneck adapters out: the model runs its base again
+        for wrapper in saved_module_wrappers(model).values():
+            wrapper.delete_adapter(adapter_name)
+        model.__dict__.pop(_STATE, None)  # it was the model's only adapter
+        return
     for layer in lora_layers(model).values():
         if adapter_name in layer.adapter_names:
             layer.delete_adapter(adapter_name)
@@ -914,6 +940,12 @@ def merge_and_unload(model: nn.Module, dequantize: bool = False) -> nn.Module:
     built first, so a failure (bitsandbytes cannot requantize here) leaves the model unchanged.
     """
     check_bool(dequantize, "dequantize")
+    unfoldable = [f"{n!r} ({type(c).__name__})" for n, c in adapter_configs(model).items()
+                  if _in_model(c) and not method_for(c).mergeable]
+    if unfoldable:
+        raise ValueError(f"merge_and_unload: adapter {', '.join(unfoldable)} does not fold into the base weights (a "
+                         "prompt or bottleneck adapter computes something no weight holds); fastpeft.delete_adapter "
+                         "takes it out, or keep the model as it is")
     quantized = _quantized_unloads(model, dequantize)
     for name, module in quantized.items():
         set_submodule(model, name, module)

@@ -23,6 +23,7 @@ from .inject import METHODS, adapter_configs, inject, method_for, peft_state
 CONFIG_NAME = "adapter_config.json"
 WEIGHTS_NAME = "adapter_model.safetensors"
 PREFIX = "base_model.model."
+_PROMPT_PREFIX = "base_model."
 
 
 def _fsync_dir(path: str) -> None:
@@ -112,7 +113,7 @@ def save_adapter(model: nn.Module, directory, adapter_name: str = "default", is_
     config_json = method.config_to_json(model, config, adapter_name, state)
     sharded = any(_sharded(p) for p in keys.values())
     # full_tensor() all-gathers an FSDP2 shard; every rank runs the gathers, in the same (key) order.
-    tensors = {(k if k in method.root_keys else PREFIX + k):
+    tensors = {(k if k in method.root_keys else method.file_prefix + k):
                (p.detach().full_tensor() if _sharded(p) else p.detach()).to("cpu").contiguous().clone()
                for k, p in keys.items()}
     if is_main_process is None:
@@ -165,7 +166,9 @@ def read_adapter_weights(directory) -> dict:
         raw = load_file(path)
     except (SafetensorError, OSError, ValueError) as e:
         raise ValueError(f"{path} is not a readable safetensors file: {e}") from None
-    return {(k[len(PREFIX):] if k.startswith(PREFIX) else k): v for k, v in raw.items()}
+    # PEFT's prefixes: "base_model.model." (LoRA and most tuners), "base_model." (prompt learning)
+    return {(k[len(PREFIX):] if k.startswith(PREFIX) else k[len(_PROMPT_PREFIX):] if k.startswith(_PROMPT_PREFIX)
+             else k): v for k, v in raw.items()}
 
 
 def load_adapter(model: nn.Module, directory, adapter_name: str = "default", trainable: bool = True,

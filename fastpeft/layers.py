@@ -115,15 +115,20 @@ class TunerLayer(nn.Module):
         storage is shared with the wrapped ``nn.Linear``, which sees the change too."""
         if self.merged:
             raise RuntimeError(f"merge: the {self._delta_name} is already merged")
-        self.weight.add_(self.delta_weight())
+        self.weight.add_(self._exact_delta())  # W + ΔW rounded once to W's dtype, as PEFT's merge
         self.merged = True
+
+    def _exact_delta(self) -> torch.Tensor:
+        """ΔW as merging adds it: ``delta_weight`` (in W's dtype) here; in fp32 where the layer computes it so
+        (a bf16 W then takes W + ΔW rounded once, not ΔW rounded first)."""
+        return self.delta_weight()
 
     @torch.no_grad()
     def unmerge(self) -> None:
         """Undo ``merge`` (W -= ΔW). Exact up to the weight dtype's rounding."""
         if not self.merged:
             raise RuntimeError(f"unmerge: the {self._delta_name} is not merged")
-        self.weight.sub_(self.delta_weight())
+        self.weight.sub_(self._exact_delta())
         self.merged = False
 
     @torch.no_grad()
@@ -131,7 +136,7 @@ class TunerLayer(nn.Module):
         """A new ``nn.Linear`` holding W + ΔW (and a copy of b); this layer is left untouched."""
         w = self.weight.detach().clone()
         if not self.merged and self.has_delta():
-            w += self.delta_weight()
+            w += self._exact_delta()
         lin = nn.Linear(self.in_features, self.out_features, bias=self.bias is not None, device=w.device, dtype=w.dtype)
         lin.weight.copy_(w)
         if self.bias is not None:
@@ -264,6 +269,7 @@ class SparseDeltaLinear(TunerLayer, SparseDelta):
     def from_linear(cls, linear: nn.Linear, density=0.01, block_size=1, selection="random", scores=None):
         """Wrap ``linear``: shares (not copies) its weight and bias, and freezes them."""
         check_linear(linear)
+        base_kind(linear)  # an nn.Linear with a forward of its own (or a quantized layer): refused, naming it
         self = cls.__new__(cls)
         nn.Module.__init__(self)
         self._setup(linear.weight, linear.bias, density, block_size, selection, scores)
@@ -339,6 +345,7 @@ class FastLoRALinear(TunerLayer):
         """Wrap ``linear``: the new layer shares (not copies) its weight and bias, and freezes them. A bitsandbytes
         ``Linear4bit`` / ``Linear8bitLt`` gives a ``QLoRALinear`` holding it as it is (see there)."""
         check_linear(linear)
+        base_kind(linear)  # another library's quantized layer, or an nn.Linear with a forward of its own: refused
         if is_quantized(linear):
             if use_dora is True:
                 raise ValueError(DORA_QUANTIZED)
@@ -386,11 +393,20 @@ class FastLoRALinear(TunerLayer):
         makes one. Only on a switch: Trainer calls ``train()`` at every step, and a captured CUDA graph may read
         them."""
         if bool(mode) != self.training:
-            self._stacks = self._wsq = None
-            self.__dict__.pop("_dora_gain", None)
-            self.__dict__.pop("_casts", None)
-            self.__dict__.pop("_value_casts", None)
+            self._drop_kept()
         return super().train(mode)
+
+    def _drop_kept(self) -> None:
+        """Forget what calls keep (stacks, ‖W‖², DoRA's norm, the casts of fp32 adapters): at a mode switch, and at
+        ``.to()`` / ``.cuda()`` (which swap the Parameters' data: the kept tensors would hold the old memory, on the
+        device it left, until the next call)."""
+        self._stacks = self._wsq = None
+        for key in ("_dora_gain", "_casts", "_value_casts"):
+            self.__dict__.pop(key, None)
+
+    def _apply(self, fn, *args, **kwargs):
+        self._drop_kept()
+        return super()._apply(fn, *args, **kwargs)
 
     # ---- the adapter registry ------------------------------------------------------------------
 
@@ -582,10 +598,12 @@ class FastLoRALinear(TunerLayer):
         ta, tb = self._modules["lora_A_adapters"], self._modules["lora_B_adapters"]
         pa = [F.pad(_entry(ta, n), (0, 0, 0, r_max - s.r)) for n, s in self._specs.items()]
         pb = [F.pad(_entry(tb, n), (0, r_max - s.r)) for n, s in self._specs.items()]
-        # fp32 adapters on a bf16 / fp16 base: the stacks in the base's dtype (a quantized base: QLoRA casts them)
-        w = self.weight
-        dt = w.dtype if w.is_floating_point() else pa[0].dtype
+        dt = self._stack_dtype(pa[0].dtype)
         return torch.stack(pa).to(dt), torch.stack(pb).to(dt)
+
+    def _stack_dtype(self, adapters: torch.dtype) -> torch.dtype:
+        """The dtype of the mixed-batch stacks: the base's (fp32 adapters on a bf16 / fp16 base are cast)."""
+        return self.weight.dtype
 
     def stacked(self) -> tuple | None:
         """``(A (n, r_max, in), B (n, out, r_max))`` of every adapter (None without adapters): a copy of the
@@ -725,6 +743,11 @@ class FastLoRALinear(TunerLayer):
     def delta_weight(self, adapter_name: str | None = None) -> torch.Tensor:
         """``scaling * B A`` (+ the sparse delta, RoSA) (out, in) of an adapter (default: the active one), in
         the weight's dtype, computed in fp32 (fp64 for an fp64 weight: merged and unmerged agree to its precision)."""
+        return self._exact_delta(adapter_name).to(self.weight.dtype)
+
+    @torch.no_grad()
+    def _exact_delta(self, adapter_name: str | None = None) -> torch.Tensor:
+        """``delta_weight`` before its rounding to W's dtype: fp32 (fp64 for an fp64 W)."""
         name = self._active if adapter_name is None else adapter_name
         s = self._spec_of(name)
         a, b = self.lora_A_adapters[name], self.lora_B_adapters[name]
@@ -733,7 +756,7 @@ class FastLoRALinear(TunerLayer):
         sparse = self.sparse_delta(name)
         if sparse is not None:
             delta += sparse.dense_delta().to(dt)
-        return delta.to(self.weight.dtype)
+        return delta
 
     # ---- DoRA ----------------------------------------------------------------------------------------
 
@@ -750,7 +773,7 @@ class FastLoRALinear(TunerLayer):
     @torch.no_grad()
     def _add_magnitude(self, name: str, trains: bool) -> None:
         """m = ‖W + sBA‖_row (= ‖W‖ with B = 0), in fp32 then W's dtype, as PEFT's ``DoraLinearLayer``."""
-        w = self.weight.float() + self.delta_weight(name).float()
+        w = self.weight.float() + self._exact_delta(name).float()
         m = torch.linalg.vector_norm(w, dim=1).to(self.weight.dtype)
         self.lora_magnitude_vector[name] = nn.Parameter(m, requires_grad=trains)
 
@@ -781,7 +804,7 @@ class FastLoRALinear(TunerLayer):
     def _dora_merged(self, name: str) -> tuple:
         """(W' = (m / n) ⊙ (W + sBA) in W's dtype, n fp32 (out,)), as PEFT's merge."""
         dt = torch.float64 if self.weight.dtype == torch.float64 else torch.float32
-        w = self.weight.to(dt) + self.delta_weight(name).to(dt)
+        w = self.weight.to(dt) + self._exact_delta(name).to(dt)
         n = torch.linalg.vector_norm(w, dim=1)
         g = self.lora_magnitude_vector[name].to(dt) / n
         return (g[:, None] * w).to(self.weight.dtype), n
@@ -802,7 +825,7 @@ class FastLoRALinear(TunerLayer):
             return super().unmerge()
         dt = self._dora_norm.dtype  # fp64 for an fp64 weight (see _dora_merged)
         g = self.lora_magnitude_vector[self._active].to(dt) / self._dora_norm
-        w = self.weight.to(dt) / g[:, None] - self.delta_weight(self._active).to(dt)
+        w = self.weight.to(dt) / g[:, None] - self._exact_delta(self._active).to(dt)
         self.weight.copy_(w.to(self.weight.dtype))
         self._dora_norm = None
         self.merged = False
@@ -888,10 +911,13 @@ class QLoRALinear(FastLoRALinear):
         return qw
 
     def _apply(self, fn, *args, **kwargs):
-        # .to() / .cuda() / .cpu() swap the tensors' data: the kept view and casts would hold the old memory (the
-        # packed weight's, on the device it left) until the next call
-        self._qw = self._casts = None
+        # .to() / .cuda() / .cpu() swap the tensors' data: the kept view would hold the old memory (the packed
+        # weight's, on the device it left) until the next call (the casts: FastLoRALinear._apply)
+        self._qw = None
         return super()._apply(fn, *args, **kwargs)
+
+    def _stack_dtype(self, adapters: torch.dtype) -> torch.dtype:
+        return adapters  # the adapters' own (fp32): the forward casts the stacks to the compute dtype of the call
 
     def _compute_copies(self, cdt: torch.dtype, a, b) -> tuple:
         """``(lora_A, lora_B, bias)`` for a call computing in ``cdt`` (fp32 adapters on a bf16 layer: cast, the casts

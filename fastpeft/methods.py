@@ -59,6 +59,7 @@ class Method:
     config_class: type = object
     alone = True      # the model's only adapter (LoRA adapters sit side by side)
     root_keys = ()
+    file_prefix = "base_model.model."  # PEFT's prefix of the other keys (its PeftModel -> tuner -> model)
 
     def config_to_json(self, model: nn.Module, config, adapter_name: str, state) -> dict:
         """``adapter_config.json``'s content for ``config``."""
@@ -334,7 +335,18 @@ def _adapter_targets(model, config) -> list:
 
 class ParameterMethod(Method):
     """A method whose adapter is a set of the model's parameters (some of which it adds), each saved under
-    its parameter name; its plan is parameter name -> shape, and ``state.trained`` lists the names."""
+    its parameter name; its plan is parameter name -> shape, and ``state.trained`` lists the names.
+
+    Such an adapter is part of the model itself: it cannot be switched off in place (``set_adapter(None)``).
+    ``removable``: ``delete_adapter`` takes out what ``modify`` added (a prompt, bottleneck adapters) and the
+    model runs its base again; BitFit and layer-wise adapters train the model's own tensors, so there is no base to
+    go back to, and they are refused there. ``mergeable``: ``merge_and_unload`` keeps it as the model's weights
+    (BitFit, layer-wise); a prompt or bottleneck adapter cannot fold into the weights and is refused."""
+
+    removable = mergeable = False
+
+    def remove(self, model: nn.Module) -> None:
+        """Take out what ``modify`` added (``removable`` methods only)."""
 
     def method_shapes(self, model: nn.Module, config) -> dict:
         """Parameter name -> shape of what the method itself trains (beyond ``modules_to_save``)."""
@@ -358,7 +370,7 @@ class ParameterMethod(Method):
         for p in model.parameters():
             p.requires_grad_(False)
         self.modify(model, config)
-        params = dict(model.named_parameters())
+        params = dict(model.named_parameters(remove_duplicate=False))  # tied aliases (lm_head.weight) too
         for name in plan:
             params[name].requires_grad_(True)
         state.trained = sorted(plan)
@@ -373,7 +385,7 @@ class ParameterMethod(Method):
         return self.construct({k: d[k] for k in fields if k in d and d[k] is not None}, path)
 
     def file_tensors(self, model: nn.Module, config, adapter_name: str, state) -> dict:
-        params = dict(model.named_parameters())
+        params = dict(model.named_parameters(remove_duplicate=False))
         return {self.file_key(n): params[n] for n in state.trained}
 
     def check_load(self, model: nn.Module, config, adapter_name: str, weights: dict, directory, state):
@@ -383,7 +395,7 @@ class ParameterMethod(Method):
             raise ValueError(f"model already has adapter(s) {list(configs)}; a {type(config).__name__} adapter loads "
                              f"onto a model without adapters, or over its own ({adapter_name!r})")
         if configs:
-            params = dict(model.named_parameters())
+            params = dict(model.named_parameters(remove_duplicate=False))
             plan, expected = None, {self.file_key(n): tuple(params[n].shape) for n in state.trained}
         else:
             plan = self.plan(model, config)
@@ -392,7 +404,7 @@ class ParameterMethod(Method):
         return plan, weights
 
     def install(self, model: nn.Module, config, adapter_name: str, weights: dict, trainable: bool, state) -> None:
-        params = dict(model.named_parameters())
+        params = dict(model.named_parameters(remove_duplicate=False))
         with torch.no_grad():
             for n in state.trained:
                 params[n].copy_(weights[self.file_key(n)])
@@ -401,6 +413,7 @@ class ParameterMethod(Method):
 
 class BitFitMethod(ParameterMethod):
     peft_type, config_class = BitFitConfig.peft_type, BitFitConfig
+    mergeable = True
 
     def method_shapes(self, model: nn.Module, config) -> dict:
         return {n: tuple(p.shape) for n, p in model.named_parameters() if is_bias(n)}
@@ -423,10 +436,16 @@ class AdapterMethod(ParameterMethod):
                            f"{n}.adapter_up.weight": (out_f, d), f"{n}.adapter_up.bias": (out_f,)})
         return shapes
 
+    removable = True
+
     def modify(self, model: nn.Module, config) -> None:
         for n in _adapter_targets(model, config):
             set_submodule(model, n, BottleneckAdapter(model.get_submodule(n), config.bottleneck_dim,
                                                       config.non_linearity, config.scaling))
+
+    def remove(self, model: nn.Module) -> None:
+        for n, m in [(n, m) for n, m in model.named_modules() if isinstance(m, BottleneckAdapter)]:
+            set_submodule(model, n, m.base)
 
 
 PROMPT_KEY = "prompt_embeddings"  # PEFT's key for the virtual tokens (no base_model.model. prefix)
@@ -435,6 +454,11 @@ PROMPT_KEY = "prompt_embeddings"  # PEFT's key for the virtual tokens (no base_m
 class PromptTuningMethod(ParameterMethod):
     peft_type, config_class = PromptTuningConfig.peft_type, PromptTuningConfig
     root_keys = (PROMPT_KEY,)
+    removable = True
+    file_prefix = "base_model."  # a prompt-learning PeftModel holds the model itself as base_model
+
+    def remove(self, model: nn.Module) -> None:
+        remove_prompt(model)
 
     def method_shapes(self, model: nn.Module, config) -> dict:
         get = getattr(model, "get_input_embeddings", None)
@@ -461,6 +485,9 @@ class PromptTuningMethod(ParameterMethod):
 
     def config_to_json(self, model: nn.Module, config, adapter_name: str, state) -> dict:
         d = super().config_to_json(model, config, adapter_name, state)
+        # the task type PEFT needs to build the task model that adds the virtual tokens (a plain PeftModel,
+        # from task_type None, would run the base model: other outputs, no error)
+        d["task_type"] = _prompt_task_type(model)
         d.update(token_dim=model.fastpeft_prompt.prompt_embeddings.shape[1], num_transformer_submodules=1,
                  prompt_tuning_init="TEXT" if config.init_text else "RANDOM",
                  prompt_tuning_init_text=config.init_text,
@@ -471,6 +498,7 @@ class PromptTuningMethod(ParameterMethod):
 
 class LayerwiseMethod(ParameterMethod):
     peft_type, config_class = LayerwiseConfig.peft_type, LayerwiseConfig
+    mergeable = True
 
     def method_shapes(self, model: nn.Module, config) -> dict:
         if config.train_last_n is not None:
@@ -488,6 +516,17 @@ class LayerwiseMethod(ParameterMethod):
 
 
 METHODS = (BitFitMethod(), AdapterMethod(), PromptTuningMethod(), LayerwiseMethod())
+
+# A transformers model class's suffix -> the PEFT task type whose model class runs prompt tuning for it.
+_TASK_TYPES = (("ForCausalLM", "CAUSAL_LM"), ("ForSequenceClassification", "SEQ_CLS"),
+               ("ForTokenClassification", "TOKEN_CLS"), ("ForQuestionAnswering", "QUESTION_ANS"))
+
+
+def _prompt_task_type(model: nn.Module) -> str:
+    """PEFT's task type for a prompt-tuned ``model``, from its class name; FEATURE_EXTRACTION (a base model: its
+    outputs are the hidden states) for the others."""
+    name = type(model).__name__
+    return next((t for suffix, t in _TASK_TYPES if name.endswith(suffix)), "FEATURE_EXTRACTION")
 
 
 @torch.no_grad()

@@ -100,7 +100,8 @@ def foreign_quant_library(module: nn.Module) -> str | None:
     if _bnb_class_name(module) is not None:
         return None
     w = getattr(module, "weight", None)
-    # an nn.Linear holding a plain float weight computes as one, whatever its class is called (FakeQuantLinear, ...)
+    # an nn.Linear holding a plain float weight is no other library's quantized layer, whatever its class is called
+    # (FakeQuantLinear: base_kind refuses it if its forward is its own)
     plain = isinstance(module, nn.Linear) and type(w) in (nn.Parameter, torch.Tensor) and w.is_floating_point()
     for cls in type(module).__mro__:
         mod, name = cls.__module__ or "", cls.__name__
@@ -116,6 +117,13 @@ def foreign_quant_library(module: nn.Module) -> str | None:
             and type(w.data).__module__.startswith("torchao"):
         return "torchao"
     return None
+
+
+def own_forward(module: nn.Module) -> bool:
+    """Whether ``module``, an nn.Linear, computes something else than ``x Wᵀ + b``: a subclass with a forward of its
+    own (fake quantization for QAT, ``torch.ao.nn.qat.Linear``, ...), not bitsandbytes' (read in place). fastpeft's
+    layers compute ``F.linear`` on the weight, so they would bypass it."""
+    return type(module).forward is not nn.Linear.forward and _bnb_class_name(module) is None
 
 
 def base_kind(module: nn.Module, name: str = "") -> str:
@@ -134,6 +142,10 @@ def base_kind(module: nn.Module, name: str = "") -> str:
                         f"Linear8bitLt base layers only. Load the model with transformers' BitsAndBytesConfig, or "
                         f"unquantized")
     if isinstance(module, nn.Linear):
+        if own_forward(module):
+            raise TypeError(f"{label}is a {type(module).__module__}.{type(module).__name__}, an nn.Linear with a forward "
+                            "of its own, which fastpeft's layer would bypass (it computes x W^T + b from the weight); "
+                            "exclude it, or make it a plain nn.Linear")
         return "linear"
     raise TypeError(f"{label}must be an nn.Linear or a bitsandbytes Linear4bit / Linear8bitLt, got "
                     f"{type(module).__name__}")

@@ -549,7 +549,7 @@ def row_groups(adapter_ids: torch.Tensor, n: int) -> tuple:
     of the ids is seen); the cache holds the ids tensor itself, so its storage cannot be reused by another
     tensor while the entry lives. A few entries (prefill and decode shapes of a generation loop). Not for ids
     made in ``torch.inference_mode``: an inference tensor has no version counter (fastpeft's own routing ids are
-    made outside it, ``ops.common.kept_tensor``).
+    made outside it, ``ops.common.outside_inference_mode``).
     """
     key = None if adapter_ids.is_inference() else (
         adapter_ids.untyped_storage().data_ptr(), adapter_ids.storage_offset(), tuple(adapter_ids.shape),
@@ -576,7 +576,7 @@ def row_groups(adapter_ids: torch.Tensor, n: int) -> tuple:
     if key is None:
         return order, groups, runs
     if len(_GROUPS_CACHE) >= _GROUPS_CACHE_SIZE:
-        _GROUPS_CACHE.pop(next(iter(_GROUPS_CACHE)))
+        _GROUPS_CACHE.pop(next(iter(_GROUPS_CACHE), None), None)  # two threads may evict the same entry
     _GROUPS_CACHE[key] = (adapter_ids, order, groups, runs)
     return order, groups, runs
 

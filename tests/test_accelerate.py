@@ -285,8 +285,11 @@ def test_fp32_adapters_on_bf16_base_and_autocast(base, ids):
         got = run(model, ids)
     assert layer._fastpeft_calls["fastpeft"] == 2
     assert_same(got, want_ac, "fp32 adapters, bf16 base, autocast", 2e-2, 2e-2)
-    with torch.no_grad():  # no-grad calls keep the bf16 casts: an in-place update is seen at the next call
+    model.eval()
+    with torch.no_grad():  # no-grad calls in eval keep the bf16 casts: an in-place update is seen at the next call
         first = model(input_ids=ids).logits
+        kept = layer.__dict__["_fastpeft_casts"][2]
+        assert model(input_ids=ids).logits is not None and layer.__dict__["_fastpeft_casts"][2] is kept
         layer.lora_B["default"].weight.add_(0.5)
         assert not torch.equal(model(input_ids=ids).logits, first)
         layer.lora_B["default"].weight.sub_(0.5)
@@ -958,3 +961,17 @@ def test_layers_injected_by_peft_without_a_peft_model(base, ids):
     report = fastpeft.accelerate(model, strict=True)
     assert_same(run(model, ids), want, "inject_adapter_in_model")
     assert report.calls() == {"fastpeft": 2 * len(TARGETS)}
+
+
+def test_4bit_fp32_input_on_bf16_compute_dtype_stays_on_peft():
+    """prepare_model_for_kbit_training's recipe: fp32 activations into a 4-bit layer computing in bf16, fp32
+    adapters. PEFT computes the LoRA branch in fp32 there (~4x more accurate than in bf16): PEFT's forward runs."""
+    model = quantized_model(compute_dtype=torch.bfloat16, target_modules=["a"])
+    x = torch.randn(4, 64)
+    want = run_x(model, x)
+    fastpeft.accelerate(model, strict=True)
+    got = run_x(model, x)
+    layer = model.base_model.model.a
+    assert list(layer._fastpeft_calls) == ["float32 input on a 4-bit layer computing in bfloat16 (PEFT computes the "
+                                           "LoRA branch in the input's and adapters' precision)"]
+    assert_close_report(got[0], want[0], 0, 0, "fp32 input, bf16 compute dtype")

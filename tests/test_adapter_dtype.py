@@ -132,3 +132,29 @@ def test_many_adapters_and_files_with_fp32_adapters_on_bf16(tmp_path):
     pm = peft.PeftModel.from_pretrained(_base(), tmp_path)  # and PEFT reads the same fp32 tensors
     assert {p.dtype for n, p in pm.named_parameters() if "lora_" in n} == {torch.float32}
     assert adapter_configs(loaded)["default"].r == 4
+
+
+@pytest.mark.parametrize("dora", [False, True], ids=["lora", "dora"])
+def test_merging_fp32_adapters_into_a_bf16_weight_rounds_once_as_peft(dora):
+    """W + ΔW (DoRA: (m / n)(W + sBA)) computed in fp32 and rounded once to bf16, as PEFT's merge does (rounding
+    ΔW to bf16 first left 30% of the merged entries off PEFT's); unmerge gives W back to bf16's rounding."""
+    kw = dict(r=8, lora_alpha=16, target_modules=["a", "b"], init_lora_weights=False, use_dora=dora)
+    pm = peft.get_peft_model(_base(), peft.LoraConfig(**kw))
+    fm = fastpeft.inject(_base(), fastpeft.LoraConfig(**kw))
+    with torch.no_grad():
+        for n in ("a", "b"):
+            layer, theirs = getattr(fm, n), getattr(pm.base_model.model, n)
+            a, b = layer.adapter_parameters("default")
+            a.copy_(theirs.lora_A["default"].weight)
+            b.copy_(theirs.lora_B["default"].weight)
+            if dora:
+                layer.magnitude("default").copy_(theirs.lora_magnitude_vector["default"].weight)
+    w0 = fm.a.weight.detach().clone()
+    pm.merge_adapter()
+    for layer in fastpeft.lora_layers(fm).values():
+        layer.merge()
+    for n in ("a", "b"):
+        ours, theirs = getattr(fm, n).weight, getattr(pm.base_model.model, n).base_layer.weight
+        assert torch.equal(ours, theirs), (n, float((ours.float() - theirs.float()).abs().max()))
+    fm.a.unmerge()
+    torch.testing.assert_close(fm.a.weight, w0, rtol=1.6e-2, atol=1e-2)

@@ -925,16 +925,31 @@ def test_quantized_base_bad_input_raises_naming_the_module(case):
     test_bad_input_raises_naming_the_argument(case)
 
 
-def test_a_float_linear_named_like_a_quantized_layer_is_a_linear():
-    """Only a layer that is not a plain float nn.Linear is refused for its class name: an nn.Linear subclass with
-    a float weight called ``FakeQuantLinear`` (fake-quantization for QAT, say) is LoRA's to wrap; a module of that
-    name holding integer weights is still refused."""
+def test_linear_subclasses_named_like_quantized_layers_or_with_a_forward_of_their_own():
+    """An nn.Linear subclass that computes as nn.Linear (its forward) is LoRA's to wrap, whatever it is called
+    (``FakeQuantLinear``); one with a forward of its own (fake quantization for QAT: ``torch.ao.nn.qat.Linear``) is
+    refused by inject and from_linear, naming it: fastpeft's layer computes x W^T + b and would bypass that forward
+    (the output moved by 0.37 on injection). A module of that name holding integer weights is a GPTQ layer."""
     from fastpeft.quant import base_kind
 
-    fake = type("FakeQuantLinear", (nn.Linear,), {"__module__": "my_project.qat"})(IN, OUT)
-    assert base_kind(fake, "proj") == "linear"
-    layer = fastpeft.FastLoRALinear.from_linear(fake, r=2)
+    plain = type("FakeQuantLinear", (nn.Linear,), {"__module__": "my_project.qat"})(IN, OUT)
+    assert base_kind(plain, "proj") == "linear"
+    layer = fastpeft.FastLoRALinear.from_linear(plain, r=2)
     assert layer(_t(3, IN)).shape == (3, OUT)
+
+    def rounded(self, x):
+        return nn.functional.linear(x, (self.weight * 8).round() / 8, self.bias)
+    fake = type("FakeQuantLinear", (nn.Linear,), {"__module__": "my_project.qat", "forward": rounded})(IN, OUT)
+    qat = torch.ao.nn.qat.Linear(IN, OUT, qconfig=torch.ao.quantization.get_default_qat_qconfig())
+    for module in (fake, qat):
+        with pytest.raises(TypeError, match=f"'proj' is a .*{type(module).__name__}, an nn.Linear with a forward"):
+            base_kind(module, "proj")
+        with pytest.raises(TypeError, match="a forward of its own"):
+            fastpeft.FastLoRALinear.from_linear(module, r=2)
+        model = nn.Sequential(module)
+        with pytest.raises(TypeError, match="module '0' is a .*forward of its own"):
+            fastpeft.inject(model, LoraConfig(r=2, target_modules=["0"]))
+        assert model[0] is module
     with pytest.raises(TypeError, match="'proj' is a GPTQ quantized layer"):
         base_kind(_foreign("QuantLinear", "my_project.layers"), "proj")
 

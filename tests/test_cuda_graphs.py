@@ -144,3 +144,23 @@ def test_reduce_overhead_training_with_dropout(backend):
     skips = dict(counters["inductor"])
     assert not any("cudagraph_skip" in key for key, n in skips.items() if n), f"CUDA graphs skipped: {skips}"
     assert all(not torch.equal(a, b) for a, b in zip(seen, seen[1:])), "two calls in a row dropped the same elements"
+
+
+@pytest.mark.parametrize("backend", ["triton", "reference"])
+def test_captured_eval_of_fp32_adapters_on_a_bf16_base_follows_updates(backend):
+    """``inject`` on a bf16 model makes fp32 adapters, cast to bf16 per call. Captured in eval (no grad), the cast
+    runs inside the graph (``ops.common.cast_params`` keeps nothing while capturing): an in-place update of the
+    fp32 factors, or a load over them, is read by the next replay, never a cast kept outside the graph."""
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(torch.nn.Linear(64, 48)).to("cuda", torch.bfloat16)
+    fastpeft.inject(model, fastpeft.LoraConfig(r=8, target_modules=["0"], init_lora_weights=False))
+    model.eval()
+    a, b = model[0].adapter_parameters("default")
+    assert a.dtype == b.dtype == torch.float32
+    x = torch.randn(4, 64, device="cuda", dtype=torch.bfloat16)
+    with torch.no_grad(), fastpeft.use_backend(backend):
+        graph, y = _capture(lambda: model(x))
+        for step in range(2):
+            b.add_(0.25)  # an optimizer step's in-place write
+            graph.replay()
+            torch.testing.assert_close(y, model(x), rtol=2e-2, atol=2e-2)  # b moved by 0.25: stale fails

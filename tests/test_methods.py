@@ -1,5 +1,6 @@
 """BitFit, bottleneck adapters, prompt tuning and layer-wise tuning through inject: what trains, the
 zero-init invariance, parameter counts, layer-wise learning rates, and adapter-file round trips."""
+import copy
 import json
 
 import pytest
@@ -7,6 +8,7 @@ import torch
 
 import fastpeft
 from fastpeft import AdapterConfig, BitFitConfig, LayerwiseConfig, LoraConfig, PromptTuningConfig
+from fastpeft.inject import adapter_configs
 from fastpeft.io import CONFIG_NAME, WEIGHTS_NAME
 from test_inject import Toy
 
@@ -203,3 +205,85 @@ def test_bad_method_configs_and_second_adapter():
     m = fastpeft.inject(Toy(), BitFitConfig())
     with pytest.raises(ValueError, match="already has adapter"):
         fastpeft.inject(m, BitFitConfig(), "again")
+
+
+CONFIGS = {"bitfit": BitFitConfig(), "adapters": AdapterConfig(bottleneck_dim=4, variant="houlsby"),
+           "prompt": PromptTuningConfig(num_virtual_tokens=3), "layerwise": LayerwiseConfig(train_last_n=1)}
+
+
+@pytest.mark.parametrize("kind", list(CONFIGS))
+def test_switching_off_deleting_and_unloading_the_in_model_methods(kind):
+    """These adapters are part of the model itself. ``set_adapter(None)`` cannot switch them off (it used to
+    report "base model" while the prompt / adapters still ran and trained); ``delete_adapter`` takes a prompt or
+    bottleneck adapters out (the base model's outputs again, bit for bit) and refuses BitFit / layer-wise (there is
+    no base to go back to); ``merge_and_unload`` keeps BitFit / layer-wise as the model's weights and refuses a
+    prompt / adapters. Every refusal leaves the model as it was."""
+    ids, mask = _inputs()
+    base = _bert()
+    want = base(input_ids=ids, attention_mask=mask).last_hidden_state
+    m = fastpeft.inject(_bert(), CONFIGS[kind])
+    _perturb(m)
+    trained = m(input_ids=ids, attention_mask=mask).last_hidden_state
+    trainable = _trainable(m)
+    with pytest.raises(ValueError, match="part of the model itself: it cannot be switched off"):
+        fastpeft.set_adapter(m, None)
+    removable = kind in ("adapters", "prompt")
+    if removable:
+        with pytest.raises(ValueError, match="does not fold into the base weights"):
+            fastpeft.merge_and_unload(m)
+    else:
+        with pytest.raises(ValueError, match="trained the model's own tensors"):
+            fastpeft.delete_adapter(m, "default")
+    assert fastpeft.active_adapter(m) == "default" and _trainable(m) == trainable
+    torch.testing.assert_close(m(input_ids=ids, attention_mask=mask).last_hidden_state, trained, rtol=0, atol=0)
+    if removable:
+        fastpeft.delete_adapter(m, "default")
+        assert not adapter_configs(m) and fastpeft.trainable_parameters(m)[0] == 0
+        torch.testing.assert_close(m(input_ids=ids, attention_mask=mask).last_hidden_state, want, rtol=0, atol=0)
+        assert [type(x) for x in m.modules()] == [type(x) for x in base.modules()]
+        fastpeft.inject(m, CONFIGS[kind])  # a new one goes in as on a fresh model (no second prompt stacked)
+        assert m(input_ids=ids, attention_mask=mask).last_hidden_state.shape == trained.shape
+    else:
+        fastpeft.merge_and_unload(m)
+        torch.testing.assert_close(m(input_ids=ids, attention_mask=mask).last_hidden_state, trained, rtol=0, atol=0)
+
+
+def test_tied_lm_head_in_modules_to_save():
+    """A causal LM with tied embeddings: ``lm_head.weight`` is an alias ``named_parameters()`` drops; a method
+    saving lm_head (or layer-wise on it) used to raise KeyError halfway through inject, the model half-changed."""
+    cfg = transformers.LlamaConfig(vocab_size=64, hidden_size=32, intermediate_size=48, num_hidden_layers=2,
+                                   num_attention_heads=4, num_key_value_heads=2, tie_word_embeddings=True)
+    for config in (PromptTuningConfig(num_virtual_tokens=2, modules_to_save=["lm_head"]),
+                   BitFitConfig(modules_to_save=["lm_head"]), LayerwiseConfig(layers_pattern="lm_head")):
+        torch.manual_seed(0)
+        m = fastpeft.inject(transformers.LlamaForCausalLM(cfg), config)
+        assert _trainable(m), type(config).__name__
+        ids = torch.randint(0, 64, (1, 5))
+        m(input_ids=ids, labels=ids).loss.backward()
+
+
+def test_prompt_tuning_files_go_both_ways_with_peft(tmp_path):
+    """fastpeft's prompt-tuning files name the task type PEFT needs (task_type None built a plain PeftModel, which
+    ran the base model: other outputs, no error) and use PEFT's prompt-learning key prefix ``base_model.`` for the
+    saved modules (a classifier); PEFT's files load here, the SEQ_CLS one with its classifier."""
+    peft = pytest.importorskip("peft")
+    cfg = transformers.BertConfig(vocab_size=50, hidden_size=32, num_hidden_layers=2, num_attention_heads=4,
+                                  intermediate_size=48, max_position_embeddings=64, num_labels=3)
+    torch.manual_seed(0)
+    base = transformers.BertForSequenceClassification(cfg).eval()
+    ids, mask = _inputs()
+    m = fastpeft.inject(copy.deepcopy(base), PromptTuningConfig(num_virtual_tokens=4, modules_to_save=["classifier"]))
+    _perturb(m)
+    m.eval()
+    fastpeft.save_adapter(m, tmp_path / "ours")
+    assert json.loads((tmp_path / "ours" / CONFIG_NAME).read_text())["task_type"] == "SEQ_CLS"
+    theirs = peft.PeftModel.from_pretrained(copy.deepcopy(base), tmp_path / "ours").eval()
+    assert type(theirs).__name__ == "PeftModelForSequenceClassification"
+    with torch.no_grad():
+        want = m(input_ids=ids, attention_mask=mask).logits
+        assert (want - base(input_ids=ids, attention_mask=mask).logits).abs().max() > 1e-3
+        torch.testing.assert_close(theirs(input_ids=ids, attention_mask=mask).logits, want)
+    theirs.save_pretrained(tmp_path / "peft")  # and PEFT's own file, classifier included, loads here
+    back = fastpeft.load_adapter(copy.deepcopy(base), tmp_path / "peft").eval()
+    with torch.no_grad():
+        torch.testing.assert_close(back(input_ids=ids, attention_mask=mask).logits, want)

@@ -250,11 +250,16 @@ def test_to_peft_that_fails_in_peft_leaves_the_fastpeft_model(checkpoint, monkey
         want = fm(input_ids=x).logits
     layers = fastpeft.lora_layers(fm)
 
+    attrs = set(fm.__dict__)
+
     def broken(*args, **kwargs):
         raise RuntimeError("PEFT failed")
-    monkeypatch.setattr(peft.PeftModel, "from_pretrained", broken)
+    # PEFT fails midway: from_pretrained has already injected its layers and set model.peft_config
+    fastpeft.inject(fm, fastpeft.LoraConfig(r=2, target_modules=["q_proj"]), adapter_name="second", activate=False)
+    monkeypatch.setattr(peft.PeftModel, "load_adapter", broken)
     with pytest.raises(RuntimeError, match="PEFT failed"):
         fastpeft.to_peft(fm)
     assert fastpeft.lora_layers(fm) == layers and fastpeft.active_adapter(fm) == "default"
+    assert set(fm.__dict__) == attrs, set(fm.__dict__) ^ attrs
     with torch.no_grad():
         assert torch.equal(fm(input_ids=x).logits, want)

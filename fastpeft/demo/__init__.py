@@ -30,6 +30,22 @@ def positive_int(s):
     return v
 
 
+def positive_float(s):
+    """An argparse ``type``: a float, refused unless > 0 (a learning rate, a time limit)."""
+    v = float(s)
+    if not v > 0:
+        raise argparse.ArgumentTypeError(f"must be a positive number, got {s}")
+    return v
+
+
+def rate(s):
+    """An argparse ``type``: a dropout rate in [0, 1)."""
+    v = float(s)
+    if not 0.0 <= v < 1.0:
+        raise argparse.ArgumentTypeError(f"must be in [0, 1), got {s}")
+    return v
+
+
 def build_parser() -> argparse.ArgumentParser:
     methods, default = classify.METHODS, classify.DEFAULT_METHODS
     p = argparse.ArgumentParser(prog="fastpeft demo", description=(

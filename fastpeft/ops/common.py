@@ -7,6 +7,8 @@ import operator
 
 import torch
 
+from ..reference import tracing_or_transformed
+
 
 # torch 2.11 (pytorch/pytorch#180642, a silent-correctness bug): while torch.compile traces an autograd.Function
 # whose forward returns a tensor it changed in place (y.addmm_ of the rank-r update, a kernel writing into y), dynamo
@@ -70,10 +72,12 @@ def cast_params(params: tuple, dtype: torch.dtype, store: dict | None = None, sl
     gradient to take, by autograd-recorded ``.to`` (the gradients reach the fp32 Parameters); without one (decode,
     evaluation) the casts are kept in ``store[slot]`` while the tensors stay the same (identity and ``kept_state``:
     version, storage, an optimizer step), a cast kernel fewer per tensor and call; not while torch.compile traces or
-    a torch.func transform runs (no version to key on there), nor without a ``store``."""
+    a torch.func transform runs (no version to key on there), nor while a CUDA graph is captured (the cast kernel
+    goes into the graph: a kept cast read by the graph would be replaced, and freed, at the next update), nor
+    without a ``store``."""
     if all(p is None or p.dtype == dtype for p in params):
         return params
-    if store is None or torch.compiler.is_compiling() or torch._C._are_functorch_transforms_active() or (
+    if store is None or tracing_or_transformed() or capturing() or (
             torch.is_grad_enabled() and any(p is not None and p.requires_grad for p in params)):
         return tuple(None if p is None or p.dtype == dtype else p.to(dtype) for p in params)
     state = kept_state(params) + (dtype,)
