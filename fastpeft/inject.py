@@ -748,7 +748,7 @@ def inject(model: nn.Module, config, adapter_name: str = "default", plan=None, a
     if configs and alone:
         hint = (" (LoraConfig(sparse_density=...) puts sparse deltas beside LoRA)"
                 if isinstance(alone[0], SparseDeltaConfig) else "")
-        raise ValueError(f"model already has adapter(s) {list(configs)}; a {type(alone[0]).__name__} adapter is the "
+        raise ValueError(f"model already has adapter(s) {list(configs)}; the {type(alone[0]).__name__} adapter is the "
                          f"model's only adapter{hint}")
     if adapter_name in configs:
         raise ValueError(f"adapter {adapter_name!r} already exists in the model (adapters {list(configs)}); "

@@ -205,7 +205,7 @@ class BottleneckAdapter(nn.Module):
 
     def __init__(self, base: nn.Module, bottleneck_dim: int, non_linearity: str = "relu", scaling: float = 1.0):
         super().__init__()
-        out_f = getattr(base, "out_features", None)
+        out_f = _out_features(base)
         if out_f is None:
             raise ValueError(f"an adapter goes after a module with out_features (nn.Linear), got {type(base).__name__}")
         w = next(base.parameters())
@@ -327,10 +327,18 @@ def _adapter_targets(model, config) -> list:
     if not names:
         raise ValueError(f"target_modules {spec!r} matched no module of the model")
     for n in names:
-        if getattr(model.get_submodule(n), "out_features", None) is None:
+        if _out_features(model.get_submodule(n)) is None:
             raise ValueError(f"target_modules matched {n!r}, a {type(model.get_submodule(n)).__name__} without "
                              "out_features; adapters go after linear projections")
     return names
+
+
+def _out_features(module: nn.Module):
+    """A projection's output width: nn.Linear's ``out_features``, transformers' Conv1D's ``nf`` (GPT-2), else None."""
+    out = getattr(module, "out_features", None)
+    if out is None and type(module).__name__ == "Conv1D":
+        out = getattr(module, "nf", None)
+    return out
 
 
 class ParameterMethod(Method):
@@ -431,7 +439,7 @@ class AdapterMethod(ParameterMethod):
     def method_shapes(self, model: nn.Module, config) -> dict:
         shapes = {}
         for n in _adapter_targets(model, config):
-            out_f, d = model.get_submodule(n).out_features, config.bottleneck_dim
+            out_f, d = _out_features(model.get_submodule(n)), config.bottleneck_dim
             shapes.update({f"{n}.adapter_down.weight": (d, out_f), f"{n}.adapter_down.bias": (d,),
                            f"{n}.adapter_up.weight": (out_f, d), f"{n}.adapter_up.bias": (out_f,)})
         return shapes

@@ -287,3 +287,20 @@ def test_prompt_tuning_files_go_both_ways_with_peft(tmp_path):
     back = fastpeft.load_adapter(copy.deepcopy(base), tmp_path / "peft").eval()
     with torch.no_grad():
         torch.testing.assert_close(back(input_ids=ids, attention_mask=mask).logits, want)
+
+
+@pytest.mark.parametrize("variant", ["pfeiffer", "houlsby"])
+def test_adapters_after_gpt2_conv1d_projections(variant):
+    """GPT-2's projections are transformers Conv1D layers (width ``nf``, no ``out_features``): the built-in places
+    for model type gpt2 take bottleneck adapters, zero-initialised (the model's outputs unchanged), and train."""
+    cfg = transformers.GPT2Config(vocab_size=50, n_positions=32, n_embd=32, n_layer=2, n_head=4)
+    torch.manual_seed(0)
+    base = transformers.GPT2LMHeadModel(cfg).eval()
+    ids = torch.randint(0, 50, (2, 6))
+    want = base(input_ids=ids).logits
+    m = fastpeft.inject(copy.deepcopy(base), AdapterConfig(bottleneck_dim=4, variant=variant))
+    torch.testing.assert_close(m(input_ids=ids).logits, want, rtol=0, atol=0)
+    per_place = 2 * 4 * 32 + 4 + 32
+    assert fastpeft.trainable_parameters(m)[0] == per_place * 2 * (2 if variant == "houlsby" else 1)
+    m(input_ids=ids, labels=ids).loss.backward()
+    assert all(p.grad is not None for p in m.parameters() if p.requires_grad)
