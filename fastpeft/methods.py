@@ -511,6 +511,11 @@ class LayerwiseMethod(ParameterMethod):
     def method_shapes(self, model: nn.Module, config) -> dict:
         if config.train_last_n is not None:
             prefix, blocks = main_blocks(model)
+            tied = [n for n, m in model.named_modules() if n != prefix and isinstance(m, nn.ModuleList)
+                    and len(m) == len(blocks) and len({type(c) for c in m}) == 1]
+            if tied:  # an encoder-decoder's two stacks (T5: encoder.block, decoder.block): which last n is meant?
+                raise ValueError(f"train_last_n: the model has several stacks of {len(blocks)} blocks ({prefix!r}, "
+                                 f"{', '.join(repr(n) for n in tied)}); name the layers with layers_pattern instead")
             if config.train_last_n > len(blocks):
                 raise ValueError(f"train_last_n={config.train_last_n} but the model has {len(blocks)} blocks "
                                  f"({prefix})")

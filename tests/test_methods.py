@@ -304,3 +304,16 @@ def test_adapters_after_gpt2_conv1d_projections(variant):
     assert fastpeft.trainable_parameters(m)[0] == per_place * 2 * (2 if variant == "houlsby" else 1)
     m(input_ids=ids, labels=ids).loss.backward()
     assert all(p.grad is not None for p in m.parameters() if p.requires_grad)
+
+
+def test_layerwise_last_n_on_an_encoder_decoder_asks_which_stack():
+    """T5's encoder.block and decoder.block are equally long: "the last n blocks" could be either (it silently took
+    the encoder's); refused, naming both, the model unchanged."""
+    cfg = transformers.T5Config(vocab_size=50, d_model=16, d_kv=4, d_ff=32, num_layers=2, num_heads=2)
+    m = transformers.T5ForConditionalGeneration(cfg)
+    flags = [p.requires_grad for p in m.parameters()]
+    with pytest.raises(ValueError, match="several stacks of 2 blocks .*'encoder.block', 'decoder.block'.*layers_pattern"):
+        fastpeft.inject(m, LayerwiseConfig(train_last_n=1))
+    assert [p.requires_grad for p in m.parameters()] == flags
+    fastpeft.inject(m, LayerwiseConfig(layers_pattern=r"decoder\.block\.1"))
+    assert {n.split(".")[0] for n in _trainable(m)} == {"decoder"}
