@@ -62,6 +62,14 @@ def build(k, n, n_adapters, ranks, device, dtype):
         else:
             peft_model.add_adapter(f"a{i}", cfg)
     peft_model.eval().requires_grad_(False)
+    with torch.no_grad():  # the same weights as ``layer``, so that PEFT's row is checked against it too
+        lora = peft_model.base_model.model[0]
+        lora.base_layer.weight.copy_(lin.weight)
+        lora.base_layer.bias.copy_(lin.bias)
+        for i in range(n_adapters):
+            a, b = layer.adapter_parameters(f"a{i}")
+            lora.lora_A[f"a{i}"].weight.copy_(a)
+            lora.lora_B[f"a{i}"].weight.copy_(b)
     return layer, single, peft_model
 
 
@@ -107,9 +115,9 @@ def groups(phase, m, na, rs, k, n, rng, ctx):
         return dict(peft_over_ours=(times["peft"].median_ms / ours) if "peft" in times else None,
                     # the column names of the earlier tables' JSON, kept for readers of benchmarks/results
                     r=rs, p=na, mode=phase, vs_linear=times[name].median_ms / floor)
-    # every fastpeft path of the layer against its PyTorch path (the same adapters, rows and ids)
+    # every fastpeft path of the layer, and PEFT's adapter_names (the same weights), against its PyTorch path
     yield Group({}, calls, extra=extra, grad=False,
-                checks={name: "reference" for name in calls if name.startswith("fastpeft")})
+                checks={name: "reference" for name in calls if name.startswith("fastpeft") or name == "peft"})
 
 
 def cases(args, ctx) -> list:
