@@ -122,6 +122,7 @@ class PeftState:
     adapters: dict = field(default_factory=dict)
     active: Optional[str] = None
     trained: list = field(default_factory=list)
+    routing: Optional[list] = None  # the adapter names of an enclosing mixed_batch block, per sequence
 
 
 _STATE = "_fastpeft"
@@ -408,6 +409,8 @@ class LoraMethod(Method):
             else:
                 layer = FastLoRALinear.from_linear(module, r=r, lora_alpha=alpha, adapter_name=adapter_name, **kw)
                 layer.set_adapter(None)
+                if state.routing is not None:  # made inside a mixed_batch block: routed as the others
+                    layer.set_routing(state.routing)
                 set_submodule(model, name, layer)
             new_layers[name] = layer
         # Biases first: the wrappers below then freeze their originals again and train their copies.
@@ -419,6 +422,8 @@ class LoraMethod(Method):
             else:
                 wrapper = ModulesToSaveWrapper(module, adapter_name)
                 wrapper.set_adapter(None)
+                if state.routing is not None:
+                    wrapper.set_routing(state.routing)
                 set_submodule(model, name, wrapper)
 
     @staticmethod
@@ -868,14 +873,22 @@ def mixed_batch(model: nn.Module, adapter_names, rows_per_sequence: int = 1):
     routed = [*lora_layers(model).values(), *saved_module_wrappers(model).values()]
     previous = [m.routing for m in routed]
     previous_k, ROWS_PER_SEQUENCE[0] = ROWS_PER_SEQUENCE[0], rows_per_sequence
+    state = peft_state(model, create=True)
+    previous_state = state.routing
     try:
+        state.routing = list(adapter_names)  # layers an inject makes inside the block take it too (apply)
         for m in routed:
             m.set_routing(list(adapter_names))
         yield model
     finally:
         ROWS_PER_SEQUENCE[0] = previous_k
+        state.routing = previous_state
         for m, names in zip(routed, previous):
             m.set_routing(names)
+        known = set(map(id, routed))
+        for m in [*lora_layers(model).values(), *saved_module_wrappers(model).values()]:
+            if id(m) not in known:  # made inside the block: routed by it, not after
+                m.set_routing(previous_state)
 
 
 def trainable_parameters(model: nn.Module) -> tuple:

@@ -419,3 +419,25 @@ def test_adding_or_deleting_an_adapter_inside_mixed_batch_routes_by_name():
     with torch.no_grad():
         torch.testing.assert_close(got[1], model(x)[1])
     assert b[0] is model[0].adapter_parameters("b")[0]
+
+
+def test_a_layer_injected_inside_mixed_batch_is_routed_too():
+    """An inject inside a mixed_batch block that wraps a new layer: the new layer routes the block's sequences as
+    the others do (it ran the newly active adapter on every row), and stops routing when the block ends."""
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(16, 16), nn.Linear(16, 12))
+    fastpeft.inject(model, fastpeft.LoraConfig(r=2, target_modules=["0"], init_lora_weights=False), adapter_name="a")
+    x = torch.randn(3, 4, 16)
+    with torch.no_grad(), fastpeft.mixed_batch(model, ["a", None, "a"]):
+        fastpeft.inject(model, fastpeft.LoraConfig(r=2, target_modules=["1"], init_lora_weights=False),
+                        adapter_name="b")  # active now: without the routing its layer would run b on every row
+        assert model[1].routing == ["a", None, "a"]
+        got = model(x)
+    assert model[1].routing is None and model[0].routing is None
+    with torch.no_grad():
+        want = {}
+        for name in ("a", None):
+            fastpeft.set_adapter(model, name)
+            want[name] = model(x)
+    for i, name in enumerate(("a", None, "a")):
+        torch.testing.assert_close(got[i], want[name][i])
