@@ -827,9 +827,12 @@ def delete_adapter(model: nn.Module, adapter_name: str) -> None:
             raise ValueError(f"adapter {adapter_name!r} ({type(configs[adapter_name]).__name__}) trained the "
                              "model's own tensors, so there is no base to go back to (load the base "
                              "model again); fastpeft.merge_and_unload keeps it as the model's weights")
+        saved = getattr(configs[adapter_name], "modules_to_save", None)
+        if saved:
+            raise ValueError(f"adapter {adapter_name!r} ({type(configs[adapter_name]).__name__}) trained its "
+                             f"modules_to_save {saved} in place: there is no base copy of them to go back to (load the "
+                             "base model again)")
         method.remove(model)  # the prompt / bottleneck adapters out: the model runs its base again
-        for wrapper in saved_module_wrappers(model).values():
-            wrapper.delete_adapter(adapter_name)
         model.__dict__.pop(_STATE, None)  # it was the model's only adapter
         return
     for layer in lora_layers(model).values():

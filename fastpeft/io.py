@@ -23,7 +23,6 @@ from .inject import METHODS, adapter_configs, inject, method_for, peft_state
 CONFIG_NAME = "adapter_config.json"
 WEIGHTS_NAME = "adapter_model.safetensors"
 PREFIX = "base_model.model."
-_PROMPT_PREFIX = "base_model."
 
 
 def _fsync_dir(path: str) -> None:
@@ -149,8 +148,10 @@ def read_adapter_config(directory):
     return method.config_from_json(d, path)
 
 
-def read_adapter_weights(directory) -> dict:
-    """Key (without ``base_model.model.``) -> tensor from ``directory/adapter_model.safetensors``."""
+def read_adapter_weights(directory, prefix: str = None) -> dict:
+    """Key (without ``prefix``, PEFT's ``base_model.model.`` by default; a prompt-learning file's is
+    ``base_model.``) -> tensor from ``directory/adapter_model.safetensors``."""
+    prefix = PREFIX if prefix is None else prefix
     from safetensors import SafetensorError
     from safetensors.torch import load_file
 
@@ -166,9 +167,7 @@ def read_adapter_weights(directory) -> dict:
         raw = load_file(path)
     except (SafetensorError, OSError, ValueError) as e:
         raise ValueError(f"{path} is not a readable safetensors file: {e}") from None
-    # PEFT's prefixes: "base_model.model." (LoRA and most tuners), "base_model." (prompt learning)
-    return {(k[len(PREFIX):] if k.startswith(PREFIX) else k[len(_PROMPT_PREFIX):] if k.startswith(_PROMPT_PREFIX)
-             else k): v for k, v in raw.items()}
+    return {(k[len(prefix):] if k.startswith(prefix) else k): v for k, v in raw.items()}
 
 
 def load_adapter(model: nn.Module, directory, adapter_name: str = "default", trainable: bool = True,
@@ -187,8 +186,8 @@ def load_adapter(model: nn.Module, directory, adapter_name: str = "default", tra
     check_bool(trainable, "trainable")
     check_bool(autocast_adapter_dtype, "autocast_adapter_dtype")
     config = read_adapter_config(directory)
-    weights = read_adapter_weights(directory)
     method = method_for(config)
+    weights = read_adapter_weights(directory, method.file_prefix)
     configs = adapter_configs(model)
     plan, weights = method.check_load(model, config, adapter_name, weights, directory, peft_state(model))
     if adapter_name in configs:

@@ -468,6 +468,21 @@ class PromptTuningMethod(ParameterMethod):
     def remove(self, model: nn.Module) -> None:
         remove_prompt(model)
 
+    def check_load(self, model: nn.Module, config, adapter_name: str, weights: dict, directory, state):
+        try:
+            return super().check_load(model, config, adapter_name, weights, directory, state)
+        except ValueError:
+            # fastpeft's files before 2026-12-01 put the saved modules under "base_model.model." (read here with
+            # "base_model." taken off: one "model." too many)
+            legacy = {k[len("model."):] if k.startswith("model.") else k: v for k, v in weights.items()}
+            if legacy == weights:
+                raise
+            try:
+                return super().check_load(model, config, adapter_name, legacy, directory, state)
+            except ValueError:
+                pass
+            raise
+
     def method_shapes(self, model: nn.Module, config) -> dict:
         get = getattr(model, "get_input_embeddings", None)
         emb = get() if callable(get) else None
@@ -511,8 +526,9 @@ class LayerwiseMethod(ParameterMethod):
     def method_shapes(self, model: nn.Module, config) -> dict:
         if config.train_last_n is not None:
             prefix, blocks = main_blocks(model)
-            tied = [n for n, m in model.named_modules() if n != prefix and isinstance(m, nn.ModuleList)
-                    and len(m) == len(blocks) and len({type(c) for c in m}) == 1]
+            # another stack as long, outside this one (lists inside its blocks, experts say, are its own)
+            tied = [n for n, m in model.named_modules() if n != prefix and not n.startswith(prefix + ".")
+                    and isinstance(m, nn.ModuleList) and len(m) == len(blocks) and len({type(c) for c in m}) == 1]
             if tied:  # an encoder-decoder's two stacks (T5: encoder.block, decoder.block): which last n is meant?
                 raise ValueError(f"train_last_n: the model has several stacks of {len(blocks)} blocks ({prefix!r}, "
                                  f"{', '.join(repr(n) for n in tied)}); name the layers with layers_pattern instead")
@@ -535,10 +551,25 @@ _TASK_TYPES = (("ForCausalLM", "CAUSAL_LM"), ("ForSequenceClassification", "SEQ_
                ("ForTokenClassification", "TOKEN_CLS"), ("ForQuestionAnswering", "QUESTION_ANS"))
 
 
+_TASK_MAPPINGS = (("MODEL_FOR_CAUSAL_LM_MAPPING_NAMES", "CAUSAL_LM"),
+                  ("MODEL_FOR_SEQUENCE_CLASSIFICATION_MAPPING_NAMES", "SEQ_CLS"),
+                  ("MODEL_FOR_TOKEN_CLASSIFICATION_MAPPING_NAMES", "TOKEN_CLS"),
+                  ("MODEL_FOR_QUESTION_ANSWERING_MAPPING_NAMES", "QUESTION_ANS"))
+
+
 def _prompt_task_type(model: nn.Module) -> str:
-    """PEFT's task type for a prompt-tuned ``model``, from its class name; FEATURE_EXTRACTION (a base model: its
+    """PEFT's task type for a prompt-tuned ``model``: the transformers auto class its class belongs to (GPT-2's
+    ``GPT2LMHeadModel`` is a causal LM), else its class name's suffix; FEATURE_EXTRACTION (a base model: its
     outputs are the hidden states) for the others."""
     name = type(model).__name__
+    try:
+        from transformers.models.auto import modeling_auto
+    except ImportError:
+        modeling_auto = None
+    for mapping, task in _TASK_MAPPINGS if modeling_auto is not None else ():
+        for classes in getattr(modeling_auto, mapping, {}).values():
+            if name in ((classes,) if isinstance(classes, str) else tuple(classes)):
+                return task
     return next((t for suffix, t in _TASK_TYPES if name.endswith(suffix)), "FEATURE_EXTRACTION")
 
 

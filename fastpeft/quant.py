@@ -121,9 +121,17 @@ def foreign_quant_library(module: nn.Module) -> str | None:
 
 def own_forward(module: nn.Module) -> bool:
     """Whether ``module``, an nn.Linear, computes something else than ``x Wᵀ + b``: a subclass with a forward of its
-    own (fake quantization for QAT, ``torch.ao.nn.qat.Linear``, ...), not bitsandbytes' (read in place). fastpeft's
-    layers compute ``F.linear`` on the weight, so they would bypass it."""
-    return type(module).forward is not nn.Linear.forward and _bnb_class_name(module) is None
+    own (fake quantization for QAT, ``torch.ao.nn.qat.Linear``, a router returning a tuple, ...), not bitsandbytes'
+    (read in place) nor one known to compute x Wᵀ + b in its own way (``_PLAIN_FORWARD``). fastpeft's layers compute
+    ``F.linear`` on the weight, so they would bypass it."""
+    cls = type(module)
+    return cls.forward is not nn.Linear.forward and _bnb_class_name(module) is None and not any(
+        (c.__module__.split(".")[0], c.__name__) in _PLAIN_FORWARD for c in cls.__mro__)
+
+
+# nn.Linear subclasses whose own forward computes x Wᵀ + b (module root, class): Falcon's every projection,
+# ``input @ W.T + b`` unfused to match its bf16 rounding (LoRA's default targets there, PEFT's too).
+_PLAIN_FORWARD = {("transformers", "FalconLinear")}
 
 
 def base_kind(module: nn.Module, name: str = "") -> str:
@@ -511,7 +519,9 @@ def merged_weight(module: nn.Module, delta: torch.Tensor, dequantize: bool = Fal
     if tuple(delta.shape) != tuple(qw.shape):
         raise ValueError(f"{label}: delta must have the weight's shape {tuple(qw.shape)}, got {tuple(delta.shape)}")
     w = dequantize_weight(qw)
-    merged = w + delta.to(device=w.device, dtype=w.dtype)
+    # in the wider of the two dtypes, as PEFT's bnb merge adds them: a bf16 W and an fp32 delta are rounded once,
+    # when requantized (or cast for dequantize=True), not the delta first
+    merged = w + delta.to(device=w.device)
     if safe_merge and not bool(torch.isfinite(merged).all()):
         raise ValueError(f"{label}: the merged weight has non-finite values; the adapter seems to be broken")
     if dequantize:

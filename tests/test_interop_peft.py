@@ -256,6 +256,14 @@ def llama_base():
     return transformers.LlamaForCausalLM(config).eval()
 
 
+def falcon_base():
+    """Falcon: every projection a FalconLinear, an nn.Linear subclass whose own forward computes x W^T + b."""
+    torch.manual_seed(0)
+    config = transformers.FalconConfig(vocab_size=64, hidden_size=32, num_hidden_layers=2, num_attention_heads=4,
+                                       new_decoder_architecture=False, multi_query=True)
+    return transformers.FalconForCausalLM(config).eval()
+
+
 def bert_cls_base():
     torch.manual_seed(0)
     config = transformers.BertConfig(vocab_size=64, hidden_size=32, num_hidden_layers=2, num_attention_heads=4,
@@ -299,6 +307,8 @@ HF_CASES = [
     ("llama-all-linear-rank_pattern", llama_base, llama_out,
      dict(r=4, lora_alpha=8, target_modules="all-linear", rank_pattern={"down_proj": 2},
           alpha_pattern={r"layers\.1\.self_attn\.o_proj": 3}), "lm_head"),
+    ("falcon-query_key_value-dense", falcon_base, llama_out, dict(r=4, lora_alpha=8,
+                                                                  target_modules=["query_key_value", "dense"]), None),
     ("bert-cls-query-value-modules_to_save-classifier", bert_cls_base, bert_cls_out,
      dict(r=4, lora_alpha=8, target_modules=["query", "value"], modules_to_save=["classifier"]), None),
     # PEFT's task type: the classifier is trained and saved whole (modules_to_save), never adapted

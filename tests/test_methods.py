@@ -317,3 +317,46 @@ def test_layerwise_last_n_on_an_encoder_decoder_asks_which_stack():
     assert [p.requires_grad for p in m.parameters()] == flags
     fastpeft.inject(m, LayerwiseConfig(layers_pattern=r"decoder\.block\.1"))
     assert {n.split(".")[0] for n in _trainable(m)} == {"decoder"}
+
+
+def test_deleting_a_prompt_with_modules_to_save_is_refused():
+    """A prompt (or adapters) whose modules_to_save trained in place (a classifier): delete_adapter would leave the
+    trained head behind (0.23 off the base), so it refuses, naming them, before anything changes."""
+    cfg = transformers.BertConfig(vocab_size=50, hidden_size=32, num_hidden_layers=2, num_attention_heads=4,
+                                  intermediate_size=48, max_position_embeddings=64, num_labels=3)
+    torch.manual_seed(0)
+    m = fastpeft.inject(transformers.BertForSequenceClassification(cfg).eval(),
+                        PromptTuningConfig(num_virtual_tokens=2, modules_to_save=["classifier"]))
+    trainable = _trainable(m)
+    with pytest.raises(ValueError, match=r"modules_to_save \['classifier'\] in place"):
+        fastpeft.delete_adapter(m, "default")
+    assert _trainable(m) == trainable and hasattr(m, "fastpeft_prompt") and adapter_configs(m)
+
+
+def test_prompt_files_of_gpt2_and_of_a_model_under_model():
+    """GPT-2's LM head class is a causal LM for PEFT (task type from transformers' auto classes, not a name suffix:
+    FEATURE_EXTRACTION made PEFT's generate() drop the prompt); a Llama's saved modules sit under ``model.``,
+    which PEFT's prompt prefix ``base_model.`` must not be confused with LoRA's ``base_model.model.``."""
+    peft = pytest.importorskip("peft")
+    import tempfile
+
+    torch.manual_seed(0)
+    gpt2 = transformers.GPT2LMHeadModel(transformers.GPT2Config(vocab_size=50, n_positions=32, n_embd=32, n_layer=1,
+                                                                n_head=4))
+    llama = transformers.LlamaForCausalLM(transformers.LlamaConfig(
+        vocab_size=50, hidden_size=32, intermediate_size=48, num_hidden_layers=1, num_attention_heads=4,
+        num_key_value_heads=2))
+    ids = torch.randint(0, 50, (1, 6))
+    for base, saved in ((gpt2, None), (llama, ["model.norm"])):
+        m = fastpeft.inject(copy.deepcopy(base), PromptTuningConfig(num_virtual_tokens=3, modules_to_save=saved))
+        _perturb(m)
+        m.eval()
+        with tempfile.TemporaryDirectory() as d:
+            fastpeft.save_adapter(m, d)
+            assert json.load(open(f"{d}/{CONFIG_NAME}"))["task_type"] == "CAUSAL_LM"
+            back = fastpeft.load_adapter(copy.deepcopy(base), d).eval()
+            theirs = peft.PeftModel.from_pretrained(copy.deepcopy(base), d).eval()
+            with torch.no_grad():
+                want = m(input_ids=ids).logits
+                torch.testing.assert_close(back(input_ids=ids).logits, want, rtol=0, atol=0)
+                torch.testing.assert_close(theirs(input_ids=ids).logits, want)
