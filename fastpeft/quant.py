@@ -151,9 +151,9 @@ def base_kind(module: nn.Module, name: str = "") -> str:
                         f"unquantized")
     if isinstance(module, nn.Linear):
         if own_forward(module):
-            raise TypeError(f"{label}is a {type(module).__module__}.{type(module).__name__}, an nn.Linear with a forward "
-                            "of its own, which fastpeft's layer would bypass (it computes x W^T + b from the weight); "
-                            "exclude it, or make it a plain nn.Linear")
+            raise TypeError(f"{label}is a {type(module).__module__}.{type(module).__name__}, an nn.Linear with a "
+                            "forward of its own, which fastpeft's layer would bypass (it computes x W^T + b from the "
+                            "weight); exclude it, or make it a plain nn.Linear")
         return "linear"
     raise TypeError(f"{label}must be an nn.Linear or a bitsandbytes Linear4bit / Linear8bitLt, got "
                     f"{type(module).__name__}")
