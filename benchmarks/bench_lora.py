@@ -12,7 +12,8 @@ in one launch, its backward on the kernels), ``reference`` (FastLoRALinear on th
 path, i.e. eager LoRA), ``peft`` (a PEFT LoRA layer) and ``peft+accelerate`` (the same PEFT model
 patched by ``fastpeft.accelerate``) when PEFT is installed, both with the adapter in the benchmark's
 dtype; in bf16 / fp16 also ``peft-fp32-adapters`` and ``peft-fp32-adapters+accelerate``, PEFT's own default
-there (fp32 adapters, which accelerate casts to the base's dtype per call). Modes: ``fwd`` and ``fwd+bwd`` (frozen W; dX, dA, dB computed), each with its peak memory on
+there (fp32 adapters, which accelerate casts to the base's dtype per call). Modes: ``fwd`` and ``fwd+bwd``
+(frozen W; dX, dA, dB computed), each with its peak memory on
 CUDA. Ratios are to ``linear`` of the same shape and mode, measured in the same run. Without dropout each
 fastpeft row also gives its relative error against ``reference`` (y and every gradient; ``peft+accelerate``'s
 against ``peft``): ~1e-3 to 1e-2 in bf16, ~1 for a path that computes something else.

@@ -133,7 +133,8 @@ def cases(args, ctx) -> list:
 def add_arguments(ap, cuda: bool) -> None:
     ap.add_argument("--decode", nargs="*", type=harness.positive_int, default=[1, 16, 64, 256] if cuda else [1, 16, 64],
                     help="decode batch sizes (tokens)")
-    ap.add_argument("--prefill", nargs="*", type=harness.positive_int, default=[8192] if cuda else [1024], help="prefill tokens")
+    ap.add_argument("--prefill", nargs="*", type=harness.positive_int, default=[8192] if cuda else [1024],
+                    help="prefill tokens")
     ap.add_argument("--adapters", nargs="+", type=harness.positive_int, default=[1, 8, 64] if cuda else [1, 8])
     ap.add_argument("--ranks", nargs="+", choices=list(RANK_SETS), default=list(RANK_SETS))
     ap.add_argument("--shape", "--shapes", dest="shape", type=parse_kxn,

@@ -312,7 +312,8 @@ def test_layerwise_last_n_on_an_encoder_decoder_asks_which_stack():
     cfg = transformers.T5Config(vocab_size=50, d_model=16, d_kv=4, d_ff=32, num_layers=2, num_heads=2)
     m = transformers.T5ForConditionalGeneration(cfg)
     flags = [p.requires_grad for p in m.parameters()]
-    with pytest.raises(ValueError, match="several stacks of 2 blocks .*'encoder.block', 'decoder.block'.*layers_pattern"):
+    with pytest.raises(ValueError,
+                       match="several stacks of 2 blocks .*'encoder.block', 'decoder.block'.*layers_pattern"):
         fastpeft.inject(m, LayerwiseConfig(train_last_n=1))
     assert [p.requires_grad for p in m.parameters()] == flags
     fastpeft.inject(m, LayerwiseConfig(layers_pattern=r"decoder\.block\.1"))
