@@ -791,10 +791,9 @@ def _upcast_adapter(model: nn.Module, adapter_name: str) -> None:
         delta = layer.sparse_delta(adapter_name)
         if delta is not None:  # RoSA's sparse values: the same small updates on a growing value
             params.append(delta.delta_values)
-        for p in params:
+        for p in params:  # (kept stacks key on dtype and storage: rebuilt at their next use)
             if p.dtype in (torch.float16, torch.bfloat16):
                 p.data = p.data.float()
-        layer._meta = layer._stacks = None
 
 
 def set_adapter(model: nn.Module, adapter_name) -> None:

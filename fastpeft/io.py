@@ -148,10 +148,9 @@ def read_adapter_config(directory):
     return method.config_from_json(d, path)
 
 
-def read_adapter_weights(directory, prefix: str = None) -> dict:
+def read_adapter_weights(directory, prefix: str = PREFIX) -> dict:
     """Key (without ``prefix``, PEFT's ``base_model.model.`` by default; a prompt-learning file's is
     ``base_model.``) -> tensor from ``directory/adapter_model.safetensors``."""
-    prefix = PREFIX if prefix is None else prefix
     from safetensors import SafetensorError
     from safetensors.torch import load_file
 

@@ -702,7 +702,7 @@ class FastLoRALinear(TunerLayer):
             if a.dtype != weight.dtype or b.dtype != weight.dtype:  # fp32 adapters on a bf16 / fp16 base
                 a, b = cast_params((a, b), weight.dtype, self._kept(), "_casts")
             if s.use_dora:
-                return self._dora_forward(x, name, s, a, b)
+                return self._dora_forward(x, name, s, a, b, weight, bias)
             delta = self._modules["sparse_deltas"]._modules.get(name)
             if delta is None:
                 return lora_linear(x, weight, bias, a, b, s.scaling, s.lora_dropout, self.training)
@@ -790,21 +790,18 @@ class FastLoRALinear(TunerLayer):
             self._wsq = (key, weight_sq_norms(w.detach()))
         return self._wsq[1]
 
-    def _dora_forward(self, x, name, s, a, b):
-        weight, bias = self._base_parameters()
-        cache = self.__dict__.get("_dora_gain")  # the norm and m / n of no-grad calls (see ops.dora.dora_linear)
-        if self.training:
-            cache = None  # computed afresh at every call (see _kept)
-        elif cache is None:
-            cache = self._dora_gain = {}
+    def _dora_forward(self, x, name, s, a, b, weight, bias):
+        kept = self._kept()  # the norm and m / n of no-grad calls in eval mode (see ops.dora.dora_linear)
+        cache = None if kept is None else kept.setdefault("_dora_gain", {})
         return dora_linear(x, weight, bias, a, b, _entry(self._modules["lora_magnitude_vector"], name), s.scaling,
                            s.lora_dropout, self.training, weight_sq_norm=self._weight_sq_norm(), norm_cache=cache)
 
     @torch.no_grad()
     def _dora_merged(self, name: str) -> tuple:
         """(W' = (m / n) ⊙ (W + sBA) in W's dtype, n fp32 (out,)), as PEFT's merge."""
-        dt = torch.float64 if self.weight.dtype == torch.float64 else torch.float32
-        w = self.weight.to(dt) + self._exact_delta(name).to(dt)
+        delta = self._exact_delta(name)  # fp32 (fp64 for an fp64 W)
+        dt = delta.dtype
+        w = self.weight.to(dt) + delta
         n = torch.linalg.vector_norm(w, dim=1)
         g = self.lora_magnitude_vector[name].to(dt) / n
         return (g[:, None] * w).to(self.weight.dtype), n

@@ -286,12 +286,11 @@ def _numpy_draws(seed, n: int, device, start: int) -> np.ndarray | None:
         return None
     if device is None:
         device = torch.get_default_device()
-    if device is not _CPU and (device.type if isinstance(device, torch.device) else torch.device(device).type) != "cpu":
+    if (device.type if isinstance(device, torch.device) else torch.device(device).type) != "cpu":
         return None
     return _cpu_draws_numpy(_splitmix_finalize_int(seed), first, end)[lane:lane + n]
 
 
-_CPU = torch.device("cpu")
 _NP_STATES: list = []  # [words 0.._NUMPY_MAX_WORDS-1 times GAMMA], built at the first draw
 
 
