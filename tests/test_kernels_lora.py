@@ -806,3 +806,42 @@ def test_gpu_backward_with_an_expanded_dy():
     want = T.lora_backward_tma(dy=dy_expanded.contiguous(), w=w, lora_A=a, lora_B=bb, u=u, scale=2.0, config=cfg)
     for name, p, q in zip(("dx", "v", "dB"), got, want):
         assert torch.equal(p, q), name
+
+
+@pytest.mark.parametrize("p", [0.0, 0.3], ids=["p0", "p0.3"])
+def test_second_derivatives_on_the_kernels_match_the_reference(p):
+    """create_graph=True through the triton Function: its backward records the oracle's formula with the kernels'
+    mask, so the gradients are differentiable. Before 2026-12-01 they carried no graph: a double backward raised
+    ("does not require grad") or, with W trainable beside, came out 95% off with A's and B's parts missing."""
+    x, w, b, a, bb = _make(7, 48, 40, 8, torch.float32)
+    dy = torch.randn(7, 40, device=DEV)
+
+    def seconds(backend):
+        leaves = [t.detach().clone().requires_grad_() for t in (x, w, b, a, bb)]
+        y = fastpeft.lora_linear(*leaves, 1.5, dropout_p=p, training=True, seed=11, backend=backend)
+        firsts = torch.autograd.grad((y * dy).sum(), leaves, create_graph=True)
+        probe = sum((g * torch.linspace(-1, 1, g.numel(), dtype=g.dtype, device=DEV).view(g.shape)).sum()
+                    for g in firsts)
+        return list(firsts) + list(torch.autograd.grad(probe, leaves, allow_unused=True))
+    for got, want, name in zip(seconds("triton"), seconds("reference"), ["dx", "dW", "db", "dA", "dB"] * 2):
+        if want is None:
+            assert got is None or not got.abs().max(), name
+        else:
+            assert_close_report(got, want, 1e-5, 1e-5 * max(1.0, float(want.abs().max())), name)
+
+
+def test_second_derivatives_through_kernels_without_a_graph_are_refused():
+    """The many-adapter and sparse triton Functions' gradients carry no graph: create_graph raises, naming the
+    op and the way out, instead of leaving their part out of the second derivatives."""
+    x, w, b, a, bb = _make(6, 48, 40, 4, torch.float32)
+    x.requires_grad_(True)
+    ids = torch.tensor([0, 1, -1, 1, 0, 0], device=DEV)
+    y = fastpeft.lora_linear_multi(x, w, b, torch.stack([a, a]), torch.stack([bb, bb]), torch.tensor([1.0, 2.0]),
+                                   ids, backend="triton")
+    with pytest.raises(RuntimeError, match=r"create_graph=True .*lora_linear_multi.*backend='reference'"):
+        torch.autograd.grad(y.square().sum(), x, create_graph=True)
+    values = torch.zeros(5, device=DEV, requires_grad=True)
+    y = fastpeft.sparse_delta_linear(x, w, b, torch.tensor([0, 3, 50, 61, 700], device=DEV), values,
+                                     backend="triton")
+    with pytest.raises(RuntimeError, match=r"create_graph=True .*sparse_delta_linear"):
+        torch.autograd.grad(y.square().sum(), values, create_graph=True)

@@ -24,6 +24,26 @@ def returned(y: torch.Tensor) -> torch.Tensor:
     return y.clone() if _CLONE_RETURNED and torch.compiler.is_compiling() else y
 
 
+def recorded_grads(out: torch.Tensor, inputs: tuple, needs, dy: torch.Tensor, extra: int) -> tuple:
+    """An autograd.Function's gradients under ``create_graph`` (second derivatives): autograd through ``out``, the
+    forward's formula recomputed by recorded ops from the saved ``inputs`` (the same dropout mask), so that the
+    gradients carry how they depend on the inputs; the fast backward's saved products (u, g) carry no graph, and
+    through them second derivatives would be silently wrong. ``needs``: ``ctx.needs_input_grad`` of ``inputs``;
+    ``extra`` Nones follow, for the other arguments. Double backward only: the recomputation forms full products."""
+    wanted = [t for t, need in zip(inputs, needs) if need and t is not None]
+    grads = iter(torch.autograd.grad(out, wanted, dy.to(out.dtype), create_graph=True, allow_unused=True))
+    return tuple(next(grads) if need and t is not None else None for t, need in zip(inputs, needs)) + (None,) * extra
+
+
+def no_second_derivatives(what: str) -> None:
+    """Refuse ``create_graph`` in the backward of ``what``, a triton Function whose gradients carry no graph: a
+    double backward through them would miss their part (silently, beside other ops) instead of failing."""
+    if torch.is_grad_enabled():
+        raise RuntimeError(f"create_graph=True (second derivatives) through {what} on the triton kernels: their "
+                           "gradients carry no graph. Run it on the PyTorch path, whose gradients are differentiable: "
+                           "backend='reference', or `with fastpeft.use_backend('reference'):`")
+
+
 # Optimizer steps counted by torch.optim's global post-step hook (registered at the first ``optimizer_steps()`` call):
 # fused AdamW (Trainer's default ``adamw_torch_fused``) and bitsandbytes' optimizers update Parameters in place without
 # bumping their version counters, so every cache of values derived from trainable Parameters (the mixed-batch stacks,

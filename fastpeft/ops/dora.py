@@ -16,7 +16,7 @@ import torch.nn.functional as F
 
 from ..reference import (DORA_DROPOUT_MODES, dora_linear_ref, dropout_threshold, keep_mask_stream, lora_dropout_ref,
                          lora_dropout_stream, use_cpu_stream)
-from .common import _bucket, kept_state, returned
+from .common import _bucket, kept_state, recorded_grads, returned
 
 BACKENDS = ("reference", "triton")
 # The factored norm is trusted where ‖W_j + sB_jA‖² >= CANCEL_RATIO · (‖W_j‖² + |cross_j| + quad_j): its fp32
@@ -189,9 +189,10 @@ class DoRALinearFunction(torch.autograd.Function):
             else:
                 v, dmsum, dx, dbb = _plain_dy_side(dy, weight, bias, lora_A, lora_B, g, u, y, s, seed, thr, ds,
                                                    need_x, need_m, need_bb)
-                if need_m:
-                    dm = _fix_zero_magnitude(dmsum / magnitude.detach().to(dt), dy, x, weight, lora_B, u, magnitude,
-                                             norm, s)
+                if need_m:  # (with a bias, one more pass over y finds the columns where y − b cancels)
+                    y_sq = _col_dots(None, y, bias, dt)[1] if bias is not None else None
+                    dm = _fix_lost_columns(dmsum / magnitude.detach().to(dt), dy, x, weight, bias, lora_B, u,
+                                           magnitude, norm, s, y_sq)
             if need_bb and dbb is None:
                 dbb = KL.shrink_op(dy.t(), u, s, 0, 0, 0, 0) * g[:, None]
             if need_a:
@@ -212,8 +213,9 @@ class DoRALinearFunction(torch.autograd.Function):
                     dx = (dy @ weight).add_(inner.mul_(keep).mul_(ds) if keep is not None else inner)
             else:
                 if need_m:
-                    dm = _fix_zero_magnitude(_col_dots(dy, y, bias, dt) / magnitude.detach().to(dt), dy, x, weight,
-                                             lora_B, u, magnitude, norm, s)
+                    dots, y_sq = _col_dots(dy, y, bias, dt)
+                    dm = _fix_lost_columns(dots / magnitude.detach().to(dt), dy, x, weight, bias, lora_B, u,
+                                           magnitude, norm, s, y_sq)
                 if need_x:
                     low = (v @ lora_A).mul_(s)
                     dx = (low.mul_(keep).mul_(ds) if keep is not None else low).addmm_(gdy, weight)  # in place
@@ -251,11 +253,7 @@ def _recorded_backward(ctx, dy, x, weight, bias, lora_A, lora_B, magnitude, norm
         out = g * (x @ weight.t() + low)
     if bias is not None:
         out = out + bias
-    inputs = (x, weight, bias, lora_A, lora_B, magnitude)
-    wanted = [t for t, need in zip(inputs, ctx.needs_input_grad[:6]) if need and t is not None]
-    grads = iter(torch.autograd.grad(out, wanted, dy.to(out.dtype), create_graph=True, allow_unused=True))
-    return tuple(next(grads) if need and t is not None else None
-                 for t, need in zip(inputs, ctx.needs_input_grad[:6])) + (None,) * 6
+    return recorded_grads(out, (x, weight, bias, lora_A, lora_B, magnitude), ctx.needs_input_grad[:6], dy, 6)
 
 
 def _gain(magnitude, norm, x_dtype, impl) -> torch.Tensor:
@@ -362,7 +360,11 @@ def _forward(x, weight, bias, lora_A, lora_B, g, scaling, p, seed, thr, ds, exac
     # costs more than the GEMMs), the kernels' Philox stream elsewhere
     xd = lora_dropout_stream(x, p, seed) if p > 0.0 else x
     u = F.linear(xd, lora_A)
-    z = F.linear(xd if exact else x, weight).addmm_(u, lora_B.t(), alpha=scaling)  # in place: no (M, N) copy
+    z = F.linear(xd if exact else x, weight)
+    # in place: no (M, N) copy; not while compiling, where a kept z made in place aliases the graph's intermediate
+    # (dynamo: "an intermediate tensor ... aliases an input or output")
+    z = torch.addmm(z, u, lora_B.t(), alpha=scaling) if keep_z and torch.compiler.is_compiling() else \
+        z.addmm_(u, lora_B.t(), alpha=scaling)
     if keep_z:  # the backward's dm reads z (the exact mode with dropout: not recoverable from y)
         y = g * z.to(dt)
     else:
@@ -390,33 +392,47 @@ def _cached_gain(norm_cache: dict, weight, lora_A, lora_B, magnitude, scaling: f
     return cached[2]
 
 
-def _col_dots(dy, y, bias, dt, elems=1 << 22):
-    """``Σ_i dY_ij (y_ij − b_j)`` (N,) in dt, in row chunks of about ``elems`` elements: a bounded temporary.
-    Chunks this large, not 256 rows: each op pays a fixed thread-pool cost on a busy CPU (256-row chunks took
-    385 ms at M=2048, N=1024 on 2 shared threads, one 4M-element chunk 48 ms)."""
-    rows = max(1, elems // max(1, dy.shape[1]))
-    out = dy.new_zeros(dy.shape[1], dtype=dt)
+def _col_dots(dy, y, bias, dt, elems=1 << 22) -> tuple:
+    """``(Σ_i dY_ij (y_ij − b_j), Σ_i (y_ij − b_j)²)`` (N,) each in dt (the first None without ``dy``), in row
+    chunks of about ``elems`` elements: a bounded temporary. Chunks this large, not 256 rows: each op pays a fixed
+    thread-pool cost on a busy CPU (256-row chunks took 385 ms at M=2048, N=1024 on 2 shared threads, one
+    4M-element chunk 48 ms)."""
+    rows = max(1, elems // max(1, y.shape[1]))
+    dots = None if dy is None else y.new_zeros(y.shape[1], dtype=dt)
+    squares = y.new_zeros(y.shape[1], dtype=dt)
     b = bias.to(dt) if bias is not None else 0.0
-    for i in range(0, dy.shape[0], rows):
-        out += (dy[i:i + rows].to(dt) * (y[i:i + rows].to(dt) - b)).sum(0)
-    return out
+    for i in range(0, y.shape[0], rows):
+        z = y[i:i + rows].to(dt) - b
+        if dots is not None:
+            dots += (dy[i:i + rows].to(dt) * z).sum(0)
+        squares += z.square().sum(0)
+    return dots, squares
 
 
-def _fix_zero_magnitude(dm, dy, x, weight, lora_B, u, magnitude, norm, s):
-    """dm from ``Σ dY (y − b) / m`` is 0/0 where m_j = 0 (g_j = 0 erased z_j from y): recompute those
-    columns' z = x W_jᵀ + s u B_jᵀ (a host sync to find them; rare: m is initialised to ‖W_j‖ > 0)."""
-    if torch.compiler.is_compiling():  # as dora_norm_factored: a traced branch, every column, kept where m_j = 0
-        def fix(dm, dy, x, weight, lora_B, u, magnitude, norm):
+def _fix_lost_columns(dm, dy, x, weight, bias, lora_B, u, magnitude, norm, s, y_sq=None):
+    """dm from ``Σ dY (y − b) / m`` is as exact as y − b holds g z. Recomputed from z_j = x W_jᵀ + s u B_jᵀ,
+    for the columns where it does not: m_j = 0 (g_j = 0 erased z_j from y: 0/0), g_j below the square root of the
+    smallest normal number of y's dtype (g z underflows there); and, given ``y_sq`` = Σ_i (y_ij −
+    b_j)², where y − b is 0 in the whole column (g_j z_j below y's rounding: dm stuck at 0) or the bias exceeds the
+    column's rms of y − b (y − b cancels: z_j's error grows as |b_j| / |g_j z_j| ulps of y, 100x PEFT's, which keeps
+    z, at 500x). A host sync to find them; in most layers none (m starts at ‖W_j‖ > 0, biases are small next to the
+    outputs)."""
+    m = magnitude.detach()  # g_j z_ij near y's underflow (fp16: 6e-8) carries little or nothing of z: no pass over y
+    lost = (m == 0) | (m.abs() < norm * torch.finfo(dy.dtype).tiny ** 0.5)
+    if y_sq is not None:
+        lost = lost | (y_sq == 0)
+        if bias is not None:
+            lost = lost | (bias.detach().to(y_sq.dtype).square() * max(1, dy.shape[0]) > y_sq)
+    if torch.compiler.is_compiling():  # as dora_norm_factored: a traced branch, every column, kept where lost
+        def fix(dm, dy, x, weight, lora_B, u, lost, norm):
             z = torch.addmm(F.linear(x, weight), u.to(x.dtype), lora_B.t().to(x.dtype), alpha=s)
-            return torch.where(magnitude.detach() == 0, (dy.to(dm.dtype) * z.to(dm.dtype)).sum(0) / norm.to(dm.dtype),
-                               dm)
+            return torch.where(lost, (dy.to(dm.dtype) * z.to(dm.dtype)).sum(0) / norm.to(dm.dtype), dm)
 
-        return torch.cond((magnitude.detach() == 0).any(), fix, lambda dm, *rest: dm.clone(),
-                          (dm, dy, x, weight, lora_B, u, magnitude, norm))
-    zero = (magnitude.detach() == 0).nonzero().squeeze(1)
-    if zero.numel():
-        z = torch.addmm(F.linear(x, weight[zero]), u.to(x.dtype), lora_B[zero].t().to(x.dtype), alpha=s)
-        dm[zero] = (dy[:, zero].to(dm.dtype) * z.to(dm.dtype)).sum(0) / norm[zero].to(dm.dtype)
+        return torch.cond(lost.any(), fix, lambda dm, *rest: dm.clone(), (dm, dy, x, weight, lora_B, u, lost, norm))
+    cols = lost.nonzero().squeeze(1)
+    if cols.numel():
+        z = torch.addmm(F.linear(x, weight[cols]), u.to(x.dtype), lora_B[cols].t().to(x.dtype), alpha=s)
+        dm[cols] = (dy[:, cols].to(dm.dtype) * z.to(dm.dtype)).sum(0) / norm[cols].to(dm.dtype)
     return dm
 
 

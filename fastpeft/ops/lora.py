@@ -12,8 +12,9 @@ import torch
 from ..kernels import lora as K
 from ..kernels import lora_tma as KT
 from ..kernels import quant as KQ
-from ..reference import dropout_threshold
-from .common import _bucket, _seed_arg, autocast_enabled, autocast_inputs, base_grads, returned
+from ..reference import dropout_threshold, lora_linear_ref
+from .common import (_bucket, _seed_arg, autocast_enabled, autocast_inputs, base_grads, recorded_grads,
+                     returned)
 
 
 def dropout_constants(dropout_p: float) -> tuple:
@@ -76,7 +77,7 @@ class LoRALinearFunction(torch.autograd.Function):
         thr, drop_scale = dropout_constants(dropout_p)
         y, u = _forward(x, weight, bias, lora_A, lora_B, scaling, thr, drop_scale, seed)
         ctx.save_for_backward(x, u, weight, lora_A, lora_B)
-        ctx.scaling, ctx.seed, ctx.thr, ctx.drop_scale = scaling, seed, thr, drop_scale
+        ctx.scaling, ctx.seed, ctx.thr, ctx.drop_scale, ctx.p = scaling, seed, thr, drop_scale, dropout_p
         ctx.has_bias = bias is not None
         return returned(y)
 
@@ -84,6 +85,11 @@ class LoRALinearFunction(torch.autograd.Function):
     def backward(ctx, dy):
         x, u, weight, lora_A, lora_B = ctx.saved_tensors
         need_x, need_w, need_b, need_a, need_bb = ctx.needs_input_grad[:5]
+        if torch.is_grad_enabled():  # create_graph: the oracle's formula with the kernels' mask, recorded
+            out = lora_linear_ref(x, weight, None, lora_A, lora_B, ctx.scaling, ctx.p, True, ctx.seed)
+            dx, dw, _, da, dbb = recorded_grads(out, (x, weight, None, lora_A, lora_B), ctx.needs_input_grad[:5],
+                                                dy, 0)
+            return dx, dw, dy.sum(0) if need_b and ctx.has_bias else None, da, dbb, None, None, None
         dx, da, dbb = _backward(dy, x, u, weight, lora_A, lora_B, ctx.scaling, ctx.seed, ctx.thr, ctx.drop_scale,
                                 need_x, need_a, need_bb)
         dw, db = base_grads(dy, x, weight, need_w, need_b and ctx.has_bias)

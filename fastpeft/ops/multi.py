@@ -16,7 +16,7 @@ import torch
 from ..kernels import lora as K
 from ..kernels import lora_tma as KT
 from ..kernels import multi_lora as MK
-from .common import _bucket, _seed_arg, autocast_inputs, base_grads, returned
+from .common import _bucket, _seed_arg, autocast_inputs, base_grads, no_second_derivatives, returned
 from .lora import FUSED_SHRINK_MIN_ROWS
 
 
@@ -63,6 +63,7 @@ class LoRAMultiFunction(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, dy):
+        no_second_derivatives("lora_linear_multi")
         x, u, weight, lora_A_stack, lora_B_stack, order, bounds, blocks, ranks, s_fwd, s_dx, thr = ctx.saved_tensors
         need_x, need_w, need_b, need_a, need_bb = ctx.needs_input_grad[:5]
         seed, has_mask, block_m = ctx.seed, ctx.has_mask, ctx.block_m

@@ -17,7 +17,7 @@ import torch.nn.functional as F
 from ..quant import INT8_INV_SCALE, QuantizedWeight, call_buffer, dequantize_weight, weight_workspace
 from ..reference import (dropout_threshold, func_transforms_active, keep_mask_stream, lora_linear_ref,
                          use_cpu_stream)
-from .common import returned
+from .common import autocast_enabled, no_second_derivatives, returned
 
 PATHS = ("auto", "fused", "dequant")
 _path_cache: dict = {}
@@ -114,6 +114,8 @@ class QLoRALinearFunction(torch.autograd.Function):
         need_x, need_a, need_b, need_bias = ctx.needs_input_grad[:4]
         thr = dropout_threshold(p) if p > 0.0 else 0
         ds = 1.0 / (1.0 - p) if p > 0.0 else 1.0
+        if ctx.path != "reference":
+            no_second_derivatives("qlora_linear")
         dy = dy.contiguous()
         dx = da = dbb = dbias = None
         if ctx.path == "reference":
@@ -222,11 +224,17 @@ def choose_path(qw: QuantizedWeight, M: int, device: torch.device, run_fused, ru
 
 
 def qlora_linear_op(x, qweight: QuantizedWeight, bias, lora_A, lora_B, scaling: float, p: float, seed: int,
-                    backend: str, path=None) -> torch.Tensor:
+                    backend: str, path=None, compute_dtype=None) -> torch.Tensor:
     """The op behind ``fastpeft.functional.qlora_linear`` (arguments checked, dropout rate ``p`` final, ``seed``
     drawn, ``backend`` resolved to ``"reference"`` or ``"triton"`` there). x: (..., in) -> (..., out) in x's dtype,
-    computed in the layer's compute dtype. ``path`` ("fused" / "dequant") pins the triton forward; None chooses."""
-    cdt = qweight.compute_dtype_for(x)
+    computed in the layer's compute dtype, or under autocast in autocast's (as bitsandbytes' matmul and PEFT's LoRA
+    branch run there; the op's own products then without autocast). ``path`` ("fused" / "dequant") pins the
+    triton forward; None chooses."""
+    if compute_dtype is None and x.dtype != torch.float64 and autocast_enabled(x):
+        dtype = torch.get_autocast_dtype(x.device.type)
+        with torch.autocast(x.device.type, enabled=False):
+            return qlora_linear_op(x, qweight, bias, lora_A, lora_B, scaling, p, seed, backend, path, dtype)
+    cdt = compute_dtype or qweight.compute_dtype_for(x)
     lead = x.shape[:-1]
     x2 = _to(x if x.dim() == 2 else x.reshape(-1, x.shape[-1]), cdt)  # a 2-D x as it is: the kernels take any strides
     args = (_to(lora_A, cdt), _to(lora_B, cdt), None if bias is None else _to(bias, cdt), qweight, float(scaling), p,

@@ -28,7 +28,7 @@ import torch
 from ..kernels import lora as K
 from ..kernels import lora_tma as KT
 from ..kernels import sparse_delta as SD
-from .common import _bucket, _seed_arg, autocast_inputs, base_grads, returned
+from .common import _bucket, _seed_arg, autocast_inputs, base_grads, no_second_derivatives, returned
 from .lora import dropout_constants, dx_key, fwd_key, lora_factor_grads, lora_gemm, torch_backward, torch_forward
 from .sparse_cpu import sddmm_torch, w_plus_delta_torch
 
@@ -300,6 +300,7 @@ class SparseDeltaLinearFunction(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, dy):
+        no_second_derivatives("sparse_delta_linear")
         x, weight, values, indices = ctx.saved_tensors
         plan = ctx.plan
         need_x, need_w, need_b, need_v = ctx.needs_input_grad[:4]
@@ -424,6 +425,7 @@ class LoRASparseLinearFunction(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, dy):
+        no_second_derivatives("lora_sparse_linear (RoSA)")
         x, u, weight, lora_A, lora_B, values, indices = ctx.saved_tensors
         plan = ctx.plan
         need_x, need_w, need_b, need_a, need_bb, need_v = ctx.needs_input_grad[:6]
