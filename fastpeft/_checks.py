@@ -487,17 +487,12 @@ def check_dora_options(use_dora, sparse_density) -> None:
                          "adapter has no sparse delta; use one or the other")
 
 
-# k of the enclosing ``fastpeft.mixed_batch(..., rows_per_sequence=k)`` block (1 outside one)
-ROWS_PER_SEQUENCE = [1]
-
-
-def routed_batch(n_names: int, x) -> int:
+def routed_batch(n_names: int, x, k: int = 1) -> int:
     """How many rows of a layer's input x (batch, ..., in) each of ``mixed_batch``'s ``n_names`` names (one per
-    sequence) covers: 1, or the block's ``rows_per_sequence`` k when the batch is k times the names (generate's
-    expansion of each sequence into k consecutive rows: ``num_beams`` / ``num_return_sequences``). Anything else
-    raises: a batch that merely happens to be a multiple is not taken for an expansion."""
+    sequence) covers: 1, or the layer's block's ``rows_per_sequence`` k when the batch is k times the names
+    (generate's expansion of each sequence into k consecutive rows: ``num_beams`` / ``num_return_sequences``).
+    Anything else raises: a batch that merely happens to be a multiple is not taken for an expansion."""
     batch = x.shape[0] if x.dim() >= 2 else None
-    k = ROWS_PER_SEQUENCE[0]
     if batch == n_names:
         return 1
     if k > 1 and batch == n_names * k:

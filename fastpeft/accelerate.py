@@ -48,6 +48,7 @@ import torch.nn.functional as F
 from torch.nn.modules import module as _torch_module
 
 from .functional import dora_linear, lora_linear, lora_linear_multi, qlora_linear
+from .hf import _InstanceMethod
 from .ops.common import cast_params, kept_state
 from .quant import _bnb_class_name, kept_quantized_weight
 from .reference import tracing_or_transformed
@@ -444,7 +445,9 @@ class AccelerateReport:
     patched: names of the LoRA layers that now compute through fastpeft's ops (those of earlier calls
     included); skipped: layer name -> why it stays on PEFT's forward; partial: patched layer name -> its
     adapters that still run on PEFT's forward when active, and why; newly_patched: how many layers this
-    call patched (0 on a second call). ``calls()`` counts, since ``accelerate``, the calls of the patched
+    call patched (0 on a second call), plus those the model's later ``load_adapter`` / ``add_adapter`` calls
+    patched (each patches the layers it adds, warns of those it cannot, and updates the lists). ``calls()``
+    counts, since ``accelerate``, the calls of the patched
     layers by path: ``"fastpeft"`` or the reason PEFT's forward ran.
     """
 
@@ -565,6 +568,26 @@ def accelerate(model: nn.Module, strict: bool = False) -> AccelerateReport:
                             "fastpeft's ops already; fastpeft.accelerate is for PEFT models")
         raise TypeError(f"fastpeft.accelerate takes a PEFT LoRA model (a peft.PeftModel, or a transformers model "
                         f"with adapters added by add_adapter); {type(model).__name__} has no PEFT LoRA layer")
+    report, todo = _survey(layers, linear_cls)
+    patched, skipped, partial = report.patched, report.skipped, report.partial
+    if not patched and not strict:  # a generic script that always calls accelerate keeps running, told why
+        warnings.warn(f"fastpeft.accelerate found nothing it can compute in {type(model).__name__}: the model is "
+                      f"unchanged (PEFT's forward runs every layer); remove the call, or change what each layer "
+                      f"below names:\n{report}", UserWarning, stacklevel=2)
+        return report
+    if strict and (skipped or partial):
+        raise ValueError(f"fastpeft.accelerate(strict=True): some LoRA layers would stay on PEFT's forward; "
+                         f"nothing was changed.\n{report}")
+    _patch(todo)
+    for method in _ADDING:  # LoRA layers PEFT adds later are patched too (into this report)
+        if callable(getattr(type(model), method, None)):
+            setattr(model, method, _InstanceMethod(_ADDING[method], model))
+    model.__dict__["_fastpeft_report"] = report
+    return report
+
+
+def _survey(layers: dict, linear_cls: type) -> tuple:
+    """``(report, layers to patch)`` for the PEFT LoRA ``layers`` (name -> module)."""
     patched, skipped, partial, todo = [], {}, {}, []
     for name, m in layers.items():
         why = _layer_reason(m, linear_cls)
@@ -577,19 +600,44 @@ def accelerate(model: nn.Module, strict: bool = False) -> AccelerateReport:
         patched.append(name)
         if type(m).__dict__.get("_fastpeft_original") is None:  # not accelerated yet
             todo.append(m)
-    report = AccelerateReport(patched, skipped, partial, len(todo), [layers[n] for n in patched])
-    if not patched and not strict:  # a generic script that always calls accelerate keeps running, told why
-        warnings.warn(f"fastpeft.accelerate found nothing it can compute in {type(model).__name__}: the model is "
-                      f"unchanged (PEFT's forward runs every layer); remove the call, or change what each layer "
-                      f"below names:\n{report}", UserWarning, stacklevel=2)
-        return report
-    if strict and (skipped or partial):
-        raise ValueError(f"fastpeft.accelerate(strict=True): some LoRA layers would stay on PEFT's forward; "
-                         f"nothing was changed.\n{report}")
-    for m in todo:
+    return AccelerateReport(patched, skipped, partial, len(todo), [layers[n] for n in patched]), todo
+
+
+def _patch(layers: list) -> None:
+    for m in layers:
         m.__class__ = _accelerated_class(type(m))
         m._fastpeft_calls = collections.Counter()
-    return report
+
+
+def _then_patch(method: str):
+    """The model's ``method`` (PEFT's / transformers' ``load_adapter``, ``add_adapter``), then the LoRA layers it
+    made on modules that had none patched as ``accelerate`` patches (the model's report updated in place), so that
+    one call of ``accelerate`` keeps holding for adapters loaded later."""
+    def call(self, *args, **kwargs):
+        out = getattr(type(self), method)(self, *args, **kwargs)
+        report = self.__dict__.get("_fastpeft_report")
+        if report is not None:
+            linear_cls, lora_layer_cls = _peft_classes()
+            layers = {n: m for n, m in self.named_modules() if isinstance(m, lora_layer_cls)}
+            new, todo = _survey(layers, linear_cls)
+            _patch(todo)
+            left = {n: why for n, why in new.skipped.items() if n not in report.skipped}
+            if left:  # (the adapter is in already: strict=True could not refuse it before it was added)
+                warnings.warn(f"fastpeft.accelerate, after {method}: {len(left)} new LoRA layers stay on PEFT's "
+                              "forward: " + "; ".join(f"{n}: {why}" for n, why in list(left.items())[:4]), UserWarning,
+                              stacklevel=2)
+            report.patched[:], report.skipped, report.partial = new.patched, new.skipped, new.partial
+            report._layers[:] = new._layers
+            report.newly_patched += len(todo)
+        return out
+
+    call.__name__ = call.__qualname__ = f"_accelerated_{method}"
+    return call
+
+
+_accelerated_load_adapter = _then_patch("load_adapter")  # (module names: the model's bound copies pickle by them)
+_accelerated_add_adapter = _then_patch("add_adapter")
+_ADDING = {"load_adapter": _accelerated_load_adapter, "add_adapter": _accelerated_add_adapter}
 
 
 def restore(model: nn.Module) -> nn.Module:
@@ -598,6 +646,11 @@ def restore(model: nn.Module) -> nn.Module:
     if not isinstance(model, nn.Module):
         raise TypeError(f"fastpeft.restore takes the model given to fastpeft.accelerate, got a {type(model).__name__}")
     accelerated = tuple(_classes.values())
+    for method in _ADDING:
+        own = model.__dict__.get(method)
+        if isinstance(own, _InstanceMethod) and own.__func__ is _ADDING[method]:
+            del model.__dict__[method]
+    model.__dict__.pop("_fastpeft_report", None)
     for m in model.modules():
         if accelerated and isinstance(m, accelerated):
             m.__class__ = m._fastpeft_original

@@ -28,7 +28,7 @@ import torch
 import torch.nn as nn
 
 from ._checks import few
-from .inject import INJECT_HOOKS, active_adapter, lora_layers
+from .inject import INJECT_HOOKS, active_adapter, adapter_configs, lora_layers, method_for
 from .io import load_adapter, read_adapter_config, save_adapter
 from .layers import FastLoRALinear, ModulesToSaveWrapper, QLoRALinear
 
@@ -101,7 +101,12 @@ def _save_pretrained(self, save_directory, state_dict=None, is_main_process=True
         own = _own(self, "save_pretrained")
         if own is None:
             raise ValueError(f"{type(self).__name__} holds no fastpeft adapter and has no save_pretrained of its own")
-        return own(save_directory, state_dict=state_dict, is_main_process=is_main_process, **kwargs)
+        flag = self.__dict__.pop("_hf_peft_config_loaded", None)  # (inject's mark: no PEFT adapter to save here)
+        try:
+            return own(save_directory, state_dict=state_dict, is_main_process=is_main_process, **kwargs)
+        finally:
+            if flag is not None:
+                self._hf_peft_config_loaded = flag
     if kwargs.get("push_to_hub"):
         raise NotImplementedError("save_pretrained(push_to_hub=True) is not supported for fastpeft models: save, "
                                   "then upload the folder with huggingface_hub")
@@ -165,11 +170,23 @@ class _parameters_from:
         self.saved = []
 
 
+def _adapter_keys(model: nn.Module, keys: list) -> bool:
+    """Whether ``keys`` are those of an adapter file of the model's active adapter's method: every key under its
+    prefix (``base_model.model.``; a prompt's ``base_model.``) or one of its root keys, one of which it holds (a
+    prompt file's ``prompt_embeddings``). Without an active adapter: PEFT's LoRA prefix (load_state_dict says)."""
+    config = adapter_configs(model).get(active_adapter(model))
+    if config is None:
+        return all(k.startswith(_PEFT_PREFIX) for k in keys)
+    method = method_for(config)
+    return all(k in method.root_keys or k.startswith(method.file_prefix) for k in keys) and (
+        not method.root_keys or any(k in method.root_keys for k in keys))
+
+
 def _load_state_dict(self, state_dict, strict=True, assign=False):
     """A state dict keyed as PEFT's adapter files (what ``save_pretrained`` links as ``model.safetensors``)
     goes into the active adapter through ``fastpeft.load_adapter``; any other to the model's own method."""
     keys = list(state_dict.keys()) if hasattr(state_dict, "keys") else []
-    if not keys or not adapter_names(self) or not all(k.startswith(_PEFT_PREFIX) for k in keys):
+    if not keys or not adapter_names(self) or not _adapter_keys(self, keys):
         return type(self).load_state_dict(self, state_dict, strict=strict, assign=assign)
     from safetensors.torch import save_file
 
@@ -262,8 +279,9 @@ def to_peft(model: nn.Module):
     return peft_model.train(was_training)  # from_pretrained(is_trainable=True) leaves it in training mode
 
 
-# The model's attributes fastpeft sets for its adapters (besides Trainer's methods); gone after to_peft.
-_FASTPEFT_ATTRS = ("_fastpeft_adapters", "_fastpeft_active", "_fastpeft_trained")
+# The model's attributes fastpeft sets for its adapters (besides Trainer's methods); gone after to_peft (the
+# PeftModel then holds the adapters: transformers' flag for them, attach_trainer_support's on quantized models, too).
+_FASTPEFT_ATTRS = ("_fastpeft_adapters", "_fastpeft_active", "_fastpeft_trained", "_hf_peft_config_loaded")
 
 
 def _base_module(layer: FastLoRALinear) -> nn.Module:

@@ -10,23 +10,24 @@ from __future__ import annotations
 
 import contextlib
 import os
+import warnings
 from dataclasses import asdict, dataclass, field
 from typing import Optional, Union
 
 import torch
 import torch.nn as nn
 
-from ._checks import (ROWS_PER_SEQUENCE, check_adapter_name, check_bool, check_choice, check_dora_options,
+from ._checks import (check_adapter_name, check_bool, check_choice, check_dora_options,
                       check_dropout, check_file_tensors, check_finite_number, check_init, check_rank, check_sparse_delta,
                       check_sparse_options, few)
 from .layers import DORA_QUANTIZED, FastLoRALinear, ModulesToSaveWrapper, QLoRALinear, SparseDeltaLinear, rosa_spec
 from .matching import (compile_pattern, default_targets, is_all_linear, is_bias, matches, name_list, output_head, pattern_value,
                        set_submodule)
 from .methods import METHODS as OTHER_METHODS
-from .methods import ParameterMethod
+from .methods import TASK_HEADS, ParameterMethod
 from .methods import Method
-from .quant import (QuantizedWeight, assign_merged_weight, base_kind, foreign_quant_library, is_quantized,
-                    merged_weight, peft_numel)
+from .quant import (QuantizedWeight, assign_merged_weight, base_kind, dequantized_linear, foreign_quant_library,
+                    is_quantized, merged_weight, peft_numel)
 from .selection import SparseSpec
 
 BIAS_CHOICES = ("none", "all", "lora_only")
@@ -123,6 +124,7 @@ class PeftState:
     active: Optional[str] = None
     trained: list = field(default_factory=list)
     routing: Optional[list] = None  # the adapter names of an enclosing mixed_batch block, per sequence
+    rows_per_sequence: int = 1      # and its rows_per_sequence
 
 
 _STATE = "_fastpeft"
@@ -142,6 +144,18 @@ def adapter_configs(model: nn.Module) -> dict:
     """Adapter name -> the config it was injected with (empty when none)."""
     state = model.__dict__.get(_STATE)
     return dict(state.adapters) if state is not None else {}
+
+
+def unknown_adapters(model: nn.Module, argument: str, names: list, configs: dict) -> ValueError:
+    """The error for adapter ``names`` (given as ``argument``) the model does not hold; names that layers hold through
+    their own ``add_adapter`` are pointed to the model-level ways of adding one."""
+    what = (f"{argument} {names[0]!r} is not an adapter" if argument == "adapter_name" else
+            f"{argument} {names} are not adapters")
+    layered = sorted({n for layer in lora_layers(model).values() for n in layer.adapter_names} & set(names), key=str)
+    hint = (f"; {layered} {'was' if len(layered) == 1 else 'were'} added to single layers (FastLoRALinear.add_adapter),"
+            " which the model does not track: add model-level adapters with fastpeft.inject(model, config, "
+            "adapter_name=...) or fastpeft.load_adapter" if layered else "")
+    return ValueError(f"{what} of this model; it has {list(configs)}{hint}")
 
 
 def active_adapter(model: nn.Module):
@@ -171,15 +185,13 @@ def saved_module_wrappers(model: nn.Module) -> dict:
 # PeftModelForSequenceClassification / ...TokenClassification / ...QuestionAnswering add these module names to
 # modules_to_save), which LoRA then leaves alone.
 TASK_TYPES = (None, "SEQ_CLS", "SEQ_2_SEQ_LM", "CAUSAL_LM", "TOKEN_CLS", "QUESTION_ANS", "FEATURE_EXTRACTION")
-_TASK_HEADS = {"SEQ_CLS": ("classifier", "score"), "TOKEN_CLS": ("classifier", "score"),
-               "QUESTION_ANS": ("qa_outputs",)}
 
 
 def _modules_to_save(model: nn.Module, config) -> list:
     """``config.modules_to_save`` plus, for a classification / QA ``task_type``, the task heads the model has
     (PEFT's task models add them; names it lacks are left out, as PEFT leaves them)."""
     names = list(getattr(config, "modules_to_save", None) or [])
-    heads = _TASK_HEADS.get(getattr(config, "task_type", None), ())
+    heads = TASK_HEADS.get(getattr(config, "task_type", None), ())
     if heads:
         present = [n for n, _ in model.named_modules()]
         names += [h for h in heads if h not in names and any(n == h or n.endswith("." + h) for n in present)]
@@ -214,12 +226,13 @@ class LoraPlan:
     saved: list    # full names of the modules_to_save modules
 
 
-def plan_lora(model: nn.Module, config) -> LoraPlan:
+def plan_lora(model: nn.Module, config, reload: bool = False) -> LoraPlan:
     """Resolve a ``LoraConfig`` or ``SparseDeltaConfig`` against ``model``'s module names; raises ValueError
     on no or bad matches.
 
     Targets are ``nn.Linear`` modules, or ``FastLoRALinear`` layers that already hold other adapters
-    (the new adapter goes beside them)."""
+    (the new adapter goes beside them); with ``reload`` (a ``SparseDeltaConfig`` loaded over the model's sparse
+    adapter) its ``SparseDeltaLinear`` layers."""
     saved = _saved_module_names(model, _modules_to_save(model, config))
     spec = config.target_modules if config.target_modules is not None else default_targets(model)
     all_linear = is_all_linear(spec)
@@ -241,8 +254,16 @@ def plan_lora(model: nn.Module, config) -> LoraPlan:
         if not hit:
             continue
         _check_quantized_target(name, module, config)
+        w = getattr(module, "weight", None)
+        if getattr(module, "_hf_hook", None) is not None and isinstance(w, torch.Tensor) and w.is_meta:
+            raise ValueError(f"target_modules matched {name!r}, whose weight accelerate offloads (device_map with "
+                             "'cpu' / 'disk' entries: the weight is on meta and its hook loads it per call), which "
+                             "fastpeft's layer would drop: load the model without offloading, or exclude it")
         if isinstance(module, nn.Linear) and not isinstance(module, (FastLoRALinear, SparseDeltaLinear)):
             base_kind(module, name)  # an nn.Linear subclass with a forward of its own: refused, naming it
+        if reload and isinstance(module, SparseDeltaLinear):
+            targets[name] = None  # the model's sparse adapter, loaded again
+            continue
         if not isinstance(module, (nn.Linear, FastLoRALinear)):
             raise ValueError(f"target_modules matched {name!r}, a {type(module).__name__}; fastpeft "
                              "adapts nn.Linear modules only: narrow target_modules or exclude it")
@@ -410,7 +431,7 @@ class LoraMethod(Method):
                 layer = FastLoRALinear.from_linear(module, r=r, lora_alpha=alpha, adapter_name=adapter_name, **kw)
                 layer.set_adapter(None)
                 if state.routing is not None:  # made inside a mixed_batch block: routed as the others
-                    layer.set_routing(state.routing)
+                    layer.set_routing(state.routing, state.rows_per_sequence)
                 set_submodule(model, name, layer)
             new_layers[name] = layer
         # Biases first: the wrappers below then freeze their originals again and train their copies.
@@ -423,7 +444,7 @@ class LoraMethod(Method):
                 wrapper = ModulesToSaveWrapper(module, adapter_name)
                 wrapper.set_adapter(None)
                 if state.routing is not None:
-                    wrapper.set_routing(state.routing)
+                    wrapper.set_routing(state.routing, state.rows_per_sequence)
                 set_submodule(model, name, wrapper)
 
     @staticmethod
@@ -487,7 +508,13 @@ class LoraMethod(Method):
 
     def file_tensors(self, model: nn.Module, config, adapter_name: str, state) -> dict:
         layers = self._layers(model, adapter_name)
-        return {**self._keys(model, config, adapter_name, layers), **_sparse_file_tensors(layers, adapter_name)}
+        keys = {**self._keys(model, config, adapter_name, layers), **_sparse_file_tensors(layers, adapter_name)}
+        get = getattr(model, "get_output_embeddings", None)
+        head = get() if callable(get) else None
+        for name, layer in layers.items():  # PEFT's save_embedding_layers="auto": a LoRA'd output embedding's base
+            if layer is head and not isinstance(layer, QLoRALinear):  # weight too (a resized vocabulary's rows)
+                keys[name + _BASE_WEIGHT] = layer.weight
+        return keys
 
     @staticmethod
     def _expected_shapes(model: nn.Module, config, plan: LoraPlan) -> dict:
@@ -678,7 +705,7 @@ class SparseDeltaMethod(Method):
         return _sparse_file_tensors(sparse_layers(model), adapter_name)
 
     def check_load(self, model: nn.Module, config, adapter_name: str, weights: dict, directory, state):
-        plan = plan_lora(model, config)
+        plan = plan_lora(model, config, reload=isinstance(state.adapters.get(adapter_name), SparseDeltaConfig))
         weights = dict(weights)
         sparse = _take_sparse(model, config.sparse, plan, weights, directory)
         if weights:
@@ -701,7 +728,7 @@ class SparseDeltaMethod(Method):
     def install(self, model: nn.Module, config, adapter_name: str, weights: dict, trainable: bool, state) -> None:
         for name, layer in sparse_layers(model).items():
             layer.set_delta(*weights[name])
-            layer.delta_values.requires_grad_(trainable)
+            layer.delta_values.requires_grad_(trainable and layer.active)  # switched off: stays frozen
 
 
 METHODS = {m.peft_type: m for m in (LoraMethod(), SparseDeltaMethod(), *OTHER_METHODS)}
@@ -770,7 +797,24 @@ def inject(model: nn.Module, config, adapter_name: str = "default", plan=None, a
         _upcast_adapter(model, adapter_name)
     state.adapters[adapter_name] = config
     set_adapter(model, adapter_name if activate or not configs else state.active)
+    _mark_adapters(model, True)
+    if isinstance(plan, LoraPlan):
+        tied = _tied_weights(model, {n: model.get_submodule(n) for n in plan.targets})
+        if tied:  # as PEFT warns
+            warnings.warn(f"adapter {adapter_name!r} adapts {few(list(tied))}, whose weights are tied to "
+                          f"{few(sum(tied.values(), []))}: merge() changes those too while merged (merge_and_unload "
+                          "unties them, giving each its own merged copy)")
     return model
+
+
+def _mark_adapters(model: nn.Module, held: bool) -> None:
+    """transformers' mark of a model holding PEFT adapters (``_hf_peft_config_loaded``), on a quantized model while
+    it holds fastpeft's: its Trainer refuses a quantized model without it (``validate_quantization_for_training``),
+    and its gradient checkpointing then makes the embeddings' output require grad, as for PEFT's QLoRA."""
+    if held and getattr(model, "is_quantized", False):
+        model._hf_peft_config_loaded = True
+    elif not held:
+        model.__dict__.pop("_hf_peft_config_loaded", None)
 
 
 def _in_model(config) -> bool:
@@ -801,14 +845,23 @@ def set_adapter(model: nn.Module, adapter_name) -> None:
     base) and the only one that trains; None runs the base model."""
     configs = adapter_configs(model)
     if adapter_name is not None and adapter_name not in configs:
-        raise ValueError(f"adapter_name {adapter_name!r} is not an adapter of this model; it has {list(configs)}")
+        raise unknown_adapters(model, "adapter_name", [adapter_name], configs)
     active = peft_state(model).active
     if adapter_name is None and active is not None and _in_model(configs[active]):
         raise ValueError(f"adapter {active!r} ({type(configs[active]).__name__}) is part of the model itself: it "
                          "cannot be switched off in place (" + ("fastpeft.delete_adapter takes it out" if
                          method_for(configs[active]).removable else "it trains the model's own tensors") + ")")
-    for layer in lora_layers(model).values():
+    layers = lora_layers(model)
+    merged = [n for n, layer in layers.items() if layer.merged
+              and (adapter_name if adapter_name in layer.adapter_names else None) != layer.active_adapter]
+    merged += [n for n, layer in sparse_layers(model).items() if layer.merged and adapter_name is None]
+    if merged:  # checked before any layer switches
+        raise RuntimeError(f"set_adapter({adapter_name!r}): layers {few(merged)} have an adapter merged; unmerge "
+                           "them first")
+    for layer in layers.values():
         layer.set_adapter(adapter_name if adapter_name in layer.adapter_names else None)
+    for layer in sparse_layers(model).values():  # a sparse delta alone: the model's one adapter, or None
+        layer.set_adapter(adapter_name)
     for wrapper in saved_module_wrappers(model).values():
         wrapper.set_adapter(adapter_name)
     peft_state(model, create=True).active = adapter_name
@@ -819,7 +872,7 @@ def delete_adapter(model: nn.Module, adapter_name: str) -> None:
     Layers left without adapters stay ``FastLoRALinear`` and run their base."""
     configs = adapter_configs(model)
     if adapter_name not in configs:
-        raise ValueError(f"adapter_name {adapter_name!r} is not an adapter of this model; it has {list(configs)}")
+        raise unknown_adapters(model, "adapter_name", [adapter_name], configs)
     if _in_model(configs[adapter_name]):
         method = method_for(configs[adapter_name])
         if not method.removable:
@@ -833,16 +886,27 @@ def delete_adapter(model: nn.Module, adapter_name: str) -> None:
                              "base model again)")
         method.remove(model)  # the prompt / bottleneck adapters out: the model runs its base again
         model.__dict__.pop(_STATE, None)  # it was the model's only adapter
+        _mark_adapters(model, False)
         return
-    for layer in lora_layers(model).values():
-        if adapter_name in layer.adapter_names:
-            layer.delete_adapter(adapter_name)
+    layers = {n: m for n, m in lora_layers(model).items() if adapter_name in m.adapter_names}
+    sparse = sparse_layers(model) if isinstance(configs[adapter_name], SparseDeltaConfig) else {}
+    merged = [n for n, m in layers.items() if m.merged and m.active_adapter == adapter_name]
+    merged += [n for n, m in sparse.items() if m.merged]
+    if merged:  # checked before any layer changes
+        raise RuntimeError(f"delete_adapter({adapter_name!r}): it is merged into layers {few(merged)}; unmerge them "
+                           "first")
+    for layer in layers.values():
+        layer.delete_adapter(adapter_name)
+    for name, layer in sparse.items():  # a sparse delta alone: its layers become the nn.Linear they wrapped
+        set_submodule(model, name, _plain_linear(layer))
     for wrapper in saved_module_wrappers(model).values():
         wrapper.delete_adapter(adapter_name)
     state = peft_state(model)
-    del state.adapters[adapter_name]
     if state.active == adapter_name:
-        set_adapter(model, None)
+        set_adapter(model, None)  # before its config goes (set_adapter reads the active adapter's)
+    del state.adapters[adapter_name]
+    if not state.adapters:
+        _mark_adapters(model, False)
 
 
 @contextlib.contextmanager
@@ -862,7 +926,7 @@ def mixed_batch(model: nn.Module, adapter_names, rows_per_sequence: int = 1):
     check_rank(rows_per_sequence, "rows_per_sequence")
     unknown = sorted({n for n in adapter_names if n is not None and n not in configs}, key=str)
     if unknown:
-        raise ValueError(f"adapter_names {unknown} are not adapters of this model; it has {list(configs)}")
+        raise unknown_adapters(model, "adapter_names", unknown, configs)
     used = [n for n in dict.fromkeys(adapter_names) if n is not None]  # adapters the model merely holds do not matter
     dora = [n for n in used if getattr(configs[n], "use_dora", False)]
     if dora:
@@ -873,24 +937,23 @@ def mixed_batch(model: nn.Module, adapter_names, rows_per_sequence: int = 1):
         raise ValueError(f"mixed_batch cannot route adapters with a sparse delta (RoSA) {rosa} per sequence; use "
                          "set_adapter")
     routed = [*lora_layers(model).values(), *saved_module_wrappers(model).values()]
-    previous = [m.routing for m in routed]
-    previous_k, ROWS_PER_SEQUENCE[0] = ROWS_PER_SEQUENCE[0], rows_per_sequence
+    previous = [(m.routing, m.rows_per_sequence) for m in routed]  # each layer's: blocks on other models apart
     state = peft_state(model, create=True)
-    previous_state = state.routing
+    previous_state = (state.routing, state.rows_per_sequence)
     try:
-        state.routing = list(adapter_names)  # layers an inject makes inside the block take it too (apply)
+        # layers an inject makes inside the block take it too (apply)
+        state.routing, state.rows_per_sequence = list(adapter_names), rows_per_sequence
         for m in routed:
-            m.set_routing(list(adapter_names))
+            m.set_routing(list(adapter_names), rows_per_sequence)
         yield model
     finally:
-        ROWS_PER_SEQUENCE[0] = previous_k
-        state.routing = previous_state
-        for m, names in zip(routed, previous):
-            m.set_routing(names)
+        state.routing, state.rows_per_sequence = previous_state
+        for m, (names, k) in zip(routed, previous):
+            m.set_routing(names, k)
         known = set(map(id, routed))
         for m in [*lora_layers(model).values(), *saved_module_wrappers(model).values()]:
             if id(m) not in known:  # made inside the block: routed by it, not after
-                m.set_routing(previous_state)
+                m.set_routing(*previous_state)
 
 
 def trainable_parameters(model: nn.Module) -> tuple:
@@ -930,7 +993,13 @@ def _quantized_unloads(model: nn.Module, dequantize: bool) -> dict:
     module, the model unchanged): ``dequantize`` a new float ``nn.Linear`` (deq(W) + ΔW); else the bnb layer
     itself, with a requantized merged weight (lossy, warned) assigned only after every layer succeeded."""
     out, weights = {}, {}
-    for name, layer in lora_layers(model).items():
+    layers = lora_layers(model)
+    if dequantize:  # the bitsandbytes layers LoRA did not target too: a plain floating-point model
+        held = {f"{n}.base_layer" for n, layer in layers.items() if isinstance(layer, QLoRALinear)}
+        for name, module in model.named_modules():
+            if is_quantized(module) and name not in held:
+                out[name] = dequantized_linear(module, name)
+    for name, layer in layers.items():
         if not isinstance(layer, QLoRALinear):
             continue
         if dequantize:
@@ -944,6 +1013,45 @@ def _quantized_unloads(model: nn.Module, dequantize: bool) -> dict:
     return out
 
 
+def _drop_quantization_config(model: nn.Module) -> None:
+    """A transformers model dequantized whole: its quantizer, ``config.quantization_config`` and ``is_quantized``
+    dropped (as transformers' own ``dequantize``), so that ``save_pretrained`` writes a plain model that loads."""
+    quantizer = getattr(model, "hf_quantizer", None)
+    if quantizer is not None and hasattr(quantizer, "remove_quantization_config"):
+        quantizer.remove_quantization_config(model)
+    elif getattr(model, "is_quantized", False):
+        model.__dict__.pop("hf_quantizer", None)
+        config = getattr(model, "config", None)
+        if config is not None and hasattr(config, "quantization_config"):
+            del config.quantization_config
+        model.is_quantized = False
+
+
+def _tied_weights(model: nn.Module, layers: dict) -> dict:
+    """Layer name -> the names of the model's other parameters that are its weight (a tied output head's: the input
+    embeddings), for the ``layers`` whose weight is tied."""
+    names: dict = {}
+    for n, p in model.named_parameters(remove_duplicate=False):
+        names.setdefault(id(p), []).append(n)
+    out = {}
+    for name, layer in layers.items():
+        w = getattr(layer, "weight", None)
+        others = [n for n in names.get(id(w), []) if not n.startswith(name + ".")] if w is not None else []
+        if others:
+            out[name] = others
+    return out
+
+
+def _untie_word_embeddings(model: nn.Module) -> None:
+    """``tie_word_embeddings`` False in the model's config (and its text config), so that a save and reload keep the
+    head's own weight."""
+    config = getattr(model, "config", None)
+    get_text = getattr(config, "get_text_config", None)
+    for c in {id(c): c for c in (config, get_text() if callable(get_text) else None) if c is not None}.values():
+        if getattr(c, "tie_word_embeddings", False):
+            c.tie_word_embeddings = False
+
+
 def merge_and_unload(model: nn.Module, dequantize: bool = False) -> nn.Module:
     """Fold each layer's active adapter into its base weight and put plain modules back (other adapters
     are dropped); returns ``model``.
@@ -952,7 +1060,9 @@ def merge_and_unload(model: nn.Module, dequantize: bool = False) -> nn.Module:
     bias, without a copy; each modules_to_save wrapper becomes its trained copy. Over a bitsandbytes base
     (``QLoRALinear``): ``dequantize=False`` puts the bnb layer back with the merge requantized (PEFT's merge,
     lossy, warned); ``dequantize=True`` a plain floating-point ``nn.Linear``. Every quantized layer's result is
-    built first, so a failure (bitsandbytes cannot requantize here) leaves the model unchanged.
+    built first, so a failure (bitsandbytes cannot requantize here) leaves the model unchanged. A layer whose weight
+    is tied to another parameter (an output head tied to the input embeddings) gets its own merged copy, the other
+    keeps the base weight (warned; ``config.tie_word_embeddings`` becomes False).
     """
     check_bool(dequantize, "dequantize")
     unfoldable = [f"{n!r} ({type(c).__name__})" for n, c in adapter_configs(model).items()
@@ -964,7 +1074,21 @@ def merge_and_unload(model: nn.Module, dequantize: bool = False) -> nn.Module:
     quantized = _quantized_unloads(model, dequantize)
     for name, module in quantized.items():
         set_submodule(model, name, module)
-    for name, layer in {**lora_layers(model), **sparse_layers(model)}.items():
+    if dequantize and quantized:
+        _drop_quantization_config(model)
+    _mark_adapters(model, False)
+    layers = {**lora_layers(model), **sparse_layers(model)}
+    tied = _tied_weights(model, layers)
+    if tied:
+        warnings.warn(f"merge_and_unload: the weights of {few(list(tied))} are tied to {few(sum(tied.values(), []))} "
+                      "(a tied output head: the input embeddings); each gets its own merged copy, the others stay as "
+                      "they were, and config.tie_word_embeddings is set False")
+        _untie_word_embeddings(model)
+    for name, layer in layers.items():
+        if name in tied:  # the delta goes into a copy of W, the embeddings keep W (one merged already: taken out)
+            if layer.merged:
+                layer.unmerge()
+            layer.weight = nn.Parameter(layer.weight.detach().clone(), requires_grad=False)
         if not layer.merged and layer.has_delta():
             layer.merge()
         set_submodule(model, name, _plain_linear(layer))
@@ -988,8 +1112,15 @@ def select_by_gradients(model: nn.Module, batches, loss_fn, progress: bool = Tru
     targets = {n: m for n, m in {**sparse_layers(model), **lora_layers(model)}.items()
                if m.has_delta() and m.sparse_delta() is not None}
     if not targets:
-        raise ValueError("select_by_gradients: the model has no sparse deltas (SparseDeltaConfig, or LoraConfig "
+        off = [n for n, m in sparse_layers(model).items() if not m.has_delta()]
+        raise ValueError(f"select_by_gradients: the model's sparse deltas are switched off (layers {few(off)}): "
+                         "fastpeft.set_adapter the adapter first" if off else
+                         "select_by_gradients: the model has no sparse deltas (SparseDeltaConfig, or LoraConfig "
                          "with sparse_density > 0)")
+    merged = [n for n, m in targets.items() if m.merged]
+    if merged:  # W holds the current delta: checked before any layer is scored or changed
+        raise RuntimeError(f"select_by_gradients: layers {few(merged)} have their sparse delta merged; unmerge them "
+                           "first")
     scores = {n: torch.zeros_like(m.weight, dtype=torch.float32) for n, m in targets.items()}
     for m in targets.values():
         m.weight.requires_grad_(True)

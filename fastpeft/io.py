@@ -17,8 +17,8 @@ import uuid
 import torch
 import torch.nn as nn
 
-from ._checks import check_adapter_name, check_bool
-from .inject import METHODS, adapter_configs, inject, method_for, peft_state
+from ._checks import check_adapter_name, check_bool, few
+from .inject import METHODS, adapter_configs, inject, method_for, peft_state, unknown_adapters
 
 CONFIG_NAME = "adapter_config.json"
 WEIGHTS_NAME = "adapter_model.safetensors"
@@ -94,10 +94,10 @@ def save_adapter(model: nn.Module, directory, adapter_name: str = "default", is_
     The files are written to a temporary folder beside ``directory`` and renamed into place; other files
     already in ``directory`` are kept. A failure leaves ``directory`` as it was.
 
-    Distributed: under DDP call it on rank 0 with the DDP wrapper or its ``.module``. Under FSDP2
-    (``fully_shard``) the adapter's parameters are sharded DTensors: every rank must call it, since
-    gathering them is a collective, and only global rank 0 writes. ``is_main_process`` (PEFT's argument)
-    overrides which callers write.
+    Distributed (a process group initialized): only global rank 0 writes, so every rank may call it (under DDP
+    with the wrapper or its ``.module``; before 2026-12-01 every DDP rank wrote, and concurrent renames could
+    fail). Under FSDP2 (``fully_shard``) the adapter's parameters are sharded DTensors: every rank must call it,
+    since gathering them is a collective. ``is_main_process`` (PEFT's argument) overrides which callers write.
     """
     from safetensors.torch import save_file
 
@@ -105,7 +105,7 @@ def save_adapter(model: nn.Module, directory, adapter_name: str = "default", is_
         model = model.module
     configs = adapter_configs(model)
     if adapter_name not in configs:
-        raise ValueError(f"adapter_name {adapter_name!r} is not an adapter of this model; it has {list(configs)}")
+        raise unknown_adapters(model, "adapter_name", [adapter_name], configs)
     config, state = configs[adapter_name], peft_state(model)
     method = method_for(config)
     keys = method.file_tensors(model, config, adapter_name, state)
@@ -116,7 +116,8 @@ def save_adapter(model: nn.Module, directory, adapter_name: str = "default", is_
                (p.detach().full_tensor() if _sharded(p) else p.detach()).to("cpu").contiguous().clone()
                for k, p in keys.items()}
     if is_main_process is None:
-        is_main_process = not sharded or torch.distributed.get_rank() == 0
+        dist = torch.distributed
+        is_main_process = not (sharded or dist.is_available() and dist.is_initialized()) or dist.get_rank() == 0
     if not is_main_process:
         return
 
@@ -178,12 +179,23 @@ def load_adapter(model: nn.Module, directory, adapter_name: str = "default", tra
     - a model with other (LoRA) adapters gets this one beside them (ranks may differ), inactive and
       frozen (``fastpeft.set_adapter`` activates it; ``fastpeft.mixed_batch`` routes it per sequence);
     - a model that already has ``adapter_name`` gets its weights replaced and the saved alphas applied.
-    The config, every key and every shape are checked before the model changes. ``autocast_adapter_dtype`` as
-    ``inject``'s (a new adapter on a bf16 / fp16 base gets fp32 factors, as PEFT's ``from_pretrained`` gives).
+    The layers it makes take the model's mode (``model.training``: an ``eval()`` model serves without dropout, as
+    PEFT's ``from_pretrained`` gives). The config, every key and every shape are checked before the model changes.
+    ``autocast_adapter_dtype`` as ``inject``'s (a new adapter on a bf16 / fp16 base gets fp32 factors, as PEFT's
+    ``from_pretrained`` gives).
     """
     check_adapter_name(adapter_name)
     check_bool(trainable, "trainable")
     check_bool(autocast_adapter_dtype, "autocast_adapter_dtype")
+    sharded = [n for n, p in model.named_parameters() if _sharded(p)]
+    if sharded:
+        raise ValueError(f"load_adapter: the model's parameters {few(sharded)} are sharded (FSDP2 fully_shard): load "
+                         "adapters before fully_shard")
+    meta = [n for n, p in model.named_parameters() if p.is_meta]
+    if meta:  # a copy into a meta tensor keeps nothing
+        raise ValueError(f"load_adapter: the model's parameters {few(meta)} are on the meta device (built under "
+                         "init_empty_weights, or offloaded): load its weights first (to_empty + load_state_dict, or "
+                         "from_pretrained), then load the adapter")
     config = read_adapter_config(directory)
     method = method_for(config)
     weights = read_adapter_weights(directory, method.file_prefix)
@@ -194,7 +206,12 @@ def load_adapter(model: nn.Module, directory, adapter_name: str = "default", tra
         method.reload(model, config, adapter_name, plan, state)
         state.adapters[adapter_name] = config
     else:
+        before = list(model.modules())  # (held: no module's id is reused by the new ones)
         inject(model, config, adapter_name, plan=plan, activate=not configs,
                autocast_adapter_dtype=autocast_adapter_dtype)
+        known = set(map(id, before))
+        for module in model.modules():  # the new layers in the model's mode: an eval model serves without dropout
+            if id(module) not in known:
+                module.training = model.training
     method.install(model, config, adapter_name, weights, trainable, peft_state(model))
     return model

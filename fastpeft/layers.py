@@ -87,6 +87,8 @@ class TunerLayer(nn.Module):
     ``bias``, shared with the ``nn.Linear`` they wrap, and folding ``delta_weight()`` (out, in) into it."""
 
     _delta_name = "adapter"  # for messages
+    _rows_per_sequence = 1  # the rows_per_sequence of the mixed_batch block routing the layer (set_routing)
+    _ended = None  # (routing, rows_per_sequence) of the block that ended last, for recomputations (_call_routing)
 
     def _init_base(self, weight: nn.Parameter, bias: nn.Parameter | None) -> None:
         self.out_features, self.in_features = weight.shape
@@ -115,6 +117,8 @@ class TunerLayer(nn.Module):
         storage is shared with the wrapped ``nn.Linear``, which sees the change too."""
         if self.merged:
             raise RuntimeError(f"merge: the {self._delta_name} is already merged")
+        if not self.has_delta():
+            raise RuntimeError(f"merge: no active {self._delta_name} to merge (set_adapter first)")
         self.weight.add_(self._exact_delta())  # W + ΔW rounded once to W's dtype, as PEFT's merge
         self.merged = True
 
@@ -142,6 +146,28 @@ class TunerLayer(nn.Module):
         if self.bias is not None:
             lin.bias.copy_(self.bias)
         return lin
+
+
+def _call_routing(module, adapter_ids=None):
+    """``(routing, k)`` routing this call of ``module`` (a LoRA layer or a modules_to_save wrapper): its
+    ``mixed_batch`` block's (``set_routing``), None without one or with ``adapter_ids``. After the block ended, a
+    forward inside autograd's backward is an activation checkpoint recomputing a forward the block routed (backward
+    after the block, the usual order): it takes the block's routing again, as the original forward had it (without,
+    the recomputation ran the active adapter: other gradients, or a checkpoint error). Any other forward forgets it."""
+    if adapter_ids is not None:
+        return None
+    if module._routing is not None:
+        return module._routing, module._rows_per_sequence
+    ended = module._ended
+    if ended is not None and (torch.compiler.is_compiling() or torch._C._current_graph_task_id() == -1):
+        module._ended = ended = None
+    return ended
+
+
+def _end_routing(module, adapter_names) -> None:
+    """Keep what a ``set_routing(None, ...)`` ends for checkpoint recomputations (``_call_routing``)."""
+    if adapter_names is None and module._routing is not None:
+        module._ended = (module._routing, module._rows_per_sequence)
 
 
 def _per_row(ids: torch.Tensor, per: int) -> torch.Tensor:
@@ -243,8 +269,9 @@ class SparseDelta(nn.Module):
         reset the values to zero."""
         selection = selection or self.selection
         check_sparse_options(self.density, self.block_size, selection)
-        self.spec = replace(self.spec, selection=selection)
-        self.set_delta(self.spec.select(weight, scores))
+        spec = replace(self.spec, selection=selection)
+        self.set_delta(spec.select(weight, scores))  # checked (a merged layer refuses) before the spec changes
+        self.spec = spec
 
 
 class SparseDeltaLinear(TunerLayer, SparseDelta):
@@ -285,8 +312,20 @@ class SparseDeltaLinear(TunerLayer, SparseDelta):
                 f"density={self.density}, block_size={self.block_size}, selection={self.selection!r}, "
                 f"entries={self.delta_values.numel()}, merged={self.merged}")
 
+    active = True  # False: set_adapter(None), the base alone runs (a class default: layers pickled before it)
+
     def sparse_delta(self, adapter_name: str | None = None) -> SparseDelta:
         return self
+
+    def has_delta(self) -> bool:
+        return self.active
+
+    def set_adapter(self, name) -> None:
+        """Apply and train the delta (a name: the model's adapter), or run the base alone, the delta frozen (None)."""
+        if self.merged and name is None:
+            raise RuntimeError("set_adapter(None) on a layer with its delta merged: unmerge() first")
+        self.active = name is not None
+        self.delta_values.requires_grad_(self.active)
 
     def delta_weight(self) -> torch.Tensor:
         return self.dense_delta().detach().to(self.weight.dtype)
@@ -306,7 +345,7 @@ class SparseDeltaLinear(TunerLayer, SparseDelta):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         """x: (..., in) -> (..., out)."""
         check_in_features(x, self.in_features)
-        if self.merged:
+        if self.merged or not self.active:
             return F.linear(x, self.weight, self.bias)
         plan = self.sparse_plan("sparse_delta_linear", x, self.weight)
         return sparse_delta_linear(x, self.weight, self.bias, self.delta_indices, self.delta_values, self.block_size,
@@ -492,7 +531,7 @@ class FastLoRALinear(TunerLayer):
         """Inside ``fastpeft.mixed_batch``, the routing ids again after an adapter was added or deleted (ids are
         positions in ``adapter_names``, which shift): each sequence keeps its adapter's name."""
         if self._routing is not None:
-            self.set_routing(self._routing[0])
+            self.set_routing(self._routing[0], self._rows_per_sequence)
 
     def _spec_of(self, name: str | None) -> AdapterSpec:
         name = self._active if name is None else name
@@ -546,6 +585,8 @@ class FastLoRALinear(TunerLayer):
         self._spec_of(name)
         if name not in self.sparse_deltas:
             raise ValueError(f"adapter {name!r} has no sparse delta (it was made with sparse_density=0)")
+        if self.merged and name == self._active:  # W holds the old delta: unmerging would subtract the new one
+            raise RuntimeError(f"set_sparse_delta({name!r}) on a layer with it merged: unmerge() first")
         self.sparse_deltas[name].set_delta(indices, values)
 
     def update_adapter(self, name: str, lora_alpha=None, lora_dropout=None, use_rslora=None) -> None:
@@ -578,10 +619,18 @@ class FastLoRALinear(TunerLayer):
         """The per-sequence adapter names ``set_routing`` gave (None: no routing)."""
         return None if self._routing is None else list(self._routing[0])
 
-    def set_routing(self, adapter_names: list | None) -> None:
+    @property
+    def rows_per_sequence(self) -> int:
+        """The rows each routed sequence covers in a generate loop's expanded batch (``set_routing``)."""
+        return self._rows_per_sequence
+
+    def set_routing(self, adapter_names: list | None, rows_per_sequence: int = 1) -> None:
         """Apply adapter ``adapter_names[i]`` to sequence i (dim 0 of the input) of every later
-        ``forward(x)``: None, or a name this layer lacks, runs the base alone for it. ``None`` ends the
-        routing. ``fastpeft.mixed_batch`` sets it for every layer of a model and restores it after."""
+        ``forward(x)``: None, or a name this layer lacks, runs the base alone for it; a batch of k times the
+        names with ``rows_per_sequence`` k gives each name k consecutive rows (``routed_batch``). ``None`` ends
+        the routing. ``fastpeft.mixed_batch`` sets it for every layer of a model and restores it after."""
+        _end_routing(self, adapter_names)
+        self._rows_per_sequence = rows_per_sequence
         if adapter_names is None:
             self._routing = None
             return
@@ -674,21 +723,22 @@ class FastLoRALinear(TunerLayer):
                 f"active={self._active!r}, merged={self.merged}, adapters=[{adapters}]")
 
     def _routed_ids(self, x: torch.Tensor, adapter_ids: torch.Tensor | None) -> tuple:
-        """``(routed, adapter_ids)`` of a forward, x checked against in_features: without ``adapter_ids``, those
-        of the enclosing ``fastpeft.mixed_batch`` (``routed``). A merged layer refuses to route rows."""
+        """``(routing, adapter_ids)`` of a forward, x checked against in_features: without ``adapter_ids``, those
+        of the enclosing ``fastpeft.mixed_batch`` (``routing``: ``((names, ids), rows_per_sequence)``, see
+        ``_call_routing``; None when not routed). A merged layer refuses to route rows."""
         check_in_features(x, self.in_features)
-        routed = adapter_ids is None and self._routing is not None
-        if routed:
-            adapter_ids = self._routing[1]
+        routing = _call_routing(self, adapter_ids)
+        if routing is not None:
+            adapter_ids = routing[0][1]
         if self.merged and adapter_ids is not None:
             raise RuntimeError("adapter_ids cannot route rows on a merged layer: call unmerge() first")
-        return routed, adapter_ids
+        return routing, adapter_ids
 
     def forward(self, x: torch.Tensor, adapter_ids: torch.Tensor | None = None) -> torch.Tensor:
         """x: (..., in) -> (..., out). ``adapter_ids`` (int tensor of shape ``x.shape[:-1]`` per row, or
         ``(x.shape[0],)`` per sequence) gives each row the adapter of that index in ``adapter_names``
         (-1 = base only); inside ``fastpeft.mixed_batch`` the per-sequence routing applies."""
-        routed, adapter_ids = self._routed_ids(x, adapter_ids)
+        routing, adapter_ids = self._routed_ids(x, adapter_ids)
         if self.merged:
             return F.linear(x, self.weight, self.bias)
         if adapter_ids is None:
@@ -717,16 +767,16 @@ class FastLoRALinear(TunerLayer):
         # merely holds do not matter), with adapter_ids any it holds (which rows use which is on the device)
         dora, rosa = self._modules["lora_magnitude_vector"]._parameters, self._modules["sparse_deltas"]._modules
         if dora or rosa:
-            held = self._routing[0] if routed else list(self._specs)
+            held = routing[0][0] if routing is not None else list(self._specs)
             if any(n in dora for n in held):
                 raise ValueError(f"DoRA adapters {[n for n in dora if n in held]} cannot be routed per row "
                                  "(adapter_ids / mixed_batch), as in PEFT; use set_adapter")
             if any(n in rosa for n in held):
                 raise RuntimeError(f"adapters with a sparse delta (RoSA) {[n for n in rosa if n in held]} cannot be "
                                    "routed per row (adapter_ids / mixed_batch); use set_adapter")
-        if routed:
-            adapter_ids = _per_row(adapter_ids, routed_batch(adapter_ids.shape[0], x))
-        ids = expand_adapter_ids(adapter_ids, x, len(self._specs), check_range=not routed)
+        if routing is not None:
+            adapter_ids = _per_row(adapter_ids, routed_batch(adapter_ids.shape[0], x, routing[1]))
+        ids = expand_adapter_ids(adapter_ids, x, len(self._specs), check_range=routing is None)
         if not self._specs:
             return F.linear(x, self.weight, self.bias)
         scalings, ranks, dropout = self._adapter_meta(x.device)
@@ -779,10 +829,13 @@ class FastLoRALinear(TunerLayer):
 
     def _weight_sq_norm(self) -> torch.Tensor | None:
         """‖W_j‖² (out,) fp32, cached while W is unchanged (same storage, version, dtype, device); None while
-        torch.compile traces or a torch.func transform runs (the key reads a data pointer; the op computes it)."""
-        if tracing_or_transformed():
-            return None
+        torch.compile traces or a torch.func transform runs (the key reads a data pointer; the op computes it),
+        and in training mode, where the op computes it afresh as the other kept values are (``_kept``): a write
+        through ``.data`` (a base weight swapped, a hand-written update) bumps no version. Only the reference path
+        reads it; the kernels take the norm from their own pass over W."""
         w = self.weight
+        if tracing_or_transformed() or self._kept() is None:
+            return None
         # a frozen W: no optimizer step changes it (with kept_state every training step would recompute ‖W‖²)
         key = (w.data_ptr(), tensor_version(w), w.dtype, w.device, tuple(w.shape),
                optimizer_steps() if w.requires_grad else 0)
@@ -951,7 +1004,7 @@ class QLoRALinear(FastLoRALinear):
 
     def forward(self, x: torch.Tensor, adapter_ids: torch.Tensor | None = None) -> torch.Tensor:
         """As ``FastLoRALinear.forward``, on the quantized base."""
-        routed, adapter_ids = self._routed_ids(x, adapter_ids)
+        routing, adapter_ids = self._routed_ids(x, adapter_ids)
         if self.merged:
             return self._base_forward(x)
         if adapter_ids is None:
@@ -961,9 +1014,9 @@ class QLoRALinear(FastLoRALinear):
             qw = self.quantized_weight()
             a, b, bias = self._compute_copies(qw.compute_dtype_for(x), *self._pair(self._active))
             return qlora_linear(x, qw, bias, a, b, s.scaling, s.lora_dropout, self.training)
-        if routed:
-            adapter_ids = _per_row(adapter_ids, routed_batch(adapter_ids.shape[0], x))
-        ids = expand_adapter_ids(adapter_ids, x, len(self._specs), check_range=not routed)
+        if routing is not None:
+            adapter_ids = _per_row(adapter_ids, routed_batch(adapter_ids.shape[0], x, routing[1]))
+        ids = expand_adapter_ids(adapter_ids, x, len(self._specs), check_range=routing is None)
         if not self._specs:
             return self._base_forward(x)
         qw = self.quantized_weight()
@@ -989,6 +1042,8 @@ class QLoRALinear(FastLoRALinear):
         (bitsandbytes cannot quantize here) a RuntimeError and the layer as it was."""
         if self.merged:
             raise RuntimeError("merge: the adapter is already merged")
+        if not self.has_delta():
+            raise RuntimeError("merge: no active adapter to merge (set_adapter first)")
         assign_merged_weight(self.base_layer, merged_weight(self.base_layer, self.delta_weight()))
         self._qw = None  # the view of the weight before: not kept alive until the next call
         self.merged = True
@@ -1019,6 +1074,9 @@ class ModulesToSaveWrapper(nn.Module):
 
     The parameters of a copy are saved with its adapter, under the original module's names.
     """
+
+    _rows_per_sequence = 1
+    _ended = None  # see TunerLayer
 
     def __init__(self, module: nn.Module, adapter_name: str):
         super().__init__()
@@ -1058,20 +1116,26 @@ class ModulesToSaveWrapper(nn.Module):
         """The per-sequence adapter names ``set_routing`` gave (None: no routing)."""
         return None if self._routing is None else list(self._routing)
 
-    def set_routing(self, adapter_names: list | None) -> None:
+    rows_per_sequence = property(lambda self: self._rows_per_sequence, doc="See FastLoRALinear.rows_per_sequence.")
+
+    def set_routing(self, adapter_names: list | None, rows_per_sequence: int = 1) -> None:
         """Run sequence i (dim 0 of the first argument) of every later call through adapter
-        ``adapter_names[i]``'s copy (the original for None or a name without one); None ends it."""
+        ``adapter_names[i]``'s copy (the original for None or a name without one), on its ``rows_per_sequence``
+        consecutive rows in a batch of that many times the names; None ends it."""
+        _end_routing(self, adapter_names)
         self._routing = None if adapter_names is None else list(adapter_names)
+        self._rows_per_sequence = rows_per_sequence
 
     def forward(self, *args, **kwargs):
-        if self._routing is None:
+        routing = _call_routing(self)
+        if routing is None:
             return self.active_module(*args, **kwargs)
-        x, rest = args[0], args[1:]
+        (names, k), x, rest = routing, args[0], args[1:]
         if any(isinstance(a, torch.Tensor) for a in rest) or any(isinstance(v, torch.Tensor) for v in kwargs.values()):
             raise RuntimeError("mixed_batch routes a modules_to_save module by the first argument's batch dim "
                                "only; this call passes more tensors")
-        per = routed_batch(len(self._routing), x)
-        names = [n for n in self._routing for _ in range(per)]  # each sequence's rows, expanded as generate does
+        per = routed_batch(len(names), x, k)
+        names = [n for n in names for _ in range(per)]  # each sequence's rows, expanded as generate does
         outs, order = [], []
         for name in dict.fromkeys(names):
             rows = [i for i, n in enumerate(names) if n == name]

@@ -20,6 +20,7 @@ PEFT's own keys (``peft_type: "PROMPT_TUNING"``, tensor ``prompt_embeddings``), 
 """
 from __future__ import annotations
 
+import math
 import re
 from dataclasses import asdict, dataclass
 from typing import Optional, Union
@@ -28,7 +29,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from ._checks import check_choice, check_file_tensors, check_module_list, check_rank
+from ._checks import check_choice, check_file_tensors, check_finite_number, check_module_list, check_rank
 from .matching import compile_pattern, is_bias, module_names, name_list, set_submodule
 
 ACTIVATIONS = {"relu": F.relu, "gelu": F.gelu, "silu": F.silu, "tanh": torch.tanh}
@@ -139,6 +140,7 @@ class AdapterConfig:
         check_rank(self.bottleneck_dim, "bottleneck_dim")
         check_choice(self.variant, VARIANTS, "variant")
         check_choice(self.non_linearity, tuple(ACTIVATIONS), "non_linearity")
+        self.scaling = check_finite_number(self.scaling, "scaling")
         self.target_modules = name_list(self.target_modules, "target_modules")
         self.modules_to_save = check_module_list(self.modules_to_save, "modules_to_save")
 
@@ -304,11 +306,15 @@ def main_blocks(model: nn.Module) -> tuple:
     return best
 
 
+def _named(model: nn.Module, names) -> list:
+    """The model's modules named ``names`` entries, or ending in ``.`` + one (PEFT's modules_to_save matching)."""
+    return [n for n, _ in model.named_modules() if n and any(n == s or n.endswith("." + s) for s in names)]
+
+
 def _saved_names(model, config) -> list:
     if not config.modules_to_save:
         return []
-    names = [n for n, _ in model.named_modules() if n and any(n == s or n.endswith("." + s)
-                                                              for s in config.modules_to_save)]
+    names = _named(model, config.modules_to_save)
     if not names:
         raise ValueError(f"modules_to_save {config.modules_to_save} matched no module of the model")
     return names
@@ -339,6 +345,11 @@ def _out_features(module: nn.Module):
     if out is None and type(module).__name__ == "Conv1D":
         out = getattr(module, "nf", None)
     return out
+
+
+# PEFT's TaskType -> the heads its task model for the type wraps as modules_to_save (trains and saves): a file of the
+# type without them does not load in PEFT
+TASK_HEADS = {"SEQ_CLS": ("classifier", "score"), "TOKEN_CLS": ("classifier", "score"), "QUESTION_ANS": ("qa_outputs",)}
 
 
 class ParameterMethod(Method):
@@ -468,7 +479,7 @@ class PromptTuningMethod(ParameterMethod):
     def remove(self, model: nn.Module) -> None:
         remove_prompt(model)
 
-    def check_load(self, model: nn.Module, config, adapter_name: str, weights: dict, directory, state):
+    def _check_prompt_load(self, model: nn.Module, config, adapter_name: str, weights: dict, directory, state):
         try:
             return super().check_load(model, config, adapter_name, weights, directory, state)
         except ValueError:
@@ -505,6 +516,34 @@ class PromptTuningMethod(ParameterMethod):
 
     def file_key(self, param_name: str) -> str:
         return PROMPT_KEY if param_name == "fastpeft_prompt.prompt_embeddings" else param_name
+
+    @staticmethod
+    def _head_params(model: nn.Module, trained) -> dict:
+        """Name -> Parameter of the task head PEFT's task model for this model wraps (``TASK_HEADS``), which its
+        files must hold (its loader asks for them), where the adapter does not train it (modules_to_save)."""
+        names = _named(model, TASK_HEADS.get(_prompt_task_type(model), ()))
+        return {f"{n}.{pn}": p for n in names for pn, p in model.get_submodule(n).named_parameters()
+                if f"{n}.{pn}" not in trained}
+
+    def file_tensors(self, model: nn.Module, config, adapter_name: str, state) -> dict:
+        return {**super().file_tensors(model, config, adapter_name, state), **self._head_params(model, state.trained)}
+
+    def check_load(self, model: nn.Module, config, adapter_name: str, weights: dict, directory, state):
+        # the task head's tensors (file_tensors) are taken where the file has them, and loaded into the head
+        trained = state.trained if state.adapters else self.plan(model, config)
+        params = self._head_params(model, trained)
+        heads = {k: v for k, v in weights.items() if k in params}
+        check_file_tensors({k: params[k].shape for k in heads}, heads, directory)  # another head's: refused here
+        plan, rest = self._check_prompt_load(model, config, adapter_name,
+                                             {k: v for k, v in weights.items() if k not in heads}, directory, state)
+        return plan, {**rest, **heads}
+
+    def install(self, model: nn.Module, config, adapter_name: str, weights: dict, trainable: bool, state) -> None:
+        super().install(model, config, adapter_name, weights, trainable, state)
+        with torch.no_grad():
+            for n, p in self._head_params(model, state.trained).items():
+                if n in weights:
+                    p.copy_(weights[n])
 
     def config_to_json(self, model: nn.Module, config, adapter_name: str, state) -> dict:
         d = super().config_to_json(model, config, adapter_name, state)
@@ -602,12 +641,17 @@ def layerwise_param_groups(model: nn.Module, lr: float, decay: float = 0.8, weig
 
     Block i of the model's main stack (of L) gets ``lr * decay ** (L - 1 - i)``: the top block trains at
     ``lr``, lower ones slower; trainable parameters outside the stack (a head) and above it get ``lr``,
-    those below it (embeddings) ``lr * decay ** L``.
+    those below it (embeddings: ``nn.Embedding`` modules and parameters named ``*embed*``) ``lr * decay ** L``.
     """
-    if not 0.0 < decay <= 1.0:
+    if isinstance(lr, bool) or not isinstance(lr, (int, float)) or not (0.0 < lr < math.inf):
+        raise ValueError(f"lr must be a positive finite number, got {lr!r}")
+    if isinstance(decay, bool) or not isinstance(decay, (int, float)) or not 0.0 < decay <= 1.0:
         raise ValueError(f"decay must be in (0, 1], got {decay!r}")
+    if isinstance(weight_decay, bool) or not isinstance(weight_decay, (int, float)) or not 0 <= weight_decay < math.inf:
+        raise ValueError(f"weight_decay must be a finite number >= 0, got {weight_decay!r}")
     prefix, blocks = main_blocks(model)
     n_blocks = len(blocks)
+    embeddings = {id(p) for m in model.modules() if isinstance(m, nn.Embedding) for p in m.parameters()}
     groups: dict = {}
     for name, p in model.named_parameters():
         if not p.requires_grad:
@@ -615,7 +659,7 @@ def layerwise_param_groups(model: nn.Module, lr: float, decay: float = 0.8, weig
         depth = None
         if prefix and name.startswith(prefix + "."):
             depth = int(name[len(prefix) + 1:].split(".")[0])
-        elif "embed" in name:
+        elif "embed" in name or id(p) in embeddings:  # GPT-2's wte / wpe are embeddings too
             depth = -1  # below the stack
         scale = 1.0 if depth is None else decay ** (n_blocks - 1 - depth)
         groups.setdefault(scale, []).append(p)

@@ -577,7 +577,11 @@ def merge_into_quantized(module: nn.Module, delta: torch.Tensor, dequantize: boo
 
 
 def dequantized_linear(module: nn.Module, name: str = "") -> nn.Linear:
-    """A plain floating-point ``nn.Linear`` copy of a bitsandbytes layer (no adapter merged)."""
+    """A plain floating-point ``nn.Linear`` copy of a bitsandbytes layer (no adapter merged). A 4-bit layer that
+    bitsandbytes repacked for its CPU inference kernel (after an eval-mode call) is first converted back, as
+    bitsandbytes itself does it when it saves the layer (``state_dict``)."""
+    if getattr(getattr(module.weight, "quant_state", None), "packing_format_for_cpu", False):
+        module.state_dict()  # (Linear4bit._save_to_state_dict unpacks the weight in place)
     qw = QuantizedWeight.from_module(module, name)
     return merge_into_quantized(module, torch.zeros(qw.shape, device=qw.device), dequantize=True, name=name)
 

@@ -975,3 +975,45 @@ def test_4bit_fp32_input_on_bf16_compute_dtype_stays_on_peft():
     assert list(layer._fastpeft_calls) == ["float32 input on a 4-bit layer computing in bfloat16 (PEFT computes the "
                                            "LoRA branch in the input's and adapters' precision)"]
     assert_close_report(got[0], want[0], 0, 0, "fp32 input, bf16 compute dtype")
+
+
+def test_adapters_added_after_accelerate_are_patched_too(base, ids, tmp_path):
+    """``load_adapter`` / ``add_adapter`` after ``accelerate`` put PEFT LoRA layers on modules that had none: they
+    are patched as well and the report follows (before 2026-12-01 they ran PEFT's forward, unreported, until
+    ``accelerate`` was called again). The model still pickles, and ``restore`` takes the wrappers off."""
+    import io
+
+    lora_model(base, seed=3, target_modules=["q_proj", "up_proj"]).save_pretrained(tmp_path)
+    model = lora_model(base)
+    report = fastpeft.accelerate(model)
+    first = len(report.patched)
+    model.load_adapter(tmp_path, adapter_name="b")
+    torch.manual_seed(2)
+    model.add_adapter("c", peft.LoraConfig(r=4, target_modules=["down_proj"], init_lora_weights=False))
+    lora = {n: m for n, m in model.named_modules() if isinstance(m, peft.tuners.lora.LoraLayer)}
+    assert all(hasattr(type(m), "_fastpeft_original") for m in lora.values())
+    assert sorted(report.patched) == sorted(lora) and len(report.patched) > first
+    plain = lora_model(base)
+    plain.load_adapter(tmp_path, adapter_name="b")
+    torch.manual_seed(2)
+    plain.add_adapter("c", peft.LoraConfig(r=4, target_modules=["down_proj"], init_lora_weights=False))
+    for name in ("b", "c"):
+        model.set_adapter(name)
+        plain.set_adapter(name)
+        assert_same(run(model, ids), run(plain, ids), f"adapter {name}")
+    assert report.calls().get("fastpeft", 0) > 0
+    buf = io.BytesIO()
+    torch.save(model, buf)
+    buf.seek(0)
+    assert "load_adapter" in torch.load(buf, weights_only=False).__dict__
+    fastpeft.restore(model)
+    assert "load_adapter" not in model.__dict__ and "_fastpeft_report" not in model.__dict__
+    assert not any(hasattr(type(m), "_fastpeft_original") for m in model.modules())
+
+
+def test_a_later_adapter_fastpeft_cannot_compute_is_warned_of(base):
+    model = lora_model(base)
+    report = fastpeft.accelerate(model, strict=True)
+    with pytest.warns(UserWarning, match="after add_adapter: 1 new LoRA layers stay on PEFT's forward.*Embedding"):
+        model.add_adapter("e", peft.LoraConfig(r=4, target_modules=["embed_tokens"]))
+    assert list(report.skipped) == ["base_model.model.model.embed_tokens"]

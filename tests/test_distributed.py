@@ -3,8 +3,8 @@
 Two ranks are spawned once (a module-scoped fixture) and run every case in turn, each in a fresh
 process group: each rank trains its half of every global batch for ``STEPS`` SGD steps, then rank 0
 hands back the trainable parameters (whole: FSDP2's shards are gathered with ``DTensor.full_tensor()``),
-the wrapped model's eval logits and an adapter written by ``fastpeft.save_adapter`` (DDP: rank 0 alone;
-FSDP2: every rank calls it, the shards are gathered, rank 0 writes). The tests compare them, in this
+the wrapped model's eval logits and an adapter written by ``fastpeft.save_adapter`` (every rank calls it, rank 0
+alone writes; FSDP2's shards are gathered). The tests compare them, in this
 process, with a single-process run. The ``-mixed`` case trains one of two adapters of different ranks
 under FSDP2 with batches routed per sequence (``fastpeft.mixed_batch``).
 
@@ -177,10 +177,9 @@ def _run_case(rank: int, kind: str, dropout: float, mixed: bool, case_dir: str) 
     with torch.no_grad():
         logits = wrapped(_eval_tokens())
     adapter = os.path.join(case_dir, "adapter")
-    if kind == "fsdp2":
-        fastpeft.save_adapter(model, adapter)  # every rank: gathers the shards; rank 0 writes
-    elif rank == 0:
-        fastpeft.save_adapter(wrapped, adapter)
+    # every rank calls it: FSDP2's gathers the shards; rank 0 alone writes (DDP: every rank wrote before 2026-12-01,
+    # and their atomic renames raced)
+    fastpeft.save_adapter(model if kind == "fsdp2" else wrapped, adapter)
     if rank == 0:
         torch.save({"params": params, "logits": logits, "losses": losses, "sharded": sharded},
                    os.path.join(case_dir, "result.pt"))

@@ -165,3 +165,29 @@ def test_training_mode_keeps_nothing_and_sees_data_writes(kind):
                 p.data.mul_(1.5)  # no version bump, no optimizer step, no mode switch
         kept, fresh = _no_grad_and_grad(layer.train(), x, extra)
         assert_close_report(kept.float(), fresh.float(), 1e-5, 1e-5 * float(fresh.abs().max()), kind)
+
+
+@pytest.mark.parametrize("write", ["frozen-base-swapped", "trained-base-sgd"])
+def test_dora_training_mode_sees_base_weight_data_writes(write):
+    """DoRA's ‖W_j‖² was kept in training mode too, keyed on W's version: a base weight swapped through
+    ``.data``, or a trained W updated by a hand-written ``p.data.add_`` step, left the norm stale (outputs 3-7%
+    off). Now it is kept in eval mode only, as the other kept values."""
+    from fastpeft.reference import dora_linear_ref
+    layer, _, x = _layer("dora")
+    layer.train()
+    if write == "trained-base-sgd":
+        layer.weight.requires_grad_(True)
+    for _ in range(2):
+        layer(x).sum().backward()
+        with torch.no_grad():
+            if write == "frozen-base-swapped":
+                layer.weight.data.copy_(torch.randn_like(layer.weight))
+            else:
+                layer.weight.data.add_(layer.weight.grad, alpha=-0.5)
+                layer.weight.grad = None
+        want = dora_linear_ref(x, layer.weight, layer.bias, layer.lora_A, layer.lora_B,
+                               layer.lora_magnitude_vector["default"], layer.scaling, 0.0, True, None)
+        for grad in (True, False):
+            with torch.set_grad_enabled(grad):
+                got = layer(x)
+            assert_close_report(got, want, 1e-5, 1e-5 * float(want.abs().max()), f"{write} grad={grad}")

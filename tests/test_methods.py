@@ -167,6 +167,16 @@ def test_layerwise_last_n_and_pattern_and_param_groups():
         fastpeft.inject(_bert(), LayerwiseConfig(train_last_n=5))
 
 
+def test_layerwise_param_groups_put_gpt2_embeddings_below_the_stack():
+    """GPT-2's embeddings are wte / wpe (no "embed" in their names): lr * decay ** L, as BERT's and LLaMA's."""
+    cfg = transformers.GPT2Config(vocab_size=40, n_embd=32, n_layer=2, n_head=4, n_positions=16)
+    m = transformers.GPT2LMHeadModel(cfg)
+    groups = fastpeft.layerwise_param_groups(m, lr=1.0, decay=0.5)
+    lr_of = {id(p): g["lr"] for g in groups for p in g["params"]}
+    assert lr_of[id(m.transformer.wte.weight)] == lr_of[id(m.transformer.wpe.weight)] == 0.25
+    assert lr_of[id(m.transformer.h[0].attn.c_attn.weight)] == 0.5 and lr_of[id(m.transformer.ln_f.weight)] == 1.0
+
+
 @pytest.mark.parametrize("config", [
     BitFitConfig(), AdapterConfig(bottleneck_dim=4, variant="houlsby"), PromptTuningConfig(num_virtual_tokens=3),
     LayerwiseConfig(train_last_n=1)], ids=["bitfit", "adapters", "prompt", "layerwise"])
@@ -289,6 +299,37 @@ def test_prompt_tuning_files_go_both_ways_with_peft(tmp_path):
         torch.testing.assert_close(back(input_ids=ids, attention_mask=mask).logits, want)
 
 
+def test_prompt_file_of_a_classifier_without_modules_to_save_loads_in_peft_and_resumes(tmp_path):
+    """PEFT's SEQ_CLS model wraps the classifier and asks for its weights in the file: fastpeft's file holds them
+    even where the prompt alone trains (before 2026-12-01 PEFT raised KeyError 'base_model.classifier.weight').
+    The file's tensors also go back through the model's load_state_dict (Trainer's resume; before, PyTorch's own
+    method took them as unexpected keys and restored nothing)."""
+    peft = pytest.importorskip("peft")
+    from safetensors.torch import load_file
+    cfg = transformers.BertConfig(vocab_size=50, hidden_size=32, num_hidden_layers=2, num_attention_heads=4,
+                                  intermediate_size=48, max_position_embeddings=64, num_labels=3)
+    torch.manual_seed(0)
+    base = transformers.BertForSequenceClassification(cfg).eval()
+    ids, mask = _inputs()
+    m = fastpeft.inject(copy.deepcopy(base), PromptTuningConfig(num_virtual_tokens=4))
+    assert _trainable(m) == {"fastpeft_prompt.prompt_embeddings"}
+    _perturb(m)
+    m.eval()
+    fastpeft.save_adapter(m, tmp_path)
+    assert {"base_model.classifier.weight", "prompt_embeddings"} <= set(load_file(tmp_path / WEIGHTS_NAME))
+    theirs = peft.PeftModel.from_pretrained(copy.deepcopy(base), tmp_path).eval()
+    back = fastpeft.load_adapter(copy.deepcopy(base), tmp_path).eval()
+    with torch.no_grad():
+        want = m(input_ids=ids, attention_mask=mask).logits
+        torch.testing.assert_close(theirs(input_ids=ids, attention_mask=mask).logits, want)
+        torch.testing.assert_close(back(input_ids=ids, attention_mask=mask).logits, want, rtol=0, atol=0)
+        m.fastpeft_prompt.prompt_embeddings.zero_()
+    result = m.load_state_dict(load_file(tmp_path / WEIGHTS_NAME), False)
+    assert not result.unexpected_keys
+    with torch.no_grad():
+        torch.testing.assert_close(m(input_ids=ids, attention_mask=mask).logits, want, rtol=0, atol=0)
+
+
 @pytest.mark.parametrize("variant", ["pfeiffer", "houlsby"])
 def test_adapters_after_gpt2_conv1d_projections(variant):
     """GPT-2's projections are transformers Conv1D layers (width ``nf``, no ``out_features``): the built-in places
@@ -361,3 +402,20 @@ def test_prompt_files_of_gpt2_and_of_a_model_under_model():
                 want = m(input_ids=ids).logits
                 torch.testing.assert_close(back(input_ids=ids).logits, want, rtol=0, atol=0)
                 torch.testing.assert_close(theirs(input_ids=ids).logits, want)
+
+
+def test_prompt_file_with_another_task_head_is_refused_before_anything_changes(tmp_path):
+    """A SEQ_CLS prompt file holds its classifier: one of another label count is refused naming the key and both
+    shapes, before the prompt is injected (it raised torch's size error with the prompt already in)."""
+    def clf(labels):
+        torch.manual_seed(0)
+        return transformers.BertForSequenceClassification(transformers.BertConfig(
+            vocab_size=50, hidden_size=32, num_hidden_layers=1, num_attention_heads=4, intermediate_size=48,
+            max_position_embeddings=64, num_labels=labels)).eval()
+    fastpeft.save_adapter(fastpeft.inject(clf(3), PromptTuningConfig(num_virtual_tokens=2)), tmp_path)
+    m = clf(2)
+    state = {k: v.clone() for k, v in m.state_dict().items()}
+    with pytest.raises(ValueError, match=r"'classifier\.\w+' must have shape \(2.*\) for this model, got \(3"):
+        fastpeft.load_adapter(m, tmp_path)
+    assert not adapter_configs(m) and not hasattr(m, "fastpeft_prompt")
+    assert all(torch.equal(v, m.state_dict()[k]) for k, v in state.items())

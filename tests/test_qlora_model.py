@@ -263,3 +263,83 @@ def test_to_peft_that_fails_in_peft_leaves_the_fastpeft_model(checkpoint, monkey
     assert set(fm.__dict__) == attrs, set(fm.__dict__) ^ attrs
     with torch.no_grad():
         assert torch.equal(fm(input_ids=x).logits, want)
+
+
+def test_trainer_trains_fastpeft_lora_on_a_4bit_model_and_resumes(checkpoint, tmp_path):
+    """transformers' Trainer refuses a quantized model unless it holds PEFT adapters: an injected 4-bit model says
+    it does (before 2026-12-01: "You cannot perform fine-tuning on purely quantized models")."""
+    from test_trainer import Rows
+
+    def trainer(out, **kw):
+        args = transformers.TrainingArguments(output_dir=str(out), max_steps=2, per_device_train_batch_size=2,
+                                              logging_steps=1, save_steps=1, report_to=[], use_cpu=True, seed=0,
+                                              disable_tqdm=True, learning_rate=5e-3, **kw)
+        fm = fastpeft.inject(load(checkpoint), fastpeft.LoraConfig(r=4, lora_alpha=8, target_modules=TARGETS))
+        return transformers.Trainer(model=fm, args=args, train_dataset=Rows())
+
+    full = trainer(tmp_path / "full")
+    full.train()
+    resumed = trainer(tmp_path / "full")
+    resumed.train(resume_from_checkpoint=str(tmp_path / "full" / "checkpoint-1"))
+    loss = [h["loss"] for h in full.state.log_history if "loss" in h]
+    assert len(loss) == 2 and all(v == v for v in loss)
+    assert [h["loss"] for h in resumed.state.log_history if "loss" in h][-1] == pytest.approx(loss[-1], rel=1e-4)
+
+
+def test_merge_and_unload_dequantize_saves_a_plain_model_that_loads(checkpoint, tmp_path):
+    """dequantize=True gives a plain floating-point model: every bitsandbytes layer (the untargeted ones too)
+    dequantized and the model's quantization config dropped, so save_pretrained / from_pretrained round-trip
+    (before 2026-12-01 the saved config still named bitsandbytes and loading it failed)."""
+    fm = fastpeft.inject(load(checkpoint), fastpeft.LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj"],
+                                                               init_lora_weights=False))
+    x = ids(5)
+    with torch.no_grad():
+        want = fm.train()(input_ids=x).logits
+        fm.eval()(input_ids=x)  # bitsandbytes repacks the untargeted layers for its CPU kernel (absmax in bf16)
+    fastpeft.merge_and_unload(fm, dequantize=True)
+    assert not any(fastpeft.quant.is_quantized(m) for m in fm.modules())
+    assert not fm.is_quantized and getattr(fm.config, "quantization_config", None) is None
+    fm.save_pretrained(tmp_path / "plain")
+    back = transformers.AutoModelForCausalLM.from_pretrained(tmp_path / "plain")
+    with torch.no_grad():
+        got = fm(input_ids=x).logits
+        assert_close_report(got, want, atol=1e-2, rtol=1e-2)  # (the repacked layers' bf16 absmax)
+        assert_close_report(back(input_ids=x).logits, got, atol=1e-5, rtol=1e-5)
+
+
+@pytest.mark.parametrize("bits", [4, 8])
+def test_cpu_autocast_computes_as_peft_bitsandbytes(checkpoint, bits):
+    """Under CPU bf16 autocast (Trainer's bf16=True; TRL's SFTConfig default on the CPU) a 4-bit layer computing in
+    fp32 runs its products in bf16, as bitsandbytes' matmul and PEFT's LoRA branch do there (before 2026-12-01 the
+    backward mixed fp32 and bf16 and raised)."""
+    x = ids(6)
+    losses, grads = [], []
+    theirs = peft_lora(load(checkpoint, bits))
+    ours = fastpeft.inject(load(checkpoint, bits), fastpeft.LoraConfig(r=4, lora_alpha=8, target_modules=TARGETS))
+    copy_adapters_from_peft(theirs, ours)
+    for m in (theirs, ours):
+        m.train()
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            loss = m(input_ids=x, labels=x).loss
+        loss.backward()
+        losses.append(loss.detach())
+        grads.append(torch.cat([p.grad.flatten() for n, p in sorted(m.named_parameters()) if p.grad is not None
+                                and "lora_A" in n]))
+    assert_close_report(losses[1], losses[0], atol=2e-2, rtol=2e-2)
+    assert_close_report(grads[1], grads[0], atol=5e-2, rtol=5e-2)
+
+
+def test_transformers_adapter_mark_follows_the_adapters(checkpoint):
+    """The mark that lets Trainer take a quantized model is set by a successful inject and dropped with the last
+    adapter (delete_adapter, merge_and_unload): a plain model's own save_pretrained then works again."""
+    fm = load(checkpoint)
+    with pytest.raises(ValueError):
+        fastpeft.inject(fm, fastpeft.LoraConfig(target_modules=["nope"]))
+    assert "_hf_peft_config_loaded" not in fm.__dict__
+    fastpeft.inject(fm, fastpeft.LoraConfig(r=2, target_modules=["q_proj"]))
+    assert fm._hf_peft_config_loaded
+    fastpeft.delete_adapter(fm, "default")
+    assert "_hf_peft_config_loaded" not in fm.__dict__
+    fastpeft.inject(fm, fastpeft.LoraConfig(r=2, target_modules=["v_proj"]), adapter_name="b")
+    fastpeft.merge_and_unload(fm, dequantize=True)
+    assert "_hf_peft_config_loaded" not in fm.__dict__
