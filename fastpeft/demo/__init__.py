@@ -59,9 +59,9 @@ def build_parser() -> argparse.ArgumentParser:
                         "quant, for every encoder linear layer), side by side; with --model smollm2, LoRA over the "
                         "fp32 model and over its decoder layers in NF4")
     p.add_argument("--seeds", type=positive_int, default=1, help="seeds per method (mean ± std when > 1)")
-    p.add_argument("--steps", type=positive_int, help="training steps per run (default 100)")
-    p.add_argument("--max-train", type=positive_int, help="training examples (default: all)")
-    p.add_argument("--max-test", type=positive_int, help="test examples (default 200; --full all)")
+    p.add_argument("--steps", type=positive_int, help="training steps per run (default 100; smollm2: 40)")
+    p.add_argument("--max-train", type=positive_int, help="training examples (default: all; smollm2: 320)")
+    p.add_argument("--max-test", type=positive_int, help="test examples (default 200, --full all; smollm2: 64)")
     p.add_argument("--batch-size", type=positive_int, default=16)
     p.add_argument("--seq-len", type=positive_int, help="tokens per review (default 64)")
     p.add_argument("--model", choices=("minilm", "smollm2"), default="minilm",
