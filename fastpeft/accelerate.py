@@ -622,10 +622,11 @@ def _then_patch(method: str):
             new, todo = _survey(layers, linear_cls)
             _patch(todo)
             left = {n: why for n, why in new.skipped.items() if n not in report.skipped}
+            left.update({n: why for n, why in new.partial.items() if report.partial.get(n) != why})
             if left:  # (the adapter is in already: strict=True could not refuse it before it was added)
-                warnings.warn(f"fastpeft.accelerate, after {method}: {len(left)} new LoRA layers stay on PEFT's "
-                              "forward: " + "; ".join(f"{n}: {why}" for n, why in list(left.items())[:4]), UserWarning,
-                              stacklevel=2)
+                warnings.warn(f"fastpeft.accelerate, after {method}: {len(left)} LoRA layers keep PEFT's forward "
+                              "(for the new adapter): " + "; ".join(f"{n}: {why}" for n, why in list(left.items())[:4]),
+                              UserWarning, stacklevel=2)
             report.patched[:], report.skipped, report.partial = new.patched, new.skipped, new.partial
             report._layers[:] = new._layers
             report.newly_patched += len(todo)

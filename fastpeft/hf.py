@@ -195,7 +195,8 @@ def _load_state_dict(self, state_dict, strict=True, assign=False):
         raise ValueError("load_state_dict got an adapter state dict (base_model.model.* keys), but the model has no "
                          f"active adapter to load it into; it has {adapter_names(self)}: fastpeft.set_adapter one")
     with tempfile.TemporaryDirectory(prefix="fastpeft-resume-") as tmp:
-        save_adapter(self, tmp, name)  # the adapter's config; its weights are replaced by the state dict's
+        # the adapter's config (its weights replaced by the state dict's), on every rank: its own temporary folder
+        save_adapter(self, tmp, name, is_main_process=True)
         save_file({k: v.detach().to("cpu").contiguous() for k, v in state_dict.items()},
                   os.path.join(tmp, _ADAPTER_WEIGHTS), metadata={"format": "pt"})
         try:
@@ -241,7 +242,7 @@ def to_peft(model: nn.Module):
         dirs = {}
         for name in names:
             dirs[name] = os.path.join(tmp, name)
-            save_adapter(model, dirs[name], name)
+            save_adapter(model, dirs[name], name, is_main_process=True)  # (every rank: its own temporary folder)
             config = read_adapter_config(dirs[name])
             with open(os.path.join(dirs[name], "adapter_config.json")) as f:
                 peft_type = json.load(f).get("peft_type")

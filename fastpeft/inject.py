@@ -1062,7 +1062,8 @@ def merge_and_unload(model: nn.Module, dequantize: bool = False) -> nn.Module:
     lossy, warned); ``dequantize=True`` a plain floating-point ``nn.Linear``. Every quantized layer's result is
     built first, so a failure (bitsandbytes cannot requantize here) leaves the model unchanged. A layer whose weight
     is tied to another parameter (an output head tied to the input embeddings) gets its own merged copy, the other
-    keeps the base weight (warned; ``config.tie_word_embeddings`` becomes False).
+    keeps the base weight (warned; ``config.tie_word_embeddings`` becomes False; one merged before is unmerged
+    first, so the other keeps that merge's rounding).
     """
     check_bool(dequantize, "dequantize")
     unfoldable = [f"{n!r} ({type(c).__name__})" for n, c in adapter_configs(model).items()

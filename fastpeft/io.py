@@ -18,7 +18,7 @@ import torch
 import torch.nn as nn
 
 from ._checks import check_adapter_name, check_bool, few
-from .inject import METHODS, adapter_configs, inject, method_for, peft_state, unknown_adapters
+from .inject import METHODS, LoraPlan, adapter_configs, inject, method_for, peft_state, unknown_adapters
 
 CONFIG_NAME = "adapter_config.json"
 WEIGHTS_NAME = "adapter_model.safetensors"
@@ -87,6 +87,17 @@ def write_folder_atomically(directory, files: dict) -> None:
         raise
 
 
+def _meta_parameters(model: nn.Module, plan, state) -> list:
+    """Names of the parameters on meta that a load of ``plan`` writes into, or creates adapters beside: the LoRA /
+    sparse targets and saved modules (a ``LoraPlan``), a parameter method's tensors (its plan, or ``state.trained``
+    on a reload) that exist already."""
+    if isinstance(plan, LoraPlan):
+        return [f"{m}.{n}" for m in [*plan.targets, *plan.saved]
+                for n, p in model.get_submodule(m).named_parameters() if p.is_meta]
+    params = dict(model.named_parameters(remove_duplicate=False))
+    return [n for n in (plan if plan is not None else state.trained) if n in params and params[n].is_meta]
+
+
 def save_adapter(model: nn.Module, directory, adapter_name: str = "default", is_main_process: bool | None = None
                  ) -> None:
     """Write adapter ``adapter_name`` of ``model`` to ``directory`` in PEFT's format, atomically.
@@ -94,10 +105,12 @@ def save_adapter(model: nn.Module, directory, adapter_name: str = "default", is_
     The files are written to a temporary folder beside ``directory`` and renamed into place; other files
     already in ``directory`` are kept. A failure leaves ``directory`` as it was.
 
-    Distributed (a process group initialized): only global rank 0 writes, so every rank may call it (under DDP
-    with the wrapper or its ``.module``; before 2026-12-01 every DDP rank wrote, and concurrent renames could
-    fail). Under FSDP2 (``fully_shard``) the adapter's parameters are sharded DTensors: every rank must call it,
-    since gathering them is a collective. ``is_main_process`` (PEFT's argument) overrides which callers write.
+    Distributed (a process group initialized): by default only global rank 0 writes, so every rank may call it
+    (under DDP with the wrapper or its ``.module``; before 2026-12-01 every DDP rank wrote, and concurrent renames
+    could fail); other ranks reading the folder afterwards wait for rank 0 first (``dist.barrier()``). Under FSDP2
+    (``fully_shard``) the adapter's parameters are sharded DTensors: every rank must call it, since gathering them
+    is a collective. ``is_main_process`` (PEFT's argument) overrides which callers write (True: this one, say a
+    folder of its own).
     """
     from safetensors.torch import save_file
 
@@ -179,7 +192,7 @@ def load_adapter(model: nn.Module, directory, adapter_name: str = "default", tra
     - a model with other (LoRA) adapters gets this one beside them (ranks may differ), inactive and
       frozen (``fastpeft.set_adapter`` activates it; ``fastpeft.mixed_batch`` routes it per sequence);
     - a model that already has ``adapter_name`` gets its weights replaced and the saved alphas applied.
-    The layers it makes take the model's mode (``model.training``: an ``eval()`` model serves without dropout, as
+    The layers it makes take the mode of the module they sit in (an ``eval()`` model serves without dropout, as
     PEFT's ``from_pretrained`` gives). The config, every key and every shape are checked before the model changes.
     ``autocast_adapter_dtype`` as ``inject``'s (a new adapter on a bf16 / fp16 base gets fp32 factors, as PEFT's
     ``from_pretrained`` gives).
@@ -189,18 +202,18 @@ def load_adapter(model: nn.Module, directory, adapter_name: str = "default", tra
     check_bool(autocast_adapter_dtype, "autocast_adapter_dtype")
     sharded = [n for n, p in model.named_parameters() if _sharded(p)]
     if sharded:
-        raise ValueError(f"load_adapter: the model's parameters {few(sharded)} are sharded (FSDP2 fully_shard): load "
-                         "adapters before fully_shard")
-    meta = [n for n, p in model.named_parameters() if p.is_meta]
-    if meta:  # a copy into a meta tensor keeps nothing
-        raise ValueError(f"load_adapter: the model's parameters {few(meta)} are on the meta device (built under "
-                         "init_empty_weights, or offloaded): load its weights first (to_empty + load_state_dict, or "
-                         "from_pretrained), then load the adapter")
+        raise ValueError(f"load_adapter: the model's parameters {few(sharded)} are sharded DTensors (FSDP2 fully_shard, "
+                         "tensor parallel): load adapters before sharding")
     config = read_adapter_config(directory)
     method = method_for(config)
     weights = read_adapter_weights(directory, method.file_prefix)
     configs = adapter_configs(model)
     plan, weights = method.check_load(model, config, adapter_name, weights, directory, peft_state(model))
+    meta = _meta_parameters(model, plan, peft_state(model))
+    if meta:  # a copy into (or beside) a meta tensor keeps nothing
+        raise ValueError(f"load_adapter: the parameters {few(meta)} the adapter goes on are on the meta device (a "
+                         "model built under init_empty_weights): load the model's weights first (to_empty + "
+                         "load_state_dict, or from_pretrained), then the adapter")
     if adapter_name in configs:
         state = peft_state(model)
         method.reload(model, config, adapter_name, plan, state)
@@ -210,8 +223,8 @@ def load_adapter(model: nn.Module, directory, adapter_name: str = "default", tra
         inject(model, config, adapter_name, plan=plan, activate=not configs,
                autocast_adapter_dtype=autocast_adapter_dtype)
         known = set(map(id, before))
-        for module in model.modules():  # the new layers in the model's mode: an eval model serves without dropout
-            if id(module) not in known:
-                module.training = model.training
+        for name, module in model.named_modules():  # parents first: each new layer takes its parent's mode (an eval
+            if id(module) not in known and name:    # model, or an eval part of one, serves without dropout)
+                module.training = model.get_submodule(name.rpartition(".")[0]).training
     method.install(model, config, adapter_name, weights, trainable, peft_state(model))
     return model

@@ -88,7 +88,6 @@ class TunerLayer(nn.Module):
 
     _delta_name = "adapter"  # for messages
     _rows_per_sequence = 1  # the rows_per_sequence of the mixed_batch block routing the layer (set_routing)
-    _ended = None  # (routing, rows_per_sequence) of the block that ended last, for recomputations (_call_routing)
 
     def _init_base(self, weight: nn.Parameter, bias: nn.Parameter | None) -> None:
         self.out_features, self.in_features = weight.shape
@@ -150,24 +149,12 @@ class TunerLayer(nn.Module):
 
 def _call_routing(module, adapter_ids=None):
     """``(routing, k)`` routing this call of ``module`` (a LoRA layer or a modules_to_save wrapper): its
-    ``mixed_batch`` block's (``set_routing``), None without one or with ``adapter_ids``. After the block ended, a
-    forward inside autograd's backward is an activation checkpoint recomputing a forward the block routed (backward
-    after the block, the usual order): it takes the block's routing again, as the original forward had it (without,
-    the recomputation ran the active adapter: other gradients, or a checkpoint error). Any other forward forgets it."""
-    if adapter_ids is not None:
+    ``mixed_batch`` block's (``set_routing``), None without one or with ``adapter_ids``. An activation checkpoint's
+    recomputation in backward reads it too: backward inside the block (after it, the recomputation would run
+    without the routing)."""
+    if adapter_ids is not None or module._routing is None:
         return None
-    if module._routing is not None:
-        return module._routing, module._rows_per_sequence
-    ended = module._ended
-    if ended is not None and (torch.compiler.is_compiling() or torch._C._current_graph_task_id() == -1):
-        module._ended = ended = None
-    return ended
-
-
-def _end_routing(module, adapter_names) -> None:
-    """Keep what a ``set_routing(None, ...)`` ends for checkpoint recomputations (``_call_routing``)."""
-    if adapter_names is None and module._routing is not None:
-        module._ended = (module._routing, module._rows_per_sequence)
+    return module._routing, module._rows_per_sequence
 
 
 def _per_row(ids: torch.Tensor, per: int) -> torch.Tensor:
@@ -629,7 +616,6 @@ class FastLoRALinear(TunerLayer):
         ``forward(x)``: None, or a name this layer lacks, runs the base alone for it; a batch of k times the
         names with ``rows_per_sequence`` k gives each name k consecutive rows (``routed_batch``). ``None`` ends
         the routing. ``fastpeft.mixed_batch`` sets it for every layer of a model and restores it after."""
-        _end_routing(self, adapter_names)
         self._rows_per_sequence = rows_per_sequence
         if adapter_names is None:
             self._routing = None
@@ -1076,7 +1062,6 @@ class ModulesToSaveWrapper(nn.Module):
     """
 
     _rows_per_sequence = 1
-    _ended = None  # see TunerLayer
 
     def __init__(self, module: nn.Module, adapter_name: str):
         super().__init__()
@@ -1122,7 +1107,6 @@ class ModulesToSaveWrapper(nn.Module):
         """Run sequence i (dim 0 of the first argument) of every later call through adapter
         ``adapter_names[i]``'s copy (the original for None or a name without one), on its ``rows_per_sequence``
         consecutive rows in a batch of that many times the names; None ends it."""
-        _end_routing(self, adapter_names)
         self._routing = None if adapter_names is None else list(adapter_names)
         self._rows_per_sequence = rows_per_sequence
 

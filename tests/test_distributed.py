@@ -180,6 +180,10 @@ def _run_case(rank: int, kind: str, dropout: float, mixed: bool, case_dir: str) 
     # every rank calls it: FSDP2's gathers the shards; rank 0 alone writes (DDP: every rank wrote before 2026-12-01,
     # and their atomic renames raced)
     fastpeft.save_adapter(model if kind == "fsdp2" else wrapped, adapter)
+    if kind != "fsdp2":  # Trainer's resume on every rank: the adapter state dict through the model's load_state_dict,
+        dist.barrier()   # which writes a temporary adapter folder on each rank (rank 1 raised when rank 0 alone wrote)
+        from safetensors.torch import load_file
+        model.load_state_dict(load_file(os.path.join(adapter, "adapter_model.safetensors")), strict=False)
     if rank == 0:
         torch.save({"params": params, "logits": logits, "losses": losses, "sharded": sharded},
                    os.path.join(case_dir, "result.pt"))

@@ -272,15 +272,20 @@ def test_tied_lm_head_in_modules_to_save():
         m(input_ids=ids, labels=ids).loss.backward()
 
 
+def _classifier(labels=3):
+    """A 2-layer BERT sequence classifier, in eval mode, seed 0."""
+    cfg = transformers.BertConfig(vocab_size=50, hidden_size=32, num_hidden_layers=2, num_attention_heads=4,
+                                  intermediate_size=48, max_position_embeddings=64, num_labels=labels)
+    torch.manual_seed(0)
+    return transformers.BertForSequenceClassification(cfg).eval()
+
+
 def test_prompt_tuning_files_go_both_ways_with_peft(tmp_path):
     """fastpeft's prompt-tuning files name the task type PEFT needs (task_type None built a plain PeftModel, which
     ran the base model: other outputs, no error) and use PEFT's prompt-learning key prefix ``base_model.`` for the
     saved modules (a classifier); PEFT's files load here, the SEQ_CLS one with its classifier."""
     peft = pytest.importorskip("peft")
-    cfg = transformers.BertConfig(vocab_size=50, hidden_size=32, num_hidden_layers=2, num_attention_heads=4,
-                                  intermediate_size=48, max_position_embeddings=64, num_labels=3)
-    torch.manual_seed(0)
-    base = transformers.BertForSequenceClassification(cfg).eval()
+    base = _classifier()
     ids, mask = _inputs()
     m = fastpeft.inject(copy.deepcopy(base), PromptTuningConfig(num_virtual_tokens=4, modules_to_save=["classifier"]))
     _perturb(m)
@@ -306,10 +311,7 @@ def test_prompt_file_of_a_classifier_without_modules_to_save_loads_in_peft_and_r
     method took them as unexpected keys and restored nothing)."""
     peft = pytest.importorskip("peft")
     from safetensors.torch import load_file
-    cfg = transformers.BertConfig(vocab_size=50, hidden_size=32, num_hidden_layers=2, num_attention_heads=4,
-                                  intermediate_size=48, max_position_embeddings=64, num_labels=3)
-    torch.manual_seed(0)
-    base = transformers.BertForSequenceClassification(cfg).eval()
+    base = _classifier()
     ids, mask = _inputs()
     m = fastpeft.inject(copy.deepcopy(base), PromptTuningConfig(num_virtual_tokens=4))
     assert _trainable(m) == {"fastpeft_prompt.prompt_embeddings"}
@@ -364,11 +366,7 @@ def test_layerwise_last_n_on_an_encoder_decoder_asks_which_stack():
 def test_deleting_a_prompt_with_modules_to_save_is_refused():
     """A prompt (or adapters) whose modules_to_save trained in place (a classifier): delete_adapter would leave the
     trained head behind (0.23 off the base), so it refuses, naming them, before anything changes."""
-    cfg = transformers.BertConfig(vocab_size=50, hidden_size=32, num_hidden_layers=2, num_attention_heads=4,
-                                  intermediate_size=48, max_position_embeddings=64, num_labels=3)
-    torch.manual_seed(0)
-    m = fastpeft.inject(transformers.BertForSequenceClassification(cfg).eval(),
-                        PromptTuningConfig(num_virtual_tokens=2, modules_to_save=["classifier"]))
+    m = fastpeft.inject(_classifier(), PromptTuningConfig(num_virtual_tokens=2, modules_to_save=["classifier"]))
     trainable = _trainable(m)
     with pytest.raises(ValueError, match=r"modules_to_save \['classifier'\] in place"):
         fastpeft.delete_adapter(m, "default")
@@ -407,13 +405,8 @@ def test_prompt_files_of_gpt2_and_of_a_model_under_model():
 def test_prompt_file_with_another_task_head_is_refused_before_anything_changes(tmp_path):
     """A SEQ_CLS prompt file holds its classifier: one of another label count is refused naming the key and both
     shapes, before the prompt is injected (it raised torch's size error with the prompt already in)."""
-    def clf(labels):
-        torch.manual_seed(0)
-        return transformers.BertForSequenceClassification(transformers.BertConfig(
-            vocab_size=50, hidden_size=32, num_hidden_layers=1, num_attention_heads=4, intermediate_size=48,
-            max_position_embeddings=64, num_labels=labels)).eval()
-    fastpeft.save_adapter(fastpeft.inject(clf(3), PromptTuningConfig(num_virtual_tokens=2)), tmp_path)
-    m = clf(2)
+    fastpeft.save_adapter(fastpeft.inject(_classifier(3), PromptTuningConfig(num_virtual_tokens=2)), tmp_path)
+    m = _classifier(2)
     state = {k: v.clone() for k, v in m.state_dict().items()}
     with pytest.raises(ValueError, match=r"'classifier\.\w+' must have shape \(2.*\) for this model, got \(3"):
         fastpeft.load_adapter(m, tmp_path)

@@ -417,7 +417,7 @@ def _fix_lost_columns(dm, dy, x, weight, bias, lora_B, u, magnitude, norm, s, y_
     column's rms of y − b (y − b cancels: z_j's error grows as |b_j| / |g_j z_j| ulps of y, 100x PEFT's, which keeps
     z, at 500x). A host sync to find them; in most layers none (m starts at ‖W_j‖ > 0, biases are small next to the
     outputs)."""
-    m = magnitude.detach()  # g_j z_ij near y's underflow (fp16: 6e-8) carries little or nothing of z: no pass over y
+    m = magnitude.detach()  # g_j below sqrt(tiny) of y's dtype (fp16: 0.0078): z near underflow in y; no pass over y
     lost = (m == 0) | (m.abs() < norm * torch.finfo(dy.dtype).tiny ** 0.5)
     if y_sq is not None:
         lost = lost | (y_sq == 0)
