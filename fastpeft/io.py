@@ -202,8 +202,8 @@ def load_adapter(model: nn.Module, directory, adapter_name: str = "default", tra
     check_bool(autocast_adapter_dtype, "autocast_adapter_dtype")
     sharded = [n for n, p in model.named_parameters() if _sharded(p)]
     if sharded:
-        raise ValueError(f"load_adapter: the model's parameters {few(sharded)} are sharded DTensors (FSDP2 fully_shard, "
-                         "tensor parallel): load adapters before sharding")
+        raise ValueError(f"load_adapter: the model's parameters {few(sharded)} are sharded DTensors (FSDP2 "
+                         "fully_shard, tensor parallel): load adapters before sharding")
     config = read_adapter_config(directory)
     method = method_for(config)
     weights = read_adapter_weights(directory, method.file_prefix)
