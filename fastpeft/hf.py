@@ -29,6 +29,7 @@ import torch.nn as nn
 
 from ._checks import few
 from .inject import INJECT_HOOKS, active_adapter, adapter_configs, lora_layers, method_for
+from .matching import output_head
 from .io import load_adapter, read_adapter_config, save_adapter
 from .layers import FastLoRALinear, ModulesToSaveWrapper, QLoRALinear
 
@@ -315,9 +316,7 @@ def check_sft_model(model, peft_config=None) -> None:
         raise ValueError(f"the model already holds fastpeft adapters {adapter_names(model)}; pass it to SFTTrainer "
                          "without peft_config (or pass the plain base model with peft_config to train PEFT's own "
                          "adapters)")
-    get = getattr(model, "get_output_embeddings", None)
-    head = get() if callable(get) else None
-    if isinstance(head, FastLoRALinear):
+    if isinstance(output_head(model), FastLoRALinear):
         raise ValueError("LoRA sits on the output head (lm_head): TRL's SFTTrainer computes the log-probabilities "
                          "from lm_head.weight directly, so that adapter would be ignored and never trained; inject "
                          "with exclude_modules=['lm_head'] (or target_modules without it)")

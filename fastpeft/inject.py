@@ -509,8 +509,7 @@ class LoraMethod(Method):
     def file_tensors(self, model: nn.Module, config, adapter_name: str, state) -> dict:
         layers = self._layers(model, adapter_name)
         keys = {**self._keys(model, config, adapter_name, layers), **_sparse_file_tensors(layers, adapter_name)}
-        get = getattr(model, "get_output_embeddings", None)
-        head = get() if callable(get) else None
+        head = output_head(model)
         for name, layer in layers.items():  # PEFT's save_embedding_layers="auto": a LoRA'd output embedding's base
             if layer is head and not isinstance(layer, QLoRALinear):  # weight too (a resized vocabulary's rows)
                 keys[name + _BASE_WEIGHT] = layer.weight
@@ -1081,10 +1080,13 @@ def merge_and_unload(model: nn.Module, dequantize: bool = False) -> nn.Module:
     layers = {**lora_layers(model), **sparse_layers(model)}
     tied = _tied_weights(model, layers)
     if tied:
-        warnings.warn(f"merge_and_unload: the weights of {few(list(tied))} are tied to {few(sum(tied.values(), []))} "
-                      "(a tied output head: the input embeddings); each gets its own merged copy, the others stay as "
-                      "they were, and config.tie_word_embeddings is set False")
-        _untie_word_embeddings(model)
+        head = output_head(model)
+        untie_config = any(layers[n] is head for n in tied)  # a tied output head: the input embeddings
+        warnings.warn(f"merge_and_unload: the weights of {few(list(tied))} are tied to {few(sum(tied.values(), []))}; "
+                      "each gets its own merged copy, the others stay as they were"
+                      + (", and config.tie_word_embeddings is set False" if untie_config else ""))
+        if untie_config:
+            _untie_word_embeddings(model)
     for name, layer in layers.items():
         if name in tied:  # the delta goes into a copy of W, the embeddings keep W (one merged already: taken out)
             if layer.merged:
