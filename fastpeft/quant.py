@@ -550,7 +550,9 @@ def merged_weight(module: nn.Module, delta: torch.Tensor, dequantize: bool = Fal
             if "bnb_quantized" in kwargs:
                 kwargs["bnb_quantized"] = False
             kwargs["quant_state"] = None
-            new = bnb.nn.Params4bit(merged.to(qw.dtype).to("cpu"), **kwargs).to(old.device)
+            # the sum as it is (a bf16 W plus an fp32 delta: fp32), as PEFT quantizes it: rounded once, by the
+            # quantization, and its quant_state then dequantizes to that dtype (PEFT's bytes, bit for bit)
+            new = bnb.nn.Params4bit(merged.to("cpu"), **kwargs).to(old.device)
             if getattr(new, "quant_state", None) is None:
                 raise RuntimeError("bitsandbytes returned an unquantized weight")
     except Exception as exc:  # a device bnb cannot quantize on, a broken install: say which module and why

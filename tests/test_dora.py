@@ -524,3 +524,19 @@ def test_second_derivatives_match_autograd_of_the_oracle(mode, p):
             assert g_ is None or not g_.abs().max(), name
             continue
         assert_close_report(g_, w_, 1e-10, 1e-10, f"{mode} p{p} {name}")
+
+
+@pytest.mark.parametrize("backend", ["reference", "triton"])
+def test_output_changed_in_place_before_backward(backend):
+    """nn.ReLU(inplace=True) or ``h += r`` after a DoRA layer: the plain backward, which reads z from the output,
+    recomputes it from x instead (before 2026-12-01 backward raised "modified by an inplace operation")."""
+    t = _case(9, 48, 40, 4)
+    dy = torch.randn(9, 40, dtype=torch.float64)
+
+    def relu_inplace(fn):
+        return lambda *leaves: fn(*leaves).relu_()
+    want = _run(relu_inplace(_ref(0.0, "exact")), t, torch.float64, dy)
+    got = _run(relu_inplace(_ours(backend, 0.0, "exact")), t, torch.float32, dy)
+    for name, a, e in zip(NAMES, got, want):
+        if e is not None:
+            assert_close_report(a, e, 2e-5, 2e-5 * float(e.detach().abs().max()), name)

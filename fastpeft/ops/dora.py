@@ -145,7 +145,9 @@ class DoRALinearFunction(torch.autograd.Function):
       dW = Gᵀ x (plain), dYᵀ x + (dY ⊙ (g − 1))ᵀ x̃ (exact); db = Σ_i dY_i    (only when they require grad)
 
     Saved: x, u (M, r), the parameters, n and g (N,), and (plain) the output y, which the caller holds
-    anyway in a training graph: no extra (M, N) or (N, K) tensor. x̃ is recomputed from the seed. The PyTorch
+    anyway in a training graph: no extra (M, N) or (N, K) tensor. (In eager mode y is held through an alias that
+    shares its version counter, not saved: where the caller changed the output in place before backward, as
+    ``nn.ReLU(inplace=True)`` or ``h += r`` do, dm comes from z recomputed from x, one GEMM more.) x̃ is recomputed from the seed. The PyTorch
     path in the exact mode (training with dropout), where m needs a gradient, saves z (M, N) instead, as
     PEFT's autograd keeps x̃ Wᵀ: one GEMM fewer in backward.
     """
@@ -160,7 +162,12 @@ class DoRALinearFunction(torch.autograd.Function):
         # instead of one more GEMM in backward
         keep_z = impl != "triton" and exact and ctx.needs_input_grad[5]
         y, u, z = _forward(x, weight, bias, lora_A, lora_B, g, scaling, p, seed, thr, ds, exact, impl, keep_z)
-        ctx.save_for_backward(x, weight, bias, lora_A, lora_B, magnitude, norm, g, u, z if exact else y)
+        saved = z if exact else y
+        if not exact and not torch.compiler.is_compiling():
+            # y held through an alias sharing its version counter, not saved: the caller may change the output in
+            # place (ReLU(inplace=True), h += r) as nn.Linear's allows; the backward then recomputes z from x
+            ctx.y_alias, ctx.y_version, saved = y.detach(), y._version, None
+        ctx.save_for_backward(x, weight, bias, lora_A, lora_B, magnitude, norm, g, u, saved)
         ctx.scaling, ctx.p, ctx.seed, ctx.thr, ctx.ds, ctx.exact, ctx.impl = scaling, p, seed, thr, ds, exact, impl
         ctx.cpu_stream = use_cpu_stream(x)  # the mask's stream, as _forward drew it: the backward redraws that one
         return returned(y)
@@ -172,6 +179,10 @@ class DoRALinearFunction(torch.autograd.Function):
         s, p, seed, thr, ds, exact = ctx.scaling, ctx.p, ctx.seed, ctx.thr, ctx.ds, ctx.exact
         if torch.is_grad_enabled():  # create_graph: gradients that second derivatives can go through
             return _recorded_backward(ctx, dy, x, weight, bias, lora_A, lora_B, magnitude, norm)
+        alias = getattr(ctx, "y_alias", None)
+        if alias is not None:  # None where the output was changed in place since: dm from z recomputed
+            y = alias if alias._version == ctx.y_version else None
+        lost_y = not exact and need_m and y is None
         dt = g.dtype
         dy = dy.contiguous() if dy.stride(-1) != 1 and dy.stride(0) != 1 else dy
         dx = dw = db = da = dbb = dm = None
@@ -188,8 +199,10 @@ class DoRALinearFunction(torch.autograd.Function):
                     dx = K.gemm_op(K.DX_EXACT, dy, weight, v, lora_A, g, None, s, seed, thr, ds)
             else:
                 v, dmsum, dx, dbb = _plain_dy_side(dy, weight, bias, lora_A, lora_B, g, u, y, s, seed, thr, ds,
-                                                   need_x, need_m, need_bb)
-                if need_m:  # (with a bias, one more pass over y finds the columns where y − b cancels)
+                                                   need_x, need_m and not lost_y, need_bb)
+                if lost_y:
+                    dm = _dm_recomputed(dy, x, weight, lora_B, u, norm, s, dt)
+                elif need_m:  # (with a bias, one more pass over y finds the columns where y − b cancels)
                     y_sq = _col_dots(None, y, bias, dt)[1] if bias is not None else None
                     dm = _fix_lost_columns(dmsum / magnitude.detach().to(dt), dy, x, weight, bias, lora_B, u,
                                            magnitude, norm, s, y_sq)
@@ -212,7 +225,9 @@ class DoRALinearFunction(torch.autograd.Function):
                     inner = torch.addmm((dy.to(dt) * (g - 1.0)).to(dy.dtype) @ weight, v, lora_A, alpha=s)
                     dx = (dy @ weight).add_(inner.mul_(keep).mul_(ds) if keep is not None else inner)
             else:
-                if need_m:
+                if lost_y:
+                    dm = _dm_recomputed(dy, x, weight, lora_B, u, norm, s, dt)
+                elif need_m:
                     dots, y_sq = _col_dots(dy, y, bias, dt)
                     dm = _fix_lost_columns(dots / magnitude.detach().to(dt), dy, x, weight, bias, lora_B, u,
                                            magnitude, norm, s, y_sq)
@@ -425,15 +440,20 @@ def _fix_lost_columns(dm, dy, x, weight, bias, lora_B, u, magnitude, norm, s, y_
             lost = lost | (bias.detach().to(y_sq.dtype).square() * max(1, dy.shape[0]) > y_sq)
     if torch.compiler.is_compiling():  # as dora_norm_factored: a traced branch, every column, kept where lost
         def fix(dm, dy, x, weight, lora_B, u, lost, norm):
-            z = torch.addmm(F.linear(x, weight), u.to(x.dtype), lora_B.t().to(x.dtype), alpha=s)
-            return torch.where(lost, (dy.to(dm.dtype) * z.to(dm.dtype)).sum(0) / norm.to(dm.dtype), dm)
+            return torch.where(lost, _dm_recomputed(dy, x, weight, lora_B, u, norm, s, dm.dtype), dm)
 
         return torch.cond(lost.any(), fix, lambda dm, *rest: dm.clone(), (dm, dy, x, weight, lora_B, u, lost, norm))
     cols = lost.nonzero().squeeze(1)
     if cols.numel():
-        z = torch.addmm(F.linear(x, weight[cols]), u.to(x.dtype), lora_B[cols].t().to(x.dtype), alpha=s)
-        dm[cols] = (dy[:, cols].to(dm.dtype) * z.to(dm.dtype)).sum(0) / norm[cols].to(dm.dtype)
+        dm[cols] = _dm_recomputed(dy[:, cols], x, weight[cols], lora_B[cols], u, norm[cols], s, dm.dtype)
     return dm
+
+
+def _dm_recomputed(dy, x, weight, lora_B, u, norm, s, dt) -> torch.Tensor:
+    """dm_j = Σ_i dY_ij z_ij / n_j with z = x Wᵀ + s u Bᵀ recomputed from x (one more GEMM: the columns of ``weight``
+    / ``lora_B`` given), in dt."""
+    z = torch.addmm(F.linear(x, weight), u.to(x.dtype), lora_B.t().to(x.dtype), alpha=s)
+    return (dy.to(dt) * z.to(dt)).sum(0) / norm.to(dt)
 
 
 def dora_linear(x, weight, bias, lora_A, lora_B, magnitude, scaling, dropout_p=0.0, training=True, seed=None,
