@@ -147,9 +147,9 @@ class DoRALinearFunction(torch.autograd.Function):
     Saved: x, u (M, r), the parameters, n and g (N,), and (plain) the output y, which the caller holds
     anyway in a training graph: no extra (M, N) or (N, K) tensor. (In eager mode y is held through an alias that
     shares its version counter, not saved: where the caller changed the output in place before backward, as
-    ``nn.ReLU(inplace=True)`` or ``h += r`` do, dm comes from z recomputed from x, one GEMM more.) x̃ is recomputed from the seed. The PyTorch
-    path in the exact mode (training with dropout), where m needs a gradient, saves z (M, N) instead, as
-    PEFT's autograd keeps x̃ Wᵀ: one GEMM fewer in backward.
+    ``nn.ReLU(inplace=True)`` or ``h += r`` do, dm comes from z recomputed from x, one GEMM more.)
+    x̃ is recomputed from the seed. The PyTorch path in the exact mode (training with dropout), where m needs a
+    gradient, saves z (M, N) instead, as PEFT's autograd keeps x̃ Wᵀ: one GEMM fewer in backward.
     """
 
     @staticmethod
