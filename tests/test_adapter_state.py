@@ -1,7 +1,9 @@
 """Model-level adapter state found wrong by the 2026-12-01 reviews: switching off and deleting a sparse delta alone,
 loading it over itself (Trainer's resume), deleting the active adapter, refusals checked before any layer changes
-(merged layers), re-picking positions on merged RoSA layers, new layers in the model's mode, mixed_batch's
-rows_per_sequence per model, and a merge into a tied output head."""
+(merged layers, hand-made sparse layers, meta and offloaded layers), re-picking positions on merged RoSA layers, new
+layers in their parent's mode, mixed_batch's rows_per_sequence per model and under activation checkpointing, a merge
+into a tied output head, a LoRA'd output embedding's base weight in the file, and the message for an adapter added
+to single layers only."""
 import copy
 import warnings
 
@@ -39,6 +41,8 @@ def _sparse_model(seed=0):
 
 
 def test_sparse_delta_alone_switches_off_and_deletes():
+    """set_adapter(None) runs the base with the delta frozen (it kept adding it), set_adapter back restores it,
+    merged layers refuse both calls before any change, and delete_adapter puts plain nn.Linear layers back."""
     m, base = _sparse_model()
     adapted = m(_x()).detach()
     assert not torch.allclose(adapted, base)
@@ -63,6 +67,8 @@ def test_sparse_delta_alone_switches_off_and_deletes():
 
 
 def test_sparse_delta_loads_over_itself_and_resumes_through_load_state_dict(tmp_path):
+    """load_adapter over the model's own sparse delta, and Trainer's resume through load_state_dict, replace its
+    values (both raised: plan_lora refused the SparseDeltaLinear targets)."""
     m, _ = _sparse_model()
     want = m(_x()).detach()
     fastpeft.save_adapter(m, tmp_path / "a")
@@ -92,6 +98,8 @@ def _lora_model(names=("a",), seed=0):
 
 @pytest.mark.parametrize("names", [("a",), ("a", "b")])
 def test_deleting_the_active_adapter_leaves_none_active(names):
+    """delete_adapter of the active adapter (alone, or beside another) leaves none active and the base model's
+    outputs (it raised KeyError with the adapter half deleted)."""
     m = _lora_model(names)
     base = Toy()
     base.load_state_dict({k: v for k, v in _lora_model(()).state_dict().items()})
@@ -106,6 +114,7 @@ def test_deleting_the_active_adapter_leaves_none_active(names):
 
 
 def test_refusals_on_merged_layers_change_no_layer():
+    """One merged layer among several: set_adapter / delete_adapter refuse before switching or deleting anywhere."""
     m = _lora_model(("a", "b"))
     fastpeft.set_adapter(m, "a")
     layers = list(fastpeft.lora_layers(m).values())
@@ -120,6 +129,8 @@ def test_refusals_on_merged_layers_change_no_layer():
 
 
 def test_rosa_positions_cannot_be_repicked_on_a_merged_layer():
+    """set_sparse_delta and select_by_gradients refuse a merged RoSA layer (W holds the old delta: unmerge took the
+    new one out, leaving the old in W for good), with every layer unchanged, and unmerge restores W."""
     torch.manual_seed(0)
     m = Toy()
     fastpeft.inject(m, LoraConfig(r=2, target_modules=["q_proj"], sparse_density=0.2, init_lora_weights=False))
@@ -140,6 +151,7 @@ def test_rosa_positions_cannot_be_repicked_on_a_merged_layer():
 
 
 def test_failed_select_positions_keeps_the_spec():
+    """select_positions on a merged layer refuses before its selection rule changes."""
     torch.manual_seed(0)
     m = Toy()
     fastpeft.inject(m, SparseDeltaConfig(density=0.2, target_modules=["q_proj"]))
@@ -150,21 +162,27 @@ def test_failed_select_positions_keeps_the_spec():
     assert layer.selection == "random"
 
 
-@pytest.mark.parametrize("training", [False, True])
-def test_loaded_layers_take_the_model_mode(tmp_path, training):
+def test_loaded_layers_take_their_parent_mode(tmp_path):
+    """load_adapter's layers take the mode of the module they sit in: an eval model serves without dropout (they
+    were in training mode: dropout, two no-grad calls differing), an eval block of a training model stays eval."""
     torch.manual_seed(0)
     src = Toy()
     fastpeft.inject(src, LoraConfig(r=4, lora_dropout=0.5, target_modules=["q_proj"], init_lora_weights=False))
     fastpeft.save_adapter(src, tmp_path)
-    m = Toy().train(training)
+    m = Toy().eval()
     fastpeft.load_adapter(m, tmp_path, trainable=False)
-    assert all(layer.training is training for layer in fastpeft.lora_layers(m).values())
-    if not training:  # an eval model serves without dropout: the same output at every call
-        with torch.no_grad():
-            assert torch.equal(m(_x()), m(_x()))
+    assert not any(layer.training for layer in fastpeft.lora_layers(m).values())
+    with torch.no_grad():
+        assert torch.equal(m(_x()), m(_x()))
+    m = Toy().train()
+    m.layers[0].eval()
+    fastpeft.load_adapter(m, tmp_path)
+    assert [m.layers[i].attn.q_proj.training for i in (0, 1)] == [False, True]
 
 
 def test_rows_per_sequence_belongs_to_each_model():
+    """Nested mixed_batch blocks on two models keep their own rows_per_sequence (a process-wide k let one block
+    route the other model's batch)."""
     one, two = _lora_model(("a", "b"), seed=0), _lora_model(("a", "b"), seed=1)
     x4 = torch.randn(4, 3, 16)
     with fastpeft.mixed_batch(one, ["a", "b"], rows_per_sequence=2):
@@ -180,6 +198,8 @@ def test_rows_per_sequence_belongs_to_each_model():
 
 
 def test_merge_and_unload_unties_a_tied_output_head():
+    """A delta on GPT-2's tied lm_head: inject warns; merge_and_unload gives the head its own merged copy (a layer
+    merged before is unmerged first), keeps the embeddings and the outputs, sets tie_word_embeddings False."""
     transformers = pytest.importorskip("transformers")
     cfg = transformers.GPT2Config(vocab_size=40, n_embd=32, n_layer=1, n_head=4, n_positions=16)
     torch.manual_seed(0)
@@ -201,12 +221,14 @@ def test_merge_and_unload_unties_a_tied_output_head():
 
 
 def test_no_tied_warning_for_untied_targets():
+    """The tie check excludes the layer's own names: untied targets warn nothing."""
     with warnings.catch_warnings():
         warnings.simplefilter("error")
         _lora_model()
 
 
 def test_an_adapter_added_to_single_layers_is_pointed_to_the_model_level_ways():
+    """A name added with FastLoRALinear.add_adapter is not the model's: the error says how to add one."""
     m = _lora_model()
     for layer in fastpeft.lora_layers(m).values():
         layer.add_adapter("b", 2, 2)
@@ -217,6 +239,7 @@ def test_an_adapter_added_to_single_layers_is_pointed_to_the_model_level_ways():
 
 
 def test_a_switched_off_sparse_delta_stays_off_and_frozen(tmp_path):
+    """A load over a switched-off sparse delta keeps it off and frozen; select_by_gradients says it is off."""
     m, base = _sparse_model()
     fastpeft.save_adapter(m, tmp_path)
     fastpeft.set_adapter(m, None)
@@ -259,6 +282,7 @@ def test_a_lora_output_embedding_saves_its_base_weight_as_peft(tmp_path):
 
 
 def test_load_adapter_refuses_a_model_on_meta(tmp_path):
+    """A copy into meta tensors keeps nothing: refused, naming the parameters, before any change."""
     torch.manual_seed(0)
     src = Toy()
     fastpeft.inject(src, LoraConfig(r=2, target_modules=["q_proj"]))
@@ -271,6 +295,8 @@ def test_load_adapter_refuses_a_model_on_meta(tmp_path):
 
 
 def test_inject_refuses_a_layer_accelerate_offloads():
+    """An offloaded target (meta weight, accelerate's hook) is refused by name: fastpeft's layer would drop the
+    hook and meet the meta weight at the first call."""
     m = Toy()
     q = m.layers[1].attn.q_proj
     q.weight = nn.Parameter(torch.empty_like(q.weight, device="meta"))
@@ -306,3 +332,19 @@ def test_checkpointed_mixed_batch_routes_the_recomputation(reentrant):
     assert want.keys() == got.keys() and all(want[n] is not None for n in want)
     for n in want:
         torch.testing.assert_close(got[n], want[n], rtol=0, atol=0, msg=n)
+
+
+def test_save_adapter_writes_on_rank_0_alone_by_default(tmp_path, monkeypatch):
+    """With a process group, save_adapter's default writes on global rank 0 only (every DDP rank wrote, and their
+    atomic renames raced); is_main_process=True writes anyway (fastpeft.hf's temporary folders, on every rank)."""
+    m = _lora_model()
+    monkeypatch.setattr(torch.distributed, "is_available", lambda: True)
+    monkeypatch.setattr(torch.distributed, "is_initialized", lambda: True)
+    monkeypatch.setattr(torch.distributed, "get_rank", lambda group=None: 1)
+    fastpeft.save_adapter(m, tmp_path / "rank1", "a")
+    assert not (tmp_path / "rank1").exists()
+    fastpeft.save_adapter(m, tmp_path / "own", "a", is_main_process=True)
+    assert (tmp_path / "own" / "adapter_model.safetensors").exists()
+    monkeypatch.setattr(torch.distributed, "get_rank", lambda group=None: 0)
+    fastpeft.save_adapter(m, tmp_path / "rank0", "a")
+    assert (tmp_path / "rank0" / "adapter_config.json").exists()

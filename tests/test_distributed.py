@@ -280,9 +280,9 @@ def test_trained_parameters_match_single_process(run, single):
 
 
 def test_saved_adapter_loads_into_fresh_model(run, single):
-    """An adapter saved from the distributed run (DDP: rank 0; FSDP2: every rank calls, shards are
-    gathered, rank 0 writes) loads into a fresh single-process model that then gives the distributed
-    model's outputs and the single-process run's."""
+    """An adapter saved from the distributed run (every rank calls save_adapter, rank 0 alone writes; FSDP2's shards
+    are gathered) loads into a fresh single-process model that then gives the distributed model's outputs and the
+    single-process run's."""
     fresh = fastpeft.load_adapter(_base_model(), run["adapter"]).eval()
     trained, _ = single(run["dropout"], run["mixed"])
     with torch.no_grad():

@@ -88,21 +88,23 @@ def test_magnitude_gradient_where_y_minus_b_loses_z(case):
     """dm_j = Σ_i dY_ij z_ij / n_j does not depend on m, but the plain backward reads z from y = g z + b: with m_j
     near 0 (1e-30: y = b exactly, dm came out 0 and the row could never recover) or a bias 500x the column's
     g z (y − b cancels: 100x PEFT's error in bf16), those columns are recomputed from x. fp32 and bf16, both
-    backends (bf16: within 2x PyTorch's own error in computing z in bf16)."""
+    backends (bf16: within 2x PyTorch's own error in computing z in bf16, plus half a bf16 ulp of dm itself, which
+    the gradient is rounded to)."""
     t = _case(17, 48, 40, 4)
     if case == "tiny-m":
         t[5][[3, 9]] = 1e-30
     else:
         t[2][[3, 9]] = 500.0
         t[5][[3, 9]] *= 0.01
-    dy = torch.randn(17, 40, dtype=torch.float64)
+    dy = torch.randn(17, 40, dtype=torch.float64, generator=torch.Generator().manual_seed(2))
     want = _run(_ref(0.0, "exact"), t, torch.float64, dy)[6]
     own = [t_.to(torch.bfloat16).to(torch.float64) if t_ is not None else None for t_ in t]  # PyTorch in bf16:
     z = (own[0] @ own[1].t() + 1.5 * (own[0] @ own[3].t()) @ own[4].t()).to(torch.bfloat16).to(torch.float64)
     n = torch.linalg.vector_norm(own[1] + 1.5 * own[4] @ own[3], dim=1)
     torch_err = float(((dy * z).sum(0) / n - want).abs().max())
     for backend in ("reference", "triton"):
-        for dtype, tol in ((torch.float32, 2e-5 * float(want.abs().max())), (torch.bfloat16, 2 * torch_err)):
+        for dtype, tol in ((torch.float32, 2e-5 * float(want.abs().max())),
+                           (torch.bfloat16, 2 * torch_err + 2.0**-8 * float(want.abs().max()))):
             got = _run(_ours(backend, 0.0, "exact"), t, dtype, dy)[6].double()
             assert_close_report(got, want, 0.0, tol, f"dm {backend} {dtype}")
 
@@ -531,7 +533,7 @@ def test_output_changed_in_place_before_backward(backend):
     """nn.ReLU(inplace=True) or ``h += r`` after a DoRA layer: the plain backward, which reads z from the output,
     recomputes it from x instead (before 2026-12-01 backward raised "modified by an inplace operation")."""
     t = _case(9, 48, 40, 4)
-    dy = torch.randn(9, 40, dtype=torch.float64)
+    dy = torch.randn(9, 40, dtype=torch.float64, generator=torch.Generator().manual_seed(3))
 
     def relu_inplace(fn):
         return lambda *leaves: fn(*leaves).relu_()

@@ -170,8 +170,8 @@ def test_training_mode_keeps_nothing_and_sees_data_writes(kind):
 @pytest.mark.parametrize("write", ["frozen-base-swapped", "trained-base-sgd"])
 def test_dora_training_mode_sees_base_weight_data_writes(write):
     """DoRA's ‖W_j‖² was kept in training mode too, keyed on W's version: a base weight swapped through
-    ``.data``, or a trained W updated by a hand-written ``p.data.add_`` step, left the norm stale (outputs 3-7%
-    off). Now it is kept in eval mode only, as the other kept values."""
+    ``.data``, or a trained W updated by a hand-written ``p.data.add_`` step, left the norm stale (the outputs of
+    the old W's norm). Now it is kept in eval mode only, as the other kept values."""
     from fastpeft.reference import dora_linear_ref
     layer, _, x = _layer("dora")
     layer.train()

@@ -831,8 +831,9 @@ def test_second_derivatives_on_the_kernels_match_the_reference(p):
 
 
 def test_second_derivatives_through_kernels_without_a_graph_are_refused():
-    """The many-adapter and sparse triton Functions' gradients carry no graph: create_graph raises, naming the
-    op and the way out, instead of leaving their part out of the second derivatives."""
+    """The many-adapter, sparse and RoSA triton Functions' gradients carry no graph: create_graph raises, naming the
+    op and the way out, instead of leaving their part out of the second derivatives. (QLoRA's triton Function takes
+    the same check, ops.common.no_second_derivatives.)"""
     x, w, b, a, bb = _make(6, 48, 40, 4, torch.float32)
     x.requires_grad_(True)
     ids = torch.tensor([0, 1, -1, 1, 0, 0], device=DEV)
@@ -844,4 +845,8 @@ def test_second_derivatives_through_kernels_without_a_graph_are_refused():
     y = fastpeft.sparse_delta_linear(x, w, b, torch.tensor([0, 3, 50, 61, 700], device=DEV), values,
                                      backend="triton")
     with pytest.raises(RuntimeError, match=r"create_graph=True .*sparse_delta_linear"):
+        torch.autograd.grad(y.square().sum(), values, create_graph=True)
+    y = fastpeft.lora_sparse_linear(x, w, b, a, bb, 1.5, torch.tensor([0, 3, 50, 61, 700], device=DEV), values,
+                                    backend="triton")
+    with pytest.raises(RuntimeError, match=r"create_graph=True .*lora_sparse_linear \(RoSA\)"):
         torch.autograd.grad(y.square().sum(), values, create_graph=True)
