@@ -19,8 +19,9 @@ whose ``forward`` decides at every call:
   other than DoRA (aLoRA, ...), DoRA with several active adapters or on a quantized base, ``lora_bias``,
   hooks on the base layer or on the LoRA factors (accelerate's offload hooks included), parameters of other
   dtypes than the input outside autocast (fp32 adapters on a bf16 base: PEFT computes the LoRA branch in
-  fp32; the same on a 4-bit base with another compute dtype), autocast on a 4-bit base, a 4-bit weight bnb
-  repacked for its CPU inference kernel (eval mode on the CPU), several active adapters with dropout in
+  fp32; the same on a 4-bit base with another compute dtype), autocast on a 4-bit base, a 4-bit layer in eval
+  mode on the CPU without grad (bnb's own CPU inference kernel, on a weight it repacks), several active adapters
+  with dropout in
   training (PEFT draws one mask per adapter), extra forward arguments. Int8 bases (``lora.bnb.Linear8bitLt``)
   stay on PEFT's forward: bnb's LLM.int8 matmul quantizes the input too, which ``qlora_linear`` (W8A16)
   does not, so the outputs would not be PEFT's to float rounding.
@@ -279,16 +280,11 @@ def runtime_fallback_reason(self, x, args=(), kwargs=None):
         return "input is not a tensor of at least one dim"
     qweight = None
     if quantized:
-        if getattr(getattr(base.weight, "quant_state", None), "packing_format_for_cpu", False):
-            # bnb repacked it at an eval-mode call on the CPU and unpacks it only in state_dict() (a checkpoint save),
-            # .cuda() or .xpu(): training calls after an evaluation come here too until then
-            return ("4-bit weight in bitsandbytes' CPU inference layout (repacked by an eval-mode call; unpacked by "
-                    "state_dict(), e.g. a checkpoint save)")
         if x.device.type == "cpu" and getattr(base, "support_avx512bf16_for_cpu", False) and not base.training \
                 and not x.requires_grad:
             # bnb's Linear4bit.forward repacks the weight here (absmax rounded to bf16) and computes with that.
             return "4-bit layer in eval mode on the CPU: bitsandbytes' own CPU inference kernel (repacked weight)"
-        try:
+        try:  # (a weight bnb's kernel repacked at such a call is unpacked here: quant.unpack_cpu_repacked)
             qweight = _quantized_weight(self)
         except (ValueError, TypeError) as e:
             return f"4-bit base layer fastpeft cannot read: {e}"

@@ -208,19 +208,18 @@ class QuantizedWeight:
     @classmethod
     def from_module(cls, module: nn.Module, name: str = "") -> "QuantizedWeight":
         """The view of a ``Linear4bit`` / ``Linear8bitLt`` layer's weight; ``ValueError`` naming the module when
-        its weight is not quantized (yet) or is in a layout bnb keeps for its own CPU inference only."""
+        its weight is not quantized (yet). A 4-bit weight bitsandbytes repacked for its CPU inference kernel is
+        unpacked first (``unpack_cpu_repacked``)."""
         label = f"module {name!r}" if name else f"the {type(module).__name__} layer"
         kind = base_kind(module, name)
+        if kind == "4bit":
+            unpack_cpu_repacked(module)
         w = module.weight
         if kind == "4bit":
             qs = getattr(w, "quant_state", None)
             if qs is None or not getattr(w, "bnb_quantized", True):
                 raise ValueError(f"{label}: its Linear4bit weight is not quantized yet (bitsandbytes quantizes it "
                                  f"when the layer is moved to a device: call .to(device) first)")
-            if getattr(qs, "packing_format_for_cpu", False):
-                raise ValueError(f"{label}: bitsandbytes repacked this Linear4bit weight for its CPU inference "
-                                 f"kernel (packing_format_for_cpu, absmax rounded to bf16), a layout fastpeft does not "
-                                 f"read; load the model again and inject before running it in eval mode on the CPU")
             if qs.quant_type not in ("nf4", "fp4"):
                 raise ValueError(f"{label}: quant_type must be 'nf4' or 'fp4', got {qs.quant_type!r}")
             shape = tuple(int(s) for s in qs.shape)
@@ -256,6 +255,16 @@ class QuantizedWeight:
 
 
 _NO_TORCH_FUNCTION = torch._C.DisableTorchFunctionSubclass  # bnb's Params4bit overrides it: 1.5 µs a method
+
+
+def unpack_cpu_repacked(module: nn.Module) -> None:
+    """A ``Linear4bit`` weight bitsandbytes repacked for its CPU inference kernel (at an eval-mode call on the CPU:
+    its own layout, absmax rounded to bf16) back in the plain layout, in place, as bitsandbytes does itself when it
+    saves the layer (``state_dict``); the same values (the bf16 absmax stays), and its next eval-mode call repacks
+    it again. Before 2026-12-01 fastpeft refused such a weight: inject after a first generate() on the CPU failed,
+    and accelerated layers ran PEFT's forward until a checkpoint save. No-op for any other layer."""
+    if getattr(getattr(module.weight, "quant_state", None), "packing_format_for_cpu", False):
+        module.state_dict()  # (Linear4bit._save_to_state_dict unpacks the weight in place)
 
 
 def kept_quantized_weight(module: nn.Module, kept) -> tuple:
@@ -579,11 +588,7 @@ def merge_into_quantized(module: nn.Module, delta: torch.Tensor, dequantize: boo
 
 
 def dequantized_linear(module: nn.Module, name: str = "") -> nn.Linear:
-    """A plain floating-point ``nn.Linear`` copy of a bitsandbytes layer (no adapter merged). A 4-bit layer that
-    bitsandbytes repacked for its CPU inference kernel (after an eval-mode call) is first converted back, as
-    bitsandbytes itself does it when it saves the layer (``state_dict``)."""
-    if getattr(getattr(module.weight, "quant_state", None), "packing_format_for_cpu", False):
-        module.state_dict()  # (Linear4bit._save_to_state_dict unpacks the weight in place)
+    """A plain floating-point ``nn.Linear`` copy of a bitsandbytes layer (no adapter merged)."""
     qw = QuantizedWeight.from_module(module, name)
     return merge_into_quantized(module, torch.zeros(qw.shape, device=qw.device), dequantize=True, name=name)
 

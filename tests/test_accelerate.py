@@ -688,8 +688,9 @@ def test_4bit_fp32_adapters_on_bf16_compute_dtype_run_on_fastpeft():
 
 def test_4bit_eval_on_cpu_follows_bnb():
     """In eval mode, on a CPU with AVX512-BF16, an input without grad: bnb's Linear4bit repacks its weight for
-    its own inference kernel (absmax rounded to bf16, other outputs): that call, and every later one on the
-    repacked weight, runs PEFT's forward; elsewhere fastpeft's, equal to PEFT's."""
+    its own inference kernel (absmax rounded to bf16, other outputs): that call runs PEFT's forward; every other
+    call fastpeft's, equal to PEFT's, a repacked weight unpacked first as bnb's state_dict() does (before
+    2026-12-01 every later call ran PEFT's forward until a checkpoint save)."""
     model = quantized_model(target_modules=["a"], lora_dropout=0.1)
     fastpeft.accelerate(model)
     layer = model.base_model.model.a
@@ -708,10 +709,12 @@ def test_4bit_eval_on_cpu_follows_bnb():
     assert paths["fastpeft"] == (1 if repacks else 2) and sum(paths.values()) == 2
     if repacks:
         assert any("repacked" in k for k in paths if k != "fastpeft")
-        with torch.no_grad():  # (bnb's repacked kernel refuses grad); an input that requires grad, all the same
-            layer(xg)
-        assert layer._fastpeft_calls["fastpeft"] == 1  # repacked: PEFT's forward from now on
-        assert sum(layer._fastpeft_calls.values()) == 3
+        with torch.no_grad():  # an input that requires grad: not bnb's kernel's call
+            got = layer(xg)
+        assert not layer.base_layer.weight.quant_state.packing_format_for_cpu  # unpacked, fastpeft's ops
+        assert layer._fastpeft_calls["fastpeft"] == 2 and sum(layer._fastpeft_calls.values()) == 3
+        with torch.no_grad():
+            assert_close_report(got, peft.tuners.lora.bnb.Linear4bit.forward(layer, xg), RTOL, ATOL, "unpacked")
 
 
 # ---------------------------------------------------------------------------------------------------------

@@ -869,16 +869,6 @@ def _merge_without_a_quantizer(layer):
         bnb.nn.Params4bit._quantize = old
 
 
-def _cpu_repacked():
-    """A Linear4bit that bitsandbytes' CPU inference path has repacked in place (packing_format_for_cpu)."""
-    from bitsandbytes.functional import _convert_weight_packed_for_cpu
-
-    layer = _bnb4(128, 64)
-    layer.weight.data, layer.weight.quant_state = _convert_weight_packed_for_cpu(layer.weight.data,
-                                                                                 layer.weight.quant_state)
-    return layer
-
-
 def _base_kind(m):
     from fastpeft.quant import base_kind
     return base_kind(m, "model.layers.0.q_proj")
@@ -899,9 +889,6 @@ QLORA_CASES = [
     Bad("qlora-torchao-weight", _base_kind, TypeError, ("'model.layers.0.q_proj'", "torchao"), _torchao_linear),
     Bad("qlora-linear4bit-not-quantized-yet", _view, ValueError, ("'proj'", "not quantized yet"),
         lambda: _bnb4(quantized=False)),
-    # no snapshot: bnb's state_dict() undoes the CPU repacking in place
-    Bad("qlora-linear4bit-repacked-for-cpu", lambda _: _view(_cpu_repacked()), ValueError,
-        ("'proj'", "packing_format_for_cpu")),
     Bad("qlora-fused-K-not-multiple-of-blocksize", lambda m: _qlora(m, path="fused"), ValueError,
         ("'proj'", "in_features=80", "block size 64"), lambda: _bnb4(80, 48)),
     Bad("qlora-env-fused-K-not-multiple-of-blocksize",

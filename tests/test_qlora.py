@@ -199,6 +199,25 @@ def test_int8_dequantize_ref_is_bit_exact_with_bitsandbytes():
     assert torch.equal(dequantize_ref(qw).view(torch.int32), want.view(torch.int32))
 
 
+def test_a_weight_repacked_for_bnbs_cpu_kernel_is_unpacked_and_read():
+    """bitsandbytes repacks a Linear4bit weight for its CPU inference kernel at an eval-mode call (its own layout,
+    absmax rounded to bf16). Reading it unpacks it in place, as bnb's state_dict() does, to the same values: the
+    dequantized weight equals the one bnb's own state_dict() unpacking gives (before 2026-12-01 fastpeft refused
+    such a layer: inject after a first CPU generate() failed)."""
+    from bitsandbytes.functional import _convert_weight_packed_for_cpu
+
+    def repacked():
+        layer = _layer4(128, 64)
+        layer.weight.data, layer.weight.quant_state = _convert_weight_packed_for_cpu(layer.weight.data,
+                                                                                     layer.weight.quant_state)
+        return layer
+    mine, theirs = repacked(), repacked()
+    theirs.state_dict()  # bitsandbytes' own unpacking
+    qw = QuantizedWeight.from_module(mine, "proj")
+    assert not mine.weight.quant_state.packing_format_for_cpu
+    assert torch.equal(dequantize_weight(qw), dequantize_weight(QuantizedWeight.from_module(theirs, "proj")))
+
+
 def test_view_reads_the_packed_weight_in_place():
     layer = _layer4(128, 48, nested=True, storage=torch.bfloat16)
     qw = QuantizedWeight.from_module(layer, "q")

@@ -368,3 +368,27 @@ def test_transformers_adapter_mark_follows_the_adapters(checkpoint):
     fastpeft.inject(fm, fastpeft.LoraConfig(r=2, target_modules=["v_proj"]), adapter_name="b")
     fastpeft.merge_and_unload(fm, dequantize=True)
     assert "_hf_peft_config_loaded" not in fm.__dict__
+
+
+def test_inject_after_an_eval_call_on_the_cpu(checkpoint):
+    """from_pretrained gives an eval model; a first forward there (a generate() to try the model) makes
+    bitsandbytes repack its 4-bit weights for its CPU kernel. inject reads them unpacked (it refused them before
+    2026-12-01), and the model trains, within the bf16 rounding of the repacked absmax of a model never run in eval."""
+    x = ids(7)
+    fresh = load(checkpoint).train()
+    fm = load(checkpoint)
+    with torch.no_grad():
+        fm(input_ids=x)
+    repacked = [n for n, m in fm.named_modules()
+                if getattr(getattr(getattr(m, "weight", None), "quant_state", None), "packing_format_for_cpu", False)]
+    if not repacked:
+        pytest.skip("this CPU has no AVX512-BF16: bitsandbytes does not repack")
+    for m in (fresh, fm):
+        torch.manual_seed(0)
+        fastpeft.inject(m, fastpeft.LoraConfig(r=4, lora_alpha=8, target_modules=TARGETS, init_lora_weights=False))
+    fm.train()
+    loss = fm(input_ids=x, labels=x).loss
+    loss.backward()
+    assert torch.isfinite(loss) and all(torch.isfinite(p.grad).all() for p in fm.parameters() if p.requires_grad)
+    with torch.no_grad():
+        assert_close_report(fm(input_ids=x).logits, fresh(input_ids=x).logits, atol=2e-2, rtol=2e-2)
