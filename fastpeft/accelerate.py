@@ -21,10 +21,9 @@ whose ``forward`` decides at every call:
   dtypes than the input outside autocast (fp32 adapters on a bf16 base: PEFT computes the LoRA branch in
   fp32; the same on a 4-bit base with another compute dtype), autocast on a 4-bit base, a 4-bit layer in eval
   mode on the CPU without grad (bnb's own CPU inference kernel, on a weight it repacks), several active adapters
-  with dropout in
-  training (PEFT draws one mask per adapter), extra forward arguments. Int8 bases (``lora.bnb.Linear8bitLt``)
-  stay on PEFT's forward: bnb's LLM.int8 matmul quantizes the input too, which ``qlora_linear`` (W8A16)
-  does not, so the outputs would not be PEFT's to float rounding.
+  with dropout in training (PEFT draws one mask per adapter), extra forward arguments. Int8 bases
+  (``lora.bnb.Linear8bitLt``) stay on PEFT's forward: bnb's LLM.int8 matmul quantizes the input too, which
+  ``qlora_linear`` (W8A16) does not, so the outputs would not be PEFT's to float rounding.
 
 The layers stay PEFT ``LoraLayer`` instances with all their state, so ``save_pretrained``, ``merge_adapter``,
 ``merge_and_unload``, ``set_adapter``, ``disable_adapter()``, ``add_adapter`` / ``load_adapter`` and
@@ -443,8 +442,8 @@ class AccelerateReport:
     adapters that still run on PEFT's forward when active, and why; newly_patched: how many layers this
     call patched (0 on a second call), plus those the model's later ``load_adapter`` / ``add_adapter`` calls
     patched (each patches the layers it adds, warns of those it cannot, and updates the lists). ``calls()``
-    counts, since ``accelerate``, the calls of the patched
-    layers by path: ``"fastpeft"`` or the reason PEFT's forward ran.
+    counts, since ``accelerate``, the calls of the patched layers by path: ``"fastpeft"`` or the reason PEFT's
+    forward ran.
     """
 
     patched: list

@@ -282,7 +282,7 @@ def to_peft(model: nn.Module):
 
 
 # The model's attributes fastpeft sets for its adapters (besides Trainer's methods); gone after to_peft (the
-# PeftModel then holds the adapters: transformers' flag for them, attach_trainer_support's on quantized models, too).
+# PeftModel then holds the adapters: transformers' mark of them too, which inject sets on quantized models).
 _FASTPEFT_ATTRS = ("_fastpeft_adapters", "_fastpeft_active", "_fastpeft_trained", "_hf_peft_config_loaded")
 
 

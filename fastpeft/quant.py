@@ -263,8 +263,17 @@ def unpack_cpu_repacked(module: nn.Module) -> None:
     saves the layer (``state_dict``); the same values (the bf16 absmax stays), and its next eval-mode call repacks
     it again. Before 2026-12-01 fastpeft refused such a weight: inject after a first generate() on the CPU failed,
     and accelerated layers ran PEFT's forward until a checkpoint save. No-op for any other layer."""
-    if getattr(getattr(module.weight, "quant_state", None), "packing_format_for_cpu", False):
-        module.state_dict()  # (Linear4bit._save_to_state_dict unpacks the weight in place)
+    qs = getattr(module.weight, "quant_state", None)
+    if getattr(qs, "packing_format_for_cpu", False):
+        from bitsandbytes.functional import _convert_weight_packed_for_cpu_inverse
+
+        w = module.weight  # (what Linear4bit._save_to_state_dict runs, without the layer's state_dict hooks)
+        w.data, w.quant_state = _convert_weight_packed_for_cpu_inverse(w.data, qs)
+        absmax = w.quant_state.absmax
+        if absmax.dim() == 2:  # bnb 0.50 leaves a non-nested absmax in the repacked (in / b, out) layout: per-row
+            w.quant_state.absmax = absmax.t().reshape(-1).float()  # blocks again (bnb's own forward then reads it)
+        if getattr(module, "quant_state", None) is not None:
+            module.quant_state = w.quant_state
 
 
 def kept_quantized_weight(module: nn.Module, kept) -> tuple:

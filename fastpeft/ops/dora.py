@@ -145,9 +145,11 @@ class DoRALinearFunction(torch.autograd.Function):
       dW = Gᵀ x (plain), dYᵀ x + (dY ⊙ (g − 1))ᵀ x̃ (exact); db = Σ_i dY_i    (only when they require grad)
 
     Saved: x, u (M, r), the parameters, n and g (N,), and (plain) the output y, which the caller holds
-    anyway in a training graph: no extra (M, N) or (N, K) tensor. (In eager mode y is held through an alias that
-    shares its version counter, not saved: where the caller changed the output in place before backward, as
-    ``nn.ReLU(inplace=True)`` or ``h += r`` do, dm comes from z recomputed from x, one GEMM more.)
+    anyway in a training graph: no extra (M, N) or (N, K) tensor. (In eager mode without saved-tensor hooks, y is
+    held through an alias that shares its version counter, not saved, and dropped by the backward: where the caller
+    changed the output in place before backward, as ``nn.ReLU(inplace=True)`` or ``h += r`` do, or in a second
+    backward, dm comes from z recomputed from x, one GEMM more. Under saved-tensor hooks (activation checkpointing,
+    save_on_cpu) a copy of y is saved: transient under checkpointing, which recomputes it.)
     x̃ is recomputed from the seed. The PyTorch path in the exact mode (training with dropout), where m needs a
     gradient, saves z (M, N) instead, as PEFT's autograd keeps x̃ Wᵀ: one GEMM fewer in backward.
     """
@@ -162,11 +164,18 @@ class DoRALinearFunction(torch.autograd.Function):
         # instead of one more GEMM in backward
         keep_z = impl != "triton" and exact and ctx.needs_input_grad[5]
         y, u, z = _forward(x, weight, bias, lora_A, lora_B, g, scaling, p, seed, thr, ds, exact, impl, keep_z)
-        saved = z if exact else y
-        if not exact and not torch.compiler.is_compiling():
-            # y held through an alias sharing its version counter, not saved: the caller may change the output in
-            # place (ReLU(inplace=True), h += r) as nn.Linear's allows; the backward then recomputes z from x
-            ctx.y_alias, ctx.y_version, saved = y.detach(), y._version, None
+        saved = z if exact else (y if ctx.needs_input_grad[5] else None)  # (plain: y serves dm only)
+        if not exact and saved is not None and not torch.compiler.is_compiling():
+            # The caller may change the output in place (ReLU(inplace=True), h += r), as nn.Linear's allows.
+            if torch._C._autograd._top_saved_tensors_default_hooks(False) is None:
+                # y held through an alias sharing its version counter, not saved: where it moved, the backward
+                # recomputes z from x
+                ctx.y_alias, ctx.y_version, saved = y.detach(), y._version, None
+            else:
+                # saved-tensor hooks (activation checkpointing, save_on_cpu) must see every saved tensor, and a
+                # non-reentrant checkpoint's recomputation is not version-checked (a changed y gave a silently wrong
+                # dm): a copy of its own, made before anything changes y (transient under checkpointing)
+                saved = y.clone()
         ctx.save_for_backward(x, weight, bias, lora_A, lora_B, magnitude, norm, g, u, saved)
         ctx.scaling, ctx.p, ctx.seed, ctx.thr, ctx.ds, ctx.exact, ctx.impl = scaling, p, seed, thr, ds, exact, impl
         ctx.cpu_stream = use_cpu_stream(x)  # the mask's stream, as _forward drew it: the backward redraws that one
@@ -179,9 +188,9 @@ class DoRALinearFunction(torch.autograd.Function):
         s, p, seed, thr, ds, exact = ctx.scaling, ctx.p, ctx.seed, ctx.thr, ctx.ds, ctx.exact
         if torch.is_grad_enabled():  # create_graph: gradients that second derivatives can go through
             return _recorded_backward(ctx, dy, x, weight, bias, lora_A, lora_B, magnitude, norm)
-        alias = getattr(ctx, "y_alias", None)
-        if alias is not None:  # None where the output was changed in place since: dm from z recomputed
-            y = alias if alias._version == ctx.y_version else None
+        alias = ctx.__dict__.pop("y_alias", None)  # (dropped: a retain_graph second backward recomputes z)
+        if alias is not None or hasattr(ctx, "y_version"):  # None where the output changed in place since, or
+            y = alias if alias is not None and alias._version == ctx.y_version else None  # a second backward
         lost_y = not exact and need_m and y is None
         dt = g.dtype
         dy = dy.contiguous() if dy.stride(-1) != 1 and dy.stride(0) != 1 else dy
