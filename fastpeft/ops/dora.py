@@ -188,9 +188,12 @@ class DoRALinearFunction(torch.autograd.Function):
         s, p, seed, thr, ds, exact = ctx.scaling, ctx.p, ctx.seed, ctx.thr, ctx.ds, ctx.exact
         if torch.is_grad_enabled():  # create_graph: gradients that second derivatives can go through
             return _recorded_backward(ctx, dy, x, weight, bias, lora_A, lora_B, magnitude, norm)
-        alias = ctx.__dict__.pop("y_alias", None)  # (dropped: a retain_graph second backward recomputes z)
-        if alias is not None or hasattr(ctx, "y_version"):  # None where the output changed in place since, or
-            y = alias if alias is not None and alias._version == ctx.y_version else None  # a second backward
+        alias = getattr(ctx, "y_alias", None)  # (set by an eager forward only)
+        if alias is not None:  # None where the output changed in place since: dm from z recomputed
+            ctx.y_alias = None  # dropped: y's memory is free after backward (a second one recomputes z)
+            y = alias if alias._version == ctx.y_version else None
+        elif getattr(ctx, "y_version", None) is not None:  # a retain_graph second backward
+            y = None
         lost_y = not exact and need_m and y is None
         dt = g.dtype
         dy = dy.contiguous() if dy.stride(-1) != 1 and dy.stride(0) != 1 else dy
