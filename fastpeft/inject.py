@@ -850,17 +850,16 @@ def set_adapter(model: nn.Module, adapter_name) -> None:
         raise ValueError(f"adapter {active!r} ({type(configs[active]).__name__}) is part of the model itself: it "
                          "cannot be switched off in place (" + ("fastpeft.delete_adapter takes it out" if
                          method_for(configs[active]).removable else "it trains the model's own tensors") + ")")
-    layers = lora_layers(model)
-    merged = [n for n, layer in layers.items() if layer.merged
-              and (adapter_name if adapter_name in layer.adapter_names else None) != layer.active_adapter]
-    merged += [n for n, layer in sparse_layers(model).items() if layer.merged and adapter_name is None]
+    # each layer's name: the adapter where it holds it, else None (a sparse delta alone: the model's one adapter)
+    switches = [(n, layer, adapter_name if adapter_name in layer.adapter_names else None)
+                for n, layer in lora_layers(model).items()]
+    switches += [(n, layer, adapter_name) for n, layer in sparse_layers(model).items()]
+    merged = [n for n, layer, name in switches if layer.switch_refused(name)]
     if merged:  # checked before any layer switches
         raise RuntimeError(f"set_adapter({adapter_name!r}): layers {few(merged)} have an adapter merged; unmerge "
                            "them first")
-    for layer in layers.values():
-        layer.set_adapter(adapter_name if adapter_name in layer.adapter_names else None)
-    for layer in sparse_layers(model).values():  # a sparse delta alone: the model's one adapter, or None
-        layer.set_adapter(adapter_name)
+    for _, layer, name in switches:
+        layer.set_adapter(name)
     for wrapper in saved_module_wrappers(model).values():
         wrapper.set_adapter(adapter_name)
     peft_state(model, create=True).active = adapter_name
@@ -889,7 +888,7 @@ def delete_adapter(model: nn.Module, adapter_name: str) -> None:
         return
     layers = {n: m for n, m in lora_layers(model).items() if adapter_name in m.adapter_names}
     sparse = sparse_layers(model) if isinstance(configs[adapter_name], SparseDeltaConfig) else {}
-    merged = [n for n, m in layers.items() if m.merged and m.active_adapter == adapter_name]
+    merged = [n for n, m in layers.items() if m.delete_refused(adapter_name)]
     merged += [n for n, m in sparse.items() if m.merged]
     if merged:  # checked before any layer changes
         raise RuntimeError(f"delete_adapter({adapter_name!r}): it is merged into layers {few(merged)}; unmerge them "

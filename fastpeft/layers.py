@@ -307,9 +307,13 @@ class SparseDeltaLinear(TunerLayer, SparseDelta):
     def has_delta(self) -> bool:
         return self.active
 
+    def switch_refused(self, name) -> bool:
+        """Whether ``set_adapter(name)`` refuses: the delta is merged and ``name`` would switch it off."""
+        return self.merged and name is None
+
     def set_adapter(self, name) -> None:
         """Apply and train the delta (a name: the model's adapter), or run the base alone, the delta frozen (None)."""
-        if self.merged and name is None:
+        if self.switch_refused(name):
             raise RuntimeError("set_adapter(None) on a layer with its delta merged: unmerge() first")
         self.active = name is not None
         self.delta_values.requires_grad_(self.active)
@@ -484,7 +488,7 @@ class FastLoRALinear(TunerLayer):
         """Make ``name`` the adapter ``forward(x)`` applies and the only one that trains (None: none)."""
         if name is not None and name not in self._specs:
             raise ValueError(f"adapter {name!r} is not in this layer; it has {self.adapter_names}")
-        if self.merged and name != self._active:
+        if self.switch_refused(name):
             raise RuntimeError(f"set_adapter({name!r}) on a layer with {self._active!r} merged: unmerge() first")
         self._active = name
         for n in self._specs:
@@ -495,12 +499,20 @@ class FastLoRALinear(TunerLayer):
             if n in self.lora_magnitude_vector:
                 self.lora_magnitude_vector[n].requires_grad_(n == name)
 
+    def switch_refused(self, name) -> bool:
+        """Whether ``set_adapter(name)`` refuses: another adapter than ``name`` (or None) is merged."""
+        return self.merged and name != self._active
+
+    def delete_refused(self, name) -> bool:
+        """Whether ``delete_adapter(name)`` refuses: ``name`` is the merged adapter."""
+        return self.merged and name == self._active
+
     def delete_adapter(self, name: str) -> None:
         """Remove adapter ``name``; later adapters' ids shift down by one. Deleting the active adapter
         leaves none active (forward is then the base layer) until ``set_adapter``."""
         if name not in self._specs:
             raise ValueError(f"adapter {name!r} is not in this layer; it has {self.adapter_names}")
-        if self.merged and name == self._active:
+        if self.delete_refused(name):
             raise RuntimeError(f"delete_adapter({name!r}): it is merged; unmerge() first")
         del self._specs[name]
         del self.lora_A_adapters[name]
