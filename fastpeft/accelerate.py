@@ -577,7 +577,9 @@ def accelerate(model: nn.Module, strict: bool = False) -> AccelerateReport:
     for method in _ADDING:  # LoRA layers PEFT adds later are patched too (into this report)
         if callable(getattr(type(model), method, None)):
             setattr(model, method, _InstanceMethod(_ADDING[method], model))
-    model.__dict__["_fastpeft_report"] = report
+    reports = model.__dict__.setdefault("_fastpeft_report", [])  # every report handed out stays current
+    _update_reports(reports, report, len(todo))
+    reports.append(report)
     return report
 
 
@@ -604,27 +606,36 @@ def _patch(layers: list) -> None:
         m._fastpeft_calls = collections.Counter()
 
 
+def _update_reports(reports: list, new: AccelerateReport, patched_now: int) -> None:
+    """The model's earlier reports made to say what ``new`` (a survey of its layers now) says, in place."""
+    for report in reports:
+        report.patched[:], report.skipped, report.partial = list(new.patched), dict(new.skipped), dict(new.partial)
+        report._layers[:] = new._layers
+        report.newly_patched += patched_now
+
+
 def _then_patch(method: str):
     """The model's ``method`` (PEFT's / transformers' ``load_adapter``, ``add_adapter``), then the LoRA layers it
     made on modules that had none patched as ``accelerate`` patches (the model's report updated in place), so that
-    one call of ``accelerate`` keeps holding for adapters loaded later."""
+    one call of ``accelerate`` keeps holding for adapters loaded later. Every report ``accelerate`` returned for the
+    model is updated (a second call's, and the first one's, which a user may have kept)."""
     def call(self, *args, **kwargs):
         out = getattr(type(self), method)(self, *args, **kwargs)
-        report = self.__dict__.get("_fastpeft_report")
-        if report is not None:
+        reports = self.__dict__.get("_fastpeft_report")
+        if reports:
             linear_cls, lora_layer_cls = _peft_classes()
             layers = {n: m for n, m in self.named_modules() if isinstance(m, lora_layer_cls)}
             new, todo = _survey(layers, linear_cls)
             _patch(todo)
-            left = {n: why for n, why in new.skipped.items() if n not in report.skipped}
-            left.update({n: why for n, why in new.partial.items() if report.partial.get(n) != why})
+            last = reports[-1]
+            left = {n: why for n, why in new.skipped.items() if n not in last.skipped}
+            left.update({n: why for n, why in new.partial.items() if last.partial.get(n) != why})
             if left:  # (the adapter is in already: strict=True could not refuse it before it was added)
+                # stacklevel 3: the user's line, past this function and the _InstanceMethod that calls it
                 warnings.warn(f"fastpeft.accelerate, after {method}: {len(left)} LoRA layers keep PEFT's forward "
                               "(for the new adapter): " + "; ".join(f"{n}: {why}" for n, why in list(left.items())[:4]),
-                              UserWarning, stacklevel=2)
-            report.patched[:], report.skipped, report.partial = new.patched, new.skipped, new.partial
-            report._layers[:] = new._layers
-            report.newly_patched += len(todo)
+                              UserWarning, stacklevel=3)
+            _update_reports(reports, new, len(todo))
         return out
 
     call.__name__ = call.__qualname__ = f"_accelerated_{method}"

@@ -209,7 +209,6 @@ def _upcast(dtype: torch.dtype) -> bool:
 
 
 @functools.lru_cache(maxsize=None)
-@functools.lru_cache(maxsize=None)
 def _sm_count(device_index: int) -> int:
     """CUDA device ``device_index``'s SM count, looked up once: launchers on the decode path (``lora_decode``'s
     blocks, the split counts, the persistent grids) ask at every call, and the lookup costs microseconds."""

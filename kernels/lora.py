@@ -615,7 +615,7 @@ def _bench(fn) -> float:
     """Median ms of ``fn`` (``triton.testing.do_bench``); tests replace it with a fake clock."""
     from triton.testing import do_bench
 
-    return do_bench(fn, warmup=10, rep=40)
+    return do_bench(fn, warmup=10, rep=40, return_mode="median")  # do_bench's default is the mean
 
 
 def _cannot_run_errors() -> tuple:

@@ -436,7 +436,7 @@ _SMEM_LIMIT = 220 * 1024
 
 
 def _config_fits(c, has_mask: bool, r_pad: int = 16, itemsize: int = 2, shrink: bool = False,
-                 x_mask: bool = False, db_part: bool = False, k_scale: bool = False) -> bool:
+                 x_mask: bool = False, db_part: bool = False, k_scale: bool = False, dm_part: bool = False) -> bool:
     """Whether a config fits sm_90: its pipelined a and b tiles (and, with the shrink fused, A's R_PAD x
     BLOCK_K tiles) in shared memory, and its fp32 accumulator plus the (BLOCK_M, R_PAD) tile of u within 160
     registers a thread (u twice with the shrink fused: its accumulator and its operand), or the accumulator
@@ -447,9 +447,11 @@ def _config_fits(c, has_mask: bool, r_pad: int = 16, itemsize: int = 2, shrink: 
     (triton 3.6 and 3.9, bf16, R_PAD 16-64), every config this keeps has no spill; among those it drops,
     128x128 w4 at R_PAD 64 (128 + 64) spills 8-32 B, 128x256 w4 over 1 KiB, x's mask at w4 144-1360 B, the dY
     pass at w4 or with the mask at R_PAD 64 150-1900 B, DoRA's elsewhere 8-272 B
-    (benchmarks/results/sm90-resources-*.md)."""
+    (benchmarks/results/sm90-resources-*.md). DoRA's dm partials (``dm_part``) pipeline y's (BLOCK_M, BLOCK_K) tiles
+    beside dY's: 128 x 128 x 64 w8 at 4 stages needs 263,800 B of shared memory (sm_90, triton 3.6), over the card's
+    232,448, so it is left out (before, the autotuner compiled it and its launch failed at every new shape)."""
     bm, bn, bk = c.kwargs["BLOCK_M"], c.kwargs["BLOCK_N"], c.kwargs["BLOCK_K"]
-    smem = (c.num_stages * (bm + bn + (r_pad if shrink else 0)) * bk * itemsize
+    smem = (c.num_stages * (bm + bn + (r_pad if shrink else 0) + (bm if dm_part else 0)) * bk * itemsize
             + bm * min(bn, 64 if has_mask else bn) * itemsize)
     threads = 32 * c.num_warps
     acc_regs = bm * bn // threads
@@ -484,7 +486,8 @@ def _prune_tma_configs(configs, named_args, **kwargs):
     r_pad = int(kwargs.get("R_PAD", named_args.get("R_PAD", 16)))
     return [c for c in configs if _config_fits(c, arg("HAS_MASK", False), r_pad, _itemsize(named_args, "a_ptr"),
                                                shrink=arg("SHRINK", False), x_mask=arg("X_MASK", False),
-                                               db_part=arg("DB_PART", False), k_scale=arg("K_SCALE", False))]
+                                               db_part=arg("DB_PART", False), k_scale=arg("K_SCALE", False),
+                                               dm_part=arg("DM_PART", False))]
 
 
 def fits_itemsize(t: torch.Tensor, config: dict | None = None) -> int:
@@ -623,12 +626,13 @@ def dm_pass_fits(dy: torch.Tensor, in_features: int, config: dict | None = None)
     return triton.cdiv(in_features, _dm_block_n(dy, config)) >= 2
 
 
-def dora_dy_pass_fits(rank: int, masked: bool, itemsize: int = 2) -> bool:
+def dora_dy_pass_fits(rank: int, masked: bool, itemsize: int = 2, dm_part: bool = False) -> bool:
     """Whether ``dora_backward_tma`` has configs for this rank: R_PAD 16 without dX's mask (beyond, every
     config compiled for sm_90 spills: G's registers on top of the dY pass's), and one that fits shared memory
-    for operands of ``itemsize`` bytes."""
+    for operands of ``itemsize`` bytes (``dm_part``: with y's tiles for the magnitude's partials, which leave no
+    fp32 config)."""
     return (r_pad(rank) <= 16 and not masked
-            and _has_config(r_pad(rank), itemsize, shrink=True, db_part=True, k_scale=True))
+            and _has_config(r_pad(rank), itemsize, shrink=True, db_part=True, k_scale=True, dm_part=dm_part))
 
 
 def dy_pass_fits(rank: int, masked: bool, itemsize: int = 2) -> bool:
@@ -650,6 +654,15 @@ def _rows_ok(t: torch.Tensor) -> bool:
     es = t.element_size()
     return (t.stride(1) == 1 and (t.stride(0) * es) % 16 == 0 and t.data_ptr() % 16 == 0
             and (t.shape[0] <= 1 or t.stride(0) >= t.shape[1]))
+
+
+def tma_precision_ok(dtype: torch.dtype) -> bool:
+    """Whether the ops offer the TMA kernels for operands of ``dtype``: not fp32 at torch's default matmul precision
+    ("highest", so ``_dot_precision`` gives ieee dots: no tensor cores; compiled for sm_90 on triton 3.6 every
+    autotune config kept for fp32 spilled 10-26 KiB of stack a thread, each compile took 4-8 s, and cuBLAS's
+    SGEMM is the floor anyway). TF32 allowed (``torch.set_float32_matmul_precision("high")``) and 16-bit dtypes:
+    offered. Under the interpreter, offered in every dtype, so that the tests run fp32 through them."""
+    return INTERPRET or _dot_precision(dtype) != "ieee"
 
 
 def tma_shapes_ok(*, a: torch.Tensor, b: torch.Tensor) -> bool:

@@ -1015,9 +1015,29 @@ def test_adapters_added_after_accelerate_are_patched_too(base, ids, tmp_path):
 
 
 def test_a_later_adapter_fastpeft_cannot_compute_is_warned_of(base):
+    """The warning names the user's line (before 2026-12-01 it pointed into fastpeft.hf's method wrapper)."""
     model = lora_model(base)
     report = fastpeft.accelerate(model, strict=True)
     with pytest.warns(UserWarning, match=r"after add_adapter: 1 LoRA layers keep PEFT's forward \(for the new "
-                                         r"adapter\): .*Embedding"):
+                                         r"adapter\): .*Embedding") as caught:
         model.add_adapter("e", peft.LoraConfig(r=4, target_modules=["embed_tokens"]))
+    assert [w.filename for w in caught if "after add_adapter" in str(w.message)] == [__file__]
     assert list(report.skipped) == ["base_model.model.model.embed_tokens"]
+
+
+def test_every_report_handed_out_follows_later_adapters(base, ids):
+    """A second ``accelerate`` call returns a report of its own (newly_patched 0); the first one, which a user may
+    have kept, follows the adapters added later too: their layers listed, their calls counted (before
+    2026-12-01 only the newest report did)."""
+    model = lora_model(base)
+    first = fastpeft.accelerate(model)
+    before = first.newly_patched
+    second = fastpeft.accelerate(model)
+    assert second.newly_patched == 0 and second.patched == first.patched
+    model.add_adapter("new", peft.LoraConfig(r=4, target_modules=["up_proj"]))
+    for report in (first, second):
+        assert any(n.endswith("up_proj") for n in report.patched), report.patched
+    assert second.newly_patched > 0 and first.newly_patched == before + second.newly_patched
+    model.set_adapter("new")
+    model(input_ids=ids)
+    assert first.calls() == second.calls() and first.calls().get("fastpeft", 0) > 0

@@ -252,9 +252,11 @@ def test_every_offered_fused_path_keeps_a_config(rank):
     for masked in (False, True):
         kept = KT._prune_tma_configs(KT._TMA_CONFIGS, {}, R_PAD=rp, SHRINK=True, DB_PART=True, HAS_MASK=masked)
         assert bool(kept) == KT.dy_pass_fits(rank, masked), (rank, masked)
-        kept = KT._prune_tma_configs(KT._TMA_CONFIGS, {}, R_PAD=rp, SHRINK=True, DB_PART=True, HAS_MASK=masked,
-                                     K_SCALE=True, DM_PART=True)
-        assert bool(kept) == KT.dora_dy_pass_fits(rank, masked), (rank, masked)
+        for named, isz in (({}, 2), ({"a_ptr": torch.empty(0)}, 4)):  # bf16 and fp32 operands
+            for dm in (False, True):
+                kept = KT._prune_tma_configs(KT._TMA_CONFIGS, named, R_PAD=rp, SHRINK=True, DB_PART=True,
+                                             HAS_MASK=masked, K_SCALE=True, DM_PART=dm)
+                assert bool(kept) == KT.dora_dy_pass_fits(rank, masked, isz, dm_part=dm), (rank, masked, isz, dm)
     kept = KT._prune_multi_configs(KT._TMA_CONFIGS, {}, R_PAD=rp)  # many adapters: r_max's R_PAD
     assert bool(kept) >= KT.shrink_fits(rank), rank
     assert all(c.num_warps == 8 for c in kept)  # at 4 warps triton 3.6 does not compile it
@@ -722,3 +724,33 @@ def test_gpu_sparse_ops_on_auto_once_in_auto_ops(sparse_env):
             assert_close_report(got, want, rtol=1e-4, atol=1e-4 * max(1.0, want.abs().max().item()),
                                 what=type(layer).__name__)
     assert OS._path_cache  # the floor was timed
+
+
+def test_doras_magnitude_partials_count_ys_tiles_in_shared_memory():
+    """DoRA's fused backward with the magnitude's partials (DM_PART) pipelines y's (BLOCK_M, BLOCK_K) tiles beside
+    dY's: compiled for sm_90 (triton 3.6, bf16), 128 x 128 x 64 w8 needs 263,800 B at 4 stages, over the card's
+    232,448, and 197,728 B at 3. The prune keeps 3 stages and drops 4; without DM_PART both stay."""
+    def stages(**flags):
+        return sorted(c.num_stages for c in KT._prune_tma_configs(KT._TMA_CONFIGS, {}, R_PAD=16, SHRINK=True,
+                                                                     DB_PART=True, K_SCALE=True, **flags))
+    assert stages(DM_PART=False) == [2, 3, 4]
+    assert stages(DM_PART=True) == [2, 3]
+
+
+def test_fp32_at_full_precision_is_not_offered_the_tma_kernels(monkeypatch):
+    """At torch's default fp32 matmul precision the kernels' dots are ieee (no tensor cores): compiled for sm_90,
+    every TMA config kept for fp32 spilled 10-26 KiB a thread, so the ops do not offer the TMA paths there (cuBLAS's
+    SGEMM is the floor); with TF32 allowed, and in 16-bit dtypes, they do. The interpreter offers them in every
+    dtype (the tests run fp32 through them)."""
+    monkeypatch.setattr(KT, "INTERPRET", False)
+    prev = torch.get_float32_matmul_precision()
+    try:
+        torch.set_float32_matmul_precision("highest")
+        assert not KT.tma_precision_ok(torch.float32)
+        assert KT.tma_precision_ok(torch.bfloat16) and KT.tma_precision_ok(torch.float16)
+        torch.set_float32_matmul_precision("high")
+        assert KT.tma_precision_ok(torch.float32)
+    finally:
+        torch.set_float32_matmul_precision(prev)
+    monkeypatch.setattr(KT, "INTERPRET", True)
+    assert KT.tma_precision_ok(torch.float32)

@@ -309,7 +309,7 @@ def _plain_dy_side(dy, weight, bias, lora_A, lora_B, g, u, y, s, seed, thr, ds, 
     from ..kernels import lora_tma as KT
     from . import lora as OL  # imports the kernels: only on the triton path
     if (not need_x or not OL._fused_dy_offered(dy, weight, lora_B, thr > 0)
-            or not KT.dora_dy_pass_fits(lora_B.shape[1], thr > 0, KT.fits_itemsize(dy))
+            or not KT.dora_dy_pass_fits(lora_B.shape[1], thr > 0, KT.fits_itemsize(dy), dm_part=need_m)
             or need_m and not KT.dm_pass_fits(dy, weight.shape[1])):
         return kernels()
 

@@ -225,8 +225,8 @@ def _tma_fused_offered(a, b, factor, fits) -> bool:
     while tracing, on a TMA device, where ``fits()`` (the rank has configs), with TMA rows and one dtype."""
     if a.shape[0] < FUSED_SHRINK_MIN_ROWS and K.gemm_mode() != "tma-shrink":
         return False
-    return (not torch.compiler.is_compiling() and KT.tma_supported(a.device) and fits()
-            and KT.tma_shapes_ok(a=a, b=b) and factor.dtype == a.dtype and KT.waits_refusal() is None)
+    return (not torch.compiler.is_compiling() and KT.tma_supported(a.device) and KT.tma_precision_ok(a.dtype)
+            and fits() and KT.tma_shapes_ok(a=a, b=b) and factor.dtype == a.dtype and KT.waits_refusal() is None)
 
 
 def fwd_key(m: int, k: int, n: int, rank: int, dtype: torch.dtype, has_bias: bool) -> tuple:
@@ -339,12 +339,13 @@ _GEMMS = {"fused": _gemm_fused, "tma": _gemm_tma, "cublas": _gemm_cublas}
 
 def gemm_candidates(a, b, lu, lv, *, bias=None, scale, seed=0, threshold=0) -> dict:
     """The GEMMs that can compute ``a @ b + scale * mask * (lu @ lv) + bias`` here, name -> zero-argument
-    callable: ``"fused"`` (the epilogue GEMM), ``"tma"`` (only where ``tma_supported`` and
+    callable: ``"fused"`` (the epilogue GEMM), ``"tma"`` (only where ``tma_supported``, ``tma_precision_ok`` and
     ``tma_shapes_ok``) and ``"cublas"`` (cuBLAS, then the low-rank update in place)."""
     args = (a, b, lu, lv, bias, scale, seed, threshold)
     names = ("fused", "cublas")
     # The TMA kernel is a plain launcher, not a registered op: torch.compile does not trace it.
-    if not torch.compiler.is_compiling() and KT.tma_supported(a.device) and KT.tma_shapes_ok(a=a, b=b):
+    if (not torch.compiler.is_compiling() and KT.tma_supported(a.device) and KT.tma_precision_ok(a.dtype)
+            and KT.tma_shapes_ok(a=a, b=b)):
         names = ("fused", "tma", "cublas")
     return {name: functools.partial(_GEMMS[name], *args) for name in names}
 

@@ -198,6 +198,9 @@ def _fused_refusal(x, weight, bias, lora_A_stack, lora_B_stack, dropout_p) -> st
         return "torch.compile is tracing"
     if not KT.tma_supported(x.device):
         return f"it needs sm_90+ and a triton with tensor descriptors, got device {x.device}"
+    if not KT.tma_precision_ok(x.dtype):
+        return ("float32 at torch's default matmul precision ('highest': no tensor cores) runs on cuBLAS; "
+                "torch.set_float32_matmul_precision('high') allows TF32 and the fused kernel")
     waits = KT.waits_refusal()
     if waits is not None:
         return waits

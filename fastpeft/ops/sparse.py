@@ -199,12 +199,14 @@ def _block_gemm(plan: SparsePlan, key: tuple, fused, dense, tma, device):
 
 def _tma_way(plan: SparsePlan, a, weight, transpose_w: bool, run, *factors):
     """``run`` where the TMA sparse GEMM can take a @ op(W) (``SD.sparse_block_gemm_tma``), else None: a plan
-    with its block CSR, not while tracing, a TMA device, TMA rows, one dtype for a, W and the LoRA factor
-    (RoSA: A (r, K) in dX, B (N, r) in the forward), whose rank has configs (``SD.tma_rank_fits``)."""
+    with its block CSR, not while tracing, a TMA device and dtype (``KT.tma_precision_ok``), TMA rows, one dtype
+    for a, W and the LoRA factor (RoSA: A (r, K) in dX, B (N, r) in the forward), whose rank has configs
+    (``SD.tma_rank_fits``)."""
     if not isinstance(plan, BlockPlan) or plan.csr_rows is None or torch.compiler.is_compiling():
         return None
     rank = (factors[0].shape[1] if transpose_w else factors[0].shape[0]) if factors else 0
-    ok = (KT.tma_supported(a.device) and KT.tma_shapes_ok(a=a, b=weight.t() if transpose_w else weight)
+    ok = (KT.tma_supported(a.device) and KT.tma_precision_ok(a.dtype)
+          and KT.tma_shapes_ok(a=a, b=weight.t() if transpose_w else weight)
           and all(t.dtype == a.dtype for t in (weight, *factors)) and SD.tma_rank_fits(rank))
     return run if ok else None
 
