@@ -100,16 +100,16 @@ def check_module_list(v, name: str):
     return list(v)
 
 
-def check_sparse_options(density, block_size, selection, density_name: str = "density", allow_zero: bool = False
-                         ) -> None:
-    """A sparse delta's settings: density in (0, 1] ([0, 1] with ``allow_zero``: none), block size, selection."""
+def check_sparse_options(density, block_size, selection, prefix: str = "", allow_zero: bool = False) -> None:
+    """A sparse delta's settings: density in (0, 1] ([0, 1] with ``allow_zero``: none), block size, selection; the
+    errors name the arguments as the caller has them (``prefix`` "sparse_": LoraConfig's / FastLoRALinear's)."""
     ok_density = isinstance(density, (int, float)) and not isinstance(density, bool) and \
         (0.0 <= float(density) <= 1.0 if allow_zero else 0.0 < float(density) <= 1.0)
     if not ok_density:
-        raise ValueError(f"{density_name} must be a float in {'[0, 1]' if allow_zero else '(0, 1]'}, got {density!r}")
+        raise ValueError(f"{prefix}density must be a float in {'[0, 1]' if allow_zero else '(0, 1]'}, got {density!r}")
     if isinstance(block_size, bool) or not isinstance(block_size, int) or block_size < 1:
-        raise ValueError(f"block_size must be a positive int, got {block_size!r}")
-    check_choice(selection, SELECTIONS, "selection")
+        raise ValueError(f"{prefix}block_size must be a positive int, got {block_size!r}")
+    check_choice(selection, SELECTIONS, f"{prefix}selection")
 
 
 def check_in_features(x: torch.Tensor, in_features: int) -> None:

@@ -11,7 +11,7 @@ from __future__ import annotations
 import contextlib
 import os
 import warnings
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from typing import Optional, Union
 
 import torch
@@ -56,7 +56,7 @@ class LoraConfig:
     peft_type = "LORA"
 
     def __post_init__(self):
-        check_sparse_options(self.sparse_density, self.sparse_block_size, self.sparse_selection, "sparse_density",
+        check_sparse_options(self.sparse_density, self.sparse_block_size, self.sparse_selection, "sparse_",
                              allow_zero=True)
         check_rank(self.r)
         check_finite_number(self.lora_alpha, "lora_alpha")
@@ -797,6 +797,7 @@ def inject(model: nn.Module, config, adapter_name: str = "default", plan=None, a
     state.adapters[adapter_name] = config
     set_adapter(model, adapter_name if activate or not configs else state.active)
     _mark_adapters(model, True)
+    _warn_coarse_blocks(model, config, adapter_name)
     if isinstance(plan, LoraPlan):
         tied = _tied_weights(model, {n: model.get_submodule(n) for n in plan.targets})
         if tied:  # as PEFT warns
@@ -804,6 +805,35 @@ def inject(model: nn.Module, config, adapter_name: str = "default", plan=None, a
                           f"{few(sum(tied.values(), []))}: merge() changes those too while merged (merge_and_unload "
                           "unties them, giving each its own merged copy)")
     return model
+
+
+def _covered(delta) -> int:
+    """The entries of W (out, in) a sparse delta's positions cover: its blocks clipped at W's edges."""
+    b, n, k = delta.block_size, delta.out_features, delta.in_features
+    if b == 1:
+        return delta.delta_indices.numel()
+    rows, cols = delta.delta_indices.unbind(1)
+    return int(((n - rows * b).clamp(max=b) * (k - cols * b).clamp(max=b)).sum())
+
+
+def _warn_coarse_blocks(model: nn.Module, config, adapter_name: str) -> None:
+    """A warning where blocks of ``block_size`` make a sparse delta cover over twice the density asked for (at
+    least one block per layer: a 32 x 32 block on a 16 x 32 layer covers all of it, and half its values lie
+    outside W, zero and unused, yet trained and counted); the positions are kept as asked."""
+    alone = isinstance(config, SparseDeltaConfig)
+    density = config.density if alone else getattr(config, "sparse_density", 0.0)
+    block = config.block_size if alone else getattr(config, "sparse_block_size", 1)
+    if not density or block == 1:
+        return
+    layers = sparse_layers(model) if alone else \
+        {n: m.sparse_delta(adapter_name) for n, m in lora_layers(model).items() if adapter_name in m.adapter_names}
+    over = {n: _covered(d) / (d.out_features * d.in_features) for n, d in layers.items()
+            if d is not None and _covered(d) > 2 * density * d.out_features * d.in_features}
+    if over:
+        worst = max(over, key=over.get)
+        warnings.warn(f"adapter {adapter_name!r}: blocks of {block} cover more of W than density {density} asks for "
+                      f"in {len(over)} layers (at least one block each; {worst}: {over[worst]:.1%}): "
+                      f"{few(list(over))}; a smaller block size keeps the density", UserWarning, stacklevel=3)
 
 
 def _mark_adapters(model: nn.Module, held: bool) -> None:
@@ -823,8 +853,9 @@ def _in_model(config) -> bool:
 
 
 def _upcast_adapter(model: nn.Module, adapter_name: str) -> None:
-    """The LoRA factors (DoRA's magnitudes, RoSA's sparse values) of ``adapter_name`` in fp16 / bf16 made fp32, in
-    place (the same Parameters), as PEFT's ``autocast_adapter_dtype``; a QLoRA layer's are fp32 already."""
+    """The LoRA factors (DoRA's magnitudes, RoSA's sparse values, a sparse delta's values) of ``adapter_name`` in
+    fp16 / bf16 made fp32, in place (the same Parameters), as PEFT's ``autocast_adapter_dtype`` (and SHiRA's
+    values); a QLoRA layer's are fp32 already."""
     for layer in lora_layers(model).values():
         if adapter_name not in layer.adapter_names:
             continue
@@ -837,6 +868,9 @@ def _upcast_adapter(model: nn.Module, adapter_name: str) -> None:
         for p in params:  # (kept stacks key on dtype and storage: rebuilt at their next use)
             if p.dtype in (torch.float16, torch.bfloat16):
                 p.data = p.data.float()
+    for layer in sparse_layers(model).values():  # a sparse delta alone: the model's only adapter, this one
+        if layer.delta_values.dtype in (torch.float16, torch.bfloat16):
+            layer.delta_values.data = layer.delta_values.data.float()
 
 
 def set_adapter(model: nn.Module, adapter_name) -> None:
@@ -1153,4 +1187,10 @@ def select_by_gradients(model: nn.Module, batches, loss_fn, progress: bool = Tru
         p.grad = None  # the scoring passes are not a training step
     for n, m in targets.items():
         m.sparse_delta().select_positions(m.weight, "scores", scores[n])
+    state = peft_state(model)  # the saved config says how the positions were picked, as the layers do
+    config = state.adapters.get(state.active)
+    if isinstance(config, SparseDeltaConfig):
+        state.adapters[state.active] = replace(config, selection="scores")
+    elif getattr(config, "sparse_density", 0.0) > 0.0:
+        state.adapters[state.active] = replace(config, sparse_selection="scores")
     return scores

@@ -68,7 +68,7 @@ def _spec(r, lora_alpha, lora_dropout, use_rslora) -> AdapterSpec:
 def rosa_spec(sparse_density, sparse_block_size=1, sparse_selection="random") -> SparseSpec | None:
     """The sparse delta that ``FastLoRALinear`` / ``LoraConfig``'s ``sparse_*`` arguments ask for (None at
     density 0: LoRA alone)."""
-    check_sparse_options(sparse_density, sparse_block_size, sparse_selection, "sparse_density", allow_zero=True)
+    check_sparse_options(sparse_density, sparse_block_size, sparse_selection, "sparse_", allow_zero=True)
     return SparseSpec(sparse_density, sparse_block_size, sparse_selection) if sparse_density > 0.0 else None
 
 
@@ -101,6 +101,33 @@ class TunerLayer(nn.Module):
     def delta_weight(self) -> torch.Tensor:
         """What ``merge`` adds to the weight: (out, in), in the weight's dtype."""
         raise NotImplementedError
+
+    def _kept(self) -> dict | None:
+        """Where no-grad calls keep values between calls (casts, DoRA's norm): the module's dict in eval mode, None
+        in training mode, where each call computes them afresh as PEFT does (a validation pass without ``eval()``
+        after a hand-written update through ``.data``, which bumps no version, sees it)."""
+        return None if self.training else self.__dict__
+
+    def train(self, mode: bool = True):
+        """``nn.Module.train``, the values kept between no-grad calls dropped first (the mixed-batch stacks, DoRA's
+        ‖W‖² and m / n, the casts of fp32 adapters): they follow the Parameters' versions and optimizer steps, and a
+        write through ``.data`` (seen by neither) is then seen at the next mode switch, as evaluation after training
+        makes one. Only on a switch: Trainer calls ``train()`` at every step, and a captured CUDA graph may read
+        them."""
+        if bool(mode) != self.training:
+            self._drop_kept()
+        return super().train(mode)
+
+    def _drop_kept(self) -> None:
+        """Forget what calls keep (the casts of fp32 adapters, DoRA's norm): at a mode switch, and at ``.to()`` /
+        ``.cuda()`` (which swap the Parameters' data: the kept tensors would hold the old memory, on the device it
+        left, until the next call)."""
+        for key in ("_dora_gain", "_casts", "_value_casts"):
+            self.__dict__.pop(key, None)
+
+    def _apply(self, fn, *args, **kwargs):
+        self._drop_kept()
+        return super()._apply(fn, *args, **kwargs)
 
     def has_delta(self) -> bool:
         """Whether there is a delta to merge (a ``FastLoRALinear``: an active adapter)."""
@@ -339,7 +366,10 @@ class SparseDeltaLinear(TunerLayer, SparseDelta):
         if self.merged or not self.active:
             return F.linear(x, self.weight, self.bias)
         plan = self.sparse_plan("sparse_delta_linear", x, self.weight)
-        return sparse_delta_linear(x, self.weight, self.bias, self.delta_indices, self.delta_values, self.block_size,
+        values = self.delta_values
+        if values.dtype != self.weight.dtype:  # fp32 values on a bf16 / fp16 base (inject's autocast_adapter_dtype)
+            (values,) = cast_params((values,), self.weight.dtype, self._kept(), "_value_casts")
+        return sparse_delta_linear(x, self.weight, self.bias, self.delta_indices, values, self.block_size,
                                    check=False, plan=plan)
 
 
@@ -410,33 +440,10 @@ class FastLoRALinear(TunerLayer):
                          sparse_block_size, sparse_selection, use_dora=use_dora)
         self.set_adapter(adapter_name)
 
-    def _kept(self) -> dict | None:
-        """Where no-grad calls keep values between calls (casts, DoRA's norm): the module's dict in eval mode, None
-        in training mode, where each call computes them afresh as PEFT does (a validation pass without ``eval()``
-        after a hand-written update through ``.data``, which bumps no version, sees it)."""
-        return None if self.training else self.__dict__
-
-    def train(self, mode: bool = True):
-        """``nn.Module.train``, the values kept between no-grad calls dropped first (the mixed-batch stacks, DoRA's
-        ‖W‖² and m / n, QLoRA's casts): they follow the Parameters' versions and optimizer steps, and a write
-        through ``.data`` (seen by neither) is then seen at the next mode switch, as evaluation after training
-        makes one. Only on a switch: Trainer calls ``train()`` at every step, and a captured CUDA graph may read
-        them."""
-        if bool(mode) != self.training:
-            self._drop_kept()
-        return super().train(mode)
-
     def _drop_kept(self) -> None:
-        """Forget what calls keep (stacks, ‖W‖², DoRA's norm, the casts of fp32 adapters): at a mode switch, and at
-        ``.to()`` / ``.cuda()`` (which swap the Parameters' data: the kept tensors would hold the old memory, on the
-        device it left, until the next call)."""
+        """``TunerLayer._drop_kept``, and the mixed-batch stacks and DoRA's ‖W‖²."""
         self._stacks = self._wsq = None
-        for key in ("_dora_gain", "_casts", "_value_casts"):
-            self.__dict__.pop(key, None)
-
-    def _apply(self, fn, *args, **kwargs):
-        self._drop_kept()
-        return super()._apply(fn, *args, **kwargs)
+        super()._drop_kept()
 
     # ---- the adapter registry ------------------------------------------------------------------
 

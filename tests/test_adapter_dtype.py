@@ -158,3 +158,51 @@ def test_merging_fp32_adapters_into_a_bf16_weight_rounds_once_as_peft(dora):
         assert torch.equal(ours, theirs), (n, float((ours.float() - theirs.float()).abs().max()))
     fm.a.unmerge()
     torch.testing.assert_close(fm.a.weight, w0, rtol=1.6e-2, atol=1e-2)
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16], ids=["bf16", "fp16"])
+def test_a_sparse_delta_alone_trains_fp32_values_on_a_half_base(dtype, tmp_path):
+    """SparseDeltaConfig on a bf16 / fp16 base: fp32 values, as RoSA's and PEFT's SHiRA's (before 2026-12-01 they
+    stayed in the base's dtype: at 0.25, AdamW steps of 1e-4 rounded away, training silently stalled). The layer
+    computes with them cast; eval calls keep the cast and see an optimizer step; files round-trip;
+    autocast_adapter_dtype=False keeps the base's dtype."""
+    cfg = fastpeft.SparseDeltaConfig(density=0.05, target_modules=["a", "b"])
+    fm = fastpeft.inject(_base(dtype), cfg)
+    values = [layer.delta_values for layer in fastpeft.sparse_layers(fm).values()]
+    assert {v.dtype for v in values} == {torch.float32} and fm.a.weight.dtype == dtype
+    with torch.no_grad():
+        for v in values:
+            v.fill_(0.25)
+    before = [v.detach().clone() for v in values]
+    opt = torch.optim.AdamW(values, lr=1e-4, weight_decay=0.0)
+    g = torch.Generator().manual_seed(1)
+    x = torch.randn(16, IN, generator=g).to(dtype)
+    for _ in range(3):
+        fm(x).float().square().mean().backward()
+        opt.step()
+        opt.zero_grad()
+    for v, b in zip(values, before):
+        assert (v != b).float().mean() > 0.9
+
+    def want():  # W + Δ with Δ's values cast once to the base's dtype, by hand
+        with torch.no_grad():
+            h = x
+            for name in ("a", "b"):
+                layer = getattr(fm, name)
+                h = nn.functional.linear(h, layer.weight + layer.dense_delta().to(dtype), layer.bias)
+                h = torch.tanh(h) if name == "a" else h
+            return h
+
+    fm.eval()
+    with torch.no_grad():
+        first = want()
+        assert torch.equal(fm(x), first) and torch.equal(fm(x), first)  # the second call reads the kept cast
+        for v in values:
+            v.add_(0.5)  # an in-place update: the kept cast is rebuilt
+        assert torch.equal(fm(x), want()) and not torch.equal(want(), first)
+    fastpeft.save_adapter(fm, tmp_path)
+    back = fastpeft.load_adapter(_base(dtype), tmp_path)
+    for (n, a), (_, b) in zip(sorted(fastpeft.sparse_layers(fm).items()), sorted(fastpeft.sparse_layers(back).items())):
+        assert b.delta_values.dtype == torch.float32 and torch.equal(a.delta_values, b.delta_values), n
+    kept = fastpeft.inject(_base(dtype), cfg, autocast_adapter_dtype=False)
+    assert {layer.delta_values.dtype for layer in fastpeft.sparse_layers(kept).values()} == {dtype}

@@ -380,6 +380,12 @@ CASES = [
     Bad("LoraConfig-sparse_density--0.1", lambda _: LoraConfig(sparse_density=-0.1), ValueError,
         ("sparse_density", "-0.1")),
     # -- configs
+    Bad("LoraConfig-sparse_block_size-0", lambda _: LoraConfig(sparse_density=0.1, sparse_block_size=0), ValueError,
+        ("sparse_block_size must be a positive int", "0")),
+    Bad("LoraConfig-sparse_selection-best", lambda _: LoraConfig(sparse_density=0.1, sparse_selection="best"),
+        ValueError, ("sparse_selection", "'best'")),
+    Bad("FastLoRALinear-sparse_block_size-0", lambda _: FastLoRALinear(8, 8, sparse_density=0.1, sparse_block_size=0),
+        ValueError, ("sparse_block_size must be a positive int", "0")),
     Bad("LoraConfig-r-0", lambda _: LoraConfig(r=0), ValueError, ("r must be a positive int", "0")),
     Bad("LoraConfig-r-str", lambda _: LoraConfig(r="8"), ValueError, ("r must be", "'8'")),
     Bad("LoraConfig-lora_dropout-1.0", lambda _: LoraConfig(lora_dropout=1.0), ValueError, ("lora_dropout", "1.0")),

@@ -10,6 +10,7 @@ from safetensors.torch import load_file, save_file
 
 import fastpeft
 from fastpeft import FastLoRALinear, LoraConfig, SparseDeltaConfig, SparseDeltaLinear
+from fastpeft.inject import adapter_configs
 from fastpeft.io import CONFIG_NAME, WEIGHTS_NAME
 from fastpeft.reference import dense_delta_ref, sparse_delta_linear_ref
 from fastpeft.selection import count_for, select_indices
@@ -294,6 +295,9 @@ def test_gradient_scores_are_accumulated_abs_dL_dW(kind):
             expected[n] += g.abs()
     scores = fastpeft.select_by_gradients(m, batches, loss_fn, progress=False)
     assert sorted(scores) == sorted(expected)
+    # the saved config says the positions came from scores (before 2026-12-01 it kept "random")
+    field = "selection" if kind == "SparseDeltaConfig" else "sparse_selection"
+    assert getattr(adapter_configs(m)["default"], field) == "scores"
     for n, layer in {**fastpeft.sparse_layers(m), **fastpeft.lora_layers(m)}.items():
         torch.testing.assert_close(scores[n], expected[n], rtol=1e-5, atol=1e-6)
         idx, values = layer.sparse_delta().delta_indices, layer.sparse_delta().delta_values
@@ -314,3 +318,23 @@ def test_one_shot_gradient_selection():
         assert torch.count_nonzero(layer.delta_values) == 0
     with pytest.raises(ValueError, match="no sparse deltas"):
         fastpeft.select_by_gradients(Toy(), batches, lambda model, xb: model(xb).sum())
+
+
+@pytest.mark.parametrize("kind", ["SparseDeltaConfig", "RoSA"])
+def test_blocks_covering_far_more_than_the_density_are_warned_of(kind):
+    """Blocks of 32 on Toy's 16-wide layers: at least one block each covers all of W (16 x 16) or half of it
+    (32 x 16), far above a density of 1 %: a warning names the layers and the worst share; blocks that fit give
+    none."""
+    def cfg(block):
+        targets = ["q_proj", "mlp.0"]
+        return (SparseDeltaConfig(density=0.01, block_size=block, target_modules=targets) if kind == "SparseDeltaConfig"
+                else LoraConfig(r=2, target_modules=targets, sparse_density=0.01, sparse_block_size=block))
+    with pytest.warns(UserWarning, match=r"blocks of 32 cover more of W than density 0.01 asks for in 4 layers .*"
+                                         r"100.0%"):
+        fastpeft.inject(Toy(), cfg(32))
+    import warnings
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        fastpeft.inject(Toy(), cfg(1))
+        fastpeft.inject(nn.Sequential(nn.Linear(512, 512)), SparseDeltaConfig(density=0.01, block_size=16,
+                                                                             target_modules=["0"]))
