@@ -142,7 +142,7 @@ COLUMNS = (harness.plain_columns("M", "K", "N", "r", "p", "mode") + harness.TIMI
            + [("mem_budget_mib", "MiB budget", "{:.0f}")] + harness.ERROR_COLUMNS)
 
 BENCHMARK = harness.linear_benchmark(
-    prog="fastpeft bench", description=__doc__, add_arguments=add_arguments, cases=cases, columns=COLUMNS,
+    prog="fastpeft bench lora", description=__doc__, add_arguments=add_arguments, cases=cases, columns=COLUMNS,
     title="LoRA linear, {dtype}, ratios to frozen nn.Linear in the same run", plot_title="LoRA linear ({dtype})",
     no_gpu="No GPU here: the fused kernels need one (not measured on GPU). Timing the eager reference and PEFT "
            "against nn.Linear on the CPU.")

@@ -122,6 +122,8 @@ def groups(phase, m, na, rs, k, n, rng, ctx):
 
 def cases(args, ctx) -> list:
     """Decode and prefill token counts x adapter counts x rank sets; adapters drawn from one seeded rng."""
+    if not args.decode and not args.prefill:
+        raise SystemExit("fastpeft bench multi: --decode and --prefill are both empty: nothing to time")
     k, n = args.shape
     rng = random.Random(0)
     return [Case(dict(phase=phase, M=m, K=k, N=n, adapters=na, ranks=rs),
@@ -138,7 +140,7 @@ def add_arguments(ap, cuda: bool) -> None:
     ap.add_argument("--adapters", nargs="+", type=harness.positive_int, default=[1, 8, 64] if cuda else [1, 8])
     ap.add_argument("--ranks", nargs="+", choices=list(RANK_SETS), default=list(RANK_SETS))
     ap.add_argument("--shape", "--shapes", dest="shape", type=parse_kxn,
-                    default=(4096, 4096) if cuda else (512, 512), help="KxN")
+                    default=(4096, 4096) if cuda else (512, 512), help="KxN: one shape")
 
 
 COLUMNS = (harness.plain_columns("phase", "M", "K", "N", "adapters", "ranks") + harness.TIMING_COLUMNS

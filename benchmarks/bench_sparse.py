@@ -243,12 +243,12 @@ def add_arguments(ap, cuda: bool) -> None:
     ap.add_argument("--tokens", nargs="+", type=harness.positive_int, default=[8192] if cuda else [256],
                     help="M values")
     ap.add_argument("--shape", "--shapes", dest="shape", type=parse_kxn,
-                    default=(4096, 4096) if cuda else (512, 512), help="KxN (in x out)")
+                    default=(4096, 4096) if cuda else (512, 512), help="KxN (in x out): one shape")
     ap.add_argument("--density", nargs="+", type=harness.fraction, default=DENSITIES,
                     help="fraction of W's entries (block 1) or of its b x b blocks in the delta")
     ap.add_argument("--block", nargs="+", type=harness.positive_int, default=BLOCKS,
                     help="block sizes (1: unstructured)")
-    ap.add_argument("--lora-rank", nargs="+", type=int, default=[0],
+    ap.add_argument("--lora-rank", nargs="+", type=harness.non_negative_int, default=[0],
                     help="0: the sparse delta alone; r > 0: RoSA, a LoRA of rank r beside it (lora_sparse_linear)")
 
 

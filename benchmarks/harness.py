@@ -30,6 +30,13 @@ from typing import Callable, Iterable
 
 import torch
 
+from fastpeft import _cli
+from fastpeft._cli import non_negative_float, output_file, positive_float, save_figure_atomic, write_text_atomic
+
+# The bench scripts' argparse types: the command line's own.
+positive_int, non_negative_int, rate, fraction, parse_kxn = (_cli.positive_int, _cli.non_negative_int, _cli.rate,
+                                                             _cli.fraction, _cli.kxn)
+
 
 @dataclass
 class Timing:
@@ -131,36 +138,6 @@ def bench_interleaved(fns: dict, warmup_ms: float = 25, rep_ms: float = 100, rou
     return {n: _stats(samples[n]) for n in names if n not in failed}, failed
 
 
-def positive_int(s: str) -> int:
-    """An argparse ``type``: an int > 0 (tokens, ranks, adapters, block sizes)."""
-    v = int(s)
-    if v <= 0:
-        raise argparse.ArgumentTypeError(f"must be a positive int, got {s}")
-    return v
-
-
-def rate(s: str) -> float:
-    """An argparse ``type``: a dropout rate in [0, 1)."""
-    v = float(s)
-    if not 0.0 <= v < 1.0:
-        raise argparse.ArgumentTypeError(f"must be in [0, 1), got {s}")
-    return v
-
-
-def fraction(s: str) -> float:
-    """An argparse ``type``: a share in (0, 1] (a sparse delta's density)."""
-    v = float(s)
-    if not 0.0 < v <= 1.0:
-        raise argparse.ArgumentTypeError(f"must be in (0, 1] (a fraction, 0.01 = 1 %), got {s}")
-    return v
-
-
-def parse_kxn(s: str) -> tuple:
-    """``"4096x11008"`` -> (4096, 11008): a (K, N) = (in, out) pair on the command line."""
-    k, n = s.lower().split("x")
-    return int(k), int(n)
-
-
 def add_linear_args(ap, cuda: bool, tokens: tuple, shapes: tuple) -> None:
     """``--tokens`` (M values) and ``--shapes`` (KxN pairs) of a linear-layer bench; ``tokens`` and ``shapes``
     are (GPU defaults, CPU defaults)."""
@@ -220,20 +197,11 @@ def print_table(title: str, env: dict, rows: list, columns: list) -> str:
     return text
 
 
-def _write_atomic(path: str, text: str) -> None:
-    """``text`` into ``path`` through a temporary file and a rename: a run killed mid-write (a timeout) leaves
-    the previous complete file, never a truncated one."""
-    tmp = f"{path}.tmp{os.getpid()}"
-    with open(tmp, "w") as f:
-        f.write(text)
-    os.replace(tmp, path)
-
-
 def write_json(path: str, env: dict, rows: list, partial: str | None = None) -> None:
     data = {"environment": env, "rows": [r if isinstance(r, dict) else asdict(r) for r in rows]}
     if partial:
         data["partial"] = partial
-    _write_atomic(path, json.dumps(data, indent=2))
+    write_text_atomic(path, json.dumps(data, indent=2))
 
 
 def case_keys(row: dict) -> list:
@@ -274,7 +242,7 @@ def plot_ratios(rows: list, path: str, title: str, baseline: str = "linear") -> 
     ax.set_title(title)
     ax.legend()
     fig.tight_layout()
-    fig.savefig(path, dpi=120)
+    save_figure_atomic(fig, path, dpi=120)
     plt.close(fig)
 
 
@@ -310,7 +278,7 @@ def plot_main(argv=None) -> list:
     for a single one. Returns the PNGs written."""
     ap = argparse.ArgumentParser(prog="fastpeft bench plot", description=plot_main.__doc__.splitlines()[0])
     ap.add_argument("json", nargs="+", help="bench --json files")
-    ap.add_argument("--out", help="the PNG (one JSON only; default: the JSON's path with .png)")
+    ap.add_argument("--out", type=output_file, help="the PNG (one JSON only; default: the JSON's path with .png)")
     ap.add_argument("--title", help="the chart's title (default: the file's name and the device)")
     a = ap.parse_args(argv)
     if a.out and len(a.json) > 1:
@@ -328,11 +296,11 @@ def plot_main(argv=None) -> list:
 
 def add_output_args(ap, plot_help: str = "bar chart of the ratios to the baseline") -> None:
     """The options every benchmark script shares: timing budget and where the table goes."""
-    ap.add_argument("--warmup-ms", type=float, default=25)
-    ap.add_argument("--rep-ms", type=float, default=100)
-    ap.add_argument("--json", metavar="FILE", help="write the rows and the environment as JSON")
-    ap.add_argument("--markdown", metavar="FILE", help="write the table as markdown")
-    ap.add_argument("--plot", metavar="PNG", help=plot_help)
+    ap.add_argument("--warmup-ms", type=non_negative_float, default=25)
+    ap.add_argument("--rep-ms", type=positive_float, default=100)
+    ap.add_argument("--json", metavar="FILE", type=output_file, help="write the rows and the environment as JSON")
+    ap.add_argument("--markdown", metavar="FILE", type=output_file, help="write the table as markdown")
+    ap.add_argument("--plot", metavar="PNG", type=output_file, help=plot_help)
     ap.add_argument("--quiet", action="store_true", help="no progress bar")
 
 
@@ -344,7 +312,7 @@ def write_outputs(args, env: dict, rows: list, columns: list, title: str, partia
     if args.json:
         write_json(args.json, env, rows, partial)
     if args.markdown:
-        _write_atomic(args.markdown, to_markdown(table_head(title, env) + "\n\n", rows, columns))
+        write_text_atomic(args.markdown, to_markdown(table_head(title, env) + "\n\n", rows, columns))
 
 
 def partial_writer(args, env: dict, columns: list, title: str):

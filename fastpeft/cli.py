@@ -28,7 +28,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from .demo import positive_float, positive_int, rate
+from ._cli import output_file, positive_float, positive_int, rate, write_text_atomic
 
 
 class TinyBlock(nn.Module):
@@ -203,7 +203,7 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument("--log-every", type=positive_int, default=25)
     t.add_argument("--backend", choices=("auto", "triton", "reference"), default="auto")
     t.add_argument("--save", metavar="DIR", help="also keep the trained adapter in DIR")
-    t.add_argument("--json", metavar="FILE", help="write the summary as JSON to FILE")
+    t.add_argument("--json", metavar="FILE", type=output_file, help="write the summary as JSON to FILE")
     t.add_argument("--quiet", action="store_true", help="no progress bar")
     return p
 
@@ -247,8 +247,7 @@ def main(argv=None) -> int:
     if args.command == "train":
         result = train(args)
         if args.json:
-            with open(args.json, "w") as f:
-                json.dump(result, f, indent=2)
+            write_text_atomic(args.json, json.dumps(result, indent=2))
         return 0 if result["reload_matches"] else 1
     parser.print_help()
     return 2

@@ -5,6 +5,7 @@ import subprocess
 import sys
 
 import pytest
+import torch
 
 from fastpeft.cli import main
 
@@ -41,6 +42,22 @@ def test_python_dash_m_help():
     (["bench", "sparse", "--density", "200"], "--density: must be in (0, 1]"),
     (["bench", "sparse", "--density", "0"], "--density: must be in (0, 1]"),
     (["bench", "doraa"], "unknown bench 'doraa': one of lora, multi, sparse, qlora"),
+    (["bench", "--shapes", "0x80"], "--shapes: must be KxN with K and N positive, got '0x80'"),
+    (["bench", "--shapes", "4x"], "--shapes: must be KxN, two positive ints"),
+    (["bench", "--rep-ms", "0"], "--rep-ms: must be a positive number, got 0"),
+    (["bench", "--warmup-ms", "-5"], "--warmup-ms: must be a number >= 0, got -5"),
+    (["bench", "sparse", "--lora-rank", "-1"], "--lora-rank: must be an int >= 0, got -1"),
+    (["bench", "--json", "/nonexistent-dir/x.json"], "--json: the folder '/nonexistent-dir' of"),
+    (["bench", "--markdown", "/nonexistent-dir/x.md"], "--markdown: the folder '/nonexistent-dir' of"),
+    (["bench", "--plot", "/nonexistent-dir/x.png"], "--plot: the folder '/nonexistent-dir' of"),
+    (["bench", "--json", "."], "--json: '.' is a folder"),
+    (["bench", "plot", "x.json", "--out", "/nonexistent-dir/x.png"], "--out: the folder '/nonexistent-dir' of"),
+    (["train", "--json", "/nonexistent-dir/x.json"], "--json: the folder '/nonexistent-dir' of"),
+    (["demo", "--json", "/nonexistent-dir/d.json"], "--json: the folder '/nonexistent-dir' of"),
+    (["demo", "--plot", "/nonexistent-dir/d.png"], "--plot: the folder '/nonexistent-dir' of"),
+    (["demo", "--device", "foo"], "--device: not a torch device: 'foo'"),
+    (["demo", "--lm-dropout", "1.5"], "--lm-dropout: must be in [0, 1), got 1.5"),
+    (["demo", "--lm-lr", "0"], "--lm-lr: must be a positive number, got 0"),
 ], ids=lambda v: " ".join(v) if isinstance(v, list) else None)
 def test_bad_arguments_exit_2(capsys, argv, words):
     """A bad option value is argparse's error (exit 2, naming the option), never a traceback or a table of
@@ -49,6 +66,65 @@ def test_bad_arguments_exit_2(capsys, argv, words):
         main(argv)
     assert e.value.code == 2
     assert words in capsys.readouterr().err
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="the device is there")
+def test_demo_refuses_cuda_without_a_device_before_loading_anything(capsys):
+    with pytest.raises(SystemExit) as e:
+        main(["demo", "--device", "cuda"])
+    assert e.value.code == 2 and "--device: 'cuda': this torch has no CUDA device" in capsys.readouterr().err
+
+
+def test_bench_multi_with_nothing_to_time_says_so(capsys):
+    with pytest.raises(SystemExit, match="--decode and --prefill are both empty"):
+        main(["bench", "multi", "--decode", "--prefill", "--shape", "48x80", "--quiet"])
+
+
+def test_output_files_are_written_whole_or_not_at_all(tmp_path, monkeypatch):
+    """``write_text_atomic`` / ``save_figure_atomic``: a write that fails half way (a full disk) leaves the previous
+    file as it was and no temporary beside it (before 2026-12-01 --plot wrote in place, a failed --json left its
+    temporary)."""
+    import builtins
+
+    from fastpeft import _cli
+    path = tmp_path / "t.json"
+    path.write_text("old")
+    real_open = builtins.open
+
+    class Full:
+        def __init__(self, f):
+            self.f = f
+
+        def __enter__(self):
+            return self
+
+        def __exit__(self, *a):
+            self.f.close()
+
+        def write(self, text):
+            self.f.write(text[:3])
+            raise OSError(28, "No space left on device")
+
+    monkeypatch.setattr(builtins, "open", lambda p, *a, **k: Full(real_open(p, *a, **k)) if str(p).endswith(".json")
+                        and "tmp" in str(p) else real_open(p, *a, **k))
+    with pytest.raises(OSError, match="No space left"):
+        _cli.write_text_atomic(str(path), "new text")
+    monkeypatch.undo()
+    assert path.read_text() == "old" and sorted(p.name for p in tmp_path.iterdir()) == ["t.json"]
+    _cli.write_text_atomic(str(path), "new text")
+    assert path.read_text() == "new text" and sorted(p.name for p in tmp_path.iterdir()) == ["t.json"]
+
+    class Figure:  # savefig writes part of the file, then fails
+        def savefig(self, p, **kw):
+            assert p.endswith(".png")  # the temporary keeps the extension: matplotlib picks the format by it
+            with real_open(p, "wb") as f:
+                f.write(b"\x89PNG")
+            raise OSError(28, "No space left on device")
+    png = tmp_path / "t.png"
+    png.write_bytes(b"old png")
+    with pytest.raises(OSError):
+        _cli.save_figure_atomic(Figure(), str(png), dpi=120)
+    assert png.read_bytes() == b"old png" and sorted(p.name for p in tmp_path.iterdir()) == ["t.json", "t.png"]
 
 
 def test_bench_table_json_markdown_plot(tmp_path, capsys):

@@ -224,8 +224,8 @@ def test_the_walker_sees_the_package():
     modules, edges = _package_graph()
     assert {"fastpeft", "fastpeft.cli", "fastpeft.functional", "fastpeft.kernels", "fastpeft.kernels.lora",
             "fastpeft.demo", "fastpeft.demo.data"} <= set(modules)
-    # 'import fastpeft' inside functions, 'from .data import ...' at the top
-    assert set(edges["fastpeft.demo.classify"]) == {"fastpeft", "fastpeft.demo.data"}
+    # 'import fastpeft' inside functions, 'from .data import ...' and 'from .._cli import ...' at the top
+    assert set(edges["fastpeft.demo.classify"]) == {"fastpeft", "fastpeft.demo.data", "fastpeft._cli"}
     assert "fastpeft.quant" in edges["fastpeft.demo.data"]  # quantize_nf4's 'from fastpeft.quant import ...' (--4bit)
     assert "fastpeft.kernels" in edges["fastpeft"]  # __init__ re-exports set_deterministic
     assert "fastpeft.kernels._common" in edges["fastpeft.kernels.multi_lora"]

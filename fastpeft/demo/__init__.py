@@ -18,32 +18,22 @@ import sys
 
 import torch
 
+from .._cli import output_file, positive_float, positive_int, rate
 from . import classify, lm
 from .data import MissingPackage
 
 
-def positive_int(s):
-    """An argparse ``type``: the option's value as an int, refused unless > 0 (also serves fastpeft.cli)."""
-    v = int(s)
-    if v <= 0:
-        raise argparse.ArgumentTypeError(f"must be a positive int, got {s}")
-    return v
-
-
-def positive_float(s):
-    """An argparse ``type``: a float, refused unless > 0 (a learning rate, a time limit)."""
-    v = float(s)
-    if not v > 0:
-        raise argparse.ArgumentTypeError(f"must be a positive number, got {s}")
-    return v
-
-
-def rate(s):
-    """An argparse ``type``: a dropout rate in [0, 1)."""
-    v = float(s)
-    if not 0.0 <= v < 1.0:
-        raise argparse.ArgumentTypeError(f"must be in [0, 1), got {s}")
-    return v
+def device(s):
+    """An argparse ``type``: a torch device this machine has (checked before any data or weights load)."""
+    try:
+        d = torch.device(s)
+    except RuntimeError as e:
+        raise argparse.ArgumentTypeError(f"not a torch device: {s!r} (cpu, cuda, cuda:1, ...)") from None
+    if d.type == "cuda" and not torch.cuda.is_available():
+        raise argparse.ArgumentTypeError(f"{s!r}: this torch has no CUDA device (torch {torch.__version__})")
+    if d.type not in ("cpu", "cuda"):
+        raise argparse.ArgumentTypeError(f"{s!r}: the demo runs on 'cpu' or 'cuda'")
+    return s
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -67,15 +57,15 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--model", choices=("minilm", "smollm2"), default="minilm",
                    help="minilm: the method table (default); smollm2: LoRA on SmolLM2-135M-Instruct as a causal "
                         "LM (held-out loss / perplexity before and after, and a generated sample)")
-    p.add_argument("--lm-lr", type=float, default=1e-3, help="smollm2: LoRA learning rate (default 1e-3)")
+    p.add_argument("--lm-lr", type=positive_float, default=1e-3, help="smollm2: LoRA learning rate (default 1e-3)")
     p.add_argument("--lm-batch-size", type=positive_int, default=8, help="smollm2: batch size (default 8)")
-    p.add_argument("--lm-dropout", type=float, default=0.0,
+    p.add_argument("--lm-dropout", type=rate, default=0.0,
                    help="smollm2: LoRA dropout (default 0, as the README's figures)")
     p.add_argument("--lm-new-tokens", type=positive_int, default=40,
                    help="smollm2: tokens of the generated sample (default 40)")
-    p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
-    p.add_argument("--json", metavar="FILE", help="write the rows and the environment as JSON")
-    p.add_argument("--plot", metavar="PNG", help="loss curves and accuracy vs trainable parameters")
+    p.add_argument("--device", type=device, default="cuda" if torch.cuda.is_available() else "cpu")
+    p.add_argument("--json", metavar="FILE", type=output_file, help="write the rows and the environment as JSON")
+    p.add_argument("--plot", metavar="PNG", type=output_file, help="loss curves and accuracy vs trainable parameters")
     p.add_argument("--quiet", action="store_true", help="no progress bar")
     return p
 

@@ -28,6 +28,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from .._cli import save_figure_atomic, write_text_atomic
 from .data import (LABELS, MissingPackage, PeakMemory, device_name, find_data_zip, need_module, package_dir,
                    quantize_nf4, read_reviews, subset)
 
@@ -323,7 +324,7 @@ def plot(rows: list, majority: float, path: str, title: str) -> None:
     ax2.legend()
     fig.suptitle(title)
     fig.tight_layout()
-    fig.savefig(path, dpi=120)
+    save_figure_atomic(fig, path, dpi=120)
     plt.close(fig)
 
 
@@ -398,8 +399,7 @@ def run(args) -> dict:
     env["seconds"] = elapsed
     result = {"environment": env, "rows": rows}
     if args.json:
-        with open(args.json, "w") as f:
-            json.dump(result, f, indent=2)
+        write_text_atomic(args.json, json.dumps(result, indent=2))
     if args.plot:
         plot(rows, majority, args.plot, f"all-MiniLM-L6-v2, Drugs.com sentiment, {len(train_rows)} train, "
                                         f"{steps} steps ({env['device']})")

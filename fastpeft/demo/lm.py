@@ -24,6 +24,7 @@ from pathlib import Path
 
 import torch
 
+from .._cli import save_figure_atomic, write_text_atomic
 from .data import (MissingPackage, PeakMemory, device_name, find_data_zip, need_module, package_dir, quantize_nf4,
                    read_reviews, subset)
 
@@ -146,8 +147,7 @@ def run(args) -> dict:
         _print_bases(runs)
         result = {"environment": {k: v for k, v in runs[0]["environment"].items() if k != "base"}, "runs": runs}
     if args.json:
-        with open(args.json, "w") as f:
-            json.dump(result, f, indent=2)
+        write_text_atomic(args.json, json.dumps(result, indent=2))
     if args.plot:
         plot_lm(runs, args.plot)
     return result
@@ -267,5 +267,5 @@ def plot_lm(runs: list, path: str) -> None:
     ax.set_title("LoRA on SmolLM2-135M-Instruct, Drugs.com reviews")
     ax.legend()
     fig.tight_layout()
-    fig.savefig(path, dpi=120)
+    save_figure_atomic(fig, path, dpi=120)
     plt.close(fig)
