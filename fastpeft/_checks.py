@@ -5,6 +5,7 @@ call without reading fastpeft's source.
 """
 from __future__ import annotations
 
+import functools
 import math
 import os
 
@@ -85,9 +86,20 @@ def check_init(init_lora_weights):
     return init_lora_weights
 
 
+@functools.lru_cache(maxsize=None)
+def _taken_names() -> frozenset:
+    """Attribute names of the containers an adapter's name becomes a key of (``nn.ModuleDict`` /
+    ``nn.ParameterDict``, whose keys are attributes): "training", "forward", "to", "_parameters", ..."""
+    return frozenset(dir(torch.nn.ModuleDict)) | frozenset(dir(torch.nn.ParameterDict)) | frozenset(
+        vars(torch.nn.Module()))
+
+
 def check_adapter_name(name) -> str:
     if not isinstance(name, str) or not name or "." in name:
         raise ValueError(f"adapter name must be a non-empty str without '.', got {name!r}")
+    if name in _taken_names():  # checked before anything changes: PEFT fails half way through instead
+        raise ValueError(f"adapter name {name!r} is an attribute of torch's nn.ModuleDict / nn.ParameterDict, which "
+                         "hold the adapters by name; pick another name")
     return name
 
 

@@ -393,6 +393,8 @@ _UNSUPPORTED = ("fan_in_fan_out", "layers_to_transform", "lora_bias", "layer_rep
 _CONFIG_FIELDS = ("r", "lora_alpha", "lora_dropout", "target_modules", "exclude_modules", "bias",
                   "use_rslora", "init_lora_weights", "modules_to_save", "rank_pattern", "alpha_pattern", "use_dora",
                   "task_type")
+# PEFT's inits whose adapters sit on the base weights as they were: the file's A and B are all there is
+_LOADABLE_INITS = (True, False, "gaussian", "orthogonal", "eva")
 _SPARSE_LORA_FIELDS = ("sparse_density", "sparse_block_size", "sparse_selection")  # RoSA: fastpeft's own keys
 
 
@@ -471,11 +473,17 @@ class LoraMethod(Method):
         bad = {k: d[k] for k in _UNSUPPORTED if d.get(k) not in (None, False, [], {}, 0)}
         if bad:
             raise ValueError(f"adapter config {path} uses LoRA variants fastpeft does not compute: {bad}")
+        if d.get("ensure_weight_tying") and d.get("modules_to_save"):
+            raise ValueError(f"adapter config {path} sets ensure_weight_tying with modules_to_save "
+                             f"{d['modules_to_save']}: PEFT's tied copies of saved modules (one trained copy for tied "
+                             "embeddings and head) are not supported here; PEFT loads this file")
         init = d.get("init_lora_weights", True)
-        if init not in (True, False, "gaussian"):
-            # PiSSA, OLoRA, LoftQ, ... change the base weights at init: the adapter alone does not carry them.
+        if init not in _LOADABLE_INITS:
+            # PiSSA, OLoRA, LoftQ, CorDA, LoRA-GA change the base weights at init: the adapter alone does not carry
+            # them; MiCA freezes B (another training rule). Orthogonal and EVA only pick A and B: loaded as any LoRA.
             raise ValueError(f"init_lora_weights={init!r} in {path}: adapters initialised this way modify the "
-                             "base weights and cannot be loaded onto the original model")
+                             "base weights (or train under another rule) and cannot be loaded onto the original model "
+                             f"here; loadable: {_LOADABLE_INITS}")
         kwargs = {k: d[k] for k in _CONFIG_FIELDS + _SPARSE_LORA_FIELDS if k in d and d[k] is not None}
         kwargs.pop("init_lora_weights", None)
         return self.construct(kwargs, path)

@@ -2,8 +2,8 @@
 
 What a file holds is its method family's (``inject.method_for``, by config or by ``peft_type``): the
 config's JSON and the tensors' keys, relative to ``base_model.model.`` (LoRA: ``<module>.lora_A.weight``,
-...). This module reads and writes the two files. Saves are atomic (a temporary folder renamed into
-place); loads read and check the config, every key and every shape before the model is touched, and
+...). This module reads and writes the two files. Saves are atomic (each file written whole beside its target,
+then renamed over it, the previous ones put back where a step fails); loads read and check the config, every key and every shape before the model is touched, and
 never unpickle anything.
 """
 from __future__ import annotations
@@ -11,7 +11,6 @@ from __future__ import annotations
 import json
 import os
 import shutil
-import tempfile
 import uuid
 
 import torch
@@ -51,40 +50,54 @@ def _sharded(t: torch.Tensor) -> bool:
 
 
 def write_folder_atomically(directory, files: dict) -> None:
-    """Write ``files`` (file name -> a function writing that file to the path it is given) into
-    ``directory``, all or nothing: they go into a temporary folder beside it, which is renamed into place.
-    Other files already in ``directory`` are kept; a failure leaves ``directory`` as it was."""
-    directory = os.path.abspath(os.fspath(directory))
-    parent = os.path.dirname(directory)
-    os.makedirs(parent, exist_ok=True)
+    """Write ``files`` (file name -> a function writing that file to the path it is given) into ``directory``, all or
+    nothing, in place: each is written whole to a temporary name inside the folder and flushed to disk, then they are
+    renamed over their targets one after the other (each rename atomic, the first to the last microseconds apart).
+    Where a write or a rename fails, the files already renamed are put back (hard links kept the previous ones) and
+    the temporaries removed: the folder is as it was (a new folder is removed again). Nothing else in the folder is
+    touched: other files, open files (a training log keeps its writes), its permissions, a symlinked folder's
+    target, a mount point, the working directory (before 2026-12-01 the whole folder was rebuilt beside it and
+    swapped in, which lost all of those)."""
+    directory = os.fspath(directory)
     if os.path.exists(directory) and not os.path.isdir(directory):
-        raise ValueError(f"directory {directory!r} exists and is not a folder")
-    tmp = tempfile.mkdtemp(prefix=f".{os.path.basename(directory)}.tmp-", dir=parent)
+        raise ValueError(f"directory {os.path.abspath(directory)!r} exists and is not a folder")
+    created = not os.path.isdir(directory)
+    os.makedirs(directory, exist_ok=True)
+    tag = uuid.uuid4().hex[:12]
+    tmps = {name: os.path.join(directory, f".{name}.tmp-{tag}") for name in files}
+    backups, renamed = {}, []
     try:
         for name, write in files.items():
-            path = os.path.join(tmp, name)
-            write(path)
-            with open(path, "rb+") as f:
+            write(tmps[name])
+            with open(tmps[name], "rb+") as f:
                 os.fsync(f.fileno())
-        if os.path.isdir(directory):
-            for entry in os.listdir(directory):  # keep what else the folder holds (a README, a tokenizer)
-                if entry not in files:
-                    src = os.path.join(directory, entry)
-                    (shutil.copytree if os.path.isdir(src) else shutil.copy2)(src, os.path.join(tmp, entry))
-            old = os.path.join(parent, f".{os.path.basename(directory)}.old-{uuid.uuid4().hex}")
-            os.rename(directory, old)
-            try:
-                os.rename(tmp, directory)
-            except BaseException:
-                os.rename(old, directory)  # put the previous adapter back: a failed save changes nothing
-                raise
-            shutil.rmtree(old, ignore_errors=True)
-        else:
-            os.rename(tmp, directory)
-        _fsync_dir(parent)
+        for name in files:
+            target = os.path.join(directory, name)
+            if os.path.isfile(target):  # the previous file, kept under a second name until the renames are done
+                backups[name] = os.path.join(directory, f".{name}.old-{tag}")
+                try:
+                    os.link(target, backups[name])
+                except OSError:  # a file system without hard links
+                    shutil.copy2(target, backups[name])
+        for name in files:
+            os.replace(tmps[name], os.path.join(directory, name))
+            renamed.append(name)
+        _fsync_dir(directory)
     except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
+        for name in renamed:  # put the previous files back (a file that was not there: removed)
+            target = os.path.join(directory, name)
+            if name in backups:
+                os.replace(backups.pop(name), target)
+            else:
+                os.remove(target)
+        for path in [*tmps.values(), *backups.values()]:
+            if os.path.lexists(path):
+                os.remove(path)
+        if created:
+            shutil.rmtree(directory, ignore_errors=True)
         raise
+    for path in backups.values():
+        os.remove(path)
 
 
 def _meta_parameters(model: nn.Module, plan, state) -> list:
@@ -102,8 +115,9 @@ def save_adapter(model: nn.Module, directory, adapter_name: str = "default", is_
                  ) -> None:
     """Write adapter ``adapter_name`` of ``model`` to ``directory`` in PEFT's format, atomically.
 
-    The files are written to a temporary folder beside ``directory`` and renamed into place; other files
-    already in ``directory`` are kept. A failure leaves ``directory`` as it was.
+    Each file is written whole to a temporary name in ``directory``, then renamed over its target
+    (``write_folder_atomically``); other files already in ``directory`` are left as they are. A failure leaves
+    ``directory`` as it was.
 
     Distributed (a process group initialized): by default only global rank 0 writes, so every rank may call it
     (under DDP with the wrapper or its ``.module``; before 2026-12-01 every DDP rank wrote, and concurrent renames
@@ -136,7 +150,9 @@ def save_adapter(model: nn.Module, directory, adapter_name: str = "default", is_
 
     def write_config(path):
         with open(path, "w") as f:
-            json.dump(config_json, f, indent=2, sort_keys=True)
+            # top-level keys sorted, nested ones in their order: rank_pattern / alpha_pattern keys are tried in order
+            # (the first match wins, here and in PEFT), so sorting them could give a layer another rank or alpha
+            json.dump(dict(sorted(config_json.items())), f, indent=2)
 
     write_folder_atomically(directory, {WEIGHTS_NAME: lambda path: save_file(tensors, path, metadata={"format": "pt"}),
                                         CONFIG_NAME: write_config})

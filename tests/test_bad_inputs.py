@@ -456,6 +456,9 @@ CASES = [
         ("autocast_adapter_dtype", "bool", "'yes'"), _toy),
     Bad("inject-adapter_name-dotted", lambda m: fastpeft.inject(m, LoraConfig(target_modules=["q_proj"]), "a.b"),
         ValueError, ("adapter name", "'a.b'"), _toy),
+    Bad("inject-adapter_name-training", lambda m: fastpeft.inject(m, LoraConfig(target_modules=["q_proj"]),
+                                                                 "training"),
+        ValueError, ("adapter name", "'training'", "nn.ModuleDict"), _toy),
     Bad("inject-existing-adapter_name", lambda m: fastpeft.inject(m, LoraConfig(target_modules=["k_proj"])),
         ValueError, ("'default'", "already exists"), _lora_model),
     Bad("inject-over-a-merged-adapter", lambda m: fastpeft.inject(m, LoraConfig(target_modules=["k_proj"]), "b"),
@@ -617,6 +620,10 @@ FILE_CASES = [
             targets=("fresh",)),
     BadFile("load-bitfit-adapter_name-dotted", _none, ValueError, ("adapter name", "'a.b'"),
             source="bitfit", targets=("fresh",), kwargs=dict(adapter_name="a.b")),
+    BadFile("load-adapter_name-training", _none, ValueError, ("adapter name", "'training'", "nn.ParameterDict"),
+            kwargs=dict(adapter_name="training")),
+    BadFile("load-adapter_name-forward", _none, ValueError, ("adapter name", "'forward'"),
+            kwargs=dict(adapter_name="forward")),
     BadFile("load-over-a-merged-adapter", _none, RuntimeError, ("'default'", "merged", "unmerge"),
             targets=("merged",)),
     BadFile("load-lora-over-bitfit-adapter", _none, ValueError, ("'default'", "BitFitConfig", "LoraConfig"),
@@ -656,21 +663,25 @@ def _fail_config_write(monkeypatch, d):
     monkeypatch.setattr(json, "dump", boom)
 
 
-def _fail_final_rename(monkeypatch, d):
-    """Everything is written; renaming the finished temporary folder onto the target fails."""
-    real = os.rename
+def _fail_rename_of(name):
+    """Both files are written; renaming the finished temporary over ``name`` fails (for the config: after the
+    weights file was renamed into place, which must be put back)."""
+    def sabotage(monkeypatch, d):
+        real = os.replace
 
-    def rename(src, dst):
-        if os.path.basename(os.fspath(src)).startswith(".adapter.tmp-") and os.fspath(dst) == os.fspath(d):
-            raise _Boom("rename failed")
-        return real(src, dst)
-    monkeypatch.setattr(os, "rename", rename)
+        def replace(src, dst):
+            if os.path.basename(os.fspath(src)).startswith(f".{name}.tmp-") and os.fspath(dst).endswith(name):
+                raise _Boom("rename failed")
+            return real(src, dst)
+        monkeypatch.setattr(os, "replace", replace)
+    return sabotage
 
 
-def _fail_copying_other_files(monkeypatch, d):
-    """Copying the folder's other files (a README) into the new folder fails."""
+def _fail_keeping_the_old_file(monkeypatch, d):
+    """Keeping the previous weights file under a second name fails (no hard links, and the copy fails too)."""
     def boom(*a, **k):
         raise _Boom("copy failed")
+    monkeypatch.setattr(os, "link", boom)
     monkeypatch.setattr("shutil.copy2", boom)
 
 
@@ -688,9 +699,11 @@ class BadSave:
 SAVE_CASES = [
     BadSave("save-config-write-fails-new-folder", _fail_config_write, _Boom, ("adapter_config.json",), False),
     BadSave("save-config-write-fails-over-folder", _fail_config_write, _Boom, ("adapter_config.json",), True),
-    BadSave("save-final-rename-fails-over-folder", _fail_final_rename, _Boom, ("rename",), True),
-    BadSave("save-final-rename-fails-new-folder", _fail_final_rename, _Boom, ("rename",), False),
-    BadSave("save-copying-other-files-fails", _fail_copying_other_files, _Boom, ("copy",), True),
+    BadSave("save-config-rename-fails-over-folder", _fail_rename_of("adapter_config.json"), _Boom, ("rename",), True),
+    BadSave("save-config-rename-fails-new-folder", _fail_rename_of("adapter_config.json"), _Boom, ("rename",), False),
+    BadSave("save-weights-rename-fails-over-folder", _fail_rename_of("adapter_model.safetensors"), _Boom, ("rename",),
+            True),
+    BadSave("save-keeping-the-old-file-fails", _fail_keeping_the_old_file, _Boom, ("copy",), True),
     BadSave("save-unknown-adapter_name", lambda mp, d: None, ValueError, ("adapter_name", "'other'", "['default']"),
             True, dict(adapter_name="other")),
     BadSave("save-onto-a-file", lambda mp, d: None, ValueError, ("exists and is not a folder",), True,

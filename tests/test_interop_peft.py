@@ -395,3 +395,37 @@ def test_peft_file_with_a_saved_lm_head_weight_loads(tmp_path):
     with pytest.raises(ValueError, match=r"lm_head\..*must have shape \(80, .* for this model"):
         fastpeft.load_adapter(bigger, tmp_path)
     assert all(torch.equal(v, before[k]) for k, v in bigger.state_dict().items())
+
+
+def test_peft_orthogonal_init_adapters_load_and_weight_tying_files_are_named(tmp_path):
+    """PEFT's "orthogonal" init leaves the base weights as they are (its A and B are all the adapter holds): its
+    files load with PEFT's outputs (before 2026-12-01 refused as if it changed the base, as PiSSA does). A file
+    saved with ensure_weight_tying and modules_to_save is refused naming that option (it was an "unexpected keys"
+    error), the model unchanged; PiSSA stays refused."""
+    import json
+
+    base, x = toy_base(), toy_input()
+    torch.manual_seed(2)
+    pm = peft.get_peft_model(copy.deepcopy(base), peft.LoraConfig(r=4, target_modules=["q_proj", "v_proj"],
+                                                                  init_lora_weights="orthogonal"))
+    perturb_trainable(pm, 2)
+    pm.eval().save_pretrained(tmp_path / "orth")
+    fm = fastpeft.load_adapter(copy.deepcopy(base), tmp_path / "orth").eval()
+    with torch.no_grad():
+        assert_outputs_match(fm(x), pm(x), base(x))
+    cfg_path = tmp_path / "orth" / "adapter_config.json"
+    for edit, words in ((dict(ensure_weight_tying=True, modules_to_save=["head"]), "ensure_weight_tying"),
+                        (dict(init_lora_weights="pissa"), "init_lora_weights='pissa'")):
+        cfg = json.loads(cfg_path.read_text())
+        cfg.update(edit)
+        cfg_path.write_text(json.dumps(cfg))
+        model = copy.deepcopy(base)
+        before = {k: v.clone() for k, v in model.state_dict().items()}
+        with pytest.raises(ValueError, match=words):
+            fastpeft.load_adapter(model, tmp_path / "orth")
+        assert model.state_dict().keys() == before.keys()
+        assert all(torch.equal(v, before[k]) for k, v in model.state_dict().items())
+        assert not any(isinstance(m, fastpeft.FastLoRALinear) for m in model.modules())
+        cfg.pop("ensure_weight_tying", None)
+        cfg.update(modules_to_save=None, init_lora_weights="orthogonal")
+        cfg_path.write_text(json.dumps(cfg))

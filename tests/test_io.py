@@ -49,6 +49,11 @@ CONFIGS = {
                                   rank_pattern={"mlp.0": 2}, alpha_pattern={r"layers\.1\..*": 32}),
     "bias-all-saved-head": LoraConfig(r=2, target_modules=["o_proj"], bias="all", modules_to_save=["lm_head"]),
     "bias-lora-only": LoraConfig(r=2, target_modules=["k_proj", "mlp.2"], bias="lora_only"),
+    # overlapping keys, the first match wins (as in PEFT): sorted, "1.attn.q_proj" would come first and give
+    # layer 1 alpha 60 after a round trip (before 2026-12-01 the file's pattern keys were sorted)
+    "overlapping-patterns": LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj"],
+                                       alpha_pattern={"attn.q_proj": 2, "1.attn.q_proj": 60},
+                                       rank_pattern={"attn.q_proj": 3, "1.attn.q_proj": 5}),
 }
 
 
@@ -65,6 +70,16 @@ def test_round_trip_gives_same_outputs(tmp_path, name):
     fastpeft.save_adapter(other, tmp_path / "b")
     fastpeft.load_adapter(fresh, tmp_path / "b")
     torch.testing.assert_close(fresh(x), other(x), rtol=0, atol=0)
+
+
+def test_overlapping_patterns_keep_their_order_for_peft_too(tmp_path):
+    peft = pytest.importorskip("peft")
+    m = _trained(CONFIGS["overlapping-patterns"])
+    assert {l.adapter_spec("default").lora_alpha for l in fastpeft.lora_layers(m).values()} == {2}
+    fastpeft.save_adapter(m, tmp_path)
+    pm = peft.PeftModel.from_pretrained(_toy(), tmp_path).eval()
+    x = torch.randn(3, 16)
+    torch.testing.assert_close(pm(x), m(x), rtol=1e-6, atol=1e-6)
 
 
 def test_files_are_in_peft_format(tmp_path):
@@ -94,6 +109,38 @@ def test_save_keeps_other_files_and_replaces_adapter(tmp_path):
     assert (d / "README.md").read_text() == "model card"
     assert json.loads((d / CONFIG_NAME).read_text())["peft_type"] == "LORA"
     assert sorted(p.name for p in tmp_path.iterdir()) == ["adapter"]  # no temporary folders left
+
+
+def test_save_writes_in_place_and_leaves_the_rest_of_the_folder_alone(tmp_path, monkeypatch):
+    """Saves write each file in place (a temporary beside it, renamed over it): an open log file in the folder keeps
+    its later writes, the folder keeps its permissions, a symlinked folder's target gets the files (the link stays),
+    a dangling link in the folder is no obstacle, and a save into the working directory keeps it (before
+    2026-12-01 the folder was rebuilt beside itself and swapped in: all of these broke)."""
+    d = tmp_path / "run"
+    d.mkdir()
+    os.chmod(d, 0o775)
+    os.symlink("/nonexistent/blob", d / "tokenizer.json")
+    log = open(d / "train.log", "w")
+    log.write("step 1\n")
+    log.flush()
+    fastpeft.save_adapter(_trained(seed=1), d)
+    log.write("step 2\n")
+    log.close()
+    assert (d / "train.log").read_text() == "step 1\nstep 2\n"
+    assert os.stat(d).st_mode & 0o777 == 0o775 and os.path.islink(d / "tokenizer.json")
+    assert sorted(p.name for p in d.iterdir()) == sorted([CONFIG_NAME, WEIGHTS_NAME, "tokenizer.json", "train.log"])
+    store = tmp_path / "store" / "v1"
+    store.mkdir(parents=True)
+    os.symlink(store, tmp_path / "current")
+    for seed in (1, 2):
+        fastpeft.save_adapter(_trained(seed=seed), tmp_path / "current")
+    assert os.path.islink(tmp_path / "current")
+    want = _trained(seed=2).state_dict()
+    got = fastpeft.load_adapter(_toy(), store).state_dict()
+    assert all(torch.equal(got[k], want[k]) for k in want)
+    monkeypatch.chdir(d)
+    fastpeft.save_adapter(_trained(seed=3), ".")
+    assert os.getcwd() == str(d) and (d / CONFIG_NAME).is_file()
 
 
 def test_failed_save_leaves_directory_as_it_was(tmp_path, monkeypatch):
