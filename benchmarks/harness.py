@@ -327,9 +327,24 @@ def partial_writer(args, env: dict, columns: list, title: str):
     return on_group
 
 
+# p80 / p20 above this: the row's samples spread too much for a ratio to be read at a few percent
+NOISY_SPREAD = 1.5
+
+
+def noisy_rows(rows: list) -> list:
+    """The rows whose 80 % quantile is over NOISY_SPREAD times their 20 % one (a busy machine, a clock that moved)."""
+    return [r for r in rows if r.get("p20") and r.get("p80") and r["p80"] / r["p20"] > NOISY_SPREAD]
+
+
 def report(args, env: dict, rows: list, columns: list, title: str, plot_title: str, baseline: str = "linear") -> list:
-    """Print the table and write what ``add_output_args``' options ask for; returns the rows."""
+    """Print the table (and a note where rows are noisy) and write what ``add_output_args``' options ask for; returns
+    the rows."""
     print_table(title, env, rows, columns)
+    noisy = noisy_rows(rows)
+    if noisy:
+        print(f"\nnote: {len(noisy)} of {len(rows)} rows spread over {NOISY_SPREAD}x between their p20 and p80 (other "
+              "work on this machine? on a CPU, OMP_NUM_THREADS=1 and an idle machine help): read their ratios "
+              "loosely", file=sys.stderr)
     write_outputs(args, env, rows, columns, title)
     if args.plot:
         plot_ratios(rows, args.plot, f"{plot_title} on {env['device']}", baseline=baseline)

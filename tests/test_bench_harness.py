@@ -258,3 +258,17 @@ def test_cpu_providers_take_turns_and_a_late_failure_is_a_result():
     assert order[:6] == ["a", "a", "b", "b", "late", "late"]  # each one's estimate and warm-up
     # rounds: a b late | b (late) a | (late) a b | a b
     assert order[6:] == ["a", "b", "late", "b", "a", "a", "b", "a", "b"]
+
+
+def test_noisy_rows_are_noted(capsys):
+    """Rows whose p80 is over 1.5x their p20 get a note under the table (on stderr): on a shared machine their
+    ratios are not to be read at a few percent."""
+    rows = [{"provider": "a", "ms": 1.0, "p20": 1.0, "p80": 1.2}, {"provider": "b", "ms": 2.0, "p20": 1.0, "p80": 2.0},
+            {"provider": "c", "ms": None, "p20": None, "p80": None}]
+    assert harness.noisy_rows(rows) == [rows[1]]
+    args = type("A", (), {"json": None, "markdown": None, "plot": None})()
+    env = {"device": "cpu", "torch": "t", "triton": "-", "date": "d"}
+    harness.report(args, env, rows, [("provider", "provider", "{}")], "T", "T")
+    assert "note: 1 of 3 rows spread over 1.5x" in capsys.readouterr().err
+    harness.report(args, env, rows[:1], [("provider", "provider", "{}")], "T", "T")
+    assert "note:" not in capsys.readouterr().err
