@@ -656,13 +656,14 @@ def _rows_ok(t: torch.Tensor) -> bool:
             and (t.shape[0] <= 1 or t.stride(0) >= t.shape[1]))
 
 
-def tma_precision_ok(dtype: torch.dtype) -> bool:
-    """Whether the ops offer the TMA kernels for operands of ``dtype``: not fp32 at torch's default matmul precision
-    ("highest", so ``_dot_precision`` gives ieee dots: no tensor cores; compiled for sm_90 on triton 3.6 every
-    autotune config kept for fp32 spilled 10-26 KiB of stack a thread, each compile took 4-8 s, and cuBLAS's
-    SGEMM is the floor anyway). TF32 allowed (``torch.set_float32_matmul_precision("high")``) and 16-bit dtypes:
-    offered. Under the interpreter, offered in every dtype, so that the tests run fp32 through them."""
-    return INTERPRET or _dot_precision(dtype) != "ieee"
+def tma_precision_ok(dtype: torch.dtype, forced: bool = False) -> bool:
+    """Whether the ops offer the TMA kernels for operands of ``dtype`` to their timed choice: not fp32 at torch's
+    default matmul precision ("highest", so ``_dot_precision`` gives ieee dots: no tensor cores; compiled for sm_90
+    on triton 3.6 every autotune config kept for fp32 spilled 10-26 KiB of stack a thread, each compile took
+    4-8 s, and cuBLAS's SGEMM is the floor anyway). TF32 allowed (``torch.set_float32_matmul_precision("high")``)
+    and 16-bit dtypes: offered. A path the environment forces (``forced``) runs in any dtype, as do the tests under
+    the interpreter."""
+    return forced or INTERPRET or _dot_precision(dtype) != "ieee"
 
 
 def tma_shapes_ok(*, a: torch.Tensor, b: torch.Tensor) -> bool:

@@ -19,6 +19,17 @@ def pytest_collection_modifyitems(config, items):
 
 
 @pytest.fixture
+def tf32_on_the_card():
+    """TF32 allowed for fp32 matmuls on a card (restored after): there the ops offer the TMA kernels to their timed
+    choices in fp32 only then (``kernels.lora_tma.tma_precision_ok``). No change under the interpreter."""
+    prev = torch.get_float32_matmul_precision()
+    if torch.cuda.is_available():
+        torch.set_float32_matmul_precision("high")
+    yield
+    torch.set_float32_matmul_precision(prev)
+
+
+@pytest.fixture
 def kernel_stream_reference():
     """The reference backend on CPU tensors draws the kernels' Philox masks (the oracle) in the test, so
     that tests comparing the kernels with the reference backend compare the same masks."""

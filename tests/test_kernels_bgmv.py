@@ -461,7 +461,7 @@ def test_fused_path_matches_reference(dt, per_seq, monkeypatch, fused_calls):
 
 
 @needs_tma
-def test_auto_offers_fused_for_long_sequences_only(monkeypatch, fused_calls):
+def test_auto_offers_fused_for_long_sequences_only(monkeypatch, fused_calls, tf32_on_the_card):
     """auto, no grad, out of training mode: fused is timed against grouped from FUSED_MIN_ROWS rows where the ids
     are given per sequence of at least FUSED_MIN_SEQ rows; per-token ids, short sequences, fewer rows, training
     mode and dropout keep the grouped kernels alone (untimed). Per-sequence int32 ids stay a stride-0 view."""

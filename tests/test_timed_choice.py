@@ -741,15 +741,29 @@ def test_fp32_at_full_precision_is_not_offered_the_tma_kernels(monkeypatch):
     """At torch's default fp32 matmul precision the kernels' dots are ieee (no tensor cores): compiled for sm_90,
     every TMA config kept for fp32 spilled 10-26 KiB a thread, so the ops do not offer the TMA paths there (cuBLAS's
     SGEMM is the floor); with TF32 allowed, and in 16-bit dtypes, they do. The interpreter offers them in every
-    dtype (the tests run fp32 through them)."""
+    dtype (the tests run fp32 through them); a forced path (FASTPEFT_LORA_GEMM=tma / tma-shrink,
+    FASTPEFT_MULTI_PATH=fused, FASTPEFT_SPARSE_GEMM=tma) in any."""
     monkeypatch.setattr(KT, "INTERPRET", False)
     prev = torch.get_float32_matmul_precision()
     try:
         torch.set_float32_matmul_precision("highest")
         assert not KT.tma_precision_ok(torch.float32)
+        assert KT.tma_precision_ok(torch.float32, forced=True)  # a path the environment forces runs in any dtype
         assert KT.tma_precision_ok(torch.bfloat16) and KT.tma_precision_ok(torch.float16)
+        # the ops: the LoRA GEMM's candidates and the fused shrink, offered in fp32 only when forced
+        monkeypatch.setattr(KT, "tma_supported", lambda device: True)
+        a, b, lu, lv = torch.randn(8, 64), torch.randn(64, 48), torch.randn(8, 4), torch.randn(4, 48)
+        x, w, la = torch.randn(OL.FUSED_SHRINK_MIN_ROWS, 48), torch.randn(40, 48), torch.randn(8, 48)
+        assert tuple(OL.gemm_candidates(a, b, lu, lv, scale=1.0)) == ("fused", "cublas")
+        assert not OL._fused_shrink_offered(x, w, la)
+        assert OL._fused_shrink_offered(x.bfloat16(), w.bfloat16(), la.bfloat16())
+        monkeypatch.setenv("FASTPEFT_LORA_GEMM", "tma-shrink")
+        assert tuple(OL.gemm_candidates(a, b, lu, lv, scale=1.0)) == ("fused", "tma", "cublas")
+        assert OL._fused_shrink_offered(x, w, la)
+        monkeypatch.delenv("FASTPEFT_LORA_GEMM")
         torch.set_float32_matmul_precision("high")
         assert KT.tma_precision_ok(torch.float32)
+        assert tuple(OL.gemm_candidates(a, b, lu, lv, scale=1.0)) == ("fused", "tma", "cublas")
     finally:
         torch.set_float32_matmul_precision(prev)
     monkeypatch.setattr(KT, "INTERPRET", True)

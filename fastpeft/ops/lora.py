@@ -222,10 +222,12 @@ def _fused_dy_offered(dy, weight, lora_B, masked: bool) -> bool:
 def _tma_fused_offered(a, b, factor, fits) -> bool:
     """The rule both fused TMA paths share, for the GEMM a (M, K) @ b (K, N) with the adapter factor read
     beside a: from FUSED_SHRINK_MIN_ROWS rows (any when FASTPEFT_LORA_GEMM=tma-shrink forces them), not
-    while tracing, on a TMA device, where ``fits()`` (the rank has configs), with TMA rows and one dtype."""
-    if a.shape[0] < FUSED_SHRINK_MIN_ROWS and K.gemm_mode() != "tma-shrink":
+    while tracing, on a TMA device and dtype (``tma_precision_ok``: not fp32 at full precision unless forced),
+    where ``fits()`` (the rank has configs), with TMA rows and one dtype."""
+    forced = K.gemm_mode() == "tma-shrink"
+    if a.shape[0] < FUSED_SHRINK_MIN_ROWS and not forced:
         return False
-    return (not torch.compiler.is_compiling() and KT.tma_supported(a.device) and KT.tma_precision_ok(a.dtype)
+    return (not torch.compiler.is_compiling() and KT.tma_supported(a.device) and KT.tma_precision_ok(a.dtype, forced)
             and fits() and KT.tma_shapes_ok(a=a, b=b) and factor.dtype == a.dtype and KT.waits_refusal() is None)
 
 
@@ -344,8 +346,8 @@ def gemm_candidates(a, b, lu, lv, *, bias=None, scale, seed=0, threshold=0) -> d
     args = (a, b, lu, lv, bias, scale, seed, threshold)
     names = ("fused", "cublas")
     # The TMA kernel is a plain launcher, not a registered op: torch.compile does not trace it.
-    if (not torch.compiler.is_compiling() and KT.tma_supported(a.device) and KT.tma_precision_ok(a.dtype)
-            and KT.tma_shapes_ok(a=a, b=b)):
+    if (not torch.compiler.is_compiling() and KT.tma_supported(a.device)
+            and KT.tma_precision_ok(a.dtype, K.gemm_mode() in ("tma", "tma-shrink")) and KT.tma_shapes_ok(a=a, b=b)):
         names = ("fused", "tma", "cublas")
     return {name: functools.partial(_GEMMS[name], *args) for name in names}
 

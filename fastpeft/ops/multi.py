@@ -198,7 +198,7 @@ def _fused_refusal(x, weight, bias, lora_A_stack, lora_B_stack, dropout_p) -> st
         return "torch.compile is tracing"
     if not KT.tma_supported(x.device):
         return f"it needs sm_90+ and a triton with tensor descriptors, got device {x.device}"
-    if not KT.tma_precision_ok(x.dtype):
+    if not KT.tma_precision_ok(x.dtype, path_mode() == "fused"):
         return ("float32 at torch's default matmul precision ('highest': no tensor cores) runs on cuBLAS; "
                 "torch.set_float32_matmul_precision('high') allows TF32 and the fused kernel")
     waits = KT.waits_refusal()

@@ -205,7 +205,7 @@ def _tma_way(plan: SparsePlan, a, weight, transpose_w: bool, run, *factors):
     if not isinstance(plan, BlockPlan) or plan.csr_rows is None or torch.compiler.is_compiling():
         return None
     rank = (factors[0].shape[1] if transpose_w else factors[0].shape[0]) if factors else 0
-    ok = (KT.tma_supported(a.device) and KT.tma_precision_ok(a.dtype)
+    ok = (KT.tma_supported(a.device) and KT.tma_precision_ok(a.dtype, SD.gemm_mode() == "tma")
           and KT.tma_shapes_ok(a=a, b=weight.t() if transpose_w else weight)
           and all(t.dtype == a.dtype for t in (weight, *factors)) and SD.tma_rank_fits(rank))
     return run if ok else None
