@@ -49,7 +49,7 @@ from torch.nn.modules import module as _torch_module
 
 from .functional import dora_linear, lora_linear, lora_linear_multi, qlora_linear
 from .hf import _InstanceMethod
-from .ops.common import cast_params, kept_state
+from .ops.common import cast_params, held, kept_state
 from .quant import _bnb_class_name, kept_quantized_weight
 from .reference import tracing_or_transformed
 
@@ -197,7 +197,8 @@ def _stacks(self, used: list, dev: torch.device) -> tuple:
     rank_t = None if min(ranks) == r_max else torch.tensor(ranks, dtype=torch.int64, device=dev)
     out = (stack_a, stack_b, scalings, rank_t)
     if key is not None:
-        self.__dict__["_fastpeft_stacks"] = (key, tuple(t for p in weights for t in p), out)  # the batch's adapters
+        factors = tuple(t for p in weights for t in p)
+        self.__dict__["_fastpeft_stacks"] = (key, factors, out, held(factors))  # the batch's adapters
     return out
 
 

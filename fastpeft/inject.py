@@ -793,7 +793,8 @@ def inject(model: nn.Module, config, adapter_name: str = "default", plan=None, a
         raise ValueError(f"adapter {adapter_name!r} already exists in the model (adapters {list(configs)}); "
                          "pick another adapter_name or delete_adapter it first")
     method.check_addable(model, config)
-    plan = plan if plan is not None else method.plan(model, config)
+    given_plan = plan is not None
+    plan = plan if given_plan else method.plan(model, config)
     # Everything below only mutates: all checks are done.
     if not configs:
         for p in model.parameters():
@@ -805,7 +806,8 @@ def inject(model: nn.Module, config, adapter_name: str = "default", plan=None, a
     state.adapters[adapter_name] = config
     set_adapter(model, adapter_name if activate or not configs else state.active)
     _mark_adapters(model, True)
-    _warn_coarse_blocks(model, config, adapter_name)
+    if not given_plan:  # (a load: the file's positions, trained already; nothing left to choose)
+        _warn_coarse_blocks(model, config, adapter_name)
     if isinstance(plan, LoraPlan):
         tied = _tied_weights(model, {n: model.get_submodule(n) for n in plan.targets})
         if tied:  # as PEFT warns

@@ -8,6 +8,7 @@ never unpickle anything.
 """
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import shutil
@@ -54,8 +55,8 @@ def write_folder_atomically(directory, files: dict) -> None:
     nothing, in place: each is written whole to a temporary name inside the folder and flushed to disk, then they are
     renamed over their targets one after the other (each rename atomic, the first to the last microseconds apart).
     Where a write or a rename fails, the files already renamed are put back (hard links kept the previous ones) and
-    the temporaries removed: the folder is as it was (a new folder is removed again). Nothing else in the folder is
-    touched: other files, open files (a training log keeps its writes), its permissions, a symlinked folder's
+    the temporaries removed: the folder is as it was (a new folder is removed again, if still empty). Concurrent
+    saves into one folder take turns (``_folder_lock``). Nothing else in the folder is touched: other files, open files (a training log keeps its writes), its permissions, a symlinked folder's
     target, a mount point, the working directory (before 2026-12-01 the whole folder was rebuilt beside it and
     swapped in, which lost all of those)."""
     directory = os.fspath(directory)
@@ -63,6 +64,31 @@ def write_folder_atomically(directory, files: dict) -> None:
         raise ValueError(f"directory {os.path.abspath(directory)!r} exists and is not a folder")
     created = not os.path.isdir(directory)
     os.makedirs(directory, exist_ok=True)
+    with _folder_lock(directory):
+        _write_files(directory, files, created)
+
+
+@contextlib.contextmanager
+def _folder_lock(directory: str):
+    """An exclusive lock on ``directory`` (``flock`` on the folder itself, no lock file) while a save writes into
+    it: two processes saving into one folder take turns, so neither's files end up beside the other's (a config of
+    one save with the weights of another). Where there is no ``fcntl`` (Windows), no lock."""
+    try:
+        import fcntl
+    except ImportError:
+        yield
+        return
+    fd = os.open(directory, os.O_RDONLY)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX)
+        yield
+    finally:
+        os.close(fd)  # (releases the lock)
+
+
+def _write_files(directory: str, files: dict, created: bool) -> None:
+    """``write_folder_atomically``'s writes and renames, under the folder's lock."""
+    os.makedirs(directory, exist_ok=True)  # (a save that made the folder and failed while this one waited removed it)
     tag = uuid.uuid4().hex[:12]
     tmps = {name: os.path.join(directory, f".{name}.tmp-{tag}") for name in files}
     backups, renamed = {}, []
@@ -94,7 +120,10 @@ def write_folder_atomically(directory, files: dict) -> None:
             if os.path.lexists(path):
                 os.remove(path)
         if created:
-            shutil.rmtree(directory, ignore_errors=True)
+            try:  # a folder this call made, if nothing else came into it meanwhile
+                os.rmdir(directory)
+            except OSError:
+                pass
         raise
     for path in backups.values():
         os.remove(path)

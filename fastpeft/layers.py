@@ -28,7 +28,7 @@ from ._checks import (check_adapter_name, check_bool, check_dora_options, check_
                       expand_adapter_ids, routed_batch)
 from .functional import (dora_linear, lora_linear, lora_linear_multi, lora_sparse_linear, qlora_linear, resolve_backend,
                          sparse_delta_linear)
-from .ops.common import cast_params, kept_state, optimizer_steps, outside_inference_mode, tensor_version
+from .ops.common import cast_params, held, kept_state, optimizer_steps, outside_inference_mode, tensor_version
 from .ops.dora import weight_sq_norms
 from .quant import (QuantizedWeight, assign_merged_weight, base_kind, call_buffer, dequantize_weight, is_quantized,
                     kept_quantized_weight, merged_weight)
@@ -673,7 +673,7 @@ class FastLoRALinear(TunerLayer):
         if cached is None or cached[1] != state or len(cached[0]) != len(params) \
                 or not all(map(operator.is_, params, cached[0])):
             with torch.no_grad():
-                self._stacks = cached = (params, state, self._build_stacks())
+                self._stacks = cached = (params, state, self._build_stacks(), held(params))
         return cached[2]
 
     def _all_pairs(self) -> list:
@@ -845,7 +845,7 @@ class FastLoRALinear(TunerLayer):
         key = (w.data_ptr(), tensor_version(w), w.dtype, w.device, tuple(w.shape),
                optimizer_steps() if w.requires_grad else 0)
         if self._wsq is None or self._wsq[0] != key:
-            self._wsq = (key, weight_sq_norms(w.detach()))
+            self._wsq = (key, weight_sq_norms(w.detach()), held((w,)))
         return self._wsq[1]
 
     def _dora_forward(self, x, name, s, a, b, weight, bias):
@@ -967,7 +967,7 @@ class QLoRALinear(FastLoRALinear):
 
     def _apply(self, fn, *args, **kwargs):
         # .to() / .cuda() / .cpu() swap the tensors' data: the kept view would hold the old memory (the packed
-        # weight's, on the device it left) until the next call (the casts: FastLoRALinear._apply)
+        # weight's, on the device it left) until the next call (the casts: TunerLayer._apply)
         self._qw = None
         return super()._apply(fn, *args, **kwargs)
 

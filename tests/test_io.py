@@ -143,6 +143,49 @@ def test_save_writes_in_place_and_leaves_the_rest_of_the_folder_alone(tmp_path, 
     assert os.getcwd() == str(d) and (d / CONFIG_NAME).is_file()
 
 
+def test_concurrent_saves_into_one_folder_take_turns(tmp_path):
+    """Two savers of one folder: the second waits for the first's lock (on the folder itself), so the folder ends
+    with one save's pair of files, never one's config beside the other's weights; a save that made the folder and
+    then failed removes it only while it is empty."""
+    import threading
+    import time
+
+    from fastpeft.io import write_folder_atomically
+
+    def writer(text):
+        def write(path):
+            with open(path, "w") as f:
+                f.write(text)
+        return write
+
+    d = tmp_path / "a"
+    started, release = threading.Event(), threading.Event()
+
+    def slow_weights(path):
+        started.set()
+        release.wait(10)
+        writer("A weights")(path)
+    a = threading.Thread(target=write_folder_atomically, args=(d, {"w": slow_weights, "c": writer("A config")}))
+    a.start()
+    assert started.wait(10)
+    b = threading.Thread(target=write_folder_atomically, args=(d, {"w": writer("B weights"), "c": writer("B config")}))
+    b.start()
+    time.sleep(0.3)
+    assert b.is_alive() and not (d / "w").exists()  # B waits for A's lock
+    release.set()
+    a.join(10)
+    b.join(10)
+    assert ((d / "w").read_text(), (d / "c").read_text()) == ("B weights", "B config")
+
+    def boom(path):
+        (e / "other").write_text("another saver's file")  # something else arrived in the new folder meanwhile
+        raise OSError("disk full")
+    e = tmp_path / "new"
+    with pytest.raises(OSError, match="disk full"):
+        write_folder_atomically(e, {"w": boom})
+    assert sorted(p.name for p in e.iterdir()) == ["other"]
+
+
 def test_failed_save_leaves_directory_as_it_was(tmp_path, monkeypatch):
     d = tmp_path / "adapter"
     fastpeft.save_adapter(_trained(seed=1), d)

@@ -191,3 +191,32 @@ def test_dora_training_mode_sees_base_weight_data_writes(write):
             with torch.set_grad_enabled(grad):
                 got = layer(x)
             assert_close_report(got, want, 1e-5, 1e-5 * float(want.abs().max()), f"{write} grad={grad}")
+
+
+@pytest.mark.parametrize("kind", ["sparse", "rosa"])
+def test_kept_casts_never_outlive_their_values_memory(kind):
+    """A kept cast holds on to the memory of what it was cast from: ``reselect`` / ``set_delta`` swap the values'
+    ``.data`` (no version bump), and the allocator, given the old block back at once, put the new values at the
+    same address, the key matched and the old delta's cast was applied after re-selection (before 2026-12-01, 1 of
+    4 tries here). Every try must give the base's outputs (values zero after reselect)."""
+    torch.manual_seed(0)
+    base = nn.Linear(64, 64).to(torch.bfloat16)
+    if kind == "sparse":
+        model = fastpeft.inject(nn.Sequential(copy.deepcopy(base)), fastpeft.SparseDeltaConfig(
+            target_modules=["0"], density=0.05))
+        delta = model[0]
+    else:
+        model = fastpeft.inject(nn.Sequential(copy.deepcopy(base)), fastpeft.LoraConfig(
+            r=4, target_modules=["0"], sparse_density=0.05))
+        delta = model[0].sparse_delta()
+    assert delta.delta_values.dtype == torch.float32
+    model.eval()
+    x = torch.randn(4, 64, dtype=torch.bfloat16)
+    with torch.no_grad():
+        want = model(x)  # zero values (and B): the base's output
+        for trial in range(6):
+            delta.delta_values.fill_(1.0)
+            assert not torch.equal(model(x), want)  # a cast kept for the filled values
+            delta.select_positions(model[0].weight)
+            delta.select_positions(model[0].weight)
+            assert torch.equal(model(x), want), f"try {trial}: the old values' cast was applied"

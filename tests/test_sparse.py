@@ -330,11 +330,16 @@ def test_blocks_covering_far_more_than_the_density_are_warned_of(kind):
         return (SparseDeltaConfig(density=0.01, block_size=block, target_modules=targets) if kind == "SparseDeltaConfig"
                 else LoraConfig(r=2, target_modules=targets, sparse_density=0.01, sparse_block_size=block))
     with pytest.warns(UserWarning, match=r"blocks of 32 cover more of W than density 0.01 asks for in 4 layers .*"
-                                         r"100.0%"):
-        fastpeft.inject(Toy(), cfg(32))
+                                         r"100.0%") as caught:
+        m = fastpeft.inject(Toy(), cfg(32))
+    assert {w.filename for w in caught} == {__file__}  # the user's line
+    import tempfile
     import warnings
     with warnings.catch_warnings():
         warnings.simplefilter("error")
         fastpeft.inject(Toy(), cfg(1))
+        with tempfile.TemporaryDirectory() as d:  # a load: the file's positions, nothing left to choose
+            fastpeft.save_adapter(m, d)
+            fastpeft.load_adapter(Toy(), d)
         fastpeft.inject(nn.Sequential(nn.Linear(512, 512)), SparseDeltaConfig(density=0.01, block_size=16,
                                                                              target_modules=["0"]))

@@ -27,7 +27,7 @@ def device(s):
     """An argparse ``type``: a torch device this machine has (checked before any data or weights load)."""
     try:
         d = torch.device(s)
-    except RuntimeError as e:
+    except RuntimeError:
         raise argparse.ArgumentTypeError(f"not a torch device: {s!r} (cpu, cuda, cuda:1, ...)") from None
     if d.type == "cuda" and not torch.cuda.is_available():
         raise argparse.ArgumentTypeError(f"{s!r}: this torch has no CUDA device (torch {torch.__version__})")

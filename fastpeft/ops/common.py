@@ -86,6 +86,15 @@ def kept_state(tensors) -> tuple:
                  for t in tensors) + (optimizer_steps(),)
 
 
+def held(tensors) -> tuple:
+    """Detached views of ``tensors`` (None kept), stored beside a value kept under ``kept_state``-style keys: their
+    memory stays allocated while the value is kept, so a Parameter whose ``.data`` is swapped (``set_delta``, a load)
+    gets a new address and the key's data pointer changes. Without them the allocator could hand the freed block
+    back at once, version and address then equal, and the stale value was returned (a sparse delta's values cast
+    for eval: the old delta applied after ``reselect``)."""
+    return tuple(None if t is None else t.detach() for t in tensors)
+
+
 def cast_params(params: tuple, dtype: torch.dtype, store: dict | None = None, slot: str = "casts") -> tuple:
     """``params`` (tensors, None kept) in ``dtype`` for one call: fp32 adapters (PEFT's default on a bf16 / fp16
     model, and QLoRA's) cast to the dtype the layer computes in. As they are when every one has it already. With a
@@ -105,7 +114,8 @@ def cast_params(params: tuple, dtype: torch.dtype, store: dict | None = None, sl
     kept = store.get(slot)
     if kept is None or kept[1] != state or not all(map(operator.is_, params, kept[0])):
         with torch.no_grad(), outside_inference_mode():
-            kept = store[slot] = (params, state, tuple(None if p is None else p.detach().to(dtype) for p in params))
+            kept = store[slot] = (params, state, tuple(None if p is None else p.detach().to(dtype) for p in params),
+                                  held(params))
     return kept[2]
 
 

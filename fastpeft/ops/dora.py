@@ -16,7 +16,7 @@ import torch.nn.functional as F
 
 from ..reference import (DORA_DROPOUT_MODES, dora_linear_ref, dropout_threshold, keep_mask_stream, lora_dropout_ref,
                          lora_dropout_stream, use_cpu_stream)
-from .common import _bucket, kept_state, recorded_grads, returned
+from .common import _bucket, held, kept_state, recorded_grads, returned
 
 BACKENDS = ("reference", "triton")
 # The factored norm is trusted where ‖W_j + sB_jA‖² >= CANCEL_RATIO · (‖W_j‖² + |cross_j| + quad_j): its fp32
@@ -415,7 +415,7 @@ def _cached_gain(norm_cache: dict, weight, lora_A, lora_B, magnitude, scaling: f
     cached = norm_cache.get("gain")
     if cached is None or cached[1] != state or not all(map(operator.is_, objs, cached[0])):
         norm = dora_norm(weight, lora_A, lora_B, scaling, weight_sq_norm, backend)
-        cached = norm_cache["gain"] = (objs, state, _gain(magnitude, norm, x_dtype, backend))
+        cached = norm_cache["gain"] = (objs, state, _gain(magnitude, norm, x_dtype, backend), held(objs))
     return cached[2]
 
 

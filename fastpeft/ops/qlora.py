@@ -44,12 +44,14 @@ def _int8_scales(qw: QuantizedWeight) -> torch.Tensor:
     return qw.scales.mul(1.0 / 127.0)
 
 
-def _scales_on_rows(qw: QuantizedWeight, m: int) -> bool:
+def _scales_on_rows(qw: QuantizedWeight, m: int, dtype: torch.dtype) -> bool:
     """Whether the PyTorch path puts int8's row scales c on the (M, N) side, ``x Wᵀ = (x Cᵀ) diag(c)`` and
     ``dY W = (dY diag(c)) C``, instead of on W (N, K): a pass over M·N elements instead of N·K, so when M < K
     (decode, short batches; 1024², M = 1 or 16, fp32, 2 threads: forward + backward 4-6 % faster, interleaved
-    runs). Equal to bitsandbytes' order (the scales on W) to rounding, not bit for bit."""
-    return qw.kind == "int8" and m < qw.shape[1]
+    runs). Equal to bitsandbytes' order (the scales on W) to rounding, not bit for bit. Not in fp16: x Cᵀ is y / c
+    (c ~ 5e-4 for weights of std 0.02, so ~2000 y: inf from |y| ~ 30) and dY ⊙ c falls below fp16's normal range
+    (dX 7 % off); bf16 and fp32 have fp32's exponent range."""
+    return qw.kind == "int8" and m < qw.shape[1] and dtype != torch.float16
 
 
 def _reference_forward(x, lora_A, lora_B, bias, qw, scaling: float, p: float, seed: int):
@@ -60,7 +62,7 @@ def _reference_forward(x, lora_A, lora_B, bias, qw, scaling: float, p: float, se
     PEFT's bnb layers' on the CPU in training (bnb's ``F.linear(x, deq(W), b)``, then
     ``result + lora_B(lora_A(x)) * s``), so in fp32 the output is PEFT's bit for bit (tested; int8 where M ≥ K,
     to rounding below: ``_scales_on_rows``)."""
-    if _scales_on_rows(qw, x.shape[0]):  # int8, M < K: (x Cᵀ) diag(c) + b
+    if _scales_on_rows(qw, x.shape[0], x.dtype):  # int8, M < K: (x Cᵀ) diag(c) + b
         y = F.linear(x, _reference_weight(qw, x.dtype, scaled=False))
         y.mul_(_int8_scales(qw))  # fp32 c as on W; in place, y's dtype kept
         if bias is not None:
@@ -113,7 +115,8 @@ class QLoRALinearFunction(torch.autograd.Function):
     or ``"dequant"`` (one dequant pass into the workspace + bf16 LoRA's timed forward, ``ops.lora._forward``).
     Backward on the triton paths: 4-bit dequantizes into the workspace (only for dX) and runs bf16 LoRA's
     timed backward (``ops.lora._backward``: the kernels, one dY pass, the torch composition, and on sm_90+
-    the dY pass fused into dX's TMA GEMM); int8 scales dY's columns and runs LoRA's GEMM choice for dX.
+    the dY pass fused into dX's TMA GEMM); int8 scales dY's columns (in fp16 W's rows instead: dY ⊙ c would
+    fall below fp16's normal range) and runs LoRA's GEMM choice for dX.
     """
 
     @staticmethod
@@ -144,7 +147,7 @@ class QLoRALinearFunction(torch.autograd.Function):
         if ctx.path == "reference":
             if need_x:  # with create_graph autograd saves W for the double backward
                 saved = torch.is_grad_enabled() and dy.requires_grad
-                if _scales_on_rows(qw, dy.shape[0]) and not saved:  # int8, M < K: (dY diag(c)) C
+                if _scales_on_rows(qw, dy.shape[0], dy.dtype) and not saved:  # int8, M < K: (dY diag(c)) C
                     dx = (dy * _int8_scales(qw)).to(dy.dtype) @ _reference_weight(qw, dy.dtype, scaled=False)
                 else:
                     dx = dy @ _reference_weight(qw, dy.dtype, saved=saved)
@@ -180,7 +183,12 @@ class QLoRALinearFunction(torch.autograd.Function):
             v = KL.lora_shrink(dy, lora_B, 1.0, 0, 0, 0, 0) if (need_x or need_a) else None
             if need_x:  # W8A16: dY's columns take the row scales, then the exact int8 -> dtype weight
                 w = KQ.int8_weight(qw, dy.dtype, weight_workspace(qw, dy.dtype))
-                a = (dy.float() * (qw.scales.float() * INT8_INV_SCALE)).to(dy.dtype)
+                c = qw.scales.float() * INT8_INV_SCALE
+                if dy.dtype == torch.float16:  # dY ⊙ c (c ~ 5e-4) would fall below fp16's normal range: c on W
+                    w.mul_(c.unsqueeze(1))
+                    a = dy
+                else:
+                    a = (dy.float() * c).to(dy.dtype)
                 from . import lora as OL
                 key = OL.dx_key(dy.shape[0], w.shape[0], w.shape[1], lora_A.shape[0], dy.dtype, thr > 0)
                 dx = OL.lora_gemm(a, w, v, lora_A, scale=s * ds, seed=seed, threshold=thr, key=key)  # LoRA's choice
