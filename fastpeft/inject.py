@@ -288,7 +288,29 @@ def plan_lora(model: nn.Module, config, reload: bool = False) -> LoraPlan:
                      "(nn.Linear only)")
         raise ValueError(f"target_modules {spec!r} matched no nn.Linear of the model (after exclude_modules "
                          f"{config.exclude_modules!r}); its linear layers are named like {linear}{hint}")
+    if not reload:
+        _warn_unadapted(model, spec, all_linear)
     return LoraPlan(targets=targets, saved=saved)
+
+
+def _warn_unadapted(model: nn.Module, spec, all_linear: bool) -> None:
+    """A warning for what target_modules names but fastpeft leaves alone, where PEFT would adapt something: list
+    entries that match no module (a recipe's w1 / w2 / w3 on a model whose experts are fused), and under all-linear
+    the fused expert weights of mixture-of-experts layers (3-D Parameters, which PEFT adapts through
+    target_parameters; fastpeft adapts nn.Linear modules only). Before 2026-12-01, silently: all-linear on Mixtral
+    trained 12 % of PEFT's parameters, none in the experts."""
+    if all_linear:
+        fused = [n for n, p in model.named_parameters() if p.dim() >= 3 and "expert" in n]
+        if fused:
+            warnings.warn("target_modules='all-linear' leaves the model's fused expert weights as they are: "
+                          f"{few(fused)} (3-D Parameters: fastpeft adapts nn.Linear modules only; PEFT adapts them "
+                          "through target_parameters)", UserWarning, stacklevel=5)
+    elif isinstance(spec, (list, tuple)):
+        names = [n for n, _ in model.named_modules() if n]
+        unmatched = [e for e in spec if not any(n == e or n.endswith("." + e) for n in names)]
+        if unmatched:
+            warnings.warn(f"target_modules entries {unmatched} match no module of the model (the others do): they "
+                          "adapt nothing", UserWarning, stacklevel=5)
 
 
 def _check_quantized_target(name: str, module: nn.Module, config) -> None:

@@ -18,11 +18,12 @@ import re
 import torch.nn as nn
 
 ALL_LINEAR = "all-linear"
-# Used when target_modules is None, by ``model.config.model_type`` (PEFT's defaults for these).
+# Used when target_modules is None, by ``model.config.model_type``, where peft is not installed (with it, PEFT's own
+# table is read first: ``default_targets``). PEFT 0.21's defaults for these.
 DEFAULT_TARGETS = {
     "llama": ["q_proj", "v_proj"], "mistral": ["q_proj", "v_proj"], "qwen2": ["q_proj", "v_proj"],
     "qwen3": ["q_proj", "v_proj"], "gemma": ["q_proj", "v_proj"], "gemma2": ["q_proj", "v_proj"],
-    "opt": ["q_proj", "v_proj"], "phi": ["q_proj", "v_proj"], "bert": ["query", "value"],
+    "opt": ["q_proj", "v_proj"], "phi": ["q_proj", "v_proj", "fc1", "fc2"], "bert": ["query", "value"],
     "roberta": ["query", "value"], "xlm-roberta": ["query", "value"], "distilbert": ["q_lin", "v_lin"],
     "t5": ["q", "v"], "mt5": ["q", "v"], "bart": ["q_proj", "v_proj"], "gpt_neox": ["query_key_value"],
     "falcon": ["query_key_value"], "bloom": ["query_key_value"],
@@ -90,9 +91,23 @@ def output_head(model: nn.Module):
         return None
 
 
+def _peft_default_targets() -> dict:
+    """PEFT's own table of default LoRA targets by model type (empty where peft does not import)."""
+    try:
+        from peft.utils.constants import TRANSFORMERS_MODELS_TO_LORA_TARGET_MODULES_MAPPING as table
+    except ImportError:
+        return {}
+    return table
+
+
 def default_targets(model: nn.Module) -> list:
-    """PEFT's default LoRA targets for ``model.config.model_type``; ValueError for an unknown type."""
+    """PEFT's default LoRA targets for ``model.config.model_type``: from PEFT's own table where peft is installed
+    (every type it knows: gptj, deberta-v2, gemma3_text, ...; before 2026-12-01 fastpeft's shorter copy alone, and
+    phi's differed), else fastpeft's copy of it; ValueError for an unknown type."""
     model_type = getattr(getattr(model, "config", None), "model_type", None)
+    peft_table = _peft_default_targets()
+    if model_type in peft_table:
+        return list(peft_table[model_type])
     if model_type in DEFAULT_TARGETS:
         return DEFAULT_TARGETS[model_type]
     raise ValueError("target_modules is None and fastpeft knows no default targets for model type "

@@ -1041,3 +1041,27 @@ def test_every_report_handed_out_follows_later_adapters(base, ids):
     model.set_adapter("new")
     model(input_ids=ids)
     assert first.calls() == second.calls() and first.calls().get("fastpeft", 0) > 0
+
+
+def test_falcon_linear_layers_are_accelerated():
+    """Falcon's projections are FalconLinear, an nn.Linear subclass computing x Wᵀ + b (quant._PLAIN_FORWARD):
+    accelerated like nn.Linear, with PEFT's outputs and gradients (before 2026-12-01 every one was skipped as
+    'not an nn.Linear')."""
+    transformers = pytest.importorskip("transformers")
+    torch.manual_seed(0)
+    cfg = transformers.FalconConfig(vocab_size=64, hidden_size=32, num_hidden_layers=1, num_attention_heads=4)
+    base = transformers.FalconForCausalLM(cfg).eval()
+    plain = peft.get_peft_model(copy.deepcopy(base), peft.LoraConfig(r=4, target_modules="all-linear",
+                                                                     init_lora_weights=False))
+    model = copy.deepcopy(plain)
+    report = fastpeft.accelerate(model, strict=True)
+    assert len(report.patched) == 4 and not report.skipped
+    ids = torch.randint(0, 64, (2, 6), generator=torch.Generator().manual_seed(1))
+    got, want = model(input_ids=ids, labels=ids), plain(input_ids=ids, labels=ids)
+    torch.testing.assert_close(got.logits, want.logits, rtol=1e-5, atol=1e-5)
+    got.loss.backward()
+    want.loss.backward()
+    for (n, p), (_, q) in zip(model.named_parameters(), plain.named_parameters()):
+        if p.requires_grad:
+            torch.testing.assert_close(p.grad, q.grad, rtol=1e-4, atol=1e-6, msg=n)
+    assert report.calls() == {"fastpeft": 4}

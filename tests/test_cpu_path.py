@@ -462,3 +462,77 @@ def test_many_adapters_gradcheck_and_double_backward(p):
                                           backend="reference")
     assert torch.autograd.gradcheck(fn, (x, sa, sb))
     assert torch.autograd.gradgradcheck(fn, (x, sa, sb))
+
+
+def _grads(fn, leaves, dy, dtype):
+    ls = [t.to(dtype).detach().requires_grad_() for t in leaves]
+    y = fn(*ls)
+    y.backward(dy.to(dtype))
+    return [y.detach()] + [t.grad for t in ls]
+
+
+@pytest.mark.parametrize("case", ["s0.25-M4096", "p0.9-big-dy", "s16-M16-big-u"])
+@pytest.mark.parametrize("op", ["lora", "rosa", "dora"])
+def test_fp16_gradients_stay_finite_where_pytorchs_do(case, op):
+    """fp16 on the CPU path: every scale goes into the products as their alpha, so no intermediate is a multiple
+    of what autograd's own fp16 composition holds. Before 2026-12-01 dA = s vᵀx was formed as vᵀx (4 dA at
+    s = 0.25: inf from |dA| ~ 16k), dB likewise, and with dropout s c (dY B) overflowed at p = 0.9 where dX did
+    not (then nan through the mask). Each gradient within 2x PyTorch's own fp16 error against fp64, all finite."""
+    torch.manual_seed(0)
+    p, seed = 0.0, 1234
+    if case == "s0.25-M4096":
+        M, K, N, r, s = 4096, 64, 64, 64, 0.25
+        x = torch.randn(M, K, dtype=torch.float64)
+        A = torch.randn(r, K, dtype=torch.float64) / K**0.5
+        B = torch.randn(N, r, dtype=torch.float64) * 0.1
+        dy = 24.0 * ((x @ A.t())[:, :1] @ torch.ones(1, N, dtype=torch.float64))
+    elif case == "p0.9-big-dy":
+        M, K, N, r, s, p = 32, 1024, 64, 8, 2.0, 0.9
+        x = 0.05 * torch.randn(M, K, dtype=torch.float64)
+        A = (torch.rand(r, K, dtype=torch.float64) * 2 - 1) / K**0.5
+        B = 0.05 + 0.01 * torch.randn(N, r, dtype=torch.float64)
+        dy = 1200.0 * torch.ones(M, N, dtype=torch.float64) * torch.rand(M, 1, dtype=torch.float64)
+    else:
+        M, K, N, r, s = 16, 64, 32, 8, 16.0
+        x = torch.randn(M, K, dtype=torch.float64)
+        x[:, 3] = 400.0
+        A = torch.randn(r, K, dtype=torch.float64) / K**0.5
+        A[:, 3] = 12.0
+        B = 0.01 * torch.randn(N, r, dtype=torch.float64)
+        dy = 0.01 * torch.randn(M, N, dtype=torch.float64)
+    if op == "dora" and p > 0:
+        pytest.skip("DoRA's exact dropout mode adds drop(x) W^T: another case")
+    W = torch.randn(N, K, dtype=torch.float64) / K**0.5
+    c = 1.0 / (1.0 - p)
+    keep = R.cpu_keep_mask(seed, M, K, p) if p else torch.ones(M, K, dtype=torch.bool)
+    mag = torch.linalg.vector_norm(W + s * B @ A, dim=1) * 1.1
+    if op == "dora":
+        def ours(x, A, B):
+            return fastpeft.dora_linear(x, W.to(x.dtype), None, A, B, mag.to(x.dtype), s, backend="reference")
+
+        def theirs(x, A, B):  # PEFT's DoraLinearLayer written out
+            w = W.to(x.dtype)
+            g = (mag.to(x.dtype) / torch.linalg.norm(w + s * (B @ A), dim=1).detach()).view(1, -1)
+            base = F.linear(x, w)
+            return base + (g - 1) * base + g * F.linear(F.linear(x, A), B) * s
+    else:
+        idx = torch.tensor([3, 70, 200])
+        vals = torch.zeros(3, dtype=torch.float64)
+
+        def ours(x, A, B):
+            if op == "rosa":
+                return fastpeft.lora_sparse_linear(x, W.to(x.dtype), None, A, B, s, idx, vals.to(x.dtype), 1,
+                                                   dropout_p=p, training=True, seed=seed, backend="reference")
+            return fastpeft.lora_linear(x, W.to(x.dtype), None, A, B, s, dropout_p=p, training=True, seed=seed,
+                                        backend="reference")
+
+        def theirs(x, A, B):
+            return F.linear(x, W.to(x.dtype)) + s * F.linear(F.linear(x * keep.to(x.dtype) * c, A), B)
+    exact = _grads(theirs, (x, A, B), dy, torch.float64)
+    got = _grads(ours, (x, A, B), dy, torch.float16)
+    same = _grads(theirs, (x, A, B), dy, torch.float16)
+    for name, g_, s_, e_ in zip(("y", "dX", "dA", "dB"), got, same, exact):
+        assert torch.isfinite(s_).all(), f"{name}: PyTorch's own fp16 is not finite here: a bad case"
+        assert torch.isfinite(g_).all(), f"{op} {case} {name}: {int((~torch.isfinite(g_)).sum())} non-finite"
+        err, base = (g_.double() - e_).abs().max().item(), (s_.double() - e_).abs().max().item()
+        assert err <= 2 * base + 1e-3 * e_.abs().max().item(), f"{op} {case} {name}: {err:.3g} vs PyTorch {base:.3g}"

@@ -120,6 +120,27 @@ def test_default_targets_by_model_type_and_unknown_type():
         fastpeft.inject(_toy(), LoraConfig())
 
 
+def test_default_targets_are_peft_own_where_peft_is_installed(monkeypatch):
+    """With peft installed its own table decides (every model type it knows, e.g. gptj; phi's MLP too: before
+    2026-12-01 fastpeft's shorter copy alone, phi adapting 40 % of PEFT's parameters); without it, fastpeft's copy."""
+    peft_consts = pytest.importorskip("peft.utils.constants")
+    from fastpeft import matching
+
+    table = peft_consts.TRANSFORMERS_MODELS_TO_LORA_TARGET_MODULES_MAPPING
+    m = _toy()
+    for model_type in ("phi", "gptj", "llama", "deberta-v2"):
+        m.config = type("Cfg", (), {"model_type": model_type})()
+        assert matching.default_targets(m) == list(table[model_type])
+    m.config = type("Cfg", (), {"model_type": "distilbert"})()  # fastpeft's own, where PEFT has none
+    assert matching.default_targets(m) == matching.DEFAULT_TARGETS["distilbert"]
+    monkeypatch.setattr(matching, "_peft_default_targets", lambda: {})
+    m.config = type("Cfg", (), {"model_type": "phi"})()
+    assert matching.default_targets(m) == ["q_proj", "v_proj", "fc1", "fc2"]
+    m.config = type("Cfg", (), {"model_type": "gptj"})()
+    with pytest.raises(ValueError, match="no default targets for model type 'gptj'"):
+        matching.default_targets(m)
+
+
 def test_only_lora_parameters_train_and_output_is_unchanged():
     m = _toy()
     x = torch.randn(3, 16)
@@ -261,3 +282,28 @@ def test_gradients_flow_through_injected_model():
     m(torch.randn(5, 16)).sum().backward()
     for n, p in m.named_parameters():
         assert (p.grad is not None) == p.requires_grad, n
+
+
+def test_what_fastpeft_leaves_unadapted_is_warned_of():
+    """Under all-linear, fused mixture-of-experts weights (3-D Parameters, as transformers 5 keeps Mixtral's experts)
+    are named in a warning (PEFT adapts them through target_parameters; fastpeft nn.Linear modules only), and list
+    entries of target_modules that match no module are named (a recipe's w1 / w2 / w3): before 2026-12-01 both
+    were silent."""
+    import warnings
+
+    class Experts(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.gate_up_proj = nn.Parameter(torch.randn(4, 32, 16))
+
+    m = _toy()
+    m.layers[0].experts = Experts()
+    with pytest.warns(UserWarning, match=r"fused expert weights as they are: .*layers.0.experts.gate_up_proj"):
+        fastpeft.inject(m, LoraConfig(target_modules="all-linear"))
+    with pytest.warns(UserWarning, match=r"entries \['w1', 'w3'\] match no module") as caught:
+        fastpeft.inject(_toy(), LoraConfig(target_modules=["q_proj", "w1", "v_proj", "w3"]))
+    assert {w.filename for w in caught} == {__file__}  # the user's line
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        fastpeft.inject(_toy(), LoraConfig(target_modules=["q_proj", "v_proj"]))
+        fastpeft.inject(_toy(), LoraConfig(target_modules="all-linear"))

@@ -86,6 +86,13 @@ def kept_state(tensors) -> tuple:
                  for t in tensors) + (optimizer_steps(),)
 
 
+def scaled_mm(a: torch.Tensor, b: torch.Tensor, alpha: float) -> torch.Tensor:
+    """``alpha * (a @ b)``, alpha applied before the product's one rounding to its dtype (addmm's alpha, in fp32 on
+    the CPU and in cuBLAS), never to an unscaled product first: in fp16 ``a @ b`` alone can overflow where the
+    scaled one does not (a LoRA gradient dA = s vᵀx with s = 0.25 was formed as 4 dA: inf from |dA| ~ 16k)."""
+    return torch.addmm(a.new_empty(a.shape[0], b.shape[1]), a, b, beta=0, alpha=alpha)
+
+
 def held(tensors) -> tuple:
     """Detached views of ``tensors`` (None kept), stored beside a value kept under ``kept_state``-style keys: their
     memory stays allocated while the value is kept, so a Parameter whose ``.data`` is swapped (``set_delta``, a load)

@@ -16,7 +16,7 @@ import torch.nn.functional as F
 
 from ..reference import (DORA_DROPOUT_MODES, dora_linear_ref, dropout_threshold, keep_mask_stream, lora_dropout_ref,
                          lora_dropout_stream, use_cpu_stream)
-from .common import _bucket, held, kept_state, recorded_grads, returned
+from .common import _bucket, held, kept_state, recorded_grads, returned, scaled_mm
 
 BACKENDS = ("reference", "triton")
 # The factored norm is trusted where ‖W_j + sB_jA‖² >= CANCEL_RATIO · (‖W_j‖² + |cross_j| + quad_j): its fp32
@@ -244,12 +244,13 @@ class DoRALinearFunction(torch.autograd.Function):
                     dm = _fix_lost_columns(dots / magnitude.detach().to(dt), dy, x, weight, bias, lora_B, u,
                                            magnitude, norm, s, y_sq)
                 if need_x:
-                    low = (v @ lora_A).mul_(s)
+                    low = scaled_mm(v, lora_A, s)
                     dx = (low.mul_(keep).mul_(ds) if keep is not None else low).addmm_(gdy, weight)  # in place
+            # s as the products' alpha (ops.common.scaled_mm): an unscaled fp16 dB / s, dA / s can overflow
             if need_bb:
-                dbb = s * (gdy.t() @ u.to(dy.dtype))
+                dbb = scaled_mm(gdy.t(), u.to(dy.dtype), s)
             if need_a:
-                da = s * (v.t() @ xd)
+                da = scaled_mm(v.t(), xd, s)
         if need_w:
             if exact:
                 dw = dy.t() @ x + (dy.to(dt) * (g - 1.0)).to(dy.dtype).t() @ xd

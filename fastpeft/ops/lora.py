@@ -14,7 +14,7 @@ from ..kernels import lora_tma as KT
 from ..kernels import quant as KQ
 from ..reference import dropout_threshold, lora_linear_ref
 from .common import (_bucket, _seed_arg, autocast_enabled, autocast_inputs, base_grads, recorded_grads,
-                     returned)
+                     returned, scaled_mm)
 
 
 def dropout_constants(dropout_p: float) -> tuple:
@@ -264,12 +264,12 @@ def torch_backward(dy, x, u, weight, lora_A, lora_B, *, scaling, drop_scale, see
     dx = da = db = None
     v = dy @ lora_B if need_x or need_a else None
     if need_b:
-        db = (dy.t() @ u.to(dy.dtype)).mul_(s).to(lora_B.dtype)
+        db = scaled_mm(dy.t(), u.to(dy.dtype), s).to(lora_B.dtype)  # s as alpha: an fp16 dB / s can overflow
     if need_a and thr > 0:
         da = K.shrink_op(x.t(), v, scale=s * ds, seed=seed, threshold=thr, mask_sp=1,
                          mask_sq=x.shape[1]).t().to(lora_A.dtype)
     elif need_a:
-        da = (v.t() @ x).mul_(s).to(lora_A.dtype)
+        da = scaled_mm(v.t(), x, s).to(lora_A.dtype)
     if need_x:
         dx = dy @ weight
         if thr > 0:

@@ -11,7 +11,7 @@ from __future__ import annotations
 import torch
 
 from ..reference import cpu_keep_mask
-from .common import autocast_inputs, returned
+from .common import autocast_inputs, returned, scaled_mm
 
 
 class LoRALinearCPUFunction(torch.autograd.Function):
@@ -84,29 +84,32 @@ def _backward(dy, x, u, weight, lora_A, lora_B, s: float, p: float, seed, need_x
         v = torch.mm(dy, lora_B)
     if need_x:
         dx = torch.mm(dy, weight)
+    # Every scale goes in as a product's alpha (scaled_mm / addmm_): applied before the one rounding, so that no
+    # fp16 intermediate is a multiple of what autograd holds (s dY B, then A, then c): dA formed unscaled and then
+    # multiplied by s = 0.25 overflowed at |dA| ~ 16k, s c (dY B) at p = 0.9 overflowed where dX did not.
     if p == 0.0:
         if need_x:
             dx.addmm_(v, lora_A, alpha=s)
         if need_a:
-            da = torch.mm(v.t(), x).mul_(s)
+            da = scaled_mm(v.t(), x, s)
     elif need_x or need_a:
         # The mask is redrawn piece by piece; each piece's D * (v_s A) and D * x are cache-sized. A decode
         # step (one piece) takes no views: ~1 µs each, against a few µs for the whole update at M = 1.
-        vs = v.mul_(s * c)
+        vs = v.mul_(s)  # s dY B, as autograd holds it; c goes in after the product with A (or x)
         pieces = _row_pieces(m, k)
         one = len(pieces) == 1
         for rows in pieces:
             keep = cpu_keep_mask(seed, rows.stop - rows.start, k, p, x.device, rows.start)
             vs_r = vs if one else vs[rows]
             if need_x:
-                # no alpha anywhere here: inductor (torch 2.13) miscompiles add_(mm(..).mul_(bool mask),
-                # alpha=c) in this backward (dX off by 1e4)
-                (dx if one else dx[rows]).addcmul_(torch.mm(vs_r, lora_A), keep)
+                # no add_(..., alpha=c) of a masked product: inductor (torch 2.13) miscompiles
+                # add_(mm(..).mul_(bool mask), alpha=c) in this backward (dX off by 1e4)
+                (dx if one else dx[rows]).addcmul_(scaled_mm(vs_r, lora_A, c), keep)
             if need_a:
-                part = torch.mm(vs_r.t(), (x if one else x[rows]).mul(keep))
+                part = scaled_mm(vs_r.t(), (x if one else x[rows]).mul(keep), c)
                 da = part if da is None else da.add_(part)
-    if need_b:  # s c on the smaller of u (M, r) and dB (N, r): at M = 16, N = 1024, 24 µs against 41
-        dbb = torch.mm(dy.t(), u.mul(s * c)) if m < dy.shape[1] else torch.mm(dy.t(), u).mul_(s * c)
+    if need_b:
+        dbb = scaled_mm(dy.t(), u, s * c)
     return dx, da, dbb
 
 
