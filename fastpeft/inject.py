@@ -494,7 +494,9 @@ class LoraMethod(Method):
     def config_from_json(self, d: dict, path: str):
         bad = {k: d[k] for k in _UNSUPPORTED if d.get(k) not in (None, False, [], {}, 0)}
         if bad:
-            raise ValueError(f"adapter config {path} uses LoRA variants fastpeft does not compute: {bad}")
+            why = ("; fan_in_fan_out: the adapter sits on transformers Conv1D layers (GPT-2 style, weight stored "
+                   "(in, out)), which fastpeft does not adapt (nn.Linear only)" if "fan_in_fan_out" in bad else "")
+            raise ValueError(f"adapter config {path} uses LoRA variants fastpeft does not compute: {bad}{why}")
         if d.get("ensure_weight_tying") and d.get("modules_to_save"):
             raise ValueError(f"adapter config {path} sets ensure_weight_tying with modules_to_save "
                              f"{d['modules_to_save']}: PEFT's tied copies of saved modules (one trained copy for tied "
