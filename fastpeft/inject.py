@@ -226,7 +226,7 @@ class LoraPlan:
     saved: list    # full names of the modules_to_save modules
 
 
-def plan_lora(model: nn.Module, config, reload: bool = False) -> LoraPlan:
+def plan_lora(model: nn.Module, config, reload: bool = False, warn: bool = True) -> LoraPlan:
     """Resolve a ``LoraConfig`` or ``SparseDeltaConfig`` against ``model``'s module names; raises ValueError
     on no or bad matches.
 
@@ -288,8 +288,10 @@ def plan_lora(model: nn.Module, config, reload: bool = False) -> LoraPlan:
                      "(nn.Linear only)")
         raise ValueError(f"target_modules {spec!r} matched no nn.Linear of the model (after exclude_modules "
                          f"{config.exclude_modules!r}); its linear layers are named like {linear}{hint}")
-    if not reload:
-        _warn_unadapted(model, spec, all_linear)
+    if warn and not reload:
+        # the user's own target_modules only: not PEFT's defaults (blip-2's list names both language models'
+        # projections), not a file being loaded (its positions are fixed already)
+        _warn_unadapted(model, config.target_modules, is_all_linear(config.target_modules))
     return LoraPlan(targets=targets, saved=saved)
 
 
@@ -300,7 +302,10 @@ def _warn_unadapted(model: nn.Module, spec, all_linear: bool) -> None:
     target_parameters; fastpeft adapts nn.Linear modules only). Before 2026-12-01, silently: all-linear on Mixtral
     trained 12 % of PEFT's parameters, none in the experts."""
     if all_linear:
-        fused = [n for n, p in model.named_parameters() if p.dim() >= 3 and "expert" in n]
+        # 3-D or wider Parameters of modules that are not convolutions (whose kernels PEFT's all-linear leaves too)
+        fused = [f"{mn}.{pn}" if mn else pn for mn, m in model.named_modules()
+                 if not isinstance(m, nn.modules.conv._ConvNd) for pn, p in m.named_parameters(recurse=False)
+                 if p.dim() >= 3]
         if fused:
             warnings.warn("target_modules='all-linear' leaves the model's fused expert weights as they are: "
                           f"{few(fused)} (3-D Parameters: fastpeft adapts nn.Linear modules only; PEFT adapts them "
@@ -572,7 +577,7 @@ class LoraMethod(Method):
         return expected
 
     def check_load(self, model: nn.Module, config, adapter_name: str, weights: dict, directory, state):
-        plan = plan_lora(model, config)
+        plan = plan_lora(model, config, warn=False)
         _check_dora_targets(model, config, plan)
         _check_dora_file(config, weights, directory)
         sparse = _take_sparse(model, config.sparse, plan, weights, directory)

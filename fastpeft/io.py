@@ -79,11 +79,31 @@ def _folder_lock(directory: str):
         yield
         return
     fd = os.open(directory, os.O_RDONLY)
+    _LOCK_FDS.add(fd)
     try:
         fcntl.flock(fd, fcntl.LOCK_EX)
         yield
     finally:
+        _LOCK_FDS.discard(fd)
         os.close(fd)  # (releases the lock)
+
+
+# flock belongs to the open file description, which a fork duplicates: a process forked while a save holds the lock
+# (a DataLoader worker started by another thread) would hold it on until it exits. Children close their copies.
+_LOCK_FDS: set = set()
+
+
+def _close_lock_fds_in_child() -> None:
+    for fd in list(_LOCK_FDS):
+        try:
+            os.close(fd)
+        except OSError:
+            pass
+    _LOCK_FDS.clear()
+
+
+if hasattr(os, "register_at_fork"):
+    os.register_at_fork(after_in_child=_close_lock_fds_in_child)
 
 
 def _write_files(directory: str, files: dict, created: bool) -> None:

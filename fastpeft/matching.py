@@ -107,7 +107,8 @@ def default_targets(model: nn.Module) -> list:
     model_type = getattr(getattr(model, "config", None), "model_type", None)
     peft_table = _peft_default_targets()
     if model_type in peft_table:
-        return list(peft_table[model_type])
+        targets = peft_table[model_type]  # a list, or a regex string (gemma4), as PEFT's _prepare_adapter_config
+        return targets if isinstance(targets, str) else list(targets)
     if model_type in DEFAULT_TARGETS:
         return DEFAULT_TARGETS[model_type]
     raise ValueError("target_modules is None and fastpeft knows no default targets for model type "

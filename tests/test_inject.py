@@ -1,4 +1,6 @@
 """Model surgery: PEFT's matching rules, freezing, bias modes, patterns, summaries, merge_and_unload."""
+import json
+
 import pytest
 import torch
 import torch.nn as nn
@@ -296,9 +298,17 @@ def test_what_fastpeft_leaves_unadapted_is_warned_of():
             super().__init__()
             self.gate_up_proj = nn.Parameter(torch.randn(4, 32, 16))
 
+    class Fused(nn.Module):  # JetMoE names its fused MLP experts input_linear / output_linear
+        def __init__(self):
+            super().__init__()
+            self.weight = nn.Parameter(torch.randn(4, 16, 8))
+
     m = _toy()
     m.layers[0].experts = Experts()
-    with pytest.warns(UserWarning, match=r"fused expert weights as they are: .*layers.0.experts.gate_up_proj"):
+    m.layers[1].input_linear = Fused()
+    m.patch = nn.Conv2d(3, 4, 2)  # a convolution's 4-D kernel: left alone under all-linear by PEFT too, not named
+    with pytest.warns(UserWarning, match=r"fused expert weights as they are: \['layers.0.experts.gate_up_proj', "
+                                         r"'layers.1.input_linear.weight'\]"):
         fastpeft.inject(m, LoraConfig(target_modules="all-linear"))
     with pytest.warns(UserWarning, match=r"entries \['w1', 'w3'\] match no module") as caught:
         fastpeft.inject(_toy(), LoraConfig(target_modules=["q_proj", "w1", "v_proj", "w3"]))
@@ -307,3 +317,25 @@ def test_what_fastpeft_leaves_unadapted_is_warned_of():
         warnings.simplefilter("error")
         fastpeft.inject(_toy(), LoraConfig(target_modules=["q_proj", "v_proj"]))
         fastpeft.inject(_toy(), LoraConfig(target_modules="all-linear"))
+        # loading a file whose list names modules this model lacks (PEFT keeps the recipe's list): no warning
+        import tempfile
+        with tempfile.TemporaryDirectory() as d:
+            fastpeft.save_adapter(fastpeft.inject(_toy(), LoraConfig(target_modules=["q_proj"])), d)
+            cfg = json.loads(open(f"{d}/adapter_config.json").read())
+            cfg["target_modules"] = ["q_proj", "fc1", "dense"]
+            open(f"{d}/adapter_config.json", "w").write(json.dumps(cfg))
+            fastpeft.load_adapter(_toy(), d)
+        # PEFT's defaults (target_modules=None) may name modules of several model families: no warning
+        m = _toy()
+        m.config = type("Cfg", (), {"model_type": "blip-2"})()
+        fastpeft.inject(m, LoraConfig())
+
+
+def test_default_targets_given_as_a_pattern_stay_one(monkeypatch):
+    """PEFT's table holds some defaults as one regex (gemma4's): kept a string, not split into characters."""
+    from fastpeft import matching
+    monkeypatch.setattr(matching, "_peft_default_targets", lambda: {"gemma4": r".*attn\.(q|v)_proj"})
+    m = _toy()
+    m.config = type("Cfg", (), {"model_type": "gemma4"})()
+    assert matching.default_targets(m) == r".*attn\.(q|v)_proj"
+    assert _adapted(fastpeft.inject(m, LoraConfig())) == [f"layers.{i}.attn.{p}_proj" for i in (0, 1) for p in "qv"]

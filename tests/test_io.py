@@ -186,6 +186,37 @@ def test_concurrent_saves_into_one_folder_take_turns(tmp_path):
     assert sorted(p.name for p in e.iterdir()) == ["other"]
 
 
+@pytest.mark.skipif(not hasattr(os, "fork"), reason="needs fork")
+def test_a_process_forked_during_a_save_does_not_hold_the_folder_lock(tmp_path):
+    """flock belongs to the open file description, which fork duplicates: a process forked while a save held the
+    lock (a DataLoader worker started by another thread) kept it until it exited, and the next save waited for it.
+    Children close their copies (os.register_at_fork)."""
+    import threading
+
+    from fastpeft.io import write_folder_atomically
+
+    child = []
+
+    def write_and_fork(path):
+        with open(path, "w") as f:
+            f.write("{}")
+        pid = os.fork()
+        if pid == 0:
+            import time
+            time.sleep(3)
+            os._exit(0)
+        child.append(pid)
+
+    write_folder_atomically(tmp_path, {"c.json": write_and_fork})
+    done = threading.Event()
+    threading.Thread(target=lambda: (write_folder_atomically(tmp_path, {"x.json": lambda p: open(p, "w").close()}),
+                                     done.set()), daemon=True).start()
+    try:
+        assert done.wait(2.0), "the second save waited for the forked process"
+    finally:
+        os.waitpid(child[0], 0)
+
+
 def test_failed_save_leaves_directory_as_it_was(tmp_path, monkeypatch):
     d = tmp_path / "adapter"
     fastpeft.save_adapter(_trained(seed=1), d)
