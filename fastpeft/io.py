@@ -3,8 +3,8 @@
 What a file holds is its method family's (``inject.method_for``, by config or by ``peft_type``): the
 config's JSON and the tensors' keys, relative to ``base_model.model.`` (LoRA: ``<module>.lora_A.weight``,
 ...). This module reads and writes the two files. Saves are atomic (each file written whole beside its target,
-then renamed over it, the previous ones put back where a step fails); loads read and check the config, every key and every shape before the model is touched, and
-never unpickle anything.
+then renamed over it, the previous ones put back where a step fails); loads read and check the config, every key
+and every shape before the model is touched, and never unpickle anything.
 """
 from __future__ import annotations
 
@@ -56,9 +56,10 @@ def write_folder_atomically(directory, files: dict) -> None:
     renamed over their targets one after the other (each rename atomic, the first to the last microseconds apart).
     Where a write or a rename fails, the files already renamed are put back (hard links kept the previous ones) and
     the temporaries removed: the folder is as it was (a new folder is removed again, if still empty). Concurrent
-    saves into one folder take turns (``_folder_lock``). Nothing else in the folder is touched: other files, open files (a training log keeps its writes), its permissions, a symlinked folder's
-    target, a mount point, the working directory (before 2026-12-01 the whole folder was rebuilt beside it and
-    swapped in, which lost all of those)."""
+    saves into one folder take turns (``_folder_lock``). Nothing else in the folder is touched: other files, open
+    files (a training log keeps its writes), its permissions, a symlinked folder's target, a mount point, the
+    working directory (before 2026-12-01 the whole folder was rebuilt beside it and swapped in, which lost all of
+    those)."""
     directory = os.fspath(directory)
     if os.path.exists(directory) and not os.path.isdir(directory):
         raise ValueError(f"directory {os.path.abspath(directory)!r} exists and is not a folder")
