@@ -741,7 +741,8 @@ class SparseDeltaMethod(Method):
         return _sparse_file_tensors(sparse_layers(model), adapter_name)
 
     def check_load(self, model: nn.Module, config, adapter_name: str, weights: dict, directory, state):
-        plan = plan_lora(model, config, reload=isinstance(state.adapters.get(adapter_name), SparseDeltaConfig))
+        plan = plan_lora(model, config, reload=isinstance(state.adapters.get(adapter_name), SparseDeltaConfig),
+                         warn=False)
         weights = dict(weights)
         sparse = _take_sparse(model, config.sparse, plan, weights, directory)
         if weights:
