@@ -820,9 +820,10 @@ def dora_backward_tma(*, dy: torch.Tensor, w: torch.Tensor, lora_A: torch.Tensor
         raise ValueError(f"dora_backward_tma: with y, dX needs at least 2 column blocks (the magnitude's partials "
                          f"are column block 1's work): in_features {w.shape[1]} must be above "
                          f"{_dm_block_n(dy, config)}")
-    if not dora_dy_pass_fits(lora_A.shape[0], threshold > 0, fits_itemsize(dy, config)):
-        raise ValueError(f"dora_backward_tma: rank {lora_A.shape[0]}{' with the mask' if threshold > 0 else ''} is "
-                         f"not held by its configs (ranks up to 16, without the mask)")
+    if not dora_dy_pass_fits(lora_A.shape[0], threshold > 0, fits_itemsize(dy, config), dm_part=y is not None):
+        raise ValueError(f"dora_backward_tma: rank {lora_A.shape[0]}{' with the mask' if threshold > 0 else ''}"
+                         f"{' and y (the magnitude partials)' if y is not None else ''} in {dy.dtype} is not held by "
+                         "its configs (ranks up to 16, without the mask; with y, 16-bit dtypes only)")
     return _dy_pass(dy, w, lora_A, lora_B, u, scale, seed, threshold, config, "dora_backward_tma", g=g, y=y,
                     bias=bias)
 

@@ -127,6 +127,25 @@ def test_output_files_are_written_whole_or_not_at_all(tmp_path, monkeypatch):
     assert png.read_bytes() == b"old png" and sorted(p.name for p in tmp_path.iterdir()) == ["t.json", "t.png"]
 
 
+def test_the_commands_write_through_the_atomic_writers(tmp_path, monkeypatch):
+    """The bench's plots and the train job's --json go through _cli's atomic writers (before 2026-12-01 savefig and
+    open() wrote in place)."""
+    import sys
+
+    from fastpeft import cli
+    sys.path.insert(0, os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "benchmarks"))
+    import harness
+    seen = []
+    real_fig, real_text = harness.save_figure_atomic, cli.write_text_atomic
+    monkeypatch.setattr(harness, "save_figure_atomic", lambda fig, path, **kw: seen.append(path) or real_fig(fig, path,
+                                                                                                           **kw))
+    monkeypatch.setattr(cli, "write_text_atomic", lambda path, text: seen.append(path) or real_text(path, text))
+    rows = [{"M": 1, "provider": "linear", "vs_linear": 1.0}, {"M": 1, "provider": "lora", "vs_linear": 1.2}]
+    harness.plot_ratios(rows, str(tmp_path / "p.png"), "t")
+    assert main(["train", "--steps", "2", "--max-seconds", "5", "--quiet", "--json", str(tmp_path / "t.json")]) == 0
+    assert seen == [str(tmp_path / "p.png"), str(tmp_path / "t.json")]
+
+
 def test_bench_table_json_markdown_plot(tmp_path, capsys):
     js, md, png = tmp_path / "b.json", tmp_path / "b.md", tmp_path / "b.png"
     rc = main(["bench", "--tokens", "64", "--shapes", "96x80", "--ranks", "8", "--dropout", "0", "0.1",

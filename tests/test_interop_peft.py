@@ -429,3 +429,9 @@ def test_peft_orthogonal_init_adapters_load_and_weight_tying_files_are_named(tmp
         cfg.pop("ensure_weight_tying", None)
         cfg.update(modules_to_save=None, init_lora_weights="orthogonal")
         cfg_path.write_text(json.dumps(cfg))
+    cfg = json.loads(cfg_path.read_text())  # EVA (A from activations, B zero at init): the base untouched too
+    cfg["init_lora_weights"] = "eva"
+    cfg_path.write_text(json.dumps(cfg))
+    fm = fastpeft.load_adapter(copy.deepcopy(base), tmp_path / "orth").eval()
+    with torch.no_grad():
+        assert_outputs_match(fm(x), pm(x), base(x))

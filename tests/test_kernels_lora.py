@@ -850,3 +850,24 @@ def test_second_derivatives_through_kernels_without_a_graph_are_refused():
                                     backend="triton")
     with pytest.raises(RuntimeError, match=r"create_graph=True .*lora_sparse_linear \(RoSA\)"):
         torch.autograd.grad(y.square().sum(), values, create_graph=True)
+
+
+def test_torch_composition_backward_keeps_fp16_range(monkeypatch):
+    """The backward's torch composition (FASTPEFT_LORA_GEMM=torch, one of the timed candidates) puts s into the
+    products as their alpha: dA = s vᵀx and dB = s dYᵀu formed unscaled overflowed fp16 at s = 0.25 (|dA| ~ 16k),
+    where PyTorch's own fp16 composition stays finite."""
+    monkeypatch.setenv("FASTPEFT_LORA_GEMM", "torch")
+    torch.manual_seed(0)
+    M, K, N, r, s = 4096, 64, 64, 64, 0.25
+    x = torch.randn(M, K, dtype=torch.float64)
+    A = torch.randn(r, K, dtype=torch.float64) / K**0.5
+    B = torch.randn(N, r, dtype=torch.float64) * 0.1
+    W = torch.randn(N, K, dtype=torch.float64) / K**0.5
+    dy = 24.0 * ((x @ A.t())[:, :1] @ torch.ones(1, N, dtype=torch.float64))
+    want_a = s * (dy @ B).t() @ x
+    leaves = [t.half().to(DEV).requires_grad_() for t in (A, B)]
+    y = fastpeft.lora_linear(x.half().to(DEV), W.half().to(DEV), None, *leaves, s, backend="triton")
+    y.backward(dy.half().to(DEV))
+    assert torch.isfinite(leaves[0].grad).all() and torch.isfinite(leaves[1].grad).all()
+    assert_close_report(leaves[0].grad.double().cpu(), want_a, rtol=2e-3, atol=2e-3 * float(want_a.abs().max()),
+                        what="dA")

@@ -318,6 +318,12 @@ def test_dora_fused_dy_pass_checks(monkeypatch):
     with monkeypatch.context() as mp:  # an autotuned launch: two blocks of the widest BLOCK_N (256)
         mp.setattr(T, "_use_explicit_blocks", lambda t: False)
         assert not T.dm_pass_fits(dy, 256) and T.dm_pass_fits(dy, 264)
+        # autotuned in fp32 with y (the magnitude partials): no config fits shared memory, refused by name (it
+        # reached an empty autotune list); without y one does
+        w_w, a_w = torch.randn(40, 264, device=DEV), torch.randn(8, 264, device=DEV)  # in_features 264
+        with pytest.raises(ValueError, match=r"rank 8 and y \(the magnitude partials\) in torch.float32 is not held"):
+            T.dora_backward_tma(dy=dy, w=w_w, lora_A=a_w, lora_B=bb, g=g, y=dy)
+        assert T.dora_dy_pass_fits(8, False, 4) and not T.dora_dy_pass_fits(8, False, 4, dm_part=True)
     # y in another layout than dY: both read as standard rows, the same sums
     y = torch.randn(40, 5, device=DEV).t()
     got = T.dora_backward_tma(dy=dy, w=w, lora_A=a, lora_B=bb, g=g, y=y, bias=b)[3]

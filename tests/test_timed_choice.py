@@ -760,7 +760,18 @@ def test_fp32_at_full_precision_is_not_offered_the_tma_kernels(monkeypatch):
         monkeypatch.setenv("FASTPEFT_LORA_GEMM", "tma-shrink")
         assert tuple(OL.gemm_candidates(a, b, lu, lv, scale=1.0)) == ("fused", "tma", "cublas")
         assert OL._fused_shrink_offered(x, w, la)
+        monkeypatch.setenv("FASTPEFT_LORA_GEMM", "tma")
+        assert tuple(OL.gemm_candidates(a, b, lu, lv, scale=1.0)) == ("fused", "tma", "cublas")
         monkeypatch.delenv("FASTPEFT_LORA_GEMM")
+        # many adapters: the fused TMA forward refused in fp32 at full precision, unless forced
+        from fastpeft.ops import multi as OM
+        xs, ws = torch.randn(300, 64), torch.randn(48, 64)
+        stacks = (torch.randn(2, 8, 64), torch.randn(2, 48, 8))
+        assert "float32 at torch's default matmul precision" in OM._fused_refusal(xs, ws, None, *stacks, None)
+        assert OM._fused_refusal(xs.bfloat16(), ws.bfloat16(), None, *(t.bfloat16() for t in stacks), None) is None
+        monkeypatch.setenv("FASTPEFT_MULTI_PATH", "fused")
+        assert OM._fused_refusal(xs, ws, None, *stacks, None) is None
+        monkeypatch.delenv("FASTPEFT_MULTI_PATH")
         torch.set_float32_matmul_precision("high")
         assert KT.tma_precision_ok(torch.float32)
         assert tuple(OL.gemm_candidates(a, b, lu, lv, scale=1.0)) == ("fused", "tma", "cublas")
