@@ -100,7 +100,7 @@ def _peft_default_targets() -> dict:
     return table
 
 
-def default_targets(model: nn.Module) -> list:
+def default_targets(model: nn.Module) -> list | str:
     """PEFT's default LoRA targets for ``model.config.model_type``: from PEFT's own table where peft is installed
     (every type it knows: gptj, deberta-v2, gemma3_text, ...; before 2026-12-01 fastpeft's shorter copy alone, and
     phi's differed), else fastpeft's copy of it; ValueError for an unknown type."""
