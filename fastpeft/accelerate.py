@@ -113,17 +113,17 @@ def _is_dora(self, name: str) -> bool:
     return bool(self.use_dora.get(name, False))
 
 
-_PLAIN_LINEAR: dict = {}
+_COMPUTES_LINEAR: dict = {}
 
 
-def _plain_linear(base: nn.Module) -> bool:
+def _computes_linear(base: nn.Module) -> bool:
     """Whether ``base`` computes x Wᵀ + b as nn.Linear does (nn.Linear, or a subclass keeping its forward or known
     to compute that: Falcon's FalconLinear, ``quant.own_forward``), not bitsandbytes' layers; by class, looked up
     once (a call's host path reads it). Before 2026-12-01 only nn.Linear itself: Falcon's layers stayed on PEFT."""
     cls = type(base)
-    hit = _PLAIN_LINEAR.get(cls)
+    hit = _COMPUTES_LINEAR.get(cls)
     if hit is None:
-        hit = _PLAIN_LINEAR[cls] = (isinstance(base, nn.Linear) and _bnb_class_name(base) is None
+        hit = _COMPUTES_LINEAR[cls] = (isinstance(base, nn.Linear) and _bnb_class_name(base) is None
                                     and not own_forward(base))
     return hit
 
@@ -134,7 +134,7 @@ def _active(self, x: torch.Tensor) -> torch.Tensor:
     mods = self._modules  # as in runtime_fallback_reason: no nn.Module.__getattr__ on the per-call path
     base, lora_as, lora_bs = mods["base_layer"], mods["lora_A"]._modules, mods["lora_B"]._modules
     adapters = [a for a in self.active_adapters if a in lora_as]
-    quantized = not _plain_linear(base)  # a bnb Linear4bit (runtime_fallback_reason checked it)
+    quantized = not _computes_linear(base)  # a bnb Linear4bit (runtime_fallback_reason checked it)
 
     bias = _param(base, "bias")
 
@@ -286,7 +286,7 @@ def runtime_fallback_reason(self, x, args=(), kwargs=None):
     mods = self._modules
     base = mods["base_layer"]
     lora_as, lora_bs, drops = mods["lora_A"]._modules, mods["lora_B"]._modules, mods["lora_dropout"]._modules
-    quantized = not _plain_linear(base)
+    quantized = not _computes_linear(base)
     if quantized and _bnb_class_name(base) != "Linear4bit":
         return f"base layer is a {type(base).__name__}"
     if getattr(self, "fan_in_fan_out", False):
@@ -523,7 +523,7 @@ def _layer_reason(m: nn.Module, linear_cls: type):
             return f"quantized or distributed base layer (peft's {mod}.{cls.__name__}): PEFT's forward"
         return (f"peft's {cls.__name__} layer ({cls.__module__}): only lora.Linear and lora.bnb.Linear4bit layers "
                 "are accelerated")
-    if not four_bit and not _plain_linear(base):
+    if not four_bit and not _computes_linear(base):
         if isinstance(base, nn.Linear):
             return f"base layer is a {type(base).__name__}, an nn.Linear with a forward of its own"
         what = "transformers Conv1D (fan_in_fan_out)" if type(base).__name__ == "Conv1D" else type(base).__name__

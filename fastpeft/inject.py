@@ -194,7 +194,7 @@ def _modules_to_save(model: nn.Module, config) -> list:
     heads = TASK_HEADS.get(getattr(config, "task_type", None), ())
     if heads:
         present = [n for n, _ in model.named_modules()]
-        names += [h for h in heads if h not in names and any(n == h or n.endswith("." + h) for n in present)]
+        names += [h for h in heads if h not in names and any(matches([h], n) for n in present)]
     return names
 
 
@@ -312,7 +312,7 @@ def _warn_unadapted(model: nn.Module, spec, all_linear: bool) -> None:
                           "through target_parameters)", UserWarning, stacklevel=5)
     elif isinstance(spec, (list, tuple)):
         names = [n for n, _ in model.named_modules() if n]
-        unmatched = [e for e in spec if not any(n == e or n.endswith("." + e) for n in names)]
+        unmatched = [e for e in spec if not any(matches([e], n) for n in names)]
         if unmatched:
             warnings.warn(f"target_modules entries {unmatched} match no module of the model (the others do): they "
                           "adapt nothing", UserWarning, stacklevel=5)
@@ -860,15 +860,14 @@ def _warn_coarse_blocks(model: nn.Module, config, adapter_name: str) -> None:
     """A warning where blocks of ``block_size`` make a sparse delta cover over twice the density asked for (at
     least one block per layer: a 32 x 32 block on a 16 x 32 layer covers all of it, and half its values lie
     outside W, zero and unused, yet trained and counted); the positions are kept as asked."""
-    alone = isinstance(config, SparseDeltaConfig)
-    density = config.density if alone else getattr(config, "sparse_density", 0.0)
-    block = config.block_size if alone else getattr(config, "sparse_block_size", 1)
-    if not density or block == 1:
+    spec = getattr(config, "sparse", None)  # SparseDeltaConfig's, RoSA's (None: LoRA alone, other methods)
+    if spec is None or spec.block_size == 1:
         return
-    layers = sparse_layers(model) if alone else \
+    density, block = spec.density, spec.block_size
+    layers = sparse_layers(model) if isinstance(config, SparseDeltaConfig) else \
         {n: m.sparse_delta(adapter_name) for n, m in lora_layers(model).items() if adapter_name in m.adapter_names}
-    over = {n: _covered(d) / (d.out_features * d.in_features) for n, d in layers.items()
-            if d is not None and _covered(d) > 2 * density * d.out_features * d.in_features}
+    shares = {n: _covered(d) / (d.out_features * d.in_features) for n, d in layers.items() if d is not None}
+    over = {n: share for n, share in shares.items() if share > 2 * density}
     if over:
         worst = max(over, key=over.get)
         warnings.warn(f"adapter {adapter_name!r}: blocks of {block} cover more of W than density {density} asks for "
@@ -896,21 +895,21 @@ def _upcast_adapter(model: nn.Module, adapter_name: str) -> None:
     """The LoRA factors (DoRA's magnitudes, RoSA's sparse values, a sparse delta's values) of ``adapter_name`` in
     fp16 / bf16 made fp32, in place (the same Parameters), as PEFT's ``autocast_adapter_dtype`` (and SHiRA's
     values); a QLoRA layer's are fp32 already."""
+    params = []
     for layer in lora_layers(model).values():
         if adapter_name not in layer.adapter_names:
             continue
-        params = list(layer.adapter_parameters(adapter_name))
+        params += layer.adapter_parameters(adapter_name)
         if layer.is_dora(adapter_name):
             params.append(layer.magnitude(adapter_name))
         delta = layer.sparse_delta(adapter_name)
         if delta is not None:  # RoSA's sparse values: the same small updates on a growing value
             params.append(delta.delta_values)
-        for p in params:  # (kept stacks key on dtype and storage: rebuilt at their next use)
-            if p.dtype in (torch.float16, torch.bfloat16):
-                p.data = p.data.float()
-    for layer in sparse_layers(model).values():  # a sparse delta alone: the model's only adapter, this one
-        if layer.delta_values.dtype in (torch.float16, torch.bfloat16):
-            layer.delta_values.data = layer.delta_values.data.float()
+    # a sparse delta alone: the model's only adapter, this one
+    params += [layer.delta_values for layer in sparse_layers(model).values()]
+    for p in params:  # (kept stacks key on dtype and storage: rebuilt at their next use)
+        if p.dtype in (torch.float16, torch.bfloat16):
+            p.data = p.data.float()
 
 
 def set_adapter(model: nn.Module, adapter_name) -> None:

@@ -306,15 +306,10 @@ def main_blocks(model: nn.Module) -> tuple:
     return best
 
 
-def _named(model: nn.Module, names) -> list:
-    """The model's modules named ``names`` entries, or ending in ``.`` + one (PEFT's modules_to_save matching)."""
-    return [n for n, _ in model.named_modules() if n and any(n == s or n.endswith("." + s) for s in names)]
-
-
 def _saved_names(model, config) -> list:
     if not config.modules_to_save:
         return []
-    names = _named(model, config.modules_to_save)
+    names = module_names(model, list(config.modules_to_save))
     if not names:
         raise ValueError(f"modules_to_save {config.modules_to_save} matched no module of the model")
     return names
@@ -521,7 +516,7 @@ class PromptTuningMethod(ParameterMethod):
     def _head_params(model: nn.Module, trained) -> dict:
         """Name -> Parameter of the task head PEFT's task model for this model wraps (``TASK_HEADS``), which its
         files must hold (its loader asks for them), where the adapter does not train it (modules_to_save)."""
-        names = _named(model, TASK_HEADS.get(_prompt_task_type(model), ()))
+        names = module_names(model, list(TASK_HEADS.get(_prompt_task_type(model), ())))
         return {f"{n}.{pn}": p for n in names for pn, p in model.get_submodule(n).named_parameters()
                 if f"{n}.{pn}" not in trained}
 

@@ -40,8 +40,8 @@ def _reference_weight(qw: QuantizedWeight, dtype: torch.dtype, saved: bool = Fal
 
 
 def _int8_scales(qw: QuantizedWeight) -> torch.Tensor:
-    """c = SCB / 127 (N,) fp32, the int8 weight's row scales: W = diag(c) C."""
-    return qw.scales.mul(1.0 / 127.0)
+    """c = SCB / 127 (N,) fp32, the int8 weight's row scales: W = diag(c) C (bitsandbytes' 1/127)."""
+    return qw.scales.float() * INT8_INV_SCALE
 
 
 def _scales_on_rows(qw: QuantizedWeight, m: int, dtype: torch.dtype) -> bool:
@@ -183,7 +183,7 @@ class QLoRALinearFunction(torch.autograd.Function):
             v = KL.lora_shrink(dy, lora_B, 1.0, 0, 0, 0, 0) if (need_x or need_a) else None
             if need_x:  # W8A16: dY's columns take the row scales, then the exact int8 -> dtype weight
                 w = KQ.int8_weight(qw, dy.dtype, weight_workspace(qw, dy.dtype))
-                c = qw.scales.float() * INT8_INV_SCALE
+                c = _int8_scales(qw)
                 if dy.dtype == torch.float16:  # dY ⊙ c (c ~ 5e-4) would fall below fp16's normal range: c on W
                     w.mul_(c.unsqueeze(1))
                     a = dy
