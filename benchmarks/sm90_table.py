@@ -285,7 +285,8 @@ def lora_tma_launches(ranks, all_configs=False) -> list:
                             bias_ptr=_ptr("bf16"), u_ptr=_ptr("fp32"), flags_ptr=_ptr("i32"), out_ptr=_ptr("bf16"),
                             M=M, N=N, K=K, R=rp, NA=64, M_KEY=M, stride_xm=K, stride_w=K, stride_la=K,
                             stride_lba=N * rp, stride_lbn=rp, stride_lbr=1, stride_um=rp, stride_om=N, HAS_BIAS=True,
-                            R_PAD=rp, NUM_SMS=132, DOT_PRECISION="tf32", UPCAST=False, **blocks)
+                            R_PAD=rp, NUM_SMS=132, DOT_PRECISION="tf32", UPCAST=False,
+                            SCALE_ON_B=_ACT["dtype"] == "fp16", **blocks)
                 label = f"multi fwd+shrink R{rp}{tag}" + ("" if kept else " (pruned)")
                 out.append(Launch("lora_tma", T._multi_lora_tma_kernel, label, args, w, s, dict(blocks), not tag))
     return out

@@ -145,6 +145,17 @@ def _lowrank_bias_part(acc, lu, rm, n0, lv_ptr, bias_ptr, N, R, stride_lvr, stri
 # ----------------------------------------------------------------------------------------------------
 
 
+def scale_onto_lv(lv: torch.Tensor, scale: float) -> tuple:
+    """``(lv, scale)`` for an epilogue that folds ``scale`` into lu, rounded to lv's dtype (the tensor cores take
+    one dtype). In fp16 with scale > 1 (s, or s / (1 - p) with dropout) that overflows from |lu| > 65504 / scale,
+    where PyTorch's ``(u @ lv) * scale`` holds u itself: there the scale goes onto lv instead, an R x N copy
+    rounded once, ``(scale * lv, 1.0)``. |scale * lv| stays far from fp16's max (lv is a LoRA factor), and a
+    factor above 1 takes no bit from a small lv. Other dtypes (bf16 has fp32's range) and scale <= 1: as given."""
+    if lv.dtype == torch.float16 and scale > 1.0:
+        return (lv.float() * scale).to(torch.float16), 1.0
+    return lv, scale
+
+
 def block_setter(table: dict):
     """A ``set_test_blocks(**blocks)`` for one module's explicit block table: it overrides known block
     sizes and returns the previous values (to restore them)."""

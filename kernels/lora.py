@@ -38,8 +38,8 @@ import triton.language as tl
 from . import INTERPRET, getenv, is_deterministic
 from ._common import (_HAS_TRITON_OP, _cast, _dot_precision, _grouped_tile, _keep_mask, _keep_mask_tile,
                       _library_op, _lowrank_bias_part, _mma, _op_body, _seed, _sm_count, _tile_ranges, _upcast,
-                      _use_explicit_blocks, _wrap, block_setter, capturing, eager_or_op, fit_stages, narrow_blocks, r_pad,
-                      split_chunk, split_count)
+                      _use_explicit_blocks, _wrap, block_setter, capturing, eager_or_op, fit_stages, narrow_blocks,
+                      r_pad, scale_onto_lv, split_chunk, split_count)
 
 # ----------------------------------------------------------------------------------------------------
 # kernels
@@ -436,6 +436,7 @@ def lora_gemm(a: torch.Tensor, b: torch.Tensor, lu: torch.Tensor, lv: torch.Tens
     out = torch.empty((M, N), device=a.device, dtype=a.dtype)
     if M == 0 or N == 0:
         return out
+    lv, scale = scale_onto_lv(lv, scale)
     args = (a, b, lu, lv, bias if bias is not None else out, out, M, N, K, R, triton.next_power_of_2(M),
             a.stride(0), a.stride(1), b.stride(0), b.stride(1), lu.stride(0), lu.stride(1),
             lv.stride(0), lv.stride(1), out.stride(0), out.stride(1), scale, seed, threshold)

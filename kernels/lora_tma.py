@@ -49,7 +49,7 @@ import triton.language as tl
 
 from . import INTERPRET, getenv, is_deterministic
 from ._common import (_cast, _dot_precision, _grouped_coords, _keep_mask_tile, _lowrank_bias_part, _mma, _sm_count,
-                      _upcast, _use_explicit_blocks, r_pad)
+                      _upcast, _use_explicit_blocks, r_pad, scale_onto_lv)
 
 # ----------------------------------------------------------------------------------------------------
 # kernel
@@ -360,7 +360,7 @@ def _multi_lora_tma_kernel(
     # meta-parameters (NUM_SMS: persistent programs)
     HAS_BIAS: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
     GROUP_M: tl.constexpr, R_PAD: tl.constexpr, NUM_SMS: tl.constexpr, DOT_PRECISION: tl.constexpr,
-    UPCAST: tl.constexpr,
+    UPCAST: tl.constexpr, SCALE_ON_B: tl.constexpr,
 ):
     x_desc, w_desc, out_desc, num_m, num_n, k_tiles = _gemm_descs(x_ptr, w_ptr, out_ptr, M, N, K, stride_xm, stride_w,
                                                                   stride_om, True, BLOCK_M, BLOCK_N, BLOCK_K, BLOCK_N)
@@ -403,8 +403,11 @@ def _multi_lora_tma_kernel(
                 pass
             u = tl.load(u_ptrs, mask=u_ok, other=0.0, cache_modifier=".cg")
         # Epilogue: s_a folded into each row's u, rounded once to B's dtype; then one MMA per adapter of the
-        # block, into the accumulator, with the other adapters' rows zeroed.
+        # block, into the accumulator, with the other adapters' rows zeroed. SCALE_ON_B (fp16): an s_a above 1
+        # goes onto B_a's tile instead (as ``_common.scale_onto_lv``): s_a u overflows from |u| > 65504 / s_a.
         s_row = tl.load(scales_ptr + tl.maximum(ids, 0), mask=(ids >= 0) & (ids < NA), other=0.0)
+        if SCALE_ON_B:
+            s_row = tl.minimum(s_row, 1.0)
         lu = _cast(u * s_row[:, None], lb_ptr.dtype.element_ty, UPCAST)
         rn = off_n + tl.arange(0, BLOCK_N)
         a = first
@@ -412,6 +415,9 @@ def _multi_lora_tma_kernel(
             lv = tl.load(lb_ptr + a.to(tl.int64) * stride_lba + rr[:, None] * stride_lbr
                          + rn[None, :].to(tl.int64) * stride_lbn,
                          mask=(rr < tl.load(ranks_ptr + a))[:, None] & (rn < N)[None, :], other=0.0)
+            if SCALE_ON_B:
+                lv = _cast(lv.to(tl.float32) * tl.maximum(tl.load(scales_ptr + a), 1.0), lb_ptr.dtype.element_ty,
+                           UPCAST)
             acc = _mma(tl.where((ids == a)[:, None], lu, tl.zeros_like(lu)), lv, acc, DOT_PRECISION, UPCAST)
             a = _next_adapter(ids, a, NA)
         if HAS_BIAS:
@@ -781,7 +787,7 @@ def multi_forward_tma(*, x: torch.Tensor, weight: torch.Tensor, bias: torch.Tens
             m, weight.shape[0], k, r_max, n, triton.next_power_of_2(m),
             x.stride(0), w.stride(0), la.stride(0), *lora_B_stack.stride(), u.stride(0), out.stride(0))
     meta = dict(HAS_BIAS=bias is not None, R_PAD=r_pad(r_max), DOT_PRECISION=_dot_precision(x.dtype),
-                UPCAST=_upcast(x.dtype))
+                UPCAST=_upcast(x.dtype), SCALE_ON_B=lora_B_stack.dtype == torch.float16)
     _run_persistent(_multi_lora_tma_kernel, _tuned_multi, x, m, weight.shape[0], args, meta, config, waits=True)
     return out
 
@@ -904,6 +910,7 @@ def _launch(a, b, lu, lv, bias, scale, seed, threshold, config, shrink=None, col
             if part is not None:
                 part[1].zero_()
     triton.set_allocator(_allocator(a.device))
+    lv, scale = scale_onto_lv(lv, scale)
     la, shrink_scale, x_thr = shrink if shrink is not None else (out, 1.0, 0)
     # One threshold argument: x's mask (the forward's fused shrink) or the output's (dX), never both.
     assert not (threshold > 0 and x_thr > 0), "x's mask and the output's mask are exclusive"

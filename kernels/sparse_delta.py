@@ -52,7 +52,7 @@ from . import INTERPRET
 from . import lora_tma as _T
 from ._common import (_HAS_TRITON_OP, _cast, _dot_precision, _grouped_coords, _grouped_tile, _keep_mask_tile,
                       _library_op, _mma, _op_body, _seed, _sm_count, _tile_ranges, _upcast, _use_explicit_blocks, _wrap,
-                      block_setter, eager_or_op, r_pad, split_chunk, split_count)
+                      block_setter, eager_or_op, r_pad, scale_onto_lv, split_chunk, split_count)
 from .lora import _GEMM_CONFIGS, _prune_gemm_configs, env_choice, gemm_launch_config, timed_choice
 from .lora_tma import _gemm_descs, _k_loop, _tma_lowrank_epilogue, _tma_store_part
 
@@ -494,6 +494,8 @@ def sparse_block_gemm_tma(a: torch.Tensor, weight: torch.Tensor, csr: tuple, val
     sv = (values.stride(2), values.stride(1)) if transpose_w else (values.stride(1), values.stride(2))
     has_low = lu is not None
     R = lu.shape[1] if has_low else 0
+    if has_low:
+        lv, scale = scale_onto_lv(lv, scale)
     args = (a, b_arg, values, ptr, ent, lu if has_low else out, lv if has_low else out,
             bias if bias is not None else out, out, M, N, K, R, triton.next_power_of_2(M),
             a.stride(0), b_arg.stride(0), values.stride(0), sv[0], sv[1],
@@ -633,6 +635,8 @@ def sparse_block_gemm(a: torch.Tensor, weight: torch.Tensor, block_map: torch.Te
         return out
     has_low = lu is not None
     R = lu.shape[1] if has_low else 0
+    if has_low:
+        lv, scale = scale_onto_lv(lv, scale)
     args = (a, weight, block_map, values, lu if has_low else out, lv if has_low else out,
             bias if bias is not None else out, out, M, N, K, R, triton.next_power_of_2(M),
             a.stride(0), a.stride(1), sw[0], sw[1], sm[0], sm[1], values.stride(0), sv[0], sv[1],
