@@ -50,7 +50,7 @@ from torch.nn.modules import module as _torch_module
 from .functional import dora_linear, lora_linear, lora_linear_multi, qlora_linear
 from .hf import _InstanceMethod
 from .ops.common import cast_params, held, kept_state
-from .quant import _bnb_class_name, kept_quantized_weight, own_forward
+from .quant import _bnb_class_name, conv1d_class, is_conv1d, kept_quantized_weight, own_forward
 from .reference import tracing_or_transformed
 
 _KERNEL_OR_REF_DTYPES = (torch.float32, torch.float16, torch.bfloat16, torch.float64)
@@ -128,13 +128,44 @@ def _computes_linear(base: nn.Module) -> bool:
     return hit
 
 
+def _dense(base: nn.Module) -> bool:
+    """A base layer fastpeft computes from its dense weight: ``_computes_linear`` or a Conv1D."""
+    return _computes_linear(base) or is_conv1d(base)
+
+
+def _weight(self, base: nn.Module) -> torch.Tensor:
+    """W (out, in) of a dense base layer: its weight, or a Conv1D's (in, out) weight transposed (a view, read in
+    place: the kernels take any strides, TMA's descriptors either row layout). Between no-grad calls in eval mode
+    the same view object is returned while the Parameter and its memory are (DoRA's norm cache keys on identity)."""
+    w = _param(base, "weight")
+    if not is_conv1d(base):
+        return w
+    if self.training or w.requires_grad or torch.compiler.is_compiling():
+        return w.t()
+    hit = self.__dict__.get("_fastpeft_wt")
+    if hit is None or hit[0] is not w or hit[1].data_ptr() != w.data_ptr() or hit[1].shape != w.shape[::-1]:
+        hit = self.__dict__["_fastpeft_wt"] = (w, w.t())
+    return hit[1]
+
+
+def _fan_in_fan_out_reason(self, base: nn.Module) -> str | None:
+    """Why PEFT's ``fan_in_fan_out`` flag and the base layer disagree (None: they agree). Conv1D stores W (in, out)
+    and PEFT sets the flag for it; on an nn.Linear the flag transposes only PEFT's merge, a configuration fastpeft
+    leaves to PEFT's forward."""
+    flag, conv = bool(getattr(self, "fan_in_fan_out", False)), is_conv1d(base)
+    if flag == conv:
+        return None
+    return "fan_in_fan_out=True on a base layer storing W (out, in)" if flag else \
+        "fan_in_fan_out=False on a transformers Conv1D base layer (W stored (in, out))"
+
+
 def _active(self, x: torch.Tensor) -> torch.Tensor:
     """``base(x) + sum_a s_a B_a A_a drop_a(x)`` over the active adapters, one fused call (DoRA: one adapter;
     a 4-bit base: ``qlora_linear`` on its packed weight)."""
     mods = self._modules  # as in runtime_fallback_reason: no nn.Module.__getattr__ on the per-call path
     base, lora_as, lora_bs = mods["base_layer"], mods["lora_A"]._modules, mods["lora_B"]._modules
     adapters = [a for a in self.active_adapters if a in lora_as]
-    quantized = not _computes_linear(base)  # a bnb Linear4bit (runtime_fallback_reason checked it)
+    quantized = not _dense(base)  # a bnb Linear4bit (runtime_fallback_reason checked it)
 
     bias = _param(base, "bias")
 
@@ -142,13 +173,14 @@ def _active(self, x: torch.Tensor) -> torch.Tensor:
     # (a 4-bit base's compute dtype), as under autocast: cast per call, the casts kept between no-grad calls
     qw = _quantized_weight(self) if quantized else None
     kept = None if self.training else self.__dict__  # kept between no-grad calls in eval mode only, as _norm_cache
-    cdt = qw.compute_dtype_for(x) if quantized else _param(base, "weight").dtype
+    weight = None if quantized else _weight(self, base)
+    cdt = qw.compute_dtype_for(x) if quantized else weight.dtype
 
     def linear(lora_a, lora_b, scaling, p, training):
         lora_a, lora_b = cast_params((lora_a, lora_b), cdt, kept, "_fastpeft_casts")
         if quantized:
             return qlora_linear(x, qw, bias, lora_a, lora_b, scaling, p, training)
-        return lora_linear(x, _param(base, "weight"), bias, lora_a, lora_b, scaling, p, training)
+        return lora_linear(x, weight, bias, lora_a, lora_b, scaling, p, training)
 
     if len(adapters) == 1:
         a = adapters[0]
@@ -157,7 +189,7 @@ def _active(self, x: torch.Tensor) -> torch.Tensor:
         if _is_dora(self, a):
             # PEFT applies DoRA's dropout only when the LoRA layer itself is in training mode.
             lora_a, lora_b = cast_params((lora_a, lora_b), cdt, kept, "_fastpeft_casts")
-            return dora_linear(x, _param(base, "weight"), bias, lora_a, lora_b, _param(_magnitude(self, a), "weight"),
+            return dora_linear(x, weight, bias, lora_a, lora_b, _param(_magnitude(self, a), "weight"),
                                float(self.scaling[a]), p, training and self.training, dropout_mode="exact",
                                norm_cache=_norm_cache(self))
         return linear(lora_a, lora_b, float(self.scaling[a]), p, training)
@@ -182,7 +214,7 @@ def _mixed_batch(self, x: torch.Tensor, names) -> torch.Tensor:
     stack_a, stack_b, scalings, rank_t = _stacks(self, used, dev)
     rates = [p if training else 0.0 for p, training in (_dropout(self.lora_dropout[n]) for n in used)]
     drop_t = torch.tensor(rates, dtype=torch.float32, device=dev) if any(rates) else None
-    return lora_linear_multi(x, base.weight, base.bias, stack_a, stack_b, scalings, ids, rank_t,
+    return lora_linear_multi(x, _weight(self, base), base.bias, stack_a, stack_b, scalings, ids, rank_t,
                              dropout_p=drop_t, training=drop_t is not None, check_ids=False)
 
 
@@ -256,7 +288,8 @@ def _adapter_reason(self, name: str, lora_a=None, lora_b=None, drop=None):
         kind = type(variant).__name__.replace("LinearVariant", "")
         return f"adapter {name!r} is a LoRA variant ({'DoRA' if kind == 'Dora' else kind})"
     if dora:
-        if type(self._modules["base_layer"]) is not nn.Linear:
+        base = self._modules["base_layer"]
+        if type(base) is not nn.Linear and not is_conv1d(base):
             return f"adapter {name!r} uses DoRA on a quantized base layer"
         weight = getattr(_magnitude(self, name), "weight", None)
         if not isinstance(weight, torch.Tensor) or weight.dim() != 1:
@@ -286,11 +319,12 @@ def runtime_fallback_reason(self, x, args=(), kwargs=None):
     mods = self._modules
     base = mods["base_layer"]
     lora_as, lora_bs, drops = mods["lora_A"]._modules, mods["lora_B"]._modules, mods["lora_dropout"]._modules
-    quantized = not _computes_linear(base)
+    quantized = not _dense(base)
     if quantized and _bnb_class_name(base) != "Linear4bit":
         return f"base layer is a {type(base).__name__}"
-    if getattr(self, "fan_in_fan_out", False):
-        return "fan_in_fan_out=True"
+    why = _fan_in_fan_out_reason(self, base)
+    if why is not None:
+        return why
     if not isinstance(x, torch.Tensor) or x.dim() == 0:
         return "input is not a tensor of at least one dim"
     qweight = None
@@ -382,7 +416,7 @@ def runtime_fallback_reason(self, x, args=(), kwargs=None):
 
 
 # what a patched layer keeps between calls (restore, merge, unmerge and .to() drop it too)
-_KEPT = ("_fastpeft_qw", "_fastpeft_dora", "_fastpeft_stacks", "_fastpeft_casts")
+_KEPT = ("_fastpeft_qw", "_fastpeft_dora", "_fastpeft_stacks", "_fastpeft_casts", "_fastpeft_wt")
 
 
 def _drop_kept(self) -> None:
@@ -523,13 +557,16 @@ def _layer_reason(m: nn.Module, linear_cls: type):
             return f"quantized or distributed base layer (peft's {mod}.{cls.__name__}): PEFT's forward"
         return (f"peft's {cls.__name__} layer ({cls.__module__}): only lora.Linear and lora.bnb.Linear4bit layers "
                 "are accelerated")
-    if not four_bit and not _computes_linear(base):
+    if not four_bit and not _dense(base):
         if isinstance(base, nn.Linear):
             return f"base layer is a {type(base).__name__}, an nn.Linear with a forward of its own"
-        what = "transformers Conv1D (fan_in_fan_out)" if type(base).__name__ == "Conv1D" else type(base).__name__
-        return f"base layer is a {what}, not an nn.Linear"
-    if getattr(m, "fan_in_fan_out", False):
-        return "fan_in_fan_out=True"
+        conv = conv1d_class()
+        if conv is not None and isinstance(base, conv):
+            return f"base layer is a {type(base).__name__}, a transformers Conv1D with a forward of its own"
+        return f"base layer is a {type(base).__name__}, not an nn.Linear or transformers Conv1D"
+    why = _fan_in_fan_out_reason(m, base)
+    if why is not None:
+        return why
     reasons = [_adapter_reason(m, a) for a in m.lora_A]
     if m.lora_A and all(reasons):
         return "; ".join(reasons)
@@ -562,8 +599,10 @@ def accelerate(model: nn.Module, strict: bool = False) -> AccelerateReport:
     """Make the PEFT LoRA layers of ``model`` compute through fastpeft's ops, in place; returns a report.
 
     model: a LoRA ``peft.PeftModel``, or a transformers model with PEFT adapters added by ``add_adapter``.
-    Layers fastpeft cannot compute (LoRA variants other than DoRA, ``lora_bias``, ``fan_in_fan_out``, int8 and
-    non-bitsandbytes quantized bases, DoRA on a quantized base, non-Linear layers) keep PEFT's forward and are listed in ``report.skipped`` with the reason;
+    Layers fastpeft cannot compute (LoRA variants other than DoRA, ``lora_bias``, int8 and non-bitsandbytes
+    quantized bases, DoRA on a quantized base, bases other than nn.Linear and transformers' Conv1D, a
+    ``fan_in_fan_out`` flag against the base's layout) keep PEFT's forward and are listed in ``report.skipped``
+    with the reason;
     ``strict=True`` raises ``ValueError`` instead (before changing anything) if any layer or adapter would
     stay on PEFT's forward. Calling it again is a no-op for the layers already patched;
     ``fastpeft.restore(model)`` undoes it.

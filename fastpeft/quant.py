@@ -134,6 +134,26 @@ def own_forward(module: nn.Module) -> bool:
 _PLAIN_FORWARD = {("transformers", "FalconLinear")}
 
 
+_CONV1D: dict = {}
+
+
+def conv1d_class():
+    """transformers' ``Conv1D`` where transformers is imported (a model holding one has imported it), else None."""
+    return getattr(sys.modules.get("transformers.pytorch_utils"), "Conv1D", None)
+
+
+def is_conv1d(module: nn.Module) -> bool:
+    """Whether ``module`` is transformers' ``Conv1D`` computing with Conv1D's own forward (GPT-2's projections:
+    y = x W + b, W stored (in, out); PEFT's ``fan_in_fan_out``), not a subclass overriding it. By class, looked up
+    once (the accelerated layers' per-call path reads it)."""
+    cls = type(module)
+    hit = _CONV1D.get(cls)
+    if hit is None:
+        conv = conv1d_class()
+        hit = _CONV1D[cls] = conv is not None and issubclass(cls, conv) and cls.forward is conv.forward
+    return hit
+
+
 def base_kind(module: nn.Module, name: str = "") -> str:
     """``"4bit"``, ``"8bit"`` or ``"linear"`` for a base layer LoRA can wrap; ``TypeError`` for the quantized
     layers of other libraries and for anything else, naming the module (``name``) and what it is."""

@@ -5,6 +5,7 @@ Dropout: fastpeft draws its own (Philox, seeded) mask, not torch's, so a trainin
 compared to PEFT's formula *with fastpeft's mask* (recovered from the output of an invertible layer),
 statistically for the drop rate, and exactly in eval mode.
 """
+import collections
 import copy
 
 import pytest
@@ -445,25 +446,113 @@ class Conv1DModel(nn.Module):
         return self.proj(torch.tanh(self.c_attn(x)))
 
 
+@pytest.fixture(scope="module")
+def gpt2():
+    torch.manual_seed(0)
+    cfg = transformers.GPT2Config(n_layer=2, n_embd=32, n_head=4, vocab_size=VOCAB, n_positions=64, bos_token_id=0,
+                                  eos_token_id=0)
+    return transformers.GPT2LMHeadModel(cfg)
+
+
+def gpt2_lora(gpt2, seed=0, **kw):
+    torch.manual_seed(seed)
+    kw = {"r": 4, "lora_alpha": 8, "target_modules": ["c_attn", "c_proj", "c_fc"], "fan_in_fan_out": True,
+          "init_lora_weights": False, **kw}
+    return peft.get_peft_model(copy.deepcopy(gpt2), peft.LoraConfig(**kw))
+
+
+def seeded_run(model, ids, seed=5, **kw):
+    """``run`` after ``torch.manual_seed(seed)``: GPT-2's own dropout draws the same masks in both models."""
+    torch.manual_seed(seed)
+    return run(model, ids, **kw)
+
+
+@pytest.mark.parametrize("dora", [False, True], ids=["lora", "dora"])
+def test_gpt2_conv1d_layers_are_accelerated(gpt2, ids, dora):
+    """GPT-2's projections (transformers Conv1D, W stored (in, out), PEFT's fan_in_fan_out) run on fastpeft's ops
+    with W read as a transposed view: logits and gradients equal PEFT's in training (LoRA bit for bit) and eval,
+    merge / unmerge as PEFT's. Before 2026-12-01 these layers all stayed on PEFT's forward."""
+    model = gpt2_lora(gpt2, use_dora=dora)
+    want = seeded_run(model, ids)
+    model.eval()
+    with torch.no_grad():
+        want_eval = model(ids).logits
+    model.train()
+    report = fastpeft.accelerate(model, strict=True)
+    assert len(report.patched) == 8 and report.skipped == {}  # c_attn, c_proj (2), c_fc in each of 2 blocks
+    assert_same(seeded_run(model, ids), want, "GPT-2 Conv1D", **({} if dora else {"rtol": 0, "atol": 0}))
+    model.eval()
+    with torch.no_grad():
+        for _ in range(2):  # the second call: DoRA's norm kept on the same W view
+            assert_close_report(model(ids).logits, want_eval, RTOL, ATOL, "GPT-2 Conv1D, eval")
+        model.merge_adapter()
+        assert_close_report(model(ids).logits, want_eval, 1e-5, 1e-5, "merged")
+        model.unmerge_adapter()
+        assert_close_report(model(ids).logits, want_eval, 1e-5, 1e-5, "unmerged")
+    calls = collections.Counter()
+    for name in report.patched:
+        calls.update(model.get_submodule(name)._fastpeft_calls)
+    assert set(calls) == {"fastpeft", "merged adapters"} and calls["fastpeft"] == 8 * 4  # train, eval twice, unmerged
+
+
+def test_gpt2_conv1d_adapter_names_batch_and_a_swapped_weight(gpt2, ids):
+    """An ``adapter_names`` batch over Conv1D layers equals PEFT's; the W view kept between eval calls follows a
+    weight whose ``.data`` is swapped (new memory, same Parameter, as a load makes) instead of reading the old."""
+    model = gpt2_lora(gpt2)
+    torch.manual_seed(1)
+    model.add_adapter("small", peft.LoraConfig(r=2, lora_alpha=2, target_modules=["c_attn"], fan_in_fan_out=True,
+                                               init_lora_weights=False))
+    model.eval()
+    names = ["small", "__base__", "default"]
+    layer = model.base_model.model.transformer.h[0].attn.c_attn
+    with torch.no_grad():
+        want = model(ids, adapter_names=names).logits
+        fastpeft.accelerate(model, strict=True)
+        assert_close_report(model(ids, adapter_names=names).logits, want, RTOL, ATOL, "adapter_names")
+        assert layer._fastpeft_calls == {"fastpeft": 1}
+        model(ids)                                        # W's view kept
+        conv = layer.base_layer
+        conv.weight.data = conv.weight.data * 2
+        got = model(ids).logits
+    fastpeft.restore(model)
+    with torch.no_grad():
+        assert_close_report(got, model(ids).logits, RTOL, ATOL, "after a .data swap of W")
+
+
+class OwnConv1D(transformers.pytorch_utils.Conv1D):
+    def forward(self, x):
+        return super().forward(x) * 2
+
+
 @pytest.mark.filterwarnings("ignore:fan_in_fan_out is set to True:UserWarning")
-def test_fan_in_fan_out_layer_falls_back():
+def test_fan_in_fan_out_disagreeing_with_the_base_and_conv1d_subclasses_fall_back():
+    """fan_in_fan_out=True on an nn.Linear (PEFT clears it there; it would transpose only PEFT's merge) and a Conv1D
+    subclass with a forward of its own stay on PEFT's forward, each named in the report; the outputs unchanged."""
+    torch.manual_seed(0)
+    model = Conv1DModel()
+    model.c_attn.__class__ = OwnConv1D
+    model = peft.get_peft_model(model, peft.LoraConfig(r=4, target_modules=["c_attn", "proj"], fan_in_fan_out=True,
+                                                       init_lora_weights=False))
+    model.base_model.model.proj.fan_in_fan_out = True  # PEFT clears it on an nn.Linear: set by hand
+    x = torch.randn(5, 16)
+    want = model(x)
+    with pytest.warns(UserWarning, match="(?s)nothing it can compute.*unchanged.*remove the call"):
+        report = fastpeft.accelerate(model)  # not strict: a warning and the report, the model unchanged
+    assert report.patched == []
+    assert "OwnConv1D, a transformers Conv1D with a forward of its own" in report.skipped["base_model.model.c_attn"]
+    assert "fan_in_fan_out=True on a base layer storing W (out, in)" in report.skipped["base_model.model.proj"]
+    with pytest.raises(ValueError, match="(?s)strict=True.*nothing was changed.*Conv1D"):
+        fastpeft.accelerate(model, strict=True)
+    assert_close_report(model(x), want, 0, 0, "fan_in_fan_out")
     torch.manual_seed(0)
     model = peft.get_peft_model(Conv1DModel(), peft.LoraConfig(r=4, target_modules=["c_attn"], fan_in_fan_out=True,
                                                                init_lora_weights=False))
-    x = torch.randn(5, 16)
-    with pytest.warns(UserWarning, match="(?s)nothing it can compute.*unchanged.*remove the call.*Conv1D"):
-        report = fastpeft.accelerate(model)  # not strict: a warning and the report, the model unchanged
-    assert report.patched == [] and "c_attn" in str(report) and type(model.base_model.model.c_attn).__name__ == "Linear"
-    with pytest.raises(ValueError, match="(?s)strict=True.*nothing was changed.*Conv1D"):
-        fastpeft.accelerate(model, strict=True)
-    torch.manual_seed(0)
-    model = peft.get_peft_model(Conv1DModel(), peft.LoraConfig(r=4, target_modules=["c_attn", "proj"],
-                                                               fan_in_fan_out=True, init_lora_weights=False))
     want = model(x)
-    report = fastpeft.accelerate(model)
-    assert [n.rsplit(".", 1)[-1] for n in report.patched] == ["proj"]
-    assert "fan_in_fan_out" in report.skipped["base_model.model.c_attn"]
-    assert_close_report(model(x), want, 0, 0, "fan_in_fan_out")
+    fastpeft.accelerate(model, strict=True)
+    model.base_model.model.c_attn.fan_in_fan_out = False  # a hand-made disagreement after accelerate: at the call
+    assert_close_report(model(x), want, 0, 0, "flag cleared")
+    assert model.base_model.model.c_attn._fastpeft_calls == {
+        "fan_in_fan_out=False on a transformers Conv1D base layer (W stored (in, out))": 1}
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -505,6 +594,33 @@ def test_triton_backend(mode):
     for g, w in zip(got, want):
         assert_close_report(g, w, 1e-4, 1e-5, f"triton, {mode}")
     assert model.base_model.model.lin._fastpeft_calls == {"fastpeft": 1}
+
+
+@needs_kernels
+@pytest.mark.filterwarnings("ignore:fan_in_fan_out is set to True:UserWarning")
+def test_triton_backend_on_a_conv1d_layer():
+    """GPT-2's Conv1D on the kernels: W (out, in) is a transposed view of the stored (in, out) weight, read in
+    place; with dropout, outputs and every gradient equal the reference backend's (same Philox mask)."""
+    dev = "cuda" if torch.cuda.is_available() and not kernels.INTERPRET else "cpu"
+    torch.manual_seed(0)
+    model = peft.get_peft_model(Conv1DModel(16).to(dev), peft.LoraConfig(
+        r=4, lora_alpha=8, target_modules=["c_attn"], fan_in_fan_out=True, lora_dropout=0.3, init_lora_weights=False))
+    fastpeft.accelerate(model, strict=True)
+    x = torch.randn(6, 16, device=dev, requires_grad=True)
+    results = {}
+    for backend in ("reference", "triton"):
+        model.zero_grad(set_to_none=True)
+        x.grad = None
+        torch.manual_seed(5)
+        with fastpeft.use_backend(backend), fastpeft.reference.kernel_stream_on_cpu():
+            y = model(x)
+            y.square().sum().backward()
+        results[backend] = [y.detach(), x.grad.clone()] + [
+            p.grad for n, p in sorted(model.named_parameters()) if "lora_" in n]
+    assert len(results["triton"]) == 4
+    for g, w in zip(results["triton"], results["reference"]):
+        assert_close_report(g, w, 1e-4, 1e-5, "Conv1D, triton vs reference, dropout 0.3")
+    assert model.base_model.model.c_attn._fastpeft_calls == {"fastpeft": 2}
 
 
 @needs_kernels
