@@ -288,14 +288,11 @@ _FASTPEFT_ATTRS = ("_fastpeft_adapters", "_fastpeft_active", "_fastpeft_trained"
 
 def _base_module(layer: FastLoRALinear) -> nn.Module:
     """The module PEFT wraps in ``layer``'s place: a QLoRA layer's bitsandbytes layer itself (PEFT's
-    ``lora.bnb`` layers then read its packed weight), else an nn.Linear sharing ``layer``'s weight and bias (no
-    copy)."""
+    ``lora.bnb`` layers then read its packed weight), else ``layer.base_module()``: an nn.Linear (or a Conv1D, for
+    a layer made from one) sharing ``layer``'s weight and bias (no copy)."""
     if isinstance(layer, QLoRALinear):
         return layer.base_layer
-    lin = nn.Linear(layer.in_features, layer.out_features, bias=layer.bias is not None, device="meta")
-    lin.weight = layer.weight
-    lin.bias = layer.bias
-    return lin
+    return layer.base_module()
 
 
 def _set_submodule(model: nn.Module, name: str, new: nn.Module) -> None:

@@ -26,8 +26,8 @@ from .matching import (compile_pattern, default_targets, is_all_linear, is_bias,
 from .methods import METHODS as OTHER_METHODS
 from .methods import TASK_HEADS, ParameterMethod
 from .methods import Method
-from .quant import (QuantizedWeight, assign_merged_weight, base_kind, dequantized_linear, foreign_quant_library,
-                    is_quantized, merged_weight, peft_numel)
+from .quant import (QuantizedWeight, assign_merged_weight, base_kind, conv1d_class, dequantized_linear,
+                    foreign_quant_library, is_conv1d, is_quantized, merged_weight, peft_numel)
 from .selection import SparseSpec
 
 BIAS_CHOICES = ("none", "all", "lora_only")
@@ -246,8 +246,9 @@ def plan_lora(model: nn.Module, config, reload: bool = False, warn: bool = True)
             inner.append(name + ".")
         if matches(config.exclude_modules, name) or any(name == s or name.startswith(s + ".") for s in saved):
             continue
-        if all_linear:
-            hit = (isinstance(module, (nn.Linear, FastLoRALinear)) or foreign_quant_library(module) is not None) \
+        if all_linear:  # PEFT's all-linear takes transformers' Conv1D too (GPT-2)
+            hit = (isinstance(module, (nn.Linear, FastLoRALinear)) or foreign_quant_library(module) is not None
+                   or _conv1d(module) and isinstance(config, LoraConfig) and config.sparse is None) \
                 and module is not head
         else:
             hit = matches(spec, name)
@@ -264,9 +265,15 @@ def plan_lora(model: nn.Module, config, reload: bool = False, warn: bool = True)
         if reload and isinstance(module, SparseDeltaLinear):
             targets[name] = None  # the model's sparse adapter, loaded again
             continue
+        if _conv1d(module):
+            _check_conv1d_target(name, module, config)
+            targets[name] = (pattern_value(config.rank_pattern, name, config.r),
+                             pattern_value(config.alpha_pattern, name, config.lora_alpha))
+            continue
         if not isinstance(module, (nn.Linear, FastLoRALinear)):
             raise ValueError(f"target_modules matched {name!r}, a {type(module).__name__}; fastpeft "
-                             "adapts nn.Linear modules only: narrow target_modules or exclude it")
+                             "adapts nn.Linear modules only (LoRA: transformers Conv1D too): narrow target_modules or "
+                             "exclude it")
         if isinstance(config, SparseDeltaConfig):
             if not isinstance(module, nn.Linear):
                 raise ValueError(f"target_modules matched {name!r}, a {type(module).__name__}; a sparse delta goes on "
@@ -282,10 +289,10 @@ def plan_lora(model: nn.Module, config, reload: bool = False, warn: bool = True)
         if isinstance(spec, str) and not all_linear:
             hint = (f"; a string is matched against the whole module name (re.fullmatch, as PEFT): for a name "
                     f"suffix pass a list ([{spec!r}]) or a pattern such as '.*{spec}'")
-        conv1d = [n for n, m in model.named_modules() if type(m).__name__ == "Conv1D"][:3]
-        if conv1d:
-            hint += (f"; {conv1d} are transformers Conv1D layers (GPT-2 style), which fastpeft does not adapt "
-                     "(nn.Linear only)")
+        conv1d = [n for n, m in model.named_modules() if _conv1d(m)][:3]
+        if conv1d and isinstance(config, SparseDeltaConfig):
+            hint += (f"; {conv1d} are transformers Conv1D layers (GPT-2 style), which take LoRA and DoRA adapters but "
+                     "no sparse delta")
         raise ValueError(f"target_modules {spec!r} matched no nn.Linear of the model (after exclude_modules "
                          f"{config.exclude_modules!r}); its linear layers are named like {linear}{hint}")
     if warn and not reload:
@@ -293,6 +300,32 @@ def plan_lora(model: nn.Module, config, reload: bool = False, warn: bool = True)
         # projections), not a file being loaded (its positions are fixed already)
         _warn_unadapted(model, config.target_modules, is_all_linear(config.target_modules))
     return LoraPlan(targets=targets, saved=saved)
+
+
+def _conv1d(module: nn.Module) -> bool:
+    """transformers' Conv1D or a subclass (one with a forward of its own is refused by ``_check_conv1d_target``)."""
+    conv = conv1d_class()
+    return conv is not None and isinstance(module, conv)
+
+
+def _check_conv1d_target(name: str, module: nn.Module, config) -> None:
+    """A transformers Conv1D target: LoRA and DoRA only, Conv1D's own forward only."""
+    if not is_conv1d(module):
+        raise ValueError(f"target_modules matched {name!r}, a {type(module).__module__}.{type(module).__name__}: a "
+                         "transformers Conv1D with a forward of its own, which fastpeft's layer would bypass (it "
+                         "computes x W + b from the weight); exclude it")
+    if isinstance(config, SparseDeltaConfig) or config.sparse is not None:
+        raise ValueError(f"target_modules matched {name!r}, a transformers Conv1D (GPT-2 style, W stored (in, out)): "
+                         "it takes LoRA and DoRA adapters, not a sparse delta (RoSA's included); exclude it or use "
+                         "sparse_density=0")
+
+
+def _in_out(module: nn.Module) -> tuple:
+    """``(in_features, out_features)`` of a target before it is wrapped: an nn.Linear's, or a Conv1D's (in, out)
+    weight shape."""
+    if _conv1d(module):
+        return tuple(module.weight.shape)
+    return module.in_features, module.out_features
 
 
 def _warn_unadapted(model: nn.Module, spec, all_linear: bool) -> None:
@@ -414,7 +447,7 @@ def _model_name(model: nn.Module):
 
 # PEFT LoraConfig fields that change what the adapter computes and that fastpeft does not implement:
 # an adapter that sets any of them cannot give PEFT's outputs here, so loading it is refused.
-_UNSUPPORTED = ("fan_in_fan_out", "layers_to_transform", "lora_bias", "layer_replication",
+_UNSUPPORTED = ("layers_to_transform", "lora_bias", "layer_replication",
                 "target_parameters", "trainable_token_indices", "use_qalora", "alora_invocation_tokens",
                 "use_bdlora", "megatron_config")
 _CONFIG_FIELDS = ("r", "lora_alpha", "lora_dropout", "target_modules", "exclude_modules", "bias",
@@ -457,7 +490,11 @@ class LoraMethod(Method):
                 module.add_adapter(adapter_name, r, alpha, **kw)
                 layer = module
             else:
-                layer = FastLoRALinear.from_linear(module, r=r, lora_alpha=alpha, adapter_name=adapter_name, **kw)
+                if _conv1d(module):  # GPT-2's (in, out) layout; plan_lora refused a sparse delta there
+                    layer = FastLoRALinear.from_conv1d(module, r=r, lora_alpha=alpha, adapter_name=adapter_name,
+                                                       **{k: v for k, v in kw.items() if not k.startswith("sparse_")})
+                else:
+                    layer = FastLoRALinear.from_linear(module, r=r, lora_alpha=alpha, adapter_name=adapter_name, **kw)
                 layer.set_adapter(None)
                 if state.routing is not None:  # made inside a mixed_batch block: routed as the others
                     layer.set_routing(state.routing, state.rows_per_sequence)
@@ -490,18 +527,20 @@ class LoraMethod(Method):
         d["exclude_modules"] = None
         # RoSA (LoRA beside a sparse delta) under fastpeft's own type: PEFT refuses the file instead of loading the
         # LoRA part alone (it ignores the sparse fields and keys: other outputs, no error)
+        # fan_in_fan_out: PEFT sets each layer's from its base module (True on a Conv1D, False on an nn.Linear),
+        # warning where the config's disagrees; written as the layers are, as PEFT's own GPT-2 files have it
+        fan_in = any(m.fan_in_fan_out for m in self._layers(model, adapter_name).values())
         d.update(peft_type=self.peft_type if config.sparse is None else ROSA_PEFT_TYPE, inference_mode=True,
-                 fan_in_fan_out=False,
+                 fan_in_fan_out=fan_in,
                  layers_to_transform=None, layers_pattern=None, revision=None,
                  base_model_name_or_path=_model_name(model))
         return d
 
     def config_from_json(self, d: dict, path: str):
+        # fan_in_fan_out is read from each target module (Conv1D: True, nn.Linear: False), as PEFT's layers do
         bad = {k: d[k] for k in _UNSUPPORTED if d.get(k) not in (None, False, [], {}, 0)}
         if bad:
-            why = ("; fan_in_fan_out: the adapter sits on transformers Conv1D layers (GPT-2 style, weight stored "
-                   "(in, out)), which fastpeft does not adapt (nn.Linear only)" if "fan_in_fan_out" in bad else "")
-            raise ValueError(f"adapter config {path} uses LoRA variants fastpeft does not compute: {bad}{why}")
+            raise ValueError(f"adapter config {path} uses LoRA variants fastpeft does not compute: {bad}")
         if d.get("ensure_weight_tying") and d.get("modules_to_save"):
             raise ValueError(f"adapter config {path} sets ensure_weight_tying with modules_to_save "
                              f"{d['modules_to_save']}: PEFT's tied copies of saved modules (one trained copy for tied "
@@ -558,10 +597,11 @@ class LoraMethod(Method):
         expected = {}
         for name, (r, _) in plan.targets.items():
             lin = model.get_submodule(name)
-            expected[f"{name}.lora_A.weight"] = (r, lin.in_features)
-            expected[f"{name}.lora_B.weight"] = (lin.out_features, r)
+            k, n = _in_out(lin)
+            expected[f"{name}.lora_A.weight"] = (r, k)
+            expected[f"{name}.lora_B.weight"] = (n, r)
             if config.use_dora:
-                expected[f"{name}{_DORA_SUFFIX}"] = (lin.out_features,)
+                expected[f"{name}{_DORA_SUFFIX}"] = (n,)
             if config.bias == "lora_only" and lin.bias is not None:
                 expected[f"{name}.base_layer.bias"] = tuple(lin.bias.shape)
         for name in plan.saved:
@@ -969,7 +1009,7 @@ def delete_adapter(model: nn.Module, adapter_name: str) -> None:
     for layer in layers.values():
         layer.delete_adapter(adapter_name)
     for name, layer in sparse.items():  # a sparse delta alone: its layers become the nn.Linear they wrapped
-        set_submodule(model, name, _plain_linear(layer))
+        set_submodule(model, name, layer.base_module())
     for wrapper in saved_module_wrappers(model).values():
         wrapper.delete_adapter(adapter_name)
     state = peft_state(model)
@@ -1049,14 +1089,6 @@ def format_trainable_parameters(model: nn.Module) -> str:
 
 def print_trainable_parameters(model: nn.Module) -> None:
     print(format_trainable_parameters(model))
-
-
-def _plain_linear(layer) -> nn.Linear:
-    """An nn.Linear sharing ``layer``'s weight and bias (no copy)."""
-    lin = nn.Linear(layer.in_features, layer.out_features, bias=layer.bias is not None, device="meta")
-    lin.weight = layer.weight
-    lin.bias = layer.bias
-    return lin
 
 
 def _quantized_unloads(model: nn.Module, dequantize: bool) -> dict:
@@ -1166,7 +1198,7 @@ def merge_and_unload(model: nn.Module, dequantize: bool = False) -> nn.Module:
             layer.weight = nn.Parameter(layer.weight.detach().clone(), requires_grad=False)
         if not layer.merged and layer.has_delta():
             layer.merge()
-        set_submodule(model, name, _plain_linear(layer))
+        set_submodule(model, name, layer.base_module())
     for name, module in list(model.named_modules()):
         if isinstance(module, ModulesToSaveWrapper):
             set_submodule(model, name, module.active_module)

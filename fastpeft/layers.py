@@ -30,8 +30,8 @@ from .functional import (dora_linear, lora_linear, lora_linear_multi, lora_spars
                          sparse_delta_linear)
 from .ops.common import cast_params, held, kept_state, optimizer_steps, outside_inference_mode, tensor_version
 from .ops.dora import weight_sq_norms
-from .quant import (QuantizedWeight, assign_merged_weight, base_kind, call_buffer, dequantize_weight, is_quantized,
-                    kept_quantized_weight, merged_weight)
+from .quant import (QuantizedWeight, assign_merged_weight, base_kind, call_buffer, conv1d_class, dequantize_weight,
+                    is_conv1d, is_quantized, kept_quantized_weight, merged_weight)
 from .reference import dense_delta_ref, tracing_or_transformed, use_cpu_path
 from .selection import SparseSpec
 
@@ -72,6 +72,13 @@ def rosa_spec(sparse_density, sparse_block_size=1, sparse_selection="random") ->
     return SparseSpec(sparse_density, sparse_block_size, sparse_selection) if sparse_density > 0.0 else None
 
 
+def _conv1d_type():
+    conv = conv1d_class()
+    if conv is None:
+        raise RuntimeError("a layer made from a transformers Conv1D needs transformers imported to rebuild it")
+    return conv
+
+
 def _entry(params: nn.ParameterDict, name: str):
     """``params[name]``, read from the ParameterDict's own table: its ``[]`` goes through nn.Module's
     ``__getattr__`` (1.1 µs a read, a fifth of a decode forward's host time for A and B). Falls back to
@@ -88,6 +95,7 @@ class TunerLayer(nn.Module):
 
     _delta_name = "adapter"  # for messages
     _rows_per_sequence = 1  # the rows_per_sequence of the mixed_batch block routing the layer (set_routing)
+    fan_in_fan_out = False  # made from transformers' Conv1D (``FastLoRALinear.from_conv1d``): weight a view of W^T
 
     def _init_base(self, weight: nn.Parameter, bias: nn.Parameter | None) -> None:
         self.out_features, self.in_features = weight.shape
@@ -160,6 +168,36 @@ class TunerLayer(nn.Module):
             raise RuntimeError(f"unmerge: the {self._delta_name} is not merged")
         self.weight.sub_(self._exact_delta())
         self.merged = False
+
+    def base_module(self) -> nn.Module:
+        """The plain module in this layer's place, sharing its weight and bias (no copy): an ``nn.Linear``, or for a
+        layer made ``from_conv1d`` a transformers ``Conv1D`` over the (in, out) view of the same memory."""
+        if self.fan_in_fan_out:
+            with torch.device("meta"):
+                conv = _conv1d_type()(self.out_features, self.in_features)
+            conv.weight = nn.Parameter(self.weight.detach().t(), requires_grad=self.weight.requires_grad)
+            conv.bias = self.bias
+            return conv
+        lin = nn.Linear(self.in_features, self.out_features, bias=self.bias is not None, device="meta")
+        lin.weight = self.weight
+        lin.bias = self.bias
+        return lin
+
+    def _save_to_state_dict(self, destination, prefix, keep_vars):
+        """nn.Module's, with a Conv1D-made layer's ``weight`` in Conv1D's (in, out) layout (a view: no copy)."""
+        super()._save_to_state_dict(destination, prefix, keep_vars)
+        if self.fan_in_fan_out and prefix + "weight" in destination:
+            destination[prefix + "weight"] = destination[prefix + "weight"].t()
+
+    def _load_from_state_dict(self, state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys,
+                              error_msgs):
+        """nn.Module's, reading a Conv1D-made layer's ``weight`` in Conv1D's (in, out) layout (the caller's dict is
+        not changed)."""
+        key = prefix + "weight"
+        if self.fan_in_fan_out and isinstance(state_dict.get(key), torch.Tensor):
+            state_dict = {**state_dict, key: state_dict[key].t()}
+        super()._load_from_state_dict(state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys,
+                                      error_msgs)
 
     @torch.no_grad()
     def to_linear(self) -> nn.Linear:
@@ -415,6 +453,25 @@ class FastLoRALinear(TunerLayer):
         nn.Module.__init__(self)
         self._setup(linear.weight, linear.bias, adapter_name, r, lora_alpha, lora_dropout, use_rslora,
                     init_lora_weights, sparse_density, sparse_block_size, sparse_selection, use_dora)
+        return self
+
+    @classmethod
+    def from_conv1d(cls, conv: nn.Module, r=8, lora_alpha=8, lora_dropout=0.0, use_rslora=False,
+                    init_lora_weights=True, adapter_name="default", use_dora=False) -> "FastLoRALinear":
+        """Wrap transformers' ``Conv1D`` (GPT-2's projections: y = x W + b, W stored (in, out); PEFT's
+        ``fan_in_fan_out``). The layer's ``weight`` (out, in) is W's transpose, a view of the same memory (no copy,
+        frozen): the kernels take any strides, merging writes into Conv1D's memory. ``state_dict`` keeps Conv1D's
+        (in, out) layout under ``weight`` (GPT-2's own checkpoints load into the layer), ``base_module()`` (and so
+        ``fastpeft.merge_and_unload``) gives a Conv1D back. RoSA's sparse delta is not offered here."""
+        if not is_conv1d(conv):
+            raise TypeError(f"conv must be a transformers Conv1D computing with Conv1D's own forward, got "
+                            f"{type(conv).__module__}.{type(conv).__name__}")
+        self = cls.__new__(cls)
+        nn.Module.__init__(self)
+        self.fan_in_fan_out = True
+        weight = nn.Parameter(conv.weight.detach().t(), requires_grad=False)
+        self._setup(weight, conv.bias, adapter_name, r, lora_alpha, lora_dropout, use_rslora, init_lora_weights,
+                    use_dora=use_dora)
         return self
 
     def _setup(self, weight, bias, adapter_name, r, lora_alpha, lora_dropout, use_rslora, init_lora_weights,

@@ -96,6 +96,22 @@ def _t5():
         vocab_size=32, d_model=16, d_kv=8, d_ff=32, num_layers=1, num_heads=2, decoder_start_token_id=0))
 
 
+def _gpt2():
+    transformers = pytest.importorskip("transformers")
+    torch.manual_seed(0)
+    return transformers.GPT2LMHeadModel(transformers.GPT2Config(vocab_size=32, n_embd=16, n_layer=1, n_head=2,
+                                                                n_positions=16))
+
+
+def _gpt2_own_conv1d():
+    """GPT-2 whose c_attn is a Conv1D subclass with a forward of its own."""
+    m = _gpt2()
+    conv = type(m.transformer.h[0].attn.c_attn)
+    m.transformer.h[0].attn.c_attn.__class__ = type("ScaledConv1D", (conv,),
+                                                    {"forward": lambda self, x: 2 * conv.forward(self, x)})
+    return m
+
+
 def _merged_model():
     m = _lora_model()
     for layer in fastpeft.lora_layers(m).values():
@@ -229,6 +245,14 @@ CASES = [
     Bad("FastLoRALinear-init-pissa", lambda _: FastLoRALinear(IN, OUT, init_lora_weights="pissa"), ValueError,
         ("init_lora_weights", "'pissa'")),
     Bad("FastLoRALinear-in_features-0", lambda _: FastLoRALinear(0, OUT), ValueError, ("in_features", "0")),
+    Bad("FastLoRALinear-from_conv1d-linear", lambda _: FastLoRALinear.from_conv1d(nn.Linear(4, 4)), TypeError,
+        ("conv must be a transformers Conv1D", "Linear")),
+    Bad("inject-conv1d-rosa", lambda m: fastpeft.inject(m, LoraConfig(target_modules=["c_attn"], sparse_density=0.01)),
+        ValueError, ("'transformer.h.0.attn.c_attn'", "Conv1D", "not a sparse delta", "sparse_density=0"), _gpt2),
+    Bad("inject-conv1d-sparse-delta",
+        lambda m: fastpeft.inject(m, fastpeft.SparseDeltaConfig(target_modules=["c_attn"])), ValueError, ("'transformer.h.0.attn.c_attn'", "Conv1D", "not a sparse delta"), _gpt2),
+    Bad("inject-conv1d-own-forward", lambda m: fastpeft.inject(m, LoraConfig(target_modules=["c_attn", "c_proj"])),
+        ValueError, ("'transformer.h.0.attn.c_attn'", "ScaledConv1D", "forward of its own"), _gpt2_own_conv1d),
     Bad("FastLoRALinear-from_linear-conv", lambda _: FastLoRALinear.from_linear(nn.Conv1d(2, 2, 1)), TypeError,
         ("linear", "Conv1d")),
     # -- FastLoRALinear: forward inputs

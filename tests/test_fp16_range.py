@@ -33,8 +33,8 @@ def _amax(t: torch.Tensor) -> float:
 
 
 def _operands(seed=0):
-    """a (M, K) O(1), W^T (K, N), u (M, R) fp32 at |u| ~ 1e4 (below 6e4), B^T (R, N) at ~1e-2 (a factor early in training),
-    bias (N,): fp64 on the CPU."""
+    """a (M, K) O(1), W^T (K, N), u (M, R) fp32 at |u| ~ 1e4 (below 6e4), B^T (R, N) at ~1e-2 (a factor early in
+    training), bias (N,): fp64 on the CPU."""
     g = torch.Generator().manual_seed(seed)
     a = torch.randn(M, KD, generator=g, dtype=torch.float64)
     b = torch.randn(KD, N, generator=g, dtype=torch.float64) / KD ** 0.5

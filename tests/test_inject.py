@@ -64,14 +64,15 @@ def test_list_matches_exact_names_and_dotted_suffixes():
         fastpeft.inject(_toy(), LoraConfig(target_modules="q_proj"))
 
 
-def test_no_match_names_gpt2_conv1d_layers():
-    """GPT-2's attention and MLP layers are transformers Conv1D, not nn.Linear: "all-linear" finds only the head
-    (excluded), and the error names the Conv1D layers."""
+def test_no_match_names_gpt2_conv1d_layers_for_a_sparse_delta():
+    """GPT-2's attention and MLP layers are transformers Conv1D: LoRA adapts them (tests/test_conv1d.py), a sparse
+    delta does not; "all-linear" then finds only the head (excluded), and the error names the Conv1D layers."""
     transformers = pytest.importorskip("transformers")
     model = transformers.GPT2LMHeadModel(transformers.GPT2Config(n_layer=1, n_embd=16, n_head=2, vocab_size=32,
                                                                  n_positions=16))
-    with pytest.raises(ValueError, match=r"(?s)\['transformer.h.0.attn.c_attn'.*Conv1D layers \(GPT-2 style\)"):
-        fastpeft.inject(model, LoraConfig(target_modules="all-linear"))
+    with pytest.raises(ValueError, match=r"(?s)\['transformer.h.0.attn.c_attn'.*Conv1D layers \(GPT-2 style\).*no "
+                                         r"sparse delta"):
+        fastpeft.inject(model, fastpeft.SparseDeltaConfig(target_modules="all-linear"))
 
 
 def test_string_is_fullmatched():

@@ -292,8 +292,6 @@ def _bad_adapters():
         "wrong-peft-type": (lambda d: _edit_config(d, peft_type="PREFIX_TUNING") or d, ValueError, "peft_type"),
         "dora": (lambda d: _edit_config(d, use_dora=True) or d, ValueError, "use_dora"),
         "pissa": (lambda d: _edit_config(d, init_lora_weights="pissa") or d, ValueError, "init_lora_weights"),
-        "fan_in_fan_out": (lambda d: _edit_config(d, fan_in_fan_out=True) or d, ValueError,
-                           r"fan_in_fan_out.*transformers Conv1D layers \(GPT-2 style"),
         "lora_bias": (lambda d: _edit_config(d, lora_bias=True) or d, ValueError, "LoRA variants .*'lora_bias'"),
         "bad-rank-in-config": (lambda d: _edit_config(d, r=0) or d, ValueError, "r must be a positive int"),
         "targets-not-in-model": (lambda d: _edit_config(d, target_modules=["c_attn"]) or d, ValueError, "matched no"),
@@ -318,6 +316,19 @@ def test_bad_adapter_raises_and_leaves_model_unchanged(tmp_path, case, into):
     with pytest.raises(exc, match=msg):
         fastpeft.load_adapter(model, d)
     _assert_unchanged(model, snap)
+
+
+def test_fan_in_fan_out_flag_is_read_from_each_module(tmp_path):
+    """A file's fan_in_fan_out=True over nn.Linear targets loads as PEFT loads it (PEFT sets each layer's flag from
+    its base module: False on an nn.Linear, True on a transformers Conv1D): the same outputs as without the flag.
+    Before 2026-12-01 the flag was refused (GPT-2 files could not load)."""
+    m = _trained()
+    fastpeft.save_adapter(m, tmp_path / "a")
+    _edit_config(tmp_path / "a", fan_in_fan_out=True)
+    x = torch.randn(2, 5, 16)
+    loaded = fastpeft.load_adapter(_toy(), tmp_path / "a").eval()
+    with torch.no_grad():
+        assert torch.equal(loaded(x), m(x))
 
 
 def test_loading_over_same_name_with_other_shapes_leaves_model(tmp_path):
