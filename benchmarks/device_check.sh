@@ -328,7 +328,7 @@ else
         -p no:cacheprovider "${XDIST[@]}" tests/ -m gpu --ignore=tests/test_compile.py --ignore=tests/test_cuda_graphs.py
     run "kernel tests lora / lora_tma / multi / bgmv (explicit blocks)" 120 env FASTPEFT_AUTOTUNE=0 $PY -m pytest -v \
         -rfE --maxfail=10 -p no:cacheprovider "${XDIST[@]}" tests/test_kernels_lora.py tests/test_kernels_lora_tma.py \
-        tests/test_kernels_multi.py tests/test_kernels_bgmv.py -m "not gpu"
+        tests/test_kernels_multi.py tests/test_kernels_bgmv.py tests/test_fp16_range.py -m "not gpu"
     run "kernel tests sparse + the floor's (explicit blocks)" 90 env FASTPEFT_AUTOTUNE=0 $PY -m pytest -v -rfE \
         --maxfail=10 -p no:cacheprovider "${XDIST[@]}" tests/test_kernels_sparse.py tests/test_timed_choice.py \
         -m "not gpu" -k sparse
