@@ -10,6 +10,7 @@ from __future__ import annotations
 import contextlib
 import functools
 import inspect
+import math
 import threading
 
 import torch
@@ -89,6 +90,15 @@ def _cast(x, dtype: tl.constexpr, UPCAST: tl.constexpr):
 
 
 @triton.jit
+def _pow2_part(s):
+    """2^e of s = m 2^e (frexp: 0.5 <= |m| < 1) where |s| > 1, else 1.0, elementwise on finite fp32 s (its
+    exponent bits): s / _pow2_part(s) has |.| <= 1, and both that division and a product by it are exact."""
+    bits = s.to(tl.int32, bitcast=True)
+    p = ((((bits >> 23) & 0xFF) + 1) << 23).to(tl.float32, bitcast=True)
+    return tl.where(tl.abs(s) > 1.0, p, 1.0)
+
+
+@triton.jit
 def _grouped_coords(tile, num_m, num_n, GROUP_M: tl.constexpr):
     """(pid_m, pid_n) of output tile ``tile`` of a num_m x num_n grid in grouped order (as in Triton's matmul
     tutorial): GROUP_M row-blocks run together and share their B tiles in L2."""
@@ -147,12 +157,15 @@ def _lowrank_bias_part(acc, lu, rm, n0, lv_ptr, bias_ptr, N, R, stride_lvr, stri
 
 def scale_onto_lv(lv: torch.Tensor, scale: float) -> tuple:
     """``(lv, scale)`` for an epilogue that folds ``scale`` into lu, rounded to lv's dtype (the tensor cores take
-    one dtype). In fp16 with scale > 1 (s, or s / (1 - p) with dropout) that overflows from |lu| > 65504 / scale,
-    where PyTorch's ``(u @ lv) * scale`` holds u itself: there the scale goes onto lv instead, an R x N copy
-    rounded once, ``(scale * lv, 1.0)``. |scale * lv| stays far from fp16's max (lv is a LoRA factor), and a
-    factor above 1 takes no bit from a small lv. Other dtypes (bf16 has fp32's range) and scale <= 1: as given."""
-    if lv.dtype == torch.float16 and scale > 1.0:
-        return (lv.float() * scale).to(torch.float16), 1.0
+    one dtype). In fp16 with |scale| > 1 (s, or s / (1 - p) with dropout) that overflows from |lu| > 65504 / |scale|,
+    where PyTorch's ``(u @ lv) * scale`` holds u itself. There scale = m 2^e (frexp: 0.5 <= |m| < 1) is split:
+    ``(2^e lv, m)``, the power of two onto the R x N factor (exact: no rounding, and lv is a LoRA factor, far
+    from fp16's max), m onto lu (no larger than u). Rounding m u and scaling by 2^e commute, so the result has the
+    bits of the unsplit fold wherever that was finite. Other dtypes (bf16 has fp32's range) and |scale| <= 1: as
+    given."""
+    if lv.dtype == torch.float16 and abs(scale) > 1.0:
+        m, e = math.frexp(scale)
+        return lv * float(2 ** e), m
     return lv, scale
 
 

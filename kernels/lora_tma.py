@@ -49,7 +49,7 @@ import triton.language as tl
 
 from . import INTERPRET, getenv, is_deterministic
 from ._common import (_cast, _dot_precision, _grouped_coords, _keep_mask_tile, _lowrank_bias_part, _mma, _sm_count,
-                      _upcast, _use_explicit_blocks, r_pad, scale_onto_lv)
+                      _pow2_part, _upcast, _use_explicit_blocks, r_pad, scale_onto_lv)
 
 # ----------------------------------------------------------------------------------------------------
 # kernel
@@ -403,11 +403,12 @@ def _multi_lora_tma_kernel(
                 pass
             u = tl.load(u_ptrs, mask=u_ok, other=0.0, cache_modifier=".cg")
         # Epilogue: s_a folded into each row's u, rounded once to B's dtype; then one MMA per adapter of the
-        # block, into the accumulator, with the other adapters' rows zeroed. SCALE_ON_B (fp16): an s_a above 1
-        # goes onto B_a's tile instead (as ``_common.scale_onto_lv``): s_a u overflows from |u| > 65504 / s_a.
+        # block, into the accumulator, with the other adapters' rows zeroed. SCALE_ON_B (fp16): where |s_a| > 1
+        # its power of two goes onto B_a's tile (exact), the rest onto u (as ``_common.scale_onto_lv``): s_a u
+        # overflows from |u| > 65504 / |s_a|.
         s_row = tl.load(scales_ptr + tl.maximum(ids, 0), mask=(ids >= 0) & (ids < NA), other=0.0)
         if SCALE_ON_B:
-            s_row = tl.minimum(s_row, 1.0)
+            s_row = s_row / _pow2_part(s_row)
         lu = _cast(u * s_row[:, None], lb_ptr.dtype.element_ty, UPCAST)
         rn = off_n + tl.arange(0, BLOCK_N)
         a = first
@@ -416,8 +417,7 @@ def _multi_lora_tma_kernel(
                          + rn[None, :].to(tl.int64) * stride_lbn,
                          mask=(rr < tl.load(ranks_ptr + a))[:, None] & (rn < N)[None, :], other=0.0)
             if SCALE_ON_B:
-                lv = _cast(lv.to(tl.float32) * tl.maximum(tl.load(scales_ptr + a), 1.0), lb_ptr.dtype.element_ty,
-                           UPCAST)
+                lv = _cast(lv.to(tl.float32) * _pow2_part(tl.load(scales_ptr + a)), lb_ptr.dtype.element_ty, UPCAST)
             acc = _mma(tl.where((ids == a)[:, None], lu, tl.zeros_like(lu)), lv, acc, DOT_PRECISION, UPCAST)
             a = _next_adapter(ids, a, NA)
         if HAS_BIAS:

@@ -53,22 +53,45 @@ def _check(got: torch.Tensor, exact: torch.Tensor, torch_fp16: torch.Tensor, wha
 
 
 def test_scale_onto_lv_rule():
+    """fp16 with |scale| > 1: scale = m 2^e (frexp), 2^e onto lv (exact), m onto lu; anything else as given."""
     lv = torch.randn(R, N, dtype=torch.float16)
-    moved, s = C.scale_onto_lv(lv, 4.0)
-    assert s == 1.0 and torch.equal(moved, (lv.float() * 4.0).half())
-    for dtype, scale in ((torch.float16, 0.5), (torch.float16, 1.0), (torch.bfloat16, 4.0), (torch.float32, 4.0)):
+    for scale, m, e in ((4.0, 0.5, 3), (-8.0, -0.5, 4), (2.5, 0.625, 2), (1.5, 0.75, 1)):
+        moved, s = C.scale_onto_lv(lv, scale)
+        assert s == m and torch.equal(moved, (lv.double() * 2 ** e).half()), scale
+    for dtype, scale in ((torch.float16, 0.5), (torch.float16, 1.0), (torch.float16, -1.0), (torch.bfloat16, 4.0),
+                         (torch.float32, -4.0)):
         t = lv.to(dtype)
         kept, s = C.scale_onto_lv(t, scale)
         assert kept is t and s == scale, (dtype, scale)
 
 
+GEMMS = ["fused"] + (["tma"] if TMA else [])
+
+
+@pytest.mark.parametrize("dt", ["fp16", "bf16", "fp32"])
+@pytest.mark.parametrize("kernel", GEMMS)
+def test_the_split_adds_no_rounding(kernel, dt):
+    """Where s u is in range, the split gives the bits of the unsplit fold (lu = s u in fp32, scale 1), in every
+    dtype and for scales that are not powers of two: the power of two and the rounding commute."""
+    dtype = {"fp16": torch.float16, "bf16": torch.bfloat16, "fp32": torch.float32}[dt]
+    a, b, lu, lv, bias = _operands(5)
+    lu = lu / 1e3                                                         # |s u| well inside fp16's range
+    run = K.lora_gemm if kernel == "fused" else T.lora_gemm_tma
+    args = dict(a=a.to(DEV, dtype), b=b.to(DEV, dtype), lv=lv.to(DEV, dtype), bias=bias.to(DEV, dtype))
+    for scale in (2.5, -3.0, 8.0, 0.75):
+        got = run(lu=lu.float().to(DEV), scale=scale, **args)
+        want = run(lu=(lu.float() * scale).to(DEV), scale=1.0, **args)  # the fold as the kernel did it
+        assert torch.equal(got, want), (kernel, dt, scale)
+
+
+@pytest.mark.parametrize("scale", [8.0, -8.0, 2.5])
 @pytest.mark.parametrize("masked", [False, True], ids=["plain", "mask"])
 @pytest.mark.parametrize("kernel", ["fused", "tma"])
-def test_lora_gemm_epilogue(kernel, masked):
+def test_lora_gemm_epilogue(kernel, masked, scale):
     if kernel == "tma" and not TMA:
         pytest.skip("needs sm_90+ and tensor descriptors")
     a, b, lu, lv, bias = _operands()
-    scale, seed = 8.0, 7
+    seed = 7
     thr = dropout_threshold(0.5) if masked else 0
     keep = K.lora_gemm(a=torch.zeros(M, KD, dtype=torch.float16, device=DEV), b=b.half().to(DEV),
                        lu=torch.ones(M, R, device=DEV), lv=torch.ones(R, N, dtype=torch.float16, device=DEV),
@@ -78,7 +101,7 @@ def test_lora_gemm_epilogue(kernel, masked):
     args = dict(a=a.half().to(DEV), b=b.half().to(DEV), lu=lu.float().to(DEV), lv=lv.half().to(DEV),
                 bias=bias.half().to(DEV), scale=scale, seed=seed, threshold=thr)
     got = K.lora_gemm(**args) if kernel == "fused" else T.lora_gemm_tma(**args)
-    _check(got, exact, torch_fp16, f"{kernel} {'masked' if masked else 'plain'}")
+    _check(got, exact, torch_fp16, f"{kernel} {'masked' if masked else 'plain'} scale {scale}")
 
 
 @pytest.mark.skipif(not TMA, reason="needs sm_90+ and tensor descriptors")
@@ -100,14 +123,14 @@ def test_tma_forward_with_the_fused_shrink():
 
 @pytest.mark.skipif(not TMA, reason="needs sm_90+ and tensor descriptors")
 def test_many_adapter_tma_forward():
-    """Per-adapter scales 8, 0.5 and 3: each row's own, s_a above 1 on B_a's tile."""
+    """Per-adapter scales 8, 0.5 and -6: each row's own, the power of two of |s_a| > 1 on B_a's tile."""
     g = torch.Generator().manual_seed(2)
     n = 3
     x = torch.randn(M, KD, generator=g, dtype=torch.float64) * 1e3
     w = torch.randn(N, KD, generator=g, dtype=torch.float64) / KD ** 0.5
     la = torch.randn(n, R, KD, generator=g, dtype=torch.float64) * 1.5
     lb = torch.randn(n, N, R, generator=g, dtype=torch.float64) * 1e-2
-    scales = torch.tensor([8.0, 0.5, 3.0], dtype=torch.float64)
+    scales = torch.tensor([8.0, 0.5, -6.0], dtype=torch.float64)
     ids = torch.arange(M) % (n + 1) - 1                                   # -1 (base only), 0, 1, 2
     def compose(x, w, la, lb, sc):
         y = x @ w.t()
@@ -122,9 +145,10 @@ def test_many_adapter_tma_forward():
     _check(got, exact, torch_fp16, "many-adapter tma")
 
 
+@pytest.mark.parametrize("scale", [8.0, -2.5])
 @pytest.mark.parametrize("kernel", ["fused", "tma"])
-def test_sparse_gemm_epilogue(kernel):
-    """RoSA's dX epilogue (W + Δ, then s * mask * (v @ A)) at |v| ~ 1e4 and scale 8."""
+def test_sparse_gemm_epilogue(kernel, scale):
+    """RoSA's dX epilogue (W + Δ, then s * mask * (v @ A)) at |v| ~ 1e4 and scale 8 / -2.5."""
     if kernel == "tma" and not TMA:
         pytest.skip("needs sm_90+ and tensor descriptors")
     a, b, lu, lv, _ = _operands(3)                        # a: dY (M, out=K); W (out, in) = b (K, N)
@@ -133,7 +157,6 @@ def test_sparse_gemm_epilogue(kernel):
     vals = torch.randn(3, 16, 16, generator=torch.Generator().manual_seed(4), dtype=torch.float64) * 1e-2
     plan = build_sparse_plan(idx, KD, N, 16)
     wd = SD.sparse_densify(w.to(DEV), idx, vals.to(DEV), 16, torch.float64).cpu()
-    scale = 8.0
     exact = a @ wd + scale * (lu @ lv)
     torch_fp16 = (a.half() @ wd.half() + scale * (lu.half() @ lv.half())).double()
     args = (a.half().to(DEV), w.half().to(DEV))
@@ -142,13 +165,40 @@ def test_sparse_gemm_epilogue(kernel):
         got = SD.sparse_block_gemm(*args, plan.block_map, vals.float().to(DEV), *low, scale=scale)
     else:
         got = SD.sparse_block_gemm_tma(*args, plan.csr_cols, vals.float().to(DEV), *low, scale=scale)
-    _check(got, exact, torch_fp16, f"sparse {kernel}")
+    _check(got, exact, torch_fp16, f"sparse {kernel} scale {scale}")
 
 
+@pytest.mark.skipif(not TMA, reason="needs sm_90+ and tensor descriptors")
+@pytest.mark.parametrize("dora", [False, True], ids=["lora", "dora"])
+def test_tma_dx_pass_in_range(dora):
+    """The backward's fused TMA kernel (dX, v = dY B and dB from one pass over dY; DoRA's with g) at |v| ~ 1e4 and
+    scale -8: dX = dY W + s (v A) finite and within 2x PyTorch's fp16 error."""
+    g = torch.Generator().manual_seed(6)
+    dy = torch.randn(M, N, generator=g, dtype=torch.float64) * 1e3
+    w = torch.randn(N, KD, generator=g, dtype=torch.float64) / N ** 0.5
+    la = torch.randn(R, KD, generator=g, dtype=torch.float64) * 3e-2
+    lb = torch.randn(N, R, generator=g, dtype=torch.float64) * 1.2
+    gain = (1 + 0.1 * torch.randn(N, generator=g, dtype=torch.float64)) if dora else torch.ones(N, dtype=torch.float64)
+    scale = -8.0
+    gdy = dy * gain
+    exact = gdy @ w + scale * ((gdy @ lb) @ la)
+    g16 = (dy.half().double() * gain).half()
+    torch_fp16 = g16 @ w.half() + scale * ((g16 @ lb.half()) @ la.half())
+    args = dict(dy=dy.half().to(DEV), w=w.half().to(DEV), lora_A=la.half().to(DEV), lora_B=lb.half().to(DEV),
+                scale=scale)
+    if dora:
+        dx = T.dora_backward_tma(g=gain.float().to(DEV), **args)[0]
+    else:
+        dx = T.lora_backward_tma(**args)[0]
+    assert _amax(g16.double() @ lb) * abs(scale) > 65504 > _amax(g16.double() @ lb), "the case must stress the fold"
+    _check(dx, exact, torch_fp16, f"{'DoRA' if dora else 'LoRA'} dX pass")
+
+
+@pytest.mark.parametrize("s", [4.0, -2.5])
 @pytest.mark.parametrize("gemm", ["fused", "cublas", "tma", "tma-shrink"])
-def test_lora_linear_fp16_forward_and_backward(monkeypatch, gemm):
-    """The whole op on the triton backend, fp16, s = 4 and dropout 0.5 (scale 8 on the masked epilogue): y and
-    every gradient finite and within 2x the fp16 reference backend's error against fp64."""
+def test_lora_linear_fp16_forward_and_backward(monkeypatch, gemm, s):
+    """The whole op on the triton backend, fp16, s = 4 or -2.5 and dropout 0.5 (scale 8 / -5 on the masked
+    epilogue): y and every gradient finite and within 2x the fp16 reference backend's error against fp64."""
     if gemm.startswith("tma") and not TMA:
         pytest.skip("needs sm_90+ and tensor descriptors")
     monkeypatch.setenv("FASTPEFT_LORA_GEMM", gemm)
@@ -162,7 +212,7 @@ def test_lora_linear_fp16_forward_and_backward(monkeypatch, gemm):
 
     def run(backend, dtype, device):
         leaves = [t.to(device, dtype).requires_grad_() for t in (x, la, lb)]
-        y = fastpeft.lora_linear(leaves[0], w.to(device, dtype), bias.to(device, dtype), leaves[1], leaves[2], 4.0,
+        y = fastpeft.lora_linear(leaves[0], w.to(device, dtype), bias.to(device, dtype), leaves[1], leaves[2], s,
                                  dropout_p=0.5, training=True, seed=11, backend=backend)
         grads = torch.autograd.grad(y, leaves, dy.to(device, dtype))
         return [t.detach().double().cpu() for t in (y, *grads)]
@@ -172,4 +222,4 @@ def test_lora_linear_fp16_forward_and_backward(monkeypatch, gemm):
         ref16 = run("reference", torch.float16, "cpu")
     got = run("triton", torch.float16, DEV)
     for name, g16, r16, e in zip(("y", "dX", "dA", "dB"), got, ref16, exact):
-        _check(g16, e, r16, f"{gemm} {name}")
+        _check(g16, e, r16, f"{gemm} s {s} {name}")
