@@ -265,7 +265,7 @@ def plan_lora(model: nn.Module, config, reload: bool = False, warn: bool = True)
         if reload and isinstance(module, SparseDeltaLinear):
             targets[name] = None  # the model's sparse adapter, loaded again
             continue
-        if _conv1d(module):
+        if _conv1d(module) or isinstance(module, FastLoRALinear) and module.fan_in_fan_out:
             _check_conv1d_target(name, module, config)
             targets[name] = (pattern_value(config.rank_pattern, name, config.r),
                              pattern_value(config.alpha_pattern, name, config.lora_alpha))
@@ -284,17 +284,22 @@ def plan_lora(model: nn.Module, config, reload: bool = False, warn: bool = True)
         alpha = pattern_value(config.alpha_pattern, name, config.lora_alpha)
         targets[name] = (r, alpha)
     if not targets:
-        linear = [n for n, m in model.named_modules() if isinstance(m, (nn.Linear, FastLoRALinear))][:8]
+        linear = [n for n, m in model.named_modules() if isinstance(m, (nn.Linear, FastLoRALinear)) or _conv1d(m)][:8]
         hint = ""
         if isinstance(spec, str) and not all_linear:
             hint = (f"; a string is matched against the whole module name (re.fullmatch, as PEFT): for a name "
                     f"suffix pass a list ([{spec!r}]) or a pattern such as '.*{spec}'")
         conv1d = [n for n, m in model.named_modules() if _conv1d(m)][:3]
-        if conv1d and isinstance(config, SparseDeltaConfig):
+        if conv1d and (isinstance(config, SparseDeltaConfig) or config.sparse is not None):
             hint += (f"; {conv1d} are transformers Conv1D layers (GPT-2 style), which take LoRA and DoRA adapters but "
-                     "no sparse delta")
+                     "no sparse delta (RoSA's included)")
         raise ValueError(f"target_modules {spec!r} matched no nn.Linear of the model (after exclude_modules "
                          f"{config.exclude_modules!r}); its linear layers are named like {linear}{hint}")
+    skipped = [n for n, m in model.named_modules() if _conv1d(m) and m is not head] if all_linear and (
+        isinstance(config, SparseDeltaConfig) or config.sparse is not None) else []
+    if warn and skipped:
+        warnings.warn(f"target_modules='all-linear' leaves the transformers Conv1D layers {few(skipped)} without a "
+                      "sparse delta (GPT-2 style layers take LoRA and DoRA adapters only)", UserWarning, stacklevel=4)
     if warn and not reload:
         # the user's own target_modules only: not PEFT's defaults (blip-2's list names both language models'
         # projections), not a file being loaded (its positions are fixed already)
@@ -309,8 +314,9 @@ def _conv1d(module: nn.Module) -> bool:
 
 
 def _check_conv1d_target(name: str, module: nn.Module, config) -> None:
-    """A transformers Conv1D target: LoRA and DoRA only, Conv1D's own forward only."""
-    if not is_conv1d(module):
+    """A transformers Conv1D target (or a layer made from one, taking another adapter): LoRA and DoRA only,
+    Conv1D's own forward only."""
+    if not isinstance(module, FastLoRALinear) and not is_conv1d(module):
         raise ValueError(f"target_modules matched {name!r}, a {type(module).__module__}.{type(module).__name__}: a "
                          "transformers Conv1D with a forward of its own, which fastpeft's layer would bypass (it "
                          "computes x W + b from the weight); exclude it")

@@ -95,16 +95,34 @@ class TunerLayer(nn.Module):
 
     _delta_name = "adapter"  # for messages
     _rows_per_sequence = 1  # the rows_per_sequence of the mixed_batch block routing the layer (set_routing)
-    fan_in_fan_out = False  # made from transformers' Conv1D (``FastLoRALinear.from_conv1d``): weight a view of W^T
+    fan_in_fan_out = False  # made from transformers' Conv1D (``FastLoRALinear.from_conv1d``): weight stored (in, out)
 
     def _init_base(self, weight: nn.Parameter, bias: nn.Parameter | None) -> None:
-        self.out_features, self.in_features = weight.shape
+        self.out_features, self.in_features = weight.shape[::-1] if self.fan_in_fan_out else weight.shape
         weight.requires_grad_(False)
         self.weight = weight
         if bias is not None:
             bias.requires_grad_(False)
         self.bias = bias
         self.merged = False
+
+    def _w(self) -> torch.Tensor:
+        """W (out, in): the registered ``weight``, or for a layer made from a Conv1D (``weight`` stored (in, out), the
+        Conv1D's own Parameter) its transpose, a view read in place. The same view object is returned while the
+        Parameter, its memory, dtype and device are (DoRA's norm cache keys on identity), and a fresh one while
+        tracing or when W requires grad (no autograd node kept between calls)."""
+        params = self._parameters
+        w = params["weight"] if "weight" in params else self.weight
+        if not self.fan_in_fan_out:
+            return w
+        hit = self.__dict__.get("_wt")
+        if hit is not None and hit[0] is w and hit[1].data_ptr() == w.data_ptr() and hit[1].dtype == w.dtype \
+                and hit[1].device == w.device and hit[1].shape == w.shape[::-1]:
+            return hit[1]
+        wt = w.t()
+        if not w.requires_grad and not tracing_or_transformed():
+            self.__dict__["_wt"] = (w, wt)
+        return wt
 
     def delta_weight(self) -> torch.Tensor:
         """What ``merge`` adds to the weight: (out, in), in the weight's dtype."""
@@ -130,7 +148,7 @@ class TunerLayer(nn.Module):
         """Forget what calls keep (the casts of fp32 adapters, DoRA's norm): at a mode switch, and at ``.to()`` /
         ``.cuda()`` (which swap the Parameters' data: the kept tensors would hold the old memory, on the device it
         left, until the next call)."""
-        for key in ("_dora_gain", "_casts", "_value_casts"):
+        for key in ("_dora_gain", "_casts", "_value_casts", "_wt"):
             self.__dict__.pop(key, None)
 
     def _apply(self, fn, *args, **kwargs):
@@ -153,7 +171,7 @@ class TunerLayer(nn.Module):
             raise RuntimeError(f"merge: the {self._delta_name} is already merged")
         if not self.has_delta():
             raise RuntimeError(f"merge: no active {self._delta_name} to merge (set_adapter first)")
-        self.weight.add_(self._exact_delta())  # W + ΔW rounded once to W's dtype, as PEFT's merge
+        self._w().add_(self._exact_delta())  # W + ΔW rounded once to W's dtype, as PEFT's merge
         self.merged = True
 
     def _exact_delta(self) -> torch.Tensor:
@@ -166,16 +184,16 @@ class TunerLayer(nn.Module):
         """Undo ``merge`` (W -= ΔW). Exact up to the weight dtype's rounding."""
         if not self.merged:
             raise RuntimeError(f"unmerge: the {self._delta_name} is not merged")
-        self.weight.sub_(self._exact_delta())
+        self._w().sub_(self._exact_delta())
         self.merged = False
 
     def base_module(self) -> nn.Module:
-        """The plain module in this layer's place, sharing its weight and bias (no copy): an ``nn.Linear``, or for a
-        layer made ``from_conv1d`` a transformers ``Conv1D`` over the (in, out) view of the same memory."""
+        """The plain module in this layer's place, holding its weight and bias Parameters (no copy): an
+        ``nn.Linear``, or for a layer made ``from_conv1d`` a transformers ``Conv1D``."""
         if self.fan_in_fan_out:
             with torch.device("meta"):
                 conv = _conv1d_type()(self.out_features, self.in_features)
-            conv.weight = nn.Parameter(self.weight.detach().t(), requires_grad=self.weight.requires_grad)
+            conv.weight = self.weight
             conv.bias = self.bias
             return conv
         lin = nn.Linear(self.in_features, self.out_features, bias=self.bias is not None, device="meta")
@@ -183,26 +201,10 @@ class TunerLayer(nn.Module):
         lin.bias = self.bias
         return lin
 
-    def _save_to_state_dict(self, destination, prefix, keep_vars):
-        """nn.Module's, with a Conv1D-made layer's ``weight`` in Conv1D's (in, out) layout (a view: no copy)."""
-        super()._save_to_state_dict(destination, prefix, keep_vars)
-        if self.fan_in_fan_out and prefix + "weight" in destination:
-            destination[prefix + "weight"] = destination[prefix + "weight"].t()
-
-    def _load_from_state_dict(self, state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys,
-                              error_msgs):
-        """nn.Module's, reading a Conv1D-made layer's ``weight`` in Conv1D's (in, out) layout (the caller's dict is
-        not changed)."""
-        key = prefix + "weight"
-        if self.fan_in_fan_out and isinstance(state_dict.get(key), torch.Tensor):
-            state_dict = {**state_dict, key: state_dict[key].t()}
-        super()._load_from_state_dict(state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys,
-                                      error_msgs)
-
     @torch.no_grad()
     def to_linear(self) -> nn.Linear:
         """A new ``nn.Linear`` holding W + ΔW (and a copy of b); this layer is left untouched."""
-        w = self.weight.detach().clone()
+        w = self._w().detach().clone()
         if not self.merged and self.has_delta():
             w += self._exact_delta()
         lin = nn.Linear(self.in_features, self.out_features, bias=self.bias is not None, device=w.device, dtype=w.dtype)
@@ -459,18 +461,19 @@ class FastLoRALinear(TunerLayer):
     def from_conv1d(cls, conv: nn.Module, r=8, lora_alpha=8, lora_dropout=0.0, use_rslora=False,
                     init_lora_weights=True, adapter_name="default", use_dora=False) -> "FastLoRALinear":
         """Wrap transformers' ``Conv1D`` (GPT-2's projections: y = x W + b, W stored (in, out); PEFT's
-        ``fan_in_fan_out``). The layer's ``weight`` (out, in) is W's transpose, a view of the same memory (no copy,
-        frozen): the kernels take any strides, merging writes into Conv1D's memory. ``state_dict`` keeps Conv1D's
-        (in, out) layout under ``weight`` (GPT-2's own checkpoints load into the layer), ``base_module()`` (and so
-        ``fastpeft.merge_and_unload``) gives a Conv1D back. RoSA's sparse delta is not offered here."""
+        ``fan_in_fan_out``). The layer holds the Conv1D's own ``weight`` Parameter, (in, out) as stored (frozen; its
+        name, shape and identity as in the model: ``state_dict``, ties and checkpoints as before), and computes
+        with its transpose, a view read in place (``_w()``: the kernels take any strides), which merging writes
+        through. ``base_module()`` (and so ``fastpeft.merge_and_unload``) gives a Conv1D back. ``in_features`` /
+        ``out_features``, ``lora_A`` (r, in) and ``lora_B`` (out, r) are as for an nn.Linear (PEFT's files). RoSA's
+        sparse delta is not offered here."""
         if not is_conv1d(conv):
             raise TypeError(f"conv must be a transformers Conv1D computing with Conv1D's own forward, got "
                             f"{type(conv).__module__}.{type(conv).__name__}")
         self = cls.__new__(cls)
         nn.Module.__init__(self)
         self.fan_in_fan_out = True
-        weight = nn.Parameter(conv.weight.detach().t(), requires_grad=False)
-        self._setup(weight, conv.bias, adapter_name, r, lora_alpha, lora_dropout, use_rslora, init_lora_weights,
+        self._setup(conv.weight, conv.bias, adapter_name, r, lora_alpha, lora_dropout, use_rslora, init_lora_weights,
                     use_dora=use_dora)
         return self
 
@@ -523,6 +526,9 @@ class FastLoRALinear(TunerLayer):
         ``use_dora=True``: a DoRA adapter, its magnitude initialised to the row norms ``‖W + sBA‖``."""
         check_adapter_name(name)
         check_dora_options(use_dora, sparse_density)
+        if self.fan_in_fan_out and sparse_density:
+            raise ValueError(f"adapter {name!r}: sparse_density={sparse_density!r} on a layer made from a transformers "
+                             "Conv1D (W stored (in, out)): it takes LoRA and DoRA adapters, not a sparse delta (RoSA)")
         if name in self._specs:
             raise ValueError(f"adapter {name!r} already exists in this layer (adapters {self.adapter_names})")
         spec = replace(_spec(r, lora_alpha, lora_dropout, use_rslora), use_dora=use_dora)
@@ -623,6 +629,8 @@ class FastLoRALinear(TunerLayer):
         """``(weight, bias)`` from the module's table where they are registered there, else as attributes:
         nn.Module's ``__getattr__`` costs 0.4 µs a read on every forward."""
         params = self._parameters
+        if self.fan_in_fan_out:
+            return self._w(), params["bias"] if "bias" in params else self.bias
         return (params["weight"] if "weight" in params else self.weight,
                 params["bias"] if "bias" in params else self.bias)
 
@@ -802,11 +810,11 @@ class FastLoRALinear(TunerLayer):
         (-1 = base only); inside ``fastpeft.mixed_batch`` the per-sequence routing applies."""
         routing, adapter_ids = self._routed_ids(x, adapter_ids)
         if self.merged:
-            return F.linear(x, self.weight, self.bias)
+            return F.linear(x, self._w(), self.bias)
         if adapter_ids is None:
             name = self._active
             if name is None:
-                return F.linear(x, self.weight, self.bias)
+                return F.linear(x, self._w(), self.bias)
             # One adapter (decode, evaluation): the registry read without nn.Module's attribute lookups.
             s = self._specs[name]
             a, b = self._pair(name)
@@ -840,10 +848,10 @@ class FastLoRALinear(TunerLayer):
             adapter_ids = _per_row(adapter_ids, routed_batch(adapter_ids.shape[0], x, routing[1]))
         ids = expand_adapter_ids(adapter_ids, x, len(self._specs), check_range=routing is None)
         if not self._specs:
-            return F.linear(x, self.weight, self.bias)
+            return F.linear(x, self._w(), self.bias)
         scalings, ranks, dropout = self._adapter_meta(x.device)
         stack_a, stack_b = self._forward_stacks()
-        return lora_linear_multi(x, self.weight, self.bias, stack_a, stack_b, scalings, ids, ranks,
+        return lora_linear_multi(x, self._w(), self.bias, stack_a, stack_b, scalings, ids, ranks,
                                  dropout_p=dropout, training=self.training, check_ids=False)
 
     # ---- merging ---------------------------------------------------------------------------------
@@ -885,7 +893,7 @@ class FastLoRALinear(TunerLayer):
     @torch.no_grad()
     def _add_magnitude(self, name: str, trains: bool) -> None:
         """m = ‖W + sBA‖_row (= ‖W‖ with B = 0), in fp32 then W's dtype, as PEFT's ``DoraLinearLayer``."""
-        w = self.weight.float() + self._exact_delta(name).float()
+        w = self._w().float() + self._exact_delta(name).float()
         m = torch.linalg.vector_norm(w, dim=1).to(self.weight.dtype)
         self.lora_magnitude_vector[name] = nn.Parameter(m, requires_grad=trains)
 
@@ -895,7 +903,7 @@ class FastLoRALinear(TunerLayer):
         and in training mode, where the op computes it afresh as the other kept values are (``_kept``): a write
         through ``.data`` (a base weight swapped, a hand-written update) bumps no version. Only the reference path
         reads it; the kernels take the norm from their own pass over W."""
-        w = self.weight
+        w = self._w()
         if tracing_or_transformed() or self._kept() is None:
             return None
         # a frozen W: no optimizer step changes it (with kept_state every training step would recompute ‖W‖²)
@@ -916,7 +924,7 @@ class FastLoRALinear(TunerLayer):
         """(W' = (m / n) ⊙ (W + sBA) in W's dtype, n fp32 (out,)), as PEFT's merge."""
         delta = self._exact_delta(name)  # fp32 (fp64 for an fp64 W)
         dt = delta.dtype
-        w = self.weight.to(dt) + delta
+        w = self._w().to(dt) + delta
         n = torch.linalg.vector_norm(w, dim=1)
         g = self.lora_magnitude_vector[name].to(dt) / n
         return (g[:, None] * w).to(self.weight.dtype), n
@@ -927,7 +935,7 @@ class FastLoRALinear(TunerLayer):
         if self.merged or self._active is None or not self.is_dora():
             return super().merge()
         new, self._dora_norm = self._dora_merged(self._active)
-        self.weight.copy_(new)
+        self._w().copy_(new)
         self.merged = True
 
     @torch.no_grad()
@@ -937,8 +945,8 @@ class FastLoRALinear(TunerLayer):
             return super().unmerge()
         dt = self._dora_norm.dtype  # fp64 for an fp64 weight (see _dora_merged)
         g = self.lora_magnitude_vector[self._active].to(dt) / self._dora_norm
-        w = self.weight.to(dt) / g[:, None] - self._exact_delta(self._active).to(dt)
-        self.weight.copy_(w.to(self.weight.dtype))
+        w = self._w().to(dt) / g[:, None] - self._exact_delta(self._active).to(dt)
+        self._w().copy_(w.to(self.weight.dtype))
         self._dora_norm = None
         self.merged = False
 

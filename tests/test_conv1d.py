@@ -75,7 +75,7 @@ def test_peft_gpt2_files_load_with_peft_outputs_and_gradients(gpt2, ids, tmp_pat
     model = fastpeft.load_adapter(copy.deepcopy(gpt2), folder)
     layer = c_attn(model)
     assert isinstance(layer, FastLoRALinear) and layer.fan_in_fan_out
-    assert layer.weight.shape == (96, 32) and layer.weight.stride() == (1, 96)  # W^T, a view
+    assert layer.weight.shape == (32, 96) and layer._w().shape == (96, 32) and layer._w().stride() == (1, 96)
     (lw, gw), (lg, gg) = step(pm, ids), step(model, ids)
     tol = 1e-6 if dora else 0.0  # LoRA: the same operations as PEFT's Conv1D addmm and branch
     assert_close_report(lg, lw, tol, tol, "logits")
@@ -102,15 +102,30 @@ def test_inject_save_and_peft_loads_the_same_model(gpt2, ids, tmp_path, dora):
         assert_close_report(gg[k], gw[k], 1e-5, 1e-6, f"grad {k}")
 
 
-def test_state_dict_keeps_conv1d_layout_and_a_base_checkpoint_loads(gpt2, ids):
+def test_the_conv1d_parameter_stays_and_a_base_checkpoint_loads(gpt2, ids):
+    """The layer holds the Conv1D's own (in, out) Parameter under ``weight``: named_parameters and state_dict agree
+    (functional_call with the model's own state_dict gives the model's outputs; GPT-2's c_proj is square, where a
+    transposed entry would pass silently), and GPT-2's own checkpoint loads into the injected model."""
     base_sd = {k: v.clone() for k, v in gpt2.state_dict().items()}
-    model = fastpeft.inject(copy.deepcopy(gpt2), LoraConfig(r=4, target_modules=["c_attn"], init_lora_weights=False))
+    model = copy.deepcopy(gpt2)
+    conv = model.transformer.h[0].attn.c_proj
+    fastpeft.inject(model, LoraConfig(r=4, target_modules=["c_attn", "c_proj"], init_lora_weights=False))
+    layer = model.transformer.h[0].attn.c_proj
+    assert layer.weight is conv.weight and layer.weight.shape == (32, 32) and not layer.weight.requires_grad
+    assert (layer.in_features, layer.out_features) == (32, 32) and c_attn(model).in_features == 32
     sd = model.state_dict()
+    params = dict(model.named_parameters())
     for k, v in base_sd.items():
         assert sd[k].shape == v.shape and torch.equal(sd[k], v), k
+        if k in params:
+            assert params[k].shape == v.shape, k
     model.eval()
     with torch.no_grad():
         want = model(ids).logits
+        got = torch.func.functional_call(model, {k: v.clone() for k, v in sd.items() if k != "lm_head.weight"},
+                                         (ids,)).logits
+    assert_close_report(got, want, 0, 0, "functional_call with the model's own state_dict")
+    with torch.no_grad():
         for p in model.parameters():
             if not p.requires_grad:
                 p.zero_()
@@ -118,10 +133,26 @@ def test_state_dict_keeps_conv1d_layout_and_a_base_checkpoint_loads(gpt2, ids):
     assert unexpected == [] and all("lora_" in k for k in missing)
     with torch.no_grad():
         assert_close_report(model(ids).logits, want, 0, 0, "after loading GPT-2's base state_dict")
-    round_trip = {k: v.clone() for k, v in model.state_dict().items()}
-    model.load_state_dict(round_trip)  # strict, the injected model's own keys and shapes
-    key = "transformer.h.0.attn.c_attn.weight"
-    assert torch.equal(model.state_dict()[key], base_sd[key])
+
+
+def test_a_tied_conv1d_weight_gets_its_own_merged_copy(gpt2, ids):
+    """Merging into a Conv1D weight that another module shares: the merged layer gets its own copy (warned), the
+    other keeps the base weight, as for an nn.Linear."""
+    model = copy.deepcopy(gpt2)
+    model.transformer.h[1].attn.c_attn.weight = model.transformer.h[0].attn.c_attn.weight
+    with pytest.warns(UserWarning, match=r"tied to \['transformer.h.1.attn.c_attn.weight'\]"):
+        fastpeft.inject(model, LoraConfig(r=4, target_modules=["transformer.h.0.attn.c_attn"],
+                                          init_lora_weights=False))
+    model.eval()
+    x = torch.randn(2, 3, 32)
+    with torch.no_grad():
+        other = model.transformer.h[1].attn.c_attn(x)
+        want = model(ids).logits
+    with pytest.warns(UserWarning, match="tied"):
+        fastpeft.merge_and_unload(model)
+    with torch.no_grad():
+        assert_close_report(model.transformer.h[1].attn.c_attn(x), other, 0, 0, "the untargeted tied layer")
+        assert_close_report(model(ids).logits, want, 1e-5, 1e-5, "merged")
 
 
 @pytest.mark.parametrize("dora", [False, True], ids=["lora", "dora"])
@@ -230,6 +261,19 @@ def test_refused_targets_name_the_module(gpt2):
         fastpeft.inject(copy.deepcopy(gpt2), SparseDeltaConfig(target_modules=["c_attn"]))
     with pytest.raises(TypeError, match=r"conv must be a transformers Conv1D.*torch.nn.modules.linear.Linear"):
         FastLoRALinear.from_conv1d(torch.nn.Linear(4, 4))
+    # RoSA as a second adapter on a Conv1D-made layer: refused before any layer changes (the file would not load)
+    model = fastpeft.inject(copy.deepcopy(gpt2), LoraConfig(r=4, target_modules=["c_attn", "c_proj"]))
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    with pytest.raises(ValueError, match=r"'transformer.h.0.attn.c_attn'.*Conv1D.*not a sparse delta"):
+        fastpeft.inject(model, LoraConfig(r=2, target_modules=["c_attn", "c_proj"], sparse_density=0.01), "rosa")
+    assert model.state_dict().keys() == before.keys() and c_attn(model).adapter_names == ["default"]
+    with pytest.raises(ValueError, match=r"sparse_density=0.01 on a layer made from a transformers Conv1D"):
+        c_attn(model).add_adapter("rosa", 2, 2, sparse_density=0.01)
+    # a target that matches nothing names the Conv1D layers among the model's linear ones
+    with pytest.raises(ValueError, match=r"named like \['transformer.h.0.attn.c_attn'"):
+        fastpeft.inject(copy.deepcopy(gpt2), LoraConfig(target_modules=["q_proj"]))
+    with pytest.raises(ValueError, match=r"Conv1D layers \(GPT-2 style\).*no sparse delta \(RoSA's included\)"):
+        fastpeft.inject(copy.deepcopy(gpt2), LoraConfig(target_modules="all-linear", sparse_density=0.01))
 
 
 def test_all_linear_takes_conv1d_layers_as_peft_does(gpt2):
