@@ -16,7 +16,7 @@ from .io import load_adapter, read_adapter_config, save_adapter
 from .kernels import deterministic, is_deterministic, set_deterministic
 from .layers import FastLoRALinear, ModulesToSaveWrapper, SparseDeltaLinear
 from .functional import qlora_linear  # QLoRA: LoRA over a bitsandbytes 4-bit / 8-bit base
-from .layers import QLoRALinear
+from .layers import FastLoRAEmbedding, QLoRALinear
 from .methods import (AdapterConfig, BitFitConfig, BottleneckAdapter, LayerwiseConfig, PromptTuningConfig,
                       layerwise_param_groups)
 from .reference import (dense_delta_ref, dora_linear_ref, lora_linear_multi_ref, lora_linear_ref, lora_sparse_linear_ref,
@@ -36,4 +36,4 @@ __all__ = [
     "LayerwiseConfig", "PromptTuningConfig", "layerwise_param_groups", "deterministic", "is_deterministic",
     "set_deterministic", "AccelerateReport", "accelerate", "restore", "to_peft", "dora_linear", "dora_linear_ref",
 ]
-__all__ += ["qlora_linear", "QLoRALinear"]
+__all__ += ["qlora_linear", "QLoRALinear", "FastLoRAEmbedding"]

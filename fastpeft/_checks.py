@@ -134,6 +134,29 @@ def check_in_features(x: torch.Tensor, in_features: int) -> None:
         raise ValueError(f"input's last dim must be in_features={in_features}, got {got}")
 
 
+def check_embedding(embedding, name: str = "embedding") -> None:
+    """An ``nn.Embedding`` fastpeft's embedding LoRA can wrap: nn.Embedding's own forward, no ``max_norm`` (its lookup
+    renormalises the table's rows in place), dense gradients."""
+    if not isinstance(embedding, torch.nn.Embedding):
+        raise TypeError(f"{name} must be an nn.Embedding, got {type(embedding).__name__}")
+    if type(embedding).forward is not torch.nn.Embedding.forward:
+        raise TypeError(f"{name} is a {type(embedding).__module__}.{type(embedding).__name__}, an nn.Embedding with a "
+                        "forward of its own (a scaled embedding?), which fastpeft's layer would bypass")
+    if embedding.max_norm is not None:
+        raise ValueError(f"{name} has max_norm={embedding.max_norm!r}: its lookups renormalise rows in place; "
+                         "fastpeft's embedding LoRA takes max_norm=None only")
+    if embedding.sparse:
+        raise ValueError(f"{name} has sparse=True (sparse gradients); fastpeft's embedding LoRA takes sparse=False "
+                         "only")
+
+
+def check_embedding_ids(x, num_embeddings: int) -> None:
+    """An embedding layer's input: an int32 / int64 tensor of ids (their range is the lookup's to check)."""
+    if not isinstance(x, torch.Tensor) or x.dtype not in (torch.int64, torch.int32):
+        got = x.dtype if isinstance(x, torch.Tensor) else type(x).__name__
+        raise TypeError(f"input must be an int64 / int32 tensor of ids in [0, {num_embeddings}), got {got}")
+
+
 def check_linear(linear, name: str = "linear") -> None:
     if not isinstance(linear, torch.nn.Linear):
         raise TypeError(f"{name} must be an nn.Linear, got {type(linear).__name__}")

@@ -17,10 +17,11 @@ from typing import Optional, Union
 import torch
 import torch.nn as nn
 
-from ._checks import (check_adapter_name, check_bool, check_choice, check_dora_options,
-                      check_dropout, check_file_tensors, check_finite_number, check_init, check_rank, check_sparse_delta,
-                      check_sparse_options, few)
-from .layers import DORA_QUANTIZED, FastLoRALinear, ModulesToSaveWrapper, QLoRALinear, SparseDeltaLinear, rosa_spec
+from ._checks import (check_adapter_name, check_bool, check_choice, check_dora_options, check_dropout,
+                      check_embedding, check_file_tensors, check_finite_number, check_init, check_rank,
+                      check_sparse_delta, check_sparse_options, few)
+from .layers import (DORA_QUANTIZED, FastLoRAEmbedding, FastLoRALinear, ModulesToSaveWrapper, QLoRALinear,
+                     SparseDeltaLinear, rosa_spec)
 from .matching import (compile_pattern, default_targets, is_all_linear, is_bias, matches, name_list, output_head, pattern_value,
                        set_submodule)
 from .methods import METHODS as OTHER_METHODS
@@ -265,6 +266,11 @@ def plan_lora(model: nn.Module, config, reload: bool = False, warn: bool = True)
         if reload and isinstance(module, SparseDeltaLinear):
             targets[name] = None  # the model's sparse adapter, loaded again
             continue
+        if isinstance(module, (nn.Embedding, FastLoRAEmbedding)):
+            _check_embedding_target(name, module, config)
+            targets[name] = (pattern_value(config.rank_pattern, name, config.r),
+                             pattern_value(config.alpha_pattern, name, config.lora_alpha))
+            continue
         if _conv1d(module) or isinstance(module, FastLoRALinear) and module.fan_in_fan_out:
             _check_conv1d_target(name, module, config)
             targets[name] = (pattern_value(config.rank_pattern, name, config.r),
@@ -326,12 +332,42 @@ def _check_conv1d_target(name: str, module: nn.Module, config) -> None:
                          "sparse_density=0")
 
 
+def _check_embedding_target(name: str, module: nn.Module, config) -> None:
+    """An nn.Embedding target (or an embedding LoRA layer taking another adapter): plain LoRA only, nn.Embedding's
+    own forward, no max_norm, dense gradients (``_checks.check_embedding``)."""
+    if isinstance(config, SparseDeltaConfig) or config.sparse is not None or config.use_dora:
+        what = "use_dora=True" if getattr(config, "use_dora", False) else "a sparse delta (RoSA's included)"
+        raise ValueError(f"target_modules matched {name!r}, an embedding layer: fastpeft's embedding LoRA is plain "
+                         f"LoRA, not {what}; exclude it")
+    if not isinstance(module, FastLoRAEmbedding):
+        check_embedding(module, f"module {name!r}")
+
+
 def _in_out(module: nn.Module) -> tuple:
-    """``(in_features, out_features)`` of a target before it is wrapped: an nn.Linear's, or a Conv1D's (in, out)
-    weight shape."""
+    """``(in_features, out_features)`` of a target before it is wrapped: an nn.Linear's, a Conv1D's (in, out)
+    weight shape, an embedding's (num_embeddings, embedding_dim)."""
+    if isinstance(module, nn.Embedding):
+        return module.num_embeddings, module.embedding_dim
     if _conv1d(module):
         return tuple(module.weight.shape)
     return module.in_features, module.out_features
+
+
+def _input_embeddings(model: nn.Module):
+    """``model.get_input_embeddings()`` where the model has one (a transformers model), else None."""
+    get = getattr(model, "get_input_embeddings", None)
+    try:
+        return get() if callable(get) else None
+    except (NotImplementedError, AttributeError):
+        return None
+
+
+def _factor_keys(name: str, module: nn.Module) -> tuple:
+    """PEFT's file keys of a target's (A, B): ``lora_embedding_A`` / ``_B`` on an embedding, else
+    ``lora_A.weight`` / ``lora_B.weight``."""
+    if isinstance(module, (nn.Embedding, FastLoRAEmbedding)):
+        return f"{name}.lora_embedding_A", f"{name}.lora_embedding_B"
+    return f"{name}.lora_A.weight", f"{name}.lora_B.weight"
 
 
 def _warn_unadapted(model: nn.Module, spec, all_linear: bool) -> None:
@@ -496,7 +532,11 @@ class LoraMethod(Method):
                 module.add_adapter(adapter_name, r, alpha, **kw)
                 layer = module
             else:
-                if _conv1d(module):  # GPT-2's (in, out) layout; plan_lora refused a sparse delta there
+                if isinstance(module, nn.Embedding):  # plan_lora refused DoRA and sparse deltas there
+                    layer = FastLoRAEmbedding.from_embedding(
+                        module, r=r, lora_alpha=alpha, lora_dropout=config.lora_dropout, use_rslora=config.use_rslora,
+                        init_lora_weights=config.init_lora_weights, adapter_name=adapter_name)
+                elif _conv1d(module):  # GPT-2's (in, out) layout; plan_lora refused a sparse delta there
                     layer = FastLoRALinear.from_conv1d(module, r=r, lora_alpha=alpha, adapter_name=adapter_name,
                                                        **{k: v for k, v in kw.items() if not k.startswith("sparse_")})
                 else:
@@ -566,9 +606,8 @@ class LoraMethod(Method):
         """File key -> the model's parameter it holds (LoRA factors, biases, modules_to_save copies)."""
         keys = {}
         for name, layer in layers.items():
-            a, b = layer.adapter_parameters(adapter_name)
-            keys[f"{name}.lora_A.weight"] = a
-            keys[f"{name}.lora_B.weight"] = b
+            ka, kb = _factor_keys(name, layer)
+            keys[ka], keys[kb] = layer.adapter_parameters(adapter_name)
             if layer.is_dora(adapter_name):
                 keys[f"{name}{_DORA_SUFFIX}"] = layer.magnitude(adapter_name)
         saved = list(saved_module_wrappers(model))
@@ -591,10 +630,10 @@ class LoraMethod(Method):
     def file_tensors(self, model: nn.Module, config, adapter_name: str, state) -> dict:
         layers = self._layers(model, adapter_name)
         keys = {**self._keys(model, config, adapter_name, layers), **_sparse_file_tensors(layers, adapter_name)}
-        head = output_head(model)
-        for name, layer in layers.items():  # PEFT's save_embedding_layers="auto": a LoRA'd output embedding's base
-            if layer is head and not isinstance(layer, QLoRALinear):  # weight too (a resized vocabulary's rows)
-                keys[name + _BASE_WEIGHT] = layer.weight
+        embeddings = (output_head(model), _input_embeddings(model))
+        for name, layer in layers.items():  # PEFT's save_embedding_layers="auto": a LoRA'd input or output embedding's
+            if any(layer is e for e in embeddings) and not isinstance(layer, QLoRALinear):  # base weight too (a
+                keys[name + _BASE_WEIGHT] = layer.weight                                       # resized vocabulary)
         return keys
 
     @staticmethod
@@ -604,8 +643,8 @@ class LoraMethod(Method):
         for name, (r, _) in plan.targets.items():
             lin = model.get_submodule(name)
             k, n = _in_out(lin)
-            expected[f"{name}.lora_A.weight"] = (r, k)
-            expected[f"{name}.lora_B.weight"] = (n, r)
+            ka, kb = _factor_keys(name, lin)
+            expected[ka], expected[kb] = (r, k), (n, r)
             if config.use_dora:
                 expected[f"{name}{_DORA_SUFFIX}"] = (n,)
             if config.bias == "lora_only" and lin.bias is not None:

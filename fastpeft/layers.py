@@ -23,9 +23,9 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from ._checks import (check_adapter_name, check_bool, check_dora_options, check_dropout, check_finite_number,
-                      check_in_features, check_init, check_linear, check_rank, check_sparse_delta, check_sparse_options,
-                      expand_adapter_ids, routed_batch)
+from ._checks import (check_adapter_name, check_bool, check_dora_options, check_dropout, check_embedding,
+                      check_embedding_ids, check_finite_number, check_in_features, check_init, check_linear, check_rank,
+                      check_sparse_delta, check_sparse_options, expand_adapter_ids, routed_batch)
 from .functional import (dora_linear, lora_linear, lora_linear_multi, lora_sparse_linear, qlora_linear, resolve_backend,
                          sparse_delta_linear)
 from .ops.common import cast_params, held, kept_state, optimizer_steps, outside_inference_mode, tensor_version
@@ -96,9 +96,10 @@ class TunerLayer(nn.Module):
     _delta_name = "adapter"  # for messages
     _rows_per_sequence = 1  # the rows_per_sequence of the mixed_batch block routing the layer (set_routing)
     fan_in_fan_out = False  # made from transformers' Conv1D (``FastLoRALinear.from_conv1d``): weight stored (in, out)
+    _stored_in_out = False  # weight stored (in, out): a Conv1D's, an embedding's (num_embeddings, embedding_dim)
 
     def _init_base(self, weight: nn.Parameter, bias: nn.Parameter | None) -> None:
-        self.out_features, self.in_features = weight.shape[::-1] if self.fan_in_fan_out else weight.shape
+        self.out_features, self.in_features = weight.shape[::-1] if self._stored_in_out else weight.shape
         weight.requires_grad_(False)
         self.weight = weight
         if bias is not None:
@@ -113,7 +114,7 @@ class TunerLayer(nn.Module):
         tracing or when W requires grad (no autograd node kept between calls)."""
         params = self._parameters
         w = params["weight"] if "weight" in params else self.weight
-        if not self.fan_in_fan_out:
+        if not self._stored_in_out:
             return w
         hit = self.__dict__.get("_wt")
         if hit is not None and hit[0] is w and hit[1].data_ptr() == w.data_ptr() and hit[1].dtype == w.dtype \
@@ -472,7 +473,7 @@ class FastLoRALinear(TunerLayer):
                             f"{type(conv).__module__}.{type(conv).__name__}")
         self = cls.__new__(cls)
         nn.Module.__init__(self)
-        self.fan_in_fan_out = True
+        self.fan_in_fan_out = self._stored_in_out = True
         self._setup(conv.weight, conv.bias, adapter_name, r, lora_alpha, lora_dropout, use_rslora, init_lora_weights,
                     use_dora=use_dora)
         return self
@@ -629,7 +630,7 @@ class FastLoRALinear(TunerLayer):
         """``(weight, bias)`` from the module's table where they are registered there, else as attributes:
         nn.Module's ``__getattr__`` costs 0.4 µs a read on every forward."""
         params = self._parameters
-        if self.fan_in_fan_out:
+        if self._stored_in_out:
             return self._w(), params["bias"] if "bias" in params else self.bias
         return (params["weight"] if "weight" in params else self.weight,
                 params["bias"] if "bias" in params else self.bias)
@@ -957,6 +958,107 @@ class FastLoRALinear(TunerLayer):
         if not self.merged and self._active is not None and self.is_dora():
             lin.weight.copy_(self._dora_merged(self._active)[0])
         return lin
+
+
+class FastLoRAEmbedding(FastLoRALinear):
+    """LoRA on an ``nn.Embedding`` (PEFT's ``lora.Embedding``): ``y = E[x] + scaling * (A^T[x]) B^T`` for int ids x.
+
+    Shapes: weight E (num_embeddings, embedding_dim), the embedding's own Parameter (frozen); lora_A (r,
+    num_embeddings) and lora_B (embedding_dim, r): PEFT's ``lora_embedding_A`` / ``lora_embedding_B``, the layout of
+    ``FastLoRALinear``'s factors with in = num_embeddings, out = embedding_dim (E is W stored (in, out)); x (...)
+    int -> (..., embedding_dim). As PEFT's layer: no dropout on ids (``lora_dropout`` is kept, not applied), A
+    zeros and B ~ N(0, 1) at init (``True`` / ``"gaussian"``; ``False``: both N(0, 1)), ``padding_idx`` and
+    ``scale_grad_by_freq`` passed to both lookups, merge E += (s B A)^T. Many adapters per batch
+    (``forward(x, adapter_ids)``, ``mixed_batch``) add each row's own. Not offered: DoRA, RoSA, an embedding with
+    ``max_norm`` (its lookup renormalises rows in place) or ``sparse=True`` gradients."""
+
+    _stored_in_out = True
+
+    @classmethod
+    def from_embedding(cls, embedding: nn.Embedding, r=8, lora_alpha=8, lora_dropout=0.0, use_rslora=False,
+                       init_lora_weights=True, adapter_name="default") -> "FastLoRAEmbedding":
+        """Wrap ``embedding`` (its weight Parameter held, not copied, and frozen)."""
+        check_embedding(embedding)
+        self = cls.__new__(cls)
+        nn.Module.__init__(self)
+        self.padding_idx = embedding.padding_idx
+        self.scale_grad_by_freq = embedding.scale_grad_by_freq
+        self._setup(embedding.weight, None, adapter_name, r, lora_alpha, lora_dropout, use_rslora, init_lora_weights)
+        return self
+
+    def add_adapter(self, name, r, lora_alpha, lora_dropout=0.0, use_rslora=False, init_lora_weights=True,
+                    sparse_density=0.0, sparse_block_size=1, sparse_selection="random", sparse_scores=None,
+                    use_dora=False):
+        if use_dora is True or sparse_density:
+            what = "use_dora=True" if use_dora is True else f"sparse_density={sparse_density!r}"
+            raise ValueError(f"adapter {name!r}: {what} on an embedding layer: fastpeft's embedding LoRA is plain "
+                             "LoRA (no DoRA, no sparse delta)")
+        super().add_adapter(name, r, lora_alpha, lora_dropout, use_rslora, init_lora_weights)
+
+    @torch.no_grad()
+    def reset_lora_parameters(self, init_lora_weights=True, adapter_name: str | None = None) -> None:
+        """PEFT's embedding inits: ``True`` / ``"gaussian"`` A zeros, B ~ N(0, 1) (the layer starts as its base);
+        ``False`` both ~ N(0, 1) (for tests)."""
+        check_init(init_lora_weights)
+        name = self._active if adapter_name is None else adapter_name
+        self._spec_of(name)
+        if self.merged and name == self._active:
+            raise RuntimeError("reset_lora_parameters on a merged adapter: call unmerge() first")
+        a, b = self.lora_A_adapters[name], self.lora_B_adapters[name]
+        if init_lora_weights is False:
+            nn.init.normal_(a)
+        else:
+            nn.init.zeros_(a)
+        nn.init.normal_(b)
+
+    def _lookup(self, x: torch.Tensor, table: torch.Tensor) -> torch.Tensor:
+        return F.embedding(x, table, self.padding_idx, None, 2.0, self.scale_grad_by_freq, False)
+
+    def _branch(self, x: torch.Tensor, name: str, dtype: torch.dtype) -> torch.Tensor:
+        """``scaling * A^T[x] B^T`` of adapter ``name`` in ``dtype`` (fp32 adapters on a half base: cast, as LoRA's)."""
+        a, b = self._pair(name)
+        if a.dtype != dtype or b.dtype != dtype:
+            a, b = cast_params((a, b), dtype, self._kept(), "_casts")
+        return (self._lookup(x, a.t()) @ b.t()) * self._specs[name].scaling
+
+    def forward(self, x: torch.Tensor, adapter_ids: torch.Tensor | None = None) -> torch.Tensor:
+        """x (...) int ids -> (..., embedding_dim). ``adapter_ids`` (per id, ``x.shape``, or per sequence,
+        ``(x.shape[0],)``) gives each position the adapter of that index in ``adapter_names`` (-1 = base only);
+        inside ``fastpeft.mixed_batch`` the per-sequence routing applies."""
+        check_embedding_ids(x, self.in_features)
+        routing = _call_routing(self, adapter_ids)
+        if routing is not None:
+            adapter_ids = routing[0][1]
+        if self.merged and adapter_ids is not None:
+            raise RuntimeError("adapter_ids cannot route rows on a merged layer: call unmerge() first")
+        weight = self.weight
+        y = self._lookup(x, weight)
+        if self.merged:
+            return y
+        if adapter_ids is None:
+            return y if self._active is None else y + self._branch(x, self._active, weight.dtype)
+        rows = x.unsqueeze(-1)  # the per-row id rules of the linear layers, rows = x's positions
+        if routing is not None:
+            adapter_ids = _per_row(adapter_ids, routed_batch(adapter_ids.shape[0], rows, routing[1]))
+        ids = expand_adapter_ids(adapter_ids, rows, len(self._specs), check_range=routing is None)
+        for i, name in enumerate(self._specs):
+            y = y + torch.where((ids == i)[..., None], self._branch(x, name, weight.dtype), 0.0)
+        return y
+
+    def base_module(self) -> nn.Module:
+        """The ``nn.Embedding`` in this layer's place, holding its weight Parameter (no copy)."""
+        emb = nn.Embedding(self.in_features, self.out_features, padding_idx=self.padding_idx,
+                           scale_grad_by_freq=self.scale_grad_by_freq, device="meta")
+        emb.weight = self.weight
+        return emb
+
+    def to_linear(self):
+        raise TypeError("to_linear: an embedding layer has no nn.Linear form; merge_and_unload gives the merged "
+                        "nn.Embedding (base_module() after merge())")
+
+    def extra_repr(self) -> str:
+        return "embedding: " + super().extra_repr().replace("in_features=", "num_embeddings=").replace(
+            "out_features=", "embedding_dim=")
 
 
 DORA_QUANTIZED = ("use_dora=True on a quantized (bitsandbytes) base layer is not supported by fastpeft yet: "

@@ -1,0 +1,248 @@
+"""LoRA on ``nn.Embedding`` (PEFT's ``lora.Embedding``: ``lora_embedding_A`` (r, num_embeddings),
+``lora_embedding_B`` (embedding_dim, r), y = E[x] + s A^T[x] B^T, no dropout on ids) through ``FastLoRAEmbedding``,
+``inject`` and ``load_adapter``: PEFT's files both ways with PEFT's outputs and gradients bit for bit, training,
+merge / ``merge_and_unload`` (an nn.Embedding back), tied input / output embeddings, many adapters per batch, fp32
+adapters on a bf16 base, ``to_peft``, refusals. Before 2026-12-01 ``inject`` refused embedding targets (recipes
+such as continued pretraining put ``embed_tokens`` in target_modules)."""
+import copy
+import warnings
+
+import pytest
+import torch
+import torch.nn as nn
+from safetensors.torch import load_file
+
+transformers = pytest.importorskip("transformers")
+peft = pytest.importorskip("peft")
+
+import fastpeft  # noqa: E402
+from conftest import assert_close_report  # noqa: E402
+from fastpeft import FastLoRAEmbedding, LoraConfig, SparseDeltaConfig  # noqa: E402
+
+pytestmark = pytest.mark.filterwarnings("ignore:`is_gradient_checkpointing` is deprecated:FutureWarning")
+
+VOCAB = 61
+TARGETS = ["embed_tokens", "q_proj", "lm_head"]
+
+
+def llama(tie=False, seed=0):
+    torch.manual_seed(seed)
+    cfg = transformers.LlamaConfig(vocab_size=VOCAB, hidden_size=32, intermediate_size=48, num_hidden_layers=1,
+                                   num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=32,
+                                   tie_word_embeddings=tie, pad_token_id=0)
+    return transformers.LlamaForCausalLM(cfg).eval()
+
+
+@pytest.fixture(scope="module")
+def base():
+    return llama()
+
+
+@pytest.fixture(scope="module")
+def ids():
+    return torch.randint(0, VOCAB, (3, 7), generator=torch.Generator().manual_seed(1))
+
+
+def peft_model(base, **kw):
+    torch.manual_seed(3)
+    kw = {"r": 4, "lora_alpha": 8, "target_modules": TARGETS, "init_lora_weights": False, **kw}
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # PEFT's "Setting save_embedding_layers to True"
+        return peft.get_peft_model(copy.deepcopy(base), peft.LoraConfig(**kw))
+
+
+def save(model, path):
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        model.save_pretrained(path)
+    return path
+
+
+def step(model, ids):
+    """Logits and the gradients of the LoRA factors by (module path, kind)."""
+    model.zero_grad(set_to_none=True)
+    out = model(input_ids=ids, labels=ids)
+    out.loss.backward()
+    grads = {}
+    for n, p in model.named_parameters():
+        if p.grad is None:
+            continue
+        n = n.replace("base_model.model.", "").replace("_adapters", "").replace(".default", "").replace(".weight", "")
+        n = n.replace("lora_embedding_", "lora_")
+        grads[n] = p.grad
+    return out.logits.detach(), grads
+
+
+def test_peft_files_load_with_peft_outputs_and_gradients_and_ours_load_into_peft(base, ids, tmp_path):
+    pm = peft_model(base)
+    folder = save(pm, tmp_path / "peft")
+    prefix = "base_model.model.model.embed_tokens."
+    assert {prefix + "lora_embedding_A", prefix + "lora_embedding_B", prefix + "base_layer.weight"} <= set(
+        load_file(folder / "adapter_model.safetensors"))
+    model = fastpeft.load_adapter(copy.deepcopy(base), folder)
+    emb = model.model.embed_tokens
+    assert isinstance(emb, FastLoRAEmbedding) and emb.lora_A.shape == (4, VOCAB) and emb.lora_B.shape == (32, 4)
+    (lw, gw), (lg, gg) = step(pm, ids), step(model, ids)
+    assert_close_report(lg, lw, 0, 0, "logits")
+    assert gg.keys() == gw.keys() and len(gw) == 6
+    for k in gw:
+        assert_close_report(gg[k], gw[k], 0, 0, f"grad {k}")
+    ours = tmp_path / "ours"
+    fastpeft.save_adapter(model, ours)
+    saved = load_file(ours / "adapter_model.safetensors")
+    assert saved["base_model.model.model.embed_tokens.lora_embedding_A"].shape == (4, VOCAB)
+    assert "base_model.model.model.embed_tokens.base_layer.weight" in saved  # PEFT's save_embedding_layers="auto"
+    back = peft.PeftModel.from_pretrained(copy.deepcopy(base), ours).eval()
+    model.eval()
+    with torch.no_grad():
+        assert_close_report(back(ids).logits, model(ids).logits, 0, 0, "ours in PEFT")
+
+
+def test_inject_trains_merges_and_unloads_to_an_embedding(base, ids):
+    model = fastpeft.inject(copy.deepcopy(base), LoraConfig(r=4, lora_alpha=8, target_modules=["embed_tokens"]))
+    emb = model.model.embed_tokens
+    assert torch.count_nonzero(emb.lora_A) == 0 and torch.count_nonzero(emb.lora_B) > 0  # PEFT's init: A zeros
+    pm = peft_model(base, target_modules=["embed_tokens"], init_lora_weights=True)
+    assert fastpeft.trainable_parameters(model)[0] == pm.get_nb_trainable_parameters()[0] == 4 * (VOCAB + 32)
+    opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-2)
+    losses = []
+    for _ in range(3):
+        opt.zero_grad()
+        loss = model(input_ids=ids, labels=ids).loss
+        loss.backward()
+        opt.step()
+        losses.append(loss.item())
+    assert losses[-1] < losses[0] and torch.count_nonzero(emb.lora_A) > 0
+    model.eval()
+    with torch.no_grad():
+        want = model(ids).logits
+        emb.merge()
+        assert_close_report(model(ids).logits, want, 1e-5, 1e-5, "merged")
+        emb.unmerge()
+        fastpeft.merge_and_unload(model)
+        got = model(ids).logits
+    assert type(model.model.embed_tokens) is nn.Embedding and model.model.embed_tokens.padding_idx == 0
+    assert_close_report(got, want, 1e-5, 1e-5, "merge_and_unload")
+    assert set(model.state_dict()) == set(base.state_dict())
+
+
+def test_padding_idx_and_scale_grad_by_freq_as_peft():
+    """A bare nn.Embedding with padding_idx and scale_grad_by_freq: outputs and gradients equal PEFT's layer."""
+    torch.manual_seed(0)
+    net = nn.Sequential()
+    net.add_module("emb", nn.Embedding(20, 8, padding_idx=3, scale_grad_by_freq=True))
+    pm = peft_model(net, target_modules=["emb"])
+    ours = fastpeft.inject(copy.deepcopy(net), LoraConfig(r=4, lora_alpha=8, target_modules=["emb"],
+                                                          init_lora_weights=False))
+    with torch.no_grad():
+        ours.emb.lora_A.copy_(pm.base_model.model.emb.lora_embedding_A["default"])
+        ours.emb.lora_B.copy_(pm.base_model.model.emb.lora_embedding_B["default"])
+    x = torch.tensor([[3, 1, 1, 5], [3, 7, 1, 3]])
+    w = torch.randn(2, 4, 8)
+    results = []
+    for m in (pm, ours):
+        y = m(x)
+        (y * w).sum().backward()
+        layer = m.base_model.model.emb if m is pm else m.emb
+        a = layer.lora_embedding_A["default"] if m is pm else layer.lora_A
+        b = layer.lora_embedding_B["default"] if m is pm else layer.lora_B
+        results.append((y.detach(), a.grad, b.grad))
+    for got, want, what in zip(results[1], results[0], ("y", "dA", "dB")):
+        assert_close_report(got, want, 0, 0, what)
+    assert torch.count_nonzero(results[1][1][:, 3]) == 0  # padding_idx: no gradient to its column of A
+
+
+def test_two_adapters_per_sequence_as_peft_adapter_names(base, ids, tmp_path):
+    pm = peft_model(base, target_modules=["embed_tokens", "q_proj"])
+    a = save(pm, tmp_path / "a")
+    other = peft_model(base, r=2, lora_alpha=2, target_modules=["embed_tokens"])
+    b = save(other, tmp_path / "b")
+    pm.load_adapter(b, adapter_name="b")
+    pm.eval()
+    model = fastpeft.load_adapter(copy.deepcopy(base), a, adapter_name="a")
+    fastpeft.load_adapter(model, b, adapter_name="b")
+    model.eval()
+    with torch.no_grad():
+        want = pm(ids, adapter_names=["b", "__base__", "default"]).logits
+        with fastpeft.mixed_batch(model, ["b", None, "a"]):
+            got = model(ids).logits
+        per_id = model.model.embed_tokens(ids, torch.tensor([1, -1, 0]))   # the layer's own per-sequence ids
+        assert_close_report(per_id[1], base.model.embed_tokens(ids[1]), 0, 0, "base row")
+    assert_close_report(got, want, 1e-6, 1e-6, "mixed batch")
+
+
+def test_fp32_adapters_on_a_bf16_base(ids):
+    """inject on a bf16 model makes fp32 factors (as PEFT's get_peft_model); each call casts them to bf16."""
+    model = fastpeft.inject(llama().to(torch.bfloat16), LoraConfig(r=4, target_modules=["embed_tokens"],
+                                                                   init_lora_weights=False))
+    emb = model.model.embed_tokens
+    assert emb.lora_A.dtype == torch.float32 and emb.weight.dtype == torch.bfloat16
+    y = emb(ids)
+    assert y.dtype == torch.bfloat16
+    y.float().square().sum().backward()
+    assert emb.lora_A.grad.dtype == torch.float32 and torch.count_nonzero(emb.lora_A.grad) > 0
+    exact = emb.weight.double()[ids] + (emb.lora_A.double().t()[ids] @ emb.lora_B.double().t()) * emb.scaling
+    assert_close_report(y.double(), exact, 2e-2, 2e-2, "bf16 lookup")
+
+
+def test_tied_embeddings_get_their_own_merged_copy(ids):
+    """LoRA on embed_tokens of a model whose lm_head shares its weight: warned at inject (merge() changes the
+    head too while merged), and merge_and_unload gives embed_tokens its own merged copy, the head the base one."""
+    base = llama(tie=True)
+    model = copy.deepcopy(base)
+    with pytest.warns(UserWarning, match="tied"):
+        fastpeft.inject(model, LoraConfig(r=4, target_modules=["embed_tokens"], init_lora_weights=False))
+    model.eval()
+    with torch.no_grad():
+        want = model(ids).logits
+    with pytest.warns(UserWarning, match="tied"):
+        fastpeft.merge_and_unload(model)
+    assert torch.equal(model.lm_head.weight, base.lm_head.weight)
+    assert not torch.equal(model.model.embed_tokens.weight, base.model.embed_tokens.weight)
+    with torch.no_grad():
+        assert_close_report(model(ids).logits, want, 1e-5, 1e-5, "merged, untied")
+
+
+def test_to_peft(base, ids):
+    model = fastpeft.inject(copy.deepcopy(base), LoraConfig(r=4, target_modules=["embed_tokens", "q_proj"],
+                                                            init_lora_weights=False)).eval()
+    with torch.no_grad():
+        want = model(ids).logits
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        pm = fastpeft.to_peft(model)
+    assert type(pm.base_model.model.model.embed_tokens.base_layer) is nn.Embedding
+    with torch.no_grad():
+        assert_close_report(pm(ids).logits, want, 0, 0, "to_peft")
+
+
+def test_refusals_name_the_module(base):
+    class Scaled(nn.Embedding):
+        def forward(self, x):
+            return super().forward(x) * 2
+
+    for config, match in (
+            (LoraConfig(target_modules=["embed_tokens"], use_dora=True), "'model.embed_tokens'.*not use_dora=True"),
+            (LoraConfig(target_modules=["embed_tokens"], sparse_density=0.01), "'model.embed_tokens'.*not a sparse"),
+            (SparseDeltaConfig(target_modules=["embed_tokens"]), "'model.embed_tokens'.*not a sparse delta")):
+        model = copy.deepcopy(base)
+        with pytest.raises(ValueError, match=match):
+            fastpeft.inject(model, config)
+        assert type(model.model.embed_tokens) is nn.Embedding
+    for make, exc, match in ((lambda: nn.Embedding(9, 4, max_norm=1.0), ValueError, "max_norm=1.0"),
+                             (lambda: nn.Embedding(9, 4, sparse=True), ValueError, "sparse=True"),
+                             (lambda: Scaled(9, 4), TypeError, "Scaled, an nn.Embedding with a forward of its own")):
+        net = nn.Sequential()
+        net.add_module("emb", make())
+        with pytest.raises(exc, match=r"module 'emb'.*" + match):
+            fastpeft.inject(net, LoraConfig(target_modules=["emb"]))
+        assert type(net.emb) is not FastLoRAEmbedding
+    layer = FastLoRAEmbedding.from_embedding(nn.Embedding(9, 4))
+    with pytest.raises(TypeError, match=r"int64 / int32 tensor of ids in \[0, 9\), got torch.float32"):
+        layer(torch.zeros(2, 3))
+    with pytest.raises(ValueError, match="'b': use_dora=True on an embedding layer"):
+        layer.add_adapter("b", 2, 2, use_dora=True)
+    with pytest.raises(TypeError, match="no nn.Linear form"):
+        layer.to_linear()
+    with pytest.raises(TypeError, match="embedding must be an nn.Embedding, got Linear"):
+        FastLoRAEmbedding.from_embedding(nn.Linear(3, 3))
