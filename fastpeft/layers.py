@@ -108,8 +108,8 @@ class TunerLayer(nn.Module):
         self.merged = False
 
     def _w(self) -> torch.Tensor:
-        """W (out, in): the registered ``weight``, or for a layer made from a Conv1D (``weight`` stored (in, out), the
-        Conv1D's own Parameter) its transpose, a view read in place. The same view object is returned while the
+        """W (out, in): the registered ``weight``, or where it is stored (in, out) (a Conv1D's own Parameter, an
+        embedding's (num_embeddings, embedding_dim)) its transpose, a view read in place. The same view object is returned while the
         Parameter, its memory, dtype and device are (DoRA's norm cache keys on identity), and a fresh one while
         tracing or when W requires grad (no autograd node kept between calls)."""
         params = self._parameters
