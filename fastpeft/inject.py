@@ -22,8 +22,8 @@ from ._checks import (check_adapter_name, check_bool, check_choice, check_dora_o
                       check_sparse_delta, check_sparse_options, few)
 from .layers import (DORA_QUANTIZED, FastLoRAEmbedding, FastLoRALinear, ModulesToSaveWrapper, QLoRALinear,
                      SparseDeltaLinear, rosa_spec)
-from .matching import (compile_pattern, default_targets, is_all_linear, is_bias, matches, name_list, output_head, pattern_value,
-                       set_submodule)
+from .matching import (compile_pattern, default_targets, input_embeddings, is_all_linear, is_bias, matches, name_list,
+                       output_head, pattern_value, set_submodule)
 from .methods import METHODS as OTHER_METHODS
 from .methods import TASK_HEADS, ParameterMethod
 from .methods import Method
@@ -353,15 +353,6 @@ def _in_out(module: nn.Module) -> tuple:
     return module.in_features, module.out_features
 
 
-def _input_embeddings(model: nn.Module):
-    """``model.get_input_embeddings()`` where the model has one (a transformers model), else None."""
-    get = getattr(model, "get_input_embeddings", None)
-    try:
-        return get() if callable(get) else None
-    except (NotImplementedError, AttributeError):
-        return None
-
-
 def _factor_keys(name: str, module: nn.Module) -> tuple:
     """PEFT's file keys of a target's (A, B): ``lora_embedding_A`` / ``_B`` on an embedding, else
     ``lora_A.weight`` / ``lora_B.weight``."""
@@ -630,7 +621,7 @@ class LoraMethod(Method):
     def file_tensors(self, model: nn.Module, config, adapter_name: str, state) -> dict:
         layers = self._layers(model, adapter_name)
         keys = {**self._keys(model, config, adapter_name, layers), **_sparse_file_tensors(layers, adapter_name)}
-        embeddings = (output_head(model), _input_embeddings(model))
+        embeddings = (output_head(model), input_embeddings(model))
         for name, layer in layers.items():  # PEFT's save_embedding_layers="auto": a LoRA'd input or output embedding's
             if any(layer is e for e in embeddings) and not isinstance(layer, QLoRALinear):  # base weight too (a
                 keys[name + _BASE_WEIGHT] = layer.weight                                       # resized vocabulary)

@@ -84,7 +84,16 @@ def pattern_value(patterns: dict, name: str, default):
 
 def output_head(model: nn.Module):
     """``model.get_output_embeddings()``, or None when the model has none."""
-    get = getattr(model, "get_output_embeddings", None)
+    return _embeddings(model, "get_output_embeddings")
+
+
+def input_embeddings(model: nn.Module):
+    """``model.get_input_embeddings()``, or None when the model has none."""
+    return _embeddings(model, "get_input_embeddings")
+
+
+def _embeddings(model: nn.Module, getter: str):
+    get = getattr(model, getter, None)
     try:
         return get() if callable(get) else None
     except (NotImplementedError, AttributeError):

@@ -61,6 +61,33 @@ def lora_inputs(g: torch.Generator, m, k, n, r, bias=True, lead=()) -> list:
     return [x, w, b, a, bb]
 
 
+def loss_step(model, ids, key) -> tuple:
+    """``(logits, {key(name): grad})`` of one causal-LM loss on ``ids`` (labels = ids): every parameter with a gradient
+    whose ``key(name)`` is not None."""
+    model.zero_grad(set_to_none=True)
+    out = model(input_ids=ids, labels=ids)
+    out.loss.backward()
+    grads = {}
+    for n, p in model.named_parameters():
+        k = key(n) if p.grad is not None else None
+        if k is not None:
+            grads[k] = p.grad
+    return out.logits.detach(), grads
+
+
+def train_steps(model, ids, steps: int, lr: float = 1e-2) -> list:
+    """The losses of ``steps`` AdamW steps of a causal LM on ``ids`` (labels = ids), its trainable parameters only."""
+    opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=lr)
+    losses = []
+    for _ in range(steps):
+        opt.zero_grad()
+        loss = model(input_ids=ids, labels=ids).loss
+        loss.backward()
+        opt.step()
+        losses.append(loss.item())
+    return losses
+
+
 # Every dtype the kernels take, by the names test ids use.
 DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
 

@@ -15,7 +15,7 @@ transformers = pytest.importorskip("transformers")
 peft = pytest.importorskip("peft")
 
 import fastpeft  # noqa: E402
-from conftest import assert_close_report  # noqa: E402
+from conftest import assert_close_report, loss_step, train_steps  # noqa: E402
 from fastpeft import FastLoRALinear, LoraConfig, SparseDeltaConfig  # noqa: E402
 
 pytestmark = pytest.mark.filterwarnings("ignore:`is_gradient_checkpointing` is deprecated:FutureWarning")
@@ -48,20 +48,18 @@ def peft_files(gpt2, tmp_path, name="peft", **kw):
     return model, tmp_path / name
 
 
+def _factor_key(name: str):
+    """(module path, kind) of a LoRA factor or DoRA magnitude, PEFT's or fastpeft's; None for anything else."""
+    name = name.replace("base_model.model.", "")
+    for kind in ("lora_A", "lora_B", "lora_magnitude_vector"):
+        if kind in name:
+            return name.split(f".{kind}")[0], kind
+    return None
+
+
 def step(model, ids):
     """Logits and the gradients of the LoRA factors (and DoRA magnitudes), by module path and kind."""
-    model.zero_grad(set_to_none=True)
-    out = model(input_ids=ids, labels=ids)
-    out.loss.backward()
-    grads = {}
-    for n, p in model.named_parameters():
-        if p.grad is None:
-            continue
-        n = n.replace("base_model.model.", "")
-        for kind in ("lora_A", "lora_B", "lora_magnitude_vector"):
-            if kind in n:
-                grads[(n.split(f".{kind}")[0], kind)] = p.grad
-    return out.logits.detach(), grads
+    return loss_step(model, ids, _factor_key)
 
 
 def c_attn(model):
@@ -181,14 +179,7 @@ def test_merge_and_unload_gives_conv1d_back(gpt2, ids, dora):
 def test_to_peft_and_training_steps(gpt2, ids):
     model = fastpeft.inject(copy.deepcopy(gpt2), LoraConfig(r=4, lora_alpha=8, target_modules=TARGETS,
                                                             lora_dropout=0.1))
-    opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-2)
-    losses = []
-    for _ in range(4):
-        opt.zero_grad()
-        loss = model(input_ids=ids, labels=ids).loss
-        loss.backward()
-        opt.step()
-        losses.append(loss.item())
+    losses = train_steps(model, ids, 4)
     assert losses[-1] < losses[0]
     assert c_attn(model).lora_B.abs().sum() > 0  # B moved from its zero init
     model.eval()

@@ -16,7 +16,7 @@ transformers = pytest.importorskip("transformers")
 peft = pytest.importorskip("peft")
 
 import fastpeft  # noqa: E402
-from conftest import assert_close_report  # noqa: E402
+from conftest import assert_close_report, loss_step, train_steps  # noqa: E402
 from fastpeft import FastLoRAEmbedding, LoraConfig, SparseDeltaConfig  # noqa: E402
 
 pytestmark = pytest.mark.filterwarnings("ignore:`is_gradient_checkpointing` is deprecated:FutureWarning")
@@ -58,19 +58,15 @@ def save(model, path):
     return path
 
 
+def _factor_key(name: str) -> str:
+    """A LoRA factor's name with PEFT's and fastpeft's spellings made one (embedding factors as the others')."""
+    name = name.replace("base_model.model.", "").replace("_adapters", "").replace(".default", "")
+    return name.replace(".weight", "").replace("lora_embedding_", "lora_")
+
+
 def step(model, ids):
-    """Logits and the gradients of the LoRA factors by (module path, kind)."""
-    model.zero_grad(set_to_none=True)
-    out = model(input_ids=ids, labels=ids)
-    out.loss.backward()
-    grads = {}
-    for n, p in model.named_parameters():
-        if p.grad is None:
-            continue
-        n = n.replace("base_model.model.", "").replace("_adapters", "").replace(".default", "").replace(".weight", "")
-        n = n.replace("lora_embedding_", "lora_")
-        grads[n] = p.grad
-    return out.logits.detach(), grads
+    """Logits and the gradients of the LoRA factors by their common name."""
+    return loss_step(model, ids, _factor_key)
 
 
 def test_peft_files_load_with_peft_outputs_and_gradients_and_ours_load_into_peft(base, ids, tmp_path):
@@ -104,14 +100,7 @@ def test_inject_trains_merges_and_unloads_to_an_embedding(base, ids):
     assert torch.count_nonzero(emb.lora_A) == 0 and torch.count_nonzero(emb.lora_B) > 0  # PEFT's init: A zeros
     pm = peft_model(base, target_modules=["embed_tokens"], init_lora_weights=True)
     assert fastpeft.trainable_parameters(model)[0] == pm.get_nb_trainable_parameters()[0] == 4 * (VOCAB + 32)
-    opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-2)
-    losses = []
-    for _ in range(3):
-        opt.zero_grad()
-        loss = model(input_ids=ids, labels=ids).loss
-        loss.backward()
-        opt.step()
-        losses.append(loss.item())
+    losses = train_steps(model, ids, 3)
     assert losses[-1] < losses[0] and torch.count_nonzero(emb.lora_A) > 0
     model.eval()
     with torch.no_grad():
