@@ -247,10 +247,11 @@ def plan_lora(model: nn.Module, config, reload: bool = False, warn: bool = True)
             inner.append(name + ".")
         if matches(config.exclude_modules, name) or any(name == s or name.startswith(s + ".") for s in saved):
             continue
-        if all_linear:  # PEFT's all-linear takes transformers' Conv1D too (GPT-2)
-            hit = (isinstance(module, (nn.Linear, FastLoRALinear)) or foreign_quant_library(module) is not None
-                   or _conv1d(module) and isinstance(config, LoraConfig) and config.sparse is None) \
-                and module is not head
+        if all_linear:  # PEFT's all-linear takes transformers' Conv1D too (GPT-2), not embeddings
+            conv = _conv1d(module) or isinstance(module, FastLoRALinear) and module.fan_in_fan_out
+            hit = (isinstance(module, (nn.Linear, FastLoRALinear)) and not isinstance(module, FastLoRAEmbedding)
+                   or foreign_quant_library(module) is not None or conv) and module is not head \
+                and not (conv and (isinstance(config, SparseDeltaConfig) or config.sparse is not None))
         else:
             hit = matches(spec, name)
         if not hit:
@@ -301,7 +302,8 @@ def plan_lora(model: nn.Module, config, reload: bool = False, warn: bool = True)
                      "no sparse delta (RoSA's included)")
         raise ValueError(f"target_modules {spec!r} matched no nn.Linear of the model (after exclude_modules "
                          f"{config.exclude_modules!r}); its linear layers are named like {linear}{hint}")
-    skipped = [n for n, m in model.named_modules() if _conv1d(m) and m is not head] if all_linear and (
+    skipped = [n for n, m in model.named_modules() if (_conv1d(m) or getattr(m, "fan_in_fan_out", False) is True)
+               and m is not head and not any(n.startswith(p) for p in inner)] if all_linear and (
         isinstance(config, SparseDeltaConfig) or config.sparse is not None) else []
     if warn and skipped:
         warnings.warn(f"target_modules='all-linear' leaves the transformers Conv1D layers {few(skipped)} without a "
@@ -338,7 +340,7 @@ def _check_embedding_target(name: str, module: nn.Module, config) -> None:
     if isinstance(config, SparseDeltaConfig) or config.sparse is not None or config.use_dora:
         what = "use_dora=True" if getattr(config, "use_dora", False) else "a sparse delta (RoSA's included)"
         raise ValueError(f"target_modules matched {name!r}, an embedding layer: fastpeft's embedding LoRA is plain "
-                         f"LoRA, not {what}; exclude it")
+                         f"LoRA, not {what}; exclude it (an adapter file doing this loads with PEFT)")
     if not isinstance(module, FastLoRAEmbedding):
         check_embedding(module, f"module {name!r}")
 
@@ -624,7 +626,11 @@ class LoraMethod(Method):
         embeddings = (output_head(model), input_embeddings(model))
         for name, layer in layers.items():  # PEFT's save_embedding_layers="auto": a LoRA'd input or output embedding's
             if any(layer is e for e in embeddings) and not isinstance(layer, QLoRALinear):  # base weight too (a
-                keys[name + _BASE_WEIGHT] = layer.weight                                       # resized vocabulary)
+                if layer.merged:                                                               # resized vocabulary)
+                    raise RuntimeError(f"save_adapter: {name!r} has an adapter merged into its weight, which the file "
+                                       f"holds as the base weight ({name + _BASE_WEIGHT!r}) for a resized "
+                                       "vocabulary: a load would add the delta twice; unmerge the layer first")
+                keys[name + _BASE_WEIGHT] = layer.weight
         return keys
 
     @staticmethod
@@ -638,7 +644,7 @@ class LoraMethod(Method):
             expected[ka], expected[kb] = (r, k), (n, r)
             if config.use_dora:
                 expected[f"{name}{_DORA_SUFFIX}"] = (n,)
-            if config.bias == "lora_only" and lin.bias is not None:
+            if config.bias == "lora_only" and getattr(lin, "bias", None) is not None:  # (an embedding has none)
                 expected[f"{name}.base_layer.bias"] = tuple(lin.bias.shape)
         for name in plan.saved:
             module = model.get_submodule(name)
@@ -734,6 +740,9 @@ def _saved_base_weights(model: nn.Module, plan: LoraPlan, weights: dict) -> dict
         key = name + _BASE_WEIGHT
         module = model.get_submodule(name)
         if key in weights and not (isinstance(module, QLoRALinear) or is_quantized(module)):
+            if getattr(module, "merged", False):
+                raise RuntimeError(f"the file holds the base weight of {name!r} ({key!r}), into which an adapter is "
+                                   "merged: loading it would drop that merge; unmerge the layer first")
             w = getattr(module, "weight", None)
             if isinstance(w, torch.Tensor) and w.is_floating_point():
                 out[key] = tuple(w.shape)
@@ -1220,17 +1229,19 @@ def merge_and_unload(model: nn.Module, dequantize: bool = False) -> nn.Module:
     layers = {**lora_layers(model), **sparse_layers(model)}
     tied = _tied_weights(model, layers)
     if tied:
-        head = output_head(model)
-        untie_config = any(layers[n] is head for n in tied)  # a tied output head: the input embeddings
+        embeddings = (output_head(model), input_embeddings(model))
+        # a tied output head or input embedding: the word embeddings (a later tie_weights() would tie them again)
+        untie_config = any(layers[n] is e for n in tied for e in embeddings if e is not None)
         warnings.warn(f"merge_and_unload: the weights of {few(list(tied))} are tied to {few(sum(tied.values(), []))}; "
                       "each gets its own merged copy, the others stay as they were"
                       + (", and config.tie_word_embeddings is set False" if untie_config else ""))
         if untie_config:
             _untie_word_embeddings(model)
+    for name in tied:  # every tied layer's delta out of the shared W first (two tied layers may both be merged)
+        if layers[name].merged:
+            layers[name].unmerge()
     for name, layer in layers.items():
-        if name in tied:  # the delta goes into a copy of W, the embeddings keep W (one merged already: taken out)
-            if layer.merged:
-                layer.unmerge()
+        if name in tied:  # the delta goes into a copy of W, the others keep W
             layer.weight = nn.Parameter(layer.weight.detach().clone(), requires_grad=False)
         if not layer.merged and layer.has_delta():
             layer.merge()

@@ -79,6 +79,11 @@ def _conv1d_type():
     return conv
 
 
+# What a layer's calls keep in its __dict__ (eval-mode casts, DoRA's m / n, the transposed view of a W stored
+# (in, out)).
+_KEPT_KEYS = ("_dora_gain", "_casts", "_value_casts", "_wt")
+
+
 def _entry(params: nn.ParameterDict, name: str):
     """``params[name]``, read from the ParameterDict's own table: its ``[]`` goes through nn.Module's
     ``__getattr__`` (1.1 µs a read, a fifth of a decode forward's host time for A and B). Falls back to
@@ -109,20 +114,21 @@ class TunerLayer(nn.Module):
 
     def _w(self) -> torch.Tensor:
         """W (out, in): the registered ``weight``, or where it is stored (in, out) (a Conv1D's own Parameter, an
-        embedding's (num_embeddings, embedding_dim)) its transpose, a view read in place. The same view object is returned while the
-        Parameter, its memory, dtype and device are (DoRA's norm cache keys on identity), and a fresh one while
-        tracing or when W requires grad (no autograd node kept between calls)."""
+        embedding's (num_embeddings, embedding_dim)) its transpose, a view read in place. The same view object is
+        returned while the Parameter, its memory, dtype and device are (DoRA's norm cache keys on identity), and a
+        fresh one while tracing or while W requires grad (no autograd node kept between calls)."""
         params = self._parameters
         w = params["weight"] if "weight" in params else self.weight
         if not self._stored_in_out:
             return w
+        if w.requires_grad or tracing_or_transformed():
+            return w.t()
         hit = self.__dict__.get("_wt")
         if hit is not None and hit[0] is w and hit[1].data_ptr() == w.data_ptr() and hit[1].dtype == w.dtype \
                 and hit[1].device == w.device and hit[1].shape == w.shape[::-1]:
             return hit[1]
         wt = w.t()
-        if not w.requires_grad and not tracing_or_transformed():
-            self.__dict__["_wt"] = (w, wt)
+        self.__dict__["_wt"] = (w, wt)
         return wt
 
     def delta_weight(self) -> torch.Tensor:
@@ -149,12 +155,20 @@ class TunerLayer(nn.Module):
         """Forget what calls keep (the casts of fp32 adapters, DoRA's norm): at a mode switch, and at ``.to()`` /
         ``.cuda()`` (which swap the Parameters' data: the kept tensors would hold the old memory, on the device it
         left, until the next call)."""
-        for key in ("_dora_gain", "_casts", "_value_casts", "_wt"):
+        for key in _KEPT_KEYS:
             self.__dict__.pop(key, None)
 
     def _apply(self, fn, *args, **kwargs):
         self._drop_kept()
         return super()._apply(fn, *args, **kwargs)
+
+    def __getstate__(self):
+        """nn.Module's state without what calls keep (``_drop_kept``'s keys): a deepcopy or pickle would copy a cached
+        view of W apart from W itself (a second full W in the copy until its next call)."""
+        state = dict(self.__dict__)
+        for key in _KEPT_KEYS:
+            state.pop(key, None)
+        return state
 
     def has_delta(self) -> bool:
         """Whether there is a delta to merge (a ``FastLoRALinear``: an active adapter)."""
@@ -974,6 +988,14 @@ class FastLoRAEmbedding(FastLoRALinear):
 
     _stored_in_out = True
 
+    def __init__(self, num_embeddings, embedding_dim, r=8, lora_alpha=8, lora_dropout=0.0, padding_idx=None,
+                 use_rslora=False, init_lora_weights=True, device=None, dtype=None, adapter_name="default"):
+        nn.Module.__init__(self)
+        for name, v in (("num_embeddings", num_embeddings), ("embedding_dim", embedding_dim)):
+            check_rank(v, name)
+        self._wrap(nn.Embedding(num_embeddings, embedding_dim, padding_idx=padding_idx, device=device, dtype=dtype),
+                   r, lora_alpha, lora_dropout, use_rslora, init_lora_weights, adapter_name)
+
     @classmethod
     def from_embedding(cls, embedding: nn.Embedding, r=8, lora_alpha=8, lora_dropout=0.0, use_rslora=False,
                        init_lora_weights=True, adapter_name="default") -> "FastLoRAEmbedding":
@@ -981,10 +1003,23 @@ class FastLoRAEmbedding(FastLoRALinear):
         check_embedding(embedding)
         self = cls.__new__(cls)
         nn.Module.__init__(self)
+        self._wrap(embedding, r, lora_alpha, lora_dropout, use_rslora, init_lora_weights, adapter_name)
+        return self
+
+    def _wrap(self, embedding, r, lora_alpha, lora_dropout, use_rslora, init_lora_weights, adapter_name) -> None:
         self.padding_idx = embedding.padding_idx
         self.scale_grad_by_freq = embedding.scale_grad_by_freq
         self._setup(embedding.weight, None, adapter_name, r, lora_alpha, lora_dropout, use_rslora, init_lora_weights)
-        return self
+
+    @classmethod
+    def from_linear(cls, *args, **kwargs):
+        raise TypeError("FastLoRAEmbedding wraps an nn.Embedding: FastLoRAEmbedding.from_embedding(embedding, ...); "
+                        "an nn.Linear takes FastLoRALinear.from_linear")
+
+    @classmethod
+    def from_conv1d(cls, *args, **kwargs):
+        raise TypeError("FastLoRAEmbedding wraps an nn.Embedding: FastLoRAEmbedding.from_embedding(embedding, ...); "
+                        "a Conv1D takes FastLoRALinear.from_conv1d")
 
     def add_adapter(self, name, r, lora_alpha, lora_dropout=0.0, use_rslora=False, init_lora_weights=True,
                     sparse_density=0.0, sparse_block_size=1, sparse_selection="random", sparse_scores=None,
@@ -1058,7 +1093,7 @@ class FastLoRAEmbedding(FastLoRALinear):
 
     def extra_repr(self) -> str:
         return "embedding: " + super().extra_repr().replace("in_features=", "num_embeddings=").replace(
-            "out_features=", "embedding_dim=")
+            "out_features=", "embedding_dim=").replace(", bias=False", f", padding_idx={self.padding_idx}")
 
 
 DORA_QUANTIZED = ("use_dora=True on a quantized (bitsandbytes) base layer is not supported by fastpeft yet: "

@@ -646,7 +646,9 @@ def layerwise_param_groups(model: nn.Module, lr: float, decay: float = 0.8, weig
         raise ValueError(f"weight_decay must be a finite number >= 0, got {weight_decay!r}")
     prefix, blocks = main_blocks(model)
     n_blocks = len(blocks)
-    embeddings = {id(p) for m in model.modules() if isinstance(m, nn.Embedding) for p in m.parameters()}
+    # an embedding's parameters, its LoRA factors included (fastpeft's FastLoRAEmbedding, by class name: no import)
+    embeddings = {id(p) for m in model.modules()
+                  if isinstance(m, nn.Embedding) or type(m).__name__ == "FastLoRAEmbedding" for p in m.parameters()}
     groups: dict = {}
     for name, p in model.named_parameters():
         if not p.requires_grad:

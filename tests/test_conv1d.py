@@ -133,6 +133,20 @@ def test_the_conv1d_parameter_stays_and_a_base_checkpoint_loads(gpt2, ids):
         assert_close_report(model(ids).logits, want, 0, 0, "after loading GPT-2's base state_dict")
 
 
+def test_an_unfrozen_conv1d_weight_gets_its_gradient_after_eval_calls():
+    """The transposed view of W kept between calls is not handed out once W requires grad (it would be a view
+    with no autograd edge to W: no gradient, silently)."""
+    torch.manual_seed(0)
+    layer = FastLoRALinear.from_conv1d(transformers.pytorch_utils.Conv1D(6, 4), r=2, init_lora_weights=False)
+    x = torch.randn(3, 4)
+    with torch.no_grad():
+        layer(x)
+    layer.weight.requires_grad_(True)
+    layer(x).sum().backward()
+    assert layer.weight.grad is not None and layer.weight.grad.shape == (4, 6)
+    assert_close_report(layer.weight.grad, x.sum(0)[:, None].expand(4, 6), 1e-6, 1e-6, "dW of sum(x W)")
+
+
 def test_a_tied_conv1d_weight_gets_its_own_merged_copy(gpt2, ids):
     """Merging into a Conv1D weight that another module shares: the merged layer gets its own copy (warned), the
     other keeps the base weight, as for an nn.Linear."""

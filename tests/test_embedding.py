@@ -174,22 +174,84 @@ def test_fp32_adapters_on_a_bf16_base(ids):
     assert_close_report(y.double(), exact, 2e-2, 2e-2, "bf16 lookup")
 
 
-def test_tied_embeddings_get_their_own_merged_copy(ids):
-    """LoRA on embed_tokens of a model whose lm_head shares its weight: warned at inject (merge() changes the
-    head too while merged), and merge_and_unload gives embed_tokens its own merged copy, the head the base one."""
+@pytest.mark.parametrize("targets", [["embed_tokens"], ["embed_tokens", "lm_head"]], ids=["embed", "embed+head"])
+def test_tied_embeddings_get_their_own_merged_copies(ids, targets):
+    """LoRA on embed_tokens (and lm_head) of a model whose lm_head shares its weight: warned at inject (merge()
+    changes the other too while merged), and merge_and_unload gives each LoRA layer its own merged copy, sets
+    config.tie_word_embeddings False (a later tie_weights() would tie the head to the merged embedding: 191 off), and
+    is right when both layers were merged into the one shared W before (each clone had the other's delta)."""
     base = llama(tie=True)
     model = copy.deepcopy(base)
     with pytest.warns(UserWarning, match="tied"):
-        fastpeft.inject(model, LoraConfig(r=4, target_modules=["embed_tokens"], init_lora_weights=False))
+        fastpeft.inject(model, LoraConfig(r=4, target_modules=targets, init_lora_weights=False))
     model.eval()
     with torch.no_grad():
         want = model(ids).logits
-    with pytest.warns(UserWarning, match="tied"):
-        fastpeft.merge_and_unload(model)
-    assert torch.equal(model.lm_head.weight, base.lm_head.weight)
-    assert not torch.equal(model.model.embed_tokens.weight, base.model.embed_tokens.weight)
-    with torch.no_grad():
+        for layer in fastpeft.lora_layers(model).values():
+            layer.merge()
+        with pytest.warns(UserWarning, match="tied_word_embeddings is set False|tie_word_embeddings is set False"):
+            fastpeft.merge_and_unload(model)
+        assert model.config.tie_word_embeddings is False
+        if targets == ["embed_tokens"]:  # (E + ΔE - ΔE: the merge taken out first, to rounding)
+            assert_close_report(model.lm_head.weight, base.lm_head.weight, 1e-6, 1e-6, "the head keeps E")
+        assert not torch.equal(model.model.embed_tokens.weight, base.model.embed_tokens.weight)
         assert_close_report(model(ids).logits, want, 1e-5, 1e-5, "merged, untied")
+        model.tie_weights()
+        assert_close_report(model(ids).logits, want, 1e-5, 1e-5, "after tie_weights()")
+
+
+def test_merged_base_weights_are_neither_saved_nor_overwritten(base, ids, tmp_path):
+    """The file holds a targeted embedding's base weight (PEFT's save_embedding_layers="auto"): saving while an
+    adapter is merged into it would write E + ΔE (a load adds ΔE again), and loading such a file into a layer with a
+    merged adapter would drop that merge; both refused, the model and folder unchanged."""
+    model = fastpeft.inject(copy.deepcopy(base), LoraConfig(r=4, target_modules=["embed_tokens"],
+                                                            init_lora_weights=False, bias="lora_only")).eval()
+    fastpeft.save_adapter(model, tmp_path / "clean")
+    emb = model.model.embed_tokens
+    emb.merge()
+    with pytest.raises(RuntimeError, match=r"'model.embed_tokens' has an adapter merged.*unmerge the layer first"):
+        fastpeft.save_adapter(model, tmp_path / "merged")
+    assert not (tmp_path / "merged").exists()
+    before = emb.weight.clone()
+    with pytest.raises(RuntimeError, match=r"base weight of 'model.embed_tokens'.*merged.*unmerge the layer first"):
+        fastpeft.load_adapter(model, tmp_path / "clean", adapter_name="b")
+    assert torch.equal(emb.weight, before) and emb.adapter_names == ["default"]
+    emb.unmerge()
+    loaded = fastpeft.load_adapter(copy.deepcopy(base), tmp_path / "clean").eval()  # bias="lora_only", no bias
+    with torch.no_grad():
+        assert_close_report(loaded(ids).logits, model(ids).logits, 0, 0, "reloaded")
+
+
+def test_all_linear_leaves_embedding_layers_alone_and_layerwise_groups(base):
+    """all-linear (PEFT's: no embeddings) as a second adapter does not land on an embedding LoRA layer; layer-wise
+    learning rates put an embedding's LoRA factors below the stack."""
+    model = fastpeft.inject(copy.deepcopy(base), LoraConfig(r=4, target_modules=["embed_tokens"]))
+    fastpeft.inject(model, LoraConfig(r=2, target_modules="all-linear"), adapter_name="b")
+    assert model.model.embed_tokens.adapter_names == ["default"]
+    fastpeft.set_adapter(model, "default")
+    groups = fastpeft.layerwise_param_groups(model, lr=1.0, decay=0.5)
+    lowest = min(groups, key=lambda g: g["lr"])
+    emb = model.model.embed_tokens
+    assert any(p is emb.lora_A for p in lowest["params"]) and any(p is emb.lora_B for p in lowest["params"])
+
+
+def test_the_constructor_and_a_deepcopy():
+    layer = FastLoRAEmbedding(20, 8, r=2, padding_idx=1, init_lora_weights=False)
+    assert layer.weight.shape == (20, 8) and (layer.in_features, layer.out_features) == (20, 8)
+    assert "padding_idx=1" in repr(layer)
+    x = torch.tensor([[1, 5, 7]])
+    y = layer(x)
+    assert y.shape == (1, 3, 8) and layer.scaling == 4.0
+    assert_close_report(y[0, 0], layer.weight[1] + (layer.lora_B @ layer.lora_A[:, 1]) * 4.0, 1e-6, 1e-6, "row 0")
+    layer.eval()
+    with torch.no_grad():
+        layer(x)                                     # the transposed view of E kept
+    copied = copy.deepcopy(layer)
+    assert "_wt" not in copied.__dict__           # not a second E in the copy
+    with torch.no_grad():
+        assert torch.equal(copied(x), layer(x))
+    with pytest.raises(TypeError, match="from_embedding"):
+        FastLoRAEmbedding.from_linear(nn.Linear(3, 3))
 
 
 def test_to_peft(base, ids):
