@@ -221,13 +221,19 @@ def test_mixed_batch_over_conv1d_layers(gpt2, ids, tmp_path):
     assert_close_report(got, want, 1e-6, 1e-6, "mixed batch")
 
 
-@pytest.mark.skipif(not (fastpeft.kernels.HAS_TRITON and fastpeft.kernels.INTERPRET), reason="TRITON_INTERPRET=1 only")
+@pytest.mark.parametrize("dev", ["cpu", pytest.param("cuda", marks=pytest.mark.gpu)])
 @pytest.mark.parametrize("dora", [False, True], ids=["lora", "dora"])
-def test_kernels_read_the_transposed_view(gpt2, ids, dora):
-    """On the triton backend (the interpreter here), dropout in training: outputs and gradients equal the reference
-    backend's with the kernels' mask, W read as the transposed view; then a mixed batch in eval."""
+def test_kernels_read_the_transposed_view(gpt2, ids, dora, dev):
+    """On the triton backend (the interpreter on CPU tensors, the compiled kernels on a card: the GPU check runs the
+    gpu-marked case), dropout in training: outputs and gradients equal the reference backend's with the kernels'
+    mask, W read as the transposed view; then a mixed batch in eval."""
+    if not fastpeft.kernels.HAS_TRITON or (dev == "cpu") != fastpeft.kernels.INTERPRET:
+        pytest.skip("the triton backend on this device needs " + ("TRITON_INTERPRET=1" if dev == "cpu" else
+                                                                   "a GPU without TRITON_INTERPRET"))
     model = fastpeft.inject(copy.deepcopy(gpt2), LoraConfig(r=4, lora_alpha=8, target_modules=["c_attn"],
-                                                            lora_dropout=0.2, init_lora_weights=False, use_dora=dora))
+                                                            lora_dropout=0.2, init_lora_weights=False,
+                                                            use_dora=dora)).to(dev)
+    ids = ids.to(dev)
     results = {}
     for backend in ("reference", "triton"):
         torch.manual_seed(7)
