@@ -1049,11 +1049,11 @@ class FastLoRAEmbedding(FastLoRALinear):
     def _lookup(self, x: torch.Tensor, table: torch.Tensor) -> torch.Tensor:
         return F.embedding(x, table, self.padding_idx, None, 2.0, self.scale_grad_by_freq, False)
 
-    def _branch(self, x: torch.Tensor, name: str, dtype: torch.dtype) -> torch.Tensor:
-        """``scaling * A^T[x] B^T`` of adapter ``name`` in ``dtype`` (fp32 adapters on a half base: cast, as LoRA's)."""
+    def _branch(self, x: torch.Tensor, name: str) -> torch.Tensor:
+        """``scaling * A^T[x] B^T`` of adapter ``name``, in the adapters' dtype: fp32 adapters on a bf16 / fp16 table
+        compute in fp32 and the sum is rounded once to the table's dtype, as PEFT's layer does (a gather and an r-wide
+        product: no cast of A, which has a column per token of the vocabulary)."""
         a, b = self._pair(name)
-        if a.dtype != dtype or b.dtype != dtype:
-            a, b = cast_params((a, b), dtype, self._kept(), "_casts")
         return (self._lookup(x, a.t()) @ b.t()) * self._specs[name].scaling
 
     def forward(self, x: torch.Tensor, adapter_ids: torch.Tensor | None = None) -> torch.Tensor:
@@ -1066,19 +1066,19 @@ class FastLoRAEmbedding(FastLoRALinear):
             adapter_ids = routing[0][1]
         if self.merged and adapter_ids is not None:
             raise RuntimeError("adapter_ids cannot route rows on a merged layer: call unmerge() first")
-        weight = self.weight
-        y = self._lookup(x, weight)
+        y = self._lookup(x, self.weight)
         if self.merged:
             return y
         if adapter_ids is None:
-            return y if self._active is None else y + self._branch(x, self._active, weight.dtype)
+            return y if self._active is None else (y + self._branch(x, self._active)).to(y.dtype)
         rows = x.unsqueeze(-1)  # the per-row id rules of the linear layers, rows = x's positions
         if routing is not None:
             adapter_ids = _per_row(adapter_ids, routed_batch(adapter_ids.shape[0], rows, routing[1]))
         ids = expand_adapter_ids(adapter_ids, rows, len(self._specs), check_range=routing is None)
+        out = y
         for i, name in enumerate(self._specs):
-            y = y + torch.where((ids == i)[..., None], self._branch(x, name, weight.dtype), 0.0)
-        return y
+            out = out + torch.where((ids == i)[..., None], self._branch(x, name), 0.0)
+        return out.to(y.dtype)
 
     def base_module(self) -> nn.Module:
         """The ``nn.Embedding`` in this layer's place, holding its weight Parameter (no copy)."""
