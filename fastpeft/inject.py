@@ -667,6 +667,7 @@ class LoraMethod(Method):
         saved = plan.saved + list(saved_module_wrappers(model))
         weights = _resolve_aliases(expected, _drop_wrapper_duplicates(weights, saved))
         expected.update(_saved_base_weights(model, plan, weights))
+        expected.update(_saved_embedding_weights(model, plan.targets, saved, weights))
         check_file_tensors(expected, weights, directory)
         if adapter_name in state.adapters:
             if not isinstance(state.adapters[adapter_name], LoraConfig):
@@ -722,6 +723,8 @@ class LoraMethod(Method):
                     p.copy_(weights[k])
             for name in _saved_base_weights(model, LoraPlan(dict.fromkeys(layers), []), weights):
                 layers[name[:-len(_BASE_WEIGHT)]].weight.copy_(weights[name])  # PEFT loads them into the base
+            for key in _saved_embedding_weights(model, layers, list(saved_module_wrappers(model)), weights):
+                model.get_parameter(key).copy_(weights[key])
         if state.active == adapter_name:  # an adapter loaded beside others stays frozen
             for p in keys.values():
                 p.requires_grad_(trainable)
@@ -746,6 +749,27 @@ def _saved_base_weights(model: nn.Module, plan: LoraPlan, weights: dict) -> dict
             w = getattr(module, "weight", None)
             if isinstance(w, torch.Tensor) and w.is_floating_point():
                 out[key] = tuple(w.shape)
+    return out
+
+
+def _saved_embedding_weights(model: nn.Module, targets, saved: list, weights: dict) -> dict:
+    """File key -> shape of the model's input / output embedding weights a file holds as ``<module>.weight``, for
+    embeddings it does not adapt or save as a modules_to_save copy: PEFT's ``save_embedding_layers="auto"`` writes
+    them when the vocabulary was resized (new tokens) and loads them into the model, as these loads do (the model
+    resized first: a shape that differs is refused, naming both)."""
+    out = {}
+    paths = {id(m): n for n, m in model.named_modules()}
+    for module in (input_embeddings(model), output_head(model)):
+        name = paths.get(id(module)) if module is not None else None
+        if not name or name in targets or any(name == s or name.startswith(s + ".") for s in saved):
+            continue
+        w, key = module._parameters.get("weight"), name + ".weight"
+        if key in weights and isinstance(w, torch.Tensor) and w.is_floating_point() and not is_quantized(module):
+            if weights[key].shape[1:] == w.shape[1:] and weights[key].shape[0] != w.shape[0]:
+                raise ValueError(f"adapter file's {key!r} has {weights[key].shape[0]} rows (a vocabulary resized for "
+                                 f"training), the model's {w.shape[0]}: resize the model first, "
+                                 f"model.resize_token_embeddings({weights[key].shape[0]})")
+            out[key] = tuple(w.shape)
     return out
 
 

@@ -304,3 +304,34 @@ def test_refusals_name_the_module(base):
         layer.to_linear()
     with pytest.raises(TypeError, match="embedding must be an nn.Embedding, got Linear"):
         FastLoRAEmbedding.from_embedding(nn.Linear(3, 3))
+
+
+def test_peft_files_with_resized_embeddings_load(ids, tmp_path):
+    """New tokens: PEFT saves the untargeted input / output embeddings whole (save_embedding_layers, as "auto" does
+    after resize_token_embeddings) as <module>.weight; they load into the (resized) model as PEFT loads them, and
+    into a model not resized the refusal says what to do, the model unchanged."""
+    def resized():
+        model = llama()
+        model.resize_token_embeddings(VOCAB + 9)
+        return model
+
+    trained = resized()
+    with torch.no_grad():
+        trained.model.embed_tokens.weight[VOCAB:].normal_()
+        trained.lm_head.weight[VOCAB:].normal_()
+    pm = peft_model(trained, target_modules=["q_proj"]).eval()
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        pm.save_pretrained(tmp_path / "a", save_embedding_layers=True)
+    keys = set(load_file(tmp_path / "a" / "adapter_model.safetensors"))
+    assert {"base_model.model.model.embed_tokens.weight", "base_model.model.lm_head.weight"} <= keys
+    x = torch.cat([ids, torch.full((3, 1), VOCAB + 4)], 1)                 # a new token
+    model = fastpeft.load_adapter(resized(), tmp_path / "a").eval()
+    with torch.no_grad():
+        assert_close_report(model(x).logits, pm(x).logits, 0, 0, "resized vocabulary")
+    small = llama()
+    before = {k: v.clone() for k, v in small.state_dict().items()}
+    with pytest.raises(ValueError, match=rf"'model.embed_tokens.weight' has {VOCAB + 9} rows.*"
+                                         rf"resize_token_embeddings\({VOCAB + 9}\)"):
+        fastpeft.load_adapter(small, tmp_path / "a")
+    assert all(torch.equal(small.state_dict()[k], v) for k, v in before.items())
