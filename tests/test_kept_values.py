@@ -220,3 +220,41 @@ def test_kept_casts_never_outlive_their_values_memory(kind):
             delta.select_positions(model[0].weight)
             delta.select_positions(model[0].weight)
             assert torch.equal(model(x), want), f"try {trial}: the old values' cast was applied"
+
+
+def _holds(entry_held: tuple, sources) -> bool:
+    """Whether a kept value's ``held`` views share the memory of every one of ``sources`` (as they are now)."""
+    ptrs = {h.untyped_storage().data_ptr() for h in entry_held if h is not None}
+    return all(s.untyped_storage().data_ptr() in ptrs for s in sources)
+
+
+def test_every_kept_value_holds_the_memory_it_was_built_from():
+    """Each value kept between no-grad calls also holds views of what it was computed from (``ops.common.held``), so
+    that a ``.data`` swap cannot hand the old block back to the allocator while the key still names its address:
+    the fp32 adapters' casts, the mixed-batch stacks, DoRA's m / n and ‖W‖², and the accelerated PEFT layer's
+    stacks. The ``cast_params`` case is tested by its effect above; here each site's entry is read."""
+    peft = pytest.importorskip("peft")
+    torch.manual_seed(0)
+    layer = fastpeft.FastLoRALinear(16, 12, r=4, init_lora_weights=False).eval()
+    layer.add_adapter("b", 2, 2, init_lora_weights=False)
+    x = torch.randn(3, 16)
+    with torch.no_grad():
+        layer(x, torch.tensor([0, 1, -1]))
+    assert _holds(layer._stacks[3], layer._all_pairs()), "mixed-batch stacks"
+    dora = fastpeft.FastLoRALinear(16, 12, r=4, use_dora=True, init_lora_weights=False).eval()
+    with torch.no_grad():
+        dora(x)
+    gain = dora.__dict__["_dora_gain"]["gain"]
+    assert _holds(gain[3], [dora.weight, dora.lora_A, dora.lora_B, dora.magnitude()]), "DoRA's m / n"
+    assert _holds(dora._wsq[2], [dora.weight]), "DoRA's ‖W‖²"
+    model = peft.get_peft_model(nn.Sequential(nn.Linear(16, 12)), peft.LoraConfig(r=4, target_modules=["0"],
+                                                                                  init_lora_weights=False))
+    model.add_adapter("b", peft.LoraConfig(r=2, target_modules=["0"], init_lora_weights=False))
+    model.eval()
+    fastpeft.accelerate(model, strict=True)
+    peft_layer = model.base_model.model[0]
+    with torch.no_grad():
+        model(x, adapter_names=["default", "b", "__base__"])
+    factors = [peft_layer.lora_A[n].weight for n in ("default", "b")] + [peft_layer.lora_B[n].weight
+                                                                        for n in ("default", "b")]
+    assert _holds(peft_layer.__dict__["_fastpeft_stacks"][3], factors), "accelerated adapter_names stacks"
