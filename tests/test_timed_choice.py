@@ -779,3 +779,22 @@ def test_fp32_at_full_precision_is_not_offered_the_tma_kernels(monkeypatch):
         torch.set_float32_matmul_precision(prev)
     monkeypatch.setattr(KT, "INTERPRET", True)
     assert KT.tma_precision_ok(torch.float32)
+
+
+def test_the_timed_choices_take_do_bench_s_median(monkeypatch):
+    """``kernels.lora._bench`` (every timed choice) and the profile script ask ``triton.testing.do_bench`` for the
+    median, the statistic the README reports (its default is the mean, which one slow outlier moves)."""
+    import importlib.util
+    import os
+
+    import triton.testing
+
+    seen = []
+    monkeypatch.setattr(triton.testing, "do_bench", lambda fn, **kw: seen.append(kw) or 1.0)
+    assert K._bench(lambda: None) == 1.0
+    path = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "benchmarks", "profile_lora.py")
+    spec = importlib.util.spec_from_file_location("profile_lora_for_test", path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    assert module.time_us(lambda: None, True) == 1e3  # its CUDA branch (do_bench faked here)
+    assert [kw.get("return_mode") for kw in seen] == ["median", "median"]
