@@ -244,6 +244,33 @@ def test_kernels_fused_shrink_fp32(forced_fused_shrink, shape, p, mode, bias):
             assert_close_report(a, e, 2e-5, 2e-5 * float(e.detach().abs().max()), name)
 
 
+@pytest.mark.usefixtures("kernel_stream_reference")
+@pytest.mark.parametrize("m_trains", [True, False], ids=["dm", "no-dm"])
+def test_the_fused_backward_is_asked_for_the_magnitude_partials_only_when_m_trains(forced_fused_shrink, monkeypatch,
+                                                                                  m_trains):
+    """The plain backward's choice of the fused TMA dY pass asks ``dora_dy_pass_fits`` with ``dm_part`` exactly when
+    the magnitude needs its gradient (the partials of dm take shared memory: with them fewer configs fit, none in
+    fp32); where it says no, the kernels' path runs and the gradients are still the oracle's."""
+    from fastpeft.kernels import lora_tma as KT
+    asked, real = [], KT.dora_dy_pass_fits
+    monkeypatch.setattr(KT, "dora_dy_pass_fits", lambda *a, **kw: asked.append(kw.get("dm_part")) or real(*a, **kw))
+    t = _case(33, 80, 48, 8)
+    dy = torch.randn(33, 48, dtype=torch.float64)
+    leaves = [None if v is None else v.detach().float().requires_grad_(i == 5 and m_trains or i in (0, 3, 4))
+              for i, v in enumerate(t)]
+    y = _ours("triton", 0.0, "exact")(*leaves)
+    y.backward(dy.float())
+    assert asked and set(asked) == {m_trains} and forced_fused_shrink[-1][0] == "bwd"  # the op's, the launcher's
+    monkeypatch.setattr(KT, "dora_dy_pass_fits", lambda *a, **kw: False)  # no config holds it: the kernels' path
+    forced_fused_shrink.clear()
+    leaves2 = [None if v is None else v.detach().clone().requires_grad_(v.requires_grad) for v in leaves]
+    _ours("triton", 0.0, "exact")(*leaves2).backward(dy.float())
+    assert [k for k, _ in forced_fused_shrink] == ["fwd"]
+    for a, b, name in zip(leaves2, leaves, ("x", "W", "b", "A", "B", "m")):
+        if b is not None and b.grad is not None:
+            assert_close_report(a.grad, b.grad, 1e-5, 1e-5 * float(b.grad.abs().max()), name)
+
+
 @pytest.fixture
 def forced_decode(monkeypatch):
     """FASTPEFT_LORA_GEMM=decode, and a list that records each launch of the one-launch decode forward."""

@@ -772,7 +772,18 @@ def test_fp32_at_full_precision_is_not_offered_the_tma_kernels(monkeypatch):
         monkeypatch.setenv("FASTPEFT_MULTI_PATH", "fused")
         assert OM._fused_refusal(xs, ws, None, *stacks, None) is None
         monkeypatch.delenv("FASTPEFT_MULTI_PATH")
+        # sparse deltas: the TMA sparse GEMM likewise (untested before 2026-12-01)
+        from fastpeft.ops.sparse import build_sparse_plan
+        plan = build_sparse_plan(torch.tensor([[0, 1], [2, 0]], dtype=torch.int32), 48, 64, 16)
+        xa, wa, run = torch.randn(8, 64), torch.randn(48, 64), object()
+        assert plan.csr_rows is not None
+        assert OS._tma_way(plan, xa, wa, True, run) is None
+        assert OS._tma_way(plan, xa.bfloat16(), wa.bfloat16(), True, run) is run
+        monkeypatch.setenv("FASTPEFT_SPARSE_GEMM", "tma")
+        assert OS._tma_way(plan, xa, wa, True, run) is run
+        monkeypatch.delenv("FASTPEFT_SPARSE_GEMM")
         torch.set_float32_matmul_precision("high")
+        assert OS._tma_way(plan, xa, wa, True, run) is run
         assert KT.tma_precision_ok(torch.float32)
         assert tuple(OL.gemm_candidates(a, b, lu, lv, scale=1.0)) == ("fused", "tma", "cublas")
     finally:
