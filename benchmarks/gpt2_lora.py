@@ -2,8 +2,8 @@
 made fast by ``fastpeft.accelerate``, and ``fastpeft.inject``'s layers (the same adapter, loaded from PEFT's files):
 one training step (forward + backward) and one no-grad eval forward of the whole model.
 
-    python benchmarks/gpt2_lora.py [--layers 2] [--width 768] [--batch 4] [--seq 128] [--rank 16]
-                                   [--dropout 0.0 0.1] [--device cpu|cuda] [--out FILE.md]
+    python benchmarks/gpt2_lora.py [--layers 2] [--width 768] [--vocab 1000] [--batch 4] [--seq 128] [--rank 16]
+                                   [--dropout 0.0 0.1] [--device cpu|cuda] [--rep-ms 2000] [--out FILE.md]
 
 GPT-2's own dropouts are off (``*_pdrop = 0``) so that both models compute the same thing; LoRA on ``c_attn``,
 ``c_proj`` and ``c_fc``. Medians (ms) of interleaved calls on the CPU (``harness.bench_interleaved``), of
@@ -34,7 +34,7 @@ def models(args):
     import transformers
 
     torch.manual_seed(0)
-    cfg = transformers.GPT2Config(n_layer=args.layers, n_embd=args.width, n_head=max(1, args.width // 64),
+    cfg = transformers.GPT2Config(n_layer=args.layers, n_embd=args.width, n_head=args.width // 64,
                                   vocab_size=args.vocab, n_positions=max(args.seq, 64), resid_pdrop=0.0,
                                   embd_pdrop=0.0, attn_pdrop=0.0, bos_token_id=0, eos_token_id=0)
     base = transformers.GPT2LMHeadModel(cfg).to(args.device)
@@ -67,6 +67,10 @@ def main(argv=None) -> str:
     ap.add_argument("--rep-ms", type=non_negative_int, default=2000)
     ap.add_argument("--out", type=output_file, default=None, help="also write the table to this markdown file")
     args = ap.parse_args(argv)
+    if args.width % 64:
+        ap.error(f"--width must be a multiple of 64 (GPT-2's 64-wide attention heads), got {args.width}")
+    if args.device == "cuda" and not torch.cuda.is_available():
+        ap.error("--device cuda: no CUDA device here")
     ids = torch.randint(0, args.vocab, (args.batch, args.seq), device=args.device)
     rows = []
     for p, pair in models(args).items():
@@ -96,8 +100,8 @@ def main(argv=None) -> str:
             rows.append(f"| {what} | {p} | {peft_ms:.1f} | {acc_ms:.1f} ({peft_ms / acc_ms:.2f}x) | "
                         f"{inj_ms:.1f} ({peft_ms / inj_ms:.2f}x) |")
     env = environment(args.device)
-    head = table_head(f"LoRA on GPT-2 ({args.layers} blocks, width {args.width}, batch {args.batch} x "
-                      f"{args.seq} tokens, r = {args.rank}, Conv1D layers)", env)
+    head = table_head(f"LoRA on GPT-2 ({args.layers} blocks, width {args.width}, vocabulary {args.vocab}, batch "
+                      f"{args.batch} x {args.seq} tokens, r = {args.rank}, Conv1D layers)", env)
     cmd = " ".join(sys.argv[1:] if argv is None else argv)
     text = "\n".join([head, "", f"`python benchmarks/gpt2_lora.py {cmd}`".replace(" `", "`"),
                       "", "| call | lora_dropout | PEFT ms | PEFT + accelerate ms (speed-up) "

@@ -31,7 +31,7 @@ from ._checks import few
 from .inject import INJECT_HOOKS, active_adapter, adapter_configs, lora_layers, method_for
 from .matching import output_head
 from .io import load_adapter, read_adapter_config, save_adapter
-from .layers import FastLoRALinear, ModulesToSaveWrapper, QLoRALinear
+from .layers import FastLoRALinear, ModulesToSaveWrapper
 
 _PEFT_PREFIX = "base_model.model."
 _ADAPTER_WEIGHTS = "adapter_model.safetensors"
@@ -287,11 +287,9 @@ _FASTPEFT_ATTRS = ("_fastpeft_adapters", "_fastpeft_active", "_fastpeft_trained"
 
 
 def _base_module(layer: FastLoRALinear) -> nn.Module:
-    """The module PEFT wraps in ``layer``'s place: a QLoRA layer's bitsandbytes layer itself (PEFT's
-    ``lora.bnb`` layers then read its packed weight), else ``layer.base_module()``: an nn.Linear (or a Conv1D, for
-    a layer made from one) sharing ``layer``'s weight and bias (no copy)."""
-    if isinstance(layer, QLoRALinear):
-        return layer.base_layer
+    """The module PEFT wraps in ``layer``'s place, ``layer.base_module()``: a QLoRA layer's bitsandbytes layer itself
+    (PEFT's ``lora.bnb`` layers then read its packed weight), else an nn.Linear (a Conv1D, an nn.Embedding, for a
+    layer made from one) holding ``layer``'s weight and bias (no copy)."""
     return layer.base_module()
 
 

@@ -623,10 +623,13 @@ class LoraMethod(Method):
     def file_tensors(self, model: nn.Module, config, adapter_name: str, state) -> dict:
         layers = self._layers(model, adapter_name)
         keys = {**self._keys(model, config, adapter_name, layers), **_sparse_file_tensors(layers, adapter_name)}
-        embeddings = (output_head(model), input_embeddings(model))
-        for name, layer in layers.items():  # PEFT's save_embedding_layers="auto": a LoRA'd input or output embedding's
-            if any(layer is e for e in embeddings) and not isinstance(layer, QLoRALinear):  # base weight too (a
-                if layer.merged:                                                               # resized vocabulary)
+        # PEFT's save_embedding_layers="auto": where a target is named like an embedding (embed_tokens, lm_head), the
+        # base weights of the LoRA'd input / output embeddings go into the file too (a resized vocabulary's rows)
+        named = any(n.rsplit(".", 1)[-1] in _EMBEDDING_LAYER_NAMES for n in layers)
+        embeddings = (output_head(model), input_embeddings(model)) if named else ()
+        for name, layer in layers.items():
+            if any(layer is e for e in embeddings) and not isinstance(layer, QLoRALinear):
+                if layer.merged:
                     raise RuntimeError(f"save_adapter: {name!r} has an adapter merged into its weight, which the file "
                                        f"holds as the base weight ({name + _BASE_WEIGHT!r}) for a resized "
                                        "vocabulary: a load would add the delta twice; unmerge the layer first")
@@ -731,6 +734,7 @@ class LoraMethod(Method):
 
 
 _DORA_SUFFIX = ".lora_magnitude_vector"  # PEFT's key of a DoRA magnitude (out,)
+_EMBEDDING_LAYER_NAMES = ("embed_tokens", "lm_head")  # PEFT's: targets named so save the embeddings' base weights
 _BASE_WEIGHT = ".base_layer.weight"
 
 

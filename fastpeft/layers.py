@@ -990,6 +990,7 @@ class FastLoRAEmbedding(FastLoRALinear):
 
     def __init__(self, num_embeddings, embedding_dim, r=8, lora_alpha=8, lora_dropout=0.0, padding_idx=None,
                  use_rslora=False, init_lora_weights=True, device=None, dtype=None, adapter_name="default"):
+        """A new ``nn.Embedding(num_embeddings, embedding_dim, padding_idx)`` (frozen) with adapter ``adapter_name``."""
         nn.Module.__init__(self)
         for name, v in (("num_embeddings", num_embeddings), ("embedding_dim", embedding_dim)):
             check_rank(v, name)
@@ -1013,17 +1014,22 @@ class FastLoRAEmbedding(FastLoRALinear):
 
     @classmethod
     def from_linear(cls, *args, **kwargs):
+        """Refused: an embedding layer wraps an nn.Embedding (``from_embedding``)."""
         raise TypeError("FastLoRAEmbedding wraps an nn.Embedding: FastLoRAEmbedding.from_embedding(embedding, ...); "
                         "an nn.Linear takes FastLoRALinear.from_linear")
 
     @classmethod
     def from_conv1d(cls, *args, **kwargs):
+        """Refused: an embedding layer wraps an nn.Embedding (``from_embedding``)."""
         raise TypeError("FastLoRAEmbedding wraps an nn.Embedding: FastLoRAEmbedding.from_embedding(embedding, ...); "
                         "a Conv1D takes FastLoRALinear.from_conv1d")
 
     def add_adapter(self, name, r, lora_alpha, lora_dropout=0.0, use_rslora=False, init_lora_weights=True,
                     sparse_density=0.0, sparse_block_size=1, sparse_selection="random", sparse_scores=None,
                     use_dora=False):
+        """Add plain-LoRA adapter ``name`` (its own rank, alpha; dropout kept, not applied to ids), as
+        ``FastLoRALinear.add_adapter``; ``use_dora=True`` and ``sparse_density > 0`` are refused."""
+        check_dora_options(use_dora, sparse_density)
         if use_dora is True or sparse_density:
             what = "use_dora=True" if use_dora is True else f"sparse_density={sparse_density!r}"
             raise ValueError(f"adapter {name!r}: {what} on an embedding layer: fastpeft's embedding LoRA is plain "
@@ -1088,6 +1094,7 @@ class FastLoRAEmbedding(FastLoRALinear):
         return emb
 
     def to_linear(self):
+        """Refused: an embedding has no nn.Linear form (``merge()`` then ``base_module()``: the merged table)."""
         raise TypeError("to_linear: an embedding layer has no nn.Linear form; merge_and_unload gives the merged "
                         "nn.Embedding (base_module() after merge())")
 
@@ -1263,6 +1270,10 @@ class QLoRALinear(FastLoRALinear):
         assign_merged_weight(self.base_layer, merged_weight(self.base_layer, -self.delta_weight()))
         self._qw = None  # the view of the weight before: not kept alive until the next call
         self.merged = False
+
+    def base_module(self) -> nn.Module:
+        """The bitsandbytes layer this layer wraps, itself (its packed weight as bnb holds it)."""
+        return self.base_layer
 
     @torch.no_grad()
     def to_linear(self, name: str = "") -> nn.Linear:

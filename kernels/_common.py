@@ -161,8 +161,8 @@ def scale_onto_lv(lv: torch.Tensor, scale: float) -> tuple:
     where PyTorch's ``(u @ lv) * scale`` holds u itself. There scale = m 2^e (frexp: 0.5 <= |m| < 1) is split:
     ``(2^e lv, m)``, the power of two onto the R x N factor (exact: no rounding, and lv is a LoRA factor, far
     from fp16's max), m onto lu (no larger than u). Rounding m u and scaling by 2^e commute, so the result has the
-    bits of the unsplit fold wherever that was finite. Other dtypes (bf16 has fp32's range) and |scale| <= 1: as
-    given."""
+    bits of the unsplit fold wherever m u is in fp16's normal range (below it m u keeps fewer bits than s u did;
+    PyTorch holds u itself there). Other dtypes (bf16 has fp32's range) and |scale| <= 1: as given."""
     if lv.dtype == torch.float16 and abs(scale) > 1.0:
         m, e = math.frexp(scale)
         return lv * float(2 ** e), m

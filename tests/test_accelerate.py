@@ -7,6 +7,7 @@ statistically for the drop rate, and exactly in eval mode.
 """
 import collections
 import copy
+import warnings
 
 import pytest
 import torch
@@ -517,6 +518,26 @@ def test_gpt2_conv1d_adapter_names_batch_and_a_swapped_weight(gpt2, ids):
     fastpeft.restore(model)
     with torch.no_grad():
         assert_close_report(got, model(ids).logits, RTOL, ATOL, "after a .data swap of W")
+
+
+def test_an_unfrozen_conv1d_weight_gets_its_gradient_after_eval_calls():
+    """accelerate's kept transposed view of a Conv1D's W is not handed out once W requires grad (a view with no
+    autograd edge to W: no gradient, silently)."""
+    torch.manual_seed(0)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        model = peft.get_peft_model(Conv1DModel(), peft.LoraConfig(r=4, target_modules=["c_attn"],
+                                                                   init_lora_weights=False))
+    fastpeft.accelerate(model, strict=True)
+    model.eval()
+    x = torch.randn(5, 16)
+    with torch.no_grad():
+        model(x)                                       # the view kept
+    conv = model.base_model.model.c_attn.base_layer
+    conv.weight.requires_grad_(True)
+    model(x).sum().backward()
+    assert conv.weight.grad is not None and torch.count_nonzero(conv.weight.grad) > 0
+    assert model.base_model.model.c_attn._fastpeft_calls == {"fastpeft": 2}
 
 
 class OwnConv1D(transformers.pytorch_utils.Conv1D):

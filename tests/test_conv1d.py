@@ -147,6 +147,21 @@ def test_an_unfrozen_conv1d_weight_gets_its_gradient_after_eval_calls():
     assert_close_report(layer.weight.grad, x.sum(0)[:, None].expand(4, 6), 1e-6, 1e-6, "dW of sum(x W)")
 
 
+def test_a_deepcopy_does_not_copy_the_kept_view_apart_from_w():
+    """The transposed view kept between eval calls stays out of a deepcopy / pickle (it would be copied apart from
+    W: a second full W in the copy until its next call)."""
+    layer = FastLoRALinear.from_conv1d(transformers.pytorch_utils.Conv1D(6, 4), r=2, init_lora_weights=False).eval()
+    x = torch.randn(3, 4)
+    with torch.no_grad():
+        layer(x)
+    assert "_wt" in layer.__dict__
+    copied = copy.deepcopy(layer)
+    assert "_wt" not in copied.__dict__
+    with torch.no_grad():
+        assert torch.equal(copied(x), layer(x))
+    assert copied._w().data_ptr() == copied.weight.data_ptr()
+
+
 def test_a_tied_conv1d_weight_gets_its_own_merged_copy(gpt2, ids):
     """Merging into a Conv1D weight that another module shares: the merged layer gets its own copy (warned), the
     other keeps the base weight, as for an nn.Linear."""

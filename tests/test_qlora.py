@@ -851,3 +851,13 @@ def test_release_workspaces_and_buffers_of_any_shape():
     qw = QuantizedWeight.from_module(_layer4(64, 48))
     buf = torch.empty(96, 64)  # a 2-D contiguous buffer of enough elements: used flat
     assert torch.equal(dequantize_weight(qw, torch.float32, out=buf), dequantize_weight(qw, torch.float32))
+
+
+def test_base_module_is_the_bitsandbytes_layer_itself():
+    """``base_module()`` of a QLoRA layer is the bnb layer it wraps (its packed weight as bnb holds it), not an
+    nn.Linear over the packed bytes (which raised at its first call)."""
+    import fastpeft
+
+    base = _layer4(64, 32)
+    layer = fastpeft.FastLoRALinear.from_linear(base, r=4)
+    assert layer.base_module() is base
