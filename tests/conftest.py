@@ -88,6 +88,26 @@ def train_steps(model, ids, steps: int, lr: float = 1e-2) -> list:
     return losses
 
 
+def peft_and_fastpeft_mixed_batches(pm, base, a, b, ids) -> tuple:
+    """``(PEFT's, fastpeft's)`` logits of one batch with a per-sequence adapter: ``pm`` (a PeftModel holding
+    "default", saved in folder ``a``) gets folder ``b`` as adapter "b" and runs ``adapter_names=["b", "__base__",
+    "default"]``; a copy of ``base`` loads both folders with fastpeft and runs ``mixed_batch(["b", None, "a"])``."""
+    import copy
+
+    import fastpeft
+
+    pm.load_adapter(b, adapter_name="b")
+    pm.eval()
+    model = fastpeft.load_adapter(copy.deepcopy(base), a, adapter_name="a")
+    fastpeft.load_adapter(model, b, adapter_name="b")
+    model.eval()
+    with torch.no_grad():
+        want = pm(ids, adapter_names=["b", "__base__", "default"]).logits  # PEFT's first adapter: "default"
+        with fastpeft.mixed_batch(model, ["b", None, "a"]):
+            got = model(ids).logits
+    return want, got, model
+
+
 # Every dtype the kernels take, by the names test ids use.
 DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
 

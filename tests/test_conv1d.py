@@ -15,7 +15,7 @@ transformers = pytest.importorskip("transformers")
 peft = pytest.importorskip("peft")
 
 import fastpeft  # noqa: E402
-from conftest import assert_close_report, loss_step, train_steps  # noqa: E402
+from conftest import assert_close_report, loss_step, peft_and_fastpeft_mixed_batches, train_steps  # noqa: E402
 from fastpeft import FastLoRALinear, LoraConfig, SparseDeltaConfig  # noqa: E402
 
 pytestmark = pytest.mark.filterwarnings("ignore:`is_gradient_checkpointing` is deprecated:FutureWarning")
@@ -224,15 +224,7 @@ def test_mixed_batch_over_conv1d_layers(gpt2, ids, tmp_path):
     """Per-sequence adapters (two ranks, and the base) through Conv1D layers equal PEFT's adapter_names batch."""
     pm, a = peft_files(gpt2, tmp_path, "a")
     _, b = peft_files(gpt2, tmp_path, "b", r=2, lora_alpha=2, target_modules=["c_attn"])
-    pm.load_adapter(b, adapter_name="b")
-    pm.eval()
-    model = fastpeft.load_adapter(copy.deepcopy(gpt2), a, adapter_name="a")
-    fastpeft.load_adapter(model, b, adapter_name="b")
-    model.eval()
-    with torch.no_grad():
-        want = pm(ids, adapter_names=["b", "__base__", "default"]).logits  # PEFT's first adapter: "default"
-        with fastpeft.mixed_batch(model, ["b", None, "a"]):
-            got = model(ids).logits
+    want, got, _ = peft_and_fastpeft_mixed_batches(pm, gpt2, a, b, ids)
     assert_close_report(got, want, 1e-6, 1e-6, "mixed batch")
 
 

@@ -16,7 +16,7 @@ transformers = pytest.importorskip("transformers")
 peft = pytest.importorskip("peft")
 
 import fastpeft  # noqa: E402
-from conftest import assert_close_report, loss_step, train_steps  # noqa: E402
+from conftest import assert_close_report, loss_step, peft_and_fastpeft_mixed_batches, train_steps  # noqa: E402
 from fastpeft import FastLoRAEmbedding, LoraConfig, SparseDeltaConfig  # noqa: E402
 
 pytestmark = pytest.mark.filterwarnings("ignore:`is_gradient_checkpointing` is deprecated:FutureWarning")
@@ -146,15 +146,8 @@ def test_two_adapters_per_sequence_as_peft_adapter_names(base, ids, tmp_path):
     a = save(pm, tmp_path / "a")
     other = peft_model(base, r=2, lora_alpha=2, target_modules=["embed_tokens"])
     b = save(other, tmp_path / "b")
-    pm.load_adapter(b, adapter_name="b")
-    pm.eval()
-    model = fastpeft.load_adapter(copy.deepcopy(base), a, adapter_name="a")
-    fastpeft.load_adapter(model, b, adapter_name="b")
-    model.eval()
+    want, got, model = peft_and_fastpeft_mixed_batches(pm, base, a, b, ids)
     with torch.no_grad():
-        want = pm(ids, adapter_names=["b", "__base__", "default"]).logits
-        with fastpeft.mixed_batch(model, ["b", None, "a"]):
-            got = model(ids).logits
         per_id = model.model.embed_tokens(ids, torch.tensor([1, -1, 0]))   # the layer's own per-sequence ids
         assert_close_report(per_id[1], base.model.embed_tokens(ids[1]), 0, 0, "base row")
     assert_close_report(got, want, 1e-6, 1e-6, "mixed batch")
