@@ -49,7 +49,7 @@ from torch.nn.modules import module as _torch_module
 
 from .functional import dora_linear, lora_linear, lora_linear_multi, qlora_linear
 from .hf import _InstanceMethod
-from .ops.common import cast_params, held, kept_state
+from .ops.common import cast_params, held, kept_state, kept_transpose
 from .quant import _bnb_class_name, conv1d_class, is_conv1d, kept_quantized_weight, own_forward
 from .reference import tracing_or_transformed
 
@@ -140,12 +140,7 @@ def _weight(self, base: nn.Module) -> torch.Tensor:
     w = _param(base, "weight")
     if not is_conv1d(base):
         return w
-    if self.training or w.requires_grad or torch.compiler.is_compiling():
-        return w.t()
-    hit = self.__dict__.get("_fastpeft_wt")
-    if hit is None or hit[0] is not w or hit[1].data_ptr() != w.data_ptr() or hit[1].shape != w.shape[::-1]:
-        hit = self.__dict__["_fastpeft_wt"] = (w, w.t())
-    return hit[1]
+    return kept_transpose(self.__dict__, "_fastpeft_wt", w, keep=not self.training)
 
 
 def _fan_in_fan_out_reason(self, base: nn.Module) -> str | None:

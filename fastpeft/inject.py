@@ -267,29 +267,22 @@ def plan_lora(model: nn.Module, config, reload: bool = False, warn: bool = True)
         if reload and isinstance(module, SparseDeltaLinear):
             targets[name] = None  # the model's sparse adapter, loaded again
             continue
-        if isinstance(module, (nn.Embedding, FastLoRAEmbedding)):
+        if isinstance(module, (nn.Embedding, FastLoRAEmbedding)):  # (both checks refuse a sparse delta)
             _check_embedding_target(name, module, config)
-            targets[name] = (pattern_value(config.rank_pattern, name, config.r),
-                             pattern_value(config.alpha_pattern, name, config.lora_alpha))
-            continue
-        if _conv1d(module) or isinstance(module, FastLoRALinear) and module.fan_in_fan_out:
+        elif _conv1d(module) or isinstance(module, FastLoRALinear) and module.fan_in_fan_out:
             _check_conv1d_target(name, module, config)
-            targets[name] = (pattern_value(config.rank_pattern, name, config.r),
-                             pattern_value(config.alpha_pattern, name, config.lora_alpha))
-            continue
-        if not isinstance(module, (nn.Linear, FastLoRALinear)):
+        elif not isinstance(module, (nn.Linear, FastLoRALinear)):
             raise ValueError(f"target_modules matched {name!r}, a {type(module).__name__}; fastpeft "
                              "adapts nn.Linear modules only (LoRA: transformers Conv1D too): narrow target_modules or "
                              "exclude it")
-        if isinstance(config, SparseDeltaConfig):
+        elif isinstance(config, SparseDeltaConfig):
             if not isinstance(module, nn.Linear):
                 raise ValueError(f"target_modules matched {name!r}, a {type(module).__name__}; a sparse delta goes on "
                                  "a plain nn.Linear (one adapter kind per layer)")
             targets[name] = None
             continue
-        r = pattern_value(config.rank_pattern, name, config.r)
-        alpha = pattern_value(config.alpha_pattern, name, config.lora_alpha)
-        targets[name] = (r, alpha)
+        targets[name] = (pattern_value(config.rank_pattern, name, config.r),
+                         pattern_value(config.alpha_pattern, name, config.lora_alpha))
     if not targets:
         linear = [n for n, m in model.named_modules() if isinstance(m, (nn.Linear, FastLoRALinear)) or _conv1d(m)][:8]
         hint = ""

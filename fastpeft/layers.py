@@ -28,7 +28,8 @@ from ._checks import (check_adapter_name, check_bool, check_dora_options, check_
                       check_sparse_delta, check_sparse_options, expand_adapter_ids, routed_batch)
 from .functional import (dora_linear, lora_linear, lora_linear_multi, lora_sparse_linear, qlora_linear, resolve_backend,
                          sparse_delta_linear)
-from .ops.common import cast_params, held, kept_state, optimizer_steps, outside_inference_mode, tensor_version
+from .ops.common import (cast_params, held, kept_state, kept_transpose, optimizer_steps, outside_inference_mode,
+                         tensor_version)
 from .ops.dora import weight_sq_norms
 from .quant import (QuantizedWeight, assign_merged_weight, base_kind, call_buffer, conv1d_class, dequantize_weight,
                     is_conv1d, is_quantized, kept_quantized_weight, merged_weight)
@@ -119,17 +120,7 @@ class TunerLayer(nn.Module):
         fresh one while tracing or while W requires grad (no autograd node kept between calls)."""
         params = self._parameters
         w = params["weight"] if "weight" in params else self.weight
-        if not self._stored_in_out:
-            return w
-        if w.requires_grad or tracing_or_transformed():
-            return w.t()
-        hit = self.__dict__.get("_wt")
-        if hit is not None and hit[0] is w and hit[1].data_ptr() == w.data_ptr() and hit[1].dtype == w.dtype \
-                and hit[1].device == w.device and hit[1].shape == w.shape[::-1]:
-            return hit[1]
-        wt = w.t()
-        self.__dict__["_wt"] = (w, wt)
-        return wt
+        return kept_transpose(self.__dict__, "_wt", w) if self._stored_in_out else w
 
     def delta_weight(self) -> torch.Tensor:
         """What ``merge`` adds to the weight: (out, in), in the weight's dtype."""
@@ -807,11 +798,14 @@ class FastLoRALinear(TunerLayer):
         return (f"in_features={self.in_features}, out_features={self.out_features}, bias={self.bias is not None}, "
                 f"active={self._active!r}, merged={self.merged}, adapters=[{adapters}]")
 
+    def _check_input(self, x: torch.Tensor) -> None:
+        check_in_features(x, self.in_features)
+
     def _routed_ids(self, x: torch.Tensor, adapter_ids: torch.Tensor | None) -> tuple:
         """``(routing, adapter_ids)`` of a forward, x checked against in_features: without ``adapter_ids``, those
         of the enclosing ``fastpeft.mixed_batch`` (``routing``: ``((names, ids), rows_per_sequence)``, see
         ``_call_routing``; None when not routed). A merged layer refuses to route rows."""
-        check_in_features(x, self.in_features)
+        self._check_input(x)
         routing = _call_routing(self, adapter_ids)
         if routing is not None:
             adapter_ids = routing[0][1]
@@ -1052,6 +1046,9 @@ class FastLoRAEmbedding(FastLoRALinear):
             nn.init.zeros_(a)
         nn.init.normal_(b)
 
+    def _check_input(self, x: torch.Tensor) -> None:
+        check_embedding_ids(x, self.in_features)
+
     def _lookup(self, x: torch.Tensor, table: torch.Tensor) -> torch.Tensor:
         return F.embedding(x, table, self.padding_idx, None, 2.0, self.scale_grad_by_freq, False)
 
@@ -1066,12 +1063,7 @@ class FastLoRAEmbedding(FastLoRALinear):
         """x (...) int ids -> (..., embedding_dim). ``adapter_ids`` (per id, ``x.shape``, or per sequence,
         ``(x.shape[0],)``) gives each position the adapter of that index in ``adapter_names`` (-1 = base only);
         inside ``fastpeft.mixed_batch`` the per-sequence routing applies."""
-        check_embedding_ids(x, self.in_features)
-        routing = _call_routing(self, adapter_ids)
-        if routing is not None:
-            adapter_ids = routing[0][1]
-        if self.merged and adapter_ids is not None:
-            raise RuntimeError("adapter_ids cannot route rows on a merged layer: call unmerge() first")
+        routing, adapter_ids = self._routed_ids(x, adapter_ids)
         y = self._lookup(x, self.weight)
         if self.merged:
             return y

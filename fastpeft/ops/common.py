@@ -93,6 +93,22 @@ def scaled_mm(a: torch.Tensor, b: torch.Tensor, alpha: float) -> torch.Tensor:
     return torch.addmm(a.new_empty(a.shape[0], b.shape[1]), a, b, beta=0, alpha=alpha)
 
 
+def kept_transpose(store: dict, key: str, w: torch.Tensor, keep: bool = True) -> torch.Tensor:
+    """``w.t()``, kept in ``store[key]`` and handed out again while ``w`` (identity), its memory, dtype, device and
+    shape are the same: the same view object between calls (a cache keyed on identity, DoRA's norm, then hits). A
+    fresh view when not ``keep``, while W requires grad (a kept view would be no autograd edge to a W unfrozen since)
+    and while tracing or under a torch.func transform."""
+    if not keep or w.requires_grad or tracing_or_transformed():
+        return w.t()
+    hit = store.get(key)
+    if hit is not None and hit[0] is w and hit[1].data_ptr() == w.data_ptr() and hit[1].dtype == w.dtype \
+            and hit[1].device == w.device and hit[1].shape == w.shape[::-1]:
+        return hit[1]
+    wt = w.t()
+    store[key] = (w, wt)
+    return wt
+
+
 def held(tensors) -> tuple:
     """Detached views of ``tensors`` (None kept), stored beside a value kept under ``kept_state``-style keys: their
     memory stays allocated while the value is kept, so a Parameter whose ``.data`` is swapped (``set_delta``, a load)
