@@ -8,6 +8,7 @@ from __future__ import annotations
 import functools
 import math
 import os
+import re
 
 import torch
 
@@ -111,6 +112,29 @@ def check_module_list(v, name: str):
     if isinstance(v, str) or not all(isinstance(s, str) and s for s in v):
         raise TypeError(f"{name} must be a list of module names or None, got {v!r}")
     return list(v)
+
+
+def check_layers(layers_to_transform, layers_pattern, target_modules):
+    """PEFT's rules for ``layers_to_transform`` (None, an int >= 0 or a list of them) and ``layers_pattern`` (None, a
+    regex or a list of them), which filter a target_modules list, never a regex string ("all-linear", which PEFT
+    refuses here, is taken as the list of every linear layer's name)."""
+    idx = layers_to_transform
+    items = idx if isinstance(idx, (list, tuple)) else [idx] if idx is not None else []
+    if not all(isinstance(i, int) and not isinstance(i, bool) and i >= 0 for i in items):
+        raise ValueError(f"layers_to_transform must be None, an int >= 0 or a list of them, got {idx!r}")
+    pats = layers_pattern if isinstance(layers_pattern, (list, tuple)) else [layers_pattern] if layers_pattern else []
+    for pat in pats:
+        if not isinstance(pat, str) or not pat:
+            raise ValueError(f"layers_pattern must be None, a non-empty str or a list of them, got {layers_pattern!r}")
+        try:
+            re.compile(pat)
+        except re.error as e:
+            raise ValueError(f"layers_pattern {pat!r} is not a valid regex: {e}") from None
+    if pats and idx is None:
+        raise ValueError(f"layers_pattern={layers_pattern!r} needs layers_to_transform (the block indices to adapt)")
+    if isinstance(target_modules, str) and target_modules.lower() != "all-linear" and (items or pats):
+        raise ValueError(f"layers_to_transform / layers_pattern cannot be used with a regex target_modules "
+                         f"({target_modules!r}), as in PEFT: put the block indices into the regex, or pass a list")
 
 
 def check_sparse_options(density, block_size, selection, prefix: str = "", allow_zero: bool = False) -> None:

@@ -18,12 +18,12 @@ import torch
 import torch.nn as nn
 
 from ._checks import (check_adapter_name, check_bool, check_choice, check_dora_options, check_dropout,
-                      check_embedding, check_file_tensors, check_finite_number, check_init, check_rank,
+                      check_embedding, check_file_tensors, check_finite_number, check_init, check_layers, check_rank,
                       check_sparse_delta, check_sparse_options, few)
 from .layers import (DORA_QUANTIZED, FastLoRAEmbedding, FastLoRALinear, ModulesToSaveWrapper, QLoRALinear,
                      SparseDeltaLinear, rosa_spec)
-from .matching import (compile_pattern, default_targets, input_embeddings, is_all_linear, is_bias, matches, name_list,
-                       output_head, pattern_value, set_submodule)
+from .matching import (compile_pattern, default_targets, in_layers, input_embeddings, is_all_linear, is_bias, matches,
+                       name_list, output_head, pattern_value, set_submodule)
 from .methods import METHODS as OTHER_METHODS
 from .methods import TASK_HEADS, ParameterMethod
 from .methods import Method
@@ -49,6 +49,8 @@ class LoraConfig:
     modules_to_save: Optional[list] = None
     rank_pattern: dict = field(default_factory=dict)
     alpha_pattern: dict = field(default_factory=dict)
+    layers_to_transform: Optional[Union[int, list]] = None  # only these block indices (of a target_modules list)
+    layers_pattern: Optional[Union[str, list]] = None       # the blocks' container name(s): "layers", "h", ...
     sparse_density: float = 0.0      # > 0: a sparse delta beside each LoRA update (RoSA)
     sparse_block_size: int = 1
     sparse_selection: str = "random"
@@ -64,6 +66,11 @@ class LoraConfig:
         check_dropout(self.lora_dropout)
         self.target_modules = name_list(self.target_modules, "target_modules")
         self.exclude_modules = name_list(self.exclude_modules, "exclude_modules")
+        check_layers(self.layers_to_transform, self.layers_pattern, self.target_modules)
+        if isinstance(self.layers_to_transform, tuple):
+            self.layers_to_transform = list(self.layers_to_transform)
+        if isinstance(self.layers_pattern, tuple):
+            self.layers_pattern = list(self.layers_pattern)
         check_choice(self.bias, BIAS_CHOICES, "bias")
         check_bool(self.use_rslora, "use_rslora")
         check_dora_options(self.use_dora, self.sparse_density)
@@ -254,6 +261,10 @@ def plan_lora(model: nn.Module, config, reload: bool = False, warn: bool = True)
                 and not (conv and (isinstance(config, SparseDeltaConfig) or config.sparse is not None))
         else:
             hit = matches(spec, name)
+        # PEFT's block filter, on suffix matches of a list (here also on all-linear): an exact full name is kept
+        layers = getattr(config, "layers_to_transform", None)
+        if hit and layers is not None and not (isinstance(spec, list) and name in spec):
+            hit = in_layers(name, layers, config.layers_pattern)
         if not hit:
             continue
         _check_quantized_target(name, module, config)
@@ -293,6 +304,9 @@ def plan_lora(model: nn.Module, config, reload: bool = False, warn: bool = True)
         if conv1d and (isinstance(config, SparseDeltaConfig) or config.sparse is not None):
             hint += (f"; {conv1d} are transformers Conv1D layers (GPT-2 style), which take LoRA and DoRA adapters but "
                      "no sparse delta (RoSA's included)")
+        if getattr(config, "layers_to_transform", None) is not None:
+            hint += (f"; layers_to_transform={config.layers_to_transform!r} keeps only modules named "
+                     f"'<{config.layers_pattern or 'name'}>.<i>.' with i among them")
         raise ValueError(f"target_modules {spec!r} matched no nn.Linear of the model (after exclude_modules "
                          f"{config.exclude_modules!r}); its linear layers are named like {linear}{hint}")
     skipped = [n for n, m in model.named_modules() if (_conv1d(m) or getattr(m, "fan_in_fan_out", False) is True)
@@ -475,12 +489,12 @@ def _model_name(model: nn.Module):
 
 # PEFT LoraConfig fields that change what the adapter computes and that fastpeft does not implement:
 # an adapter that sets any of them cannot give PEFT's outputs here, so loading it is refused.
-_UNSUPPORTED = ("layers_to_transform", "lora_bias", "layer_replication",
+_UNSUPPORTED = ("lora_bias", "layer_replication",
                 "target_parameters", "trainable_token_indices", "use_qalora", "alora_invocation_tokens",
                 "use_bdlora", "megatron_config")
 _CONFIG_FIELDS = ("r", "lora_alpha", "lora_dropout", "target_modules", "exclude_modules", "bias",
                   "use_rslora", "init_lora_weights", "modules_to_save", "rank_pattern", "alpha_pattern", "use_dora",
-                  "task_type")
+                  "task_type", "layers_to_transform", "layers_pattern")
 # PEFT's inits whose adapters sit on the base weights as they were: the file's A and B are all there is
 _LOADABLE_INITS = (True, False, "gaussian", "orthogonal", "eva")
 _SPARSE_LORA_FIELDS = ("sparse_density", "sparse_block_size", "sparse_selection")  # RoSA: fastpeft's own keys
@@ -557,14 +571,14 @@ class LoraMethod(Method):
         # already applied, so PEFT adapts exactly the layers that were trained here.
         d["target_modules"] = sorted(self._layers(model, adapter_name))
         d["exclude_modules"] = None
+        d["layers_to_transform"] = d["layers_pattern"] = None  # applied already: the names above are exact
         # RoSA (LoRA beside a sparse delta) under fastpeft's own type: PEFT refuses the file instead of loading the
         # LoRA part alone (it ignores the sparse fields and keys: other outputs, no error)
         # fan_in_fan_out: PEFT sets each layer's from its base module (True on a Conv1D, False on an nn.Linear),
         # warning where the config's disagrees; written as the layers are, as PEFT's own GPT-2 files have it
         fan_in = any(m.fan_in_fan_out for m in self._layers(model, adapter_name).values())
         d.update(peft_type=self.peft_type if config.sparse is None else ROSA_PEFT_TYPE, inference_mode=True,
-                 fan_in_fan_out=fan_in,
-                 layers_to_transform=None, layers_pattern=None, revision=None,
+                 fan_in_fan_out=fan_in, revision=None,
                  base_model_name_or_path=_model_name(model))
         return d
 

@@ -7,6 +7,9 @@ Matching, as PEFT does it:
 - a list: a module matches an entry equal to its full name or to a ``.``-separated suffix of it;
 - ``"all-linear"``: every ``nn.Linear`` except the output head (``model.get_output_embeddings()``);
 - ``exclude_modules`` (same rules) and the ``modules_to_save`` modules are never targets;
+- ``layers_to_transform`` (with ``layers_pattern``): of what a list (or ``"all-linear"``) matches by suffix, only
+  the modules under the numbered blocks it names: ``<pattern>.<i>.`` (any ``<name>.<i>.`` without a pattern, the
+  first such index of the name); an exact full name in the list is kept whatever its index;
 - ``rank_pattern`` / ``alpha_pattern`` keys are regexes matched as ``(.*\\.)?(key)$`` against the name;
 - ``modules_to_save`` entries match module names that end with them;
 - ``bias="all"`` trains the parameters named ``bias``.
@@ -63,6 +66,31 @@ def matches(spec, name: str) -> bool:
     if isinstance(spec, str):
         return re.fullmatch(spec, name) is not None
     return name in spec or any(name.endswith("." + s) for s in spec)
+
+
+def layer_index(name: str, layers_pattern=None) -> int | None:
+    """The block index PEFT reads from a module name for ``layers_to_transform``: the first ``<pattern>.<i>.`` of
+    ``name`` for the first of ``layers_pattern`` found in it, or the first ``<name>.<i>.`` without a pattern;
+    None when the name has none (``model.layers.3.mlp.up_proj`` -> 3, also with ``layers_pattern="layers"``)."""
+    if not layers_pattern:
+        m = re.match(r".*?\.[^.]*\.(\d+)\.", name)
+    else:
+        for pattern in [layers_pattern] if isinstance(layers_pattern, str) else layers_pattern:
+            m = re.match(rf"(?:^|.*?\.){pattern}\.(\d+)\.", name)
+            if m is not None:
+                break
+    return int(m.group(1)) if m is not None else None
+
+
+def in_layers(name: str, layers_to_transform, layers_pattern=None) -> bool:
+    """Whether ``name`` lies in a block that ``layers_to_transform`` (an int or a list of ints; None or [] for all)
+    names, by ``layer_index``: PEFT's filter on what a target_modules list matched by suffix."""
+    if layers_to_transform is None or layers_to_transform == []:
+        return True
+    i = layer_index(name, layers_pattern)
+    if i is None:
+        return False
+    return i == layers_to_transform if isinstance(layers_to_transform, int) else i in layers_to_transform
 
 
 def is_all_linear(spec) -> bool:

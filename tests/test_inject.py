@@ -89,6 +89,20 @@ def test_all_linear_skips_output_head():
     assert "layers.0.mlp.0" in names and "layers.1.mlp.2" in names
 
 
+def test_layers_to_transform_with_all_linear_and_its_file_loads_in_peft(tmp_path):
+    """PEFT refuses layers_to_transform with "all-linear"; fastpeft takes the pair as the list of every linear layer's
+    name (the head still left out), and its file names the adapted layers in full, so PEFT loads exactly those."""
+    m = fastpeft.inject(_toy(), LoraConfig(target_modules="all-linear", layers_to_transform=1, layers_pattern="layers"))
+    assert len(_adapted(m)) == 6 and all(n.startswith("layers.1.") for n in _adapted(m))
+    fastpeft.save_adapter(m, tmp_path)
+    saved = json.loads((tmp_path / "adapter_config.json").read_text())
+    assert sorted(saved["target_modules"]) == _adapted(m) and saved["layers_to_transform"] is None
+    peft = pytest.importorskip("peft")
+    pm = peft.PeftModel.from_pretrained(_toy(), tmp_path)
+    assert sorted(n.removeprefix("base_model.model.") for n, mod in pm.named_modules()
+                  if isinstance(mod, peft.tuners.lora.LoraLayer)) == _adapted(m)
+
+
 def test_exclude_modules_list_and_regex():
     m = fastpeft.inject(_toy(), LoraConfig(target_modules="all-linear", exclude_modules=["mlp.0", "o_proj"]))
     names = _adapted(m)
@@ -340,3 +354,26 @@ def test_default_targets_given_as_a_pattern_stay_one(monkeypatch):
     m.config = type("Cfg", (), {"model_type": "gemma4"})()
     assert matching.default_targets(m) == r".*attn\.(q|v)_proj"
     assert _adapted(fastpeft.inject(m, LoraConfig())) == [f"layers.{i}.attn.{p}_proj" for i in (0, 1) for p in "qv"]
+
+
+LAYER_NAMES = ["model.layers.0.self_attn.q_proj", "model.layers.11.mlp.down_proj", "layers.2.q_proj",
+               "transformer.h.3.attn.c_attn", "model.layers.1.experts.5.w1", "encoder.layer.0.attention.self.query",
+               "blocks.1.mlp.0", "q_proj", "model.decoder.layers.4.fc1", "h.0.attn"]
+
+
+@pytest.mark.parametrize("layers, pattern", [(0, None), ([1, 3], None), ([11, 2], None), ([0, 1], "layers"),
+                                             (3, "h"), ([0, 5], ["layer", "h"]), ([1], "blocks"), (4, "decoder")],
+                         ids=lambda v: repr(v))
+def test_layer_filter_is_peft_s(layers, pattern):
+    """``in_layers`` keeps exactly the names PEFT's ``check_target_module_exists`` keeps for a suffix match,
+    with its quirks: the first index of the name (layers.1, not experts.5), none without a prefix (layers.2.q_proj
+    has no index unless layers_pattern names it)."""
+    peft_tuners = pytest.importorskip("peft.tuners.tuners_utils")
+    peft_lora = pytest.importorskip("peft")
+    from fastpeft.matching import in_layers
+    suffixes = sorted({n.rsplit(".", 1)[-1] for n in LAYER_NAMES})
+    config = peft_lora.LoraConfig(target_modules=suffixes, layers_to_transform=layers, layers_pattern=pattern)
+    for name in LAYER_NAMES:
+        theirs = bool(peft_tuners.check_target_module_exists(config, name))
+        exact = name in suffixes  # named in full: PEFT keeps it whatever its index
+        assert (exact or in_layers(name, layers, pattern)) == theirs, (name, layers, pattern)

@@ -99,6 +99,11 @@ TOY_CASES = [
                           exclude_modules=["blocks.1.v_proj"])),
     ("exclude-regex-all-linear", dict(r=4, lora_alpha=8, target_modules="all-linear",
                                       exclude_modules=r"blocks\.0\..*")),
+    # PEFT's block filter: the suffix matches under blocks.1 only; "inp" is named in full, so it stays
+    ("layers_to_transform-pattern", dict(r=4, lora_alpha=8, target_modules=["q_proj", "v_proj", "mlp.0", "inp"],
+                                         layers_to_transform=[1], layers_pattern="blocks")),
+    ("layers_to_transform-int-pattern-list", dict(r=3, lora_alpha=6, target_modules=["out", "mlp.2"],
+                                                  layers_to_transform=0, layers_pattern=["layers", "blocks"])),
 ]
 TOY_IDS = [c[0] for c in TOY_CASES]
 
@@ -316,6 +321,12 @@ HF_CASES = [
      dict(r=4, lora_alpha=8, target_modules="all-linear", task_type="SEQ_CLS"), "classifier"),
     ("bert-all-linear-bias-all", bert_base, bert_out, dict(r=4, lora_alpha=8, target_modules="all-linear",
                                                           bias="all"), None),
+    # without layers_pattern, the first "<name>.<i>." after some prefix: model.layers.1 / encoder.layer.0
+    ("llama-layers_to_transform", llama_base, llama_out,
+     dict(r=4, lora_alpha=8, target_modules=["q_proj", "down_proj"], layers_to_transform=[1]), "layers.0.self_attn.q_proj"),
+    ("bert-layers_to_transform-pattern", bert_base, bert_out,
+     dict(r=4, lora_alpha=8, target_modules=["query", "dense"], layers_to_transform=0, layers_pattern="layer"),
+     "layer.1.attention.self.query"),
     ("bert-regex-bias-lora_only", bert_base, bert_out,
      dict(r=2, lora_alpha=4, target_modules=r".*layer\.\d\.attention\.self\.(key|value)", bias="lora_only"),
      None),
