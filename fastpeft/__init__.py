@@ -14,7 +14,7 @@ from .inject import (LoraConfig, SparseDeltaConfig, active_adapter, delete_adapt
                      print_trainable_parameters, select_by_gradients, set_adapter, sparse_layers, trainable_parameters)
 from .io import load_adapter, read_adapter_config, save_adapter
 from .kernels import deterministic, is_deterministic, set_deterministic
-from .layers import FastLoRALinear, ModulesToSaveWrapper, SparseDeltaLinear
+from .layers import FastLoRALinear, ModulesToSaveWrapper, SparseDeltaLinear, TrainableTokensWrapper
 from .functional import qlora_linear  # QLoRA: LoRA over a bitsandbytes 4-bit / 8-bit base
 from .layers import FastLoRAEmbedding, QLoRALinear
 from .methods import (AdapterConfig, BitFitConfig, BottleneckAdapter, LayerwiseConfig, PromptTuningConfig,
@@ -36,4 +36,4 @@ __all__ = [
     "LayerwiseConfig", "PromptTuningConfig", "layerwise_param_groups", "deterministic", "is_deterministic",
     "set_deterministic", "AccelerateReport", "accelerate", "restore", "to_peft", "dora_linear", "dora_linear_ref",
 ]
-__all__ += ["qlora_linear", "QLoRALinear", "FastLoRAEmbedding"]
+__all__ += ["qlora_linear", "QLoRALinear", "FastLoRAEmbedding", "TrainableTokensWrapper"]

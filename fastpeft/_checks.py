@@ -137,6 +137,27 @@ def check_layers(layers_to_transform, layers_pattern, target_modules):
                          f"({target_modules!r}), as in PEFT: put the block indices into the regex, or pass a list")
 
 
+def check_token_indices(v):
+    """PEFT's ``trainable_token_indices``: None, a list of token ids (the input embeddings'), or a dict of module
+    name -> such a list; each list non-empty, ints >= 0, without repeats. Returns it with tuples made lists."""
+    if v is None:
+        return None
+
+    def ids(lst, what):
+        if not isinstance(lst, (list, tuple)) or not lst or not all(
+                isinstance(i, int) and not isinstance(i, bool) and i >= 0 for i in lst):
+            raise ValueError(f"{what} must be a non-empty list of token ids (ints >= 0), got {lst!r}")
+        if len(set(lst)) != len(lst):
+            raise ValueError(f"{what} lists token ids more than once: {sorted({i for i in lst if lst.count(i) > 1})}")
+        return list(lst)
+
+    if isinstance(v, dict):
+        if not v or not all(isinstance(k, str) and k for k in v):
+            raise ValueError(f"trainable_token_indices as a dict maps module names to token ids, got {v!r}")
+        return {k: ids(lst, f"trainable_token_indices[{k!r}]") for k, lst in v.items()}
+    return ids(v, "trainable_token_indices")
+
+
 def check_sparse_options(density, block_size, selection, prefix: str = "", allow_zero: bool = False) -> None:
     """A sparse delta's settings: density in (0, 1] ([0, 1] with ``allow_zero``: none), block size, selection; the
     errors name the arguments as the caller has them (``prefix`` "sparse_": LoraConfig's / FastLoRALinear's)."""

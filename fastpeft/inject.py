@@ -19,9 +19,9 @@ import torch.nn as nn
 
 from ._checks import (check_adapter_name, check_bool, check_choice, check_dora_options, check_dropout,
                       check_embedding, check_file_tensors, check_finite_number, check_init, check_layers, check_rank,
-                      check_sparse_delta, check_sparse_options, few)
+                      check_sparse_delta, check_sparse_options, check_token_indices, few)
 from .layers import (DORA_QUANTIZED, FastLoRAEmbedding, FastLoRALinear, ModulesToSaveWrapper, QLoRALinear,
-                     SparseDeltaLinear, rosa_spec)
+                     SparseDeltaLinear, TrainableTokensWrapper, rosa_spec)
 from .matching import (compile_pattern, default_targets, in_layers, input_embeddings, is_all_linear, is_bias, matches,
                        name_list, output_head, pattern_value, set_submodule)
 from .methods import METHODS as OTHER_METHODS
@@ -51,6 +51,8 @@ class LoraConfig:
     alpha_pattern: dict = field(default_factory=dict)
     layers_to_transform: Optional[Union[int, list]] = None  # only these block indices (of a target_modules list)
     layers_pattern: Optional[Union[str, list]] = None       # the blocks' container name(s): "layers", "h", ...
+    # PEFT's trainable tokens: these rows of the input embeddings (a dict: of the named embedding layers) trained
+    trainable_token_indices: Optional[Union[list, dict]] = None
     sparse_density: float = 0.0      # > 0: a sparse delta beside each LoRA update (RoSA)
     sparse_block_size: int = 1
     sparse_selection: str = "random"
@@ -71,6 +73,7 @@ class LoraConfig:
             self.layers_to_transform = list(self.layers_to_transform)
         if isinstance(self.layers_pattern, tuple):
             self.layers_pattern = list(self.layers_pattern)
+        self.trainable_token_indices = check_token_indices(self.trainable_token_indices)
         check_choice(self.bias, BIAS_CHOICES, "bias")
         check_bool(self.use_rslora, "use_rslora")
         check_dora_options(self.use_dora, self.sparse_density)
@@ -232,6 +235,7 @@ class LoraPlan:
 
     targets: dict  # full module name -> (r, lora_alpha), or None for a sparse delta alone
     saved: list    # full names of the modules_to_save modules
+    tokens: dict = field(default_factory=dict)  # trainable tokens: full name -> (token ids, tied embedding or None)
 
 
 def plan_lora(model: nn.Module, config, reload: bool = False, warn: bool = True) -> LoraPlan:
@@ -319,7 +323,75 @@ def plan_lora(model: nn.Module, config, reload: bool = False, warn: bool = True)
         # the user's own target_modules only: not PEFT's defaults (blip-2's list names both language models'
         # projections), not a file being loaded (its positions are fixed already)
         _warn_unadapted(model, config.target_modules, is_all_linear(config.target_modules))
-    return LoraPlan(targets=targets, saved=saved)
+    return LoraPlan(targets=targets, saved=saved, tokens=_plan_tokens(model, config, targets, saved))
+
+
+def _plan_tokens(model: nn.Module, config, targets: dict, saved: list) -> dict:
+    """Where ``trainable_token_indices`` trains rows, checked: full module name -> (token ids, the embedding whose
+    rows a tied output head shares, or None). A list names rows of the input embeddings; a dict names layers
+    (suffix match, as PEFT). As PEFT, an output head tied to wrapped input embeddings follows them (the same rows),
+    unless the dict gives it other ids."""
+    spec = getattr(config, "trainable_token_indices", None)
+    if spec is None:
+        return {}
+    emb = input_embeddings(model)
+    emb_name = next((n for n, m in model.named_modules() if m is emb), None) if emb is not None else None
+    inner = [n + "." for n, m in model.named_modules() if isinstance(m, ModulesToSaveWrapper)]
+    if isinstance(spec, dict):
+        wanted = {}
+        for key, ids in spec.items():
+            names = [n for n, _ in model.named_modules() if n and matches([key], n)
+                     and not any(n.startswith(p) for p in inner)]
+            if not names:
+                raise ValueError(f"trainable_token_indices names {key!r}, which matches no module of the model")
+            wanted.update(dict.fromkeys(names, ids))
+    elif emb_name is None:
+        raise ValueError("trainable_token_indices as a list trains rows of the input embeddings, but the model has none "
+                         "(get_input_embeddings()); name the layer: trainable_token_indices={'embed_tokens': [...]}")
+    else:
+        wanted = {emb_name: spec}
+    plan = {name: (ids, None) for name, ids in wanted.items()}
+    head = output_head(model)
+    head_name = next((n for n, m in model.named_modules() if m is head), None) if head is not None else None
+    if emb_name in wanted and head_name is not None and head_name not in inner and             _token_base(head).weight is _token_base(emb).weight and wanted.get(head_name, wanted[emb_name]) ==             wanted[emb_name]:
+        plan[head_name] = (wanted[emb_name], emb_name)  # tied: the head's columns follow the embedding's rows
+    for name, (ids, _) in plan.items():
+        _check_token_target(model, name, ids, targets, saved)
+    return plan
+
+
+def _token_base(module: nn.Module) -> nn.Module:
+    return module.original_module if isinstance(module, TrainableTokensWrapper) else module
+
+
+def _check_token_target(model: nn.Module, name: str, ids: list, targets: dict, saved: list) -> None:
+    """A layer trainable tokens can go on: an nn.Embedding (transformers' scaled ones too) or a plain nn.Linear head,
+    not trained otherwise; the ids inside its vocabulary."""
+    module = model.get_submodule(name)
+    if name in saved or isinstance(module, ModulesToSaveWrapper) and not isinstance(module, TrainableTokensWrapper):
+        raise ValueError(f"trainable_token_indices: {name!r} is in modules_to_save, trained whole already; name it in "
+                         "one of the two (as PEFT)")
+    if name in targets or isinstance(module, (FastLoRALinear, SparseDeltaLinear)):
+        raise ValueError(f"trainable_token_indices: {name!r} (tied to the input embeddings, or named) is a LoRA / "
+                         "sparse-delta target too; fastpeft trains tokens on a plain embedding or head only: leave it "
+                         "out of target_modules")
+    base = _token_base(module)
+    if isinstance(base, nn.Embedding):
+        plain = type(base).forward is nn.Embedding.forward or hasattr(base, "embed_scale")
+        if not plain or base.max_norm is not None:
+            raise ValueError(f"trainable_token_indices: {name!r} is a {type(base).__name__} "
+                             + ("with max_norm (renormalises its rows in place)" if plain else
+                                "with a forward of its own") + "; trainable tokens need an nn.Embedding (or a "
+                             "transformers scaled embedding, with embed_scale)")
+        vocab = base.num_embeddings
+    elif type(base) is nn.Linear:
+        vocab = base.out_features
+    else:
+        raise ValueError(f"trainable_token_indices: {name!r} is a {type(base).__name__}; trainable tokens go on an "
+                         "nn.Embedding (or the nn.Linear output head tied to it)")
+    if max(ids) >= vocab:
+        raise ValueError(f"trainable_token_indices for {name!r}: token id {max(ids)} is out of range for its "
+                         f"{vocab} rows")
 
 
 def _conv1d(module: nn.Module) -> bool:
@@ -490,11 +562,11 @@ def _model_name(model: nn.Module):
 # PEFT LoraConfig fields that change what the adapter computes and that fastpeft does not implement:
 # an adapter that sets any of them cannot give PEFT's outputs here, so loading it is refused.
 _UNSUPPORTED = ("lora_bias", "layer_replication",
-                "target_parameters", "trainable_token_indices", "use_qalora", "alora_invocation_tokens",
+                "target_parameters", "use_qalora", "alora_invocation_tokens",
                 "use_bdlora", "megatron_config")
 _CONFIG_FIELDS = ("r", "lora_alpha", "lora_dropout", "target_modules", "exclude_modules", "bias",
                   "use_rslora", "init_lora_weights", "modules_to_save", "rank_pattern", "alpha_pattern", "use_dora",
-                  "task_type", "layers_to_transform", "layers_pattern")
+                  "task_type", "layers_to_transform", "layers_pattern", "trainable_token_indices")
 # PEFT's inits whose adapters sit on the base weights as they were: the file's A and B are all there is
 _LOADABLE_INITS = (True, False, "gaussian", "orthogonal", "eva")
 _SPARSE_LORA_FIELDS = ("sparse_density", "sparse_block_size", "sparse_selection")  # RoSA: fastpeft's own keys
@@ -558,6 +630,19 @@ class LoraMethod(Method):
                 if state.routing is not None:
                     wrapper.set_routing(state.routing, state.rows_per_sequence)
                 set_submodule(model, name, wrapper)
+        # trainable tokens, the embeddings before a head tied to them (which takes their rows' Parameter)
+        for name, (ids, tied_to) in sorted(plan.tokens.items(), key=lambda kv: kv[1][1] is not None):
+            module = model.get_submodule(name)
+            values = None if tied_to is None else \
+                model.get_submodule(tied_to).rows(adapter_name).trainable_tokens_delta
+            if isinstance(module, TrainableTokensWrapper):
+                module.add_adapter(adapter_name, ids, values)
+            else:
+                wrapper = TrainableTokensWrapper(module, adapter_name, ids, values)
+                wrapper.set_adapter(None)
+                if state.routing is not None:
+                    wrapper.set_routing(state.routing, state.rows_per_sequence)
+                set_submodule(model, name, wrapper)
 
     @staticmethod
     def _layers(model: nn.Module, adapter_name: str) -> dict:
@@ -615,6 +700,10 @@ class LoraMethod(Method):
             module = model.get_submodule(name)
             if adapter_name not in module.modules_to_save:
                 continue
+            if isinstance(module, TrainableTokensWrapper):  # a tied head's rows are the embedding's: saved once
+                if adapter_name not in module.tied:
+                    keys[name + _TOKENS_SUFFIX] = module.rows(adapter_name).trainable_tokens_delta
+                continue
             for pname, p in module.modules_to_save[adapter_name].named_parameters():
                 keys[f"{name}.{pname}"] = p
         if config.bias == "lora_only":
@@ -632,7 +721,9 @@ class LoraMethod(Method):
         keys = {**self._keys(model, config, adapter_name, layers), **_sparse_file_tensors(layers, adapter_name)}
         # PEFT's save_embedding_layers="auto": where a target is named like an embedding (embed_tokens, lm_head), the
         # base weights of the LoRA'd input / output embeddings go into the file too (a resized vocabulary's rows)
-        named = any(n.rsplit(".", 1)[-1] in _EMBEDDING_LAYER_NAMES for n in layers)
+        # (not with trainable tokens, as PEFT: they exist to keep the file small)
+        named = any(n.rsplit(".", 1)[-1] in _EMBEDDING_LAYER_NAMES for n in layers) and \
+            config.trainable_token_indices is None
         embeddings = (output_head(model), input_embeddings(model)) if named else ()
         for name, layer in layers.items():
             if any(layer is e for e in embeddings) and not isinstance(layer, QLoRALinear):
@@ -656,6 +747,10 @@ class LoraMethod(Method):
                 expected[f"{name}{_DORA_SUFFIX}"] = (n,)
             if config.bias == "lora_only" and getattr(lin, "bias", None) is not None:  # (an embedding has none)
                 expected[f"{name}.base_layer.bias"] = tuple(lin.bias.shape)
+        for name, (ids, tied_to) in plan.tokens.items():
+            if tied_to is None:
+                base = _token_base(model.get_submodule(name))
+                expected[name + _TOKENS_SUFFIX] = (len(ids), base.weight.shape[1])
         for name in plan.saved:
             module = model.get_submodule(name)
             if isinstance(module, ModulesToSaveWrapper):
@@ -692,6 +787,12 @@ class LoraMethod(Method):
             if set(plan.targets) != set(layers):
                 raise ValueError(f"adapter config in {os.fspath(directory)!r} targets {sorted(plan.targets)}, but "
                                  f"adapter {adapter_name!r} of the model is on {sorted(layers)}")
+            held = {n: w.rows(adapter_name).token_indices.tolist() for n, w in saved_module_wrappers(model).items()
+                    if isinstance(w, TrainableTokensWrapper) and w.rows(adapter_name) is not None}
+            if held != {n: ids for n, (ids, _) in plan.tokens.items()}:
+                raise ValueError(f"adapter config in {os.fspath(directory)!r} trains tokens "
+                                 f"{ {n: ids for n, (ids, _) in plan.tokens.items()} }, the model's adapter "
+                                 f"{adapter_name!r} {held}: load it under another adapter_name")
             for n, layer in layers.items():
                 if layer.is_dora(adapter_name) != config.use_dora:
                     raise ValueError(f"adapter config in {os.fspath(directory)!r} has use_dora={config.use_dora}, the "
@@ -741,6 +842,7 @@ class LoraMethod(Method):
 
 
 _DORA_SUFFIX = ".lora_magnitude_vector"  # PEFT's key of a DoRA magnitude (out,)
+_TOKENS_SUFFIX = ".token_adapter.trainable_tokens_delta"  # PEFT's key of trainable tokens' rows (n, dim)
 _EMBEDDING_LAYER_NAMES = ("embed_tokens", "lm_head")  # PEFT's: targets named so save the embeddings' base weights
 _BASE_WEIGHT = ".base_layer.weight"
 
@@ -1027,6 +1129,8 @@ def _upcast_adapter(model: nn.Module, adapter_name: str) -> None:
             params.append(delta.delta_values)
     # a sparse delta alone: the model's only adapter, this one
     params += [layer.delta_values for layer in sparse_layers(model).values()]
+    params += [w.rows(adapter_name).trainable_tokens_delta for w in saved_module_wrappers(model).values()
+               if isinstance(w, TrainableTokensWrapper) and w.rows(adapter_name) is not None]  # trainable tokens
     for p in params:  # (kept stacks key on dtype and storage: rebuilt at their next use)
         if p.dtype in (torch.float16, torch.bfloat16):
             p.data = p.data.float()
@@ -1235,6 +1339,32 @@ def _untie_word_embeddings(model: nn.Module) -> None:
             c.tie_word_embeddings = False
 
 
+def _token_weights_to_copy(model: nn.Module) -> set:
+    """Trainable-token wrappers whose trained rows go into a copy of their weight at ``merge_and_unload``: those
+    whose weight another parameter shares that does not take the same rows (a head tied to embeddings whose tokens
+    are not trained, or other ones); warned, and ``tie_word_embeddings`` set False, as for LoRA's tied layers."""
+    wrappers = {n: w for n, w in saved_module_wrappers(model).items()
+                if isinstance(w, TrainableTokensWrapper) and w.rows(w.active_adapter) is not None}
+    if not wrappers:
+        return set()
+    names: dict = {}
+    for n, p in model.named_parameters(remove_duplicate=False):
+        names.setdefault(id(p), []).append(n)
+    own = {}
+    for name, w in wrappers.items():
+        rows = w.rows(w.active_adapter).trainable_tokens_delta
+        same = [n for n, o in wrappers.items() if o.rows(o.active_adapter).trainable_tokens_delta is rows]
+        others = [p for p in names.get(id(w.original_module.weight), [])
+                  if not any(p.startswith(s + ".") for s in same)]
+        if others:
+            own[name] = others
+    if own:
+        warnings.warn(f"merge_and_unload: the trained tokens of {few(list(own))} go into a copy of their weight, which "
+                      f"{few(sum(own.values(), []))} share without those rows; config.tie_word_embeddings is set False")
+        _untie_word_embeddings(model)
+    return set(own)
+
+
 def merge_and_unload(model: nn.Module, dequantize: bool = False) -> nn.Module:
     """Fold each layer's active adapter into its base weight and put plain modules back (other adapters
     are dropped); returns ``model``.
@@ -1281,8 +1411,11 @@ def merge_and_unload(model: nn.Module, dequantize: bool = False) -> nn.Module:
         if not layer.merged and layer.has_delta():
             layer.merge()
         set_submodule(model, name, layer.base_module())
+    own = _token_weights_to_copy(model)  # before any wrapper goes
     for name, module in list(model.named_modules()):
-        if isinstance(module, ModulesToSaveWrapper):
+        if isinstance(module, TrainableTokensWrapper):
+            set_submodule(model, name, module.unwrap(own_weight=name in own))
+        elif isinstance(module, ModulesToSaveWrapper):
             set_submodule(model, name, module.active_module)
     model.__dict__.pop(_STATE, None)
     return model

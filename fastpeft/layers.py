@@ -1,5 +1,5 @@
 """fastpeft's ``nn.Module``s: ``FastLoRALinear``, ``SparseDeltaLinear``, the ``SparseDelta`` they share,
-and ``ModulesToSaveWrapper``.
+``ModulesToSaveWrapper`` and ``TrainableTokensWrapper`` (PEFT's trainable tokens).
 
 - ``TunerLayer`` (PEFT's ``BaseTunerLayer``): a frozen base weight and bias taken from an ``nn.Linear``,
   and merge / unmerge / ``to_linear`` of the layer's ``delta_weight()``.
@@ -1361,3 +1361,104 @@ class ModulesToSaveWrapper(nn.Module):
             if name in ("modules_to_save", "original_module"):
                 raise
             return getattr(self.active_module, name)
+
+
+class TokenRows(nn.Module):
+    """One adapter's trained rows of an embedding (PEFT's trainable tokens): ``trainable_tokens_delta`` (n, dim)
+    holds the new values (not differences, PEFT's name notwithstanding) of the rows ``token_indices`` (n,).
+
+    ``forward`` is the base module's output with those tokens' entries replaced: an ``nn.Embedding`` (times its
+    ``embed_scale`` where it has one, as transformers' scaled embeddings) gives row j for id ``token_indices[j]``;
+    an ``nn.Linear`` output head tied to it gives column ``token_indices[j]`` from row j. Neither writes a copy of
+    the (vocab, dim) weight. ``base``: the wrapped module (not registered here: the wrapper holds it)."""
+
+    def __init__(self, base: nn.Module, token_indices: list, values: torch.Tensor | nn.Parameter):
+        super().__init__()
+        self.__dict__["_base"] = base
+        self.trainable_tokens_delta = values if isinstance(values, nn.Parameter) else nn.Parameter(values)
+        self.register_buffer("token_indices", torch.tensor(token_indices, dtype=torch.long,
+                                                           device=base.weight.device), persistent=False)
+        self._lut_cache = None
+
+    def _lookup(self, vocab: int) -> torch.Tensor:
+        """(vocab,) long: row j at id token_indices[j], -1 elsewhere; rebuilt when the indices move."""
+        idx = self.token_indices
+        if self._lut_cache is None or self._lut_cache.device != idx.device or self._lut_cache.numel() != vocab:
+            lut = torch.full((vocab,), -1, dtype=torch.long, device=idx.device)
+            lut[idx] = torch.arange(idx.numel(), device=idx.device)
+            self._lut_cache = lut
+        return self._lut_cache
+
+    def forward(self, x: torch.Tensor, *args, **kwargs) -> torch.Tensor:
+        base = self._base
+        out = base(x, *args, **kwargs)
+        rows = self.trainable_tokens_delta.to(base.weight.dtype)  # PEFT casts them to the weight's dtype too
+        if isinstance(base, nn.Embedding):
+            local = self._lookup(base.num_embeddings)[x]
+            new = F.embedding(local.clamp(min=0), rows)
+            scale = getattr(base, "embed_scale", None)
+            if scale is not None:
+                new = new * (scale.to(new.dtype) if isinstance(scale, torch.Tensor) else scale)
+            return torch.where((local >= 0).unsqueeze(-1), new.to(out.dtype), out)
+        bias = None if base.bias is None else base.bias[self.token_indices]
+        cols = F.linear(x, rows, bias)
+        return out.index_copy(out.dim() - 1, self.token_indices, cols.to(out.dtype))
+
+
+class TrainableTokensWrapper(ModulesToSaveWrapper):
+    """PEFT's trainable tokens (``LoraConfig(trainable_token_indices=...)``) on an ``nn.Embedding``, or on the
+    ``nn.Linear`` output head tied to it: per adapter a ``TokenRows`` in ``modules_to_save[name]`` (the routing,
+    adapter switching and ``mixed_batch`` of ``ModulesToSaveWrapper``). A tied head's rows are the embedding's own
+    Parameter (``tied``: not saved again, as PEFT). Attributes the wrapper lacks (``weight``, ``num_embeddings``,
+    ...) are the base module's: its weight stays the base's, unmerged."""
+
+    def __init__(self, module: nn.Module, adapter_name: str, token_indices: list, values=None):
+        nn.Module.__init__(self)
+        self.original_module = module
+        self.modules_to_save = nn.ModuleDict()
+        self.active_adapter = None
+        self._routing = None
+        self.tied = set()  # adapters whose rows are another wrapper's Parameter
+        for p in module.parameters():
+            p.requires_grad_(False)
+        self.add_adapter(adapter_name, token_indices, values)
+        self.set_adapter(adapter_name)
+
+    def add_adapter(self, name: str, token_indices: list | None = None, values=None) -> None:
+        """Rows for ``name`` at ``token_indices``: ``values`` (a tied layer's Parameter, kept as is), or a copy of
+        the base weight's rows (PEFT's init: the outputs start unchanged)."""
+        if token_indices is None:
+            raise ValueError("TrainableTokensWrapper.add_adapter needs the adapter's token_indices")
+        if values is None:
+            w = self.original_module.weight
+            values = w.detach()[torch.tensor(token_indices, dtype=torch.long, device=w.device)].clone()
+        self.modules_to_save[name] = TokenRows(self.original_module, token_indices, values)
+        (self.tied.add if isinstance(values, nn.Parameter) else self.tied.discard)(name)
+
+    def delete_adapter(self, name: str) -> None:
+        super().delete_adapter(name)
+        self.tied.discard(name)
+
+    def rows(self, name: str) -> TokenRows | None:
+        return self.modules_to_save[name] if name in self.modules_to_save else None
+
+    def unwrap(self, own_weight: bool = False) -> nn.Module:
+        """The base module with the active adapter's rows written into its weight (``own_weight``: into a copy,
+        leaving a weight shared with other modules as it was); what ``merge_and_unload`` puts back."""
+        module, rows = self.original_module, self.rows(self.active_adapter)
+        if rows is None:
+            return module
+        with torch.no_grad():
+            if own_weight:
+                module.weight = nn.Parameter(module.weight.detach().clone(), requires_grad=False)
+            w = module.weight
+            w.index_copy_(0, rows.token_indices.to(w.device), rows.trainable_tokens_delta.detach().to(w.dtype))
+        return module
+
+    def __getattr__(self, name):
+        try:
+            return nn.Module.__getattr__(self, name)
+        except AttributeError:
+            if name in ("modules_to_save", "original_module"):
+                raise
+            return getattr(self.original_module, name)
