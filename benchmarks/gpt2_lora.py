@@ -12,7 +12,6 @@ layer stayed on PEFT's forward under ``accelerate``, and ``inject`` refused Conv
 """
 from __future__ import annotations
 
-import argparse
 import copy
 import os
 import sys
@@ -24,9 +23,9 @@ import torch
 import fastpeft
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from harness import bench, bench_interleaved, environment, table_head  # noqa: E402
+from harness import emit_markdown, environment, model_args, table_head, time_model_calls  # noqa: E402
 
-from fastpeft._cli import non_negative_int, output_file, positive_int, rate, write_text_atomic  # noqa: E402
+from fastpeft._cli import rate  # noqa: E402
 
 
 def models(args):
@@ -55,62 +54,21 @@ def models(args):
 
 
 def main(argv=None) -> str:
-    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    ap.add_argument("--layers", type=positive_int, default=2)
-    ap.add_argument("--width", type=positive_int, default=768)
-    ap.add_argument("--vocab", type=positive_int, default=1000)
-    ap.add_argument("--batch", type=positive_int, default=4)
-    ap.add_argument("--seq", type=positive_int, default=128)
-    ap.add_argument("--rank", type=positive_int, default=16)
-    ap.add_argument("--dropout", type=rate, nargs="+", default=[0.0, 0.1])
-    ap.add_argument("--device", choices=["cpu", "cuda"], default="cpu")
-    ap.add_argument("--rep-ms", type=non_negative_int, default=2000)
-    ap.add_argument("--out", type=output_file, default=None, help="also write the table to this markdown file")
-    args = ap.parse_args(argv)
-    if args.width % 64:
-        ap.error(f"--width must be a multiple of 64 (GPT-2's 64-wide attention heads), got {args.width}")
-    if args.device == "cuda" and not torch.cuda.is_available():
-        ap.error("--device cuda: no CUDA device here")
+    _, args = model_args(__doc__.split("\n\n")[0], argv, width=768, vocab=1000, extra=lambda ap: ap.add_argument(
+        "--dropout", type=rate, nargs="+", default=[0.0, 0.1]))
     ids = torch.randint(0, args.vocab, (args.batch, args.seq), device=args.device)
     rows = []
     for p, pair in models(args).items():
-        def step(m):
-            def fn():
-                m.train()
-                m.zero_grad(set_to_none=True)
-                m(input_ids=ids, labels=ids).loss.backward()
-            return fn
-
-        def infer(m):
-            def fn():
-                m.eval()
-                with torch.no_grad():
-                    m(input_ids=ids)
-            return fn
-
-        for what, make in (("train step", step), ("eval forward", infer)):
-            fns = {name: make(m) for name, m in pair.items()}
-            if args.device == "cpu":
-                times, failed = bench_interleaved(fns, rep_ms=args.rep_ms)
-                if failed:
-                    raise RuntimeError(f"{what}, p={p}: {failed}")
-            else:
-                times = {name: bench(fn, "cuda", rep_ms=args.rep_ms) for name, fn in fns.items()}
+        for what, times in time_model_calls(pair, ids, args.device, args.rep_ms).items():
             peft_ms, acc_ms, inj_ms = (times[n].median_ms for n in ("PEFT", "PEFT + accelerate", "fastpeft inject"))
             rows.append(f"| {what} | {p} | {peft_ms:.1f} | {acc_ms:.1f} ({peft_ms / acc_ms:.2f}x) | "
                         f"{inj_ms:.1f} ({peft_ms / inj_ms:.2f}x) |")
     env = environment(args.device)
     head = table_head(f"LoRA on GPT-2 ({args.layers} blocks, width {args.width}, vocabulary {args.vocab}, batch "
                       f"{args.batch} x {args.seq} tokens, r = {args.rank}, Conv1D layers)", env)
-    cmd = " ".join(sys.argv[1:] if argv is None else argv)
-    text = "\n".join([head, "", f"`python benchmarks/gpt2_lora.py {cmd}`".replace(" `", "`"),
-                      "", "| call | lora_dropout | PEFT ms | PEFT + accelerate ms (speed-up) "
-                      "| fastpeft inject ms (speed-up) |",
-                      "|---|---|---|---|---|", *rows, ""])
-    print(text)
-    if args.out:
-        write_text_atomic(args.out, text)
-    return text
+    return emit_markdown(head, "gpt2_lora.py", argv, [
+        "| call | lora_dropout | PEFT ms | PEFT + accelerate ms (speed-up) | fastpeft inject ms (speed-up) |",
+        "|---|---|---|---|---|", *rows], args.out)
 
 
 if __name__ == "__main__":

@@ -138,6 +138,75 @@ def bench_interleaved(fns: dict, warmup_ms: float = 25, rep_ms: float = 100, rou
     return {n: _stats(samples[n]) for n in names if n not in failed}, failed
 
 
+def time_model_calls(models: dict, ids, device: str, rep_ms: float) -> dict:
+    """``{"train step": times, "eval forward": times}`` for whole transformers models (``{name: model}``) on the same
+    ``input_ids``: one training step (zeroed grads, forward with ``labels``, backward) and one no-grad eval forward,
+    {name: Timing}; interleaved on the CPU (``bench_interleaved``), ``bench`` on CUDA. Raises naming a failed one."""
+    def step(m):
+        def fn():
+            m.train()
+            m.zero_grad(set_to_none=True)
+            m(input_ids=ids, labels=ids).loss.backward()
+        return fn
+
+    def infer(m):
+        def fn():
+            m.eval()
+            with torch.no_grad():
+                m(input_ids=ids)
+        return fn
+
+    out = {}
+    for what, make in (("train step", step), ("eval forward", infer)):
+        fns = {name: make(m) for name, m in models.items()}
+        if device == "cpu":
+            times, failed = bench_interleaved(fns, rep_ms=rep_ms)
+            if failed:
+                raise RuntimeError(f"{what}: {failed}")
+        else:
+            times = {name: bench(fn, device, rep_ms=rep_ms) for name, fn in fns.items()}
+        out[what] = times
+    return out
+
+
+def model_args(description: str, argv, width: int, vocab: int, extra=None):
+    """The command line of a whole-model script: --layers --width (a multiple of 64: 64-wide heads) --vocab --batch
+    --seq --rank --device --rep-ms --out, plus what ``extra(ap)`` adds; parsed and checked (``ap.error``)."""
+    from fastpeft._cli import non_negative_int, output_file, positive_int
+
+    ap = argparse.ArgumentParser(description=description)
+    ap.add_argument("--layers", type=positive_int, default=2)
+    ap.add_argument("--width", type=positive_int, default=width)
+    ap.add_argument("--vocab", type=positive_int, default=vocab)
+    ap.add_argument("--batch", type=positive_int, default=4)
+    ap.add_argument("--seq", type=positive_int, default=128)
+    ap.add_argument("--rank", type=positive_int, default=16)
+    ap.add_argument("--device", choices=["cpu", "cuda"], default="cpu")
+    ap.add_argument("--rep-ms", type=non_negative_int, default=2000)
+    ap.add_argument("--out", type=output_file, default=None, help="also write the table to this markdown file")
+    if extra is not None:
+        extra(ap)
+    args = ap.parse_args(argv)
+    if args.width % 64:
+        ap.error(f"--width must be a multiple of 64 (64-wide attention heads), got {args.width}")
+    if args.device == "cuda" and not torch.cuda.is_available():
+        ap.error("--device cuda: no CUDA device here")
+    return ap, args
+
+
+def emit_markdown(head: str, script: str, argv, body: list, out: str | None) -> str:
+    """A script's table as markdown: ``head``, the command line that made it (``python benchmarks/<script> ...``,
+    from ``argv`` or sys.argv), ``body``'s lines; printed, and written atomically to ``out`` when given."""
+    from fastpeft._cli import write_text_atomic
+
+    cmd = " ".join(sys.argv[1:] if argv is None else argv)
+    text = "\n".join([head, "", f"`python benchmarks/{script} {cmd}`".replace(" `", "`"), "", *body, ""])
+    print(text)
+    if out:
+        write_text_atomic(out, text)
+    return text
+
+
 def add_linear_args(ap, cuda: bool, tokens: tuple, shapes: tuple) -> None:
     """``--tokens`` (M values) and ``--shapes`` (KxN pairs) of a linear-layer bench; ``tokens`` and ``shapes``
     are (GPU defaults, CPU defaults)."""

@@ -14,7 +14,6 @@ tensors one training forward keeps for backward besides the parameters (distinct
 """
 from __future__ import annotations
 
-import argparse
 import copy
 import os
 import sys
@@ -26,9 +25,9 @@ import torch
 import fastpeft
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from harness import bench, bench_interleaved, environment, table_head  # noqa: E402
+from harness import emit_markdown, environment, model_args, table_head, time_model_calls  # noqa: E402
 
-from fastpeft._cli import non_negative_int, output_file, positive_int, write_text_atomic  # noqa: E402
+from fastpeft._cli import positive_int  # noqa: E402
 
 
 def base_model(args):
@@ -70,20 +69,8 @@ def saved_mib(model, ids) -> float:
 def main(argv=None) -> str:
     import peft
 
-    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    ap.add_argument("--layers", type=positive_int, default=2)
-    ap.add_argument("--width", type=positive_int, default=512)
-    ap.add_argument("--vocab", type=positive_int, default=32000)
-    ap.add_argument("--tokens", type=positive_int, default=16, help="how many token ids train (the vocab's last)")
-    ap.add_argument("--batch", type=positive_int, default=4)
-    ap.add_argument("--seq", type=positive_int, default=128)
-    ap.add_argument("--rank", type=positive_int, default=16)
-    ap.add_argument("--device", choices=["cpu", "cuda"], default="cpu")
-    ap.add_argument("--rep-ms", type=non_negative_int, default=2000)
-    ap.add_argument("--out", type=output_file, default=None, help="also write the table to this markdown file")
-    args = ap.parse_args(argv)
-    if args.width % 64:
-        ap.error(f"--width must be a multiple of 64 (64-wide attention heads), got {args.width}")
+    ap, args = model_args(__doc__.split("\n\n")[0], argv, width=512, vocab=32000, extra=lambda ap: ap.add_argument(
+        "--tokens", type=positive_int, default=16, help="how many token ids train (the vocabulary's last)"))
     if args.tokens > args.vocab:
         ap.error(f"--tokens must be at most --vocab ({args.vocab}), got {args.tokens}")
     if args.device == "cuda" and not torch.cuda.is_available():
@@ -104,28 +91,7 @@ def main(argv=None) -> str:
     pair = {"PEFT": theirs, "fastpeft": ours}
     rows = []
 
-    def step(m):
-        def fn():
-            m.train()
-            m.zero_grad(set_to_none=True)
-            m(input_ids=ids, labels=ids).loss.backward()
-        return fn
-
-    def infer(m):
-        def fn():
-            m.eval()
-            with torch.no_grad():
-                m(input_ids=ids)
-        return fn
-
-    for what, make in (("train step", step), ("eval forward", infer)):
-        fns = {name: make(m) for name, m in pair.items()}
-        if args.device == "cpu":
-            times, failed = bench_interleaved(fns, rep_ms=args.rep_ms)
-            if failed:
-                raise RuntimeError(f"{what}: {failed}")
-        else:
-            times = {name: bench(fn, "cuda", rep_ms=args.rep_ms) for name, fn in fns.items()}
+    for what, times in time_model_calls(pair, ids, args.device, args.rep_ms).items():
         peft_ms, ours_ms = times["PEFT"].median_ms, times["fastpeft"].median_ms
         rows.append(f"| {what} (ms) | {peft_ms:.1f} | {ours_ms:.1f} ({peft_ms / ours_ms:.2f}x faster) |")
     saved = {name: saved_mib(m, ids) for name, m in pair.items()}
@@ -137,15 +103,10 @@ def main(argv=None) -> str:
     head = table_head(f"Trainable tokens on a LLaMA-style model ({args.layers} blocks, width {args.width}, vocabulary "
                       f"{args.vocab}, tied embeddings, {args.tokens} trained tokens, LoRA r = {args.rank} on q/v, "
                       f"batch {args.batch} x {args.seq} tokens)", env)
-    cmd = " ".join(sys.argv[1:] if argv is None else argv)
-    text = "\n".join([head, "", f"`python benchmarks/trainable_tokens.py {cmd}`".replace(" `", "`"), "",
-                      "| call | PEFT | fastpeft |", "|---|---|---|", *rows, "",
-                      f"Adapter file: {sizes[0]:.2f} MiB (PEFT), {sizes[1]:.2f} MiB (fastpeft); the same LoRA with the "
-                      f"embeddings trained whole (`modules_to_save=[\"embed_tokens\"]`): {sizes[2]:.1f} MiB.", ""])
-    print(text)
-    if args.out:
-        write_text_atomic(args.out, text)
-    return text
+    return emit_markdown(head, "trainable_tokens.py", argv, [
+        "| call | PEFT | fastpeft |", "|---|---|---|", *rows, "",
+        f"Adapter file: {sizes[0]:.2f} MiB (PEFT), {sizes[1]:.2f} MiB (fastpeft); the same LoRA with the embeddings "
+        f"trained whole (`modules_to_save=[\"embed_tokens\"]`): {sizes[2]:.1f} MiB."], args.out)
 
 
 if __name__ == "__main__":

@@ -272,3 +272,24 @@ def test_noisy_rows_are_noted(capsys):
     assert "note: 1 of 3 rows spread over 1.5x" in capsys.readouterr().err
     harness.report(args, env, rows[:1], [("provider", "provider", "{}")], "T", "T")
     assert "note:" not in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("script, argv, expect", [
+    ("gpt2_lora", ["--width", "64", "--vocab", "50", "--seq", "8", "--batch", "1", "--dropout", "0.1"],
+     ["| train step | 0.1 |", "| eval forward | 0.1 |"]),
+    ("trainable_tokens", ["--width", "64", "--vocab", "300", "--seq", "16", "--batch", "1", "--tokens", "4"],
+     ["| train step (ms) |", "| saved for backward (MiB) | ", "Adapter file: "]),
+], ids=["gpt2_lora", "trainable_tokens"])
+def test_whole_model_scripts_write_their_tables(tmp_path, script, argv, expect):
+    """The whole-model scripts (shared harness: model_args, time_model_calls, emit_markdown) run at toy sizes and
+    write the table they print; times are not checked (benchmarks, not tests)."""
+    pytest.importorskip("peft")
+    pytest.importorskip("transformers")
+    out = tmp_path / "t.md"
+    text = _bench_module(script).main([*argv, "--rep-ms", "0", "--out", str(out)])
+    assert out.read_text() == text and text.count("\n|") >= 4
+    assert f"`python benchmarks/{script}.py {' '.join(argv[:2])}" in text
+    for line in expect:
+        assert line in text, line
+    with pytest.raises(SystemExit):  # a width the models cannot take: an argparse error, before any model is built
+        _bench_module(script).main(["--width", "65"])
