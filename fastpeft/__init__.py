@@ -1,15 +1,16 @@
 """fastpeft: parameter-efficient fine-tuning for PyTorch, with fused Triton kernels on its hot paths.
 
 The public API (see API.md): ``lora_linear``, ``lora_linear_multi``, ``FastLoRALinear``, ``LoraConfig``,
-``dora_linear``, ``inject``, ``set_adapter``, ``delete_adapter``, ``mixed_batch``, ``trainable_parameters``,
-``save_adapter``, ``load_adapter``, ``merge_and_unload``, ``use_backend``; ``set_deterministic`` /
-``deterministic()`` for bitwise reproducible runs; ``accelerate`` / ``restore`` for existing PEFT models.
+``dora_linear``, ``inject``, ``set_adapter``, ``delete_adapter``, ``mixed_batch``, ``disable_adapter``,
+``trainable_parameters``, ``save_adapter``, ``load_adapter``, ``merge_and_unload``, ``use_backend``;
+``set_deterministic`` / ``deterministic()`` for bitwise reproducible runs; ``accelerate`` / ``restore`` for
+existing PEFT models.
 """
 from .accelerate import AccelerateReport, accelerate, restore
 from .hf import to_peft
 from .functional import (BACKENDS, current_backend, dora_linear, lora_linear, lora_linear_multi, lora_sparse_linear,
                          sparse_delta_linear, use_backend)
-from .inject import (LoraConfig, SparseDeltaConfig, active_adapter, delete_adapter,
+from .inject import (LoraConfig, SparseDeltaConfig, active_adapter, delete_adapter, disable_adapter,
                      format_trainable_parameters, inject, lora_layers, merge_and_unload, mixed_batch,
                      print_trainable_parameters, select_by_gradients, set_adapter, sparse_layers, trainable_parameters)
 from .io import load_adapter, read_adapter_config, save_adapter
@@ -36,4 +37,4 @@ __all__ = [
     "LayerwiseConfig", "PromptTuningConfig", "layerwise_param_groups", "deterministic", "is_deterministic",
     "set_deterministic", "AccelerateReport", "accelerate", "restore", "to_peft", "dora_linear", "dora_linear_ref",
 ]
-__all__ += ["qlora_linear", "QLoRALinear", "FastLoRAEmbedding", "TrainableTokensWrapper"]
+__all__ += ["qlora_linear", "QLoRALinear", "FastLoRAEmbedding", "TrainableTokensWrapper", "disable_adapter"]

@@ -98,6 +98,9 @@ def _taken_names() -> frozenset:
 def check_adapter_name(name) -> str:
     if not isinstance(name, str) or not name or "." in name:
         raise ValueError(f"adapter name must be a non-empty str without '.', got {name!r}")
+    if name == "__base__":
+        raise ValueError("adapter name '__base__' is reserved: adapter_names / mixed_batch take it for rows that run "
+                         "the base model (PEFT's name); pick another name")
     if name in _taken_names():  # checked before anything changes (PEFT, keeping nn.ModuleDicts, fails half way
         # through on most of these names, e.g. "training", "forward", "to"; a few it takes: "get", "copy")
         raise ValueError(f"adapter name {name!r} is an attribute of torch's nn.ModuleDict / nn.ParameterDict, which "

@@ -15,6 +15,10 @@ gives the model two instance methods (``attach_trainer_support``):
   model's own ``load_state_dict``.
 
 Without fastpeft adapters (after ``merge_and_unload``, say) both are the model's own methods again.
+
+PEFT's per-sequence ``adapter_names=[...]`` (``"__base__"`` for the base) is taken by the model's forward (a
+forward pre-hook runs the call inside ``fastpeft.mixed_batch``) and by ``generate`` (an instance method, which
+expands the names as generate expands the batch): ``attach_adapter_names``.
 """
 from __future__ import annotations
 
@@ -28,7 +32,7 @@ import torch
 import torch.nn as nn
 
 from ._checks import few
-from .inject import INJECT_HOOKS, active_adapter, adapter_configs, lora_layers, method_for
+from .inject import INJECT_HOOKS, active_adapter, adapter_configs, lora_layers, method_for, mixed_batch
 from .matching import output_head
 from .io import load_adapter, read_adapter_config, save_adapter
 from .layers import FastLoRALinear, ModulesToSaveWrapper
@@ -79,6 +83,76 @@ def attach_trainer_support(model: nn.Module) -> nn.Module:
 
 
 INJECT_HOOKS.append(attach_trainer_support)
+
+
+def attach_adapter_names(model: nn.Module) -> nn.Module:
+    """PEFT's ``adapter_names`` keyword on ``model``'s forward (and ``generate``, for transformers models), run as a
+    ``fastpeft.mixed_batch`` block around the call (idempotent; ``inject`` calls it). Before 2026-12-01 a forward's
+    ``adapter_names`` was swallowed by transformers' ``**kwargs`` and every row ran the active adapter."""
+    if not any(h is _names_pre_hook for h in model._forward_pre_hooks.values()):
+        model.register_forward_pre_hook(_names_pre_hook, with_kwargs=True)
+        model.register_forward_hook(_names_post_hook, always_call=True)  # also when the forward raises
+    own = model.__dict__.get("generate")
+    if callable(getattr(type(model), "generate", None)) and not (
+            isinstance(own, _InstanceMethod) and own.__func__ is _generate):
+        model.generate = _InstanceMethod(_generate, model)
+    return model
+
+
+INJECT_HOOKS.append(attach_adapter_names)
+_ROUTED = "_fastpeft_routed"  # the model's open mixed_batch blocks of forwards given adapter_names
+
+
+def _names_pre_hook(model, args, kwargs):
+    if "adapter_names" not in kwargs:
+        return None
+    kwargs = dict(kwargs)
+    names = kwargs.pop("adapter_names")
+    if names is not None:
+        block = mixed_batch(model, list(names) if isinstance(names, tuple) else names)
+        block.__enter__()  # (raises, nothing entered, for unknown names)
+        model.__dict__.setdefault(_ROUTED, []).append(block)
+    return args, kwargs
+
+
+def _names_post_hook(model, args, output):
+    blocks = model.__dict__.get(_ROUTED)
+    if blocks:
+        blocks.pop().__exit__(None, None, None)
+
+
+def _detach_adapter_names(model: nn.Module) -> list:
+    """Take ``attach_adapter_names``' hooks off ``model``; returns what ``_reattach`` puts back."""
+    taken = []
+    for table, flags in (("_forward_pre_hooks", "_forward_pre_hooks_with_kwargs"),
+                         ("_forward_hooks", "_forward_hooks_always_called")):
+        hooks = getattr(model, table)
+        for key, hook in list(hooks.items()):
+            if hook in (_names_pre_hook, _names_post_hook):
+                taken.append((table, flags, key, hook, getattr(model, flags).pop(key, None)))
+                del hooks[key]
+    return taken
+
+
+def _reattach(model: nn.Module, taken: list) -> None:
+    for table, flags, key, hook, flag in taken:
+        getattr(model, table)[key] = hook
+        if flag is not None:
+            getattr(model, flags)[key] = flag
+
+
+def _generate(self, *args, adapter_names=None, **kwargs):
+    """The model's ``generate``; with ``adapter_names`` (one per input sequence, ``"__base__"`` for the base) inside
+    ``fastpeft.mixed_batch``, each sequence's ``num_beams`` (beam search) or ``num_return_sequences`` rows on its
+    adapter."""
+    own = _own(self, "generate")
+    if adapter_names is None:
+        return own(*args, **kwargs)
+    config = kwargs.get("generation_config") or getattr(self, "generation_config", None)
+    beams = kwargs.get("num_beams") or getattr(config, "num_beams", 1) or 1
+    copies = kwargs.get("num_return_sequences") or getattr(config, "num_return_sequences", 1) or 1
+    with mixed_batch(self, list(adapter_names), rows_per_sequence=beams if beams > 1 else copies):
+        return own(*args, **kwargs)
 
 
 def _own(model: nn.Module, name: str):
@@ -261,6 +335,7 @@ def to_peft(model: nn.Module):
         kept = {name: v for name, v in model.__dict__.items()
                 if name in _FASTPEFT_ATTRS or isinstance(v, _InstanceMethod)}  # the registry, Trainer's methods
         before = set(model.__dict__)
+        hooks = _detach_adapter_names(model)  # PEFT's forward takes adapter_names itself
         try:
             for path, m in swapped:
                 _set_submodule(model, path, m.original_module if isinstance(m, ModulesToSaveWrapper)
@@ -277,6 +352,7 @@ def to_peft(model: nn.Module):
             for name in set(model.__dict__) - before:  # what PEFT set on the model before it failed (peft_config)
                 del model.__dict__[name]
             model.__dict__.update(kept)
+            _reattach(model, hooks)
             raise
     return peft_model.train(was_training)  # from_pretrained(is_trainable=True) leaves it in training mode
 

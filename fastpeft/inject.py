@@ -136,6 +136,7 @@ class PeftState:
     trained: list = field(default_factory=list)
     routing: Optional[list] = None  # the adapter names of an enclosing mixed_batch block, per sequence
     rows_per_sequence: int = 1      # and its rows_per_sequence
+    disabled: int = 0               # depth of enclosing disable_adapter blocks: every row runs the base
 
 
 _STATE = "_fastpeft"
@@ -167,6 +168,19 @@ def unknown_adapters(model: nn.Module, argument: str, names: list, configs: dict
             " which the model does not track: add model-level adapters with fastpeft.inject(model, config, "
             "adapter_name=...) or fastpeft.load_adapter" if layered else "")
     return ValueError(f"{what} of this model; it has {list(configs)}{hint}")
+
+
+def check_known(model: nn.Module, adapter_name, configs: dict, argument: str = "adapter_name") -> str:
+    """``adapter_name``, one adapter of the model; else a TypeError (a list: PEFT's several active adapters) or
+    ``unknown_adapters``' ValueError."""
+    if not isinstance(adapter_name, str):
+        several = isinstance(adapter_name, (list, tuple, set))
+        raise TypeError(f"{argument} must be one adapter's name (a str), got {adapter_name!r}" + (
+            ": fastpeft runs one adapter at a time per model (PEFT's several active adapters are not supported); "
+            "fastpeft.mixed_batch routes a different adapter to each sequence" if several else ""))
+    if adapter_name not in configs:
+        raise unknown_adapters(model, argument, [adapter_name], configs)
+    return adapter_name
 
 
 def active_adapter(model: nn.Module):
@@ -1140,8 +1154,8 @@ def set_adapter(model: nn.Module, adapter_name) -> None:
     """Make ``adapter_name`` the active adapter of every layer that has it (layers without it run their
     base) and the only one that trains; None runs the base model."""
     configs = adapter_configs(model)
-    if adapter_name is not None and adapter_name not in configs:
-        raise unknown_adapters(model, "adapter_name", [adapter_name], configs)
+    if adapter_name is not None:
+        check_known(model, adapter_name, configs)
     active = peft_state(model).active
     if adapter_name is None and active is not None and _in_model(configs[active]):
         raise ValueError(f"adapter {active!r} ({type(configs[active]).__name__}) is part of the model itself: it "
@@ -1166,8 +1180,11 @@ def delete_adapter(model: nn.Module, adapter_name: str) -> None:
     """Remove adapter ``adapter_name`` from the model; if it was active, none is active afterwards.
     Layers left without adapters stay ``FastLoRALinear`` and run their base."""
     configs = adapter_configs(model)
-    if adapter_name not in configs:
-        raise unknown_adapters(model, "adapter_name", [adapter_name], configs)
+    check_known(model, adapter_name, configs)
+    routing = peft_state(model).routing
+    if routing is not None and adapter_name in routing:
+        raise RuntimeError(f"delete_adapter({adapter_name!r}) inside a mixed_batch block that routes sequences to it "
+                           "(their rows would silently run the base): delete it after the block")
     if _in_model(configs[adapter_name]):
         method = method_for(configs[adapter_name])
         if not method.removable:
@@ -1208,7 +1225,8 @@ def delete_adapter(model: nn.Module, adapter_name: str) -> None:
 def mixed_batch(model: nn.Module, adapter_names, rows_per_sequence: int = 1):
     """Route one adapter (or None = base) per sequence of the batch through every LoRA layer.
 
-    ``adapter_names``: a list with one name or None per sequence (dim 0 of each layer's input). Inside
+    ``adapter_names``: a list with one name or None (or PEFT's ``"__base__"``) per sequence (dim 0 of each layer's
+    input); inside ``disable_adapter`` every sequence runs the base. Inside
     the block each LoRA layer applies row i's adapter to every token of sequence i, also to the new
     tokens of a generation loop; layers that lack an adapter run their base for its sequences.
     ``rows_per_sequence`` k: layers whose batch is k times the names take each name for k consecutive rows, as
@@ -1218,6 +1236,8 @@ def mixed_batch(model: nn.Module, adapter_names, rows_per_sequence: int = 1):
     configs = adapter_configs(model)
     if not isinstance(adapter_names, (list, tuple)) or not adapter_names:
         raise TypeError(f"adapter_names must be a non-empty list of adapter names or None, got {adapter_names!r}")
+    # PEFT's name for base rows (refused as an adapter name); inside disable_adapter every row runs the base
+    adapter_names = [None if n == BASE_ROWS or peft_state(model).disabled else n for n in adapter_names]
     check_rank(rows_per_sequence, "rows_per_sequence")
     unknown = sorted({n for n in adapter_names if n is not None and n not in configs}, key=str)
     if unknown:
@@ -1249,6 +1269,36 @@ def mixed_batch(model: nn.Module, adapter_names, rows_per_sequence: int = 1):
         for m in [*lora_layers(model).values(), *saved_module_wrappers(model).values()]:
             if id(m) not in known:  # made inside the block: routed by it, not after
                 m.set_routing(*previous_state)
+
+
+BASE_ROWS = "__base__"  # PEFT's adapter_names entry for rows that run the base model
+
+
+@contextlib.contextmanager
+def disable_adapter(model: nn.Module):
+    """PEFT's ``disable_adapter()``: inside the block the model runs its base, every sequence of a ``mixed_batch``
+    (or of a forward's ``adapter_names``) too; the active adapter and any routing come back after it. Adapters that
+    are part of the model (BitFit, bottleneck, prompt tuning, layer-wise) cannot be switched off (``set_adapter``'s
+    error)."""
+    state = peft_state(model, create=True)
+    active, routing, k = state.active, state.routing, state.rows_per_sequence
+    set_adapter(model, None)  # raises for adapters that are part of the model, before anything changed
+    routed = [*lora_layers(model).values(), *saved_module_wrappers(model).values()]
+    previous = [(m.routing, m.rows_per_sequence) for m in routed]
+    state.disabled += 1
+    try:
+        if routing is not None:
+            state.routing = [None] * len(routing)
+            for m in routed:
+                m.set_routing(state.routing, k)
+        yield model
+    finally:
+        state.disabled -= 1
+        state.routing = routing
+        for m, (names, rows) in zip(routed, previous):
+            m.set_routing(names, rows)
+        if active in adapter_configs(model):  # (deleted inside the block: none stays active)
+            set_adapter(model, active)
 
 
 def trainable_parameters(model: nn.Module) -> tuple:

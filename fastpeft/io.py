@@ -18,7 +18,7 @@ import torch
 import torch.nn as nn
 
 from ._checks import check_adapter_name, check_bool, few
-from .inject import METHODS, LoraPlan, adapter_configs, inject, method_for, peft_state, unknown_adapters
+from .inject import METHODS, LoraPlan, adapter_configs, check_known, inject, method_for, peft_state
 
 CONFIG_NAME = "adapter_config.json"
 WEIGHTS_NAME = "adapter_model.safetensors"
@@ -181,8 +181,7 @@ def save_adapter(model: nn.Module, directory, adapter_name: str = "default", is_
     if isinstance(model, (nn.parallel.DistributedDataParallel, nn.DataParallel)):
         model = model.module
     configs = adapter_configs(model)
-    if adapter_name not in configs:
-        raise unknown_adapters(model, "adapter_name", [adapter_name], configs)
+    check_known(model, adapter_name, configs)
     config, state = configs[adapter_name], peft_state(model)
     method = method_for(config)
     keys = method.file_tensors(model, config, adapter_name, state)

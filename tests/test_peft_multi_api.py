@@ -1,0 +1,139 @@
+"""PEFT's ways of using several adapters, on models prepared by fastpeft: ``adapter_names=[...]`` in a forward and in
+``generate`` (``"__base__"`` for base rows), ``disable_adapter()``, and a mixed training batch that leaves the
+adapters it does not route untouched (no gradient, so the optimizer does not move them)."""
+import copy
+
+import pytest
+import torch
+
+import fastpeft
+from fastpeft import LoraConfig
+from fastpeft.inject import peft_state
+from test_inject import Toy
+
+peft = pytest.importorskip("peft")
+transformers = pytest.importorskip("transformers")
+
+pytestmark = pytest.mark.filterwarnings("ignore:`is_gradient_checkpointing` is deprecated:FutureWarning")
+
+
+def llama_pair(tmp_path):
+    """A PEFT model with adapters "default" (r 4) and "b" (r 8), and the same adapters loaded by fastpeft."""
+    torch.manual_seed(0)
+    cfg = transformers.LlamaConfig(vocab_size=64, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                                   num_attention_heads=4, num_key_value_heads=2, pad_token_id=0)
+    base = transformers.LlamaForCausalLM(cfg).eval()
+    pm = peft.get_peft_model(copy.deepcopy(base), peft.LoraConfig(r=4, target_modules=["q_proj", "v_proj"],
+                                                                  init_lora_weights=False))
+    pm.add_adapter("b", peft.LoraConfig(r=8, target_modules=["q_proj", "down_proj"], init_lora_weights=False))
+    with torch.no_grad():
+        for n, p in pm.named_parameters():
+            if "lora_B" in n:
+                p.mul_(20)  # each adapter changes the greedy tokens
+    pm.save_pretrained(tmp_path)
+    fm = fastpeft.load_adapter(copy.deepcopy(base), tmp_path)
+    fastpeft.load_adapter(fm, tmp_path / "b", adapter_name="b")
+    return base, pm.eval(), fm.eval()
+
+
+IDS = torch.randint(1, 64, (3, 6), generator=torch.Generator().manual_seed(1))
+NAMES = ["default", "b", "__base__"]
+
+
+def test_forward_adapter_names_as_peft(tmp_path):
+    base, pm, fm = llama_pair(tmp_path)
+    with torch.no_grad():
+        theirs = pm(input_ids=IDS, adapter_names=NAMES).logits
+        ours = fm(input_ids=IDS, adapter_names=NAMES).logits
+        torch.testing.assert_close(ours, theirs, rtol=1e-5, atol=1e-5)
+        torch.testing.assert_close(ours[2], base(input_ids=IDS).logits[2], rtol=0, atol=0)
+        assert (ours[0] - ours[1]).abs().max() > 1e-2  # before 2026-12-01 every row ran the active adapter
+        # after the call the active adapter applies again, on every row
+        torch.testing.assert_close(fm(input_ids=IDS).logits[1], pm(input_ids=IDS).logits[1], rtol=1e-5, atol=1e-5)
+
+
+def test_generate_adapter_names_as_peft_and_with_beams(tmp_path):
+    base, pm, fm = llama_pair(tmp_path)
+    kw = dict(max_new_tokens=5, do_sample=False, pad_token_id=0, attention_mask=torch.ones_like(IDS))
+    with torch.no_grad():
+        ours = fm.generate(input_ids=IDS, adapter_names=NAMES, **kw)
+        assert torch.equal(ours, pm.generate(input_ids=IDS, adapter_names=NAMES, **kw))
+        # beams: the names follow generate's num_beams rows of each sequence
+        beams = fm.generate(input_ids=IDS, adapter_names=NAMES, num_beams=2, **kw)
+        for i, name in enumerate(NAMES):
+            fastpeft.set_adapter(fm, None if name == "__base__" else name)
+            alone = fm.generate(input_ids=IDS[i:i + 1], num_beams=2, **{**kw, "attention_mask": kw[
+                "attention_mask"][i:i + 1]})
+            assert torch.equal(beams[i:i + 1], alone), name
+
+
+def test_a_failing_forward_leaves_no_routing(tmp_path):
+    _, _, fm = llama_pair(tmp_path)
+    q = fm.model.layers[0].self_attn.q_proj
+    with pytest.raises(ValueError, match=r"adapter_names \['x'\] are not adapters"):
+        fm(input_ids=IDS, adapter_names=["x", "b", None])
+    with pytest.raises(ValueError, match="batch size 3"):  # two names for three sequences
+        fm(input_ids=IDS, adapter_names=["b", None])
+    assert q.routing is None and peft_state(fm).routing is None
+    with torch.no_grad():
+        torch.testing.assert_close(fm(input_ids=IDS, adapter_names=None).logits, fm(input_ids=IDS).logits)
+
+
+def test_disable_adapter_runs_the_base_for_every_row(tmp_path):
+    base, pm, fm = llama_pair(tmp_path)
+    want = base(input_ids=IDS).logits.detach()
+    with torch.no_grad(), fastpeft.mixed_batch(fm, ["b", "default", None]):
+        routed = fm(input_ids=IDS).logits
+        with fastpeft.disable_adapter(fm):
+            assert fastpeft.active_adapter(fm) is None
+            torch.testing.assert_close(fm(input_ids=IDS).logits, want, rtol=0, atol=0)
+            torch.testing.assert_close(fm(input_ids=IDS, adapter_names=NAMES).logits, want, rtol=0, atol=0)
+            with pm.disable_adapter():  # PEFT's: the same
+                torch.testing.assert_close(pm(input_ids=IDS, adapter_names=NAMES).logits, want, rtol=1e-6, atol=1e-6)
+        torch.testing.assert_close(fm(input_ids=IDS).logits, routed, rtol=0, atol=0)  # the routing is back
+    assert fastpeft.active_adapter(fm) == "default"
+    with pytest.raises(KeyError), fastpeft.disable_adapter(fm):  # an exception inside: everything comes back too
+        raise KeyError("boom")
+    with torch.no_grad():
+        torch.testing.assert_close(fm(input_ids=IDS).logits, pm(input_ids=IDS).logits, rtol=1e-5, atol=1e-5)
+
+
+def test_disable_adapter_refuses_an_adapter_that_is_part_of_the_model():
+    model = fastpeft.inject(Toy(), fastpeft.BitFitConfig())
+    with pytest.raises(ValueError, match="part of the model itself"):
+        with fastpeft.disable_adapter(model):
+            pass
+
+
+def test_to_peft_takes_adapter_names_from_there(tmp_path):
+    _, pm, fm = llama_pair(tmp_path)
+    with torch.no_grad():
+        want = fm(input_ids=IDS, adapter_names=NAMES).logits
+    converted = fastpeft.to_peft(fm).eval()
+    with torch.no_grad():
+        torch.testing.assert_close(converted(input_ids=IDS, adapter_names=NAMES).logits, want, rtol=1e-5, atol=1e-5)
+    assert not converted.base_model.model._forward_pre_hooks  # fastpeft's hooks went with its layers
+
+
+def test_mixed_batch_training_leaves_unrouted_adapters_without_gradients():
+    """An adapter no sequence of a training batch routes to gets no gradient (None, as a PEFT adapter that did not
+    run), so AdamW's weight decay and momentum do not move it; before 2026-12-01 it got zeros and moved."""
+    torch.manual_seed(0)
+    model = Toy()
+    for name in ("a", "b", "c"):
+        fastpeft.inject(model, LoraConfig(r=2, target_modules=["q_proj", "v_proj"], init_lora_weights=False), name)
+    params = {name: [p for layer in fastpeft.lora_layers(model).values() for p in layer.adapter_parameters(name)]
+              for name in ("a", "b", "c")}
+    for ps in params.values():
+        for p in ps:
+            p.requires_grad_(True)
+    before = {n: [p.detach().clone() for p in ps] for n, ps in params.items()}
+    opt = torch.optim.AdamW([p for ps in params.values() for p in ps], lr=1e-2, weight_decay=0.1)
+    model.train()
+    with fastpeft.mixed_batch(model, ["a", None, "c"]):
+        model(torch.randn(3, 4, 16)).square().mean().backward()
+    assert all(p.grad is None for p in params["b"])
+    assert all(p.grad is not None and p.grad.abs().sum() > 0 for p in params["a"] + params["c"])
+    opt.step()
+    assert all(torch.equal(p, q) for p, q in zip(params["b"], before["b"]))
+    assert not any(torch.equal(p, q) for p, q in zip(params["a"], before["a"]))
