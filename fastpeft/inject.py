@@ -1389,6 +1389,26 @@ def _untie_word_embeddings(model: nn.Module) -> None:
             c.tie_word_embeddings = False
 
 
+def _untie_saved_copies(model: nn.Module) -> None:
+    """Before ``merge_and_unload`` puts modules_to_save copies in place: where the original of one shares a parameter
+    with a module outside it (a tied input embedding / output head), the trained copy breaks the tie, so
+    ``tie_word_embeddings`` goes False (warned), as PEFT's merge does. Before 2026-12-01 it stayed True, and a later
+    ``tie_weights()`` / ``resize_token_embeddings`` silently put one matrix in the other's place."""
+    names: dict = {}
+    for n, p in model.named_parameters(remove_duplicate=False):
+        names.setdefault(id(p), []).append(n)
+    tied = []
+    for wname, w in saved_module_wrappers(model).items():
+        if isinstance(w, TrainableTokensWrapper) or w.active_adapter not in w.modules_to_save:
+            continue
+        for p in w.original_module.parameters():
+            tied += [n for n in names.get(id(p), []) if not n.startswith(wname + ".")]
+    if tied:
+        warnings.warn(f"merge_and_unload: the trained modules_to_save copies replace weights that {few(tied)} share "
+                      "(tied); those keep the base weights, and config.tie_word_embeddings is set False")
+        _untie_word_embeddings(model)
+
+
 def _token_weights_to_copy(model: nn.Module) -> set:
     """Trainable-token wrappers whose trained rows go into a copy of their weight at ``merge_and_unload``: those
     whose weight another parameter shares that does not take the same rows (a head tied to embeddings whose tokens
@@ -1462,6 +1482,7 @@ def merge_and_unload(model: nn.Module, dequantize: bool = False) -> nn.Module:
             layer.merge()
         set_submodule(model, name, layer.base_module())
     own = _token_weights_to_copy(model)  # before any wrapper goes
+    _untie_saved_copies(model)
     for name, module in list(model.named_modules()):
         if isinstance(module, TrainableTokensWrapper):
             set_submodule(model, name, module.unwrap(own_weight=name in own))

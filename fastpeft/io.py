@@ -186,6 +186,10 @@ def save_adapter(model: nn.Module, directory, adapter_name: str = "default", is_
     method = method_for(config)
     keys = method.file_tensors(model, config, adapter_name, state)
     config_json = method.config_to_json(model, config, adapter_name, state)
+    if config_json.get("task_type") is None:  # as PEFT: how AutoPeftModel finds the model class (before 2026-12-01
+        # left out: AutoPeftModelForCausalLM could not open such a folder, a Trainer checkpoint without task_type)
+        config_json.setdefault("auto_mapping", {"base_model_class": type(model).__name__,
+                                                "parent_library": type(model).__module__})
     sharded = any(_sharded(p) for p in keys.values())
     # full_tensor() all-gathers an FSDP2 shard; every rank runs the gathers, in the same (key) order.
     tensors = {(k if k in method.root_keys else method.file_prefix + k):

@@ -377,3 +377,29 @@ def test_layer_filter_is_peft_s(layers, pattern):
         theirs = bool(peft_tuners.check_target_module_exists(config, name))
         exact = name in suffixes  # named in full: PEFT keeps it whatever its index
         assert (exact or in_layers(name, layers, pattern)) == theirs, (name, layers, pattern)
+
+
+@pytest.mark.parametrize("saved", ["embed_tokens", "lm_head"])
+def test_merging_a_saved_copy_of_a_tied_embedding_unties_the_config(tmp_path, saved):
+    """modules_to_save on one of a tied pair: the trained copy and the other's base weight differ after the merge, so
+    tie_word_embeddings goes False (as PEFT's merge); before 2026-12-01 it stayed True, and a reload then re-tied
+    them (logits 11.8 off after resize_token_embeddings)."""
+    transformers = pytest.importorskip("transformers")
+    torch.manual_seed(0)
+    cfg = transformers.LlamaConfig(vocab_size=64, hidden_size=32, intermediate_size=64, num_hidden_layers=1,
+                                   num_attention_heads=4, num_key_value_heads=2, tie_word_embeddings=True)
+    model = fastpeft.inject(transformers.LlamaForCausalLM(cfg), LoraConfig(r=2, target_modules=["q_proj"],
+                                                                           modules_to_save=[saved]))
+    with torch.no_grad():
+        for p in model.parameters():
+            if p.requires_grad:
+                p.add_(0.3 * torch.randn_like(p))
+    ids = torch.randint(0, 64, (2, 5))
+    want = model.eval()(ids).logits.detach()
+    with pytest.warns(UserWarning, match="tie_word_embeddings is set False"):
+        merged = fastpeft.merge_and_unload(model)
+    assert merged.config.tie_word_embeddings is False
+    merged.save_pretrained(tmp_path)
+    again = transformers.AutoModelForCausalLM.from_pretrained(tmp_path).eval()
+    again.resize_token_embeddings(64)  # re-ties by the config: must not
+    torch.testing.assert_close(again(ids).logits, want, rtol=1e-5, atol=1e-5)

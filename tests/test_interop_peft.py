@@ -446,3 +446,17 @@ def test_peft_orthogonal_init_adapters_load_and_weight_tying_files_are_named(tmp
     fm = fastpeft.load_adapter(copy.deepcopy(base), tmp_path / "orth").eval()
     with torch.no_grad():
         assert_outputs_match(fm(x), pm(x), base(x))
+
+
+def test_auto_peft_model_opens_a_folder_saved_without_task_type(tmp_path):
+    """PEFT's AutoPeftModelForCausalLM finds the model class from ``auto_mapping`` when task_type is None (as
+    tutorials often leave it); before 2026-12-01 fastpeft's config lacked it and the folder could not be opened."""
+    base = llama_base()
+    base.save_pretrained(tmp_path / "base")
+    base = transformers.AutoModelForCausalLM.from_pretrained(tmp_path / "base").eval()
+    fm = fast_model(base, dict(r=4, lora_alpha=8, target_modules=["q_proj", "v_proj"]))
+    fastpeft.save_adapter(fm, tmp_path / "adapter")
+    pm = peft.AutoPeftModelForCausalLM.from_pretrained(tmp_path / "adapter").eval()
+    assert type(pm.base_model.model) is type(base)
+    with torch.no_grad():
+        assert_outputs_match(llama_out(pm), llama_out(fm), llama_out(base))
