@@ -17,7 +17,7 @@ from .reference import DORA_DROPOUT_MODES
 
 # float64 runs on the reference path only (the kernels take the three training dtypes).
 FLOAT_DTYPES = (torch.float32, torch.float16, torch.bfloat16, torch.float64)
-INIT_CHOICES = (True, False, "gaussian")
+INIT_CHOICES = (True, False, "gaussian", "orthogonal")
 SELECTIONS = ("random", "magnitude", "scores")  # how a sparse delta's positions are picked
 
 
@@ -80,10 +80,13 @@ def check_choice(v, choices: tuple, name: str):
 
 
 def check_init(init_lora_weights):
-    """PEFT's plain inits: True (kaiming A, zero B), "gaussian", False (both random, for tests)."""
+    """PEFT's plain inits: True (kaiming A, zero B), "gaussian", "orthogonal" (BA = 0), False (both random, for
+    tests)."""
     if not any(init_lora_weights is c or init_lora_weights == c for c in INIT_CHOICES) \
             or isinstance(init_lora_weights, (int, float)) and not isinstance(init_lora_weights, bool):
-        raise ValueError(f"init_lora_weights must be one of {INIT_CHOICES}, got {init_lora_weights!r}")
+        hint = (": 'eva' is PEFT's data-driven init (peft.initialize_lora_eva_weights over batches); its adapter files "
+                "load here (load_adapter)" if init_lora_weights == "eva" else "")
+        raise ValueError(f"init_lora_weights must be one of {INIT_CHOICES}, got {init_lora_weights!r}{hint}")
     return init_lora_weights
 
 

@@ -53,6 +53,9 @@ class LoraConfig:
     layers_pattern: Optional[Union[str, list]] = None       # the blocks' container name(s): "layers", "h", ...
     # PEFT's trainable tokens: these rows of the input embeddings (a dict: of the named embedding layers) trained
     trainable_token_indices: Optional[Union[list, dict]] = None
+    inference_mode: bool = False     # PEFT's: True adds the adapter frozen (files always say True, as PEFT's)
+    fan_in_fan_out: bool = False     # PEFT's; read from each layer here (Conv1D: True, nn.Linear: False), as PEFT ends up
+    ensure_weight_tying: bool = False  # PEFT's tied copies for tied embeddings: not supported (True is refused)
     sparse_density: float = 0.0      # > 0: a sparse delta beside each LoRA update (RoSA)
     sparse_block_size: int = 1
     sparse_selection: str = "random"
@@ -74,6 +77,12 @@ class LoraConfig:
         if isinstance(self.layers_pattern, tuple):
             self.layers_pattern = list(self.layers_pattern)
         self.trainable_token_indices = check_token_indices(self.trainable_token_indices)
+        for name in ("inference_mode", "fan_in_fan_out", "ensure_weight_tying"):
+            check_bool(getattr(self, name), name)
+        if self.ensure_weight_tying:
+            raise ValueError("ensure_weight_tying=True (PEFT's one trained copy / one LoRA shared by tied input "
+                             "embeddings and output head) is not supported by fastpeft; leave it False (each of the "
+                             "tied layers then gets its own, as PEFT without it), or train with PEFT")
         check_choice(self.bias, BIAS_CHOICES, "bias")
         check_bool(self.use_rslora, "use_rslora")
         check_dora_options(self.use_dora, self.sparse_density)
@@ -604,6 +613,9 @@ class LoraMethod(Method):
     def plan(self, model: nn.Module, config) -> LoraPlan:
         plan = plan_lora(model, config)
         _check_dora_targets(model, config, plan)
+        odd = [f"{n} (r={t[0]})" for n, t in plan.targets.items() if t is not None and t[0] % 2]
+        if config.init_lora_weights == "orthogonal" and odd:  # checked before any layer changes
+            raise ValueError(f"init_lora_weights='orthogonal' needs an even rank (PEFT's), got {few(odd)}")
         return plan
 
     def apply(self, model: nn.Module, config, adapter_name: str, plan: LoraPlan, state) -> None:
@@ -1043,6 +1055,8 @@ def inject(model: nn.Module, config, adapter_name: str = "default", plan=None, a
     """
     if not isinstance(model, nn.Module):
         raise TypeError(f"fastpeft.inject takes the nn.Module to add an adapter to, got {type(model).__name__}")
+    _check_no_peft_layers(model)
+    config = _from_peft_config(config)
     method = method_for(config)
     check_adapter_name(adapter_name)
     check_bool(autocast_adapter_dtype, "autocast_adapter_dtype")
@@ -1072,6 +1086,9 @@ def inject(model: nn.Module, config, adapter_name: str = "default", plan=None, a
     state.adapters[adapter_name] = config
     set_adapter(model, adapter_name if activate or not configs else state.active)
     _mark_adapters(model, True)
+    if getattr(config, "inference_mode", False):  # PEFT's: the adapter is added frozen
+        for p in method.file_tensors(model, config, adapter_name, state).values():
+            p.requires_grad_(False)
     if not given_plan:  # (a load: the file's positions, trained already; nothing left to choose)
         _warn_coarse_blocks(model, config, adapter_name)
     if isinstance(plan, LoraPlan):
@@ -1081,6 +1098,38 @@ def inject(model: nn.Module, config, adapter_name: str = "default", plan=None, a
                           f"{few(sum(tied.values(), []))}: merge() changes those too while merged (merge_and_unload "
                           "unties them, giving each its own merged copy)")
     return model
+
+
+def _check_no_peft_layers(model: nn.Module) -> None:
+    """PEFT's own model or layers (a PeftModel, LoRA layers get_peft_model made) are not inject's to wrap again: its
+    all-linear would put LoRA on their lora_A / lora_B. ``fastpeft.accelerate`` is the way for them."""
+    found = [n or type(model).__name__ for n, m in model.named_modules() if type(m).__module__.startswith("peft.")]
+    if found:
+        raise ValueError(f"fastpeft.inject: the model holds Hugging Face PEFT modules ({few(found)}); "
+                         "fastpeft.accelerate(peft_model) runs PEFT's adapters on fastpeft's kernels in place, and "
+                         "inject takes the base model (PeftModel.get_base_model() after unload(), or a fresh one)")
+
+
+def _from_peft_config(config):
+    """A ``peft.LoraConfig`` taken as fastpeft's (the fields fastpeft computes; the others refused, named, as in a
+    file), so that PEFT code only swaps ``get_peft_model`` for ``inject``; other configs pass as they are."""
+    if not type(config).__module__.startswith("peft.") or not hasattr(config, "to_dict"):
+        return config
+    d = config.to_dict()
+    peft_type = str(getattr(d.get("peft_type"), "value", d.get("peft_type")))
+    if peft_type != LoraConfig.peft_type:
+        raise TypeError(f"fastpeft.inject takes PEFT's LoraConfig, or fastpeft's configs; a PEFT {type(config).__name__}"
+                        " runs as PEFT's: get_peft_model(model, config)")
+    bad = {k: d[k] for k in _UNSUPPORTED if d.get(k) not in (None, False, [], {}, 0)}
+    if bad:
+        raise ValueError(f"fastpeft.inject: the PEFT LoraConfig sets LoRA variants fastpeft does not compute: {bad}")
+    fields = _CONFIG_FIELDS + ("inference_mode", "fan_in_fan_out", "ensure_weight_tying")
+    kwargs = {k: d[k] for k in fields if k in d and d[k] is not None}
+    if kwargs.get("task_type") is not None:
+        kwargs["task_type"] = str(getattr(kwargs["task_type"], "value", kwargs["task_type"]))
+    if isinstance(kwargs.get("target_modules"), (set, frozenset)):
+        kwargs["target_modules"] = sorted(kwargs["target_modules"])
+    return LoraConfig(**kwargs)
 
 
 def _covered(delta) -> int:

@@ -550,7 +550,7 @@ class FastLoRALinear(TunerLayer):
         if delta is not None:
             delta.delta_values.requires_grad_(trains)
             self.sparse_deltas[name] = delta
-        self.reset_lora_parameters(init_lora_weights, adapter_name=name)
+        self.reset_lora_parameters(init_lora_weights, adapter_name=name, _fresh=True)
         if use_dora:
             self._add_magnitude(name, trains)
         self._meta = None
@@ -787,23 +787,43 @@ class FastLoRALinear(TunerLayer):
     # ---- init, forward ---------------------------------------------------------------------------
 
     @torch.no_grad()
-    def reset_lora_parameters(self, init_lora_weights=True, adapter_name: str | None = None) -> None:
+    def reset_lora_parameters(self, init_lora_weights=True, adapter_name: str | None = None,
+                              _fresh: bool = False) -> None:
         """PEFT's inits: ``True`` A kaiming-uniform(a=sqrt(5)), B zeros, so the layer starts as its base;
-        ``"gaussian"`` A ~ N(0, std=1/r), B zeros; ``False`` both kaiming-uniform (non-zero B, for tests)."""
+        ``"gaussian"`` A ~ N(0, std=1/r), B zeros; ``"orthogonal"`` (even r) A and B (/ 10) from the odd and even rows
+        of one random orthogonal r x r matrix, so BA = 0; ``False`` both kaiming-uniform (non-zero B, for tests).
+
+        Drawn as PEFT draws them, on the CPU in fp32 from torch's generator, then copied: with ``_fresh`` (a new
+        adapter) first the two draws of PEFT's ``nn.Linear(in, r)`` / ``nn.Linear(r, out)``, so that a seed gives
+        PEFT's initial factors (before 2026-12-01 A differed: a run moved from get_peft_model to inject changed)."""
         check_init(init_lora_weights)
         name = self._active if adapter_name is None else adapter_name
         spec = self._spec_of(name)
         if self.merged and name == self._active:
             raise RuntimeError("reset_lora_parameters on a merged adapter: call unmerge() first")
         a, b = self.lora_A_adapters[name], self.lora_B_adapters[name]
-        if init_lora_weights == "gaussian":
-            nn.init.normal_(a, std=1.0 / spec.r)
-        else:
-            nn.init.kaiming_uniform_(a, a=math.sqrt(5))
+        if a.is_meta:
+            return
+        r, k, n = spec.r, self.in_features, self.out_features
+        if init_lora_weights == "orthogonal" and r % 2:
+            raise ValueError(f"init_lora_weights='orthogonal' needs an even rank (PEFT's), got r={r} for {name!r}")
+
+        def kaiming(*shape):
+            return nn.init.kaiming_uniform_(torch.empty(shape), a=math.sqrt(5))
+        if _fresh or init_lora_weights is False:  # PEFT's nn.Linear layers, made before its init (which False skips)
+            a0, b0 = kaiming(r, k), kaiming(n, r)
         if init_lora_weights is False:
-            nn.init.kaiming_uniform_(b, a=math.sqrt(5))
-        else:
-            nn.init.zeros_(b)
+            a.copy_(a0)
+            b.copy_(b0)
+            return
+        if init_lora_weights == "orthogonal":  # PEFT's: scaled by 1/10, rounded to a float base weight's dtype
+            dt = self.weight.dtype if self.weight.is_floating_point() else torch.float32
+            q, _ = torch.linalg.qr(torch.randn(r, r))
+            a.copy_(((torch.randn(k, r // 2) @ q[0::2]).T / 10.0).to(dt))
+            b.copy_((torch.randn(r // 2, n).T @ q[1::2] / 10.0).to(dt))
+            return
+        a.copy_(torch.empty(r, k).normal_(0.0, 1.0 / r) if init_lora_weights == "gaussian" else kaiming(r, k))
+        b.zero_()
 
     def extra_repr(self) -> str:
         adapters = ", ".join(f"{n}(r={s.r}, alpha={s.lora_alpha}, dropout={s.lora_dropout}, scaling={s.scaling:g})"
@@ -1044,20 +1064,27 @@ class FastLoRAEmbedding(FastLoRALinear):
         super().add_adapter(name, r, lora_alpha, lora_dropout, use_rslora, init_lora_weights)
 
     @torch.no_grad()
-    def reset_lora_parameters(self, init_lora_weights=True, adapter_name: str | None = None) -> None:
-        """PEFT's embedding inits: ``True`` / ``"gaussian"`` A zeros, B ~ N(0, 1) (the layer starts as its base);
-        ``False`` both ~ N(0, 1) (for tests)."""
+    def reset_lora_parameters(self, init_lora_weights=True, adapter_name: str | None = None,
+                              _fresh: bool = False) -> None:
+        """PEFT's embedding inits: ``True`` / ``"gaussian"`` / ``"orthogonal"`` A zeros, B ~ N(0, 1) (the layer
+        starts as its base); ``False`` both ~ N(0, 1) (for tests). Drawn as PEFT's (CPU, fp32): with ``_fresh``
+        first the randn A and B it makes before its init."""
         check_init(init_lora_weights)
         name = self._active if adapter_name is None else adapter_name
-        self._spec_of(name)
+        spec = self._spec_of(name)
         if self.merged and name == self._active:
             raise RuntimeError("reset_lora_parameters on a merged adapter: call unmerge() first")
         a, b = self.lora_A_adapters[name], self.lora_B_adapters[name]
+        if a.is_meta:
+            return
+        if _fresh or init_lora_weights is False:
+            a0, b0 = torch.randn(spec.r, self.in_features), torch.randn(self.out_features, spec.r)
         if init_lora_weights is False:
-            nn.init.normal_(a)
-        else:
-            nn.init.zeros_(a)
-        nn.init.normal_(b)
+            a.copy_(a0)
+            b.copy_(b0)
+            return
+        a.zero_()
+        b.copy_(torch.empty(self.out_features, spec.r).normal_())
 
     def _check_input(self, x: torch.Tensor) -> None:
         check_embedding_ids(x, self.in_features)

@@ -465,6 +465,12 @@ CASES = [
                                                                       "'1,2'")),
     Bad("LoraConfig-trainable_token_indices-dict-int-key", lambda _: LoraConfig(trainable_token_indices={0: [1]}),
         ValueError, ("trainable_token_indices", "module names", "{0: [1]}")),
+    Bad("LoraConfig-inference_mode-str", lambda _: LoraConfig(inference_mode="yes"), TypeError,
+        ("inference_mode", "'yes'")),
+    Bad("LoraConfig-ensure_weight_tying", lambda _: LoraConfig(ensure_weight_tying=True), ValueError,
+        ("ensure_weight_tying=True", "not supported", "leave it False")),
+    Bad("LoraConfig-init-eva", lambda _: LoraConfig(init_lora_weights="eva"), ValueError,
+        ("init_lora_weights", "'eva'", "data-driven", "load_adapter")),
     Bad("BitFitConfig-modules_to_save-str", lambda _: BitFitConfig(modules_to_save="lm_head"), TypeError,
         ("modules_to_save", "'lm_head'")),
     Bad("AdapterConfig-bottleneck_dim-0", lambda _: AdapterConfig(bottleneck_dim=0), ValueError,
@@ -506,6 +512,17 @@ CASES = [
     Bad("inject-layers_to_transform-match-nothing", lambda m: fastpeft.inject(
         m, LoraConfig(target_modules=["q_proj"], layers_to_transform=[7], layers_pattern="layers")), ValueError,
         ("matched no", "layers_to_transform=[7]", "'<layers>.<i>.'"), _toy),
+    Bad("inject-orthogonal-odd-rank", lambda m: fastpeft.inject(m, LoraConfig(r=3, target_modules=["q_proj"],
+                                                                              init_lora_weights="orthogonal")),
+        ValueError, ("'orthogonal'", "even rank", "(r=3)"), _toy),
+    Bad("inject-a-peft-model", lambda m: fastpeft.inject(m, LoraConfig(target_modules=["q_proj"])), ValueError,
+        ("holds Hugging Face PEFT modules", "fastpeft.accelerate"), lambda: __import__("peft").get_peft_model(
+            _toy(), __import__("peft").LoraConfig(target_modules=["q_proj"]))),
+    Bad("inject-a-peft-prompt-config", lambda m: fastpeft.inject(m, __import__("peft").PromptTuningConfig(
+        task_type="CAUSAL_LM", num_virtual_tokens=4)), TypeError, ("PEFT's LoraConfig", "PromptTuningConfig",
+                                                                 "get_peft_model"), _toy),
+    Bad("inject-a-peft-config-lora_bias", lambda m: fastpeft.inject(m, __import__("peft").LoraConfig(
+        target_modules=["q_proj"], lora_bias=True)), ValueError, ("LoRA variants", "'lora_bias': True"), _toy),
     Bad("inject-target-a-LayerNorm", lambda m: fastpeft.inject(m, LoraConfig(target_modules=["norm"])), ValueError,
         ("target_modules", "'norm'", "LayerNorm"), _toy),
     Bad("inject-modules_to_save-match-nothing", lambda m: fastpeft.inject(

@@ -460,3 +460,46 @@ def test_auto_peft_model_opens_a_folder_saved_without_task_type(tmp_path):
     assert type(pm.base_model.model) is type(base)
     with torch.no_grad():
         assert_outputs_match(llama_out(pm), llama_out(fm), llama_out(base))
+
+
+@pytest.mark.parametrize("init", [True, "gaussian", False, "orthogonal"], ids=lambda v: f"init-{v}")
+@pytest.mark.parametrize("dora", [False, True], ids=["lora", "dora"])
+def test_a_seed_gives_peft_s_initial_adapters(init, dora):
+    """Under the same seed, inject draws PEFT's initial factors (its two nn.Linear inits, then its init, on the CPU in
+    fp32): a run moved from get_peft_model to inject starts from the same weights. Before 2026-12-01 A differed."""
+    base = llama_base()
+    targets = ["q_proj", "down_proj"] if dora else ["q_proj", "v_proj", "embed_tokens"]
+    kw = dict(r=4, lora_alpha=8, target_modules=targets, init_lora_weights=init, use_dora=dora)
+    torch.manual_seed(5)
+    pm = peft.get_peft_model(copy.deepcopy(base), peft.LoraConfig(**kw))
+    torch.manual_seed(5)
+    fm = fastpeft.inject(copy.deepcopy(base), fastpeft.LoraConfig(**kw))
+    theirs = {n.removeprefix("base_model.model.").replace(".default", ""): p for n, p in pm.named_parameters()
+              if p.requires_grad}
+    for name, layer in fastpeft.lora_layers(fm).items():
+        a, b = layer.adapter_parameters("default")
+        ka, kb = ((f"{name}.lora_embedding_A", f"{name}.lora_embedding_B") if "embed" in name else
+                  (f"{name}.lora_A.weight", f"{name}.lora_B.weight"))
+        assert torch.equal(a, theirs[ka]) and torch.equal(b, theirs[kb]), name
+        if dora:
+            assert torch.equal(layer.magnitude("default"), theirs[f"{name}.lora_magnitude_vector.weight"])
+
+
+def test_inject_takes_peft_s_lora_config_and_its_drop_in_fields():
+    """PEFT code swaps only get_peft_model for inject: a peft.LoraConfig is taken as fastpeft's (same layers, same
+    initial weights under a seed), and fastpeft.LoraConfig takes PEFT's inference_mode (the adapter added frozen),
+    fan_in_fan_out (read from each layer) and ensure_weight_tying=False. Before 2026-12-01 each was a TypeError."""
+    base = llama_base()
+    kw = dict(r=4, lora_alpha=8, target_modules={"q_proj", "v_proj"}, task_type="CAUSAL_LM", lora_dropout=0.1)
+    torch.manual_seed(3)
+    pm = peft.get_peft_model(copy.deepcopy(base), peft.LoraConfig(**kw))
+    torch.manual_seed(3)
+    fm = fastpeft.inject(copy.deepcopy(base), peft.LoraConfig(**kw))
+    assert set(fastpeft.lora_layers(fm)) == peft_targets(pm)
+    assert fastpeft.trainable_parameters(fm)[0] == peft_trainable(pm)
+    layer = fm.model.layers[1].self_attn.v_proj
+    assert torch.equal(layer.adapter_parameters("default")[0],
+                       pm.base_model.model.model.layers[1].self_attn.v_proj.lora_A["default"].weight)
+    frozen = fastpeft.inject(copy.deepcopy(base), fastpeft.LoraConfig(
+        r=4, target_modules=["q_proj"], inference_mode=True, fan_in_fan_out=True, ensure_weight_tying=False))
+    assert fastpeft.trainable_parameters(frozen)[0] == 0 and len(fastpeft.lora_layers(frozen)) == 2
