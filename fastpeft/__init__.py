@@ -10,8 +10,8 @@ from .accelerate import AccelerateReport, accelerate, restore
 from .hf import to_peft
 from .functional import (BACKENDS, current_backend, dora_linear, lora_linear, lora_linear_multi, lora_sparse_linear,
                          sparse_delta_linear, use_backend)
-from .inject import (LoraConfig, SparseDeltaConfig, active_adapter, delete_adapter, disable_adapter,
-                     format_trainable_parameters, inject, lora_layers, merge_and_unload, mixed_batch,
+from .inject import (LoraConfig, SparseDeltaConfig, active_adapter, add_weighted_adapter, delete_adapter,
+                     disable_adapter, format_trainable_parameters, inject, lora_layers, merge_and_unload, mixed_batch,
                      print_trainable_parameters, select_by_gradients, set_adapter, sparse_layers, trainable_parameters)
 from .io import load_adapter, read_adapter_config, save_adapter
 from .kernels import deterministic, is_deterministic, set_deterministic
@@ -37,4 +37,5 @@ __all__ = [
     "LayerwiseConfig", "PromptTuningConfig", "layerwise_param_groups", "deterministic", "is_deterministic",
     "set_deterministic", "AccelerateReport", "accelerate", "restore", "to_peft", "dora_linear", "dora_linear_ref",
 ]
-__all__ += ["qlora_linear", "QLoRALinear", "FastLoRAEmbedding", "TrainableTokensWrapper", "disable_adapter"]
+__all__ += ["qlora_linear", "QLoRALinear", "FastLoRAEmbedding", "TrainableTokensWrapper", "disable_adapter",
+            "add_weighted_adapter"]

@@ -9,6 +9,7 @@ LoRA (``LoraMethod``) and sparse deltas (``SparseDeltaMethod``) are answered her
 from __future__ import annotations
 
 import contextlib
+import math
 import os
 import warnings
 from dataclasses import asdict, dataclass, field, replace
@@ -1318,6 +1319,103 @@ def mixed_batch(model: nn.Module, adapter_names, rows_per_sequence: int = 1):
         for m in [*lora_layers(model).values(), *saved_module_wrappers(model).values()]:
             if id(m) not in known:  # made inside the block: routed by it, not after
                 m.set_routing(*previous_state)
+
+
+COMBINATIONS = ("svd", "linear", "cat")
+
+
+def add_weighted_adapter(model: nn.Module, adapters: list, weights: list, adapter_name: str,
+                         combination_type: str = "svd", svd_rank: int | None = None,
+                         svd_clamp: float | None = None) -> None:
+    """PEFT's ``add_weighted_adapter``: a new LoRA adapter ``adapter_name`` combining ``adapters`` (LoRA adapters of
+    the model) with ``weights``, on every layer any of them adapts; added frozen and inactive (``set_adapter`` it).
+
+    - ``"cat"``: rank = the sum of theirs; A = the A_i scaled by w_i·s_i stacked, B = the B_i side by side, so
+      ΔW = Σ w_i ΔW_i exactly;
+    - ``"linear"``: equal ranks; A = Σ sign·√|w_i s_i| A_i, B = Σ √|w_i s_i| B_i (an approximation of Σ w_i ΔW_i);
+    - ``"svd"`` (default, as PEFT): Σ w_i ΔW_i in fp32, truncated to ``svd_rank`` (default: the largest rank) by
+      SVD, B = U S, A = Vᴴ; ``svd_clamp``: the quantile at which entries of both are clamped.
+
+    Its config is the first adapter's with r = lora_alpha = the new rank (scaling 1; use_rslora kept, as PEFT does)
+    on the layers named in full; modules_to_save copies and trainable tokens are not combined. DoRA and RoSA adapters
+    are refused. PEFT's other types (ties, dare, magnitude_prune) are not implemented. Checked before any change."""
+    configs = adapter_configs(model)
+    if not isinstance(adapters, (list, tuple)) or not adapters:
+        raise TypeError(f"adapters must be a non-empty list of adapter names, got {adapters!r}")
+    for name in adapters:
+        check_known(model, name, configs, "adapters")
+    if not isinstance(weights, (list, tuple)) or len(weights) != len(adapters):
+        raise ValueError(f"weights must be a list of one number per adapter ({len(adapters)}), got {weights!r}")
+    weights = [check_finite_number(w, "weights") for w in weights]
+    check_adapter_name(adapter_name)
+    if adapter_name in configs:
+        raise ValueError(f"adapter {adapter_name!r} already exists in the model (adapters {list(configs)})")
+    check_choice(combination_type, COMBINATIONS, "combination_type")
+    odd = [n for n in adapters if not isinstance(configs[n], LoraConfig) or configs[n].use_dora
+           or configs[n].sparse is not None]
+    if odd:
+        raise ValueError(f"add_weighted_adapter combines plain LoRA adapters; {odd} are DoRA, RoSA or other adapters")
+    layers = {n: m for n, m in lora_layers(model).items() if any(a in m.adapter_names for a in adapters)}
+    ranks = {a: max(m.adapter_spec(a).r for m in layers.values() if a in m.adapter_names) for a in adapters}
+    if len(adapters) == 1:
+        combination_type = "linear"  # PEFT's rule for one adapter
+    if combination_type == "linear" and len(set(ranks.values())) != 1:
+        raise ValueError(f"combination_type='linear' needs adapters of one rank, got {ranks}; use 'cat' or 'svd'")
+    if combination_type == "cat":
+        rank = sum(ranks.values())
+    else:
+        rank = max(ranks.values()) if combination_type == "linear" or svd_rank is None else \
+            check_rank(svd_rank, "svd_rank")
+    if svd_clamp is not None and not 0.0 < check_finite_number(svd_clamp, "svd_clamp") <= 1.0:
+        raise ValueError(f"svd_clamp must be a quantile in (0, 1], got {svd_clamp!r}")
+    merged = [n for n, m in layers.items() if m.merged]
+    if merged:
+        raise RuntimeError(f"add_weighted_adapter: layers {few(merged)} have an adapter merged; unmerge them first")
+    config = replace(configs[adapters[0]], r=rank, lora_alpha=rank, target_modules=sorted(layers), exclude_modules=None,
+                     rank_pattern={}, alpha_pattern={}, modules_to_save=None, trainable_token_indices=None,
+                     layers_to_transform=None, layers_pattern=None, task_type=None, inference_mode=False)
+    factors = {n: _combined(m, adapters, weights, combination_type, rank, svd_clamp) for n, m in layers.items()}
+    inject(model, config, adapter_name, activate=False)
+    with torch.no_grad():
+        for n, (a, b) in factors.items():
+            pa, pb = model.get_submodule(n).adapter_parameters(adapter_name)
+            pa.copy_(a)
+            pb.copy_(b)
+            pa.requires_grad_(False)
+            pb.requires_grad_(False)
+
+
+@torch.no_grad()
+def _combined(layer, adapters: list, weights: list, how: str, rank: int, clamp) -> tuple:
+    """(A (rank, in), B (out, rank)) of ``add_weighted_adapter`` on one layer, in fp32, from the adapters it holds."""
+    held = [(a, w) for a, w in zip(adapters, weights) if a in layer.adapter_names]
+    pairs = {a: tuple(p.detach().float() for p in layer.adapter_parameters(a)) for a, _ in held}
+    scale = {a: layer.adapter_spec(a).scaling for a, _ in held}
+    if how == "cat":
+        a_new = torch.zeros(rank, layer.in_features, device=layer.weight.device)
+        b_new = torch.zeros(layer.out_features, rank, device=layer.weight.device)
+        at = 0
+        for a, w in held:
+            r = pairs[a][0].shape[0]
+            a_new[at:at + r] = pairs[a][0] * (w * scale[a])
+            b_new[:, at:at + r] = pairs[a][1]
+            at += r
+        return a_new, b_new
+    if how == "linear":
+        ws = [w * scale[a] for a, w in held]
+        a_new = sum(math.copysign(math.sqrt(abs(v)), v) * pairs[a][0] for (a, _), v in zip(held, ws))
+        b_new = sum(math.sqrt(abs(v)) * pairs[a][1] for (a, _), v in zip(held, ws))
+        return a_new, b_new
+    delta = sum(w * scale[a] * (pairs[a][1] @ pairs[a][0]) for a, w in held)
+    u, s, vh = torch.linalg.svd(delta, full_matrices=True)
+    u, vh = u[:, :rank] @ torch.diag(s[:rank]), vh[:rank]
+    if clamp is not None:  # PEFT's: one quantile over both factors' entries
+        hi = torch.quantile(torch.cat([u.flatten(), vh.flatten()]), clamp)
+        u, vh = u.clamp(-hi, hi), vh.clamp(-hi, hi)
+    if u.shape[1] < rank:  # a layer narrower than the rank: the rest stays zero
+        u = torch.cat([u, u.new_zeros(u.shape[0], rank - u.shape[1])], 1)
+        vh = torch.cat([vh, vh.new_zeros(rank - vh.shape[0], vh.shape[1])], 0)
+    return vh, u
 
 
 BASE_ROWS = "__base__"  # PEFT's adapter_names entry for rows that run the base model

@@ -11,6 +11,7 @@ from __future__ import annotations
 import contextlib
 import json
 import os
+import re
 import shutil
 import uuid
 
@@ -252,9 +253,38 @@ def read_adapter_weights(directory, prefix: str = PREFIX) -> dict:
     return {(k[len(prefix):] if k.startswith(prefix) else k): v for k, v in raw.items()}
 
 
+_REPO_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")  # a Hugging Face Hub repo id: owner/name
+
+
+def adapter_folder(source, revision: str | None = None, subfolder: str | None = None) -> str:
+    """The local folder of an adapter: ``source`` itself (plus ``subfolder``) when it is a folder here, else a Hub
+    repo id (``owner/name``) downloaded with ``huggingface_hub.snapshot_download`` (its cache; ``revision``), as
+    PEFT's ``from_pretrained`` takes them. Raises FileNotFoundError naming both tries."""
+    local = os.fspath(source)
+    if revision is not None and not isinstance(revision, str):
+        raise TypeError(f"revision must be a str (a branch, tag or commit) or None, got {revision!r}")
+    if subfolder is not None and (not isinstance(subfolder, str) or not subfolder):
+        raise TypeError(f"subfolder must be a non-empty str or None, got {subfolder!r}")
+    if os.path.isdir(local):
+        return os.path.join(local, subfolder) if subfolder else local
+    if not _REPO_ID.match(local):
+        return local  # (read_adapter_config names the missing file)
+    try:
+        from huggingface_hub import snapshot_download
+        patterns = [f"{subfolder}/*" if subfolder else "*"]
+        root = snapshot_download(repo_id=local, revision=revision, allow_patterns=patterns)
+    except Exception as e:  # offline, unknown repo, no access: the user needs the reason
+        raise FileNotFoundError(f"adapter {local!r} is no folder here, and downloading it from the Hugging Face Hub "
+                                f"failed: {type(e).__name__}: {e}") from None
+    return os.path.join(root, subfolder) if subfolder else root
+
+
 def load_adapter(model: nn.Module, directory, adapter_name: str = "default", trainable: bool = True,
-                 autocast_adapter_dtype: bool = True) -> nn.Module:
+                 autocast_adapter_dtype: bool = True, revision: str | None = None,
+                 subfolder: str | None = None) -> nn.Module:
     """Load a PEFT-format adapter from ``directory`` into ``model`` as ``adapter_name``; returns ``model``.
+    ``directory``: a local folder, or a Hugging Face Hub repo id (``owner/name``; ``revision``, ``subfolder`` as in
+    PEFT's ``from_pretrained``), downloaded to the Hub cache first (``adapter_folder``).
 
     - a model without adapters gets the adapter injected from the saved config; the adapter is active,
       and trains unless ``trainable=False``;
@@ -273,6 +303,7 @@ def load_adapter(model: nn.Module, directory, adapter_name: str = "default", tra
     if sharded:
         raise ValueError(f"load_adapter: the model's parameters {few(sharded)} are sharded DTensors (FSDP2 "
                          "fully_shard, tensor parallel): load adapters before sharding")
+    directory = adapter_folder(directory, revision, subfolder)
     config = read_adapter_config(directory)
     method = method_for(config)
     weights = read_adapter_weights(directory, method.file_prefix)

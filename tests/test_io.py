@@ -387,3 +387,31 @@ def test_second_adapter_loads_beside_the_first(tmp_path):
     assert load_file(tmp_path / "again" / WEIGHTS_NAME).keys() == load_file(tmp_path / WEIGHTS_NAME).keys()
     with pytest.raises(ValueError, match="already exists|rank"):
         fastpeft.inject(model, LoraConfig(target_modules=["q_proj"]), adapter_name="second")
+
+
+def test_load_adapter_takes_a_hub_repo_id(tmp_path, monkeypatch):
+    """A Hub repo id (owner/name) is downloaded with huggingface_hub.snapshot_download (revision, subfolder passed as
+    PEFT's from_pretrained takes them), then loaded; a failed download names the repo and the reason. Before
+    2026-12-01 only local folders loaded ('no adapter_config.json in adapter directory')."""
+    hub = pytest.importorskip("huggingface_hub")
+    src = _trained()
+    fastpeft.save_adapter(src, tmp_path / "snapshot" / "sub")
+    calls = []
+
+    def fake_download(repo_id, revision=None, allow_patterns=None, **kw):
+        calls.append((repo_id, revision, allow_patterns))
+        return str(tmp_path / "snapshot")
+    monkeypatch.setattr(hub, "snapshot_download", fake_download)
+    x = torch.randn(2, 3, 16)
+    model = fastpeft.load_adapter(_toy(), "someone/my-lora", revision="v1", subfolder="sub").eval()
+    assert calls == [("someone/my-lora", "v1", ["sub/*"])]
+    with torch.no_grad():
+        torch.testing.assert_close(model(x), src(x))
+
+    def offline(repo_id, **kw):
+        raise OSError("no network")
+    monkeypatch.setattr(hub, "snapshot_download", offline)
+    with pytest.raises(FileNotFoundError, match=r"'someone/other' is no folder here.*Hub failed: OSError: no network"):
+        fastpeft.load_adapter(_toy(), "someone/other")
+    with pytest.raises(TypeError, match="revision must be a str"):
+        fastpeft.load_adapter(_toy(), tmp_path / "snapshot" / "sub", revision=3)

@@ -137,3 +137,52 @@ def test_mixed_batch_training_leaves_unrouted_adapters_without_gradients():
     opt.step()
     assert all(torch.equal(p, q) for p, q in zip(params["b"], before["b"]))
     assert not any(torch.equal(p, q) for p, q in zip(params["a"], before["a"]))
+
+
+@pytest.mark.parametrize("how, rank_b", [("cat", 8), ("svd", 8), ("linear", 4)])
+def test_add_weighted_adapter_as_peft(tmp_path, how, rank_b):
+    """PEFT's add_weighted_adapter (cat, svd, linear) on the same adapters (one also on the embeddings, the other on
+    other layers, negative weight): the new adapter's logits equal PEFT's, and its file loads in PEFT."""
+    torch.manual_seed(0)
+    cfg = transformers.LlamaConfig(vocab_size=64, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                                   num_attention_heads=4, num_key_value_heads=2)
+    base = transformers.LlamaForCausalLM(cfg).eval()
+    pm = peft.get_peft_model(copy.deepcopy(base), peft.LoraConfig(
+        r=4, lora_alpha=8, target_modules=["q_proj", "v_proj", "embed_tokens"], init_lora_weights=False))
+    pm.add_adapter("b", peft.LoraConfig(r=rank_b, lora_alpha=4, target_modules=["q_proj", "down_proj"],
+                                        init_lora_weights=False))
+    pm.save_pretrained(tmp_path / "two")
+    fm = fastpeft.load_adapter(copy.deepcopy(base), tmp_path / "two")
+    fastpeft.load_adapter(fm, tmp_path / "two" / "b", adapter_name="b")
+    pm.add_weighted_adapter(["default", "b"], [0.7, -1.3], "m", combination_type=how)
+    fastpeft.add_weighted_adapter(fm, ["default", "b"], [0.7, -1.3], "m", combination_type=how)
+    assert fastpeft.active_adapter(fm) == "default"  # added inactive and frozen, as PEFT's
+    assert not any(p.requires_grad for layer in fastpeft.lora_layers(fm).values() if "m" in layer.adapter_names
+                   for p in layer.adapter_parameters("m"))
+    pm.set_adapter("m")
+    fastpeft.set_adapter(fm, "m")
+    with torch.no_grad():
+        ours = fm.eval()(input_ids=IDS).logits
+        torch.testing.assert_close(ours, pm.eval()(input_ids=IDS).logits, rtol=1e-5, atol=1e-5)
+        assert (ours - base(input_ids=IDS).logits).abs().max() > 0.1
+    fastpeft.save_adapter(fm, tmp_path / "m", "m")
+    back = peft.PeftModel.from_pretrained(copy.deepcopy(base), tmp_path / "m").eval()
+    with torch.no_grad():
+        torch.testing.assert_close(back(input_ids=IDS).logits, ours, rtol=1e-5, atol=1e-5)
+
+
+def test_add_weighted_adapter_refusals_change_nothing(tmp_path):
+    _, _, fm = llama_pair(tmp_path)
+    for call, exc, match in [
+        (lambda: fastpeft.add_weighted_adapter(fm, ["default", "b"], [1.0, 1.0], "m", "linear"), ValueError,
+         r"'linear' needs adapters of one rank, got \{'default': 4, 'b': 8\}"),
+        (lambda: fastpeft.add_weighted_adapter(fm, ["default", "zz"], [1.0, 1.0], "m"), ValueError, "'zz'"),
+        (lambda: fastpeft.add_weighted_adapter(fm, ["default", "b"], [1.0], "m"), ValueError, "one number per adapter"),
+        (lambda: fastpeft.add_weighted_adapter(fm, ["default"], [1.0], "b"), ValueError, "'b' already exists"),
+        (lambda: fastpeft.add_weighted_adapter(fm, ["default", "b"], [1.0, 2.0], "m", "ties"), ValueError,
+         "combination_type"),
+    ]:
+        with pytest.raises(exc, match=match):
+            call()
+        assert "m" not in peft_state(fm).adapters and fm.model.layers[0].self_attn.q_proj.adapter_names == [
+            "default", "b"]
