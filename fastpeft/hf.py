@@ -16,9 +16,10 @@ gives the model two instance methods (``attach_trainer_support``):
 
 Without fastpeft adapters (after ``merge_and_unload``, say) both are the model's own methods again.
 
-PEFT's per-sequence ``adapter_names=[...]`` (``"__base__"`` for the base) is taken by the model's forward (a
-forward pre-hook runs the call inside ``fastpeft.mixed_batch``) and by ``generate`` (an instance method, which
-expands the names as generate expands the batch): ``attach_adapter_names``.
+PEFT's per-sequence ``adapter_names=[...]`` (``"__base__"`` for the base) is taken by the model's calls in eval mode
+(a forward pre-hook runs the call inside ``fastpeft.mixed_batch``; ``model.forward(...)`` called directly bypasses
+hooks) and by ``generate`` (an instance method, which expands the names as generate expands the batch):
+``attach_adapter_names``.
 """
 from __future__ import annotations
 
@@ -108,6 +109,11 @@ def _names_pre_hook(model, args, kwargs):
         return None
     kwargs = dict(kwargs)
     names = kwargs.pop("adapter_names")
+    if names is not None and model.training:
+        # the block closes when the forward returns: an activation checkpoint's recomputation in backward would run
+        # unrouted (the active adapter's gradients); PEFT refuses this too
+        raise ValueError("adapter_names= is taken in eval mode only (as PEFT): in training, run the forward and its "
+                         "backward inside `with fastpeft.mixed_batch(model, names):`")
     if names is not None:
         block = mixed_batch(model, list(names) if isinstance(names, tuple) else names)
         block.__enter__()  # (raises, nothing entered, for unknown names)
@@ -148,7 +154,8 @@ def _generate(self, *args, adapter_names=None, **kwargs):
     own = _own(self, "generate")
     if adapter_names is None:
         return own(*args, **kwargs)
-    config = kwargs.get("generation_config") or getattr(self, "generation_config", None)
+    config = kwargs.get("generation_config") or (args[1] if len(args) > 1 else None) or \
+        getattr(self, "generation_config", None)  # (generate(inputs, generation_config, ...))
     beams = kwargs.get("num_beams") or getattr(config, "num_beams", 1) or 1
     copies = kwargs.get("num_return_sequences") or getattr(config, "num_return_sequences", 1) or 1
     with mixed_batch(self, list(adapter_names), rows_per_sequence=beams if beams > 1 else copies):
@@ -312,6 +319,12 @@ def to_peft(model: nn.Module):
     if active is None:
         raise ValueError(f"fastpeft.to_peft: the model has no active adapter (adapters {names}); fastpeft.set_adapter "
                          "the one PEFT should make active")
+    configs = adapter_configs(model)
+    tokens = [n for n in names if getattr(configs[n], "trainable_token_indices", None) is not None]
+    if tokens and len(tokens) != len(names):  # PEFT's load_adapter then fails half way (a KeyError)
+        raise ValueError(f"fastpeft.to_peft: adapters {tokens} train tokens and {[n for n in names if n not in tokens]}"
+                         " do not; PEFT cannot load both kinds into one model: convert them separately "
+                         "(fastpeft.save_adapter each, then PEFT's from_pretrained)")
     was_training = model.training
     with tempfile.TemporaryDirectory(prefix="fastpeft-to-peft-") as tmp:
         dirs = {}

@@ -147,6 +147,7 @@ class PeftState:
     routing: Optional[list] = None  # the adapter names of an enclosing mixed_batch block, per sequence
     rows_per_sequence: int = 1      # and its rows_per_sequence
     disabled: int = 0               # depth of enclosing disable_adapter blocks: every row runs the base
+    hidden: list = field(default_factory=list)  # the routings those blocks switched off (still the block's names)
 
 
 _STATE = "_fastpeft"
@@ -591,6 +592,32 @@ _UNSUPPORTED = ("lora_bias", "layer_replication",
 _CONFIG_FIELDS = ("r", "lora_alpha", "lora_dropout", "target_modules", "exclude_modules", "bias",
                   "use_rslora", "init_lora_weights", "modules_to_save", "rank_pattern", "alpha_pattern", "use_dora",
                   "task_type", "layers_to_transform", "layers_pattern", "trainable_token_indices")
+# fields of PEFT's LoraConfig that only describe (or only matter with a variant refused elsewhere: megatron, QA-LoRA,
+# an init that rewrites the base weights)
+_PEFT_METADATA = ("auto_mapping", "base_model_name_or_path", "peft_type", "peft_version", "revision", "megatron_core",
+                  "qalora_group_size", "eva_config", "loftq_config", "corda_config", "lora_ga_config", "runtime_config")
+_TIED_NAMES = ("embed_tokens", "lm_head", "wte", "word_embeddings", "embed_in", "embed_out", "shared")
+
+
+def lora_variants(d: dict) -> dict:
+    """The fields of a PEFT LoRA config (``to_dict()`` or adapter_config.json) that ask for something fastpeft does not
+    compute: those in ``_UNSUPPORTED`` set, and with peft installed any other field of PEFT's LoraConfig that
+    fastpeft does not know and that differs from PEFT's default (KaSA, MonteCLoRA, VeLoRA, ... and those of later
+    PEFT versions), so that none is dropped silently. Before 2026-12-01 only the listed ones were caught."""
+    bad = {k: d[k] for k in _UNSUPPORTED if d.get(k) not in (None, False, [], {}, 0)}
+    try:
+        import peft
+        defaults = peft.LoraConfig().to_dict()
+    except Exception:  # (no peft: the list above)
+        return bad
+    known = set(_CONFIG_FIELDS + _SPARSE_LORA_FIELDS + _PEFT_METADATA) | {"inference_mode", "fan_in_fan_out",
+                                                                          "ensure_weight_tying"}
+    for k, default in defaults.items():
+        if k not in known and k in d and d[k] != default and d[k] not in (None, False, [], {}):
+            bad.setdefault(k, d[k])
+    return bad
+
+
 # PEFT's inits whose adapters sit on the base weights as they were: the file's A and B are all there is
 _LOADABLE_INITS = (True, False, "gaussian", "orthogonal", "eva")
 _SPARSE_LORA_FIELDS = ("sparse_density", "sparse_block_size", "sparse_selection")  # RoSA: fastpeft's own keys
@@ -696,13 +723,14 @@ class LoraMethod(Method):
 
     def config_from_json(self, d: dict, path: str):
         # fan_in_fan_out is read from each target module (Conv1D: True, nn.Linear: False), as PEFT's layers do
-        bad = {k: d[k] for k in _UNSUPPORTED if d.get(k) not in (None, False, [], {}, 0)}
+        bad = lora_variants(d)
         if bad:
             raise ValueError(f"adapter config {path} uses LoRA variants fastpeft does not compute: {bad}")
-        if d.get("ensure_weight_tying") and d.get("modules_to_save"):
-            raise ValueError(f"adapter config {path} sets ensure_weight_tying with modules_to_save "
-                             f"{d['modules_to_save']}: PEFT's tied copies of saved modules (one trained copy for tied "
-                             "embeddings and head) are not supported here; PEFT loads this file")
+        tied = d.get("modules_to_save") or [t for t in (d.get("target_modules") or [])
+                                            if isinstance(t, str) and t.rsplit(".", 1)[-1] in _TIED_NAMES]
+        if d.get("ensure_weight_tying") and tied:
+            raise ValueError(f"adapter config {path} sets ensure_weight_tying on {tied}: PEFT's one trained copy / one "
+                             "LoRA shared by tied embeddings and head is not supported here; PEFT loads this file")
         init = d.get("init_lora_weights", True)
         if init not in _LOADABLE_INITS:
             # PiSSA, OLoRA, LoftQ, CorDA, LoRA-GA change the base weights at init: the adapter alone does not carry
@@ -1121,7 +1149,7 @@ def _from_peft_config(config):
     if peft_type != LoraConfig.peft_type:
         raise TypeError(f"fastpeft.inject takes PEFT's LoraConfig, or fastpeft's configs; a PEFT {type(config).__name__}"
                         " runs as PEFT's: get_peft_model(model, config)")
-    bad = {k: d[k] for k in _UNSUPPORTED if d.get(k) not in (None, False, [], {}, 0)}
+    bad = lora_variants(d)
     if bad:
         raise ValueError(f"fastpeft.inject: the PEFT LoraConfig sets LoRA variants fastpeft does not compute: {bad}")
     fields = _CONFIG_FIELDS + ("inference_mode", "fan_in_fan_out", "ensure_weight_tying")
@@ -1231,8 +1259,8 @@ def delete_adapter(model: nn.Module, adapter_name: str) -> None:
     Layers left without adapters stay ``FastLoRALinear`` and run their base."""
     configs = adapter_configs(model)
     check_known(model, adapter_name, configs)
-    routing = peft_state(model).routing
-    if routing is not None and adapter_name in routing:
+    state = peft_state(model)
+    if any(r is not None and adapter_name in r for r in (state.routing, *state.hidden)):
         raise RuntimeError(f"delete_adapter({adapter_name!r}) inside a mixed_batch block that routes sequences to it "
                            "(their rows would silently run the base): delete it after the block")
     if _in_model(configs[adapter_name]):
@@ -1424,15 +1452,22 @@ BASE_ROWS = "__base__"  # PEFT's adapter_names entry for rows that run the base 
 @contextlib.contextmanager
 def disable_adapter(model: nn.Module):
     """PEFT's ``disable_adapter()``: inside the block the model runs its base, every sequence of a ``mixed_batch``
-    (or of a forward's ``adapter_names``) too; the active adapter and any routing come back after it. Adapters that
-    are part of the model (BitFit, bottleneck, prompt tuning, layer-wise) cannot be switched off (``set_adapter``'s
-    error)."""
+    (or of a forward's ``adapter_names``) too; the active adapter and any routing come back after it. Biases an
+    adapter trains (``bias="all"`` / ``"lora_only"``) are the model's own and stay as trained (warned, as PEFT).
+    Adapters that are part of the model (BitFit, bottleneck, prompt tuning, layer-wise) cannot be switched off
+    (``set_adapter``'s error)."""
     state = peft_state(model, create=True)
     active, routing, k = state.active, state.routing, state.rows_per_sequence
     set_adapter(model, None)  # raises for adapters that are part of the model, before anything changed
+    bias = getattr(state.adapters.get(active), "bias", "none")
+    if bias != "none":
+        warnings.warn(f"disable_adapter: adapter {active!r} trains biases in place (bias={bias!r}); they stay as "
+                      "trained inside the block, so it does not run the base model exactly (PEFT warns alike)",
+                      UserWarning, stacklevel=3)
     routed = [*lora_layers(model).values(), *saved_module_wrappers(model).values()]
     previous = [(m.routing, m.rows_per_sequence) for m in routed]
     state.disabled += 1
+    state.hidden.append(routing)
     try:
         if routing is not None:
             state.routing = [None] * len(routing)
@@ -1441,6 +1476,7 @@ def disable_adapter(model: nn.Module):
         yield model
     finally:
         state.disabled -= 1
+        state.hidden.pop()
         state.routing = routing
         for m, (names, rows) in zip(routed, previous):
             m.set_routing(names, rows)

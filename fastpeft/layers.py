@@ -1456,13 +1456,23 @@ class TokenRows(nn.Module):
             self._lut_cache = lut
         return self._lut_cache
 
+    def _pad_row(self, padding_idx: int) -> int | None:
+        """The row of ``padding_idx`` among the trained ones (None: not trained), read once per indices."""
+        key = (padding_idx, self.token_indices.data_ptr())
+        if getattr(self, "_pad_cache", (None,))[0] != key:
+            rows = [i for i, t in enumerate(self.token_indices.tolist()) if t == padding_idx]
+            self._pad_cache = (key, rows[0] if rows else None)
+        return self._pad_cache[1]
+
     def forward(self, x: torch.Tensor, *args, **kwargs) -> torch.Tensor:
         base = self._base
         out = base(x, *args, **kwargs)
         rows = self.trainable_tokens_delta.to(base.weight.dtype)  # PEFT casts them to the weight's dtype too
         if isinstance(base, nn.Embedding):
             local = self._lookup(base.num_embeddings)[x]
-            new = F.embedding(local.clamp(min=0), rows)
+            # the embedding's padding row, if trained here, gets no gradient (F.embedding's rule, as in PEFT)
+            pad = None if base.padding_idx is None else self._pad_row(base.padding_idx)
+            new = F.embedding(local.clamp(min=0), rows, padding_idx=pad)
             scale = getattr(base, "embed_scale", None)
             if scale is not None:
                 new = new * (scale.to(new.dtype) if isinstance(scale, torch.Tensor) else scale)

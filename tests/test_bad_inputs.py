@@ -523,6 +523,9 @@ CASES = [
                                                                  "get_peft_model"), _toy),
     Bad("inject-a-peft-config-lora_bias", lambda m: fastpeft.inject(m, __import__("peft").LoraConfig(
         target_modules=["q_proj"], lora_bias=True)), ValueError, ("LoRA variants", "'lora_bias': True"), _toy),
+    Bad("inject-a-peft-config-kasa", lambda m: fastpeft.inject(m, __import__("peft").LoraConfig(
+        target_modules=["q_proj"], use_dora=True, kasa_config=__import__("peft").KasaConfig())), ValueError,
+        ("LoRA variants", "kasa_config"), _toy),
     Bad("inject-target-a-LayerNorm", lambda m: fastpeft.inject(m, LoraConfig(target_modules=["norm"])), ValueError,
         ("target_modules", "'norm'", "LayerNorm"), _toy),
     Bad("inject-modules_to_save-match-nothing", lambda m: fastpeft.inject(

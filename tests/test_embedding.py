@@ -148,8 +148,14 @@ def test_two_adapters_per_sequence_as_peft_adapter_names(base, ids, tmp_path):
     b = save(other, tmp_path / "b")
     want, got, model = peft_and_fastpeft_mixed_batches(pm, base, a, b, ids)
     with torch.no_grad():
-        per_id = model.model.embed_tokens(ids, torch.tensor([1, -1, 0]))   # the layer's own per-sequence ids
-        assert_close_report(per_id[1], base.model.embed_tokens(ids[1]), 0, 0, "base row")
+        emb = model.model.embed_tokens
+        per_seq = emb(ids, torch.tensor([1, -1, 0]))   # the layer's own per-sequence ids
+        assert_close_report(per_seq[1], base.model.embed_tokens(ids[1]), 0, 0, "base row")
+        per_pos = torch.tensor([1, -1, 0]).unsqueeze(1).expand(ids.shape)  # the same, as per-position ids
+        assert_close_report(emb(ids, per_pos), per_seq, 0, 0, "per position")
+        for row, name in ((0, emb.adapter_names[1]), (2, emb.adapter_names[0])):  # each row: its adapter alone
+            emb.set_adapter(name)
+            assert_close_report(per_seq[row], emb(ids[row:row + 1])[0], 1e-6, 1e-6, f"row {row}")
     assert_close_report(got, want, 1e-6, 1e-6, "mixed batch")
 
 

@@ -293,6 +293,11 @@ def _bad_adapters():
         "dora": (lambda d: _edit_config(d, use_dora=True) or d, ValueError, "use_dora"),
         "pissa": (lambda d: _edit_config(d, init_lora_weights="pissa") or d, ValueError, "init_lora_weights"),
         "lora_bias": (lambda d: _edit_config(d, lora_bias=True) or d, ValueError, "LoRA variants .*'lora_bias'"),
+        # a variant fastpeft does not know by name (gradients only: nothing in the file would show it)
+        "velora": (lambda d: _edit_config(d, velora_config={"num_groups": 64, "scale": 1.0}) or d, ValueError,
+                   "LoRA variants .*'velora_config'"),
+        "ensure_weight_tying-on-embeddings": (lambda d: _edit_config(d, ensure_weight_tying=True, target_modules=[
+            "q_proj", "lm_head"]) or d, ValueError, "ensure_weight_tying on \\['lm_head'\\]"),
         "bad-rank-in-config": (lambda d: _edit_config(d, r=0) or d, ValueError, "r must be a positive int"),
         "targets-not-in-model": (lambda d: _edit_config(d, target_modules=["c_attn"]) or d, ValueError, "matched no"),
         "missing-key": (lambda d: _edit_weights(d, lambda t: t.pop(key)) or d, ValueError, "missing keys"),

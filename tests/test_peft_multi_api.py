@@ -186,3 +186,24 @@ def test_add_weighted_adapter_refusals_change_nothing(tmp_path):
             call()
         assert "m" not in peft_state(fm).adapters and fm.model.layers[0].self_attn.q_proj.adapter_names == [
             "default", "b"]
+
+
+def test_adapter_names_in_training_mode_is_refused_as_peft(tmp_path):
+    """The forward's block closes when it returns, so an activation checkpoint recomputed in backward would run the
+    active adapter (its gradients went to the wrong adapter): refused in training, pointing to mixed_batch."""
+    _, _, fm = llama_pair(tmp_path)
+    fm.train()
+    with pytest.raises(ValueError, match=r"eval mode only.*fastpeft.mixed_batch"):
+        fm(input_ids=IDS, adapter_names=NAMES)
+    assert fm.model.layers[0].self_attn.q_proj.routing is None
+    fm(input_ids=IDS, adapter_names=None)  # None is fine in training
+
+
+def test_disable_adapter_warns_for_trained_biases_and_hides_no_deletion(tmp_path):
+    _, _, fm = llama_pair(tmp_path)
+    with fastpeft.mixed_batch(fm, ["default", "b", None]), fastpeft.disable_adapter(fm):
+        with pytest.raises(RuntimeError, match=r"delete_adapter\('b'\) inside a mixed_batch block"):
+            fastpeft.delete_adapter(fm, "b")  # the outer block still routes it
+    model = fastpeft.inject(Toy(), LoraConfig(r=2, target_modules=["q_proj"], bias="all"))
+    with pytest.warns(UserWarning, match="trains biases in place"), fastpeft.disable_adapter(model):
+        pass

@@ -289,3 +289,48 @@ def test_bad_targets_are_refused_before_any_change(build, kw, match):
     with pytest.raises(ValueError, match=match):
         fastpeft.inject(model, LoraConfig(r=2, **kw))
     assert {n: type(m) for n, m in model.named_modules()} == before
+
+
+def test_the_padding_row_gets_no_gradient_as_peft():
+    """A trained token that is the embeddings' padding_idx (a new <pad>) gets no gradient (F.embedding's rule), as in
+    PEFT; before 2026-12-01 it got one (4029 against PEFT's 0 on a tiny LLaMA)."""
+    torch.manual_seed(0)
+    cfg = transformers.LlamaConfig(vocab_size=VOCAB, hidden_size=32, intermediate_size=64, num_hidden_layers=1,
+                                   num_attention_heads=4, num_key_value_heads=2, pad_token_id=0)
+    base = transformers.LlamaForCausalLM(cfg)
+    kw = dict(r=4, target_modules=["q_proj"], trainable_token_indices=[0, 3])
+    pm = peft.get_peft_model(copy.deepcopy(base), peft.LoraConfig(**kw))
+    fm = fastpeft.inject(copy.deepcopy(base), LoraConfig(**kw))
+    ids = torch.tensor([[0, 3, 5, 0, 3, 7]])
+    pm(input_ids=ids, labels=ids).loss.backward()
+    fm(input_ids=ids, labels=ids).loss.backward()
+    theirs = pm.base_model.model.model.embed_tokens.token_adapter.trainable_tokens_delta["default"].grad
+    ours = fm.model.embed_tokens.rows("default").trainable_tokens_delta.grad
+    assert ours[0].abs().max() == 0 and ours[1].abs().max() > 0
+    torch.testing.assert_close(ours, theirs, rtol=1e-5, atol=1e-7)
+
+
+def test_a_head_with_a_bias_keeps_it_on_the_trained_columns():
+    """An output head with a bias (dict form naming it): the trained columns are h @ rows^T + bias[ids], the others the
+    head's own. (PEFT's layer drops the bias there; fastpeft keeps nn.Linear's meaning.)"""
+    torch.manual_seed(0)
+    head = nn.Linear(8, 10)
+    wrapped = TrainableTokensWrapper(copy.deepcopy(head), "default", [2, 5])
+    rows = wrapped.rows("default").trainable_tokens_delta
+    with torch.no_grad():
+        rows.add_(torch.randn_like(rows))
+    h = torch.randn(3, 4, 8)
+    out = wrapped(h)
+    torch.testing.assert_close(out[..., [2, 5]], h @ rows.detach().T + head.bias.detach()[[2, 5]])
+    keep = [i for i in range(10) if i not in (2, 5)]
+    torch.testing.assert_close(out[..., keep], head(h)[..., keep], rtol=0, atol=0)
+
+
+def test_to_peft_refuses_adapters_with_and_without_tokens_before_any_change(tmp_path):
+    model = fastpeft.inject(llama(False), LoraConfig(r=2, target_modules=["q_proj"], trainable_token_indices=[3]))
+    fastpeft.inject(model, LoraConfig(r=2, target_modules=["q_proj"]), "plain", activate=False)
+    want = logits(model.eval())
+    with pytest.raises(ValueError, match=r"\['default'\] train tokens and \['plain'\] do not"):
+        fastpeft.to_peft(model)
+    assert isinstance(model.model.embed_tokens, TrainableTokensWrapper)
+    torch.testing.assert_close(logits(model), want, rtol=0, atol=0)
