@@ -1,10 +1,10 @@
 """fastpeft: parameter-efficient fine-tuning for PyTorch, with fused Triton kernels on its hot paths.
 
-The public API (see API.md): ``lora_linear``, ``lora_linear_multi``, ``FastLoRALinear``, ``LoraConfig``,
-``dora_linear``, ``inject``, ``set_adapter``, ``delete_adapter``, ``mixed_batch``, ``disable_adapter``,
-``trainable_parameters``, ``save_adapter``, ``load_adapter``, ``merge_and_unload``, ``use_backend``;
-``set_deterministic`` / ``deterministic()`` for bitwise reproducible runs; ``accelerate`` / ``restore`` for
-existing PEFT models.
+The public API (see the README's API table): ``lora_linear``, ``lora_linear_multi``, ``FastLoRALinear``,
+``LoraConfig``, ``dora_linear``, ``inject``, ``set_adapter``, ``delete_adapter``, ``mixed_batch``, ``disable_adapter``,
+``add_weighted_adapter``, ``trainable_parameters``, ``save_adapter``, ``load_adapter``, ``merge_and_unload``,
+``use_backend``; ``set_deterministic`` / ``deterministic()`` for bitwise reproducible runs; ``accelerate`` /
+``restore`` for existing PEFT models.
 """
 from .accelerate import AccelerateReport, accelerate, restore
 from .hf import to_peft

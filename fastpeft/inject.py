@@ -1089,8 +1089,6 @@ def inject(model: nn.Module, config, adapter_name: str = "default", plan=None, a
     method = method_for(config)
     check_adapter_name(adapter_name)
     check_bool(autocast_adapter_dtype, "autocast_adapter_dtype")
-    for hook in INJECT_HOOKS:
-        hook(model)
     configs = adapter_configs(model)
     alone = [c for c in (config, *configs.values()) if method_for(c).alone]
     if configs and alone:
@@ -1104,7 +1102,10 @@ def inject(model: nn.Module, config, adapter_name: str = "default", plan=None, a
     method.check_addable(model, config)
     given_plan = plan is not None
     plan = plan if given_plan else method.plan(model, config)
-    # Everything below only mutates: all checks are done.
+    # Everything below only mutates: all checks are done (before 2026-12-01 the hooks ran first, so a refused inject
+    # left the model hf.py's instance methods and hooks).
+    for hook in INJECT_HOOKS:
+        hook(model)
     if not configs:
         for p in model.parameters():
             p.requires_grad_(False)
@@ -1384,7 +1385,8 @@ def add_weighted_adapter(model: nn.Module, adapters: list, weights: list, adapte
     if odd:
         raise ValueError(f"add_weighted_adapter combines plain LoRA adapters; {odd} are DoRA, RoSA or other adapters")
     layers = {n: m for n, m in lora_layers(model).items() if any(a in m.adapter_names for a in adapters)}
-    ranks = {a: max(m.adapter_spec(a).r for m in layers.values() if a in m.adapter_names) for a in adapters}
+    # PEFT's rank of an adapter: its r, or the largest of r and its rank_pattern's (layers below it are zero-padded)
+    ranks = {a: max([configs[a].r, *configs[a].rank_pattern.values()]) for a in adapters}
     if len(adapters) == 1:
         combination_type = "linear"  # PEFT's rule for one adapter
     if combination_type == "linear" and len(set(ranks.values())) != 1:
@@ -1402,7 +1404,8 @@ def add_weighted_adapter(model: nn.Module, adapters: list, weights: list, adapte
     config = replace(configs[adapters[0]], r=rank, lora_alpha=rank, target_modules=sorted(layers), exclude_modules=None,
                      rank_pattern={}, alpha_pattern={}, modules_to_save=None, trainable_token_indices=None,
                      layers_to_transform=None, layers_pattern=None, task_type=None, inference_mode=False)
-    factors = {n: _combined(m, adapters, weights, combination_type, rank, svd_clamp) for n, m in layers.items()}
+    factors = {n: _padded(*_combined(m, adapters, weights, combination_type, rank, svd_clamp), rank, n)
+               for n, m in layers.items()}
     inject(model, config, adapter_name, activate=False)
     with torch.no_grad():
         for n, (a, b) in factors.items():
@@ -1411,6 +1414,15 @@ def add_weighted_adapter(model: nn.Module, adapters: list, weights: list, adapte
             pb.copy_(b)
             pa.requires_grad_(False)
             pb.requires_grad_(False)
+
+
+def _padded(a: torch.Tensor, b: torch.Tensor, rank: int, name: str) -> tuple:
+    """(A, B) zero-padded to ``rank`` (a layer whose adapters' ranks, by rank_pattern, are below the new one)."""
+    r = a.shape[0]
+    if r > rank:
+        raise ValueError(f"add_weighted_adapter: {name!r} would need rank {r}, above the new adapter's {rank}")
+    return (torch.cat([a, a.new_zeros(rank - r, a.shape[1])]), torch.cat([b, b.new_zeros(b.shape[0], rank - r)], 1)) \
+        if r < rank else (a, b)
 
 
 @torch.no_grad()
@@ -1430,6 +1442,9 @@ def _combined(layer, adapters: list, weights: list, how: str, rank: int, clamp) 
             at += r
         return a_new, b_new
     if how == "linear":
+        if len({pairs[a][0].shape[0] for a, _ in held}) > 1:
+            raise ValueError(f"combination_type='linear' needs one rank per layer; the adapters' ranks differ at a layer "
+                             f"({ {a: pairs[a][0].shape[0] for a, _ in held} }, rank_pattern): use 'cat' or 'svd'")
         ws = [w * scale[a] for a, w in held]
         a_new = sum(math.copysign(math.sqrt(abs(v)), v) * pairs[a][0] for (a, _), v in zip(held, ws))
         b_new = sum(math.sqrt(abs(v)) * pairs[a][1] for (a, _), v in zip(held, ws))

@@ -1465,6 +1465,7 @@ class TokenRows(nn.Module):
         return self._pad_cache[1]
 
     def forward(self, x: torch.Tensor, *args, **kwargs) -> torch.Tensor:
+        """x: ids (...) for an embedding -> (..., dim); hidden states (..., dim) for a head -> (..., vocab)."""
         base = self._base
         out = base(x, *args, **kwargs)
         rows = self.trainable_tokens_delta.to(base.weight.dtype)  # PEFT casts them to the weight's dtype too
@@ -1513,10 +1514,13 @@ class TrainableTokensWrapper(ModulesToSaveWrapper):
         (self.tied.add if isinstance(values, nn.Parameter) else self.tied.discard)(name)
 
     def delete_adapter(self, name: str) -> None:
+        """Drop adapter ``name``'s rows (a tied head's copy of them: the reference only)."""
         super().delete_adapter(name)
         self.tied.discard(name)
 
     def rows(self, name: str) -> TokenRows | None:
+        """Adapter ``name``'s ``TokenRows`` (``.trainable_tokens_delta`` (n, dim), ``.token_indices`` (n,)), or
+        None where it trains no tokens here."""
         return self.modules_to_save[name] if name in self.modules_to_save else None
 
     def unwrap(self, own_weight: bool = False) -> nn.Module:

@@ -403,3 +403,18 @@ def test_merging_a_saved_copy_of_a_tied_embedding_unties_the_config(tmp_path, sa
     again = transformers.AutoModelForCausalLM.from_pretrained(tmp_path).eval()
     again.resize_token_embeddings(64)  # re-ties by the config: must not
     torch.testing.assert_close(again(ids).logits, want, rtol=1e-5, atol=1e-5)
+
+
+def test_a_refused_inject_leaves_no_hooks_or_instance_methods():
+    """inject's hooks (Trainer's save_pretrained, adapter_names on forward / generate) go on only once every check
+    passed (before 2026-12-01 a refused inject left them on the model)."""
+    transformers = pytest.importorskip("transformers")
+    cfg = transformers.LlamaConfig(vocab_size=32, hidden_size=16, intermediate_size=32, num_hidden_layers=1,
+                                   num_attention_heads=2, num_key_value_heads=1)
+    model = transformers.LlamaForCausalLM(cfg)
+    with pytest.raises(ValueError, match="matched no"):
+        fastpeft.inject(model, LoraConfig(target_modules=["nothing_like_this"]))
+    assert not model._forward_pre_hooks and not model._forward_hooks
+    assert not {"save_pretrained", "load_state_dict", "generate"} & set(model.__dict__)
+    fastpeft.inject(model, LoraConfig(target_modules=["q_proj"]))
+    assert len(model._forward_pre_hooks) == 1 and "generate" in model.__dict__

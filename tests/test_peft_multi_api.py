@@ -207,3 +207,29 @@ def test_disable_adapter_warns_for_trained_biases_and_hides_no_deletion(tmp_path
     model = fastpeft.inject(Toy(), LoraConfig(r=2, target_modules=["q_proj"], bias="all"))
     with pytest.warns(UserWarning, match="trains biases in place"), fastpeft.disable_adapter(model):
         pass
+
+
+@pytest.mark.parametrize("how", ["svd", "cat"])
+def test_add_weighted_adapter_ranks_follow_peft_with_rank_pattern(tmp_path, how):
+    """PEFT's rank of an adapter is max(r, rank_pattern's), so the new adapter's rank is 8 (svd) / 16 (cat) here,
+    and layers whose adapters are narrower are zero-padded; before the fix fastpeft took 4 / 8 (svd logits 0.14 off)."""
+    torch.manual_seed(0)
+    cfg = transformers.LlamaConfig(vocab_size=64, hidden_size=32, intermediate_size=64, num_hidden_layers=1,
+                                   num_attention_heads=4, num_key_value_heads=2)
+    base = transformers.LlamaForCausalLM(cfg).eval()
+    kw = dict(r=8, lora_alpha=8, target_modules=["q_proj", "v_proj"], rank_pattern={"q_proj": 4, "v_proj": 4},
+              init_lora_weights=False)
+    pm = peft.get_peft_model(copy.deepcopy(base), peft.LoraConfig(**kw))
+    pm.add_adapter("b", peft.LoraConfig(**kw))
+    pm.save_pretrained(tmp_path)
+    fm = fastpeft.load_adapter(copy.deepcopy(base), tmp_path)
+    fastpeft.load_adapter(fm, tmp_path / "b", adapter_name="b")
+    pm.add_weighted_adapter(["default", "b"], [0.5, 0.8], "m", combination_type=how)
+    fastpeft.add_weighted_adapter(fm, ["default", "b"], [0.5, 0.8], "m", combination_type=how)
+    q = fm.model.layers[0].self_attn.q_proj
+    assert q.adapter_spec("m").r == pm.base_model.model.model.layers[0].self_attn.q_proj.lora_A["m"].weight.shape[0]
+    pm.set_adapter("m")
+    fastpeft.set_adapter(fm, "m")
+    with torch.no_grad():
+        torch.testing.assert_close(fm.eval()(input_ids=IDS).logits, pm.eval()(input_ids=IDS).logits,
+                                   rtol=1e-5, atol=1e-5)
