@@ -55,7 +55,7 @@ class LoraConfig:
     # PEFT's trainable tokens: these rows of the input embeddings (a dict: of the named embedding layers) trained
     trainable_token_indices: Optional[Union[list, dict]] = None
     inference_mode: bool = False     # PEFT's: True adds the adapter frozen (files always say True, as PEFT's)
-    fan_in_fan_out: bool = False     # PEFT's; read from each layer here (Conv1D: True, nn.Linear: False), as PEFT ends up
+    fan_in_fan_out: bool = False     # PEFT's; read from each layer here (Conv1D: True, nn.Linear: False), as PEFT does
     ensure_weight_tying: bool = False  # PEFT's tied copies for tied embeddings: not supported (True is refused)
     sparse_density: float = 0.0      # > 0: a sparse delta beside each LoRA update (RoSA)
     sparse_block_size: int = 1
@@ -371,14 +371,17 @@ def _plan_tokens(model: nn.Module, config, targets: dict, saved: list) -> dict:
                 raise ValueError(f"trainable_token_indices names {key!r}, which matches no module of the model")
             wanted.update(dict.fromkeys(names, ids))
     elif emb_name is None:
-        raise ValueError("trainable_token_indices as a list trains rows of the input embeddings, but the model has none "
-                         "(get_input_embeddings()); name the layer: trainable_token_indices={'embed_tokens': [...]}")
+        raise ValueError("trainable_token_indices as a list trains rows of the input embeddings, but the model has "
+                         "none (get_input_embeddings()); name the layer: "
+                         "trainable_token_indices={'embed_tokens': [...]}")
     else:
         wanted = {emb_name: spec}
     plan = {name: (ids, None) for name, ids in wanted.items()}
     head = output_head(model)
     head_name = next((n for n, m in model.named_modules() if m is head), None) if head is not None else None
-    if emb_name in wanted and head_name is not None and head_name not in inner and             _token_base(head).weight is _token_base(emb).weight and wanted.get(head_name, wanted[emb_name]) ==             wanted[emb_name]:
+    tied = emb_name in wanted and head_name is not None and head_name not in inner and \
+        _token_base(head).weight is _token_base(emb).weight
+    if tied and wanted.get(head_name, wanted[emb_name]) == wanted[emb_name]:
         plan[head_name] = (wanted[emb_name], emb_name)  # tied: the head's columns follow the embedding's rows
     for name, (ids, _) in plan.items():
         _check_token_target(model, name, ids, targets, saved)
@@ -1148,8 +1151,8 @@ def _from_peft_config(config):
     d = config.to_dict()
     peft_type = str(getattr(d.get("peft_type"), "value", d.get("peft_type")))
     if peft_type != LoraConfig.peft_type:
-        raise TypeError(f"fastpeft.inject takes PEFT's LoraConfig, or fastpeft's configs; a PEFT {type(config).__name__}"
-                        " runs as PEFT's: get_peft_model(model, config)")
+        raise TypeError(f"fastpeft.inject takes PEFT's LoraConfig, or fastpeft's configs; a PEFT "
+                        f"{type(config).__name__} runs as PEFT's: get_peft_model(model, config)")
     bad = lora_variants(d)
     if bad:
         raise ValueError(f"fastpeft.inject: the PEFT LoraConfig sets LoRA variants fastpeft does not compute: {bad}")
@@ -1443,8 +1446,9 @@ def _combined(layer, adapters: list, weights: list, how: str, rank: int, clamp) 
         return a_new, b_new
     if how == "linear":
         if len({pairs[a][0].shape[0] for a, _ in held}) > 1:
-            raise ValueError(f"combination_type='linear' needs one rank per layer; the adapters' ranks differ at a layer "
-                             f"({ {a: pairs[a][0].shape[0] for a, _ in held} }, rank_pattern): use 'cat' or 'svd'")
+            found = {a: pairs[a][0].shape[0] for a, _ in held}
+            raise ValueError(f"combination_type='linear' needs one rank per layer; the adapters' ranks differ at a "
+                             f"layer ({found}, rank_pattern): use 'cat' or 'svd'")
         ws = [w * scale[a] for a, w in held]
         a_new = sum(math.copysign(math.sqrt(abs(v)), v) * pairs[a][0] for (a, _), v in zip(held, ws))
         b_new = sum(math.sqrt(abs(v)) * pairs[a][1] for (a, _), v in zip(held, ws))

@@ -323,7 +323,8 @@ HF_CASES = [
                                                           bias="all"), None),
     # without layers_pattern, the first "<name>.<i>." after some prefix: model.layers.1 / encoder.layer.0
     ("llama-layers_to_transform", llama_base, llama_out,
-     dict(r=4, lora_alpha=8, target_modules=["q_proj", "down_proj"], layers_to_transform=[1]), "layers.0.self_attn.q_proj"),
+     dict(r=4, lora_alpha=8, target_modules=["q_proj", "down_proj"], layers_to_transform=[1]),
+     "layers.0.self_attn.q_proj"),
     ("bert-layers_to_transform-pattern", bert_base, bert_out,
      dict(r=4, lora_alpha=8, target_modules=["query", "dense"], layers_to_transform=0, layers_pattern="layer"),
      "layer.1.attention.self.query"),
