@@ -1446,6 +1446,10 @@ class TokenRows(nn.Module):
         self.register_buffer("token_indices", torch.tensor(token_indices, dtype=torch.long,
                                                            device=base.weight.device), persistent=False)
         self._lut_cache = None
+        # the embeddings' padding row among the trained ones (F.embedding gives it no gradient, as PEFT's does); read
+        # here once, so that forward reads no tensor on the host (torch.compile(fullgraph=True))
+        pad = getattr(base, "padding_idx", None)
+        self._pad = list(token_indices).index(pad) if pad is not None and pad in token_indices else None
 
     def _lookup(self, vocab: int) -> torch.Tensor:
         """(vocab,) long: row j at id token_indices[j], -1 elsewhere; rebuilt when the indices move."""
@@ -1456,14 +1460,6 @@ class TokenRows(nn.Module):
             self._lut_cache = lut
         return self._lut_cache
 
-    def _pad_row(self, padding_idx: int) -> int | None:
-        """The row of ``padding_idx`` among the trained ones (None: not trained), read once per indices."""
-        key = (padding_idx, self.token_indices.data_ptr())
-        if getattr(self, "_pad_cache", (None,))[0] != key:
-            rows = [i for i, t in enumerate(self.token_indices.tolist()) if t == padding_idx]
-            self._pad_cache = (key, rows[0] if rows else None)
-        return self._pad_cache[1]
-
     def forward(self, x: torch.Tensor, *args, **kwargs) -> torch.Tensor:
         """x: ids (...) for an embedding -> (..., dim); hidden states (..., dim) for a head -> (..., vocab)."""
         base = self._base
@@ -1471,9 +1467,7 @@ class TokenRows(nn.Module):
         rows = self.trainable_tokens_delta.to(base.weight.dtype)  # PEFT casts them to the weight's dtype too
         if isinstance(base, nn.Embedding):
             local = self._lookup(base.num_embeddings)[x]
-            # the embedding's padding row, if trained here, gets no gradient (F.embedding's rule, as in PEFT)
-            pad = None if base.padding_idx is None else self._pad_row(base.padding_idx)
-            new = F.embedding(local.clamp(min=0), rows, padding_idx=pad)
+            new = F.embedding(local.clamp(min=0), rows, padding_idx=self._pad)
             scale = getattr(base, "embed_scale", None)
             if scale is not None:
                 new = new * (scale.to(new.dtype) if isinstance(scale, torch.Tensor) else scale)
@@ -1487,8 +1481,8 @@ class TrainableTokensWrapper(ModulesToSaveWrapper):
     """PEFT's trainable tokens (``LoraConfig(trainable_token_indices=...)``) on an ``nn.Embedding``, or on the
     ``nn.Linear`` output head tied to it: per adapter a ``TokenRows`` in ``modules_to_save[name]`` (the routing,
     adapter switching and ``mixed_batch`` of ``ModulesToSaveWrapper``). A tied head's rows are the embedding's own
-    Parameter (``tied``: not saved again, as PEFT). Attributes the wrapper lacks (``weight``, ``num_embeddings``,
-    ...) are the base module's: its weight stays the base's, unmerged."""
+    Parameter (``tied``: not saved again, as PEFT). ``.weight`` is ``merged_weight()`` (the rows in place, as PEFT's);
+    other attributes the wrapper lacks (``num_embeddings``, ``padding_idx``, ...) are the base module's."""
 
     def __init__(self, module: nn.Module, adapter_name: str, token_indices: list, values=None):
         nn.Module.__init__(self)
@@ -1536,10 +1530,23 @@ class TrainableTokensWrapper(ModulesToSaveWrapper):
             w.index_copy_(0, rows.token_indices.to(w.device), rows.trainable_tokens_delta.detach().to(w.dtype))
         return module
 
+    def merged_weight(self) -> torch.Tensor:
+        """The base weight with the active adapter's rows in place (vocab, dim): a differentiable copy (gradients reach
+        the rows), or the base weight itself without rows. What ``.weight`` gives, as PEFT's wrapper: code that reads
+        ``get_output_embeddings().weight`` for its own product (TRL's fused LM-head loss, Liger's) then trains the
+        rows too (before 2026-12-01 it read the base weight, and SFTTrainer silently ignored a tied head's rows)."""
+        base = self.original_module.weight
+        rows = self.rows(self.active_adapter)
+        if rows is None:
+            return base
+        return base.index_copy(0, rows.token_indices.to(base.device), rows.trainable_tokens_delta.to(base.dtype))
+
     def __getattr__(self, name):
         try:
             return nn.Module.__getattr__(self, name)
         except AttributeError:
             if name in ("modules_to_save", "original_module"):
                 raise
+            if name == "weight":
+                return self.merged_weight()
             return getattr(self.original_module, name)

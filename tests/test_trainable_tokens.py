@@ -153,7 +153,7 @@ def test_training_moves_only_those_rows_and_the_tied_head_follows():
     base = llama(True)
     model = fastpeft.inject(copy.deepcopy(base), LoraConfig(r=4, target_modules=["q_proj"],
                                                             trainable_token_indices=TOKENS)).train()
-    w0 = model.model.embed_tokens.weight.detach().clone()
+    w0 = model.model.embed_tokens.original_module.weight.detach().clone()
     opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-2)
     ids = token_ids()
     for _ in range(3):
@@ -161,7 +161,7 @@ def test_training_moves_only_those_rows_and_the_tied_head_follows():
         opt.step()
         opt.zero_grad()
     model.eval()
-    assert torch.equal(model.model.embed_tokens.weight, w0)  # the base weight never changes
+    assert torch.equal(model.model.embed_tokens.original_module.weight, w0)  # the base weight never changes
     emb = model.model.embed_tokens
     other = torch.tensor([[1, 2, 4, 6]])
     torch.testing.assert_close(emb(other), base.model.embed_tokens(other), rtol=0, atol=0)
@@ -334,3 +334,35 @@ def test_to_peft_refuses_adapters_with_and_without_tokens_before_any_change(tmp_
         fastpeft.to_peft(model)
     assert isinstance(model.model.embed_tokens, TrainableTokensWrapper)
     torch.testing.assert_close(logits(model), want, rtol=0, atol=0)
+
+
+@pytest.mark.parametrize("base_id", ["llama-untied", "llama-tied"])
+def test_weight_holds_the_trained_rows_as_peft_s(base_id):
+    """``get_output_embeddings().weight`` (what TRL's fused LM-head loss and Liger's read for their own product) is
+    the base weight with the trained rows in place, differentiable in them, as PEFT's wrapper gives; before
+    2026-12-01 it was the base weight, and SFTTrainer's loss silently ignored the head's rows."""
+    base = BASES[base_id]()
+    spec = {"embed_tokens": TOKENS, "lm_head": TOKENS}
+    pm = peft_model(base, trainable_token_indices=spec)
+    fm = fastpeft.load_adapter(copy.deepcopy(base), _saved(pm))
+    for ours, theirs in ((fm.get_output_embeddings(), pm.get_output_embeddings()),
+                         (fm.get_input_embeddings(), pm.get_input_embeddings())):
+        torch.testing.assert_close(ours.weight, theirs.weight, rtol=0, atol=0)
+    h = torch.randn(5, 32)
+    (h @ fm.get_output_embeddings().weight.T).square().sum().backward()
+    rows = fm.lm_head.rows("default").trainable_tokens_delta
+    assert rows.grad is not None and rows.grad.abs().min() > 0
+
+
+def test_compiles_without_graph_breaks_with_a_padding_idx():
+    """A padding_idx on the embeddings (Gemma's default 0) is read when the adapter is made, not in forward: the model
+    compiles with fullgraph=True (before 2026-12-01 the forward read a data pointer and broke the graph)."""
+    torch.manual_seed(0)
+    cfg = transformers.LlamaConfig(vocab_size=VOCAB, hidden_size=32, intermediate_size=64, num_hidden_layers=1,
+                                   num_attention_heads=4, num_key_value_heads=2, pad_token_id=0)
+    model = fastpeft.inject(transformers.LlamaForCausalLM(cfg), LoraConfig(r=2, target_modules=["q_proj"],
+                                                                          trainable_token_indices=[0, 3]))
+    ids = token_ids(2)
+    want = model(input_ids=ids, labels=ids).loss
+    compiled = torch.compile(model, fullgraph=True, backend="aot_eager")
+    torch.testing.assert_close(compiled(input_ids=ids, labels=ids).loss, want, rtol=1e-6, atol=1e-6)
