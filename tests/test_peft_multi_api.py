@@ -233,3 +233,18 @@ def test_add_weighted_adapter_ranks_follow_peft_with_rank_pattern(tmp_path, how)
     with torch.no_grad():
         torch.testing.assert_close(fm.eval()(input_ids=IDS).logits, pm.eval()(input_ids=IDS).logits,
                                    rtol=1e-5, atol=1e-5)
+
+
+def test_generate_adapter_names_with_sampled_copies(tmp_path):
+    """Sampling with num_return_sequences=k: the names follow generate's k copies of each sequence, as
+    mixed_batch(rows_per_sequence=k) routes them (PEFT itself raises here)."""
+    _, _, fm = llama_pair(tmp_path)
+    kw = dict(max_new_tokens=4, do_sample=True, num_return_sequences=2, pad_token_id=0,
+              attention_mask=torch.ones_like(IDS))
+    with torch.no_grad():
+        torch.manual_seed(7)
+        ours = fm.generate(input_ids=IDS, adapter_names=NAMES, **kw)
+        torch.manual_seed(7)
+        with fastpeft.mixed_batch(fm, ["default", "b", None], rows_per_sequence=2):
+            want = fm.generate(input_ids=IDS, **kw)
+    assert ours.shape[0] == 6 and torch.equal(ours, want)
