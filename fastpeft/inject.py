@@ -21,7 +21,7 @@ import torch.nn as nn
 from ._checks import (check_adapter_name, check_bool, check_choice, check_dora_options, check_dropout,
                       check_embedding, check_file_tensors, check_finite_number, check_init, check_layers, check_rank,
                       check_sparse_delta, check_sparse_options, check_token_indices, few)
-from .layers import (DORA_QUANTIZED, FastLoRAEmbedding, FastLoRALinear, ModulesToSaveWrapper, QLoRALinear,
+from .layers import (FastLoRAEmbedding, FastLoRALinear, ModulesToSaveWrapper, QLoRALinear,
                      SparseDeltaLinear, TrainableTokensWrapper, rosa_spec)
 from .matching import (compile_pattern, default_targets, in_layers, input_embeddings, is_all_linear, is_bias, matches,
                        name_list, output_head, pattern_value, set_submodule)
@@ -643,7 +643,6 @@ class LoraMethod(Method):
 
     def plan(self, model: nn.Module, config) -> LoraPlan:
         plan = plan_lora(model, config)
-        _check_dora_targets(model, config, plan)
         odd = [f"{n} (r={t[0]})" for n, t in plan.targets.items() if t is not None and t[0] % 2]
         if config.init_lora_weights == "orthogonal" and odd:  # checked before any layer changes
             raise ValueError(f"init_lora_weights='orthogonal' needs an even rank (PEFT's), got {few(odd)}")
@@ -823,7 +822,6 @@ class LoraMethod(Method):
 
     def check_load(self, model: nn.Module, config, adapter_name: str, weights: dict, directory, state):
         plan = plan_lora(model, config, warn=False)
-        _check_dora_targets(model, config, plan)
         _check_dora_file(config, weights, directory)
         sparse = _take_sparse(model, config.sparse, plan, weights, directory)
         expected = self._expected_shapes(model, config, plan)
@@ -942,13 +940,6 @@ def _saved_embedding_weights(model: nn.Module, targets, saved: list, weights: di
                                  f"model.resize_token_embeddings({weights[key].shape[0]})")
             out[key] = tuple(w.shape)
     return out
-
-
-def _check_dora_targets(model: nn.Module, config, plan: LoraPlan) -> None:
-    if getattr(config, "use_dora", False):
-        quantized = [n for n in plan.targets if is_quantized(model.get_submodule(n))]
-        if quantized:
-            raise ValueError(f"{DORA_QUANTIZED} (layers {few(quantized)})")
 
 
 def _check_dora_file(config, weights: dict, directory) -> None:

@@ -453,10 +453,9 @@ class FastLoRALinear(TunerLayer):
         check_linear(linear)
         base_kind(linear)  # another library's quantized layer, or an nn.Linear with a forward of its own: refused
         if is_quantized(linear):
-            if use_dora is True:
-                raise ValueError(DORA_QUANTIZED)
             return QLoRALinear.from_quantized(linear, r, lora_alpha, lora_dropout, use_rslora, init_lora_weights,
-                                              adapter_name, sparse_density, sparse_block_size, sparse_selection)
+                                              adapter_name, sparse_density, sparse_block_size, sparse_selection,
+                                              use_dora=use_dora)
         self = cls.__new__(cls)
         nn.Module.__init__(self)
         self._setup(linear.weight, linear.bias, adapter_name, r, lora_alpha, lora_dropout, use_rslora,
@@ -1162,9 +1161,6 @@ class FastLoRAEmbedding(FastLoRALinear):
             "out_features=", "embedding_dim=").replace(", bias=False", f", padding_idx={self.padding_idx}")
 
 
-DORA_QUANTIZED = ("use_dora=True on a quantized (bitsandbytes) base layer is not supported by fastpeft yet: "
-                   "DoRA needs the row norms of the dense weight")
-
 
 # ---- quantized bases (QLoRA) -------------------------------------------------------------------------
 
@@ -1174,15 +1170,16 @@ class QLoRALinear(FastLoRALinear):
     by ``fastpeft.quant.QuantizedWeight``, a view kept while bnb's tensors stay the same, nothing dequantized
     kept); ``weight`` / ``bias`` are its. Adapters are fp32 Parameters, cast to the layer's compute dtype per call
     (without gradients the cast copies are kept while the Parameters are unchanged); forward is ``qlora_linear``.
-    Many adapters per batch dequantize W afresh for the call and run ``lora_linear_multi`` on it. RoSA (a sparse
-    delta) needs a floating-point weight and is refused. ``merge`` / ``unmerge`` requantize (lossy, warned, as
-    PEFT); ``to_linear`` gives a plain floating-point ``nn.Linear``.
+    Many adapters per batch dequantize W afresh for the call and run ``lora_linear_multi`` on it. A DoRA adapter
+    (QDoRA) dequantizes W for the call and runs ``dora_linear`` on it (magnitudes fp32, from the dequantized W's row
+    norms). RoSA (a sparse delta) needs a floating-point weight and is refused. ``merge`` / ``unmerge`` requantize
+    (lossy, warned, as PEFT); ``to_linear`` gives a plain floating-point ``nn.Linear``.
     """
 
     @classmethod
     def from_quantized(cls, layer: nn.Module, r=8, lora_alpha=8, lora_dropout=0.0, use_rslora=False,
                        init_lora_weights=True, adapter_name="default", sparse_density=0.0, sparse_block_size=1,
-                       sparse_selection="random") -> "QLoRALinear":
+                       sparse_selection="random", use_dora=False) -> "QLoRALinear":
         """Wrap the bitsandbytes layer ``layer`` (not copied, its weight never re-wrapped)."""
         if base_kind(layer) == "linear":
             raise TypeError(f"QLoRALinear wraps a bitsandbytes Linear4bit / Linear8bitLt, got {type(layer).__name__}")
@@ -1196,18 +1193,18 @@ class QLoRALinear(FastLoRALinear):
         self.out_features, self.in_features = layer.out_features, layer.in_features
         self.merged = False
         self._setup_adapters(adapter_name, r, lora_alpha, lora_dropout, use_rslora, init_lora_weights,
-                             sparse_density, sparse_block_size, sparse_selection)
+                             sparse_density, sparse_block_size, sparse_selection, use_dora)
         return self
 
     def _setup_adapters(self, adapter_name, r, lora_alpha, lora_dropout, use_rslora, init_lora_weights,
-                        sparse_density, sparse_block_size, sparse_selection):
+                        sparse_density, sparse_block_size, sparse_selection, use_dora=False):
         _spec(r, lora_alpha, lora_dropout, use_rslora)
         check_init(init_lora_weights)
         check_adapter_name(adapter_name)
         self.lora_A_adapters = nn.ParameterDict()
         self.lora_B_adapters = nn.ParameterDict()
         self.sparse_deltas = nn.ModuleDict()
-        self.lora_magnitude_vector = nn.ParameterDict()  # stays empty: DoRA is refused on a quantized base
+        self.lora_magnitude_vector = nn.ParameterDict()  # DoRA (QDoRA): fp32 magnitudes (out,)
         self._wsq = self._dora_norm = None
         self._specs: dict = {}
         self._active = None
@@ -1215,7 +1212,7 @@ class QLoRALinear(FastLoRALinear):
         self._meta = None
         self._routing = None
         self.add_adapter(adapter_name, r, lora_alpha, lora_dropout, use_rslora, init_lora_weights, sparse_density,
-                         sparse_block_size, sparse_selection)
+                         sparse_block_size, sparse_selection, use_dora=use_dora)
         self.set_adapter(adapter_name)
 
     weight = property(lambda self: self.base_layer.weight, doc="bnb's packed weight (Params4bit / Int8Params).")
@@ -1256,14 +1253,27 @@ class QLoRALinear(FastLoRALinear):
                     sparse_density=0.0, sparse_block_size=1, sparse_selection="random", sparse_scores=None,
                     use_dora=False):
         check_dora_options(use_dora, sparse_density)
-        if use_dora:
-            raise ValueError(f"adapter {name!r}: {DORA_QUANTIZED}")
         if rosa_spec(sparse_density, sparse_block_size, sparse_selection) is not None:
             raise ValueError(f"adapter {name!r}: a sparse delta (RoSA, sparse_density={sparse_density}) needs a "
                              f"floating-point base weight, and this layer's is a bitsandbytes "
                              f"{type(self.base_layer).__name__}; use sparse_density=0 (LoRA alone) on a quantized "
                              "model")
-        super().add_adapter(name, r, lora_alpha, lora_dropout, use_rslora, init_lora_weights)
+        super().add_adapter(name, r, lora_alpha, lora_dropout, use_rslora, init_lora_weights, use_dora=use_dora)
+
+    @torch.no_grad()
+    def _dense(self) -> torch.Tensor:
+        """deq(W) (out, in) fp32, a fresh tensor (bit for bit bitsandbytes' dequantization)."""
+        qw = self.quantized_weight()
+        return dequantize_weight(qw, torch.float32)
+
+    def _add_magnitude(self, name: str, trains: bool) -> None:
+        """QDoRA: m = ‖deq(W) + sBA‖_row in fp32, an fp32 Parameter (PEFT's DoRA on a bitsandbytes layer, its
+        magnitudes then made fp32 by autocast_adapter_dtype)."""
+        m = torch.linalg.vector_norm(self._dense() + self.delta_weight(name, dora=False), dim=1)
+        self.lora_magnitude_vector[name] = nn.Parameter(m, requires_grad=trains)
+
+    def _weight_sq_norm(self):
+        return None  # the op computes ‖W‖² from the W dequantized for the call (no key: the workspace is shared)
 
     def _base_forward(self, x: torch.Tensor, qw: QuantizedWeight | None = None) -> torch.Tensor:
         """x deq(W)^T + b with W dequantized for this call (not bnb's forward: on the CPU in eval mode it repacks
@@ -1285,7 +1295,13 @@ class QLoRALinear(FastLoRALinear):
                 return self._base_forward(x)
             s = self._specs[self._active]
             qw = self.quantized_weight()
-            a, b, bias = self._compute_copies(qw.compute_dtype_for(x), *self._pair(self._active))
+            cdt = qw.compute_dtype_for(x)
+            a, b, bias = self._compute_copies(cdt, *self._pair(self._active))
+            if s.use_dora:  # QDoRA: W dequantized for the call (a fresh one where autograd keeps it), DoRA's op on it
+                w = dequantize_weight(qw, cdt, out=call_buffer(qw, cdt, saved=torch.is_grad_enabled()))
+                m = _entry(self._modules["lora_magnitude_vector"], self._active)
+                return dora_linear(x.to(cdt), w, bias, a, b, m, s.scaling, s.lora_dropout, self.training,
+                                   norm_cache=None).to(x.dtype)
             return qlora_linear(x, qw, bias, a, b, s.scaling, s.lora_dropout, self.training)
         if routing is not None:
             adapter_ids = _per_row(adapter_ids, routed_batch(adapter_ids.shape[0], x, routing[1]))
@@ -1303,30 +1319,50 @@ class QLoRALinear(FastLoRALinear):
         return y.to(x.dtype)
 
     @torch.no_grad()
-    def delta_weight(self, adapter_name: str | None = None) -> torch.Tensor:
-        """``scaling * B A`` (out, in) of an adapter (default: the active one), fp32."""
+    def delta_weight(self, adapter_name: str | None = None, dora: bool = True) -> torch.Tensor:
+        """``scaling * B A`` (out, in) of an adapter (default: the active one), fp32; for a DoRA adapter (``dora``)
+        W' - deq(W) with W' = (m / n) ⊙ (deq(W) + sBA), n = ‖deq(W) + sBA‖_row: what merging adds to deq(W)."""
         name = self._active if adapter_name is None else adapter_name
         s = self._spec_of(name)
-        return s.scaling * (self.lora_B_adapters[name].float() @ self.lora_A_adapters[name].float())
+        delta = s.scaling * (self.lora_B_adapters[name].float() @ self.lora_A_adapters[name].float())
+        if not (dora and s.use_dora):
+            return delta
+        w = self._dense()
+        v = w + delta
+        g = self.lora_magnitude_vector[name].float() / torch.linalg.vector_norm(v, dim=1)
+        return g[:, None] * v - w
 
     @torch.no_grad()
     def merge(self) -> None:
-        """PEFT's merge into a quantized layer: dequantize, add the delta, requantize (lossy, warned). On failure
-        (bitsandbytes cannot quantize here) a RuntimeError and the layer as it was."""
+        """PEFT's merge into a quantized layer: dequantize, add the delta (DoRA: W ← (m/n)(W + sBA), n kept),
+        requantize (lossy, warned). On failure (bitsandbytes cannot quantize here) a RuntimeError and the layer as
+        it was."""
         if self.merged:
             raise RuntimeError("merge: the adapter is already merged")
         if not self.has_delta():
             raise RuntimeError("merge: no active adapter to merge (set_adapter first)")
-        assign_merged_weight(self.base_layer, merged_weight(self.base_layer, self.delta_weight()))
+        if self.is_dora():
+            n = torch.linalg.vector_norm(self._dense() + self.delta_weight(dora=False), dim=1)
+            assign_merged_weight(self.base_layer, merged_weight(self.base_layer, self.delta_weight()))
+            self._dora_norm = n
+        else:
+            assign_merged_weight(self.base_layer, merged_weight(self.base_layer, self.delta_weight()))
         self._qw = None  # the view of the weight before: not kept alive until the next call
         self.merged = True
 
     @torch.no_grad()
     def unmerge(self) -> None:
-        """Subtract the delta again: dequantize, subtract, requantize (lossy: not the weight before ``merge``)."""
+        """Subtract the delta again: dequantize, subtract (DoRA: W ← W' (n/m) − sBA with the n kept at merge),
+        requantize (lossy: not the weight before ``merge``)."""
         if not self.merged:
             raise RuntimeError("unmerge: the adapter is not merged")
-        assign_merged_weight(self.base_layer, merged_weight(self.base_layer, -self.delta_weight()))
+        if self.is_dora():
+            w = self._dense()
+            g = self._dora_norm / self.lora_magnitude_vector[self._active].float()
+            delta = g[:, None] * w - self.delta_weight(dora=False) - w
+        else:
+            delta = -self.delta_weight()
+        assign_merged_weight(self.base_layer, merged_weight(self.base_layer, delta))
         self._qw = None  # the view of the weight before: not kept alive until the next call
         self.merged = False
 

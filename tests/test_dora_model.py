@@ -323,7 +323,9 @@ def test_dora_with_rosa_refused():
     assert layer.adapter_names == ["default"]
 
 
-def test_dora_on_quantized_base_refused():
+def test_dora_on_a_quantized_layer_builds_its_magnitude_from_the_dequantized_weight():
+    """QDoRA at the layer: from_linear(Linear4bit, use_dora=True) gives a QLoRALinear whose magnitude is the row
+    norms of deq(W) (B = 0), fp32 (before 2026-12-01 refused)."""
     from fastpeft.quant import import_bitsandbytes
 
     try:
@@ -334,12 +336,11 @@ def test_dora_on_quantized_base_refused():
     layer = bnb.nn.Linear4bit(64, 32, quant_type="nf4")
     layer.weight = bnb.nn.Params4bit(lin.weight.data, requires_grad=False, quant_type="nf4", module=layer)
     layer = layer.to("cpu")
-    with pytest.raises(ValueError, match="quantized .* base layer is not supported"):
-        fastpeft.FastLoRALinear.from_linear(layer, use_dora=True)
-    model = nn.Sequential(layer)
-    with pytest.raises(ValueError, match="quantized .* base layer is not supported"):
-        fastpeft.inject(model, fastpeft.LoraConfig(target_modules=["0"], use_dora=True))
-    assert type(model[0]) is type(layer)
+    q = fastpeft.FastLoRALinear.from_linear(layer, use_dora=True)
+    assert type(q).__name__ == "QLoRALinear" and q.is_dora()
+    m = q.magnitude("default")
+    assert m.dtype == torch.float32
+    torch.testing.assert_close(m, torch.linalg.vector_norm(q._dense(), dim=1), rtol=0, atol=0)
 
 
 def test_to_peft_keeps_dora():

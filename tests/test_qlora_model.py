@@ -392,3 +392,77 @@ def test_inject_after_an_eval_call_on_the_cpu(checkpoint):
     assert torch.isfinite(loss) and all(torch.isfinite(p.grad).all() for p in fm.parameters() if p.requires_grad)
     with torch.no_grad():
         assert_close_report(fm(input_ids=x).logits, fresh(input_ids=x).logits, atol=2e-2, rtol=2e-2)
+
+
+DORA = dict(r=4, lora_alpha=8, target_modules=TARGETS, use_dora=True, init_lora_weights=False)
+
+
+def _peft_and_ours(checkpoint, bits=4, dtype=None):
+    torch.manual_seed(3)
+    pm = peft.get_peft_model(load(checkpoint, bits, dtype), peft.LoraConfig(**DORA)).train()
+    torch.manual_seed(3)
+    fm = fastpeft.inject(load(checkpoint, bits, dtype), fastpeft.LoraConfig(**DORA)).train()
+    return pm, fm
+
+
+@pytest.mark.parametrize("bits", [4, 8])
+def test_qdora_equals_peft_magnitudes_outputs_and_gradients(checkpoint, bits):
+    """DoRA on a bitsandbytes base (QDoRA; before 2026-12-01 refused): the same seed gives PEFT's factors and
+    magnitudes (the row norms of the dequantized W, bit for bit), and the loss and every gradient equal PEFT's."""
+    pm, fm = _peft_and_ours(checkpoint, bits)
+    theirs = {n.removeprefix("base_model.model.").replace(".default", ""): p for n, p in pm.named_parameters()
+              if p.requires_grad}
+    x = ids(1)
+    lp, lf = pm(input_ids=x, labels=x).loss, fm(input_ids=x, labels=x).loss
+    torch.testing.assert_close(lf, lp, rtol=1e-5, atol=1e-6)
+    lp.backward()
+    lf.backward()
+    for name, layer in fastpeft.lora_layers(fm).items():
+        assert isinstance(layer, QLoRALinear) and layer.is_dora()
+        m = layer.magnitude("default")
+        assert torch.equal(m.detach(), theirs[f"{name}.lora_magnitude_vector.weight"].detach()), name
+        a, b = layer.adapter_parameters("default")
+        for ours, key in ((m, "lora_magnitude_vector.weight"), (a, "lora_A.weight"), (b, "lora_B.weight")):
+            assert_close_report(ours.grad, theirs[f"{name}.{key}"].grad, rtol=1e-4, atol=1e-7, what=f"{name} {key}")
+
+
+def test_qdora_files_go_both_ways_and_merges_as_peft(checkpoint, tmp_path):
+    pm, fm = _peft_and_ours(checkpoint)
+    x = ids(2)
+    pm.save_pretrained(tmp_path / "peft")
+    loaded = fastpeft.load_adapter(load(checkpoint), tmp_path / "peft").train()
+    with torch.no_grad():
+        assert_close_report(loaded(input_ids=x).logits, pm(input_ids=x).logits, rtol=1e-5, atol=1e-5, what="load")
+    fastpeft.save_adapter(loaded, tmp_path / "ours")
+    back = peft.PeftModel.from_pretrained(load(checkpoint), tmp_path / "ours").train()
+    with torch.no_grad():
+        assert_close_report(back(input_ids=x).logits, loaded(input_ids=x).logits, rtol=1e-5, atol=1e-5, what="back")
+        want = loaded(input_ids=x).logits
+        # requantized merge / unmerge (lossy, warned) as PEFT's merge_adapter / unmerge_adapter
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            pm.merge_adapter()
+            for layer in fastpeft.lora_layers(loaded).values():
+                layer.merge()
+        assert_close_report(loaded(input_ids=x).logits, pm(input_ids=x).logits, rtol=1e-5, atol=1e-5, what="merged")
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            pm.unmerge_adapter()
+            for layer in fastpeft.lora_layers(loaded).values():
+                layer.unmerge()
+        assert_close_report(loaded(input_ids=x).logits, pm(input_ids=x).logits, rtol=1e-5, atol=1e-5,
+                            what="unmerged")
+    # a plain floating-point model with the DoRA weights folded in: W' = (m / n)(deq(W) + sBA)
+    fresh = fastpeft.load_adapter(load(checkpoint), tmp_path / "peft").train()
+    with torch.no_grad():
+        want = fresh(input_ids=x).logits
+        fastpeft.merge_and_unload(fresh, dequantize=True)
+        assert_close_report(fresh(input_ids=x).logits, want, rtol=1e-4, atol=1e-4, what="dequantized merge")
+
+
+def test_qdora_bf16_compute_is_within_bf16_rounding_of_peft(checkpoint):
+    pm, fm = _peft_and_ours(checkpoint, dtype=torch.bfloat16)
+    x = ids(4)
+    with torch.no_grad():
+        ours, theirs = fm(input_ids=x).logits.float(), pm(input_ids=x).logits.float()
+    assert (ours - theirs).abs().max() <= 2 ** -7 * theirs.abs().max()  # a few bf16 ulps of the largest logit
