@@ -13,10 +13,10 @@ whose ``forward`` decides at every call:
 - the active adapter(s) of a LoRA layer on a bitsandbytes ``Linear4bit`` base (NF4 / FP4, PEFT's
   ``lora.bnb.Linear4bit``) -> ``fastpeft.qlora_linear`` on the packed weight read in place, when the input,
   the adapters (and the bias) are in the layer's compute dtype: then PEFT's forward computes everything in
-  that dtype too;
+  that dtype too; one active DoRA adapter there (QDoRA) -> ``dora_linear`` on W dequantized for the call;
 - ``adapter_names=`` (PEFT's mixed batches, ``"__base__"`` rows included) -> ``fastpeft.lora_linear_multi``;
 - anything else -> PEFT's own ``Linear.forward``, unchanged: disabled or merged adapters, LoRA variants
-  other than DoRA (aLoRA, ...), DoRA with several active adapters or on a quantized base, ``lora_bias``,
+  other than DoRA (aLoRA, ...), DoRA with several active adapters or on an int8 base, ``lora_bias``,
   hooks on the base layer or on the LoRA factors (accelerate's offload hooks included), parameters of other
   dtypes than the input outside autocast (fp32 adapters on a bf16 base: PEFT computes the LoRA branch in
   fp32; the same on a 4-bit base with another compute dtype), autocast on a 4-bit base, a 4-bit layer in eval
@@ -50,7 +50,8 @@ from torch.nn.modules import module as _torch_module
 from .functional import dora_linear, lora_linear, lora_linear_multi, qlora_linear
 from .hf import _InstanceMethod
 from .ops.common import cast_params, held, kept_state, kept_transpose
-from .quant import _bnb_class_name, conv1d_class, is_conv1d, kept_quantized_weight, own_forward
+from .quant import (_bnb_class_name, call_buffer, conv1d_class, dequantize_weight, is_conv1d, kept_quantized_weight,
+                    own_forward)
 from .reference import tracing_or_transformed
 
 _KERNEL_OR_REF_DTYPES = (torch.float32, torch.float16, torch.bfloat16, torch.float64)
@@ -184,9 +185,15 @@ def _active(self, x: torch.Tensor) -> torch.Tensor:
         if _is_dora(self, a):
             # PEFT applies DoRA's dropout only when the LoRA layer itself is in training mode.
             lora_a, lora_b = cast_params((lora_a, lora_b), cdt, kept, "_fastpeft_casts")
-            return dora_linear(x, weight, bias, lora_a, lora_b, _param(_magnitude(self, a), "weight"),
-                               float(self.scaling[a]), p, training and self.training, dropout_mode="exact",
-                               norm_cache=_norm_cache(self))
+            w, cache, b = weight, _norm_cache(self), bias
+            if quantized:  # QDoRA: W dequantized for the call (fresh where autograd keeps it); no norm cache, since
+                # the workspace's memory is every 4-bit layer's in turn
+                w, cache = dequantize_weight(qw, cdt, out=call_buffer(qw, cdt, saved=torch.is_grad_enabled())), None
+                b = None if bias is None else bias.to(cdt)
+            y = dora_linear(x.to(cdt) if quantized else x, w, b, lora_a, lora_b, _param(_magnitude(self, a), "weight"),
+                            float(self.scaling[a]), p, training and self.training, dropout_mode="exact",
+                            norm_cache=cache)
+            return y.to(x.dtype) if quantized else y
         return linear(lora_a, lora_b, float(self.scaling[a]), p, training)
     # Several adapters (no dropout in training: see runtime_fallback_reason): sum_a s_a B_a A_a x is one LoRA
     # update with the factors side by side, A = [A_1; A_2] (r1+r2, in), B = [s_1 B_1, s_2 B_2] (out, r1+r2).
@@ -284,8 +291,9 @@ def _adapter_reason(self, name: str, lora_a=None, lora_b=None, drop=None):
         return f"adapter {name!r} is a LoRA variant ({'DoRA' if kind == 'Dora' else kind})"
     if dora:
         base = self._modules["base_layer"]
-        if type(base) is not nn.Linear and not is_conv1d(base):
-            return f"adapter {name!r} uses DoRA on a quantized base layer"
+        # a 4-bit base runs QDoRA (W dequantized per call); what else a quantized base needs is checked as for LoRA
+        if type(base) is not nn.Linear and not is_conv1d(base) and _bnb_class_name(base) != "Linear4bit":
+            return f"adapter {name!r} uses DoRA on a quantized base layer other than a 4-bit one"
         weight = getattr(_magnitude(self, name), "weight", None)
         if not isinstance(weight, torch.Tensor) or weight.dim() != 1:
             return f"adapter {name!r} uses DoRA without a (out,) lora_magnitude_vector"
@@ -595,9 +603,9 @@ def accelerate(model: nn.Module, strict: bool = False) -> AccelerateReport:
 
     model: a LoRA ``peft.PeftModel``, or a transformers model with PEFT adapters added by ``add_adapter``.
     Layers fastpeft cannot compute (LoRA variants other than DoRA, ``lora_bias``, int8 and non-bitsandbytes
-    quantized bases, DoRA on a quantized base, bases other than nn.Linear and transformers' Conv1D, a
-    ``fan_in_fan_out`` flag against the base's layout) keep PEFT's forward and are listed in ``report.skipped``
-    with the reason;
+    quantized bases, DoRA on a quantized base other than a 4-bit one, bases other than nn.Linear and transformers'
+    Conv1D, a ``fan_in_fan_out`` flag against the base's layout) keep PEFT's forward and are listed in
+    ``report.skipped`` with the reason;
     ``strict=True`` raises ``ValueError`` instead (before changing anything) if any layer or adapter would
     stay on PEFT's forward. Calling it again is a no-op for the layers already patched;
     ``fastpeft.restore(model)`` undoes it.

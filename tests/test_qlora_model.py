@@ -4,6 +4,7 @@ bitsandbytes on the same quantized model. PEFT runs in train mode (dropout 0): i
 Linear4bit repacks its weight into a layout of its own (absmax rounded to bf16), which changes its outputs."""
 from __future__ import annotations
 
+import copy
 import warnings
 
 import pytest
@@ -466,3 +467,23 @@ def test_qdora_bf16_compute_is_within_bf16_rounding_of_peft(checkpoint):
     with torch.no_grad():
         ours, theirs = fm(input_ids=x).logits.float(), pm(input_ids=x).logits.float()
     assert (ours - theirs).abs().max() <= 2 ** -7 * theirs.abs().max()  # a few bf16 ulps of the largest logit
+
+
+def test_accelerate_runs_peft_s_qdora_layers_with_peft_s_numbers(checkpoint):
+    """fastpeft.accelerate on PEFT's own DoRA-on-4-bit layers (before 2026-12-01 left on PEFT's forward): patched,
+    with PEFT's loss and gradients."""
+    torch.manual_seed(3)
+    pm = peft.get_peft_model(load(checkpoint), peft.LoraConfig(**DORA)).train()
+    fast = copy.deepcopy(pm)
+    report = fastpeft.accelerate(fast, strict=True)
+    assert len(report.patched) == 6 and not report.skipped
+    x = ids(5)
+    lp, lf = pm(input_ids=x, labels=x).loss, fast(input_ids=x, labels=x).loss
+    torch.testing.assert_close(lf, lp, rtol=1e-5, atol=1e-6)
+    lp.backward()
+    lf.backward()
+    theirs = dict(pm.named_parameters())
+    for n, p in fast.named_parameters():
+        if p.requires_grad:
+            assert_close_report(p.grad, theirs[n].grad, rtol=1e-4, atol=1e-7, what=n)
+    assert report.calls().get("fastpeft", 0) > 0
