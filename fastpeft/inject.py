@@ -1537,7 +1537,8 @@ def _quantized_unloads(model: nn.Module, dequantize: bool) -> dict:
             continue
         out[name] = layer.base_layer
         if not layer.merged and layer.has_delta():
-            weights[name] = merged_weight(layer.base_layer, layer.delta_weight(), name=name)
+            weights[name] = merged_weight(layer.base_layer, layer.delta_weight(), name=name,
+                                          round_to_weight=layer.is_dora())  # (PEFT rounds DoRA's W')
     for name, w in weights.items():
         assign_merged_weight(out[name], w)
     return out

@@ -1262,14 +1262,37 @@ class QLoRALinear(FastLoRALinear):
 
     @torch.no_grad()
     def _dense(self) -> torch.Tensor:
-        """deq(W) (out, in) fp32, a fresh tensor (bit for bit bitsandbytes' dequantization)."""
-        qw = self.quantized_weight()
-        return dequantize_weight(qw, torch.float32)
+        """deq(W) (out, in) in bitsandbytes' own dequantized dtype (the layer's: bf16 on a bf16 model), then fp32, a
+        fresh tensor: the values PEFT's DoRA reads (its magnitude init and merge dequantize so)."""
+        return dequantize_weight(self.quantized_weight()).float()
+
+    def _peft_dtype(self) -> torch.dtype | None:
+        """The half compute dtype of a 4-bit base (bf16 / fp16), to which PEFT moves new adapters (their values then
+        rounded to it, and made fp32 again by autocast_adapter_dtype); None otherwise."""
+        dt = getattr(self.base_layer, "compute_dtype", None)
+        return dt if dt in (torch.float16, torch.bfloat16) else None
+
+    @torch.no_grad()
+    def reset_lora_parameters(self, init_lora_weights=True, adapter_name: str | None = None,
+                              _fresh: bool = False) -> None:
+        """``FastLoRALinear.reset_lora_parameters``; a new adapter's factors rounded through a half compute dtype, as
+        PEFT's come out on such a base (so that a seed gives PEFT's factors there too)."""
+        super().reset_lora_parameters(init_lora_weights, adapter_name, _fresh)
+        dt = self._peft_dtype()
+        if _fresh and dt is not None:
+            for p in self.adapter_parameters(self._active if adapter_name is None else adapter_name):
+                p.copy_(p.to(dt))
 
     def _add_magnitude(self, name: str, trains: bool) -> None:
-        """QDoRA: m = ‖deq(W) + sBA‖_row in fp32, an fp32 Parameter (PEFT's DoRA on a bitsandbytes layer, its
-        magnitudes then made fp32 by autocast_adapter_dtype)."""
-        m = torch.linalg.vector_norm(self._dense() + self.delta_weight(name, dora=False), dim=1)
+        """QDoRA: m = ‖deq(W) + sBA‖_row, an fp32 Parameter, computed as PEFT's DoRA on a bitsandbytes layer does: in
+        fp32, or in a half compute dtype where PEFT's adapters are in it at that point."""
+        dt = self._peft_dtype()
+        if dt is None:
+            m = torch.linalg.vector_norm(self._dense() + self.delta_weight(name, dora=False), dim=1)
+        else:
+            a, b = (p.detach().to(dt) for p in self.adapter_parameters(name))
+            w = dequantize_weight(self.quantized_weight()).to(dt) + self._specs[name].scaling * (b @ a)
+            m = torch.linalg.norm(w, dim=1).float()
         self.lora_magnitude_vector[name] = nn.Parameter(m, requires_grad=trains)
 
     def _weight_sq_norm(self):
@@ -1343,7 +1366,8 @@ class QLoRALinear(FastLoRALinear):
             raise RuntimeError("merge: no active adapter to merge (set_adapter first)")
         if self.is_dora():
             n = torch.linalg.vector_norm(self._dense() + self.delta_weight(dora=False), dim=1)
-            assign_merged_weight(self.base_layer, merged_weight(self.base_layer, self.delta_weight()))
+            assign_merged_weight(self.base_layer, merged_weight(self.base_layer, self.delta_weight(),
+                                                                round_to_weight=True))
             self._dora_norm = n
         else:
             assign_merged_weight(self.base_layer, merged_weight(self.base_layer, self.delta_weight()))
@@ -1356,14 +1380,16 @@ class QLoRALinear(FastLoRALinear):
         requantize (lossy: not the weight before ``merge``)."""
         if not self.merged:
             raise RuntimeError("unmerge: the adapter is not merged")
-        if self.is_dora():
+        dora = self.is_dora()
+        if dora:
             w = self._dense()
             g = self._dora_norm / self.lora_magnitude_vector[self._active].float()
             delta = g[:, None] * w - self.delta_weight(dora=False) - w
         else:
             delta = -self.delta_weight()
-        assign_merged_weight(self.base_layer, merged_weight(self.base_layer, delta))
+        assign_merged_weight(self.base_layer, merged_weight(self.base_layer, delta, round_to_weight=dora))
         self._qw = None  # the view of the weight before: not kept alive until the next call
+        self._dora_norm = None
         self.merged = False
 
     def base_module(self) -> nn.Module:

@@ -542,7 +542,7 @@ def _layer_label(module: nn.Module, name: str) -> str:
 
 
 def merged_weight(module: nn.Module, delta: torch.Tensor, dequantize: bool = False, name: str = "",
-                  safe_merge: bool = False):
+                  safe_merge: bool = False, round_to_weight: bool = False):
     """What merging ``delta`` (out, in) (a LoRA ``s B A``) into a bitsandbytes layer gives, built whole and not yet
     assigned (``module`` untouched), so that a model-level merge can build every layer's result first and swap
     them in only when all succeeded.
@@ -551,6 +551,7 @@ def merged_weight(module: nn.Module, delta: torch.Tensor, dequantize: bool = Fal
     the bias copied) on the layer's device. ``dequantize=False``: PEFT's merge: dequantize, add, requantize into a
     new ``Params4bit`` / ``Int8Params`` with the layer's settings, with a warning that this is lossy. Raises naming
     the module: non-finite values with ``safe_merge``, bitsandbytes unable to quantize (no backend for the device).
+    ``round_to_weight``: the sum rounded to the dequantized weight's dtype first (PEFT's DoRA merge does so).
     """
     label = _layer_label(module, name)
     qw = QuantizedWeight.from_module(module, name)
@@ -560,6 +561,8 @@ def merged_weight(module: nn.Module, delta: torch.Tensor, dequantize: bool = Fal
     # in the wider of the two dtypes, as PEFT's bnb merge adds them: a bf16 W and an fp32 delta are rounded once,
     # when requantized (or cast for dequantize=True), not the delta first
     merged = w + delta.to(device=w.device)
+    if round_to_weight:  # PEFT's DoRA merge rounds W' to the weight's dtype before requantizing
+        merged = merged.to(w.dtype)
     if safe_merge and not bool(torch.isfinite(merged).all()):
         raise ValueError(f"{label}: the merged weight has non-finite values; the adapter seems to be broken")
     if dequantize:

@@ -132,7 +132,7 @@ def cast_params(params: tuple, dtype: torch.dtype, store: dict | None = None, sl
         return params
     if store is None or tracing_or_transformed() or capturing() or (
             torch.is_grad_enabled() and any(p is not None and p.requires_grad for p in params)):
-        return tuple(None if p is None or p.dtype == dtype else p.to(dtype) for p in params)
+        return tuple(p if p is None or p.dtype == dtype else p.to(dtype) for p in params)
     state = (optimizer_steps(), dtype, *[None if p is None else (tensor_version(p), p.data_ptr()) for p in params])
     kept = store.get(slot)
     if kept is None or kept[1] != state or not all(map(operator.is_, params, kept[0])):
