@@ -109,15 +109,16 @@ def _names_pre_hook(model, args, kwargs):
         return None
     kwargs = dict(kwargs)
     names = kwargs.pop("adapter_names")
-    if names is not None and model.training:
+    if names is None:
+        return args, kwargs
+    if model.training:
         # the block closes when the forward returns: an activation checkpoint's recomputation in backward would run
         # unrouted (the active adapter's gradients); PEFT refuses this too
         raise ValueError("adapter_names= is taken in eval mode only (as PEFT): in training, run the forward and its "
                          "backward inside `with fastpeft.mixed_batch(model, names):`")
-    if names is not None:
-        block = mixed_batch(model, list(names) if isinstance(names, tuple) else names)
-        block.__enter__()  # (raises, nothing entered, for unknown names)
-        model.__dict__.setdefault(_ROUTED, []).append(block)
+    block = mixed_batch(model, list(names) if isinstance(names, tuple) else names)
+    block.__enter__()  # (raises, nothing entered, for unknown names)
+    model.__dict__.setdefault(_ROUTED, []).append(block)
     return args, kwargs
 
 

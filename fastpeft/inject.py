@@ -360,7 +360,7 @@ def _plan_tokens(model: nn.Module, config, targets: dict, saved: list) -> dict:
     if spec is None:
         return {}
     emb = input_embeddings(model)
-    emb_name = next((n for n, m in model.named_modules() if m is emb), None) if emb is not None else None
+    emb_name = _module_name(model, emb)
     inner = [n + "." for n, m in model.named_modules() if isinstance(m, ModulesToSaveWrapper)]
     if isinstance(spec, dict):
         wanted = {}
@@ -378,7 +378,7 @@ def _plan_tokens(model: nn.Module, config, targets: dict, saved: list) -> dict:
         wanted = {emb_name: spec}
     plan = {name: (ids, None) for name, ids in wanted.items()}
     head = output_head(model)
-    head_name = next((n for n, m in model.named_modules() if m is head), None) if head is not None else None
+    head_name = _module_name(model, head)
     tied = emb_name in wanted and head_name is not None and head_name not in inner and \
         _token_base(head).weight is _token_base(emb).weight
     if tied and wanted.get(head_name, wanted[emb_name]) == wanted[emb_name]:
@@ -386,6 +386,11 @@ def _plan_tokens(model: nn.Module, config, targets: dict, saved: list) -> dict:
     for name, (ids, _) in plan.items():
         _check_token_target(model, name, ids, targets, saved)
     return plan
+
+
+def _module_name(model: nn.Module, module: nn.Module | None) -> str | None:
+    """``module``'s full name in ``model`` (None for None or a module not in it)."""
+    return None if module is None else next((n for n, m in model.named_modules() if m is module), None)
 
 
 def _token_base(module: nn.Module) -> nn.Module:
@@ -1558,12 +1563,18 @@ def _drop_quantization_config(model: nn.Module) -> None:
         model.is_quantized = False
 
 
-def _tied_weights(model: nn.Module, layers: dict) -> dict:
-    """Layer name -> the names of the model's other parameters that are its weight (a tied output head's: the input
-    embeddings), for the ``layers`` whose weight is tied."""
+def _parameter_names(model: nn.Module) -> dict:
+    """id(parameter) -> every name it has in ``model`` (tied parameters have several)."""
     names: dict = {}
     for n, p in model.named_parameters(remove_duplicate=False):
         names.setdefault(id(p), []).append(n)
+    return names
+
+
+def _tied_weights(model: nn.Module, layers: dict) -> dict:
+    """Layer name -> the names of the model's other parameters that are its weight (a tied output head's: the input
+    embeddings), for the ``layers`` whose weight is tied."""
+    names = _parameter_names(model)
     out = {}
     for name, layer in layers.items():
         w = getattr(layer, "weight", None)
@@ -1588,9 +1599,7 @@ def _untie_saved_copies(model: nn.Module) -> None:
     with a module outside it (a tied input embedding / output head), the trained copy breaks the tie, so
     ``tie_word_embeddings`` goes False (warned), as PEFT's merge does. Before 2026-12-01 it stayed True, and a later
     ``tie_weights()`` / ``resize_token_embeddings`` silently put one matrix in the other's place."""
-    names: dict = {}
-    for n, p in model.named_parameters(remove_duplicate=False):
-        names.setdefault(id(p), []).append(n)
+    names = _parameter_names(model)
     tied = []
     for wname, w in saved_module_wrappers(model).items():
         if isinstance(w, TrainableTokensWrapper) or w.active_adapter not in w.modules_to_save:
@@ -1611,9 +1620,7 @@ def _token_weights_to_copy(model: nn.Module) -> set:
                 if isinstance(w, TrainableTokensWrapper) and w.rows(w.active_adapter) is not None}
     if not wrappers:
         return set()
-    names: dict = {}
-    for n, p in model.named_parameters(remove_duplicate=False):
-        names.setdefault(id(p), []).append(n)
+    names = _parameter_names(model)
     own = {}
     for name, w in wrappers.items():
         rows = w.rows(w.active_adapter).trainable_tokens_delta

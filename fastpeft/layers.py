@@ -785,6 +785,17 @@ class FastLoRALinear(TunerLayer):
 
     # ---- init, forward ---------------------------------------------------------------------------
 
+    def _reset_target(self, init_lora_weights, adapter_name: str | None) -> tuple | None:
+        """``(name, spec, lora_A, lora_B)`` that ``reset_lora_parameters`` draws into, checked (the init, the adapter,
+        not merged); None for factors on the meta device (nothing to draw into)."""
+        check_init(init_lora_weights)
+        name = self._active if adapter_name is None else adapter_name
+        spec = self._spec_of(name)
+        if self.merged and name == self._active:
+            raise RuntimeError("reset_lora_parameters on a merged adapter: call unmerge() first")
+        a, b = self.lora_A_adapters[name], self.lora_B_adapters[name]
+        return None if a.is_meta else (name, spec, a, b)
+
     @torch.no_grad()
     def reset_lora_parameters(self, init_lora_weights=True, adapter_name: str | None = None,
                               _fresh: bool = False) -> None:
@@ -795,14 +806,10 @@ class FastLoRALinear(TunerLayer):
         Drawn as PEFT draws them, on the CPU in fp32 from torch's generator, then copied: with ``_fresh`` (a new
         adapter) first the two draws of PEFT's ``nn.Linear(in, r)`` / ``nn.Linear(r, out)``, so that a seed gives
         PEFT's initial factors (before 2026-12-01 A differed: a run moved from get_peft_model to inject changed)."""
-        check_init(init_lora_weights)
-        name = self._active if adapter_name is None else adapter_name
-        spec = self._spec_of(name)
-        if self.merged and name == self._active:
-            raise RuntimeError("reset_lora_parameters on a merged adapter: call unmerge() first")
-        a, b = self.lora_A_adapters[name], self.lora_B_adapters[name]
-        if a.is_meta:
+        target = self._reset_target(init_lora_weights, adapter_name)
+        if target is None:
             return
+        name, spec, a, b = target
         r, k, n = spec.r, self.in_features, self.out_features
         if init_lora_weights == "orthogonal" and r % 2:
             raise ValueError(f"init_lora_weights='orthogonal' needs an even rank (PEFT's), got r={r} for {name!r}")
@@ -1068,14 +1075,10 @@ class FastLoRAEmbedding(FastLoRALinear):
         """PEFT's embedding inits: ``True`` / ``"gaussian"`` / ``"orthogonal"`` A zeros, B ~ N(0, 1) (the layer
         starts as its base); ``False`` both ~ N(0, 1) (for tests). Drawn as PEFT's (CPU, fp32): with ``_fresh``
         first the randn A and B it makes before its init."""
-        check_init(init_lora_weights)
-        name = self._active if adapter_name is None else adapter_name
-        spec = self._spec_of(name)
-        if self.merged and name == self._active:
-            raise RuntimeError("reset_lora_parameters on a merged adapter: call unmerge() first")
-        a, b = self.lora_A_adapters[name], self.lora_B_adapters[name]
-        if a.is_meta:
+        target = self._reset_target(init_lora_weights, adapter_name)
+        if target is None:
             return
+        _, spec, a, b = target
         if _fresh or init_lora_weights is False:
             a0, b0 = torch.randn(spec.r, self.in_features), torch.randn(self.out_features, spec.r)
         if init_lora_weights is False:
@@ -1348,12 +1351,15 @@ class QLoRALinear(FastLoRALinear):
         name = self._active if adapter_name is None else adapter_name
         s = self._spec_of(name)
         delta = s.scaling * (self.lora_B_adapters[name].float() @ self.lora_A_adapters[name].float())
-        if not (dora and s.use_dora):
-            return delta
+        return self._dora_delta(name, delta)[0] if dora and s.use_dora else delta
+
+    def _dora_delta(self, name: str, delta: torch.Tensor) -> tuple:
+        """(W' - deq(W), n) of DoRA adapter ``name`` from its ``delta`` sBA: n = ‖deq(W) + sBA‖_row, W' = (m/n) ⊙
+        (deq(W) + sBA); W dequantized once."""
         w = self._dense()
         v = w + delta
-        g = self.lora_magnitude_vector[name].float() / torch.linalg.vector_norm(v, dim=1)
-        return g[:, None] * v - w
+        n = torch.linalg.vector_norm(v, dim=1)
+        return (self.lora_magnitude_vector[name].float() / n)[:, None] * v - w, n
 
     @torch.no_grad()
     def merge(self) -> None:
@@ -1365,9 +1371,8 @@ class QLoRALinear(FastLoRALinear):
         if not self.has_delta():
             raise RuntimeError("merge: no active adapter to merge (set_adapter first)")
         if self.is_dora():
-            n = torch.linalg.vector_norm(self._dense() + self.delta_weight(dora=False), dim=1)
-            assign_merged_weight(self.base_layer, merged_weight(self.base_layer, self.delta_weight(),
-                                                                round_to_weight=True))
+            delta, n = self._dora_delta(self._active, self.delta_weight(dora=False))
+            assign_merged_weight(self.base_layer, merged_weight(self.base_layer, delta, round_to_weight=True))
             self._dora_norm = n
         else:
             assign_merged_weight(self.base_layer, merged_weight(self.base_layer, self.delta_weight()))
