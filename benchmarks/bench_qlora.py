@@ -12,7 +12,9 @@ transformers flags it, so that PEFT takes its ``lora.bnb`` layers: bnb's matmul,
 ``dequant-addmm`` (Unsloth-style, written here: dequantize W with bitsandbytes into a temporary, one GEMM, the
 LoRA term by ``addmm_``; backward dequantizes again) and ``qlora`` (fastpeft's FastLoRALinear over the same
 bnb layer: the fused / dequant-pass kernels on CUDA, the PyTorch path on the CPU). Modes ``fwd`` and
-``fwd+bwd`` (dX, dA, dB), each with its peak memory on CUDA. Ratios are to ``linear``, measured in one run.
+``fwd+bwd`` (dX, dA, dB), each with its peak memory on CUDA; ``--modes eval`` adds serving (eval mode, no
+gradients: on the CPU, bitsandbytes' inference kernel under PEFT and fastpeft alike). Ratios are to ``linear``,
+measured in one run.
 ``--dropout p``: ``lora``, ``qlora`` and ``peft-bnb`` train with LoRA dropout p (``dequant-addmm`` has none:
 Unsloth's fast path needs p = 0). Without dropout, ``qlora`` and ``peft-bnb`` rows give their relative error
 against ``dequant-addmm`` (y and every gradient); with it every call draws its own mask.
@@ -149,9 +151,26 @@ def groups(m, k, n, r, quant, p, modes, ctx):
     # its own mask).
     checks = {name: "dequant-addmm" for name in ("qlora", "peft-bnb") if name in mods and p == 0.0}
     for mode in modes:
+        if mode == "eval":
+            yield _eval_group(k, n, r, quant, p, x.detach(), ctx)
+            continue
         yield Group({"mode": mode},
                     {name: harness.layer_step(mod, be, mode, x, dy) for name, (mod, be) in mods.items()},
                     checks=checks)
+
+
+def _eval_group(k, n, r, quant, p, x, ctx) -> Group:
+    """Serving: every provider in eval mode, no gradients, an input without grad. There PEFT's layer runs bnb's own
+    forward, which on a CPU with AVX512-BF16 repacks the weight for bnb's inference kernel (bf16); fastpeft's
+    QLoRA does the same (``fastpeft.quant.set_cpu_inference_kernel``), so ``qlora`` is checked against
+    ``peft-bnb`` (0 where both run that kernel), and ``peft-bnb`` against the exact ``dequant-addmm``."""
+    mods = providers(k, n, r, quant, ctx.device, ctx.dtype, ctx.kernels_ok, p)
+    for mod, _ in mods.values():
+        if isinstance(mod, nn.Module):
+            mod.eval()
+    checks = {"qlora": "peft-bnb", "peft-bnb": "dequant-addmm"} if "peft-bnb" in mods else {}
+    return Group({"mode": "eval"}, {name: harness.layer_step(mod, be, "fwd", x, None) for name, (mod, be) in
+                                    mods.items()}, grad=False, checks=checks)
 
 
 def cases(args, ctx) -> list:
@@ -173,7 +192,8 @@ COLUMNS = ([("quant", "base", "{}")] + harness.plain_columns("M", "K", "N", "r",
            + harness.VS_LINEAR_COLUMNS + harness.ERROR_COLUMNS)
 
 BENCHMARK = harness.linear_benchmark(
-    prog="fastpeft bench qlora", description=__doc__, add_arguments=add_arguments, cases=cases, columns=COLUMNS,
+    prog="fastpeft bench qlora", description=__doc__, extra_modes=("eval",), add_arguments=add_arguments, cases=cases,
+    columns=COLUMNS,
     title="QLoRA (bitsandbytes bases), {dtype}, ratios to frozen nn.Linear in the same run",
     plot_title="QLoRA ({dtype})",
     no_gpu="No GPU here: the QLoRA kernels need one (not measured on GPU). Timing fastpeft's PyTorch path against "

@@ -532,7 +532,8 @@ class Benchmark:
     """A bench script: ``add_arguments(parser, cuda)`` adds its own options (defaults for a GPU or not);
     ``cases(args, context)`` lists its ``Case``s; ``columns`` (key, header, format) make the table, titled
     ``title`` (``{dtype}`` filled in); ``baseline`` is the provider every ratio is to; ``modes`` the
-    ``--modes`` choices (all by default), none when empty; ``no_gpu`` is printed before a CPU-only run."""
+    ``--modes`` choices, none when empty, ``extra_modes`` more choices not run by default; ``no_gpu`` is printed
+    before a CPU-only run."""
     prog: str
     description: str
     add_arguments: Callable
@@ -543,6 +544,7 @@ class Benchmark:
     no_gpu: str
     baseline: str = "linear"
     modes: tuple = ()
+    extra_modes: tuple = ()
     plot_help: str = "bar chart of the ratios to the baseline"
     progress: str = "bench"
 
@@ -642,7 +644,8 @@ def main(benchmark: Benchmark, argv=None) -> list:
     benchmark.add_arguments(ap, cuda)
     ap.add_argument("--dtype", choices=["bfloat16", "float16", "float32"], default="bfloat16" if cuda else "float32")
     if benchmark.modes:
-        ap.add_argument("--modes", nargs="+", default=list(benchmark.modes), choices=list(benchmark.modes))
+        ap.add_argument("--modes", nargs="+", default=list(benchmark.modes),
+                        choices=list(benchmark.modes) + list(benchmark.extra_modes))
     add_output_args(ap, benchmark.plot_help)
     args = ap.parse_args(argv)
     device = "cuda" if cuda else "cpu"

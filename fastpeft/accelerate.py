@@ -50,8 +50,8 @@ from torch.nn.modules import module as _torch_module
 from .functional import dora_linear, lora_linear, lora_linear_multi, qlora_linear
 from .hf import _InstanceMethod
 from .ops.common import cast_params, held, kept_state, kept_transpose
-from .quant import (_bnb_class_name, call_buffer, conv1d_class, dequantize_weight, is_conv1d, kept_quantized_weight,
-                    own_forward)
+from .quant import (_bnb_class_name, bnb_cpu_serves, call_buffer, conv1d_class, dequantize_weight,
+                    guard_repacked_layers, is_conv1d, kept_quantized_weight, own_forward, unpack_for_grad)
 from .reference import tracing_or_transformed
 
 _KERNEL_OR_REF_DTYPES = (torch.float32, torch.float16, torch.bfloat16, torch.float64)
@@ -252,9 +252,11 @@ def _stacks(self, used: list, dev: torch.device) -> tuple:
 
 
 def _has_hooks(m: nn.Module) -> bool:
-    """Hooks, or a replaced ``forward`` (accelerate's ``add_hook_to_module``: device maps, offloading)."""
-    return bool(m._forward_hooks or m._forward_pre_hooks or m._backward_hooks or m._backward_pre_hooks
-                or "forward" in m.__dict__)
+    """Hooks, or a replaced ``forward`` (accelerate's ``add_hook_to_module``: device maps, offloading); not
+    fastpeft's own ``quant.unpack_for_grad`` (``guard_repacked_layers``), which fastpeft's path does itself."""
+    pre = m._forward_pre_hooks
+    return bool(m._forward_hooks or (pre and any(f is not unpack_for_grad for f in pre.values()))
+                or m._backward_hooks or m._backward_pre_hooks or "forward" in m.__dict__)
 
 
 _HAS_ANY_GLOBAL_HOOK = getattr(_torch_module, "_has_any_global_hook", None)
@@ -332,8 +334,7 @@ def runtime_fallback_reason(self, x, args=(), kwargs=None):
         return "input is not a tensor of at least one dim"
     qweight = None
     if quantized:
-        if x.device.type == "cpu" and getattr(base, "support_avx512bf16_for_cpu", False) and not base.training \
-                and not x.requires_grad:
+        if bnb_cpu_serves(base, x):
             # bnb's Linear4bit.forward repacks the weight here (absmax rounded to bf16) and computes with that.
             return "4-bit layer in eval mode on the CPU: bitsandbytes' own CPU inference kernel (repacked weight)"
         try:  # (a weight bnb's kernel repacked at such a call is unpacked here: quant.unpack_cpu_repacked)
@@ -640,6 +641,7 @@ def accelerate(model: nn.Module, strict: bool = False) -> AccelerateReport:
     reports = model.__dict__.setdefault("_fastpeft_report", [])  # every report handed out stays current
     _update_reports(reports, report, len(todo))
     reports.append(report)
+    guard_repacked_layers(model)  # (PEFT's own 4-bit layers unpack themselves: _quantized_weight)
     return report
 
 

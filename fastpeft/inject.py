@@ -29,7 +29,7 @@ from .methods import METHODS as OTHER_METHODS
 from .methods import TASK_HEADS, ParameterMethod
 from .methods import Method
 from .quant import (QuantizedWeight, assign_merged_weight, base_kind, conv1d_class, dequantized_linear,
-                    foreign_quant_library, is_conv1d, is_quantized, merged_weight, peft_numel)
+                    foreign_quant_library, guard_repacked_layers, is_conv1d, is_quantized, merged_weight, peft_numel)
 from .selection import SparseSpec
 
 BIAS_CHOICES = ("none", "all", "lora_only")
@@ -1126,6 +1126,7 @@ def inject(model: nn.Module, config, adapter_name: str = "default", plan=None, a
             warnings.warn(f"adapter {adapter_name!r} adapts {few(list(tied))}, whose weights are tied to "
                           f"{few(sum(tied.values(), []))}: merge() changes those too while merged (merge_and_unload "
                           "unties them, giving each its own merged copy)")
+    guard_repacked_layers(model, skip=[m.base_layer for m in model.modules() if isinstance(m, QLoRALinear)])
     return model
 
 

@@ -31,9 +31,9 @@ from .functional import (dora_linear, lora_linear, lora_linear_multi, lora_spars
 from .ops.common import (cast_params, held, kept_state, kept_transpose, optimizer_steps, outside_inference_mode,
                          tensor_version)
 from .ops.dora import weight_sq_norms
-from .quant import (QuantizedWeight, assign_merged_weight, base_kind, call_buffer, conv1d_class, dequantize_weight,
-                    is_conv1d, is_quantized, kept_quantized_weight, merged_weight)
-from .reference import dense_delta_ref, tracing_or_transformed, use_cpu_path
+from .quant import (QuantizedWeight, assign_merged_weight, base_kind, bnb_cpu_serves, call_buffer, conv1d_class,
+                    dequantize_weight, is_conv1d, is_quantized, kept_quantized_weight, merged_weight)
+from .reference import dense_delta_ref, multi_lora_add, tracing_or_transformed, use_cpu_path
 from .selection import SparseSpec
 
 
@@ -1301,9 +1301,29 @@ class QLoRALinear(FastLoRALinear):
     def _weight_sq_norm(self):
         return None  # the op computes ‖W‖² from the W dequantized for the call (no key: the workspace is shared)
 
+    def _serves(self, x: torch.Tensor) -> bool:
+        """Whether this call's base product is bnb's CPU inference kernel (``fastpeft.quant.bnb_cpu_serves``: an
+        eval-mode call on the CPU, as PEFT's layer makes it); the adapters' terms are then added to its output."""
+        return not self.training and bnb_cpu_serves(self._modules["base_layer"], x)
+
+    def _served(self, x: torch.Tensor, name: str) -> torch.Tensor:
+        """bnb's eval-mode CPU forward of x (..., in) (bias included) plus adapter ``name``'s ``s (x Aᵀ) Bᵀ``, as
+        PEFT's layer computes it there: in the adapters' dtype (fp32), then cast to the output's and added (eval:
+        no dropout); in place into bnb's fresh output where it is contiguous."""
+        y = self._modules["base_layer"](x)
+        a, b = self._pair(name)
+        u = x.reshape(-1, x.shape[-1]).to(a.dtype) @ a.t()
+        s = self._specs[name].scaling
+        if y.is_contiguous() and y.dtype == b.dtype:
+            y.view(-1, y.shape[-1]).addmm_(u, b.t(), alpha=s)
+            return y
+        return (y.reshape(-1, y.shape[-1]) + torch.mm(u, b.t()).mul_(s).to(y.dtype)).view(y.shape)
+
     def _base_forward(self, x: torch.Tensor, qw: QuantizedWeight | None = None) -> torch.Tensor:
-        """x deq(W)^T + b with W dequantized for this call (not bnb's forward: on the CPU in eval mode it repacks
-        the weight in place into a layout of its own); autograd saves W only for dX (x requires grad)."""
+        """x deq(W)^T + b with W dequantized for this call, or bnb's own forward where it runs its CPU inference
+        kernel (``_serves``); autograd saves W only for dX (x requires grad)."""
+        if qw is None and self._serves(x):
+            return self._modules["base_layer"](x)
         qw = self.quantized_weight() if qw is None else qw
         cdt = qw.compute_dtype_for(x)
         b = self.bias
@@ -1320,6 +1340,8 @@ class QLoRALinear(FastLoRALinear):
             if self._active is None:
                 return self._base_forward(x)
             s = self._specs[self._active]
+            if not s.use_dora and self._serves(x):  # (QDoRA's norm needs deq(W): its own path)
+                return self._served(x, self._active)
             qw = self.quantized_weight()
             cdt = qw.compute_dtype_for(x)
             a, b, bias = self._compute_copies(cdt, *self._pair(self._active))
@@ -1334,6 +1356,15 @@ class QLoRALinear(FastLoRALinear):
         ids = expand_adapter_ids(adapter_ids, x, len(self._specs), check_range=routing is None)
         if not self._specs:
             return self._base_forward(x)
+        if self._serves(x):  # eval on the CPU: bnb's kernel for x Wᵀ + b, each row's adapter added to it
+            stack_a, stack_b = self._forward_stacks(routing, ids)  # (the adapters' dtype: fp32, as PEFT's terms)
+            y = self._modules["base_layer"](x)
+            y2 = y.reshape(-1, y.shape[-1])
+            scalings, ranks, _ = self._adapter_meta(x.device)
+            acc = y2 if y2.dtype == stack_a.dtype else y2.new_zeros(y2.shape, dtype=stack_a.dtype)
+            acc = multi_lora_add(acc, x.reshape(-1, x.shape[-1]).to(stack_a.dtype), stack_a, stack_b, scalings,
+                                 ids, ranks)
+            return (acc if acc.dtype == y.dtype else y2 + acc.to(y.dtype)).view(y.shape)
         qw = self.quantized_weight()
         cdt = qw.compute_dtype_for(x)
         w = dequantize_weight(qw, cdt, out=call_buffer(qw, cdt, saved=torch.is_grad_enabled()))  # multi saves W

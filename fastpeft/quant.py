@@ -31,6 +31,7 @@ flat layout above is the quantizer's and bnb's CUDA / default-backend dequantize
 from __future__ import annotations
 
 import ctypes as ct
+import functools
 import importlib
 import importlib.util
 import operator
@@ -89,7 +90,12 @@ _FOREIGN = (
 def _bnb_class_name(module: nn.Module) -> str | None:
     """``"Linear4bit"`` / ``"Linear8bitLt"`` for bitsandbytes' layers (and their subclasses: LinearNF4,
     LinearFP4), else None. By module path, so that bitsandbytes is not imported for a plain model."""
-    for cls in type(module).__mro__:
+    return _bnb_class_of(type(module))
+
+
+@functools.lru_cache(maxsize=None)
+def _bnb_class_of(module_type: type) -> str | None:
+    for cls in module_type.__mro__:
         if cls.__module__.startswith("bitsandbytes") and cls.__name__ in ("Linear4bit", "Linear8bitLt"):
             return cls.__name__
     return None
@@ -274,6 +280,50 @@ class QuantizedWeight:
         return self.compute_dtype if self.compute_dtype is not None else x.dtype
 
 
+_CPU_KERNEL = [True]  # set_cpu_inference_kernel's switch (a list: one object, read at every call)
+
+
+def set_cpu_inference_kernel(enabled: bool) -> bool:
+    """Whether the eval-mode calls of a bitsandbytes layer on the CPU run bitsandbytes' own inference path, as
+    PEFT's layers do (``True``, the default), or fastpeft's exact dequantize + GEMM (``False``); returns the
+    previous setting. Process-wide; the layers fastpeft does not wrap always run bnb's own forward.
+
+    bnb's path is its layer's forward in eval mode on an input without requires_grad: for a ``Linear4bit``, on a
+    CPU with AVX512-BF16, a kernel reading a copy of the weight repacked in place into a layout of its own (block
+    scales rounded to bf16, kept when fastpeft unpacks it for training) and computing in bf16; for a
+    ``Linear8bitLt``, an int8 x int8 product of the input quantized per row. The outputs are PEFT + bitsandbytes'
+    bit for bit, ~2e-3 (4-bit) and ~6e-3 (int8) relative off the exact product, and faster on a CPU
+    (``fastpeft bench qlora --modes eval``; README). ``False`` keeps every call exact (the training path's numbers)
+    and the stored weight as it is."""
+    if not isinstance(enabled, bool):
+        raise TypeError(f"set_cpu_inference_kernel's enabled must be a bool, got {enabled!r} "
+                        f"({type(enabled).__name__})")
+    prev, _CPU_KERNEL[0] = _CPU_KERNEL[0], enabled
+    return prev
+
+
+def bnb_cpu_serves(module: nn.Module, x: torch.Tensor) -> bool:
+    """Whether bnb's own forward of ``module`` runs ``x`` on its CPU inference path (its own condition: eval mode,
+    x on the CPU without requires_grad; for a 4-bit layer, AVX512-BF16) and fastpeft lets it
+    (``set_cpu_inference_kernel``): not while torch.compile traces or torch.func transforms (the 4-bit kernel swaps
+    the weight's data in place), and not for 4-bit shapes bnb's repacking asserts on (out a multiple of 32, in of
+    the block size), which fastpeft computes itself instead of failing as bnb does."""
+    if not _CPU_KERNEL[0] or x.device.type != "cpu" or module.training or x.requires_grad or tracing_or_transformed():
+        return False
+    kind = _bnb_class_name(module)
+    if kind == "Linear8bitLt":
+        return True
+    if kind != "Linear4bit" or not module.__dict__.get("support_avx512bf16_for_cpu", False):
+        return False
+    qs = getattr(module.weight, "quant_state", None)
+    if qs is None:
+        return False
+    if getattr(qs, "packing_format_for_cpu", False):
+        return True
+    shape = tuple(getattr(qs, "shape", ()))
+    return len(shape) == 2 and shape[0] % 32 == 0 and shape[1] % max(2, int(qs.blocksize)) == 0
+
+
 _NO_TORCH_FUNCTION = torch._C.DisableTorchFunctionSubclass  # bnb's Params4bit overrides it: 1.5 µs a method
 
 
@@ -294,6 +344,47 @@ def unpack_cpu_repacked(module: nn.Module) -> None:
             w.quant_state.absmax = absmax.t().reshape(-1).float()  # blocks again (bnb's own forward then reads it)
         if getattr(module, "quant_state", None) is not None:
             module.quant_state = w.quant_state
+
+
+def unpack_for_grad(module: nn.Module, args) -> None:
+    """Forward pre-hook of a bnb ``Linear4bit`` (``guard_repacked_layers``): a weight bnb repacked for its CPU
+    inference kernel is unpacked before a call in train mode or on an input that requires grad. bnb keeps the
+    repacked weight and runs every later call on that kernel, which has no backward: the input's gradient is
+    silently dropped (a bias makes it raise instead). Removes itself once the weight is on another device."""
+    if torch.compiler.is_compiling():
+        return
+    w = module._parameters.get("weight")
+    if w is None or w.device.type != "cpu":
+        hooks = module._forward_pre_hooks
+        for key in [k for k, f in hooks.items() if f is unpack_for_grad]:
+            del hooks[key]
+        return
+    qs = w.__dict__.get("quant_state")
+    if qs is None or not qs.__dict__.get("packing_format_for_cpu", False):
+        return
+    x = args[0] if args else None
+    if module.training or (torch.is_grad_enabled() and isinstance(x, torch.Tensor) and x.requires_grad):
+        unpack_cpu_repacked(module)
+
+
+def guard_repacked_layers(model: nn.Module, skip=()) -> int:
+    """Give every bnb ``Linear4bit`` of ``model`` on a CPU bnb repacks for (AVX512-BF16), except the modules in
+    ``skip``, the pre-hook ``unpack_for_grad`` (once); returns how many got it. Without it, one eval-mode call
+    of a 4-bit model (an evaluation before training, a generate) leaves the layers fastpeft does not wrap passing
+    no gradient to their inputs in training: with LoRA on q_proj / v_proj only (PEFT's default for Llama), o_proj
+    drops every gradient and no adapter trains (PEFT + bitsandbytes: every LoRA gradient None; seen 2026-12-01,
+    bitsandbytes 0.50.2). ``inject`` and ``accelerate`` call it."""
+    skip = {id(m) for m in skip}
+    n = 0
+    for m in model.modules():
+        if id(m) in skip or _bnb_class_name(m) != "Linear4bit" or not m.__dict__.get("support_avx512bf16_for_cpu"):
+            continue
+        w = m._parameters.get("weight")
+        if w is None or w.device.type != "cpu" or unpack_for_grad in m._forward_pre_hooks.values():
+            continue
+        m.register_forward_pre_hook(unpack_for_grad)
+        n += 1
+    return n
 
 
 def kept_quantized_weight(module: nn.Module, kept) -> tuple:

@@ -854,6 +854,26 @@ def test_4bit_eval_on_cpu_follows_bnb():
             assert_close_report(got, peft.tuners.lora.bnb.Linear4bit.forward(layer, xg), RTOL, ATOL, "unpacked")
 
 
+def test_4bit_eval_on_cpu_without_bnbs_kernel_runs_fastpeft():
+    """``fastpeft.quant.set_cpu_inference_kernel(False)``: the eval-mode, no-grad call bnb would run on its CPU
+    kernel runs fastpeft's op instead, exactly (the train-mode numbers), and the weight is not repacked."""
+    model = quantized_model(target_modules=["a"])
+    fastpeft.accelerate(model)
+    layer = model.base_model.model.a
+    x = torch.randn(4, 64)
+    with torch.no_grad():
+        want = layer(x)
+    prev = fastpeft.quant.set_cpu_inference_kernel(False)
+    try:
+        with torch.no_grad():
+            got = layer.eval()(x)
+    finally:
+        fastpeft.quant.set_cpu_inference_kernel(prev)
+    assert layer._fastpeft_calls == {"fastpeft": 2}
+    assert not getattr(layer.base_layer.weight.quant_state, "packing_format_for_cpu", False)
+    assert_close_report(got, want, 0, 0, "eval, no grad, bnb's kernel off")
+
+
 # ---------------------------------------------------------------------------------------------------------
 # The kept QuantizedWeight (4-bit) and DoRA norm follow every change at the next call
 # ---------------------------------------------------------------------------------------------------------

@@ -1019,6 +1019,8 @@ QLORA_CASES = [
         ("x's last dim", "in_features=128", "got 100"), _bnb4),
     Bad("qlora-merge-requantize-impossible", _merge_without_a_quantizer, RuntimeError,
         ("'proj'", "cannot requantize", "unchanged", "dequantize=True"), _bnb4),
+    Bad("qlora-cpu-inference-kernel-not-a-bool", lambda m: _cpu_kernel_switch("no"), TypeError,
+        ("set_cpu_inference_kernel's enabled", "must be a bool", "'no'"), _bnb4),
     # -- dequantize_weight(out=): the caller's buffer (the workspace's) is checked before anything is written
     Bad("dequantize-out-too-small", lambda m: _dequantize_into(m, torch.empty(100)), ValueError,
         ("out must be", "torch.float32", "6144 elements", "(100,)"), _bnb4),
@@ -1027,6 +1029,16 @@ QLORA_CASES = [
     Bad("dequantize-out-not-contiguous", lambda m: _dequantize_into(m, torch.empty(2, 6144).t()), ValueError,
         ("out must be", "contiguous", "(6144, 2)"), _bnb4),
 ]
+
+
+def _cpu_kernel_switch(value):
+    from fastpeft.quant import _CPU_KERNEL, set_cpu_inference_kernel
+
+    before = _CPU_KERNEL[0]
+    try:
+        set_cpu_inference_kernel(value)
+    finally:
+        assert _CPU_KERNEL[0] is before  # refused before the switch moved
 
 
 def _dequantize_into(m, out):

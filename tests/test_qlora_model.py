@@ -229,6 +229,14 @@ def test_bench_qlora_table_and_its_providers_agree(tmp_path, capsys):
         for p in ("linear", "lora", "peft-bnb", "dequant-addmm", "qlora") for m in ("fwd", "fwd+bwd")}
     # checked against dequantize + GEMM without dropout only (with it each call draws its own mask)
     assert {r["p"] for r in rows if r["provider"] == "qlora" and r.get("err_vs")} == {0.0}
+    assert main(["bench", "qlora", "--tokens", "3", "--shapes", "128x64", "--ranks", "4", "--warmup-ms", "1",
+                 "--rep-ms", "2", "--quant", "nf4", "int8", "--modes", "eval", "--quiet", "--json", str(js)]) == 0
+    rows = json.loads(js.read_text())["rows"]
+    assert {(r["quant"], r["provider"], r["mode"]) for r in rows} == {
+        (q, p, "eval") for q in ("nf4", "int8") for p in ("linear", "lora", "peft-bnb", "dequant-addmm", "qlora")}
+    served = {r["quant"]: r for r in rows if r["provider"] == "qlora"}
+    assert {r["err_vs"] for r in served.values()} == {"peft-bnb"}
+    assert served["int8"]["rel_err"] == 0  # bnb's int8 serving path under both (the 4-bit one needs AVX512-BF16)
     bq = _bench_module("bench_qlora")
     mods = bq.providers(128, 64, 4, "nf4", "cpu", torch.float32, False, 0.1)
     assert mods["qlora"][0].lora_dropout == 0.1 and mods["lora"][0].lora_dropout == 0.1
@@ -528,3 +536,148 @@ def test_accelerate_runs_peft_s_qdora_layers_with_peft_s_numbers(checkpoint):
         if p.requires_grad:
             assert_close_report(p.grad, theirs[n].grad, rtol=1e-4, atol=1e-7, what=n)
     assert report.calls().get("fastpeft", 0) > 0
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Eval mode on the CPU: bnb's inference kernel, as PEFT + bitsandbytes (fastpeft.quant.set_cpu_inference_kernel)
+# ---------------------------------------------------------------------------------------------------------
+def _repacked(model) -> list:
+    return [n for n, m in model.named_modules()
+            if getattr(getattr(getattr(m, "weight", None), "quant_state", None), "packing_format_for_cpu", False)]
+
+
+def _serving_pair(checkpoint, dtype=None, bits=4):
+    """PEFT + bitsandbytes and fastpeft on the same NF4 (or int8) model, two adapters each with the same factors."""
+    theirs, ours = peft_lora(load(checkpoint, bits, dtype)), load(checkpoint, bits, dtype)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        theirs.add_adapter("b", peft.LoraConfig(r=8, lora_alpha=4, target_modules=["q_proj"], init_lora_weights=False))
+    fastpeft.inject(ours, fastpeft.LoraConfig(r=4, lora_alpha=8, target_modules=TARGETS))
+    fastpeft.inject(ours, fastpeft.LoraConfig(r=8, lora_alpha=4, target_modules=["q_proj"]), adapter_name="b")
+    fastpeft.set_adapter(ours, "default")
+    layers = {n[len("base_model.model."):]: m for n, m in theirs.named_modules()
+              if isinstance(m, peft.tuners.lora.LoraLayer)}
+    with torch.no_grad():
+        for n, layer in fastpeft.lora_layers(ours).items():
+            for name in layer.adapter_names:
+                layer.lora_A_adapters[name].copy_(layers[n].lora_A[name].weight)
+                layer.lora_B_adapters[name].copy_(layers[n].lora_B[name].weight)
+    return theirs.eval(), ours.eval()
+
+
+@pytest.mark.parametrize("bits,dtype", [(4, None), (4, torch.bfloat16), (8, None)], ids=["nf4-fp32", "nf4-bf16",
+                                                                                        "int8"])
+def test_eval_on_the_cpu_gives_peft_bitsandbytes_logits(checkpoint, bits, dtype):
+    """An eval-mode call on the CPU (no grad on the input) runs the base product on bitsandbytes' inference path,
+    as PEFT's layer does (4-bit: bnb repacks the weight, absmax in bf16, where the CPU has AVX512-BF16; int8: the
+    input quantized to int8), and adds each adapter's term as PEFT does (fp32, cast to the output's dtype): the
+    logits are PEFT's bit for bit, one adapter or a mixed batch (PEFT's ``adapter_names``). Before 2026-12-01
+    fastpeft computed the exact product there, ~2e-3 (int8 ~6e-3) off PEFT, 4-bit 2.5-3x slower on this CPU and
+    int8 up to 7.8x at 4096²."""
+    theirs, ours = _serving_pair(checkpoint, dtype, bits)
+    x, names = ids(3), ["b", "default"]
+    with torch.no_grad():
+        want, got = theirs(input_ids=x).logits, ours(input_ids=x).logits
+        want_mixed = theirs(input_ids=x, adapter_names=names).logits
+        with fastpeft.mixed_batch(ours, names):
+            got_mixed = ours(input_ids=x).logits
+    serves = bits == 8 or bool(_repacked(theirs))
+    assert bool(_repacked(ours)) == bool(_repacked(theirs))  # fastpeft lets bnb repack exactly where PEFT does
+    exact = 0 if serves else 1e-5  # (without AVX512-BF16 both dequantize: the same values, other sums)
+    assert_close_report(got, want, atol=exact, rtol=exact)
+    assert_close_report(got_mixed, want_mixed, atol=exact, rtol=exact)
+    assert (got_mixed - got).abs().max() > 1e-3  # the routed rows did run another adapter
+
+
+@pytest.mark.parametrize("bits", [4, 8], ids=["nf4-nested", "int8"])
+def test_cpu_inference_kernel_switch_keeps_eval_exact(checkpoint, bits):
+    """``set_cpu_inference_kernel(False)``: fastpeft's layers dequantize W exactly in eval mode too (the training
+    path's numbers) and leave their stored weights as they are (the layers fastpeft does not wrap are bnb's own
+    forward); switching back gives bnb's kernel and PEFT's logits again. Training after eval reads the repacked
+    weights unpacked, within the bf16 rounding of their absmax."""
+    theirs, ours = _serving_pair(checkpoint, bits=bits)
+    layers = fastpeft.lora_layers(ours)
+    x = ids(4)
+    with torch.no_grad():
+        ours.train()
+        torch.manual_seed(0)
+        xs = {n: torch.randn(5, layer.in_features) for n, layer in layers.items()}
+        want = {n: layer(xs[n]) for n, layer in layers.items()}
+        train_logits = ours(input_ids=x).logits
+        ours.eval()
+        prev = fastpeft.quant.set_cpu_inference_kernel(False)
+        try:
+            ours(input_ids=x)
+            assert not set(_repacked(ours)) & {f"{n}.base_layer" for n in layers}
+            for n, layer in layers.items():
+                assert_close_report(layer(xs[n]), want[n], atol=0, rtol=0, what=n)
+        finally:
+            assert fastpeft.quant.set_cpu_inference_kernel(prev) is False
+        served, peft_logits = ours(input_ids=x).logits, theirs(input_ids=x).logits
+        if bits == 8 or _repacked(theirs):
+            assert torch.equal(served, peft_logits)
+            assert (served - train_logits).abs().max() > 1e-4  # (bnb's path is not the exact product)
+        if _repacked(theirs):
+            assert set(_repacked(ours)) >= {f"{n}.base_layer" for n in layers}
+        ours.train()
+        back = ours(input_ids=x).logits
+        assert not set(_repacked(ours)) & {f"{n}.base_layer" for n in layers}
+    assert_close_report(back, train_logits, atol=2e-2, rtol=2e-2)
+
+
+def test_cpu_kernel_is_skipped_where_bnb_cannot_repack():
+    """bnb's repacking asserts out_features % 32 == 0 (PEFT + bitsandbytes fails there in eval mode on such a
+    CPU): fastpeft computes those layers itself, the weight left as it is."""
+    lin = nn.Linear(64, 48)
+    layer = bnb.nn.Linear4bit(64, 48, compute_dtype=torch.float32, quant_type="nf4")
+    layer.weight = bnb.nn.Params4bit(lin.weight.data, requires_grad=False, quant_type="nf4", module=layer)
+    layer.bias = nn.Parameter(lin.bias.data.clone(), requires_grad=False)
+    layer = layer.to("cpu")  # (bnb quantizes at the move)
+    q = fastpeft.FastLoRALinear.from_linear(layer, r=4, lora_alpha=8, init_lora_weights=False)
+    x = torch.randn(3, 64)
+    with torch.no_grad():
+        want = q.train()(x)
+        got = q.eval()(x)
+    assert not getattr(layer.weight.quant_state, "packing_format_for_cpu", False)
+    assert_close_report(got, want, atol=0, rtol=0)
+
+
+@pytest.mark.parametrize("via", ["inject", "accelerate"])
+def test_training_after_an_eval_call_reaches_every_adapter(checkpoint, via):
+    """One eval-mode call (an evaluation before training, a generate) makes bitsandbytes repack every 4-bit layer
+    for its CPU kernel and keep it so: later training calls of the layers LoRA does not wrap run that kernel, which
+    has no backward, and drop their input's gradient. With LoRA on q_proj / v_proj only, o_proj then stops every
+    gradient: PEFT + bitsandbytes' LoRA gradients are all None, and fastpeft's were 0 before 2026-12-01. Now
+    ``inject`` / ``accelerate`` give those layers a pre-hook that unpacks the weight first: the gradients are
+    those of a model never run in eval, to the bf16 rounding of the repacked block scales."""
+    def build():
+        m = load(checkpoint)
+        torch.manual_seed(0)
+        if via == "inject":
+            return fastpeft.inject(m, fastpeft.LoraConfig(r=4, target_modules=["q_proj", "v_proj"],
+                                                          init_lora_weights=False))
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            m = peft.get_peft_model(m, peft.LoraConfig(r=4, target_modules=["q_proj", "v_proj"],
+                                                       init_lora_weights=False))
+        fastpeft.accelerate(m)
+        return m
+
+    def grads(m):
+        m.train()
+        m(input_ids=x, labels=x).loss.backward()
+        return {n: p.grad for n, p in m.named_parameters() if p.requires_grad}
+
+    x = ids(8)
+    want = grads(build())
+    model = build().eval()
+    with torch.no_grad():
+        model(input_ids=x)
+    if not _repacked(model):
+        pytest.skip("this CPU has no AVX512-BF16: bitsandbytes does not repack")
+    got = grads(model)
+    assert set(got) == set(want) and len(got) == 8
+    for n in want:
+        assert got[n] is not None and got[n].abs().max() > 0, n
+        assert_close_report(got[n], want[n], atol=2e-2 * want[n].abs().max().item(), rtol=2e-2, what=n)
+    assert not _repacked(model)
