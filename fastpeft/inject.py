@@ -746,7 +746,8 @@ class LoraMethod(Method):
                              "base weights (or train under another rule) and cannot be loaded onto the original model "
                              f"here; loadable: {_LOADABLE_INITS}")
         kwargs = {k: d[k] for k in _CONFIG_FIELDS + _SPARSE_LORA_FIELDS if k in d and d[k] is not None}
-        kwargs.pop("init_lora_weights", None)
+        if init == "eva":  # (the file's factors are loaded; an adapter made from this config, add_weighted_adapter's,
+            kwargs.pop("init_lora_weights", None)  # gets the default init: fastpeft cannot run EVA's)
         return self.construct(kwargs, path)
 
     def _keys(self, model: nn.Module, config, adapter_name: str, layers: dict) -> dict:
@@ -1350,12 +1351,33 @@ def mixed_batch(model: nn.Module, adapter_names, rows_per_sequence: int = 1):
                 m.set_routing(*previous_state)
 
 
-COMBINATIONS = ("svd", "linear", "cat")
+# PEFT's combination types: the factor-wise ones (A and B merged apart, equal ranks), the ones merging ΔW_i then
+# truncating by SVD, and "cat"; the ties / dare / magnitude-prune merges are peft.utils.merge_utils' own functions.
+FACTOR_WISE = ("linear", "ties", "dare_linear", "dare_ties", "magnitude_prune")
+THROUGH_SVD = ("svd", "ties_svd", "dare_linear_svd", "dare_ties_svd", "magnitude_prune_svd")
+COMBINATIONS = ("svd", "linear", "cat") + FACTOR_WISE[1:] + THROUGH_SVD[1:]
+_MERGE_FN = {"ties": "ties", "dare_linear": "dare_linear", "dare_ties": "dare_ties", "magnitude_prune": "magnitude_prune"}
+SIGN_METHODS = ("total", "frequency")
+
+
+def _merge_fn(how: str):
+    """peft.utils.merge_utils' function for combination type ``how`` (``ties_svd`` -> ``ties``), and whether it takes
+    ``majority_sign_method``; ``None`` for the plain weighted sums fastpeft computes itself."""
+    name = _MERGE_FN.get(how.removesuffix("_svd"))
+    if name is None:
+        return None, False
+    try:
+        from peft.utils import merge_utils
+    except ImportError as e:
+        raise ImportError(f"combination_type={how!r} runs PEFT's own merge (peft.utils.merge_utils): pip install "
+                          "peft") from e
+    return getattr(merge_utils, name), name in ("ties", "dare_ties")
 
 
 def add_weighted_adapter(model: nn.Module, adapters: list, weights: list, adapter_name: str,
                          combination_type: str = "svd", svd_rank: int | None = None,
-                         svd_clamp: float | None = None) -> None:
+                         svd_clamp: float | None = None, density: float | None = None,
+                         majority_sign_method: str = "total") -> None:
     """PEFT's ``add_weighted_adapter``: a new LoRA adapter ``adapter_name`` combining ``adapters`` (LoRA adapters of
     the model) with ``weights``, on every layer any of them adapts; added frozen and inactive (``set_adapter`` it).
 
@@ -1363,11 +1385,18 @@ def add_weighted_adapter(model: nn.Module, adapters: list, weights: list, adapte
       ΔW = Σ w_i ΔW_i exactly;
     - ``"linear"``: equal ranks; A = Σ sign·√|w_i s_i| A_i, B = Σ √|w_i s_i| B_i (an approximation of Σ w_i ΔW_i);
     - ``"svd"`` (default, as PEFT): Σ w_i ΔW_i in fp32, truncated to ``svd_rank`` (default: the largest rank) by
-      SVD, B = U S, A = Vᴴ; ``svd_clamp``: the quantile at which entries of both are clamped.
+      SVD, B = U S, A = Vᴴ; ``svd_clamp``: the quantile at which entries of both are clamped;
+    - ``"ties"``, ``"dare_linear"``, ``"dare_ties"``, ``"magnitude_prune"``: as ``"linear"`` (equal ranks, weights
+      sign·√|w_i s_i| on the A_i and √|w_i s_i| on the B_i), the A_i and the B_i each merged by PEFT's function of
+      that name (``peft.utils.merge_utils``: prune each to ``density``, by magnitude or at random (dare, rescaled),
+      ties keeping the entries of the majority sign by ``majority_sign_method``); ``"ties_svd"``,
+      ``"dare_linear_svd"``, ``"dare_ties_svd"``, ``"magnitude_prune_svd"``: the same merge of the w_i, ΔW_i (in
+      PEFT's orientation), then truncated by SVD as ``"svd"``. The dare types draw from torch's global generator
+      in PEFT's order: under the same seed they give PEFT's adapter.
 
     Its config is the first adapter's with r = lora_alpha = the new rank (scaling 1; use_rslora kept, as PEFT does)
     on the layers named in full; modules_to_save copies and trainable tokens are not combined. DoRA and RoSA adapters
-    are refused. PEFT's other types (ties, dare, magnitude_prune) are not implemented. Checked before any change."""
+    are refused. Checked before any change."""
     configs = adapter_configs(model)
     if not isinstance(adapters, (list, tuple)) or not adapters:
         raise TypeError(f"adapters must be a non-empty list of adapter names, got {adapters!r}")
@@ -1380,6 +1409,14 @@ def add_weighted_adapter(model: nn.Module, adapters: list, weights: list, adapte
     if adapter_name in configs:
         raise ValueError(f"adapter {adapter_name!r} already exists in the model (adapters {list(configs)})")
     check_choice(combination_type, COMBINATIONS, "combination_type")
+    check_choice(majority_sign_method, SIGN_METHODS, "majority_sign_method")
+    if combination_type.removesuffix("_svd") in _MERGE_FN:
+        if density is None:
+            raise ValueError(f"combination_type={combination_type!r} needs density (the fraction of entries kept, in "
+                             "[0, 1]), got None")
+        if not 0.0 <= check_finite_number(density, "density") <= 1.0:
+            raise ValueError(f"density must be in [0, 1] (the fraction of entries kept), got {density!r}")
+        _merge_fn(combination_type)  # (peft importable)
     odd = [n for n in adapters if not isinstance(configs[n], LoraConfig) or configs[n].use_dora
            or configs[n].sparse is not None]
     if odd:
@@ -1389,12 +1426,13 @@ def add_weighted_adapter(model: nn.Module, adapters: list, weights: list, adapte
     ranks = {a: max([configs[a].r, *configs[a].rank_pattern.values()]) for a in adapters}
     if len(adapters) == 1:
         combination_type = "linear"  # PEFT's rule for one adapter
-    if combination_type == "linear" and len(set(ranks.values())) != 1:
-        raise ValueError(f"combination_type='linear' needs adapters of one rank, got {ranks}; use 'cat' or 'svd'")
+    if combination_type in FACTOR_WISE and len(set(ranks.values())) != 1:
+        raise ValueError(f"combination_type={combination_type!r} needs adapters of one rank, got {ranks}; use 'cat' "
+                         "or an '_svd' type")
     if combination_type == "cat":
         rank = sum(ranks.values())
     else:
-        rank = max(ranks.values()) if combination_type == "linear" or svd_rank is None else \
+        rank = max(ranks.values()) if combination_type in FACTOR_WISE or svd_rank is None else \
             check_rank(svd_rank, "svd_rank")
     if svd_clamp is not None and not 0.0 < check_finite_number(svd_clamp, "svd_clamp") <= 1.0:
         raise ValueError(f"svd_clamp must be a quantile in (0, 1], got {svd_clamp!r}")
@@ -1404,9 +1442,13 @@ def add_weighted_adapter(model: nn.Module, adapters: list, weights: list, adapte
     config = replace(configs[adapters[0]], r=rank, lora_alpha=rank, target_modules=sorted(layers), exclude_modules=None,
                      rank_pattern={}, alpha_pattern={}, modules_to_save=None, trainable_token_indices=None,
                      layers_to_transform=None, layers_pattern=None, task_type=None, inference_mode=False)
-    factors = {n: _padded(*_combined(m, adapters, weights, combination_type, rank, svd_clamp), rank, n)
-               for n, m in layers.items()}
+    how = (combination_type, rank, svd_clamp, density, majority_sign_method)
+    random = combination_type.startswith("dare")
+    with torch.random.fork_rng(devices=[]) if random else contextlib.nullcontext():  # (a check: no draw is kept)
+        factors = {n: _padded(*_combined(m, adapters, weights, *how), rank, n) for n, m in layers.items()}
     inject(model, config, adapter_name, activate=False)
+    if random:  # drawn again after the new adapter's initial draws, layer by layer, as PEFT draws them
+        factors = {n: _padded(*_combined(m, adapters, weights, *how), rank, n) for n, m in layers.items()}
     with torch.no_grad():
         for n, (a, b) in factors.items():
             pa, pb = model.get_submodule(n).adapter_parameters(adapter_name)
@@ -1426,11 +1468,14 @@ def _padded(a: torch.Tensor, b: torch.Tensor, rank: int, name: str) -> tuple:
 
 
 @torch.no_grad()
-def _combined(layer, adapters: list, weights: list, how: str, rank: int, clamp) -> tuple:
+def _combined(layer, adapters: list, weights: list, how: str, rank: int, clamp, density=None,
+              sign_method="total") -> tuple:
     """(A (rank, in), B (out, rank)) of ``add_weighted_adapter`` on one layer, in fp32, from the adapters it holds."""
     held = [(a, w) for a, w in zip(adapters, weights) if a in layer.adapter_names]
     pairs = {a: tuple(p.detach().float() for p in layer.adapter_parameters(a)) for a, _ in held}
     scale = {a: layer.adapter_spec(a).scaling for a, _ in held}
+    fn, signed = _merge_fn(how)
+    extra = (density, sign_method) if signed else (density,)
     if how == "cat":
         a_new = torch.zeros(rank, layer.in_features, device=layer.weight.device)
         b_new = torch.zeros(layer.out_features, rank, device=layer.weight.device)
@@ -1441,16 +1486,27 @@ def _combined(layer, adapters: list, weights: list, how: str, rank: int, clamp) 
             b_new[:, at:at + r] = pairs[a][1]
             at += r
         return a_new, b_new
-    if how == "linear":
+    if how in FACTOR_WISE:
         if len({pairs[a][0].shape[0] for a, _ in held}) > 1:
             found = {a: pairs[a][0].shape[0] for a, _ in held}
-            raise ValueError(f"combination_type='linear' needs one rank per layer; the adapters' ranks differ at a "
-                             f"layer ({found}, rank_pattern): use 'cat' or 'svd'")
+            raise ValueError(f"combination_type={how!r} needs one rank per layer; the adapters' ranks differ at a "
+                             f"layer ({found}, rank_pattern): use 'cat' or an '_svd' type")
         ws = [w * scale[a] for a, w in held]
-        a_new = sum(math.copysign(math.sqrt(abs(v)), v) * pairs[a][0] for (a, _), v in zip(held, ws))
-        b_new = sum(math.sqrt(abs(v)) * pairs[a][1] for (a, _), v in zip(held, ws))
-        return a_new, b_new
-    delta = sum(w * scale[a] * (pairs[a][1] @ pairs[a][0]) for a, w in held)
+        wa = [math.sqrt(abs(v)) * (1 if v >= 0 else -1) for v in ws]  # the sign on A only
+        wb = [math.sqrt(abs(v)) for v in ws]
+        if fn is None:
+            return (sum(c * pairs[a][0] for (a, _), c in zip(held, wa)),
+                    sum(c * pairs[a][1] for (a, _), c in zip(held, wb)))
+        return tuple(fn([pairs[a][i] for a, _ in held], torch.tensor(c, device=pairs[held[0][0]][i].device), *extra)
+                     for i, c in ((0, wa), (1, wb)))
+    if fn is None:
+        delta = sum(w * scale[a] * (pairs[a][1] @ pairs[a][0]) for a, w in held)
+    else:  # ΔW_i as PEFT's get_delta_weight orients it: (in, out) for a Conv1D or an embedding
+        flip = layer.fan_in_fan_out or isinstance(layer, FastLoRAEmbedding)
+        deltas = [scale[a] * (pairs[a][1] @ pairs[a][0]) for a, _ in held]
+        delta = fn([d.t() for d in deltas] if flip else deltas,
+                   torch.tensor([w for _, w in held], device=deltas[0].device), *extra)
+        delta = delta.t() if flip else delta
     u, s, vh = torch.linalg.svd(delta, full_matrices=True)
     u, vh = u[:, :rank] @ torch.diag(s[:rank]), vh[:rank]
     if clamp is not None:  # PEFT's: one quantile over both factors' entries

@@ -139,10 +139,21 @@ def test_mixed_batch_training_leaves_unrouted_adapters_without_gradients():
     assert not any(torch.equal(p, q) for p, q in zip(params["a"], before["a"]))
 
 
-@pytest.mark.parametrize("how, rank_b", [("cat", 8), ("svd", 8), ("linear", 4)])
-def test_add_weighted_adapter_as_peft(tmp_path, how, rank_b):
-    """PEFT's add_weighted_adapter (cat, svd, linear) on the same adapters (one also on the embeddings, the other on
-    other layers, negative weight): the new adapter's logits equal PEFT's, and its file loads in PEFT."""
+MERGES = [("cat", 8, {}), ("svd", 8, {}), ("linear", 4, {}), ("ties", 4, dict(density=0.5)),
+          ("ties", 4, dict(density=0.3, majority_sign_method="frequency")), ("dare_linear", 4, dict(density=0.6)),
+          ("dare_ties", 4, dict(density=0.6)), ("magnitude_prune", 4, dict(density=0.4)),
+          ("ties_svd", 8, dict(density=0.5)), ("dare_linear_svd", 8, dict(density=0.7)),
+          ("dare_ties_svd", 4, dict(density=0.7, majority_sign_method="frequency")),
+          ("magnitude_prune_svd", 8, dict(density=0.5))]
+
+
+@pytest.mark.parametrize("how, rank_b, kw", MERGES, ids=[f"{h}-{r}-{'-'.join(map(str, k.values()))}"
+                                                          for h, r, k in MERGES])
+def test_add_weighted_adapter_as_peft(tmp_path, how, rank_b, kw):
+    """PEFT's add_weighted_adapter, every combination type, on the same adapters (one also on the embeddings, the
+    other on other layers, negative weight): the new adapter's logits equal PEFT's, and its file loads in PEFT. The
+    dare types draw at random: under the same seed, the same draws as PEFT (before 2026-12-01 only cat, svd and
+    linear were implemented)."""
     torch.manual_seed(0)
     cfg = transformers.LlamaConfig(vocab_size=64, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
                                    num_attention_heads=4, num_key_value_heads=2)
@@ -154,8 +165,10 @@ def test_add_weighted_adapter_as_peft(tmp_path, how, rank_b):
     pm.save_pretrained(tmp_path / "two")
     fm = fastpeft.load_adapter(copy.deepcopy(base), tmp_path / "two")
     fastpeft.load_adapter(fm, tmp_path / "two" / "b", adapter_name="b")
-    pm.add_weighted_adapter(["default", "b"], [0.7, -1.3], "m", combination_type=how)
-    fastpeft.add_weighted_adapter(fm, ["default", "b"], [0.7, -1.3], "m", combination_type=how)
+    torch.manual_seed(5)
+    pm.add_weighted_adapter(["default", "b"], [0.7, -1.3], "m", combination_type=how, **kw)
+    torch.manual_seed(5)
+    fastpeft.add_weighted_adapter(fm, ["default", "b"], [0.7, -1.3], "m", combination_type=how, **kw)
     assert fastpeft.active_adapter(fm) == "default"  # added inactive and frozen, as PEFT's
     assert not any(p.requires_grad for layer in fastpeft.lora_layers(fm).values() if "m" in layer.adapter_names
                    for p in layer.adapter_parameters("m"))
@@ -179,8 +192,8 @@ def test_add_weighted_adapter_refusals_change_nothing(tmp_path):
         (lambda: fastpeft.add_weighted_adapter(fm, ["default", "zz"], [1.0, 1.0], "m"), ValueError, "'zz'"),
         (lambda: fastpeft.add_weighted_adapter(fm, ["default", "b"], [1.0], "m"), ValueError, "one number per adapter"),
         (lambda: fastpeft.add_weighted_adapter(fm, ["default"], [1.0], "b"), ValueError, "'b' already exists"),
-        (lambda: fastpeft.add_weighted_adapter(fm, ["default", "b"], [1.0, 2.0], "m", "ties"), ValueError,
-         "combination_type"),
+        (lambda: fastpeft.add_weighted_adapter(fm, ["default", "b"], [1.0, 2.0], "m", "ties", density=0.5),
+         ValueError, r"'ties' needs adapters of one rank"),
     ]:
         with pytest.raises(exc, match=match):
             call()
