@@ -1356,15 +1356,15 @@ def mixed_batch(model: nn.Module, adapter_names, rows_per_sequence: int = 1):
 FACTOR_WISE = ("linear", "ties", "dare_linear", "dare_ties", "magnitude_prune")
 THROUGH_SVD = ("svd", "ties_svd", "dare_linear_svd", "dare_ties_svd", "magnitude_prune_svd")
 COMBINATIONS = ("svd", "linear", "cat") + FACTOR_WISE[1:] + THROUGH_SVD[1:]
-_MERGE_FN = {"ties": "ties", "dare_linear": "dare_linear", "dare_ties": "dare_ties", "magnitude_prune": "magnitude_prune"}
+_MERGE_FN = ("ties", "dare_linear", "dare_ties", "magnitude_prune")  # merge_utils' functions of these names
 SIGN_METHODS = ("total", "frequency")
 
 
 def _merge_fn(how: str):
     """peft.utils.merge_utils' function for combination type ``how`` (``ties_svd`` -> ``ties``), and whether it takes
     ``majority_sign_method``; ``None`` for the plain weighted sums fastpeft computes itself."""
-    name = _MERGE_FN.get(how.removesuffix("_svd"))
-    if name is None:
+    name = how.removesuffix("_svd")
+    if name not in _MERGE_FN:
         return None, False
     try:
         from peft.utils import merge_utils
