@@ -681,3 +681,27 @@ def test_training_after_an_eval_call_reaches_every_adapter(checkpoint, via):
         assert got[n] is not None and got[n].abs().max() > 0, n
         assert_close_report(got[n], want[n], atol=2e-2 * want[n].abs().max().item(), rtol=2e-2, what=n)
     assert not _repacked(model)
+
+
+def test_trainer_with_evaluation_between_steps_keeps_training_every_adapter(checkpoint, tmp_path):
+    """transformers.Trainer with an evaluation every step (eval_strategy="steps") on a 4-bit model, LoRA on q_proj /
+    v_proj only: each evaluation runs the model in eval mode without grad (bnb repacks every 4-bit layer), and the
+    next training step must still reach every adapter through the untargeted o_proj (see
+    test_training_after_an_eval_call_reaches_every_adapter): q_proj's gradient is not zero at any step."""
+    from test_trainer import Rows
+
+    torch.manual_seed(0)
+    fm = fastpeft.inject(load(checkpoint), fastpeft.LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj", "v_proj"],
+                                                               init_lora_weights=False))
+    q = fm.model.layers[0].self_attn.q_proj
+    seen = []
+    step = transformers.TrainerCallback()
+    step.on_pre_optimizer_step = lambda *a, **k: seen.append(q.lora_A.grad.abs().max().item())
+    args = transformers.TrainingArguments(output_dir=str(tmp_path), max_steps=3, per_device_train_batch_size=2,
+                                          per_device_eval_batch_size=2, eval_strategy="steps", eval_steps=1,
+                                          logging_steps=1, save_strategy="no", report_to=[], use_cpu=True, seed=0,
+                                          disable_tqdm=True, learning_rate=5e-3)
+    trainer = transformers.Trainer(model=fm, args=args, train_dataset=Rows(), eval_dataset=Rows(), callbacks=[step])
+    trainer.train()
+    assert len([h for h in trainer.state.log_history if "eval_loss" in h]) == 3
+    assert len(seen) == 3 and all(g > 0 for g in seen), seen  # (0 after the first evaluation before the fix)
