@@ -641,7 +641,7 @@ def accelerate(model: nn.Module, strict: bool = False) -> AccelerateReport:
     reports = model.__dict__.setdefault("_fastpeft_report", [])  # every report handed out stays current
     _update_reports(reports, report, len(todo))
     reports.append(report)
-    guard_repacked_layers(model)  # (PEFT's own 4-bit layers unpack themselves: _quantized_weight)
+    guard_repacked_layers(model)
     return report
 
 

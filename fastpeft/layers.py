@@ -32,7 +32,8 @@ from .ops.common import (cast_params, held, kept_state, kept_transpose, optimize
                          tensor_version)
 from .ops.dora import weight_sq_norms
 from .quant import (QuantizedWeight, assign_merged_weight, base_kind, bnb_cpu_serves, call_buffer, conv1d_class,
-                    dequantize_weight, is_conv1d, is_quantized, kept_quantized_weight, merged_weight)
+                    dequantize_weight, guard_repacked_layers, is_conv1d, is_quantized, kept_quantized_weight,
+                    merged_weight)
 from .reference import dense_delta_ref, multi_lora_add, tracing_or_transformed, use_cpu_path
 from .selection import SparseSpec
 
@@ -1167,6 +1168,11 @@ class FastLoRAEmbedding(FastLoRALinear):
 
 # ---- quantized bases (QLoRA) -------------------------------------------------------------------------
 
+def _global_forward_hooks() -> bool:
+    """Whether global nn.Module forward hooks are registered (they may hold a layer's output)."""
+    return bool(nn.modules.module._global_forward_hooks)
+
+
 class QLoRALinear(FastLoRALinear):
     """``FastLoRALinear`` over a bitsandbytes ``Linear4bit`` (NF4 / FP4) or ``Linear8bitLt`` base, as PEFT's
     ``lora.bnb`` layers: the bnb module is held as it is in ``base_layer`` (frozen, its packed weight read in place
@@ -1197,6 +1203,7 @@ class QLoRALinear(FastLoRALinear):
         self.merged = False
         self._setup_adapters(adapter_name, r, lora_alpha, lora_dropout, use_rslora, init_lora_weights,
                              sparse_density, sparse_block_size, sparse_selection, use_dora)
+        guard_repacked_layers(layer)  # (bnb's CPU repacking: its block scales kept, state_dict unpacked first)
         return self
 
     def _setup_adapters(self, adapter_name, r, lora_alpha, lora_dropout, use_rslora, init_lora_weights,
@@ -1308,16 +1315,19 @@ class QLoRALinear(FastLoRALinear):
 
     def _served(self, x: torch.Tensor, name: str) -> torch.Tensor:
         """bnb's eval-mode CPU forward of x (..., in) (bias included) plus adapter ``name``'s ``s (x Aᵀ) Bᵀ``, as
-        PEFT's layer computes it there: in the adapters' dtype (fp32), then cast to the output's and added (eval:
-        no dropout); in place into bnb's fresh output where it is contiguous."""
-        y = self._modules["base_layer"](x)
+        PEFT's layer computes it there, to the last bit: ``(x Aᵀ Bᵀ) * s`` in the adapters' dtype (fp32), cast to
+        the output's and added (eval: no dropout); under autocast in autocast's dtypes, as PEFT. Added in place into
+        bnb's fresh output, unless hooks on the bnb layer may hold it (PEFT clones it)."""
+        layer = self._modules["base_layer"]
+        y = layer(x)
         a, b = self._pair(name)
-        u = x.reshape(-1, x.shape[-1]).to(a.dtype) @ a.t()
         s = self._specs[name].scaling
-        if y.is_contiguous() and y.dtype == b.dtype:
-            y.view(-1, y.shape[-1]).addmm_(u, b.t(), alpha=s)
-            return y
-        return (y.reshape(-1, y.shape[-1]) + torch.mm(u, b.t()).mul_(s).to(y.dtype)).view(y.shape)
+        if torch.is_autocast_enabled(x.device.type):  # PEFT computes the term in autocast's dtype, no casts
+            return y + F.linear(F.linear(x, a), b) * s
+        t = torch.mm(x.reshape(-1, x.shape[-1]).to(a.dtype) @ a.t(), b.t()).mul_(s).to(y.dtype)
+        if y.is_contiguous() and not (layer._forward_hooks or _global_forward_hooks()):
+            return y.view(-1, y.shape[-1]).add_(t).view(y.shape)
+        return (y.reshape(-1, y.shape[-1]) + t).view(y.shape)
 
     def _base_forward(self, x: torch.Tensor, qw: QuantizedWeight | None = None) -> torch.Tensor:
         """x deq(W)^T + b with W dequantized for this call, or bnb's own forward where it runs its CPU inference
@@ -1356,12 +1366,22 @@ class QLoRALinear(FastLoRALinear):
         ids = expand_adapter_ids(adapter_ids, x, len(self._specs), check_range=routing is None)
         if not self._specs:
             return self._base_forward(x)
-        if self._serves(x):  # eval on the CPU: bnb's kernel for x Wᵀ + b, each row's adapter added to it
+        if self._modules["lora_magnitude_vector"]._parameters:  # (as FastLoRALinear.forward refuses them)
+            held = routing[0][0] if routing is not None else list(self._specs)
+            dora = [n for n in self._modules["lora_magnitude_vector"]._parameters if n in held]
+            if dora:
+                raise ValueError(f"DoRA adapters {dora} cannot be routed per row (adapter_ids / mixed_batch), as in "
+                                 "PEFT; use set_adapter")
+        if self._serves(x) and not torch.is_autocast_enabled(x.device.type):  # eval on the CPU: bnb's kernel for
             stack_a, stack_b = self._forward_stacks(routing, ids)  # (the adapters' dtype: fp32, as PEFT's terms)
-            y = self._modules["base_layer"](x)
+            layer = self._modules["base_layer"]  # x Wᵀ + b, each row's adapter added to it
+            y = layer(x)
             y2 = y.reshape(-1, y.shape[-1])
             scalings, ranks, _ = self._adapter_meta(x.device)
-            acc = y2 if y2.dtype == stack_a.dtype else y2.new_zeros(y2.shape, dtype=stack_a.dtype)
+            if y2.dtype != stack_a.dtype:
+                acc = y2.new_zeros(y2.shape, dtype=stack_a.dtype)
+            else:  # bnb's fresh output, unless hooks on the bnb layer may hold it (PEFT clones it)
+                acc = y2.clone() if layer._forward_hooks or _global_forward_hooks() else y2
             acc = multi_lora_add(acc, x.reshape(-1, x.shape[-1]).to(stack_a.dtype), stack_a, stack_b, scalings,
                                  ids, ranks)
             return (acc if acc.dtype == y.dtype else y2 + acc.to(y.dtype)).view(y.shape)

@@ -306,13 +306,15 @@ def bnb_cpu_serves(module: nn.Module, x: torch.Tensor) -> bool:
     """Whether bnb's own forward of ``module`` runs ``x`` on its CPU inference path (its own condition: eval mode,
     x on the CPU without requires_grad; for a 4-bit layer, AVX512-BF16) and fastpeft lets it
     (``set_cpu_inference_kernel``): not while torch.compile traces or torch.func transforms (the 4-bit kernel swaps
-    the weight's data in place), and not for 4-bit shapes bnb's repacking asserts on (out a multiple of 32, in of
-    the block size), which fastpeft computes itself instead of failing as bnb does."""
-    if not _CPU_KERNEL[0] or x.device.type != "cpu" or module.training or x.requires_grad or tracing_or_transformed():
+    the weight's data in place), and not where bnb fails: 4-bit shapes its repacking asserts on (out a multiple of
+    32, in of the block size), an input without rows (4-bit), int8 inputs of other than 2 or 3 dims; fastpeft
+    computes those itself."""
+    if not _CPU_KERNEL[0] or x.device.type != "cpu" or module.training or x.requires_grad or not x.numel() \
+            or tracing_or_transformed():  # (no rows: bnb's 4-bit kernel dies of SIGFPE)
         return False
     kind = _bnb_class_name(module)
     if kind == "Linear8bitLt":
-        return True
+        return x.dim() in (2, 3)  # (bnb's int8 path fails on other ranks)
     if kind != "Linear4bit" or not module.__dict__.get("support_avx512bf16_for_cpu", False):
         return False
     qs = getattr(module.weight, "quant_state", None)
@@ -327,53 +329,100 @@ def bnb_cpu_serves(module: nn.Module, x: torch.Tensor) -> bool:
 _NO_TORCH_FUNCTION = torch._C.DisableTorchFunctionSubclass  # bnb's Params4bit overrides it: 1.5 µs a method
 
 
-def unpack_cpu_repacked(module: nn.Module) -> None:
+_STATE_FIELDS = ("absmax", "nested", "state2", "offset", "dtype")  # what bnb's CPU repacking replaces in a QuantState
+
+
+def remember_quant_state(module: nn.Module) -> None:
+    """Keep the block scales of a ``Linear4bit`` weight not repacked yet (``_STATE_FIELDS`` of its QuantState, by
+    reference: no copy), so that ``unpack_cpu_repacked`` puts them back exactly. bnb's repacking rounds absmax to
+    bf16 (and drops a nested absmax's 8-bit codes), and its own unpacking re-quantizes it: every eval -> train cycle
+    would move the weights again (a nested absmax: ~2e-3 of the eval logits per cycle). Called just before a call
+    on which bnb repacks (``unpack_for_grad``, QLoRALinear's serving calls)."""
+    qs = module.weight.__dict__.get("quant_state")
+    if qs is not None and not qs.__dict__.get("packing_format_for_cpu", False):
+        module.__dict__["_fastpeft_scales"] = (qs, {k: getattr(qs, k, None) for k in _STATE_FIELDS})
+
+
+def unpack_cpu_repacked(module: nn.Module, *_) -> None:
     """A ``Linear4bit`` weight bitsandbytes repacked for its CPU inference kernel (at an eval-mode call on the CPU:
-    its own layout, absmax rounded to bf16) back in the plain layout, in place, as bitsandbytes does itself when it
-    saves the layer (``state_dict``); the same values (the bf16 absmax stays), and its next eval-mode call repacks
-    it again. Before 2026-12-01 fastpeft refused such a weight: inject after a first generate() on the CPU failed,
-    and accelerated layers ran PEFT's forward until a checkpoint save. No-op for any other layer."""
+    its own layout, absmax rounded to bf16) back in the plain layout, in place: the nibbles by bnb's own inverse,
+    the block scales as they were before the repacking where ``remember_quant_state`` kept them (the weight is then
+    bit for bit the one before), else as bnb leaves them (bf16-rounded; a non-nested absmax put back in per-row
+    order, which bnb 0.50's own unpacking leaves scrambled). Its next eval-mode call repacks it again. Also the
+    state_dict pre-hook ``guard_repacked_layers`` installs (bnb's own unpacking there would scramble or re-quantize
+    the scales). Before 2026-12-01 fastpeft refused such a weight. No-op for any other layer."""
     qs = getattr(module.weight, "quant_state", None)
     if getattr(qs, "packing_format_for_cpu", False):
         from bitsandbytes.functional import _convert_weight_packed_for_cpu_inverse
 
         w = module.weight  # (what Linear4bit._save_to_state_dict runs, without the layer's state_dict hooks)
         w.data, w.quant_state = _convert_weight_packed_for_cpu_inverse(w.data, qs)
-        absmax = w.quant_state.absmax
-        if absmax.dim() == 2:  # bnb 0.50 leaves a non-nested absmax in the repacked (in / b, out) layout: per-row
-            w.quant_state.absmax = absmax.t().reshape(-1).float()  # blocks again (bnb's own forward then reads it)
+        kept = module.__dict__.pop("_fastpeft_scales", None)
+        if kept is not None and kept[0] is w.quant_state:
+            for k, v in kept[1].items():
+                setattr(w.quant_state, k, v)
+            if not w.quant_state.nested and hasattr(w.quant_state, "state2"):
+                del w.quant_state.state2
+        else:
+            absmax = w.quant_state.absmax
+            if absmax.dim() == 2:  # bnb 0.50 leaves a non-nested absmax in the repacked (in / b, out) layout:
+                w.quant_state.absmax = absmax.t().reshape(-1).float()  # per-row blocks again (bnb's forward reads it)
         if getattr(module, "quant_state", None) is not None:
             module.quant_state = w.quant_state
+        if "_fastpeft_repacked" in module.__dict__:
+            module.__dict__["_fastpeft_repacked"] = False
+
+
+def _unpack(module: nn.Module, x) -> None:
+    """``unpack_for_grad``'s work, outside any torch.compile graph (it swaps the weight's data)."""
+    w = module._parameters.get("weight")
+    qs = None if w is None else w.__dict__.get("quant_state")
+    if qs is None:
+        return
+    packed = qs.__dict__.get("packing_format_for_cpu", False)
+    if packed:
+        if module.training or (torch.is_grad_enabled() and isinstance(x, torch.Tensor) and x.requires_grad):
+            unpack_cpu_repacked(module)
+            packed = False
+    elif isinstance(x, torch.Tensor) and bnb_cpu_serves(module, x):
+        remember_quant_state(module)  # this call repacks
+        packed = True
+    module.__dict__["_fastpeft_repacked"] = packed  # (what compiled code reads: a hint, _unpack checks the weight)
+
+
+_unpack_outside_graphs = torch.compiler.disable(_unpack)
 
 
 def unpack_for_grad(module: nn.Module, args) -> None:
     """Forward pre-hook of a bnb ``Linear4bit`` (``guard_repacked_layers``): a weight bnb repacked for its CPU
     inference kernel is unpacked before a call in train mode or on an input that requires grad. bnb keeps the
     repacked weight and runs every later call on that kernel, which has no backward: the input's gradient is
-    silently dropped (a bias makes it raise instead). Removes itself once the weight is on another device."""
-    if torch.compiler.is_compiling():
-        return
+    silently dropped (a bias makes it raise instead). Before a call on which bnb repacks, the block scales are kept
+    (``remember_quant_state``). Runs outside torch.compile's graphs (a graph break only while the weight is
+    repacked or about to be). Removes itself once the weight is on another device."""
     w = module._parameters.get("weight")
     if w is None or w.device.type != "cpu":
         hooks = module._forward_pre_hooks
         for key in [k for k, f in hooks.items() if f is unpack_for_grad]:
             del hooks[key]
         return
-    qs = w.__dict__.get("quant_state")
-    if qs is None or not qs.__dict__.get("packing_format_for_cpu", False):
-        return
     x = args[0] if args else None
-    if module.training or (torch.is_grad_enabled() and isinstance(x, torch.Tensor) and x.requires_grad):
-        unpack_cpu_repacked(module)
+    if torch.compiler.is_compiling():  # (a plain attribute: a guarded constant, no graph break unless it is set)
+        if module._fastpeft_repacked:
+            _unpack_outside_graphs(module, x)
+        return
+    _unpack(module, x)
 
 
 def guard_repacked_layers(model: nn.Module, skip=()) -> int:
-    """Give every bnb ``Linear4bit`` of ``model`` on a CPU bnb repacks for (AVX512-BF16), except the modules in
-    ``skip``, the pre-hook ``unpack_for_grad`` (once); returns how many got it. Without it, one eval-mode call
-    of a 4-bit model (an evaluation before training, a generate) leaves the layers fastpeft does not wrap passing
-    no gradient to their inputs in training: with LoRA on q_proj / v_proj only (PEFT's default for Llama), o_proj
-    drops every gradient and no adapter trains (PEFT + bitsandbytes: every LoRA gradient None; seen 2026-12-01,
-    bitsandbytes 0.50.2). ``inject`` and ``accelerate`` call it."""
+    """Give every bnb ``Linear4bit`` of ``model`` (or ``model`` itself) on a CPU bnb repacks for (AVX512-BF16),
+    except the modules in ``skip``, the forward pre-hook ``unpack_for_grad`` and ``unpack_cpu_repacked`` as a
+    state_dict pre-hook (once); returns how many got them. Without them, one eval-mode call of a 4-bit model (an
+    evaluation before training, a generate) leaves the layers fastpeft does not wrap passing no gradient to their
+    inputs in training: with LoRA on q_proj / v_proj only (PEFT's default for Llama), o_proj drops every gradient
+    and no adapter trains (PEFT + bitsandbytes: every LoRA gradient None; seen 2026-12-01, bitsandbytes 0.50.2);
+    and a state_dict() of a repacked layer re-quantizes (nested) or scrambles (not nested) its block scales.
+    ``inject``, ``accelerate`` and ``QLoRALinear`` call it."""
     skip = {id(m) for m in skip}
     n = 0
     for m in model.modules():
@@ -382,7 +431,9 @@ def guard_repacked_layers(model: nn.Module, skip=()) -> int:
         w = m._parameters.get("weight")
         if w is None or w.device.type != "cpu" or unpack_for_grad in m._forward_pre_hooks.values():
             continue
+        m.__dict__["_fastpeft_repacked"] = bool(getattr(w.__dict__.get("quant_state"), "packing_format_for_cpu", False))
         m.register_forward_pre_hook(unpack_for_grad)
+        m.register_state_dict_pre_hook(unpack_cpu_repacked)
         n += 1
     return n
 
