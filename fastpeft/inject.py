@@ -746,8 +746,11 @@ class LoraMethod(Method):
                              "base weights (or train under another rule) and cannot be loaded onto the original model "
                              f"here; loadable: {_LOADABLE_INITS}")
         kwargs = {k: d[k] for k in _CONFIG_FIELDS + _SPARSE_LORA_FIELDS if k in d and d[k] is not None}
-        if init == "eva":  # (the file's factors are loaded; an adapter made from this config, add_weighted_adapter's,
-            kwargs.pop("init_lora_weights", None)  # gets the default init: fastpeft cannot run EVA's)
+        # The file's init, as PEFT's loaded config keeps it (an adapter made from the config, add_weighted_adapter's,
+        # then draws PEFT's initial values), except EVA (not fastpeft's) and orthogonal (PEFT's own fails on a 4-bit
+        # base, so such a file saved again would not load there): the default init instead.
+        if init not in (True, False, "gaussian"):
+            kwargs.pop("init_lora_weights", None)
         return self.construct(kwargs, path)
 
     def _keys(self, model: nn.Module, config, adapter_name: str, layers: dict) -> dict:
@@ -1409,13 +1412,16 @@ def add_weighted_adapter(model: nn.Module, adapters: list, weights: list, adapte
     if adapter_name in configs:
         raise ValueError(f"adapter {adapter_name!r} already exists in the model (adapters {list(configs)})")
     check_choice(combination_type, COMBINATIONS, "combination_type")
-    check_choice(majority_sign_method, SIGN_METHODS, "majority_sign_method")
-    if combination_type.removesuffix("_svd") in _MERGE_FN:
+    if len(adapters) == 1:
+        combination_type = "linear"  # PEFT's rule for one adapter (density and majority_sign_method unread)
+    if combination_type.removesuffix("_svd") in _MERGE_FN:  # checked where PEFT reads them
         if density is None:
-            raise ValueError(f"combination_type={combination_type!r} needs density (the fraction of entries kept, in "
-                             "[0, 1]), got None")
-        if not 0.0 <= check_finite_number(density, "density") <= 1.0:
-            raise ValueError(f"density must be in [0, 1] (the fraction of entries kept), got {density!r}")
+            raise ValueError(f"combination_type={combination_type!r} needs density (the fraction of entries kept; "
+                             "1 or more prunes nothing, as PEFT), got None")
+        if check_finite_number(density, "density") < 0:
+            raise ValueError(f"density must be >= 0 (the fraction of entries kept), got {density!r}")
+        if combination_type.removesuffix("_svd") in ("ties", "dare_ties"):
+            check_choice(majority_sign_method, SIGN_METHODS, "majority_sign_method")
         _merge_fn(combination_type)  # (peft importable)
     odd = [n for n in adapters if not isinstance(configs[n], LoraConfig) or configs[n].use_dora
            or configs[n].sparse is not None]
@@ -1424,8 +1430,6 @@ def add_weighted_adapter(model: nn.Module, adapters: list, weights: list, adapte
     layers = {n: m for n, m in lora_layers(model).items() if any(a in m.adapter_names for a in adapters)}
     # PEFT's rank of an adapter: its r, or the largest of r and its rank_pattern's (layers below it are zero-padded)
     ranks = {a: max([configs[a].r, *configs[a].rank_pattern.values()]) for a in adapters}
-    if len(adapters) == 1:
-        combination_type = "linear"  # PEFT's rule for one adapter
     if combination_type in FACTOR_WISE and len(set(ranks.values())) != 1:
         raise ValueError(f"combination_type={combination_type!r} needs adapters of one rank, got {ranks}; use 'cat' "
                          "or an '_svd' type")
@@ -1439,12 +1443,20 @@ def add_weighted_adapter(model: nn.Module, adapters: list, weights: list, adapte
     merged = [n for n, m in layers.items() if m.merged]
     if merged:
         raise RuntimeError(f"add_weighted_adapter: layers {few(merged)} have an adapter merged; unmerge them first")
-    config = replace(configs[adapters[0]], r=rank, lora_alpha=rank, target_modules=sorted(layers), exclude_modules=None,
+    # PEFT's new config is the first adapter's on the union of the adapters' target_modules: its layer filters
+    # (layers_to_transform on suffix matches, exclude_modules) keep the new adapter off the layers they leave out
+    first = configs[adapters[0]]
+    exact = {t for a in adapters if isinstance(configs[a].target_modules, (list, tuple, set))
+             for t in configs[a].target_modules}
+    layers = {n: m for n, m in layers.items() if not matches(first.exclude_modules, n)
+              and (n in exact or in_layers(n, first.layers_to_transform, first.layers_pattern))}
+    config = replace(first, r=rank, lora_alpha=rank, target_modules=sorted(layers), exclude_modules=None,
                      rank_pattern={}, alpha_pattern={}, modules_to_save=None, trainable_token_indices=None,
                      layers_to_transform=None, layers_pattern=None, task_type=None, inference_mode=False)
     how = (combination_type, rank, svd_clamp, density, majority_sign_method)
     random = combination_type.startswith("dare")
-    with torch.random.fork_rng(devices=[]) if random else contextlib.nullcontext():  # (a check: no draw is kept)
+    devices = sorted({p.device.index or 0 for m in layers.values() for p in m.parameters() if p.device.type == "cuda"})
+    with torch.random.fork_rng(devices=devices) if random else contextlib.nullcontext():  # (a check: no draw kept)
         factors = {n: _padded(*_combined(m, adapters, weights, *how), rank, n) for n, m in layers.items()}
     inject(model, config, adapter_name, activate=False)
     if random:  # drawn again after the new adapter's initial draws, layer by layer, as PEFT draws them
@@ -1467,12 +1479,29 @@ def _padded(a: torch.Tensor, b: torch.Tensor, rank: int, name: str) -> tuple:
         if r < rank else (a, b)
 
 
+def _weighted_sum(tensors: list, weights: list) -> torch.Tensor:
+    """Σ w_i t_i as PEFT's ``task_arithmetic`` computes it (stacked, times an fp32 weight tensor, summed)."""
+    t = torch.stack(tensors)
+    return (t * torch.tensor(weights, device=t.device).view(-1, *[1] * (t.dim() - 1))).sum(0)
+
+
+def _peft_delta(pair: tuple, scale: float, flip: bool) -> torch.Tensor:
+    """ΔW = s B A of one adapter as PEFT's ``get_delta_weight`` computes it: (in, out) where ``flip`` (a Conv1D, an
+    embedding), half-precision factors multiplied in fp32 on the CPU and the product rounded back."""
+    a, b = pair
+    cast = a.device.type == "cpu" and a.dtype in (torch.float16, torch.bfloat16)
+    d = b.float() @ a.float() if cast else b @ a
+    d = (d.t() if flip else d) * scale
+    return d.to(a.dtype) if cast else d
+
+
 @torch.no_grad()
 def _combined(layer, adapters: list, weights: list, how: str, rank: int, clamp, density=None,
               sign_method="total") -> tuple:
-    """(A (rank, in), B (out, rank)) of ``add_weighted_adapter`` on one layer, in fp32, from the adapters it holds."""
+    """(A (rank, in), B (out, rank)) of ``add_weighted_adapter`` on one layer from the adapters it holds, with PEFT's
+    arithmetic step for step (the factors in their own dtype, as PEFT reads them; the SVD in fp32)."""
     held = [(a, w) for a, w in zip(adapters, weights) if a in layer.adapter_names]
-    pairs = {a: tuple(p.detach().float() for p in layer.adapter_parameters(a)) for a, _ in held}
+    pairs = {a: tuple(p.detach() for p in layer.adapter_parameters(a)) for a, _ in held}
     scale = {a: layer.adapter_spec(a).scaling for a, _ in held}
     fn, signed = _merge_fn(how)
     extra = (density, sign_method) if signed else (density,)
@@ -1482,7 +1511,7 @@ def _combined(layer, adapters: list, weights: list, how: str, rank: int, clamp, 
         at = 0
         for a, w in held:
             r = pairs[a][0].shape[0]
-            a_new[at:at + r] = pairs[a][0] * (w * scale[a])
+            a_new[at:at + r] = pairs[a][0] * w * scale[a]
             b_new[:, at:at + r] = pairs[a][1]
             at += r
         return a_new, b_new
@@ -1494,19 +1523,17 @@ def _combined(layer, adapters: list, weights: list, how: str, rank: int, clamp, 
         ws = [w * scale[a] for a, w in held]
         wa = [math.sqrt(abs(v)) * (1 if v >= 0 else -1) for v in ws]  # the sign on A only
         wb = [math.sqrt(abs(v)) for v in ws]
-        if fn is None:
-            return (sum(c * pairs[a][0] for (a, _), c in zip(held, wa)),
-                    sum(c * pairs[a][1] for (a, _), c in zip(held, wb)))
-        return tuple(fn([pairs[a][i] for a, _ in held], torch.tensor(c, device=pairs[held[0][0]][i].device), *extra)
-                     for i, c in ((0, wa), (1, wb)))
-    if fn is None:
-        delta = sum(w * scale[a] * (pairs[a][1] @ pairs[a][0]) for a, w in held)
-    else:  # ΔW_i as PEFT's get_delta_weight orients it: (in, out) for a Conv1D or an embedding
-        flip = layer.fan_in_fan_out or isinstance(layer, FastLoRAEmbedding)
-        deltas = [scale[a] * (pairs[a][1] @ pairs[a][0]) for a, _ in held]
-        delta = fn([d.t() for d in deltas] if flip else deltas,
-                   torch.tensor([w for _, w in held], device=deltas[0].device), *extra)
-        delta = delta.t() if flip else delta
+        out = []
+        for i, c in ((0, wa), (1, wb)):
+            ts = [pairs[a][i] for a, _ in held]
+            out.append((_weighted_sum(ts, c) if fn is None else
+                        fn(ts, torch.tensor(c, device=ts[0].device), *extra)).to(ts[0].dtype).float())
+        return tuple(out)
+    flip = layer.fan_in_fan_out or isinstance(layer, FastLoRAEmbedding)  # (ΔW_i in PEFT's orientation)
+    deltas = [_peft_delta(pairs[a], scale[a], flip) for a, _ in held]
+    ws = [w for _, w in held]
+    delta = _weighted_sum(deltas, ws) if fn is None else fn(deltas, torch.tensor(ws, device=deltas[0].device), *extra)
+    delta = (delta.t() if flip else delta).float()
     u, s, vh = torch.linalg.svd(delta, full_matrices=True)
     u, vh = u[:, :rank] @ torch.diag(s[:rank]), vh[:rank]
     if clamp is not None:  # PEFT's: one quantile over both factors' entries

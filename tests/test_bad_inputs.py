@@ -555,15 +555,15 @@ CASES = [
     Bad("add_weighted_adapter-combination-unknown", lambda m: fastpeft.add_weighted_adapter(m, ["default"], [1.0],
                                                                                            "m", "dare"),
         ValueError, ("combination_type", "'svd'", "'dare'"), _lora_model),
-    Bad("add_weighted_adapter-ties-without-density", lambda m: fastpeft.add_weighted_adapter(m, ["default"], [1.0],
-                                                                                            "m", "ties"),
-        ValueError, ("'ties' needs density", "got None"), _lora_model),
-    Bad("add_weighted_adapter-density-1.5", lambda m: fastpeft.add_weighted_adapter(
-        m, ["default"], [1.0], "m", "dare_linear_svd", density=1.5), ValueError, ("density", "[0, 1]", "1.5"),
-        _lora_model),
+    Bad("add_weighted_adapter-ties-without-density", lambda m: fastpeft.add_weighted_adapter(
+        m, ["default", "b"], [1.0, 0.5], "m", "ties"), ValueError, ("'ties' needs density", "got None"),
+        lambda: _two_adapters()),
+    Bad("add_weighted_adapter-density-negative", lambda m: fastpeft.add_weighted_adapter(
+        m, ["default", "b"], [1.0, 0.5], "m", "dare_linear_svd", density=-0.5), ValueError,
+        ("density must be >= 0", "-0.5"), lambda: _two_adapters()),
     Bad("add_weighted_adapter-majority-sign-method", lambda m: fastpeft.add_weighted_adapter(
-        m, ["default"], [1.0], "m", "ties", density=0.5, majority_sign_method="mean"), ValueError,
-        ("majority_sign_method", "'total'", "'mean'"), _lora_model),
+        m, ["default", "b"], [1.0, 0.5], "m", "ties", density=0.5, majority_sign_method="mean"), ValueError,
+        ("majority_sign_method", "'total'", "'mean'"), lambda: _two_adapters()),
     Bad("add_weighted_adapter-adapters-a-str", lambda m: fastpeft.add_weighted_adapter(m, "default", [1.0], "m"),
         TypeError, ("adapters", "list", "'default'"), _lora_model),
     Bad("disable_adapter-bitfit", lambda m: fastpeft.disable_adapter(m).__enter__(), ValueError,
@@ -1038,6 +1038,13 @@ QLORA_CASES = [
     Bad("dequantize-out-not-contiguous", lambda m: _dequantize_into(m, torch.empty(2, 6144).t()), ValueError,
         ("out must be", "contiguous", "(6144, 2)"), _bnb4),
 ]
+
+
+def _two_adapters():
+    """The toy with LoRA "default" and "b", both r=4 on q_proj / v_proj (add_weighted_adapter's pruning types)."""
+    m = _lora_model()
+    return fastpeft.inject(m, LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj", "v_proj"]), adapter_name="b",
+                           activate=False)
 
 
 def _cpu_kernel_switch(value):

@@ -261,3 +261,54 @@ def test_generate_adapter_names_with_sampled_copies(tmp_path):
         with fastpeft.mixed_batch(fm, ["default", "b", None], rows_per_sequence=2):
             want = fm.generate(input_ids=IDS, **kw)
     assert ours.shape[0] == 6 and torch.equal(ours, want)
+
+
+def _weighted_pair(tmp_path, first: dict, second: dict, dtype=None):
+    torch.manual_seed(0)
+    cfg = transformers.LlamaConfig(vocab_size=64, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                                   num_attention_heads=4, num_key_value_heads=2)
+    base = transformers.LlamaForCausalLM(cfg).eval()
+    pm = peft.get_peft_model(copy.deepcopy(base), peft.LoraConfig(init_lora_weights=False, **first))
+    pm.add_adapter("b", peft.LoraConfig(init_lora_weights=False, **second))
+    pm.save_pretrained(tmp_path / "two")
+    fm = fastpeft.load_adapter(copy.deepcopy(base), tmp_path / "two")
+    fastpeft.load_adapter(fm, tmp_path / "two" / "b", adapter_name="b")
+    if dtype is not None:
+        pm, fm = pm.to(dtype), fm.to(dtype)
+    return pm, fm
+
+
+@pytest.mark.parametrize("case", ["bf16-adapters", "first-adapter-layers", "svd-clamp", "one-adapter-ties"])
+def test_add_weighted_adapter_follows_peft_step_for_step(tmp_path, case):
+    """What a review found off PEFT (2026-12-01): bf16 adapters (PEFT prunes them in bf16, density rounded to bf16
+    too: fastpeft pruned fp32 copies, ΔW up to 0.48 off), the first adapter's layers_to_transform (PEFT's new config
+    keeps it: the new adapter only on the layers it lets through; logits 0.42 off), svd_clamp (PEFT's task
+    arithmetic, whose last bits can flip an SVD sign: 0.19 off), one adapter with a pruning type (PEFT merges it
+    linearly and reads no density: fastpeft refused). Logits and the generator state afterwards equal PEFT's."""
+    two = dict(r=4, target_modules=["q_proj", "v_proj"])
+    first, second, kw, dtype = dict(two), dict(two), {}, None
+    adapters, weights = ["default", "b"], [0.7, -1.3]
+    if case == "bf16-adapters":
+        dtype, kw = torch.bfloat16, dict(combination_type="dare_ties_svd", density=0.6)
+    elif case == "first-adapter-layers":
+        first.update(target_modules=["q_proj"], layers_to_transform=[0])
+        kw = dict(combination_type="dare_linear", density=0.6)
+    elif case == "svd-clamp":
+        kw = dict(combination_type="svd", svd_clamp=0.9)
+    else:
+        adapters, weights, kw = ["b"], [0.8], dict(combination_type="ties")
+    pm, fm = _weighted_pair(tmp_path, first, second, dtype)
+    torch.manual_seed(5)
+    pm.add_weighted_adapter(adapters, weights, "m", **kw)
+    after_peft = torch.rand(3)
+    torch.manual_seed(5)
+    fastpeft.add_weighted_adapter(fm, adapters, weights, "m", **kw)
+    assert torch.equal(torch.rand(3), after_peft)
+    theirs = sorted(n for n, m in pm.base_model.model.named_modules() if hasattr(m, "lora_A") and "m" in m.lora_A)
+    assert sorted(n for n, layer in fastpeft.lora_layers(fm).items() if "m" in layer.adapter_names) == theirs
+    pm.set_adapter("m")
+    fastpeft.set_adapter(fm, "m")
+    tol = 2e-2 if dtype is not None else 1e-5
+    with torch.no_grad():
+        torch.testing.assert_close(fm.eval()(input_ids=IDS).logits, pm.eval()(input_ids=IDS).logits, rtol=tol,
+                                   atol=tol)
