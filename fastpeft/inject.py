@@ -1130,7 +1130,7 @@ def inject(model: nn.Module, config, adapter_name: str = "default", plan=None, a
             warnings.warn(f"adapter {adapter_name!r} adapts {few(list(tied))}, whose weights are tied to "
                           f"{few(sum(tied.values(), []))}: merge() changes those too while merged (merge_and_unload "
                           "unties them, giving each its own merged copy)")
-    guard_repacked_layers(model)
+    guard_repacked_layers(model, skip=[m.base_layer for m in model.modules() if isinstance(m, QLoRALinear)])
     return model
 
 

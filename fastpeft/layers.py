@@ -33,7 +33,7 @@ from .ops.common import (cast_params, held, kept_state, kept_transpose, optimize
 from .ops.dora import weight_sq_norms
 from .quant import (QuantizedWeight, assign_merged_weight, base_kind, bnb_cpu_serves, call_buffer, conv1d_class,
                     dequantize_weight, guard_repacked_layers, is_conv1d, is_quantized, kept_quantized_weight,
-                    merged_weight)
+                    merged_weight, remember_quant_state)
 from .reference import dense_delta_ref, multi_lora_add, tracing_or_transformed, use_cpu_path
 from .selection import SparseSpec
 
@@ -1203,7 +1203,7 @@ class QLoRALinear(FastLoRALinear):
         self.merged = False
         self._setup_adapters(adapter_name, r, lora_alpha, lora_dropout, use_rslora, init_lora_weights,
                              sparse_density, sparse_block_size, sparse_selection, use_dora)
-        guard_repacked_layers(layer)  # (bnb's CPU repacking: its block scales kept, state_dict unpacked first)
+        guard_repacked_layers(layer, skip=[layer])  # (state_dict unpacks first; the serving calls keep the scales)
         return self
 
     def _setup_adapters(self, adapter_name, r, lora_alpha, lora_dropout, use_rslora, init_lora_weights,
@@ -1313,13 +1313,20 @@ class QLoRALinear(FastLoRALinear):
         eval-mode call on the CPU, as PEFT's layer makes it); the adapters' terms are then added to its output."""
         return not self.training and bnb_cpu_serves(self._modules["base_layer"], x)
 
+    @staticmethod
+    def _bnb_call(layer: nn.Module, x: torch.Tensor) -> torch.Tensor:
+        """The bnb layer's own forward on its CPU inference path, its block scales kept first where this call
+        repacks the weight (``fastpeft.quant.remember_quant_state``: put back exactly when it is unpacked)."""
+        remember_quant_state(layer)
+        return layer(x)
+
     def _served(self, x: torch.Tensor, name: str) -> torch.Tensor:
         """bnb's eval-mode CPU forward of x (..., in) (bias included) plus adapter ``name``'s ``s (x Aᵀ) Bᵀ``, as
         PEFT's layer computes it there, to the last bit: ``(x Aᵀ Bᵀ) * s`` in the adapters' dtype (fp32), cast to
         the output's and added (eval: no dropout); under autocast in autocast's dtypes, as PEFT. Added in place into
         bnb's fresh output, unless hooks on the bnb layer may hold it (PEFT clones it)."""
         layer = self._modules["base_layer"]
-        y = layer(x)
+        y = self._bnb_call(layer, x)
         a, b = self._pair(name)
         s = self._specs[name].scaling
         if torch.is_autocast_enabled(x.device.type):  # PEFT computes the term in autocast's dtype, no casts
@@ -1333,7 +1340,7 @@ class QLoRALinear(FastLoRALinear):
         """x deq(W)^T + b with W dequantized for this call, or bnb's own forward where it runs its CPU inference
         kernel (``_serves``); autograd saves W only for dX (x requires grad)."""
         if qw is None and self._serves(x):
-            return self._modules["base_layer"](x)
+            return self._bnb_call(self._modules["base_layer"], x)
         qw = self.quantized_weight() if qw is None else qw
         cdt = qw.compute_dtype_for(x)
         b = self.bias
@@ -1375,7 +1382,7 @@ class QLoRALinear(FastLoRALinear):
         if self._serves(x) and not torch.is_autocast_enabled(x.device.type):  # eval on the CPU: bnb's kernel for
             stack_a, stack_b = self._forward_stacks(routing, ids)  # (the adapters' dtype: fp32, as PEFT's terms)
             layer = self._modules["base_layer"]  # x Wᵀ + b, each row's adapter added to it
-            y = layer(x)
+            y = self._bnb_call(layer, x)
             y2 = y.reshape(-1, y.shape[-1])
             scalings, ranks, _ = self._adapter_meta(x.device)
             if y2.dtype != stack_a.dtype:

@@ -338,7 +338,8 @@ def remember_quant_state(module: nn.Module) -> None:
     bf16 (and drops a nested absmax's 8-bit codes), and its own unpacking re-quantizes it: every eval -> train cycle
     would move the weights again (a nested absmax: ~2e-3 of the eval logits per cycle). Called just before a call
     on which bnb repacks (``unpack_for_grad``, QLoRALinear's serving calls)."""
-    qs = module.weight.__dict__.get("quant_state")
+    w = module._parameters.get("weight")
+    qs = None if w is None else w.__dict__.get("quant_state")
     if qs is not None and not qs.__dict__.get("packing_format_for_cpu", False):
         module.__dict__["_fastpeft_scales"] = (qs, {k: getattr(qs, k, None) for k in _STATE_FIELDS})
 
@@ -415,9 +416,10 @@ def unpack_for_grad(module: nn.Module, args) -> None:
 
 
 def guard_repacked_layers(model: nn.Module, skip=()) -> int:
-    """Give every bnb ``Linear4bit`` of ``model`` (or ``model`` itself) on a CPU bnb repacks for (AVX512-BF16),
-    except the modules in ``skip``, the forward pre-hook ``unpack_for_grad`` and ``unpack_cpu_repacked`` as a
-    state_dict pre-hook (once); returns how many got them. Without them, one eval-mode call of a 4-bit model (an
+    """Give every bnb ``Linear4bit`` of ``model`` (or ``model`` itself) on a CPU bnb repacks for (AVX512-BF16)
+    ``unpack_cpu_repacked`` as a state_dict pre-hook and, except the modules in ``skip`` (the bases of fastpeft's
+    own layers, which unpack what they read and keep the scales themselves: no per-call hook there), the forward
+    pre-hook ``unpack_for_grad`` (each once); returns how many got the forward hook. Without them, one eval-mode call of a 4-bit model (an
     evaluation before training, a generate) leaves the layers fastpeft does not wrap passing no gradient to their
     inputs in training: with LoRA on q_proj / v_proj only (PEFT's default for Llama), o_proj drops every gradient
     and no adapter trains (PEFT + bitsandbytes: every LoRA gradient None; seen 2026-12-01, bitsandbytes 0.50.2);
@@ -426,14 +428,17 @@ def guard_repacked_layers(model: nn.Module, skip=()) -> int:
     skip = {id(m) for m in skip}
     n = 0
     for m in model.modules():
-        if id(m) in skip or _bnb_class_name(m) != "Linear4bit" or not m.__dict__.get("support_avx512bf16_for_cpu"):
+        if _bnb_class_name(m) != "Linear4bit" or not m.__dict__.get("support_avx512bf16_for_cpu"):
             continue
         w = m._parameters.get("weight")
-        if w is None or w.device.type != "cpu" or unpack_for_grad in m._forward_pre_hooks.values():
+        if w is None or w.device.type != "cpu":
+            continue
+        if unpack_cpu_repacked not in m._state_dict_pre_hooks.values():
+            m.register_state_dict_pre_hook(unpack_cpu_repacked)
+        if id(m) in skip or unpack_for_grad in m._forward_pre_hooks.values():
             continue
         m.__dict__["_fastpeft_repacked"] = bool(getattr(w.__dict__.get("quant_state"), "packing_format_for_cpu", False))
         m.register_forward_pre_hook(unpack_for_grad)
-        m.register_state_dict_pre_hook(unpack_cpu_repacked)
         n += 1
     return n
 
