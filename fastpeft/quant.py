@@ -45,7 +45,7 @@ import torch
 import torch.nn as nn
 
 from .ops.common import tensor_version
-from .reference import tracing_or_transformed
+from .reference import func_transforms_active, tracing_or_transformed
 
 
 def import_bitsandbytes():
@@ -305,23 +305,25 @@ def set_cpu_inference_kernel(enabled: bool) -> bool:
 def bnb_cpu_serves(module: nn.Module, x: torch.Tensor) -> bool:
     """Whether bnb's own forward of ``module`` runs ``x`` on its CPU inference path (its own condition: eval mode,
     x on the CPU without requires_grad; for a 4-bit layer, AVX512-BF16) and fastpeft lets it
-    (``set_cpu_inference_kernel``): not while torch.compile traces or torch.func transforms (the 4-bit kernel swaps
-    the weight's data in place), and not where bnb fails: 4-bit shapes its repacking asserts on (out a multiple of
-    32, in of the block size), an input without rows (4-bit), int8 inputs of other than 2 or 3 dims; fastpeft
-    computes those itself."""
-    if not _CPU_KERNEL[0] or x.device.type != "cpu" or module.training or x.requires_grad or not x.numel() \
-            or tracing_or_transformed():  # (no rows: bnb's 4-bit kernel dies of SIGFPE)
-        return False
+    (``set_cpu_inference_kernel``): while torch.compile traces or torch.func transforms only on a weight repacked
+    already (the repacking swaps the weight's data in place), and not where bnb fails: 4-bit shapes its repacking
+    asserts on (out a multiple of 32, in of the block size), an input without rows (4-bit), int8 inputs of other
+    than 2 or 3 dims; fastpeft computes those itself."""
+    if not _CPU_KERNEL[0] or x.device.type != "cpu" or module.training or x.requires_grad or not x.numel():
+        return False  # (no rows: bnb's 4-bit kernel dies of SIGFPE)
+    traced = tracing_or_transformed()
     kind = _bnb_class_name(module)
     if kind == "Linear8bitLt":
-        return x.dim() in (2, 3)  # (bnb's int8 path fails on other ranks)
+        return x.dim() in (2, 3) and not traced  # (bnb's int8 path fails on other ranks)
     if kind != "Linear4bit" or not module.__dict__.get("support_avx512bf16_for_cpu", False):
         return False
     qs = getattr(module.weight, "quant_state", None)
     if qs is None:
         return False
-    if getattr(qs, "packing_format_for_cpu", False):
-        return True
+    if getattr(qs, "packing_format_for_cpu", False):  # (also in a compiled graph: it reads the repacked weight,
+        return True                                   # where unpacking it would swap its data)
+    if traced:
+        return False
     shape = tuple(getattr(qs, "shape", ()))
     return len(shape) == 2 and shape[0] % 32 == 0 and shape[1] % max(2, int(qs.blocksize)) == 0
 
@@ -333,15 +335,19 @@ _STATE_FIELDS = ("absmax", "nested", "state2", "offset", "dtype")  # what bnb's 
 
 
 def remember_quant_state(module: nn.Module) -> None:
-    """Keep the block scales of a ``Linear4bit`` weight not repacked yet (``_STATE_FIELDS`` of its QuantState, by
-    reference: no copy), so that ``unpack_cpu_repacked`` puts them back exactly. bnb's repacking rounds absmax to
-    bf16 (and drops a nested absmax's 8-bit codes), and its own unpacking re-quantizes it: every eval -> train cycle
-    would move the weights again (a nested absmax: ~2e-3 of the eval logits per cycle). Called just before a call
-    on which bnb repacks (``unpack_for_grad``, QLoRALinear's serving calls)."""
+    """Keep the block scales of a ``Linear4bit`` weight not repacked (``_STATE_FIELDS`` of its QuantState, by
+    reference: no copy) on that QuantState itself, so that ``unpack_cpu_repacked`` puts them back exactly. bnb's
+    repacking rounds absmax to bf16 (and drops a nested absmax's 8-bit codes) in place on the same QuantState, and
+    its own unpacking re-quantizes it: every eval -> train cycle would move the weights again (a nested absmax:
+    ~2e-3 of the eval logits per cycle). Kept on the QuantState, it follows it through deepcopy and pickle (bnb
+    copies the QuantState of a copied weight), and a new QuantState (a merge requantizes) starts without one.
+    Called whenever a guarded layer is seen unpacked: at ``guard_repacked_layers``, before its eager calls, after a
+    merge into it."""
     w = module._parameters.get("weight")
     qs = None if w is None else w.__dict__.get("quant_state")
-    if qs is not None and not qs.__dict__.get("packing_format_for_cpu", False):
-        module.__dict__["_fastpeft_scales"] = (qs, {k: getattr(qs, k, None) for k in _STATE_FIELDS})
+    if qs is not None and "_fastpeft_scales" not in qs.__dict__ \
+            and not qs.__dict__.get("packing_format_for_cpu", False):
+        qs.__dict__["_fastpeft_scales"] = {k: qs.__dict__[k] for k in _STATE_FIELDS if k in qs.__dict__}
 
 
 def unpack_cpu_repacked(module: nn.Module, *_) -> None:
@@ -354,72 +360,97 @@ def unpack_cpu_repacked(module: nn.Module, *_) -> None:
     the scales). Before 2026-12-01 fastpeft refused such a weight. No-op for any other layer."""
     qs = getattr(module.weight, "quant_state", None)
     if getattr(qs, "packing_format_for_cpu", False):
-        from bitsandbytes.functional import _convert_weight_packed_for_cpu_inverse
+        if func_transforms_active():  # (swapping the weight's data inside a transform leaves it escaped)
+            raise RuntimeError(f"a {type(module).__name__} weight is repacked for bitsandbytes' CPU inference kernel "
+                               "(an eval-mode call did it) and cannot be unpacked inside a torch.func transform: "
+                               "call model.train() (it unpacks) or run the model once outside the transform first")
+        # (a compiled graph cannot swap the weight's data: done eagerly there, one graph break)
+        (_unpack_eagerly if torch.compiler.is_compiling() else _unpack_now)(module, qs)
 
-        w = module.weight  # (what Linear4bit._save_to_state_dict runs, without the layer's state_dict hooks)
-        w.data, w.quant_state = _convert_weight_packed_for_cpu_inverse(w.data, qs)
-        kept = module.__dict__.pop("_fastpeft_scales", None)
-        if kept is not None and kept[0] is w.quant_state:
-            for k, v in kept[1].items():
-                setattr(w.quant_state, k, v)
-            if not w.quant_state.nested and hasattr(w.quant_state, "state2"):
-                del w.quant_state.state2
-        else:
-            absmax = w.quant_state.absmax
-            if absmax.dim() == 2:  # bnb 0.50 leaves a non-nested absmax in the repacked (in / b, out) layout:
-                w.quant_state.absmax = absmax.t().reshape(-1).float()  # per-row blocks again (bnb's forward reads it)
-        if getattr(module, "quant_state", None) is not None:
-            module.quant_state = w.quant_state
-        if "_fastpeft_repacked" in module.__dict__:
-            module.__dict__["_fastpeft_repacked"] = False
+
+def _unpack_now(module: nn.Module, qs) -> None:
+    """``unpack_cpu_repacked``'s work on a repacked weight with QuantState ``qs``."""
+    from bitsandbytes.functional import _convert_weight_packed_for_cpu_inverse
+
+    w = module.weight  # (what Linear4bit._save_to_state_dict runs, without the layer's state_dict hooks)
+    w.data, w.quant_state = _convert_weight_packed_for_cpu_inverse(w.data, qs)
+    kept = w.quant_state.__dict__.get("_fastpeft_scales")
+    if kept is not None:  # the scales as they were, each field present exactly as before
+        for k in _STATE_FIELDS:
+            if k in kept:
+                setattr(w.quant_state, k, kept[k])
+            elif k in w.quant_state.__dict__:
+                delattr(w.quant_state, k)
+    else:
+        absmax = w.quant_state.absmax
+        if absmax.dim() == 2:  # bnb 0.50 leaves a non-nested absmax in the repacked (in / b, out) layout:
+            w.quant_state.absmax = absmax.t().reshape(-1).float()  # per-row blocks again (bnb's forward reads it)
+    if getattr(module, "quant_state", None) is not None:
+        module.quant_state = w.quant_state
+
+
+_unpack_eagerly = torch.compiler.disable(_unpack_now)
 
 
 def _unpack(module: nn.Module, x) -> None:
-    """``unpack_for_grad``'s work, outside any torch.compile graph (it swaps the weight's data)."""
+    """``unpack_for_grad``'s work (eager: it swaps the weight's data)."""
     w = module._parameters.get("weight")
     qs = None if w is None else w.__dict__.get("quant_state")
     if qs is None:
         return
-    packed = qs.__dict__.get("packing_format_for_cpu", False)
-    if packed:
+    if qs.__dict__.get("packing_format_for_cpu", False):
         if module.training or (torch.is_grad_enabled() and isinstance(x, torch.Tensor) and x.requires_grad):
             unpack_cpu_repacked(module)
-            packed = False
-    elif isinstance(x, torch.Tensor) and bnb_cpu_serves(module, x):
-        remember_quant_state(module)  # this call repacks
-        packed = True
-    module.__dict__["_fastpeft_repacked"] = packed  # (what compiled code reads: a hint, _unpack checks the weight)
+    else:
+        remember_quant_state(module)  # (whatever decides that this call repacks: bnb's condition, not fastpeft's)
 
 
-_unpack_outside_graphs = torch.compiler.disable(_unpack)
+def _unpack_before_load(module: nn.Module, *_) -> None:
+    """load_state_dict pre-hook: a repacked weight unpacked first (the file holds the plain layout)."""
+    unpack_cpu_repacked(module)
 
 
-def unpack_for_grad(module: nn.Module, args) -> None:
+class _TrainUnpacks:
+    """A guarded ``Linear4bit``'s own ``train(mode)``: switched to training, a repacked weight is unpacked first
+    (``unpack_cpu_repacked``), eagerly, also for a model torch.compile then runs (its graphs cannot swap the
+    weight's data). Held in the layer's ``__dict__``; pickles and deep-copies as (this class, the layer)."""
+
+    def __init__(self, module: nn.Module):
+        self.module = module
+
+    def __call__(self, mode: bool = True):
+        if mode:
+            unpack_cpu_repacked(self.module)
+        return type(self.module).train(self.module, mode)
+
+    def __reduce__(self):
+        return _TrainUnpacks, (self.module,)
+
+
+def unpack_for_grad(module: nn.Module, args, kwargs) -> None:
     """Forward pre-hook of a bnb ``Linear4bit`` (``guard_repacked_layers``): a weight bnb repacked for its CPU
     inference kernel is unpacked before a call in train mode or on an input that requires grad. bnb keeps the
     repacked weight and runs every later call on that kernel, which has no backward: the input's gradient is
     silently dropped (a bias makes it raise instead). Before a call on which bnb repacks, the block scales are kept
-    (``remember_quant_state``). Runs outside torch.compile's graphs (a graph break only while the weight is
-    repacked or about to be). Removes itself once the weight is on another device."""
+    (``remember_quant_state``). Nothing while torch.compile traces: there the layer's ``train()`` has unpacked
+    the weight already (``_TrainUnpacks``). Removes itself once the weight is on another device."""
     w = module._parameters.get("weight")
     if w is None or w.device.type != "cpu":
         hooks = module._forward_pre_hooks
         for key in [k for k, f in hooks.items() if f is unpack_for_grad]:
             del hooks[key]
         return
-    x = args[0] if args else None
-    if torch.compiler.is_compiling():  # (a plain attribute: a guarded constant, no graph break unless it is set)
-        if module._fastpeft_repacked:
-            _unpack_outside_graphs(module, x)
+    if torch.compiler.is_compiling():
         return
-    _unpack(module, x)
+    _unpack(module, args[0] if args else kwargs.get("x", kwargs.get("input")))
 
 
 def guard_repacked_layers(model: nn.Module, skip=()) -> int:
     """Give every bnb ``Linear4bit`` of ``model`` (or ``model`` itself) on a CPU bnb repacks for (AVX512-BF16)
-    ``unpack_cpu_repacked`` as a state_dict pre-hook and, except the modules in ``skip`` (the bases of fastpeft's
-    own layers, which unpack what they read and keep the scales themselves: no per-call hook there), the forward
-    pre-hook ``unpack_for_grad`` (each once); returns how many got the forward hook. Without them, one eval-mode call of a 4-bit model (an
+    ``unpack_cpu_repacked`` as a state_dict pre-hook, a ``train`` that unpacks (``_TrainUnpacks``) and, except the
+    modules in ``skip`` (the bases of fastpeft's own layers, which unpack what they read and keep the scales
+    themselves: no per-call hook there), the forward pre-hook ``unpack_for_grad``, each once; returns how many got
+    the forward hook. Without them, one eval-mode call of a 4-bit model (an
     evaluation before training, a generate) leaves the layers fastpeft does not wrap passing no gradient to their
     inputs in training: with LoRA on q_proj / v_proj only (PEFT's default for Llama), o_proj drops every gradient
     and no adapter trains (PEFT + bitsandbytes: every LoRA gradient None; seen 2026-12-01, bitsandbytes 0.50.2);
@@ -433,12 +464,15 @@ def guard_repacked_layers(model: nn.Module, skip=()) -> int:
         w = m._parameters.get("weight")
         if w is None or w.device.type != "cpu":
             continue
+        remember_quant_state(m)
         if unpack_cpu_repacked not in m._state_dict_pre_hooks.values():
             m.register_state_dict_pre_hook(unpack_cpu_repacked)
+            m.register_load_state_dict_pre_hook(_unpack_before_load)
+        if "train" not in m.__dict__:  # (fastpeft's own bases too: a compiled graph must not unpack as it reads)
+            m.__dict__["train"] = _TrainUnpacks(m)
         if id(m) in skip or unpack_for_grad in m._forward_pre_hooks.values():
             continue
-        m.__dict__["_fastpeft_repacked"] = bool(getattr(w.__dict__.get("quant_state"), "packing_format_for_cpu", False))
-        m.register_forward_pre_hook(unpack_for_grad)
+        m.register_forward_pre_hook(unpack_for_grad, with_kwargs=True)
         n += 1
     return n
 
@@ -754,6 +788,8 @@ def assign_merged_weight(module: nn.Module, new) -> nn.Module:
     module.weight = new
     if _bnb_class_name(module) == "Linear8bitLt" and getattr(module, "state", None) is not None:
         module.state.reset_grads()  # as PEFT: the int8 state is rebuilt from the new weight
+    elif _bnb_class_name(module) == "Linear4bit":
+        remember_quant_state(module)  # (the new QuantState's scales, for bnb's CPU repacking)
     return module
 
 

@@ -789,10 +789,11 @@ def test_eval_edge_cases_on_the_cpu_kernel(checkpoint):
 
 
 def test_compiled_training_after_an_eager_eval_call(checkpoint):
-    """torch.compile'd training after an eager eval-mode call: the unpacking runs outside the graph (a plain flag
-    on the layer guards it), so the gradients are a never-evaluated model's, and a compiled training step of a
-    model never repacked has no graph break (before: the hook did nothing while dynamo traced, every LoRA gradient
-    0; a first fix broke the graph at every 4-bit layer)."""
+    """torch.compile'd training after an eager eval-mode call: the layers' train() unpacks their weights eagerly
+    (a compiled graph cannot swap them), so the gradients are a never-evaluated model's, and a compiled training
+    step has no graph break (before: every LoRA gradient 0; a first fix broke the graph at every 4-bit layer, and
+    on torch 2.11 unpacking inside the graph crashed). A compiled eval after an eager one reads the repacked weights
+    through bnb's kernel: the eager logits."""
     def build():
         torch.manual_seed(0)
         return fastpeft.inject(load(checkpoint), fastpeft.LoraConfig(r=4, target_modules=["q_proj", "v_proj"],
@@ -819,3 +820,60 @@ def test_compiled_training_after_an_eager_eval_call(checkpoint):
     torch._dynamo.reset()
     for n in want:
         assert_close_report(got[n], want[n], atol=1e-6, rtol=1e-5, what=n)
+    served = build().eval()
+    with torch.no_grad():
+        eager = served(input_ids=x).logits
+        compiled = torch.compile(served, backend="eager")(input_ids=x).logits
+    torch._dynamo.reset()
+    assert torch.equal(compiled, eager)
+
+
+def test_repacked_weights_come_back_exactly_through_copies_loads_switches_and_to_peft(checkpoint, tmp_path):
+    """More routes a repacked 4-bit weight takes (a review, 2026-12-01), each ending bit for bit at the loaded
+    weights: a deepcopy while repacked (TRL's reference model; bnb copies the QuantState, and the kept scales with
+    it), load_state_dict into a repacked model (the file's plain layout: a size mismatch before), the kernel switch
+    off (the layers fastpeft does not wrap still run bnb's forward: their scales kept too), a keyword call of an
+    unwrapped layer, and to_peft then eval then train (PEFT calls the bases directly: their train() unpacks)."""
+    x = ids(12)
+
+    def fresh():
+        torch.manual_seed(0)
+        return fastpeft.inject(load_plain(checkpoint, nested=True), fastpeft.LoraConfig(r=4, target_modules=["q_proj"]))
+
+    want = _dense_4bit(fresh())
+    model = fresh().eval()
+    with torch.no_grad():
+        model(input_ids=x)
+    twin = copy.deepcopy(model)
+    twin.train()
+    assert not _repacked(twin) and all(torch.equal(v, want[n]) for n, v in _dense_4bit(twin).items())
+    saved = fresh().state_dict()
+    model.load_state_dict(saved, strict=False)  # (bnb's quant-state keys are from_pretrained's to read)
+    assert all(torch.equal(v, want[n]) for n, v in _dense_4bit(model).items())
+    prev = fastpeft.quant.set_cpu_inference_kernel(False)
+    try:
+        with torch.no_grad():
+            model.eval()(input_ids=x)
+    finally:
+        fastpeft.quant.set_cpu_inference_kernel(prev)
+    k = model.model.layers[0].self_attn.k_proj
+    h = torch.randn(3, 64, requires_grad=True)
+    k(x=h).sum().backward()  # (eval mode, an input that requires grad, by keyword: unpacked first)
+    assert h.grad is not None and h.grad.abs().max() > 0
+    model.train()
+    assert not _repacked(model) and all(torch.equal(v, want[n]) for n, v in _dense_4bit(model).items())
+    pm = fastpeft.to_peft(fresh())
+    pm.train()(input_ids=x, labels=x).loss.backward()
+    g0 = {n: p.grad.clone() for n, p in pm.named_parameters() if p.requires_grad}
+    pm.zero_grad()
+    with torch.no_grad():
+        pm.eval()(input_ids=x)
+    pm.train()(input_ids=x, labels=x).loss.backward()
+    for n, p in pm.named_parameters():
+        if p.requires_grad:
+            assert torch.equal(p.grad, g0[n]), n
+    with torch.no_grad():
+        model.eval()(input_ids=x)
+    assert _repacked(model)
+    with pytest.raises(RuntimeError, match="inside a torch.func transform: call model.train"):
+        torch.func.vmap(lambda v: (fastpeft.quant.unpack_cpu_repacked(k), v)[1])(torch.randn(2, 3))
