@@ -450,9 +450,8 @@ def guard_repacked_layers(model: nn.Module, skip=()) -> int:
     ``unpack_cpu_repacked`` as a state_dict pre-hook, a ``train`` that unpacks (``_TrainUnpacks``) and, except the
     modules in ``skip`` (the bases of fastpeft's own layers, which unpack what they read and keep the scales
     themselves: no per-call hook there), the forward pre-hook ``unpack_for_grad``, each once; returns how many got
-    the forward hook. Without them, one eval-mode call of a 4-bit model (an
-    evaluation before training, a generate) leaves the layers fastpeft does not wrap passing no gradient to their
-    inputs in training: with LoRA on q_proj / v_proj only (PEFT's default for Llama), o_proj drops every gradient
+    the forward hook. Without them, one eval-mode call of a 4-bit model (an evaluation before training, a generate)
+    leaves the layers fastpeft does not wrap passing no gradient to their inputs in training: with LoRA on q_proj / v_proj only (PEFT's default for Llama), o_proj drops every gradient
     and no adapter trains (PEFT + bitsandbytes: every LoRA gradient None; seen 2026-12-01, bitsandbytes 0.50.2);
     and a state_dict() of a repacked layer re-quantizes (nested) or scrambles (not nested) its block scales.
     ``inject``, ``accelerate`` and ``QLoRALinear`` call it."""
