@@ -841,6 +841,19 @@ class FastLoRALinear(TunerLayer):
     def _check_input(self, x: torch.Tensor) -> None:
         check_in_features(x, self.in_features)
 
+    def _refuse_routed_variants(self, routing) -> None:
+        """DoRA and RoSA adapters cannot be routed per row: inside mixed_batch those its names route (adapters the
+        layer merely holds do not matter), with adapter_ids any it holds (which rows use which is on the device)."""
+        dora, rosa = self._modules["lora_magnitude_vector"]._parameters, self._modules["sparse_deltas"]._modules
+        if dora or rosa:
+            held = routing[0][0] if routing is not None else list(self._specs)
+            if any(n in dora for n in held):
+                raise ValueError(f"DoRA adapters {[n for n in dora if n in held]} cannot be routed per row "
+                                 "(adapter_ids / mixed_batch), as in PEFT; use set_adapter")
+            if any(n in rosa for n in held):
+                raise RuntimeError(f"adapters with a sparse delta (RoSA) {[n for n in rosa if n in held]} cannot be "
+                                   "routed per row (adapter_ids / mixed_batch); use set_adapter")
+
     def _routed_ids(self, x: torch.Tensor, adapter_ids: torch.Tensor | None) -> tuple:
         """``(routing, adapter_ids)`` of a forward, x checked against in_features: without ``adapter_ids``, those
         of the enclosing ``fastpeft.mixed_batch`` (``routing``: ``((names, ids), rows_per_sequence)``, see
@@ -882,17 +895,7 @@ class FastLoRALinear(TunerLayer):
             return lora_sparse_linear(x, weight, bias, a, b, s.scaling, delta.delta_indices,
                                       values, delta.block_size, s.lora_dropout, self.training,
                                       check=False, plan=plan)
-        # DoRA and RoSA adapters cannot be routed per row: inside mixed_batch those its names route (adapters the layer
-        # merely holds do not matter), with adapter_ids any it holds (which rows use which is on the device)
-        dora, rosa = self._modules["lora_magnitude_vector"]._parameters, self._modules["sparse_deltas"]._modules
-        if dora or rosa:
-            held = routing[0][0] if routing is not None else list(self._specs)
-            if any(n in dora for n in held):
-                raise ValueError(f"DoRA adapters {[n for n in dora if n in held]} cannot be routed per row "
-                                 "(adapter_ids / mixed_batch), as in PEFT; use set_adapter")
-            if any(n in rosa for n in held):
-                raise RuntimeError(f"adapters with a sparse delta (RoSA) {[n for n in rosa if n in held]} cannot be "
-                                   "routed per row (adapter_ids / mixed_batch); use set_adapter")
+        self._refuse_routed_variants(routing)
         if routing is not None:
             adapter_ids = _per_row(adapter_ids, routed_batch(adapter_ids.shape[0], x, routing[1]))
         ids = expand_adapter_ids(adapter_ids, x, len(self._specs), check_range=routing is None)
@@ -1368,17 +1371,12 @@ class QLoRALinear(FastLoRALinear):
                 return dora_linear(x.to(cdt), w, bias, a, b, m, s.scaling, s.lora_dropout, self.training,
                                    norm_cache=None).to(x.dtype)
             return qlora_linear(x, qw, bias, a, b, s.scaling, s.lora_dropout, self.training)
+        self._refuse_routed_variants(routing)
         if routing is not None:
             adapter_ids = _per_row(adapter_ids, routed_batch(adapter_ids.shape[0], x, routing[1]))
         ids = expand_adapter_ids(adapter_ids, x, len(self._specs), check_range=routing is None)
         if not self._specs:
             return self._base_forward(x)
-        if self._modules["lora_magnitude_vector"]._parameters:  # (as FastLoRALinear.forward refuses them)
-            held = routing[0][0] if routing is not None else list(self._specs)
-            dora = [n for n in self._modules["lora_magnitude_vector"]._parameters if n in held]
-            if dora:
-                raise ValueError(f"DoRA adapters {dora} cannot be routed per row (adapter_ids / mixed_batch), as in "
-                                 "PEFT; use set_adapter")
         if self._serves(x) and not torch.is_autocast_enabled(x.device.type):  # eval on the CPU: bnb's kernel for
             stack_a, stack_b = self._forward_stacks(routing, ids)  # (the adapters' dtype: fp32, as PEFT's terms)
             layer = self._modules["base_layer"]  # x Wᵀ + b, each row's adapter added to it

@@ -356,8 +356,9 @@ def unpack_cpu_repacked(module: nn.Module, *_) -> None:
     the block scales as they were before the repacking where ``remember_quant_state`` kept them (the weight is then
     bit for bit the one before), else as bnb leaves them (bf16-rounded; a non-nested absmax put back in per-row
     order, which bnb 0.50's own unpacking leaves scrambled). Its next eval-mode call repacks it again. Also the
-    state_dict pre-hook ``guard_repacked_layers`` installs (bnb's own unpacking there would scramble or re-quantize
-    the scales). Before 2026-12-01 fastpeft refused such a weight. No-op for any other layer."""
+    state_dict and load_state_dict pre-hook ``guard_repacked_layers`` installs (bnb's own unpacking there would
+    scramble or re-quantize the scales; a file holds the plain layout). Before 2026-12-01 fastpeft refused such a
+    weight. No-op for any other layer."""
     qs = getattr(module.weight, "quant_state", None)
     if getattr(qs, "packing_format_for_cpu", False):
         if func_transforms_active():  # (swapping the weight's data inside a transform leaves it escaped)
@@ -405,11 +406,6 @@ def _unpack(module: nn.Module, x) -> None:
         remember_quant_state(module)  # (whatever decides that this call repacks: bnb's condition, not fastpeft's)
 
 
-def _unpack_before_load(module: nn.Module, *_) -> None:
-    """load_state_dict pre-hook: a repacked weight unpacked first (the file holds the plain layout)."""
-    unpack_cpu_repacked(module)
-
-
 class _TrainUnpacks:
     """A guarded ``Linear4bit``'s own ``train(mode)``: switched to training, a repacked weight is unpacked first
     (``unpack_cpu_repacked``), eagerly, also for a model torch.compile then runs (its graphs cannot swap the
@@ -447,14 +443,15 @@ def unpack_for_grad(module: nn.Module, args, kwargs) -> None:
 
 def guard_repacked_layers(model: nn.Module, skip=()) -> int:
     """Give every bnb ``Linear4bit`` of ``model`` (or ``model`` itself) on a CPU bnb repacks for (AVX512-BF16)
-    ``unpack_cpu_repacked`` as a state_dict pre-hook, a ``train`` that unpacks (``_TrainUnpacks``) and, except the
-    modules in ``skip`` (the bases of fastpeft's own layers, which unpack what they read and keep the scales
-    themselves: no per-call hook there), the forward pre-hook ``unpack_for_grad``, each once; returns how many got
-    the forward hook. Without them, one eval-mode call of a 4-bit model (an evaluation before training, a generate)
-    leaves the layers fastpeft does not wrap passing no gradient to their inputs in training: with LoRA on q_proj / v_proj only (PEFT's default for Llama), o_proj drops every gradient
-    and no adapter trains (PEFT + bitsandbytes: every LoRA gradient None; seen 2026-12-01, bitsandbytes 0.50.2);
-    and a state_dict() of a repacked layer re-quantizes (nested) or scrambles (not nested) its block scales.
-    ``inject``, ``accelerate`` and ``QLoRALinear`` call it."""
+    ``unpack_cpu_repacked`` as a state_dict and load_state_dict pre-hook, a ``train`` that unpacks
+    (``_TrainUnpacks``) and, except the modules in ``skip`` (the bases of fastpeft's own layers, which unpack what
+    they read and keep the scales themselves: no per-call hook there), the forward pre-hook ``unpack_for_grad``,
+    each once; returns how many got the forward hook. Without them, one eval-mode call of a 4-bit model (an
+    evaluation before training, a generate) leaves the layers fastpeft does not wrap passing no gradient to their
+    inputs in training: with LoRA on q_proj / v_proj only (PEFT's default for Llama), o_proj drops every gradient
+    and no adapter trains (PEFT + bitsandbytes: every LoRA gradient None; seen 2026-12-01, bitsandbytes 0.50.2); and
+    a state_dict() of a repacked layer re-quantizes (nested) or scrambles (not nested) its block scales. ``inject``,
+    ``accelerate`` and ``QLoRALinear`` call it."""
     skip = {id(m) for m in skip}
     n = 0
     for m in model.modules():
@@ -466,7 +463,7 @@ def guard_repacked_layers(model: nn.Module, skip=()) -> int:
         remember_quant_state(m)
         if unpack_cpu_repacked not in m._state_dict_pre_hooks.values():
             m.register_state_dict_pre_hook(unpack_cpu_repacked)
-            m.register_load_state_dict_pre_hook(_unpack_before_load)
+            m.register_load_state_dict_pre_hook(unpack_cpu_repacked)  # (the file holds the plain layout)
         if "train" not in m.__dict__:  # (fastpeft's own bases too: a compiled graph must not unpack as it reads)
             m.__dict__["train"] = _TrainUnpacks(m)
         if id(m) in skip or unpack_for_grad in m._forward_pre_hooks.values():
