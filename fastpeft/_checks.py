@@ -589,3 +589,85 @@ def routed_batch(n_names: int, x, k: int = 1) -> int:
     raise ValueError(f"mixed_batch was given {n_names} adapter_names (one per sequence), but this layer's input "
                      f"has batch size {batch if batch is not None else 'none'} (shape {tuple(x.shape)}), expected "
                      f"{n_names}{hint}")
+
+
+def experts_reason(experts) -> str | None:
+    """Why ``experts`` is not a transformers experts module ``lora_experts`` computes (None: it is one): a module of
+    ``transformers.integrations.use_experts_implementation`` (transformers >= 5: Qwen3-MoE, Mixtral, gpt-oss, ...),
+    whose expert weights are 3-D Parameters (E, out, in) (or (E, in, out), ``is_transposed``), with its flags."""
+    name = type(experts).__name__
+    for attr in ("num_experts", "has_gate", "has_bias", "is_transposed"):
+        if not hasattr(experts, attr):
+            return (f"{name} is not a transformers experts module (no {attr!r}: a class decorated with "
+                    "transformers.integrations.use_experts_implementation, transformers >= 5)")
+    if getattr(experts, "_is_expert_parallel", False):
+        return f"{name} is sharded for expert parallelism (routing holds sentinel ids)"
+    if not isinstance(experts.num_experts, int) or experts.num_experts < 1:
+        return f"{name}.num_experts is {experts.num_experts!r}, not a positive int"
+    up = "gate_up_proj" if experts.has_gate else "up_proj"
+    for p in (up, "down_proj"):
+        w = getattr(experts, p, None)
+        if not isinstance(w, torch.Tensor) or w.dim() != 3 or w.shape[0] != experts.num_experts:
+            return f"{name}.{p} is not a 3-D tensor of {experts.num_experts} experts"
+        if not w.is_floating_point():
+            return f"{name}.{p} is a {type(w).__name__} of dtype {w.dtype} (a quantized expert weight)"
+        n_out = w.shape[2] if experts.is_transposed else w.shape[1]
+        b = getattr(experts, p + "_bias", None) if experts.has_bias else None
+        if experts.has_bias and (not isinstance(b, torch.Tensor) or tuple(b.shape) != (w.shape[0], n_out)):
+            return f"{name}.{p}_bias is not an (experts, out) = ({w.shape[0]}, {n_out}) tensor"
+    gate = "_apply_gate" if experts.has_gate else "act_fn"
+    if not callable(getattr(experts, gate, None)):
+        return f"{name} has no {gate}"
+    return None
+
+
+def check_lora_experts_args(experts, hidden_states, top_k_index, top_k_weights, adapters) -> dict:
+    """The checks of ``fastpeft.lora_experts``; returns ``adapters`` as {parameter name: [(A, B, s), ...]}."""
+    why = experts_reason(experts)
+    if why is not None:
+        raise TypeError(f"experts: {why}")
+    check_tensor(hidden_states, "hidden_states", 2)
+    check_tensor(top_k_index, "top_k_index", 2)
+    check_tensor(top_k_weights, "top_k_weights")
+    if top_k_index.dtype.is_floating_point or top_k_index.dtype.is_complex or top_k_index.dtype == torch.bool:
+        raise TypeError(f"top_k_index must be an integer tensor, got {top_k_index.dtype}")
+    if top_k_index.shape[0] != hidden_states.shape[0]:
+        raise ValueError(f"top_k_index must have one row per row of hidden_states ({hidden_states.shape[0]}), got "
+                         f"shape {tuple(top_k_index.shape)}")
+    if top_k_weights.shape != top_k_index.shape or not top_k_weights.is_floating_point():
+        raise ValueError(f"top_k_weights must be a float tensor of top_k_index's shape {tuple(top_k_index.shape)}, got "
+                         f"{top_k_weights.dtype} of shape {tuple(top_k_weights.shape)}")
+    check_same_device_dtype("hidden_states", hidden_states, False, top_k_index=top_k_index,
+                            top_k_weights=top_k_weights)
+    up = "gate_up_proj" if experts.has_gate else "up_proj"
+    adapters = {} if adapters is None else adapters
+    if not isinstance(adapters, dict):
+        raise TypeError(f"adapters must be a dict of parameter name -> [(lora_A, lora_B, scaling), ...], got "
+                        f"{type(adapters).__name__}")
+    out = {}
+    for p, terms in adapters.items():
+        if p not in (up, "down_proj"):
+            raise ValueError(f"adapters: {p!r} is not an expert weight of {type(experts).__name__}; expected "
+                             f"{up!r} or 'down_proj'")
+        w = getattr(experts, p)
+        n_e, n_out, n_in = (w.shape[0], w.shape[2], w.shape[1]) if experts.is_transposed else tuple(w.shape)
+        out[p] = []
+        for i, term in enumerate(terms):
+            if not isinstance(term, (tuple, list)) or len(term) != 3:
+                raise TypeError(f"adapters[{p!r}][{i}] must be (lora_A, lora_B, scaling), got {type(term).__name__}")
+            a, b, s = term
+            check_tensor(a, f"adapters[{p!r}][{i}] lora_A", 3)
+            check_tensor(b, f"adapters[{p!r}][{i}] lora_B", 3)
+            r = a.shape[1]
+            if a.shape != (n_e, r, n_in) or b.shape != (n_e, n_out, r):
+                raise ValueError(f"adapters[{p!r}][{i}]: lora_A must be (experts, r, in) = ({n_e}, r, {n_in}) and "
+                                 f"lora_B (experts, out, r) = ({n_e}, {n_out}, r), got {tuple(a.shape)} and "
+                                 f"{tuple(b.shape)}")
+            if not (a.is_floating_point() and b.is_floating_point()):
+                raise TypeError(f"adapters[{p!r}][{i}]: lora_A and lora_B must be float tensors, got {a.dtype} / "
+                                f"{b.dtype}")
+            check_same_device_dtype(f"{type(experts).__name__}.{p}", w, False, lora_A=a, lora_B=b)
+            if isinstance(s, bool) or not isinstance(s, (int, float)):
+                raise TypeError(f"adapters[{p!r}][{i}]: scaling must be a number, got {s!r}")
+            out[p].append((a, b, float(s)))
+    return out

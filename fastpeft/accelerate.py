@@ -15,6 +15,11 @@ whose ``forward`` decides at every call:
   the adapters (and the bias) are in the layer's compute dtype: then PEFT's forward computes everything in
   that dtype too; one active DoRA adapter there (QDoRA) -> ``dora_linear`` on W dequantized for the call;
 - ``adapter_names=`` (PEFT's mixed batches, ``"__base__"`` rows included) -> ``fastpeft.lora_linear_multi``;
+- LoRA on a mixture of experts' 3-D expert weights (PEFT's ``target_parameters``: nested ``lora.ParamWrapper``
+  layers, one per targeted parameter, over a transformers experts module) -> ``fastpeft.lora_experts``: the
+  outermost wrapper (``AcceleratedParamWrapper``) computes every wrapper's active adapters on the routed rows of each
+  expert, where PEFT forms ``W + s B A`` for all experts at each call; the inner wrappers keep PEFT's class (only
+  the outermost's fallback calls them);
 - anything else -> PEFT's own ``Linear.forward``, unchanged: disabled or merged adapters, LoRA variants
   other than DoRA (aLoRA, ...), DoRA with several active adapters or on an int8 base, ``lora_bias``,
   hooks on the base layer or on the LoRA factors (accelerate's offload hooks included), parameters of other
@@ -47,7 +52,8 @@ import torch.nn as nn
 import torch.nn.functional as F
 from torch.nn.modules import module as _torch_module
 
-from .functional import dora_linear, lora_linear, lora_linear_multi, qlora_linear
+from ._checks import experts_reason
+from .functional import dora_linear, lora_experts, lora_linear, lora_linear_multi, qlora_linear
 from .hf import _InstanceMethod
 from .ops.common import cast_params, held, kept_state, kept_transpose
 from .quant import (_bnb_class_name, bnb_cpu_serves, call_buffer, conv1d_class, dequantize_weight,
@@ -457,13 +463,131 @@ def _train(self, mode: bool = True):
     return self._fastpeft_original.train(self, mode)
 
 
+# ---------------------------------------------------------------------------------------------------------
+# LoRA on a mixture of experts' 3-D expert weights (PEFT's target_parameters: lora.ParamWrapper)
+# ---------------------------------------------------------------------------------------------------------
+def _is_param_wrapper(m: nn.Module) -> bool:
+    cls = getattr(type(m), "_fastpeft_original", type(m))
+    return cls.__name__ == "ParamWrapper" and cls.__module__.startswith("peft.tuners.lora")
+
+
+def _wrapper_chain(m: nn.Module) -> tuple:
+    """``(wrappers, experts)``: PEFT's nested ``ParamWrapper`` layers from ``m`` inwards (one per targeted parameter
+    of the same module), and the module they wrap."""
+    chain, base = [m], m._modules["base_layer"]
+    while _is_param_wrapper(base):
+        chain.append(base)
+        base = base._modules["base_layer"]
+    return chain, base
+
+
+def _wrapper_reason(m: nn.Module) -> str | None:
+    """Why the outermost ``ParamWrapper`` ``m`` (and those it wraps) cannot run on ``lora_experts`` (None: it can)."""
+    chain, base = _wrapper_chain(m)
+    why = experts_reason(base)
+    if why is not None:
+        return f"target_parameters on a module fastpeft does not compute: {why}"
+    up = "gate_up_proj" if base.has_gate else "up_proj"
+    for w in chain:
+        if w.parameter_name not in (up, "down_proj"):
+            return (f"target_parameters names {type(base).__name__}.{w.parameter_name}: fastpeft computes LoRA on "
+                    f"its {up!r} and 'down_proj' expert weights")
+    if not any(w.lora_A for w in chain):
+        return "the layer holds no LoRA adapter"
+    for w in chain:
+        reasons = [_adapter_reason(w, a) for a in w.lora_A]
+        if w.lora_A and all(reasons):
+            return "; ".join(reasons)
+    return None
+
+
+def _experts_fallback_reason(self, x, args, kwargs) -> str | None:
+    """Why this call of an accelerated ``ParamWrapper`` runs PEFT's own forward (None: ``lora_experts``)."""
+    chain, base = _wrapper_chain(self)
+    for w in chain:
+        if w.disable_adapters:
+            return "adapters disabled"
+        if w.merged:
+            return "merged adapters"
+    if kwargs or len(args) != 2:
+        return "an expert layer called with other than (hidden_states, top_k_index, top_k_weights)"
+    index, weights = args
+    if not (isinstance(x, torch.Tensor) and isinstance(index, torch.Tensor) and isinstance(weights, torch.Tensor)
+            and x.dim() == 2 and x.is_floating_point() and index.dim() == 2 and index.shape[0] == x.shape[0]
+            and not index.is_floating_point() and weights.shape == index.shape and weights.is_floating_point()):
+        return "inputs other than hidden_states (T, H), top_k_index (T, k) int, top_k_weights (T, k) float"
+    if tracing_or_transformed():
+        return "torch.compile tracing or a torch.func transform (the expert loop reads its group sizes on the host)"
+    why = experts_reason(base)
+    if why is not None:
+        return why
+    if _has_hooks(base) or any(_has_hooks(w) for w in chain[1:]):
+        return "hooks on the experts module or an inner ParamWrapper"
+    if _global_hooks():
+        return "global module hooks"
+    dev, active = x.device, False
+    for w in chain:
+        mods = w._modules
+        lora_as, lora_bs, drops = mods["lora_A"]._modules, mods["lora_B"]._modules, mods["lora_dropout"]._modules
+        for a in w.active_adapters:
+            if a not in lora_as:
+                continue
+            active = True
+            why = _adapter_reason(w, a, lora_as[a], lora_bs[a], drops[a])
+            if why is not None:
+                return why
+            if _has_hooks(lora_as[a]) or _has_hooks(lora_bs[a]) or _has_hooks(drops[a]):
+                return f"hooks on adapter {a!r}'s modules"
+            if not isinstance(w.scaling[a], (int, float)):
+                return f"adapter {a!r} has a scaling of type {type(w.scaling[a]).__name__}"
+            for t in (_param(lora_as[a], "weight"), _param(lora_bs[a], "weight")):
+                if type(t) not in _PLAIN_TYPES or t.device != dev or t.dtype not in _KERNEL_OR_REF_DTYPES:
+                    return f"adapter {a!r}: a {type(t).__name__} of dtype {t.dtype} on {t.device}, input on {dev}"
+    if not active:
+        return "no adapter of this layer is active"
+    for name in ("gate_up_proj" if base.has_gate else "up_proj", "down_proj"):
+        t = getattr(base, name)
+        if type(t) not in _PLAIN_TYPES or t.device != dev or t.layout != torch.strided:
+            return f"expert weight {name}: a {type(t).__name__} on {t.device}, input on {dev}"
+    return None
+
+
+def _expert_factors(w: nn.Module, name: str) -> tuple:
+    """Adapter ``name`` of ``ParamWrapper`` ``w`` as ``(A (E, r, in), B (E, out, r), scaling)``, views of PEFT's
+    factors: its ``lora_A`` (r E, in) holds expert e's rows at e r .. e r + r - 1, its ``lora_B`` (out, r E) expert
+    e's column j at j E + e (PEFT's ``get_delta_factors``)."""
+    n_exp = w.num_experts
+    a, b = _param(w.lora_A[name], "weight"), _param(w.lora_B[name], "weight")
+    return a.view(n_exp, -1, a.shape[-1]), b.view(b.shape[0], -1, n_exp).permute(2, 0, 1), float(w.scaling[name])
+
+
+def _experts_forward(self, x: torch.Tensor, *args, **kwargs) -> torch.Tensor:
+    """PEFT's ``ParamWrapper.forward`` (the outermost of a module's wrappers) as one ``lora_experts`` call: the
+    active adapters of every wrapper in the chain, on their expert weights, without PEFT's parametrization (which
+    forms W + s B A for every expert at each call)."""
+    why = _experts_fallback_reason(self, x, args, kwargs)
+    if not torch.compiler.is_compiling():
+        calls = self.__dict__.get("_fastpeft_calls")
+        if calls is not None:
+            calls[why or _FASTPEFT] += 1
+    if why is not None:
+        return self._fastpeft_original.forward(self, x, *args, **kwargs)
+    chain, base = _wrapper_chain(self)
+    adapters = {w.parameter_name: [_expert_factors(w, a) for a in w.active_adapters if a in w.lora_A._modules]
+                for w in chain}
+    return lora_experts(base, x, args[0], args[1], adapters, check_ids=False)
+
+
 def _accelerated_class(original: type) -> type:
     """The cached subclass of PEFT's ``original`` layer class whose forward runs fastpeft's ops."""
     cls = _classes.get(original)
     if cls is None:
-        name = "AcceleratedLinear" if original.__name__ == "Linear" else f"AcceleratedLinear{original.__name__[6:]}"
+        wrapper = original.__name__ == "ParamWrapper"
+        name = "AcceleratedLinear" if original.__name__ == "Linear" else (
+            "AcceleratedParamWrapper" if wrapper else f"AcceleratedLinear{original.__name__[6:]}")
         cls = type(name, (original,), {
-            "forward": _forward, "merge": _merge, "unmerge": _unmerge, "_apply": _apply, "train": _train,
+            "forward": _experts_forward if wrapper else _forward, "merge": _merge, "unmerge": _unmerge,
+            "_apply": _apply, "train": _train,
             "__module__": __name__, "__qualname__": name,
             "_fastpeft_original": original,
             "__doc__": f"PEFT's lora {original.__name__} computing through fastpeft's ops (fastpeft.accelerate).",
@@ -481,6 +605,10 @@ def __getattr__(name):  # pickling an accelerated model finds the class here
         from peft.tuners.lora.bnb import Linear4bit
 
         return _accelerated_class(Linear4bit)
+    if name == "AcceleratedParamWrapper":
+        from peft.tuners.lora.layer import ParamWrapper
+
+        return _accelerated_class(ParamWrapper)
     raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
 
 
@@ -525,7 +653,7 @@ class AccelerateReport:
                          "hooks on their modules, an input, weight and bias of several dtypes outside autocast "
                          "(fp32 adapters on a bf16 base run on fastpeft, cast), autocast on 4-bit layers, several "
                          "active adapters with dropout in training or with DoRA among them, DoRA in adapter_names "
-                         "batches. "
+                         "batches; expert layers (target_parameters) also while torch.compile traces. "
                          "report.calls() counts the paths taken.")
         return "\n".join(lines)
 
@@ -548,6 +676,8 @@ def _is_peft_bnb(cls: type, name: str) -> bool:
 
 def _layer_reason(m: nn.Module, linear_cls: type):
     """Why LoRA layer ``m`` cannot be accelerated at all (None: some adapter of it can)."""
+    if _is_param_wrapper(m):  # (an inner one: _survey gives it its outermost wrapper's reason)
+        return _wrapper_reason(m)
     cls = getattr(type(m), "_fastpeft_original", type(m))
     base = m.base_layer
     four_bit = _is_peft_bnb(cls, "Linear4bit") and _bnb_class_name(base) == "Linear4bit"
@@ -605,7 +735,8 @@ def accelerate(model: nn.Module, strict: bool = False) -> AccelerateReport:
     model: a LoRA ``peft.PeftModel``, or a transformers model with PEFT adapters added by ``add_adapter``.
     Layers fastpeft cannot compute (LoRA variants other than DoRA, ``lora_bias``, int8 and non-bitsandbytes
     quantized bases, DoRA on a quantized base other than a 4-bit one, bases other than nn.Linear and transformers'
-    Conv1D, a ``fan_in_fan_out`` flag against the base's layout) keep PEFT's forward and are listed in
+    Conv1D, a ``fan_in_fan_out`` flag against the base's layout, ``target_parameters`` on anything but a
+    transformers experts module's expert weights) keep PEFT's forward and are listed in
     ``report.skipped`` with the reason;
     ``strict=True`` raises ``ValueError`` instead (before changing anything) if any layer or adapter would
     stay on PEFT's forward. Calling it again is a no-op for the layers already patched;
@@ -648,8 +779,13 @@ def accelerate(model: nn.Module, strict: bool = False) -> AccelerateReport:
 def _survey(layers: dict, linear_cls: type) -> tuple:
     """``(report, layers to patch)`` for the PEFT LoRA ``layers`` (name -> module)."""
     patched, skipped, partial, todo = [], {}, {}, []
+    # PEFT nests one ParamWrapper per targeted parameter of a module: the outermost computes them all
+    outer_of = {id(w._modules["base_layer"]): w for w in layers.values() if _is_param_wrapper(w)}
     for name, m in layers.items():
-        why = _layer_reason(m, linear_cls)
+        outer = m
+        while id(outer) in outer_of:
+            outer = outer_of[id(outer)]
+        why = _layer_reason(outer, linear_cls)
         if why is not None:
             skipped[name] = why
             continue
@@ -657,7 +793,11 @@ def _survey(layers: dict, linear_cls: type) -> tuple:
         if notes:
             partial[name] = "; ".join(notes) + " (PEFT's forward when active)"
         patched.append(name)
-        if type(m).__dict__.get("_fastpeft_original") is None:  # not accelerated yet
+        original = type(m).__dict__.get("_fastpeft_original")
+        if outer is not m:  # an inner wrapper: runs as PEFT's (only the outermost's fallback calls it)
+            if original is not None:
+                m.__class__ = original
+        elif original is None:  # not accelerated yet
             todo.append(m)
     return AccelerateReport(patched, skipped, partial, len(todo), [layers[n] for n in patched]), todo
 

@@ -21,9 +21,10 @@ import threading
 import torch
 
 from . import kernels
-from ._checks import (autocast_on, check_bool, check_dora_linear_args, check_lora_linear_args, check_lora_multi_args,
-                      check_qlora_linear_args, check_same_device_dtype, check_seed, check_sparse_delta, check_tensor,
-                      expand_adapter_ids)
+from ._checks import (autocast_on, check_bool, check_dora_linear_args, check_lora_experts_args,
+                      check_lora_linear_args, check_lora_multi_args, check_qlora_linear_args, check_same_device_dtype,
+                      check_seed, check_sparse_delta, check_tensor, expand_adapter_ids)
+from .ops import experts as _experts
 from .ops.common import autocast_inputs, draw_seed
 from .ops.dora import dora_linear as _dora_linear_op  # plain torch at import; its kernels load on first use
 from .ops.lora_cpu import lora_linear_cpu
@@ -347,3 +348,52 @@ def dora_linear(x, weight, bias, lora_A, lora_B, magnitude, scaling, dropout_p=0
     with torch.autocast(x.device.type, enabled=False):
         return _dora_linear_op(x, weight, bias, lora_A, lora_B, magnitude, float(scaling), p, training, seed,
                                dropout_mode, weight_sq_norm, name)
+
+
+def lora_experts(experts, hidden_states, top_k_index, top_k_weights, adapters=None, check_ids=True,
+                 form=None) -> torch.Tensor:
+    """A mixture of experts' expert layer with LoRA on its 3-D expert weights (PEFT's ``target_parameters``), without
+    ever forming ``W + ΔW``.
+
+    experts: a transformers experts module (``use_experts_implementation``, transformers >= 5: ``gate_up_proj``
+    (E, 2I, H) or ``up_proj``, ``down_proj`` (E, H, I); (E, in, out) when ``is_transposed``, as gpt-oss; biases,
+    ``_apply_gate``, ``post_expert_norm`` as its flags say); hidden_states: (T, H); top_k_index: (T, k) int, the
+    experts of each token; top_k_weights: (T, k), their routing weights. adapters: {"gate_up_proj" (or "up_proj") /
+    "down_proj": [(lora_A (E, r, in), lora_B (E, out, r), scaling), ...]}; a token routed to expert e gets
+    ``x W_eᵀ + s (x A_eᵀ) B_eᵀ`` in each projection (one term per adapter). Returns (T, H) in hidden_states' dtype:
+    ``Σ_j w_j expert_{i_j}(x)``, as the module's own forward (transformers' ``grouped_mm`` order: rows sorted by
+    expert, the top-k sum per token).
+
+    PEFT's ``ParamWrapper`` computes the same by folding every expert's ``s B_e A_e`` into an (E, out, in) copy of W
+    on each call (and its backward builds an (E, out, in) gradient); here each expert costs its routed rows'
+    products only. ``form``: ``"loop"`` (a pair of products per expert with rows, one host sync) or
+    ``"grouped_mm"`` (``torch.nn.functional.grouped_mm``, no host sync); None picks
+    (``fastpeft.ops.experts.pick_form``: grouped_mm on CUDA where it runs, on the CPU up to 32 rows per expert).
+    ``check_ids=False`` skips the range check of top_k_index (a host sync) in the grouped_mm form, for ids a router
+    made. No Triton kernel yet. Differentiable in hidden_states, top_k_weights, the factors and the expert weights.
+    """
+    adapters = check_lora_experts_args(experts, hidden_states, top_k_index, top_k_weights, adapters)
+    check_bool(check_ids, "check_ids")
+    up = "gate_up_proj" if experts.has_gate else "up_proj"
+    weights = [getattr(experts, up), experts.down_proj]
+    if form is None:
+        form = _experts.pick_form(hidden_states, weights, [f for terms in adapters.values() for f in terms],
+                                  top_k_index.numel(), experts.num_experts)
+    elif form not in _experts.FORMS:
+        raise ValueError(f"form must be one of {_experts.FORMS} or None, got {form!r}")
+    n_tok, k = top_k_index.shape
+    groups = _experts.Groups(top_k_index, experts.num_experts, form, check_ids)
+    transposed = bool(experts.is_transposed)
+
+    def project(name, x):
+        bias = getattr(experts, name + "_bias") if experts.has_bias else None
+        return groups.project(x, getattr(experts, name), bias, adapters.get(name, ()), transposed)
+    h = project(up, hidden_states[groups.perm // k])
+    h = experts._apply_gate(h) if experts.has_gate else experts.act_fn(h)
+    out = project("down_proj", h)
+    if getattr(experts, "has_post_expert_norm", False):
+        out = experts.post_expert_norm(out)
+    out = out * top_k_weights.reshape(-1)[groups.perm].unsqueeze(-1)
+    inv = torch.empty_like(groups.perm)
+    inv[groups.perm] = torch.arange(groups.perm.numel(), device=groups.perm.device)
+    return out[inv].view(n_tok, k, out.shape[-1]).sum(dim=1).to(hidden_states.dtype)

@@ -488,8 +488,9 @@ def _warn_unadapted(model: nn.Module, spec, all_linear: bool) -> None:
                  if p.dim() >= 3]
         if fused:
             warnings.warn("target_modules='all-linear' leaves the model's fused expert weights as they are: "
-                          f"{few(fused)} (3-D Parameters: fastpeft adapts nn.Linear modules only; PEFT adapts them "
-                          "through target_parameters)", UserWarning, stacklevel=5)
+                          f"{few(fused)} (3-D Parameters: inject adapts nn.Linear modules only; PEFT adapts them "
+                          "through target_parameters, and fastpeft.accelerate computes those PEFT layers)", UserWarning,
+                          stacklevel=5)
     elif isinstance(spec, (list, tuple)):
         names = [n for n, _ in model.named_modules() if n]
         unmatched = [e for e in spec if not any(matches([e], n) for n in names)]

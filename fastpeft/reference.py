@@ -714,3 +714,42 @@ def dora_linear_ref(
     if bias is not None:
         y = y + bias.to(dt)
     return y.to(x.dtype)
+
+
+def lora_grouped_linear_ref(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, group_sizes,
+                            lora_A_stacks=(), lora_B_stacks=(), scalings=(), transposed: bool = False) -> torch.Tensor:
+    """A linear layer per group of rows, each with its own LoRA update (a mixture of experts' expert weights).
+
+    The rows of x come grouped: rows ``[o_e, o_e + n_e)`` (``n_e = group_sizes[e]``, ``o_e`` their running sum) use
+    group e, and get ``x W_eᵀ + b_e + Σ_a s_a (x A_{a,e}ᵀ) B_{a,e}ᵀ`` (one term per adapter a).
+
+    x: (S, in) with S = Σ n_e; weight: (E, out, in), or (E, in, out) when ``transposed`` (the row computes x W_e);
+    bias: (E, out) or None; group_sizes: E ints; lora_A_stacks: a sequence of (E, r_a, in); lora_B_stacks: the
+    same number of (E, out, r_a); scalings: their floats. Returns (S, out), differentiable through torch autograd.
+    The factors are cast to W's dtype (PEFT's ``ParamWrapper`` folds them into W in that dtype). No (E, out, in)
+    temporary: a group costs its own rows' products, the update ``s (x Aᵀ) Bᵀ`` of rank r beside the base one.
+    """
+    sizes = [int(n) for n in group_sizes]
+    dt = weight.dtype
+    tracked = torch.is_grad_enabled()
+    # a stack read one group at a time through unbind when autograd tracks it: the backward then builds each stack's
+    # gradient in one piece, where indexing would make a zero (E, ...) gradient per group
+    def per_group(t):
+        return t.unbind(0) if tracked and t.requires_grad else t
+    ws = per_group(weight)
+    bs = None if bias is None else per_group(bias)
+    factors = [(per_group(a.to(dt)), per_group(b.to(dt)), float(s))
+               for a, b, s in zip(lora_A_stacks, lora_B_stacks, scalings, strict=True)]
+
+    def group(e, xe):
+        y = xe @ ws[e] if transposed else F.linear(xe, ws[e])
+        if bs is not None:
+            y = y + bs[e]
+        for a, b, s in factors:
+            y = torch.addmm(y, F.linear(xe, a[e]), b[e].t(), alpha=s)
+        return y
+    # split, not slices: its backward writes the rows' gradients once, where each slice's would fill an (S, in) zero
+    outs = [group(e, xe) for e, (n, xe) in enumerate(zip(sizes, x.split(sizes))) if n]
+    if not outs:  # no rows: group 0 on none, a (0, out) result in the graph
+        return group(0, x[:0])
+    return outs[0] if len(outs) == 1 else torch.cat(outs)

@@ -1238,3 +1238,68 @@ def test_dora_bad_input_raises_naming_the_argument(case):
 
 def test_dora_case_ids_are_unique():
     _assert_unique_ids(CASES, QLORA_CASES, QLORA_MODEL_CASES, DORA_CASES)
+
+
+# ---- lora_experts: LoRA on a mixture of experts' expert weights ----------------------------------------------
+def _experts():
+    transformers = pytest.importorskip("transformers")
+    from transformers.models.qwen3_moe.modeling_qwen3_moe import Qwen3MoeExperts
+
+    torch.manual_seed(0)
+    cfg = transformers.Qwen3MoeConfig(hidden_size=16, moe_intermediate_size=8, num_experts=4)
+    ex = Qwen3MoeExperts(cfg)
+    with torch.no_grad():
+        ex.gate_up_proj.normal_()
+        ex.down_proj.normal_()
+    return ex
+
+
+def _moe(ex, **over):
+    args = dict(hidden_states=_t(5, 16), top_k_index=torch.tensor([[0, 1], [2, 3], [1, 0], [3, 3], [2, 1]]),
+                top_k_weights=torch.rand(5, 2),
+                adapters={"gate_up_proj": [(_t(4, 2, 16), _t(4, 16, 2), 2.0)], "down_proj": [(_t(4, 2, 8),
+                                                                                             _t(4, 16, 2), 2.0)]})
+    return fastpeft.lora_experts(ex, **{**args, **over})
+
+
+EXPERTS_CASES = [
+    Bad("lora_experts-a-Linear", lambda _: fastpeft.lora_experts(nn.Linear(16, 16), _t(5, 16),
+                                                                 torch.zeros(5, 2, dtype=torch.long), torch.rand(5, 2)),
+        TypeError, ("experts", "Linear is not a transformers experts module", "use_experts_implementation")),
+    Bad("lora_experts-hidden-3d", lambda m: _moe(m, hidden_states=_t(1, 5, 16)), ValueError,
+        ("hidden_states", "2-D", "3-D"), _experts),
+    Bad("lora_experts-index-float", lambda m: _moe(m, top_k_index=torch.zeros(5, 2)), TypeError,
+        ("top_k_index", "integer", "float32"), _experts),
+    Bad("lora_experts-index-rows-4", lambda m: _moe(m, top_k_index=torch.zeros(4, 2, dtype=torch.long)), ValueError,
+        ("top_k_index", "one row per row of hidden_states (5)", "(4, 2)"), _experts),
+    Bad("lora_experts-weights-shape", lambda m: _moe(m, top_k_weights=torch.rand(5, 3)), ValueError,
+        ("top_k_weights", "(5, 2)", "(5, 3)"), _experts),
+    Bad("lora_experts-expert-id-4", lambda m: _moe(m, top_k_index=torch.full((5, 2), 4)), ValueError,
+        ("top_k_index", "[0, 4)"), _experts),
+    Bad("lora_experts-expert-id-negative", lambda m: _moe(m, top_k_index=torch.full((5, 2), -1)), ValueError,
+        ("top_k_index", "[0, 4)"), _experts),
+    Bad("lora_experts-adapters-list", lambda m: _moe(m, adapters=[]), TypeError, ("adapters", "dict", "list"),
+        _experts),
+    Bad("lora_experts-adapters-unknown-weight", lambda m: _moe(m, adapters={"up_proj": []}), ValueError,
+        ("adapters", "'up_proj'", "'gate_up_proj'", "'down_proj'"), _experts),
+    Bad("lora_experts-lora_A-in-15", lambda m: _moe(m, adapters={"gate_up_proj": [(_t(4, 2, 15), _t(4, 16, 2), 1.0)]}),
+        ValueError, ("lora_A", "(4, r, 16)", "(4, 2, 15)"), _experts),
+    Bad("lora_experts-lora_B-rank-3", lambda m: _moe(m, adapters={"down_proj": [(_t(4, 2, 8), _t(4, 16, 3), 1.0)]}),
+        ValueError, ("lora_B", "(4, 16, r)", "(4, 16, 3)"), _experts),
+    Bad("lora_experts-term-pair", lambda m: _moe(m, adapters={"down_proj": [(_t(4, 2, 8), _t(4, 16, 2))]}), TypeError,
+        ("adapters['down_proj'][0]", "(lora_A, lora_B, scaling)"), _experts),
+    Bad("lora_experts-scaling-str", lambda m: _moe(m, adapters={"down_proj": [(_t(4, 2, 8), _t(4, 16, 2), "2")]}),
+        TypeError, ("scaling", "'2'"), _experts),
+    Bad("lora_experts-form-typo", lambda m: _moe(m, form="grouped"), ValueError, ("form", "'loop'", "'grouped'"),
+        _experts),
+    Bad("lora_experts-check_ids-int", lambda m: _moe(m, check_ids=0), TypeError, ("check_ids", "0"), _experts),
+]
+
+
+@pytest.mark.parametrize("case", [pytest.param(c, id=c.id) for c in EXPERTS_CASES])
+def test_lora_experts_bad_input_raises_naming_the_argument(case):
+    test_bad_input_raises_naming_the_argument(case)
+
+
+def test_experts_case_ids_are_unique():
+    _assert_unique_ids(CASES, QLORA_CASES, QLORA_MODEL_CASES, DORA_CASES, EXPERTS_CASES)

@@ -220,3 +220,19 @@ def test_bench_multi_table(tmp_path, capsys):
                                                                     ("prefill", 1024)) for n in (1, 3)}
     assert {r["provider"] for r in rows} >= {"single", "reference"}
     assert all(r["vs_single"] == 1.0 for r in rows if r["provider"] == "single")
+
+
+def test_bench_moe_table(tmp_path, capsys):
+    """``fastpeft bench moe``: the experts module, PEFT's ParamWrapper and the accelerated model side by side, the
+    fastpeft rows checked against PEFT's."""
+    pytest.importorskip("peft")
+    pytest.importorskip("transformers")
+    js = tmp_path / "moe.json"
+    rc = main(["bench", "moe", "--tokens", "5", "--experts", "4", "--top-k", "2", "--shapes", "32x16", "--ranks", "4",
+               "--warmup-ms", "1", "--rep-ms", "5", "--quiet", "--json", str(js)])
+    assert rc == 0
+    assert "ratios to the experts module without LoRA" in capsys.readouterr().out
+    rows = json.loads(js.read_text())["rows"]
+    assert {(r["mode"], r["provider"]) for r in rows} == {(m, p) for m in ("fwd", "fwd+bwd")
+                                                          for p in ("experts", "peft", "fastpeft")}
+    assert all(r["rel_err"] < 1e-5 and r["err_vs"] == "peft" for r in rows if r["provider"] == "fastpeft")
