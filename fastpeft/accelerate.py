@@ -21,7 +21,8 @@ whose ``forward`` decides at every call:
   expert, where PEFT forms ``W + s B A`` for all experts at each call; the inner wrappers keep PEFT's class (only
   the outermost's fallback calls them);
 - anything else -> PEFT's own ``Linear.forward``, unchanged: disabled or merged adapters, LoRA variants
-  other than DoRA (aLoRA, ...), DoRA with several active adapters or on an int8 base, ``lora_bias``,
+  other than DoRA (aLoRA, ...), DoRA with several active adapters or on an int8 base, ``lora_bias`` with DoRA, on
+  a quantized base or in an ``adapter_names`` batch (elsewhere ``s b_B`` joins the layer's bias),
   hooks on the base layer or on the LoRA factors (accelerate's offload hooks included), parameters of other
   dtypes than the input outside autocast (fp32 adapters on a bf16 base: PEFT computes the LoRA branch in
   fp32; the same on a 4-bit base with another compute dtype), autocast on a 4-bit base, a 4-bit layer in eval
@@ -177,6 +178,13 @@ def _active(self, x: torch.Tensor) -> torch.Tensor:
     kept = None if self.training else self.__dict__  # kept between no-grad calls in eval mode only, as _norm_cache
     weight = None if quantized else _weight(self, base)
     cdt = qw.compute_dtype_for(x) if quantized else weight.dtype
+    # PEFT's lora_bias: B has a bias b_B, so the update is s (B u + b_B): s b_B joins the layer's bias (its gradient
+    # reaches b_B through the sum)
+    lora_biases = [(lora_bs[a]._parameters["bias"], float(self.scaling[a])) for a in adapters
+                   if lora_bs[a]._parameters.get("bias") is not None]
+    if lora_biases:
+        added = sum(s * b.to(cdt) for b, s in lora_biases)
+        bias = added if bias is None else bias + added
 
     def linear(lora_a, lora_b, scaling, p, training):
         lora_a, lora_b = cast_params((lora_a, lora_b), cdt, kept, "_fastpeft_casts")
@@ -305,12 +313,13 @@ def _adapter_reason(self, name: str, lora_a=None, lora_b=None, drop=None):
         weight = getattr(_magnitude(self, name), "weight", None)
         if not isinstance(weight, torch.Tensor) or weight.dim() != 1:
             return f"adapter {name!r} uses DoRA without a (out,) lora_magnitude_vector"
-    if self.lora_bias.get(name, False):
-        return f"adapter {name!r} has lora_bias=True"
+    lora_bias = bool(self.lora_bias.get(name, False))
+    if lora_bias and (dora or not _dense(self._modules["base_layer"]) or _is_param_wrapper(self)):
+        return f"adapter {name!r} has lora_bias=True ({'with DoRA' if dora else 'on a quantized base'})"
     if lora_a is None:
         lora_a, lora_b, drop = self.lora_A[name], self.lora_B[name], self.lora_dropout[name]
     if type(lora_a) is not nn.Linear or type(lora_b) is not nn.Linear or _param(lora_a, "bias") is not None \
-            or _param(lora_b, "bias") is not None:
+            or (_param(lora_b, "bias") is not None) != lora_bias:
         return f"adapter {name!r} has factors of type {type(lora_a).__name__} / {type(lora_b).__name__}"
     if type(drop) not in (nn.Dropout, nn.Identity) or (isinstance(drop, nn.Dropout) and not 0.0 <= drop.p < 1.0):
         return f"adapter {name!r} has a dropout module {drop!r}"
@@ -368,6 +377,8 @@ def runtime_fallback_reason(self, x, args=(), kwargs=None):
     doras = [a for a in adapters if _is_dora(self, a)]
     if doras and names is not None:
         return "DoRA adapter in an adapter_names batch"
+    if names is not None and any(self.lora_bias.get(a, False) for a in adapters):
+        return "lora_bias adapter in an adapter_names batch"
     if doras and len(adapters) > 1:
         return "several active adapters, DoRA among them"
     if doras and _has_hooks(_magnitude(self, doras[0])):
@@ -390,6 +401,8 @@ def runtime_fallback_reason(self, x, args=(), kwargs=None):
     n_base = len(tensors)  # x, W and b first: their dtypes must agree outside autocast, the adapters' need not
     for a in adapters:
         tensors += (_param(lora_as[a], "weight"), _param(lora_bs[a], "weight"))
+        if self.lora_bias.get(a, False):
+            tensors.append(_param(lora_bs[a], "bias"))
     tensors += [_param(_magnitude(self, a), "weight") for a in doras]
     dtypes = set()
     for i, t in enumerate(tensors):
@@ -733,9 +746,9 @@ def accelerate(model: nn.Module, strict: bool = False) -> AccelerateReport:
     """Make the PEFT LoRA layers of ``model`` compute through fastpeft's ops, in place; returns a report.
 
     model: a LoRA ``peft.PeftModel``, or a transformers model with PEFT adapters added by ``add_adapter``.
-    Layers fastpeft cannot compute (LoRA variants other than DoRA, ``lora_bias``, int8 and non-bitsandbytes
-    quantized bases, DoRA on a quantized base other than a 4-bit one, bases other than nn.Linear and transformers'
-    Conv1D, a ``fan_in_fan_out`` flag against the base's layout, ``target_parameters`` on anything but a
+    Layers fastpeft cannot compute (LoRA variants other than DoRA, ``lora_bias`` on a quantized base, int8 and
+    non-bitsandbytes quantized bases, DoRA on a quantized base other than a 4-bit one, bases other than nn.Linear and
+    transformers' Conv1D, a ``fan_in_fan_out`` flag against the base's layout, ``target_parameters`` on anything but a
     transformers experts module's expert weights) keep PEFT's forward and are listed in
     ``report.skipped`` with the reason;
     ``strict=True`` raises ``ValueError`` instead (before changing anything) if any layer or adapter would

@@ -321,29 +321,60 @@ def test_hooks_on_base_layer_run_peft_forward(base, ids):
 # ---------------------------------------------------------------------------------------------------------
 # Layers fastpeft does not compute: skipped, PEFT's forward, same outputs
 # ---------------------------------------------------------------------------------------------------------
-def test_lora_bias_layers_fall_back_dora_layers_are_patched(base, ids):
+def test_lora_bias_and_dora_layers_are_patched(base, ids):
+    """PEFT's lora_bias (a bias on B: the update is s (B u + b_B)) runs on fastpeft's ops since 2026-12-01, s b_B
+    added to the layer's bias: logits and every gradient (b_B's included) equal PEFT's, with dropout in training too
+    (the bias is not dropped), and beside a second adapter; in an adapter_names batch it runs PEFT's forward."""
     model = lora_model(base, target_modules=["v_proj"])
     torch.manual_seed(1)
     model.add_adapter("dora", peft.LoraConfig(r=4, target_modules=["q_proj"], use_dora=True, init_lora_weights=False))
-    model.add_adapter("lbias", peft.LoraConfig(r=4, target_modules=["down_proj"], lora_bias=True,
+    model.add_adapter("lbias", peft.LoraConfig(r=4, target_modules=["down_proj", "v_proj"], lora_bias=True,
                                                init_lora_weights=False))
+    with torch.no_grad():
+        for n, p in model.named_parameters():
+            if n.endswith("lora_B.lbias.bias"):
+                p.normal_()  # (PEFT starts b_B at 0: a dropped term would not show)
     want = {}
     for name in ("default", "dora", "lbias"):
         model.set_adapter(name)
         want[name] = run(model, ids)
-    with pytest.raises(ValueError, match="(?s)strict=True.*lora_bias"):
-        fastpeft.accelerate(model, strict=True)
-    assert type(q_proj(model)) is peft.tuners.lora.layer.Linear  # strict changed nothing
-    report = fastpeft.accelerate(model)
-    assert sorted(n.rsplit(".", 1)[-1] for n in report.patched) == ["q_proj", "q_proj", "v_proj", "v_proj"]
-    assert sorted(n.rsplit(".", 1)[-1] for n in report.skipped) == ["down_proj", "down_proj"]
-    assert all("lora_bias" in why for why in report.skipped.values())
-    assert not report.partial and "skipped" in str(report) and "DoRA" not in "".join(report.skipped.values())
-    for name in ("dora", "lbias", "default"):
-        model.set_adapter(name)
-        assert_same(run(model, ids), want[name], f"adapter {name}")
-    assert type(q_proj(model)).__name__ == "AcceleratedLinear"
-    assert q_proj(model)._fastpeft_calls == {"fastpeft": 1, "no adapter of this layer is active": 2}
+    model.base_model.set_adapter(["default", "lbias"])
+    want["both"] = run(model, ids)
+    mixed = ["lbias", "__base__", "default"]
+    with torch.no_grad():
+        want["mixed"] = model.eval()(input_ids=ids, adapter_names=mixed).logits
+    report = fastpeft.accelerate(model, strict=True)
+    assert sorted(n.rsplit(".", 1)[-1] for n in report.patched) == ["down_proj"] * 2 + ["q_proj"] * 2 + ["v_proj"] * 2
+    assert not report.skipped and not report.partial
+    for name in ("dora", "lbias", "default", "both"):
+        if name == "both":
+            model.base_model.set_adapter(["default", "lbias"])
+        else:
+            model.set_adapter(name)
+        got = run(model, ids)
+        assert_same(got, want[name], f"adapter {name}")
+        assert name not in ("lbias", "both") or any(n.endswith("lora_B.lbias.bias") for n in got[1])
+    with torch.no_grad():
+        assert_close_report(model(input_ids=ids, adapter_names=mixed).logits, want["mixed"], RTOL, ATOL, "mixed")
+    calls = report.calls()
+    # dora: q_proj; lbias: v_proj, down_proj; default: v_proj; both: v_proj, down_proj (two layers each)
+    assert calls["fastpeft"] == 2 * (1 + 2 + 1 + 2) and calls["lora_bias adapter in an adapter_names batch"] == 4
+
+
+def test_lora_bias_with_dropout_in_training(base, ids):
+    """With dropout, PEFT's lora_bias adds s b_B undropped: fastpeft's mask on x, the bias term exact. Solved from a
+    call's output with B = 0 and b_B set: the update is s b_B on every row."""
+    model = lora_model(base, target_modules=["down_proj"], lora_bias=True, lora_dropout=0.5)
+    layer = model.base_model.model.model.layers[0].mlp.down_proj
+    with torch.no_grad():
+        layer.lora_B["default"].weight.zero_()
+        layer.lora_B["default"].bias.normal_()
+    fastpeft.accelerate(model, strict=True)
+    model.train()
+    x = torch.randn(4, layer.in_features)
+    want = layer.base_layer(x) + layer.scaling["default"] * layer.lora_B["default"].bias
+    assert_close_report(layer(x), want, RTOL, ATOL, "s b_B, undropped")
+    assert layer._fastpeft_calls == {"fastpeft": 1}
 
 
 def dora_model(base, **kw):

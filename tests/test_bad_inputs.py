@@ -868,11 +868,12 @@ def _peft_loha_model():
     return peft.get_peft_model(_toy(), peft.LoHaConfig(r=4, target_modules=["q_proj"]))
 
 
-def _peft_partly_lora_bias():
-    """Plain LoRA on q/v, and a lora_bias adapter on o_proj: the o_proj layers would stay on PEFT's forward."""
+def _peft_partly_alora():
+    """Plain LoRA on q/v, and an aLoRA adapter on o_proj: the o_proj layers would stay on PEFT's forward (before
+    2026-12-01 a lora_bias adapter made this case; fastpeft computes those now)."""
     peft = pytest.importorskip("peft")
     m = _peft_model()
-    m.add_adapter("lbias", peft.LoraConfig(r=4, target_modules=["o_proj"], lora_bias=True))
+    m.add_adapter("alora", peft.LoraConfig(r=4, target_modules=["o_proj"], alora_invocation_tokens=[1, 2]))
     return m
 
 
@@ -903,10 +904,11 @@ PEFT_CASES = [
         _peft_model),
     Bad("accelerate-loha-model", lambda m: fastpeft.accelerate(m), ValueError, ("LoRA model", "LOHA"),
         _peft_loha_model),
-    Bad("accelerate-strict-lora-bias-only", lambda m: fastpeft.accelerate(m, strict=True), ValueError,
-        ("strict=True", "nothing was changed", "lora_bias"), lambda: _peft_model(lora_bias=True)),
-    Bad("accelerate-strict-lora-bias-layer", lambda m: fastpeft.accelerate(m, strict=True), ValueError,
-        ("strict=True", "nothing was changed", "o_proj", "lora_bias"), _peft_partly_lora_bias),
+    Bad("accelerate-strict-alora-only", lambda m: fastpeft.accelerate(m, strict=True), ValueError,
+        ("strict=True", "nothing was changed", "LoRA variant (ALora)"),
+        lambda: _peft_model(alora_invocation_tokens=[1, 2])),
+    Bad("accelerate-strict-alora-layer", lambda m: fastpeft.accelerate(m, strict=True), ValueError,
+        ("strict=True", "nothing was changed", "o_proj", "ALora"), _peft_partly_alora),
     Bad("restore-not-a-module", lambda _: fastpeft.restore(3), TypeError, ("fastpeft.restore", "int")),
     Bad("to_peft-no-fastpeft-adapter", lambda m: fastpeft.to_peft(m), TypeError, ("no fastpeft adapter",), _toy),
     Bad("to_peft-merged-layer", lambda m: fastpeft.to_peft(m), ValueError, ("merged", "unmerge"),
