@@ -640,6 +640,14 @@ def check_lora_experts_args(experts, hidden_states, top_k_index, top_k_weights, 
     check_same_device_dtype("hidden_states", hidden_states, False, top_k_index=top_k_index,
                             top_k_weights=top_k_weights)
     up = "gate_up_proj" if experts.has_gate else "up_proj"
+    w_up = getattr(experts, up)
+    hidden = w_up.shape[1] if experts.is_transposed else w_up.shape[2]
+    if hidden_states.shape[1] != hidden:
+        raise ValueError(f"hidden_states' last dim must be {type(experts).__name__}'s hidden size {hidden} (its "
+                         f"{up} {tuple(w_up.shape)}), got {hidden_states.shape[1]}")
+    if not hidden_states.is_floating_point():
+        raise TypeError(f"hidden_states must be a float tensor, got {hidden_states.dtype}")
+    check_same_device_dtype("hidden_states", hidden_states, False, **{up: w_up})
     adapters = {} if adapters is None else adapters
     if not isinstance(adapters, dict):
         raise TypeError(f"adapters must be a dict of parameter name -> [(lora_A, lora_B, scaling), ...], got "

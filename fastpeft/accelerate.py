@@ -17,7 +17,8 @@ whose ``forward`` decides at every call:
 - ``adapter_names=`` (PEFT's mixed batches, ``"__base__"`` rows included) -> ``fastpeft.lora_linear_multi``;
 - LoRA on a mixture of experts' 3-D expert weights (PEFT's ``target_parameters``: nested ``lora.ParamWrapper``
   layers, one per targeted parameter, over a transformers experts module) -> ``fastpeft.lora_experts``: the
-  outermost wrapper (``AcceleratedParamWrapper``) computes every wrapper's active adapters on the routed rows of each
+  outermost wrapper (an accelerated subclass, named ``ParamWrapper`` as PEFT's, which finds wrappers by that name)
+  computes every wrapper's active adapters on the routed rows of each
   expert, where PEFT forms ``W + s B A`` for all experts at each call; the inner wrappers keep PEFT's class (only
   the outermost's fallback calls them);
 - anything else -> PEFT's own ``Linear.forward``, unchanged: disabled or merged adapters, LoRA variants
@@ -596,8 +597,9 @@ def _accelerated_class(original: type) -> type:
     cls = _classes.get(original)
     if cls is None:
         wrapper = original.__name__ == "ParamWrapper"
+        # (a wrapper keeps PEFT's class name: PEFT finds the wrappers to add an adapter to by ``__name__``)
         name = "AcceleratedLinear" if original.__name__ == "Linear" else (
-            "AcceleratedParamWrapper" if wrapper else f"AcceleratedLinear{original.__name__[6:]}")
+            "ParamWrapper" if wrapper else f"AcceleratedLinear{original.__name__[6:]}")
         cls = type(name, (original,), {
             "forward": _experts_forward if wrapper else _forward, "merge": _merge, "unmerge": _unmerge,
             "_apply": _apply, "train": _train,
@@ -618,7 +620,7 @@ def __getattr__(name):  # pickling an accelerated model finds the class here
         from peft.tuners.lora.bnb import Linear4bit
 
         return _accelerated_class(Linear4bit)
-    if name == "AcceleratedParamWrapper":
+    if name == "ParamWrapper":  # (the accelerated wrapper keeps PEFT's class name)
         from peft.tuners.lora.layer import ParamWrapper
 
         return _accelerated_class(ParamWrapper)
@@ -810,6 +812,7 @@ def _survey(layers: dict, linear_cls: type) -> tuple:
         if outer is not m:  # an inner wrapper: runs as PEFT's (only the outermost's fallback calls it)
             if original is not None:
                 m.__class__ = original
+                m.__dict__.pop("_fastpeft_calls", None)
         elif original is None:  # not accelerated yet
             todo.append(m)
     return AccelerateReport(patched, skipped, partial, len(todo), [layers[n] for n in patched]), todo

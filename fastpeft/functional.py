@@ -361,8 +361,9 @@ def lora_experts(experts, hidden_states, top_k_index, top_k_weights, adapters=No
     experts of each token; top_k_weights: (T, k), their routing weights. adapters: {"gate_up_proj" (or "up_proj") /
     "down_proj": [(lora_A (E, r, in), lora_B (E, out, r), scaling), ...]}; a token routed to expert e gets
     ``x W_eᵀ + s (x A_eᵀ) B_eᵀ`` in each projection (one term per adapter). Returns (T, H) in hidden_states' dtype:
-    ``Σ_j w_j expert_{i_j}(x)``, as the module's own forward (transformers' ``grouped_mm`` order: rows sorted by
-    expert, the top-k sum per token).
+    ``Σ_j w_j expert_{i_j}(x)``, as the module's own forward, with transformers' ``grouped_mm`` implementation's
+    semantics: rows sorted by expert, the top-k sum per token, the products in the expert weights' dtype (the input
+    cast to it; autocast does not apply).
 
     PEFT's ``ParamWrapper`` computes the same by folding every expert's ``s B_e A_e`` into an (E, out, in) copy of W
     on each call (and its backward builds an (E, out, in) gradient); here each expert costs its routed rows'
@@ -376,11 +377,15 @@ def lora_experts(experts, hidden_states, top_k_index, top_k_weights, adapters=No
     check_bool(check_ids, "check_ids")
     up = "gate_up_proj" if experts.has_gate else "up_proj"
     weights = [getattr(experts, up), experts.down_proj]
+    factors = [f for terms in adapters.values() for f in terms]
     if form is None:
-        form = _experts.pick_form(hidden_states, weights, [f for terms in adapters.values() for f in terms],
-                                  top_k_index.numel(), experts.num_experts)
+        form = _experts.pick_form(hidden_states, weights, factors, top_k_index.numel(), experts.num_experts)
     elif form not in _experts.FORMS:
         raise ValueError(f"form must be one of {_experts.FORMS} or None, got {form!r}")
+    elif form == "grouped_mm":
+        why = _experts.grouped_mm_refusal(hidden_states, weights, factors)
+        if why is not None:
+            raise ValueError(f"form='grouped_mm' cannot run here: {why}; form='loop' or None (picks) can")
     n_tok, k = top_k_index.shape
     groups = _experts.Groups(top_k_index, experts.num_experts, form, check_ids)
     transposed = bool(experts.is_transposed)

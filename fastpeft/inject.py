@@ -627,6 +627,15 @@ def lora_variants(d: dict) -> dict:
     return bad
 
 
+def _peft_route(bad: dict) -> str:
+    """What to do instead, for the variants ``fastpeft.accelerate`` computes on PEFT's own layers."""
+    done = [k for k in ("target_parameters", "lora_bias") if k in bad]
+    if not done:
+        return ""
+    return (f" ({' and '.join(done)}: load or train it with PEFT, then fastpeft.accelerate(peft_model) computes "
+            "those layers on fastpeft's ops)")
+
+
 # PEFT's inits whose adapters sit on the base weights as they were: the file's A and B are all there is
 _LOADABLE_INITS = (True, False, "gaussian", "orthogonal", "eva")
 _SPARSE_LORA_FIELDS = ("sparse_density", "sparse_block_size", "sparse_selection")  # RoSA: fastpeft's own keys
@@ -733,7 +742,8 @@ class LoraMethod(Method):
         # fan_in_fan_out is read from each target module (Conv1D: True, nn.Linear: False), as PEFT's layers do
         bad = lora_variants(d)
         if bad:
-            raise ValueError(f"adapter config {path} uses LoRA variants fastpeft does not compute: {bad}")
+            raise ValueError(f"adapter config {path} uses LoRA variants fastpeft does not compute: {bad}"
+                             + _peft_route(bad))
         tied = d.get("modules_to_save") or [t for t in (d.get("target_modules") or [])
                                             if isinstance(t, str) and t.rsplit(".", 1)[-1] in _TIED_NAMES]
         if d.get("ensure_weight_tying") and tied:
@@ -1157,7 +1167,8 @@ def _from_peft_config(config):
                         f"{type(config).__name__} runs as PEFT's: get_peft_model(model, config)")
     bad = lora_variants(d)
     if bad:
-        raise ValueError(f"fastpeft.inject: the PEFT LoraConfig sets LoRA variants fastpeft does not compute: {bad}")
+        raise ValueError(f"fastpeft.inject: the PEFT LoraConfig sets LoRA variants fastpeft does not compute: {bad}"
+                         + _peft_route(bad))
     fields = _CONFIG_FIELDS + ("inference_mode", "fan_in_fan_out", "ensure_weight_tying")
     kwargs = {k: d[k] for k in fields if k in d and d[k] is not None}
     if kwargs.get("task_type") is not None:

@@ -522,7 +522,11 @@ CASES = [
         task_type="CAUSAL_LM", num_virtual_tokens=4)), TypeError, ("PEFT's LoraConfig", "PromptTuningConfig",
                                                                  "get_peft_model"), _toy),
     Bad("inject-a-peft-config-lora_bias", lambda m: fastpeft.inject(m, __import__("peft").LoraConfig(
-        target_modules=["q_proj"], lora_bias=True)), ValueError, ("LoRA variants", "'lora_bias': True"), _toy),
+        target_modules=["q_proj"], lora_bias=True)), ValueError,
+        ("LoRA variants", "'lora_bias': True", "fastpeft.accelerate(peft_model)"), _toy),
+    Bad("inject-a-peft-config-target_parameters", lambda m: fastpeft.inject(m, __import__("peft").LoraConfig(
+        target_modules=[], target_parameters=["layers.0.mlp.w"])), ValueError,
+        ("LoRA variants", "'target_parameters'", "fastpeft.accelerate(peft_model)"), _toy),
     Bad("inject-a-peft-config-kasa", lambda m: fastpeft.inject(m, __import__("peft").LoraConfig(
         target_modules=["q_proj"], use_dora=True, kasa_config=__import__("peft").KasaConfig())), ValueError,
         ("LoRA variants", "kasa_config"), _toy),
@@ -1270,6 +1274,13 @@ EXPERTS_CASES = [
         TypeError, ("experts", "Linear is not a transformers experts module", "use_experts_implementation")),
     Bad("lora_experts-hidden-3d", lambda m: _moe(m, hidden_states=_t(1, 5, 16)), ValueError,
         ("hidden_states", "2-D", "3-D"), _experts),
+    Bad("lora_experts-hidden-15-wide", lambda m: _moe(m, hidden_states=_t(5, 15)), ValueError,
+        ("hidden_states' last dim", "hidden size 16", "got 15"), _experts),
+    Bad("lora_experts-hidden-int", lambda m: _moe(m, hidden_states=torch.ones(5, 16, dtype=torch.int64)), TypeError,
+        ("hidden_states", "float", "int64"), _experts),
+    Bad("lora_experts-grouped_mm-rank-3", lambda m: _moe(m, form="grouped_mm", adapters={"down_proj": [
+        (_t(4, 3, 8), _t(4, 16, 3), 1.0)]}), ValueError, ("form='grouped_mm' cannot run here", "16 bytes",
+                                                         "form='loop'"), _experts),
     Bad("lora_experts-index-float", lambda m: _moe(m, top_k_index=torch.zeros(5, 2)), TypeError,
         ("top_k_index", "integer", "float32"), _experts),
     Bad("lora_experts-index-rows-4", lambda m: _moe(m, top_k_index=torch.zeros(4, 2, dtype=torch.long)), ValueError,

@@ -177,10 +177,11 @@ def test_accelerate_matches_peft(moe_base, ids):
     got = step(model, ids)
     assert_same_step(got, want)
     assert report.calls() == {"fastpeft": 2 + 2}  # the outermost wrapper of each layer, and q_proj
-    names = {type(m).__name__ for m in model.modules()}
-    assert "AcceleratedParamWrapper" in names and "ParamWrapper" in names  # (inner wrappers stay PEFT's)
+    wrapper = peft.tuners.lora.layer.ParamWrapper
+    kinds = [type(m) is wrapper for m in model.modules() if isinstance(m, wrapper)]
+    assert sorted(kinds) == [False, False, True, True]  # the outermost accelerated, the inner ones PEFT's
     fastpeft.restore(model)
-    assert "AcceleratedParamWrapper" not in {type(m).__name__ for m in model.modules()}
+    assert all(type(m) is wrapper for m in model.modules() if isinstance(m, wrapper))
     assert_same_step(step(model, ids), want)
 
 
@@ -218,6 +219,49 @@ def test_accelerate_one_parameter_and_two_adapters(moe_base, ids):
         assert_close_report(twin(ids).logits, model(ids).logits, rtol=1e-5, atol=1e-6, what="disabled")
     calls = report.calls()
     assert calls["fastpeft"] == 4 and calls["adapters disabled"] == 2
+
+
+def test_adapters_added_and_loaded_after_accelerate(moe_base, ids, tmp_path):
+    """PEFT's add_adapter / load_adapter of another target_parameters adapter work on an accelerated model (PEFT finds
+    its wrappers by class name), the new adapter runs on fastpeft's ops (report updated), alone and summed with the
+    first: PEFT's outputs and gradients."""
+    _, base = moe_base
+    second = dict(r=2, lora_alpha=6, target_modules=[], target_parameters=TARGETS, init_lora_weights=False)
+    model, twin = lora_model(base), lora_model(base)
+    report = fastpeft.accelerate(twin)
+    for m in (model, twin):
+        torch.manual_seed(7)
+        m.add_adapter("b", peft.LoraConfig(**second))
+    for active in (["b"], ["default", "b"]):
+        for m in (model, twin):
+            m.base_model.set_adapter(active)
+        assert_same_step(step(twin, ids), step(model, ids))
+    assert report.calls() == {"fastpeft": 4}
+    model.save_pretrained(tmp_path, selected_adapters=["b"])
+    loaded = peft.PeftModel.from_pretrained(copy.deepcopy(base), tmp_path / "b")
+    again = lora_model(base)
+    report = fastpeft.accelerate(again)
+    again.load_adapter(tmp_path / "b", adapter_name="b")
+    again.set_adapter("b")
+    with torch.no_grad():
+        assert_close_report(again(ids).logits, loaded(ids).logits, rtol=1e-5, atol=1e-6, what="loaded b")
+    assert report.calls() == {"fastpeft": 2}
+
+
+def test_loop_and_grouped_mm_forms_agree_under_autocast():
+    """Both forms compute in the expert weights' dtype (transformers' grouped_mm semantics), autocast on or off, so
+    the precision does not depend on the number of rows that picks the form."""
+    base = qwen3_moe()
+    experts = base.model.layers[0].mlp.experts
+    g = torch.Generator().manual_seed(3)
+    x = torch.randn(11, 32, generator=g)
+    index = torch.randint(0, 8, (11, 2), generator=g)
+    weights = torch.rand(11, 2, generator=g)
+    ad = {"down_proj": [(torch.randn(8, 4, 24, generator=g), torch.randn(8, 32, 4, generator=g), 2.0)]}
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        outs = [fastpeft.lora_experts(experts, x, index, weights, ad, form=form) for form in OE.FORMS]
+    assert outs[0].dtype == torch.float32
+    assert_close_report(outs[1], outs[0], rtol=1e-5, atol=1e-6, what="grouped_mm vs loop under autocast")
 
 
 def test_accelerate_bf16_as_accurate_as_peft(ids):

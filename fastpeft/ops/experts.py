@@ -25,24 +25,34 @@ from ..reference import lora_grouped_linear_ref
 FORMS = ("loop", "grouped_mm")
 
 
-def pick_form(x: torch.Tensor, weights: list, factors: list, rows: int, n_exp: int) -> str:
-    """The form of a ``lora_experts`` call on x (its ``rows`` (token, expert) pairs over ``n_exp`` experts): see the
-    module's docstring. grouped_mm needs every operand in one float dtype it has a kernel for (on CUDA bf16) and
-    strides of 16 bytes: every row length (in, out, each rank) a multiple of 16 bytes, 16-byte aligned data."""
-    if not hasattr(F, "grouped_mm") or x.device.type not in ("cpu", "cuda"):
-        return "loop"
+def grouped_mm_refusal(x: torch.Tensor, weights: list, factors: list) -> str | None:
+    """Why ``F.grouped_mm`` cannot run a ``lora_experts`` call on x (None: it can): it needs torch >= 2.10, every
+    operand in one float dtype it has a kernel for (on CUDA bf16, sm_80+), strides of 16 bytes (every row length:
+    in, out and each rank) and 16-byte aligned data."""
+    if not hasattr(F, "grouped_mm"):
+        return f"torch {torch.__version__} has no torch.nn.functional.grouped_mm (torch >= 2.10)"
+    if x.device.type not in ("cpu", "cuda"):
+        return f"no grouped_mm kernel on {x.device.type}"
     dt = weights[0].dtype
-    if any(t.dtype != dt for t in weights) or dt not in _GROUPED_MM_DTYPES or x.dtype not in _GROUPED_MM_DTYPES:
-        return "loop"
+    if any(t.dtype != dt for t in weights) or dt not in _GROUPED_MM_DTYPES:
+        return (f"expert weights of dtype {sorted({str(t.dtype) for t in weights})}: grouped_mm takes "
+                f"{_GROUPED_MM_DTYPES}")
+    if x.device.type == "cuda" and (dt != torch.bfloat16 or torch.cuda.get_device_capability(x.device) < (8, 0)):
+        return "grouped_mm on CUDA takes bf16 expert weights on sm_80+"
     size = torch.finfo(dt).bits // 8
     dims = [d for w in weights for d in w.shape[1:]] + [a.shape[1] for a, _, _ in factors]
-    if any(d * size % 16 for d in dims) or any(t.data_ptr() % 16 for t in [x] + weights):
+    if any(d * size % 16 for d in dims) or any(t.data_ptr() % 16 for t in weights):
+        return (f"a row length not a multiple of 16 bytes (in / out / ranks {sorted(set(dims))} of {dt}) or expert "
+                "weights not 16-byte aligned")
+    return None
+
+
+def pick_form(x: torch.Tensor, weights: list, factors: list, rows: int, n_exp: int) -> str:
+    """The form of a ``lora_experts`` call on x (its ``rows`` (token, expert) pairs over ``n_exp`` experts): see the
+    module's docstring."""
+    if grouped_mm_refusal(x, weights, factors) is not None:
         return "loop"
-    if x.device.type == "cpu":
-        return "grouped_mm" if rows <= 32 * n_exp else "loop"
-    if dt != torch.bfloat16 or torch.cuda.get_device_capability(x.device) < (8, 0):
-        return "loop"
-    return "grouped_mm"
+    return "grouped_mm" if x.device.type == "cuda" or rows <= 32 * n_exp else "loop"
 
 
 _GROUPED_MM_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
@@ -86,7 +96,8 @@ class Groups:
         """One projection of the experts (rows of x in sorted order): ``x W_eᵀ + b_e + Σ s (x A_eᵀ) B_eᵀ``."""
         if self.form == "grouped_mm":
             return _grouped_mm_linear(x, weight, bias, self.offsets, self.ids, factors, transposed)
-        if x.dtype != weight.dtype and not torch.is_autocast_enabled(x.device.type):
-            x = x.to(weight.dtype)  # as transformers' grouped_mm casts the input to the experts' dtype
-        return lora_grouped_linear_ref(x, weight, bias, self.sizes, [f[0] for f in factors], [f[1] for f in factors],
-                                       [f[2] for f in factors], transposed=transposed)
+        # in the experts' dtype, autocast or not, as the grouped_mm form (and transformers' grouped_mm) computes:
+        # the same precision whatever the number of rows picks
+        with torch.autocast(x.device.type, enabled=False):
+            return lora_grouped_linear_ref(x.to(weight.dtype), weight, bias, self.sizes, [f[0] for f in factors],
+                                           [f[1] for f in factors], [f[2] for f in factors], transposed=transposed)
