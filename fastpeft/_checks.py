@@ -621,8 +621,9 @@ def experts_reason(experts) -> str | None:
     return None
 
 
-def check_lora_experts_args(experts, hidden_states, top_k_index, top_k_weights, adapters) -> dict:
-    """The checks of ``fastpeft.lora_experts``; returns ``adapters`` as {parameter name: [(A, B, s), ...]}."""
+def check_lora_experts_args(experts, hidden_states, top_k_index, top_k_weights, adapters, adapter_ids=None,
+                            check_ids=True) -> dict:
+    """The checks of ``fastpeft.lora_experts``; returns ``adapters`` as {parameter name: [(A, B, s) or None, ...]}."""
     why = experts_reason(experts)
     if why is not None:
         raise TypeError(f"experts: {why}")
@@ -660,7 +661,12 @@ def check_lora_experts_args(experts, hidden_states, top_k_index, top_k_weights, 
         w = getattr(experts, p)
         n_e, n_out, n_in = (w.shape[0], w.shape[2], w.shape[1]) if experts.is_transposed else tuple(w.shape)
         out[p] = []
+        if not isinstance(terms, (list, tuple)):
+            raise TypeError(f"adapters[{p!r}] must be a list of (lora_A, lora_B, scaling), got {type(terms).__name__}")
         for i, term in enumerate(terms):
+            if term is None:  # (an adapter without this weight, in a batch of several adapters)
+                out[p].append(None)
+                continue
             if not isinstance(term, (tuple, list)) or len(term) != 3:
                 raise TypeError(f"adapters[{p!r}][{i}] must be (lora_A, lora_B, scaling), got {type(term).__name__}")
             a, b, s = term
@@ -678,4 +684,21 @@ def check_lora_experts_args(experts, hidden_states, top_k_index, top_k_weights, 
             if isinstance(s, bool) or not isinstance(s, (int, float)):
                 raise TypeError(f"adapters[{p!r}][{i}]: scaling must be a number, got {s!r}")
             out[p].append((a, b, float(s)))
+    if adapter_ids is not None:
+        check_tensor(adapter_ids, "adapter_ids", 1)
+        if adapter_ids.dtype.is_floating_point or adapter_ids.dtype.is_complex or adapter_ids.dtype == torch.bool:
+            raise TypeError(f"adapter_ids must be an integer tensor, got {adapter_ids.dtype}")
+        if adapter_ids.shape[0] != hidden_states.shape[0]:
+            raise ValueError(f"adapter_ids must have one id per row of hidden_states ({hidden_states.shape[0]}), got "
+                             f"shape {tuple(adapter_ids.shape)}")
+        check_same_device_dtype("hidden_states", hidden_states, False, adapter_ids=adapter_ids)
+        n = {len(terms) for terms in out.values()}
+        if len(n) > 1:
+            raise ValueError(f"with adapter_ids, every adapters list holds one entry (or None) per adapter: got lists "
+                             f"of {sorted(n)} entries")
+        n = n.pop() if n else 0
+        if check_ids and adapter_ids.numel():
+            lo, hi = (int(v) for v in torch.stack([adapter_ids.min(), adapter_ids.max()]).tolist())
+            if lo < -1 or hi >= n:
+                raise ValueError(f"adapter_ids must be in [-1, {n}) (-1: no adapter), got values in [{lo}, {hi}]")
     return out

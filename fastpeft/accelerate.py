@@ -19,8 +19,9 @@ whose ``forward`` decides at every call:
   layers, one per targeted parameter, over a transformers experts module) -> ``fastpeft.lora_experts``: the
   outermost wrapper (an accelerated subclass, named ``ParamWrapper`` as PEFT's, which finds wrappers by that name)
   computes every wrapper's active adapters on the routed rows of each
-  expert, where PEFT forms ``W + s B A`` for all experts at each call; the inner wrappers keep PEFT's class (only
-  the outermost's fallback calls them);
+  expert, where PEFT forms ``W + s B A`` for all experts at each call; ``adapter_names`` batches too (PEFT refuses
+  them there: each sequence's tokens get its adapter's terms); the inner wrappers keep PEFT's class (only the
+  outermost's fallback calls them);
 - anything else -> PEFT's own ``Linear.forward``, unchanged: disabled or merged adapters, LoRA variants
   other than DoRA (aLoRA, ...), DoRA with several active adapters or on an int8 base, ``lora_bias`` with DoRA, on
   a quantized base or in an ``adapter_names`` batch (elsewhere ``s b_B`` joins the layer's bias),
@@ -266,12 +267,20 @@ def _stacks(self, used: list, dev: torch.device) -> tuple:
     return out
 
 
-def _has_hooks(m: nn.Module) -> bool:
+def _has_hooks(m: nn.Module, ignore=None) -> bool:
     """Hooks, or a replaced ``forward`` (accelerate's ``add_hook_to_module``: device maps, offloading); not
-    fastpeft's own ``quant.unpack_for_grad`` (``guard_repacked_layers``), which fastpeft's path does itself."""
+    fastpeft's own ``quant.unpack_for_grad`` (``guard_repacked_layers``), which fastpeft's path does itself, nor
+    forward pre-hooks for which ``ignore(hook)`` is true."""
     pre = m._forward_pre_hooks
-    return bool(m._forward_hooks or (pre and any(f is not unpack_for_grad for f in pre.values()))
+    return bool(m._forward_hooks or (pre and any(f is not unpack_for_grad and not (ignore and ignore(f))
+                                                 for f in pre.values()))
                 or m._backward_hooks or m._backward_pre_hooks or "forward" in m.__dict__)
+
+
+def _peft_names_hook(f) -> bool:
+    """PEFT's ``adapter_names`` pre-hook (``LoraModel._enable_peft_forward_hooks``), which it puts on every LoRA layer
+    of a mixed batch: on an inner ParamWrapper it only hands the names on, and the outermost reads them."""
+    return getattr(getattr(f, "func", None), "__name__", "") == "_adapter_names_pre_forward_hook"
 
 
 _HAS_ANY_GLOBAL_HOOK = getattr(_torch_module, "_has_any_global_hook", None)
@@ -523,7 +532,8 @@ def _experts_fallback_reason(self, x, args, kwargs) -> str | None:
             return "adapters disabled"
         if w.merged:
             return "merged adapters"
-    if kwargs or len(args) != 2:
+    names = kwargs.get("adapter_names")
+    if set(kwargs) - {"adapter_names"} or len(args) != 2:
         return "an expert layer called with other than (hidden_states, top_k_index, top_k_weights)"
     index, weights = args
     if not (isinstance(x, torch.Tensor) and isinstance(index, torch.Tensor) and isinstance(weights, torch.Tensor)
@@ -535,15 +545,17 @@ def _experts_fallback_reason(self, x, args, kwargs) -> str | None:
     why = experts_reason(base)
     if why is not None:
         return why
-    if _has_hooks(base) or any(_has_hooks(w) for w in chain[1:]):
+    if _has_hooks(base) or any(_has_hooks(w, ignore=_peft_names_hook) for w in chain[1:]):
         return "hooks on the experts module or an inner ParamWrapper"
     if _global_hooks():
         return "global module hooks"
+    if names is not None and (not isinstance(names, (list, tuple)) or not names or x.shape[0] % len(names)):
+        return "adapter_names that do not split the tokens into one run per sequence"
     dev, active = x.device, False
     for w in chain:
         mods = w._modules
         lora_as, lora_bs, drops = mods["lora_A"]._modules, mods["lora_B"]._modules, mods["lora_dropout"]._modules
-        for a in w.active_adapters:
+        for a in (w.active_adapters if names is None else dict.fromkeys(names)):
             if a not in lora_as:
                 continue
             active = True
@@ -587,9 +599,21 @@ def _experts_forward(self, x: torch.Tensor, *args, **kwargs) -> torch.Tensor:
     if why is not None:
         return self._fastpeft_original.forward(self, x, *args, **kwargs)
     chain, base = _wrapper_chain(self)
-    adapters = {w.parameter_name: [_expert_factors(w, a) for a in w.active_adapters if a in w.lora_A._modules]
+    names = kwargs.get("adapter_names")
+    if names is None:
+        adapters = {w.parameter_name: [_expert_factors(w, a) for a in w.active_adapters if a in w.lora_A._modules]
+                    for w in chain}
+        return lora_experts(base, x, args[0], args[1], adapters, check_ids=False)
+    # PEFT's adapter_names (one per sequence; PEFT refuses them on its ParamWrapper): the MoE block hands the experts
+    # its (batch, seq) tokens flattened, so each name covers a run of seq tokens; "__base__" and names a wrapper
+    # lacks get no term there
+    used = [n for n in dict.fromkeys(names) if n != "__base__" and any(n in w.lora_A._modules for w in chain)]
+    index = {n: j for j, n in enumerate(used)}
+    per_seq = torch.tensor([index.get(n, -1) for n in names], dtype=torch.int64, device=x.device)
+    adapter_ids = per_seq.repeat_interleave(x.shape[0] // len(names))
+    adapters = {w.parameter_name: [_expert_factors(w, n) if n in w.lora_A._modules else None for n in used]
                 for w in chain}
-    return lora_experts(base, x, args[0], args[1], adapters, check_ids=False)
+    return lora_experts(base, x, args[0], args[1], adapters, check_ids=False, adapter_ids=adapter_ids)
 
 
 def _accelerated_class(original: type) -> type:

@@ -351,7 +351,7 @@ def dora_linear(x, weight, bias, lora_A, lora_B, magnitude, scaling, dropout_p=0
 
 
 def lora_experts(experts, hidden_states, top_k_index, top_k_weights, adapters=None, check_ids=True,
-                 form=None) -> torch.Tensor:
+                 form=None, adapter_ids=None) -> torch.Tensor:
     """A mixture of experts' expert layer with LoRA on its 3-D expert weights (PEFT's ``target_parameters``), without
     ever forming ``W + ΔW``.
 
@@ -372,12 +372,18 @@ def lora_experts(experts, hidden_states, top_k_index, top_k_weights, adapters=No
     (``fastpeft.ops.experts.pick_form``: grouped_mm on CUDA where it runs, on the CPU up to 32 rows per expert).
     ``check_ids=False`` skips the range check of top_k_index (a host sync) in the grouped_mm form, for ids a router
     made. No Triton kernel yet. Differentiable in hidden_states, top_k_weights, the factors and the expert weights.
+
+    Many adapters in one batch: ``adapter_ids`` (T,) int, token t gets only adapter ``adapter_ids[t]``'s terms (-1:
+    none), entry j of every adapters list being adapter j's (None where adapter j leaves that weight alone). Each
+    adapter's update is computed for every row and masked: the cost of the LoRA products grows with the number of
+    adapters (a few, as serving mixes), the base products' not.
     """
-    adapters = check_lora_experts_args(experts, hidden_states, top_k_index, top_k_weights, adapters)
     check_bool(check_ids, "check_ids")
+    adapters = check_lora_experts_args(experts, hidden_states, top_k_index, top_k_weights, adapters, adapter_ids,
+                                       check_ids)
     up = "gate_up_proj" if experts.has_gate else "up_proj"
     weights = [getattr(experts, up), experts.down_proj]
-    factors = [f for terms in adapters.values() for f in terms]
+    factors = [f for terms in adapters.values() for f in terms if f is not None]
     if form is None:
         form = _experts.pick_form(hidden_states, weights, factors, top_k_index.numel(), experts.num_experts)
     elif form not in _experts.FORMS:
@@ -390,9 +396,14 @@ def lora_experts(experts, hidden_states, top_k_index, top_k_weights, adapters=No
     groups = _experts.Groups(top_k_index, experts.num_experts, form, check_ids)
     transposed = bool(experts.is_transposed)
 
+    row_adapter = None if adapter_ids is None else adapter_ids[groups.perm // k]  # (S,): each sorted row's adapter
+
     def project(name, x):
         bias = getattr(experts, name + "_bias") if experts.has_bias else None
-        return groups.project(x, getattr(experts, name), bias, adapters.get(name, ()), transposed)
+        terms = adapters.get(name, [])
+        used = [j for j, t in enumerate(terms) if t is not None]
+        masks = None if row_adapter is None else [row_adapter == j for j in used]
+        return groups.project(x, getattr(experts, name), bias, [terms[j] for j in used], transposed, masks)
     h = project(up, hidden_states[groups.perm // k])
     h = experts._apply_gate(h) if experts.has_gate else experts.act_fn(h)
     out = project("down_proj", h)

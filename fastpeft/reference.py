@@ -717,7 +717,8 @@ def dora_linear_ref(
 
 
 def lora_grouped_linear_ref(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, group_sizes,
-                            lora_A_stacks=(), lora_B_stacks=(), scalings=(), transposed: bool = False) -> torch.Tensor:
+                            lora_A_stacks=(), lora_B_stacks=(), scalings=(), transposed: bool = False,
+                            row_masks=None) -> torch.Tensor:
     """A linear layer per group of rows, each with its own LoRA update (a mixture of experts' expert weights).
 
     The rows of x come grouped: rows ``[o_e, o_e + n_e)`` (``n_e = group_sizes[e]``, ``o_e`` their running sum) use
@@ -725,7 +726,9 @@ def lora_grouped_linear_ref(x: torch.Tensor, weight: torch.Tensor, bias: torch.T
 
     x: (S, in) with S = Σ n_e; weight: (E, out, in), or (E, in, out) when ``transposed`` (the row computes x W_e);
     bias: (E, out) or None; group_sizes: E ints; lora_A_stacks: a sequence of (E, r_a, in); lora_B_stacks: the
-    same number of (E, out, r_a); scalings: their floats. Returns (S, out), differentiable through torch autograd.
+    same number of (E, out, r_a); scalings: their floats; row_masks: None, or one (S,) 0/1 tensor (or None: every
+    row) per adapter, the rows that adapter's term reaches (many adapters in one batch: each computed for every row
+    of the group, its u masked). Returns (S, out), differentiable through torch autograd.
     The factors are cast to W's dtype (PEFT's ``ParamWrapper`` folds them into W in that dtype). No (E, out, in)
     temporary: a group costs its own rows' products, the update ``s (x Aᵀ) Bᵀ`` of rank r beside the base one.
     """
@@ -740,16 +743,25 @@ def lora_grouped_linear_ref(x: torch.Tensor, weight: torch.Tensor, bias: torch.T
     bs = None if bias is None else per_group(bias)
     factors = [(per_group(a.to(dt)), per_group(b.to(dt)), float(s))
                for a, b, s in zip(lora_A_stacks, lora_B_stacks, scalings, strict=True)]
+    masks = [None] * len(factors) if row_masks is None else [
+        None if m is None else m.to(dt).split(sizes) for m in row_masks]
+    if len(masks) != len(factors):
+        raise ValueError(f"row_masks must have one entry per adapter ({len(factors)}), got {len(masks)}")
 
-    def group(e, xe):
+    def group(e, xe, i):
         y = xe @ ws[e] if transposed else F.linear(xe, ws[e])
         if bs is not None:
             y = y + bs[e]
-        for a, b, s in factors:
-            y = torch.addmm(y, F.linear(xe, a[e]), b[e].t(), alpha=s)
+        for (a, b, s), m in zip(factors, masks):
+            u = F.linear(xe, a[e])
+            if m is not None:
+                if not bool(m[i].any()):
+                    continue  # (no row of this group has the adapter)
+                u = u * m[i].unsqueeze(1)
+            y = torch.addmm(y, u, b[e].t(), alpha=s)
         return y
     # split, not slices: its backward writes the rows' gradients once, where each slice's would fill an (S, in) zero
-    outs = [group(e, xe) for e, (n, xe) in enumerate(zip(sizes, x.split(sizes))) if n]
+    outs = [group(e, xe, e) for e, (n, xe) in enumerate(zip(sizes, x.split(sizes))) if n]
     if not outs:  # no rows: group 0 on none, a (0, out) result in the graph
-        return group(0, x[:0])
+        return group(0, x[:0], 0)
     return outs[0] if len(outs) == 1 else torch.cat(outs)

@@ -264,6 +264,71 @@ def test_loop_and_grouped_mm_forms_agree_under_autocast():
     assert_close_report(outs[1], outs[0], rtol=1e-5, atol=1e-6, what="grouped_mm vs loop under autocast")
 
 
+def test_lora_experts_many_adapters_per_token():
+    """``adapter_ids``: each token gets only its adapter's terms (None: an adapter without that weight; -1: none),
+    both forms, the output and every gradient as each token computed alone with its own adapter."""
+    base = qwen3_moe()
+    experts = base.model.layers[0].mlp.experts
+    g = torch.Generator().manual_seed(5)
+
+    def terms(k, n, r, s):
+        return (torch.randn(8, r, k, generator=g) / k ** 0.5, torch.randn(8, n, r, generator=g) / r ** 0.5, s)
+    adapters = {"gate_up_proj": [terms(32, 48, 4, 0.5), terms(32, 48, 8, 2.0)],
+                "down_proj": [terms(24, 32, 4, 0.5), None]}
+    leaves = [t for terms_ in adapters.values() for term in terms_ if term is not None for t in term[:2]]
+    for t in leaves:
+        t.requires_grad_()
+    x = torch.randn(13, 32, generator=g, requires_grad=True)
+    index = torch.randint(0, 8, (13, 2), generator=g)
+    weights = torch.rand(13, 2, generator=g)
+    aid = torch.tensor([0, 1, -1, 1, 0, 0, 1, -1, 0, 1, 1, 0, -1])
+    dy = torch.randn(13, 32, generator=g)
+    rows = []
+    for t in range(13):
+        j = int(aid[t])
+        own = {} if j < 0 else {p: [terms_[j]] for p, terms_ in adapters.items() if terms_[j] is not None}
+        rows.append(fastpeft.lora_experts(experts, x[t:t + 1], index[t:t + 1], weights[t:t + 1], own, form="loop"))
+    want = torch.cat(rows)
+    want_grads = torch.autograd.grad(want, [x] + leaves, dy)
+    for form in OE.FORMS:
+        y = fastpeft.lora_experts(experts, x, index, weights, adapters, form=form, adapter_ids=aid)
+        assert_close_report(y, want, rtol=1e-5, atol=1e-6, what=f"{form}: y")
+        for i, (a, b) in enumerate(zip(torch.autograd.grad(y, [x] + leaves, dy), want_grads)):
+            assert_close_report(a, b, rtol=1e-5, atol=1e-6, what=f"{form}: grad {i}")
+
+
+def test_accelerate_serves_adapter_names_batches(moe_base, ids):
+    """PEFT refuses ``adapter_names`` on its ParamWrapper; accelerated, a mixed batch (and ``generate`` with it) gives
+    each sequence what its adapter alone gives, "__base__" the base model's."""
+    _, base = moe_base
+    model = lora_model(base)
+    torch.manual_seed(3)
+    model.add_adapter("b", peft.LoraConfig(r=2, lora_alpha=6, target_modules=[], target_parameters=TARGETS,
+                                           init_lora_weights=False))
+    model.eval()
+    names = ["default", "b", "__base__"]
+    with pytest.raises(ValueError, match="does not support mixed adapter batches"):
+        copy.deepcopy(model)(ids, adapter_names=names)  # (a copy: PEFT leaves its name hooks on after the error)
+    want, gen = [], []
+    with torch.no_grad():
+        for i, n in enumerate(names):
+            if n == "__base__":
+                with model.disable_adapter():
+                    want.append(model(ids[i:i + 1]).logits)
+                    gen.append(model.generate(ids[i:i + 1], max_new_tokens=4, do_sample=False))
+            else:
+                model.set_adapter(n)
+                want.append(model(ids[i:i + 1]).logits)
+                gen.append(model.generate(ids[i:i + 1], max_new_tokens=4, do_sample=False))
+    report = fastpeft.accelerate(model)
+    with torch.no_grad():
+        assert_close_report(model(ids, adapter_names=names).logits, torch.cat(want), rtol=1e-5, atol=1e-6,
+                            what="mixed batch")
+        out = model.generate(ids, adapter_names=names, max_new_tokens=4, do_sample=False)
+    assert torch.equal(out, torch.cat(gen))
+    assert set(report.calls()) == {"fastpeft"}
+
+
 def test_accelerate_bf16_as_accurate_as_peft(ids):
     """bf16 weights: PEFT rounds W + sBA to bf16, fastpeft keeps the update apart; both are as close to the fp64
     model's logits (measured: 0.0105 and 0.0105 of 0.43 on Qwen3-MoE, 0.0031 and 0.0027 of 0.40 on gpt-oss)."""

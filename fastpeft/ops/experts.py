@@ -58,17 +58,19 @@ def pick_form(x: torch.Tensor, weights: list, factors: list, rows: int, n_exp: i
 _GROUPED_MM_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
 
 
-def _grouped_mm_linear(x, weight, bias, offsets, ids, factors, transposed: bool) -> torch.Tensor:
+def _grouped_mm_linear(x, weight, bias, offsets, ids, factors, transposed: bool, masks) -> torch.Tensor:
     """``lora_grouped_linear_ref``'s result with ``F.grouped_mm``: ``offsets`` (E,) int32 the groups' end rows,
-    ``ids`` (S,) each row's group (for the bias)."""
+    ``ids`` (S,) each row's group (for the bias), ``masks`` one (S,) 0/1 tensor or None per factor."""
     dt = weight.dtype
     y = F.grouped_mm(x.to(dt), weight if transposed else weight.transpose(1, 2), offs=offsets)
     if bias is not None:
         y = y + bias.index_select(0, ids)
-    for a, b, s in factors:
+    for (a, b, s), m in zip(factors, masks):
         # (E, in, r) and (E, r, out): B's view from PEFT's layout has no unit stride in its last two dims, which
         # grouped_mm needs: a contiguous (E, out, r) copy (the adapter's size, not W's)
         u = F.grouped_mm(x.to(dt), a.to(dt).transpose(1, 2), offs=offsets)
+        if m is not None:
+            u = u * m.to(dt).unsqueeze(1)
         y = y + s * F.grouped_mm(u, b.to(dt).contiguous().transpose(1, 2), offs=offsets)
     return y
 
@@ -92,12 +94,15 @@ class Groups:
         if form == "grouped_mm":
             self.offsets = ends[1:].to(torch.int32)
 
-    def project(self, x, weight, bias, factors, transposed: bool) -> torch.Tensor:
-        """One projection of the experts (rows of x in sorted order): ``x W_eᵀ + b_e + Σ s (x A_eᵀ) B_eᵀ``."""
+    def project(self, x, weight, bias, factors, transposed: bool, masks=None) -> torch.Tensor:
+        """One projection of the experts (rows of x in sorted order): ``x W_eᵀ + b_e + Σ s (x A_eᵀ) B_eᵀ``; ``masks``:
+        None or one (S,) 0/1 tensor (or None) per factor, the sorted rows its term reaches."""
+        masks = [None] * len(factors) if masks is None else masks
         if self.form == "grouped_mm":
-            return _grouped_mm_linear(x, weight, bias, self.offsets, self.ids, factors, transposed)
+            return _grouped_mm_linear(x, weight, bias, self.offsets, self.ids, factors, transposed, masks)
         # in the experts' dtype, autocast or not, as the grouped_mm form (and transformers' grouped_mm) computes:
         # the same precision whatever the number of rows picks
         with torch.autocast(x.device.type, enabled=False):
             return lora_grouped_linear_ref(x.to(weight.dtype), weight, bias, self.sizes, [f[0] for f in factors],
-                                           [f[1] for f in factors], [f[2] for f in factors], transposed=transposed)
+                                           [f[1] for f in factors], [f[2] for f in factors], transposed=transposed,
+                                           row_masks=masks)
