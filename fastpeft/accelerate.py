@@ -61,7 +61,8 @@ from .hf import _InstanceMethod
 from .ops.common import cast_params, held, kept_state, kept_transpose
 from .quant import (_bnb_class_name, bnb_cpu_serves, call_buffer, conv1d_class, dequantize_weight,
                     guard_repacked_layers, is_conv1d, kept_quantized_weight, own_forward, unpack_for_grad)
-from .reference import tracing_or_transformed
+from .ops.experts import grouped_mm_refusal
+from .reference import func_transforms_active, tracing_or_transformed
 
 _KERNEL_OR_REF_DTYPES = (torch.float32, torch.float16, torch.bfloat16, torch.float64)
 _classes: dict = {}  # PEFT's lora.Linear class -> its accelerated subclass (peft is imported lazily)
@@ -540,8 +541,8 @@ def _experts_fallback_reason(self, x, args, kwargs) -> str | None:
             and x.dim() == 2 and x.is_floating_point() and index.dim() == 2 and index.shape[0] == x.shape[0]
             and not index.is_floating_point() and weights.shape == index.shape and weights.is_floating_point()):
         return "inputs other than hidden_states (T, H), top_k_index (T, k) int, top_k_weights (T, k) float"
-    if tracing_or_transformed():
-        return "torch.compile tracing or a torch.func transform (the expert loop reads its group sizes on the host)"
+    if func_transforms_active():
+        return "a torch.func transform (the expert loop reads its group sizes on the host)"
     why = experts_reason(base)
     if why is not None:
         return why
@@ -571,10 +572,19 @@ def _experts_fallback_reason(self, x, args, kwargs) -> str | None:
                     return f"adapter {a!r}: a {type(t).__name__} of dtype {t.dtype} on {t.device}, input on {dev}"
     if not active:
         return "no adapter of this layer is active"
-    for name in ("gate_up_proj" if base.has_gate else "up_proj", "down_proj"):
-        t = getattr(base, name)
+    weights = [getattr(base, name) for name in ("gate_up_proj" if base.has_gate else "up_proj", "down_proj")]
+    for t in weights:
         if type(t) not in _PLAIN_TYPES or t.device != dev or t.layout != torch.strided:
-            return f"expert weight {name}: a {type(t).__name__} on {t.device}, input on {dev}"
+            return f"expert weight of shape {tuple(t.shape)}: a {type(t).__name__} on {t.device}, input on {dev}"
+    if torch.compiler.is_compiling():
+        # traced: the grouped_mm form only (no host sync), in bf16, the one dtype inductor lowers it for
+        factors = [_expert_factors(w, a) for w in chain for a in (w.active_adapters if names is None else names)
+                   if a in w.lora_A._modules]
+        why = grouped_mm_refusal(x, weights, factors)
+        if why is None and (weights[0].dtype != torch.bfloat16 or x.dtype != torch.bfloat16):
+            why = "torch.compile lowers grouped_mm for bf16 only"
+        if why is not None:
+            return f"torch.compile tracing, where the expert loop cannot run (it reads group sizes on the host) and {why}"
     return None
 
 
@@ -603,7 +613,7 @@ def _experts_forward(self, x: torch.Tensor, *args, **kwargs) -> torch.Tensor:
     if names is None:
         adapters = {w.parameter_name: [_expert_factors(w, a) for a in w.active_adapters if a in w.lora_A._modules]
                     for w in chain}
-        return lora_experts(base, x, args[0], args[1], adapters, check_ids=False)
+        return lora_experts(base, x, args[0], args[1], adapters, check_ids=False, form=_traced_form())
     # PEFT's adapter_names (one per sequence; PEFT refuses them on its ParamWrapper): the MoE block hands the experts
     # its (batch, seq) tokens flattened, so each name covers a run of seq tokens; "__base__" and names a wrapper
     # lacks get no term there
@@ -613,7 +623,14 @@ def _experts_forward(self, x: torch.Tensor, *args, **kwargs) -> torch.Tensor:
     adapter_ids = per_seq.repeat_interleave(x.shape[0] // len(names))
     adapters = {w.parameter_name: [_expert_factors(w, n) if n in w.lora_A._modules else None for n in used]
                 for w in chain}
-    return lora_experts(base, x, args[0], args[1], adapters, check_ids=False, adapter_ids=adapter_ids)
+    return lora_experts(base, x, args[0], args[1], adapters, check_ids=False, adapter_ids=adapter_ids,
+                        form=_traced_form())
+
+
+def _traced_form():
+    """``lora_experts``' form for an accelerated call: grouped_mm while torch.compile traces (the fallback reason
+    checked it can run), else its own pick."""
+    return "grouped_mm" if torch.compiler.is_compiling() else None
 
 
 def _accelerated_class(original: type) -> type:

@@ -436,3 +436,39 @@ def test_grouped_mm_form_on_the_card():
     for i, (want, loop, fused) in enumerate(zip(*(res[key] for key in res))):
         own = (loop - want).abs().max().item()
         assert (fused - want).abs().max().item() <= 2 * own + 1e-3, (["y", "dx", "dA", "dB"][i], own)
+
+
+def test_compiled_bf16_model_runs_the_grouped_form(monkeypatch, ids):
+    """Under torch.compile a bf16 model's expert layers run lora_experts' grouped_mm form (no host sync; inductor
+    lowers grouped_mm for bf16): PEFT's parametrization is never entered, and against the fp32 model the compiled
+    logits and gradients are within twice the eager accelerated model's own bf16 error (measured: the same on the
+    logits, 1.0-1.8x on the gradients, layer 0's 11-19 % eager, PEFT's too). An fp32 model traces PEFT's forward
+    instead (its outputs)."""
+    from peft.tuners.lora.layer import ParamWrapper
+
+    torch._dynamo.reset()
+    model32 = lora_model(qwen3_moe(), r=8)  # (rank 8: bf16 rows of 16 bytes, as grouped_mm needs)
+    exact = step(model32, ids)
+    model = copy.deepcopy(model32).to(torch.bfloat16)
+    fastpeft.accelerate(model)
+    eager = step(model, ids)
+
+    def refuse(*a, **k):
+        raise AssertionError("PEFT's forward ran")
+    with monkeypatch.context() as m:
+        m.setattr(ParamWrapper, "_activate_lora", refuse)
+        logits, grads_ = step(torch.compile(model), ids)
+    compiled = (logits, {n.replace("_orig_mod.", ""): g for n, g in grads_.items()})
+
+    def rel(a, b):
+        return ((a.float() - b.float()).norm() / b.float().norm()).item()
+    assert compiled[1].keys() == exact[1].keys()
+    for what, got, own, want in [("logits", compiled[0], eager[0], exact[0])] + [
+            (n, compiled[1][n], eager[1][n], exact[1][n]) for n in exact[1]]:
+        assert rel(got, want) <= 2 * rel(own, want) + 1e-3, (what, rel(got, want), rel(own, want))
+    torch._dynamo.reset()
+    fastpeft.accelerate(model32)
+    logits, grads_ = step(torch.compile(model32), ids)
+    assert_same_step((logits, {n.replace("_orig_mod.", ""): g for n, g in grads_.items()}), exact, rtol=1e-4,
+                     atol=1e-5)
+    torch._dynamo.reset()

@@ -6,7 +6,8 @@ the experts module as a grouped linear layer with LoRA (``project``), in one of 
 - ``"loop"``: ``fastpeft.reference.lora_grouped_linear_ref``, a pair of products per expert with rows, one host
   sync for the group sizes.
 - ``"grouped_mm"``: ``torch.nn.functional.grouped_mm`` for the base and for both LoRA products (three grouped
-  launches a projection, offsets on the device: no host sync, so a CUDA graph can capture it).
+  launches a projection, offsets on the device: no host sync, so a CUDA graph can capture it and torch.compile
+  trace it, for bf16: inductor lowers grouped_mm for that dtype only).
 
 ``pick_form``: grouped_mm only where its kernels take every operand (torch >= 2.10; one float dtype, bf16 on
 CUDA with sm_80+; every row length a multiple of 16 bytes). On CUDA then (never timed there yet). On the CPU
@@ -41,7 +42,9 @@ def grouped_mm_refusal(x: torch.Tensor, weights: list, factors: list) -> str | N
         return "grouped_mm on CUDA takes bf16 expert weights on sm_80+"
     size = torch.finfo(dt).bits // 8
     dims = [d for w in weights for d in w.shape[1:]] + [a.shape[1] for a, _, _ in factors]
-    if any(d * size % 16 for d in dims) or any(t.data_ptr() % 16 for t in weights):
+    # (data pointers are not read while torch.compile traces: Parameters come 16-byte aligned from the allocator)
+    if any(d * size % 16 for d in dims) or (not torch.compiler.is_compiling()
+                                            and any(t.data_ptr() % 16 for t in weights)):
         return (f"a row length not a multiple of 16 bytes (in / out / ranks {sorted(set(dims))} of {dt}) or expert "
                 "weights not 16-byte aligned")
     return None
@@ -71,8 +74,16 @@ def _grouped_mm_linear(x, weight, bias, offsets, ids, factors, transposed: bool,
         u = F.grouped_mm(x.to(dt), a.to(dt).transpose(1, 2), offs=offsets)
         if m is not None:
             u = u * m.to(dt).unsqueeze(1)
-        y = y + s * F.grouped_mm(u, b.to(dt).contiguous().transpose(1, 2), offs=offsets)
+        y = y + s * F.grouped_mm(u, _dense_copy(b, dt).transpose(1, 2), offs=offsets)
     return y
+
+
+def _dense_copy(t: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """t in ``dtype``, row-major: a copy into a new empty tensor, whose layout inductor keeps (a traced
+    ``.contiguous()`` of a permuted view may keep the view's strides, which grouped_mm's kernel then refuses)."""
+    if t.dtype == dtype and t.is_contiguous() and not torch.compiler.is_compiling():
+        return t
+    return torch.empty(t.shape, dtype=dtype, device=t.device).copy_(t)
 
 
 class Groups:
