@@ -325,13 +325,15 @@ def _adapter_reason(self, name: str, lora_a=None, lora_b=None, drop=None):
         if not isinstance(weight, torch.Tensor) or weight.dim() != 1:
             return f"adapter {name!r} uses DoRA without a (out,) lora_magnitude_vector"
     lora_bias = bool(self.lora_bias.get(name, False))
-    if lora_bias and (dora or not _dense(self._modules["base_layer"]) or _is_param_wrapper(self)):
+    if lora_bias and (dora or not _dense(self._modules["base_layer"])):
         return f"adapter {name!r} has lora_bias=True ({'with DoRA' if dora else 'on a quantized base'})"
     if lora_a is None:
         lora_a, lora_b, drop = self.lora_A[name], self.lora_B[name], self.lora_dropout[name]
-    if type(lora_a) is not nn.Linear or type(lora_b) is not nn.Linear or _param(lora_a, "bias") is not None \
-            or (_param(lora_b, "bias") is not None) != lora_bias:
+    if type(lora_a) is not nn.Linear or type(lora_b) is not nn.Linear:
         return f"adapter {name!r} has factors of type {type(lora_a).__name__} / {type(lora_b).__name__}"
+    if _param(lora_a, "bias") is not None or (_param(lora_b, "bias") is not None) != lora_bias:
+        return (f"adapter {name!r}: lora_A {'with' if _param(lora_a, 'bias') is not None else 'without'} a bias, "
+                f"lora_B {'with' if _param(lora_b, 'bias') is not None else 'without'} one, for lora_bias={lora_bias}")
     if type(drop) not in (nn.Dropout, nn.Identity) or (isinstance(drop, nn.Dropout) and not 0.0 <= drop.p < 1.0):
         return f"adapter {name!r} has a dropout module {drop!r}"
     return None
@@ -708,8 +710,9 @@ class AccelerateReport:
             lines.append("  Patched layers run PEFT's own forward, call by call, for: disabled or merged adapters, "
                          "hooks on their modules, an input, weight and bias of several dtypes outside autocast "
                          "(fp32 adapters on a bf16 base run on fastpeft, cast), autocast on 4-bit layers, several "
-                         "active adapters with dropout in training or with DoRA among them, DoRA in adapter_names "
-                         "batches; expert layers (target_parameters) also while torch.compile traces. "
+                         "active adapters with dropout in training or with DoRA among them, DoRA or lora_bias in "
+                         "adapter_names batches; expert layers (target_parameters) also while torch.compile traces "
+                         "a model of another dtype than bf16. "
                          "report.calls() counts the paths taken.")
         return "\n".join(lines)
 
