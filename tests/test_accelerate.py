@@ -1126,7 +1126,8 @@ def test_per_call_tensor_checks_name_what_falls_back(base, ids):
         ("weight", nn.Parameter(torch.zeros(w.shape, dtype=torch.int32), requires_grad=False),
          "a Parameter of dtype torch.int32 on cpu"),
         ("weight", nn.Parameter(torch.empty(w.shape, device="meta")), "parameters on meta, input on cpu"),
-        ("bias", nn.Parameter(torch.zeros(w.shape[0])), "adapter 'default' has factors of type Linear / Linear"),
+        ("bias", nn.Parameter(torch.zeros(w.shape[0])),
+         "adapter 'default': lora_A with a bias, lora_B without one, for lora_bias=False"),
         ("weight", None, "a NoneType of dtype None on None"),
     ]
     for name, value, why in cases:
