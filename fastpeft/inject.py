@@ -245,6 +245,16 @@ def _saved_module_names(model: nn.Module, modules_to_save) -> list:
             found.append(name)
     if not found:
         raise ValueError(f"modules_to_save {modules_to_save} matched no module of the model")
+    for name in found:  # (as PEFT: a trainable copy of another adapter's LoRA layer or tokens has no file form)
+        module = model.get_submodule(name)
+        if isinstance(module, ModulesToSaveWrapper) and not isinstance(module, TrainableTokensWrapper):
+            continue  # (another adapter's trained copy: this one gets its own beside it)
+        held = [f"{name}.{n}".rstrip(".") + f" ({type(m).__name__})" for n, m in module.named_modules()
+                if isinstance(m, (FastLoRALinear, SparseDeltaLinear, TrainableTokensWrapper))]
+        if held:
+            raise ValueError(f"modules_to_save names {name!r}, which holds another adapter's layers: {few(held)}; "
+                             "a trainable copy of them cannot be saved or loaded (PEFT refuses it too): leave it out "
+                             "of modules_to_save, or delete that adapter first")
     for name in found:  # a trainable copy needs float parameters (a 4-bit / 8-bit packed weight cannot train)
         frozen = [n for n, p in model.get_submodule(name).named_parameters() if not p.is_floating_point()]
         if frozen:
@@ -655,6 +665,12 @@ class LoraMethod(Method):
     def check_addable(self, model: nn.Module, config) -> None:
         _check_nothing_merged(model)
         _check_scores_selection(config, "sparse_selection")
+        others = list(adapter_configs(model))
+        if getattr(config, "bias", "none") != "none" and others:
+            # PEFT's rule ("LoraModel supports only 1 adapter with bias"): the base biases are the model's own, and an
+            # adapter added beside others would train them whatever adapter is active (before 2026-12-01 it did)
+            raise ValueError(f"bias={config.bias!r} on an adapter added beside {others}: only a model's first adapter "
+                             "may train the base biases (PEFT's rule); add this one with bias='none'")
 
     def plan(self, model: nn.Module, config) -> LoraPlan:
         plan = plan_lora(model, config)
@@ -675,6 +691,8 @@ class LoraMethod(Method):
                 module.add_adapter(adapter_name, r, alpha, **kw)
                 layer = module
             else:
+                bias = getattr(module, "bias", None)
+                trained = isinstance(bias, torch.Tensor) and bias.requires_grad  # (the first adapter's bias="all")
                 if isinstance(module, nn.Embedding):  # plan_lora refused DoRA and sparse deltas there
                     layer = FastLoRAEmbedding.from_embedding(
                         module, r=r, lora_alpha=alpha, lora_dropout=config.lora_dropout, use_rslora=config.use_rslora,
@@ -685,6 +703,8 @@ class LoraMethod(Method):
                 else:
                     layer = FastLoRALinear.from_linear(module, r=r, lora_alpha=alpha, adapter_name=adapter_name, **kw)
                 layer.set_adapter(None)
+                if trained:  # the wrapper froze it: it stays as trainable as it was (before 2026-12-01 it did not)
+                    layer.bias.requires_grad_(True)
                 if state.routing is not None:  # made inside a mixed_batch block: routed as the others
                     layer.set_routing(state.routing, state.rows_per_sequence)
                 set_submodule(model, name, layer)
@@ -1302,6 +1322,14 @@ def delete_adapter(model: nn.Module, adapter_name: str) -> None:
     if merged:  # checked before any layer changes
         raise RuntimeError(f"delete_adapter({adapter_name!r}): it is merged into layers {few(merged)}; unmerge them "
                            "first")
+    bias = getattr(configs[adapter_name], "bias", "none")
+    if bias != "none":  # the base biases it trained are frozen again (only the first adapter trains them)
+        trained = [m.bias for m in lora_layers(model).values() if isinstance(getattr(m, "bias", None), torch.Tensor)]
+        if bias == "all":
+            copies = {id(p) for w in saved_module_wrappers(model).values() for p in w.modules_to_save.parameters()}
+            trained = [p for n, p in model.named_parameters() if is_bias(n) and id(p) not in copies]
+        for p in trained:
+            p.requires_grad_(False)
     for layer in layers.values():
         layer.delete_adapter(adapter_name)
     for name, layer in sparse.items():  # a sparse delta alone: its layers become the nn.Linear they wrapped

@@ -1590,7 +1590,14 @@ class TokenRows(nn.Module):
         rows = self.trainable_tokens_delta.to(base.weight.dtype)  # PEFT casts them to the weight's dtype too
         if isinstance(base, nn.Embedding):
             local = self._lookup(base.num_embeddings)[x]
-            new = F.embedding(local.clamp(min=0), rows, padding_idx=self._pad)
+            if getattr(base, "scale_grad_by_freq", False):
+                # gradients divided by each id's count in x, as PEFT's lookup in the whole table divides them: the
+                # ids outside the trained rows go to a zero row of their own, not to row 0 (which clamp would count)
+                rows = torch.cat([rows, rows.new_zeros(1, rows.shape[1])])
+                new = F.embedding(torch.where(local >= 0, local, rows.shape[0] - 1), rows, padding_idx=self._pad,
+                                  scale_grad_by_freq=True)
+            else:
+                new = F.embedding(local.clamp(min=0), rows, padding_idx=self._pad)
             scale = getattr(base, "embed_scale", None)
             if scale is not None:
                 new = new * (scale.to(new.dtype) if isinstance(scale, torch.Tensor) else scale)

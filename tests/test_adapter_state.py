@@ -348,3 +348,38 @@ def test_save_adapter_writes_on_rank_0_alone_by_default(tmp_path, monkeypatch):
     monkeypatch.setattr(torch.distributed, "get_rank", lambda group=None: 0)
     fastpeft.save_adapter(m, tmp_path / "rank0", "a")
     assert (tmp_path / "rank0" / "adapter_config.json").exists()
+
+
+def test_base_biases_trained_by_the_first_adapter_as_peft():
+    """PEFT's bias rule with two adapters on a LLaMA with biases: the first adapter's bias="all" / "lora_only" trains
+    base biases, and a second adapter (bias="none") wrapping more layers leaves them as PEFT does, whichever is
+    active (before 2026-12-01 wrapping froze them, and a second adapter's own bias setting trained every bias even
+    while another adapter was active: now refused, as PEFT refuses two adapters with biases); deleting the first
+    freezes them again."""
+    peft = pytest.importorskip("peft")
+    transformers = pytest.importorskip("transformers")
+    torch.manual_seed(0)
+    cfg = transformers.LlamaConfig(vocab_size=97, hidden_size=32, intermediate_size=48, num_hidden_layers=2,
+                                   num_attention_heads=4, num_key_value_heads=2, attention_bias=True, mlp_bias=True)
+    base = transformers.LlamaForCausalLM(cfg)
+
+    def trained(m):
+        return sorted(n.replace("base_model.model.", "").replace(".base_layer", "") for n, p in m.named_parameters()
+                      if p.requires_grad and n.endswith("bias"))
+    for bias in ("all", "lora_only"):
+        first = dict(r=4, target_modules=["q_proj"], bias=bias)
+        second = dict(r=2, target_modules=["v_proj", "q_proj"])
+        theirs = peft.get_peft_model(copy.deepcopy(base), peft.LoraConfig(**first), adapter_name="a")
+        theirs.add_adapter("b", peft.LoraConfig(**second))
+        ours = fastpeft.inject(copy.deepcopy(base), LoraConfig(**first), adapter_name="a")
+        fastpeft.inject(ours, LoraConfig(**second), adapter_name="b", activate=False)
+        for name in ("a", "b"):
+            theirs.set_adapter(name)
+            fastpeft.set_adapter(ours, name)
+            assert trained(ours) == trained(theirs), (bias, name)
+        assert trained(ours)
+        with pytest.raises(ValueError, match="first adapter"):
+            fastpeft.inject(ours, LoraConfig(r=2, target_modules=["k_proj"], bias="all"), adapter_name="c")
+        fastpeft.set_adapter(ours, "b")
+        fastpeft.delete_adapter(ours, "a")
+        assert trained(ours) == []

@@ -524,6 +524,14 @@ CASES = [
     Bad("inject-a-peft-config-lora_bias", lambda m: fastpeft.inject(m, __import__("peft").LoraConfig(
         target_modules=["q_proj"], lora_bias=True)), ValueError,
         ("LoRA variants", "'lora_bias': True", "fastpeft.accelerate(peft_model)"), _toy),
+    Bad("inject-second-adapter-modules_to_save-on-a-lora-layer",
+        lambda m: fastpeft.inject(m, LoraConfig(r=2, target_modules=["v_proj"], modules_to_save=["q_proj"]), "b"),
+        ValueError, ("modules_to_save names", "another adapter's layers", "FastLoRALinear", "PEFT refuses"),
+        lambda: fastpeft.inject(_toy(), LoraConfig(r=4, target_modules=["q_proj"]))),
+    Bad("inject-second-adapter-with-bias-all",
+        lambda m: fastpeft.inject(m, LoraConfig(r=2, target_modules=["v_proj"], bias="all"), "b"),
+        ValueError, ("bias='all'", "beside ['default']", "first adapter", "bias='none'"),
+        lambda: fastpeft.inject(_toy(), LoraConfig(r=4, target_modules=["q_proj"]))),
     Bad("inject-a-peft-config-target_parameters", lambda m: fastpeft.inject(m, __import__("peft").LoraConfig(
         target_modules=[], target_parameters=["layers.0.mlp.w"])), ValueError,
         ("LoRA variants", "'target_parameters'", "fastpeft.accelerate(peft_model)"), _toy),

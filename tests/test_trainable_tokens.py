@@ -366,3 +366,20 @@ def test_compiles_without_graph_breaks_with_a_padding_idx():
     want = model(input_ids=ids, labels=ids).loss
     compiled = torch.compile(model, fullgraph=True, backend="aot_eager")
     torch.testing.assert_close(compiled(input_ids=ids, labels=ids).loss, want, rtol=1e-6, atol=1e-6)
+
+
+def test_scale_grad_by_freq_divides_the_rows_gradients_as_peft():
+    """An embedding with ``scale_grad_by_freq=True`` divides each trained row's gradient by its id's count in the
+    batch, as PEFT's lookup in the whole table does, ids outside the trained rows not counted for any of them
+    (before 2026-12-01 not divided: 5x PEFT's for a token seen 5 times)."""
+    base = llama(False)
+    base.model.embed_tokens.scale_grad_by_freq = True
+    kw = dict(r=4, target_modules=["q_proj"], trainable_token_indices=[3, 5])
+    pm = peft.get_peft_model(copy.deepcopy(base), peft.LoraConfig(**kw))
+    fm = fastpeft.inject(copy.deepcopy(base), LoraConfig(**kw))
+    ids = torch.tensor([[3, 3, 5, 7, 3, 9, 5, 3, 3, 11]])
+    pm(input_ids=ids, labels=ids).loss.backward()
+    fm(input_ids=ids, labels=ids).loss.backward()
+    theirs = pm.base_model.model.model.embed_tokens.token_adapter.trainable_tokens_delta["default"].grad
+    ours = fm.model.embed_tokens.rows("default").trainable_tokens_delta.grad
+    torch.testing.assert_close(ours, theirs, rtol=1e-5, atol=1e-7)
