@@ -389,6 +389,13 @@ def _plan_tokens(model: nn.Module, config, targets: dict, saved: list) -> dict:
     plan = {name: (ids, None) for name, ids in wanted.items()}
     head = output_head(model)
     head_name = _module_name(model, head)
+    if emb_name in wanted and isinstance(head, ModulesToSaveWrapper) and not isinstance(head, TrainableTokensWrapper) \
+            and head.original_module.weight is _token_base(emb).weight:
+        # (read through the wrapper the tie did not show while its copy was active: the head then kept the old rows,
+        # 31.9 off in logits, and refused it while none was; PEFT's forward fails on this model)
+        raise ValueError(f"trainable_token_indices trains rows of {emb_name!r}, whose weight the output head "
+                         f"{head_name!r} shares, and another adapter trains a copy of that head (modules_to_save): "
+                         "its columns cannot follow the rows; train the tokens in a model without that adapter")
     tied = emb_name in wanted and head_name is not None and head_name not in inner and \
         _token_base(head).weight is _token_base(emb).weight
     if tied and wanted.get(head_name, wanted[emb_name]) == wanted[emb_name]:

@@ -383,3 +383,18 @@ def test_scale_grad_by_freq_divides_the_rows_gradients_as_peft():
     theirs = pm.base_model.model.model.embed_tokens.token_adapter.trainable_tokens_delta["default"].grad
     ours = fm.model.embed_tokens.rows("default").trainable_tokens_delta.grad
     torch.testing.assert_close(ours, theirs, rtol=1e-5, atol=1e-7)
+
+
+@pytest.mark.parametrize("active", [True, False], ids=["first-active", "none-active"])
+def test_tokens_refused_where_another_adapter_trains_the_tied_head(active):
+    """Tied embeddings, adapter "a" trains a copy of the head (modules_to_save): a later adapter's trainable tokens
+    are refused whichever adapter is active (before 2026-12-01, with "a" active they were taken and the head kept
+    the old rows, 31.9 off in logits; with none active refused). The model is left as it was."""
+    model = fastpeft.inject(llama(True), LoraConfig(r=4, target_modules=["q_proj"], modules_to_save=["lm_head"]), "a")
+    if not active:
+        fastpeft.set_adapter(model, None)
+    names = sorted(n for n, _ in model.named_modules())
+    with pytest.raises(ValueError, match="another adapter trains a copy of that head"):
+        fastpeft.inject(model, LoraConfig(r=2, target_modules=["v_proj"], trainable_token_indices=[3, 4]), "b",
+                        activate=False)
+    assert sorted(n for n, _ in model.named_modules()) == names
