@@ -185,9 +185,9 @@ def _active(self, x: torch.Tensor) -> torch.Tensor:
     # reaches b_B through the sum)
     lora_biases = [(lora_bs[a]._parameters["bias"], float(self.scaling[a])) for a in adapters
                    if lora_bs[a]._parameters.get("bias") is not None]
-    if lora_biases:
-        added = sum(s * b.to(cdt) for b, s in lora_biases)
-        bias = added if bias is None else bias + added
+    if lora_biases:  # summed in fp32 and rounded once (as PEFT rounds its fp32 branch once)
+        added = sum(s * b.float() for b, s in lora_biases)
+        bias = (added if bias is None else bias.float() + added).to(cdt)
 
     def linear(lora_a, lora_b, scaling, p, training):
         lora_a, lora_b = cast_params((lora_a, lora_b), cdt, kept, "_fastpeft_casts")

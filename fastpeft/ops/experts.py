@@ -71,7 +71,8 @@ def _grouped_mm_linear(x, weight, bias, offsets, ids, factors, transposed: bool,
     for (a, b, s), m in zip(factors, masks):
         # (E, in, r) and (E, r, out): B's view from PEFT's layout has no unit stride in its last two dims, which
         # grouped_mm needs: a contiguous (E, out, r) copy (the adapter's size, not W's)
-        u = F.grouped_mm(x.to(dt), a.to(dt).transpose(1, 2), offs=offsets)
+        a = a.to(dt) if not torch.compiler.is_compiling() else _dense_copy(a, dt)  # (A's view: (E, in, r) unit-stride)
+        u = F.grouped_mm(x.to(dt), a.transpose(1, 2), offs=offsets)
         if m is not None:
             u = u * m.to(dt).unsqueeze(1)
         y = y + s * F.grouped_mm(u, _dense_copy(b, dt).transpose(1, 2), offs=offsets)
@@ -79,11 +80,34 @@ def _grouped_mm_linear(x, weight, bias, offsets, ids, factors, transposed: bool,
 
 
 def _dense_copy(t: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
-    """t in ``dtype``, row-major: a copy into a new empty tensor, whose layout inductor keeps (a traced
-    ``.contiguous()`` of a permuted view may keep the view's strides, which grouped_mm's kernel then refuses)."""
-    if t.dtype == dtype and t.is_contiguous() and not torch.compiler.is_compiling():
-        return t
-    return torch.empty(t.shape, dtype=dtype, device=t.device).copy_(t)
+    """t in ``dtype``, row-major (what grouped_mm needs of B's and A's stacks, whose views of PEFT's layout it
+    refuses). Eagerly a copy only where needed; while torch.compile traces, ``fastpeft::dense_copy``, an op whose
+    output layout inductor cannot choose (it laid a traced ``.contiguous()`` or ``empty().copy_()`` out as the
+    permuted view it copied, with frozen factors, and grouped_mm's kernel refused the strides)."""
+    if not torch.compiler.is_compiling():
+        return t.to(dtype).contiguous()
+    return torch.ops.fastpeft.dense_copy(t, dtype)
+
+
+@torch.library.custom_op("fastpeft::dense_copy", mutates_args=())
+def _dense_copy_op(t: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    return t.to(dtype).clone(memory_format=torch.contiguous_format)
+
+
+@_dense_copy_op.register_fake
+def _(t: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    return torch.empty(t.shape, dtype=dtype, device=t.device)
+
+
+def _dense_copy_backward(ctx, grad):
+    return grad.to(ctx.dtype), None
+
+
+def _dense_copy_setup(ctx, inputs, output):
+    ctx.dtype = inputs[0].dtype
+
+
+_dense_copy_op.register_autograd(_dense_copy_backward, setup_context=_dense_copy_setup)
 
 
 class Groups:
