@@ -75,10 +75,7 @@ _FASTPEFT = "fastpeft"  # the runtime path counted for calls that ran on fastpef
 def _forward(self, x: torch.Tensor, *args, **kwargs) -> torch.Tensor:
     """PEFT's ``lora.Linear.forward`` on fastpeft's ops where it can be, PEFT's own forward elsewhere."""
     why = runtime_fallback_reason(self, x, args, kwargs)
-    if not torch.compiler.is_compiling():
-        calls = self.__dict__.get("_fastpeft_calls")
-        if calls is not None:
-            calls[why or _FASTPEFT] += 1
+    _count(self, why)
     if why is not None:
         return self._fastpeft_original.forward(self, x, *args, **kwargs)
     self._check_forward_args(x, *args, **kwargs)
@@ -86,6 +83,15 @@ def _forward(self, x: torch.Tensor, *args, **kwargs) -> torch.Tensor:
     if names is not None:
         return _mixed_batch(self, x, names)
     return _active(self, x)
+
+
+def _count(self, why: str | None) -> None:
+    """One call of a patched layer in ``report.calls()``, by path: fastpeft's, or the reason PEFT's forward ran (not
+    while torch.compile traces: the count would run once, at tracing)."""
+    if not torch.compiler.is_compiling():
+        calls = self.__dict__.get("_fastpeft_calls")
+        if calls is not None:
+            calls[why or _FASTPEFT] += 1
 
 
 def _quantized_weight(self):
@@ -604,10 +610,7 @@ def _experts_forward(self, x: torch.Tensor, *args, **kwargs) -> torch.Tensor:
     active adapters of every wrapper in the chain, on their expert weights, without PEFT's parametrization (which
     forms W + s B A for every expert at each call)."""
     why = _experts_fallback_reason(self, x, args, kwargs)
-    if not torch.compiler.is_compiling():
-        calls = self.__dict__.get("_fastpeft_calls")
-        if calls is not None:
-            calls[why or _FASTPEFT] += 1
+    _count(self, why)
     if why is not None:
         return self._fastpeft_original.forward(self, x, *args, **kwargs)
     chain, base = _wrapper_chain(self)

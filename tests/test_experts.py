@@ -248,15 +248,18 @@ def test_adapters_added_and_loaded_after_accelerate(moe_base, ids, tmp_path):
     assert report.calls() == {"fastpeft": 2}
 
 
+def routed(seed=3, tokens=11):
+    """A tiny Qwen3-MoE's first experts module and a batch routed to it: (experts, x, top_k_index, top_k_weights, g)."""
+    experts = qwen3_moe().model.layers[0].mlp.experts
+    g = torch.Generator().manual_seed(seed)
+    x = torch.randn(tokens, 32, generator=g)
+    return experts, x, torch.randint(0, 8, (tokens, 2), generator=g), torch.rand(tokens, 2, generator=g), g
+
+
 def test_loop_and_grouped_mm_forms_agree_under_autocast():
     """Both forms compute in the expert weights' dtype (transformers' grouped_mm semantics), autocast on or off, so
     the precision does not depend on the number of rows that picks the form."""
-    base = qwen3_moe()
-    experts = base.model.layers[0].mlp.experts
-    g = torch.Generator().manual_seed(3)
-    x = torch.randn(11, 32, generator=g)
-    index = torch.randint(0, 8, (11, 2), generator=g)
-    weights = torch.rand(11, 2, generator=g)
+    experts, x, index, weights, g = routed()
     ad = {"down_proj": [(torch.randn(8, 4, 24, generator=g), torch.randn(8, 32, 4, generator=g), 2.0)]}
     with torch.autocast("cpu", dtype=torch.bfloat16):
         outs = [fastpeft.lora_experts(experts, x, index, weights, ad, form=form) for form in OE.FORMS]
@@ -400,12 +403,7 @@ def test_not_an_experts_module_is_skipped():
 
 def test_lora_experts_functional_matches_module():
     """``fastpeft.lora_experts`` without adapters is the experts module's own forward (any implementation)."""
-    base = qwen3_moe()
-    experts = base.model.layers[0].mlp.experts
-    g = torch.Generator().manual_seed(3)
-    x = torch.randn(11, 32, generator=g)
-    index = torch.randint(0, 8, (11, 2), generator=g)
-    weights = torch.rand(11, 2, generator=g)
+    experts, x, index, weights, _ = routed()
     assert_close_report(fastpeft.lora_experts(experts, x, index, weights), experts(x, index, weights), rtol=1e-5,
                         atol=1e-6, what="no adapter")
     with pytest.raises(ValueError, match=r"top_k_index must hold expert ids in \[0, 8\)"):
