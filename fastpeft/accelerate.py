@@ -578,7 +578,7 @@ def _experts_fallback_reason(self, x, args, kwargs) -> str | None:
             for t in (_param(lora_as[a], "weight"), _param(lora_bs[a], "weight")):
                 if type(t) not in _PLAIN_TYPES or t.device != dev or t.dtype not in _KERNEL_OR_REF_DTYPES:
                     return f"adapter {a!r}: a {type(t).__name__} of dtype {t.dtype} on {t.device}, input on {dev}"
-    if not active:
+    if not active and names is None:  # (an adapter_names batch of base rows only runs here: PEFT would refuse it)
         return "no adapter of this layer is active"
     weights = [getattr(base, name) for name in ("gate_up_proj" if base.has_gate else "up_proj", "down_proj")]
     for t in weights:
@@ -592,7 +592,8 @@ def _experts_fallback_reason(self, x, args, kwargs) -> str | None:
         if why is None and (weights[0].dtype != torch.bfloat16 or x.dtype != torch.bfloat16):
             why = "torch.compile lowers grouped_mm for bf16 only"
         if why is not None:
-            return f"torch.compile tracing, where the expert loop cannot run (it reads group sizes on the host) and {why}"
+            return (f"torch.compile tracing, where the expert loop cannot run (it reads group sizes on the host) and "
+                    f"{why}")
     return None
 
 

@@ -328,7 +328,9 @@ def test_accelerate_serves_adapter_names_batches(moe_base, ids):
         assert_close_report(model(ids, adapter_names=names).logits, torch.cat(want), rtol=1e-5, atol=1e-6,
                             what="mixed batch")
         out = model.generate(ids, adapter_names=names, max_new_tokens=4, do_sample=False)
+        bases = model(ids[2:], adapter_names=["__base__"]).logits  # (base rows only: PEFT's forward would refuse)
     assert torch.equal(out, torch.cat(gen))
+    assert_close_report(bases, want[2], rtol=1e-5, atol=1e-6, what="__base__ only")
     assert set(report.calls()) == {"fastpeft"}
 
 
