@@ -250,7 +250,8 @@ def _saved_module_names(model: nn.Module, modules_to_save) -> list:
         if isinstance(module, ModulesToSaveWrapper) and not isinstance(module, TrainableTokensWrapper):
             continue  # (another adapter's trained copy: this one gets its own beside it)
         held = [f"{name}.{n}".rstrip(".") + f" ({type(m).__name__})" for n, m in module.named_modules()
-                if isinstance(m, (FastLoRALinear, SparseDeltaLinear, TrainableTokensWrapper))]
+                if isinstance(m, SparseDeltaLinear) or isinstance(m, FastLoRALinear) and m.adapter_names
+                or isinstance(m, TrainableTokensWrapper) and len(m.modules_to_save)]
         if held:
             raise ValueError(f"modules_to_save names {name!r}, which holds another adapter's layers: {few(held)}; "
                              "a trainable copy of them cannot be saved or loaded (PEFT refuses it too): leave it out "
@@ -390,7 +391,7 @@ def _plan_tokens(model: nn.Module, config, targets: dict, saved: list) -> dict:
     head = output_head(model)
     head_name = _module_name(model, head)
     if emb_name in wanted and isinstance(head, ModulesToSaveWrapper) and not isinstance(head, TrainableTokensWrapper) \
-            and head.original_module.weight is _token_base(emb).weight:
+            and len(head.modules_to_save) and head.original_module.weight is _token_base(emb).weight:
         # (read through the wrapper the tie did not show while its copy was active: the head then kept the old rows,
         # 31.9 off in logits, and refused it while none was; PEFT's forward fails on this model)
         raise ValueError(f"trainable_token_indices trains rows of {emb_name!r}, whose weight the output head "
@@ -532,15 +533,17 @@ def _check_quantized_target(name: str, module: nn.Module, config) -> None:
         QuantizedWeight.from_module(module, name)  # not quantized yet / bnb's CPU-only layout: refused, named
 
 
-def _apply_bias(model: nn.Module, bias: str, lora: dict) -> None:
-    if bias == "all":
-        for n, p in model.named_parameters():
-            if is_bias(n):
-                p.requires_grad_(True)
-    elif bias == "lora_only":
-        for layer in lora.values():
-            if layer.bias is not None:
-                layer.bias.requires_grad_(True)
+def _train_biases(model: nn.Module, bias: str, adapter_name=None) -> None:
+    """The base biases trainable as the active adapter ``adapter_name``'s ``bias`` says: every parameter named bias
+    ("all"), its LoRA layers' ("lora_only") or none; the modules_to_save wrappers' (originals and copies) are theirs
+    to set. Since 2026-12-01 they follow the active adapter: the adapter whose files hold them trains them, no other
+    one does (they were unfrozen at inject, and stayed trainable while another adapter trained)."""
+    wrapped = {id(p) for w in saved_module_wrappers(model).values() for p in w.parameters()}
+    lora = {id(m.bias) for m in lora_layers(model).values()
+            if isinstance(getattr(m, "bias", None), torch.Tensor) and adapter_name in m.adapter_names}
+    for n, p in model.named_parameters():
+        if is_bias(n) and id(p) not in wrapped:
+            p.requires_grad_(bias == "all" or (bias == "lora_only" and id(p) in lora))
 
 
 # ---- sparse deltas in files ------------------------------------------------------------------------------
@@ -672,12 +675,12 @@ class LoraMethod(Method):
     def check_addable(self, model: nn.Module, config) -> None:
         _check_nothing_merged(model)
         _check_scores_selection(config, "sparse_selection")
-        others = list(adapter_configs(model))
-        if getattr(config, "bias", "none") != "none" and others:
-            # PEFT's rule ("LoraModel supports only 1 adapter with bias"): the base biases are the model's own, and an
-            # adapter added beside others would train them whatever adapter is active (before 2026-12-01 it did)
-            raise ValueError(f"bias={config.bias!r} on an adapter added beside {others}: only a model's first adapter "
-                             "may train the base biases (PEFT's rule); add this one with bias='none'")
+        biased = [n for n, c in adapter_configs(model).items() if getattr(c, "bias", "none") != "none"]
+        if getattr(config, "bias", "none") != "none" and biased:
+            # PEFT's rule ("LoraModel supports only 1 adapter with bias"): the base biases are the model's own, saved
+            # in that one adapter's files
+            raise ValueError(f"bias={config.bias!r} on a new adapter, where adapter {biased[0]!r} trains the base "
+                             "biases already: one adapter of a model may (PEFT's rule); add this one with bias='none'")
 
     def plan(self, model: nn.Module, config) -> LoraPlan:
         plan = plan_lora(model, config)
@@ -687,7 +690,6 @@ class LoraMethod(Method):
         return plan
 
     def apply(self, model: nn.Module, config, adapter_name: str, plan: LoraPlan, state) -> None:
-        new_layers = {}
         kw = dict(lora_dropout=config.lora_dropout, use_rslora=config.use_rslora,
                   init_lora_weights=config.init_lora_weights, sparse_density=config.sparse_density,
                   sparse_block_size=config.sparse_block_size, sparse_selection=config.sparse_selection,
@@ -698,8 +700,6 @@ class LoraMethod(Method):
                 module.add_adapter(adapter_name, r, alpha, **kw)
                 layer = module
             else:
-                bias = getattr(module, "bias", None)
-                trained = isinstance(bias, torch.Tensor) and bias.requires_grad  # (the first adapter's bias="all")
                 if isinstance(module, nn.Embedding):  # plan_lora refused DoRA and sparse deltas there
                     layer = FastLoRAEmbedding.from_embedding(
                         module, r=r, lora_alpha=alpha, lora_dropout=config.lora_dropout, use_rslora=config.use_rslora,
@@ -710,14 +710,9 @@ class LoraMethod(Method):
                 else:
                     layer = FastLoRALinear.from_linear(module, r=r, lora_alpha=alpha, adapter_name=adapter_name, **kw)
                 layer.set_adapter(None)
-                if trained:  # the wrapper froze it: it stays as trainable as it was (before 2026-12-01 it did not)
-                    layer.bias.requires_grad_(True)
                 if state.routing is not None:  # made inside a mixed_batch block: routed as the others
                     layer.set_routing(state.routing, state.rows_per_sequence)
                 set_submodule(model, name, layer)
-            new_layers[name] = layer
-        # Biases first: the wrappers below then freeze their originals again and train their copies.
-        _apply_bias(model, config.bias, new_layers)
         for name in plan.saved:
             module = model.get_submodule(name)
             if isinstance(module, ModulesToSaveWrapper):
@@ -1295,6 +1290,9 @@ def set_adapter(model: nn.Module, adapter_name) -> None:
         layer.set_adapter(name)
     for wrapper in saved_module_wrappers(model).values():
         wrapper.set_adapter(adapter_name)
+    if any(getattr(c, "bias", "none") != "none" for c in configs.values()):
+        _train_biases(model, "none" if adapter_name is None else getattr(configs[adapter_name], "bias", "none"),
+                      adapter_name)
     peft_state(model, create=True).active = adapter_name
 
 
@@ -1329,14 +1327,8 @@ def delete_adapter(model: nn.Module, adapter_name: str) -> None:
     if merged:  # checked before any layer changes
         raise RuntimeError(f"delete_adapter({adapter_name!r}): it is merged into layers {few(merged)}; unmerge them "
                            "first")
-    bias = getattr(configs[adapter_name], "bias", "none")
-    if bias != "none":  # the base biases it trained are frozen again (only the first adapter trains them)
-        trained = [m.bias for m in lora_layers(model).values() if isinstance(getattr(m, "bias", None), torch.Tensor)]
-        if bias == "all":
-            copies = {id(p) for w in saved_module_wrappers(model).values() for p in w.modules_to_save.parameters()}
-            trained = [p for n, p in model.named_parameters() if is_bias(n) and id(p) not in copies]
-        for p in trained:
-            p.requires_grad_(False)
+    if getattr(configs[adapter_name], "bias", "none") != "none":  # the base biases it trained: frozen again
+        _train_biases(model, "none")
     for layer in layers.values():
         layer.delete_adapter(adapter_name)
     for name, layer in sparse.items():  # a sparse delta alone: its layers become the nn.Linear they wrapped

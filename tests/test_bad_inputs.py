@@ -530,8 +530,8 @@ CASES = [
         lambda: fastpeft.inject(_toy(), LoraConfig(r=4, target_modules=["q_proj"]))),
     Bad("inject-second-adapter-with-bias-all",
         lambda m: fastpeft.inject(m, LoraConfig(r=2, target_modules=["v_proj"], bias="all"), "b"),
-        ValueError, ("bias='all'", "beside ['default']", "first adapter", "bias='none'"),
-        lambda: fastpeft.inject(_toy(), LoraConfig(r=4, target_modules=["q_proj"]))),
+        ValueError, ("bias='all'", "adapter 'default' trains the base biases already", "bias='none'"),
+        lambda: fastpeft.inject(_toy(), LoraConfig(r=4, target_modules=["q_proj"], bias="lora_only"))),
     Bad("inject-a-peft-config-target_parameters", lambda m: fastpeft.inject(m, __import__("peft").LoraConfig(
         target_modules=[], target_parameters=["layers.0.mlp.w"])), ValueError,
         ("LoRA variants", "'target_parameters'", "fastpeft.accelerate(peft_model)"), _toy),
