@@ -293,6 +293,29 @@ def _load_state_dict(self, state_dict, strict=True, assign=False):
 # ---------------------------------------------------------------------------------------------------------
 # fastpeft -> PEFT
 # ---------------------------------------------------------------------------------------------------------
+def _check_tied_token_adapters(model: nn.Module, specs: dict) -> None:
+    """Refuse token adapters ``specs`` (name -> trainable_token_indices) PEFT loads into one model with other outputs:
+    on tied input embeddings and output head, some whose head follows the embeddings' rows (a list, or a dict not
+    naming the head) beside some giving the head ids of its own (a reviewed case: the later adapter's logits 1.67 off
+    after PEFT loaded both; fastpeft's were right)."""
+    head = output_head(model)
+    emb = model.get_input_embeddings() if hasattr(model, "get_input_embeddings") else None
+    if len(specs) < 2 or head is None or emb is None:
+        return
+    def weight(m):
+        return getattr(getattr(m, "original_module", m), "weight", None)
+    if weight(head) is None or weight(head) is not weight(emb):
+        return
+    head_name = next((n for n, m in model.named_modules() if m is head), "")
+    own = {n for n, spec in specs.items() if isinstance(spec, dict)
+           and any(head_name == k or head_name.endswith("." + k) for k in spec)}
+    if own and own != set(specs):
+        raise ValueError(f"fastpeft.to_peft: on tied embeddings and output head, adapters {sorted(own)} give the head "
+                         f"token ids of their own and {sorted(set(specs) - own)} let it follow the embeddings' rows; "
+                         "PEFT loads such adapters into one model with other outputs: convert them separately "
+                         "(fastpeft.save_adapter each, then PEFT's from_pretrained)")
+
+
 def to_peft(model: nn.Module):
     """A model prepared by ``fastpeft.inject`` (LoRA adapters) as a real ``peft.PeftModel``, in place.
 
@@ -326,6 +349,7 @@ def to_peft(model: nn.Module):
         raise ValueError(f"fastpeft.to_peft: adapters {tokens} train tokens and {[n for n in names if n not in tokens]}"
                          " do not; PEFT cannot load both kinds into one model: convert them separately "
                          "(fastpeft.save_adapter each, then PEFT's from_pretrained)")
+    _check_tied_token_adapters(model, {n: configs[n].trainable_token_indices for n in tokens})
     was_training = model.training
     with tempfile.TemporaryDirectory(prefix="fastpeft-to-peft-") as tmp:
         dirs = {}

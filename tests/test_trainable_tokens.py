@@ -398,3 +398,18 @@ def test_tokens_refused_where_another_adapter_trains_the_tied_head(active):
         fastpeft.inject(model, LoraConfig(r=2, target_modules=["v_proj"], trainable_token_indices=[3, 4]), "b",
                         activate=False)
     assert sorted(n for n, _ in model.named_modules()) == names
+
+
+def test_to_peft_refuses_token_adapters_disagreeing_on_a_tied_head():
+    """Tied embeddings and head, "a" trains tokens the head follows, "b" gives the head ids of its own: PEFT loads the
+    two with b's logits 1.67 off (a review's measurement), so to_peft refuses before any change (before 2026-12-01 it
+    returned that PeftModel)."""
+    model = llama(True)
+    fastpeft.inject(model, LoraConfig(r=4, target_modules=["q_proj"], trainable_token_indices=[3, 5]), "a")
+    fastpeft.inject(model, LoraConfig(r=2, target_modules=["v_proj"],
+                                      trainable_token_indices={"embed_tokens": [7], "lm_head": [9]}), "b")
+    fastpeft.set_adapter(model, "a")
+    names = [(n, type(m).__name__) for n, m in model.named_modules()]
+    with pytest.raises(ValueError, match=r"adapters \['b'\] give the head token ids of their own and \['a'\]"):
+        fastpeft.to_peft(model)
+    assert [(n, type(m).__name__) for n, m in model.named_modules()] == names
