@@ -307,8 +307,13 @@ def _check_tied_token_adapters(model: nn.Module, specs: dict) -> None:
     if weight(head) is None or weight(head) is not weight(emb):
         return
     head_name = next((n for n, m in model.named_modules() if m is head), "")
-    own = {n for n, spec in specs.items() if isinstance(spec, dict)
-           and any(head_name == k or head_name.endswith("." + k) for k in spec)}
+    emb_name = next((n for n, m in model.named_modules() if m is emb), "")
+
+    def ids_for(spec: dict, name: str):
+        return next((list(v) for k, v in spec.items() if name == k or name.endswith("." + k)), None)
+    # a dict giving the head the embeddings' own ids is a list for a tied model (PEFT converts it exactly)
+    own = {n for n, spec in specs.items() if isinstance(spec, dict) and ids_for(spec, head_name) is not None
+           and ids_for(spec, head_name) != ids_for(spec, emb_name)}
     if own and own != set(specs):
         raise ValueError(f"fastpeft.to_peft: on tied embeddings and output head, adapters {sorted(own)} give the head "
                          f"token ids of their own and {sorted(set(specs) - own)} let it follow the embeddings' rows; "

@@ -533,6 +533,19 @@ def _check_quantized_target(name: str, module: nn.Module, config) -> None:
         QuantizedWeight.from_module(module, name)  # not quantized yet / bnb's CPU-only layout: refused, named
 
 
+def _trainable_flags(model: nn.Module) -> dict:
+    """id(parameter) -> requires_grad, for every parameter of ``model``."""
+    return {id(p): p.requires_grad for p in model.parameters()}
+
+
+def _restore_flags(model: nn.Module, flags: dict, only=None) -> None:
+    """The requires_grad of ``flags`` put back on the parameters it has (those named as ``only(name)`` says, if given);
+    parameters made since keep theirs."""
+    for n, p in model.named_parameters():
+        if id(p) in flags and (only is None or only(n)):
+            p.requires_grad_(flags[id(p)])
+
+
 def _train_biases(model: nn.Module, bias: str, adapter_name=None) -> None:
     """The base biases trainable as the active adapter ``adapter_name``'s ``bias`` says: every parameter named bias
     ("all"), its LoRA layers' ("lora_only") or none; the modules_to_save wrappers' (originals and copies) are theirs
@@ -1146,11 +1159,15 @@ def inject(model: nn.Module, config, adapter_name: str = "default", plan=None, a
         for p in model.parameters():
             p.requires_grad_(False)
     state = peft_state(model, create=True)
+    kept = None if activate or not configs else _trainable_flags(model)
     method.apply(model, config, adapter_name, plan, state)
     if autocast_adapter_dtype:
         _upcast_adapter(model, adapter_name)
     state.adapters[adapter_name] = config
     set_adapter(model, adapter_name if activate or not configs else state.active)
+    if kept is not None:  # added beside the active adapter: every parameter there was stays as trainable as it was (an
+        # adapter loaded frozen stays frozen, biases included; before 2026-12-01 this set_adapter unfroze it)
+        _restore_flags(model, kept)
     _mark_adapters(model, True)
     if getattr(config, "inference_mode", False):  # PEFT's: the adapter is added frozen
         for p in method.file_tensors(model, config, adapter_name, state).values():
@@ -1596,7 +1613,9 @@ def disable_adapter(model: nn.Module):
     (``set_adapter``'s error)."""
     state = peft_state(model, create=True)
     active, routing, k = state.active, state.routing, state.rows_per_sequence
+    kept = _trainable_flags(model)
     set_adapter(model, None)  # raises for adapters that are part of the model, before anything changed
+    _restore_flags(model, kept, only=is_bias)  # the biases stay as trainable inside the block, as in PEFT
     bias = getattr(state.adapters.get(active), "bias", "none")
     if bias != "none":
         warnings.warn(f"disable_adapter: adapter {active!r} trains biases in place (bias={bias!r}); they stay as "
@@ -1620,6 +1639,7 @@ def disable_adapter(model: nn.Module):
             m.set_routing(names, rows)
         if active in adapter_configs(model):  # (deleted inside the block: none stays active)
             set_adapter(model, active)
+            _restore_flags(model, kept)  # as trainable as before the block (an adapter loaded frozen stays frozen)
 
 
 def trainable_parameters(model: nn.Module) -> tuple:

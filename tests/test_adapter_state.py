@@ -387,3 +387,31 @@ def test_base_biases_follow_the_active_adapter():
             assert trained(ours) == []
             fastpeft.inject(ours, LoraConfig(r=2, target_modules=["k_proj"], bias=bias), adapter_name="c")
             assert trained(ours) != []  # (the rule counts the adapters there are)
+
+
+def test_an_adapter_loaded_frozen_stays_frozen_when_another_is_added(tmp_path):
+    """A bias="all" adapter loaded with trainable=False (or inference_mode) stays frozen, biases and factors, when
+    another adapter is added beside it inactive (before 2026-12-01 the inject's set_adapter unfroze its factors, and
+    the biases with them); inside disable_adapter() the biases stay as trainable as they were (PEFT's)."""
+    transformers = pytest.importorskip("transformers")
+    torch.manual_seed(0)
+    cfg = transformers.LlamaConfig(vocab_size=97, hidden_size=32, intermediate_size=48, num_hidden_layers=1,
+                                   num_attention_heads=4, num_key_value_heads=2, attention_bias=True, mlp_bias=True)
+    base = transformers.LlamaForCausalLM(cfg)
+    trained = fastpeft.inject(copy.deepcopy(base), LoraConfig(r=4, target_modules=["q_proj"], bias="all"), "a")
+    fastpeft.save_adapter(trained, tmp_path / "a", adapter_name="a")
+    for how in ("trainable=False", "inference_mode"):
+        if how == "trainable=False":
+            model = fastpeft.load_adapter(copy.deepcopy(base), tmp_path / "a", "a", trainable=False)
+        else:
+            model = fastpeft.inject(copy.deepcopy(base), LoraConfig(r=4, target_modules=["q_proj"], bias="all",
+                                                                   inference_mode=True), "a")
+        assert not [n for n, p in model.named_parameters() if p.requires_grad]
+        fastpeft.inject(model, LoraConfig(r=2, target_modules=["v_proj"]), "b", activate=False)
+        assert not [n for n, p in model.named_parameters() if p.requires_grad], how
+    model = fastpeft.inject(copy.deepcopy(base), LoraConfig(r=4, target_modules=["q_proj"], bias="all"), "a")
+    before = {n for n, p in model.named_parameters() if p.requires_grad}
+    with pytest.warns(UserWarning, match="trains biases in place"), fastpeft.disable_adapter(model):
+        assert {n for n, p in model.named_parameters() if p.requires_grad and n.endswith("bias")} == \
+            {n for n in before if n.endswith("bias")}
+    assert {n for n, p in model.named_parameters() if p.requires_grad} == before

@@ -413,3 +413,24 @@ def test_to_peft_refuses_token_adapters_disagreeing_on_a_tied_head():
     with pytest.raises(ValueError, match=r"adapters \['b'\] give the head token ids of their own and \['a'\]"):
         fastpeft.to_peft(model)
     assert [(n, type(m).__name__) for n, m in model.named_modules()] == names
+
+
+def test_to_peft_converts_a_tied_head_dict_with_the_embeddings_ids(tmp_path):
+    """A dict giving the tied head the embeddings' own ids is a list for a tied model: beside a list adapter to_peft
+    converts it, each adapter's logits PEFT's (not refused as disagreeing)."""
+    model = llama(True)
+    ids = token_ids()
+    fastpeft.inject(model, LoraConfig(r=4, target_modules=["q_proj"], trainable_token_indices=[3, 5]), "a")
+    fastpeft.inject(model, LoraConfig(r=2, target_modules=["v_proj"],
+                                      trainable_token_indices={"embed_tokens": [7], "lm_head": [7]}), "b")
+    perturb(model)
+    want = {}
+    for name in ("a", "b"):
+        fastpeft.set_adapter(model, name)
+        with torch.no_grad():
+            want[name] = model(ids).logits
+    pm = fastpeft.to_peft(model)
+    for name in ("a", "b"):
+        pm.set_adapter(name)
+        with torch.no_grad():
+            torch.testing.assert_close(pm(ids).logits, want[name], rtol=1e-5, atol=1e-5)
