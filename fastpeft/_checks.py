@@ -591,6 +591,16 @@ def routed_batch(n_names: int, x, k: int = 1) -> int:
                      f"{n_names}{hint}")
 
 
+def up_projection(experts) -> str:
+    """The name of a transformers experts module's first expert weight: ``gate_up_proj`` (gated) or ``up_proj``."""
+    return "gate_up_proj" if experts.has_gate else "up_proj"
+
+
+def _check_integer(t: torch.Tensor, name: str) -> None:
+    if t.dtype.is_floating_point or t.dtype.is_complex or t.dtype == torch.bool:
+        raise TypeError(f"{name} must be an integer tensor, got {t.dtype}")
+
+
 def experts_reason(experts) -> str | None:
     """Why ``experts`` is not a transformers experts module ``lora_experts`` computes (None: it is one): a module of
     ``transformers.integrations.use_experts_implementation`` (transformers >= 5: Qwen3-MoE, Mixtral, gpt-oss, ...),
@@ -604,7 +614,7 @@ def experts_reason(experts) -> str | None:
         return f"{name} is sharded for expert parallelism (routing holds sentinel ids)"
     if not isinstance(experts.num_experts, int) or experts.num_experts < 1:
         return f"{name}.num_experts is {experts.num_experts!r}, not a positive int"
-    up = "gate_up_proj" if experts.has_gate else "up_proj"
+    up = up_projection(experts)
     for p in (up, "down_proj"):
         w = getattr(experts, p, None)
         if not isinstance(w, torch.Tensor) or w.dim() != 3 or w.shape[0] != experts.num_experts:
@@ -630,8 +640,7 @@ def check_lora_experts_args(experts, hidden_states, top_k_index, top_k_weights, 
     check_tensor(hidden_states, "hidden_states", 2)
     check_tensor(top_k_index, "top_k_index", 2)
     check_tensor(top_k_weights, "top_k_weights")
-    if top_k_index.dtype.is_floating_point or top_k_index.dtype.is_complex or top_k_index.dtype == torch.bool:
-        raise TypeError(f"top_k_index must be an integer tensor, got {top_k_index.dtype}")
+    _check_integer(top_k_index, "top_k_index")
     if top_k_index.shape[0] != hidden_states.shape[0]:
         raise ValueError(f"top_k_index must have one row per row of hidden_states ({hidden_states.shape[0]}), got "
                          f"shape {tuple(top_k_index.shape)}")
@@ -640,7 +649,7 @@ def check_lora_experts_args(experts, hidden_states, top_k_index, top_k_weights, 
                          f"{top_k_weights.dtype} of shape {tuple(top_k_weights.shape)}")
     check_same_device_dtype("hidden_states", hidden_states, False, top_k_index=top_k_index,
                             top_k_weights=top_k_weights)
-    up = "gate_up_proj" if experts.has_gate else "up_proj"
+    up = up_projection(experts)
     w_up = getattr(experts, up)
     hidden = w_up.shape[1] if experts.is_transposed else w_up.shape[2]
     if hidden_states.shape[1] != hidden:
@@ -686,8 +695,7 @@ def check_lora_experts_args(experts, hidden_states, top_k_index, top_k_weights, 
             out[p].append((a, b, float(s)))
     if adapter_ids is not None:
         check_tensor(adapter_ids, "adapter_ids", 1)
-        if adapter_ids.dtype.is_floating_point or adapter_ids.dtype.is_complex or adapter_ids.dtype == torch.bool:
-            raise TypeError(f"adapter_ids must be an integer tensor, got {adapter_ids.dtype}")
+        _check_integer(adapter_ids, "adapter_ids")
         if adapter_ids.shape[0] != hidden_states.shape[0]:
             raise ValueError(f"adapter_ids must have one id per row of hidden_states ({hidden_states.shape[0]}), got "
                              f"shape {tuple(adapter_ids.shape)}")

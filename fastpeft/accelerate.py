@@ -55,7 +55,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 from torch.nn.modules import module as _torch_module
 
-from ._checks import experts_reason
+from ._checks import experts_reason, up_projection
 from .functional import dora_linear, lora_experts, lora_linear, lora_linear_multi, qlora_linear
 from .hf import _InstanceMethod
 from .ops.common import cast_params, held, kept_state, kept_transpose
@@ -519,7 +519,7 @@ def _wrapper_reason(m: nn.Module) -> str | None:
     why = experts_reason(base)
     if why is not None:
         return f"target_parameters on a module fastpeft does not compute: {why}"
-    up = "gate_up_proj" if base.has_gate else "up_proj"
+    up = up_projection(base)
     for w in chain:
         if w.parameter_name not in (up, "down_proj"):
             return (f"target_parameters names {type(base).__name__}.{w.parameter_name}: fastpeft computes LoRA on "
@@ -560,14 +560,14 @@ def _experts_fallback_reason(self, x, args, kwargs) -> str | None:
         return "global module hooks"
     if names is not None and (not isinstance(names, (list, tuple)) or not names or x.shape[0] % len(names)):
         return "adapter_names that do not split the tokens into one run per sequence"
-    dev, active = x.device, False
+    dev, active = x.device, []
     for w in chain:
         mods = w._modules
         lora_as, lora_bs, drops = mods["lora_A"]._modules, mods["lora_B"]._modules, mods["lora_dropout"]._modules
         for a in (w.active_adapters if names is None else dict.fromkeys(names)):
             if a not in lora_as:
                 continue
-            active = True
+            active.append((w, a))
             why = _adapter_reason(w, a, lora_as[a], lora_bs[a], drops[a])
             if why is not None:
                 return why
@@ -580,15 +580,13 @@ def _experts_fallback_reason(self, x, args, kwargs) -> str | None:
                     return f"adapter {a!r}: a {type(t).__name__} of dtype {t.dtype} on {t.device}, input on {dev}"
     if not active and names is None:  # (an adapter_names batch of base rows only runs here: PEFT would refuse it)
         return "no adapter of this layer is active"
-    weights = [getattr(base, name) for name in ("gate_up_proj" if base.has_gate else "up_proj", "down_proj")]
+    weights = [getattr(base, name) for name in (up_projection(base), "down_proj")]
     for t in weights:
         if type(t) not in _PLAIN_TYPES or t.device != dev or t.layout != torch.strided:
             return f"expert weight of shape {tuple(t.shape)}: a {type(t).__name__} on {t.device}, input on {dev}"
     if torch.compiler.is_compiling():
         # traced: the grouped_mm form only (no host sync), in bf16, the one dtype inductor lowers it for
-        factors = [_expert_factors(w, a) for w in chain for a in (w.active_adapters if names is None else names)
-                   if a in w.lora_A._modules]
-        why = grouped_mm_refusal(x, weights, factors)
+        why = grouped_mm_refusal(x, weights, [_expert_factors(w, a) for w, a in active])
         if why is None and (weights[0].dtype != torch.bfloat16 or x.dtype != torch.bfloat16):
             why = "torch.compile lowers grouped_mm for bf16 only"
         if why is not None:

@@ -23,7 +23,7 @@ import torch
 from . import kernels
 from ._checks import (autocast_on, check_bool, check_dora_linear_args, check_lora_experts_args,
                       check_lora_linear_args, check_lora_multi_args, check_qlora_linear_args, check_same_device_dtype,
-                      check_seed, check_sparse_delta, check_tensor, expand_adapter_ids)
+                      check_seed, check_sparse_delta, check_tensor, expand_adapter_ids, up_projection)
 from .ops import experts as _experts
 from .ops.common import autocast_inputs, draw_seed
 from .ops.dora import dora_linear as _dora_linear_op  # plain torch at import; its kernels load on first use
@@ -381,7 +381,7 @@ def lora_experts(experts, hidden_states, top_k_index, top_k_weights, adapters=No
     check_bool(check_ids, "check_ids")
     adapters = check_lora_experts_args(experts, hidden_states, top_k_index, top_k_weights, adapters, adapter_ids,
                                        check_ids)
-    up = "gate_up_proj" if experts.has_gate else "up_proj"
+    up = up_projection(experts)
     weights = [getattr(experts, up), experts.down_proj]
     factors = [f for terms in adapters.values() for f in terms if f is not None]
     if form is None:

@@ -34,7 +34,7 @@ import torch.nn as nn
 
 from ._checks import few
 from .inject import INJECT_HOOKS, active_adapter, adapter_configs, lora_layers, method_for, mixed_batch
-from .matching import output_head
+from .matching import input_embeddings, matches, output_head
 from .io import load_adapter, read_adapter_config, save_adapter
 from .layers import FastLoRALinear, ModulesToSaveWrapper
 
@@ -298,8 +298,7 @@ def _check_tied_token_adapters(model: nn.Module, specs: dict) -> None:
     on tied input embeddings and output head, some whose head follows the embeddings' rows (a list, or a dict not
     naming the head) beside some giving the head ids of its own (a reviewed case: the later adapter's logits 1.67 off
     after PEFT loaded both; fastpeft's were right)."""
-    head = output_head(model)
-    emb = model.get_input_embeddings() if hasattr(model, "get_input_embeddings") else None
+    head, emb = output_head(model), input_embeddings(model)
     if len(specs) < 2 or head is None or emb is None:
         return
     def weight(m):
@@ -310,7 +309,7 @@ def _check_tied_token_adapters(model: nn.Module, specs: dict) -> None:
     emb_name = next((n for n, m in model.named_modules() if m is emb), "")
 
     def ids_for(spec: dict, name: str):
-        return next((list(v) for k, v in spec.items() if name == k or name.endswith("." + k)), None)
+        return next((list(v) for k, v in spec.items() if matches([k], name)), None)
     # a dict giving the head the embeddings' own ids is a list for a tied model (PEFT converts it exactly)
     own = {n for n, spec in specs.items() if isinstance(spec, dict) and ids_for(spec, head_name) is not None
            and ids_for(spec, head_name) != ids_for(spec, emb_name)}

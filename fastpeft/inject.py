@@ -1159,14 +1159,15 @@ def inject(model: nn.Module, config, adapter_name: str = "default", plan=None, a
         for p in model.parameters():
             p.requires_grad_(False)
     state = peft_state(model, create=True)
-    kept = None if activate or not configs else _trainable_flags(model)
+    beside = bool(configs) and not activate  # added beside the active adapter, which stays active
+    kept = _trainable_flags(model) if beside else None
     method.apply(model, config, adapter_name, plan, state)
     if autocast_adapter_dtype:
         _upcast_adapter(model, adapter_name)
     state.adapters[adapter_name] = config
-    set_adapter(model, adapter_name if activate or not configs else state.active)
-    if kept is not None:  # added beside the active adapter: every parameter there was stays as trainable as it was (an
-        # adapter loaded frozen stays frozen, biases included; before 2026-12-01 this set_adapter unfroze it)
+    set_adapter(model, state.active if beside else adapter_name)
+    if beside:  # every parameter there was stays as trainable as it was (an adapter loaded frozen stays frozen, biases
+        # included; before 2026-12-01 this set_adapter unfroze it)
         _restore_flags(model, kept)
     _mark_adapters(model, True)
     if getattr(config, "inference_mode", False):  # PEFT's: the adapter is added frozen

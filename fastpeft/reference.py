@@ -748,20 +748,20 @@ def lora_grouped_linear_ref(x: torch.Tensor, weight: torch.Tensor, bias: torch.T
     if len(masks) != len(factors):
         raise ValueError(f"row_masks must have one entry per adapter ({len(factors)}), got {len(masks)}")
 
-    def group(e, xe, i):
+    def group(e, xe):
         y = xe @ ws[e] if transposed else F.linear(xe, ws[e])
         if bs is not None:
             y = y + bs[e]
         for (a, b, s), m in zip(factors, masks):
             u = F.linear(xe, a[e])
             if m is not None:
-                if not bool(m[i].any()):
+                if not bool(m[e].any()):
                     continue  # (no row of this group has the adapter)
-                u = u * m[i].unsqueeze(1)
+                u = u * m[e].unsqueeze(1)
             y = torch.addmm(y, u, b[e].t(), alpha=s)
         return y
     # split, not slices: its backward writes the rows' gradients once, where each slice's would fill an (S, in) zero
-    outs = [group(e, xe, e) for e, (n, xe) in enumerate(zip(sizes, x.split(sizes))) if n]
+    outs = [group(e, xe) for e, (n, xe) in enumerate(zip(sizes, x.split(sizes))) if n]
     if not outs:  # no rows: group 0 on none, a (0, out) result in the graph
-        return group(0, x[:0], 0)
+        return group(0, x[:0])
     return outs[0] if len(outs) == 1 else torch.cat(outs)
