@@ -16,12 +16,13 @@ from .inject import (LoraConfig, SparseDeltaConfig, active_adapter, add_weighted
 from .io import load_adapter, read_adapter_config, save_adapter
 from .kernels import deterministic, is_deterministic, set_deterministic
 from .layers import FastLoRALinear, ModulesToSaveWrapper, SparseDeltaLinear, TrainableTokensWrapper
+from .functional import lora_conv  # LoRA on nn.Conv1d / Conv2d / Conv3d (PEFT's lora.Conv*d)
 from .functional import lora_experts  # LoRA on a mixture of experts' 3-D expert weights (target_parameters)
 from .functional import qlora_linear  # QLoRA: LoRA over a bitsandbytes 4-bit / 8-bit base
-from .layers import FastLoRAEmbedding, QLoRALinear
+from .layers import FastLoRAConv, FastLoRAEmbedding, QLoRALinear
 from .methods import (AdapterConfig, BitFitConfig, BottleneckAdapter, LayerwiseConfig, PromptTuningConfig,
                       layerwise_param_groups)
-from .reference import (dense_delta_ref, dora_linear_ref, lora_grouped_linear_ref, lora_linear_multi_ref,
+from .reference import (dense_delta_ref, dora_linear_ref, lora_conv_ref, lora_grouped_linear_ref, lora_linear_multi_ref,
                         lora_linear_ref, lora_sparse_linear_ref, sparse_delta_linear_ref)
 from .selection import select_indices
 
@@ -39,4 +40,5 @@ __all__ = [
     "set_deterministic", "AccelerateReport", "accelerate", "restore", "to_peft", "dora_linear", "dora_linear_ref",
 ]
 __all__ += ["qlora_linear", "QLoRALinear", "FastLoRAEmbedding", "TrainableTokensWrapper", "disable_adapter",
-            "add_weighted_adapter", "lora_experts", "lora_grouped_linear_ref"]
+            "add_weighted_adapter", "lora_experts", "lora_grouped_linear_ref", "lora_conv", "lora_conv_ref",
+            "FastLoRAConv"]

@@ -710,3 +710,51 @@ def check_lora_experts_args(experts, hidden_states, top_k_index, top_k_weights, 
             if lo < -1 or hi >= n:
                 raise ValueError(f"adapter_ids must be in [-1, {n}) (-1: no adapter), got values in [{lo}, {hi}]")
     return out
+
+
+def _conv_tuple(v, d: int, name: str, minimum: int) -> tuple:
+    """A convolution's ``stride`` / ``dilation`` / numeric ``padding``: an int or a tuple of ``d`` ints >= minimum."""
+    vals = tuple(v) if isinstance(v, (tuple, list)) else (v,) * d
+    if len(vals) != d or not all(isinstance(i, int) and not isinstance(i, bool) and i >= minimum for i in vals):
+        raise ValueError(f"{name} must be an int >= {minimum} or a tuple of {d} of them, got {v!r}")
+    return vals
+
+
+def check_lora_conv_args(x, weight, bias, lora_A, lora_B, scaling, dropout_p, stride, padding, dilation) -> tuple:
+    """``lora_conv``'s arguments; returns ``(batched, stride, padding, dilation)``: whether x has its batch dim, and
+    the geometry as tuples of one int per spatial dim (padding may stay ``"same"`` / ``"valid"``)."""
+    check_tensor(weight, "weight")
+    if weight.dim() not in (3, 4, 5):
+        raise ValueError(f"weight must be a convolution kernel (out, in, *kernel) with 1-3 spatial dims, got "
+                         f"shape {tuple(weight.shape)}")
+    d = weight.dim() - 2
+    out_c, in_c, kernel = weight.shape[0], weight.shape[1], tuple(weight.shape[2:])
+    check_tensor(x, "x")
+    if x.dim() not in (d + 1, d + 2) or x.shape[-d - 1] != in_c:
+        raise ValueError(f"x must be (N, {in_c}, *spatial) or unbatched ({in_c}, *spatial) with {d} spatial dims "
+                         f"for weight {tuple(weight.shape)}, got shape {tuple(x.shape)}")
+    check_tensor(lora_A, "lora_A", ndim=d + 2)
+    r = lora_A.shape[0]
+    check_shape(lora_A, (r, in_c, *kernel), "lora_A")
+    check_tensor(lora_B, "lora_B", ndim=2)
+    check_shape(lora_B, (out_c, r), "lora_B")
+    if bias is not None:
+        check_tensor(bias, "bias", ndim=1)
+        check_shape(bias, (out_c,), "bias")
+    if x.dtype not in FLOAT_DTYPES:
+        raise ValueError(f"x must be float32, float16, bfloat16 or float64, got {x.dtype}")
+    check_same_device_dtype("x", x, not autocast_on(x), weight=weight, bias=bias, lora_A=lora_A, lora_B=lora_B)
+    if isinstance(scaling, torch.Tensor):
+        raise TypeError(f"scaling must be a Python number, got a tensor of shape {tuple(scaling.shape)}")
+    check_finite_number(scaling, "scaling")
+    check_dropout(dropout_p, "dropout_p")
+    stride = _conv_tuple(stride, d, "stride", 1)
+    dilation = _conv_tuple(dilation, d, "dilation", 1)
+    if isinstance(padding, str):
+        if padding not in ("same", "valid"):
+            raise ValueError(f"padding must be an int, a tuple of {d} ints, 'same' or 'valid', got {padding!r}")
+        if padding == "same" and any(s != 1 for s in stride):
+            raise ValueError(f"padding='same' needs stride 1 (as torch's convolutions), got stride {stride}")
+    else:
+        padding = _conv_tuple(padding, d, "padding", 0)
+    return x.dim() == d + 2, stride, padding, dilation

@@ -15,6 +15,8 @@ whose ``forward`` decides at every call:
   the adapters (and the bias) are in the layer's compute dtype: then PEFT's forward computes everything in
   that dtype too; one active DoRA adapter there (QDoRA) -> ``dora_linear`` on W dequantized for the call;
 - ``adapter_names=`` (PEFT's mixed batches, ``"__base__"`` rows included) -> ``fastpeft.lora_linear_multi``;
+- one active LoRA adapter of PEFT's ``lora.Conv1d`` / ``Conv2d`` / ``Conv3d`` (class ``AcceleratedConv2d``, ...) on a
+  zero-padded, ungrouped base -> ``fastpeft.lora_conv``;
 - LoRA on a mixture of experts' 3-D expert weights (PEFT's ``target_parameters``: nested ``lora.ParamWrapper``
   layers, one per targeted parameter, over a transformers experts module) -> ``fastpeft.lora_experts``: the
   outermost wrapper (an accelerated subclass, named ``ParamWrapper`` as PEFT's, which finds wrappers by that name)
@@ -56,8 +58,9 @@ import torch.nn.functional as F
 from torch.nn.modules import module as _torch_module
 
 from ._checks import experts_reason, up_projection
-from .functional import dora_linear, lora_experts, lora_linear, lora_linear_multi, qlora_linear
+from .functional import dora_linear, lora_conv, lora_experts, lora_linear, lora_linear_multi, qlora_linear
 from .hf import _InstanceMethod
+from .layers import conv_reason
 from .ops.common import cast_params, held, kept_state, kept_transpose
 from .quant import (_bnb_class_name, bnb_cpu_serves, call_buffer, conv1d_class, dequantize_weight,
                     guard_repacked_layers, is_conv1d, kept_quantized_weight, own_forward, unpack_for_grad)
@@ -317,6 +320,8 @@ def _magnitude(self, name: str):
 def _adapter_reason(self, name: str, lora_a=None, lora_b=None, drop=None):
     """Why adapter ``name`` of this layer cannot run on fastpeft's ops (None: it can); ``lora_a`` / ``lora_b`` /
     ``drop``: its modules, when the caller has them already (looked up otherwise)."""
+    if _is_peft_conv(getattr(type(self), "_fastpeft_original", type(self))):
+        return _conv_adapter_reason(self, name)
     variant = self.lora_variant.get(name) if hasattr(self, "lora_variant") else None
     dora = _is_dora(self, name)
     if variant is not None and not (dora and type(variant).__name__ == "DoraLinearVariant"):
@@ -496,6 +501,116 @@ def _train(self, mode: bool = True):
 
 
 # ---------------------------------------------------------------------------------------------------------
+# LoRA on convolutions (PEFT's lora.Conv1d / Conv2d / Conv3d)
+# ---------------------------------------------------------------------------------------------------------
+_CONV_NAMES = ("Conv1d", "Conv2d", "Conv3d")
+
+
+def _is_peft_conv(cls: type) -> bool:
+    return cls.__module__ == "peft.tuners.lora.layer" and cls.__name__ in _CONV_NAMES
+
+
+def _conv_layer_reason(m: nn.Module) -> str | None:
+    """Why PEFT's LoRA convolution ``m`` cannot run on ``lora_conv`` at all (None: some adapter of it can)."""
+    base = m._modules["base_layer"]
+    why = conv_reason(base)
+    if why is not None:
+        return f"base layer is {why}"
+    if base.padding_mode != "zeros":
+        return (f"base convolution with padding_mode={base.padding_mode!r} (PEFT pads its lora_A with zeros, the base "
+                "otherwise: PEFT's forward)")
+    if not m.lora_A:
+        return "the layer holds no LoRA adapter"
+    reasons = [_conv_adapter_reason(m, a) for a in m.lora_A]
+    return "; ".join(reasons) if all(reasons) else None
+
+
+def _conv_adapter_reason(self, name: str) -> str | None:
+    """Why adapter ``name`` of PEFT's LoRA convolution cannot run on ``lora_conv`` (None: it can)."""
+    if _is_dora(self, name) or self.__dict__.get("lora_variant", {}) and name in self.lora_variant:
+        return f"adapter {name!r} is a LoRA variant ({'DoRA' if _is_dora(self, name) else 'other'}) on a convolution"
+    if self.lora_bias.get(name, False):
+        return f"adapter {name!r} has lora_bias=True on a convolution"
+    base, a, b = self._modules["base_layer"], self.lora_A[name], self.lora_B[name]
+    ones = (1,) * (base.weight.dim() - 2)
+    if type(a) is not type(base) or type(b) is not type(base) or a.bias is not None or b.bias is not None or \
+            tuple(a.kernel_size) != tuple(base.kernel_size) or tuple(a.stride) != tuple(base.stride) or \
+            a.padding != base.padding or a.padding_mode != "zeros" or a.groups != 1 or \
+            tuple(b.kernel_size) != ones or tuple(b.stride) != ones or b.padding != (0,) * len(ones) or \
+            b.groups != 1 or a.dilation != (1,) * len(ones):
+        return f"adapter {name!r} has factors that are not PEFT's conv(x, A) and 1x1 B of this base"
+    drop = self.lora_dropout[name]
+    if type(drop) not in (nn.Dropout, nn.Identity) or (isinstance(drop, nn.Dropout) and not 0.0 <= drop.p < 1.0):
+        return f"adapter {name!r} has a dropout module {drop!r}"
+    return None
+
+
+def _conv_runtime_reason(self, x, args, kwargs) -> str | None:
+    """Why this call of an accelerated LoRA convolution runs PEFT's own forward (None: it runs on ``lora_conv``)."""
+    if self.disable_adapters:
+        return "adapters disabled"
+    if self.merged:
+        return "merged adapters"
+    if args or any(v is not None for v in kwargs.values()):
+        return "extra forward arguments (adapter_names batches on a convolution: PEFT's forward)"
+    mods = self._modules
+    base = mods["base_layer"]
+    adapters = [a for a in self.active_adapters if a in mods["lora_A"]._modules]
+    if len(adapters) != 1:
+        return "no adapter of this layer is active" if not adapters else "several active adapters on a convolution"
+    a = adapters[0]
+    why = _conv_adapter_reason(self, a)
+    if why is not None:
+        return why
+    lora_a, lora_b, drop = mods["lora_A"]._modules[a], mods["lora_B"]._modules[a], mods["lora_dropout"]._modules[a]
+    if _has_hooks(base) or _has_hooks(lora_a) or _has_hooks(lora_b) or _has_hooks(drop):
+        return "hooks on the base layer or the adapter's modules"
+    if _global_hooks():
+        return "global module hooks"
+    if not isinstance(self.scaling[a], (int, float)):
+        return f"adapter {a!r} has a scaling of type {type(self.scaling[a]).__name__}"
+    d = base.weight.dim() - 2
+    if not isinstance(x, torch.Tensor) or x.dim() not in (d + 1, d + 2):
+        return "input that is not a (batched) tensor of the convolution's dims"
+    tensors = [x, _param(base, "weight"), _param(base, "bias"), _param(lora_a, "weight"), _param(lora_b, "weight")]
+    dtypes = set()
+    for i, t in enumerate(tensors):
+        if t is None:
+            continue
+        if type(t) not in _PLAIN_TYPES or t.layout != torch.strided or t.dtype not in _KERNEL_OR_REF_DTYPES:
+            return f"a {type(t).__name__} of dtype {getattr(t, 'dtype', None)} on {getattr(t, 'device', None)}"
+        if t.device != x.device:
+            return f"parameters on {t.device}, input on {x.device}"
+        if i < 3:
+            dtypes.add(t.dtype)
+    dev = x.device.type
+    autocast = torch.is_autocast_enabled(dev) if dev in ("cpu", "cuda") else False
+    if not autocast and len(dtypes) > 1:
+        return "input, weight and bias of several dtypes outside autocast"
+    return None
+
+
+def _conv_forward(self, x: torch.Tensor, *args, **kwargs) -> torch.Tensor:
+    """PEFT's ``lora.Conv*d.forward`` on ``fastpeft.lora_conv`` (one active LoRA adapter), PEFT's own forward
+    elsewhere."""
+    why = _conv_runtime_reason(self, x, args, kwargs)
+    _count(self, why)
+    if why is not None:
+        return self._fastpeft_original.forward(self, x, *args, **kwargs)
+    mods = self._modules
+    base = mods["base_layer"]
+    a = next(n for n in self.active_adapters if n in mods["lora_A"]._modules)
+    weight, bias = _param(base, "weight"), _param(base, "bias")
+    lora_a, lora_b = _param(mods["lora_A"]._modules[a], "weight"), _param(mods["lora_B"]._modules[a], "weight")
+    p, training = _dropout(mods["lora_dropout"]._modules[a])
+    s = float(self.scaling[a])
+    kept = None if self.training else self.__dict__
+    geo = dict(stride=base.stride, padding=base.padding, dilation=base.dilation)
+    lora_a, lora_b = cast_params((lora_a, lora_b), weight.dtype, kept, "_fastpeft_casts")
+    return lora_conv(x, weight, bias, lora_a, lora_b.view(lora_b.shape[0], lora_b.shape[1]), s, p, training, **geo)
+
+
+# ---------------------------------------------------------------------------------------------------------
 # LoRA on a mixture of experts' 3-D expert weights (PEFT's target_parameters: lora.ParamWrapper)
 # ---------------------------------------------------------------------------------------------------------
 def _is_param_wrapper(m: nn.Module) -> bool:
@@ -643,10 +758,13 @@ def _accelerated_class(original: type) -> type:
     if cls is None:
         wrapper = original.__name__ == "ParamWrapper"
         # (a wrapper keeps PEFT's class name: PEFT finds the wrappers to add an adapter to by ``__name__``)
+        conv = _is_peft_conv(original)
         name = "AcceleratedLinear" if original.__name__ == "Linear" else (
-            "ParamWrapper" if wrapper else f"AcceleratedLinear{original.__name__[6:]}")
+            "ParamWrapper" if wrapper else f"Accelerated{original.__name__}" if conv else
+            f"AcceleratedLinear{original.__name__[6:]}")
         cls = type(name, (original,), {
-            "forward": _experts_forward if wrapper else _forward, "merge": _merge, "unmerge": _unmerge,
+            "forward": _experts_forward if wrapper else _conv_forward if conv else _forward, "merge": _merge,
+            "unmerge": _unmerge,
             "_apply": _apply, "train": _train,
             "__module__": __name__, "__qualname__": name,
             "_fastpeft_original": original,
@@ -665,6 +783,10 @@ def __getattr__(name):  # pickling an accelerated model finds the class here
         from peft.tuners.lora.bnb import Linear4bit
 
         return _accelerated_class(Linear4bit)
+    if name in ("AcceleratedConv1d", "AcceleratedConv2d", "AcceleratedConv3d"):
+        from peft.tuners.lora import layer
+
+        return _accelerated_class(getattr(layer, name[11:]))
     if name == "ParamWrapper":  # (the accelerated wrapper keeps PEFT's class name)
         from peft.tuners.lora.layer import ParamWrapper
 
@@ -746,6 +868,8 @@ def _layer_reason(m: nn.Module, linear_cls: type):
         return ("bitsandbytes int8 base layer (peft's bnb.Linear8bitLt): PEFT's forward, as bnb's LLM.int8 matmul "
                 "quantizes the input too, which fastpeft's W8A16 qlora_linear does not (outputs would differ "
                 "beyond float rounding)")
+    if _is_peft_conv(cls):
+        return _conv_layer_reason(m)
     if cls is not linear_cls and not four_bit:
         mod = cls.__module__.rsplit(".", 1)[-1]
         if mod in _QUANTIZED:
@@ -795,9 +919,10 @@ def accelerate(model: nn.Module, strict: bool = False) -> AccelerateReport:
 
     model: a LoRA ``peft.PeftModel``, or a transformers model with PEFT adapters added by ``add_adapter``.
     Layers fastpeft cannot compute (LoRA variants other than DoRA, ``lora_bias`` on a quantized base, int8 and
-    non-bitsandbytes quantized bases, DoRA on a quantized base other than a 4-bit one, bases other than nn.Linear and
-    transformers' Conv1D, a ``fan_in_fan_out`` flag against the base's layout, ``target_parameters`` on anything but a
-    transformers experts module's expert weights) keep PEFT's forward and are listed in
+    non-bitsandbytes quantized bases, DoRA on a quantized base other than a 4-bit one, bases other than nn.Linear,
+    transformers' Conv1D and nn.Conv1d / 2d / 3d (PEFT's ``lora.Conv*d``: zero padding, groups 1, LoRA adapters), a
+    ``fan_in_fan_out`` flag against the base's layout, ``target_parameters`` on anything but a transformers experts
+    module's expert weights) keep PEFT's forward and are listed in
     ``report.skipped`` with the reason;
     ``strict=True`` raises ``ValueError`` instead (before changing anything) if any layer or adapter would
     stay on PEFT's forward. Calling it again is a no-op for the layers already patched;

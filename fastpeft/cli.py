@@ -9,8 +9,9 @@ falling loss. It runs everywhere torch runs, offline, and ends with a save / loa
 ``fastpeft bench sparse``: sparse deltas (``benchmarks/bench_sparse.py``); ``fastpeft bench qlora``: LoRA on a
 4-bit or 8-bit bitsandbytes base (``benchmarks/bench_qlora.py``); ``fastpeft bench dora``: DoRA vs LoRA and PEFT's
 DoRA (``benchmarks/bench_dora.py``); ``fastpeft bench moe``: LoRA on a mixture of experts' expert weights
-(``benchmarks/bench_moe.py``); ``--help`` on each. ``fastpeft bench plot RESULT.json``: the bar chart of
-a table already measured (``--json``), e.g. a device run's.
+(``benchmarks/bench_moe.py``); ``fastpeft bench conv``: LoRA on convolutions (``benchmarks/bench_conv.py``);
+``--help`` on each. ``fastpeft bench plot RESULT.json``: the bar chart of a table already measured (``--json``),
+e.g. a device run's.
 
 ``fastpeft demo``: fine-tune all-MiniLM-L6-v2 on Drugs.com reviews with each PEFT method, or LoRA on
 SmolLM2 (the ``fastpeft/demo/`` package); ``fastpeft demo --help``.
@@ -179,7 +180,7 @@ def _base_state(model: nn.Module) -> dict:
 
 
 BENCHES = {"lora": "bench_lora", "multi": "bench_multi", "sparse": "bench_sparse", "qlora": "bench_qlora",
-           "dora": "bench_dora", "moe": "bench_moe"}
+           "dora": "bench_dora", "moe": "bench_moe", "conv": "bench_conv"}
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -188,8 +189,8 @@ def build_parser() -> argparse.ArgumentParser:
     sub.add_parser("bench", help="microbenchmark tables: 'fastpeft bench [lora]' (one adapter vs nn.Linear, "
                    "the reference and PEFT), 'fastpeft bench multi' (many adapters per batch), "
                    "'fastpeft bench sparse' (sparse deltas), 'fastpeft bench qlora' (LoRA on a 4/8-bit base), "
-                   "'fastpeft bench dora' (DoRA), 'fastpeft bench moe' (LoRA on MoE expert weights); 'fastpeft bench "
-                   "plot RESULT.json' charts a --json table",
+                   "'fastpeft bench dora' (DoRA), 'fastpeft bench moe' (LoRA on MoE expert weights), 'fastpeft bench "
+                   "conv' (LoRA on convolutions); 'fastpeft bench plot RESULT.json' charts a --json table",
                    add_help=False)
     sub.add_parser("demo", help="fine-tune all-MiniLM-L6-v2 on Drugs.com reviews with each PEFT method, offline; "
                    "'fastpeft demo --help'", add_help=False)

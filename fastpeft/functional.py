@@ -21,16 +21,17 @@ import threading
 import torch
 
 from . import kernels
-from ._checks import (autocast_on, check_bool, check_dora_linear_args, check_lora_experts_args,
+from ._checks import (autocast_on, check_bool, check_dora_linear_args, check_lora_conv_args, check_lora_experts_args,
                       check_lora_linear_args, check_lora_multi_args, check_qlora_linear_args, check_same_device_dtype,
                       check_seed, check_sparse_delta, check_tensor, expand_adapter_ids, up_projection)
+from .ops import conv as _conv
 from .ops import experts as _experts
 from .ops.common import autocast_inputs, draw_seed
 from .ops.dora import dora_linear as _dora_linear_op  # plain torch at import; its kernels load on first use
 from .ops.lora_cpu import lora_linear_cpu
 from .ops.sparse_cpu import CPUPlan, lora_sparse_linear_cpu, sparse_delta_linear_cpu
-from .reference import (func_transforms_active, lora_linear_multi_cpu, lora_linear_multi_ref, lora_linear_ref,
-                        lora_sparse_linear_ref, sparse_delta_linear_ref, use_cpu_path, use_cpu_stream)
+from .reference import (func_transforms_active, lora_conv_ref, lora_linear_multi_cpu, lora_linear_multi_ref,
+                        lora_linear_ref, lora_sparse_linear_ref, sparse_delta_linear_ref, use_cpu_path, use_cpu_stream)
 
 BACKENDS = ("auto", "triton", "reference")
 _KERNEL_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
@@ -288,6 +289,42 @@ def lora_sparse_linear(x, weight, bias, lora_A, lora_B, scaling, delta_indices, 
                                       block_size, p, seed, plan if isinstance(plan, CPUPlan) else None)
     return lora_sparse_linear_ref(x, weight, bias, lora_A, lora_B, float(scaling), delta_indices, delta_values,
                                   block_size, p, training, seed, cpu_stream=use_cpu_stream(x))  # as lora_linear's
+
+
+def lora_conv(x, weight, bias, lora_A, lora_B, scaling, dropout_p=0.0, training=True, seed=None, stride=1, padding=0,
+              dilation=1, backend=None) -> torch.Tensor:
+    """LoRA on a convolution (PEFT's ``lora.Conv1d`` / ``Conv2d`` / ``Conv3d``):
+    ``y = conv(x, W) + b + scaling * conv1x1(conv(drop(x), A), B)``.
+
+    x: (N, C, *S) or unbatched (C, *S), 1-3 spatial dims; weight (O, C, *k) (groups 1); bias (O,) or None; lora_A
+    (r, C, *k), convolved with the base's stride, padding and dilation; lora_B (O, r) (PEFT's (O, r, 1, ...) kernel
+    viewed 2-D). ``stride`` / ``padding`` / ``dilation`` as ``torch.nn.functional.conv2d``'s (``"same"`` and
+    ``"valid"`` too). Returns (N, O, *S'). Dropout as ``lora_linear``'s (the branch's input only, mask from
+    ``seed``). Differentiable in x, lora_A, lora_B (and weight / bias where they require grad); no dropped copy of x
+    is kept for backward, and the rank-r branch is folded into the kernel (``conv(x, W + s B A)``, the base's cost)
+    wherever forming it costs less than a second convolution of x: no-grad calls, and the input gradient without
+    dropout. ``backend="triton"`` raises: convolutions run on torch's own (cuDNN / oneDNN) kernels.
+    """
+    batched, stride, padding, dilation = check_lora_conv_args(x, weight, bias, lora_A, lora_B, scaling, dropout_p,
+                                                              stride, padding, dilation)
+    check_bool(training, "training")
+    check_seed(seed)
+    p, seed = _rate_and_seed(dropout_p, training, seed, x.device)
+    resolve_backend("lora_conv", backend, x, weight, lora_A, lora_B)  # (no kernel: a "triton" request raises)
+    if not batched:
+        return lora_conv(x.unsqueeze(0), weight, bias, lora_A, lora_B, scaling, p, training, seed, stride, padding,
+                         dilation, backend).squeeze(0)
+    numeric = _conv.numeric_padding(padding, tuple(weight.shape[2:]), dilation)
+    if func_transforms_active() or numeric is None:  # plain autograd: torch.func, or "same" padded unevenly
+        return lora_conv_ref(x, weight, bias, lora_A, lora_B, float(scaling), p, training, seed, stride, padding,
+                             dilation, cpu_stream=use_cpu_stream(x))
+    if autocast_on(x):  # as the base convolution would cast them; the Function then runs with autocast off
+        x, weight, bias, lora_A, lora_B = autocast_inputs(x, weight, bias, lora_A, lora_B)
+        with torch.autocast(x.device.type, enabled=False):
+            return _conv.lora_conv_fused(x, weight, bias, lora_A, lora_B, float(scaling), p, seed,
+                                         (stride, numeric, dilation), use_cpu_stream(x))
+    return _conv.lora_conv_fused(x, weight, bias, lora_A, lora_B, float(scaling), p, seed, (stride, numeric, dilation),
+                                 use_cpu_stream(x))
 
 
 def qlora_linear(x, qweight, bias, lora_A, lora_B, scaling, dropout_p=0.0, training=True, seed=None, backend=None,

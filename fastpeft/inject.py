@@ -21,8 +21,8 @@ import torch.nn as nn
 from ._checks import (check_adapter_name, check_bool, check_choice, check_dora_options, check_dropout,
                       check_embedding, check_file_tensors, check_finite_number, check_init, check_layers, check_rank,
                       check_sparse_delta, check_sparse_options, check_token_indices, few)
-from .layers import (FastLoRAEmbedding, FastLoRALinear, ModulesToSaveWrapper, QLoRALinear,
-                     SparseDeltaLinear, TrainableTokensWrapper, rosa_spec)
+from .layers import (FastLoRAConv, FastLoRAEmbedding, FastLoRALinear, ModulesToSaveWrapper, QLoRALinear,
+                     SparseDeltaLinear, TrainableTokensWrapper, conv_reason, rosa_spec)
 from .matching import (compile_pattern, default_targets, in_layers, input_embeddings, is_all_linear, is_bias, matches,
                        name_list, output_head, pattern_value, set_submodule)
 from .methods import METHODS as OTHER_METHODS
@@ -296,7 +296,8 @@ def plan_lora(model: nn.Module, config, reload: bool = False, warn: bool = True)
             continue
         if all_linear:  # PEFT's all-linear takes transformers' Conv1D too (GPT-2), not embeddings
             conv = _conv1d(module) or isinstance(module, FastLoRALinear) and module.fan_in_fan_out
-            hit = (isinstance(module, (nn.Linear, FastLoRALinear)) and not isinstance(module, FastLoRAEmbedding)
+            hit = (isinstance(module, (nn.Linear, FastLoRALinear))
+                   and not isinstance(module, (FastLoRAEmbedding, FastLoRAConv))
                    or foreign_quant_library(module) is not None or conv) and module is not head \
                 and not (conv and (isinstance(config, SparseDeltaConfig) or config.sparse is not None))
         else:
@@ -322,10 +323,12 @@ def plan_lora(model: nn.Module, config, reload: bool = False, warn: bool = True)
             _check_embedding_target(name, module, config)
         elif _conv1d(module) or isinstance(module, FastLoRALinear) and module.fan_in_fan_out:
             _check_conv1d_target(name, module, config)
+        elif isinstance(module, (nn.modules.conv._ConvNd, FastLoRAConv)):
+            _check_conv_target(name, module, config)
         elif not isinstance(module, (nn.Linear, FastLoRALinear)):
             raise ValueError(f"target_modules matched {name!r}, a {type(module).__name__}; fastpeft "
-                             "adapts nn.Linear modules only (LoRA: transformers Conv1D too): narrow target_modules or "
-                             "exclude it")
+                             "adapts nn.Linear modules only (LoRA: transformers Conv1D, nn.Embedding and nn.Conv1d / "
+                             "Conv2d / Conv3d too): narrow target_modules or exclude it")
         elif isinstance(config, SparseDeltaConfig):
             if not isinstance(module, nn.Linear):
                 raise ValueError(f"target_modules matched {name!r}, a {type(module).__name__}; a sparse delta goes on "
@@ -464,6 +467,21 @@ def _check_conv1d_target(name: str, module: nn.Module, config) -> None:
                          "sparse_density=0")
 
 
+def _check_conv_target(name: str, module: nn.Module, config) -> None:
+    """A convolution target (or a LoRA convolution taking another adapter): plain LoRA only, on what
+    ``FastLoRAConv`` takes (``layers.conv_reason``)."""
+    if isinstance(config, SparseDeltaConfig) or config.sparse is not None or config.use_dora:
+        what = "use_dora=True" if getattr(config, "use_dora", False) else "a sparse delta (RoSA's included)"
+        raise ValueError(f"target_modules matched {name!r}, a convolution: fastpeft's LoRA convolutions are plain "
+                         f"LoRA, not {what}; exclude it (PEFT computes DoRA convolutions)")
+    if getattr(config, "init_lora_weights", True) == "orthogonal":
+        raise ValueError(f"target_modules matched {name!r}, a convolution, with init_lora_weights='orthogonal': PEFT's "
+                         "orthogonal init is for linear layers (PEFT refuses it on convolutions); exclude it")
+    why = None if isinstance(module, FastLoRAConv) else conv_reason(module)
+    if why is not None:
+        raise ValueError(f"target_modules matched {name!r}, {why}; exclude it")
+
+
 def _check_embedding_target(name: str, module: nn.Module, config) -> None:
     """An nn.Embedding target (or an embedding LoRA layer taking another adapter): plain LoRA only, nn.Embedding's
     own forward, no max_norm, dense gradients (``_checks.check_embedding``)."""
@@ -482,7 +500,18 @@ def _in_out(module: nn.Module) -> tuple:
         return module.num_embeddings, module.embedding_dim
     if _conv1d(module):
         return tuple(module.weight.shape)
+    if isinstance(module, (nn.modules.conv._ConvNd, FastLoRAConv)):
+        return module.in_channels, module.out_channels
     return module.in_features, module.out_features
+
+
+def _factor_shapes(module: nn.Module, r: int) -> tuple:
+    """PEFT's shapes of a target's (A, B): (r, in) and (out, r); a convolution's kernels (r, C, *k) and
+    (O, r, 1, ...)."""
+    k, n = _in_out(module)
+    if isinstance(module, (nn.modules.conv._ConvNd, FastLoRAConv)):
+        return (r, k, *module.kernel_size), (n, r) + (1,) * len(module.kernel_size)
+    return (r, k), (n, r)
 
 
 def _factor_keys(name: str, module: nn.Module) -> tuple:
@@ -717,6 +746,10 @@ class LoraMethod(Method):
                     layer = FastLoRAEmbedding.from_embedding(
                         module, r=r, lora_alpha=alpha, lora_dropout=config.lora_dropout, use_rslora=config.use_rslora,
                         init_lora_weights=config.init_lora_weights, adapter_name=adapter_name)
+                elif isinstance(module, nn.modules.conv._ConvNd):  # plan_lora refused DoRA and sparse deltas there
+                    layer = FastLoRAConv.from_conv(
+                        module, r=r, lora_alpha=alpha, lora_dropout=config.lora_dropout, use_rslora=config.use_rslora,
+                        init_lora_weights=config.init_lora_weights, adapter_name=adapter_name)
                 elif _conv1d(module):  # GPT-2's (in, out) layout; plan_lora refused a sparse delta there
                     layer = FastLoRALinear.from_conv1d(module, r=r, lora_alpha=alpha, adapter_name=adapter_name,
                                                        **{k: v for k, v in kw.items() if not k.startswith("sparse_")})
@@ -854,7 +887,7 @@ class LoraMethod(Method):
             lin = model.get_submodule(name)
             k, n = _in_out(lin)
             ka, kb = _factor_keys(name, lin)
-            expected[ka], expected[kb] = (r, k), (n, r)
+            expected[ka], expected[kb] = _factor_shapes(lin, r)
             if config.use_dora:
                 expected[f"{name}{_DORA_SUFFIX}"] = (n,)
             if config.bias == "lora_only" and getattr(lin, "bias", None) is not None:  # (an embedding has none)
@@ -1521,8 +1554,8 @@ def add_weighted_adapter(model: nn.Module, adapters: list, weights: list, adapte
     with torch.no_grad():
         for n, (a, b) in factors.items():
             pa, pb = model.get_submodule(n).adapter_parameters(adapter_name)
-            pa.copy_(a)
-            pb.copy_(b)
+            pa.copy_(a.view(pa.shape))  # (a convolution's factors are kernels: (r, C, *k), (O, r, 1, ...))
+            pb.copy_(b.view(pb.shape))
             pa.requires_grad_(False)
             pb.requires_grad_(False)
 
@@ -1558,7 +1591,8 @@ def _combined(layer, adapters: list, weights: list, how: str, rank: int, clamp, 
     """(A (rank, in), B (out, rank)) of ``add_weighted_adapter`` on one layer from the adapters it holds, with PEFT's
     arithmetic step for step (the factors in their own dtype, as PEFT reads them; the SVD in fp32)."""
     held = [(a, w) for a, w in zip(adapters, weights) if a in layer.adapter_names]
-    pairs = {a: tuple(p.detach() for p in layer.adapter_parameters(a)) for a, _ in held}
+    # (a convolution's kernels as the (r, C·K) / (O, r) matrices PEFT flattens them to)
+    pairs = {a: tuple(p.detach().reshape(p.shape[0], -1) for p in layer.adapter_parameters(a)) for a, _ in held}
     scale = {a: layer.adapter_spec(a).scaling for a, _ in held}
     fn, signed = _merge_fn(how)
     extra = (density, sign_method) if signed else (density,)

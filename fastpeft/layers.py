@@ -26,10 +26,11 @@ import torch.nn.functional as F
 from ._checks import (check_adapter_name, check_bool, check_dora_options, check_dropout, check_embedding,
                       check_embedding_ids, check_finite_number, check_in_features, check_init, check_linear, check_rank,
                       check_sparse_delta, check_sparse_options, expand_adapter_ids, routed_batch)
-from .functional import (dora_linear, lora_linear, lora_linear_multi, lora_sparse_linear, qlora_linear, resolve_backend,
-                         sparse_delta_linear)
+from .functional import (dora_linear, lora_conv, lora_linear, lora_linear_multi, lora_sparse_linear, qlora_linear,
+                         resolve_backend, sparse_delta_linear)
 from .ops.common import (cast_params, held, kept_state, kept_transpose, optimizer_steps, outside_inference_mode,
                          tensor_version)
+from .ops.conv import CONV_FNS
 from .ops.dora import weight_sq_norms
 from .quant import (QuantizedWeight, assign_merged_weight, base_kind, bnb_cpu_serves, call_buffer, conv1d_class,
                     dequantize_weight, guard_repacked_layers, is_conv1d, is_quantized, kept_quantized_weight,
@@ -106,7 +107,8 @@ class TunerLayer(nn.Module):
     _stored_in_out = False  # weight stored (in, out): a Conv1D's, an embedding's (num_embeddings, embedding_dim)
 
     def _init_base(self, weight: nn.Parameter, bias: nn.Parameter | None) -> None:
-        self.out_features, self.in_features = weight.shape[::-1] if self._stored_in_out else weight.shape
+        shape = weight.shape if weight.dim() == 2 else (weight.shape[0], weight[0].numel())  # a kernel: (O, C·K)
+        self.out_features, self.in_features = shape[::-1] if self._stored_in_out else shape
         weight.requires_grad_(False)
         self.weight = weight
         if bias is not None:
@@ -1167,6 +1169,201 @@ class FastLoRAEmbedding(FastLoRALinear):
         return "embedding: " + super().extra_repr().replace("in_features=", "num_embeddings=").replace(
             "out_features=", "embedding_dim=").replace(", bias=False", f", padding_idx={self.padding_idx}")
 
+
+
+def conv_reason(conv: nn.Module) -> str | None:
+    """Why fastpeft's LoRA cannot wrap ``conv`` (an ``nn.Conv1d`` / ``Conv2d`` / ``Conv3d``), or None when it can."""
+    if type(conv) not in (nn.Conv1d, nn.Conv2d, nn.Conv3d) and (
+            not isinstance(conv, (nn.Conv1d, nn.Conv2d, nn.Conv3d)) or type(conv).forward is not
+            next(c for c in (nn.Conv1d, nn.Conv2d, nn.Conv3d) if isinstance(conv, c)).forward):
+        return (f"a {type(conv).__module__}.{type(conv).__name__}: LoRA convolutions wrap nn.Conv1d / Conv2d / Conv3d "
+                "(or a subclass keeping their forward); a transposed convolution or a forward of its own is not taken")
+    if conv.groups != 1:
+        return (f"groups={conv.groups}: a grouped convolution (PEFT cannot merge LoRA into one either); fastpeft's "
+                "LoRA convolutions take groups=1")
+    if any(d != 1 and k != 1 for d, k in zip(conv.dilation, conv.kernel_size)):
+        return (f"dilation={conv.dilation} with kernel_size={conv.kernel_size}: PEFT's lora_A is not dilated, so its "
+                "output would not have the base's shape (PEFT's layer fails on it too)")
+    return None
+
+
+class FastLoRAConv(FastLoRALinear):
+    """LoRA on an ``nn.Conv1d`` / ``Conv2d`` / ``Conv3d`` (PEFT's ``lora.Conv1d`` / ``Conv2d`` / ``Conv3d``):
+    ``y = conv(x, W) + b + scaling * conv1x1(conv(drop(x), A), B)``, computed by ``fastpeft.lora_conv``.
+
+    Shapes: weight W (O, C, *k), the convolution's own Parameter (frozen); lora_A (r, C, *k), a kernel of the
+    base's size, stride and padding (zero padding, as PEFT's, whatever the base's ``padding_mode``); lora_B
+    (O, r, 1, ...): PEFT's two convolutions' kernels, so its files load unchanged. x (N, C, *S) or unbatched
+    (C, *S) -> (N, O, *S'). ``in_features`` is C·prod(k) and ``out_features`` O: W, A and ``delta_weight()`` as
+    (O, C·prod(k)) matrices (merging adds ``s B A`` in W's shape, as PEFT). Several adapters, ``set_adapter``,
+    merge / unmerge, ``adapter_ids`` (one id per sample, (N,)) and ``mixed_batch`` as ``FastLoRALinear``. Not
+    offered (``conv_reason``): groups > 1, a dilated kernel wider
+    than 1, another module's forward; nor DoRA or RoSA adapters."""
+
+    def __init__(self, conv: nn.Module, r=8, lora_alpha=8, lora_dropout=0.0, use_rslora=False, init_lora_weights=True,
+                 adapter_name="default"):
+        """Wrap ``conv`` (its weight and bias Parameters held, not copied, and frozen) with adapter ``adapter_name``."""
+        nn.Module.__init__(self)
+        if not isinstance(conv, nn.Module):
+            raise TypeError(f"conv must be an nn.Conv1d / Conv2d / Conv3d, got {type(conv).__name__}")
+        why = conv_reason(conv)
+        if why is not None:
+            raise ValueError(f"FastLoRAConv cannot wrap {why}")
+        self.conv_dims = conv.weight.dim() - 2
+        self._conv_type = type(conv)
+        self.in_channels, self.out_channels = conv.in_channels, conv.out_channels
+        self.kernel_size, self.stride, self.dilation = tuple(conv.kernel_size), tuple(conv.stride), tuple(conv.dilation)
+        self.padding, self.padding_mode = conv.padding, conv.padding_mode
+        self._reversed_padding = getattr(conv, "_reversed_padding_repeated_twice", None)
+        self._setup(conv.weight, conv.bias, adapter_name, r, lora_alpha, lora_dropout, use_rslora, init_lora_weights)
+
+    @classmethod
+    def from_conv(cls, conv: nn.Module, r=8, lora_alpha=8, lora_dropout=0.0, use_rslora=False, init_lora_weights=True,
+                  adapter_name="default") -> "FastLoRAConv":
+        """``FastLoRAConv(conv, ...)``: wrap ``conv``, sharing (not copying) its weight and bias."""
+        return cls(conv, r, lora_alpha, lora_dropout, use_rslora, init_lora_weights, adapter_name)
+
+    @classmethod
+    def from_linear(cls, *args, **kwargs):
+        """Refused: a LoRA convolution wraps a convolution (``from_conv``)."""
+        raise TypeError("FastLoRAConv wraps an nn.Conv1d / Conv2d / Conv3d: FastLoRAConv.from_conv(conv, ...); an "
+                        "nn.Linear takes FastLoRALinear.from_linear")
+
+    @classmethod
+    def from_conv1d(cls, *args, **kwargs):
+        """Refused: transformers' Conv1D is a linear layer (``FastLoRALinear.from_conv1d``)."""
+        raise TypeError("FastLoRAConv wraps torch's nn.Conv1d / Conv2d / Conv3d; transformers' Conv1D (GPT-2) is a "
+                        "linear layer: FastLoRALinear.from_conv1d")
+
+    def add_adapter(self, name, r, lora_alpha, lora_dropout=0.0, use_rslora=False, init_lora_weights=True,
+                    sparse_density=0.0, sparse_block_size=1, sparse_selection="random", sparse_scores=None,
+                    use_dora=False):
+        """Add LoRA adapter ``name`` (its own rank, alpha, dropout), as ``FastLoRALinear.add_adapter``: A (r, C, *k)
+        and B (O, r, 1, ...) drawn as PEFT's convolutions draw them. ``use_dora=True`` / ``sparse_density > 0`` are
+        refused."""
+        check_dora_options(use_dora, sparse_density)
+        if use_dora is True or sparse_density:
+            what = "use_dora=True" if use_dora is True else f"sparse_density={sparse_density!r}"
+            raise ValueError(f"adapter {name!r}: {what} on a convolution: fastpeft's LoRA convolutions are plain LoRA "
+                             "(no DoRA, no sparse delta)")
+        if isinstance(init_lora_weights, str) and init_lora_weights == "orthogonal":
+            raise ValueError(f"adapter {name!r}: init_lora_weights='orthogonal' on a convolution: PEFT's orthogonal "
+                             "init is for linear layers (PEFT refuses it here, and could not load the file)")
+        super().add_adapter(name, r, lora_alpha, lora_dropout, use_rslora, init_lora_weights)
+        # the factors in PEFT's kernel shapes (the same numbers: drawn as (r, C·K) / (O, r), the fan-ins PEFT's have)
+        for table, shape in ((self.lora_A_adapters, (r, self.in_channels, *self.kernel_size)),
+                             (self.lora_B_adapters, (self.out_channels, r) + (1,) * self.conv_dims)):
+            p = table[name]
+            table[name] = nn.Parameter(p.detach().view(shape), requires_grad=p.requires_grad)
+
+    def _reset_target(self, init_lora_weights, adapter_name: str | None) -> tuple | None:
+        """``FastLoRALinear._reset_target`` with A and B as (r, C·K) / (O, r) views of their kernels (the draws
+        write through them)."""
+        target = super()._reset_target(init_lora_weights, adapter_name)
+        if target is None:
+            return None
+        name, spec, a, b = target
+        return name, spec, a.view(spec.r, -1), b.view(b.shape[0], spec.r)
+
+    @torch.no_grad()
+    def _exact_delta(self, adapter_name: str | None = None) -> torch.Tensor:
+        """``s B A`` in W's shape (O, C, *k), fp32 (fp64 for an fp64 W), as PEFT's ``get_delta_weight``."""
+        name = self._active if adapter_name is None else adapter_name
+        s = self._spec_of(name)
+        a, b = self.lora_A_adapters[name], self.lora_B_adapters[name]
+        dt = torch.float64 if self.weight.dtype == torch.float64 else torch.float32
+        return (s.scaling * (b.to(dt).view(b.shape[0], s.r) @ a.to(dt).view(s.r, -1))).view(self.weight.shape)
+
+    def _check_input(self, x: torch.Tensor) -> None:
+        d = self.conv_dims
+        if not isinstance(x, torch.Tensor) or x.dim() not in (d + 1, d + 2) or x.shape[-d - 1] != self.in_channels:
+            got = tuple(x.shape) if isinstance(x, torch.Tensor) else type(x).__name__
+            raise ValueError(f"x must be (N, {self.in_channels}, *spatial) or unbatched ({self.in_channels}, "
+                             f"*spatial) with {d} spatial dims for this {self._conv_type.__name__}, got {got}")
+
+    def _base_conv(self, x: torch.Tensor, weight: torch.Tensor | None = None) -> torch.Tensor:
+        """The base convolution of x (``padding_mode`` applied as the conv's own forward does), with ``weight``
+        (default W)."""
+        conv = CONV_FNS[self.conv_dims]
+        weight = self.weight if weight is None else weight
+        if self.padding_mode != "zeros":
+            return conv(F.pad(x, self._reversed_padding, mode=self.padding_mode), weight, self.bias, self.stride, 0,
+                        self.dilation)
+        return conv(x, weight, self.bias, self.stride, self.padding, self.dilation)
+
+    def _factors(self, name: str) -> tuple:
+        """(A (r, C, *k), B (O, r)) of adapter ``name`` in W's dtype (fp32 adapters on a half-precision W cast per call,
+        or kept between no-grad calls in eval mode)."""
+        a, b = self._pair(name)
+        if a.dtype != self.weight.dtype or b.dtype != self.weight.dtype:
+            a, b = cast_params((a, b), self.weight.dtype, self._kept(), "_casts")
+        return a, b.view(b.shape[0], b.shape[1])
+
+    def _branch(self, x: torch.Tensor, name: str) -> torch.Tensor:
+        """``scaling * conv1x1(conv(drop(x), A), B)`` of adapter ``name`` alone (PEFT's branch: A zero-padded), by
+        autograd: mixed batches, and bases padded otherwise than with zeros."""
+        s = self._specs[name]
+        a, b = self._factors(name)
+        conv = CONV_FNS[self.conv_dims]
+        if self.training and s.lora_dropout > 0.0:
+            x = F.dropout(x, s.lora_dropout, True)
+        u = conv(x, a, None, self.stride, self.padding, self.dilation)
+        return conv(u, b.view(*b.shape, *(1,) * self.conv_dims)) * s.scaling
+
+    def forward(self, x: torch.Tensor, adapter_ids: torch.Tensor | None = None) -> torch.Tensor:
+        """x (N, C, *S) or (C, *S) -> (N, O, *S'). ``adapter_ids`` (N,) gives each sample the adapter of that index in
+        ``adapter_names`` (-1 = base only); inside ``fastpeft.mixed_batch`` the per-sequence routing applies."""
+        routing, adapter_ids = self._routed_ids(x, adapter_ids)
+        if self.merged or adapter_ids is None and self._active is None:
+            return self._base_conv(x)
+        if adapter_ids is None:
+            name = self._active
+            s = self._specs[name]
+            if self.padding_mode != "zeros":
+                return (self._base_conv(x) + self._branch(x, name)).to(x.dtype)
+            a, b = self._factors(name)
+            return lora_conv(x, self.weight, self.bias, a, b, s.scaling, s.lora_dropout, self.training,
+                             stride=self.stride, padding=self.padding, dilation=self.dilation)
+        if x.dim() == self.conv_dims + 1:
+            raise ValueError("adapter_ids route the samples of a batched input (N, C, *spatial); got an unbatched x "
+                             f"of shape {tuple(x.shape)}")
+        if routing is not None:
+            adapter_ids = _per_row(adapter_ids, routed_batch(adapter_ids.shape[0], x, routing[1]))
+        ids = expand_adapter_ids(adapter_ids, x[:, 0].flatten(1)[:, :1], len(self._specs), check_range=routing is None)
+        ids = ids.reshape(-1)
+        y = self._base_conv(x)
+        names = list(self._specs)
+        if x.device.type == "cpu" or tracing_or_transformed():
+            used = ids.unique().tolist() if not tracing_or_transformed() else range(len(names))
+            for i in used:
+                if i < 0:
+                    continue
+                if tracing_or_transformed():
+                    y = y + torch.where((ids == i).view(-1, *(1,) * (y.dim() - 1)), self._branch(x, names[i]), 0)
+                    continue
+                index = (ids == i).nonzero().squeeze(1)
+                y = y.index_add(0, index, self._branch(x[index], names[i]).to(y.dtype))
+            return y
+        for i, name in enumerate(names):  # on a GPU without a host read: every adapter's branch, masked
+            y = y + torch.where((ids == i).view(-1, *(1,) * (y.dim() - 1)), self._branch(x, name), 0).to(y.dtype)
+        return y
+
+    def base_module(self) -> nn.Module:
+        """The convolution in this layer's place, holding its weight and bias Parameters (no copy)."""
+        conv = self._conv_type(self.in_channels, self.out_channels, self.kernel_size, self.stride, self.padding,
+                               self.dilation, 1, self.bias is not None, self.padding_mode, device="meta")
+        conv.weight = self.weight
+        conv.bias = self.bias
+        return conv
+
+    def to_linear(self):
+        """Refused: a convolution has no nn.Linear form (``merge()`` then ``base_module()``: the merged convolution)."""
+        raise TypeError("to_linear: a convolution layer has no nn.Linear form; merge_and_unload gives the merged "
+                        f"{self._conv_type.__name__} (base_module() after merge())")
+
+    def extra_repr(self) -> str:
+        return (f"{self._conv_type.__name__}({self.in_channels}, {self.out_channels}, kernel_size={self.kernel_size}, "
+                f"stride={self.stride}, padding={self.padding}), " + super().extra_repr())
 
 
 # ---- quantized bases (QLoRA) -------------------------------------------------------------------------

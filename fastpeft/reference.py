@@ -387,6 +387,26 @@ def lora_linear_ref(
     return base + scaling * lora
 
 
+def lora_conv_ref(x, weight, bias, lora_A, lora_B, scaling: float, dropout_p: float = 0.0, training: bool = True,
+                  seed=None, stride=1, padding=0, dilation=1, *, cpu_stream: bool = False) -> torch.Tensor:
+    """``y = conv(x, W) + b + scaling * conv1x1(conv(drop(x), A), B)``, PEFT's LoRA convolution in plain PyTorch.
+
+    x: (N, C, *S) (or unbatched (C, *S)) with 1-3 spatial dims; weight (O, C, *k); bias (O,) or None; lora_A
+    (r, C, *k); lora_B (O, r).
+    The base convolution takes ``stride``, ``padding`` (ints, tuples, ``"same"`` / ``"valid"``) and ``dilation``; A's
+    the same (PEFT's: its kernel size, stride and padding, dilation 1, which gives the base's output only where the
+    dilation is 1 or the kernel 1 wide, as ``fastpeft.lora_conv`` checks). Dropout as ``lora_linear_ref``'s (the mask
+    of x viewed as (M, K), K its last dim). Autograd keeps drop(x): this is the oracle, not the memory-lean path."""
+    conv = {3: F.conv1d, 4: F.conv2d, 5: F.conv3d}[weight.dim()]
+    base = conv(x, weight, bias, stride, padding, dilation)
+    if training and dropout_p > 0.0:
+        if seed is None:
+            raise ValueError("seed is required when training with dropout_p > 0, got None")
+        x = lora_dropout_stream(x, dropout_p, seed, cpu=cpu_stream)
+    u = conv(x, lora_A, None, stride, padding, dilation)
+    return base + scaling * conv(u, lora_B.view(*lora_B.shape, *(1,) * (weight.dim() - 2)))
+
+
 def lora_linear_multi_ref(
     x: torch.Tensor,
     weight: torch.Tensor,

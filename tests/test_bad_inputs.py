@@ -1336,3 +1336,109 @@ def test_lora_experts_bad_input_raises_naming_the_argument(case):
 
 def test_experts_case_ids_are_unique():
     _assert_unique_ids(CASES, QLORA_CASES, QLORA_MODEL_CASES, DORA_CASES, EXPERTS_CASES)
+
+
+# ---- lora_conv / FastLoRAConv / inject on convolutions -------------------------------------------------------
+def _conv(**over):
+    """x (2, 3, 6, 6), weight (5, 3, 3, 3), lora_A (2, 3, 3, 3), lora_B (5, 2)."""
+    args = dict(x=_t(2, 3, 6, 6), weight=_t(5, 3, 3, 3), bias=_t(5), lora_A=_t(2, 3, 3, 3), lora_B=_t(5, 2),
+                scaling=2.0)
+    return fastpeft.lora_conv(**{**args, **over})
+
+
+def _conv_layer():
+    torch.manual_seed(0)
+    layer = fastpeft.FastLoRAConv(nn.Conv2d(3, 5, 3, padding=1), r=2, init_lora_weights=False)
+    layer.add_adapter("second", 2, 4, init_lora_weights=False)
+    return layer
+
+
+class _ConvNet(nn.Module):
+    def __init__(self, **conv):
+        super().__init__()
+        self.conv = nn.Conv2d(4, 4, 3, **conv)
+        self.fc = nn.Linear(4, 4)
+
+    def forward(self, x):
+        return self.fc(self.conv(x).mean((2, 3)))
+
+
+def _convnet(**conv):
+    torch.manual_seed(0)
+    return lambda: _ConvNet(**conv)
+
+
+CONV_CASES = [
+    Bad("lora_conv-x-channels-4", lambda _: _conv(x=_t(2, 4, 6, 6)), ValueError, ("x", "(N, 3, *spatial)",
+                                                                                    "(2, 4, 6, 6)")),
+    Bad("lora_conv-x-1d-for-2d-kernel", lambda _: _conv(x=_t(3, 6)), ValueError, ("x", "2 spatial dims", "(3, 6)")),
+    Bad("lora_conv-weight-2d", lambda _: _conv(weight=_t(5, 3)), ValueError, ("weight", "kernel", "(5, 3)")),
+    Bad("lora_conv-lora_A-kernel-1", lambda _: _conv(lora_A=_t(2, 3, 1, 1)), ValueError,
+        ("lora_A", "(2, 3, 3, 3)", "(2, 3, 1, 1)")),
+    Bad("lora_conv-lora_B-4d", lambda _: _conv(lora_B=_t(5, 2, 1, 1)), ValueError, ("lora_B", "2-D", "4-D")),
+    Bad("lora_conv-lora_B-rank-3", lambda _: _conv(lora_B=_t(5, 3)), ValueError, ("lora_B", "(5, 2)", "(5, 3)")),
+    Bad("lora_conv-bias-4", lambda _: _conv(bias=_t(4)), ValueError, ("bias", "(5,)", "(4,)")),
+    Bad("lora_conv-x-int", lambda _: _conv(x=torch.ones(2, 3, 6, 6, dtype=torch.int64)), ValueError,
+        ("x", "float32", "int64")),
+    Bad("lora_conv-weight-fp64", lambda _: _conv(weight=_t(5, 3, 3, 3, dtype=torch.float64)), ValueError,
+        ("weight", "x's dtype", "float64")),
+    Bad("lora_conv-stride-0", lambda _: _conv(stride=0), ValueError, ("stride", ">= 1", "0")),
+    Bad("lora_conv-stride-3-tuple", lambda _: _conv(stride=(1, 1, 1)), ValueError, ("stride", "tuple of 2",
+                                                                                    "(1, 1, 1)")),
+    Bad("lora_conv-padding-negative", lambda _: _conv(padding=-1), ValueError, ("padding", ">= 0", "-1")),
+    Bad("lora_conv-padding-full", lambda _: _conv(padding="full"), ValueError, ("padding", "'same'", "'full'")),
+    Bad("lora_conv-padding-same-stride-2", lambda _: _conv(padding="same", stride=2), ValueError,
+        ("padding='same'", "stride 1", "(2, 2)")),
+    Bad("lora_conv-scaling-tensor", lambda _: _conv(scaling=torch.tensor(2.0)), TypeError, ("scaling", "tensor")),
+    Bad("lora_conv-dropout-1", lambda _: _conv(dropout_p=1.0), ValueError, ("dropout_p", "1.0")),
+    Bad("lora_conv-triton", lambda _: _conv(backend="triton"), RuntimeError, ("triton", "lora_conv")),
+    # -- FastLoRAConv
+    Bad("FastLoRAConv-groups-2", lambda _: fastpeft.FastLoRAConv(nn.Conv2d(4, 4, 3, groups=2)), ValueError,
+        ("groups=2", "groups=1")),
+    Bad("FastLoRAConv-dilation-2", lambda _: fastpeft.FastLoRAConv(nn.Conv2d(4, 4, 3, dilation=2)), ValueError,
+        ("dilation=(2, 2)", "kernel_size=(3, 3)", "lora_A is not dilated")),
+    Bad("FastLoRAConv-transposed", lambda _: fastpeft.FastLoRAConv(nn.ConvTranspose2d(4, 4, 3)), ValueError,
+        ("ConvTranspose2d", "nn.Conv1d / Conv2d / Conv3d")),
+    Bad("FastLoRAConv-a-Linear", lambda _: fastpeft.FastLoRAConv(nn.Linear(4, 4)), ValueError,
+        ("Linear", "nn.Conv1d / Conv2d / Conv3d")),
+    Bad("FastLoRAConv-from_linear", lambda _: fastpeft.FastLoRAConv.from_linear(nn.Linear(4, 4)), TypeError,
+        ("from_conv", "FastLoRALinear.from_linear")),
+    Bad("FastLoRAConv-x-channels-4", lambda m: m(_t(2, 4, 6, 6)), ValueError, ("x", "(N, 3, *spatial)",
+                                                                                "(2, 4, 6, 6)"), _conv_layer),
+    Bad("FastLoRAConv-dora", lambda m: m.add_adapter("d", 2, 2, use_dora=True), ValueError,
+        ("use_dora=True", "convolution", "'d'"), _conv_layer),
+    Bad("FastLoRAConv-sparse", lambda m: m.add_adapter("s", 2, 2, sparse_density=0.1), ValueError,
+        ("sparse_density=0.1", "convolution"), _conv_layer),
+    Bad("FastLoRAConv-adapter_ids-3-for-2", lambda m: m(_t(2, 3, 6, 6), torch.tensor([0, 1, 0])), ValueError,
+        ("adapter_ids",), _conv_layer),
+    Bad("FastLoRAConv-adapter_ids-2", lambda m: m(_t(2, 3, 6, 6), torch.tensor([0, 2])), ValueError,
+        ("adapter_ids", "2"), _conv_layer),
+    Bad("FastLoRAConv-adapter_ids-unbatched", lambda m: m(_t(3, 6, 6), torch.tensor([0])), ValueError,
+        ("adapter_ids", "unbatched"), _conv_layer),
+    Bad("FastLoRAConv-to_linear", lambda m: m.to_linear(), TypeError, ("to_linear", "Conv2d"), _conv_layer),
+    # -- inject on convolutions
+    Bad("inject-conv-groups-2", lambda m: fastpeft.inject(m, LoraConfig(r=2, target_modules=["conv"])), ValueError,
+        ("'conv'", "groups=2"), _convnet(groups=2)),
+    Bad("inject-conv-dilated", lambda m: fastpeft.inject(m, LoraConfig(r=2, target_modules=["conv"])), ValueError,
+        ("'conv'", "dilation=(2, 2)"), _convnet(dilation=2)),
+    Bad("inject-conv-dora", lambda m: fastpeft.inject(m, LoraConfig(r=2, target_modules=["conv"], use_dora=True)),
+        ValueError, ("'conv'", "use_dora=True"), _convnet()),
+    Bad("inject-conv-rosa", lambda m: fastpeft.inject(m, LoraConfig(r=2, target_modules=["conv"], sparse_density=0.1)),
+        ValueError, ("'conv'", "sparse delta"), _convnet()),
+    Bad("inject-conv-orthogonal", lambda m: fastpeft.inject(m, LoraConfig(r=2, target_modules=["fc", "conv"],
+                                                                           init_lora_weights="orthogonal")),
+        ValueError, ("'conv'", "orthogonal"), _convnet()),
+    Bad("FastLoRAConv-orthogonal", lambda m: m.add_adapter("o", 2, 2, init_lora_weights="orthogonal"), ValueError,
+        ("'o'", "orthogonal", "convolution"), _conv_layer),
+    Bad("inject-conv-sparse-delta", lambda m: fastpeft.inject(m, SparseDeltaConfig(target_modules=["conv"])),
+        ValueError, ("'conv'", "sparse delta"), _convnet()),
+]
+
+
+@pytest.mark.parametrize("case", [pytest.param(c, id=c.id) for c in CONV_CASES])
+def test_lora_conv_bad_input_raises_naming_the_argument(case):
+    test_bad_input_raises_naming_the_argument(case)
+
+
+def test_conv_case_ids_are_unique():
+    _assert_unique_ids(CASES, QLORA_CASES, QLORA_MODEL_CASES, DORA_CASES, EXPERTS_CASES, CONV_CASES)
