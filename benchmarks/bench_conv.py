@@ -2,6 +2,7 @@
 
     fastpeft bench conv                                   # the default grid for this machine
     fastpeft bench conv --shapes 8x64x64x56x3 --ranks 16 --dropout 0 0.1 --markdown out.md
+    fastpeft bench conv --dora                            # DoRA (PEFT's DoraConv2d layers) instead of LoRA
     python benchmarks/bench_conv.py ...                   # the same, from a checkout
 
 One ``nn.Conv2d`` (O x C, k x k, padding k // 2) on x (N, C, H, H); shapes ``NxCxOxHxk``. Providers: ``conv`` (the
@@ -11,6 +12,8 @@ B(A(drop(x))), autograd keeping drop(x)), ``peft+accelerate`` (the same PEFT mod
 of x kept, and ``W + s B A`` folded into one convolution where that is cheaper than the rank-r one (no-grad calls;
 the input gradient without dropout). Modes ``fwd`` (no grad: inference), ``fwd+bwd`` (gradients of x and the LoRA
 factors). Without dropout the fastpeft rows give their relative error against PEFT's (y and every gradient).
+``--dora``: every provider with DoRA adapters (``fastpeft.dora_conv``: the norm factored, the low-rank part on
+``lora_conv``'s Function without dropout; PEFT forms ``B A`` and ``W + s B A`` at every call).
 """
 from __future__ import annotations
 
@@ -55,12 +58,12 @@ class _One(nn.Module):
         return self.conv(x)
 
 
-def providers(c, o, k, r, p, device, dtype) -> dict:
+def providers(c, o, k, r, p, dora, device, dtype) -> dict:
     import peft
 
     torch.manual_seed(0)
     base = _One(c, o, k, device, dtype).requires_grad_(False)
-    cfg = dict(r=r, lora_alpha=2 * r, target_modules=["conv"], lora_dropout=p, init_lora_weights=False)
+    cfg = dict(r=r, lora_alpha=2 * r, target_modules=["conv"], lora_dropout=p, init_lora_weights=False, use_dora=dora)
     torch.manual_seed(1)
     slow = peft.get_peft_model(copy.deepcopy(base), peft.LoraConfig(**cfg))
     accelerated = copy.deepcopy(slow)
@@ -70,13 +73,15 @@ def providers(c, o, k, r, p, device, dtype) -> dict:
     with torch.no_grad():
         ours.conv.lora_A.copy_(layer.lora_A["default"].weight)
         ours.conv.lora_B.copy_(layer.lora_B["default"].weight)
+        if dora:
+            ours.conv.magnitude().copy_(layer.lora_magnitude_vector["default"].weight)
     return {"conv": base, "peft": slow, "peft+accelerate": accelerated, "fastpeft": ours}
 
 
-def groups(shape, r, p, modes, ctx):
+def groups(shape, r, p, modes, dora, ctx):
     """One case's inputs and providers; one group per mode."""
     n, c, o, h, k = shape
-    mods = providers(c, o, k, r, p, ctx.device, ctx.dtype)
+    mods = providers(c, o, k, r, p, dora, ctx.device, ctx.dtype)
     x = torch.randn(n, c, h, h, device=ctx.device, dtype=ctx.dtype, requires_grad=True)
     dy = torch.randn(n, o, h, h, device=ctx.device, dtype=ctx.dtype)
     for mode in modes:
@@ -95,8 +100,8 @@ def _no_grad(step):
 
 
 def cases(args, ctx) -> list:
-    return [Case(dict(N=s[0], C=s[1], O=s[2], H=s[3], k=s[4], r=r, p=p),
-                 functools.partial(groups, s, r, p, args.modes, ctx))
+    return [Case(dict(adapter="DoRA" if args.dora else "LoRA", N=s[0], C=s[1], O=s[2], H=s[3], k=s[4], r=r, p=p),
+                 functools.partial(groups, s, r, p, args.modes, args.dora, ctx))
             for s in args.shapes for r in args.ranks for p in args.dropout]
 
 
@@ -106,15 +111,16 @@ def add_arguments(ap, cuda: bool) -> None:
                     help="NxCxOxHxk: batch, in channels, out channels, height = width, kernel size")
     ap.add_argument("--ranks", nargs="+", type=positive_int, default=d["ranks"])
     ap.add_argument("--dropout", nargs="+", type=rate, default=d["dropout"], help="LoRA dropout rates")
+    ap.add_argument("--dora", action="store_true", help="DoRA adapters (use_dora=True) instead of LoRA")
 
 
-COLUMNS = (harness.plain_columns("N", "C", "O", "H", "k", "r", "p", "mode") + harness.TIMING_COLUMNS
+COLUMNS = (harness.plain_columns("adapter", "N", "C", "O", "H", "k", "r", "p", "mode") + harness.TIMING_COLUMNS
            + [("vs_conv", "x conv", "{:.3f}"), ("peak_mib", "peak MiB", "{:.0f}")] + harness.ERROR_COLUMNS)
 
 BENCHMARK = harness.Benchmark(
     prog="fastpeft bench conv", description=__doc__, add_arguments=add_arguments, cases=cases, columns=COLUMNS,
-    title="LoRA on nn.Conv2d, {dtype}, ratios to the frozen convolution in the same run",
-    plot_title="LoRA on Conv2d ({dtype})", modes=("fwd", "fwd+bwd"),
+    title="LoRA / DoRA on nn.Conv2d, {dtype}, ratios to the frozen convolution in the same run",
+    plot_title="LoRA / DoRA on Conv2d ({dtype})", modes=("fwd", "fwd+bwd"),
     no_gpu="No GPU here: timing PEFT's lora.Conv2d and fastpeft.lora_conv (torch's oneDNN convolutions) against "
            "the convolution on the CPU; peak memory is measured on CUDA only.",
     baseline="conv", plot_help="bar chart of the ratios to the convolution", progress="bench conv")

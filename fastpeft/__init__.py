@@ -16,7 +16,7 @@ from .inject import (LoraConfig, SparseDeltaConfig, active_adapter, add_weighted
 from .io import load_adapter, read_adapter_config, save_adapter
 from .kernels import deterministic, is_deterministic, set_deterministic
 from .layers import FastLoRALinear, ModulesToSaveWrapper, SparseDeltaLinear, TrainableTokensWrapper
-from .functional import lora_conv  # LoRA on nn.Conv1d / Conv2d / Conv3d (PEFT's lora.Conv*d)
+from .functional import dora_conv, lora_conv  # LoRA / DoRA on nn.Conv1d / Conv2d / Conv3d (PEFT's lora.Conv*d)
 from .functional import lora_experts  # LoRA on a mixture of experts' 3-D expert weights (target_parameters)
 from .functional import qlora_linear  # QLoRA: LoRA over a bitsandbytes 4-bit / 8-bit base
 from .layers import FastLoRAConv, FastLoRAEmbedding, QLoRALinear
@@ -41,4 +41,4 @@ __all__ = [
 ]
 __all__ += ["qlora_linear", "QLoRALinear", "FastLoRAEmbedding", "TrainableTokensWrapper", "disable_adapter",
             "add_weighted_adapter", "lora_experts", "lora_grouped_linear_ref", "lora_conv", "lora_conv_ref",
-            "FastLoRAConv"]
+            "FastLoRAConv", "dora_conv"]

@@ -16,7 +16,7 @@ whose ``forward`` decides at every call:
   that dtype too; one active DoRA adapter there (QDoRA) -> ``dora_linear`` on W dequantized for the call;
 - ``adapter_names=`` (PEFT's mixed batches, ``"__base__"`` rows included) -> ``fastpeft.lora_linear_multi``;
 - one active LoRA adapter of PEFT's ``lora.Conv1d`` / ``Conv2d`` / ``Conv3d`` (class ``AcceleratedConv2d``, ...) on a
-  zero-padded, ungrouped base -> ``fastpeft.lora_conv``;
+  zero-padded, ungrouped base -> ``fastpeft.lora_conv``; a DoRA one -> ``fastpeft.dora_conv``;
 - LoRA on a mixture of experts' 3-D expert weights (PEFT's ``target_parameters``: nested ``lora.ParamWrapper``
   layers, one per targeted parameter, over a transformers experts module) -> ``fastpeft.lora_experts``: the
   outermost wrapper (an accelerated subclass, named ``ParamWrapper`` as PEFT's, which finds wrappers by that name)
@@ -58,7 +58,7 @@ import torch.nn.functional as F
 from torch.nn.modules import module as _torch_module
 
 from ._checks import experts_reason, up_projection
-from .functional import dora_linear, lora_conv, lora_experts, lora_linear, lora_linear_multi, qlora_linear
+from .functional import dora_conv, dora_linear, lora_conv, lora_experts, lora_linear, lora_linear_multi, qlora_linear
 from .hf import _InstanceMethod
 from .layers import conv_reason
 from .ops.common import cast_params, held, kept_state, kept_transpose
@@ -527,8 +527,16 @@ def _conv_layer_reason(m: nn.Module) -> str | None:
 
 def _conv_adapter_reason(self, name: str) -> str | None:
     """Why adapter ``name`` of PEFT's LoRA convolution cannot run on ``lora_conv`` (None: it can)."""
-    if _is_dora(self, name) or self.__dict__.get("lora_variant", {}) and name in self.lora_variant:
-        return f"adapter {name!r} is a LoRA variant ({'DoRA' if _is_dora(self, name) else 'other'}) on a convolution"
+    variant = getattr(self, "lora_variant", {}).get(name)
+    dora = _is_dora(self, name)
+    if variant is not None and not (dora and type(variant).__name__ in ("DoraConv1dVariant", "DoraConv2dVariant",
+                                                                        "DoraConv3dVariant")):
+        return f"adapter {name!r} is a LoRA variant ({type(variant).__name__}) on a convolution"
+    if dora:
+        weight = getattr(_magnitude(self, name), "weight", None)
+        o = self._modules["base_layer"].weight.shape[0]
+        if not isinstance(weight, torch.Tensor) or weight.numel() != o:
+            return f"adapter {name!r} uses DoRA without a magnitude of {o} elements"
     if self.lora_bias.get(name, False):
         return f"adapter {name!r} has lora_bias=True on a convolution"
     base, a, b = self._modules["base_layer"], self.lora_A[name], self.lora_B[name]
@@ -563,7 +571,9 @@ def _conv_runtime_reason(self, x, args, kwargs) -> str | None:
     if why is not None:
         return why
     lora_a, lora_b, drop = mods["lora_A"]._modules[a], mods["lora_B"]._modules[a], mods["lora_dropout"]._modules[a]
-    if _has_hooks(base) or _has_hooks(lora_a) or _has_hooks(lora_b) or _has_hooks(drop):
+    mag = _magnitude(self, a) if _is_dora(self, a) else None
+    if _has_hooks(base) or _has_hooks(lora_a) or _has_hooks(lora_b) or _has_hooks(drop) or (
+            mag is not None and _has_hooks(mag)):
         return "hooks on the base layer or the adapter's modules"
     if _global_hooks():
         return "global module hooks"
@@ -572,7 +582,8 @@ def _conv_runtime_reason(self, x, args, kwargs) -> str | None:
     d = base.weight.dim() - 2
     if not isinstance(x, torch.Tensor) or x.dim() not in (d + 1, d + 2):
         return "input that is not a (batched) tensor of the convolution's dims"
-    tensors = [x, _param(base, "weight"), _param(base, "bias"), _param(lora_a, "weight"), _param(lora_b, "weight")]
+    tensors = [x, _param(base, "weight"), _param(base, "bias"), _param(lora_a, "weight"), _param(lora_b, "weight"),
+               None if mag is None else _param(mag, "weight")]
     dtypes = set()
     for i, t in enumerate(tensors):
         if t is None:
@@ -591,8 +602,8 @@ def _conv_runtime_reason(self, x, args, kwargs) -> str | None:
 
 
 def _conv_forward(self, x: torch.Tensor, *args, **kwargs) -> torch.Tensor:
-    """PEFT's ``lora.Conv*d.forward`` on ``fastpeft.lora_conv`` (one active LoRA adapter), PEFT's own forward
-    elsewhere."""
+    """PEFT's ``lora.Conv*d.forward`` on ``fastpeft.lora_conv`` (one active LoRA adapter) or ``fastpeft.dora_conv``
+    (a DoRA one), PEFT's own forward elsewhere."""
     why = _conv_runtime_reason(self, x, args, kwargs)
     _count(self, why)
     if why is not None:
@@ -607,7 +618,11 @@ def _conv_forward(self, x: torch.Tensor, *args, **kwargs) -> torch.Tensor:
     kept = None if self.training else self.__dict__
     geo = dict(stride=base.stride, padding=base.padding, dilation=base.dilation)
     lora_a, lora_b = cast_params((lora_a, lora_b), weight.dtype, kept, "_fastpeft_casts")
-    return lora_conv(x, weight, bias, lora_a, lora_b.view(lora_b.shape[0], lora_b.shape[1]), s, p, training, **geo)
+    lora_b = lora_b.view(lora_b.shape[0], lora_b.shape[1])
+    if _is_dora(self, a):  # PEFT applies DoRA's dropout only when the LoRA layer itself is in training mode
+        return dora_conv(x, weight, bias, lora_a, lora_b, _param(_magnitude(self, a), "weight"), s, p,
+                         training and self.training, **geo)
+    return lora_conv(x, weight, bias, lora_a, lora_b, s, p, training, **geo)
 
 
 # ---------------------------------------------------------------------------------------------------------

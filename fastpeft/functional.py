@@ -327,6 +327,43 @@ def lora_conv(x, weight, bias, lora_A, lora_B, scaling, dropout_p=0.0, training=
                                  use_cpu_stream(x))
 
 
+def dora_conv(x, weight, bias, lora_A, lora_B, magnitude, scaling, dropout_p=0.0, training=True, seed=None, stride=1,
+              padding=0, dilation=1, backend=None) -> torch.Tensor:
+    """DoRA on a convolution (PEFT's ``DoraConv1d`` / ``2d`` / ``3d`` layers):
+    ``y = g ⊙ (conv(x, W) + s conv1x1(conv(x, A), B)) + b``, ``g = m / ‖W + s B A‖`` per output channel (the norm
+    over the input channels and the kernel, detached). In training with dropout, PEFT's form: ``conv(x, W) + b +
+    (g − 1) ⊙ conv(drop(x), W) + g ⊙ s conv1x1(conv(drop(x), A), B)``.
+
+    Arguments as ``lora_conv``'s; magnitude (O,) or PEFT's (1, O, 1, ...) Parameter. Returns (N, O, *S').
+    Differentiable in x, lora_A, lora_B, magnitude (and weight / bias where they require grad); without dropout
+    the low-rank part runs ``lora_conv``'s fused Function, and no kernel-sized temporary is formed for the norm.
+    """
+    batched, stride, padding, dilation = check_lora_conv_args(x, weight, bias, lora_A, lora_B, scaling, dropout_p,
+                                                              stride, padding, dilation)
+    check_tensor(magnitude, "magnitude")
+    if magnitude.numel() != weight.shape[0] or not magnitude.is_floating_point() or magnitude.device != x.device:
+        raise ValueError(f"magnitude must be a floating tensor of {weight.shape[0]} elements (one per output channel) "
+                         f"on x's device {x.device}, got {tuple(magnitude.shape)} {magnitude.dtype} on "
+                         f"{magnitude.device}")
+    check_bool(training, "training")
+    check_seed(seed)
+    p, seed = _rate_and_seed(dropout_p, training, seed, x.device)
+    resolve_backend("dora_conv", backend, x, weight, lora_A, lora_B)  # (no kernel: a "triton" request raises)
+    if not batched:
+        return dora_conv(x.unsqueeze(0), weight, bias, lora_A, lora_B, magnitude, scaling, p, training, seed, stride,
+                         padding, dilation, backend).squeeze(0)
+    numeric = _conv.numeric_padding(padding, tuple(weight.shape[2:]), dilation)
+    fused = numeric is not None and not func_transforms_active()
+    geo = (stride, numeric if fused else padding, dilation)
+    if fused and autocast_on(x):
+        x, weight, bias, lora_A, lora_B = autocast_inputs(x, weight, bias, lora_A, lora_B)
+        with torch.autocast(x.device.type, enabled=False):
+            return _conv.dora_conv_impl(x, weight, bias, lora_A, lora_B, magnitude, float(scaling), p, seed, geo,
+                                        use_cpu_stream(x), fused)
+    return _conv.dora_conv_impl(x, weight, bias, lora_A, lora_B, magnitude, float(scaling), p, seed, geo,
+                                use_cpu_stream(x), fused)
+
+
 def qlora_linear(x, qweight, bias, lora_A, lora_B, scaling, dropout_p=0.0, training=True, seed=None, backend=None,
                  path=None) -> torch.Tensor:
     """LoRA over a quantized base: ``y = x deq(W)^T + b + scaling * (drop(x) A^T) B^T``.

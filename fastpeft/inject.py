@@ -470,10 +470,13 @@ def _check_conv1d_target(name: str, module: nn.Module, config) -> None:
 def _check_conv_target(name: str, module: nn.Module, config) -> None:
     """A convolution target (or a LoRA convolution taking another adapter): plain LoRA only, on what
     ``FastLoRAConv`` takes (``layers.conv_reason``)."""
-    if isinstance(config, SparseDeltaConfig) or config.sparse is not None or config.use_dora:
-        what = "use_dora=True" if getattr(config, "use_dora", False) else "a sparse delta (RoSA's included)"
-        raise ValueError(f"target_modules matched {name!r}, a convolution: fastpeft's LoRA convolutions are plain "
-                         f"LoRA, not {what}; exclude it (PEFT computes DoRA convolutions)")
+    if isinstance(config, SparseDeltaConfig) or config.sparse is not None:
+        raise ValueError(f"target_modules matched {name!r}, a convolution: fastpeft's convolutions take LoRA and DoRA "
+                         "adapters, not a sparse delta (RoSA's included); exclude it")
+    if config.use_dora and getattr(module, "padding_mode", "zeros") != "zeros":
+        raise ValueError(f"target_modules matched {name!r}, a convolution with padding_mode={module.padding_mode!r}, "
+                         "with use_dora=True: PEFT's DoRA convolution computes part of its base with zero padding; "
+                         "exclude it or use LoRA")
     if getattr(config, "init_lora_weights", True) == "orthogonal":
         raise ValueError(f"target_modules matched {name!r}, a convolution, with init_lora_weights='orthogonal': PEFT's "
                          "orthogonal init is for linear layers (PEFT refuses it on convolutions); exclude it")
@@ -746,10 +749,11 @@ class LoraMethod(Method):
                     layer = FastLoRAEmbedding.from_embedding(
                         module, r=r, lora_alpha=alpha, lora_dropout=config.lora_dropout, use_rslora=config.use_rslora,
                         init_lora_weights=config.init_lora_weights, adapter_name=adapter_name)
-                elif isinstance(module, nn.modules.conv._ConvNd):  # plan_lora refused DoRA and sparse deltas there
+                elif isinstance(module, nn.modules.conv._ConvNd):  # plan_lora refused sparse deltas there
                     layer = FastLoRAConv.from_conv(
                         module, r=r, lora_alpha=alpha, lora_dropout=config.lora_dropout, use_rslora=config.use_rslora,
-                        init_lora_weights=config.init_lora_weights, adapter_name=adapter_name)
+                        init_lora_weights=config.init_lora_weights, adapter_name=adapter_name,
+                        use_dora=config.use_dora)
                 elif _conv1d(module):  # GPT-2's (in, out) layout; plan_lora refused a sparse delta there
                     layer = FastLoRALinear.from_conv1d(module, r=r, lora_alpha=alpha, adapter_name=adapter_name,
                                                        **{k: v for k, v in kw.items() if not k.startswith("sparse_")})
@@ -887,9 +891,9 @@ class LoraMethod(Method):
             lin = model.get_submodule(name)
             k, n = _in_out(lin)
             ka, kb = _factor_keys(name, lin)
-            expected[ka], expected[kb] = _factor_shapes(lin, r)
-            if config.use_dora:
-                expected[f"{name}{_DORA_SUFFIX}"] = (n,)
+            shapes = expected[ka], expected[kb] = _factor_shapes(lin, r)
+            if config.use_dora:  # (a convolution's: (1, O, 1, ...), PEFT's)
+                expected[f"{name}{_DORA_SUFFIX}"] = (1, n) + shapes[1][2:] if len(shapes[1]) > 2 else (n,)
             if config.bias == "lora_only" and getattr(lin, "bias", None) is not None:  # (an embedding has none)
                 expected[f"{name}.base_layer.bias"] = tuple(lin.bias.shape)
         for name, (ids, tied_to) in plan.tokens.items():

@@ -26,7 +26,7 @@ import torch.nn.functional as F
 from ._checks import (check_adapter_name, check_bool, check_dora_options, check_dropout, check_embedding,
                       check_embedding_ids, check_finite_number, check_in_features, check_init, check_linear, check_rank,
                       check_sparse_delta, check_sparse_options, expand_adapter_ids, routed_batch)
-from .functional import (dora_linear, lora_conv, lora_linear, lora_linear_multi, lora_sparse_linear, qlora_linear,
+from .functional import (dora_conv, dora_linear, lora_conv, lora_linear, lora_linear_multi, lora_sparse_linear, qlora_linear,
                          resolve_backend, sparse_delta_linear)
 from .ops.common import (cast_params, held, kept_state, kept_transpose, optimizer_steps, outside_inference_mode,
                          tensor_version)
@@ -1196,12 +1196,13 @@ class FastLoRAConv(FastLoRALinear):
     (O, r, 1, ...): PEFT's two convolutions' kernels, so its files load unchanged. x (N, C, *S) or unbatched
     (C, *S) -> (N, O, *S'). ``in_features`` is C·prod(k) and ``out_features`` O: W, A and ``delta_weight()`` as
     (O, C·prod(k)) matrices (merging adds ``s B A`` in W's shape, as PEFT). Several adapters, ``set_adapter``,
-    merge / unmerge, ``adapter_ids`` (one id per sample, (N,)) and ``mixed_batch`` as ``FastLoRALinear``. Not
-    offered (``conv_reason``): groups > 1, a dilated kernel wider
-    than 1, another module's forward; nor DoRA or RoSA adapters."""
+    merge / unmerge, ``adapter_ids`` (one id per sample, (N,)) and ``mixed_batch`` as ``FastLoRALinear``.
+    ``use_dora=True``: PEFT's DoRA convolution (``fastpeft.dora_conv``), its magnitude (1, O, 1, ...). Not offered
+    (``conv_reason``): groups > 1, a dilated kernel wider than 1, another module's forward; nor sparse deltas (RoSA),
+    nor DoRA on a base padded otherwise than with zeros."""
 
     def __init__(self, conv: nn.Module, r=8, lora_alpha=8, lora_dropout=0.0, use_rslora=False, init_lora_weights=True,
-                 adapter_name="default"):
+                 adapter_name="default", use_dora=False):
         """Wrap ``conv`` (its weight and bias Parameters held, not copied, and frozen) with adapter ``adapter_name``."""
         nn.Module.__init__(self)
         if not isinstance(conv, nn.Module):
@@ -1215,13 +1216,14 @@ class FastLoRAConv(FastLoRALinear):
         self.kernel_size, self.stride, self.dilation = tuple(conv.kernel_size), tuple(conv.stride), tuple(conv.dilation)
         self.padding, self.padding_mode = conv.padding, conv.padding_mode
         self._reversed_padding = getattr(conv, "_reversed_padding_repeated_twice", None)
-        self._setup(conv.weight, conv.bias, adapter_name, r, lora_alpha, lora_dropout, use_rslora, init_lora_weights)
+        self._setup(conv.weight, conv.bias, adapter_name, r, lora_alpha, lora_dropout, use_rslora, init_lora_weights,
+                    use_dora=use_dora)
 
     @classmethod
     def from_conv(cls, conv: nn.Module, r=8, lora_alpha=8, lora_dropout=0.0, use_rslora=False, init_lora_weights=True,
-                  adapter_name="default") -> "FastLoRAConv":
+                  adapter_name="default", use_dora=False) -> "FastLoRAConv":
         """``FastLoRAConv(conv, ...)``: wrap ``conv``, sharing (not copying) its weight and bias."""
-        return cls(conv, r, lora_alpha, lora_dropout, use_rslora, init_lora_weights, adapter_name)
+        return cls(conv, r, lora_alpha, lora_dropout, use_rslora, init_lora_weights, adapter_name, use_dora)
 
     @classmethod
     def from_linear(cls, *args, **kwargs):
@@ -1238,18 +1240,22 @@ class FastLoRAConv(FastLoRALinear):
     def add_adapter(self, name, r, lora_alpha, lora_dropout=0.0, use_rslora=False, init_lora_weights=True,
                     sparse_density=0.0, sparse_block_size=1, sparse_selection="random", sparse_scores=None,
                     use_dora=False):
-        """Add LoRA adapter ``name`` (its own rank, alpha, dropout), as ``FastLoRALinear.add_adapter``: A (r, C, *k)
-        and B (O, r, 1, ...) drawn as PEFT's convolutions draw them. ``use_dora=True`` / ``sparse_density > 0`` are
-        refused."""
+        """Add adapter ``name`` (its own rank, alpha, dropout), as ``FastLoRALinear.add_adapter``: A (r, C, *k) and B
+        (O, r, 1, ...) drawn as PEFT's convolutions draw them; ``use_dora=True``: a DoRA adapter, its magnitude
+        (1, O, 1, ...) (PEFT's) the norms of W + s B A over C and the kernel. ``sparse_density > 0`` is refused, and
+        DoRA on a base padded otherwise than with zeros (PEFT's DoRA convolution pads part of it with zeros)."""
         check_dora_options(use_dora, sparse_density)
-        if use_dora is True or sparse_density:
-            what = "use_dora=True" if use_dora is True else f"sparse_density={sparse_density!r}"
-            raise ValueError(f"adapter {name!r}: {what} on a convolution: fastpeft's LoRA convolutions are plain LoRA "
-                             "(no DoRA, no sparse delta)")
+        if sparse_density:
+            raise ValueError(f"adapter {name!r}: sparse_density={sparse_density!r} on a convolution: fastpeft's "
+                             "convolutions take LoRA and DoRA adapters, not a sparse delta")
+        if use_dora is True and self.padding_mode != "zeros":
+            raise ValueError(f"adapter {name!r}: use_dora=True on a convolution with padding_mode="
+                             f"{self.padding_mode!r}: PEFT's DoRA convolution computes part of its base with zero "
+                             "padding; use a LoRA adapter there")
         if isinstance(init_lora_weights, str) and init_lora_weights == "orthogonal":
             raise ValueError(f"adapter {name!r}: init_lora_weights='orthogonal' on a convolution: PEFT's orthogonal "
                              "init is for linear layers (PEFT refuses it here, and could not load the file)")
-        super().add_adapter(name, r, lora_alpha, lora_dropout, use_rslora, init_lora_weights)
+        super().add_adapter(name, r, lora_alpha, lora_dropout, use_rslora, init_lora_weights, use_dora=use_dora)
         # the factors in PEFT's kernel shapes (the same numbers: drawn as (r, C·K) / (O, r), the fan-ins PEFT's have)
         for table, shape in ((self.lora_A_adapters, (r, self.in_channels, *self.kernel_size)),
                              (self.lora_B_adapters, (self.out_channels, r) + (1,) * self.conv_dims)):
@@ -1273,6 +1279,37 @@ class FastLoRAConv(FastLoRALinear):
         a, b = self.lora_A_adapters[name], self.lora_B_adapters[name]
         dt = torch.float64 if self.weight.dtype == torch.float64 else torch.float32
         return (s.scaling * (b.to(dt).view(b.shape[0], s.r) @ a.to(dt).view(s.r, -1))).view(self.weight.shape)
+
+    @torch.no_grad()
+    def _add_magnitude(self, name: str, trains: bool) -> None:
+        """m = ‖W + sBA‖ over C and the kernel, (1, O, 1, ...) as PEFT's ``_DoraConvNdLayer`` keeps it, computed in
+        fp32 then W's dtype."""
+        w = (self._w().float() + self._exact_delta(name).float()).flatten(1)
+        m = torch.linalg.vector_norm(w, dim=1).to(self.weight.dtype)
+        shape = (1, self.out_channels) + (1,) * self.conv_dims
+        self.lora_magnitude_vector[name] = nn.Parameter(m.view(shape), requires_grad=trains)
+
+    @torch.no_grad()
+    def _dora_merged(self, name: str) -> tuple:
+        """(W' = (m / n) ⊙ (W + sBA) in W's shape and dtype, n fp32 (O,)), as PEFT's merge."""
+        delta = self._exact_delta(name)
+        dt = delta.dtype
+        w = self._w().to(dt) + delta
+        n = torch.linalg.vector_norm(w.flatten(1), dim=1)
+        g = self.lora_magnitude_vector[name].reshape(-1).to(dt) / n
+        return (g.view(-1, *(1,) * self.conv_dims, 1) * w).to(self.weight.dtype), n
+
+    @torch.no_grad()
+    def unmerge(self) -> None:
+        """Undo ``merge``: W -= sBA (LoRA), W ← W ⊙ (n/m) − sBA (DoRA, with the n kept at merge)."""
+        if not self.merged or self._active is None or not self.is_dora():
+            return super().unmerge()
+        dt = self._dora_norm.dtype
+        g = self.lora_magnitude_vector[self._active].reshape(-1).to(dt) / self._dora_norm
+        w = self._w().to(dt) / g.view(-1, *(1,) * self.conv_dims, 1) - self._exact_delta(self._active).to(dt)
+        self._w().copy_(w.to(self.weight.dtype))
+        self._dora_norm = None
+        self.merged = False
 
     def _check_input(self, x: torch.Tensor) -> None:
         d = self.conv_dims
@@ -1322,11 +1359,16 @@ class FastLoRAConv(FastLoRALinear):
             if self.padding_mode != "zeros":
                 return (self._base_conv(x) + self._branch(x, name)).to(x.dtype)
             a, b = self._factors(name)
+            if s.use_dora:
+                return dora_conv(x, self.weight, self.bias, a, b, _entry(self._modules["lora_magnitude_vector"], name),
+                                 s.scaling, s.lora_dropout, self.training, stride=self.stride, padding=self.padding,
+                                 dilation=self.dilation)
             return lora_conv(x, self.weight, self.bias, a, b, s.scaling, s.lora_dropout, self.training,
                              stride=self.stride, padding=self.padding, dilation=self.dilation)
         if x.dim() == self.conv_dims + 1:
             raise ValueError("adapter_ids route the samples of a batched input (N, C, *spatial); got an unbatched x "
                              f"of shape {tuple(x.shape)}")
+        self._refuse_routed_variants(routing)
         if routing is not None:
             adapter_ids = _per_row(adapter_ids, routed_batch(adapter_ids.shape[0], x, routing[1]))
         ids = expand_adapter_ids(adapter_ids, x[:, 0].flatten(1)[:, :1], len(self._specs), check_range=routing is None)

@@ -1353,6 +1353,17 @@ def _conv_layer():
     return layer
 
 
+def _conv_dora_layer():
+    layer = _conv_layer()
+    layer.add_adapter("d", 2, 2, use_dora=True)
+    return layer
+
+
+def _reflect_conv_layer():
+    torch.manual_seed(0)
+    return fastpeft.FastLoRAConv(nn.Conv2d(3, 5, 3, padding=1, padding_mode="reflect"), r=2)
+
+
 class _ConvNet(nn.Module):
     def __init__(self, **conv):
         super().__init__()
@@ -1405,8 +1416,8 @@ CONV_CASES = [
         ("from_conv", "FastLoRALinear.from_linear")),
     Bad("FastLoRAConv-x-channels-4", lambda m: m(_t(2, 4, 6, 6)), ValueError, ("x", "(N, 3, *spatial)",
                                                                                 "(2, 4, 6, 6)"), _conv_layer),
-    Bad("FastLoRAConv-dora", lambda m: m.add_adapter("d", 2, 2, use_dora=True), ValueError,
-        ("use_dora=True", "convolution", "'d'"), _conv_layer),
+    Bad("FastLoRAConv-dora-reflect", lambda m: m.add_adapter("d", 2, 2, use_dora=True), ValueError,
+        ("use_dora=True", "padding_mode='reflect'", "'d'"), _reflect_conv_layer),
     Bad("FastLoRAConv-sparse", lambda m: m.add_adapter("s", 2, 2, sparse_density=0.1), ValueError,
         ("sparse_density=0.1", "convolution"), _conv_layer),
     Bad("FastLoRAConv-adapter_ids-3-for-2", lambda m: m(_t(2, 3, 6, 6), torch.tensor([0, 1, 0])), ValueError,
@@ -1415,14 +1426,20 @@ CONV_CASES = [
         ("adapter_ids", "2"), _conv_layer),
     Bad("FastLoRAConv-adapter_ids-unbatched", lambda m: m(_t(3, 6, 6), torch.tensor([0])), ValueError,
         ("adapter_ids", "unbatched"), _conv_layer),
+    Bad("FastLoRAConv-dora-routed", lambda m: m(_t(2, 3, 6, 6), torch.tensor([0, 2])), ValueError,
+        ("DoRA", "'d'", "routed per row"), _conv_dora_layer),
     Bad("FastLoRAConv-to_linear", lambda m: m.to_linear(), TypeError, ("to_linear", "Conv2d"), _conv_layer),
     # -- inject on convolutions
     Bad("inject-conv-groups-2", lambda m: fastpeft.inject(m, LoraConfig(r=2, target_modules=["conv"])), ValueError,
         ("'conv'", "groups=2"), _convnet(groups=2)),
     Bad("inject-conv-dilated", lambda m: fastpeft.inject(m, LoraConfig(r=2, target_modules=["conv"])), ValueError,
         ("'conv'", "dilation=(2, 2)"), _convnet(dilation=2)),
-    Bad("inject-conv-dora", lambda m: fastpeft.inject(m, LoraConfig(r=2, target_modules=["conv"], use_dora=True)),
-        ValueError, ("'conv'", "use_dora=True"), _convnet()),
+    Bad("inject-conv-dora-reflect", lambda m: fastpeft.inject(m, LoraConfig(r=2, target_modules=["fc", "conv"],
+                                                                             use_dora=True)),
+        ValueError, ("'conv'", "use_dora=True", "padding_mode='reflect'"), _convnet(padding_mode="reflect")),
+    Bad("dora_conv-magnitude-4", lambda _: fastpeft.dora_conv(_t(2, 3, 6, 6), _t(5, 3, 3, 3), None, _t(2, 3, 3, 3),
+                                                             _t(5, 2), _t(4), 1.0), ValueError,
+        ("magnitude", "5 elements", "(4,)")),
     Bad("inject-conv-rosa", lambda m: fastpeft.inject(m, LoraConfig(r=2, target_modules=["conv"], sparse_density=0.1)),
         ValueError, ("'conv'", "sparse delta"), _convnet()),
     Bad("inject-conv-orthogonal", lambda m: fastpeft.inject(m, LoraConfig(r=2, target_modules=["fc", "conv"],

@@ -334,7 +334,7 @@ def test_accelerate_computes_peft_conv_layers_with_peft_outputs_and_gradients(tm
     assert type(ours.base_model.model.c1).__name__ == "Conv2d"
 
 
-def test_accelerate_dropout_trains_and_leaves_dora_convolutions_on_peft():
+def test_accelerate_dropout_trains():
     torch.manual_seed(0)
     model = peft.get_peft_model(Net(), peft.LoraConfig(r=4, target_modules=["c1", "c3"], lora_dropout=0.3,
                                                        init_lora_weights=False))
@@ -344,9 +344,6 @@ def test_accelerate_dropout_trains_and_leaves_dora_convolutions_on_peft():
     assert not torch.allclose(y, model(x))  # a mask per call
     y.sum().backward()
     assert all(p.grad is not None for p in model.parameters() if p.requires_grad)
-    dora = peft.get_peft_model(Net(), peft.LoraConfig(r=4, target_modules=["c1"], use_dora=True))
-    with pytest.raises(ValueError, match="DoRA"):
-        fastpeft.accelerate(dora, strict=True)
 
 
 @pytest.mark.parametrize("how", ["cat", "linear", "svd", "ties_svd"])
@@ -380,3 +377,94 @@ def test_add_weighted_adapter_on_convolutions_as_peft(tmp_path, how):
     x = torch.randn(2, 3, 6, 6)
     with torch.no_grad():
         _close(ours(x), theirs(x), 1e-5)
+
+
+# ---- DoRA on convolutions (PEFT's DoraConv1d / 2d / 3d layers) ---------------------------------------------
+
+DORA_TARGETS = ["c1", "c3", "c4", "fc"]  # (c2 pads by reflection: DoRA refuses it, as PEFT's is half zero-padded)
+
+
+def _dora_pair(dropout=0.0):
+    torch.manual_seed(0)
+    base = Net()
+    cfg = dict(r=4, lora_alpha=8, target_modules=DORA_TARGETS, use_dora=True, lora_dropout=dropout)
+    torch.manual_seed(1)
+    theirs = peft.get_peft_model(copy.deepcopy(base), peft.LoraConfig(**cfg, init_lora_weights=False))
+    torch.manual_seed(1)
+    ours = fastpeft.inject(copy.deepcopy(base), LoraConfig(**cfg, init_lora_weights=False))
+    with torch.no_grad():
+        for name in DORA_TARGETS:
+            pl, fl = theirs.base_model.model.get_submodule(name), ours.get_submodule(name)
+            torch.testing.assert_close(fl.magnitude(), pl.lora_magnitude_vector["default"].weight, rtol=0, atol=0)
+            pl.lora_magnitude_vector["default"].weight.mul_(torch.rand_like(pl.lora_magnitude_vector["default"].weight)
+                                                            + 0.5)
+            fl.magnitude().copy_(pl.lora_magnitude_vector["default"].weight)
+            fl.lora_B.copy_(pl.lora_B["default"].weight)
+    return base, theirs, ours
+
+
+def test_dora_convolutions_match_peft_forward_gradients_files_and_merge(tmp_path):
+    base, theirs, ours = _dora_pair()
+    assert ours.c1.magnitude().shape == (1, 8, 1, 1) and ours.c4.magnitude().shape == (1, 2, 1, 1, 1)
+    x = torch.randn(3, 3, 10, 10)
+    y_t, y_o = theirs(x), ours(x)
+    _close(y_o, y_t)
+    y_t.square().sum().backward()
+    y_o.square().sum().backward()
+    for name in DORA_TARGETS:
+        pl, fl = theirs.base_model.model.get_submodule(name), ours.get_submodule(name)
+        _close(fl.lora_A.grad, pl.lora_A["default"].weight.grad)
+        _close(fl.lora_B.grad, pl.lora_B["default"].weight.grad)
+        _close(fl.magnitude().grad, pl.lora_magnitude_vector["default"].weight.grad)
+    theirs.eval()
+    ours.eval()
+    fastpeft.save_adapter(ours, tmp_path / "ours")
+    theirs.save_pretrained(tmp_path / "theirs")
+    with torch.no_grad():
+        want = theirs(x)
+        _close(peft.PeftModel.from_pretrained(copy.deepcopy(base), tmp_path / "ours")(x), want)
+        _close(fastpeft.load_adapter(copy.deepcopy(base), tmp_path / "theirs")(x), want)
+        for layer in fastpeft.lora_layers(ours).values():
+            layer.merge()
+        _close(ours(x), want)
+        for layer in fastpeft.lora_layers(ours).values():
+            layer.unmerge()
+        _close(ours(x), want)
+        _close(fastpeft.merge_and_unload(ours)(x), want)
+
+
+def test_dora_conv_dropout_is_peft_training_form():
+    """In training with dropout: conv(x, W) + b + (g - 1) conv(drop(x), W) + g s B conv(drop(x), A)."""
+    x, w, b, a, bb = _args(2, 3, 3, 5)
+    m = torch.rand(5, dtype=torch.float64, requires_grad=True)
+    y = fastpeft.dora_conv(x, w, b, a, bb, m, 0.7, 0.3, True, seed=4, padding=1)
+    xd = fastpeft.reference.lora_dropout_stream(x, 0.3, 4, cpu=True)
+    n = torch.linalg.vector_norm((w + 0.7 * (bb @ a.reshape(4, -1)).view_as(w)).detach().flatten(1), dim=1)
+    g = (m / n).view(1, 5, 1, 1)
+    conv = torch.nn.functional.conv2d
+    want = conv(x, w, b, padding=1) + (g - 1) * conv(xd, w, padding=1) + g * 0.7 * conv(conv(xd, a, padding=1),
+                                                                                    bb.view(5, 4, 1, 1))
+    torch.testing.assert_close(y, want, rtol=1e-12, atol=1e-12)
+    dy = torch.randn_like(y)
+    for got, exp in zip(torch.autograd.grad(y, (x, a, bb, m), dy), torch.autograd.grad(want, (x, a, bb, m), dy)):
+        torch.testing.assert_close(got, exp, rtol=1e-10, atol=1e-10)
+    with torch.no_grad():  # out of training: the fused form, the same as PEFT's eval
+        y0 = fastpeft.dora_conv(x, w, b, a, bb, m, 0.7, 0.3, False, padding=1)
+        torch.testing.assert_close(y0, g * (conv(x, w, padding=1) + 0.7 * conv(conv(x, a, padding=1),
+                                                                               bb.view(5, 4, 1, 1))) + b.view(1, 5, 1, 1))
+
+
+def test_accelerate_computes_peft_dora_convolutions():
+    _, theirs, _ = _dora_pair()
+    ours = copy.deepcopy(theirs)
+    report = fastpeft.accelerate(ours, strict=True)
+    assert len(report.patched) == 4
+    x = torch.randn(2, 3, 10, 10)
+    y_t, y_o = theirs(x), ours(x)
+    _close(y_o, y_t)
+    y_t.square().sum().backward()
+    y_o.square().sum().backward()
+    for p_o, p_t in zip(ours.parameters(), theirs.parameters()):
+        if p_o.requires_grad:
+            _close(p_o.grad, p_t.grad)
+    assert report.calls() == {"fastpeft": 4}

@@ -164,3 +164,40 @@ def _out_pixels(x, weight, geo) -> int:
     stride, padding, dilation = geo
     return math.prod((s + 2 * pd - dl * (k - 1) - 1) // st + 1
                      for s, k, st, pd, dl in zip(x.shape[2:], weight.shape[2:], stride, padding, dilation))
+
+
+def dora_conv_impl(x, weight, bias, lora_A, lora_B, magnitude, scaling: float, p: float, seed, geo: tuple,
+                   cpu_stream: bool, numeric: bool) -> torch.Tensor:
+    r"""DoRA on a convolution, PEFT's ``_DoraConvNdLayer``; x batched, the arguments checked (``fastpeft.dora_conv``).
+
+    With n_j = ‖W_j + s B_j A‖ over C and the kernel (detached, as PEFT: DoRA's section 4.3) and g = m / n:
+
+        p = 0:  y = g ⊙ z + b,   z = conv(x, W) + s B conv(x, A)  (``lora_conv``: its fused Function)
+        p > 0 (PEFT's training form): y = conv(x, W) + b + (g − 1) ⊙ conv(D x, W) + g ⊙ s B conv(D x, A), D x the
+                dropped x (autograd keeps it, as PEFT's; one more convolution of x by W, as PEFT's)
+
+    g's gradient (the magnitude's, dm_j = Σ dY_j z_j / n_j) and everything else by autograd through these products;
+    n from ``ops.dora.dora_norm`` on W, A as (O, C·K) / (r, C·K) matrices (factored, no kernel-sized temporary;
+    exact where it cancels). g and the sum in fp32 (fp64 for fp64), rounded once to x's dtype: |g − 1| is below
+    bf16's resolution early in training."""
+    from ..reference import lora_conv_ref, lora_dropout_stream
+    from .dora import dora_norm
+
+    o, r = lora_B.shape
+    n = dora_norm(weight.detach().reshape(o, -1), lora_A.detach().reshape(r, -1), lora_B.detach(), scaling)
+    g = magnitude.reshape(o).to(n.dtype) / n
+    view = (1, o) + (1,) * (x.dim() - 2)
+    g = g.view(view)
+    stride, padding, dilation = geo
+    if p == 0.0:
+        z = (lora_conv_fused(x, weight, None, lora_A, lora_B, scaling, 0.0, None, geo, cpu_stream) if numeric else
+             lora_conv_ref(x, weight, None, lora_A, lora_B, scaling, 0.0, False, None, stride, padding, dilation))
+        y = z.to(g.dtype) * g
+        return (y if bias is None else y + bias.to(g.dtype).view(view)).to(z.dtype)
+    conv = CONV_FNS[x.dim() - 2]
+    xd = lora_dropout_stream(x, p, seed, cpu=cpu_stream)
+    base = conv(x, weight, bias, stride, padding, dilation)
+    yd = conv(xd, weight, None, stride, padding, dilation)
+    low = conv(conv(xd, lora_A, None, stride, padding, dilation), lora_B.view(o, r, *(1,) * (x.dim() - 2)))
+    y = base.to(g.dtype) + (g - 1.0) * yd.to(g.dtype) + g * (scaling * low.to(g.dtype))
+    return y.to(base.dtype)
