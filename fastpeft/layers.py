@@ -26,8 +26,8 @@ import torch.nn.functional as F
 from ._checks import (check_adapter_name, check_bool, check_dora_options, check_dropout, check_embedding,
                       check_embedding_ids, check_finite_number, check_in_features, check_init, check_linear, check_rank,
                       check_sparse_delta, check_sparse_options, expand_adapter_ids, routed_batch)
-from .functional import (dora_conv, dora_linear, lora_conv, lora_linear, lora_linear_multi, lora_sparse_linear, qlora_linear,
-                         resolve_backend, sparse_delta_linear)
+from .functional import (dora_conv, dora_linear, lora_conv, lora_linear, lora_linear_multi, lora_sparse_linear,
+                         qlora_linear, resolve_backend, sparse_delta_linear)
 from .ops.common import (cast_params, held, kept_state, kept_transpose, optimizer_steps, outside_inference_mode,
                          tensor_version)
 from .ops.conv import CONV_FNS

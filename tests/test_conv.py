@@ -450,8 +450,8 @@ def test_dora_conv_dropout_is_peft_training_form():
         torch.testing.assert_close(got, exp, rtol=1e-10, atol=1e-10)
     with torch.no_grad():  # out of training: the fused form, the same as PEFT's eval
         y0 = fastpeft.dora_conv(x, w, b, a, bb, m, 0.7, 0.3, False, padding=1)
-        torch.testing.assert_close(y0, g * (conv(x, w, padding=1) + 0.7 * conv(conv(x, a, padding=1),
-                                                                               bb.view(5, 4, 1, 1))) + b.view(1, 5, 1, 1))
+        low = conv(conv(x, a, padding=1), bb.view(5, 4, 1, 1))
+        torch.testing.assert_close(y0, g * (conv(x, w, padding=1) + 0.7 * low) + b.view(1, 5, 1, 1))
 
 
 def test_accelerate_computes_peft_dora_convolutions():
