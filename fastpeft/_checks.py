@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import functools
 import math
+import operator
 import os
 import re
 
@@ -715,7 +716,11 @@ def check_lora_experts_args(experts, hidden_states, top_k_index, top_k_weights, 
 def _conv_tuple(v, d: int, name: str, minimum: int) -> tuple:
     """A convolution's ``stride`` / ``dilation`` / numeric ``padding``: an int or a tuple of ``d`` ints >= minimum."""
     vals = tuple(v) if isinstance(v, (tuple, list)) else (v,) * d
-    if len(vals) != d or not all(isinstance(i, int) and not isinstance(i, bool) and i >= minimum for i in vals):
+    try:  # (integer-like values torch's convolutions take: numpy ints)
+        vals = tuple(operator.index(i) for i in vals if not isinstance(i, bool))
+    except TypeError:
+        vals = ()
+    if len(vals) != d or not all(i >= minimum for i in vals):
         raise ValueError(f"{name} must be an int >= {minimum} or a tuple of {d} of them, got {v!r}")
     return vals
 

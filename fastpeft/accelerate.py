@@ -60,7 +60,7 @@ from torch.nn.modules import module as _torch_module
 from ._checks import experts_reason, up_projection
 from .functional import dora_conv, dora_linear, lora_conv, lora_experts, lora_linear, lora_linear_multi, qlora_linear
 from .hf import _InstanceMethod
-from .layers import conv_reason
+from .layers import conv_reason, dilated
 from .ops.common import cast_params, held, kept_state, kept_transpose
 from .quant import (_bnb_class_name, bnb_cpu_serves, call_buffer, conv1d_class, dequantize_weight,
                     guard_repacked_layers, is_conv1d, kept_quantized_weight, own_forward, unpack_for_grad)
@@ -519,6 +519,8 @@ def _conv_layer_reason(m: nn.Module) -> str | None:
     if base.padding_mode != "zeros":
         return (f"base convolution with padding_mode={base.padding_mode!r} (PEFT pads its lora_A with zeros, the base "
                 "otherwise: PEFT's forward)")
+    if dilated(base):
+        return f"base convolution with dilation={tuple(base.dilation)} (PEFT's lora_A is not dilated: PEFT's forward)"
     if not m.lora_A:
         return "the layer holds no LoRA adapter"
     reasons = [_conv_adapter_reason(m, a) for a in m.lora_A]

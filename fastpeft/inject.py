@@ -22,7 +22,8 @@ from ._checks import (check_adapter_name, check_bool, check_choice, check_dora_o
                       check_embedding, check_file_tensors, check_finite_number, check_init, check_layers, check_rank,
                       check_sparse_delta, check_sparse_options, check_token_indices, few)
 from .layers import (FastLoRAConv, FastLoRAEmbedding, FastLoRALinear, ModulesToSaveWrapper, QLoRALinear,
-                     SparseDeltaLinear, TrainableTokensWrapper, conv_reason, rosa_spec)
+                     SparseDeltaLinear, TrainableTokensWrapper, conv_reason, dilated,
+                     rosa_spec, wrap_reason)
 from .matching import (compile_pattern, default_targets, in_layers, input_embeddings, is_all_linear, is_bias, matches,
                        name_list, output_head, pattern_value, set_submodule)
 from .methods import METHODS as OTHER_METHODS
@@ -338,7 +339,8 @@ def plan_lora(model: nn.Module, config, reload: bool = False, warn: bool = True)
         targets[name] = (pattern_value(config.rank_pattern, name, config.r),
                          pattern_value(config.alpha_pattern, name, config.lora_alpha))
     if not targets:
-        linear = [n for n, m in model.named_modules() if isinstance(m, (nn.Linear, FastLoRALinear)) or _conv1d(m)][:8]
+        linear = [n for n, m in model.named_modules() if isinstance(m, (nn.Linear, FastLoRALinear)) or _conv1d(m)
+                  or isinstance(m, nn.modules.conv._ConvNd)][:8]
         hint = ""
         if isinstance(spec, str) and not all_linear:
             hint = (f"; a string is matched against the whole module name (re.fullmatch, as PEFT): for a name "
@@ -350,8 +352,9 @@ def plan_lora(model: nn.Module, config, reload: bool = False, warn: bool = True)
         if getattr(config, "layers_to_transform", None) is not None:
             hint += (f"; layers_to_transform={config.layers_to_transform!r} keeps only modules named "
                      f"'<{config.layers_pattern or 'name'}>.<i>.' with i among them")
-        raise ValueError(f"target_modules {spec!r} matched no nn.Linear of the model (after exclude_modules "
-                         f"{config.exclude_modules!r}); its linear layers are named like {linear}{hint}")
+        raise ValueError(f"target_modules {spec!r} matched no nn.Linear of the model, nor a convolution or embedding "
+                         f"(after exclude_modules {config.exclude_modules!r}); its linear and convolution layers are "
+                         f"named like {linear}{hint}")
     skipped = [n for n, m in model.named_modules() if (_conv1d(m) or getattr(m, "fan_in_fan_out", False) is True)
                and m is not head and not any(n.startswith(p) for p in inner)] if all_linear and (
         isinstance(config, SparseDeltaConfig) or config.sparse is not None) else []
@@ -473,14 +476,16 @@ def _check_conv_target(name: str, module: nn.Module, config) -> None:
     if isinstance(config, SparseDeltaConfig) or config.sparse is not None:
         raise ValueError(f"target_modules matched {name!r}, a convolution: fastpeft's convolutions take LoRA and DoRA "
                          "adapters, not a sparse delta (RoSA's included); exclude it")
-    if config.use_dora and getattr(module, "padding_mode", "zeros") != "zeros":
-        raise ValueError(f"target_modules matched {name!r}, a convolution with padding_mode={module.padding_mode!r}, "
-                         "with use_dora=True: PEFT's DoRA convolution computes part of its base with zero padding; "
-                         "exclude it or use LoRA")
+    if config.use_dora and (module.padding_mode != "zeros" or dilated(module)):
+        what = f"padding_mode={module.padding_mode!r}" if module.padding_mode != "zeros" else \
+            f"dilation={tuple(module.dilation)}"
+        raise ValueError(f"target_modules matched {name!r}, a convolution with {what}, with use_dora=True: PEFT's DoRA "
+                         "convolution computes part of its base with zero padding and no dilation; exclude it or use "
+                         "LoRA")
     if getattr(config, "init_lora_weights", True) == "orthogonal":
         raise ValueError(f"target_modules matched {name!r}, a convolution, with init_lora_weights='orthogonal': PEFT's "
                          "orthogonal init is for linear layers (PEFT refuses it on convolutions); exclude it")
-    why = None if isinstance(module, FastLoRAConv) else conv_reason(module)
+    why = None if isinstance(module, FastLoRAConv) else conv_reason(module) or wrap_reason(module)
     if why is not None:
         raise ValueError(f"target_modules matched {name!r}, {why}; exclude it")
 
@@ -533,9 +538,12 @@ def _warn_unadapted(model: nn.Module, spec, all_linear: bool) -> None:
     trained 12 % of PEFT's parameters, none in the experts."""
     if all_linear:
         # 3-D or wider Parameters of modules that are not convolutions (whose kernels PEFT's all-linear leaves too)
+        # (not a LoRA convolution's kernels, nor the Parameters a weight_norm computes a convolution's weight from)
+        convs = [mn + "." for mn, m in model.named_modules() if isinstance(m, FastLoRAConv)]
         fused = [f"{mn}.{pn}" if mn else pn for mn, m in model.named_modules()
-                 if not isinstance(m, nn.modules.conv._ConvNd) for pn, p in m.named_parameters(recurse=False)
-                 if p.dim() >= 3]
+                 if not isinstance(m, (nn.modules.conv._ConvNd, FastLoRAConv)) and ".parametrizations." not in f".{mn}."
+                 and not any(mn.startswith(c) for c in convs)
+                 for pn, p in m.named_parameters(recurse=False) if p.dim() >= 3]
         if fused:
             warnings.warn("target_modules='all-linear' leaves the model's fused expert weights as they are: "
                           f"{few(fused)} (3-D Parameters: inject adapts nn.Linear modules only; PEFT adapts them "
@@ -698,7 +706,8 @@ def _peft_route(bad: dict) -> str:
     if not done:
         return ""
     return (f" ({' and '.join(done)}: load or train it with PEFT, then fastpeft.accelerate(peft_model) computes "
-            "those layers on fastpeft's ops)")
+            "those layers on fastpeft's ops" + ("; lora_bias on convolutions stays on PEFT's forward there" if
+                                                "lora_bias" in done else "") + ")")
 
 
 # PEFT's inits whose adapters sit on the base weights as they were: the file's A and B are all there is

@@ -1172,18 +1172,42 @@ class FastLoRAEmbedding(FastLoRALinear):
 
 
 def conv_reason(conv: nn.Module) -> str | None:
-    """Why fastpeft's LoRA cannot wrap ``conv`` (an ``nn.Conv1d`` / ``Conv2d`` / ``Conv3d``), or None when it can."""
-    if type(conv) not in (nn.Conv1d, nn.Conv2d, nn.Conv3d) and (
-            not isinstance(conv, (nn.Conv1d, nn.Conv2d, nn.Conv3d)) or type(conv).forward is not
-            next(c for c in (nn.Conv1d, nn.Conv2d, nn.Conv3d) if isinstance(conv, c)).forward):
+    """Why fastpeft's ops cannot compute LoRA on ``conv`` (an ``nn.Conv1d`` / ``Conv2d`` / ``Conv3d``, or a subclass
+    keeping their ``forward`` and ``_conv_forward``: the ops convolve with the weight as it is), or None when they
+    can."""
+    torch_cls = next((c for c in (nn.Conv1d, nn.Conv2d, nn.Conv3d) if isinstance(conv, c)), None)
+    if torch_cls is None or type(conv).forward is not torch_cls.forward or \
+            type(conv)._conv_forward is not torch_cls._conv_forward:
         return (f"a {type(conv).__module__}.{type(conv).__name__}: LoRA convolutions wrap nn.Conv1d / Conv2d / Conv3d "
-                "(or a subclass keeping their forward); a transposed convolution or a forward of its own is not taken")
+                "(or a subclass keeping their forward and _conv_forward); a transposed convolution or a computation of "
+                "its own is not taken")
     if conv.groups != 1:
         return (f"groups={conv.groups}: a grouped convolution (PEFT cannot merge LoRA into one either); fastpeft's "
                 "LoRA convolutions take groups=1")
-    if any(d != 1 and k != 1 for d, k in zip(conv.dilation, conv.kernel_size)):
-        return (f"dilation={conv.dilation} with kernel_size={conv.kernel_size}: PEFT's lora_A is not dilated, so its "
-                "output would not have the base's shape (PEFT's layer fails on it too)")
+    if dilated(conv) and conv.padding != "same":
+        return (f"dilation={tuple(conv.dilation)} with kernel_size={tuple(conv.kernel_size)} and padding="
+                f"{conv.padding!r}: PEFT's lora_A is not dilated, so its output would not have the base's shape (PEFT's "
+                "layer fails on it too; with padding='same' both keep the input's)")
+    return None
+
+
+def dilated(conv: nn.Module) -> bool:
+    """Whether ``conv`` dilates a kernel wider than 1 (PEFT's lora_A, not dilated, then sees another receptive
+    field: computed by the plain composition, not ``lora_conv``, which convolves A as W)."""
+    return any(d != 1 and k != 1 for d, k in zip(conv.dilation, conv.kernel_size))
+
+
+def wrap_reason(conv: nn.Module) -> str | None:
+    """Why ``FastLoRAConv`` cannot hold ``conv``'s weight as its own (None: it can): a weight computed from other
+    Parameters (``parametrizations.weight_norm``, the older ``weight_norm``'s pre-hook) or any forward hook, which
+    the layer would drop. (``fastpeft.accelerate`` computes such PEFT layers: it reads the weight at each call.)"""
+    from torch.nn.utils import parametrize
+
+    if parametrize.is_parametrized(conv) or not isinstance(conv._parameters.get("weight"), nn.Parameter):
+        return (f"a {type(conv).__name__} whose weight is computed from other Parameters (weight_norm, a "
+                "parametrization): fastpeft's layer would drop them; train it through PEFT and fastpeft.accelerate")
+    if conv._forward_pre_hooks or conv._forward_hooks:
+        return f"a {type(conv).__name__} with forward hooks, which fastpeft's layer would drop"
     return None
 
 
@@ -1207,15 +1231,19 @@ class FastLoRAConv(FastLoRALinear):
         nn.Module.__init__(self)
         if not isinstance(conv, nn.Module):
             raise TypeError(f"conv must be an nn.Conv1d / Conv2d / Conv3d, got {type(conv).__name__}")
-        why = conv_reason(conv)
+        why = conv_reason(conv) or wrap_reason(conv)
         if why is not None:
             raise ValueError(f"FastLoRAConv cannot wrap {why}")
         self.conv_dims = conv.weight.dim() - 2
         self._conv_type = type(conv)
         self.in_channels, self.out_channels = conv.in_channels, conv.out_channels
-        self.kernel_size, self.stride, self.dilation = tuple(conv.kernel_size), tuple(conv.stride), tuple(conv.dilation)
-        self.padding, self.padding_mode = conv.padding, conv.padding_mode
+        self.kernel_size, self.stride, self.dilation = (tuple(int(v) for v in t) for t in (conv.kernel_size, conv.stride,
+                                                                                         conv.dilation))
+        self.padding = conv.padding if isinstance(conv.padding, str) else tuple(int(v) for v in conv.padding)
+        self.padding_mode = conv.padding_mode
+        self._dilated = dilated(conv)
         self._reversed_padding = getattr(conv, "_reversed_padding_repeated_twice", None)
+        self.__dict__["_conv_module"] = conv  # (not registered) base_module() gives it back
         self._setup(conv.weight, conv.bias, adapter_name, r, lora_alpha, lora_dropout, use_rslora, init_lora_weights,
                     use_dora=use_dora)
 
@@ -1248,10 +1276,11 @@ class FastLoRAConv(FastLoRALinear):
         if sparse_density:
             raise ValueError(f"adapter {name!r}: sparse_density={sparse_density!r} on a convolution: fastpeft's "
                              "convolutions take LoRA and DoRA adapters, not a sparse delta")
-        if use_dora is True and self.padding_mode != "zeros":
-            raise ValueError(f"adapter {name!r}: use_dora=True on a convolution with padding_mode="
-                             f"{self.padding_mode!r}: PEFT's DoRA convolution computes part of its base with zero "
-                             "padding; use a LoRA adapter there")
+        if use_dora is True and (self.padding_mode != "zeros" or self._dilated):
+            what = f"padding_mode={self.padding_mode!r}" if self.padding_mode != "zeros" else \
+                f"dilation={self.dilation}"
+            raise ValueError(f"adapter {name!r}: use_dora=True on a convolution with {what}: PEFT's DoRA convolution "
+                             "computes part of its base with zero padding and no dilation; use a LoRA adapter there")
         if isinstance(init_lora_weights, str) and init_lora_weights == "orthogonal":
             raise ValueError(f"adapter {name!r}: init_lora_weights='orthogonal' on a convolution: PEFT's orthogonal "
                              "init is for linear layers (PEFT refuses it here, and could not load the file)")
@@ -1344,7 +1373,7 @@ class FastLoRAConv(FastLoRALinear):
         conv = CONV_FNS[self.conv_dims]
         if self.training and s.lora_dropout > 0.0:
             x = F.dropout(x, s.lora_dropout, True)
-        u = conv(x, a, None, self.stride, self.padding, self.dilation)
+        u = conv(x, a, None, self.stride, self.padding)  # (PEFT's lora_A: not dilated)
         return conv(u, b.view(*b.shape, *(1,) * self.conv_dims)) * s.scaling
 
     def forward(self, x: torch.Tensor, adapter_ids: torch.Tensor | None = None) -> torch.Tensor:
@@ -1356,8 +1385,9 @@ class FastLoRAConv(FastLoRALinear):
         if adapter_ids is None:
             name = self._active
             s = self._specs[name]
-            if self.padding_mode != "zeros":
-                return (self._base_conv(x) + self._branch(x, name)).to(x.dtype)
+            if self.padding_mode != "zeros" or self._dilated:  # PEFT's branch beside the base, by autograd
+                y = self._base_conv(x)
+                return (y + self._branch(x, name)).to(y.dtype)
             a, b = self._factors(name)
             if s.use_dora:
                 return dora_conv(x, self.weight, self.bias, a, b, _entry(self._modules["lora_magnitude_vector"], name),
@@ -1377,8 +1407,9 @@ class FastLoRAConv(FastLoRALinear):
         names = list(self._specs)
         if x.device.type == "cpu" or tracing_or_transformed():
             used = ids.unique().tolist() if not tracing_or_transformed() else range(len(names))
+            routed = None if routing is None else set(routing[0][0])
             for i in used:
-                if i < 0:
+                if i < 0 or routed is not None and names[i] not in routed:
                     continue
                 if tracing_or_transformed():
                     y = y + torch.where((ids == i).view(-1, *(1,) * (y.dim() - 1)), self._branch(x, names[i]), 0)
@@ -1386,14 +1417,16 @@ class FastLoRAConv(FastLoRALinear):
                 index = (ids == i).nonzero().squeeze(1)
                 y = y.index_add(0, index, self._branch(x[index], names[i]).to(y.dtype))
             return y
+        used = None if routing is None else set(routing[0][0])  # (those the block routes: the others get no grad)
         for i, name in enumerate(names):  # on a GPU without a host read: every adapter's branch, masked
-            y = y + torch.where((ids == i).view(-1, *(1,) * (y.dim() - 1)), self._branch(x, name), 0).to(y.dtype)
+            if used is None or name in used:
+                y = y + torch.where((ids == i).view(-1, *(1,) * (y.dim() - 1)), self._branch(x, name), 0).to(y.dtype)
         return y
 
     def base_module(self) -> nn.Module:
-        """The convolution in this layer's place, holding its weight and bias Parameters (no copy)."""
-        conv = self._conv_type(self.in_channels, self.out_channels, self.kernel_size, self.stride, self.padding,
-                               self.dilation, 1, self.bias is not None, self.padding_mode, device="meta")
+        """The convolution this layer wrapped (the module itself: a subclass of its own keeps its class and state),
+        holding the layer's weight and bias Parameters (no copy)."""
+        conv = self.__dict__["_conv_module"]
         conv.weight = self.weight
         conv.bias = self.bias
         return conv

@@ -1359,6 +1359,29 @@ def _conv_dora_layer():
     return layer
 
 
+def _weight_normed(norm):
+    import warnings
+
+    net = _convnet()()
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # (the older weight_norm's deprecation)
+        net.conv = norm(net.conv)
+    return net
+
+
+class StdConv(nn.Conv2d):
+    """A convolution standardising its kernel in ``_conv_forward`` (its ``forward`` is nn.Conv2d's)."""
+
+    def _conv_forward(self, x, w, b):
+        return super()._conv_forward(x, (w - w.mean((1, 2, 3), keepdim=True)) / w.std((1, 2, 3), keepdim=True), b)
+
+
+def _std_convnet():
+    net = _convnet()()
+    net.conv = StdConv(4, 4, 3)
+    return net
+
+
 def _reflect_conv_layer():
     torch.manual_seed(0)
     return fastpeft.FastLoRAConv(nn.Conv2d(3, 5, 3, padding=1, padding_mode="reflect"), r=2)
@@ -1447,6 +1470,17 @@ CONV_CASES = [
         ValueError, ("'conv'", "orthogonal"), _convnet()),
     Bad("FastLoRAConv-orthogonal", lambda m: m.add_adapter("o", 2, 2, init_lora_weights="orthogonal"), ValueError,
         ("'o'", "orthogonal", "convolution"), _conv_layer),
+    Bad("inject-conv-weight-norm", lambda m: fastpeft.inject(m, LoraConfig(r=2, target_modules=["fc", "conv"])),
+        ValueError, ("'conv'", "weight is computed from other Parameters", "fastpeft.accelerate"),
+        lambda: _weight_normed(torch.nn.utils.parametrizations.weight_norm)),
+    Bad("inject-conv-old-weight-norm", lambda m: fastpeft.inject(m, LoraConfig(r=2, target_modules=["fc", "conv"])),
+        ValueError, ("'conv'", "weight is computed from other Parameters"),
+        lambda: _weight_normed(torch.nn.utils.weight_norm)),
+    Bad("inject-conv-own-conv-forward", lambda m: fastpeft.inject(m, LoraConfig(r=2, target_modules=["conv"])),
+        ValueError, ("'conv'", "StdConv", "_conv_forward"), _std_convnet),
+    Bad("inject-conv-dora-dilated", lambda m: fastpeft.inject(m, LoraConfig(r=2, target_modules=["conv"],
+                                                                             use_dora=True)),
+        ValueError, ("'conv'", "use_dora=True", "dilation=(2, 2)"), _convnet(dilation=2, padding="same")),
     Bad("inject-conv-sparse-delta", lambda m: fastpeft.inject(m, SparseDeltaConfig(target_modules=["conv"])),
         ValueError, ("'conv'", "sparse delta"), _convnet()),
 ]

@@ -468,3 +468,141 @@ def test_accelerate_computes_peft_dora_convolutions():
         if p_o.requires_grad:
             _close(p_o.grad, p_t.grad)
     assert report.calls() == {"fastpeft": 4}
+
+
+def test_merge_and_unload_gives_back_the_wrapped_convolution_itself():
+    """A subclass with an __init__ of its own (not rebuildable from the geometry) comes back as it was wrapped."""
+    class Same(nn.Conv2d):
+        def __init__(self, c):
+            super().__init__(c, c, 3, padding=1)
+
+    class TwoConvs(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.a, self.b = nn.Conv2d(3, 4, 3), Same(4)
+
+        def forward(self, x):
+            return self.b(self.a(x))
+
+    torch.manual_seed(0)
+    model = TwoConvs()
+    original = model.b
+    model = fastpeft.inject(model, LoraConfig(r=2, target_modules=["a", "b"], init_lora_weights=False))
+    x = torch.randn(1, 3, 8, 8)
+    with torch.no_grad():
+        want = model(x)
+        merged = fastpeft.merge_and_unload(model)
+        assert merged.b is original and type(merged.a) is nn.Conv2d
+        _close(merged(x), want)
+
+
+def test_accelerate_leaves_convolutions_computing_their_own_kernel_on_peft():
+    """A subclass overriding _conv_forward (weight standardisation) computes something lora_conv does not."""
+    class StdConv(nn.Conv2d):
+        def _conv_forward(self, x, w, b):
+            return super()._conv_forward(x, (w - w.mean((1, 2, 3), keepdim=True)) / w.std((1, 2, 3), keepdim=True),
+                                         b)
+
+    class One(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.conv = StdConv(3, 4, 3, padding=1)
+
+        def forward(self, x):
+            return self.conv(x)
+
+    model = peft.get_peft_model(One(), peft.LoraConfig(r=2, target_modules=["conv"], init_lora_weights=False))
+    report = fastpeft.accelerate(model)
+    assert "_conv_forward" in report.skipped["base_model.model.conv"]
+
+
+def test_accelerate_computes_weight_normed_peft_convolutions():
+    """The weight of a parametrized convolution is read at each call: gradients reach its original Parameters."""
+    class One(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.conv = torch.nn.utils.parametrizations.weight_norm(nn.Conv1d(3, 4, 3))
+
+        def forward(self, x):
+            return self.conv(x)
+
+    torch.manual_seed(0)
+    theirs = peft.get_peft_model(One(), peft.LoraConfig(r=2, target_modules=["conv"], init_lora_weights=False))
+    for p in theirs.base_model.model.conv.base_layer.parametrizations.weight.parameters():
+        p.requires_grad_(True)
+    ours = copy.deepcopy(theirs)
+    assert fastpeft.accelerate(ours, strict=True).patched
+    x = torch.randn(2, 3, 9)
+    y_t, y_o = theirs(x), ours(x)
+    _close(y_o, y_t)
+    y_t.square().sum().backward()
+    y_o.square().sum().backward()
+    for p_o, p_t in zip(ours.parameters(), theirs.parameters()):
+        if p_t.requires_grad:
+            _close(p_o.grad, p_t.grad)
+
+
+def test_all_linear_beside_conv_lora_warns_of_no_fused_experts(recwarn):
+    model = fastpeft.inject(Net(), LoraConfig(r=2, target_modules=["c1", "c4"]))
+    fastpeft.inject(model, LoraConfig(r=2, target_modules="all-linear"), adapter_name="lin")
+    assert not [w for w in recwarn if "fused expert weights" in str(w.message)]
+
+
+def test_dilated_same_padded_convolution_as_peft(tmp_path):
+    """PEFT's lora_A is not dilated; with padding='same' its output keeps the base's shape and PEFT trains it."""
+    class One(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.conv = nn.Conv2d(3, 4, 3, dilation=2, padding="same")
+
+        def forward(self, x):
+            return self.conv(x)
+
+    torch.manual_seed(0)
+    base = One()
+    theirs = peft.get_peft_model(copy.deepcopy(base), peft.LoraConfig(r=2, target_modules=["conv"],
+                                                                      init_lora_weights=False))
+    theirs.save_pretrained(tmp_path)
+    ours = fastpeft.load_adapter(copy.deepcopy(base), tmp_path)
+    x = torch.randn(2, 3, 7, 7)
+    y_t, y_o = theirs(x), ours(x)
+    _close(y_o, y_t)
+    y_t.square().sum().backward()
+    y_o.square().sum().backward()
+    _close(ours.conv.lora_A.grad, theirs.base_model.model.conv.lora_A["default"].weight.grad)
+    with torch.no_grad():
+        with fastpeft.mixed_batch(ours, ["default", "__base__"]):
+            _close(ours(x)[:1], y_t[:1])
+    assert "dilation" in fastpeft.accelerate(copy.deepcopy(theirs)).skipped["base_model.model.conv"]
+
+
+def test_channels_last_and_conv1d_outputs_keep_their_layout_compiled():
+    layer = FastLoRAConv(nn.Conv2d(3, 4, 3, padding=1), r=2, init_lora_weights=False)
+    x = torch.randn(2, 3, 5, 5).to(memory_format=torch.channels_last)
+    y = torch.compile(layer, backend="aot_eager")(x)
+    assert y.is_contiguous(memory_format=torch.channels_last)
+    _close(y, layer(x))
+    with torch.no_grad():  # no graph break in the no-grad path either
+        torch.compile(layer.eval(), backend="aot_eager", fullgraph=True)(x)
+
+
+def test_reflect_padded_layer_under_autocast_returns_the_base_dtype_and_numpy_geometry_is_taken():
+    import numpy as np
+
+    layer = FastLoRAConv(nn.Conv2d(3, 4, 3, padding=1, padding_mode="reflect"), r=2, init_lora_weights=False)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        assert layer(torch.randn(2, 3, 6, 6)).dtype == torch.bfloat16  # (PEFT's: the base result's dtype)
+    conv = nn.Conv2d(3, 4, 3, stride=np.int64(2), padding=np.int64(1))
+    x = torch.randn(2, 3, 6, 6)
+    torch.testing.assert_close(FastLoRAConv(conv, r=2)(x), conv(x))  # B = 0: the base
+
+
+def test_mixed_batch_leaves_unrouted_adapters_without_gradients_when_traced():
+    model = fastpeft.inject(Net(), LoraConfig(r=2, target_modules=["c1", "fc"], init_lora_weights=False))
+    fastpeft.inject(model, LoraConfig(r=2, target_modules=["c1", "fc"], init_lora_weights=False), adapter_name="b")
+    for name, p in model.named_parameters():
+        if "lora" in name:
+            p.requires_grad_(True)
+    with fastpeft.mixed_batch(model, ["default", "default"]):
+        torch.compile(model, backend="aot_eager")(torch.randn(2, 3, 10, 10)).sum().backward()
+    assert model.c1.lora_A_adapters["b"].grad is None and model.c1.lora_A_adapters["default"].grad is not None

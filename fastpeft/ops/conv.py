@@ -47,15 +47,15 @@ def folded_kernel(weight, lora_A, lora_B, alpha: float) -> torch.Tensor:
 
 def _rank_update_(y: torch.Tensor, lora_B: torch.Tensor, u: torch.Tensor, alpha: float) -> torch.Tensor:
     """``y + alpha conv1x1(u, B)``: y (N, O, *S) and u (N, r, *S) as (N, O, P) / (N, r, P), one batched product
-    into y in place (contiguous or channels-last: both flatten to views), else (and while torch.compile traces:
-    inductor fuses it) out of place."""
+    into y in place (contiguous or channels-last: both flatten to views, a 1-d convolution's to itself); else, and
+    while torch.compile traces (inductor fuses it), the product added out of place, in y's memory format."""
     n, o = y.shape[:2]
     yv, uv = y.flatten(2), u.flatten(2)
     b = lora_B.expand(n, *lora_B.shape)
-    if not torch.compiler.is_compiling() and yv.data_ptr() == y.data_ptr() and yv._base is not None:
+    if not torch.compiler.is_compiling() and yv.data_ptr() == y.data_ptr() and (yv is y or yv._base is not None):
         yv.baddbmm_(b, uv, alpha=alpha)
         return y
-    return torch.baddbmm(yv, b, uv, alpha=alpha).view(y.shape)
+    return torch.add(y, torch.matmul(lora_B, uv).view(y.shape), alpha=alpha)  # (the first operand's layout)
 
 
 def _conv_forward(x, weight, bias, lora_A, lora_B, scaling, p, seed, geo, cpu_stream) -> tuple:
@@ -127,6 +127,10 @@ class LoRAConvFunction(torch.autograd.Function):
         fold = need_x and p == 0.0 and folds(o, n * dyv.shape[2])
         if need_a or need_x and not fold:
             v = torch.matmul(lora_B.t().mul(s * c), dyv).view(n, r, *dy.shape[2:])  # s c Bᵀ dY, (N, r, *S')
+        if need_a:  # first: D x is freed before dX's buffers exist
+            xd = x if keep is None else x * keep
+            da = torch.ops.aten.convolution_backward(v, xd, lora_A, None, *args, (False, True, False))[1]
+            del xd
         if need_x:
             if fold:  # one input gradient on W + s B A
                 kernel = folded_kernel(weight, lora_A, lora_B, s)
@@ -135,9 +139,7 @@ class LoRAConvFunction(torch.autograd.Function):
                 dx = torch.ops.aten.convolution_backward(dy, x, weight, None, *args, (True, False, False))[0]
                 dxa = torch.ops.aten.convolution_backward(v, x, lora_A, None, *args, (True, False, False))[0]
                 dx = dx.add_(dxa) if keep is None else dx.addcmul_(dxa, keep)
-        if need_a:
-            xd = x if keep is None else x * keep
-            da = torch.ops.aten.convolution_backward(v, xd, lora_A, None, *args, (False, True, False))[1]
+                del dxa
         if need_bb:
             dbb = torch.bmm(dyv, u.flatten(2).transpose(1, 2)).sum(0).mul_(s * c)
         if need_w:
@@ -162,8 +164,8 @@ def lora_conv_fused(x, weight, bias, lora_A, lora_B, scaling: float, dropout_p: 
 def _out_pixels(x, weight, geo) -> int:
     """Output pixels per sample of the convolution of x (N, C, *S) by weight (O, C, *k) with ``geo``."""
     stride, padding, dilation = geo
-    return math.prod((s + 2 * pd - dl * (k - 1) - 1) // st + 1
-                     for s, k, st, pd, dl in zip(x.shape[2:], weight.shape[2:], stride, padding, dilation))
+    return math.prod([(s + 2 * pd - dl * (k - 1) - 1) // st + 1  # (a list: a generator breaks torch.compile's graph)
+                      for s, k, st, pd, dl in zip(x.shape[2:], weight.shape[2:], stride, padding, dilation)])
 
 
 def dora_conv_impl(x, weight, bias, lora_A, lora_B, magnitude, scaling: float, p: float, seed, geo: tuple,
