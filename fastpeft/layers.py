@@ -1186,8 +1186,8 @@ def conv_reason(conv: nn.Module) -> str | None:
                 "LoRA convolutions take groups=1")
     if dilated(conv) and conv.padding != "same":
         return (f"dilation={tuple(conv.dilation)} with kernel_size={tuple(conv.kernel_size)} and padding="
-                f"{conv.padding!r}: PEFT's lora_A is not dilated, so its output would not have the base's shape (PEFT's "
-                "layer fails on it too; with padding='same' both keep the input's)")
+                f"{conv.padding!r}: PEFT's lora_A is not dilated, so its output would not have the base's shape "
+                "(PEFT's layer fails on it too; with padding='same' both keep the input's)")
     return None
 
 
@@ -1237,8 +1237,8 @@ class FastLoRAConv(FastLoRALinear):
         self.conv_dims = conv.weight.dim() - 2
         self._conv_type = type(conv)
         self.in_channels, self.out_channels = conv.in_channels, conv.out_channels
-        self.kernel_size, self.stride, self.dilation = (tuple(int(v) for v in t) for t in (conv.kernel_size, conv.stride,
-                                                                                         conv.dilation))
+        self.kernel_size, self.stride, self.dilation = (tuple(int(v) for v in t)
+                                                        for t in (conv.kernel_size, conv.stride, conv.dilation))
         self.padding = conv.padding if isinstance(conv.padding, str) else tuple(int(v) for v in conv.padding)
         self.padding_mode = conv.padding_mode
         self._dilated = dilated(conv)

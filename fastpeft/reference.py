@@ -395,8 +395,9 @@ def lora_conv_ref(x, weight, bias, lora_A, lora_B, scaling: float, dropout_p: fl
     (r, C, *k); lora_B (O, r).
     The base convolution takes ``stride``, ``padding`` (ints, tuples, ``"same"`` / ``"valid"``) and ``dilation``; A's
     the same, dilation included (PEFT's A takes the base's kernel size, stride and padding but dilation 1: the same
-    where the dilation is 1 or the kernel 1 wide; ``FastLoRAConv`` computes the other case by PEFT's composition). Dropout as ``lora_linear_ref``'s (the mask
-    of x viewed as (M, K), K its last dim). Autograd keeps drop(x): this is the oracle, not the memory-lean path."""
+    where the dilation is 1 or the kernel 1 wide; ``FastLoRAConv`` computes the other case by PEFT's composition).
+    Dropout as ``lora_linear_ref``'s (the mask of x viewed as (M, K), K its last dim). Autograd keeps drop(x): this is
+    the oracle, not the memory-lean path."""
     conv = {3: F.conv1d, 4: F.conv2d, 5: F.conv3d}[weight.dim()]
     base = conv(x, weight, bias, stride, padding, dilation)
     if training and dropout_p > 0.0:
