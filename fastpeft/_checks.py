@@ -763,3 +763,19 @@ def check_lora_conv_args(x, weight, bias, lora_A, lora_B, scaling, dropout_p, st
     else:
         padding = _conv_tuple(padding, d, "padding", 0)
     return x.dim() == d + 2, stride, padding, dilation
+
+
+def check_lora_bias(lora_bias, init_lora_weights, use_dora, sparse_density) -> None:
+    """PEFT's ``lora_bias`` (a bias on B): a bool, with the True / False inits only and without DoRA (PEFT's rules);
+    fastpeft also refuses it beside a sparse delta (RoSA)."""
+    check_bool(lora_bias, "lora_bias")
+    if not lora_bias:
+        return
+    if init_lora_weights not in (True, False):
+        raise ValueError(f"lora_bias=True is only supported with init_lora_weights=True or False (PEFT's rule), got "
+                         f"init_lora_weights={init_lora_weights!r}")
+    if use_dora is True:
+        raise ValueError("lora_bias=True is not supported with use_dora=True (PEFT's rule): use one of the two")
+    if sparse_density:
+        raise ValueError(f"lora_bias=True beside a sparse delta (RoSA, sparse_density={sparse_density!r}) is not "
+                         "supported: use one of the two")

@@ -19,8 +19,8 @@ import torch
 import torch.nn as nn
 
 from ._checks import (check_adapter_name, check_bool, check_choice, check_dora_options, check_dropout,
-                      check_embedding, check_file_tensors, check_finite_number, check_init, check_layers, check_rank,
-                      check_sparse_delta, check_sparse_options, check_token_indices, few)
+                      check_embedding, check_file_tensors, check_finite_number, check_init, check_layers,
+                      check_lora_bias, check_rank, check_sparse_delta, check_sparse_options, check_token_indices, few)
 from .layers import (FastLoRAConv, FastLoRAEmbedding, FastLoRALinear, ModulesToSaveWrapper, QLoRALinear,
                      SparseDeltaLinear, TrainableTokensWrapper, conv_reason, dilated,
                      rosa_spec, wrap_reason)
@@ -62,6 +62,7 @@ class LoraConfig:
     sparse_block_size: int = 1
     sparse_selection: str = "random"
     use_dora: bool = False           # DoRA (PEFT's): a trained magnitude per output row of each layer
+    lora_bias: bool = False          # PEFT's: a trained bias on B (the update s (B A x + b_B)); LoRA on dense layers
     task_type: Optional[str] = None  # PEFT's TaskType; SEQ_CLS / TOKEN_CLS / QUESTION_ANS also train the task head
     peft_type = "LORA"
 
@@ -89,6 +90,7 @@ class LoraConfig:
         check_bool(self.use_rslora, "use_rslora")
         check_dora_options(self.use_dora, self.sparse_density)
         check_init(self.init_lora_weights)
+        check_lora_bias(self.lora_bias, self.init_lora_weights, self.use_dora, self.sparse_density)
         check_choice(self.task_type, TASK_TYPES, "task_type")
         if self.modules_to_save is not None:
             self.modules_to_save = name_list(list(self.modules_to_save) if not isinstance(
@@ -493,10 +495,11 @@ def _check_conv_target(name: str, module: nn.Module, config) -> None:
 def _check_embedding_target(name: str, module: nn.Module, config) -> None:
     """An nn.Embedding target (or an embedding LoRA layer taking another adapter): plain LoRA only, nn.Embedding's
     own forward, no max_norm, dense gradients (``_checks.check_embedding``)."""
-    if isinstance(config, SparseDeltaConfig) or config.sparse is not None or config.use_dora:
-        what = "use_dora=True" if getattr(config, "use_dora", False) else "a sparse delta (RoSA's included)"
+    if isinstance(config, SparseDeltaConfig) or config.sparse is not None or config.use_dora or config.lora_bias:
+        what = "use_dora=True" if getattr(config, "use_dora", False) else "lora_bias=True (PEFT refuses it there too)" \
+            if getattr(config, "lora_bias", False) else "a sparse delta (RoSA's included)"
         raise ValueError(f"target_modules matched {name!r}, an embedding layer: fastpeft's embedding LoRA is plain "
-                         f"LoRA, not {what}; exclude it (an adapter file doing this loads with PEFT)")
+                         f"LoRA, not {what}; exclude it")
     if not isinstance(module, FastLoRAEmbedding):
         check_embedding(module, f"module {name!r}")
 
@@ -569,6 +572,11 @@ def _check_quantized_target(name: str, module: nn.Module, config) -> None:
         raise ValueError(f"target_modules matched {name!r}, a bitsandbytes {kind}: a sparse delta (RoSA) needs a "
                          "floating-point base weight; use LoRA alone (sparse_density=0) on a quantized model, or "
                          "exclude it")
+    if getattr(config, "lora_bias", False):
+        kind = type(module.base_layer if isinstance(module, QLoRALinear) else module).__name__
+        raise ValueError(f"target_modules matched {name!r}, a bitsandbytes {kind}, with lora_bias=True: not supported "
+                         "on a quantized base here (PEFT computes it; train it with PEFT and fastpeft.accelerate, which "
+                         "leaves those layers on PEFT's forward), or exclude it")
     if not isinstance(module, QLoRALinear):
         QuantizedWeight.from_module(module, name)  # not quantized yet / bnb's CPU-only layout: refused, named
 
@@ -668,12 +676,12 @@ def _model_name(model: nn.Module):
 
 # PEFT LoraConfig fields that change what the adapter computes and that fastpeft does not implement:
 # an adapter that sets any of them cannot give PEFT's outputs here, so loading it is refused.
-_UNSUPPORTED = ("lora_bias", "layer_replication",
+_UNSUPPORTED = ("layer_replication",
                 "target_parameters", "use_qalora", "alora_invocation_tokens",
                 "use_bdlora", "megatron_config")
 _CONFIG_FIELDS = ("r", "lora_alpha", "lora_dropout", "target_modules", "exclude_modules", "bias",
                   "use_rslora", "init_lora_weights", "modules_to_save", "rank_pattern", "alpha_pattern", "use_dora",
-                  "task_type", "layers_to_transform", "layers_pattern", "trainable_token_indices")
+                  "task_type", "layers_to_transform", "layers_pattern", "trainable_token_indices", "lora_bias")
 # fields of PEFT's LoraConfig that only describe (or only matter with a variant refused elsewhere: megatron, QA-LoRA,
 # an init that rewrites the base weights)
 _PEFT_METADATA = ("auto_mapping", "base_model_name_or_path", "peft_type", "peft_version", "revision", "megatron_core",
@@ -702,12 +710,10 @@ def lora_variants(d: dict) -> dict:
 
 def _peft_route(bad: dict) -> str:
     """What to do instead, for the variants ``fastpeft.accelerate`` computes on PEFT's own layers."""
-    done = [k for k in ("target_parameters", "lora_bias") if k in bad]
-    if not done:
+    if "target_parameters" not in bad:
         return ""
-    return (f" ({' and '.join(done)}: load or train it with PEFT, then fastpeft.accelerate(peft_model) computes "
-            "those layers on fastpeft's ops" + ("; lora_bias on convolutions stays on PEFT's forward there" if
-                                                "lora_bias" in done else "") + ")")
+    return (" (target_parameters: load or train it with PEFT, then fastpeft.accelerate(peft_model) computes those "
+            "layers on fastpeft's ops)")
 
 
 # PEFT's inits whose adapters sit on the base weights as they were: the file's A and B are all there is
@@ -747,7 +753,7 @@ class LoraMethod(Method):
         kw = dict(lora_dropout=config.lora_dropout, use_rslora=config.use_rslora,
                   init_lora_weights=config.init_lora_weights, sparse_density=config.sparse_density,
                   sparse_block_size=config.sparse_block_size, sparse_selection=config.sparse_selection,
-                  use_dora=config.use_dora)
+                  use_dora=config.use_dora, **(dict(lora_bias=True) if config.lora_bias else {}))
         for name, (r, alpha) in plan.targets.items():
             module = model.get_submodule(name)
             if isinstance(module, FastLoRALinear):
@@ -762,7 +768,7 @@ class LoraMethod(Method):
                     layer = FastLoRAConv.from_conv(
                         module, r=r, lora_alpha=alpha, lora_dropout=config.lora_dropout, use_rslora=config.use_rslora,
                         init_lora_weights=config.init_lora_weights, adapter_name=adapter_name,
-                        use_dora=config.use_dora)
+                        use_dora=config.use_dora, lora_bias=config.lora_bias)
                 elif _conv1d(module):  # GPT-2's (in, out) layout; plan_lora refused a sparse delta there
                     layer = FastLoRALinear.from_conv1d(module, r=r, lora_alpha=alpha, adapter_name=adapter_name,
                                                        **{k: v for k, v in kw.items() if not k.startswith("sparse_")})
@@ -853,6 +859,8 @@ class LoraMethod(Method):
             keys[ka], keys[kb] = layer.adapter_parameters(adapter_name)
             if layer.is_dora(adapter_name):
                 keys[f"{name}{_DORA_SUFFIX}"] = layer.magnitude(adapter_name)
+            if adapter_name in layer.lora_bias_adapters:  # PEFT's lora_bias: lora_B's bias
+                keys[f"{name}.lora_B.bias"] = layer.lora_bias_adapters[adapter_name]
         saved = list(saved_module_wrappers(model))
         for name in saved:
             module = model.get_submodule(name)
@@ -901,6 +909,8 @@ class LoraMethod(Method):
             k, n = _in_out(lin)
             ka, kb = _factor_keys(name, lin)
             shapes = expected[ka], expected[kb] = _factor_shapes(lin, r)
+            if config.lora_bias:
+                expected[f"{name}.lora_B.bias"] = (n,)
             if config.use_dora:  # (a convolution's: (1, O, 1, ...), PEFT's)
                 expected[f"{name}{_DORA_SUFFIX}"] = (1, n) + shapes[1][2:] if len(shapes[1]) > 2 else (n,)
             if config.bias == "lora_only" and getattr(lin, "bias", None) is not None:  # (an embedding has none)
@@ -1527,9 +1537,10 @@ def add_weighted_adapter(model: nn.Module, adapters: list, weights: list, adapte
             check_choice(majority_sign_method, SIGN_METHODS, "majority_sign_method")
         _merge_fn(combination_type)  # (peft importable)
     odd = [n for n in adapters if not isinstance(configs[n], LoraConfig) or configs[n].use_dora
-           or configs[n].sparse is not None]
+           or configs[n].sparse is not None or configs[n].lora_bias]
     if odd:
-        raise ValueError(f"add_weighted_adapter combines plain LoRA adapters; {odd} are DoRA, RoSA or other adapters")
+        raise ValueError(f"add_weighted_adapter combines plain LoRA adapters; {odd} are DoRA, RoSA, lora_bias or other "
+                         "adapters")
     layers = {n: m for n, m in lora_layers(model).items() if any(a in m.adapter_names for a in adapters)}
     # PEFT's rank of an adapter: its r, or the largest of r and its rank_pattern's (layers below it are zero-padded)
     ranks = {a: max([configs[a].r, *configs[a].rank_pattern.values()]) for a in adapters}

@@ -24,8 +24,9 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from ._checks import (check_adapter_name, check_bool, check_dora_options, check_dropout, check_embedding,
-                      check_embedding_ids, check_finite_number, check_in_features, check_init, check_linear, check_rank,
-                      check_sparse_delta, check_sparse_options, expand_adapter_ids, routed_batch)
+                      check_embedding_ids, check_finite_number, check_in_features, check_init, check_linear,
+                      check_lora_bias, check_rank, check_sparse_delta, check_sparse_options, expand_adapter_ids,
+                      routed_batch)
 from .functional import (dora_conv, dora_linear, lora_conv, lora_linear, lora_linear_multi, lora_sparse_linear,
                          qlora_linear, resolve_backend, sparse_delta_linear)
 from .ops.common import (cast_params, held, kept_state, kept_transpose, optimizer_steps, outside_inference_mode,
@@ -85,6 +86,13 @@ def _conv1d_type():
 # What a layer's calls keep in its __dict__ (eval-mode casts, DoRA's m / n, the transposed view of a W stored
 # (in, out)).
 _KEPT_KEYS = ("_dora_gain", "_casts", "_value_casts", "_wt")
+
+
+def with_lora_bias(bias, lora_bias, scaling: float, dtype: torch.dtype) -> torch.Tensor:
+    """``b + s b_B`` (PEFT's lora_bias: B's bias joins the layer's), summed in fp32 and rounded once to ``dtype``;
+    differentiable in both."""
+    added = scaling * lora_bias.float()
+    return (added if bias is None else bias.float() + added).to(dtype)
 
 
 def _entry(params: nn.ParameterDict, name: str):
@@ -439,22 +447,26 @@ class FastLoRALinear(TunerLayer):
 
     def __init__(self, in_features, out_features, r=8, lora_alpha=8, lora_dropout=0.0, bias=True,
                  use_rslora=False, init_lora_weights=True, device=None, dtype=None, adapter_name="default",
-                 sparse_density=0.0, sparse_block_size=1, sparse_selection="random", use_dora=False):
+                 sparse_density=0.0, sparse_block_size=1, sparse_selection="random", use_dora=False, lora_bias=False):
         super().__init__()
         for name, v in (("in_features", in_features), ("out_features", out_features)):
             check_rank(v, name)
         base = nn.Linear(in_features, out_features, bias=bias, device=device, dtype=dtype)
         self._setup(base.weight, base.bias, adapter_name, r, lora_alpha, lora_dropout, use_rslora,
-                    init_lora_weights, sparse_density, sparse_block_size, sparse_selection, use_dora)
+                    init_lora_weights, sparse_density, sparse_block_size, sparse_selection, use_dora, lora_bias)
 
     @classmethod
     def from_linear(cls, linear: nn.Linear, r=8, lora_alpha=8, lora_dropout=0.0, use_rslora=False,
                     init_lora_weights=True, adapter_name="default", sparse_density=0.0, sparse_block_size=1,
-                    sparse_selection="random", use_dora=False) -> "FastLoRALinear":
+                    sparse_selection="random", use_dora=False, lora_bias=False) -> "FastLoRALinear":
         """Wrap ``linear``: the new layer shares (not copies) its weight and bias, and freezes them. A bitsandbytes
-        ``Linear4bit`` / ``Linear8bitLt`` gives a ``QLoRALinear`` holding it as it is (see there)."""
+        ``Linear4bit`` / ``Linear8bitLt`` gives a ``QLoRALinear`` holding it as it is (see there; no lora_bias)."""
         check_linear(linear)
         base_kind(linear)  # another library's quantized layer, or an nn.Linear with a forward of its own: refused
+        check_bool(lora_bias, "lora_bias")
+        if is_quantized(linear) and lora_bias:
+            raise ValueError(f"lora_bias=True on a bitsandbytes {type(linear).__name__}: not supported on a quantized "
+                             "base (PEFT computes it; fastpeft.accelerate leaves such layers on PEFT's forward)")
         if is_quantized(linear):
             return QLoRALinear.from_quantized(linear, r, lora_alpha, lora_dropout, use_rslora, init_lora_weights,
                                               adapter_name, sparse_density, sparse_block_size, sparse_selection,
@@ -462,12 +474,13 @@ class FastLoRALinear(TunerLayer):
         self = cls.__new__(cls)
         nn.Module.__init__(self)
         self._setup(linear.weight, linear.bias, adapter_name, r, lora_alpha, lora_dropout, use_rslora,
-                    init_lora_weights, sparse_density, sparse_block_size, sparse_selection, use_dora)
+                    init_lora_weights, sparse_density, sparse_block_size, sparse_selection, use_dora, lora_bias)
         return self
 
     @classmethod
     def from_conv1d(cls, conv: nn.Module, r=8, lora_alpha=8, lora_dropout=0.0, use_rslora=False,
-                    init_lora_weights=True, adapter_name="default", use_dora=False) -> "FastLoRALinear":
+                    init_lora_weights=True, adapter_name="default", use_dora=False,
+                    lora_bias=False) -> "FastLoRALinear":
         """Wrap transformers' ``Conv1D`` (GPT-2's projections: y = x W + b, W stored (in, out); PEFT's
         ``fan_in_fan_out``). The layer holds the Conv1D's own ``weight`` Parameter, (in, out) as stored (frozen; its
         name, shape and identity as in the model: ``state_dict``, ties and checkpoints as before), and computes
@@ -482,11 +495,11 @@ class FastLoRALinear(TunerLayer):
         nn.Module.__init__(self)
         self.fan_in_fan_out = self._stored_in_out = True
         self._setup(conv.weight, conv.bias, adapter_name, r, lora_alpha, lora_dropout, use_rslora, init_lora_weights,
-                    use_dora=use_dora)
+                    use_dora=use_dora, lora_bias=lora_bias)
         return self
 
     def _setup(self, weight, bias, adapter_name, r, lora_alpha, lora_dropout, use_rslora, init_lora_weights,
-               sparse_density=0.0, sparse_block_size=1, sparse_selection="random", use_dora=False):
+               sparse_density=0.0, sparse_block_size=1, sparse_selection="random", use_dora=False, lora_bias=False):
         _spec(r, lora_alpha, lora_dropout, use_rslora)
         check_dora_options(use_dora, sparse_density)
         rosa_spec(sparse_density, sparse_block_size, sparse_selection)
@@ -497,6 +510,7 @@ class FastLoRALinear(TunerLayer):
         self.lora_B_adapters = nn.ParameterDict()
         self.sparse_deltas = nn.ModuleDict()  # adapter -> SparseDelta (RoSA adapters only)
         self.lora_magnitude_vector = nn.ParameterDict()  # adapter -> m (out,) (DoRA adapters only)
+        self.lora_bias_adapters = nn.ParameterDict()  # adapter -> b_B (out,) (PEFT's lora_bias=True adapters only)
         self._wsq = None        # (key, ‖W_j‖² fp32): DoRA's cached squared row norms of the frozen W
         self._dora_norm = None  # n = ‖W + sBA‖_row fp32 (fp64 W: fp64) of a merged DoRA adapter, kept to unmerge
         self._specs: dict = {}
@@ -504,8 +518,9 @@ class FastLoRALinear(TunerLayer):
         self._stacks = None     # (key, (A, B)): the no-grad stacks and the Parameters' state they were built from
         self._meta = None       # device tensors (scalings, ranks, dropout) for mixed batches
         self._routing = None    # (adapter names, ids) per sequence, set by set_routing (fastpeft.mixed_batch)
+        kw = dict(lora_bias=True) if lora_bias is True else {}  # (layers refusing it take no such argument)
         self.add_adapter(adapter_name, r, lora_alpha, lora_dropout, use_rslora, init_lora_weights, sparse_density,
-                         sparse_block_size, sparse_selection, use_dora=use_dora)
+                         sparse_block_size, sparse_selection, use_dora=use_dora, **kw)
         self.set_adapter(adapter_name)
 
     def _drop_kept(self) -> None:
@@ -526,14 +541,18 @@ class FastLoRALinear(TunerLayer):
 
     def add_adapter(self, name, r, lora_alpha, lora_dropout=0.0, use_rslora=False, init_lora_weights=True,
                     sparse_density=0.0, sparse_block_size=1, sparse_selection="random", sparse_scores=None,
-                    use_dora=False):
+                    use_dora=False, lora_bias=False):
         """Add adapter ``name`` (its own rank, alpha, dropout); the active adapter does not change and the
         new one starts frozen unless it is the first (``set_adapter`` trains the active one).
         ``sparse_density > 0`` adds a sparse delta beside the low-rank update (RoSA): that share of W's
         entries (or blocks of ``sparse_block_size``), picked by ``sparse_selection``, zero at first.
-        ``use_dora=True``: a DoRA adapter, its magnitude initialised to the row norms ``‖W + sBA‖``."""
+        ``use_dora=True``: a DoRA adapter, its magnitude initialised to the row norms ``‖W + sBA‖``.
+        ``lora_bias=True`` (PEFT's): B has a bias b_B (out,), the update ``s (B A x + b_B)``; zero at first (drawn as
+        PEFT's nn.Linear bias with ``init_lora_weights=False``); PEFT allows it with the True / False inits only, not
+        with DoRA (nor, here, with a sparse delta)."""
         check_adapter_name(name)
         check_dora_options(use_dora, sparse_density)
+        check_lora_bias(lora_bias, init_lora_weights, use_dora, sparse_density)
         if self.fan_in_fan_out and sparse_density:
             raise ValueError(f"adapter {name!r}: sparse_density={sparse_density!r} on a layer made from a transformers "
                              "Conv1D (W stored (in, out)): it takes LoRA and DoRA adapters, not a sparse delta (RoSA)")
@@ -549,6 +568,8 @@ class FastLoRALinear(TunerLayer):
         self.lora_A_adapters[name] = nn.Parameter(torch.empty(spec.r, self.in_features, **kw), requires_grad=trains)
         self.lora_B_adapters[name] = nn.Parameter(torch.empty(self.out_features, spec.r, **kw), requires_grad=trains)
         self._specs[name] = spec
+        if lora_bias:
+            self.lora_bias_adapters[name] = nn.Parameter(torch.empty(self.out_features, **kw), requires_grad=trains)
         if delta is not None:
             delta.delta_values.requires_grad_(trains)
             self.sparse_deltas[name] = delta
@@ -576,6 +597,8 @@ class FastLoRALinear(TunerLayer):
                 self.sparse_deltas[n].delta_values.requires_grad_(n == name)
             if n in self.lora_magnitude_vector:
                 self.lora_magnitude_vector[n].requires_grad_(n == name)
+            if n in self.lora_bias_adapters:
+                self.lora_bias_adapters[n].requires_grad_(n == name)
 
     def switch_refused(self, name) -> bool:
         """Whether ``set_adapter(name)`` refuses: another adapter than ``name`` (or None) is merged."""
@@ -599,6 +622,8 @@ class FastLoRALinear(TunerLayer):
             del self.sparse_deltas[name]
         if name in self.lora_magnitude_vector:
             del self.lora_magnitude_vector[name]
+        if name in self.lora_bias_adapters:
+            del self.lora_bias_adapters[name]
         if self._active == name:
             self._active = None
         self._meta = None
@@ -819,12 +844,19 @@ class FastLoRALinear(TunerLayer):
 
         def kaiming(*shape):
             return nn.init.kaiming_uniform_(torch.empty(shape), a=math.sqrt(5))
+        lora_bias = self._modules["lora_bias_adapters"]._parameters.get(name)
         if _fresh or init_lora_weights is False:  # PEFT's nn.Linear layers, made before its init (which False skips)
             a0, b0 = kaiming(r, k), kaiming(n, r)
+            if lora_bias is not None:  # (nn.Linear(r, out)'s bias, drawn after its weight)
+                bias0 = torch.empty(n).uniform_(-1.0 / math.sqrt(r), 1.0 / math.sqrt(r))
         if init_lora_weights is False:
             a.copy_(a0)
             b.copy_(b0)
+            if lora_bias is not None:
+                lora_bias.copy_(bias0)
             return
+        if lora_bias is not None:
+            lora_bias.zero_()
         if init_lora_weights == "orthogonal":  # PEFT's: scaled by 1/10, rounded to a float base weight's dtype
             dt = self.weight.dtype if self.weight.is_floating_point() else torch.float32
             q, _ = torch.linalg.qr(torch.randn(r, r))
@@ -889,6 +921,9 @@ class FastLoRALinear(TunerLayer):
                 return self._dora_forward(x, name, s, a, b, weight, bias)
             delta = self._modules["sparse_deltas"]._modules.get(name)
             if delta is None:
+                lb = self._modules["lora_bias_adapters"]._parameters.get(name)
+                if lb is not None:  # PEFT's lora_bias: s b_B joins the layer's bias
+                    bias = with_lora_bias(bias, lb, s.scaling, weight.dtype)
                 return lora_linear(x, weight, bias, a, b, s.scaling, s.lora_dropout, self.training)
             plan = delta.sparse_plan("lora_sparse_linear", x, weight)
             values = delta.delta_values
@@ -905,8 +940,41 @@ class FastLoRALinear(TunerLayer):
             return F.linear(x, self._w(), self.bias)
         scalings, ranks, dropout = self._adapter_meta(x.device)
         stack_a, stack_b = self._forward_stacks(routing, ids)
-        return lora_linear_multi(x, self._w(), self.bias, stack_a, stack_b, scalings, ids, ranks,
-                                 dropout_p=dropout, training=self.training, check_ids=False)
+        y = lora_linear_multi(x, self._w(), self.bias, stack_a, stack_b, scalings, ids, ranks,
+                              dropout_p=dropout, training=self.training, check_ids=False)
+        return y if not self._modules["lora_bias_adapters"]._parameters else y + self._row_biases(ids, routing, y.dtype)
+
+    def _row_biases(self, ids: torch.Tensor, routing, dtype: torch.dtype) -> torch.Tensor:
+        """Each row's ``s b_B`` (..., out) of its adapter (PEFT's lora_bias; zero for adapters without one and for
+        rows of id -1), in ``dtype``. Only the adapters the batch uses get gradients (see ``_forward_stacks``)."""
+        names = list(self._specs)
+        used = set(routing[0][0]) if routing is not None else (
+            {names[i] for i in ids.unique().tolist() if i >= 0}
+            if ids.device.type == "cpu" and not tracing_or_transformed() else None)
+        biases = self._modules["lora_bias_adapters"]._parameters
+        zero = torch.zeros(self.out_features, device=ids.device, dtype=torch.float32)
+        rows = []
+        for n in names:
+            p = biases.get(n)
+            rows.append(zero if p is None else (p if used is None or n in used else p.detach()).float()
+                        * self._specs[n].scaling)
+        table = torch.stack(rows + [zero]).to(dtype)  # the last row for id -1
+        return table[torch.where(ids < 0, len(names), ids)]
+
+    def _lora_bias_step(self, sign: float) -> None:
+        """``bias += sign s b_B`` of the active adapter (merge / unmerge), summed in fp32 and rounded once; PEFT's
+        error where the base layer has no bias."""
+        lb = self._modules["lora_bias_adapters"]._parameters.get(self._active)
+        if lb is None:
+            return
+        with torch.no_grad():
+            self.bias.copy_((self.bias.float() + sign * self._specs[self._active].scaling * lb.float())
+                            .to(self.bias.dtype))
+
+    def _check_bias_mergeable(self) -> None:
+        if self._active in self.lora_bias_adapters and self.bias is None:
+            raise RuntimeError(f"merge: adapter {self._active!r} has lora_bias=True but the base layer has no bias to "
+                               "merge it into (PEFT's rule: 'Impossible to merge LoRA with lora_bias=True')")
 
     # ---- merging ---------------------------------------------------------------------------------
 
@@ -985,18 +1053,26 @@ class FastLoRALinear(TunerLayer):
 
     @torch.no_grad()
     def merge(self) -> None:
-        """Fold the active adapter into W in place: W += sBA (LoRA), W ← (m/n) ⊙ (W + sBA) (DoRA, n kept)."""
+        """Fold the active adapter into W in place: W += sBA (LoRA; with lora_bias also b += s b_B), W ← (m/n) ⊙
+        (W + sBA) (DoRA, n kept)."""
         if self.merged or self._active is None or not self.is_dora():
-            return super().merge()
+            if not self.merged and self._active is not None:
+                self._check_bias_mergeable()
+            super().merge()
+            self._lora_bias_step(1.0)
+            return
         new, self._dora_norm = self._dora_merged(self._active)
         self._w().copy_(new)
         self.merged = True
 
     @torch.no_grad()
     def unmerge(self) -> None:
-        """Undo ``merge``: W -= sBA (LoRA), W ← W ⊙ (n/m) − sBA (DoRA, with the n kept at merge)."""
+        """Undo ``merge``: W -= sBA (LoRA; with lora_bias b -= s b_B), W ← W ⊙ (n/m) − sBA (DoRA, with the n kept at
+        merge)."""
         if not self.merged or self._active is None or not self.is_dora():
-            return super().unmerge()
+            super().unmerge()
+            self._lora_bias_step(-1.0)
+            return
         dt = self._dora_norm.dtype  # fp64 for an fp64 weight (see _dora_merged)
         g = self.lora_magnitude_vector[self._active].to(dt) / self._dora_norm
         w = self._w().to(dt) / g[:, None] - self._exact_delta(self._active).to(dt)
@@ -1007,9 +1083,14 @@ class FastLoRALinear(TunerLayer):
     @torch.no_grad()
     def to_linear(self) -> nn.Linear:
         """A new ``nn.Linear`` holding the merged weight (and a copy of b); this layer is left untouched."""
+        if not self.merged and self._active is not None:
+            self._check_bias_mergeable()
         lin = super().to_linear()
         if not self.merged and self._active is not None and self.is_dora():
             lin.weight.copy_(self._dora_merged(self._active)[0])
+        lb = self._modules["lora_bias_adapters"]._parameters.get(self._active)
+        if not self.merged and lb is not None:
+            lin.bias.copy_((lin.bias.float() + self._specs[self._active].scaling * lb.float()).to(lin.bias.dtype))
         return lin
 
 
@@ -1226,7 +1307,7 @@ class FastLoRAConv(FastLoRALinear):
     nor DoRA on a base padded otherwise than with zeros."""
 
     def __init__(self, conv: nn.Module, r=8, lora_alpha=8, lora_dropout=0.0, use_rslora=False, init_lora_weights=True,
-                 adapter_name="default", use_dora=False):
+                 adapter_name="default", use_dora=False, lora_bias=False):
         """Wrap ``conv`` (its weight and bias Parameters held, not copied, and frozen) with adapter ``adapter_name``."""
         nn.Module.__init__(self)
         if not isinstance(conv, nn.Module):
@@ -1245,13 +1326,13 @@ class FastLoRAConv(FastLoRALinear):
         self._reversed_padding = getattr(conv, "_reversed_padding_repeated_twice", None)
         self.__dict__["_conv_module"] = conv  # (not registered) base_module() gives it back
         self._setup(conv.weight, conv.bias, adapter_name, r, lora_alpha, lora_dropout, use_rslora, init_lora_weights,
-                    use_dora=use_dora)
+                    use_dora=use_dora, lora_bias=lora_bias)
 
     @classmethod
     def from_conv(cls, conv: nn.Module, r=8, lora_alpha=8, lora_dropout=0.0, use_rslora=False, init_lora_weights=True,
-                  adapter_name="default", use_dora=False) -> "FastLoRAConv":
+                  adapter_name="default", use_dora=False, lora_bias=False) -> "FastLoRAConv":
         """``FastLoRAConv(conv, ...)``: wrap ``conv``, sharing (not copying) its weight and bias."""
-        return cls(conv, r, lora_alpha, lora_dropout, use_rslora, init_lora_weights, adapter_name, use_dora)
+        return cls(conv, r, lora_alpha, lora_dropout, use_rslora, init_lora_weights, adapter_name, use_dora, lora_bias)
 
     @classmethod
     def from_linear(cls, *args, **kwargs):
@@ -1267,11 +1348,12 @@ class FastLoRAConv(FastLoRALinear):
 
     def add_adapter(self, name, r, lora_alpha, lora_dropout=0.0, use_rslora=False, init_lora_weights=True,
                     sparse_density=0.0, sparse_block_size=1, sparse_selection="random", sparse_scores=None,
-                    use_dora=False):
-        """Add adapter ``name`` (its own rank, alpha, dropout), as ``FastLoRALinear.add_adapter``: A (r, C, *k) and B
-        (O, r, 1, ...) drawn as PEFT's convolutions draw them; ``use_dora=True``: a DoRA adapter, its magnitude
-        (1, O, 1, ...) (PEFT's) the norms of W + s B A over C and the kernel. ``sparse_density > 0`` is refused, and
-        DoRA on a base padded otherwise than with zeros (PEFT's DoRA convolution pads part of it with zeros)."""
+                    use_dora=False, lora_bias=False):
+        """Add adapter ``name`` (its own rank, alpha, dropout, lora_bias), as ``FastLoRALinear.add_adapter``: A
+        (r, C, *k) and B (O, r, 1, ...) drawn as PEFT's convolutions draw them; ``use_dora=True``: a DoRA adapter, its
+        magnitude (1, O, 1, ...) (PEFT's) the norms of W + s B A over C and the kernel. ``sparse_density > 0`` is
+        refused, and DoRA on a base padded otherwise than with zeros or dilated (PEFT's DoRA convolution computes part
+        of it with zero padding and no dilation)."""
         check_dora_options(use_dora, sparse_density)
         if sparse_density:
             raise ValueError(f"adapter {name!r}: sparse_density={sparse_density!r} on a convolution: fastpeft's "
@@ -1284,7 +1366,8 @@ class FastLoRAConv(FastLoRALinear):
         if isinstance(init_lora_weights, str) and init_lora_weights == "orthogonal":
             raise ValueError(f"adapter {name!r}: init_lora_weights='orthogonal' on a convolution: PEFT's orthogonal "
                              "init is for linear layers (PEFT refuses it here, and could not load the file)")
-        super().add_adapter(name, r, lora_alpha, lora_dropout, use_rslora, init_lora_weights, use_dora=use_dora)
+        super().add_adapter(name, r, lora_alpha, lora_dropout, use_rslora, init_lora_weights, use_dora=use_dora,
+                            lora_bias=lora_bias)
         # the factors in PEFT's kernel shapes (the same numbers: drawn as (r, C·K) / (O, r), the fan-ins PEFT's have)
         for table, shape in ((self.lora_A_adapters, (r, self.in_channels, *self.kernel_size)),
                              (self.lora_B_adapters, (self.out_channels, r) + (1,) * self.conv_dims)):
@@ -1374,7 +1457,8 @@ class FastLoRAConv(FastLoRALinear):
         if self.training and s.lora_dropout > 0.0:
             x = F.dropout(x, s.lora_dropout, True)
         u = conv(x, a, None, self.stride, self.padding)  # (PEFT's lora_A: not dilated)
-        return conv(u, b.view(*b.shape, *(1,) * self.conv_dims)) * s.scaling
+        lb = self._modules["lora_bias_adapters"]._parameters.get(name)
+        return conv(u, b.view(*b.shape, *(1,) * self.conv_dims), lb if lb is None else lb.to(b.dtype)) * s.scaling
 
     def forward(self, x: torch.Tensor, adapter_ids: torch.Tensor | None = None) -> torch.Tensor:
         """x (N, C, *S) or (C, *S) -> (N, O, *S'). ``adapter_ids`` (N,) gives each sample the adapter of that index in
@@ -1393,7 +1477,11 @@ class FastLoRAConv(FastLoRALinear):
                 return dora_conv(x, self.weight, self.bias, a, b, _entry(self._modules["lora_magnitude_vector"], name),
                                  s.scaling, s.lora_dropout, self.training, stride=self.stride, padding=self.padding,
                                  dilation=self.dilation)
-            return lora_conv(x, self.weight, self.bias, a, b, s.scaling, s.lora_dropout, self.training,
+            bias = self.bias
+            lb = self._modules["lora_bias_adapters"]._parameters.get(name)
+            if lb is not None:  # PEFT's lora_bias: s b_B joins the layer's bias
+                bias = with_lora_bias(bias, lb, s.scaling, self.weight.dtype)
+            return lora_conv(x, self.weight, bias, a, b, s.scaling, s.lora_dropout, self.training,
                              stride=self.stride, padding=self.padding, dilation=self.dilation)
         if x.dim() == self.conv_dims + 1:
             raise ValueError("adapter_ids route the samples of a batched input (N, C, *spatial); got an unbatched x "
@@ -1490,6 +1578,7 @@ class QLoRALinear(FastLoRALinear):
         self.lora_B_adapters = nn.ParameterDict()
         self.sparse_deltas = nn.ModuleDict()
         self.lora_magnitude_vector = nn.ParameterDict()  # DoRA (QDoRA): fp32 magnitudes (out,)
+        self.lora_bias_adapters = nn.ParameterDict()  # (lora_bias is refused on a quantized base)
         self._wsq = self._dora_norm = None
         self._specs: dict = {}
         self._active = None

@@ -521,9 +521,6 @@ CASES = [
     Bad("inject-a-peft-prompt-config", lambda m: fastpeft.inject(m, __import__("peft").PromptTuningConfig(
         task_type="CAUSAL_LM", num_virtual_tokens=4)), TypeError, ("PEFT's LoraConfig", "PromptTuningConfig",
                                                                  "get_peft_model"), _toy),
-    Bad("inject-a-peft-config-lora_bias", lambda m: fastpeft.inject(m, __import__("peft").LoraConfig(
-        target_modules=["q_proj"], lora_bias=True)), ValueError,
-        ("LoRA variants", "'lora_bias': True", "fastpeft.accelerate(peft_model)"), _toy),
     Bad("inject-second-adapter-modules_to_save-on-a-lora-layer",
         lambda m: fastpeft.inject(m, LoraConfig(r=2, target_modules=["v_proj"], modules_to_save=["q_proj"]), "b"),
         ValueError, ("modules_to_save names", "another adapter's layers", "FastLoRALinear", "PEFT refuses"),
@@ -1359,6 +1356,28 @@ def _conv_dora_layer():
     return layer
 
 
+class _EmbNet(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.emb = nn.Embedding(10, 4)
+        self.fc = nn.Linear(4, 4)
+
+    def forward(self, x):
+        return self.fc(self.emb(x))
+
+
+def _emb_net():
+    torch.manual_seed(0)
+    return _EmbNet()
+
+
+def _two_bias_adapters():
+    net = _convnet()()
+    fastpeft.inject(net, LoraConfig(r=2, target_modules=["fc", "conv"], lora_bias=True))
+    fastpeft.inject(net, LoraConfig(r=2, target_modules=["fc", "conv"], lora_bias=True), adapter_name="b")
+    return net
+
+
 def _weight_normed(norm):
     import warnings
 
@@ -1481,6 +1500,22 @@ CONV_CASES = [
     Bad("inject-conv-dora-dilated", lambda m: fastpeft.inject(m, LoraConfig(r=2, target_modules=["conv"],
                                                                              use_dora=True)),
         ValueError, ("'conv'", "use_dora=True", "dilation=(2, 2)"), _convnet(dilation=2, padding="same")),
+    # -- PEFT's lora_bias
+    Bad("LoraConfig-lora_bias-1", lambda _: LoraConfig(lora_bias=1), TypeError, ("lora_bias", "1")),
+    Bad("LoraConfig-lora_bias-gaussian", lambda _: LoraConfig(lora_bias=True, init_lora_weights="gaussian"),
+        ValueError, ("lora_bias=True", "init_lora_weights=True or False", "'gaussian'")),
+    Bad("LoraConfig-lora_bias-dora", lambda _: LoraConfig(lora_bias=True, use_dora=True), ValueError,
+        ("lora_bias=True", "use_dora=True")),
+    Bad("LoraConfig-lora_bias-rosa", lambda _: LoraConfig(lora_bias=True, sparse_density=0.1), ValueError,
+        ("lora_bias=True", "sparse_density=0.1")),
+    Bad("FastLoRALinear-lora_bias-dora", lambda _: FastLoRALinear(4, 4, lora_bias=True, use_dora=True), ValueError,
+        ("lora_bias=True", "use_dora=True")),
+    Bad("inject-lora_bias-embedding", lambda m: fastpeft.inject(m, LoraConfig(r=2, target_modules=["fc", "emb"],
+                                                                               lora_bias=True)),
+        ValueError, ("'emb'", "lora_bias=True"), _emb_net),
+    Bad("add_weighted_adapter-lora_bias", lambda m: fastpeft.add_weighted_adapter(m, ["default", "b"], [0.5, 0.5],
+                                                                                   "w", "cat"),
+        ValueError, ("lora_bias", "['default', 'b']"), _two_bias_adapters),
     Bad("inject-conv-sparse-delta", lambda m: fastpeft.inject(m, SparseDeltaConfig(target_modules=["conv"])),
         ValueError, ("'conv'", "sparse delta"), _convnet()),
 ]

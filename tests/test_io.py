@@ -292,7 +292,11 @@ def _bad_adapters():
         "wrong-peft-type": (lambda d: _edit_config(d, peft_type="PREFIX_TUNING") or d, ValueError, "peft_type"),
         "dora": (lambda d: _edit_config(d, use_dora=True) or d, ValueError, "use_dora"),
         "pissa": (lambda d: _edit_config(d, init_lora_weights="pissa") or d, ValueError, "init_lora_weights"),
-        "lora_bias": (lambda d: _edit_config(d, lora_bias=True) or d, ValueError, "LoRA variants .*'lora_bias'"),
+        # (lora_bias is read since 2026-12-02: a config saying so over a file without B's biases misses them)
+        "lora_bias-without-biases": (lambda d: _edit_config(d, lora_bias=True) or d, ValueError,
+                                     "missing keys.*lora_B.bias"),
+        "target_parameters": (lambda d: _edit_config(d, target_parameters=["mlp.experts.down_proj"]) or d,
+                              ValueError, "LoRA variants .*'target_parameters'"),
         # a variant fastpeft does not know by name (gradients only: nothing in the file would show it)
         "velora": (lambda d: _edit_config(d, velora_config={"num_groups": 64, "scale": 1.0}) or d, ValueError,
                    "LoRA variants .*'velora_config'"),
