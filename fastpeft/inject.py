@@ -574,9 +574,9 @@ def _check_quantized_target(name: str, module: nn.Module, config) -> None:
                          "exclude it")
     if getattr(config, "lora_bias", False):
         kind = type(module.base_layer if isinstance(module, QLoRALinear) else module).__name__
-        raise ValueError(f"target_modules matched {name!r}, a bitsandbytes {kind}, with lora_bias=True: not supported "
-                         "on a quantized base here (PEFT computes it; train it with PEFT and fastpeft.accelerate, which "
-                         "leaves those layers on PEFT's forward), or exclude it")
+        raise ValueError(f"target_modules matched {name!r}, a bitsandbytes {kind}, with lora_bias=True: not "
+                         "supported on a quantized base here (PEFT computes it; train it with PEFT and fastpeft."
+                         "accelerate, which leaves those layers on PEFT's forward), or exclude it")
     if not isinstance(module, QLoRALinear):
         QuantizedWeight.from_module(module, name)  # not quantized yet / bnb's CPU-only layout: refused, named
 
