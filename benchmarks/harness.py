@@ -138,22 +138,26 @@ def bench_interleaved(fns: dict, warmup_ms: float = 25, rep_ms: float = 100, rou
     return {n: _stats(samples[n]) for n in names if n not in failed}, failed
 
 
-def time_model_calls(models: dict, ids, device: str, rep_ms: float) -> dict:
+def time_model_calls(models: dict, ids, device: str, rep_ms: float, loss=None, forward=None) -> dict:
     """``{"train step": times, "eval forward": times}`` for whole transformers models (``{name: model}``) on the same
     ``input_ids``: one training step (zeroed grads, forward with ``labels``, backward) and one no-grad eval forward,
-    {name: Timing}; interleaved on the CPU (``bench_interleaved``), ``bench`` on CUDA. Raises naming a failed one."""
+    {name: Timing}; interleaved on the CPU (``bench_interleaved``), ``bench`` on CUDA. Raises naming a failed one.
+    ``loss(m)`` / ``forward(m)``: the step's loss and the eval call for models taking other inputs (images)."""
+    loss = loss or (lambda m: m(input_ids=ids, labels=ids).loss)
+    forward = forward or (lambda m: m(input_ids=ids))
+
     def step(m):
         def fn():
             m.train()
             m.zero_grad(set_to_none=True)
-            m(input_ids=ids, labels=ids).loss.backward()
+            loss(m).backward()
         return fn
 
     def infer(m):
         def fn():
             m.eval()
             with torch.no_grad():
-                m(input_ids=ids)
+                forward(m)
         return fn
 
     out = {}

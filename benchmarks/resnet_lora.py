@@ -23,7 +23,7 @@ import torch
 import fastpeft
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from harness import bench, bench_interleaved, emit_markdown, environment, table_head  # noqa: E402
+from harness import emit_markdown, environment, table_head, time_model_calls  # noqa: E402
 
 from fastpeft._cli import non_negative_int, output_file, positive_int, rate  # noqa: E402
 
@@ -52,35 +52,6 @@ def models(args) -> dict:
     return out
 
 
-def timed(group: dict, pixels, labels, device: str, rep_ms: float) -> dict:
-    """``{"train step": {name: Timing}, "eval forward": ...}``, interleaved on the CPU."""
-    def step(m):
-        def fn():
-            m.train()
-            m.zero_grad(set_to_none=True)
-            m(pixel_values=pixels, labels=labels).loss.backward()
-        return fn
-
-    def infer(m):
-        def fn():
-            m.eval()
-            with torch.no_grad():
-                m(pixel_values=pixels)
-        return fn
-
-    out = {}
-    for what, make in (("train step", step), ("eval forward", infer)):
-        fns = {name: make(m) for name, m in group.items()}
-        if device == "cpu":
-            times, failed = bench_interleaved(fns, rep_ms=rep_ms)
-            if failed:
-                raise RuntimeError(f"{what}: {failed}")
-        else:
-            times = {name: bench(fn, device, rep_ms=rep_ms) for name, fn in fns.items()}
-        out[what] = times
-    return out
-
-
 def main(argv=None) -> str:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--depths", type=positive_int, nargs="+", default=[2, 2, 2, 2])
@@ -103,7 +74,9 @@ def main(argv=None) -> str:
     labels = torch.randint(0, 10, (args.batch,), device=args.device)
     rows = []
     for p, group in models(args).items():
-        for what, times in timed(group, pixels, labels, args.device, args.rep_ms).items():
+        for what, times in time_model_calls(group, None, args.device, args.rep_ms,
+                                            loss=lambda m: m(pixel_values=pixels, labels=labels).loss,
+                                            forward=lambda m: m(pixel_values=pixels)).items():
             peft_ms, acc_ms, inj_ms = (times[n].median_ms for n in NAMES)
             rows.append(f"| {what} | {p} | {peft_ms:.1f} | {acc_ms:.1f} ({peft_ms / acc_ms:.2f}x) | "
                         f"{inj_ms:.1f} ({peft_ms / inj_ms:.2f}x) |")

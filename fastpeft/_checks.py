@@ -335,6 +335,12 @@ def _check_lora_linear_args(x, weight, bias, lora_A, lora_B, scaling, dropout_p)
     check_shape(lora_B, (out_f, r), "lora_B")
     if bias is not None:
         check_shape(bias, (out_f,), "bias")
+    _check_dtypes_and_numbers(x, weight, bias, lora_A, lora_B, scaling, dropout_p)
+
+
+def _check_dtypes_and_numbers(x, weight, bias, lora_A, lora_B, scaling, dropout_p) -> None:
+    """x of a float dtype, the tensors on its device and of its dtype (outside autocast), scaling a finite Python
+    number and dropout_p a rate: what the LoRA ops' argument checks share."""
     if x.dtype not in FLOAT_DTYPES:
         raise ValueError(f"x must be float32, float16, bfloat16 (or float64 on the reference backend), got {x.dtype}")
     # Under autocast the parameters may legitimately be of another dtype than x (fp32 master weights,
@@ -746,13 +752,7 @@ def check_lora_conv_args(x, weight, bias, lora_A, lora_B, scaling, dropout_p, st
     if bias is not None:
         check_tensor(bias, "bias", ndim=1)
         check_shape(bias, (out_c,), "bias")
-    if x.dtype not in FLOAT_DTYPES:
-        raise ValueError(f"x must be float32, float16, bfloat16 or float64, got {x.dtype}")
-    check_same_device_dtype("x", x, not autocast_on(x), weight=weight, bias=bias, lora_A=lora_A, lora_B=lora_B)
-    if isinstance(scaling, torch.Tensor):
-        raise TypeError(f"scaling must be a Python number, got a tensor of shape {tuple(scaling.shape)}")
-    check_finite_number(scaling, "scaling")
-    check_dropout(dropout_p, "dropout_p")
+    _check_dtypes_and_numbers(x, weight, bias, lora_A, lora_B, scaling, dropout_p)
     stride = _conv_tuple(stride, d, "stride", 1)
     dilation = _conv_tuple(dilation, d, "dilation", 1)
     if isinstance(padding, str):

@@ -318,13 +318,18 @@ def lora_conv(x, weight, bias, lora_A, lora_B, scaling, dropout_p=0.0, training=
     if func_transforms_active() or numeric is None:  # plain autograd: torch.func, or "same" padded unevenly
         return lora_conv_ref(x, weight, bias, lora_A, lora_B, float(scaling), p, training, seed, stride, padding,
                              dilation, cpu_stream=use_cpu_stream(x))
-    if autocast_on(x):  # as the base convolution would cast them; the Function then runs with autocast off
-        x, weight, bias, lora_A, lora_B = autocast_inputs(x, weight, bias, lora_A, lora_B)
-        with torch.autocast(x.device.type, enabled=False):
-            return _conv.lora_conv_fused(x, weight, bias, lora_A, lora_B, float(scaling), p, seed,
-                                         (stride, numeric, dilation), use_cpu_stream(x))
-    return _conv.lora_conv_fused(x, weight, bias, lora_A, lora_B, float(scaling), p, seed, (stride, numeric, dilation),
-                                 use_cpu_stream(x))
+    return _conv_call(lambda *t: _conv.lora_conv_fused(*t, float(scaling), p, seed, (stride, numeric, dilation),
+                                                       use_cpu_stream(x)), x, weight, bias, lora_A, lora_B)
+
+
+def _conv_call(fn, x, *tensors):
+    """``fn(x, *tensors)``; under autocast with the inputs cast as the base convolution would cast them and autocast
+    off inside (the convolution ops' Functions)."""
+    if not autocast_on(x):
+        return fn(x, *tensors)
+    cast = autocast_inputs(x, *tensors)
+    with torch.autocast(x.device.type, enabled=False):
+        return fn(*cast)
 
 
 def dora_conv(x, weight, bias, lora_A, lora_B, magnitude, scaling, dropout_p=0.0, training=True, seed=None, stride=1,
@@ -355,13 +360,10 @@ def dora_conv(x, weight, bias, lora_A, lora_B, magnitude, scaling, dropout_p=0.0
     numeric = _conv.numeric_padding(padding, tuple(weight.shape[2:]), dilation)
     fused = numeric is not None and not func_transforms_active()
     geo = (stride, numeric if fused else padding, dilation)
-    if fused and autocast_on(x):
-        x, weight, bias, lora_A, lora_B = autocast_inputs(x, weight, bias, lora_A, lora_B)
-        with torch.autocast(x.device.type, enabled=False):
-            return _conv.dora_conv_impl(x, weight, bias, lora_A, lora_B, magnitude, float(scaling), p, seed, geo,
-                                        use_cpu_stream(x), fused)
-    return _conv.dora_conv_impl(x, weight, bias, lora_A, lora_B, magnitude, float(scaling), p, seed, geo,
-                                use_cpu_stream(x), fused)
+
+    def call(*t):
+        return _conv.dora_conv_impl(*t, magnitude, float(scaling), p, seed, geo, use_cpu_stream(x), fused)
+    return _conv_call(call, x, weight, bias, lora_A, lora_B) if fused else call(x, weight, bias, lora_A, lora_B)
 
 
 def qlora_linear(x, qweight, bias, lora_A, lora_B, scaling, dropout_p=0.0, training=True, seed=None, backend=None,
