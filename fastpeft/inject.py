@@ -965,6 +965,11 @@ class LoraMethod(Method):
                     raise ValueError(f"adapter config in {os.fspath(directory)!r} has use_dora={config.use_dora}, the "
                                      f"model's adapter {adapter_name!r} has use_dora={layer.is_dora(adapter_name)} "
                                      f"at {n!r}: load it under another adapter_name")
+                if (adapter_name in layer.lora_bias_adapters) != config.lora_bias:
+                    raise ValueError(f"adapter config in {os.fspath(directory)!r} has lora_bias={config.lora_bias}, "
+                                     f"the model's adapter {adapter_name!r} has lora_bias="
+                                     f"{adapter_name in layer.lora_bias_adapters} at {n!r}: load it under another "
+                                     "adapter_name")
                 if plan.targets[n][0] != layer.adapter_spec(adapter_name).r:
                     raise ValueError(f"adapter config gives {n!r} rank {plan.targets[n][0]}, the model's adapter "
                                      f"{adapter_name!r} has rank {layer.adapter_spec(adapter_name).r} there")
@@ -1329,6 +1334,8 @@ def _upcast_adapter(model: nn.Module, adapter_name: str) -> None:
         params += layer.adapter_parameters(adapter_name)
         if layer.is_dora(adapter_name):
             params.append(layer.magnitude(adapter_name))
+        if adapter_name in layer.lora_bias_adapters:  # PEFT's lora_bias: B's bias is part of lora_B, upcast too
+            params.append(layer.lora_bias_adapters[adapter_name])
         delta = layer.sparse_delta(adapter_name)
         if delta is not None:  # RoSA's sparse values: the same small updates on a growing value
             params.append(delta.delta_values)
@@ -1858,6 +1865,12 @@ def merge_and_unload(model: nn.Module, dequantize: bool = False) -> nn.Module:
         raise ValueError(f"merge_and_unload: adapter {', '.join(unfoldable)} does not fold into the base weights (a "
                          "prompt or bottleneck adapter computes something no weight holds); fastpeft.delete_adapter "
                          "takes it out, or keep the model as it is")
+    for n, layer in lora_layers(model).items():  # (before any change: PEFT fails half-way there)
+        if not layer.merged and layer.has_delta():
+            try:
+                layer._check_bias_mergeable()
+            except RuntimeError as e:
+                raise RuntimeError(f"merge_and_unload: {n!r}: {e}; nothing was changed") from None
     quantized = _quantized_unloads(model, dequantize)
     for name, module in quantized.items():
         set_submodule(model, name, module)

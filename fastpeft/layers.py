@@ -17,6 +17,7 @@ from __future__ import annotations
 import copy
 import math
 import operator
+import warnings
 from dataclasses import dataclass, replace
 
 import torch
@@ -501,6 +502,7 @@ class FastLoRALinear(TunerLayer):
     def _setup(self, weight, bias, adapter_name, r, lora_alpha, lora_dropout, use_rslora, init_lora_weights,
                sparse_density=0.0, sparse_block_size=1, sparse_selection="random", use_dora=False, lora_bias=False):
         _spec(r, lora_alpha, lora_dropout, use_rslora)
+        check_bool(lora_bias, "lora_bias")
         check_dora_options(use_dora, sparse_density)
         rosa_spec(sparse_density, sparse_block_size, sparse_selection)
         check_init(init_lora_weights)
@@ -570,6 +572,9 @@ class FastLoRALinear(TunerLayer):
         self._specs[name] = spec
         if lora_bias:
             self.lora_bias_adapters[name] = nn.Parameter(torch.empty(self.out_features, **kw), requires_grad=trains)
+            if self.bias is None:  # (PEFT's warning)
+                warnings.warn(f"adapter {name!r}: lora_bias=True on a layer without a bias: merging it won't be "
+                              "possible", UserWarning, stacklevel=3)
         if delta is not None:
             delta.delta_values.requires_grad_(trains)
             self.sparse_deltas[name] = delta

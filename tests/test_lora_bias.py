@@ -123,3 +123,47 @@ def test_merge_without_a_base_bias_is_refused_as_peft():
     assert not layer.merged
     with pytest.raises(RuntimeError, match="no bias"):
         layer.to_linear()
+
+
+def test_bf16_model_keeps_fp32_lora_biases_as_peft(tmp_path):
+    """PEFT's autocast_adapter_dtype upcasts all of lora_B, its bias included."""
+    torch.manual_seed(0)
+    base = Net().to(torch.bfloat16)
+    cfg = dict(r=4, lora_alpha=8, target_modules=TARGETS, lora_bias=True, init_lora_weights=False)
+    torch.manual_seed(1)
+    theirs = peft.get_peft_model(copy.deepcopy(base), peft.LoraConfig(**cfg))
+    torch.manual_seed(1)
+    ours = fastpeft.inject(copy.deepcopy(base), LoraConfig(**cfg))
+    assert ours.fc.lora_bias_adapters["default"].dtype == torch.float32
+    assert theirs.base_model.model.fc.lora_B["default"].bias.dtype == torch.float32
+    theirs.save_pretrained(tmp_path)
+    loaded = fastpeft.load_adapter(copy.deepcopy(base), tmp_path)
+    torch.testing.assert_close(loaded.fc.lora_bias_adapters["default"], theirs.base_model.model.fc.lora_B[
+        "default"].bias, rtol=0, atol=0)
+
+
+def test_loading_over_an_adapter_of_the_other_lora_bias_is_refused_unchanged(tmp_path):
+    _, theirs, _ = _pair()
+    theirs.save_pretrained(tmp_path / "with")
+    torch.manual_seed(0)
+    plain = fastpeft.inject(Net(), LoraConfig(r=4, lora_alpha=8, target_modules=TARGETS))
+    before = {k: v.clone() for k, v in plain.state_dict().items()}
+    with pytest.raises(ValueError, match="lora_bias=True, the model's adapter 'default' has lora_bias=False"):
+        fastpeft.load_adapter(plain, tmp_path / "with")
+    assert all(torch.equal(v, plain.state_dict()[k]) for k, v in before.items())
+
+
+def test_merge_and_unload_refuses_before_any_change_where_a_base_has_no_bias():
+    class TwoLinears(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.fc, self.out = nn.Linear(4, 4), nn.Linear(4, 2, bias=False)
+
+        def forward(self, x):
+            return self.out(self.fc(x))
+
+    with pytest.warns(UserWarning, match="merging it won't be possible"):
+        model = fastpeft.inject(TwoLinears(), LoraConfig(r=2, target_modules=["fc", "out"], lora_bias=True))
+    with pytest.raises(RuntimeError, match="'out'.*nothing was changed"):
+        fastpeft.merge_and_unload(model)
+    assert isinstance(model.fc, fastpeft.FastLoRALinear) and not model.fc.merged
