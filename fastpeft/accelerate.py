@@ -556,7 +556,8 @@ def _conv_adapter_reason(self, name: str) -> str | None:
 
 
 def _conv_runtime_reason(self, x, args, kwargs) -> str | None:
-    """Why this call of an accelerated LoRA convolution runs PEFT's own forward (None: it runs on ``lora_conv``)."""
+    """Why this call of an accelerated LoRA convolution runs PEFT's own forward (None: it runs on ``lora_conv`` /
+    ``dora_conv``)."""
     if self.disable_adapters:
         return "adapters disabled"
     if self.merged:
@@ -566,26 +567,30 @@ def _conv_runtime_reason(self, x, args, kwargs) -> str | None:
     mods = self._modules
     base = mods["base_layer"]
     adapters = [a for a in self.active_adapters if a in mods["lora_A"]._modules]
-    if len(adapters) != 1:
-        return "no adapter of this layer is active" if not adapters else "several active adapters on a convolution"
-    a = adapters[0]
-    why = _conv_adapter_reason(self, a)
-    if why is not None:
-        return why
-    lora_a, lora_b, drop = mods["lora_A"]._modules[a], mods["lora_B"]._modules[a], mods["lora_dropout"]._modules[a]
-    mag = _magnitude(self, a) if _is_dora(self, a) else None
-    if _has_hooks(base) or _has_hooks(lora_a) or _has_hooks(lora_b) or _has_hooks(drop) or (
-            mag is not None and _has_hooks(mag)):
-        return "hooks on the base layer or the adapter's modules"
-    if _global_hooks():
-        return "global module hooks"
-    if not isinstance(self.scaling[a], (int, float)):
-        return f"adapter {a!r} has a scaling of type {type(self.scaling[a]).__name__}"
+    if not adapters:
+        return "no adapter of this layer is active"
+    if len(adapters) > 1 and any(_is_dora(self, a) for a in adapters):
+        return "several active adapters on a convolution, DoRA among them"
+    if len(adapters) > 1 and any(_dropout(mods["lora_dropout"]._modules[a])[1] and
+                                 mods["lora_dropout"]._modules[a].p > 0 for a in adapters):
+        return "several active adapters with dropout in training (PEFT draws a mask per adapter)"
+    if _has_hooks(base) or _global_hooks():
+        return "hooks on the base layer" if _has_hooks(base) else "global module hooks"
     d = base.weight.dim() - 2
     if not isinstance(x, torch.Tensor) or x.dim() not in (d + 1, d + 2):
         return "input that is not a (batched) tensor of the convolution's dims"
-    tensors = [x, _param(base, "weight"), _param(base, "bias"), _param(lora_a, "weight"), _param(lora_b, "weight"),
-               None if mag is None else _param(mag, "weight")]
+    tensors = [x, _param(base, "weight"), _param(base, "bias")]
+    for a in adapters:
+        why = _conv_adapter_reason(self, a)
+        if why is not None:
+            return why
+        lora_a, lora_b, drop = mods["lora_A"]._modules[a], mods["lora_B"]._modules[a], mods["lora_dropout"]._modules[a]
+        mag = _magnitude(self, a) if _is_dora(self, a) else None
+        if _has_hooks(lora_a) or _has_hooks(lora_b) or _has_hooks(drop) or (mag is not None and _has_hooks(mag)):
+            return f"hooks on adapter {a!r}'s modules"
+        if not isinstance(self.scaling[a], (int, float)):
+            return f"adapter {a!r} has a scaling of type {type(self.scaling[a]).__name__}"
+        tensors += [_param(lora_a, "weight"), _param(lora_b, "weight"), None if mag is None else _param(mag, "weight")]
     dtypes = set()
     for i, t in enumerate(tensors):
         if t is None:
@@ -604,27 +609,35 @@ def _conv_runtime_reason(self, x, args, kwargs) -> str | None:
 
 
 def _conv_forward(self, x: torch.Tensor, *args, **kwargs) -> torch.Tensor:
-    """PEFT's ``lora.Conv*d.forward`` on ``fastpeft.lora_conv`` (one active LoRA adapter) or ``fastpeft.dora_conv``
-    (a DoRA one), PEFT's own forward elsewhere."""
+    """PEFT's ``lora.Conv*d.forward`` on ``fastpeft.lora_conv`` (the active LoRA adapters: several side by side, as
+    ``_active`` puts linear ones) or ``fastpeft.dora_conv`` (one DoRA adapter), PEFT's own forward elsewhere."""
     why = _conv_runtime_reason(self, x, args, kwargs)
     _count(self, why)
     if why is not None:
         return self._fastpeft_original.forward(self, x, *args, **kwargs)
     mods = self._modules
     base = mods["base_layer"]
-    a = next(n for n in self.active_adapters if n in mods["lora_A"]._modules)
+    adapters = [a for a in self.active_adapters if a in mods["lora_A"]._modules]
     weight, bias = _param(base, "weight"), _param(base, "bias")
-    lora_a, lora_b = _param(mods["lora_A"]._modules[a], "weight"), _param(mods["lora_B"]._modules[a], "weight")
-    p, training = _dropout(mods["lora_dropout"]._modules[a])
-    s = float(self.scaling[a])
     kept = None if self.training else self.__dict__
     geo = dict(stride=base.stride, padding=base.padding, dilation=base.dilation)
-    lora_a, lora_b = cast_params((lora_a, lora_b), weight.dtype, kept, "_fastpeft_casts")
-    lora_b = lora_b.view(lora_b.shape[0], lora_b.shape[1])
-    if _is_dora(self, a):  # PEFT applies DoRA's dropout only when the LoRA layer itself is in training mode
-        return dora_conv(x, weight, bias, lora_a, lora_b, _param(_magnitude(self, a), "weight"), s, p,
-                         training and self.training, **geo)
-    return lora_conv(x, weight, bias, lora_a, lora_b, s, p, training, **geo)
+    if len(adapters) == 1:
+        a = adapters[0]
+        lora_a, lora_b = _param(mods["lora_A"]._modules[a], "weight"), _param(mods["lora_B"]._modules[a], "weight")
+        p, training = _dropout(mods["lora_dropout"]._modules[a])
+        s = float(self.scaling[a])
+        lora_a, lora_b = cast_params((lora_a, lora_b), weight.dtype, kept, "_fastpeft_casts")
+        lora_b = lora_b.view(lora_b.shape[0], lora_b.shape[1])
+        if _is_dora(self, a):  # PEFT applies DoRA's dropout only when the LoRA layer itself is in training mode
+            return dora_conv(x, weight, bias, lora_a, lora_b, _param(_magnitude(self, a), "weight"), s, p,
+                             training and self.training, **geo)
+        return lora_conv(x, weight, bias, lora_a, lora_b, s, p, training, **geo)
+    # Several LoRA adapters (no dropout in training: see _conv_runtime_reason): sum_a s_a B_a conv(x, A_a) is one
+    # update with the kernels side by side, A = [A_1; A_2] (r1+r2, C, *k), B = [s_1 B_1, s_2 B_2] (O, r1+r2).
+    lora_a = torch.cat([mods["lora_A"]._modules[a].weight.to(weight.dtype) for a in adapters], 0)
+    lora_b = torch.cat([mods["lora_B"]._modules[a].weight.to(weight.dtype).flatten(1) * float(self.scaling[a])
+                        for a in adapters], 1)
+    return lora_conv(x, weight, bias, lora_a, lora_b, 1.0, 0.0, False, **geo)
 
 
 # ---------------------------------------------------------------------------------------------------------

@@ -606,3 +606,25 @@ def test_mixed_batch_leaves_unrouted_adapters_without_gradients_when_traced():
     with fastpeft.mixed_batch(model, ["default", "default"]):
         torch.compile(model, backend="aot_eager")(torch.randn(2, 3, 10, 10)).sum().backward()
     assert model.c1.lora_A_adapters["b"].grad is None and model.c1.lora_A_adapters["default"].grad is not None
+
+
+def test_accelerate_computes_several_active_peft_conv_adapters():
+    """Several active adapters (diffusers' set_adapters; PEFT's set_adapter with a list): their kernels side by side,
+    each B scaled by its adapter's scaling, one lora_conv call."""
+    torch.manual_seed(0)
+    theirs = peft.get_peft_model(Net(), peft.LoraConfig(r=4, lora_alpha=8, target_modules=["c1", "c3", "fc"],
+                                                        init_lora_weights=False))
+    theirs.add_adapter("b", peft.LoraConfig(r=2, lora_alpha=6, target_modules=["c1", "c3", "fc"],
+                                            init_lora_weights=False))
+    theirs.base_model.set_adapter(["default", "b"])
+    ours = copy.deepcopy(theirs)
+    report = fastpeft.accelerate(ours)
+    x = torch.randn(2, 3, 10, 10)
+    y_t, y_o = theirs(x), ours(x)
+    _close(y_o, y_t)
+    y_t.square().sum().backward()
+    y_o.square().sum().backward()
+    for (name, p_o), p_t in zip(ours.named_parameters(), theirs.parameters()):
+        if p_t.requires_grad:
+            _close(p_o.grad, p_t.grad)
+    assert report.calls() == {"fastpeft": 3}
