@@ -309,11 +309,11 @@ def lora_conv(x, weight, bias, lora_A, lora_B, scaling, dropout_p=0.0, training=
                                                               stride, padding, dilation)
     check_bool(training, "training")
     check_seed(seed)
+    if not batched:  # (before the seed is drawn: a drawn one is a tensor while compiling, which check_seed refuses)
+        return lora_conv(x.unsqueeze(0), weight, bias, lora_A, lora_B, scaling, dropout_p, training, seed, stride,
+                         padding, dilation, backend).squeeze(0)
     p, seed = _rate_and_seed(dropout_p, training, seed, x.device)
     resolve_backend("lora_conv", backend, x, weight, lora_A, lora_B)  # (no kernel: a "triton" request raises)
-    if not batched:
-        return lora_conv(x.unsqueeze(0), weight, bias, lora_A, lora_B, scaling, p, training, seed, stride, padding,
-                         dilation, backend).squeeze(0)
     numeric = _conv.numeric_padding(padding, tuple(weight.shape[2:]), dilation)
     if func_transforms_active() or numeric is None:  # plain autograd: torch.func, or "same" padded unevenly
         return lora_conv_ref(x, weight, bias, lora_A, lora_B, float(scaling), p, training, seed, stride, padding,
@@ -352,11 +352,11 @@ def dora_conv(x, weight, bias, lora_A, lora_B, magnitude, scaling, dropout_p=0.0
                          f"{magnitude.device}")
     check_bool(training, "training")
     check_seed(seed)
+    if not batched:  # (before the seed is drawn, as lora_conv's)
+        return dora_conv(x.unsqueeze(0), weight, bias, lora_A, lora_B, magnitude, scaling, dropout_p, training, seed,
+                         stride, padding, dilation, backend).squeeze(0)
     p, seed = _rate_and_seed(dropout_p, training, seed, x.device)
     resolve_backend("dora_conv", backend, x, weight, lora_A, lora_B)  # (no kernel: a "triton" request raises)
-    if not batched:
-        return dora_conv(x.unsqueeze(0), weight, bias, lora_A, lora_B, magnitude, scaling, p, training, seed, stride,
-                         padding, dilation, backend).squeeze(0)
     numeric = _conv.numeric_padding(padding, tuple(weight.shape[2:]), dilation)
     fused = numeric is not None and not func_transforms_active()
     geo = (stride, numeric if fused else padding, dilation)

@@ -90,10 +90,11 @@ _KEPT_KEYS = ("_dora_gain", "_casts", "_value_casts", "_wt")
 
 
 def with_lora_bias(bias, lora_bias, scaling: float, dtype: torch.dtype) -> torch.Tensor:
-    """``b + s b_B`` (PEFT's lora_bias: B's bias joins the layer's), summed in fp32 and rounded once to ``dtype``;
-    differentiable in both."""
-    added = scaling * lora_bias.float()
-    return (added if bias is None else bias.float() + added).to(dtype)
+    """``b + s b_B`` (PEFT's lora_bias: B's bias joins the layer's), summed in fp32 (fp64 for fp64) and rounded once to
+    ``dtype``; differentiable in both."""
+    acc = torch.promote_types(dtype, torch.float32)
+    added = scaling * lora_bias.to(acc)
+    return (added if bias is None else bias.to(acc) + added).to(dtype)
 
 
 def _entry(params: nn.ParameterDict, name: str):
@@ -957,11 +958,12 @@ class FastLoRALinear(TunerLayer):
             {names[i] for i in ids.unique().tolist() if i >= 0}
             if ids.device.type == "cpu" and not tracing_or_transformed() else None)
         biases = self._modules["lora_bias_adapters"]._parameters
-        zero = torch.zeros(self.out_features, device=ids.device, dtype=torch.float32)
+        acc = torch.promote_types(dtype, torch.float32)
+        zero = torch.zeros(self.out_features, device=ids.device, dtype=acc)
         rows = []
         for n in names:
             p = biases.get(n)
-            rows.append(zero if p is None else (p if used is None or n in used else p.detach()).float()
+            rows.append(zero if p is None else (p if used is None or n in used else p.detach()).to(acc)
                         * self._specs[n].scaling)
         table = torch.stack(rows + [zero]).to(dtype)  # the last row for id -1
         return table[torch.where(ids < 0, len(names), ids)]
@@ -972,8 +974,9 @@ class FastLoRALinear(TunerLayer):
         lb = self._modules["lora_bias_adapters"]._parameters.get(self._active)
         if lb is None:
             return
+        acc = torch.promote_types(self.bias.dtype, torch.float32)
         with torch.no_grad():
-            self.bias.copy_((self.bias.float() + sign * self._specs[self._active].scaling * lb.float())
+            self.bias.copy_((self.bias.to(acc) + sign * self._specs[self._active].scaling * lb.to(acc))
                             .to(self.bias.dtype))
 
     def _check_bias_mergeable(self) -> None:
@@ -1095,7 +1098,7 @@ class FastLoRALinear(TunerLayer):
             lin.weight.copy_(self._dora_merged(self._active)[0])
         lb = self._modules["lora_bias_adapters"]._parameters.get(self._active)
         if not self.merged and lb is not None:
-            lin.bias.copy_((lin.bias.float() + self._specs[self._active].scaling * lb.float()).to(lin.bias.dtype))
+            lin.bias.copy_(with_lora_bias(lin.bias, lb, self._specs[self._active].scaling, lin.bias.dtype))
         return lin
 
 

@@ -352,6 +352,18 @@ def keep_mask_stream(x: torch.Tensor, p: float, seed, cpu: bool | None = None) -
     return _stream_mask_fn(x, cpu)(seed, m, k, p, device=x.device).view(x.shape)
 
 
+def conv_keep_mask(x: torch.Tensor, p: float, seed, cpu: bool | None = None) -> torch.Tensor:
+    """The keep-mask (bool, x's shape) of the convolution ops' dropout: on a CUDA device with an int seed, torch's own
+    Philox generator seeded with it (one kernel; the kernels' stream written in torch ops, ``dropout_mask``, costs
+    ~130 passes over x there, where no fused kernel of ours draws the mask); else ``keep_mask_stream`` (a tensor seed,
+    drawn while compiling or capturing a CUDA graph: inductor fuses those ops into one kernel)."""
+    if x.is_cuda and isinstance(seed, int) and not (use_cpu_stream(x) if cpu is None else cpu):
+        gen = torch.Generator(device=x.device)
+        gen.manual_seed(seed)
+        return torch.rand(x.shape, generator=gen, device=x.device) >= p
+    return keep_mask_stream(x, p, seed, cpu=cpu)
+
+
 def lora_dropout_stream(x: torch.Tensor, p: float, seed, cpu: bool | None = None) -> torch.Tensor:
     """``drop(x)`` as the reference backend draws it for ``x`` (``keep_mask_stream``'s mask)."""
     return _drop(x, p, seed, _stream_mask_fn(x, cpu))
@@ -396,14 +408,13 @@ def lora_conv_ref(x, weight, bias, lora_A, lora_B, scaling: float, dropout_p: fl
     The base convolution takes ``stride``, ``padding`` (ints, tuples, ``"same"`` / ``"valid"``) and ``dilation``; A's
     the same, dilation included (PEFT's A takes the base's kernel size, stride and padding but dilation 1: the same
     where the dilation is 1 or the kernel 1 wide; ``FastLoRAConv`` computes the other case by PEFT's composition).
-    Dropout as ``lora_linear_ref``'s (the mask of x viewed as (M, K), K its last dim). Autograd keeps drop(x): this is
-    the oracle, not the memory-lean path."""
+    Dropout's mask: ``conv_keep_mask``'s. Autograd keeps drop(x): this is the oracle, not the memory-lean path."""
     conv = {3: F.conv1d, 4: F.conv2d, 5: F.conv3d}[weight.dim()]
     base = conv(x, weight, bias, stride, padding, dilation)
     if training and dropout_p > 0.0:
         if seed is None:
             raise ValueError("seed is required when training with dropout_p > 0, got None")
-        x = lora_dropout_stream(x, dropout_p, seed, cpu=cpu_stream)
+        x = x * conv_keep_mask(x, dropout_p, seed, cpu=cpu_stream).to(x.dtype) * (1.0 / (1.0 - dropout_p))
     u = conv(x, lora_A, None, stride, padding, dilation)
     return base + scaling * conv(u, lora_B.view(*lora_B.shape, *(1,) * (weight.dim() - 2)))
 

@@ -628,3 +628,30 @@ def test_accelerate_computes_several_active_peft_conv_adapters():
         if p_t.requires_grad:
             _close(p_o.grad, p_t.grad)
     assert report.calls() == {"fastpeft": 3}
+
+
+def test_unbatched_input_with_dropout_compiles():
+    """The unbatched call goes round by the batched one before the seed is drawn (a drawn seed is a tensor while
+    compiling, which the argument check refused)."""
+    w, a, b = torch.randn(4, 3, 3, 3), torch.randn(2, 3, 3, 3), torch.randn(4, 2)
+    f = torch.compile(lambda x: fastpeft.lora_conv(x, w, None, a, b, 1.0, dropout_p=0.1, padding=1),
+                      backend="aot_eager", fullgraph=True)
+    assert f(torch.randn(3, 6, 6)).shape == (4, 6, 6)
+
+
+@pytest.mark.gpu
+def test_lora_conv_on_a_card_dropout_mask_and_deterministic_mode():
+    """On CUDA an int seed draws the mask from torch's generator (one kernel); the oracle draws the same one, and in
+    deterministic mode two backward passes give the same bits (cuDNN pinned to its deterministic algorithms)."""
+    dev = "cuda"
+    ins = tuple(t.to(dev).detach().requires_grad_() for t in _args(2, 3, 8, 64, dtype=torch.float32, size=32))
+    y = fastpeft.lora_conv(*ins, 0.5, 0.2, True, seed=7, padding=1)
+    ref = fastpeft.lora_conv_ref(*ins, 0.5, 0.2, True, 7, padding=1)
+    torch.testing.assert_close(y, ref, rtol=1e-4, atol=1e-4)
+    dy = torch.randn_like(y)
+    for got, want in zip(torch.autograd.grad(y, ins, dy), torch.autograd.grad(ref, ins, dy)):
+        torch.testing.assert_close(got, want, rtol=1e-3, atol=1e-3)
+    with fastpeft.deterministic():
+        runs = [torch.autograd.grad(fastpeft.lora_conv(*ins, 0.5, 0.2, True, seed=7, padding=1), ins, dy)
+                for _ in range(2)]
+    assert all(torch.equal(p, q) for p, q in zip(*runs))

@@ -167,3 +167,11 @@ def test_merge_and_unload_refuses_before_any_change_where_a_base_has_no_bias():
     with pytest.raises(RuntimeError, match="'out'.*nothing was changed"):
         fastpeft.merge_and_unload(model)
     assert isinstance(model.fc, fastpeft.FastLoRALinear) and not model.fc.merged
+
+
+def test_fp64_layers_sum_the_lora_bias_in_fp64():
+    layer = fastpeft.FastLoRALinear(4, 3, r=2, lora_bias=True, init_lora_weights=False, dtype=torch.float64)
+    x = torch.randn(5, 4, dtype=torch.float64)
+    want = x @ layer.weight.t() + layer.bias + layer.scaling * (x @ layer.lora_A.t() @ layer.lora_B.t()
+                                                                + layer.lora_bias_adapters["default"])
+    torch.testing.assert_close(layer(x), want, rtol=1e-12, atol=1e-12)

@@ -8,12 +8,13 @@ which runs far below the library's rate (on 2 CPU cores its input gradient cost 
 """
 from __future__ import annotations
 
+import contextlib
 import math
 
 import torch
 import torch.nn.functional as F
 
-from ..reference import keep_mask_stream
+from ..reference import conv_keep_mask
 from .common import recorded_grads, returned
 
 CONV_FNS = {1: F.conv1d, 2: F.conv2d, 3: F.conv3d}
@@ -58,13 +59,24 @@ def _rank_update_(y: torch.Tensor, lora_B: torch.Tensor, u: torch.Tensor, alpha:
     return torch.add(y, torch.matmul(lora_B, uv).view(y.shape), alpha=alpha)  # (the first operand's layout)
 
 
+def _cudnn_pinned(x: torch.Tensor):
+    """cuDNN's deterministic algorithms for the block where fastpeft's deterministic mode is on and x is on a GPU (its
+    weight gradients otherwise may pick algorithms that sum through atomics); a no-op elsewhere and while compiling."""
+    from .. import kernels
+
+    if not x.is_cuda or torch.compiler.is_compiling() or not kernels.is_deterministic():
+        return contextlib.nullcontext()
+    cudnn = torch.backends.cudnn
+    return cudnn.flags(enabled=cudnn.enabled, benchmark=False, deterministic=True, allow_tf32=cudnn.allow_tf32)
+
+
 def _conv_forward(x, weight, bias, lora_A, lora_B, scaling, p, seed, geo, cpu_stream) -> tuple:
     """``(y, u)``: y = conv(x, W) + b + s c conv1x1(u, B), u = conv(D ⊙ x, A) without 1/(1-p) (see the Function)."""
     stride, padding, dilation = geo
     conv = CONV_FNS[x.dim() - 2]
     y = conv(x, weight, bias, stride, padding, dilation)
     if p > 0.0:
-        xd = x * keep_mask_stream(x, p, seed, cpu=cpu_stream)  # freed at once: only x is kept
+        xd = x * conv_keep_mask(x, p, seed, cpu=cpu_stream)  # freed at once: only x is kept
         u = conv(xd, lora_A, None, stride, padding, dilation)
         del xd
         alpha = scaling / (1.0 - p)
@@ -99,7 +111,8 @@ class LoRAConvFunction(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, x, weight, bias, lora_A, lora_B, scaling, dropout_p, seed, geo, cpu_stream):
-        y, u = _conv_forward(x, weight, bias, lora_A, lora_B, scaling, dropout_p, seed, geo, cpu_stream)
+        with _cudnn_pinned(x):
+            y, u = _conv_forward(x, weight, bias, lora_A, lora_B, scaling, dropout_p, seed, geo, cpu_stream)
         seed_t = seed if isinstance(seed, torch.Tensor) else None
         ctx.save_for_backward(x, u, weight, bias, lora_A, lora_B, seed_t)
         ctx.seed = None if seed_t is not None else seed
@@ -108,6 +121,11 @@ class LoRAConvFunction(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, dy):
+        with _cudnn_pinned(dy):
+            return LoRAConvFunction._backward(ctx, dy)
+
+    @staticmethod
+    def _backward(ctx, dy):
         x, u, weight, bias, lora_A, lora_B, seed_t = ctx.saved_tensors
         seed = seed_t if seed_t is not None else ctx.seed
         s, p, (stride, padding, dilation) = ctx.scaling, ctx.dropout_p, ctx.geo
@@ -121,7 +139,7 @@ class LoRAConvFunction(torch.autograd.Function):
         c = 1.0 / (1.0 - p) if p > 0.0 else 1.0
         d = x.dim() - 2
         dyv = dy.flatten(2)  # (N, O, P)
-        keep = keep_mask_stream(x, p, seed, cpu=ctx.cpu_stream) if p > 0.0 and (need_x or need_a) else None
+        keep = conv_keep_mask(x, p, seed, cpu=ctx.cpu_stream) if p > 0.0 and (need_x or need_a) else None
         args = (stride, padding, dilation, False, (0,) * d, 1)
         dx = dw = db = da = dbb = None
         fold = need_x and p == 0.0 and folds(o, n * dyv.shape[2])
@@ -182,7 +200,7 @@ def dora_conv_impl(x, weight, bias, lora_A, lora_B, magnitude, scaling: float, p
     n from ``ops.dora.dora_norm`` on W, A as (O, C·K) / (r, C·K) matrices (factored, no kernel-sized temporary;
     exact where it cancels). g and the sum in fp32 (fp64 for fp64), rounded once to x's dtype: |g − 1| is below
     bf16's resolution early in training."""
-    from ..reference import lora_conv_ref, lora_dropout_stream
+    from ..reference import lora_conv_ref
     from .dora import dora_norm
 
     o, r = lora_B.shape
@@ -197,7 +215,7 @@ def dora_conv_impl(x, weight, bias, lora_A, lora_B, magnitude, scaling: float, p
         y = z.to(g.dtype) * g
         return (y if bias is None else y + bias.to(g.dtype).view(view)).to(z.dtype)
     conv = CONV_FNS[x.dim() - 2]
-    xd = lora_dropout_stream(x, p, seed, cpu=cpu_stream)
+    xd = x * conv_keep_mask(x, p, seed, cpu=cpu_stream).to(x.dtype) * (1.0 / (1.0 - p))
     base = conv(x, weight, bias, stride, padding, dilation)
     yd = conv(xd, weight, None, stride, padding, dilation)
     low = conv(conv(xd, lora_A, None, stride, padding, dilation), lora_B.view(o, r, *(1,) * (x.dim() - 2)))
