@@ -495,11 +495,11 @@ def _check_conv_target(name: str, module: nn.Module, config) -> None:
 def _check_embedding_target(name: str, module: nn.Module, config) -> None:
     """An nn.Embedding target (or an embedding LoRA layer taking another adapter): plain LoRA only, nn.Embedding's
     own forward, no max_norm, dense gradients (``_checks.check_embedding``)."""
-    if isinstance(config, SparseDeltaConfig) or config.sparse is not None or config.use_dora or config.lora_bias:
-        what = "use_dora=True" if getattr(config, "use_dora", False) else "lora_bias=True (PEFT refuses it there too)" \
-            if getattr(config, "lora_bias", False) else "a sparse delta (RoSA's included)"
-        raise ValueError(f"target_modules matched {name!r}, an embedding layer: fastpeft's embedding LoRA is plain "
-                         f"LoRA, not {what}; exclude it")
+    if isinstance(config, SparseDeltaConfig) or config.sparse is not None or config.lora_bias:
+        what = "lora_bias=True (PEFT refuses it there too)" if getattr(config, "lora_bias", False) else \
+            "a sparse delta (RoSA's included)"
+        raise ValueError(f"target_modules matched {name!r}, an embedding layer: fastpeft's embedding LoRA takes LoRA "
+                         f"and DoRA adapters, not {what}; exclude it")
     if not isinstance(module, FastLoRAEmbedding):
         check_embedding(module, f"module {name!r}")
 
@@ -760,10 +760,11 @@ class LoraMethod(Method):
                 module.add_adapter(adapter_name, r, alpha, **kw)
                 layer = module
             else:
-                if isinstance(module, nn.Embedding):  # plan_lora refused DoRA and sparse deltas there
+                if isinstance(module, nn.Embedding):  # plan_lora refused sparse deltas and lora_bias there
                     layer = FastLoRAEmbedding.from_embedding(
                         module, r=r, lora_alpha=alpha, lora_dropout=config.lora_dropout, use_rslora=config.use_rslora,
-                        init_lora_weights=config.init_lora_weights, adapter_name=adapter_name)
+                        init_lora_weights=config.init_lora_weights, adapter_name=adapter_name,
+                        use_dora=config.use_dora)
                 elif isinstance(module, nn.modules.conv._ConvNd):  # plan_lora refused sparse deltas there
                     layer = FastLoRAConv.from_conv(
                         module, r=r, lora_alpha=alpha, lora_dropout=config.lora_dropout, use_rslora=config.use_rslora,

@@ -1117,28 +1117,31 @@ class FastLoRAEmbedding(FastLoRALinear):
     _stored_in_out = True
 
     def __init__(self, num_embeddings, embedding_dim, r=8, lora_alpha=8, lora_dropout=0.0, padding_idx=None,
-                 use_rslora=False, init_lora_weights=True, device=None, dtype=None, adapter_name="default"):
+                 use_rslora=False, init_lora_weights=True, device=None, dtype=None, adapter_name="default",
+                 use_dora=False):
         """A new ``nn.Embedding(num_embeddings, embedding_dim, padding_idx)`` (frozen) with adapter ``adapter_name``."""
         nn.Module.__init__(self)
         for name, v in (("num_embeddings", num_embeddings), ("embedding_dim", embedding_dim)):
             check_rank(v, name)
         self._wrap(nn.Embedding(num_embeddings, embedding_dim, padding_idx=padding_idx, device=device, dtype=dtype),
-                   r, lora_alpha, lora_dropout, use_rslora, init_lora_weights, adapter_name)
+                   r, lora_alpha, lora_dropout, use_rslora, init_lora_weights, adapter_name, use_dora)
 
     @classmethod
     def from_embedding(cls, embedding: nn.Embedding, r=8, lora_alpha=8, lora_dropout=0.0, use_rslora=False,
-                       init_lora_weights=True, adapter_name="default") -> "FastLoRAEmbedding":
+                       init_lora_weights=True, adapter_name="default", use_dora=False) -> "FastLoRAEmbedding":
         """Wrap ``embedding`` (its weight Parameter held, not copied, and frozen)."""
         check_embedding(embedding)
         self = cls.__new__(cls)
         nn.Module.__init__(self)
-        self._wrap(embedding, r, lora_alpha, lora_dropout, use_rslora, init_lora_weights, adapter_name)
+        self._wrap(embedding, r, lora_alpha, lora_dropout, use_rslora, init_lora_weights, adapter_name, use_dora)
         return self
 
-    def _wrap(self, embedding, r, lora_alpha, lora_dropout, use_rslora, init_lora_weights, adapter_name) -> None:
+    def _wrap(self, embedding, r, lora_alpha, lora_dropout, use_rslora, init_lora_weights, adapter_name,
+              use_dora=False) -> None:
         self.padding_idx = embedding.padding_idx
         self.scale_grad_by_freq = embedding.scale_grad_by_freq
-        self._setup(embedding.weight, None, adapter_name, r, lora_alpha, lora_dropout, use_rslora, init_lora_weights)
+        self._setup(embedding.weight, None, adapter_name, r, lora_alpha, lora_dropout, use_rslora, init_lora_weights,
+                    use_dora=use_dora)
 
     @classmethod
     def from_linear(cls, *args, **kwargs):
@@ -1155,14 +1158,15 @@ class FastLoRAEmbedding(FastLoRALinear):
     def add_adapter(self, name, r, lora_alpha, lora_dropout=0.0, use_rslora=False, init_lora_weights=True,
                     sparse_density=0.0, sparse_block_size=1, sparse_selection="random", sparse_scores=None,
                     use_dora=False):
-        """Add plain-LoRA adapter ``name`` (its own rank, alpha; dropout kept, not applied to ids), as
-        ``FastLoRALinear.add_adapter``; ``use_dora=True`` and ``sparse_density > 0`` are refused."""
+        """Add adapter ``name`` (its own rank, alpha; dropout kept, not applied to ids), as
+        ``FastLoRALinear.add_adapter``. ``use_dora=True`` (PEFT's DoRA embedding): a magnitude m (embedding_dim,),
+        initialised to the norms of each column of E + s (B A)ᵀ over the vocabulary (W = Eᵀ's rows);
+        ``sparse_density > 0`` is refused."""
         check_dora_options(use_dora, sparse_density)
-        if use_dora is True or sparse_density:
-            what = "use_dora=True" if use_dora is True else f"sparse_density={sparse_density!r}"
-            raise ValueError(f"adapter {name!r}: {what} on an embedding layer: fastpeft's embedding LoRA is plain "
-                             "LoRA (no DoRA, no sparse delta)")
-        super().add_adapter(name, r, lora_alpha, lora_dropout, use_rslora, init_lora_weights)
+        if sparse_density:
+            raise ValueError(f"adapter {name!r}: sparse_density={sparse_density!r} on an embedding layer: fastpeft's "
+                             "embedding LoRA takes LoRA and DoRA adapters, not a sparse delta")
+        super().add_adapter(name, r, lora_alpha, lora_dropout, use_rslora, init_lora_weights, use_dora=use_dora)
 
     @torch.no_grad()
     def reset_lora_parameters(self, init_lora_weights=True, adapter_name: str | None = None,
@@ -1205,7 +1209,12 @@ class FastLoRAEmbedding(FastLoRALinear):
         if self.merged:
             return y
         if adapter_ids is None:
-            return y if self._active is None else (y + self._branch(x, self._active)).to(y.dtype)
+            if self._active is None:
+                return y
+            if self._specs[self._active].use_dora:
+                return self._dora_lookup(x, y, self._active)
+            return (y + self._branch(x, self._active)).to(y.dtype)
+        self._refuse_routed_variants(routing)
         rows = x.unsqueeze(-1)  # the per-row id rules of the linear layers, rows = x's positions
         if routing is not None:  # the names are on the host: each adapter computes on its own sequences only
             per = routed_batch(adapter_ids.shape[0], rows, routing[1])
@@ -1224,6 +1233,20 @@ class FastLoRAEmbedding(FastLoRALinear):
         for i, name in enumerate(self._specs):
             out = out + torch.where((ids == i)[..., None], self._branch(x, name), 0.0)
         return out.to(y.dtype)
+
+    def _dora_lookup(self, x: torch.Tensor, y: torch.Tensor, name: str) -> torch.Tensor:
+        """PEFT's DoRA embedding: ``g ⊙ (E[x] + s Aᵀ[x] Bᵀ)``, g = m / n with n_j = ‖E[:, j] + s (B A)ᵀ[:, j]‖ over the
+        vocabulary (detached), taken in factored form (``ops.dora.dora_norm`` on W = Eᵀ: E read once, no (vocab, dim)
+        temporary; PEFT forms (B A)ᵀ and E + s (B A)ᵀ at every call); summed in fp32 (fp64 for fp64), rounded once."""
+        from .ops.dora import dora_norm
+
+        s = self._specs[name]
+        a, b = self._pair(name)
+        n = dora_norm(self._w(), a, b, s.scaling, weight_sq_norm=self._weight_sq_norm())
+        lora = self._branch(x, name)
+        acc = torch.promote_types(torch.promote_types(y.dtype, lora.dtype), torch.float32)
+        g = _entry(self._modules["lora_magnitude_vector"], name).to(acc) / n.to(acc)
+        return (g * (y.to(acc) + lora.to(acc))).to(y.dtype)
 
     def _grouped(self, y: torch.Tensor, x: torch.Tensor, groups) -> torch.Tensor:
         """``y`` plus each adapter's branch on its own entries of ``x`` only: ``groups`` of (name, index), the index a

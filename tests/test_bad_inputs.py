@@ -112,6 +112,13 @@ def _gpt2_own_conv1d():
     return m
 
 
+def _embedding_with_dora():
+    torch.manual_seed(0)
+    layer = fastpeft.FastLoRAEmbedding.from_embedding(nn.Embedding(9, 4))
+    layer.add_adapter("d", 2, 2, use_dora=True)
+    return layer
+
+
 def _merged_model():
     m = _lora_model()
     for layer in fastpeft.lora_layers(m).values():
@@ -253,8 +260,10 @@ CASES = [
     Bad("FastLoRAEmbedding-forward-float-ids", lambda m: m(_t(2, 3)), TypeError,
         ("int64 / int32 tensor of ids", "[0, 9)", "torch.float32"),
         lambda: fastpeft.FastLoRAEmbedding.from_embedding(nn.Embedding(9, 4))),
-    Bad("inject-embedding-dora", lambda m: fastpeft.inject(m, LoraConfig(target_modules=["wte"], use_dora=True)),
-        ValueError, ("'transformer.wte'", "embedding layer", "not use_dora=True"), _gpt2),
+    Bad("inject-embedding-rosa", lambda m: fastpeft.inject(m, LoraConfig(target_modules=["wte"], sparse_density=0.1)),
+        ValueError, ("'transformer.wte'", "embedding layer", "not a sparse delta"), _gpt2),
+    Bad("FastLoRAEmbedding-dora-routed", lambda m: m(torch.tensor([[1, 2], [3, 4]]), torch.tensor([0, 1])),
+        ValueError, ("DoRA", "'d'", "routed per row"), _embedding_with_dora),
     Bad("FastLoRALinear-from_conv1d-linear", lambda _: FastLoRALinear.from_conv1d(nn.Linear(4, 4)), TypeError,
         ("conv must be a transformers Conv1D", "Linear")),
     Bad("inject-conv1d-rosa", lambda m: fastpeft.inject(m, LoraConfig(target_modules=["c_attn"], sparse_density=0.01)),

@@ -274,7 +274,7 @@ def test_refusals_name_the_module(base):
             return super().forward(x) * 2
 
     for config, match in (
-            (LoraConfig(target_modules=["embed_tokens"], use_dora=True), "'model.embed_tokens'.*not use_dora=True"),
+            (LoraConfig(target_modules=["embed_tokens"], lora_bias=True), "'model.embed_tokens'.*not lora_bias=True"),
             (LoraConfig(target_modules=["embed_tokens"], sparse_density=0.01), "'model.embed_tokens'.*not a sparse"),
             (SparseDeltaConfig(target_modules=["embed_tokens"]), "'model.embed_tokens'.*not a sparse delta")):
         model = copy.deepcopy(base)
@@ -292,8 +292,8 @@ def test_refusals_name_the_module(base):
     layer = FastLoRAEmbedding.from_embedding(nn.Embedding(9, 4))
     with pytest.raises(TypeError, match=r"int64 / int32 tensor of ids in \[0, 9\), got torch.float32"):
         layer(torch.zeros(2, 3))
-    with pytest.raises(ValueError, match="'b': use_dora=True on an embedding layer"):
-        layer.add_adapter("b", 2, 2, use_dora=True)
+    with pytest.raises(ValueError, match="'b': sparse_density=0.1 on an embedding layer"):
+        layer.add_adapter("b", 2, 2, sparse_density=0.1)
     with pytest.raises(TypeError, match="no nn.Linear form"):
         layer.to_linear()
     with pytest.raises(TypeError, match="embedding must be an nn.Embedding, got Linear"):
@@ -343,3 +343,54 @@ def test_peft_files_with_resized_embeddings_load(ids, tmp_path):
                                          rf"resize_token_embeddings\({VOCAB + 9}\)"):
         fastpeft.load_adapter(small, tmp_path / "a")
     assert all(torch.equal(small.state_dict()[k], v) for k, v in before.items())
+
+
+@pytest.mark.parametrize("init", [True, False])
+def test_dora_embedding_matches_peft(tmp_path, init):
+    """PEFT's DoRA embedding: g ⊙ (E[x] + s Aᵀ[x] Bᵀ), the magnitude (embedding_dim,) the norms of E + s (B A)ᵀ's
+    columns over the vocabulary; initial draws, outputs, every gradient, files both ways, merge and unmerge."""
+    peft = pytest.importorskip("peft")
+
+    class Net(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.emb, self.fc = nn.Embedding(50, 8, padding_idx=0), nn.Linear(8, 5)
+
+        def forward(self, x):
+            return self.fc(self.emb(x)).mean(1)
+
+    torch.manual_seed(0)
+    base = Net()
+    cfg = dict(r=4, lora_alpha=8, target_modules=["emb", "fc"], use_dora=True, init_lora_weights=init)
+    torch.manual_seed(1)
+    theirs = peft.get_peft_model(copy.deepcopy(base), peft.LoraConfig(**cfg))
+    torch.manual_seed(1)
+    ours = fastpeft.inject(copy.deepcopy(base), LoraConfig(**cfg))
+    pl, fl = theirs.base_model.model.emb, ours.emb
+    torch.testing.assert_close(fl.magnitude(), pl.lora_magnitude_vector["default"].weight, rtol=0, atol=0)
+    with torch.no_grad():  # non-zero A (the init's is zero) and a magnitude away from the norm
+        pl.lora_embedding_A["default"].normal_()
+        pl.lora_magnitude_vector["default"].weight.mul_(1.3)
+        fl.lora_A.copy_(pl.lora_embedding_A["default"])
+        fl.magnitude().copy_(pl.lora_magnitude_vector["default"].weight)
+    x = torch.randint(0, 50, (3, 7))
+    y_t, y_o = theirs(x), ours(x)
+    torch.testing.assert_close(y_o, y_t, rtol=1e-5, atol=1e-5)
+    y_t.square().sum().backward()
+    y_o.square().sum().backward()
+    for got, want in ((fl.lora_A.grad, pl.lora_embedding_A["default"].grad),
+                      (fl.lora_B.grad, pl.lora_embedding_B["default"].grad),
+                      (fl.magnitude().grad, pl.lora_magnitude_vector["default"].weight.grad)):
+        assert (got - want).abs().max() <= 1e-5 * want.abs().max()
+    fastpeft.save_adapter(ours, tmp_path / "ours")
+    theirs.save_pretrained(tmp_path / "theirs")
+    with torch.no_grad():
+        want = theirs(x)
+        torch.testing.assert_close(peft.PeftModel.from_pretrained(copy.deepcopy(base), tmp_path / "ours")(x), want,
+                                   rtol=1e-5, atol=1e-5)
+        torch.testing.assert_close(fastpeft.load_adapter(copy.deepcopy(base), tmp_path / "theirs")(x), want,
+                                   rtol=1e-5, atol=1e-5)
+        fl.merge()
+        torch.testing.assert_close(ours(x), want, rtol=1e-5, atol=1e-5)
+        fl.unmerge()
+        torch.testing.assert_close(ours(x), want, rtol=1e-5, atol=1e-5)
