@@ -1022,8 +1022,9 @@ class FastLoRALinear(TunerLayer):
 
     @torch.no_grad()
     def _add_magnitude(self, name: str, trains: bool) -> None:
-        """m = ‖W + sBA‖_row (= ‖W‖ with B = 0), in fp32 then W's dtype, as PEFT's ``DoraLinearLayer``."""
-        w = self._w().float() + self._exact_delta(name).float()
+        """m = ‖W + sBA‖_row (= ‖W‖ with B = 0), in fp32 (fp64 for fp64) then W's dtype, as PEFT's ``DoraLinearLayer``."""
+        acc = torch.promote_types(self.weight.dtype, torch.float32)
+        w = self._w().to(acc) + self._exact_delta(name).to(acc)
         m = torch.linalg.vector_norm(w, dim=1).to(self.weight.dtype)
         self.lora_magnitude_vector[name] = nn.Parameter(m, requires_grad=trains)
 
@@ -1111,8 +1112,10 @@ class FastLoRAEmbedding(FastLoRALinear):
     int -> (..., embedding_dim). As PEFT's layer: no dropout on ids (``lora_dropout`` is kept, not applied), A
     zeros and B ~ N(0, 1) at init (``True`` / ``"gaussian"``; ``False``: both N(0, 1)), ``padding_idx`` and
     ``scale_grad_by_freq`` passed to both lookups, merge E += (s B A)^T. Many adapters per batch
-    (``forward(x, adapter_ids)``, ``mixed_batch``) add each row's own. Not offered: DoRA, RoSA, an embedding with
-    ``max_norm`` (its lookup renormalises rows in place) or ``sparse=True`` gradients."""
+    (``forward(x, adapter_ids)``, ``mixed_batch``) add each row's own. ``use_dora=True``: PEFT's DoRA embedding
+    (``_dora_lookup``; not routed per row). Not offered: RoSA, lora_bias, an embedding with ``max_norm`` (its lookup
+    renormalises rows in place) or ``sparse=True`` gradients. In eval mode ‖E‖² is kept between calls (a write
+    through ``.data`` is seen at the next ``train()`` / ``eval()`` switch, as for the other layers)."""
 
     _stored_in_out = True
 
@@ -1427,7 +1430,8 @@ class FastLoRAConv(FastLoRALinear):
     def _add_magnitude(self, name: str, trains: bool) -> None:
         """m = ‖W + sBA‖ over C and the kernel, (1, O, 1, ...) as PEFT's ``_DoraConvNdLayer`` keeps it, computed in
         fp32 then W's dtype."""
-        w = (self._w().float() + self._exact_delta(name).float()).flatten(1)
+        acc = torch.promote_types(self.weight.dtype, torch.float32)
+        w = (self._w().to(acc) + self._exact_delta(name).to(acc)).flatten(1)
         m = torch.linalg.vector_norm(w, dim=1).to(self.weight.dtype)
         shape = (1, self.out_channels) + (1,) * self.conv_dims
         self.lora_magnitude_vector[name] = nn.Parameter(m.view(shape), requires_grad=trains)

@@ -394,3 +394,10 @@ def test_dora_embedding_matches_peft(tmp_path, init):
         torch.testing.assert_close(ours(x), want, rtol=1e-5, atol=1e-5)
         fl.unmerge()
         torch.testing.assert_close(ours(x), want, rtol=1e-5, atol=1e-5)
+
+
+def test_fp64_dora_magnitude_is_initialised_in_fp64():
+    layer = FastLoRAEmbedding.from_embedding(nn.Embedding(50, 8, dtype=torch.float64), r=4, use_dora=True,
+                                             init_lora_weights=False)
+    want = (layer._w() + layer._exact_delta()).norm(dim=1)
+    torch.testing.assert_close(layer.magnitude(), want, rtol=1e-12, atol=1e-12)

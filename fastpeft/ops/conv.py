@@ -59,15 +59,24 @@ def _rank_update_(y: torch.Tensor, lora_B: torch.Tensor, u: torch.Tensor, alpha:
     return torch.add(y, torch.matmul(lora_B, uv).view(y.shape), alpha=alpha)  # (the first operand's layout)
 
 
+@contextlib.contextmanager
 def _cudnn_pinned(x: torch.Tensor):
     """cuDNN's deterministic algorithms for the block where fastpeft's deterministic mode is on and x is on a GPU (its
-    weight gradients otherwise may pick algorithms that sum through atomics); a no-op elsewhere and while compiling."""
+    weight gradients otherwise may pick algorithms that sum through atomics); a no-op elsewhere and while compiling.
+    Only ``deterministic`` and ``benchmark`` are set, and put back after (``cudnn.flags`` would reset the others:
+    TF32 / fp32 precision)."""
     from .. import kernels
 
     if not x.is_cuda or torch.compiler.is_compiling() or not kernels.is_deterministic():
-        return contextlib.nullcontext()
+        yield
+        return
     cudnn = torch.backends.cudnn
-    return cudnn.flags(enabled=cudnn.enabled, benchmark=False, deterministic=True, allow_tf32=cudnn.allow_tf32)
+    prev = cudnn.deterministic, cudnn.benchmark
+    cudnn.deterministic, cudnn.benchmark = True, False
+    try:
+        yield
+    finally:
+        cudnn.deterministic, cudnn.benchmark = prev
 
 
 def _conv_forward(x, weight, bias, lora_A, lora_B, scaling, p, seed, geo, cpu_stream) -> tuple:
