@@ -1022,7 +1022,8 @@ class FastLoRALinear(TunerLayer):
 
     @torch.no_grad()
     def _add_magnitude(self, name: str, trains: bool) -> None:
-        """m = ‖W + sBA‖_row (= ‖W‖ with B = 0), in fp32 (fp64 for fp64) then W's dtype, as PEFT's ``DoraLinearLayer``."""
+        """m = ‖W + sBA‖_row (= ‖W‖ with B = 0), in fp32 (fp64 for fp64) then W's dtype, as PEFT's
+        ``DoraLinearLayer``."""
         acc = torch.promote_types(self.weight.dtype, torch.float32)
         w = self._w().to(acc) + self._exact_delta(name).to(acc)
         m = torch.linalg.vector_norm(w, dim=1).to(self.weight.dtype)
