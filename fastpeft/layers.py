@@ -97,6 +97,15 @@ def with_lora_bias(bias, lora_bias, scaling: float, dtype: torch.dtype) -> torch
     return (added if bias is None else bias.to(acc) + added).to(dtype)
 
 
+def _refused(message: str):
+    """A constructor classmethod a layer class refuses (it wraps another kind of module): raises ``TypeError(message)``,
+    which names the constructor to use."""
+    def refuse(cls, *args, **kwargs):
+        raise TypeError(message)
+    refuse.__doc__ = f"Refused: {message}."
+    return classmethod(refuse)
+
+
 def _entry(params: nn.ParameterDict, name: str):
     """``params[name]``, read from the ParameterDict's own table: its ``[]`` goes through nn.Module's
     ``__getattr__`` (1.1 µs a read, a fifth of a decode forward's host time for A and B). Falls back to
@@ -1147,17 +1156,10 @@ class FastLoRAEmbedding(FastLoRALinear):
         self._setup(embedding.weight, None, adapter_name, r, lora_alpha, lora_dropout, use_rslora, init_lora_weights,
                     use_dora=use_dora)
 
-    @classmethod
-    def from_linear(cls, *args, **kwargs):
-        """Refused: an embedding layer wraps an nn.Embedding (``from_embedding``)."""
-        raise TypeError("FastLoRAEmbedding wraps an nn.Embedding: FastLoRAEmbedding.from_embedding(embedding, ...); "
-                        "an nn.Linear takes FastLoRALinear.from_linear")
-
-    @classmethod
-    def from_conv1d(cls, *args, **kwargs):
-        """Refused: an embedding layer wraps an nn.Embedding (``from_embedding``)."""
-        raise TypeError("FastLoRAEmbedding wraps an nn.Embedding: FastLoRAEmbedding.from_embedding(embedding, ...); "
-                        "a Conv1D takes FastLoRALinear.from_conv1d")
+    from_linear = _refused("FastLoRAEmbedding wraps an nn.Embedding: FastLoRAEmbedding.from_embedding(embedding, "
+                           "...); an nn.Linear takes FastLoRALinear.from_linear")
+    from_conv1d = _refused("FastLoRAEmbedding wraps an nn.Embedding: FastLoRAEmbedding.from_embedding(embedding, "
+                           "...); a Conv1D takes FastLoRALinear.from_conv1d")
 
     def add_adapter(self, name, r, lora_alpha, lora_dropout=0.0, use_rslora=False, init_lora_weights=True,
                     sparse_density=0.0, sparse_block_size=1, sparse_selection="random", sparse_scores=None,
@@ -1369,17 +1371,10 @@ class FastLoRAConv(FastLoRALinear):
         """``FastLoRAConv(conv, ...)``: wrap ``conv``, sharing (not copying) its weight and bias."""
         return cls(conv, r, lora_alpha, lora_dropout, use_rslora, init_lora_weights, adapter_name, use_dora, lora_bias)
 
-    @classmethod
-    def from_linear(cls, *args, **kwargs):
-        """Refused: a LoRA convolution wraps a convolution (``from_conv``)."""
-        raise TypeError("FastLoRAConv wraps an nn.Conv1d / Conv2d / Conv3d: FastLoRAConv.from_conv(conv, ...); an "
-                        "nn.Linear takes FastLoRALinear.from_linear")
-
-    @classmethod
-    def from_conv1d(cls, *args, **kwargs):
-        """Refused: transformers' Conv1D is a linear layer (``FastLoRALinear.from_conv1d``)."""
-        raise TypeError("FastLoRAConv wraps torch's nn.Conv1d / Conv2d / Conv3d; transformers' Conv1D (GPT-2) is a "
-                        "linear layer: FastLoRALinear.from_conv1d")
+    from_linear = _refused("FastLoRAConv wraps an nn.Conv1d / Conv2d / Conv3d: FastLoRAConv.from_conv(conv, ...); "
+                           "an nn.Linear takes FastLoRALinear.from_linear")
+    from_conv1d = _refused("FastLoRAConv wraps torch's nn.Conv1d / Conv2d / Conv3d; transformers' Conv1D (GPT-2) is a "
+                           "linear layer: FastLoRALinear.from_conv1d")
 
     def add_adapter(self, name, r, lora_alpha, lora_dropout=0.0, use_rslora=False, init_lora_weights=True,
                     sparse_density=0.0, sparse_block_size=1, sparse_selection="random", sparse_scores=None,
