@@ -187,13 +187,17 @@ def check_in_features(x: torch.Tensor, in_features: int) -> None:
 
 
 def check_embedding(embedding, name: str = "embedding") -> None:
-    """An ``nn.Embedding`` fastpeft's embedding LoRA can wrap: nn.Embedding's own forward, no ``max_norm`` (its lookup
-    renormalises the table's rows in place), dense gradients."""
+    """An ``nn.Embedding`` fastpeft's embedding LoRA can wrap: nn.Embedding's own forward, or a transformers scaled
+    embedding (a forward of its own multiplying the lookup by a one-element ``embed_scale``: Gemma 3's), no
+    ``max_norm`` (its lookup renormalises the table's rows in place), dense gradients."""
     if not isinstance(embedding, torch.nn.Embedding):
         raise TypeError(f"{name} must be an nn.Embedding, got {type(embedding).__name__}")
-    if type(embedding).forward is not torch.nn.Embedding.forward:
+    scale = getattr(embedding, "embed_scale", None)
+    scaled = isinstance(scale, (int, float)) or isinstance(scale, torch.Tensor) and scale.numel() == 1
+    if type(embedding).forward is not torch.nn.Embedding.forward and not scaled:
         raise TypeError(f"{name} is a {type(embedding).__module__}.{type(embedding).__name__}, an nn.Embedding with a "
-                        "forward of its own (a scaled embedding?), which fastpeft's layer would bypass")
+                        "forward of its own and no one-element embed_scale (not a transformers scaled embedding), "
+                        "which fastpeft's layer would bypass")
     if embedding.max_norm is not None:
         raise ValueError(f"{name} has max_norm={embedding.max_norm!r}: its lookups renormalise rows in place; "
                          "fastpeft's embedding LoRA takes max_norm=None only")

@@ -1123,7 +1123,9 @@ class FastLoRAEmbedding(FastLoRALinear):
     zeros and B ~ N(0, 1) at init (``True`` / ``"gaussian"``; ``False``: both N(0, 1)), ``padding_idx`` and
     ``scale_grad_by_freq`` passed to both lookups, merge E += (s B A)^T. Many adapters per batch
     (``forward(x, adapter_ids)``, ``mixed_batch``) add each row's own. ``use_dora=True``: PEFT's DoRA embedding
-    (``_dora_lookup``; not routed per row). Not offered: RoSA, lora_bias, an embedding with ``max_norm`` (its lookup
+    (``_dora_lookup``; not routed per row). A transformers scaled embedding (Gemma 3's: a forward multiplying the
+    lookup by ``embed_scale``) is taken: its scale multiplies the base lookup and each adapter's term, as PEFT's layer
+    does (``_scaled``). Not offered: RoSA, lora_bias, an embedding with ``max_norm`` (its lookup
     renormalises rows in place) or ``sparse=True`` gradients. In eval mode ‖E‖² is kept between calls (a write
     through ``.data`` is seen at the next ``train()`` / ``eval()`` switch, as for the other layers)."""
 
@@ -1153,6 +1155,12 @@ class FastLoRAEmbedding(FastLoRALinear):
               use_dora=False) -> None:
         self.padding_idx = embedding.padding_idx
         self.scale_grad_by_freq = embedding.scale_grad_by_freq
+        if type(embedding).forward is not nn.Embedding.forward:  # a transformers scaled embedding (check_embedding)
+            scale = embedding.embed_scale
+            scale = scale.detach().reshape(()) if isinstance(scale, torch.Tensor) else torch.tensor(
+                float(scale), device=embedding.weight.device)
+            self.register_buffer("embed_scale", scale, persistent=False)  # (moves with the layer)
+            self.__dict__["_scaled_module"] = embedding  # (not registered) base_module() gives it back
         self._setup(embedding.weight, None, adapter_name, r, lora_alpha, lora_dropout, use_rslora, init_lora_weights,
                     use_dora=use_dora)
 
@@ -1196,6 +1204,12 @@ class FastLoRAEmbedding(FastLoRALinear):
     def _check_input(self, x: torch.Tensor) -> None:
         check_embedding_ids(x, self.in_features)
 
+    def _scaled(self, t: torch.Tensor) -> torch.Tensor:
+        """t times a scaled embedding's ``embed_scale`` (in t's dtype, as the embedding's forward and PEFT's layer
+        apply it, to the base lookup and to each adapter's term alike); t itself for a plain nn.Embedding."""
+        scale = self._buffers.get("embed_scale")
+        return t if scale is None else t * scale.to(t.dtype)
+
     def _lookup(self, x: torch.Tensor, table: torch.Tensor) -> torch.Tensor:
         return F.embedding(x, table, self.padding_idx, None, 2.0, self.scale_grad_by_freq, False)
 
@@ -1204,14 +1218,14 @@ class FastLoRAEmbedding(FastLoRALinear):
         compute in fp32 and the sum is rounded once to the table's dtype, as PEFT's layer does (a gather and an r-wide
         product: no cast of A, which has a column per token of the vocabulary)."""
         a, b = self._pair(name)
-        return (self._lookup(x, a.t()) @ b.t()) * self._specs[name].scaling
+        return self._scaled((self._lookup(x, a.t()) @ b.t()) * self._specs[name].scaling)
 
     def forward(self, x: torch.Tensor, adapter_ids: torch.Tensor | None = None) -> torch.Tensor:
         """x (...) int ids -> (..., embedding_dim). ``adapter_ids`` (per id, ``x.shape``, or per sequence,
         ``(x.shape[0],)``) gives each position the adapter of that index in ``adapter_names`` (-1 = base only);
         inside ``fastpeft.mixed_batch`` the per-sequence routing applies."""
         routing, adapter_ids = self._routed_ids(x, adapter_ids)
-        y = self._lookup(x, self.weight)
+        y = self._scaled(self._lookup(x, self.weight))
         if self.merged:
             return y
         if adapter_ids is None:
@@ -1272,7 +1286,13 @@ class FastLoRAEmbedding(FastLoRALinear):
         return y if out is None else out.to(y.dtype)
 
     def base_module(self) -> nn.Module:
-        """The ``nn.Embedding`` in this layer's place, holding its weight Parameter (no copy)."""
+        """The ``nn.Embedding`` in this layer's place, holding its weight Parameter (no copy); for a scaled embedding
+        the wrapped module itself, its ``embed_scale`` the layer's."""
+        scaled = self.__dict__.get("_scaled_module")
+        if scaled is not None:
+            scaled.weight = self.weight
+            scaled.embed_scale = self.embed_scale
+            return scaled
         emb = nn.Embedding(self.in_features, self.out_features, padding_idx=self.padding_idx,
                            scale_grad_by_freq=self.scale_grad_by_freq, device="meta")
         emb.weight = self.weight

@@ -401,3 +401,34 @@ def test_fp64_dora_magnitude_is_initialised_in_fp64():
                                              init_lora_weights=False)
     want = (layer._w() + layer._exact_delta()).norm(dim=1)
     torch.testing.assert_close(layer.magnitude(), want, rtol=1e-12, atol=1e-12)
+
+
+@pytest.mark.parametrize("dora", [False, True])
+def test_scaled_embeddings_as_peft(tmp_path, dora):
+    """A transformers scaled embedding (Gemma 3's: the lookup times embed_scale): PEFT scales each adapter's term by
+    embed_scale too; logits, gradients, files and merge_and_unload (which gives the scaled module back) as PEFT."""
+    torch.manual_seed(0)
+    cfg = transformers.Gemma3TextConfig(vocab_size=64, hidden_size=32, intermediate_size=64, num_hidden_layers=1,
+                                        num_attention_heads=2, num_key_value_heads=1, head_dim=16)
+    base = transformers.Gemma3ForCausalLM(cfg).eval()
+    kind = type(base.model.embed_tokens)
+    c = dict(r=4, lora_alpha=8, target_modules=["embed_tokens", "q_proj"], init_lora_weights=False, use_dora=dora)
+    torch.manual_seed(1)
+    theirs = peft.get_peft_model(copy.deepcopy(base), peft.LoraConfig(**c))
+    torch.manual_seed(1)
+    ours = fastpeft.inject(copy.deepcopy(base), LoraConfig(**c))
+    ids = torch.randint(0, 64, (2, 6))
+    y_t, y_o = theirs(ids).logits, ours(ids).logits
+    torch.testing.assert_close(y_o, y_t, rtol=1e-5, atol=1e-6)
+    y_t.square().sum().backward()
+    y_o.square().sum().backward()
+    got, want = ours.model.embed_tokens.lora_A.grad, theirs.base_model.model.model.embed_tokens.lora_embedding_A[
+        "default"].grad
+    assert (got - want).abs().max() <= 1e-5 * want.abs().max()
+    fastpeft.save_adapter(ours, tmp_path)
+    with torch.no_grad():
+        torch.testing.assert_close(peft.PeftModel.from_pretrained(copy.deepcopy(base), tmp_path)(ids).logits, y_o,
+                                   rtol=1e-5, atol=1e-6)
+        merged = fastpeft.merge_and_unload(ours)
+        assert type(merged.model.embed_tokens) is kind
+        torch.testing.assert_close(merged(ids).logits, y_o, rtol=1e-5, atol=1e-6)
