@@ -194,10 +194,13 @@ def check_embedding(embedding, name: str = "embedding") -> None:
         raise TypeError(f"{name} must be an nn.Embedding, got {type(embedding).__name__}")
     scale = getattr(embedding, "embed_scale", None)
     scaled = isinstance(scale, (int, float)) or isinstance(scale, torch.Tensor) and scale.numel() == 1
-    if type(embedding).forward is not torch.nn.Embedding.forward and not scaled:
+    if type(embedding).forward is not torch.nn.Embedding.forward and not (
+            scaled and [n for n, _ in embedding.named_parameters()] == ["weight"]
+            and all(n == "embed_scale" for n, _ in embedding.named_buffers()) and not embedding._modules):
         raise TypeError(f"{name} is a {type(embedding).__module__}.{type(embedding).__name__}, an nn.Embedding with a "
-                        "forward of its own and no one-element embed_scale (not a transformers scaled embedding), "
-                        "which fastpeft's layer would bypass")
+                        "forward of its own that is not a plain transformers scaled embedding (a one-element "
+                        "embed_scale, no other parameters, buffers or submodules), which fastpeft's layer would "
+                        "bypass")
     if embedding.max_norm is not None:
         raise ValueError(f"{name} has max_norm={embedding.max_norm!r}: its lookups renormalise rows in place; "
                          "fastpeft's embedding LoRA takes max_norm=None only")

@@ -97,6 +97,16 @@ def with_lora_bias(bias, lora_bias, scaling: float, dtype: torch.dtype) -> torch
     return (added if bias is None else bias.to(acc) + added).to(dtype)
 
 
+def module_shell(module: nn.Module) -> nn.Module:
+    """A shallow copy of ``module`` without its weight and bias (their entries None): what a layer keeps, unregistered,
+    to give the module itself back in ``base_module()`` (its class, hooks and attributes) without holding its old
+    tensors once the layer's own are replaced (``load_state_dict(assign=True)``, FSDP2)."""
+    shell = copy.copy(module)
+    shell._parameters = {k: (None if k in ("weight", "bias") else v) for k, v in module._parameters.items()}
+    shell._buffers = dict(module._buffers)
+    return shell
+
+
 def _refused(message: str):
     """A constructor classmethod a layer class refuses (it wraps another kind of module): raises ``TypeError(message)``,
     which names the constructor to use."""
@@ -1157,10 +1167,11 @@ class FastLoRAEmbedding(FastLoRALinear):
         self.scale_grad_by_freq = embedding.scale_grad_by_freq
         if type(embedding).forward is not nn.Embedding.forward:  # a transformers scaled embedding (check_embedding)
             scale = embedding.embed_scale
-            scale = scale.detach().reshape(()) if isinstance(scale, torch.Tensor) else torch.tensor(
-                float(scale), device=embedding.weight.device)
-            self.register_buffer("embed_scale", scale, persistent=False)  # (moves with the layer)
-            self.__dict__["_scaled_module"] = embedding  # (not registered) base_module() gives it back
+            if isinstance(scale, torch.Tensor):  # Gemma 3's: a buffer, moving with the layer
+                self.register_buffer("embed_scale", scale.detach().reshape(()), persistent=False)
+            else:  # BART's: a Python number, as the module multiplies by it
+                self._scale_number = float(scale)
+            self.__dict__["_scaled_module"] = module_shell(embedding)  # (not registered) base_module() gives it back
         self._setup(embedding.weight, None, adapter_name, r, lora_alpha, lora_dropout, use_rslora, init_lora_weights,
                     use_dora=use_dora)
 
@@ -1204,11 +1215,19 @@ class FastLoRAEmbedding(FastLoRALinear):
     def _check_input(self, x: torch.Tensor) -> None:
         check_embedding_ids(x, self.in_features)
 
-    def _scaled(self, t: torch.Tensor) -> torch.Tensor:
-        """t times a scaled embedding's ``embed_scale`` (in t's dtype, as the embedding's forward and PEFT's layer
-        apply it, to the base lookup and to each adapter's term alike); t itself for a plain nn.Embedding."""
+    _scale_number = None  # a scaled embedding's embed_scale where it is a Python number (BART's)
+
+    def _scaled(self, t: torch.Tensor, base: bool = False) -> torch.Tensor:
+        """t times a scaled embedding's ``embed_scale``, as the embedding's forward (``base``: the lookup) and PEFT's
+        layer (an adapter's term) apply it: a buffer in t's dtype; a Python number as such for the lookup, and rounded
+        to the weight's dtype for an adapter's term (PEFT's ``_get_embed_scale``). t itself for a plain nn.Embedding."""
         scale = self._buffers.get("embed_scale")
-        return t if scale is None else t * scale.to(t.dtype)
+        if scale is not None:
+            return t * scale.to(t.dtype)
+        number = self._scale_number
+        if number is None:
+            return t
+        return t * number if base else t * torch.tensor(number, dtype=self.weight.dtype, device=t.device).to(t.dtype)
 
     def _lookup(self, x: torch.Tensor, table: torch.Tensor) -> torch.Tensor:
         return F.embedding(x, table, self.padding_idx, None, 2.0, self.scale_grad_by_freq, False)
@@ -1225,7 +1244,7 @@ class FastLoRAEmbedding(FastLoRALinear):
         ``(x.shape[0],)``) gives each position the adapter of that index in ``adapter_names`` (-1 = base only);
         inside ``fastpeft.mixed_batch`` the per-sequence routing applies."""
         routing, adapter_ids = self._routed_ids(x, adapter_ids)
-        y = self._scaled(self._lookup(x, self.weight))
+        y = self._scaled(self._lookup(x, self.weight), base=True)
         if self.merged:
             return y
         if adapter_ids is None:
@@ -1291,7 +1310,8 @@ class FastLoRAEmbedding(FastLoRALinear):
         scaled = self.__dict__.get("_scaled_module")
         if scaled is not None:
             scaled.weight = self.weight
-            scaled.embed_scale = self.embed_scale
+            if "embed_scale" in self._buffers:
+                scaled.embed_scale = self.embed_scale
             return scaled
         emb = nn.Embedding(self.in_features, self.out_features, padding_idx=self.padding_idx,
                            scale_grad_by_freq=self.scale_grad_by_freq, device="meta")
@@ -1381,7 +1401,7 @@ class FastLoRAConv(FastLoRALinear):
         self.padding_mode = conv.padding_mode
         self._dilated = dilated(conv)
         self._reversed_padding = getattr(conv, "_reversed_padding_repeated_twice", None)
-        self.__dict__["_conv_module"] = conv  # (not registered) base_module() gives it back
+        self.__dict__["_conv_module"] = module_shell(conv)  # (not registered) base_module() gives it back
         self._setup(conv.weight, conv.bias, adapter_name, r, lora_alpha, lora_dropout, use_rslora, init_lora_weights,
                     use_dora=use_dora, lora_bias=lora_bias)
 

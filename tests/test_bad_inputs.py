@@ -112,6 +112,18 @@ def _gpt2_own_conv1d():
     return m
 
 
+class _ScaledWithExtra(nn.Embedding):
+    """A scaled embedding that also overwrites a row with a Parameter of its own (T5Gemma 2's eoi row)."""
+
+    def __init__(self, n, d):
+        super().__init__(n, d)
+        self.embed_scale = 2.0
+        self.extra = nn.Parameter(torch.zeros(d))
+
+    def forward(self, x):
+        return torch.where((x == 1)[..., None], self.extra, super().forward(x) * self.embed_scale)
+
+
 def _embedding_with_dora():
     torch.manual_seed(0)
     layer = fastpeft.FastLoRAEmbedding.from_embedding(nn.Embedding(9, 4))
@@ -262,6 +274,8 @@ CASES = [
         lambda: fastpeft.FastLoRAEmbedding.from_embedding(nn.Embedding(9, 4))),
     Bad("inject-embedding-rosa", lambda m: fastpeft.inject(m, LoraConfig(target_modules=["wte"], sparse_density=0.1)),
         ValueError, ("'transformer.wte'", "embedding layer", "not a sparse delta"), _gpt2),
+    Bad("FastLoRAEmbedding-scaled-with-extra-parameter", lambda _: fastpeft.FastLoRAEmbedding.from_embedding(
+        _ScaledWithExtra(9, 4)), TypeError, ("_ScaledWithExtra", "plain transformers scaled embedding")),
     Bad("FastLoRAEmbedding-dora-routed", lambda m: m(torch.tensor([[1, 2], [3, 4]]), torch.tensor([0, 1])),
         ValueError, ("DoRA", "'d'", "routed per row"), _embedding_with_dora),
     Bad("FastLoRALinear-from_conv1d-linear", lambda _: FastLoRALinear.from_conv1d(nn.Linear(4, 4)), TypeError,

@@ -432,3 +432,37 @@ def test_scaled_embeddings_as_peft(tmp_path, dora):
         merged = fastpeft.merge_and_unload(ours)
         assert type(merged.model.embed_tokens) is kind
         torch.testing.assert_close(merged(ids).logits, y_o, rtol=1e-5, atol=1e-6)
+
+
+def test_bart_style_number_scale_keeps_the_base_exact_in_bf16_and_matches_peft():
+    """BART's scaled embedding multiplies by a Python number: the base lookup by it as such (a bf16 model's identity
+    adapter gives the base exactly), each adapter's term by it rounded to the weight's dtype (PEFT's rule)."""
+    from transformers.models.bart.modeling_bart import BartScaledWordEmbedding
+
+    class Net(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.emb = BartScaledWordEmbedding(40, 32, 0, embed_scale=32 ** 0.5)
+            self.fc = nn.Linear(32, 4)
+
+        def forward(self, x):
+            return self.fc(self.emb(x))
+
+    torch.manual_seed(0)
+    base = Net().to(torch.bfloat16)
+    x = torch.randint(0, 40, (3, 5))
+    identity = fastpeft.inject(copy.deepcopy(base), LoraConfig(target_modules=["emb"]))
+    with torch.no_grad():
+        assert torch.equal(identity(x), base(x))
+    c = dict(r=4, lora_alpha=8, target_modules=["emb"], init_lora_weights=False)
+    torch.manual_seed(1)
+    theirs = peft.get_peft_model(copy.deepcopy(base), peft.LoraConfig(**c))
+    torch.manual_seed(1)
+    ours = fastpeft.inject(copy.deepcopy(base), LoraConfig(**c))
+    with torch.no_grad():
+        assert torch.equal(ours(x), theirs(x))
+        merged = fastpeft.merge_and_unload(copy.deepcopy(ours))
+        assert isinstance(merged.emb.embed_scale, float)  # (not replaced by a tensor)
+    layer = ours.emb
+    layer.load_state_dict({k: v.clone() for k, v in layer.state_dict().items()}, assign=True)
+    assert layer.__dict__["_scaled_module"]._parameters["weight"] is None  # no old table kept alive
