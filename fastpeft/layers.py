@@ -817,14 +817,19 @@ class FastLoRALinear(TunerLayer):
         ids give the others zeros (no host read in a step)."""
         if tracing_or_transformed() or self.training or torch.is_grad_enabled() and any(
                 p.requires_grad for p in self._all_pairs()):
-            used = None
-            if routing is not None:
-                used = set(routing[0][0])
-            elif ids is not None and ids.device.type == "cpu" and not tracing_or_transformed():
-                names = list(self._specs)
-                used = {names[i] for i in ids.unique().tolist() if i >= 0}
-            return self._build_stacks(used)
+            return self._build_stacks(self._used_adapters(routing, ids))
         return self.stacked()
+
+    def _used_adapters(self, routing, ids: torch.Tensor | None) -> set | None:
+        """The names of the adapters a mixed batch uses, which alone get gradients: those ``routing``
+        (``_call_routing``'s) names, or on the CPU (where reading them costs no sync) those the per-row ``ids`` hold;
+        None (all) elsewhere."""
+        if routing is not None:
+            return set(routing[0][0])
+        if ids is not None and ids.device.type == "cpu" and not tracing_or_transformed():
+            names = list(self._specs)
+            return {names[i] for i in ids.unique().tolist() if i >= 0}
+        return None
 
     def _adapter_meta(self, device) -> tuple:
         """(scalings fp32, ranks int64, dropout fp32) tensors (n,) on ``device``, cached."""
@@ -973,9 +978,7 @@ class FastLoRALinear(TunerLayer):
         """Each row's ``s b_B`` (..., out) of its adapter (PEFT's lora_bias; zero for adapters without one and for
         rows of id -1), in ``dtype``. Only the adapters the batch uses get gradients (see ``_forward_stacks``)."""
         names = list(self._specs)
-        used = set(routing[0][0]) if routing is not None else (
-            {names[i] for i in ids.unique().tolist() if i >= 0}
-            if ids.device.type == "cpu" and not tracing_or_transformed() else None)
+        used = self._used_adapters(routing, ids)
         biases = self._modules["lora_bias_adapters"]._parameters
         acc = torch.promote_types(dtype, torch.float32)
         zero = torch.zeros(self.out_features, device=ids.device, dtype=acc)
@@ -1021,7 +1024,8 @@ class FastLoRALinear(TunerLayer):
         s = self._spec_of(name)
         a, b = self.lora_A_adapters[name], self.lora_B_adapters[name]
         dt = torch.float64 if self.weight.dtype == torch.float64 else torch.float32
-        delta = s.scaling * (b.to(dt) @ a.to(dt))
+        # (a convolution's kernels as the (out, r) / (r, in) matrices)
+        delta = s.scaling * (b.to(dt).reshape(b.shape[0], s.r) @ a.to(dt).reshape(s.r, -1))
         sparse = self.sparse_delta(name)
         if sparse is not None:
             delta += sparse.dense_delta().to(dt)
@@ -1456,11 +1460,7 @@ class FastLoRAConv(FastLoRALinear):
     @torch.no_grad()
     def _exact_delta(self, adapter_name: str | None = None) -> torch.Tensor:
         """``s B A`` in W's shape (O, C, *k), fp32 (fp64 for an fp64 W), as PEFT's ``get_delta_weight``."""
-        name = self._active if adapter_name is None else adapter_name
-        s = self._spec_of(name)
-        a, b = self.lora_A_adapters[name], self.lora_B_adapters[name]
-        dt = torch.float64 if self.weight.dtype == torch.float64 else torch.float32
-        return (s.scaling * (b.to(dt).view(b.shape[0], s.r) @ a.to(dt).view(s.r, -1))).view(self.weight.shape)
+        return super()._exact_delta(adapter_name).view(self.weight.shape)
 
     @torch.no_grad()
     def _add_magnitude(self, name: str, trains: bool) -> None:
@@ -1501,15 +1501,13 @@ class FastLoRAConv(FastLoRALinear):
             raise ValueError(f"x must be (N, {self.in_channels}, *spatial) or unbatched ({self.in_channels}, "
                              f"*spatial) with {d} spatial dims for this {self._conv_type.__name__}, got {got}")
 
-    def _base_conv(self, x: torch.Tensor, weight: torch.Tensor | None = None) -> torch.Tensor:
-        """The base convolution of x (``padding_mode`` applied as the conv's own forward does), with ``weight``
-        (default W)."""
+    def _base_conv(self, x: torch.Tensor) -> torch.Tensor:
+        """The base convolution of x (``padding_mode`` applied as the conv's own forward does)."""
         conv = CONV_FNS[self.conv_dims]
-        weight = self.weight if weight is None else weight
         if self.padding_mode != "zeros":
-            return conv(F.pad(x, self._reversed_padding, mode=self.padding_mode), weight, self.bias, self.stride, 0,
-                        self.dilation)
-        return conv(x, weight, self.bias, self.stride, self.padding, self.dilation)
+            return conv(F.pad(x, self._reversed_padding, mode=self.padding_mode), self.weight, self.bias, self.stride,
+                        0, self.dilation)
+        return conv(x, self.weight, self.bias, self.stride, self.padding, self.dilation)
 
     def _factors(self, name: str) -> tuple:
         """(A (r, C, *k), B (O, r)) of adapter ``name`` in W's dtype (fp32 adapters on a half-precision W cast per call,
@@ -1564,20 +1562,14 @@ class FastLoRAConv(FastLoRALinear):
         ids = ids.reshape(-1)
         y = self._base_conv(x)
         names = list(self._specs)
-        if x.device.type == "cpu" or tracing_or_transformed():
-            used = ids.unique().tolist() if not tracing_or_transformed() else range(len(names))
-            routed = None if routing is None else set(routing[0][0])
-            for i in used:
-                if i < 0 or routed is not None and names[i] not in routed:
-                    continue
-                if tracing_or_transformed():
-                    y = y + torch.where((ids == i).view(-1, *(1,) * (y.dim() - 1)), self._branch(x, names[i]), 0)
-                    continue
-                index = (ids == i).nonzero().squeeze(1)
-                y = y.index_add(0, index, self._branch(x[index], names[i]).to(y.dtype))
+        if x.device.type == "cpu" and not tracing_or_transformed():  # each adapter on its own samples (host ids)
+            for i in ids.unique().tolist():
+                if i >= 0:
+                    index = (ids == i).nonzero().squeeze(1)
+                    y = y.index_add(0, index, self._branch(x[index], names[i]).to(y.dtype))
             return y
         used = None if routing is None else set(routing[0][0])  # (those the block routes: the others get no grad)
-        for i, name in enumerate(names):  # on a GPU without a host read: every adapter's branch, masked
+        for i, name in enumerate(names):  # traced, or on a GPU without a host read: every adapter's branch, masked
             if used is None or name in used:
                 y = y + torch.where((ids == i).view(-1, *(1,) * (y.dim() - 1)), self._branch(x, name), 0).to(y.dtype)
         return y

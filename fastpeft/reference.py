@@ -364,6 +364,11 @@ def conv_keep_mask(x: torch.Tensor, p: float, seed, cpu: bool | None = None) -> 
     return keep_mask_stream(x, p, seed, cpu=cpu)
 
 
+def conv_dropout(x: torch.Tensor, p: float, seed, cpu: bool | None = None) -> torch.Tensor:
+    """``drop(x)`` of the convolution ops' compositions: ``conv_keep_mask``'s mask, kept values scaled by 1/(1-p)."""
+    return x * conv_keep_mask(x, p, seed, cpu=cpu).to(x.dtype) * (1.0 / (1.0 - p))
+
+
 def lora_dropout_stream(x: torch.Tensor, p: float, seed, cpu: bool | None = None) -> torch.Tensor:
     """``drop(x)`` as the reference backend draws it for ``x`` (``keep_mask_stream``'s mask)."""
     return _drop(x, p, seed, _stream_mask_fn(x, cpu))
@@ -414,7 +419,7 @@ def lora_conv_ref(x, weight, bias, lora_A, lora_B, scaling: float, dropout_p: fl
     if training and dropout_p > 0.0:
         if seed is None:
             raise ValueError("seed is required when training with dropout_p > 0, got None")
-        x = x * conv_keep_mask(x, dropout_p, seed, cpu=cpu_stream).to(x.dtype) * (1.0 / (1.0 - dropout_p))
+        x = conv_dropout(x, dropout_p, seed, cpu=cpu_stream)
     u = conv(x, lora_A, None, stride, padding, dilation)
     return base + scaling * conv(u, lora_B.view(*lora_B.shape, *(1,) * (weight.dim() - 2)))
 

@@ -9,6 +9,7 @@ import torch
 import torch.nn as nn
 
 import fastpeft
+from conftest import assert_close_to_largest as _close
 from fastpeft import FastLoRAConv, LoraConfig
 
 peft = pytest.importorskip("peft")
@@ -132,12 +133,6 @@ class Net(nn.Module):
 
 
 TARGETS = ["c1", "c2", "c3", "c4", "fc"]
-
-
-def _close(got, want, tol=1e-5):
-    """fp32 agreement, relative to the largest entry (single entries near zero carry the others' rounding)."""
-    assert got.shape == want.shape
-    assert (got - want).abs().max().item() <= tol * max(want.abs().max().item(), 1e-30)
 
 
 def _pair(dropout=0.0, seed=0):

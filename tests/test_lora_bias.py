@@ -9,6 +9,7 @@ import torch
 import torch.nn as nn
 
 import fastpeft
+from conftest import assert_close_to_largest as _close
 from fastpeft import LoraConfig
 
 peft = pytest.importorskip("peft")
@@ -25,10 +26,6 @@ class Net(nn.Module):
 
     def forward(self, x):
         return self.out(torch.relu(self.fc(torch.relu(self.c1(x)).mean((2, 3)))))
-
-
-def _close(got, want, tol=1e-5):
-    assert (got - want).abs().max().item() <= tol * max(want.abs().max().item(), 1e-30)
 
 
 def _pair(init=True, dropout=0.0):

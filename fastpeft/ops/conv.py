@@ -209,7 +209,7 @@ def dora_conv_impl(x, weight, bias, lora_A, lora_B, magnitude, scaling: float, p
     n from ``ops.dora.dora_norm`` on W, A as (O, C·K) / (r, C·K) matrices (factored, no kernel-sized temporary;
     exact where it cancels). g and the sum in fp32 (fp64 for fp64), rounded once to x's dtype: |g − 1| is below
     bf16's resolution early in training."""
-    from ..reference import lora_conv_ref
+    from ..reference import conv_dropout, lora_conv_ref
     from .dora import dora_norm
 
     o, r = lora_B.shape
@@ -224,7 +224,7 @@ def dora_conv_impl(x, weight, bias, lora_A, lora_B, magnitude, scaling: float, p
         y = z.to(g.dtype) * g
         return (y if bias is None else y + bias.to(g.dtype).view(view)).to(z.dtype)
     conv = CONV_FNS[x.dim() - 2]
-    xd = x * conv_keep_mask(x, p, seed, cpu=cpu_stream).to(x.dtype) * (1.0 / (1.0 - p))
+    xd = conv_dropout(x, p, seed, cpu=cpu_stream)
     base = conv(x, weight, bias, stride, padding, dilation)
     yd = conv(xd, weight, None, stride, padding, dilation)
     low = conv(conv(xd, lora_A, None, stride, padding, dilation), lora_B.view(o, r, *(1,) * (x.dim() - 2)))
