@@ -36,7 +36,7 @@ from ._checks import few
 from .inject import INJECT_HOOKS, active_adapter, adapter_configs, lora_layers, method_for, mixed_batch
 from .matching import input_embeddings, matches, output_head
 from .io import load_adapter, read_adapter_config, save_adapter
-from .layers import FastLoRALinear, ModulesToSaveWrapper
+from .layers import FastLoRAExperts, FastLoRALinear, ModulesToSaveWrapper
 
 _PEFT_PREFIX = "base_model.model."
 _ADAPTER_WEIGHTS = "adapter_model.safetensors"
@@ -380,6 +380,8 @@ def to_peft(model: nn.Module):
         hooks = _detach_adapter_names(model)  # PEFT's forward takes adapter_names itself
         try:
             for path, m in swapped:
+                if path.endswith(".base_layer") and isinstance(m, FastLoRAExperts):
+                    continue  # (nested in the expert layer outside it, which gives the experts module back)
                 _set_submodule(model, path, m.original_module if isinstance(m, ModulesToSaveWrapper)
                                else _base_module(m))
             for name in kept:

@@ -20,10 +20,11 @@ import torch.nn as nn
 
 from ._checks import (check_adapter_name, check_bool, check_choice, check_dora_options, check_dropout,
                       check_embedding, check_file_tensors, check_finite_number, check_init, check_layers,
-                      check_lora_bias, check_rank, check_sparse_delta, check_sparse_options, check_token_indices, few)
-from .layers import (FastLoRAConv, FastLoRAEmbedding, FastLoRALinear, ModulesToSaveWrapper, QLoRALinear,
-                     SparseDeltaLinear, TrainableTokensWrapper, conv_reason, dilated,
-                     rosa_spec, wrap_reason)
+                      check_lora_bias, check_rank, check_sparse_delta, check_sparse_options, check_token_indices,
+                      experts_reason, few, up_projection)
+from .layers import (FastLoRAConv, FastLoRAEmbedding, FastLoRAExperts, FastLoRALinear, ModulesToSaveWrapper,
+                     QLoRALinear, SparseDeltaLinear, TrainableTokensWrapper, conv_reason, dilated,
+                     expert_adapter_reason, experts_of, rosa_spec, wrap_reason)
 from .matching import (compile_pattern, default_targets, in_layers, input_embeddings, is_all_linear, is_bias, matches,
                        name_list, output_head, pattern_value, set_submodule)
 from .methods import METHODS as OTHER_METHODS
@@ -64,6 +65,9 @@ class LoraConfig:
     use_dora: bool = False           # DoRA (PEFT's): a trained magnitude per output row of each layer
     lora_bias: bool = False          # PEFT's: a trained bias on B (the update s (B A x + b_B)); LoRA on dense layers
     task_type: Optional[str] = None  # PEFT's TaskType; SEQ_CLS / TOKEN_CLS / QUESTION_ANS also train the task head
+    # PEFT's: parameters adapted in place, "<module>.<param>" (suffix match); here a mixture of experts' 3-D expert
+    # weights (gate_up_proj / up_proj, down_proj of transformers' experts modules: FastLoRAExperts)
+    target_parameters: Optional[list] = None
     peft_type = "LORA"
 
     def __post_init__(self):
@@ -72,8 +76,17 @@ class LoraConfig:
         check_rank(self.r)
         check_finite_number(self.lora_alpha, "lora_alpha")
         check_dropout(self.lora_dropout)
+        self.target_parameters = _parameter_list(self.target_parameters)
+        if self.target_parameters and isinstance(self.target_modules, (list, tuple, set)) and not self.target_modules:
+            self.target_modules = None  # (PEFT's empty target_modules beside target_parameters: no module targets)
         self.target_modules = name_list(self.target_modules, "target_modules")
         self.exclude_modules = name_list(self.exclude_modules, "exclude_modules")
+        if self.target_parameters:
+            why = expert_adapter_reason(self.lora_dropout, self.use_dora, self.lora_bias, self.sparse_density,
+                                        self.init_lora_weights)
+            if why is not None:
+                raise ValueError(f"target_parameters={self.target_parameters}: {why}; adapt the expert weights with "
+                                 "another config (adapter) than the layers that need it")
         check_layers(self.layers_to_transform, self.layers_pattern, self.target_modules)
         if isinstance(self.layers_to_transform, tuple):
             self.layers_to_transform = list(self.layers_to_transform)
@@ -109,6 +122,20 @@ class LoraConfig:
 
     def to_dict(self) -> dict:
         return asdict(self)
+
+
+def _parameter_list(v) -> list | None:
+    """``target_parameters`` checked: None, or a list of non-empty names "<module>.<param>" (PEFT's; a set or tuple is
+    taken as a sorted list, an empty one as None)."""
+    if v is None:
+        return None
+    if isinstance(v, (set, frozenset)):
+        v = sorted(v)
+    if isinstance(v, str) or not isinstance(v, (list, tuple)) or \
+            not all(isinstance(e, str) and e and not e.startswith(".") and not e.endswith(".") for e in v):
+        raise TypeError(f"target_parameters must be a list of parameter names such as 'mlp.experts.gate_up_proj' "
+                        f"(a module name, a dot, its parameter's name), got {v!r}")
+    return list(v) or None
 
 
 @dataclass
@@ -275,6 +302,14 @@ class LoraPlan:
     targets: dict  # full module name -> (r, lora_alpha), or None for a sparse delta alone
     saved: list    # full names of the modules_to_save modules
     tokens: dict = field(default_factory=dict)  # trainable tokens: full name -> (token ids, tied embedding or None)
+    # expert weights (target_parameters): layer name in targets (PEFT's nesting: "<experts>", "<experts>.base_layer")
+    # -> (the experts module's name, the parameter's name), innermost first, after the module targets
+    experts: dict = field(default_factory=dict)
+
+    def base(self, model: nn.Module, name: str) -> nn.Module:
+        """Target ``name``'s module as it is before the change: an expert weight's experts module (or the LoRA layer
+        on it, holding other adapters), else the module at ``name``."""
+        return model.get_submodule(self.experts[name][0] if name in self.experts else name)
 
 
 def plan_lora(model: nn.Module, config, reload: bool = False, warn: bool = True) -> LoraPlan:
@@ -285,7 +320,9 @@ def plan_lora(model: nn.Module, config, reload: bool = False, warn: bool = True)
     (the new adapter goes beside them); with ``reload`` (a ``SparseDeltaConfig`` loaded over the model's sparse
     adapter) its ``SparseDeltaLinear`` layers."""
     saved = _saved_module_names(model, _modules_to_save(model, config))
-    spec = config.target_modules if config.target_modules is not None else default_targets(model)
+    params = getattr(config, "target_parameters", None)
+    # (PEFT's: target_parameters alone adapt no module; its default targets are for a config without either)
+    spec = config.target_modules if config.target_modules is not None else [] if params else default_targets(model)
     all_linear = is_all_linear(spec)
     head = output_head(model) if all_linear else None
     targets = {}
@@ -300,7 +337,7 @@ def plan_lora(model: nn.Module, config, reload: bool = False, warn: bool = True)
         if all_linear:  # PEFT's all-linear takes transformers' Conv1D too (GPT-2), not embeddings
             conv = _conv1d(module) or isinstance(module, FastLoRALinear) and module.fan_in_fan_out
             hit = (isinstance(module, (nn.Linear, FastLoRALinear))
-                   and not isinstance(module, (FastLoRAEmbedding, FastLoRAConv))
+                   and not isinstance(module, (FastLoRAEmbedding, FastLoRAConv, FastLoRAExperts))
                    or foreign_quant_library(module) is not None or conv) and module is not head \
                 and not (conv and (isinstance(config, SparseDeltaConfig) or config.sparse is not None))
         else:
@@ -311,6 +348,11 @@ def plan_lora(model: nn.Module, config, reload: bool = False, warn: bool = True)
             hit = in_layers(name, layers, config.layers_pattern)
         if not hit:
             continue
+        if isinstance(module, FastLoRAExperts):
+            held = [f"{name}.{m.parameter_name}" for m in FastLoRAExperts.chain(module)]
+            raise ValueError(f"target_modules matched {name!r}, which holds LoRA on a mixture of experts' expert "
+                             f"weights: those take adapters through target_parameters (PEFT's), e.g. "
+                             f"target_parameters={held}; narrow target_modules")
         _check_quantized_target(name, module, config)
         w = getattr(module, "weight", None)
         if getattr(module, "_hf_hook", None) is not None and isinstance(w, torch.Tensor) and w.is_meta:
@@ -340,6 +382,8 @@ def plan_lora(model: nn.Module, config, reload: bool = False, warn: bool = True)
             continue
         targets[name] = (pattern_value(config.rank_pattern, name, config.r),
                          pattern_value(config.alpha_pattern, name, config.lora_alpha))
+    expert_targets, experts = _plan_experts(model, config, saved, warn and not reload) if params else ({}, {})
+    targets.update(expert_targets)  # after the modules' (PEFT draws their initial factors first)
     if not targets:
         linear = [n for n, m in model.named_modules() if isinstance(m, (nn.Linear, FastLoRALinear)) or _conv1d(m)
                   or isinstance(m, nn.modules.conv._ConvNd)][:8]
@@ -366,8 +410,81 @@ def plan_lora(model: nn.Module, config, reload: bool = False, warn: bool = True)
     if warn and not reload:
         # the user's own target_modules only: not PEFT's defaults (blip-2's list names both language models'
         # projections), not a file being loaded (its positions are fixed already)
-        _warn_unadapted(model, config.target_modules, is_all_linear(config.target_modules))
-    return LoraPlan(targets=targets, saved=saved, tokens=_plan_tokens(model, config, targets, saved))
+        _warn_unadapted(model, config.target_modules, is_all_linear(config.target_modules),
+                        {f"{base}.{pn}" for base, pn in experts.values()})
+    return LoraPlan(targets=targets, saved=saved, tokens=_plan_tokens(model, config, targets, saved), experts=experts)
+
+
+def _parameter_hit(wanted: list, key: str, hit: set) -> bool:
+    """Whether parameter ``key`` ("<module>.<param>") is one of ``wanted`` (PEFT's target_parameters: the full name or
+    a suffix after a dot); the entries it matches join ``hit``."""
+    found = [t for t in wanted if key == t or key.endswith("." + t)]
+    hit.update(found)
+    return bool(found)
+
+
+def _plan_experts(model: nn.Module, config, saved: list, warn: bool) -> tuple:
+    """``(targets, experts)`` of ``config.target_parameters`` (see ``LoraPlan``): the 3-D expert weights of
+    transformers' experts modules they name (PEFT's matching; a module already holding LoRA on its expert weights by
+    its unwrapped name), each weight a layer nested as PEFT nests its ``ParamWrapper`` layers. Raises, naming it, for
+    any other parameter they match (a Linear's weight: target_modules adapts it), for a modules_to_save module, for
+    weights other than those another adapter holds on the same module (PEFT's rule: every adapter of a model
+    targets the same parameters), and when nothing matches; warns of entries that match nothing."""
+    wanted, hit = config.target_parameters, set()
+    targets, experts, inner = {}, {}, []
+    for name, module in model.named_modules():
+        if not name or any(name.startswith(p) for p in inner):
+            continue
+        if isinstance(module, (FastLoRALinear, SparseDeltaLinear, ModulesToSaveWrapper)):
+            inner.append(name + ".")
+            if not isinstance(module, FastLoRAExperts):
+                continue
+        chain = FastLoRAExperts.chain(module)
+        base = experts_of(module)
+        matched = [pn for pn, _ in base.named_parameters(recurse=False) if _parameter_hit(wanted, f"{name}.{pn}", hit)]
+        if not matched:
+            continue
+        where = next((s for s in saved if name == s or name.startswith(s + ".")), None)
+        if where is not None:
+            raise ValueError(f"target_parameters matched {name}.{matched[0]}, inside modules_to_save {where!r} "
+                             "(trained whole already): name it in one of the two")
+        why = experts_reason(base)
+        for pn in matched:
+            ok = (up_projection(base), "down_proj") if why is None else ()
+            if pn not in ok:
+                p = getattr(base, pn)
+                raise ValueError(
+                    f"target_parameters matched {name}.{pn}, a {tuple(p.shape)} parameter of {type(base).__name__}: "
+                    "fastpeft adapts a mixture of experts' 3-D expert weights (gate_up_proj / up_proj and down_proj of "
+                    "transformers' experts modules) " + (f"({why})" if why is not None else f"(its {ok})")
+                    + "; a Linear's weight takes LoRA through target_modules. Narrow target_parameters")
+        if chain:
+            held = {m.parameter_name: name + ".base_layer" * i for i, m in enumerate(chain)}
+            if set(matched) != set(held):
+                raise ValueError(f"target_parameters matched {sorted(matched)} of {name!r}, whose other adapters adapt "
+                                 f"{sorted(held)}: every adapter of a model targets the same parameters of a module "
+                                 "(PEFT's rule)")
+            paths = held
+        else:  # PEFT's nesting: the weights in the module's order, the first innermost
+            paths = {pn: name + ".base_layer" * (len(matched) - 1 - i) for i, pn in enumerate(matched)}
+        for pn in sorted(matched, key=lambda pn: -paths[pn].count(".base_layer")):  # innermost first, as PEFT draws
+            key = f"{name}.{pn}"
+            targets[paths[pn]] = (pattern_value(config.rank_pattern, key, config.r),
+                                  pattern_value(config.alpha_pattern, key, config.lora_alpha))
+            experts[paths[pn]] = (name, pn)
+    if not targets:
+        fused = [f"{n}.{pn}" for n, m in model.named_modules() if n for pn, p in m.named_parameters(recurse=False)
+                 if p.dim() == 3][:4]
+        raise ValueError(f"target_parameters {wanted} matched no parameter of the model (PEFT's matching: the full "
+                         "name '<module>.<param>' or a suffix of it after a dot); " + (
+                             f"its 3-D expert weights are named like {fused}" if fused else
+                             "it has no 3-D expert weights (the experts modules of transformers >= 5's mixture-of-"
+                             "experts models), the one kind fastpeft adapts through target_parameters"))
+    unmatched = [t for t in wanted if t not in hit]
+    if warn and unmatched:
+        warnings.warn(f"target_parameters entries {unmatched} match no parameter of the model (the others do): they "
+                      "adapt nothing", UserWarning, stacklevel=5)
+    return targets, experts
 
 
 def _plan_tokens(model: nn.Module, config, targets: dict, saved: list) -> dict:
@@ -533,24 +650,26 @@ def _factor_keys(name: str, module: nn.Module) -> tuple:
     return f"{name}.lora_A.weight", f"{name}.lora_B.weight"
 
 
-def _warn_unadapted(model: nn.Module, spec, all_linear: bool) -> None:
+def _warn_unadapted(model: nn.Module, spec, all_linear: bool, covered: set = frozenset()) -> None:
     """A warning for what target_modules names but fastpeft leaves alone, where PEFT would adapt something: list
     entries that match no module (a recipe's w1 / w2 / w3 on a model whose experts are fused), and under all-linear
     the fused expert weights of mixture-of-experts layers (3-D Parameters, which PEFT adapts through
     target_parameters; fastpeft adapts nn.Linear modules only). Before 2026-12-01, silently: all-linear on Mixtral
-    trained 12 % of PEFT's parameters, none in the experts."""
+    trained 12 % of PEFT's parameters, none in the experts. ``covered``: the expert weights ("<module>.<param>")
+    target_parameters adapts (as do those LoRA holds already: not warned of)."""
     if all_linear:
         # 3-D or wider Parameters of modules that are not convolutions (whose kernels PEFT's all-linear leaves too)
         # (not a LoRA convolution's kernels, nor the Parameters a weight_norm computes a convolution's weight from)
-        convs = [mn + "." for mn, m in model.named_modules() if isinstance(m, FastLoRAConv)]
+        convs = [mn + "." for mn, m in model.named_modules() if isinstance(m, (FastLoRAConv, FastLoRAExperts))]
         fused = [f"{mn}.{pn}" if mn else pn for mn, m in model.named_modules()
                  if not isinstance(m, (nn.modules.conv._ConvNd, FastLoRAConv)) and ".parametrizations." not in f".{mn}."
                  and not any(mn.startswith(c) for c in convs)
-                 for pn, p in m.named_parameters(recurse=False) if p.dim() >= 3]
+                 for pn, p in m.named_parameters(recurse=False) if p.dim() >= 3 and f"{mn}.{pn}" not in covered]
         if fused:
             warnings.warn("target_modules='all-linear' leaves the model's fused expert weights as they are: "
                           f"{few(fused)} (3-D Parameters: inject adapts nn.Linear modules only; PEFT adapts them "
-                          "through target_parameters, and fastpeft.accelerate computes those PEFT layers)", UserWarning,
+                          "through target_parameters, which inject takes too: LoraConfig(target_parameters="
+                          "[...]))", UserWarning,
                           stacklevel=5)
     elif isinstance(spec, (list, tuple)):
         names = [n for n, _ in model.named_modules() if n]
@@ -676,12 +795,12 @@ def _model_name(model: nn.Module):
 
 # PEFT LoraConfig fields that change what the adapter computes and that fastpeft does not implement:
 # an adapter that sets any of them cannot give PEFT's outputs here, so loading it is refused.
-_UNSUPPORTED = ("layer_replication",
-                "target_parameters", "use_qalora", "alora_invocation_tokens",
+_UNSUPPORTED = ("layer_replication", "use_qalora", "alora_invocation_tokens",
                 "use_bdlora", "megatron_config")
 _CONFIG_FIELDS = ("r", "lora_alpha", "lora_dropout", "target_modules", "exclude_modules", "bias",
                   "use_rslora", "init_lora_weights", "modules_to_save", "rank_pattern", "alpha_pattern", "use_dora",
-                  "task_type", "layers_to_transform", "layers_pattern", "trainable_token_indices", "lora_bias")
+                  "task_type", "layers_to_transform", "layers_pattern", "trainable_token_indices", "lora_bias",
+                  "target_parameters")
 # fields of PEFT's LoraConfig that only describe (or only matter with a variant refused elsewhere: megatron, QA-LoRA,
 # an init that rewrites the base weights)
 _PEFT_METADATA = ("auto_mapping", "base_model_name_or_path", "peft_type", "peft_version", "revision", "megatron_core",
@@ -706,14 +825,6 @@ def lora_variants(d: dict) -> dict:
         if k not in known and k in d and d[k] != default and d[k] not in (None, False, [], {}):
             bad.setdefault(k, d[k])
     return bad
-
-
-def _peft_route(bad: dict) -> str:
-    """What to do instead, for the variants ``fastpeft.accelerate`` computes on PEFT's own layers."""
-    if "target_parameters" not in bad:
-        return ""
-    return (" (target_parameters: load or train it with PEFT, then fastpeft.accelerate(peft_model) computes those "
-            "layers on fastpeft's ops)")
 
 
 # PEFT's inits whose adapters sit on the base weights as they were: the file's A and B are all there is
@@ -754,7 +865,22 @@ class LoraMethod(Method):
                   init_lora_weights=config.init_lora_weights, sparse_density=config.sparse_density,
                   sparse_block_size=config.sparse_block_size, sparse_selection=config.sparse_selection,
                   use_dora=config.use_dora, **(dict(lora_bias=True) if config.lora_bias else {}))
+        made = {}  # experts module name -> the FastLoRAExperts made on it so far (the innermost first)
         for name, (r, alpha) in plan.targets.items():
+            if name in plan.experts:  # PEFT's nesting, innermost first; a chain there already takes the adapter
+                base_name, pname = plan.experts[name]
+                held = model.get_submodule(base_name)
+                if isinstance(held, FastLoRAExperts):
+                    model.get_submodule(name).add_adapter(adapter_name, r, alpha, use_rslora=config.use_rslora,
+                                                          init_lora_weights=config.init_lora_weights)
+                    continue
+                layer = FastLoRAExperts(made.get(base_name, held), pname, r, alpha, use_rslora=config.use_rslora,
+                                        init_lora_weights=config.init_lora_weights, adapter_name=adapter_name)
+                layer.set_adapter(None)
+                if state.routing is not None:
+                    layer.set_routing(state.routing, state.rows_per_sequence)
+                made[base_name] = layer
+                continue
             module = model.get_submodule(name)
             if isinstance(module, FastLoRALinear):
                 module.add_adapter(adapter_name, r, alpha, **kw)
@@ -779,6 +905,8 @@ class LoraMethod(Method):
                 if state.routing is not None:  # made inside a mixed_batch block: routed as the others
                     layer.set_routing(state.routing, state.rows_per_sequence)
                 set_submodule(model, name, layer)
+        for base_name, layer in made.items():
+            set_submodule(model, base_name, layer)
         for name in plan.saved:
             module = model.get_submodule(name)
             if isinstance(module, ModulesToSaveWrapper):
@@ -813,7 +941,11 @@ class LoraMethod(Method):
             d.update({k: getattr(config, k) for k in _SPARSE_LORA_FIELDS})
         # The resolved full names, which PEFT matches exactly: "all-linear", regexes and exclusions are
         # already applied, so PEFT adapts exactly the layers that were trained here.
-        d["target_modules"] = sorted(self._layers(model, adapter_name))
+        layers = self._layers(model, adapter_name)
+        d["target_modules"] = sorted(n for n, m in layers.items() if not isinstance(m, FastLoRAExperts))
+        # expert weights: their unwrapped names, which PEFT matches (and nests as the layers here are)
+        d["target_parameters"] = sorted(f"{n.replace('.base_layer', '')}.{m.parameter_name}" for n, m in layers.items()
+                                        if isinstance(m, FastLoRAExperts)) or None
         d["exclude_modules"] = None
         d["layers_to_transform"] = d["layers_pattern"] = None  # applied already: the names above are exact
         # RoSA (LoRA beside a sparse delta) under fastpeft's own type: PEFT refuses the file instead of loading the
@@ -830,8 +962,7 @@ class LoraMethod(Method):
         # fan_in_fan_out is read from each target module (Conv1D: True, nn.Linear: False), as PEFT's layers do
         bad = lora_variants(d)
         if bad:
-            raise ValueError(f"adapter config {path} uses LoRA variants fastpeft does not compute: {bad}"
-                             + _peft_route(bad))
+            raise ValueError(f"adapter config {path} uses LoRA variants fastpeft does not compute: {bad}")
         tied = d.get("modules_to_save") or [t for t in (d.get("target_modules") or [])
                                             if isinstance(t, str) and t.rsplit(".", 1)[-1] in _TIED_NAMES]
         if d.get("ensure_weight_tying") and tied:
@@ -906,9 +1037,15 @@ class LoraMethod(Method):
         """File key -> shape, for the adapter ``plan`` would create on ``model`` (before it exists)."""
         expected = {}
         for name, (r, _) in plan.targets.items():
-            lin = model.get_submodule(name)
-            k, n = _in_out(lin)
+            lin = plan.base(model, name)
             ka, kb = _factor_keys(name, lin)
+            if name in plan.experts:  # PEFT's ParamWrapper: A (r E, in), B (out, r E)
+                experts = experts_of(lin)
+                w = getattr(experts, plan.experts[name][1])
+                k, n = (w.shape[1], w.shape[2]) if experts.is_transposed else (w.shape[2], w.shape[1])
+                expected[ka], expected[kb] = (r * experts.num_experts, k), (n, r * experts.num_experts)
+                continue
+            k, n = _in_out(lin)
             shapes = expected[ka], expected[kb] = _factor_shapes(lin, r)
             if config.lora_bias:
                 expected[f"{name}.lora_B.bias"] = (n,)
@@ -1027,6 +1164,8 @@ def _saved_base_weights(model: nn.Module, plan: LoraPlan, weights: dict) -> dict
     out = {}
     for name in plan.targets:
         key = name + _BASE_WEIGHT
+        if name in plan.experts:  # (an expert weight's file holds no base weight)
+            continue
         module = model.get_submodule(name)
         if key in weights and not (isinstance(module, QLoRALinear) or is_quantized(module)):
             if getattr(module, "merged", False):
@@ -1269,8 +1408,7 @@ def _from_peft_config(config):
                         f"{type(config).__name__} runs as PEFT's: get_peft_model(model, config)")
     bad = lora_variants(d)
     if bad:
-        raise ValueError(f"fastpeft.inject: the PEFT LoraConfig sets LoRA variants fastpeft does not compute: {bad}"
-                         + _peft_route(bad))
+        raise ValueError(f"fastpeft.inject: the PEFT LoraConfig sets LoRA variants fastpeft does not compute: {bad}")
     fields = _CONFIG_FIELDS + ("inference_mode", "fan_in_fan_out", "ensure_weight_tying")
     kwargs = {k: d[k] for k in fields if k in d and d[k] is not None}
     if kwargs.get("task_type") is not None:
@@ -1545,10 +1683,10 @@ def add_weighted_adapter(model: nn.Module, adapters: list, weights: list, adapte
             check_choice(majority_sign_method, SIGN_METHODS, "majority_sign_method")
         _merge_fn(combination_type)  # (peft importable)
     odd = [n for n in adapters if not isinstance(configs[n], LoraConfig) or configs[n].use_dora
-           or configs[n].sparse is not None or configs[n].lora_bias]
+           or configs[n].sparse is not None or configs[n].lora_bias or configs[n].target_parameters]
     if odd:
-        raise ValueError(f"add_weighted_adapter combines plain LoRA adapters; {odd} are DoRA, RoSA, lora_bias or other "
-                         "adapters")
+        raise ValueError(f"add_weighted_adapter combines plain LoRA adapters; {odd} are DoRA, RoSA, lora_bias, "
+                         "expert-weight (target_parameters) or other adapters")
     layers = {n: m for n, m in lora_layers(model).items() if any(a in m.adapter_names for a in adapters)}
     # PEFT's rank of an adapter: its r, or the largest of r and its rank_pattern's (layers below it are zero-padded)
     ranks = {a: max([configs[a].r, *configs[a].rank_pattern.values()]) for a in adapters}
@@ -1897,7 +2035,8 @@ def merge_and_unload(model: nn.Module, dequantize: bool = False) -> nn.Module:
             layer.weight = nn.Parameter(layer.weight.detach().clone(), requires_grad=False)
         if not layer.merged and layer.has_delta():
             layer.merge()
-        set_submodule(model, name, layer.base_module())
+        if not name.endswith(".base_layer") or not isinstance(layer, FastLoRAExperts):  # (nested: gone with the outer)
+            set_submodule(model, name, layer.base_module())
     own = _token_weights_to_copy(model)  # before any wrapper goes
     _untie_saved_copies(model)
     for name, module in list(model.named_modules()):

@@ -26,14 +26,15 @@ import torch.nn.functional as F
 
 from ._checks import (check_adapter_name, check_bool, check_dora_options, check_dropout, check_embedding,
                       check_embedding_ids, check_finite_number, check_in_features, check_init, check_linear,
-                      check_lora_bias, check_rank, check_sparse_delta, check_sparse_options, expand_adapter_ids,
-                      routed_batch)
-from .functional import (dora_conv, dora_linear, lora_conv, lora_linear, lora_linear_multi, lora_sparse_linear,
-                         qlora_linear, resolve_backend, sparse_delta_linear)
+                      check_lora_bias, check_rank, check_sparse_delta, check_sparse_options, check_tensor,
+                      expand_adapter_ids, experts_reason, routed_batch, up_projection)
+from .functional import (dora_conv, dora_linear, lora_conv, lora_experts, lora_linear, lora_linear_multi,
+                         lora_sparse_linear, qlora_linear, resolve_backend, sparse_delta_linear)
 from .ops.common import (cast_params, held, kept_state, kept_transpose, optimizer_steps, outside_inference_mode,
                          tensor_version)
 from .ops.conv import CONV_FNS
 from .ops.dora import weight_sq_norms
+from .ops.experts import grouped_mm_refusal
 from .quant import (QuantizedWeight, assign_merged_weight, base_kind, bnb_cpu_serves, call_buffer, conv1d_class,
                     dequantize_weight, guard_repacked_layers, is_conv1d, is_quantized, kept_quantized_weight,
                     merged_weight, remember_quant_state)
@@ -1593,6 +1594,262 @@ class FastLoRAConv(FastLoRALinear):
 
 
 # ---- quantized bases (QLoRA) -------------------------------------------------------------------------
+
+# ---- LoRA on a mixture of experts' expert weights -----------------------------------------------------
+
+def experts_of(module: nn.Module) -> nn.Module:
+    """The experts module under a chain of ``FastLoRAExperts`` (``module`` itself when it is none)."""
+    while isinstance(module, FastLoRAExperts):
+        module = module._modules["base_layer"]
+    return module
+
+
+def expert_adapter_reason(lora_dropout=0.0, use_dora=False, lora_bias=False, sparse_density=0.0,
+                          init_lora_weights=True) -> str | None:
+    """Why an adapter with these options cannot go on an expert weight (None: it can): PEFT's ``ParamWrapper`` rules
+    (no dropout: x cannot be factored out of the expert products; no DoRA, lora_bias), and neither a sparse delta nor
+    the orthogonal init (PEFT's draws r x r blocks of an (r, in) A, not of its (r E, in) one)."""
+    for value, what in ((lora_dropout, "lora_dropout != 0 (PEFT's ParamWrapper refuses it: dropout(x) cannot be "
+                                       "factored out of the expert products)"),
+                        (use_dora, "use_dora=True (PEFT's ParamWrapper refuses LoRA variants)"),
+                        (lora_bias, "lora_bias=True (PEFT's ParamWrapper refuses it)"),
+                        (sparse_density, "a sparse delta (sparse_density > 0)"),
+                        (init_lora_weights == "orthogonal", "init_lora_weights='orthogonal'")):
+        if value:
+            return f"LoRA on expert weights (target_parameters) takes no {what}"
+    return None
+
+
+class FastLoRAExperts(FastLoRALinear):
+    """LoRA on one 3-D expert weight of a transformers experts module (PEFT's ``ParamWrapper``, its
+    ``target_parameters``): a token routed to expert e gets ``x W_eᵀ + s (x A_eᵀ) B_eᵀ`` in that projection, computed
+    by ``fastpeft.lora_experts`` (the routed rows' products only, never W + sBA per expert).
+
+    ``base_layer``: the experts module (``use_experts_implementation``, transformers >= 5: ``gate_up_proj`` or
+    ``up_proj``, and ``down_proj``, each (E, out, in), or (E, in, out) when ``is_transposed`` as gpt-oss), or another
+    ``FastLoRAExperts`` holding its other weight. As PEFT nests its wrappers (one per weight, the first registered
+    innermost), the module names and the file keys (``<experts>.lora_A.weight``, ``<experts>.base_layer.lora_A
+    .weight``) are PEFT's. Shapes are PEFT's: lora_A (r E, in) holds expert e's rows at e r .. e r + r - 1, lora_B
+    (out, r E) expert e's column j at j E + e; ``weight`` is the expert weight, read from the experts module (not
+    registered here). ``forward(hidden_states (T, H), top_k_index (T, k), top_k_weights (T, k))`` -> (T, H) is the
+    experts module's call, with the active adapter of each layer of the chain (the outermost is the one called).
+    Several adapters, ``set_adapter``, merge / unmerge (W_e += s B_e A_e), ``adapter_ids`` and ``mixed_batch`` (one
+    name per sequence: the experts take the (batch, seq) tokens flattened, batch-major) as ``FastLoRALinear``. PEFT's
+    rules: no dropout, DoRA, lora_bias (and no sparse delta, nor the orthogonal init)."""
+
+    def __init__(self, base_layer: nn.Module, parameter_name: str, r=8, lora_alpha=8, use_rslora=False,
+                 init_lora_weights=True, adapter_name="default"):
+        """Wrap ``base_layer``'s expert weight ``parameter_name`` (held in place, frozen) with adapter
+        ``adapter_name``."""
+        nn.Module.__init__(self)
+        if not isinstance(base_layer, nn.Module):
+            raise TypeError(f"base_layer must be a transformers experts module, got {type(base_layer).__name__}")
+        experts = experts_of(base_layer)
+        why = experts_reason(experts)
+        if why is not None:
+            raise ValueError(f"FastLoRAExperts cannot wrap {type(experts).__name__}: {why}")
+        names = (up_projection(experts), "down_proj")
+        if parameter_name not in names:
+            raise ValueError(f"parameter_name must be one of {type(experts).__name__}'s expert weights {names}, got "
+                             f"{parameter_name!r}")
+        held = [m.parameter_name for m in FastLoRAExperts.chain(base_layer)]
+        if parameter_name in held:
+            raise ValueError(f"parameter_name {parameter_name!r}: base_layer holds LoRA on it already (add_adapter "
+                             "adds adapters beside)")
+        self.parameter_name = parameter_name
+        self.num_experts = int(experts.num_experts)
+        self.is_transposed = bool(experts.is_transposed)
+        self.base_layer = base_layer
+        self._setup(getattr(experts, parameter_name), None, adapter_name, r, lora_alpha, 0.0, use_rslora,
+                    init_lora_weights)
+
+    from_linear = _refused("FastLoRAExperts wraps a transformers experts module: FastLoRAExperts(experts, "
+                           "parameter_name, ...)")
+    from_conv1d = from_linear
+
+    @staticmethod
+    def chain(module: nn.Module) -> list:
+        """The ``FastLoRAExperts`` from ``module`` inwards (empty when it is none)."""
+        out = []
+        while isinstance(module, FastLoRAExperts):
+            out.append(module)
+            module = module._modules["base_layer"]
+        return out
+
+    @property
+    def weight(self) -> torch.Tensor:
+        """The expert weight (E, out, in) (or (E, in, out), ``is_transposed``), the experts module's own Parameter."""
+        return getattr(experts_of(self._modules["base_layer"]), self.parameter_name)
+
+    def _init_base(self, weight: nn.Parameter, bias) -> None:
+        d1, d2 = weight.shape[1:]
+        self.in_features, self.out_features = (d1, d2) if self.is_transposed else (d2, d1)
+        weight.requires_grad_(False)
+        self.bias = None
+        self.merged = False
+
+    def add_adapter(self, name, r, lora_alpha, lora_dropout=0.0, use_rslora=False, init_lora_weights=True,
+                    sparse_density=0.0, sparse_block_size=1, sparse_selection="random", sparse_scores=None,
+                    use_dora=False, lora_bias=False):
+        """Add adapter ``name`` (its own rank and alpha), frozen unless it is the layer's first; lora_A (r E, in) and
+        lora_B (out, r E) drawn as PEFT's (``reset_lora_parameters``). Dropout, DoRA, lora_bias and sparse deltas are
+        refused (``expert_adapter_reason``)."""
+        check_adapter_name(name)
+        spec = _spec(r, lora_alpha, lora_dropout, use_rslora)
+        check_init(init_lora_weights)
+        why = expert_adapter_reason(lora_dropout, use_dora, lora_bias, sparse_density, init_lora_weights)
+        if why is not None:
+            raise ValueError(f"adapter {name!r} on {self.parameter_name}: {why}")
+        if name in self._specs:
+            raise ValueError(f"adapter {name!r} already exists in this layer (adapters {self.adapter_names})")
+        kw = self._adapter_kwargs()
+        trains = self._active is None
+        rows = spec.r * self.num_experts
+        self.lora_A_adapters[name] = nn.Parameter(torch.empty(rows, self.in_features, **kw), requires_grad=trains)
+        self.lora_B_adapters[name] = nn.Parameter(torch.empty(self.out_features, rows, **kw), requires_grad=trains)
+        self._specs[name] = spec
+        self.reset_lora_parameters(init_lora_weights, adapter_name=name, _fresh=True)
+        self._meta = None
+        self._reroute()
+
+    def update_adapter(self, name: str, lora_alpha=None, lora_dropout=None, use_rslora=None) -> None:
+        """``FastLoRALinear.update_adapter``; a dropout other than 0 is refused (PEFT's rule)."""
+        if lora_dropout:
+            raise ValueError(f"adapter {name!r} on {self.parameter_name}: "
+                             + expert_adapter_reason(lora_dropout=lora_dropout))
+        super().update_adapter(name, lora_alpha, lora_dropout, use_rslora)
+
+    @torch.no_grad()
+    def reset_lora_parameters(self, init_lora_weights=True, adapter_name: str | None = None,
+                              _fresh: bool = False) -> None:
+        """PEFT's inits of its ``ParamWrapper``: ``True`` A (r E, in) kaiming-uniform(a=sqrt(5)), B zeros;
+        ``"gaussian"`` A ~ N(0, std=1/r); ``False`` both kaiming-uniform. Drawn as PEFT draws them (with ``_fresh``
+        first its two ``nn.Linear`` layers' draws), on the CPU in fp32, then copied."""
+        target = self._reset_target(init_lora_weights, adapter_name)
+        if target is None:
+            return
+        name, spec, a, b = target
+        why = expert_adapter_reason(init_lora_weights=init_lora_weights)
+        if why is not None:
+            raise ValueError(f"adapter {name!r} on {self.parameter_name}: {why}")
+
+        def kaiming(*shape):
+            return nn.init.kaiming_uniform_(torch.empty(shape), a=math.sqrt(5))
+        rows, k, n = a.shape[0], self.in_features, self.out_features
+        if _fresh or init_lora_weights is False:
+            a0, b0 = kaiming(rows, k), kaiming(n, rows)
+        if init_lora_weights is False:
+            a.copy_(a0)
+            b.copy_(b0)
+            return
+        a.copy_(torch.empty(rows, k).normal_(0.0, 1.0 / spec.r) if init_lora_weights == "gaussian"
+                else kaiming(rows, k))
+        b.zero_()
+
+    def _factors(self, name: str) -> tuple:
+        """Adapter ``name`` as ``lora_experts`` takes it: ``(A (E, r, in), B (E, out, r), scaling)``, views of the
+        Parameters (PEFT's ``get_delta_factors``)."""
+        a, b = self._pair(name)
+        e = self.num_experts
+        return a.view(e, -1, a.shape[-1]), b.view(b.shape[0], -1, e).permute(2, 0, 1), self._specs[name].scaling
+
+    @torch.no_grad()
+    def _exact_delta(self, adapter_name: str | None = None) -> torch.Tensor:
+        """``s B_e A_e`` for every expert, in W's layout ((E, out, in), or (E, in, out) ``is_transposed``), fp32 (fp64
+        for an fp64 W)."""
+        name = self._active if adapter_name is None else adapter_name
+        self._spec_of(name)
+        a, b, s = self._factors(name)
+        dt = torch.float64 if self.weight.dtype == torch.float64 else torch.float32
+        delta = s * torch.bmm(b.to(dt), a.to(dt))
+        return delta.transpose(1, 2) if self.is_transposed else delta
+
+    def base_module(self) -> nn.Module:
+        """The experts module (holding its merged or unmerged weights; no copy)."""
+        return experts_of(self)
+
+    def to_linear(self):
+        raise TypeError("FastLoRAExperts holds a mixture of experts' expert weight, not a linear layer: "
+                        "fastpeft.merge_and_unload(model) folds it into the experts module")
+
+    def extra_repr(self) -> str:
+        adapters = ", ".join(f"{n}(r={s.r}, alpha={s.lora_alpha}, scaling={s.scaling:g})"
+                             for n, s in self._specs.items())
+        return (f"parameter_name={self.parameter_name!r}, experts={self.num_experts}, in_features={self.in_features}, "
+                f"out_features={self.out_features}, active={self._active!r}, merged={self.merged}, "
+                f"adapters=[{adapters}]")
+
+    def forward(self, hidden_states: torch.Tensor, top_k_index: torch.Tensor, top_k_weights: torch.Tensor,
+                adapter_ids: torch.Tensor | None = None) -> torch.Tensor:
+        """The experts module's call with LoRA on the chain's weights: hidden_states (T, H), top_k_index (T, k),
+        top_k_weights (T, k) -> (T, H). ``adapter_ids``: (T,) per token, or (n,) with n dividing T (a run of T / n
+        tokens each), the index of an adapter in ``adapter_names`` (-1: none); inside ``fastpeft.mixed_batch`` each
+        sequence's adapter."""
+        chain = FastLoRAExperts.chain(self)
+        experts = experts_of(self)
+        routing = _call_routing(self, adapter_ids)
+        if adapter_ids is None and routing is None:
+            adapters = {m.parameter_name: [m._factors(m._active)] for m in chain
+                        if m._active is not None and not m.merged}
+            if not adapters:
+                return experts(hidden_states, top_k_index, top_k_weights)
+            return lora_experts(experts, hidden_states, top_k_index, top_k_weights, adapters, check_ids=False,
+                                form=_traced_form(hidden_states, experts, adapters))
+        merged = [m.parameter_name for m in chain if m.merged]
+        if merged:
+            raise RuntimeError(f"adapter_ids cannot route rows on a merged layer ({merged} merged): call unmerge() "
+                               "first")
+        check_tensor(hidden_states, "hidden_states", 2)
+        n_tok = hidden_states.shape[0]
+        if routing is not None:
+            names = routing[0][0]
+            used = [n for n in dict.fromkeys(names) if any(n in m._specs for m in chain)]
+            index = {n: j for j, n in enumerate(used)}
+            ids = torch.tensor([index.get(n, -1) for n in names], dtype=torch.int64, device=hidden_states.device)
+        else:
+            used, ids = self.adapter_names, adapter_ids
+            if not isinstance(ids, torch.Tensor) or ids.dim() != 1 or ids.is_floating_point():
+                raise TypeError(f"adapter_ids must be a 1-D integer tensor, got "
+                                f"{type(ids).__name__ if not isinstance(ids, torch.Tensor) else ids.dtype}"
+                                f"{'' if not isinstance(ids, torch.Tensor) else f' of shape {tuple(ids.shape)}'}")
+            if ids.device != hidden_states.device:
+                raise ValueError(f"adapter_ids is on {ids.device}, hidden_states on {hidden_states.device}")
+        if ids.numel() == 0 or n_tok % ids.numel():
+            raise ValueError(f"{'mixed_batch was given' if routing is not None else 'adapter_ids has'} {ids.numel()} "
+                             f"{'adapter_names (one per sequence)' if routing is not None else 'entries'}, which do "
+                             f"not split the experts' {n_tok} tokens (batch x sequence, flattened) into equal runs")
+        ids = ids.repeat_interleave(n_tok // ids.numel())
+        if routing is None and ids.device.type == "cpu" and not tracing_or_transformed():
+            if ids.numel() and (int(ids.min()) < -1 or int(ids.max()) >= len(used)):
+                raise ValueError(f"adapter_ids must lie in [-1, {len(used) - 1}] (this layer's adapters {used}), got "
+                                 f"{int(ids.min())}..{int(ids.max())}")
+            present = set(ids.unique().tolist())
+            used_now = {n for j, n in enumerate(used) if j in present}
+        else:
+            used_now = set(used) if routing is not None else None
+
+        def term(m, n):
+            if n not in m._specs:
+                return None
+            a, b, s = m._factors(n)
+            return (a, b, s) if used_now is None or n in used_now else (a.detach(), b.detach(), s)
+        if not used:  # (every row runs the base: the experts module's own call)
+            return experts(hidden_states, top_k_index, top_k_weights)
+        adapters = {m.parameter_name: [term(m, n) for n in used] for m in chain}
+        return lora_experts(experts, hidden_states, top_k_index, top_k_weights, adapters, check_ids=False,
+                            adapter_ids=ids, form=_traced_form(hidden_states, experts, adapters))
+
+
+def _traced_form(x: torch.Tensor, experts: nn.Module, adapters: dict):
+    """``lora_experts``' form for a ``FastLoRAExperts`` call: while torch.compile traces, grouped_mm where it runs
+    (no host sync; inductor lowers it for bf16), else its own pick."""
+    if not torch.compiler.is_compiling():
+        return None
+    weights = [getattr(experts, up_projection(experts)), experts.down_proj]
+    factors = [f for terms in adapters.values() for f in terms if f is not None]
+    ok = grouped_mm_refusal(x, weights, factors) is None and weights[0].dtype == x.dtype == torch.bfloat16
+    return "grouped_mm" if ok else None
+
 
 def _global_forward_hooks() -> bool:
     """Whether global nn.Module forward hooks are registered (they may hold a layer's output)."""

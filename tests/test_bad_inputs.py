@@ -554,7 +554,7 @@ CASES = [
         lambda: fastpeft.inject(_toy(), LoraConfig(r=4, target_modules=["q_proj"], bias="lora_only"))),
     Bad("inject-a-peft-config-target_parameters", lambda m: fastpeft.inject(m, __import__("peft").LoraConfig(
         target_modules=[], target_parameters=["layers.0.mlp.w"])), ValueError,
-        ("LoRA variants", "'target_parameters'", "fastpeft.accelerate(peft_model)"), _toy),
+        ("target_parameters", "['layers.0.mlp.w']", "matched no parameter", "no 3-D expert weights"), _toy),
     Bad("inject-a-peft-config-kasa", lambda m: fastpeft.inject(m, __import__("peft").LoraConfig(
         target_modules=["q_proj"], use_dora=True, kasa_config=__import__("peft").KasaConfig())), ValueError,
         ("LoRA variants", "kasa_config"), _toy),
@@ -1554,3 +1554,94 @@ def test_lora_conv_bad_input_raises_naming_the_argument(case):
 
 def test_conv_case_ids_are_unique():
     _assert_unique_ids(CASES, QLORA_CASES, QLORA_MODEL_CASES, DORA_CASES, EXPERTS_CASES, CONV_CASES)
+
+
+# ---- inject with target_parameters: LoRA on a mixture of experts' expert weights (FastLoRAExperts) ----------------
+_EXPERT_WEIGHTS = ["mlp.experts.gate_up_proj", "mlp.experts.down_proj"]
+
+
+def _moe_model():
+    transformers = pytest.importorskip("transformers")
+    torch.manual_seed(0)
+    cfg = transformers.Qwen3MoeConfig(hidden_size=16, intermediate_size=32, moe_intermediate_size=8, num_experts=4,
+                                      num_experts_per_tok=2, num_hidden_layers=1, num_attention_heads=2,
+                                      num_key_value_heads=1, head_dim=8, vocab_size=31)
+    return transformers.AutoModelForCausalLM.from_config(cfg)
+
+
+def _moe_lora():
+    return fastpeft.inject(_moe_model(), LoraConfig(r=2, target_parameters=_EXPERT_WEIGHTS))
+
+
+def _moe_two_adapters():
+    m = _moe_lora()
+    return fastpeft.inject(m, LoraConfig(r=2, target_parameters=_EXPERT_WEIGHTS), "b")
+
+
+def _expert_layer():
+    return _moe_lora().model.layers[0].mlp.experts
+
+
+def _expert_call(layer, **over):
+    args = dict(hidden_states=_t(6, 16), top_k_index=torch.tensor([[0, 1], [2, 3], [1, 0], [3, 3], [2, 1], [0, 2]]),
+                top_k_weights=torch.rand(6, 2))
+    return layer(**{**args, **over})
+
+
+EXPERT_INJECT_CASES = [
+    Bad("LoraConfig-target_parameters-str", lambda _: LoraConfig(target_parameters="mlp.experts.down_proj"),
+        TypeError, ("target_parameters", "list of parameter names", "'mlp.experts.down_proj'")),
+    Bad("LoraConfig-target_parameters-dropout", lambda _: LoraConfig(target_parameters=_EXPERT_WEIGHTS,
+                                                                      lora_dropout=0.1),
+        ValueError, ("target_parameters", "lora_dropout != 0", "ParamWrapper")),
+    Bad("LoraConfig-target_parameters-dora", lambda _: LoraConfig(target_parameters=_EXPERT_WEIGHTS, use_dora=True),
+        ValueError, ("target_parameters", "use_dora=True")),
+    Bad("LoraConfig-target_parameters-orthogonal", lambda _: LoraConfig(target_parameters=_EXPERT_WEIGHTS,
+                                                                         init_lora_weights="orthogonal"),
+        ValueError, ("target_parameters", "orthogonal")),
+    Bad("inject-target_parameters-a-Linear-weight", lambda m: fastpeft.inject(m, LoraConfig(
+        target_parameters=["q_proj.weight"])), ValueError, ("q_proj.weight", "(16, 16)", "target_modules"),
+        _moe_model),
+    Bad("inject-target_parameters-no-match", lambda m: fastpeft.inject(m, LoraConfig(target_parameters=["w9"])),
+        ValueError, ("target_parameters", "['w9']", "matched no parameter", "mlp.experts.gate_up_proj"), _moe_model),
+    Bad("inject-target_parameters-other-weights-than-held", lambda m: fastpeft.inject(m, LoraConfig(
+        target_parameters=["down_proj"]), "c"), ValueError, ("['down_proj']", "['down_proj', 'gate_up_proj']",
+                                                             "same parameters"), _moe_lora),
+    Bad("inject-target_modules-an-expert-layer", lambda m: fastpeft.inject(m, LoraConfig(
+        target_modules=["mlp.experts"]), "c"), ValueError, ("'model.layers.0.mlp.experts'", "target_parameters"),
+        _moe_lora),
+    Bad("inject-target_parameters-in-modules_to_save", lambda m: fastpeft.inject(m, LoraConfig(
+        target_parameters=_EXPERT_WEIGHTS, modules_to_save=["mlp"])), ValueError,
+        ("modules_to_save", "'model.layers.0.mlp'"), _moe_model),
+    Bad("add_weighted_adapter-expert-weights", lambda m: fastpeft.add_weighted_adapter(m, ["default", "b"], [0.5, 0.5],
+                                                                                        "w", "cat"),
+        ValueError, ("target_parameters", "['default', 'b']"), _moe_two_adapters),
+    Bad("FastLoRAExperts-a-Linear", lambda _: fastpeft.FastLoRAExperts(nn.Linear(4, 4), "weight"), ValueError,
+        ("Linear", "not a transformers experts module")),
+    Bad("FastLoRAExperts-parameter_name-up_proj", lambda m: fastpeft.FastLoRAExperts(m.base_module(), "up_proj"),
+        ValueError, ("parameter_name", "('gate_up_proj', 'down_proj')", "'up_proj'"), _expert_layer),
+    Bad("FastLoRAExperts-twice-on-down_proj", lambda m: fastpeft.FastLoRAExperts(m, "down_proj"), ValueError,
+        ("'down_proj'", "holds LoRA on it already"), _expert_layer),
+    Bad("FastLoRAExperts-dropout", lambda m: m.add_adapter("d", 2, 2, lora_dropout=0.1), ValueError,
+        ("'d'", "lora_dropout != 0"), _expert_layer),
+    Bad("FastLoRAExperts-to_linear", lambda m: m.to_linear(), TypeError, ("merge_and_unload", "experts"),
+        _expert_layer),
+    Bad("FastLoRAExperts-adapter_ids-4-for-6-tokens", lambda m: _expert_call(m, adapter_ids=torch.zeros(
+        4, dtype=torch.long)), ValueError, ("adapter_ids", "4 entries", "6 tokens"), _expert_layer),
+    Bad("FastLoRAExperts-adapter_ids-1", lambda m: _expert_call(m, adapter_ids=torch.ones(6, dtype=torch.long)),
+        ValueError, ("adapter_ids", "[-1, 0]", "1..1"), _expert_layer),
+    Bad("FastLoRAExperts-adapter_ids-float", lambda m: _expert_call(m, adapter_ids=torch.zeros(6)), TypeError,
+        ("adapter_ids", "integer", "float32"), _expert_layer),
+    Bad("FastLoRAExperts-hidden-15", lambda m: _expert_call(m, hidden_states=_t(6, 15)), ValueError,
+        ("hidden_states' last dim", "16", "15"), _expert_layer),
+]
+
+
+@pytest.mark.parametrize("case", [pytest.param(c, id=c.id) for c in EXPERT_INJECT_CASES])
+def test_expert_inject_bad_input_raises_naming_the_argument(case):
+    test_bad_input_raises_naming_the_argument(case)
+
+
+def test_expert_inject_case_ids_are_unique():
+    _assert_unique_ids(CASES, QLORA_CASES, QLORA_MODEL_CASES, DORA_CASES, EXPERTS_CASES, CONV_CASES,
+                       EXPERT_INJECT_CASES)

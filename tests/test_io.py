@@ -296,7 +296,7 @@ def _bad_adapters():
         "lora_bias-without-biases": (lambda d: _edit_config(d, lora_bias=True) or d, ValueError,
                                      "missing keys.*lora_B.bias"),
         "target_parameters": (lambda d: _edit_config(d, target_parameters=["mlp.experts.down_proj"]) or d,
-                              ValueError, "LoRA variants .*'target_parameters'"),
+                              ValueError, "target_parameters .*matched no parameter"),
         # a variant fastpeft does not know by name (gradients only: nothing in the file would show it)
         "velora": (lambda d: _edit_config(d, velora_config={"num_groups": 64, "scale": 1.0}) or d, ValueError,
                    "LoRA variants .*'velora_config'"),

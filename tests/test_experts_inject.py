@@ -1,0 +1,269 @@
+"""LoRA on a mixture of experts' expert weights through ``fastpeft.inject`` (PEFT's ``target_parameters``,
+``FastLoRAExperts``) against PEFT's ``ParamWrapper`` on tiny Qwen3-MoE and gpt-oss models: PEFT's initial draws bit for
+bit, outputs, every gradient and AdamW steps, files both ways, several adapters, mixed batches, merging, to_peft."""
+import copy
+import warnings
+
+import pytest
+import torch
+
+import fastpeft
+from fastpeft.layers import FastLoRAExperts
+from conftest import assert_close_report
+from test_experts import TARGETS, VOCAB, gpt_oss, qwen3_moe
+
+peft = pytest.importorskip("peft")
+pytest.importorskip("transformers")
+
+pytestmark = [pytest.mark.filterwarnings("ignore:`is_gradient_checkpointing` is deprecated:FutureWarning")]
+MODELS = {"qwen3-moe": qwen3_moe, "gpt-oss": gpt_oss}
+
+
+@pytest.fixture(scope="module", params=list(MODELS))
+def base(request):
+    return MODELS[request.param]()
+
+
+@pytest.fixture(scope="module")
+def ids():
+    return torch.randint(0, VOCAB, (3, 9), generator=torch.Generator().manual_seed(1))
+
+
+def both(base, seed=0, **kw):
+    """(PEFT's model, fastpeft's) from the same PEFT LoraConfig under the same seed."""
+    kw = {"r": 4, "lora_alpha": 8, "target_modules": ["q_proj"], "target_parameters": TARGETS, **kw}
+    torch.manual_seed(seed)
+    pm = peft.get_peft_model(copy.deepcopy(base), peft.LoraConfig(**kw))
+    torch.manual_seed(seed)
+    fm = fastpeft.inject(copy.deepcopy(base), peft.LoraConfig(**kw))
+    return pm, fm
+
+
+def _peft_name(n):
+    return n.removeprefix("base_model.model.").replace(".default.", ".")
+
+
+def _our_name(n):
+    return n.replace("lora_A_adapters.default", "lora_A.weight").replace("lora_B_adapters.default", "lora_B.weight")
+
+
+def lora_params(model, peft_model):
+    fix = _peft_name if peft_model else _our_name
+    return {fix(n): p for n, p in model.named_parameters() if "lora_" in n}
+
+
+def step(model, ids):
+    model.zero_grad()
+    logits = model(ids).logits
+    logits.float().square().mean().backward()
+    return logits.detach()
+
+
+def assert_same(pm, fm, ids, rtol=1e-5, atol=1e-6):
+    assert_close_report(step(fm, ids), step(pm, ids), rtol=rtol, atol=atol, what="logits")
+    gp = {n: p.grad for n, p in lora_params(pm, True).items() if p.grad is not None}
+    gf = {n: p.grad for n, p in lora_params(fm, False).items() if p.grad is not None}
+    assert gp.keys() == gf.keys() and any("experts.base_layer" in n for n in gp)
+    for n in gp:
+        assert_close_report(gf[n], gp[n], rtol=rtol, atol=atol, what=n)
+
+
+@pytest.mark.parametrize("init", [True, "gaussian", False])
+def test_initial_factors_are_peft_s_bit_for_bit(base, init):
+    """Under one seed inject draws PEFT's factors (q_proj's first, then each experts module's inner weight, then its
+    outer), in PEFT's nesting: the module names and shapes are PEFT's."""
+    pm, fm = both(base, init_lora_weights=init)
+    mp, mf = lora_params(pm, True), lora_params(fm, False)
+    assert mp.keys() == mf.keys()
+    for n in mp:
+        assert torch.equal(mf[n], mp[n]), n
+    outer = fm.model.layers[0].mlp.experts
+    assert isinstance(outer, FastLoRAExperts) and isinstance(outer.base_layer, FastLoRAExperts)
+    assert (outer.parameter_name, outer.base_layer.parameter_name) == ("down_proj", "gate_up_proj")
+    assert fastpeft.trainable_parameters(fm) == (sum(p.numel() for p in pm.parameters() if p.requires_grad),
+                                                 sum(p.numel() for p in pm.parameters()))
+
+
+def test_outputs_and_every_gradient_match_peft(base, ids):
+    assert_same(*both(base, init_lora_weights=False), ids)
+
+
+def test_adamw_steps_follow_peft(base, ids):
+    pm, fm = both(base, init_lora_weights=False)
+    opts = [torch.optim.AdamW([p for p in m.parameters() if p.requires_grad], lr=1e-2) for m in (pm, fm)]
+    for _ in range(3):
+        for m, opt in zip((pm, fm), opts):
+            step(m, ids)
+            opt.step()
+    pm.eval(), fm.eval()
+    with torch.no_grad():
+        assert_close_report(fm(ids).logits, pm(ids).logits, rtol=1e-4, atol=1e-5, what="logits after 3 steps")
+    pm.train(), fm.train()
+
+
+def test_files_both_ways(base, ids, tmp_path):
+    """PEFT loads fastpeft's file (its config names the expert weights in target_parameters) and fastpeft PEFT's, with
+    the same logits; a second load over the same adapter writes the factors in place."""
+    pm, fm = both(base, init_lora_weights=False)
+    with torch.no_grad():
+        want = pm(ids).logits
+    fastpeft.save_adapter(fm, tmp_path / "ours")
+    config = fastpeft.read_adapter_config(tmp_path / "ours")
+    assert config.target_modules == ["model.layers.0.self_attn.q_proj", "model.layers.1.self_attn.q_proj"]
+    assert config.target_parameters == [f"model.layers.{i}.mlp.experts.{p}" for i in (0, 1)
+                                        for p in ("down_proj", "gate_up_proj")]
+    loaded = peft.PeftModel.from_pretrained(copy.deepcopy(base), tmp_path / "ours")
+    pm.save_pretrained(tmp_path / "peft")
+    ours = fastpeft.load_adapter(copy.deepcopy(base), tmp_path / "peft")
+    with torch.no_grad():
+        assert_close_report(loaded(ids).logits, want, rtol=1e-5, atol=1e-6, what="PEFT loading fastpeft's file")
+        assert_close_report(ours(ids).logits, want, rtol=1e-5, atol=1e-6, what="fastpeft loading PEFT's file")
+    layer = ours.model.layers[1].mlp.experts.base_layer
+    before = layer.lora_A.detach().clone()
+    with torch.no_grad():
+        layer.lora_A.zero_()
+    fastpeft.load_adapter(ours, tmp_path / "peft")  # over the same adapter: in place
+    assert torch.equal(layer.lora_A, before)
+
+
+@pytest.mark.filterwarnings("ignore:The following rank_pattern keys did not match:RuntimeWarning")  # (PEFT's)
+def test_one_weight_and_rank_pattern(base, ids):
+    """One weight alone (a single layer in the experts module's place) and rank_pattern on the weight's name, as PEFT
+    (its keys match '<module>.<param>')."""
+    pm, fm = both(base, target_modules=None, target_parameters=["down_proj"], init_lora_weights=False,
+                  rank_pattern={"layers.1.mlp.experts.down_proj": 2})
+    layer = fm.model.layers[1].mlp.experts
+    assert isinstance(layer, FastLoRAExperts) and not isinstance(layer.base_layer, FastLoRAExperts)
+    assert layer.r == 2 and fm.model.layers[0].mlp.experts.r == 4
+    assert_close_report(step(fm, ids), step(pm, ids), rtol=1e-5, atol=1e-6, what="logits")
+
+
+def test_several_adapters_switch_disable_and_delete(base, ids):
+    """A second adapter beside the first, on the same expert weights: set_adapter runs each (PEFT's outputs for it),
+    disable_adapter the base model, delete_adapter leaves the other."""
+    pm, fm = both(base, init_lora_weights=False)
+    cfg = dict(r=2, lora_alpha=4, target_modules=["q_proj"], target_parameters=TARGETS, init_lora_weights=False)
+    torch.manual_seed(5)
+    pm.add_adapter("b", peft.LoraConfig(**cfg))
+    torch.manual_seed(5)
+    fastpeft.inject(fm, fastpeft.LoraConfig(**cfg), "b")
+    with torch.no_grad():
+        plain = base(ids).logits
+        for name in ("default", "b"):
+            pm.set_adapter(name)
+            fastpeft.set_adapter(fm, name)
+            assert_close_report(fm(ids).logits, pm(ids).logits, rtol=1e-5, atol=1e-6, what=name)
+        with fastpeft.disable_adapter(fm):
+            assert_close_report(fm(ids).logits, plain, rtol=1e-5, atol=1e-6, what="disabled")
+        fastpeft.delete_adapter(fm, "default")
+        pm.delete_adapter("default")
+        assert_close_report(fm(ids).logits, pm(ids).logits, rtol=1e-5, atol=1e-6, what="b after deleting default")
+
+
+def test_adapter_names_and_mixed_batch_rows_get_their_adapter(base, ids):
+    """``model(ids, adapter_names=...)`` and ``mixed_batch``: each sequence gets what its adapter alone gives
+    (PEFT refuses mixed batches on these layers), "__base__" the base model's."""
+    _, fm = both(base, init_lora_weights=False)
+    fastpeft.inject(fm, fastpeft.LoraConfig(r=2, target_parameters=TARGETS, init_lora_weights=False), "b")
+    fm.eval()
+    with torch.no_grad():
+        alone = {}
+        for name in ("default", "b"):
+            fastpeft.set_adapter(fm, name)
+            alone[name] = fm(ids).logits
+        alone["__base__"] = base(ids).logits
+        names = ["b", "__base__", "default"]
+        got = fm(ids, adapter_names=names).logits
+        with fastpeft.mixed_batch(fm, names):
+            routed = fm(ids).logits
+    for i, n in enumerate(names):
+        assert_close_report(got[i], alone[n][i], rtol=1e-5, atol=1e-6, what=f"adapter_names row {i} ({n})")
+        assert_close_report(routed[i], alone[n][i], rtol=1e-5, atol=1e-6, what=f"mixed_batch row {i} ({n})")
+    fm.train()
+
+
+def test_layer_adapter_ids_per_token():
+    """``FastLoRAExperts(x, index, weights, adapter_ids)``: each token gets its adapter's update (-1: none), as the
+    layer with that adapter active; gradients reach only the adapters the batch uses."""
+    ex = copy.deepcopy(qwen3_moe().model.layers[0].mlp.experts)
+    torch.manual_seed(0)
+    layer = FastLoRAExperts(FastLoRAExperts(ex, "gate_up_proj", r=2, init_lora_weights=False), "down_proj", r=2,
+                            init_lora_weights=False)
+    for m in FastLoRAExperts.chain(layer):
+        m.add_adapter("b", 4, 4, init_lora_weights=False)
+    x = torch.randn(6, 32)
+    index = torch.randint(0, 8, (6, 2), generator=torch.Generator().manual_seed(2))
+    w = torch.rand(6, 2)
+    want = {}
+    with torch.no_grad():
+        for n in ("default", "b", None):
+            for m in FastLoRAExperts.chain(layer):
+                m.set_adapter(n)
+            want[n] = layer(x, index, w)
+    for m in FastLoRAExperts.chain(layer):
+        m.set_adapter("b")
+    tid = torch.tensor([1, -1, 0, 1, 1, -1])
+    got = layer(x, index, w, adapter_ids=tid)
+    for t, j in enumerate(tid.tolist()):
+        assert_close_report(got[t], want[["default", "b", None][j]][t], rtol=1e-5, atol=1e-6, what=f"token {t}")
+    got.square().sum().backward()
+    assert layer.lora_A_adapters["b"].grad is not None and layer.lora_A_adapters["default"].grad is None
+    runs = layer(x, index, w, adapter_ids=torch.tensor([0, 1, -1]))  # (3 runs of 2 tokens)
+    for t, n in enumerate(["default", "default", "b", "b", None, None]):
+        assert_close_report(runs[t], want[n][t], rtol=1e-5, atol=1e-6, what=f"run token {t}")
+
+
+def test_merge_unmerge_and_merge_and_unload(base, ids):
+    """merge folds s B_e A_e into each expert's weight (same logits), unmerge restores it, merge_and_unload gives the
+    experts modules back holding the merged weights."""
+    _, fm = both(base, init_lora_weights=False)
+    fm.eval()
+    layers = [m for m in fm.modules() if isinstance(m, FastLoRAExperts)]
+    before = [m.weight.detach().clone() for m in layers]
+    with torch.no_grad():
+        want = fm(ids).logits
+        for m in layers:
+            m.merge()
+        assert_close_report(fm(ids).logits, want, rtol=1e-5, atol=1e-6, what="merged")
+        for m in layers:
+            m.unmerge()
+        for m, w in zip(layers, before):
+            assert_close_report(m.weight, w, rtol=1e-6, atol=1e-6, what="unmerged weight")
+        fastpeft.merge_and_unload(fm)
+        assert not any(isinstance(m, FastLoRAExperts) for m in fm.modules())
+        assert type(fm.model.layers[0].mlp.experts).__name__.endswith("Experts")
+        assert_close_report(fm(ids).logits, want, rtol=1e-5, atol=1e-6, what="after merge_and_unload")
+
+
+def test_to_peft(base, ids):
+    pm, fm = both(base, init_lora_weights=False)
+    with torch.no_grad():
+        want = pm(ids).logits
+    converted = fastpeft.to_peft(fm)
+    assert type(converted.base_model.model.model.layers[0].mlp.experts).__name__ == "ParamWrapper"
+    with torch.no_grad():
+        assert_close_report(converted(ids).logits, want, rtol=1e-5, atol=1e-6, what="to_peft")
+
+
+def test_all_linear_with_target_parameters_does_not_warn_of_the_experts(base):
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        fastpeft.inject(copy.deepcopy(base), fastpeft.LoraConfig(r=2, target_modules="all-linear",
+                                                                 target_parameters=TARGETS))
+    with pytest.warns(UserWarning, match="fused expert weights"):
+        fastpeft.inject(copy.deepcopy(base), fastpeft.LoraConfig(r=2, target_modules="all-linear"))
+
+
+def test_bf16_model_fp32_adapters_as_accurate_as_peft(ids):
+    """On a bf16 model the factors are fp32 Parameters (PEFT's autocast_adapter_dtype), and the logits' error against
+    the fp32 model is within 2x PEFT's (plus a bf16 step)."""
+    base = qwen3_moe()
+    pm32, fm32 = both(base, init_lora_weights=False)
+    pm, fm = both(copy.deepcopy(base).to(torch.bfloat16), init_lora_weights=False)
+    fastpeft_factors = [p for n, p in fm.named_parameters() if "lora_" in n]
+    assert fastpeft_factors and all(p.dtype == torch.float32 for p in fastpeft_factors)
+    with torch.no_grad():
+        ref = fm32(ids).logits
+        err_peft = (pm(ids).logits.float() - ref).abs().max()
+        err_ours = (fm(ids).logits.float() - ref).abs().max()
+    assert err_ours <= 2 * err_peft + 2 ** -8 * ref.abs().max(), (err_ours, err_peft)
