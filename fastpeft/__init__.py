@@ -19,7 +19,7 @@ from .layers import FastLoRALinear, ModulesToSaveWrapper, SparseDeltaLinear, Tra
 from .functional import dora_conv, lora_conv  # LoRA / DoRA on nn.Conv1d / Conv2d / Conv3d (PEFT's lora.Conv*d)
 from .functional import lora_experts  # LoRA on a mixture of experts' 3-D expert weights (target_parameters)
 from .functional import qlora_linear  # QLoRA: LoRA over a bitsandbytes 4-bit / 8-bit base
-from .layers import FastLoRAConv, FastLoRAEmbedding, FastLoRAExperts, QLoRALinear
+from .layers import FastLoRAConv, FastLoRAEmbedding, FastLoRAParameter, QLoRALinear
 from .methods import (AdapterConfig, BitFitConfig, BottleneckAdapter, LayerwiseConfig, PromptTuningConfig,
                       layerwise_param_groups)
 from .reference import (dense_delta_ref, dora_linear_ref, lora_conv_ref, lora_grouped_linear_ref, lora_linear_multi_ref,
@@ -41,4 +41,4 @@ __all__ = [
 ]
 __all__ += ["qlora_linear", "QLoRALinear", "FastLoRAEmbedding", "TrainableTokensWrapper", "disable_adapter",
             "add_weighted_adapter", "lora_experts", "lora_grouped_linear_ref", "lora_conv", "lora_conv_ref",
-            "FastLoRAConv", "dora_conv", "FastLoRAExperts"]
+            "FastLoRAConv", "dora_conv", "FastLoRAParameter"]

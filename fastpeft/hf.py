@@ -36,7 +36,7 @@ from ._checks import few
 from .inject import INJECT_HOOKS, active_adapter, adapter_configs, lora_layers, method_for, mixed_batch
 from .matching import input_embeddings, matches, output_head
 from .io import load_adapter, read_adapter_config, save_adapter
-from .layers import FastLoRAExperts, FastLoRALinear, ModulesToSaveWrapper
+from .layers import FastLoRAParameter, FastLoRALinear, ModulesToSaveWrapper
 
 _PEFT_PREFIX = "base_model.model."
 _ADAPTER_WEIGHTS = "adapter_model.safetensors"
@@ -116,10 +116,21 @@ def _names_pre_hook(model, args, kwargs):
         # unrouted (the active adapter's gradients); PEFT refuses this too
         raise ValueError("adapter_names= is taken in eval mode only (as PEFT): in training, run the forward and its "
                          "backward inside `with fastpeft.mixed_batch(model, names):`")
+    _check_batch(names, kwargs.get("input_ids", kwargs.get("inputs_embeds", args[0] if args else None)))
     block = mixed_batch(model, list(names) if isinstance(names, tuple) else names)
     block.__enter__()  # (raises, nothing entered, for unknown names)
     model.__dict__.setdefault(_ROUTED, []).append(block)
     return args, kwargs
+
+
+def _check_batch(names, inputs) -> None:
+    """PEFT's check: one adapter name per sequence of the input batch (``inputs``: input_ids or inputs_embeds, dim 0;
+    not checked when neither is a tensor). Layers that see the batch check it too, but a model whose LoRA layers all
+    take its tokens flattened (a mixture of experts' expert weights) would otherwise split them into wrong runs."""
+    if isinstance(names, (list, tuple)) and isinstance(inputs, torch.Tensor) and inputs.dim() >= 1 \
+            and inputs.shape[0] != len(names):
+        raise ValueError(f"adapter_names has {len(names)} names (one per sequence), but the input batch has "
+                         f"{inputs.shape[0]} sequences (shape {tuple(inputs.shape)})")
 
 
 def _names_post_hook(model, args, output):
@@ -157,6 +168,7 @@ def _generate(self, *args, adapter_names=None, **kwargs):
         return own(*args, **kwargs)
     config = kwargs.get("generation_config") or (args[1] if len(args) > 1 else None) or \
         getattr(self, "generation_config", None)  # (generate(inputs, generation_config, ...))
+    _check_batch(adapter_names, kwargs.get("input_ids", kwargs.get("inputs_embeds", args[0] if args else None)))
     beams = kwargs.get("num_beams") or getattr(config, "num_beams", 1) or 1
     copies = kwargs.get("num_return_sequences") or getattr(config, "num_return_sequences", 1) or 1
     with mixed_batch(self, list(adapter_names), rows_per_sequence=beams if beams > 1 else copies):
@@ -380,7 +392,7 @@ def to_peft(model: nn.Module):
         hooks = _detach_adapter_names(model)  # PEFT's forward takes adapter_names itself
         try:
             for path, m in swapped:
-                if path.endswith(".base_layer") and isinstance(m, FastLoRAExperts):
+                if path.endswith(".base_layer") and isinstance(m, FastLoRAParameter):
                     continue  # (nested in the expert layer outside it, which gives the experts module back)
                 _set_submodule(model, path, m.original_module if isinstance(m, ModulesToSaveWrapper)
                                else _base_module(m))

@@ -11,6 +11,7 @@ from __future__ import annotations
 import contextlib
 import math
 import os
+import re
 import warnings
 from dataclasses import asdict, dataclass, field, replace
 from typing import Optional, Union
@@ -21,10 +22,11 @@ import torch.nn as nn
 from ._checks import (check_adapter_name, check_bool, check_choice, check_dora_options, check_dropout,
                       check_embedding, check_file_tensors, check_finite_number, check_init, check_layers,
                       check_lora_bias, check_rank, check_sparse_delta, check_sparse_options, check_token_indices,
-                      experts_reason, few, up_projection)
-from .layers import (FastLoRAConv, FastLoRAEmbedding, FastLoRAExperts, FastLoRALinear, ModulesToSaveWrapper,
+                      few)
+from .layers import (FastLoRAConv, FastLoRAEmbedding, FastLoRAParameter, FastLoRALinear, ModulesToSaveWrapper,
                      QLoRALinear, SparseDeltaLinear, TrainableTokensWrapper, conv_reason, dilated,
-                     expert_adapter_reason, experts_of, rosa_spec, wrap_reason)
+                     param_base, parameter_adapter_reason, parameter_reason, rosa_spec,
+                     wrap_reason)
 from .matching import (compile_pattern, default_targets, in_layers, input_embeddings, is_all_linear, is_bias, matches,
                        name_list, output_head, pattern_value, set_submodule)
 from .methods import METHODS as OTHER_METHODS
@@ -65,8 +67,8 @@ class LoraConfig:
     use_dora: bool = False           # DoRA (PEFT's): a trained magnitude per output row of each layer
     lora_bias: bool = False          # PEFT's: a trained bias on B (the update s (B A x + b_B)); LoRA on dense layers
     task_type: Optional[str] = None  # PEFT's TaskType; SEQ_CLS / TOKEN_CLS / QUESTION_ANS also train the task head
-    # PEFT's: parameters adapted in place, "<module>.<param>" (suffix match); here a mixture of experts' 3-D expert
-    # weights (gate_up_proj / up_proj, down_proj of transformers' experts modules: FastLoRAExperts)
+    # PEFT's: Parameters adapted in place, "<module>.<param>" (suffix match), 2-D or 3-D (a mixture of experts' expert
+    # weights, computed by lora_experts on transformers' experts modules): FastLoRAParameter layers
     target_parameters: Optional[list] = None
     peft_type = "LORA"
 
@@ -82,10 +84,10 @@ class LoraConfig:
         self.target_modules = name_list(self.target_modules, "target_modules")
         self.exclude_modules = name_list(self.exclude_modules, "exclude_modules")
         if self.target_parameters:
-            why = expert_adapter_reason(self.lora_dropout, self.use_dora, self.lora_bias, self.sparse_density,
+            why = parameter_adapter_reason(self.lora_dropout, self.use_dora, self.lora_bias, self.sparse_density,
                                         self.init_lora_weights)
             if why is not None:
-                raise ValueError(f"target_parameters={self.target_parameters}: {why}; adapt the expert weights with "
+                raise ValueError(f"target_parameters={self.target_parameters}: {why}; adapt the parameters with "
                                  "another config (adapter) than the layers that need it")
         check_layers(self.layers_to_transform, self.layers_pattern, self.target_modules)
         if isinstance(self.layers_to_transform, tuple):
@@ -302,14 +304,14 @@ class LoraPlan:
     targets: dict  # full module name -> (r, lora_alpha), or None for a sparse delta alone
     saved: list    # full names of the modules_to_save modules
     tokens: dict = field(default_factory=dict)  # trainable tokens: full name -> (token ids, tied embedding or None)
-    # expert weights (target_parameters): layer name in targets (PEFT's nesting: "<experts>", "<experts>.base_layer")
-    # -> (the experts module's name, the parameter's name), innermost first, after the module targets
-    experts: dict = field(default_factory=dict)
+    # Parameters (target_parameters): layer name in targets (PEFT's nesting: "<module>", "<module>.base_layer") ->
+    # (the module's name, the parameter's name), innermost first, after the module targets
+    params: dict = field(default_factory=dict)
 
     def base(self, model: nn.Module, name: str) -> nn.Module:
-        """Target ``name``'s module as it is before the change: an expert weight's experts module (or the LoRA layer
-        on it, holding other adapters), else the module at ``name``."""
-        return model.get_submodule(self.experts[name][0] if name in self.experts else name)
+        """Target ``name``'s module as it is before the change: a Parameter's module (or the LoRA layer on it,
+        holding other adapters), else the module at ``name``."""
+        return model.get_submodule(self.params[name][0] if name in self.params else name)
 
 
 def plan_lora(model: nn.Module, config, reload: bool = False, warn: bool = True) -> LoraPlan:
@@ -337,7 +339,7 @@ def plan_lora(model: nn.Module, config, reload: bool = False, warn: bool = True)
         if all_linear:  # PEFT's all-linear takes transformers' Conv1D too (GPT-2), not embeddings
             conv = _conv1d(module) or isinstance(module, FastLoRALinear) and module.fan_in_fan_out
             hit = (isinstance(module, (nn.Linear, FastLoRALinear))
-                   and not isinstance(module, (FastLoRAEmbedding, FastLoRAConv, FastLoRAExperts))
+                   and not isinstance(module, (FastLoRAEmbedding, FastLoRAConv, FastLoRAParameter))
                    or foreign_quant_library(module) is not None or conv) and module is not head \
                 and not (conv and (isinstance(config, SparseDeltaConfig) or config.sparse is not None))
         else:
@@ -348,11 +350,11 @@ def plan_lora(model: nn.Module, config, reload: bool = False, warn: bool = True)
             hit = in_layers(name, layers, config.layers_pattern)
         if not hit:
             continue
-        if isinstance(module, FastLoRAExperts):
-            held = [f"{name}.{m.parameter_name}" for m in FastLoRAExperts.chain(module)]
-            raise ValueError(f"target_modules matched {name!r}, which holds LoRA on a mixture of experts' expert "
-                             f"weights: those take adapters through target_parameters (PEFT's), e.g. "
-                             f"target_parameters={held}; narrow target_modules")
+        if isinstance(module, FastLoRAParameter):
+            held = [f"{_unwrapped(name)}.{m.parameter_name}" for m in FastLoRAParameter.chain(module)]
+            raise ValueError(f"target_modules matched {name!r}, which holds LoRA on its Parameters {held}: those "
+                             f"take adapters through target_parameters (PEFT's), e.g. target_parameters={held}; narrow "
+                             "target_modules")
         _check_quantized_target(name, module, config)
         w = getattr(module, "weight", None)
         if getattr(module, "_hf_hook", None) is not None and isinstance(w, torch.Tensor) and w.is_meta:
@@ -382,8 +384,9 @@ def plan_lora(model: nn.Module, config, reload: bool = False, warn: bool = True)
             continue
         targets[name] = (pattern_value(config.rank_pattern, name, config.r),
                          pattern_value(config.alpha_pattern, name, config.lora_alpha))
-    expert_targets, experts = _plan_experts(model, config, saved, warn and not reload) if params else ({}, {})
-    targets.update(expert_targets)  # after the modules' (PEFT draws their initial factors first)
+    param_targets, param_layers = _plan_parameters(model, config, saved, set(targets), warn and not reload) \
+        if params else ({}, {})
+    targets.update(param_targets)  # after the modules' (PEFT draws their initial factors first)
     if not targets:
         linear = [n for n, m in model.named_modules() if isinstance(m, (nn.Linear, FastLoRALinear)) or _conv1d(m)
                   or isinstance(m, nn.modules.conv._ConvNd)][:8]
@@ -411,8 +414,9 @@ def plan_lora(model: nn.Module, config, reload: bool = False, warn: bool = True)
         # the user's own target_modules only: not PEFT's defaults (blip-2's list names both language models'
         # projections), not a file being loaded (its positions are fixed already)
         _warn_unadapted(model, config.target_modules, is_all_linear(config.target_modules),
-                        {f"{base}.{pn}" for base, pn in experts.values()})
-    return LoraPlan(targets=targets, saved=saved, tokens=_plan_tokens(model, config, targets, saved), experts=experts)
+                        {f"{base}.{pn}" for base, pn in param_layers.values()})
+    return LoraPlan(targets=targets, saved=saved, tokens=_plan_tokens(model, config, targets, saved),
+                    params=param_layers)
 
 
 def _parameter_hit(wanted: list, key: str, hit: set) -> bool:
@@ -423,24 +427,41 @@ def _parameter_hit(wanted: list, key: str, hit: set) -> bool:
     return bool(found)
 
 
-def _plan_experts(model: nn.Module, config, saved: list, warn: bool) -> tuple:
-    """``(targets, experts)`` of ``config.target_parameters`` (see ``LoraPlan``): the 3-D expert weights of
-    transformers' experts modules they name (PEFT's matching; a module already holding LoRA on its expert weights by
-    its unwrapped name), each weight a layer nested as PEFT nests its ``ParamWrapper`` layers. Raises, naming it, for
-    any other parameter they match (a Linear's weight: target_modules adapts it), for a modules_to_save module, for
-    weights other than those another adapter holds on the same module (PEFT's rule: every adapter of a model
-    targets the same parameters), and when nothing matches; warns of entries that match nothing."""
+def _unwrapped(name: str) -> str:
+    """A module name without the ``.base_layer`` parts that LoRA layers on Parameters add (PEFT's
+    ``strip_base_layer_from_name``)."""
+    return re.sub(r"\.base_layer(?=\.|$)", "", name)
+
+
+def _held_parameters(model: nn.Module) -> dict:
+    """Adapter name -> the Parameters ("<module>.<param>", unwrapped names) its ``FastLoRAParameter`` layers adapt."""
+    held: dict = {}
+    for name, m in model.named_modules():
+        if isinstance(m, FastLoRAParameter):
+            for a in m.adapter_names:
+                held.setdefault(a, set()).add(f"{_unwrapped(name)}.{m.parameter_name}")
+    return held
+
+
+def _plan_parameters(model: nn.Module, config, saved: list, module_targets: set, warn: bool) -> tuple:
+    """``(targets, params)`` of ``config.target_parameters`` (see ``LoraPlan``): the Parameters they name (PEFT's
+    matching: the full name "<module>.<param>" or a suffix after a dot; a module already holding LoRA on Parameters by
+    its unwrapped name), each a layer nested as PEFT nests its ``ParamWrapper`` layers. Raises, naming it, for a
+    Parameter LoRA cannot go on (``parameter_reason``: 2-D and 3-D floating-point ones), one of a module that
+    target_modules adapts too or of a modules_to_save module, one whose module accelerate offloads, a module whose
+    LoRA layers hold other Parameters, other Parameters than another adapter of the model adapts (PEFT's rule: every
+    adapter of a model targets the same ones), and when nothing matches; warns of entries that match nothing."""
     wanted, hit = config.target_parameters, set()
-    targets, experts, inner = {}, {}, []
+    targets, params, inner = {}, {}, []
     for name, module in model.named_modules():
         if not name or any(name.startswith(p) for p in inner):
             continue
         if isinstance(module, (FastLoRALinear, SparseDeltaLinear, ModulesToSaveWrapper)):
             inner.append(name + ".")
-            if not isinstance(module, FastLoRAExperts):
+            if not isinstance(module, FastLoRAParameter):
                 continue
-        chain = FastLoRAExperts.chain(module)
-        base = experts_of(module)
+        chain = FastLoRAParameter.chain(module)
+        base = param_base(module)
         matched = [pn for pn, _ in base.named_parameters(recurse=False) if _parameter_hit(wanted, f"{name}.{pn}", hit)]
         if not matched:
             continue
@@ -448,43 +469,52 @@ def _plan_experts(model: nn.Module, config, saved: list, warn: bool) -> tuple:
         if where is not None:
             raise ValueError(f"target_parameters matched {name}.{matched[0]}, inside modules_to_save {where!r} "
                              "(trained whole already): name it in one of the two")
-        why = experts_reason(base)
+        if name in module_targets:
+            raise ValueError(f"target_parameters matched {name}.{matched[0]}, a Parameter of {name!r}, which "
+                             "target_modules adapts too: one of the two (PEFT's LoRA layer and ParamWrapper do not "
+                             "stack)")
         for pn in matched:
-            ok = (up_projection(base), "down_proj") if why is None else ()
-            if pn not in ok:
-                p = getattr(base, pn)
-                raise ValueError(
-                    f"target_parameters matched {name}.{pn}, a {tuple(p.shape)} parameter of {type(base).__name__}: "
-                    "fastpeft adapts a mixture of experts' 3-D expert weights (gate_up_proj / up_proj and down_proj of "
-                    "transformers' experts modules) " + (f"({why})" if why is not None else f"(its {ok})")
-                    + "; a Linear's weight takes LoRA through target_modules. Narrow target_parameters")
+            why = parameter_reason(base, pn)
+            if why is not None:
+                raise ValueError(f"target_parameters matched {name}.{pn}: {why}; narrow target_parameters")
+            if getattr(base, "_hf_hook", None) is not None and getattr(base, pn).is_meta:
+                raise ValueError(f"target_parameters matched {name}.{pn}, which accelerate offloads (device_map with "
+                                 "'cpu' / 'disk' entries: on meta, its hook loads it per call), which fastpeft's "
+                                 "layer would never see: load the model without offloading, or leave it out")
         if chain:
-            held = {m.parameter_name: name + ".base_layer" * i for i, m in enumerate(chain)}
-            if set(matched) != set(held):
-                raise ValueError(f"target_parameters matched {sorted(matched)} of {name!r}, whose other adapters adapt "
-                                 f"{sorted(held)}: every adapter of a model targets the same parameters of a module "
-                                 "(PEFT's rule)")
-            paths = held
-        else:  # PEFT's nesting: the weights in the module's order, the first innermost
+            paths = {m.parameter_name: name + ".base_layer" * i for i, m in enumerate(chain)}
+            missing = [pn for pn in matched if pn not in paths]
+            if missing:
+                raise ValueError(f"target_parameters matched {[f'{name}.{pn}' for pn in missing]}, of a module whose "
+                                 f"LoRA layers hold {sorted(paths)} (without adapters now): LoRA cannot go under them; "
+                                 "fastpeft.merge_and_unload the model first, or start from the base model")
+        else:  # PEFT's nesting: the Parameters in the module's order, the first innermost
             paths = {pn: name + ".base_layer" * (len(matched) - 1 - i) for i, pn in enumerate(matched)}
         for pn in sorted(matched, key=lambda pn: -paths[pn].count(".base_layer")):  # innermost first, as PEFT draws
             key = f"{name}.{pn}"
             targets[paths[pn]] = (pattern_value(config.rank_pattern, key, config.r),
                                   pattern_value(config.alpha_pattern, key, config.lora_alpha))
-            experts[paths[pn]] = (name, pn)
+            params[paths[pn]] = (name, pn)
     if not targets:
-        fused = [f"{n}.{pn}" for n, m in model.named_modules() if n for pn, p in m.named_parameters(recurse=False)
+        found = [f"{n}.{pn}" for n, m in model.named_modules() if n for pn, p in m.named_parameters(recurse=False)
                  if p.dim() == 3][:4]
         raise ValueError(f"target_parameters {wanted} matched no parameter of the model (PEFT's matching: the full "
                          "name '<module>.<param>' or a suffix of it after a dot); " + (
-                             f"its 3-D expert weights are named like {fused}" if fused else
+                             f"its 3-D expert weights are named like {found}" if found else
                              "it has no 3-D expert weights (the experts modules of transformers >= 5's mixture-of-"
-                             "experts models), the one kind fastpeft adapts through target_parameters"))
+                             "experts models); a 2-D weight is named '<module>.weight'"))
+    keys = {f"{_unwrapped(b)}.{pn}" for b, pn in params.values()}
+    other = {a: ks for a, ks in _held_parameters(model).items() if ks != keys}
+    if other:
+        a, ks = next(iter(other.items()))
+        raise ValueError(f"target_parameters adapts {few(sorted(keys))}, while adapter {a!r} of the model adapts "
+                         f"{few(sorted(ks))}: every adapter of a model targets the same Parameters (PEFT's rule: it "
+                         "cannot hold them side by side)")
     unmatched = [t for t in wanted if t not in hit]
     if warn and unmatched:
         warnings.warn(f"target_parameters entries {unmatched} match no parameter of the model (the others do): they "
                       "adapt nothing", UserWarning, stacklevel=5)
-    return targets, experts
+    return targets, params
 
 
 def _plan_tokens(model: nn.Module, config, targets: dict, saved: list) -> dict:
@@ -660,7 +690,7 @@ def _warn_unadapted(model: nn.Module, spec, all_linear: bool, covered: set = fro
     if all_linear:
         # 3-D or wider Parameters of modules that are not convolutions (whose kernels PEFT's all-linear leaves too)
         # (not a LoRA convolution's kernels, nor the Parameters a weight_norm computes a convolution's weight from)
-        convs = [mn + "." for mn, m in model.named_modules() if isinstance(m, (FastLoRAConv, FastLoRAExperts))]
+        convs = [mn + "." for mn, m in model.named_modules() if isinstance(m, (FastLoRAConv, FastLoRAParameter))]
         fused = [f"{mn}.{pn}" if mn else pn for mn, m in model.named_modules()
                  if not isinstance(m, (nn.modules.conv._ConvNd, FastLoRAConv)) and ".parametrizations." not in f".{mn}."
                  and not any(mn.startswith(c) for c in convs)
@@ -865,16 +895,16 @@ class LoraMethod(Method):
                   init_lora_weights=config.init_lora_weights, sparse_density=config.sparse_density,
                   sparse_block_size=config.sparse_block_size, sparse_selection=config.sparse_selection,
                   use_dora=config.use_dora, **(dict(lora_bias=True) if config.lora_bias else {}))
-        made = {}  # experts module name -> the FastLoRAExperts made on it so far (the innermost first)
+        made = {}  # a Parameter's module name -> the FastLoRAParameter made on it so far (the innermost first)
         for name, (r, alpha) in plan.targets.items():
-            if name in plan.experts:  # PEFT's nesting, innermost first; a chain there already takes the adapter
-                base_name, pname = plan.experts[name]
+            if name in plan.params:  # PEFT's nesting, innermost first; a chain there already takes the adapter
+                base_name, pname = plan.params[name]
                 held = model.get_submodule(base_name)
-                if isinstance(held, FastLoRAExperts):
+                if isinstance(held, FastLoRAParameter):
                     model.get_submodule(name).add_adapter(adapter_name, r, alpha, use_rslora=config.use_rslora,
                                                           init_lora_weights=config.init_lora_weights)
                     continue
-                layer = FastLoRAExperts(made.get(base_name, held), pname, r, alpha, use_rslora=config.use_rslora,
+                layer = FastLoRAParameter(made.get(base_name, held), pname, r, alpha, use_rslora=config.use_rslora,
                                         init_lora_weights=config.init_lora_weights, adapter_name=adapter_name)
                 layer.set_adapter(None)
                 if state.routing is not None:
@@ -942,10 +972,10 @@ class LoraMethod(Method):
         # The resolved full names, which PEFT matches exactly: "all-linear", regexes and exclusions are
         # already applied, so PEFT adapts exactly the layers that were trained here.
         layers = self._layers(model, adapter_name)
-        d["target_modules"] = sorted(n for n, m in layers.items() if not isinstance(m, FastLoRAExperts))
-        # expert weights: their unwrapped names, which PEFT matches (and nests as the layers here are)
-        d["target_parameters"] = sorted(f"{n.replace('.base_layer', '')}.{m.parameter_name}" for n, m in layers.items()
-                                        if isinstance(m, FastLoRAExperts)) or None
+        d["target_modules"] = sorted(n for n, m in layers.items() if not isinstance(m, FastLoRAParameter))
+        # Parameters: their unwrapped names, which PEFT matches (and nests as the layers here are)
+        d["target_parameters"] = sorted(f"{_unwrapped(n)}.{m.parameter_name}" for n, m in layers.items()
+                                        if isinstance(m, FastLoRAParameter)) or None
         d["exclude_modules"] = None
         d["layers_to_transform"] = d["layers_pattern"] = None  # applied already: the names above are exact
         # RoSA (LoRA beside a sparse delta) under fastpeft's own type: PEFT refuses the file instead of loading the
@@ -1039,11 +1069,13 @@ class LoraMethod(Method):
         for name, (r, _) in plan.targets.items():
             lin = plan.base(model, name)
             ka, kb = _factor_keys(name, lin)
-            if name in plan.experts:  # PEFT's ParamWrapper: A (r E, in), B (out, r E)
-                experts = experts_of(lin)
-                w = getattr(experts, plan.experts[name][1])
-                k, n = (w.shape[1], w.shape[2]) if experts.is_transposed else (w.shape[2], w.shape[1])
-                expected[ka], expected[kb] = (r * experts.num_experts, k), (n, r * experts.num_experts)
+            if name in plan.params:  # PEFT's ParamWrapper: A (r E, in), B (out, r E), E = 1 for a 2-D Parameter
+                base = param_base(lin)
+                w = getattr(base, plan.params[name][1])
+                e = w.shape[0] if w.dim() == 3 else 1
+                transposed = w.dim() == 3 and bool(getattr(base, "is_transposed", False))
+                k, n = (w.shape[-2], w.shape[-1]) if transposed else (w.shape[-1], w.shape[-2])
+                expected[ka], expected[kb] = (r * e, k), (n, r * e)
                 continue
             k, n = _in_out(lin)
             shapes = expected[ka], expected[kb] = _factor_shapes(lin, r)
@@ -1164,7 +1196,7 @@ def _saved_base_weights(model: nn.Module, plan: LoraPlan, weights: dict) -> dict
     out = {}
     for name in plan.targets:
         key = name + _BASE_WEIGHT
-        if name in plan.experts:  # (an expert weight's file holds no base weight)
+        if name in plan.params:  # (a Parameter's file holds no base weight)
             continue
         module = model.get_submodule(name)
         if key in weights and not (isinstance(module, QLoRALinear) or is_quantized(module)):
@@ -1336,6 +1368,8 @@ def inject(model: nn.Module, config, adapter_name: str = "default", plan=None, a
         raise TypeError(f"fastpeft.inject takes the nn.Module to add an adapter to, got {type(model).__name__}")
     _check_no_peft_layers(model)
     config = _from_peft_config(config)
+    if plan is None:  # (a file's config is PEFT's after any conversion: its targets are resolved)
+        config = _converted_for_transformers(model, config)
     method = method_for(config)
     check_adapter_name(adapter_name)
     check_bool(autocast_adapter_dtype, "autocast_adapter_dtype")
@@ -1416,6 +1450,48 @@ def _from_peft_config(config):
     if isinstance(kwargs.get("target_modules"), (set, frozenset)):
         kwargs["target_modules"] = sorted(kwargs["target_modules"])
     return LoraConfig(**kwargs)
+
+
+def _converted_for_transformers(model: nn.Module, config):
+    """``config`` as PEFT's ``get_peft_model`` converts it for transformers 5's fused mixture-of-experts layers (peft's
+    own ``convert_peft_config_for_transformers``, where peft and transformers >= 5 are installed; Mixtral, Qwen2/3-MoE,
+    ...): the v4 names of expert projections and routers in target_modules, and ``"all-linear"``'s share of them,
+    become target_parameters (the fused ``gate_up_proj`` with twice the rank and alpha: the v4 gate and up LoRAs
+    side by side). Other configs and models pass as they are. Before 2026-12-02 fastpeft left those layers out (with
+    a warning), where PEFT adapts them."""
+    if not isinstance(config, LoraConfig) or config.target_modules is None:
+        return config
+    try:
+        import peft
+        from peft.tuners.tuners_utils import is_transformers_ge_v5
+        from peft.utils.transformers_weight_conversion import convert_peft_config_for_transformers
+    except ImportError:
+        return config
+    if not is_transformers_ge_v5 or not hasattr(getattr(model, "config", None), "model_type"):
+        return config
+    tm = config.target_modules
+    pc = peft.LoraConfig(r=config.r, lora_alpha=config.lora_alpha, target_modules=list(tm) if isinstance(
+        tm, list) else tm, target_parameters=list(config.target_parameters or []) or None,
+                         rank_pattern=dict(config.rank_pattern), alpha_pattern=dict(config.alpha_pattern))
+    convert_peft_config_for_transformers(pc, model=model, conversions=None)
+
+    def names(v):
+        return sorted(v) if isinstance(v, (set, frozenset, list, tuple)) else v
+    new = dict(target_modules=names(pc.target_modules) or None,
+               target_parameters=names(pc.target_parameters) or None,
+               rank_pattern=dict(pc.rank_pattern), alpha_pattern=dict(pc.alpha_pattern))
+    old = dict(target_modules=names(tm), target_parameters=names(config.target_parameters),
+               rank_pattern=config.rank_pattern, alpha_pattern=config.alpha_pattern)
+    if new == old:
+        return config
+    if new["target_modules"] is None:
+        new["target_modules"] = []  # (target_parameters alone: no module targets, not PEFT's defaults)
+    try:
+        return replace(config, **new)
+    except ValueError as e:
+        raise ValueError(f"PEFT converts this config for transformers 5's fused mixture-of-experts layers "
+                         f"(target_modules {tm!r} -> {new['target_modules']}, target_parameters "
+                         f"{new['target_parameters']}), and then: {e}") from None
 
 
 def _covered(delta) -> int:
@@ -1686,7 +1762,7 @@ def add_weighted_adapter(model: nn.Module, adapters: list, weights: list, adapte
            or configs[n].sparse is not None or configs[n].lora_bias or configs[n].target_parameters]
     if odd:
         raise ValueError(f"add_weighted_adapter combines plain LoRA adapters; {odd} are DoRA, RoSA, lora_bias, "
-                         "expert-weight (target_parameters) or other adapters")
+                         "target_parameters or other adapters")
     layers = {n: m for n, m in lora_layers(model).items() if any(a in m.adapter_names for a in adapters)}
     # PEFT's rank of an adapter: its r, or the largest of r and its rank_pattern's (layers below it are zero-padded)
     ranks = {a: max([configs[a].r, *configs[a].rank_pattern.values()]) for a in adapters}
@@ -2035,7 +2111,8 @@ def merge_and_unload(model: nn.Module, dequantize: bool = False) -> nn.Module:
             layer.weight = nn.Parameter(layer.weight.detach().clone(), requires_grad=False)
         if not layer.merged and layer.has_delta():
             layer.merge()
-        if not name.endswith(".base_layer") or not isinstance(layer, FastLoRAExperts):  # (nested: gone with the outer)
+        # (a nested one is gone with the layer outside it, whose base_module() is the module itself)
+        if not name.endswith(".base_layer") or not isinstance(layer, FastLoRAParameter):
             set_submodule(model, name, layer.base_module())
     own = _token_weights_to_copy(model)  # before any wrapper goes
     _untie_saved_copies(model)

@@ -20,7 +20,7 @@ import torch.nn as nn
 
 from ._checks import check_adapter_name, check_bool, few
 from .inject import METHODS, LoraPlan, adapter_configs, check_known, inject, method_for, peft_state
-from .layers import experts_of
+from .layers import param_base
 
 CONFIG_NAME = "adapter_config.json"
 WEIGHTS_NAME = "adapter_model.safetensors"
@@ -157,9 +157,9 @@ def _meta_parameters(model: nn.Module, plan, state) -> list:
     sparse targets and saved modules (a ``LoraPlan``), a parameter method's tensors (its plan, or ``state.trained``
     on a reload) that exist already."""
     if isinstance(plan, LoraPlan):
-        return [f"{m}.{n}" for m in [*plan.targets, *plan.saved] if m not in plan.experts
+        return [f"{m}.{n}" for m in [*plan.targets, *plan.saved] if m not in plan.params
                 for n, p in model.get_submodule(m).named_parameters() if p.is_meta] + \
-            [f"{base}.{pn}" for base, pn in plan.experts.values() if getattr(experts_of(model.get_submodule(base)),
+            [f"{base}.{pn}" for base, pn in plan.params.values() if getattr(param_base(model.get_submodule(base)),
                                                                              pn).is_meta]
     params = dict(model.named_parameters(remove_duplicate=False))
     return [n for n in (plan if plan is not None else state.trained) if n in params and params[n].is_meta]

@@ -1595,94 +1595,116 @@ class FastLoRAConv(FastLoRALinear):
 
 # ---- quantized bases (QLoRA) -------------------------------------------------------------------------
 
-# ---- LoRA on a mixture of experts' expert weights -----------------------------------------------------
+# ---- LoRA on parameters (PEFT's target_parameters): a mixture of experts' expert weights, any 2-D / 3-D one -------
 
-def experts_of(module: nn.Module) -> nn.Module:
-    """The experts module under a chain of ``FastLoRAExperts`` (``module`` itself when it is none)."""
-    while isinstance(module, FastLoRAExperts):
+def param_base(module: nn.Module) -> nn.Module:
+    """The module under a chain of ``FastLoRAParameter`` layers (``module`` itself when it is none)."""
+    while isinstance(module, FastLoRAParameter):
         module = module._modules["base_layer"]
     return module
 
 
-def expert_adapter_reason(lora_dropout=0.0, use_dora=False, lora_bias=False, sparse_density=0.0,
-                          init_lora_weights=True) -> str | None:
-    """Why an adapter with these options cannot go on an expert weight (None: it can): PEFT's ``ParamWrapper`` rules
-    (no dropout: x cannot be factored out of the expert products; no DoRA, lora_bias), and neither a sparse delta nor
+def parameter_reason(module: nn.Module, name: str) -> str | None:
+    """Why LoRA cannot go on ``module``'s own Parameter ``name`` (None: it can): PEFT's ``ParamWrapper`` takes a 2-D
+    (out, in) or 3-D (experts, out, in) floating-point Parameter."""
+    p = module._parameters.get(name)
+    what = f"{type(module).__name__}.{name}"
+    if not isinstance(p, torch.Tensor):
+        return f"{type(module).__name__} has no Parameter {name!r}"
+    if type(module).__module__.startswith("peft."):
+        return f"{what} belongs to a Hugging Face PEFT layer (fastpeft.to_peft / PEFT's API for PEFT's models)"
+    if p.dim() not in (2, 3):
+        return (f"{what} is a {p.dim()}-D Parameter {tuple(p.shape)}: LoRA on parameters (PEFT's ParamWrapper) takes "
+                "2-D (out, in) and 3-D (experts, out, in) ones")
+    if not p.is_floating_point():
+        return f"{what} is a {type(p).__name__} of dtype {p.dtype} (quantized): LoRA needs a floating-point weight"
+    return None
+
+
+def parameter_adapter_reason(lora_dropout=0.0, use_dora=False, lora_bias=False, sparse_density=0.0,
+                             init_lora_weights=True) -> str | None:
+    """Why an adapter with these options cannot go on a parameter (None: it can): PEFT's ``ParamWrapper`` rules (no
+    dropout: x cannot be factored out of a product with W + s B A; no DoRA, lora_bias), and neither a sparse delta nor
     the orthogonal init (PEFT's draws r x r blocks of an (r, in) A, not of its (r E, in) one)."""
     for value, what in ((lora_dropout, "lora_dropout != 0 (PEFT's ParamWrapper refuses it: dropout(x) cannot be "
-                                       "factored out of the expert products)"),
+                                       "factored out of a product with W + s B A)"),
                         (use_dora, "use_dora=True (PEFT's ParamWrapper refuses LoRA variants)"),
                         (lora_bias, "lora_bias=True (PEFT's ParamWrapper refuses it)"),
                         (sparse_density, "a sparse delta (sparse_density > 0)"),
                         (init_lora_weights == "orthogonal", "init_lora_weights='orthogonal'")):
         if value:
-            return f"LoRA on expert weights (target_parameters) takes no {what}"
+            return f"LoRA on parameters (target_parameters) takes no {what}"
     return None
 
 
-class FastLoRAExperts(FastLoRALinear):
-    """LoRA on one 3-D expert weight of a transformers experts module (PEFT's ``ParamWrapper``, its
-    ``target_parameters``): a token routed to expert e gets ``x W_eᵀ + s (x A_eᵀ) B_eᵀ`` in that projection, computed
-    by ``fastpeft.lora_experts`` (the routed rows' products only, never W + sBA per expert).
+def _fast_experts(base: nn.Module, names: list) -> bool:
+    """Whether ``lora_experts`` computes LoRA on ``base``'s parameters ``names``: a transformers experts module's
+    expert weights."""
+    return experts_reason(base) is None and all(n in (up_projection(base), "down_proj") for n in names)
 
-    ``base_layer``: the experts module (``use_experts_implementation``, transformers >= 5: ``gate_up_proj`` or
-    ``up_proj``, and ``down_proj``, each (E, out, in), or (E, in, out) when ``is_transposed`` as gpt-oss), or another
-    ``FastLoRAExperts`` holding its other weight. As PEFT nests its wrappers (one per weight, the first registered
-    innermost), the module names and the file keys (``<experts>.lora_A.weight``, ``<experts>.base_layer.lora_A
-    .weight``) are PEFT's. Shapes are PEFT's: lora_A (r E, in) holds expert e's rows at e r .. e r + r - 1, lora_B
-    (out, r E) expert e's column j at j E + e; ``weight`` is the expert weight, read from the experts module (not
-    registered here). ``forward(hidden_states (T, H), top_k_index (T, k), top_k_weights (T, k))`` -> (T, H) is the
-    experts module's call, with the active adapter of each layer of the chain (the outermost is the one called).
-    Several adapters, ``set_adapter``, merge / unmerge (W_e += s B_e A_e), ``adapter_ids`` and ``mixed_batch`` (one
-    name per sequence: the experts take the (batch, seq) tokens flattened, batch-major) as ``FastLoRALinear``. PEFT's
-    rules: no dropout, DoRA, lora_bias (and no sparse delta, nor the orthogonal init)."""
+
+class FastLoRAParameter(FastLoRALinear):
+    """LoRA on one Parameter of a module (PEFT's ``ParamWrapper``, its ``target_parameters``): W (out, in), or a
+    mixture of experts' W (E, out, in) with expert e's update ``s B_e A_e``.
+
+    ``base_layer``: the module holding the Parameter ``parameter_name``, or another ``FastLoRAParameter`` on its other
+    Parameter. As PEFT nests its wrappers (one per Parameter, the first registered innermost), the module names and
+    the file keys (``<module>.lora_A.weight``, ``<module>.base_layer.lora_A.weight``) are PEFT's. Shapes are PEFT's:
+    lora_A (r E, in) holds expert e's rows at e r .. e r + r - 1, lora_B (out, r E) expert e's column j at j E + e
+    (E = 1 for a 2-D Parameter); a 3-D Parameter is (E, in, out) where its module says ``is_transposed`` (gpt-oss).
+    ``weight`` is the Parameter itself, read from its module (not registered here).
+
+    ``forward(*args, **kwargs)`` is the module's call with the active adapter of every layer of the chain (the
+    outermost is the one called): on a transformers experts module's ``gate_up_proj`` / ``up_proj`` / ``down_proj``
+    (``use_experts_implementation``, transformers >= 5) by ``fastpeft.lora_experts`` (the routed rows' products only,
+    never W + sBA per expert; ``adapter_ids`` (T,) per token and ``mixed_batch`` as ``FastLoRALinear``, one name per
+    sequence of the (batch, seq) tokens the experts take flattened); on any other Parameter (a router's weight, another
+    module's experts) as PEFT computes it, the module called with W + s B A in the Parameter's place
+    (``torch.func.functional_call``), one adapter per call. Several adapters, ``set_adapter``, merge / unmerge as
+    ``FastLoRALinear``. PEFT's rules: no dropout, DoRA, lora_bias (and no sparse delta, nor the orthogonal init)."""
 
     def __init__(self, base_layer: nn.Module, parameter_name: str, r=8, lora_alpha=8, use_rslora=False,
                  init_lora_weights=True, adapter_name="default"):
-        """Wrap ``base_layer``'s expert weight ``parameter_name`` (held in place, frozen) with adapter
-        ``adapter_name``."""
+        """Wrap ``base_layer``'s Parameter ``parameter_name`` (held in place, frozen) with adapter ``adapter_name``."""
         nn.Module.__init__(self)
         if not isinstance(base_layer, nn.Module):
-            raise TypeError(f"base_layer must be a transformers experts module, got {type(base_layer).__name__}")
-        experts = experts_of(base_layer)
-        why = experts_reason(experts)
+            raise TypeError(f"base_layer must be an nn.Module holding the Parameter, got {type(base_layer).__name__}")
+        if not isinstance(parameter_name, str):
+            raise TypeError(f"parameter_name must be the name of a Parameter of base_layer, got {parameter_name!r}")
+        base = param_base(base_layer)
+        why = parameter_reason(base, parameter_name)
         if why is not None:
-            raise ValueError(f"FastLoRAExperts cannot wrap {type(experts).__name__}: {why}")
-        names = (up_projection(experts), "down_proj")
-        if parameter_name not in names:
-            raise ValueError(f"parameter_name must be one of {type(experts).__name__}'s expert weights {names}, got "
-                             f"{parameter_name!r}")
-        held = [m.parameter_name for m in FastLoRAExperts.chain(base_layer)]
-        if parameter_name in held:
+            raise ValueError(f"parameter_name {parameter_name!r}: {why}")
+        if parameter_name in [m.parameter_name for m in FastLoRAParameter.chain(base_layer)]:
             raise ValueError(f"parameter_name {parameter_name!r}: base_layer holds LoRA on it already (add_adapter "
                              "adds adapters beside)")
+        w = base._parameters[parameter_name]
         self.parameter_name = parameter_name
-        self.num_experts = int(experts.num_experts)
-        self.is_transposed = bool(experts.is_transposed)
+        self.num_experts = w.shape[0] if w.dim() == 3 else 1
+        self.is_transposed = w.dim() == 3 and bool(getattr(base, "is_transposed", False))
         self.base_layer = base_layer
-        self._setup(getattr(experts, parameter_name), None, adapter_name, r, lora_alpha, 0.0, use_rslora,
-                    init_lora_weights)
+        self._setup(w, None, adapter_name, r, lora_alpha, 0.0, use_rslora, init_lora_weights)
 
-    from_linear = _refused("FastLoRAExperts wraps a transformers experts module: FastLoRAExperts(experts, "
-                           "parameter_name, ...)")
+    from_linear = _refused("FastLoRAParameter wraps a Parameter of a module: FastLoRAParameter(module, "
+                           "parameter_name, ...); a whole nn.Linear takes FastLoRALinear.from_linear")
     from_conv1d = from_linear
 
     @staticmethod
     def chain(module: nn.Module) -> list:
-        """The ``FastLoRAExperts`` from ``module`` inwards (empty when it is none)."""
+        """The ``FastLoRAParameter`` layers from ``module`` inwards (empty when it is none)."""
         out = []
-        while isinstance(module, FastLoRAExperts):
+        while isinstance(module, FastLoRAParameter):
             out.append(module)
             module = module._modules["base_layer"]
         return out
 
     @property
     def weight(self) -> torch.Tensor:
-        """The expert weight (E, out, in) (or (E, in, out), ``is_transposed``), the experts module's own Parameter."""
-        return getattr(experts_of(self._modules["base_layer"]), self.parameter_name)
+        """The Parameter (out, in), or (E, out, in) / (E, in, out) (``is_transposed``), its module's own."""
+        return getattr(param_base(self._modules["base_layer"]), self.parameter_name)
 
     def _init_base(self, weight: nn.Parameter, bias) -> None:
-        d1, d2 = weight.shape[1:]
+        d1, d2 = weight.shape[-2:]
         self.in_features, self.out_features = (d1, d2) if self.is_transposed else (d2, d1)
         weight.requires_grad_(False)
         self.bias = None
@@ -1693,11 +1715,11 @@ class FastLoRAExperts(FastLoRALinear):
                     use_dora=False, lora_bias=False):
         """Add adapter ``name`` (its own rank and alpha), frozen unless it is the layer's first; lora_A (r E, in) and
         lora_B (out, r E) drawn as PEFT's (``reset_lora_parameters``). Dropout, DoRA, lora_bias and sparse deltas are
-        refused (``expert_adapter_reason``)."""
+        refused (``parameter_adapter_reason``)."""
         check_adapter_name(name)
         spec = _spec(r, lora_alpha, lora_dropout, use_rslora)
         check_init(init_lora_weights)
-        why = expert_adapter_reason(lora_dropout, use_dora, lora_bias, sparse_density, init_lora_weights)
+        why = parameter_adapter_reason(lora_dropout, use_dora, lora_bias, sparse_density, init_lora_weights)
         if why is not None:
             raise ValueError(f"adapter {name!r} on {self.parameter_name}: {why}")
         if name in self._specs:
@@ -1716,7 +1738,7 @@ class FastLoRAExperts(FastLoRALinear):
         """``FastLoRALinear.update_adapter``; a dropout other than 0 is refused (PEFT's rule)."""
         if lora_dropout:
             raise ValueError(f"adapter {name!r} on {self.parameter_name}: "
-                             + expert_adapter_reason(lora_dropout=lora_dropout))
+                             + parameter_adapter_reason(lora_dropout=lora_dropout))
         super().update_adapter(name, lora_alpha, lora_dropout, use_rslora)
 
     @torch.no_grad()
@@ -1729,7 +1751,7 @@ class FastLoRAExperts(FastLoRALinear):
         if target is None:
             return
         name, spec, a, b = target
-        why = expert_adapter_reason(init_lora_weights=init_lora_weights)
+        why = parameter_adapter_reason(init_lora_weights=init_lora_weights)
         if why is not None:
             raise ValueError(f"adapter {name!r} on {self.parameter_name}: {why}")
 
@@ -1753,40 +1775,71 @@ class FastLoRAExperts(FastLoRALinear):
         e = self.num_experts
         return a.view(e, -1, a.shape[-1]), b.view(b.shape[0], -1, e).permute(2, 0, 1), self._specs[name].scaling
 
+    def _delta(self, name: str, dtype: torch.dtype) -> torch.Tensor:
+        """``s B_e A_e`` of adapter ``name`` in W's layout and ``dtype``, differentiable: computed in the factors'
+        dtype, then cast (PEFT's ``get_delta_weight``)."""
+        a, b, s = self._factors(name)
+        delta = torch.bmm(b, a) * s
+        if self.is_transposed:
+            delta = delta.transpose(1, 2)
+        return (delta if self.weight.dim() == 3 else delta[0]).to(dtype)
+
     @torch.no_grad()
     def _exact_delta(self, adapter_name: str | None = None) -> torch.Tensor:
-        """``s B_e A_e`` for every expert, in W's layout ((E, out, in), or (E, in, out) ``is_transposed``), fp32 (fp64
-        for an fp64 W)."""
+        """``s B_e A_e`` in W's layout, fp32 (fp64 for an fp64 W): what merging adds."""
         name = self._active if adapter_name is None else adapter_name
         self._spec_of(name)
         a, b, s = self._factors(name)
         dt = torch.float64 if self.weight.dtype == torch.float64 else torch.float32
         delta = s * torch.bmm(b.to(dt), a.to(dt))
-        return delta.transpose(1, 2) if self.is_transposed else delta
+        if self.is_transposed:
+            delta = delta.transpose(1, 2)
+        return delta if self.weight.dim() == 3 else delta[0]
 
     def base_module(self) -> nn.Module:
-        """The experts module (holding its merged or unmerged weights; no copy)."""
-        return experts_of(self)
+        """The module holding the Parameter (its merged or unmerged weights; no copy)."""
+        return param_base(self)
 
     def to_linear(self):
-        raise TypeError("FastLoRAExperts holds a mixture of experts' expert weight, not a linear layer: "
-                        "fastpeft.merge_and_unload(model) folds it into the experts module")
+        raise TypeError(f"FastLoRAParameter holds LoRA on {type(param_base(self)).__name__}.{self.parameter_name}, "
+                        "not a linear layer: fastpeft.merge_and_unload(model) folds it into that module")
 
     def extra_repr(self) -> str:
         adapters = ", ".join(f"{n}(r={s.r}, alpha={s.lora_alpha}, scaling={s.scaling:g})"
                              for n, s in self._specs.items())
-        return (f"parameter_name={self.parameter_name!r}, experts={self.num_experts}, in_features={self.in_features}, "
-                f"out_features={self.out_features}, active={self._active!r}, merged={self.merged}, "
-                f"adapters=[{adapters}]")
+        return (f"parameter_name={self.parameter_name!r}, shape={tuple(self.weight.shape)}, "
+                f"in_features={self.in_features}, out_features={self.out_features}, active={self._active!r}, "
+                f"merged={self.merged}, adapters=[{adapters}]")
 
-    def forward(self, hidden_states: torch.Tensor, top_k_index: torch.Tensor, top_k_weights: torch.Tensor,
-                adapter_ids: torch.Tensor | None = None) -> torch.Tensor:
-        """The experts module's call with LoRA on the chain's weights: hidden_states (T, H), top_k_index (T, k),
-        top_k_weights (T, k) -> (T, H). ``adapter_ids``: (T,) per token, or (n,) with n dividing T (a run of T / n
-        tokens each), the index of an adapter in ``adapter_names`` (-1: none); inside ``fastpeft.mixed_batch`` each
-        sequence's adapter."""
-        chain = FastLoRAExperts.chain(self)
-        experts = experts_of(self)
+    def forward(self, *args, adapter_ids: torch.Tensor | None = None, **kwargs):
+        """The module's call with LoRA on the chain's Parameters. An experts module: ``(hidden_states (T, H),
+        top_k_index (T, k), top_k_weights (T, k))`` -> (T, H); ``adapter_ids``: (T,) per token, or (n,) with n
+        dividing T (a run of T / n tokens each), the index of an adapter in ``adapter_names`` (-1: none); inside
+        ``fastpeft.mixed_batch`` each sequence's adapter. Any other module: its own arguments, one adapter per call."""
+        chain = FastLoRAParameter.chain(self)
+        base = param_base(self)
+        if type(base).__module__.startswith("peft."):
+            raise TypeError(f"{type(base).__name__}, a Hugging Face PEFT layer, sits inside fastpeft's LoRA layers "
+                            "(peft.get_peft_model on a model fastpeft.inject prepared): use one of the two, or "
+                            "fastpeft.to_peft(model) to hand fastpeft's adapters to PEFT first")
+        if _fast_experts(base, [m.parameter_name for m in chain]):
+            return self._experts_forward(chain, base, *args, adapter_ids=adapter_ids, **kwargs)
+        routing = _call_routing(self, adapter_ids)
+        held = {n for m in chain for n in m._specs}
+        if adapter_ids is not None or routing is not None and held & set(routing[0][0]):
+            raise ValueError(f"LoRA on {type(base).__name__}.{[m.parameter_name for m in chain]} runs one adapter per "
+                             "call (W + s B A in the Parameter's place, as PEFT computes it; PEFT refuses mixed "
+                             "batches there too): adapter_ids / mixed_batch / adapter_names cannot route its rows; "
+                             "use set_adapter")
+        weights = {m.parameter_name: m.weight + m._delta(m._active, m.weight.dtype) for m in chain
+                   if m._active is not None and not m.merged and routing is None}
+        if not weights:
+            return base(*args, **kwargs)
+        return torch.func.functional_call(base, weights, args, kwargs)
+
+    def _experts_forward(self, chain: list, experts: nn.Module, hidden_states, top_k_index, top_k_weights,
+                         adapter_ids=None) -> torch.Tensor:
+        """``forward`` on a transformers experts module, by ``fastpeft.lora_experts``."""
         routing = _call_routing(self, adapter_ids)
         if adapter_ids is None and routing is None:
             adapters = {m.parameter_name: [m._factors(m._active)] for m in chain
@@ -1802,10 +1855,14 @@ class FastLoRAExperts(FastLoRALinear):
         check_tensor(hidden_states, "hidden_states", 2)
         n_tok = hidden_states.shape[0]
         if routing is not None:
-            names = routing[0][0]
+            names, k = routing[0][0], routing[1]
             used = [n for n in dict.fromkeys(names) if any(n in m._specs for m in chain)]
             index = {n: j for j, n in enumerate(used)}
             ids = torch.tensor([index.get(n, -1) for n in names], dtype=torch.int64, device=hidden_states.device)
+            if n_tok % (len(names) * k):  # (the (batch, seq) tokens flattened: a multiple of the sequences)
+                raise ValueError(f"mixed_batch was given {len(names)} adapter_names (one per sequence"
+                                 f"{f', {k} rows each' if k > 1 else ''}), but the experts' input has {n_tok} tokens "
+                                 f"(batch x sequence, flattened), not a multiple of {len(names) * k}")
         else:
             used, ids = self.adapter_names, adapter_ids
             if not isinstance(ids, torch.Tensor) or ids.dim() != 1 or ids.is_floating_point():
@@ -1814,10 +1871,9 @@ class FastLoRAExperts(FastLoRALinear):
                                 f"{'' if not isinstance(ids, torch.Tensor) else f' of shape {tuple(ids.shape)}'}")
             if ids.device != hidden_states.device:
                 raise ValueError(f"adapter_ids is on {ids.device}, hidden_states on {hidden_states.device}")
-        if ids.numel() == 0 or n_tok % ids.numel():
-            raise ValueError(f"{'mixed_batch was given' if routing is not None else 'adapter_ids has'} {ids.numel()} "
-                             f"{'adapter_names (one per sequence)' if routing is not None else 'entries'}, which do "
-                             f"not split the experts' {n_tok} tokens (batch x sequence, flattened) into equal runs")
+            if ids.numel() == 0 or n_tok % ids.numel():
+                raise ValueError(f"adapter_ids has {ids.numel()} entries, which do not split the experts' {n_tok} "
+                                 "tokens into equal runs")
         ids = ids.repeat_interleave(n_tok // ids.numel())
         if routing is None and ids.device.type == "cpu" and not tracing_or_transformed():
             if ids.numel() and (int(ids.min()) < -1 or int(ids.max()) >= len(used)):
@@ -1841,14 +1897,15 @@ class FastLoRAExperts(FastLoRALinear):
 
 
 def _traced_form(x: torch.Tensor, experts: nn.Module, adapters: dict):
-    """``lora_experts``' form for a ``FastLoRAExperts`` call: while torch.compile traces, grouped_mm where it runs
-    (no host sync; inductor lowers it for bf16), else its own pick."""
+    """``lora_experts``' form for a ``FastLoRAParameter`` call: while torch.compile traces, grouped_mm where it runs
+    (no host sync) and inductor lowers it (bf16), else the loop (a graph break at its host sync); eagerly its own
+    pick."""
     if not torch.compiler.is_compiling():
         return None
     weights = [getattr(experts, up_projection(experts)), experts.down_proj]
     factors = [f for terms in adapters.values() for f in terms if f is not None]
     ok = grouped_mm_refusal(x, weights, factors) is None and weights[0].dtype == x.dtype == torch.bfloat16
-    return "grouped_mm" if ok else None
+    return "grouped_mm" if ok else "loop"
 
 
 def _global_forward_hooks() -> bool:

@@ -1556,7 +1556,7 @@ def test_conv_case_ids_are_unique():
     _assert_unique_ids(CASES, QLORA_CASES, QLORA_MODEL_CASES, DORA_CASES, EXPERTS_CASES, CONV_CASES)
 
 
-# ---- inject with target_parameters: LoRA on a mixture of experts' expert weights (FastLoRAExperts) ----------------
+# ---- inject with target_parameters: LoRA on a mixture of experts' expert weights (FastLoRAParameter) ----------------
 _EXPERT_WEIGHTS = ["mlp.experts.gate_up_proj", "mlp.experts.down_proj"]
 
 
@@ -1582,6 +1582,11 @@ def _expert_layer():
     return _moe_lora().model.layers[0].mlp.experts
 
 
+def _router_layer():
+    model = fastpeft.inject(_moe_model(), LoraConfig(r=2, target_parameters=["mlp.gate.weight"]))
+    return model.model.layers[0].mlp.gate
+
+
 def _expert_call(layer, **over):
     args = dict(hidden_states=_t(6, 16), top_k_index=torch.tensor([[0, 1], [2, 3], [1, 0], [3, 3], [2, 1], [0, 2]]),
                 top_k_weights=torch.rand(6, 2))
@@ -1599,14 +1604,17 @@ EXPERT_INJECT_CASES = [
     Bad("LoraConfig-target_parameters-orthogonal", lambda _: LoraConfig(target_parameters=_EXPERT_WEIGHTS,
                                                                          init_lora_weights="orthogonal"),
         ValueError, ("target_parameters", "orthogonal")),
-    Bad("inject-target_parameters-a-Linear-weight", lambda m: fastpeft.inject(m, LoraConfig(
-        target_parameters=["q_proj.weight"])), ValueError, ("q_proj.weight", "(16, 16)", "target_modules"),
+    Bad("inject-target_parameters-a-norm-weight", lambda m: fastpeft.inject(m, LoraConfig(
+        target_parameters=["q_norm.weight"])), ValueError, ("q_norm.weight", "1-D", "2-D (out, in) and 3-D"),
         _moe_model),
+    Bad("inject-target_parameters-and-target_modules-on-q_proj", lambda m: fastpeft.inject(m, LoraConfig(
+        target_modules=["q_proj"], target_parameters=["q_proj.weight"])), ValueError,
+        ("q_proj.weight", "target_modules adapts too"), _moe_model),
     Bad("inject-target_parameters-no-match", lambda m: fastpeft.inject(m, LoraConfig(target_parameters=["w9"])),
         ValueError, ("target_parameters", "['w9']", "matched no parameter", "mlp.experts.gate_up_proj"), _moe_model),
     Bad("inject-target_parameters-other-weights-than-held", lambda m: fastpeft.inject(m, LoraConfig(
-        target_parameters=["down_proj"]), "c"), ValueError, ("['down_proj']", "['down_proj', 'gate_up_proj']",
-                                                             "same parameters"), _moe_lora),
+        target_parameters=["down_proj"]), "c"), ValueError, ("'default'", "experts.gate_up_proj",
+                                                             "same Parameters"), _moe_lora),
     Bad("inject-target_modules-an-expert-layer", lambda m: fastpeft.inject(m, LoraConfig(
         target_modules=["mlp.experts"]), "c"), ValueError, ("'model.layers.0.mlp.experts'", "target_parameters"),
         _moe_lora),
@@ -1616,23 +1624,30 @@ EXPERT_INJECT_CASES = [
     Bad("add_weighted_adapter-expert-weights", lambda m: fastpeft.add_weighted_adapter(m, ["default", "b"], [0.5, 0.5],
                                                                                         "w", "cat"),
         ValueError, ("target_parameters", "['default', 'b']"), _moe_two_adapters),
-    Bad("FastLoRAExperts-a-Linear", lambda _: fastpeft.FastLoRAExperts(nn.Linear(4, 4), "weight"), ValueError,
-        ("Linear", "not a transformers experts module")),
-    Bad("FastLoRAExperts-parameter_name-up_proj", lambda m: fastpeft.FastLoRAExperts(m.base_module(), "up_proj"),
-        ValueError, ("parameter_name", "('gate_up_proj', 'down_proj')", "'up_proj'"), _expert_layer),
-    Bad("FastLoRAExperts-twice-on-down_proj", lambda m: fastpeft.FastLoRAExperts(m, "down_proj"), ValueError,
+    Bad("FastLoRAParameter-a-bias", lambda _: fastpeft.FastLoRAParameter(nn.Linear(4, 4), "bias"), ValueError,
+        ("parameter_name 'bias'", "Linear.bias", "1-D")),
+    Bad("FastLoRAParameter-parameter_name-up_proj", lambda m: fastpeft.FastLoRAParameter(m.base_module(), "up_proj"),
+        ValueError, ("parameter_name 'up_proj'", "no Parameter 'up_proj'"), _expert_layer),
+    Bad("FastLoRAParameter-parameter_name-int", lambda _: fastpeft.FastLoRAParameter(nn.Linear(4, 4), 0), TypeError,
+        ("parameter_name", "0")),
+    Bad("FastLoRAParameter-twice-on-down_proj", lambda m: fastpeft.FastLoRAParameter(m, "down_proj"), ValueError,
         ("'down_proj'", "holds LoRA on it already"), _expert_layer),
-    Bad("FastLoRAExperts-dropout", lambda m: m.add_adapter("d", 2, 2, lora_dropout=0.1), ValueError,
+    Bad("FastLoRAParameter-dropout", lambda m: m.add_adapter("d", 2, 2, lora_dropout=0.1), ValueError,
         ("'d'", "lora_dropout != 0"), _expert_layer),
-    Bad("FastLoRAExperts-to_linear", lambda m: m.to_linear(), TypeError, ("merge_and_unload", "experts"),
+    Bad("FastLoRAParameter-to_linear", lambda m: m.to_linear(), TypeError, ("merge_and_unload", "down_proj"),
         _expert_layer),
-    Bad("FastLoRAExperts-adapter_ids-4-for-6-tokens", lambda m: _expert_call(m, adapter_ids=torch.zeros(
+    Bad("FastLoRAParameter-router-adapter_ids", lambda m: m(_t(6, 16), adapter_ids=torch.zeros(6, dtype=torch.long)),
+        ValueError, ("runs one adapter per call", "['weight']", "set_adapter"), _router_layer),
+    Bad("forward-adapter_names-3-for-2-sequences", lambda m: m.eval()(torch.zeros(2, 3, dtype=torch.long),
+                                                                       adapter_names=["default", "b", "__base__"]),
+        ValueError, ("adapter_names has 3 names", "2 sequences"), _moe_two_adapters),
+    Bad("FastLoRAParameter-adapter_ids-4-for-6-tokens", lambda m: _expert_call(m, adapter_ids=torch.zeros(
         4, dtype=torch.long)), ValueError, ("adapter_ids", "4 entries", "6 tokens"), _expert_layer),
-    Bad("FastLoRAExperts-adapter_ids-1", lambda m: _expert_call(m, adapter_ids=torch.ones(6, dtype=torch.long)),
+    Bad("FastLoRAParameter-adapter_ids-1", lambda m: _expert_call(m, adapter_ids=torch.ones(6, dtype=torch.long)),
         ValueError, ("adapter_ids", "[-1, 0]", "1..1"), _expert_layer),
-    Bad("FastLoRAExperts-adapter_ids-float", lambda m: _expert_call(m, adapter_ids=torch.zeros(6)), TypeError,
+    Bad("FastLoRAParameter-adapter_ids-float", lambda m: _expert_call(m, adapter_ids=torch.zeros(6)), TypeError,
         ("adapter_ids", "integer", "float32"), _expert_layer),
-    Bad("FastLoRAExperts-hidden-15", lambda m: _expert_call(m, hidden_states=_t(6, 15)), ValueError,
+    Bad("FastLoRAParameter-hidden-15", lambda m: _expert_call(m, hidden_states=_t(6, 15)), ValueError,
         ("hidden_states' last dim", "16", "15"), _expert_layer),
 ]
 

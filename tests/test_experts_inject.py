@@ -1,6 +1,7 @@
-"""LoRA on a mixture of experts' expert weights through ``fastpeft.inject`` (PEFT's ``target_parameters``,
-``FastLoRAExperts``) against PEFT's ``ParamWrapper`` on tiny Qwen3-MoE and gpt-oss models: PEFT's initial draws bit for
-bit, outputs, every gradient and AdamW steps, files both ways, several adapters, mixed batches, merging, to_peft."""
+"""LoRA on Parameters through ``fastpeft.inject`` (PEFT's ``target_parameters``, ``FastLoRAParameter``), a mixture of
+experts' expert weights and 2-D ones, against PEFT's ``ParamWrapper`` on tiny Qwen3-MoE and gpt-oss models: PEFT's
+initial draws bit for bit, outputs, every gradient and AdamW steps, files both ways, several adapters, mixed batches,
+merging, to_peft, PEFT's conversion of MoE configs, torch.compile."""
 import copy
 import warnings
 
@@ -8,7 +9,7 @@ import pytest
 import torch
 
 import fastpeft
-from fastpeft.layers import FastLoRAExperts
+from fastpeft.layers import FastLoRAParameter
 from conftest import assert_close_report
 from test_experts import TARGETS, VOCAB, gpt_oss, qwen3_moe
 
@@ -59,11 +60,11 @@ def step(model, ids):
     return logits.detach()
 
 
-def assert_same(pm, fm, ids, rtol=1e-5, atol=1e-6):
+def assert_same(pm, fm, ids, rtol=1e-5, atol=1e-6, nested=True):
     assert_close_report(step(fm, ids), step(pm, ids), rtol=rtol, atol=atol, what="logits")
     gp = {n: p.grad for n, p in lora_params(pm, True).items() if p.grad is not None}
     gf = {n: p.grad for n, p in lora_params(fm, False).items() if p.grad is not None}
-    assert gp.keys() == gf.keys() and any("experts.base_layer" in n for n in gp)
+    assert gp.keys() == gf.keys() and gp and (not nested or any("experts.base_layer" in n for n in gp))
     for n in gp:
         assert_close_report(gf[n], gp[n], rtol=rtol, atol=atol, what=n)
 
@@ -78,7 +79,7 @@ def test_initial_factors_are_peft_s_bit_for_bit(base, init):
     for n in mp:
         assert torch.equal(mf[n], mp[n]), n
     outer = fm.model.layers[0].mlp.experts
-    assert isinstance(outer, FastLoRAExperts) and isinstance(outer.base_layer, FastLoRAExperts)
+    assert isinstance(outer, FastLoRAParameter) and isinstance(outer.base_layer, FastLoRAParameter)
     assert (outer.parameter_name, outer.base_layer.parameter_name) == ("down_proj", "gate_up_proj")
     assert fastpeft.trainable_parameters(fm) == (sum(p.numel() for p in pm.parameters() if p.requires_grad),
                                                  sum(p.numel() for p in pm.parameters()))
@@ -133,7 +134,7 @@ def test_one_weight_and_rank_pattern(base, ids):
     pm, fm = both(base, target_modules=None, target_parameters=["down_proj"], init_lora_weights=False,
                   rank_pattern={"layers.1.mlp.experts.down_proj": 2})
     layer = fm.model.layers[1].mlp.experts
-    assert isinstance(layer, FastLoRAExperts) and not isinstance(layer.base_layer, FastLoRAExperts)
+    assert isinstance(layer, FastLoRAParameter) and not isinstance(layer.base_layer, FastLoRAParameter)
     assert layer.r == 2 and fm.model.layers[0].mlp.experts.r == 4
     assert_close_report(step(fm, ids), step(pm, ids), rtol=1e-5, atol=1e-6, what="logits")
 
@@ -183,13 +184,13 @@ def test_adapter_names_and_mixed_batch_rows_get_their_adapter(base, ids):
 
 
 def test_layer_adapter_ids_per_token():
-    """``FastLoRAExperts(x, index, weights, adapter_ids)``: each token gets its adapter's update (-1: none), as the
+    """``FastLoRAParameter(x, index, weights, adapter_ids)``: each token gets its adapter's update (-1: none), as the
     layer with that adapter active; gradients reach only the adapters the batch uses."""
     ex = copy.deepcopy(qwen3_moe().model.layers[0].mlp.experts)
     torch.manual_seed(0)
-    layer = FastLoRAExperts(FastLoRAExperts(ex, "gate_up_proj", r=2, init_lora_weights=False), "down_proj", r=2,
+    layer = FastLoRAParameter(FastLoRAParameter(ex, "gate_up_proj", r=2, init_lora_weights=False), "down_proj", r=2,
                             init_lora_weights=False)
-    for m in FastLoRAExperts.chain(layer):
+    for m in FastLoRAParameter.chain(layer):
         m.add_adapter("b", 4, 4, init_lora_weights=False)
     x = torch.randn(6, 32)
     index = torch.randint(0, 8, (6, 2), generator=torch.Generator().manual_seed(2))
@@ -197,10 +198,10 @@ def test_layer_adapter_ids_per_token():
     want = {}
     with torch.no_grad():
         for n in ("default", "b", None):
-            for m in FastLoRAExperts.chain(layer):
+            for m in FastLoRAParameter.chain(layer):
                 m.set_adapter(n)
             want[n] = layer(x, index, w)
-    for m in FastLoRAExperts.chain(layer):
+    for m in FastLoRAParameter.chain(layer):
         m.set_adapter("b")
     tid = torch.tensor([1, -1, 0, 1, 1, -1])
     got = layer(x, index, w, adapter_ids=tid)
@@ -218,7 +219,7 @@ def test_merge_unmerge_and_merge_and_unload(base, ids):
     experts modules back holding the merged weights."""
     _, fm = both(base, init_lora_weights=False)
     fm.eval()
-    layers = [m for m in fm.modules() if isinstance(m, FastLoRAExperts)]
+    layers = [m for m in fm.modules() if isinstance(m, FastLoRAParameter)]
     before = [m.weight.detach().clone() for m in layers]
     with torch.no_grad():
         want = fm(ids).logits
@@ -230,7 +231,7 @@ def test_merge_unmerge_and_merge_and_unload(base, ids):
         for m, w in zip(layers, before):
             assert_close_report(m.weight, w, rtol=1e-6, atol=1e-6, what="unmerged weight")
         fastpeft.merge_and_unload(fm)
-        assert not any(isinstance(m, FastLoRAExperts) for m in fm.modules())
+        assert not any(isinstance(m, FastLoRAParameter) for m in fm.modules())
         assert type(fm.model.layers[0].mlp.experts).__name__.endswith("Experts")
         assert_close_report(fm(ids).logits, want, rtol=1e-5, atol=1e-6, what="after merge_and_unload")
 
@@ -245,13 +246,53 @@ def test_to_peft(base, ids):
         assert_close_report(converted(ids).logits, want, rtol=1e-5, atol=1e-6, what="to_peft")
 
 
-def test_all_linear_with_target_parameters_does_not_warn_of_the_experts(base):
+@pytest.mark.filterwarnings("ignore:The following (rank|alpha)_pattern keys did not match:RuntimeWarning")  # PEFT's
+def test_all_linear_and_v4_names_are_converted_as_peft_does(ids):
+    """PEFT's get_peft_model converts a config for transformers 5's fused MoE layers (Qwen3-MoE): "all-linear" and the
+    v4 names (gate_proj / up_proj / down_proj / gate) become target_parameters, gate_up_proj at twice the rank, the
+    router's weight adapted too; inject does the same (before, it warned and left them out): the same trainable
+    parameters, logits and gradients."""
+    base = qwen3_moe()
+    for tm in ("all-linear", ["q_proj", "gate_proj", "up_proj", "down_proj", "gate"]):
+        pm, fm = both(base, target_modules=tm, target_parameters=None, init_lora_weights=False)
+        assert fastpeft.trainable_parameters(fm)[0] == sum(p.numel() for p in pm.parameters() if p.requires_grad)
+        router = fm.model.layers[0].mlp.gate
+        assert isinstance(router, FastLoRAParameter) and router.parameter_name == "weight"
+        assert fm.model.layers[0].mlp.experts.base_layer.r == 8  # gate_up_proj: gate's and up's ranks side by side
+        assert_same(pm, fm, ids)
+
+
+def test_all_linear_on_gpt_oss_still_warns_of_its_experts():
+    """gpt-oss has no such conversion in PEFT: "all-linear" leaves its expert weights (warned), target_parameters
+    adapts them (no warning)."""
+    base = gpt_oss()
     with warnings.catch_warnings():
         warnings.simplefilter("error")
         fastpeft.inject(copy.deepcopy(base), fastpeft.LoraConfig(r=2, target_modules="all-linear",
                                                                  target_parameters=TARGETS))
     with pytest.warns(UserWarning, match="fused expert weights"):
         fastpeft.inject(copy.deepcopy(base), fastpeft.LoraConfig(r=2, target_modules="all-linear"))
+
+
+@pytest.mark.parametrize("targets", [["self_attn.q_proj.weight"], ["mlp.gate.weight"]], ids=["linear", "router"])
+def test_a_2d_parameter_as_peft_computes_it(targets, ids, tmp_path):
+    """A 2-D Parameter (a Linear's weight, Qwen3-MoE's router) takes LoRA as PEFT computes it there: the module called
+    with W + s B A in its place; logits and gradients equal PEFT's, files load both ways, merge_and_unload gives the
+    module back; per-sequence adapters are refused there (PEFT refuses them too), naming the layer."""
+    base = qwen3_moe()
+    pm, fm = both(base, target_modules=None, target_parameters=targets, init_lora_weights=False)
+    assert_same(pm, fm, ids, nested=False)
+    fastpeft.save_adapter(fm, tmp_path / "a")
+    loaded = peft.PeftModel.from_pretrained(copy.deepcopy(base), tmp_path / "a")
+    with torch.no_grad():
+        want = fm(ids).logits
+        assert_close_report(loaded(ids).logits, want, rtol=1e-5, atol=1e-6, what="PEFT loading fastpeft's file")
+        fm.eval()
+        with pytest.raises(ValueError, match="runs one adapter per call"):
+            fm(ids, adapter_names=["default", "__base__", "default"])
+        fastpeft.merge_and_unload(fm)
+        assert not any(isinstance(m, FastLoRAParameter) for m in fm.modules())
+        assert_close_report(fm(ids).logits, want, rtol=1e-5, atol=1e-6, what="merged")
 
 
 def test_bf16_model_fp32_adapters_as_accurate_as_peft(ids):
@@ -267,3 +308,33 @@ def test_bf16_model_fp32_adapters_as_accurate_as_peft(ids):
         err_peft = (pm(ids).logits.float() - ref).abs().max()
         err_ours = (fm(ids).logits.float() - ref).abs().max()
     assert err_ours <= 2 * err_peft + 2 ** -8 * ref.abs().max(), (err_ours, err_peft)
+
+
+def test_compiled_fp32_model_matches_eager(ids):
+    """torch.compile of an fp32 model: the loop form while tracing (grouped_mm lowers for bf16 only; before, the
+    traced fp32 grouped_mm failed), logits and gradients as eager."""
+    _, fm = both(qwen3_moe(), init_lora_weights=False)
+    want = step(fm, ids)
+    grads = {n: p.grad.clone() for n, p in fm.named_parameters() if p.grad is not None}
+    got = step(torch.compile(fm, backend="eager"), ids)
+    assert_close_report(got, want, rtol=1e-5, atol=1e-6, what="compiled logits")
+    for n, p in fm.named_parameters():
+        if p.grad is not None:
+            assert_close_report(p.grad, grads[n], rtol=1e-5, atol=1e-6, what=n)
+
+
+def test_offloaded_experts_refused_and_peft_inside_named(ids):
+    """A Parameter accelerate offloads (on meta, loaded per call by its hook) is refused before any change, as an
+    offloaded Linear is; PEFT's get_peft_model wrapping a ParamWrapper inside fastpeft's layers is named at the
+    forward (it used to fail inside lora_experts' checks)."""
+    accelerate = pytest.importorskip("accelerate")
+    model = qwen3_moe()
+    accelerate.cpu_offload(model, execution_device=torch.device("cpu"))
+    kinds = [type(m).__name__ for m in model.modules()]
+    with pytest.raises(ValueError, match="accelerate offloads"):
+        fastpeft.inject(model, fastpeft.LoraConfig(r=2, target_parameters=TARGETS))
+    assert [type(m).__name__ for m in model.modules()] == kinds
+    fm = fastpeft.inject(qwen3_moe(), fastpeft.LoraConfig(r=2, target_parameters=TARGETS))
+    pm = peft.get_peft_model(fm, peft.LoraConfig(r=2, target_modules=[], target_parameters=TARGETS), "second")
+    with pytest.raises(TypeError, match="PEFT layer, sits inside fastpeft's LoRA layers"):
+        pm(ids)
