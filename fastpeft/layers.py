@@ -1660,8 +1660,9 @@ class FastLoRAParameter(FastLoRALinear):
     never W + sBA per expert; ``adapter_ids`` (T,) per token and ``mixed_batch`` as ``FastLoRALinear``, one name per
     sequence of the (batch, seq) tokens the experts take flattened); on any other Parameter (a router's weight, another
     module's experts) as PEFT computes it, the module called with W + s B A in the Parameter's place
-    (``torch.func.functional_call``), one adapter per call. Several adapters, ``set_adapter``, merge / unmerge as
-    ``FastLoRALinear``. PEFT's rules: no dropout, DoRA, lora_bias (and no sparse delta, nor the orthogonal init)."""
+    (``torch.func.functional_call``; per-row adapters by one call per adapter in the batch, ``_composed_rows``).
+    Several adapters, ``set_adapter``, merge / unmerge as ``FastLoRALinear``. PEFT's rules: no dropout, DoRA,
+    lora_bias (and no sparse delta, nor the orthogonal init)."""
 
     def __init__(self, base_layer: nn.Module, parameter_name: str, r=8, lora_alpha=8, use_rslora=False,
                  init_lora_weights=True, adapter_name="default"):
@@ -1815,7 +1816,8 @@ class FastLoRAParameter(FastLoRALinear):
         """The module's call with LoRA on the chain's Parameters. An experts module: ``(hidden_states (T, H),
         top_k_index (T, k), top_k_weights (T, k))`` -> (T, H); ``adapter_ids``: (T,) per token, or (n,) with n
         dividing T (a run of T / n tokens each), the index of an adapter in ``adapter_names`` (-1: none); inside
-        ``fastpeft.mixed_batch`` each sequence's adapter. Any other module: its own arguments, one adapter per call."""
+        ``fastpeft.mixed_batch`` each sequence's adapter. Any other module: its own arguments (per-row adapters: see
+        ``_composed_rows``)."""
         chain = FastLoRAParameter.chain(self)
         base = param_base(self)
         if type(base).__module__.startswith("peft."):
@@ -1825,17 +1827,56 @@ class FastLoRAParameter(FastLoRALinear):
         if _fast_experts(base, [m.parameter_name for m in chain]):
             return self._experts_forward(chain, base, *args, adapter_ids=adapter_ids, **kwargs)
         routing = _call_routing(self, adapter_ids)
-        held = {n for m in chain for n in m._specs}
-        if adapter_ids is not None or routing is not None and held & set(routing[0][0]):
-            raise ValueError(f"LoRA on {type(base).__name__}.{[m.parameter_name for m in chain]} runs one adapter per "
-                             "call (W + s B A in the Parameter's place, as PEFT computes it; PEFT refuses mixed "
-                             "batches there too): adapter_ids / mixed_batch / adapter_names cannot route its rows; "
-                             "use set_adapter")
+        if adapter_ids is not None or routing is not None:
+            return self._composed_rows(chain, base, adapter_ids, routing, args, kwargs)
         weights = {m.parameter_name: m.weight + m._delta(m._active, m.weight.dtype) for m in chain
-                   if m._active is not None and not m.merged and routing is None}
+                   if m._active is not None and not m.merged}
         if not weights:
             return base(*args, **kwargs)
         return torch.func.functional_call(base, weights, args, kwargs)
+
+    def _composed_rows(self, chain: list, base: nn.Module, adapter_ids, routing, args, kwargs):
+        """Per-row adapters on the composed form (PEFT refuses them there): the module called once for the base rows
+        and once per adapter the batch uses, with W + s B A in the Parameter's place, each row of every output
+        taken from its adapter's call. Rows: dim 0 of the first tensor argument, in equal runs, one per name
+        (``mixed_batch``'s, one per sequence: the batch, its k-fold expansion, or its tokens flattened) or per entry of
+        ``adapter_ids`` (indices in ``adapter_names``, -1 the base; read on the host). Outputs: tensors with those rows
+        (tuples and lists of them too)."""
+        what = f"LoRA on {type(base).__name__}.{[m.parameter_name for m in chain]}"
+        merged = [m.parameter_name for m in chain if m.merged]
+        if merged:
+            raise RuntimeError(f"{what}: adapters cannot route rows on a merged layer ({merged} merged): call "
+                               "unmerge() first")
+        x = next((a for a in args if isinstance(a, torch.Tensor)), None)
+        if x is None or x.dim() == 0:
+            raise ValueError(f"{what}: per-row adapters (adapter_ids / mixed_batch / adapter_names) need a tensor "
+                             "argument whose dim 0 holds the rows")
+        if routing is not None:
+            names = list(routing[0][0])
+        else:
+            if not isinstance(adapter_ids, torch.Tensor) or adapter_ids.dim() != 1 or adapter_ids.is_floating_point():
+                raise TypeError(f"adapter_ids must be a 1-D integer tensor, got {type(adapter_ids).__name__}"
+                                f"{'' if not isinstance(adapter_ids, torch.Tensor) else f' of {adapter_ids.dtype}'}")
+            ids = adapter_ids.tolist()
+            if any(i < -1 or i >= len(self._specs) for i in ids):
+                raise ValueError(f"adapter_ids must lie in [-1, {len(self._specs) - 1}] (this layer's adapters "
+                                 f"{self.adapter_names}), got {min(ids)}..{max(ids)}")
+            names = [None if i < 0 else self.adapter_names[i] for i in ids]
+        n_rows = x.shape[0]
+        if not names or n_rows % len(names):
+            raise ValueError(f"{what}: {len(names)} {'adapter_names' if routing is not None else 'adapter_ids'} do "
+                             f"not split its input's {n_rows} rows (dim 0 of shape {tuple(x.shape)}) into equal runs")
+        per = n_rows // len(names)
+
+        def call(adapter):
+            weights = {m.parameter_name: m.weight + m._delta(adapter, m.weight.dtype) for m in chain
+                       if adapter in m._specs}
+            return torch.func.functional_call(base, weights, args, kwargs) if weights else base(*args, **kwargs)
+        out = call(None)
+        for adapter in dict.fromkeys(n for n in names if n is not None and any(n in m._specs for m in chain)):
+            rows = torch.tensor([n == adapter for n in names], device=x.device).repeat_interleave(per)
+            out = _take_rows(out, call(adapter), rows, what)
+        return out
 
     def _experts_forward(self, chain: list, experts: nn.Module, hidden_states, top_k_index, top_k_weights,
                          adapter_ids=None) -> torch.Tensor:
@@ -1894,6 +1935,19 @@ class FastLoRAParameter(FastLoRALinear):
         adapters = {m.parameter_name: [term(m, n) for n in used] for m in chain}
         return lora_experts(experts, hidden_states, top_k_index, top_k_weights, adapters, check_ids=False,
                             adapter_ids=ids, form=_traced_form(hidden_states, experts, adapters))
+
+
+def _take_rows(out, new, rows: torch.Tensor, what: str):
+    """``out`` with the rows ``rows`` (a bool (n,) tensor) of every tensor taken from ``new`` (tuples and lists
+    alike); raises for a tensor without those n rows in dim 0."""
+    if isinstance(out, torch.Tensor):
+        if out.dim() == 0 or out.shape[0] != rows.shape[0]:
+            raise ValueError(f"{what}: per-row adapters need every output to hold the input's {rows.shape[0]} rows in "
+                             f"dim 0, got an output of shape {tuple(out.shape)}; use set_adapter")
+        return torch.where(rows.view(-1, *[1] * (out.dim() - 1)), new, out)
+    if isinstance(out, (tuple, list)) and type(out) in (tuple, list):
+        return type(out)(_take_rows(o, n, rows, what) for o, n in zip(out, new))
+    return out
 
 
 def _traced_form(x: torch.Tensor, experts: nn.Module, adapters: dict):

@@ -1636,8 +1636,10 @@ EXPERT_INJECT_CASES = [
         ("'d'", "lora_dropout != 0"), _expert_layer),
     Bad("FastLoRAParameter-to_linear", lambda m: m.to_linear(), TypeError, ("merge_and_unload", "down_proj"),
         _expert_layer),
-    Bad("FastLoRAParameter-router-adapter_ids", lambda m: m(_t(6, 16), adapter_ids=torch.zeros(6, dtype=torch.long)),
-        ValueError, ("runs one adapter per call", "['weight']", "set_adapter"), _router_layer),
+    Bad("FastLoRAParameter-router-adapter_ids-1", lambda m: m(_t(6, 16), adapter_ids=torch.ones(6, dtype=torch.long)),
+        ValueError, ("adapter_ids", "[-1, 0]", "1..1"), _router_layer),
+    Bad("FastLoRAParameter-router-adapter_ids-4-for-6-rows", lambda m: m(_t(6, 16), adapter_ids=torch.zeros(
+        4, dtype=torch.long)), ValueError, ("4 adapter_ids", "6 rows", "(6, 16)"), _router_layer),
     Bad("forward-adapter_names-3-for-2-sequences", lambda m: m.eval()(torch.zeros(2, 3, dtype=torch.long),
                                                                        adapter_names=["default", "b", "__base__"]),
         ValueError, ("adapter_names has 3 names", "2 sequences"), _moe_two_adapters),

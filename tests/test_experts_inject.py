@@ -252,6 +252,7 @@ def test_all_linear_and_v4_names_are_converted_as_peft_does(ids):
     v4 names (gate_proj / up_proj / down_proj / gate) become target_parameters, gate_up_proj at twice the rank, the
     router's weight adapted too; inject does the same (before, it warned and left them out): the same trainable
     parameters, logits and gradients."""
+    pytest.importorskip("peft.utils.transformers_weight_conversion")  # (PEFT's conversion: peft >= 0.18)
     base = qwen3_moe()
     for tm in ("all-linear", ["q_proj", "gate_proj", "up_proj", "down_proj", "gate"]):
         pm, fm = both(base, target_modules=tm, target_parameters=None, init_lora_weights=False)
@@ -278,21 +279,28 @@ def test_all_linear_on_gpt_oss_still_warns_of_its_experts():
 def test_a_2d_parameter_as_peft_computes_it(targets, ids, tmp_path):
     """A 2-D Parameter (a Linear's weight, Qwen3-MoE's router) takes LoRA as PEFT computes it there: the module called
     with W + s B A in its place; logits and gradients equal PEFT's, files load both ways, merge_and_unload gives the
-    module back; per-sequence adapters are refused there (PEFT refuses them too), naming the layer."""
+    module back. Per-sequence adapters, which PEFT refuses there, give each row what its adapter alone gives (the
+    module called once per adapter of the batch)."""
     base = qwen3_moe()
     pm, fm = both(base, target_modules=None, target_parameters=targets, init_lora_weights=False)
     assert_same(pm, fm, ids, nested=False)
     fastpeft.save_adapter(fm, tmp_path / "a")
     loaded = peft.PeftModel.from_pretrained(copy.deepcopy(base), tmp_path / "a")
+    fastpeft.inject(fm, fastpeft.LoraConfig(r=2, target_parameters=targets, init_lora_weights=False), "b")
+    fm.eval()
     with torch.no_grad():
-        want = fm(ids).logits
-        assert_close_report(loaded(ids).logits, want, rtol=1e-5, atol=1e-6, what="PEFT loading fastpeft's file")
-        fm.eval()
-        with pytest.raises(ValueError, match="runs one adapter per call"):
-            fm(ids, adapter_names=["default", "__base__", "default"])
+        alone = {"__base__": base(ids).logits}
+        for name in ("b", "default"):
+            fastpeft.set_adapter(fm, name)
+            alone[name] = fm(ids).logits
+        assert_close_report(loaded(ids).logits, alone["default"], rtol=1e-5, atol=1e-6, what="PEFT loading ours")
+        names = ["b", "__base__", "default"]
+        got = fm(ids, adapter_names=names).logits
+        for i, n in enumerate(names):
+            assert_close_report(got[i], alone[n][i], rtol=1e-5, atol=1e-6, what=f"adapter_names row {i} ({n})")
         fastpeft.merge_and_unload(fm)
         assert not any(isinstance(m, FastLoRAParameter) for m in fm.modules())
-        assert_close_report(fm(ids).logits, want, rtol=1e-5, atol=1e-6, what="merged")
+        assert_close_report(fm(ids).logits, alone["default"], rtol=1e-5, atol=1e-6, what="merged")
 
 
 def test_bf16_model_fp32_adapters_as_accurate_as_peft(ids):
