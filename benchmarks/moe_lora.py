@@ -4,11 +4,14 @@ layers (the same adapter, loaded from PEFT's files): one training step (forward 
 forward of the whole model.
 
     python benchmarks/moe_lora.py [--layers 2] [--width 512] [--experts 32] [--top-k 4] [--intermediate 256]
-                                  [--vocab 1000] [--batch 4] [--seq 128] [--rank 16] [--device cpu|cuda]
-                                  [--rep-ms 2000] [--out FILE.md]
+                                  [--vocab 1000] [--batch 4] [--seq 128] [--rank 16] [--all-linear]
+                                  [--device cpu|cuda] [--rep-ms 2000] [--out FILE.md]
 
 A Qwen3-MoE built from its config (random weights: speed only), every layer sparse; LoRA on ``q_proj`` / ``k_proj`` /
-``v_proj`` / ``o_proj`` and on ``mlp.experts.gate_up_proj`` / ``down_proj``. Medians (ms) of interleaved calls on the
+``v_proj`` / ``o_proj`` and on ``mlp.experts.gate_up_proj`` / ``down_proj``; with ``--all-linear``
+``target_modules="all-linear"`` alone, which PEFT (and ``inject``) convert for transformers 5's fused layers: the
+attention projections, both expert weights (gate_up_proj at twice the rank) and each router's weight (``accelerate``
+leaves the routers on PEFT's forward). Medians (ms) of interleaved calls on the
 CPU (``harness.bench_interleaved``), of ``triton.testing.do_bench`` on CUDA; speed-ups are PEFT's time over the
 other's.
 """
@@ -43,11 +46,12 @@ def models(args) -> dict:
         num_attention_heads=args.width // 64, num_key_value_heads=max(1, args.width // 128), head_dim=64,
         vocab_size=args.vocab, max_position_embeddings=max(args.seq, 64))
     base = transformers.AutoModelForCausalLM.from_config(cfg).to(args.device)
+    targets = dict(target_modules="all-linear") if args.all_linear else dict(
+        target_modules=["q_proj", "k_proj", "v_proj", "o_proj"], target_parameters=TARGET_PARAMETERS)
     peft_model = peft.get_peft_model(copy.deepcopy(base), peft.LoraConfig(
-        r=args.rank, lora_alpha=2 * args.rank, target_modules=["q_proj", "k_proj", "v_proj", "o_proj"],
-        target_parameters=TARGET_PARAMETERS, init_lora_weights=False))
+        r=args.rank, lora_alpha=2 * args.rank, init_lora_weights=False, **targets))
     fast = copy.deepcopy(peft_model)
-    fastpeft.accelerate(fast, strict=True)
+    fastpeft.accelerate(fast, strict=not args.all_linear)
     with tempfile.TemporaryDirectory() as tmp:
         peft_model.save_pretrained(tmp)
         injected = fastpeft.load_adapter(copy.deepcopy(base), tmp)
@@ -59,6 +63,8 @@ def main(argv=None) -> str:
         ap.add_argument("--experts", type=positive_int, default=32)
         ap.add_argument("--top-k", dest="top_k", type=positive_int, default=4)
         ap.add_argument("--intermediate", type=positive_int, default=256)
+        ap.add_argument("--all-linear", dest="all_linear", action="store_true",
+                        help='target_modules="all-linear" (PEFT converts it: experts and routers too)')
     ap, args = model_args(__doc__.split("\n\n")[0], argv, width=512, vocab=1000, extra=extra)
     if args.top_k > args.experts:
         ap.error(f"--top-k {args.top_k} exceeds --experts {args.experts}")
@@ -71,7 +77,9 @@ def main(argv=None) -> str:
     env = environment(args.device)
     head = table_head(f"LoRA on a Qwen3-MoE ({args.layers} blocks, width {args.width}, {args.experts} experts top-"
                       f"{args.top_k} of width {args.intermediate}, vocabulary {args.vocab}, batch {args.batch} x "
-                      f"{args.seq} tokens, r = {args.rank} on the attention projections and the expert weights)", env)
+                      f"{args.seq} tokens, r = {args.rank} on " + ("all-linear, converted by PEFT: the attention "
+                      "projections, the expert weights and the routers)" if args.all_linear else
+                      "the attention projections and the expert weights)"), env)
     return emit_markdown(head, "moe_lora.py", argv, [
         "| call | PEFT ms | PEFT + accelerate ms (speed-up) | fastpeft inject ms (speed-up) |",
         "|---|---|---|---|", *rows], args.out)

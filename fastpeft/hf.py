@@ -33,10 +33,11 @@ import torch
 import torch.nn as nn
 
 from ._checks import few
-from .inject import INJECT_HOOKS, active_adapter, adapter_configs, lora_layers, method_for, mixed_batch
+from .inject import (INJECT_HOOKS, active_adapter, adapter_configs, lora_layers, method_for, mixed_batch,
+                     nested_parameter_layers)
 from .matching import input_embeddings, matches, output_head
 from .io import load_adapter, read_adapter_config, save_adapter
-from .layers import FastLoRAParameter, FastLoRALinear, ModulesToSaveWrapper
+from .layers import FastLoRALinear, ModulesToSaveWrapper
 
 _PEFT_PREFIX = "base_model.model."
 _ADAPTER_WEIGHTS = "adapter_model.safetensors"
@@ -116,11 +117,20 @@ def _names_pre_hook(model, args, kwargs):
         # unrouted (the active adapter's gradients); PEFT refuses this too
         raise ValueError("adapter_names= is taken in eval mode only (as PEFT): in training, run the forward and its "
                          "backward inside `with fastpeft.mixed_batch(model, names):`")
-    _check_batch(names, kwargs.get("input_ids", kwargs.get("inputs_embeds", args[0] if args else None)))
+    _check_batch(names, _batch_input(args, kwargs))
     block = mixed_batch(model, list(names) if isinstance(names, tuple) else names)
     block.__enter__()  # (raises, nothing entered, for unknown names)
     model.__dict__.setdefault(_ROUTED, []).append(block)
     return args, kwargs
+
+
+def _batch_input(args, kwargs):
+    """The tensor whose dim 0 is a forward's or generate's batch: the first of input_ids, inputs_embeds, inputs (given
+    and not None), else the first positional argument."""
+    for key in ("input_ids", "inputs_embeds", "inputs"):
+        if kwargs.get(key) is not None:
+            return kwargs[key]
+    return args[0] if args else None
 
 
 def _check_batch(names, inputs) -> None:
@@ -168,7 +178,7 @@ def _generate(self, *args, adapter_names=None, **kwargs):
         return own(*args, **kwargs)
     config = kwargs.get("generation_config") or (args[1] if len(args) > 1 else None) or \
         getattr(self, "generation_config", None)  # (generate(inputs, generation_config, ...))
-    _check_batch(adapter_names, kwargs.get("input_ids", kwargs.get("inputs_embeds", args[0] if args else None)))
+    _check_batch(adapter_names, _batch_input(args, kwargs))
     beams = kwargs.get("num_beams") or getattr(config, "num_beams", 1) or 1
     copies = kwargs.get("num_return_sequences") or getattr(config, "num_return_sequences", 1) or 1
     with mixed_batch(self, list(adapter_names), rows_per_sequence=beams if beams > 1 else copies):
@@ -384,6 +394,7 @@ def to_peft(model: nn.Module):
                                  f"({hint})")
         # Checks done: swap the fastpeft modules for their base modules (the files hold the adapters), then load
         # the adapters with PEFT. Should PEFT raise, the fastpeft modules and attributes go back where they were.
+        nested = nested_parameter_layers(model, lora_layers(model))
         swapped = list(lora_layers(model).items()) + [
             (n, m) for n, m in model.named_modules() if isinstance(m, ModulesToSaveWrapper)]
         kept = {name: v for name, v in model.__dict__.items()
@@ -392,8 +403,8 @@ def to_peft(model: nn.Module):
         hooks = _detach_adapter_names(model)  # PEFT's forward takes adapter_names itself
         try:
             for path, m in swapped:
-                if path.endswith(".base_layer") and isinstance(m, FastLoRAParameter):
-                    continue  # (nested in the expert layer outside it, which gives the experts module back)
+                if path in nested:
+                    continue  # (nested in the layer outside it, which gives the module back)
                 _set_submodule(model, path, m.original_module if isinstance(m, ModulesToSaveWrapper)
                                else _base_module(m))
             for name in kept:

@@ -234,6 +234,13 @@ def active_adapter(model: nn.Module):
 
 # ---- finding layers ------------------------------------------------------------------------------------
 
+def nested_parameter_layers(model: nn.Module, layers: dict) -> set:
+    """The names of the ``FastLoRAParameter`` layers among ``layers`` that sit inside another (PEFT's nesting, one layer
+    per Parameter of a module): they go with the outermost, whose ``base_module()`` is the module itself."""
+    return {n for n, m in layers.items() if isinstance(m, FastLoRAParameter) and "." in n
+            and isinstance(model.get_submodule(n.rpartition(".")[0]), FastLoRAParameter)}
+
+
 def lora_layers(model: nn.Module) -> dict:
     """Full module name -> ``FastLoRALinear``, for every LoRA layer of ``model``."""
     return {n: m for n, m in model.named_modules() if isinstance(m, FastLoRALinear)}
@@ -1102,6 +1109,13 @@ class LoraMethod(Method):
         return expected
 
     def check_load(self, model: nn.Module, config, adapter_name: str, weights: dict, directory, state):
+        converted = _converted_for_transformers(model, config)
+        if converted is not config:
+            raise ValueError(f"adapter {os.fspath(directory)!r} was saved for transformers 4's mixture-of-experts layout "
+                             f"(target_modules {config.target_modules}, one LoRA per expert), which transformers 5 "
+                             "fuses: PEFT converts such a file's config and weights as it loads it (peft.PeftModel."
+                             "from_pretrained; its save_pretrained then writes the new layout, which fastpeft loads); "
+                             "fastpeft does not convert the weights")
         plan = plan_lora(model, config, warn=False)
         _check_dora_file(config, weights, directory)
         sparse = _take_sparse(model, config.sparse, plan, weights, directory)
@@ -1472,7 +1486,9 @@ def _converted_for_transformers(model: nn.Module, config):
     tm = config.target_modules
     pc = peft.LoraConfig(r=config.r, lora_alpha=config.lora_alpha, target_modules=list(tm) if isinstance(
         tm, list) else tm, target_parameters=list(config.target_parameters or []) or None,
-                         rank_pattern=dict(config.rank_pattern), alpha_pattern=dict(config.alpha_pattern))
+                         rank_pattern=dict(config.rank_pattern), alpha_pattern=dict(config.alpha_pattern),
+                         exclude_modules=config.exclude_modules, layers_to_transform=config.layers_to_transform,
+                         layers_pattern=config.layers_pattern)
     convert_peft_config_for_transformers(pc, model=model, conversions=None)
 
     def names(v):
@@ -1594,7 +1610,9 @@ def set_adapter(model: nn.Module, adapter_name) -> None:
 
 def delete_adapter(model: nn.Module, adapter_name: str) -> None:
     """Remove adapter ``adapter_name`` from the model; if it was active, none is active afterwards.
-    Layers left without adapters stay ``FastLoRALinear`` and run their base."""
+    Layers left without adapters stay ``FastLoRALinear`` and run their base; LoRA on Parameters
+    (``FastLoRAParameter``) left without adapters gives its module back, so that a later adapter on some of its
+    Parameters nests as PEFT's does."""
     configs = adapter_configs(model)
     check_known(model, adapter_name, configs)
     state = peft_state(model)
@@ -1627,6 +1645,13 @@ def delete_adapter(model: nn.Module, adapter_name: str) -> None:
         _train_biases(model, "none")
     for layer in layers.values():
         layer.delete_adapter(adapter_name)
+    # LoRA on Parameters left without adapters: the module back (so that a later adapter nests as PEFT's would)
+    every = lora_layers(model)
+    nested = nested_parameter_layers(model, every)
+    empty = [(n, m) for n, m in every.items() if isinstance(m, FastLoRAParameter) and n not in nested
+             and not any(c.adapter_names for c in FastLoRAParameter.chain(m))]
+    for name, layer in empty:
+        set_submodule(model, name, layer.base_module())
     for name, layer in sparse.items():  # a sparse delta alone: its layers become the nn.Linear they wrapped
         set_submodule(model, name, layer.base_module())
     for wrapper in saved_module_wrappers(model).values():
@@ -2106,13 +2131,17 @@ def merge_and_unload(model: nn.Module, dequantize: bool = False) -> nn.Module:
     for name in tied:  # every tied layer's delta out of the shared W first (two tied layers may both be merged)
         if layers[name].merged:
             layers[name].unmerge()
+    nested = nested_parameter_layers(model, layers)
     for name, layer in layers.items():
         if name in tied:  # the delta goes into a copy of W, the others keep W
-            layer.weight = nn.Parameter(layer.weight.detach().clone(), requires_grad=False)
+            copied = nn.Parameter(layer.weight.detach().clone(), requires_grad=False)
+            if isinstance(layer, FastLoRAParameter):  # (its weight is its module's Parameter)
+                setattr(param_base(layer), layer.parameter_name, copied)
+            else:
+                layer.weight = copied
         if not layer.merged and layer.has_delta():
             layer.merge()
-        # (a nested one is gone with the layer outside it, whose base_module() is the module itself)
-        if not name.endswith(".base_layer") or not isinstance(layer, FastLoRAParameter):
+        if name not in nested:  # (a nested one goes with the layer outside it, whose base_module() is the module)
             set_submodule(model, name, layer.base_module())
     own = _token_weights_to_copy(model)  # before any wrapper goes
     _untie_saved_copies(model)

@@ -1643,6 +1643,12 @@ EXPERT_INJECT_CASES = [
     Bad("forward-adapter_names-3-for-2-sequences", lambda m: m.eval()(torch.zeros(2, 3, dtype=torch.long),
                                                                        adapter_names=["default", "b", "__base__"]),
         ValueError, ("adapter_names has 3 names", "2 sequences"), _moe_two_adapters),
+    Bad("forward-adapter_names-2-for-4-embedded", lambda m: m.eval()(input_ids=None, inputs_embeds=_t(4, 3, 16),
+                                                                     adapter_names=["default", "b"]),
+        ValueError, ("adapter_names has 2 names", "4 sequences"), _moe_two_adapters),
+    Bad("generate-adapter_names-2-for-4-inputs", lambda m: m.eval().generate(
+        inputs=torch.zeros(4, 3, dtype=torch.long), adapter_names=["default", "b"], max_new_tokens=1),
+        ValueError, ("adapter_names has 2 names", "4 sequences"), _moe_two_adapters),
     Bad("FastLoRAParameter-adapter_ids-4-for-6-tokens", lambda m: _expert_call(m, adapter_ids=torch.zeros(
         4, dtype=torch.long)), ValueError, ("adapter_ids", "4 entries", "6 tokens"), _expert_layer),
     Bad("FastLoRAParameter-adapter_ids-1", lambda m: _expert_call(m, adapter_ids=torch.ones(6, dtype=torch.long)),

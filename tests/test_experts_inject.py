@@ -346,3 +346,53 @@ def test_offloaded_experts_refused_and_peft_inside_named(ids):
     pm = peft.get_peft_model(fm, peft.LoraConfig(r=2, target_modules=[], target_parameters=TARGETS), "second")
     with pytest.raises(TypeError, match="PEFT layer, sits inside fastpeft's LoRA layers"):
         pm(ids)
+
+
+def test_review_fixes_subset_after_delete_tied_merge_exclusions_and_v4_files(ids, tmp_path):
+    """From the review: an adapter on one weight after every adapter was deleted nests as in a fresh model (its file
+    keys were the inner layer's, which neither PEFT nor fastpeft loaded); merge_and_unload of LoRA on a tied weight
+    (Parameter of embed_tokens, tied to lm_head) gives it its own merged copy (it raised half-way);
+    exclude_modules reaches PEFT's conversion of a regex; a transformers 4 MoE adapter file is refused by name."""
+    base = qwen3_moe()
+    fm = fastpeft.inject(copy.deepcopy(base), fastpeft.LoraConfig(r=2, target_parameters=TARGETS))
+    fastpeft.delete_adapter(fm, "default")
+    assert not any(isinstance(m, FastLoRAParameter) for m in fm.modules())
+    fastpeft.inject(fm, fastpeft.LoraConfig(r=2, target_parameters=["mlp.experts.gate_up_proj"],
+                                            init_lora_weights=False), "x")
+    fastpeft.save_adapter(fm, tmp_path / "x", "x")
+    with torch.no_grad():
+        want = fm(ids).logits
+        again = fastpeft.load_adapter(copy.deepcopy(base), tmp_path / "x")
+        assert_close_report(again(ids).logits, want, rtol=1e-5, atol=1e-6, what="reloaded")
+        assert_close_report(peft.PeftModel.from_pretrained(copy.deepcopy(base), tmp_path / "x")(ids).logits, want,
+                            rtol=1e-5, atol=1e-6, what="PEFT loading it")
+
+    tied = copy.deepcopy(base)
+    tied.config.tie_word_embeddings = True
+    tied.tie_weights()
+    assert tied.lm_head.weight is tied.model.embed_tokens.weight
+    with pytest.warns(UserWarning, match="tied"):
+        fm = fastpeft.inject(tied, fastpeft.LoraConfig(r=2, target_parameters=["embed_tokens.weight"],
+                                                       init_lora_weights=False))
+    fm.eval()
+    with torch.no_grad():
+        want = fm(ids).logits
+        head = fm.lm_head.weight.detach().clone()
+        with pytest.warns(UserWarning, match="tied"):
+            fastpeft.merge_and_unload(fm)
+        assert fm.model.embed_tokens.weight is not fm.lm_head.weight and torch.equal(fm.lm_head.weight, head)
+        assert_close_report(fm(ids).logits, want, rtol=1e-5, atol=1e-6, what="merged tied")
+
+    pytest.importorskip("peft.utils.transformers_weight_conversion")
+    kw = dict(r=2, target_modules=r".*layers\.0\.self_attn\.(q_proj|k_proj)",
+              exclude_modules=["model.layers.0.self_attn.q_proj"])
+    pm, fm = both(base, target_parameters=None, **kw)
+    assert fastpeft.trainable_parameters(fm)[0] == sum(p.numel() for p in pm.parameters() if p.requires_grad)
+
+    folder = tmp_path / "v4"
+    fastpeft.save_adapter(fastpeft.inject(copy.deepcopy(base), fastpeft.LoraConfig(r=2, target_modules=["q_proj"])),
+                          folder)
+    config = (folder / "adapter_config.json").read_text().replace('"target_modules": [', '"target_modules": ["gate", ')
+    (folder / "adapter_config.json").write_text(config)
+    with pytest.raises(ValueError, match="transformers 4's mixture-of-experts layout"):
+        fastpeft.load_adapter(copy.deepcopy(base), folder)
