@@ -1,5 +1,5 @@
 """LoRA on a mixture-of-experts model's expert weights (PEFT's ``target_parameters``) and its attention projections:
-PEFT, PEFT made fast by ``fastpeft.accelerate``, and ``fastpeft.inject``'s ``FastLoRAExperts`` / ``FastLoRALinear``
+PEFT, PEFT made fast by ``fastpeft.accelerate``, and ``fastpeft.inject``'s ``FastLoRAParameter`` / ``FastLoRALinear``
 layers (the same adapter, loaded from PEFT's files): one training step (forward + backward) and one no-grad eval
 forward of the whole model.
 

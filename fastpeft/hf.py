@@ -431,8 +431,9 @@ _FASTPEFT_ATTRS = ("_fastpeft_adapters", "_fastpeft_active", "_fastpeft_trained"
 
 def _base_module(layer: FastLoRALinear) -> nn.Module:
     """The module PEFT wraps in ``layer``'s place, ``layer.base_module()``: a QLoRA layer's bitsandbytes layer itself
-    (PEFT's ``lora.bnb`` layers then read its packed weight), else an nn.Linear (a Conv1D, an nn.Embedding, for a
-    layer made from one) holding ``layer``'s weight and bias (no copy)."""
+    (PEFT's ``lora.bnb`` layers then read its packed weight), a ``FastLoRAParameter``'s module itself (PEFT nests its
+    ParamWrapper layers there), else an nn.Linear (a Conv1D, an nn.Embedding, a convolution, for a layer made from
+    one) holding ``layer``'s weight and bias (no copy)."""
     return layer.base_module()
 
 
@@ -454,10 +455,13 @@ def check_sft_model(model, peft_config=None) -> None:
         raise ValueError(f"the model already holds fastpeft adapters {adapter_names(model)}; pass it to SFTTrainer "
                          "without peft_config (or pass the plain base model with peft_config to train PEFT's own "
                          "adapters)")
-    if isinstance(output_head(model), FastLoRALinear):
+    head = output_head(model)
+    if isinstance(head, FastLoRALinear):
+        how = ("target_parameters without lm_head.weight" if hasattr(head, "parameter_name") else
+               "exclude_modules=['lm_head'] (or target_modules without it)")
         raise ValueError("LoRA sits on the output head (lm_head): TRL's SFTTrainer computes the log-probabilities "
-                         "from lm_head.weight directly, so that adapter would be ignored and never trained; inject "
-                         "with exclude_modules=['lm_head'] (or target_modules without it)")
+                         f"from lm_head.weight directly, so that adapter would be ignored and never trained; inject "
+                         f"with {how}")
 
 
 _sft_class = None

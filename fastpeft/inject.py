@@ -87,8 +87,8 @@ class LoraConfig:
             why = parameter_adapter_reason(self.lora_dropout, self.use_dora, self.lora_bias, self.sparse_density,
                                         self.init_lora_weights)
             if why is not None:
-                raise ValueError(f"target_parameters={self.target_parameters}: {why}; adapt the parameters with "
-                                 "another config (adapter) than the layers that need it")
+                raise ValueError(f"target_parameters={self.target_parameters}: {why}; leave it off for a config "
+                                 "with target_parameters")
         check_layers(self.layers_to_transform, self.layers_pattern, self.target_modules)
         if isinstance(self.layers_to_transform, tuple):
             self.layers_to_transform = list(self.layers_to_transform)
@@ -242,7 +242,8 @@ def nested_parameter_layers(model: nn.Module, layers: dict) -> set:
 
 
 def lora_layers(model: nn.Module) -> dict:
-    """Full module name -> ``FastLoRALinear``, for every LoRA layer of ``model``."""
+    """Full module name -> ``FastLoRALinear``, for every LoRA layer of ``model`` (its subclasses: embeddings,
+    convolutions, QLoRA, and ``FastLoRAParameter`` on Parameters, nested as PEFT's: see ``nested_parameter_layers``)."""
     return {n: m for n, m in model.named_modules() if isinstance(m, FastLoRALinear)}
 
 
@@ -466,6 +467,10 @@ def _plan_parameters(model: nn.Module, config, saved: list, module_targets: set,
         if isinstance(module, (FastLoRALinear, SparseDeltaLinear, ModulesToSaveWrapper)):
             inner.append(name + ".")
             if not isinstance(module, FastLoRAParameter):
+                if isinstance(module, FastLoRALinear) and _parameter_hit(wanted, f"{name}.weight", hit):
+                    raise ValueError(f"target_parameters matched {name}.weight, which LoRA of adapters "
+                                     f"{module.adapter_names} adapts through target_modules: a Parameter takes one "
+                                     "(PEFT refuses this too); leave it out of target_parameters")
                 continue
         chain = FastLoRAParameter.chain(module)
         base = param_base(module)
@@ -492,9 +497,10 @@ def _plan_parameters(model: nn.Module, config, saved: list, module_targets: set,
             paths = {m.parameter_name: name + ".base_layer" * i for i, m in enumerate(chain)}
             missing = [pn for pn in matched if pn not in paths]
             if missing:
+                held = sorted({a for m in chain for a in m.adapter_names})
                 raise ValueError(f"target_parameters matched {[f'{name}.{pn}' for pn in missing]}, of a module whose "
-                                 f"LoRA layers hold {sorted(paths)} (without adapters now): LoRA cannot go under them; "
-                                 "fastpeft.merge_and_unload the model first, or start from the base model")
+                                 f"LoRA layers hold {sorted(paths)} for adapters {held}: every adapter of a model "
+                                 "targets the same Parameters (PEFT's rule)")
         else:  # PEFT's nesting: the Parameters in the module's order, the first innermost
             paths = {pn: name + ".base_layer" * (len(matched) - 1 - i) for i, pn in enumerate(matched)}
         for pn in sorted(matched, key=lambda pn: -paths[pn].count(".base_layer")):  # innermost first, as PEFT draws
@@ -502,6 +508,12 @@ def _plan_parameters(model: nn.Module, config, saved: list, module_targets: set,
             targets[paths[pn]] = (pattern_value(config.rank_pattern, key, config.r),
                                   pattern_value(config.alpha_pattern, key, config.lora_alpha))
             params[paths[pn]] = (name, pn)
+    owners = sorted({b for b, _ in params.values()})
+    inside = [(a, b) for a in owners for b in owners if b.startswith(a + ".")]
+    if inside:
+        raise ValueError(f"target_parameters matched Parameters of {inside[0][0]!r} and of its submodule "
+                         f"{inside[0][1]!r}: LoRA on a module's own Parameters wraps it whole, so its submodules' "
+                         "cannot take LoRA as well (PEFT fails on this too); narrow target_parameters")
     if not targets:
         found = [f"{n}.{pn}" for n, m in model.named_modules() if n for pn, p in m.named_parameters(recurse=False)
                  if p.dim() == 3][:4]
@@ -690,8 +702,8 @@ def _factor_keys(name: str, module: nn.Module) -> tuple:
 def _warn_unadapted(model: nn.Module, spec, all_linear: bool, covered: set = frozenset()) -> None:
     """A warning for what target_modules names but fastpeft leaves alone, where PEFT would adapt something: list
     entries that match no module (a recipe's w1 / w2 / w3 on a model whose experts are fused), and under all-linear
-    the fused expert weights of mixture-of-experts layers (3-D Parameters, which PEFT adapts through
-    target_parameters; fastpeft adapts nn.Linear modules only). Before 2026-12-01, silently: all-linear on Mixtral
+    the fused expert weights of mixture-of-experts layers (3-D Parameters, which PEFT and inject adapt through
+    target_parameters, not through target_modules). Before 2026-12-01, silently: all-linear on Mixtral
     trained 12 % of PEFT's parameters, none in the experts. ``covered``: the expert weights ("<module>.<param>")
     target_parameters adapts (as do those LoRA holds already: not warned of)."""
     if all_linear:
@@ -1061,7 +1073,7 @@ class LoraMethod(Method):
             config.trainable_token_indices is None
         embeddings = (output_head(model), input_embeddings(model)) if named else ()
         for name, layer in layers.items():
-            if any(layer is e for e in embeddings) and not isinstance(layer, QLoRALinear):
+            if any(layer is e for e in embeddings) and not isinstance(layer, (QLoRALinear, FastLoRAParameter)):
                 if layer.merged:
                     raise RuntimeError(f"save_adapter: {name!r} has an adapter merged into its weight, which the file "
                                        f"holds as the base weight ({name + _BASE_WEIGHT!r}) for a resized "
@@ -1075,7 +1087,8 @@ class LoraMethod(Method):
         expected = {}
         for name, (r, _) in plan.targets.items():
             lin = plan.base(model, name)
-            ka, kb = _factor_keys(name, lin)
+            ka, kb = (f"{name}.lora_A.weight", f"{name}.lora_B.weight") if name in plan.params else \
+                _factor_keys(name, lin)
             if name in plan.params:  # PEFT's ParamWrapper: A (r E, in), B (out, r E), E = 1 for a 2-D Parameter
                 base = param_base(lin)
                 w = getattr(base, plan.params[name][1])
@@ -1083,6 +1096,11 @@ class LoraMethod(Method):
                 transposed = w.dim() == 3 and bool(getattr(base, "is_transposed", False))
                 k, n = (w.shape[-2], w.shape[-1]) if transposed else (w.shape[-1], w.shape[-2])
                 expected[ka], expected[kb] = (r * e, k), (n, r * e)
+                b = getattr(base, "bias", None)  # (lora_only: the module's bias, under the innermost layer's name)
+                innermost = name == max((t for t, (m, _) in plan.params.items() if m == plan.params[name][0]),
+                                        key=lambda t: t.count(".base_layer"))
+                if config.bias == "lora_only" and isinstance(b, torch.Tensor) and innermost:
+                    expected[f"{name}.base_layer.bias"] = tuple(b.shape)
                 continue
             k, n = _in_out(lin)
             shapes = expected[ka], expected[kb] = _factor_shapes(lin, r)
@@ -1111,8 +1129,8 @@ class LoraMethod(Method):
     def check_load(self, model: nn.Module, config, adapter_name: str, weights: dict, directory, state):
         converted = _converted_for_transformers(model, config)
         if converted is not config:
-            raise ValueError(f"adapter {os.fspath(directory)!r} was saved for transformers 4's mixture-of-experts layout "
-                             f"(target_modules {config.target_modules}, one LoRA per expert), which transformers 5 "
+            raise ValueError(f"adapter {os.fspath(directory)!r} was saved for transformers 4's mixture-of-experts "
+                             f"layout (target_modules {config.target_modules}, one LoRA per expert), which transformers 5 "
                              "fuses: PEFT converts such a file's config and weights as it loads it (peft.PeftModel."
                              "from_pretrained; its save_pretrained then writes the new layout, which fastpeft loads); "
                              "fastpeft does not convert the weights")
@@ -1481,14 +1499,24 @@ def _converted_for_transformers(model: nn.Module, config):
         from peft.utils.transformers_weight_conversion import convert_peft_config_for_transformers
     except ImportError:
         return config
-    if not is_transformers_ge_v5 or not hasattr(getattr(model, "config", None), "model_type"):
+    model_type = getattr(getattr(model, "config", None), "model_type", None)
+    if not is_transformers_ge_v5 or model_type is None:
+        return config
+    try:
+        from transformers.conversion_mapping import get_checkpoint_conversion_mapping
+    except ImportError:
+        return config
+    if get_checkpoint_conversion_mapping(model_type) is None:  # (PEFT's condition: a model type it converts for)
         return config
     tm = config.target_modules
-    pc = peft.LoraConfig(r=config.r, lora_alpha=config.lora_alpha, target_modules=list(tm) if isinstance(
+    try:  # (PEFT's LoraConfig refuses some configs fastpeft takes, all-linear with layers_to_transform: not converted)
+        pc = peft.LoraConfig(r=config.r, lora_alpha=config.lora_alpha, target_modules=list(tm) if isinstance(
         tm, list) else tm, target_parameters=list(config.target_parameters or []) or None,
-                         rank_pattern=dict(config.rank_pattern), alpha_pattern=dict(config.alpha_pattern),
-                         exclude_modules=config.exclude_modules, layers_to_transform=config.layers_to_transform,
-                         layers_pattern=config.layers_pattern)
+                             rank_pattern=dict(config.rank_pattern), alpha_pattern=dict(config.alpha_pattern),
+                             exclude_modules=config.exclude_modules, layers_to_transform=config.layers_to_transform,
+                             layers_pattern=config.layers_pattern)
+    except (ValueError, TypeError):
+        return config
     convert_peft_config_for_transformers(pc, model=model, conversions=None)
 
     def names(v):

@@ -1708,8 +1708,16 @@ class FastLoRAParameter(FastLoRALinear):
         d1, d2 = weight.shape[-2:]
         self.in_features, self.out_features = (d1, d2) if self.is_transposed else (d2, d1)
         weight.requires_grad_(False)
-        self.bias = None
         self.merged = False
+
+    @property
+    def bias(self) -> torch.Tensor | None:
+        """The module's ``bias`` (a Linear's, a router's), as PEFT's ``ParamWrapper`` gives it (``bias="lora_only"``
+        trains and saves it); on the innermost layer of a chain only, None on the others and where the module has
+        none. The layer's forward is the module's, bias included."""
+        base = self._modules["base_layer"]
+        b = None if isinstance(base, FastLoRAParameter) else getattr(base, "bias", None)
+        return b if isinstance(b, torch.Tensor) else None
 
     def add_adapter(self, name, r, lora_alpha, lora_dropout=0.0, use_rslora=False, init_lora_weights=True,
                     sparse_density=0.0, sparse_block_size=1, sparse_selection="random", sparse_scores=None,

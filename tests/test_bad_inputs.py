@@ -1582,6 +1582,13 @@ def _expert_layer():
     return _moe_lora().model.layers[0].mlp.experts
 
 
+def _moe_with_own_param():
+    """A Qwen3-MoE whose attention module holds a Parameter of its own beside its q_proj / k_proj submodules."""
+    m = _moe_model()
+    m.model.layers[0].self_attn.register_parameter("w", nn.Parameter(torch.randn(4, 4)))
+    return m
+
+
 def _router_layer():
     model = fastpeft.inject(_moe_model(), LoraConfig(r=2, target_parameters=["mlp.gate.weight"]))
     return model.model.layers[0].mlp.gate
@@ -1612,6 +1619,13 @@ EXPERT_INJECT_CASES = [
         ("q_proj.weight", "target_modules adapts too"), _moe_model),
     Bad("inject-target_parameters-no-match", lambda m: fastpeft.inject(m, LoraConfig(target_parameters=["w9"])),
         ValueError, ("target_parameters", "['w9']", "matched no parameter", "mlp.experts.gate_up_proj"), _moe_model),
+    Bad("inject-target_parameters-a-module-and-its-submodule", lambda m: fastpeft.inject(m, LoraConfig(
+        target_parameters=["self_attn.w", "self_attn.q_proj.weight"])), ValueError,
+        ("'model.layers.0.self_attn'", "submodule 'model.layers.0.self_attn.q_proj'"), _moe_with_own_param),
+    Bad("inject-target_parameters-on-a-LoRA-layer", lambda m: fastpeft.inject(m, LoraConfig(
+        target_parameters=["q_proj.weight"]), "c"), ValueError, ("q_proj.weight", "['default']",
+                                                                 "through target_modules"),
+        lambda: fastpeft.inject(_moe_model(), LoraConfig(r=2, target_modules=["q_proj"]))),
     Bad("inject-target_parameters-other-weights-than-held", lambda m: fastpeft.inject(m, LoraConfig(
         target_parameters=["down_proj"]), "c"), ValueError, ("'default'", "experts.gate_up_proj",
                                                              "same Parameters"), _moe_lora),

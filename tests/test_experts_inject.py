@@ -120,11 +120,12 @@ def test_files_both_ways(base, ids, tmp_path):
         assert_close_report(loaded(ids).logits, want, rtol=1e-5, atol=1e-6, what="PEFT loading fastpeft's file")
         assert_close_report(ours(ids).logits, want, rtol=1e-5, atol=1e-6, what="fastpeft loading PEFT's file")
     layer = ours.model.layers[1].mlp.experts.base_layer
-    before = layer.lora_A.detach().clone()
+    held = layer.lora_A
+    before = held.detach().clone()
     with torch.no_grad():
-        layer.lora_A.zero_()
+        held.zero_()
     fastpeft.load_adapter(ours, tmp_path / "peft")  # over the same adapter: in place
-    assert torch.equal(layer.lora_A, before)
+    assert layer.lora_A is held and torch.equal(held, before)
 
 
 @pytest.mark.filterwarnings("ignore:The following rank_pattern keys did not match:RuntimeWarning")  # (PEFT's)
@@ -177,6 +178,11 @@ def test_adapter_names_and_mixed_batch_rows_get_their_adapter(base, ids):
         got = fm(ids, adapter_names=names).logits
         with fastpeft.mixed_batch(fm, names):
             routed = fm(ids).logits
+        beams = fm.generate(ids[:2], max_new_tokens=3, do_sample=False, num_beams=2, adapter_names=["b", "default"])
+        for i, n in enumerate(["b", "default"]):
+            fastpeft.set_adapter(fm, n)
+            alone_beams = fm.generate(ids[i:i + 1], max_new_tokens=3, do_sample=False, num_beams=2)
+            assert torch.equal(beams[i], alone_beams[0]), n
     for i, n in enumerate(names):
         assert_close_report(got[i], alone[n][i], rtol=1e-5, atol=1e-6, what=f"adapter_names row {i} ({n})")
         assert_close_report(routed[i], alone[n][i], rtol=1e-5, atol=1e-6, what=f"mixed_batch row {i} ({n})")
@@ -396,3 +402,40 @@ def test_review_fixes_subset_after_delete_tied_merge_exclusions_and_v4_files(ids
     (folder / "adapter_config.json").write_text(config)
     with pytest.raises(ValueError, match="transformers 4's mixture-of-experts layout"):
         fastpeft.load_adapter(copy.deepcopy(base), folder)
+
+
+@pytest.mark.parametrize("targets, bias", [(["self_attn.q_proj.weight"], "lora_only"),
+                                           (["mlp.router.weight"], "lora_only"),
+                                           (["embed_tokens.weight"], "none"), (["lm_head.weight"], "none")],
+                         ids=["q_proj-lora_only", "router-lora_only", "embed_tokens", "lm_head"])
+def test_2d_parameter_files_and_biases_as_peft(targets, bias, ids, tmp_path):
+    """From the last review: bias="lora_only" trains and saves the module's bias as PEFT's ParamWrapper does (gpt-oss'
+    q_proj and router have biases); an embedding's or the head's weight saves lora_A / lora_B, not PEFT's embedding
+    keys nor the vocabulary matrix; files load both ways."""
+    base = gpt_oss()
+    pm, fm = both(base, target_modules=None, target_parameters=targets, init_lora_weights=False, bias=bias)
+    assert fastpeft.trainable_parameters(fm)[0] == sum(p.numel() for p in pm.parameters() if p.requires_grad)
+    pm.save_pretrained(tmp_path / "peft")
+    fastpeft.save_adapter(fm, tmp_path / "ours")
+    from safetensors.torch import load_file
+    assert sorted(load_file(tmp_path / "ours" / "adapter_model.safetensors")) == \
+        sorted(load_file(tmp_path / "peft" / "adapter_model.safetensors"))
+    with torch.no_grad():
+        want = pm(ids).logits
+        assert_close_report(fm(ids).logits, want, rtol=1e-5, atol=1e-6, what="logits")
+        assert_close_report(fastpeft.load_adapter(copy.deepcopy(base), tmp_path / "peft")(ids).logits, want,
+                            rtol=1e-5, atol=1e-6, what="fastpeft loading PEFT's file")
+        assert_close_report(peft.PeftModel.from_pretrained(copy.deepcopy(base), tmp_path / "ours")(ids).logits, want,
+                            rtol=1e-5, atol=1e-6, what="PEFT loading fastpeft's file")
+
+
+def test_models_without_moe_conversion_take_configs_as_before():
+    """PEFT's conversion runs for the model types it converts only: a Llama's all-linear with layers_to_transform
+    (which PEFT's LoraConfig refuses, fastpeft takes) injects as before (it raised PEFT's message)."""
+    import transformers
+
+    cfg = transformers.LlamaConfig(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
+                                   num_key_value_heads=2, vocab_size=50)
+    model = fastpeft.inject(transformers.AutoModelForCausalLM.from_config(cfg),
+                            fastpeft.LoraConfig(r=2, target_modules="all-linear", layers_to_transform=[0]))
+    assert sorted({n.split(".")[2] for n in fastpeft.lora_layers(model)}) == ["0"]
