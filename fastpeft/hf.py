@@ -460,7 +460,7 @@ def check_sft_model(model, peft_config=None) -> None:
         how = ("target_parameters without lm_head.weight" if hasattr(head, "parameter_name") else
                "exclude_modules=['lm_head'] (or target_modules without it)")
         raise ValueError("LoRA sits on the output head (lm_head): TRL's SFTTrainer computes the log-probabilities "
-                         f"from lm_head.weight directly, so that adapter would be ignored and never trained; inject "
+                         "from lm_head.weight directly, so that adapter would be ignored and never trained; inject "
                          f"with {how}")
 
 

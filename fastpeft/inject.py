@@ -924,7 +924,7 @@ class LoraMethod(Method):
                                                           init_lora_weights=config.init_lora_weights)
                     continue
                 layer = FastLoRAParameter(made.get(base_name, held), pname, r, alpha, use_rslora=config.use_rslora,
-                                        init_lora_weights=config.init_lora_weights, adapter_name=adapter_name)
+                                          init_lora_weights=config.init_lora_weights, adapter_name=adapter_name)
                 layer.set_adapter(None)
                 if state.routing is not None:
                     layer.set_routing(state.routing, state.rows_per_sequence)

@@ -11,6 +11,8 @@
   adapter's rank. A training step builds them from the Parameters (so gradients reach them); without
   gradients they are built once and cached until a Parameter changes (another object, an in-place
   write, a move), which is what inference on mixed batches reads.
+- ``FastLoRAParameter`` (PEFT's ``ParamWrapper``, ``target_parameters``): LoRA on one 2-D / 3-D Parameter of a module,
+  nested one layer per Parameter; a transformers experts module's expert weights through ``lora_experts``.
 """
 from __future__ import annotations
 
@@ -1593,8 +1595,6 @@ class FastLoRAConv(FastLoRALinear):
                 f"stride={self.stride}, padding={self.padding}), " + super().extra_repr())
 
 
-# ---- quantized bases (QLoRA) -------------------------------------------------------------------------
-
 # ---- LoRA on parameters (PEFT's target_parameters): a mixture of experts' expert weights, any 2-D / 3-D one -------
 
 def param_base(module: nn.Module) -> nn.Module:
@@ -1969,6 +1969,8 @@ def _traced_form(x: torch.Tensor, experts: nn.Module, adapters: dict):
     ok = grouped_mm_refusal(x, weights, factors) is None and weights[0].dtype == x.dtype == torch.bfloat16
     return "grouped_mm" if ok else "loop"
 
+
+# ---- quantized bases (QLoRA) -------------------------------------------------------------------------
 
 def _global_forward_hooks() -> bool:
     """Whether global nn.Module forward hooks are registered (they may hold a layer's output)."""
