@@ -128,15 +128,17 @@ def test_files_both_ways(base, ids, tmp_path):
     assert layer.lora_A is held and torch.equal(held, before)
 
 
-@pytest.mark.filterwarnings("ignore:The following rank_pattern keys did not match:RuntimeWarning")  # (PEFT's)
+@pytest.mark.filterwarnings("ignore:The following (rank|alpha)_pattern keys did not match:RuntimeWarning")  # PEFT's
 def test_one_weight_and_rank_pattern(base, ids):
     """One weight alone (a single layer in the experts module's place) and rank_pattern on the weight's name, as PEFT
     (its keys match '<module>.<param>')."""
     pm, fm = both(base, target_modules=None, target_parameters=["down_proj"], init_lora_weights=False,
-                  rank_pattern={"layers.1.mlp.experts.down_proj": 2})
+                  rank_pattern={"layers.1.mlp.experts.down_proj": 2},
+                  alpha_pattern={"layers.0.mlp.experts.down_proj": 3})
     layer = fm.model.layers[1].mlp.experts
     assert isinstance(layer, FastLoRAParameter) and not isinstance(layer.base_layer, FastLoRAParameter)
     assert layer.r == 2 and fm.model.layers[0].mlp.experts.r == 4
+    assert fm.model.layers[0].mlp.experts.lora_alpha == 3 and layer.lora_alpha == 8
     assert_close_report(step(fm, ids), step(pm, ids), rtol=1e-5, atol=1e-6, what="logits")
 
 
@@ -259,14 +261,25 @@ def test_all_linear_and_v4_names_are_converted_as_peft_does(ids):
     router's weight adapted too; inject does the same (before, it warned and left them out): the same trainable
     parameters, logits and gradients."""
     pytest.importorskip("peft.utils.transformers_weight_conversion")  # (PEFT's conversion: peft >= 0.18)
+    import transformers
+
     base = qwen3_moe()
     for tm in ("all-linear", ["q_proj", "gate_proj", "up_proj", "down_proj", "gate"]):
         pm, fm = both(base, target_modules=tm, target_parameters=None, init_lora_weights=False)
         assert fastpeft.trainable_parameters(fm)[0] == sum(p.numel() for p in pm.parameters() if p.requires_grad)
         router = fm.model.layers[0].mlp.gate
         assert isinstance(router, FastLoRAParameter) and router.parameter_name == "weight"
-        assert fm.model.layers[0].mlp.experts.base_layer.r == 8  # gate_up_proj: gate's and up's ranks side by side
+        gate_up = fm.model.layers[0].mlp.experts.base_layer  # gate's and up's LoRAs side by side: r and alpha doubled
+        assert (gate_up.r, gate_up.lora_alpha, gate_up.scaling) == (8, 16, 2.0)
         assert_same(pm, fm, ids)
+    torch.manual_seed(0)
+    cfg = transformers.MixtralConfig(hidden_size=32, intermediate_size=24, num_local_experts=4, num_experts_per_tok=2,
+                                     num_hidden_layers=1, num_attention_heads=4, num_key_value_heads=2, head_dim=8,
+                                     vocab_size=VOCAB)
+    mixtral = transformers.AutoModelForCausalLM.from_config(cfg).eval()
+    pm, fm = both(mixtral, target_modules="all-linear", target_parameters=None, init_lora_weights=False)
+    assert any(isinstance(m, FastLoRAParameter) for m in fm.modules())
+    assert_same(pm, fm, ids)
 
 
 def test_all_linear_on_gpt_oss_still_warns_of_its_experts():
@@ -439,3 +452,39 @@ def test_models_without_moe_conversion_take_configs_as_before():
     model = fastpeft.inject(transformers.AutoModelForCausalLM.from_config(cfg),
                             fastpeft.LoraConfig(r=2, target_modules="all-linear", layers_to_transform=[0]))
     assert sorted({n.split(".")[2] for n in fastpeft.lora_layers(model)}) == ["0"]
+
+
+def test_a_3d_parameter_of_another_module_as_peft_computes_it():
+    """A 3-D Parameter of a module that is not a transformers experts module (another library's experts) takes LoRA
+    as PEFT computes it, W + s B A per expert in the Parameter's place: outputs and gradients equal PEFT's."""
+
+    class Stacked(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.w = torch.nn.Parameter(torch.randn(3, 5, 7))  # (experts, out, in)
+
+        def forward(self, x):  # x (3, T, 7): expert e's rows through W_e
+            return torch.einsum("eti,eoi->eto", x, self.w)
+
+    class Net(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.block = Stacked()
+
+        def forward(self, x):
+            return self.block(x)
+
+    torch.manual_seed(0)
+    base = Net()
+    x = torch.randn(3, 4, 7)
+    out = {}
+    for lib in ("peft", "fastpeft"):
+        torch.manual_seed(1)
+        cfg = peft.LoraConfig(r=2, lora_alpha=4, target_parameters=["block.w"], init_lora_weights=False)
+        model = peft.get_peft_model(copy.deepcopy(base), cfg) if lib == "peft" else \
+            fastpeft.inject(copy.deepcopy(base), cfg)
+        y = model(x)
+        y.square().sum().backward()
+        out[lib] = (y.detach(), sorted(p.grad.norm().item() for p in model.parameters() if p.grad is not None))
+    assert_close_report(out["fastpeft"][0], out["peft"][0], rtol=1e-5, atol=1e-6, what="outputs")
+    assert len(out["peft"][1]) == 2 and out["fastpeft"][1] == pytest.approx(out["peft"][1], rel=1e-5)
