@@ -64,7 +64,7 @@ from .layers import conv_reason, dilated
 from .ops.common import cast_params, held, kept_state, kept_transpose
 from .quant import (_bnb_class_name, bnb_cpu_serves, call_buffer, conv1d_class, dequantize_weight,
                     guard_repacked_layers, is_conv1d, kept_quantized_weight, own_forward, unpack_for_grad)
-from .ops.experts import grouped_mm_refusal
+from .ops.experts import grouped_mm_refusal, peft_expert_factors
 from .reference import func_transforms_active, tracing_or_transformed
 
 _KERNEL_OR_REF_DTYPES = (torch.float32, torch.float16, torch.bfloat16, torch.float64)
@@ -742,11 +742,9 @@ def _experts_fallback_reason(self, x, args, kwargs) -> str | None:
 
 def _expert_factors(w: nn.Module, name: str) -> tuple:
     """Adapter ``name`` of ``ParamWrapper`` ``w`` as ``(A (E, r, in), B (E, out, r), scaling)``, views of PEFT's
-    factors: its ``lora_A`` (r E, in) holds expert e's rows at e r .. e r + r - 1, its ``lora_B`` (out, r E) expert
-    e's column j at j E + e (PEFT's ``get_delta_factors``)."""
-    n_exp = w.num_experts
+    factors (``peft_expert_factors``)."""
     a, b = _param(w.lora_A[name], "weight"), _param(w.lora_B[name], "weight")
-    return a.view(n_exp, -1, a.shape[-1]), b.view(b.shape[0], -1, n_exp).permute(2, 0, 1), float(w.scaling[name])
+    return (*peft_expert_factors(a, b, w.num_experts), float(w.scaling[name]))
 
 
 def _experts_forward(self, x: torch.Tensor, *args, **kwargs) -> torch.Tensor:

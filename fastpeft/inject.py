@@ -25,7 +25,7 @@ from ._checks import (check_adapter_name, check_bool, check_choice, check_dora_o
                       few)
 from .layers import (FastLoRAConv, FastLoRAEmbedding, FastLoRAParameter, FastLoRALinear, ModulesToSaveWrapper,
                      QLoRALinear, SparseDeltaLinear, TrainableTokensWrapper, conv_reason, dilated,
-                     param_base, parameter_adapter_reason, parameter_reason, rosa_spec,
+                     param_base, parameter_adapter_reason, parameter_layout, parameter_reason, rosa_spec,
                      wrap_reason)
 from .matching import (compile_pattern, default_targets, in_layers, input_embeddings, is_all_linear, is_bias, matches,
                        name_list, output_head, pattern_value, set_submodule)
@@ -1091,10 +1091,7 @@ class LoraMethod(Method):
                 _factor_keys(name, lin)
             if name in plan.params:  # PEFT's ParamWrapper: A (r E, in), B (out, r E), E = 1 for a 2-D Parameter
                 base = param_base(lin)
-                w = getattr(base, plan.params[name][1])
-                e = w.shape[0] if w.dim() == 3 else 1
-                transposed = w.dim() == 3 and bool(getattr(base, "is_transposed", False))
-                k, n = (w.shape[-2], w.shape[-1]) if transposed else (w.shape[-1], w.shape[-2])
+                e, k, n, _ = parameter_layout(base, plan.params[name][1])
                 expected[ka], expected[kb] = (r * e, k), (n, r * e)
                 b = getattr(base, "bias", None)  # (lora_only: the module's bias, under the innermost layer's name)
                 innermost = name == max((t for t, (m, _) in plan.params.items() if m == plan.params[name][0]),
@@ -1130,8 +1127,8 @@ class LoraMethod(Method):
         converted = _converted_for_transformers(model, config)
         if converted is not config:
             raise ValueError(f"adapter {os.fspath(directory)!r} was saved for transformers 4's mixture-of-experts "
-                             f"layout (target_modules {config.target_modules}, one LoRA per expert), which transformers 5 "
-                             "fuses: PEFT converts such a file's config and weights as it loads it (peft.PeftModel."
+                             f"layout (target_modules {config.target_modules}, one LoRA per expert), which "
+                             "transformers 5 fuses: PEFT converts such a file's config and weights as it loads it (peft.PeftModel."
                              "from_pretrained; its save_pretrained then writes the new layout, which fastpeft loads); "
                              "fastpeft does not convert the weights")
         plan = plan_lora(model, config, warn=False)

@@ -36,7 +36,7 @@ from .ops.common import (cast_params, held, kept_state, kept_transpose, optimize
                          tensor_version)
 from .ops.conv import CONV_FNS
 from .ops.dora import weight_sq_norms
-from .ops.experts import grouped_mm_refusal
+from .ops.experts import grouped_mm_refusal, peft_expert_factors
 from .quant import (QuantizedWeight, assign_merged_weight, base_kind, bnb_cpu_serves, call_buffer, conv1d_class,
                     dequantize_weight, guard_repacked_layers, is_conv1d, is_quantized, kept_quantized_weight,
                     merged_weight, remember_quant_state)
@@ -1621,6 +1621,16 @@ def parameter_reason(module: nn.Module, name: str) -> str | None:
     return None
 
 
+def parameter_layout(module: nn.Module, name: str) -> tuple:
+    """``(experts, in_features, out_features, transposed)`` of ``module``'s Parameter ``name`` as PEFT's
+    ``ParamWrapper`` reads it: 2-D (out, in), one expert; 3-D (E, out, in), or (E, in, out) where the module says
+    ``is_transposed`` (gpt-oss)."""
+    w = getattr(module, name)
+    transposed = w.dim() == 3 and bool(getattr(module, "is_transposed", False))
+    d1, d2 = w.shape[-2:]
+    return (w.shape[0] if w.dim() == 3 else 1, *((d1, d2) if transposed else (d2, d1)), transposed)
+
+
 def parameter_adapter_reason(lora_dropout=0.0, use_dora=False, lora_bias=False, sparse_density=0.0,
                              init_lora_weights=True) -> str | None:
     """Why an adapter with these options cannot go on a parameter (None: it can): PEFT's ``ParamWrapper`` rules (no
@@ -1679,12 +1689,12 @@ class FastLoRAParameter(FastLoRALinear):
         if parameter_name in [m.parameter_name for m in FastLoRAParameter.chain(base_layer)]:
             raise ValueError(f"parameter_name {parameter_name!r}: base_layer holds LoRA on it already (add_adapter "
                              "adds adapters beside)")
-        w = base._parameters[parameter_name]
         self.parameter_name = parameter_name
-        self.num_experts = w.shape[0] if w.dim() == 3 else 1
-        self.is_transposed = w.dim() == 3 and bool(getattr(base, "is_transposed", False))
+        self.num_experts, self.in_features, self.out_features, self.is_transposed = parameter_layout(base,
+                                                                                                     parameter_name)
         self.base_layer = base_layer
-        self._setup(w, None, adapter_name, r, lora_alpha, 0.0, use_rslora, init_lora_weights)
+        self._setup(base._parameters[parameter_name], None, adapter_name, r, lora_alpha, 0.0, use_rslora,
+                    init_lora_weights)
 
     from_linear = _refused("FastLoRAParameter wraps a Parameter of a module: FastLoRAParameter(module, "
                            "parameter_name, ...); a whole nn.Linear takes FastLoRALinear.from_linear")
@@ -1704,9 +1714,7 @@ class FastLoRAParameter(FastLoRALinear):
         """The Parameter (out, in), or (E, out, in) / (E, in, out) (``is_transposed``), its module's own."""
         return getattr(param_base(self._modules["base_layer"]), self.parameter_name)
 
-    def _init_base(self, weight: nn.Parameter, bias) -> None:
-        d1, d2 = weight.shape[-2:]
-        self.in_features, self.out_features = (d1, d2) if self.is_transposed else (d2, d1)
+    def _init_base(self, weight: nn.Parameter, bias) -> None:  # (in / out features: parameter_layout's, in __init__)
         weight.requires_grad_(False)
         self.merged = False
 
@@ -1780,18 +1788,19 @@ class FastLoRAParameter(FastLoRALinear):
     def _factors(self, name: str) -> tuple:
         """Adapter ``name`` as ``lora_experts`` takes it: ``(A (E, r, in), B (E, out, r), scaling)``, views of the
         Parameters (PEFT's ``get_delta_factors``)."""
-        a, b = self._pair(name)
-        e = self.num_experts
-        return a.view(e, -1, a.shape[-1]), b.view(b.shape[0], -1, e).permute(2, 0, 1), self._specs[name].scaling
+        return (*peft_expert_factors(*self._pair(name), self.num_experts), self._specs[name].scaling)
+
+    def _in_layout(self, delta: torch.Tensor) -> torch.Tensor:
+        """An (E, out, in) delta in W's layout: transposed where W is (E, in, out), (out, in) for a 2-D W."""
+        if self.is_transposed:
+            delta = delta.transpose(1, 2)
+        return delta if self.weight.dim() == 3 else delta[0]
 
     def _delta(self, name: str, dtype: torch.dtype) -> torch.Tensor:
         """``s B_e A_e`` of adapter ``name`` in W's layout and ``dtype``, differentiable: computed in the factors'
         dtype, then cast (PEFT's ``get_delta_weight``)."""
         a, b, s = self._factors(name)
-        delta = torch.bmm(b, a) * s
-        if self.is_transposed:
-            delta = delta.transpose(1, 2)
-        return (delta if self.weight.dim() == 3 else delta[0]).to(dtype)
+        return self._in_layout(torch.bmm(b, a) * s).to(dtype)
 
     @torch.no_grad()
     def _exact_delta(self, adapter_name: str | None = None) -> torch.Tensor:
@@ -1800,10 +1809,7 @@ class FastLoRAParameter(FastLoRALinear):
         self._spec_of(name)
         a, b, s = self._factors(name)
         dt = torch.float64 if self.weight.dtype == torch.float64 else torch.float32
-        delta = s * torch.bmm(b.to(dt), a.to(dt))
-        if self.is_transposed:
-            delta = delta.transpose(1, 2)
-        return delta if self.weight.dim() == 3 else delta[0]
+        return self._in_layout(s * torch.bmm(b.to(dt), a.to(dt)))
 
     def base_module(self) -> nn.Module:
         """The module holding the Parameter (its merged or unmerged weights; no copy)."""

@@ -64,6 +64,14 @@ def pick_form(x: torch.Tensor, weights: list, factors: list, rows: int, n_exp: i
 _GROUPED_MM_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
 
 
+def peft_expert_factors(lora_a: torch.Tensor, lora_b: torch.Tensor, n_exp: int) -> tuple:
+    """``(A (E, r, in), B (E, out, r))``, views of PEFT's ``ParamWrapper`` factors for ``n_exp`` experts: ``lora_a``
+    (r E, in) holds expert e's rows at e r .. e r + r - 1, ``lora_b`` (out, r E) expert e's column j at j E + e
+    (PEFT's ``get_delta_factors``)."""
+    return (lora_a.view(n_exp, -1, lora_a.shape[-1]),
+            lora_b.view(lora_b.shape[0], -1, n_exp).permute(2, 0, 1))
+
+
 def _grouped_mm_linear(x, weight, bias, offsets, ids, factors, transposed: bool, masks) -> torch.Tensor:
     """``lora_grouped_linear_ref``'s result with ``F.grouped_mm``: ``offsets`` (E,) int32 the groups' end rows,
     ``ids`` (S,) each row's group (for the bias), ``masks`` one (S,) 0/1 tensor or None per factor."""
