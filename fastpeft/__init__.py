@@ -3,7 +3,7 @@
 The public API (see the README's API table): ``lora_linear``, ``lora_linear_multi``, ``FastLoRALinear``,
 ``LoraConfig``, ``dora_linear``, ``inject``, ``set_adapter``, ``delete_adapter``, ``mixed_batch``, ``disable_adapter``,
 ``add_weighted_adapter``, ``trainable_parameters``, ``save_adapter``, ``load_adapter``, ``merge_and_unload``,
-``use_backend``; ``set_deterministic`` / ``deterministic()`` for bitwise reproducible runs; ``accelerate`` /
+``unload``, ``use_backend``; ``set_deterministic`` / ``deterministic()`` for bitwise reproducible runs; ``accelerate`` /
 ``restore`` for existing PEFT models.
 """
 from .accelerate import AccelerateReport, accelerate, restore
@@ -12,7 +12,8 @@ from .functional import (BACKENDS, current_backend, dora_linear, lora_linear, lo
                          sparse_delta_linear, use_backend)
 from .inject import (LoraConfig, SparseDeltaConfig, active_adapter, add_weighted_adapter, delete_adapter,
                      disable_adapter, format_trainable_parameters, inject, lora_layers, merge_and_unload, mixed_batch,
-                     print_trainable_parameters, select_by_gradients, set_adapter, sparse_layers, trainable_parameters)
+                     print_trainable_parameters, select_by_gradients, set_adapter, sparse_layers, trainable_parameters,
+                     unload)
 from .io import load_adapter, read_adapter_config, save_adapter
 from .kernels import deterministic, is_deterministic, set_deterministic
 from .layers import FastLoRALinear, ModulesToSaveWrapper, SparseDeltaLinear, TrainableTokensWrapper
@@ -31,7 +32,7 @@ __version__ = "0.1.0"
 __all__ = [
     "BACKENDS", "FastLoRALinear", "LoraConfig", "ModulesToSaveWrapper", "active_adapter", "current_backend",
     "delete_adapter", "format_trainable_parameters", "inject", "load_adapter", "lora_layers", "lora_linear",
-    "lora_linear_multi", "lora_linear_multi_ref", "lora_linear_ref", "merge_and_unload", "mixed_batch",
+    "lora_linear_multi", "lora_linear_multi_ref", "lora_linear_ref", "merge_and_unload", "unload", "mixed_batch",
     "print_trainable_parameters", "read_adapter_config", "save_adapter", "set_adapter", "trainable_parameters",
     "use_backend", "SparseDeltaConfig", "SparseDeltaLinear", "dense_delta_ref", "lora_sparse_linear",
     "lora_sparse_linear_ref", "select_by_gradients", "select_indices", "sparse_delta_linear",

@@ -80,14 +80,31 @@ def check_choice(v, choices: tuple, name: str):
     return v
 
 
+def base_rewriting_init(init_lora_weights) -> str | None:
+    """``"pissa"`` / ``"olora"`` for PEFT's inits that set A and B from the base weight W and leave the residual
+    W - s B A in W's place (``"pissa"``: W's top-r singular triplets, exact SVD; ``"pissa_niter_<n>"``: the same from
+    torch's randomized ``svd_lowrank`` with n subspace iterations; ``"olora"``: W's thin QR), else None."""
+    if not isinstance(init_lora_weights, str):
+        return None
+    if init_lora_weights == "pissa" or _PISSA_NITER.fullmatch(init_lora_weights):
+        return "pissa"
+    return "olora" if init_lora_weights.lower() == "olora" else None
+
+
+_PISSA_NITER = re.compile(r"pissa_niter_\d+")
+
+
 def check_init(init_lora_weights):
     """PEFT's plain inits: True (kaiming A, zero B), "gaussian", "orthogonal" (BA = 0), False (both random, for
-    tests)."""
+    tests); and its base-rewriting ones, "pissa", "pissa_niter_<n>" and "olora" (``base_rewriting_init``)."""
+    if base_rewriting_init(init_lora_weights) is not None:
+        return init_lora_weights
     if not any(init_lora_weights is c or init_lora_weights == c for c in INIT_CHOICES) \
             or isinstance(init_lora_weights, (int, float)) and not isinstance(init_lora_weights, bool):
         hint = (": 'eva' is PEFT's data-driven init (peft.initialize_lora_eva_weights over batches); its adapter files "
                 "load here (load_adapter)" if init_lora_weights == "eva" else "")
-        raise ValueError(f"init_lora_weights must be one of {INIT_CHOICES}, got {init_lora_weights!r}{hint}")
+        raise ValueError(f"init_lora_weights must be one of {INIT_CHOICES} or 'pissa', 'pissa_niter_<n>', 'olora', "
+                         f"got {init_lora_weights!r}{hint}")
     return init_lora_weights
 
 

@@ -32,7 +32,7 @@ import types
 import torch
 import torch.nn as nn
 
-from ._checks import few
+from ._checks import base_rewriting_init, few
 from .inject import (INJECT_HOOKS, active_adapter, adapter_configs, lora_layers, method_for, mixed_batch,
                      nested_parameter_layers)
 from .matching import input_embeddings, matches, output_head
@@ -198,8 +198,9 @@ def _save_pretrained(self, save_directory, state_dict=None, is_main_process=True
     state_dict: the model's state dict to take the adapter tensors from (Trainer passes one gathered under
     FSDP / DeepSpeed); None: the model's parameters. is_main_process: False writes nothing (the tensors are
     still gathered, so every rank of an FSDP2 job may call it). selected_adapters: the adapters to write
-    (default: all). Other keyword arguments of ``PreTrainedModel.save_pretrained`` (``safe_serialization``,
-    ``max_shard_size``, ...) are accepted and have no effect: the files are always safetensors, one each.
+    (default: all). ``path_initial_model_for_weight_conversion`` (PEFT's): each adapter written as plain LoRA on the
+    original weights (``fastpeft.save_adapter``). Other keyword arguments of ``PreTrainedModel.save_pretrained``
+    (``safe_serialization``, ``max_shard_size``, ...) are accepted and have no effect: the files are always safetensors, one each.
     """
     names = adapter_names(self)
     if not names:
@@ -223,9 +224,11 @@ def _save_pretrained(self, save_directory, state_dict=None, is_main_process=True
     directory = os.fspath(save_directory)
     if os.path.isfile(directory):
         raise ValueError(f"save_directory {directory!r} is a file, not a folder")
+    initial = kwargs.get("path_initial_model_for_weight_conversion")
     with _parameters_from(self, state_dict):
         for name in names:
-            save_adapter(self, _adapter_dir(directory, name), name, is_main_process=is_main_process)
+            save_adapter(self, _adapter_dir(directory, name), name, is_main_process=is_main_process,
+                         path_initial_model_for_weight_conversion=initial)
     active = active_adapter(self)
     if is_main_process and active in names:
         _link(os.path.join(_adapter_dir(directory, active), _ADAPTER_WEIGHTS), os.path.join(directory, _TRAINER_WEIGHTS))
@@ -382,9 +385,15 @@ def to_peft(model: nn.Module):
         for name in names:
             dirs[name] = os.path.join(tmp, name)
             save_adapter(model, dirs[name], name, is_main_process=True)  # (every rank: its own temporary folder)
+            config_path = os.path.join(dirs[name], "adapter_config.json")
+            with open(config_path) as f:
+                raw = json.load(f)
+            if base_rewriting_init(raw.get("init_lora_weights")) is not None:
+                # PiSSA / OLoRA: the base weights are the residual already; PEFT would factor and subtract again
+                with open(config_path, "w") as f:
+                    json.dump(dict(raw, init_lora_weights=True), f)
             config = read_adapter_config(dirs[name])
-            with open(os.path.join(dirs[name], "adapter_config.json")) as f:
-                peft_type = json.load(f).get("peft_type")
+            peft_type = raw.get("peft_type")
             if peft_type != "LORA" or getattr(config, "sparse_density", 0.0) > 0:
                 what = ("a sparse delta (RoSA)" if getattr(config, "sparse_density", 0.0) > 0 else
                         f"a {type(config).__name__} adapter")

@@ -19,13 +19,13 @@ from typing import Optional, Union
 import torch
 import torch.nn as nn
 
-from ._checks import (check_adapter_name, check_bool, check_choice, check_dora_options, check_dropout,
-                      check_embedding, check_file_tensors, check_finite_number, check_init, check_layers,
-                      check_lora_bias, check_rank, check_sparse_delta, check_sparse_options, check_token_indices,
-                      few)
+from ._checks import (base_rewriting_init, check_adapter_name, check_bool, check_choice, check_dora_options,
+                      check_dropout, check_embedding, check_file_tensors, check_finite_number, check_init,
+                      check_layers, check_lora_bias, check_rank, check_sparse_delta, check_sparse_options,
+                      check_token_indices, few)
 from .layers import (FastLoRAConv, FastLoRAEmbedding, FastLoRAParameter, FastLoRALinear, ModulesToSaveWrapper,
-                     QLoRALinear, SparseDeltaLinear, TrainableTokensWrapper, conv_reason, dilated,
-                     param_base, parameter_adapter_reason, parameter_layout, parameter_reason, rosa_spec,
+                     QLoRALinear, SparseDeltaLinear, TrainableTokensWrapper, base_rewriting_reason, conv_reason,
+                     dilated, param_base, parameter_adapter_reason, parameter_layout, parameter_reason, rosa_spec,
                      wrap_reason)
 from .matching import (compile_pattern, default_targets, in_layers, input_embeddings, is_all_linear, is_bias, matches,
                        name_list, output_head, pattern_value, set_submodule)
@@ -881,6 +881,19 @@ _LOADABLE_INITS = (True, False, "gaussian", "orthogonal", "eva")
 _SPARSE_LORA_FIELDS = ("sparse_density", "sparse_block_size", "sparse_selection")  # RoSA: fastpeft's own keys
 
 
+def _warn_rewritten_base(model: nn.Module, config, adapter_name: str) -> None:
+    """PEFT's warning when an adapter made with PiSSA / OLoRA (which rewrite the base weights) shares the model with
+    another adapter."""
+    configs = {**adapter_configs(model), adapter_name: config}
+    rewriting = [n for n, c in configs.items() if base_rewriting_init(getattr(c, "init_lora_weights", None))]
+    if len(configs) > 1 and rewriting:
+        warnings.warn(f"adapters {rewriting} were made with PiSSA / OLoRA, which leave W - s B0 A0 in the base "
+                      f"weights' place: the model's other adapters ({[n for n in configs if n not in rewriting]}) "
+                      "sit on that residual, not on W. To combine such an adapter with others, save it as plain "
+                      "LoRA (save_adapter(..., path_initial_model_for_weight_conversion=...)) and load that on the "
+                      "original model", UserWarning, stacklevel=4)
+
+
 class LoraMethod(Method):
     """LoRA (and RoSA: LoRA with a sparse delta beside it) in PEFT's files.
 
@@ -907,9 +920,26 @@ class LoraMethod(Method):
         odd = [f"{n} (r={t[0]})" for n, t in plan.targets.items() if t is not None and t[0] % 2]
         if config.init_lora_weights == "orthogonal" and odd:  # checked before any layer changes
             raise ValueError(f"init_lora_weights='orthogonal' needs an even rank (PEFT's), got {few(odd)}")
+        if base_rewriting_init(config.init_lora_weights) is not None:  # PiSSA / OLoRA: every target checked first
+            for name, t in plan.targets.items():
+                if t is not None and name not in plan.params:
+                    why = base_rewriting_reason(model.get_submodule(name), t[0], config.init_lora_weights,
+                                                config.sparse_density)
+                    if why is not None:
+                        raise ValueError(f"target_modules matched {name!r}: {why}")
+            rewritten = {n: model.get_submodule(n) for n, t in plan.targets.items() if t is not None
+                         and n not in plan.params and not isinstance(model.get_submodule(n),
+                                                                     (nn.Embedding, FastLoRAEmbedding))}
+            tied = _tied_weights(model, rewritten)
+            if tied:  # PEFT rewrites the shared W: the tied input embeddings would change too
+                name = next(iter(tied))
+                raise ValueError(f"target_modules matched {name!r}, whose weight is tied to {few(tied[name])}: "
+                                 f"init_lora_weights={config.init_lora_weights!r} would leave W - s B A in both "
+                                 "places, and the model would not start as its base; exclude it (or untie first)")
         return plan
 
     def apply(self, model: nn.Module, config, adapter_name: str, plan: LoraPlan, state) -> None:
+        _warn_rewritten_base(model, config, adapter_name)
         kw = dict(lora_dropout=config.lora_dropout, use_rslora=config.use_rslora,
                   init_lora_weights=config.init_lora_weights, sparse_density=config.sparse_density,
                   sparse_block_size=config.sparse_block_size, sparse_selection=config.sparse_selection,
@@ -1018,6 +1048,13 @@ class LoraMethod(Method):
             raise ValueError(f"adapter config {path} sets ensure_weight_tying on {tied}: PEFT's one trained copy / one "
                              "LoRA shared by tied embeddings and head is not supported here; PEFT loads this file")
         init = d.get("init_lora_weights", True)
+        if base_rewriting_init(init) is not None:
+            raise ValueError(f"init_lora_weights={init!r} in {path}: a PiSSA / OLoRA adapter trains on the residual "
+                             "base W - s B0 A0, which this file does not hold; on the original model load it saved as "
+                             "plain LoRA (fastpeft.save_adapter / PEFT's save_pretrained with "
+                             "path_initial_model_for_weight_conversion=<the adapter saved right after it was made>); "
+                             "on the residual model (fastpeft.unload after inject), set init_lora_weights to true in "
+                             "the file's config, as PEFT's PiSSA example does")
         if init not in _LOADABLE_INITS:
             # PiSSA, OLoRA, LoftQ, CorDA, LoRA-GA change the base weights at init: the adapter alone does not carry
             # them; MiCA freezes B (another training rule). Orthogonal and EVA only pick A and B: loaded as any LoRA.
@@ -1839,6 +1876,8 @@ def add_weighted_adapter(model: nn.Module, adapters: list, weights: list, adapte
     config = replace(first, r=rank, lora_alpha=rank, target_modules=sorted(layers), exclude_modules=None,
                      rank_pattern={}, alpha_pattern={}, modules_to_save=None, trainable_token_indices=None,
                      layers_to_transform=None, layers_pattern=None, task_type=None, inference_mode=False)
+    if base_rewriting_init(config.init_lora_weights) is not None:  # (PiSSA / OLoRA would rewrite W a second time;
+        config = replace(config, init_lora_weights=True)           # PEFT's does: its base then changes)
     how = (combination_type, rank, svd_clamp, density, majority_sign_method)
     random = combination_type.startswith("dare")
     devices = sorted({p.device.index or 0 for m in layers.values() for p in m.parameters() if p.device.type == "cuda"})
@@ -2173,6 +2212,35 @@ def merge_and_unload(model: nn.Module, dequantize: bool = False) -> nn.Module:
     for name, module in list(model.named_modules()):
         if isinstance(module, TrainableTokensWrapper):
             set_submodule(model, name, module.unwrap(own_weight=name in own))
+        elif isinstance(module, ModulesToSaveWrapper):
+            set_submodule(model, name, module.active_module)
+    model.__dict__.pop(_STATE, None)
+    return model
+
+
+def unload(model: nn.Module) -> nn.Module:
+    """PEFT's ``unload()``: the base modules back in every adapter layer's place, nothing merged; returns ``model``.
+
+    Each LoRA / sparse layer becomes the module it wraps (an ``nn.Linear`` sharing its weight and bias, a bitsandbytes
+    layer itself, a Parameter's module); a modules_to_save wrapper its active adapter's trained copy (its original
+    module where that adapter has none), a trainable-tokens wrapper the embedding without the trained rows, as
+    PEFT's. A layer with a merged adapter keeps it in W (PEFT's; ``unmerge`` first for the weights as they were).
+    After PiSSA / OLoRA this is the residual model (W - s B0 A0), the base those adapters load onto."""
+    unfoldable = [f"{n!r} ({type(c).__name__})" for n, c in adapter_configs(model).items()
+                  if _in_model(c) and not method_for(c).mergeable]
+    if unfoldable:
+        raise ValueError(f"unload: adapter {', '.join(unfoldable)} is no layer wrapping a base module (a prompt or "
+                         "bottleneck adapter); fastpeft.delete_adapter takes it out")
+    _mark_adapters(model, False)
+    layers = {**lora_layers(model), **sparse_layers(model)}
+    nested = nested_parameter_layers(model, layers)
+    for name, layer in layers.items():
+        if name not in nested:  # (a nested one goes with the layer outside it, whose base_module() is the module)
+            set_submodule(model, name, layer.base_module())
+    _untie_saved_copies(model)
+    for name, module in list(model.named_modules()):
+        if isinstance(module, TrainableTokensWrapper):
+            set_submodule(model, name, module.original_module)
         elif isinstance(module, ModulesToSaveWrapper):
             set_submodule(model, name, module.active_module)
     model.__dict__.pop(_STATE, None)

@@ -14,11 +14,12 @@ import os
 import re
 import shutil
 import uuid
+import warnings
 
 import torch
 import torch.nn as nn
 
-from ._checks import check_adapter_name, check_bool, few
+from ._checks import base_rewriting_init, check_adapter_name, check_bool, few
 from .inject import METHODS, LoraPlan, adapter_configs, check_known, inject, method_for, peft_state
 from .layers import param_base
 
@@ -165,8 +166,8 @@ def _meta_parameters(model: nn.Module, plan, state) -> list:
     return [n for n in (plan if plan is not None else state.trained) if n in params and params[n].is_meta]
 
 
-def save_adapter(model: nn.Module, directory, adapter_name: str = "default", is_main_process: bool | None = None
-                 ) -> None:
+def save_adapter(model: nn.Module, directory, adapter_name: str = "default", is_main_process: bool | None = None,
+                 path_initial_model_for_weight_conversion=None) -> None:
     """Write adapter ``adapter_name`` of ``model`` to ``directory`` in PEFT's format, atomically.
 
     Each file is written whole to a temporary name in ``directory``, then renamed over its target
@@ -179,6 +180,14 @@ def save_adapter(model: nn.Module, directory, adapter_name: str = "default", is_
     (``fully_shard``) the adapter's parameters are sharded DTensors: every rank must call it, since gathering them
     is a collective. ``is_main_process`` (PEFT's argument) overrides which callers write (True: this one, say a
     folder of its own).
+
+    ``path_initial_model_for_weight_conversion`` (PEFT's argument): a folder holding the same adapter as saved right
+    after it was made. The file then written is plain LoRA on the original base weights, of rank 2r: an adapter made
+    with PiSSA / OLoRA trains on the residual W - s B0 A0, and [A; A0], [B, -B0] (r and alpha doubled; with rslora
+    alpha times √2, so s stays) give (W - s B0 A0) + s B A = W + s [B, -B0] [A; A0] on W itself. Any LoRA adapter
+    converts so: to its change since the initial adapter, which is the adapter itself under PEFT's default init
+    (B0 = 0), and is warned of for the other inits (PEFT's warning). PEFT's file keys, config and tensors (tested); PEFT's own
+    conversion (0.21) leaves DoRA magnitudes and embedding factors out of the file, so its output differs there.
     """
     from safetensors.torch import save_file
 
@@ -199,6 +208,9 @@ def save_adapter(model: nn.Module, directory, adapter_name: str = "default", is_
     tensors = {(k if k in method.root_keys else method.file_prefix + k):
                (p.detach().full_tensor() if _sharded(p) else p.detach()).to("cpu").contiguous().clone()
                for k, p in keys.items()}
+    if path_initial_model_for_weight_conversion is not None:
+        config_json, tensors = _converted_to_lora(config_json, tensors, path_initial_model_for_weight_conversion,
+                                                  method.file_prefix, adapter_name)
     if is_main_process is None:
         dist = torch.distributed
         is_main_process = not (sharded or dist.is_available() and dist.is_initialized()) or dist.get_rank() == 0
@@ -213,6 +225,50 @@ def save_adapter(model: nn.Module, directory, adapter_name: str = "default", is_
 
     write_folder_atomically(directory, {WEIGHTS_NAME: lambda path: save_file(tensors, path, metadata={"format": "pt"}),
                                         CONFIG_NAME: write_config})
+
+
+def _converted_to_lora(config_json: dict, tensors: dict, initial, prefix: str, adapter_name: str) -> tuple:
+    """``(config, tensors)`` of a LoRA adapter's file as plain LoRA on the original base weights
+    (``save_adapter``'s ``path_initial_model_for_weight_conversion``): every A / B concatenated with the initial
+    adapter's along the rank ([A; A0], [B, -B0]), a lora_B bias less its initial value, r and rank_pattern doubled,
+    alpha and alpha_pattern times 2 (√2 with rslora), init_lora_weights True. Checks everything first."""
+    where = f"path_initial_model_for_weight_conversion={os.fspath(initial)!r}"
+    if config_json.get("peft_type") != "LORA":
+        raise ValueError(f"{where}: adapter {adapter_name!r} is a {config_json.get('peft_type')} adapter; only LoRA "
+                         "adapters convert (PEFT's rule)")
+    if config_json.get("target_parameters"):
+        raise ValueError(f"{where}: adapter {adapter_name!r} adapts target_parameters, whose factors are laid out per "
+                         "expert (r E): doubling r there is not offered")
+    init = config_json.get("init_lora_weights", True)
+    if init is not True and base_rewriting_init(init) is None:  # (PEFT's warning)
+        warnings.warn(f"{where}: adapter {adapter_name!r} was made with init_lora_weights={init!r}, which leaves the "
+                      "base weights as they are: the file written holds its change since the initial adapter "
+                      "(s B A - s B0 A0), not the adapter", UserWarning, stacklevel=3)
+    first = read_adapter_weights(initial, prefix)
+    out = dict(tensors)
+    for key, t in tensors.items():
+        k = key[len(prefix):] if key.startswith(prefix) else key
+        factor = re.search(r"\.(lora_A|lora_B|lora_embedding_A|lora_embedding_B)(\.weight)?$", k)
+        bias = k.endswith(".lora_B.bias")
+        if not (factor or bias):
+            continue
+        if k not in first or tuple(first[k].shape) != tuple(t.shape):
+            got = "missing" if k not in first else f"of shape {tuple(first[k].shape)}"
+            raise ValueError(f"{where}: the initial adapter's {k} is {got}, where adapter {adapter_name!r} has "
+                             f"{tuple(t.shape)}; that folder must hold this adapter as saved right after it was made")
+        t0 = first[k].to(t.dtype)
+        if bias:
+            out[key] = t - t0
+        elif factor.group(1).endswith("A"):
+            out[key] = torch.cat([t, t0], dim=0)
+        else:
+            out[key] = torch.cat([t, -t0], dim=1)
+    factor = 2 ** 0.5 if config_json.get("use_rslora") else 2
+    config = dict(config_json, init_lora_weights=True, r=2 * config_json["r"],
+                  lora_alpha=config_json["lora_alpha"] * factor)
+    config["rank_pattern"] = {k: 2 * v for k, v in (config_json.get("rank_pattern") or {}).items()}
+    config["alpha_pattern"] = {k: v * factor for k, v in (config_json.get("alpha_pattern") or {}).items()}
+    return config, out
 
 
 def read_adapter_config(directory):

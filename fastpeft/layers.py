@@ -26,9 +26,9 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from ._checks import (check_adapter_name, check_bool, check_dora_options, check_dropout, check_embedding,
-                      check_embedding_ids, check_finite_number, check_in_features, check_init, check_linear,
-                      check_lora_bias, check_rank, check_sparse_delta, check_sparse_options, check_tensor,
+from ._checks import (base_rewriting_init, check_adapter_name, check_bool, check_dora_options, check_dropout,
+                      check_embedding, check_embedding_ids, check_finite_number, check_in_features, check_init,
+                      check_linear, check_lora_bias, check_rank, check_sparse_delta, check_sparse_options, check_tensor,
                       expand_adapter_ids, experts_reason, routed_batch, up_projection)
 from .functional import (dora_conv, dora_linear, lora_conv, lora_experts, lora_linear, lora_linear_multi,
                          lora_sparse_linear, qlora_linear, resolve_backend, sparse_delta_linear)
@@ -456,6 +456,29 @@ class SparseDeltaLinear(TunerLayer, SparseDelta):
 
 # ---- LoRA --------------------------------------------------------------------------------------------
 
+@torch.no_grad()
+def base_rewriting_factors(w: torch.Tensor, r: int, scaling: float, init_lora_weights: str) -> tuple:
+    """``(A (r, in), B (out, r), W - s B A)`` of PEFT's base-rewriting inits, from ``w`` (out, in) fp32, computed as
+    PEFT's ``pissa_init`` / ``olora_init`` do (the same torch calls in the same order: a seed gives PEFT's bits).
+
+    PiSSA: W = V S Uᵀ (``torch.linalg.svd``; ``"pissa_niter_<n>"``: ``torch.svd_lowrank(W, r, niter=n)``, randomized),
+    A = diag(√(S_r / s)) U_rᵀ, B = V_r diag(√(S_r / s)), so s B A is W's best rank-r part. OLoRA: W = Q R (thin QR),
+    A = R[:r], B = Q[:, :r]. The residual W - s B A then stands in W's place: the layer starts as its base."""
+    if base_rewriting_init(init_lora_weights) == "olora":
+        q, rr = torch.linalg.qr(w)
+        a, b = rr[:r].contiguous(), q[:, :r].contiguous()
+    else:
+        if init_lora_weights == "pissa":
+            v, sv, uh = torch.linalg.svd(w, full_matrices=False)
+            vr, sr, uhr = v[:, :r], sv[:r] / scaling, uh[:r]
+        else:
+            vr, sr, ur = torch.svd_lowrank(w, r, niter=int(init_lora_weights.rsplit("_", 1)[1]))
+            sr, uhr = sr / scaling, ur.t()
+        a = torch.diag(torch.sqrt(sr)) @ uhr
+        b = vr @ torch.diag(torch.sqrt(sr))
+    return a, b, w - scaling * b @ a
+
+
 class FastLoRALinear(TunerLayer):
     """``y = x W^T + b + scaling * (dropout(x) A^T) B^T`` with W (and b) frozen.
 
@@ -586,6 +609,9 @@ class FastLoRALinear(TunerLayer):
         spec = replace(_spec(r, lora_alpha, lora_dropout, use_rslora), use_dora=use_dora)
         sparse = rosa_spec(sparse_density, sparse_block_size, sparse_selection)
         check_init(init_lora_weights)
+        why = base_rewriting_reason(self, spec.r, init_lora_weights, sparse_density)
+        if why is not None:
+            raise ValueError(f"adapter {name!r}: {why}")
         # The positions first: selecting checks sparse_scores, and a failure must leave the layer as it was.
         delta = SparseDelta(self.weight, sparse, sparse_scores) if sparse is not None else None
         kw = self._adapter_kwargs()
@@ -875,6 +901,12 @@ class FastLoRALinear(TunerLayer):
         if init_lora_weights == "orthogonal" and r % 2:
             raise ValueError(f"init_lora_weights='orthogonal' needs an even rank (PEFT's), got r={r} for {name!r}")
 
+        rewriting = base_rewriting_init(init_lora_weights)
+        if rewriting is not None and not _fresh:
+            raise ValueError(f"reset_lora_parameters(init_lora_weights={init_lora_weights!r}) on adapter {name!r}: "
+                             "PiSSA / OLoRA take A and B from W and leave W - s B A in W's place when an adapter is "
+                             "made; drawing them again would subtract a second time (add a new adapter instead)")
+
         def kaiming(*shape):
             return nn.init.kaiming_uniform_(torch.empty(shape), a=math.sqrt(5))
         lora_bias = self._modules["lora_bias_adapters"]._parameters.get(name)
@@ -888,6 +920,9 @@ class FastLoRALinear(TunerLayer):
             if lora_bias is not None:
                 lora_bias.copy_(bias0)
             return
+        if rewriting is not None:
+            self._rewrite_base(init_lora_weights, spec, a, b)
+            return
         if lora_bias is not None:
             lora_bias.zero_()
         if init_lora_weights == "orthogonal":  # PEFT's: scaled by 1/10, rounded to a float base weight's dtype
@@ -898,6 +933,19 @@ class FastLoRALinear(TunerLayer):
             return
         a.copy_(torch.empty(r, k).normal_(0.0, 1.0 / r) if init_lora_weights == "gaussian" else kaiming(r, k))
         b.zero_()
+
+    def _rewrite_base(self, init_lora_weights: str, spec: AdapterSpec, a: nn.Parameter, b: nn.Parameter) -> None:
+        """PiSSA / OLoRA (PEFT's ``pissa_init`` / ``olora_init``): A, B from W in fp32 (``base_rewriting_factors``),
+        then W ← W - s B A in place (rounded once to W's dtype; a tied Parameter changes with it, as in PEFT)."""
+        w = self._w()
+        if w.dtype not in (torch.float32, torch.float16, torch.bfloat16):
+            raise TypeError(f"init_lora_weights={init_lora_weights!r} needs an fp32 / fp16 / bf16 base weight (PEFT's "
+                            f"rule), got {w.dtype}")
+        fa, fb, residual = base_rewriting_factors(w.float(), spec.r, spec.scaling, init_lora_weights)
+        a.copy_(fa)
+        b.copy_(fb)
+        w.copy_(residual)
+        self._drop_kept()
 
     def extra_repr(self) -> str:
         adapters = ", ".join(f"{n}(r={s.r}, alpha={s.lora_alpha}, dropout={s.lora_dropout}, scaling={s.scaling:g})"
@@ -1641,9 +1689,46 @@ def parameter_adapter_reason(lora_dropout=0.0, use_dora=False, lora_bias=False, 
                         (use_dora, "use_dora=True (PEFT's ParamWrapper refuses LoRA variants)"),
                         (lora_bias, "lora_bias=True (PEFT's ParamWrapper refuses it)"),
                         (sparse_density, "a sparse delta (sparse_density > 0)"),
-                        (init_lora_weights == "orthogonal", "init_lora_weights='orthogonal'")):
+                        (init_lora_weights == "orthogonal", "init_lora_weights='orthogonal'"),
+                        (base_rewriting_init(init_lora_weights) is not None,
+                         f"init_lora_weights={init_lora_weights!r} (PiSSA / OLoRA factor a layer's 2-D weight)")):
         if value:
             return f"LoRA on parameters (target_parameters) takes no {what}"
+    return None
+
+
+def base_rewriting_reason(module: nn.Module, r: int, init_lora_weights, sparse_density=0.0) -> str | None:
+    """Why PEFT's base-rewriting init ``init_lora_weights`` (PiSSA / OLoRA, ``base_rewriting_init``) cannot make an
+    adapter of rank ``r`` on ``module`` (an ``nn.Linear`` / Conv1D / embedding / ... or fastpeft's layer on one); None
+    where it can, or where the init does not rewrite W (an embedding: PEFT gives it its plain embedding init)."""
+    kind = base_rewriting_init(init_lora_weights)
+    if kind is None or isinstance(module, (nn.Embedding, FastLoRAEmbedding)):
+        return None
+    what = f"init_lora_weights={init_lora_weights!r}"
+    if isinstance(module, FastLoRAParameter):
+        return f"{what} on a parameter (target_parameters): PEFT's PiSSA / OLoRA factor a layer's 2-D weight"
+    if isinstance(module, (FastLoRAConv, nn.Conv1d, nn.Conv2d, nn.Conv3d)):
+        return (f"{what} on a convolution: PEFT's PiSSA / OLoRA are for linear layers (PEFT raises 'Unknown "
+                "initialization' on convolutions); exclude it")
+    if is_quantized(module) or isinstance(module, QLoRALinear):
+        return (f"{what} on a bitsandbytes {type(getattr(module, 'base_layer', module)).__name__} base: the factors "
+                "come from a floating-point W (PEFT refuses PiSSA on a quantized weight); initialise on the "
+                "floating-point model, save its residual (fastpeft.unload), quantize that, and load the adapter on it")
+    if sparse_density:
+        return (f"{what} beside a sparse delta (RoSA, sparse_density={sparse_density!r}): not offered; use one of "
+                "the two")
+    if kind == "olora" and (is_conv1d(module) or getattr(module, "fan_in_fan_out", False)):
+        return (f"{what} on a transformers Conv1D (W stored (in, out)): PEFT's olora_init factors the stored (in, out) "
+                "matrix, and its layer then fails at the first forward; 'pissa' works there")
+    if getattr(module, "merged", False):
+        return f"{what} on a layer with a merged adapter: W is not the base weight; unmerge() first"
+    weight = getattr(module, "weight", None)
+    if isinstance(weight, torch.Tensor):
+        if weight.dtype not in (torch.float32, torch.float16, torch.bfloat16):
+            return f"{what} needs an fp32 / fp16 / bf16 base weight (PEFT's rule), got {weight.dtype}"
+        if weight.dim() == 2 and r > min(weight.shape):
+            return (f"{what} with r={r}: W {tuple(weight.shape)} has only {min(weight.shape)} singular directions "
+                    f"(r <= {min(weight.shape)})")
     return None
 
 

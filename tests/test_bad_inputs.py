@@ -261,8 +261,10 @@ CASES = [
         ("lora_dropout", "'0.1'")),
     Bad("FastLoRALinear-lora_alpha-inf", lambda _: FastLoRALinear(IN, OUT, lora_alpha=float("inf")), ValueError,
         ("lora_alpha", "inf")),
-    Bad("FastLoRALinear-init-pissa", lambda _: FastLoRALinear(IN, OUT, init_lora_weights="pissa"), ValueError,
-        ("init_lora_weights", "'pissa'")),
+    Bad("FastLoRALinear-init-loftq", lambda _: FastLoRALinear(IN, OUT, init_lora_weights="loftq"), ValueError,
+        ("init_lora_weights", "'loftq'")),
+    Bad("FastLoRALinear-init-pissa-niter-word", lambda _: FastLoRALinear(IN, OUT, init_lora_weights="pissa_niter_x"),
+        ValueError, ("init_lora_weights", "'pissa_niter_x'")),
     Bad("FastLoRALinear-in_features-0", lambda _: FastLoRALinear(0, OUT), ValueError, ("in_features", "0")),
     Bad("FastLoRAEmbedding-from_embedding-linear", lambda _: fastpeft.FastLoRAEmbedding.from_embedding(nn.Linear(4, 4)),
         TypeError, ("embedding must be an nn.Embedding", "Linear")),
@@ -452,8 +454,8 @@ CASES = [
     Bad("LoraConfig-task_type-unknown", lambda _: LoraConfig(task_type="CLS"), ValueError,
         ("task_type", "'SEQ_CLS'", "'CLS'")),
     Bad("LoraConfig-use_rslora-str", lambda _: LoraConfig(use_rslora="yes"), TypeError, ("use_rslora", "str")),
-    Bad("LoraConfig-init-pissa", lambda _: LoraConfig(init_lora_weights="pissa"), ValueError,
-        ("init_lora_weights", "'pissa'")),
+    Bad("LoraConfig-init-corda", lambda _: LoraConfig(init_lora_weights="corda"), ValueError,
+        ("init_lora_weights", "'corda'")),
     Bad("LoraConfig-target_modules-int", lambda _: LoraConfig(target_modules=5), TypeError, ("target_modules", "int")),
     Bad("LoraConfig-target_modules-empty-list", lambda _: LoraConfig(target_modules=[]), ValueError,
         ("target_modules", "non-empty", "[]")),
@@ -1685,3 +1687,100 @@ def test_expert_inject_bad_input_raises_naming_the_argument(case):
 def test_expert_inject_case_ids_are_unique():
     _assert_unique_ids(CASES, QLORA_CASES, QLORA_MODEL_CASES, DORA_CASES, EXPERTS_CASES, CONV_CASES,
                        EXPERT_INJECT_CASES)
+
+
+# ---- PiSSA / OLoRA (base-rewriting inits), PEFT's conversion to plain LoRA, unload -----------------------------------
+
+def _merged_layer():
+    layer = FastLoRALinear(IN, OUT, r=2, init_lora_weights=False)
+    layer.merge()
+    return layer
+
+
+def _two_linears():
+    torch.manual_seed(0)
+    return nn.Sequential(nn.Linear(8, 6), nn.Linear(6, 3), nn.Conv2d(3, 4, 3))
+
+
+def _tied_head():
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Embedding(10, 8), nn.Linear(8, 10, bias=False))
+    model[1].weight = model[0].weight
+    return model
+
+
+def _gpt2_block():
+    import transformers
+    torch.manual_seed(0)
+    return transformers.GPT2Model(transformers.GPT2Config(vocab_size=16, n_embd=8, n_layer=1, n_head=2, n_positions=8))
+
+
+def _converted_with(model, initial: Optional[Callable] = None, adapter_name="default"):
+    """save_adapter(model, <tmp>/out, path_initial_model_for_weight_conversion=<tmp>/init), <tmp>/init written by
+    ``initial(folder)`` (None: no such folder)."""
+    import tempfile
+    with tempfile.TemporaryDirectory() as tmp:
+        if initial is not None:
+            initial(os.path.join(tmp, "init"))
+        fastpeft.save_adapter(model, os.path.join(tmp, "out"), adapter_name,
+                              path_initial_model_for_weight_conversion=os.path.join(tmp, "init"))
+
+
+PISSA_CASES = [
+    Bad("LoraConfig-init-pissa_niter-no-number", lambda _: LoraConfig(init_lora_weights="pissa_niter_"), ValueError,
+        ("init_lora_weights", "'pissa_niter_'", "'pissa_niter_<n>'")),
+    Bad("LoraConfig-init-PISSA-upper", lambda _: LoraConfig(init_lora_weights="PISSA"), ValueError,
+        ("init_lora_weights", "'PISSA'")),
+    Bad("FastLoRALinear-pissa-r-above-min-dim", lambda _: FastLoRALinear(8, 3, r=4, init_lora_weights="pissa"),
+        ValueError, ("'default'", "init_lora_weights='pissa'", "r=4", "(3, 8)", "only 3 singular directions")),
+    Bad("FastLoRALinear-olora-fp64", lambda _: FastLoRALinear(8, 8, r=2, init_lora_weights="olora",
+                                                              dtype=torch.float64),
+        ValueError, ("init_lora_weights='olora'", "fp32 / fp16 / bf16", "float64")),
+    Bad("FastLoRALinear-pissa-with-sparse-delta", lambda _: FastLoRALinear(8, 8, r=2, init_lora_weights="pissa",
+                                                                           sparse_density=0.1),
+        ValueError, ("init_lora_weights='pissa'", "sparse delta", "0.1")),
+    Bad("reset_lora_parameters-pissa-on-an-adapter", lambda m: m.reset_lora_parameters("pissa"), ValueError,
+        ("init_lora_weights='pissa'", "'default'", "subtract a second time"), lambda: FastLoRALinear(IN, OUT, r=2)),
+    Bad("add_adapter-pissa-on-a-merged-layer", lambda m: m.add_adapter("b", 2, 2, init_lora_weights="pissa"),
+        ValueError, ("'b'", "merged adapter", "unmerge() first"), _merged_layer),
+    Bad("inject-olora-on-a-convolution", lambda m: fastpeft.inject(m, LoraConfig(r=2, target_modules=["0", "2"],
+                                                                                  init_lora_weights="olora")),
+        ValueError, ("matched '2'", "convolution", "Unknown initialization"), _two_linears),
+    Bad("inject-pissa-r-above-a-layer's-min-dim", lambda m: fastpeft.inject(m, LoraConfig(
+        r=4, target_modules=["0", "1"], init_lora_weights="pissa")), ValueError,
+        ("matched '1'", "r=4", "(3, 6)", "only 3 singular directions"), _two_linears),
+    Bad("inject-pissa-on-a-tied-head", lambda m: fastpeft.inject(m, LoraConfig(r=2, target_modules=["1"],
+                                                                                init_lora_weights="pissa")),
+        ValueError, ("matched '1'", "tied to ['0.weight']", "would not start as its base"), _tied_head),
+    Bad("inject-olora-on-a-Conv1D", lambda m: fastpeft.inject(m, LoraConfig(r=2, target_modules=["c_attn"],
+                                                                             init_lora_weights="olora")),
+        ValueError, ("'h.0.attn.c_attn'", "Conv1D", "first forward", "'pissa' works there"), _gpt2_block),
+    Bad("inject-pissa-on-target_parameters", lambda _: LoraConfig(target_parameters=["0.weight"],
+                                                                  init_lora_weights="pissa_niter_4"),
+        ValueError, ("target_parameters", "init_lora_weights='pissa_niter_4'", "2-D weight")),
+    Bad("save_adapter-conversion-no-initial-folder", lambda m: _converted_with(m), FileNotFoundError,
+        ("adapter_model.safetensors",), _lora_model),
+    Bad("save_adapter-conversion-initial-of-another-rank", lambda m: _converted_with(m, lambda d: fastpeft.save_adapter(
+        fastpeft.inject(_toy(), LoraConfig(r=2, target_modules=["q_proj", "v_proj"])), d)), ValueError,
+        ("path_initial_model_for_weight_conversion", "lora_A.weight is of shape (2,", "(4,",
+         "saved right after it was made"), _lora_model),
+    Bad("save_adapter-conversion-initial-missing-a-layer", lambda m: _converted_with(m, lambda d: fastpeft.save_adapter(
+        fastpeft.inject(_toy(), LoraConfig(r=4, target_modules=["q_proj"])), d)), ValueError,
+        ("path_initial_model_for_weight_conversion", "v_proj.lora_A.weight is missing"), _lora_model),
+    Bad("save_adapter-conversion-bitfit", lambda m: _converted_with(m, lambda d: None), ValueError,
+        ("path_initial_model_for_weight_conversion", "BITFIT", "only LoRA adapters convert"),
+        lambda: fastpeft.inject(_toy(), BitFitConfig())),
+    Bad("unload-a-bottleneck-adapter", lambda m: fastpeft.unload(m), ValueError,
+        ("unload", "AdapterConfig", "delete_adapter"),
+        lambda: fastpeft.inject(_toy(), AdapterConfig(bottleneck_dim=4, target_modules=["q_proj"]))),
+]
+
+
+@pytest.mark.parametrize("case", [pytest.param(c, id=c.id) for c in PISSA_CASES])
+def test_pissa_bad_input_raises_naming_the_argument(case):
+    test_bad_input_raises_naming_the_argument(case)
+
+
+def test_pissa_case_ids_are_unique():
+    _assert_unique_ids(CASES, QLORA_CASES, QLORA_MODEL_CASES, DORA_CASES, EXPERTS_CASES, CONV_CASES,
+                       EXPERT_INJECT_CASES, PISSA_CASES)

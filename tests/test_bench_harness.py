@@ -283,7 +283,9 @@ def test_noisy_rows_are_noted(capsys):
                   "--intermediate", "16"], ["| train step |", "| eval forward |", "4 experts top-2"]),
     ("moe_lora", ["--width", "64", "--vocab", "50", "--seq", "8", "--batch", "1", "--experts", "4", "--top-k", "2",
                   "--intermediate", "16", "--all-linear"], ["| train step |", "converted by PEFT"]),
-], ids=["gpt2_lora", "trainable_tokens", "moe_lora", "moe_lora_all_linear"])
+    ("pissa_lora", ["--width", "64", "--vocab", "50", "--seq", "8", "--batch", "1", "--init", "olora"],
+     ["| make the adapter (s) |", "| train step (ms) |", "init_lora_weights='olora'"]),
+], ids=["gpt2_lora", "trainable_tokens", "moe_lora", "moe_lora_all_linear", "pissa_lora"])
 def test_whole_model_scripts_write_their_tables(tmp_path, script, argv, expect):
     """The whole-model scripts (shared harness: model_args, time_model_calls, emit_markdown) run at toy sizes and
     write the table they print; times are not checked (benchmarks, not tests)."""

@@ -272,6 +272,30 @@ def test_demo_4bit_smoke(tmp_path, capsys):
         main(["demo", "--4bit", "--methods", "lora"])
 
 
+def test_demo_pissa_and_olora_rows_start_as_the_base_encoder():
+    """pissa / olora (by name, not in --full): LoRA's targets and count, the encoder's query/value weights rewritten
+    to W - s B A, and the classifier's features those of the untouched encoder."""
+    _need_packages()
+    import torch
+
+    assert "pissa" not in classify.FULL_METHODS and "olora" not in classify.FULL_METHODS
+    _, encoder = classify.load_encoder(classify.find_model_dir())
+    lora, _ = classify.build(classify.METHODS["lora"], encoder, 0)
+    ids = torch.randint(1, 1000, (2, 9), generator=torch.Generator().manual_seed(0))
+    mask = torch.ones_like(ids)
+    with torch.no_grad():
+        want = encoder(input_ids=ids, attention_mask=mask).last_hidden_state
+    for name in ("pissa", "olora"):
+        model, _ = classify.build(classify.METHODS[name], encoder, 0)
+        q = model.encoder.encoder.layer[0].attention.self.query
+        assert not torch.equal(q.weight, encoder.encoder.layer[0].attention.self.query.weight)
+        assert sum(p.numel() for p in model.parameters() if p.requires_grad) == \
+            sum(p.numel() for p in lora.parameters() if p.requires_grad)
+        with torch.no_grad():
+            got = model.encoder(input_ids=ids, attention_mask=mask).last_hidden_state
+        assert (got - want).abs().max() <= 1e-4 * want.abs().max()
+
+
 class _WordTokenizer:
     """Whitespace tokens, ids from a growing vocabulary; ' positive' / ' negative' single tokens."""
     eos_token_id, pad_token_id = 0, None

@@ -100,6 +100,7 @@ class Method:
     describe: str = ""
     select: bool = False      # pick the sparse positions by RoSA's gradient scores before training
     quantize: bool = False    # the encoder's linear layers in bitsandbytes NF4 (fastpeft demo --4bit)
+    extra: bool = False       # not part of --full (asked for by name in --methods)
 
 
 # Learning rates: picked by benchmarks/demo_lr_sweep.py (each method's earlier rate x 1/3, 1, 3; 100
@@ -114,6 +115,10 @@ METHODS = {
     # qlora (--4bit, not in --full): the LoRA row over an NF4 base, at LoRA's rate (not swept)
     "qlora": Method("qlora", 2e-3, describe="LoRA r=8 on query/value, every encoder linear NF4 (QLoRA)",
                     quantize=True),
+    # PiSSA / OLoRA (PEFT's inits; not in --full): LoRA's adapters started from W's top-r singular triplets (exact
+    # SVD) or its thin QR, W - s B A left in W's place; LoRA's rate, not swept
+    "pissa": Method("pissa", 2e-3, describe="LoRA r=8 on query/value, PiSSA init (top-8 SVD of W)", extra=True),
+    "olora": Method("olora", 2e-3, describe="LoRA r=8 on query/value, OLoRA init (QR of W)", extra=True),
     "sparse": Method("sparse", 3e-4, describe="sparse delta, 0.69% of all-linear, gradient-picked", select=True),
     "lora+sparse": Method("lora+sparse", 7e-4, describe="LoRA r=4 + 2.1% sparse on query/value (RoSA)", select=True),
     "bitfit": Method("bitfit", 3e-3, "BitFitConfig", "bias terms only"),
@@ -124,7 +129,7 @@ METHODS = {
 # The default run: about 3 minutes on 2 CPU cores. 100 steps over all 546 training reviews put LoRA
 # (78.0%) and full fine-tuning (78.5%) above the majority class (74.5%); 40 steps over 400 did not.
 DEFAULT_METHODS = ["head", "lora", "full"]
-FULL_METHODS = [m for m in METHODS if not METHODS[m].quantize]
+FULL_METHODS = [m for m in METHODS if not METHODS[m].quantize and not METHODS[m].extra]
 FOUR_BIT_METHODS = ["lora", "qlora"]  # fastpeft demo --4bit: the same LoRA over an fp32 and an NF4 base
 HEAD_LR = 1e-2
 # Sparse densities that give the LoRA row's parameter count (r=8 on query/value: 6 x 2 x 8 x 768 =
@@ -158,6 +163,9 @@ def build(method: Method, base_encoder, seed: int):
     elif name == "qlora":  # the lora row over an NF4 base
         quantize_nf4(encoder)
         fastpeft.inject(encoder, fastpeft.LoraConfig(r=8, lora_alpha=16, target_modules=["query", "value"]))
+    elif name in ("pissa", "olora"):  # LoRA's adapter, from W's principal directions / QR; the residual left in W
+        fastpeft.inject(encoder, fastpeft.LoraConfig(r=8, lora_alpha=16, target_modules=["query", "value"],
+                                                     init_lora_weights=name))
     elif name == "dora":  # LoRA's adapter plus one trained magnitude per output row (PEFT's DoRA)
         fastpeft.inject(encoder, fastpeft.LoraConfig(r=8, lora_alpha=16, target_modules=["query", "value"],
                                                      use_dora=True))

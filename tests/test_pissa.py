@@ -1,0 +1,392 @@
+"""PEFT's base-rewriting inits, PiSSA (``"pissa"``, ``"pissa_niter_<n>"``) and OLoRA (``"olora"``), in ``inject`` and
+``FastLoRALinear``: under a seed the factors and the residual base weights are PEFT's bit for bit (DoRA's magnitude
+too in fp32), the model starts as its base, outputs, gradients and training follow PEFT's, files are written as
+PEFT's and convert to plain LoRA on the original weights (``path_initial_model_for_weight_conversion``), ``unload``
+gives the residual model, and what PEFT cannot do (or would do wrong) is refused before the model changes."""
+import copy
+import json
+import warnings
+
+import pytest
+import torch
+import torch.nn as nn
+
+import fastpeft
+from conftest import assert_close_to_largest as _close
+from conftest import loss_step, train_steps
+from fastpeft import LoraConfig
+
+peft = pytest.importorskip("peft")
+transformers = pytest.importorskip("transformers")
+from safetensors.torch import load_file  # noqa: E402
+
+TARGETS = ["q_proj", "v_proj", "down_proj"]
+INITS = ["pissa", "pissa_niter_3", "olora"]
+
+
+def _llama(dtype=torch.float32, tie=False):
+    cfg = transformers.LlamaConfig(vocab_size=64, hidden_size=32, intermediate_size=48, num_hidden_layers=2,
+                                   num_attention_heads=4, num_key_value_heads=2, tie_word_embeddings=tie)
+    torch.manual_seed(0)
+    return transformers.LlamaForCausalLM(cfg).to(dtype).eval()
+
+
+IDS = torch.randint(0, 64, (2, 7), generator=torch.Generator().manual_seed(3))
+
+
+def _pair(base, **kw):
+    cfg = dict(r=4, lora_alpha=8, target_modules=TARGETS, **kw)
+    torch.manual_seed(1)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        theirs = peft.get_peft_model(copy.deepcopy(base), peft.LoraConfig(**cfg))
+    torch.manual_seed(1)
+    ours = fastpeft.inject(copy.deepcopy(base), LoraConfig(**cfg))
+    return theirs, ours
+
+
+def _layers(theirs, ours, names=None):
+    for name, fl in fastpeft.lora_layers(ours).items():
+        if names is None or name.rsplit(".", 1)[-1] in names:
+            yield name, theirs.base_model.model.get_submodule(name), fl
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
+@pytest.mark.parametrize("init", INITS)
+def test_factors_and_residual_are_peft_bits(init, dtype):
+    base = _llama(dtype)
+    theirs, ours = _pair(base, init_lora_weights=init)
+    for name, pl, fl in _layers(theirs, ours):
+        torch.testing.assert_close(fl.lora_A, pl.lora_A["default"].weight, rtol=0, atol=0)
+        torch.testing.assert_close(fl.lora_B, pl.lora_B["default"].weight, rtol=0, atol=0)
+        torch.testing.assert_close(fl.weight, pl.base_layer.weight, rtol=0, atol=0)
+        assert not torch.equal(fl.weight, base.get_submodule(name).weight)  # W - s B A, not W
+    assert fastpeft.trainable_parameters(ours)[0] == theirs.get_nb_trainable_parameters()[0]
+    with torch.no_grad():  # the model starts as its base (to W's rounding)
+        want = base(IDS).logits.float()
+        got = ours(IDS).logits.float()
+    tol = 1e-5 if dtype == torch.float32 else 2e-2
+    assert (got - want).abs().max() <= tol * want.abs().max()
+
+
+@pytest.mark.parametrize("init", ["pissa", "olora"])
+def test_dora_magnitude_after_rewrite(init):
+    """DoRA's magnitude ‖W_res + s B A‖ comes after the rewrite, as PEFT's: bit for bit in fp32; in bf16 PEFT forms the
+    sum in bf16, fastpeft in fp32 then rounds once: within one bf16 step of PEFT's, and the exact norm rounded."""
+    base = _llama()
+    theirs, ours = _pair(base, init_lora_weights=init, use_dora=True)
+    for _, pl, fl in _layers(theirs, ours):
+        torch.testing.assert_close(fl.lora_magnitude_vector["default"], pl.lora_magnitude_vector["default"].weight,
+                                   rtol=0, atol=0)
+    base16 = _llama(torch.bfloat16)
+    theirs, ours = _pair(base16, init_lora_weights=init, use_dora=True)
+    for name, pl, fl in _layers(theirs, ours):
+        w = fl.weight.double() + fl.scaling * fl.lora_B.double() @ fl.lora_A.double()
+        exact = torch.linalg.vector_norm(w, dim=1)
+        got, want = fl.lora_magnitude_vector["default"].double(), pl.lora_magnitude_vector["default"].weight.double()
+        assert ((got - want).abs() <= 2.0 ** -7 * want.abs()).all()
+        torch.testing.assert_close(got, exact.to(torch.bfloat16).double(), rtol=0, atol=0)
+
+
+@pytest.mark.parametrize("init", INITS)
+def test_outputs_gradients_and_training_follow_peft(init):
+    base = _llama()
+    theirs, ours = _pair(base, init_lora_weights=init)
+    theirs.train()
+    ours.train()
+    key = {"lora_A.default.weight": "A", "lora_B.default.weight": "B", "lora_A_adapters.default": "A",
+           "lora_B_adapters.default": "B"}
+
+    def by_layer(n):
+        for suffix, k in key.items():
+            if n.endswith(suffix):
+                return n.replace("base_model.model.", "")[:-len(suffix)] + k
+        return None
+    want_logits, want = loss_step(theirs, IDS, by_layer)
+    got_logits, got = loss_step(ours, IDS, by_layer)
+    _close(got_logits, want_logits)
+    assert got.keys() == want.keys() and len(got) == 2 * 2 * len(TARGETS)
+    for k in want:
+        _close(got[k], want[k])
+    lp, lf = train_steps(theirs, IDS, 3), train_steps(ours, IDS, 3)
+    assert abs(lp[-1] - lf[-1]) <= 1e-4 * abs(lp[-1])
+
+
+def test_conv1d_pissa_is_peft_and_starts_as_base():
+    """GPT-2's Conv1D (W stored (in, out)): PEFT factors its transpose; so does fastpeft, writing through the view."""
+    cfg = transformers.GPT2Config(vocab_size=64, n_embd=32, n_layer=1, n_head=4, n_positions=16)
+    torch.manual_seed(0)
+    base = transformers.GPT2LMHeadModel(cfg).eval()
+    c = dict(r=4, lora_alpha=8, target_modules=["c_attn", "c_fc"], init_lora_weights="pissa", fan_in_fan_out=True)
+    torch.manual_seed(1)
+    theirs = peft.get_peft_model(copy.deepcopy(base), peft.LoraConfig(**c))
+    torch.manual_seed(1)
+    ours = fastpeft.inject(copy.deepcopy(base), LoraConfig(**c))
+    for name, fl in fastpeft.lora_layers(ours).items():
+        pl = theirs.base_model.model.get_submodule(name)
+        torch.testing.assert_close(fl.weight, pl.base_layer.weight, rtol=0, atol=0)
+        torch.testing.assert_close(fl.lora_A, pl.lora_A["default"].weight, rtol=0, atol=0)
+    ids = IDS % 64
+    with torch.no_grad():
+        _close(ours(ids).logits, base(ids).logits)
+        _close(ours(ids).logits, theirs(ids).logits)
+
+
+def test_embeddings_take_peft_embedding_init():
+    """PEFT gives an embedding its plain init under PiSSA / OLoRA (A zeros, B normal): the same draws here, its W
+    untouched."""
+    base = _llama()
+    cfg = dict(r=4, lora_alpha=8, target_modules=["embed_tokens", "q_proj"], init_lora_weights="pissa")
+    torch.manual_seed(1)
+    theirs = peft.get_peft_model(copy.deepcopy(base), peft.LoraConfig(**cfg))
+    torch.manual_seed(1)
+    ours = fastpeft.inject(copy.deepcopy(base), LoraConfig(**cfg))
+    emb, pe = ours.model.embed_tokens, theirs.base_model.model.model.embed_tokens
+    torch.testing.assert_close(emb.lora_A, pe.lora_embedding_A["default"], rtol=0, atol=0)
+    torch.testing.assert_close(emb.lora_B, pe.lora_embedding_B["default"], rtol=0, atol=0)
+    assert torch.equal(emb.weight, base.model.embed_tokens.weight)
+
+
+def test_layer_level_pissa_starts_as_base():
+    torch.manual_seed(0)
+    lin = nn.Linear(48, 80)
+    x = torch.randn(7, 48)
+    want = lin(x)
+    for init in INITS:
+        layer = fastpeft.FastLoRALinear.from_linear(copy.deepcopy(lin), r=8, lora_alpha=16, init_lora_weights=init)
+        _close(layer(x), want)
+        assert (layer.lora_B.abs().sum() > 0) and not torch.equal(layer.weight, lin.weight)
+        with pytest.raises(ValueError, match="subtract a second time"):
+            layer.reset_lora_parameters("pissa")
+    layer = fastpeft.FastLoRALinear(48, 80, r=4, init_lora_weights="pissa")
+    s = torch.linalg.svdvals((layer.weight + layer.scaling * layer.lora_B @ layer.lora_A).detach())
+    # the factors carry W's top singular directions: the residual's top singular value is W's 5th
+    torch.testing.assert_close(torch.linalg.matrix_norm(layer.weight.detach(), ord=2), s[4], rtol=1e-4, atol=0)
+
+
+def _trained_pair(tmp_path, **kw):
+    """PEFT and fastpeft, PiSSA, each: the initial adapter saved, 3 SGD steps, trained logits, converted file."""
+    base = _llama()
+    cfg = dict(r=4, lora_alpha=8, target_modules=TARGETS, init_lora_weights="pissa", **kw)
+    out = {}
+    for lib in ("peft", "fast"):
+        torch.manual_seed(1)
+        if lib == "peft":
+            model = peft.get_peft_model(copy.deepcopy(base), peft.LoraConfig(**cfg))
+            model.peft_config["default"].init_lora_weights = True  # PEFT's example: the initial adapter as plain LoRA
+            model.save_pretrained(tmp_path / lib / "init")
+            model.peft_config["default"].init_lora_weights = "pissa"
+        else:
+            model = fastpeft.inject(copy.deepcopy(base), LoraConfig(**cfg))
+            fastpeft.save_adapter(model, tmp_path / lib / "init")  # (its config says "pissa": read as it is)
+        opt = torch.optim.SGD([p for p in model.parameters() if p.requires_grad], lr=0.1)
+        for _ in range(3):
+            model(IDS, labels=IDS).loss.backward()
+            opt.step()
+            opt.zero_grad()
+        model.eval()
+        with torch.no_grad():
+            logits = model(IDS).logits
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            model.save_pretrained(tmp_path / lib / "conv",
+                                  path_initial_model_for_weight_conversion=str(tmp_path / lib / "init"))
+        out[lib] = (model, logits)
+    return base, out
+
+
+@pytest.mark.parametrize("kw", [{}, dict(use_rslora=True), dict(rank_pattern={"q_proj": 2},
+                                                                  alpha_pattern={"v_proj": 4}), dict(use_dora=True)],
+                         ids=["plain", "rslora", "patterns", "dora"])
+def test_conversion_to_lora_is_peft_file_and_gives_trained_model_on_original_base(tmp_path, kw):
+    base, out = _trained_pair(tmp_path, **kw)
+    _close(out["fast"][1], out["peft"][1], 1e-4)
+    ours, theirs = (load_file(tmp_path / lib / "conv" / "adapter_model.safetensors") for lib in ("fast", "peft"))
+    magnitudes = [k for k in ours if k.endswith("lora_magnitude_vector")]
+    assert len(magnitudes) == (2 * len(TARGETS) if kw.get("use_dora") else 0)  # (PEFT 0.21's file drops them)
+    assert sorted(set(ours) - set(magnitudes)) == sorted(set(theirs) - set(magnitudes))
+    for k in set(theirs) - set(magnitudes):
+        _close(ours[k], theirs[k], 1e-4)
+    cfg_o, cfg_p = (json.loads((tmp_path / lib / "conv" / "adapter_config.json").read_text())
+                    for lib in ("fast", "peft"))
+    for field in ("r", "lora_alpha", "rank_pattern", "alpha_pattern", "init_lora_weights", "use_rslora", "use_dora"):
+        assert cfg_o[field] == pytest.approx(cfg_p[field]), field
+    # on the original weights (not the residual): the trained model's outputs, in fastpeft and in PEFT
+    loaded = fastpeft.load_adapter(copy.deepcopy(base), tmp_path / "fast" / "conv").eval()
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        in_peft = peft.PeftModel.from_pretrained(copy.deepcopy(base), tmp_path / "fast" / "conv").eval()
+    with torch.no_grad():
+        _close(loaded(IDS).logits, out["fast"][1], 1e-5)
+        _close(in_peft(IDS).logits, out["fast"][1], 1e-5)
+
+
+def test_conversion_covers_embeddings_and_plain_lora(tmp_path):
+    """An embedding's factors convert too (PEFT 0.21's conversion leaves them out of its file); a plain LoRA adapter
+    (B0 = 0) converts to itself; another init (here False, B0 != 0) to its change since then, warned of as PEFT
+    does."""
+    base = _llama()
+    torch.manual_seed(1)
+    model = fastpeft.inject(copy.deepcopy(base), LoraConfig(r=4, init_lora_weights=False, target_modules=["q_proj"]))
+    fastpeft.save_adapter(model, tmp_path / "false")
+    with pytest.warns(UserWarning, match="init_lora_weights=False.*change since the initial adapter"):
+        fastpeft.save_adapter(model, tmp_path / "zero", path_initial_model_for_weight_conversion=tmp_path / "false")
+    zero = fastpeft.load_adapter(copy.deepcopy(base), tmp_path / "zero")
+    with torch.no_grad():  # no change since the initial adapter: the base model
+        _close(zero(IDS).logits, base(IDS).logits)
+    for init in ("pissa", True):
+        torch.manual_seed(1)
+        model = fastpeft.inject(copy.deepcopy(base), LoraConfig(r=4, lora_alpha=8, init_lora_weights=init,
+                                                                target_modules=["embed_tokens", "q_proj"]))
+        d = tmp_path / str(init)
+        fastpeft.save_adapter(model, d / "init")
+        with torch.no_grad():
+            for p in model.parameters():
+                if p.requires_grad:
+                    p.add_(0.05 * torch.randn_like(p))
+            want = model(IDS).logits
+        fastpeft.save_adapter(model, d / "conv", path_initial_model_for_weight_conversion=d / "init")
+        cfg = json.loads((d / "conv" / "adapter_config.json").read_text())
+        assert cfg["r"] == 8 and cfg["lora_alpha"] == 16 and cfg["init_lora_weights"] is True
+        loaded = fastpeft.load_adapter(copy.deepcopy(base), d / "conv")
+        with torch.no_grad():
+            _close(loaded(IDS).logits, want)
+
+
+def test_conversion_refuses_a_folder_of_another_adapter(tmp_path):
+    base = _llama()
+    torch.manual_seed(1)
+    model = fastpeft.inject(copy.deepcopy(base), LoraConfig(r=4, target_modules=TARGETS, init_lora_weights="pissa"))
+    other = fastpeft.inject(copy.deepcopy(base), LoraConfig(r=2, target_modules=TARGETS))
+    fastpeft.save_adapter(other, tmp_path / "other")
+    with pytest.raises(ValueError, match=r"path_initial_model_for_weight_conversion=.*initial adapter's .*q_proj"
+                                         r".*lora_A.weight is of shape \(2, 32\).*\(4, 32\)"):
+        fastpeft.save_adapter(model, tmp_path / "out", path_initial_model_for_weight_conversion=tmp_path / "other")
+    assert not (tmp_path / "out").exists()
+    with pytest.raises(FileNotFoundError, match="adapter_model.safetensors"):
+        fastpeft.save_adapter(model, tmp_path / "out", path_initial_model_for_weight_conversion=tmp_path / "none")
+
+
+def test_files_unload_merge_and_to_peft(tmp_path):
+    base = _llama()
+    torch.manual_seed(1)
+    model = fastpeft.inject(copy.deepcopy(base), LoraConfig(r=4, target_modules=TARGETS, init_lora_weights="olora"))
+    with torch.no_grad():
+        for p in model.parameters():
+            if p.requires_grad:
+                p.add_(0.05 * torch.randn_like(p))
+        want = model(IDS).logits
+    fastpeft.save_adapter(model, tmp_path / "olora")
+    assert json.loads((tmp_path / "olora" / "adapter_config.json").read_text())["init_lora_weights"] == "olora"
+    # PEFT's file, as PEFT writes it; it does not load on the original model (the residual is not in it)
+    with pytest.raises(ValueError, match="residual base W - s B0 A0"):
+        fastpeft.load_adapter(copy.deepcopy(base), tmp_path / "olora")
+    # to_peft: PEFT gets the adapter over the residual weights, not factored and subtracted again
+    pm = fastpeft.to_peft(copy.deepcopy(model)).eval()
+    with torch.no_grad():
+        _close(pm(IDS).logits, want)
+    # unload: the residual model; the adapter saved with init True loads onto it (PEFT's example's way)
+    residual = fastpeft.unload(copy.deepcopy(model))
+    assert not fastpeft.lora_layers(residual) and fastpeft.active_adapter(residual) is None
+    cfg_path = tmp_path / "olora" / "adapter_config.json"
+    cfg_path.write_text(json.dumps(dict(json.loads(cfg_path.read_text()), init_lora_weights=True)))
+    again = fastpeft.load_adapter(residual, tmp_path / "olora")
+    with torch.no_grad():
+        _close(again(IDS).logits, want)
+    merged = fastpeft.merge_and_unload(model)
+    with torch.no_grad():
+        _close(merged(IDS).logits, want)
+
+
+def test_unload_is_peft_unload():
+    base = _llama()
+    cfg = dict(r=4, target_modules=TARGETS, modules_to_save=["lm_head"])
+    torch.manual_seed(1)
+    theirs = peft.get_peft_model(copy.deepcopy(base), peft.LoraConfig(**cfg))
+    torch.manual_seed(1)
+    ours = fastpeft.inject(copy.deepcopy(base), LoraConfig(**cfg))
+    with torch.no_grad():
+        for (_, pl, fl) in _layers(theirs, ours):
+            pl.lora_B["default"].weight.normal_()
+            fl.lora_B.copy_(pl.lora_B["default"].weight)
+        theirs.base_model.model.lm_head.modules_to_save["default"].weight.add_(1.0)
+        ours.lm_head.modules_to_save["default"].weight.add_(1.0)
+    a, b = theirs.unload(), fastpeft.unload(ours)
+    assert [type(m) for m in a.modules()] == [type(m) for m in b.modules()]
+    assert not fastpeft.lora_layers(b)
+    with torch.no_grad():
+        _close(b(IDS).logits, a(IDS).logits)
+    with torch.no_grad():
+        assert not torch.equal(b.lm_head.weight, base.lm_head.weight)  # the trained copy, as PEFT's
+
+
+def test_add_weighted_adapter_over_pissa_leaves_the_residual_alone():
+    """The combined adapter is made with the default init (PEFT 0.21 runs PiSSA again for it, rewriting W twice)."""
+    base = _llama()
+    torch.manual_seed(1)
+    model = fastpeft.inject(copy.deepcopy(base), LoraConfig(r=4, target_modules=TARGETS, init_lora_weights="pissa"))
+    weights = {n: p.clone() for n, p in model.named_parameters() if not p.requires_grad}
+    with torch.no_grad():
+        want = model(IDS).logits
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        fastpeft.add_weighted_adapter(model, ["default"], [1.0], "w", combination_type="cat")
+    assert all(torch.equal(p, weights[n]) for n, p in model.named_parameters() if n in weights)
+    fastpeft.set_adapter(model, "w")
+    with torch.no_grad():
+        _close(model(IDS).logits, want)
+
+
+def test_a_second_adapter_beside_pissa_warns():
+    base = _llama()
+    model = fastpeft.inject(copy.deepcopy(base), LoraConfig(r=4, target_modules=TARGETS, init_lora_weights="pissa"))
+    with pytest.warns(UserWarning, match=r"\['default'\].*PiSSA / OLoRA.*\['b'\]"):
+        fastpeft.inject(model, LoraConfig(r=4, target_modules=TARGETS), adapter_name="b")
+
+
+def _unchanged(model, before):
+    assert all(torch.equal(v, before[k]) for k, v in model.state_dict().items())
+    assert not fastpeft.lora_layers(model)
+
+
+@pytest.mark.parametrize("case", ["tied-head", "conv", "r-too-large", "olora-conv1d", "sparse", "fp64",
+                                  "target-parameters"])
+def test_refusals_leave_the_model_unchanged(case):
+    if case == "tied-head":
+        model, cfg = _llama(tie=True), dict(target_modules=["lm_head", "q_proj"], init_lora_weights="pissa")
+        words = r"'lm_head'.*tied to .*embed_tokens.*would not start as its base"
+    elif case == "conv":
+        model = nn.Sequential(nn.Linear(8, 8), nn.Conv2d(3, 4, 3))
+        cfg, words = dict(target_modules=["0", "1"], init_lora_weights="olora"), "convolution.*Unknown initialization"
+    elif case == "r-too-large":
+        model, cfg = nn.Sequential(nn.Linear(8, 6), nn.Linear(6, 3)), dict(target_modules=["0", "1"], r=4,
+                                                                           init_lora_weights="pissa")
+        words = r"matched '1'.*r=4: W \(3, 6\) has only 3 singular directions"
+    elif case == "olora-conv1d":
+        model = transformers.GPT2LMHeadModel(transformers.GPT2Config(vocab_size=64, n_embd=32, n_layer=1, n_head=4,
+                                                                     n_positions=16))
+        cfg, words = dict(target_modules=["c_attn"], init_lora_weights="olora"), "Conv1D.*fails at the first forward"
+    elif case == "sparse":
+        model = nn.Sequential(nn.Linear(8, 8))
+        cfg, words = dict(target_modules=["0"], init_lora_weights="pissa", sparse_density=0.1), "sparse delta"
+    elif case == "fp64":
+        model = nn.Sequential(nn.Linear(8, 8).double())
+        cfg, words = dict(target_modules=["0"], init_lora_weights="pissa"), "fp32 / fp16 / bf16 .*float64"
+    else:
+        with pytest.raises(ValueError, match="target_parameters.*PiSSA / OLoRA factor a layer's 2-D weight"):
+            LoraConfig(target_parameters=["mlp.experts.down_proj"], init_lora_weights="pissa")
+        return
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    with pytest.raises(ValueError, match=words):
+        fastpeft.inject(model, LoraConfig(**{"r": 2, **cfg}))
+    _unchanged(model, before)
+
+
+def test_quantized_base_is_refused():
+    bnb = pytest.importorskip("bitsandbytes")
+    layer = bnb.nn.Linear4bit(64, 64, quant_type="nf4")
+    layer.weight = bnb.nn.Params4bit(torch.randn(64, 64), requires_grad=False, quant_type="nf4", module=layer)
+    model = nn.Sequential(layer.to("cpu"))
+    with pytest.raises(ValueError, match="bitsandbytes Linear4bit base.*floating-point W"):
+        fastpeft.inject(model, LoraConfig(r=2, target_modules=["0"], init_lora_weights="pissa"))
+    assert not fastpeft.lora_layers(model)
