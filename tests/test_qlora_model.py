@@ -24,6 +24,20 @@ import fastpeft  # noqa: E402
 from conftest import assert_close_report  # noqa: E402
 from fastpeft.layers import QLoRALinear  # noqa: E402
 
+
+def _cpu_repacks() -> bool:
+    """Whether bitsandbytes repacks 4-bit weights for its CPU inference kernel here (it does where the CPU has
+    AVX512-BF16); the tests of that repacking skip elsewhere (before 2026-12-02 they failed there)."""
+    try:
+        from bitsandbytes.functional import has_avx512bf16
+        return bool(has_avx512bf16())
+    except Exception:
+        return False
+
+
+needs_repacking = pytest.mark.skipif(not _cpu_repacks(), reason="this CPU has no AVX512-BF16: bitsandbytes does "
+                                     "not repack 4-bit weights for its CPU kernel")
+
 warnings.filterwarnings("ignore", category=FutureWarning)
 TARGETS = ["q_proj", "v_proj", "down_proj"]
 
@@ -583,9 +597,13 @@ def test_eval_on_the_cpu_gives_peft_bitsandbytes_logits(checkpoint, bits, dtype)
             got_mixed = ours(input_ids=x).logits
     serves = bits == 8 or bool(_repacked(theirs))
     assert bool(_repacked(ours)) == bool(_repacked(theirs))  # fastpeft lets bnb repack exactly where PEFT does
-    exact = 0 if serves else 1e-5  # (without AVX512-BF16 both dequantize: the same values, other sums)
-    assert_close_report(got, want, atol=exact, rtol=exact)
-    assert_close_report(got_mixed, want_mixed, atol=exact, rtol=exact)
+    # Without AVX512-BF16 both dequantize: the same values, summed in another order and, in bf16, rounded at other
+    # points (bnb's product, then PEFT's LoRA term added; one fused rounding here): fp32 agrees to 1e-5, bf16 to four
+    # bf16 steps of the largest logit (a machine without AVX512-BF16 measured 2.4 steps; before 2026-12-02 this
+    # asked 1e-5 of bf16 too and failed there)
+    for g, w in ((got, want), (got_mixed, want_mixed)):
+        exact = 0 if serves else 1e-5 if dtype is None else 4 * 2.0 ** -8 * w.abs().max().item()
+        assert_close_report(g, w, atol=exact, rtol=0 if serves or dtype is not None else exact)
     assert (got_mixed - got).abs().max() > 1e-3  # the routed rows did run another adapter
 
 
@@ -721,6 +739,7 @@ def load_plain(checkpoint, nested: bool):
         return transformers.AutoModelForCausalLM.from_pretrained(checkpoint, quantization_config=q, device_map="cpu")
 
 
+@needs_repacking
 @pytest.mark.parametrize("nested", [True, False], ids=["nested", "plain-absmax"])
 def test_eval_train_cycles_and_state_dict_leave_the_4bit_weights_bit_for_bit(checkpoint, nested):
     """bnb's repacking rounds the block scales to bf16 and its own unpacking re-quantizes a nested absmax (and leaves
@@ -747,6 +766,7 @@ def test_eval_train_cycles_and_state_dict_leave_the_4bit_weights_bit_for_bit(che
     assert all(torch.equal(e, evals[0]) for e in evals)
 
 
+@needs_repacking
 def test_eval_edge_cases_on_the_cpu_kernel(checkpoint):
     """Eval-mode calls on bnb's CPU path: under autocast (as PEFT: the term in autocast's dtype; it raised on mixed
     dtypes), an input without rows (bnb's 4-bit kernel dies of SIGFPE: fastpeft computes it), int8 inputs of 1 or
@@ -828,6 +848,7 @@ def test_compiled_training_after_an_eager_eval_call(checkpoint):
     assert torch.equal(compiled, eager)
 
 
+@needs_repacking
 def test_repacked_weights_come_back_exactly_through_copies_loads_switches_and_to_peft(checkpoint, tmp_path):
     """More routes a repacked 4-bit weight takes (a review, 2026-12-01), each ending bit for bit at the loaded
     weights: a deepcopy while repacked (TRL's reference model; bnb copies the QuantState, and the kept scales with
