@@ -1,20 +1,21 @@
 """PiSSA / OLoRA (PEFT's ``init_lora_weights="pissa_niter_<n>"`` / ``"olora"``) on a whole Llama-style model: PEFT's
 ``get_peft_model`` against ``fastpeft.inject`` on the same config, under the same seed (the same factors and residual
-weights, bit for bit): the time to make the adapter (the SVD / QR of every target weight), one training step
-(forward + backward) and one no-grad eval forward.
+weights, bit for bit, checked here): the time to make the adapter (the SVD / QR of every target weight), one training
+step (forward + backward) and one no-grad eval forward.
 
     python benchmarks/pissa_lora.py [--init pissa_niter_4] [--layers 2] [--width 576] [--vocab 1000] [--batch 4]
                                     [--seq 128] [--rank 16] [--device cpu|cuda] [--rep-ms 2000] [--out FILE.md]
 
 A LlamaForCausalLM built from its config (random weights: speed only; width 576 and 9 heads of 64 as SmolLM2-135M,
-MLP width 1536), LoRA on ``"all-linear"``. Making the adapter: the faster of two interleaved rounds per library (each
-on its own copy of the base model); calls are medians (ms) of interleaved calls on the CPU
+MLP width 1536), LoRA on ``"all-linear"``. Making the adapter: the median of 5 interleaved rounds per library (each on
+its own copy of the base model); calls are medians (ms) of interleaved calls on the CPU
 (``harness.bench_interleaved``), of ``triton.testing.do_bench`` on CUDA; speed-ups are PEFT's time over fastpeft's.
 """
 from __future__ import annotations
 
 import copy
 import os
+import statistics
 import sys
 import time
 import warnings
@@ -27,6 +28,7 @@ sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 from harness import emit_markdown, environment, model_args, table_head, time_model_calls  # noqa: E402
 
 NAMES = ("PEFT", "fastpeft inject")
+ROUNDS = 5  # of making the adapter, interleaved
 
 
 def models(args) -> tuple:
@@ -41,8 +43,8 @@ def models(args) -> tuple:
                                    max_position_embeddings=max(args.seq, 64))
     base = transformers.LlamaForCausalLM(cfg).to(args.device)
     config = dict(r=args.rank, lora_alpha=2 * args.rank, target_modules="all-linear", init_lora_weights=args.init)
-    made, seconds = {}, {}
-    for _ in range(2):  # interleaved rounds, the faster of each library's two (the first round warms up imports)
+    made, seconds = {}, {n: [] for n in NAMES}
+    for _ in range(ROUNDS):  # interleaved rounds, the median of each library's (the first warms up imports)
         for name, make in zip(NAMES, (peft.get_peft_model, fastpeft.inject)):
             model = copy.deepcopy(base)
             torch.manual_seed(1)
@@ -52,13 +54,19 @@ def models(args) -> tuple:
                 made[name] = make(model, peft.LoraConfig(**config))
             if args.device == "cuda":
                 torch.cuda.synchronize()
-            seconds[name] = min(seconds.get(name, float("inf")), time.perf_counter() - start)
-    theirs = {k.replace("base_model.model.", "").replace("base_layer.", ""): v
+            seconds[name].append(time.perf_counter() - start)
+    theirs = {k.replace("base_model.model.", "").replace("base_layer.", "").replace(".default.weight", ""): v
               for k, v in made["PEFT"].state_dict().items()}
+    compared = 0
     for k, v in made["fastpeft inject"].state_dict().items():
-        if k in theirs and not torch.equal(v, theirs[k]):  # (the base weights: the same residual)
-            raise RuntimeError(f"{k} differs between PEFT's and fastpeft's {args.init} init")
-    return made, seconds
+        k = k.replace("_adapters.default", "")  # fastpeft's lora_A_adapters.default: PEFT's lora_A.default.weight
+        if k in theirs:
+            if not torch.equal(v, theirs[k]):
+                raise RuntimeError(f"{k} differs between PEFT's and fastpeft's {args.init} init")
+            compared += ".lora_" in k
+    if compared != 2 * sum(1 for m in made["PEFT"].modules() if isinstance(m, peft.tuners.lora.LoraLayer)):
+        raise RuntimeError(f"compared {compared} LoRA factors of PEFT's and fastpeft's models, not all of them")
+    return made, {n: statistics.median(t) for n, t in seconds.items()}
 
 
 def main(argv=None) -> str:

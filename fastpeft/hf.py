@@ -36,7 +36,7 @@ from ._checks import base_rewriting_init, few
 from .inject import (INJECT_HOOKS, active_adapter, adapter_configs, lora_layers, method_for, mixed_batch,
                      nested_parameter_layers)
 from .matching import input_embeddings, matches, output_head
-from .io import load_adapter, read_adapter_config, save_adapter
+from .io import adapter_files, load_adapter, read_adapter_config, save_adapter, write_adapter_files
 from .layers import FastLoRALinear, ModulesToSaveWrapper
 
 _PEFT_PREFIX = "base_model.model."
@@ -225,10 +225,10 @@ def _save_pretrained(self, save_directory, state_dict=None, is_main_process=True
     if os.path.isfile(directory):
         raise ValueError(f"save_directory {directory!r} is a file, not a folder")
     initial = kwargs.get("path_initial_model_for_weight_conversion")
-    with _parameters_from(self, state_dict):
-        for name in names:
-            save_adapter(self, _adapter_dir(directory, name), name, is_main_process=is_main_process,
-                         path_initial_model_for_weight_conversion=initial)
+    with _parameters_from(self, state_dict):  # every adapter's files built (and checked) before any is written
+        files = {name: adapter_files(self, name, is_main_process, initial) for name in names}
+    for name, built in files.items():
+        write_adapter_files(*built, _adapter_dir(directory, name))
     active = active_adapter(self)
     if is_main_process and active in names:
         _link(os.path.join(_adapter_dir(directory, active), _ADAPTER_WEIGHTS), os.path.join(directory, _TRAINER_WEIGHTS))

@@ -881,6 +881,27 @@ _LOADABLE_INITS = (True, False, "gaussian", "orthogonal", "eva")
 _SPARSE_LORA_FIELDS = ("sparse_density", "sparse_block_size", "sparse_selection")  # RoSA: fastpeft's own keys
 
 
+def _check_rewritable(model: nn.Module, config, plan: LoraPlan) -> None:
+    """PiSSA / OLoRA (a base-rewriting ``init_lora_weights``): every target of ``plan`` checked before any changes
+    (``base_rewriting_reason``; a weight tied to another parameter refused: rewriting it would change that one too)."""
+    if base_rewriting_init(config.init_lora_weights) is None:
+        return
+    for name, t in plan.targets.items():
+        if t is not None and name not in plan.params:
+            why = base_rewriting_reason(model.get_submodule(name), t[0], config.init_lora_weights,
+                                        config.sparse_density)
+            if why is not None:
+                raise ValueError(f"target_modules matched {name!r}: {why}")
+    rewritten = {n: model.get_submodule(n) for n, t in plan.targets.items() if t is not None
+                 and n not in plan.params and not isinstance(model.get_submodule(n), (nn.Embedding, FastLoRAEmbedding))}
+    tied = _tied_weights(model, rewritten)
+    if tied:  # PEFT rewrites the shared W: the tied input embeddings would change too
+        name = next(iter(tied))
+        raise ValueError(f"target_modules matched {name!r}, whose weight is tied to {few(tied[name])}: "
+                         f"init_lora_weights={config.init_lora_weights!r} would leave W - s B A in both places, and "
+                         "the model would not start as its base; exclude it (or untie first)")
+
+
 def _warn_rewritten_base(model: nn.Module, config, adapter_name: str) -> None:
     """PEFT's warning when an adapter made with PiSSA / OLoRA (which rewrite the base weights) shares the model with
     another adapter."""
@@ -920,22 +941,7 @@ class LoraMethod(Method):
         odd = [f"{n} (r={t[0]})" for n, t in plan.targets.items() if t is not None and t[0] % 2]
         if config.init_lora_weights == "orthogonal" and odd:  # checked before any layer changes
             raise ValueError(f"init_lora_weights='orthogonal' needs an even rank (PEFT's), got {few(odd)}")
-        if base_rewriting_init(config.init_lora_weights) is not None:  # PiSSA / OLoRA: every target checked first
-            for name, t in plan.targets.items():
-                if t is not None and name not in plan.params:
-                    why = base_rewriting_reason(model.get_submodule(name), t[0], config.init_lora_weights,
-                                                config.sparse_density)
-                    if why is not None:
-                        raise ValueError(f"target_modules matched {name!r}: {why}")
-            rewritten = {n: model.get_submodule(n) for n, t in plan.targets.items() if t is not None
-                         and n not in plan.params and not isinstance(model.get_submodule(n),
-                                                                     (nn.Embedding, FastLoRAEmbedding))}
-            tied = _tied_weights(model, rewritten)
-            if tied:  # PEFT rewrites the shared W: the tied input embeddings would change too
-                name = next(iter(tied))
-                raise ValueError(f"target_modules matched {name!r}, whose weight is tied to {few(tied[name])}: "
-                                 f"init_lora_weights={config.init_lora_weights!r} would leave W - s B A in both "
-                                 "places, and the model would not start as its base; exclude it (or untie first)")
+        _check_rewritable(model, config, plan)
         return plan
 
     def apply(self, model: nn.Module, config, adapter_name: str, plan: LoraPlan, state) -> None:
@@ -1048,24 +1054,18 @@ class LoraMethod(Method):
             raise ValueError(f"adapter config {path} sets ensure_weight_tying on {tied}: PEFT's one trained copy / one "
                              "LoRA shared by tied embeddings and head is not supported here; PEFT loads this file")
         init = d.get("init_lora_weights", True)
-        if base_rewriting_init(init) is not None:
-            raise ValueError(f"init_lora_weights={init!r} in {path}: a PiSSA / OLoRA adapter trains on the residual "
-                             "base W - s B0 A0, which this file does not hold; on the original model load it saved as "
-                             "plain LoRA (fastpeft.save_adapter / PEFT's save_pretrained with "
-                             "path_initial_model_for_weight_conversion=<the adapter saved right after it was made>); "
-                             "on the residual model (fastpeft.unload after inject), set init_lora_weights to true in "
-                             "the file's config, as PEFT's PiSSA example does")
-        if init not in _LOADABLE_INITS:
-            # PiSSA, OLoRA, LoftQ, CorDA, LoRA-GA change the base weights at init: the adapter alone does not carry
-            # them; MiCA freezes B (another training rule). Orthogonal and EVA only pick A and B: loaded as any LoRA.
+        if init not in _LOADABLE_INITS and base_rewriting_init(init) is None:
+            # LoftQ, CorDA, LoRA-GA change the base weights at init from data or a quantizer fastpeft does not run
+            # again; MiCA freezes B (another training rule). Orthogonal and EVA only pick A and B: loaded as any LoRA.
+            # PiSSA / OLoRA: the load computes W - s B0 A0 again from W, as PEFT's does (check_load).
             raise ValueError(f"init_lora_weights={init!r} in {path}: adapters initialised this way modify the "
                              "base weights (or train under another rule) and cannot be loaded onto the original model "
-                             f"here; loadable: {_LOADABLE_INITS}")
+                             f"here; loadable: {_LOADABLE_INITS}, 'pissa', 'olora'")
         kwargs = {k: d[k] for k in _CONFIG_FIELDS + _SPARSE_LORA_FIELDS if k in d and d[k] is not None}
         # The file's init, as PEFT's loaded config keeps it (an adapter made from the config, add_weighted_adapter's,
         # then draws PEFT's initial values), except EVA (not fastpeft's) and orthogonal (PEFT's own fails on a 4-bit
         # base, so such a file saved again would not load there): the default init instead.
-        if init not in (True, False, "gaussian"):
+        if init not in (True, False, "gaussian") and base_rewriting_init(init) is None:
             kwargs.pop("init_lora_weights", None)
         return self.construct(kwargs, path)
 
@@ -1169,6 +1169,14 @@ class LoraMethod(Method):
                              "from_pretrained; its save_pretrained then writes the new layout, which fastpeft loads); "
                              "fastpeft does not convert the weights")
         plan = plan_lora(model, config, warn=False)
+        if adapter_name not in state.adapters and base_rewriting_init(config.init_lora_weights) is not None:
+            if config.init_lora_weights.startswith("pissa_niter_"):  # (into an adapter the model has: any init)
+                raise ValueError(f"init_lora_weights={config.init_lora_weights!r} in {os.fspath(directory)!r}: the "
+                                 "adapter trained on W - s B0 A0 with B0, A0 from a randomized SVD, which cannot be "
+                                 "drawn again; load it saved as plain LoRA (save_adapter / save_pretrained with "
+                                 "path_initial_model_for_weight_conversion), or onto the residual model (fastpeft."
+                                 "unload) with init_lora_weights set to true in its config, as PEFT's example does")
+            _check_rewritable(model, config, plan)  # "pissa" / "olora": W - s B0 A0 computed again, as PEFT's load
         _check_dora_file(config, weights, directory)
         sparse = _take_sparse(model, config.sparse, plan, weights, directory)
         expected = self._expected_shapes(model, config, plan)
@@ -2107,7 +2115,7 @@ def _untie_word_embeddings(model: nn.Module) -> None:
             c.tie_word_embeddings = False
 
 
-def _untie_saved_copies(model: nn.Module) -> None:
+def _untie_saved_copies(model: nn.Module, caller: str = "merge_and_unload") -> None:
     """Before ``merge_and_unload`` puts modules_to_save copies in place: where the original of one shares a parameter
     with a module outside it (a tied input embedding / output head), the trained copy breaks the tie, so
     ``tie_word_embeddings`` goes False (warned), as PEFT's merge does. Before 2026-12-01 it stayed True, and a later
@@ -2120,7 +2128,7 @@ def _untie_saved_copies(model: nn.Module) -> None:
         for p in w.original_module.parameters():
             tied += [n for n in names.get(id(p), []) if not n.startswith(wname + ".")]
     if tied:
-        warnings.warn(f"merge_and_unload: the trained modules_to_save copies replace weights that {few(tied)} share "
+        warnings.warn(f"{caller}: the trained modules_to_save copies replace weights that {few(tied)} share "
                       "(tied); those keep the base weights, and config.tie_word_embeddings is set False")
         _untie_word_embeddings(model)
 
@@ -2206,7 +2214,8 @@ def merge_and_unload(model: nn.Module, dequantize: bool = False) -> nn.Module:
         if not layer.merged and layer.has_delta():
             layer.merge()
         if name not in nested:  # (a nested one goes with the layer outside it, whose base_module() is the module)
-            set_submodule(model, name, layer.base_module())
+            set_submodule(model, name, layer.base_module().train(layer.training))  # (the layer's mode: before
+            # 2026-12-02 a new nn.Linear in an eval model was left in training mode)
     own = _token_weights_to_copy(model)  # before any wrapper goes
     _untie_saved_copies(model)
     for name, module in list(model.named_modules()):
@@ -2225,7 +2234,10 @@ def unload(model: nn.Module) -> nn.Module:
     layer itself, a Parameter's module); a modules_to_save wrapper its active adapter's trained copy (its original
     module where that adapter has none), a trainable-tokens wrapper the embedding without the trained rows, as
     PEFT's. A layer with a merged adapter keeps it in W (PEFT's; ``unmerge`` first for the weights as they were).
-    After PiSSA / OLoRA this is the residual model (W - s B0 A0), the base those adapters load onto."""
+    After PiSSA / OLoRA this is the residual model (W - s B0 A0). Each module put back takes the mode of the layer it
+    replaces. Where a trained modules_to_save copy replaces a weight tied to another module, ``tie_word_embeddings``
+    becomes False (warned; PEFT's unload leaves it True, and a later ``tie_weights()`` would silently put the
+    embeddings in the trained head's place)."""
     unfoldable = [f"{n!r} ({type(c).__name__})" for n, c in adapter_configs(model).items()
                   if _in_model(c) and not method_for(c).mergeable]
     if unfoldable:
@@ -2236,13 +2248,13 @@ def unload(model: nn.Module) -> nn.Module:
     nested = nested_parameter_layers(model, layers)
     for name, layer in layers.items():
         if name not in nested:  # (a nested one goes with the layer outside it, whose base_module() is the module)
-            set_submodule(model, name, layer.base_module())
-    _untie_saved_copies(model)
+            set_submodule(model, name, layer.base_module().train(layer.training))
+    _untie_saved_copies(model, "unload")
     for name, module in list(model.named_modules()):
         if isinstance(module, TrainableTokensWrapper):
-            set_submodule(model, name, module.original_module)
+            set_submodule(model, name, module.original_module.train(module.training))
         elif isinstance(module, ModulesToSaveWrapper):
-            set_submodule(model, name, module.active_module)
+            set_submodule(model, name, module.active_module.train(module.training))
     model.__dict__.pop(_STATE, None)
     return model
 

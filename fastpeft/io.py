@@ -189,8 +189,16 @@ def save_adapter(model: nn.Module, directory, adapter_name: str = "default", is_
     (B0 = 0), and is warned of for the other inits (PEFT's warning). PEFT's file keys, config and tensors (tested); PEFT's own
     conversion (0.21) leaves DoRA magnitudes and embedding factors out of the file, so its output differs there.
     """
-    from safetensors.torch import save_file
+    write_adapter_files(*adapter_files(model, adapter_name, is_main_process, path_initial_model_for_weight_conversion),
+                        directory)
 
+
+def adapter_files(model: nn.Module, adapter_name: str = "default", is_main_process: bool | None = None,
+                  path_initial_model_for_weight_conversion=None) -> tuple:
+    """``(config_json, tensors, writes)``: what ``save_adapter`` writes for adapter ``adapter_name`` (tensors on the
+    CPU, FSDP2 shards gathered), converted to plain LoRA on the original weights with
+    ``path_initial_model_for_weight_conversion``, and whether this process writes it. Checks everything; writes
+    nothing (a save of several adapters builds them all first)."""
     if isinstance(model, (nn.parallel.DistributedDataParallel, nn.DataParallel)):
         model = model.module
     configs = adapter_configs(model)
@@ -214,7 +222,14 @@ def save_adapter(model: nn.Module, directory, adapter_name: str = "default", is_
     if is_main_process is None:
         dist = torch.distributed
         is_main_process = not (sharded or dist.is_available() and dist.is_initialized()) or dist.get_rank() == 0
-    if not is_main_process:
+    return config_json, tensors, bool(is_main_process)
+
+
+def write_adapter_files(config_json: dict, tensors: dict, writes: bool, directory) -> None:
+    """Write ``adapter_files``' result into ``directory``, atomically (nothing where ``writes`` is False)."""
+    from safetensors.torch import save_file
+
+    if not writes:
         return
 
     def write_config(path):
@@ -245,12 +260,31 @@ def _converted_to_lora(config_json: dict, tensors: dict, initial, prefix: str, a
                       "base weights as they are: the file written holds its change since the initial adapter "
                       "(s B A - s B0 A0), not the adapter", UserWarning, stacklevel=3)
     first = read_adapter_weights(initial, prefix)
+    path = os.path.join(os.fspath(initial), CONFIG_NAME)
+    if not os.path.isfile(path):
+        raise FileNotFoundError(f"{where}: no {CONFIG_NAME} there (the initial adapter's config)")
+    with open(path) as f:
+        first_config = json.load(f)
+    for field in ("r", "lora_alpha", "use_rslora", "rank_pattern", "alpha_pattern", "use_dora"):
+        mine, theirs = config_json.get(field), first_config.get(field)
+        if (mine or None) != (theirs or None):  # (an absent or empty field is PEFT's default)
+            raise ValueError(f"{where}: the initial adapter has {field}={theirs!r}, adapter {adapter_name!r} "
+                             f"{field}={mine!r}; that folder must hold this adapter as saved right after it was made")
+    factors = re.compile(r"\.(lora_A|lora_B|lora_embedding_A|lora_embedding_B)(\.weight)?$|\.lora_B\.bias$")
+    extra = sorted(k for k in first if factors.search(k) and prefix + k not in tensors and k not in tensors)
+    if extra:
+        raise ValueError(f"{where}: the initial adapter has {few(extra)}, which adapter {adapter_name!r} does not; "
+                         "that folder must hold this adapter as saved right after it was made")
     out = dict(tensors)
+    if base_rewriting_init(init) is not None:  # a saved base weight (an untied head's) is the residual: left out,
+        for key in tensors:                    # so the file goes on the original weights (PEFT's file drops it too)
+            if key.endswith(".base_layer.weight") and key[:-len("base_layer.weight")] + "lora_A.weight" in tensors:
+                del out[key]
     for key, t in tensors.items():
         k = key[len(prefix):] if key.startswith(prefix) else key
         factor = re.search(r"\.(lora_A|lora_B|lora_embedding_A|lora_embedding_B)(\.weight)?$", k)
         bias = k.endswith(".lora_B.bias")
-        if not (factor or bias):
+        if not (factor or bias) or key not in out:
             continue
         if k not in first or tuple(first[k].shape) != tuple(t.shape):
             got = "missing" if k not in first else f"of shape {tuple(first[k].shape)}"

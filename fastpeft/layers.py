@@ -553,6 +553,17 @@ class FastLoRALinear(TunerLayer):
         rosa_spec(sparse_density, sparse_block_size, sparse_selection)
         check_init(init_lora_weights)
         check_adapter_name(adapter_name)
+        flags = [(p, p.requires_grad) for p in (weight, bias) if p is not None]
+        try:
+            self._setup_layer(weight, bias, adapter_name, r, lora_alpha, lora_dropout, use_rslora, init_lora_weights,
+                              sparse_density, sparse_block_size, sparse_selection, use_dora, lora_bias)
+        except BaseException:  # a refused adapter (PiSSA's r above min(out, in), ...): the caller's module as it was
+            for p, flag in flags:
+                p.requires_grad_(flag)
+            raise
+
+    def _setup_layer(self, weight, bias, adapter_name, r, lora_alpha, lora_dropout, use_rslora, init_lora_weights,
+                     sparse_density, sparse_block_size, sparse_selection, use_dora, lora_bias):
         self._init_base(weight, bias)
         self.lora_A_adapters = nn.ParameterDict()
         self.lora_B_adapters = nn.ParameterDict()
@@ -1712,8 +1723,9 @@ def base_rewriting_reason(module: nn.Module, r: int, init_lora_weights, sparse_d
                 "initialization' on convolutions); exclude it")
     if is_quantized(module) or isinstance(module, QLoRALinear):
         return (f"{what} on a bitsandbytes {type(getattr(module, 'base_layer', module)).__name__} base: the factors "
-                "come from a floating-point W (PEFT refuses PiSSA on a quantized weight); initialise on the "
-                "floating-point model, save its residual (fastpeft.unload), quantize that, and load the adapter on it")
+                "come from a floating-point W (PEFT refuses PiSSA on a quantized weight; its OLoRA requantizes the "
+                "residual, which fastpeft does not offer); initialise on the floating-point model, save its residual "
+                "(fastpeft.unload), quantize that, and load the adapter on it")
     if sparse_density:
         return (f"{what} beside a sparse delta (RoSA, sparse_density={sparse_density!r}): not offered; use one of "
                 "the two")

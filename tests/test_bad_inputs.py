@@ -1762,11 +1762,22 @@ PISSA_CASES = [
         ("adapter_model.safetensors",), _lora_model),
     Bad("save_adapter-conversion-initial-of-another-rank", lambda m: _converted_with(m, lambda d: fastpeft.save_adapter(
         fastpeft.inject(_toy(), LoraConfig(r=2, target_modules=["q_proj", "v_proj"])), d)), ValueError,
-        ("path_initial_model_for_weight_conversion", "lora_A.weight is of shape (2,", "(4,",
+        ("path_initial_model_for_weight_conversion", "initial adapter has r=2", "'default' r=4",
          "saved right after it was made"), _lora_model),
+    Bad("save_adapter-conversion-initial-of-another-alpha", lambda m: _converted_with(
+        m, lambda d: fastpeft.save_adapter(fastpeft.inject(_toy(), LoraConfig(
+            r=4, lora_alpha=32, target_modules=["q_proj", "v_proj"])), d)), ValueError,
+        ("path_initial_model_for_weight_conversion", "initial adapter has lora_alpha=32", "'default' lora_alpha=8"),
+        _lora_model),
+    Bad("save_adapter-conversion-initial-with-an-extra-layer", lambda m: _converted_with(
+        m, lambda d: fastpeft.save_adapter(fastpeft.inject(_toy(), LoraConfig(
+            r=4, lora_alpha=8, target_modules=["q_proj", "v_proj", "k_proj"])), d)), ValueError,
+        ("path_initial_model_for_weight_conversion", "k_proj.lora_A.weight", "which adapter 'default' does not"),
+        _lora_model),
     Bad("save_adapter-conversion-initial-missing-a-layer", lambda m: _converted_with(m, lambda d: fastpeft.save_adapter(
         fastpeft.inject(_toy(), LoraConfig(r=4, target_modules=["q_proj"])), d)), ValueError,
-        ("path_initial_model_for_weight_conversion", "v_proj.lora_A.weight is missing"), _lora_model),
+        ("path_initial_model_for_weight_conversion", "v_proj.lora_A.weight is missing"),
+        _lora_model),
     Bad("save_adapter-conversion-bitfit", lambda m: _converted_with(m, lambda d: None), ValueError,
         ("path_initial_model_for_weight_conversion", "BITFIT", "only LoRA adapters convert"),
         lambda: fastpeft.inject(_toy(), BitFitConfig())),

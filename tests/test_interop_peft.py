@@ -427,7 +427,7 @@ def test_peft_orthogonal_init_adapters_load_and_weight_tying_files_are_named(tmp
         assert_outputs_match(fm(x), pm(x), base(x))
     cfg_path = tmp_path / "orth" / "adapter_config.json"
     for edit, words in ((dict(ensure_weight_tying=True, modules_to_save=["head"]), "ensure_weight_tying"),
-                        (dict(init_lora_weights="pissa"), "init_lora_weights='pissa'")):
+                        (dict(init_lora_weights="pissa_niter_4"), "init_lora_weights='pissa_niter_4'")):
         cfg = json.loads(cfg_path.read_text())
         cfg.update(edit)
         cfg_path.write_text(json.dumps(cfg))

@@ -291,7 +291,9 @@ def _bad_adapters():
         "bad-json": (lambda d: (d / CONFIG_NAME).write_text("{r: 8") and d, ValueError, "not valid JSON"),
         "wrong-peft-type": (lambda d: _edit_config(d, peft_type="PREFIX_TUNING") or d, ValueError, "peft_type"),
         "dora": (lambda d: _edit_config(d, use_dora=True) or d, ValueError, "use_dora"),
-        "pissa": (lambda d: _edit_config(d, init_lora_weights="pissa") or d, ValueError, "init_lora_weights"),
+        # (a "pissa" / "olora" file loads: W - s B0 A0 computed again from W, as PEFT's load does; a randomized one not)
+        "pissa_niter": (lambda d: _edit_config(d, init_lora_weights="pissa_niter_4") or d, ValueError,
+                        "init_lora_weights='pissa_niter_4'.*randomized SVD"),
         # (lora_bias is read since 2026-12-02: a config saying so over a file without B's biases misses them)
         "lora_bias-without-biases": (lambda d: _edit_config(d, lora_bias=True) or d, ValueError,
                                      "missing keys.*lora_B.bias"),
@@ -322,6 +324,10 @@ def test_bad_adapter_raises_and_leaves_model_unchanged(tmp_path, case, into):
     d = make(_saved(tmp_path))
     model = _toy() if into == "fresh" else _trained(seed=9)
     snap = _snapshot(model)
+    if case == "pissa_niter" and into == "injected":  # into the model's own adapter of that name (a Trainer resume):
+        fastpeft.load_adapter(model, d)               # a plain load of its weights, whatever the init
+        assert fastpeft.lora_layers(model)["layers.0.attn.q_proj"].lora_A.abs().sum() > 0
+        return
     with pytest.raises(exc, match=msg):
         fastpeft.load_adapter(model, d)
     _assert_unchanged(model, snap)

@@ -5,6 +5,7 @@ A model prepared by ``fastpeft.inject`` saves adapter-only checkpoints (PEFT's f
 run resumed from one follows the loss curve of an uninterrupted run.
 """
 import copy
+import json
 import os
 
 import pytest
@@ -146,8 +147,11 @@ def losses(trainer):
     return [h["loss"] for h in trainer.state.log_history if "loss" in h]
 
 
-def test_trainer_checkpoints_hold_adapters_and_resume_follows_the_same_curve(base, tmp_path):
-    full = trainer_for(injected(base), tmp_path / "full", eval_strategy="steps", eval_steps=1,
+@pytest.mark.parametrize("init", [False, "pissa"])
+def test_trainer_checkpoints_hold_adapters_and_resume_follows_the_same_curve(base, tmp_path, init):
+    """Also for a PiSSA adapter (its file's config says "pissa"; loading it into the model's adapter of that name at
+    resume and at load_best_model_at_end is a plain load: before 2026-12-02's review both raised)."""
+    full = trainer_for(injected(base, init_lora_weights=init), tmp_path / "full", eval_strategy="steps", eval_steps=1,
                        load_best_model_at_end=True, metric_for_best_model="loss")
     full.train()
     curve = losses(full)
@@ -156,11 +160,13 @@ def test_trainer_checkpoints_hold_adapters_and_resume_follows_the_same_curve(bas
     files = set(os.listdir(ckpt))
     assert {"adapter_config.json", "adapter_model.safetensors", "model.safetensors"} <= files
     assert len(load_file(ckpt / "model.safetensors")) == 8  # the adapter: no base weight in the checkpoint
+    assert json.loads((ckpt / "adapter_config.json").read_text())["init_lora_weights"] == init
     best = load_file(tmp_path / "full" / full.state.best_model_checkpoint.rsplit("/", 1)[-1] / "model.safetensors")
     layer = fastpeft.lora_layers(full.model)["model.layers.0.self_attn.q_proj"]
     assert torch.equal(layer.lora_A, best["base_model.model.model.layers.0.self_attn.q_proj.lora_A.weight"])
 
-    resumed = trainer_for(injected(base, seed=11), tmp_path / "full")  # other initial adapter weights
+    resumed = trainer_for(injected(base, seed=11, init_lora_weights=init), tmp_path / "full")  # other draws (PiSSA:
+    # none; its residual, W - s B0 A0 from the exact SVD, is the first model's)
     resumed.train(resume_from_checkpoint=str(ckpt))
     after = losses(resumed)  # step 1's loss comes back with the checkpoint's trainer state, step 2's is new
     assert len(after) == 2 and after[0] == curve[0], resumed.state.log_history
