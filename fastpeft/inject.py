@@ -1175,7 +1175,7 @@ class LoraMethod(Method):
                                  "adapter trained on W - s B0 A0 with B0, A0 from a randomized SVD, which cannot be "
                                  "drawn again; load it saved as plain LoRA (save_adapter / save_pretrained with "
                                  "path_initial_model_for_weight_conversion), or onto the residual model (fastpeft."
-                                 "unload) with init_lora_weights set to true in its config, as PEFT's example does")
+                                 "unload) with load_adapter(..., residual=True)")
             _check_rewritable(model, config, plan)  # "pissa" / "olora": W - s B0 A0 computed again, as PEFT's load
         _check_dora_file(config, weights, directory)
         sparse = _take_sparse(model, config.sparse, plan, weights, directory)

@@ -9,6 +9,7 @@ and every shape before the model is touched, and never unpickle anything.
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import json
 import os
 import re
@@ -374,7 +375,7 @@ def adapter_folder(source, revision: str | None = None, subfolder: str | None = 
 
 def load_adapter(model: nn.Module, directory, adapter_name: str = "default", trainable: bool = True,
                  autocast_adapter_dtype: bool = True, revision: str | None = None,
-                 subfolder: str | None = None) -> nn.Module:
+                 subfolder: str | None = None, residual: bool = False) -> nn.Module:
     """Load a PEFT-format adapter from ``directory`` into ``model`` as ``adapter_name``; returns ``model``.
     ``directory``: a local folder, or a Hugging Face Hub repo id (``owner/name``; ``revision``, ``subfolder`` as in
     PEFT's ``from_pretrained``), downloaded to the Hub cache first (``adapter_folder``).
@@ -388,6 +389,11 @@ def load_adapter(model: nn.Module, directory, adapter_name: str = "default", tra
     PEFT's ``from_pretrained`` gives). The config, every key and every shape are checked before the model changes.
     ``autocast_adapter_dtype`` as ``inject``'s (a new adapter on a bf16 / fp16 base gets fp32 factors, as PEFT's
     ``from_pretrained`` gives).
+
+    A PiSSA / OLoRA file (``init_lora_weights`` "pissa" / "olora") onto a model without that adapter computes
+    W - s B0 A0 from the model's W again, as PEFT's load does; ``residual=True`` says the model's weights are that
+    residual already (saved after ``fastpeft.unload``, possibly quantized since: QPiSSA) and loads the adapter as plain
+    LoRA on them (PEFT's example sets ``init_lora_weights=True`` in the file for this).
     """
     check_adapter_name(adapter_name)
     check_bool(trainable, "trainable")
@@ -396,8 +402,16 @@ def load_adapter(model: nn.Module, directory, adapter_name: str = "default", tra
     if sharded:
         raise ValueError(f"load_adapter: the model's parameters {few(sharded)} are sharded DTensors (FSDP2 "
                          "fully_shard, tensor parallel): load adapters before sharding")
+    check_bool(residual, "residual")
     directory = adapter_folder(directory, revision, subfolder)
     config = read_adapter_config(directory)
+    if residual:
+        init = getattr(config, "init_lora_weights", None)
+        if base_rewriting_init(init) is None:
+            raise ValueError(f"residual=True, but the adapter in {directory!r} was made with init_lora_weights="
+                             f"{init!r}: only PiSSA / OLoRA adapters ('pissa', 'pissa_niter_<n>', 'olora') sit on a "
+                             "residual base; load this one without residual=True")
+        config = dataclasses.replace(config, init_lora_weights=True)
     method = method_for(config)
     weights = read_adapter_weights(directory, method.file_prefix)
     configs = adapter_configs(model)

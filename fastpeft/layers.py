@@ -1725,7 +1725,7 @@ def base_rewriting_reason(module: nn.Module, r: int, init_lora_weights, sparse_d
         return (f"{what} on a bitsandbytes {type(getattr(module, 'base_layer', module)).__name__} base: the factors "
                 "come from a floating-point W (PEFT refuses PiSSA on a quantized weight; its OLoRA requantizes the "
                 "residual, which fastpeft does not offer); initialise on the floating-point model, save its residual "
-                "(fastpeft.unload), quantize that, and load the adapter on it")
+                "(fastpeft.unload), quantize that, and load the adapter on it with load_adapter(..., residual=True)")
     if sparse_density:
         return (f"{what} beside a sparse delta (RoSA, sparse_density={sparse_density!r}): not offered; use one of "
                 "the two")

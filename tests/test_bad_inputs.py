@@ -1726,6 +1726,13 @@ def _converted_with(model, initial: Optional[Callable] = None, adapter_name="def
                               path_initial_model_for_weight_conversion=os.path.join(tmp, "init"))
 
 
+def _loaded_with_residual(model):
+    import tempfile
+    with tempfile.TemporaryDirectory() as tmp:
+        fastpeft.save_adapter(_lora_model(), tmp)
+        fastpeft.load_adapter(model, tmp, residual=True)
+
+
 PISSA_CASES = [
     Bad("LoraConfig-init-pissa_niter-no-number", lambda _: LoraConfig(init_lora_weights="pissa_niter_"), ValueError,
         ("init_lora_weights", "'pissa_niter_'", "'pissa_niter_<n>'")),
@@ -1781,6 +1788,10 @@ PISSA_CASES = [
     Bad("save_adapter-conversion-bitfit", lambda m: _converted_with(m, lambda d: None), ValueError,
         ("path_initial_model_for_weight_conversion", "BITFIT", "only LoRA adapters convert"),
         lambda: fastpeft.inject(_toy(), BitFitConfig())),
+    Bad("load_adapter-residual-str", lambda m: fastpeft.load_adapter(m, "/nonexistent", residual="yes"), TypeError,
+        ("residual", "bool", "str"), _toy),
+    Bad("load_adapter-residual-for-a-plain-LoRA-file", lambda m: _loaded_with_residual(m), ValueError,
+        ("residual=True", "init_lora_weights=True", "only PiSSA / OLoRA adapters"), _toy),
     Bad("unload-a-bottleneck-adapter", lambda m: fastpeft.unload(m), ValueError,
         ("unload", "AdapterConfig", "delete_adapter"),
         lambda: fastpeft.inject(_toy(), AdapterConfig(bottleneck_dim=4, target_modules=["q_proj"]))),

