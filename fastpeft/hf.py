@@ -381,7 +381,7 @@ def to_peft(model: nn.Module):
     _check_tied_token_adapters(model, {n: configs[n].trainable_token_indices for n in tokens})
     was_training = model.training
     with tempfile.TemporaryDirectory(prefix="fastpeft-to-peft-") as tmp:
-        dirs = {}
+        dirs, rewritten = {}, {}
         for name in names:
             dirs[name] = os.path.join(tmp, name)
             save_adapter(model, dirs[name], name, is_main_process=True)  # (every rank: its own temporary folder)
@@ -390,6 +390,7 @@ def to_peft(model: nn.Module):
                 raw = json.load(f)
             if base_rewriting_init(raw.get("init_lora_weights")) is not None:
                 # PiSSA / OLoRA: the base weights are the residual already; PEFT would factor and subtract again
+                rewritten[name] = raw["init_lora_weights"]
                 with open(config_path, "w") as f:
                     json.dump(dict(raw, init_lora_weights=True), f)
             config = read_adapter_config(dirs[name])
@@ -422,6 +423,8 @@ def to_peft(model: nn.Module):
             for name in names:
                 if name != active:
                     peft_model.load_adapter(dirs[name], adapter_name=name, is_trainable=False)
+            for name, init in rewritten.items():  # PEFT's config as get_peft_model keeps it: its save writes "pissa",
+                peft_model.peft_config[name].init_lora_weights = init  # which then loads on the original model
         except BaseException:
             for path, m in swapped:
                 _set_submodule(model, path, m)

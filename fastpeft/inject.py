@@ -1884,14 +1884,17 @@ def add_weighted_adapter(model: nn.Module, adapters: list, weights: list, adapte
     config = replace(first, r=rank, lora_alpha=rank, target_modules=sorted(layers), exclude_modules=None,
                      rank_pattern={}, alpha_pattern={}, modules_to_save=None, trainable_token_indices=None,
                      layers_to_transform=None, layers_pattern=None, task_type=None, inference_mode=False)
-    if base_rewriting_init(config.init_lora_weights) is not None:  # (PiSSA / OLoRA would rewrite W a second time;
-        config = replace(config, init_lora_weights=True)           # PEFT's does: its base then changes)
+    rewriting = base_rewriting_init(config.init_lora_weights) is not None
+    if rewriting:  # (PiSSA / OLoRA would rewrite W a second time; PEFT's does: its base then changes)
+        config = replace(config, init_lora_weights=True)
     how = (combination_type, rank, svd_clamp, density, majority_sign_method)
     random = combination_type.startswith("dare")
     devices = sorted({p.device.index or 0 for m in layers.values() for p in m.parameters() if p.device.type == "cuda"})
     with torch.random.fork_rng(devices=devices) if random else contextlib.nullcontext():  # (a check: no draw kept)
         factors = {n: _padded(*_combined(m, adapters, weights, *how), rank, n) for n, m in layers.items()}
     inject(model, config, adapter_name, activate=False)
+    if rewriting:  # the new adapter sits on the same residual: its config says so (a file then loads as the source's)
+        peft_state(model).adapters[adapter_name] = replace(config, init_lora_weights=first.init_lora_weights)
     if random:  # drawn again after the new adapter's initial draws, layer by layer, as PEFT draws them
         factors = {n: _padded(*_combined(m, adapters, weights, *how), rank, n) for n, m in layers.items()}
     with torch.no_grad():

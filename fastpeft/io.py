@@ -277,10 +277,11 @@ def _converted_to_lora(config_json: dict, tensors: dict, initial, prefix: str, a
         raise ValueError(f"{where}: the initial adapter has {few(extra)}, which adapter {adapter_name!r} does not; "
                          "that folder must hold this adapter as saved right after it was made")
     out = dict(tensors)
-    if base_rewriting_init(init) is not None:  # a saved base weight (an untied head's) is the residual: left out,
-        for key in tensors:                    # so the file goes on the original weights (PEFT's file drops it too)
-            if key.endswith(".base_layer.weight") and key[:-len("base_layer.weight")] + "lora_A.weight" in tensors:
-                del out[key]
+    for key in tensors:  # a target's saved base weight (an untied head's) is the model's W, the residual after PiSSA
+        # (also where the config no longer says so: residual=True): left out, so that the file goes on the original
+        # weights, as PEFT's conversion leaves it out
+        if key.endswith(".base_layer.weight") and key[:-len("base_layer.weight")] + "lora_A.weight" in tensors:
+            del out[key]
     for key, t in tensors.items():
         k = key[len(prefix):] if key.startswith(prefix) else key
         factor = re.search(r"\.(lora_A|lora_B|lora_embedding_A|lora_embedding_B)(\.weight)?$", k)
@@ -424,6 +425,9 @@ def load_adapter(model: nn.Module, directory, adapter_name: str = "default", tra
     if adapter_name in configs:
         state = peft_state(model)
         method.reload(model, config, adapter_name, plan, state)
+        held = getattr(configs[adapter_name], "init_lora_weights", None)
+        if held is not None and getattr(config, "init_lora_weights", None) != held:  # weights into the model's own
+            config = dataclasses.replace(config, init_lora_weights=held)  # adapter: its init (what its base is) stays
         state.adapters[adapter_name] = config
     else:
         before = list(model.modules())  # (held: no module's id is reused by the new ones)

@@ -525,3 +525,54 @@ def _plain(tmp_path, base):
     model = fastpeft.inject(copy.deepcopy(base), LoraConfig(r=2, target_modules=TARGETS))
     fastpeft.save_adapter(model, tmp_path / "plain")
     return tmp_path / "plain"
+
+
+def _perturbed(model):
+    with torch.no_grad():
+        for p in model.parameters():
+            if p.requires_grad:
+                p.add_(0.05 * torch.randn_like(p))
+        return model(IDS).logits
+
+
+def test_files_made_after_residual_to_peft_reload_and_weighted_adapters_go_on_the_original(tmp_path):
+    """From the third review: each route keeps the file's statement about the base true, so that every file below,
+    loaded on the ORIGINAL model (fastpeft and PEFT), gives the model that saved it."""
+    base = _llama()
+    cfg = LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj", "lm_head"], init_lora_weights="pissa")
+    torch.manual_seed(1)
+    model = fastpeft.inject(copy.deepcopy(base), cfg)
+    fastpeft.save_adapter(model, tmp_path / "init")
+
+    def on_original(folder, want):
+        for loaded in (fastpeft.load_adapter(copy.deepcopy(base), folder),
+                       peft.PeftModel.from_pretrained(copy.deepcopy(base), folder)):
+            with torch.no_grad():
+                _close(loaded.eval()(IDS).logits, want)
+
+    # residual=True (QPiSSA's load) then the conversion: the head's saved base weight (the residual) left out
+    res = fastpeft.load_adapter(fastpeft.unload(copy.deepcopy(model)), tmp_path / "init", residual=True)
+    want = _perturbed(res)
+    fastpeft.save_adapter(res, tmp_path / "conv", path_initial_model_for_weight_conversion=tmp_path / "init")
+    on_original(tmp_path / "conv", want)
+    # to_peft: PEFT's config keeps "pissa" (its own save then loads on the original model)
+    want = _perturbed(model)
+    pm = fastpeft.to_peft(copy.deepcopy(model))
+    assert pm.peft_config["default"].init_lora_weights == "pissa"
+    pm.save_pretrained(tmp_path / "peft")
+    on_original(tmp_path / "peft", want)
+    # a PiSSA file into a plain adapter of that name: the model's init (what its base is) stays
+    plain = fastpeft.inject(copy.deepcopy(base), LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj", "lm_head"]))
+    fastpeft.save_adapter(model, tmp_path / "trained")
+    fastpeft.load_adapter(plain, tmp_path / "trained")
+    fastpeft.save_adapter(plain, tmp_path / "again")
+    assert json.loads((tmp_path / "again" / "adapter_config.json").read_text())["init_lora_weights"] is True
+    # add_weighted_adapter over a PiSSA adapter: the combination sits on the same residual, its config says "pissa"
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        fastpeft.add_weighted_adapter(model, ["default"], [0.5], "halved", combination_type="cat")
+    fastpeft.set_adapter(model, "halved")
+    with torch.no_grad():
+        want = model(IDS).logits
+    fastpeft.save_adapter(model, tmp_path / "halved", adapter_name="halved")
+    on_original(tmp_path / "halved", want)
