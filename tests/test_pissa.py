@@ -240,11 +240,7 @@ def test_conversion_covers_embeddings_and_plain_lora(tmp_path):
                                                                 target_modules=["embed_tokens", "q_proj"]))
         d = tmp_path / str(init)
         fastpeft.save_adapter(model, d / "init")
-        with torch.no_grad():
-            for p in model.parameters():
-                if p.requires_grad:
-                    p.add_(0.05 * torch.randn_like(p))
-            want = model(IDS).logits
+        want = _perturbed(model)
         fastpeft.save_adapter(model, d / "conv", path_initial_model_for_weight_conversion=d / "init")
         cfg = json.loads((d / "conv" / "adapter_config.json").read_text())
         assert cfg["r"] == 8 and cfg["lora_alpha"] == 16 and cfg["init_lora_weights"] is True
@@ -315,11 +311,7 @@ def test_a_pissa_file_loads_on_the_original_model_as_peft_loads_it(tmp_path, ini
     base = _llama()
     torch.manual_seed(1)
     model = fastpeft.inject(copy.deepcopy(base), LoraConfig(r=4, target_modules=TARGETS, init_lora_weights=init))
-    with torch.no_grad():
-        for p in model.parameters():
-            if p.requires_grad:
-                p.add_(0.05 * torch.randn_like(p))
-        want = model(IDS).logits
+    want = _perturbed(model)
     fastpeft.save_adapter(model, tmp_path / "a")
     if init == "pissa_niter_2":
         fresh = copy.deepcopy(base)
@@ -353,11 +345,7 @@ def test_files_unload_merge_and_to_peft(tmp_path):
     base = _llama()
     torch.manual_seed(1)
     model = fastpeft.inject(copy.deepcopy(base), LoraConfig(r=4, target_modules=TARGETS, init_lora_weights="olora"))
-    with torch.no_grad():
-        for p in model.parameters():
-            if p.requires_grad:
-                p.add_(0.05 * torch.randn_like(p))
-        want = model(IDS).logits
+    want = _perturbed(model)
     fastpeft.save_adapter(model, tmp_path / "olora")
     assert json.loads((tmp_path / "olora" / "adapter_config.json").read_text())["init_lora_weights"] == "olora"
     # PEFT's file, as PEFT writes it; on the original model the load computes W - s B0 A0 again (QR and exact SVD are
