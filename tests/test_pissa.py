@@ -564,3 +564,21 @@ def test_files_made_after_residual_to_peft_reload_and_weighted_adapters_go_on_th
         want = model(IDS).logits
     fastpeft.save_adapter(model, tmp_path / "halved", adapter_name="halved")
     on_original(tmp_path / "halved", want)
+
+
+def test_accelerate_runs_a_peft_pissa_model():
+    """A PeftModel made with PiSSA (PEFT rewrote W): fastpeft.accelerate computes its layers, outputs and gradients
+    PEFT's."""
+    base = _llama()
+    torch.manual_seed(1)
+    theirs = peft.get_peft_model(copy.deepcopy(base), peft.LoraConfig(r=4, target_modules=TARGETS,
+                                                                      init_lora_weights="pissa_niter_2"))
+    fast = copy.deepcopy(theirs)
+    report = fastpeft.accelerate(fast, strict=True)
+    assert "6 of 6" in str(report)
+    want_logits, want = loss_step(theirs, IDS, lambda n: n if "lora_" in n else None)
+    got_logits, got = loss_step(fast, IDS, lambda n: n if "lora_" in n else None)
+    _close(got_logits, want_logits)
+    assert got.keys() == want.keys() and got
+    for k in want:
+        _close(got[k], want[k])
