@@ -200,7 +200,8 @@ def _save_pretrained(self, save_directory, state_dict=None, is_main_process=True
     still gathered, so every rank of an FSDP2 job may call it). selected_adapters: the adapters to write
     (default: all). ``path_initial_model_for_weight_conversion`` (PEFT's): each adapter written as plain LoRA on the
     original weights (``fastpeft.save_adapter``). Other keyword arguments of ``PreTrainedModel.save_pretrained``
-    (``safe_serialization``, ``max_shard_size``, ...) are accepted and have no effect: the files are always safetensors, one each.
+    (``safe_serialization``, ``max_shard_size``, ...) are accepted and have no effect: the files are always
+    safetensors, one each.
     """
     names = adapter_names(self)
     if not names:

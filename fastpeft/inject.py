@@ -886,14 +886,15 @@ def _check_rewritable(model: nn.Module, config, plan: LoraPlan) -> None:
     (``base_rewriting_reason``; a weight tied to another parameter refused: rewriting it would change that one too)."""
     if base_rewriting_init(config.init_lora_weights) is None:
         return
+    rewritten = {}  # the targets whose W is rewritten (an embedding takes PEFT's plain init)
     for name, t in plan.targets.items():
         if t is not None and name not in plan.params:
-            why = base_rewriting_reason(model.get_submodule(name), t[0], config.init_lora_weights,
-                                        config.sparse_density)
+            module = model.get_submodule(name)
+            why = base_rewriting_reason(module, t[0], config.init_lora_weights, config.sparse_density)
             if why is not None:
                 raise ValueError(f"target_modules matched {name!r}: {why}")
-    rewritten = {n: model.get_submodule(n) for n, t in plan.targets.items() if t is not None
-                 and n not in plan.params and not isinstance(model.get_submodule(n), (nn.Embedding, FastLoRAEmbedding))}
+            if not isinstance(module, (nn.Embedding, FastLoRAEmbedding)):
+                rewritten[name] = module
     tied = _tied_weights(model, rewritten)
     if tied:  # PEFT rewrites the shared W: the tied input embeddings would change too
         name = next(iter(tied))
@@ -2174,8 +2175,7 @@ def merge_and_unload(model: nn.Module, dequantize: bool = False) -> nn.Module:
     first, so the other keeps that merge's rounding).
     """
     check_bool(dequantize, "dequantize")
-    unfoldable = [f"{n!r} ({type(c).__name__})" for n, c in adapter_configs(model).items()
-                  if _in_model(c) and not method_for(c).mergeable]
+    unfoldable = _unfoldable(model)
     if unfoldable:
         raise ValueError(f"merge_and_unload: adapter {', '.join(unfoldable)} does not fold into the base weights (a "
                          "prompt or bottleneck adapter computes something no weight holds); fastpeft.delete_adapter "
@@ -2230,6 +2230,13 @@ def merge_and_unload(model: nn.Module, dequantize: bool = False) -> nn.Module:
     return model
 
 
+def _unfoldable(model: nn.Module) -> list:
+    """``"'name' (ConfigType)"`` of the model's adapters that no layer wrapping a base module holds (prompt tuning,
+    bottleneck adapters): neither merge_and_unload nor unload can take them out."""
+    return [f"{n!r} ({type(c).__name__})" for n, c in adapter_configs(model).items()
+            if _in_model(c) and not method_for(c).mergeable]
+
+
 def unload(model: nn.Module) -> nn.Module:
     """PEFT's ``unload()``: the base modules back in every adapter layer's place, nothing merged; returns ``model``.
 
@@ -2241,8 +2248,7 @@ def unload(model: nn.Module) -> nn.Module:
     replaces. Where a trained modules_to_save copy replaces a weight tied to another module, ``tie_word_embeddings``
     becomes False (warned; PEFT's unload leaves it True, and a later ``tie_weights()`` would silently put the
     embeddings in the trained head's place)."""
-    unfoldable = [f"{n!r} ({type(c).__name__})" for n, c in adapter_configs(model).items()
-                  if _in_model(c) and not method_for(c).mergeable]
+    unfoldable = _unfoldable(model)
     if unfoldable:
         raise ValueError(f"unload: adapter {', '.join(unfoldable)} is no layer wrapping a base module (a prompt or "
                          "bottleneck adapter); fastpeft.delete_adapter takes it out")

@@ -187,8 +187,9 @@ def save_adapter(model: nn.Module, directory, adapter_name: str = "default", is_
     with PiSSA / OLoRA trains on the residual W - s B0 A0, and [A; A0], [B, -B0] (r and alpha doubled; with rslora
     alpha times √2, so s stays) give (W - s B0 A0) + s B A = W + s [B, -B0] [A; A0] on W itself. Any LoRA adapter
     converts so: to its change since the initial adapter, which is the adapter itself under PEFT's default init
-    (B0 = 0), and is warned of for the other inits (PEFT's warning). PEFT's file keys, config and tensors (tested); PEFT's own
-    conversion (0.21) leaves DoRA magnitudes and embedding factors out of the file, so its output differs there.
+    (B0 = 0), and is warned of for the other inits (PEFT's warning). PEFT's file keys, config and factors (tested);
+    PEFT's own conversion (0.21) leaves DoRA magnitudes, embedding factors and modules_to_save copies out of its
+    file, so its output differs there.
     """
     write_adapter_files(*adapter_files(model, adapter_name, is_main_process, path_initial_model_for_weight_conversion),
                         directory)
@@ -243,6 +244,10 @@ def write_adapter_files(config_json: dict, tensors: dict, writes: bool, director
                                         CONFIG_NAME: write_config})
 
 
+# A LoRA factor's file key (group 1: lora_A / lora_B / lora_embedding_A / _B), or lora_B's bias (group 1 None)
+_FACTOR_KEY = re.compile(r"\.(lora_A|lora_B|lora_embedding_A|lora_embedding_B)(?:\.weight)?$|\.lora_B\.bias$")
+
+
 def _converted_to_lora(config_json: dict, tensors: dict, initial, prefix: str, adapter_name: str) -> tuple:
     """``(config, tensors)`` of a LoRA adapter's file as plain LoRA on the original base weights
     (``save_adapter``'s ``path_initial_model_for_weight_conversion``): every A / B concatenated with the initial
@@ -271,8 +276,7 @@ def _converted_to_lora(config_json: dict, tensors: dict, initial, prefix: str, a
         if (mine or None) != (theirs or None):  # (an absent or empty field is PEFT's default)
             raise ValueError(f"{where}: the initial adapter has {field}={theirs!r}, adapter {adapter_name!r} "
                              f"{field}={mine!r}; that folder must hold this adapter as saved right after it was made")
-    factors = re.compile(r"\.(lora_A|lora_B|lora_embedding_A|lora_embedding_B)(\.weight)?$|\.lora_B\.bias$")
-    extra = sorted(k for k in first if factors.search(k) and prefix + k not in tensors and k not in tensors)
+    extra = sorted(k for k in first if _FACTOR_KEY.search(k) and prefix + k not in tensors and k not in tensors)
     if extra:
         raise ValueError(f"{where}: the initial adapter has {few(extra)}, which adapter {adapter_name!r} does not; "
                          "that folder must hold this adapter as saved right after it was made")
@@ -284,16 +288,15 @@ def _converted_to_lora(config_json: dict, tensors: dict, initial, prefix: str, a
             del out[key]
     for key, t in tensors.items():
         k = key[len(prefix):] if key.startswith(prefix) else key
-        factor = re.search(r"\.(lora_A|lora_B|lora_embedding_A|lora_embedding_B)(\.weight)?$", k)
-        bias = k.endswith(".lora_B.bias")
-        if not (factor or bias) or key not in out:
+        factor = _FACTOR_KEY.search(k)
+        if factor is None or key not in out:
             continue
         if k not in first or tuple(first[k].shape) != tuple(t.shape):
             got = "missing" if k not in first else f"of shape {tuple(first[k].shape)}"
             raise ValueError(f"{where}: the initial adapter's {k} is {got}, where adapter {adapter_name!r} has "
                              f"{tuple(t.shape)}; that folder must hold this adapter as saved right after it was made")
         t0 = first[k].to(t.dtype)
-        if bias:
+        if factor.group(1) is None:  # lora_B's bias (lora_bias=True)
             out[key] = t - t0
         elif factor.group(1).endswith("A"):
             out[key] = torch.cat([t, t0], dim=0)

@@ -947,11 +947,9 @@ class FastLoRALinear(TunerLayer):
 
     def _rewrite_base(self, init_lora_weights: str, spec: AdapterSpec, a: nn.Parameter, b: nn.Parameter) -> None:
         """PiSSA / OLoRA (PEFT's ``pissa_init`` / ``olora_init``): A, B from W in fp32 (``base_rewriting_factors``),
-        then W ← W - s B A in place (rounded once to W's dtype; a tied Parameter changes with it, as in PEFT)."""
+        then W ← W - s B A in place (rounded once to W's dtype; a tied Parameter changes with it, as in PEFT). W's
+        dtype and r were checked by ``add_adapter`` (``base_rewriting_reason``)."""
         w = self._w()
-        if w.dtype not in (torch.float32, torch.float16, torch.bfloat16):
-            raise TypeError(f"init_lora_weights={init_lora_weights!r} needs an fp32 / fp16 / bf16 base weight (PEFT's "
-                            f"rule), got {w.dtype}")
         fa, fb, residual = base_rewriting_factors(w.float(), spec.r, spec.scaling, init_lora_weights)
         a.copy_(fa)
         b.copy_(fb)
