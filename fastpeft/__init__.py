@@ -3,8 +3,8 @@
 The public API (see the README's API table): ``lora_linear``, ``lora_linear_multi``, ``FastLoRALinear``,
 ``LoraConfig``, ``dora_linear``, ``inject``, ``set_adapter``, ``delete_adapter``, ``mixed_batch``, ``disable_adapter``,
 ``add_weighted_adapter``, ``trainable_parameters``, ``save_adapter``, ``load_adapter``, ``merge_and_unload``,
-``unload``, ``use_backend``; ``set_deterministic`` / ``deterministic()`` for bitwise reproducible runs; ``accelerate`` /
-``restore`` for existing PEFT models.
+``unload``, ``replace_lora_weights_loftq``, ``use_backend``; ``set_deterministic`` / ``deterministic()`` for bitwise
+reproducible runs; ``accelerate`` / ``restore`` for existing PEFT models.
 """
 from .accelerate import AccelerateReport, accelerate, restore
 from .hf import to_peft
@@ -14,6 +14,7 @@ from .inject import (LoraConfig, SparseDeltaConfig, active_adapter, add_weighted
                      disable_adapter, format_trainable_parameters, inject, lora_layers, merge_and_unload, mixed_batch,
                      print_trainable_parameters, select_by_gradients, set_adapter, sparse_layers, trainable_parameters,
                      unload)
+from .inject import replace_lora_weights_loftq  # LoftQ's adapters on a model loaded in 4 / 8 bits (PEFT's function)
 from .io import load_adapter, read_adapter_config, save_adapter
 from .kernels import deterministic, is_deterministic, set_deterministic
 from .layers import FastLoRALinear, ModulesToSaveWrapper, SparseDeltaLinear, TrainableTokensWrapper
@@ -42,4 +43,4 @@ __all__ = [
 ]
 __all__ += ["qlora_linear", "QLoRALinear", "FastLoRAEmbedding", "TrainableTokensWrapper", "disable_adapter",
             "add_weighted_adapter", "lora_experts", "lora_grouped_linear_ref", "lora_conv", "lora_conv_ref",
-            "FastLoRAConv", "dora_conv", "FastLoRAParameter"]
+            "FastLoRAConv", "dora_conv", "FastLoRAParameter", "replace_lora_weights_loftq"]

@@ -10,6 +10,7 @@ import math
 import operator
 import os
 import re
+import warnings
 
 import torch
 
@@ -81,14 +82,49 @@ def check_choice(v, choices: tuple, name: str):
 
 
 def base_rewriting_init(init_lora_weights) -> str | None:
-    """``"pissa"`` / ``"olora"`` for PEFT's inits that set A and B from the base weight W and leave the residual
-    W - s B A in W's place (``"pissa"``: W's top-r singular triplets, exact SVD; ``"pissa_niter_<n>"``: the same from
-    torch's randomized ``svd_lowrank`` with n subspace iterations; ``"olora"``: W's thin QR), else None."""
+    """``"pissa"`` / ``"olora"`` / ``"loftq"`` for PEFT's inits that set A and B from the base weight W and put
+    another weight in W's place (``"pissa"``: W's top-r singular triplets, exact SVD, and the residual W - s B A;
+    ``"pissa_niter_<n>"``: the same from torch's randomized ``svd_lowrank`` with n subspace iterations; ``"olora"``:
+    W's thin QR, and the residual; ``"loftq"``: the quantized W, and B A its quantization error's top-r part), else
+    None."""
     if not isinstance(init_lora_weights, str):
         return None
     if init_lora_weights == "pissa" or _PISSA_NITER.fullmatch(init_lora_weights):
         return "pissa"
+    if init_lora_weights == "loftq":
+        return "loftq"
     return "olora" if init_lora_weights.lower() == "olora" else None
+
+
+LOFTQ_DEFAULTS = {"loftq_bits": 4, "loftq_iter": 1}  # PEFT's LoftQConfig()
+
+
+def check_loftq_config(loftq_config, init_lora_weights) -> dict:
+    """PEFT's ``loftq_config`` (a dict or a ``peft.LoftQConfig``) checked: ``{"loftq_bits": 4 | 8, "loftq_iter": n >=
+    1}`` for ``init_lora_weights="loftq"`` (PEFT's rule: then it must be given), ``{}`` otherwise (one given there is
+    ignored, with PEFT's warning)."""
+    if loftq_config is not None and not isinstance(loftq_config, dict):
+        if type(loftq_config).__name__ != "LoftQConfig":
+            raise TypeError(f"loftq_config must be a dict or a peft.LoftQConfig, got {type(loftq_config).__name__}")
+        loftq_config = dict(vars(loftq_config))
+    if init_lora_weights != "loftq":
+        if loftq_config:
+            warnings.warn("loftq_config is given but will be ignored: init_lora_weights is not 'loftq' (PEFT's "
+                          "warning)", UserWarning, stacklevel=4)
+        return {}
+    if not loftq_config:
+        raise ValueError("init_lora_weights='loftq' needs loftq_config (PEFT's rule), e.g. {'loftq_bits': 4, "
+                         "'loftq_iter': 1} or peft.LoftQConfig(loftq_bits=4)")
+    unknown = sorted(set(loftq_config) - set(LOFTQ_DEFAULTS))
+    if unknown:
+        raise ValueError(f"loftq_config has unknown keys {unknown}; known: {sorted(LOFTQ_DEFAULTS)}")
+    out = {**LOFTQ_DEFAULTS, **loftq_config}
+    if out["loftq_bits"] not in (4, 8) or isinstance(out["loftq_bits"], bool):
+        raise ValueError(f"loftq_config['loftq_bits'] must be 4 (NF4) or 8 (int8), PEFT's choices, got "
+                         f"{out['loftq_bits']!r}")
+    if not isinstance(out["loftq_iter"], int) or isinstance(out["loftq_iter"], bool) or out["loftq_iter"] < 1:
+        raise ValueError(f"loftq_config['loftq_iter'] must be an int >= 1, got {out['loftq_iter']!r}")
+    return out
 
 
 _PISSA_NITER = re.compile(r"pissa_niter_\d+")
@@ -96,7 +132,7 @@ _PISSA_NITER = re.compile(r"pissa_niter_\d+")
 
 def check_init(init_lora_weights):
     """PEFT's plain inits: True (kaiming A, zero B), "gaussian", "orthogonal" (BA = 0), False (both random, for
-    tests); and its base-rewriting ones, "pissa", "pissa_niter_<n>" and "olora" (``base_rewriting_init``)."""
+    tests); and its base-rewriting ones, "pissa", "pissa_niter_<n>", "olora" and "loftq" (``base_rewriting_init``)."""
     if base_rewriting_init(init_lora_weights) is not None:
         return init_lora_weights
     if not any(init_lora_weights is c or init_lora_weights == c for c in INIT_CHOICES) \
@@ -104,7 +140,7 @@ def check_init(init_lora_weights):
         hint = (": 'eva' is PEFT's data-driven init (peft.initialize_lora_eva_weights over batches); its adapter files "
                 "load here (load_adapter)" if init_lora_weights == "eva" else "")
         raise ValueError(f"init_lora_weights must be one of {INIT_CHOICES} or 'pissa', 'pissa_niter_<n>', 'olora', "
-                         f"got {init_lora_weights!r}{hint}")
+                         f"'loftq', got {init_lora_weights!r}{hint}")
     return init_lora_weights
 
 

@@ -390,10 +390,10 @@ def to_peft(model: nn.Module):
             with open(config_path) as f:
                 raw = json.load(f)
             if base_rewriting_init(raw.get("init_lora_weights")) is not None:
-                # PiSSA / OLoRA: the base weights are the residual already; PEFT would factor and subtract again
-                rewritten[name] = raw["init_lora_weights"]
+                # PiSSA / OLoRA / LoftQ: the base weights are the residual (Q) already; PEFT would rewrite again
+                rewritten[name] = raw["init_lora_weights"], raw.get("loftq_config") or {}
                 with open(config_path, "w") as f:
-                    json.dump(dict(raw, init_lora_weights=True), f)
+                    json.dump(dict(raw, init_lora_weights=True, loftq_config={}), f)
             config = read_adapter_config(dirs[name])
             peft_type = raw.get("peft_type")
             if peft_type != "LORA" or getattr(config, "sparse_density", 0.0) > 0:
@@ -424,8 +424,9 @@ def to_peft(model: nn.Module):
             for name in names:
                 if name != active:
                     peft_model.load_adapter(dirs[name], adapter_name=name, is_trainable=False)
-            for name, init in rewritten.items():  # PEFT's config as get_peft_model keeps it: its save writes "pissa",
-                peft_model.peft_config[name].init_lora_weights = init  # which then loads on the original model
+            for name, (init, loftq) in rewritten.items():  # PEFT's config as get_peft_model keeps it: its save
+                peft_model.peft_config[name].init_lora_weights = init  # writes "pissa", which then loads on the
+                peft_model.peft_config[name].loftq_config = loftq      # original model
         except BaseException:
             for path, m in swapped:
                 _set_submodule(model, path, m)

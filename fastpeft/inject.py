@@ -9,6 +9,7 @@ LoRA (``LoraMethod``) and sparse deltas (``SparseDeltaMethod``) are answered her
 from __future__ import annotations
 
 import contextlib
+import json
 import math
 import os
 import re
@@ -21,19 +22,20 @@ import torch.nn as nn
 
 from ._checks import (base_rewriting_init, check_adapter_name, check_bool, check_choice, check_dora_options,
                       check_dropout, check_embedding, check_file_tensors, check_finite_number, check_init,
-                      check_layers, check_lora_bias, check_rank, check_sparse_delta, check_sparse_options,
-                      check_token_indices, few)
+                      check_layers, check_loftq_config, check_lora_bias, check_rank, check_sparse_delta,
+                      check_sparse_options, check_token_indices, few)
 from .layers import (FastLoRAConv, FastLoRAEmbedding, FastLoRAParameter, FastLoRALinear, ModulesToSaveWrapper,
                      QLoRALinear, SparseDeltaLinear, TrainableTokensWrapper, base_rewriting_reason, conv_reason,
-                     dilated, param_base, parameter_adapter_reason, parameter_layout, parameter_reason, rosa_spec,
-                     wrap_reason)
+                     dilated, loftq_error_factors, loftq_scaling_warning, param_base, parameter_adapter_reason,
+                     parameter_layout, parameter_reason, rosa_spec, wrap_reason)
 from .matching import (compile_pattern, default_targets, in_layers, input_embeddings, is_all_linear, is_bias, matches,
                        name_list, output_head, pattern_value, set_submodule)
 from .methods import METHODS as OTHER_METHODS
 from .methods import TASK_HEADS, ParameterMethod
 from .methods import Method
-from .quant import (QuantizedWeight, assign_merged_weight, base_kind, conv1d_class, dequantized_linear,
-                    foreign_quant_library, guard_repacked_layers, is_conv1d, is_quantized, merged_weight, peft_numel)
+from .quant import (QuantizedWeight, assign_merged_weight, base_kind, conv1d_class, dequantize_weight,
+                    dequantized_linear, foreign_quant_library, guard_repacked_layers, is_conv1d, is_quantized,
+                    merged_weight, peft_numel)
 from .selection import SparseSpec
 
 BIAS_CHOICES = ("none", "all", "lora_only")
@@ -70,6 +72,8 @@ class LoraConfig:
     # PEFT's: Parameters adapted in place, "<module>.<param>" (suffix match), 2-D or 3-D (a mixture of experts' expert
     # weights, computed by lora_experts on transformers' experts modules): FastLoRAParameter layers
     target_parameters: Optional[list] = None
+    # PEFT's: with init_lora_weights="loftq", {"loftq_bits": 4 | 8, "loftq_iter": n} (or a peft.LoftQConfig)
+    loftq_config: dict = field(default_factory=dict)
     peft_type = "LORA"
 
     def __post_init__(self):
@@ -105,6 +109,7 @@ class LoraConfig:
         check_bool(self.use_rslora, "use_rslora")
         check_dora_options(self.use_dora, self.sparse_density)
         check_init(self.init_lora_weights)
+        self.loftq_config = check_loftq_config(self.loftq_config, self.init_lora_weights)
         check_lora_bias(self.lora_bias, self.init_lora_weights, self.use_dora, self.sparse_density)
         check_choice(self.task_type, TASK_TYPES, "task_type")
         if self.modules_to_save is not None:
@@ -849,11 +854,11 @@ _UNSUPPORTED = ("layer_replication", "use_qalora", "alora_invocation_tokens",
 _CONFIG_FIELDS = ("r", "lora_alpha", "lora_dropout", "target_modules", "exclude_modules", "bias",
                   "use_rslora", "init_lora_weights", "modules_to_save", "rank_pattern", "alpha_pattern", "use_dora",
                   "task_type", "layers_to_transform", "layers_pattern", "trainable_token_indices", "lora_bias",
-                  "target_parameters")
+                  "target_parameters", "loftq_config")
 # fields of PEFT's LoraConfig that only describe (or only matter with a variant refused elsewhere: megatron, QA-LoRA,
 # an init that rewrites the base weights)
 _PEFT_METADATA = ("auto_mapping", "base_model_name_or_path", "peft_type", "peft_version", "revision", "megatron_core",
-                  "qalora_group_size", "eva_config", "loftq_config", "corda_config", "lora_ga_config", "runtime_config")
+                  "qalora_group_size", "eva_config", "corda_config", "lora_ga_config", "runtime_config")
 _TIED_NAMES = ("embed_tokens", "lm_head", "wte", "word_embeddings", "embed_in", "embed_out", "shared")
 
 
@@ -882,8 +887,9 @@ _SPARSE_LORA_FIELDS = ("sparse_density", "sparse_block_size", "sparse_selection"
 
 
 def _check_rewritable(model: nn.Module, config, plan: LoraPlan) -> None:
-    """PiSSA / OLoRA (a base-rewriting ``init_lora_weights``): every target of ``plan`` checked before any changes
-    (``base_rewriting_reason``; a weight tied to another parameter refused: rewriting it would change that one too)."""
+    """PiSSA / OLoRA / LoftQ (a base-rewriting ``init_lora_weights``): every target of ``plan`` checked before any
+    changes (``base_rewriting_reason``; a weight tied to another parameter refused: rewriting it would change that
+    one too)."""
     if base_rewriting_init(config.init_lora_weights) is None:
         return
     rewritten = {}  # the targets whose W is rewritten (an embedding takes PEFT's plain init)
@@ -899,20 +905,21 @@ def _check_rewritable(model: nn.Module, config, plan: LoraPlan) -> None:
     if tied:  # PEFT rewrites the shared W: the tied input embeddings would change too
         name = next(iter(tied))
         raise ValueError(f"target_modules matched {name!r}, whose weight is tied to {few(tied[name])}: "
-                         f"init_lora_weights={config.init_lora_weights!r} would leave W - s B A in both places, and "
-                         "the model would not start as its base; exclude it (or untie first)")
+                         f"init_lora_weights={config.init_lora_weights!r} would rewrite W in both places, and the "
+                         "model would not start as its base; exclude it (or untie first)")
 
 
 def _warn_rewritten_base(model: nn.Module, config, adapter_name: str) -> None:
-    """PEFT's warning when an adapter made with PiSSA / OLoRA (which rewrite the base weights) shares the model with
-    another adapter."""
+    """PEFT's warning when an adapter made with PiSSA / OLoRA / LoftQ (which rewrite the base weights) shares the model
+    with another adapter."""
     configs = {**adapter_configs(model), adapter_name: config}
     rewriting = [n for n, c in configs.items() if base_rewriting_init(getattr(c, "init_lora_weights", None))]
     if len(configs) > 1 and rewriting:
-        warnings.warn(f"adapters {rewriting} were made with PiSSA / OLoRA, which leave W - s B0 A0 in the base "
-                      f"weights' place: the model's other adapters ({[n for n in configs if n not in rewriting]}) "
-                      "sit on that residual, not on W. To combine such an adapter with others, save it as plain "
-                      "LoRA (save_adapter(..., path_initial_model_for_weight_conversion=...)) and load that on the "
+        others = [n for n in configs if n not in rewriting]
+        warnings.warn(f"adapters {rewriting} were made with PiSSA / OLoRA / LoftQ, which leave W - s B0 A0 (LoftQ: "
+                      f"the quantized W) in the base weights' place: the model's other adapters ({others}) sit on "
+                      "that, not on W. To combine a PiSSA / OLoRA adapter with others, save it as plain LoRA "
+                      "(save_adapter(..., path_initial_model_for_weight_conversion=...)) and load that on the "
                       "original model", UserWarning, stacklevel=4)
 
 
@@ -951,6 +958,8 @@ class LoraMethod(Method):
                   init_lora_weights=config.init_lora_weights, sparse_density=config.sparse_density,
                   sparse_block_size=config.sparse_block_size, sparse_selection=config.sparse_selection,
                   use_dora=config.use_dora, **(dict(lora_bias=True) if config.lora_bias else {}))
+        # (LoftQ's settings, to the linear layers only: it was refused on the others)
+        loftq = dict(loftq_config=config.loftq_config) if config.init_lora_weights == "loftq" else {}
         made = {}  # a Parameter's module name -> the FastLoRAParameter made on it so far (the innermost first)
         for name, (r, alpha) in plan.targets.items():
             if name in plan.params:  # PEFT's nesting, innermost first; a chain there already takes the adapter
@@ -969,7 +978,7 @@ class LoraMethod(Method):
                 continue
             module = model.get_submodule(name)
             if isinstance(module, FastLoRALinear):
-                module.add_adapter(adapter_name, r, alpha, **kw)
+                module.add_adapter(adapter_name, r, alpha, **kw, **loftq)
                 layer = module
             else:
                 if isinstance(module, nn.Embedding):  # plan_lora refused sparse deltas and lora_bias there
@@ -986,7 +995,8 @@ class LoraMethod(Method):
                     layer = FastLoRALinear.from_conv1d(module, r=r, lora_alpha=alpha, adapter_name=adapter_name,
                                                        **{k: v for k, v in kw.items() if not k.startswith("sparse_")})
                 else:
-                    layer = FastLoRALinear.from_linear(module, r=r, lora_alpha=alpha, adapter_name=adapter_name, **kw)
+                    layer = FastLoRALinear.from_linear(module, r=r, lora_alpha=alpha, adapter_name=adapter_name, **kw,
+                                                       **loftq)
                 layer.set_adapter(None)
                 if state.routing is not None:  # made inside a mixed_batch block: routed as the others
                     layer.set_routing(state.routing, state.rows_per_sequence)
@@ -1056,18 +1066,20 @@ class LoraMethod(Method):
                              "LoRA shared by tied embeddings and head is not supported here; PEFT loads this file")
         init = d.get("init_lora_weights", True)
         if init not in _LOADABLE_INITS and base_rewriting_init(init) is None:
-            # LoftQ, CorDA, LoRA-GA change the base weights at init from data or a quantizer fastpeft does not run
-            # again; MiCA freezes B (another training rule). Orthogonal and EVA only pick A and B: loaded as any LoRA.
-            # PiSSA / OLoRA: the load computes W - s B0 A0 again from W, as PEFT's does (check_load).
+            # CorDA, LoRA-GA change the base weights at init from data fastpeft does not have; MiCA freezes B
+            # (another training rule). Orthogonal and EVA only pick A and B: loaded as any LoRA. PiSSA / OLoRA /
+            # LoftQ: the load computes W - s B0 A0 (Q) again from W, as PEFT's does (check_load; LoftQ onto a
+            # quantized model: load_adapter loads it as plain LoRA).
             raise ValueError(f"init_lora_weights={init!r} in {path}: adapters initialised this way modify the "
                              "base weights (or train under another rule) and cannot be loaded onto the original model "
-                             f"here; loadable: {_LOADABLE_INITS}, 'pissa', 'olora'")
+                             f"here; loadable: {_LOADABLE_INITS}, 'pissa', 'olora', 'loftq'")
         kwargs = {k: d[k] for k in _CONFIG_FIELDS + _SPARSE_LORA_FIELDS if k in d and d[k] is not None}
         # The file's init, as PEFT's loaded config keeps it (an adapter made from the config, add_weighted_adapter's,
         # then draws PEFT's initial values), except EVA (not fastpeft's) and orthogonal (PEFT's own fails on a 4-bit
         # base, so such a file saved again would not load there): the default init instead.
         if init not in (True, False, "gaussian") and base_rewriting_init(init) is None:
             kwargs.pop("init_lora_weights", None)
+            kwargs.pop("loftq_config", None)
         return self.construct(kwargs, path)
 
     def _keys(self, model: nn.Module, config, adapter_name: str, layers: dict) -> dict:
@@ -1886,8 +1898,8 @@ def add_weighted_adapter(model: nn.Module, adapters: list, weights: list, adapte
                      rank_pattern={}, alpha_pattern={}, modules_to_save=None, trainable_token_indices=None,
                      layers_to_transform=None, layers_pattern=None, task_type=None, inference_mode=False)
     rewriting = base_rewriting_init(config.init_lora_weights) is not None
-    if rewriting:  # (PiSSA / OLoRA would rewrite W a second time; PEFT's does: its base then changes)
-        config = replace(config, init_lora_weights=True)
+    if rewriting:  # (PiSSA / OLoRA / LoftQ would rewrite W a second time; PEFT's does: its base then changes)
+        config = replace(config, init_lora_weights=True, loftq_config={})
     how = (combination_type, rank, svd_clamp, density, majority_sign_method)
     random = combination_type.startswith("dare")
     devices = sorted({p.device.index or 0 for m in layers.values() for p in m.parameters() if p.device.type == "cuda"})
@@ -1895,7 +1907,8 @@ def add_weighted_adapter(model: nn.Module, adapters: list, weights: list, adapte
         factors = {n: _padded(*_combined(m, adapters, weights, *how), rank, n) for n, m in layers.items()}
     inject(model, config, adapter_name, activate=False)
     if rewriting:  # the new adapter sits on the same residual: its config says so (a file then loads as the source's)
-        peft_state(model).adapters[adapter_name] = replace(config, init_lora_weights=first.init_lora_weights)
+        peft_state(model).adapters[adapter_name] = replace(config, init_lora_weights=first.init_lora_weights,
+                                                           loftq_config=first.loftq_config)
     if random:  # drawn again after the new adapter's initial draws, layer by layer, as PEFT draws them
         factors = {n: _padded(*_combined(m, adapters, weights, *how), rank, n) for n, m in layers.items()}
     with torch.no_grad():
@@ -2265,6 +2278,124 @@ def unload(model: nn.Module) -> nn.Module:
         elif isinstance(module, ModulesToSaveWrapper):
             set_submodule(model, name, module.active_module.train(module.training))
     model.__dict__.pop(_STATE, None)
+    return model
+
+
+class _CheckpointWeights:
+    """Tensors of a model's safetensors checkpoint (one file, or shards named by ``model.safetensors.index.json``), read
+    one at a time (PEFT's ``_SafetensorLoader``; ``model_path``: a folder, a ``.safetensors`` file, or None: the
+    model's ``name_or_path``, a folder or a Hub id already in the cache)."""
+
+    def __init__(self, model: nn.Module, model_path):
+        from safetensors import safe_open
+
+        where = model_path if model_path is not None else _model_name(model)
+        if where is None:
+            raise ValueError("replace_lora_weights_loftq: the model names no checkpoint (config.name_or_path); pass "
+                             "model_path, the folder or .safetensors file of its unquantized weights")
+        path = os.fspath(where)
+        if not os.path.exists(path) and model_path is None:
+            try:
+                from huggingface_hub import snapshot_download
+                path = snapshot_download(path, local_files_only=True)  # (PEFT's: the Hub cache only)
+            except Exception as e:
+                raise ValueError(f"replace_lora_weights_loftq: the model's checkpoint {where!r} is no folder here nor "
+                                 f"in the Hugging Face cache ({type(e).__name__}); pass model_path") from None
+        if os.path.isdir(path):
+            index = os.path.join(path, "model.safetensors.index.json")
+            if os.path.isfile(index):
+                with open(index) as f:
+                    files = {k: os.path.join(path, v) for k, v in json.load(f)["weight_map"].items()}
+            elif os.path.isfile(os.path.join(path, "model.safetensors")):
+                files = None
+                path = os.path.join(path, "model.safetensors")
+            else:
+                raise FileNotFoundError(f"replace_lora_weights_loftq: no model.safetensors (nor its shards' index) in "
+                                        f"{path!r}; LoftQ reads the unquantized weights from safetensors files")
+        elif os.path.isfile(path) and path.endswith(".safetensors"):
+            files = None
+        else:
+            raise FileNotFoundError(f"replace_lora_weights_loftq: model_path {path!r} is neither a folder nor a "
+                                    ".safetensors file")
+        if files is None:
+            with safe_open(path, framework="pt", device="cpu") as f:
+                files = dict.fromkeys(f.keys(), path)
+        self.files, self.open = files, safe_open
+        self.prefix = getattr(model, "base_model_prefix", "") or ""
+
+    def key(self, name: str) -> str:
+        """The checkpoint's key of module ``name``'s weight (also with the model's ``base_model_prefix`` added or
+        taken off, as checkpoints of a task model and its base differ by it)."""
+        p = self.prefix + "."
+        for k in (f"{name}.weight", f"{name[len(p):]}.weight" if name.startswith(p) else None, f"{p}{name}.weight"):
+            if k is not None and k in self.files:
+                return k
+        raise KeyError(name)
+
+    def shape(self, key: str) -> tuple:
+        with self.open(self.files[key], framework="pt", device="cpu") as f:
+            return tuple(f.get_slice(key).get_shape())
+
+    def get(self, key: str) -> torch.Tensor:
+        with self.open(self.files[key], framework="pt", device="cpu") as f:
+            return f.get_tensor(key)
+
+
+@torch.no_grad()
+def replace_lora_weights_loftq(model: nn.Module, model_path=None, adapter_name: str = "default", callback=None,
+                               progress: bool = True) -> nn.Module:
+    """PEFT's ``replace_lora_weights_loftq`` on a fastpeft model whose LoRA layers sit on bitsandbytes bases (a model
+    loaded in 4 or 8 bits, then ``inject``): each such layer's adapter ``adapter_name`` becomes LoftQ's, the top-r
+    part of W - Q (``loftq_error_factors``: B = U_r √S_r, A = √S_r V_rᵀ), with W the unquantized weight read from the
+    model's safetensors checkpoint one tensor at a time and Q the layer's own dequantized weight; returns ``model``.
+
+    ``model_path``: that checkpoint (a folder, its ``model.safetensors`` or sharded files, or None: the model's
+    ``name_or_path``). ``callback(model, name) -> bool``, called after each layer: False puts that layer's previous
+    A and B back (PEFT's: keep only what lowers the error on your inputs). As PEFT's, the scaling s = alpha / r is
+    not taken into account (warned where s != 1). Every layer's key and shape are checked before any changes. PEFT's
+    own runs on a CUDA / XPU card and on 4-bit layers only; this one runs where the layers are, 8-bit ones too."""
+    check_adapter_name(adapter_name)
+    if callback is not None and not callable(callback):
+        raise TypeError(f"callback must be callable (model, name) -> bool, got {type(callback).__name__}")
+    check_bool(progress, "progress")
+    layers = {n: m for n, m in lora_layers(model).items() if isinstance(m, QLoRALinear)
+              and adapter_name in m.adapter_names}
+    if not layers:
+        raise ValueError(f"replace_lora_weights_loftq: no LoRA layer of adapter {adapter_name!r} on a bitsandbytes "
+                         f"base in the model (adapters: {sorted(adapter_configs(model))}); load the model in 4 / 8 "
+                         "bits (transformers' BitsAndBytesConfig) and inject LoRA first")
+    merged = [n for n, m in layers.items() if m.merged]
+    if merged:
+        raise RuntimeError(f"replace_lora_weights_loftq: layers {few(merged)} have a merged adapter: unmerge first")
+    weights = _CheckpointWeights(model, model_path)
+    keys = {}
+    for name, m in layers.items():
+        try:
+            keys[name] = weights.key(name)
+        except KeyError:
+            raise ValueError(f"replace_lora_weights_loftq: the checkpoint has no weight of layer {name!r} (looked for "
+                             f"{name}.weight); is it this model's?") from None
+        shape = weights.shape(keys[name])
+        if shape != (m.out_features, m.in_features):
+            raise ValueError(f"replace_lora_weights_loftq: the checkpoint's {keys[name]} is {shape}, layer {name!r} "
+                             f"holds ({m.out_features}, {m.in_features})")
+    from tqdm.auto import tqdm
+
+    warned = set()
+    for name, m in tqdm(layers.items(), desc="LoftQ", unit="layer", disable=not progress or len(layers) < 8):
+        spec = m._spec_of(adapter_name)
+        if spec.scaling not in warned:
+            warned.add(spec.scaling)
+            loftq_scaling_warning(spec.scaling, f"replace_lora_weights_loftq, adapter {adapter_name!r}")
+        a, b = m.lora_A_adapters[adapter_name], m.lora_B_adapters[adapter_name]
+        q = dequantize_weight(m.quantized_weight()).float()
+        fa, fb = loftq_error_factors(weights.get(keys[name]).to(q.device, torch.float32) - q, spec.r)
+        before = (a.detach().clone(), b.detach().clone()) if callback is not None else None
+        a.copy_(fa)
+        b.copy_(fb)
+        if callback is not None and not callback(model, name):
+            a.copy_(before[0])
+            b.copy_(before[1])
     return model
 
 

@@ -23,6 +23,7 @@ import torch.nn as nn
 from ._checks import base_rewriting_init, check_adapter_name, check_bool, few
 from .inject import METHODS, LoraPlan, adapter_configs, check_known, inject, method_for, peft_state
 from .layers import param_base
+from .quant import is_quantized
 
 CONFIG_NAME = "adapter_config.json"
 WEIGHTS_NAME = "adapter_model.safetensors"
@@ -261,6 +262,10 @@ def _converted_to_lora(config_json: dict, tensors: dict, initial, prefix: str, a
         raise ValueError(f"{where}: adapter {adapter_name!r} adapts target_parameters, whose factors are laid out per "
                          "expert (r E): doubling r there is not offered")
     init = config_json.get("init_lora_weights", True)
+    if init == "loftq":
+        raise ValueError(f"{where}: adapter {adapter_name!r} was made with LoftQ, whose base is the quantized W, not "
+                         "the original W less a low-rank part: it does not convert to LoRA on the original weights "
+                         "(PEFT's conversion is for PiSSA / OLoRA); save it as it is and load it on the quantized base")
     if init is not True and base_rewriting_init(init) is None:  # (PEFT's warning)
         warnings.warn(f"{where}: adapter {adapter_name!r} was made with init_lora_weights={init!r}, which leaves the "
                       "base weights as they are: the file written holds its change since the initial adapter "
@@ -397,7 +402,10 @@ def load_adapter(model: nn.Module, directory, adapter_name: str = "default", tra
     A PiSSA / OLoRA file (``init_lora_weights`` "pissa" / "olora") onto a model without that adapter computes
     W - s B0 A0 from the model's W again, as PEFT's load does; ``residual=True`` says the model's weights are that
     residual already (saved after ``fastpeft.unload``, possibly quantized since: QPiSSA) and loads the adapter as plain
-    LoRA on them (PEFT's example sets ``init_lora_weights=True`` in the file for this).
+    LoRA on them (PEFT's example sets ``init_lora_weights=True`` in the file for this). A LoftQ file (``"loftq"``)
+    likewise quantizes the model's W again (Q; bitsandbytes' quantizers are deterministic) onto a floating-point model,
+    and loads as plain LoRA onto a model holding bitsandbytes layers (loaded in 4 / 8 bits: LoftQ's quantized base,
+    PEFT's intended use, where PEFT's own load would quantize again) or with ``residual=True``.
     """
     check_adapter_name(adapter_name)
     check_bool(trainable, "trainable")
@@ -409,13 +417,15 @@ def load_adapter(model: nn.Module, directory, adapter_name: str = "default", tra
     check_bool(residual, "residual")
     directory = adapter_folder(directory, revision, subfolder)
     config = read_adapter_config(directory)
+    init = getattr(config, "init_lora_weights", None)
+    if init == "loftq" and adapter_name not in adapter_configs(model) and any(map(is_quantized, model.modules())):
+        residual = True  # (a model in 4 / 8 bits: its weights are LoftQ's Q already)
     if residual:
-        init = getattr(config, "init_lora_weights", None)
         if base_rewriting_init(init) is None:
             raise ValueError(f"residual=True, but the adapter in {directory!r} was made with init_lora_weights="
-                             f"{init!r}: only PiSSA / OLoRA adapters ('pissa', 'pissa_niter_<n>', 'olora') sit on a "
-                             "residual base; load this one without residual=True")
-        config = dataclasses.replace(config, init_lora_weights=True)
+                             f"{init!r}: only PiSSA / OLoRA / LoftQ adapters ('pissa', 'pissa_niter_<n>', 'olora', "
+                             "'loftq') sit on a rewritten base; load this one without residual=True")
+        config = dataclasses.replace(config, init_lora_weights=True, loftq_config={})
     method = method_for(config)
     weights = read_adapter_weights(directory, method.file_prefix)
     configs = adapter_configs(model)
@@ -430,7 +440,8 @@ def load_adapter(model: nn.Module, directory, adapter_name: str = "default", tra
         method.reload(model, config, adapter_name, plan, state)
         held = getattr(configs[adapter_name], "init_lora_weights", None)
         if held is not None and getattr(config, "init_lora_weights", None) != held:  # weights into the model's own
-            config = dataclasses.replace(config, init_lora_weights=held)  # adapter: its init (what its base is) stays
+            config = dataclasses.replace(config, init_lora_weights=held,  # adapter: its init (what its base is) stays
+                                         loftq_config=getattr(configs[adapter_name], "loftq_config", {}))
         state.adapters[adapter_name] = config
     else:
         before = list(model.modules())  # (held: no module's id is reused by the new ones)

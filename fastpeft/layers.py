@@ -17,6 +17,7 @@
 from __future__ import annotations
 
 import copy
+import importlib.util
 import math
 import operator
 import warnings
@@ -26,10 +27,11 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from ._checks import (base_rewriting_init, check_adapter_name, check_bool, check_dora_options, check_dropout,
-                      check_embedding, check_embedding_ids, check_finite_number, check_in_features, check_init,
-                      check_linear, check_lora_bias, check_rank, check_sparse_delta, check_sparse_options, check_tensor,
-                      expand_adapter_ids, experts_reason, routed_batch, up_projection)
+from ._checks import (LOFTQ_DEFAULTS, base_rewriting_init, check_adapter_name, check_bool, check_dora_options,
+                      check_dropout, check_embedding, check_embedding_ids, check_finite_number, check_in_features,
+                      check_init, check_linear, check_loftq_config, check_lora_bias, check_rank, check_sparse_delta,
+                      check_sparse_options, check_tensor, expand_adapter_ids, experts_reason, routed_batch,
+                      up_projection)
 from .functional import (dora_conv, dora_linear, lora_conv, lora_experts, lora_linear, lora_linear_multi,
                          lora_sparse_linear, qlora_linear, resolve_backend, sparse_delta_linear)
 from .ops.common import (cast_params, held, kept_state, kept_transpose, optimizer_steps, outside_inference_mode,
@@ -479,6 +481,52 @@ def base_rewriting_factors(w: torch.Tensor, r: int, scaling: float, init_lora_we
     return a, b, w - scaling * b @ a
 
 
+@torch.no_grad()
+def loftq_factors(w: torch.Tensor, r: int, loftq_bits: int = 4, loftq_iter: int = 1) -> tuple:
+    """``(A (r, in), B (out, r), Q)`` of PEFT's LoftQ init from ``w`` (out, in) fp32, computed as PEFT's
+    ``loftq_init`` does (bitsandbytes' quantizers, the same SVD: PEFT's bits, on any device bitsandbytes runs on;
+    PEFT's own needs a CUDA / XPU card).
+
+    Alternates ``loftq_iter`` times: Q = dequant(quant(W - B A)) (from W at first; ``loftq_bits`` 4: bitsandbytes'
+    NF4, blocks of 64, fp32 absmax, as ``Params4bit(compress_statistics=False)``; 8: its row-wise int8), then B A =
+    the top-r part of W - Q (``torch.linalg.svd``: B = U_r √S_r, A = √S_r V_rᵀ). Q then stands in W's place, and
+    Q + B A ≈ W. As in PEFT, the scaling s = alpha / r is not taken into account: the layer computes Q + s B A, which
+    approximates W at s = 1 only (``_warn_loftq_scaling``)."""
+    import bitsandbytes as bnb
+
+    res = w
+    for i in range(loftq_iter):
+        if loftq_bits == 4:
+            q = bnb.nn.Params4bit(res.to("cpu"), requires_grad=False, compress_statistics=False,
+                                  quant_type="nf4").to(w.device)
+            deq = bnb.functional.dequantize_4bit(q.data, q.quant_state)
+        else:
+            q = bnb.nn.Int8Params(res.to("cpu"), requires_grad=False).to(w.device)
+            deq = bnb.functional.int8_vectorwise_dequant(q.data, q.SCB).to(w.device)
+        a, b = loftq_error_factors(w - deq, r)
+        if i + 1 < loftq_iter:
+            res = w - b @ a
+    return a, b, deq
+
+
+def loftq_error_factors(error: torch.Tensor, r: int) -> tuple:
+    """``(A (r, in), B (out, r))``: the top-r part of a quantization error W - Q (out, in) fp32 as PEFT's LoftQ takes
+    it (``torch.linalg.svd``: B = U_r √S_r, A = √S_r V_rᵀ; PEFT's bits: its product with diag(√S) has one non-zero
+    term per entry, the same rounding as this scaling)."""
+    u, sv, vh = torch.linalg.svd(error, full_matrices=False)
+    root = torch.sqrt(sv[:r])
+    return (root[:, None] * vh[:r]).contiguous(), (u[:, :r] * root).contiguous()
+
+
+def loftq_scaling_warning(scaling: float, where: str) -> None:
+    """PEFT's LoftQ sets B A to the quantization error W - Q whatever the scaling (PEFT issue #1982): warn where
+    s = alpha / r is not 1, since the layer then starts at Q + s (W - Q), not at ≈ W."""
+    if scaling != 1:
+        warnings.warn(f"{where}: LoftQ (as PEFT's) sets B A to the quantization error W - Q without the scaling "
+                      f"s = {scaling:g}: the layer starts at Q + s B A = Q + {scaling:g} (W - Q), not at ≈ W; "
+                      "lora_alpha = r (s = 1) gives LoftQ's start", UserWarning, stacklevel=4)
+
+
 class FastLoRALinear(TunerLayer):
     """``y = x W^T + b + scaling * (dropout(x) A^T) B^T`` with W (and b) frozen.
 
@@ -494,18 +542,21 @@ class FastLoRALinear(TunerLayer):
 
     def __init__(self, in_features, out_features, r=8, lora_alpha=8, lora_dropout=0.0, bias=True,
                  use_rslora=False, init_lora_weights=True, device=None, dtype=None, adapter_name="default",
-                 sparse_density=0.0, sparse_block_size=1, sparse_selection="random", use_dora=False, lora_bias=False):
+                 sparse_density=0.0, sparse_block_size=1, sparse_selection="random", use_dora=False, lora_bias=False,
+                 loftq_config=None):
         super().__init__()
         for name, v in (("in_features", in_features), ("out_features", out_features)):
             check_rank(v, name)
         base = nn.Linear(in_features, out_features, bias=bias, device=device, dtype=dtype)
         self._setup(base.weight, base.bias, adapter_name, r, lora_alpha, lora_dropout, use_rslora,
-                    init_lora_weights, sparse_density, sparse_block_size, sparse_selection, use_dora, lora_bias)
+                    init_lora_weights, sparse_density, sparse_block_size, sparse_selection, use_dora, lora_bias,
+                    loftq_config)
 
     @classmethod
     def from_linear(cls, linear: nn.Linear, r=8, lora_alpha=8, lora_dropout=0.0, use_rslora=False,
                     init_lora_weights=True, adapter_name="default", sparse_density=0.0, sparse_block_size=1,
-                    sparse_selection="random", use_dora=False, lora_bias=False) -> "FastLoRALinear":
+                    sparse_selection="random", use_dora=False, lora_bias=False,
+                    loftq_config=None) -> "FastLoRALinear":
         """Wrap ``linear``: the new layer shares (not copies) its weight and bias, and freezes them. A bitsandbytes
         ``Linear4bit`` / ``Linear8bitLt`` gives a ``QLoRALinear`` holding it as it is (see there; no lora_bias)."""
         check_linear(linear)
@@ -521,7 +572,8 @@ class FastLoRALinear(TunerLayer):
         self = cls.__new__(cls)
         nn.Module.__init__(self)
         self._setup(linear.weight, linear.bias, adapter_name, r, lora_alpha, lora_dropout, use_rslora,
-                    init_lora_weights, sparse_density, sparse_block_size, sparse_selection, use_dora, lora_bias)
+                    init_lora_weights, sparse_density, sparse_block_size, sparse_selection, use_dora, lora_bias,
+                    loftq_config)
         return self
 
     @classmethod
@@ -546,7 +598,8 @@ class FastLoRALinear(TunerLayer):
         return self
 
     def _setup(self, weight, bias, adapter_name, r, lora_alpha, lora_dropout, use_rslora, init_lora_weights,
-               sparse_density=0.0, sparse_block_size=1, sparse_selection="random", use_dora=False, lora_bias=False):
+               sparse_density=0.0, sparse_block_size=1, sparse_selection="random", use_dora=False, lora_bias=False,
+               loftq_config=None):
         _spec(r, lora_alpha, lora_dropout, use_rslora)
         check_bool(lora_bias, "lora_bias")
         check_dora_options(use_dora, sparse_density)
@@ -556,14 +609,14 @@ class FastLoRALinear(TunerLayer):
         flags = [(p, p.requires_grad) for p in (weight, bias) if p is not None]
         try:
             self._setup_layer(weight, bias, adapter_name, r, lora_alpha, lora_dropout, use_rslora, init_lora_weights,
-                              sparse_density, sparse_block_size, sparse_selection, use_dora, lora_bias)
+                              sparse_density, sparse_block_size, sparse_selection, use_dora, lora_bias, loftq_config)
         except BaseException:  # a refused adapter (PiSSA's r above min(out, in), ...): the caller's module as it was
             for p, flag in flags:
                 p.requires_grad_(flag)
             raise
 
     def _setup_layer(self, weight, bias, adapter_name, r, lora_alpha, lora_dropout, use_rslora, init_lora_weights,
-                     sparse_density, sparse_block_size, sparse_selection, use_dora, lora_bias):
+                     sparse_density, sparse_block_size, sparse_selection, use_dora, lora_bias, loftq_config=None):
         self._init_base(weight, bias)
         self.lora_A_adapters = nn.ParameterDict()
         self.lora_B_adapters = nn.ParameterDict()
@@ -578,6 +631,8 @@ class FastLoRALinear(TunerLayer):
         self._meta = None       # device tensors (scalings, ranks, dropout) for mixed batches
         self._routing = None    # (adapter names, ids) per sequence, set by set_routing (fastpeft.mixed_batch)
         kw = dict(lora_bias=True) if lora_bias is True else {}  # (layers refusing it take no such argument)
+        if loftq_config is not None:  # (likewise)
+            kw["loftq_config"] = loftq_config
         self.add_adapter(adapter_name, r, lora_alpha, lora_dropout, use_rslora, init_lora_weights, sparse_density,
                          sparse_block_size, sparse_selection, use_dora=use_dora, **kw)
         self.set_adapter(adapter_name)
@@ -600,7 +655,7 @@ class FastLoRALinear(TunerLayer):
 
     def add_adapter(self, name, r, lora_alpha, lora_dropout=0.0, use_rslora=False, init_lora_weights=True,
                     sparse_density=0.0, sparse_block_size=1, sparse_selection="random", sparse_scores=None,
-                    use_dora=False, lora_bias=False):
+                    use_dora=False, lora_bias=False, loftq_config=None):
         """Add adapter ``name`` (its own rank, alpha, dropout); the active adapter does not change and the
         new one starts frozen unless it is the first (``set_adapter`` trains the active one).
         ``sparse_density > 0`` adds a sparse delta beside the low-rank update (RoSA): that share of W's
@@ -620,6 +675,8 @@ class FastLoRALinear(TunerLayer):
         spec = replace(_spec(r, lora_alpha, lora_dropout, use_rslora), use_dora=use_dora)
         sparse = rosa_spec(sparse_density, sparse_block_size, sparse_selection)
         check_init(init_lora_weights)
+        loftq_config = check_loftq_config(loftq_config or (LOFTQ_DEFAULTS if init_lora_weights == "loftq" else None),
+                                          init_lora_weights)
         why = base_rewriting_reason(self, spec.r, init_lora_weights, sparse_density)
         if why is not None:
             raise ValueError(f"adapter {name!r}: {why}")
@@ -638,7 +695,8 @@ class FastLoRALinear(TunerLayer):
         if delta is not None:
             delta.delta_values.requires_grad_(trains)
             self.sparse_deltas[name] = delta
-        self.reset_lora_parameters(init_lora_weights, adapter_name=name, _fresh=True)
+        self.reset_lora_parameters(init_lora_weights, adapter_name=name, _fresh=True,
+                                   **({"loftq_config": loftq_config} if loftq_config else {}))
         if use_dora:
             self._add_magnitude(name, trains)
         self._meta = None
@@ -896,7 +954,7 @@ class FastLoRALinear(TunerLayer):
 
     @torch.no_grad()
     def reset_lora_parameters(self, init_lora_weights=True, adapter_name: str | None = None,
-                              _fresh: bool = False) -> None:
+                              _fresh: bool = False, loftq_config=None) -> None:
         """PEFT's inits: ``True`` A kaiming-uniform(a=sqrt(5)), B zeros, so the layer starts as its base;
         ``"gaussian"`` A ~ N(0, std=1/r), B zeros; ``"orthogonal"`` (even r) A and B (/ 10) from the odd and even rows
         of one random orthogonal r x r matrix, so BA = 0; ``False`` both kaiming-uniform (non-zero B, for tests).
@@ -932,7 +990,9 @@ class FastLoRALinear(TunerLayer):
                 lora_bias.copy_(bias0)
             return
         if rewriting is not None:
-            self._rewrite_base(init_lora_weights, spec, a, b)
+            self._rewrite_base(init_lora_weights, spec, a, b, loftq_config)
+            if rewriting == "loftq":
+                loftq_scaling_warning(spec.scaling, f"adapter {name!r}")
             return
         if lora_bias is not None:
             lora_bias.zero_()
@@ -945,12 +1005,18 @@ class FastLoRALinear(TunerLayer):
         a.copy_(torch.empty(r, k).normal_(0.0, 1.0 / r) if init_lora_weights == "gaussian" else kaiming(r, k))
         b.zero_()
 
-    def _rewrite_base(self, init_lora_weights: str, spec: AdapterSpec, a: nn.Parameter, b: nn.Parameter) -> None:
+    def _rewrite_base(self, init_lora_weights: str, spec: AdapterSpec, a: nn.Parameter, b: nn.Parameter,
+                      loftq_config=None) -> None:
         """PiSSA / OLoRA (PEFT's ``pissa_init`` / ``olora_init``): A, B from W in fp32 (``base_rewriting_factors``),
-        then W ← W - s B A in place (rounded once to W's dtype; a tied Parameter changes with it, as in PEFT). W's
-        dtype and r were checked by ``add_adapter`` (``base_rewriting_reason``)."""
+        then W ← W - s B A in place (rounded once to W's dtype; a tied Parameter changes with it, as in PEFT). LoftQ
+        (PEFT's ``loftq_init``; ``loftq_config`` PEFT's, None: its ``LoftQConfig()``, 4 bits, 1 iteration): A, B and
+        W ← Q from ``loftq_factors``. W's dtype and r were checked by ``add_adapter`` (``base_rewriting_reason``)."""
         w = self._w()
-        fa, fb, residual = base_rewriting_factors(w.float(), spec.r, spec.scaling, init_lora_weights)
+        if base_rewriting_init(init_lora_weights) == "loftq":
+            loftq_config = check_loftq_config(loftq_config or LOFTQ_DEFAULTS, "loftq")
+            fa, fb, residual = loftq_factors(w.float(), spec.r, **loftq_config)
+        else:
+            fa, fb, residual = base_rewriting_factors(w.float(), spec.r, spec.scaling, init_lora_weights)
         a.copy_(fa)
         b.copy_(fb)
         w.copy_(residual)
@@ -1700,9 +1766,29 @@ def parameter_adapter_reason(lora_dropout=0.0, use_dora=False, lora_bias=False, 
                         (sparse_density, "a sparse delta (sparse_density > 0)"),
                         (init_lora_weights == "orthogonal", "init_lora_weights='orthogonal'"),
                         (base_rewriting_init(init_lora_weights) is not None,
-                         f"init_lora_weights={init_lora_weights!r} (PiSSA / OLoRA factor a layer's 2-D weight)")):
+                         f"init_lora_weights={init_lora_weights!r} (PiSSA / OLoRA / LoftQ rewrite a layer's 2-D "
+                         "weight)")):
         if value:
             return f"LoRA on parameters (target_parameters) takes no {what}"
+    return None
+
+
+def _loftq_reason(module: nn.Module, what: str) -> str | None:
+    """Why LoftQ cannot rewrite ``module`` where PiSSA could (its other rules are ``base_rewriting_reason``'s)."""
+    if importlib.util.find_spec("bitsandbytes") is None:
+        return f"{what} needs bitsandbytes (its quantizers make Q, as PEFT's LoftQ): pip install bitsandbytes"
+    if isinstance(module, (nn.Embedding, FastLoRAEmbedding, FastLoRAConv, nn.Conv1d, nn.Conv2d, nn.Conv3d)):
+        kind = "an embedding" if isinstance(module, (nn.Embedding, FastLoRAEmbedding)) else "a convolution"
+        return (f"{what} on {kind}: PEFT's LoftQ is for linear layers (its embedding and convolution paths fail with "
+                "a TypeError); exclude it")
+    if is_quantized(module) or isinstance(module, QLoRALinear):
+        return (f"{what} on a bitsandbytes {type(getattr(module, 'base_layer', module)).__name__} base: LoftQ "
+                "quantizes a floating-point W itself (PEFT's rule: do not pass a quantized model); on a model loaded "
+                "in 4 bits, fastpeft.replace_lora_weights_loftq(model, model_path) sets the adapters from the "
+                "original weights instead")
+    if is_conv1d(module) or getattr(module, "fan_in_fan_out", False):
+        return (f"{what} on a transformers Conv1D (W stored (in, out)): PEFT's loftq_init factors the stored (in, out) "
+                "matrix, giving A and B of the wrong shapes; exclude it")
     return None
 
 
@@ -1711,11 +1797,15 @@ def base_rewriting_reason(module: nn.Module, r: int, init_lora_weights, sparse_d
     adapter of rank ``r`` on ``module`` (an ``nn.Linear`` / Conv1D / embedding / ... or fastpeft's layer on one); None
     where it can, or where the init does not rewrite W (an embedding: PEFT gives it its plain embedding init)."""
     kind = base_rewriting_init(init_lora_weights)
+    what = f"init_lora_weights={init_lora_weights!r}"
+    if kind == "loftq":
+        why = _loftq_reason(module, what)
+        if why is not None:
+            return why
     if kind is None or isinstance(module, (nn.Embedding, FastLoRAEmbedding)):
         return None
-    what = f"init_lora_weights={init_lora_weights!r}"
     if isinstance(module, FastLoRAParameter):
-        return f"{what} on a parameter (target_parameters): PEFT's PiSSA / OLoRA factor a layer's 2-D weight"
+        return f"{what} on a parameter (target_parameters): PEFT's PiSSA / OLoRA / LoftQ rewrite a layer's 2-D weight"
     if isinstance(module, (FastLoRAConv, nn.Conv1d, nn.Conv2d, nn.Conv3d)):
         return (f"{what} on a convolution: PEFT's PiSSA / OLoRA are for linear layers (PEFT raises 'Unknown "
                 "initialization' on convolutions); exclude it")
@@ -1727,7 +1817,7 @@ def base_rewriting_reason(module: nn.Module, r: int, init_lora_weights, sparse_d
     if sparse_density:
         return (f"{what} beside a sparse delta (RoSA, sparse_density={sparse_density!r}): not offered; use one of "
                 "the two")
-    if kind == "olora" and (is_conv1d(module) or getattr(module, "fan_in_fan_out", False)):
+    if kind == "olora" and (is_conv1d(module) or getattr(module, "fan_in_fan_out", False)):  # (LoftQ: above)
         return (f"{what} on a transformers Conv1D (W stored (in, out)): PEFT's olora_init factors the stored (in, out) "
                 "matrix, and its layer then fails at the first forward; 'pissa' works there")
     if getattr(module, "merged", False):

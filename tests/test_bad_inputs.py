@@ -261,8 +261,8 @@ CASES = [
         ("lora_dropout", "'0.1'")),
     Bad("FastLoRALinear-lora_alpha-inf", lambda _: FastLoRALinear(IN, OUT, lora_alpha=float("inf")), ValueError,
         ("lora_alpha", "inf")),
-    Bad("FastLoRALinear-init-loftq", lambda _: FastLoRALinear(IN, OUT, init_lora_weights="loftq"), ValueError,
-        ("init_lora_weights", "'loftq'")),
+    Bad("FastLoRALinear-init-corda", lambda _: FastLoRALinear(IN, OUT, init_lora_weights="corda"), ValueError,
+        ("init_lora_weights", "'corda'")),
     Bad("FastLoRALinear-init-pissa-niter-word", lambda _: FastLoRALinear(IN, OUT, init_lora_weights="pissa_niter_x"),
         ValueError, ("init_lora_weights", "'pissa_niter_x'")),
     Bad("FastLoRALinear-in_features-0", lambda _: FastLoRALinear(0, OUT), ValueError, ("in_features", "0")),
@@ -1791,7 +1791,7 @@ PISSA_CASES = [
     Bad("load_adapter-residual-str", lambda m: fastpeft.load_adapter(m, "/nonexistent", residual="yes"), TypeError,
         ("residual", "bool", "str"), _toy),
     Bad("load_adapter-residual-for-a-plain-LoRA-file", lambda m: _loaded_with_residual(m), ValueError,
-        ("residual=True", "init_lora_weights=True", "only PiSSA / OLoRA adapters"), _toy),
+        ("residual=True", "init_lora_weights=True", "only PiSSA / OLoRA / LoftQ adapters"), _toy),
     Bad("unload-a-bottleneck-adapter", lambda m: fastpeft.unload(m), ValueError,
         ("unload", "AdapterConfig", "delete_adapter"),
         lambda: fastpeft.inject(_toy(), AdapterConfig(bottleneck_dim=4, target_modules=["q_proj"]))),
@@ -1806,3 +1806,83 @@ def test_pissa_bad_input_raises_naming_the_argument(case):
 def test_pissa_case_ids_are_unique():
     _assert_unique_ids(CASES, QLORA_CASES, QLORA_MODEL_CASES, DORA_CASES, EXPERTS_CASES, CONV_CASES,
                        EXPERT_INJECT_CASES, PISSA_CASES)
+
+
+# ---- LoftQ: inject's init_lora_weights="loftq" and replace_lora_weights_loftq ---------------------------
+
+_LOFTQ = dict(init_lora_weights="loftq", loftq_config={"loftq_bits": 4, "loftq_iter": 1})
+
+
+def _embedding_and_linear():
+    torch.manual_seed(0)
+    return nn.Sequential(nn.Embedding(10, 8), nn.Linear(8, 4))
+
+
+def _loftq_checkpoint(model, tensors: dict):
+    """replace_lora_weights_loftq(model, <tmp>/model.safetensors holding ``tensors``)."""
+    import tempfile
+    with tempfile.TemporaryDirectory() as tmp:
+        save_file(tensors, os.path.join(tmp, "model.safetensors"))
+        fastpeft.replace_lora_weights_loftq(model, tmp, progress=False)
+
+
+LOFTQ_CASES = [
+    Bad("LoraConfig-loftq-without-loftq_config", lambda _: LoraConfig(init_lora_weights="loftq"), ValueError,
+        ("init_lora_weights='loftq'", "needs loftq_config", "LoftQConfig")),
+    Bad("LoraConfig-loftq-bits-2", lambda _: LoraConfig(init_lora_weights="loftq", loftq_config={"loftq_bits": 2}),
+        ValueError, ("loftq_config['loftq_bits']", "4 (NF4) or 8 (int8)", "got 2")),
+    Bad("LoraConfig-loftq-iter-0", lambda _: LoraConfig(init_lora_weights="loftq", loftq_config={"loftq_iter": 0}),
+        ValueError, ("loftq_config['loftq_iter']", ">= 1", "got 0")),
+    Bad("LoraConfig-loftq-unknown-key", lambda _: LoraConfig(init_lora_weights="loftq", loftq_config={"bits": 4}),
+        ValueError, ("loftq_config", "unknown keys ['bits']", "loftq_bits")),
+    Bad("LoraConfig-loftq_config-a-list", lambda _: LoraConfig(init_lora_weights="loftq", loftq_config=[4]),
+        TypeError, ("loftq_config", "dict or a peft.LoftQConfig", "list")),
+    Bad("FastLoRALinear-loftq-bits-3", lambda _: FastLoRALinear(8, 8, r=2, init_lora_weights="loftq",
+                                                                loftq_config={"loftq_bits": 3}),
+        ValueError, ("loftq_bits", "got 3")),
+    Bad("inject-loftq-on-a-Conv1D", lambda m: fastpeft.inject(m, LoraConfig(r=2, target_modules=["c_attn"], **_LOFTQ)),
+        ValueError, ("'h.0.attn.c_attn'", "init_lora_weights='loftq'", "Conv1D", "wrong shapes"), _gpt2_block),
+    Bad("inject-loftq-on-an-embedding", lambda m: fastpeft.inject(m, LoraConfig(r=2, target_modules=["0"], **_LOFTQ)),
+        ValueError, ("matched '0'", "an embedding", "linear layers"), _embedding_and_linear),
+    Bad("inject-loftq-on-a-convolution", lambda m: fastpeft.inject(m, LoraConfig(r=2, target_modules=["0", "2"],
+                                                                                  **_LOFTQ)),
+        ValueError, ("matched '2'", "a convolution", "linear layers"), _two_linears),
+    Bad("inject-loftq-r-above-a-layer's-min-dim", lambda m: fastpeft.inject(m, LoraConfig(
+        r=4, target_modules=["0", "1"], **_LOFTQ)), ValueError,
+        ("matched '1'", "r=4", "(3, 6)", "only 3 singular directions"), _two_linears),
+    Bad("inject-loftq-on-a-4bit-base", lambda m: fastpeft.inject(m, LoraConfig(r=2, target_modules=["q", "v"],
+                                                                                **_LOFTQ)),
+        ValueError, ("'q'", "Linear4bit", "quantizes a floating-point W", "replace_lora_weights_loftq"),
+        lambda: _quant_model()),
+    Bad("save_adapter-conversion-of-a-loftq-adapter", lambda m: _converted_with(m, lambda d: None), ValueError,
+        ("path_initial_model_for_weight_conversion", "LoftQ", "does not convert"),
+        lambda: fastpeft.inject(_toy(), LoraConfig(r=4, lora_alpha=4, target_modules=["q_proj"], **_LOFTQ))),
+    Bad("replace_lora_weights_loftq-no-quantized-layer", lambda m: fastpeft.replace_lora_weights_loftq(m, "/x"),
+        ValueError, ("no LoRA layer of adapter 'default'", "bitsandbytes base", "inject LoRA first"), _lora_model),
+    Bad("replace_lora_weights_loftq-callback-an-int", lambda m: fastpeft.replace_lora_weights_loftq(m, "/x", callback=3),
+        TypeError, ("callback", "callable", "int"), lambda: _lora_on_quant()),
+    Bad("replace_lora_weights_loftq-adapter-name-absent", lambda m: fastpeft.replace_lora_weights_loftq(
+        m, "/x", adapter_name="other"), ValueError, ("adapter 'other'", "adapters: ['default']"),
+        lambda: _lora_on_quant()),
+    Bad("replace_lora_weights_loftq-no-such-path", lambda m: fastpeft.replace_lora_weights_loftq(m, "/nonexistent"),
+        FileNotFoundError, ("model_path", "/nonexistent", ".safetensors"), lambda: _lora_on_quant()),
+    Bad("replace_lora_weights_loftq-model-names-no-checkpoint", lambda m: fastpeft.replace_lora_weights_loftq(m),
+        ValueError, ("names no checkpoint", "model_path"), lambda: _lora_on_quant()),
+    Bad("replace_lora_weights_loftq-checkpoint-lacks-a-layer", lambda m: _loftq_checkpoint(
+        m, {"q.weight": torch.randn(48, 128)}), ValueError, ("no weight of layer 'v'", "v.weight"),
+        lambda: _lora_on_quant()),
+    Bad("replace_lora_weights_loftq-checkpoint-of-another-shape", lambda m: _loftq_checkpoint(
+        m, {"q.weight": torch.randn(48, 100), "v.weight": torch.randn(48, 128)}), ValueError,
+        ("checkpoint's q.weight is (48, 100)", "layer 'q'", "(48, 128)"), lambda: _lora_on_quant()),
+]
+
+
+@pytest.mark.parametrize("case", [pytest.param(c, id=c.id) for c in LOFTQ_CASES])
+def test_loftq_bad_input_raises_naming_the_argument(case):
+    _skip_without_bitsandbytes()
+    test_bad_input_raises_naming_the_argument(case)
+
+
+def test_loftq_case_ids_are_unique():
+    _assert_unique_ids(CASES, QLORA_CASES, QLORA_MODEL_CASES, DORA_CASES, EXPERTS_CASES, CONV_CASES,
+                       EXPERT_INJECT_CASES, PISSA_CASES, LOFTQ_CASES)

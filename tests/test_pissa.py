@@ -445,7 +445,7 @@ def test_refusals_leave_the_model_unchanged(case):
         model = nn.Sequential(nn.Linear(8, 8).double())
         cfg, words = dict(target_modules=["0"], init_lora_weights="pissa"), "fp32 / fp16 / bf16 .*float64"
     else:
-        with pytest.raises(ValueError, match="target_parameters.*PiSSA / OLoRA factor a layer's 2-D weight"):
+        with pytest.raises(ValueError, match="target_parameters.*PiSSA / OLoRA / LoftQ rewrite a layer's 2-D weight"):
             LoraConfig(target_parameters=["mlp.experts.down_proj"], init_lora_weights="pissa")
         return
     before = {k: v.clone() for k, v in model.state_dict().items()}

@@ -147,11 +147,14 @@ def losses(trainer):
     return [h["loss"] for h in trainer.state.log_history if "loss" in h]
 
 
-@pytest.mark.parametrize("init", [False, "pissa"])
+@pytest.mark.parametrize("init", [False, "pissa", "loftq"])
 def test_trainer_checkpoints_hold_adapters_and_resume_follows_the_same_curve(base, tmp_path, init):
-    """Also for a PiSSA adapter (its file's config says "pissa"; loading it into the model's adapter of that name at
-    resume and at load_best_model_at_end is a plain load: before 2026-12-02's review both raised)."""
-    full = trainer_for(injected(base, init_lora_weights=init), tmp_path / "full", eval_strategy="steps", eval_steps=1,
+    """Also for a PiSSA or LoftQ adapter (its file's config says "pissa" / "loftq"; loading it into the model's adapter
+    of that name at resume and at load_best_model_at_end is a plain load: before 2026-12-02's review both raised)."""
+    if init == "loftq":
+        pytest.importorskip("bitsandbytes")
+    kw = dict(init_lora_weights=init, loftq_config={"loftq_bits": 4} if init == "loftq" else {})
+    full = trainer_for(injected(base, **kw), tmp_path / "full", eval_strategy="steps", eval_steps=1,
                        load_best_model_at_end=True, metric_for_best_model="loss")
     full.train()
     curve = losses(full)
@@ -165,8 +168,8 @@ def test_trainer_checkpoints_hold_adapters_and_resume_follows_the_same_curve(bas
     layer = fastpeft.lora_layers(full.model)["model.layers.0.self_attn.q_proj"]
     assert torch.equal(layer.lora_A, best["base_model.model.model.layers.0.self_attn.q_proj.lora_A.weight"])
 
-    resumed = trainer_for(injected(base, seed=11, init_lora_weights=init), tmp_path / "full")  # other draws (PiSSA:
-    # none; its residual, W - s B0 A0 from the exact SVD, is the first model's)
+    resumed = trainer_for(injected(base, seed=11, **kw), tmp_path / "full")  # other draws (PiSSA / LoftQ: none; the
+    # residual, W - s B0 A0 from the exact SVD, or Q is the first model's)
     resumed.train(resume_from_checkpoint=str(ckpt))
     after = losses(resumed)  # step 1's loss comes back with the checkpoint's trainer state, step 2's is new
     assert len(after) == 2 and after[0] == curve[0], resumed.state.log_history
