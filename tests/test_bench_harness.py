@@ -302,15 +302,16 @@ def test_whole_model_scripts_write_their_tables(tmp_path, script, argv, expect):
 
 
 def test_qpissa_error_table(tmp_path):
-    """benchmarks/qpissa_error.py on the demo's MiniLM (where installed): QPiSSA's start nearer W than QLoRA's."""
+    """benchmarks/qpissa_error.py on the demo's MiniLM (where installed): QPiSSA's and LoftQ's starts nearer W than
+    QLoRA's."""
     pytest.importorskip("bitsandbytes")
     from fastpeft.demo import classify, data
 
     if data.importlib.util.find_spec(classify.MODEL_PACKAGE) is None:
         pytest.skip(f"{classify.MODEL_PACKAGE} is not installed")
     out = tmp_path / "q.md"
-    text = _bench_module("qpissa_error").main(["--ranks", "8", "--out", str(out)])
-    assert out.read_text() == text and "36 linear weights" in text
+    text = _bench_module("qpissa_error").main(["--ranks", "8", "--loftq-iters", "1", "--out", str(out)])
+    assert out.read_text() == text and "36 linear weights" in text and "LoftQ 1 iter:" in text
     row = next(line for line in text.splitlines() if line.startswith("| 8 |"))
-    qlora, qpissa = (float(cell.split()[0]) for cell in row.split("|")[2:4])
-    assert 0 < qpissa < qlora
+    qlora, qpissa, loftq = (float(cell.split()[0]) for cell in row.split("|")[2:5])
+    assert 0 < qpissa < qlora and 0 < loftq < qlora
