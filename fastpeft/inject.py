@@ -2289,6 +2289,9 @@ class _CheckpointWeights:
     def __init__(self, model: nn.Module, model_path):
         from safetensors import safe_open
 
+        if model_path is not None and not isinstance(model_path, (str, os.PathLike)):
+            raise TypeError(f"model_path must be a str or os.PathLike (a folder or a .safetensors file), got "
+                            f"{type(model_path).__name__}")
         where = model_path if model_path is not None else _model_name(model)
         if where is None:
             raise ValueError("replace_lora_weights_loftq: the model names no checkpoint (config.name_or_path); pass "
@@ -2301,6 +2304,8 @@ class _CheckpointWeights:
             except Exception as e:
                 raise ValueError(f"replace_lora_weights_loftq: the model's checkpoint {where!r} is no folder here nor "
                                  f"in the Hugging Face cache ({type(e).__name__}); pass model_path") from None
+        if os.path.basename(path) == "model.safetensors" and not os.path.exists(path):
+            path = os.path.dirname(path) or "."  # (PEFT's: "<folder>/model.safetensors" of a sharded checkpoint)
         if os.path.isdir(path):
             index = os.path.join(path, "model.safetensors.index.json")
             if os.path.isfile(index):
@@ -2316,19 +2321,24 @@ class _CheckpointWeights:
             files = None
         else:
             raise FileNotFoundError(f"replace_lora_weights_loftq: model_path {path!r} is neither a folder nor a "
-                                    ".safetensors file")
+                                    ".safetensors file" + ("" if os.path.exists(path) else " (it does not exist)"))
         if files is None:
             with safe_open(path, framework="pt", device="cpu") as f:
                 files = dict.fromkeys(f.keys(), path)
         self.files, self.open = files, safe_open
         self.prefix = getattr(model, "base_model_prefix", "") or ""
 
-    def key(self, name: str) -> str:
-        """The checkpoint's key of module ``name``'s weight (also with the model's ``base_model_prefix`` added or
-        taken off, as checkpoints of a task model and its base differ by it)."""
+    def keys_of(self, name: str) -> list:
+        """The keys module ``name``'s weight may have in the checkpoint: its own, and with the model's
+        ``base_model_prefix`` taken off or added (checkpoints of a task model and of its base differ by it)."""
         p = self.prefix + "."
-        for k in (f"{name}.weight", f"{name[len(p):]}.weight" if name.startswith(p) else None, f"{p}{name}.weight"):
-            if k is not None and k in self.files:
+        keys = [f"{name}.weight", f"{name[len(p):]}.weight" if name.startswith(p) else f"{p}{name}.weight"]
+        return keys if self.prefix else keys[:1]
+
+    def key(self, name: str) -> str:
+        """The checkpoint's key of module ``name``'s weight (``keys_of``' first one present)."""
+        for k in self.keys_of(name):
+            if k in self.files:
                 return k
         raise KeyError(name)
 
@@ -2336,9 +2346,18 @@ class _CheckpointWeights:
         with self.open(self.files[key], framework="pt", device="cpu") as f:
             return tuple(f.get_slice(key).get_shape())
 
+    def dtype(self, key: str) -> str:
+        with self.open(self.files[key], framework="pt", device="cpu") as f:
+            return f.get_slice(key).get_dtype()
+
     def get(self, key: str) -> torch.Tensor:
         with self.open(self.files[key], framework="pt", device="cpu") as f:
             return f.get_tensor(key)
+
+
+def _conv1d_source(m) -> bool:
+    """Whether transformers made this bnb layer from a Conv1D (its checkpoint weight is stored (in, out))."""
+    return getattr(getattr(m.base_layer, "source_cls", None), "__name__", None) == "Conv1D"
 
 
 @torch.no_grad()
@@ -2352,8 +2371,12 @@ def replace_lora_weights_loftq(model: nn.Module, model_path=None, adapter_name: 
     ``model_path``: that checkpoint (a folder, its ``model.safetensors`` or sharded files, or None: the model's
     ``name_or_path``). ``callback(model, name) -> bool``, called after each layer: False puts that layer's previous
     A and B back (PEFT's: keep only what lowers the error on your inputs). As PEFT's, the scaling s = alpha / r is
-    not taken into account (warned where s != 1). Every layer's key and shape are checked before any changes. PEFT's
-    own runs on a CUDA / XPU card and on 4-bit layers only; this one runs where the layers are, 8-bit ones too."""
+    not taken into account (warned where s != 1), and a DoRA adapter's magnitude stays as it was. Every layer's key,
+    shape and dtype (floating point: a quantized checkpoint is refused) are checked before any changes. A layer
+    transformers made from a Conv1D (GPT-2's; the checkpoint holds W as (in, out)) reads W transposed (PEFT's takes
+    the stored matrix: wrong factors on square layers); r above min(out, in) gets zero rows / columns beyond the
+    SVD's triplets (PEFT's product). PEFT's own runs on a CUDA / XPU card and on 4-bit layers only; this one runs
+    where the layers are, 8-bit ones too."""
     check_adapter_name(adapter_name)
     if callback is not None and not callable(callback):
         raise TypeError(f"callback must be callable (model, name) -> bool, got {type(callback).__name__}")
@@ -2368,14 +2391,19 @@ def replace_lora_weights_loftq(model: nn.Module, model_path=None, adapter_name: 
     if merged:
         raise RuntimeError(f"replace_lora_weights_loftq: layers {few(merged)} have a merged adapter: unmerge first")
     weights = _CheckpointWeights(model, model_path)
-    keys = {}
+    keys, transposed = {}, {}
     for name, m in layers.items():
         try:
             keys[name] = weights.key(name)
         except KeyError:
             raise ValueError(f"replace_lora_weights_loftq: the checkpoint has no weight of layer {name!r} (looked for "
-                             f"{name}.weight); is it this model's?") from None
-        shape = weights.shape(keys[name])
+                             f"{' and '.join(weights.keys_of(name))}); is it this model's?") from None
+        dtype = weights.dtype(keys[name])
+        if dtype not in ("F64", "F32", "F16", "BF16"):
+            raise ValueError(f"replace_lora_weights_loftq: the checkpoint's {keys[name]} is {dtype}, not a "
+                             "floating-point weight: a quantized checkpoint? pass model_path, the unquantized one")
+        transposed[name] = _conv1d_source(m)
+        shape = weights.shape(keys[name])[::-1] if transposed[name] else weights.shape(keys[name])
         if shape != (m.out_features, m.in_features):
             raise ValueError(f"replace_lora_weights_loftq: the checkpoint's {keys[name]} is {shape}, layer {name!r} "
                              f"holds ({m.out_features}, {m.in_features})")
@@ -2389,7 +2417,12 @@ def replace_lora_weights_loftq(model: nn.Module, model_path=None, adapter_name: 
             loftq_scaling_warning(spec.scaling, f"replace_lora_weights_loftq, adapter {adapter_name!r}")
         a, b = m.lora_A_adapters[adapter_name], m.lora_B_adapters[adapter_name]
         q = dequantize_weight(m.quantized_weight()).float()
-        fa, fb = loftq_error_factors(weights.get(keys[name]).to(q.device, torch.float32) - q, spec.r)
+        w = weights.get(keys[name])
+        w = w.t() if transposed[name] else w  # (a Conv1D's checkpoint holds W as (in, out))
+        fa, fb = loftq_error_factors(w.to(q.device, torch.float32) - q, spec.r)
+        if fa.shape[0] < spec.r:  # r > min(out, in): the SVD has fewer triplets; zero rows / columns (PEFT's product)
+            fa = torch.cat([fa, fa.new_zeros(spec.r - fa.shape[0], fa.shape[1])])
+            fb = torch.cat([fb, fb.new_zeros(fb.shape[0], spec.r - fb.shape[1])], dim=1)
         before = (a.detach().clone(), b.detach().clone()) if callback is not None else None
         a.copy_(fa)
         b.copy_(fb)

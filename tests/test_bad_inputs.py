@@ -1869,8 +1869,14 @@ LOFTQ_CASES = [
     Bad("replace_lora_weights_loftq-model-names-no-checkpoint", lambda m: fastpeft.replace_lora_weights_loftq(m),
         ValueError, ("names no checkpoint", "model_path"), lambda: _lora_on_quant()),
     Bad("replace_lora_weights_loftq-checkpoint-lacks-a-layer", lambda m: _loftq_checkpoint(
-        m, {"q.weight": torch.randn(48, 128)}), ValueError, ("no weight of layer 'v'", "v.weight"),
+        m, {"q.weight": torch.randn(48, 128)}), ValueError, ("no weight of layer 'v'", "looked for v.weight"),
         lambda: _lora_on_quant()),
+    Bad("replace_lora_weights_loftq-a-quantized-checkpoint", lambda m: _loftq_checkpoint(
+        m, {"q.weight": torch.ones(48, 128, dtype=torch.int8), "v.weight": torch.ones(48, 128, dtype=torch.int8)}),
+        ValueError, ("checkpoint's q.weight is I8", "not a floating-point weight", "unquantized"),
+        lambda: _lora_on_quant()),
+    Bad("replace_lora_weights_loftq-model_path-an-int", lambda m: fastpeft.replace_lora_weights_loftq(m, 3),
+        TypeError, ("model_path", "str or os.PathLike", "int"), lambda: _lora_on_quant()),
     Bad("replace_lora_weights_loftq-checkpoint-of-another-shape", lambda m: _loftq_checkpoint(
         m, {"q.weight": torch.randn(48, 100), "v.weight": torch.randn(48, 128)}), ValueError,
         ("checkpoint's q.weight is (48, 100)", "layer 'q'", "(48, 128)"), lambda: _lora_on_quant()),

@@ -248,3 +248,33 @@ def test_replace_lora_weights_loftq_callback_keeps_or_rolls_back(checkpoint):
         assert kept != ("self_attn" in name), name
         if kept:
             assert torch.equal(layer.lora_A, before[name][0])
+
+
+def test_replace_lora_weights_loftq_on_gpt2_s_conv1d_layers_and_a_rank_above_a_layer_s_size(tmp_path):
+    """transformers loads GPT-2's Conv1D projections in 4 bits transposed to (out, in); the checkpoint keeps (in, out):
+    W is read transposed (PEFT's takes the stored matrix, which on a square layer gives factors that raise the error).
+    r above min(out, in): the SVD's triplets and zero rows / columns, PEFT's product B A."""
+    cfg = transformers.GPT2Config(vocab_size=64, n_embd=64, n_layer=1, n_head=2, n_positions=16)
+    torch.manual_seed(0)
+    transformers.GPT2LMHeadModel(cfg).save_pretrained(tmp_path)
+    weights = load_file(tmp_path / "model.safetensors")
+    q4 = transformers.BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4",
+                                         bnb_4bit_compute_dtype=torch.float32)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        model = transformers.AutoModelForCausalLM.from_pretrained(tmp_path, quantization_config=q4, device_map="cpu")
+        model = fastpeft.inject(model, LoraConfig(r=80, lora_alpha=80, target_modules=["c_attn", "c_proj"]))
+        want = {}
+        for name, layer in fastpeft.lora_layers(model).items():
+            w = weights[f"{name}.weight"].t().float()  # (in, out) stored
+            q = bnb.functional.dequantize_4bit(layer.weight.data, layer.weight.quant_state).float()
+            want[name] = w, q, fastpeft.layers.loftq_error_factors(w - q, 80)
+        fastpeft.replace_lora_weights_loftq(model, tmp_path, progress=False)
+    for name, layer in fastpeft.lora_layers(model).items():
+        w, q, (a, b) = want[name]
+        k = min(w.shape)
+        assert tuple(layer.lora_A.shape) == (80, layer.in_features)  # the adapter's shapes kept
+        torch.testing.assert_close(layer.lora_A[:k], a, rtol=0, atol=0)
+        torch.testing.assert_close(layer.lora_B[:, :k], b, rtol=0, atol=0)
+        assert not layer.lora_A[k:].any() and not layer.lora_B[:, k:].any()
+        assert (w - q - layer.lora_B @ layer.lora_A).norm() < 1e-4 * (w - q).norm()  # r >= min: all of the error
