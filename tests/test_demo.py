@@ -296,6 +296,30 @@ def test_demo_pissa_and_olora_rows_start_as_the_base_encoder():
         assert (got - want).abs().max() <= 1e-4 * want.abs().max()
 
 
+def test_demo_loftq_row_starts_its_layers_nearer_the_encoder_s_weights_than_qlora():
+    """loftq (by name, not in --full nor --4bit's default): qlora's NF4 base and targets (alpha 8: s = 1), B A from
+    the unquantized weights (replace_lora_weights_loftq on the model's own safetensors), so each adapted layer's
+    weight, NF4(W) + B A, is nearer W than qlora's NF4(W)."""
+    _need_packages()
+    pytest.importorskip("bitsandbytes")
+    import torch
+
+    assert "loftq" not in classify.FULL_METHODS and "loftq" not in classify.FOUR_BIT_METHODS
+    _, encoder = classify.load_encoder(classify.find_model_dir())
+    model, _ = classify.build(classify.METHODS["loftq"], encoder, 0)
+    qlora, _ = classify.build(classify.METHODS["qlora"], encoder, 0)
+    assert sum(p.numel() for p in model.parameters() if p.requires_grad) == \
+        sum(p.numel() for p in qlora.parameters() if p.requires_grad)
+    for i in (0, 5):
+        for name in ("query", "value"):
+            w = getattr(encoder.encoder.layer[i].attention.self, name).weight
+            layer = getattr(model.encoder.encoder.layer[i].attention.self, name)
+            assert layer.scaling == 1.0 and layer.lora_B.any()
+            q = layer._dense()
+            assert torch.equal(q, getattr(qlora.encoder.encoder.layer[i].attention.self, name)._dense())
+            assert (w - q - layer.lora_B @ layer.lora_A).norm() < (w - q).norm()
+
+
 class _WordTokenizer:
     """Whitespace tokens, ids from a growing vocabulary; ' positive' / ' negative' single tokens."""
     eos_token_id, pad_token_id = 0, None

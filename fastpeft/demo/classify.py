@@ -117,6 +117,10 @@ METHODS = {
                     quantize=True),
     # PiSSA / OLoRA (PEFT's inits; not in --full): LoRA's adapters started from W's top-r singular triplets (exact
     # SVD) or its thin QR, W - s B A left in W's place; LoRA's rate, not swept
+    # loftq (not in --full nor --4bit's default): the qlora row with LoftQ's start, B A the top-8 part of W - NF4(W)
+    # from the unquantized checkpoint (PEFT's replace_lora_weights_loftq); alpha 8, since LoftQ's start needs s = 1
+    "loftq": Method("loftq", 2e-3, describe="LoRA r=8, alpha 8 on query/value over NF4, LoftQ init", quantize=True,
+                    extra=True),
     "pissa": Method("pissa", 2e-3, describe="LoRA r=8 on query/value, PiSSA init (top-8 SVD of W)", extra=True),
     "olora": Method("olora", 2e-3, describe="LoRA r=8 on query/value, OLoRA init (QR of W)", extra=True),
     "sparse": Method("sparse", 3e-4, describe="sparse delta, 0.69% of all-linear, gradient-picked", select=True),
@@ -163,6 +167,10 @@ def build(method: Method, base_encoder, seed: int):
     elif name == "qlora":  # the lora row over an NF4 base
         quantize_nf4(encoder)
         fastpeft.inject(encoder, fastpeft.LoraConfig(r=8, lora_alpha=16, target_modules=["query", "value"]))
+    elif name == "loftq":  # the NF4 base, then B A from W - NF4(W), W read from the model's own safetensors
+        quantize_nf4(encoder)
+        fastpeft.inject(encoder, fastpeft.LoraConfig(r=8, lora_alpha=8, target_modules=["query", "value"]))
+        fastpeft.replace_lora_weights_loftq(encoder, encoder.config.name_or_path, progress=False)
     elif name in ("pissa", "olora"):  # LoRA's adapter, from W's principal directions / QR; the residual left in W
         fastpeft.inject(encoder, fastpeft.LoraConfig(r=8, lora_alpha=16, target_modules=["query", "value"],
                                                      init_lora_weights=name))
