@@ -22,7 +22,7 @@ import torch.nn as nn
 
 from ._checks import base_rewriting_init, check_adapter_name, check_bool, few
 from .inject import METHODS, LoraPlan, adapter_configs, check_known, inject, method_for, peft_state
-from .layers import param_base
+from .layers import LOFTQ_SCALING_WARNING, param_base
 from .quant import is_quantized
 
 CONFIG_NAME = "adapter_config.json"
@@ -445,8 +445,10 @@ def load_adapter(model: nn.Module, directory, adapter_name: str = "default", tra
         state.adapters[adapter_name] = config
     else:
         before = list(model.modules())  # (held: no module's id is reused by the new ones)
-        inject(model, config, adapter_name, plan=plan, activate=not configs,
-               autocast_adapter_dtype=autocast_adapter_dtype)
+        with warnings.catch_warnings():  # (LoftQ's start is not this model's: the file's A and B replace it)
+            warnings.filterwarnings("ignore", message=LOFTQ_SCALING_WARNING, category=UserWarning)
+            inject(model, config, adapter_name, plan=plan, activate=not configs,
+                   autocast_adapter_dtype=autocast_adapter_dtype)
         known = set(map(id, before))
         for name, module in model.named_modules():  # parents first: each new layer takes its parent's mode (an eval
             if id(module) not in known and name:    # model, or an eval part of one, serves without dropout)

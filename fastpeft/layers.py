@@ -41,7 +41,7 @@ from .ops.dora import weight_sq_norms
 from .ops.experts import grouped_mm_refusal, peft_expert_factors
 from .quant import (QuantizedWeight, assign_merged_weight, base_kind, bnb_cpu_serves, call_buffer, conv1d_class,
                     dequantize_weight, guard_repacked_layers, is_conv1d, is_quantized, kept_quantized_weight,
-                    merged_weight, remember_quant_state)
+                    import_bitsandbytes, merged_weight, remember_quant_state)
 from .reference import dense_delta_ref, multi_lora_add, tracing_or_transformed, use_cpu_path
 from .selection import SparseSpec
 
@@ -492,8 +492,7 @@ def loftq_factors(w: torch.Tensor, r: int, loftq_bits: int = 4, loftq_iter: int 
     the top-r part of W - Q (``torch.linalg.svd``: B = U_r √S_r, A = √S_r V_rᵀ). Q then stands in W's place, and
     Q + B A ≈ W. As in PEFT, the scaling s = alpha / r is not taken into account: the layer computes Q + s B A, which
     approximates W at s = 1 only (``_warn_loftq_scaling``)."""
-    import bitsandbytes as bnb
-
+    bnb = import_bitsandbytes()
     res = w
     for i in range(loftq_iter):
         if loftq_bits == 4:
@@ -516,6 +515,9 @@ def loftq_error_factors(error: torch.Tensor, r: int) -> tuple:
     u, sv, vh = torch.linalg.svd(error, full_matrices=False)
     root = torch.sqrt(sv[:r])
     return (root[:, None] * vh[:r]).contiguous(), (u[:, :r] * root).contiguous()
+
+
+LOFTQ_SCALING_WARNING = r".*LoftQ \(as PEFT's\) sets B A"  # (load_adapter silences it: the file's A, B replace it)
 
 
 def loftq_scaling_warning(scaling: float, where: str) -> None:
@@ -1824,7 +1826,9 @@ def base_rewriting_reason(module: nn.Module, r: int, init_lora_weights, sparse_d
         return f"{what} on a layer with a merged adapter: W is not the base weight; unmerge() first"
     weight = getattr(module, "weight", None)
     if isinstance(weight, torch.Tensor):
-        if weight.dtype not in (torch.float32, torch.float16, torch.bfloat16):
+        if weight.dtype not in (torch.float32, torch.float16, torch.bfloat16) + ((torch.float64,) if kind == "loftq"
+                                                                                 else ()):
+            # (PEFT's PiSSA / OLoRA rule; its LoftQ computes in fp32 and casts back, fp64 too)
             return f"{what} needs an fp32 / fp16 / bf16 base weight (PEFT's rule), got {weight.dtype}"
         if weight.dim() == 2 and r > min(weight.shape):
             return (f"{what} with r={r}: W {tuple(weight.shape)} has only {min(weight.shape)} singular directions "

@@ -81,8 +81,11 @@ def _trained(model, seed=5):
     return model
 
 
-@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
-@pytest.mark.parametrize("bits,iters", [(4, 1), (4, 3), (8, 2)], ids=["nf4-1iter", "nf4-3iter", "int8-2iter"])
+@pytest.mark.parametrize("bits,iters,dtype", [
+    (4, 1, torch.float32), (4, 1, torch.bfloat16), (4, 3, torch.float32), (4, 3, torch.bfloat16),
+    (8, 2, torch.float32), (8, 2, torch.bfloat16), (4, 2, torch.float64),
+], ids=["nf4-1iter-fp32", "nf4-1iter-bf16", "nf4-3iter-fp32", "nf4-3iter-bf16", "int8-2iter-fp32", "int8-2iter-bf16",
+        "nf4-2iter-fp64"])
 def test_factors_and_quantized_base_are_peft_bits(peft_loftq_on_the_cpu, bits, iters, dtype):
     base = _llama(dtype)
     theirs, ours = _pair(base, **_config(bits, iters))
@@ -98,7 +101,7 @@ def test_factors_and_quantized_base_are_peft_bits(peft_loftq_on_the_cpu, bits, i
         error, left = (w0 - q).norm(), (w0 - q - fl.lora_B.float() @ fl.lora_A.float()).norm()
         assert left < error  # ... and B A takes part of the error back
     with torch.no_grad():  # bf16: within two bf16 steps of the largest logit (the LoRA term rounds elsewhere)
-        _close(ours(IDS).logits.float(), theirs(IDS).logits.float(), 1e-5 if dtype == torch.float32 else 2 ** -7)
+        _close(ours(IDS).logits.float(), theirs(IDS).logits.float(), 2 ** -7 if dtype == torch.bfloat16 else 1e-5)
 
 
 def test_dora_magnitude_and_gradients_follow_peft(peft_loftq_on_the_cpu):
@@ -170,6 +173,16 @@ def test_files_load_onto_the_original_model_the_4bit_one_and_into_peft(peft_loft
     with torch.no_grad():  # (train mode, no dropout: fastpeft's exact fp32 path; in eval bnb's CPU kernel serves,
         # which rounds on its own: ~2e-3 here, with or without adapters)
         torch.testing.assert_close(nf4.train()(IDS).logits, want, rtol=1e-5, atol=1e-5)
+
+
+def test_scaling_warned_when_the_adapter_is_made_not_when_a_file_loads(tmp_path):
+    base = _llama()
+    with pytest.warns(UserWarning, match="without the scaling s = 2"):
+        model = fastpeft.inject(copy.deepcopy(base), LoraConfig(**{**_config(), "lora_alpha": 8}))
+    fastpeft.save_adapter(model, tmp_path)
+    with warnings.catch_warnings():
+        warnings.filterwarnings("error", message=".*LoftQ")  # the file's A and B replace LoftQ's start
+        fastpeft.load_adapter(copy.deepcopy(base), tmp_path)
 
 
 def test_to_peft_keeps_the_quantized_base_and_peft_s_config(peft_loftq_on_the_cpu):
