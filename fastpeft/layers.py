@@ -491,7 +491,7 @@ def loftq_factors(w: torch.Tensor, r: int, loftq_bits: int = 4, loftq_iter: int 
     NF4, blocks of 64, fp32 absmax, as ``Params4bit(compress_statistics=False)``; 8: its row-wise int8), then B A =
     the top-r part of W - Q (``torch.linalg.svd``: B = U_r √S_r, A = √S_r V_rᵀ). Q then stands in W's place, and
     Q + B A ≈ W. As in PEFT, the scaling s = alpha / r is not taken into account: the layer computes Q + s B A, which
-    approximates W at s = 1 only (``_warn_loftq_scaling``)."""
+    approximates W at s = 1 only (``loftq_scaling_warning``)."""
     bnb = import_bitsandbytes()
     res = w
     for i in range(loftq_iter):
@@ -975,8 +975,9 @@ class FastLoRALinear(TunerLayer):
         rewriting = base_rewriting_init(init_lora_weights)
         if rewriting is not None and not _fresh:
             raise ValueError(f"reset_lora_parameters(init_lora_weights={init_lora_weights!r}) on adapter {name!r}: "
-                             "PiSSA / OLoRA take A and B from W and leave W - s B A in W's place when an adapter is "
-                             "made; drawing them again would subtract a second time (add a new adapter instead)")
+                             "PiSSA / OLoRA / LoftQ take A and B from W and leave W - s B A (LoftQ: Q) in W's place "
+                             "when an adapter is made; drawing them again would subtract a second time (LoftQ: "
+                             "quantize Q again) (add a new adapter instead)")
 
         def kaiming(*shape):
             return nn.init.kaiming_uniform_(torch.empty(shape), a=math.sqrt(5))
@@ -1776,21 +1777,12 @@ def parameter_adapter_reason(lora_dropout=0.0, use_dora=False, lora_bias=False, 
 
 
 def _loftq_reason(module: nn.Module, what: str) -> str | None:
-    """Why LoftQ cannot rewrite ``module`` where PiSSA could (its other rules are ``base_rewriting_reason``'s)."""
+    """Why LoftQ cannot rewrite ``module`` where PiSSA could (the rules they share are ``base_rewriting_reason``'s)."""
     if importlib.util.find_spec("bitsandbytes") is None:
         return f"{what} needs bitsandbytes (its quantizers make Q, as PEFT's LoftQ): pip install bitsandbytes"
-    if isinstance(module, (nn.Embedding, FastLoRAEmbedding, FastLoRAConv, nn.Conv1d, nn.Conv2d, nn.Conv3d)):
-        kind = "an embedding" if isinstance(module, (nn.Embedding, FastLoRAEmbedding)) else "a convolution"
-        return (f"{what} on {kind}: PEFT's LoftQ is for linear layers (its embedding and convolution paths fail with "
-                "a TypeError); exclude it")
-    if is_quantized(module) or isinstance(module, QLoRALinear):
-        return (f"{what} on a bitsandbytes {type(getattr(module, 'base_layer', module)).__name__} base: LoftQ "
-                "quantizes a floating-point W itself (PEFT's rule: do not pass a quantized model); on a model loaded "
-                "in 4 bits, fastpeft.replace_lora_weights_loftq(model, model_path) sets the adapters from the "
-                "original weights instead")
-    if is_conv1d(module) or getattr(module, "fan_in_fan_out", False):
-        return (f"{what} on a transformers Conv1D (W stored (in, out)): PEFT's loftq_init factors the stored (in, out) "
-                "matrix, giving A and B of the wrong shapes; exclude it")
+    if isinstance(module, (nn.Embedding, FastLoRAEmbedding)):
+        return (f"{what} on an embedding: PEFT's LoftQ is for linear layers (its embedding path fails with a "
+                "TypeError); exclude it")
     return None
 
 
@@ -1809,19 +1801,24 @@ def base_rewriting_reason(module: nn.Module, r: int, init_lora_weights, sparse_d
     if isinstance(module, FastLoRAParameter):
         return f"{what} on a parameter (target_parameters): PEFT's PiSSA / OLoRA / LoftQ rewrite a layer's 2-D weight"
     if isinstance(module, (FastLoRAConv, nn.Conv1d, nn.Conv2d, nn.Conv3d)):
-        return (f"{what} on a convolution: PEFT's PiSSA / OLoRA are for linear layers (PEFT raises 'Unknown "
-                "initialization' on convolutions); exclude it")
+        return (f"{what} on a convolution: PEFT's PiSSA / OLoRA / LoftQ are for linear layers (PEFT raises "
+                f"{'a TypeError' if kind == 'loftq' else repr('Unknown initialization')} on convolutions); exclude it")
     if is_quantized(module) or isinstance(module, QLoRALinear):
-        return (f"{what} on a bitsandbytes {type(getattr(module, 'base_layer', module)).__name__} base: the factors "
-                "come from a floating-point W (PEFT refuses PiSSA on a quantized weight; its OLoRA requantizes the "
-                "residual, which fastpeft does not offer); initialise on the floating-point model, save its residual "
-                "(fastpeft.unload), quantize that, and load the adapter on it with load_adapter(..., residual=True)")
+        return f"{what} on a bitsandbytes {type(getattr(module, 'base_layer', module)).__name__} base: " + (
+            "LoftQ quantizes a floating-point W itself (PEFT's rule: do not pass a quantized model); on a model "
+            "loaded in 4 bits, fastpeft.replace_lora_weights_loftq(model, model_path) sets the adapters from the "
+            "original weights instead" if kind == "loftq" else
+            "the factors come from a floating-point W (PEFT refuses PiSSA on a quantized weight; its OLoRA "
+            "requantizes the residual, which fastpeft does not offer); initialise on the floating-point model, save "
+            "its residual (fastpeft.unload), quantize that, and load the adapter on it with load_adapter(..., "
+            "residual=True)")
     if sparse_density:
         return (f"{what} beside a sparse delta (RoSA, sparse_density={sparse_density!r}): not offered; use one of "
                 "the two")
-    if kind == "olora" and (is_conv1d(module) or getattr(module, "fan_in_fan_out", False)):  # (LoftQ: above)
-        return (f"{what} on a transformers Conv1D (W stored (in, out)): PEFT's olora_init factors the stored (in, out) "
-                "matrix, and its layer then fails at the first forward; 'pissa' works there")
+    if kind in ("olora", "loftq") and (is_conv1d(module) or getattr(module, "fan_in_fan_out", False)):
+        return (f"{what} on a transformers Conv1D (W stored (in, out)): PEFT's {kind}_init factors the stored (in, "
+                "out) matrix, " + ("giving A and B of the wrong shapes" if kind == "loftq" else
+                                   "and its layer then fails at the first forward") + "; 'pissa' works there")
     if getattr(module, "merged", False):
         return f"{what} on a layer with a merged adapter: W is not the base weight; unmerge() first"
     weight = getattr(module, "weight", None)

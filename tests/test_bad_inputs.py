@@ -1827,6 +1827,8 @@ def _loftq_checkpoint(model, tensors: dict):
 
 
 LOFTQ_CASES = [
+    Bad("reset_lora_parameters-loftq-on-an-adapter", lambda m: m.reset_lora_parameters("loftq"), ValueError,
+        ("init_lora_weights='loftq'", "'default'", "quantize Q again"), lambda: FastLoRALinear(IN, OUT, r=2)),
     Bad("LoraConfig-loftq-without-loftq_config", lambda _: LoraConfig(init_lora_weights="loftq"), ValueError,
         ("init_lora_weights='loftq'", "needs loftq_config", "LoftQConfig")),
     Bad("LoraConfig-loftq-bits-2", lambda _: LoraConfig(init_lora_weights="loftq", loftq_config={"loftq_bits": 2}),
@@ -1859,8 +1861,8 @@ LOFTQ_CASES = [
         lambda: fastpeft.inject(_toy(), LoraConfig(r=4, lora_alpha=4, target_modules=["q_proj"], **_LOFTQ))),
     Bad("replace_lora_weights_loftq-no-quantized-layer", lambda m: fastpeft.replace_lora_weights_loftq(m, "/x"),
         ValueError, ("no LoRA layer of adapter 'default'", "bitsandbytes base", "inject LoRA first"), _lora_model),
-    Bad("replace_lora_weights_loftq-callback-an-int", lambda m: fastpeft.replace_lora_weights_loftq(m, "/x", callback=3),
-        TypeError, ("callback", "callable", "int"), lambda: _lora_on_quant()),
+    Bad("replace_lora_weights_loftq-callback-an-int",
+        lambda m: fastpeft.replace_lora_weights_loftq(m, "/x", callback=3), TypeError, ("callback", "callable", "int"), lambda: _lora_on_quant()),
     Bad("replace_lora_weights_loftq-adapter-name-absent", lambda m: fastpeft.replace_lora_weights_loftq(
         m, "/x", adapter_name="other"), ValueError, ("adapter 'other'", "adapters: ['default']"),
         lambda: _lora_on_quant()),

@@ -27,6 +27,7 @@ transformers = pytest.importorskip("transformers")
 import peft.tuners.lora.layer as peft_lora_layer  # noqa: E402
 import peft.utils.loftq_utils as peft_loftq  # noqa: E402
 from safetensors.torch import load_file  # noqa: E402
+from test_pissa import _pair  # noqa: E402  (PEFT's get_peft_model and fastpeft's inject, the same config and seed)
 
 TARGETS = ["q_proj", "v_proj", "down_proj"]
 IDS = torch.randint(0, 64, (2, 7), generator=torch.Generator().manual_seed(3))
@@ -59,16 +60,6 @@ def _llama(dtype=torch.float32, hidden=64):
 def _config(bits=4, iters=1, **kw):
     return dict(r=4, lora_alpha=4, target_modules=TARGETS, init_lora_weights="loftq",
                 loftq_config={"loftq_bits": bits, "loftq_iter": iters}, **kw)
-
-
-def _pair(base, **kw):
-    torch.manual_seed(1)
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")
-        theirs = peft.get_peft_model(copy.deepcopy(base), peft.LoraConfig(**kw))
-    torch.manual_seed(1)
-    ours = fastpeft.inject(copy.deepcopy(base), LoraConfig(**kw))
-    return theirs, ours
 
 
 def _trained(model, seed=5):

@@ -35,7 +35,7 @@ IDS = torch.randint(0, 64, (2, 7), generator=torch.Generator().manual_seed(3))
 
 
 def _pair(base, **kw):
-    cfg = dict(r=4, lora_alpha=8, target_modules=TARGETS, **kw)
+    cfg = {**dict(r=4, lora_alpha=8, target_modules=TARGETS), **kw}
     torch.manual_seed(1)
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
