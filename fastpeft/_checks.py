@@ -19,7 +19,7 @@ from .reference import DORA_DROPOUT_MODES
 
 # float64 runs on the reference path only (the kernels take the three training dtypes).
 FLOAT_DTYPES = (torch.float32, torch.float16, torch.bfloat16, torch.float64)
-INIT_CHOICES = (True, False, "gaussian", "orthogonal")
+INIT_CHOICES = (True, False, "gaussian", "orthogonal", "eva")
 SELECTIONS = ("random", "magnitude", "scores")  # how a sparse delta's positions are picked
 
 
@@ -132,16 +132,51 @@ _PISSA_NITER = re.compile(r"pissa_niter_\d+")
 
 def check_init(init_lora_weights):
     """PEFT's plain inits: True (kaiming A, zero B), "gaussian", "orthogonal" (BA = 0), False (both random, for
-    tests); and its base-rewriting ones, "pissa", "pissa_niter_<n>", "olora" and "loftq" (``base_rewriting_init``)."""
+    tests), "eva" (True's A, zero B, until ``initialize_lora_eva_weights`` sets A from data); and its base-rewriting
+    ones, "pissa", "pissa_niter_<n>", "olora" and "loftq" (``base_rewriting_init``)."""
     if base_rewriting_init(init_lora_weights) is not None:
         return init_lora_weights
     if not any(init_lora_weights is c or init_lora_weights == c for c in INIT_CHOICES) \
             or isinstance(init_lora_weights, (int, float)) and not isinstance(init_lora_weights, bool):
-        hint = (": 'eva' is PEFT's data-driven init (peft.initialize_lora_eva_weights over batches); its adapter files "
-                "load here (load_adapter)" if init_lora_weights == "eva" else "")
         raise ValueError(f"init_lora_weights must be one of {INIT_CHOICES} or 'pissa', 'pissa_niter_<n>', 'olora', "
-                         f"'loftq', got {init_lora_weights!r}{hint}")
+                         f"'loftq', got {init_lora_weights!r}")
     return init_lora_weights
+
+
+EVA_DEFAULTS = {"rho": 2.0, "tau": 0.99, "use_label_mask": True, "label_mask_value": -100, "whiten": False,
+                "adjust_scaling_factors": True}  # PEFT's EvaConfig()
+
+
+def check_eva_config(eva_config, init_lora_weights) -> dict | None:
+    """PEFT's ``eva_config`` (a dict or a ``peft.EvaConfig``) checked as PEFT's LoraConfig does: for
+    ``init_lora_weights="eva"`` its fields (``EVA_DEFAULTS`` where absent, with PEFT's warning when none is given;
+    rho >= 1, 0 <= tau <= 1), None otherwise (one given there is ignored, with PEFT's warning)."""
+    if eva_config is not None and not isinstance(eva_config, dict):
+        if type(eva_config).__name__ != "EvaConfig":
+            raise TypeError(f"eva_config must be a dict or a peft.EvaConfig, got {type(eva_config).__name__}")
+        eva_config = dict(vars(eva_config))
+    if init_lora_weights != "eva":
+        if eva_config is not None:
+            warnings.warn("eva_config is given but will be ignored: init_lora_weights is not 'eva' (PEFT's warning)",
+                          UserWarning, stacklevel=4)
+        return None
+    if eva_config is None:
+        warnings.warn("init_lora_weights is 'eva' but eva_config is not specified: PEFT's default EVA config "
+                      f"{EVA_DEFAULTS} (PEFT's warning)", UserWarning, stacklevel=4)
+        eva_config = {}
+    unknown = sorted(set(eva_config) - set(EVA_DEFAULTS))
+    if unknown:
+        raise ValueError(f"eva_config has unknown keys {unknown}; known: {sorted(EVA_DEFAULTS)}")
+    out = {**EVA_DEFAULTS, **eva_config}
+    if isinstance(out["rho"], bool) or not isinstance(out["rho"], (int, float)) or not out["rho"] >= 1:
+        raise ValueError(f"eva_config['rho'] must be a number >= 1.0 (PEFT's rule), got {out['rho']!r}")
+    if isinstance(out["tau"], bool) or not isinstance(out["tau"], (int, float)) or not 0 <= out["tau"] <= 1:
+        raise ValueError(f"eva_config['tau'] must be in [0, 1] (PEFT's rule), got {out['tau']!r}")
+    for k in ("use_label_mask", "whiten", "adjust_scaling_factors"):
+        check_bool(out[k], f"eva_config['{k}']")
+    if isinstance(out["label_mask_value"], bool) or not isinstance(out["label_mask_value"], int):
+        raise ValueError(f"eva_config['label_mask_value'] must be an int, got {out['label_mask_value']!r}")
+    return out
 
 
 @functools.lru_cache(maxsize=None)

@@ -20,10 +20,10 @@ from typing import Optional, Union
 import torch
 import torch.nn as nn
 
-from ._checks import (base_rewriting_init, check_adapter_name, check_bool, check_choice, check_dora_options,
-                      check_dropout, check_embedding, check_file_tensors, check_finite_number, check_init,
-                      check_layers, check_loftq_config, check_lora_bias, check_rank, check_sparse_delta,
-                      check_sparse_options, check_token_indices, few)
+from ._checks import (EVA_DEFAULTS, base_rewriting_init, check_adapter_name, check_bool, check_choice,
+                      check_dora_options, check_dropout, check_embedding, check_file_tensors, check_finite_number,
+                      check_init, check_eva_config, check_layers, check_loftq_config, check_lora_bias, check_rank,
+                      check_sparse_delta, check_sparse_options, check_token_indices, few)
 from .layers import (FastLoRAConv, FastLoRAEmbedding, FastLoRAParameter, FastLoRALinear, ModulesToSaveWrapper,
                      QLoRALinear, SparseDeltaLinear, TrainableTokensWrapper, base_rewriting_reason, conv_reason,
                      dilated, loftq_error_factors, loftq_scaling_warning, param_base, parameter_adapter_reason,
@@ -74,6 +74,8 @@ class LoraConfig:
     target_parameters: Optional[list] = None
     # PEFT's: with init_lora_weights="loftq", {"loftq_bits": 4 | 8, "loftq_iter": n} (or a peft.LoftQConfig)
     loftq_config: dict = field(default_factory=dict)
+    # PEFT's: with init_lora_weights="eva", {"rho", "tau", ...} (or a peft.EvaConfig; initialize_lora_eva_weights)
+    eva_config: Optional[dict] = None
     peft_type = "LORA"
 
     def __post_init__(self):
@@ -110,6 +112,7 @@ class LoraConfig:
         check_dora_options(self.use_dora, self.sparse_density)
         check_init(self.init_lora_weights)
         self.loftq_config = check_loftq_config(self.loftq_config, self.init_lora_weights)
+        self.eva_config = check_eva_config(self.eva_config, self.init_lora_weights)
         check_lora_bias(self.lora_bias, self.init_lora_weights, self.use_dora, self.sparse_density)
         check_choice(self.task_type, TASK_TYPES, "task_type")
         if self.modules_to_save is not None:
@@ -854,11 +857,11 @@ _UNSUPPORTED = ("layer_replication", "use_qalora", "alora_invocation_tokens",
 _CONFIG_FIELDS = ("r", "lora_alpha", "lora_dropout", "target_modules", "exclude_modules", "bias",
                   "use_rslora", "init_lora_weights", "modules_to_save", "rank_pattern", "alpha_pattern", "use_dora",
                   "task_type", "layers_to_transform", "layers_pattern", "trainable_token_indices", "lora_bias",
-                  "target_parameters", "loftq_config")
+                  "target_parameters", "loftq_config", "eva_config")
 # fields of PEFT's LoraConfig that only describe (or only matter with a variant refused elsewhere: megatron, QA-LoRA,
 # an init that rewrites the base weights)
 _PEFT_METADATA = ("auto_mapping", "base_model_name_or_path", "peft_type", "peft_version", "revision", "megatron_core",
-                  "qalora_group_size", "eva_config", "corda_config", "lora_ga_config", "runtime_config")
+                  "qalora_group_size", "corda_config", "lora_ga_config", "runtime_config")
 _TIED_NAMES = ("embed_tokens", "lm_head", "wte", "word_embeddings", "embed_in", "embed_out", "shared")
 
 
@@ -950,6 +953,12 @@ class LoraMethod(Method):
         if config.init_lora_weights == "orthogonal" and odd:  # checked before any layer changes
             raise ValueError(f"init_lora_weights='orthogonal' needs an even rank (PEFT's), got {few(odd)}")
         _check_rewritable(model, config, plan)
+        if config.init_lora_weights == "eva":  # (checked before any layer changes)
+            odd = [n for n, t in plan.targets.items() if t is not None and n not in plan.params
+                   and not _eva_target(model.get_submodule(n))]
+            if odd:
+                raise ValueError(f"target_modules matched {few(odd)}: init_lora_weights='eva' initialises linear "
+                                 "layers (nn.Linear, Conv1D, bitsandbytes) from their inputs; exclude the others")
         return plan
 
     def apply(self, model: nn.Module, config, adapter_name: str, plan: LoraPlan, state) -> None:
@@ -1075,9 +1084,9 @@ class LoraMethod(Method):
                              f"here; loadable: {_LOADABLE_INITS}, 'pissa', 'olora', 'loftq'")
         kwargs = {k: d[k] for k in _CONFIG_FIELDS + _SPARSE_LORA_FIELDS if k in d and d[k] is not None}
         # The file's init, as PEFT's loaded config keeps it (an adapter made from the config, add_weighted_adapter's,
-        # then draws PEFT's initial values), except EVA (not fastpeft's) and orthogonal (PEFT's own fails on a 4-bit
-        # base, so such a file saved again would not load there): the default init instead.
-        if init not in (True, False, "gaussian") and base_rewriting_init(init) is None:
+        # then draws PEFT's initial values), except orthogonal (PEFT's own fails on a 4-bit base, so such a file
+        # saved again would not load there): the default init instead.
+        if init not in (True, False, "gaussian", "eva") and base_rewriting_init(init) is None:
             kwargs.pop("init_lora_weights", None)
             kwargs.pop("loftq_config", None)
         return self.construct(kwargs, path)
@@ -2429,6 +2438,154 @@ def replace_lora_weights_loftq(model: nn.Module, model_path=None, adapter_name: 
         if callback is not None and not callback(model, name):
             a.copy_(before[0])
             b.copy_(before[1])
+    return model
+
+
+def _eva_target(module: nn.Module) -> bool:
+    """Whether EVA can initialise LoRA on ``module``: a linear layer (nn.Linear, a bitsandbytes one, Conv1D), or
+    fastpeft's LoRA layer on one."""
+    if isinstance(module, (FastLoRAEmbedding, FastLoRAConv, FastLoRAParameter)):
+        return False
+    return isinstance(module, (nn.Linear, FastLoRALinear)) or _conv1d(module)
+
+
+def _eva_layers(model: nn.Module, adapter_name: str, what: str) -> tuple:
+    """``(config, layers)`` of a LoRA adapter that EVA may initialise: its linear layers (nn.Linear, Conv1D,
+    bitsandbytes), checked."""
+    check_adapter_name(adapter_name)
+    configs = adapter_configs(model)
+    config = configs.get(adapter_name)
+    if not isinstance(config, LoraConfig):
+        raise ValueError(f"{what}: the model has no LoRA adapter {adapter_name!r} (adapters: {sorted(configs)})")
+    layers = LoraMethod._layers(model, adapter_name)
+    odd = [n for n, m in layers.items() if not _eva_target(m)]
+    if odd:
+        raise ValueError(f"{what}: adapter {adapter_name!r} sits on {few(odd)}, not a linear layer: EVA "
+                         "initialises nn.Linear / Conv1D / bitsandbytes layers (PEFT's EVA leaves the others at "
+                         "init_lora_weights=True)")
+    merged = [n for n, m in layers.items() if m.merged]
+    if merged:
+        raise RuntimeError(f"{what}: layers {few(merged)} have a merged adapter: unmerge first")
+    return config, layers
+
+
+_LM = "language_modeling"  # (PEFT's default input preparation for EVA's SVD: causal-LM batches, masks applied)
+
+
+@torch.no_grad()
+def get_eva_state_dict(model: nn.Module, dataloader, adapter_name: str = "default", forward_fn=None,
+                       prepare_model_inputs_fn=_LM, prepare_layer_inputs_fn=_LM, show_progress_bar: bool = True):
+    """PEFT's ``get_eva_state_dict`` for adapter ``adapter_name`` of a fastpeft model: ``{layer name: A (k, in)}``,
+    the top right-singular vectors of each layer's inputs over ``dataloader`` (PEFT's incremental SVD, run until
+    they converge, batches cycled), k redistributed over the layers from the explained variance within
+    ``round(r * rho)`` per layer and a budget of the adapter's ranks (``eva_config``). Computed by PEFT's own code
+    on the model with the adapter's layers put back to their base modules for the pass (the adapters never change
+    an input there), so PEFT's hooks see the inputs they see in a PeftModel. ``forward_fn(model, batch)`` (None:
+    ``model(**batch)``), ``prepare_model_inputs_fn`` / ``prepare_layer_inputs_fn``: PEFT's (``"language_modeling"``:
+    its defaults, which drop padded and label-masked tokens; None: every token)."""
+    from peft import EvaConfig
+    from peft import LoraConfig as PeftLoraConfig
+    from peft.tuners.lora import eva as peft_eva
+
+    config, layers = _eva_layers(model, adapter_name, "get_eva_state_dict")
+    check_bool(show_progress_bar, "show_progress_bar")
+    if not hasattr(dataloader, "__len__") or not hasattr(dataloader, "__iter__"):
+        raise TypeError(f"dataloader must be a sized iterable of batches (a DataLoader, a list), got "
+                        f"{type(dataloader).__name__}")
+    eva = config.eva_config if config.eva_config is not None else dict(EVA_DEFAULTS)
+    # every layer's own rank, by its exact name (PEFT's pattern keys match a name's end)
+    ranks = {re.escape(n): m._spec_of(adapter_name).r for n, m in layers.items()}
+    peft_config = PeftLoraConfig(r=config.r, target_modules=sorted(layers), rank_pattern=ranks,
+                                 init_lora_weights="eva", eva_config=EvaConfig(**eva))
+    fns = {"forward_fn": forward_fn if forward_fn is not None else peft_eva.forward_fn_dict,
+           "prepare_model_inputs_fn": peft_eva.prepare_model_inputs_fn_language_modeling
+           if prepare_model_inputs_fn == _LM else prepare_model_inputs_fn,
+           "prepare_layer_inputs_fn": peft_eva.prepare_layer_inputs_fn_language_modeling
+           if prepare_layer_inputs_fn == _LM else prepare_layer_inputs_fn}
+    swapped = []
+    try:
+        for name, layer in layers.items():
+            set_submodule(model, name, layer.base_module())
+            swapped.append((name, layer))
+        return peft_eva.get_eva_state_dict(model, dataloader, peft_config=peft_config,
+                                           show_progress_bar=show_progress_bar, **fns)
+    finally:
+        for name, layer in swapped:
+            set_submodule(model, name, layer)
+
+
+@torch.no_grad()
+def initialize_lora_eva_weights(model: nn.Module, dataloader=None, eva_state_dict: dict | None = None,
+                                forward_fn=None, prepare_model_inputs_fn=_LM, prepare_layer_inputs_fn=_LM,
+                                adapter_name: str = "default", show_progress_bar: bool = True) -> nn.Module:
+    """PEFT's ``initialize_lora_eva_weights`` on a fastpeft model whose adapter ``adapter_name`` was made with
+    ``init_lora_weights="eva"`` (EVA, Paischer et al. 2024): A ← the top right-singular vectors of each layer's
+    inputs (``get_eva_state_dict`` over ``dataloader``, or ``eva_state_dict`` as it returns), B stays zero, so the
+    model still computes its base; returns ``model``. The ranks are redistributed as PEFT's: a layer's adapter is
+    made again at its new rank k (alpha times k / r with ``eva_config["adjust_scaling_factors"]``), a layer at k = 0
+    loses it (its base module back), and the config's rank_pattern / alpha_pattern / target_modules say so (the
+    files are PEFT's). Layers missing from ``eva_state_dict`` get init_lora_weights=True (PEFT's, warned). Every
+    shape is checked before any change. Call it before making the optimizer (the resized adapters are new
+    Parameters). The model must hold this adapter only."""
+    config, layers = _eva_layers(model, adapter_name, "initialize_lora_eva_weights")
+    if config.init_lora_weights != "eva":  # (PEFT's rule)
+        raise ValueError(f"initialize_lora_eva_weights: adapter {adapter_name!r} was made with init_lora_weights="
+                         f"{config.init_lora_weights!r}; EVA initialises adapters made with init_lora_weights='eva'")
+    others = sorted(set(adapter_configs(model)) - {adapter_name})
+    if others:
+        raise ValueError(f"initialize_lora_eva_weights: the model holds other adapters too ({others}); EVA "
+                         "changes this adapter's ranks and layers: initialise it before adding others")
+    if eva_state_dict is None:
+        if dataloader is None:
+            raise ValueError("initialize_lora_eva_weights: pass dataloader (batches of the model's inputs) or "
+                             "eva_state_dict (get_eva_state_dict's result)")
+        eva_state_dict = get_eva_state_dict(model, dataloader, adapter_name, forward_fn, prepare_model_inputs_fn,
+                                            prepare_layer_inputs_fn, show_progress_bar)
+    if not isinstance(eva_state_dict, dict):
+        raise TypeError(f"eva_state_dict must be a dict of layer name -> A (k, in), got "
+                        f"{type(eva_state_dict).__name__}")
+    unknown = sorted(set(eva_state_dict) - set(layers))
+    if unknown:
+        raise ValueError(f"eva_state_dict holds {few(unknown)}, not layers of adapter {adapter_name!r} "
+                         f"({few(sorted(layers))})")
+    for name, w in eva_state_dict.items():
+        shape = (None, layers[name].in_features)
+        if not isinstance(w, torch.Tensor) or w.dim() != 2 or w.shape[1] != shape[1] or not w.is_floating_point() \
+                or w.shape[0] > shape[1]:
+            got = tuple(w.shape) if isinstance(w, torch.Tensor) else type(w).__name__
+            raise ValueError(f"eva_state_dict[{name!r}] must be a floating-point A of shape (k, {shape[1]}), got "
+                             f"{got}")
+    eva = config.eva_config or {}
+    rank_pattern, alpha_pattern, targets, missing = {}, {}, [], []
+    for name, layer in layers.items():  # (the model's order: new draws in PEFT's order)
+        spec = layer._spec_of(adapter_name)
+        r, alpha = spec.r, spec.lora_alpha
+        if name in eva_state_dict:
+            w = eva_state_dict[name]
+            k = w.shape[0]
+            if k == 0:  # no share of the budget: the layer goes (PEFT's)
+                set_submodule(model, name, layer.base_module().train(layer.training))
+                continue
+            if k != r:
+                if eva.get("adjust_scaling_factors", True):
+                    alpha = alpha * k / r
+                layer._resize(adapter_name, k, alpha, "eva")
+            layer.lora_A_adapters[adapter_name].copy_(w)
+            targets.append(name)
+        else:
+            layer._resize(adapter_name, r, alpha, True)
+            missing.append(name)
+            k = r
+        if k != config.r:
+            rank_pattern[name] = k
+        if alpha != config.lora_alpha:
+            alpha_pattern[name] = alpha
+    peft_state(model).adapters[adapter_name] = replace(
+        config, target_modules=targets + missing, exclude_modules=None, layers_to_transform=None,
+        layers_pattern=None, rank_pattern=rank_pattern, alpha_pattern=alpha_pattern)
+    if missing:
+        warnings.warn(f"initialize_lora_eva_weights: layers {few(missing)} were not in eva_state_dict and got "
+                      "init_lora_weights=True (PEFT's)", UserWarning, stacklevel=3)
     return model
 
 

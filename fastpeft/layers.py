@@ -679,6 +679,9 @@ class FastLoRALinear(TunerLayer):
         check_init(init_lora_weights)
         loftq_config = check_loftq_config(loftq_config or (LOFTQ_DEFAULTS if init_lora_weights == "loftq" else None),
                                           init_lora_weights)
+        if init_lora_weights == "eva" and isinstance(self, (FastLoRAEmbedding, FastLoRAConv, FastLoRAParameter)):
+            raise ValueError(f"adapter {name!r}: init_lora_weights='eva' on a {type(self).__name__}: EVA initialises "
+                             "linear layers from their inputs (PEFT's leaves the others at init_lora_weights=True)")
         why = base_rewriting_reason(self, spec.r, init_lora_weights, sparse_density)
         if why is not None:
             raise ValueError(f"adapter {name!r}: {why}")
@@ -753,6 +756,21 @@ class FastLoRALinear(TunerLayer):
             self._active = None
         self._meta = None
         self._reroute()
+
+    @torch.no_grad()
+    def _resize(self, name: str, r: int, lora_alpha, init_lora_weights) -> None:
+        """Adapter ``name`` made again at rank ``r`` and ``lora_alpha`` in its place (PEFT's ``update_layer`` with a
+        new rank, which EVA's rank redistribution calls): new A (r, in) and B (out, r) drawn as a new adapter's, the
+        adapter's other settings, its trainable flag and its magnitude (DoRA: ‖W‖ while B = 0) kept."""
+        old = self._spec_of(name)
+        self._specs[name] = replace(_spec(r, lora_alpha, old.lora_dropout, old.use_rslora), use_dora=old.use_dora)
+        held = self.lora_A_adapters[name]  # (its dtype kept: fp32 factors on a bf16 base stay fp32; PEFT's update_layer
+        kw, trains = dict(device=held.device, dtype=held.dtype), held.requires_grad  # gives the base's dtype there)
+        self.lora_A_adapters[name] = nn.Parameter(torch.empty(r, self.in_features, **kw), requires_grad=trains)
+        self.lora_B_adapters[name] = nn.Parameter(torch.empty(self.out_features, r, **kw), requires_grad=trains)
+        self._meta = self._stacks = None
+        self._drop_kept()
+        self.reset_lora_parameters(init_lora_weights, adapter_name=name, _fresh=True)
 
     def _reroute(self) -> None:
         """Inside ``fastpeft.mixed_batch``, the routing ids again after an adapter was added or deleted (ids are
@@ -991,6 +1009,10 @@ class FastLoRALinear(TunerLayer):
             b.copy_(b0)
             if lora_bias is not None:
                 lora_bias.copy_(bias0)
+            return
+        if init_lora_weights == "eva" and _fresh:  # PEFT's: nn.Linear(in, r)'s draw kept, B zero (EVA sets A later)
+            a.copy_(a0)
+            b.zero_()
             return
         if rewriting is not None:
             self._rewrite_base(init_lora_weights, spec, a, b, loftq_config)
@@ -1767,7 +1789,7 @@ def parameter_adapter_reason(lora_dropout=0.0, use_dora=False, lora_bias=False, 
                         (use_dora, "use_dora=True (PEFT's ParamWrapper refuses LoRA variants)"),
                         (lora_bias, "lora_bias=True (PEFT's ParamWrapper refuses it)"),
                         (sparse_density, "a sparse delta (sparse_density > 0)"),
-                        (init_lora_weights == "orthogonal", "init_lora_weights='orthogonal'"),
+                        (init_lora_weights in ("orthogonal", "eva"), f"init_lora_weights={init_lora_weights!r}"),
                         (base_rewriting_init(init_lora_weights) is not None,
                          f"init_lora_weights={init_lora_weights!r} (PiSSA / OLoRA / LoftQ rewrite a layer's 2-D "
                          "weight)")):

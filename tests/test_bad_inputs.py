@@ -494,8 +494,8 @@ CASES = [
         ("inference_mode", "'yes'")),
     Bad("LoraConfig-ensure_weight_tying", lambda _: LoraConfig(ensure_weight_tying=True), ValueError,
         ("ensure_weight_tying=True", "not supported", "leave it False")),
-    Bad("LoraConfig-init-eva", lambda _: LoraConfig(init_lora_weights="eva"), ValueError,
-        ("init_lora_weights", "'eva'", "data-driven", "load_adapter")),
+    Bad("LoraConfig-init-lora_ga", lambda _: LoraConfig(init_lora_weights="lora_ga"), ValueError,
+        ("init_lora_weights", "'lora_ga'")),
     Bad("BitFitConfig-modules_to_save-str", lambda _: BitFitConfig(modules_to_save="lm_head"), TypeError,
         ("modules_to_save", "'lm_head'")),
     Bad("AdapterConfig-bottleneck_dim-0", lambda _: AdapterConfig(bottleneck_dim=0), ValueError,
@@ -1894,3 +1894,68 @@ def test_loftq_bad_input_raises_naming_the_argument(case):
 def test_loftq_case_ids_are_unique():
     _assert_unique_ids(CASES, QLORA_CASES, QLORA_MODEL_CASES, DORA_CASES, EXPERTS_CASES, CONV_CASES,
                        EXPERT_INJECT_CASES, PISSA_CASES, LOFTQ_CASES)
+
+
+# ---- EVA: inject's init_lora_weights="eva", initialize_lora_eva_weights / get_eva_state_dict ----------------------
+
+_EVA = dict(init_lora_weights="eva", eva_config={"rho": 2.0})
+
+
+def _eva_model():
+    return fastpeft.inject(_toy(), LoraConfig(r=4, target_modules=["q_proj", "v_proj"], **_EVA))
+
+
+def _eva_batches(n=2):
+    return [{"input_ids": torch.randint(0, 10, (2, 5))} for _ in range(n)]
+
+
+EVA_CASES = [
+    Bad("LoraConfig-eva-rho-0.5", lambda _: LoraConfig(init_lora_weights="eva", eva_config={"rho": 0.5}), ValueError,
+        ("eva_config['rho']", ">= 1.0", "0.5")),
+    Bad("LoraConfig-eva-tau-2", lambda _: LoraConfig(init_lora_weights="eva", eva_config={"tau": 2}), ValueError,
+        ("eva_config['tau']", "[0, 1]", "2")),
+    Bad("LoraConfig-eva-unknown-key", lambda _: LoraConfig(init_lora_weights="eva", eva_config={"r": 2}), ValueError,
+        ("eva_config", "unknown keys ['r']", "rho")),
+    Bad("LoraConfig-eva_config-a-list", lambda _: LoraConfig(init_lora_weights="eva", eva_config=[2.0]), TypeError,
+        ("eva_config", "dict or a peft.EvaConfig", "list")),
+    Bad("LoraConfig-eva-whiten-str", lambda _: LoraConfig(init_lora_weights="eva", eva_config={"whiten": "yes"}),
+        TypeError, ("eva_config['whiten']", "'yes'")),
+    Bad("LoraConfig-eva-target_parameters", lambda _: LoraConfig(target_parameters=["0.weight"], **_EVA), ValueError,
+        ("target_parameters", "init_lora_weights='eva'")),
+    Bad("inject-eva-on-an-embedding", lambda m: fastpeft.inject(m, LoraConfig(r=2, target_modules=["0", "1"], **_EVA)),
+        ValueError, ("matched ['0']", "init_lora_weights='eva'", "linear layers"), _embedding_and_linear),
+    Bad("FastLoRAEmbedding-eva", lambda _: fastpeft.FastLoRAEmbedding.from_embedding(
+        nn.Embedding(10, 8), r=2, init_lora_weights="eva"), ValueError,
+        ("'default'", "init_lora_weights='eva'", "FastLoRAEmbedding", "linear layers")),
+    Bad("initialize_lora_eva_weights-not-an-eva-adapter", lambda m: fastpeft.initialize_lora_eva_weights(
+        m, _eva_batches()), ValueError, ("adapter 'default'", "init_lora_weights=True", "init_lora_weights='eva'"),
+        _lora_model),
+    Bad("initialize_lora_eva_weights-no-data", lambda m: fastpeft.initialize_lora_eva_weights(m), ValueError,
+        ("dataloader", "eva_state_dict"), _eva_model),
+    Bad("initialize_lora_eva_weights-adapter-absent", lambda m: fastpeft.initialize_lora_eva_weights(
+        m, _eva_batches(), adapter_name="other"), ValueError, ("no LoRA adapter 'other'", "['default']"), _eva_model),
+    Bad("initialize_lora_eva_weights-beside-another-adapter", lambda m: fastpeft.initialize_lora_eva_weights(
+        m, _eva_batches()), ValueError, ("other adapters too", "['b']", "before adding others"),
+        lambda: fastpeft.inject(_eva_model(), LoraConfig(r=2, target_modules=["q_proj"]), "b")),
+    Bad("initialize_lora_eva_weights-state-dict-of-another-layer", lambda m: fastpeft.initialize_lora_eva_weights(
+        m, eva_state_dict={"layers.0.attn.k_proj": torch.zeros(2, 16)}), ValueError,
+        ("eva_state_dict holds ['layers.0.attn.k_proj']", "adapter 'default'"), _eva_model),
+    Bad("initialize_lora_eva_weights-state-dict-wrong-width", lambda m: fastpeft.initialize_lora_eva_weights(
+        m, eva_state_dict={"layers.0.attn.q_proj": torch.zeros(2, 15)}), ValueError,
+        ("eva_state_dict['layers.0.attn.q_proj']", "(k, 16)", "(2, 15)"), _eva_model),
+    Bad("initialize_lora_eva_weights-state-dict-a-list", lambda m: fastpeft.initialize_lora_eva_weights(
+        m, eva_state_dict=[1]), TypeError, ("eva_state_dict", "dict", "list"), _eva_model),
+    Bad("get_eva_state_dict-a-generator", lambda m: fastpeft.get_eva_state_dict(m, iter(_eva_batches())), TypeError,
+        ("dataloader", "sized iterable", "list_iterator"), _eva_model),
+]
+
+
+@pytest.mark.parametrize("case", [pytest.param(c, id=c.id) for c in EVA_CASES])
+def test_eva_bad_input_raises_naming_the_argument(case):
+    pytest.importorskip("peft")
+    test_bad_input_raises_naming_the_argument(case)
+
+
+def test_eva_case_ids_are_unique():
+    _assert_unique_ids(CASES, QLORA_CASES, QLORA_MODEL_CASES, DORA_CASES, EXPERTS_CASES, CONV_CASES,
+                       EXPERT_INJECT_CASES, PISSA_CASES, LOFTQ_CASES, EVA_CASES)

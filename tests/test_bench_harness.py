@@ -315,3 +315,20 @@ def test_qpissa_error_table(tmp_path):
     row = next(line for line in text.splitlines() if line.startswith("| 8 |"))
     qlora, qpissa, loftq = (float(cell.split()[0]) for cell in row.split("|")[2:5])
     assert 0 < qpissa < qlora and 0 < loftq < qlora
+
+
+def test_eva_init_table(tmp_path):
+    """benchmarks/eva_init.py on the demo's MiniLM (where installed): PEFT's and fastpeft's EVA inits compared (the
+    script raises where their ranks or factors differ), the ranks within the budget."""
+    pytest.importorskip("peft")
+    from fastpeft.demo import classify, data
+
+    for package in (classify.MODEL_PACKAGE, data.DATA_PACKAGE):
+        if data.importlib.util.find_spec(package) is None:
+            pytest.skip(f"{package} is not installed")
+    out = tmp_path / "e.md"
+    text = _bench_module("eva_init").main(["--rank", "4", "--batches", "2", "--batch-size", "8", "--seq-len", "16",
+                                           "--out", str(out)])
+    assert out.read_text() == text and "bit for bit (checked)" in text
+    ranks = [int(line.split("|")[2]) for line in text.splitlines() if line.startswith("| encoder.layer.")]
+    assert len(ranks) == 12 and sum(ranks) == 4 * 12 and max(ranks) <= 8
