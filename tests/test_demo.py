@@ -296,6 +296,40 @@ def test_demo_pissa_and_olora_rows_start_as_the_base_encoder():
         assert (got - want).abs().max() <= 1e-4 * want.abs().max()
 
 
+def test_demo_eva_row_trains_lora_s_budget_from_the_inputs_svd(tmp_path, monkeypatch):
+    """eva (by name, not in --full): LoRA's targets, A from the SVD of each layer's inputs over training batches and the
+    ranks redistributed, their sum LoRA's (query and value are 384 x 384: the trainable count is LoRA's); the
+    optimizer holds the resized adapters (new Parameters), not the ones EVA replaced."""
+    _need_packages()
+    pytest.importorskip("peft")
+    import torch
+
+    import fastpeft
+
+    assert "eva" not in classify.FULL_METHODS
+    seen = {}
+    initialize, adamw = fastpeft.initialize_lora_eva_weights, torch.optim.AdamW
+
+    def initialized(model, *args, **kw):
+        seen["encoder"] = initialize(model, *args, **kw)
+        return seen["encoder"]
+
+    def optimizer(groups, **kw):
+        seen["params"] = {id(p) for g in groups for p in g["params"]}
+        return adamw(groups, **kw)
+    monkeypatch.setattr(fastpeft, "initialize_lora_eva_weights", initialized)
+    monkeypatch.setattr(torch.optim, "AdamW", optimizer)
+    js = tmp_path / "e.json"
+    assert main(["demo", "--methods", "lora", "eva", "--steps", "3", "--max-train", "32", "--max-test", "16",
+                 "--seq-len", "16", "--batch-size", "4", "--quiet", "--json", str(js)]) == 0
+    lora, eva = json.loads(js.read_text())["rows"]
+    assert eva["method"] == "eva" and eva["trainable"] == lora["trainable"]
+    assert eva["loss_curve"] != lora["loss_curve"] and len(eva["loss_curve"]) == 3
+    layers = fastpeft.lora_layers(seen["encoder"])
+    assert {m.r for m in layers.values()} != {8} and sum(m.r for m in layers.values()) == 8 * 12
+    assert all(id(p) in seen["params"] for p in seen["encoder"].parameters() if p.requires_grad)
+
+
 def test_demo_loftq_row_starts_its_layers_nearer_the_encoder_s_weights_than_qlora():
     """loftq (by name, not in --full nor --4bit's default): qlora's NF4 base and targets (alpha 8: s = 1), B A from
     the unquantized weights (replace_lora_weights_loftq on the model's own safetensors), so each adapted layer's

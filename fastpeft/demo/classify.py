@@ -101,6 +101,7 @@ class Method:
     select: bool = False      # pick the sparse positions by RoSA's gradient scores before training
     quantize: bool = False    # the encoder's linear layers in bitsandbytes NF4 (fastpeft demo --4bit)
     extra: bool = False       # not part of --full (asked for by name in --methods)
+    eva: bool = False         # A from the inputs' SVD over a few training batches before training (EVA)
 
 
 # Learning rates: picked by benchmarks/demo_lr_sweep.py (each method's earlier rate x 1/3, 1, 3; 100
@@ -121,6 +122,10 @@ METHODS = {
     # from the unquantized checkpoint (PEFT's replace_lora_weights_loftq); alpha 8, since LoftQ's start needs s = 1
     "loftq": Method("loftq", 2e-3, describe="LoRA r=8, alpha 8 on query/value over NF4, LoftQ init", quantize=True,
                     extra=True),
+    # eva (PEFT's init; not in --full): LoRA's adapters with A from the inputs' SVD over SELECT_BATCHES training batches
+    # and the ranks redistributed (rho 2, alpha scaled); LoRA's rate, not swept
+    "eva": Method("eva", 2e-3, describe="LoRA r=8 on query/value, EVA init (ranks redistributed)", extra=True,
+                  eva=True),
     "pissa": Method("pissa", 2e-3, describe="LoRA r=8 on query/value, PiSSA init (top-8 SVD of W)", extra=True),
     "olora": Method("olora", 2e-3, describe="LoRA r=8 on query/value, OLoRA init (QR of W)", extra=True),
     "sparse": Method("sparse", 3e-4, describe="sparse delta, 0.69% of all-linear, gradient-picked", select=True),
@@ -171,6 +176,9 @@ def build(method: Method, base_encoder, seed: int):
         quantize_nf4(encoder)
         fastpeft.inject(encoder, fastpeft.LoraConfig(r=8, lora_alpha=8, target_modules=["query", "value"]))
         fastpeft.replace_lora_weights_loftq(encoder, encoder.config.name_or_path, progress=False)
+    elif name == "eva":  # PEFT's draws; run_one sets A from the training batches' inputs (initialize_lora_eva_weights)
+        fastpeft.inject(encoder, fastpeft.LoraConfig(r=8, lora_alpha=16, target_modules=["query", "value"],
+                                                     init_lora_weights="eva", eva_config={"rho": 2.0}))
     elif name in ("pissa", "olora"):  # LoRA's adapter, from W's principal directions / QR; the residual left in W
         fastpeft.inject(encoder, fastpeft.LoraConfig(r=8, lora_alpha=16, target_modules=["query", "value"],
                                                      init_lora_weights=name))
@@ -245,6 +253,14 @@ def run_one(method, base_encoder, train, test, args, seed, device, bar):
         fastpeft.select_by_gradients(
             model, batches, lambda m, i: F.cross_entropy(m(ids[i].to(device), mask[i].to(device)), labels[i].to(device)),
             progress=False)
+    if method.eva:  # EVA: A from the SVD of each layer's inputs over a few training batches; the resized adapters
+        # are new Parameters, so the optimizer's groups are made again
+        batches = torch.randperm(len(labels), generator=torch.Generator().manual_seed(seed + 7919))
+        batches = [{"input_ids": ids[i].to(device), "attention_mask": mask[i].to(device)}
+                   for i in batches[:SELECT_BATCHES * args.batch_size].split(args.batch_size)]
+        fastpeft.initialize_lora_eva_weights(model.encoder, batches, show_progress_bar=False)
+        groups = [{"params": [p for p in model.encoder.parameters() if p.requires_grad], "lr": method.lr},
+                  {"params": list(model.head.parameters()), "lr": HEAD_LR}]
     trainable, total = fastpeft.trainable_parameters(model)
     param_bytes = sum(p.numel() * p.element_size() for p in model.parameters())  # NF4: the packed bytes
     opt = torch.optim.AdamW(groups, weight_decay=0.01)
