@@ -953,12 +953,14 @@ class LoraMethod(Method):
         if config.init_lora_weights == "orthogonal" and odd:  # checked before any layer changes
             raise ValueError(f"init_lora_weights='orthogonal' needs an even rank (PEFT's), got {few(odd)}")
         _check_rewritable(model, config, plan)
-        if config.init_lora_weights == "eva":  # (checked before any layer changes)
+        if config.init_lora_weights == "eva":  # (checked before any layer changes; an embedding takes PEFT's draws
+            # and later init_lora_weights=True, as in PEFT)
             odd = [n for n, t in plan.targets.items() if t is not None and n not in plan.params
-                   and not _eva_target(model.get_submodule(n))]
+                   and not _eva_target(model.get_submodule(n), embeddings=True)]
             if odd:
                 raise ValueError(f"target_modules matched {few(odd)}: init_lora_weights='eva' initialises linear "
-                                 "layers (nn.Linear, Conv1D, bitsandbytes) from their inputs; exclude the others")
+                                 "layers (nn.Linear, Conv1D, bitsandbytes) from their inputs (PEFT raises 'Unknown "
+                                 "initialization' on convolutions); exclude the others")
         return plan
 
     def apply(self, model: nn.Module, config, adapter_name: str, plan: LoraPlan, state) -> None:
@@ -1086,9 +1088,11 @@ class LoraMethod(Method):
         # The file's init, as PEFT's loaded config keeps it (an adapter made from the config, add_weighted_adapter's,
         # then draws PEFT's initial values), except orthogonal (PEFT's own fails on a 4-bit base, so such a file
         # saved again would not load there): the default init instead.
-        if init not in (True, False, "gaussian", "eva") and base_rewriting_init(init) is None:
+        if init not in (True, False, "gaussian", "eva") and base_rewriting_init(init) is None or \
+                init == "eva" and d.get("target_parameters"):  # (fastpeft's EVA is for module targets)
             kwargs.pop("init_lora_weights", None)
             kwargs.pop("loftq_config", None)
+            kwargs.pop("eva_config", None)
         return self.construct(kwargs, path)
 
     def _keys(self, model: nn.Module, config, adapter_name: str, layers: dict) -> dict:
@@ -2441,9 +2445,12 @@ def replace_lora_weights_loftq(model: nn.Module, model_path=None, adapter_name: 
     return model
 
 
-def _eva_target(module: nn.Module) -> bool:
-    """Whether EVA can initialise LoRA on ``module``: a linear layer (nn.Linear, a bitsandbytes one, Conv1D), or
-    fastpeft's LoRA layer on one."""
+def _eva_target(module: nn.Module, embeddings: bool = False) -> bool:
+    """Whether EVA initialises LoRA on ``module`` from its inputs: a linear layer (nn.Linear, a bitsandbytes one,
+    Conv1D), or fastpeft's LoRA layer on one; with ``embeddings``, an embedding too (PEFT's EVA takes the adapter there
+    and gives it init_lora_weights=True)."""
+    if embeddings and isinstance(module, (nn.Embedding, FastLoRAEmbedding)):
+        return True
     if isinstance(module, (FastLoRAEmbedding, FastLoRAConv, FastLoRAParameter)):
         return False
     return isinstance(module, (nn.Linear, FastLoRALinear)) or _conv1d(module)
@@ -2458,11 +2465,10 @@ def _eva_layers(model: nn.Module, adapter_name: str, what: str) -> tuple:
     if not isinstance(config, LoraConfig):
         raise ValueError(f"{what}: the model has no LoRA adapter {adapter_name!r} (adapters: {sorted(configs)})")
     layers = LoraMethod._layers(model, adapter_name)
-    odd = [n for n, m in layers.items() if not _eva_target(m)]
+    odd = [n for n, m in layers.items() if not _eva_target(m, embeddings=True)]
     if odd:
-        raise ValueError(f"{what}: adapter {adapter_name!r} sits on {few(odd)}, not a linear layer: EVA "
-                         "initialises nn.Linear / Conv1D / bitsandbytes layers (PEFT's EVA leaves the others at "
-                         "init_lora_weights=True)")
+        raise ValueError(f"{what}: adapter {adapter_name!r} sits on {few(odd)}, not a linear layer nor an "
+                         "embedding: EVA initialises nn.Linear / Conv1D / bitsandbytes layers")
     merged = [n for n, m in layers.items() if m.merged]
     if merged:
         raise RuntimeError(f"{what}: layers {few(merged)} have a merged adapter: unmerge first")
@@ -2493,16 +2499,18 @@ def get_eva_state_dict(model: nn.Module, dataloader, adapter_name: str = "defaul
         raise TypeError(f"dataloader must be a sized iterable of batches (a DataLoader, a list), got "
                         f"{type(dataloader).__name__}")
     eva = config.eva_config if config.eva_config is not None else dict(EVA_DEFAULTS)
-    # every layer's own rank, by its exact name (PEFT's pattern keys match a name's end)
-    ranks = {re.escape(n): m._spec_of(adapter_name).r for n, m in layers.items()}
-    peft_config = PeftLoraConfig(r=config.r, target_modules=sorted(layers), rank_pattern=ranks,
+    # the linear layers by their exact names (a regex: PEFT matches a list's names as suffixes), each with its own
+    # rank (PEFT's pattern keys match a name's end)
+    linear = [n for n, m in layers.items() if _eva_target(m)]
+    ranks = {re.escape(n): layers[n]._spec_of(adapter_name).r for n in linear}
+    peft_config = PeftLoraConfig(r=config.r, target_modules="|".join(map(re.escape, linear)), rank_pattern=ranks,
                                  init_lora_weights="eva", eva_config=EvaConfig(**eva))
     fns = {"forward_fn": forward_fn if forward_fn is not None else peft_eva.forward_fn_dict,
            "prepare_model_inputs_fn": peft_eva.prepare_model_inputs_fn_language_modeling
            if prepare_model_inputs_fn == _LM else prepare_model_inputs_fn,
            "prepare_layer_inputs_fn": peft_eva.prepare_layer_inputs_fn_language_modeling
            if prepare_layer_inputs_fn == _LM else prepare_layer_inputs_fn}
-    swapped = []
+    swapped, training = [], model.training
     try:
         for name, layer in layers.items():
             set_submodule(model, name, layer.base_module())
@@ -2512,6 +2520,7 @@ def get_eva_state_dict(model: nn.Module, dataloader, adapter_name: str = "defaul
     finally:
         for name, layer in swapped:
             set_submodule(model, name, layer)
+        model.train(training)  # (PEFT's pass sets eval and restores the mode only when it finishes)
 
 
 @torch.no_grad()
@@ -2524,7 +2533,8 @@ def initialize_lora_eva_weights(model: nn.Module, dataloader=None, eva_state_dic
     model still computes its base; returns ``model``. The ranks are redistributed as PEFT's: a layer's adapter is
     made again at its new rank k (alpha times k / r with ``eva_config["adjust_scaling_factors"]``), a layer at k = 0
     loses it (its base module back), and the config's rank_pattern / alpha_pattern / target_modules say so (the
-    files are PEFT's). Layers missing from ``eva_state_dict`` get init_lora_weights=True (PEFT's, warned). Every
+    files are PEFT's). Layers missing from ``eva_state_dict``, and embeddings (EVA takes linear layers), get
+    init_lora_weights=True (PEFT's, warned). Every
     shape is checked before any change. Call it before making the optimizer (the resized adapters are new
     Parameters). The model must hold this adapter only."""
     config, layers = _eva_layers(model, adapter_name, "initialize_lora_eva_weights")
@@ -2544,10 +2554,11 @@ def initialize_lora_eva_weights(model: nn.Module, dataloader=None, eva_state_dic
     if not isinstance(eva_state_dict, dict):
         raise TypeError(f"eva_state_dict must be a dict of layer name -> A (k, in), got "
                         f"{type(eva_state_dict).__name__}")
-    unknown = sorted(set(eva_state_dict) - set(layers))
+    linear = [n for n, m in layers.items() if _eva_target(m)]
+    unknown = sorted(set(eva_state_dict) - set(linear))
     if unknown:
-        raise ValueError(f"eva_state_dict holds {few(unknown)}, not layers of adapter {adapter_name!r} "
-                         f"({few(sorted(layers))})")
+        raise ValueError(f"eva_state_dict holds {few(unknown)}, not linear layers of adapter {adapter_name!r} "
+                         f"({few(linear)})")
     for name, w in eva_state_dict.items():
         shape = (None, layers[name].in_features)
         if not isinstance(w, torch.Tensor) or w.dim() != 2 or w.shape[1] != shape[1] or not w.is_floating_point() \
@@ -2568,7 +2579,7 @@ def initialize_lora_eva_weights(model: nn.Module, dataloader=None, eva_state_dic
                 continue
             if k != r:
                 if eva.get("adjust_scaling_factors", True):
-                    alpha = alpha * k / r
+                    alpha = alpha * (k / r)  # (PEFT's rounding: alpha *= new_rank / r)
                 layer._resize(adapter_name, k, alpha, "eva")
             layer.lora_A_adapters[adapter_name].copy_(w)
             targets.append(name)
@@ -2584,8 +2595,9 @@ def initialize_lora_eva_weights(model: nn.Module, dataloader=None, eva_state_dic
         config, target_modules=targets + missing, exclude_modules=None, layers_to_transform=None,
         layers_pattern=None, rank_pattern=rank_pattern, alpha_pattern=alpha_pattern)
     if missing:
-        warnings.warn(f"initialize_lora_eva_weights: layers {few(missing)} were not in eva_state_dict and got "
-                      "init_lora_weights=True (PEFT's)", UserWarning, stacklevel=3)
+        warnings.warn(f"initialize_lora_eva_weights: layers {few(missing)} were not in eva_state_dict (EVA takes "
+                      "linear layers, not embeddings) and got init_lora_weights=True (PEFT's)", UserWarning,
+                      stacklevel=3)
     return model
 
 

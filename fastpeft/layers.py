@@ -679,9 +679,9 @@ class FastLoRALinear(TunerLayer):
         check_init(init_lora_weights)
         loftq_config = check_loftq_config(loftq_config or (LOFTQ_DEFAULTS if init_lora_weights == "loftq" else None),
                                           init_lora_weights)
-        if init_lora_weights == "eva" and isinstance(self, (FastLoRAEmbedding, FastLoRAConv, FastLoRAParameter)):
+        if init_lora_weights == "eva" and isinstance(self, (FastLoRAConv, FastLoRAParameter)):
             raise ValueError(f"adapter {name!r}: init_lora_weights='eva' on a {type(self).__name__}: EVA initialises "
-                             "linear layers from their inputs (PEFT's leaves the others at init_lora_weights=True)")
+                             "linear layers from their inputs (PEFT raises 'Unknown initialization' on convolutions)")
         why = base_rewriting_reason(self, spec.r, init_lora_weights, sparse_density)
         if why is not None:
             raise ValueError(f"adapter {name!r}: {why}")

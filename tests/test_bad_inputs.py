@@ -1922,11 +1922,11 @@ EVA_CASES = [
         TypeError, ("eva_config['whiten']", "'yes'")),
     Bad("LoraConfig-eva-target_parameters", lambda _: LoraConfig(target_parameters=["0.weight"], **_EVA), ValueError,
         ("target_parameters", "init_lora_weights='eva'")),
-    Bad("inject-eva-on-an-embedding", lambda m: fastpeft.inject(m, LoraConfig(r=2, target_modules=["0", "1"], **_EVA)),
-        ValueError, ("matched ['0']", "init_lora_weights='eva'", "linear layers"), _embedding_and_linear),
-    Bad("FastLoRAEmbedding-eva", lambda _: fastpeft.FastLoRAEmbedding.from_embedding(
-        nn.Embedding(10, 8), r=2, init_lora_weights="eva"), ValueError,
-        ("'default'", "init_lora_weights='eva'", "FastLoRAEmbedding", "linear layers")),
+    Bad("inject-eva-on-a-convolution", lambda m: fastpeft.inject(m, LoraConfig(r=2, target_modules=["1", "2"], **_EVA)),
+        ValueError, ("matched ['2']", "init_lora_weights='eva'", "linear layers", "Unknown initialization"),
+        _two_linears),
+    Bad("FastLoRAConv-eva", lambda _: fastpeft.FastLoRAConv(nn.Conv2d(3, 4, 3), r=2, init_lora_weights="eva"),
+        ValueError, ("'default'", "init_lora_weights='eva'", "FastLoRAConv", "Unknown initialization")),
     Bad("initialize_lora_eva_weights-not-an-eva-adapter", lambda m: fastpeft.initialize_lora_eva_weights(
         m, _eva_batches()), ValueError, ("adapter 'default'", "init_lora_weights=True", "init_lora_weights='eva'"),
         _lora_model),
@@ -1939,7 +1939,7 @@ EVA_CASES = [
         lambda: fastpeft.inject(_eva_model(), LoraConfig(r=2, target_modules=["q_proj"]), "b")),
     Bad("initialize_lora_eva_weights-state-dict-of-another-layer", lambda m: fastpeft.initialize_lora_eva_weights(
         m, eva_state_dict={"layers.0.attn.k_proj": torch.zeros(2, 16)}), ValueError,
-        ("eva_state_dict holds ['layers.0.attn.k_proj']", "adapter 'default'"), _eva_model),
+        ("eva_state_dict holds ['layers.0.attn.k_proj']", "linear layers of adapter 'default'"), _eva_model),
     Bad("initialize_lora_eva_weights-state-dict-wrong-width", lambda m: fastpeft.initialize_lora_eva_weights(
         m, eva_state_dict={"layers.0.attn.q_proj": torch.zeros(2, 15)}), ValueError,
         ("eva_state_dict['layers.0.attn.q_proj']", "(k, 16)", "(2, 15)"), _eva_model),

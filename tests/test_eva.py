@@ -167,3 +167,73 @@ def test_on_a_4bit_model_as_peft(tmp_path):
     fastpeft.initialize_lora_eva_weights(ours, batches, show_progress_bar=False)
     assert isinstance(fastpeft.lora_layers(ours)["model.layers.0.self_attn.q_proj"], fastpeft.QLoRALinear)
     _assert_layers_equal(theirs, ours)
+
+
+def test_embeddings_a_nested_namesake_and_alpha_rounding_as_in_peft():
+    """An embedding target takes PEFT's draws and then init_lora_weights=True (EVA takes linear layers; PEFT's warns);
+    a layer's name that is the end of another module's (``fc`` and ``block.fc``) hooks that layer only; alpha after a
+    rank change rounds as PEFT's (alpha * (k / r): r = 7, alpha = 12)."""
+    class Net(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.emb = nn.Embedding(50, 16)
+            self.fc = nn.Linear(16, 16)
+            self.block = nn.Module()
+            self.block.fc, self.block.q = nn.Linear(16, 16), nn.Linear(16, 16)
+
+        def forward(self, input_ids, attention_mask=None):
+            return self.block.q(self.block.fc(self.fc(self.emb(input_ids))))
+
+    torch.manual_seed(0)
+    base = Net()
+    cfg = dict(r=7, lora_alpha=12, target_modules=["emb", "fc", "q"], exclude_modules=["block.fc"],
+               init_lora_weights="eva", eva_config=peft.EvaConfig(rho=2.0))
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        torch.manual_seed(1)
+        theirs = peft.get_peft_model(copy.deepcopy(base), peft.LoraConfig(**cfg))
+        torch.manual_seed(1)
+        ours = fastpeft.inject(copy.deepcopy(base), LoraConfig(**cfg))
+    batches = [{"input_ids": torch.randint(0, 50, (4, 12), generator=torch.Generator().manual_seed(i))}
+               for i in range(4)]
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        torch.manual_seed(2)
+        peft_initialize(theirs, batches, show_progress_bar=False, prepare_model_inputs_fn=None,
+                        prepare_layer_inputs_fn=None)
+        theirs_next = torch.rand(3)
+    torch.manual_seed(2)
+    with pytest.warns(UserWarning, match=r"\['emb'\].*not embeddings.*init_lora_weights=True"):
+        fastpeft.initialize_lora_eva_weights(ours, batches, show_progress_bar=False, prepare_model_inputs_fn=None,
+                                             prepare_layer_inputs_fn=None)
+    assert torch.equal(torch.rand(3), theirs_next)
+    assert sorted(fastpeft.lora_layers(ours)) == ["block.q", "emb", "fc"]
+    for name, fl in fastpeft.lora_layers(ours).items():
+        pl = theirs.base_model.model.get_submodule(name)
+        assert (fl.r, fl.scaling) == (pl.r["default"], pl.scaling["default"]), name
+        a, b = ((pl.lora_embedding_A["default"], pl.lora_embedding_B["default"]) if name == "emb" else
+                (pl.lora_A["default"].weight, pl.lora_B["default"].weight))
+        torch.testing.assert_close(fl.lora_A, a, rtol=0, atol=0)
+        torch.testing.assert_close(fl.lora_B, b, rtol=0, atol=0)
+    pattern = adapter_configs(ours)["default"].alpha_pattern
+    assert pattern and pattern == theirs.peft_config["default"].alpha_pattern, pattern  # (ranks moved: 12 * k / 7)
+
+
+def test_an_eva_file_on_target_parameters_loads_with_the_default_init(tmp_path):
+    """PEFT writes "eva" for target_parameters adapters too (made without the EVA step); fastpeft's EVA is for module
+    targets, so such a file loads with the default init, as before 2026-12-02 (the weights are the file's)."""
+    base = _llama()
+    model = fastpeft.inject(copy.deepcopy(base), LoraConfig(r=2, target_parameters=["self_attn.q_proj.weight"]))
+    with torch.no_grad():
+        for p in model.parameters():
+            if p.requires_grad:
+                p.add_(0.1)
+    fastpeft.save_adapter(model, tmp_path)
+    path = tmp_path / "adapter_config.json"
+    path.write_text(json.dumps({**json.loads(path.read_text()), "init_lora_weights": "eva",
+                                "eva_config": {"rho": 2.0}}))
+    loaded = fastpeft.load_adapter(copy.deepcopy(base), tmp_path)
+    assert adapter_configs(loaded)["default"].init_lora_weights is True
+    ids = _batches(1)[0]["input_ids"]
+    with torch.no_grad():
+        torch.testing.assert_close(loaded(ids).logits, model(ids).logits, rtol=0, atol=0)
