@@ -50,6 +50,17 @@ def triton_backend_device() -> str:
     return "cuda" if torch.cuda.is_available() and not kernels.INTERPRET else "cpu"
 
 
+def bitsandbytes_or_skip():
+    """bitsandbytes (through fastpeft's import, which keeps it from taking the checkout's kernels/ folder for Hugging
+    Face's kernels package), or the calling test module skipped where it is not installed."""
+    from fastpeft.quant import import_bitsandbytes
+
+    try:
+        return import_bitsandbytes()
+    except ImportError:
+        pytest.skip("bitsandbytes is not installed", allow_module_level=True)
+
+
 def lora_inputs(g: torch.Generator, m, k, n, r, bias=True, lead=()) -> list:
     """x (*lead, m, k), W (n, k), bias (n,) or None, A (r, k), B (n, r) of a LoRA linear, float64 on the CPU,
     drawn from ``g`` in that order; W, A and B scaled so that the products stay O(1)."""

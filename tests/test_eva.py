@@ -40,7 +40,7 @@ def _batches(n=6, pad=False):
 
 
 def _pair(base, **kw):
-    cfg = dict(r=4, lora_alpha=8, target_modules=TARGETS, init_lora_weights="eva", **kw)
+    cfg = {**dict(r=4, lora_alpha=8, target_modules=TARGETS, init_lora_weights="eva"), **kw}
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         torch.manual_seed(1)
@@ -186,14 +186,8 @@ def test_embeddings_a_nested_namesake_and_alpha_rounding_as_in_peft():
 
     torch.manual_seed(0)
     base = Net()
-    cfg = dict(r=7, lora_alpha=12, target_modules=["emb", "fc", "q"], exclude_modules=["block.fc"],
-               init_lora_weights="eva", eva_config=peft.EvaConfig(rho=2.0))
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")
-        torch.manual_seed(1)
-        theirs = peft.get_peft_model(copy.deepcopy(base), peft.LoraConfig(**cfg))
-        torch.manual_seed(1)
-        ours = fastpeft.inject(copy.deepcopy(base), LoraConfig(**cfg))
+    theirs, ours = _pair(base, r=7, lora_alpha=12, target_modules=["emb", "fc", "q"], exclude_modules=["block.fc"],
+                         eva_config=peft.EvaConfig(rho=2.0))
     batches = [{"input_ids": torch.randint(0, 50, (4, 12), generator=torch.Generator().manual_seed(i))}
                for i in range(4)]
     with warnings.catch_warnings():

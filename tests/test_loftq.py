@@ -14,14 +14,11 @@ import torch
 
 import fastpeft
 from conftest import assert_close_to_largest as _close
+from conftest import bitsandbytes_or_skip
 from fastpeft import LoraConfig
 from fastpeft.inject import adapter_configs
-from fastpeft.quant import import_bitsandbytes
 
-try:
-    bnb = import_bitsandbytes()
-except ImportError:
-    pytest.skip("bitsandbytes is not installed", allow_module_level=True)
+bnb = bitsandbytes_or_skip()
 peft = pytest.importorskip("peft")
 transformers = pytest.importorskip("transformers")
 import peft.tuners.lora.layer as peft_lora_layer  # noqa: E402

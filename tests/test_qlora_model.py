@@ -11,12 +11,9 @@ import pytest
 import torch
 import torch.nn as nn
 
-from fastpeft.quant import import_bitsandbytes
+from conftest import bitsandbytes_or_skip
 
-try:
-    bnb = import_bitsandbytes()
-except ImportError:
-    pytest.skip("bitsandbytes is not installed", allow_module_level=True)
+bnb = bitsandbytes_or_skip()
 transformers = pytest.importorskip("transformers")
 peft = pytest.importorskip("peft")
 
