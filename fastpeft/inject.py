@@ -2534,9 +2534,8 @@ def initialize_lora_eva_weights(model: nn.Module, dataloader=None, eva_state_dic
     made again at its new rank k (alpha times k / r with ``eva_config["adjust_scaling_factors"]``), a layer at k = 0
     loses it (its base module back), and the config's rank_pattern / alpha_pattern / target_modules say so (the
     files are PEFT's). Layers missing from ``eva_state_dict``, and embeddings (EVA takes linear layers), get
-    init_lora_weights=True (PEFT's, warned). Every
-    shape is checked before any change. Call it before making the optimizer (the resized adapters are new
-    Parameters). The model must hold this adapter only."""
+    init_lora_weights=True (PEFT's, warned). Every shape is checked before any change. Call it before making the
+    optimizer (the resized adapters are new Parameters). The model must hold this adapter only."""
     config, layers = _eva_layers(model, adapter_name, "initialize_lora_eva_weights")
     if config.init_lora_weights != "eva":  # (PEFT's rule)
         raise ValueError(f"initialize_lora_eva_weights: adapter {adapter_name!r} was made with init_lora_weights="
