@@ -16,6 +16,7 @@ from .inject import (LoraConfig, SparseDeltaConfig, active_adapter, add_weighted
                      unload)
 from .inject import replace_lora_weights_loftq  # LoftQ's adapters on a model loaded in 4 / 8 bits (PEFT's function)
 from .inject import get_eva_state_dict, initialize_lora_eva_weights  # EVA's data-driven init (PEFT's functions)
+from .inject import preprocess_corda  # CorDA's input covariance for init_lora_weights="corda" (PEFT's function)
 from .io import load_adapter, read_adapter_config, save_adapter
 from .kernels import deterministic, is_deterministic, set_deterministic
 from .layers import FastLoRALinear, ModulesToSaveWrapper, SparseDeltaLinear, TrainableTokensWrapper
@@ -45,4 +46,4 @@ __all__ = [
 __all__ += ["qlora_linear", "QLoRALinear", "FastLoRAEmbedding", "TrainableTokensWrapper", "disable_adapter",
             "add_weighted_adapter", "lora_experts", "lora_grouped_linear_ref", "lora_conv", "lora_conv_ref",
             "FastLoRAConv", "dora_conv", "FastLoRAParameter", "replace_lora_weights_loftq",
-            "get_eva_state_dict", "initialize_lora_eva_weights"]
+            "get_eva_state_dict", "initialize_lora_eva_weights", "preprocess_corda"]

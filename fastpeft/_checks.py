@@ -82,17 +82,18 @@ def check_choice(v, choices: tuple, name: str):
 
 
 def base_rewriting_init(init_lora_weights) -> str | None:
-    """``"pissa"`` / ``"olora"`` / ``"loftq"`` for PEFT's inits that set A and B from the base weight W and put
-    another weight in W's place (``"pissa"``: W's top-r singular triplets, exact SVD, and the residual W - s B A;
-    ``"pissa_niter_<n>"``: the same from torch's randomized ``svd_lowrank`` with n subspace iterations; ``"olora"``:
-    W's thin QR, and the residual; ``"loftq"``: the quantized W, and B A its quantization error's top-r part), else
-    None."""
+    """``"pissa"`` / ``"olora"`` / ``"loftq"`` / ``"corda"`` for PEFT's inits that set A and B from the base weight W
+    and put another weight in W's place (``"pissa"``: W's top-r singular triplets, exact SVD, and the residual
+    W - s B A; ``"pissa_niter_<n>"``: the same from torch's randomized ``svd_lowrank`` with n subspace iterations;
+    ``"olora"``: W's thin QR, and the residual; ``"loftq"``: the quantized W, and B A its quantization error's top-r
+    part; ``"corda"``: W's SVD weighted by its inputs' covariance, from PEFT's ``preprocess_corda``, and the
+    residual), else None."""
     if not isinstance(init_lora_weights, str):
         return None
     if init_lora_weights == "pissa" or _PISSA_NITER.fullmatch(init_lora_weights):
         return "pissa"
-    if init_lora_weights == "loftq":
-        return "loftq"
+    if init_lora_weights in ("loftq", "corda"):
+        return init_lora_weights
     return "olora" if init_lora_weights.lower() == "olora" else None
 
 
@@ -133,14 +134,45 @@ _PISSA_NITER = re.compile(r"pissa_niter_\d+")
 def check_init(init_lora_weights):
     """PEFT's plain inits: True (kaiming A, zero B), "gaussian", "orthogonal" (BA = 0), False (both random, for
     tests), "eva" (True's A, zero B, until ``initialize_lora_eva_weights`` sets A from data); and its base-rewriting
-    ones, "pissa", "pissa_niter_<n>", "olora" and "loftq" (``base_rewriting_init``)."""
+    ones, "pissa", "pissa_niter_<n>", "olora", "loftq" and "corda" (``base_rewriting_init``)."""
     if base_rewriting_init(init_lora_weights) is not None:
         return init_lora_weights
     if not any(init_lora_weights is c or init_lora_weights == c for c in INIT_CHOICES) \
             or isinstance(init_lora_weights, (int, float)) and not isinstance(init_lora_weights, bool):
         raise ValueError(f"init_lora_weights must be one of {INIT_CHOICES} or 'pissa', 'pissa_niter_<n>', 'olora', "
-                         f"'loftq', got {init_lora_weights!r}")
+                         f"'loftq', 'corda', got {init_lora_weights!r}")
     return init_lora_weights
+
+
+CORDA_DEFAULTS = {"cache_file": None, "covariance_file": None, "corda_method": "ipm", "verbose": False,
+                  "use_float16_for_covariance": False, "prune_temporary_fields": True}  # PEFT's CordaConfig()
+
+
+def check_corda_config(corda_config, init_lora_weights) -> dict | None:
+    """PEFT's ``corda_config`` (a dict or a ``peft.CordaConfig``) checked as PEFT's LoraConfig does: for
+    ``init_lora_weights="corda"`` its fields (``CORDA_DEFAULTS`` where absent, PEFT's warning when none is given;
+    corda_method "ipm" or "kpm"), None otherwise (one given there is ignored, with PEFT's warning)."""
+    if corda_config is not None and not isinstance(corda_config, dict):
+        if type(corda_config).__name__ != "CordaConfig":
+            raise TypeError(f"corda_config must be a dict or a peft.CordaConfig, got {type(corda_config).__name__}")
+        corda_config = dict(vars(corda_config))
+    if init_lora_weights != "corda":
+        if corda_config is not None:
+            warnings.warn("corda_config is given but will be ignored: init_lora_weights is not 'corda' (PEFT's "
+                          "warning)", UserWarning, stacklevel=4)
+        return None
+    if corda_config is None:
+        warnings.warn("init_lora_weights is 'corda' but corda_config is not specified: PEFT's default CorDA config "
+                      "(PEFT's warning)", UserWarning, stacklevel=4)
+        corda_config = {}
+    unknown = sorted(set(corda_config) - set(CORDA_DEFAULTS))
+    if unknown:
+        raise ValueError(f"corda_config has unknown keys {unknown}; known: {sorted(CORDA_DEFAULTS)}")
+    out = {**CORDA_DEFAULTS, **corda_config}
+    check_choice(out["corda_method"], ("ipm", "kpm"), "corda_config['corda_method']")
+    for k in ("verbose", "use_float16_for_covariance", "prune_temporary_fields"):
+        check_bool(out[k], f"corda_config['{k}']")
+    return out
 
 
 EVA_DEFAULTS = {"rho": 2.0, "tau": 0.99, "use_label_mask": True, "label_mask_value": -100, "whiten": False,

@@ -22,12 +22,12 @@ import torch.nn as nn
 
 from ._checks import (EVA_DEFAULTS, base_rewriting_init, check_adapter_name, check_bool, check_choice,
                       check_dora_options, check_dropout, check_embedding, check_file_tensors, check_finite_number,
-                      check_init, check_eva_config, check_layers, check_loftq_config, check_lora_bias, check_rank,
-                      check_sparse_delta, check_sparse_options, check_token_indices, few)
+                      check_init, check_corda_config, check_eva_config, check_layers, check_loftq_config,
+                      check_lora_bias, check_rank, check_sparse_delta, check_sparse_options, check_token_indices, few)
 from .layers import (FastLoRAConv, FastLoRAEmbedding, FastLoRAParameter, FastLoRALinear, ModulesToSaveWrapper,
                      QLoRALinear, SparseDeltaLinear, TrainableTokensWrapper, base_rewriting_reason, conv_reason,
-                     dilated, loftq_error_factors, loftq_scaling_warning, param_base, parameter_adapter_reason,
-                     parameter_layout, parameter_reason, rosa_spec, wrap_reason)
+                     corda_reason, dilated, loftq_error_factors, loftq_scaling_warning, param_base,
+                     parameter_adapter_reason, parameter_layout, parameter_reason, rosa_spec, wrap_reason)
 from .matching import (compile_pattern, default_targets, in_layers, input_embeddings, is_all_linear, is_bias, matches,
                        name_list, output_head, pattern_value, set_submodule)
 from .methods import METHODS as OTHER_METHODS
@@ -76,6 +76,8 @@ class LoraConfig:
     loftq_config: dict = field(default_factory=dict)
     # PEFT's: with init_lora_weights="eva", {"rho", "tau", ...} (or a peft.EvaConfig; initialize_lora_eva_weights)
     eva_config: Optional[dict] = None
+    # PEFT's: with init_lora_weights="corda", {"corda_method": "ipm" | "kpm", ...} (or a peft.CordaConfig)
+    corda_config: Optional[dict] = None
     peft_type = "LORA"
 
     def __post_init__(self):
@@ -113,6 +115,10 @@ class LoraConfig:
         check_init(self.init_lora_weights)
         self.loftq_config = check_loftq_config(self.loftq_config, self.init_lora_weights)
         self.eva_config = check_eva_config(self.eva_config, self.init_lora_weights)
+        self.corda_config = check_corda_config(self.corda_config, self.init_lora_weights)
+        if self.init_lora_weights == "corda" and self.use_dora:
+            raise ValueError("init_lora_weights='corda' with use_dora=True is not offered here (DoRA's magnitude would "
+                             "have to follow the rewritten W); use one of the two")
         check_lora_bias(self.lora_bias, self.init_lora_weights, self.use_dora, self.sparse_density)
         check_choice(self.task_type, TASK_TYPES, "task_type")
         if self.modules_to_save is not None:
@@ -857,11 +863,11 @@ _UNSUPPORTED = ("layer_replication", "use_qalora", "alora_invocation_tokens",
 _CONFIG_FIELDS = ("r", "lora_alpha", "lora_dropout", "target_modules", "exclude_modules", "bias",
                   "use_rslora", "init_lora_weights", "modules_to_save", "rank_pattern", "alpha_pattern", "use_dora",
                   "task_type", "layers_to_transform", "layers_pattern", "trainable_token_indices", "lora_bias",
-                  "target_parameters", "loftq_config", "eva_config")
+                  "target_parameters", "loftq_config", "eva_config", "corda_config")
 # fields of PEFT's LoraConfig that only describe (or only matter with a variant refused elsewhere: megatron, QA-LoRA,
 # an init that rewrites the base weights)
 _PEFT_METADATA = ("auto_mapping", "base_model_name_or_path", "peft_type", "peft_version", "revision", "megatron_core",
-                  "qalora_group_size", "corda_config", "lora_ga_config", "runtime_config")
+                  "qalora_group_size", "lora_ga_config", "runtime_config")
 _TIED_NAMES = ("embed_tokens", "lm_head", "wte", "word_embeddings", "embed_in", "embed_out", "shared")
 
 
@@ -900,6 +906,9 @@ def _check_rewritable(model: nn.Module, config, plan: LoraPlan) -> None:
         if t is not None and name not in plan.params:
             module = model.get_submodule(name)
             why = base_rewriting_reason(module, t[0], config.init_lora_weights, config.sparse_density)
+            if why is None and config.init_lora_weights == "corda" and not isinstance(module, (nn.Embedding,
+                                                                                             FastLoRAEmbedding)):
+                why = corda_reason(module, t[0])
             if why is not None:
                 raise ValueError(f"target_modules matched {name!r}: {why}")
             if not isinstance(module, (nn.Embedding, FastLoRAEmbedding)):
@@ -971,6 +980,8 @@ class LoraMethod(Method):
                   use_dora=config.use_dora, **(dict(lora_bias=True) if config.lora_bias else {}))
         # (LoftQ's settings, to the linear layers only: it was refused on the others)
         loftq = dict(loftq_config=config.loftq_config) if config.init_lora_weights == "loftq" else {}
+        corda = config.init_lora_weights == "corda"  # (linear layers: PEFT's draws, then corda_init from the eigens)
+        linear_kw = dict(kw, init_lora_weights=False) if corda else kw
         made = {}  # a Parameter's module name -> the FastLoRAParameter made on it so far (the innermost first)
         for name, (r, alpha) in plan.targets.items():
             if name in plan.params:  # PEFT's nesting, innermost first; a chain there already takes the adapter
@@ -989,7 +1000,7 @@ class LoraMethod(Method):
                 continue
             module = model.get_submodule(name)
             if isinstance(module, FastLoRALinear):
-                module.add_adapter(adapter_name, r, alpha, **kw, **loftq)
+                module.add_adapter(adapter_name, r, alpha, **kw, **loftq)  # (corda: refused on a layer already)
                 layer = module
             else:
                 if isinstance(module, nn.Embedding):  # plan_lora refused sparse deltas and lora_bias there
@@ -1006,8 +1017,11 @@ class LoraMethod(Method):
                     layer = FastLoRALinear.from_conv1d(module, r=r, lora_alpha=alpha, adapter_name=adapter_name,
                                                        **{k: v for k, v in kw.items() if not k.startswith("sparse_")})
                 else:
-                    layer = FastLoRALinear.from_linear(module, r=r, lora_alpha=alpha, adapter_name=adapter_name, **kw,
-                                                       **loftq)
+                    layer = FastLoRALinear.from_linear(module, r=r, lora_alpha=alpha, adapter_name=adapter_name,
+                                                       **linear_kw, **loftq)
+                    if corda:
+                        layer._corda_init(adapter_name, module.eigens)
+                        del module.eigens  # (PEFT's)
                 layer.set_adapter(None)
                 if state.routing is not None:  # made inside a mixed_batch block: routed as the others
                     layer.set_routing(state.routing, state.rows_per_sequence)
@@ -2442,6 +2456,41 @@ def replace_lora_weights_loftq(model: nn.Module, model_path=None, adapter_name: 
         if callback is not None and not callback(model, name):
             a.copy_(before[0])
             b.copy_(before[1])
+    return model
+
+
+@torch.no_grad()
+def preprocess_corda(model: nn.Module, config, run_model=None, hooked_model=None) -> nn.Module:
+    """PEFT's ``preprocess_corda`` for ``inject(model, config)`` with ``init_lora_weights="corda"`` (CorDA, Yang et al.
+    2024): the covariance of each target linear layer's inputs over what ``run_model()`` feeds the model, then W's
+    SVD weighted by it ("ipm": the directions the inputs use least are trained, "kpm": the most; ``corda_config``),
+    left on each layer as ``eigens`` for ``inject``; returns ``model``. PEFT's own code, on exactly the layers
+    ``inject`` will adapt (their names resolved by fastpeft: "all-linear", patterns and exclusions applied) with each
+    one's rank; ``corda_config``'s cache / covariance files as PEFT's. ``config``: fastpeft's or PEFT's LoraConfig.
+    ``run_model()`` feeds the model one sequence a call, without padding (PEFT's hook takes (1, L, in) inputs); PEFT
+    suggests some 256 samples of 2048 tokens for a 4096-wide model."""
+    from peft import LoraConfig as PeftLoraConfig
+    from peft.tuners.lora.config import CordaConfig
+    from peft.tuners.lora.corda import preprocess_corda as peft_preprocess
+
+    config = _from_peft_config(config)
+    if not isinstance(config, LoraConfig) or config.init_lora_weights != "corda":
+        raise ValueError(f"preprocess_corda: config must be a LoraConfig with init_lora_weights='corda', got "
+                         f"{type(config).__name__}" + (f" with init_lora_weights={config.init_lora_weights!r}"
+                                                        if isinstance(config, LoraConfig) else ""))
+    if run_model is not None and not callable(run_model):
+        raise TypeError(f"run_model must be callable (it runs the model on your samples), got "
+                        f"{type(run_model).__name__}")
+    plan = plan_lora(model, config, warn=False)
+    linear = {n: t[0] for n, t in plan.targets.items() if t is not None and n not in plan.params
+              and isinstance(model.get_submodule(n), nn.Linear) and not _conv1d(model.get_submodule(n))}
+    if not linear:
+        raise ValueError(f"preprocess_corda: the config's target_modules ({config.target_modules!r}) match no linear "
+                         "layer of the model")
+    peft_config = PeftLoraConfig(r=config.r, target_modules="|".join(map(re.escape, linear)),
+                                 rank_pattern={re.escape(n): r for n, r in linear.items()},
+                                 init_lora_weights="corda", corda_config=CordaConfig(**config.corda_config))
+    peft_preprocess(model, peft_config, run_model=run_model, hooked_model=hooked_model)
     return model
 
 

@@ -517,6 +517,39 @@ def loftq_error_factors(error: torch.Tensor, r: int) -> tuple:
     return (root[:, None] * vh[:r]).contiguous(), (u[:, :r] * root).contiguous()
 
 
+@torch.no_grad()
+def corda_factors(w: torch.Tensor, eigens, scaling: float) -> tuple:
+    """``(A (r, in), B (out, r), W - s B A)`` of PEFT's CorDA init from ``w`` (out, in) fp32 and the ``eigens`` PEFT's
+    ``preprocess_corda`` leaves on the layer (U (out, r), S (r,), V (in, r): W's SVD weighted by its inputs'
+    covariance, "ipm" / "kpm"), computed as PEFT's ``corda_init``: S / s, A = √S Vᵀ, B = U √S."""
+    s = eigens.S_WC / scaling  # (PEFT divides in place: its eigens are deleted after)
+    a = eigens.V_WC.t().mul(s.sqrt().view(-1, 1)).contiguous()
+    b = eigens.U_WC.mul(s.sqrt()).contiguous()
+    return a, b, w - scaling * b @ a
+
+
+def corda_reason(module: nn.Module, r: int) -> str | None:
+    """Why ``module`` (an ``nn.Linear``) holds no CorDA eigens for rank ``r`` (PEFT's ``preprocess_corda`` leaves
+    them on each target: U (out, r), S (r,), V (in, r), finite); None where it does."""
+    eigens = getattr(module, "eigens", None)
+    if eigens is None:
+        return ("init_lora_weights='corda' needs PEFT's CorDA eigens on the layer: run fastpeft.preprocess_corda("
+                "model, config, run_model) first (PEFT's preprocess_corda: the covariance of the layer's inputs). A saved "
+                "CorDA adapter loads onto the original model converted to plain LoRA (save_adapter(..., "
+                "path_initial_model_for_weight_conversion=...)), or onto its residual model with load_adapter(..., "
+                "residual=True)")
+    out, inn = module.weight.shape
+    for field, want in (("U_WC", (out, r)), ("S_WC", (r,)), ("V_WC", (inn, r))):
+        t = getattr(eigens, field, None)
+        if not isinstance(t, torch.Tensor) or tuple(t.shape) != want:
+            got = tuple(t.shape) if isinstance(t, torch.Tensor) else type(t).__name__
+            return (f"init_lora_weights='corda': the layer's eigens.{field} is {got}, expected {want} (r={r}): run "
+                    "preprocess_corda with this config (its r and rank_pattern)")
+        if not torch.isfinite(t).all():
+            return f"init_lora_weights='corda': the layer's eigens.{field} holds inf / NaN (PEFT's check)"
+    return None
+
+
 LOFTQ_SCALING_WARNING = r".*LoftQ \(as PEFT's\) sets B A"  # (load_adapter silences it: the file's A, B replace it)
 
 
@@ -679,6 +712,10 @@ class FastLoRALinear(TunerLayer):
         check_init(init_lora_weights)
         loftq_config = check_loftq_config(loftq_config or (LOFTQ_DEFAULTS if init_lora_weights == "loftq" else None),
                                           init_lora_weights)
+        if init_lora_weights == "corda" and not isinstance(self, FastLoRAEmbedding):
+            raise ValueError(f"adapter {name!r}: init_lora_weights='corda' takes PEFT's CorDA eigens of the layer (its "
+                             "inputs' covariance, from preprocess_corda on the model): use fastpeft.inject on the "
+                             "preprocessed model")
         if init_lora_weights == "eva" and isinstance(self, (FastLoRAConv, FastLoRAParameter)):
             raise ValueError(f"adapter {name!r}: init_lora_weights='eva' on a {type(self).__name__}: EVA initialises "
                              "linear layers from their inputs (PEFT raises 'Unknown initialization' on convolutions)")
@@ -1029,6 +1066,18 @@ class FastLoRALinear(TunerLayer):
             return
         a.copy_(torch.empty(r, k).normal_(0.0, 1.0 / r) if init_lora_weights == "gaussian" else kaiming(r, k))
         b.zero_()
+
+    @torch.no_grad()
+    def _corda_init(self, name: str, eigens) -> None:
+        """PEFT's ``corda_init`` of adapter ``name`` (made with ``init_lora_weights=False``, PEFT's draws): A, B from
+        ``eigens`` (``corda_factors``), W ← W - s B A in place, rounded once to W's dtype (checked by inject:
+        ``corda_reason``, ``base_rewriting_reason``)."""
+        spec, w = self._spec_of(name), self._w()
+        fa, fb, residual = corda_factors(w.float(), eigens, spec.scaling)
+        self.lora_A_adapters[name].copy_(fa)
+        self.lora_B_adapters[name].copy_(fb)
+        w.copy_(residual)
+        self._drop_kept()
 
     def _rewrite_base(self, init_lora_weights: str, spec: AdapterSpec, a: nn.Parameter, b: nn.Parameter,
                       loftq_config=None) -> None:
@@ -1837,6 +1886,8 @@ def base_rewriting_reason(module: nn.Module, r: int, init_lora_weights, sparse_d
     if sparse_density:
         return (f"{what} beside a sparse delta (RoSA, sparse_density={sparse_density!r}): not offered; use one of "
                 "the two")
+    if kind == "corda" and (is_conv1d(module) or getattr(module, "fan_in_fan_out", False)):
+        return f"{what} on a transformers Conv1D (W stored (in, out)): not offered here (PEFT's transposes it)"
     if kind in ("olora", "loftq") and (is_conv1d(module) or getattr(module, "fan_in_fan_out", False)):
         return (f"{what} on a transformers Conv1D (W stored (in, out)): PEFT's {kind}_init factors the stored (in, "
                 "out) matrix, " + ("giving A and B of the wrong shapes" if kind == "loftq" else

@@ -454,8 +454,8 @@ CASES = [
     Bad("LoraConfig-task_type-unknown", lambda _: LoraConfig(task_type="CLS"), ValueError,
         ("task_type", "'SEQ_CLS'", "'CLS'")),
     Bad("LoraConfig-use_rslora-str", lambda _: LoraConfig(use_rslora="yes"), TypeError, ("use_rslora", "str")),
-    Bad("LoraConfig-init-corda", lambda _: LoraConfig(init_lora_weights="corda"), ValueError,
-        ("init_lora_weights", "'corda'")),
+    Bad("LoraConfig-init-mica", lambda _: LoraConfig(init_lora_weights="mica"), ValueError,
+        ("init_lora_weights", "'mica'")),
     Bad("LoraConfig-target_modules-int", lambda _: LoraConfig(target_modules=5), TypeError, ("target_modules", "int")),
     Bad("LoraConfig-target_modules-empty-list", lambda _: LoraConfig(target_modules=[]), ValueError,
         ("target_modules", "non-empty", "[]")),
@@ -1959,3 +1959,56 @@ def test_eva_bad_input_raises_naming_the_argument(case):
 def test_eva_case_ids_are_unique():
     _assert_unique_ids(CASES, QLORA_CASES, QLORA_MODEL_CASES, DORA_CASES, EXPERTS_CASES, CONV_CASES,
                        EXPERT_INJECT_CASES, PISSA_CASES, LOFTQ_CASES, EVA_CASES)
+
+
+# ---- CorDA: preprocess_corda, then inject's init_lora_weights="corda" ---------------------------------------
+
+_CORDA = dict(init_lora_weights="corda", corda_config={"corda_method": "ipm"})
+
+
+def _corda_ready(r=2):
+    """A toy whose q_proj / v_proj hold CorDA eigens of rank ``r`` (preprocess_corda over two batches)."""
+    model = _toy()
+    fastpeft.preprocess_corda(model, LoraConfig(r=r, target_modules=["q_proj", "v_proj"], **_CORDA),
+                              run_model=lambda: [model(torch.randn(3, 16)) for _ in range(2)])
+    return model
+
+
+CORDA_CASES = [
+    Bad("LoraConfig-corda-method-xpm", lambda _: LoraConfig(init_lora_weights="corda",
+                                                            corda_config={"corda_method": "xpm"}), ValueError,
+        ("corda_config['corda_method']", "('ipm', 'kpm')", "'xpm'")),
+    Bad("LoraConfig-corda-unknown-key", lambda _: LoraConfig(init_lora_weights="corda", corda_config={"rank": 2}),
+        ValueError, ("corda_config", "unknown keys ['rank']", "corda_method")),
+    Bad("LoraConfig-corda-with-dora", lambda _: LoraConfig(use_dora=True, **_CORDA), ValueError,
+        ("init_lora_weights='corda'", "use_dora=True")),
+    Bad("FastLoRALinear-corda", lambda _: FastLoRALinear(8, 8, r=2, init_lora_weights="corda"), ValueError,
+        ("'default'", "init_lora_weights='corda'", "preprocess_corda", "fastpeft.inject")),
+    Bad("inject-corda-without-preprocess", lambda m: fastpeft.inject(m, LoraConfig(
+        r=2, target_modules=["q_proj", "v_proj"], **_CORDA)), ValueError,
+        ("matched 'layers.0.attn.q_proj'", "CorDA eigens", "preprocess_corda", "residual=True"), _toy),
+    Bad("inject-corda-another-rank-than-preprocessed", lambda m: fastpeft.inject(m, LoraConfig(
+        r=4, target_modules=["q_proj", "v_proj"], **_CORDA)), ValueError,
+        ("eigens.U_WC is (16, 2)", "expected (16, 4)", "r=4"), _corda_ready),
+    Bad("inject-corda-on-a-Conv1D", lambda m: fastpeft.inject(m, LoraConfig(r=2, target_modules=["c_attn"], **_CORDA)),
+        ValueError, ("'h.0.attn.c_attn'", "init_lora_weights='corda'", "Conv1D", "not offered"), _gpt2_block),
+    Bad("preprocess_corda-a-plain-config",
+        lambda m: fastpeft.preprocess_corda(m, LoraConfig(target_modules=["q_proj"])), ValueError, ("preprocess_corda", "init_lora_weights='corda'", "init_lora_weights=True"), _toy),
+    Bad("preprocess_corda-run_model-an-int", lambda m: fastpeft.preprocess_corda(m, LoraConfig(
+        target_modules=["q_proj"], **_CORDA), run_model=3), TypeError, ("run_model", "callable", "int"), _toy),
+    Bad("preprocess_corda-a-layernorm-target", lambda m: fastpeft.preprocess_corda(m, LoraConfig(
+        target_modules=["norm"], **_CORDA)), ValueError, ("target_modules matched 'norm'", "nn.Linear modules only"),
+        _toy),
+]
+
+
+@pytest.mark.parametrize("case", [pytest.param(c, id=c.id) for c in CORDA_CASES])
+def test_corda_bad_input_raises_naming_the_argument(case):
+    pytest.importorskip("peft")
+    pytest.importorskip("attr")
+    test_bad_input_raises_naming_the_argument(case)
+
+
+def test_corda_case_ids_are_unique():
+    _assert_unique_ids(CASES, QLORA_CASES, QLORA_MODEL_CASES, DORA_CASES, EXPERTS_CASES, CONV_CASES,
+                       EXPERT_INJECT_CASES, PISSA_CASES, LOFTQ_CASES, EVA_CASES, CORDA_CASES)

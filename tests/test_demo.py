@@ -7,6 +7,8 @@ import zipfile
 
 import pytest
 
+from fastpeft.inject import adapter_configs
+
 from fastpeft.cli import main
 from fastpeft.demo import classify, data, lm
 
@@ -328,6 +330,39 @@ def test_demo_eva_row_trains_lora_s_budget_from_the_inputs_svd(tmp_path, monkeyp
     layers = fastpeft.lora_layers(seen["encoder"])
     assert {m.r for m in layers.values()} != {8} and sum(m.r for m in layers.values()) == 8 * 12
     assert all(id(p) in seen["params"] for p in seen["encoder"].parameters() if p.requires_grad)
+
+
+def test_demo_corda_row_is_lora_s_count_on_a_rewritten_base(tmp_path, monkeypatch):
+    """corda (by name, not in --full): LoRA's targets and count, injected after preprocess_corda over training batches
+    (the query / value weights left as W - s B A), the optimizer holding every trainable Parameter."""
+    _need_packages()
+    pytest.importorskip("peft")
+    pytest.importorskip("attr")
+    import torch
+
+    import fastpeft
+
+    assert "corda" not in classify.FULL_METHODS
+    seen = {}
+    inject, adamw = fastpeft.inject, torch.optim.AdamW
+
+    def injected(model, config, *args, **kw):
+        seen.setdefault("encoders", []).append(model)
+        return inject(model, config, *args, **kw)
+
+    def optimizer(groups, **kw):
+        seen["params"] = {id(p) for g in groups for p in g["params"]}
+        return adamw(groups, **kw)
+    monkeypatch.setattr(fastpeft, "inject", injected)
+    monkeypatch.setattr(torch.optim, "AdamW", optimizer)
+    js = tmp_path / "c.json"
+    assert main(["demo", "--methods", "lora", "corda", "--steps", "3", "--max-train", "32", "--max-test", "16",
+                 "--seq-len", "16", "--batch-size", "4", "--quiet", "--json", str(js)]) == 0
+    lora, corda = json.loads(js.read_text())["rows"]
+    assert corda["method"] == "corda" and corda["trainable"] == lora["trainable"]
+    encoder = seen["encoders"][-1]
+    assert adapter_configs(encoder)["default"].init_lora_weights == "corda"
+    assert all(id(p) in seen["params"] for p in encoder.parameters() if p.requires_grad)
 
 
 def test_demo_loftq_row_starts_its_layers_nearer_the_encoder_s_weights_than_qlora():

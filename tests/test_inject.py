@@ -265,7 +265,7 @@ def test_second_adapter_goes_beside_the_first():
     ({"target_modules": "(unclosed"}, ValueError, "not a valid regex"),
     ({"rank_pattern": {"q_proj": 0}}, ValueError, r"rank_pattern\['q_proj'\] must be a positive int"),
     ({"alpha_pattern": []}, TypeError, "alpha_pattern must be a dict"),
-    ({"init_lora_weights": "corda"}, ValueError, "init_lora_weights"),
+    ({"init_lora_weights": "mica"}, ValueError, "init_lora_weights"),
 ], ids=["r", "dropout", "bias", "targets-int", "targets-empty", "targets-regex", "rank-pattern", "alpha-pattern",
         "init"])
 def test_bad_configs(kw, exc, msg):

@@ -71,9 +71,9 @@ def test_inits():
     ({"lora_dropout": 1.0}, ValueError, r"lora_dropout must be a float in \[0, 1\), got 1.0"),
     ({"lora_dropout": -0.5}, ValueError, "lora_dropout"),
     ({"lora_alpha": float("inf")}, ValueError, "lora_alpha must be a finite number"),
-    ({"init_lora_weights": "corda"}, ValueError, "init_lora_weights must be one of"),
+    ({"init_lora_weights": "mica"}, ValueError, "init_lora_weights must be one of"),
     ({"use_rslora": "yes"}, TypeError, "use_rslora must be a bool"),
-], ids=["r0", "r-float", "dropout1", "dropout-neg", "alpha-inf", "init-corda", "rslora-str"])
+], ids=["r0", "r-float", "dropout1", "dropout-neg", "alpha-inf", "init-mica", "rslora-str"])
 def test_bad_constructor_arguments(kw, exc, msg):
     with pytest.raises(exc, match=msg):
         FastLoRALinear(8, 8, **kw)

@@ -44,7 +44,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--methods", nargs="+", choices=list(methods), metavar="METHOD",
                    help=f"methods to run, of {', '.join(methods)} (default: {' '.join(default)}; --full: all)")
     p.add_argument("--full", action="store_true",
-                   help="all methods (but qlora, loftq, eva, pissa, olora) and all the test reviews")
+                   help="all methods (but qlora, loftq, eva, corda, pissa, olora) and all the test reviews")
     p.add_argument("--4bit", dest="four_bit", action="store_true",
                    help="the lora row and the same LoRA over an NF4 base (qlora: bitsandbytes Linear4bit, double "
                         "quant, for every encoder linear layer), side by side; with --model smollm2, LoRA over the "

@@ -102,6 +102,7 @@ class Method:
     quantize: bool = False    # the encoder's linear layers in bitsandbytes NF4 (fastpeft demo --4bit)
     extra: bool = False       # not part of --full (asked for by name in --methods)
     eva: bool = False         # A from the inputs' SVD over a few training batches before training (EVA)
+    corda: bool = False       # LoRA injected after CorDA's input covariance over a few training batches (CorDA)
 
 
 # Learning rates: picked by benchmarks/demo_lr_sweep.py (each method's earlier rate x 1/3, 1, 3; 100
@@ -126,6 +127,9 @@ METHODS = {
     # and the ranks redistributed (rho 2, alpha scaled); LoRA's rate, not swept
     "eva": Method("eva", 2e-3, describe="LoRA r=8 on query/value, EVA init (ranks redistributed)", extra=True,
                   eva=True),
+    # corda (PEFT's init; not in --full): LoRA's adapters from W's SVD weighted by the covariance of each layer's inputs
+    # over SELECT_BATCHES training batches ("ipm": the directions they use least), W - s B A left in W's place
+    "corda": Method("corda", 2e-3, describe="LoRA r=8 on query/value, CorDA init (ipm)", extra=True, corda=True),
     "pissa": Method("pissa", 2e-3, describe="LoRA r=8 on query/value, PiSSA init (top-8 SVD of W)", extra=True),
     "olora": Method("olora", 2e-3, describe="LoRA r=8 on query/value, OLoRA init (QR of W)", extra=True),
     "sparse": Method("sparse", 3e-4, describe="sparse delta, 0.69% of all-linear, gradient-picked", select=True),
@@ -179,6 +183,8 @@ def build(method: Method, base_encoder, seed: int):
     elif name == "eva":  # PEFT's draws; run_one sets A from the training batches' inputs (initialize_lora_eva_weights)
         fastpeft.inject(encoder, fastpeft.LoraConfig(r=8, lora_alpha=16, target_modules=["query", "value"],
                                                      init_lora_weights="eva", eva_config={"rho": 2.0}))
+    elif name == "corda":  # run_one measures the inputs' covariance (preprocess_corda), then injects
+        pass
     elif name in ("pissa", "olora"):  # LoRA's adapter, from W's principal directions / QR; the residual left in W
         fastpeft.inject(encoder, fastpeft.LoraConfig(r=8, lora_alpha=16, target_modules=["query", "value"],
                                                      init_lora_weights=name))
@@ -253,6 +259,21 @@ def run_one(method, base_encoder, train, test, args, seed, device, bar):
         fastpeft.select_by_gradients(
             model, batches, lambda m, i: F.cross_entropy(m(ids[i].to(device), mask[i].to(device)), labels[i].to(device)),
             progress=False)
+    if method.corda:  # CorDA: the covariance of query / value's inputs over a few training batches, then LoRA
+        batches = torch.randperm(len(labels), generator=torch.Generator().manual_seed(seed + 7919))
+        batches = batches[:SELECT_BATCHES * args.batch_size].split(args.batch_size)
+        config = fastpeft.LoraConfig(r=8, lora_alpha=16, target_modules=["query", "value"], init_lora_weights="corda",
+                                     corda_config={"corda_method": "ipm"})
+
+        def run_model():  # one review a call, its padding cut off (PEFT's CorDA hook takes batches of one)
+            for j in torch.cat(list(batches)).tolist():
+                model.encoder(input_ids=ids[j:j + 1, mask[j].bool()].to(device))
+        with torch.no_grad():
+            fastpeft.preprocess_corda(model.encoder, config, run_model=run_model)
+        torch.manual_seed(seed)
+        fastpeft.inject(model.encoder, config)
+        groups = [{"params": [p for p in model.encoder.parameters() if p.requires_grad], "lr": method.lr},
+                  {"params": list(model.head.parameters()), "lr": HEAD_LR}]
     if method.eva:  # EVA: A from the SVD of each layer's inputs over a few training batches; the resized adapters
         # are new Parameters, so the optimizer's groups are made again
         batches = torch.randperm(len(labels), generator=torch.Generator().manual_seed(seed + 7919))
