@@ -391,9 +391,9 @@ def to_peft(model: nn.Module):
                 raw = json.load(f)
             if base_rewriting_init(raw.get("init_lora_weights")) is not None:
                 # PiSSA / OLoRA / LoftQ: the base weights are the residual (Q) already; PEFT would rewrite again
-                rewritten[name] = raw["init_lora_weights"], raw.get("loftq_config") or {}
+                rewritten[name] = raw["init_lora_weights"], raw.get("loftq_config") or {}, raw.get("corda_config")
                 with open(config_path, "w") as f:
-                    json.dump(dict(raw, init_lora_weights=True, loftq_config={}), f)
+                    json.dump(dict(raw, init_lora_weights=True, loftq_config={}, corda_config=None), f)
             config = read_adapter_config(dirs[name])
             peft_type = raw.get("peft_type")
             if peft_type != "LORA" or getattr(config, "sparse_density", 0.0) > 0:
@@ -424,9 +424,12 @@ def to_peft(model: nn.Module):
             for name in names:
                 if name != active:
                     peft_model.load_adapter(dirs[name], adapter_name=name, is_trainable=False)
-            for name, (init, loftq) in rewritten.items():  # PEFT's config as get_peft_model keeps it: its save
-                peft_model.peft_config[name].init_lora_weights = init  # writes "pissa", which then loads on the
+            for name, (init, loftq, corda) in rewritten.items():  # PEFT's config as get_peft_model keeps it: its
+                peft_model.peft_config[name].init_lora_weights = init  # save writes "pissa", which then loads on the
                 peft_model.peft_config[name].loftq_config = loftq      # original model
+                if corda is not None:
+                    from peft.tuners.lora.config import CordaConfig
+                    peft_model.peft_config[name].corda_config = CordaConfig(**corda)
         except BaseException:
             for path, m in swapped:
                 _set_submodule(model, path, m)

@@ -895,7 +895,7 @@ _LOADABLE_INITS = (True, False, "gaussian", "orthogonal", "eva")
 _SPARSE_LORA_FIELDS = ("sparse_density", "sparse_block_size", "sparse_selection")  # RoSA: fastpeft's own keys
 
 
-def _check_rewritable(model: nn.Module, config, plan: LoraPlan) -> None:
+def _check_rewritable(model: nn.Module, config, plan: LoraPlan, eigens: bool = True) -> None:
     """PiSSA / OLoRA / LoftQ (a base-rewriting ``init_lora_weights``): every target of ``plan`` checked before any
     changes (``base_rewriting_reason``; a weight tied to another parameter refused: rewriting it would change that
     one too)."""
@@ -906,8 +906,8 @@ def _check_rewritable(model: nn.Module, config, plan: LoraPlan) -> None:
         if t is not None and name not in plan.params:
             module = model.get_submodule(name)
             why = base_rewriting_reason(module, t[0], config.init_lora_weights, config.sparse_density)
-            if why is None and config.init_lora_weights == "corda" and not isinstance(module, (nn.Embedding,
-                                                                                             FastLoRAEmbedding)):
+            if why is None and eigens and config.init_lora_weights == "corda" and not isinstance(
+                    module, (nn.Embedding, FastLoRAEmbedding)):
                 why = corda_reason(module, t[0])
             if why is not None:
                 raise ValueError(f"target_modules matched {name!r}: {why}")
@@ -928,10 +928,10 @@ def _warn_rewritten_base(model: nn.Module, config, adapter_name: str) -> None:
     rewriting = [n for n, c in configs.items() if base_rewriting_init(getattr(c, "init_lora_weights", None))]
     if len(configs) > 1 and rewriting:
         others = [n for n in configs if n not in rewriting]
-        warnings.warn(f"adapters {rewriting} were made with PiSSA / OLoRA / LoftQ, which leave W - s B0 A0 (LoftQ: "
-                      f"the quantized W) in the base weights' place: the model's other adapters ({others}) sit on "
-                      "that, not on W. To combine a PiSSA / OLoRA adapter with others, save it as plain LoRA "
-                      "(save_adapter(..., path_initial_model_for_weight_conversion=...)) and load that on the "
+        warnings.warn(f"adapters {rewriting} were made with PiSSA / OLoRA / LoftQ / CorDA, which leave W - s B0 A0 "
+                      f"(LoftQ: the quantized W) in the base weights' place: the model's other adapters ({others}) sit "
+                      "on that, not on W. To combine a PiSSA / OLoRA / CorDA adapter with others, save it as plain "
+                      "LoRA (save_adapter(..., path_initial_model_for_weight_conversion=...)) and load that on the "
                       "original model", UserWarning, stacklevel=4)
 
 
@@ -1926,7 +1926,7 @@ def add_weighted_adapter(model: nn.Module, adapters: list, weights: list, adapte
                      layers_to_transform=None, layers_pattern=None, task_type=None, inference_mode=False)
     rewriting = base_rewriting_init(config.init_lora_weights) is not None
     if rewriting:  # (PiSSA / OLoRA / LoftQ would rewrite W a second time; PEFT's does: its base then changes)
-        config = replace(config, init_lora_weights=True, loftq_config={})
+        config = replace(config, init_lora_weights=True, loftq_config={}, corda_config=None)
     how = (combination_type, rank, svd_clamp, density, majority_sign_method)
     random = combination_type.startswith("dare")
     devices = sorted({p.device.index or 0 for m in layers.values() for p in m.parameters() if p.device.type == "cuda"})
@@ -1935,7 +1935,8 @@ def add_weighted_adapter(model: nn.Module, adapters: list, weights: list, adapte
     inject(model, config, adapter_name, activate=False)
     if rewriting:  # the new adapter sits on the same residual: its config says so (a file then loads as the source's)
         peft_state(model).adapters[adapter_name] = replace(config, init_lora_weights=first.init_lora_weights,
-                                                           loftq_config=first.loftq_config)
+                                                           loftq_config=first.loftq_config,
+                                                           corda_config=first.corda_config)
     if random:  # drawn again after the new adapter's initial draws, layer by layer, as PEFT draws them
         factors = {n: _padded(*_combined(m, adapters, weights, *how), rank, n) for n, m in layers.items()}
     with torch.no_grad():
@@ -2482,15 +2483,42 @@ def preprocess_corda(model: nn.Module, config, run_model=None, hooked_model=None
         raise TypeError(f"run_model must be callable (it runs the model on your samples), got "
                         f"{type(run_model).__name__}")
     plan = plan_lora(model, config, warn=False)
+    adapted = [n for n, t in plan.targets.items() if t is not None and isinstance(model.get_submodule(n),
+                                                                                  (FastLoRALinear, SparseDeltaLinear))]
+    if adapted:
+        raise ValueError(f"preprocess_corda: target_modules match {few(adapted)}, which hold fastpeft adapters "
+                         "already: CorDA's eigens are measured on the plain layers; preprocess and inject the CorDA "
+                         "adapter first, then add the others")
+    _check_rewritable(model, config, plan, eigens=False)  # (what inject would refuse, before the data pass)
     linear = {n: t[0] for n, t in plan.targets.items() if t is not None and n not in plan.params
               and isinstance(model.get_submodule(n), nn.Linear) and not _conv1d(model.get_submodule(n))}
     if not linear:
         raise ValueError(f"preprocess_corda: the config's target_modules ({config.target_modules!r}) match no linear "
                          "layer of the model")
+    # exact names: PEFT matches target_modules' regex whole, and pattern keys as a name's end ("^": from its start)
     peft_config = PeftLoraConfig(r=config.r, target_modules="|".join(map(re.escape, linear)),
-                                 rank_pattern={re.escape(n): r for n, r in linear.items()},
+                                 rank_pattern={"^" + re.escape(n): r for n, r in linear.items()},
                                  init_lora_weights="corda", corda_config=CordaConfig(**config.corda_config))
-    peft_preprocess(model, peft_config, run_model=run_model, hooked_model=hooked_model)
+    modules = {n: model.get_submodule(n) for n in linear}
+    before = {n: (set(m._forward_hooks), m.__dict__.get("eigens")) for n, m in modules.items()}
+    training = model.training
+    try:
+        peft_preprocess(model, peft_config, run_model=run_model, hooked_model=hooked_model)
+    except BaseException as e:  # the layers as they were: PEFT's hooks and temporary fields gone
+        for n, m in modules.items():
+            hooks, held = before[n]
+            for key in set(m._forward_hooks) - hooks:
+                del m._forward_hooks[key]
+            for attr in ("sample_count", "covariance_matrix", "rank", "corda_method", "eigens"):
+                m.__dict__.pop(attr, None)
+            if held is not None:
+                m.eigens = held
+        if isinstance(e, RuntimeError) and "expects a tensor with <= 2 dimensions" in str(e):
+            raise ValueError("preprocess_corda: run_model must feed the model one sequence a call (PEFT's CorDA "
+                             "hook takes (1, L, in) inputs), got a batch of several") from e
+        raise
+    finally:
+        model.train(training)  # (PEFT's pass leaves the model in eval)
     return model
 
 
@@ -2551,7 +2579,7 @@ def get_eva_state_dict(model: nn.Module, dataloader, adapter_name: str = "defaul
     # the linear layers by their exact names (a regex: PEFT matches a list's names as suffixes), each with its own
     # rank (PEFT's pattern keys match a name's end)
     linear = [n for n, m in layers.items() if _eva_target(m)]
-    ranks = {re.escape(n): layers[n]._spec_of(adapter_name).r for n in linear}
+    ranks = {"^" + re.escape(n): layers[n]._spec_of(adapter_name).r for n in linear}  # ("^": not a name's tail)
     peft_config = PeftLoraConfig(r=config.r, target_modules="|".join(map(re.escape, linear)), rank_pattern=ranks,
                                  init_lora_weights="eva", eva_config=EvaConfig(**eva))
     fns = {"forward_fn": forward_fn if forward_fn is not None else peft_eva.forward_fn_dict,

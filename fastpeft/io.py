@@ -423,9 +423,9 @@ def load_adapter(model: nn.Module, directory, adapter_name: str = "default", tra
     if residual:
         if base_rewriting_init(init) is None:
             raise ValueError(f"residual=True, but the adapter in {directory!r} was made with init_lora_weights="
-                             f"{init!r}: only PiSSA / OLoRA / LoftQ adapters ('pissa', 'pissa_niter_<n>', 'olora', "
-                             "'loftq') sit on a rewritten base; load this one without residual=True")
-        config = dataclasses.replace(config, init_lora_weights=True, loftq_config={})
+                             f"{init!r}: only PiSSA / OLoRA / LoftQ / CorDA adapters ('pissa', 'pissa_niter_<n>', "
+                             "'olora', 'loftq', 'corda') sit on a rewritten base; load this one without residual=True")
+        config = dataclasses.replace(config, init_lora_weights=True, loftq_config={}, corda_config=None)
     method = method_for(config)
     weights = read_adapter_weights(directory, method.file_prefix)
     configs = adapter_configs(model)
@@ -441,7 +441,9 @@ def load_adapter(model: nn.Module, directory, adapter_name: str = "default", tra
         held = getattr(configs[adapter_name], "init_lora_weights", None)
         if held is not None and getattr(config, "init_lora_weights", None) != held:  # weights into the model's own
             config = dataclasses.replace(config, init_lora_weights=held,  # adapter: its init (what its base is) stays
-                                         loftq_config=getattr(configs[adapter_name], "loftq_config", {}))
+                                         loftq_config=getattr(configs[adapter_name], "loftq_config", {}),
+                                         corda_config=getattr(configs[adapter_name], "corda_config", None),
+                                         eva_config=getattr(configs[adapter_name], "eva_config", None))
         state.adapters[adapter_name] = config
     else:
         before = list(model.modules())  # (held: no module's id is reused by the new ones)

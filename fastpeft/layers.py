@@ -531,6 +531,10 @@ def corda_factors(w: torch.Tensor, eigens, scaling: float) -> tuple:
 def corda_reason(module: nn.Module, r: int) -> str | None:
     """Why ``module`` (an ``nn.Linear``) holds no CorDA eigens for rank ``r`` (PEFT's ``preprocess_corda`` leaves
     them on each target: U (out, r), S (r,), V (in, r), finite); None where it does."""
+    if isinstance(module, TunerLayer):
+        return ("init_lora_weights='corda' on a layer that holds a fastpeft adapter already: CorDA's eigens are "
+                "measured on the plain layer (preprocess_corda); preprocess and inject the CorDA adapter first, then "
+                "add the others")
     eigens = getattr(module, "eigens", None)
     if eigens is None:
         return ("init_lora_weights='corda' needs PEFT's CorDA eigens on the layer: run fastpeft.preprocess_corda("

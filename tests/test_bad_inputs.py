@@ -1791,7 +1791,7 @@ PISSA_CASES = [
     Bad("load_adapter-residual-str", lambda m: fastpeft.load_adapter(m, "/nonexistent", residual="yes"), TypeError,
         ("residual", "bool", "str"), _toy),
     Bad("load_adapter-residual-for-a-plain-LoRA-file", lambda m: _loaded_with_residual(m), ValueError,
-        ("residual=True", "init_lora_weights=True", "only PiSSA / OLoRA / LoftQ adapters"), _toy),
+        ("residual=True", "init_lora_weights=True", "only PiSSA / OLoRA / LoftQ / CorDA adapters"), _toy),
     Bad("unload-a-bottleneck-adapter", lambda m: fastpeft.unload(m), ValueError,
         ("unload", "AdapterConfig", "delete_adapter"),
         lambda: fastpeft.inject(_toy(), AdapterConfig(bottleneck_dim=4, target_modules=["q_proj"]))),

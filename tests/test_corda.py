@@ -108,3 +108,59 @@ def test_a_trained_adapter_converts_to_plain_lora_and_loads_onto_its_residual(tm
     assert adapter_configs(again)["default"].init_lora_weights is True
     with torch.no_grad():
         torch.testing.assert_close(again(DATA[0]).logits, want, rtol=0, atol=0)
+
+
+def test_a_namesake_layer_keeps_its_own_rank_and_the_config_stays_kpm(tmp_path):
+    """A layer whose name ends another's (``mlp.fc`` and ``blocks.0.mlp.fc``) gets its own rank from preprocess_corda
+    (PEFT's pattern keys match a name's end); the adapter's corda_config survives residual=True loads, reloads and
+    add_weighted_adapter without PEFT's "ignored" / "default" warnings."""
+    import torch.nn as nn
+
+    class Net(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.mlp = nn.Module()
+            self.mlp.fc = nn.Linear(8, 8)
+            self.blocks = nn.ModuleList([nn.Module()])
+            self.blocks[0].mlp = nn.Module()
+            self.blocks[0].mlp.fc = nn.Linear(8, 8)
+
+        def forward(self, x):
+            return self.blocks[0].mlp.fc(self.mlp.fc(x))
+
+    torch.manual_seed(0)
+    base = Net()
+    cfg = LoraConfig(r=4, lora_alpha=4, target_modules=["fc"], rank_pattern={"blocks.0.mlp.fc": 2},
+                     init_lora_weights="corda", corda_config={"corda_method": "kpm"})
+    model = copy.deepcopy(base)
+    fastpeft.preprocess_corda(model, cfg, run_model=lambda: [model(torch.randn(16, 8)) for _ in range(3)])
+    assert model.blocks[0].mlp.fc.eigens.S_WC.shape == (2,) and model.mlp.fc.eigens.S_WC.shape == (4,)
+    model = fastpeft.inject(model, cfg)
+    fastpeft.save_adapter(model, tmp_path)
+    with warnings.catch_warnings():
+        warnings.filterwarnings("error", message=".*corda_config")
+        again = fastpeft.load_adapter(fastpeft.unload(copy.deepcopy(model)), tmp_path, residual=True)
+        fastpeft.load_adapter(model, tmp_path)  # into the model's own adapter: its init and config stay
+        fastpeft.add_weighted_adapter(model, ["default"], [1.0], "w", combination_type="cat")
+    assert adapter_configs(again)["default"].init_lora_weights is True
+    for name in ("default", "w"):
+        config = adapter_configs(model)[name]
+        assert config.init_lora_weights == "corda" and config.corda_config["corda_method"] == "kpm", name
+
+
+def test_a_failed_pass_leaves_the_layers_as_they_were_and_adapted_layers_are_refused():
+    base = _llama()
+    model = copy.deepcopy(base)
+    cfg = LoraConfig(**_config())
+    model.train()
+    with pytest.raises(ValueError, match="run_model must feed the model one sequence a call"):
+        fastpeft.preprocess_corda(model, cfg, run_model=lambda: model(torch.cat(DATA[:2])))
+    assert model.training
+    for name in ("model.layers.0.self_attn.q_proj", "model.layers.1.mlp.down_proj"):
+        layer = model.get_submodule(name)
+        assert not layer._forward_hooks and not hasattr(layer, "eigens") and not hasattr(layer, "sample_count")
+    with torch.no_grad():
+        torch.testing.assert_close(model.eval()(DATA[0]).logits, base(DATA[0]).logits, rtol=0, atol=0)
+    fastpeft.inject(model, LoraConfig(r=2, target_modules=["q_proj"]))
+    with pytest.raises(ValueError, match=r"q_proj.*hold fastpeft adapters already.*inject the CorDA adapter first"):
+        fastpeft.preprocess_corda(model, cfg, run_model=_runner(model))
