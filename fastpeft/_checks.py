@@ -100,26 +100,42 @@ def base_rewriting_init(init_lora_weights) -> str | None:
 LOFTQ_DEFAULTS = {"loftq_bits": 4, "loftq_iter": 1}  # PEFT's LoftQConfig()
 
 
+def _peft_subconfig(value, init_lora_weights, init: str, cls: str, defaults: dict, unset, missing: str,
+                    required: bool):
+    """PEFT's rules for an init's sub-config (``loftq_config`` / ``eva_config`` / ``corda_config``, named after
+    ``init``): ``value`` a dict or PEFT's ``cls`` (taken as its fields); with another init ``unset`` (a given one
+    ignored, with PEFT's warning); with ``init`` and none given (None or ``unset``) ``missing`` raised where
+    ``required``, else warned and the defaults taken; unknown keys refused. Returns the fields over ``defaults``."""
+    name = f"{init}_config"
+    if value is not None and not isinstance(value, dict):
+        if type(value).__name__ != cls:
+            raise TypeError(f"{name} must be a dict or a peft.{cls}, got {type(value).__name__}")
+        value = dict(vars(value))
+    if init_lora_weights != init:
+        if value is not None and value != unset:
+            warnings.warn(f"{name} is given but will be ignored: init_lora_weights is not {init!r} (PEFT's warning)",
+                          UserWarning, stacklevel=5)
+        return None if unset is None else dict(unset)
+    if value is None or value == unset:
+        if required:
+            raise ValueError(missing)
+        warnings.warn(missing, UserWarning, stacklevel=5)
+        value = {}
+    unknown = sorted(set(value) - set(defaults))
+    if unknown:
+        raise ValueError(f"{name} has unknown keys {unknown}; known: {sorted(defaults)}")
+    return {**defaults, **value}
+
+
 def check_loftq_config(loftq_config, init_lora_weights) -> dict:
     """PEFT's ``loftq_config`` (a dict or a ``peft.LoftQConfig``) checked: ``{"loftq_bits": 4 | 8, "loftq_iter": n >=
     1}`` for ``init_lora_weights="loftq"`` (PEFT's rule: then it must be given), ``{}`` otherwise (one given there is
     ignored, with PEFT's warning)."""
-    if loftq_config is not None and not isinstance(loftq_config, dict):
-        if type(loftq_config).__name__ != "LoftQConfig":
-            raise TypeError(f"loftq_config must be a dict or a peft.LoftQConfig, got {type(loftq_config).__name__}")
-        loftq_config = dict(vars(loftq_config))
+    out = _peft_subconfig(loftq_config, init_lora_weights, "loftq", "LoftQConfig", LOFTQ_DEFAULTS, {},
+                          "init_lora_weights='loftq' needs loftq_config (PEFT's rule), e.g. {'loftq_bits': 4, "
+                          "'loftq_iter': 1} or peft.LoftQConfig(loftq_bits=4)", required=True)
     if init_lora_weights != "loftq":
-        if loftq_config:
-            warnings.warn("loftq_config is given but will be ignored: init_lora_weights is not 'loftq' (PEFT's "
-                          "warning)", UserWarning, stacklevel=4)
-        return {}
-    if not loftq_config:
-        raise ValueError("init_lora_weights='loftq' needs loftq_config (PEFT's rule), e.g. {'loftq_bits': 4, "
-                         "'loftq_iter': 1} or peft.LoftQConfig(loftq_bits=4)")
-    unknown = sorted(set(loftq_config) - set(LOFTQ_DEFAULTS))
-    if unknown:
-        raise ValueError(f"loftq_config has unknown keys {unknown}; known: {sorted(LOFTQ_DEFAULTS)}")
-    out = {**LOFTQ_DEFAULTS, **loftq_config}
+        return out
     if out["loftq_bits"] not in (4, 8) or isinstance(out["loftq_bits"], bool):
         raise ValueError(f"loftq_config['loftq_bits'] must be 4 (NF4) or 8 (int8), PEFT's choices, got "
                          f"{out['loftq_bits']!r}")
@@ -152,23 +168,11 @@ def check_corda_config(corda_config, init_lora_weights) -> dict | None:
     """PEFT's ``corda_config`` (a dict or a ``peft.CordaConfig``) checked as PEFT's LoraConfig does: for
     ``init_lora_weights="corda"`` its fields (``CORDA_DEFAULTS`` where absent, PEFT's warning when none is given;
     corda_method "ipm" or "kpm"), None otherwise (one given there is ignored, with PEFT's warning)."""
-    if corda_config is not None and not isinstance(corda_config, dict):
-        if type(corda_config).__name__ != "CordaConfig":
-            raise TypeError(f"corda_config must be a dict or a peft.CordaConfig, got {type(corda_config).__name__}")
-        corda_config = dict(vars(corda_config))
-    if init_lora_weights != "corda":
-        if corda_config is not None:
-            warnings.warn("corda_config is given but will be ignored: init_lora_weights is not 'corda' (PEFT's "
-                          "warning)", UserWarning, stacklevel=4)
+    out = _peft_subconfig(corda_config, init_lora_weights, "corda", "CordaConfig", CORDA_DEFAULTS, None,
+                          "init_lora_weights is 'corda' but corda_config is not specified: PEFT's default CorDA "
+                          "config (PEFT's warning)", required=False)
+    if out is None:
         return None
-    if corda_config is None:
-        warnings.warn("init_lora_weights is 'corda' but corda_config is not specified: PEFT's default CorDA config "
-                      "(PEFT's warning)", UserWarning, stacklevel=4)
-        corda_config = {}
-    unknown = sorted(set(corda_config) - set(CORDA_DEFAULTS))
-    if unknown:
-        raise ValueError(f"corda_config has unknown keys {unknown}; known: {sorted(CORDA_DEFAULTS)}")
-    out = {**CORDA_DEFAULTS, **corda_config}
     check_choice(out["corda_method"], ("ipm", "kpm"), "corda_config['corda_method']")
     for k in ("verbose", "use_float16_for_covariance", "prune_temporary_fields"):
         check_bool(out[k], f"corda_config['{k}']")
@@ -183,23 +187,11 @@ def check_eva_config(eva_config, init_lora_weights) -> dict | None:
     """PEFT's ``eva_config`` (a dict or a ``peft.EvaConfig``) checked as PEFT's LoraConfig does: for
     ``init_lora_weights="eva"`` its fields (``EVA_DEFAULTS`` where absent, with PEFT's warning when none is given;
     rho >= 1, 0 <= tau <= 1), None otherwise (one given there is ignored, with PEFT's warning)."""
-    if eva_config is not None and not isinstance(eva_config, dict):
-        if type(eva_config).__name__ != "EvaConfig":
-            raise TypeError(f"eva_config must be a dict or a peft.EvaConfig, got {type(eva_config).__name__}")
-        eva_config = dict(vars(eva_config))
-    if init_lora_weights != "eva":
-        if eva_config is not None:
-            warnings.warn("eva_config is given but will be ignored: init_lora_weights is not 'eva' (PEFT's warning)",
-                          UserWarning, stacklevel=4)
+    out = _peft_subconfig(eva_config, init_lora_weights, "eva", "EvaConfig", EVA_DEFAULTS, None,
+                          "init_lora_weights is 'eva' but eva_config is not specified: PEFT's default EVA config "
+                          f"{EVA_DEFAULTS} (PEFT's warning)", required=False)
+    if out is None:
         return None
-    if eva_config is None:
-        warnings.warn("init_lora_weights is 'eva' but eva_config is not specified: PEFT's default EVA config "
-                      f"{EVA_DEFAULTS} (PEFT's warning)", UserWarning, stacklevel=4)
-        eva_config = {}
-    unknown = sorted(set(eva_config) - set(EVA_DEFAULTS))
-    if unknown:
-        raise ValueError(f"eva_config has unknown keys {unknown}; known: {sorted(EVA_DEFAULTS)}")
-    out = {**EVA_DEFAULTS, **eva_config}
     if isinstance(out["rho"], bool) or not isinstance(out["rho"], (int, float)) or not out["rho"] >= 1:
         raise ValueError(f"eva_config['rho'] must be a number >= 1.0 (PEFT's rule), got {out['rho']!r}")
     if isinstance(out["tau"], bool) or not isinstance(out["tau"], (int, float)) or not 0 <= out["tau"] <= 1:
