@@ -1074,25 +1074,25 @@ class FastLoRALinear(TunerLayer):
     @torch.no_grad()
     def _corda_init(self, name: str, eigens) -> None:
         """PEFT's ``corda_init`` of adapter ``name`` (made with ``init_lora_weights=False``, PEFT's draws): A, B from
-        ``eigens`` (``corda_factors``), W ← W - s B A in place, rounded once to W's dtype (checked by inject:
-        ``corda_reason``, ``base_rewriting_reason``)."""
-        spec, w = self._spec_of(name), self._w()
-        fa, fb, residual = corda_factors(w.float(), eigens, spec.scaling)
-        self.lora_A_adapters[name].copy_(fa)
-        self.lora_B_adapters[name].copy_(fb)
-        w.copy_(residual)
-        self._drop_kept()
+        ``eigens`` and W ← W - s B A (``_rewrite_base``; checked by inject: ``corda_reason``,
+        ``base_rewriting_reason``)."""
+        self._rewrite_base("corda", self._spec_of(name), self.lora_A_adapters[name], self.lora_B_adapters[name],
+                           eigens=eigens)
 
     def _rewrite_base(self, init_lora_weights: str, spec: AdapterSpec, a: nn.Parameter, b: nn.Parameter,
-                      loftq_config=None) -> None:
+                      loftq_config=None, eigens=None) -> None:
         """PiSSA / OLoRA (PEFT's ``pissa_init`` / ``olora_init``): A, B from W in fp32 (``base_rewriting_factors``),
         then W ← W - s B A in place (rounded once to W's dtype; a tied Parameter changes with it, as in PEFT). LoftQ
-        (PEFT's ``loftq_init``; ``loftq_config`` PEFT's, None: its ``LoftQConfig()``, 4 bits, 1 iteration): A, B and
-        W ← Q from ``loftq_factors``. W's dtype and r were checked by ``add_adapter`` (``base_rewriting_reason``)."""
+        (PEFT's ``loftq_init``; ``loftq_config`` PEFT's, checked by ``add_adapter``; None: its ``LoftQConfig()``, 4
+        bits, 1 iteration): A, B and W ← Q from ``loftq_factors``. CorDA (PEFT's ``corda_init``): A, B from the
+        layer's ``eigens`` (``corda_factors``) and W ← W - s B A. W's dtype and r were checked by ``add_adapter`` /
+        inject (``base_rewriting_reason``)."""
         w = self._w()
-        if base_rewriting_init(init_lora_weights) == "loftq":
-            loftq_config = check_loftq_config(loftq_config or LOFTQ_DEFAULTS, "loftq")
-            fa, fb, residual = loftq_factors(w.float(), spec.r, **loftq_config)
+        kind = base_rewriting_init(init_lora_weights)
+        if kind == "loftq":
+            fa, fb, residual = loftq_factors(w.float(), spec.r, **(loftq_config or LOFTQ_DEFAULTS))
+        elif kind == "corda":
+            fa, fb, residual = corda_factors(w.float(), eigens, spec.scaling)
         else:
             fa, fb, residual = base_rewriting_factors(w.float(), spec.r, spec.scaling, init_lora_weights)
         a.copy_(fa)
