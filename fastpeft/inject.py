@@ -895,6 +895,17 @@ _LOADABLE_INITS = (True, False, "gaussian", "orthogonal", "eva")
 _SPARSE_LORA_FIELDS = ("sparse_density", "sparse_block_size", "sparse_selection")  # RoSA: fastpeft's own keys
 
 
+_INIT_FIELDS = ("init_lora_weights", "loftq_config", "eva_config", "corda_config")  # an init and its sub-configs
+
+
+def with_init(config, source=None):
+    """``config`` (a LoraConfig) with ``source``'s init and its PEFT sub-configs, or with PEFT's default init (True,
+    none): switching the init alone would leave a sub-config its checks drop or fill in (with PEFT's warnings)."""
+    if source is None:
+        return replace(config, init_lora_weights=True, loftq_config={}, eva_config=None, corda_config=None)
+    return replace(config, **{k: getattr(source, k) for k in _INIT_FIELDS})
+
+
 def _check_rewritable(model: nn.Module, config, plan: LoraPlan, eigens: bool = True) -> None:
     """PiSSA / OLoRA / LoftQ (a base-rewriting ``init_lora_weights``): every target of ``plan`` checked before any
     changes (``base_rewriting_reason``; a weight tied to another parameter refused: rewriting it would change that
@@ -1091,13 +1102,14 @@ class LoraMethod(Method):
                              "LoRA shared by tied embeddings and head is not supported here; PEFT loads this file")
         init = d.get("init_lora_weights", True)
         if init not in _LOADABLE_INITS and base_rewriting_init(init) is None:
-            # CorDA, LoRA-GA change the base weights at init from data fastpeft does not have; MiCA freezes B
+            # LoRA-GA changes the base weights at init from gradients fastpeft does not have; MiCA freezes B
             # (another training rule). Orthogonal and EVA only pick A and B: loaded as any LoRA. PiSSA / OLoRA /
             # LoftQ: the load computes W - s B0 A0 (Q) again from W, as PEFT's does (check_load; LoftQ onto a
-            # quantized model: load_adapter loads it as plain LoRA).
+            # quantized model: load_adapter loads it as plain LoRA); CorDA likewise where preprocess_corda left its
+            # eigens (else refused there, naming the ways that work).
             raise ValueError(f"init_lora_weights={init!r} in {path}: adapters initialised this way modify the "
                              "base weights (or train under another rule) and cannot be loaded onto the original model "
-                             f"here; loadable: {_LOADABLE_INITS}, 'pissa', 'olora', 'loftq'")
+                             f"here; loadable: {_LOADABLE_INITS}, 'pissa', 'olora', 'loftq', 'corda'")
         kwargs = {k: d[k] for k in _CONFIG_FIELDS + _SPARSE_LORA_FIELDS if k in d and d[k] is not None}
         # The file's init, as PEFT's loaded config keeps it (an adapter made from the config, add_weighted_adapter's,
         # then draws PEFT's initial values), except orthogonal (PEFT's own fails on a 4-bit base, so such a file
@@ -1925,8 +1937,8 @@ def add_weighted_adapter(model: nn.Module, adapters: list, weights: list, adapte
                      rank_pattern={}, alpha_pattern={}, modules_to_save=None, trainable_token_indices=None,
                      layers_to_transform=None, layers_pattern=None, task_type=None, inference_mode=False)
     rewriting = base_rewriting_init(config.init_lora_weights) is not None
-    if rewriting:  # (PiSSA / OLoRA / LoftQ would rewrite W a second time; PEFT's does: its base then changes)
-        config = replace(config, init_lora_weights=True, loftq_config={}, corda_config=None)
+    if rewriting:  # (PiSSA / OLoRA / LoftQ / CorDA would rewrite W a second time; PEFT's does: its base then changes)
+        config = with_init(config)
     how = (combination_type, rank, svd_clamp, density, majority_sign_method)
     random = combination_type.startswith("dare")
     devices = sorted({p.device.index or 0 for m in layers.values() for p in m.parameters() if p.device.type == "cuda"})
@@ -1934,9 +1946,7 @@ def add_weighted_adapter(model: nn.Module, adapters: list, weights: list, adapte
         factors = {n: _padded(*_combined(m, adapters, weights, *how), rank, n) for n, m in layers.items()}
     inject(model, config, adapter_name, activate=False)
     if rewriting:  # the new adapter sits on the same residual: its config says so (a file then loads as the source's)
-        peft_state(model).adapters[adapter_name] = replace(config, init_lora_weights=first.init_lora_weights,
-                                                           loftq_config=first.loftq_config,
-                                                           corda_config=first.corda_config)
+        peft_state(model).adapters[adapter_name] = with_init(config, first)
     if random:  # drawn again after the new adapter's initial draws, layer by layer, as PEFT draws them
         factors = {n: _padded(*_combined(m, adapters, weights, *how), rank, n) for n, m in layers.items()}
     with torch.no_grad():
@@ -2460,6 +2470,15 @@ def replace_lora_weights_loftq(model: nn.Module, model_path=None, adapter_name: 
     return model
 
 
+def _exact_peft_targets(ranks: dict) -> dict:
+    """PEFT LoraConfig fields that adapt exactly the layers ``ranks`` names ({name: r}), each at its rank, for PEFT's
+    functions that pick their layers from a config (preprocess_corda, get_eva_state_dict): target_modules one regex of
+    the exact names (PEFT matches a list's names as a name's end, a string whole) and rank_pattern keys anchored
+    ("^": PEFT matches a pattern key as a name's end, so 'mlp.fc' would also give 'blocks.0.mlp.fc' its rank)."""
+    return dict(target_modules="|".join(map(re.escape, ranks)),
+                rank_pattern={"^" + re.escape(n): r for n, r in ranks.items()})
+
+
 @torch.no_grad()
 def preprocess_corda(model: nn.Module, config, run_model=None, hooked_model=None) -> nn.Module:
     """PEFT's ``preprocess_corda`` for ``inject(model, config)`` with ``init_lora_weights="corda"`` (CorDA, Yang et al.
@@ -2495,10 +2514,8 @@ def preprocess_corda(model: nn.Module, config, run_model=None, hooked_model=None
     if not linear:
         raise ValueError(f"preprocess_corda: the config's target_modules ({config.target_modules!r}) match no linear "
                          "layer of the model")
-    # exact names: PEFT matches target_modules' regex whole, and pattern keys as a name's end ("^": from its start)
-    peft_config = PeftLoraConfig(r=config.r, target_modules="|".join(map(re.escape, linear)),
-                                 rank_pattern={"^" + re.escape(n): r for n, r in linear.items()},
-                                 init_lora_weights="corda", corda_config=CordaConfig(**config.corda_config))
+    peft_config = PeftLoraConfig(r=config.r, **_exact_peft_targets(linear), init_lora_weights="corda",
+                                 corda_config=CordaConfig(**config.corda_config))
     modules = {n: model.get_submodule(n) for n in linear}
     before = {n: (set(m._forward_hooks), m.__dict__.get("eigens")) for n, m in modules.items()}
     training = model.training
@@ -2576,12 +2593,9 @@ def get_eva_state_dict(model: nn.Module, dataloader, adapter_name: str = "defaul
         raise TypeError(f"dataloader must be a sized iterable of batches (a DataLoader, a list), got "
                         f"{type(dataloader).__name__}")
     eva = config.eva_config if config.eva_config is not None else dict(EVA_DEFAULTS)
-    # the linear layers by their exact names (a regex: PEFT matches a list's names as suffixes), each with its own
-    # rank (PEFT's pattern keys match a name's end)
-    linear = [n for n, m in layers.items() if _eva_target(m)]
-    ranks = {"^" + re.escape(n): layers[n]._spec_of(adapter_name).r for n in linear}  # ("^": not a name's tail)
-    peft_config = PeftLoraConfig(r=config.r, target_modules="|".join(map(re.escape, linear)), rank_pattern=ranks,
-                                 init_lora_weights="eva", eva_config=EvaConfig(**eva))
+    ranks = {n: m._spec_of(adapter_name).r for n, m in layers.items() if _eva_target(m)}  # (the linear layers)
+    peft_config = PeftLoraConfig(r=config.r, **_exact_peft_targets(ranks), init_lora_weights="eva",
+                                 eva_config=EvaConfig(**eva))
     fns = {"forward_fn": forward_fn if forward_fn is not None else peft_eva.forward_fn_dict,
            "prepare_model_inputs_fn": peft_eva.prepare_model_inputs_fn_language_modeling
            if prepare_model_inputs_fn == _LM else prepare_model_inputs_fn,

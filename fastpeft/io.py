@@ -9,7 +9,6 @@ and every shape before the model is touched, and never unpickle anything.
 from __future__ import annotations
 
 import contextlib
-import dataclasses
 import json
 import os
 import re
@@ -21,7 +20,7 @@ import torch
 import torch.nn as nn
 
 from ._checks import base_rewriting_init, check_adapter_name, check_bool, few
-from .inject import METHODS, LoraPlan, adapter_configs, check_known, inject, method_for, peft_state
+from .inject import METHODS, LoraPlan, adapter_configs, check_known, inject, method_for, peft_state, with_init
 from .layers import LOFTQ_SCALING_WARNING, param_base
 from .quant import is_quantized
 
@@ -425,7 +424,7 @@ def load_adapter(model: nn.Module, directory, adapter_name: str = "default", tra
             raise ValueError(f"residual=True, but the adapter in {directory!r} was made with init_lora_weights="
                              f"{init!r}: only PiSSA / OLoRA / LoftQ / CorDA adapters ('pissa', 'pissa_niter_<n>', "
                              "'olora', 'loftq', 'corda') sit on a rewritten base; load this one without residual=True")
-        config = dataclasses.replace(config, init_lora_weights=True, loftq_config={}, corda_config=None)
+        config = with_init(config)
     method = method_for(config)
     weights = read_adapter_weights(directory, method.file_prefix)
     configs = adapter_configs(model)
@@ -440,10 +439,7 @@ def load_adapter(model: nn.Module, directory, adapter_name: str = "default", tra
         method.reload(model, config, adapter_name, plan, state)
         held = getattr(configs[adapter_name], "init_lora_weights", None)
         if held is not None and getattr(config, "init_lora_weights", None) != held:  # weights into the model's own
-            config = dataclasses.replace(config, init_lora_weights=held,  # adapter: its init (what its base is) stays
-                                         loftq_config=getattr(configs[adapter_name], "loftq_config", {}),
-                                         corda_config=getattr(configs[adapter_name], "corda_config", None),
-                                         eva_config=getattr(configs[adapter_name], "eva_config", None))
+            config = with_init(config, configs[adapter_name])  # adapter: its init (what its base is) stays
         state.adapters[adapter_name] = config
     else:
         before = list(model.modules())  # (held: no module's id is reused by the new ones)
