@@ -298,38 +298,49 @@ def test_demo_pissa_and_olora_rows_start_as_the_base_encoder():
         assert (got - want).abs().max() <= 1e-4 * want.abs().max()
 
 
+def _beside_lora(tmp_path, monkeypatch, method: str, spied: str) -> tuple:
+    """``(lora's row, method's row, seen)`` of a short ``fastpeft demo --methods lora <method>`` (the same trainable
+    count checked), with ``fastpeft.<spied>`` and torch's AdamW recorded as the demo calls them: ``seen = {"models":
+    [the model each call of spied got], "params": ids of the last optimizer's Parameters}``."""
+    import torch
+
+    import fastpeft
+
+    seen = {"models": []}
+    wrapped, adamw = getattr(fastpeft, spied), torch.optim.AdamW
+
+    def called(model, *args, **kw):
+        seen["models"].append(model)
+        return wrapped(model, *args, **kw)
+
+    def optimizer(groups, **kw):
+        seen["params"] = {id(p) for g in groups for p in g["params"]}
+        return adamw(groups, **kw)
+    monkeypatch.setattr(fastpeft, spied, called)
+    monkeypatch.setattr(torch.optim, "AdamW", optimizer)
+    js = tmp_path / f"{method}.json"
+    assert main(["demo", "--methods", "lora", method, "--steps", "3", "--max-train", "32", "--max-test", "16",
+                 "--seq-len", "16", "--batch-size", "4", "--quiet", "--json", str(js)]) == 0
+    lora, row = json.loads(js.read_text())["rows"]
+    assert row["method"] == method and row["trainable"] == lora["trainable"]
+    return lora, row, seen
+
+
 def test_demo_eva_row_trains_lora_s_budget_from_the_inputs_svd(tmp_path, monkeypatch):
     """eva (by name, not in --full): LoRA's targets, A from the SVD of each layer's inputs over training batches and the
     ranks redistributed, their sum LoRA's (query and value are 384 x 384: the trainable count is LoRA's); the
     optimizer holds the resized adapters (new Parameters), not the ones EVA replaced."""
     _need_packages()
     pytest.importorskip("peft")
-    import torch
-
     import fastpeft
 
     assert "eva" not in classify.FULL_METHODS
-    seen = {}
-    initialize, adamw = fastpeft.initialize_lora_eva_weights, torch.optim.AdamW
-
-    def initialized(model, *args, **kw):
-        seen["encoder"] = initialize(model, *args, **kw)
-        return seen["encoder"]
-
-    def optimizer(groups, **kw):
-        seen["params"] = {id(p) for g in groups for p in g["params"]}
-        return adamw(groups, **kw)
-    monkeypatch.setattr(fastpeft, "initialize_lora_eva_weights", initialized)
-    monkeypatch.setattr(torch.optim, "AdamW", optimizer)
-    js = tmp_path / "e.json"
-    assert main(["demo", "--methods", "lora", "eva", "--steps", "3", "--max-train", "32", "--max-test", "16",
-                 "--seq-len", "16", "--batch-size", "4", "--quiet", "--json", str(js)]) == 0
-    lora, eva = json.loads(js.read_text())["rows"]
-    assert eva["method"] == "eva" and eva["trainable"] == lora["trainable"]
+    lora, eva, seen = _beside_lora(tmp_path, monkeypatch, "eva", "initialize_lora_eva_weights")
     assert eva["loss_curve"] != lora["loss_curve"] and len(eva["loss_curve"]) == 3
-    layers = fastpeft.lora_layers(seen["encoder"])
+    encoder = seen["models"][-1]
+    layers = fastpeft.lora_layers(encoder)
     assert {m.r for m in layers.values()} != {8} and sum(m.r for m in layers.values()) == 8 * 12
-    assert all(id(p) in seen["params"] for p in seen["encoder"].parameters() if p.requires_grad)
+    assert all(id(p) in seen["params"] for p in encoder.parameters() if p.requires_grad)
 
 
 def test_demo_corda_row_is_lora_s_count_on_a_rewritten_base(tmp_path, monkeypatch):
@@ -338,29 +349,9 @@ def test_demo_corda_row_is_lora_s_count_on_a_rewritten_base(tmp_path, monkeypatc
     _need_packages()
     pytest.importorskip("peft")
     pytest.importorskip("attr")
-    import torch
-
-    import fastpeft
-
     assert "corda" not in classify.FULL_METHODS
-    seen = {}
-    inject, adamw = fastpeft.inject, torch.optim.AdamW
-
-    def injected(model, config, *args, **kw):
-        seen.setdefault("encoders", []).append(model)
-        return inject(model, config, *args, **kw)
-
-    def optimizer(groups, **kw):
-        seen["params"] = {id(p) for g in groups for p in g["params"]}
-        return adamw(groups, **kw)
-    monkeypatch.setattr(fastpeft, "inject", injected)
-    monkeypatch.setattr(torch.optim, "AdamW", optimizer)
-    js = tmp_path / "c.json"
-    assert main(["demo", "--methods", "lora", "corda", "--steps", "3", "--max-train", "32", "--max-test", "16",
-                 "--seq-len", "16", "--batch-size", "4", "--quiet", "--json", str(js)]) == 0
-    lora, corda = json.loads(js.read_text())["rows"]
-    assert corda["method"] == "corda" and corda["trainable"] == lora["trainable"]
-    encoder = seen["encoders"][-1]
+    _, _, seen = _beside_lora(tmp_path, monkeypatch, "corda", "inject")
+    encoder = seen["models"][-1]
     assert adapter_configs(encoder)["default"].init_lora_weights == "corda"
     assert all(id(p) in seen["params"] for p in encoder.parameters() if p.requires_grad)
 
