@@ -209,12 +209,18 @@ def build(method: Method, base_encoder, seed: int):
     else:
         raise ValueError(f"unknown method {name!r}")
     model.head.requires_grad_(True)  # every method trains the head
+    return model, param_groups(model, method, groups)
+
+
+def param_groups(model, method: Method, groups: list | None = None) -> list:
+    """The optimizer's groups: ``groups`` (layer-wise ones) or the encoder's trainable Parameters at the method's
+    rate, and the head's at HEAD_LR; empty ones left out."""
     if groups is None:
-        body = [p for p in encoder.parameters() if p.requires_grad]
+        body = [p for p in model.encoder.parameters() if p.requires_grad]
         groups = [{"params": body, "lr": method.lr}] if body else []
     seen = {id(p) for g in groups for p in g["params"]}
     groups.append({"params": [p for p in model.head.parameters() if id(p) not in seen], "lr": HEAD_LR})
-    return model, [g for g in groups if len(list(g["params"]))]
+    return [g for g in groups if len(list(g["params"]))]
 
 
 # --------------------------------------------------------------------------------------- measuring
@@ -253,15 +259,14 @@ def run_one(method, base_encoder, train, test, args, seed, device, bar):
     model, groups = build(method, base_encoder, seed)
     model.to(device)
     ids, mask, labels = train
-    if method.select:  # RoSA: positions with the largest |dL/dW| summed over a few training batches
+    if method.select or method.corda or method.eva:  # the rows of the few training batches a data-driven start reads
         batches = torch.randperm(len(labels), generator=torch.Generator().manual_seed(seed + 7919))
         batches = batches[:SELECT_BATCHES * args.batch_size].split(args.batch_size)
+    if method.select:  # RoSA: positions with the largest |dL/dW| summed over a few training batches
         fastpeft.select_by_gradients(
             model, batches, lambda m, i: F.cross_entropy(m(ids[i].to(device), mask[i].to(device)), labels[i].to(device)),
             progress=False)
     if method.corda:  # CorDA: the covariance of query / value's inputs over a few training batches, then LoRA
-        batches = torch.randperm(len(labels), generator=torch.Generator().manual_seed(seed + 7919))
-        batches = batches[:SELECT_BATCHES * args.batch_size].split(args.batch_size)
         config = fastpeft.LoraConfig(r=8, lora_alpha=16, target_modules=["query", "value"], init_lora_weights="corda",
                                      corda_config={"corda_method": "ipm"})
 
@@ -272,16 +277,13 @@ def run_one(method, base_encoder, train, test, args, seed, device, bar):
             fastpeft.preprocess_corda(model.encoder, config, run_model=run_model)
         torch.manual_seed(seed)
         fastpeft.inject(model.encoder, config)
-        groups = [{"params": [p for p in model.encoder.parameters() if p.requires_grad], "lr": method.lr},
-                  {"params": list(model.head.parameters()), "lr": HEAD_LR}]
+        groups = param_groups(model, method)
     if method.eva:  # EVA: A from the SVD of each layer's inputs over a few training batches; the resized adapters
         # are new Parameters, so the optimizer's groups are made again
-        batches = torch.randperm(len(labels), generator=torch.Generator().manual_seed(seed + 7919))
-        batches = [{"input_ids": ids[i].to(device), "attention_mask": mask[i].to(device)}
-                   for i in batches[:SELECT_BATCHES * args.batch_size].split(args.batch_size)]
-        fastpeft.initialize_lora_eva_weights(model.encoder, batches, show_progress_bar=False)
-        groups = [{"params": [p for p in model.encoder.parameters() if p.requires_grad], "lr": method.lr},
-                  {"params": list(model.head.parameters()), "lr": HEAD_LR}]
+        fastpeft.initialize_lora_eva_weights(model.encoder, [{"input_ids": ids[i].to(device),
+                                                              "attention_mask": mask[i].to(device)} for i in batches],
+                                             show_progress_bar=False)
+        groups = param_groups(model, method)
     trainable, total = fastpeft.trainable_parameters(model)
     param_bytes = sum(p.numel() * p.element_size() for p in model.parameters())  # NF4: the packed bytes
     opt = torch.optim.AdamW(groups, weight_decay=0.01)
